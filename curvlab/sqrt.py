@@ -1,0 +1,238 @@
+"""Square roots of curvature blocks: the per-sample gradient matrices ``M_k``.
+
+A layer's exact (or MC, or empirical) Fisher block is ``F = Σ_k vec(M_k) vec(M_k)ᵀ = V Vᵀ`` with
+``M_k ∈ R^{d_out × D}`` in the matrix form of :mod:`curvlab.layout` and the loss reduction
+folded in.  Columns are indexed ``k = c·N + n`` (BackPACK's ``[C, N, ...]`` order: ``c`` the
+flavour's column, ``n`` the example).
+
+Two storage back-ends share one interface, so that every consumer (approximations, metrics,
+optimizers) is written once:
+
+* :class:`FactoredSqrt` — a linear layer's ``M_{c,n} = g_{c,n} ā_nᵀ``: stores the inputs
+  ``ā`` (``[N, D]``) and the backpropagated root ``g`` (``[C, N, d_out]``), never the
+  ``K × P`` matrix.  Gram matrices and rotations cost one matmul each.
+* :class:`DenseSqrt` — explicit ``M`` (``[K, d_out, D]``), used for convolutions, where
+  ``M_{c,n} = G_{c,n}ᵀ Ā_n`` sums over output locations.
+
+No method forms a ``P × P`` matrix.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from curvlab.layout import BlockLayout
+
+
+class SquareRoot(ABC):
+    """``V = [vec M_1, …, vec M_K]`` of one block; ``F = V Vᵀ``."""
+
+    @property
+    @abstractmethod
+    def num_columns(self) -> int:
+        """K, the number of columns of V."""
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """Matrix form ``(d_out, D)`` of each ``M_k``."""
+
+    @abstractmethod
+    def column_norms_sq(self) -> Tensor:
+        """``‖M_k‖²_F`` for every k, shape ``[K]``; their sum is ``tr F``."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """``VᵀV``, shape ``[K, K]``, entries ``⟨M_k, M_l⟩``."""
+
+    @abstractmethod
+    def inner(self, x: Tensor) -> Tensor:
+        """``Vᵀ vec(X)``: ``⟨M_k, X⟩`` for ``X`` of shape ``[d_out, D]`` → ``[K]``."""
+
+    @abstractmethod
+    def combine(self, w: Tensor) -> Tensor:
+        """``V w``: ``Σ_k w_k M_k`` for ``w`` of shape ``[K]`` → ``[d_out, D]``."""
+
+    @abstractmethod
+    def sandwich_in(self, b: Tensor) -> Tensor:
+        """``Σ_k M_kᵀ B M_k`` (``B``: ``[d_out, d_out]``) → ``[D, D]``.
+
+        With ``B = I`` this is the partial trace ``Tr_out F = δΦ``.
+        """
+
+    @abstractmethod
+    def sandwich_out(self, c: Tensor) -> Tensor:
+        """``Σ_k M_k C M_kᵀ`` (``C``: ``[D, D]``) → ``[d_out, d_out]``.
+
+        With ``C = I`` this is the partial trace ``Tr_in F = δΨ``.
+        """
+
+    @abstractmethod
+    def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
+        """``s* = Σ_k (U_outᵀ M_k U_in)²`` (elementwise square) → ``[d_out, D]``.
+
+        The diagonal of ``Qᵀ F Q`` for ``Q = U_out ⊗ U_in``: EKFAC's optimal rescaling.
+        """
+
+    @abstractmethod
+    def matrices(self) -> Tensor:
+        """All ``M_k`` explicitly, ``[K, d_out, D]`` (``K·P`` numbers)."""
+
+    def columns(self, layout: BlockLayout) -> Tensor:
+        """``Vᵀ`` in the flat parameter order of ``layout``, shape ``[K, P]``."""
+        return layout.to_vector(self.matrices())
+
+    def trace(self) -> Tensor:
+        """``tr F = Σ_k ‖M_k‖²``."""
+        return self.column_norms_sq().sum()
+
+    def frobenius_norm_sq(self) -> Tensor:
+        """``‖F‖²_F = ‖VᵀV‖²_F``."""
+        return self.gram().square().sum()
+
+    def partial_traces(self) -> tuple[Tensor, Tensor]:
+        """``(Tr_out F, Tr_in F) = (Σ M_kᵀ M_k, Σ M_k M_kᵀ)``."""
+        d_out, d_in = self.shape
+        eye_out = torch.eye(d_out, dtype=self.dtype, device=self.device)
+        eye_in = torch.eye(d_in, dtype=self.dtype, device=self.device)
+        return self.sandwich_in(eye_out), self.sandwich_out(eye_in)
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Floating point type of the stored tensors."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Device of the stored tensors."""
+
+    @abstractmethod
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "SquareRoot":
+        """A copy converted to ``dtype`` and/or moved to ``device``."""
+
+
+class FactoredSqrt(SquareRoot):
+    """Linear layer: ``M_{c,n} = g_{c,n} ā_nᵀ``.
+
+    Args:
+        inputs: ``ā``, shape ``[N, D]`` (bias column included when part of the block).
+        grads: backpropagated root ``g``, shape ``[C, N, d_out]`` (loss scaling folded in).
+    """
+
+    def __init__(self, inputs: Tensor, grads: Tensor) -> None:
+        if inputs.dim() != 2 or grads.dim() != 3 or grads.shape[1] != inputs.shape[0]:
+            raise ValueError(
+                "FactoredSqrt: expected inputs [N, D] and grads [C, N, d_out], got "
+                f"{tuple(inputs.shape)} and {tuple(grads.shape)}"
+            )
+        self.a = inputs
+        self.g = grads
+
+    @property
+    def num_columns(self) -> int:
+        return self.g.shape[0] * self.g.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.g.shape[2], self.a.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "FactoredSqrt":
+        return FactoredSqrt(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+
+    def column_norms_sq(self) -> Tensor:
+        return (self.g.square().sum(-1) * self.a.square().sum(-1)).flatten()
+
+    def gram(self) -> Tensor:
+        c, n, _ = self.g.shape
+        g_flat = self.g.reshape(c * n, -1)
+        gram_a = (self.a @ self.a.T).repeat(c, c)
+        return (g_flat @ g_flat.T) * gram_a
+
+    def inner(self, x: Tensor) -> Tensor:
+        return torch.einsum("cno,od,nd->cn", self.g, x, self.a).flatten()
+
+    def combine(self, w: Tensor) -> Tensor:
+        c, n, _ = self.g.shape
+        return torch.einsum("cn,cno,nd->od", w.reshape(c, n), self.g, self.a)
+
+    def sandwich_in(self, b: Tensor) -> Tensor:
+        weights = torch.einsum("cno,op,cnp->n", self.g, b, self.g)
+        return torch.einsum("n,nd,ne->de", weights, self.a, self.a)
+
+    def sandwich_out(self, c: Tensor) -> Tensor:
+        weights = torch.einsum("nd,de,ne->n", self.a, c, self.a)
+        return torch.einsum("n,cno,cnp->op", weights, self.g, self.g)
+
+    def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
+        g_rot = (self.g @ u_out).square().sum(0)  # [N, d_out]
+        a_rot = (self.a @ u_in).square()  # [N, D]
+        return g_rot.T @ a_rot
+
+    def matrices(self) -> Tensor:
+        c, n, d_out = self.g.shape
+        return torch.einsum("cno,nd->cnod", self.g, self.a).reshape(c * n, d_out, -1)
+
+
+class DenseSqrt(SquareRoot):
+    """Explicit per-sample gradient matrices ``M``, shape ``[K, d_out, D]``."""
+
+    def __init__(self, mats: Tensor) -> None:
+        if mats.dim() != 3:
+            raise ValueError(f"DenseSqrt: expected [K, d_out, D], got {tuple(mats.shape)}")
+        self.m = mats
+
+    @property
+    def num_columns(self) -> int:
+        return self.m.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.m.shape[1], self.m.shape[2])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.m.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.m.device
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "DenseSqrt":
+        return DenseSqrt(self.m.to(device=device, dtype=dtype))
+
+    def column_norms_sq(self) -> Tensor:
+        return self.m.square().sum((1, 2))
+
+    def gram(self) -> Tensor:
+        flat = self.m.flatten(1)
+        return flat @ flat.T
+
+    def inner(self, x: Tensor) -> Tensor:
+        return self.m.flatten(1) @ x.flatten()
+
+    def combine(self, w: Tensor) -> Tensor:
+        return (w @ self.m.flatten(1)).reshape(self.shape)
+
+    def sandwich_in(self, b: Tensor) -> Tensor:
+        return torch.einsum("kod,op,kpe->de", self.m, b, self.m)
+
+    def sandwich_out(self, c: Tensor) -> Tensor:
+        return torch.einsum("kod,de,kpe->op", self.m, c, self.m)
+
+    def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
+        return (u_out.T @ self.m @ u_in).square().sum(0)
+
+    def matrices(self) -> Tensor:
+        return self.m
