@@ -1,0 +1,192 @@
+"""curvlab's BackPACK extension: one backward pass, every requested statistic.
+
+:class:`CurvatureStatistics` is a second-order BackPACK extension.  At the loss it starts a
+square root of the loss Hessian — exact, Monte-Carlo, empirical, or several of them side by side
+as one stacked root — and BackPACK's own derivatives carry it back through the network.  At
+every ``nn.Linear`` and ``nn.Conv2d`` the thin module extensions below hand the layer input and
+the backpropagated root to :mod:`curvlab.extract.statistics`, where the maths lives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
+from backpack.core.derivatives.linear import LinearDerivatives
+from backpack.core.derivatives.mseloss import MSELossDerivatives
+from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
+from backpack.extensions.module_extension import ModuleExtension
+from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
+from backpack.extensions.secondorder.sqrt_ggn import SqrtGGNExact
+from backpack.utils.conv import unfold_input
+from torch import Tensor, nn
+
+from curvlab.extract import statistics
+from curvlab.extract.stats import LayerStats
+from curvlab.layout import BlockLayout
+
+#: Attribute on ``module.weight`` where the extension leaves a layer's results.
+SAVEFIELD = "_curvlab_stats"
+
+STATISTICS = ("sqrt", "kfac", "tkfac", "kfe")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to compute in one backward pass.
+
+    Attributes:
+        fisher: flavour of the reference block (``exact``/``mc``/``empirical``).
+        stats: subset of :data:`STATISTICS`.
+        kfac_flavours: flavours whose KFAC factors are wanted (the root is stacked).
+        mc_samples: MC samples per example for the ``mc`` flavour.
+        tkfac_conv: ``"exact"`` partial traces or the ``"kfc"`` form for convolutions.
+        separate_bias: weight and bias as two blocks instead of one.
+        eigenbases: block name → ``(U_out, U_in)`` for the ``kfe`` rescaling.
+    """
+
+    fisher: str
+    stats: frozenset[str]
+    kfac_flavours: tuple[str, ...]
+    mc_samples: int
+    tkfac_conv: str
+    separate_bias: bool
+    eigenbases: dict[str, tuple[Tensor, Tensor]]
+
+    @property
+    def flavours(self) -> tuple[str, ...]:
+        """Flavours whose roots are backpropagated, the reference flavour first."""
+        extra = [f for f in self.kfac_flavours if f != self.fisher]
+        return (self.fisher, *extra)
+
+
+class _LossRoot(ModuleExtension):
+    """Starts the backpropagated root at the loss: the stacked roots of every flavour."""
+
+    def __init__(self, derivatives: Any) -> None:
+        super().__init__()
+        self.derivatives = derivatives
+
+    def backpropagate(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
+        roots, segments, start = [], {}, 0
+        for flavour in ext.request.flavours:
+            if flavour == "exact":
+                root = self.derivatives.sqrt_hessian(module, g_inp, g_out)
+            elif flavour == "mc":
+                root = self.derivatives.sqrt_hessian_sampled(
+                    module, g_inp, g_out, mc_samples=ext.request.mc_samples
+                )
+            else:  # empirical: √R ∇ℓ_n = ∇_{f_n} L / √R, with L = R Σ_n ℓ_n
+                grad = g_inp[0].detach()
+                root = (grad / math.sqrt(_reduction_factor(module))).unsqueeze(0)
+            segments[flavour] = slice(start, start + root.shape[0])
+            start += root.shape[0]
+            roots.append(root)
+        ext.segments = segments
+        return torch.cat(roots, 0) if len(roots) > 1 else roots[0]
+
+
+def _reduction_factor(loss: nn.Module) -> float:
+    """``R`` in ``L = R Σ_n ℓ_n``: 1 for sum, 1/N for CE mean, 1/numel for MSE mean."""
+    if loss.reduction == "sum":
+        return 1.0
+    inp = loss.input0
+    return 1.0 / (inp.shape[0] if isinstance(loss, nn.CrossEntropyLoss) else inp.numel())
+
+
+class _KroneckerLayer(MatToJacMat):
+    """Linear/Conv2d: compute this layer's statistics, then backpropagate the root."""
+
+    def __init__(self, derivatives: Any) -> None:
+        super().__init__(derivatives, params=["weight"])
+
+    def weight(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped: Tensor) -> list[LayerStats]:
+        return ext.layer_statistics(module, backproped)
+
+
+class CurvatureStatistics(SecondOrderBackpropExtension):
+    """BackPACK extension computing curvlab's per-layer statistics in one backward pass."""
+
+    def __init__(self, request: Request, names: dict[nn.Module, str]) -> None:
+        passthrough = {}
+        # Every other layer: reuse BackPACK's square-root backpropagation (Jacobian-transpose
+        # products); layers with parameters only pass the root on (their parameters are skipped).
+        for cls, module_ext in SqrtGGNExact()._BackpropExtension__module_extensions.items():  # type: ignore[attr-defined]
+            if cls in (nn.Linear, nn.Conv2d, nn.MSELoss, nn.CrossEntropyLoss):
+                continue
+            has_params = bool(module_ext._ModuleExtension__params)  # type: ignore[attr-defined]
+            passthrough[cls] = MatToJacMat(module_ext.derivatives) if has_params else module_ext
+        super().__init__(
+            savefield=SAVEFIELD,
+            fail_mode="ERROR",
+            module_exts={
+                **passthrough,
+                nn.MSELoss: _LossRoot(MSELossDerivatives()),
+                nn.CrossEntropyLoss: _LossRoot(CrossEntropyLossDerivatives()),
+                nn.Linear: _KroneckerLayer(LinearDerivatives()),
+                nn.Conv2d: _KroneckerLayer(Conv2DDerivatives()),
+            },
+        )
+        self.request = request
+        self.names = names
+        self.segments: dict[str, slice] = {}
+
+    def accumulate_backpropagated_quantities(self, existing: Tensor, other: Tensor) -> Tensor:
+        return existing + other
+
+    def layer_statistics(self, module: nn.Module, root: Tensor) -> list[LayerStats]:
+        """Statistics of one Linear/Conv2d layer from its input and the root at its output."""
+        name = self.names[module]
+        if isinstance(module, nn.Conv2d):
+            x = unfold_input(module, module.input0)  # [N, C_in·kh·kw, T]
+            g = root.flatten(3)  # [C, N, d_out, T]
+            module_type = "Conv2d"
+        else:
+            x = module.input0.unsqueeze(-1)
+            g = root.unsqueeze(-1)
+            module_type = "Linear"
+        x, g = x.detach(), g.detach()
+        n, _, t = x.shape
+        ones = x.new_ones(n, 1, t)
+        weight_shape = tuple(module.weight.shape)
+        has_bias = module.bias is not None and module.bias.requires_grad
+        if self.request.separate_bias:
+            blocks = [(f"{name}.weight", x, False, weight_shape)]
+            if has_bias:
+                blocks.append((f"{name}.bias", ones, False, None))
+        else:
+            blocks = [(name, torch.cat([x, ones], 1) if has_bias else x, has_bias, weight_shape)]
+        return [
+            self._block(block, bx, bias_col, wshape, module_type, g)
+            for block, bx, bias_col, wshape in blocks
+        ]
+
+    def _block(self, name: str, x: Tensor, bias_column: bool, weight_shape: tuple[int, ...] | None,
+               module_type: str, g_all: Tensor) -> LayerStats:
+        req = self.request
+        g = g_all[self.segments[req.fisher]]
+        layout = BlockLayout(g.shape[2], x.shape[1], bias_column, weight_shape)
+        out = LayerStats(name, module_type, layout, req.fisher, x.shape[0], x.shape[2])
+        if "sqrt" in req.stats:
+            out.sqrt = statistics.square_root(x, g)
+        if "kfac" in req.stats:
+            out.kfac = {
+                f: statistics.kfac_factors(x, g_all[self.segments[f]]) for f in req.kfac_flavours
+            }
+        if "tkfac" in req.stats:
+            form = statistics.tkfac_kfc if req.tkfac_conv == "kfc" and x.shape[2] > 1 else statistics.tkfac_exact
+            out.tkfac = form(x, g)
+        if "kfe" in req.stats and name in req.eigenbases:
+            u_out, u_in = req.eigenbases[name]
+            out.kfe_scaling = statistics.kfe_scaling(x, g, u_out, u_in)
+        return out
+
+
+def supported_backprop_types() -> Sequence[type]:
+    """Module types the extension can backpropagate through."""
+    return tuple(SqrtGGNExact()._BackpropExtension__module_extensions)  # type: ignore[attr-defined]

@@ -1,0 +1,132 @@
+"""The maths of extraction: per-layer statistics from the layer input and the backpropagated root.
+
+Everything here is plain tensor algebra (BackPACK's ``core/derivatives`` counterpart); the
+BackPACK plumbing lives in :mod:`curvlab.extract.extension`.
+
+Notation (both layer types, ``T = 1`` for ``nn.Linear``):
+
+* ``x``: unfolded layer input ``[N, D, T]`` (conv: ``unfold`` of the input; ``D = C_in·kh·kw``,
+  plus a row of ones when the bias is part of the block).
+* ``g``: backpropagated square root at the layer output ``[C, N, d_out, T]`` with the loss
+  reduction folded in.
+* Per-sample gradient matrices ``M_{c,n} = Σ_t g_{c,n,:,t} x_{n,:,t}ᵀ``; ``F = Σ vec(M) vec(M)ᵀ``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.extract.stats import KroneckerFactors, TraceStats
+from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
+
+#: Elements of the largest temporary a chunked computation may allocate.
+CHUNK_ELEMENTS = 2**24
+
+
+def _chunks(n: int, per_example: int) -> list[slice]:
+    """Split range(n) into slices whose temporaries stay under :data:`CHUNK_ELEMENTS`."""
+    size = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def kfac_factors(x: Tensor, g: Tensor) -> KroneckerFactors:
+    """KFAC factors, KFC "expand" convention [C].
+
+    ``A = 1/(N·T) Σ_{n,t} x xᵀ`` and ``G = Σ_{c,n,t} g gᵀ``, so that ``G ⊗ A`` is exact for
+    ``N = T = 1`` and equals KFC's ``Ω ⊗ Γ`` (Grosse & Martens 2016) for convolutions.
+    """
+    n, _, t = x.shape
+    xf = x.transpose(1, 2).reshape(n * t, -1)
+    gf = g.transpose(2, 3).reshape(-1, g.shape[2])
+    return KroneckerFactors(A=xf.T @ xf / (n * t), G=gf.T @ gf)
+
+
+def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
+    """TKFAC statistics as exact partial traces of F (trace-preserving) [D].
+
+    ``δΦ = Σ_k M_kᵀ M_k``, ``δΨ = Σ_k M_k M_kᵀ``, ``δ = tr δΦ = tr F``.  For ``T = 1`` these are
+    weighted outer products; for convolutions the cheaper of two routes is taken: Gram
+    matrices over output locations (``δΦ = Σ_n Ā_nᵀ (Σ_c G_nc G_ncᵀ) Ā_n``) or explicit
+    per-sample gradients in chunks.
+    """
+    c, n, d_out, t = g.shape
+    d_in = x.shape[1]
+    if t == 1:
+        a, gg = x[..., 0], g[..., 0]
+        g_norms = gg.square().sum((0, 2))  # Σ_c ‖g_cn‖²  [N]
+        a_norms = a.square().sum(1)  # ‖ā_n‖²  [N]
+        phi = torch.einsum("n,nd,ne->de", g_norms, a, a)
+        psi = torch.einsum("n,cno,cnp->op", a_norms, gg, gg)
+        return TraceStats(delta=(g_norms * a_norms).sum(), delta_phi=phi, delta_psi=psi)
+
+    gram_cost = c * n * t * t * d_out + n * (2 * t * t * d_in + t * d_in * d_in) + c * n * (
+        t * t * d_out + t * d_out * d_out
+    )
+    chunk_cost = c * n * d_out * d_in * (t + d_in + d_out)
+    phi = x.new_zeros(d_in, d_in)
+    psi = x.new_zeros(d_out, d_out)
+    if gram_cost < chunk_cost:
+        for sl in _chunks(n, max(c * d_out * t, t * t, d_in * t)):
+            xs, gs = x[sl], g[:, sl]
+            out_gram = torch.einsum("cnot,cnos->nts", gs, gs)  # Σ_c G_nc G_ncᵀ
+            phi += torch.einsum("ndt,nts,nes->de", xs, out_gram, xs)
+            in_gram = torch.einsum("ndt,nds->nts", xs, xs)  # Ā_n Ā_nᵀ
+            psi += torch.einsum("cnot,nts,cnps->op", gs, in_gram, gs)
+    else:
+        for sl in _chunks(n, c * d_out * d_in):
+            m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl])
+            phi += torch.einsum("cnod,cnoe->de", m, m)
+            psi += torch.einsum("cnod,cnpd->op", m, m)
+    return TraceStats(delta=phi.trace(), delta_phi=phi, delta_psi=psi)
+
+
+def tkfac_kfc(x: Tensor, g: Tensor) -> TraceStats:
+    """TKFAC statistics in the KFC-style form for convolutions [R].
+
+    Per example ``Λ_n = Σ_t ā āᵀ`` and per column ``Γ_{c,n} = (1/T) Σ_t g gᵀ``:
+    ``δ = Σ tr Λ tr Γ``, ``δΦ = Σ tr Γ · Λ``, ``δΨ = Σ tr Λ · Γ``.  Equals :func:`tkfac_exact` for
+    ``T = 1``; preserves the trace only under KFC's independence assumptions.
+    """
+    t = x.shape[2]
+    tr_gamma = g.square().sum((2, 3)).sum(0) / t  # Σ_c tr Γ_cn  [N]
+    tr_lambda = x.square().sum((1, 2))  # tr Λ_n  [N]
+    phi = torch.einsum("n,ndt,net->de", tr_gamma, x, x)
+    psi = torch.einsum("n,cnot,cnpt->op", tr_lambda, g, g) / t
+    return TraceStats(
+        delta=(tr_gamma * tr_lambda).sum(), delta_phi=phi, delta_psi=psi, form="kfc"
+    )
+
+
+def per_sample_gradients(x: Tensor, g: Tensor) -> Tensor:
+    """All ``M_{c,n}``, shape ``[C·N, d_out, D]`` (column ``k = c·N + n``), built in chunks."""
+    c, n, d_out, _ = g.shape
+    out = x.new_empty(c, n, d_out, x.shape[1])
+    for sl in _chunks(n, c * d_out * x.shape[1]):
+        out[:, sl] = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl])
+    return out.reshape(c * n, d_out, -1)
+
+
+def square_root(x: Tensor, g: Tensor) -> SquareRoot:
+    """The block's square root: factored for linear layers, explicit for convolutions."""
+    if x.shape[2] == 1:
+        return FactoredSqrt(x[..., 0], g[..., 0])
+    return DenseSqrt(per_sample_gradients(x, g))
+
+
+def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
+    """EKFAC's rescaling ``Σ_k (U_outᵀ M_k U_in)²`` without storing every ``M_k`` [C].
+
+    Linear: one matmul of squared projections.  Conv: the rotated per-sample gradients are
+    formed in chunks, so memory stays bounded.
+    """
+    c, n, d_out, t = g.shape
+    u_out, u_in = u_out.to(g.dtype), u_in.to(x.dtype)
+    g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
+    x_rot = torch.einsum("ndt,de->net", x, u_in)
+    if t == 1:
+        return g_rot[..., 0].square().sum(0).T @ x_rot[..., 0].square()
+    out = x.new_zeros(d_out, x.shape[1])
+    for sl in _chunks(n, c * d_out * x.shape[1]):
+        out += torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x_rot[sl]).square().sum((0, 1))
+    return out
