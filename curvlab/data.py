@@ -483,6 +483,7 @@ def _save_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, images=images, labels=labels)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should stay readable
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

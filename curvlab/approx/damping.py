@@ -1,0 +1,153 @@
+"""Damping strategies: how ``K̂ + damping`` is inverted, as damped eigenvalues.
+
+Every approximation is ``K̂ = Q diag(s) Qᵀ`` (see :mod:`curvlab.approx.base`); every strategy
+here damps it to ``Q diag(s + Δ) Qᵀ`` with an increment ``Δ`` (``[d_out, D]`` or a scalar) that is
+diagonal in the same basis, so the damped inverse costs two rotations and one division.
+With ``λ`` the damping and ``(l, r)`` the approximation's :meth:`factor_eigenvalues` (the
+eigenvalues of its Kronecker factors ``L ⊗ R``):
+
+* ``"exact"`` [C]: ``Δ = λ`` — Tikhonov damping ``K̂ + λI`` of the approximation itself.
+* ``"factored"`` [C for KFAC/KFLR, Martens & Grosse 2015 §6.3]: ``(L + √λ/π I) ⊗ (R + π√λ I)``
+  with ``π² = (tr R / D)/(tr L / d_out)``, i.e. damped eigenvalues ``(l + √λ/π)(r + π√λ)ᵀ``.
+  For the eigenvalue-corrected approximations (EKFAC, TEKFAC) [R] the same damping *increment*
+  ``(L + √λ/π)⊗(R + π√λ) − L⊗R = π√λ L⊗I + (√λ/π) I⊗R + λI`` is added to ``K̂``, so that
+  ``Δ = π√λ l ⊕ (√λ/π) r + λ`` (``⊕``: outer sum).  For plain Kronecker products this is exactly
+  the π-damped product.
+* ``"nor"`` [R] (TKFAC's "normal" damping), TKFAC and TEKFAC only: with ``L = √δ Ψ``,
+  ``R = √δ Φ``, the damped matrix ``(√δ Ψ + √λ I) ⊗ (√δ Φ + √λ I)`` for TKFAC, and
+  ``K̂ + [(√δΨ + √λ I) ⊗ (√δΦ + √λ I) − δ Ψ⊗Φ]`` for TEKFAC (curvature-math §4 item 5):
+  ``Δ = √λ (l ⊕ r) + λ``.
+* ``"trace-relative"`` [R] (a candidate for TKFAC's unknown CNN damping):
+  ``Δ = λ · tr(K̂)/P``, Tikhonov damping relative to the mean eigenvalue.
+
+A strategy that an approximation does not support raises ``ValueError`` naming both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from curvlab.approx.base import KroneckerApproximation
+
+#: Names accepted wherever a strategy is expected.
+DAMPING_STRATEGIES = ("exact", "factored", "nor", "trace-relative")
+
+
+def _check_damping(damping: float | Tensor) -> None:
+    # Only Python numbers are checked: inspecting a tensor would force a device sync.
+    if isinstance(damping, (int, float)) and damping < 0:
+        raise ValueError(f"damping must be non-negative, got {damping}")
+
+
+def pi_factor(l: Tensor, r: Tensor) -> Tensor:
+    """``π = √((Σ r / D)/(Σ l / d_out))`` — the ratio of mean factor eigenvalues (traces/dims).
+
+    Falls back to ``π = 1`` when either factor has zero trace (a dead layer).
+    """
+    mean_l, mean_r = l.mean(), r.mean()
+    ok = (mean_l > 0) & (mean_r > 0)
+    tiny = torch.finfo(l.dtype).tiny
+    return torch.where(ok, (mean_r / mean_l.clamp_min(tiny)).sqrt(), torch.ones_like(mean_l))
+
+
+class DampingStrategy(ABC):
+    """Damping ``K̂ + damping`` as ``Q diag(s + Δ) Qᵀ`` in the approximation's eigenbasis."""
+
+    #: The strategy's name (one of :data:`DAMPING_STRATEGIES` for the built-in ones).
+    name: ClassVar[str]
+
+    @abstractmethod
+    def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
+        """``Δ``, broadcastable to ``[d_out, D]``."""
+
+    def damped_eigenvalues(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
+        """``s + Δ``, shape ``[d_out, D]``: what the damped inverse divides by."""
+        _check_damping(damping)
+        return approx.eigenvalues() + self.increment(approx, damping)
+
+    def unsupported(self, approx: "KroneckerApproximation", why: str) -> ValueError:
+        """The error for a combination this strategy does not define."""
+        return ValueError(
+            f"damping strategy {self.name!r} is not defined for approximation {approx.name!r}: {why}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ExactDamping(DampingStrategy):
+    """``"exact"`` [C]: ``K̂ + λI``, damped eigenvalues ``s + λ``."""
+
+    name = "exact"
+
+    def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
+        return torch.as_tensor(damping, dtype=approx.dtype, device=approx.device)
+
+
+class FactoredDamping(DampingStrategy):
+    """``"factored"`` [C for KFAC, R for the eigenvalue-corrected ones]: π-damping
+    ``(L + √λ/π I) ⊗ (R + π√λ I)``; increment ``Δ = π√λ l ⊕ (√λ/π) r + λ``.
+
+    π is invariant to rescaling ``L → cL, R → R/c``, so the split of a scalar between the factors
+    does not matter.
+    """
+
+    name = "factored"
+
+    def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
+        factors = approx.factor_eigenvalues()
+        if factors is None:
+            raise self.unsupported(approx, "it carries no Kronecker factor eigenvalues")
+        l, r = factors
+        pi = pi_factor(l, r)
+        root = torch.as_tensor(damping, dtype=approx.dtype, device=approx.device).sqrt()
+        # (l + √λ/π)(r + π√λ) − l r, expanded to avoid cancellation.
+        return (pi * root * l)[:, None] + (root / pi * r)[None, :] + root * root
+
+
+class NorDamping(DampingStrategy):
+    """``"nor"`` [R]: TKFAC's normal damping ``(√δΨ + √λ I) ⊗ (√δΦ + √λ I)``; increment
+    ``Δ = √λ (l ⊕ r) + λ`` with ``l = √δ λ_Ψ``, ``r = √δ λ_Φ``.  TKFAC and TEKFAC only."""
+
+    name = "nor"
+
+    def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
+        factors = approx.factor_eigenvalues()
+        if not approx.trace_factored or factors is None:
+            raise self.unsupported(
+                approx, "it needs the trace split √δΨ ⊗ √δΦ of TKFAC/TEKFAC (use 'tkfac' or 'tekfac')"
+            )
+        l, r = factors
+        root = torch.as_tensor(damping, dtype=approx.dtype, device=approx.device).sqrt()
+        return root * (l[:, None] + r[None, :]) + root * root
+
+
+class TraceRelativeDamping(DampingStrategy):
+    """``"trace-relative"`` [R]: ``K̂ + λ·(tr K̂ / P) I``, damped eigenvalues ``s + λ·mean(s)``."""
+
+    name = "trace-relative"
+
+    def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
+        return damping * approx.trace() / approx.num_params
+
+
+_STRATEGIES: dict[str, type[DampingStrategy]] = {
+    cls.name: cls for cls in (ExactDamping, FactoredDamping, NorDamping, TraceRelativeDamping)
+}
+
+
+def get_damping(strategy: str | DampingStrategy) -> DampingStrategy:
+    """The strategy object for a name in :data:`DAMPING_STRATEGIES` (objects pass through)."""
+    if isinstance(strategy, DampingStrategy):
+        return strategy
+    try:
+        return _STRATEGIES[strategy]()
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown damping strategy {strategy!r}; choose one of {DAMPING_STRATEGIES}"
+        ) from None

@@ -1,0 +1,117 @@
+"""EKFAC [C]: eigenvalue-corrected KFAC (George et al. 2018).
+
+Basis: the Kronecker-factored eigenbasis ``Q = U_G ⊗ U_A`` of the KFAC factors ``G = U_G Λ_G U_Gᵀ``,
+``A = U_A Λ_A U_Aᵀ``.  Scaling: the optimal diagonal in that basis,
+
+    s*[i, j] = (Qᵀ F Q)_{(i,j),(i,j)} = Σ_k (U_Gᵀ M_k U_A)²[i, j],
+
+which minimises ``‖F − Q diag(s) Qᵀ‖_F`` for the fixed basis, hence ``‖F − EKFAC‖ ≤ ‖F − KFAC‖``
+and ``tr EKFAC = tr F`` [D].  ``λ_G``, ``λ_A`` are kept for factored damping.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from curvlab.approx.base import EigenCorrected, missing_statistic, psd_eigh
+from curvlab.layout import BlockLayout
+from curvlab.sqrt import SquareRoot
+
+if TYPE_CHECKING:
+    from curvlab.extract.stats import LayerStats
+
+
+class EKFAC(EigenCorrected):
+    """``K̂ = (U_G ⊗ U_A) diag(s) (U_G ⊗ U_A)ᵀ``.
+
+    Args:
+        u_out: ``U_G``, eigenvectors of the output-side KFAC factor.
+        u_in: ``U_A``, eigenvectors of the input-side KFAC factor.
+        scaling: ``s``, ``[d_out, D]`` (``s*`` or a running average of it).
+        factor_eigenvalues: ``(λ_G, λ_A)`` for factored damping; ``None`` disables it.
+        layout: the block's layout (default: plain weight, no bias column).
+        name: label.
+
+    Attributes:
+        scaling: ``s``.
+    """
+
+    def __init__(
+        self,
+        u_out: Tensor,
+        u_in: Tensor,
+        scaling: Tensor,
+        *,
+        factor_eigenvalues: tuple[Tensor, Tensor] | None = None,
+        layout: BlockLayout | None = None,
+        name: str = "ekfac",
+    ) -> None:
+        super().__init__(u_out, u_in, scaling, factor_eigenvalues, layout, name)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "EKFAC":
+        fe = self._factor_eigenvalues
+        return EKFAC(
+            self.u_out.to(dtype=dtype, device=device),
+            self.u_in.to(dtype=dtype, device=device),
+            self.scaling.to(dtype=dtype, device=device),
+            factor_eigenvalues=None if fe is None else tuple(t.to(dtype=dtype, device=device) for t in fe),  # type: ignore[arg-type]
+            layout=self.layout,
+            name=self.name,
+        )
+
+    @classmethod
+    def from_factors(
+        cls,
+        A: Tensor,
+        G: Tensor,
+        *,
+        sqrt: SquareRoot | None = None,
+        scaling: Tensor | None = None,
+        layout: BlockLayout | None = None,
+        name: str = "ekfac",
+    ) -> "EKFAC":
+        """EKFAC in the eigenbasis of the KFAC factors ``G ⊗ A``.
+
+        ``s`` is ``scaling`` when given (it must have been computed in this basis), else
+        ``s* = sqrt.rotated_sq_sum(U_G, U_A)``.
+        """
+        lam_a, u_a = psd_eigh(A)
+        lam_g, u_g = psd_eigh(G)
+        if scaling is None:
+            if sqrt is None:
+                raise ValueError("EKFAC.from_factors: pass the block's square root `sqrt` or a `scaling`")
+            scaling = sqrt.rotated_sq_sum(u_g.to(sqrt.dtype), u_a.to(sqrt.dtype)).to(A.dtype)
+        return cls(u_g, u_a, scaling, factor_eigenvalues=(lam_g, lam_a), layout=layout, name=name)
+
+    @classmethod
+    def from_stats(  # type: ignore[override]
+        cls,
+        stats: "LayerStats",
+        scaling: Tensor | None = None,
+        flavour: str | None = None,
+        name: str = "ekfac",
+    ) -> "EKFAC":
+        """EKFAC of ``stats``: basis from ``stats.kfac[flavour]`` (default: the block's own flavour),
+        ``s*`` from ``stats.sqrt``.
+
+        Without ``stats.sqrt`` the scaling is ``scaling`` if given, else ``stats.kfe_scaling``,
+        which is then assumed to have been extracted in the eigenbasis of these same factors.
+        """
+        flavour = stats.flavour if flavour is None else flavour
+        factors = stats.kfac.get(flavour)
+        if factors is None:
+            raise missing_statistic(
+                stats, name, f"the KFAC factors of flavour {flavour!r} (stats.kfac[{flavour!r}])",
+                f"'kfac' with flavour {flavour!r}",
+            )
+        if scaling is None and stats.sqrt is None:
+            if stats.kfe_scaling is None:
+                raise missing_statistic(
+                    stats, name, "the square root (stats.sqrt) or the KFE scaling (stats.kfe_scaling)",
+                    "'sqrt' (or 'kfe_scaling' in the KFAC eigenbasis)",
+                )
+            scaling = stats.kfe_scaling
+        return cls.from_factors(factors.A, factors.G, sqrt=stats.sqrt, scaling=scaling, layout=stats.layout, name=name)

@@ -1,0 +1,70 @@
+"""KFAC and KFLR [C]: ``F ≈ G ⊗ A`` (Martens & Grosse 2015; KFLR: Botev et al. 2017).
+
+``A = E[ā āᵀ]`` (``[D, D]``, input side) and ``G = Σ g gᵀ`` (``[d_out, d_out]``, output side),
+row-major on ``W̄``: ``(G ⊗ A) vec(X) = vec(G X Aᵀ)``.  KFAC takes the factors of the Monte-Carlo
+Fisher (``stats.kfac["mc"]``), KFLR those of the exact GGN (``stats.kfac["exact"]``); the two are the
+same class with a different ``name``.  Eigenvalues ``s = λ_G λ_Aᵀ``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from curvlab.approx.base import KroneckerProduct, missing_statistic
+from curvlab.layout import BlockLayout
+
+if TYPE_CHECKING:
+    from curvlab.extract.stats import LayerStats
+
+#: Default name of the KFAC approximation of each flavour's factors.
+FLAVOUR_NAMES = {"mc": "kfac", "exact": "kflr", "empirical": "kfac-empirical"}
+
+
+class KFAC(KroneckerProduct):
+    """``K̂ = G ⊗ A``.
+
+    Args:
+        A: input-side factor ``[D, D]`` (symmetric PSD; stored symmetrised).
+        G: output-side factor ``[d_out, d_out]`` (symmetric PSD; stored symmetrised).
+        layout: the block's layout (default: a plain ``d_out × D`` weight without bias column).
+        name: ``"kfac"`` (MC factors), ``"kflr"`` (exact factors), or any label.
+    """
+
+    def __init__(self, A: Tensor, G: Tensor, *, layout: BlockLayout | None = None, name: str = "kfac") -> None:
+        super().__init__(G, A, None, layout, name)
+
+    @property
+    def A(self) -> Tensor:
+        """Input-side factor ``[D, D]``."""
+        return self._right
+
+    @property
+    def G(self) -> Tensor:
+        """Output-side factor ``[d_out, d_out]``."""
+        return self._left
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KFAC":
+        return KFAC(
+            self.A.to(dtype=dtype, device=device),
+            self.G.to(dtype=dtype, device=device),
+            layout=self.layout,
+            name=self.name,
+        )
+
+    @classmethod
+    def from_stats(cls, stats: "LayerStats", flavour: str = "mc", name: str | None = None) -> "KFAC":  # type: ignore[override]
+        """KFAC of the factors ``stats.kfac[flavour]`` (``"mc"``: KFAC, ``"exact"``: KFLR).
+
+        ``name`` defaults to ``"kfac"``/``"kflr"``/``"kfac-empirical"`` by flavour.
+        """
+        label = name if name is not None else FLAVOUR_NAMES.get(flavour, f"kfac-{flavour}")
+        factors = stats.kfac.get(flavour)
+        if factors is None:
+            raise missing_statistic(
+                stats, label, f"the KFAC factors of flavour {flavour!r} (stats.kfac[{flavour!r}])",
+                f"'kfac' with flavour {flavour!r}",
+            )
+        return cls(factors.A, factors.G, layout=stats.layout, name=label)

@@ -1,0 +1,167 @@
+"""TEKFAC [R — reconstructed from the paper's abstract]: trace-restricted eigenvalue-corrected KFAC
+(Gao, Liu et al. 2020; curvature-math §4).
+
+Basis ``Q = U_Ψ ⊗ U_Φ`` from ``δΨ = U_Ψ diag(δλ_Ψ) U_Ψᵀ`` (output side) and
+``δΦ = U_Φ diag(δλ_Φ) U_Φᵀ`` (input side) — TKFAC's eigenbasis — with EKFAC's optimal scaling
+
+    s*[i, j] = Σ_k (U_Ψᵀ M_k U_Φ)²[i, j].
+
+Hence ``‖F − TEKFAC‖_F ≤ ‖F − TKFAC‖_F`` (same basis, optimal diagonal) and ``tr = tr F`` [D].
+``δ``, ``λ_Ψ``, ``λ_Φ`` are kept for the ``"nor"`` and ``"factored"`` damping, with the split
+``L = √δ Ψ``, ``R = √δ Φ``.
+
+``basis="kfac"`` (ablation) uses the KFAC factors' eigenbasis instead, where TEKFAC equals EKFAC;
+``λ_Ψ``, ``λ_Φ`` then denote the diagonals ``diag(U_outᵀ Ψ U_out)``, ``diag(U_inᵀ Φ U_in)``, so the
+damping stays the diagonal (in the basis) of the same damping matrix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from curvlab.approx.base import EigenCorrected, missing_statistic, psd_eigh
+from curvlab.layout import BlockLayout
+from curvlab.sqrt import SquareRoot
+
+if TYPE_CHECKING:
+    from curvlab.extract.stats import LayerStats
+
+#: Bases TEKFAC can be built in.
+TEKFAC_BASES = ("trace", "kfac")
+
+
+class TEKFAC(EigenCorrected):
+    """``K̂ = (U_out ⊗ U_in) diag(s) (U_out ⊗ U_in)ᵀ`` with TKFAC's damping statistics.
+
+    Args:
+        u_out: ``U_Ψ`` (or any orthonormal ``[d_out, d_out]`` basis).
+        u_in: ``U_Φ`` (or any orthonormal ``[D, D]`` basis).
+        scaling: ``s``, ``[d_out, D]``.
+        delta: ``δ = tr F``.
+        psi_eigenvalues: ``λ_Ψ = diag(U_outᵀ Ψ U_out)`` (Ψ's eigenvalues in its own eigenbasis).
+        phi_eigenvalues: ``λ_Φ = diag(U_inᵀ Φ U_in)``.
+        layout: the block's layout (default: plain weight, no bias column).
+        name: label.
+
+    Attributes:
+        scaling: ``s``; delta: ``δ`` (0-dim); psi_eigenvalues, phi_eigenvalues: ``λ_Ψ``, ``λ_Φ``.
+    """
+
+    trace_factored = True
+
+    def __init__(
+        self,
+        u_out: Tensor,
+        u_in: Tensor,
+        scaling: Tensor,
+        *,
+        delta: Tensor | float,
+        psi_eigenvalues: Tensor,
+        phi_eigenvalues: Tensor,
+        layout: BlockLayout | None = None,
+        name: str = "tekfac",
+    ) -> None:
+        delta_t = torch.as_tensor(delta, dtype=scaling.dtype, device=scaling.device).reshape(())
+        root = delta_t.sqrt()
+        super().__init__(u_out, u_in, scaling, (root * psi_eigenvalues, root * phi_eigenvalues), layout, name)
+        self.delta = delta_t
+        self.psi_eigenvalues = psi_eigenvalues
+        self.phi_eigenvalues = phi_eigenvalues
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TEKFAC":
+        def conv(t: Tensor) -> Tensor:
+            return t.to(dtype=dtype, device=device)
+
+        return TEKFAC(
+            conv(self.u_out),
+            conv(self.u_in),
+            conv(self.scaling),
+            delta=conv(self.delta),
+            psi_eigenvalues=conv(self.psi_eigenvalues),
+            phi_eigenvalues=conv(self.phi_eigenvalues),
+            layout=self.layout,
+            name=self.name,
+        )
+
+    @classmethod
+    def from_trace_stats(
+        cls,
+        delta: Tensor | float,
+        delta_phi: Tensor,
+        delta_psi: Tensor,
+        *,
+        sqrt: SquareRoot | None = None,
+        scaling: Tensor | None = None,
+        basis: tuple[Tensor, Tensor] | None = None,
+        layout: BlockLayout | None = None,
+        name: str = "tekfac",
+    ) -> "TEKFAC":
+        """TEKFAC from TKFAC's unnormalised statistics ``δ``, ``δΦ``, ``δΨ``.
+
+        Args:
+            basis: ``(U_out, U_in)``; default the eigenvectors of ``δΨ`` and ``δΦ``.
+            sqrt: the block's square root, for ``s* = sqrt.rotated_sq_sum(U_out, U_in)``.
+            scaling: ``s`` computed in this basis (overrides ``sqrt``).
+        """
+        delta_t = torch.as_tensor(delta, dtype=delta_phi.dtype, device=delta_phi.device).reshape(())
+        inv_delta = 1.0 / delta_t.clamp_min(torch.finfo(delta_phi.dtype).tiny)
+        if basis is None:
+            mu_psi, u_out = psd_eigh(delta_psi)
+            mu_phi, u_in = psd_eigh(delta_phi)
+        else:
+            u_out, u_in = basis
+            mu_psi = torch.einsum("ai,ab,bi->i", u_out, delta_psi, u_out)
+            mu_phi = torch.einsum("ai,ab,bi->i", u_in, delta_phi, u_in)
+        if scaling is None:
+            if sqrt is None:
+                raise ValueError("TEKFAC.from_trace_stats: pass the block's square root `sqrt` or a `scaling`")
+            scaling = sqrt.rotated_sq_sum(u_out.to(sqrt.dtype), u_in.to(sqrt.dtype)).to(delta_phi.dtype)
+        return cls(
+            u_out,
+            u_in,
+            scaling,
+            delta=delta_t,
+            psi_eigenvalues=mu_psi * inv_delta,
+            phi_eigenvalues=mu_phi * inv_delta,
+            layout=layout,
+            name=name,
+        )
+
+    @classmethod
+    def from_stats(  # type: ignore[override]
+        cls,
+        stats: "LayerStats",
+        basis: str = "trace",
+        scaling: Tensor | None = None,
+        name: str = "tekfac",
+    ) -> "TEKFAC":
+        """TEKFAC of ``stats``: ``stats.tkfac`` for the basis and damping, ``stats.sqrt`` for ``s*``.
+
+        Args:
+            basis: ``"trace"`` (eigenvectors of δΨ, δΦ; default) or ``"kfac"`` (eigenvectors of
+                ``stats.kfac[stats.flavour]``; then TEKFAC equals EKFAC — for ablation).
+            scaling: ``s`` already computed in that basis (needed when ``stats.sqrt`` is absent).
+        """
+        if basis not in TEKFAC_BASES:
+            raise ValueError(f"TEKFAC: unknown basis {basis!r}; choose one of {TEKFAC_BASES}")
+        if stats.tkfac is None:
+            raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "'tkfac'")
+        if scaling is None and stats.sqrt is None:
+            raise missing_statistic(stats, name, "the square root (stats.sqrt) for the rescaling s*", "'sqrt'")
+        basis_mats: tuple[Tensor, Tensor] | None = None
+        if basis == "kfac":
+            factors = stats.kfac.get(stats.flavour)
+            if factors is None:
+                raise missing_statistic(
+                    stats, name, f"the KFAC factors of flavour {stats.flavour!r} for basis='kfac'",
+                    f"'kfac' with flavour {stats.flavour!r}",
+                )
+            basis_mats = (psd_eigh(factors.G)[1], psd_eigh(factors.A)[1])
+        ts = stats.tkfac
+        return cls.from_trace_stats(
+            ts.delta, ts.delta_phi, ts.delta_psi,
+            sqrt=stats.sqrt, scaling=scaling, basis=basis_mats, layout=stats.layout, name=name,
+        )

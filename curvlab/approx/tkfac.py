@@ -1,0 +1,91 @@
+"""TKFAC [C definitions; damping R]: trace-restricted KFAC (Gao et al., AAAI 2021).
+
+From the unnormalised trace statistics (curvature-math §3)
+
+    δ = tr F = Σ_k ‖M_k‖²_F,   δΦ = Tr_out F = Σ_k M_kᵀ M_k,   δΨ = Tr_in F = Σ_k M_k M_kᵀ,
+
+``Φ = δΦ/δ`` and ``Ψ = δΨ/δ`` have unit trace and
+
+    K̂ = δ · Ψ ⊗ Φ = (δΨ ⊗ δΦ)/δ     (Ψ output side, Φ input side, row-major),
+
+so ``tr K̂ = δ = tr F`` exactly.  Eigenvalues ``s = δ λ_Ψ λ_Φᵀ``.  For damping the product is
+split as ``(√δ Ψ) ⊗ (√δ Φ)``.  Running averages must average δ, δΦ, δΨ *before* normalising
+(averaging Φ, Ψ afterwards breaks the trace identity), hence the constructor takes the
+unnormalised statistics.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from curvlab.approx.base import KroneckerProduct, missing_statistic
+from curvlab.layout import BlockLayout
+
+if TYPE_CHECKING:
+    from curvlab.extract.stats import LayerStats
+
+
+class TKFAC(KroneckerProduct):
+    """``K̂ = (δΨ ⊗ δΦ)/δ``.
+
+    Args:
+        delta: ``δ`` (scalar).
+        delta_phi: ``δΦ``, ``[D, D]`` (input side).
+        delta_psi: ``δΨ``, ``[d_out, d_out]`` (output side).
+        layout: the block's layout (default: plain weight, no bias column).
+        name: label.
+
+    Attributes:
+        delta: ``δ`` as a 0-dim tensor.
+        phi: ``Φ = δΦ/δ`` (unit trace when ``tr δΦ = δ``).
+        psi: ``Ψ = δΨ/δ``.
+    """
+
+    trace_factored = True
+
+    def __init__(
+        self,
+        delta: Tensor | float,
+        delta_phi: Tensor,
+        delta_psi: Tensor,
+        *,
+        layout: BlockLayout | None = None,
+        name: str = "tkfac",
+    ) -> None:
+        delta_t = torch.as_tensor(delta, dtype=delta_phi.dtype, device=delta_phi.device).reshape(())
+        # A dead layer has δ = δΦ = δΨ = 0; the clamp keeps K̂ = 0 instead of NaN.
+        inv_delta = 1.0 / delta_t.clamp_min(torch.finfo(delta_phi.dtype).tiny)
+        super().__init__(delta_psi, delta_phi, inv_delta, layout, name)
+        self.delta = delta_t
+        self.phi = self._right * inv_delta
+        self.psi = self._left * inv_delta
+
+    @property
+    def delta_phi(self) -> Tensor:
+        """``δΦ = Σ_k M_kᵀ M_k``, ``[D, D]``."""
+        return self._right
+
+    @property
+    def delta_psi(self) -> Tensor:
+        """``δΨ = Σ_k M_k M_kᵀ``, ``[d_out, d_out]``."""
+        return self._left
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TKFAC":
+        return TKFAC(
+            self.delta.to(dtype=dtype, device=device),
+            self.delta_phi.to(dtype=dtype, device=device),
+            self.delta_psi.to(dtype=dtype, device=device),
+            layout=self.layout,
+            name=self.name,
+        )
+
+    @classmethod
+    def from_stats(cls, stats: "LayerStats", name: str = "tkfac") -> "TKFAC":  # type: ignore[override]
+        """TKFAC of ``stats.tkfac`` (either form, ``"exact"`` or ``"kfc"``)."""
+        if stats.tkfac is None:
+            raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "'tkfac'")
+        ts = stats.tkfac
+        return cls(ts.delta, ts.delta_phi, ts.delta_psi, layout=stats.layout, name=name)

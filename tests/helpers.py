@@ -1,0 +1,157 @@
+"""Tiny models and dense autograd (torch.func) references shared by the tests.
+
+Nothing here uses BackPACK or curvlab's extraction maths: these are the independent oracles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+from curvlab.layout import BlockLayout
+
+torch.set_default_dtype(torch.float64)
+
+
+def tiny_mlp(seed: int = 0, d_in: int = 5, classes: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 4), nn.Tanh(), nn.Linear(4, classes)).double()
+
+
+def tiny_cnn(seed: int = 0, classes: int = 3) -> nn.Sequential:
+    """Input [N, 2, 6, 6]; stride, padding and dilation all exercised."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),  # → 3×3×3
+        nn.Sigmoid(),
+        nn.Conv2d(3, 2, 2, stride=1, padding=1, dilation=2),  # → 2×3×3
+        nn.Flatten(),
+        nn.Linear(18, classes),
+    ).double()
+
+
+def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Random inputs of the right shape and targets for ``loss_fn``."""
+    gen = torch.Generator().manual_seed(seed)
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    shape = (n, first.in_features) if isinstance(first, nn.Linear) else (n, first.in_channels, 6, 6)
+    x = torch.randn(shape, generator=gen)
+    classes = model[-1].out_features
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        y = torch.randint(0, classes, (n,), generator=gen)
+    else:
+        y = torch.randn(n, classes, generator=gen)
+    return x, y
+
+
+def layer_params(model: nn.Module, layer: str) -> dict[str, Tensor]:
+    return {k: v for k, v in model.named_parameters() if k.rsplit(".", 1)[0] == layer}
+
+
+def _flat_fn(model: nn.Module, layer: str, x: Tensor):
+    params = layer_params(model, layer)
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+    shapes = [params[k].shape for k in names]
+
+    def out(flat: Tensor) -> Tensor:
+        parts = torch.split(flat, sizes)
+        new = {k: p.reshape(s) for k, p, s in zip(names, parts, shapes)}
+        return functional_call(model, new, (x,))
+
+    flat0 = torch.cat([params[k].detach().flatten() for k in names])
+    return out, flat0
+
+
+def reduction_factor(loss_fn: nn.Module, out: Tensor) -> float:
+    if loss_fn.reduction == "sum":
+        return 1.0
+    return 1.0 / (out.shape[0] if isinstance(loss_fn, nn.CrossEntropyLoss) else out.numel())
+
+
+def dense_ggn(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, layer: str) -> Tensor:
+    """Exact GGN block ``Σ J_nᵀ ∇²L J_n`` of ``layer``, flat order ``[weight, bias]``."""
+    out_fn, flat = _flat_fn(model, layer, x)
+    jac = jacrev(out_fn)(flat)  # [N, C, P]
+    out = out_fn(flat).detach()
+    hess = hessian(lambda o: loss_fn(o, y))(out)  # [N, C, N, C]
+    return torch.einsum("ncp,ncmd,mdq->pq", jac, hess, jac)
+
+
+def dense_empirical(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, layer: str) -> Tensor:
+    """Empirical Fisher block ``R Σ_n ∇ℓ_n ∇ℓ_nᵀ`` (L = R Σ ℓ_n)."""
+    out_fn, flat = _flat_fn(model, layer, x)
+    per = type(loss_fn)(reduction="none")
+
+    def losses(p: Tensor) -> Tensor:
+        val = per(out_fn(p), y)
+        return val.reshape(val.shape[0], -1).sum(1)
+
+    grads = jacrev(losses)(flat)  # [N, P]
+    r = reduction_factor(loss_fn, out_fn(flat))
+    return r * grads.T @ grads
+
+
+def dense_grad(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, layer: str) -> Tensor:
+    out_fn, flat = _flat_fn(model, layer, x)
+    return torch.func.grad(lambda p: loss_fn(out_fn(p), y))(flat)
+
+
+def to_matrix_order(dense: Tensor, layout: BlockLayout) -> Tensor:
+    """Re-index a P×P block from flat parameter order to matrix-form order, as [d_out, D, d_out, D]."""
+    perm = layout.permutation()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    d_out, d_in = layout.shape
+    return dense[inv][:, inv].reshape(d_out, d_in, d_out, d_in)
+
+
+def partial_traces(dense: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+    """``(Tr_out F, Tr_in F)``: TKFAC's δΦ and δΨ by definition."""
+    f = to_matrix_order(dense, layout)
+    return torch.einsum("odoe->de", f), torch.einsum("odpd->op", f)
+
+
+def im2col(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Unfolded conv input ``[N, C_in·kh·kw, T]`` by explicit loops (independent of F.unfold)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    xp = nn.functional.pad(x, (pw, pw, ph, ph))
+    h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = []
+    for i in range(h_out):
+        for j in range(w_out):
+            patch = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            cols.append(patch.reshape(x.shape[0], -1))
+    return torch.stack(cols, -1)
+
+
+def layer_input_and_output_jacobian(
+    model: nn.Sequential, index: int, x: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input of ``model[index]``, the Jacobian of the network output w.r.t. that layer's output
+    (per example, ``[N, C, d_out, T]``), and the network output."""
+    head, tail = model[:index], model[index + 1 :]
+    inp = head(x).detach()
+    z = model[index](inp).detach()
+    jac = jacrev(tail)(z)  # [N, C, N, *z.shape[1:]]
+    n = z.shape[0]
+    jac = jac[torch.arange(n), :, torch.arange(n)]  # [N, C, *z.shape[1:]]
+    return inp, jac.reshape(n, jac.shape[1], z.shape[1], -1), tail(z).detach()
+
+
+def dense_kfac(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor, index: int) -> tuple[Tensor, Tensor]:
+    """KFAC factors by definition (KFC expand, bias as ones column): ``A = 1/(NT) Σ ā āᵀ``,
+    ``G = Σ_{n,t} J_{z,nt}ᵀ ∇²L J_{z,nt}``."""
+    layer = model[index]
+    inp, jac, out = layer_input_and_output_jacobian(model, index, x)
+    xs = im2col(inp, layer) if isinstance(layer, nn.Conv2d) else inp.unsqueeze(-1)
+    n, _, t = xs.shape
+    if layer.bias is not None:
+        xs = torch.cat([xs, torch.ones(n, 1, t)], 1)
+    a = torch.einsum("ndt,net->de", xs, xs) / (n * t)
+    hess = hessian(lambda o: loss_fn(o, y))(out)  # [N, C, N, C]
+    hess_n = hess[torch.arange(n), :, torch.arange(n)]  # [N, C, C]
+    g = torch.einsum("ncot,ncd,ndpt->op", jac, hess_n, jac)
+    return a, g

@@ -1,0 +1,146 @@
+"""Bad input gets a clear error, and the model is left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.extract import UnsupportedModelError, extract
+from helpers import batch, tiny_cnn, tiny_mlp
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
+        "hooks": [(len(m._forward_hooks), len(m._backward_hooks)) for m in model.modules()],
+        "attrs": [sorted(k for k in vars(m) if k.startswith(("input", "output", "_backpack"))) for m in model.modules()],
+        "param_attrs": [sorted(vars(p)) for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_untouched(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    for k in before["params"]:
+        assert torch.equal(before["params"][k], after["params"][k])
+        b, a = before["grads"][k], after["grads"][k]
+        assert (b is None and a is None) or torch.equal(b, a)
+    for key in ("hooks", "attrs", "param_attrs", "training"):
+        assert before[key] == after[key], key
+
+
+def test_model_untouched_after_success_with_existing_grads() -> None:
+    model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=3)
+    loss_fn(model(x), y).backward()  # user's own gradients must survive
+    before = snapshot(model)
+    extract(model, loss_fn, x, y, fisher="mc", stats=("sqrt", "kfac", "tkfac"))
+    assert_untouched(model, before)
+    assert len(loss_fn._forward_hooks) == 0 and not hasattr(loss_fn, "input0")
+
+
+def test_model_untouched_after_failure_midway() -> None:
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, _ = batch(model, loss_fn, n=3)
+    before = snapshot(model)
+    with pytest.raises(Exception):
+        extract(model, loss_fn, x, torch.tensor([0, 1, 99]))  # invalid class index
+    assert_untouched(model, before)
+    # and it still works afterwards
+    y = torch.tensor([0, 1, 2])
+    assert set(extract(model, loss_fn, x, y, stats=("kfac",))) == {"0", "2"}
+
+
+def test_unsupported_parameter_layer_named_or_skipped() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(UnsupportedModelError, match=r"'1' \(BatchNorm1d\).*supported layers: Linear, Conv2d"):
+        extract(model, nn.CrossEntropyLoss(), x, y)
+    stats = extract(model, nn.CrossEntropyLoss(), x, y, skip_unsupported=True)
+    assert list(stats) == ["0", "3"]
+
+
+def test_batchnorm_train_mode_rejected() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    with pytest.raises(UnsupportedModelError, match="train mode"):
+        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), skip_unsupported=True)
+
+
+def test_module_backpack_cannot_backpropagate() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3)).double()
+    with pytest.raises(UnsupportedModelError, match=r"'1' \(GELU\) cannot be backpropagated"):
+        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))
+
+
+def test_grouped_conv_rejected() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 3)).double()
+    with pytest.raises(UnsupportedModelError, match=r"'0' \(Conv2d\) has groups=2"):
+        extract(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 6, 6), torch.tensor([0, 1]))
+
+
+def test_inplace_activation_handled_and_restored() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    ref = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    got = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt",))
+    want = extract(ref, nn.CrossEntropyLoss(), x, y, stats=("sqrt",))
+    assert model[1].inplace is True
+    for name in got:
+        torch.testing.assert_close(got[name].dense_fisher(), want[name].dense_fisher())
+
+
+def test_bad_arguments_named() -> None:
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=2)
+    with pytest.raises(ValueError, match="fisher='fancy'"):
+        extract(model, loss_fn, x, y, fisher="fancy")
+    with pytest.raises(ValueError, match="unknown statistics"):
+        extract(model, loss_fn, x, y, stats=("hessian",))
+    with pytest.raises(ValueError, match="mc_samples"):
+        extract(model, loss_fn, x, y, fisher="mc", mc_samples=0)
+    with pytest.raises(ValueError, match="loss_fn is NLLLoss"):
+        extract(model, nn.NLLLoss(), x, y)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        extract(model, nn.CrossEntropyLoss(reduction="none"), x, y)
+    with pytest.raises(ValueError, match="eigenbases"):
+        extract(model, loss_fn, x, y, stats=("kfe",))
+
+
+def test_dense_fisher_refuses_large_blocks_and_missing_sqrt() -> None:
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=2)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt",))
+    with pytest.raises(MemoryError, match="layer '0' has P=24"):
+        stats["0"].dense_fisher(max_bytes=1000)
+    no_sqrt = extract(model, loss_fn, x, y, stats=("kfac",))
+    with pytest.raises(ValueError, match="without its square root"):
+        no_sqrt["0"].dense_fisher()
+
+
+def test_float32_agrees_with_float64() -> None:
+    model64, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model64, loss_fn, n=3)
+    s64 = extract(model64, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"))
+    model32 = tiny_cnn().float()
+    s32 = extract(model32, loss_fn, x.float(), y, stats=("sqrt", "kfac", "tkfac"))
+    for name in s64:
+        assert s32[name].tkfac.delta.dtype == torch.float32
+        torch.testing.assert_close(s32[name].tkfac.delta_phi.double(), s64[name].tkfac.delta_phi, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s32[name].dense_fisher().double(), s64[name].dense_fisher(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=3)
+    cpu = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"))
+    gpu = extract(model.cuda(), loss_fn, x.cuda(), y.cuda(), stats=("sqrt", "kfac", "tkfac"))
+    for name in cpu:
+        assert gpu[name].tkfac.delta.device.type == "cuda"
+        torch.testing.assert_close(gpu[name].dense_fisher().cpu(), cpu[name].dense_fisher())
+        torch.testing.assert_close(gpu[name].kfac["exact"].G.cpu(), cpu[name].kfac["exact"].G)
