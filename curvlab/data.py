@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 

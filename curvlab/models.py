@@ -109,7 +109,10 @@ def backpack_issues(model: nn.Module) -> list[str]:
             issues.append(f"{label}: {type(mod).__name__}(inplace=True) breaks BackPACK; use inplace=False")
         has_children = any(True for _ in mod.children())
         if has_children and not isinstance(mod, CONTAINER_MODULES):
-            issues.append(f"{label}: custom container {type(mod).__name__}; BackPACK only hooks modules")
+            issues.append(
+                f"{label}: custom container {type(mod).__name__}: BackPACK sees only its child modules, "
+                "so its forward must not use functional ops"
+            )
         elif not has_children and not isinstance(mod, SUPPORTED_LEAF_MODULES):
             issues.append(f"{label}: {type(mod).__name__} has no BackPACK second-order rule")
     return issues
