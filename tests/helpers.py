@@ -155,3 +155,19 @@ def dense_kfac(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor, i
     hess_n = hess[torch.arange(n), :, torch.arange(n)]  # [N, C, C]
     g = torch.einsum("ncot,ncd,ndpt->op", jac, hess_n, jac)
     return a, g
+
+
+def dense_ggn_full(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, layers: list[str]) -> Tensor:
+    """Exact GGN over all parameters of ``layers`` together (cross-layer blocks included)."""
+    params = {k: v for k, v in model.named_parameters() if k.rsplit(".", 1)[0] in layers}
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+
+    def out_fn(flat: Tensor) -> Tensor:
+        new = {k: p.reshape(params[k].shape) for k, p in zip(names, torch.split(flat, sizes))}
+        return functional_call(model, new, (x,))
+
+    flat = torch.cat([params[k].detach().flatten() for k in names])
+    jac = jacrev(out_fn)(flat)
+    hess = hessian(lambda o: loss_fn(o, y))(out_fn(flat).detach())
+    return torch.einsum("ncp,ncmd,mdq->pq", jac, hess, jac)

@@ -105,13 +105,13 @@ class EKFAC(EigenCorrected):
         if factors is None:
             raise missing_statistic(
                 stats, name, f"the KFAC factors of flavour {flavour!r} (stats.kfac[{flavour!r}])",
-                f"'kfac' with flavour {flavour!r}",
+                f"stats=('kfac', ...) with kfac_flavours containing {flavour!r}",
             )
         if scaling is None and stats.sqrt is None:
             if stats.kfe_scaling is None:
                 raise missing_statistic(
                     stats, name, "the square root (stats.sqrt) or the KFE scaling (stats.kfe_scaling)",
-                    "'sqrt' (or 'kfe_scaling' in the KFAC eigenbasis)",
+                    "stats=('sqrt', ...) (or stats=('kfe', ...) with eigenbases set to this KFAC eigenbasis)",
                 )
             scaling = stats.kfe_scaling
         return cls.from_factors(factors.A, factors.G, sqrt=stats.sqrt, scaling=scaling, layout=stats.layout, name=name)

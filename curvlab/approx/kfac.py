@@ -65,6 +65,6 @@ class KFAC(KroneckerProduct):
         if factors is None:
             raise missing_statistic(
                 stats, label, f"the KFAC factors of flavour {flavour!r} (stats.kfac[{flavour!r}])",
-                f"'kfac' with flavour {flavour!r}",
+                f"stats=('kfac', ...) with kfac_flavours containing {flavour!r}",
             )
         return cls(factors.A, factors.G, layout=stats.layout, name=label)

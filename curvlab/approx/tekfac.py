@@ -148,16 +148,16 @@ class TEKFAC(EigenCorrected):
         if basis not in TEKFAC_BASES:
             raise ValueError(f"TEKFAC: unknown basis {basis!r}; choose one of {TEKFAC_BASES}")
         if stats.tkfac is None:
-            raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "'tkfac'")
+            raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "stats=('tkfac', ...)")
         if scaling is None and stats.sqrt is None:
-            raise missing_statistic(stats, name, "the square root (stats.sqrt) for the rescaling s*", "'sqrt'")
+            raise missing_statistic(stats, name, "the square root (stats.sqrt) for the rescaling s*", "stats=('sqrt', ...)")
         basis_mats: tuple[Tensor, Tensor] | None = None
         if basis == "kfac":
             factors = stats.kfac.get(stats.flavour)
             if factors is None:
                 raise missing_statistic(
                     stats, name, f"the KFAC factors of flavour {stats.flavour!r} for basis='kfac'",
-                    f"'kfac' with flavour {stats.flavour!r}",
+                    f"stats=('kfac', ...) with kfac_flavours containing {stats.flavour!r}",
                 )
             basis_mats = (psd_eigh(factors.G)[1], psd_eigh(factors.A)[1])
         ts = stats.tkfac

@@ -86,6 +86,6 @@ class TKFAC(KroneckerProduct):
     def from_stats(cls, stats: "LayerStats", name: str = "tkfac") -> "TKFAC":  # type: ignore[override]
         """TKFAC of ``stats.tkfac`` (either form, ``"exact"`` or ``"kfc"``)."""
         if stats.tkfac is None:
-            raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "'tkfac'")
+            raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "stats=('tkfac', ...)")
         ts = stats.tkfac
         return cls(ts.delta, ts.delta_phi, ts.delta_psi, layout=stats.layout, name=name)

@@ -1,0 +1,204 @@
+"""Assemble per-layer and whole-network metrics into an ``xarray.Dataset``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from curvlab.approx import KroneckerApproximation
+from curvlab.compare.metrics import (
+    ApproximationMetrics,
+    ExactBlock,
+    approximation_metrics,
+    cosine,
+    exact_block,
+    gram_spectrum,
+    woodbury_natural_gradient,
+)
+from curvlab.extract.stats import LayerStats
+
+PER_APPROXIMATION = (
+    "trace_ratio",
+    "rel_frobenius_error",
+    "projection_error",
+    "scaling_error",
+    "ng_cosine",
+    "ng_rel_error",
+    "subspace_overlap",
+)
+
+CONVENTIONS = (
+    "Blocks act on W̄=[W b] (bias as last input column), Kronecker products row-major "
+    "(KFAC = G⊗A); flat parameter order cat(weight.flatten(), bias). F is the curvature of the "
+    "loss as loss_fn computes it (mean reduction folded in). Conv KFAC factors follow KFC "
+    "'expand': A averages over N·T locations, G sums over them. Errors are relative to ‖F‖_F; "
+    "natural gradients are damped: exact (F+λI)⁻¹g by Woodbury vs each approximation's own "
+    "damped inverse (its damping strategy)."
+)
+
+
+def _pad(values: Tensor, length: int) -> np.ndarray:
+    out = np.full(length, np.nan)
+    v = values[:length].detach().cpu().double().numpy()
+    out[: v.shape[0]] = v
+    return out
+
+
+def measure(
+    stats: Mapping[str, LayerStats],
+    approximations: Mapping[str, Mapping[str, KroneckerApproximation]],
+    *,
+    damping: float,
+    damping_strategies: Mapping[str, str],
+    top_k: int = 10,
+    num_eigenvalues: int = 256,
+    attrs: Mapping[str, object] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> xr.Dataset:
+    """Compare approximations with the exact blocks of one extraction.
+
+    Args:
+        stats: block name → statistics with ``sqrt`` and ``grad`` (one extraction, so every
+            block's root has the same K columns).
+        approximations: block name → {approximation name → object}; the objects are measured
+            as they are (e.g. an optimizer's running approximation).
+        damping: λ of the damped natural gradients.
+        damping_strategies: approximation name → damping strategy of its inverse.
+        top_k: eigenvectors in ``subspace_overlap``.
+        num_eigenvalues: length of the stored spectra (largest first, NaN-padded).
+        attrs: extra dataset attributes (model, data, seed, ...).
+        progress: optional wrapper for a progress bar over layers.
+    """
+    if damping <= 0:
+        raise ValueError(f"curvlab.compare: damping={damping} must be positive (blocks are rank-deficient)")
+    layers = list(stats)
+    names = list(dict.fromkeys(a for layer in layers for a in approximations[layer]))
+    for layer in layers:
+        if stats[layer].sqrt is None or stats[layer].grad is None:
+            raise ValueError(f"curvlab.compare: layer {layer!r} lacks its square root or gradient")
+    iterator = progress(layers) if progress else layers
+
+    exact: dict[str, ExactBlock] = {}
+    exact_ng: dict[str, Tensor] = {}
+    results: dict[tuple[str, str], ApproximationMetrics] = {}
+    grads: dict[str, Tensor] = {}
+    for layer in iterator:
+        block = exact_block(stats[layer].sqrt, num_eigenvalues)
+        grad = stats[layer].grad.to(torch.float64)
+        exact[layer], grads[layer] = block, grad
+        exact_ng[layer] = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
+        for name, approx in approximations[layer].items():
+            results[layer, name] = approximation_metrics(
+                block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng[layer]
+            )
+
+    length = max(min(stats[l].num_params, num_eigenvalues) for l in layers)
+    data: dict[str, tuple] = {}
+    for var in PER_APPROXIMATION:
+        table = np.full((len(layers), len(names)), np.nan)
+        for i, layer in enumerate(layers):
+            for j, name in enumerate(names):
+                if (layer, name) in results:
+                    table[i, j] = getattr(results[layer, name], var)
+        data[var] = (("layer", "approximation"), table)
+    data["exact_trace"] = (("layer",), np.array([exact[l].trace.item() for l in layers]))
+    data["exact_frobenius"] = (("layer",), np.array([exact[l].frobenius_sq.sqrt().item() for l in layers]))
+    data["exact_eigenvalues"] = (("layer", "eig"), np.stack([_pad(exact[l].eigenvalues, length) for l in layers]))
+    spectra = np.full((len(layers), len(names), length), np.nan)
+    for (layer, name), res in results.items():
+        spectra[layers.index(layer), names.index(name)] = _pad(res.spectrum, length)
+    data["approx_eigenvalues"] = (("layer", "approximation", "eig"), spectra)
+    data.update(_network(exact, grads, exact_ng, results, layers, names, damping, damping_strategies,
+                         approximations, num_eigenvalues))
+
+    coords = {
+        "layer": layers,
+        "approximation": names,
+        "eig": np.arange(length),
+        "num_params": ("layer", np.array([stats[l].num_params for l in layers])),
+        "module_type": ("layer", [stats[l].module_type for l in layers]),
+    }
+    first = stats[layers[0]]
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(
+        {
+            "flavour": first.flavour,
+            "num_examples": first.num_examples,
+            "num_columns": first.sqrt.num_columns,
+            "damping": damping,
+            "damping_strategies": ";".join(f"{k}={damping_strategies.get(k, 'exact')}" for k in names),
+            "top_k": top_k,
+            "conventions": CONVENTIONS,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **_versions(),
+            **{k: _attr(v) for k, v in (attrs or {}).items()},
+        }
+    )
+    return ds
+
+
+def _network(exact, grads, exact_ng, results, layers, names, damping, strategies, approximations, top):
+    """Whole-network entries: the full (cross-layer) Fisher against block-diagonal approximations."""
+    gram = sum(exact[l].gram for l in layers)
+    evals, evecs = gram_spectrum(gram, top)
+    norm_sq = gram.square().sum()
+    diag_sq = sum(exact[l].frobenius_sq for l in layers)
+    trace = sum(exact[l].trace for l in layers)
+    # full damped natural gradient by Woodbury on the stacked root
+    rhs = sum(exact[l].sqrt.inner(grads[l]) for l in layers)
+    alpha = torch.linalg.solve(gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+    full_ng = [(grads[l] - exact[l].sqrt.combine(alpha)) / damping for l in layers]
+    full_vec = torch.cat([x.flatten() for x in full_ng])
+    out: dict[str, tuple] = {}
+    err, cos, rel, ratio = (np.full(len(names), np.nan) for _ in range(4))
+    for j, name in enumerate(names):
+        if not all((l, name) in results for l in layers):
+            continue
+        inner = sum(results[l, name].inner_product for l in layers)
+        own_sq = sum(results[l, name].frobenius_sq for l in layers)
+        err[j] = np.sqrt(max(norm_sq.item() - 2 * inner + own_sq, 0.0) / norm_sq.item())
+        approx_vec = torch.cat([
+            approximations[l][name].to(dtype=torch.float64)
+            .inv_mat_mul(grads[l], damping, strategies.get(name, "exact")).flatten()
+            for l in layers
+        ])
+        cos[j] = cosine(approx_vec, full_vec).item()
+        rel[j] = ((approx_vec - full_vec).norm() / full_vec.norm()).item()
+        ratio[j] = sum(results[l, name].trace_ratio * exact[l].trace.item() for l in layers) / trace.item()
+    out["network_rel_frobenius_error"] = (("approximation",), err)
+    out["network_ng_cosine"] = (("approximation",), cos)
+    out["network_ng_rel_error"] = (("approximation",), rel)
+    out["network_trace_ratio"] = (("approximation",), ratio)
+    out["network_exact_eigenvalues"] = (("network_eig",), evals[:top].cpu().numpy())
+    out["network_exact_trace"] = ((), trace.item())
+    # the error of the exact block-diagonal Fisher: the floor for every per-layer approximation
+    out["network_blockdiag_error"] = ((), float(np.sqrt(max((norm_sq - diag_sq).item(), 0.0) / norm_sq.item())))
+    del evecs
+    return out
+
+
+def _attr(value: object) -> object:
+    """netCDF attributes must be numbers or strings."""
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import curvlab
+
+    return {
+        "curvlab_version": curvlab.__version__,
+        "torch_version": str(torch.__version__),
+        "backpack_version": version("backpack-for-pytorch"),
+        "xarray_version": xr.__version__,
+    }

@@ -1,0 +1,156 @@
+"""Exact, matrix-free quality metrics of one approximation of one block [D].
+
+Everything comes from the ``K × K`` Gram matrix ``VᵀV`` of the block's square root and from
+products with ``V`` (``K = N·C``); no ``P × P`` matrix is formed.  For ``K̂ = Q diag(s) Qᵀ``:
+
+* ``‖F‖²_F = ‖VᵀV‖²_F``; the nonzero spectrum of F is ``eig(VᵀV)``;
+* ``s* = Σ_k (U_outᵀ M_k U_in)² = diag(Qᵀ F Q)``;
+  ``‖F − K̂‖²_F = (‖F‖²_F − ‖s*‖²) + ‖s − s*‖²`` — projection and scaling error;
+* damped natural gradient, exact by Woodbury: ``F_λ⁻¹ g = λ⁻¹ [g − V (λI + VᵀV)⁻¹ Vᵀ g]``;
+* top-k eigenvectors of F: ``U_F = V W_k Λ_k^{-1/2}`` from ``eig(VᵀV)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+
+from curvlab.approx import KroneckerApproximation
+from curvlab.sqrt import SquareRoot
+
+#: Gram matrices larger than this use Lanczos (scipy's eigsh) for the top of the spectrum.
+DENSE_EIGH_LIMIT = 4096
+
+
+@dataclass
+class ExactBlock:
+    """What every metric needs from the exact block, computed once per layer (float64).
+
+    Attributes:
+        sqrt: the square root (float64).
+        gram: ``VᵀV`` (``[K, K]``).
+        eigenvalues: nonzero spectrum of F, descending (top ``len`` when Lanczos was used).
+        eigenvectors: Gram eigenvectors ``W`` matching ``eigenvalues`` (``[K, len]``).
+        trace: ``tr F``.
+        frobenius_sq: ``‖F‖²_F``.
+    """
+
+    sqrt: SquareRoot
+    gram: Tensor
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    trace: Tensor
+    frobenius_sq: Tensor
+
+
+def gram_spectrum(gram: Tensor, top: int) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a PSD Gram matrix, descending: all of them, or the top ``top`` by Lanczos."""
+    k = gram.shape[0]
+    if k <= DENSE_EIGH_LIMIT or top >= k - 1:
+        evals, evecs = torch.linalg.eigh(gram)
+        return evals.flip(0).clamp_min(0), evecs.flip(1)
+    evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=top, which="LA")
+    order = np.argsort(evals)[::-1].copy()
+    return (
+        torch.from_numpy(evals[order]).to(gram).clamp_min(0),
+        torch.from_numpy(evecs[:, order]).to(gram),
+    )
+
+
+def exact_block(sqrt: SquareRoot, top: int) -> ExactBlock:
+    """Gram matrix, spectrum, trace and Frobenius norm of ``F = V Vᵀ``."""
+    sqrt64 = sqrt.to(dtype=torch.float64)
+    gram = sqrt64.gram()
+    evals, evecs = gram_spectrum(gram, top)
+    rank_bound = sqrt64.shape[0] * sqrt64.shape[1]  # F is P × P: at most P nonzero eigenvalues
+    evals, evecs = evals[:rank_bound], evecs[:, :rank_bound]
+    return ExactBlock(
+        sqrt=sqrt64,
+        gram=gram,
+        eigenvalues=evals,
+        eigenvectors=evecs,
+        trace=sqrt64.trace(),
+        frobenius_sq=gram.square().sum(),
+    )
+
+
+def woodbury_natural_gradient(sqrt: SquareRoot, gram: Tensor, grad: Tensor, damping: float) -> Tensor:
+    """``(F + λI)⁻¹ g`` for ``F = V Vᵀ`` without a ``P × P`` matrix."""
+    system = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    alpha = torch.linalg.solve(system, sqrt.inner(grad))
+    return (grad - sqrt.combine(alpha)) / damping
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of two tensors viewed as vectors."""
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+@dataclass
+class ApproximationMetrics:
+    """Quality of one approximation of one block (all relative to ``‖F‖_F`` where errors)."""
+
+    trace_ratio: float
+    rel_frobenius_error: float
+    projection_error: float
+    scaling_error: float
+    ng_cosine: float
+    ng_rel_error: float
+    subspace_overlap: float
+    spectrum: Tensor
+    inner_product: float  # ⟨F, K̂⟩ = Σ s ⊙ s*, for the whole-network error
+    frobenius_sq: float  # ‖K̂‖²_F = ‖s‖²
+
+
+def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k: int) -> float:
+    """``‖U_Fᵀ Û‖²_F / k`` for the top-``k`` eigenvectors of F and of ``K̂``."""
+    k = min(k, int((exact.eigenvalues > 0).sum()), approx.layout.num_params)
+    if k == 0:
+        return float("nan")
+    u_out, u_in = (u.to(torch.float64) for u in approx.eigenbasis())
+    s = approx.eigenvalues().to(torch.float64)
+    top = torch.topk(s.flatten(), k).indices
+    rows, cols = top // s.shape[1], top % s.shape[1]
+    overlap = 0.0
+    for i in range(k):
+        # i-th unit eigenvector of F in matrix form, rotated into K̂'s eigenbasis
+        u_f = exact.sqrt.combine(exact.eigenvectors[:, i]) / exact.eigenvalues[i].sqrt()
+        rotated = u_out.T @ u_f @ u_in
+        overlap += rotated[rows, cols].square().sum().item()
+    return overlap / k
+
+
+def approximation_metrics(
+    exact: ExactBlock,
+    approx: KroneckerApproximation,
+    grad: Tensor,
+    damping: float,
+    strategy: str,
+    top_k: int,
+    exact_ng: Tensor,
+) -> ApproximationMetrics:
+    """Every metric of ``approx`` against the exact block (float64, matrix-free)."""
+    approx = approx.to(dtype=torch.float64)
+    u_out, u_in = approx.eigenbasis()
+    s = approx.eigenvalues()
+    s_star = exact.sqrt.rotated_sq_sum(u_out, u_in)
+    norm_sq = exact.frobenius_sq
+    projection_sq = (norm_sq - s_star.square().sum()).clamp_min(0)
+    scaling_sq = (s - s_star).square().sum()
+    ng = approx.inv_mat_mul(grad, damping, strategy)
+    return ApproximationMetrics(
+        trace_ratio=(s.sum() / exact.trace).item(),
+        rel_frobenius_error=((projection_sq + scaling_sq) / norm_sq).sqrt().item(),
+        projection_error=(projection_sq / norm_sq).sqrt().item(),
+        scaling_error=(scaling_sq / norm_sq).sqrt().item(),
+        ng_cosine=cosine(ng, exact_ng).item(),
+        ng_rel_error=((ng - exact_ng).norm() / exact_ng.norm()).item(),
+        subspace_overlap=top_eigenvector_overlap(exact, approx, top_k),
+        spectrum=s.flatten().sort(descending=True).values,
+        inner_product=(s * s_star).sum().item(),
+        frobenius_sq=s.square().sum().item(),
+    )

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up curvlab in a virtual environment, without pulling a CUDA build of torch.
+#
+#   bash scripts/setup.sh          # runtime dependencies
+#   bash scripts/setup.sh --dev    # plus the test tools (pytest, hypothesis, curvlinops)
+#
+# Uses the active virtualenv if there is one ($VIRTUAL_ENV), else creates ./.venv.
+# If torch is already importable there it is kept as it is; otherwise the CPU wheel
+# torch==2.13.0 is installed. Every later install is constrained to the torch present, so no
+# dependency (BackPACK pulls torchvision) can swap it for another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+
+if [[ -n "${VIRTUAL_ENV:-}" ]]; then
+    py="$VIRTUAL_ENV/bin/python"
+else
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
+    py=".venv/bin/python"
+fi
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+    echo "curvlab setup: installing torch==2.13.0 (CPU wheel)"
+    "$py" -m pip install --quiet "torch==2.13.0"
+fi
+torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$torch_version" > "$constraints"
+
+log="$(mktemp)"
+if ! "$py" -m pip install --quiet --constraint "$constraints" -e ".$extras" >"$log" 2>&1; then
+    cat "$log"
+    exit 1
+fi
+grep -v "^WARNING: Location" "$log" || true
+rm -f "$log"
+"$py" -c "import curvlab, torch, backpack; print('curvlab setup: ok (torch', torch.__version__ + ')')"

@@ -1,0 +1,424 @@
+"""curvlab.approx against dense definitions and the invariants of curvature-math §6 (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from curvlab.approx import (
+    APPROXIMATIONS,
+    DAMPING_STRATEGIES,
+    EKFAC,
+    KFAC,
+    KFOC,
+    TEKFAC,
+    TKFAC,
+    ExactDamping,
+    approximate,
+)
+from curvlab.extract.stats import KroneckerFactors, LayerStats, TraceStats
+from curvlab.layout import BlockLayout
+from curvlab.sqrt import DenseSqrt, FactoredSqrt
+from helpers_approx import (
+    CASES,
+    DT,
+    block,
+    dense_fisher_matrix_order,
+    fro_err,
+    layout_for,
+    linear_block,
+    make_stats,
+    rel,
+    to_flat,
+)
+
+TOL = 1e-10
+CASE_IDS = [f"{k}-{'bias' if b else 'nobias'}" for k, b in CASES]
+
+
+def eye(n: int) -> torch.Tensor:
+    return torch.eye(n, dtype=DT)
+
+
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.kron(a.contiguous(), b.contiguous())
+
+
+def dense_definition(stats: LayerStats, name: str, approx) -> torch.Tensor:
+    """Each approximation's dense definition in the row-major matrix order, built independently."""
+    f = dense_fisher_matrix_order(stats.sqrt)
+    kf = stats.kfac["mc" if name == "kfac" else "exact" if name == "kflr" else stats.flavour]
+    ts = stats.tkfac
+    if name in ("kfac", "kflr"):
+        return kron(kf.G, kf.A)
+    if name == "tkfac":
+        return kron(ts.delta_psi, ts.delta_phi) / ts.delta
+    if name in ("ekfac", "tekfac"):
+        # The approximation's basis must diagonalise the right matrices …
+        u_out, u_in = approx.eigenbasis()
+        left, right = (kf.G, kf.A) if name == "ekfac" else (ts.delta_psi, ts.delta_phi)
+        for u, m in ((u_out, left), (u_in, right)):
+            assert torch.allclose(u.T @ u, eye(u.shape[0]), atol=1e-12)
+            rot = u.T @ m @ u
+            assert torch.allclose(rot, torch.diag(torch.diagonal(rot)), atol=1e-12)
+        # … and s* = diag(Qᵀ F Q) (catches the transposed-rotation bug).
+        q = kron(u_out, u_in)
+        s_star = torch.diagonal(q.T @ f @ q)
+        return (q * s_star) @ q.T
+    if name == "kfoc":
+        return dense_kfoc(f, *stats.layout.shape)
+    raise AssertionError(name)
+
+
+def dense_kfoc(f: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """Van Loan–Pitsianis by a dense SVD of the rearrangement R(F)[(i,k),(j,l)] = F[(i,j),(k,l)]."""
+    r = f.reshape(d_out, d_in, d_out, d_in).permute(0, 2, 1, 3).reshape(d_out * d_out, d_in * d_in)
+    u, s, vh = torch.linalg.svd(r)
+    b = (u[:, 0] * s[0]).reshape(d_out, d_out)
+    c = vh[0].reshape(d_in, d_in)
+    return kron(b, c)
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def stats(request) -> LayerStats:
+    kind, bias = request.param
+    return block(kind, bias)
+
+
+# ----------------------------------------------------------------------------- dense forms
+
+
+@pytest.mark.parametrize("name", APPROXIMATIONS)
+def test_to_dense_matches_definition(stats: LayerStats, name: str) -> None:
+    approx = approximate(stats, name)
+    assert approx.name == name
+    want = to_flat(dense_definition(stats, name, approx), stats.layout)
+    # KFOC is iterative (tol 1e-12 on the factor): its dense form is accurate to ~1e-12.
+    assert rel(approx.to_dense(), want) < (1e-9 if name == "kfoc" else TOL)
+
+
+@pytest.mark.parametrize("name", APPROXIMATIONS)
+def test_products_spectrum_norms_match_dense(stats: LayerStats, name: str) -> None:
+    approx = approximate(stats, name)
+    dense = approx.to_dense()
+    p = stats.num_params
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(3, p, generator=gen, dtype=DT)
+    x = stats.layout.to_matrix(v)
+
+    assert rel(approx.matvec(v[0]), dense @ v[0]) < TOL
+    assert rel(approx.matvec(v), v @ dense) < TOL  # batched
+    assert rel(approx.mat_mul(x), stats.layout.to_matrix(v @ dense)) < TOL
+    lam = 0.1 * float(torch.diagonal(dense).mean())
+    solve = torch.linalg.solve(dense + lam * eye(p), v.T).T
+    assert rel(approx.inverse_matvec(v, lam), solve) < 1e-9
+    assert rel(approx.inv_mat_mul(x, lam, ExactDamping()), stats.layout.to_matrix(solve)) < 1e-9
+
+    ref_spec = torch.linalg.eigvalsh(dense).flip(0)
+    assert approx.spectrum().shape == (p,)
+    assert torch.allclose(approx.spectrum(), ref_spec, atol=1e-12 * float(ref_spec[0]))
+    assert math.isclose(float(approx.trace()), float(torch.trace(dense)), rel_tol=1e-12)
+    assert math.isclose(float(approx.frobenius_norm()), float(torch.linalg.norm(dense)), rel_tol=1e-12)
+    u_out, u_in = approx.eigenbasis()
+    assert torch.allclose(u_out.T @ u_out, eye(u_out.shape[0]), atol=1e-12)
+    assert torch.allclose(u_in @ u_in.T, eye(u_in.shape[0]), atol=1e-12)
+    assert approx.eigenvalues().shape == stats.layout.shape
+
+
+def test_flat_order_against_to_vector() -> None:
+    """to_dense's permutation agrees with LayerStats.dense_fisher (built via layout.to_vector):
+    KFLR is exact at N = 1 for a linear layer (curvature-math §1), with C = 3 columns."""
+    for bias in (True, False):
+        stats = linear_block(5, bias, n=1, c=3)
+        kflr = approximate(stats, "kflr")
+        f = stats.dense_fisher()
+        assert rel(kflr.to_dense(), f) < 1e-12
+        assert fro_err(f, kflr.to_dense()) < 1e-12 * float(torch.linalg.norm(f)) + 1e-15
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+def errors(stats: LayerStats) -> dict[str, float]:
+    f = stats.dense_fisher()
+    return {name: fro_err(f, approximate(stats, name).to_dense()) for name in APPROXIMATIONS}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind, bias", CASES, ids=CASE_IDS)
+def test_error_ordering_and_traces(kind: str, bias: bool, seed: int) -> None:
+    stats = block(kind, bias, seed)
+    err = errors(stats)
+    tr_f = float(stats.sqrt.trace())
+    for name in ("tkfac", "ekfac", "tekfac"):
+        assert math.isclose(float(approximate(stats, name).trace()), tr_f, rel_tol=1e-12), name
+    assert err["ekfac"] <= err["kfac"] * (1 + 1e-12)
+    assert err["tekfac"] <= err["tkfac"] * (1 + 1e-12)
+    assert err["kfoc"] <= err["kfac"] * (1 + 1e-9)
+    assert err["kfoc"] <= err["tkfac"] * (1 + 1e-9)
+    # Heteroscedastic data: the approximations are genuinely inexact (the test can fail).
+    assert err["kfac"] > 1e-3 * float(torch.linalg.norm(stats.dense_fisher()))
+
+
+def test_ekfac_projection_error_decomposition(stats: LayerStats) -> None:
+    """‖F − K̂‖² = (‖F‖² − ‖s*‖²) + ‖s − s*‖² in the KFAC basis (curvature-math §5)."""
+    f = stats.dense_fisher()
+    kfac, ekfac = approximate(stats, "kfac"), approximate(stats, "ekfac")
+    s_star = ekfac.scaling
+    lhs = fro_err(f, kfac.to_dense()) ** 2
+    rhs = float(torch.linalg.norm(f) ** 2 - s_star.square().sum() + (kfac.eigenvalues() - s_star).square().sum())
+    assert math.isclose(lhs, rhs, rel_tol=1e-9)
+
+
+def test_tekfac_kfac_basis_equals_ekfac(stats: LayerStats) -> None:
+    tek = approximate(stats, "tekfac", basis="kfac")
+    ek = approximate(stats, "ekfac")
+    assert rel(tek.to_dense(), ek.to_dense()) < TOL
+    assert rel(tek.spectrum(), ek.spectrum()) < TOL
+    assert rel(approximate(stats, "tekfac").to_dense(), ek.to_dense()) > 1e-6  # the bases differ
+
+
+def test_tkfac_equals_kfac_for_equal_per_sample_traces() -> None:
+    """‖ā_n‖² = α and Σ_c ‖g_nc‖² = γ for all n ⇒ δΦ = γ N A, δΨ = α G, δ = N α γ ⇒ TKFAC = KFAC."""
+    n, c, d_out, d_w = 6, 2, 3, 4
+    gen = torch.Generator().manual_seed(3)
+    a = torch.cat([torch.randn(n, d_w, generator=gen, dtype=DT), torch.ones(n, 1, dtype=DT)], 1)
+    a = a / a.norm(dim=1, keepdim=True) * 1.7
+    g = torch.randn(c, n, d_out, generator=gen, dtype=DT)
+    g = g / g.square().sum((0, 2)).sqrt()[None, :, None] * 0.3
+    A, G = a.T @ a / n, torch.einsum("cno,cnp->op", g, g)
+    stats = make_stats(FactoredSqrt(a, g), layout_for(d_out, d_w, True, False), A, G, kind="linear")
+    tk, kf = approximate(stats, "tkfac"), approximate(stats, "kfac")
+    assert rel(tk.to_dense(), kf.to_dense()) < 1e-12
+    assert rel(tk.to_dense(), stats.dense_fisher()) > 1e-3  # yet neither is exact
+    # … and with unequal traces they differ.
+    other = linear_block(0, True)
+    assert rel(approximate(other, "tkfac").to_dense(), approximate(other, "kfac").to_dense()) > 1e-3
+
+
+def test_tkfac_attributes_normalised(stats: LayerStats) -> None:
+    tk = approximate(stats, "tkfac")
+    assert math.isclose(float(torch.trace(tk.phi)), 1.0, rel_tol=1e-12)
+    assert math.isclose(float(torch.trace(tk.psi)), 1.0, rel_tol=1e-12)
+    assert math.isclose(float(tk.delta), float(stats.sqrt.trace()), rel_tol=1e-14)
+    kf = approximate(stats, "kfac")
+    assert torch.equal(kf.A, stats.kfac["mc"].A) and torch.equal(kf.G, stats.kfac["mc"].G)
+
+
+# ----------------------------------------------------------------------------- KFOC
+
+
+def test_kfoc_exact_for_kronecker_fisher() -> None:
+    """F exactly Kronecker: M_{jl} = x_j y_lᵀ gives Σ vec M vec Mᵀ = (Σ x xᵀ) ⊗ (Σ y yᵀ)."""
+    gen = torch.Generator().manual_seed(4)
+    d_out, d_in = 3, 5
+    xs = torch.randn(4, d_out, generator=gen, dtype=DT)
+    ys = torch.randn(6, d_in, generator=gen, dtype=DT)
+    mats = torch.einsum("jo,ld->jlod", xs, ys).reshape(-1, d_out, d_in)
+    layout = BlockLayout(d_out, d_in, bias_column=True, weight_shape=(d_out, d_in - 1))
+    stats = make_stats(DenseSqrt(mats), layout, eye(d_in), eye(d_out), kind="conv")
+    fit = approximate(stats, "kfoc")
+    assert fit.converged and fit.iterations <= 3
+    assert rel(fit.to_dense(), stats.dense_fisher()) < 1e-12
+    assert rel(fit.to_dense(), to_flat(kron(xs.T @ xs, ys.T @ ys), layout)) < 1e-12
+    # PSD factors with balanced norms.
+    assert torch.linalg.eigvalsh(fit.B).min() > -1e-12 and torch.linalg.eigvalsh(fit.C).min() > -1e-12
+    assert math.isclose(float(fit.B.norm()), float(fit.C.norm()), rel_tol=1e-12)
+
+
+def test_kfoc_init_and_convergence_report(stats: LayerStats) -> None:
+    a = approximate(stats, "kfoc", init="identity")
+    b = approximate(stats, "kfoc", init="kfac")
+    assert a.converged and b.converged
+    assert rel(a.to_dense(), b.to_dense()) < 1e-9
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        c = KFOC.fit(stats.sqrt, max_iter=1, tol=0.0, layout=stats.layout)
+    assert not c.converged and c.iterations == 1 and c.residual > 0
+    f32 = KFOC.fit(stats.sqrt.to(dtype=torch.float32), layout=stats.layout)
+    assert f32.dtype == torch.float32 and rel(f32.to_dense().double(), a.to_dense()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- damping
+
+
+def dense_damped(stats: LayerStats, name: str, strategy: str, lam: float) -> torch.Tensor:
+    """Dense (K̂ + damping) by each strategy's formula, in the matrix order."""
+    approx = approximate(stats, name)
+    k = dense_definition(stats, name, approx)
+    p, (d_out, d_in) = stats.num_params, stats.layout.shape
+    if strategy == "exact":
+        return k + lam * eye(p)
+    if strategy == "trace-relative":
+        return k + lam * torch.trace(k) / p * eye(p)
+    ts = stats.tkfac
+    if name in ("kfac", "kflr", "ekfac"):
+        kf = stats.kfac["mc" if name == "kfac" else "exact"]
+        left, right = kf.G, kf.A
+    elif name in ("tkfac", "tekfac"):
+        left, right = ts.delta_psi / ts.delta.sqrt(), ts.delta_phi / ts.delta.sqrt()
+    else:
+        left, right = approx.B, approx.C
+    if strategy == "factored":
+        pi = math.sqrt(float(torch.trace(right) / d_in) / float(torch.trace(left) / d_out))
+        damped = kron(left + math.sqrt(lam) / pi * eye(d_out), right + pi * math.sqrt(lam) * eye(d_in))
+    else:  # nor
+        damped = kron(left + math.sqrt(lam) * eye(d_out), right + math.sqrt(lam) * eye(d_in))
+    # Plain Kronecker products are damped as products; eigenvalue-corrected ones get the increment.
+    return damped if name in ("kfac", "kflr", "tkfac", "kfoc") else k + damped - kron(left, right)
+
+
+SUPPORTED = {
+    "exact": APPROXIMATIONS,
+    "trace-relative": APPROXIMATIONS,
+    "factored": APPROXIMATIONS,
+    "nor": ("tkfac", "tekfac"),
+}
+
+
+@pytest.mark.parametrize("strategy", DAMPING_STRATEGIES)
+@pytest.mark.parametrize("name", APPROXIMATIONS)
+def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: str) -> None:
+    approx = approximate(stats, name)
+    lam = 0.05 * float(approx.trace()) / stats.num_params
+    v = torch.randn(2, stats.num_params, generator=torch.Generator().manual_seed(2), dtype=DT)
+    if name not in SUPPORTED[strategy]:
+        with pytest.raises(ValueError, match=f"(?s){strategy}.*{name}"):
+            approx.inverse_matvec(v, lam, strategy)
+        return
+    dense = to_flat(dense_damped(stats, name, strategy, lam), stats.layout)
+    assert rel(approx.inverse_matvec(v, lam, strategy), torch.linalg.solve(dense, v.T).T) < 1e-9
+    # The damped eigenvalues are the spectrum of the damped matrix.
+    damped = approx.damped_eigenvalues(lam, strategy).flatten().sort(descending=True).values
+    assert rel(damped, torch.linalg.eigvalsh(dense).flip(0)) < 1e-10
+
+
+def test_tekfac_kfac_basis_damping_is_diagonal_of_damping_matrix(stats: LayerStats) -> None:
+    """In a basis that is not Ψ⊗Φ's, TEKFAC's nor/factored increment is the diagonal (in that
+    basis) of the same damping matrix."""
+    tek = approximate(stats, "tekfac", basis="kfac")
+    ts, lam = stats.tkfac, 0.3
+    d_out, d_in = stats.layout.shape
+    left, right = ts.delta_psi / ts.delta.sqrt(), ts.delta_phi / ts.delta.sqrt()
+    q = kron(*tek.eigenbasis())
+    pi = math.sqrt(float(torch.trace(right) / d_in) / float(torch.trace(left) / d_out))
+    for strategy, (lo, ro) in {"nor": (1.0, 1.0), "factored": (1 / pi, pi)}.items():
+        extra = kron(left + lo * math.sqrt(lam) * eye(d_out), right + ro * math.sqrt(lam) * eye(d_in)) - kron(left, right)
+        want = tek.scaling.flatten() + torch.diagonal(q.T @ extra @ q)
+        assert rel(tek.damped_eigenvalues(lam, strategy).flatten(), want) < 1e-12, strategy
+
+
+def test_damping_argument_checks(stats: LayerStats) -> None:
+    kf = approximate(stats, "kfac")
+    x = torch.zeros(stats.layout.shape, dtype=DT)
+    with pytest.raises(ValueError, match="unknown damping strategy 'bogus'"):
+        kf.inv_mat_mul(x, 0.1, "bogus")
+    with pytest.raises(ValueError, match="non-negative"):
+        kf.inv_mat_mul(x, -1.0)
+    with pytest.raises(ValueError, match="expected matrices"):
+        kf.mat_mul(torch.zeros(2, 2, dtype=DT))
+    bare = EKFAC(*kf.eigenbasis(), kf.eigenvalues())  # no factor eigenvalues kept
+    with pytest.raises(ValueError, match="'factored'.*'ekfac'"):
+        bare.damped_eigenvalues(0.1, "factored")
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def test_plain_constructors_match_from_stats(stats: LayerStats) -> None:
+    kf, ts = stats.kfac["mc"], stats.tkfac
+    lay = stats.layout
+    pairs = [
+        (KFAC(kf.A, kf.G, layout=lay), approximate(stats, "kfac")),
+        (TKFAC(ts.delta, ts.delta_phi, ts.delta_psi, layout=lay), approximate(stats, "tkfac")),
+        (EKFAC.from_factors(kf.A, kf.G, sqrt=stats.sqrt, layout=lay), approximate(stats, "ekfac")),
+        (TEKFAC.from_trace_stats(ts.delta, ts.delta_phi, ts.delta_psi, sqrt=stats.sqrt, layout=lay),
+         approximate(stats, "tekfac")),
+    ]
+    for built, ref in pairs:
+        assert rel(built.to_dense(), ref.to_dense()) < 1e-14
+
+
+def test_ekfac_scaling_sources(stats: LayerStats) -> None:
+    """Without the square root EKFAC falls back to an explicit scaling or stats.kfe_scaling."""
+    ref = approximate(stats, "ekfac")
+    bare = LayerStats(stats.name, stats.module_type, stats.layout, stats.flavour, 1, 1,
+                      kfac=stats.kfac, kfe_scaling=ref.scaling.clone())
+    assert rel(approximate(bare, "ekfac").to_dense(), ref.to_dense()) < 1e-14
+    bare.kfe_scaling = None
+    assert rel(approximate(bare, "ekfac", scaling=ref.scaling).to_dense(), ref.to_dense()) < 1e-14
+
+
+def test_to_dtype_and_shapes(stats: LayerStats) -> None:
+    for name in APPROXIMATIONS:
+        approx = approximate(stats, name)
+        low = approx.to(dtype=torch.float32)
+        assert type(low) is type(approx) and low.dtype == torch.float32 and low.name == approx.name
+        assert rel(low.to_dense().double(), approx.to_dense()) < 1e-5
+        x = torch.randn(4, 2, *stats.layout.shape, dtype=torch.float32)
+        assert low.mat_mul(x).shape == x.shape and low.inv_mat_mul(x, 0.1).dtype == torch.float32
+
+
+def test_to_dense_refuses_large_blocks() -> None:
+    big = KFAC(torch.eye(201, dtype=DT), torch.eye(100, dtype=DT))
+    with pytest.raises(ValueError, match="P=20100"):
+        big.to_dense()
+    x = torch.ones(100, 201, dtype=DT)
+    assert torch.equal(big.mat_mul(x), x)  # matrix-free products still work
+
+
+def test_dead_layer_is_zero_not_nan() -> None:
+    z = torch.zeros
+    tk = TKFAC(torch.tensor(0.0, dtype=DT), z(3, 3, dtype=DT), z(2, 2, dtype=DT))
+    assert torch.equal(tk.to_dense(), z(6, 6, dtype=DT))
+    assert torch.isfinite(tk.inverse_matvec(torch.ones(6, dtype=DT), 0.1, "factored")).all()
+    fit = KFOC.fit(DenseSqrt(z(2, 2, 3, dtype=DT)))
+    assert fit.converged and torch.equal(fit.to_dense(), z(6, 6, dtype=DT))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_approximation_lists_choices(stats: LayerStats) -> None:
+    with pytest.raises(ValueError, match="unknown approximation 'shampoo'.*kfac.*kfoc"):
+        approximate(stats, "shampoo")
+
+
+@pytest.mark.parametrize(
+    "name, strip, needs",
+    [
+        ("kfac", "kfac", r"kfac\['mc'\]"),
+        ("kflr", "kfac", r"kfac\['exact'\]"),
+        ("ekfac", "kfac", r"kfac\['mc'\]"),
+        ("ekfac", "sqrt", "stats.sqrt"),
+        ("tkfac", "tkfac", "stats.tkfac"),
+        ("tekfac", "tkfac", "stats.tkfac"),
+        ("tekfac", "sqrt", "stats.sqrt"),
+        ("kfoc", "sqrt", "stats.sqrt"),
+    ],
+)
+def test_missing_statistics_name_layer(name: str, strip: str, needs: str) -> None:
+    stats = block("linear", True)
+    stats.name = "encoder.fc7"
+    setattr(stats, strip, {} if strip == "kfac" else None)
+    with pytest.raises(ValueError, match=f"(?s)'encoder.fc7'.*'{name}'.*{needs}.*curvlab.extract"):
+        approximate(stats, name)
+
+
+def test_option_errors(stats: LayerStats) -> None:
+    with pytest.raises(ValueError, match="unknown basis"):
+        approximate(stats, "tekfac", basis="nope")
+    with pytest.raises(ValueError, match="unknown init"):
+        approximate(stats, "kfoc", init="nope")
+    with pytest.raises(ValueError, match="layout"):
+        KFAC(eye(3), eye(2), layout=stats.layout)
+
+
+def test_kfac_factors_dataclass_untouched() -> None:
+    """from_stats does not alias-mutate the extracted factors (they are symmetrised copies)."""
+    stats = block("conv", True)
+    before = stats.kfac["mc"].A.clone()
+    approximate(stats, "kfac").to_dense()
+    assert torch.equal(stats.kfac["mc"].A, before)
+    assert isinstance(stats.kfac["mc"], KroneckerFactors) and isinstance(stats.tkfac, TraceStats)

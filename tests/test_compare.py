@@ -1,0 +1,143 @@
+"""Every comparison metric equals its dense computation; the invariants of the maths doc hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from curvlab.approx import DEFAULT_DAMPING, approximate
+from curvlab.compare import compare
+from curvlab.compare.api import needed_kfac_flavours
+from curvlab.extract import extract
+from helpers import batch, dense_ggn_full, tiny_cnn, tiny_mlp
+
+APPROX = ("kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
+LAMBDA = 1e-2
+
+
+def dense_reference(block, approx, damping: float, strategy: str, top_k: int) -> dict[str, float]:
+    f = block.dense_fisher()
+    k_hat = approx.to_dense()
+    norm = f.norm()
+    perm = block.layout.permutation()
+    u_out, u_in = approx.eigenbasis()
+    q = torch.kron(u_out.contiguous(), u_in.contiguous())[perm]  # columns: eigvecs in flat order
+    rotated = q.T @ f @ q
+    s_star = torch.diagonal(rotated)
+    s = approx.eigenvalues().flatten()
+    g = block.layout.to_vector(block.grad)
+    exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0]), g)
+    approx_ng = block.layout.to_vector(approx.inv_mat_mul(block.grad, damping, strategy))
+    evals, evecs = torch.linalg.eigh(f)
+    top_f = evecs[:, -top_k:]
+    top_q = q[:, torch.topk(s, top_k).indices]
+    return {
+        "trace_ratio": (k_hat.trace() / f.trace()).item(),
+        "rel_frobenius_error": ((f - k_hat).norm() / norm).item(),
+        "projection_error": ((rotated - torch.diag(s_star)).norm() / norm).item(),
+        "scaling_error": ((s - s_star).norm() / norm).item(),
+        "ng_cosine": torch.nn.functional.cosine_similarity(exact_ng, approx_ng, dim=0).item(),
+        "ng_rel_error": ((exact_ng - approx_ng).norm() / exact_ng.norm()).item(),
+        "subspace_overlap": ((top_f.T @ top_q).square().sum() / top_k).item(),
+        "top_eigs": evals.flip(0),
+    }
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def setting(request):
+    model = tiny_mlp() if request.param == "mlp" else tiny_cnn()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=6)
+    ds = compare(model, loss_fn, x, y, approximations=APPROX, damping=LAMBDA, top_k=3, seed=5)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"),
+                    kfac_flavours=needed_kfac_flavours(APPROX, "exact"), seed=5)
+    return model, loss_fn, x, y, ds, stats
+
+
+def test_metrics_equal_dense_computation(setting) -> None:
+    *_, ds, stats = setting
+    for layer, block in stats.items():
+        for name in APPROX:
+            approx = approximate(block, name)
+            ref = dense_reference(block, approx, LAMBDA, DEFAULT_DAMPING[name], 3)
+            for var in ("trace_ratio", "rel_frobenius_error", "projection_error", "scaling_error",
+                        "ng_cosine", "ng_rel_error", "subspace_overlap"):
+                got = ds[var].sel(layer=layer, approximation=name).item()
+                assert got == pytest.approx(ref[var], rel=1e-8, abs=1e-10), (layer, name, var)
+            spectrum = ds.approx_eigenvalues.sel(layer=layer, approximation=name).values
+            dense_spec = torch.linalg.eigvalsh(approx.to_dense()).flip(0).numpy()
+            np.testing.assert_allclose(spectrum[: len(dense_spec)], dense_spec, rtol=1e-8, atol=1e-12)
+        exact = ds.exact_eigenvalues.sel(layer=layer).values
+        k = min(block.sqrt.num_columns, block.num_params)
+        dense_eigs = torch.linalg.eigvalsh(block.dense_fisher()).flip(0)[:k].numpy()
+        np.testing.assert_allclose(exact[:k], dense_eigs, rtol=1e-8, atol=1e-12 * dense_eigs[0])
+        assert ds.exact_trace.sel(layer=layer).item() == pytest.approx(block.dense_fisher().trace().item(), rel=1e-10)
+
+
+def test_network_entries_equal_dense_full_fisher(setting) -> None:
+    model, loss_fn, x, y, ds, stats = setting
+    layers = list(stats)
+    full = dense_ggn_full(model, loss_fn, x, y, layers)
+    norm = full.norm()
+    k = next(iter(stats.values())).sqrt.num_columns
+    dense_eigs = torch.linalg.eigvalsh(full).flip(0)[:k].numpy()
+    np.testing.assert_allclose(ds.network_exact_eigenvalues.values[:k], dense_eigs, rtol=1e-8, atol=1e-12 * dense_eigs[0])
+    sizes = [stats[l].num_params for l in layers]
+    blockdiag = torch.block_diag(*[stats[l].dense_fisher() for l in layers])
+    assert ds.network_blockdiag_error.item() == pytest.approx(((full - blockdiag).norm() / norm).item(), rel=1e-8)
+    g = torch.cat([stats[l].layout.to_vector(stats[l].grad) for l in layers])
+    exact_ng = torch.linalg.solve(full + LAMBDA * torch.eye(full.shape[0]), g)
+    for name in APPROX:
+        approx = [approximate(stats[l], name) for l in layers]
+        k_hat = torch.block_diag(*[a.to_dense() for a in approx])
+        got = ds.network_rel_frobenius_error.sel(approximation=name).item()
+        assert got == pytest.approx(((full - k_hat).norm() / norm).item(), rel=1e-8)
+        ng = torch.cat([stats[l].layout.to_vector(a.inv_mat_mul(stats[l].grad, LAMBDA, DEFAULT_DAMPING[name]))
+                        for l, a in zip(layers, approx)])
+        cos = torch.nn.functional.cosine_similarity(ng, exact_ng, dim=0).item()
+        assert ds.network_ng_cosine.sel(approximation=name).item() == pytest.approx(cos, rel=1e-8)
+    assert sum(sizes) == full.shape[0]
+
+
+def test_invariants(setting) -> None:
+    *_, ds, _ = setting
+    err = ds.rel_frobenius_error
+    for name in ("tkfac", "ekfac", "tekfac"):
+        np.testing.assert_allclose(ds.trace_ratio.sel(approximation=name), 1.0, rtol=1e-10)
+    assert (err.sel(approximation="ekfac") <= err.sel(approximation="kflr") + 1e-12).all()
+    assert (err.sel(approximation="tekfac") <= err.sel(approximation="tkfac") + 1e-12).all()
+    assert (err.sel(approximation="kfoc") <= err.sel(approximation="kflr") + 1e-9).all()
+    # EKFAC's error is the projection error of its basis, i.e. of KFLR's (same exact factors)
+    np.testing.assert_allclose(err.sel(approximation="ekfac"), ds.projection_error.sel(approximation="kflr"), rtol=1e-8)
+    np.testing.assert_allclose(ds.scaling_error.sel(approximation="ekfac"), 0.0, atol=1e-10)
+    np.testing.assert_allclose(err**2, ds.projection_error**2 + ds.scaling_error**2, rtol=1e-10)
+
+
+def test_kflr_exact_for_one_example_linear_model() -> None:
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=1)
+    ds = compare(model, loss_fn, x, y, approximations=("kflr", "ekfac", "tekfac"), damping=LAMBDA,
+                 damping_strategies={"kflr": "exact"})
+    np.testing.assert_allclose(ds.rel_frobenius_error.sel(approximation="kflr"), 0.0, atol=1e-7)
+    np.testing.assert_allclose(ds.ng_cosine.sel(approximation="kflr"), 1.0, atol=1e-10)
+    np.testing.assert_allclose(ds.rel_frobenius_error.sel(approximation="ekfac"), 0.0, atol=1e-7)
+
+
+def test_netcdf_round_trip(tmp_path, setting) -> None:
+    *_, ds, _ = setting
+    path = tmp_path / "report.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    back = xr.open_dataset(path, engine="h5netcdf").load()
+    xr.testing.assert_identical(back, ds)
+
+
+def test_bad_arguments() -> None:
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=2)
+    with pytest.raises(ValueError, match="unknown approximation 'shampoo'"):
+        compare(model, loss_fn, x, y, approximations=("shampoo",))
+    with pytest.raises(ValueError, match="damping=0"):
+        compare(model, loss_fn, x, y, damping=0)
