@@ -11,7 +11,6 @@ from torch.func import functional_call, hessian, jacrev
 
 from curvlab.layout import BlockLayout
 
-torch.set_default_dtype(torch.float64)
 
 
 def tiny_mlp(seed: int = 0, d_in: int = 5, classes: int = 3) -> nn.Sequential:
@@ -36,12 +35,12 @@ def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[
     gen = torch.Generator().manual_seed(seed)
     first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     shape = (n, first.in_features) if isinstance(first, nn.Linear) else (n, first.in_channels, 6, 6)
-    x = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
     classes = model[-1].out_features
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         y = torch.randint(0, classes, (n,), generator=gen)
     else:
-        y = torch.randn(n, classes, generator=gen)
+        y = torch.randn(n, classes, generator=gen, dtype=torch.float64)
     return x, y
 
 
@@ -149,7 +148,7 @@ def dense_kfac(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor, i
     xs = im2col(inp, layer) if isinstance(layer, nn.Conv2d) else inp.unsqueeze(-1)
     n, _, t = xs.shape
     if layer.bias is not None:
-        xs = torch.cat([xs, torch.ones(n, 1, t)], 1)
+        xs = torch.cat([xs, torch.ones(n, 1, t, dtype=xs.dtype)], 1)
     a = torch.einsum("ndt,net->de", xs, xs) / (n * t)
     hess = hessian(lambda o: loss_fn(o, y))(out)  # [N, C, N, C]
     hess_n = hess[torch.arange(n), :, torch.arange(n)]  # [N, C, C]

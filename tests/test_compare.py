@@ -29,7 +29,7 @@ def dense_reference(block, approx, damping: float, strategy: str, top_k: int) ->
     s_star = torch.diagonal(rotated)
     s = approx.eigenvalues().flatten()
     g = block.layout.to_vector(block.grad)
-    exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0]), g)
+    exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0], dtype=f.dtype), g)
     approx_ng = block.layout.to_vector(approx.inv_mat_mul(block.grad, damping, strategy))
     evals, evecs = torch.linalg.eigh(f)
     top_f = evecs[:, -top_k:]
@@ -89,7 +89,7 @@ def test_network_entries_equal_dense_full_fisher(setting) -> None:
     blockdiag = torch.block_diag(*[stats[l].dense_fisher() for l in layers])
     assert ds.network_blockdiag_error.item() == pytest.approx(((full - blockdiag).norm() / norm).item(), rel=1e-8)
     g = torch.cat([stats[l].layout.to_vector(stats[l].grad) for l in layers])
-    exact_ng = torch.linalg.solve(full + LAMBDA * torch.eye(full.shape[0]), g)
+    exact_ng = torch.linalg.solve(full + LAMBDA * torch.eye(full.shape[0], dtype=full.dtype), g)
     for name in APPROX:
         approx = [approximate(stats[l], name) for l in layers]
         k_hat = torch.block_diag(*[a.to_dense() for a in approx])

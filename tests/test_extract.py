@@ -87,7 +87,7 @@ def test_conv_kfc_form_differs_and_matches_definition() -> None:
     from torch.func import hessian
 
     inp, jac, out = layer_input_and_output_jacobian(model, 0, x)
-    xs = torch.cat([im2col(inp, model[0]), torch.ones(3, 1, 9)], 1)  # [N, D, T]
+    xs = torch.cat([im2col(inp, model[0]), torch.ones(3, 1, 9, dtype=torch.float64)], 1)  # [N, D, T]
     hess = hessian(lambda o: loss_fn(o, y))(out)
     hn = hess[torch.arange(3), :, torch.arange(3)]
     gamma = torch.einsum("ncot,ncd,ndpt->nop", jac, hn, jac) / 9  # Σ_c Γ_nc per example
@@ -109,7 +109,7 @@ def test_conv_convention_t_goes_into_a() -> None:
     t = xs.shape[-1]
     assert t == 9 and block.num_locations == 9
     close(block.kfac["exact"].A[:-1, :-1], torch.einsum("ndt,net->de", xs, xs) / (2 * t))
-    close(block.kfac["exact"].A[-1, -1], torch.tensor(1.0))
+    close(block.kfac["exact"].A[-1, -1], torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_kflr_is_exact_block_for_one_example_linear_layer() -> None:

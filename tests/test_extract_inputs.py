@@ -56,7 +56,7 @@ def test_model_untouched_after_failure_midway() -> None:
 def test_unsupported_parameter_layer_named_or_skipped() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
-    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     with pytest.raises(UnsupportedModelError, match=r"'1' \(BatchNorm1d\).*supported layers: Linear, Conv2d"):
         extract(model, nn.CrossEntropyLoss(), x, y)
     stats = extract(model, nn.CrossEntropyLoss(), x, y, skip_unsupported=True)
@@ -66,19 +66,19 @@ def test_unsupported_parameter_layer_named_or_skipped() -> None:
 def test_batchnorm_train_mode_rejected() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
     with pytest.raises(UnsupportedModelError, match="train mode"):
-        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), skip_unsupported=True)
+        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0]), skip_unsupported=True)
 
 
 def test_module_backpack_cannot_backpropagate() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3)).double()
     with pytest.raises(UnsupportedModelError, match=r"'1' \(GELU\) cannot be backpropagated"):
-        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))
+        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
 
 
 def test_grouped_conv_rejected() -> None:
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 3)).double()
     with pytest.raises(UnsupportedModelError, match=r"'0' \(Conv2d\) has groups=2"):
-        extract(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 6, 6), torch.tensor([0, 1]))
+        extract(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1]))
 
 
 def test_inplace_activation_handled_and_restored() -> None:
@@ -86,7 +86,7 @@ def test_inplace_activation_handled_and_restored() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
     ref = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     ref.load_state_dict(model.state_dict())
-    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     got = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt",))
     want = extract(ref, nn.CrossEntropyLoss(), x, y, stats=("sqrt",))
     assert model[1].inplace is True

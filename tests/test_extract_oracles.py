@@ -35,7 +35,7 @@ def test_exact_block_matches_curvlinops_ggn(make_model) -> None:
     x, y = batch(model, loss_fn, n=4)
     params = [p for p in model.parameters()]
     ggn = curvlinops.GGNLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False)
-    dense = ggn @ torch.eye(sum(p.numel() for p in params))
+    dense = ggn @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
     ours = extract(model, loss_fn, x, y, stats=("sqrt",))
     start = 0
     for name, block in ours.items():
