@@ -4,9 +4,9 @@
 #   bash scripts/setup.sh          # runtime dependencies
 #   bash scripts/setup.sh --dev    # plus the test tools (pytest, hypothesis, curvlinops)
 #
-# Uses the active virtualenv if there is one ($VIRTUAL_ENV), else creates ./.venv.
-# If torch is already importable there it is kept as it is; otherwise the CPU wheel
-# torch==2.13.0 is installed. Every later install is constrained to the torch present, so no
+# Creates ./.venv with access to the system's site-packages: a torch already installed there is
+# kept as it is; otherwise the CPU wheel torch==2.13.0 is installed into .venv. Every later
+# install is constrained to the torch present, so no
 # dependency (BackPACK pulls torchvision) can swap it for another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +14,8 @@ cd "$(dirname "$0")/.."
 extras=""
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 
-if [[ -n "${VIRTUAL_ENV:-}" ]]; then
-    py="$VIRTUAL_ENV/bin/python"
-else
-    [[ -x .venv/bin/python ]] || python3 -m venv .venv
-    py=".venv/bin/python"
-fi
+[[ -x .venv/bin/python ]] || python3 -m venv --system-site-packages .venv
+py=".venv/bin/python"
 
 if ! "$py" -c "import torch" 2>/dev/null; then
     echo "curvlab setup: installing torch==2.13.0 (CPU wheel)"
