@@ -141,3 +141,17 @@ def test_bad_arguments() -> None:
         compare(model, loss_fn, x, y, approximations=("shampoo",))
     with pytest.raises(ValueError, match="damping=0"):
         compare(model, loss_fn, x, y, damping=0)
+
+
+def test_lanczos_path_matches_dense(monkeypatch) -> None:
+    """Large Gram matrices use scipy's eigsh; force that path on a small problem."""
+    import curvlab.compare.metrics as metrics
+
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=8)
+    dense = compare(model, loss_fn, x, y, approximations=("kflr", "tekfac"), top_k=2, num_eigenvalues=5)
+    monkeypatch.setattr(metrics, "DENSE_EIGH_LIMIT", 4)
+    lanczos = compare(model, loss_fn, x, y, approximations=("kflr", "tekfac"), top_k=2, num_eigenvalues=5)
+    np.testing.assert_allclose(lanczos.exact_eigenvalues[:, :5], dense.exact_eigenvalues[:, :5], rtol=1e-8)
+    np.testing.assert_allclose(lanczos.network_exact_eigenvalues, dense.network_exact_eigenvalues, rtol=1e-8)
+    np.testing.assert_allclose(lanczos.subspace_overlap, dense.subspace_overlap, rtol=1e-8)

@@ -211,3 +211,15 @@ def test_kfe_scaling_equals_rotated_square_root() -> None:
         expected = torch.diagonal(q.T @ (m.T @ m) @ q).reshape(block.layout.shape)
         close(kfe[name].kfe_scaling, expected)
         close(block.sqrt.rotated_sq_sum(u_out, u_in), expected)
+
+
+def test_top_level_api_is_callable_and_packages_importable() -> None:
+    import curvlab
+    import curvlab.compare.metrics  # noqa: F401  (the sub-packages stay importable)
+    import curvlab.extract.statistics  # noqa: F401
+
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=2)
+    via_package = curvlab.extract(model, loss_fn, x, y, stats=("kfac",))
+    direct = extract(model, loss_fn, x, y, stats=("kfac",))
+    close(via_package["0"].kfac["exact"].A, direct["0"].kfac["exact"].A)

@@ -1,6 +1,9 @@
 """Comparison: exact, matrix-free quality metrics of each approximation, as an xarray Dataset."""
 
+from curvlab._callable import make_callable
 from curvlab.compare.api import compare
 from curvlab.compare.measure import measure
+
+make_callable(__name__, compare)  # curvlab.compare(...) calls compare()
 
 __all__ = ["compare", "measure"]

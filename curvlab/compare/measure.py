@@ -17,8 +17,9 @@ from curvlab.compare.metrics import (
     approximation_metrics,
     cosine,
     exact_block,
-    gram_spectrum,
+    gram_eigenvalues,
     woodbury_natural_gradient,
+    woodbury_solve,
 )
 from curvlab.extract.stats import LayerStats
 
@@ -88,7 +89,7 @@ def measure(
     results: dict[tuple[str, str], ApproximationMetrics] = {}
     grads: dict[str, Tensor] = {}
     for layer in iterator:
-        block = exact_block(stats[layer].sqrt, num_eigenvalues)
+        block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
         grad = stats[layer].grad.to(torch.float64)
         exact[layer], grads[layer] = block, grad
         exact_ng[layer] = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
@@ -145,13 +146,13 @@ def measure(
 def _network(exact, grads, exact_ng, results, layers, names, damping, strategies, approximations, top):
     """Whole-network entries: the full (cross-layer) Fisher against block-diagonal approximations."""
     gram = sum(exact[l].gram for l in layers)
-    evals, evecs = gram_spectrum(gram, top)
+    evals = gram_eigenvalues(gram, top)
     norm_sq = gram.square().sum()
     diag_sq = sum(exact[l].frobenius_sq for l in layers)
     trace = sum(exact[l].trace for l in layers)
     # full damped natural gradient by Woodbury on the stacked root
     rhs = sum(exact[l].sqrt.inner(grads[l]) for l in layers)
-    alpha = torch.linalg.solve(gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+    alpha = woodbury_solve(gram, rhs, damping)
     full_ng = [(grads[l] - exact[l].sqrt.combine(alpha)) / damping for l in layers]
     full_vec = torch.cat([x.flatten() for x in full_ng])
     out: dict[str, tuple] = {}
@@ -178,7 +179,6 @@ def _network(exact, grads, exact_ng, results, layers, names, damping, strategies
     out["network_exact_trace"] = ((), trace.item())
     # the error of the exact block-diagonal Fisher: the floor for every per-layer approximation
     out["network_blockdiag_error"] = ((), float(np.sqrt(max((norm_sq - diag_sq).item(), 0.0) / norm_sq.item())))
-    del evecs
     return out
 
 

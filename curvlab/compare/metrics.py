@@ -33,8 +33,8 @@ class ExactBlock:
     Attributes:
         sqrt: the square root (float64).
         gram: ``VᵀV`` (``[K, K]``).
-        eigenvalues: nonzero spectrum of F, descending (top ``len`` when Lanczos was used).
-        eigenvectors: Gram eigenvectors ``W`` matching ``eigenvalues`` (``[K, len]``).
+        eigenvalues: nonzero spectrum of F, descending (the top ones when Lanczos was used).
+        top_vectors: Gram eigenvectors ``W_k`` of the ``k`` largest eigenvalues (``[K, k]``).
         trace: ``tr F``.
         frobenius_sq: ``‖F‖²_F``.
     """
@@ -42,46 +42,57 @@ class ExactBlock:
     sqrt: SquareRoot
     gram: Tensor
     eigenvalues: Tensor
-    eigenvectors: Tensor
+    top_vectors: Tensor
     trace: Tensor
     frobenius_sq: Tensor
 
 
-def gram_spectrum(gram: Tensor, top: int) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of a PSD Gram matrix, descending: all of them, or the top ``top`` by Lanczos."""
+def gram_eigenvalues(gram: Tensor, top: int) -> Tensor:
+    """Eigenvalues of a PSD Gram matrix, descending: all of them (dense, values only), or the
+    top ``top`` by Lanczos (scipy's eigsh) when the matrix is large."""
     k = gram.shape[0]
     if k <= DENSE_EIGH_LIMIT or top >= k - 1:
-        evals, evecs = torch.linalg.eigh(gram)
-        return evals.flip(0).clamp_min(0), evecs.flip(1)
-    evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=top, which="LA")
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    evals = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=top, which="LA", return_eigenvectors=False)
+    return torch.from_numpy(np.sort(evals)[::-1].copy()).to(gram).clamp_min(0)
+
+
+def gram_top_vectors(gram: Tensor, k: int) -> Tensor:
+    """Eigenvectors of the ``k`` largest eigenvalues, descending (Lanczos unless tiny)."""
+    size = gram.shape[0]
+    k = min(k, size)
+    if size <= 4 * k + 16:
+        return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
+    evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=k, which="LA")
     order = np.argsort(evals)[::-1].copy()
-    return (
-        torch.from_numpy(evals[order]).to(gram).clamp_min(0),
-        torch.from_numpy(evecs[:, order]).to(gram),
-    )
+    return torch.from_numpy(evecs[:, order]).to(gram)
 
 
-def exact_block(sqrt: SquareRoot, top: int) -> ExactBlock:
-    """Gram matrix, spectrum, trace and Frobenius norm of ``F = V Vᵀ``."""
+def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
+    """Gram matrix, spectrum, top eigenvectors, trace and Frobenius norm of ``F = V Vᵀ``."""
     sqrt64 = sqrt.to(dtype=torch.float64)
     gram = sqrt64.gram()
-    evals, evecs = gram_spectrum(gram, top)
     rank_bound = sqrt64.shape[0] * sqrt64.shape[1]  # F is P × P: at most P nonzero eigenvalues
-    evals, evecs = evals[:rank_bound], evecs[:, :rank_bound]
     return ExactBlock(
         sqrt=sqrt64,
         gram=gram,
-        eigenvalues=evals,
-        eigenvectors=evecs,
+        eigenvalues=gram_eigenvalues(gram, top)[:rank_bound],
+        top_vectors=gram_top_vectors(gram, min(top_k, rank_bound)),
         trace=sqrt64.trace(),
         frobenius_sq=gram.square().sum(),
     )
 
 
-def woodbury_natural_gradient(sqrt: SquareRoot, gram: Tensor, grad: Tensor, damping: float) -> Tensor:
-    """``(F + λI)⁻¹ g`` for ``F = V Vᵀ`` without a ``P × P`` matrix."""
+def woodbury_solve(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
+    """``(λI + VᵀV)⁻¹ rhs`` by Cholesky (the system is symmetric positive definite)."""
     system = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    alpha = torch.linalg.solve(system, sqrt.inner(grad))
+    chol = torch.linalg.cholesky(system)
+    return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+
+
+def woodbury_natural_gradient(sqrt: SquareRoot, gram: Tensor, grad: Tensor, damping: float) -> Tensor:
+    """``(F + λI)⁻¹ g = λ⁻¹ [g − V (λI + VᵀV)⁻¹ Vᵀ g]`` without a ``P × P`` matrix."""
+    alpha = woodbury_solve(gram, sqrt.inner(grad), damping)
     return (grad - sqrt.combine(alpha)) / damping
 
 
@@ -108,7 +119,7 @@ class ApproximationMetrics:
 
 def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k: int) -> float:
     """``‖U_Fᵀ Û‖²_F / k`` for the top-``k`` eigenvectors of F and of ``K̂``."""
-    k = min(k, int((exact.eigenvalues > 0).sum()), approx.layout.num_params)
+    k = min(k, exact.top_vectors.shape[1], int((exact.eigenvalues > 0).sum()))
     if k == 0:
         return float("nan")
     u_out, u_in = (u.to(torch.float64) for u in approx.eigenbasis())
@@ -118,7 +129,7 @@ def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k
     overlap = 0.0
     for i in range(k):
         # i-th unit eigenvector of F in matrix form, rotated into K̂'s eigenbasis
-        u_f = exact.sqrt.combine(exact.eigenvectors[:, i]) / exact.eigenvalues[i].sqrt()
+        u_f = exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt()
         rotated = u_out.T @ u_f @ u_in
         overlap += rotated[rows, cols].square().sum().item()
     return overlap / k

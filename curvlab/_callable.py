@@ -1,0 +1,25 @@
+"""Let a sub-package be called like its main function.
+
+``curvlab.extract`` is both the package ``curvlab/extract/`` and the function
+``curvlab.extract(...)``: importing the function into ``curvlab`` under the package's name would
+shadow the package (``import curvlab.extract.stats as s`` would then fail), so the package module
+itself is made callable instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+
+def make_callable(module_name: str, func: Callable[..., Any]) -> None:
+    """Calling the module ``module_name`` calls ``func``."""
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return func(*args, **kwargs)
+
+    CallableModule.__call__.__doc__ = func.__doc__
+    sys.modules[module_name].__class__ = CallableModule
