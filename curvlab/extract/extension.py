@@ -9,6 +9,7 @@ the backpropagated root to :mod:`curvlab.extract.statistics`, where the maths li
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,29 +110,31 @@ class _KroneckerLayer(MatToJacMat):
         return ext.layer_statistics(module, backproped)
 
 
+@functools.cache
+def _module_extensions() -> dict[type, ModuleExtension]:
+    """Module type → module extension (stateless, so built once per process)."""
+    passthrough = {}
+    # Every other layer: reuse BackPACK's square-root backpropagation (Jacobian-transpose
+    # products); layers with parameters only pass the root on (their parameters are skipped).
+    for cls, module_ext in SqrtGGNExact()._BackpropExtension__module_extensions.items():  # type: ignore[attr-defined]
+        if cls in (nn.Linear, nn.Conv2d, nn.MSELoss, nn.CrossEntropyLoss):
+            continue
+        has_params = bool(module_ext._ModuleExtension__params)  # type: ignore[attr-defined]
+        passthrough[cls] = MatToJacMat(module_ext.derivatives) if has_params else module_ext
+    return {
+        **passthrough,
+        nn.MSELoss: _LossRoot(MSELossDerivatives()),
+        nn.CrossEntropyLoss: _LossRoot(CrossEntropyLossDerivatives()),
+        nn.Linear: _KroneckerLayer(LinearDerivatives()),
+        nn.Conv2d: _KroneckerLayer(Conv2DDerivatives()),
+    }
+
+
 class CurvatureStatistics(SecondOrderBackpropExtension):
     """BackPACK extension computing curvlab's per-layer statistics in one backward pass."""
 
     def __init__(self, request: Request, names: dict[nn.Module, str]) -> None:
-        passthrough = {}
-        # Every other layer: reuse BackPACK's square-root backpropagation (Jacobian-transpose
-        # products); layers with parameters only pass the root on (their parameters are skipped).
-        for cls, module_ext in SqrtGGNExact()._BackpropExtension__module_extensions.items():  # type: ignore[attr-defined]
-            if cls in (nn.Linear, nn.Conv2d, nn.MSELoss, nn.CrossEntropyLoss):
-                continue
-            has_params = bool(module_ext._ModuleExtension__params)  # type: ignore[attr-defined]
-            passthrough[cls] = MatToJacMat(module_ext.derivatives) if has_params else module_ext
-        super().__init__(
-            savefield=SAVEFIELD,
-            fail_mode="ERROR",
-            module_exts={
-                **passthrough,
-                nn.MSELoss: _LossRoot(MSELossDerivatives()),
-                nn.CrossEntropyLoss: _LossRoot(CrossEntropyLossDerivatives()),
-                nn.Linear: _KroneckerLayer(LinearDerivatives()),
-                nn.Conv2d: _KroneckerLayer(Conv2DDerivatives()),
-            },
-        )
+        super().__init__(savefield=SAVEFIELD, fail_mode="ERROR", module_exts=dict(_module_extensions()))
         self.request = request
         self.names = names
         self.segments: dict[str, slice] = {}
@@ -189,4 +192,4 @@ class CurvatureStatistics(SecondOrderBackpropExtension):
 
 def supported_backprop_types() -> Sequence[type]:
     """Module types the extension can backpropagate through."""
-    return tuple(SqrtGGNExact()._BackpropExtension__module_extensions)  # type: ignore[attr-defined]
+    return tuple(_module_extensions())

@@ -56,8 +56,9 @@ def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
         a, gg = x[..., 0], g[..., 0]
         g_norms = gg.square().sum((0, 2))  # Σ_c ‖g_cn‖²  [N]
         a_norms = a.square().sum(1)  # ‖ā_n‖²  [N]
-        phi = torch.einsum("n,nd,ne->de", g_norms, a, a)
-        psi = torch.einsum("n,cno,cnp->op", a_norms, gg, gg)
+        phi = (a * g_norms[:, None]).T @ a
+        g_flat = gg.reshape(-1, d_out)
+        psi = (gg * a_norms[None, :, None]).reshape(-1, d_out).T @ g_flat
         return TraceStats(delta=(g_norms * a_norms).sum(), delta_phi=phi, delta_psi=psi)
 
     gram_cost = c * n * t * t * d_out + n * (2 * t * t * d_in + t * d_in * d_in) + c * n * (
