@@ -1,0 +1,8 @@
+"""``python -m curvlab``: the same command line as the ``curvlab`` script."""
+
+import sys
+
+from curvlab.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

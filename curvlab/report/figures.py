@@ -1,0 +1,357 @@
+"""Figures of a comparison dataset: spectra, per-layer errors, whole-network errors.
+
+One style for all figures (:func:`style`), one colour per approximation (:data:`PALETTE`) in
+every figure, sized to stay legible at README width (~900 px). Figures are drawn on
+:class:`matplotlib.figure.Figure` objects rendered by Agg, so nothing touches pyplot's global
+state or needs a display.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import textwrap
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Union
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import xarray as xr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+PathLike = Union[str, os.PathLike]
+
+#: Order of the known approximations (legend and bar order).
+APPROXIMATION_ORDER = ("kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
+
+_COLORBLIND = sns.color_palette("colorblind", 10)
+
+#: One colour per approximation, used by every figure; ``exact`` is black.
+PALETTE: dict[str, tuple[float, float, float]] = {
+    "exact": (0.0, 0.0, 0.0),
+    "kfac": _COLORBLIND[0],  # blue
+    "kflr": _COLORBLIND[9],  # light blue: KFAC with exact factors
+    "ekfac": _COLORBLIND[2],  # green
+    "tkfac": _COLORBLIND[1],  # orange
+    "tekfac": _COLORBLIND[3],  # vermilion: TKFAC's eigen-corrected sibling
+    "kfoc": _COLORBLIND[4],  # purple: the Frobenius-optimal reference
+}
+_EXTRA_COLOURS = [_COLORBLIND[i] for i in (5, 6, 7, 8)]
+
+#: Display names.
+LABELS = {
+    "exact": "exact F",
+    "kfac": "KFAC",
+    "kflr": "KFLR",
+    "ekfac": "EKFAC",
+    "tkfac": "TKFAC",
+    "tekfac": "TEKFAC",
+    "kfoc": "KFOC",
+}
+
+DPI = 150
+WIDTH_IN = 9.0  # 1350 px at DPI: crisp when a README scales it to ~900 px
+
+#: Eigenvalues below this fraction of a panel's largest are plotted as numerical zeros (dropped).
+ZERO_TOLERANCE = 1e-10
+
+_FLAVOURS = {"exact": "exact Fisher (GGN)", "mc": "MC Fisher", "empirical": "empirical Fisher"}
+
+
+def colour(name: str) -> tuple[float, float, float]:
+    """The colour of approximation ``name`` (stable for names outside :data:`PALETTE`)."""
+    if name in PALETTE:
+        return PALETTE[name]
+    return _EXTRA_COLOURS[sum(map(ord, name)) % len(_EXTRA_COLOURS)]
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """The one style of curvlab's figures (seaborn whitegrid, 'notebook' sizes), scoped."""
+    rc = {
+        "axes.titlesize": 11,
+        "axes.labelsize": 10.5,
+        "xtick.labelsize": 9.5,
+        "ytick.labelsize": 9.5,
+        "legend.fontsize": 10,
+        "legend.title_fontsize": 10,
+        "figure.titlesize": 12.5,
+        "axes.titleweight": "normal",
+        "figure.dpi": DPI,
+        "savefig.dpi": DPI,
+    }
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", rc=rc), matplotlib.rc_context(rc):
+        yield
+
+
+def _ordered(names: Sequence[str]) -> list[str]:
+    known = [a for a in APPROXIMATION_ORDER if a in names]
+    return known + [a for a in names if a not in known]
+
+
+def _title(ds: xr.Dataset, what: str) -> str:
+    """``what — model on data, flavour (N=…)`` from the dataset's attributes."""
+    model = ds.attrs.get("model")
+    data = ds.attrs.get("data")
+    flavour = _FLAVOURS.get(str(ds.attrs.get("flavour")), ds.attrs.get("flavour"))
+    setting = " on ".join(str(p) for p in (model, data) if p)
+    details = ", ".join(
+        str(p)
+        for p in (flavour, f"N={ds.attrs['num_examples']}" if "num_examples" in ds.attrs else None)
+        if p
+    )
+    parts = [p for p in (setting, details) if p]
+    line = what + (" — " + "; ".join(parts) if parts else "")
+    if len(line) <= 95 or not parts:
+        return line
+    # too long for one line: the figure's subject on top, the setting below
+    return what + "\n" + textwrap.fill("; ".join(parts), width=95)
+
+
+def _layer_label(ds: xr.Dataset, i: int, style: str = "inline") -> str:
+    """``name (Type, P=…)`` (``inline``), the same on two lines (``two``), or one item a line
+    (``stacked``)."""
+    layer = str(ds["layer"].values[i])
+    kind = str(ds["module_type"].values[i]) if "module_type" in ds.coords else ""
+    params = f"P={int(ds['num_params'].values[i]):,}" if "num_params" in ds.coords else ""
+    if style == "stacked":
+        return "\n".join(p for p in (layer, kind, params) if p)
+    extra = ", ".join(p for p in (kind, params) if p)
+    sep = "\n" if style == "two" else " "
+    return f"{layer}{sep}({extra})" if extra else layer
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=DPI, facecolor="white")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+# ------------------------------------------------------------------------------------ spectra
+
+
+def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
+    """One panel per layer: the exact eigenvalues and each approximation's, largest first.
+
+    Log y-scale; NaN padding and eigenvalues below :data:`ZERO_TOLERANCE` times the panel's
+    largest (zeros beyond a block's rank, up to round-off) are dropped.
+    """
+    layers = list(ds["layer"].values)
+    names = _ordered([str(a) for a in ds["approximation"].values])
+    rows, cols = _grid(len(layers))
+    with style():
+        fig = Figure(figsize=(WIDTH_IN, 0.6 + 2.7 * rows), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+        for i, ax in enumerate(axes):
+            if i >= len(layers):
+                ax.set_visible(False)
+                continue
+            exact = np.asarray(ds["exact_eigenvalues"].isel(layer=i).values, dtype=float)
+            spectra = {"exact": exact}
+            for name in names:
+                vals = ds["approx_eigenvalues"].isel(layer=i).sel(approximation=name).values
+                spectra[name] = np.asarray(vals, dtype=float)
+            finite = np.concatenate([v[np.isfinite(v)] for v in spectra.values()])
+            top = finite.max() if finite.size else np.nan
+            # Eigenvalues below top·1e-10 are numerical zeros (beyond the block's rank): dropped,
+            # so a rank-deficient spectrum ends where its rank does.
+            cutoff = top * ZERO_TOLERANCE if top > 0 else 0.0
+            shown = [
+                _plot_spectrum(ax, v, name, cutoff, lw=2.6 if name == "exact" else 1.4, zorder=3 if name == "exact" else 2)
+                for name, v in spectra.items()
+            ]
+            ax.set_yscale("log")
+            values = np.concatenate(shown)
+            if values.size:
+                ax.set_ylim(values.min() / 2, values.max() * 2)
+            ax.set_title(_layer_label(ds, i))
+            if i + cols >= len(layers):  # bottom panel of its column
+                ax.set_xlabel("eigenvalue index (largest first)")
+            if i % cols == 0:
+                ax.set_ylabel("eigenvalue")
+        handles = [Line2D([], [], color=colour("exact"), lw=2.6, label=label("exact"))]
+        handles += [Line2D([], [], color=colour(n), lw=1.6, label=label(n)) for n in names]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        fig.suptitle(_title(ds, "Eigenvalues per layer"))
+        return _save(fig, path)
+
+
+def _plot_spectrum(ax, values: np.ndarray, name: str, cutoff: float, lw: float, zorder: int) -> np.ndarray:  # noqa: ANN001
+    """Plot the finite eigenvalues above ``cutoff`` (> 0) against their 1-based index; returns them."""
+    keep = np.isfinite(values) & (values > cutoff)
+    if keep.any():
+        idx = np.arange(1, len(values) + 1)[keep]
+        ax.plot(idx, values[keep], color=colour(name), lw=lw, label=label(name), zorder=zorder)
+    return values[keep]
+
+
+# ------------------------------------------------------------------------------------- errors
+
+_REL_FRO = r"$\|F - \hat{F}\|_F\,/\,\|F\|_F$"
+_NG_MIS = r"$1 - \cos\angle$(NG, exact NG)"
+
+#: Panels of :func:`plot_errors`: (how to compute it, y-axis label, panel title).
+ERROR_PANELS: tuple[tuple[str, str, str], ...] = (
+    ("rel_frobenius_error", _REL_FRO, "Relative Frobenius error"),
+    ("projection_error", r"relative to $\|F\|_F$", "Projection error (eigenbasis)"),
+    ("scaling_error", r"relative to $\|F\|_F$", "Scaling error (eigenvalues)"),
+    ("1-ng_cosine", _NG_MIS, "Natural-gradient misalignment"),
+)
+
+
+def _metric(ds: xr.Dataset, key: str) -> xr.DataArray:
+    if key.startswith("1-"):
+        return 1.0 - ds[key[2:]]
+    return ds[key]
+
+
+def _bars(ax, frame: pd.DataFrame, x: str, order: list[str], names: list[str]) -> None:  # noqa: ANN001
+    sns.barplot(
+        data=frame,
+        x=x,
+        y="value",
+        hue="approximation",
+        order=order,
+        hue_order=[label(n) for n in names],
+        palette={label(n): colour(n) for n in names},
+        ax=ax,
+        legend=False,
+        saturation=1.0,
+        edgecolor="white",
+        linewidth=0.5,
+    )
+
+
+def _log_if_wide(ax, values: np.ndarray) -> None:  # noqa: ANN001
+    """Log y-scale when the positive values span more than two decades."""
+    pos = values[np.isfinite(values) & (values > 0)]
+    if pos.size and pos.max() / pos.min() > 100:
+        ax.set_yscale("log")
+        ax.set_ylim(pos.min() / 2, pos.max() * 2)
+
+
+def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
+    """Grouped bars per layer (hue: approximation) of the relative Frobenius, projection and
+    scaling errors and of ``1 − ng_cosine``; one panel per metric. Lower is better everywhere."""
+    names = _ordered([str(a) for a in ds["approximation"].values])
+    n_layers = ds.sizes["layer"]
+    many = n_layers > 3
+    label_style = "stacked" if n_layers <= 10 else "inline"
+    layer_labels = [_layer_label(ds, i, label_style) for i in range(n_layers)]
+    panels = [p for p in ERROR_PANELS if (p[0][2:] if p[0].startswith("1-") else p[0]) in ds]
+    rows, cols = (len(panels), 1) if many else _grid(len(panels), 2)
+    height = (2.4 if many else 3.0) * rows + (1.2 if many else 0.8)
+    with style():
+        fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=many)).ravel()
+        for k, (ax, (key, ylabel, title)) in enumerate(zip(axes, panels)):
+            values = _metric(ds, key).transpose("layer", "approximation")
+            frame = pd.DataFrame(
+                [
+                    {"layer": layer_labels[i], "approximation": label(a), "value": float(values.sel(approximation=a).values[i])}
+                    for i in range(n_layers)
+                    for a in names
+                ]
+            )
+            _bars(ax, frame, "layer", layer_labels, names)
+            _log_if_wide(ax, frame["value"].to_numpy())
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+            bottom = not many or k == len(panels) - 1
+            ax.set_xlabel("layer" if bottom else "")
+            if bottom:
+                ax.tick_params(axis="x", labelsize=8.5, labelrotation=90 if label_style == "inline" else 0)
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        handles = [Patch(color=colour(n), label=label(n)) for n in names]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        fig.suptitle(_title(ds, "Per-layer errors (lower is better)"))
+        return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ network
+
+NETWORK_PANELS: tuple[tuple[str, str, str], ...] = (
+    ("network_rel_frobenius_error", _REL_FRO, "Relative Frobenius error"),
+    ("1-network_ng_cosine", _NG_MIS, "Natural-gradient misalignment"),
+    ("network_trace_ratio", r"tr $\hat{F}$ / tr $F$", "Trace ratio (1 is exact)"),
+)
+
+
+def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
+    """Whole-network bars per approximation: Frobenius error against the full Fisher (with the
+    exact block-diagonal floor marked), natural-gradient misalignment, trace ratio."""
+    names = _ordered([str(a) for a in ds["approximation"].values])
+    panels = [p for p in NETWORK_PANELS if (p[0][2:] if p[0].startswith("1-") else p[0]) in ds]
+    with style():
+        fig = Figure(figsize=(WIDTH_IN, 3.6), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+        for ax, (key, ylabel, title) in zip(axes, panels):
+            values = _metric(ds, key)
+            frame = pd.DataFrame(
+                {"approximation": [label(a) for a in names], "value": [float(values.sel(approximation=a)) for a in names]}
+            )
+            frame["x"] = frame["approximation"]
+            _bars(ax, frame, "x", [label(a) for a in names], names)
+            if key == "network_rel_frobenius_error" and "network_blockdiag_error" in ds:
+                floor = float(ds["network_blockdiag_error"])
+                ax.axhline(floor, color="0.25", ls="--", lw=1.2)
+                ax.annotate(
+                    "floor: exact\nblock-diagonal F",
+                    xy=(0.98, floor),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(0, -4),
+                    textcoords="offset points",
+                    ha="right",
+                    va="top",
+                    fontsize=8.5,
+                    color="0.15",
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.6", "alpha": 0.9},
+                    zorder=5,
+                )
+            elif key == "network_trace_ratio":
+                ax.axhline(1.0, color="0.25", ls="--", lw=1.2)
+            else:
+                _log_if_wide(ax, frame["value"].to_numpy())
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("")
+            ax.tick_params(axis="x", labelrotation=45)
+        fig.suptitle(_title(ds, "Whole network"))
+        return _save(fig, path)
+
+
+def plot_all(ds: xr.Dataset, out_dir: PathLike) -> dict[str, Path]:
+    """``spectra.png``, ``errors.png`` and ``network.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    paths = {
+        "spectra": plot_spectra(ds, out / "spectra.png"),
+        "errors": plot_errors(ds, out / "errors.png"),
+    }
+    if "network_rel_frobenius_error" in ds:
+        paths["network"] = plot_network(ds, out / "network.png")
+    return paths

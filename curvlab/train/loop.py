@@ -1,0 +1,224 @@
+"""The training loop of ``curvlab train``: metrics per epoch, probes every K steps, checkpoints.
+
+Files in ``cfg.out``: ``metrics.nc`` (epoch × metric), ``probe.nc`` (step × layer ×
+approximation), ``checkpoint.pt`` (after every epoch; ``resume=True`` continues from it).  All are
+written atomically, so a run killed at any point resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from curvlab.data import Dataset, batches, load_dataset, subset
+from curvlab.models import make_model
+from curvlab.optim.base import KroneckerOptimizer
+from curvlab.report.files import write_netcdf
+from curvlab.train.config import TrainConfig, make_optimizer
+from curvlab.train.probe import Probe
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.nc"
+PROBE = "probe.nc"
+
+
+def _bar(iterable: Iterable, enabled: bool, **kwargs: object) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def load_data(cfg: TrainConfig) -> Dataset:
+    """The configured dataset, optionally reduced to a seeded subset."""
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.train_size is not None or cfg.test_size is not None:
+        data = subset(
+            data,
+            cfg.train_size or data.train_x.shape[0],
+            cfg.test_size or data.test_x.shape[0],
+            seed=cfg.seed,
+        )
+    return data
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Mean loss and accuracy over ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for xb, yb in batches(x, y, max(batch_size, 512), shuffle=False):
+        xb, yb = xb.to(device), yb.to(device)
+        out = model(xb)
+        total_loss += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return total_loss / x.shape[0], correct / x.shape[0]
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset) -> xr.Dataset:
+    keys = [k for k in records[0] if k != "epoch"]
+    ds = xr.Dataset(
+        {k: ("epoch", np.array([r[k] for r in records], dtype=float)) for k in keys},
+        coords={"epoch": np.array([r["epoch"] for r in records], dtype=int)},
+    )
+    ds.attrs.update(cfg.as_attrs())
+    ds.attrs["data"] = data.description
+    ds.attrs["num_train"] = int(data.train_x.shape[0])
+    ds.attrs["num_test"] = int(data.test_x.shape[0])
+    return ds
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
+    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the written files.
+
+    Each step: ``zero_grad``, forward and backward (inside ``optimizer.track`` for curvlab's
+    optimizers, which attaches the BackPACK extension on statistics steps only), ``step``.
+    After every ``probe_every`` steps the probe compares the optimizer's current approximation
+    with the exact Fisher blocks on a fixed batch.
+    """
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("curvlab train: device='cuda' but no CUDA device is available")
+
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = make_optimizer(cfg, model)
+    kronecker = isinstance(optimizer, KroneckerOptimizer)
+
+    probe = None
+    if cfg.probe_every:
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        idx = torch.randperm(data.train_x.shape[0], generator=gen)[: cfg.probe_batch_size]
+        probe = Probe(
+            data.train_x[idx].to(device),
+            data.train_y[idx].to(device),
+            loss_fn,
+            fisher=cfg.probe_fisher,
+            approximations=cfg.probe_approximations,
+            damping=cfg.damping,
+            seed=cfg.seed,
+        )
+
+    records: list[dict[str, float]] = []
+    start_epoch, step, wall = 0, 0, 0.0
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["config"] != cfg.as_attrs():
+            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.as_attrs().get(k))
+            if set(changed) - {"config_epochs", "config_progress"}:
+                raise ValueError(
+                    f"curvlab train: {ckpt_path} was written with a different configuration "
+                    f"({', '.join(changed)}); use another --out or the same options"
+                )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
+        if probe is not None:
+            probe.restore(out / PROBE, step)
+    elif resume:
+        raise FileNotFoundError(f"curvlab train: --resume given but {ckpt_path} does not exist")
+
+    if probe is not None and step == 0:
+        probe.run(0, model, optimizer)
+        probe.save(out / PROBE)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        t0 = time.perf_counter()
+        loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
+        n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
+        loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
+        for xb, yb in _bar(loader, cfg.progress, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad()
+            tracking = optimizer.track(loss_fn) if kronecker else contextlib.nullcontext()
+            with tracking:
+                output = model(xb)
+                loss = loss_fn(output, yb)
+                loss.backward()
+            if not torch.isfinite(loss):
+                skipped += 1
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * xb.shape[0]
+            correct += (output.argmax(1) == yb).sum().item()
+            seen += xb.shape[0]
+            if probe is not None and step % cfg.probe_every == 0:
+                t_probe = time.perf_counter()
+                probe.run(step, model, optimizer)
+                probe.save(out / PROBE)
+                t0 += time.perf_counter() - t_probe  # probing is not training time
+        epoch_time = time.perf_counter() - t0
+        wall += epoch_time
+        test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
+        records.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+                "epoch_time": epoch_time,
+                "wall_clock": wall,
+                "steps": step,
+                "skipped_steps": skipped,
+            }
+        )
+        write_netcdf(_metrics_dataset(records, cfg, data), out / METRICS)
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "epoch": epoch + 1,
+                "step": step,
+                "wall_clock": wall,
+                "records": records,
+                "config": cfg.as_attrs(),
+            },
+        )
+        if cfg.progress:
+            print(
+                f"epoch {epoch + 1}: train loss {records[-1]['train_loss']:.4f}, "
+                f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s",
+                flush=True,
+            )
+    paths = {"metrics": out / METRICS, "checkpoint": ckpt_path}
+    if probe is not None:
+        paths["probe"] = out / PROBE
+    return paths

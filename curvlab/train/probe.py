@@ -1,0 +1,124 @@
+"""Curvature probes during training: the comparison, every K steps, on a fixed batch.
+
+A probe measures, against the exact block on a fixed probe batch,
+
+* the optimizer's own current approximation — the objects its next step inverts, with its
+  damping and damping strategy — named ``"<method>@optimizer"``;
+* fresh approximations built from the probe batch itself (``kflr``, ``ekfac``, …), which say
+  how good each approximation *could* be for the current network.
+
+Results form a step × layer × approximation (× eig) time series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from curvlab.approx import DEFAULT_DAMPING, approximate
+from curvlab.compare import measure
+from curvlab.compare.api import needed_kfac_flavours
+from curvlab.extract import extract
+from curvlab.optim.base import KroneckerOptimizer
+from curvlab.report.files import read_netcdf, write_netcdf
+
+
+class Probe:
+    """Runs the comparison on one fixed batch and keeps the time series.
+
+    Args:
+        inputs, targets: the probe batch (fixed for the whole run).
+        loss_fn: the training loss.
+        fisher: flavour of the reference block.
+        approximations: fresh approximations to build from the probe batch.
+        damping: λ for optimizers without one of their own (SGD, Adam).
+        seed: seeds the probe's MC sampling without touching the training RNG.
+        num_eigenvalues: spectrum entries stored per step.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: nn.Module,
+        *,
+        fisher: str = "exact",
+        approximations: Sequence[str] = ("kflr", "ekfac", "tkfac", "tekfac"),
+        damping: float = 1e-3,
+        seed: int = 0,
+        num_eigenvalues: int = 64,
+    ) -> None:
+        self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
+        self.fisher = fisher
+        self.approximations = tuple(approximations)
+        self.damping = damping
+        self.seed = seed
+        self.num_eigenvalues = num_eigenvalues
+        self.records: list[xr.Dataset] = []
+
+    def run(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> xr.Dataset:
+        """Probe the current network; the training state (parameters, ``.grad``, RNG) is untouched."""
+        was_training = model.training
+        model.eval()  # no dropout noise in the measurement
+        try:
+            stats = extract(
+                model,
+                self.loss_fn,
+                self.inputs,
+                self.targets,
+                fisher=self.fisher,
+                stats=("sqrt", "kfac", "tkfac"),
+                kfac_flavours=needed_kfac_flavours(self.approximations, self.fisher),
+                seed=self.seed,
+                skip_unsupported=True,
+            )
+        finally:
+            model.train(was_training)
+        strategies = dict(DEFAULT_DAMPING)
+        damping = self.damping
+        approx = {layer: {n: approximate(block, n) for n in self.approximations} for layer, block in stats.items()}
+        if isinstance(optimizer, KroneckerOptimizer):
+            own = f"{optimizer.method}@optimizer"
+            strategies[own] = optimizer.damping_strategy
+            damping = optimizer.damping
+            for layer, current in optimizer.approximations().items():
+                if layer in approx:
+                    approx[layer] = {own: current, **approx[layer]}
+        ds = measure(
+            stats,
+            approx,
+            damping=damping,
+            damping_strategies=strategies,
+            num_eigenvalues=self.num_eigenvalues,
+            attrs={"probe_fisher": self.fisher, "probe_seed": self.seed},
+        )
+        ds = ds.expand_dims(step=[step])
+        ds["batch_loss"] = ("step", [stats.loss.item()])
+        ds.attrs.pop("batch_loss", None)
+        self.records.append(ds)
+        return ds
+
+    def dataset(self) -> xr.Dataset | None:
+        """The time series so far (step × layer × approximation …)."""
+        if not self.records:
+            return None
+        return xr.concat(self.records, dim="step", join="outer", combine_attrs="drop_conflicts",
+                         data_vars="all", coords="different", compat="equals")
+
+    def save(self, path: Path) -> None:
+        """Write the time series atomically."""
+        ds = self.dataset()
+        if ds is not None:
+            write_netcdf(ds, path)
+
+    def restore(self, path: Path, up_to_step: int) -> None:
+        """Resume: keep the saved probes of steps ``<= up_to_step``."""
+        if not path.exists():
+            return
+        ds = read_netcdf(path)
+        ds = ds.sel(step=ds.step <= up_to_step)
+        self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]

@@ -1,0 +1,167 @@
+"""The ``curvlab`` command line: report runs, help, usage errors, the real entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvlab import cli
+from curvlab.cli import main
+from curvlab.report import read_netcdf
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_FILES = ("report.nc", "summary.md", "spectra.png", "errors.png")
+# The real data lives in shared/ beside the repo (as in tests/test_data.py).
+SHARED_DATA_CANDIDATES = [
+    *([Path(os.environ["CURVLAB_SHARED_DATA"])] if os.environ.get("CURVLAB_SHARED_DATA") else []),
+    REPO.parent / "shared" / "data",
+    Path("/work/shared/data"),
+]
+FAST = ["--batch-size", "8", "--train-steps", "3", "--num-eigenvalues", "32", "--no-progress"]
+
+
+def shared_data(sub: str) -> Path:
+    for base in SHARED_DATA_CANDIDATES:
+        if (base / sub).is_dir():
+            return base / sub
+    pytest.skip(f"real {sub} data not found in any of {SHARED_DATA_CANDIDATES}")
+
+
+def _assert_report(out: Path) -> None:
+    for name in REPORT_FILES:
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+
+
+def test_report_on_digits_writes_all_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["report", *FAST, "--approximations", "kfac,ekfac,kfoc", "--damping-strategy", "kfac=exact",
+                 "--seed", "3", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _assert_report(out)
+    for name in REPORT_FILES:
+        assert str(out / name) in captured.out
+    ds = read_netcdf(out / "report.nc")
+    assert list(ds["approximation"].values) == ["kfac", "ekfac", "kfoc"]
+    assert ds.attrs["model"] == "mlp" and ds.attrs["dataset"] == "digits"
+    assert ds.attrs["batch_size"] == 8 and ds.attrs["num_examples"] == 8
+    assert ds.attrs["train_steps"] == 3 and ds.attrs["seed"] == 3
+    assert "kfac=exact" in ds.attrs["damping_strategies"]
+    assert "scikit-learn digits" in ds.attrs["data"]
+    assert "scikit-learn digits" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_user_model_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = tmp_path / "mymodel.py"
+    module.write_text(
+        "from torch import nn\n"
+        "def make(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, num_classes))\n"
+    )
+    code = main(["report", *FAST, "--train-steps", "0", "--approximations", "kflr,tkfac",
+                 "--model", f"{module}:make", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    ds = read_netcdf(tmp_path / "out" / "report.nc")
+    assert list(ds["num_params"].values) == [65 * 12, 13 * 10]
+    assert ds.attrs["model"] == f"{module}:make"
+
+
+@pytest.mark.parametrize("command", [[], *[[name] for name in cli.SUBCOMMANDS]])
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: curvlab")
+    if command == ["report"]:
+        for option in ("--model", "--dataset", "--data-dir", "--batch-size", "--fisher", "--mc-samples",
+                       "--approximations", "--damping", "--damping-strategy", "--tkfac-conv", "--top-k",
+                       "--train-steps", "--device", "--seed", "--out", "--no-progress"):
+            assert option in out, option
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope"], "unknown model 'nope'; choose one of mlp"),
+        (["--model", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--approximations", "kfac,shampoo"], "unknown approximation(s) shampoo"),
+        (["--damping-strategy", "kfac=magic"], "unknown damping strategy 'magic'"),
+        (["--damping", "-1"], "--damping: expected a positive finite number, got '-1'"),
+        (["--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),
+        (["--batch-size", "100000"], "batch size 100000 must be in [1, 1500]"),
+        (["--fisher", "hessian"], "--fisher: invalid choice: 'hessian'"),
+        (["--device", "tpu"], "device 'tpu'"),
+    ],
+)
+def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["report", *FAST, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.count("error:") == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["report", *FAST, "--dataset", "mnist", "--data-dir", "/nonexistent", "--out", str(tmp_path / "o")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "mnist: IDX files not found" in err and "/nonexistent/train-images-idx3-ubyte" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    """The real process: ``python -m curvlab report`` (relative --out, from another folder)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "curvlab", "report", *FAST, "--approximations", "tkfac", "--out", "rep"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _assert_report(tmp_path / "rep")
+    bad = subprocess.run(
+        [sys.executable, "-m", "curvlab", "report", "--dataset", "mnist", "--data-dir", "/nonexistent"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 1 and "/nonexistent" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_console_script(tmp_path: Path) -> None:
+    """The ``curvlab`` script that pyproject's ``[project.scripts]`` installs."""
+    script = Path(sys.executable).parent / "curvlab"
+    if not script.is_file():
+        pytest.skip(f"console script not installed at {script} (pip install -e .)")
+    proc = subprocess.run([str(script), "report", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--damping-strategy" in proc.stdout
+    proc = subprocess.run([str(script), "report", "--model", "nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+
+
+def test_report_on_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = shared_data("mnist")
+    out = tmp_path / "mnist"
+    code = main(["report", *FAST, "--dataset", "mnist", "--data-dir", str(root), "--approximations", "kfac,tkfac",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    _assert_report(out)
+    ds = read_netcdf(out / "report.nc")
+    assert ds.attrs["data"] == "MNIST" and ds.attrs["num_train_examples"] == 60000
+    assert list(ds["num_params"].values) == [785 * 128, 129 * 64, 65 * 10]

@@ -1,0 +1,188 @@
+"""Report files (atomic netCDF and Markdown), figures, and run_report's checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from curvlab.approx import APPROXIMATIONS
+from curvlab.compare import compare
+from curvlab.data import load_dataset
+from curvlab.models import build_model
+from curvlab.report import (
+    PALETTE,
+    ReportError,
+    plot_errors,
+    plot_network,
+    plot_spectra,
+    read_netcdf,
+    run_report,
+    summary_markdown,
+    write_netcdf,
+    write_summary,
+)
+from curvlab.report.figures import colour
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def ds() -> xr.Dataset:
+    """A real comparison of every approximation on a tiny MLP (64-16-10) and 24 digits."""
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, data.num_classes, hidden=(16,))
+    return compare(
+        model,
+        nn.CrossEntropyLoss(),
+        data.train_x[:24],
+        data.train_y[:24],
+        approximations=APPROXIMATIONS,
+        num_eigenvalues=64,
+        attrs={"model": "mlp", "data": data.description, "flag": True, "nothing": None, "shape": (1, 8, 8)},
+    )
+
+
+def _leftovers(folder: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+# ----------------------------------------------------------------------------------- netCDF
+
+
+def test_netcdf_round_trip(ds: xr.Dataset, tmp_path: Path) -> None:
+    path = write_netcdf(ds, tmp_path / "sub" / "report.nc")
+    assert path == tmp_path / "sub" / "report.nc" and path.stat().st_size > 0
+    back = read_netcdf(path)
+    for name in ds.data_vars:
+        np.testing.assert_array_equal(back[name].values, ds[name].values, err_msg=name)
+    assert list(back["layer"].values) == list(ds["layer"].values)
+    assert list(back["approximation"].values) == list(ds["approximation"].values)
+    assert list(back["module_type"].values) == list(ds["module_type"].values)
+    np.testing.assert_array_equal(back["num_params"].values, ds["num_params"].values)
+    # attributes netCDF cannot hold are stored as numbers or strings, the rest unchanged
+    assert back.attrs["flag"] == 1 and back.attrs["nothing"] == "none" and back.attrs["shape"] == "(1, 8, 8)"
+    assert back.attrs["flavour"] == ds.attrs["flavour"] and back.attrs["damping"] == ds.attrs["damping"]
+    assert ds.attrs["flag"] is True  # the caller's dataset is not modified
+    assert _leftovers(path.parent, {"report.nc"}) == []
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_failed_write_keeps_old_file_and_leaves_no_temp(
+    ds: xr.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    path = tmp_path / "report.nc"
+    write_netcdf(ds.isel(layer=[0]), path)
+    before = path.read_bytes()
+    written: list[str] = []
+
+    def crash(self: xr.Dataset, target: str, *args: object, **kwargs: object) -> None:
+        with open(target, "wb") as fh:  # a partial file, then the failure
+            fh.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+        written.append(str(target))
+        raise error
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", crash)
+    with pytest.raises(type(error)):
+        write_netcdf(ds, path)
+    monkeypatch.undo()
+    assert written and Path(written[0]).parent == tmp_path and written[0] != str(path)
+    assert path.read_bytes() == before
+    assert read_netcdf(path).sizes["layer"] == 1
+    assert _leftovers(tmp_path, {"report.nc"}) == []
+
+
+def test_failed_first_write_creates_nothing(ds: xr.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(self: xr.Dataset, target: str, *args: object, **kwargs: object) -> None:
+        Path(target).write_bytes(b"partial")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        write_netcdf(ds, tmp_path / "report.nc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_on_success(ds: xr.Dataset, tmp_path: Path) -> None:
+    path = tmp_path / "report.nc"
+    write_netcdf(ds.isel(layer=[0]), path)
+    os.chmod(path, 0o640)
+    write_netcdf(ds, path)
+    assert read_netcdf(path).sizes["layer"] == ds.sizes["layer"]
+    assert path.stat().st_mode & 0o777 == 0o640  # an existing file keeps its permissions
+    assert _leftovers(tmp_path, {"report.nc"}) == []
+
+
+def test_read_netcdf_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.nc"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        read_netcdf(missing)
+    corrupt = tmp_path / "corrupt.nc"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(ValueError, match=f"cannot read report file {corrupt}"):
+        read_netcdf(corrupt)
+
+
+# ---------------------------------------------------------------------------------- summary
+
+
+def test_summary_lists_every_layer_and_approximation(ds: xr.Dataset, tmp_path: Path) -> None:
+    text = summary_markdown(ds)
+    assert text.startswith("# Fisher approximation report: `mlp` on scikit-learn digits")
+    for key in ("**Model:** mlp", "**N (examples in the batch):** 24", "**Fisher flavour:** exact",
+                "**Damping λ:** 0.001", "**Damping strategies:** kfac: factored"):
+        assert key in text, key
+    for layer in ds["layer"].values:
+        assert f"| `{layer}` |" in text
+    header = "| layer | " + " | ".join(ds["approximation"].values) + " |"
+    for title in ("Relative Frobenius error", "Trace ratio", "Natural-gradient cosine"):
+        section = text.split(f"### {title}", 1)[1]
+        assert header in section.split("###", 1)[0], title
+    for name in ds["approximation"].values:
+        assert f"| **{name}** |" in text  # whole-network table
+    assert "exact block-diagonal (floor)" in text
+    # 4 significant digits
+    value = float(ds["rel_frobenius_error"].isel(layer=0, approximation=0))
+    assert f"{value:.4g}" in text
+    path = write_summary(ds, tmp_path / "summary.md", figures={"Spectra": "spectra.png"})
+    assert path.read_text(encoding="utf-8") == summary_markdown(ds, {"Spectra": "spectra.png"})
+    assert "![Spectra](spectra.png)" in path.read_text(encoding="utf-8")
+    assert _leftovers(tmp_path, {"summary.md"}) == []
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def test_figures_are_written(ds: xr.Dataset, tmp_path: Path) -> None:
+    for plot, name in ((plot_spectra, "spectra.png"), (plot_errors, "errors.png"), (plot_network, "network.png")):
+        path = plot(ds, tmp_path / "figs" / name)
+        assert path == tmp_path / "figs" / name
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 20_000, name
+    assert _leftovers(tmp_path / "figs", {"spectra.png", "errors.png", "network.png"}) == []
+
+
+def test_one_colour_per_approximation() -> None:
+    colours = [PALETTE[a] for a in APPROXIMATIONS]
+    assert len(set(colours)) == len(colours) and PALETTE["exact"] not in colours
+    assert colour("kfac") == PALETTE["kfac"] and colour("someday") == colour("someday")
+
+
+# ------------------------------------------------------------------------------- run_report
+
+
+def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="unknown model 'nope'"):
+        run_report("nope", "digits", out_dir=tmp_path, train_steps=0)
+    with pytest.raises(ReportError, match=r"batch size 5000 must be in \[1, 1500\]"):
+        run_report("mlp", "digits", batch_size=5000, out_dir=tmp_path, train_steps=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ReportError, match="CUDA is not available"):
+            run_report("mlp", "digits", device="cuda", out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

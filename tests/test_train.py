@@ -1,0 +1,98 @@
+"""curvlab train: metrics and probe files, checkpoint/resume (also after a real kill)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from curvlab.train import TrainConfig, train
+from curvlab.train.loop import CHECKPOINT
+
+
+def small(tmp: Path, **kw) -> TrainConfig:
+    base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=2, batch_size=50,
+                train_size=300, test_size=100, probe_every=3, probe_batch_size=20,
+                out=str(tmp), progress=False, model_kwargs={"hidden": (16,)}, stats_interval=2,
+                eigen_interval=4, scale_interval=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_writes_metrics_and_probe_time_series(tmp_path: Path) -> None:
+    paths = train(small(tmp_path))
+    metrics = xr.open_dataset(paths["metrics"]).load()
+    assert list(metrics.epoch.values) == [1, 2]
+    for var in ("train_loss", "test_loss", "test_accuracy", "wall_clock"):
+        assert np.isfinite(metrics[var]).all()
+    assert metrics.steps.values[-1] == 12
+    probe = xr.open_dataset(paths["probe"]).load()
+    assert list(probe.step.values) == [0, 3, 6, 9, 12]
+    assert set(probe.layer.values) == {"1", "3"}
+    assert "tekfac@optimizer" in probe.approximation.values
+    own = probe.rel_frobenius_error.sel(approximation="tekfac@optimizer")
+    assert np.isnan(own.sel(step=0)).all() and np.isfinite(own.sel(step=12)).all()
+    # fresh trace-preserving approximations keep the trace at every probe
+    np.testing.assert_allclose(probe.trace_ratio.sel(approximation="tekfac"), 1.0, rtol=1e-5)  # float32 model
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac"])
+def test_other_optimizers_run(tmp_path: Path, optimizer: str) -> None:
+    paths = train(small(tmp_path, optimizer=optimizer, epochs=1))
+    probe = xr.open_dataset(paths["probe"]).load()
+    has_own = any(str(a).endswith("@optimizer") for a in probe.approximation.values)
+    assert has_own == (optimizer == "kfac")
+
+
+def test_resume_continues_identically(tmp_path: Path) -> None:
+    full = train(small(tmp_path / "full", epochs=3))
+    train(small(tmp_path / "split", epochs=1))
+    resumed = train(small(tmp_path / "split", epochs=3), resume=True)
+    a = torch.load(full["checkpoint"], weights_only=False)
+    b = torch.load(resumed["checkpoint"], weights_only=False)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    ma, mb = xr.open_dataset(full["metrics"]).load(), xr.open_dataset(resumed["metrics"]).load()
+    np.testing.assert_array_equal(ma.train_loss, mb.train_loss)
+    pa, pb = xr.open_dataset(full["probe"]).load(), xr.open_dataset(resumed["probe"]).load()
+    np.testing.assert_array_equal(pa.step, pb.step)
+    np.testing.assert_allclose(pa.rel_frobenius_error, pb.rel_frobenius_error, rtol=1e-12)
+
+
+def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
+    train(small(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="different configuration"):
+        train(small(tmp_path, epochs=2, lr=0.5), resume=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(small(tmp_path / "empty"), resume=True)
+
+
+def test_cli_resumes_after_being_killed(tmp_path: Path) -> None:
+    """A real SIGKILL during training; --resume finishes with the uninterrupted result."""
+    args = [sys.executable, "-m", "curvlab", "train", "--dataset", "digits", "--hidden", "16",
+            "--optimizer", "tekfac", "--batch-size", "20", "--train-size", "600", "--test-size", "100",
+            "--probe-every", "25", "--probe-batch-size", "20", "--no-progress"]
+    ref = subprocess.run(args + ["--epochs", "4", "--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--epochs", "4", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args + ["--epochs", "4", "--out", str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a = xr.open_dataset(tmp_path / "ref" / "metrics.nc").load()
+    b = xr.open_dataset(out / "metrics.nc").load()
+    np.testing.assert_array_equal(a.train_loss, b.train_loss)
+    np.testing.assert_array_equal(a.test_accuracy, b.test_accuracy)
