@@ -146,6 +146,9 @@ class Row:
     repeats: int = 0  # measurements actually taken (set by the planner)
     times: list[float] = field(default_factory=list)  # seconds per call
     note: str = ""
+    retries: int = 0  # measurements redone because other processes were busy
+    disturbed: int = 0  # measurements kept although other processes were busy
+    foreign: list[float | None] = field(default_factory=list)  # other processes' cores
 
     @property
     def median(self) -> float:
@@ -228,23 +231,82 @@ def make_rows(name: str, device: torch.device, seed: int) -> tuple[list[Row], di
 
 def consistency_check(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
                       y: torch.Tensor) -> dict[str, float]:
-    """Sanity check that the compared passes compute the same thing: curvlab's exact KFAC
-    factors vs BackPACK's KFLR (``G`` and the weight part of ``A``), max relative difference."""
+    """Sanity check that the compared passes compute the same thing (max relative difference).
+
+    curvlab's exact KFAC factors vs curvlinops' type-2 KFAC (KFC "expand", bias as last input
+    column) on every layer, and vs BackPACK's KFLR on the linear layers (BackPACK's conv factors
+    follow another convention: ``A`` without the ``1/T``, ``G`` from spatially summed roots).
+    """
+    ours = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac",))
+    out: dict[str, float] = {}
+    if KFACLinearOperator is not None:
+        op = KFACLinearOperator(model, loss_fn, [p for p in model.parameters()], [(x, y)],
+                                fisher_type="type-2", check_deterministic=False,
+                                separate_weight_and_bias=False)
+        op.compute_kronecker_factors()
+        worst_a = worst_g = 0.0
+        for name, a_cl in op._input_covariances.items():
+            f, g_cl = ours[name].kfac["exact"], op._gradient_covariances[name]
+            worst_a = max(worst_a, float((f.A - a_cl).norm() / a_cl.norm()))
+            worst_g = max(worst_g, float((f.G - g_cl).norm() / g_cl.norm()))
+        out.update(curvlinops_type2_A=worst_a, curvlinops_type2_G=worst_g)
     bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss())
     loss = bp_loss(bp_model(x), y)
     with backpack.backpack(KFLR()):
         loss.backward()
-    ours = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac",))
-    worst_g = worst_a = 0.0
+    worst_a = worst_g = 0.0
     for (name, module), (_, bp_module) in zip(model.named_children(), bp_model.named_children()):
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, nn.Linear):
             continue
         g_bp, a_bp = bp_module.weight.kflr
         f = ours[name].kfac["exact"]
         d = a_bp.shape[0]
         worst_g = max(worst_g, float((f.G - g_bp).norm() / g_bp.norm()))
         worst_a = max(worst_a, float((f.A[:d, :d] - a_bp).norm() / a_bp.norm()))
-    return {"kflr_G_rel_diff": worst_g, "kflr_A_rel_diff": worst_a}
+    out.update(backpack_kflr_linear_A=worst_a, backpack_kflr_linear_G=worst_g)
+    return out
+
+
+class CpuLoad:
+    """CPU seconds used by *other* processes over an interval (``/proc/stat`` minus our own
+    process time); ``None`` where ``/proc/stat`` is unavailable.  Resolution: one jiffy."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _busy(self) -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        vals = [int(v) for v in fields[:8]]
+        return (sum(vals) - vals[3] - vals[4]) / self.hz  # minus idle and iowait
+
+    def start(self) -> None:
+        self._t0, self._b0, self._p0 = time.perf_counter(), self._busy(), time.process_time()
+
+    def stop(self) -> tuple[float, float | None]:
+        """(wall seconds, average number of cores busy with other processes)."""
+        wall = time.perf_counter() - self._t0
+        busy = self._busy()
+        if busy is None or self._b0 is None:
+            return wall, None
+        foreign = (busy - self._b0) - (time.process_time() - self._p0)
+        return wall, max(foreign, 0.0) / wall
+
+
+def wait_until_quiet(load: CpuLoad, args: argparse.Namespace, budget: float) -> float:
+    """Sleep in short windows until other processes use at most --busy-cores cores (or the
+    wait budget is spent); returns the seconds waited."""
+    waited = 0.0
+    while waited < budget:
+        load.start()
+        time.sleep(0.3)
+        wall, busy = load.stop()
+        if busy is None or busy <= args.busy_cores:
+            break
+        waited += wall
+    return waited
 
 
 def timed(fn: Callable[[], object], number: int, device: torch.device) -> float:
@@ -275,16 +337,39 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
             row.repeats = args.slow_repeats
             row.note = f"{row.repeats} repeats (single call {t:.2f} s > {args.slow_seconds} s)"
 
-    # Interleaved measurement: every repeat visits each row once, in a rotated order.
+    # Interleaved measurement: every repeat visits each row once, in a rotated order.  On a
+    # shared machine a measurement during which other processes used more than --busy-cores
+    # cores is redone after waiting for a quiet machine (at most --max-retries times, within
+    # --max-wait / --model-budget); otherwise it is kept and counted as disturbed.
+    waited, started = 0.0, time.perf_counter()
     for rep in range(args.repeats):
         k = rep % len(rows)
         for row in rows[k:] + rows[:k]:
-            if len(row.times) < row.repeats:
-                row.times.append(timed(row.fn, row.number, device))
+            if len(row.times) >= row.repeats:
+                continue
+            for attempt in range(args.max_retries + 1):
+                in_budget = time.perf_counter() - started <= args.model_budget
+                if attempt > 0 and in_budget:
+                    waited += wait_until_quiet(CpuLoad(), args, budget=args.max_wait - waited)
+                row_load = CpuLoad()
+                row_load.start()
+                t = timed(row.fn, row.number, device)
+                wall, busy = row_load.stop()
+                # /proc/stat counts in jiffies: allow 30 ms of foreign CPU time as noise
+                quiet = busy is None or busy * wall <= max(args.busy_cores * wall, 0.03)
+                if quiet or not in_budget or attempt == args.max_retries:
+                    break
+                row.retries += 1
+            row.times.append(t)
+            row.foreign.append(busy)
+            row.disturbed += not quiet
 
     base = by_key["plain"].median
+    base_times = by_key["plain"].times
     out_rows = []
     for row in rows:
+        # paired: median over repeats of (this row / plain in the same repeat)
+        paired = statistics.median(t / b for t, b in zip(row.times, base_times))
         out_rows.append({
             "key": row.key,
             "label": row.label,
@@ -293,10 +378,14 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
             "min_ms": min(row.times) * 1e3,
             "max_ms": max(row.times) * 1e3,
             "ratio": row.median / base,
+            "ratio_paired": paired,
             "repeats": len(row.times),
             "calls_per_measurement": row.number,
             "times_ms": [t * 1e3 for t in row.times],
             "note": row.note,
+            "foreign_cores": row.foreign,
+            "retries": row.retries,
+            "disturbed_kept": row.disturbed,
         })
 
     def ratio(a: str, b: str) -> float | None:
@@ -313,7 +402,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
         "cv_kfac_mc / cl_kfac_mc": ratio("cv_kfac_mc", "cl_kfac_mc"),
     }
     return {"model": name, **info, "batch_size": info["input_shape"][0], "rows": out_rows,
-            "comparisons": comparisons}
+            "comparisons": comparisons,
+            "retried_measurements": sum(r.retries for r in rows),
+            "disturbed_measurements_kept": sum(r.disturbed for r in rows),
+            "waited_for_quiet_s": waited}
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +469,7 @@ def fmt_ratio(r: float | None) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    st = result["settings"]
     lines = [
         f"# curvlab.extract benchmark ({m['device_name']}, {m['device']})",
         "",
@@ -385,16 +478,26 @@ def markdown(result: dict) -> str:
         f"torch threads {m['torch_threads']}",
         f"- versions: torch {m['torch']}, backpack {m['backpack']}, "
         f"curvlinops {m['curvlinops']}, python {m['python']}",
-        f"- load average at start / end: {m.get('loadavg_start')} / {m.get('loadavg_end')}",
-        f"- settings: repeats {result['settings']['repeats']}, warmup "
-        f"{result['settings']['warmup']}, min time per measurement "
-        f"{result['settings']['min_time']} s; ratio = median time / median plain fwd+bwd",
+        f"- settings: repeats {st['repeats']}, warmup {st['warmup']}, at least "
+        f"{st['min_time']} s per measurement (fast rows: several calls, time per call); "
+        f"total {result['total_wall_s']:.0f} s",
+        f"- load average at start / end: {_fmt_load(m.get('loadavg_start'))} / "
+        f"{_fmt_load(m.get('loadavg_end'))}",
+        f"- shared machine: measurements during which other processes used > "
+        f"{st['busy_cores']} cores were redone after waiting for a quiet machine: "
+        + "; ".join(f"{r['model']} {r['retried_measurements']} redone, "
+                    f"{r['disturbed_measurements_kept']} disturbed ones kept, waited "
+                    f"{r['waited_for_quiet_s']:.0f} s"
+                    for r in result["models"]),
+        "",
+        "ratio = median time / median time of the plain forward+backward; paired = median over "
+        "repeats of (time / plain time in the same repeat); ms = median time per call.",
         "",
     ]
     models = result["models"]
     header = "| row | " + " | ".join(
-        f"{r['model']} (N={r['batch_size']}) ratio | ms" for r in models) + " |"
-    lines += [header, "|---|" + "---:|---:|" * len(models)]
+        f"{r['model']} (N={r['batch_size']}) ratio | paired | ms" for r in models) + " |"
+    lines += [header, "|---|" + "---:|---:|---:|" * len(models)]
     keys = [row["key"] for row in models[0]["rows"]]
     notes = []
     for key in keys:
@@ -403,28 +506,42 @@ def markdown(result: dict) -> str:
         for res in models:
             row = next((r for r in res["rows"] if r["key"] == key), None)
             if row is None:
-                cells += ["–", "–"]
+                cells += ["–", "–", "–"]
                 continue
             label = row["label"]
             mark = ""
             if row["note"]:
                 notes.append(f"{res['model']} / {row['label']}: {row['note']}")
                 mark = "*"
-            cells += [f"{row['ratio']:.2f}{mark}", f"{row['median_ms']:.2f}"]
+            if row["disturbed_kept"]:
+                notes.append(f"{res['model']} / {row['label']}: {row['disturbed_kept']} of "
+                             f"{row['repeats']} measurements disturbed by other processes")
+                mark = "*"
+            cells += [f"{row['ratio']:.2f}{mark}", f"{row['ratio_paired']:.2f}",
+                      f"{row['median_ms']:.2f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Same-flavour comparisons (ratio of medians; target for TKFAC ≤ 1.0):", ""]
+    lines += ["", "Same-flavour comparisons (ratio of median times; target for TKFAC ≤ 1.0):", ""]
     comp_keys = list(models[0]["comparisons"])
     lines += ["| comparison | " + " | ".join(r["model"] for r in models) + " |",
               "|---|" + "---:|" * len(models)]
     for ck in comp_keys:
         lines.append(f"| {ck} | " + " | ".join(fmt_ratio(r["comparisons"][ck])
                                                for r in models) + " |")
-    lines += ["", "Consistency (curvlab exact KFAC vs BackPACK KFLR, max relative difference): "
-              + ", ".join(f"{r['model']}: G {r['check']['kflr_G_rel_diff']:.1e}, "
-                          f"A {r['check']['kflr_A_rel_diff']:.1e}" for r in models)]
+    lines += ["", "Consistency of the compared passes (max relative Frobenius difference of "
+              "curvlab's exact KFAC factors vs curvlinops type-2 KFAC, all layers, and vs "
+              "BackPACK KFLR, linear layers): "
+              + "; ".join(f"{r['model']}: " + ", ".join(f"{k} {v:.1e}"
+                                                       for k, v in r["check"].items())
+                          for r in models)]
     if notes:
         lines += ["", "\\* " + "; ".join(notes)]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_load(values: list[float | None] | None) -> str:
+    if not values:
+        return "n/a"
+    return ", ".join("n/a" if v is None else f"{v:.2f}" for v in values)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -440,6 +557,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--slow-seconds", type=float, default=2.0,
                    help="rows whose single call takes longer run --slow-repeats repeats")
     p.add_argument("--slow-repeats", type=int, default=3)
+    p.add_argument("--busy-cores", type=float, default=0.25,
+                   help="a measurement during which other processes used more cores is "
+                        "redone (shared machines; read from /proc/stat)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="a disturbed measurement is redone at most this many times")
+    p.add_argument("--max-wait", type=float, default=120.0,
+                   help="seconds (per model) to wait in total for a quiet machine")
+    p.add_argument("--model-budget", type=float, default=240.0,
+                   help="after this many seconds of measuring one model, stop redoing busy "
+                        "repeats and stop waiting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: leave torch's default)")

@@ -1,0 +1,36 @@
+"""Second-order optimizers built on :mod:`curvlab.approx` and :mod:`curvlab.extract`.
+
+==========  ======================================================  =====================
+optimizer   preconditioner (a ``curvlab.approx`` object)            status
+==========  ======================================================  =====================
+``KFAC``    ``G ⊗ A`` (MC factors; ``fisher="exact"``: KFLR)        [C]
+``EKFAC``   KFAC eigenbasis, running-average rescaling ``s``        [C]
+``TKFAC``   ``(δΨ ⊗ δΦ)/δ``, trace-preserving                       [C], damping [R]
+``TEKFAC``  TKFAC eigenbasis, running-average rescaling ``s``       [R] (the method studied)
+==========  ======================================================  =====================
+
+All four are ``torch.optim.Optimizer`` subclasses sharing
+:class:`~curvlab.optim.base.KroneckerOptimizer` (the order of a step, the intervals, KL clipping,
+momentum, weight decay, non-finite skipping, ``state_dict``)::
+
+    opt = TEKFAC(model, lr=0.1)
+    for x, y in loader:
+        opt.zero_grad()
+        with opt.track(loss_fn):     # BackPACK hooks on statistics steps only
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        opt.step()
+
+``opt.approximations()`` returns, per block, the object the next step inverts with
+``inv_mat_mul(grad, opt.damping, opt.damping_strategy)``.
+"""
+
+from curvlab.optim.base import KroneckerOptimizer
+from curvlab.optim.ekfac import EKFAC
+from curvlab.optim.kfac import KFAC
+from curvlab.optim.tekfac import TEKFAC
+from curvlab.optim.tkfac import TKFAC
+
+OPTIMIZERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TEKFAC}
+
+__all__ = ["EKFAC", "KFAC", "OPTIMIZERS", "TEKFAC", "TKFAC", "KroneckerOptimizer"]
