@@ -1,0 +1,133 @@
+"""Approximation quality during training with TEKFAC.
+
+Trains with TEKFAC and probes every K steps on a fixed batch: per layer, the relative Frobenius,
+projection and scaling errors and the natural-gradient cosine of each approximation — TEKFAC's
+own running approximation (what it inverts) and fresh ones from the probe batch — against the
+exact Fisher block; spectra at the start, middle and end.
+
+    python analyses/approximation_quality.py --setting mnist-mlp
+
+Writes ``analyses/results/approximation_quality_<setting>.nc`` and
+``figures/approximation_quality_<setting>.png`` / ``..._spectra.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+import xarray as xr  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import FIGURES, RUNS, default_data_dir, save  # noqa: E402
+
+from curvlab.train import TrainConfig, train  # noqa: E402
+
+SETTINGS = {
+    "mnist-mlp": dict(model="mlp", dataset="mnist", model_kwargs={"hidden": (128, 64)}, epochs=2, train_size=None,
+                      probe_every=40),
+    "mnist-cnn": dict(model="cnn", dataset="mnist", model_kwargs={}, epochs=1, train_size=None, probe_every=20),
+}
+
+METRICS = {
+    "rel_frobenius_error": "rel. Frobenius error",
+    "projection_error": "projection error",
+    "scaling_error": "scaling error",
+    "ng_cosine": "natural-gradient cosine",
+}
+
+COLOURS = {"tekfac@optimizer": "#000000", "kflr": "#56b4e9", "ekfac": "#009e73", "tkfac": "#e69f00",
+           "tekfac": "#d55e00", "kfac": "#0072b2", "kfoc": "#cc79a7"}
+
+
+def plot_metrics(ds: xr.Dataset, title: str, path: Path) -> None:
+    df = ds[list(METRICS)].to_dataframe().reset_index()
+    df = df.melt(id_vars=["step", "layer", "approximation"], value_vars=list(METRICS), var_name="metric")
+    df["metric"] = df["metric"].map(METRICS)
+    sns.set_theme(style="whitegrid", context="notebook")
+    grid = sns.relplot(df, x="step", y="value", hue="approximation", col="layer", row="metric", kind="line",
+                       palette=COLOURS, height=2.3, aspect=1.45, facet_kws={"sharey": "row", "margin_titles": True})
+    grid.set_titles(row_template="{row_name}", col_template="layer {col_name}")
+    grid.set_axis_labels("training step", "")
+    grid.figure.suptitle(title, y=1.01)
+    grid.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(grid.figure)
+
+
+def plot_spectra(ds: xr.Dataset, title: str, path: Path) -> None:
+    steps = ds.step.values
+    picks = {"start": steps[0], "middle": steps[len(steps) // 2], "end": steps[-1]}
+    rows = []
+    for label, step in picks.items():
+        sub = ds.sel(step=step)
+        for layer in ds.layer.values:
+            exact = sub.exact_eigenvalues.sel(layer=layer).values
+            rows += [dict(when=f"{label} (step {step})", layer=layer, source="exact F", index=i, eigenvalue=v)
+                     for i, v in enumerate(exact) if np.isfinite(v) and v > 0]
+            for approx in ("tekfac@optimizer", "tekfac", "kflr"):
+                if approx in sub.approximation.values:
+                    vals = sub.approx_eigenvalues.sel(layer=layer, approximation=approx).values
+                    rows += [dict(when=f"{label} (step {step})", layer=layer, source=approx, index=i, eigenvalue=v)
+                             for i, v in enumerate(vals) if np.isfinite(v) and v > 0]
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    sns.set_theme(style="whitegrid", context="notebook")
+    grid = sns.relplot(df, x="index", y="eigenvalue", hue="source", col="when", row="layer", kind="line",
+                       palette={"exact F": "#000000", **COLOURS}, height=2.4, aspect=1.4,
+                       facet_kws={"sharey": "row", "margin_titles": True})
+    grid.set(yscale="log")
+    grid.set_titles(row_template="layer {row_name}", col_template="{col_name}")
+    grid.set_axis_labels("eigenvalue index (largest first)", "eigenvalue")
+    grid.figure.suptitle(title, y=1.01)
+    grid.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(grid.figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=SETTINGS, default="mnist-mlp")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    spec = dict(SETTINGS[args.setting])
+    t0 = time.time()
+    cfg = TrainConfig(
+        model=spec.pop("model"),
+        dataset=spec["dataset"],
+        data_dir=args.data_dir or default_data_dir(spec.pop("dataset")),
+        optimizer="tekfac",
+        probe_approximations=("kfac", "kflr", "ekfac", "tkfac", "tekfac"),
+        probe_batch_size=128,
+        test_size=2000,
+        seed=args.seed,
+        device=args.device,
+        out=str(RUNS / "approximation_quality" / args.setting),
+        progress=False,
+        **spec,
+    )
+    paths = train(cfg)
+    ds = xr.open_dataset(paths["probe"]).load()
+    ds.attrs.update({"setting": args.setting, "optimizer": "tekfac", "lr": cfg.lr, "damping": cfg.damping})
+    name = f"approximation_quality_{args.setting}"
+    save(ds, name)
+    title = (f"{args.setting}: approximations vs the exact Fisher on a fixed batch while training with TEKFAC "
+             f"(tekfac@optimizer = what TEKFAC inverts)")
+    FIGURES.mkdir(exist_ok=True)
+    plot_metrics(ds, title, FIGURES / f"{name}.png")
+    plot_spectra(ds, f"{args.setting}: spectra during TEKFAC training", FIGURES / f"{name}_spectra.png")
+    print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
