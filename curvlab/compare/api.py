@@ -87,10 +87,11 @@ def compare(
     approx = {layer: {n: approximate(block, n) for n in names} for layer, block in stats.items()}
     wrap = None
     if progress:
+        from functools import partial
+
         from tqdm.auto import tqdm
 
-        def wrap(it):  # noqa: ANN001, ANN202
-            return tqdm(it, desc="compare", unit="layer")
+        wrap = partial(tqdm, desc="compare", unit="layer")
 
     return measure(
         stats,

@@ -133,6 +133,22 @@ def ema_(state: dict[str, Any], key: str, new: Tensor, decay: float) -> None:
         old.lerp_(new.to(old.dtype), 1.0 - decay)  # one pass; exactly ``new`` for decay 0
 
 
+def accumulate_kfac(state: dict[str, Any], stats: LayerStats, flavour: str, decay: float) -> None:
+    """Running averages of the KFAC factors ``A``, ``G`` of ``flavour``."""
+    factors = stats.kfac[flavour]
+    ema_(state, "A", factors.A, decay)
+    ema_(state, "G", factors.G, decay)
+
+
+def accumulate_trace(state: dict[str, Any], stats: LayerStats, decay: float) -> None:
+    """Running averages of TKFAC's *unnormalised* ``δ``, ``δΦ``, ``δΨ`` (normalising before
+    averaging would break ``tr K̂ = tr F``)."""
+    ts = stats.tkfac
+    ema_(state, "delta", ts.delta.reshape(()), decay)
+    ema_(state, "delta_phi", ts.delta_phi, decay)
+    ema_(state, "delta_psi", ts.delta_psi, decay)
+
+
 def robust_eigh(mat: Tensor, what: str) -> tuple[Tensor, Tensor]:
     """:func:`curvlab.approx.base.psd_eigh`; on failure retried with a small diagonal jitter."""
     try:

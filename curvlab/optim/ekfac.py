@@ -20,7 +20,7 @@ import torch
 from curvlab.approx import EKFAC as EKFACApprox
 from curvlab.approx import KroneckerApproximation
 from curvlab.extract import LayerStats
-from curvlab.optim.base import Block, EigenCorrectedOptimizer, ema_, robust_eigh
+from curvlab.optim.base import Block, EigenCorrectedOptimizer, accumulate_kfac, robust_eigh
 
 
 class EKFAC(EigenCorrectedOptimizer):
@@ -37,9 +37,7 @@ class EKFAC(EigenCorrectedOptimizer):
         return ("kfac",)
 
     def _accumulate(self, state: dict[str, Any], stats: LayerStats) -> None:
-        f = stats.kfac[self.fisher]
-        ema_(state, "A", f.A, self.stat_decay)
-        ema_(state, "G", f.G, self.stat_decay)
+        accumulate_kfac(state, stats, self.fisher, self.stat_decay)
 
     def _has_stats(self, state: dict[str, Any]) -> bool:
         return "A" in state

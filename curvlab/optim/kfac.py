@@ -21,7 +21,7 @@ from curvlab.approx import KFAC as KFACApprox
 from curvlab.approx import KroneckerApproximation
 from curvlab.approx.kfac import FLAVOUR_NAMES
 from curvlab.extract import LayerStats
-from curvlab.optim.base import EIGH_JITTER, Block, KroneckerOptimizer, ema_
+from curvlab.optim.base import EIGH_JITTER, Block, KroneckerOptimizer, accumulate_kfac
 
 
 def decomposed(make: Any, factors: list[torch.Tensor], what: str) -> tuple[KroneckerApproximation, list[torch.Tensor]]:
@@ -64,9 +64,7 @@ class KFAC(KroneckerOptimizer):
         return ("kfac",)
 
     def _accumulate(self, state: dict[str, Any], stats: LayerStats) -> None:
-        f = stats.kfac[self.fisher]
-        ema_(state, "A", f.A, self.stat_decay)
-        ema_(state, "G", f.G, self.stat_decay)
+        accumulate_kfac(state, stats, self.fisher, self.stat_decay)
 
     def _has_stats(self, state: dict[str, Any]) -> bool:
         return "A" in state

@@ -35,7 +35,7 @@ from curvlab.approx import TEKFAC as TEKFACApprox
 from curvlab.approx import KroneckerApproximation
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.extract import LayerStats
-from curvlab.optim.base import Block, EigenCorrectedOptimizer, ema_, robust_eigh
+from curvlab.optim.base import Block, EigenCorrectedOptimizer, accumulate_kfac, accumulate_trace, robust_eigh
 
 
 def _diag_in_basis(mat: Tensor, u: Tensor) -> Tensor:
@@ -71,14 +71,9 @@ class TEKFAC(EigenCorrectedOptimizer):
         return ("tkfac",) if self.basis == "trace" else ("tkfac", "kfac")
 
     def _accumulate(self, state: dict[str, Any], stats: LayerStats) -> None:
-        ts = stats.tkfac
-        ema_(state, "delta", ts.delta.reshape(()), self.stat_decay)
-        ema_(state, "delta_phi", ts.delta_phi, self.stat_decay)
-        ema_(state, "delta_psi", ts.delta_psi, self.stat_decay)
+        accumulate_trace(state, stats, self.stat_decay)
         if self.basis == "kfac":
-            f = stats.kfac[self.fisher]
-            ema_(state, "A", f.A, self.stat_decay)
-            ema_(state, "G", f.G, self.stat_decay)
+            accumulate_kfac(state, stats, self.fisher, self.stat_decay)
 
     def _has_stats(self, state: dict[str, Any]) -> bool:
         return "delta" in state and (self.basis == "trace" or "A" in state)

@@ -18,7 +18,7 @@ from typing import Any
 from curvlab.approx import TKFAC as TKFACApprox
 from curvlab.approx import KroneckerApproximation
 from curvlab.extract import LayerStats
-from curvlab.optim.base import Block, KroneckerOptimizer, ema_
+from curvlab.optim.base import Block, KroneckerOptimizer, accumulate_trace
 from curvlab.optim.kfac import decomposed
 
 
@@ -37,10 +37,7 @@ class TKFAC(KroneckerOptimizer):
         return ("tkfac",)
 
     def _accumulate(self, state: dict[str, Any], stats: LayerStats) -> None:
-        ts = stats.tkfac
-        ema_(state, "delta", ts.delta.reshape(()), self.stat_decay)
-        ema_(state, "delta_phi", ts.delta_phi, self.stat_decay)
-        ema_(state, "delta_psi", ts.delta_psi, self.stat_decay)
+        accumulate_trace(state, stats, self.stat_decay)
 
     def _has_stats(self, state: dict[str, Any]) -> bool:
         return "delta" in state
