@@ -1,0 +1,146 @@
+"""Cost of the matrix-free comparison against a dense P×P computation of the same metrics.
+
+Two measurements (CPU by default; ``--device cuda`` runs unchanged on a GPU):
+
+1. *Both can run*: one Linear block of P parameters, N examples, C classes (exact Fisher,
+   K = N·C).  The matrix-free ``curvlab.compare.measure`` (Gram matrix of the square root,
+   Woodbury, rotated squares) against the dense route: F = V Vᵀ (P × P), eigvalsh(F), K̂ =
+   to_dense(), ‖F − K̂‖_F, diag(Qᵀ F Q), a dense damped solve.  Both give the same numbers
+   (checked and reported).
+2. *Largest layer that fits*: a Linear layer of about 10⁶ parameters, matrix-free only (its dense
+   block would need 8·P² bytes = terabytes).
+
+Usage::
+
+    python benchmarks/bench_compare.py --out benchmarks/results/compare_cpu.json
+    python benchmarks/bench_compare.py --device cuda --out benchmarks/results/compare_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from curvlab.approx import DEFAULT_DAMPING, approximate
+from curvlab.compare import measure
+from curvlab.extract import extract
+
+APPROX = ("kflr", "ekfac", "tkfac", "tekfac")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def block_stats(d_in: int, d_out: int, n: int, classes: int, device: torch.device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, classes)).to(device)
+    x = torch.randn(n, d_in, device=device)
+    y = torch.randint(0, classes, (n,), device=device)
+    stats = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt", "kfac", "tkfac"))
+    return {"0": stats["0"]}
+
+
+def matrix_free(stats, damping: float):
+    approx = {"0": {a: approximate(stats["0"], a) for a in APPROX}}
+    return measure(stats, approx, damping=damping, damping_strategies=DEFAULT_DAMPING, num_eigenvalues=256, top_k=10)
+
+
+def dense(stats, damping: float) -> dict[str, dict[str, float]]:
+    block = stats["0"]
+    f = block.dense_fisher().double()
+    evals = torch.linalg.eigvalsh(f)
+    g = block.layout.to_vector(block.grad.double())
+    exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0], dtype=f.dtype, device=f.device), g)
+    out = {"_spectrum_top": {"value": evals[-1].item()}}
+    for a in APPROX:
+        approx = approximate(block, a).to(dtype=torch.float64)
+        k_hat = approx.to_dense()
+        ng = block.layout.to_vector(approx.inv_mat_mul(block.grad.double(), damping, DEFAULT_DAMPING[a]))
+        out[a] = {
+            "rel_frobenius_error": ((f - k_hat).norm() / f.norm()).item(),
+            "trace_ratio": (k_hat.trace() / f.trace()).item(),
+            "ng_cosine": torch.nn.functional.cosine_similarity(ng, exact_ng, dim=0).item(),
+        }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--small", default="64,48", help="d_in,d_out of the block both routes run (P = (d_in+1)·d_out)")
+    p.add_argument("--large", default="980,1024", help="d_in,d_out of the largest block (matrix-free only)")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--out", default="benchmarks/results/compare_cpu.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    rows = []
+
+    d_in, d_out = map(int, args.small.split(","))
+    stats = block_stats(d_in, d_out, args.n, args.classes, device)
+    t_free, ds = timed(lambda: matrix_free(stats, args.damping), device, args.repeats)
+    t_dense, ref = timed(lambda: dense(stats, args.damping), device, args.repeats)
+    worst = max(abs(ds[m].sel(layer="0", approximation=a).item() - ref[a][m]) / max(abs(ref[a][m]), 1e-12)
+                for a in APPROX for m in ("rel_frobenius_error", "trace_ratio", "ng_cosine"))
+    rows.append({"case": "both", "P": stats["0"].num_params, "K": stats["0"].sqrt.num_columns,
+                 "matrix_free_s": t_free, "dense_s": t_dense, "speedup": t_dense / t_free,
+                 "max_rel_difference": worst})
+
+    d_in, d_out = map(int, args.large.split(","))
+    stats = block_stats(d_in, d_out, args.n, args.classes, device)
+    t_free, _ = timed(lambda: matrix_free(stats, args.damping), device, 1)
+    p_large = stats["0"].num_params
+    rows.append({"case": "largest", "P": p_large, "K": stats["0"].sqrt.num_columns, "matrix_free_s": t_free,
+                 "dense_s": None, "dense_bytes_needed": 8 * p_large**2,
+                 "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+
+    machine = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    lines = [f"# curvlab.compare: matrix-free vs dense ({machine['device']}, {args.device}, {machine['threads']} threads, {machine['date']})",
+             "", f"N = {args.n}, C = {args.classes} (exact Fisher, K = N·C), approximations {', '.join(APPROX)}; medians of {args.repeats} repeats.", "",
+             "| case | P | K | matrix-free (s) | dense (s) | dense / matrix-free | max rel. difference |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dense_s = f"{r['dense_s']:.2f}" if r["dense_s"] is not None else f"— (needs {r['dense_bytes_needed'] / 2**40:.1f} TiB)"
+        ratio = f"{r['speedup']:.1f}×" if r.get("speedup") else "—"
+        diff = f"{r['max_rel_difference']:.1e}" if "max_rel_difference" in r else "—"
+        lines.append(f"| {r['case']} | {r['P']:,} | {r['K']} | {r['matrix_free_s']:.2f} | {dense_s} | {ratio} | {diff} |")
+    if "max_rss_gib" in rows[-1]:
+        lines.append(f"\nPeak resident memory of the whole run: {rows[-1]['max_rss_gib']:.2f} GiB.")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
