@@ -223,3 +223,21 @@ def test_top_level_api_is_callable_and_packages_importable() -> None:
     via_package = curvlab.extract(model, loss_fn, x, y, stats=("kfac",))
     direct = extract(model, loss_fn, x, y, stats=("kfac",))
     close(via_package["0"].kfac["exact"].A, direct["0"].kfac["exact"].A)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 5), (3, 2, 7, 2, 9)])  # (C, N, d_out, D, T)
+def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> None:
+    """The Gram-over-locations and the chunked route give Σ M_kᵀM_k and Σ M_kM_kᵀ exactly."""
+    from curvlab.extract import statistics
+
+    c, n, d_out, d_in, t = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d_in, t, generator=gen, dtype=torch.float64)
+    g = torch.randn(c, n, d_out, t, generator=gen, dtype=torch.float64)
+    m = statistics.per_sample_gradients(x, g)
+    phi_ref, psi_ref = torch.einsum("kod,koe->de", m, m), torch.einsum("kod,kpd->op", m, m)
+    for route in (statistics.partial_traces_by_gram, statistics.partial_traces_by_chunks):
+        phi, psi = route(x, g)
+        close(phi, phi_ref)
+        close(psi, psi_ref)
+    close(statistics.tkfac_exact(x, g).delta, m.square().sum())

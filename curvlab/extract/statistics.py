@@ -65,21 +65,35 @@ def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
         t * t * d_out + t * d_out * d_out
     )
     chunk_cost = c * n * d_out * d_in * (t + d_in + d_out)
-    phi = x.new_zeros(d_in, d_in)
-    psi = x.new_zeros(d_out, d_out)
-    if gram_cost < chunk_cost:
-        for sl in _chunks(n, max(c * d_out * t, t * t, d_in * t)):
-            xs, gs = x[sl], g[:, sl]
-            out_gram = torch.einsum("cnot,cnos->nts", gs, gs)  # Σ_c G_nc G_ncᵀ
-            phi += torch.einsum("ndt,nts,nes->de", xs, out_gram, xs)
-            in_gram = torch.einsum("ndt,nds->nts", xs, xs)  # Ā_n Ā_nᵀ
-            psi += torch.einsum("cnot,nts,cnps->op", gs, in_gram, gs)
-    else:
-        for sl in _chunks(n, c * d_out * d_in):
-            m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl])
-            phi += torch.einsum("cnod,cnoe->de", m, m)
-            psi += torch.einsum("cnod,cnpd->op", m, m)
+    route = partial_traces_by_gram if gram_cost < chunk_cost else partial_traces_by_chunks
+    phi, psi = route(x, g)
     return TraceStats(delta=phi.trace(), delta_phi=phi, delta_psi=psi)
+
+
+def partial_traces_by_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` through Gram matrices over output locations (cheap for small T)."""
+    c, n, d_out, t = g.shape
+    d_in = x.shape[1]
+    phi, psi = x.new_zeros(d_in, d_in), x.new_zeros(d_out, d_out)
+    for sl in _chunks(n, max(c * d_out * t, t * t, d_in * t)):
+        xs, gs = x[sl], g[:, sl]
+        out_gram = torch.einsum("cnot,cnos->nts", gs, gs)  # Σ_c G_nc G_ncᵀ
+        phi += torch.einsum("ndt,nts,nes->de", xs, out_gram, xs)
+        in_gram = torch.einsum("ndt,nds->nts", xs, xs)  # Ā_n Ā_nᵀ
+        psi += torch.einsum("cnot,nts,cnps->op", gs, in_gram, gs)
+    return phi, psi
+
+
+def partial_traces_by_chunks(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` from explicit per-sample gradients, a chunk at a time."""
+    c, n, d_out, _ = g.shape
+    d_in = x.shape[1]
+    phi, psi = x.new_zeros(d_in, d_in), x.new_zeros(d_out, d_out)
+    for sl in _chunks(n, c * d_out * d_in):
+        m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl])
+        phi += torch.einsum("cnod,cnoe->de", m, m)
+        psi += torch.einsum("cnod,cnpd->op", m, m)
+    return phi, psi
 
 
 def tkfac_kfc(x: Tensor, g: Tensor) -> TraceStats:
