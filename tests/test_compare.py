@@ -155,3 +155,15 @@ def test_lanczos_path_matches_dense(monkeypatch) -> None:
     np.testing.assert_allclose(lanczos.exact_eigenvalues[:, :5], dense.exact_eigenvalues[:, :5], rtol=1e-8)
     np.testing.assert_allclose(lanczos.network_exact_eigenvalues, dense.network_exact_eigenvalues, rtol=1e-8)
     np.testing.assert_allclose(lanczos.subspace_overlap, dense.subspace_overlap, rtol=1e-8)
+
+
+def test_dead_layer_gives_finite_metrics() -> None:
+    """A layer whose inputs are all zero has F = 0 (apart from the bias): no solver may fail."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 3, bias=False)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU is dead: layer 2 sees zeros, layer 0 gets no gradient
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    ds = compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kflr", "tekfac"), top_k=2)
+    assert np.all(ds.exact_trace.values == 0)
+    assert np.isfinite(ds.network_exact_eigenvalues.values).all()

@@ -162,7 +162,7 @@ def _network(exact, grads, exact_ng, results, layers, names, damping, strategies
             continue
         inner = sum(results[l, name].inner_product for l in layers)
         own_sq = sum(results[l, name].frobenius_sq for l in layers)
-        err[j] = np.sqrt(max(norm_sq.item() - 2 * inner + own_sq, 0.0) / norm_sq.item())
+        err[j] = _ratio(np.sqrt(max(norm_sq.item() - 2 * inner + own_sq, 0.0)), np.sqrt(norm_sq.item()))
         approx_vec = torch.cat([
             approximations[l][name].to(dtype=torch.float64)
             .inv_mat_mul(grads[l], damping, strategies.get(name, "exact")).flatten()
@@ -170,7 +170,7 @@ def _network(exact, grads, exact_ng, results, layers, names, damping, strategies
         ])
         cos[j] = cosine(approx_vec, full_vec).item()
         rel[j] = ((approx_vec - full_vec).norm() / full_vec.norm()).item()
-        ratio[j] = sum(results[l, name].trace_ratio * exact[l].trace.item() for l in layers) / trace.item()
+        ratio[j] = _ratio(sum(np.nan_to_num(results[l, name].trace_ratio) * exact[l].trace.item() for l in layers), trace.item())
     out["network_rel_frobenius_error"] = (("approximation",), err)
     out["network_ng_cosine"] = (("approximation",), cos)
     out["network_ng_rel_error"] = (("approximation",), rel)
@@ -178,8 +178,13 @@ def _network(exact, grads, exact_ng, results, layers, names, damping, strategies
     out["network_exact_eigenvalues"] = (("network_eig",), evals[:top].cpu().numpy())
     out["network_exact_trace"] = ((), trace.item())
     # the error of the exact block-diagonal Fisher: the floor for every per-layer approximation
-    out["network_blockdiag_error"] = ((), float(np.sqrt(max((norm_sq - diag_sq).item(), 0.0) / norm_sq.item())))
+    out["network_blockdiag_error"] = ((), _ratio(np.sqrt(max((norm_sq - diag_sq).item(), 0.0)), np.sqrt(norm_sq.item())))
     return out
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``; NaN where the exact quantity is zero (a relative error is undefined there)."""
+    return float(num / den) if den > 0 else float("nan")
 
 
 def _attr(value: object) -> object:

@@ -51,9 +51,12 @@ def gram_eigenvalues(gram: Tensor, top: int) -> Tensor:
     """Eigenvalues of a PSD Gram matrix, descending: all of them (dense, values only), or the
     top ``top`` by Lanczos (scipy's eigsh) when the matrix is large."""
     k = gram.shape[0]
-    if k <= DENSE_EIGH_LIMIT or top >= k - 1:
+    if k <= DENSE_EIGH_LIMIT or top >= k - 1 or not gram.any():
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    evals = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=top, which="LA", return_eigenvectors=False)
+    try:
+        evals = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=top, which="LA", return_eigenvectors=False)
+    except scipy.sparse.linalg.ArpackError:  # e.g. no convergence: fall back to the dense solver
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[:top]
     return torch.from_numpy(np.sort(evals)[::-1].copy()).to(gram).clamp_min(0)
 
 
@@ -61,9 +64,12 @@ def gram_top_vectors(gram: Tensor, k: int) -> Tensor:
     """Eigenvectors of the ``k`` largest eigenvalues, descending (Lanczos unless tiny)."""
     size = gram.shape[0]
     k = min(k, size)
-    if size <= 4 * k + 16:
+    if size <= 4 * k + 16 or not gram.any():  # tiny, or a dead layer (ARPACK needs a nonzero start)
         return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
-    evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=k, which="LA")
+    try:
+        evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=k, which="LA")
+    except scipy.sparse.linalg.ArpackError:
+        return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
     order = np.argsort(evals)[::-1].copy()
     return torch.from_numpy(evecs[:, order]).to(gram)
 
