@@ -27,7 +27,7 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIGURES, RUNS, default_data_dir, save  # noqa: E402
+from common import FIGURES, RESULTS, RUNS, default_data_dir, save  # noqa: E402
 
 from curvlab.train import TrainConfig, train  # noqa: E402
 
@@ -44,7 +44,7 @@ METRICS = {
     "ng_cosine": "natural-gradient cosine",
 }
 
-COLOURS = {"tekfac@optimizer": "#000000", "kflr": "#56b4e9", "ekfac": "#009e73", "tkfac": "#e69f00",
+COLOURS = {"tekfac@optimizer": "#9467bd", "kflr": "#56b4e9", "ekfac": "#009e73", "tkfac": "#e69f00",
            "tekfac": "#d55e00", "kfac": "#0072b2", "kfoc": "#cc79a7"}
 
 
@@ -92,14 +92,27 @@ def plot_spectra(ds: xr.Dataset, title: str, path: Path) -> None:
     plt.close(grid.figure)
 
 
+def plot_all(ds: xr.Dataset, setting: str, name: str) -> None:
+    title = (f"{setting}: approximations vs the exact Fisher on a fixed batch while training with TEKFAC "
+             f"(tekfac@optimizer = what TEKFAC inverts)")
+    FIGURES.mkdir(exist_ok=True)
+    plot_metrics(ds, title, FIGURES / f"{name}.png")
+    plot_spectra(ds, f"{setting}: spectra during TEKFAC training", FIGURES / f"{name}_spectra.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=SETTINGS, default="mnist-mlp")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="only redraw the figures from analyses/results")
     args = parser.parse_args(argv)
     spec = dict(SETTINGS[args.setting])
+    name = f"approximation_quality_{args.setting}"
+    if args.replot:
+        plot_all(xr.open_dataset(RESULTS / f"{name}.nc").load(), args.setting, name)
+        return 0
     t0 = time.time()
     cfg = TrainConfig(
         model=spec.pop("model"),
@@ -118,13 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = train(cfg)
     ds = xr.open_dataset(paths["probe"]).load()
     ds.attrs.update({"setting": args.setting, "optimizer": "tekfac", "lr": cfg.lr, "damping": cfg.damping})
-    name = f"approximation_quality_{args.setting}"
     save(ds, name)
-    title = (f"{args.setting}: approximations vs the exact Fisher on a fixed batch while training with TEKFAC "
-             f"(tekfac@optimizer = what TEKFAC inverts)")
-    FIGURES.mkdir(exist_ok=True)
-    plot_metrics(ds, title, FIGURES / f"{name}.png")
-    plot_spectra(ds, f"{args.setting}: spectra during TEKFAC training", FIGURES / f"{name}_spectra.png")
+    plot_all(ds, args.setting, name)
     print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
