@@ -59,6 +59,8 @@ SETTINGS = {
 BUDGETS = {
     # fits the one-hour CPU regeneration (all three CPU settings together)
     "cpu": dict(tune_train=10000, tune_epochs=1, train=None, epochs=5, seeds=(0, 1, 2), test=None, batch=128),
+    # CIFAR-10 on the CPU: a much reduced budget (5k training images, 2 epochs) — says so in the outputs
+    "cpu-reduced": dict(tune_train=2500, tune_epochs=1, train=5000, epochs=2, seeds=(0, 1, 2), test=2000, batch=128),
     "full": dict(tune_train=None, tune_epochs=3, train=None, epochs=20, seeds=(0, 1, 2), test=None, batch=128),
     "gpu": dict(tune_train=None, tune_epochs=5, train=None, epochs=40, seeds=(0, 1, 2), test=None, batch=128),
 }
@@ -142,7 +144,10 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
             if var == "train_loss":
                 ax.set_yscale("log")
     axes[0, 1].legend(title="optimizer")
-    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {ds.sizes['seed']} seeds")
+    budget = ds.attrs.get("budget", "")
+    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {ds.sizes['seed']} seeds"
+                 + (f" — REDUCED CPU budget ({BUDGETS[budget]['train']} images, {BUDGETS[budget]['epochs']} epochs)"
+                    if budget == "cpu-reduced" else ""))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
