@@ -118,6 +118,8 @@ def final(setting: str, budget: dict, chosen: dict[str, dict], args) -> xr.Datas
     for opt in OPTIMIZERS:
         per_seed = [run(config(setting, budget, opt, chosen[opt], s, False, args)) for s in budget["seeds"]]
         ds = xr.concat(per_seed, dim="seed", combine_attrs="drop_conflicts").assign_coords(seed=list(budget["seeds"]))
+        # subsets are drawn per seed, so their descriptions differ: keep the common part
+        ds.attrs["data"] = per_seed[0].attrs.get("data", "").split(" [subset")[0]
         runs.append(ds.expand_dims(optimizer=[opt]))
     ds = xr.concat(runs, dim="optimizer", combine_attrs="drop_conflicts")
     for key in ("lr", "damping"):
