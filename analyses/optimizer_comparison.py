@@ -148,7 +148,7 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
     axes[0, 1].legend(title="optimizer")
     budget = ds.attrs.get("budget", "")
     fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {ds.sizes['seed']} seeds"
-                 + (f" — REDUCED CPU budget ({BUDGETS[budget]['train']} images, {BUDGETS[budget]['epochs']} epochs)"
+                 + (f"\nREDUCED CPU budget ({BUDGETS[budget]['train']} images, {BUDGETS[budget]['epochs']} epochs)"
                     if budget == "cpu-reduced" else ""))
     fig.savefig(path, dpi=110)
     plt.close(fig)
