@@ -364,6 +364,26 @@ def test_closure_with_non_finite_loss_is_skipped():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
+def test_a_streak_of_skipped_steps_warns_once():
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+
+    def steps(xb: torch.Tensor, n: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                train_step(opt, model, loss_fn, xb, y)
+        return sum("non-finite" in str(w.message) or "not finite" in str(w.message) for w in caught)
+
+    assert steps(bad, 5) == 2  # the failed statistics backward and the skipped step, once
+    assert opt.steps_done == 0
+    assert steps(x, 1) == 0 and opt.steps_done == 1
+    assert steps(bad, 3) == 2  # a new streak warns again
+
+
 def _hooks(module: nn.Module) -> int:
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)

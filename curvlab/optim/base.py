@@ -300,6 +300,7 @@ class KroneckerOptimizer(Optimizer):
         self._pending: _Pending | None = None
         self._approx: dict[str, KroneckerApproximation] = {}
         self._warned_first_order = False
+        self._skip_streak = 0  # consecutive skipped steps
 
     @property
     def damping_strategy(self) -> str | DampingStrategy:
@@ -436,12 +437,13 @@ class KroneckerOptimizer(Optimizer):
             # is the non-finite loss, which step() skips.  Anything else propagates.
             if not losses or all(bool(torch.isfinite(v).all()) for v in losses):
                 raise
-            warnings.warn(
-                f"{type(self).__name__}: the loss is not finite; the statistics backward failed "
-                "and the next step() will be skipped",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if not self._skip_streak:
+                warnings.warn(
+                    f"{type(self).__name__}: the loss is not finite; the statistics backward failed "
+                    "and the next step() will be skipped",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             self._pending = _Pending(self.steps_done, {}, losses)
             return
         finally:
@@ -546,13 +548,16 @@ class KroneckerOptimizer(Optimizer):
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
         if not self._all_finite(loss, pending):
-            warnings.warn(
-                f"{type(self).__name__}: non-finite loss, gradient or statistic at step "
-                f"{self.steps_done}; the step is skipped and the optimizer state left unchanged",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            if not self._skip_streak:  # once per run of skips: a diverged model skips every step
+                warnings.warn(
+                    f"{type(self).__name__}: non-finite loss, gradient or statistic at step "
+                    f"{self.steps_done}; the step is skipped and the optimizer state left unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._skip_streak += 1
             return loss
+        self._skip_streak = 0
 
         blocks = self.blocks()
         refresh_due = self._due(self.eigen_interval)
