@@ -15,7 +15,7 @@ import torch
 import xarray as xr
 
 from curvlab.train import TrainConfig, train
-from curvlab.train.loop import CHECKPOINT
+from curvlab.train.loop import CHECKPOINT, DIVERGED_AFTER
 
 
 def small(tmp: Path, **kw) -> TrainConfig:
@@ -65,6 +65,24 @@ def test_resume_continues_identically(tmp_path: Path) -> None:
     pa, pb = xr.open_dataset(full["probe"]).load(), xr.open_dataset(resumed["probe"]).load()
     np.testing.assert_array_equal(pa.step, pb.step)
     np.testing.assert_allclose(pa.rel_frobenius_error, pb.rel_frobenius_error, rtol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "kfac"])
+def test_a_diverged_run_stops_and_records_nan(tmp_path: Path, optimizer: str) -> None:
+    cfg = small(tmp_path, optimizer=optimizer, lr=1e30, kl_clip=None, damping=1e-8, epochs=4,
+                batch_size=10, probe_every=0)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        paths = train(cfg)
+    metrics = xr.open_dataset(paths["metrics"]).load()
+    assert list(metrics.epoch.values) == [1, 2, 3, 4]
+    at = int(metrics.attrs["diverged_at_step"])
+    assert metrics.steps.values[0] == at + DIVERGED_AFTER < 30  # stopped inside epoch 1 of 30 steps
+    assert np.isnan(metrics.train_loss.values).all() and np.isnan(metrics.test_accuracy.values[1:]).all()
+    with pytest.warns(RuntimeWarning, match="diverged"):  # resuming does not train a diverged model
+        resumed = train(small(tmp_path, optimizer=optimizer, lr=1e30, kl_clip=None, damping=1e-8,
+                              epochs=6, batch_size=10, probe_every=0), resume=True)
+    again = xr.open_dataset(resumed["metrics"]).load()
+    assert again.sizes["epoch"] == 6 and int(again.steps.values[-1]) == at + DIVERGED_AFTER
 
 
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from curvlab.train.probe import Probe
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.nc"
 PROBE = "probe.nc"
+#: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
+#: later step would be skipped or produce NaN) and its remaining epochs are recorded as NaN.
+DIVERGED_AFTER = 20
 
 
 def _bar(iterable: Iterable, enabled: bool, **kwargs: object) -> Iterable:
@@ -82,7 +86,7 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
         raise
 
 
-def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset) -> xr.Dataset:
+def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None) -> xr.Dataset:
     keys = [k for k in records[0] if k != "epoch"]
     ds = xr.Dataset(
         {k: ("epoch", np.array([r[k] for r in records], dtype=float)) for k in keys},
@@ -92,6 +96,8 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     ds.attrs["data"] = data.description
     ds.attrs["num_train"] = int(data.train_x.shape[0])
     ds.attrs["num_test"] = int(data.test_x.shape[0])
+    if diverged_at is not None:
+        ds.attrs["diverged_at_step"] = diverged_at
     return ds
 
 
@@ -135,6 +141,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
 
     records: list[dict[str, float]] = []
     start_epoch, step, wall = 0, 0, 0.0
+    diverged_at: int | None = None
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -151,6 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         if ckpt.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
+        diverged_at = ckpt.get("diverged_at")
         if probe is not None:
             probe.restore(out / PROBE, step)
     elif resume:
@@ -161,10 +169,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         probe.save(out / PROBE)
 
     for epoch in range(start_epoch, cfg.epochs):
+        if diverged_at is not None:
+            break
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         t0 = time.perf_counter()
-        loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
+        loss_sum, correct, seen, skipped, streak = 0.0, 0, 0, 0, 0
         n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
         loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
         for xb, yb in _bar(loader, cfg.progress, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
@@ -175,8 +185,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 output = model(xb)
                 loss = loss_fn(output, yb)
                 loss.backward()
-            if not torch.isfinite(loss):
-                skipped += 1
+            finite = bool(torch.isfinite(loss))
+            skipped += not finite
+            streak = 0 if finite else streak + 1
             optimizer.step()
             step += 1
             loss_sum += loss.item() * xb.shape[0]
@@ -187,6 +198,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 probe.run(step, model, optimizer)
                 probe.save(out / PROBE)
                 t0 += time.perf_counter() - t_probe  # probing is not training time
+            if streak >= DIVERGED_AFTER:
+                diverged_at = step - streak
+                break
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
         test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
@@ -203,7 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 "skipped_steps": skipped,
             }
         )
-        write_netcdf(_metrics_dataset(records, cfg, data), out / METRICS)
+        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at), out / METRICS)
         _save_checkpoint(
             ckpt_path,
             {
@@ -215,6 +229,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 "step": step,
                 "wall_clock": wall,
                 "records": records,
+                "diverged_at": diverged_at,
                 "config": cfg.as_attrs(),
             },
         )
@@ -224,6 +239,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s",
                 flush=True,
             )
+    if diverged_at is not None:
+        warnings.warn(
+            f"curvlab train: {cfg.optimizer} diverged (non-finite loss from step {diverged_at} on); "
+            f"the run stopped and its later epochs are recorded as NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        nan = float("nan")
+        records += [
+            {**{k: nan for k in records[-1]}, "epoch": e + 1, "steps": step, "skipped_steps": 0}
+            for e in range(len(records), cfg.epochs)
+        ]
+        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at), out / METRICS)
     paths = {"metrics": out / METRICS, "checkpoint": ckpt_path}
     if probe is not None:
         paths["probe"] = out / PROBE
