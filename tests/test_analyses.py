@@ -1,0 +1,56 @@
+"""The optimizer-comparison study end to end on a tiny budget (digits), outputs redirected."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
+
+
+@pytest.fixture
+def comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ANALYSES))
+    common = importlib.import_module("common")
+    oc = importlib.import_module("optimizer_comparison")
+    for module in (common, oc):
+        monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+        monkeypatch.setattr(module, "FIGURES", tmp_path / "figures")
+        monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
+    monkeypatch.setitem(oc.SETTINGS, "digits-mlp", dict(model="mlp", dataset="digits", model_kwargs={"hidden": (16,)}, target=0.5))
+    monkeypatch.setitem(oc.BUDGETS, "tiny", dict(tune_train=300, tune_epochs=1, train=400, epochs=2, seeds=(0, 1), test=200, batch=50))
+    grids = {
+        "sgd": {"lr": (0.1, 1e30)},  # the second one diverges and must not be chosen
+        "adam": {"lr": (1e-3, 1e-2)},
+        **{k: {"lr": (0.1,), "damping": (1e-1,), "kl_clip": (1e-3, 1e-2)} for k in ("kfac", "ekfac", "tkfac", "tekfac")},
+    }
+    monkeypatch.setattr(oc, "GRIDS", grids)
+    yield oc, tmp_path
+    sys.modules.pop("optimizer_comparison", None)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_optimizer_comparison_end_to_end(comparison) -> None:
+    oc, tmp = comparison
+    assert oc.main(["--setting", "digits-mlp", "--budget", "tiny"]) == 0
+    ds = xr.open_dataset(tmp / "results" / "optimizer_comparison_digits-mlp.nc").load()
+    assert list(ds.optimizer.values) == list(oc.OPTIMIZERS) and ds.sizes["seed"] == 2 and ds.sizes["epoch"] == 2
+    assert np.isfinite(ds.train_loss).all() and np.isfinite(ds.wall_clock).all()
+    # every grid point was tried once, and the choice is the tuning run with the lowest loss
+    assert ds.sizes["tuning_run"] == sum(len(oc.grid(g)) for g in oc.GRIDS.values())
+    for opt in oc.OPTIMIZERS:
+        runs = ds.tuning_optimizer.values == opt
+        best = int(np.argmin(ds.tuning_train_loss.values[runs]))
+        for key in oc.HYPERPARAMETERS:
+            np.testing.assert_equal(float(ds[f"chosen_{key}"].sel(optimizer=opt)), ds[f"tuning_{key}"].values[runs][best])
+    assert np.isinf(ds.tuning_train_loss.values[(ds.tuning_optimizer.values == "sgd") & (ds.tuning_lr.values > 1)]).all()
+    assert float(ds.chosen_lr.sel(optimizer="sgd")) == 0.1
+    assert np.isnan(float(ds.chosen_kl_clip.sel(optimizer="adam")))
+    assert (tmp / "figures" / "optimizer_comparison_digits-mlp.png").stat().st_size > 10_000
+    summary = (tmp / "results" / "optimizer_comparison_digits-mlp.md").read_text()
+    assert "| tekfac |" in summary and "KL clip" in summary
