@@ -2,7 +2,7 @@
 # Regenerate every CPU analysis (results in analyses/results, figures in figures/).
 # Two lanes run side by side, one torch thread each (faster than one lane with two threads);
 # each setting's optimizers all run in the same lane, so its wall-clock comparison stays fair.
-# Expected time on 2 CPU cores: about 45 minutes. Logs: runs/analyses/logs/. GPU runs: analyses/README.md.
+# Expected time on 2 CPU cores: about 45 minutes (a fresh clone, setup included: 43 min). Logs: runs/analyses/logs/. GPU runs: analyses/README.md.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
