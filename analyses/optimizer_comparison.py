@@ -142,7 +142,9 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
             mean, std = sub[var].mean("seed").values, sub[var].std("seed").values
             for col, x in enumerate((sub.epoch.values, sub.wall_clock.mean("seed").values)):
                 ax = axes[row, col]
-                ax.plot(x, mean, marker="o", ms=4, color=PALETTE[opt], label=opt)
+                lost = int((~np.isfinite(sub[var].values[:, -1])).sum())
+                name = f"{opt} ({lost} of {sub.sizes['seed']} diverged)" if lost else opt
+                ax.plot(x, mean, marker="o", ms=4, color=PALETTE[opt], label=name)
                 ax.fill_between(x, mean - std, mean + std, color=PALETTE[opt], alpha=0.2, lw=0)
         for col in range(2):
             ax = axes[row, col]
@@ -159,6 +161,16 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
     plt.close(fig)
 
 
+def mean_std(values: np.ndarray) -> str:
+    """``mean ± std`` over seeds; seeds that diverged (NaN) are left out and counted, not hidden."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return f"diverged ({values.size} of {values.size} seeds)"
+    text = f"{finite.mean():.4f} ± {finite.std():.4f}"
+    lost = values.size - finite.size
+    return text + (f" ({lost} of {values.size} seeds diverged)" if lost else "")
+
+
 def summary(ds: xr.Dataset, tuning: pd.DataFrame, setting: str, budget_name: str) -> str:
     target = SETTINGS[setting]["target"]
     lines = [f"# Optimizer comparison: {setting} ({budget_name} budget)", "",
@@ -172,8 +184,7 @@ def summary(ds: xr.Dataset, tuning: pd.DataFrame, setting: str, budget_name: str
         wall = sub.wall_clock.mean("seed").values
         lines.append(
             f"| {opt} | {float(sub.chosen_lr):g} | {float(sub.chosen_damping):g} | {float(sub.chosen_kl_clip):g} | "
-            f"{float(sub.train_loss[:, -1].mean()):.4f} ± {float(sub.train_loss[:, -1].std()):.4f} | "
-            f"{float(sub.test_accuracy[:, -1].mean()):.4f} ± {float(sub.test_accuracy[:, -1].std()):.4f} | "
+            f"{mean_std(sub.train_loss[:, -1].values)} | {mean_std(sub.test_accuracy[:, -1].values)} | "
             f"{first_reaching(acc, sub.epoch.values, target):g} | {first_reaching(acc, wall, target):.1f} |"
         )
     lines += ["", "Tuning runs (seed 0, one epoch; selection by the epoch's mean training loss; "

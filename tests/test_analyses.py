@@ -54,3 +54,10 @@ def test_optimizer_comparison_end_to_end(comparison) -> None:
     assert (tmp / "figures" / "optimizer_comparison_digits-mlp.png").stat().st_size > 10_000
     summary = (tmp / "results" / "optimizer_comparison_digits-mlp.md").read_text()
     assert "| tekfac |" in summary and "KL clip" in summary
+
+
+def test_summary_counts_diverged_seeds_instead_of_hiding_them(comparison) -> None:
+    oc, _ = comparison
+    assert oc.mean_std(np.array([1.0, 3.0])) == "2.0000 ± 1.0000"
+    assert oc.mean_std(np.array([1.0, np.nan, 3.0])) == "2.0000 ± 1.0000 (1 of 3 seeds diverged)"
+    assert oc.mean_std(np.array([np.nan, np.nan])) == "diverged (2 of 2 seeds)"
