@@ -31,7 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.nc"
 PROBE = "probe.nc"
 #: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
-#: later step would be skipped or produce NaN) and its remaining epochs are recorded as NaN.
+#: later step would be skipped or produce NaN) and its metrics from that epoch on are NaN.
 DIVERGED_AFTER = 20
 
 
@@ -203,12 +203,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 break
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
-        test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
+        if diverged_at is None:
+            test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
+            train_loss, train_acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+        else:  # a diverged model's argmax over NaN logits is class 0: chance accuracy, not a result
+            test_loss = test_acc = train_loss = train_acc = float("nan")
         records.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "epoch_time": epoch_time,
@@ -242,7 +246,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     if diverged_at is not None:
         warnings.warn(
             f"curvlab train: {cfg.optimizer} diverged (non-finite loss from step {diverged_at} on); "
-            f"the run stopped and its later epochs are recorded as NaN",
+            f"the run stopped and its metrics from that epoch on are NaN",
             RuntimeWarning,
             stacklevel=2,
         )
