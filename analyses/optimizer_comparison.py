@@ -133,10 +133,12 @@ def final(setting: str, budget: dict, chosen: dict[str, dict], args) -> xr.Datas
 
 
 def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
-    """Train loss and test accuracy against epochs and wall-clock, mean ± std over seeds."""
+    """Train and test loss and accuracy against epochs and wall-clock, mean ± std over seeds."""
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
-    for row, (var, label) in enumerate((("train_loss", "train loss"), ("test_accuracy", "test accuracy"))):
+    panels = (("train_loss", "train loss"), ("test_loss", "test loss"),
+              ("train_accuracy", "train accuracy"), ("test_accuracy", "test accuracy"))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 13), constrained_layout=True)
+    for row, (var, label) in enumerate(panels):
         for opt in ds.optimizer.values:
             sub = ds.sel(optimizer=opt)
             mean, std = sub[var].mean("seed").values, sub[var].std("seed").values
@@ -150,7 +152,7 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
             ax = axes[row, col]
             ax.set_xlabel("epoch" if col == 0 else "training wall-clock (s, mean over seeds)")
             ax.set_ylabel(label)
-            if var == "train_loss":
+            if var.endswith("loss"):
                 ax.set_yscale("log")
     axes[0, 1].legend(title="optimizer")
     budget = ds.attrs.get("budget", "")
@@ -176,15 +178,17 @@ def summary(ds: xr.Dataset, tuning: pd.DataFrame, setting: str, budget_name: str
     lines = [f"# Optimizer comparison: {setting} ({budget_name} budget)", "",
              f"Data: {ds.attrs.get('data', '')}. Seeds: {[int(s) for s in ds.seed.values]}. "
              f"Target test accuracy for time-to-target: {target:.2f}.", "",
-             "| optimizer | lr | damping | KL clip | final train loss | final test accuracy | epochs to target | seconds to target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| optimizer | lr | damping | KL clip | final train loss | final test loss | final test accuracy "
+             "| epochs to target | seconds to target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for opt in ds.optimizer.values:
         sub = ds.sel(optimizer=opt)
         acc = sub.test_accuracy.mean("seed").values
         wall = sub.wall_clock.mean("seed").values
         lines.append(
             f"| {opt} | {float(sub.chosen_lr):g} | {float(sub.chosen_damping):g} | {float(sub.chosen_kl_clip):g} | "
-            f"{mean_std(sub.train_loss[:, -1].values)} | {mean_std(sub.test_accuracy[:, -1].values)} | "
+            f"{mean_std(sub.train_loss[:, -1].values)} | {mean_std(sub.test_loss[:, -1].values)} | "
+            f"{mean_std(sub.test_accuracy[:, -1].values)} | "
             f"{first_reaching(acc, sub.epoch.values, target):g} | {first_reaching(acc, wall, target):.1f} |"
         )
     lines += ["", "Tuning runs (seed 0, one epoch; selection by the epoch's mean training loss; "
