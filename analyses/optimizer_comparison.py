@@ -2,8 +2,9 @@
 
 Each optimizer gets the same tuning budget: eight configurations (eight learning rates for SGD
 and Adam; learning rate × damping × KL-clipping threshold for the Kronecker optimizers), one
-seed, one epoch; the configuration with the lowest training loss is then run with three seeds.  Results: mean ± std of train/test loss and accuracy
-against epochs and wall-clock, and the time to a target test accuracy.
+seed, one epoch; the configuration with the lowest training loss is then run with three seeds.
+Results: mean ± std of train/test loss and accuracy against epochs and wall-clock, and the time
+to a target test accuracy.
 
     python analyses/optimizer_comparison.py --setting mnist-mlp            # CPU budget
     python analyses/optimizer_comparison.py --setting cifar10-vgg --budget gpu --device cuda
@@ -138,15 +139,18 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
     panels = (("train_loss", "train loss"), ("test_loss", "test loss"),
               ("train_accuracy", "train accuracy"), ("test_accuracy", "test accuracy"))
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 13), constrained_layout=True)
+    seeds = ds.sizes["seed"]
+    names = {}
+    for opt in ds.optimizer.values:
+        lost = n_diverged(ds.train_loss.sel(optimizer=opt).values[:, -1])
+        names[opt] = f"{opt} ({lost} of {seeds} diverged)" if lost else opt
     for row, (var, label) in enumerate(panels):
         for opt in ds.optimizer.values:
             sub = ds.sel(optimizer=opt)
             mean, std = sub[var].mean("seed").values, sub[var].std("seed").values
             for col, x in enumerate((sub.epoch.values, sub.wall_clock.mean("seed").values)):
                 ax = axes[row, col]
-                lost = int((~np.isfinite(sub[var].values[:, -1])).sum())
-                name = f"{opt} ({lost} of {sub.sizes['seed']} diverged)" if lost else opt
-                ax.plot(x, mean, marker="o", ms=4, color=PALETTE[opt], label=name)
+                ax.plot(x, mean, marker="o", ms=4, color=PALETTE[opt], label=names[opt])
                 ax.fill_between(x, mean - std, mean + std, color=PALETTE[opt], alpha=0.2, lw=0)
         for col in range(2):
             ax = axes[row, col]
@@ -156,20 +160,25 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
                 ax.set_yscale("log")
     axes[0, 1].legend(title="optimizer")
     budget = ds.attrs.get("budget", "")
-    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {ds.sizes['seed']} seeds"
+    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {seeds} seeds"
                  + (f"\nREDUCED CPU budget ({BUDGETS[budget]['train']} images, {BUDGETS[budget]['epochs']} epochs)"
                     if budget == "cpu-reduced" else ""))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def n_diverged(final: np.ndarray) -> int:
+    """How many seeds diverged: a diverged run's metrics are NaN from its diverging epoch on."""
+    return int((~np.isfinite(final)).sum())
+
+
 def mean_std(values: np.ndarray) -> str:
     """``mean ± std`` over seeds; seeds that diverged (NaN) are left out and counted, not hidden."""
+    lost = n_diverged(values)
+    if lost == values.size:
+        return f"diverged ({lost} of {lost} seeds)"
     finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return f"diverged ({values.size} of {values.size} seeds)"
     text = f"{finite.mean():.4f} ± {finite.std():.4f}"
-    lost = values.size - finite.size
     return text + (f" ({lost} of {values.size} seeds diverged)" if lost else "")
 
 
