@@ -87,6 +87,25 @@ def test_a_diverged_run_stops_and_records_nan(tmp_path: Path, optimizer: str) ->
     assert again.sizes["epoch"] == 6 and int(again.steps.values[-1]) == at + DIVERGED_AFTER
 
 
+@pytest.mark.filterwarnings("ignore:curvlab train. sgd diverged:RuntimeWarning")
+def test_divergence_is_detected_across_epochs_and_a_resume(tmp_path: Path) -> None:
+    """Six steps an epoch, fewer than DIVERGED_AFTER: the non-finite streak carries over epochs."""
+    def cfg(out: str, epochs: int) -> TrainConfig:
+        return small(tmp_path / out, optimizer="sgd", lr=1e30, epochs=epochs, probe_every=0)
+
+    whole = xr.open_dataset(train(cfg("whole", 6))["metrics"]).load()
+    at = int(whole.attrs["diverged_at_step"])
+    steps_per_epoch = int(whole.steps.values[0])
+    assert steps_per_epoch < DIVERGED_AFTER and int(whole.steps.values[-1]) == at + DIVERGED_AFTER
+    # a NaN model has no predictions: its accuracy is NaN, not the share of class 0
+    assert np.isnan(whole.train_accuracy.values).all() and np.isnan(whole.test_accuracy.values).all()
+
+    train(cfg("split", 2))  # stops before the streak is long enough, then resumes
+    split = xr.open_dataset(train(cfg("split", 6), resume=True)["metrics"]).load()
+    assert int(split.attrs["diverged_at_step"]) == at
+    np.testing.assert_array_equal(split.steps.values, whole.steps.values)
+
+
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match="different configuration"):

@@ -31,7 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.nc"
 PROBE = "probe.nc"
 #: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
-#: later step would be skipped or produce NaN) and its metrics from that epoch on are NaN.
+#: later step would be skipped or produce NaN) and its remaining epochs are recorded as NaN.
 DIVERGED_AFTER = 20
 
 
@@ -56,6 +56,13 @@ def load_data(cfg: TrainConfig) -> Dataset:
     return data
 
 
+def _correct(logits: Tensor, y: Tensor) -> float:
+    """Correct predictions; NaN when a logit is non-finite (argmax over NaN would say class 0)."""
+    if not bool(torch.isfinite(logits).all()):
+        return float("nan")
+    return float((logits.argmax(1) == y).sum())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> tuple[float, float]:
     """Mean loss and accuracy over ``(x, y)``."""
@@ -66,7 +73,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_s
         xb, yb = xb.to(device), yb.to(device)
         out = model(xb)
         total_loss += nn.functional.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
+        correct += _correct(out, yb)
     model.train(was_training)
     return total_loss / x.shape[0], correct / x.shape[0]
 
@@ -142,6 +149,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     records: list[dict[str, float]] = []
     start_epoch, step, wall = 0, 0, 0.0
     diverged_at: int | None = None
+    streak = 0  # non-finite losses in a row, across epochs: a run may diverge over an epoch boundary
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -158,7 +166,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         if ckpt.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
-        diverged_at = ckpt.get("diverged_at")
+        diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
             probe.restore(out / PROBE, step)
     elif resume:
@@ -174,7 +182,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         t0 = time.perf_counter()
-        loss_sum, correct, seen, skipped, streak = 0.0, 0, 0, 0, 0
+        loss_sum, correct, seen, skipped = 0.0, 0.0, 0, 0
         n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
         loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
         for xb, yb in _bar(loader, cfg.progress, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
@@ -191,7 +199,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
             optimizer.step()
             step += 1
             loss_sum += loss.item() * xb.shape[0]
-            correct += (output.argmax(1) == yb).sum().item()
+            correct += _correct(output.detach(), yb)
             seen += xb.shape[0]
             if probe is not None and step % cfg.probe_every == 0:
                 t_probe = time.perf_counter()
@@ -203,16 +211,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 break
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
-        if diverged_at is None:
-            test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
-            train_loss, train_acc = loss_sum / max(seen, 1), correct / max(seen, 1)
-        else:  # a diverged model's argmax over NaN logits is class 0: chance accuracy, not a result
-            test_loss = test_acc = train_loss = train_acc = float("nan")
+        test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
         records.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "epoch_time": epoch_time,
@@ -234,6 +238,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 "wall_clock": wall,
                 "records": records,
                 "diverged_at": diverged_at,
+                "streak": streak,
                 "config": cfg.as_attrs(),
             },
         )
@@ -246,7 +251,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     if diverged_at is not None:
         warnings.warn(
             f"curvlab train: {cfg.optimizer} diverged (non-finite loss from step {diverged_at} on); "
-            f"the run stopped and its metrics from that epoch on are NaN",
+            f"the run stopped and its remaining epochs are recorded as NaN",
             RuntimeWarning,
             stacklevel=2,
         )
