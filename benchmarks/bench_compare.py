@@ -3,7 +3,7 @@
 Two measurements (CPU by default; ``--device cuda`` runs unchanged on a GPU):
 
 1. *Both can run*: one Linear block of P parameters, N examples, C classes (exact Fisher,
-   K = N·C).  The matrix-free ``curvlab.compare.measure`` (Gram matrix of the square root,
+   K = N·C).  The matrix-free ``curvlab.compare.measure()`` (Gram matrix of the square root,
    Woodbury, rotated squares) against the dense route: F = V Vᵀ (P × P), eigvalsh(F), K̂ =
    to_dense(), ‖F − K̂‖_F, diag(Qᵀ F Q), a dense damped solve.  Both give the same numbers
    (checked and reported).

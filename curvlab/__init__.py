@@ -5,7 +5,7 @@ Data flow: :func:`extract` (one forward + one BackPACK backward) → :func:`appr
 ``xarray.Dataset``); :mod:`curvlab.optim` inverts the same approximation objects.
 """
 
-__version__ = "0.1.0"
+from curvlab._version import __version__
 
 # ``extract`` and ``compare`` are sub-packages that can be called like their main functions.
 from curvlab import compare, extract

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from curvlab.layout import BlockLayout
+from curvlab.block import BlockLayout
 
 
 class SquareRoot(ABC):

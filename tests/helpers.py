@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
-from curvlab.layout import BlockLayout
+from curvlab.block import BlockLayout
 
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvlab.extract.stats import KroneckerFactors, LayerStats, TraceStats
-from curvlab.layout import BlockLayout
+from curvlab.stats import KroneckerFactors, LayerStats, TraceStats
+from curvlab.block import BlockLayout
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
 
 DT = torch.float64

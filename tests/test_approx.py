@@ -18,8 +18,8 @@ from curvlab.approx import (
     ExactDamping,
     approximate,
 )
-from curvlab.extract.stats import KroneckerFactors, LayerStats, TraceStats
-from curvlab.layout import BlockLayout
+from curvlab.stats import KroneckerFactors, LayerStats, TraceStats
+from curvlab.block import BlockLayout
 from curvlab.sqrt import DenseSqrt, FactoredSqrt
 from helpers_approx import (
     CASES,

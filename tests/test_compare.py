@@ -10,7 +10,7 @@ from torch import nn
 
 from curvlab.approx import DEFAULT_DAMPING, approximate
 from curvlab.compare import compare
-from curvlab.compare.api import needed_kfac_flavours
+from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
 from helpers import batch, dense_ggn_full, tiny_cnn, tiny_mlp
 

@@ -216,7 +216,7 @@ def test_kfe_scaling_equals_rotated_square_root() -> None:
 def test_top_level_api_is_callable_and_packages_importable() -> None:
     import curvlab
     import curvlab.compare.metrics  # noqa: F401  (the sub-packages stay importable)
-    import curvlab.extract.statistics  # noqa: F401
+    import curvlab.extract.maths  # noqa: F401
 
     model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
     x, y = batch(model, loss_fn, n=2)
@@ -228,16 +228,16 @@ def test_top_level_api_is_callable_and_packages_importable() -> None:
 @pytest.mark.parametrize("shape", [(2, 3, 4, 6, 5), (3, 2, 7, 2, 9)])  # (C, N, d_out, D, T)
 def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> None:
     """The Gram-over-locations and the chunked route give Σ M_kᵀM_k and Σ M_kM_kᵀ exactly."""
-    from curvlab.extract import statistics
+    from curvlab.extract import maths
 
     c, n, d_out, d_in, t = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d_in, t, generator=gen, dtype=torch.float64)
     g = torch.randn(c, n, d_out, t, generator=gen, dtype=torch.float64)
-    m = statistics.per_sample_gradients(x, g)
+    m = maths.per_sample_gradients(x, g)
     phi_ref, psi_ref = torch.einsum("kod,koe->de", m, m), torch.einsum("kod,kpd->op", m, m)
-    for route in (statistics.partial_traces_by_gram, statistics.partial_traces_by_chunks):
+    for route in (maths.partial_traces_by_gram, maths.partial_traces_by_chunks):
         phi, psi = route(x, g)
         close(phi, phi_ref)
         close(psi, psi_ref)
-    close(statistics.tkfac_exact(x, g).delta, m.square().sum())
+    close(maths.tkfac_exact(x, g).delta, m.square().sum())

@@ -31,35 +31,17 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.damping import DampingStrategy, get_damping
-from curvlab.layout import BlockLayout
+from curvlab.approx.eigh import psd_eigh, symmetrize
+from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
-    from curvlab.extract.stats import LayerStats
+    from curvlab.stats import LayerStats
 
 #: Largest block (in parameters) :meth:`KroneckerApproximation.to_dense` builds.
 MAX_DENSE_PARAMS = 20000
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def symmetrize(mat: Tensor) -> Tensor:
-    """``(M + Mᵀ)/2``: factors are symmetric by definition; this removes rounding asymmetry."""
-    return 0.5 * (mat + mat.mT)
-
-
-def psd_eigh(mat: Tensor, compute_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD factor: ``M = U diag(λ) Uᵀ``.
-
-    Computed in ``compute_dtype`` (float64 by default: small eigenvalues of ill-conditioned
-    factors matter for the inverse), returned in ``mat``'s dtype.  Negative eigenvalues can only
-    be rounding error of a PSD matrix and are clamped to 0.
-
-    Returns:
-        ``(λ [n], U [n, n])`` with ``λ`` ascending and ``U`` orthonormal.
-    """
-    evals, evecs = torch.linalg.eigh(symmetrize(mat.to(compute_dtype)))
-    return evals.clamp_min(0).to(mat.dtype), evecs.to(mat.dtype)
 
 
 def default_layout(d_out: int, d_in: int) -> BlockLayout:
@@ -130,9 +112,20 @@ class KroneckerApproximation(ABC):
         """
         return None
 
-    @abstractmethod
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors that define the approximation, by constructor argument name (what
+        :meth:`from_tensors` takes back: state dicts, broadcasts, device moves)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define tensors()")
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], *, layout: BlockLayout | None = None, name: str | None = None) -> "KroneckerApproximation":
+        """Inverse of :meth:`tensors`."""
+        return cls(**tensors, layout=layout, **({} if name is None else {"name": name}))  # type: ignore[call-arg]
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KroneckerApproximation":
         """A copy converted to ``dtype`` and/or moved to ``device``."""
+        moved = {k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()}
+        return type(self).from_tensors(moved, layout=self.layout, name=self.name)
 
     @classmethod
     @abstractmethod
@@ -360,3 +353,7 @@ class EigenCorrected(KroneckerApproximation):
 
     def factor_eigenvalues(self) -> tuple[Tensor, Tensor] | None:
         return self._factor_eigenvalues
+
+    def with_scaling(self, scaling: Tensor) -> "EigenCorrected":
+        """The same basis (and damping statistics) with another diagonal ``s``."""
+        return type(self).from_tensors({**self.tensors(), "scaling": scaling}, layout=self.layout, name=self.name)

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import EigenCorrected, missing_statistic, psd_eigh
-from curvlab.layout import BlockLayout
+from curvlab.approx.base import EigenCorrected, missing_statistic
+from curvlab.approx.eigh import psd_eigh
+from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
 if TYPE_CHECKING:
-    from curvlab.extract.stats import LayerStats
+    from curvlab.stats import LayerStats
 
 
 class EKFAC(EigenCorrected):
@@ -51,16 +52,17 @@ class EKFAC(EigenCorrected):
     ) -> None:
         super().__init__(u_out, u_in, scaling, factor_eigenvalues, layout, name)
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "EKFAC":
-        fe = self._factor_eigenvalues
-        return EKFAC(
-            self.u_out.to(dtype=dtype, device=device),
-            self.u_in.to(dtype=dtype, device=device),
-            self.scaling.to(dtype=dtype, device=device),
-            factor_eigenvalues=None if fe is None else tuple(t.to(dtype=dtype, device=device) for t in fe),  # type: ignore[arg-type]
-            layout=self.layout,
-            name=self.name,
-        )
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"u_out": self.u_out, "u_in": self.u_in, "scaling": self.scaling}
+        if self._factor_eigenvalues is not None:
+            out["lam_out"], out["lam_in"] = self._factor_eigenvalues
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], *, layout: BlockLayout | None = None, name: str | None = None) -> "EKFAC":
+        t = dict(tensors)
+        fe = (t.pop("lam_out"), t.pop("lam_in")) if "lam_out" in t else None
+        return cls(**t, factor_eigenvalues=fe, layout=layout, name=name or "ekfac")
 
     @classmethod
     def from_factors(
@@ -69,18 +71,23 @@ class EKFAC(EigenCorrected):
         G: Tensor,
         *,
         sqrt: SquareRoot | None = None,
-        scaling: Tensor | None = None,
+        scaling: Tensor | str | None = None,
         layout: BlockLayout | None = None,
         name: str = "ekfac",
     ) -> "EKFAC":
         """EKFAC in the eigenbasis of the KFAC factors ``G ⊗ A``.
 
-        ``s`` is ``scaling`` when given (it must have been computed in this basis), else
+        ``s`` is ``scaling`` when it is a tensor (computed in this basis); ``"kronecker"``: the
+        KFAC eigenvalues ``λ_G λ_Aᵀ`` (the optimizers' reset at an eigen refresh); ``None``:
         ``s* = sqrt.rotated_sq_sum(U_G, U_A)``.
         """
         lam_a, u_a = psd_eigh(A)
         lam_g, u_g = psd_eigh(G)
-        if scaling is None:
+        if isinstance(scaling, str):
+            if scaling != "kronecker":
+                raise ValueError(f"EKFAC.from_factors: scaling={scaling!r}; pass a tensor, 'kronecker' or None")
+            scaling = torch.outer(lam_g, lam_a)
+        elif scaling is None:
             if sqrt is None:
                 raise ValueError("EKFAC.from_factors: pass the block's square root `sqrt` or a `scaling`")
             scaling = sqrt.rotated_sq_sum(u_g.to(sqrt.dtype), u_a.to(sqrt.dtype)).to(A.dtype)

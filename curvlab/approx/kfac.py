@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from curvlab.approx.base import KroneckerProduct, missing_statistic
-from curvlab.layout import BlockLayout
+from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
-    from curvlab.extract.stats import LayerStats
+    from curvlab.stats import LayerStats
 
 #: Default name of the KFAC approximation of each flavour's factors.
 FLAVOUR_NAMES = {"mc": "kfac", "exact": "kflr", "empirical": "kfac-empirical"}
@@ -46,13 +45,8 @@ class KFAC(KroneckerProduct):
         """Output-side factor ``[d_out, d_out]``."""
         return self._left
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KFAC":
-        return KFAC(
-            self.A.to(dtype=dtype, device=device),
-            self.G.to(dtype=dtype, device=device),
-            layout=self.layout,
-            name=self.name,
-        )
+    def tensors(self) -> dict[str, Tensor]:
+        return {"A": self.A, "G": self.G}
 
     @classmethod
     def from_stats(cls, stats: "LayerStats", flavour: str = "mc", name: str | None = None) -> "KFAC":  # type: ignore[override]

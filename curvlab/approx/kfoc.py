@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.base import KroneckerProduct, missing_statistic, symmetrize
-from curvlab.layout import BlockLayout
+from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
 if TYPE_CHECKING:
-    from curvlab.extract.stats import LayerStats
+    from curvlab.stats import LayerStats
 
 #: Starting points accepted by :meth:`KFOC.from_stats`.
 KFOC_INITS = ("auto", "kfac", "identity")

@@ -17,17 +17,14 @@ damping stays the diagonal (in the basis) of the same damping matrix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import EigenCorrected, missing_statistic, psd_eigh
-from curvlab.layout import BlockLayout
+from curvlab.approx.base import EigenCorrected, missing_statistic
+from curvlab.approx.eigh import diagonal_in_basis, psd_eigh
+from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
-
-if TYPE_CHECKING:
-    from curvlab.extract.stats import LayerStats
+from curvlab.stats import KroneckerFactors, LayerStats
 
 #: Bases TEKFAC can be built in.
 TEKFAC_BASES = ("trace", "kfac")
@@ -71,20 +68,15 @@ class TEKFAC(EigenCorrected):
         self.psi_eigenvalues = psi_eigenvalues
         self.phi_eigenvalues = phi_eigenvalues
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TEKFAC":
-        def conv(t: Tensor) -> Tensor:
-            return t.to(dtype=dtype, device=device)
-
-        return TEKFAC(
-            conv(self.u_out),
-            conv(self.u_in),
-            conv(self.scaling),
-            delta=conv(self.delta),
-            psi_eigenvalues=conv(self.psi_eigenvalues),
-            phi_eigenvalues=conv(self.phi_eigenvalues),
-            layout=self.layout,
-            name=self.name,
-        )
+    def tensors(self) -> dict[str, Tensor]:
+        return {
+            "u_out": self.u_out,
+            "u_in": self.u_in,
+            "scaling": self.scaling,
+            "delta": self.delta,
+            "psi_eigenvalues": self.psi_eigenvalues,
+            "phi_eigenvalues": self.phi_eigenvalues,
+        }
 
     @classmethod
     def from_trace_stats(
@@ -94,28 +86,37 @@ class TEKFAC(EigenCorrected):
         delta_psi: Tensor,
         *,
         sqrt: SquareRoot | None = None,
-        scaling: Tensor | None = None,
-        basis: tuple[Tensor, Tensor] | None = None,
+        scaling: Tensor | str | None = None,
+        basis: tuple[Tensor, Tensor] | KroneckerFactors | None = None,
         layout: BlockLayout | None = None,
         name: str = "tekfac",
     ) -> "TEKFAC":
         """TEKFAC from TKFAC's unnormalised statistics ``δ``, ``δΦ``, ``δΨ``.
 
         Args:
-            basis: ``(U_out, U_in)``; default the eigenvectors of ``δΨ`` and ``δΦ``.
+            basis: ``(U_out, U_in)``, or KFAC factors whose eigenvectors are taken (the
+                ``basis="kfac"`` ablation); default the eigenvectors of ``δΨ`` and ``δΦ``.
             sqrt: the block's square root, for ``s* = sqrt.rotated_sq_sum(U_out, U_in)``.
-            scaling: ``s`` computed in this basis (overrides ``sqrt``).
+            scaling: ``s`` computed in this basis (overrides ``sqrt``), or ``"kronecker"``:
+                TKFAC's own diagonal ``δ λ_Ψ λ_Φᵀ`` in this basis (the optimizers' reset at an
+                eigen refresh).
         """
-        delta_t = torch.as_tensor(delta, dtype=delta_phi.dtype, device=delta_phi.device).reshape(())
+        # a copy: the caller's δ may be a running average that changes in place later
+        delta_t = torch.as_tensor(delta, dtype=delta_phi.dtype, device=delta_phi.device).reshape(()).clone()
         inv_delta = 1.0 / delta_t.clamp_min(torch.finfo(delta_phi.dtype).tiny)
         if basis is None:
             mu_psi, u_out = psd_eigh(delta_psi)
             mu_phi, u_in = psd_eigh(delta_phi)
         else:
+            if isinstance(basis, KroneckerFactors):
+                basis = (psd_eigh(basis.G)[1], psd_eigh(basis.A)[1])
             u_out, u_in = basis
-            mu_psi = torch.einsum("ai,ab,bi->i", u_out, delta_psi, u_out)
-            mu_phi = torch.einsum("ai,ab,bi->i", u_in, delta_phi, u_in)
-        if scaling is None:
+            mu_psi, mu_phi = diagonal_in_basis(delta_psi, u_out), diagonal_in_basis(delta_phi, u_in)
+        if isinstance(scaling, str):
+            if scaling != "kronecker":
+                raise ValueError(f"TEKFAC.from_trace_stats: scaling={scaling!r}; pass a tensor, 'kronecker' or None")
+            scaling = torch.outer(mu_psi, mu_phi) * inv_delta  # δ λ_Ψ λ_Φᵀ
+        elif scaling is None:
             if sqrt is None:
                 raise ValueError("TEKFAC.from_trace_stats: pass the block's square root `sqrt` or a `scaling`")
             scaling = sqrt.rotated_sq_sum(u_out.to(sqrt.dtype), u_in.to(sqrt.dtype)).to(delta_phi.dtype)
@@ -151,7 +152,7 @@ class TEKFAC(EigenCorrected):
             raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "stats=('tkfac', ...)")
         if scaling is None and stats.sqrt is None:
             raise missing_statistic(stats, name, "the square root (stats.sqrt) for the rescaling s*", "stats=('sqrt', ...)")
-        basis_mats: tuple[Tensor, Tensor] | None = None
+        factors = None
         if basis == "kfac":
             factors = stats.kfac.get(stats.flavour)
             if factors is None:
@@ -159,9 +160,8 @@ class TEKFAC(EigenCorrected):
                     stats, name, f"the KFAC factors of flavour {stats.flavour!r} for basis='kfac'",
                     f"stats=('kfac', ...) with kfac_flavours containing {stats.flavour!r}",
                 )
-            basis_mats = (psd_eigh(factors.G)[1], psd_eigh(factors.A)[1])
         ts = stats.tkfac
         return cls.from_trace_stats(
             ts.delta, ts.delta_phi, ts.delta_psi,
-            sqrt=stats.sqrt, scaling=scaling, basis=basis_mats, layout=stats.layout, name=name,
+            sqrt=stats.sqrt, scaling=scaling, basis=factors, layout=stats.layout, name=name,
         )

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.base import KroneckerProduct, missing_statistic
-from curvlab.layout import BlockLayout
+from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
-    from curvlab.extract.stats import LayerStats
+    from curvlab.stats import LayerStats
 
 
 class TKFAC(KroneckerProduct):
@@ -73,14 +73,8 @@ class TKFAC(KroneckerProduct):
         """``δΨ = Σ_k M_k M_kᵀ``, ``[d_out, d_out]``."""
         return self._left
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TKFAC":
-        return TKFAC(
-            self.delta.to(dtype=dtype, device=device),
-            self.delta_phi.to(dtype=dtype, device=device),
-            self.delta_psi.to(dtype=dtype, device=device),
-            layout=self.layout,
-            name=self.name,
-        )
+    def tensors(self) -> dict[str, Tensor]:
+        return {"delta": self.delta, "delta_phi": self.delta_phi, "delta_psi": self.delta_psi}
 
     @classmethod
     def from_stats(cls, stats: "LayerStats", name: str = "tkfac") -> "TKFAC":  # type: ignore[override]

@@ -2,7 +2,7 @@
 
 from curvlab._callable import make_callable
 from curvlab.compare.api import compare
-from curvlab.compare.measure import measure
+from curvlab.compare.dataset import measure
 
 make_callable(__name__, compare)  # curvlab.compare(...) calls compare()
 

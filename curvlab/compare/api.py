@@ -7,22 +7,12 @@ from collections.abc import Iterable, Mapping
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate
-from curvlab.compare.measure import measure
+from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate, needed_kfac_flavours
+from curvlab.approx.registry import spec
+from curvlab.compare.dataset import measure
 from curvlab.extract import extract
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
-
-
-def needed_kfac_flavours(approximations: Iterable[str], fisher: str) -> tuple[str, ...]:
-    """KFAC factor flavours the approximations need: mc for KFAC, exact for KFLR, the
-    reference flavour for EKFAC's basis (and KFOC's start)."""
-    flavours = {fisher}
-    if "kfac" in approximations:
-        flavours.add("mc")
-    if "kflr" in approximations:
-        flavours.add("exact")
-    return tuple(sorted(flavours))
 
 
 def compare(
@@ -65,12 +55,14 @@ def compare(
 
     Returns:
         ``xarray.Dataset`` with dimensions layer × approximation (× eig); see
-        :func:`curvlab.compare.measure.measure`.
+        :func:`curvlab.compare.measure`.
     """
-    names = [a.lower() for a in approximations]
-    for name in names:
-        if name not in APPROXIMATIONS:
-            raise ValueError(f"curvlab.compare: unknown approximation {name!r}; choose from {APPROXIMATIONS}")
+    if isinstance(approximations, str):
+        raise ValueError(
+            f"curvlab.compare: approximations={approximations!r} must be a collection of names, "
+            f"e.g. ({approximations!r},)"
+        )
+    names = [spec(a, "curvlab.compare").name for a in approximations]
     strategies = {**DEFAULT_DAMPING, **(damping_strategies or {})}
     stats = extract(
         model,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from curvlab.extract.session import DEFAULT_STATS, ExtractionSession
-from curvlab.extract.stats import LayerStats
+from curvlab.extract.options import ExtractOptions
+from curvlab.extract.session import ExtractionSession
+from curvlab.stats import LayerStats
 
 
 class Extraction(dict[str, LayerStats]):
@@ -31,16 +31,8 @@ def extract(
     loss_fn: nn.Module,
     inputs: Tensor,
     targets: Tensor,
-    *,
-    fisher: str = "exact",
-    mc_samples: int = 1,
-    stats: Iterable[str] = DEFAULT_STATS,
-    kfac_flavours: Iterable[str] | None = None,
-    tkfac_conv: str = "exact",
-    separate_bias: bool = False,
-    eigenbases: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-    skip_unsupported: bool = False,
-    seed: int | None = None,
+    options: ExtractOptions | None = None,
+    **overrides: object,
 ) -> Extraction:
     """Curvature statistics of every ``nn.Linear`` and ``nn.Conv2d`` block of ``model``.
 
@@ -57,58 +49,32 @@ def extract(
         model: the network; its parameters and ``.grad`` are left as they were.
         loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` instance (reduction mean or sum).
         inputs, targets: one mini-batch (moved to the model's device).
-        fisher: flavour of the block and of every statistic except extra KFAC factors.
-        mc_samples: labels sampled per example for the ``mc`` flavour.
-        stats: any of ``"sqrt"`` (per-sample gradient matrices, ``N·C·P`` numbers),
-            ``"kfac"`` (KFAC factors), ``"tkfac"`` (δ, δΦ, δΨ), ``"kfe"`` (rescaling in the
-            ``eigenbases`` given).
-        kfac_flavours: flavours whose KFAC factors to compute (default: ``(fisher,)``); several
-            flavours share the one backward pass as a stacked root (``"mc"`` gives KFAC,
-            ``"exact"`` KFLR).
-        tkfac_conv: conv TKFAC statistics as exact partial traces (``"exact"``) or KFC-style.
-        separate_bias: blocks ``"<layer>.weight"`` and ``"<layer>.bias"`` instead of one
-            block ``"<layer>"`` with the bias as last input column.
-        eigenbases: block name → ``(U_out, U_in)`` for ``"kfe"``.
-        skip_unsupported: leave out parameters of unsupported layers instead of raising.
-        seed: seeds the MC sampling without touching the global random state.
+        options: what to compute, an :class:`~curvlab.extract.ExtractOptions`; its fields can
+            also be given as keyword arguments (``fisher="mc"``, ``stats=("kfac",)``, ``seed=0``,
+            …), which override ``options``.
 
     Returns:
         :class:`Extraction`: block name → :class:`LayerStats`.
     """
-    session = ExtractionSession(
-        model,
-        loss_fn,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        stats=stats,
-        kfac_flavours=kfac_flavours,
-        tkfac_conv=tkfac_conv,
-        separate_bias=separate_bias,
-        eigenbases=eigenbases,
-        skip_unsupported=skip_unsupported,
-    )
-    param = next(p for _, m in session.layers for p in m.parameters())
+    session = ExtractionSession(model, loss_fn, options, **overrides)
+    param = next(p for blocks in session.blocks.values() for p in blocks[0].parameters())
     inputs, targets = inputs.to(param.device), targets.to(param.device)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     for p in params:
         p.grad = None
-    devices = [param.device] if param.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.enable_grad(), session, warnings.catch_warnings():
-                # The first layer's input needs no gradient; torch warns about that for the
-                # full backward hooks BackPACK relies on.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss = loss_fn(model(inputs), targets)
-                loss.backward()
-            result = Extraction(session.results())
+        with torch.enable_grad(), session, warnings.catch_warnings():
+            # The first layer's input needs no gradient; torch warns about that for the
+            # full backward hooks BackPACK relies on.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+        result = Extraction(session.results())
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad
     result.loss = loss.detach()
-    result.flavour = fisher
+    result.flavour = session.options.fisher
     result.num_examples = inputs.shape[0]
     return result

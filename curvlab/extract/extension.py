@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,43 +26,13 @@ from backpack.extensions.secondorder.sqrt_ggn import SqrtGGNExact
 from backpack.utils.conv import unfold_input
 from torch import Tensor, nn
 
-from curvlab.extract import statistics
-from curvlab.extract.stats import LayerStats
-from curvlab.layout import BlockLayout
+from curvlab.block import Block
+from curvlab.extract import maths
+from curvlab.extract.options import ExtractOptions
+from curvlab.stats import LayerStats
 
 #: Attribute on ``module.weight`` where the extension leaves a layer's results.
 SAVEFIELD = "_curvlab_stats"
-
-STATISTICS = ("sqrt", "kfac", "tkfac", "kfe")
-
-
-@dataclass(frozen=True)
-class Request:
-    """What to compute in one backward pass.
-
-    Attributes:
-        fisher: flavour of the reference block (``exact``/``mc``/``empirical``).
-        stats: subset of :data:`STATISTICS`.
-        kfac_flavours: flavours whose KFAC factors are wanted (the root is stacked).
-        mc_samples: MC samples per example for the ``mc`` flavour.
-        tkfac_conv: ``"exact"`` partial traces or the ``"kfc"`` form for convolutions.
-        separate_bias: weight and bias as two blocks instead of one.
-        eigenbases: block name → ``(U_out, U_in)`` for the ``kfe`` rescaling.
-    """
-
-    fisher: str
-    stats: frozenset[str]
-    kfac_flavours: tuple[str, ...]
-    mc_samples: int
-    tkfac_conv: str
-    separate_bias: bool
-    eigenbases: dict[str, tuple[Tensor, Tensor]]
-
-    @property
-    def flavours(self) -> tuple[str, ...]:
-        """Flavours whose roots are backpropagated, the reference flavour first."""
-        extra = [f for f in self.kfac_flavours if f != self.fisher]
-        return (self.fisher, *extra)
 
 
 class _LossRoot(ModuleExtension):
@@ -75,12 +44,12 @@ class _LossRoot(ModuleExtension):
 
     def backpropagate(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
         roots, segments, start = [], {}, 0
-        for flavour in ext.request.flavours:
+        for flavour in ext.options.flavours:
             if flavour == "exact":
                 root = self.derivatives.sqrt_hessian(module, g_inp, g_out)
             elif flavour == "mc":
                 root = self.derivatives.sqrt_hessian_sampled(
-                    module, g_inp, g_out, mc_samples=ext.request.mc_samples
+                    module, g_inp, g_out, mc_samples=ext.options.mc_samples
                 )
             else:  # empirical: √R ∇ℓ_n = ∇_{f_n} L / √R, with L = R Σ_n ℓ_n
                 grad = g_inp[0].detach()
@@ -133,60 +102,41 @@ def _module_extensions() -> dict[type, ModuleExtension]:
 class CurvatureStatistics(SecondOrderBackpropExtension):
     """BackPACK extension computing curvlab's per-layer statistics in one backward pass."""
 
-    def __init__(self, request: Request, names: dict[nn.Module, str]) -> None:
+    def __init__(self, options: ExtractOptions, layers: dict[nn.Module, list[Block]]) -> None:
         super().__init__(savefield=SAVEFIELD, fail_mode="ERROR", module_exts=dict(_module_extensions()))
-        self.request = request
-        self.names = names
+        self.options = options
+        self.layers = layers
         self.segments: dict[str, slice] = {}
 
     def accumulate_backpropagated_quantities(self, existing: Tensor, other: Tensor) -> Tensor:
         return existing + other
 
     def layer_statistics(self, module: nn.Module, root: Tensor) -> list[LayerStats]:
-        """Statistics of one Linear/Conv2d layer from its input and the root at its output."""
-        name = self.names[module]
+        """Statistics of the blocks of one Linear/Conv2d layer from its input and the root at
+        its output."""
         if isinstance(module, nn.Conv2d):
             x = unfold_input(module, module.input0)  # [N, C_in·kh·kw, T]
             g = root.flatten(3)  # [C, N, d_out, T]
-            module_type = "Conv2d"
         else:
             x = module.input0.unsqueeze(-1)
             g = root.unsqueeze(-1)
-            module_type = "Linear"
         x, g = x.detach(), g.detach()
-        n, _, t = x.shape
-        ones = x.new_ones(n, 1, t)
-        weight_shape = tuple(module.weight.shape)
-        has_bias = module.bias is not None and module.bias.requires_grad
-        if self.request.separate_bias:
-            blocks = [(f"{name}.weight", x, False, weight_shape)]
-            if has_bias:
-                blocks.append((f"{name}.bias", ones, False, None))
-        else:
-            blocks = [(name, torch.cat([x, ones], 1) if has_bias else x, has_bias, weight_shape)]
-        return [
-            self._block(block, bx, bias_col, wshape, module_type, g)
-            for block, bx, bias_col, wshape in blocks
-        ]
+        return [self._block(block, block.inputs(x), g) for block in self.layers[module]]
 
-    def _block(self, name: str, x: Tensor, bias_column: bool, weight_shape: tuple[int, ...] | None,
-               module_type: str, g_all: Tensor) -> LayerStats:
-        req = self.request
-        g = g_all[self.segments[req.fisher]]
-        layout = BlockLayout(g.shape[2], x.shape[1], bias_column, weight_shape)
-        out = LayerStats(name, module_type, layout, req.fisher, x.shape[0], x.shape[2])
-        if "sqrt" in req.stats:
-            out.sqrt = statistics.square_root(x, g)
-        if "kfac" in req.stats:
-            out.kfac = {
-                f: statistics.kfac_factors(x, g_all[self.segments[f]]) for f in req.kfac_flavours
-            }
-        if "tkfac" in req.stats:
-            form = statistics.tkfac_kfc if req.tkfac_conv == "kfc" and x.shape[2] > 1 else statistics.tkfac_exact
+    def _block(self, block: Block, x: Tensor, g_all: Tensor) -> LayerStats:
+        opts = self.options
+        g = g_all[self.segments[opts.fisher]]
+        out = LayerStats(block.name, block.module_type, block.layout, opts.fisher, x.shape[0], x.shape[2])
+        if "sqrt" in opts.stats:
+            out.sqrt = maths.square_root(x, g)
+        if "kfac" in opts.stats:
+            out.kfac = {f: maths.kfac_factors(x, g_all[self.segments[f]]) for f in opts.factor_flavours}
+        if "tkfac" in opts.stats:
+            form = maths.tkfac_kfc if opts.tkfac_conv == "kfc" and x.shape[2] > 1 else maths.tkfac_exact
             out.tkfac = form(x, g)
-        if "kfe" in req.stats and name in req.eigenbases:
-            u_out, u_in = req.eigenbases[name]
-            out.kfe_scaling = statistics.kfe_scaling(x, g, u_out, u_in)
+        if "kfe" in opts.stats and block.name in opts.eigenbases:
+            u_out, u_in = opts.eigenbases[block.name]
+            out.kfe_scaling = maths.kfe_scaling(x, g, u_out, u_in)
         return out
 
 

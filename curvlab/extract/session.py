@@ -8,57 +8,18 @@ when the block raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
 from types import TracebackType
 
 import torch
 from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
-from torch import Tensor, nn
+from torch import nn
 
-from curvlab.extract.extension import SAVEFIELD, STATISTICS, CurvatureStatistics, Request
-from curvlab.extract.stats import FLAVOURS, LayerStats
+from curvlab.block import Block
+from curvlab.extract.extension import SAVEFIELD, CurvatureStatistics
+from curvlab.extract.options import ExtractOptions
 from curvlab.extract.validate import check_loss, check_model, leaf_modules
-
-DEFAULT_STATS = ("sqrt", "kfac", "tkfac")
-
-
-def make_request(
-    fisher: str,
-    mc_samples: int,
-    stats: Iterable[str],
-    kfac_flavours: Iterable[str] | None,
-    tkfac_conv: str,
-    separate_bias: bool,
-    eigenbases: Mapping[str, tuple[Tensor, Tensor]] | None,
-) -> Request:
-    """Validate the caller's options and bundle them."""
-    if fisher not in FLAVOURS:
-        raise ValueError(f"curvlab.extract: fisher={fisher!r}; choose one of {FLAVOURS}")
-    stats = frozenset(stats)
-    unknown = stats - set(STATISTICS)
-    if unknown:
-        raise ValueError(
-            f"curvlab.extract: unknown statistics {sorted(unknown)}; choose from {STATISTICS}"
-        )
-    if "kfe" in stats and not eigenbases:
-        raise ValueError("curvlab.extract: stats 'kfe' needs eigenbases={block: (U_out, U_in)}")
-    flavours = tuple(kfac_flavours) if kfac_flavours is not None else (fisher,)
-    for f in flavours:
-        if f not in FLAVOURS:
-            raise ValueError(f"curvlab.extract: kfac_flavours has {f!r}; choose from {FLAVOURS}")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"curvlab.extract: mc_samples={mc_samples!r} must be a positive int")
-    if tkfac_conv not in ("exact", "kfc"):
-        raise ValueError(f"curvlab.extract: tkfac_conv={tkfac_conv!r}; choose 'exact' or 'kfc'")
-    return Request(
-        fisher=fisher,
-        stats=stats,
-        kfac_flavours=flavours,
-        mc_samples=mc_samples,
-        tkfac_conv=tkfac_conv,
-        separate_bias=separate_bias,
-        eigenbases=dict(eigenbases or {}),
-    )
+from curvlab.stats import LayerStats
 
 
 class ExtractionSession:
@@ -70,34 +31,31 @@ class ExtractionSession:
             loss_fn(model(x), y).backward()
         stats = session.results()
 
+    Args:
+        model, loss_fn: the network and its loss module.
+        options: an :class:`~curvlab.extract.ExtractOptions`; keyword arguments override its
+            fields (e.g. ``fisher="mc"``).
+
     In-place activations are switched off inside the block (BackPACK cannot handle them) and
-    restored afterwards.
+    restored afterwards.  With ``seed`` set, the MC sampling inside the block is seeded and the
+    global random state is restored on exit.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        *,
-        fisher: str = "exact",
-        mc_samples: int = 1,
-        stats: Iterable[str] = DEFAULT_STATS,
-        kfac_flavours: Iterable[str] | None = None,
-        tkfac_conv: str = "exact",
-        separate_bias: bool = False,
-        eigenbases: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-        skip_unsupported: bool = False,
+        self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions | None = None, **overrides: object
     ) -> None:
         check_loss(loss_fn)
-        self.request = make_request(
-            fisher, mc_samples, stats, kfac_flavours, tkfac_conv, separate_bias, eigenbases
-        )
-        self.layers = check_model(model, skip_unsupported)
+        self.options = ExtractOptions.make(options, overrides)
+        self.layers = check_model(model, self.options.skip_unsupported)
+        self.blocks = {
+            module: Block.of_layer(name, module, separate_bias=self.options.separate_bias)
+            for name, module in self.layers
+        }
         self.model, self.loss_fn = model, loss_fn
-        self.extension = CurvatureStatistics(self.request, {m: n for n, m in self.layers})
+        self.extension = CurvatureStatistics(self.options, self.blocks)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inplace: list[nn.Module] = []
-        self._context: backpack | None = None
+        self._stack: contextlib.ExitStack | None = None
 
     def _modules(self) -> list[nn.Module]:
         return [m for _, m in leaf_modules(self.model)] + [self.loss_fn]
@@ -111,8 +69,13 @@ class ExtractionSession:
             if getattr(module, "inplace", False):
                 module.inplace = False
                 self._inplace.append(module)
-        self._context = backpack(self.extension)
-        self._context.__enter__()
+        self._stack = contextlib.ExitStack()
+        if self.options.seed is not None:
+            param = next(p for blocks in self.blocks.values() for p in blocks[0].parameters())
+            devices = [param.device] if param.device.type == "cuda" else []
+            self._stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.manual_seed(self.options.seed)
+        self._stack.enter_context(backpack(self.extension))
         return self
 
     def __exit__(
@@ -121,9 +84,9 @@ class ExtractionSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._context is not None:
-            self._context.__exit__(exc_type, exc, tb)
-            self._context = None
+        if self._stack is not None:
+            self._stack.__exit__(exc_type, exc, tb)
+            self._stack = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -155,28 +118,16 @@ class ExtractionSession:
         out = self._collect()
         missing = []
         for name, module in self.layers:
-            blocks = [b for key, b in out.items() if key == name or key.startswith(name + ".")]
-            if not blocks:
-                missing.append(name)
-            for block in blocks:
-                block.grad = gradient_matrix(module, block)
+            for block in self.blocks[module]:
+                if block.name not in out:
+                    missing.append(name)
+                    continue
+                grad = block.grad_matrix()  # a copy: .grad may change after the block
+                out[block.name].grad = None if grad is None else grad.detach().clone()
         if missing:
             raise RuntimeError(
-                f"curvlab.extract: no statistics for layers {missing}: run loss_fn(model(x), y)"
-                ".backward() inside the ExtractionSession block, with loss_fn the session's loss"
+                f"curvlab.extract: no statistics for layers {sorted(set(missing))}: run "
+                "loss_fn(model(x), y).backward() inside the ExtractionSession block, with loss_fn "
+                "the session's loss"
             )
         return out
-
-
-def gradient_matrix(module: nn.Module, stats: LayerStats) -> Tensor | None:
-    """The block's mini-batch gradient ``[d_out, D]`` read from ``.grad`` (None if absent)."""
-    parts = []
-    if stats.layout.weight_shape is not None:
-        if module.weight.grad is None:
-            return None
-        parts.append(module.weight.grad.flatten(1))
-    if stats.layout.bias_column or stats.layout.weight_shape is None:
-        if module.bias is None or module.bias.grad is None:
-            return None
-        parts.append(module.bias.grad.unsqueeze(1))
-    return torch.cat(parts, 1).detach().clone()

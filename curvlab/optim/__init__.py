@@ -11,7 +11,8 @@ optimizer   preconditioner (a ``curvlab.approx`` object)            status
 
 All four are ``torch.optim.Optimizer`` subclasses sharing
 :class:`~curvlab.optim.base.KroneckerOptimizer` (the order of a step, the intervals, KL clipping,
-momentum, weight decay, non-finite skipping, ``state_dict``)::
+momentum, weight decay, non-finite skipping, ``state_dict``); their hyper-parameters are the
+fields of :class:`KroneckerOptions`::
 
     opt = TEKFAC(model, lr=0.1)
     for x, y in loader:
@@ -25,12 +26,14 @@ momentum, weight decay, non-finite skipping, ``state_dict``)::
 ``inv_mat_mul(grad, opt.damping, opt.damping_strategy)``.
 """
 
-from curvlab.optim.base import KroneckerOptimizer
+from curvlab.optim.base import BlockState, KroneckerOptimizer
 from curvlab.optim.ekfac import EKFAC
 from curvlab.optim.kfac import KFAC
+from curvlab.optim.options import KroneckerOptions
 from curvlab.optim.tekfac import TEKFAC
 from curvlab.optim.tkfac import TKFAC
 
-OPTIMIZERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TEKFAC}
+#: The registry of curvlab's optimizers: method name → class.
+OPTIMIZERS: dict[str, type[KroneckerOptimizer]] = {cls.method: cls for cls in (KFAC, EKFAC, TKFAC, TEKFAC)}
 
-__all__ = ["EKFAC", "KFAC", "OPTIMIZERS", "TEKFAC", "TKFAC", "KroneckerOptimizer"]
+__all__ = ["EKFAC", "KFAC", "OPTIMIZERS", "TEKFAC", "TKFAC", "BlockState", "KroneckerOptimizer", "KroneckerOptions"]

@@ -13,50 +13,21 @@ Preconditioner: the damped inverse of ``curvlab.approx.TKFAC(δ, δΦ, δΨ)``,
 
 from __future__ import annotations
 
-from typing import Any
-
-from curvlab.approx import TKFAC as TKFACApprox
-from curvlab.approx import KroneckerApproximation
-from curvlab.extract import LayerStats
-from curvlab.optim.base import Block, KroneckerOptimizer, accumulate_trace
-from curvlab.optim.kfac import decomposed
+from curvlab.block import Block
+from curvlab.optim.base import KroneckerOptimizer
+from curvlab.optim.state import RunningTraces
 
 
 class TKFAC(KroneckerOptimizer):
     """TKFAC optimizer [C, damping R]: preconditions with ``curvlab.approx.TKFAC`` (see the module
-    docstring; arguments and step order: :class:`~curvlab.optim.base.KroneckerOptimizer`).
+    docstring; options and step order: :class:`~curvlab.optim.base.KroneckerOptimizer`).
 
-    Per-block state: ``delta``, ``delta_phi``, ``delta_psi`` (running averages), ``inv_delta``,
-    ``inv_delta_phi``, ``inv_delta_psi`` (the averages at the last refresh), ``momentum_buffer``.
+    Per-block state: :class:`~curvlab.optim.state.RunningTraces` (``δ``, ``δΦ``, ``δΨ`` and the
+    ``curvlab.approx.TKFAC`` of the averages at the last refresh).
     """
 
     method = "tkfac"
     trace_factored = True
 
-    def stat_kinds(self) -> tuple[str, ...]:
-        return ("tkfac",)
-
-    def _accumulate(self, state: dict[str, Any], stats: LayerStats) -> None:
-        accumulate_trace(state, stats, self.stat_decay)
-
-    def _has_stats(self, state: dict[str, Any]) -> bool:
-        return "delta" in state
-
-    def _has_inverse(self, state: dict[str, Any]) -> bool:
-        return "inv_delta" in state
-
-    @staticmethod
-    def _make(block: Block) -> Any:
-        return lambda d, phi, psi: TKFACApprox(d, phi, psi, layout=block.layout, name="tkfac")
-
-    def _refresh(self, state: dict[str, Any], block: Block) -> KroneckerApproximation:
-        approx, (d, phi, psi) = decomposed(
-            self._make(block),
-            [state["delta"].clone(), state["delta_phi"].clone(), state["delta_psi"].clone()],
-            f"the TKFAC factors of {block.name!r}",
-        )
-        state["inv_delta"], state["inv_delta_phi"], state["inv_delta_psi"] = d, phi, psi
-        return approx
-
-    def _build(self, state: dict[str, Any], block: Block) -> KroneckerApproximation:
-        return self._make(block)(state["inv_delta"], state["inv_delta_phi"], state["inv_delta_psi"])
+    def new_state(self, block: Block) -> RunningTraces:
+        return RunningTraces(block.layout, "tkfac")

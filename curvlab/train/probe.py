@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from curvlab.approx import DEFAULT_DAMPING, approximate
 from curvlab.compare import measure
-from curvlab.compare.api import needed_kfac_flavours
+from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
 from curvlab.optim.base import KroneckerOptimizer
 from curvlab.report.files import read_netcdf, write_netcdf

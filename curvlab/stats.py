@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from curvlab.layout import BlockLayout
+from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
 #: Largest dense P×P block :meth:`LayerStats.dense_fisher` builds by default (bytes).

@@ -21,7 +21,7 @@ from curvlab.compare.metrics import (
     woodbury_natural_gradient,
     woodbury_solve,
 )
-from curvlab.extract.stats import LayerStats
+from curvlab.stats import LayerStats
 
 PER_APPROXIMATION = (
     "trace_ratio",
@@ -85,17 +85,16 @@ def measure(
     iterator = progress(layers) if progress else layers
 
     exact: dict[str, ExactBlock] = {}
-    exact_ng: dict[str, Tensor] = {}
     results: dict[tuple[str, str], ApproximationMetrics] = {}
     grads: dict[str, Tensor] = {}
     for layer in iterator:
         block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
         grad = stats[layer].grad.to(torch.float64)
         exact[layer], grads[layer] = block, grad
-        exact_ng[layer] = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
+        exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
         for name, approx in approximations[layer].items():
             results[layer, name] = approximation_metrics(
-                block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng[layer]
+                block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng
             )
 
     length = max(min(stats[l].num_params, num_eigenvalues) for l in layers)
@@ -114,8 +113,7 @@ def measure(
     for (layer, name), res in results.items():
         spectra[layers.index(layer), names.index(name)] = _pad(res.spectrum, length)
     data["approx_eigenvalues"] = (("layer", "approximation", "eig"), spectra)
-    data.update(_network(exact, grads, exact_ng, results, layers, names, damping, damping_strategies,
-                         approximations, num_eigenvalues))
+    data.update(_network(exact, grads, results, approximations, damping, damping_strategies, num_eigenvalues))
 
     coords = {
         "layer": layers,
@@ -143,8 +141,18 @@ def measure(
     return ds
 
 
-def _network(exact, grads, exact_ng, results, layers, names, damping, strategies, approximations, top):
+def _network(
+    exact: Mapping[str, ExactBlock],
+    grads: Mapping[str, Tensor],
+    results: Mapping[tuple[str, str], ApproximationMetrics],
+    approximations: Mapping[str, Mapping[str, KroneckerApproximation]],
+    damping: float,
+    strategies: Mapping[str, str],
+    top: int,
+) -> dict[str, tuple]:
     """Whole-network entries: the full (cross-layer) Fisher against block-diagonal approximations."""
+    layers = list(exact)
+    names = list(dict.fromkeys(a for layer in layers for a in approximations[layer]))
     gram = sum(exact[l].gram for l in layers)
     evals = gram_eigenvalues(gram, top)
     norm_sq = gram.square().sum()
@@ -199,10 +207,10 @@ def _attr(value: object) -> object:
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    import curvlab
+    from curvlab._version import __version__
 
     return {
-        "curvlab_version": curvlab.__version__,
+        "curvlab_version": __version__,
         "torch_version": str(torch.__version__),
         "backpack_version": version("backpack-for-pytorch"),
         "xarray_version": xr.__version__,

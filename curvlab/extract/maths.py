@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvlab.extract.stats import KroneckerFactors, TraceStats
+from curvlab.stats import KroneckerFactors, TraceStats
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
 
 #: Elements of the largest temporary a chunked computation may allocate.

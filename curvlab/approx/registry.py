@@ -1,0 +1,112 @@
+"""The registry of approximations: name → how to build it, its default damping, what it needs.
+
+:data:`APPROXIMATIONS`, :data:`DEFAULT_DAMPING` and :func:`approximate` are all read from
+:data:`REGISTRY`, so an approximation is added in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from curvlab.approx.base import KroneckerApproximation
+from curvlab.approx.ekfac import EKFAC
+from curvlab.approx.kfac import KFAC
+from curvlab.approx.kfoc import KFOC
+from curvlab.approx.tekfac import TEKFAC
+from curvlab.approx.tkfac import TKFAC
+from curvlab.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class ApproximationSpec:
+    """One named approximation.
+
+    Attributes:
+        name: its name (``"kfac"``, …).
+        build: ``LayerStats`` (+ options) → the approximation object.
+        default_damping: the damping strategy of its inverse — the optimizers' default, and so
+            what the comparison measures unless told otherwise.
+        kfac_flavour: the flavour of KFAC factors it is built from (``None``: the block's own
+            flavour, or none at all).
+    """
+
+    name: str
+    build: Callable[..., KroneckerApproximation]
+    default_damping: str
+    kfac_flavour: str | None = None
+
+
+def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
+    def build(stats: LayerStats, **options: Any) -> KroneckerApproximation:
+        if "flavour" in options:
+            raise ValueError(
+                f"approximate: {name!r} fixes the flavour ('kfac': 'mc', 'kflr': 'exact'); "
+                "use KFAC.from_stats(stats, flavour=...) for other factors"
+            )
+        return KFAC.from_stats(stats, flavour=flavour, name=name, **options)
+
+    return build
+
+
+# Damping [C] for KFAC/KFLR (Martens & Grosse's factored π-damping) and EKFAC (exact damping in
+# its eigenbasis); [R] TKFAC's "nor" damping for TKFAC and TEKFAC; KFOC, a reference never
+# inverted by an optimizer: factored.
+REGISTRY: dict[str, ApproximationSpec] = {
+    spec.name: spec
+    for spec in (
+        ApproximationSpec("kfac", _kfac("mc", "kfac"), "factored", kfac_flavour="mc"),
+        ApproximationSpec("kflr", _kfac("exact", "kflr"), "factored", kfac_flavour="exact"),
+        ApproximationSpec("ekfac", EKFAC.from_stats, "exact"),
+        ApproximationSpec("tkfac", TKFAC.from_stats, "nor"),
+        ApproximationSpec("tekfac", TEKFAC.from_stats, "nor"),
+        ApproximationSpec("kfoc", KFOC.from_stats, "factored"),
+    )
+}
+
+#: Names accepted by :func:`approximate`.
+APPROXIMATIONS = tuple(REGISTRY)
+
+#: Default damping strategy of each approximation's inverse.
+DEFAULT_DAMPING: Mapping[str, str] = {name: spec.default_damping for name, spec in REGISTRY.items()}
+
+
+def spec(name: str, who: str = "approximate") -> ApproximationSpec:
+    """The registry entry of ``name`` (case-insensitive); a clear error for anything else."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in REGISTRY:
+        raise ValueError(f"{who}: unknown approximation {name!r}; choose one of {APPROXIMATIONS}")
+    return REGISTRY[key]
+
+
+def needed_kfac_flavours(names: Iterable[str], fisher: str) -> tuple[str, ...]:
+    """KFAC factor flavours the approximations ``names`` need besides the reference
+    ``fisher`` (which EKFAC's basis and KFOC's start use)."""
+    flavours = {fisher} | {spec(n).kfac_flavour for n in names if spec(n).kfac_flavour}
+    return tuple(sorted(flavours))
+
+
+def approximate(stats: LayerStats | Mapping[str, LayerStats], name: str, **options: Any) -> Any:
+    """Build the approximation ``name`` of the block described by ``stats``.
+
+    Args:
+        stats: the block's extracted statistics — or a whole extraction (block name →
+            statistics), which gives one object per block.
+        name: one of :data:`APPROXIMATIONS`.
+        options: passed to the class's ``from_stats`` (e.g. ``basis="kfac"`` for TEKFAC,
+            ``init="identity"`` / ``tol`` for KFOC, ``scaling`` for EKFAC/TEKFAC).
+
+    Raises:
+        ValueError: unknown ``name``, or a statistic it needs was not extracted (the message
+            names the layer, the approximation and what to request from ``curvlab.extract``).
+    """
+    entry = spec(name)
+    if isinstance(stats, Mapping):
+        return {block: entry.build(s, **options) for block, s in stats.items()}
+    if not isinstance(stats, LayerStats):
+        raise TypeError(
+            f"approximate: expected one block's LayerStats or an extraction (block name → LayerStats), "
+            f"got {type(stats).__name__}"
+        )
+    return entry.build(stats, **options)

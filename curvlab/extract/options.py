@@ -1,0 +1,103 @@
+"""What one extraction computes: :class:`ExtractOptions`, the one definition of its options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+
+from torch import Tensor
+
+from curvlab.stats import FLAVOURS
+
+#: Statistics an extraction can compute.
+STATISTICS = ("sqrt", "kfac", "tkfac", "kfe")
+DEFAULT_STATS = ("sqrt", "kfac", "tkfac")
+TKFAC_CONV_FORMS = ("exact", "kfc")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Options of :func:`curvlab.extract` and :class:`~curvlab.extract.ExtractionSession`.
+
+    Attributes:
+        fisher: flavour of the block and of every statistic except extra KFAC factors:
+            ``"exact"`` (GGN), ``"mc"`` (Monte-Carlo Fisher) or ``"empirical"``.
+        mc_samples: labels sampled per example for the ``mc`` flavour.
+        stats: any of ``"sqrt"`` (per-sample gradient matrices, ``N·C·P`` numbers),
+            ``"kfac"`` (KFAC factors), ``"tkfac"`` (δ, δΦ, δΨ), ``"kfe"`` (rescaling in the
+            ``eigenbases`` given).
+        kfac_flavours: flavours whose KFAC factors to compute (default: ``(fisher,)``); several
+            flavours share the one backward pass as a stacked root (``"mc"`` gives KFAC,
+            ``"exact"`` KFLR).
+        tkfac_conv: conv TKFAC statistics as exact partial traces (``"exact"``) or KFC-style.
+        separate_bias: blocks ``"<layer>.weight"`` and ``"<layer>.bias"`` instead of one
+            block ``"<layer>"`` with the bias as last input column.
+        eigenbases: block name → ``(U_out, U_in)`` for ``"kfe"``.
+        skip_unsupported: leave out parameters of unsupported layers instead of raising.
+        seed: seeds the MC sampling without touching the global random state (``None``: the
+            global state is used and advanced).
+    """
+
+    fisher: str = "exact"
+    mc_samples: int = 1
+    stats: frozenset[str] = frozenset(DEFAULT_STATS)
+    kfac_flavours: tuple[str, ...] | None = None
+    tkfac_conv: str = "exact"
+    separate_bias: bool = False
+    eigenbases: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    skip_unsupported: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        who = "curvlab.extract"
+        if self.fisher not in FLAVOURS:
+            raise ValueError(f"{who}: fisher={self.fisher!r}; choose one of {FLAVOURS}")
+        if isinstance(self.stats, str):
+            raise ValueError(f"{who}: stats={self.stats!r} must be a collection of names, e.g. ({self.stats!r},)")
+        stats = frozenset(self.stats)
+        unknown = stats - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"{who}: unknown statistics {sorted(unknown)}; choose from {STATISTICS}")
+        if "kfe" in stats and not self.eigenbases:
+            raise ValueError(f"{who}: stats 'kfe' needs eigenbases={{block: (U_out, U_in)}}")
+        flavours = (self.fisher,) if self.kfac_flavours is None else _names(self.kfac_flavours, "kfac_flavours")
+        for f in flavours:
+            if f not in FLAVOURS:
+                raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
+        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
+        if self.tkfac_conv not in TKFAC_CONV_FORMS:
+            raise ValueError(f"{who}: tkfac_conv={self.tkfac_conv!r}; choose one of {TKFAC_CONV_FORMS}")
+        object.__setattr__(self, "stats", stats)
+        if self.kfac_flavours is not None:
+            object.__setattr__(self, "kfac_flavours", flavours)
+        object.__setattr__(self, "eigenbases", dict(self.eigenbases or {}))
+
+    @property
+    def factor_flavours(self) -> tuple[str, ...]:
+        """Flavours whose KFAC factors are computed (``kfac_flavours``, default ``(fisher,)``)."""
+        return (self.fisher,) if self.kfac_flavours is None else self.kfac_flavours
+
+    @property
+    def flavours(self) -> tuple[str, ...]:
+        """Flavours whose roots are backpropagated, the reference flavour first."""
+        extra = [f for f in self.factor_flavours if f != self.fisher]
+        return (self.fisher, *extra)
+
+    @classmethod
+    def make(cls, options: "ExtractOptions | None", overrides: Mapping[str, object]) -> "ExtractOptions":
+        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"curvlab.extract: unknown option(s) {unknown}; options are {sorted(names)}")
+        base = options if options is not None else cls()
+        if not overrides:
+            return base
+        return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **overrides})
+
+
+def _names(value: Iterable[str] | str, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ValueError(f"curvlab.extract: {what}={value!r} must be a collection of names, e.g. ({value!r},)")
+    return tuple(value)

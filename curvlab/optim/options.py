@@ -1,0 +1,94 @@
+"""The hyper-parameters of curvlab's optimizers, defined once (:class:`KroneckerOptions`).
+
+The optimizers, ``curvlab train``'s configuration and command line, and the analyses all read
+the fields, defaults, help texts and checks from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+from curvlab.approx import DAMPING_STRATEGIES, DampingStrategy, get_damping
+from curvlab.approx.tekfac import TEKFAC_BASES
+from curvlab.stats import FLAVOURS
+
+
+def _option(default: object, help: str, **cli: object) -> object:
+    """A field with its help text (and command-line hints: ``type``, ``choices``, ``metavar``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class KroneckerOptions:
+    """Hyper-parameters of :class:`~curvlab.optim.KFAC`, ``EKFAC``, ``TKFAC`` and ``TEKFAC``.
+
+    ``lr``, ``momentum`` and ``weight_decay`` are the defaults of the param groups (each group
+    may set its own); the others apply to the whole optimizer.  Every value is checked here:
+    non-finite numbers, negative rates and empty intervals are refused with the field's name.
+    """
+
+    lr: float = _option(0.1, "learning rate", type=float)
+    momentum: float = _option(0.9, "heavy-ball momentum μ on the preconditioned direction (0 disables it)", type=float)
+    weight_decay: float = _option(0.0, "L2 coefficient added to the update (u = ∇̃ + wd·θ)", type=float)
+    damping: float = _option(1e-3, "damping λ of the inverse (> 0)", type=float)
+    damping_strategy: str | DampingStrategy | None = _option(
+        None, "how λ enters the inverse; default: the method's own (curvlab.approx.DEFAULT_DAMPING)",
+        choices=DAMPING_STRATEGIES,
+    )
+    stat_decay: float = _option(0.95, "β of the running averages of the statistics and of s, in [0, 1)", type=float)
+    stats_interval: int = _option(10, "steps between curvature statistics", type=int)
+    eigen_interval: int = _option(100, "steps between eigen-decompositions (KFAC/TKFAC: inverse refreshes)", type=int)
+    scale_interval: int = _option(10, "steps between rescalings of s (EKFAC/TEKFAC)", type=int)
+    kl_clip: float | None = _option(1e-3, "KL clipping threshold; None (CLI: 0) disables clipping", type=float)
+    fisher: str = _option("mc", "Fisher flavour of the statistics", choices=FLAVOURS)
+    mc_samples: int = _option(1, "labels sampled per example for fisher='mc'", type=int)
+    basis: str = _option("trace", "TEKFAC's eigenbasis: trace-weighted, or KFAC's (ablation)", choices=TEKFAC_BASES)
+
+    def __post_init__(self) -> None:
+        who = "curvlab.optim"
+        for name in ("lr", "momentum", "weight_decay"):
+            _check_number(who, name, getattr(self, name), minimum=0.0, strict=False)
+        _check_number(who, "damping", self.damping, minimum=0.0, strict=True)
+        _check_number(who, "stat_decay", self.stat_decay, minimum=0.0, strict=False)
+        if not self.stat_decay < 1.0:
+            raise ValueError(f"{who}: stat_decay={self.stat_decay} must be in [0, 1)")
+        for name in ("stats_interval", "eigen_interval", "scale_interval", "mc_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{who}: {name}={value!r} must be a positive int")
+        if self.kl_clip is not None:
+            _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
+        if self.fisher not in FLAVOURS:
+            raise ValueError(f"{who}: fisher={self.fisher!r}; choose one of {FLAVOURS}")
+        if self.basis not in TEKFAC_BASES:
+            raise ValueError(f"{who}: basis={self.basis!r}; choose one of {TEKFAC_BASES}")
+        if self.damping_strategy is not None:
+            if isinstance(self.damping_strategy, str) and self.damping_strategy not in DAMPING_STRATEGIES:
+                raise ValueError(
+                    f"{who}: damping_strategy={self.damping_strategy!r}; choose one of {DAMPING_STRATEGIES}"
+                )
+            get_damping(self.damping_strategy)  # objects are checked too
+
+    @classmethod
+    def make(cls, options: "KroneckerOptions | None", overrides: Mapping[str, object]) -> "KroneckerOptions":
+        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"curvlab.optim: unknown option(s) {unknown}; options are {sorted(names)}")
+        return replace(options if options is not None else cls(), **overrides)
+
+    def as_dict(self) -> dict[str, object]:
+        """The options by field name (for configurations and file attributes)."""
+        return {f.name: getattr(self, f.name) for f in fields(KroneckerOptions)}
+
+
+def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "positive" if strict else "non-negative"
+        raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")

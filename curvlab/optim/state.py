@@ -1,0 +1,269 @@
+"""Typed per-block curvature state of curvlab's optimizers.
+
+A preconditioned block keeps one :class:`CurvatureState`, chosen by the method:
+
+=====================  ==============================================  =========================
+state                  running averages                                builds
+=====================  ==============================================  =========================
+:class:`RunningFactors` KFAC's ``A``, ``G``                            ``curvlab.approx.KFAC``
+:class:`RunningTraces`  TKFAC's unnormalised ``δ``, ``δΦ``, ``δΨ``     ``curvlab.approx.TKFAC``
+:class:`EKFACBasis`     ``A``, ``G`` + an eigenbasis with scaling ``s`` ``curvlab.approx.EKFAC``
+:class:`TEKFACBasis`    ``δ, δΦ, δΨ`` (+ ``A``, ``G``) + eigenbasis     ``curvlab.approx.TEKFAC``
+=====================  ==============================================  =========================
+
+Each has ``update(stats, decay)`` (the running averages; the eigen-corrected ones also rescale
+``s ← β s + (1 − β) s*`` from the batch's ``kfe_scaling``), ``refresh()`` (the eigen
+refresh: through the ``curvlab.approx`` constructors only, so every approximation is built in one
+place, with the one robust eigen-decomposition :func:`curvlab.approx.psd_eigh`) and ``build()``
+(the object the next step inverts; ``None`` before the first refresh).  Running averages are
+``X ← β X + (1 − β) X_batch``, initialised with the first batch (no zero bias); objects handed out
+by ``build()`` are never modified later.
+
+``tensors()``/``load()`` give and take the state as a flat ``name → tensor`` mapping — what
+:meth:`KroneckerOptimizer.state_dict` saves (loadable with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from curvlab import approx
+from curvlab.approx import KroneckerApproximation
+from curvlab.block import BlockLayout
+from curvlab.stats import KroneckerFactors, LayerStats
+
+
+def ema_(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
+    """``decay · old + (1 − decay) · new`` in place of ``old`` (a copy of ``new`` if ``old`` is None)."""
+    if old is None:
+        return new.detach().clone()
+    return old.lerp_(new.to(old.dtype), 1.0 - decay)  # one pass; exactly ``new`` for decay 0
+
+
+class CurvatureState(ABC):
+    """The curvature state of one block (see the module docstring)."""
+
+    layout: BlockLayout
+    name: str
+
+    @abstractmethod
+    def update(self, stats: LayerStats, decay: float) -> None:
+        """Fold one batch's statistics into the running averages."""
+
+    @abstractmethod
+    def refresh(self) -> None:
+        """Rebuild what :meth:`build` returns from the running averages (eigen-decompositions
+        computed now)."""
+
+    @abstractmethod
+    def build(self) -> KroneckerApproximation | None:
+        """The ``curvlab.approx`` object the next step inverts (``None`` before a refresh)."""
+
+    @property
+    @abstractmethod
+    def has_statistics(self) -> bool:
+        """Whether the running averages have been initialised."""
+
+    @property
+    @abstractmethod
+    def statistics(self) -> tuple[str, ...]:
+        """Statistics (``curvlab.extract`` names) a statistics step must extract for it."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The state as ``field[.sub] → tensor`` (fields that are ``None`` are left out)."""
+        out: dict[str, Tensor] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = value
+            elif isinstance(value, (CurvatureState, KroneckerApproximation)):
+                out.update({f"{f.name}.{k}": v for k, v in value.tensors().items()})
+        return out
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`tensors` (on a state constructed with the same layout).
+
+        Raises:
+            ValueError: a tensor this state does not have, or an incomplete approximation.
+        """
+        used: set[str] = set()
+        for f in fields(self):  # type: ignore[arg-type]
+            prefix = f"{f.name}."
+            sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            current = getattr(self, f.name)
+            if f.name in tensors:
+                setattr(self, f.name, tensors[f.name])
+                used.add(f.name)
+            elif sub and isinstance(current, CurvatureState):
+                current.load(sub)
+            elif sub:  # the approximation object
+                try:
+                    built = self.approximation_class.from_tensors(sub, layout=self.layout, name=self.name)
+                except TypeError as err:
+                    raise ValueError(f"{type(self).__name__}: incomplete {f.name} ({err})") from None
+                setattr(self, f.name, built)
+            used.update(prefix + k for k in sub)
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise ValueError(f"{type(self).__name__}: unexpected state tensors {extra}")
+
+
+@dataclass(eq=False)
+class RunningFactors(CurvatureState):
+    """Running KFAC factors ``A``, ``G`` of one flavour; builds ``curvlab.approx.KFAC`` from the
+    averages at the last refresh (the inverse interval of Martens & Grosse)."""
+
+    statistics = ("kfac",)  # type: ignore[assignment]
+    approximation_class: ClassVar[type] = approx.KFAC
+
+    layout: BlockLayout
+    name: str
+    flavour: str
+    A: Tensor | None = None
+    G: Tensor | None = None
+    approximation: approx.KFAC | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.A is not None
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        factors = stats.kfac.get(self.flavour)
+        if factors is not None:
+            self.A, self.G = ema_(self.A, factors.A, decay), ema_(self.G, factors.G, decay)
+
+    def snapshot(self) -> KroneckerFactors:
+        """The current averages (copies)."""
+        return KroneckerFactors(A=self.A.clone(), G=self.G.clone())
+
+    def refresh(self) -> None:
+        factors = self.snapshot()
+        self.approximation = approx.KFAC(factors.A, factors.G, layout=self.layout, name=self.name)
+        self.approximation.eigenbasis()  # decompose now, not in the next step
+
+    def build(self) -> approx.KFAC | None:
+        return self.approximation
+
+
+@dataclass(eq=False)
+class RunningTraces(CurvatureState):
+    """Running TKFAC statistics ``δ``, ``δΦ``, ``δΨ`` — averaged *unnormalised* (normalising
+    first would break ``tr K̂ = tr F``); builds ``curvlab.approx.TKFAC``."""
+
+    statistics = ("tkfac",)  # type: ignore[assignment]
+    approximation_class: ClassVar[type] = approx.TKFAC
+
+    layout: BlockLayout
+    name: str
+    delta: Tensor | None = None
+    delta_phi: Tensor | None = None
+    delta_psi: Tensor | None = None
+    approximation: approx.TKFAC | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.delta is not None
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        ts = stats.tkfac
+        if ts is not None:
+            self.delta = ema_(self.delta, ts.delta.reshape(()), decay)
+            self.delta_phi = ema_(self.delta_phi, ts.delta_phi, decay)
+            self.delta_psi = ema_(self.delta_psi, ts.delta_psi, decay)
+
+    def refresh(self) -> None:
+        self.approximation = approx.TKFAC(
+            self.delta.clone(), self.delta_phi.clone(), self.delta_psi.clone(), layout=self.layout, name=self.name
+        )
+        self.approximation.eigenbasis()
+
+    def build(self) -> approx.TKFAC | None:
+        return self.approximation
+
+
+class Eigenbasis(CurvatureState):
+    """An eigenbasis with a free diagonal ``s`` (EKFAC, TEKFAC): the basis is replaced at a
+    refresh (``s`` reset to the Kronecker eigenvalues in it) and ``s`` is averaged with the
+    batch's ``s* = Σ_k (U_outᵀ M_k U_in)²`` on every rescaling step in between."""
+
+    approximation: approx.EigenCorrected | None
+
+    def rescale(self, scaling: Tensor, decay: float) -> None:
+        """``s ← β s + (1 − β) s*`` (out of place: built objects keep their own ``s``)."""
+        s = self.approximation.scaling
+        self.approximation = self.approximation.with_scaling(torch.lerp(scaling.to(s.dtype), s, decay))
+
+    def build(self) -> approx.EigenCorrected | None:
+        return self.approximation
+
+    def eigenbasis(self) -> tuple[Tensor, Tensor] | None:
+        """``(U_out, U_in)`` in which the next rescaling must be extracted (``None``: no basis)."""
+        return None if self.approximation is None else self.approximation.eigenbasis()
+
+
+@dataclass(eq=False)
+class EKFACBasis(Eigenbasis):
+    """EKFAC: the eigenbasis of the running KFAC factors; builds ``curvlab.approx.EKFAC``."""
+
+    statistics = ("kfac",)  # type: ignore[assignment]
+    approximation_class: ClassVar[type] = approx.EKFAC
+
+    layout: BlockLayout
+    name: str
+    factors: RunningFactors
+    approximation: approx.EKFAC | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.factors.has_statistics
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        self.factors.update(stats, decay)
+        if stats.kfe_scaling is not None and self.approximation is not None:
+            self.rescale(stats.kfe_scaling, decay)
+
+    def refresh(self) -> None:
+        f = self.factors
+        self.approximation = approx.EKFAC.from_factors(f.A, f.G, scaling="kronecker", layout=self.layout, name=self.name)
+
+
+@dataclass(eq=False)
+class TEKFACBasis(Eigenbasis):
+    """TEKFAC [R]: the eigenbasis of the running ``δΨ``, ``δΦ`` (or, ``factors`` given, of the
+    running KFAC factors — the ``basis="kfac"`` ablation); builds ``curvlab.approx.TEKFAC``."""
+
+    approximation_class: ClassVar[type] = approx.TEKFAC
+
+    layout: BlockLayout
+    name: str
+    traces: RunningTraces
+    factors: RunningFactors | None = None
+    approximation: approx.TEKFAC | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.traces.has_statistics and (self.factors is None or self.factors.has_statistics)
+
+    @property
+    def statistics(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("tkfac",) if self.factors is None else ("tkfac", "kfac")
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        self.traces.update(stats, decay)
+        if self.factors is not None:
+            self.factors.update(stats, decay)
+        if stats.kfe_scaling is not None and self.approximation is not None:
+            self.rescale(stats.kfe_scaling, decay)
+
+    def refresh(self) -> None:
+        t = self.traces
+        self.approximation = approx.TEKFAC.from_trace_stats(
+            t.delta, t.delta_phi, t.delta_psi,
+            basis=None if self.factors is None else self.factors.snapshot(),
+            scaling="kronecker", layout=self.layout, name=self.name,
+        )

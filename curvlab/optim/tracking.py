@@ -1,0 +1,71 @@
+"""What the backward pass of a step must compute, and the ``track`` context that computes it.
+
+On a statistics step the extraction (:class:`curvlab.extract.ExtractionSession`) is attached to
+the model for the user's own forward and backward pass only; on every other step nothing is
+attached at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.extract import ExtractionSession, ExtractOptions
+from curvlab.stats import LayerStats
+
+
+@dataclass
+class Plan:
+    """The statistics one step's backward pass computes (empty: nothing is attached)."""
+
+    statistics: set[str] = field(default_factory=set)
+    eigenbases: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Pending:
+    """What :func:`track` recorded for the next ``step()``."""
+
+    step: int
+    results: dict[str, LayerStats]
+    losses: list[Tensor] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def tracked_pass(
+    model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, step: int, *, who: str, quiet: bool
+) -> Iterator[Pending]:
+    """Run the ``with`` block as step ``step``'s forward and backward pass with the extraction
+    of ``options`` attached; the yielded :class:`Pending` holds its statistics afterwards.
+
+    If the loss is not finite, BackPACK's MC sampling raises inside ``backward()``; that error
+    is suppressed (warned unless ``quiet``: the rest of the block does not run) and the
+    statistics stay empty, so the step is skipped.  Any other error propagates.
+    """
+    pending = Pending(step, {})
+    session = ExtractionSession(model, loss_fn, options)
+    handle = loss_fn.register_forward_hook(lambda _m, _i, out: pending.losses.append(out.detach()))
+    try:
+        with session, warnings.catch_warnings():
+            # BackPACK's full backward hook on a first layer whose input needs no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield pending
+    except Exception:
+        if not pending.losses or all(bool(torch.isfinite(v).all()) for v in pending.losses):
+            raise
+        if not quiet:
+            warnings.warn(
+                f"{who}: the loss is not finite; the statistics backward failed and the next "
+                "step() will be skipped",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return
+    finally:
+        handle.remove()
+    pending.results = session.results()

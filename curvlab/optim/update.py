@@ -1,0 +1,80 @@
+"""The parts of a step that do not depend on the curvature: finiteness, KL clipping, weight
+decay, momentum, and the first-order (SGD) update of every other parameter."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.stats import LayerStats
+
+
+def all_finite(grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor], stats: Iterable[LayerStats]) -> bool:
+    """Whether every gradient, the loss and the step's statistics are finite.
+
+    One reduction per tensor and one device sync: a tensor is taken as finite when its sum
+    is (a sum overflows only for entries near the dtype's maximum, as harmful as ``inf``).
+    Of the Gram-type statistics (``A``, ``G``, ``δΦ``, ``δΨ``: sums of outer products) only
+    the diagonal is summed — a non-finite entry of ``Σ_k v_k v_kᵀ`` implies a non-finite
+    diagonal entry — so the check costs O(D), not O(D²), for a D × D factor.
+    """
+    values = [g.sum() for g in grads]
+    if isinstance(loss, Tensor):
+        values.append(loss.detach().sum())
+    elif isinstance(loss, (int, float)) and not math.isfinite(loss):
+        return False
+    values.extend(v.sum() for v in losses)
+    for ls in stats:
+        for f in ls.kfac.values():
+            values.extend((f.A.diagonal().sum(), f.G.diagonal().sum()))
+        if ls.tkfac is not None:
+            ts = ls.tkfac
+            values.extend((ts.delta.sum(), ts.delta_phi.diagonal().sum(), ts.delta_psi.diagonal().sum()))
+        if ls.kfe_scaling is not None:
+            values.append(ls.kfe_scaling.sum())
+    if not values:
+        return True
+    device = values[0].device
+    sums = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+    return bool(torch.isfinite(sums).all().item())
+
+
+def kl_clip_factor(v_g: Tensor, kl_clip: float) -> Tensor:
+    """``ν = min(1, √(κ / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))`` (1 where the sum is not positive)."""
+    tiny = torch.finfo(v_g.dtype).tiny
+    return torch.where(v_g > 0, (kl_clip / v_g.clamp_min(tiny)).sqrt().clamp(max=1.0), torch.ones_like(v_g))
+
+
+def momentum_direction(update: Tensor, own: bool, buffer: Tensor | None, momentum: float) -> tuple[Tensor, Tensor | None]:
+    """Heavy-ball momentum (torch's SGD convention): ``m ← μ m + u`` (``m = u`` at first).
+
+    ``own``: whether ``update`` is a fresh tensor that may become the buffer.  Returns the
+    direction to apply and the new buffer (``None`` when ``μ = 0``).
+    """
+    if momentum == 0:
+        return update, None
+    if buffer is None:
+        buffer = update if own else update.clone()
+    else:
+        buffer.mul_(momentum).add_(update)
+    return buffer, buffer
+
+
+def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
+    """``torch.optim.SGD`` (dampening 0, no Nesterov) for ``params`` of ``group``."""
+    lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+    for p in params:
+        if p.grad is None:
+            continue
+        d = p.grad
+        if wd != 0:
+            d = d.add(p, alpha=wd)
+        st = state[p]
+        d, buf = momentum_direction(d, d is not p.grad, st.get("momentum_buffer"), momentum)
+        if buf is not None:
+            st["momentum_buffer"] = buf
+        p.add_(d, alpha=-lr)
