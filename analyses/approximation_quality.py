@@ -29,7 +29,8 @@ import xarray as xr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIGURES, RESULTS, RUNS, default_data_dir, save  # noqa: E402
 
-from curvlab.train import TrainConfig, train  # noqa: E402
+from curvlab.app.palette import colour  # noqa: E402
+from curvlab.app.train import TrainConfig, train  # noqa: E402
 
 SETTINGS = {
     "mnist-mlp": dict(model="mlp", dataset="mnist", model_kwargs={"hidden": (128, 64)}, epochs=2, train_size=None,
@@ -44,8 +45,9 @@ METRICS = {
     "ng_cosine": "natural-gradient cosine",
 }
 
-COLOURS = {"tekfac@optimizer": "#9467bd", "kflr": "#56b4e9", "ekfac": "#009e73", "tkfac": "#e69f00",
-           "tekfac": "#d55e00", "kfac": "#0072b2", "kfoc": "#cc79a7"}
+def colours(names) -> dict:  # noqa: ANN001
+    """curvlab's one palette (``exact F`` black), for the names present."""
+    return {"exact F": colour("exact"), **{n: colour(n) for n in names}}
 
 
 def plot_metrics(ds: xr.Dataset, title: str, path: Path) -> None:
@@ -54,7 +56,7 @@ def plot_metrics(ds: xr.Dataset, title: str, path: Path) -> None:
     df["metric"] = df["metric"].map(METRICS)
     sns.set_theme(style="whitegrid", context="notebook")
     grid = sns.relplot(df, x="step", y="value", hue="approximation", col="layer", row="metric", kind="line",
-                       palette=COLOURS, height=2.3, aspect=1.45, facet_kws={"sharey": "row", "margin_titles": True})
+                       palette=colours(df["approximation"].unique()), height=2.3, aspect=1.45, facet_kws={"sharey": "row", "margin_titles": True})
     grid.set_titles(row_template="{row_name}", col_template="layer {col_name}")
     grid.set_axis_labels("training step", "")
     grid.figure.suptitle(title, y=1.01)
@@ -82,7 +84,7 @@ def plot_spectra(ds: xr.Dataset, title: str, path: Path) -> None:
     df = pd.DataFrame(rows)
     sns.set_theme(style="whitegrid", context="notebook")
     grid = sns.relplot(df, x="index", y="eigenvalue", hue="source", col="when", row="layer", kind="line",
-                       palette={"exact F": "#000000", **COLOURS}, height=2.4, aspect=1.4,
+                       palette=colours(df["source"].unique()), height=2.4, aspect=1.4,
                        facet_kws={"sharey": "row", "margin_titles": True})
     grid.set(yscale="log")
     grid.set_titles(row_template="layer {row_name}", col_template="{col_name}")

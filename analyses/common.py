@@ -11,23 +11,15 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from curvlab.report.files import write_netcdf
-from curvlab.train import TrainConfig, train
+from curvlab.app.palette import PALETTE  # noqa: F401 (one palette for every figure)
+from curvlab.io import write_netcdf
+from curvlab.app.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "analyses" / "results"
 FIGURES = ROOT / "figures"
 RUNS = ROOT / "runs" / "analyses"
 
-#: One colour per optimizer / approximation, used by every analysis figure.
-PALETTE = {
-    "sgd": "#7f7f7f",
-    "adam": "#bcbd22",
-    "kfac": "#1f77b4",
-    "ekfac": "#17becf",
-    "tkfac": "#d62728",
-    "tekfac": "#9467bd",
-}
 
 
 def default_data_dir(dataset: str) -> str | None:

@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     save,
 )
 
-from curvlab.train import TrainConfig  # noqa: E402
+from curvlab.app.train import TrainConfig  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "tkfac", "tekfac")
 

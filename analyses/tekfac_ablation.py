@@ -29,7 +29,7 @@ import xarray as xr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIGURES, RESULTS, RUNS, default_data_dir, markdown_table, run, save  # noqa: E402
 
-from curvlab.train import TrainConfig  # noqa: E402
+from curvlab.app.train import TrainConfig  # noqa: E402
 
 STRATEGIES = ("nor", "exact", "trace-relative", "factored")
 BASES = ("trace", "kfac")

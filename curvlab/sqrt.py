@@ -89,10 +89,6 @@ class SquareRoot(ABC):
         """``tr F = Σ_k ‖M_k‖²``."""
         return self.column_norms_sq().sum()
 
-    def frobenius_norm_sq(self) -> Tensor:
-        """``‖F‖²_F = ‖VᵀV‖²_F``."""
-        return self.gram().square().sum()
-
     def partial_traces(self) -> tuple[Tensor, Tensor]:
         """``(Tr_out F, Tr_in F) = (Σ M_kᵀ M_k, Σ M_k M_kᵀ)``."""
         d_out, d_in = self.shape

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from curvlab import cli
-from curvlab.cli import main
-from curvlab.report import read_netcdf
+from curvlab.app import cli
+from curvlab.app.cli import main
+from curvlab.io import read_netcdf
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_FILES = ("report.nc", "summary.md", "spectra.png", "errors.png")

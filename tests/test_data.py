@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import curvlab.data as data
-from curvlab.data import (
+import curvlab.app.data as data
+from curvlab.app.data import (
     CIFAR10_CLASSES,
     DATASETS,
     FASHION_MNIST_SYSTEM_DIR,

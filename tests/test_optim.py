@@ -213,8 +213,8 @@ def test_tekfac_trains_digits_faster_than_sgd():
     """150 steps, batch 64, same seeds and batches.  SGD: momentum 0.9, best of lr 0.05/0.1/0.2
     (0.1–0.2 is the best range found by hand; 0.5 diverges partly).  TEKFAC: its defaults
     (intervals 10/100/10, kl_clip 1e-3, momentum 0.9) with lr 0.03, damping 1e-2."""
-    from curvlab.data import load_dataset
-    from curvlab.models import build_model
+    from curvlab.app.data import load_dataset
+    from curvlab.app.models import build_model
 
     ds = load_dataset("digits", flatten=True)
     x, y = ds.train_x, ds.train_y

@@ -13,21 +13,19 @@ from torch import nn
 
 from curvlab.approx import APPROXIMATIONS
 from curvlab.compare import compare
-from curvlab.data import load_dataset
-from curvlab.models import build_model
-from curvlab.report import (
-    PALETTE,
+from curvlab.app.data import load_dataset
+from curvlab.app.models import build_model
+from curvlab.app.palette import PALETTE, colour
+from curvlab.app.report import (
     ReportError,
     plot_errors,
     plot_network,
     plot_spectra,
-    read_netcdf,
     run_report,
     summary_markdown,
-    write_netcdf,
     write_summary,
 )
-from curvlab.report.figures import colour
+from curvlab.io import read_netcdf, write_netcdf
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -179,10 +177,18 @@ def test_one_colour_per_approximation() -> None:
 
 def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="unknown model 'nope'"):
-        run_report("nope", "digits", out_dir=tmp_path, train_steps=0)
+        run_report(model="nope", dataset="digits", out_dir=tmp_path, train_steps=0)
     with pytest.raises(ReportError, match=r"batch size 5000 must be in \[1, 1500\]"):
-        run_report("mlp", "digits", batch_size=5000, out_dir=tmp_path, train_steps=0)
+        run_report(model="mlp", dataset="digits", batch_size=5000, out_dir=tmp_path, train_steps=0)
     if not torch.cuda.is_available():
         with pytest.raises(ReportError, match="CUDA is not available"):
-            run_report("mlp", "digits", device="cuda", out_dir=tmp_path)
+            run_report(model="mlp", dataset="digits", device="cuda", out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_report_accepts_0_1_positional_arguments_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(DeprecationWarning, match="positional"):
+        paths = run_report("mlp", "digits", None, 20, "exact", ("kfac", "tekfac"), 1e-3, "cpu", 0, tmp_path,
+                           train_steps=0)
+    ds = read_netcdf(paths["report"])
+    assert list(ds.approximation.values) == ["kfac", "tekfac"] and ds.attrs["num_examples"] == 20

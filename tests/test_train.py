@@ -14,8 +14,8 @@ import pytest
 import torch
 import xarray as xr
 
-from curvlab.train import TrainConfig, train
-from curvlab.train.loop import CHECKPOINT, DIVERGED_AFTER
+from curvlab.app.train import TrainConfig, train
+from curvlab.app.train.loop import CHECKPOINT, DIVERGED_AFTER
 
 
 def small(tmp: Path, **kw) -> TrainConfig:

@@ -1,63 +1,42 @@
 """The machinery every curvlab optimizer shares (:class:`KroneckerOptimizer`).
 
-The optimizers precondition each ``nn.Linear``/``nn.Conv2d`` block ``W̄ = [W b]``
-(:class:`curvlab.block.Block`) with the damped inverse of a :mod:`curvlab.approx` object built
-from running averages of statistics that the extraction computes inside the user's own backward
-pass.  A method says only which typed per-block state it keeps (:mod:`curvlab.optim.state`: what
-it averages and which ``curvlab.approx`` constructor turns the averages into the object whose
-``inv_mat_mul`` preconditions the gradient) and its default damping.
-
-One training step (``k`` = :attr:`KroneckerOptimizer.steps_done`, counted from 0)::
+Each ``nn.Linear``/``nn.Conv2d`` block ``W̄ = [W b]`` (:class:`curvlab.block.Block`) is
+preconditioned with the damped inverse of a :mod:`curvlab.approx` object built from running
+averages of statistics the extraction computes inside the user's own backward pass.  A method
+says only which typed per-block state it keeps (:mod:`curvlab.optim.state`) and its default
+damping.  A step (``k`` = :attr:`~KroneckerOptimizer.steps_done`, from 0)::
 
     opt.zero_grad()
-    with opt.track(loss_fn):           # stats step: BackPACK hooks for this backward only
-        loss = loss_fn(model(x), y)
-        loss.backward()
+    with opt.track(loss_fn):    # statistics steps only: the extraction, for this backward
+        loss_fn(model(x), y).backward()
     opt.step()
 
-``track`` asks for statistics when ``k % stats_interval == 0`` (or while a block has none yet) and,
-for the eigenvalue-corrected methods, for the rescaling ``s*`` in the current eigenbasis when
-``k % scale_interval == 0`` and ``k % eigen_interval != 0``; on every other step it is a no-op
-that registers no hook at all.  ``step()`` then does, in this order:
+``track`` asks for statistics when ``k % stats_interval == 0`` (or while a block has none), and
+for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis when
+``k % scale_interval == 0`` but ``k % eigen_interval != 0``; otherwise it attaches nothing.
+``step()`` then, in this order:
 
-1. **Finiteness check.**  If any gradient, the loss seen by ``track`` or returned by the closure,
-   or a statistic computed in this step is not finite, the step is skipped with a
-   ``RuntimeWarning`` (once per streak of skips): parameters, running averages, bases,
-   momentum buffers and the step counter stay exactly as they were.
-2. **State update** of every block with this step's statistics (``state.update``: running
-   averages ``X ← β X + (1 − β) X_batch``, ``β = stat_decay``, and for EKFAC/TEKFAC the
-   rescaling ``s ← β s + (1 − β) s*``).
-3. **Eigen refresh** (``k % eigen_interval == 0``, or a block with statistics but nothing built
-   yet): ``state.refresh()`` — the eigen-decompositions of the averaged factors (float64, the one
-   robust ``psd_eigh``).  KFAC/TKFAC: the inverted object is rebuilt from the averages (Martens &
-   Grosse's inverse interval).  EKFAC/TEKFAC: the eigenbasis is replaced and ``s`` reset to the
-   Kronecker eigenvalues in it.
-4. **Preconditioning** of every block: ``∇̃ = approx.inv_mat_mul(∇W̄, damping, damping_strategy)``
-   where ``approx`` is exactly what :meth:`KroneckerOptimizer.approximations` returns (its damped
-   eigenvalues are cached until it changes).  A block without statistics yet uses ``∇̃ = ∇W̄``
-   (first-order; warned once).
-5. **KL clipping** (``kl_clip`` not ``None``): ``ν = min(1, √(kl_clip / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))``
-   over the preconditioned blocks (``lr_b`` the block's group lr), ``∇̃_b ← ν ∇̃_b``.
-6. **Weight decay** ``u_b = ∇̃_b + wd · W̄_b``, **momentum** (heavy ball, torch's SGD
-   convention) ``m_b ← μ m_b + u_b``, **update** ``W̄_b ← W̄_b − lr · m_b``.
+1. skips the step (state untouched, one ``RuntimeWarning`` per streak) if a gradient, the loss or
+   a statistic is not finite;
+2. updates every block's state (running averages ``X ← β X + (1 − β) X_batch``; EKFAC/TEKFAC
+   also ``s ← β s + (1 − β) s*``);
+3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): the one robust float64
+   ``psd_eigh`` of the averaged factors; KFAC/TKFAC rebuild the inverted object, EKFAC/TEKFAC
+   replace the basis and reset ``s`` to the Kronecker eigenvalues in it;
+4. preconditions ``∇̃ = approx.inv_mat_mul(∇W̄, damping, damping_strategy)`` with exactly the
+   object :meth:`~KroneckerOptimizer.approximations` returns (first order, warned once, while a
+   block has no statistics);
+5. KL-clips ``∇̃_b ← ν ∇̃_b``, ``ν = min(1, √(kl_clip / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))``;
+6. adds weight decay ``u = ∇̃ + wd·W̄``, heavy-ball momentum ``m ← μ m + u`` and applies
+   ``W̄ ← W̄ − lr·m``.
 
-Every parameter outside a preconditioned block (layers BackPACK only passes through, e.g. an
-eval-mode ``nn.BatchNorm1d``; Linear/Conv2d layers whose weight is frozen or in no param group)
-gets the first-order update of ``torch.optim.SGD`` with its group's lr, momentum and weight
-decay.  A layer is preconditioned iff its weight is in a param group; the whole block then uses
-the weight's group; a trainable bias in no group is part of the statistics but not updated.
-
-Scale: the statistics are those of the loss exactly as the user computes it (a mean reduction
-gives the Fisher of the mean loss), of the flavour ``fisher`` (``"mc"`` by default; MC sampling
-draws from torch's global RNG, so saving ``torch.get_rng_state()`` with :meth:`state_dict` makes
-a resumed run bit-identical on CPU).
-
-Cost, per block with ``W̄ ∈ R^{d_out × D}`` and a batch of N examples (T output locations):
-every step two rotations, ``4 d_out D (d_out + D)`` flops (``inv_mat_mul``); a statistics
-step in addition ``O(N T D²)`` for ``δΦ`` and the KFE rotation of the inputs (inside the
-extraction); a refresh one ``eigh`` of each factor, ``O(D³)`` in float64.  On CPU, a model whose
-softmax saturates makes the float32 statistics underflow into subnormal numbers, an order of
-magnitude slower; ``torch.set_flush_denormal(True)`` avoids that.
+Every other parameter (layers the extraction only passes through; layers whose weight is frozen
+or in no group) gets ``torch.optim.SGD``'s update.  A block uses its weight's param group; a
+trainable bias in no group is part of the statistics but not updated.  The statistics are those
+of the loss as the user computes it, of the flavour ``fisher`` (MC sampling draws from torch's
+global RNG: save ``torch.get_rng_state()`` with :meth:`~KroneckerOptimizer.state_dict` for a
+bit-identical resume).  Cost per ``d_out × D`` block: ``4 d_out D (d_out + D)`` flops a step for
+the two rotations; ``O(N T D²)`` a statistics step; one ``O(D³)`` eigh per factor a refresh.
 """
 
 from __future__ import annotations
@@ -71,15 +50,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from curvlab.approx import DEFAULT_DAMPING, DampingStrategy, KroneckerApproximation
+from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.optim.damping_cache import CachedDamping
 from curvlab.optim.options import KroneckerOptions
 from curvlab.optim.serialization import load_block_states, save_block_states
-from curvlab.optim.state import CurvatureState, Eigenbasis
-from curvlab.optim.tracking import Pending, Plan, tracked_pass
-from curvlab.optim.update import all_finite, kl_clip_factor, momentum_direction, sgd_update_
+from curvlab.optim.state import BlockState, CurvatureState
+from curvlab.optim.tracking import Pending, plan_step, tracked_pass
+from curvlab.optim.update import BlockStep, all_finite, sgd_update_, update_blocks_
 
 #: Layer types whose parameters form Kronecker-factored blocks.
 PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv2d)
@@ -115,6 +94,7 @@ class KroneckerOptimizer(Optimizer):
         self,
         model: nn.Module,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        *,
         options: KroneckerOptions | None = None,
         **overrides: Any,
     ) -> None:
@@ -122,20 +102,14 @@ class KroneckerOptimizer(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
         try:
-            opts = KroneckerOptions.make(options, overrides)
+            opts = KroneckerOptions.make(options, overrides).for_method(
+                self.method, trace_factored=self.trace_factored, has_basis=self.has_basis_option
+            )
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("curvlab.optim", who)) from None
-        if opts.basis != "trace" and not self.has_basis_option:
-            raise ValueError(f"{who}: basis={opts.basis!r} applies to TEKFAC only")
-        if opts.damping_strategy is None:
-            opts = KroneckerOptions.make(opts, {"damping_strategy": DEFAULT_DAMPING[self.method]})
-        if opts.damping_strategy == "nor" and not self.trace_factored:
-            raise ValueError(
-                f"{who}: damping_strategy='nor' (TKFAC's damping) needs the trace split of "
-                "TKFAC/TEKFAC; use 'factored', 'exact' or 'trace-relative'"
-            )
         self.model = model
         self._blocks: list[Block] | None = None
+        self._group_of: dict[Tensor, dict[str, Any]] = {}
         self.options = opts
         super().__init__(
             model.parameters() if params is None else params,
@@ -191,18 +165,40 @@ class KroneckerOptimizer(Optimizer):
     def blocks(self) -> list[Block]:
         """The preconditioned blocks: Linear/Conv2d layers whose trainable weight is in a group."""
         if self._blocks is None:
-            grouped = {p for g in self.param_groups for p in g["params"]}
+            self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             self._blocks = [
                 Block.of_layer(name, module)[0]
                 for name, module in self.model.named_modules()
-                if isinstance(module, PRECONDITIONED_LAYERS) and module.weight.requires_grad and module.weight in grouped
+                if isinstance(module, PRECONDITIONED_LAYERS) and module.weight.requires_grad
+                and module.weight in self._group_of
             ]
         return self._blocks
 
     def _group(self, param: Tensor) -> dict[str, Any] | None:
-        return next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+        self.blocks()
+        return self._group_of.get(param)
 
-    def _state(self, block: Block) -> "BlockState":
+    def _update_blocks(self) -> None:
+        steps = []
+        for b in self.blocks():
+            grad = b.grad_matrix()
+            if grad is not None:
+                state = self._state(b)
+                steps.append(BlockStep(b, grad, state.curvature.build(), state, self._group(b.weight)))
+        first_order = [s.block.name for s in steps if s.approximation is None]
+        if first_order and not self._warned_first_order:
+            warnings.warn(
+                f"{type(self).__name__}: no curvature statistics yet for {first_order}; using the "
+                "first-order (SGD) update until statistics exist — call the forward and backward "
+                "inside `with opt.track(loss_fn):`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_first_order = True
+        ungrouped = {p for b in self.blocks() for p in b.parameters() if self._group(p) is None}
+        update_blocks_(steps, self.options.damping, self._damping_cache, self.options.kl_clip, ungrouped)
+
+    def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
         if state is None:
             state = self.block_states[block.name] = BlockState(self.new_state(block))
@@ -213,37 +209,14 @@ class KroneckerOptimizer(Optimizer):
     def _due(self, interval: int) -> bool:
         return self.steps_done % interval == 0
 
-    def _plan(self) -> Plan:
-        """What the backward of the current step must compute."""
-        plan = Plan()
-        states = [self._state(b).curvature for b in self.blocks()]
-        if self._due(self.options.stats_interval) or any(not s.has_statistics for s in states):
-            for s in states:
-                plan.statistics.update(s.statistics)
-        if self._due(self.options.scale_interval) and not self._due(self.options.eigen_interval):
-            for b, s in zip(self.blocks(), states):
-                basis = s.eigenbasis() if isinstance(s, Eigenbasis) else None
-                if basis is not None:
-                    plan.eigenbases[b.name] = basis
-            if plan.eigenbases:
-                plan.statistics.add("kfe")
-        return plan
-
     @contextlib.contextmanager
     def track(self, loss_fn: nn.Module) -> Iterator[None]:
-        """Context for this step's forward and backward pass.
-
-        On a statistics step, curvlab's BackPACK extension is attached to the model for the
-        ``with`` block only and the statistics of the one ``loss.backward()`` in it are kept for
-        the next :meth:`step`; the loss value is recorded for the finiteness check.  On every
-        other step it does nothing (no hooks).  If the loss of a statistics step is not finite,
-        the statistics pass fails inside ``backward()``: that error is suppressed (warned; the
-        rest of the block does not run) and the next :meth:`step` is skipped.
-
-        Args:
-            loss_fn: the loss module used in the block (``nn.CrossEntropyLoss``/``nn.MSELoss``).
-        """
-        plan = self._plan()
+        """Context for this step's forward and backward pass with ``loss_fn``: on a statistics
+        step the extraction is attached for the block only and its statistics kept for
+        :meth:`step` (a non-finite loss fails the statistics pass: warned, and the step is
+        skipped); on every other step it does nothing (no hooks)."""
+        blocks = self.blocks()
+        plan = plan_step({b.name: self._state(b).curvature for b in blocks}, self.steps_done, self.options)
         self._pending = None
         if not plan.statistics:
             yield
@@ -317,49 +290,6 @@ class KroneckerOptimizer(Optimizer):
         self.steps_done += 1
         return loss
 
-    def _update_blocks(self) -> None:
-        # (block, direction, preconditioned): preconditioned directions are fresh tensors that
-        # may be modified in place; first-order ones may be views of .grad.
-        directions: list[tuple[Block, Tensor, bool]] = []
-        v_g: Tensor | None = None
-        first_order = []
-        for b in self.blocks():
-            grad = b.grad_matrix()
-            if grad is None:
-                continue
-            approx = self._state(b).curvature.build()
-            if approx is None:
-                first_order.append(b.name)
-                directions.append((b, grad, False))
-                continue
-            direction = approx.inv_mat_mul(grad, self.options.damping, self._damping_cache)
-            directions.append((b, direction, True))
-            if self.options.kl_clip is not None:
-                term = torch.dot(direction.flatten(), grad.flatten()) * (self._group(b.weight)["lr"] ** 2)
-                v_g = term if v_g is None else v_g + term.to(v_g.device)
-        if first_order and not self._warned_first_order:
-            warnings.warn(
-                f"{type(self).__name__}: no curvature statistics yet for {first_order}; using the "
-                "first-order (SGD) update until statistics exist — call the forward and backward "
-                "inside `with opt.track(loss_fn):`",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self._warned_first_order = True
-        nu = None if v_g is None else kl_clip_factor(v_g, self.options.kl_clip)
-        for b, update, own in directions:
-            group = self._group(b.weight)
-            if nu is not None and own:
-                update.mul_(nu.to(update.device))
-            if group["weight_decay"] != 0:
-                theta = b.param_matrix()
-                update = update.add_(theta, alpha=group["weight_decay"]) if own else update.add(theta, alpha=group["weight_decay"])
-                own = True
-            state = self.block_states[b.name]
-            update, state.momentum = momentum_direction(update, own, state.momentum, group["momentum"])
-            skip = {p for p in b.parameters() if self._group(p) is None}
-            b.add_(update, -group["lr"], skip=skip)
-
     # ------------------------------------------------------------------ (de)serialisation
 
     def state_dict(self) -> dict[str, Any]:
@@ -381,6 +311,7 @@ class KroneckerOptimizer(Optimizer):
         fresh = {b.name: BlockState(self.new_state(b)) for b in self.blocks()}
         state_dict["state"] = load_block_states(fresh, extra.get("blocks"), state_dict.get("state", {}), self)
         super().load_state_dict(state_dict)
+        self._blocks = None  # torch replaced the param group dicts
         self.block_states = fresh
         if "steps_done" in extra:
             self.steps_done = int(extra["steps_done"])
@@ -388,21 +319,5 @@ class KroneckerOptimizer(Optimizer):
         self._pending = None
 
     def __repr__(self) -> str:
-        o = self.options
-        return (
-            f"{type(self).__name__}(blocks={[b.name for b in self.blocks()]}, damping={o.damping}, "
-            f"damping_strategy={o.damping_strategy!r}, stat_decay={o.stat_decay}, "
-            f"intervals=(stats {o.stats_interval}, eigen {o.eigen_interval}, "
-            f"scale {o.scale_interval}), kl_clip={o.kl_clip}, fisher={o.fisher!r}, "
-            f"groups={len(self.param_groups)})"
-        )
+        return f"{type(self).__name__}(blocks={[b.name for b in self.blocks()]}, groups={len(self.param_groups)}, {self.options})"
 
-
-class BlockState:
-    """What the optimizer keeps per block: its curvature state and its momentum buffer."""
-
-    __slots__ = ("curvature", "momentum")
-
-    def __init__(self, curvature: CurvatureState, momentum: Tensor | None = None) -> None:
-        self.curvature = curvature
-        self.momentum = momentum

@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
-from curvlab.approx import DAMPING_STRATEGIES, DampingStrategy, get_damping
+from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.stats import FLAVOURS
 
@@ -80,9 +80,18 @@ class KroneckerOptions:
             raise TypeError(f"curvlab.optim: unknown option(s) {unknown}; options are {sorted(names)}")
         return replace(options if options is not None else cls(), **overrides)
 
-    def as_dict(self) -> dict[str, object]:
-        """The options by field name (for configurations and file attributes)."""
-        return {f.name: getattr(self, f.name) for f in fields(KroneckerOptions)}
+    def for_method(self, method: str, *, trace_factored: bool, has_basis: bool) -> "KroneckerOptions":
+        """These options for the optimizer ``method``: its default damping strategy filled in;
+        TKFAC's ``"nor"`` damping only for the trace-factored methods, ``basis`` for TEKFAC."""
+        if self.basis != "trace" and not has_basis:
+            raise ValueError(f"curvlab.optim: basis={self.basis!r} applies to TEKFAC only")
+        strategy = DEFAULT_DAMPING[method] if self.damping_strategy is None else self.damping_strategy
+        if strategy == "nor" and not trace_factored:
+            raise ValueError(
+                "curvlab.optim: damping_strategy='nor' (TKFAC's damping) needs the trace split of "
+                "TKFAC/TEKFAC; use 'factored', 'exact' or 'trace-relative'"
+            )
+        return replace(self, damping_strategy=strategy)
 
 
 def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> None:

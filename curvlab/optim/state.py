@@ -267,3 +267,13 @@ class TEKFACBasis(Eigenbasis):
             basis=None if self.factors is None else self.factors.snapshot(),
             scaling="kronecker", layout=self.layout, name=self.name,
         )
+
+
+class BlockState:
+    """What an optimizer keeps per block: its curvature state and its momentum buffer."""
+
+    __slots__ = ("curvature", "momentum")
+
+    def __init__(self, curvature: CurvatureState, momentum: Tensor | None = None) -> None:
+        self.curvature = curvature
+        self.momentum = momentum

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.extract import ExtractionSession, ExtractOptions
+from curvlab.optim.options import KroneckerOptions
+from curvlab.optim.state import CurvatureState, Eigenbasis
 from curvlab.stats import LayerStats
 
 
@@ -25,6 +27,24 @@ class Plan:
 
     statistics: set[str] = field(default_factory=set)
     eigenbases: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def plan_step(states: Mapping[str, CurvatureState], step: int, options: KroneckerOptions) -> Plan:
+    """What the backward of step ``step`` computes for blocks with the curvature ``states``:
+    their statistics every ``stats_interval`` steps (or while one has none yet), and the
+    rescaling ``s*`` in each eigenbasis every ``scale_interval`` steps that refresh nothing."""
+    plan = Plan()
+    if step % options.stats_interval == 0 or any(not s.has_statistics for s in states.values()):
+        for s in states.values():
+            plan.statistics.update(s.statistics)
+    if step % options.scale_interval == 0 and step % options.eigen_interval != 0:
+        for name, s in states.items():
+            basis = s.eigenbasis() if isinstance(s, Eigenbasis) else None
+            if basis is not None:
+                plan.eigenbases[name] = basis
+        if plan.eigenbases:
+            plan.statistics.add("kfe")
+    return plan
 
 
 @dataclass

@@ -4,12 +4,16 @@ decay, momentum, and the first-order (SGD) update of every other parameter."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvlab.approx import DampingStrategy, KroneckerApproximation
+from curvlab.block import Block
+from curvlab.optim.state import BlockState
 from curvlab.stats import LayerStats
 
 
@@ -78,3 +82,51 @@ def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Ten
         if buf is not None:
             st["momentum_buffer"] = buf
         p.add_(d, alpha=-lr)
+
+
+@dataclass
+class BlockStep:
+    """One block's share of a step: its gradient matrix, what it inverts (``None``: first order),
+    its state (for the momentum buffer) and its param group."""
+
+    block: Block
+    grad: Tensor
+    approximation: KroneckerApproximation | None
+    state: BlockState
+    group: dict[str, Any]
+
+
+def update_blocks_(
+    steps: Sequence[BlockStep],
+    damping: float,
+    strategy: DampingStrategy,
+    kl_clip: float | None,
+    skip: set[Tensor] | frozenset[Tensor] = frozenset(),
+) -> None:
+    """Precondition, KL-clip, decay, accelerate and apply the update of every block (steps 4–6
+    of :mod:`curvlab.optim.base`), leaving the parameters in ``skip`` unchanged."""
+    # (direction, own): preconditioned directions are fresh tensors that may be modified in
+    # place; first-order ones may be views of .grad.
+    directions: list[tuple[Tensor, bool]] = []
+    v_g: Tensor | None = None
+    for s in steps:
+        if s.approximation is None:
+            directions.append((s.grad, False))
+            continue
+        direction = s.approximation.inv_mat_mul(s.grad, damping, strategy)
+        directions.append((direction, True))
+        if kl_clip is not None:
+            term = torch.dot(direction.flatten(), s.grad.flatten()) * (s.group["lr"] ** 2)
+            v_g = term if v_g is None else v_g + term.to(v_g.device)
+    nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
+    for s, (update, own) in zip(steps, directions):
+        group = s.group
+        if nu is not None and own:
+            update.mul_(nu.to(update.device))
+        wd = group["weight_decay"]
+        if wd != 0:
+            theta = s.block.param_matrix()
+            update = update.add_(theta, alpha=wd) if own else update.add(theta, alpha=wd)
+            own = True
+        update, s.state.momentum = momentum_direction(update, own, s.state.momentum, group["momentum"])
+        s.block.add_(update, -group["lr"], skip=skip)

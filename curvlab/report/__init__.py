@@ -1,19 +1,26 @@
-"""Reports of a comparison: netCDF and Markdown files, figures, and the end-to-end run."""
+"""Deprecated: the report moved to :mod:`curvlab.app.report`, netCDF files to :mod:`curvlab.io`
+(curvlab 0.2)."""
 
-from curvlab.report.figures import PALETTE, plot_all, plot_errors, plot_network, plot_spectra
-from curvlab.report.files import read_netcdf, summary_markdown, write_netcdf, write_summary
-from curvlab.report.run import ReportError, run_report
+import sys
+import warnings
 
-__all__ = [
-    "PALETTE",
-    "ReportError",
-    "plot_all",
-    "plot_errors",
-    "plot_network",
-    "plot_spectra",
-    "read_netcdf",
-    "run_report",
-    "summary_markdown",
-    "write_netcdf",
-    "write_summary",
-]
+from curvlab.app.report import figures, run, summary
+from curvlab.app.report import (  # noqa: F401
+    ReportError,
+    plot_errors,
+    plot_network,
+    plot_spectra,
+    run_report,
+    summary_markdown,
+    write_summary,
+)
+from curvlab.app.palette import PALETTE  # noqa: F401
+from curvlab.io import read_netcdf, write_netcdf  # noqa: F401
+
+warnings.warn(
+    "curvlab.report is deprecated since curvlab 0.2; use curvlab.app.report (and curvlab.io for netCDF)",
+    DeprecationWarning,
+    stacklevel=2,
+)
+sys.modules[__name__ + ".figures"] = figures
+sys.modules[__name__ + ".run"] = run

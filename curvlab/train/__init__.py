@@ -1,7 +1,5 @@
-"""Training runs that probe the curvature as they go (``curvlab train``)."""
+"""Deprecated alias of :mod:`curvlab.app.train` (moved in curvlab 0.2)."""
 
-from curvlab.train.config import OPTIMIZERS, TrainConfig, make_optimizer
-from curvlab.train.loop import evaluate, train
-from curvlab.train.probe import Probe
+from curvlab._deprecated import alias
 
-__all__ = ["OPTIMIZERS", "Probe", "TrainConfig", "evaluate", "make_optimizer", "train"]
+alias(__name__, "curvlab.app.train", ("cli", "config", "loop", "probe"))

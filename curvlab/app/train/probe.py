@@ -23,8 +23,8 @@ from curvlab.approx import DEFAULT_DAMPING, approximate
 from curvlab.compare import measure
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
-from curvlab.optim.base import KroneckerOptimizer
-from curvlab.report.files import read_netcdf, write_netcdf
+from curvlab.optim import KroneckerOptimizer
+from curvlab.io import read_netcdf, write_netcdf
 
 
 class Probe:

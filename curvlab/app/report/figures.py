@@ -1,8 +1,8 @@
 """Figures of a comparison dataset: spectra, per-layer errors, whole-network errors.
 
-One style for all figures (:func:`style`), one colour per approximation (:data:`PALETTE`) in
-every figure, sized to stay legible at README width (~900 px). Figures are drawn on
-:class:`matplotlib.figure.Figure` objects rendered by Agg, so nothing touches pyplot's global
+One style for all figures (:func:`style`), one colour per approximation in every figure
+(:mod:`curvlab.app.palette`), sized to stay legible at README width (~900 px).  Figures are drawn
+on :class:`matplotlib.figure.Figure` objects rendered by Agg, so nothing touches pyplot's global
 state or needs a display.
 """
 
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
 
 import matplotlib
 import numpy as np
@@ -26,35 +24,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-PathLike = Union[str, os.PathLike]
+from curvlab.app.palette import colour, label, ordered
+from curvlab.io import PathLike, atomic_write
 
-#: Order of the known approximations (legend and bar order).
-APPROXIMATION_ORDER = ("kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
-
-_COLORBLIND = sns.color_palette("colorblind", 10)
-
-#: One colour per approximation, used by every figure; ``exact`` is black.
-PALETTE: dict[str, tuple[float, float, float]] = {
-    "exact": (0.0, 0.0, 0.0),
-    "kfac": _COLORBLIND[0],  # blue
-    "kflr": _COLORBLIND[9],  # light blue: KFAC with exact factors
-    "ekfac": _COLORBLIND[2],  # green
-    "tkfac": _COLORBLIND[1],  # orange
-    "tekfac": _COLORBLIND[3],  # vermilion: TKFAC's eigen-corrected sibling
-    "kfoc": _COLORBLIND[4],  # purple: the Frobenius-optimal reference
-}
-_EXTRA_COLOURS = [_COLORBLIND[i] for i in (5, 6, 7, 8)]
-
-#: Display names.
-LABELS = {
-    "exact": "exact F",
-    "kfac": "KFAC",
-    "kflr": "KFLR",
-    "ekfac": "EKFAC",
-    "tkfac": "TKFAC",
-    "tekfac": "TEKFAC",
-    "kfoc": "KFOC",
-}
 
 DPI = 150
 WIDTH_IN = 9.0  # 1350 px at DPI: crisp when a README scales it to ~900 px
@@ -63,17 +35,6 @@ WIDTH_IN = 9.0  # 1350 px at DPI: crisp when a README scales it to ~900 px
 ZERO_TOLERANCE = 1e-10
 
 _FLAVOURS = {"exact": "exact Fisher (GGN)", "mc": "MC Fisher", "empirical": "empirical Fisher"}
-
-
-def colour(name: str) -> tuple[float, float, float]:
-    """The colour of approximation ``name`` (stable for names outside :data:`PALETTE`)."""
-    if name in PALETTE:
-        return PALETTE[name]
-    return _EXTRA_COLOURS[sum(map(ord, name)) % len(_EXTRA_COLOURS)]
-
-
-def label(name: str) -> str:
-    return LABELS.get(name, name)
 
 
 @contextlib.contextmanager
@@ -93,11 +54,6 @@ def style() -> Iterator[None]:
     }
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", rc=rc), matplotlib.rc_context(rc):
         yield
-
-
-def _ordered(names: Sequence[str]) -> list[str]:
-    known = [a for a in APPROXIMATION_ORDER if a in names]
-    return known + [a for a in names if a not in known]
 
 
 def _title(ds: xr.Dataset, what: str) -> str:
@@ -134,16 +90,9 @@ def _layer_label(ds: xr.Dataset, i: int, style: str = "inline") -> str:
 
 def _save(fig: Figure, path: PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=DPI, facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    fmt = path.suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI, facecolor="white"))
 
 
 def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -161,7 +110,7 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
     largest (zeros beyond a block's rank, up to round-off) are dropped.
     """
     layers = list(ds["layer"].values)
-    names = _ordered([str(a) for a in ds["approximation"].values])
+    names = ordered([str(a) for a in ds["approximation"].values])
     rows, cols = _grid(len(layers))
     with style():
         fig = Figure(figsize=(WIDTH_IN, 0.6 + 2.7 * rows), layout="constrained")
@@ -257,7 +206,7 @@ def _log_if_wide(ax, values: np.ndarray) -> None:  # noqa: ANN001
 def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
     """Grouped bars per layer (hue: approximation) of the relative Frobenius, projection and
     scaling errors and of ``1 − ng_cosine``; one panel per metric. Lower is better everywhere."""
-    names = _ordered([str(a) for a in ds["approximation"].values])
+    names = ordered([str(a) for a in ds["approximation"].values])
     n_layers = ds.sizes["layer"]
     many = n_layers > 3
     label_style = "stacked" if n_layers <= 10 else "inline"
@@ -305,7 +254,7 @@ NETWORK_PANELS: tuple[tuple[str, str, str], ...] = (
 def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
     """Whole-network bars per approximation: Frobenius error against the full Fisher (with the
     exact block-diagonal floor marked), natural-gradient misalignment, trace ratio."""
-    names = _ordered([str(a) for a in ds["approximation"].values])
+    names = ordered([str(a) for a in ds["approximation"].values])
     panels = [p for p in NETWORK_PANELS if (p[0][2:] if p[0].startswith("1-") else p[0]) in ds]
     with style():
         fig = Figure(figsize=(WIDTH_IN, 3.6), layout="constrained")
@@ -343,15 +292,3 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
             ax.tick_params(axis="x", labelrotation=45)
         fig.suptitle(_title(ds, "Whole network"))
         return _save(fig, path)
-
-
-def plot_all(ds: xr.Dataset, out_dir: PathLike) -> dict[str, Path]:
-    """``spectra.png``, ``errors.png`` and ``network.png`` in ``out_dir``."""
-    out = Path(out_dir)
-    paths = {
-        "spectra": plot_spectra(ds, out / "spectra.png"),
-        "errors": plot_errors(ds, out / "errors.png"),
-    }
-    if "network_rel_frobenius_error" in ds:
-        paths["network"] = plot_network(ds, out / "network.png")
-    return paths

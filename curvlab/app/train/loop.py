@@ -8,8 +8,6 @@ written atomically, so a run killed at any point resumes from its last finished 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -20,12 +18,12 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.data import Dataset, batches, load_dataset, subset
-from curvlab.models import make_model
-from curvlab.optim.base import KroneckerOptimizer
-from curvlab.report.files import write_netcdf
-from curvlab.train.config import TrainConfig, make_optimizer
-from curvlab.train.probe import Probe
+from curvlab.app.data import Dataset, batches, load_dataset, subset
+from curvlab.app.models import make_model
+from curvlab.app.train.config import TrainConfig, make_optimizer
+from curvlab.app.train.probe import Probe
+from curvlab.io import atomic_write, write_netcdf
+from curvlab.optim import KroneckerOptimizer
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.nc"
@@ -79,18 +77,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_s
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None) -> xr.Dataset:

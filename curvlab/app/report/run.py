@@ -1,25 +1,19 @@
-"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare.compare` → files."""
+"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare` → files."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
 
-from curvlab.data import Dataset, load_dataset
-
-PathLike = Union[str, os.PathLike]
-
-DEFAULT_BATCH_SIZE = 128
-DEFAULT_TRAIN_STEPS = 200
-DEFAULT_TRAIN_BATCH_SIZE = 128
-DEFAULT_LR = 1e-3
-DEFAULT_OUT = Path("runs/report")
+from curvlab.app.data import Dataset, load_dataset
+from curvlab.approx import APPROXIMATIONS
+from curvlab.io import PathLike
 
 #: Files of a report, by key of :func:`run_report`'s result.
 REPORT_FILES = {
@@ -29,6 +23,46 @@ REPORT_FILES = {
     "errors": "errors.png",
     "network": "network.png",
 }
+
+
+@dataclass
+class ReportConfig:
+    """Everything one ``curvlab report`` run does (the command line's options, with its defaults).
+
+    Attributes:
+        model: built-in model name or ``module:function`` spec.
+        dataset, data_dir: the data (local files only).
+        batch_size: training examples N in the measured batch.
+        fisher, mc_samples: the reference flavour (and MC samples for it and KFAC's factors).
+        approximations: names from :data:`curvlab.approx.APPROXIMATIONS`.
+        damping, damping_strategies: λ of the natural-gradient comparison and each
+            approximation's strategy (default: the optimizers' defaults).
+        tkfac_conv, top_k, num_eigenvalues: as for :func:`curvlab.compare`.
+        train_steps, train_batch_size, lr: the Adam warm-up before measuring (0 steps: the
+            random initialisation is measured).
+        seed: seeds the model, the warm-up, the batch and the MC sampling.
+        device, out_dir, progress: where it runs and writes.
+    """
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: PathLike | None = None
+    batch_size: int = 128
+    fisher: str = "exact"
+    mc_samples: int = 1
+    approximations: tuple[str, ...] = APPROXIMATIONS
+    damping: float = 1e-3
+    damping_strategies: Mapping[str, str] | None = None
+    tkfac_conv: str = "exact"
+    top_k: int = 10
+    num_eigenvalues: int = 256
+    train_steps: int = 200
+    train_batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    out_dir: PathLike = Path("runs/report")
+    progress: bool = False
 
 
 class ReportError(ValueError):
@@ -60,7 +94,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
     """The model (built-in name or ``module:function``), initialised under ``seed`` without
     touching the global random state."""
-    from curvlab.models import make_model
+    from curvlab.app.models import make_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -70,14 +104,14 @@ def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
             raise ReportError(str(err)) from None
 
 
-def train(
+def warm_up(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Dataset,
     steps: int,
     *,
-    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
+    batch_size: int = 128,
+    lr: float = 1e-3,
     seed: int = 0,
     device: torch.device | None = None,
     progress: bool = False,
@@ -131,75 +165,78 @@ def measurement_batch(data: Dataset, batch_size: int, seed: int) -> tuple[torch.
     return data.train_x[idx], data.train_y[idx]
 
 
-def run_report(
-    model_name_or_spec: str = "mlp",
-    dataset: str = "digits",
-    data_dir: PathLike | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    fisher: str = "exact",
-    approximations: Iterable[str] | None = None,
-    damping: float = 1e-3,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    out_dir: PathLike = DEFAULT_OUT,
-    mc_samples: int = 1,
-    tkfac_conv: str = "exact",
-    top_k: int = 10,
-    progress: bool = False,
-    *,
-    damping_strategies: Mapping[str, str] | None = None,
-    num_eigenvalues: int = 256,
-    train_steps: int = DEFAULT_TRAIN_STEPS,
-    train_batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-) -> dict[str, Path]:
+#: curvlab 0.1's positional parameters of :func:`run_report` (deprecated).
+_LEGACY_POSITIONAL = (
+    "model", "dataset", "data_dir", "batch_size", "fisher", "approximations", "damping", "device", "seed",
+    "out_dir", "mc_samples", "tkfac_conv", "top_k", "progress",
+)
+
+
+def run_report(config: ReportConfig | str | None = None, *legacy: object, **overrides: object) -> dict[str, Path]:
     """Measure every approximation on one batch of a (briefly trained) model and write a report.
 
-    Steps: load ``dataset`` (local files only); build the model under ``seed``; train it for
-    ``train_steps`` Adam steps (learning rate ``lr``, mini-batches of ``train_batch_size``) so
-    the curvature is not that of a random init; draw ``batch_size`` training examples (seeded);
-    run :func:`curvlab.compare.compare` with cross-entropy loss (mean); write ``report.nc``,
-    ``summary.md``, ``spectra.png``, ``errors.png`` and ``network.png`` into ``out_dir``.
+    Steps: load the dataset (local files only); build the model under ``seed``; warm it up for
+    ``train_steps`` Adam steps so the curvature is not that of a random init; draw
+    ``batch_size`` training examples (seeded); run :func:`curvlab.compare` with cross-entropy
+    loss (mean); write ``report.nc``, ``summary.md``, ``spectra.png``, ``errors.png`` and
+    ``network.png`` into ``out_dir``.
+
+    Args:
+        config: a :class:`ReportConfig`; keyword arguments (its fields) override it.
 
     Returns:
         ``{"report", "summary", "spectra", "errors", "network"}`` → written path.
 
     Raises:
-        curvlab.data.DataError: data files missing or malformed (the message lists the paths).
+        curvlab.app.data.DataError: data files missing or malformed (the message lists the paths).
         ReportError: unknown model, unusable device, batch larger than the training set.
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
-    from curvlab.approx import APPROXIMATIONS
+    from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
+    from curvlab.app.report.summary import write_summary
     from curvlab.compare import compare
-    from curvlab.report.figures import plot_errors, plot_network, plot_spectra
-    from curvlab.report.files import write_netcdf, write_summary
+    from curvlab.io import write_netcdf
 
-    dev = resolve_device(device)
-    names = list(APPROXIMATIONS if approximations is None else approximations)
+    if isinstance(config, str):  # curvlab 0.1: run_report(model, dataset, data_dir, ...)
+        warnings.warn(
+            "run_report with positional arguments is deprecated since curvlab 0.2; pass a ReportConfig "
+            "or keyword arguments",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        overrides = {**dict(zip(_LEGACY_POSITIONAL, (config, *legacy))), **overrides}
+        config = None
+    elif legacy:
+        raise TypeError("run_report takes a ReportConfig and keyword arguments only")
+    if overrides.get("approximations") is None:
+        overrides.pop("approximations", None)
+    cfg = ReportConfig(**{**asdict(config or ReportConfig()), **overrides})
+    dev = resolve_device(cfg.device)
     start = time.perf_counter()
-    data = load_dataset(dataset, data_dir)
-    model = build(model_name_or_spec, data, seed).to(dev)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    model = build(cfg.model, data, cfg.seed).to(dev)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = measurement_batch(data, batch_size, seed)
-    train_loss = train(
-        model, loss_fn, data, train_steps, batch_size=train_batch_size, lr=lr, seed=seed, device=dev, progress=progress
+    x, y = measurement_batch(data, cfg.batch_size, cfg.seed)
+    train_loss = warm_up(
+        model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
+        device=dev, progress=cfg.progress,
     )
     model.eval()
     attrs = {
-        "model": model_name_or_spec,
+        "model": cfg.model,
         "model_class": type(model).__name__,
         "num_model_params": sum(p.numel() for p in model.parameters()),
         "dataset": data.name,
         "data": data.description,
-        "data_dir": "none" if data_dir is None else str(data_dir),
+        "data_dir": "none" if cfg.data_dir is None else str(cfg.data_dir),
         "num_train_examples": len(data.train_x),
-        "batch_size": batch_size,
-        "batch_selection": f"torch.randperm(num_train_examples, seed={seed})[:batch_size]",
-        "train_steps": train_steps,
-        "train_optimizer": f"Adam(lr={lr})" if train_steps > 0 else "none",
-        "train_batch_size": min(train_batch_size, len(data.train_x)) if train_steps > 0 else 0,
+        "batch_size": cfg.batch_size,
+        "batch_selection": f"torch.randperm(num_train_examples, seed={cfg.seed})[:batch_size]",
+        "train_steps": cfg.train_steps,
+        "train_optimizer": f"Adam(lr={cfg.lr})" if cfg.train_steps > 0 else "none",
+        "train_batch_size": min(cfg.train_batch_size, len(data.train_x)) if cfg.train_steps > 0 else 0,
         "train_loss": "none" if train_loss is None else train_loss,
-        "seed": seed,
+        "seed": cfg.seed,
         "device": str(dev),
     }
     ds = compare(
@@ -207,21 +244,21 @@ def run_report(
         loss_fn,
         x.to(dev),
         y.to(dev),
-        approximations=names,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        damping=damping,
-        damping_strategies=damping_strategies,
-        top_k=top_k,
-        num_eigenvalues=num_eigenvalues,
-        tkfac_conv=tkfac_conv,
-        seed=seed,
+        approximations=cfg.approximations,
+        fisher=cfg.fisher,
+        mc_samples=cfg.mc_samples,
+        damping=cfg.damping,
+        damping_strategies=cfg.damping_strategies,
+        top_k=cfg.top_k,
+        num_eigenvalues=cfg.num_eigenvalues,
+        tkfac_conv=cfg.tkfac_conv,
+        seed=cfg.seed,
         attrs=attrs,
-        progress=progress,
+        progress=cfg.progress,
     )
     ds.attrs["elapsed_seconds"] = round(time.perf_counter() - start, 3)
 
-    out = Path(out_dir)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {key: out / name for key, name in REPORT_FILES.items()}
     write_netcdf(ds, paths["report"])

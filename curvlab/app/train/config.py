@@ -2,44 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from curvlab import optim as curv_optim
+from curvlab.optim import OPTIMIZERS as KRONECKER
+from curvlab.optim import KroneckerOptions
 
-#: Optimizers ``curvlab train`` knows; the last four are curvlab's (they invert curvlab.approx).
-OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "tkfac", "tekfac")
-KRONECKER = {"kfac": curv_optim.KFAC, "ekfac": curv_optim.EKFAC, "tkfac": curv_optim.TKFAC, "tekfac": curv_optim.TEKFAC}
+#: Optimizers ``curvlab train`` knows: torch's SGD and Adam, then curvlab's registry.
+OPTIMIZERS = ("sgd", "adam", *KRONECKER)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(KroneckerOptions):
     """One training run (every field is recorded in the output files).
 
-    ``damping`` and the intervals apply to the Kronecker optimizers; ``momentum`` to SGD and
-    to them (Adam uses its own betas).  ``probe_every = 0`` disables probing.
+    The optimizer's hyper-parameters are the fields of :class:`curvlab.optim.KroneckerOptions`
+    (inherited, with their defaults); ``momentum`` and ``weight_decay`` apply to SGD too, ``lr``
+    to all (default: :func:`default_lr` of the optimizer).  ``probe_every = 0`` disables probing.
     """
 
+    lr: float | None = None  # type: ignore[assignment]
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
     optimizer: str = "tekfac"
     epochs: int = 10
     batch_size: int = 128
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    damping: float = 1e-3
-    damping_strategy: str | None = None
-    stats_interval: int = 10
-    eigen_interval: int = 100
-    scale_interval: int = 10
-    kl_clip: float | None = 1e-3
-    fisher: str = "mc"
-    basis: str = "trace"
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/train"
@@ -61,13 +52,21 @@ class TrainConfig:
         if self.probe_every < 0:
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:
-            self.lr = default_lr(self.optimizer)
-        self.probe_approximations = tuple(self.probe_approximations)
+            object.__setattr__(self, "lr", default_lr(self.optimizer))
+        object.__setattr__(self, "probe_approximations", tuple(self.probe_approximations))
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise ValueError(str(err).replace("curvlab.optim", "curvlab train")) from None
 
     @property
     def out_dir(self) -> Path:
         """Folder of the run's files."""
         return Path(self.out)
+
+    def optimizer_options(self) -> KroneckerOptions:
+        """The Kronecker optimizers' options of this run."""
+        return KroneckerOptions(**{f.name: getattr(self, f.name) for f in fields(KroneckerOptions)})
 
     def as_attrs(self) -> dict[str, object]:
         """The configuration as netCDF-safe attributes (prefixed ``config_``)."""
@@ -87,7 +86,7 @@ class TrainConfig:
 
 def default_lr(optimizer: str) -> float:
     """A sensible starting learning rate per optimizer (tune for real studies)."""
-    return {"sgd": 0.05, "adam": 1e-3}.get(optimizer, 0.1)
+    return {"sgd": 0.05, "adam": 1e-3}.get(optimizer, KroneckerOptions.lr)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -96,18 +95,4 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    options: dict[str, object] = dict(
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        damping=cfg.damping,
-        damping_strategy=cfg.damping_strategy,
-        stats_interval=cfg.stats_interval,
-        eigen_interval=cfg.eigen_interval,
-        scale_interval=cfg.scale_interval,
-        kl_clip=cfg.kl_clip,
-        fisher=cfg.fisher,
-    )
-    if cfg.optimizer == "tekfac":
-        options["basis"] = cfg.basis
-    return KRONECKER[cfg.optimizer](model, **options)
+    return KRONECKER[cfg.optimizer](model, options=cfg.optimizer_options())

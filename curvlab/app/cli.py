@@ -1,0 +1,342 @@
+"""The ``curvlab`` command line (also ``python -m curvlab``).
+
+Subcommands are registered in :data:`SUBCOMMANDS`: name → function that adds the subparser and
+sets its handler with ``parser.set_defaults(handler=...)``. A handler takes the parsed
+arguments and the subparser (for usage errors) and returns the exit status.
+
+Exit status: 0 on success, 2 for usage errors (bad option values, unknown model, unusable
+device), 1 when the run fails for an expected reason (data files missing, a model the
+comparison cannot handle); the message goes to stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from curvlab.app.train.cli import add_train_parser
+
+PROG = "curvlab"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+# ------------------------------------------------------------------------------ option types
+
+
+def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: str) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)``, finite and above (``strict``) or at least ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= minimum or (strict and value == minimum) or value == float("inf"):  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, False, "a positive integer")
+_nonnegative_int = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0.0, True, "a positive finite number")
+
+
+def _dataset(text: str) -> str:
+    from curvlab.app.data import DATASETS
+
+    key = text.strip().lower()
+    key = {"fashionmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
+    if key not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}")
+    return key
+
+
+def _model(text: str) -> str:
+    from curvlab.app.models import MODELS
+
+    spec = text.strip()
+    if ":" in spec:
+        target, _, attr = spec.rpartition(":")
+        if not target.strip() or not attr.strip():
+            raise argparse.ArgumentTypeError(
+                f"model spec {text!r}: expected 'package.module:function' or 'path/to/file.py:function'"
+            )
+        return spec
+    if spec.lower() not in MODELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; choose one of {', '.join(MODELS)}, or give 'module:function'"
+        )
+    return spec.lower()
+
+
+def _approximations(text: str) -> tuple[str, ...]:
+    from curvlab.approx import APPROXIMATIONS
+
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return tuple(APPROXIMATIONS)
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of approximations")
+    unknown = [n for n in names if n not in APPROXIMATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown approximation(s) {', '.join(unknown)}; choose from {', '.join(APPROXIMATIONS)} (or 'all')"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _damping_strategies(text: str) -> dict[str, str]:
+    from curvlab.approx import APPROXIMATIONS, DAMPING_STRATEGIES
+
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, strategy = (p.strip().lower() for p in item.partition("="))
+        if not sep or not name or not strategy:
+            raise argparse.ArgumentTypeError(f"expected NAME=STRATEGY pairs, got {item!r}")
+        if name not in APPROXIMATIONS:
+            raise argparse.ArgumentTypeError(
+                f"unknown approximation {name!r} in {item!r}; choose from {', '.join(APPROXIMATIONS)}"
+            )
+        if strategy not in DAMPING_STRATEGIES:
+            raise argparse.ArgumentTypeError(
+                f"unknown damping strategy {strategy!r} in {item!r}; choose from {', '.join(DAMPING_STRATEGIES)}"
+            )
+        out[name] = strategy
+    if not out:
+        raise argparse.ArgumentTypeError("expected NAME=STRATEGY pairs, e.g. kfac=factored,tkfac=nor")
+    return out
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``curvlab report``: measure every approximation on one batch, write files and figures."""
+    from curvlab.approx import APPROXIMATIONS, DAMPING_STRATEGIES, DEFAULT_DAMPING
+    from curvlab.app.data import DATASETS
+    from curvlab.app.models import MODELS
+    from curvlab.app.report.run import ReportConfig
+    from curvlab.extract.options import TKFAC_CONV_FORMS
+    from curvlab.stats import FLAVOURS
+
+    default = ReportConfig()
+
+    defaults = ", ".join(f"{k}={v}" for k, v in DEFAULT_DAMPING.items())
+    parser = subparsers.add_parser(
+        "report",
+        help="compare every Kronecker approximation with the exact Fisher blocks; write a report",
+        description=(
+            "Load a dataset, build a model, train it briefly (Adam), then measure how well each "
+            "Kronecker approximation matches the exact per-layer Fisher blocks on one batch of "
+            "training examples. Writes report.nc (all metrics, netCDF), summary.md (tables), "
+            "spectra.png, errors.png and network.png into --out."
+        ),
+    )
+    what = parser.add_argument_group("model and data")
+    what.add_argument(
+        "--model",
+        type=_model,
+        default=default.model,
+        help=f"built-in model ({', '.join(MODELS)}) or a user model 'package.module:function' / "
+        "'path/to/file.py:function' (called with input_shape= and num_classes= if it takes them) (default: %(default)s)",
+    )
+    what.add_argument(
+        "--dataset",
+        type=_dataset,
+        default=default.dataset,
+        metavar="{" + ",".join(DATASETS) + "}",
+        help="dataset (local files only; digits ships with scikit-learn) (default: %(default)s)",
+    )
+    what.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder holding the dataset's files (required for mnist and cifar10; fashion-mnist "
+        "defaults to /usr/share/datasets/fashion-mnist; ignored for digits)",
+    )
+    what.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=default.batch_size,
+        help="training examples N in the measured batch; the cost grows like (N·classes)^3 (default: %(default)s)",
+    )
+    what.add_argument(
+        "--train-steps",
+        type=_nonnegative_int,
+        default=default.train_steps,
+        help=f"Adam steps (mini-batches of {default.train_batch_size}) on the training set before "
+        "measuring, so the curvature is not that of a random init; 0 measures the init (default: %(default)s)",
+    )
+    what.add_argument("--lr", type=_positive_float, default=default.lr, help="Adam learning rate of those steps (default: %(default)s)")
+    what.add_argument("--seed", type=int, default=default.seed, help="seeds the model init, the training, the batch and MC sampling (default: %(default)s)")
+
+    how = parser.add_argument_group("comparison")
+    how.add_argument(
+        "--fisher",
+        choices=FLAVOURS,
+        default=default.fisher,
+        help="reference block: exact GGN/Fisher, its Monte-Carlo estimate, or the empirical Fisher (default: %(default)s)",
+    )
+    how.add_argument(
+        "--mc-samples",
+        type=_positive_int,
+        default=default.mc_samples,
+        help="labels sampled per example for --fisher mc and for KFAC's MC factors (default: %(default)s)",
+    )
+    how.add_argument(
+        "--approximations",
+        type=_approximations,
+        default=default.approximations,
+        metavar="LIST",
+        help=f"comma-separated approximations to measure, from {', '.join(APPROXIMATIONS)}, or 'all' (default: all)",
+    )
+    how.add_argument(
+        "--damping",
+        type=_positive_float,
+        default=default.damping,
+        help="damping λ of the natural-gradient comparison: exact (F+λI)^-1 g vs each approximation's damped inverse (default: %(default)s)",
+    )
+    how.add_argument(
+        "--damping-strategy",
+        type=_damping_strategies,
+        default=None,
+        metavar="NAME=STRATEGY,...",
+        help=f"how each approximation applies λ, strategies: {', '.join(DAMPING_STRATEGIES)} "
+        f"(default: {defaults})",
+    )
+    how.add_argument(
+        "--tkfac-conv",
+        choices=TKFAC_CONV_FORMS,
+        default=default.tkfac_conv,
+        help="conv-layer TKFAC/TEKFAC statistics: exact partial traces or KFC-style (default: %(default)s)",
+    )
+    how.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=default.top_k,
+        help="top eigenvectors compared by the subspace-overlap metric (default: %(default)s)",
+    )
+    how.add_argument(
+        "--num-eigenvalues",
+        type=_positive_int,
+        default=default.num_eigenvalues,
+        help="largest eigenvalues stored and plotted per layer (default: %(default)s)",
+    )
+
+    run = parser.add_argument_group("execution and output")
+    run.add_argument(
+        "--device",
+        default=default.device,
+        help="torch device: cpu, cuda or cuda:N; an error if CUDA is not available (default: %(default)s)",
+    )
+    run.add_argument("--out", type=Path, default=default.out_dir, help="output folder, created if missing (default: %(default)s)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from curvlab.app.data import DataError
+    from curvlab.app.report.run import ReportError, resolve_device, run_report
+
+    try:
+        resolve_device(args.device)
+    except ReportError as err:
+        _usage_error(parser, str(err))
+        return EXIT_USAGE
+    start = time.perf_counter()
+    try:
+        paths = run_report(
+            model=args.model,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            fisher=args.fisher,
+            mc_samples=args.mc_samples,
+            approximations=args.approximations,
+            damping=args.damping,
+            damping_strategies=args.damping_strategy,
+            tkfac_conv=args.tkfac_conv,
+            top_k=args.top_k,
+            num_eigenvalues=args.num_eigenvalues,
+            train_steps=args.train_steps,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            out_dir=args.out,
+            progress=not args.no_progress,
+        )
+    except ReportError as err:
+        _usage_error(parser, str(err))
+        return EXIT_USAGE
+    except (DataError, ValueError, OSError) as err:
+        _error(parser, str(err))
+        return EXIT_FAILURE
+    print(f"curvlab report: done in {time.perf_counter() - start:.1f} s; wrote")
+    for path in paths.values():
+        print(f"  {path}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- dispatch
+
+#: Subcommand name → function adding its parser (which sets ``handler``).
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = {
+    "report": add_report_parser,
+    "train": add_train_parser,
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the subparsers by name."""
+    from curvlab._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="curvlab: how good is each Kronecker approximation of the Fisher?",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subs = {name: add(subparsers) for name, add in SUBCOMMANDS.items()}
+    return parser, subs
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+
+
+def _error(parser: argparse.ArgumentParser, message: str) -> None:
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (never raises ``SystemExit``)."""
+    parser, subs = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args, subs[args.command]))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

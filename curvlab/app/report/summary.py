@@ -1,0 +1,211 @@
+"""The Markdown summary of a comparison dataset (written atomically)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from curvlab.io import PathLike, atomic_write
+
+
+#: Per-approximation metrics of the summary, in order: (variable, title, what it means).
+SUMMARY_METRICS: tuple[tuple[str, str, str], ...] = (
+    (
+        "rel_frobenius_error",
+        "Relative Frobenius error",
+        "‖F − F̂‖_F / ‖F‖_F (0 is exact; 1 is as far as the zero matrix).",
+    ),
+    (
+        "trace_ratio",
+        "Trace ratio",
+        "tr F̂ / tr F (1 preserves the total curvature).",
+    ),
+    (
+        "ng_cosine",
+        "Natural-gradient cosine",
+        "cos∠((F+λI)⁻¹g, F̂_λ⁻¹g), each approximation damped by its own strategy (1 is best).",
+    ),
+    (
+        "projection_error",
+        "Projection error",
+        "‖off-diagonal part of F in F̂'s eigenbasis‖_F / ‖F‖_F: the error no rescaling of "
+        "F̂'s eigenvalues can remove.",
+    ),
+    (
+        "scaling_error",
+        "Scaling error",
+        "‖s − s*‖ / ‖F‖_F: F̂'s eigenvalues s against the best ones s* in its own eigenbasis.",
+    ),
+    (
+        "ng_rel_error",
+        "Natural-gradient relative error",
+        "‖F̂_λ⁻¹g − (F+λI)⁻¹g‖ / ‖(F+λI)⁻¹g‖.",
+    ),
+    (
+        "subspace_overlap",
+        "Top-k subspace overlap",
+        "‖U_kᵀ Û_k‖_F² / k between the top-k eigenvectors of F and of F̂ (1 is best).",
+    ),
+)
+
+#: Header lines: (attribute, label); attributes missing from the dataset are skipped.
+_HEADER_ATTRS: tuple[tuple[str, str], ...] = (
+    ("model", "Model"),
+    ("data", "Data"),
+    ("num_examples", "N (examples in the batch)"),
+    ("flavour", "Fisher flavour"),
+    ("mc_samples", "MC samples"),
+    ("damping", "Damping λ"),
+    ("damping_strategies", "Damping strategies"),
+    ("tkfac_conv", "TKFAC conv statistics"),
+    ("top_k", "top-k (subspace overlap)"),
+    ("train_steps", "Training steps before measuring"),
+    ("train_optimizer", "Training optimizer"),
+    ("train_loss", "Training loss (last step)"),
+    ("batch_loss", "Loss on the measured batch"),
+    ("seed", "Seed"),
+    ("device", "Device"),
+    ("elapsed_seconds", "Run time (s)"),
+    ("created", "Created"),
+)
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    """A number to ``digits`` significant digits; NaN as an en dash."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "–"
+    if v == 0:
+        return "0"
+    if isinstance(value, (int, np.integer)) and abs(v) < 1e7:
+        return f"{int(v):,}"
+    return f"{v:.{digits}g}"
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _escape(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _title(ds: xr.Dataset) -> str:
+    model = ds.attrs.get("model")
+    data = ds.attrs.get("data")
+    parts = [f"`{model}`" if model else None, f"on {data}" if data else None]
+    what = " ".join(p for p in parts if p)
+    return f"# Fisher approximation report{': ' + what if what else ''}"
+
+
+def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -> str:
+    """A Markdown summary of a comparison dataset.
+
+    Sections: the setting (model, data, N, flavour, damping and its strategies, ...); the layers
+    (type, P, tr F, ‖F‖_F); one table per metric (layers as rows, approximations as columns);
+    the whole-network table with the block-diagonal floor. Numbers have 4 significant digits.
+
+    Args:
+        ds: the dataset of :func:`curvlab.compare.compare`.
+        figures: optional caption → relative path of figures to link at the end.
+    """
+    layers = [str(v) for v in ds["layer"].values]
+    approx = [str(v) for v in ds["approximation"].values]
+    out = [_title(ds), ""]
+    for key, label in _HEADER_ATTRS:
+        if key in ds.attrs:
+            value = ds.attrs[key]
+            if key == "damping_strategies":
+                value = ", ".join(f"{s.partition('=')[0]}: {s.partition('=')[2]}" for s in str(value).split(";") if s)
+            elif key == "model" and "num_model_params" in ds.attrs:
+                value = f"{value} ({_fmt(ds.attrs['num_model_params'])} parameters)"
+            elif key == "data" and "num_train_examples" in ds.attrs:
+                value = f"{value}; batch drawn from {_fmt(ds.attrs['num_train_examples'])} training examples"
+            out.append(f"- **{label}:** {_escape(_fmt(value) if not isinstance(value, str) else value)}")
+    out.append("")
+
+    out += ["## Layers", ""]
+    rows = []
+    for i, layer in enumerate(layers):
+        rows.append(
+            [
+                f"`{_escape(layer)}`",
+                _escape(ds["module_type"].values[i]) if "module_type" in ds.coords else "",
+                _fmt(int(ds["num_params"].values[i])) if "num_params" in ds.coords else "",
+                _fmt(ds["exact_trace"].values[i]) if "exact_trace" in ds else "–",
+                _fmt(ds["exact_frobenius"].values[i]) if "exact_frobenius" in ds else "–",
+            ]
+        )
+    out += [_table(["layer", "type", "P", "tr F", "‖F‖_F"], rows, ["l", "l", "r", "r", "r"]), ""]
+
+    out += ["## Per-layer metrics", "", "Rows are layers, columns approximations.", ""]
+    for var, title, meaning in SUMMARY_METRICS:
+        if var not in ds:
+            continue
+        table = ds[var].transpose("layer", "approximation").values
+        rows = [[f"`{_escape(layer)}`"] + [_fmt(table[i, j]) for j in range(len(approx))] for i, layer in enumerate(layers)]
+        out += [f"### {title}", "", meaning, "", _table(["layer", *approx], rows), ""]
+
+    net = [
+        ("network_rel_frobenius_error", "rel. Frobenius error"),
+        ("network_ng_cosine", "NG cosine"),
+        ("network_ng_rel_error", "NG rel. error"),
+        ("network_trace_ratio", "trace ratio"),
+    ]
+    net = [(v, label) for v, label in net if v in ds]
+    if net:
+        out += [
+            "## Whole network",
+            "",
+            "The full Fisher (with its cross-layer blocks) against the block-diagonal matrix of "
+            "each approximation's blocks; NG = damped natural gradient of the whole network.",
+            "",
+        ]
+        rows = [[f"**{a}**"] + [_fmt(ds[v].values[j]) for v, _ in net] for j, a in enumerate(approx)]
+        if "network_blockdiag_error" in ds:
+            rows.append(
+                ["exact block-diagonal (floor)", _fmt(ds["network_blockdiag_error"].values)]
+                + ["–"] * (len(net) - 1)
+            )
+        out += [_table(["approximation", *[label for _, label in net]], rows), ""]
+        if "network_blockdiag_error" in ds:
+            out += [
+                f"No block-diagonal approximation can have a network Frobenius error below the "
+                f"exact block-diagonal Fisher's, {_fmt(ds['network_blockdiag_error'].values)}.",
+                "",
+            ]
+        if "network_exact_trace" in ds:
+            out += [f"tr F (whole network): {_fmt(ds['network_exact_trace'].values)}", ""]
+
+    if figures:
+        out += ["## Figures", ""]
+        for caption, rel in figures.items():
+            out += [f"![{caption}]({rel})", ""]
+    if "conventions" in ds.attrs:
+        out += ["## Conventions", "", str(ds.attrs["conventions"]), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_summary(ds: xr.Dataset, path: PathLike, figures: Mapping[str, str] | None = None) -> Path:
+    """Write :func:`summary_markdown` to ``path`` atomically (UTF-8); returns the path."""
+    text = summary_markdown(ds, figures)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write)

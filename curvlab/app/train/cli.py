@@ -1,0 +1,132 @@
+"""``curvlab train``: argument parsing only; the work is in :mod:`curvlab.app.train.loop`.
+
+The optimizer options are generated from :class:`curvlab.optim.KroneckerOptions` (names, types,
+choices, defaults and help texts are defined there once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+
+from curvlab.app.train.config import OPTIMIZERS, TrainConfig, default_lr
+from curvlab.approx import APPROXIMATIONS
+from curvlab.optim import KroneckerOptions
+from curvlab.stats import FLAVOURS
+
+_DEFAULT = TrainConfig()
+
+
+def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
+    """One ``--option`` per field of :class:`~curvlab.optim.KroneckerOptions`."""
+    for f in fields(KroneckerOptions):
+        meta = dict(f.metadata)
+        default = f.default if f.default is not MISSING else None
+        help_text = meta.pop("help")
+        if f.name == "lr":
+            default = None
+            help_text += f" (default: {default_lr('sgd')} sgd, {default_lr('adam')} adam, {default_lr('tekfac')} Kronecker optimizers)"
+        elif f.name == "kl_clip":
+            help_text += f" (default: {f.default})"
+        else:
+            help_text += " (default: %(default)s)"
+        group.add_argument(f"--{f.name.replace('_', '-')}", default=default, help=help_text, **meta)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``curvlab train`` and its options."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a model with SGD, Adam or a Kronecker optimizer, probing the curvature",
+        description=(
+            "Train a built-in model (or module:function) on a dataset with the chosen optimizer. "
+            "Writes metrics.nc (per epoch: train/test loss and accuracy, wall-clock), probe.nc "
+            "(with --probe-every K: the comparison of the optimizer's own approximation and "
+            "fresh ones against the exact Fisher blocks on a fixed batch, every K steps) and "
+            "checkpoint.pt (every epoch; --resume continues from it)."
+        ),
+    )
+    d = _DEFAULT
+    run = p.add_argument_group("model, data and run")
+    run.add_argument("--model", default=d.model, help="built-in model (mlp, cnn, cnn-bench, 3c3d, vgg, resnet) or module:function (default: %(default)s)")
+    run.add_argument("--hidden", default=None, help="MLP hidden widths, comma-separated (e.g. 128,64)")
+    run.add_argument("--dataset", default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
+    run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
+    run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
+    run.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (default: %(default)s)")
+    run.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
+    run.add_argument("--train-size", type=int, default=d.train_size, help="train on a seeded subset of this many examples")
+    run.add_argument("--test-size", type=int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
+    run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_optimizer_options(p.add_argument_group("optimizer (SGD uses lr, momentum, weight decay; Adam lr, weight decay)"))
+    probe = p.add_argument_group("curvature probe")
+    probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
+    probe.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: %(default)s)")
+    probe.add_argument("--probe-fisher", default=d.probe_fisher, choices=FLAVOURS, help="flavour of the probe's reference blocks (default: %(default)s)")
+    probe.add_argument("--probe-approximations", default=",".join(d.probe_approximations), help=f"fresh approximations measured at each probe, from {','.join(APPROXIMATIONS)} (default: %(default)s)")
+    p.set_defaults(handler=run_train)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed options describe."""
+    model_kwargs = {}
+    if args.hidden:
+        model_kwargs["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+    probe_approx = tuple(a.strip().lower() for a in args.probe_approximations.split(",") if a.strip())
+    for name in probe_approx:
+        if name not in APPROXIMATIONS:
+            raise ValueError(f"curvlab train: --probe-approximations has {name!r}; choose from {','.join(APPROXIMATIONS)}")
+    options = {f.name: getattr(args, f.name) for f in fields(KroneckerOptions)}
+    options["kl_clip"] = options["kl_clip"] or None  # 0 disables clipping
+    return TrainConfig(
+        **options,
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        optimizer=args.optimizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        probe_every=args.probe_every,
+        probe_batch_size=args.probe_batch_size,
+        probe_fisher=args.probe_fisher,
+        probe_approximations=probe_approx,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        progress=not args.no_progress,
+        model_kwargs=model_kwargs,
+    )
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
+    from curvlab.app.data import DataError
+    from curvlab.app.train.loop import train
+
+    try:
+        cfg = config_from_args(args)
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("curvlab train: --device cuda but no CUDA device is available")
+    except ValueError as err:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        paths = train(cfg, resume=args.resume)
+    except (DataError, ValueError, OSError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
