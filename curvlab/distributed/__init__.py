@@ -41,9 +41,11 @@ Memory per rank (``K = C·N`` columns of the global batch, ``K_r`` of this rank,
 * the ``K × K`` Gram matrix of every layer is *replicated*: :func:`curvlab.compare.measure`
   keeps one per layer plus the whole-network sum, ``≈ 8 (L + 1) K²`` bytes, and ``eigh`` needs a
   few more ``K × K`` work arrays (``K > 4096``: Lanczos for the spectrum, still a dense ``K × K``
-  operand).  ``K = 10⁴`` is 0.8 GB a layer; the exact route is practical up to ``K`` of a few
-  ``10⁴`` per node, regardless of the number of ranks — sharding removes the root's and the
-  backward's cost from one node, not the Gram's;
+  operand).  ``K = 10⁴`` is 0.8 GB a layer, ``K = 2·10⁴`` with ``L = 4`` already 16 GB: the
+  exact route holds up to ``K = N·C`` of about ``1–2·10⁴`` per node, *whatever the number of
+  ranks* — sharding takes the root's memory and the backward's cost off one node, not the
+  Gram's (e.g. CIFAR-10 with ``C = 10``: ``N ≲ 1000–2000`` examples for the exact flavour,
+  ten times more for the empirical one, ``C = 1``);
 * the root shards: a linear layer ``N_r·D + K_r·d_out`` numbers, a convolution ``K_r·P`` (the
   explicit per-sample gradients), plus one received shard of another rank while the Gram is
   assembled.  ``K·P`` — what one process would need for a convolution — is divided by ``R``.

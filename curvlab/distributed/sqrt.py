@@ -28,6 +28,7 @@ Communication per call (``K = Σ K_r`` columns, ``P = d_out·D`` parameters, ``R
 ``inner``                   ``all_gather`` of ``K_r``
 ``combine``                 ``broadcast`` of ``K`` + ``all_reduce`` of ``P``
 ``sandwich_in/out``         ``all_reduce`` of ``D²`` / ``d_out²``
+``partial_traces``          one ``all_reduce`` of ``D² + d_out²``
 ``rotated_sq_sum``          ``broadcast`` of ``d_out² + D²`` + ``all_reduce`` of ``P``
 ``matrices`` (tests only)   ``all_gather`` of ``K_r·P``
 ==========================  =================================================================
