@@ -1,0 +1,142 @@
+"""From each rank's local statistics to the statistics of the global batch — in one place.
+
+Each rank runs the ordinary :func:`curvlab.extract` on its shard, so every statistic carries the
+*local* loss normalisation.  The single-process reference is the curvature of the loss of the
+*global* batch (the concatenation of the shards in rank order).  With ``L = R Σ_n ℓ_n`` and the
+reduction factor ``R = 1/count`` (``mean``: ``count`` = examples for CrossEntropyLoss, elements
+for MSELoss) or ``R = 1`` (``sum``), rank ``r``'s statistics are corrected exactly by
+
+* ``ρ_r = R_global / R_local = count_r / Σ_s count_s`` (``mean``) or ``1`` (``sum``) — the loss
+  scale; everything linear in the loss: the gradient matrix and the loss value;
+  everything quadratic in the backpropagated root: KFAC's ``G``, TKFAC's ``δ``, ``δΦ``, ``δΨ``,
+  EKFAC's ``kfe_scaling``;
+* ``√ρ_r`` — the square root's columns (``F = V Vᵀ``), see :func:`curvlab.distributed.sqrt.scaled`;
+* ``ω_r = N_r / N`` — KFAC's ``A``, an average over the ``N_r·T`` input locations of the shard.
+
+and then summed over the ranks.  All these sums travel in one flattened ``all_reduce`` (one per
+dtype) for every statistic of every layer; the square roots stay sharded
+(:class:`~curvlab.distributed.sqrt.ShardedSqrt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from curvlab.distributed import collectives as coll
+from curvlab.distributed.sqrt import ShardedSqrt, scaled
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How the global batch is split over the ranks of a group.
+
+    Attributes:
+        rank: this process's rank in the group.
+        examples: ``N_r`` of every rank.
+        loss_counts: terms each rank's loss averages over (CE: ``N_r``; MSE: elements).
+        columns: ``K_r``, square-root columns of every rank (``C·N_r``).
+        reduction: the loss reduction, ``"mean"`` or ``"sum"``.
+    """
+
+    rank: int
+    examples: tuple[int, ...]
+    loss_counts: tuple[int, ...]
+    columns: tuple[int, ...]
+    reduction: str
+
+    @property
+    def world_size(self) -> int:
+        return len(self.examples)
+
+    @property
+    def num_examples(self) -> int:
+        """N, the size of the global batch."""
+        return sum(self.examples)
+
+    def loss_scale(self, rank: int | None = None) -> float:
+        """``ρ_r``: global over local loss normalisation (1 for a ``sum`` reduction)."""
+        r = self.rank if rank is None else rank
+        if self.reduction == "sum":
+            return 1.0
+        return self.loss_counts[r] / sum(self.loss_counts)
+
+    def example_weight(self, rank: int | None = None) -> float:
+        """``ω_r = N_r / N``: weight of rank ``r``'s averages over examples."""
+        r = self.rank if rank is None else rank
+        return self.examples[r] / self.num_examples
+
+
+def local_loss_count(loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> int:
+    """The number of terms a ``mean`` reduction of ``loss_fn`` divides by on this shard."""
+    if isinstance(loss_fn, nn.MSELoss):
+        return targets.numel()
+    return inputs.shape[0]
+
+
+def _reduced(block) -> list[tuple[Tensor, str]]:
+    """``(tensor, weight)`` of every statistic of ``block`` that is summed over the ranks, in a
+    fixed order (``weight``: ``"loss"`` → ρ_r, ``"examples"`` → ω_r)."""
+    out: list[tuple[Tensor, str]] = []
+    if block.grad is not None:
+        out.append((block.grad, "loss"))
+    for flavour in sorted(block.kfac):
+        factors = block.kfac[flavour]
+        out += [(factors.A, "examples"), (factors.G, "loss")]
+    if block.tkfac is not None:
+        ts = block.tkfac
+        out += [(ts.delta, "loss"), (ts.delta_phi, "loss"), (ts.delta_psi, "loss")]
+    if block.kfe_scaling is not None:
+        out.append((block.kfe_scaling, "loss"))
+    return out
+
+
+def reduced_numel(local: Mapping[str, object]) -> int:
+    """Numbers this rank contributes to the statistics' ``all_reduce`` (equal on all ranks)."""
+    return sum(t.numel() for block in local.values() for t, _ in _reduced(block))
+
+
+def reduce_statistics(
+    local: Mapping[str, object],
+    loss: Tensor,
+    shards: Shards,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[dict, Tensor]:
+    """The global batch's statistics from this rank's (``local``: block → ``LayerStats``).
+
+    Collective: every rank calls it with statistics of the same blocks.
+
+    Returns:
+        ``(blocks, loss)``: block name → ``LayerStats`` of the global batch (square roots as
+        :class:`ShardedSqrt`, ``num_examples = N``) and the global batch's loss.
+    """
+    weights = {"loss": shards.loss_scale(), "examples": shards.example_weight()}
+    entries = [(name, _reduced(block)) for name, block in local.items()]
+    tensors = [t * weights[w] for _, items in entries for t, w in items]
+    summed = coll.all_reduce_sum([*tensors, loss.detach().reshape(1) * weights["loss"]], group)
+    it = iter(summed[:-1])
+    root_scale = weights["loss"] ** 0.5
+    out = {}
+    for name, block in local.items():
+        grad = next(it) if block.grad is not None else None
+        kfac = {}
+        for flavour in sorted(block.kfac):
+            a, g = next(it), next(it)
+            kfac[flavour] = dataclasses.replace(block.kfac[flavour], A=a, G=g)
+        tkfac = None
+        if block.tkfac is not None:
+            delta, phi, psi = next(it), next(it), next(it)
+            tkfac = dataclasses.replace(block.tkfac, delta=delta, delta_phi=phi, delta_psi=psi)
+        kfe = next(it) if block.kfe_scaling is not None else None
+        sqrt = None
+        if block.sqrt is not None:
+            sqrt = ShardedSqrt(scaled(block.sqrt, root_scale), shards.columns, group)
+        out[name] = dataclasses.replace(
+            block, num_examples=shards.num_examples, grad=grad, sqrt=sqrt, kfac=kfac, tkfac=tkfac,
+            kfe_scaling=kfe,
+        )
+    return out, summed[-1].reshape(())
