@@ -330,10 +330,14 @@ def test_chunking_changes_nothing() -> None:
     big = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"))
     model.load_state_dict(state)
     small = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), max_bytes=1)
-    assert big.num_vjps == small.num_vjps == 4 + 4 * x.shape[0]
-    for lname in big.layers:
-        torch.testing.assert_close(small.layers[lname].sqrt, big.layers[lname].sqrt, rtol=1e-13, atol=1e-15)
-        torch.testing.assert_close(small.layers[lname].calls[0].g, big.layers[lname].calls[0].g, rtol=1e-13, atol=1e-15)
+    model.load_state_dict(state)
+    looped = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), vectorize=False)
+    assert big.num_vjps == small.num_vjps == looped.num_vjps == 4 + 4 * x.shape[0]
+    assert small.columns_per_chunk == 1 and big.columns_per_chunk >= big.num_vjps
+    for other in (small, looped):
+        for lname in big.layers:
+            torch.testing.assert_close(other.layers[lname].sqrt, big.layers[lname].sqrt, rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(other.layers[lname].calls[0].g, big.layers[lname].calls[0].g, rtol=1e-13, atol=1e-15)
 
 
 def test_embedding_representation_and_sequence_scale() -> None:
@@ -395,6 +399,19 @@ def test_model_left_untouched_and_errors() -> None:
         extract_autograd(nn.Conv1d(2, 2, 1, groups=2), nn.MSELoss(), torch.randn(1, 2, 3), torch.randn(1, 2, 3))
     with pytest.raises(ValueError, match="unsupported"):
         extract_autograd(model, nn.NLLLoss(), x, y)
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.fc(x)
+            x.mul_(2.0)  # the recorded input changes after the call
+            return out + x
+
+    with pytest.raises(ValueError, match="modified in place"):
+        extract_autograd(InPlace().double(), nn.MSELoss(), torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="leading dimension"):
         flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(2, 2), nn.Unflatten(0, (2, 3)), nn.Flatten(1))
         extract_autograd(flat.double(), nn.MSELoss(), torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))

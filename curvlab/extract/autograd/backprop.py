@@ -50,10 +50,12 @@ class BatchedVJP:
         leaves: the ``ε`` leaves, one per target call.
         per_column_bytes: estimated temporaries of one cotangent column (see :func:`estimate`).
         max_bytes: bound on one chunk's temporaries; at least one column runs at a time.
+        vectorize: ``torch.func.vmap`` over a chunk's columns, else a Python loop.
     """
 
-    def __init__(self, output: Tensor, leaves: list[Tensor], per_column_bytes: int, max_bytes: int) -> None:
-        self.output, self.leaves = output, leaves
+    def __init__(self, output: Tensor, leaves: list[Tensor], per_column_bytes: int, max_bytes: int,
+                 vectorize: bool = True) -> None:
+        self.output, self.leaves, self.vectorize = output, leaves, vectorize
         self.chunk = max(1, int(max_bytes // max(per_column_bytes, 1)))
         self.num_vjps = 0
         self._live = output.requires_grad and bool(leaves)
@@ -68,9 +70,10 @@ class BatchedVJP:
         self.num_vjps += cotangents.shape[0]
         if not self._live:
             return tuple(cotangents.new_zeros(cotangents.shape[0], *e.shape) for e in self.leaves)
-        if cotangents.shape[0] == 1:
-            return tuple(g.unsqueeze(0) for g in self._vjp(cotangents[0]))
-        return torch.func.vmap(self._vjp)(cotangents)
+        if self.vectorize and cotangents.shape[0] > 1:
+            return torch.func.vmap(self._vjp)(cotangents)
+        columns = [self._vjp(v) for v in cotangents]
+        return tuple(torch.stack(per_leaf) for per_leaf in zip(*columns))
 
     def chunks(self, total: int) -> Iterator[slice]:
         """Column slices of at most :attr:`chunk` columns covering ``range(total)``."""

@@ -32,6 +32,7 @@ class _Recorder:
     def __init__(self, targets: Mapping[nn.Module, str]) -> None:
         self.targets = targets
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, ε)
+        self.versions: list[int] = []
         self._handles: list = []
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
@@ -39,7 +40,17 @@ class _Recorder:
         # A broadcast zero scalar: no output-sized memory; its gradient has the output's shape.
         eps = output.new_zeros(()).expand(output.shape).requires_grad_()
         self.calls.append((module, inp.detach(), eps))
+        self.versions.append(inp._version)
         return output + eps
+
+    def check_unmodified(self) -> None:
+        """Inputs are kept by reference: refuse ones the forward modified in place later."""
+        for (module, inp, _), version in zip(self.calls, self.versions):
+            if inp._version != version:
+                raise ValueError(
+                    f"extract_autograd: the input of {self.targets[module]!r} was modified in place "
+                    "after the call (e.g. an in-place activation on it); its value is needed"
+                )
 
     def __enter__(self) -> "_Recorder":
         for module in self.targets:
@@ -74,6 +85,7 @@ def extract_autograd(
     max_bytes: int = DEFAULT_MAX_BYTES,
     coupled: bool | None = None,
     sqrt: bool | None = None,
+    vectorize: bool = True,
 ) -> AutogradExtraction:
     """Layer inputs and backpropagated loss-Hessian roots of any differentiable ``model``.
 
@@ -82,7 +94,7 @@ def extract_autograd(
             (its ``.grad`` untouched; train-mode BatchNorm updates its running statistics exactly
             as one training forward pass does).
         loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (reduction mean or sum).
-        inputs: the model input, or a tuple of positional inputs.
+        inputs: the model input, or a tuple of positional inputs (moved to the model's device).
         targets: CE: class indices ``[N, *S]``; MSE: shaped like the output.
         layers: target module → name; default: every Linear, Conv1d/2d/3d and Embedding.
         flavours: any of ``"exact"``, ``"mc"``, ``"empirical"``, stacked in this order.
@@ -94,6 +106,8 @@ def extract_autograd(
         coupled: treat the examples as coupled; default: :func:`couples_examples`.
         sqrt: compute each block's exact square root ``M`` (``LayerResult.sqrt``); default:
             when it does not follow from ``x`` and ``g`` (coupled, or ``T_out > 1``).
+        vectorize: batch the columns of a chunk with ``torch.func.vmap``; ``False`` loops over
+            them (for an operation whose backward vmap cannot batch at all).
 
     Returns:
         :class:`AutogradExtraction`.
@@ -106,6 +120,9 @@ def extract_autograd(
     coupled = couples_examples(model) if coupled is None else bool(coupled)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     first = next(iter(model.parameters()), None)
+    if first is not None:  # as curvlab.extract: the batch goes to the model's device
+        args = tuple(a.to(first.device) if isinstance(a, Tensor) else a for a in args)
+        targets = targets.to(first.device)
     devices = [first.device] if first is not None and first.device.type == "cuda" else []
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -118,6 +135,7 @@ def extract_autograd(
         loss = loss_fn(output.detach(), targets)
         root, segments = stacked_root(loss_fn, output, targets, terms, flavours, mc_samples)
 
+    rec.check_unmodified()
     xs = [layer_io.unfold_input(m, inp) for m, inp, _ in rec.calls]
     for (module, _, _), x in zip(rec.calls, xs):
         if x.shape[0] != terms.num_examples:
@@ -135,7 +153,7 @@ def extract_autograd(
         for m, _, _ in rec.calls
     ]
     extra = sum(per_call_m) if want_sqrt and not factorable else 0
-    vjp = BatchedVJP(output, leaves, estimate(saved.total, leaf_bytes, out_bytes, extra), max_bytes)
+    vjp = BatchedVJP(output, leaves, estimate(saved.total, leaf_bytes, out_bytes, extra), max_bytes, vectorize)
 
     gs = _batch_roots(vjp, root, rec.calls)
     results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in targets_map.items()}
@@ -161,6 +179,7 @@ def extract_autograd(
         reduction_factor=terms.reduction_factor,
         coupled=coupled,
         num_vjps=vjp.num_vjps,
+        columns_per_chunk=vjp.chunk,
     )
 
 
@@ -169,7 +188,8 @@ def _zeros_sqrt(res: LayerResult, k: int, like: Tensor) -> Tensor:
 
 
 def _batch_roots(vjp: BatchedVJP, root: Tensor, calls: list) -> list[Tensor]:
-    """Item 2's ``g`` of every call: one vjp per stacked root column (all terms, all examples)."""
+    """The batch-convention ``g`` of every call: one vjp per stacked root column, its cotangent at
+    every loss term of every example."""
     parts: list[list[Tensor]] = [[] for _ in calls]
     for _, grads in vjp.map(root.shape[0], lambda sl: root[sl]):
         for i, ((module, _, _), grad) in enumerate(zip(calls, grads)):

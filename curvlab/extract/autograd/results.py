@@ -94,6 +94,7 @@ class AutogradExtraction:
         reduction_factor: R in ``L = R Σ ℓ``.
         coupled: whether the examples were treated as coupled (train-mode BatchNorm).
         num_vjps: cotangent columns backpropagated in all.
+        columns_per_chunk: columns per batched vjp under ``max_bytes``.
     """
 
     loss: Tensor
@@ -106,6 +107,7 @@ class AutogradExtraction:
     reduction_factor: float
     coupled: bool
     num_vjps: int = 0
+    columns_per_chunk: int = 1
 
     def __getitem__(self, name: str) -> LayerResult:
         return self.layers[name]
