@@ -96,8 +96,11 @@ CASES = [
 ]
 
 
+BLOCK_CASES = [*CASES, ("conv3d", nn.CrossEntropyLoss())]
+
+
 @pytest.mark.parametrize("flavour", ["exact", "empirical"])
-@pytest.mark.parametrize("name,loss_fn", CASES, ids=[f"{n}-{type(l).__name__}-{l.reduction}" for n, l in CASES])
+@pytest.mark.parametrize("name,loss_fn", BLOCK_CASES, ids=[f"{n}-{type(l).__name__}-{l.reduction}" for n, l in BLOCK_CASES])
 def test_exact_block_matches_dense(name, loss_fn, flavour) -> None:
     model, x, y = zoo.make(name, loss_fn=loss_fn)
     result = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"))

@@ -256,6 +256,18 @@ class TinyTagger(nn.Module):
         return self.head(x).transpose(1, 2)
 
 
+class TinyVolumeNet(nn.Module):
+    """Conv3d on ``[N, 2, 3, 3, 3]`` volumes, strided and padded, then a Linear head."""
+
+    def __init__(self, num_classes: int = CLASSES) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 2, kernel_size=2, stride=(1, 2, 1), padding=(0, 1, 0))
+        self.fc = nn.Linear(2 * 2 * 2 * 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(torch.sigmoid(self.conv(x)), 1))
+
+
 def _images(n: int, channels: int, size: int, gen: torch.Generator) -> Tensor:
     return torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
 
@@ -274,6 +286,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "tied": (TiedMLP, lambda n, g: torch.randn(n, 3, generator=g, dtype=torch.float64)),
     "textcnn": (TextCNN, lambda n, g: _tokens(n, 5, 6, g)),
     "tagger": (TinyTagger, lambda n, g: _tokens(n, 3, 5, g)),
+    "conv3d": (TinyVolumeNet, lambda n, g: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64)),
 }
 
 
