@@ -220,25 +220,40 @@ def test_inputs_roots_and_kfac_factors_match_dense(name, loss_fn) -> None:
                 assert rel(kf.G, torch.einsum("cnot,cnpt->op", g_ref, g_ref)) < RTOL
 
 
-@pytest.mark.parametrize("name", ["resnet_bn", "vgg_bn", "vit"])
+class RowsOfTerms(nn.Module):
+    """``[N, C, T]`` logits as ``[N·T, C]`` rows: curvlinops' form of a per-token loss."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        return out.movedim(1, -1).reshape(-1, out.shape[1])
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "vgg_bn", "vit", "tagger"])
 def test_kfac_convention_matches_curvlinops(name) -> None:
-    """kfac-pytorch/ASDL/curvlinops convention, also with train-mode BatchNorm coupling."""
+    """kfac-pytorch/ASDL/curvlinops convention, also with train-mode BatchNorm coupling and with
+    T loss terms per example (curvlinops' ``num_per_example_loss_terms``, inferred as T)."""
     curvlinops = pytest.importorskip("curvlinops", reason="curvlinops is a dev dependency (pip install -e .[dev])")
     loss_fn = nn.CrossEntropyLoss()
     model, x, y = zoo.make(name, loss_fn=loss_fn)
     result = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), sqrt=False)
-    params = [p for m in result.layers.values() for p in m.module.parameters()]
+    layers = {n: m for n, m in result.layers.items() if m.kind != "embedding"}  # not in curvlinops
+    params = [p for m in layers.values() for p in m.module.parameters()]
+    wrapped, prefix, rows = (RowsOfTerms(model), "inner.", y.reshape(-1)) if y.dim() > 1 else (model, "", y)
     for flavour, fisher_type in (("exact", "type-2"), ("empirical", "empirical")):
         op = curvlinops.KFACLinearOperator(
-            model, loss_fn, params, [(x, y)], fisher_type=fisher_type, kfac_approx="expand",
+            wrapped, loss_fn, params, [(x, rows)], fisher_type=fisher_type, kfac_approx="expand",
             separate_weight_and_bias=True, check_deterministic=False,
         )
         op.compute_kronecker_factors()
-        for lname, layer in result.layers.items():
+        for lname, layer in layers.items():
             (call,) = layer.calls
             kf = statistics.kfac_factors(call.x, result.g(call, flavour))
-            assert rel(kf.A, op._input_covariances[lname]) < RTOL
-            assert rel(kf.G, op._gradient_covariances[lname]) < RTOL
+            assert rel(kf.A, op._input_covariances[prefix + lname]) < RTOL
+            assert rel(kf.G, op._gradient_covariances[prefix + lname]) < RTOL
 
 
 # --- agreement with BackPACK (curvlab.extract) where it runs -----------------------------------

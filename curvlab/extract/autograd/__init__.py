@@ -24,7 +24,7 @@ columns (exact ``C``, mc ``mc_samples``, empirical 1, in the order of ``flavours
   between examples (train-mode BatchNorm) and between the terms of one example (tokens of a
   sequence loss) ignored; ``A = 1/(N·T) Σ x xᵀ``, ``G = Σ g gᵀ`` (``statistics.kfac_factors``)
   are then curvlinops' ``KFACLinearOperator`` factors (expand) for outputs flattened to
-  ``[N·T_out, C]`` with ``num_per_example_loss_terms = T_out``.
+  ``[N·T_out, C]`` with ``num_per_example_loss_terms = T_out`` (tested, coupled BN included).
 * ``sqrt`` (per module, ``[K, d_out, D]``, summed over calls): the exact block's square root,
   ``F = Σ_k vec(M_k) vec(M_k)ᵀ = Jᵀ (∇²_f L) J`` (GGN; mc: its unbiased estimate; empirical:
   ``R Σ_{n,s} ∇ℓ_{n,s} ∇ℓ_{n,s}ᵀ``, one column per loss term as curvlinops' EF).  One column
