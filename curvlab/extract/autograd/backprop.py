@@ -1,0 +1,93 @@
+"""Batched vector-Jacobian products through the recorded graph, in memory-bounded chunks.
+
+The forward pass (see :mod:`.recording`) leaves one zero leaf ``ε`` added to the output of every
+target call.  ``∂ out/∂ ε`` is the Jacobian at that layer output, so one vjp with cotangent
+``v`` (shaped like the model output) gives every target layer's output gradient at once.
+``torch.func.vmap`` over ``torch.autograd.grad`` batches many cotangents through the one graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+#: Default bound on the temporaries of one batched vjp (bytes).
+DEFAULT_MAX_BYTES = 2**30
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd saves during a forward pass (distinct storages once)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[int] = set()
+
+        def pack(t: Tensor) -> Tensor:
+            try:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.total += storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # tensors without storage
+                self.total += t.numel() * t.element_size()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    def __enter__(self) -> "SavedBytes":
+        super().__enter__()
+        return self
+
+
+class BatchedVJP:
+    """``v ↦ (∂out/∂ε_1ᵀ v, …)`` for a batch of cotangents ``v``, chunked under a memory bound.
+
+    Args:
+        output: the model output (part of the graph).
+        leaves: the ``ε`` leaves, one per target call.
+        per_column_bytes: estimated temporaries of one cotangent column (see :func:`estimate`).
+        max_bytes: bound on one chunk's temporaries; at least one column runs at a time.
+        vectorize: ``torch.func.vmap`` over a chunk's columns, else a Python loop.
+    """
+
+    def __init__(self, output: Tensor, leaves: list[Tensor], per_column_bytes: int, max_bytes: int,
+                 vectorize: bool = True) -> None:
+        self.output, self.leaves, self.vectorize = output, leaves, vectorize
+        self.chunk = max(1, int(max_bytes // max(per_column_bytes, 1)))
+        self.num_vjps = 0
+        self._live = output.requires_grad and bool(leaves)
+
+    def _vjp(self, v: Tensor) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(
+            self.output, self.leaves, v, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+
+    def __call__(self, cotangents: Tensor) -> tuple[Tensor, ...]:
+        """One chunk: ``cotangents [k, *out.shape]`` → per leaf ``[k, *leaf.shape]``."""
+        self.num_vjps += cotangents.shape[0]
+        if not self._live:
+            return tuple(cotangents.new_zeros(cotangents.shape[0], *e.shape) for e in self.leaves)
+        if self.vectorize and cotangents.shape[0] > 1:
+            return torch.func.vmap(self._vjp)(cotangents)
+        columns = [self._vjp(v) for v in cotangents]
+        return tuple(torch.stack(per_leaf) for per_leaf in zip(*columns))
+
+    def chunks(self, total: int) -> Iterator[slice]:
+        """Column slices of at most :attr:`chunk` columns covering ``range(total)``."""
+        for start in range(0, total, self.chunk):
+            yield slice(start, min(start + self.chunk, total))
+
+    def map(self, total: int, cotangents: Callable[[slice], Tensor]) -> Iterator[tuple[slice, tuple[Tensor, ...]]]:
+        """For every chunk ``sl`` of ``range(total)``: ``(sl, self(cotangents(sl)))``."""
+        for sl in self.chunks(total):
+            yield sl, self(cotangents(sl))
+
+
+def estimate(saved_bytes: int, leaf_bytes: int, output_bytes: int, extra_bytes: int = 0) -> int:
+    """Temporaries of one cotangent column: the gradients returned for every leaf, a gradient
+    flowing through every saved activation (an upper-bound proxy for backward's buffers), the
+    cotangent itself and ``extra_bytes`` for the caller's own per-column work."""
+    return saved_bytes + 2 * leaf_bytes + output_bytes + extra_bytes

@@ -1,0 +1,184 @@
+"""The loss side of the engine: loss terms, reduction factor and the loss-Hessian square roots.
+
+A supported loss is a sum of independent *loss terms*, ``L = R Σ_{n,s} ℓ_{n,s}(f_{n,s})``, each
+a function of one ``C``-vector of the model output:
+
+* ``nn.CrossEntropyLoss`` on logits ``[N, C]`` or ``[N, C, d_1, …]`` (targets ``[N, d_1, …]``,
+  class indices): one term per example and position ``s`` over ``d_1·d_2…``, the classes on
+  dimension 1.  ``R = 1/(N·T_out)`` for ``reduction="mean"`` (torch averages over every
+  position), 1 for ``"sum"``.
+* ``nn.MSELoss`` on outputs ``[N, …, C]``: the last dimension is the "class" dimension, every
+  position over the middle dimensions is a term.  ``R = 1/numel`` for ``"mean"`` (torch averages
+  over every element), 1 for ``"sum"``.
+
+``T_out`` is the number of loss terms per example (curvlinops' ``num_per_example_loss_terms``).
+Since the Hessian of ``L`` w.r.t. the output is block diagonal over terms, a square root is a set
+of *columns*: tensors shaped like the output.  Roots here are stacked as ``[C_root, *out.shape]``
+where column ``c`` carries, at every term at once, that term's ``c``-th root column:
+
+* ``exact``: ``C`` columns, per term ``S = √R (diag(√p) − p √pᵀ)`` (CE) or ``√(2R) I`` (MSE) —
+  BackPACK's ``sqrt_hessian`` and curvlinops' ``loss_hessian_matrix_sqrt``;
+* ``mc``: ``mc_samples`` columns ``√R (∇_f ℓ(f, ỹ)) / √mc_samples`` with labels ``ỹ`` drawn from
+  the model's predictive distribution, with the very RNG calls of BackPACK's
+  ``sqrt_hessian_sampled`` (so a seeded run draws the same labels as ``curvlab.extract``);
+* ``empirical``: one column ``∇_f L / √R = √R ∇_f Σ ℓ`` with the true targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Categorical, Normal
+from torch.nn.functional import one_hot
+
+FLAVOURS = ("exact", "mc", "empirical")
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """How the model output splits into loss terms.
+
+    Attributes:
+        output_shape: shape of the model output.
+        class_dim: 1 (cross-entropy) or ``output.dim() - 1`` (MSE).
+        num_examples: N.
+        terms_per_example: ``T_out`` (curvlinops' ``num_per_example_loss_terms``).
+        num_classes: C, the length of one term's output vector.
+        reduction_factor: R in ``L = R Σ ℓ``.
+    """
+
+    output_shape: torch.Size
+    class_dim: int
+    num_examples: int
+    terms_per_example: int
+    num_classes: int
+    reduction_factor: float
+
+    def to_terms(self, t: Tensor) -> Tensor:
+        """``[*lead, *output_shape]`` → ``[*lead, N, T_out, C]``."""
+        lead = t.dim() - len(self.output_shape)
+        t = t.movedim(lead + self.class_dim, -1)
+        return t.reshape(*t.shape[:lead], self.num_examples, self.terms_per_example, self.num_classes)
+
+    def from_terms(self, t: Tensor) -> Tensor:
+        """``[*lead, N, T_out, C]`` → ``[*lead, *output_shape]`` (inverse of :meth:`to_terms`)."""
+        lead = t.dim() - 3
+        moved = list(self.output_shape)
+        moved.append(moved.pop(self.class_dim))
+        return t.reshape(*t.shape[:lead], *moved).movedim(-1, lead + self.class_dim)
+
+
+def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms:
+    """Validate ``loss_fn(output, targets)`` and describe its terms.
+
+    Raises:
+        ValueError: for unsupported losses, options, or shapes.
+    """
+    name = type(loss_fn).__name__
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)):
+        raise ValueError(f"autograd engine: loss {name} unsupported; use nn.CrossEntropyLoss or nn.MSELoss")
+    if loss_fn.reduction not in ("mean", "sum"):
+        raise ValueError(f"autograd engine: {name}(reduction={loss_fn.reduction!r}); use 'mean' or 'sum'")
+    if output.dim() < 1:
+        raise ValueError("autograd engine: the model output needs a batch dimension")
+    n = output.shape[0]
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise ValueError("autograd engine: CrossEntropyLoss with class weights or label smoothing is unsupported")
+        if output.dim() < 2:
+            raise ValueError(f"autograd engine: CrossEntropyLoss needs logits [N, C, ...], got {tuple(output.shape)}")
+        if targets.dtype.is_floating_point or targets.shape != output.shape[:1] + output.shape[2:]:
+            raise ValueError(
+                "autograd engine: CrossEntropyLoss needs class-index targets of shape "
+                f"{tuple(output.shape[:1] + output.shape[2:])}, got {targets.dtype} {tuple(targets.shape)}"
+            )
+        if bool((targets == loss_fn.ignore_index).any()):
+            raise ValueError("autograd engine: targets equal to ignore_index are unsupported")
+        class_dim, classes = 1, output.shape[1]
+        terms = output[:, 0].numel() // max(n, 1)
+        r = 1.0 / (n * terms) if loss_fn.reduction == "mean" else 1.0
+    else:
+        if targets.shape != output.shape:
+            raise ValueError(f"autograd engine: MSELoss targets {tuple(targets.shape)} != output {tuple(output.shape)}")
+        if output.dim() == 1:
+            raise ValueError("autograd engine: MSELoss needs outputs [N, ..., C] (got [N]; unsqueeze(-1))")
+        class_dim, classes = output.dim() - 1, output.shape[-1]
+        terms = output[..., 0].numel() // max(n, 1)
+        r = 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
+    return LossTerms(output.shape, class_dim, n, terms, classes, r)
+
+
+def exact_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms) -> Tensor:
+    """``[C, *out.shape]``: column ``v`` of every term's exact root, all terms at once."""
+    scale = math.sqrt(terms.reduction_factor)
+    if isinstance(loss_fn, nn.MSELoss):
+        eye = torch.eye(terms.num_classes, dtype=output.dtype, device=output.device) * (math.sqrt(2.0) * scale)
+        root = eye[:, None, None, :].expand(-1, terms.num_examples, terms.terms_per_example, -1)
+        return terms.from_terms(root)
+    p = terms.to_terms(output).softmax(-1)  # [N, T, C]
+    tau = p.sqrt()
+    s = torch.diag_embed(tau) - p[..., :, None] * tau[..., None, :]  # S[n, t, c, v]
+    return terms.from_terms(s.movedim(-1, 0) * scale)  # column v first
+
+
+def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: int) -> Tensor:
+    """``[mc_samples, *out.shape]``, drawing exactly as BackPACK's ``sqrt_hessian_sampled``.
+
+    BackPACK (``core/derivatives/crossentropyloss.py`` and ``mseloss.py``, manual mode):
+    CE builds ``Categorical(probs moved to the last dim).sample([M])`` and returns
+    ``probs − onehot``; MSE builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns
+    ``2 (ỹ − f)``; both are divided by ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same
+    distribution objects and the same calls consume the generator identically.
+    """
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        probs = output.softmax(dim=1)
+        dist = Categorical(torch.einsum("nc...->n...c", probs))
+        samples = dist.sample(torch.Size([mc_samples]))  # [M, N, ...]
+        onehot = torch.einsum("vn...c->vnc...", one_hot(samples, num_classes=probs.shape[1])).to(probs.dtype)
+        root = probs.unsqueeze(0).expand(mc_samples, *probs.shape) - onehot
+    else:
+        dist = Normal(output, torch.tensor(math.sqrt(0.5), device=output.device))
+        samples = dist.sample(sample_shape=torch.Size([mc_samples]))
+        root = 2 * (samples - output.unsqueeze(0).expand(mc_samples, *output.shape))
+    root = root / math.sqrt(mc_samples)
+    if loss_fn.reduction == "mean":
+        root = root / math.sqrt(1.0 / terms.reduction_factor)
+    return root
+
+
+def empirical_root(loss_fn: nn.Module, output: Tensor, targets: Tensor, terms: LossTerms) -> Tensor:
+    """``[1, *out.shape]``: ``∇_f L / √R`` with the true targets."""
+    out = output.detach().requires_grad_()
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(out, targets), out)
+    return (grad / math.sqrt(terms.reduction_factor)).unsqueeze(0)
+
+
+def stacked_root(
+    loss_fn: nn.Module,
+    output: Tensor,
+    targets: Tensor,
+    terms: LossTerms,
+    flavours: Sequence[str],
+    mc_samples: int,
+) -> tuple[Tensor, dict[str, slice]]:
+    """The roots of ``flavours`` stacked along dim 0, and each flavour's slice of that dim."""
+    output = output.detach()
+    roots, segments, start = [], {}, 0
+    for flavour in flavours:
+        if flavour == "exact":
+            root = exact_root(loss_fn, output, terms)
+        elif flavour == "mc":
+            root = mc_root(loss_fn, output, terms, mc_samples)
+        elif flavour == "empirical":
+            root = empirical_root(loss_fn, output, targets, terms)
+        else:
+            raise ValueError(f"autograd engine: unknown flavour {flavour!r}; choose from {FLAVOURS}")
+        segments[flavour] = slice(start, start + root.shape[0])
+        start += root.shape[0]
+        roots.append(root)
+    return torch.cat(roots, 0), segments

@@ -1,0 +1,435 @@
+"""The autograd extraction engine against dense torch.func references, curvlinops and BackPACK.
+
+References are built here, independently of the engine: ``jacrev`` of the whole batch output
+w.r.t. one layer's weight through ``functional_call`` and ``hessian`` of the loss w.r.t. the
+whole output (exact blocks, coupled ones included); ``jacrev`` w.r.t. a perturbation of one
+layer call's output (the batch-convention roots ``g``); explicit loops for unfolded inputs.
+Train-mode BatchNorm runs in the references on a copy without running statistics (same batch
+statistics, no in-place buffer update, which torch.func refuses).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+import zoo
+from curvlab.extract import extract, statistics
+from curvlab.extract.autograd import couples_examples, extract_autograd
+from curvlab.extract.autograd.layer_io import unfold_input
+from helpers import batch, im2col, tiny_cnn, tiny_mlp
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+RTOL = 1e-10
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def oracle(model: nn.Module) -> nn.Module:
+    """A copy computing the same function whose BatchNorms keep no running statistics."""
+    m = copy.deepcopy(model)
+    for bn in m.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
+            bn.track_running_stats = False
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    return m
+
+
+def per_term_losses(loss_fn: nn.Module, out: Tensor, y: Tensor) -> Tensor:
+    """Unreduced loss terms, flattened ``[N·T_out]`` (MSE: summed over the last dimension)."""
+    val = type(loss_fn)(reduction="none")(out, y)
+    return (val.sum(-1) if isinstance(loss_fn, nn.MSELoss) else val).flatten()
+
+
+def reduction(loss_fn: nn.Module, out: Tensor) -> float:
+    if loss_fn.reduction == "sum":
+        return 1.0
+    return 1.0 / (out[:, 0].numel() if isinstance(loss_fn, nn.CrossEntropyLoss) else out.numel())
+
+
+def dense_block(model, loss_fn, x, y, name: str, flavour: str) -> Tensor:
+    """``Jᵀ ∇²L J`` (exact) or ``R Σ_terms ∇ℓ ∇ℓᵀ`` (empirical) of ``name.weight``, flat order."""
+    ref = oracle(model)
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+    key = f"{name}.weight"
+
+    def out_fn(w: Tensor) -> Tensor:
+        return functional_call(ref, {**params, key: w}, (x,))
+
+    out = out_fn(params[key]).detach()
+    if flavour == "exact":
+        jac = jacrev(out_fn)(params[key]).reshape(out.numel(), -1)
+        hess = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+        return jac.T @ hess @ jac
+    grads = jacrev(lambda w: per_term_losses(loss_fn, out_fn(w), y))(params[key]).flatten(1)
+    return reduction(loss_fn, out) * grads.T @ grads
+
+
+def block_from_sqrt(layer, m: Tensor) -> Tensor:
+    if layer.kind == "embedding":  # matrix form is Wᵀ
+        m = m.transpose(1, 2)
+    v = m.reshape(m.shape[0], -1)
+    return v.T @ v
+
+
+CASES = [
+    ("resnet_bn", nn.CrossEntropyLoss()),
+    ("resnet_bn", nn.MSELoss()),
+    ("resnet_gn", nn.CrossEntropyLoss(reduction="sum")),
+    ("vgg_bn", nn.CrossEntropyLoss()),
+    ("vit", nn.CrossEntropyLoss()),
+    ("functional_mlp", nn.MSELoss()),
+    ("tied", nn.CrossEntropyLoss()),
+    ("textcnn", nn.CrossEntropyLoss()),
+    ("tagger", nn.CrossEntropyLoss()),
+    ("tagger", nn.MSELoss(reduction="sum")),
+]
+
+
+BLOCK_CASES = [*CASES, ("conv3d", nn.CrossEntropyLoss())]
+
+
+@pytest.mark.parametrize("flavour", ["exact", "empirical"])
+@pytest.mark.parametrize("name,loss_fn", BLOCK_CASES, ids=[f"{n}-{type(l).__name__}-{l.reduction}" for n, l in BLOCK_CASES])
+def test_exact_block_matches_dense(name, loss_fn, flavour) -> None:
+    model, x, y = zoo.make(name, loss_fn=loss_fn)
+    result = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"))
+    assert result.coupled == name.endswith("_bn")
+    torch.testing.assert_close(result.loss, loss_fn(oracle(model)(x), y), rtol=1e-12, atol=0)
+    assert result.layers
+    for lname, layer in result.layers.items():
+        ours = block_from_sqrt(layer, result.sqrt(lname, flavour))
+        ref = dense_block(model, loss_fn, x, y, lname, flavour)
+        assert rel(ours, ref) < RTOL, (lname, rel(ours, ref))
+
+
+# --- the batch convention: x and g of every call -----------------------------------------------
+
+def reference_root(loss_fn, out: Tensor, y: Tensor, flavour: str) -> Tensor:
+    """``[C_root, *out.shape]``: per term ``√R(diag √p − p √pᵀ)`` (CE), ``√(2R) I`` (MSE) or
+    ``∇L/√R``, all terms at once; checked against ``hessian`` of the loss."""
+    r = reduction(loss_fn, out)
+    if flavour == "empirical":
+        return (torch.func.grad(lambda o: loss_fn(o, y))(out) / math.sqrt(r)).unsqueeze(0)
+    ce = isinstance(loss_fn, nn.CrossEntropyLoss)
+    o = out.movedim(1, -1) if ce else out  # classes last
+    c = o.shape[-1]
+    if ce:
+        p = o.softmax(-1)
+        s = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)  # [..., c, v]
+    else:
+        s = math.sqrt(2.0) * torch.eye(c, dtype=out.dtype).expand(*o.shape, c)
+    s = s * math.sqrt(r)
+    # the term-separated dense root reproduces the Hessian of the batch loss
+    terms = o[..., 0].numel()
+    blocks = s.reshape(terms, c, c)
+    dense = torch.zeros(terms, c, terms, c, dtype=out.dtype)
+    dense[torch.arange(terms), :, torch.arange(terms)] = blocks @ blocks.transpose(1, 2)
+    hess = hessian(lambda z: loss_fn(z, y))(out)
+    if ce:
+        hess = hess.movedim(1, out.dim() - 1).movedim(out.dim() + 1, -1)
+    torch.testing.assert_close(dense.reshape(hess.shape), hess, rtol=1e-12, atol=1e-14)
+    root = s.movedim(-1, 0)  # [v, N, ..., c]
+    return root.movedim(-1, 2) if ce else root
+
+
+def reference_calls(model, loss_fn, x, y, module: nn.Module, flavour: str):
+    """Per call of ``module``: its raw input and ``g_c = J_zᵀ S_c`` by ``jacrev``."""
+    ref = oracle(model)
+    target = dict(model.named_modules())
+    path = next(k for k, v in target.items() if v is module)
+    mod = dict(ref.named_modules())[path]
+    inputs, shapes = [], []
+
+    def record(m, a, o) -> None:
+        inputs.append(a[0].detach())
+        shapes.append(o.shape)
+
+    probe = mod.register_forward_hook(record)
+    out = ref(x).detach()
+    probe.remove()
+
+    def out_fn(deltas):
+        it = iter(deltas)
+        handle = mod.register_forward_hook(lambda m, a, o: o + next(it))
+        try:
+            return ref(x)
+        finally:
+            handle.remove()
+
+    deltas = tuple(torch.zeros(s, dtype=out.dtype) for s in shapes)
+    jacs = jacrev(out_fn)(deltas)  # per call [*out, *z]
+    root = reference_root(loss_fn, out, y, flavour)
+    gs = [torch.tensordot(root, j, dims=out.dim()) for j in jacs]
+    return inputs, gs
+
+
+def unfold_reference(module: nn.Module, inp: Tensor) -> Tensor:
+    if isinstance(module, nn.Linear):
+        return inp.reshape(inp.shape[0], -1, inp.shape[-1]).transpose(1, 2)
+    if isinstance(module, nn.Conv2d):
+        return im2col(inp, module)
+    if isinstance(module, nn.Conv1d):  # explicit patches
+        (k,), (s,), (p,), (d,) = module.kernel_size, module.stride, module.padding, module.dilation
+        xp = F.pad(inp, (p, p))
+        cols = [xp[:, :, i * s : i * s + d * (k - 1) + 1 : d].reshape(inp.shape[0], -1)
+                for i in range((xp.shape[2] - d * (k - 1) - 1) // s + 1)]
+        return torch.stack(cols, -1)
+    return inp.reshape(inp.shape[0], -1)  # Embedding: token ids
+
+
+def to_layout(module: nn.Module, g: Tensor) -> Tensor:
+    """``[C, *z.shape]`` → ``[C, N, d_out, T]`` (channels first for conv, last otherwise)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return g.flatten(3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).transpose(2, 3)
+
+
+@pytest.mark.parametrize("name,loss_fn", CASES, ids=[f"{n}-{type(l).__name__}-{l.reduction}" for n, l in CASES])
+def test_inputs_roots_and_kfac_factors_match_dense(name, loss_fn) -> None:
+    model, x, y = zoo.make(name, loss_fn=loss_fn)
+    result = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), sqrt=False)
+    for layer in result.layers.values():
+        assert layer.sqrt is None
+        for flavour in ("exact", "empirical"):
+            inputs, gs = reference_calls(model, loss_fn, x, y, layer.module, flavour)
+            assert len(layer.calls) == len(inputs) >= 1
+            for call, inp, g_ref in zip(layer.calls, inputs, gs):
+                x_ref = unfold_reference(layer.module, inp)
+                g_ref = to_layout(layer.module, g_ref)
+                g = result.g(call, flavour)
+                assert torch.equal(call.x, x_ref) if layer.kind == "embedding" else rel(call.x, x_ref) < RTOL
+                assert g.shape == g_ref.shape and rel(g, g_ref) < RTOL, (layer.name, flavour)
+                dense_x = layer.dense_inputs(call)
+                ref_x = F.one_hot(x_ref, layer.shape[1]).transpose(1, 2).double() if layer.kind == "embedding" else x_ref
+                if layer.kind == "embedding" and layer.module.padding_idx is not None:
+                    ref_x = ref_x * (x_ref != layer.module.padding_idx).unsqueeze(1)
+                n, _, t = ref_x.shape
+                kf = statistics.kfac_factors(dense_x, g)
+                assert rel(kf.A, torch.einsum("ndt,net->de", ref_x, ref_x) / (n * t)) < RTOL
+                assert rel(kf.G, torch.einsum("cnot,cnpt->op", g_ref, g_ref)) < RTOL
+
+
+class RowsOfTerms(nn.Module):
+    """``[N, C, T]`` logits as ``[N·T, C]`` rows: curvlinops' form of a per-token loss."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        return out.movedim(1, -1).reshape(-1, out.shape[1])
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "vgg_bn", "vit", "tagger"])
+def test_kfac_convention_matches_curvlinops(name) -> None:
+    """kfac-pytorch/ASDL/curvlinops convention, also with train-mode BatchNorm coupling and with
+    T loss terms per example (curvlinops' ``num_per_example_loss_terms``, inferred as T)."""
+    curvlinops = pytest.importorskip("curvlinops", reason="curvlinops is a dev dependency (pip install -e .[dev])")
+    loss_fn = nn.CrossEntropyLoss()
+    model, x, y = zoo.make(name, loss_fn=loss_fn)
+    result = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), sqrt=False)
+    layers = {n: m for n, m in result.layers.items() if m.kind != "embedding"}  # not in curvlinops
+    params = [p for m in layers.values() for p in m.module.parameters()]
+    wrapped, prefix, rows = (RowsOfTerms(model), "inner.", y.reshape(-1)) if y.dim() > 1 else (model, "", y)
+    for flavour, fisher_type in (("exact", "type-2"), ("empirical", "empirical")):
+        op = curvlinops.KFACLinearOperator(
+            wrapped, loss_fn, params, [(x, rows)], fisher_type=fisher_type, kfac_approx="expand",
+            separate_weight_and_bias=True, check_deterministic=False,
+        )
+        op.compute_kronecker_factors()
+        for lname, layer in layers.items():
+            (call,) = layer.calls
+            kf = statistics.kfac_factors(call.x, result.g(call, flavour))
+            assert rel(kf.A, op._input_covariances[prefix + lname]) < RTOL
+            assert rel(kf.G, op._gradient_covariances[prefix + lname]) < RTOL
+
+
+# --- agreement with BackPACK (curvlab.extract) where it runs -----------------------------------
+
+@pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn])
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")], ids=["ce", "mse"])
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_statistics_agree_with_backpack(make_model, loss_fn, fisher) -> None:
+    model = make_model()
+    x, y = batch(model, loss_fn, n=4)
+    flavours = (fisher, *[f for f in ("exact", "mc", "empirical") if f != fisher])
+    theirs = extract(model, loss_fn, x, y, fisher=fisher, mc_samples=3, kfac_flavours=flavours,
+                     stats=("sqrt", "kfac", "tkfac"), seed=11)
+    ours = extract_autograd(model, loss_fn, x, y, flavours=flavours, mc_samples=3, seed=11)
+    assert set(ours.layers) == set(theirs)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-12, atol=0)
+    for name, layer in ours.layers.items():
+        (call,) = layer.calls
+        xb = torch.cat([call.x, torch.ones_like(call.x[:, :1])], 1)  # BackPACK's block has the bias
+        block = theirs[name]
+        g = ours.g(call, fisher)
+        assert rel(statistics.square_root(xb, g).matrices(), block.sqrt.matrices()) < RTOL
+        tk = statistics.tkfac_exact(xb, g)
+        assert rel(tk.delta_phi, block.tkfac.delta_phi) < RTOL and rel(tk.delta_psi, block.tkfac.delta_psi) < RTOL
+        for f in flavours:
+            kf = statistics.kfac_factors(xb, ours.g(call, f))
+            assert rel(kf.A, block.kfac[f].A) < RTOL and rel(kf.G, block.kfac[f].G) < RTOL, (name, f)
+
+
+def test_mc_is_unbiased_for_the_exact_block() -> None:
+    """Coupled (train-mode BN) and multi-term (tagger) models: many samples → the exact block;
+    one sample is far from it (so the comparison can fail)."""
+    loss_fn = nn.CrossEntropyLoss()
+    for name in ("vgg_bn", "tagger"):
+        model, x, y = zoo.make(name, loss_fn=loss_fn)
+        for samples, low, high in ((400, 0.0, 0.1), (1, 0.2, math.inf)):
+            result = extract_autograd(model, loss_fn, x, y, flavours=("exact", "mc"), mc_samples=samples, seed=0)
+            for lname, layer in result.layers.items():
+                exact = block_from_sqrt(layer, result.sqrt(lname, "exact"))
+                mc = block_from_sqrt(layer, result.sqrt(lname, "mc"))
+                assert low < rel(mc, exact) < high, (name, lname, samples, rel(mc, exact))
+
+
+# --- structure: tied weights, coupling, chunking, embeddings, sequences -------------------------
+
+def test_tied_weights_sum_over_calls() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    model, x, y = zoo.make("tied", loss_fn=loss_fn)
+    result = extract_autograd(model, loss_fn, x, y, sqrt=True)
+    layer = result.layers["shared"]
+    assert len(layer.calls) == 2 and all(len(result.layers[n].calls) == 1 for n in ("inp", "out"))
+    per_call = [torch.einsum("cnot,ndt->cnod", c.g, c.x).flatten(0, 1) for c in layer.calls]
+    torch.testing.assert_close(layer.sqrt, per_call[0] + per_call[1], rtol=1e-13, atol=1e-15)
+    ref = dense_block(model, loss_fn, x, y, "shared", "exact")
+    assert rel(block_from_sqrt(layer, layer.sqrt), ref) < RTOL
+    for m in per_call:  # neither use alone is the block
+        assert rel(block_from_sqrt(layer, m), ref) > 1e-2
+
+
+def test_coupling_detection_and_its_effect() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    model, x, y = zoo.make("resnet_bn", loss_fn=loss_fn)
+    assert couples_examples(model) and not couples_examples(zoo.make("resnet_gn")[0])
+    assert not couples_examples(copy.deepcopy(model).eval())
+    stateless_eval = oracle(model).eval()  # no running statistics: batch statistics in eval too
+    assert couples_examples(stateless_eval)
+    result = extract_autograd(model, loss_fn, x, y)
+    # ignoring the coupling (M from the per-example g) misses the block by far before a BN
+    for lname, layer in result.layers.items():
+        ref = dense_block(model, loss_fn, x, y, lname, "exact")
+        assert rel(block_from_sqrt(layer, layer.sqrt), ref) < RTOL
+        (call,) = layer.calls
+        uncoupled = block_from_sqrt(layer, torch.einsum("cnot,ndt->cnod", call.g, call.x).flatten(0, 1))
+        if layer.kind == "conv":  # every conv feeds a BatchNorm
+            assert rel(uncoupled, ref) > 1e-3, lname
+        else:  # the head sees no coupling downstream
+            assert rel(uncoupled, ref) < RTOL
+    # forcing the coupled route on an uncoupled model changes nothing but the cost
+    model, x, y = zoo.make("vit", loss_fn=loss_fn)
+    plain = extract_autograd(model, loss_fn, x, y, sqrt=True)
+    forced = extract_autograd(model, loss_fn, x, y, coupled=True)
+    assert forced.num_vjps == plain.num_vjps * (1 + x.shape[0])
+    for lname in plain.layers:
+        a, b = plain.layers[lname].sqrt, forced.layers[lname].sqrt
+        assert rel(b, a) < 1e-12
+
+
+def test_chunking_changes_nothing() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    model, x, y = zoo.make("resnet_bn", loss_fn=loss_fn)
+    state = copy.deepcopy(model.state_dict())
+    big = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"))
+    model.load_state_dict(state)
+    small = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), max_bytes=1)
+    model.load_state_dict(state)
+    looped = extract_autograd(model, loss_fn, x, y, flavours=("exact", "empirical"), vectorize=False)
+    assert big.num_vjps == small.num_vjps == looped.num_vjps == 4 + 4 * x.shape[0]
+    assert small.columns_per_chunk == 1 and big.columns_per_chunk >= big.num_vjps
+    for other in (small, looped):
+        for lname in big.layers:
+            torch.testing.assert_close(other.layers[lname].sqrt, big.layers[lname].sqrt, rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(other.layers[lname].calls[0].g, big.layers[lname].calls[0].g, rtol=1e-13, atol=1e-15)
+
+
+def test_embedding_representation_and_sequence_scale() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    model, ids, y = zoo.make("textcnn", loss_fn=loss_fn)
+    ids[0, 0] = 0  # a padding token
+    result = extract_autograd(model, loss_fn, ids, y)
+    layer = result.layers["embedding"]
+    (call,) = layer.calls
+    assert call.x.dtype == torch.int64 and torch.equal(call.x, ids)
+    assert layer.shape == (3, 6) and layer.square_root().shape == (3 * ids.shape[0], 3, 6)
+    dense = layer.dense_inputs(call)
+    assert dense.shape == (ids.shape[0], 6, 5) and dense[0, :, 0].abs().sum() == 0
+    assert torch.equal(dense.sum((1, 2)), (ids != 0).sum(1).double())
+    assert layer.square_root()[:, :, 0].abs().max() == 0  # the padding row gets nothing
+    # per-token CE on [N, C, T]: T loss terms per example, R = 1/(N·T)
+    model, ids, y = zoo.make("tagger", loss_fn=loss_fn)
+    result = extract_autograd(model, loss_fn, ids, y, flavours=("exact", "empirical"))
+    n, t = ids.shape
+    assert result.terms_per_example == t and result.reduction_factor == pytest.approx(1 / (n * t))
+    assert result.segments == {"exact": slice(0, 3), "empirical": slice(3, 4)}
+    assert result.sqrt_segments == {"exact": slice(0, 3 * t * n), "empirical": slice(3 * t * n, 4 * t * n)}
+    assert not result.layers["head"].factorable
+    with pytest.raises(ValueError, match="sqrt=True"):
+        extract_autograd(model, loss_fn, ids, y, sqrt=False).layers["head"].square_root()
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2),
+        nn.Conv1d(2, 3, 2, padding="same", padding_mode="reflect"),
+        nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+        nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(0, 1, 1), dilation=(2, 1, 1)),
+        nn.Conv3d(2, 3, 3, padding="same", padding_mode="replicate"),
+    ],
+    ids=["1d", "1d-same-reflect", "2d", "2d-circular", "3d", "3d-same-replicate"],
+)
+def test_unfolded_inputs_reproduce_the_convolution(conv) -> None:
+    conv = conv.double()
+    nd = len(conv.kernel_size)
+    inp = torch.randn(2, 2, *([5] * nd), dtype=torch.float64)
+    x = unfold_input(conv, inp)  # [N, D, T]
+    out = torch.einsum("od,ndt->not", conv.weight.flatten(1), x) + conv.bias[:, None]
+    torch.testing.assert_close(out, conv(inp).flatten(2), rtol=1e-12, atol=1e-12)
+
+
+def test_model_left_untouched_and_errors() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    model, x, y = zoo.make("vit", loss_fn=loss_fn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extract_autograd(model, loss_fn, x, y, flavours=("mc",), seed=1)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="flavours"):
+        extract_autograd(model, loss_fn, x, y, flavours=("fisher",))
+    with pytest.raises(ValueError, match="grouped"):
+        extract_autograd(nn.Conv1d(2, 2, 1, groups=2), nn.MSELoss(), torch.randn(1, 2, 3), torch.randn(1, 2, 3))
+    with pytest.raises(ValueError, match="unsupported"):
+        extract_autograd(model, nn.NLLLoss(), x, y)
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.fc(x)
+            x.mul_(2.0)  # the recorded input changes after the call
+            return out + x
+
+    with pytest.raises(ValueError, match="modified in place"):
+        extract_autograd(InPlace().double(), nn.MSELoss(), torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="leading dimension"):
+        flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(2, 2), nn.Unflatten(0, (2, 3)), nn.Flatten(1))
+        extract_autograd(flat.double(), nn.MSELoss(), torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
