@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
 import zoo
-from curvlab.extract import extract, statistics
+from curvlab.extract import extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
 from curvlab.extract.autograd.layer_io import unfold_input
 from helpers import batch, im2col, tiny_cnn, tiny_mlp
@@ -215,7 +215,7 @@ def test_inputs_roots_and_kfac_factors_match_dense(name, loss_fn) -> None:
                 if layer.kind == "embedding" and layer.module.padding_idx is not None:
                     ref_x = ref_x * (x_ref != layer.module.padding_idx).unsqueeze(1)
                 n, _, t = ref_x.shape
-                kf = statistics.kfac_factors(dense_x, g)
+                kf = maths.kfac_factors(dense_x, g)
                 assert rel(kf.A, torch.einsum("ndt,net->de", ref_x, ref_x) / (n * t)) < RTOL
                 assert rel(kf.G, torch.einsum("cnot,cnpt->op", g_ref, g_ref)) < RTOL
 
@@ -251,7 +251,7 @@ def test_kfac_convention_matches_curvlinops(name) -> None:
         op.compute_kronecker_factors()
         for lname, layer in layers.items():
             (call,) = layer.calls
-            kf = statistics.kfac_factors(call.x, result.g(call, flavour))
+            kf = maths.kfac_factors(call.x, result.g(call, flavour))
             assert rel(kf.A, op._input_covariances[prefix + lname]) < RTOL
             assert rel(kf.G, op._gradient_covariances[prefix + lname]) < RTOL
 
@@ -275,11 +275,11 @@ def test_statistics_agree_with_backpack(make_model, loss_fn, fisher) -> None:
         xb = torch.cat([call.x, torch.ones_like(call.x[:, :1])], 1)  # BackPACK's block has the bias
         block = theirs[name]
         g = ours.g(call, fisher)
-        assert rel(statistics.square_root(xb, g).matrices(), block.sqrt.matrices()) < RTOL
-        tk = statistics.tkfac_exact(xb, g)
+        assert rel(maths.square_root(xb, g).matrices(), block.sqrt.matrices()) < RTOL
+        tk = maths.tkfac_exact(xb, g)
         assert rel(tk.delta_phi, block.tkfac.delta_phi) < RTOL and rel(tk.delta_psi, block.tkfac.delta_psi) < RTOL
         for f in flavours:
-            kf = statistics.kfac_factors(xb, ours.g(call, f))
+            kf = maths.kfac_factors(xb, ours.g(call, f))
             assert rel(kf.A, block.kfac[f].A) < RTOL and rel(kf.G, block.kfac[f].G) < RTOL, (name, f)
 
 

@@ -12,9 +12,9 @@ import xarray as xr
 from torch import Tensor, nn
 
 import curvlab.extract as _extract
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate
+from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate, needed_kfac_flavours
 from curvlab.compare import measure
-from curvlab.compare.api import DEFAULT_APPROXIMATIONS, needed_kfac_flavours
+from curvlab.compare.api import DEFAULT_APPROXIMATIONS
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.reduce import Shards, local_loss_count, reduce_statistics, reduced_numel
 
