@@ -16,10 +16,19 @@ Convention (fixed once for the whole project):
 * The *flat parameter vector* — what ``dense_fisher()`` and ``to_dense()`` index — is
   ``torch.cat([weight.flatten(), bias.flatten()])`` (bias omitted when absent), PyTorch's own
   parameter order.  :class:`BlockLayout` converts between the two.
+* ``nn.Embedding``: its input is one-hot, so its matrix form is ``Wᵀ``
+  (``[embedding_dim, num_embeddings]``, output × input as for ``nn.Linear``); the layout is
+  ``transposed`` and the flat order stays ``weight.flatten()``.
+* A *parameter block* (kind ``"parameter"``) is one trainable tensor outside the Kronecker layers
+  (a norm layer's affine weight or bias, a position embedding, a cls token, attention's packed
+  projections): its matrix form is the tensor reshaped to ``[prod(shape[:i]), prod(shape[i:])]``
+  with the most balanced split ``i``, in row-major (flat) order.  Which blocks a model has is
+  decided in one place, :func:`curvlab.model_blocks.model_blocks`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +44,15 @@ class BlockLayout:
         in_features: ``D``, columns of ``W̄`` (including the bias column if present).
         bias_column: whether the last column of ``W̄`` is the bias.
         weight_shape: shape of the weight parameter (``None`` for a bias-only block).
+        transposed: the weight's matrix form is its transpose (``nn.Embedding``: ``Wᵀ``), so the
+            flat order of the weight part is the matrix form's column-major order.
     """
 
     out_features: int
     in_features: int
     bias_column: bool
     weight_shape: tuple[int, ...] | None
+    transposed: bool = False
 
     @property
     def num_params(self) -> int:
@@ -63,7 +75,8 @@ class BlockLayout:
         dw = self._weight_columns()
         parts = []
         if dw:
-            parts.append(mat[..., :dw].flatten(-2))
+            weight = mat[..., :dw]
+            parts.append((weight.mT if self.transposed else weight).flatten(-2))
         if self.bias_column or self.weight_shape is None:
             parts.append(mat[..., dw:].flatten(-2))
         return torch.cat(parts, dim=-1)
@@ -79,7 +92,11 @@ class BlockLayout:
         dw = self._weight_columns()
         cols = []
         if dw:
-            cols.append(vec[..., : self.out_features * dw].reshape(*lead, self.out_features, dw))
+            weight = vec[..., : self.out_features * dw]
+            if self.transposed:
+                cols.append(weight.reshape(*lead, dw, self.out_features).mT)
+            else:
+                cols.append(weight.reshape(*lead, self.out_features, dw))
         if self.bias_column or self.weight_shape is None:
             rest = self.in_features - dw
             cols.append(vec[..., self.out_features * dw :].reshape(*lead, self.out_features, rest))
@@ -103,11 +120,15 @@ class Block:
 
     Attributes:
         name: the module path, with ``.weight``/``.bias`` appended when the bias is a block of
-            its own.
-        module_type: the layer's class name (``"Linear"``, ``"Conv2d"``).
+            its own; a parameter block's name is the parameter's path.
+        module_type: the layer's class name (``"Linear"``, ``"Conv2d"``; a parameter block: its
+            owner's class name).
         layout: the matrix form and flat order (:class:`BlockLayout`).
-        weight: the weight parameter (``None`` for a bias-only block).
+        weight: the weight parameter (``None`` for a bias-only block; a parameter block: the
+            parameter).
         bias: the bias parameter of the block (``None``: no bias column).
+        kind: ``"kronecker"`` (a Linear/Conv/Embedding layer) or ``"parameter"`` (one tensor
+            outside those layers, see the module docstring).
     """
 
     name: str
@@ -115,16 +136,22 @@ class Block:
     layout: BlockLayout
     weight: Tensor | None
     bias: Tensor | None
+    kind: str = "kronecker"
 
     @classmethod
     def of_layer(cls, name: str, module: nn.Module, *, separate_bias: bool = False) -> list["Block"]:
-        """The blocks of a ``Linear``/``Conv`` layer: ``[W b]`` (the bias as the last input
-        column when it is trainable), or ``<name>.weight`` and ``<name>.bias`` apart."""
+        """The blocks of a ``Linear``/``Conv1d/2d/3d``/``Embedding`` layer: ``[W b]`` (the bias as
+        the last input column when it is trainable), or ``<name>.weight`` and ``<name>.bias``
+        apart.  ``nn.Embedding`` (no bias) has the matrix form ``Wᵀ``."""
         weight = module.weight
-        bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        bias = getattr(module, "bias", None)
+        bias = bias if bias is not None and bias.requires_grad else None
         shape = tuple(weight.shape)
-        d_out, d_in = shape[0], weight[0].numel()  # Linear: in_features; Conv: C_in·prod(kernel)
         kind = type(module).__name__
+        if isinstance(module, nn.Embedding):
+            layout = BlockLayout(shape[1], shape[0], False, shape, transposed=True)
+            return [cls(name, kind, layout, weight, None)]
+        d_out, d_in = shape[0], weight[0].numel()  # Linear: in_features; Conv: C_in·prod(kernel)
         if not separate_bias:
             layout = BlockLayout(d_out, d_in + int(bias is not None), bias is not None, shape)
             return [cls(name, kind, layout, weight, bias)]
@@ -132,6 +159,14 @@ class Block:
         if bias is not None:
             blocks.append(cls(f"{name}.bias", kind, BlockLayout(d_out, 1, False, None), None, bias))
         return blocks
+
+    @classmethod
+    def of_parameter(cls, name: str, param: Tensor, owner_type: str) -> "Block":
+        """The parameter block of one tensor (kind ``"parameter"``), matrix form
+        ``[prod(shape[:i]), prod(shape[i:])]`` with the most balanced split ``i``."""
+        shape = tuple(param.shape)
+        rows, cols = balanced_split(shape)
+        return cls(name, owner_type, BlockLayout(rows, cols, False, shape), param, None, kind="parameter")
 
     def parameters(self) -> list[Tensor]:
         """The block's parameters, weight first."""
@@ -145,9 +180,17 @@ class Block:
             return ones
         return torch.cat([x, ones], 1) if self.bias is not None else x
 
+    def _as_matrix(self, t: Tensor, is_weight: bool) -> Tensor:
+        """The weight (or bias) tensor ``t`` in the block's matrix form."""
+        if not is_weight:
+            return t.unsqueeze(1)
+        if self.kind == "parameter":
+            return t.reshape(self.layout.shape)
+        return t.T if self.layout.transposed else t.flatten(1)
+
     def param_matrix(self) -> Tensor:
         """``W̄`` as ``[d_out, D]`` (a view of the weight where possible)."""
-        parts = [p.flatten(1) if p is self.weight else p.unsqueeze(1) for p in self.parameters()]
+        parts = [self._as_matrix(p, p is self.weight) for p in self.parameters()]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def grad_matrix(self) -> Tensor | None:
@@ -158,7 +201,7 @@ class Block:
         parts = []
         for p in self.parameters():
             g = torch.zeros_like(p) if p.grad is None else p.grad
-            parts.append(g.flatten(1) if p is self.weight else g.unsqueeze(1))
+            parts.append(self._as_matrix(g, p is self.weight))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def add_(self, update: Tensor, alpha: float, *, skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> None:
@@ -169,9 +212,21 @@ class Block:
             w = self.weight
             dw = self.layout.in_features - int(self.bias is not None)
             if w not in skip:
-                if w.is_contiguous():
-                    w.view(w.shape[0], -1).add_(update[:, :dw], alpha=alpha)
+                part = update[:, :dw]
+                if self.layout.transposed:
+                    w.add_(part.T, alpha=alpha)
+                elif w.is_contiguous():
+                    w.view(self.layout.out_features, -1).add_(part, alpha=alpha)
                 else:  # e.g. channels_last
-                    w.add_(update[:, :dw].reshape(w.shape), alpha=alpha)
+                    w.add_(part.reshape(w.shape), alpha=alpha)
         if self.bias is not None and self.bias not in skip:
             self.bias.add_(update[:, dw], alpha=alpha)
+
+
+def balanced_split(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(prod(shape[:i]), prod(shape[i:]))`` for the ``i ≥ 1`` that makes the two most alike
+    (a scalar: ``(1, 1)``): a parameter block's matrix form, small identity bases included."""
+    if not shape:
+        return 1, 1
+    options = [(math.prod(shape[:i]), math.prod(shape[i:])) for i in range(1, len(shape) + 1)]
+    return min(options, key=lambda rc: max(rc))

@@ -49,7 +49,8 @@ class LayerStats:
     Attributes:
         name: block name: the module path, with ``.weight``/``.bias`` appended when the bias is
             kept separate.
-        module_type: ``"Linear"`` or ``"Conv2d"``.
+        module_type: the layer's class name (``"Linear"``, ``"Conv2d"``, …; a parameter block:
+            its owner's).
         layout: shape bookkeeping and flattening (:class:`~curvlab.layout.BlockLayout`).
         flavour: ``"exact"``, ``"mc"`` or ``"empirical"``.
         num_examples: N.
@@ -59,6 +60,19 @@ class LayerStats:
         kfac: KFAC factors per flavour (``kfac["exact"]`` are KFLR's), if requested.
         tkfac: TKFAC statistics, if requested.
         kfe_scaling: ``Σ_k (U_outᵀ M_k U_in)²`` in the eigenbasis passed to ``extract``.
+        kind: ``"kronecker"`` (a Linear/Conv/Embedding layer: every statistic) or
+            ``"parameter"`` (one tensor outside those layers: ``sqrt`` and ``grad`` only).
+        engine: the extraction engine that computed it, ``"backpack"`` or ``"autograd"``.
+        kfac_approx: the weight-sharing convention of ``kfac`` (and of ``tkfac`` in its KFC
+            form): ``"expand"`` or ``"reduce"``.
+        coupled: the batch couples the examples (train-mode BatchNorm): ``sqrt`` is then the exact
+            block with the coupling, the Kronecker statistics ignore it (see
+            ``convention_sqrt``).
+        terms_per_example: loss terms per example (``T_out``; a per-token loss on
+            ``[N, C, T]`` logits has ``T``).
+        convention_sqrt: when ``coupled``, the square root of the block the Kronecker statistics
+            describe (per-example inputs and output gradients of the batch computation, the
+            coupling ignored); ``None`` when that block is the exact one.
     """
 
     name: str
@@ -72,6 +86,12 @@ class LayerStats:
     kfac: dict[str, KroneckerFactors] = field(default_factory=dict)
     tkfac: TraceStats | None = None
     kfe_scaling: Tensor | None = None
+    kind: str = "kronecker"
+    engine: str = "backpack"
+    kfac_approx: str = "expand"
+    coupled: bool = False
+    terms_per_example: int = 1
+    convention_sqrt: SquareRoot | None = None
 
     @property
     def num_params(self) -> int:

@@ -55,24 +55,30 @@ def test_model_untouched_after_failure_midway() -> None:
 
 def test_unsupported_parameter_layer_named_or_skipped() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)).double()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    with pytest.raises(UnsupportedModelError, match=r"'1' \(BatchNorm1d\).*supported layers: Linear, Conv2d"):
+    with pytest.raises(UnsupportedModelError, match=r"'1' \(PReLU\) has trainable parameters but is not supported; supported are Kronecker layers: Linear, Conv1d.*skip_unsupported=True"):
         extract(model, nn.CrossEntropyLoss(), x, y)
     stats = extract(model, nn.CrossEntropyLoss(), x, y, skip_unsupported=True)
-    assert list(stats) == ["0", "3"]
+    assert list(stats) == ["0", "2"] and stats.skipped == ["1.weight"] and stats.engine == "autograd"
 
 
-def test_batchnorm_train_mode_rejected() -> None:
+def test_batchnorm_train_mode_needs_the_autograd_engine() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
-    with pytest.raises(UnsupportedModelError, match="train mode"):
-        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0]), skip_unsupported=True)
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(UnsupportedModelError, match="engine='backpack' cannot run this model: a BatchNorm .* \\(train mode\\).*engine='autograd'"):
+        extract(model, nn.CrossEntropyLoss(), x, y, engine="backpack")
+    stats = extract(model, nn.CrossEntropyLoss(), x, y)
+    assert stats.engine == "autograd" and "train mode" in stats.engine_reason
+    assert list(stats) == ["0", "1.weight", "1.bias", "2"] and stats["0"].coupled
 
 
 def test_module_backpack_cannot_backpropagate() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3)).double()
-    with pytest.raises(UnsupportedModelError, match=r"'1' \(GELU\) cannot be backpropagated"):
-        extract(model, nn.CrossEntropyLoss(), torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(GELU\) has no BackPACK second-order derivatives"):
+        extract(model, nn.CrossEntropyLoss(), x, y, engine="backpack")
+    assert extract(model, nn.CrossEntropyLoss(), x, y).engine == "autograd"
 
 
 def test_grouped_conv_rejected() -> None:

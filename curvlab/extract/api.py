@@ -1,12 +1,15 @@
-"""``curvlab.extract``: one forward and one BackPACK backward → per-layer statistics."""
+"""``curvlab.extract``: one forward and one backward pass → per-block statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from curvlab.extract.extension import BackpackUnsupportedError
 from curvlab.extract.options import ExtractOptions
 from curvlab.extract.session import ExtractionSession
 from curvlab.stats import LayerStats
@@ -19,11 +22,35 @@ class Extraction(dict[str, LayerStats]):
         loss: the mini-batch loss (detached).
         flavour: the reference flavour.
         num_examples: N.
+        engine: ``"backpack"`` or ``"autograd"``.
+        engine_reason: why BackPACK did not run the model (empty when it did).
+        skipped: parameters left out (``skip_unsupported=True``).
     """
 
     loss: Tensor
     flavour: str
     num_examples: int
+    engine: str
+    engine_reason: str
+    skipped: list[str]
+
+
+@contextlib.contextmanager
+def _model_left_as_it_was(model: nn.Module) -> Iterator[None]:
+    """Restore every ``.grad`` and buffer (BatchNorm's running statistics) on exit."""
+    params = list(model.parameters())
+    saved_grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in zip(params, saved_grads):
+            p.grad = grad
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
 
 
 def extract(
@@ -34,47 +61,65 @@ def extract(
     options: ExtractOptions | None = None,
     **overrides: object,
 ) -> Extraction:
-    """Curvature statistics of every ``nn.Linear`` and ``nn.Conv2d`` block of ``model``.
+    """Curvature statistics of every block of ``model`` (see :mod:`curvlab.model_blocks`).
 
-    One forward and one backward pass through curvlab's BackPACK extension.  Block ``F`` of the
+    One forward and one backward pass through the engine ``engine`` picks (BackPACK when it can run
+    the whole model, else the autograd engine; both give the same statistics).  Block ``F`` of the
     chosen flavour is the curvature of the loss *as ``loss_fn`` computes it*:
-    ``L = R Σ_n ℓ_n`` with ``R = 1/N`` (CE, mean), ``1/(N·C)`` (MSE, mean: torch averages over
-    every element) or 1 (sum), and
+    ``L = R Σ_{n,s} ℓ_{n,s}`` over ``N`` examples and ``T_out`` loss terms per example, with
+    ``R = 1/(N·T_out)`` (CE, mean), ``1/numel`` (MSE, mean: torch averages over every element)
+    or 1 (sum), and
 
-    * ``exact``: the GGN ``Σ_n J_nᵀ ∇²_f L J_n`` (= the Fisher for CE and MSE);
+    * ``exact``: the GGN ``Jᵀ (∇²_f L) J`` with the Jacobian of all outputs of the batch (= the
+      Fisher for CE and MSE) — with train-mode BatchNorm it includes the coupling between examples;
     * ``mc``: its unbiased Monte-Carlo estimate with ``mc_samples`` labels drawn from the model;
-    * ``empirical``: ``R Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with the true labels (biased as curvature).
+    * ``empirical``: ``R Σ ∇ℓ_{n,s} ∇ℓ_{n,s}ᵀ`` with the true labels (biased as curvature).
+
+    The Kronecker statistics follow the convention of kfac-pytorch, ASDL and curvlinops (per-example
+    layer inputs and output gradients of the batch computation, the coupling ignored; see
+    :mod:`curvlab.extract.layer_stats`).  Parameter blocks (norm layers' affine parameters, position
+    embeddings, …) come with their exact square root when ``"sqrt"`` is requested.
 
     Args:
-        model: the network; its parameters and ``.grad`` are left as they were.
+        model: the network; its parameters, ``.grad`` and buffers (BatchNorm's running statistics)
+            are left as they were.
         loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` instance (reduction mean or sum).
         inputs, targets: one mini-batch (moved to the model's device).
         options: what to compute, an :class:`~curvlab.extract.ExtractOptions`; its fields can
-            also be given as keyword arguments (``fisher="mc"``, ``stats=("kfac",)``, ``seed=0``,
-            …), which override ``options``.
+            also be given as keyword arguments (``fisher="mc"``, ``stats=("kfac",)``,
+            ``engine="autograd"``, ``kfac_approx="reduce"``, ``seed=0``, …), which override
+            ``options``.
 
     Returns:
         :class:`Extraction`: block name → :class:`LayerStats`.
     """
-    session = ExtractionSession(model, loss_fn, options, **overrides)
-    param = next(p for blocks in session.blocks.values() for p in blocks[0].parameters())
-    inputs, targets = inputs.to(param.device), targets.to(param.device)
-    params = list(model.parameters())
-    saved_grads = [p.grad for p in params]
-    for p in params:
+    opts = ExtractOptions.make(options, overrides)
+    with _model_left_as_it_was(model):
+        try:
+            return _run(model, loss_fn, inputs, targets, opts)
+        except BackpackUnsupportedError:
+            if opts.engine != "auto":
+                raise
+    with _model_left_as_it_was(model):
+        return _run(model, loss_fn, inputs, targets, ExtractOptions.make(opts, {"engine": "autograd"}))
+
+
+def _run(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, opts: ExtractOptions) -> Extraction:
+    session = ExtractionSession(model, loss_fn, opts, own_forward=True)
+    device = session.device
+    inputs, targets = inputs.to(device), targets.to(device)
+    for p in model.parameters():
         p.grad = None
-    try:
-        with torch.enable_grad(), session, warnings.catch_warnings():
-            # The first layer's input needs no gradient; torch warns about that for the
-            # full backward hooks BackPACK relies on.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss = loss_fn(model(inputs), targets)
-            loss.backward()
-        result = Extraction(session.results())
-    finally:
-        for p, grad in zip(params, saved_grads):
-            p.grad = grad
+    with torch.enable_grad(), session, warnings.catch_warnings():
+        # The first layer's input needs no gradient; torch warns about that for the
+        # full backward hooks BackPACK relies on.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss = loss_fn(session.forward_model(inputs), targets)
+        loss.backward()
+    result = Extraction(session.results())
     result.loss = loss.detach()
-    result.flavour = session.options.fisher
+    result.flavour = opts.fisher
     result.num_examples = inputs.shape[0]
+    result.engine, result.engine_reason = session.engine, session.engine_reason
+    result.skipped = list(session.blocks.skipped)
     return result

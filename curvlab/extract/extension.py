@@ -3,19 +3,28 @@
 :class:`CurvatureStatistics` is a second-order BackPACK extension.  At the loss it starts a
 square root of the loss Hessian — exact, Monte-Carlo, empirical, or several of them side by side
 as one stacked root — and BackPACK's own derivatives carry it back through the network.  At
-every ``nn.Linear`` and ``nn.Conv2d`` the thin module extensions below hand the layer input and
-the backpropagated root to :mod:`curvlab.extract.statistics`, where the maths lives.
+every Kronecker layer (``nn.Linear``, ``nn.Conv1d/2d/3d``) the thin module extensions below hand
+the layer input and the backpropagated root to :mod:`curvlab.extract.layer_stats`, the route both
+engines share; at an eval-mode BatchNorm its derivatives' parameter Jacobians give the parameter
+blocks' per-sample square roots.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from backpack.core.derivatives.adaptive_avg_pool_nd import (
+    AdaptiveAvgPool1dDerivatives,
+    AdaptiveAvgPool2dDerivatives,
+    AdaptiveAvgPool3dDerivatives,
+)
+from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
 from backpack.core.derivatives.linear import LinearDerivatives
 from backpack.core.derivatives.mseloss import MSELossDerivatives
@@ -23,16 +32,22 @@ from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGNExact
-from backpack.utils.conv import unfold_input
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.block import Block
-from curvlab.extract import maths
+from curvlab.extract.autograd import layer_io
+from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats
 from curvlab.extract.options import ExtractOptions
 from curvlab.stats import LayerStats
 
-#: Attribute on ``module.weight`` where the extension leaves a layer's results.
+#: Attribute on a block's first parameter where the extension leaves its results.
 SAVEFIELD = "_curvlab_stats"
+
+
+class BackpackUnsupportedError(ValueError):
+    """The BackPACK engine met something at run time it cannot handle (e.g. several loss terms
+    per example); ``engine="auto"`` retries with the autograd engine."""
 
 
 class _LossRoot(ModuleExtension):
@@ -43,6 +58,11 @@ class _LossRoot(ModuleExtension):
         self.derivatives = derivatives
 
     def backpropagate(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
+        if module.input0.dim() != 2:
+            raise BackpackUnsupportedError(
+                f"curvlab (BackPACK engine): model output of shape {tuple(module.input0.shape)} has several "
+                "loss terms per example; use engine='autograd' (or 'auto')"
+            )
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
             if flavour == "exact":
@@ -70,7 +90,7 @@ def _reduction_factor(loss: nn.Module) -> float:
 
 
 class _KroneckerLayer(MatToJacMat):
-    """Linear/Conv2d: compute this layer's statistics, then backpropagate the root."""
+    """Linear/Conv: compute this layer's statistics, then backpropagate the root."""
 
     def __init__(self, derivatives: Any) -> None:
         super().__init__(derivatives, params=["weight"])
@@ -79,65 +99,115 @@ class _KroneckerLayer(MatToJacMat):
         return ext.layer_statistics(module, backproped)
 
 
+class _ParameterBlocks(MatToJacMat):
+    """A module whose parameters are parameter blocks (BatchNorm in eval mode): their per-sample
+    square roots from the derivatives' parameter Jacobians; the root passes on."""
+
+    def __init__(self, derivatives: Any) -> None:
+        super().__init__(derivatives, params=["weight", "bias"])
+
+    def weight(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped: Tensor) -> LayerStats | None:
+        return ext.parameter_statistics(module, "weight", g_inp, g_out, backproped, self.derivatives)
+
+    def bias(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped: Tensor) -> LayerStats | None:
+        return ext.parameter_statistics(module, "bias", g_inp, g_out, backproped, self.derivatives)
+
+
+class _PoolInInputDtype(MatToJacMat):
+    """Average pools: BackPACK builds their transposed-convolution Jacobian in the default
+    dtype, which fails for float64 models; it is built in the input's dtype here."""
+
+    def backpropagate(self, ext, module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(module.input0.dtype)
+        try:
+            return super().backpropagate(ext, module, g_inp, g_out, backproped)
+        finally:
+            torch.set_default_dtype(default)
+
+
+#: Kronecker layer types of the BackPACK engine.
+KRONECKER_DERIVATIVES: dict[type[nn.Module], Any] = {
+    nn.Linear: LinearDerivatives,
+    nn.Conv1d: Conv1DDerivatives,
+    nn.Conv2d: Conv2DDerivatives,
+    nn.Conv3d: Conv3DDerivatives,
+}
+
+
 @functools.cache
 def _module_extensions() -> dict[type, ModuleExtension]:
     """Module type → module extension (stateless, so built once per process)."""
     passthrough = {}
     # Every other layer: reuse BackPACK's square-root backpropagation (Jacobian-transpose
-    # products); layers with parameters only pass the root on (their parameters are skipped).
+    # products); BatchNorm's parameters become parameter blocks.
     for cls, module_ext in SqrtGGNExact()._BackpropExtension__module_extensions.items():  # type: ignore[attr-defined]
-        if cls in (nn.Linear, nn.Conv2d, nn.MSELoss, nn.CrossEntropyLoss):
+        if cls in KRONECKER_DERIVATIVES or cls in (nn.MSELoss, nn.CrossEntropyLoss):
             continue
         has_params = bool(module_ext._ModuleExtension__params)  # type: ignore[attr-defined]
-        passthrough[cls] = MatToJacMat(module_ext.derivatives) if has_params else module_ext
+        if issubclass(cls, _BatchNorm):
+            passthrough[cls] = _ParameterBlocks(module_ext.derivatives)
+        elif cls in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
+            passthrough[cls] = _PoolInInputDtype(module_ext.derivatives)
+        else:
+            passthrough[cls] = MatToJacMat(module_ext.derivatives) if has_params else module_ext
+    # BackPACK has these derivatives but SqrtGGNExact does not register them.
+    for cls, derivatives in (
+        (nn.AdaptiveAvgPool1d, AdaptiveAvgPool1dDerivatives),
+        (nn.AdaptiveAvgPool2d, AdaptiveAvgPool2dDerivatives),
+        (nn.AdaptiveAvgPool3d, AdaptiveAvgPool3dDerivatives),
+    ):
+        passthrough.setdefault(cls, _PoolInInputDtype(derivatives()))
     return {
         **passthrough,
         nn.MSELoss: _LossRoot(MSELossDerivatives()),
         nn.CrossEntropyLoss: _LossRoot(CrossEntropyLossDerivatives()),
-        nn.Linear: _KroneckerLayer(LinearDerivatives()),
-        nn.Conv2d: _KroneckerLayer(Conv2DDerivatives()),
+        **{cls: _KroneckerLayer(derivatives()) for cls, derivatives in KRONECKER_DERIVATIVES.items()},
     }
 
 
 class CurvatureStatistics(SecondOrderBackpropExtension):
-    """BackPACK extension computing curvlab's per-layer statistics in one backward pass."""
+    """BackPACK extension computing curvlab's per-block statistics in one backward pass.
 
-    def __init__(self, options: ExtractOptions, layers: dict[nn.Module, list[Block]]) -> None:
+    Args:
+        options: what to compute.
+        layers: Kronecker layer → its blocks.
+        parameter_blocks: parameter → its parameter block (BatchNorm affine parameters).
+    """
+
+    def __init__(
+        self, options: ExtractOptions, layers: Mapping[nn.Module, list[Block]], parameter_blocks: Mapping[Tensor, Block]
+    ) -> None:
         super().__init__(savefield=SAVEFIELD, fail_mode="ERROR", module_exts=dict(_module_extensions()))
         self.options = options
         self.layers = layers
+        self.parameter_blocks = parameter_blocks
         self.segments: dict[str, slice] = {}
 
     def accumulate_backpropagated_quantities(self, existing: Tensor, other: Tensor) -> Tensor:
         return existing + other
 
     def layer_statistics(self, module: nn.Module, root: Tensor) -> list[LayerStats]:
-        """Statistics of the blocks of one Linear/Conv2d layer from its input and the root at
-        its output."""
-        if isinstance(module, nn.Conv2d):
-            x = unfold_input(module, module.input0)  # [N, C_in·kh·kw, T]
-            g = root.flatten(3)  # [C, N, d_out, T]
-        else:
-            x = module.input0.unsqueeze(-1)
-            g = root.unsqueeze(-1)
-        x, g = x.detach(), g.detach()
-        return [self._block(block, block.inputs(x), g) for block in self.layers[module]]
+        """Statistics of the blocks of one Kronecker layer from its input and the root at its
+        output (``[C_total, N, *output.shape[1:]]``)."""
+        x = layer_io.unfold_input(module, module.input0).detach()  # [N, D, T]
+        g = layer_io.grads_to_layout(module, root).detach()  # [C, N, d_out, T]
+        return [
+            kronecker_stats(block, KroneckerData(block.inputs(x), g, self.segments), self.options, "backpack")
+            for block in self.layers[module]
+        ]
 
-    def _block(self, block: Block, x: Tensor, g_all: Tensor) -> LayerStats:
-        opts = self.options
-        g = g_all[self.segments[opts.fisher]]
-        out = LayerStats(block.name, block.module_type, block.layout, opts.fisher, x.shape[0], x.shape[2])
-        if "sqrt" in opts.stats:
-            out.sqrt = maths.square_root(x, g)
-        if "kfac" in opts.stats:
-            out.kfac = {f: maths.kfac_factors(x, g_all[self.segments[f]]) for f in opts.factor_flavours}
-        if "tkfac" in opts.stats:
-            form = maths.tkfac_kfc if opts.tkfac_conv == "kfc" and x.shape[2] > 1 else maths.tkfac_exact
-            out.tkfac = form(x, g)
-        if "kfe" in opts.stats and block.name in opts.eigenbases:
-            u_out, u_in = opts.eigenbases[block.name]
-            out.kfe_scaling = maths.kfe_scaling(x, g, u_out, u_in)
-        return out
+    def parameter_statistics(
+        self, module: nn.Module, name: str, g_inp, g_out, root: Tensor, derivatives: Any
+    ) -> LayerStats | None:
+        """A parameter block's per-sample square root ``[K, *shape]`` (``K = C·N``)."""
+        block = self.parameter_blocks.get(getattr(module, name))
+        if block is None or "sqrt" not in self.options.stats:
+            return None
+        seg = self.segments[self.options.fisher]
+        columns = derivatives.param_mjp(name, module, g_inp, g_out, root[seg], sum_batch=False)
+        n = columns.shape[1]
+        return parameter_stats(block, columns.flatten(0, 1).detach(), self.options, "backpack", n, 1, False)
 
 
 def supported_backprop_types() -> Sequence[type]:

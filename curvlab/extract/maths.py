@@ -10,6 +10,25 @@ Notation (both layer types, ``T = 1`` for ``nn.Linear``):
 * ``g``: backpropagated square root at the layer output ``[C, N, d_out, T]`` with the loss
   reduction folded in.
 * Per-sample gradient matrices ``M_{c,n} = Σ_t g_{c,n,:,t} x_{n,:,t}ᵀ``; ``F = Σ vec(M) vec(M)ᵀ``.
+
+Weight sharing (``T > 1``: a Linear on ``[N, T, D]``, a convolution's output locations, several
+calls of one module — calls are further shared positions) has two Kronecker conventions
+(Eschenhagen et al., NeurIPS 2023; curvlinops' ``kfac_approx``) [C]:
+
+* **expand** (default): every ``(n, t)`` is a sample, ``A = 1/(N·T) Σ_{n,t} x xᵀ``,
+  ``G = Σ_{c,n,t} g gᵀ`` — exact for a Linear layer when the loss has one independent term per
+  position (a transformer's per-token loss).
+* **reduce**: positions are pooled first, ``x̂_n = (1/T) Σ_t x_{n,t}``, ``ĝ_{c,n} = Σ_t g_{c,n,t}``,
+  then ``A = 1/N Σ_n x̂ x̂ᵀ``, ``G = Σ_{c,n} ĝ ĝᵀ`` — exact when the shared positions are summed
+  before one loss term per example (``M_{c,n} = ĝ x̂ᵀ·T/T`` when ``x`` does not vary over ``t``).
+
+TKFAC's statistics with the same conventions (:func:`trace_statistics`): ``form="exact"`` (default)
+takes the partial traces ``δΦ = Σ_k M_kᵀ M_k``, ``δΨ = Σ_k M_k M_kᵀ`` of the per-sample matrices
+themselves — independent of the convention, trace-preserving; ``form="kfc"`` takes those of the
+samples the convention approximates ``M_k`` by: expand, KFC's per-example ``Λ_n = Σ_t x xᵀ``,
+``Γ_{c,n} = (1/T) Σ_t g gᵀ`` (:func:`tkfac_kfc`); reduce, the rank-one ``ĝ_{c,n} x̂_nᵀ``.  All
+forms coincide for ``T = 1``.  EKFAC/TEKFAC's rescaling ``s* = Σ_k (U_outᵀ M_k U_in)²`` is always
+taken on the per-sample matrices (so ``tr = tr F`` whatever the convention).
 """
 
 from __future__ import annotations
@@ -17,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.extract.options import KFAC_APPROX
 from curvlab.stats import KroneckerFactors, TraceStats
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
 
@@ -30,12 +50,20 @@ def _chunks(n: int, per_example: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def kfac_factors(x: Tensor, g: Tensor) -> KroneckerFactors:
-    """KFAC factors, KFC "expand" convention [C].
+def reduce_shared(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """KFAC-reduce's pooled samples: ``x̂ = mean_t x`` (``[N, D, 1]``), ``ĝ = Σ_t g`` (``[C, N, d_out, 1]``)."""
+    return x.mean(2, keepdim=True), g.sum(3, keepdim=True)
 
-    ``A = 1/(N·T) Σ_{n,t} x xᵀ`` and ``G = Σ_{c,n,t} g gᵀ``, so that ``G ⊗ A`` is exact for
-    ``N = T = 1`` and equals KFC's ``Ω ⊗ Γ`` (Grosse & Martens 2016) for convolutions.
+
+def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand") -> KroneckerFactors:
+    """KFAC factors [C]: expand, ``A = 1/(N·T) Σ_{n,t} x xᵀ``, ``G = Σ_{c,n,t} g gᵀ`` (KFC's
+    ``Ω ⊗ Γ``, Grosse & Martens 2016, for convolutions); reduce, the same on
+    :func:`reduce_shared`'s pooled samples.  Both are exact for ``N = T = 1``.
     """
+    if approx == "reduce":
+        x, g = reduce_shared(x, g)
+    elif approx != "expand":
+        raise ValueError(f"kfac_approx={approx!r}; choose one of {KFAC_APPROX}")
     n, _, t = x.shape
     xf = x.transpose(1, 2).reshape(n * t, -1)
     gf = g.transpose(2, 3).reshape(-1, g.shape[2])
@@ -68,6 +96,19 @@ def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
     route = partial_traces_by_gram if gram_cost < chunk_cost else partial_traces_by_chunks
     phi, psi = route(x, g)
     return TraceStats(delta=phi.trace(), delta_phi=phi, delta_psi=psi)
+
+
+def trace_statistics(x: Tensor, g: Tensor, form: str = "exact", approx: str = "expand") -> TraceStats:
+    """TKFAC's statistics of the samples ``M_k`` given by ``x``, ``g`` (see the module docstring):
+    ``form="exact"`` the partial traces of ``Σ vec(M_k) vec(M_k)ᵀ``; ``"kfc"`` those of the
+    samples the Kronecker convention ``approx`` replaces ``M_k`` by (equal for ``T = 1``)."""
+    if form == "exact" or x.shape[2] == 1:
+        return tkfac_exact(x, g)
+    if approx == "reduce":
+        out = tkfac_exact(*reduce_shared(x, g))
+        out.form = "kfc"
+        return out
+    return tkfac_kfc(x, g)
 
 
 def partial_traces_by_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:

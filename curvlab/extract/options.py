@@ -13,6 +13,12 @@ from curvlab.stats import FLAVOURS
 STATISTICS = ("sqrt", "kfac", "tkfac", "kfe")
 DEFAULT_STATS = ("sqrt", "kfac", "tkfac")
 TKFAC_CONV_FORMS = ("exact", "kfc")
+#: Extraction engines: ``auto`` picks BackPACK when it can run the whole model.
+ENGINES = ("auto", "backpack", "autograd")
+#: Weight-sharing conventions of the Kronecker factors (Eschenhagen et al. 2023).
+KFAC_APPROX = ("expand", "reduce")
+#: Default bound on one batched vjp's temporaries in the autograd engine (bytes).
+DEFAULT_MAX_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -29,13 +35,24 @@ class ExtractOptions:
         kfac_flavours: flavours whose KFAC factors to compute (default: ``(fisher,)``); several
             flavours share the one backward pass as a stacked root (``"mc"`` gives KFAC,
             ``"exact"`` KFLR).
-        tkfac_conv: conv TKFAC statistics as exact partial traces (``"exact"``) or KFC-style.
+        tkfac_conv: TKFAC statistics of weight-shared layers (convolutions, Linear on
+            ``[N, T, D]``, tied calls) as exact partial traces of the per-sample matrices
+            (``"exact"``, trace-preserving) or of the samples the Kronecker convention
+            ``kfac_approx`` uses (``"kfc"``: KFC's form for expand, the pooled samples for reduce).
         separate_bias: blocks ``"<layer>.weight"`` and ``"<layer>.bias"`` instead of one
             block ``"<layer>"`` with the bias as last input column.
         eigenbases: block name → ``(U_out, U_in)`` for ``"kfe"``.
         skip_unsupported: leave out parameters of unsupported layers instead of raising.
         seed: seeds the MC sampling without touching the global random state (``None``: the
             global state is used and advanced).
+        engine: ``"backpack"`` (BackPACK's extension API and its torch.fx graph converter),
+            ``"autograd"`` (module hooks and batched vjps through any differentiable forward), or
+            ``"auto"`` (BackPACK when it can run the whole model, else autograd); the engine used
+            is recorded in every ``LayerStats.engine``.  Both give the same statistics.
+        kfac_approx: weight-sharing convention of the KFAC factors: ``"expand"`` (default) or
+            ``"reduce"``.
+        max_bytes: bound on the temporaries of one batched vjp of the autograd engine (an
+            estimate; at least one column runs at a time).
     """
 
     fisher: str = "exact"
@@ -47,6 +64,9 @@ class ExtractOptions:
     eigenbases: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     skip_unsupported: bool = False
     seed: int | None = None
+    engine: str = "auto"
+    kfac_approx: str = "expand"
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         who = "curvlab.extract"
@@ -68,6 +88,12 @@ class ExtractOptions:
             raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
         if self.tkfac_conv not in TKFAC_CONV_FORMS:
             raise ValueError(f"{who}: tkfac_conv={self.tkfac_conv!r}; choose one of {TKFAC_CONV_FORMS}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"{who}: engine={self.engine!r}; choose one of {ENGINES}")
+        if self.kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"{who}: kfac_approx={self.kfac_approx!r}; choose one of {KFAC_APPROX}")
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            raise ValueError(f"{who}: max_bytes={self.max_bytes!r} must be a positive int")
         object.__setattr__(self, "stats", stats)
         if self.kfac_flavours is not None:
             object.__setattr__(self, "kfac_flavours", flavours)

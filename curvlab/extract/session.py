@@ -1,9 +1,15 @@
-"""Attach curvlab's BackPACK extension to a model for one backward pass, and detach it after.
+"""Attach an extraction engine to a model for one forward and backward pass, and detach it after.
 
-BackPACK's ``extend`` leaves hooks on a model for good; extended models pay for them in every
-later forward pass.  :class:`ExtractionSession` instead registers the same hooks only for the
-duration of a ``with`` block and removes them, and BackPACK's stored inputs, afterwards — also
-when the block raises.
+:class:`ExtractionSession` decides which blocks the model has (:func:`curvlab.model_blocks.model_blocks`)
+and which engine runs (:func:`curvlab.extract.engines.choose_engine`), then attaches that engine's
+hooks for the duration of a ``with`` block only:
+
+* **BackPACK**: its module hooks and curvlab's extension for the backward pass;
+* **autograd**: forward hooks recording the layer inputs and a hook on the loss that runs the
+  batched vjps while the graph is intact — the user's ``loss.backward()`` then runs unchanged.
+
+Either way the user's own backward gives the gradient, and :meth:`ExtractionSession.results` the
+per-block statistics (with that gradient) afterwards.
 """
 
 from __future__ import annotations
@@ -12,18 +18,19 @@ import contextlib
 from types import TracebackType
 
 import torch
-from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
 from torch import nn
 
-from curvlab.block import Block
-from curvlab.extract.extension import SAVEFIELD, CurvatureStatistics
+from curvlab.extract.engine_autograd import AutogradPass
+from curvlab.extract.engine_backpack import BackpackPass
+from curvlab.extract.engines import choose_engine
 from curvlab.extract.options import ExtractOptions
-from curvlab.extract.validate import check_loss, check_model, leaf_modules
+from curvlab.extract.validate import check_loss
+from curvlab.model_blocks import model_blocks
 from curvlab.stats import LayerStats
 
 
 class ExtractionSession:
-    """Context in which one ``loss.backward()`` also computes curvlab's statistics.
+    """Context in which one forward pass and ``loss.backward()`` also compute curvlab's statistics.
 
     Example::
 
@@ -34,100 +41,80 @@ class ExtractionSession:
     Args:
         model, loss_fn: the network and its loss module.
         options: an :class:`~curvlab.extract.ExtractOptions`; keyword arguments override its
-            fields (e.g. ``fisher="mc"``).
+            fields (e.g. ``fisher="mc"``, ``engine="autograd"``).
+        own_forward: the caller runs the forward pass through :attr:`forward_model` (BackPACK's
+            converted graph when BackPACK runs a model that needs conversion) instead of the
+            model's own forward (the default: BackPACK then only runs models whose forward is a
+            plain chain of modules).
 
-    In-place activations are switched off inside the block (BackPACK cannot handle them) and
-    restored afterwards.  With ``seed`` set, the MC sampling inside the block is seeded and the
-    global random state is restored on exit.
+    Inside the block exactly one forward pass and one loss computation must run.  With ``seed``
+    set, the MC sampling inside the block is seeded and the global random state is restored on
+    exit.
+
+    Attributes:
+        options: the options.
+        blocks: the model's :class:`~curvlab.model_blocks.ModelBlocks`.
+        engine: ``"backpack"`` or ``"autograd"``.
+        engine_reason: why BackPACK does not run the model (empty when it does).
+        forward_model: the module to call with ``own_forward=True``.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions | None = None, **overrides: object
+        self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions | None = None, *,
+        own_forward: bool = False, **overrides: object,
     ) -> None:
         check_loss(loss_fn)
         self.options = ExtractOptions.make(options, overrides)
-        self.layers = check_model(model, self.options.skip_unsupported)
-        self.blocks = {
-            module: Block.of_layer(name, module, separate_bias=self.options.separate_bias)
-            for name, module in self.layers
-        }
+        self.blocks = model_blocks(
+            model, separate_bias=self.options.separate_bias, skip_unsupported=self.options.skip_unsupported
+        )
+        choice = choose_engine(model, self.blocks, self.options.engine, own_forward=own_forward)
+        self.engine, self.engine_reason, self.forward_model = choice.engine, choice.reason, choice.module
         self.model, self.loss_fn = model, loss_fn
-        self.extension = CurvatureStatistics(self.options, self.blocks)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._inplace: list[nn.Module] = []
+        if self.engine == "backpack":
+            self._pass: BackpackPass | AutogradPass = BackpackPass(choice.module, loss_fn, self.options, self.blocks)
+        else:
+            self._pass = AutogradPass(model, loss_fn, self.options, self.blocks)
         self._stack: contextlib.ExitStack | None = None
 
-    def _modules(self) -> list[nn.Module]:
-        return [m for _, m in leaf_modules(self.model)] + [self.loss_fn]
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's (first block's) parameters."""
+        return self.blocks.blocks[0].parameters()[0].device
 
     def __enter__(self) -> "ExtractionSession":
-        for module in self._modules():
-            if getattr(module, "_backpack_extend", False):
-                continue  # the user extended it already: BackPACK's hooks are in place
-            self._handles.append(module.register_forward_hook(hook_store_io))
-            self._handles.append(module.register_full_backward_hook(hook_run_extensions))
-            if getattr(module, "inplace", False):
-                module.inplace = False
-                self._inplace.append(module)
         self._stack = contextlib.ExitStack()
         if self.options.seed is not None:
-            param = next(p for blocks in self.blocks.values() for p in blocks[0].parameters())
-            devices = [param.device] if param.device.type == "cuda" else []
-            self._stack.enter_context(torch.random.fork_rng(devices=devices))
+            device = self.device
+            self._stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(self.options.seed)
-        self._stack.enter_context(backpack(self.extension))
+        self._stack.enter_context(self._pass)
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._stack is not None:
-            self._stack.__exit__(exc_type, exc, tb)
-            self._stack = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module in self._inplace:
-            module.inplace = True
-        self._inplace.clear()
-        for module in self._modules():
-            memory_cleanup(module)
-        if exc_type is not None:
-            self._collect()  # drop partial results from the parameters
-
-    def _collect(self) -> dict[str, LayerStats]:
-        out: dict[str, LayerStats] = {}
-        for _, module in self.layers:
-            blocks = getattr(module.weight, SAVEFIELD, None)
-            if blocks is None:
-                continue
-            delattr(module.weight, SAVEFIELD)
-            for block in blocks:
-                out[block.name] = block
-        return out
+            stack, self._stack = self._stack, None
+            stack.__exit__(exc_type, exc, tb)
 
     def results(self) -> dict[str, LayerStats]:
-        """Per-block statistics of the backward pass run inside the block, with gradients.
+        """Per-block statistics of the pass run inside the block, with gradients.
 
         Raises:
-            RuntimeError: if no layer received statistics (no backward ran in the block).
+            RuntimeError: if no block received statistics (no forward and backward ran in the
+                block, or the loss was not ``loss_fn``).
         """
-        out = self._collect()
-        missing = []
-        for name, module in self.layers:
-            for block in self.blocks[module]:
-                if block.name not in out:
-                    missing.append(name)
-                    continue
-                grad = block.grad_matrix()  # a copy: .grad may change after the block
-                out[block.name].grad = None if grad is None else grad.detach().clone()
+        out = self._pass.results()
+        expected = [b for b in self.blocks.blocks if b.kind == "kronecker" or "sqrt" in self.options.stats]
+        missing = sorted({b.name for b in expected if b.name not in out})
         if missing:
             raise RuntimeError(
-                f"curvlab.extract: no statistics for layers {sorted(set(missing))}: run "
+                f"curvlab.extract: no statistics for blocks {missing}: run "
                 "loss_fn(model(x), y).backward() inside the ExtractionSession block, with loss_fn "
                 "the session's loss"
             )
+        for block in self.blocks.blocks:
+            grad = block.grad_matrix()  # a copy: .grad may change after the block
+            out[block.name].grad = None if grad is None else grad.detach().clone()
         return out

@@ -1,17 +1,18 @@
-"""Checks that a model and loss can be extracted, with errors that name the culprit."""
+"""Checks that a loss can be extracted, with errors that name the culprit.
+
+Which modules of a model are supported is decided in :mod:`curvlab.model_blocks` (the blocks) and
+:mod:`curvlab.extract.engines` (which engine can run them).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from curvlab.extract.extension import supported_backprop_types
+from curvlab.model_blocks import UnsupportedModelError
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 
-
-class UnsupportedModelError(ValueError):
-    """The model contains a module curvlab cannot extract statistics for."""
+__all__ = ["SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss"]
 
 
 def check_loss(loss_fn: nn.Module) -> None:
@@ -32,66 +33,3 @@ def check_loss(loss_fn: nn.Module) -> None:
             "curvlab.extract: CrossEntropyLoss with class weights or label smoothing is not "
             "supported (its Fisher is not the GGN BackPACK computes)"
         )
-
-
-def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that perform operations (no children), with their paths."""
-    return [(name, m) for name, m in model.named_modules() if not list(m.children())]
-
-
-def check_model(model: nn.Module, skip_unsupported: bool) -> list[tuple[str, nn.Module]]:
-    """Validate every module; return the (path, module) pairs whose statistics are extracted.
-
-    Raises:
-        UnsupportedModelError: naming the module path, its type and what is supported.
-    """
-    backprop_types = tuple(supported_backprop_types())
-    supported_names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-    layers = []
-    for name, module in model.named_modules():
-        where = f"module {name or '<root>'!r} ({type(module).__name__})"
-        own_params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if list(module.children()):
-            if own_params:
-                raise UnsupportedModelError(
-                    f"curvlab.extract: {where} holds parameters of its own and uses them in its "
-                    f"forward; curvlab supports parameters only inside {supported_names} modules"
-                )
-            continue
-        if not isinstance(module, backprop_types):
-            raise UnsupportedModelError(
-                f"curvlab.extract: {where} cannot be backpropagated through by BackPACK's "
-                "second-order extensions; supported module types: "
-                + ", ".join(t.__name__ for t in backprop_types)
-            )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise UnsupportedModelError(
-                f"curvlab.extract: {where} is in train mode, which couples the examples of a "
-                "batch (no per-example Fisher); call model.eval() for the extraction"
-            )
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                raise UnsupportedModelError(
-                    f"curvlab.extract: {where} has groups={module.groups}; only groups=1 is "
-                    "supported"
-                )
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise UnsupportedModelError(
-                    f"curvlab.extract: {where} uses padding={module.padding!r}, "
-                    f"padding_mode={module.padding_mode!r}; only numeric zero padding is supported"
-                )
-        if isinstance(module, SUPPORTED_LAYERS):
-            if module.weight.requires_grad:
-                layers.append((name, module))
-            continue
-        if own_params and not skip_unsupported:
-            raise UnsupportedModelError(
-                f"curvlab.extract: {where} has trainable parameters but is not supported; "
-                f"supported layers: {supported_names}. Pass skip_unsupported=True to leave its "
-                "parameters out, or freeze them (requires_grad=False)"
-            )
-    if not layers:
-        raise UnsupportedModelError(
-            f"curvlab.extract: the model has no trainable {supported_names} layer"
-        )
-    return layers

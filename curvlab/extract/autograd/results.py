@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from curvlab.extract.autograd import layer_io
@@ -20,10 +21,15 @@ class LayerCall:
         g: the stacked root backpropagated to the layer output, ``[C_total, N, d_out, T]``;
             column ``c`` is one vjp whose cotangent is root column ``c`` at *every* loss term of
             *every* example (``AutogradExtraction.segments`` slices the flavours).
+        g_terms: with ``T_out > 1`` loss terms per example (when requested): the term-separated
+            roots ``[C_sel·T_out, N, d_out, T]``, column ``j·T_out + s`` the vjp of root column
+            ``j`` (of the selected flavours) at term ``s`` alone, all examples at once
+            (``AutogradExtraction.term_segments`` slices the flavours).
     """
 
     x: Tensor
     g: Tensor
+    g_terms: Tensor | None = None
 
 
 @dataclass
@@ -36,10 +42,14 @@ class LayerResult:
         kind: ``"linear"``, ``"conv"`` or ``"embedding"``.
         calls: one :class:`LayerCall` per call, in forward order (tied weights: several).
         sqrt: the exact square root of the block ``[K, d_out, D]`` summed over calls, when it
-            was computed (``K = C_total·T_out·N``, row ``k = (c·T_out + s)·N + n``; rows of
-            flavour ``f``: ``AutogradExtraction.sqrt_segments[f]``), else ``None``.
+            was computed (``K = C_sel·T_out·N`` for the selected flavours, row
+            ``k = (j·T_out + s)·N + n``; rows of flavour ``f``:
+            ``AutogradExtraction.sqrt_segments[f]``; ``D`` includes the bias column when
+            :attr:`with_bias`), else ``None``.
         factorable: ``M`` follows from ``x`` and ``g`` alone (no coupling between examples and
             one loss term per example): ``M_{c,n} = Σ_calls Σ_t g_{c,n,:,t} x_{n,:,t}ᵀ``.
+        with_bias: the square root has the bias as its last column (``include_bias=True`` and a
+            trainable bias).
     """
 
     name: str
@@ -48,22 +58,41 @@ class LayerResult:
     calls: list[LayerCall] = field(default_factory=list)
     sqrt: Tensor | None = None
     factorable: bool = True
+    with_bias: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(d_out, D)``: the weight's matrix form (Embedding: ``Wᵀ``), bias excluded."""
         return layer_io.dims(self.module)
 
+    @property
+    def has_trainable_bias(self) -> bool:
+        bias = getattr(self.module, "bias", None)
+        return isinstance(bias, Tensor) and bias.requires_grad
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(d_out, D)`` of :attr:`sqrt`'s matrices (with the bias column when :attr:`with_bias`)."""
+        d_out, d_in = self.shape
+        return d_out, d_in + int(self.with_bias)
+
+    def contraction_inputs(self, x: Tensor) -> Tensor:
+        """``x`` with a row of ones appended when the square root has the bias column."""
+        if not self.with_bias:
+            return x
+        return torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2])], 1)
+
     def dense_inputs(self, call: LayerCall) -> Tensor:
         """``call.x`` as a dense ``[N, D, T]`` tensor (Embedding: one-hot, padding rows zero)."""
         return layer_io.dense_inputs(self.module, call.x)
 
-    def square_root(self) -> Tensor:
+    def square_root(self, columns: Tensor | None = None) -> Tensor:
         """The block's square root ``[K, d_out, D]``: ``F = Σ_k vec(M_k) vec(M_k)ᵀ``.
 
-        :attr:`sqrt` when computed; when :attr:`factorable`, built from the calls' ``x, g``.
+        :attr:`sqrt` when computed; when :attr:`factorable`, built from the calls' ``x, g``
+        (restricted to the root ``columns`` given).
         """
-        if self.sqrt is not None:
+        if self.sqrt is not None and columns is None:
             return self.sqrt
         if not self.factorable:
             raise ValueError(
@@ -74,7 +103,8 @@ class LayerResult:
             raise ValueError(f"LayerResult.square_root: {self.name!r} was never called")
         total = None
         for call in self.calls:
-            m = layer_io.contract(self.module, call.x, call.g, per_example=True)
+            g = call.g if columns is None else call.g[columns]
+            m = layer_io.contract(self.module, self.contraction_inputs(call.x), g, per_example=True)
             total = m if total is None else total + m
         return total.reshape(-1, *total.shape[2:])
 
@@ -88,7 +118,8 @@ class AutogradExtraction:
         output: the model output, detached.
         layers: name → :class:`LayerResult`, in the order of the targets mapping.
         segments: flavour → slice of the column axis of every ``g``.
-        sqrt_segments: flavour → slice of the row axis of every ``sqrt``.
+        sqrt_segments: flavour → slice of the row axis of every ``sqrt`` and ``param_sqrt``.
+        term_segments: flavour → slice of the column axis of every ``g_terms``.
         num_examples: N.
         terms_per_example: ``T_out``, loss terms per example (CE on ``[N, C, T]``: T).
         reduction_factor: R in ``L = R Σ ℓ``.
@@ -108,6 +139,8 @@ class AutogradExtraction:
     coupled: bool
     num_vjps: int = 0
     columns_per_chunk: int = 1
+    term_segments: dict[str, slice] = field(default_factory=dict)
+    param_sqrt: dict[str, Tensor] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> LayerResult:
         return self.layers[name]
@@ -118,7 +151,5 @@ class AutogradExtraction:
 
     def sqrt(self, name: str, flavour: str) -> Tensor:
         """The square root of block ``name`` restricted to ``flavour``'s rows."""
-        n = self.num_examples * self.terms_per_example
-        seg = self.segments[flavour]
-        return self.layers[name].square_root()[seg.start * n : seg.stop * n]
+        return self.layers[name].square_root()[self.sqrt_segments[flavour]]
 

@@ -1,0 +1,254 @@
+"""Recording one forward pass — the engine's own, or the user's inside a ``with`` block — and
+running the vjps when the loss is computed, while its graph is intact.
+
+:class:`Recording` is a context: forward hooks on the target layers keep each call's input and
+add a zero leaf ``ε`` to its output; a forward hook on the loss module, when the loss is
+computed, draws the loss-Hessian roots and runs every requested vjp route
+(:mod:`.routes`) through the recorded graph with ``retain_graph=True``.  A later
+``loss.backward()`` by the user is untouched (the vjps never accumulate into ``.grad``), so the
+gradient and these statistics come from one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.extract.autograd import layer_io
+from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES, BatchedVJP, SavedBytes, estimate
+from curvlab.extract.autograd.loss_roots import FLAVOURS, loss_terms, stacked_root
+from curvlab.extract.autograd.results import AutogradExtraction, LayerCall, LayerResult
+from curvlab.extract.autograd.routes import batch_roots, selected_columns, separated_roots
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a recording computes at the loss call (see :func:`~curvlab.extract.autograd.extract_autograd`).
+
+    Attributes:
+        flavours, mc_samples: the stacked roots.
+        max_bytes, vectorize: chunking of the batched vjps.
+        coupled: treat the examples as coupled (``None``: whether the model couples them).
+        sqrt: compute the Kronecker layers' exact square roots (``None``: when they do not follow
+            from ``x`` and ``g``).
+        sqrt_flavours: flavours whose rows the square roots, term roots and parameter columns
+            have (``None``: all).
+        terms: with ``T_out > 1``, keep each call's term-separated roots ``g_terms``.
+        include_bias: square roots include the bias column of layers with a trainable bias.
+        params: parameter path → tensor whose per-column gradients form its square root.
+    """
+
+    flavours: tuple[str, ...] = ("exact",)
+    mc_samples: int = 1
+    max_bytes: int = DEFAULT_MAX_BYTES
+    vectorize: bool = True
+    coupled: bool | None = None
+    sqrt: bool | None = None
+    sqrt_flavours: tuple[str, ...] | None = None
+    terms: bool = False
+    include_bias: bool = False
+    params: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def check(self) -> None:
+        flavours = self.flavours
+        if not flavours or len(set(flavours)) != len(flavours) or not set(flavours) <= set(FLAVOURS):
+            raise ValueError(f"extract_autograd: flavours={flavours!r}; distinct values from {FLAVOURS}")
+        if self.sqrt_flavours is not None and not set(self.sqrt_flavours) <= set(flavours):
+            raise ValueError(f"extract_autograd: sqrt_flavours={self.sqrt_flavours!r} not all in {flavours!r}")
+        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"extract_autograd: mc_samples={self.mc_samples!r} must be a positive int")
+        if self.max_bytes < 1:
+            raise ValueError(f"extract_autograd: max_bytes={self.max_bytes!r} must be positive")
+
+
+class Recording:
+    """Context recording one forward pass of ``model`` and running ``request`` at the loss call.
+
+    Args:
+        targets: target module → name (Linear, Conv1d/2d/3d, Embedding).
+        loss_fn: the loss module whose (first) call inside the block triggers the vjps.
+        request: what to compute.
+        coupled: the resolved coupling (see :func:`~curvlab.extract.autograd.couples_examples`).
+
+    After the block, :attr:`result` holds the :class:`AutogradExtraction` (``None`` if the loss
+    was never computed inside the block).
+    """
+
+    def __init__(self, targets: Mapping[nn.Module, str], loss_fn: nn.Module, request: Request, coupled: bool) -> None:
+        request.check()
+        for module, name in targets.items():
+            layer_io.check_target(name, module)
+        self.targets, self.loss_fn, self.request, self.coupled = dict(targets), loss_fn, request, coupled
+        self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, ε)
+        self.versions: list[int] = []
+        self.result: AutogradExtraction | None = None
+        self._handles: list = []
+        self._saved: SavedBytes | None = None
+        self._busy = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def _layer_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        inp = args[0] if args else kwargs["input"]
+        # A broadcast zero scalar: no output-sized memory; its gradient has the output's shape.
+        eps = output.new_zeros(()).expand(output.shape).requires_grad_()
+        self.calls.append((module, inp.detach(), eps))
+        self.versions.append(inp._version)
+        return output + eps
+
+    def _loss_hook(self, module: nn.Module, args: tuple, kwargs: dict, loss: Tensor) -> None:
+        if self._busy:  # the empirical root calls the loss itself
+            return
+        if self.result is not None:
+            raise RuntimeError(
+                "curvlab (autograd engine): loss_fn was called twice inside one extraction; "
+                "compute the loss once per forward pass in the block"
+            )
+        output = args[0] if args else kwargs["input"]
+        targets = args[1] if len(args) > 1 else kwargs["target"]
+        self._busy = True
+        try:
+            self.result = self._compute(output, targets, loss)
+        finally:
+            self._busy = False
+
+    def __enter__(self) -> "Recording":
+        for module in self.targets:
+            self._handles.append(module.register_forward_hook(self._layer_hook, with_kwargs=True))
+        self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True))
+        self._saved = SavedBytes().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            self._saved.__exit__(*exc)
+            self._saved = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _check_unmodified(self) -> None:
+        """Inputs are kept by reference: refuse ones the forward modified in place later."""
+        for (module, inp, _), version in zip(self.calls, self.versions):
+            if inp._version != version:
+                raise ValueError(
+                    f"extract_autograd: the input of {self.targets[module]!r} was modified in place "
+                    "after the call (e.g. an in-place activation on it); its value is needed"
+                )
+
+    # ------------------------------------------------------------------ the vjps
+
+    def _compute(self, output: Tensor, targets: Tensor, loss: Tensor) -> AutogradExtraction:
+        req, calls = self.request, self.calls
+        terms = loss_terms(self.loss_fn, output, targets)
+        root, segments = stacked_root(self.loss_fn, output, targets, terms, req.flavours, req.mc_samples)
+        self._check_unmodified()
+        xs = [layer_io.unfold_input(m, inp) for m, inp, _ in calls]
+        for (module, _, _), x in zip(calls, xs):
+            if x.shape[0] != terms.num_examples:
+                raise ValueError(
+                    f"extract_autograd: {self.targets[module]!r} saw an input with leading dimension "
+                    f"{x.shape[0]}, not the batch size {terms.num_examples}"
+                )
+        n, t_out, size = terms.num_examples, terms.terms_per_example, output.element_size()
+        coupled = self.coupled
+        factorable = not coupled and t_out == 1
+        want_sqrt = (not factorable) if req.sqrt is None else bool(req.sqrt)
+        sqrt_flavours = req.sqrt_flavours or req.flavours
+        columns, local = selected_columns(segments, sqrt_flavours, root.device)
+
+        leaves = [eps for _, _, eps in calls]
+        saved = self._saved.total if self._saved is not None else 0
+        leaf_bytes = sum(e.numel() for e in leaves) * size
+        out_bytes = output.numel() * size
+        layers = BatchedVJP(output, leaves, estimate(saved, leaf_bytes, out_bytes), req.max_bytes, req.vectorize)
+        results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in self.targets.items()}
+        for (module, _, _), x, g in zip(calls, xs, batch_roots(layers, root, calls)):
+            results[self.targets[module]].calls.append(LayerCall(x=x, g=g))
+        for res in results.values():
+            res.with_bias = req.include_bias and res.has_trainable_bias
+
+        if t_out > 1 and (req.terms or (want_sqrt and not coupled)):
+            _term_roots(layers, root, terms, columns, calls, results, self.targets)
+        num_vjps = layers.num_vjps
+        param_sqrt: dict[str, Tensor] = {}
+        need_exact = want_sqrt and coupled
+        if need_exact or req.params:
+            num_vjps += self._per_example(output, root, terms, columns, xs, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes)
+        if want_sqrt and not coupled:
+            for res in results.values():
+                if not res.calls:
+                    res.sqrt = output.new_zeros(columns.numel() * t_out * n, *res.matrix_shape)
+                elif t_out == 1:
+                    res.sqrt = res.square_root(columns=columns)
+                else:  # M[(j·T_out + s)·N + n] from the term-separated roots
+                    res.sqrt = sum(
+                        layer_io.contract(res.module, res.contraction_inputs(c.x), c.g_terms, per_example=True)
+                        for c in res.calls
+                    ).flatten(0, 1)
+        rows = t_out * n
+        return AutogradExtraction(
+            loss=loss.detach(),
+            output=output.detach(),
+            layers=results,
+            segments=segments,
+            sqrt_segments={f: slice(s.start * rows, s.stop * rows) for f, s in local.items()},
+            term_segments={f: slice(s.start * t_out, s.stop * t_out) for f, s in local.items()},
+            num_examples=n,
+            terms_per_example=t_out,
+            reduction_factor=terms.reduction_factor,
+            coupled=coupled,
+            num_vjps=num_vjps,
+            columns_per_chunk=layers.chunk,
+            param_sqrt=param_sqrt,
+        )
+
+    def _per_example(self, output, root, terms, columns, xs, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes) -> int:
+        """One vjp per (root column, term, example): the coupled exact roots of the layers
+        (``need_exact``) and the per-column gradients of the parameter blocks."""
+        calls, req = self.calls, self.request
+        n, t_out, size = terms.num_examples, terms.terms_per_example, output.element_size()
+        rows = columns.numel() * t_out * n
+        leaves = [eps for _, _, eps in calls] if need_exact else []
+        params = list(req.params.items())
+        param_bytes = sum(p.numel() for _, p in params) * size
+        contraction = sum(math.prod(results[self.targets[m]].matrix_shape) for m, _, _ in calls) * size if need_exact else 0
+        per_column = estimate(saved, leaf_bytes if need_exact else 0, out_bytes, contraction + 2 * param_bytes)
+        vjp = BatchedVJP(output, leaves + [p for _, p in params], per_column, req.max_bytes, req.vectorize)
+        if need_exact:
+            for res in results.values():
+                res.sqrt = output.new_zeros(rows, *res.matrix_shape)
+        for name, p in params:
+            param_sqrt[name] = output.new_zeros(rows, *p.shape)
+        x_aug = [results[self.targets[m]].contraction_inputs(x) for (m, _, _), x in zip(calls, xs)]
+
+        def consume(sl: slice, grads: tuple[Tensor, ...]) -> None:
+            for i, (module, _, _) in enumerate(calls if need_exact else ()):
+                g = layer_io.grads_to_layout(module, grads[i])  # [k, N, d_out, T]
+                results[self.targets[module]].sqrt[sl] += layer_io.contract(module, x_aug[i], g, per_example=False)
+            for j, (name, _) in enumerate(params):
+                param_sqrt[name][sl] = grads[len(leaves) + j]
+
+        separated_roots(vjp, root, terms, columns, True, consume)
+        return vjp.num_vjps
+
+
+def _term_roots(vjp: BatchedVJP, root: Tensor, terms, columns: Tensor, calls: list, results: dict, targets: Mapping) -> None:
+    """Each call's term-separated roots ``g_terms [columns·T_out, N, d_out, T]``."""
+    parts: list[list[Tensor]] = [[] for _ in calls]
+
+    def consume(sl: slice, grads: tuple[Tensor, ...]) -> None:
+        for i, ((module, _, _), grad) in enumerate(zip(calls, grads)):
+            parts[i].append(layer_io.grads_to_layout(module, grad))
+
+    separated_roots(vjp, root, terms, columns, False, consume)
+    per_module: dict[nn.Module, int] = {}
+    for (module, _, _), p in zip(calls, parts):
+        res = results[targets[module]]
+        i = per_module.get(module, 0)
+        per_module[module] = i + 1
+        res.calls[i].g_terms = torch.cat(p, 0)

@@ -1,0 +1,79 @@
+"""The autograd engine for the forward and backward pass of a ``with`` block.
+
+:class:`AutogradPass` records the forward pass run inside the block (the user's own, or
+:func:`curvlab.extract`'s) with module hooks, and at the loss call runs the vjps of
+:mod:`curvlab.extract.autograd` through that graph, before the user's ``loss.backward()``, which
+it leaves untouched.  Its results go through :mod:`curvlab.extract.layer_stats`, as BackPACK's do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from curvlab.extract.autograd import couples_examples
+from curvlab.extract.autograd.layer_io import dense_inputs
+from curvlab.extract.autograd.recording import Recording, Request
+from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
+from curvlab.extract.options import ExtractOptions
+from curvlab.model_blocks import ModelBlocks
+from curvlab.stats import LayerStats
+
+#: Statistics taken on the term-separated roots when a loss has several terms per example.
+_TERM_STATISTICS = {"sqrt", "tkfac", "kfe"}
+
+
+class AutogradPass:
+    """Context recording one forward pass of ``model`` and the loss; :meth:`results` after it."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks) -> None:
+        self.options, self.blocks = options, blocks
+        self.coupled = couples_examples(model)
+        want_sqrt = "sqrt" in options.stats
+        request = Request(
+            flavours=options.flavours,
+            mc_samples=options.mc_samples,
+            max_bytes=options.max_bytes,
+            coupled=self.coupled,
+            sqrt=want_sqrt and self.coupled,  # uncoupled: the root follows from x and the term roots
+            sqrt_flavours=(options.fisher,),
+            terms=bool(_TERM_STATISTICS & options.stats),
+            include_bias=True,
+            params={b.name: b.weight for b in blocks.parameters} if want_sqrt else {},
+        )
+        self.recording = Recording(blocks.layers, loss_fn, request, self.coupled)
+
+    def __enter__(self) -> "AutogradPass":
+        self.recording.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.recording.__exit__(*exc)
+
+    def results(self) -> dict[str, LayerStats]:
+        """Per-block statistics ({} when no loss was computed in the block)."""
+        res = self.recording.result
+        if res is None:
+            return {}
+        opts, out = self.options, {}
+        for module, blocks in self.blocks.of_layer.items():
+            layer = res.layers[self.blocks.layers[module]]
+            if not layer.calls:
+                raise ValueError(
+                    f"curvlab.extract: layer {layer.name!r} ({type(module).__name__}) was not called in the "
+                    "forward pass, so its block is zero; freeze its parameters (requires_grad=False)"
+                )
+            x = torch.cat([dense_inputs(module, c.x) for c in layer.calls], 2)  # calls = more positions
+            g = torch.cat([c.g for c in layer.calls], 3)
+            g_terms = torch.cat([c.g_terms for c in layer.calls], 3) if layer.calls[0].g_terms is not None else None
+            for block in blocks:
+                exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
+                data = KroneckerData(block.inputs(x), g, res.segments, g_terms, exact, res.terms_per_example)
+                out[block.name] = kronecker_stats(block, data, opts, "autograd")
+        for block in self.blocks.parameters:
+            columns = res.param_sqrt.get(block.name)
+            if columns is not None:
+                out[block.name] = parameter_stats(
+                    block, columns, opts, "autograd", res.num_examples, res.terms_per_example, res.coupled
+                )
+        return {b.name: out[b.name] for b in self.blocks.blocks if b.name in out}

@@ -1,0 +1,91 @@
+"""The BackPACK engine for one backward pass: its hooks on, the extension active, off after.
+
+BackPACK's ``extend`` leaves hooks on a model for good; extended models pay for them in every
+later forward pass.  :class:`BackpackPass` instead registers the same hooks only for the duration
+of a ``with`` block and removes them, and BackPACK's stored inputs, afterwards — also when the
+block raises.  In-place activations are switched off inside the block (BackPACK cannot handle
+them) and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import TracebackType
+
+import torch
+from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
+from torch import nn
+
+from curvlab.extract.extension import SAVEFIELD, CurvatureStatistics
+from curvlab.extract.options import ExtractOptions
+from curvlab.model_blocks import ModelBlocks
+from curvlab.stats import LayerStats
+
+
+def leaf_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that perform operations (no children)."""
+    return [m for m in model.modules() if not list(m.children())]
+
+
+class BackpackPass:
+    """Context in which one ``loss.backward()`` through ``graph`` also computes the statistics.
+
+    Args:
+        graph: the module whose forward runs (the model, or BackPACK's converted graph of it).
+        loss_fn: the loss module.
+        options: what to compute.
+        blocks: the model's blocks.
+    """
+
+    def __init__(self, graph: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks) -> None:
+        self.graph, self.loss_fn, self.blocks = graph, loss_fn, blocks
+        self.extension = CurvatureStatistics(options, blocks.of_layer, {b.weight: b for b in blocks.parameters})
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._inplace: list[nn.Module] = []
+        self._stack: contextlib.ExitStack | None = None
+
+    def _modules(self) -> list[nn.Module]:
+        return leaf_modules(self.graph) + [self.loss_fn]
+
+    def __enter__(self) -> "BackpackPass":
+        for module in self._modules():
+            if getattr(module, "_backpack_extend", False):
+                continue  # the user extended it already: BackPACK's hooks are in place
+            self._handles.append(module.register_forward_hook(hook_store_io))
+            self._handles.append(module.register_full_backward_hook(hook_run_extensions))
+            if getattr(module, "inplace", False):
+                module.inplace = False
+                self._inplace.append(module)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(backpack(self.extension))
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._stack is not None:
+            self._stack.__exit__(exc_type, exc, tb)
+            self._stack = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._inplace:
+            module.inplace = True
+        self._inplace.clear()
+        for module in self._modules():
+            memory_cleanup(module)
+        if exc_type is not None:
+            self.results()  # drop partial results from the parameters
+
+    def results(self) -> dict[str, LayerStats]:
+        """The statistics left on the parameters, by block name (removed from them)."""
+        out: dict[str, LayerStats] = {}
+        for block in self.blocks.blocks:
+            param = block.parameters()[0]
+            found = getattr(param, SAVEFIELD, None)
+            if found is None:
+                continue
+            delattr(param, SAVEFIELD)
+            for stats in found if isinstance(found, list) else [found]:
+                out[stats.name] = stats
+        return out

@@ -1,0 +1,148 @@
+"""Which engine extracts a model: the one place that decides whether BackPACK can run it.
+
+BackPACK backpropagates second-order quantities only through a graph of modules it knows.  Its
+own graph converter (``torch.fx``, :func:`backpack.custom_module.graph_utils.convert_module_to_backpack`,
+what ``extend(model, use_converter=True)`` calls) turns residual ``+``, ``torch.flatten``, scalar
+``*`` and the like into modules.  BackPACK can run the *whole* model when
+
+* the converted graph (or, when the user's own forward pass is recorded, the model's own traced
+  graph, unconverted) has only module calls, each module called once (no tied weights);
+* every module in it is one BackPACK can backpropagate through (AdaptiveAvgPool included);
+* no BatchNorm normalises with batch statistics (train mode couples the examples; BackPACK's
+  per-example roots cannot hold the coupling);
+* every parameter block is a BatchNorm's affine parameter (eval mode), whose per-sample roots
+  BackPACK's derivatives give; and no block is an ``nn.Embedding``.
+
+Otherwise the autograd engine runs (module hooks and batched vjps; any differentiable forward).
+:func:`choose_engine` returns the decision and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from curvlab.extract.autograd import couples_examples
+from curvlab.extract.extension import KRONECKER_DERIVATIVES, supported_backprop_types
+from curvlab.model_blocks import ModelBlocks, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine that runs, the module to call for an own forward pass, and why.
+
+    Attributes:
+        engine: ``"backpack"`` or ``"autograd"``.
+        module: what :func:`curvlab.extract` calls — BackPACK's converted graph (sharing the
+            model's modules and parameters) or the model itself.
+        reason: why BackPACK cannot run the model (empty when it can).
+    """
+
+    engine: str
+    module: nn.Module
+    reason: str = ""
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """BackPACK's ``torch.fx`` conversion of ``model``, leaving ``model`` as it was.
+
+    The converter registers new modules on the module it is given and switches in-place
+    activations off; it is given a shallow copy of the root, and the flags are restored.
+    """
+    from backpack.custom_module.graph_utils import convert_module_to_backpack
+
+    root = copy.copy(model)
+    root._modules = dict(model._modules)  # new submodules land on the copy only
+    root._parameters, root._buffers = dict(model._parameters), dict(model._buffers)
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the converter warns about non-module nodes; checked below
+            return convert_module_to_backpack(root, False)
+    finally:
+        for m in inplace:
+            m.inplace = True
+
+
+def _graph_obstacle(module: nn.Module) -> str | None:
+    """Why BackPACK cannot run ``module``'s traced graph (``None``: it can)."""
+    from backpack.custom_module.graph_utils import BackpackTracer
+
+    try:
+        graph = BackpackTracer().trace(module)
+    except Exception as err:  # noqa: BLE001 — any tracing failure means "not BackPACK"
+        return f"its forward cannot be traced by torch.fx ({type(err).__name__}: {err})"
+    called: set[str] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op != "call_module":
+            return f"its forward applies {node.op} {node.target!r} outside a module"
+        if node.target in called:
+            return f"module {node.target!r} is called more than once (tied weights)"
+        called.add(node.target)
+    supported = tuple(supported_backprop_types())
+    for name in called:
+        sub = module.get_submodule(name)
+        if not isinstance(sub, supported):
+            return f"module {name!r} ({type(sub).__name__}) has no BackPACK second-order derivatives"
+    return None
+
+
+def backpack_obstacle(model: nn.Module, blocks: ModelBlocks) -> str | None:
+    """Why BackPACK cannot run ``model`` whatever its graph (``None``: the graph decides)."""
+    if couples_examples(model):
+        return "a BatchNorm normalises with batch statistics (train mode), which couples the examples"
+    for module, name in blocks.layers.items():
+        if type(module) not in KRONECKER_DERIVATIVES:
+            return f"module {name!r} ({type(module).__name__}) is not a BackPACK Kronecker layer"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (
+            module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
+            return f"module {name!r} uses padding={module.padding!r}, padding_mode={module.padding_mode!r}"
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    for block in blocks.parameters:
+        owner = owners.get(id(block.weight))
+        if not (isinstance(owner, _BatchNorm) and owner.affine and owner.track_running_stats):
+            return f"parameter {block.name!r} ({block.module_type}) is not a BatchNorm affine parameter"
+    return None
+
+
+def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_forward: bool) -> EngineChoice:
+    """The engine for ``model``: ``engine`` (``"auto"``, ``"backpack"``, ``"autograd"``).
+
+    Args:
+        own_forward: the extraction runs its own forward pass (it may call BackPACK's converted
+            graph); otherwise it records the user's forward of ``model`` itself, which BackPACK
+            can follow only if the model's traced graph needs no conversion.
+
+    Raises:
+        UnsupportedModelError: ``engine="backpack"`` for a model BackPACK cannot run (the message
+            says why and suggests ``engine="autograd"``).
+    """
+    if engine == "autograd":
+        return EngineChoice("autograd", model)
+    reason = backpack_obstacle(model, blocks)
+    module = model
+    if reason is None:
+        if own_forward:
+            try:
+                module = convert(model)
+            except Exception as err:  # noqa: BLE001 — the converter raises many types
+                reason = f"BackPACK's graph converter failed ({type(err).__name__}: {err})"
+        if reason is None:
+            reason = _graph_obstacle(module)
+            if reason is not None and not own_forward:
+                reason += " (the recorded forward is the model's own, unconverted)"
+    if reason is None:
+        return EngineChoice("backpack", module)
+    if engine == "backpack":
+        raise UnsupportedModelError(
+            f"curvlab.extract: engine='backpack' cannot run this model: {reason}; use engine='autograd' "
+            "(or 'auto', which picks it)"
+        )
+    return EngineChoice("autograd", model, reason)

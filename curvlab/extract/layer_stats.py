@@ -1,0 +1,106 @@
+"""From what an engine recorded to :class:`~curvlab.stats.LayerStats` — one route for both engines.
+
+The BackPACK and the autograd engine hand over the same quantities per block
+(:class:`KroneckerData`, or a parameter block's per-column gradients), and the statistics are
+built here, with the maths of :mod:`curvlab.extract.maths`, so both engines return the same
+``LayerStats`` by construction.
+
+Which root each statistic uses (``C`` root columns of the reference flavour, ``T_out`` loss
+terms per example):
+
+* ``sqrt``: the exact block's square root — with the coupling between examples when the batch
+  couples them (``KroneckerData.exact``), one column per (root column, loss term, example);
+* ``kfac``: the batch convention of kfac-pytorch, ASDL and curvlinops — per-example layer inputs
+  ``x`` and output gradients ``g`` of the batch computation (one vjp per root column with its
+  cotangent at every loss term), the coupling ignored;
+* ``tkfac``, ``kfe``: the per-sample matrices ``M = Σ_t g xᵀ`` of the *term-separated* roots
+  (``KroneckerData.g_terms`` when ``T_out > 1``) — so TKFAC's δ and EKFAC/TEKFAC's ``s*`` keep
+  ``tr = tr F`` for per-token losses — with the coupling ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from curvlab.block import Block
+from curvlab.extract import maths
+from curvlab.extract.options import ExtractOptions
+from curvlab.sqrt import DenseSqrt
+from curvlab.stats import LayerStats
+
+
+@dataclass
+class KroneckerData:
+    """One Kronecker block's recorded quantities.
+
+    Attributes:
+        x: the block's inputs ``[N, D, T]`` (a row of ones for the bias column; the positions of
+            every call of the layer concatenated along ``T``).
+        g: the stacked roots at the layer output ``[C_total, N, d_out, T]`` (batch convention).
+        segments: flavour → its columns of ``g``.
+        g_terms: the reference flavour's term-separated roots ``[C·T_out, N, d_out, T]`` when
+            ``T_out > 1``, else ``None``.
+        exact: the reference flavour's exact square root ``[K, d_out, D]`` when the examples
+            are coupled, else ``None`` (it follows from ``x`` and the term roots).
+        terms_per_example: ``T_out``.
+    """
+
+    x: Tensor
+    g: Tensor
+    segments: dict[str, slice]
+    g_terms: Tensor | None = None
+    exact: Tensor | None = None
+    terms_per_example: int = 1
+
+
+def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, engine: str) -> LayerStats:
+    """Every requested statistic of a Kronecker block (see the module docstring)."""
+    x, fisher = data.x, options.fisher
+    samples = data.g_terms if data.g_terms is not None else data.g[data.segments[fisher]]
+    out = LayerStats(
+        block.name, block.module_type, block.layout, fisher, x.shape[0], x.shape[2],
+        engine=engine, kfac_approx=options.kfac_approx, coupled=data.exact is not None,
+        terms_per_example=data.terms_per_example,
+    )
+    if "sqrt" in options.stats:
+        convention = maths.square_root(x, samples)
+        if data.exact is None:
+            out.sqrt = convention
+        else:
+            out.sqrt, out.convention_sqrt = DenseSqrt(data.exact), convention
+    if "kfac" in options.stats:
+        out.kfac = {
+            f: maths.kfac_factors(x, data.g[data.segments[f]], options.kfac_approx) for f in options.factor_flavours
+        }
+    if "tkfac" in options.stats:
+        out.tkfac = maths.trace_statistics(x, samples, options.tkfac_conv, options.kfac_approx)
+    if "kfe" in options.stats and block.name in options.eigenbases:
+        u_out, u_in = options.eigenbases[block.name]
+        out.kfe_scaling = maths.kfe_scaling(x, samples, u_out, u_in)
+    return out
+
+
+def parameter_stats(
+    block: Block, columns: Tensor, options: ExtractOptions, engine: str, num_examples: int, terms_per_example: int,
+    coupled: bool,
+) -> LayerStats:
+    """A parameter block: its exact square root from the per-column gradients ``[K, *shape]``."""
+    out = LayerStats(
+        block.name, block.module_type, block.layout, options.fisher, num_examples, 1, kind="parameter",
+        engine=engine, kfac_approx=options.kfac_approx, coupled=coupled, terms_per_example=terms_per_example,
+    )
+    if "sqrt" in options.stats:
+        out.sqrt = DenseSqrt(columns.reshape(columns.shape[0], *block.layout.shape))
+    return out
+
+
+def split_columns(block: Block, full: Tensor, has_bias_column: bool) -> Tensor:
+    """The block's part of a layer-wide ``[..., d_out, D(+1)]`` tensor whose last column is the
+    bias when ``has_bias_column``: all of it, the weight columns, or the bias column."""
+    if block.weight is None:
+        return full[..., -1:]
+    if has_bias_column and block.bias is None:
+        return full[..., :-1]
+    return full

@@ -1,0 +1,189 @@
+"""Which curvature blocks a model has — the one definition extract, compare and the optimizers use.
+
+Every trainable parameter of a model belongs to exactly one :class:`~curvlab.block.Block`, or the
+model is refused with an error that names the module, its type and what is supported:
+
+* **Kronecker layers** (kind ``"kronecker"``): ``nn.Linear`` (on ``[N, …, D]`` inputs),
+  ``nn.Conv1d/2d/3d`` (``groups=1``, any padding mode) and ``nn.Embedding`` (no ``max_norm``,
+  ``scale_grad_by_freq`` or ``sparse``): ``W̄ = [W b]``, or weight and bias apart.
+* **Parameter blocks** (kind ``"parameter"``), one per tensor: the affine parameters of norm layers
+  (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm), ``nn.MultiheadAttention``'s packed
+  projections (it applies them functionally, out of reach of module hooks, so its ``out_proj``
+  is not a Kronecker layer either), and parameters held by your own module classes — a ViT's cls
+  token and position embedding, a Kronecker layer's trainable bias whose weight is frozen.
+* Anything else with trainable parameters (e.g. ``nn.LSTM``, ``nn.ConvTranspose2d``, a grouped
+  convolution, one parameter shared by two modules) raises :class:`UnsupportedModelError`, unless
+  ``skip_unsupported=True`` leaves those parameters out (listed in :attr:`ModelBlocks.skipped`).
+
+A module *called* several times (tied weights, e.g. one ``nn.Linear`` applied twice) is one
+block; the extraction engines accumulate its calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from curvlab.block import Block
+
+#: Module types whose weight forms a Kronecker block.
+KRONECKER_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+#: torch module types whose parameters become parameter blocks.
+PARAMETER_LAYERS: tuple[type[nn.Module], ...] = (
+    _BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+    nn.MultiheadAttention,
+)
+
+SUPPORTED_TEXT = (
+    "Kronecker layers: Linear, Conv1d, Conv2d, Conv3d (groups=1), Embedding; parameter blocks: "
+    "BatchNorm1d/2d/3d, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d, RMSNorm, MultiheadAttention, and "
+    "parameters held by your own module classes (e.g. a position embedding)"
+)
+SKIP_HINT = (
+    "Pass skip_unsupported=True (curvlab.extract, curvlab.compare; `curvlab report "
+    "--skip-unsupported`) to leave its parameters out of the curvature blocks, or freeze them "
+    "(requires_grad=False); curvlab's optimizers give such parameters the first-order update"
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains a module curvlab cannot extract statistics for."""
+
+
+@dataclass
+class ModelBlocks:
+    """The curvature blocks of a model.
+
+    Attributes:
+        blocks: every block, in the order of ``model.named_parameters()``.
+        layers: Kronecker layer → its module path.
+        of_layer: Kronecker layer → its blocks (``[W b]``, or weight and bias).
+        skipped: paths of trainable parameters left out (``skip_unsupported=True``).
+    """
+
+    blocks: list[Block] = field(default_factory=list)
+    layers: dict[nn.Module, str] = field(default_factory=dict)
+    of_layer: dict[nn.Module, list[Block]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def kronecker(self) -> list[Block]:
+        """The Kronecker blocks."""
+        return [b for b in self.blocks if b.kind == "kronecker"]
+
+    @property
+    def parameters(self) -> list[Block]:
+        """The parameter blocks."""
+        return [b for b in self.blocks if b.kind == "parameter"]
+
+
+def _where(name: str, module: nn.Module) -> str:
+    return f"module {name or '<root>'!r} ({type(module).__name__})"
+
+
+def kronecker_problem(module: nn.Module) -> str | None:
+    """Why a Kronecker-layer type cannot be one here (``None``: it can)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
+        return f"has groups={module.groups}; only groups=1 convolutions are supported"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+        return "uses max_norm, scale_grad_by_freq or sparse gradients, which are unsupported"
+    return None
+
+
+def _is_users_own(module: nn.Module) -> bool:
+    """A module class defined outside torch (its parameters are used in the user's forward)."""
+    return not type(module).__module__.startswith("torch.")
+
+
+def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsupported: bool = False) -> ModelBlocks:
+    """The blocks of ``model`` (see the module docstring).
+
+    Args:
+        model: the network.
+        separate_bias: Kronecker layers get ``<layer>.weight`` and ``<layer>.bias`` blocks.
+        skip_unsupported: leave the parameters of unsupported modules out instead of raising.
+
+    Raises:
+        UnsupportedModelError: an unsupported module with trainable parameters (naming its path,
+            its type and what is supported), or a model without trainable parameters.
+    """
+    owner: dict[int, tuple[str, str, nn.Module]] = {}  # id(param) → (param path, module path, module)
+    inside_packed: set[nn.Module] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.MultiheadAttention):
+            inside_packed.update(m for m in module.modules() if m is not module)
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{path}.{pname}" if path else pname
+            seen = owner.get(id(p))
+            if seen is not None and seen[2] is not module:
+                problem = (
+                    f"curvlab: parameter {full!r} is shared by modules {seen[1] or '<root>'!r} and "
+                    f"{path or '<root>'!r}; weight tying across different modules is unsupported "
+                    "(call one module twice instead). "
+                )
+                if not skip_unsupported:
+                    raise UnsupportedModelError(problem + SKIP_HINT)
+            owner.setdefault(id(p), (full, path, module))
+
+    out = ModelBlocks()
+    done: set[int] = set()
+    for full, p in model.named_parameters():
+        if id(p) in done or not p.requires_grad:
+            continue
+        _, path, module = owner[id(p)]
+        enclosing = _packed_owner(model, module, inside_packed)
+        if isinstance(module, KRONECKER_LAYERS) and enclosing is None and module.weight.requires_grad:
+            problem = kronecker_problem(module)
+            if problem is None:
+                blocks = Block.of_layer(path, module, separate_bias=separate_bias)
+                out.layers[module], out.of_layer[module] = path, blocks
+                out.blocks.extend(blocks)
+                done.update(id(q) for b in blocks for q in b.parameters())
+                continue
+            if skip_unsupported:
+                out.skipped.append(full)
+                done.add(id(p))
+                continue
+            raise UnsupportedModelError(f"curvlab: {_where(path, module)} {problem}. {SKIP_HINT}")
+        supported = (
+            isinstance(module, KRONECKER_LAYERS)  # a trainable bias of a frozen weight
+            or isinstance(module, PARAMETER_LAYERS)
+            or enclosing is not None
+            or _is_users_own(module)
+        )
+        done.add(id(p))
+        if supported:
+            owner_type = type(enclosing if enclosing is not None else module).__name__
+            out.blocks.append(Block.of_parameter(full, p, owner_type))
+        elif skip_unsupported:
+            out.skipped.append(full)
+        else:
+            raise UnsupportedModelError(
+                f"curvlab: {_where(path, module)} has trainable parameters but is not supported; "
+                f"supported are {SUPPORTED_TEXT}. {SKIP_HINT}"
+            )
+    if not out.blocks:
+        raise UnsupportedModelError(
+            "curvlab: the model has no trainable parameter curvlab supports"
+            + (f" (left out: {out.skipped})" if out.skipped else "")
+        )
+    return out
+
+
+def _packed_owner(model: nn.Module, module: nn.Module, inside_packed: set[nn.Module]) -> nn.Module | None:
+    """The ``nn.MultiheadAttention`` that applies ``module``'s parameters functionally, if any."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module
+    if module not in inside_packed:
+        return None
+    return next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and any(c is module for c in m.modules()))
+
+
+def trainable_parameters(blocks: ModelBlocks) -> set[Tensor]:
+    """Every parameter some block of ``blocks`` holds."""
+    return {p for b in blocks.blocks for p in b.parameters()}
