@@ -77,6 +77,13 @@ class SquareRoot(ABC):
         The diagonal of ``Qᵀ F Q`` for ``Q = U_out ⊗ U_in``: EKFAC's optimal rescaling.
         """
 
+    def diagonal(self) -> Tensor:
+        """``diag(F) = Σ_k M_k²`` (elementwise) as ``[d_out, D]``: :meth:`rotated_sq_sum` in the
+        identity basis."""
+        d_out, d_in = self.shape
+        eye = lambda n: torch.eye(n, dtype=self.dtype, device=self.device)  # noqa: E731
+        return self.rotated_sq_sum(eye(d_out), eye(d_in))
+
     @abstractmethod
     def matrices(self) -> Tensor:
         """All ``M_k`` explicitly, ``[K, d_out, D]`` (``K·P`` numbers)."""
@@ -176,6 +183,9 @@ class FactoredSqrt(SquareRoot):
         a_rot = (self.a @ u_in).square()  # [N, D]
         return g_rot.T @ a_rot
 
+    def diagonal(self) -> Tensor:
+        return self.g.square().sum(0).T @ self.a.square()
+
     def matrices(self) -> Tensor:
         c, n, d_out = self.g.shape
         return torch.einsum("cno,nd->cnod", self.g, self.a).reshape(c * n, d_out, -1)
@@ -229,6 +239,9 @@ class DenseSqrt(SquareRoot):
 
     def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
         return (u_out.T @ self.m @ u_in).square().sum(0)
+
+    def diagonal(self) -> Tensor:
+        return self.m.square().sum(0)
 
     def matrices(self) -> Tensor:
         return self.m

@@ -69,6 +69,8 @@ def dense_definition(stats: LayerStats, name: str, approx) -> torch.Tensor:
         return (q * s_star) @ q.T
     if name == "kfoc":
         return dense_kfoc(f, *stats.layout.shape)
+    if name == "diagonal":
+        return torch.diag(torch.diagonal(f))
     raise AssertionError(name)
 
 
@@ -272,7 +274,7 @@ def dense_damped(stats: LayerStats, name: str, strategy: str, lam: float) -> tor
 SUPPORTED = {
     "exact": APPROXIMATIONS,
     "trace-relative": APPROXIMATIONS,
-    "factored": APPROXIMATIONS,
+    "factored": tuple(a for a in APPROXIMATIONS if a != "diagonal"),  # no Kronecker factors to damp
     "nor": ("tkfac", "tekfac"),
 }
 

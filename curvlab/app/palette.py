@@ -17,6 +17,7 @@ PALETTE: dict[str, tuple[float, float, float]] = {
     "tkfac": _CB[1],  # orange
     "tekfac": _CB[3],  # vermilion: the method under study
     "kfoc": _CB[4],  # purple: the Frobenius-optimal reference
+    "diagonal": _CB[6],  # pink: diag(F), the baseline (and the parameter blocks' approximation)
     "sgd": _CB[7],  # grey
     "adam": _CB[8],  # yellow
 }
@@ -24,7 +25,7 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 #: An optimizer's own running approximation (``"<method>@optimizer"`` in probes).
 OPTIMIZER_APPROXIMATION = _CB[5]  # brown
 
-_EXTRA = [_CB[6]]  # pink: anything else
+_EXTRA = [(0.35, 0.35, 0.35)]  # dark grey: anything else
 
 #: Display names.
 LABELS = {
@@ -35,12 +36,13 @@ LABELS = {
     "tkfac": "TKFAC",
     "tekfac": "TEKFAC",
     "kfoc": "KFOC",
+    "diagonal": "diag(F)",
     "sgd": "SGD",
     "adam": "Adam",
 }
 
 #: Legend and bar order.
-ORDER = ("sgd", "adam", "kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
+ORDER = ("sgd", "adam", "kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc", "diagonal")
 
 
 def colour(name: str) -> tuple[float, float, float]:

@@ -13,7 +13,11 @@ name         definition                                           status
 ``tkfac``    ``(δΨ ⊗ δΦ)/δ``, trace-preserving                    [C], damping [R]
 ``tekfac``   TKFAC eigenbasis, optimal diagonal ``s*``            [R]
 ``kfoc``     Frobenius-optimal ``B ⊗ C`` (reference floor)        [C]
+``diagonal`` ``diag(F)`` (identity basis, optimal diagonal)       [D]
 ===========  ===================================================  ======
+
+Every approximation applies to Kronecker blocks; ``diagonal`` also to parameter blocks (one
+tensor outside the Kronecker layers, see :mod:`curvlab.model_blocks`).
 
 The comparison module measures these objects; the optimizers invert the same objects, built from
 running averages with the plain constructors.  Use :func:`approximate` to build one from a
@@ -33,11 +37,19 @@ from curvlab.approx.damping import (
     get_damping,
     pi_factor,
 )
+from curvlab.approx.diagonal import Diagonal
 from curvlab.approx.ekfac import EKFAC
 from curvlab.approx.eigh import psd_eigh
 from curvlab.approx.kfac import KFAC
 from curvlab.approx.kfoc import KFOC
-from curvlab.approx.registry import APPROXIMATIONS, DEFAULT_DAMPING, REGISTRY, approximate, needed_kfac_flavours
+from curvlab.approx.registry import (
+    APPROXIMATIONS,
+    DEFAULT_DAMPING,
+    REGISTRY,
+    applies,
+    approximate,
+    needed_kfac_flavours,
+)
 from curvlab.approx.tekfac import TEKFAC
 from curvlab.approx.tkfac import TKFAC
 
@@ -53,6 +65,7 @@ __all__ = [
     "TEKFAC",
     "TKFAC",
     "DampingStrategy",
+    "Diagonal",
     "EigenCorrected",
     "ExactDamping",
     "FactoredDamping",
@@ -60,6 +73,7 @@ __all__ = [
     "KroneckerProduct",
     "NorDamping",
     "TraceRelativeDamping",
+    "applies",
     "approximate",
     "get_damping",
     "needed_kfac_flavours",

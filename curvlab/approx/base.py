@@ -35,6 +35,7 @@ from curvlab.approx.eigh import psd_eigh, symmetrize
 from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
+    from curvlab.sqrt import SquareRoot
     from curvlab.stats import LayerStats
 
 #: Largest block (in parameters) :meth:`KroneckerApproximation.to_dense` builds.
@@ -160,6 +161,12 @@ class KroneckerApproximation(ABC):
     def frobenius_norm(self) -> Tensor:
         """``‖K̂‖_F = ‖s‖₂`` (``Q`` is orthogonal)."""
         return torch.linalg.vector_norm(self.eigenvalues())
+
+    def optimal_scaling(self, sqrt: "SquareRoot") -> Tensor:
+        """``s* = diag(Qᵀ F Q) = Σ_k (U_outᵀ M_k U_in)²`` of the block with square root ``sqrt`` in
+        this approximation's basis (what the comparison measures the scaling against)."""
+        u_out, u_in = self.eigenbasis()
+        return sqrt.rotated_sq_sum(u_out.to(sqrt.dtype), u_in.to(sqrt.dtype))
 
     def rotate(self, x: Tensor) -> Tensor:
         """Into the eigenbasis: ``U_outᵀ X U_in`` (``X``: ``[..., d_out, D]``)."""

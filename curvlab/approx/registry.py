@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curvlab.approx.base import KroneckerApproximation
+from curvlab.approx.diagonal import Diagonal
 from curvlab.approx.ekfac import EKFAC
 from curvlab.approx.kfac import KFAC
 from curvlab.approx.kfoc import KFOC
@@ -30,12 +31,15 @@ class ApproximationSpec:
             what the comparison measures unless told otherwise.
         kfac_flavour: the flavour of KFAC factors it is built from (``None``: the block's own
             flavour, or none at all).
+        kinds: the block kinds it applies to (``"kronecker"``, ``"parameter"``; see
+            :mod:`curvlab.model_blocks`).
     """
 
     name: str
     build: Callable[..., KroneckerApproximation]
     default_damping: str
     kfac_flavour: str | None = None
+    kinds: frozenset[str] = frozenset({"kronecker"})
 
 
 def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
@@ -62,6 +66,7 @@ REGISTRY: dict[str, ApproximationSpec] = {
         ApproximationSpec("tkfac", TKFAC.from_stats, "nor"),
         ApproximationSpec("tekfac", TEKFAC.from_stats, "nor"),
         ApproximationSpec("kfoc", KFOC.from_stats, "factored"),
+        ApproximationSpec("diagonal", Diagonal.from_stats, "exact", kinds=frozenset({"kronecker", "parameter"})),
     )
 }
 
@@ -87,12 +92,17 @@ def needed_kfac_flavours(names: Iterable[str], fisher: str) -> tuple[str, ...]:
     return tuple(sorted(flavours))
 
 
+def applies(name: str, kind: str) -> bool:
+    """Whether approximation ``name`` applies to blocks of ``kind`` (``"kronecker"``, ``"parameter"``)."""
+    return kind in spec(name).kinds
+
+
 def approximate(stats: LayerStats | Mapping[str, LayerStats], name: str, **options: Any) -> Any:
     """Build the approximation ``name`` of the block described by ``stats``.
 
     Args:
         stats: the block's extracted statistics — or a whole extraction (block name →
-            statistics), which gives one object per block.
+            statistics), which gives one object per block the approximation applies to.
         name: one of :data:`APPROXIMATIONS`.
         options: passed to the class's ``from_stats`` (e.g. ``basis="kfac"`` for TEKFAC,
             ``init="identity"`` / ``tol`` for KFOC, ``scaling`` for EKFAC/TEKFAC).
@@ -103,10 +113,16 @@ def approximate(stats: LayerStats | Mapping[str, LayerStats], name: str, **optio
     """
     entry = spec(name)
     if isinstance(stats, Mapping):
-        return {block: entry.build(s, **options) for block, s in stats.items()}
+        return {block: entry.build(s, **options) for block, s in stats.items() if s.kind in entry.kinds}
     if not isinstance(stats, LayerStats):
         raise TypeError(
             f"approximate: expected one block's LayerStats or an extraction (block name → LayerStats), "
             f"got {type(stats).__name__}"
         )
+    if stats.kind not in entry.kinds:
+        raise ValueError(
+            f"approximate: {entry.name!r} does not apply to block {stats.name!r}, a {stats.kind} block "
+            f"({stats.module_type}); it applies to {sorted(entry.kinds)} blocks (parameter blocks: 'diagonal')"
+        )
     return entry.build(stats, **options)
+

@@ -7,10 +7,11 @@ from collections.abc import Iterable, Mapping
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate, needed_kfac_flavours
+from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
 from curvlab.approx.registry import spec
 from curvlab.compare.dataset import measure
 from curvlab.extract import extract
+from curvlab.extract.options import DEFAULT_MAX_BYTES
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
 
@@ -32,11 +33,18 @@ def compare(
     seed: int | None = 0,
     attrs: Mapping[str, object] | None = None,
     progress: bool = False,
+    engine: str = "auto",
+    kfac_approx: str = "expand",
+    skip_unsupported: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> xr.Dataset:
-    """Measure every approximation of every Linear/Conv2d block against the exact block.
+    """Measure every approximation of every block against the exact block.
 
     One extraction (one forward, one backward) gives the square roots and factors; the
-    approximations are the objects of :mod:`curvlab.approx` that the optimizers invert.
+    approximations are the objects of :mod:`curvlab.approx` that the optimizers invert.  Every
+    trainable parameter is measured: Kronecker blocks against each approximation, parameter
+    blocks (norm layers' affine parameters, position embeddings, …) against ``"diagonal"``, the
+    only approximation that applies to them (see :mod:`curvlab.model_blocks`).
 
     Args:
         model, loss_fn, inputs, targets: as for :func:`curvlab.extract`.
@@ -52,6 +60,8 @@ def compare(
         seed: seeds MC sampling (``None``: global random state).
         attrs: extra attributes (model and data description).
         progress: show a progress bar over layers.
+        engine, kfac_approx, skip_unsupported, max_bytes: as for :func:`curvlab.extract`
+            (the engine used is the dataset's ``engine`` attribute).
 
     Returns:
         ``xarray.Dataset`` with dimensions layer × approximation (× eig); see
@@ -75,8 +85,14 @@ def compare(
         kfac_flavours=needed_kfac_flavours(names, fisher),
         tkfac_conv=tkfac_conv,
         seed=seed,
+        engine=engine,
+        kfac_approx=kfac_approx,
+        skip_unsupported=skip_unsupported,
+        max_bytes=max_bytes,
     )
-    approx = {layer: {n: approximate(block, n) for n in names} for layer, block in stats.items()}
+    approx = {
+        layer: {n: approximate(block, n) for n in names if applies(n, block.kind)} for layer, block in stats.items()
+    }
     wrap = None
     if progress:
         from functools import partial
@@ -98,6 +114,8 @@ def compare(
             "tkfac_conv": tkfac_conv,
             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
             "batch_loss": stats.loss.item(),
+            "engine_reason": stats.engine_reason or "none",
+            "skipped_parameters": ",".join(stats.skipped) or "none",
             **(attrs or {}),
         },
         progress=wrap,

@@ -15,6 +15,7 @@ from curvlab.compare.metrics import (
     ApproximationMetrics,
     ExactBlock,
     approximation_metrics,
+    convention_error,
     cosine,
     exact_block,
     gram_eigenvalues,
@@ -39,7 +40,14 @@ CONVENTIONS = (
     "loss as loss_fn computes it (mean reduction folded in). Conv KFAC factors follow KFC "
     "'expand': A averages over N·T locations, G sums over them. Errors are relative to ‖F‖_F; "
     "natural gradients are damped: exact (F+λI)⁻¹g by Woodbury vs each approximation's own "
-    "damped inverse (its damping strategy)."
+    "damped inverse (its damping strategy). Parameter blocks (block_kind='parameter': norm "
+    "layers' affine parameters, position embeddings, ...) are one tensor each, measured exactly "
+    "against the diagonal approximation (the only one that applies; the optimizers update them "
+    "first order); the network_* entries cover the Kronecker blocks when a model has both. With "
+    "coupled examples (train-mode BatchNorm) F includes the coupling and the Kronecker statistics "
+    "ignore it (per-example inputs and output gradients of the batch computation, as kfac-pytorch, "
+    "ASDL and curvlinops): coupling_error is the relative Frobenius distance of the block those "
+    "statistics describe from F."
 )
 
 
@@ -78,7 +86,8 @@ def measure(
     if damping <= 0:
         raise ValueError(f"curvlab.compare: damping={damping} must be positive (blocks are rank-deficient)")
     layers = list(stats)
-    names = list(dict.fromkeys(a for layer in layers for a in approximations[layer]))
+    kronecker_first = sorted(layers, key=lambda l: stats[l].kind != "kronecker")  # stable: model order
+    names = list(dict.fromkeys(a for layer in kronecker_first for a in approximations[layer]))
     for layer in layers:
         if stats[layer].sqrt is None or stats[layer].grad is None:
             raise ValueError(f"curvlab.compare: layer {layer!r} lacks its square root or gradient")
@@ -87,10 +96,18 @@ def measure(
     exact: dict[str, ExactBlock] = {}
     results: dict[tuple[str, str], ApproximationMetrics] = {}
     grads: dict[str, Tensor] = {}
+    coupling = np.zeros((len(layers), 2))
     for layer in iterator:
         block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
         grad = stats[layer].grad.to(torch.float64)
         exact[layer], grads[layer] = block, grad
+        convention = stats[layer].convention_sqrt
+        if stats[layer].kind != "kronecker":
+            coupling[layers.index(layer)] = np.nan
+        elif convention is not None:
+            coupling[layers.index(layer)] = convention_error(block, convention)
+        else:  # the Kronecker statistics describe the exact block itself
+            coupling[layers.index(layer)] = (0.0, 1.0)
         exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
         for name, approx in approximations[layer].items():
             results[layer, name] = approximation_metrics(
@@ -113,7 +130,14 @@ def measure(
     for (layer, name), res in results.items():
         spectra[layers.index(layer), names.index(name)] = _pad(res.spectrum, length)
     data["approx_eigenvalues"] = (("layer", "approximation", "eig"), spectra)
-    data.update(_network(exact, grads, results, approximations, damping, damping_strategies, num_eigenvalues))
+    data["coupling_error"] = (("layer",), coupling[:, 0])
+    data["coupling_trace_ratio"] = (("layer",), coupling[:, 1])
+    kinds = [stats[l].kind for l in layers]
+    network = [l for l, k in zip(layers, kinds) if k == "kronecker"] or layers
+    data.update(_network(
+        {l: exact[l] for l in network}, grads, results, approximations, names, damping, damping_strategies,
+        num_eigenvalues,
+    ))
 
     coords = {
         "layer": layers,
@@ -121,6 +145,7 @@ def measure(
         "eig": np.arange(length),
         "num_params": ("layer", np.array([stats[l].num_params for l in layers])),
         "module_type": ("layer", [stats[l].module_type for l in layers]),
+        "block_kind": ("layer", kinds),
     }
     first = stats[layers[0]]
     ds = xr.Dataset(data, coords=coords)
@@ -133,6 +158,11 @@ def measure(
             "damping_strategies": ";".join(f"{k}={damping_strategies.get(k, 'exact')}" for k in names),
             "top_k": top_k,
             "conventions": CONVENTIONS,
+            "engine": first.engine,
+            "kfac_approx": first.kfac_approx,
+            "coupled": int(any(stats[l].coupled for l in layers)),
+            "terms_per_example": first.terms_per_example,
+            "network_blocks": "kronecker" if len(network) < len(layers) else "all",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),
             **{k: _attr(v) for k, v in (attrs or {}).items()},
@@ -146,13 +176,14 @@ def _network(
     grads: Mapping[str, Tensor],
     results: Mapping[tuple[str, str], ApproximationMetrics],
     approximations: Mapping[str, Mapping[str, KroneckerApproximation]],
+    names: list[str],
     damping: float,
     strategies: Mapping[str, str],
     top: int,
 ) -> dict[str, tuple]:
-    """Whole-network entries: the full (cross-layer) Fisher against block-diagonal approximations."""
+    """Whole-network entries: the full (cross-layer) Fisher of the blocks in ``exact`` against
+    block-diagonal approximations (``names``: the dataset's approximation coordinate)."""
     layers = list(exact)
-    names = list(dict.fromkeys(a for layer in layers for a in approximations[layer]))
     gram = sum(exact[l].gram for l in layers)
     evals = gram_eigenvalues(gram, top)
     norm_sq = gram.square().sum()

@@ -128,7 +128,6 @@ def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k
     k = min(k, exact.top_vectors.shape[1], int((exact.eigenvalues > 0).sum()))
     if k == 0:
         return float("nan")
-    u_out, u_in = (u.to(torch.float64) for u in approx.eigenbasis())
     s = approx.eigenvalues().to(torch.float64)
     top = torch.topk(s.flatten(), k).indices
     rows, cols = top // s.shape[1], top % s.shape[1]
@@ -136,7 +135,7 @@ def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k
     for i in range(k):
         # i-th unit eigenvector of F in matrix form, rotated into K̂'s eigenbasis
         u_f = exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt()
-        rotated = u_out.T @ u_f @ u_in
+        rotated = approx.rotate(u_f)
         overlap += rotated[rows, cols].square().sum().item()
     return overlap / k
 
@@ -152,9 +151,8 @@ def approximation_metrics(
 ) -> ApproximationMetrics:
     """Every metric of ``approx`` against the exact block (float64, matrix-free)."""
     approx = approx.to(dtype=torch.float64)
-    u_out, u_in = approx.eigenbasis()
     s = approx.eigenvalues()
-    s_star = exact.sqrt.rotated_sq_sum(u_out, u_in)
+    s_star = approx.optimal_scaling(exact.sqrt)
     norm_sq = exact.frobenius_sq
     projection_sq = (norm_sq - s_star.square().sum()).clamp_min(0)
     scaling_sq = (s - s_star).square().sum()
@@ -171,3 +169,16 @@ def approximation_metrics(
         inner_product=(s * s_star).sum().item(),
         frobenius_sq=s.square().sum().item(),
     )
+
+
+def convention_error(exact: ExactBlock, convention: SquareRoot) -> tuple[float, float]:
+    """``(‖F − F_c‖_F / ‖F‖_F, tr F_c / tr F)`` for ``F_c = V_c V_cᵀ``: what the block the Kronecker
+    statistics describe (per-example quantities, the coupling between examples ignored) misses of
+    the exact block, through the cross Gram ``VᵀV_c`` (``‖F − F_c‖² = ‖VᵀV‖² − 2‖VᵀV_c‖² + ‖V_cᵀV_c‖²``)."""
+    conv = convention.to(dtype=torch.float64)
+    cross = exact.sqrt.matrices().flatten(1) @ conv.matrices().flatten(1).T
+    err_sq = exact.frobenius_sq - 2 * cross.square().sum() + conv.gram().square().sum()
+    norm = exact.frobenius_sq.sqrt()
+    error = (err_sq.clamp_min(0).sqrt() / norm).item() if norm > 0 else float("nan")
+    ratio = (conv.trace() / exact.trace).item() if exact.trace > 0 else float("nan")
+    return error, ratio
