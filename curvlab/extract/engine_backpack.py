@@ -80,12 +80,10 @@ class BackpackPass:
     def results(self) -> dict[str, LayerStats]:
         """The statistics left on the parameters, by block name (removed from them)."""
         out: dict[str, LayerStats] = {}
-        for block in self.blocks.blocks:
-            param = block.parameters()[0]
+        for param in self.graph.parameters():
             found = getattr(param, SAVEFIELD, None)
-            if found is None:
-                continue
-            delattr(param, SAVEFIELD)
-            for stats in found if isinstance(found, list) else [found]:
+            if hasattr(param, SAVEFIELD):
+                delattr(param, SAVEFIELD)
+            for stats in found if isinstance(found, list) else [] if found is None else [found]:
                 out[stats.name] = stats
         return out

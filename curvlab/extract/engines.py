@@ -68,10 +68,27 @@ def convert(model: nn.Module) -> nn.Module:
             m.inplace = True
 
 
+def _is_known_chain(module: nn.Module) -> bool:
+    """Every container is an ``nn.Sequential`` or one of BackPACK's own (``Parallel``), so the
+    forward is the module tree itself, and no module appears twice in it."""
+    containers_known = all(
+        isinstance(m, nn.Sequential) or type(m).__module__.startswith("backpack.custom_module")
+        for m in module.modules() if list(m.children())
+    )
+    paths = [m for _, m in module.named_modules(remove_duplicate=False)]
+    return containers_known and len(paths) == len({id(m) for m in paths})
+
+
 def _graph_obstacle(module: nn.Module) -> str | None:
     """Why BackPACK cannot run ``module``'s traced graph (``None``: it can)."""
     from backpack.custom_module.graph_utils import BackpackTracer
 
+    supported = tuple(supported_backprop_types())
+    if _is_known_chain(module):  # no tracing needed (BackPACK's Parallel is not traceable)
+        for name, sub in module.named_modules():
+            if not list(sub.children()) and not isinstance(sub, supported):
+                return f"module {name!r} ({type(sub).__name__}) has no BackPACK second-order derivatives"
+        return None
     try:
         graph = BackpackTracer().trace(module)
     except Exception as err:  # noqa: BLE001 — any tracing failure means "not BackPACK"
@@ -85,7 +102,6 @@ def _graph_obstacle(module: nn.Module) -> str | None:
         if node.target in called:
             return f"module {node.target!r} is called more than once (tied weights)"
         called.add(node.target)
-    supported = tuple(supported_backprop_types())
     for name in called:
         sub = module.get_submodule(name)
         if not isinstance(sub, supported):

@@ -189,7 +189,9 @@ class CurvatureStatistics(SecondOrderBackpropExtension):
 
     def layer_statistics(self, module: nn.Module, root: Tensor) -> list[LayerStats]:
         """Statistics of the blocks of one Kronecker layer from its input and the root at its
-        output (``[C_total, N, *output.shape[1:]]``)."""
+        output (``[C_total, N, *output.shape[1:]]``); none for a layer without blocks."""
+        if module not in self.layers:
+            return []
         x = layer_io.unfold_input(module, module.input0).detach()  # [N, D, T]
         g = layer_io.grads_to_layout(module, root).detach()  # [C, N, d_out, T]
         return [

@@ -25,7 +25,7 @@ from curvlab.extract.engine_backpack import BackpackPass
 from curvlab.extract.engines import choose_engine
 from curvlab.extract.options import ExtractOptions
 from curvlab.extract.validate import check_loss
-from curvlab.model_blocks import model_blocks
+from curvlab.model_blocks import ModelBlocks, model_blocks
 from curvlab.stats import LayerStats
 
 
@@ -46,6 +46,9 @@ class ExtractionSession:
             converted graph when BackPACK runs a model that needs conversion) instead of the
             model's own forward (the default: BackPACK then only runs models whose forward is a
             plain chain of modules).
+        blocks: the blocks to extract (e.g. an optimizer's preconditioned layers only); default
+            :func:`~curvlab.model_blocks.model_blocks` of the model with the options'
+            ``separate_bias`` and ``skip_unsupported``.
 
     Inside the block exactly one forward pass and one loss computation must run.  With ``seed``
     set, the MC sampling inside the block is seeded and the global random state is restored on
@@ -61,11 +64,11 @@ class ExtractionSession:
 
     def __init__(
         self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions | None = None, *,
-        own_forward: bool = False, **overrides: object,
+        own_forward: bool = False, blocks: ModelBlocks | None = None, **overrides: object,
     ) -> None:
         check_loss(loss_fn)
         self.options = ExtractOptions.make(options, overrides)
-        self.blocks = model_blocks(
+        self.blocks = blocks if blocks is not None else model_blocks(
             model, separate_bias=self.options.separate_bias, skip_unsupported=self.options.skip_unsupported
         )
         choice = choose_engine(model, self.blocks, self.options.engine, own_forward=own_forward)

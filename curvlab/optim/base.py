@@ -53,6 +53,7 @@ from torch.optim import Optimizer
 from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
+from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
 from curvlab.optim.damping_cache import CachedDamping
 from curvlab.optim.options import KroneckerOptions
 from curvlab.optim.serialization import load_block_states, save_block_states
@@ -60,8 +61,12 @@ from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, plan_step, tracked_pass
 from curvlab.optim.update import BlockStep, all_finite, sgd_update_, update_blocks_
 
-#: Layer types whose parameters form Kronecker-factored blocks.
-PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv2d)
+#: Layer types whose blocks are preconditioned.  Every other trainable parameter — parameter
+#: blocks (norm layers' affine parameters, a ViT's cls token and position embedding, attention's
+#: packed projections) and ``nn.Embedding`` (its input factor is diagonal, but curvlab's
+#: approximation objects keep dense factors: a vocabulary-sized eigendecomposition per refresh)
+#: — gets the first-order update.
+PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class KroneckerOptimizer(Optimizer):
@@ -109,6 +114,7 @@ class KroneckerOptimizer(Optimizer):
             raise type(err)(str(err).replace("curvlab.optim", who)) from None
         self.model = model
         self._blocks: list[Block] | None = None
+        self._tracked = ModelBlocks()  # the preconditioned layers, for the statistics pass
         self._group_of: dict[Tensor, dict[str, Any]] = {}
         self.options = opts
         super().__init__(
@@ -163,15 +169,21 @@ class KroneckerOptimizer(Optimizer):
         self._blocks = None
 
     def blocks(self) -> list[Block]:
-        """The preconditioned blocks: Linear/Conv2d layers whose trainable weight is in a group."""
+        """The preconditioned blocks: Linear/Conv1d/2d/3d layers (as found by
+        :func:`curvlab.model_blocks.model_blocks`) whose trainable weight is in a group."""
         if self._blocks is None:
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-            self._blocks = [
-                Block.of_layer(name, module)[0]
-                for name, module in self.model.named_modules()
-                if isinstance(module, PRECONDITIONED_LAYERS) and module.weight.requires_grad
-                and module.weight in self._group_of
-            ]
+            try:
+                found = model_blocks(self.model, skip_unsupported=True)
+            except UnsupportedModelError:  # nothing curvlab supports: every update is first order
+                found = ModelBlocks()
+            self._tracked = ModelBlocks()
+            for module, path in found.layers.items():
+                if isinstance(module, PRECONDITIONED_LAYERS) and module.weight in self._group_of:
+                    blocks = found.of_layer[module]
+                    self._tracked.layers[module], self._tracked.of_layer[module] = path, blocks
+                    self._tracked.blocks.extend(blocks)
+            self._blocks = list(self._tracked.blocks)
         return self._blocks
 
     def _group(self, param: Tensor) -> dict[str, Any] | None:
@@ -222,8 +234,9 @@ class KroneckerOptimizer(Optimizer):
             yield
             return
         opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples,
-                              stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True)
-        with tracked_pass(self.model, loss_fn, opts, self.steps_done, who=type(self).__name__,
+                              stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True,
+                              engine=self.options.engine, kfac_approx=self.options.kfac_approx)
+        with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
                           quiet=bool(self._skip_streak)) as pending:
             yield
         self._pending = pending

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
+from curvlab.extract.options import ENGINES, KFAC_APPROX
 from curvlab.stats import FLAVOURS
 
 
@@ -45,6 +46,14 @@ class KroneckerOptions:
     fisher: str = _option("mc", "Fisher flavour of the statistics", choices=FLAVOURS)
     mc_samples: int = _option(1, "labels sampled per example for fisher='mc'", type=int)
     basis: str = _option("trace", "TEKFAC's eigenbasis: trace-weighted, or KFAC's (ablation)", choices=TEKFAC_BASES)
+    engine: str = _option(
+        "auto", "statistics engine: BackPACK, autograd (any differentiable forward), or auto (BackPACK "
+        "where it runs the model)", choices=ENGINES,
+    )
+    kfac_approx: str = _option(
+        "expand", "weight-sharing convention of the Kronecker factors (convolutions, Linear on [N, T, D])",
+        choices=KFAC_APPROX,
+    )
 
     def __post_init__(self) -> None:
         who = "curvlab.optim"
@@ -62,6 +71,10 @@ class KroneckerOptions:
             _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
         if self.fisher not in FLAVOURS:
             raise ValueError(f"{who}: fisher={self.fisher!r}; choose one of {FLAVOURS}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"{who}: engine={self.engine!r}; choose one of {ENGINES}")
+        if self.kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"{who}: kfac_approx={self.kfac_approx!r}; choose one of {KFAC_APPROX}")
         if self.basis not in TEKFAC_BASES:
             raise ValueError(f"{who}: basis={self.basis!r}; choose one of {TEKFAC_BASES}")
         if self.damping_strategy is not None:

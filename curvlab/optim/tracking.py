@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.extract import ExtractionSession, ExtractOptions
+from curvlab.model_blocks import ModelBlocks
 from curvlab.optim.options import KroneckerOptions
 from curvlab.optim.state import CurvatureState, Eigenbasis
 from curvlab.stats import LayerStats
@@ -58,17 +59,24 @@ class Pending:
 
 @contextlib.contextmanager
 def tracked_pass(
-    model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, step: int, *, who: str, quiet: bool
+    model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks, step: int, *, who: str,
+    quiet: bool,
 ) -> Iterator[Pending]:
     """Run the ``with`` block as step ``step``'s forward and backward pass with the extraction
     of ``options`` attached; the yielded :class:`Pending` holds its statistics afterwards.
 
-    If the loss is not finite, BackPACK's MC sampling raises inside ``backward()``; that error
-    is suppressed (warned unless ``quiet``: the rest of the block does not run) and the
-    statistics stay empty, so the step is skipped.  Any other error propagates.
+    The engine is the session's (``options.engine``; ``"auto"``: BackPACK for a model whose
+    forward is a plain chain of modules it covers, else the autograd engine, which records the
+    user's forward pass with module hooks and runs its vjps when the loss is computed — the
+    user's ``loss.backward()`` still gives the gradient).
+
+    If the loss is not finite, the MC sampling raises (BackPACK: inside ``backward()``; autograd
+    engine: at the loss call); that error is suppressed (warned unless ``quiet``: the rest of the
+    block does not run) and the statistics stay empty, so the step is skipped.  Any other error
+    propagates.
     """
     pending = Pending(step, {})
-    session = ExtractionSession(model, loss_fn, options)
+    session = ExtractionSession(model, loss_fn, options, blocks=blocks)
     handle = loss_fn.register_forward_hook(lambda _m, _i, out: pending.losses.append(out.detach()))
     try:
         with session, warnings.catch_warnings():
