@@ -44,9 +44,33 @@ CASES = [
 ]
 
 
+#: Built-in architectures written as torchvision/timm write them (not BackPACK-sequential).
+ARCHITECTURES = {
+    "resnet18": ((3, 32, 32), {"width": 4}, 11_173_962),
+    "vgg16-bn": ((3, 32, 32), {"width": 8, "hidden": 64}, 14_990_922),
+    "vit-tiny": ((3, 32, 32), {"dim": 12, "depth": 2, "heads": 3}, 5_362_762),
+}
+
+
 def test_every_model_is_covered() -> None:
-    assert MODELS == ("mlp", "cnn", "cnn-bench", "3c3d", "vgg", "resnet")
-    assert {name for name, _ in CASES} == set(MODELS)
+    assert MODELS == ("mlp", "cnn", "cnn-bench", "3c3d", "vgg", "resnet", "resnet18", "vgg16-bn", "vit-tiny")
+    assert {name for name, _ in CASES} | set(ARCHITECTURES) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_architectures_build_at_published_size_and_shrink(name: str) -> None:
+    shape, small, published = ARCHITECTURES[name]
+    assert sum(p.numel() for p in build_model(name, shape, 10).parameters()) == published
+    torch.manual_seed(0)
+    model = build_model(name, shape, 7, **small)
+    out = model(torch.randn(3, *shape))
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+    kinds = {type(m) for m in model.modules()}
+    if name == "vit-tiny":
+        assert nn.LayerNorm in kinds and nn.GELU in kinds and {"cls_token", "pos_embed"} <= set(dict(model.named_parameters(recurse=False)))
+    else:
+        assert nn.BatchNorm2d in kinds and nn.AdaptiveAvgPool2d in kinds
+        assert any(getattr(m, "inplace", False) for m in model.modules())  # written as torchvision writes it
 
 
 @pytest.mark.parametrize("name,shape", CASES)
@@ -150,7 +174,7 @@ def test_resnet_uses_backpack_branching() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(ValueError, match="unknown model 'lenet'; choose one of mlp, cnn, cnn-bench, 3c3d, vgg, resnet"):
+    with pytest.raises(ValueError, match="unknown model 'lenet'; choose one of mlp, cnn, cnn-bench, 3c3d, vgg, resnet, resnet18, vgg16-bn, vit-tiny"):
         build_model("lenet", (1, 28, 28), 10)
     with pytest.raises(ValueError, match=r"model 'cnn' needs image inputs of shape \(C, H, W\), got \(784,\)"):
         build_model("cnn", (784,), 10)

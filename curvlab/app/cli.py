@@ -125,7 +125,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     from curvlab.app.data import DATASETS
     from curvlab.app.models import MODELS
     from curvlab.app.report.run import ReportConfig
-    from curvlab.extract.options import TKFAC_CONV_FORMS
+    from curvlab.extract.options import ENGINES, KFAC_APPROX, TKFAC_CONV_FORMS
     from curvlab.stats import FLAVOURS
 
     default = ReportConfig()
@@ -220,6 +220,31 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="conv-layer TKFAC/TEKFAC statistics: exact partial traces or KFC-style (default: %(default)s)",
     )
     how.add_argument(
+        "--mode",
+        choices=("eval", "train"),
+        default=default.mode,
+        help="the model's mode while measured: eval (BatchNorm running statistics) or train (batch "
+        "statistics: exact blocks with the coupling between examples, plus coupling.png) (default: %(default)s)",
+    )
+    how.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=default.engine,
+        help="extraction engine: backpack, autograd (any differentiable forward), or auto (BackPACK where "
+        "it runs the whole model) (default: %(default)s)",
+    )
+    how.add_argument(
+        "--kfac-approx",
+        choices=KFAC_APPROX,
+        default=default.kfac_approx,
+        help="weight-sharing convention of the KFAC factors (convolutions, Linear on [N, T, D]) (default: %(default)s)",
+    )
+    how.add_argument(
+        "--skip-unsupported",
+        action="store_true",
+        help="leave the parameters of unsupported modules (e.g. nn.LSTM) out instead of failing",
+    )
+    how.add_argument(
         "--top-k",
         type=_positive_int,
         default=default.top_k,
@@ -276,6 +301,10 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             device=args.device,
             out_dir=args.out,
             progress=not args.no_progress,
+            mode=args.mode,
+            engine=args.engine,
+            kfac_approx=args.kfac_approx,
+            skip_unsupported=args.skip_unsupported,
         )
     except ReportError as err:
         _usage_error(parser, str(err))

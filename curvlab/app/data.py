@@ -37,6 +37,15 @@ from curvlab.io import PathLike, atomic_write
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 
+#: Shape of one input and number of classes of each dataset (what a model is built for; lets
+#: the command line check a model before loading any data).
+SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -142,8 +151,7 @@ def load_dataset(
         ValueError: unknown dataset name.
         DataError: files missing or malformed (the message lists every path looked in).
     """
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
+    key = canonical_name(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if key == "digits":
@@ -153,6 +161,13 @@ def load_dataset(
     else:
         ds = _load_cifar10(data_dir, cache_dir)
     return _flattened(ds) if flatten else ds
+
+
+def canonical_name(name: str) -> str:
+    """``name`` as in :data:`DATASETS` (case-insensitive; ``fashion_mnist``/``cifar-10`` work too);
+    unknown names come back lower-cased."""
+    key = name.strip().lower()
+    return _ALIASES.get(key, key)
 
 
 def subset(dataset: Dataset, n_train: int, n_test: int, *, seed: int = 0) -> Dataset:

@@ -88,6 +88,21 @@ def _layer_label(ds: xr.Dataset, i: int, style: str = "inline") -> str:
     return f"{layer}{sep}({extra})" if extra else layer
 
 
+#: Most layers a spectra figure shows (evenly spread over the model when it has more).
+MAX_SPECTRA_PANELS = 12
+
+
+def kronecker_layers(ds: xr.Dataset, limit: int | None = None) -> xr.Dataset:
+    """The Kronecker blocks of ``ds`` (parameter blocks have only the diagonal approximation),
+    at most ``limit`` of them, evenly spread, first and last included."""
+    if "block_kind" in ds.coords and (ds["block_kind"] == "kronecker").any():
+        ds = ds.isel(layer=np.flatnonzero(ds["block_kind"].values == "kronecker"))
+    n = ds.sizes["layer"]
+    if limit is not None and n > limit:
+        ds = ds.isel(layer=np.unique(np.linspace(0, n - 1, limit).round().astype(int)))
+    return ds
+
+
 def _save(fig: Figure, path: PathLike) -> Path:
     path = Path(path)
     FigureCanvasAgg(fig)
@@ -107,8 +122,11 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
     """One panel per layer: the exact eigenvalues and each approximation's, largest first.
 
     Log y-scale; NaN padding and eigenvalues below :data:`ZERO_TOLERANCE` times the panel's
-    largest (zeros beyond a block's rank, up to round-off) are dropped.
+    largest (zeros beyond a block's rank, up to round-off) are dropped.  Kronecker blocks only,
+    at most :data:`MAX_SPECTRA_PANELS` of them.
     """
+    total = ds.sizes["layer"]
+    ds = kronecker_layers(ds, MAX_SPECTRA_PANELS)
     layers = list(ds["layer"].values)
     names = ordered([str(a) for a in ds["approximation"].values])
     rows, cols = _grid(len(layers))
@@ -145,7 +163,8 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
         handles = [Line2D([], [], color=colour("exact"), lw=2.6, label=label("exact"))]
         handles += [Line2D([], [], color=colour(n), lw=1.6, label=label(n)) for n in names]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
-        fig.suptitle(_title(ds, "Eigenvalues per layer"))
+        shown = f" ({len(layers)} of {total} blocks)" if len(layers) < total else ""
+        fig.suptitle(_title(ds, "Eigenvalues per layer" + shown))
         return _save(fig, path)
 
 
@@ -205,7 +224,9 @@ def _log_if_wide(ax, values: np.ndarray) -> None:  # noqa: ANN001
 
 def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
     """Grouped bars per layer (hue: approximation) of the relative Frobenius, projection and
-    scaling errors and of ``1 − ng_cosine``; one panel per metric. Lower is better everywhere."""
+    scaling errors and of ``1 − ng_cosine``; one panel per metric. Lower is better everywhere.
+    Kronecker blocks only (a parameter block's only approximation is its diagonal)."""
+    ds = kronecker_layers(ds)
     names = ordered([str(a) for a in ds["approximation"].values])
     n_layers = ds.sizes["layer"]
     many = n_layers > 3
@@ -291,4 +312,41 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
             ax.set_xlabel("")
             ax.tick_params(axis="x", labelrotation=45)
         fig.suptitle(_title(ds, "Whole network"))
+        return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ coupling
+
+
+def plot_coupling(ds: xr.Dataset, path: PathLike) -> Path:
+    """Per Kronecker layer: how far the block the Kronecker statistics describe (per-example
+    quantities, the coupling between examples ignored) is from the exact coupled block — its
+    relative Frobenius distance and its trace ratio — next to KFLR's and TEKFAC's errors."""
+    ds = kronecker_layers(ds)
+    n_layers = ds.sizes["layer"]
+    labels = [_layer_label(ds, i, "inline") for i in range(n_layers)]
+    present = [a for a in ("kflr", "tekfac") if a in ds["approximation"].values]
+    series = {"convention block": ds["coupling_error"].values}
+    series.update({label(a): ds["rel_frobenius_error"].sel(approximation=a).values for a in present})
+    colours = {"convention block": "0.3", **{label(a): colour(a) for a in present}}
+    with style():
+        fig = Figure(figsize=(WIDTH_IN, 6.4), layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        frame = pd.DataFrame(
+            [{"layer": labels[i], "what": k, "value": float(v[i])} for k, v in series.items() for i in range(n_layers)]
+        )
+        sns.barplot(data=frame, x="layer", y="value", hue="what", order=labels, palette=colours, ax=top,
+                    saturation=1.0, edgecolor="white", linewidth=0.5)
+        top.set_ylabel(_REL_FRO)
+        top.set_title("Distance from the exact (coupled) block")
+        top.legend(title="", frameon=False, ncols=len(series), loc="upper left")
+        top.set_xlabel("")
+        ratio = pd.DataFrame({"layer": labels, "value": ds["coupling_trace_ratio"].values})
+        sns.barplot(data=ratio, x="layer", y="value", order=labels, color="0.3", ax=bottom, saturation=1.0)
+        bottom.axhline(1.0, color="0.25", ls="--", lw=1.2)
+        bottom.set_ylabel(r"tr $F_{conv}$ / tr $F$")
+        bottom.set_title("Trace of the convention block (coupling ignored) over the exact trace")
+        bottom.set_xlabel("layer")
+        bottom.tick_params(axis="x", labelsize=8.5, labelrotation=90)
+        fig.suptitle(_title(ds, "What ignoring the BatchNorm coupling costs"))
         return _save(fig, path)

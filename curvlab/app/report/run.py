@@ -42,6 +42,11 @@ class ReportConfig:
             random initialisation is measured).
         seed: seeds the model, the warm-up, the batch and the MC sampling.
         device, out_dir, progress: where it runs and writes.
+        mode: the model's mode while measured: ``"eval"`` (BatchNorm uses its running
+            statistics) or ``"train"`` (batch statistics: the exact blocks include the coupling
+            between examples, and ``coupling.png`` shows what the Kronecker statistics, which
+            ignore it, miss).
+        engine, kfac_approx, skip_unsupported: as for :func:`curvlab.compare`.
     """
 
     model: str = "mlp"
@@ -63,6 +68,16 @@ class ReportConfig:
     device: str | torch.device = "cpu"
     out_dir: PathLike = Path("runs/report")
     progress: bool = False
+    mode: str = "eval"
+    engine: str = "auto"
+    kfac_approx: str = "expand"
+    skip_unsupported: bool = False
+
+
+#: Written when the measured batch couples its examples (train-mode BatchNorm).
+COUPLING_FIGURE = "coupling.png"
+#: The model's mode during the measurement.
+MODES = ("eval", "train")
 
 
 class ReportError(ValueError):
@@ -102,6 +117,22 @@ def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
             return make_model(model_name_or_spec, data.input_shape, data.num_classes)
         except ValueError as err:
             raise ReportError(str(err)) from None
+
+
+def _check_model(cfg: ReportConfig) -> None:
+    """The model against curvlab, before any data: unknown models are usage errors
+    (:class:`ReportError`), unsupported ones plain ``ValueError`` s naming the module."""
+    from curvlab.app.models.check import check_model
+    from curvlab.model_blocks import UnsupportedModelError
+
+    try:
+        check_model(cfg.model, cfg.dataset, skip_unsupported=cfg.skip_unsupported)
+    except UnsupportedModelError:
+        raise
+    except ValueError as err:
+        if "unknown model" in str(err) or "model spec" in str(err):
+            raise ReportError(str(err)) from None
+        raise
 
 
 def warm_up(
@@ -192,7 +223,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         ReportError: unknown model, unusable device, batch larger than the training set.
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
-    from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
+    from curvlab.app.report.figures import plot_coupling, plot_errors, plot_network, plot_spectra
     from curvlab.app.report.summary import write_summary
     from curvlab.compare import compare
     from curvlab.io import write_netcdf
@@ -211,8 +242,11 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     if overrides.get("approximations") is None:
         overrides.pop("approximations", None)
     cfg = ReportConfig(**{**asdict(config or ReportConfig()), **overrides})
+    if cfg.mode not in MODES:
+        raise ReportError(f"mode={cfg.mode!r}; choose one of {MODES}")
     dev = resolve_device(cfg.device)
     start = time.perf_counter()
+    _check_model(cfg)  # before loading data or training: an unsupported model fails in a second
     data = load_dataset(cfg.dataset, cfg.data_dir)
     model = build(cfg.model, data, cfg.seed).to(dev)
     loss_fn = nn.CrossEntropyLoss()
@@ -221,7 +255,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,
     )
-    model.eval()
+    model.train(cfg.mode == "train")
     attrs = {
         "model": cfg.model,
         "model_class": type(model).__name__,
@@ -238,6 +272,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "train_loss": "none" if train_loss is None else train_loss,
         "seed": cfg.seed,
         "device": str(dev),
+        "model_mode": cfg.mode,
     }
     ds = compare(
         model,
@@ -255,6 +290,9 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         seed=cfg.seed,
         attrs=attrs,
         progress=cfg.progress,
+        engine=cfg.engine,
+        kfac_approx=cfg.kfac_approx,
+        skip_unsupported=cfg.skip_unsupported,
     )
     ds.attrs["elapsed_seconds"] = round(time.perf_counter() - start, 3)
 
@@ -270,5 +308,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "Per-layer errors": REPORT_FILES["errors"],
         "Whole network": REPORT_FILES["network"],
     }
+    if ds.attrs.get("coupled"):
+        paths["coupling"] = plot_coupling(ds, out / COUPLING_FIGURE)
+        figures["What the Kronecker statistics miss of the coupled blocks"] = COUPLING_FIGURE
     write_summary(ds, paths["summary"], figures=figures)
     return paths

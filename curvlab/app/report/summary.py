@@ -57,6 +57,9 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("model", "Model"),
     ("data", "Data"),
     ("num_examples", "N (examples in the batch)"),
+    ("model_mode", "Model mode while measured"),
+    ("engine", "Extraction engine"),
+    ("kfac_approx", "KFAC weight-sharing convention"),
     ("flavour", "Fisher flavour"),
     ("mc_samples", "MC samples"),
     ("damping", "Damping λ"),
@@ -135,22 +138,45 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                 value = f"{value} ({_fmt(ds.attrs['num_model_params'])} parameters)"
             elif key == "data" and "num_train_examples" in ds.attrs:
                 value = f"{value}; batch drawn from {_fmt(ds.attrs['num_train_examples'])} training examples"
+            elif key == "engine" and ds.attrs.get("engine_reason", "none") != "none":
+                value = f"{value} (BackPACK cannot run this model: {ds.attrs['engine_reason']})"
             out.append(f"- **{label}:** {_escape(_fmt(value) if not isinstance(value, str) else value)}")
     out.append("")
 
     out += ["## Layers", ""]
+    if "block_kind" in ds.coords and (ds["block_kind"] == "parameter").any():
+        out += [
+            "Parameter blocks (kind `parameter`: norm layers' affine parameters, position embeddings, …) "
+            "are measured exactly against their diagonal, the only approximation that applies; "
+            "curvlab's optimizers update them first order.",
+            "",
+        ]
+    coupled = bool(ds.attrs.get("coupled")) and "coupling_error" in ds
     rows = []
     for i, layer in enumerate(layers):
-        rows.append(
-            [
-                f"`{_escape(layer)}`",
-                _escape(ds["module_type"].values[i]) if "module_type" in ds.coords else "",
-                _fmt(int(ds["num_params"].values[i])) if "num_params" in ds.coords else "",
-                _fmt(ds["exact_trace"].values[i]) if "exact_trace" in ds else "–",
-                _fmt(ds["exact_frobenius"].values[i]) if "exact_frobenius" in ds else "–",
-            ]
-        )
-    out += [_table(["layer", "type", "P", "tr F", "‖F‖_F"], rows, ["l", "l", "r", "r", "r"]), ""]
+        row = [
+            f"`{_escape(layer)}`",
+            _escape(ds["module_type"].values[i]) if "module_type" in ds.coords else "",
+            _escape(ds["block_kind"].values[i]) if "block_kind" in ds.coords else "kronecker",
+            _fmt(int(ds["num_params"].values[i])) if "num_params" in ds.coords else "",
+            _fmt(ds["exact_trace"].values[i]) if "exact_trace" in ds else "–",
+            _fmt(ds["exact_frobenius"].values[i]) if "exact_frobenius" in ds else "–",
+        ]
+        if coupled:
+            row += [_fmt(ds["coupling_error"].values[i]), _fmt(ds["coupling_trace_ratio"].values[i])]
+        rows.append(row)
+    header = ["layer", "type", "kind", "P", "tr F", "‖F‖_F"]
+    if coupled:
+        header += ["coupling error", "tr F_conv / tr F"]
+    out += [_table(header, rows, ["l", "l", "l"] + ["r"] * (len(header) - 3)), ""]
+    if coupled:
+        out += [
+            "The batch couples its examples (train-mode BatchNorm): F is the exact block with the "
+            "coupling; the Kronecker statistics ignore it (per-example layer inputs and output "
+            "gradients of the batch computation, as kfac-pytorch, ASDL and curvlinops). *coupling "
+            "error* = ‖F − F_conv‖_F / ‖F‖_F for the block F_conv those statistics describe.",
+            "",
+        ]
 
     out += ["## Per-layer metrics", "", "Rows are layers, columns approximations.", ""]
     for var, title, meaning in SUMMARY_METRICS:

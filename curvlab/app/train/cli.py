@@ -10,6 +10,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
+from curvlab.app.models import MODELS
 from curvlab.app.train.config import OPTIMIZERS, TrainConfig, default_lr
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -49,7 +50,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     d = _DEFAULT
     run = p.add_argument_group("model, data and run")
-    run.add_argument("--model", default=d.model, help="built-in model (mlp, cnn, cnn-bench, 3c3d, vgg, resnet) or module:function (default: %(default)s)")
+    run.add_argument("--model", default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
     run.add_argument("--hidden", default=None, help="MLP hidden widths, comma-separated (e.g. 128,64)")
     run.add_argument("--dataset", default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from curvlab.app.data import Dataset, batches, load_dataset, subset
 from curvlab.app.models import make_model
+from curvlab.app.models.check import check_model
 from curvlab.app.train.config import TrainConfig, make_optimizer
 from curvlab.app.train.probe import Probe
 from curvlab.io import atomic_write, write_netcdf
@@ -112,6 +113,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     # Saturating softmaxes push float32 curvature statistics into subnormal numbers, which are
     # ~10× slower on CPUs; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
+    # before loading data: a model curvlab cannot handle fails in a second (unsupported layers
+    # only lose their curvature: the optimizers give them the first-order update)
+    check_model(cfg.model, cfg.dataset, skip_unsupported=True, **cfg.model_kwargs)
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)

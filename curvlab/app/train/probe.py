@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.approx import DEFAULT_DAMPING, approximate
+from curvlab.approx import DEFAULT_DAMPING, applies, approximate
 from curvlab.compare import measure
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
@@ -80,7 +80,10 @@ class Probe:
             model.train(was_training)
         strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
-        approx = {layer: {n: approximate(block, n) for n in self.approximations} for layer, block in stats.items()}
+        approx = {
+            layer: {n: approximate(block, n) for n in self.approximations if applies(n, block.kind)}
+            for layer, block in stats.items()
+        }
         if isinstance(optimizer, KroneckerOptimizer):
             own = f"{optimizer.method}@optimizer"
             strategies[own] = optimizer.damping_strategy

@@ -1,6 +1,6 @@
-"""Built-in models, all BackPACK-compatible, and loading of user models.
+"""The BackPACK-compatible built-in models (mlp, cnn, cnn-bench, 3c3d, vgg, resnet).
 
-Every built-in model is a plain ``nn.Sequential`` tree of modules that BackPACK can backpropagate
+Every one is a plain ``nn.Sequential`` tree of modules that BackPACK can backpropagate
 second-order information through (Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, ZeroPad2d, Flatten,
 Identity, and BackPACK's ``Parallel``/``SumModule`` for residual branches). Hence:
 
@@ -11,60 +11,12 @@ Identity, and BackPACK's ``Parallel``/``SumModule`` for residual branches). Henc
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
 import math
-import os
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from types import ModuleType
 
 import torch
 from backpack.custom_module.branching import Parallel
 from torch import nn
-
-MODELS = ("mlp", "cnn", "cnn-bench", "3c3d", "vgg", "resnet")
-
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Sequential:
-    """Build a built-in model.
-
-    Args:
-        name: one of :data:`MODELS`.
-        input_shape: shape of one input, ``(C, H, W)`` for the conv nets; ``mlp`` takes any shape.
-        num_classes: number of outputs.
-        **kwargs: model options: ``mlp``: ``hidden``; ``cnn``: ``channels``; ``vgg``: ``widths``,
-            ``hidden``; ``resnet``: ``widths``, ``blocks_per_stage``.
-
-    Returns:
-        An ``nn.Sequential`` mapping ``[N, *input_shape]`` to logits ``[N, num_classes]``.
-
-    Raises:
-        ValueError: unknown name or option, or an input shape the model cannot take.
-    """
-    key = name.strip().lower()
-    if key not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    builder = _BUILDERS[key]
-    allowed = [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(f"model {key!r} has no option(s) {unknown}; its options are {allowed or 'none'}")
-    if num_classes < 1:
-        raise ValueError(f"model {key!r}: num_classes must be >= 1, got {num_classes}")
-    return builder(tuple(int(d) for d in input_shape), int(num_classes), **kwargs)
-
-
-def make_model(name_or_spec: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
-    """A built-in model by name, or a user model if the string is a ``module:function`` spec."""
-    if ":" in name_or_spec:
-        if kwargs:
-            raise ValueError(f"model spec {name_or_spec!r}: options {sorted(kwargs)} apply only to built-in models")
-        return load_user_model(name_or_spec, input_shape, num_classes)
-    return build_model(name_or_spec, input_shape, num_classes, **kwargs)
-
 
 # ------------------------------------------------------------------------------------- builders
 
@@ -82,7 +34,7 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] =
 
 def _cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32)) -> nn.Sequential:
     """Small CNN: per width ``Conv3x3(same) → ReLU → MaxPool2``, then Flatten → Linear."""
-    c, _, _ = _image_shape("cnn", input_shape, min_side=2 ** len(channels))
+    c, _, _ = image_shape("cnn", input_shape, min_side=2 ** len(channels))
     layers: list[nn.Module] = []
     for ch in channels:
         layers += [nn.Conv2d(c, int(ch), 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
@@ -93,7 +45,7 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int]
 
 def _cnn_bench(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """The benchmark CNN: conv16 → ReLU → conv32 → ReLU → MaxPool2 → Flatten → Linear."""
-    c, h, w = _image_shape("cnn-bench", input_shape, min_side=2)
+    c, h, w = image_shape("cnn-bench", input_shape, min_side=2)
     return nn.Sequential(
         nn.Conv2d(c, 16, 3, padding=1),
         nn.ReLU(),
@@ -114,7 +66,7 @@ def _3c3d(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     TF's ``-inf`` pool padding here because every pool follows a ReLU (inputs ≥ 0). Weights are
     Xavier-initialised (conv: normal, dense: uniform) and biases zero, as in DeepOBS.
     """
-    c, h, w = _image_shape("3c3d", input_shape, min_side=9)
+    c, h, w = image_shape("3c3d", input_shape, min_side=9)
     layers: list[nn.Module] = []
     for c_out, k, same in ((64, 5, False), (96, 3, False), (128, 3, True)):
         pad = (k - 1) // 2 if same else 0
@@ -151,7 +103,7 @@ def _vgg(
     hidden: int = 256,
 ) -> nn.Sequential:
     """Small VGG: per width ``(Conv3x3 → ReLU) × 2 → MaxPool2``, then Linear → ReLU → Linear."""
-    c, h, w = _image_shape("vgg", input_shape, min_side=2 ** len(widths))
+    c, h, w = image_shape("vgg", input_shape, min_side=2 ** len(widths))
     layers: list[nn.Module] = []
     for width in widths:
         layers += [
@@ -193,7 +145,7 @@ def _resnet(
 ) -> nn.Sequential:
     """Small ResNet without BatchNorm: conv stem, residual stages (stride 2 between stages),
     global average pool, Linear."""
-    c, h, w = _image_shape("resnet", input_shape, min_side=2 ** (len(widths) - 1))
+    c, h, w = image_shape("resnet", input_shape, min_side=2 ** (len(widths) - 1))
     if blocks_per_stage < 1:
         raise ValueError(f"model 'resnet': blocks_per_stage must be >= 1, got {blocks_per_stage}")
     layers: list[nn.Module] = [nn.Conv2d(c, int(widths[0]), 3, padding=1), nn.ReLU()]
@@ -208,7 +160,7 @@ def _resnet(
     return nn.Sequential(*layers, nn.AvgPool2d((fh, fw)), nn.Flatten(), nn.Linear(c, num_classes))
 
 
-_BUILDERS: dict[str, Callable[..., nn.Sequential]] = {
+BUILDERS: dict[str, Callable[..., nn.Sequential]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "cnn-bench": _cnn_bench,
@@ -216,13 +168,12 @@ _BUILDERS: dict[str, Callable[..., nn.Sequential]] = {
     "vgg": _vgg,
     "resnet": _resnet,
 }
-assert tuple(_BUILDERS) == MODELS
 
 
 # -------------------------------------------------------------------------------------- helpers
 
 
-def _image_shape(model: str, input_shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
+def image_shape(model: str, input_shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise ValueError(
             f"model {model!r} needs image inputs of shape (C, H, W), got {input_shape}; "
@@ -251,84 +202,3 @@ def _tf_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-# ---------------------------------------------------------------------------------- user models
-
-
-def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build a user model from ``"package.module:function"`` or ``"path/to/file.py:function"``.
-
-    ``function`` (a dotted attribute path works too, e.g. ``"mod:Factory.build"``) is called with
-    ``input_shape=`` and/or ``num_classes=`` when it accepts them (or ``**kwargs``), else with no
-    arguments. An ``nn.Module`` instance named by the spec is returned as is. Dotted modules are
-    imported with the current directory on ``sys.path``, as ``python -m`` would.
-
-    Raises:
-        ValueError: malformed spec, module or file not found, attribute missing, or the result
-            is not an ``nn.Module``; the message names the spec.
-    """
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target.strip() or not attr.strip():
-        raise ValueError(
-            f"model spec {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'"
-        )
-    module = _import_target(spec, target.strip())
-    obj: object = module
-    for part in attr.strip().split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"model spec {spec!r}: {target!r} has no attribute {attr!r}") from None
-    if isinstance(obj, nn.Module):
-        return obj
-    if not callable(obj):
-        raise ValueError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
-    model = obj(**_supported_kwargs(obj, input_shape=tuple(input_shape), num_classes=num_classes))
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"model spec {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module"
-        )
-    return model
-
-
-def _import_target(spec: str, target: str) -> ModuleType:
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise ValueError(f"model spec {spec!r}: file {path} not found")
-        # A name unique per file, so two user files called model.py do not clash in sys.modules.
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        mod_name = f"curvlab_user_model_{path.stem}_{digest}"
-        file_spec = importlib.util.spec_from_file_location(mod_name, path)
-        if file_spec is None or file_spec.loader is None:
-            raise ValueError(f"model spec {spec!r}: cannot import {path} as a Python module")
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[mod_name] = module  # dataclasses/pickle look the module up here
-        try:
-            file_spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[mod_name]
-            raise
-        return module
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        return importlib.import_module(target)
-    except ImportError as err:
-        raise ValueError(f"model spec {spec!r}: cannot import module {target!r}: {err}") from err
-    finally:
-        if added:
-            sys.path.remove(cwd)
-
-
-def _supported_kwargs(fn: Callable[..., object], **candidates: object) -> dict[str, object]:
-    """The subset of ``candidates`` that ``fn`` accepts as keyword arguments."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature: call with no arguments
-        return {}
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return dict(candidates)
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in candidates.items() if k in names}

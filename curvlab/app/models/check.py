@@ -1,0 +1,39 @@
+"""Check a model against curvlab before any data is loaded or any training step is taken."""
+
+from __future__ import annotations
+
+import torch
+
+from curvlab.app.data import SHAPES, canonical_name
+from curvlab.app.models import make_model
+from curvlab.model_blocks import model_blocks
+
+
+def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False, **model_kwargs: object) -> None:
+    """Build ``spec`` for ``dataset``'s input shape, find its blocks and run two dummy inputs.
+
+    Costs one model construction and one tiny forward pass (no data, no training), so a
+    command fails on an unsupported model in a second, not after loading the data.
+
+    Raises:
+        ValueError: unknown model or bad spec; ``curvlab.model_blocks.UnsupportedModelError``
+            (a ``ValueError``) naming the unsupported module, its type and what is supported;
+            a forward pass that fails or does not give ``[N, num_classes]`` logits.
+    """
+    key = canonical_name(dataset)
+    if key not in SHAPES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(SHAPES)}")
+    input_shape, num_classes = SHAPES[key]
+    model = make_model(spec, input_shape, num_classes, **model_kwargs)
+    model_blocks(model, skip_unsupported=skip_unsupported)
+    model.eval()  # no running-statistics update, no dropout
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as err:  # noqa: BLE001 — any failure of the user's forward is reported
+        raise ValueError(f"model {spec!r}: its forward pass fails on inputs [2, *{input_shape}]: {err}") from err
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(
+            f"model {spec!r} maps inputs [2, *{input_shape}] to {tuple(out.shape)}; curvlab needs logits "
+            f"[N, {num_classes}] for {dataset}"
+        )
