@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
 import zoo
+from zoo import oracle
 from curvlab.extract import extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
 from curvlab.extract.autograd.layer_io import unfold_input
@@ -33,16 +34,6 @@ RTOL = 1e-10
 
 def rel(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def oracle(model: nn.Module) -> nn.Module:
-    """A copy computing the same function whose BatchNorms keep no running statistics."""
-    m = copy.deepcopy(model)
-    for bn in m.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
-            bn.track_running_stats = False
-            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
-    return m
 
 
 def per_term_losses(loss_fn: nn.Module, out: Tensor, y: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ cheap.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from functools import partial
 
@@ -59,9 +60,9 @@ class TinyResNet(nn.Module):
     """Stem, one plain BasicBlock, one downsampling BasicBlock (1x1 conv + norm shortcut)."""
 
     def __init__(self, num_classes: int = CLASSES, width: int = 2,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, in_channels: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(2, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = norm_layer(width)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = BasicBlock(width, width, norm_layer=norm_layer)
@@ -288,6 +289,17 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "tagger": (TinyTagger, lambda n, g: _tokens(n, 3, 5, g)),
     "conv3d": (TinyVolumeNet, lambda n, g: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64)),
 }
+
+
+def oracle(model: nn.Module) -> nn.Module:
+    """A copy computing the same function whose train-mode BatchNorms keep no running statistics
+    (same batch statistics, no in-place buffer update, which torch.func refuses)."""
+    m = copy.deepcopy(model)
+    for bn in m.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
+            bn.track_running_stats = False
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    return m
 
 
 def make(name: str, n: int = 3, seed: int = 0, loss_fn: nn.Module | None = None) -> tuple[nn.Module, Tensor, Tensor]:

@@ -118,6 +118,8 @@ class ExtractionSession:
                 "the session's loss"
             )
         for block in self.blocks.blocks:
+            if block.name not in out:  # a parameter block without "sqrt": nothing to report
+                continue
             grad = block.grad_matrix()  # a copy: .grad may change after the block
             out[block.name].grad = None if grad is None else grad.detach().clone()
         return out

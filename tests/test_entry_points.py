@@ -1,0 +1,185 @@
+"""Every entry point on the real-architecture zoo: the optimizers (TEKFAC on a train-mode ResNet,
+first-order updates outside the Kronecker layers), the errors for what stays unsupported, and the
+command line (model checked before any data is loaded; a user ResNet end to end)."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab
+import zoo
+from curvlab.app.cli import main
+from curvlab.extract import UnsupportedModelError
+from curvlab.io import read_netcdf
+from curvlab.optim import KFAC, TEKFAC
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+CE = nn.CrossEntropyLoss()
+
+
+def steps(opt, model: nn.Module, x, y, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        with opt.track(CE):
+            CE(model(x), y).backward()
+        opt.step()
+
+
+def test_tekfac_lowers_the_loss_of_a_train_mode_resnet() -> None:
+    model, x, y = zoo.make("resnet_bn", n=16)
+    opt = TEKFAC(model, lr=0.1, damping=1e-2, stats_interval=1, eigen_interval=5, scale_interval=1,
+                 fisher="exact", kl_clip=None)
+    assert [b.name for b in opt.blocks()] == [
+        "conv1", "layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2", "layer2.downsample.0", "fc",
+    ]
+    with torch.no_grad():
+        before = CE(model(x), y).item()
+    steps(opt, model, x, y, 20)
+    with torch.no_grad():
+        after = CE(model(x), y).item()
+    assert after < 0.1 * before
+    assert all(opt.block_states[b.name].curvature.build() is not None for b in opt.blocks())
+
+
+@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn"])
+def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) -> None:
+    """Root-module parameters (cls token, position embedding), norm layers and nn.Embedding: SGD's
+    update; tied and functional layers: preconditioned (their statistics by the autograd engine)."""
+    model, x, y = zoo.make(name, n=4)
+    opt = KFAC(model, lr=0.05, momentum=0.0, damping=1e-2, stats_interval=1, kl_clip=None)
+    kronecker = {p for b in opt.blocks() for p in b.parameters()}
+    layers = {b.name for b in opt.blocks()}
+    assert not any(isinstance(dict(model.named_modules())[n], nn.Embedding) for n in layers)
+    steps(opt, model, x, y, 1)  # statistics now exist
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt.zero_grad()
+    with opt.track(CE):
+        CE(model(x), y).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    first_order = [k for k, p in model.named_parameters() if p not in kronecker]
+    for k, p in model.named_parameters():
+        if p in kronecker:
+            assert not torch.allclose(p, before[k] - 0.05 * grads[k]), k  # preconditioned
+        else:
+            torch.testing.assert_close(p.detach(), before[k] - 0.05 * grads[k], rtol=1e-12, atol=1e-15)
+    assert bool(first_order) == (name in ("vit", "textcnn", "vgg_bn"))
+
+
+# --- what stays unsupported: clear errors --------------------------------------------------
+
+class RecurrentNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class TiedAcrossModules(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_unsupported_modules_are_named_with_the_supported_list() -> None:
+    x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    model = RecurrentNet().double()
+    pattern = r"module 'rnn' \(LSTM\) has trainable parameters but is not supported; supported are Kronecker layers: Linear, Conv1d, Conv2d, Conv3d .*Embedding; parameter blocks: BatchNorm.*LayerNorm.*MultiheadAttention.*skip_unsupported=True \(curvlab.extract, curvlab.compare; `curvlab report --skip-unsupported`\)"
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        curvlab.extract(model, CE, x, y)
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        curvlab.compare(model, CE, x, y)
+    ds = curvlab.compare(model, CE, x, y, skip_unsupported=True, approximations=("kflr",))
+    assert list(ds.layer.values) == ["head"] and "rnn.weight_ih_l0" in ds.attrs["skipped_parameters"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LSTM's backward under vmap falls back to a loop
+        opt = TEKFAC(model, lr=0.01, stats_interval=1)
+        steps(opt, model, x, y, 2)  # the LSTM's parameters get the first-order update
+    assert [b.name for b in opt.blocks()] == ["head"]
+    tied = TiedAcrossModules().double()
+    with pytest.raises(UnsupportedModelError, match=r"parameter 'b.weight' is shared by modules 'a' and 'b'"):
+        curvlab.extract(tied, CE, x[:, 0], y)
+    vit, xv, yv = zoo.make("vit", n=3)
+    with pytest.raises(UnsupportedModelError, match=r"engine='backpack' cannot run this model: .*engine='autograd'"):
+        curvlab.extract(vit, CE, xv, yv, engine="backpack")
+
+
+# --- the command line -------------------------------------------------------------------------
+
+USER_MODELS = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    from torch import nn
+    import zoo
+
+    def tiny_resnet(input_shape, num_classes):
+        return zoo.TinyResNet(num_classes=num_classes, width=2, in_channels=input_shape[0])
+
+    def recurrent(num_classes):
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.LSTM(8, 4, batch_first=True)
+                self.head = nn.Linear(4, num_classes)
+            def forward(self, x):
+                return self.head(self.rnn(x.flatten(1, 2))[0][:, -1])
+        return Net()
+    """
+)
+
+
+@pytest.fixture()
+def user_models(tmp_path: Path) -> Path:
+    path = tmp_path / "nets.py"
+    path.write_text(USER_MODELS.format(tests=str(Path(__file__).parent)))
+    return path
+
+
+@pytest.mark.parametrize("command", ["report", "train"])
+def test_unsupported_model_fails_before_any_data_is_loaded(command, user_models, tmp_path, capsys) -> None:
+    missing = tmp_path / "no-such-data"
+    args = [command, "--model", f"{user_models}:recurrent", "--dataset", "mnist", "--data-dir", str(missing),
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    if command == "train":
+        args[1:3] = ["--model", f"{user_models}:tiny_resnet"]  # the optimizer accepts any model ...
+        assert main(args) == 1 and "mnist" in capsys.readouterr().err  # ... so the data error comes
+        args[1:3] = ["--model", f"{user_models}:missing_function"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert ("'rnn' (LSTM)" in err) if command == "report" else ("has no attribute 'missing_function'" in err)
+    assert "mnist" not in err.lower().replace(str(missing).lower(), "")  # nothing about the data
+
+
+def test_report_and_train_on_a_user_resnet_in_train_mode(user_models, tmp_path, capsys) -> None:
+    out = tmp_path / "report"
+    code = main(["report", "--model", f"{user_models}:tiny_resnet", "--mode", "train", "--batch-size", "6",
+                 "--train-steps", "2", "--num-eigenvalues", "16", "--approximations", "kflr,tekfac,diagonal",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ds = read_netcdf(out / "report.nc")
+    assert ds.attrs["engine"] == "autograd" and ds.attrs["coupled"] == 1 and ds.attrs["model_mode"] == "train"
+    assert (out / "coupling.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "autograd (BackPACK cannot run this model: a BatchNorm" in summary and "coupling error" in summary
+    code = main(["train", "--model", f"{user_models}:tiny_resnet", "--optimizer", "tekfac", "--epochs", "1",
+                 "--batch-size", "32", "--train-size", "96", "--test-size", "32", "--probe-every", "2",
+                 "--probe-batch-size", "8", "--stats-interval", "1", "--no-progress", "--out", str(tmp_path / "train")])
+    assert code == 0, capsys.readouterr().err
+    probe = read_netcdf(tmp_path / "train" / "probe.nc")
+    assert "tekfac@optimizer" in probe.approximation.values and "bn1.weight" in probe.layer.values

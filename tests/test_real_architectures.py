@@ -1,0 +1,172 @@
+"""Real architectures through curvlab.extract / compare: exact blocks against dense torch.func
+references, Kronecker factors against curvlinops, the two engines against each other.
+
+References are built here, independently of both engines: ``jacrev`` of the whole batch output
+w.r.t. a block's parameters through ``functional_call`` and ``hessian`` of the loss w.r.t. the
+output (so train-mode BatchNorm's coupling is in them), on a copy of the model whose train-mode
+BatchNorms keep no running statistics (the same function; torch.func refuses the buffer update).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+import curvlab
+import zoo
+from curvlab.approx import approximate
+from helpers import batch, tiny_cnn, tiny_mlp
+from zoo import oracle
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+RTOL = 1e-10
+CE = nn.CrossEntropyLoss()
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def block_params(model: nn.Module, stats) -> list[str]:
+    """The parameter paths of a block, in its flat order."""
+    if stats.kind == "parameter":
+        return [stats.name]
+    names = dict(model.named_parameters())
+    return [k for k in (f"{stats.name}.weight", f"{stats.name}.bias") if k in names]
+
+
+def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, Tensor]:
+    """``(Jᵀ ∇²L J, ∇L)`` of the parameters ``names`` together, in their flat order."""
+    ref = oracle(model)
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+
+    def out_fn(flat: Tensor) -> Tensor:
+        new = {k: p.reshape(s) for k, p, s in zip(names, torch.split(flat, sizes), shapes)}
+        return functional_call(ref, {**params, **new}, (x,))
+
+    flat = torch.cat([params[k].flatten() for k in names])
+    out = out_fn(flat).detach()
+    jac = jacrev(out_fn)(flat).reshape(out.numel(), -1)
+    hess = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    grad = torch.func.grad(lambda f: loss_fn(out_fn(f), y))(flat)
+    return jac.T @ hess @ jac, grad
+
+
+# --- exact blocks, coupled BatchNorm included ------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet_bn", "vit", "vgg_bn", "tied"])
+def test_every_block_is_the_dense_exact_block(name) -> None:
+    model, x, y = zoo.make(name, n=3)
+    state = copy.deepcopy(model.state_dict())
+    stats = curvlab.extract(model, CE, x, y)
+    assert stats.engine == "autograd" and stats.engine_reason
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN buffers restored
+    covered = {p for s in stats.values() for p in block_params(model, s)}
+    assert covered == {k for k, p in model.named_parameters() if p.requires_grad}  # nothing dropped
+    for block, s in stats.items():
+        fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
+        assert rel(s.dense_fisher(), fisher) < RTOL, block
+        assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
+        assert s.coupled == name.endswith("_bn")
+
+
+def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:
+    """nn.MultiheadAttention applies its projections functionally: they are parameter blocks."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.inp(x)
+            return self.head(self.mha(h, h, h, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(3, 2, 3, dtype=torch.float64), torch.tensor([0, 2, 1])
+    stats = curvlab.extract(model, CE, x, y)
+    kinds = {k: s.kind for k, s in stats.items()}
+    assert kinds == {
+        "inp": "kronecker", "mha.in_proj_weight": "parameter", "mha.in_proj_bias": "parameter",
+        "mha.out_proj.weight": "parameter", "mha.out_proj.bias": "parameter", "head": "kronecker",
+    }
+    for block, s in stats.items():
+        assert rel(s.dense_fisher(), dense_reference(model, CE, x, y, block_params(model, s))[0]) < RTOL, block
+
+
+# --- the two engines, one result -----------------------------------------------------------
+
+def _models():
+    resnet, x, y = zoo.make("resnet_bn", n=3)
+    vgg, xv, yv = zoo.make("vgg_bn", n=3)
+    mlp, cnn = tiny_mlp(), tiny_cnn()
+    return {
+        "mlp": (mlp, *batch(mlp, CE, n=4)),
+        "cnn": (cnn, *batch(cnn, CE, n=4)),
+        "resnet-eval": (resnet.eval(), x, y),  # BackPACK through its graph converter
+        "vgg-eval": (vgg.eval(), xv, yv),
+    }
+
+
+def random_bases(stats) -> dict[str, tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    q = lambda n: torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]  # noqa: E731
+    return {k: (q(s.layout.shape[0]), q(s.layout.shape[1])) for k, s in stats.items() if s.kind == "kronecker"}
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet-eval", "vgg-eval"])
+def test_engines_agree(name, kfac_approx) -> None:
+    model, x, y = _models()[name]
+    opts = dict(fisher="mc", mc_samples=2, kfac_flavours=("exact", "mc", "empirical"), seed=3, kfac_approx=kfac_approx)
+    probe = curvlab.extract(model, CE, x, y, **opts)
+    tkfac = "kfc" if kfac_approx == "reduce" else "exact"
+    full = dict(opts, stats=("sqrt", "kfac", "tkfac", "kfe"), eigenbases=random_bases(probe), tkfac_conv=tkfac)
+    bp = curvlab.extract(model, CE, x, y, engine="backpack", **full)
+    ag = curvlab.extract(model, CE, x, y, engine="autograd", **full)
+    assert (bp.engine, ag.engine) == ("backpack", "autograd") and list(bp) == list(ag)
+    for block in bp:
+        a, b = bp[block], ag[block]
+        assert (a.kind, a.layout, a.num_locations) == (b.kind, b.layout, b.num_locations)
+        assert rel(a.sqrt.matrices(), b.sqrt.matrices()) < RTOL and rel(a.grad, b.grad) < RTOL, block
+        if a.kind == "parameter":
+            continue
+        for f in ("exact", "mc", "empirical"):
+            assert rel(a.kfac[f].A, b.kfac[f].A) < RTOL and rel(a.kfac[f].G, b.kfac[f].G) < RTOL, (block, f)
+        for field in ("delta", "delta_phi", "delta_psi"):
+            assert rel(getattr(a.tkfac, field), getattr(b.tkfac, field)) < RTOL, (block, field)
+        assert rel(a.kfe_scaling, b.kfe_scaling) < RTOL, block
+
+
+# --- Kronecker factors: the convention of curvlinops, expand and reduce ---------------------
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["resnet_bn", "vit"])
+def test_kronecker_factors_match_curvlinops(name, kfac_approx) -> None:
+    curvlinops = pytest.importorskip("curvlinops", reason="curvlinops is a dev dependency (pip install -e .[dev])")
+    model, x, y = zoo.make(name, n=3)
+    ref = oracle(model)  # curvlinops refuses train-mode BatchNorm with running statistics
+    modules = dict(ref.named_modules())
+    for flavour, fisher_type in (("exact", "type-2"), ("empirical", "empirical")):
+        stats = curvlab.extract(model, CE, x, y, fisher=flavour, stats=("kfac",), kfac_approx=kfac_approx)
+        assert all(s.kfac_approx == kfac_approx for s in stats.values())
+        params = [p for n in stats for p in modules[n].parameters()]
+        op = curvlinops.KFACLinearOperator(
+            ref, CE, params, [(x, y)], fisher_type=fisher_type, kfac_approx=kfac_approx,
+            separate_weight_and_bias=False, check_deterministic=False,
+        )
+        op.compute_kronecker_factors()
+        for block, s in stats.items():
+            assert rel(s.kfac[flavour].A, op._input_covariances[block]) < RTOL, (block, flavour)
+            assert rel(s.kfac[flavour].G, op._gradient_covariances[block]) < RTOL, (block, flavour)
