@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
 from curvlab.approx.registry import spec
 from curvlab.compare.dataset import measure
-from curvlab.extract import extract
+from curvlab.extract import Extraction, extract
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
@@ -114,9 +114,16 @@ def compare(
             "tkfac_conv": tkfac_conv,
             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
             "batch_loss": stats.loss.item(),
-            "engine_reason": stats.engine_reason or "none",
-            "skipped_parameters": ",".join(stats.skipped) or "none",
+            **extraction_attrs(stats),
             **(attrs or {}),
         },
         progress=wrap,
     )
+
+
+def extraction_attrs(stats: Extraction) -> dict[str, str]:
+    """Dataset attributes of an extraction: why BackPACK did not run, what was left out."""
+    return {
+        "engine_reason": stats.engine_reason or "none",
+        "skipped_parameters": ",".join(stats.skipped) or "none",
+    }

@@ -12,9 +12,9 @@ import xarray as xr
 from torch import Tensor, nn
 
 import curvlab.extract as _extract
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate, needed_kfac_flavours
+from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
 from curvlab.compare import measure
-from curvlab.compare.api import DEFAULT_APPROXIMATIONS
+from curvlab.compare.api import DEFAULT_APPROXIMATIONS, extraction_attrs
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.reduce import Shards, local_loss_count, reduce_statistics, reduced_numel
 
@@ -139,6 +139,7 @@ def extract(
     result = _extract.Extraction(stats)
     result.loss = loss
     result.flavour = local.flavour
+    result.engine, result.engine_reason, result.skipped = local.engine, local.engine_reason, local.skipped
     result.num_examples = shards.num_examples
     result.shards = shards
     return result
@@ -221,7 +222,9 @@ def compare(
         kfac_flavours=needed_kfac_flavours(names, fisher),
         tkfac_conv=tkfac_conv,
     )
-    approx = {layer: {n: approximate(block, n) for n in names} for layer, block in stats.items()}
+    approx = {
+        layer: {n: approximate(block, n) for n in names if applies(n, block.kind)} for layer, block in stats.items()
+    }
     wrap = None
     if progress and stats.shards.rank == 0:
         from functools import partial
@@ -243,6 +246,7 @@ def compare(
             "tkfac_conv": tkfac_conv,
             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
             "batch_loss": stats.loss.item(),
+            **extraction_attrs(stats),
             "world_size": shards.world_size,
             "shard_examples": ",".join(str(n) for n in shards.examples),
             "backend": str(dist.get_backend(group)),
