@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from curvlab.approx import APPROXIMATIONS
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -14,4 +16,9 @@ def test_readme_python_api_example_runs() -> None:
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     ds = namespace["ds"]
-    assert set(ds.approximation.values) == {"kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc"}
+    assert set(ds.approximation.values) == set(APPROXIMATIONS)
+    architectures = next(b for b in blocks if "resnet18" in b)
+    exec(compile(architectures, "README.md", "exec"), namespace)  # noqa: S102
+    stats = namespace["stats"]
+    assert stats.engine == "autograd" and stats["layer1.0.bn1.weight"].kind == "parameter"
+    assert stats["layer1.0.conv1"].coupled and stats["layer1.0.conv1"].convention_sqrt is not None
