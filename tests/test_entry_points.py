@@ -183,3 +183,14 @@ def test_report_and_train_on_a_user_resnet_in_train_mode(user_models, tmp_path, 
     assert code == 0, capsys.readouterr().err
     probe = read_netcdf(tmp_path / "train" / "probe.nc")
     assert "tekfac@optimizer" in probe.approximation.values and "bn1.weight" in probe.layer.values
+
+
+def test_default_measured_batch_fits_the_square_roots_in_memory() -> None:
+    from curvlab.app.models import build_model
+    from curvlab.app.models.check import SQRT_BUDGET_BYTES, measured_batch_size
+
+    resnet = build_model("resnet18", (3, 32, 32), 10)  # 11.2 M float32 parameters
+    per_example = 10 * sum(p.numel() for p in resnet.parameters()) * 4
+    assert measured_batch_size(resnet, 10, coupled=False) == SQRT_BUDGET_BYTES // per_example == 9
+    assert measured_batch_size(resnet, 10, coupled=True) == 4  # exact and convention roots
+    assert measured_batch_size(build_model("mlp", (1, 28, 28), 10), 10, coupled=False) == 128

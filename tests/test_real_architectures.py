@@ -62,12 +62,19 @@ def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, 
 
 # --- exact blocks, coupled BatchNorm included ------------------------------------------------
 
-@pytest.mark.parametrize("name", ["resnet_bn", "vit", "vgg_bn", "tied"])
-def test_every_block_is_the_dense_exact_block(name) -> None:
+@pytest.mark.parametrize(
+    "name,mode,engine",
+    [("resnet_bn", "train", "autograd"), ("resnet_bn", "eval", "backpack"), ("vit", "train", "autograd"),
+     ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd")],
+)
+def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
+    """Train mode: BatchNorm's coupling is in the blocks; eval mode: BackPACK through its graph
+    converter (AdaptiveAvgPool2d, residual +=, torch.flatten) on the unmodified ResNet."""
     model, x, y = zoo.make(name, n=3)
+    model.train(mode == "train")
     state = copy.deepcopy(model.state_dict())
     stats = curvlab.extract(model, CE, x, y)
-    assert stats.engine == "autograd" and stats.engine_reason
+    assert stats.engine == engine and bool(stats.engine_reason) == (engine == "autograd")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN buffers restored
     covered = {p for s in stats.values() for p in block_params(model, s)}
     assert covered == {k for k, p in model.named_parameters() if p.requires_grad}  # nothing dropped
@@ -75,7 +82,7 @@ def test_every_block_is_the_dense_exact_block(name) -> None:
         fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
         assert rel(s.dense_fisher(), fisher) < RTOL, block
         assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
-        assert s.coupled == name.endswith("_bn")
+        assert s.coupled == (name.endswith("_bn") and mode == "train")
 
 
 def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:

@@ -167,7 +167,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--batch-size",
         type=_positive_int,
         default=default.batch_size,
-        help="training examples N in the measured batch; the cost grows like (N·classes)^3 (default: %(default)s)",
+        help="training examples N in the measured batch; the cost grows like (N·classes)^3 and the memory "
+        "like N·classes·parameters (default: 128, fewer for large models so that the exact square roots fit "
+        "in 4 GiB, e.g. 9 for resnet18)",
     )
     what.add_argument(
         "--train-steps",

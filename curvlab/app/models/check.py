@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from curvlab.app.data import SHAPES, canonical_name
 from curvlab.app.models import make_model
@@ -37,3 +38,20 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False, **mo
             f"model {spec!r} maps inputs [2, *{input_shape}] to {tuple(out.shape)}; curvlab needs logits "
             f"[N, {num_classes}] for {dataset}"
         )
+
+
+#: Memory the exact blocks' square roots of a measured batch may take by default (bytes).
+SQRT_BUDGET_BYTES = 4 * 2**30
+#: Batch size of a measurement when the model is small enough.
+DEFAULT_MEASURED_BATCH = 128
+
+
+def measured_batch_size(model: nn.Module, num_classes: int, *, coupled: bool, budget_bytes: int = SQRT_BUDGET_BYTES) -> int:
+    """The default ``N`` of an exact measurement (report, training probe): 128 examples, or fewer
+    so that the square roots — ``K·P`` numbers for ``K = N·C`` columns and ``P`` trainable
+    parameters, twice when a train-mode BatchNorm couples the examples (the exact root and the
+    Kronecker statistics' own) — fit in ``budget_bytes``.  At least 2."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_example = num_classes * sum(p.numel() for p in params) * (params[0].element_size() if params else 4)
+    per_example *= 2 if coupled else 1
+    return max(2, min(DEFAULT_MEASURED_BATCH, budget_bytes // max(per_example, 1)))

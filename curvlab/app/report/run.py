@@ -32,7 +32,9 @@ class ReportConfig:
     Attributes:
         model: built-in model name or ``module:function`` spec.
         dataset, data_dir: the data (local files only).
-        batch_size: training examples N in the measured batch.
+        batch_size: training examples N in the measured batch (``None``: 128, or fewer for a
+            large model so that the exact square roots fit in 4 GiB,
+            :func:`curvlab.app.models.check.measured_batch_size`).
         fisher, mc_samples: the reference flavour (and MC samples for it and KFAC's factors).
         approximations: names from :data:`curvlab.approx.APPROXIMATIONS`.
         damping, damping_strategies: λ of the natural-gradient comparison and each
@@ -52,7 +54,7 @@ class ReportConfig:
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: PathLike | None = None
-    batch_size: int = 128
+    batch_size: int | None = None
     fisher: str = "exact"
     mc_samples: int = 1
     approximations: tuple[str, ...] = APPROXIMATIONS
@@ -224,6 +226,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
     from curvlab.app.report.figures import plot_coupling, plot_errors, plot_network, plot_spectra
+    from curvlab.app.models.check import measured_batch_size
     from curvlab.app.report.summary import write_summary
     from curvlab.compare import compare
     from curvlab.io import write_netcdf
@@ -250,7 +253,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     data = load_dataset(cfg.dataset, cfg.data_dir)
     model = build(cfg.model, data, cfg.seed).to(dev)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = measurement_batch(data, cfg.batch_size, cfg.seed)
+    batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
+    x, y = measurement_batch(data, batch_size, cfg.seed)
     train_loss = warm_up(
         model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,
@@ -264,7 +268,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "data": data.description,
         "data_dir": "none" if cfg.data_dir is None else str(cfg.data_dir),
         "num_train_examples": len(data.train_x),
-        "batch_size": cfg.batch_size,
+        "batch_size": batch_size,
+        "batch_size_choice": "given" if cfg.batch_size else "default: 128 or fewer, square roots within 4 GiB",
         "batch_selection": f"torch.randperm(num_train_examples, seed={cfg.seed})[:batch_size]",
         "train_steps": cfg.train_steps,
         "train_optimizer": f"Adam(lr={cfg.lr})" if cfg.train_steps > 0 else "none",

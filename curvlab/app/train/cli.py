@@ -67,7 +67,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_optimizer_options(p.add_argument_group("optimizer (SGD uses lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
     probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
-    probe.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: %(default)s)")
+    probe.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB)")
     probe.add_argument("--probe-fisher", default=d.probe_fisher, choices=FLAVOURS, help="flavour of the probe's reference blocks (default: %(default)s)")
     probe.add_argument("--probe-approximations", default=",".join(d.probe_approximations), help=f"fresh approximations measured at each probe, from {','.join(APPROXIMATIONS)} (default: %(default)s)")
     p.set_defaults(handler=run_train)

@@ -35,7 +35,7 @@ class TrainConfig(KroneckerOptions):
     device: str = "cpu"
     out: str = "runs/train"
     probe_every: int = 0
-    probe_batch_size: int = 128
+    probe_batch_size: int | None = None  # None: 128, or fewer so the exact square roots fit in 4 GiB
     probe_fisher: str = "exact"
     probe_approximations: tuple[str, ...] = ("kflr", "ekfac", "tkfac", "tekfac")
     train_size: int | None = None
@@ -47,7 +47,7 @@ class TrainConfig(KroneckerOptions):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"curvlab train: optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}")
         for name in ("epochs", "batch_size", "probe_batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive")
         if self.probe_every < 0:
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from curvlab.app.data import Dataset, batches, load_dataset, subset
 from curvlab.app.models import make_model
-from curvlab.app.models.check import check_model
+from curvlab.app.models.check import check_model, measured_batch_size
 from curvlab.app.train.config import TrainConfig, make_optimizer
 from curvlab.app.train.probe import Probe
 from curvlab.io import atomic_write, write_netcdf
@@ -126,7 +126,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     probe = None
     if cfg.probe_every:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        idx = torch.randperm(data.train_x.shape[0], generator=gen)[: cfg.probe_batch_size]
+        size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=False)  # probes run in eval mode
+        idx = torch.randperm(data.train_x.shape[0], generator=gen)[:size]
         probe = Probe(
             data.train_x[idx].to(device),
             data.train_y[idx].to(device),
