@@ -306,8 +306,9 @@ class EigenCorrected(KroneckerApproximation):
     """A fixed Kronecker eigenbasis ``U_out ⊗ U_in`` with a free diagonal ``s`` (``.scaling``).
 
     Args:
-        u_out: ``[d_out, d_out]`` orthonormal.
-        u_in: ``[D, D]`` orthonormal.
+        u_out: ``[d_out, d_out]`` orthonormal; ``None`` (with ``u_in``): the identity basis,
+            whose rotations are skipped and whose identities are formed only on request.
+        u_in: ``[D, D]`` orthonormal, or ``None``.
         scaling: ``s``, ``[d_out, D]``.
         factor_eigenvalues: ``(l, r)``, the diagonals in this basis of the underlying Kronecker
             factors used by factored damping, or ``None``.
@@ -317,17 +318,22 @@ class EigenCorrected(KroneckerApproximation):
 
     def __init__(
         self,
-        u_out: Tensor,
-        u_in: Tensor,
+        u_out: Tensor | None,
+        u_in: Tensor | None,
         scaling: Tensor,
         factor_eigenvalues: tuple[Tensor, Tensor] | None,
         layout: BlockLayout | None,
         name: str,
     ) -> None:
         who = type(self).__name__
-        check_square(u_out, "U_out", who)
-        check_square(u_in, "U_in", who)
-        shape = (u_out.shape[0], u_in.shape[0])
+        if u_out is None or u_in is None:
+            if scaling.dim() != 2 or u_out is not u_in:
+                raise ValueError(f"{who}: an identity basis needs both bases None and a [d_out, D] scaling")
+            shape = tuple(scaling.shape)
+        else:
+            check_square(u_out, "U_out", who)
+            check_square(u_in, "U_in", who)
+            shape = (u_out.shape[0], u_in.shape[0])
         if tuple(scaling.shape) != shape:
             raise ValueError(f"{who}: scaling must have shape {shape}, got {tuple(scaling.shape)}")
         if factor_eigenvalues is not None:
@@ -353,7 +359,17 @@ class EigenCorrected(KroneckerApproximation):
         return self.scaling.device
 
     def eigenbasis(self) -> tuple[Tensor, Tensor]:
+        if self.u_out is None:
+            d_out, d_in = self.scaling.shape
+            return (torch.eye(d_out, dtype=self.dtype, device=self.device),
+                    torch.eye(d_in, dtype=self.dtype, device=self.device))
         return self.u_out, self.u_in
+
+    def rotate(self, x: Tensor) -> Tensor:
+        return x if self.u_out is None else super().rotate(x)
+
+    def unrotate(self, y: Tensor) -> Tensor:
+        return y if self.u_out is None else super().unrotate(y)
 
     def eigenvalues(self) -> Tensor:
         return self.scaling

@@ -2,22 +2,20 @@
 
 In the identity basis ``Q = I ⊗ I`` EKFAC's optimal scaling is ``s* = diag(QᵀFQ) = diag(F) =
 Σ_k M_k²`` (elementwise), so the diagonal of ``F`` is the Frobenius-optimal approximation of ``F``
-by any diagonal matrix, keeps ``tr K̂ = tr F``, and fits the one interface of curvlab's
-approximations (eigenbasis ``(I, I)``, eigenvalues ``s``).  It applies to every block — the only
-approximation of a parameter block (a norm layer's affine parameter, a position embedding), whose
-optimizer update is first order — and is the baseline of the Kronecker ones.  Rotations are
-skipped (the basis is the identity), so no ``D × D`` identity is formed except by
-:meth:`eigenbasis`.
+by any diagonal matrix and keeps ``tr K̂ = tr F``: an :class:`~curvlab.approx.base.EigenCorrected`
+approximation in the identity basis (no rotation is computed, no ``D × D`` identity formed
+unless :meth:`eigenbasis` is asked for).  It applies to every block — the only approximation of
+a parameter block (a norm layer's affine parameter, a position embedding), whose optimizer
+update is first order — and is the baseline of the Kronecker ones.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
-from curvlab.approx.base import KroneckerApproximation, missing_statistic, resolve_layout
+from curvlab.approx.base import EigenCorrected, missing_statistic
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
@@ -25,7 +23,7 @@ if TYPE_CHECKING:
     from curvlab.stats import LayerStats
 
 
-class Diagonal(KroneckerApproximation):
+class Diagonal(EigenCorrected):
     """``K̂ = diag(s)`` on the matrix form ``[d_out, D]`` (``s = diag(F)`` from :meth:`from_stats`).
 
     Args:
@@ -35,33 +33,7 @@ class Diagonal(KroneckerApproximation):
     """
 
     def __init__(self, scaling: Tensor, *, layout: BlockLayout | None = None, name: str = "diagonal") -> None:
-        if scaling.dim() != 2:
-            raise ValueError(f"Diagonal: scaling must be a [d_out, D] matrix, got shape {tuple(scaling.shape)}")
-        self.scaling = scaling
-        self.layout = resolve_layout(layout, *scaling.shape, "Diagonal")
-        self.name = name
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scaling.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.scaling.device
-
-    def eigenbasis(self) -> tuple[Tensor, Tensor]:
-        d_out, d_in = self.scaling.shape
-        eye = lambda n: torch.eye(n, dtype=self.dtype, device=self.device)  # noqa: E731
-        return eye(d_out), eye(d_in)
-
-    def eigenvalues(self) -> Tensor:
-        return self.scaling
-
-    def rotate(self, x: Tensor) -> Tensor:
-        return x
-
-    def unrotate(self, y: Tensor) -> Tensor:
-        return y
+        super().__init__(None, None, scaling, None, layout, name)
 
     def optimal_scaling(self, sqrt: SquareRoot) -> Tensor:
         return sqrt.diagonal()
