@@ -225,7 +225,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         ReportError: unknown model, unusable device, batch larger than the training set.
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
-    from curvlab.app.report.figures import plot_coupling, plot_errors, plot_network, plot_spectra
+    from curvlab.app.report.coupling import plot_coupling
+    from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
     from curvlab.app.models.check import measured_batch_size
     from curvlab.app.report.summary import write_summary
     from curvlab.compare import compare

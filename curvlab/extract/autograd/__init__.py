@@ -13,7 +13,14 @@ double BatchNorm's running-statistic updates and any dropout draws), and torch.f
 in-place running-statistic updates of train-mode BatchNorm inside its transforms.  The vjp
 itself is torch's; vmap batches the cotangents.
 
-Maths (``statistics.py`` notation).  ``L = R Σ_{n,s} ℓ_{n,s}`` over ``N`` examples and
+Two ways to run it: :func:`extract_autograd` runs its own forward pass (parameters detached,
+except those whose gradients are asked for); :class:`~.recording.Recording` records any forward
+pass run inside a ``with`` block — the user's own, in :class:`curvlab.extract.ExtractionSession`
+and so in the optimizers' statistics pass — and runs the vjps when the loss module is called,
+while the graph is intact (``retain_graph=True``), so the user's ``loss.backward()`` afterwards
+is untouched and gives the gradient.
+
+Maths (``curvlab.extract.maths`` notation).  ``L = R Σ_{n,s} ℓ_{n,s}`` over ``N`` examples and
 ``T_out`` loss terms per example (see :mod:`.loss_roots`); ``S`` the stacked root, ``C_total``
 columns (exact ``C``, mc ``mc_samples``, empirical 1, in the order of ``flavours``).
 
@@ -51,6 +58,11 @@ activations autograd saves):
 * ``sqrt`` coupled: ``C_total·T_out·N`` vjps, per column also ``d_out·D``; the
   ``[K, N, d_out, T]`` gradients exist one chunk at a time only; same result size.
 * ``x``: the unfolded inputs, ``N·D·T`` per call (convolutions: the im2col blow-up).
+* ``g_terms`` (``T_out > 1``, ``terms=True``): ``C_sel·T_out`` vjps, all examples in each.
+* parameter blocks (``params``): their per-column gradients need one vjp per (root column, term,
+  example) — the coupled route's ``C_sel·T_out·N`` vjps, whether or not the examples are coupled
+  (a parameter used outside a layer has no per-example factorisation); shared with the coupled
+  exact roots when both are wanted.
 
 ``max_bytes`` bounds the estimate, not a measurement.  Measured on one CPU thread (ResNet, width
 16, 16×16 images, N = 32, coupled, 330 vjps): 12.5 s with the default (114 columns a chunk),
@@ -66,14 +78,16 @@ applied to a ``[N·T, D]`` reshape is refused); grouped and transposed convoluti
 with ``max_norm``/``scale_grad_by_freq``, CE with class weights, label smoothing or
 ``ignore_index`` targets are unsupported.
 
-Public API: :func:`extract_autograd`, :func:`couples_examples`, :func:`default_targets`, and the
-result types :class:`AutogradExtraction`, :class:`LayerResult`, :class:`LayerCall`.
+Public API: :func:`extract_autograd`, :func:`couples_examples`, :func:`default_targets`,
+:class:`Recording` and :class:`Request` (recording a forward pass run elsewhere), and the result
+types :class:`AutogradExtraction`, :class:`LayerResult`, :class:`LayerCall`.
 """
 
 from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES
 from curvlab.extract.autograd.engine import couples_examples, extract_autograd
 from curvlab.extract.autograd.layer_io import SUPPORTED, default_targets
 from curvlab.extract.autograd.loss_roots import FLAVOURS
+from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.autograd.results import AutogradExtraction, LayerCall, LayerResult
 
 __all__ = [
@@ -83,6 +97,8 @@ __all__ = [
     "AutogradExtraction",
     "LayerCall",
     "LayerResult",
+    "Recording",
+    "Request",
     "couples_examples",
     "default_targets",
     "extract_autograd",
