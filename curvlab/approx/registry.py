@@ -33,6 +33,9 @@ class ApproximationSpec:
             flavour, or none at all).
         kinds: the block kinds it applies to (``"kronecker"``, ``"parameter"``; see
             :mod:`curvlab.model_blocks`).
+        max_params: the comparison measures it on blocks of at most this many parameters
+            (``None``: any); KFOC's power iteration costs ``K·P·(d_out + D)`` a step, hours on a
+            ResNet-18's 512-channel convolutions.
     """
 
     name: str
@@ -40,6 +43,7 @@ class ApproximationSpec:
     default_damping: str
     kfac_flavour: str | None = None
     kinds: frozenset[str] = frozenset({"kronecker"})
+    max_params: int | None = None
 
 
 def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
@@ -65,7 +69,7 @@ REGISTRY: dict[str, ApproximationSpec] = {
         ApproximationSpec("ekfac", EKFAC.from_stats, "exact"),
         ApproximationSpec("tkfac", TKFAC.from_stats, "nor"),
         ApproximationSpec("tekfac", TEKFAC.from_stats, "nor"),
-        ApproximationSpec("kfoc", KFOC.from_stats, "factored"),
+        ApproximationSpec("kfoc", KFOC.from_stats, "factored", max_params=2**17),
         ApproximationSpec("diagonal", Diagonal.from_stats, "exact", kinds=frozenset({"kronecker", "parameter"})),
     )
 }
@@ -92,9 +96,17 @@ def needed_kfac_flavours(names: Iterable[str], fisher: str) -> tuple[str, ...]:
     return tuple(sorted(flavours))
 
 
-def applies(name: str, kind: str) -> bool:
-    """Whether approximation ``name`` applies to blocks of ``kind`` (``"kronecker"``, ``"parameter"``)."""
-    return kind in spec(name).kinds
+def applies(name: str, stats: LayerStats) -> bool:
+    """Whether the comparison measures approximation ``name`` on the block of ``stats``: its kind
+    (``"kronecker"``, ``"parameter"``) is one the approximation applies to, and the block is not
+    larger than the approximation's ``max_params``."""
+    entry = spec(name)
+    return stats.kind in entry.kinds and (entry.max_params is None or stats.num_params <= entry.max_params)
+
+
+def measurement_limits() -> str:
+    """The ``max_params`` limits of the registry, as text (``"kfoc: P ≤ 131072"``)."""
+    return "; ".join(f"{n}: P ≤ {s.max_params}" for n, s in REGISTRY.items() if s.max_params is not None) or "none"
 
 
 def approximate(stats: LayerStats | Mapping[str, LayerStats], name: str, **options: Any) -> Any:

@@ -8,6 +8,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
+from curvlab.approx.registry import measurement_limits
 from curvlab.approx.registry import spec
 from curvlab.compare.dataset import measure
 from curvlab.extract import Extraction, extract
@@ -44,7 +45,8 @@ def compare(
     approximations are the objects of :mod:`curvlab.approx` that the optimizers invert.  Every
     trainable parameter is measured: Kronecker blocks against each approximation, parameter
     blocks (norm layers' affine parameters, position embeddings, …) against ``"diagonal"``, the
-    only approximation that applies to them (see :mod:`curvlab.model_blocks`).
+    only approximation that applies to them (see :mod:`curvlab.model_blocks`).  KFOC is measured
+    on blocks of at most 2¹⁷ parameters (``curvlab.approx.REGISTRY``'s ``max_params``; NaN above).
 
     Args:
         model, loss_fn, inputs, targets: as for :func:`curvlab.extract`.
@@ -91,7 +93,7 @@ def compare(
         max_bytes=max_bytes,
     )
     approx = {
-        layer: {n: approximate(block, n) for n in names if applies(n, block.kind)} for layer, block in stats.items()
+        layer: {n: approximate(block, n) for n in names if applies(n, block)} for layer, block in stats.items()
     }
     wrap = None
     if progress:
@@ -126,4 +128,5 @@ def extraction_attrs(stats: Extraction) -> dict[str, str]:
     return {
         "engine_reason": stats.engine_reason or "none",
         "skipped_parameters": ",".join(stats.skipped) or "none",
+        "measured_up_to": measurement_limits(),
     }

@@ -223,7 +223,7 @@ def compare(
         tkfac_conv=tkfac_conv,
     )
     approx = {
-        layer: {n: approximate(block, n) for n in names if applies(n, block.kind)} for layer, block in stats.items()
+        layer: {n: approximate(block, n) for n in names if applies(n, block)} for layer, block in stats.items()
     }
     wrap = None
     if progress and stats.shards.rank == 0:

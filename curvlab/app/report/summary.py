@@ -65,6 +65,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("damping", "Damping λ"),
     ("damping_strategies", "Damping strategies"),
     ("tkfac_conv", "TKFAC conv statistics"),
+    ("measured_up_to", "Measured only on blocks up to (NaN above)"),
     ("top_k", "top-k (subspace overlap)"),
     ("train_steps", "Training steps before measuring"),
     ("train_optimizer", "Training optimizer"),

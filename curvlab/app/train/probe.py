@@ -81,7 +81,7 @@ class Probe:
         strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
         approx = {
-            layer: {n: approximate(block, n) for n in self.approximations if applies(n, block.kind)}
+            layer: {n: approximate(block, n) for n in self.approximations if applies(n, block)}
             for layer, block in stats.items()
         }
         if isinstance(optimizer, KroneckerOptimizer):
