@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from curvlab._options import OptionSet
 from curvlab.stats import FLAVOURS
 
 #: Statistics an extraction can compute.
@@ -16,7 +17,7 @@ TKFAC_CONV_FORMS = ("exact", "kfc")
 
 
 @dataclass(frozen=True)
-class ExtractOptions:
+class ExtractOptions(OptionSet):
     """Options of :func:`curvlab.extract` and :class:`~curvlab.extract.ExtractionSession`.
 
     Attributes:
@@ -47,6 +48,8 @@ class ExtractOptions:
     eigenbases: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     skip_unsupported: bool = False
     seed: int | None = None
+
+    owner = "curvlab.extract"
 
     def __post_init__(self) -> None:
         who = "curvlab.extract"
@@ -83,18 +86,6 @@ class ExtractOptions:
         """Flavours whose roots are backpropagated, the reference flavour first."""
         extra = [f for f in self.factor_flavours if f != self.fisher]
         return (self.fisher, *extra)
-
-    @classmethod
-    def make(cls, options: "ExtractOptions | None", overrides: Mapping[str, object]) -> "ExtractOptions":
-        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"curvlab.extract: unknown option(s) {unknown}; options are {sorted(names)}")
-        base = options if options is not None else cls()
-        if not overrides:
-            return base
-        return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **overrides})
 
 
 def _names(value: Iterable[str] | str, what: str) -> tuple[str, ...]:

@@ -7,9 +7,9 @@ the fields, defaults, help texts and checks from here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
+from curvlab._options import OptionSet
 from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.stats import FLAVOURS
@@ -21,7 +21,7 @@ def _option(default: object, help: str, **cli: object) -> object:
 
 
 @dataclass(frozen=True)
-class KroneckerOptions:
+class KroneckerOptions(OptionSet):
     """Hyper-parameters of :class:`~curvlab.optim.KFAC`, ``EKFAC``, ``TKFAC`` and ``TEKFAC``.
 
     ``lr``, ``momentum`` and ``weight_decay`` are the defaults of the param groups (each group
@@ -46,8 +46,10 @@ class KroneckerOptions:
     mc_samples: int = _option(1, "labels sampled per example for fisher='mc'", type=int)
     basis: str = _option("trace", "TEKFAC's eigenbasis: trace-weighted, or KFAC's (ablation)", choices=TEKFAC_BASES)
 
+    owner = "curvlab.optim"
+
     def __post_init__(self) -> None:
-        who = "curvlab.optim"
+        who = self.owner
         for name in ("lr", "momentum", "weight_decay"):
             _check_number(who, name, getattr(self, name), minimum=0.0, strict=False)
         _check_number(who, "damping", self.damping, minimum=0.0, strict=True)
@@ -70,15 +72,6 @@ class KroneckerOptions:
                     f"{who}: damping_strategy={self.damping_strategy!r}; choose one of {DAMPING_STRATEGIES}"
                 )
             get_damping(self.damping_strategy)  # objects are checked too
-
-    @classmethod
-    def make(cls, options: "KroneckerOptions | None", overrides: Mapping[str, object]) -> "KroneckerOptions":
-        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"curvlab.optim: unknown option(s) {unknown}; options are {sorted(names)}")
-        return replace(options if options is not None else cls(), **overrides)
 
     def for_method(self, method: str, *, trace_factored: bool, has_basis: bool) -> "KroneckerOptions":
         """These options for the optimizer ``method``: its default damping strategy filled in;
