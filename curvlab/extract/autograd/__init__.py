@@ -13,7 +13,7 @@ double BatchNorm's running-statistic updates and any dropout draws), and torch.f
 in-place running-statistic updates of train-mode BatchNorm inside its transforms.  The vjp
 itself is torch's; vmap batches the cotangents.
 
-Maths (``statistics.py`` notation).  ``L = R Σ_{n,s} ℓ_{n,s}`` over ``N`` examples and
+Maths (``extract/maths.py`` notation).  ``L = R Σ_{n,s} ℓ_{n,s}`` over ``N`` examples and
 ``T_out`` loss terms per example (see :mod:`.loss_roots`); ``S`` the stacked root, ``C_total``
 columns (exact ``C``, mc ``mc_samples``, empirical 1, in the order of ``flavours``).
 
