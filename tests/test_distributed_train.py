@@ -183,3 +183,11 @@ def test_shards_split_a_batch_in_rank_order(n: int, world: int) -> None:
     assert sum(p.stop - p.start for p in parts) == n
     sizes = [p.stop - p.start for p in parts]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_nproc_is_left_out_of_the_relaunched_command() -> None:
+    from curvlab.app.launch import without_nproc
+
+    assert without_nproc(["train", "--nproc", "2", "--epochs", "1"]) == ["train", "--epochs", "1"]
+    assert without_nproc(["report", "--nproc=4", "--no-progress"]) == ["report", "--no-progress"]
+    assert without_nproc(["train", "--npr", "3", "--no-progress"]) == ["train", "--no-progress"]

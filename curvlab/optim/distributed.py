@@ -37,7 +37,16 @@ What the ranks exchange (``torch.distributed`` collectives only; gloo on CPU, nc
   without statistics needs none unless ``step(closure)`` returns a rank-local loss).
 
 Nothing else is communicated: the preconditioning, KL clipping and momentum run on identical
-data on every rank.  State dicts are therefore identical on all ranks — rank 0 saves, every rank
+data on every rank.
+
+Cost as the number of ranks ``R`` grows (global batch fixed): a statistics step's extraction
+costs ``1/R`` per rank; its ``all_reduce`` carries ``S = Σ_blocks (D² + d_out² + …)`` numbers
+whatever ``R`` (a ring moves ``2 (R−1)/R · S`` through each link); a refresh costs each rank the
+eigendecompositions of its blocks — at best ``1/R`` of the total, never less than the largest
+block (``optim/assignment.py``) — and every rank receives the others' results once
+(``≈ (R−1)/R`` of ``Σ (D² + d_out² + d_out·D)`` for EKFAC/TEKFAC; KFAC/TKFAC also send their
+factors with the eigenvectors, about twice that).  ``benchmarks/bench_distributed.py``
+measures both.  State dicts are therefore identical on all ranks — rank 0 saves, every rank
 loads the same file — and use the same block names as one process (a DDP model is unwrapped).
 
 MC sampling (``fisher="mc"``) is seeded per rank and step: the statistics pass of step ``k`` on

@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         )
         rank_rng = parallel.rng_states(ranks)
         if not ranks.is_main:
-            continue
+            continue  # rank 0 writes the files and prints
         write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
         _save_checkpoint(
             ckpt_path,
