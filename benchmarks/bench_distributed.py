@@ -123,9 +123,6 @@ def barrier(world: int) -> None:
 
 def bench_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
     build, in_shape, n = MODELS[args.model]
-    torch.manual_seed(0)
-    model = build()
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     gen = torch.Generator().manual_seed(1)
     lo, hi = rank * n // world, (rank + 1) * n // world
     batches = []
@@ -133,13 +130,17 @@ def bench_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
         x, y = torch.randn(n, *in_shape, generator=gen), torch.randint(0, 10, (n,), generator=gen)
         batches.append((x[lo:hi], y[lo:hi]))
     loss_fn = nn.CrossEntropyLoss()
-    out: dict = {"params": sum(p.numel() for p in model.parameters()), "examples_per_rank": hi - lo, "methods": {}}
+    out: dict = {"examples_per_rank": hi - lo, "methods": {}}
     steppers = {}
     for method in args.methods:
+        torch.manual_seed(0)
+        model = build()  # one model per method: the rows do not disturb each other
+        out["params"] = sum(p.numel() for p in model.parameters())
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         opt = OPTIMIZERS[method](net, lr=1e-3)
         counter = [0]
 
-        def step_at(k: int, opt=opt, counter=counter) -> None:
+        def step_at(k: int, opt=opt, net=net, counter=counter) -> None:
             x, y = batches[counter[0] % len(batches)]
             counter[0] += 1
             opt.steps_done = k
@@ -199,6 +200,17 @@ def kib(nbytes: float) -> str:
     return f"{nbytes / 1024:,.1f}"
 
 
+def refresh_shares(model_name: str, worlds: list[int]) -> dict[int, float]:
+    """The busiest rank's share of a refresh's eigendecomposition work under the greedy assignment."""
+    from curvlab.block import Block
+    from curvlab.optim.assignment import assign_greedy, balance, refresh_cost
+
+    model = MODELS[model_name][0]()
+    costs = [refresh_cost(Block.of_layer(name, m)[0].layout) for name, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return {w: max(balance(costs, assign_greedy(costs, w), w).values()) / sum(costs) for w in worlds}
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     worlds = [int(w) for w in res["worlds"]]
@@ -229,6 +241,10 @@ def markdown(res: dict) -> str:
         "",
         f"DDP's gradient all-reduce (not counted above): {kib(grad)} KiB payload every step, all methods.",
         "",
+        "Refresh work (`d_out³ + D³` per block, `curvlab.optim.assignment`) on the busiest rank: "
+        + ", ".join(f"R = {w}: {100 * share:.1f} %" for w, share in refresh_shares(res["model"], worlds[1:]).items())
+        + " of the total (the blocks cannot be split, so the largest one bounds a refresh).",
+        "",
         "## Step time (rank 0, between barriers; median ms over repeats)",
         "",
         "| method | step | " + " | ".join(f"R = {w}" for w in worlds) + " |",
@@ -258,9 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     info = machine(torch.device("cpu"))
     info["threads"] = 1
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in given:  # the note is printed below the tables, not in the command
+        i = given.index("--note")
+        given[i + 1] = "..."
     res = {"machine": info, "model": args.model, "batch": MODELS[args.model][2], "methods": args.methods,
-           "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-           "worlds": {}, "note": args.note}
+           "command": "python benchmarks/bench_distributed.py " + " ".join(given), "worlds": {}, "note": args.note}
     for world in (int(w) for w in args.worlds.split(",")):
         print(f"R = {world} ...", flush=True)
         res["worlds"][str(world)] = run_world(world, args)
