@@ -122,6 +122,17 @@ class KroneckerApproximation(ABC):
         """Inverse of :meth:`tensors`."""
         return cls(**tensors, layout=layout, **({} if name is None else {"name": name}))  # type: ignore[call-arg]
 
+    def decomposition(self) -> dict[str, Tensor]:
+        """The eigen-decompositions this object has computed and cached beyond :meth:`tensors`
+        (empty where :meth:`tensors` already holds the eigenbasis).  The data-parallel
+        optimizers broadcast them so that one rank's ``eigh`` serves every rank."""
+        return {}
+
+    def adopt_decomposition(self, decomposition: dict[str, Tensor]) -> None:
+        """Take as cache the :meth:`decomposition` of an object with the same :meth:`tensors`."""
+        if decomposition:
+            raise ValueError(f"{type(self).__name__} caches no decomposition, got {sorted(decomposition)}")
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KroneckerApproximation":
         """A copy converted to ``dtype`` and/or moved to ``device``."""
         moved = {k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()}
@@ -267,6 +278,19 @@ class KroneckerProduct(KroneckerApproximation):
         if self._eig is None:
             self._eig = (*psd_eigh(self._left), *psd_eigh(self._right))
         return self._eig
+
+    #: Names of the cached ``(λ_L, U_L, λ_R, U_R)`` in :meth:`decomposition`.
+    DECOMPOSITION = ("lam_left", "u_left", "lam_right", "u_right")
+
+    def decomposition(self) -> dict[str, Tensor]:
+        return {} if self._eig is None else dict(zip(self.DECOMPOSITION, self._eig))
+
+    def adopt_decomposition(self, decomposition: dict[str, Tensor]) -> None:
+        if not decomposition:
+            return
+        if set(decomposition) != set(self.DECOMPOSITION):
+            raise ValueError(f"{type(self).__name__}: a decomposition has {self.DECOMPOSITION}, got {sorted(decomposition)}")
+        self._eig = tuple(decomposition[k] for k in self.DECOMPOSITION)  # type: ignore[assignment]
 
     def eigenbasis(self) -> tuple[Tensor, Tensor]:
         _, u_left, _, u_right = self._factor_eigh()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import xarray as xr
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate, needed_kfac_flavours
 from curvlab.approx.registry import spec
 from curvlab.compare.dataset import measure
-from curvlab.extract import extract
+from curvlab.extract import Extraction, extract
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
 
@@ -32,11 +32,14 @@ def compare(
     seed: int | None = 0,
     attrs: Mapping[str, object] | None = None,
     progress: bool = False,
+    extractor: Callable[..., Extraction] = extract,
 ) -> xr.Dataset:
     """Measure every approximation of every Linear/Conv2d block against the exact block.
 
     One extraction (one forward, one backward) gives the square roots and factors; the
     approximations are the objects of :mod:`curvlab.approx` that the optimizers invert.
+    This is the one comparison path: :func:`curvlab.distributed.compare` runs it with a sharded
+    ``extractor``.
 
     Args:
         model, loss_fn, inputs, targets: as for :func:`curvlab.extract`.
@@ -52,6 +55,10 @@ def compare(
         seed: seeds MC sampling (``None``: global random state).
         attrs: extra attributes (model and data description).
         progress: show a progress bar over layers.
+        extractor: the extraction, called as :func:`curvlab.extract` (the default) is, with
+            ``(model, loss_fn, inputs, targets, **options)``; any function returning an
+            :class:`~curvlab.extract.Extraction` of the batch (e.g. a sharded one whose square
+            roots are :class:`~curvlab.distributed.ShardedSqrt`).
 
     Returns:
         ``xarray.Dataset`` with dimensions layer × approximation (× eig); see
@@ -64,7 +71,7 @@ def compare(
         )
     names = [spec(a, "curvlab.compare").name for a in approximations]
     strategies = {**DEFAULT_DAMPING, **(damping_strategies or {})}
-    stats = extract(
+    stats = extractor(
         model,
         loss_fn,
         inputs,

@@ -30,6 +30,11 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
 6. adds weight decay ``u = ∇̃ + wd·W̄``, heavy-ball momentum ``m ← μ m + u`` and applies
    ``W̄ ← W̄ − lr·m``.
 
+Under data parallelism (a ``DistributedDataParallel`` model, or a plain model and an initialised
+process group) the statistics of 1 are averaged over the ranks first and the refreshes of 3 are
+spread over them (:mod:`curvlab.optim.distributed`), so every rank takes one process's step on
+the concatenated batch.
+
 Every other parameter (layers the extraction only passes through; layers whose weight is frozen
 or in no group) gets ``torch.optim.SGD``'s update.  A block uses its weight's param group; a
 trainable bias in no group is part of the statistics but not updated.  The statistics are those
@@ -54,6 +59,7 @@ from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.optim.damping_cache import CachedDamping
+from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
 from curvlab.optim.options import KroneckerOptions
 from curvlab.optim.serialization import load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
@@ -75,6 +81,11 @@ class KroneckerOptimizer(Optimizer):
             optimizer; ``lr``, ``momentum`` and ``weight_decay`` may be set per group.
         options: a :class:`~curvlab.optim.KroneckerOptions`; keyword arguments (``lr=0.1``,
             ``damping=1e-2``, …: its fields, with their defaults and meaning) override it.
+        distributed: data parallelism over ``torch.distributed`` ranks
+            (:mod:`curvlab.optim.distributed`): ``None`` detects it (a
+            ``DistributedDataParallel`` model, or an initialised group of several ranks),
+            ``False`` turns it off, ``True`` requires it, a
+            :class:`~curvlab.optim.distributed.DataParallel` configures it.
 
     Attributes:
         options: the hyper-parameters (read-only; ``damping`` and ``damping_strategy`` are
@@ -96,6 +107,7 @@ class KroneckerOptimizer(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         *,
         options: KroneckerOptions | None = None,
+        distributed: DataParallel | bool | None = None,
         **overrides: Any,
     ) -> None:
         who = type(self).__name__
@@ -107,7 +119,8 @@ class KroneckerOptimizer(Optimizer):
             )
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("curvlab.optim", who)) from None
-        self.model = model
+        self._parallel = data_parallel(model, distributed, who)
+        self.model = model = unwrap(model)  # blocks named as in one process
         self._blocks: list[Block] | None = None
         self._group_of: dict[Tensor, dict[str, Any]] = {}
         self.options = opts
@@ -221,7 +234,8 @@ class KroneckerOptimizer(Optimizer):
         if not plan.statistics:
             yield
             return
-        opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples,
+        seed = self._parallel.sampling_seed(self.steps_done) if self._parallel and self.options.fisher == "mc" else None
+        opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples, seed=seed,
                               stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True)
         with tracked_pass(self.model, loss_fn, opts, self.steps_done, who=type(self).__name__,
                           quiet=bool(self._skip_streak)) as pending:
@@ -263,7 +277,10 @@ class KroneckerOptimizer(Optimizer):
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ()):
+        finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
+        if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
+            pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
+        if not finite:
             if not self._skip_streak:  # once per run of skips: a diverged model skips every step
                 warnings.warn(
                     f"{type(self).__name__}: non-finite loss, gradient or statistic at step "
@@ -276,12 +293,18 @@ class KroneckerOptimizer(Optimizer):
         self._skip_streak = 0
 
         refresh_due = self._due(self.options.eigen_interval)
+        stale = []
         for b in self.blocks():
             curvature = self._state(b).curvature
             stats = pending.results.get(b.name) if pending is not None else None
             if stats is not None:
                 curvature.update(stats, self.options.stat_decay)
             if curvature.has_statistics and (refresh_due or curvature.build() is None):
+                stale.append(curvature)
+        if self._parallel is not None:
+            self._parallel.refresh(stale)  # each rank decomposes its share, then they swap them
+        else:
+            for curvature in stale:
                 curvature.refresh()
         self._update_blocks()
         block_params = {p for b in self.blocks() for p in b.parameters()}

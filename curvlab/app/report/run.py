@@ -181,6 +181,11 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     loss (mean); write ``report.nc``, ``summary.md``, ``spectra.png``, ``errors.png`` and
     ``network.png`` into ``out_dir``.
 
+    In a process group of several ranks (``torchrun``, ``curvlab report --nproc``) every rank
+    runs this with rank 0's warmed-up model, the batch is sharded over the ranks
+    (:func:`curvlab.distributed.compare`: the same Dataset, to rounding, as one process) and
+    rank 0 writes the files (the other ranks return the same paths without writing).
+
     Args:
         config: a :class:`ReportConfig`; keyword arguments (its fields) override it.
 
@@ -194,7 +199,9 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     """
     from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
     from curvlab.app.report.summary import write_summary
+    from curvlab.app.launch import Ranks, broadcast_module
     from curvlab.compare import compare
+    from curvlab.distributed import compare as sharded_compare
     from curvlab.io import write_netcdf
 
     if isinstance(config, str):  # curvlab 0.1: run_report(model, dataset, data_dir, ...)
@@ -221,6 +228,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,
     )
+    ranks = Ranks.current()
+    broadcast_module(model)  # several ranks: rank 0's warm-up for all, whatever rounding did elsewhere
     model.eval()
     attrs = {
         "model": cfg.model,
@@ -239,7 +248,9 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "seed": cfg.seed,
         "device": str(dev),
     }
-    ds = compare(
+    if ranks.distributed:
+        x, y = ranks.shard(x, y)
+    ds = (sharded_compare if ranks.distributed else compare)(
         model,
         loss_fn,
         x.to(dev),
@@ -259,8 +270,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     ds.attrs["elapsed_seconds"] = round(time.perf_counter() - start, 3)
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {key: out / name for key, name in REPORT_FILES.items()}
+    if not ranks.is_main:
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
     write_netcdf(ds, paths["report"])
     plot_spectra(ds, paths["spectra"])
     plot_errors(ds, paths["errors"])

@@ -10,6 +10,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
+from curvlab.app.launch import add_nproc_option
 from curvlab.app.train.config import OPTIMIZERS, TrainConfig, default_lr
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -63,6 +64,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_nproc_option(run, "--batch-size is the global batch, split over them (DistributedSampler-like)")
     add_optimizer_options(p.add_argument_group("optimizer (SGD uses lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
     probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
@@ -109,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
     from curvlab.app.data import DataError
+    from curvlab.app.launch import Ranks, join_process_group, relaunch, wants_relaunch
     from curvlab.app.train.loop import train
 
     try:
@@ -122,11 +125,16 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    if wants_relaunch(args.nproc):
+        return relaunch(args.nproc, args.argv)
+    join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume)
     except (DataError, ValueError, OSError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
+    if not Ranks.current().is_main:
+        return 0
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

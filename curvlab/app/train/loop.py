@@ -18,8 +18,10 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
+from curvlab.app import launch
 from curvlab.app.data import Dataset, batches, load_dataset, subset
 from curvlab.app.models import make_model
+from curvlab.app.train import parallel
 from curvlab.app.train.config import TrainConfig, make_optimizer
 from curvlab.app.train.probe import Probe
 from curvlab.io import atomic_write, write_netcdf
@@ -80,7 +82,8 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None) -> xr.Dataset:
+def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None,
+                     world_size: int = 1) -> xr.Dataset:
     keys = [k for k in records[0] if k != "epoch"]
     ds = xr.Dataset(
         {k: ("epoch", np.array([r[k] for r in records], dtype=float)) for k in keys},
@@ -90,6 +93,7 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     ds.attrs["data"] = data.description
     ds.attrs["num_train"] = int(data.train_x.shape[0])
     ds.attrs["num_test"] = int(data.test_x.shape[0])
+    ds.attrs["world_size"] = world_size
     if diverged_at is not None:
         ds.attrs["diverged_at_step"] = diverged_at
     return ds
@@ -102,9 +106,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     optimizers, which attaches the BackPACK extension on statistics steps only), ``step``.
     After every ``probe_every`` steps the probe compares the optimizer's current approximation
     with the exact Fisher blocks on a fixed batch.
+
+    In a process group of several ranks every rank calls it: see :mod:`curvlab.app.train.parallel`.
     """
+    ranks = launch.Ranks.current()
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("curvlab train: device='cuda' but no CUDA device is available")
@@ -115,18 +123,23 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
+    net = parallel.data_parallel(model, ranks, device)  # what the training steps run
+    parallel.reseed(cfg.seed, ranks)
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, net)
     kronecker = isinstance(optimizer, KroneckerOptimizer)
 
     probe = None
     if cfg.probe_every:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         idx = torch.randperm(data.train_x.shape[0], generator=gen)[: cfg.probe_batch_size]
+        probe_x, probe_y = ranks.shard(data.train_x[idx], data.train_y[idx])
         probe = Probe(
-            data.train_x[idx].to(device),
-            data.train_y[idx].to(device),
+            probe_x.to(device),
+            probe_y.to(device),
             loss_fn,
+            extractor=parallel.extractor(ranks),
+            writes=ranks.is_main,
             fisher=cfg.probe_fisher,
             approximations=cfg.probe_approximations,
             damping=cfg.damping,
@@ -149,7 +162,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        parallel.restore_rng(ckpt, ranks)
         if ckpt.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
@@ -172,22 +185,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         loss_sum, correct, seen, skipped = 0.0, 0.0, 0, 0
         n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
         loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
-        for xb, yb in _bar(loader, cfg.progress, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
-            xb, yb = xb.to(device), yb.to(device)
+        for xb, yb in _bar(loader, cfg.progress and ranks.is_main, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
+            if xb.shape[0] < ranks.world_size:
+                continue  # a trailing batch too small to give every rank an example
+            xb, yb = ranks.shard(xb.to(device), yb.to(device))
             optimizer.zero_grad()
             tracking = optimizer.track(loss_fn) if kronecker else contextlib.nullcontext()
             with tracking:
-                output = model(xb)
+                output = net(xb)
                 loss = loss_fn(output, yb)
                 loss.backward()
-            finite = bool(torch.isfinite(loss))
+            optimizer.step()
+            batch_loss, batch_correct, batch_seen, finite = parallel.step_totals(
+                ranks, loss.detach(), _correct(output.detach(), yb), xb.shape[0], device)
             skipped += not finite
             streak = 0 if finite else streak + 1
-            optimizer.step()
             step += 1
-            loss_sum += loss.item() * xb.shape[0]
-            correct += _correct(output.detach(), yb)
-            seen += xb.shape[0]
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += batch_seen
             if probe is not None and step % cfg.probe_every == 0:
                 t_probe = time.perf_counter()
                 probe.run(step, model, optimizer)
@@ -198,7 +214,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 break
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
-        test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
+        test_loss, test_acc = parallel.evaluate_sharded(evaluate, ranks, model, loss_fn, data.test_x, data.test_y,
+                                                        cfg.batch_size, device)
         records.append(
             {
                 "epoch": epoch + 1,
@@ -212,13 +229,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 "skipped_steps": skipped,
             }
         )
-        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at), out / METRICS)
+        rank_rng = parallel.rng_states(ranks)
+        if not ranks.is_main:
+            continue  # rank 0 writes the files and prints
+        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
         _save_checkpoint(
             ckpt_path,
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
+                "rank_rng": rank_rng,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "epoch": epoch + 1,
                 "step": step,
@@ -247,7 +268,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
             {**{k: nan for k in records[-1]}, "epoch": e + 1, "steps": step, "skipped_steps": 0}
             for e in range(len(records), cfg.epochs)
         ]
-        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at), out / METRICS)
+        if ranks.is_main:
+            write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
     paths = {"metrics": out / METRICS, "checkpoint": ckpt_path}
     if probe is not None:
         paths["probe"] = out / PROBE

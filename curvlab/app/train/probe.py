@@ -12,7 +12,7 @@ Results form a step × layer × approximation (× eig) time series.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +38,9 @@ class Probe:
         damping: λ for optimizers without one of their own (SGD, Adam).
         seed: seeds the probe's MC sampling without touching the training RNG.
         num_eigenvalues: spectrum entries stored per step.
+        extractor: the extraction (default :func:`curvlab.extract`); on several ranks
+            :func:`curvlab.distributed.extract`, with ``inputs``/``targets`` this rank's shard.
+        writes: whether :meth:`save` writes (rank 0 of several writes, the others only measure).
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class Probe:
         damping: float = 1e-3,
         seed: int = 0,
         num_eigenvalues: int = 64,
+        extractor: Callable[..., dict] | None = None,
+        writes: bool = True,
     ) -> None:
         self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
         self.fisher = fisher
@@ -58,6 +63,8 @@ class Probe:
         self.damping = damping
         self.seed = seed
         self.num_eigenvalues = num_eigenvalues
+        self.extractor = extract if extractor is None else extractor
+        self.writes = writes
         self.records: list[xr.Dataset] = []
 
     def run(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> xr.Dataset:
@@ -65,7 +72,7 @@ class Probe:
         was_training = model.training
         model.eval()  # no dropout noise in the measurement
         try:
-            stats = extract(
+            stats = self.extractor(
                 model,
                 self.loss_fn,
                 self.inputs,
@@ -112,7 +119,7 @@ class Probe:
     def save(self, path: Path) -> None:
         """Write the time series atomically."""
         ds = self.dataset()
-        if ds is not None:
+        if ds is not None and self.writes:
             write_netcdf(ds, path)
 
     def restore(self, path: Path, up_to_step: int) -> None:
