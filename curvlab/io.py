@@ -27,7 +27,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
 
     The file gets the mode an ordinary ``open()`` would give it (an existing file's mode is
     kept).  On any exception (KeyboardInterrupt included) the temporary file is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was.  An ``OSError`` with an errno (a full disk: ``[Errno 28]``) is
+    raised again as the same error naming ``path``, whatever the writer's own message said.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -41,13 +42,15 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         # mkstemp creates the file 0600; give it the mode a normal open() would have.
         os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.errno:
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 
@@ -60,7 +63,7 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: PathLike) -> None:
     """Persist the rename itself (best effort: not every platform can open a directory)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -49,6 +49,9 @@ class TrainConfig(KroneckerOptions):
         for name in ("epochs", "batch_size", "probe_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive")
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive (None: the whole set)")
         if self.probe_every < 0:
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:
