@@ -24,7 +24,6 @@ from torch import nn
 import curvlab
 from curvlab.app.cli import main
 from curvlab.app.data import DataError, read_idx
-from curvlab.app.outdir import LOCK_NAME, FolderLock, OutputFolderError
 from curvlab.app.train import TrainConfig, train
 from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC, KroneckerOptions
 from helpers import dense_ggn, tiny_mlp
@@ -185,10 +184,12 @@ def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tmp_path: Path
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(["train", *FAST_TRAIN, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["config_seed"] == 1
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / ".curvlab.lock").exists()
 
 
 def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> None:
+    from curvlab.app.outdir import LOCK_NAME, FolderLock, OutputFolderError
+
     out = tmp_path / "run"
     out.mkdir()
     with FolderLock(out, "test"):
@@ -361,6 +362,13 @@ def test_bad_comparison_settings_are_named(kwargs: dict, message: str) -> None:
     model, x, y = batch(6)
     with pytest.raises(ValueError, match=message):
         curvlab.compare(model, nn.CrossEntropyLoss(), x, y, **kwargs)
+
+
+def test_probe_approximations_must_be_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="collection of names"):
+        small(tmp_path, probe_every=1, probe_approximations="kfac")
+    with pytest.raises(ValueError, match="unknown approximation 'kfc'"):
+        small(tmp_path, probe_every=1, probe_approximations=("kfc",))
 
 
 def test_approximate_takes_one_block_or_a_whole_extraction() -> None:

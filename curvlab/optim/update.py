@@ -139,7 +139,10 @@ def update_blocks_(
         updates.append((s, update, buffer))
     if updates:  # lr·max|u| in the parameters' dtype overflows iff an entry of lr·u does; one sync
         device = updates[0][1].device
-        peaks = torch.stack([(u.abs().amax() * s.group["lr"]).to(device=device, dtype=torch.float64) for s, u, _ in updates])
+        peaks = torch.stack([
+            (torch.linalg.vector_norm(u, ord=math.inf) * s.group["lr"]).to(device=device, dtype=torch.float64)
+            for s, u, _ in updates
+        ])
         if not bool(torch.isfinite(peaks).all()):
             return False
     for s, update, buffer in updates:

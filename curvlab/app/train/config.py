@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
 
@@ -56,6 +57,13 @@ class TrainConfig(KroneckerOptions):
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:
             object.__setattr__(self, "lr", default_lr(self.optimizer))
+        if isinstance(self.probe_approximations, str):
+            raise ValueError(
+                f"curvlab train: probe_approximations={self.probe_approximations!r} must be a collection "
+                f"of names, e.g. ({self.probe_approximations!r},)"
+            )
+        for name in self.probe_approximations:
+            spec(name, "curvlab train: probe_approximations")
         object.__setattr__(self, "probe_approximations", tuple(self.probe_approximations))
         try:
             super().__post_init__()
