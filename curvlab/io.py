@@ -8,6 +8,7 @@ path, and an existing file there is replaced only once the new one is complete.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -100,7 +101,23 @@ def write_netcdf(ds: xr.Dataset, path: PathLike) -> Path:
     out.attrs = {k: _netcdf_attr(v) for k, v in ds.attrs.items()}
     for name in out.variables:
         out[name].attrs = {k: _netcdf_attr(v) for k, v in ds[name].attrs.items()}
-    return atomic_write(path, lambda tmp: out.to_netcdf(tmp, engine=NETCDF_ENGINE))
+    image = _netcdf_image(out)
+    if image is None:
+        return atomic_write(path, lambda tmp: out.to_netcdf(tmp, engine=NETCDF_ENGINE))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(image))
+
+
+def _netcdf_image(ds: xr.Dataset) -> bytes | None:
+    """``ds`` as the bytes of a netCDF4 file, or None where xarray cannot write h5netcdf to
+    memory (before 2025.8).  Writing the bytes is then one plain file write: a full disk is an
+    ``OSError`` (HDF5 writing to a full disk itself raises ``RuntimeError`` and can crash the
+    interpreter when it exits)."""
+    buffer = io.BytesIO()
+    try:
+        ds.to_netcdf(buffer, engine=NETCDF_ENGINE)
+    except (ValueError, TypeError):
+        return None
+    return buffer.getvalue()
 
 
 def read_netcdf(path: PathLike) -> xr.Dataset:

@@ -41,10 +41,21 @@ TRAIN = ["--hidden", "8", "--train-size", "120", "--test-size", "40", "--batch-s
          "--stats-interval", "1", "--eigen-interval", "2", "--scale-interval", "1", "--no-progress"]
 
 
-def run_driver(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=TIMEOUT,
-                          env=env, cwd=cwd)
+#: Bit-identical results need the same number of threads (BLAS splits its sums by thread): the
+#: runs in other processes use one, and so does this process in these tests.
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_driver(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
 
 
 def kill_points(n: int, low: int, high: int, salt: str) -> list[int]:
@@ -126,9 +137,8 @@ def test_report_interrupted_or_out_of_disk_keeps_the_previous_report(first_repor
 
 def test_two_reports_at_once_leave_one_of_them(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     other = subprocess.Popen([sys.executable, "-m", "curvlab", "report", *REPORT, "--seed", "3", "--out", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     assert main(["report", *REPORT, "--seed", "4", "--out", str(out)]) == 0
     _, err = other.communicate(timeout=TIMEOUT)
     assert other.returncode == 0, err
@@ -182,10 +192,9 @@ def test_train_killed_twice_resumes_bit_identically(reference_run: Path, tmp_pat
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] in (1, 2, 3)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = (out / "probe.nc").stat().st_mtime_ns
     resumed = subprocess.Popen([sys.executable, "-m", "curvlab", "train", *TRAIN, "--out", str(out), "--resume"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     deadline = time.time() + TIMEOUT
     while (out / "probe.nc").stat().st_mtime_ns == start and time.time() < deadline and resumed.poll() is None:
         time.sleep(0.01)  # until the resumed run trains (its first probe is written) or ends
@@ -198,9 +207,8 @@ def test_train_killed_twice_resumes_bit_identically(reference_run: Path, tmp_pat
 
 def test_two_trainings_into_one_folder_at_once(reference_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "shared"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "curvlab", "train", *TRAIN, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + TIMEOUT
     while not (out / ".curvlab.lock").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -249,7 +257,7 @@ def test_train_on_a_full_disk_keeps_its_files_and_resumes(reference_run: Path, t
         f'echo "exit=$?" >&2; rm "{mount}/filler"; cp -a "{mount}/run" "{tmp_path}/after"'
     )
     proc = subprocess.run([*tmpfs, "sh", "-c", script], capture_output=True, text=True, timeout=TIMEOUT,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=ENV)
     assert "exit=1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert f"[Errno 28] No space left on device: '{mount}/run/" in proc.stderr, proc.stderr
     after = tmp_path / "after"
