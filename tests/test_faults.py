@@ -27,6 +27,7 @@ import xarray as xr
 
 from curvlab.app.cli import main
 from curvlab.app.train import TrainConfig, train
+from helpers import torch_threads
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -48,10 +49,8 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_T
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def run_driver(*args: str) -> subprocess.CompletedProcess:

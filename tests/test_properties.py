@@ -23,6 +23,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,7 @@ from torch import nn
 
 import curvlab
 from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC
-from helpers import dense_ggn, dense_grad, dense_kfac, partial_traces
+from helpers import dense_ggn, dense_grad, dense_kfac, partial_traces, torch_threads
 
 PROFILE = dict(derandomize=True, database=None, deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
@@ -38,6 +39,13 @@ ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Identity)
 OPTIMIZERS = (KFAC, EKFAC, TKFAC, TEKFAC)
 #: Messages of curvlab's own errors start with the component that raised them.
 CLEAR = re.compile(r"^(curvlab[ .:]|approximate|KFAC|EKFAC|TKFAC|TEKFAC|LayerStats)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest, and two processes on two cores do not fight."""
+    with torch_threads(1):
+        yield
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from curvlab.app.data import Dataset, load_dataset
-from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
+from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report  # noqa: F401 (REPORT_FILES: re-exported)
 from curvlab.approx import APPROXIMATIONS
 from curvlab.io import PathLike
 
