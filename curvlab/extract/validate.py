@@ -108,7 +108,7 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
             drops those examples and averages over the rest, which curvlab's Fisher does not).
     """
     who = f"curvlab.extract ({type(loss_fn).__name__})"
-    n = output.shape[0] if output.dim() else 0
+    n = output.shape[0] if output.dim() else 1
     if output.numel() == 0:
         raise ValueError(f"{who}: empty batch: the loss received {n} examples and {output.numel()} outputs")
     bad = ~torch.isfinite(output.detach())

@@ -29,6 +29,7 @@ from curvlab.app.train.probe import Probe
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, run_folder
 from curvlab.io import write_netcdf
 from curvlab.optim import KroneckerOptimizer
+
 #: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
 #: later step would be skipped or produce NaN) and its remaining epochs are recorded as NaN.
 DIVERGED_AFTER = 20
