@@ -73,6 +73,22 @@ class Ranks:
         return t.tolist()
 
 
+    def raise_together(self, error: BaseException | None) -> None:
+        """Raise ``error`` (of one rank) on every rank, after the ranks have met (one collective):
+        a check made by rank 0 alone must not leave the other ranks waiting for it."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        errors: list = [None] * self.world_size
+        dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise RuntimeError(f"{first[0]} on another rank: {first[1]}")
+
+
 def broadcast_module(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (in place; nothing to do for one process)."""
     if Ranks.current().distributed:

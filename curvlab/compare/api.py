@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate, needed_kfac_flavours
 from curvlab.approx.registry import spec
-from curvlab.compare.dataset import measure
+from curvlab.compare.dataset import check_settings, measure
 from curvlab.extract import Extraction, extract
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
@@ -70,6 +70,7 @@ def compare(
             f"e.g. ({approximations!r},)"
         )
     names = [spec(a, "curvlab.compare").name for a in approximations]
+    check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     strategies = {**DEFAULT_DAMPING, **(damping_strategies or {})}
     stats = extractor(
         model,

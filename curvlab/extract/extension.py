@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from curvlab.block import Block
 from curvlab.extract import maths
 from curvlab.extract.options import ExtractOptions
+from curvlab.extract.validate import check_loss_inputs
 from curvlab.stats import LayerStats
 
 #: Attribute on ``module.weight`` where the extension leaves a layer's results.
@@ -43,6 +44,7 @@ class _LossRoot(ModuleExtension):
         self.derivatives = derivatives
 
     def backpropagate(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
+        check_loss_inputs(module, module.input0, getattr(module, "input1", None))
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
             if flavour == "exact":

@@ -17,7 +17,8 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
 ``step()`` then, in this order:
 
 1. skips the step (state untouched, one ``RuntimeWarning`` per streak) if a gradient, the loss or
-   a statistic is not finite;
+   a statistic is not finite (a param group's non-finite or negative ``lr``, ``momentum`` or
+   ``weight_decay`` is a ``ValueError``);
 2. updates every block's state (running averages ``X ← β X + (1 − β) X_batch``; EKFAC/TEKFAC
    also ``s ← β s + (1 − β) s*``);
 3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): the one robust float64
@@ -28,7 +29,8 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
    block has no statistics);
 5. KL-clips ``∇̃_b ← ν ∇̃_b``, ``ν = min(1, √(kl_clip / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))``;
 6. adds weight decay ``u = ∇̃ + wd·W̄``, heavy-ball momentum ``m ← μ m + u`` and applies
-   ``W̄ ← W̄ − lr·m``.
+   ``W̄ ← W̄ − lr·m`` — unless an update is not finite: then no parameter or momentum changes,
+   the step is skipped with a warning naming it, and only this step's statistics are kept.
 
 Under data parallelism (a ``DistributedDataParallel`` model, or a plain model and an initialised
 process group) the statistics of 1 are averaged over the ranks first and the refreshes of 3 are
@@ -60,7 +62,7 @@ from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.optim.damping_cache import CachedDamping
 from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
-from curvlab.optim.options import KroneckerOptions
+from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, plan_step, tracked_pass
@@ -191,7 +193,7 @@ class KroneckerOptimizer(Optimizer):
         self.blocks()
         return self._group_of.get(param)
 
-    def _update_blocks(self) -> None:
+    def _update_blocks(self) -> bool:
         steps = []
         for b in self.blocks():
             grad = b.grad_matrix()
@@ -209,7 +211,7 @@ class KroneckerOptimizer(Optimizer):
             )
             self._warned_first_order = True
         ungrouped = {p for b in self.blocks() for p in b.parameters() if self._group(p) is None}
-        update_blocks_(steps, self.options.damping, self._damping_cache, self.options.kl_clip, ungrouped)
+        return update_blocks_(steps, self.options.damping, self._damping_cache, self.options.kl_clip, ungrouped)
 
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
@@ -273,6 +275,7 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_groups(self.param_groups, type(self).__name__)
         pending, self._pending = self._pending, None
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
@@ -281,16 +284,7 @@ class KroneckerOptimizer(Optimizer):
         if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
             pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
         if not finite:
-            if not self._skip_streak:  # once per run of skips: a diverged model skips every step
-                warnings.warn(
-                    f"{type(self).__name__}: non-finite loss, gradient or statistic at step "
-                    f"{self.steps_done}; the step is skipped and the optimizer state left unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self._skip_streak += 1
-            return loss
-        self._skip_streak = 0
+            return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
 
         refresh_due = self._due(self.options.eigen_interval)
         stale = []
@@ -306,11 +300,27 @@ class KroneckerOptimizer(Optimizer):
         else:
             for curvature in stale:
                 curvature.refresh()
-        self._update_blocks()
+        if not self._update_blocks():
+            return self._skip(
+                f"non-finite update (lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
+                f"damping={self.options.damping:g})",
+                "no parameter changed; the step's statistics are kept", loss,
+            )
+        self._skip_streak = 0
         block_params = {p for b in self.blocks() for p in b.parameters()}
         for group in self.param_groups:
             sgd_update_([p for p in group["params"] if p not in block_params], group, self.state)
         self.steps_done += 1
+        return loss
+
+    def _skip(self, what: str, kept: str, loss: Any) -> Any:
+        if not self._skip_streak:  # once per run of skips: a diverged model skips every step
+            warnings.warn(
+                f"{type(self).__name__}: {what} at step {self.steps_done}; the step is skipped and {kept}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._skip_streak += 1
         return loss
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -7,7 +7,11 @@ the fields, defaults, help texts and checks from here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import Tensor
 
 from curvlab._options import OptionSet
 from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, get_damping
@@ -94,3 +98,14 @@ def _check_number(who: str, name: str, value: object, *, minimum: float, strict:
     if not ok:
         bound = "positive" if strict else "non-negative"
         raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
+
+
+def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
+    """Every param group's ``lr``, ``momentum`` and ``weight_decay`` is a non-negative finite
+    number (groups are plain dicts: a user or a scheduler may have set anything)."""
+    for i, group in enumerate(groups):
+        for name in ("lr", "momentum", "weight_decay"):
+            value = group.get(name)
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = float(value)
+            _check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)

@@ -1,4 +1,8 @@
-"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare` → files."""
+"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare` → files.
+
+The output folder is checked before any compute and replaced as a whole at the end
+(:mod:`curvlab.app.report.files`).
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,10 @@ import torch
 from torch import nn
 
 from curvlab.app.data import Dataset, load_dataset
+from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report  # noqa: F401 (REPORT_FILES: re-exported)
 from curvlab.approx import APPROXIMATIONS
 from curvlab.io import PathLike
 
-#: Files of a report, by key of :func:`run_report`'s result.
-REPORT_FILES = {
-    "report": "report.nc",
-    "summary": "summary.md",
-    "spectra": "spectra.png",
-    "errors": "errors.png",
-    "network": "network.png",
-}
 
 
 @dataclass
@@ -190,19 +187,20 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         config: a :class:`ReportConfig`; keyword arguments (its fields) override it.
 
     Returns:
-        ``{"report", "summary", "spectra", "errors", "network"}`` → written path.
+        ``{"report", "summary", "spectra", "errors", "network", "manifest"}`` → written path.
 
     Raises:
         curvlab.app.data.DataError: data files missing or malformed (the message lists the paths).
         ReportError: unknown model, unusable device, batch larger than the training set.
+        curvlab.app.outdir.OutputFolderError: ``out_dir`` is a file, not writable, or holds
+            files that are not a report (checked before any compute).
+        OSError: writing failed (a full disk: ``[Errno 28]``, naming the file); the previous
+            report in ``out_dir`` is unchanged.
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
-    from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
-    from curvlab.app.report.summary import write_summary
     from curvlab.app.launch import Ranks, broadcast_module
     from curvlab.compare import compare
     from curvlab.distributed import compare as sharded_compare
-    from curvlab.io import write_netcdf
 
     if isinstance(config, str):  # curvlab 0.1: run_report(model, dataset, data_dir, ...)
         warnings.warn(
@@ -219,6 +217,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         overrides.pop("approximations", None)
     cfg = ReportConfig(**{**asdict(config or ReportConfig()), **overrides})
     dev = resolve_device(cfg.device)
+    out = check_report_folder(Path(cfg.out_dir))
     start = time.perf_counter()
     data = load_dataset(cfg.dataset, cfg.data_dir)
     model = build(cfg.model, data, cfg.seed).to(dev)
@@ -269,19 +268,6 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     )
     ds.attrs["elapsed_seconds"] = round(time.perf_counter() - start, 3)
 
-    out = Path(cfg.out_dir)
-    paths = {key: out / name for key, name in REPORT_FILES.items()}
     if not ranks.is_main:
-        return paths
-    out.mkdir(parents=True, exist_ok=True)
-    write_netcdf(ds, paths["report"])
-    plot_spectra(ds, paths["spectra"])
-    plot_errors(ds, paths["errors"])
-    plot_network(ds, paths["network"])
-    figures = {
-        "Eigenvalues per layer": REPORT_FILES["spectra"],
-        "Per-layer errors": REPORT_FILES["errors"],
-        "Whole network": REPORT_FILES["network"],
-    }
-    write_summary(ds, paths["summary"], figures=figures)
-    return paths
+        return {key: out / name for key, name in REPORT_FILES.items()}
+    return write_report(ds, out)

@@ -2,7 +2,9 @@
 
 Files in ``cfg.out``: ``metrics.nc`` (epoch × metric), ``probe.nc`` (step × layer ×
 approximation), ``checkpoint.pt`` (after every epoch; ``resume=True`` continues from it).  All are
-written atomically, so a run killed at any point resumes from its last finished epoch.
+written atomically, so a run killed at any point resumes from its last finished epoch; the folder
+is checked and locked first (:mod:`curvlab.app.train.run_folder`), and checkpoints are read
+without running code (:mod:`curvlab.app.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from torch import Tensor, nn
 from curvlab.app import launch
 from curvlab.app.data import Dataset, batches, load_dataset, subset
 from curvlab.app.models import make_model
+from curvlab.app.report.run import resolve_device
 from curvlab.app.train import parallel
+from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, make_optimizer
 from curvlab.app.train.probe import Probe
-from curvlab.io import atomic_write, write_netcdf
+from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, run_folder
+from curvlab.io import write_netcdf
 from curvlab.optim import KroneckerOptimizer
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.nc"
-PROBE = "probe.nc"
 #: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
 #: later step would be skipped or produce NaN) and its remaining epochs are recorded as NaN.
 DIVERGED_AFTER = 20
@@ -78,10 +80,6 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_s
     return total_loss / x.shape[0], correct / x.shape[0]
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
 def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None,
                      world_size: int = 1) -> xr.Dataset:
     keys = [k for k in records[0] if k != "epoch"]
@@ -99,7 +97,7 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     return ds
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Path]:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the written files.
 
     Each step: ``zero_grad``, forward and backward (inside ``optimizer.track`` for curvlab's
@@ -107,19 +105,34 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     After every ``probe_every`` steps the probe compares the optimizer's current approximation
     with the exact Fisher blocks on a fixed batch.
 
-    In a process group of several ranks every rank calls it: see :mod:`curvlab.app.train.parallel`.
-    """
-    ranks = launch.Ranks.current()
-    out = cfg.out_dir
-    if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("curvlab train: device='cuda' but no CUDA device is available")
+    ``cfg.out`` must not hold another run unless ``resume`` (continue it) or ``overwrite``
+    (replace it); it is locked while the run writes it.
 
+    In a process group of several ranks every rank calls it (:mod:`curvlab.app.train.parallel`);
+    rank 0 alone checks and locks the output folder and writes the files.
+    """
+    device = resolve_device(cfg.device)
+    ranks = launch.Ranks.current()
+    with contextlib.ExitStack() as stack:
+        out, error = cfg.out_dir, None
+        if ranks.is_main:
+            try:
+                out = stack.enter_context(run_folder(cfg.out_dir, resume=resume, overwrite=overwrite))
+            except (OSError, ValueError) as err:
+                error = err
+        ranks.raise_together(error)  # the other ranks wait for rank 0's checks (and its last writes)
+        return _train(cfg, Path(out), device, resume, ranks)
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, ranks: launch.Ranks) -> dict[str, Path]:
     # Saturating softmaxes push float32 curvature statistics into subnormal numbers, which are
     # ~10× slower on CPUs; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
+    ckpt_path = out / CHECKPOINT
+    ckpt = None
+    if resume:  # read and checked before any work
+        ckpt = load_checkpoint(ckpt_path, device)
+        check_same_run(ckpt_path, ckpt["config"], cfg.as_attrs())
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
@@ -149,28 +162,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     records: list[dict[str, float]] = []
     start_epoch, step, wall = 0, 0, 0.0
     diverged_at: int | None = None
-    streak = 0  # non-finite losses in a row, across epochs: a run may diverge over an epoch boundary
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["config"] != cfg.as_attrs():
-            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.as_attrs().get(k))
-            if set(changed) - {"config_epochs", "config_progress"}:
-                raise ValueError(
-                    f"curvlab train: {ckpt_path} was written with a different configuration "
-                    f"({', '.join(changed)}); use another --out or the same options"
-                )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    # non-finite losses or skipped steps in a row, across epochs: a run may diverge over an epoch boundary
+    streak = 0
+    if ckpt is not None:
+        restore(ckpt_path, ckpt, model, optimizer, device)
         parallel.restore_rng(ckpt, ranks)
-        if ckpt.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
-            probe.restore(out / PROBE, step)
-    elif resume:
-        raise FileNotFoundError(f"curvlab train: --resume given but {ckpt_path} does not exist")
+            probe.restore(out / PROBE, [0, *range(cfg.probe_every, step + 1, cfg.probe_every)])
 
     if probe is not None and step == 0:
         probe.run(0, model, optimizer)
@@ -195,9 +195,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 output = net(xb)
                 loss = loss_fn(output, yb)
                 loss.backward()
+            done = optimizer.steps_done if kronecker else None
             optimizer.step()
+            # a Kronecker optimizer skips a step (non-finite gradient, statistic or update) by
+            # not counting it; every rank agrees (the skip decision is shared, the losses summed)
+            taken = done is None or optimizer.steps_done > done
             batch_loss, batch_correct, batch_seen, finite = parallel.step_totals(
                 ranks, loss.detach(), _correct(output.detach(), yb), xb.shape[0], device)
+            finite = finite and taken
             skipped += not finite
             streak = 0 if finite else streak + 1
             step += 1
@@ -233,7 +238,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         if not ranks.is_main:
             continue  # rank 0 writes the files and prints
         write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
-        _save_checkpoint(
+        save_checkpoint(
             ckpt_path,
             {
                 "model": model.state_dict(),

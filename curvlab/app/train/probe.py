@@ -122,10 +122,30 @@ class Probe:
         if ds is not None and self.writes:
             write_netcdf(ds, path)
 
-    def restore(self, path: Path, up_to_step: int) -> None:
-        """Resume: keep the saved probes of steps ``<= up_to_step``."""
+    def restore(self, path: Path, steps: Sequence[int]) -> None:
+        """Resume: keep the saved probes of ``steps`` (those the checkpoint's run has taken).
+
+        Raises:
+            ValueError: ``path`` is missing or lacks one of ``steps`` — resuming would silently
+                drop earlier probes.
+        """
         if not path.exists():
-            return
+            raise ValueError(
+                f"curvlab train: cannot resume the probes: {path} is missing (the checkpoint's run "
+                f"probed steps {_steps(steps)}); put the file back, or start a new run with --overwrite"
+            )
         ds = read_netcdf(path)
-        ds = ds.sel(step=ds.step <= up_to_step)
+        saved = {int(s) for s in ds.step.values}
+        missing = [s for s in steps if s not in saved]
+        if missing:
+            raise ValueError(
+                f"curvlab train: cannot resume the probes: {path} lacks steps {_steps(missing)} of the "
+                "checkpoint's run; put the right file back, or start a new run with --overwrite"
+            )
+        ds = ds.sel(step=list(steps))
         self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]
+
+
+def _steps(steps: Sequence[int]) -> str:
+    steps = list(steps)
+    return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]}"
