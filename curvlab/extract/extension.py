@@ -44,10 +44,16 @@ class _LossRoot(ModuleExtension):
         self.derivatives = derivatives
 
     def backpropagate(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
-        check_loss_inputs(module, module.input0, getattr(module, "input1", None))
+        output = module.input0
+        finite = bool(torch.isfinite(output).all())
+        if finite or ext.options.non_finite == "raise":
+            check_loss_inputs(module, output, getattr(module, "input1", None))
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
-            if flavour == "exact":
+            if not finite:  # non_finite="propagate": NaN statistics, no sampling from NaN logits
+                columns = {"exact": output.shape[1], "mc": ext.options.mc_samples}.get(flavour, 1)
+                root = output.new_full((columns, *output.shape), float("nan"))
+            elif flavour == "exact":
                 root = self.derivatives.sqrt_hessian(module, g_inp, g_out)
             elif flavour == "mc":
                 root = self.derivatives.sqrt_hessian_sampled(

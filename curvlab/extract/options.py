@@ -14,6 +14,7 @@ from curvlab.stats import FLAVOURS
 STATISTICS = ("sqrt", "kfac", "tkfac", "kfe")
 DEFAULT_STATS = ("sqrt", "kfac", "tkfac")
 TKFAC_CONV_FORMS = ("exact", "kfc")
+NON_FINITE = ("raise", "propagate")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class ExtractOptions(OptionSet):
         skip_unsupported: leave out parameters of unsupported layers instead of raising.
         seed: seeds the MC sampling without touching the global random state (``None``: the
             global state is used and advanced).
+        non_finite: what a non-finite model output does: ``"raise"`` a clear error (the
+            default), or ``"propagate"``: the backward pass completes with NaN statistics (for
+            callers that skip such a batch, like the optimizers: under data parallelism every rank
+            must finish its backward, or the others wait for it forever).
     """
 
     fisher: str = "exact"
@@ -48,6 +53,7 @@ class ExtractOptions(OptionSet):
     eigenbases: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     skip_unsupported: bool = False
     seed: int | None = None
+    non_finite: str = "raise"
 
     owner = "curvlab.extract"
 
@@ -69,6 +75,8 @@ class ExtractOptions(OptionSet):
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
         if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
             raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
+        if self.non_finite not in NON_FINITE:
+            raise ValueError(f"{who}: non_finite={self.non_finite!r}; choose one of {NON_FINITE}")
         if self.tkfac_conv not in TKFAC_CONV_FORMS:
             raise ValueError(f"{who}: tkfac_conv={self.tkfac_conv!r}; choose one of {TKFAC_CONV_FORMS}")
         object.__setattr__(self, "stats", stats)

@@ -238,7 +238,8 @@ class KroneckerOptimizer(Optimizer):
             return
         seed = self._parallel.sampling_seed(self.steps_done) if self._parallel and self.options.fisher == "mc" else None
         opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples, seed=seed,
-                              stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True)
+                              stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True,
+                              non_finite="propagate")  # a non-finite batch: NaN statistics, the step skipped
         with tracked_pass(self.model, loss_fn, opts, self.steps_done, who=type(self).__name__,
                           quiet=bool(self._skip_streak)) as pending:
             yield
