@@ -30,4 +30,5 @@ class EKFAC(KroneckerOptimizer):
 
     def new_state(self, block: Block) -> EKFACBasis:
         flavour = self.options.fisher
-        return EKFACBasis(block.layout, "ekfac", RunningFactors(block.layout, flavour, flavour))
+        eigh = self.options.eigh_policy()
+        return EKFACBasis(block.layout, "ekfac", RunningFactors(block.layout, flavour, flavour, eigh=eigh), eigh=eigh)

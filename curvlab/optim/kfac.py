@@ -30,4 +30,5 @@ class KFAC(KroneckerOptimizer):
 
     def new_state(self, block: Block) -> RunningFactors:
         flavour = self.options.fisher
-        return RunningFactors(block.layout, FLAVOUR_NAMES.get(flavour, f"kfac-{flavour}"), flavour)
+        return RunningFactors(block.layout, FLAVOUR_NAMES.get(flavour, f"kfac-{flavour}"), flavour,
+                              eigh=self.options.eigh_policy())

@@ -46,6 +46,6 @@ class TEKFAC(KroneckerOptimizer):
     has_basis_option = True
 
     def new_state(self, block: Block) -> TEKFACBasis:
-        o = self.options
-        factors = RunningFactors(block.layout, o.fisher, o.fisher) if o.basis == "kfac" else None
-        return TEKFACBasis(block.layout, "tekfac", RunningTraces(block.layout, "tkfac"), factors)
+        o, eigh = self.options, self.options.eigh_policy()
+        factors = RunningFactors(block.layout, o.fisher, o.fisher, eigh=eigh) if o.basis == "kfac" else None
+        return TEKFACBasis(block.layout, "tekfac", RunningTraces(block.layout, "tkfac", eigh=eigh), factors, eigh=eigh)
