@@ -133,15 +133,52 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     """EKFAC's rescaling ``Σ_k (U_outᵀ M_k U_in)²`` without storing every ``M_k`` [C].
 
     Linear: one matmul of squared projections.  Conv: the rotated per-sample gradients are
-    formed in chunks, so memory stays bounded.
+    formed in chunks, so memory stays bounded.  A basis with fewer columns than rows
+    (``[n, k]``: a truncated eigenbasis) gets one more entry on its side, the sum over the
+    complement of its columns (the compressed form of :mod:`curvlab.approx.spectral`).
     """
     c, n, d_out, t = g.shape
     u_out, u_in = u_out.to(g.dtype), u_in.to(x.dtype)
+    if t == 1:
+        g_sq = _squared_coordinates(g[..., 0], u_out).sum(0)  # [N, w_out]
+        return g_sq.T @ _squared_coordinates(x[..., 0], u_in)
+    if u_out.shape[1] < d_out:
+        return _kfe_scaling_by_chunks(x, g, u_out, u_in)
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
     x_rot = torch.einsum("ndt,de->net", x, u_in)
-    if t == 1:
-        return g_rot[..., 0].square().sum(0).T @ x_rot[..., 0].square()
-    out = x.new_zeros(d_out, x.shape[1])
+    truncated_in = u_in.shape[1] < u_in.shape[0]
+    out = x.new_zeros(d_out, u_in.shape[1] + int(truncated_in))
     for sl in _chunks(n, c * d_out * x.shape[1]):
-        out += torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x_rot[sl]).square().sum((0, 1))
-    return out
+        rot_sq = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x_rot[sl]).square()
+        out[:, : u_in.shape[1]] += rot_sq.sum((0, 1))
+        if truncated_in:  # row norms of U_outᵀ M outside span(U_in)
+            rows = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x[sl]).square().sum(-1)
+            out[:, -1] += (rows - rot_sq.sum(-1)).sum((0, 1))
+    return out.clamp_min_(0) if truncated_in else out
+
+
+def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
+    """``(Uᵀ v)²`` per vector (last dim), plus ``‖v‖² − ‖Uᵀ v‖²`` for a truncated ``U``."""
+    sq = (v @ u).square()
+    if u.shape[1] == u.shape[0]:
+        return sq
+    rest = (v.square().sum(-1) - sq.sum(-1)).clamp_min(0)
+    return torch.cat([sq, rest.unsqueeze(-1)], -1)
+
+
+def _kfe_scaling_by_chunks(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
+    """:func:`kfe_scaling` of a conv layer with a truncated output basis, from explicit ``M_k``."""
+    c, n, d_out, _ = g.shape
+    k_out, k_in = u_out.shape[1], u_in.shape[1]
+    truncated_in = k_in < u_in.shape[0]
+    out = x.new_zeros(k_out + 1, k_in + int(truncated_in))
+    for sl in _chunks(n, c * d_out * x.shape[1]):
+        m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
+        m_in = m @ u_in  # M U_in
+        v_sq = (u_out.mT @ m_in).square()
+        out[:k_out, :k_in] += v_sq.sum(0)
+        out[k_out, :k_in] += (m_in.square().sum(-2) - v_sq.sum(-2)).sum(0)
+        if truncated_in:
+            out[:k_out, k_in] += ((u_out.mT @ m).square().sum(-1) - v_sq.sum(-1)).sum(0)
+            out[k_out, k_in] += m.square().sum() - m_in.square().sum() - (u_out.mT @ m).square().sum() + v_sq.sum()
+    return out.clamp_min_(0)
