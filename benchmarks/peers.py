@@ -94,7 +94,7 @@ What cannot be made equal:
 
 Only cross-entropy losses (``nn.CrossEntropyLoss``, mean reduction) are supported by the ASDL
 steppers.  Run ``python benchmarks/peers.py --check`` for the self-check (each peer
-preconditions; ASDL K-FAC and fixed EKFAC equal their formulas and curvlab's on a small layer).
+preconditions; ASDL K-FAC and fixed EKFAC equal their formulas and curvlab's on a small layer; the float64 checks run curvlab with ``factor_dtype="float64"``).
 """
 
 from __future__ import annotations
@@ -614,7 +614,7 @@ def check(verbose: bool = True) -> dict[str, float]:
     _freeze(a, [0])
     d_a = _direction(a, 1)["0.weight"]
     c = curvlab_step("kfac", model(), loss_fn, (x, y), lr=1.0, damping=lam, stats_interval=big,
-                     refresh_interval=big, stat_decay=0.0, fisher="exact")
+                     refresh_interval=big, stat_decay=0.0, fisher="exact", factor_dtype="float64")
     _freeze(c, [0])
     d_c = _direction(c, 1)["0.weight"]
     res["asdl-kfac vs formula"] = _rel(d_a, ref_kfac)
@@ -627,7 +627,7 @@ def check(verbose: bool = True) -> dict[str, float]:
     for name in ("asdl-kfac", "curvlab-kfac"):
         st = build(name, model(), loss_fn, (x, y), lr=0.5, damping=lam, stats_interval=big,
                    refresh_interval=big, stat_decay=0.0, momentum=0.9, kl_clip=1e-3,
-                   fisher="exact")
+                   fisher="exact", **({"factor_dtype": "float64"} if name.startswith("curvlab") else {}))
         for _ in range(6):
             st.step()
         traj[name] = st.model[0].weight.detach()
@@ -652,7 +652,7 @@ def check(verbose: bool = True) -> dict[str, float]:
     d_raw = _direction(a_raw, 1)["0.weight"]
     # curvlab: refresh at step 0 (basis of this batch), rescaling at step 1 (scale_interval = 1)
     c = curvlab_step("ekfac", model(), loss_fn, (x, y), lr=1.0, damping=lam, stats_interval=1,
-                     refresh_interval=big, stat_decay=0.0, fisher="empirical")
+                     refresh_interval=big, stat_decay=0.0, fisher="empirical", factor_dtype="float64")
     _freeze(c, [0, 1])
     c.stats_interval = c.optimizer.stats_interval = c.optimizer.scale_interval = big
     d_c = _direction(c, 2)["0.weight"]

@@ -585,7 +585,8 @@ def test_cuda_matches_cpu(cls):
     out = []
     for device in ("cpu", "cuda"):
         model = tiny_mlp(0).to(device)
-        opt = cls(model, lr=0.05, fisher="exact", stats_interval=1, scale_interval=1, eigen_interval=2)
+        opt = cls(model, lr=0.05, fisher="exact", stats_interval=1, scale_interval=1, eigen_interval=2,
+                  factor_dtype="float64")
         for _ in range(4):
             train_step(opt, model, loss_fn, x.to(device), y.to(device))
         state = opt.state_dict()["curvlab"]["blocks"]

@@ -46,13 +46,16 @@ def displacement(cls, data, **options) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()]) - start
 
 
+@pytest.mark.parametrize("truncated", [False, True], ids=["full", "truncated"])
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
-def test_float32_factors_agree_with_float64(cls) -> None:
+def test_float32_factors_agree_with_float64(cls, truncated: bool) -> None:
     """On factors with well separated eigenvalues (an eigenbasis within a (near-)degenerate
-    eigenspace is arbitrary, and EKFAC's s* depends on it in any precision)."""
+    eigenspace is arbitrary, and EKFAC's s* depends on it in any precision); with every input
+    factor truncated to rank 3 as well."""
     data = batches(shape=(5,))
-    ref = displacement(cls, data, factor_dtype="float64")
-    got = displacement(cls, data)  # the default: float32
+    options = dict(truncate_above=4, truncation_rank=3) if truncated else {}
+    ref = displacement(cls, data, factor_dtype="float64", **options)
+    got = displacement(cls, data, **options)  # the default: float32
     assert float((got - ref).norm() / ref.norm()) < FLOAT32_RTOL
 
 
@@ -110,3 +113,20 @@ def test_default_damping_uses_the_inverse_form(name: str) -> None:
     assert isinstance(inverse, KroneckerInverse)
     assert approx.inverse(opt.damping, opt.damping_strategy) is inverse
     assert approx._eig is None  # no eigen-decomposition was needed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_cuda_fast_paths_match_the_cpu_float64_route(cls) -> None:
+    """On CUDA: float32 factors, truncated bases (the same sketch on every device) and the
+    inverse form give the CPU float64 route's displacement to FLOAT32_RTOL."""
+    data = batches(shape=(5,))
+    options = dict(truncate_above=4, truncation_rank=3)
+    ref = displacement(cls, data, factor_dtype="float64", **options)
+    model = tiny_mlp(0).cuda()
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = cls(model, lr=0.05, **SCHEDULE, **options)
+    train(opt, model, [(x.cuda(), y.cuda()) for x, y in data])
+    assert all(a.device.type == "cuda" and a.truncated for a in opt.approximations().values())
+    got = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).cpu()
+    assert float((got - ref).norm() / ref.norm()) < FLOAT32_RTOL

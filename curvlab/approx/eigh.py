@@ -68,8 +68,8 @@ def randomized_eigh(
 ) -> tuple[Tensor, Tensor]:
     """The top-``rank`` eigenpairs of a symmetric PSD ``M`` and the mean of the others.
 
-    A Gaussian sketch ``M Ω`` (``rank + oversampling`` columns, seeded: the result is a
-    function of ``M``) is refined by ``power_iterations`` re-orthonormalised products with ``M``;
+    A Gaussian sketch ``M Ω`` (``rank + oversampling`` columns, seeded and drawn on the CPU: the
+    result is a function of ``M`` on every device) is refined by ``power_iterations`` re-orthonormalised products with ``M``;
     the eigenpairs of ``Qᵀ M Q`` (:func:`psd_eigh`, with its jitter retry) give ``U = Q W``.
     Cost ``2 (power_iterations + 2) n² (rank + oversampling)`` flops.
 
@@ -80,10 +80,13 @@ def randomized_eigh(
     n = mat.shape[0]
     if not 0 < rank < n:
         raise ValueError(f"randomized_eigh: rank={rank} must be in [1, {n - 1}] for a {n}×{n} factor")
-    sym = symmetrize(mat if compute_dtype is None else mat.to(compute_dtype))
+    # M itself (symmetric up to rounding): symmetrising an n × n matrix would cost a transposed
+    # pass over it; the small Rayleigh quotient is symmetrised by psd_eigh instead.
+    sym = mat if compute_dtype is None else mat.to(compute_dtype)
     width = min(n, rank + oversampling)
-    gen = torch.Generator(device=sym.device).manual_seed(seed)
-    sketch = torch.randn(n, width, generator=gen, dtype=sym.dtype, device=sym.device)
+    # drawn on the CPU: the same sketch on every device, so the result is a function of M alone
+    gen = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(n, width, generator=gen, dtype=sym.dtype).to(sym.device)
     q = torch.linalg.qr(sym @ sketch).Q
     for _ in range(power_iterations):
         q = torch.linalg.qr(sym @ q).Q
