@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.eigh import psd_eigh, symmetrize
-from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, left_apply, right_apply
+from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, left_apply, right_apply, transpose_pays
 
 
 class DampedInverse(ABC):
@@ -75,6 +75,8 @@ class KroneckerInverse(DampedInverse):
         self.left, self.right = left, right
 
     def __call__(self, x: Tensor) -> Tensor:
+        if transpose_pays(*x.shape[-2:]):  # (L⁻¹ X R⁻¹)ᵀ = R⁻¹ Xᵀ L⁻¹ (both symmetric)
+            return self.right.from_left(self.left.from_right(x.mT)).mT
         return self.left.from_left(self.right.from_right(x))
 
 
