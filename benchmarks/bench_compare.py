@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 
@@ -78,21 +77,16 @@ def dense(stats, damping: float) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p = common.argument_parser(__doc__, threads=None)
+    p.set_defaults(out="benchmarks/results/compare_cpu.json")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--small", default="64,48", help="d_in,d_out of the block both routes run (P = (d_in+1)·d_out)")
     p.add_argument("--large", default="980,1024", help="d_in,d_out of the largest block (matrix-free only)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--damping", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default="benchmarks/results/compare_cpu.json")
     args = p.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    machine = common.machine_info(device)
+    device, machine = common.start(args)
     rows = []
 
     d_in, d_out = map(int, args.small.split(","))

@@ -205,8 +205,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p = common.argument_parser(__doc__, threads=None)
     p.add_argument("--models", default="mlp,cnn", help="comma list of " + ", ".join(common.MODELS))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -218,16 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-retries", type=int, default=3)
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds per model to wait for a quiet machine")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, info = common.start(args)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    info = common.machine_info(device)
     result = {"machine": info, "settings": vars(args), "reference": REFERENCE, "models": []}
     started = time.perf_counter()
     for spec in common.models(args.models):

@@ -21,8 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import nn
 
@@ -52,19 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     from curvlab.approx.inverse import damped_inverse_matrix
     from curvlab.optim import KroneckerOptions
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    p = common.argument_parser(__doc__)
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--full", action="store_true", help="also the full float32 eigh (minutes) and the accuracy")
     p.add_argument("--float64", action="store_true", help="with --full: the float64 eigh too")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = common.machine_info(device)
+    device, info = common.start(args)
     a, g = input_factor(args.samples, device)
     policy = KroneckerOptions().eigh_policy()
     shift = 1e-2 ** 0.5 * torch.ones((), device=device)

@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -58,23 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     from curvlab.compare import measure
     from curvlab.extract import extract
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    p = common.argument_parser(__doc__, threads=None)
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--ranks", default="256", help="comma list of truncation ranks")
     p.add_argument("--damping", type=float, default=1e-2)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = common.machine_info(device)
+    device, info = common.start(args)
     spec = common.MODELS["cnn"]
     model = spec.build(device)
-    x, y = spec.batches(1, device)[0]
-    x = torch.cat([spec.batches(1, device, seed=s)[0][0] for s in range(1, args.n // spec.batch + 1)])[: args.n]
-    y = torch.randint(0, spec.classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(device)
+    pool = spec.batches(max(1, args.n // spec.batch), device)
+    x, y = torch.cat([b[0] for b in pool]), torch.cat([b[1] for b in pool])
     stats = extract(model, nn.CrossEntropyLoss(), x, y, fisher="mc", stats=("sqrt", "kfac", "tkfac"), seed=0)
     layer = [name for name in stats][-1]
     block = {layer: stats[layer]}

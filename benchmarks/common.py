@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -242,6 +243,26 @@ def _wait_until_quiet(busy_cores: float, budget: float) -> float:
 # --------------------------------------------------------------------------------------------
 # The machine and the output
 # --------------------------------------------------------------------------------------------
+
+
+def argument_parser(doc: str, threads: int | None = 1) -> argparse.ArgumentParser:
+    """A parser with ``--device``, ``--threads`` (default ``threads``; 0: torch's default) and
+    ``--out`` (the JSON path; the Markdown goes next to it)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (0 or unset: torch's default)")
+    p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
+    return p
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, dict]:
+    """Apply ``--threads``; the device and :func:`machine_info` (taken after the threads)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    return device, machine_info(device)
 
 
 def cpu_model() -> str:

@@ -82,6 +82,29 @@ def test_truncated_optimizer_steps_with_its_approximation(cls) -> None:
         torch.testing.assert_close(b.param_matrix().detach(), expected)
 
 
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_truncated_state_resumes_bit_identically(cls, tmp_path) -> None:
+    """A state with truncated factors/bases goes through a weights-only file and the next steps
+    of the resumed optimizer are bit-identical."""
+    options = dict(lr=0.05, truncate_above=4, truncation_rank=3, stats_interval=1, scale_interval=1,
+                   eigen_interval=3, fisher="exact")
+    data = batches(5, shape=(5,))
+    model = tiny_mlp(0)
+    opt = cls(model, **options)
+    train(opt, model, data[:2])
+    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2 = tiny_mlp(3)
+    model2.load_state_dict(saved["model"])
+    opt2 = cls(model2, **options)
+    opt2.load_state_dict(saved["opt"])
+    assert all(a.truncated for a in opt2.approximations().values())
+    train(opt, model, data[2:])
+    train(opt2, model2, data[2:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("cls", [EKFAC, TEKFAC], ids=["EKFAC", "TEKFAC"])
 def test_rescaling_in_a_truncated_basis_is_the_flat_optimum(cls) -> None:
     """A rescaling step (no averaging) in a truncated basis sets s to the compressed s* of the
