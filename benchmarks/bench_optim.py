@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
-import statistics
 import sys
 import time
 import warnings
@@ -288,7 +288,7 @@ method can be cheaper.
 How the peers differ (see benchmarks/peers.py): ASDL K-FAC keeps float32 running factors (no
 bias column: the bias is preconditioned by G alone) and inverts them by Cholesky every refresh;
 curvlab KFAC/TKFAC (float32 by default) invert the same damped Kronecker factors by Cholesky and
-keep the two inverses with the approximation (two GEMMs a step). ASDL EKFAC (with three fixes)
+keep the two inverses with the approximation (two GEMMs a step). ASDL EKFAC (with four fixes)
 recomputes its eigenbases and scaling from the *current batch* on every statistics step and keeps
 no running averages (its "refresh" is a statistics step); curvlab EKFAC/TEKFAC average A, G (δΦ,
 δΨ) and s and eigendecompose the averages every refresh. Factors larger than curvlab's
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--batches", type=int, default=8, help="pool of random batches cycled through")
+    p.add_argument("--batch-size", type=int, default=None, help="override every model's batch size (smoke tests)")
     args = p.parse_args(argv)
     device, info = common.start(args)
     args.peers = [n.strip() for n in args.peers.split(",") if n.strip()]
@@ -321,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         args.peers = [n for n in args.peers if not n.startswith("asdl")]
     results = []
     for spec in common.models(args.models):
+        if args.batch_size:
+            spec = dataclasses.replace(spec, batch=args.batch_size)
         t0 = time.perf_counter()
         results.append(bench_model(spec, args, device))
         print(f"[{spec.key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)

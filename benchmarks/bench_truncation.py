@@ -52,6 +52,32 @@ def full_approximations(stats) -> dict:
     }
 
 
+def precision(key: str, n: int, damping: float, device: torch.device) -> dict:
+    """The optimizers' float32 route against float64 on the same model, batch and MC labels:
+    relative difference of each approximation's damped natural gradient of every block."""
+    import dataclasses
+
+    from curvlab.approx import DEFAULT_DAMPING, approximate
+    from curvlab.extract import extract
+    from curvlab.optim import KroneckerOptions
+
+    spec = dataclasses.replace(common.MODELS[key], batch=n)
+    policy32 = KroneckerOptions().eigh_policy()
+    policy64 = dataclasses.replace(policy32, dtype=torch.float64)
+    x, y = spec.batches(1, device)[0]
+    out: dict[str, dict[str, float]] = {}
+    runs = {}
+    for dtype, policy in ((torch.float32, policy32), (torch.float64, policy64)):
+        model = spec.build(device).to(dtype)
+        stats = extract(model, nn.CrossEntropyLoss(), x.to(dtype), y, fisher="mc", stats=("sqrt", "kfac", "tkfac"), seed=0)
+        runs[dtype] = {block: {name: approximate(s, name, eigh=policy).inv_mat_mul(s.grad, damping, DEFAULT_DAMPING[name])
+                               for name in APPROX} for block, s in stats.items()}
+    for block, ng64 in runs[torch.float64].items():
+        out[block] = {name: float((runs[torch.float32][block][name].double() - ng).norm() / ng.norm())
+                      for name, ng in ng64.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from curvlab.approx import DEFAULT_DAMPING, EighPolicy, approximate
     from curvlab.compare import measure
@@ -61,8 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--ranks", default="256", help="comma list of truncation ranks")
     p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--precision-models", default="mlp,cnn", help="models of the float32-vs-float64 table")
     args = p.parse_args(argv)
     device, info = common.start(args)
+    precision_table = {key: precision(key, common.MODELS[key].batch, args.damping, device)
+                       for key in args.precision_models.split(",") if key}
     spec = common.MODELS["cnn"]
     model = spec.build(device)
     pool = spec.batches(max(1, args.n // spec.batch), device)
@@ -88,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     table = {key: {m: float(ds[m].sel(layer=layer, approximation=key)) for m in METRICS} | {"build_s": built[key]}
              for key in objects}
     result = {"machine": common.finish(info), "settings": vars(args), "layer": layer,
-              "shape": list(stats[layer].layout.shape), "metrics": table}
+              "shape": list(stats[layer].layout.shape), "metrics": table, "precision": precision_table}
     common.write_results(args.out, result, markdown(result, ranks))
 
 
@@ -113,6 +142,13 @@ def markdown(res: dict, ranks: list[int]) -> str:
             t, f = res["metrics"][f"{name} rank {r}"], res["metrics"][name]
             body.append([f"{name} rank {r}", *(f"{t[k] - f[k]:+.2e}" for k in METRICS)])
     lines += common.md_table(["approximation", *METRICS], body)
+    lines += ["", "## float32 vs float64", "",
+              "The optimizers' default route (float32 model, statistics, decompositions and inverses; "
+              "truncation above 2048) against the same in float64 (same weights, batch and MC labels): "
+              "‖∇̃₃₂ − ∇̃₆₄‖/‖∇̃₆₄‖ of each block's damped natural gradient (damping as above).", ""]
+    body = [[f"{key} {block}", *(f"{v[name]:.1e}" for name in APPROX)]
+            for key, blocks in res.get("precision", {}).items() for block, v in blocks.items()]
+    lines += common.md_table(["model block", *APPROX], body)
     return "\n".join(lines) + "\n"
 
 

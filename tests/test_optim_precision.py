@@ -153,3 +153,17 @@ def test_cuda_fast_paths_match_the_cpu_float64_route(cls) -> None:
     assert all(a.device.type == "cuda" and a.truncated for a in opt.approximations().values())
     got = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).cpu()
     assert float((got - ref).norm() / ref.norm()) < FLOAT32_RTOL
+
+
+def test_an_optimizers_float32_approximation_is_analysed_in_float64() -> None:
+    """compare converts the optimizer's objects to float64; their decompositions are then done
+    in float64 too (the spectrum of the float64 copy is that of its float64 factors)."""
+    model = tiny_mlp(0)
+    opt = KFAC(model, lr=0.1, **SCHEDULE)
+    gen = torch.Generator().manual_seed(4)
+    train(opt, model, [(torch.randn(8, 5, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))])
+    approx = opt.approximations()["0"]
+    assert approx.dtype == torch.float32
+    a64 = approx.to(torch.float64)
+    expected = torch.outer(*(torch.linalg.eigvalsh(f.double()) for f in (approx.G, approx.A))).flatten()
+    torch.testing.assert_close(a64.spectrum(), expected.sort(descending=True).values, rtol=1e-12, atol=1e-15)

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,15 @@ class KroneckerProduct(KroneckerApproximation):
 
     def options(self) -> dict[str, object]:
         return {"eigh": self.eigh_policy}
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KroneckerProduct":
+        """A copy converted to ``dtype`` (its decompositions then computed in ``dtype`` too)
+        and/or moved to ``device``."""
+        policy = self.eigh_policy
+        if dtype is not None and policy.dtype is not None:
+            policy = dataclasses.replace(policy, dtype=dtype)
+        moved = {k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()}
+        return type(self).from_tensors(moved, layout=self.layout, name=self.name, eigh=policy)
 
     @property
     def dtype(self) -> torch.dtype:

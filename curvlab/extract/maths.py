@@ -36,10 +36,11 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
 
     With few rows (``R ≤ 4d``) and ``d`` not a multiple of 16 (the bias column makes it odd),
     the columns are zero-padded to a multiple of 16: such an output-bound GEMM with unaligned
-    rows runs ~40 % slower on CPU, the padding costs one copy of ``rows``.
+    rows runs ~40 % slower on CPU; the padding costs a copy of ``rows`` and one of the result,
+    so it is left out for ``d > 2048`` (the result's copy would cost as much as the GEMM).
     """
     d = rows.shape[1]
-    pad = -d % 16 if rows.shape[0] <= 4 * d else 0
+    pad = -d % 16 if rows.shape[0] <= 4 * d and d <= 2048 else 0
     left = rows if weights is None else rows * weights[:, None]
     if pad:
         rows, left = torch.nn.functional.pad(rows, (0, pad)), torch.nn.functional.pad(left, (0, pad))
