@@ -102,7 +102,14 @@ def make_rows(spec: ModelSpec, device: torch.device, seed: int) -> tuple[list[Ro
     for key, fisher, stats in CURVLAB_ROWS:
         rows.append(Row(key, lambda f=fisher, s=stats: extract(model, loss_fn, x, y, fisher=f, mc_samples=1, stats=s),
                         f"curvlab extract fisher={fisher} stats={','.join(stats)}"))
-    info = {"num_params": sum(p.numel() for p in model.parameters()),
+    unsupported = {}
+    for row in [r for r in rows if r.key.startswith("bp_")]:
+        try:  # e.g. BackPACK's KFLR has no rule for residual branches
+            row.fn()
+        except NotImplementedError as err:
+            unsupported[row.label] = str(err).split(":")[-1].strip()
+            rows.remove(row)
+    info = {"num_params": sum(p.numel() for p in model.parameters()), "unsupported": unsupported,
             "check": consistency_check(model, loss_fn, x, y)}
     return rows, info
 
@@ -124,8 +131,11 @@ def consistency_check(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: 
             worst = [max(worst[0], _rel(f.A, a_cl)), max(worst[1], _rel(f.G, g_cl))]
         out.update(curvlinops_type2_A=worst[0], curvlinops_type2_G=worst[1])
     bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss())
-    with backpack.backpack(KFLR()):
-        bp_loss(bp_model(x), y).backward()
+    try:
+        with backpack.backpack(KFLR()):
+            bp_loss(bp_model(x), y).backward()
+    except NotImplementedError:  # no KFLR for this model (residual branches)
+        return out
     worst = [0.0, 0.0]
     for (name, module), (_, bp_module) in zip(model.named_modules(), bp_model.named_modules()):
         if isinstance(module, nn.Linear) and name in ours:
@@ -181,11 +191,13 @@ def markdown(result: dict) -> str:
     ]
     header = ["row", *(f"{r['model']} (N={r['batch_size']}) {c}" for r in models for c in ("ratio", "paired", "ms"))]
     body = []
-    for i, row in enumerate(models[0]["rows"]):
-        cells = [row["label"]]
+    labels = list(dict.fromkeys(x["label"] for r in models for x in r["rows"]))
+    for label in labels:
+        cells = [label]
         for r in models:
-            x = r["rows"][i]
-            cells += [f"{x['ratio']:.2f}" + ("*" if x["note"] else ""), f"{x['ratio_paired']:.2f}", f"{x['median_ms']:.2f}"]
+            x = next((x for x in r["rows"] if x["label"] == label), None)
+            cells += (["–"] * 3 if x is None else
+                      [f"{x['ratio']:.2f}" + ("*" if x["note"] else ""), f"{x['ratio_paired']:.2f}", f"{x['median_ms']:.2f}"])
         body.append(cells)
     lines += common.md_table(header, body)
     lines += ["", "Same-flavour comparisons (ratio of median times; target for TKFAC ≤ 1.0):", ""]
@@ -196,6 +208,8 @@ def markdown(result: dict) -> str:
                   "type-2 KFAC, all layers, and vs BackPACK KFLR, linear layers): "
               + "; ".join(f"{r['model']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["check"].items()) for r in models)]
     notes = [f"{r['model']} / {x['label']}: {x['note']}" for r in models for x in r["rows"] if x["note"]]
+    notes += [f"{r['model']} / {label}: not supported by BackPACK ({why})"
+              for r in models for label, why in r.get("unsupported", {}).items()]
     if notes:
         lines += ["", "\\* " + "; ".join(notes)]
     lines += ["", "Models come from curvlab.app.models since 2026-11-30 (the 3c3d row now uses DeepOBS' TF "

@@ -107,7 +107,8 @@ def rotations_fn(shapes: list[tuple[int, int, int]], device: torch.device):
     for d_out, d_in, _ in shapes:
         u_out = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen)).Q.to(device)
         u_in = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen)).Q.to(device)
-        mats.append((torch.randn(d_out, d_in, generator=gen).to(device), u_out, u_in, torch.rand(d_out, d_in, generator=gen).to(device)))
+        x, s = torch.randn(d_out, d_in, generator=gen), torch.rand(d_out, d_in, generator=gen)
+        mats.append((x.to(device), u_out, u_in, s.to(device)))
     return lambda: [diagonal_apply(x, u_out, u_in, s) for x, u_out, u_in, s in mats]
 
 

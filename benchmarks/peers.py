@@ -97,7 +97,8 @@ What cannot be made equal:
 
 Only cross-entropy losses (``nn.CrossEntropyLoss``, mean reduction) are supported by the ASDL
 steppers.  Run ``python benchmarks/peers.py --check`` for the self-check (each peer
-preconditions; ASDL K-FAC and fixed EKFAC equal their formulas and curvlab's on a small layer; the float64 checks run curvlab with ``factor_dtype="float64"``).
+preconditions; ASDL K-FAC and fixed EKFAC equal their formulas and curvlab's on a small layer;
+the float64 checks run curvlab with ``factor_dtype="float64"``).
 """
 
 from __future__ import annotations

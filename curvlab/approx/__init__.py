@@ -19,8 +19,9 @@ The comparison module measures these objects; the optimizers invert the same obj
 running averages with the plain constructors.  An :class:`EighPolicy` (``eigh=`` of every
 constructor) sets the dtype of the eigen-decompositions and inverses and whether factors larger
 than a threshold get a truncated eigenbasis (top ``k`` eigenpairs by a randomized range finder
-plus a flat remainder: :mod:`curvlab.approx.spectral`) — which then *is* the approximation.  Use :func:`approximate` to build one from a
-:class:`~curvlab.stats.LayerStats` (or a whole extraction).
+plus a flat remainder: :mod:`curvlab.approx.spectral`) — which then *is* the approximation.
+Use :func:`approximate` to build one from a :class:`~curvlab.stats.LayerStats` (or a whole
+extraction).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class KroneckerProduct(KroneckerApproximation):
         eigh: EighPolicy = EXACT_EIGH,
     ) -> None:
         who = type(self).__name__
-        left, right = self._prepare(left, eigh, "the output-side factor", who), self._prepare(right, eigh, "the input-side factor", who)
+        left = self._prepare(left, eigh, "the output-side factor", who)
+        right = self._prepare(right, eigh, "the input-side factor", who)
         if left.dtype != right.dtype or left.device != right.device:
             raise ValueError(f"{who}: factors must share dtype and device")
         self._left, self._right = left, right
@@ -148,7 +149,6 @@ def _trace(factor: Factor) -> Tensor:
 
 def _dense(factor: Factor) -> Tensor:
     return factor.dense() if isinstance(factor, TruncatedFactor) else factor
-
 
 
 class EigenCorrected(KroneckerApproximation):
