@@ -322,15 +322,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bench_optim: {err}; running without the ASDL peers", file=sys.stderr)
         args.peers = [n for n in args.peers if not n.startswith("asdl")]
     results = []
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     for spec in common.models(args.models):
         if args.batch_size:
             spec = dataclasses.replace(spec, batch=args.batch_size)
         t0 = time.perf_counter()
         results.append(bench_model(spec, args, device))
         print(f"[{spec.key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    res = {"machine": common.finish(info), "settings": settings, "models": results}
-    common.write_results(args.out, res, markdown(res))
+        # written after every model: a long run that is stopped keeps the models it finished
+        res = {"machine": common.finish(dict(info)), "settings": settings, "models": results}
+        common.write_results(args.out, res, markdown(res), quiet=True)
+    print(markdown(res))
 
 
 if __name__ == "__main__":

@@ -342,9 +342,11 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str
     return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 
 
-def write_results(out: str | Path | None, result: dict, markdown: str) -> None:
-    """Print the Markdown; with ``out``, write ``out`` (JSON) and the Markdown next to it."""
-    print(markdown)
+def write_results(out: str | Path | None, result: dict, markdown: str, quiet: bool = False) -> None:
+    """Print the Markdown (unless ``quiet``); with ``out``, write ``out`` (JSON) and the
+    Markdown next to it."""
+    if not quiet:
+        print(markdown)
     if out is None:
         return
     out = Path(out)
