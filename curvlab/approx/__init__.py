@@ -16,13 +16,17 @@ name         definition                                           status
 ===========  ===================================================  ======
 
 The comparison module measures these objects; the optimizers invert the same objects, built from
-running averages with the plain constructors.  Use :func:`approximate` to build one from a
-:class:`~curvlab.stats.LayerStats` (or a whole extraction).
+running averages with the plain constructors.  An :class:`EighPolicy` (``eigh=`` of every
+constructor) sets the dtype of the eigen-decompositions and inverses and whether factors larger
+than a threshold get a truncated eigenbasis (top ``k`` eigenpairs by a randomized range finder
+plus a flat remainder: :mod:`curvlab.approx.spectral`) — which then *is* the approximation.
+Use :func:`approximate` to build one from a :class:`~curvlab.stats.LayerStats` (or a whole
+extraction).
 """
 
 from __future__ import annotations
 
-from curvlab.approx.base import MAX_DENSE_PARAMS, EigenCorrected, KroneckerApproximation, KroneckerProduct
+from curvlab.approx.base import MAX_DENSE_PARAMS, KroneckerApproximation
 from curvlab.approx.damping import (
     DAMPING_STRATEGIES,
     DampingStrategy,
@@ -33,8 +37,11 @@ from curvlab.approx.damping import (
     get_damping,
     pi_factor,
 )
+from curvlab.approx.eigh import EXACT_EIGH, EighPolicy, factor_eigh, psd_eigh, randomized_eigh
 from curvlab.approx.ekfac import EKFAC
-from curvlab.approx.eigh import psd_eigh
+from curvlab.approx.families import EigenCorrected, KroneckerProduct
+from curvlab.approx.inverse import DampedInverse
+from curvlab.approx.spectral import TruncatedFactor
 from curvlab.approx.kfac import KFAC
 from curvlab.approx.kfoc import KFOC
 from curvlab.approx.registry import APPROXIMATIONS, DEFAULT_DAMPING, REGISTRY, approximate, needed_kfac_flavours
@@ -46,13 +53,16 @@ __all__ = [
     "DAMPING_STRATEGIES",
     "DEFAULT_DAMPING",
     "EKFAC",
+    "EXACT_EIGH",
     "KFAC",
     "KFOC",
     "MAX_DENSE_PARAMS",
     "REGISTRY",
     "TEKFAC",
     "TKFAC",
+    "DampedInverse",
     "DampingStrategy",
+    "EighPolicy",
     "EigenCorrected",
     "ExactDamping",
     "FactoredDamping",
@@ -60,9 +70,12 @@ __all__ = [
     "KroneckerProduct",
     "NorDamping",
     "TraceRelativeDamping",
+    "TruncatedFactor",
     "approximate",
+    "factor_eigh",
     "get_damping",
     "needed_kfac_flavours",
     "pi_factor",
     "psd_eigh",
+    "randomized_eigh",
 ]

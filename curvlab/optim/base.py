@@ -21,12 +21,14 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
    ``weight_decay`` is a ``ValueError``);
 2. updates every block's state (running averages ``X ← β X + (1 − β) X_batch``; EKFAC/TEKFAC
    also ``s ← β s + (1 − β) s*``);
-3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): the one robust float64
-   ``psd_eigh`` of the averaged factors; KFAC/TKFAC rebuild the inverted object, EKFAC/TEKFAC
-   replace the basis and reset ``s`` to the Kronecker eigenvalues in it;
+3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): KFAC/TKFAC rebuild
+   the inverted object from the averaged factors, EKFAC/TEKFAC eigendecompose them (the one
+   robust ``psd_eigh``, or a truncated eigenbasis for factors above ``truncate_above``) and reset
+   ``s`` to the Kronecker eigenvalues in the new basis — in ``factor_dtype`` (float32 by default);
 4. preconditions ``∇̃ = approx.inv_mat_mul(∇W̄, damping, damping_strategy)`` with exactly the
    object :meth:`~KroneckerOptimizer.approximations` returns (first order, warned once, while a
-   block has no statistics);
+   block has no statistics); the object keeps its damped inverse (KFAC/TKFAC with Kronecker
+   damping: the two damped factor inverses, two GEMMs a step; otherwise the eigenbasis, four);
 5. KL-clips ``∇̃_b ← ν ∇̃_b``, ``ν = min(1, √(kl_clip / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))``;
 6. adds weight decay ``u = ∇̃ + wd·W̄``, heavy-ball momentum ``m ← μ m + u`` and applies
    ``W̄ ← W̄ − lr·m`` — unless an update is not finite: then no parameter or momentum changes,
@@ -43,7 +45,9 @@ trainable bias in no group is part of the statistics but not updated.  The stati
 of the loss as the user computes it, of the flavour ``fisher`` (MC sampling draws from torch's
 global RNG: save ``torch.get_rng_state()`` with :meth:`~KroneckerOptimizer.state_dict` for a
 bit-identical resume).  Cost per ``d_out × D`` block: ``4 d_out D (d_out + D)`` flops a step for
-the two rotations; ``O(N T D²)`` a statistics step; one ``O(D³)`` eigh per factor a refresh.
+the two rotations (half that in the inverse form; ``O(d_out D k)`` on a truncated side of rank
+``k``); ``O(N T D²)`` a statistics step; one ``O(D³)`` eigh or Cholesky per factor a refresh
+(``O(D² k)`` truncated).
 """
 
 from __future__ import annotations
@@ -60,7 +64,6 @@ from torch.optim import Optimizer
 from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
-from curvlab.optim.damping_cache import CachedDamping
 from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_states, save_block_states
@@ -130,7 +133,6 @@ class KroneckerOptimizer(Optimizer):
             model.parameters() if params is None else params,
             dict(lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay),
         )
-        self._damping_cache = CachedDamping(opts.damping_strategy)
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}
         self._pending: Pending | None = None
@@ -163,7 +165,6 @@ class KroneckerOptimizer(Optimizer):
     @damping_strategy.setter
     def damping_strategy(self, strategy: str | DampingStrategy) -> None:
         self.options = KroneckerOptions.make(self.options, {"damping_strategy": strategy})
-        self._damping_cache = CachedDamping(strategy)
 
     # ------------------------------------------------------------------ what methods define
 
@@ -211,7 +212,7 @@ class KroneckerOptimizer(Optimizer):
             )
             self._warned_first_order = True
         ungrouped = {p for b in self.blocks() for p in b.parameters() if self._group(p) is None}
-        return update_blocks_(steps, self.options.damping, self._damping_cache, self.options.kl_clip, ungrouped)
+        return update_blocks_(steps, self.options.damping, self.options.damping_strategy, self.options.kl_clip, ungrouped)
 
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)

@@ -11,12 +11,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from curvlab._options import OptionSet
-from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, get_damping
+from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, EighPolicy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.stats import FLAVOURS
+
+
+#: dtypes accepted by ``factor_dtype``.
+FACTOR_DTYPES = ("float32", "float64")
 
 
 def _option(default: object, help: str, **cli: object) -> object:
@@ -49,6 +54,15 @@ class KroneckerOptions(OptionSet):
     fisher: str = _option("mc", "Fisher flavour of the statistics", choices=FLAVOURS)
     mc_samples: int = _option(1, "labels sampled per example for fisher='mc'", type=int)
     basis: str = _option("trace", "TEKFAC's eigenbasis: trace-weighted, or KFAC's (ablation)", choices=TEKFAC_BASES)
+    factor_dtype: str = _option(
+        "float32", "dtype of the running statistics, their eigen-decompositions and damped inverses "
+        "(float64: the exact reference; eigh failures are retried with jitter in both)", choices=FACTOR_DTYPES,
+    )
+    truncate_above: int = _option(
+        2048, "factors larger than this get a truncated eigenbasis (top truncation_rank eigenpairs by a "
+        "randomized range finder, the rest of the spectrum flat at its mean); 0: never", type=int,
+    )
+    truncation_rank: int = _option(256, "rank of a truncated eigenbasis", type=int)
 
     owner = "curvlab.optim"
 
@@ -68,6 +82,12 @@ class KroneckerOptions(OptionSet):
             _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
         if self.fisher not in FLAVOURS:
             raise ValueError(f"{who}: fisher={self.fisher!r}; choose one of {FLAVOURS}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"{who}: factor_dtype={self.factor_dtype!r}; choose one of {FACTOR_DTYPES}")
+        for name in ("truncate_above", "truncation_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < int(name == "truncation_rank"):
+                raise ValueError(f"{who}: {name}={value!r} must be a {'positive' if name == 'truncation_rank' else 'non-negative'} int")
         if self.basis not in TEKFAC_BASES:
             raise ValueError(f"{who}: basis={self.basis!r}; choose one of {TEKFAC_BASES}")
         if self.damping_strategy is not None:
@@ -76,6 +96,14 @@ class KroneckerOptions(OptionSet):
                     f"{who}: damping_strategy={self.damping_strategy!r}; choose one of {DAMPING_STRATEGIES}"
                 )
             get_damping(self.damping_strategy)  # objects are checked too
+
+    def eigh_policy(self) -> EighPolicy:
+        """How the optimizers decompose and invert their factors (:class:`curvlab.approx.EighPolicy`)."""
+        return EighPolicy(
+            dtype=getattr(torch, self.factor_dtype),
+            truncate_above=self.truncate_above or None,
+            rank=self.truncation_rank,
+        )
 
     def for_method(self, method: str, *, trace_factored: bool, has_basis: bool) -> "KroneckerOptions":
         """These options for the optimizer ``method``: its default damping strategy filled in;

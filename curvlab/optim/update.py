@@ -3,6 +3,7 @@ decay, momentum, and the first-order (SGD) update of every other parameter."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def all_finite(grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor], sta
     if not values:
         return True
     device = values[0].device
-    sums = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+    # the widest dtype present (no float64 work for a float32 model); one sync
+    dtype = functools.reduce(torch.promote_types, {v.dtype for v in values})
+    sums = torch.stack([v.to(device=device, dtype=dtype) for v in values])
     return bool(torch.isfinite(sums).all().item())
 
 
@@ -100,7 +103,7 @@ class BlockStep:
 def update_blocks_(
     steps: Sequence[BlockStep],
     damping: float,
-    strategy: DampingStrategy,
+    strategy: str | DampingStrategy,
     kl_clip: float | None,
     skip: set[Tensor] | frozenset[Tensor] = frozenset(),
 ) -> bool:
@@ -119,6 +122,7 @@ def update_blocks_(
         if s.approximation is None:
             directions.append((s.grad, False))
             continue
+        # computed in the approximation's dtype (factor_dtype), returned in the gradient's
         direction = s.approximation.inv_mat_mul(s.grad, damping, strategy)
         directions.append((direction, True))
         if kl_clip is not None:
