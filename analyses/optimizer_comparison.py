@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", choices=BUDGETS, default="cpu")
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: ../shared/data/<dataset> when present)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure from analyses/results")
     args = parser.parse_args(argv)
+    name = f"optimizer_comparison_{args.setting}"
+    if args.replot:
+        plot(xr.open_dataset(RESULTS / f"{name}.nc").load(), args.setting, FIGURES / f"{name}.png")
+        return 0
     budget = BUDGETS[args.budget]
     t0 = time.time()
     chosen, tuning = tune(args.setting, budget, args)
@@ -223,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     # the tuning runs behind the choice, one row per configuration
     tuned = tuning.rename(columns=lambda c: f"tuning_{c}").to_xarray().rename(index="tuning_run")
     ds = ds.merge(tuned.drop_vars("tuning_run"))
-    name = f"optimizer_comparison_{args.setting}"
     save(ds, name)
     (RESULTS / f"{name}.md").write_text(summary(ds, tuning, args.setting, args.budget))
     FIGURES.mkdir(exist_ok=True)

@@ -2,8 +2,8 @@
 
 Two measurements (CPU by default; ``--device cuda`` runs unchanged on a GPU):
 
-1. *Both can run*: one Linear block of P parameters, N examples, C classes (exact Fisher,
-   K = N·C).  The matrix-free ``curvlab.compare.measure()`` (Gram matrix of the square root,
+1. *Both can run*: the first Linear block (P parameters) of the built-in MLP ``d_in-d_out-C``
+   (ReLU; it was a Tanh MLP defined here before 2026-11-30), N examples (exact Fisher, K = N·C).  The matrix-free ``curvlab.compare.measure()`` (Gram matrix of the square root,
    Woodbury, rotated squares) against the dense route: F = V Vᵀ (P × P), eigvalsh(F), K̂ =
    to_dense(), ‖F − K̂‖_F, diag(Qᵀ F Q), a dense damped solve.  Both give the same numbers
    (checked and reported).
@@ -18,48 +18,38 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import resource
 import statistics
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from curvlab.approx import DEFAULT_DAMPING, approximate
-from curvlab.compare import measure
-from curvlab.extract import extract
+import common
+
+from curvlab.approx import DEFAULT_DAMPING, approximate  # noqa: E402  (after common: repository on sys.path)
+from curvlab.compare import measure  # noqa: E402
+from curvlab.extract import extract  # noqa: E402
 
 APPROX = ("kflr", "ekfac", "tkfac", "tekfac")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    """Median seconds of ``repeats`` calls, and the last call's result."""
+    out: list[object] = [None]
+
+    def call() -> None:
+        out[0] = fn()
+
+    return statistics.median(common.timed(call, device) for _ in range(repeats)), out[0]
 
 
 def block_stats(d_in: int, d_out: int, n: int, classes: int, device: torch.device):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, classes)).to(device)
-    x = torch.randn(n, d_in, device=device)
-    y = torch.randint(0, classes, (n,), device=device)
+    """The statistics of the first layer (block "0") of the built-in MLP d_in-d_out-classes."""
+    spec = common.ModelSpec("mlp", "mlp", (d_in,), n, options=(("hidden", (d_out,)),), classes=classes)
+    model = spec.build(device)
+    x, y = spec.batches(1, device)[0]
     stats = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt", "kfac", "tkfac"))
-    return {"0": stats["0"]}
+    return {"0": stats["1"]}  # the built-in MLP starts with a Flatten
 
 
 def matrix_free(stats, damping: float):
@@ -87,17 +77,16 @@ def dense(stats, damping: float) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p = common.argument_parser(__doc__, threads=None)
+    p.set_defaults(out="benchmarks/results/compare_cpu.json")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--small", default="64,48", help="d_in,d_out of the block both routes run (P = (d_in+1)·d_out)")
     p.add_argument("--large", default="980,1024", help="d_in,d_out of the largest block (matrix-free only)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--damping", type=float, default=1e-3)
-    p.add_argument("--out", default="benchmarks/results/compare_cpu.json")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device, machine = common.start(args)
     rows = []
 
     d_in, d_out = map(int, args.small.split(","))
@@ -118,28 +107,21 @@ def main() -> None:
                  "dense_s": None, "dense_bytes_needed": 8 * p_large**2,
                  "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
 
-    machine = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    lines = [f"# curvlab.compare: matrix-free vs dense ({machine['device']}, {args.device}, {machine['threads']} threads, {machine['date']})",
-             "", f"N = {args.n}, C = {args.classes} (exact Fisher, K = N·C), approximations {', '.join(APPROX)}; medians of {args.repeats} repeats.", "",
-             "| case | P | K | matrix-free (s) | dense (s) | dense / matrix-free | max rel. difference |", "|---|---:|---:|---:|---:|---:|---:|"]
+    common.finish(machine)
+    lines = [f"# curvlab.compare: matrix-free vs dense ({args.device})", "", common.machine_line(machine), "",
+             f"N = {args.n}, C = {args.classes} (exact Fisher, K = N·C), approximations {', '.join(APPROX)}; "
+             f"medians of {args.repeats} repeats.", ""]
+    body = []
     for r in rows:
         dense_s = f"{r['dense_s']:.2f}" if r["dense_s"] is not None else f"— (needs {r['dense_bytes_needed'] / 2**40:.1f} TiB)"
         ratio = f"{r['speedup']:.1f}×" if r.get("speedup") else "—"
         diff = f"{r['max_rel_difference']:.1e}" if "max_rel_difference" in r else "—"
-        lines.append(f"| {r['case']} | {r['P']:,} | {r['K']} | {r['matrix_free_s']:.2f} | {dense_s} | {ratio} | {diff} |")
+        body.append([r["case"], f"{r['P']:,}", r["K"], f"{r['matrix_free_s']:.2f}", dense_s, ratio, diff])
+    lines += common.md_table(["case", "P", "K", "matrix-free (s)", "dense (s)", "dense / matrix-free",
+                              "max rel. difference"], body)
     if "max_rss_gib" in rows[-1]:
         lines.append(f"\nPeak resident memory of the whole run: {rows[-1]['max_rss_gib']:.2f} GiB.")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write_results(args.out, {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ ema_decay=1 − stat_decay, ignore_modules=norm layers), fisher_type="fisher_mc"
   Linear/Conv2d blocks and update norms with plain SGD (``precondition_norms=True`` gives ASDL's
   default unit-wise blocks).
 
-``asdl-ekfac`` — ``EkfacGradientMaker`` with three fixes (class :class:`AsdlEkfacGradientMaker`):
+``asdl-ekfac`` — ``EkfacGradientMaker`` with four fixes (class :class:`AsdlEkfacGradientMaker`):
 
 1. ASDL's ``EkfacGradientMaker`` calls ``precondition(use_inv=True)``, which skips every KFE block
    (``KFE.has_inv`` is False): the gradient is left untouched (its ``_precondition`` override
@@ -69,6 +69,9 @@ ema_decay=1 − stat_decay, ignore_modules=norm layers), fisher_type="fisher_mc"
    ``kfe_fix=False`` keeps ASDL's rotations (same cost).
 3. The ``torch.cuda.nvtx.range`` calls inside ASDL raise on a CPU-only torch; they are replaced
    by a no-op context in the ASDL modules (:func:`import_asdl`; profiler annotations only).
+4. For convolutions with fewer unfolded rows than columns (ResNet-18's last stage), ASDL's KFE
+   bases call ``.view`` on a permuted tensor, which raises; :func:`import_asdl` replaces the two
+   methods by the same maths with ``.reshape``.
 
 What cannot be made equal:
 
@@ -94,7 +97,8 @@ What cannot be made equal:
 
 Only cross-entropy losses (``nn.CrossEntropyLoss``, mean reduction) are supported by the ASDL
 steppers.  Run ``python benchmarks/peers.py --check`` for the self-check (each peer
-preconditions; ASDL K-FAC and fixed EKFAC equal their formulas and curvlab's on a small layer).
+preconditions; ASDL K-FAC and fixed EKFAC equal their formulas and curvlab's on a small layer;
+the float64 checks run curvlab with ``factor_dtype="float64"``).
 """
 
 from __future__ import annotations
@@ -322,7 +326,24 @@ def import_asdl() -> types.ModuleType:
     for name in _ASDL_NVTX_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name).nvtx = _NOOP_NVTX
+    _fix_conv_kfe()
     return asdl
+
+
+def _fix_conv_kfe() -> None:
+    """ASDL's conv ``cov_kfe_A``/``cov_kfe_B`` take an SVD of the unfolded data when there are
+    fewer rows (``N·T``) than columns, after ``.view`` of a permuted tensor, which raises (e.g.
+    ResNet-18's last stage at N=128: 128·16 < 4608); the same with ``.reshape``."""
+    from asdl.operations.conv import Conv2d
+
+    def basis(data: Tensor, cov: Callable[[], Tensor]) -> Tensor:
+        n, width, out_size = data.shape
+        if n * out_size < width:
+            return torch.linalg.svd(data.permute(0, 2, 1).reshape(n * out_size, -1), full_matrices=True)[2].T
+        return torch.linalg.eigh(cov())[1]
+
+    Conv2d.cov_kfe_A = classmethod(lambda cls, module, in_data: basis(in_data, lambda: cls.cov_kron_A(module, in_data)))
+    Conv2d.cov_kfe_B = classmethod(lambda cls, module, out_grads: basis(out_grads, lambda: cls.cov_kron_B(module, out_grads)))
 
 
 def _asdl_makers() -> tuple[type, type]:
@@ -614,7 +635,7 @@ def check(verbose: bool = True) -> dict[str, float]:
     _freeze(a, [0])
     d_a = _direction(a, 1)["0.weight"]
     c = curvlab_step("kfac", model(), loss_fn, (x, y), lr=1.0, damping=lam, stats_interval=big,
-                     refresh_interval=big, stat_decay=0.0, fisher="exact")
+                     refresh_interval=big, stat_decay=0.0, fisher="exact", factor_dtype="float64")
     _freeze(c, [0])
     d_c = _direction(c, 1)["0.weight"]
     res["asdl-kfac vs formula"] = _rel(d_a, ref_kfac)
@@ -627,7 +648,7 @@ def check(verbose: bool = True) -> dict[str, float]:
     for name in ("asdl-kfac", "curvlab-kfac"):
         st = build(name, model(), loss_fn, (x, y), lr=0.5, damping=lam, stats_interval=big,
                    refresh_interval=big, stat_decay=0.0, momentum=0.9, kl_clip=1e-3,
-                   fisher="exact")
+                   fisher="exact", **({"factor_dtype": "float64"} if name.startswith("curvlab") else {}))
         for _ in range(6):
             st.step()
         traj[name] = st.model[0].weight.detach()
@@ -652,7 +673,7 @@ def check(verbose: bool = True) -> dict[str, float]:
     d_raw = _direction(a_raw, 1)["0.weight"]
     # curvlab: refresh at step 0 (basis of this batch), rescaling at step 1 (scale_interval = 1)
     c = curvlab_step("ekfac", model(), loss_fn, (x, y), lr=1.0, damping=lam, stats_interval=1,
-                     refresh_interval=big, stat_decay=0.0, fisher="empirical")
+                     refresh_interval=big, stat_decay=0.0, fisher="empirical", factor_dtype="float64")
     _freeze(c, [0, 1])
     c.stats_interval = c.optimizer.stats_interval = c.optimizer.scale_interval = big
     d_c = _direction(c, 2)["0.weight"]

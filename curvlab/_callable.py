@@ -2,7 +2,7 @@
 
 ``curvlab.extract`` is both the package ``curvlab/extract/`` and the function
 ``curvlab.extract(...)``: importing the function into ``curvlab`` under the package's name would
-shadow the package (``import curvlab.extract.stats as s`` would then fail), so the package module
+shadow the package (``import curvlab.extract.maths as m`` would then fail), so the package module
 itself is made callable instead.
 """
 

@@ -8,6 +8,7 @@ path, and an existing file there is replaced only once the new one is complete.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,7 +28,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
 
     The file gets the mode an ordinary ``open()`` would give it (an existing file's mode is
     kept).  On any exception (KeyboardInterrupt included) the temporary file is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was.  An ``OSError`` with an errno (a full disk: ``[Errno 28]``) is
+    raised again as the same error naming ``path``, whatever the writer's own message said.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -41,13 +43,15 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         # mkstemp creates the file 0600; give it the mode a normal open() would have.
         os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.errno:
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 
@@ -60,7 +64,7 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: PathLike) -> None:
     """Persist the rename itself (best effort: not every platform can open a directory)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -97,7 +101,23 @@ def write_netcdf(ds: xr.Dataset, path: PathLike) -> Path:
     out.attrs = {k: _netcdf_attr(v) for k, v in ds.attrs.items()}
     for name in out.variables:
         out[name].attrs = {k: _netcdf_attr(v) for k, v in ds[name].attrs.items()}
-    return atomic_write(path, lambda tmp: out.to_netcdf(tmp, engine=NETCDF_ENGINE))
+    image = _netcdf_image(out)
+    if image is None:
+        return atomic_write(path, lambda tmp: out.to_netcdf(tmp, engine=NETCDF_ENGINE))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(image))
+
+
+def _netcdf_image(ds: xr.Dataset) -> bytes | None:
+    """``ds`` as the bytes of a netCDF4 file, or None where xarray cannot write h5netcdf to
+    memory (before 2025.8).  Writing the bytes is then one plain file write: a full disk is an
+    ``OSError`` (HDF5 writing to a full disk itself raises ``RuntimeError`` and can crash the
+    interpreter when it exits)."""
+    buffer = io.BytesIO()
+    try:
+        ds.to_netcdf(buffer, engine=NETCDF_ENGINE)
+    except (ValueError, TypeError):
+        return None
+    return buffer.getvalue()
 
 
 def read_netcdf(path: PathLike) -> xr.Dataset:

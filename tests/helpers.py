@@ -5,12 +5,25 @@ Nothing here uses BackPACK or curvlab's extraction maths: these are the independ
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
 from curvlab.block import BlockLayout
 
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_mlp(seed: int = 0, d_in: int = 5, classes: int = 3) -> nn.Sequential:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from curvlab.app.launch import add_nproc_option
 from curvlab.app.train.cli import add_train_parser
 
 PROG = "curvlab"
@@ -267,6 +268,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     run.add_argument("--out", type=Path, default=default.out_dir, help="output folder, created if missing (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_nproc_option(run, "the measured batch is sharded over them (curvlab.distributed.compare)")
     parser.set_defaults(handler=_cmd_report)
     return parser
 
@@ -275,6 +277,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     import time
 
     from curvlab.app.data import DataError
+    from curvlab.app.launch import Ranks, join_process_group, relaunch, wants_relaunch
     from curvlab.app.report.run import ReportError, resolve_device, run_report
 
     try:
@@ -282,6 +285,9 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except ReportError as err:
         _usage_error(parser, str(err))
         return EXIT_USAGE
+    if wants_relaunch(args.nproc):
+        return relaunch(args.nproc, args.argv)
+    device = join_process_group(args.device)
     start = time.perf_counter()
     try:
         paths = run_report(
@@ -300,7 +306,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             train_steps=args.train_steps,
             lr=args.lr,
             seed=args.seed,
-            device=args.device,
+            device=device,
             out_dir=args.out,
             progress=not args.no_progress,
             mode=args.mode,
@@ -314,6 +320,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except (DataError, ValueError, OSError) as err:
         _error(parser, str(err))
         return EXIT_FAILURE
+    if not Ranks.current().is_main:
+        return EXIT_OK
     print(f"curvlab report: done in {time.perf_counter() - start:.1f} s; wrote")
     for path in paths.values():
         print(f"  {path}")
@@ -362,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches
     try:
         return int(args.handler(args, subs[args.command]))
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ import stat
 import struct
 import tarfile
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -269,8 +271,8 @@ def read_idx(path: PathLike, ndim: int | None = None) -> np.ndarray:
             gzipped = fh.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
             data = fh.read()
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"cannot read IDX file {path}: {err}") from err
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a bit flip: zlib.error
+        raise DataError(f"cannot read IDX file {path} (corrupt or truncated?): {err}") from err
     magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     want = f"0x{0x800 + ndim:08x}" if ndim is not None else "0x000008NN"
     if magic is None or data[:3] != b"\x00\x00\x08" or data[3] == 0 or (ndim is not None and data[3] != ndim):
@@ -412,8 +414,8 @@ def _read_cifar_encoded(source: Path, split: str) -> list[tuple[int, int, str, b
                     fh = tf.extractfile(info)
                     assert fh is not None  # regular file
                     items.append((_cifar_label(source, info.name, m[2]), int(m[3]), info.name, fh.read()))
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise DataError(f"cifar10: cannot read {source}: {err}") from err
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            raise DataError(f"cifar10: cannot read {source} (corrupt or truncated?): {err}") from err
     if not items:
         raise DataError(f"cifar10: no {split}/<class>/NNNN.jpg images found in {source}")
     items.sort(key=lambda t: (t[0], t[1], t[2]))  # class, then file index: a fixed order
@@ -430,7 +432,7 @@ def _decode_cifar(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             with Image.open(io.BytesIO(blob)) as img:
                 rgb = img.convert("RGB")
-        except OSError as err:
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: OSError mostly, rarer ones for odd headers
             raise DataError(f"cifar10: cannot decode {name} in {source}: {err}") from err
         if rgb.size != (32, 32):
             raise DataError(f"cifar10: {name} in {source} is {rgb.size[0]}x{rgb.size[1]}, expected 32x32")
@@ -480,7 +482,7 @@ def _load_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
             images, labels = npz["images"], npz["labels"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         warnings.warn(f"cifar10: ignoring unreadable cache {path}: {err}", stacklevel=3)
         return None
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or labels.shape != (len(images),):

@@ -20,13 +20,17 @@ Every approximation applies to Kronecker blocks; ``diagonal`` also to parameter 
 tensor outside the Kronecker layers, see :mod:`curvlab.model_blocks`).
 
 The comparison module measures these objects; the optimizers invert the same objects, built from
-running averages with the plain constructors.  Use :func:`approximate` to build one from a
-:class:`~curvlab.stats.LayerStats` (or a whole extraction).
+running averages with the plain constructors.  An :class:`EighPolicy` (``eigh=`` of every
+constructor) sets the dtype of the eigen-decompositions and inverses and whether factors larger
+than a threshold get a truncated eigenbasis (top ``k`` eigenpairs by a randomized range finder
+plus a flat remainder: :mod:`curvlab.approx.spectral`) — which then *is* the approximation.
+Use :func:`approximate` to build one from a :class:`~curvlab.stats.LayerStats` (or a whole
+extraction).
 """
 
 from __future__ import annotations
 
-from curvlab.approx.base import MAX_DENSE_PARAMS, EigenCorrected, KroneckerApproximation, KroneckerProduct
+from curvlab.approx.base import MAX_DENSE_PARAMS, KroneckerApproximation
 from curvlab.approx.damping import (
     DAMPING_STRATEGIES,
     DampingStrategy,
@@ -38,8 +42,11 @@ from curvlab.approx.damping import (
     pi_factor,
 )
 from curvlab.approx.diagonal import Diagonal
+from curvlab.approx.eigh import EXACT_EIGH, EighPolicy, factor_eigh, psd_eigh, randomized_eigh
 from curvlab.approx.ekfac import EKFAC
-from curvlab.approx.eigh import psd_eigh
+from curvlab.approx.families import EigenCorrected, KroneckerProduct
+from curvlab.approx.inverse import DampedInverse
+from curvlab.approx.spectral import TruncatedFactor
 from curvlab.approx.kfac import KFAC
 from curvlab.approx.kfoc import KFOC
 from curvlab.approx.registry import (
@@ -58,14 +65,17 @@ __all__ = [
     "DAMPING_STRATEGIES",
     "DEFAULT_DAMPING",
     "EKFAC",
+    "EXACT_EIGH",
     "KFAC",
     "KFOC",
     "MAX_DENSE_PARAMS",
     "REGISTRY",
     "TEKFAC",
     "TKFAC",
+    "DampedInverse",
     "DampingStrategy",
     "Diagonal",
+    "EighPolicy",
     "EigenCorrected",
     "ExactDamping",
     "FactoredDamping",
@@ -74,9 +84,12 @@ __all__ = [
     "NorDamping",
     "TraceRelativeDamping",
     "applies",
+    "TruncatedFactor",
     "approximate",
+    "factor_eigh",
     "get_damping",
     "needed_kfac_flavours",
     "pi_factor",
     "psd_eigh",
+    "randomized_eigh",
 ]

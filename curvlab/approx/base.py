@@ -13,11 +13,19 @@ Kronecker convention of :mod:`curvlab.layout`).  The eigenvalues ``s`` are store
 
 where ``s_damped`` is given by a :mod:`~curvlab.approx.damping` strategy.
 
+A side may be *truncated* (large factors, :class:`~curvlab.approx.eigh.EighPolicy`): ``U`` has
+``k`` columns and the other ``n − k`` eigen-directions share one value (a flat remainder, see
+:mod:`curvlab.approx.spectral`).  Every quantity then exists *compressed* (``compressed=True``:
+``k + 1`` entries on that side) and expanded (the default: one entry per eigen-direction; the
+expanded basis completes ``U`` by an arbitrary orthonormal complement, for the dense/analysis
+paths).  Products and inverses only ever use the compressed form.
+
 Two intermediate classes share the code of the two families:
 
-* :class:`KroneckerProduct` — ``K̂ = scale · L ⊗ R`` (KFAC/KFLR, TKFAC, KFOC): products use the
-  factors directly, the eigenbasis is ``eigh(L) ⊗ eigh(R)``, ``s = scale · λ_L λ_Rᵀ``.
-* :class:`EigenCorrected` — a fixed basis with a free diagonal ``s`` (EKFAC, TEKFAC).
+* :class:`~curvlab.approx.families.KroneckerProduct` — ``K̂ = scale · L ⊗ R`` (KFAC/KFLR,
+  TKFAC, KFOC);
+* :class:`~curvlab.approx.families.EigenCorrected` — a fixed basis with a free diagonal ``s``
+  (EKFAC, TEKFAC).
 
 No method forms a ``P × P`` matrix except :meth:`KroneckerApproximation.to_dense`.
 """
@@ -30,8 +38,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from curvlab.approx.damping import DampingStrategy, get_damping
-from curvlab.approx.eigh import psd_eigh, symmetrize
+from curvlab.approx.damping import BUILT_IN, DampingStrategy, get_damping
+from curvlab.approx.eigh import psd_eigh, symmetrize  # noqa: F401 (re-exported)
+from curvlab.approx.inverse import DampedInverse, DiagonalInverse
+from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, unflatten_tensors
 from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
@@ -81,7 +91,8 @@ def missing_statistic(stats: "LayerStats", approximation: str, statistic: str, r
 class KroneckerApproximation(ABC):
     """``K̂ = (U_out ⊗ U_in) diag(s) (U_out ⊗ U_in)ᵀ`` approximating one block (see module doc).
 
-    Instances are immutable: eigen-decompositions are computed lazily once and cached.
+    Instances are immutable: eigen-decompositions and the damped inverse last asked for are
+    computed lazily once and cached.
 
     Attributes:
         name: the approximation's name (``"kfac"``, ``"kflr"``, ``"ekfac"``, …).
@@ -90,27 +101,24 @@ class KroneckerApproximation(ABC):
 
     name: str
     layout: BlockLayout
+    _inverse: tuple[tuple, DampedInverse] | None = None
 
     #: Whether the approximation carries TKFAC's trace split ``L = √δ Ψ``, ``R = √δ Φ``
     #: (needed by the ``"nor"`` damping).
     trace_factored: ClassVar[bool] = False
 
-    # --- what each approximation defines -------------------------------------------------
+    # --- what each approximation defines (compressed) ------------------------------------
 
     @abstractmethod
-    def eigenbasis(self) -> tuple[Tensor, Tensor]:
-        """``(U_out [d_out, d_out], U_in [D, D])``, both orthonormal."""
+    def _basis(self) -> tuple[Tensor, Tensor]:
+        """``(U_out [d_out, k_out], U_in [D, k_in])``, orthonormal columns (``k < n``: truncated)."""
 
     @abstractmethod
-    def eigenvalues(self) -> Tensor:
-        """``s`` as a ``[d_out, D]`` matrix (``s[i, j]`` ↔ ``U_out[:, i] ⊗ U_in[:, j]``)."""
+    def _eigenvalue_grid(self) -> Tensor:
+        """Compressed ``s``, ``[width(U_out), width(U_in)]``."""
 
-    def factor_eigenvalues(self) -> tuple[Tensor, Tensor] | None:
-        """``(l [d_out], r [D])``: the diagonals, in the eigenbasis, of the Kronecker factors
-        ``L ⊗ R`` that factored damping perturbs; ``None`` where there are none.
-
-        For a plain Kronecker product ``s = l rᵀ``.
-        """
+    def _factor_grid(self) -> tuple[Tensor, Tensor] | None:
+        """Compressed ``(l, r)`` (see :meth:`factor_eigenvalues`), or ``None``."""
         return None
 
     def tensors(self) -> dict[str, Tensor]:
@@ -118,15 +126,33 @@ class KroneckerApproximation(ABC):
         :meth:`from_tensors` takes back: state dicts, broadcasts, device moves)."""
         raise NotImplementedError(f"{type(self).__name__} does not define tensors()")
 
+    def options(self) -> dict[str, object]:
+        """Constructor options besides the tensors (e.g. KFAC's ``eigh`` policy): what
+        :meth:`from_tensors` needs to rebuild an identical object."""
+        return {}
+
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], *, layout: BlockLayout | None = None, name: str | None = None) -> "KroneckerApproximation":
-        """Inverse of :meth:`tensors`."""
-        return cls(**tensors, layout=layout, **({} if name is None else {"name": name}))  # type: ignore[call-arg]
+    def from_tensors(
+        cls, tensors: dict[str, Tensor], *, layout: BlockLayout | None = None, name: str | None = None, **options: object
+    ) -> "KroneckerApproximation":
+        """Inverse of :meth:`tensors` (with :meth:`options`)."""
+        return cls(**unflatten_tensors(tensors), layout=layout, **({} if name is None else {"name": name}), **options)  # type: ignore[call-arg]
+
+    def decomposition(self) -> dict[str, Tensor]:
+        """The eigen-decompositions this object has computed and cached beyond :meth:`tensors`
+        (empty where :meth:`tensors` already holds the eigenbasis).  The data-parallel
+        optimizers broadcast them so that one rank's ``eigh`` serves every rank."""
+        return {}
+
+    def adopt_decomposition(self, decomposition: dict[str, Tensor]) -> None:
+        """Take as cache the :meth:`decomposition` of an object with the same :meth:`tensors`."""
+        if decomposition:
+            raise ValueError(f"{type(self).__name__} caches no decomposition, got {sorted(decomposition)}")
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KroneckerApproximation":
         """A copy converted to ``dtype`` and/or moved to ``device``."""
         moved = {k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()}
-        return type(self).from_tensors(moved, layout=self.layout, name=self.name)
+        return type(self).from_tensors(moved, layout=self.layout, name=self.name, **self.options())
 
     @classmethod
     @abstractmethod
@@ -143,6 +169,63 @@ class KroneckerApproximation(ABC):
     def device(self) -> torch.device:
         """Device."""
 
+    # --- the eigen-decomposition, compressed or expanded ---------------------------------
+
+    @property
+    def truncated(self) -> bool:
+        """Whether a side's basis is truncated (a flat remainder on its complement)."""
+        u_out, u_in = self._basis()
+        return u_out.shape[1] < u_out.shape[0] or u_in.shape[1] < u_in.shape[0]
+
+    def eigenbasis(self, compressed: bool = False) -> tuple[Tensor, Tensor]:
+        """``(U_out, U_in)``, orthonormal: ``[d_out, d_out]`` and ``[D, D]`` (a truncated side
+        completed by an arbitrary orthonormal complement), or as stored (``compressed``)."""
+        u_out, u_in = self._basis()
+        return (u_out, u_in) if compressed else (complete_basis(u_out), complete_basis(u_in))
+
+    def eigenvalues(self, compressed: bool = False) -> Tensor:
+        """``s`` as a ``[d_out, D]`` matrix (``s[i, j]`` ↔ ``U_out[:, i] ⊗ U_in[:, j]``), or
+        compressed (``[width_out, width_in]``)."""
+        return self._expand(self._eigenvalue_grid(), compressed)
+
+    def factor_eigenvalues(self, compressed: bool = False) -> tuple[Tensor, Tensor] | None:
+        """``(l [d_out], r [D])``: the diagonals, in the eigenbasis, of the Kronecker factors
+        ``L ⊗ R`` that factored damping perturbs; ``None`` where there are none.
+
+        For a plain Kronecker product ``s = l rᵀ``.
+        """
+        grid = self._factor_grid()
+        if grid is None or compressed:
+            return grid
+        u_out, u_in = self._basis()
+        return expand(grid[0], u_out), expand(grid[1], u_in)
+
+    def factor_means(self) -> tuple[Tensor, Tensor] | None:
+        """``(mean l, mean r)`` over all eigen-directions (traces / sizes), or ``None``."""
+        grid = self._factor_grid()
+        if grid is None:
+            return None
+        u_out, u_in = self._basis()
+        return tuple(  # type: ignore[return-value]
+            (v * multiplicity(u)).sum() / u.shape[0] for v, u in zip(grid, (u_out, u_in))
+        )
+
+    def multiplicity(self) -> Tensor:
+        """``[width_out, width_in]``: eigen-directions behind each compressed entry."""
+        u_out, u_in = self._basis()
+        return torch.outer(multiplicity(u_out), multiplicity(u_in))
+
+    def compressed_mean(self, sums: Tensor) -> Tensor:
+        """Compressed sums over eigen-directions (e.g. ``kfe_scaling`` extracted in a truncated
+        basis) → compressed per-direction values."""
+        return sums / self.multiplicity() if self.truncated else sums
+
+    def _expand(self, grid: Tensor, compressed: bool) -> Tensor:
+        if compressed or not self.truncated:
+            return grid
+        u_out, u_in = self._basis()
+        return expand(expand(grid, u_in, dim=-1), u_out, dim=-2)
+
     # --- derived quantities -----------------------------------------------------------------
 
     @property
@@ -156,11 +239,13 @@ class KroneckerApproximation(ABC):
 
     def trace(self) -> Tensor:
         """``tr K̂ = Σ s``."""
-        return self.eigenvalues().sum()
+        s = self._eigenvalue_grid()
+        return (s * self.multiplicity()).sum() if self.truncated else s.sum()
 
     def frobenius_norm(self) -> Tensor:
         """``‖K̂‖_F = ‖s‖₂`` (``Q`` is orthogonal)."""
-        return torch.linalg.vector_norm(self.eigenvalues())
+        s = self._eigenvalue_grid()
+        return ((s.square() * self.multiplicity()).sum() if self.truncated else s.square().sum()).sqrt()
 
     def optimal_scaling(self, sqrt: "SquareRoot") -> Tensor:
         """``s* = diag(Qᵀ F Q) = Σ_k (U_outᵀ M_k U_in)²`` of the block with square root ``sqrt`` in
@@ -169,29 +254,48 @@ class KroneckerApproximation(ABC):
         return sqrt.rotated_sq_sum(u_out.to(sqrt.dtype), u_in.to(sqrt.dtype))
 
     def rotate(self, x: Tensor) -> Tensor:
-        """Into the eigenbasis: ``U_outᵀ X U_in`` (``X``: ``[..., d_out, D]``)."""
+        """Into the (expanded) eigenbasis: ``U_outᵀ X U_in`` (``X``: ``[..., d_out, D]``)."""
         u_out, u_in = self.eigenbasis()
         return u_out.mT @ x @ u_in
 
     def unrotate(self, y: Tensor) -> Tensor:
-        """Out of the eigenbasis: ``U_out Y U_inᵀ``."""
+        """Out of the (expanded) eigenbasis: ``U_out Y U_inᵀ``."""
         u_out, u_in = self.eigenbasis()
         return u_out @ y @ u_in.mT
 
     def mat_mul(self, x: Tensor) -> Tensor:
-        """``K̂ X`` for ``X`` of shape ``[..., d_out, D]``: ``U_out [(U_outᵀ X U_in) ⊙ s] U_inᵀ``."""
+        """``K̂ X`` for ``X`` of shape ``[..., d_out, D]``: ``U_out [(U_outᵀ X U_in) ⊙ s] U_inᵀ``
+        (computed in the approximation's dtype, returned in ``X``'s)."""
         self._check_matrix(x)
-        return self.unrotate(self.rotate(x) * self.eigenvalues())
+        return diagonal_apply(x.to(self.dtype), *self._basis(), self._eigenvalue_grid()).to(x.dtype)
 
-    def damped_eigenvalues(self, damping: float, strategy: str | DampingStrategy = "exact") -> Tensor:
-        """What the damped inverse divides by in the eigenbasis, ``[d_out, D]``."""
-        return get_damping(strategy).damped_eigenvalues(self, damping)
+    def damped_eigenvalues(self, damping: float, strategy: str | DampingStrategy = "exact", compressed: bool = False) -> Tensor:
+        """What the damped inverse divides by in the eigenbasis, ``[d_out, D]`` (or compressed)."""
+        return self._expand(get_damping(strategy).damped_eigenvalues(self, damping), compressed)
+
+    def inverse(self, damping: float | Tensor, strategy: str | DampingStrategy = "exact") -> DampedInverse:
+        """``X ↦ (K̂ + damping)⁻¹ X`` with the damping of ``strategy``, prepared once: the last
+        one asked for (by damping value and built-in strategy) is kept."""
+        strategy = get_damping(strategy)
+        key = _cache_key(strategy, damping)
+        cached = self._inverse
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        inverse = self._build_inverse(strategy, damping)
+        if key is not None:
+            self._inverse = (key, inverse)
+        return inverse
+
+    def _build_inverse(self, strategy: DampingStrategy, damping: float | Tensor) -> DampedInverse:
+        return DiagonalInverse(*self._basis(), strategy.damped_eigenvalues(self, damping))
 
     def inv_mat_mul(self, x: Tensor, damping: float, strategy: str | DampingStrategy = "exact") -> Tensor:
         """``(K̂ + damping)⁻¹ X`` with the damping of ``strategy``:
-        ``U_out [(U_outᵀ X U_in) ⊘ s_damped] U_inᵀ``."""
+        ``U_out [(U_outᵀ X U_in) ⊘ s_damped] U_inᵀ`` (for a Kronecker product with Kronecker
+        damping, equivalently ``(L + aI)⁻¹ X (R + bI)⁻¹``); computed in the approximation's
+        dtype, returned in ``X``'s."""
         self._check_matrix(x)
-        return self.unrotate(self.rotate(x) / self.damped_eigenvalues(damping, strategy))
+        return self.inverse(damping, strategy)(x.to(self.dtype)).to(x.dtype)
 
     def matvec(self, v: Tensor) -> Tensor:
         """``K̂ v`` for ``v`` in the flat parameter order (``[..., P]``)."""
@@ -234,149 +338,13 @@ class KroneckerApproximation(ABC):
         return f"{type(self).__name__}(name={self.name!r}, shape=({d_out}, {d_in}), dtype={self.dtype})"
 
 
-# ----------------------------------------------------------------------------- families
+def _cache_key(strategy: DampingStrategy, damping: float | Tensor) -> tuple | None:
+    """What identifies a damped inverse: a built-in strategy and a Python damping value
+    (``None``: not cached — a tensor damping or a user strategy may change in place)."""
+    if type(strategy) not in BUILT_IN or not isinstance(damping, (int, float)):
+        return None
+    return (type(strategy), float(damping))
 
 
-class KroneckerProduct(KroneckerApproximation):
-    """``K̂ = scale · L ⊗ R`` with symmetric PSD ``L`` (``[d_out, d_out]``, output side) and ``R``
-    (``[D, D]``, input side).
-
-    ``K̂ X = scale · L X Rᵀ`` needs no eigen-decomposition; the eigenbasis is
-    ``(eigh(L), eigh(R))`` and ``s = scale · λ_L λ_Rᵀ``.  For damping the factors are split as
-    ``(√scale L) ⊗ (√scale R)``, so ``l = √scale λ_L`` and ``r = √scale λ_R``.
-    """
-
-    def __init__(
-        self, left: Tensor, right: Tensor, scale: Tensor | None, layout: BlockLayout | None, name: str
-    ) -> None:
-        who = type(self).__name__
-        check_square(left, "the output-side factor", who)
-        check_square(right, "the input-side factor", who)
-        if left.dtype != right.dtype or left.device != right.device:
-            raise ValueError(f"{who}: factors must share dtype and device")
-        self._left = symmetrize(left)
-        self._right = symmetrize(right)
-        self._scale = scale
-        self.layout = resolve_layout(layout, left.shape[0], right.shape[0], who)
-        self.name = name
-        self._eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._left.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._left.device
-
-    def _factor_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Cached ``(λ_L, U_L, λ_R, U_R)``."""
-        if self._eig is None:
-            self._eig = (*psd_eigh(self._left), *psd_eigh(self._right))
-        return self._eig
-
-    def eigenbasis(self) -> tuple[Tensor, Tensor]:
-        _, u_left, _, u_right = self._factor_eigh()
-        return u_left, u_right
-
-    def eigenvalues(self) -> Tensor:
-        lam_left, _, lam_right, _ = self._factor_eigh()
-        s = torch.outer(lam_left, lam_right)
-        return s if self._scale is None else s * self._scale
-
-    def factor_eigenvalues(self) -> tuple[Tensor, Tensor]:
-        lam_left, _, lam_right, _ = self._factor_eigh()
-        if self._scale is None:
-            return lam_left, lam_right
-        root = self._scale.sqrt()
-        return root * lam_left, root * lam_right
-
-    def mat_mul(self, x: Tensor) -> Tensor:
-        """``K̂ X = scale · L X Rᵀ`` straight from the factors."""
-        self._check_matrix(x)
-        out = self._left @ x @ self._right.mT
-        return out if self._scale is None else out * self._scale
-
-    def _dense_matrix_order(self) -> Tensor:
-        dense = torch.kron(self._left.contiguous(), self._right.contiguous())
-        return dense if self._scale is None else dense * self._scale
-
-
-class EigenCorrected(KroneckerApproximation):
-    """A fixed Kronecker eigenbasis ``U_out ⊗ U_in`` with a free diagonal ``s`` (``.scaling``).
-
-    Args:
-        u_out: ``[d_out, d_out]`` orthonormal; ``None`` (with ``u_in``): the identity basis,
-            whose rotations are skipped and whose identities are formed only on request.
-        u_in: ``[D, D]`` orthonormal, or ``None``.
-        scaling: ``s``, ``[d_out, D]``.
-        factor_eigenvalues: ``(l, r)``, the diagonals in this basis of the underlying Kronecker
-            factors used by factored damping, or ``None``.
-        layout: the block's layout (default: plain weight, no bias column).
-        name: the approximation's name.
-    """
-
-    def __init__(
-        self,
-        u_out: Tensor | None,
-        u_in: Tensor | None,
-        scaling: Tensor,
-        factor_eigenvalues: tuple[Tensor, Tensor] | None,
-        layout: BlockLayout | None,
-        name: str,
-    ) -> None:
-        who = type(self).__name__
-        if u_out is None or u_in is None:
-            if scaling.dim() != 2 or u_out is not u_in:
-                raise ValueError(f"{who}: an identity basis needs both bases None and a [d_out, D] scaling")
-            shape = tuple(scaling.shape)
-        else:
-            check_square(u_out, "U_out", who)
-            check_square(u_in, "U_in", who)
-            shape = (u_out.shape[0], u_in.shape[0])
-        if tuple(scaling.shape) != shape:
-            raise ValueError(f"{who}: scaling must have shape {shape}, got {tuple(scaling.shape)}")
-        if factor_eigenvalues is not None:
-            l, r = factor_eigenvalues
-            if tuple(l.shape) != shape[:1] or tuple(r.shape) != shape[1:]:
-                raise ValueError(
-                    f"{who}: factor eigenvalues must have shapes ({shape[0]},) and ({shape[1]},), "
-                    f"got {tuple(l.shape)} and {tuple(r.shape)}"
-                )
-        self.u_out = u_out
-        self.u_in = u_in
-        self.scaling = scaling
-        self._factor_eigenvalues = factor_eigenvalues
-        self.layout = resolve_layout(layout, *shape, who)
-        self.name = name
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scaling.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.scaling.device
-
-    def eigenbasis(self) -> tuple[Tensor, Tensor]:
-        if self.u_out is None:
-            d_out, d_in = self.scaling.shape
-            return (torch.eye(d_out, dtype=self.dtype, device=self.device),
-                    torch.eye(d_in, dtype=self.dtype, device=self.device))
-        return self.u_out, self.u_in
-
-    def rotate(self, x: Tensor) -> Tensor:
-        return x if self.u_out is None else super().rotate(x)
-
-    def unrotate(self, y: Tensor) -> Tensor:
-        return y if self.u_out is None else super().unrotate(y)
-
-    def eigenvalues(self) -> Tensor:
-        return self.scaling
-
-    def factor_eigenvalues(self) -> tuple[Tensor, Tensor] | None:
-        return self._factor_eigenvalues
-
-    def with_scaling(self, scaling: Tensor) -> "EigenCorrected":
-        """The same basis (and damping statistics) with another diagonal ``s``."""
-        return type(self).from_tensors({**self.tensors(), "scaling": scaling}, layout=self.layout, name=self.name)
+# The two families live in curvlab.approx.families; importable from here as before.
+from curvlab.approx.families import EigenCorrected, KroneckerProduct  # noqa: E402,F401

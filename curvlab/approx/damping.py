@@ -2,7 +2,9 @@
 
 Every approximation is ``K̂ = Q diag(s) Qᵀ`` (see :mod:`curvlab.approx.base`); every strategy
 here damps it to ``Q diag(s + Δ) Qᵀ`` with an increment ``Δ`` (``[d_out, D]`` or a scalar) that is
-diagonal in the same basis, so the damped inverse costs two rotations and one division.
+diagonal in the same basis, so the damped inverse costs two rotations and one division — or, for
+a Kronecker product whose damping is itself a Kronecker product (``"factored"``, ``"nor"``:
+:meth:`DampingStrategy.kronecker_shifts`), two products with the damped factor inverses.
 With ``λ`` the damping and ``(l, r)`` the approximation's :meth:`factor_eigenvalues` (the
 eigenvalues of its Kronecker factors ``L ⊗ R``):
 
@@ -49,26 +51,41 @@ def pi_factor(l: Tensor, r: Tensor) -> Tensor:
 
     Falls back to ``π = 1`` when either factor has zero trace (a dead layer).
     """
-    mean_l, mean_r = l.mean(), r.mean()
+    return pi_of_means(l.mean(), r.mean())
+
+
+def pi_of_means(mean_l: Tensor, mean_r: Tensor) -> Tensor:
+    """:func:`pi_factor` from the two means (``tr L/d_out``, ``tr R/D``)."""
     ok = (mean_l > 0) & (mean_r > 0)
-    tiny = torch.finfo(l.dtype).tiny
+    tiny = torch.finfo(mean_l.dtype).tiny
     return torch.where(ok, (mean_r / mean_l.clamp_min(tiny)).sqrt(), torch.ones_like(mean_l))
 
 
 class DampingStrategy(ABC):
-    """Damping ``K̂ + damping`` as ``Q diag(s + Δ) Qᵀ`` in the approximation's eigenbasis."""
+    """Damping ``K̂ + damping`` as ``Q diag(s + Δ) Qᵀ`` in the approximation's eigenbasis.
+
+    Everything here is *compressed* (see :mod:`curvlab.approx.spectral`): for an approximation
+    with a truncated side, ``Δ`` and ``s + Δ`` have one entry for that side's flat remainder.
+    """
 
     #: The strategy's name (one of :data:`DAMPING_STRATEGIES` for the built-in ones).
     name: ClassVar[str]
 
     @abstractmethod
     def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
-        """``Δ``, broadcastable to ``[d_out, D]``."""
+        """``Δ``, broadcastable to the compressed ``s`` (``[d_out, D]`` for full bases)."""
 
     def damped_eigenvalues(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
-        """``s + Δ``, shape ``[d_out, D]``: what the damped inverse divides by."""
+        """``s + Δ``, compressed (``[d_out, D]`` for full bases): what the damped inverse
+        divides by."""
         _check_damping(damping)
-        return approx.eigenvalues() + self.increment(approx, damping)
+        return approx.eigenvalues(compressed=True) + self.increment(approx, damping)
+
+    def kronecker_shifts(self, approx: "KroneckerApproximation", damping: float | Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(a, b)`` when, for a Kronecker product ``K̂ = L ⊗ R`` split as ``l rᵀ``, the damped
+        matrix is the Kronecker product ``(L + aI) ⊗ (R + bI)`` (so that it is inverted factor
+        by factor); ``None`` otherwise (the default)."""
+        return None
 
     def unsupported(self, approx: "KroneckerApproximation", why: str) -> ValueError:
         """The error for a combination this strategy does not define."""
@@ -100,14 +117,20 @@ class FactoredDamping(DampingStrategy):
     name = "factored"
 
     def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
-        factors = approx.factor_eigenvalues()
-        if factors is None:
+        a, b = self.kronecker_shifts(approx, damping)
+        l, r = approx.factor_eigenvalues(compressed=True)
+        # (l + a)(r + b) − l r with a = √λ/π, b = π√λ, expanded to avoid cancellation.
+        return (b * l)[:, None] + (a * r)[None, :] + a * b
+
+    def kronecker_shifts(self, approx: "KroneckerApproximation", damping: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``(√λ/π, π√λ)``: ``π`` from the factors' traces (no eigen-decomposition needed)."""
+        _check_damping(damping)
+        means = approx.factor_means()
+        if means is None:
             raise self.unsupported(approx, "it carries no Kronecker factor eigenvalues")
-        l, r = factors
-        pi = pi_factor(l, r)
+        pi = pi_of_means(*means)
         root = torch.as_tensor(damping, dtype=approx.dtype, device=approx.device).sqrt()
-        # (l + √λ/π)(r + π√λ) − l r, expanded to avoid cancellation.
-        return (pi * root * l)[:, None] + (root / pi * r)[None, :] + root * root
+        return root / pi, pi * root
 
 
 class NorDamping(DampingStrategy):
@@ -117,14 +140,19 @@ class NorDamping(DampingStrategy):
     name = "nor"
 
     def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
-        factors = approx.factor_eigenvalues()
-        if not approx.trace_factored or factors is None:
+        root, _ = self.kronecker_shifts(approx, damping)
+        l, r = approx.factor_eigenvalues(compressed=True)
+        return root * (l[:, None] + r[None, :]) + root * root
+
+    def kronecker_shifts(self, approx: "KroneckerApproximation", damping: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``(√λ, √λ)``."""
+        _check_damping(damping)
+        if not approx.trace_factored or approx.factor_means() is None:
             raise self.unsupported(
                 approx, "it needs the trace split √δΨ ⊗ √δΦ of TKFAC/TEKFAC (use 'tkfac' or 'tekfac')"
             )
-        l, r = factors
         root = torch.as_tensor(damping, dtype=approx.dtype, device=approx.device).sqrt()
-        return root * (l[:, None] + r[None, :]) + root * root
+        return root, root
 
 
 class TraceRelativeDamping(DampingStrategy):
@@ -139,6 +167,9 @@ class TraceRelativeDamping(DampingStrategy):
 _STRATEGIES: dict[str, type[DampingStrategy]] = {
     cls.name: cls for cls in (ExactDamping, FactoredDamping, NorDamping, TraceRelativeDamping)
 }
+
+#: The built-in strategy classes (stateless: a damped inverse may be cached per class and value).
+BUILT_IN = frozenset(_STRATEGIES.values())
 
 
 def get_damping(strategy: str | DampingStrategy) -> DampingStrategy:

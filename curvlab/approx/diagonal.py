@@ -2,9 +2,9 @@
 
 In the identity basis ``Q = I ⊗ I`` EKFAC's optimal scaling is ``s* = diag(QᵀFQ) = diag(F) =
 Σ_k M_k²`` (elementwise), so the diagonal of ``F`` is the Frobenius-optimal approximation of ``F``
-by any diagonal matrix and keeps ``tr K̂ = tr F``: an :class:`~curvlab.approx.base.EigenCorrected`
-approximation in the identity basis (no rotation is computed, no ``D × D`` identity formed
-unless :meth:`eigenbasis` is asked for).  It applies to every block — the only approximation of
+by any diagonal matrix and keeps ``tr K̂ = tr F``: an :class:`~curvlab.approx.EigenCorrected`
+approximation in the identity basis.  No rotation is computed and no ``D × D`` identity formed
+unless :meth:`eigenbasis` is asked for.  It applies to every block — the only approximation of
 a parameter block (a norm layer's affine parameter, a position embedding), whose optimizer
 update is first order — and is the baseline of the Kronecker ones.
 """
@@ -13,14 +13,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
-from curvlab.approx.base import EigenCorrected, missing_statistic
+from curvlab.approx.base import missing_statistic, resolve_layout
+from curvlab.approx.damping import DampingStrategy
+from curvlab.approx.families import EigenCorrected
+from curvlab.approx.inverse import DampedInverse
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
 if TYPE_CHECKING:
     from curvlab.stats import LayerStats
+
+
+class ElementwiseInverse(DampedInverse):
+    """``X ↦ X ⊘ s_damped`` (a damped diagonal)."""
+
+    def __init__(self, damped: Tensor) -> None:
+        self.inv_damped = 1.0 / damped
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x * self.inv_damped
 
 
 class Diagonal(EigenCorrected):
@@ -33,13 +47,49 @@ class Diagonal(EigenCorrected):
     """
 
     def __init__(self, scaling: Tensor, *, layout: BlockLayout | None = None, name: str = "diagonal") -> None:
-        super().__init__(None, None, scaling, None, layout, name)
+        if scaling.dim() != 2:
+            raise ValueError(f"Diagonal: scaling must be a [d_out, D] matrix, got shape {tuple(scaling.shape)}")
+        self.scaling = scaling
+        self._factor_eigenvalues = None
+        self.layout = resolve_layout(layout, *scaling.shape, type(self).__name__)
+        self.name = name
+
+    @property
+    def u_out(self) -> Tensor:  # type: ignore[override]
+        return torch.eye(self.scaling.shape[0], dtype=self.dtype, device=self.device)
+
+    @property
+    def u_in(self) -> Tensor:  # type: ignore[override]
+        return torch.eye(self.scaling.shape[1], dtype=self.dtype, device=self.device)
+
+    @property
+    def truncated(self) -> bool:
+        return False
+
+    def rotate(self, x: Tensor) -> Tensor:
+        return x
+
+    def unrotate(self, y: Tensor) -> Tensor:
+        return y
+
+    def mat_mul(self, x: Tensor) -> Tensor:
+        self._check_matrix(x)
+        return (x.to(self.dtype) * self.scaling).to(x.dtype)
+
+    def _build_inverse(self, strategy: DampingStrategy, damping: float | Tensor) -> DampedInverse:
+        return ElementwiseInverse(strategy.damped_eigenvalues(self, damping))
+
+    def _dense_matrix_order(self) -> Tensor:
+        return torch.diag(self.scaling.flatten())
 
     def optimal_scaling(self, sqrt: SquareRoot) -> Tensor:
         return sqrt.diagonal()
 
     def tensors(self) -> dict[str, Tensor]:
         return {"scaling": self.scaling}
+
+    def with_scaling(self, scaling: Tensor) -> "Diagonal":
+        return type(self)(scaling, layout=self.layout, name=self.name)
 
     @classmethod
     def from_stats(cls, stats: "LayerStats", name: str = "diagonal") -> "Diagonal":  # type: ignore[override]

@@ -1,8 +1,22 @@
-"""The one eigen-decomposition of a symmetric PSD Kronecker factor used everywhere in curvlab."""
+"""The eigen-decompositions of symmetric PSD Kronecker factors used everywhere in curvlab.
+
+* :func:`psd_eigh` — the one full decomposition, with a jitter retry;
+* :func:`randomized_eigh` — the top ``k`` eigenpairs by a randomized range finder (Halko,
+  Martinsson & Tropp 2011, Alg. 4.4 + 5.3), the rest of the spectrum as its mean;
+* :class:`EighPolicy` / :func:`factor_eigh` — which of the two a factor gets, in which dtype.
+
+A truncated decomposition of an ``n × n`` factor ``M`` stands for the PSD matrix
+
+    M̃ = U diag(λ) Uᵀ + μ (I − U Uᵀ),   U ∈ R^{n × k},   μ = (tr M − Σ λ)/(n − k),
+
+whose eigenbasis is ``U`` completed by *any* orthonormal basis of the complement, on which it is
+flat (see :mod:`curvlab.approx.spectral`); ``tr M̃ = tr M``.
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,19 +30,19 @@ def symmetrize(mat: Tensor) -> Tensor:
     return 0.5 * (mat + mat.mT)
 
 
-def psd_eigh(mat: Tensor, compute_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of a symmetric PSD factor: ``M = U diag(λ) Uᵀ``.
 
     Computed in ``compute_dtype`` (float64 by default: small eigenvalues of ill-conditioned
-    factors matter for the inverse), returned in ``mat``'s dtype.  Negative eigenvalues can only
-    be rounding error of a PSD matrix and are clamped to 0.  If the solver fails (it can on
-    badly conditioned input), it is retried once on ``M + ε I`` with
+    factors matter for the inverse; ``None``: ``mat``'s own dtype), returned in ``mat``'s dtype.
+    Negative eigenvalues can only be rounding error of a PSD matrix and are clamped to 0.  If the
+    solver fails (it can on badly conditioned input), it is retried once on ``M + ε I`` with
     ``ε = EIGH_JITTER · mean |diag M|``, with a ``RuntimeWarning``.
 
     Returns:
         ``(λ [n], U [n, n])`` with ``λ`` ascending and ``U`` orthonormal.
     """
-    sym = symmetrize(mat.to(compute_dtype))
+    sym = symmetrize(mat if compute_dtype is None else mat.to(compute_dtype))
     try:
         evals, evecs = torch.linalg.eigh(sym)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
@@ -43,6 +57,89 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype = torch.float64) -> tuple[T
     return evals.clamp_min(0).to(mat.dtype), evecs.to(mat.dtype)
 
 
-def diagonal_in_basis(mat: Tensor, u: Tensor) -> Tensor:
-    """``diag(Uᵀ M U)`` of a PSD ``M`` (clamped at 0 against rounding)."""
-    return ((mat @ u) * u).sum(0).clamp_min(0)
+def randomized_eigh(
+    mat: Tensor,
+    rank: int,
+    *,
+    power_iterations: int = 2,
+    oversampling: int = 16,
+    seed: int = 0,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The top-``rank`` eigenpairs of a symmetric PSD ``M`` and the mean of the others.
+
+    A Gaussian sketch ``M Ω`` (``rank + oversampling`` columns, seeded and drawn on the CPU: the
+    result is a function of ``M`` on every device) is refined by ``power_iterations`` re-orthonormalised products with ``M``;
+    the eigenpairs of ``Qᵀ M Q`` (:func:`psd_eigh`, with its jitter retry) give ``U = Q W``.
+    Cost ``2 (power_iterations + 2) n² (rank + oversampling)`` flops.
+
+    Returns:
+        ``(values [rank + 1], U [n, rank])``: ``values[:rank]`` the top eigenvalues (ascending),
+        ``values[rank] = μ = (tr M − Σ λ)/(n − rank) ≥ 0`` the flat remainder; in ``mat``'s dtype.
+    """
+    n = mat.shape[0]
+    if not 0 < rank < n:
+        raise ValueError(f"randomized_eigh: rank={rank} must be in [1, {n - 1}] for a {n}×{n} factor")
+    # M itself (symmetric up to rounding): symmetrising an n × n matrix would cost a transposed
+    # pass over it; the small Rayleigh quotient is symmetrised by psd_eigh instead.
+    sym = mat if compute_dtype is None else mat.to(compute_dtype)
+    width = min(n, rank + oversampling)
+    # drawn on the CPU: the same sketch on every device, so the result is a function of M alone
+    gen = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(n, width, generator=gen, dtype=sym.dtype).to(sym.device)
+    q = torch.linalg.qr(sym @ sketch).Q
+    for _ in range(power_iterations):
+        q = torch.linalg.qr(sym @ q).Q
+    small, w = psd_eigh(q.mT @ (sym @ q), compute_dtype=None)
+    top, vectors = small[-rank:], q @ w[:, -rank:]
+    rest = ((sym.diagonal().sum() - top.sum()) / (n - rank)).clamp_min(0)
+    return torch.cat([top, rest.reshape(1)]).to(mat.dtype), vectors.to(mat.dtype)
+
+
+@dataclass(frozen=True)
+class EighPolicy:
+    """How the eigen-decomposition (and damped inverse) of a Kronecker factor is computed.
+
+    Attributes:
+        dtype: compute dtype (``None``: the factor's own).  float64 is the analysis default;
+            the optimizers default to float32 (:class:`~curvlab.optim.KroneckerOptions`).
+        truncate_above: factors with more rows than this get a truncated eigenbasis of rank
+            ``rank`` plus a flat remainder (:func:`randomized_eigh`); ``None``: never.
+        rank, power_iterations, oversampling, seed: of :func:`randomized_eigh`.
+    """
+
+    dtype: torch.dtype | None = torch.float64
+    truncate_above: int | None = None
+    rank: int = 256
+    power_iterations: int = 2
+    oversampling: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.truncate_above is not None and self.truncate_above < 1:
+            raise ValueError(f"EighPolicy: truncate_above={self.truncate_above} must be positive (None: never)")
+        if self.rank < 1 or self.power_iterations < 0 or self.oversampling < 0:
+            raise ValueError(
+                f"EighPolicy: rank={self.rank} must be positive, power_iterations="
+                f"{self.power_iterations} and oversampling={self.oversampling} non-negative"
+            )
+
+    def truncates(self, size: int) -> bool:
+        """Whether an ``size × size`` factor gets a truncated eigenbasis."""
+        return self.truncate_above is not None and size > self.truncate_above and self.rank < size
+
+
+#: Full float64 decompositions (what the analyses use unless told otherwise).
+EXACT_EIGH = EighPolicy()
+
+
+def factor_eigh(mat: Tensor, policy: EighPolicy = EXACT_EIGH) -> tuple[Tensor, Tensor]:
+    """``(values, U)`` of a PSD factor as ``policy`` says: full (:func:`psd_eigh`, ``U`` square)
+    or truncated (:func:`randomized_eigh`, ``U`` of ``policy.rank`` columns and one more value,
+    the flat remainder).  Returned in ``mat``'s dtype."""
+    if policy.truncates(mat.shape[0]):
+        return randomized_eigh(
+            mat, policy.rank, power_iterations=policy.power_iterations,
+            oversampling=policy.oversampling, seed=policy.seed, compute_dtype=policy.dtype,
+        )
+    return psd_eigh(mat, policy.dtype)

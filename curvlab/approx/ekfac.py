@@ -7,6 +7,10 @@ Basis: the Kronecker-factored eigenbasis ``Q = U_G ⊗ U_A`` of the KFAC factors
 
 which minimises ``‖F − Q diag(s) Qᵀ‖_F`` for the fixed basis, hence ``‖F − EKFAC‖ ≤ ‖F − KFAC‖``
 and ``tr EKFAC = tr F`` [D].  ``λ_G``, ``λ_A`` are kept for factored damping.
+
+A truncated eigenbasis (large factors, :class:`~curvlab.approx.eigh.EighPolicy`) keeps the top
+``k`` eigenvectors of a factor; the rest of the basis is any orthonormal complement on which
+``s`` is flat (per row/column: the mean of ``s*`` over the complement — the optimal flat value).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import EigenCorrected, missing_statistic
-from curvlab.approx.eigh import psd_eigh
+from curvlab.approx.base import missing_statistic
+from curvlab.approx.eigh import EXACT_EIGH, EighPolicy, factor_eigh
+from curvlab.approx.families import EigenCorrected
+from curvlab.approx.spectral import optimal_scaling
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
@@ -29,10 +35,11 @@ class EKFAC(EigenCorrected):
     """``K̂ = (U_G ⊗ U_A) diag(s) (U_G ⊗ U_A)ᵀ``.
 
     Args:
-        u_out: ``U_G``, eigenvectors of the output-side KFAC factor.
+        u_out: ``U_G``, eigenvectors of the output-side KFAC factor (``[d_out, k]``, ``k < d_out``:
+            truncated).
         u_in: ``U_A``, eigenvectors of the input-side KFAC factor.
-        scaling: ``s``, ``[d_out, D]`` (``s*`` or a running average of it).
-        factor_eigenvalues: ``(λ_G, λ_A)`` for factored damping; ``None`` disables it.
+        scaling: compressed ``s`` (``[d_out, D]`` for full bases; ``s*`` or a running average).
+        factor_eigenvalues: compressed ``(λ_G, λ_A)`` for factored damping; ``None`` disables it.
         layout: the block's layout (default: plain weight, no bias column).
         name: label.
 
@@ -59,7 +66,8 @@ class EKFAC(EigenCorrected):
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], *, layout: BlockLayout | None = None, name: str | None = None) -> "EKFAC":
+    def from_tensors(cls, tensors: dict[str, Tensor], *, layout: BlockLayout | None = None, name: str | None = None,
+                     **options: object) -> "EKFAC":
         t = dict(tensors)
         fe = (t.pop("lam_out"), t.pop("lam_in")) if "lam_out" in t else None
         return cls(**t, factor_eigenvalues=fe, layout=layout, name=name or "ekfac")
@@ -74,15 +82,16 @@ class EKFAC(EigenCorrected):
         scaling: Tensor | str | None = None,
         layout: BlockLayout | None = None,
         name: str = "ekfac",
+        eigh: EighPolicy = EXACT_EIGH,
     ) -> "EKFAC":
-        """EKFAC in the eigenbasis of the KFAC factors ``G ⊗ A``.
+        """EKFAC in the eigenbasis of the KFAC factors ``G ⊗ A`` (decomposed as ``eigh`` says).
 
-        ``s`` is ``scaling`` when it is a tensor (computed in this basis); ``"kronecker"``: the
-        KFAC eigenvalues ``λ_G λ_Aᵀ`` (the optimizers' reset at an eigen refresh); ``None``:
-        ``s* = sqrt.rotated_sq_sum(U_G, U_A)``.
+        ``s`` is ``scaling`` when it is a tensor (compressed, computed in this basis);
+        ``"kronecker"``: the KFAC eigenvalues ``λ_G λ_Aᵀ`` (the optimizers' reset at an eigen
+        refresh); ``None``: ``s* = sqrt.rotated_sq_sum(U_G, U_A)``.
         """
-        lam_a, u_a = psd_eigh(A)
-        lam_g, u_g = psd_eigh(G)
+        lam_a, u_a = factor_eigh(A, eigh)
+        lam_g, u_g = factor_eigh(G, eigh)
         if isinstance(scaling, str):
             if scaling != "kronecker":
                 raise ValueError(f"EKFAC.from_factors: scaling={scaling!r}; pass a tensor, 'kronecker' or None")
@@ -90,7 +99,7 @@ class EKFAC(EigenCorrected):
         elif scaling is None:
             if sqrt is None:
                 raise ValueError("EKFAC.from_factors: pass the block's square root `sqrt` or a `scaling`")
-            scaling = sqrt.rotated_sq_sum(u_g.to(sqrt.dtype), u_a.to(sqrt.dtype)).to(A.dtype)
+            scaling = optimal_scaling(sqrt, u_g, u_a).to(A.dtype)
         return cls(u_g, u_a, scaling, factor_eigenvalues=(lam_g, lam_a), layout=layout, name=name)
 
     @classmethod
@@ -100,6 +109,7 @@ class EKFAC(EigenCorrected):
         scaling: Tensor | None = None,
         flavour: str | None = None,
         name: str = "ekfac",
+        eigh: EighPolicy = EXACT_EIGH,
     ) -> "EKFAC":
         """EKFAC of ``stats``: basis from ``stats.kfac[flavour]`` (default: the block's own flavour),
         ``s*`` from ``stats.sqrt``.
@@ -120,5 +130,8 @@ class EKFAC(EigenCorrected):
                     stats, name, "the square root (stats.sqrt) or the KFE scaling (stats.kfe_scaling)",
                     "stats=('sqrt', ...) (or stats=('kfe', ...) with eigenbases set to this KFAC eigenbasis)",
                 )
-            scaling = stats.kfe_scaling
-        return cls.from_factors(factors.A, factors.G, sqrt=stats.sqrt, scaling=scaling, layout=stats.layout, name=name)
+            sums = stats.kfe_scaling  # sums over eigen-directions: per direction once the basis is known
+            built = cls.from_factors(factors.A, factors.G, scaling=sums, layout=stats.layout, name=name, eigh=eigh)
+            return built.with_scaling(built.compressed_mean(sums))
+        return cls.from_factors(factors.A, factors.G, sqrt=stats.sqrt, scaling=scaling, layout=stats.layout, name=name,
+                                eigh=eigh)

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from curvlab.approx.base import KroneckerProduct, missing_statistic
+from curvlab.approx.base import missing_statistic
+from curvlab.approx.eigh import EXACT_EIGH, EighPolicy
+from curvlab.approx.families import Factor, KroneckerProduct
+from curvlab.approx.spectral import flatten_tensors
 from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
@@ -26,30 +29,35 @@ class KFAC(KroneckerProduct):
     """``K̂ = G ⊗ A``.
 
     Args:
-        A: input-side factor ``[D, D]`` (symmetric PSD; stored symmetrised).
-        G: output-side factor ``[d_out, d_out]`` (symmetric PSD; stored symmetrised).
+        A: input-side factor ``[D, D]`` (symmetric PSD; stored symmetrised), or its
+            :class:`~curvlab.approx.spectral.TruncatedFactor`.
+        G: output-side factor ``[d_out, d_out]`` (likewise).
         layout: the block's layout (default: a plain ``d_out × D`` weight without bias column).
         name: ``"kfac"`` (MC factors), ``"kflr"`` (exact factors), or any label.
+        eigh: how the factors are decomposed and inverted (dtype; truncation of large factors,
+            which then define the approximation: ``G ⊗ Ã``).
     """
 
-    def __init__(self, A: Tensor, G: Tensor, *, layout: BlockLayout | None = None, name: str = "kfac") -> None:
-        super().__init__(G, A, None, layout, name)
+    def __init__(self, A: Factor, G: Factor, *, layout: BlockLayout | None = None, name: str = "kfac",
+                 eigh: EighPolicy = EXACT_EIGH) -> None:
+        super().__init__(G, A, None, layout, name, eigh)
 
     @property
-    def A(self) -> Tensor:
+    def A(self) -> Factor:
         """Input-side factor ``[D, D]``."""
         return self._right
 
     @property
-    def G(self) -> Tensor:
+    def G(self) -> Factor:
         """Output-side factor ``[d_out, d_out]``."""
         return self._left
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"A": self.A, "G": self.G}
+        return flatten_tensors({"A": self.A, "G": self.G})
 
     @classmethod
-    def from_stats(cls, stats: "LayerStats", flavour: str = "mc", name: str | None = None) -> "KFAC":  # type: ignore[override]
+    def from_stats(cls, stats: "LayerStats", flavour: str = "mc", name: str | None = None,  # type: ignore[override]
+                   eigh: EighPolicy = EXACT_EIGH) -> "KFAC":
         """KFAC of the factors ``stats.kfac[flavour]`` (``"mc"``: KFAC, ``"exact"``: KFLR).
 
         ``name`` defaults to ``"kfac"``/``"kflr"``/``"kfac-empirical"`` by flavour.
@@ -61,4 +69,4 @@ class KFAC(KroneckerProduct):
                 stats, label, f"the KFAC factors of flavour {flavour!r} (stats.kfac[{flavour!r}])",
                 f"stats=('kfac', ...) with kfac_flavours containing {flavour!r}",
             )
-        return cls(factors.A, factors.G, layout=stats.layout, name=label)
+        return cls(factors.A, factors.G, layout=stats.layout, name=label, eigh=eigh)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import KroneckerProduct, missing_statistic, symmetrize
+from curvlab.approx.base import missing_statistic, symmetrize
+from curvlab.approx.families import KroneckerProduct
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
@@ -77,6 +78,9 @@ class KFOC(KroneckerProduct):
     def C(self) -> Tensor:
         """Input-side factor ``[D, D]``."""
         return self._right
+
+    def options(self) -> dict[str, object]:
+        return {}
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KFOC":
         return KFOC(

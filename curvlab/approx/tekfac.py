@@ -13,6 +13,9 @@ Hence ``‖F − TEKFAC‖_F ≤ ‖F − TKFAC‖_F`` (same basis, optimal diag
 ``basis="kfac"`` (ablation) uses the KFAC factors' eigenbasis instead, where TEKFAC equals EKFAC;
 ``λ_Ψ``, ``λ_Φ`` then denote the diagonals ``diag(U_outᵀ Ψ U_out)``, ``diag(U_inᵀ Φ U_in)``, so the
 damping stays the diagonal (in the basis) of the same damping matrix.
+
+Truncated bases (large factors, :class:`~curvlab.approx.eigh.EighPolicy`): as for EKFAC; the
+complement's ``λ`` is the mean eigenvalue of the rest of the spectrum.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import EigenCorrected, missing_statistic
-from curvlab.approx.eigh import diagonal_in_basis, psd_eigh
+from curvlab.approx.base import missing_statistic
+from curvlab.approx.eigh import EXACT_EIGH, EighPolicy, factor_eigh
+from curvlab.approx.families import EigenCorrected
+from curvlab.approx.spectral import diagonal_in_basis, optimal_scaling
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 from curvlab.stats import KroneckerFactors, LayerStats
@@ -34,12 +39,13 @@ class TEKFAC(EigenCorrected):
     """``K̂ = (U_out ⊗ U_in) diag(s) (U_out ⊗ U_in)ᵀ`` with TKFAC's damping statistics.
 
     Args:
-        u_out: ``U_Ψ`` (or any orthonormal ``[d_out, d_out]`` basis).
-        u_in: ``U_Φ`` (or any orthonormal ``[D, D]`` basis).
-        scaling: ``s``, ``[d_out, D]``.
+        u_out: ``U_Ψ`` (or any orthonormal ``[d_out, d_out]`` basis; ``[d_out, k]``: truncated).
+        u_in: ``U_Φ`` (or any orthonormal ``[D, D]`` basis; ``[D, k]``: truncated).
+        scaling: compressed ``s`` (``[d_out, D]`` for full bases).
         delta: ``δ = tr F``.
-        psi_eigenvalues: ``λ_Ψ = diag(U_outᵀ Ψ U_out)`` (Ψ's eigenvalues in its own eigenbasis).
-        phi_eigenvalues: ``λ_Φ = diag(U_inᵀ Φ U_in)``.
+        psi_eigenvalues: compressed ``λ_Ψ = diag(U_outᵀ Ψ U_out)`` (Ψ's eigenvalues in its own
+            eigenbasis).
+        phi_eigenvalues: compressed ``λ_Φ = diag(U_inᵀ Φ U_in)``.
         layout: the block's layout (default: plain weight, no bias column).
         name: label.
 
@@ -90,8 +96,10 @@ class TEKFAC(EigenCorrected):
         basis: tuple[Tensor, Tensor] | KroneckerFactors | None = None,
         layout: BlockLayout | None = None,
         name: str = "tekfac",
+        eigh: EighPolicy = EXACT_EIGH,
     ) -> "TEKFAC":
-        """TEKFAC from TKFAC's unnormalised statistics ``δ``, ``δΦ``, ``δΨ``.
+        """TEKFAC from TKFAC's unnormalised statistics ``δ``, ``δΦ``, ``δΨ`` (decomposed as
+        ``eigh`` says).
 
         Args:
             basis: ``(U_out, U_in)``, or KFAC factors whose eigenvectors are taken (the
@@ -105,11 +113,11 @@ class TEKFAC(EigenCorrected):
         delta_t = torch.as_tensor(delta, dtype=delta_phi.dtype, device=delta_phi.device).reshape(()).clone()
         inv_delta = 1.0 / delta_t.clamp_min(torch.finfo(delta_phi.dtype).tiny)
         if basis is None:
-            mu_psi, u_out = psd_eigh(delta_psi)
-            mu_phi, u_in = psd_eigh(delta_phi)
+            mu_psi, u_out = factor_eigh(delta_psi, eigh)
+            mu_phi, u_in = factor_eigh(delta_phi, eigh)
         else:
             if isinstance(basis, KroneckerFactors):
-                basis = (psd_eigh(basis.G)[1], psd_eigh(basis.A)[1])
+                basis = (factor_eigh(basis.G, eigh)[1], factor_eigh(basis.A, eigh)[1])
             u_out, u_in = basis
             mu_psi, mu_phi = diagonal_in_basis(delta_psi, u_out), diagonal_in_basis(delta_phi, u_in)
         if isinstance(scaling, str):
@@ -119,7 +127,7 @@ class TEKFAC(EigenCorrected):
         elif scaling is None:
             if sqrt is None:
                 raise ValueError("TEKFAC.from_trace_stats: pass the block's square root `sqrt` or a `scaling`")
-            scaling = sqrt.rotated_sq_sum(u_out.to(sqrt.dtype), u_in.to(sqrt.dtype)).to(delta_phi.dtype)
+            scaling = optimal_scaling(sqrt, u_out, u_in).to(delta_phi.dtype)
         return cls(
             u_out,
             u_in,
@@ -138,6 +146,7 @@ class TEKFAC(EigenCorrected):
         basis: str = "trace",
         scaling: Tensor | None = None,
         name: str = "tekfac",
+        eigh: EighPolicy = EXACT_EIGH,
     ) -> "TEKFAC":
         """TEKFAC of ``stats``: ``stats.tkfac`` for the basis and damping, ``stats.sqrt`` for ``s*``.
 
@@ -163,5 +172,5 @@ class TEKFAC(EigenCorrected):
         ts = stats.tkfac
         return cls.from_trace_stats(
             ts.delta, ts.delta_phi, ts.delta_psi,
-            sqrt=stats.sqrt, scaling=scaling, basis=factors, layout=stats.layout, name=name,
+            sqrt=stats.sqrt, scaling=scaling, basis=factors, layout=stats.layout, name=name, eigh=eigh,
         )

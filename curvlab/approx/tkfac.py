@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import KroneckerProduct, missing_statistic
+from curvlab.approx.base import missing_statistic
+from curvlab.approx.eigh import EXACT_EIGH, EighPolicy
+from curvlab.approx.families import Factor, KroneckerProduct
+from curvlab.approx.spectral import TruncatedFactor, flatten_tensors
 from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
@@ -33,10 +36,11 @@ class TKFAC(KroneckerProduct):
 
     Args:
         delta: ``δ`` (scalar).
-        delta_phi: ``δΦ``, ``[D, D]`` (input side).
-        delta_psi: ``δΨ``, ``[d_out, d_out]`` (output side).
+        delta_phi: ``δΦ``, ``[D, D]`` (input side), or its truncation.
+        delta_psi: ``δΨ``, ``[d_out, d_out]`` (output side), or its truncation.
         layout: the block's layout (default: plain weight, no bias column).
         name: label.
+        eigh: how the factors are decomposed and inverted (see :class:`~curvlab.approx.KFAC`).
 
     Attributes:
         delta: ``δ`` as a 0-dim tensor.
@@ -49,37 +53,52 @@ class TKFAC(KroneckerProduct):
     def __init__(
         self,
         delta: Tensor | float,
-        delta_phi: Tensor,
-        delta_psi: Tensor,
+        delta_phi: Factor,
+        delta_psi: Factor,
         *,
         layout: BlockLayout | None = None,
         name: str = "tkfac",
+        eigh: EighPolicy = EXACT_EIGH,
     ) -> None:
         delta_t = torch.as_tensor(delta, dtype=delta_phi.dtype, device=delta_phi.device).reshape(())
         # A dead layer has δ = δΦ = δΨ = 0; the clamp keeps K̂ = 0 instead of NaN.
         inv_delta = 1.0 / delta_t.clamp_min(torch.finfo(delta_phi.dtype).tiny)
-        super().__init__(delta_psi, delta_phi, inv_delta, layout, name)
+        super().__init__(delta_psi, delta_phi, inv_delta, layout, name, eigh)
         self.delta = delta_t
-        self.phi = self._right * inv_delta
-        self.psi = self._left * inv_delta
 
     @property
-    def delta_phi(self) -> Tensor:
+    def phi(self) -> Factor:
+        """``Φ = δΦ/δ``."""
+        return _scaled(self._right, self._scale)
+
+    @property
+    def psi(self) -> Factor:
+        """``Ψ = δΨ/δ``."""
+        return _scaled(self._left, self._scale)
+
+    @property
+    def delta_phi(self) -> Factor:
         """``δΦ = Σ_k M_kᵀ M_k``, ``[D, D]``."""
         return self._right
 
     @property
-    def delta_psi(self) -> Tensor:
+    def delta_psi(self) -> Factor:
         """``δΨ = Σ_k M_k M_kᵀ``, ``[d_out, d_out]``."""
         return self._left
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"delta": self.delta, "delta_phi": self.delta_phi, "delta_psi": self.delta_psi}
+        return flatten_tensors({"delta": self.delta, "delta_phi": self.delta_phi, "delta_psi": self.delta_psi})
 
     @classmethod
-    def from_stats(cls, stats: "LayerStats", name: str = "tkfac") -> "TKFAC":  # type: ignore[override]
+    def from_stats(cls, stats: "LayerStats", name: str = "tkfac", eigh: EighPolicy = EXACT_EIGH) -> "TKFAC":  # type: ignore[override]
         """TKFAC of ``stats.tkfac`` (either form, ``"exact"`` or ``"kfc"``)."""
         if stats.tkfac is None:
             raise missing_statistic(stats, name, "the trace statistics δ, δΦ, δΨ (stats.tkfac)", "stats=('tkfac', ...)")
         ts = stats.tkfac
-        return cls(ts.delta, ts.delta_phi, ts.delta_psi, layout=stats.layout, name=name)
+        return cls(ts.delta, ts.delta_phi, ts.delta_psi, layout=stats.layout, name=name, eigh=eigh)
+
+
+def _scaled(factor: Factor, c: Tensor) -> Factor:
+    if isinstance(factor, TruncatedFactor):
+        return TruncatedFactor(factor.values * c, factor.vectors)
+    return factor * c

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import xarray as xr
 from torch import Tensor, nn
 
 from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
-from curvlab.approx.registry import measurement_limits
-from curvlab.approx.registry import spec
-from curvlab.compare.dataset import measure
+from curvlab.approx.registry import measurement_limits, spec
+from curvlab.compare.dataset import check_settings, measure
 from curvlab.extract import Extraction, extract
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 
@@ -38,6 +37,7 @@ def compare(
     kfac_approx: str = "expand",
     skip_unsupported: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    extractor: Callable[..., Extraction] = extract,
 ) -> xr.Dataset:
     """Measure every approximation of every block against the exact block.
 
@@ -47,6 +47,8 @@ def compare(
     blocks (norm layers' affine parameters, position embeddings, …) against ``"diagonal"``, the
     only approximation that applies to them (see :mod:`curvlab.model_blocks`).  KFOC is measured
     on blocks of at most 2¹⁷ parameters (``curvlab.approx.REGISTRY``'s ``max_params``; NaN above).
+    This is the one comparison path: :func:`curvlab.distributed.compare` runs it with a sharded
+    ``extractor``.
 
     Args:
         model, loss_fn, inputs, targets: as for :func:`curvlab.extract`.
@@ -64,6 +66,10 @@ def compare(
         progress: show a progress bar over layers.
         engine, kfac_approx, skip_unsupported, max_bytes: as for :func:`curvlab.extract`
             (the engine used is the dataset's ``engine`` attribute).
+        extractor: the extraction, called as :func:`curvlab.extract` (the default) is, with
+            ``(model, loss_fn, inputs, targets, **options)``; any function returning an
+            :class:`~curvlab.extract.Extraction` of the batch (e.g. a sharded one whose square
+            roots are :class:`~curvlab.distributed.ShardedSqrt`).
 
     Returns:
         ``xarray.Dataset`` with dimensions layer × approximation (× eig); see
@@ -75,8 +81,9 @@ def compare(
             f"e.g. ({approximations!r},)"
         )
     names = [spec(a, "curvlab.compare").name for a in approximations]
+    check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     strategies = {**DEFAULT_DAMPING, **(damping_strategies or {})}
-    stats = extract(
+    stats = extractor(
         model,
         loss_fn,
         inputs,

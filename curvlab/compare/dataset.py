@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -51,6 +53,15 @@ CONVENTIONS = (
 )
 
 
+def check_settings(*, damping: float, top_k: int, num_eigenvalues: int) -> None:
+    """Refuse settings no comparison can use, naming the argument."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
+        raise ValueError(f"curvlab.compare: damping={damping!r} must be a positive finite number (blocks are rank-deficient)")
+    for name, value in (("top_k", top_k), ("num_eigenvalues", num_eigenvalues)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"curvlab.compare: {name}={value!r} must be a positive int")
+
+
 def _pad(values: Tensor, length: int) -> np.ndarray:
     out = np.full(length, np.nan)
     v = values[:length].detach().cpu().double().numpy()
@@ -83,8 +94,7 @@ def measure(
         attrs: extra dataset attributes (model, data, seed, ...).
         progress: optional wrapper for a progress bar over layers.
     """
-    if damping <= 0:
-        raise ValueError(f"curvlab.compare: damping={damping} must be positive (blocks are rank-deficient)")
+    check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     layers = list(stats)
     kronecker_first = sorted(layers, key=lambda l: stats[l].kind != "kronecker")  # stable: model order
     names = list(dict.fromkeys(a for layer in kronecker_first for a in approximations[layer]))
@@ -99,6 +109,14 @@ def measure(
     coupling = np.zeros((len(layers), 2))
     for layer in iterator:
         block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
+        if not block.trace > 0:
+            warnings.warn(
+                f"curvlab.compare: the exact Fisher block of layer {layer!r} is zero (a dead layer whose "
+                "inputs or output gradients all vanish, e.g. ReLUs that never fire, or a saturated "
+                "softmax); its metrics relative to F are NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         grad = stats[layer].grad.to(torch.float64)
         exact[layer], grads[layer] = block, grad
         convention = stats[layer].convention_sqrt

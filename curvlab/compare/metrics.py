@@ -26,6 +26,13 @@ from curvlab.sqrt import SquareRoot
 DENSE_EIGH_LIMIT = 4096
 
 
+def _start_vector(size: int) -> np.ndarray:
+    """A fixed start vector for ARPACK: its default is drawn from a generator whose state carries
+    over from call to call within a process, so the same matrix would give results that differ
+    in the last bits depending on what ran before (a resumed run's probes would not match)."""
+    return np.random.default_rng(0).standard_normal(size)
+
+
 @dataclass
 class ExactBlock:
     """What every metric needs from the exact block, computed once per layer (float64).
@@ -54,7 +61,9 @@ def gram_eigenvalues(gram: Tensor, top: int) -> Tensor:
     if k <= DENSE_EIGH_LIMIT or top >= k - 1 or not gram.any():
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
     try:
-        evals = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=top, which="LA", return_eigenvectors=False)
+        evals = scipy.sparse.linalg.eigsh(
+            gram.cpu().numpy(), k=top, which="LA", return_eigenvectors=False, v0=_start_vector(k)
+        )
     except scipy.sparse.linalg.ArpackError:  # e.g. no convergence: fall back to the dense solver
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[:top]
     return torch.from_numpy(np.sort(evals)[::-1].copy()).to(gram).clamp_min(0)
@@ -67,7 +76,7 @@ def gram_top_vectors(gram: Tensor, k: int) -> Tensor:
     if size <= 4 * k + 16 or not gram.any():  # tiny, or a dead layer (ARPACK needs a nonzero start)
         return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
     try:
-        evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=k, which="LA")
+        evals, evecs = scipy.sparse.linalg.eigsh(gram.cpu().numpy(), k=k, which="LA", v0=_start_vector(size))
     except scipy.sparse.linalg.ArpackError:
         return torch.linalg.eigh(gram)[1].flip(1)[:, :k]
     order = np.argsort(evals)[::-1].copy()

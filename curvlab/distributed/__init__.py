@@ -15,11 +15,15 @@ Every rank extracts the square-root columns and the Kronecker statistics of its 
 rescaled to the global batch and summed in one ``all_reduce``
 (:mod:`curvlab.distributed.reduce`), the square roots stay where they were computed and are
 wrapped in :class:`ShardedSqrt`, a :class:`~curvlab.sqrt.SquareRoot` back-end whose methods
-are ``torch.distributed`` collectives (:mod:`curvlab.distributed.sqrt`).  The metrics of
-:mod:`curvlab.compare` then run unchanged, on every rank, and every rank returns the same
-Dataset: for the ``exact`` and ``empirical`` flavours the one :func:`curvlab.compare` gives on the
+are ``torch.distributed`` collectives (:mod:`curvlab.distributed.sqrt`).  :func:`compare` *is*
+:func:`curvlab.compare` with this sharded :func:`extract` as its extraction: the approximations
+and metrics run unchanged, on every rank, and every rank returns the same Dataset: for the ``exact`` and ``empirical`` flavours the one :func:`curvlab.compare` gives on the
 concatenated batch (shards in rank order), to rounding.  MC sampling is seeded per rank
 (``seed + rank``): the ``mc`` flavour is a valid estimate, not the single-process one.
+
+The same reduction serves the data-parallel optimizers (:mod:`curvlab.optim.distributed`), and
+``curvlab report``/``curvlab train --probe-every`` use :func:`compare`/:func:`extract` when
+launched on several processes (``torchrun`` or ``--nproc``).
 
 Only ``torch.distributed`` collectives are used (``all_gather``, ``all_reduce``, ``broadcast``,
 ``batch_isend_irecv``, and ``all_gather_object`` on the error path); tensors stay on the model's

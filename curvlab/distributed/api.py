@@ -11,10 +11,8 @@ import torch.distributed as dist
 import xarray as xr
 from torch import Tensor, nn
 
+import curvlab.compare.api as _compare
 import curvlab.extract as _extract
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
-from curvlab.compare import measure
-from curvlab.compare.api import DEFAULT_APPROXIMATIONS, extraction_attrs
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.reduce import Shards, local_loss_count, reduce_statistics, reduced_numel
 
@@ -177,81 +175,45 @@ def compare(
     local_targets: Tensor,
     *,
     group: dist.ProcessGroup | None = None,
-    approximations: Iterable[str] = DEFAULT_APPROXIMATIONS,
-    fisher: str = "exact",
-    mc_samples: int = 1,
-    damping: float = 1e-3,
-    damping_strategies: Mapping[str, str] | None = None,
-    top_k: int = 10,
-    num_eigenvalues: int = 256,
-    tkfac_conv: str = "exact",
-    seed: int | None = 0,
     attrs: Mapping[str, object] | None = None,
     progress: bool = False,
+    **options: object,
 ) -> xr.Dataset:
     """:func:`curvlab.compare` of the global batch whose shards the ranks of ``group`` hold.
 
     Collective: every rank calls it with its shard; every rank returns the same Dataset, equal
     (to rounding) to ``curvlab.compare`` of one process on the concatenated batch for the
     ``exact`` and ``empirical`` flavours.  MC sampling is seeded with ``seed + rank``, so ``mc``
-    results are a valid MC estimate but not the single-process one.
+    results are a valid MC estimate but not the single-process one.  It *is*
+    :func:`curvlab.compare`, run with the sharded :func:`extract`.
 
     Args:
         group: the process group (``None``: the default group).
-        others: as for :func:`curvlab.compare`; ``progress`` shows a bar on rank 0 only.
+        attrs: extra attributes, as for :func:`curvlab.compare`.
+        progress: a progress bar on group rank 0 only.
+        options: the other keyword arguments of :func:`curvlab.compare` (``approximations``,
+            ``fisher``, ``mc_samples``, ``damping``, ``damping_strategies``, ``top_k``,
+            ``num_eigenvalues``, ``tkfac_conv``, ``seed``).
 
     Returns:
         the Dataset of :func:`curvlab.compare`, with the extra attributes ``world_size``,
         ``shard_examples`` (``N_r`` per rank), ``backend`` and ``mc_seeds``.
     """
-    names = [a.lower() for a in approximations]
-    for name in names:
-        if name not in APPROXIMATIONS:
-            raise ValueError(f"curvlab.distributed.compare: unknown approximation {name!r}; choose from {APPROXIMATIONS}")
-    strategies = {**DEFAULT_DAMPING, **(damping_strategies or {})}
-    stats = extract(
-        model,
-        loss_fn,
-        local_inputs,
-        local_targets,
-        group=group,
-        seed=seed,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        stats=("sqrt", "kfac", "tkfac"),
-        kfac_flavours=needed_kfac_flavours(names, fisher),
-        tkfac_conv=tkfac_conv,
-    )
-    approx = {
-        layer: {n: approximate(block, n) for n in names if applies(n, block)} for layer, block in stats.items()
-    }
-    wrap = None
-    if progress and stats.shards.rank == 0:
-        from functools import partial
+    coll.require_initialized()
+    extractions: list[_extract.Extraction] = []
 
-        from tqdm.auto import tqdm
+    def sharded(*args: object, **kwargs: object) -> _extract.Extraction:
+        extractions.append(extract(*args, group=group, **kwargs))
+        return extractions[-1]
 
-        wrap = partial(tqdm, desc="compare", unit="layer")
-    shards = stats.shards
-    return measure(
-        stats,
-        approx,
-        damping=damping,
-        damping_strategies=strategies,
-        top_k=top_k,
-        num_eigenvalues=num_eigenvalues,
-        attrs={
-            "mc_samples": mc_samples,
-            "seed": "none" if seed is None else seed,
-            "tkfac_conv": tkfac_conv,
-            "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
-            "batch_loss": stats.loss.item(),
-            **extraction_attrs(stats),
-            "world_size": shards.world_size,
-            "shard_examples": ",".join(str(n) for n in shards.examples),
-            "backend": str(dist.get_backend(group)),
-            "mc_seeds": "none (global random state per rank)" if seed is None else "seed + rank",
-            **(attrs or {}),
-        },
-        progress=wrap,
-    )
+    ds = _compare.compare(model, loss_fn, local_inputs, local_targets, extractor=sharded, attrs=attrs,
+                          progress=progress and coll.rank_of(group) == 0, **options)
+    shards = extractions[-1].shards
+    ds.attrs.update({
+        "world_size": shards.world_size,
+        "shard_examples": ",".join(str(n) for n in shards.examples),
+        "backend": str(dist.get_backend(group)),
+        "mc_seeds": "none (global random state per rank)" if ds.attrs["seed"] == "none" else "seed + rank",
+        **(attrs or {}),
+    })
+    return ds

@@ -39,6 +39,7 @@ from curvlab.block import Block
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats
 from curvlab.extract.options import ExtractOptions
+from curvlab.extract.validate import check_loss_inputs
 from curvlab.stats import LayerStats
 
 #: Attribute on a block's first parameter where the extension leaves its results.
@@ -63,9 +64,16 @@ class _LossRoot(ModuleExtension):
                 f"curvlab (BackPACK engine): model output of shape {tuple(module.input0.shape)} has several "
                 "loss terms per example; use engine='autograd' (or 'auto')"
             )
+        output = module.input0
+        finite = bool(torch.isfinite(output).all())
+        if finite or ext.options.non_finite == "raise":
+            check_loss_inputs(module, output, getattr(module, "input1", None))
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
-            if flavour == "exact":
+            if not finite:  # non_finite="propagate": NaN statistics, no sampling from NaN logits
+                columns = {"exact": output.shape[1], "mc": ext.options.mc_samples}.get(flavour, 1)
+                root = output.new_full((columns, *output.shape), float("nan"))
+            elif flavour == "exact":
                 root = self.derivatives.sqrt_hessian(module, g_inp, g_out)
             elif flavour == "mc":
                 root = self.derivatives.sqrt_hessian_sampled(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from curvlab._options import OptionSet
 from curvlab.stats import FLAVOURS
 
 #: Statistics an extraction can compute.
@@ -19,10 +20,11 @@ ENGINES = ("auto", "backpack", "autograd")
 KFAC_APPROX = ("expand", "reduce")
 #: Default bound on one batched vjp's temporaries in the autograd engine (bytes).
 DEFAULT_MAX_BYTES = 2**30
+NON_FINITE = ("raise", "propagate")
 
 
 @dataclass(frozen=True)
-class ExtractOptions:
+class ExtractOptions(OptionSet):
     """Options of :func:`curvlab.extract` and :class:`~curvlab.extract.ExtractionSession`.
 
     Attributes:
@@ -53,6 +55,10 @@ class ExtractOptions:
             ``"reduce"``.
         max_bytes: bound on the temporaries of one batched vjp of the autograd engine (an
             estimate; at least one column runs at a time).
+        non_finite: what a non-finite model output does: ``"raise"`` a clear error (the
+            default), or ``"propagate"``: the backward pass completes with NaN statistics (for
+            callers that skip such a batch, like the optimizers: under data parallelism every rank
+            must finish its backward, or the others wait for it forever).
     """
 
     fisher: str = "exact"
@@ -67,6 +73,9 @@ class ExtractOptions:
     engine: str = "auto"
     kfac_approx: str = "expand"
     max_bytes: int = DEFAULT_MAX_BYTES
+    non_finite: str = "raise"
+
+    owner = "curvlab.extract"
 
     def __post_init__(self) -> None:
         who = "curvlab.extract"
@@ -86,6 +95,8 @@ class ExtractOptions:
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
         if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
             raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
+        if self.non_finite not in NON_FINITE:
+            raise ValueError(f"{who}: non_finite={self.non_finite!r}; choose one of {NON_FINITE}")
         if self.tkfac_conv not in TKFAC_CONV_FORMS:
             raise ValueError(f"{who}: tkfac_conv={self.tkfac_conv!r}; choose one of {TKFAC_CONV_FORMS}")
         if self.engine not in ENGINES:
@@ -109,18 +120,6 @@ class ExtractOptions:
         """Flavours whose roots are backpropagated, the reference flavour first."""
         extra = [f for f in self.factor_flavours if f != self.fisher]
         return (self.fisher, *extra)
-
-    @classmethod
-    def make(cls, options: "ExtractOptions | None", overrides: Mapping[str, object]) -> "ExtractOptions":
-        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"curvlab.extract: unknown option(s) {unknown}; options are {sorted(names)}")
-        base = options if options is not None else cls()
-        if not overrides:
-            return base
-        return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **overrides})
 
 
 def _names(value: Iterable[str] | str, what: str) -> tuple[str, ...]:

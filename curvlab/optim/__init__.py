@@ -23,10 +23,12 @@ fields of :class:`KroneckerOptions`::
         opt.step()
 
 ``opt.approximations()`` returns, per block, the object the next step inverts with
-``inv_mat_mul(grad, opt.damping, opt.damping_strategy)``.
+``inv_mat_mul(grad, opt.damping, opt.damping_strategy)``.  Under ``DistributedDataParallel`` (or
+with a process group) they are data-parallel: :mod:`curvlab.optim.distributed`.
 """
 
 from curvlab.optim.base import BlockState, KroneckerOptimizer
+from curvlab.optim.distributed import DataParallel
 from curvlab.optim.ekfac import EKFAC
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.options import KroneckerOptions
@@ -36,4 +38,6 @@ from curvlab.optim.tkfac import TKFAC
 #: The registry of curvlab's optimizers: method name → class.
 OPTIMIZERS: dict[str, type[KroneckerOptimizer]] = {cls.method: cls for cls in (KFAC, EKFAC, TKFAC, TEKFAC)}
 
-__all__ = ["EKFAC", "KFAC", "OPTIMIZERS", "TEKFAC", "TKFAC", "BlockState", "KroneckerOptimizer", "KroneckerOptions"]
+__all__ = [
+    "EKFAC", "KFAC", "OPTIMIZERS", "TEKFAC", "TKFAC", "BlockState", "DataParallel", "KroneckerOptimizer", "KroneckerOptions",
+]

@@ -17,18 +17,27 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
 ``step()`` then, in this order:
 
 1. skips the step (state untouched, one ``RuntimeWarning`` per streak) if a gradient, the loss or
-   a statistic is not finite;
+   a statistic is not finite (a param group's non-finite or negative ``lr``, ``momentum`` or
+   ``weight_decay`` is a ``ValueError``);
 2. updates every block's state (running averages ``X ← β X + (1 − β) X_batch``; EKFAC/TEKFAC
    also ``s ← β s + (1 − β) s*``);
-3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): the one robust float64
-   ``psd_eigh`` of the averaged factors; KFAC/TKFAC rebuild the inverted object, EKFAC/TEKFAC
-   replace the basis and reset ``s`` to the Kronecker eigenvalues in it;
+3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): KFAC/TKFAC rebuild
+   the inverted object from the averaged factors, EKFAC/TEKFAC eigendecompose them (the one
+   robust ``psd_eigh``, or a truncated eigenbasis for factors above ``truncate_above``) and reset
+   ``s`` to the Kronecker eigenvalues in the new basis — in ``factor_dtype`` (float32 by default);
 4. preconditions ``∇̃ = approx.inv_mat_mul(∇W̄, damping, damping_strategy)`` with exactly the
    object :meth:`~KroneckerOptimizer.approximations` returns (first order, warned once, while a
-   block has no statistics);
+   block has no statistics); the object keeps its damped inverse (KFAC/TKFAC with Kronecker
+   damping: the two damped factor inverses, two GEMMs a step; otherwise the eigenbasis, four);
 5. KL-clips ``∇̃_b ← ν ∇̃_b``, ``ν = min(1, √(kl_clip / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))``;
 6. adds weight decay ``u = ∇̃ + wd·W̄``, heavy-ball momentum ``m ← μ m + u`` and applies
-   ``W̄ ← W̄ − lr·m``.
+   ``W̄ ← W̄ − lr·m`` — unless an update is not finite: then no parameter or momentum changes,
+   the step is skipped with a warning naming it, and only this step's statistics are kept.
+
+Under data parallelism (a ``DistributedDataParallel`` model, or a plain model and an initialised
+process group) the statistics of 1 are averaged over the ranks first and the refreshes of 3 are
+spread over them (:mod:`curvlab.optim.distributed`), so every rank takes one process's step on
+the concatenated batch.
 
 Every other parameter (layers the extraction only passes through; layers whose weight is frozen
 or in no group) gets ``torch.optim.SGD``'s update.  A block uses its weight's param group; a
@@ -36,7 +45,9 @@ trainable bias in no group is part of the statistics but not updated.  The stati
 of the loss as the user computes it, of the flavour ``fisher`` (MC sampling draws from torch's
 global RNG: save ``torch.get_rng_state()`` with :meth:`~KroneckerOptimizer.state_dict` for a
 bit-identical resume).  Cost per ``d_out × D`` block: ``4 d_out D (d_out + D)`` flops a step for
-the two rotations; ``O(N T D²)`` a statistics step; one ``O(D³)`` eigh per factor a refresh.
+the two rotations (half that in the inverse form; ``O(d_out D k)`` on a truncated side of rank
+``k``); ``O(N T D²)`` a statistics step; one ``O(D³)`` eigh or Cholesky per factor a refresh
+(``O(D² k)`` truncated).
 """
 
 from __future__ import annotations
@@ -54,8 +65,8 @@ from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
-from curvlab.optim.damping_cache import CachedDamping
-from curvlab.optim.options import KroneckerOptions
+from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
+from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, plan_step, tracked_pass
@@ -80,6 +91,11 @@ class KroneckerOptimizer(Optimizer):
             optimizer; ``lr``, ``momentum`` and ``weight_decay`` may be set per group.
         options: a :class:`~curvlab.optim.KroneckerOptions`; keyword arguments (``lr=0.1``,
             ``damping=1e-2``, …: its fields, with their defaults and meaning) override it.
+        distributed: data parallelism over ``torch.distributed`` ranks
+            (:mod:`curvlab.optim.distributed`): ``None`` detects it (a
+            ``DistributedDataParallel`` model, or an initialised group of several ranks),
+            ``False`` turns it off, ``True`` requires it, a
+            :class:`~curvlab.optim.distributed.DataParallel` configures it.
 
     Attributes:
         options: the hyper-parameters (read-only; ``damping`` and ``damping_strategy`` are
@@ -101,6 +117,7 @@ class KroneckerOptimizer(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         *,
         options: KroneckerOptions | None = None,
+        distributed: DataParallel | bool | None = None,
         **overrides: Any,
     ) -> None:
         who = type(self).__name__
@@ -112,7 +129,8 @@ class KroneckerOptimizer(Optimizer):
             )
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("curvlab.optim", who)) from None
-        self.model = model
+        self._parallel = data_parallel(model, distributed, who)
+        self.model = model = unwrap(model)  # blocks named as in one process
         self._blocks: list[Block] | None = None
         self._tracked = ModelBlocks()  # the preconditioned layers, for the statistics pass
         self._group_of: dict[Tensor, dict[str, Any]] = {}
@@ -121,7 +139,6 @@ class KroneckerOptimizer(Optimizer):
             model.parameters() if params is None else params,
             dict(lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay),
         )
-        self._damping_cache = CachedDamping(opts.damping_strategy)
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}
         self._pending: Pending | None = None
@@ -154,7 +171,6 @@ class KroneckerOptimizer(Optimizer):
     @damping_strategy.setter
     def damping_strategy(self, strategy: str | DampingStrategy) -> None:
         self.options = KroneckerOptions.make(self.options, {"damping_strategy": strategy})
-        self._damping_cache = CachedDamping(strategy)
 
     # ------------------------------------------------------------------ what methods define
 
@@ -190,7 +206,7 @@ class KroneckerOptimizer(Optimizer):
         self.blocks()
         return self._group_of.get(param)
 
-    def _update_blocks(self) -> None:
+    def _update_blocks(self) -> bool:
         steps = []
         for b in self.blocks():
             grad = b.grad_matrix()
@@ -208,7 +224,7 @@ class KroneckerOptimizer(Optimizer):
             )
             self._warned_first_order = True
         ungrouped = {p for b in self.blocks() for p in b.parameters() if self._group(p) is None}
-        update_blocks_(steps, self.options.damping, self._damping_cache, self.options.kl_clip, ungrouped)
+        return update_blocks_(steps, self.options.damping, self.options.damping_strategy, self.options.kl_clip, ungrouped)
 
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
@@ -233,9 +249,11 @@ class KroneckerOptimizer(Optimizer):
         if not plan.statistics:
             yield
             return
-        opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples,
+        seed = self._parallel.sampling_seed(self.steps_done) if self._parallel and self.options.fisher == "mc" else None
+        opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples, seed=seed,
                               stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True,
-                              engine=self.options.engine, kfac_approx=self.options.kfac_approx)
+                              engine=self.options.engine, kfac_approx=self.options.kfac_approx,
+                              non_finite="propagate")  # a non-finite batch: NaN statistics, the step skipped
         with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
                           quiet=bool(self._skip_streak)) as pending:
             yield
@@ -272,35 +290,52 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_groups(self.param_groups, type(self).__name__)
         pending, self._pending = self._pending, None
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ()):
-            if not self._skip_streak:  # once per run of skips: a diverged model skips every step
-                warnings.warn(
-                    f"{type(self).__name__}: non-finite loss, gradient or statistic at step "
-                    f"{self.steps_done}; the step is skipped and the optimizer state left unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self._skip_streak += 1
-            return loss
-        self._skip_streak = 0
+        finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
+        if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
+            pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
+        if not finite:
+            return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
 
         refresh_due = self._due(self.options.eigen_interval)
+        stale = []
         for b in self.blocks():
             curvature = self._state(b).curvature
             stats = pending.results.get(b.name) if pending is not None else None
             if stats is not None:
                 curvature.update(stats, self.options.stat_decay)
             if curvature.has_statistics and (refresh_due or curvature.build() is None):
+                stale.append(curvature)
+        if self._parallel is not None:
+            self._parallel.refresh(stale)  # each rank decomposes its share, then they swap them
+        else:
+            for curvature in stale:
                 curvature.refresh()
-        self._update_blocks()
+        if not self._update_blocks():
+            return self._skip(
+                f"non-finite update (lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
+                f"damping={self.options.damping:g})",
+                "no parameter changed; the step's statistics are kept", loss,
+            )
+        self._skip_streak = 0
         block_params = {p for b in self.blocks() for p in b.parameters()}
         for group in self.param_groups:
             sgd_update_([p for p in group["params"] if p not in block_params], group, self.state)
         self.steps_done += 1
+        return loss
+
+    def _skip(self, what: str, kept: str, loss: Any) -> Any:
+        if not self._skip_streak:  # once per run of skips: a diverged model skips every step
+            warnings.warn(
+                f"{type(self).__name__}: {what} at step {self.steps_done}; the step is skipped and {kept}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._skip_streak += 1
         return loss
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -6,8 +6,11 @@ Preconditioner: the damped inverse of ``curvlab.approx.KFAC(A, G)``, ``K̂ = G �
 * ``A = EMA[1/(N·T) Σ ā āᵀ]``, ``G = EMA[Σ g gᵀ]`` of the chosen Fisher flavour (``fisher="mc"``:
   KFAC; ``fisher="exact"``: KFLR factors), averaged every ``stats_interval`` steps;
 * the object rebuilt from the averages every ``eigen_interval`` steps (the inverse interval: its
-  factor eigen-decompositions are computed once per rebuild and cached);
-* damping: ``"factored"`` by default, ``(G + √λ/π I) ⊗ (A + π√λ I)`` [C].
+  damped inverse is computed once per rebuild and kept with it);
+* damping: ``"factored"`` by default, ``(G + √λ/π I) ⊗ (A + π√λ I)`` [C], inverted factor by
+  factor (Cholesky, in ``factor_dtype``: two GEMMs a step, no eigen-decomposition); factors above
+  ``truncate_above`` are replaced by a truncated eigen-decomposition (rank ``truncation_rank``
+  plus a flat remainder), which then defines the approximation.
 """
 
 from __future__ import annotations
@@ -30,4 +33,5 @@ class KFAC(KroneckerOptimizer):
 
     def new_state(self, block: Block) -> RunningFactors:
         flavour = self.options.fisher
-        return RunningFactors(block.layout, FLAVOUR_NAMES.get(flavour, f"kfac-{flavour}"), flavour)
+        return RunningFactors(block.layout, FLAVOUR_NAMES.get(flavour, f"kfac-{flavour}"), flavour,
+                              eigh=self.options.eigh_policy())

@@ -7,13 +7,22 @@ the fields, defaults, help texts and checks from here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, get_damping
+import torch
+from torch import Tensor
+
+from curvlab._options import OptionSet
+from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, EighPolicy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.extract.options import ENGINES, KFAC_APPROX
 from curvlab.stats import FLAVOURS
+
+
+#: dtypes accepted by ``factor_dtype``.
+FACTOR_DTYPES = ("float32", "float64")
 
 
 def _option(default: object, help: str, **cli: object) -> object:
@@ -22,7 +31,7 @@ def _option(default: object, help: str, **cli: object) -> object:
 
 
 @dataclass(frozen=True)
-class KroneckerOptions:
+class KroneckerOptions(OptionSet):
     """Hyper-parameters of :class:`~curvlab.optim.KFAC`, ``EKFAC``, ``TKFAC`` and ``TEKFAC``.
 
     ``lr``, ``momentum`` and ``weight_decay`` are the defaults of the param groups (each group
@@ -54,9 +63,20 @@ class KroneckerOptions:
         "expand", "weight-sharing convention of the Kronecker factors (convolutions, Linear on [N, T, D])",
         choices=KFAC_APPROX,
     )
+    factor_dtype: str = _option(
+        "float32", "dtype of the running statistics, their eigen-decompositions and damped inverses "
+        "(float64: the exact reference; eigh failures are retried with jitter in both)", choices=FACTOR_DTYPES,
+    )
+    truncate_above: int = _option(
+        2048, "factors larger than this get a truncated eigenbasis (top truncation_rank eigenpairs by a "
+        "randomized range finder, the rest of the spectrum flat at its mean); 0: never", type=int,
+    )
+    truncation_rank: int = _option(256, "rank of a truncated eigenbasis", type=int)
+
+    owner = "curvlab.optim"
 
     def __post_init__(self) -> None:
-        who = "curvlab.optim"
+        who = self.owner
         for name in ("lr", "momentum", "weight_decay"):
             _check_number(who, name, getattr(self, name), minimum=0.0, strict=False)
         _check_number(who, "damping", self.damping, minimum=0.0, strict=True)
@@ -75,6 +95,12 @@ class KroneckerOptions:
             raise ValueError(f"{who}: engine={self.engine!r}; choose one of {ENGINES}")
         if self.kfac_approx not in KFAC_APPROX:
             raise ValueError(f"{who}: kfac_approx={self.kfac_approx!r}; choose one of {KFAC_APPROX}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"{who}: factor_dtype={self.factor_dtype!r}; choose one of {FACTOR_DTYPES}")
+        for name in ("truncate_above", "truncation_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < int(name == "truncation_rank"):
+                raise ValueError(f"{who}: {name}={value!r} must be a {'positive' if name == 'truncation_rank' else 'non-negative'} int")
         if self.basis not in TEKFAC_BASES:
             raise ValueError(f"{who}: basis={self.basis!r}; choose one of {TEKFAC_BASES}")
         if self.damping_strategy is not None:
@@ -84,14 +110,13 @@ class KroneckerOptions:
                 )
             get_damping(self.damping_strategy)  # objects are checked too
 
-    @classmethod
-    def make(cls, options: "KroneckerOptions | None", overrides: Mapping[str, object]) -> "KroneckerOptions":
-        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"curvlab.optim: unknown option(s) {unknown}; options are {sorted(names)}")
-        return replace(options if options is not None else cls(), **overrides)
+    def eigh_policy(self) -> EighPolicy:
+        """How the optimizers decompose and invert their factors (:class:`curvlab.approx.EighPolicy`)."""
+        return EighPolicy(
+            dtype=getattr(torch, self.factor_dtype),
+            truncate_above=self.truncate_above or None,
+            rank=self.truncation_rank,
+        )
 
     def for_method(self, method: str, *, trace_factored: bool, has_basis: bool) -> "KroneckerOptions":
         """These options for the optimizer ``method``: its default damping strategy filled in;
@@ -114,3 +139,14 @@ def _check_number(who: str, name: str, value: object, *, minimum: float, strict:
     if not ok:
         bound = "positive" if strict else "non-negative"
         raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
+
+
+def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
+    """Every param group's ``lr``, ``momentum`` and ``weight_decay`` is a non-negative finite
+    number (groups are plain dicts: a user or a scheduler may have set anything)."""
+    for i, group in enumerate(groups):
+        for name in ("lr", "momentum", "weight_decay"):
+            value = group.get(name)
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = float(value)
+            _check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)

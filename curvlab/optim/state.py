@@ -14,10 +14,13 @@ state                  running averages                                builds
 Each has ``update(stats, decay)`` (the running averages; the eigen-corrected ones also rescale
 ``s ← β s + (1 − β) s*`` from the batch's ``kfe_scaling``), ``refresh()`` (the eigen
 refresh: through the ``curvlab.approx`` constructors only, so every approximation is built in one
-place, with the one robust eigen-decomposition :func:`curvlab.approx.psd_eigh`) and ``build()``
-(the object the next step inverts; ``None`` before the first refresh).  Running averages are
-``X ← β X + (1 − β) X_batch``, initialised with the first batch (no zero bias); objects handed out
-by ``build()`` are never modified later.
+place, decomposed as the state's :class:`~curvlab.approx.EighPolicy` ``eigh`` says: dtype, and a
+truncated eigenbasis for large factors) and ``build()`` (the object the next step inverts;
+``None`` before the first refresh).  Running averages are ``X ← β X + (1 − β) X_batch`` in
+``eigh.dtype``, initialised with the first batch (no zero bias); objects handed out by
+``build()`` are never modified later.  KFAC/TKFAC need no eigen-decomposition at all with their
+default (Kronecker) damping: the objects invert ``(L + aI) ⊗ (R + bI)`` from two Cholesky
+factorisations, computed at the first step that uses them and kept with the object.
 
 ``tensors()``/``load()`` give and take the state as a flat ``name → tensor`` mapping — what
 :meth:`KroneckerOptimizer.state_dict` saves (loadable with ``torch.load(weights_only=True)``).
@@ -33,15 +36,16 @@ import torch
 from torch import Tensor
 
 from curvlab import approx
-from curvlab.approx import KroneckerApproximation
+from curvlab.approx import EXACT_EIGH, EighPolicy, KroneckerApproximation
 from curvlab.block import BlockLayout
 from curvlab.stats import KroneckerFactors, LayerStats
 
 
-def ema_(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
-    """``decay · old + (1 − decay) · new`` in place of ``old`` (a copy of ``new`` if ``old`` is None)."""
+def ema_(old: Tensor | None, new: Tensor, decay: float, dtype: torch.dtype | None = None) -> Tensor:
+    """``decay · old + (1 − decay) · new`` in place of ``old`` (a copy of ``new`` in ``dtype``
+    if ``old`` is None)."""
     if old is None:
-        return new.detach().clone()
+        return new.detach().to(dtype=dtype, copy=True)
     return old.lerp_(new.to(old.dtype), 1.0 - decay)  # one pass; exactly ``new`` for decay 0
 
 
@@ -50,6 +54,7 @@ class CurvatureState(ABC):
 
     layout: BlockLayout
     name: str
+    eigh: EighPolicy
 
     @abstractmethod
     def update(self, stats: LayerStats, decay: float) -> None:
@@ -96,14 +101,15 @@ class CurvatureState(ABC):
             prefix = f"{f.name}."
             sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             current = getattr(self, f.name)
-            if f.name in tensors:
-                setattr(self, f.name, tensors[f.name])
+            if f.name in tensors:  # a running statistic
+                setattr(self, f.name, tensors[f.name].to(dtype=self.eigh.dtype))
                 used.add(f.name)
             elif sub and isinstance(current, CurvatureState):
                 current.load(sub)
             elif sub:  # the approximation object
+                options = {"eigh": self.eigh} if issubclass(self.approximation_class, approx.KroneckerProduct) else {}
                 try:
-                    built = self.approximation_class.from_tensors(sub, layout=self.layout, name=self.name)
+                    built = self.approximation_class.from_tensors(sub, layout=self.layout, name=self.name, **options)
                 except TypeError as err:
                     raise ValueError(f"{type(self).__name__}: incomplete {f.name} ({err})") from None
                 setattr(self, f.name, built)
@@ -127,6 +133,7 @@ class RunningFactors(CurvatureState):
     A: Tensor | None = None
     G: Tensor | None = None
     approximation: approx.KFAC | None = None
+    eigh: EighPolicy = EXACT_EIGH
 
     @property
     def has_statistics(self) -> bool:
@@ -135,16 +142,17 @@ class RunningFactors(CurvatureState):
     def update(self, stats: LayerStats, decay: float) -> None:
         factors = stats.kfac.get(self.flavour)
         if factors is not None:
-            self.A, self.G = ema_(self.A, factors.A, decay), ema_(self.G, factors.G, decay)
+            dt = self.eigh.dtype
+            self.A, self.G = ema_(self.A, factors.A, decay, dt), ema_(self.G, factors.G, decay, dt)
 
     def snapshot(self) -> KroneckerFactors:
-        """The current averages (copies)."""
-        return KroneckerFactors(A=self.A.clone(), G=self.G.clone())
+        """The current averages (the tensors themselves: updated in place later, so copy what
+        must not change — the approximation constructors do)."""
+        return KroneckerFactors(A=self.A, G=self.G)
 
     def refresh(self) -> None:
-        factors = self.snapshot()
-        self.approximation = approx.KFAC(factors.A, factors.G, layout=self.layout, name=self.name)
-        self.approximation.eigenbasis()  # decompose now, not in the next step
+        # KFAC's constructor copies (symmetrises) or truncates the factors
+        self.approximation = approx.KFAC(self.A, self.G, layout=self.layout, name=self.name, eigh=self.eigh)
 
     def build(self) -> approx.KFAC | None:
         return self.approximation
@@ -164,6 +172,7 @@ class RunningTraces(CurvatureState):
     delta_phi: Tensor | None = None
     delta_psi: Tensor | None = None
     approximation: approx.TKFAC | None = None
+    eigh: EighPolicy = EXACT_EIGH
 
     @property
     def has_statistics(self) -> bool:
@@ -172,15 +181,16 @@ class RunningTraces(CurvatureState):
     def update(self, stats: LayerStats, decay: float) -> None:
         ts = stats.tkfac
         if ts is not None:
-            self.delta = ema_(self.delta, ts.delta.reshape(()), decay)
-            self.delta_phi = ema_(self.delta_phi, ts.delta_phi, decay)
-            self.delta_psi = ema_(self.delta_psi, ts.delta_psi, decay)
+            dt = self.eigh.dtype
+            self.delta = ema_(self.delta, ts.delta.reshape(()), decay, dt)
+            self.delta_phi = ema_(self.delta_phi, ts.delta_phi, decay, dt)
+            self.delta_psi = ema_(self.delta_psi, ts.delta_psi, decay, dt)
 
     def refresh(self) -> None:
+        # TKFAC's constructor copies (symmetrises) or truncates δΦ, δΨ; δ is a 0-dim view
         self.approximation = approx.TKFAC(
-            self.delta.clone(), self.delta_phi.clone(), self.delta_psi.clone(), layout=self.layout, name=self.name
+            self.delta.clone(), self.delta_phi, self.delta_psi, layout=self.layout, name=self.name, eigh=self.eigh
         )
-        self.approximation.eigenbasis()
 
     def build(self) -> approx.TKFAC | None:
         return self.approximation
@@ -194,16 +204,19 @@ class Eigenbasis(CurvatureState):
     approximation: approx.EigenCorrected | None
 
     def rescale(self, scaling: Tensor, decay: float) -> None:
-        """``s ← β s + (1 − β) s*`` (out of place: built objects keep their own ``s``)."""
-        s = self.approximation.scaling
-        self.approximation = self.approximation.with_scaling(torch.lerp(scaling.to(s.dtype), s, decay))
+        """``s ← β s + (1 − β) s*`` (out of place: built objects keep their own ``s``); ``scaling``
+        holds the sums ``Σ_k (U_outᵀ M_k U_in)²`` over each compressed entry's directions."""
+        a = self.approximation
+        s_star = a.compressed_mean(scaling.to(a.dtype))
+        self.approximation = a.with_scaling(torch.lerp(s_star, a.scaling, decay))
 
     def build(self) -> approx.EigenCorrected | None:
         return self.approximation
 
     def eigenbasis(self) -> tuple[Tensor, Tensor] | None:
-        """``(U_out, U_in)`` in which the next rescaling must be extracted (``None``: no basis)."""
-        return None if self.approximation is None else self.approximation.eigenbasis()
+        """``(U_out, U_in)`` as stored (a truncated side: its ``k`` columns) in which the next
+        rescaling must be extracted (``None``: no basis)."""
+        return None if self.approximation is None else self.approximation.eigenbasis(compressed=True)
 
 
 @dataclass(eq=False)
@@ -217,6 +230,7 @@ class EKFACBasis(Eigenbasis):
     name: str
     factors: RunningFactors
     approximation: approx.EKFAC | None = None
+    eigh: EighPolicy = EXACT_EIGH
 
     @property
     def has_statistics(self) -> bool:
@@ -229,7 +243,9 @@ class EKFACBasis(Eigenbasis):
 
     def refresh(self) -> None:
         f = self.factors
-        self.approximation = approx.EKFAC.from_factors(f.A, f.G, scaling="kronecker", layout=self.layout, name=self.name)
+        self.approximation = approx.EKFAC.from_factors(
+            f.A, f.G, scaling="kronecker", layout=self.layout, name=self.name, eigh=self.eigh
+        )
 
 
 @dataclass(eq=False)
@@ -244,6 +260,7 @@ class TEKFACBasis(Eigenbasis):
     traces: RunningTraces
     factors: RunningFactors | None = None
     approximation: approx.TEKFAC | None = None
+    eigh: EighPolicy = EXACT_EIGH
 
     @property
     def has_statistics(self) -> bool:
@@ -265,7 +282,7 @@ class TEKFACBasis(Eigenbasis):
         self.approximation = approx.TEKFAC.from_trace_stats(
             t.delta, t.delta_phi, t.delta_psi,
             basis=None if self.factors is None else self.factors.snapshot(),
-            scaling="kronecker", layout=self.layout, name=self.name,
+            scaling="kronecker", layout=self.layout, name=self.name, eigh=self.eigh,
         )
 
 

@@ -7,7 +7,7 @@ the new approximation method and the effective damping technique" of TKFAC):
 1. every ``stats_interval`` steps: running averages of TKFAC's *unnormalised* statistics
    ``δ = Σ_k ‖M_k‖²``, ``δΦ = Σ_k M_kᵀ M_k``, ``δΨ = Σ_k M_k M_kᵀ`` (MC Fisher by default);
 2. every ``eigen_interval`` steps: ``δΨ = U_Ψ diag(δ λ_Ψ) U_Ψᵀ``, ``δΦ = U_Φ diag(δ λ_Φ) U_Φᵀ``
-   (float64 ``eigh``); the basis becomes ``Q = U_Ψ ⊗ U_Φ`` and ``s`` is reset to
+   (``eigh`` in ``factor_dtype``, truncated above ``truncate_above``); the basis becomes ``Q = U_Ψ ⊗ U_Φ`` and ``s`` is reset to
    ``δ λ_Ψ λ_Φᵀ`` — TKFAC in its own eigenbasis;
 3. every ``scale_interval`` steps (not refresh steps): ``s ← β s + (1 − β) Σ_k (U_Ψᵀ M_k U_Φ)²``,
    the eigenvalue correction, computed inside the BackPACK pass;
@@ -46,6 +46,6 @@ class TEKFAC(KroneckerOptimizer):
     has_basis_option = True
 
     def new_state(self, block: Block) -> TEKFACBasis:
-        o = self.options
-        factors = RunningFactors(block.layout, o.fisher, o.fisher) if o.basis == "kfac" else None
-        return TEKFACBasis(block.layout, "tekfac", RunningTraces(block.layout, "tkfac"), factors)
+        o, eigh = self.options, self.options.eigh_policy()
+        factors = RunningFactors(block.layout, o.fisher, o.fisher, eigh=eigh) if o.basis == "kfac" else None
+        return TEKFACBasis(block.layout, "tekfac", RunningTraces(block.layout, "tkfac", eigh=eigh), factors, eigh=eigh)

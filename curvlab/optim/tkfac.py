@@ -30,4 +30,4 @@ class TKFAC(KroneckerOptimizer):
     trace_factored = True
 
     def new_state(self, block: Block) -> RunningTraces:
-        return RunningTraces(block.layout, "tkfac")
+        return RunningTraces(block.layout, "tkfac", eigh=self.options.eigh_policy())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from curvlab.distributed.reduce import local_loss_count
 from curvlab.extract import ExtractionSession, ExtractOptions
 from curvlab.model_blocks import ModelBlocks
 from curvlab.optim.options import KroneckerOptions
@@ -55,6 +56,11 @@ class Pending:
     step: int
     results: dict[str, LayerStats]
     losses: list[Tensor] = field(default_factory=list)
+    #: terms each loss value averages over (``mean``: examples for CE, elements for MSE), which
+    #: data-parallel ranks need to weight their statistics exactly
+    loss_terms: list[int] = field(default_factory=list)
+    #: the loss module's reduction (``"mean"`` or ``"sum"``)
+    reduction: str = "mean"
 
 
 @contextlib.contextmanager
@@ -75,9 +81,15 @@ def tracked_pass(
     block does not run) and the statistics stay empty, so the step is skipped.  Any other error
     propagates.
     """
-    pending = Pending(step, {})
+    pending = Pending(step, {}, reduction=getattr(loss_fn, "reduction", "mean"))
     session = ExtractionSession(model, loss_fn, options, blocks=blocks)
-    handle = loss_fn.register_forward_hook(lambda _m, _i, out: pending.losses.append(out.detach()))
+
+    def record(_module: nn.Module, args: tuple, out: Tensor) -> None:
+        pending.losses.append(out.detach())
+        if len(args) == 2:
+            pending.loss_terms.append(local_loss_count(loss_fn, *args))
+
+    handle = loss_fn.register_forward_hook(record)
     try:
         with session, warnings.catch_warnings():
             # BackPACK's full backward hook on a first layer whose input needs no gradient

@@ -3,6 +3,7 @@ decay, momentum, and the first-order (SGD) update of every other parameter."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def all_finite(grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor], sta
     if not values:
         return True
     device = values[0].device
-    sums = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+    # the widest dtype present (no float64 work for a float32 model); one sync
+    dtype = functools.reduce(torch.promote_types, {v.dtype for v in values})
+    sums = torch.stack([v.to(device=device, dtype=dtype) for v in values])
     return bool(torch.isfinite(sums).all().item())
 
 
@@ -57,14 +60,15 @@ def momentum_direction(update: Tensor, own: bool, buffer: Tensor | None, momentu
     """Heavy-ball momentum (torch's SGD convention): ``m ← μ m + u`` (``m = u`` at first).
 
     ``own``: whether ``update`` is a fresh tensor that may become the buffer.  Returns the
-    direction to apply and the new buffer (``None`` when ``μ = 0``).
+    direction to apply and the new buffer (``None`` when ``μ = 0``); ``buffer`` itself is not
+    modified, so an update refused afterwards leaves it as it was.
     """
     if momentum == 0:
         return update, None
     if buffer is None:
         buffer = update if own else update.clone()
     else:
-        buffer.mul_(momentum).add_(update)
+        buffer = buffer.mul(momentum).add_(update)
     return buffer, buffer
 
 
@@ -99,12 +103,17 @@ class BlockStep:
 def update_blocks_(
     steps: Sequence[BlockStep],
     damping: float,
-    strategy: DampingStrategy,
+    strategy: str | DampingStrategy,
     kl_clip: float | None,
     skip: set[Tensor] | frozenset[Tensor] = frozenset(),
-) -> None:
+) -> bool:
     """Precondition, KL-clip, decay, accelerate and apply the update of every block (steps 4–6
-    of :mod:`curvlab.optim.base`), leaving the parameters in ``skip`` unchanged."""
+    of :mod:`curvlab.optim.base`), leaving the parameters in ``skip`` unchanged.
+
+    Every update is checked before any is applied: if one is not finite (an overflowing inverse,
+    a huge learning rate), nothing changes — parameters and momentum buffers — and False is
+    returned.
+    """
     # (direction, own): preconditioned directions are fresh tensors that may be modified in
     # place; first-order ones may be views of .grad.
     directions: list[tuple[Tensor, bool]] = []
@@ -113,12 +122,14 @@ def update_blocks_(
         if s.approximation is None:
             directions.append((s.grad, False))
             continue
+        # computed in the approximation's dtype (factor_dtype), returned in the gradient's
         direction = s.approximation.inv_mat_mul(s.grad, damping, strategy)
         directions.append((direction, True))
         if kl_clip is not None:
             term = torch.dot(direction.flatten(), s.grad.flatten()) * (s.group["lr"] ** 2)
             v_g = term if v_g is None else v_g + term.to(v_g.device)
     nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
+    updates: list[tuple[BlockStep, Tensor, Tensor | None]] = []
     for s, (update, own) in zip(steps, directions):
         group = s.group
         if nu is not None and own:
@@ -128,5 +139,17 @@ def update_blocks_(
             theta = s.block.param_matrix()
             update = update.add_(theta, alpha=wd) if own else update.add(theta, alpha=wd)
             own = True
-        update, s.state.momentum = momentum_direction(update, own, s.state.momentum, group["momentum"])
-        s.block.add_(update, -group["lr"], skip=skip)
+        update, buffer = momentum_direction(update, own, s.state.momentum, group["momentum"])
+        updates.append((s, update, buffer))
+    if updates:  # lr·max|u| in the parameters' dtype overflows iff an entry of lr·u does; one sync
+        device = updates[0][1].device
+        peaks = torch.stack([
+            (torch.linalg.vector_norm(u, ord=math.inf) * s.group["lr"]).to(device=device, dtype=torch.float64)
+            for s, u, _ in updates
+        ])
+        if not bool(torch.isfinite(peaks).all()):
+            return False
+    for s, update, buffer in updates:
+        s.state.momentum = buffer
+        s.block.add_(update, -s.group["lr"], skip=skip)
+    return True

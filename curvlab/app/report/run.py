@@ -1,4 +1,8 @@
-"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare` → files."""
+"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare` → files.
+
+The output folder is checked before any compute and replaced as a whole at the end
+(:mod:`curvlab.app.report.files`).
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,10 @@ import torch
 from torch import nn
 
 from curvlab.app.data import Dataset, load_dataset
+from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES, check_report_folder, write_report  # noqa: F401 (re-exported)
 from curvlab.approx import APPROXIMATIONS
 from curvlab.io import PathLike
 
-#: Files of a report, by key of :func:`run_report`'s result.
-REPORT_FILES = {
-    "report": "report.nc",
-    "summary": "summary.md",
-    "spectra": "spectra.png",
-    "errors": "errors.png",
-    "network": "network.png",
-}
 
 
 @dataclass
@@ -76,8 +73,6 @@ class ReportConfig:
     skip_unsupported: bool = False
 
 
-#: Written when the measured batch couples its examples (train-mode BatchNorm).
-COUPLING_FIGURE = "coupling.png"
 #: The model's mode during the measurement.
 MODES = ("eval", "train")
 
@@ -214,23 +209,30 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     loss (mean); write ``report.nc``, ``summary.md``, ``spectra.png``, ``errors.png`` and
     ``network.png`` into ``out_dir``.
 
+    In a process group of several ranks (``torchrun``, ``curvlab report --nproc``) every rank
+    runs this with rank 0's warmed-up model, the batch is sharded over the ranks
+    (:func:`curvlab.distributed.compare`: the same Dataset, to rounding, as one process) and
+    rank 0 writes the files (the other ranks return the same paths without writing).
+
     Args:
         config: a :class:`ReportConfig`; keyword arguments (its fields) override it.
 
     Returns:
-        ``{"report", "summary", "spectra", "errors", "network"}`` → written path.
+        ``{"report", "summary", "spectra", "errors", "network", "manifest"}`` → written path.
 
     Raises:
         curvlab.app.data.DataError: data files missing or malformed (the message lists the paths).
         ReportError: unknown model, unusable device, batch larger than the training set.
+        curvlab.app.outdir.OutputFolderError: ``out_dir`` is a file, not writable, or holds
+            files that are not a report (checked before any compute).
+        OSError: writing failed (a full disk: ``[Errno 28]``, naming the file); the previous
+            report in ``out_dir`` is unchanged.
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
-    from curvlab.app.report.coupling import plot_coupling
-    from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
+    from curvlab.app.launch import Ranks, broadcast_module
     from curvlab.app.models.check import measured_batch_size
-    from curvlab.app.report.summary import write_summary
     from curvlab.compare import compare
-    from curvlab.io import write_netcdf
+    from curvlab.distributed import compare as sharded_compare
 
     if isinstance(config, str):  # curvlab 0.1: run_report(model, dataset, data_dir, ...)
         warnings.warn(
@@ -249,6 +251,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     if cfg.mode not in MODES:
         raise ReportError(f"mode={cfg.mode!r}; choose one of {MODES}")
     dev = resolve_device(cfg.device)
+    out = check_report_folder(Path(cfg.out_dir))
     start = time.perf_counter()
     _check_model(cfg)  # before loading data or training: an unsupported model fails in a second
     data = load_dataset(cfg.dataset, cfg.data_dir)
@@ -260,6 +263,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,
     )
+    ranks = Ranks.current()
+    broadcast_module(model)  # several ranks: rank 0's warm-up for all, whatever rounding did elsewhere
     model.train(cfg.mode == "train")
     attrs = {
         "model": cfg.model,
@@ -280,7 +285,14 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "device": str(dev),
         "model_mode": cfg.mode,
     }
-    ds = compare(
+    if ranks.distributed:
+        if cfg.mode == "train":
+            raise ReportError(
+                "mode='train' measures a batch whose examples are coupled (BatchNorm's batch statistics); "
+                "shards on several processes would change those statistics: run it in one process"
+            )
+        x, y = ranks.shard(x, y)
+    ds = (sharded_compare if ranks.distributed else compare)(
         model,
         loss_fn,
         x.to(dev),
@@ -302,20 +314,6 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     )
     ds.attrs["elapsed_seconds"] = round(time.perf_counter() - start, 3)
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in REPORT_FILES.items()}
-    write_netcdf(ds, paths["report"])
-    plot_spectra(ds, paths["spectra"])
-    plot_errors(ds, paths["errors"])
-    plot_network(ds, paths["network"])
-    figures = {
-        "Eigenvalues per layer": REPORT_FILES["spectra"],
-        "Per-layer errors": REPORT_FILES["errors"],
-        "Whole network": REPORT_FILES["network"],
-    }
-    if ds.attrs.get("coupled"):
-        paths["coupling"] = plot_coupling(ds, out / COUPLING_FIGURE)
-        figures["What the Kronecker statistics miss of the coupled blocks"] = COUPLING_FIGURE
-    write_summary(ds, paths["summary"], figures=figures)
-    return paths
+    if not ranks.is_main:
+        return {key: out / name for key, name in REPORT_FILES.items()}
+    return write_report(ds, out)

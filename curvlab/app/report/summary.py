@@ -75,6 +75,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("device", "Device"),
     ("elapsed_seconds", "Run time (s)"),
     ("created", "Created"),
+    ("run_id", "Run id (manifest.json)"),
 )
 
 

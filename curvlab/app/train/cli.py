@@ -11,6 +11,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from curvlab.app.models import MODELS
+from curvlab.app.launch import add_nproc_option
 from curvlab.app.train.config import OPTIMIZERS, TrainConfig, default_lr
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -62,8 +63,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
-    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT (without it, such a folder is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_nproc_option(run, "--batch-size is the global batch, split over them (DistributedSampler-like)")
     add_optimizer_options(p.add_argument_group("optimizer (SGD uses lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
     probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
@@ -78,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` the parsed options describe."""
     model_kwargs = {}
     if args.hidden:
-        model_kwargs["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+        model_kwargs["hidden"] = _widths(args.hidden)
     probe_approx = tuple(a.strip().lower() for a in args.probe_approximations.split(",") if a.strip())
     for name in probe_approx:
         if name not in APPROXIMATIONS:
@@ -107,27 +110,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ValueError(f"curvlab train: --hidden {text!r}: expected comma-separated positive integers, e.g. 128,64")
+    return widths
+
+
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
     from curvlab.app.data import DataError
+    from curvlab.app.launch import Ranks, join_process_group, relaunch, wants_relaunch
+    from curvlab.app.report.run import resolve_device
     from curvlab.app.train.loop import train
 
     try:
         cfg = config_from_args(args)
-        if cfg.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("curvlab train: --device cuda but no CUDA device is available")
+        resolve_device(cfg.device)
+        if args.resume and args.overwrite:
+            raise ValueError("curvlab train: --resume and --overwrite exclude each other")
     except ValueError as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    if wants_relaunch(args.nproc):
+        return relaunch(args.nproc, args.argv)
+    join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
-        paths = train(cfg, resume=args.resume)
+        paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (DataError, ValueError, OSError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
+    if not Ranks.current().is_main:
+        return 0
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

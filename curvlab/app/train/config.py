@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
 
@@ -49,10 +50,20 @@ class TrainConfig(KroneckerOptions):
         for name in ("epochs", "batch_size", "probe_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive")
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive (None: the whole set)")
         if self.probe_every < 0:
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:
             object.__setattr__(self, "lr", default_lr(self.optimizer))
+        if isinstance(self.probe_approximations, str):
+            raise ValueError(
+                f"curvlab train: probe_approximations={self.probe_approximations!r} must be a collection "
+                f"of names, e.g. ({self.probe_approximations!r},)"
+            )
+        for name in self.probe_approximations:
+            spec(name, "curvlab train: probe_approximations")
         object.__setattr__(self, "probe_approximations", tuple(self.probe_approximations))
         try:
             super().__post_init__()

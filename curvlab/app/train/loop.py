@@ -2,7 +2,9 @@
 
 Files in ``cfg.out``: ``metrics.nc`` (epoch × metric), ``probe.nc`` (step × layer ×
 approximation), ``checkpoint.pt`` (after every epoch; ``resume=True`` continues from it).  All are
-written atomically, so a run killed at any point resumes from its last finished epoch.
+written atomically, so a run killed at any point resumes from its last finished epoch; the folder
+is checked and locked first (:mod:`curvlab.app.train.run_folder`), and checkpoints are read
+without running code (:mod:`curvlab.app.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
+from curvlab.app import launch
 from curvlab.app.data import Dataset, batches, load_dataset, subset
 from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, measured_batch_size
+from curvlab.app.report.run import resolve_device
+from curvlab.app.train import parallel
+from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, make_optimizer
 from curvlab.app.train.probe import Probe
-from curvlab.io import atomic_write, write_netcdf
+from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, run_folder
+from curvlab.io import write_netcdf
 from curvlab.optim import KroneckerOptimizer
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.nc"
-PROBE = "probe.nc"
 #: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
 #: later step would be skipped or produce NaN) and its remaining epochs are recorded as NaN.
 DIVERGED_AFTER = 20
@@ -77,11 +81,8 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_s
     return total_loss / x.shape[0], correct / x.shape[0]
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None) -> xr.Dataset:
+def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None,
+                     world_size: int = 1) -> xr.Dataset:
     keys = [k for k in records[0] if k != "epoch"]
     ds = xr.Dataset(
         {k: ("epoch", np.array([r[k] for r in records], dtype=float)) for k in keys},
@@ -91,36 +92,58 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     ds.attrs["data"] = data.description
     ds.attrs["num_train"] = int(data.train_x.shape[0])
     ds.attrs["num_test"] = int(data.test_x.shape[0])
+    ds.attrs["world_size"] = world_size
     if diverged_at is not None:
         ds.attrs["diverged_at_step"] = diverged_at
     return ds
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Path]:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the written files.
 
     Each step: ``zero_grad``, forward and backward (inside ``optimizer.track`` for curvlab's
     optimizers, which attaches the BackPACK extension on statistics steps only), ``step``.
     After every ``probe_every`` steps the probe compares the optimizer's current approximation
     with the exact Fisher blocks on a fixed batch.
-    """
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("curvlab train: device='cuda' but no CUDA device is available")
 
+    ``cfg.out`` must not hold another run unless ``resume`` (continue it) or ``overwrite``
+    (replace it); it is locked while the run writes it.
+
+    In a process group of several ranks every rank calls it (:mod:`curvlab.app.train.parallel`);
+    rank 0 alone checks and locks the output folder and writes the files.
+    """
+    device = resolve_device(cfg.device)
+    ranks = launch.Ranks.current()
+    with contextlib.ExitStack() as stack:
+        out, error = cfg.out_dir, None
+        if ranks.is_main:
+            try:
+                out = stack.enter_context(run_folder(cfg.out_dir, resume=resume, overwrite=overwrite))
+            except (OSError, ValueError) as err:
+                error = err
+        ranks.raise_together(error)  # the other ranks wait for rank 0's checks (and its last writes)
+        return _train(cfg, Path(out), device, resume, ranks)
+
+
+def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, ranks: launch.Ranks) -> dict[str, Path]:
     # Saturating softmaxes push float32 curvature statistics into subnormal numbers, which are
     # ~10× slower on CPUs; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
     # before loading data: a model curvlab cannot handle fails in a second (unsupported layers
     # only lose their curvature: the optimizers give them the first-order update)
     check_model(cfg.model, cfg.dataset, skip_unsupported=True, **cfg.model_kwargs)
+    ckpt_path = out / CHECKPOINT
+    ckpt = None
+    if resume:  # read and checked before any work
+        ckpt = load_checkpoint(ckpt_path, device)
+        check_same_run(ckpt_path, ckpt["config"], cfg.as_attrs())
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
+    net = parallel.data_parallel(model, ranks, device)  # what the training steps run
+    parallel.reseed(cfg.seed, ranks)
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, net)
     kronecker = isinstance(optimizer, KroneckerOptimizer)
 
     probe = None
@@ -128,10 +151,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=False)  # probes run in eval mode
         idx = torch.randperm(data.train_x.shape[0], generator=gen)[:size]
+        probe_x, probe_y = ranks.shard(data.train_x[idx], data.train_y[idx])
         probe = Probe(
-            data.train_x[idx].to(device),
-            data.train_y[idx].to(device),
+            probe_x.to(device),
+            probe_y.to(device),
             loss_fn,
+            extractor=parallel.extractor(ranks),
+            writes=ranks.is_main,
             fisher=cfg.probe_fisher,
             approximations=cfg.probe_approximations,
             damping=cfg.damping,
@@ -141,28 +167,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
     records: list[dict[str, float]] = []
     start_epoch, step, wall = 0, 0, 0.0
     diverged_at: int | None = None
-    streak = 0  # non-finite losses in a row, across epochs: a run may diverge over an epoch boundary
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["config"] != cfg.as_attrs():
-            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.as_attrs().get(k))
-            if set(changed) - {"config_epochs", "config_progress"}:
-                raise ValueError(
-                    f"curvlab train: {ckpt_path} was written with a different configuration "
-                    f"({', '.join(changed)}); use another --out or the same options"
-                )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    # non-finite losses or skipped steps in a row, across epochs: a run may diverge over an epoch boundary
+    streak = 0
+    if ckpt is not None:
+        restore(ckpt_path, ckpt, model, optimizer, device)
+        parallel.restore_rng(ckpt, ranks)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
-            probe.restore(out / PROBE, step)
-    elif resume:
-        raise FileNotFoundError(f"curvlab train: --resume given but {ckpt_path} does not exist")
+            probe.restore(out / PROBE, [0, *range(cfg.probe_every, step + 1, cfg.probe_every)])
 
     if probe is not None and step == 0:
         probe.run(0, model, optimizer)
@@ -177,22 +190,30 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
         loss_sum, correct, seen, skipped = 0.0, 0.0, 0, 0
         n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
         loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
-        for xb, yb in _bar(loader, cfg.progress, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
-            xb, yb = xb.to(device), yb.to(device)
+        for xb, yb in _bar(loader, cfg.progress and ranks.is_main, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
+            if xb.shape[0] < ranks.world_size:
+                continue  # a trailing batch too small to give every rank an example
+            xb, yb = ranks.shard(xb.to(device), yb.to(device))
             optimizer.zero_grad()
             tracking = optimizer.track(loss_fn) if kronecker else contextlib.nullcontext()
             with tracking:
-                output = model(xb)
+                output = net(xb)
                 loss = loss_fn(output, yb)
                 loss.backward()
-            finite = bool(torch.isfinite(loss))
+            done = optimizer.steps_done if kronecker else None
+            optimizer.step()
+            # a Kronecker optimizer skips a step (non-finite gradient, statistic or update) by
+            # not counting it; every rank agrees (the skip decision is shared, the losses summed)
+            taken = done is None or optimizer.steps_done > done
+            batch_loss, batch_correct, batch_seen, finite = parallel.step_totals(
+                ranks, loss.detach(), _correct(output.detach(), yb), xb.shape[0], device)
+            finite = finite and taken
             skipped += not finite
             streak = 0 if finite else streak + 1
-            optimizer.step()
             step += 1
-            loss_sum += loss.item() * xb.shape[0]
-            correct += _correct(output.detach(), yb)
-            seen += xb.shape[0]
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += batch_seen
             if probe is not None and step % cfg.probe_every == 0:
                 t_probe = time.perf_counter()
                 probe.run(step, model, optimizer)
@@ -203,7 +224,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 break
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
-        test_loss, test_acc = evaluate(model, loss_fn, data.test_x, data.test_y, cfg.batch_size, device)
+        test_loss, test_acc = parallel.evaluate_sharded(evaluate, ranks, model, loss_fn, data.test_x, data.test_y,
+                                                        cfg.batch_size, device)
         records.append(
             {
                 "epoch": epoch + 1,
@@ -217,13 +239,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
                 "skipped_steps": skipped,
             }
         )
-        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at), out / METRICS)
-        _save_checkpoint(
+        rank_rng = parallel.rng_states(ranks)
+        if not ranks.is_main:
+            continue  # rank 0 writes the files and prints
+        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
+        save_checkpoint(
             ckpt_path,
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
+                "rank_rng": rank_rng,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "epoch": epoch + 1,
                 "step": step,
@@ -252,7 +278,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Path]:
             {**{k: nan for k in records[-1]}, "epoch": e + 1, "steps": step, "skipped_steps": 0}
             for e in range(len(records), cfg.epochs)
         ]
-        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at), out / METRICS)
+        if ranks.is_main:
+            write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
     paths = {"metrics": out / METRICS, "checkpoint": ckpt_path}
     if probe is not None:
         paths["probe"] = out / PROBE

@@ -12,7 +12,7 @@ Results form a step × layer × approximation (× eig) time series.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +38,9 @@ class Probe:
         damping: λ for optimizers without one of their own (SGD, Adam).
         seed: seeds the probe's MC sampling without touching the training RNG.
         num_eigenvalues: spectrum entries stored per step.
+        extractor: the extraction (default :func:`curvlab.extract`); on several ranks
+            :func:`curvlab.distributed.extract`, with ``inputs``/``targets`` this rank's shard.
+        writes: whether :meth:`save` writes (rank 0 of several writes, the others only measure).
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class Probe:
         damping: float = 1e-3,
         seed: int = 0,
         num_eigenvalues: int = 64,
+        extractor: Callable[..., dict] | None = None,
+        writes: bool = True,
     ) -> None:
         self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
         self.fisher = fisher
@@ -58,6 +63,8 @@ class Probe:
         self.damping = damping
         self.seed = seed
         self.num_eigenvalues = num_eigenvalues
+        self.extractor = extract if extractor is None else extractor
+        self.writes = writes
         self.records: list[xr.Dataset] = []
 
     def run(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> xr.Dataset:
@@ -65,7 +72,7 @@ class Probe:
         was_training = model.training
         model.eval()  # no dropout noise in the measurement
         try:
-            stats = extract(
+            stats = self.extractor(
                 model,
                 self.loss_fn,
                 self.inputs,
@@ -115,13 +122,33 @@ class Probe:
     def save(self, path: Path) -> None:
         """Write the time series atomically."""
         ds = self.dataset()
-        if ds is not None:
+        if ds is not None and self.writes:
             write_netcdf(ds, path)
 
-    def restore(self, path: Path, up_to_step: int) -> None:
-        """Resume: keep the saved probes of steps ``<= up_to_step``."""
+    def restore(self, path: Path, steps: Sequence[int]) -> None:
+        """Resume: keep the saved probes of ``steps`` (those the checkpoint's run has taken).
+
+        Raises:
+            ValueError: ``path`` is missing or lacks one of ``steps`` — resuming would silently
+                drop earlier probes.
+        """
         if not path.exists():
-            return
+            raise ValueError(
+                f"curvlab train: cannot resume the probes: {path} is missing (the checkpoint's run "
+                f"probed steps {_steps(steps)}); put the file back, or start a new run with --overwrite"
+            )
         ds = read_netcdf(path)
-        ds = ds.sel(step=ds.step <= up_to_step)
+        saved = {int(s) for s in ds.step.values}
+        missing = [s for s in steps if s not in saved]
+        if missing:
+            raise ValueError(
+                f"curvlab train: cannot resume the probes: {path} lacks steps {_steps(missing)} of the "
+                "checkpoint's run; put the right file back, or start a new run with --overwrite"
+            )
+        ds = ds.sel(step=list(steps))
         self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]
+
+
+def _steps(steps: Sequence[int]) -> str:
+    steps = list(steps)
+    return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]}"

@@ -1,0 +1,355 @@
+"""Plumbing shared by every benchmark script: models, timing, the machine, the output files.
+
+* Models are curvlab's built-ins (:func:`curvlab.app.models.build_model`), named by
+  :data:`MODELS` with the batch size each benchmark uses; nothing is redefined here.
+* Timing: :class:`Row` (one operation, calls per measurement sized to ``min_time``) and
+  :func:`measure_interleaved` — every repeat runs each row once, in a rotated order, so drift of
+  a shared machine affects all rows alike; a row's time is the median over repeats.  With
+  ``busy_cores`` set, a measurement during which other processes used more cores (read from
+  ``/proc/stat``) is redone after waiting for a quiet machine, a bounded number of times.
+* :func:`machine_info` (versions, CPU/GPU, threads, git commit, load average at start; call
+  :func:`finish` at the end) and :func:`write_results` (JSON + Markdown next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from curvlab.app.models import MODELS as BUILT_INS  # noqa: E402
+from curvlab.app.models import build_model  # noqa: E402
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model at the batch size a benchmark uses."""
+
+    key: str
+    builtin: str
+    input_shape: tuple[int, ...]
+    batch: int
+    options: tuple[tuple[str, object], ...] = ()
+    classes: int = 10
+    note: str = ""
+
+    def build(self, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(self.builtin, self.input_shape, self.classes, **dict(self.options)).to(device)
+
+    def batches(self, count: int, device: torch.device | str = "cpu", seed: int = 1) -> list[Batch]:
+        """``count`` random mini-batches (inputs ~ N(0, 1), uniform labels)."""
+        gen = torch.Generator().manual_seed(seed)
+        return [
+            (torch.randn(self.batch, *self.input_shape, generator=gen).to(device),
+             torch.randint(0, self.classes, (self.batch,), generator=gen).to(device))
+            for _ in range(count)
+        ]
+
+    @property
+    def label(self) -> str:
+        return f"{self.key} (N={self.batch})"
+
+
+def _resnet18() -> ModelSpec:
+    if "resnet18" in BUILT_INS:  # the real-architectures work's ResNet-18 (with BatchNorm)
+        return ModelSpec("resnet18", "resnet18", (3, 32, 32), 128, note="curvlab.app.models 'resnet18'")
+    return ModelSpec(
+        "resnet18", "resnet", (3, 32, 32), 128,
+        options=(("widths", (64, 128, 256, 512)), ("blocks_per_stage", 2)),
+        note="ResNet-18 layout (3×3 stem, 4 stages × 2 basic blocks, 1×1 conv shortcuts) without "
+             "BatchNorm: curvlab.app.models 'resnet' with widths 64-128-256-512, 2 blocks per stage",
+    )
+
+
+#: Every benchmark model by key.
+MODELS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        ModelSpec("mlp", "mlp", (784,), 128, note="784-128-64-10, ReLU"),
+        ModelSpec("mlp-1024", "mlp", (784,), 1024, note="784-128-64-10, ReLU"),
+        ModelSpec("cnn", "cnn-bench", (3, 32, 32), 64, note="conv16 → conv32 → max-pool → Linear(8192, 10)"),
+        ModelSpec("3c3d", "3c3d", (3, 32, 32), 128, note="DeepOBS 3c3d with TF 'same' padding (curvlab.app.models)"),
+        _resnet18(),
+    )
+}
+
+
+def models(keys: str) -> list[ModelSpec]:
+    """The specs of a comma-separated list of keys (a clear error for unknown ones)."""
+    names = [k.strip() for k in keys.split(",") if k.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+    return [MODELS[k] for k in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device | str, calls: int = 1) -> float:
+    """Seconds per call of ``fn`` (``calls`` calls in a row, synchronised)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+class CpuLoad:
+    """CPU seconds used by *other* processes over an interval (``/proc/stat`` minus our own
+    process time); ``None`` where ``/proc/stat`` is unavailable.  Resolution: one jiffy."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _busy(self) -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        vals = [int(v) for v in fields[:8]]
+        return (sum(vals) - vals[3] - vals[4]) / self.hz  # minus idle and iowait
+
+    def start(self) -> None:
+        self._t0, self._b0, self._p0 = time.perf_counter(), self._busy(), time.process_time()
+
+    def stop(self) -> tuple[float, float | None]:
+        """(wall seconds, average number of cores busy with other processes)."""
+        wall = time.perf_counter() - self._t0
+        busy = self._busy()
+        if busy is None or self._b0 is None:
+            return wall, None
+        foreign = (busy - self._b0) - (time.process_time() - self._p0)
+        return wall, max(foreign, 0.0) / wall
+
+
+@dataclass
+class Row:
+    """One timed operation.
+
+    Attributes:
+        key, label: identifiers; ``fn``: the operation; ``calls``: calls per measurement;
+        max_samples: stop measuring after this many (slow rows); samples: seconds per call;
+        foreign: cores used by other processes during each measurement; retries: measurements
+        redone because the machine was busy; note: free text for the table.
+    """
+
+    key: str
+    fn: Callable[[], object]
+    label: str = ""
+    calls: int = 1
+    max_samples: int | None = None
+    samples: list[float] = field(default_factory=list)
+    foreign: list[float | None] = field(default_factory=list)
+    retries: int = 0
+    note: str = ""
+
+    def calibrate(self, device: torch.device | str, min_time: float, warmup: int = 1) -> float:
+        """Run ``fn`` ``warmup`` times (the fastest is kept as the first sample's estimate) and
+        size ``calls`` so that a measurement lasts at least ``min_time``."""
+        t = min(timed(self.fn, device) for _ in range(max(warmup, 1)))
+        self.calls = max(1, int(min_time / max(t, 1e-9)))
+        return t
+
+    @property
+    def done(self) -> bool:
+        return self.max_samples is not None and len(self.samples) >= self.max_samples
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def measure_interleaved(
+    rows: Sequence[Row], repeats: int, device: torch.device | str, *,
+    busy_cores: float | None = None, max_retries: int = 2, max_wait: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> float:
+    """``repeats`` rounds, each measuring every row once in a rotated order; returns the seconds
+    spent waiting for a quiet machine (``busy_cores``: see the module docstring)."""
+    waited = 0.0
+    for rep in range(repeats):
+        k = rep % len(rows)
+        for row in list(rows[k:]) + list(rows[:k]):
+            if row.done:
+                continue
+            for attempt in range(max_retries + 1):
+                if attempt:
+                    waited += _wait_until_quiet(busy_cores or 0.0, max(max_wait - waited, 0.0))
+                load = CpuLoad()
+                gc.collect()
+                load.start()
+                t = timed(row.fn, device, row.calls)
+                wall, busy = load.stop()
+                # /proc/stat counts in jiffies: allow 20 ms of foreign CPU time as noise
+                quiet = busy_cores is None or busy is None or busy * wall <= max(busy_cores * wall, 0.02)
+                if quiet or attempt == max_retries:
+                    break
+                row.retries += 1
+            row.samples.append(t)
+            row.foreign.append(busy)
+        if progress is not None:
+            progress(rep)
+    return waited
+
+
+def _wait_until_quiet(busy_cores: float, budget: float) -> float:
+    waited = 0.0
+    while waited < budget:
+        load = CpuLoad()
+        load.start()
+        time.sleep(0.3)
+        wall, busy = load.stop()
+        if busy is None or busy <= busy_cores:
+            break
+        waited += wall
+    return waited
+
+
+# --------------------------------------------------------------------------------------------
+# The machine and the output
+# --------------------------------------------------------------------------------------------
+
+
+def argument_parser(doc: str, threads: int | None = 1) -> argparse.ArgumentParser:
+    """A parser with ``--device``, ``--threads`` (default ``threads``; 0: torch's default) and
+    ``--out`` (the JSON path; the Markdown goes next to it)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (0 or unset: torch's default)")
+    p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
+    return p
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, dict]:
+    """Apply ``--threads``; the device and :func:`machine_info` (taken after the threads)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    return device, machine_info(device)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device | str) -> dict:
+    """Versions, hardware, threads, git commit and the load average at the start."""
+    device = torch.device(device)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "backpack": _version("backpack-for-pytorch"),
+        "curvlinops": _version("curvlinops-for-pytorch"),
+        "asdfghjkl": _version("asdfghjkl"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "git_commit": git_commit(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = list(os.getloadavg())
+    return info
+
+
+def finish(info: dict) -> dict:
+    """Add the load average at the end."""
+    if hasattr(os, "getloadavg"):
+        info["loadavg_end"] = list(os.getloadavg())
+    return info
+
+
+def machine_line(m: dict) -> str:
+    """One Markdown line describing the machine and its load."""
+    load = lambda key: ", ".join(f"{v:.2f}" for v in m[key]) if m.get(key) else "n/a"  # noqa: E731
+    return (
+        f"{m['date']}; {m['device_name']} ({m['device']}); {m['cpus']} CPUs, {m['threads']} torch threads; "
+        f"torch {m['torch']}, BackPACK {m.get('backpack')}, curvlinops {m.get('curvlinops')}, "
+        f"asdfghjkl {m.get('asdfghjkl')}; git {m.get('git_commit')}; load average (1, 5, 15 min) "
+        f"{load('loadavg_start')} at start, {load('loadavg_end')} at end."
+    )
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> list[str]:
+    """A Markdown table (``align``: one ``l``/``r`` per column; default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
+def write_results(out: str | Path | None, result: dict, markdown: str, quiet: bool = False) -> None:
+    """Print the Markdown (unless ``quiet``); with ``out``, write ``out`` (JSON) and the
+    Markdown next to it."""
+    if not quiet:
+        print(markdown)
+    if out is None:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown.rstrip() + "\n")

@@ -1,0 +1,26 @@
+"""What curvlab's option dataclasses share (:class:`~curvlab.extract.ExtractOptions`,
+:class:`~curvlab.optim.KroneckerOptions`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields, replace
+from typing import ClassVar, TypeVar
+
+T = TypeVar("T", bound="OptionSet")
+
+
+class OptionSet:
+    """Mixin: an option set built from another one plus keyword overrides."""
+
+    #: Who reports an unknown option (``"curvlab.extract"``, …).
+    owner: ClassVar[str] = "curvlab"
+
+    @classmethod
+    def make(cls: type[T], options: T | None, overrides: Mapping[str, object]) -> T:
+        """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"{cls.owner}: unknown option(s) {unknown}; options are {sorted(names)}")
+        return replace(options if options is not None else cls(), **overrides)  # type: ignore[type-var]

@@ -1,0 +1,162 @@
+"""Running a ``curvlab`` command on several processes.
+
+Two ways, the same result::
+
+    torchrun --standalone --nproc-per-node 4 -m curvlab train ...   # torchrun sets RANK, WORLD_SIZE, ...
+    curvlab train --nproc 4 ...                                     # runs exactly that torchrun command
+
+Each process joins a ``torch.distributed`` process group (``gloo`` on CPU, ``nccl`` with
+``--device cuda``: one GPU per process, ``cuda:LOCAL_RANK``) with the timeout
+:data:`TIMEOUT_SECONDS`, so a rank that stops answering fails the collectives of the others
+instead of hanging them; torchrun stops every process as soon as one fails and reports its
+error.  Rank 0 writes the output files.
+
+A global batch is split over the ranks in rank order (:func:`shard`): rank ``r`` takes the
+``r``-th contiguous part, the sizes differing by at most one example — what the distributed
+analysis and the optimizers treat as "the concatenation of the shards".
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+#: The process group's timeout: a collective waiting longer raises (on every waiting rank).
+TIMEOUT_SECONDS = float(os.environ.get("CURVLAB_DIST_TIMEOUT", "600"))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        """The default process group's ranks (rank 0 of 1 without one)."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes the files and prints."""
+        return self.rank == 0
+
+    def shard(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's contiguous part of each tensor (rows; as equal as possible, lower ranks
+        taking the remainder)."""
+        n = tensors[0].shape[0]
+        part = shard(n, self.rank, self.world_size)
+        return tuple(t[part] for t in tensors)
+
+    def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """``values`` summed over the ranks (one ``all_reduce``; as they are on one process)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+    def raise_together(self, error: BaseException | None) -> None:
+        """Raise ``error`` (of one rank) on every rank, after the ranks have met (one collective):
+        a check made by rank 0 alone must not leave the other ranks waiting for it."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        errors: list = [None] * self.world_size
+        dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise RuntimeError(f"{first[0]} on another rank: {first[1]}")
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (in place; nothing to do for one process)."""
+    if Ranks.current().distributed:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rows of rank ``rank``'s part of ``n`` rows split over ``world_size`` ranks in order."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def join_process_group(device: str) -> str:
+    """Join the process group torchrun describes (nothing to do for one process, or when a group
+    exists already); return the device this rank uses (``cuda`` becomes ``cuda:LOCAL_RANK``).
+    The group is destroyed when the process exits."""
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1 or (dist.is_available() and dist.is_initialized()):
+        return device
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+    atexit.register(dist.destroy_process_group)
+    return device
+
+
+def relaunch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``curvlab <argv>`` (without its ``--nproc``) on ``nproc`` local processes with torchrun;
+    return torchrun's exit status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "curvlab", *without_nproc(argv)]
+    print("curvlab: " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc R`` (or ``--nproc=R``, or an abbreviation such as ``--np R``),
+    which torchrun's own parser would take for its ``--nproc-per-node``."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name, eq, _ = token.partition("=")
+        if len(name) >= 4 and "--nproc".startswith(name):
+            skip = not eq
+            continue
+        out.append(token)
+    return out
+
+
+def wants_relaunch(nproc: int) -> bool:
+    """Whether ``--nproc nproc`` asks this (unlaunched) process to start the ranks."""
+    return nproc > 1 and not launched()
+
+
+def add_nproc_option(group: argparse._ArgumentGroup, what: str) -> None:
+    """The ``--nproc`` option of a subcommand (``what``: what the ranks share)."""
+    group.add_argument(
+        "--nproc", type=int, default=1, metavar="R",
+        help=f"run on R local processes (torchrun --standalone --nproc-per-node R; gloo on CPU, nccl "
+        f"with --device cuda, one GPU each); {what}; rank 0 writes the files (default: %(default)s)",
+    )

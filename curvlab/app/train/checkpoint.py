@@ -1,0 +1,98 @@
+"""``OUT/checkpoint.pt`` of ``curvlab train``: written atomically, read without running code.
+
+* Saving serialises in memory first and writes the bytes with :func:`curvlab.io.atomic_write`
+  (temporary file, fsync, rename): the previous checkpoint stays until the new one is complete,
+  and a full disk is an ``OSError`` ``[Errno 28]`` naming the path (``torch.save`` straight to
+  a file would say only "file write failed").
+* Loading uses ``torch.load(weights_only=True)``: a crafted file cannot execute code, and a
+  truncated, random or foreign file is a :class:`CheckpointError` naming it.
+* :func:`check_same_run` compares the run's configuration with the one the checkpoint was
+  written with: paths are compared resolved; the number of epochs, the progress bars and the
+  spelling of the output folder may change.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvlab.io import atomic_write
+
+#: Entries every checkpoint of ``curvlab train`` has.
+REQUIRED = ("model", "optimizer", "rng", "epoch", "step", "wall_clock", "records", "config")
+#: Configuration entries a resumed run may change.  The output folder is where the checkpoint
+#: was found, so it is the run's folder however it is spelled (or if it was moved).
+MAY_CHANGE = {"config_epochs", "config_progress", "config_out"}
+#: Entries that are paths: compared resolved (``data``, ``./data`` and ``data/`` are one folder).
+PATHS = ("config_data_dir",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, or belongs to another run."""
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (raises ``OSError`` naming ``path``)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``, tensors on ``device``; only tensors and plain data are read."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, TypeError, IndexError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"curvlab train: {path} is not a readable curvlab checkpoint ({type(err).__name__}: {first}); "
+            "it may be truncated, from another program, or crafted — only tensors and plain data are loaded"
+        ) from None
+    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"curvlab train: {path} is not a curvlab train checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def _comparable(config: dict[str, object]) -> dict[str, object]:
+    out = dict(config)
+    for key in PATHS:
+        if out.get(key, "none") != "none":
+            out[key] = str(Path(str(out[key])).expanduser().resolve())
+    return out
+
+
+def check_same_run(path: Path, saved: dict[str, object], current: dict[str, object]) -> None:
+    """Raise :class:`CheckpointError` if ``saved`` (the checkpoint's configuration) and
+    ``current`` differ in more than :data:`MAY_CHANGE`."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"curvlab train: {path} has no readable configuration")
+    a, b = _comparable(saved), _comparable(current)
+    changed = sorted(k for k in a if k not in MAY_CHANGE and a[k] != b.get(k))
+    if changed:
+        raise CheckpointError(
+            f"curvlab train: {path} was written with a different configuration "
+            f"({', '.join(changed)}); use another --out or the same options"
+        )
+
+
+def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Load the model, the optimizer and the random state of ``ckpt`` (read from ``path``)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"curvlab train: {path} does not fit this model and optimizer ({first})") from None
+    if ckpt.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)

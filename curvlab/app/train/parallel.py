@@ -1,0 +1,96 @@
+"""``curvlab train`` on several processes: what differs from one process, in one place.
+
+Launched with ``torchrun --nproc-per-node R -m curvlab train ...`` or ``curvlab train --nproc R``
+(:mod:`curvlab.app.launch`), every rank runs :func:`curvlab.app.train.loop.train` with
+
+* the same model (built under ``seed``; ``DistributedDataParallel`` broadcasts rank 0's and
+  averages the gradients), the optimizer data-parallel (:mod:`curvlab.optim.distributed`);
+* the **same global batches as one process**: each epoch's order is drawn from the same seeded
+  generator and every global batch of ``--batch-size`` examples is split over the ranks in rank
+  order (:meth:`~curvlab.app.launch.Ranks.shard`, the DistributedSampler-equivalent).  With
+  ``batch_size`` divisible by ``R`` (and the last batch too) the shards are equal and each step is
+  one process's step on the whole batch, up to rounding and MC sampling (seeded per rank); a
+  trailing batch with fewer examples than ranks is skipped;
+* metrics of the whole batch and test set (losses, counts and the finiteness of each step summed
+  over the ranks: one small ``all_reduce`` a step, so every rank agrees when a run diverges);
+  the test set is evaluated sharded;
+* the probe's extraction sharded over the ranks (:func:`curvlab.distributed.extract`: the same
+  result as one process for the exact and empirical flavours);
+* files written by rank 0 only; the checkpoint holds every rank's random state, and every rank
+  loads it on ``--resume`` (with another number of processes the run continues on the same
+  global batches, with rank 0's random state on every rank).
+
+Ranks other than 0 reseed their global random generator with ``seed + rank`` after the model is
+built (dropout and other random layers then differ between the shards, as they would between
+the examples of one process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from curvlab.app.launch import Ranks
+
+
+def data_parallel(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` on several ranks (``model`` itself on one)."""
+    if not ranks.distributed:
+        return model
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def reseed(seed: int, ranks: Ranks) -> None:
+    """Ranks other than 0 draw from ``seed + rank`` from here on."""
+    if ranks.rank:
+        torch.manual_seed(seed + ranks.rank)
+
+
+def extractor(ranks: Ranks) -> Callable | None:
+    """The probe's extraction on several ranks (``None``: one process's)."""
+    if not ranks.distributed:
+        return None
+    from curvlab.distributed import extract
+
+    return partial(extract, group=None)
+
+
+def step_totals(ranks: Ranks, loss: Tensor, correct: float, examples: int, device: torch.device) -> tuple[float, float, int, bool]:
+    """The global batch's summed loss, correct predictions, examples, and whether its loss is finite
+    on every rank (one ``all_reduce`` on several ranks)."""
+    finite = bool(torch.isfinite(loss))
+    total, hits, seen, bad = ranks.sum([loss.item() * examples, correct, examples, float(not finite)], device)
+    return total, hits, int(seen), bad == 0
+
+
+def evaluate_sharded(evaluate: Callable[..., tuple[float, float]], ranks: Ranks, model: nn.Module, loss_fn: nn.Module,
+                     x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """``evaluate`` of the whole ``(x, y)``, each rank evaluating its shard."""
+    if not ranks.distributed:
+        return evaluate(model, loss_fn, x, y, batch_size, device)
+    xs, ys = ranks.shard(x, y)
+    n = xs.shape[0]
+    loss, accuracy = evaluate(model, loss_fn, xs, ys, batch_size, device) if n else (0.0, 0.0)
+    total, hits, count = ranks.sum([loss * n, accuracy * n, n], device)
+    return total / count, hits / count
+
+
+def rng_states(ranks: Ranks) -> list[Tensor] | None:
+    """Every rank's global random state, in rank order, on every rank (``None`` on one process)."""
+    if not ranks.distributed:
+        return None
+    states: list = [None] * ranks.world_size
+    dist.all_gather_object(states, torch.get_rng_state())
+    return states
+
+
+def restore_rng(checkpoint: dict, ranks: Ranks) -> None:
+    """This rank's random state from ``checkpoint`` (rank 0's if it holds another number of ranks)."""
+    states = checkpoint.get("rank_rng")
+    mine = states[ranks.rank] if states is not None and len(states) == ranks.world_size else checkpoint["rng"]
+    torch.set_rng_state(mine)

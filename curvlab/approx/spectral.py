@@ -1,0 +1,211 @@
+"""Products with operators diagonal in a Kronecker eigenbasis, full or truncated (compressed form).
+
+One side's basis is ``U ∈ R^{n × k}`` with orthonormal columns.  ``k = n``: a full basis.
+``k < n``: a *truncated* basis, standing for ``U`` completed by any orthonormal basis of the
+complement, on which every quantity of that side is flat (one value, multiplicity ``n − k``).
+Quantities along a side are stored *compressed*: ``k`` entries for ``U``'s columns, plus one for
+the complement when truncated (its :func:`width`).  An operator
+
+    K = Σ_{a,b} s[a, b] · P_a ⊗ P_b,   P_a = u_a u_aᵀ (a < k),  P_k = I − U Uᵀ,
+
+acts on ``X ∈ R^{d_out × D}`` as ``Σ s[a, b] P_a X P_b`` (:func:`diagonal_apply`); its eigenvalues
+are ``s`` expanded by the multiplicities (:func:`expand`).  With full bases this is the usual
+``U_out [(U_outᵀ X U_in) ⊙ s] U_inᵀ`` (four GEMMs).  A truncated side of rank ``k`` costs two
+``n × k`` products instead of two ``n × n`` ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from curvlab.sqrt import SquareRoot
+
+
+def is_truncated(u: Tensor) -> bool:
+    """Whether the basis ``u`` (``[n, k]``) has fewer columns than rows."""
+    return u.shape[-1] < u.shape[-2]
+
+
+def width(u: Tensor) -> int:
+    """Compressed length along this side: ``k``, plus one for a truncated basis's complement."""
+    return u.shape[-1] + int(is_truncated(u))
+
+
+def multiplicity(u: Tensor) -> Tensor:
+    """How many eigen-directions each compressed entry stands for: ``[1, …, 1(, n − k)]``."""
+    n, k = u.shape[-2:]
+    out = torch.ones(width(u), dtype=u.dtype, device=u.device)
+    if k < n:
+        out[-1] = n - k
+    return out
+
+
+def expand(values: Tensor, u: Tensor, dim: int = -1) -> Tensor:
+    """Compressed ``values`` along ``dim`` → one entry per eigen-direction (``n`` of them)."""
+    if not is_truncated(u):
+        return values
+    counts = multiplicity(u).long()
+    return values.repeat_interleave(counts, dim=dim)
+
+
+def complete_basis(u: Tensor) -> Tensor:
+    """``[U, U_⊥]``: ``u`` completed to an orthonormal ``n × n`` basis (``u`` itself if full).
+
+    For the dense/analysis paths only (it costs ``O(n² k)`` and ``n²`` memory).
+    """
+    if not is_truncated(u):
+        return u
+    k = u.shape[-1]
+    q = torch.linalg.qr(u, mode="complete").Q
+    return torch.cat([u, q[:, k:]], dim=1)
+
+
+def compress_mean(values: Tensor, u: Tensor, dim: int = -1) -> Tensor:
+    """One entry per eigen-direction along ``dim`` (``n``) → compressed: the complement's
+    entries replaced by their mean."""
+    if not is_truncated(u):
+        return values
+    k = u.shape[-1]
+    head, tail = values.split([k, values.shape[dim] - k], dim=dim)
+    return torch.cat([head, tail.mean(dim, keepdim=True)], dim=dim)
+
+
+def optimal_scaling(sqrt: "SquareRoot", u_out: Tensor, u_in: Tensor) -> Tensor:
+    """Compressed ``s* = diag(Qᵀ F Q)`` for ``F = Σ_k vec M_k vec M_kᵀ`` (EKFAC's rescaling).
+
+    On a truncated side the complement entry is the mean of ``s*`` over the complement — the
+    same for every completion, and the optimal flat value.  (Analysis path: the completion is
+    formed.)
+    """
+    full = sqrt.rotated_sq_sum(complete_basis(u_out).to(sqrt.dtype), complete_basis(u_in).to(sqrt.dtype))
+    return compress_mean(compress_mean(full, u_in, dim=-1), u_out, dim=-2)
+
+
+def diagonal_in_basis(mat: Tensor, u: Tensor) -> Tensor:
+    """Compressed ``diag(Uᵀ M U)`` of a PSD ``M`` (clamped at 0 against rounding); the
+    complement entry is the mean over it, ``(tr M − Σ diag)/(n − k)``."""
+    diag = ((mat @ u) * u).sum(0).clamp_min(0)
+    if not is_truncated(u):
+        return diag
+    rest = (mat.diagonal().sum() - diag.sum()) / (u.shape[0] - u.shape[1])
+    return torch.cat([diag, rest.clamp_min(0).reshape(1)])
+
+
+def dense_factor(values: Tensor, u: Tensor) -> Tensor:
+    """``U diag(v) Uᵀ (+ μ (I − U Uᵀ))`` as an ``n × n`` matrix (dense paths only)."""
+    return right_apply(torch.eye(u.shape[0], dtype=u.dtype, device=u.device), u, values.reshape(1, -1))
+
+
+def right_apply(z: Tensor, u: Tensor, t: Tensor) -> Tensor:
+    """``Σ_b t[:, b] ⊙ (Z P_b)`` for ``Z [..., r, n]``, compressed ``t`` broadcastable to
+    ``[r, width(u)]``: row ``i`` of ``Z`` scaled by ``t[i]`` in the basis ``u``."""
+    c = z @ u
+    if not is_truncated(u):
+        return (c * t) @ u.mT
+    flat = t[..., -1:]
+    return z * flat + (c * (t[..., :-1] - flat)) @ u.mT
+
+
+def left_apply(z: Tensor, u: Tensor, t: Tensor) -> Tensor:
+    """``Σ_a t[a] ⊙ (P_a Z)`` for ``Z [..., n, r]`` and compressed ``t [width(u)]`` (a factor
+    function applied from the left: ``f(M) Z``)."""
+    return right_apply(z.mT, u, t.reshape(1, -1)).mT
+
+
+def transpose_pays(d_out: int, d_in: int) -> bool:
+    """Whether the two GEMMs of a Kronecker inverse are better computed on ``Xᵀ``: GEMM outputs
+    whose rows are not a multiple of 16 floats (an odd ``D = d_in + 1`` with the bias column)
+    run ~20 % slower on CPU (MKL), so prefer rows of the aligned side."""
+    return d_in % 16 != 0 and d_out % 16 == 0
+
+
+def diagonal_apply(x: Tensor, u_out: Tensor, u_in: Tensor, grid: Tensor) -> Tensor:
+    """``Σ_{a,b} grid[a, b] P_a X P_b`` for ``X [..., d_out, D]`` and the compressed
+    ``grid [width(u_out), width(u_in)]``."""
+    y = u_out.mT @ x
+    if not is_truncated(u_out):
+        return u_out @ right_apply(y, u_in, grid)
+    rest = x - u_out @ y
+    return u_out @ right_apply(y, u_in, grid[:-1]) + right_apply(rest, u_in, grid[-1:])
+
+
+@dataclass(frozen=True)
+class TruncatedFactor:
+    """A PSD factor given by a truncated eigen-decomposition (what
+    :func:`curvlab.approx.eigh.randomized_eigh` returns):
+    ``M̃ = U diag(values[:k]) Uᵀ + values[k] (I − U Uᵀ)``.
+
+    Attributes:
+        values: ``[k + 1]`` (the top eigenvalues, then the flat remainder μ).
+        vectors: ``U``, ``[n, k]`` with ``k < n``.
+    """
+
+    values: Tensor
+    vectors: Tensor
+
+    def __post_init__(self) -> None:
+        n, k = self.vectors.shape
+        if not k < n or tuple(self.values.shape) != (k + 1,):
+            raise ValueError(
+                f"TruncatedFactor: vectors must be [n, k] with k < n and values [k + 1], got "
+                f"{tuple(self.vectors.shape)} and {tuple(self.values.shape)}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vectors.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vectors.device
+
+    def trace(self) -> Tensor:
+        return (self.values * multiplicity(self.vectors)).sum()
+
+    def dense(self) -> Tensor:
+        """``M̃`` as an ``n × n`` matrix."""
+        return dense_factor(self.values, self.vectors)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"values": self.values, "vectors": self.vectors}
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TruncatedFactor":
+        return TruncatedFactor(self.values.to(dtype=dtype, device=device), self.vectors.to(dtype=dtype, device=device))
+
+
+def flatten_tensors(parts: dict[str, Tensor | TruncatedFactor]) -> dict[str, Tensor]:
+    """``name → tensor`` with each :class:`TruncatedFactor` as ``name.values``/``name.vectors``."""
+    out: dict[str, Tensor] = {}
+    for key, value in parts.items():
+        if isinstance(value, TruncatedFactor):
+            out.update({f"{key}.{k}": v for k, v in value.tensors().items()})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor | TruncatedFactor]:
+    """Inverse of :func:`flatten_tensors`."""
+    out: dict[str, Tensor | TruncatedFactor] = {}
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        head, dot, field = key.partition(".")
+        if dot:
+            groups.setdefault(head, {})[field] = value
+        else:
+            out[key] = value
+    for head, fields in groups.items():
+        try:
+            out[head] = TruncatedFactor(**fields)
+        except TypeError as err:
+            raise ValueError(f"incomplete truncated factor {head!r}: {sorted(fields)} ({err})") from None
+    return out

@@ -1,0 +1,289 @@
+"""Data-parallel curvlab optimizers: statistics averaged over the ranks, refreshes spread over them.
+
+With a ``DistributedDataParallel`` model, or a plain model once ``torch.distributed`` is
+initialised, :class:`~curvlab.optim.KroneckerOptimizer` (KFAC, EKFAC, TKFAC, TEKFAC) keeps the
+same state on every rank and takes the step one process would take on the concatenation of the
+ranks' batches::
+
+    model = DistributedDataParallel(net)        # or net itself, with a process group
+    opt = TEKFAC(model, lr=0.1)                 # data-parallel: detected
+    for x, y in shard_of_each_batch:            # the same loop as in one process
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        opt.step()
+
+What the ranks exchange (``torch.distributed`` collectives only; gloo on CPU, nccl on GPU):
+
+* **statistics steps**: one ``all_gather`` of three numbers (finiteness, ``N_r``, loss terms),
+  then one ``all_reduce`` per dtype of every block's statistics of this step, flattened — KFAC's
+  ``A``, ``G``; TKFAC's ``δ``, ``δΦ``, ``δΨ``; the KFE second moments ``s*`` of EKFAC/TEKFAC —
+  with the loss.  Rank ``r``'s local statistics carry its local loss normalisation; they are
+  weighted exactly as :mod:`curvlab.distributed.reduce` does for the analysis (``ρ_r`` = its share
+  of the loss terms, ``N_r/N`` for ``A``), so the averages are those of the global batch also for
+  unequal shards;
+* **refresh steps**: the blocks to decompose are assigned to ranks greedily by cost
+  (:mod:`curvlab.optim.assignment`, KAISA's rule); each rank refreshes its own blocks, then one
+  ``all_gather_object`` of the result's tensor names and shapes and, per rank that owns blocks,
+  one ``broadcast`` per dtype of what its refreshes built (the tensors ``refresh()`` replaced in
+  the block state, plus the cached eigen-decomposition of KFAC/TKFAC); the others install them
+  with ``CurvatureState.load``.  Every rank then holds bit-identical approximations;
+* **gradients**: a ``DistributedDataParallel`` model averages them in its backward; for a plain
+  model the optimizer averages them (one ``all_reduce`` per dtype, every step).  Either way the
+  gradient is the mean of the ranks' local gradients, the global batch's gradient when the shards
+  are equal (as DDP's; the statistics are exact for unequal shards too);
+* **the skip decision**: a step is skipped on every rank when a loss, gradient or statistic is
+  non-finite on any rank (the flag travels with the statistics or gradients; under DDP a step
+  without statistics needs none unless ``step(closure)`` returns a rank-local loss).
+
+Nothing else is communicated: the preconditioning, KL clipping and momentum run on identical
+data on every rank.
+
+Cost as the number of ranks ``R`` grows (global batch fixed): a statistics step's extraction
+costs ``1/R`` per rank; its ``all_reduce`` carries ``S = Σ_blocks (D² + d_out² + …)`` numbers
+whatever ``R`` (a ring moves ``2 (R−1)/R · S`` through each link); a refresh costs each rank the
+eigendecompositions of its blocks — at best ``1/R`` of the total, never less than the largest
+block (``optim/assignment.py``) — and every rank receives the others' results once
+(``≈ (R−1)/R`` of ``Σ (D² + d_out² + d_out·D)`` for EKFAC/TEKFAC; KFAC/TKFAC also send their
+factors with the eigenvectors, about twice that).  ``benchmarks/bench_distributed.py``
+measures both.  State dicts are therefore identical on all ranks — rank 0 saves, every rank
+loads the same file — and use the same block names as one process (a DDP model is unwrapped).
+
+MC sampling (``fisher="mc"``) is seeded per rank and step: the statistics pass of step ``k`` on
+rank ``r`` samples under ``torch.manual_seed(mc_seed + k·R + r)`` (the global random state is
+restored afterwards), so the ranks draw independent labels and a resumed run redraws the same
+ones.  The MC statistics are a valid estimate for the global batch, not one process's draw.
+
+Requirements: every rank calls ``track``/``step`` in the same order with the same model
+structure, options and parameters (DDP broadcasts them at construction; for a plain model,
+broadcast them yourself) and, for a plain model, produces gradients for the same parameters.
+A failing rank leaves the others blocked in a collective until the process group's timeout
+(``init_process_group(timeout=...)``; torchrun stops the other ranks at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from curvlab.distributed import collectives as coll
+from curvlab.distributed.reduce import Shards, reduce_statistics
+from curvlab.optim.assignment import assign_greedy, refresh_cost
+from curvlab.optim.state import CurvatureState
+from curvlab.optim.tracking import Pending
+from curvlab.optim.update import all_finite
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How a Kronecker optimizer shares its work over a ``torch.distributed`` process group.
+
+    Pass it as ``distributed=`` to override what is detected.
+
+    Attributes:
+        group: the process group (``None``: a DDP model's own group, else the default group).
+        average_gradients: all-reduce the gradients in ``step()`` (``None``: unless the model is
+            ``DistributedDataParallel``, which has averaged them already).
+        mc_seed: MC sampling of step ``k`` on rank ``r`` uses the seed ``mc_seed + k·R + r``.
+    """
+
+    group: dist.ProcessGroup | None = None
+    average_gradients: bool | None = None
+    mc_seed: int = 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (any other model as it is)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: str) -> "RankSync | None":
+    """The synchronisation an optimizer over ``model`` needs, from its ``distributed`` argument.
+
+    ``None`` (auto): data-parallel when ``model`` is ``DistributedDataParallel`` or a process group
+    of more than one rank is initialised; ``False``: never; ``True``: required (an error without a
+    process group); a :class:`DataParallel`: as it says.  Returns ``None`` for a single process.
+    """
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    ready = dist.is_available() and dist.is_initialized()
+    if setting is False:
+        return None
+    if setting is None and not (ddp or ready):
+        return None
+    if not isinstance(setting, (DataParallel, bool, type(None))):
+        raise TypeError(f"{who}: distributed={setting!r}; pass None (auto), True, False or a DataParallel")
+    if not ready:
+        raise RuntimeError(
+            f"{who}: distributed={setting!r} but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) first (gloo on CPU, nccl on GPU)"
+        )
+    config = setting if isinstance(setting, DataParallel) else DataParallel()
+    group = config.group if config.group is not None or not ddp else model.process_group
+    average = (not ddp) if config.average_gradients is None else config.average_gradients
+    if dist.get_world_size(group) == 1:
+        return None
+    return RankSync(unwrap(model), group, average, config.mc_seed)
+
+
+class RankSync:
+    """The collectives of a data-parallel optimizer over ``model`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None, average_gradients: bool, mc_seed: int) -> None:
+        self.model = model
+        self.group = group
+        self.average_gradients = average_gradients
+        self.mc_seed = mc_seed
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the collectives' buffers live: the model's device (gloo: CPU, nccl: CUDA)."""
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def sampling_seed(self, step: int) -> int:
+        """The MC seed of this rank's statistics pass at ``step``."""
+        return self.mc_seed + step * self.world_size + self.rank
+
+    # ------------------------------------------------------------------ a step's statistics
+
+    def synchronize(
+        self, pending: Pending | None, grads: Sequence[Tensor], finite: bool, local_loss: bool
+    ) -> tuple[Pending | None, bool]:
+        """Average the statistics (and, for a plain model, the gradients) over the ranks and
+        agree whether the step is taken.
+
+        Args:
+            pending: this rank's statistics of the step (``None`` on every rank when the step
+                collects none: the plan is the same on every rank).
+            grads: the gradients the step applies (averaged in place when required).
+            finite: whether this rank's loss, gradients and statistics are all finite.
+            local_loss: whether the step's finiteness depends on a rank-local loss (the
+                closure's), which needs agreeing even on steps without statistics.
+
+        Returns:
+            ``(pending, finite)``: the global batch's statistics and loss, and the agreed
+            decision (the same on every rank).
+        """
+        agreed, changed = finite, False
+        if pending is not None:
+            pending, agreed = self._reduce_statistics(pending, finite)
+            changed = True
+        if self.average_gradients:
+            agreed = self._average_gradients(grads, agreed)
+            changed = True
+        elif pending is None and local_loss:
+            flag = torch.tensor([0.0 if agreed else 1.0], device=self.device)
+            agreed = bool(coll.all_reduce_one(flag, self.group).item() == 0)
+        if agreed and changed:  # the averages are the same on every rank: so is this check
+            agreed = all_finite(grads, None, pending.losses if pending else (), ())
+        return pending, agreed
+
+    def _reduce_statistics(self, pending: Pending, finite: bool) -> tuple[Pending, bool]:
+        results = pending.results
+        ok = finite and bool(results) and bool(pending.losses)
+        first = next(iter(results.values()), None)
+        examples = first.num_examples if first is not None else 0
+        terms = pending.loss_terms[-1] if pending.loss_terms else examples
+        table = coll.all_gather_floats([float(ok), examples, terms], self.device, self.group).cpu()
+        if not bool(table[:, 0].all()):
+            return dataclasses.replace(pending, results={}), False
+        shards = Shards(
+            rank=self.rank,
+            examples=tuple(int(v) for v in table[:, 1].tolist()),
+            loss_counts=tuple(int(v) for v in table[:, 2].tolist()),
+            columns=(0,) * self.world_size,
+            reduction=pending.reduction,
+        )
+        local = {name: dataclasses.replace(ls, grad=None) for name, ls in results.items()}
+        stats, loss = reduce_statistics(local, pending.losses[-1], shards, self.group)
+        reduced = dataclasses.replace(pending, results=stats, losses=[loss], loss_terms=[sum(shards.loss_counts)])
+        return reduced, all_finite((), None, (), stats.values())
+
+    def _average_gradients(self, grads: Sequence[Tensor], finite: bool) -> bool:
+        """Replace every gradient by its mean over the ranks; return the agreed finiteness."""
+        dtype = grads[0].dtype if grads else torch.float64
+        flag = torch.tensor([0.0 if finite else 1.0], dtype=dtype, device=self.device)
+        summed = coll.all_reduce_sum([*grads, flag], self.group)
+        for g, s in zip(grads, summed):
+            g.copy_(s).div_(self.world_size)
+        return bool(summed[-1].item() == 0)
+
+    # ------------------------------------------------------------------ a refresh step
+
+    def refresh(self, states: Sequence[CurvatureState]) -> None:
+        """``state.refresh()`` of every state in ``states`` (the same list on every rank), each
+        run by one rank and broadcast to the others."""
+        if not states:
+            return
+        owners = assign_greedy([refresh_cost(s.layout) for s in states], self.world_size)
+        built: dict[int, dict[str, Tensor]] = {}
+        for i, state in enumerate(states):
+            if owners[i] == self.rank:
+                built[i] = _refreshed(state)
+        layout = {i: [(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in parts.items()]
+                  for i, parts in built.items()}
+        layouts: list[dict] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(layouts, layout, group=self.group)
+        device = self.device
+        for owner, entries in enumerate(layouts):
+            if not entries:
+                continue
+            # the owner installs the broadcast copies too: every rank then computes with tensors of
+            # the same memory layout (eigh's are column-major), hence bit-identical steps
+            for i, parts in self._broadcast(owner, entries, built, device).items():
+                _install(states[i], parts)
+
+    def _broadcast(self, owner: int, entries: dict, built: dict, device: torch.device) -> dict[int, dict[str, Tensor]]:
+        """``owner``'s refreshed tensors on every rank: one broadcast per dtype."""
+        items = [(i, key, shape, dtype) for i, parts in sorted(entries.items()) for key, shape, dtype in parts]
+        out: dict[int, dict[str, Tensor]] = {}
+        for dtype_name in sorted({d for *_, d in items}):
+            dtype = getattr(torch, dtype_name)
+            chosen = [it for it in items if it[3] == dtype_name]
+            sizes = [_numel(shape) for _, _, shape, _ in chosen]
+            if owner == self.rank:
+                flat = torch.cat([built[i][key].reshape(-1).to(device) for i, key, _, _ in chosen])
+            else:
+                flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            dist.broadcast(flat, src=coll.global_rank(self.group, owner), group=self.group)
+            for (i, key, shape, _), part in zip(chosen, flat.split(sizes)):
+                out.setdefault(i, {})[key] = part.view(shape).clone()  # own, aligned storage
+        return out
+
+
+DECOMPOSITION_PREFIX = "decomposition."
+
+
+def _refreshed(state: CurvatureState) -> dict[str, Tensor]:
+    """Refresh ``state``; return what the refresh replaced in ``state.tensors()`` and the built
+    approximation's cached decomposition (prefixed ``decomposition.``)."""
+    before = state.tensors()  # references keep the old tensors alive, so identity is meaningful
+    state.refresh()
+    out = {k: v for k, v in state.tensors().items() if before.get(k) is not v}
+    built = state.build()
+    if built is not None:
+        out.update({DECOMPOSITION_PREFIX + k: v for k, v in built.decomposition().items()})
+    return out
+
+
+def _install(state: CurvatureState, parts: dict[str, Tensor]) -> None:
+    """Put another rank's :func:`_refreshed` result into this rank's ``state``."""
+    decomposition = {k[len(DECOMPOSITION_PREFIX):]: v for k, v in parts.items() if k.startswith(DECOMPOSITION_PREFIX)}
+    state.load({k: v for k, v in parts.items() if not k.startswith(DECOMPOSITION_PREFIX)})
+    built = state.build()
+    if built is not None:
+        built.adopt_decomposition(decomposition)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

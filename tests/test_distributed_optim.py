@@ -1,0 +1,320 @@
+"""Data-parallel KFAC/EKFAC/TKFAC/TEKFAC on 2 and 4 gloo ranks take one process's steps.
+
+Every rank trains on its shard of the same global batches that one process trains on whole, with
+``fisher="exact"`` (deterministic statistics), statistics every step, refreshes at steps 0 and 3
+and EKFAC/TEKFAC rescalings at steps 1, 2 and 4; the parameters after the five steps must equal
+the single process's to :data:`RTOL` (relative, float64), for a ``DistributedDataParallel`` model
+and for a plain model (the optimizer then averages the gradients), and be bit-identical on all
+ranks.  The models have factors without repeated eigenvalues: where a factor has one (fewer
+examples than inputs, or a symmetric padding pattern), EKFAC's and TEKFAC's eigenbasis inside
+that eigenspace is the solver's choice, and the next rescaling depends on it — one process and
+R ranks, whose factors differ by rounding, then take different, equally valid, steps.
+
+Each spawn costs seconds, so one worker per world size runs all checks and reports back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from multiprocess import run_ranks
+
+METHODS = ("kfac", "ekfac", "tkfac", "tekfac")
+OPTIONS = dict(fisher="exact", stats_interval=1, eigen_interval=3, scale_interval=1, lr=0.1, damping=1e-2,
+               weight_decay=1e-3)
+STEPS = 5
+#: Relative agreement of the parameters with one process (measured: ≤ 5e-15 after 5 steps).
+RTOL = 1e-12
+
+
+# ----------------------------------------------------------------------------- on the ranks
+
+
+def _cnn() -> nn.Sequential:
+    """Two convolutions without padding (no repeated eigenvalues in the factors) and a linear layer."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sigmoid(), nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(8, 3)).double()
+
+
+def _model(name: str) -> nn.Module:
+    from helpers import tiny_mlp
+
+    return tiny_mlp() if name == "mlp" else _cnn()
+
+
+def _loss(name: str) -> nn.Module:
+    return {"ce": nn.CrossEntropyLoss(), "mse-sum": nn.MSELoss(reduction="sum")}[name]
+
+
+def _shard(x, y, sizes, rank):
+    lo = sum(sizes[:rank])
+    return x[lo : lo + sizes[rank]], y[lo : lo + sizes[rank]]
+
+
+def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, loss="ce", options=None,
+           nan_at=None, model=None, opt_state=None, first_step=0):
+    """``(model, optimizer)`` after ``steps`` steps on the global batches of seeds ``10 + k``;
+    distributed: on this rank's shard of each (``nan_at``: step at which rank 1's input is NaN)."""
+    from curvlab.optim import OPTIMIZERS
+    from helpers import batch
+
+    rank = torch.distributed.get_rank() if distributed else 0
+    model = _model(model_name) if model is None else model
+    loss_fn = _loss(loss)
+    net = nn.parallel.DistributedDataParallel(model) if distributed and wrap == "ddp" else model
+    opt = OPTIMIZERS[method](net, distributed=None if distributed else False, **{**OPTIONS, **(options or {})})
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    for k in range(first_step, first_step + steps):
+        x, y = batch(model, loss_fn, sum(sizes), seed=10 + k)
+        if distributed:
+            x, y = _shard(x, y, sizes, rank)
+            if k == nan_at and rank == 1:
+                x = x.clone()
+                x[0] = float("nan")
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(net(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@contextlib.contextmanager
+def _counting_eigh():
+    """Count ``torch.linalg.eigh`` calls (the refreshes' eigen-decompositions)."""
+    original, calls = torch.linalg.eigh, [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    torch.linalg.eigh = counted
+    try:
+        yield calls
+    finally:
+        torch.linalg.eigh = original
+
+
+def _equal_steps(cases) -> dict:
+    """Parameters after :data:`STEPS` steps against one process: ``case → (rel. error, params)``."""
+    out = {}
+    for model_name, sizes, wraps in cases:
+        for method in METHODS:
+            for wrap in wraps:
+                got, _ = _train(method, model_name, sizes, distributed=True, wrap=wrap)
+                ref, _ = _train(method, model_name, sizes, distributed=False)
+                out[(model_name, method, wrap)] = (_rel(_flat(got), _flat(ref)), _flat(got))
+    got, _ = _train("tekfac", "mlp", cases[0][1], distributed=True, options={"basis": "kfac"})
+    ref, _ = _train("tekfac", "mlp", cases[0][1], distributed=False, options={"basis": "kfac"})
+    out[("mlp", "tekfac-kfac-basis", "ddp")] = (_rel(_flat(got), _flat(ref)), _flat(got))
+    return out
+
+
+def _eigh_counts(sizes) -> dict:
+    """Eigen-decompositions this rank ran for KFAC's and TEKFAC's refreshes, and one process's."""
+    out = {}
+    for method in ("kfac", "tekfac"):
+        with _counting_eigh() as mine:
+            _train(method, "cnn", sizes, distributed=True)
+        with _counting_eigh() as single:
+            _train(method, "cnn", sizes, distributed=False)
+        out[method] = (mine[0], single[0])
+    return out
+
+
+def _unequal_shards(sizes) -> dict:
+    """After one step on unequal shards (plain model): the statistics and the built
+    approximations against one process (the gradients are the mean of the local ones, so the
+    parameters are not compared)."""
+    out = {}
+    for method, loss in [(m, "ce") for m in METHODS] + [("tekfac", "mse-sum")]:
+        _, got = _train(method, "mlp", sizes, distributed=True, wrap="plain", steps=1, loss=loss)
+        _, ref = _train(method, "mlp", sizes, distributed=False, steps=1, loss=loss)
+        errors = []
+        for name, state in ref.block_states.items():
+            mine = got.block_states[name].curvature
+            for key, value in state.curvature.tensors().items():
+                if not key.startswith("approximation."):  # running averages
+                    errors.append(_rel(mine.tensors()[key], value))
+            errors.append(_rel(mine.build().to_dense(), state.curvature.build().to_dense()))
+        out[(method, loss)] = max(errors)
+    return out
+
+
+def _non_finite_on_one_rank(sizes) -> dict:
+    """Rank 1's input is NaN at step 2: every rank skips that step, no rank waits."""
+    out = {}
+    for wrap in ("ddp", "plain"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, opt = _train("tekfac", "mlp", sizes, distributed=True, wrap=wrap, nan_at=2)
+        skipped = [w for w in caught if "skipped" in str(w.message)]
+        out[wrap] = (opt.steps_done, len(skipped), _flat(model))
+    return out
+
+
+def _mc_seeds_and_resume(sizes, path) -> dict:
+    """MC statistics of step 0 are those drawn under ``seed + k·R + r``; a DDP run saved by
+    rank 0 and resumed on every rank continues bit-identically."""
+    import curvlab
+
+    rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    options = {"fisher": "mc", "mc_samples": 2}
+    model, opt = _train("kfac", "mlp", sizes, distributed=True, steps=1, options=options)
+    from helpers import batch
+
+    fresh = _model("mlp")
+    x, y = _shard(*batch(fresh, _loss("ce"), sum(sizes), seed=10), sizes, rank)
+    local = curvlab.extract(fresh, _loss("ce"), x, y, fisher="mc", mc_samples=2, stats=("kfac",), seed=0 * size + rank)
+    out = {"mc_G": 0.0}
+    for name, stats in local.items():
+        g = stats.kfac["mc"].G / size  # equal shards: the global factor is the mean of the local ones
+        torch.distributed.all_reduce(g)
+        out["mc_G"] = max(out["mc_G"], _rel(opt.block_states[name].curvature.G, g))
+
+    options = {"fisher": "mc", "eigen_interval": 2, "scale_interval": 1}
+    full, _ = _train("tekfac", "mlp", sizes, distributed=True, steps=6, options=options)
+    half, opt = _train("tekfac", "mlp", sizes, distributed=True, steps=3, options=options)
+    if rank == 0:
+        torch.save({"model": half.state_dict(), "optimizer": opt.state_dict()}, path)
+    torch.distributed.barrier()
+    saved = torch.load(path, weights_only=True)
+    model = _model("mlp")
+    model.load_state_dict(saved["model"])
+    resumed, _ = _train("tekfac", "mlp", sizes, distributed=True, steps=3, options=options, model=model,
+                        opt_state=saved["optimizer"], first_step=3)
+    out["resume_equal"] = torch.equal(_flat(resumed), _flat(full))
+    out["saved_blocks"] = sorted(saved["optimizer"]["curvlab"]["blocks"])
+    _, single = _train("tekfac", "mlp", sizes, distributed=False, steps=0, options=options,
+                       opt_state=saved["optimizer"])
+    out["single_loads"] = single.steps_done
+    return out
+
+
+def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
+    out = {"equal": _equal_steps(cases), "eigh": _eigh_counts(eigh_sizes), "unequal": _unequal_shards(unequal)}
+    if extra_sizes is not None:
+        out["non_finite"] = _non_finite_on_one_rank(extra_sizes)
+        out["mc"] = _mc_seeds_and_resume(extra_sizes, path)
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_common(results, world_size: int) -> None:
+    first = results[0]
+    for case, (err, params) in first["equal"].items():
+        assert err <= RTOL, f"{case}: parameters differ from one process by {err:.3g} (relative)"
+        for rank, other in enumerate(results[1:], start=1):
+            assert torch.equal(other["equal"][case][1], params), f"{case}: rank {rank}'s parameters differ from rank 0's"
+    for method in ("kfac", "tekfac"):
+        counts = [r["eigh"][method][0] for r in results]
+        single = first["eigh"][method][1]
+        assert sum(counts) == single, (method, counts, single)  # each decomposition once, somewhere
+        assert max(counts) < single, (method, counts, single)   # and spread: no rank does them all
+    for case, err in first["unequal"].items():
+        assert err <= 1e-12, f"unequal shards {case}: statistics differ from one process by {err:.3g}"
+
+
+def test_two_ranks_take_one_process_steps(tmp_path) -> None:
+    cases = [("mlp", (4, 4), ("ddp", "plain")), ("cnn", (6, 6), ("ddp", "plain"))]
+    results = run_ranks(_worker, 2, cases, (6, 6), (3, 5), extra_sizes=(4, 4), path=str(tmp_path / "opt.pt"))
+    _check_common(results, 2)
+    for wrap in ("ddp", "plain"):
+        steps = [r["non_finite"][wrap][0] for r in results]
+        assert steps == [STEPS - 1] * 2, (wrap, steps)  # step 2 skipped on both ranks
+        assert all(r["non_finite"][wrap][1] == 1 for r in results), wrap  # warned on each
+        assert torch.equal(results[0]["non_finite"][wrap][2], results[1]["non_finite"][wrap][2]), wrap
+        assert torch.isfinite(results[0]["non_finite"][wrap][2]).all(), wrap
+    mc = results[0]["mc"]
+    assert mc["mc_G"] <= 1e-12, mc
+    assert all(r["mc"]["resume_equal"] for r in results)
+    assert mc["saved_blocks"] == ["0", "2"]  # the names one process uses (DDP unwrapped)
+    assert mc["single_loads"] == 3
+
+
+def test_four_ranks_take_one_process_steps() -> None:
+    cases = [("mlp", (2, 2, 2, 2), ("ddp",)), ("cnn", (3, 3, 3, 3), ("plain",))]
+    results = run_ranks(_worker, 4, cases, (3, 3, 3, 3), (1, 2, 3, 2))
+    _check_common(results, 4)
+
+
+# ----------------------------------------------------------------------------- in this process
+
+
+def test_greedy_assignment_is_kaisas_rule() -> None:
+    from curvlab.optim.assignment import assign_greedy, balance
+
+    costs = [2.0, 10.0, 7.0, 5.0, 3.0]
+    owners = assign_greedy(costs, 2)
+    # largest first, each to the least-loaded rank: 10 → 0, 7 → 1, 5 → 1 (7 < 10), 3 → 0 (10 < 12),
+    # 2 → 1 (12 < 13)
+    assert owners == [1, 0, 1, 1, 0]
+    assert balance(costs, owners, 2) == {0: 13.0, 1: 14.0}
+    assert assign_greedy([4.0, 4.0], 2) == [0, 1]  # ties: the lower index to the lower rank
+    assert assign_greedy(costs, 1) == [0] * 5
+    assert sorted(assign_greedy([1.0, 1.0, 1.0], 4)) == [0, 1, 2]  # never two items on one rank while another idles
+    with pytest.raises(ValueError, match="world_size"):
+        assign_greedy(costs, 0)
+
+
+def test_decomposition_moves_between_equal_approximations() -> None:
+    """What a refresh broadcasts: a KFAC/TKFAC's cached eigh, adopted without recomputing."""
+    from curvlab.approx import EKFAC, KFAC
+
+    gen = torch.Generator().manual_seed(0)
+    a, g = (torch.randn(n, 2 * n, generator=gen, dtype=torch.float64) for n in (4, 3))
+    kfac = KFAC(a @ a.T, g @ g.T)
+    assert kfac.decomposition() == {}  # nothing computed yet
+    u_out, u_in = kfac.eigenbasis()
+    copy = KFAC.from_tensors(kfac.tensors())
+    with _counting_eigh() as calls:
+        copy.adopt_decomposition(kfac.decomposition())
+        assert torch.equal(copy.eigenbasis()[0], u_out) and torch.equal(copy.eigenbasis()[1], u_in)
+        assert torch.equal(copy.eigenvalues(), kfac.eigenvalues())
+    assert calls[0] == 0
+    with pytest.raises(ValueError, match="decomposition"):
+        copy.adopt_decomposition({"u_left": u_out})
+    ekfac = EKFAC.from_factors(a @ a.T, g @ g.T, scaling="kronecker")
+    assert ekfac.decomposition() == {}  # its tensors are its eigenbasis
+    with pytest.raises(ValueError, match="caches no decomposition"):
+        ekfac.adopt_decomposition({"u": u_out})
+
+
+def test_distributed_argument(tmp_path) -> None:
+    """Without a group: off by default, an error when required; a group of one rank: one process,
+    and a DDP model is unwrapped (block names and results as without it)."""
+    import torch.distributed as dist
+
+    from curvlab.optim import TEKFAC
+    from helpers import tiny_mlp
+
+    assert not dist.is_initialized()
+    assert TEKFAC(tiny_mlp()).blocks()  # no process group: a single process
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        TEKFAC(tiny_mlp(), distributed=True)
+    with pytest.raises(TypeError, match="distributed="):
+        TEKFAC(tiny_mlp(), distributed="yes")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        got, opt = _train("tekfac", "mlp", (8,), distributed=True)
+        assert [b.name for b in opt.blocks()] == ["0", "2"]
+    finally:
+        dist.destroy_process_group()
+    ref, _ = _train("tekfac", "mlp", (8,), distributed=False)
+    assert torch.equal(_flat(got), _flat(ref))

@@ -1,0 +1,198 @@
+"""``curvlab train`` and ``curvlab report`` on several processes give one process's results.
+
+Two gloo ranks (one spawn, :mod:`multiprocess`) run a TEKFAC training (exact Fisher, probes),
+the same training split into one epoch and a resume, and a report; this process then runs them
+once more on its own and compares.  The models are float32, so "the same" means to float32
+rounding, amplified over the steps (measured: parameters ≤ 3e-6 relative).  The global batch (80
+examples) exceeds every layer's input width, so the factors have no repeated eigenvalues beyond
+the pixels that are zero in every image (see ``test_distributed_optim``).
+
+The command line: ``curvlab train --nproc 2`` (torchrun underneath) writes the files of a run,
+and a rank that raises ends the whole run with its message, long before the process group's
+timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from multiprocess import run_ranks
+
+#: float32 training: relative agreement of parameters and metrics with one process
+RTOL = 5e-5
+
+
+def _train_config(out: Path, **kw):
+    from curvlab.app.train import TrainConfig
+
+    base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=2, batch_size=80, train_size=240,
+                test_size=50, probe_every=3, probe_batch_size=20, out=str(out), progress=False,
+                model_kwargs={"hidden": (16,)}, fisher="exact", stats_interval=2, eigen_interval=4,
+                scale_interval=2)
+    return TrainConfig(**{**base, **kw})
+
+
+REPORT = dict(model="mlp", dataset="digits", batch_size=40, train_steps=10, approximations=("kflr", "ekfac", "tkfac", "tekfac"),
+              num_eigenvalues=8, top_k=3)
+
+
+def _no_figure(ds: object, path: Path) -> None:
+    """A figure skipped to save time (an empty file: the report's manifest lists every file)."""
+    Path(path).touch()
+
+
+def _no_figures() -> None:
+    """The report's figures are tested in one process (test_report); here they only cost time."""
+    import curvlab.app.report.figures as figures
+
+    for name in ("plot_spectra", "plot_errors", "plot_network"):
+        setattr(figures, name, _no_figure)
+
+
+def _worker(root: str) -> int:
+    from curvlab.app.report.run import run_report
+    from curvlab.app.train import train
+
+    _no_figures()
+    root_path = Path(root)
+    train(_train_config(root_path / "full"))
+    train(_train_config(root_path / "split", epochs=1))
+    train(_train_config(root_path / "split"), resume=True)
+    run_report(**REPORT, out_dir=root_path / "report")
+    return torch.distributed.get_rank()
+
+
+def _close(a: np.ndarray, b: np.ndarray, what: str, rtol: float = RTOL) -> None:
+    scale = np.nanmax(np.abs(b)) if np.isfinite(b).any() else 1.0
+    assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}: NaN pattern differs"
+    ok = np.isnan(b) | (np.abs(a - b) <= rtol * np.maximum(np.abs(b), scale))
+    assert ok.all(), f"{what}: max |Δ| = {np.nanmax(np.abs(a - b)):.3g} (scale {scale:.3g})"
+
+
+def test_two_ranks_train_and_report_as_one_process(tmp_path: Path) -> None:
+    from curvlab.app.report.run import run_report
+    from curvlab.app.train import train
+
+    assert run_ranks(_worker, 2, str(tmp_path / "ranks"), timeout=240) == [0, 1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks
+    try:
+        single = train(_train_config(tmp_path / "single"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("curvlab.app.report.figures.plot_spectra", _no_figure)
+            patch.setattr("curvlab.app.report.figures.plot_errors", _no_figure)
+            patch.setattr("curvlab.app.report.figures.plot_network", _no_figure)
+            run_report(**REPORT, out_dir=tmp_path / "single_report")
+    finally:
+        torch.set_num_threads(threads)
+
+    ranks = tmp_path / "ranks"
+    a = torch.load(single["checkpoint"], weights_only=False)
+    b = torch.load(ranks / "full" / "checkpoint.pt", weights_only=False)
+    for key in a["model"]:
+        _close(b["model"][key].numpy(), a["model"][key].numpy(), f"parameter {key}")
+    assert sorted(b["optimizer"]["curvlab"]["blocks"]) == sorted(a["optimizer"]["curvlab"]["blocks"]) == ["1", "3"]
+    assert len(b["rank_rng"]) == 2 and b["step"] == a["step"] == 6
+
+    ma, mb = (xr.open_dataset(p / "metrics.nc").load() for p in (tmp_path / "single", ranks / "full"))
+    assert mb.attrs["world_size"] == 2 and ma.attrs["world_size"] == 1
+    for var in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps", "skipped_steps"):
+        _close(mb[var].values, ma[var].values, f"metrics {var}")
+    pa, pb = (xr.open_dataset(p / "probe.nc").load() for p in (tmp_path / "single", ranks / "full"))
+    assert list(pb.step.values) == list(pa.step.values) == [0, 3, 6]
+    assert set(pb.data_vars) == set(pa.data_vars)
+    for var in pa.data_vars:
+        _close(pb[var].values, pa[var].values, f"probe {var}", rtol=1e-4)
+
+    # one epoch, then a resume on both ranks: the uninterrupted run, bit for bit
+    c = torch.load(ranks / "split" / "checkpoint.pt", weights_only=False)
+    for key in b["model"]:
+        assert torch.equal(b["model"][key], c["model"][key]), key
+    ms = xr.open_dataset(ranks / "split" / "metrics.nc").load()
+    np.testing.assert_array_equal(ms.train_loss, mb.train_loss)
+
+    ra, rb = (xr.open_dataset(p / "report.nc").load() for p in (tmp_path / "single_report", ranks / "report"))
+    assert rb.attrs["world_size"] == 2 and rb.attrs["shard_examples"] == "20,20"
+    assert set(rb.data_vars) == set(ra.data_vars)
+    for var in ra.data_vars:
+        _close(rb[var].values, ra[var].values, f"report {var}", rtol=1e-4)
+    assert (ranks / "report" / "summary.md").exists()
+
+
+def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CURVLAB_DIST_TIMEOUT": "120"}
+    return subprocess.run([sys.executable, "-m", "curvlab", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _cli("train", "--nproc", "2", "--dataset", "digits", "--hidden", "16", "--train-size", "160",
+                "--test-size", "40", "--batch-size", "40", "--epochs", "1", "--probe-every", "2",
+                "--probe-batch-size", "10", "--no-progress", "--out", str(out), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("metrics:") == 1  # rank 0 reports the files
+    metrics = xr.open_dataset(out / "metrics.nc").load()
+    assert metrics.attrs["world_size"] == 2 and int(metrics.steps[-1]) == 4
+    assert np.isfinite(metrics.train_loss).all()
+    assert list(xr.open_dataset(out / "probe.nc").step.values) == [0, 2, 4]
+
+
+FAILING_MODEL = '''
+import os
+from torch import nn
+
+
+class Fails(nn.Sequential):
+    calls = 0
+
+    def forward(self, x):
+        Fails.calls += 1
+        if Fails.calls == 3 and os.environ.get("RANK") == "1":
+            raise ValueError("rank one gives up at its third forward")
+        return super().forward(x)
+
+
+def build(input_shape, num_classes):
+    return Fails(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))
+'''
+
+
+def test_a_failing_rank_ends_the_run_with_its_message(tmp_path: Path) -> None:
+    spec = tmp_path / "failing.py"
+    spec.write_text(FAILING_MODEL)
+    start = time.monotonic()
+    done = _cli("train", "--nproc", "2", "--model", f"{spec}:build", "--dataset", "digits", "--train-size", "160",
+                "--test-size", "40", "--batch-size", "40", "--epochs", "1", "--no-progress",
+                "--out", str(tmp_path / "run"), timeout=240)
+    assert done.returncode != 0
+    assert "rank one gives up at its third forward" in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - start < 100  # torchrun stopped rank 0, well before its 120 s timeout
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (7, 2), (2, 4)])
+def test_shards_split_a_batch_in_rank_order(n: int, world: int) -> None:
+    from curvlab.app.launch import shard
+
+    parts = [shard(n, r, world) for r in range(world)]
+    assert [p.start for p in parts] == [sum(q.stop - q.start for q in parts[:r]) for r in range(world)]
+    assert sum(p.stop - p.start for p in parts) == n
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_nproc_is_left_out_of_the_relaunched_command() -> None:
+    from curvlab.app.launch import without_nproc
+
+    assert without_nproc(["train", "--nproc", "2", "--epochs", "1"]) == ["train", "--epochs", "1"]
+    assert without_nproc(["report", "--nproc=4", "--no-progress"]) == ["report", "--no-progress"]
+    assert without_nproc(["train", "--npr", "3", "--no-progress"]) == ["train", "--no-progress"]

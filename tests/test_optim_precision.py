@@ -1,0 +1,169 @@
+"""The optimizers' fast paths: float32 factors against float64, truncated eigenbases, the inverse form.
+
+Stated tolerances (float32 factors of a float64 model, 6 steps with statistics every step and
+a refresh every 2): the parameter displacement agrees with the float64 run to 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.approx.inverse import KroneckerInverse
+from curvlab.approx.spectral import optimal_scaling
+from curvlab.extract import extract
+from curvlab.optim import EKFAC, KFAC, OPTIMIZERS, TEKFAC, TKFAC
+from helpers import tiny_cnn, tiny_mlp
+
+DT = torch.float64
+ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
+IDS = [c.__name__ for c in ALL]
+#: Relative agreement of the float32 route with the float64 one (see the module docstring).
+FLOAT32_RTOL = 1e-4
+SCHEDULE = dict(stats_interval=1, scale_interval=1, eigen_interval=2, kl_clip=None, fisher="exact")
+
+
+def batches(n: int = 6, size: int = 32, shape: tuple[int, ...] = (2, 6, 6)) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(size, *shape, generator=gen, dtype=DT), torch.randint(0, 3, (size,), generator=gen))
+            for _ in range(n)]
+
+
+def train(opt, model, data) -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in data:
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        opt.step()
+
+
+def displacement(cls, data, **options) -> torch.Tensor:
+    model = tiny_mlp(0)
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    train(cls(model, lr=0.05, **SCHEDULE, **options), model, data)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+
+
+@pytest.mark.parametrize("truncated", [False, True], ids=["full", "truncated"])
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_float32_factors_agree_with_float64(cls, truncated: bool) -> None:
+    """On factors with well separated eigenvalues (an eigenbasis within a (near-)degenerate
+    eigenspace is arbitrary, and EKFAC's s* depends on it in any precision); with every input
+    factor truncated to rank 3 as well."""
+    data = batches(shape=(5,))
+    options = dict(truncate_above=4, truncation_rank=3) if truncated else {}
+    ref = displacement(cls, data, factor_dtype="float64", **options)
+    got = displacement(cls, data, **options)  # the default: float32
+    assert float((got - ref).norm() / ref.norm()) < FLOAT32_RTOL
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_truncated_optimizer_steps_with_its_approximation(cls) -> None:
+    """With factors above truncate_above truncated, every step still preconditions with exactly
+    the object approximations() returns, and that object is truncated."""
+    model, loss_fn = tiny_cnn(0), nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.05, momentum=0.0, truncate_above=15, truncation_rank=4, **SCHEDULE)
+    data = batches(4)
+    train(opt, model, data[:3])
+    approx = opt.approximations()
+    assert approx["0"].truncated and approx["4"].truncated and not approx["2"].truncated  # D = 19, 19, 13
+    x, y = data[3]
+    opt.steps_done = 1  # a plain step: no statistics, no refresh
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    blocks = {b.name: b for b in opt.blocks()}
+    before = {n: b.param_matrix().detach().clone() for n, b in blocks.items()}
+    grads = {n: b.grad_matrix().clone() for n, b in blocks.items()}
+    opt.step()
+    for n, b in blocks.items():
+        expected = before[n] - 0.05 * approx[n].inv_mat_mul(grads[n], opt.damping, opt.damping_strategy)
+        torch.testing.assert_close(b.param_matrix().detach(), expected)
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_truncated_state_resumes_bit_identically(cls, tmp_path) -> None:
+    """A state with truncated factors/bases goes through a weights-only file and the next steps
+    of the resumed optimizer are bit-identical."""
+    options = dict(lr=0.05, truncate_above=4, truncation_rank=3, stats_interval=1, scale_interval=1,
+                   eigen_interval=3, fisher="exact")
+    data = batches(5, shape=(5,))
+    model = tiny_mlp(0)
+    opt = cls(model, **options)
+    train(opt, model, data[:2])
+    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2 = tiny_mlp(3)
+    model2.load_state_dict(saved["model"])
+    opt2 = cls(model2, **options)
+    opt2.load_state_dict(saved["opt"])
+    assert all(a.truncated for a in opt2.approximations().values())
+    train(opt, model, data[2:])
+    train(opt2, model2, data[2:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [EKFAC, TEKFAC], ids=["EKFAC", "TEKFAC"])
+def test_rescaling_in_a_truncated_basis_is_the_flat_optimum(cls) -> None:
+    """A rescaling step (no averaging) in a truncated basis sets s to the compressed s* of the
+    batch's exact block: s* on the kept directions, its mean over the complement."""
+    model, loss_fn = tiny_mlp(0, d_in=12), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 12, generator=gen, dtype=DT), torch.randint(0, 3, (10,), generator=gen)
+    opt = cls(model, lr=0.0, momentum=0.0, truncate_above=8, truncation_rank=3, factor_dtype="float64",
+              stat_decay=0.0, **{**SCHEDULE, "eigen_interval": 100})
+    for _ in range(2):  # step 0: refresh; step 1: rescale in that basis (lr 0: θ fixed)
+        train(opt, model, [(x, y)])
+    approx = opt.approximations()["0"]
+    assert approx.truncated
+    sqrt = extract(model, loss_fn, x, y, fisher="exact", stats=("sqrt",))["0"].sqrt
+    torch.testing.assert_close(approx.scaling, optimal_scaling(sqrt, *approx.eigenbasis(compressed=True)),
+                               rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["kfac", "tkfac"])
+def test_default_damping_uses_the_inverse_form(name: str) -> None:
+    """KFAC/TKFAC with their default damping invert the two damped factors (no eigenbasis),
+    and keep that inverse with the object."""
+    model = tiny_mlp(0)
+    opt = OPTIMIZERS[name](model, lr=0.1, **SCHEDULE)
+    gen = torch.Generator().manual_seed(3)
+    train(opt, model, [(torch.randn(8, 5, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))])
+    approx = opt.approximations()["0"]
+    inverse = approx.inverse(opt.damping, opt.damping_strategy)
+    assert isinstance(inverse, KroneckerInverse)
+    assert approx.inverse(opt.damping, opt.damping_strategy) is inverse
+    assert approx._eig is None  # no eigen-decomposition was needed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_cuda_fast_paths_match_the_cpu_float64_route(cls) -> None:
+    """On CUDA: float32 factors, truncated bases (the same sketch on every device) and the
+    inverse form give the CPU float64 route's displacement to FLOAT32_RTOL."""
+    data = batches(shape=(5,))
+    options = dict(truncate_above=4, truncation_rank=3)
+    ref = displacement(cls, data, factor_dtype="float64", **options)
+    model = tiny_mlp(0).cuda()
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = cls(model, lr=0.05, **SCHEDULE, **options)
+    train(opt, model, [(x.cuda(), y.cuda()) for x, y in data])
+    assert all(a.device.type == "cuda" and a.truncated for a in opt.approximations().values())
+    got = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).cpu()
+    assert float((got - ref).norm() / ref.norm()) < FLOAT32_RTOL
+
+
+def test_an_optimizers_float32_approximation_is_analysed_in_float64() -> None:
+    """compare converts the optimizer's objects to float64; their decompositions are then done
+    in float64 too (the spectrum of the float64 copy is that of its float64 factors)."""
+    model = tiny_mlp(0)
+    opt = KFAC(model, lr=0.1, **SCHEDULE)
+    gen = torch.Generator().manual_seed(4)
+    train(opt, model, [(torch.randn(8, 5, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))])
+    approx = opt.approximations()["0"]
+    assert approx.dtype == torch.float32
+    a64 = approx.to(torch.float64)
+    expected = torch.outer(*(torch.linalg.eigvalsh(f.double()) for f in (approx.G, approx.A))).flatten()
+    torch.testing.assert_close(a64.spectrum(), expected.sort(descending=True).values, rtol=1e-12, atol=1e-15)

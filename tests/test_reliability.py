@@ -1,0 +1,175 @@
+"""Reliability of the library on bad input: a clear error naming the cause, or a correct
+number — never a silently wrong one (one test per defect found by trying curvlab as a careless
+user would; the command line and run folders are in tests/test_run_safety.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import curvlab
+from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC, KroneckerOptions
+from helpers import dense_ggn, tiny_mlp
+
+
+def batch(n: int = 16, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return tiny_mlp(seed), torch.randn(n, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+# -------------------------------------------------------------- 2. ignored targets refused
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+def test_cross_entropy_ignore_index_is_refused(fisher: str) -> None:
+    """torch's loss drops ignored examples and averages over the rest; a Fisher that counts them
+    would be wrong (trace 1.339 vs 1.470 on main), so they are refused, as class weights and
+    label smoothing are."""
+    model, x, y = batch(16)
+    y[:8] = -100
+    with pytest.raises(ValueError, match="8 of 16 targets equal ignore_index=-100"):
+        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher)
+    with pytest.raises(ValueError, match="ignore_index"):
+        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",))
+    for loss in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="label smoothing"):
+            curvlab.extract(model, loss, x, y.clamp_min(0))
+
+
+@pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
+def test_optimizer_refuses_ignored_targets(cls) -> None:
+    model, x, y = batch(16)
+    y[3] = -100
+    loss_fn = nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.1)
+    with pytest.raises(ValueError, match="ignore_index"), opt.track(loss_fn):
+        loss_fn(model(x), y).backward()
+
+
+# --------------------------------------------------------- 3. non-finite hyper-parameters
+
+
+@pytest.mark.parametrize("name", ["lr", "damping", "momentum", "kl_clip", "weight_decay"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_hyper_parameters_are_refused(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        KroneckerOptions(**{name: value})
+    with pytest.raises(ValueError, match=name):
+        TEKFAC(tiny_mlp(0), **{name: value})
+
+
+def test_zero_damping_is_refused() -> None:
+    """damping = 0 turned a small batch's step NaN (rank-deficient factors): refused, also later."""
+    with pytest.raises(ValueError, match="damping=0"):
+        KFAC(tiny_mlp(0), damping=0)
+    opt = KFAC(tiny_mlp(0))
+    with pytest.raises(ValueError, match="damping"):
+        opt.damping = 0.0
+
+
+@pytest.mark.parametrize("name,value", [("lr", math.nan), ("momentum", math.inf), ("lr", -1.0)])
+def test_a_param_group_set_to_a_bad_value_is_refused_at_step(name: str, value: float) -> None:
+    """A group is a plain dict (a user or a scheduler may set anything): checked at every step."""
+    model, x, y = batch(8)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = TKFAC(model, lr=0.1, stats_interval=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0][name] = value
+    opt.zero_grad()
+    with opt.track(loss_fn):
+        loss_fn(model(x), y).backward()
+    with pytest.raises(ValueError, match=f"param group 0: {name}="):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
+def test_a_non_finite_update_is_skipped_at_its_own_step(cls) -> None:
+    """An update that overflows float32 is never applied; the warning names this step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.1, momentum=0.9, kl_clip=None, stats_interval=1)
+    for _ in range(2):
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    momenta = {k: s.momentum.clone() for k, s in opt.block_states.items()}
+    opt.param_groups[0]["lr"] = 1e38  # finite, but lr · update overflows
+    opt.zero_grad()
+    with opt.track(loss_fn):
+        loss_fn(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite update .* at step 2"):
+        opt.step()
+    assert opt.steps_done == 2
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(s.momentum, momenta[k]) for k, s in opt.block_states.items())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ----------------------------------------------------------------- 7. messages that name the cause
+
+
+def test_empty_batch_is_named() -> None:
+    model, x, y = batch(4)
+    with pytest.raises(ValueError, match="empty batch"):
+        curvlab.extract(model, nn.CrossEntropyLoss(), x[:0], y[:0])
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+def test_non_finite_inputs_are_named(fisher: str) -> None:
+    model, x, y = batch(6)
+    x[2, 1] = math.nan
+    with pytest.raises(ValueError, match="non-finite values .* in 1 of 6 examples"):
+        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher)
+    with pytest.raises(ValueError, match="non-finite"):
+        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",))
+    with pytest.raises(ValueError, match="non-finite"):
+        curvlab.extract(model, nn.MSELoss(), x, torch.randn(6, 3, dtype=torch.float64), fisher=fisher)
+    targets = torch.randn(6, 3, dtype=torch.float64)
+    targets[0, 0] = math.inf
+    with pytest.raises(ValueError, match="targets have non-finite values"):
+        curvlab.extract(model, nn.MSELoss(), x.nan_to_num(), targets, fisher=fisher)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"damping": math.nan}, "damping=nan"), ({"damping": 0.0}, "damping=0.0"), ({"top_k": 0}, "top_k=0"),
+    ({"num_eigenvalues": 0}, "num_eigenvalues=0"), ({"approximations": "kfac"}, "collection of names"),
+    ({"approximations": ("kfac", "nope")}, "unknown approximation 'nope'"),
+])
+def test_bad_comparison_settings_are_named(kwargs: dict, message: str) -> None:
+    model, x, y = batch(6)
+    with pytest.raises(ValueError, match=message):
+        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, **kwargs)
+
+
+def test_approximate_takes_one_block_or_a_whole_extraction() -> None:
+    model, x, y = batch(6)
+    stats = curvlab.extract(model, nn.CrossEntropyLoss(), x, y)
+    whole = curvlab.approximate(stats, "kflr")
+    assert set(whole) == {"0", "2"}
+    assert torch.equal(whole["0"].to_dense(), curvlab.approximate(stats["0"], "kflr").to_dense())
+    with pytest.raises(TypeError, match="LayerStats"):
+        curvlab.approximate(torch.ones(3), "kflr")
+    with pytest.raises(ValueError, match="unknown approximation 'kfc'"):
+        curvlab.approximate(stats, "kfc")
+
+
+def test_a_zero_fisher_block_is_explained() -> None:
+    """A dead layer (its ReLU never fires): F = 0 for the layer below it, metrics NaN — with a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert float(dense_ggn(model, nn.CrossEntropyLoss(), x, y, "0").detach().abs().max()) == 0.0
+    with pytest.warns(RuntimeWarning, match="layer '0' is zero .*dead layer"):
+        ds = curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kfac",))
+    assert np.isnan(ds.rel_frobenius_error.sel(layer="0")).all()

@@ -1,0 +1,235 @@
+"""Runs that a careless user interrupts, repeats or misconfigures: checkpoints, output folders,
+resumes and the command line's errors (one test per defect found; library input in
+tests/test_reliability.py).  Training runs here are tiny (digits, an 8-unit MLP, a few steps);
+the faults that need a process of their own (kills, two runs at once, a full disk) are in
+tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from curvlab.app.cli import main
+from curvlab.app.data import DataError, read_idx
+from curvlab.app.train import TrainConfig, train
+
+FAST_TRAIN = ["--hidden", "8", "--train-size", "120", "--test-size", "40", "--batch-size", "40",
+              "--epochs", "1", "--no-progress"]
+
+
+def small(out: Path | str, **kw) -> TrainConfig:
+    base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=1, batch_size=40, train_size=120,
+                test_size=40, probe_every=0, probe_batch_size=8, out=str(out), progress=False,
+                model_kwargs={"hidden": (8,)}, stats_interval=1, eigen_interval=2, scale_interval=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------ 1. checkpoints never run code
+
+
+class _Payload:
+    """Pickles as a call of os.system: what a crafted checkpoint would do on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_runs_code_from_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"model": _Payload(marker), "config": {}}, out / "checkpoint.pt")
+    assert pickle.loads(pickle.dumps(_Payload(marker))) == 0 and marker.exists()  # the payload works
+    marker.unlink()
+    code = main(["train", *FAST_TRAIN, "--out", str(out), "--resume"])
+    assert code == 1 and not marker.exists()
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------- 3. non-finite hyper-parameters on the command line
+
+
+@pytest.mark.parametrize("args", [["--damping", "0"], ["--lr", "nan"], ["--damping", "inf"], ["--momentum", "nan"],
+                                  ["--kl-clip", "nan"]])
+def test_cli_refuses_non_finite_or_zero_hyper_parameters(args: list[str], tmp_path: Path, capsys) -> None:
+    assert main(["train", *FAST_TRAIN, *args, "--out", str(tmp_path / "o")]) == 2
+    assert args[0][2:].replace("-", "_") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------- 4. lost or mixed output
+
+
+def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *FAST_TRAIN, "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(["train", *FAST_TRAIN, "--seed", "1", "--out", str(out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main(["train", *FAST_TRAIN, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["config_seed"] == 1
+    assert not (out / ".curvlab.lock").exists()
+
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> None:
+    from curvlab.app.outdir import LOCK_NAME, FolderLock, OutputFolderError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with FolderLock(out, "test"):
+        with pytest.raises(OutputFolderError, match=f"in use by another curvlab run \\(pid {os.getpid()}"):
+            train(small(out))
+    assert not (out / "checkpoint.pt").exists()
+    (out / LOCK_NAME).write_text("999999\n")  # left by a killed run: nobody holds it
+    assert train(small(out))["checkpoint"].exists()
+
+
+def test_resume_refuses_a_missing_probe_file(tmp_path: Path) -> None:
+    train(small(tmp_path, probe_every=2))
+    (tmp_path / "probe.nc").unlink()
+    with pytest.raises(ValueError, match="probe.nc is missing"):
+        train(small(tmp_path, probe_every=2, epochs=2), resume=True)
+
+
+def test_probes_are_bit_identical_after_a_resume(tmp_path: Path) -> None:
+    """ARPACK's default start vector came from a generator whose state carried over from call to
+    call, so a resumed run's probes differed from the uninterrupted run's in the last bits."""
+    kw = dict(probe_every=2, batch_size=30)
+    full = train(small(tmp_path / "full", epochs=2, **kw))
+    train(small(tmp_path / "split", epochs=1, **kw))
+    split = train(small(tmp_path / "split", epochs=2, **kw), resume=True)
+    a, b = xr.open_dataset(full["probe"]).load(), xr.open_dataset(split["probe"]).load()
+    assert a.sizes["step"] == 5 and a.sizes["layer"] == 2
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+# -------------------------------------------------------- 5. one folder, spelled differently
+
+
+@pytest.mark.parametrize("spelling", ["./rs", "rs/", "ABS"])
+def test_resume_accepts_the_folder_spelled_differently(spelling: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    train(small("rs"))
+    again = str(tmp_path / "rs") if spelling == "ABS" else spelling
+    paths = train(small(again, epochs=2), resume=True)
+    assert torch.load(paths["checkpoint"], weights_only=True)["epoch"] == 2
+
+
+# ------------------------------------------------------- 6. clean errors instead of tracebacks
+
+
+def test_bit_flipped_gz_idx_file_is_a_data_error(tmp_path: Path) -> None:
+    payload = bytes([0, 0, 8, 1]) + (1000).to_bytes(4, "big") + bytes(range(256)) * 4
+    blob = bytearray(gzip.compress(payload[:1008], mtime=0))
+    blob[80] ^= 0x10  # inside the deflate stream: zlib's own error, not gzip's CRC check
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(blob))
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=str(path)):
+        read_idx(path, ndim=1)
+
+
+def _checkpoints(tmp: Path) -> dict[str, bytes]:
+    good = tmp / "good.pt"
+    torch.save({"epoch": 1, "model": {"w": torch.ones(2)}}, good)  # a foreign (non-curvlab) checkpoint
+    data = good.read_bytes()
+    return {
+        "truncated": data[: len(data) // 2],
+        "random": np.random.default_rng(0).bytes(4096),
+        "empty": b"",
+        "foreign": data,
+        "pickle": pickle.dumps({"model": 1}),
+    }
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "foreign", "pickle"])
+def test_unreadable_checkpoints_are_a_clean_error(kind: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(_checkpoints(tmp_path)[kind])
+    assert main(["train", *FAST_TRAIN, "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert str(out / "checkpoint.pt") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hidden", "0"], "--hidden"), (["--hidden", "-3"], "--hidden"), (["--hidden", "8,x"], "--hidden"),
+    (["--device", "tpu"], "invalid device 'tpu'"), (["--train-size", "0"], "train_size=0"),
+    (["--test-size", "0"], "test_size=0"),
+])
+def test_bad_train_options_are_usage_errors(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert main(["train", *FAST_TRAIN, *args, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _no_data(*_args, **_kwargs):
+    raise AssertionError("the data was loaded before the output folder was checked")
+
+
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_an_output_folder_that_is_a_file_is_reported_before_any_compute(command: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr("curvlab.app.data.load_dataset", _no_data)
+    monkeypatch.setattr(f"curvlab.app.{'train.loop' if command == 'train' else 'report.run'}.load_dataset", _no_data)
+    args = FAST_TRAIN if command == "train" else ["--train-steps", "0", "--no-progress"]
+    for out in (blocker, blocker / "sub"):
+        assert main([command, *args, "--out", str(out)]) == 1
+        assert f"output folder {out}" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_read_only_output_folder_is_reported_before_any_compute(tmp_path: Path) -> None:
+    """A real read-only folder: by permissions, or (root writes anywhere) a read-only bind mount
+    in a private mount namespace; the commands run in a process of their own."""
+    out = tmp_path / "ro"
+    out.mkdir()
+    script = ("import sys, curvlab.app.data as d\n"
+              "d.load_dataset = lambda *a, **k: sys.exit('data loaded before the folder check')\n"
+              "from curvlab.app.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))")
+    commands = []
+    for command, extra in (("train", FAST_TRAIN), ("report", ["--no-progress"])):
+        commands.append([sys.executable, "-c", script, command, *extra, "--out", str(out / "sub")])
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+        wrap = lambda cmd: cmd  # noqa: E731
+    else:
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {out} {out} && mount -o remount,bind,ro {out}"],
+                               capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            pytest.skip(f"running as root and no read-only bind mount possible: {probe.stderr.decode()[:200]}")
+        wrap = lambda cmd: ["unshare", "-m", "sh", "-c",  # noqa: E731
+                            f'mount --bind {out} {out} && mount -o remount,bind,ro {out} && exec "$@"', "sh", *cmd]
+    try:
+        for cmd in commands:
+            proc = subprocess.run(wrap(cmd), capture_output=True, text=True, timeout=180, cwd=tmp_path)
+            assert proc.returncode == 1, proc.stderr
+            assert f"output folder {out / 'sub'} cannot be created in {out}" in proc.stderr, proc.stderr
+    finally:
+        out.chmod(0o755)
+
+
+def test_probe_approximations_must_be_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="collection of names"):
+        small(tmp_path, probe_every=1, probe_approximations="kfac")
+    with pytest.raises(ValueError, match="unknown approximation 'kfc'"):
+        small(tmp_path, probe_every=1, probe_approximations=("kfc",))

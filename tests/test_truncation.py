@@ -1,0 +1,185 @@
+"""Truncated eigenbases (top-k eigenpairs + a flat remainder) against dense definitions (float64).
+
+The dense references build ``K̂ = Σ s[a, b] P_a ⊗ P_b`` from projectors (``P_a = u_a u_aᵀ``,
+``P_⊥ = I − U Uᵀ``), never from curvlab's completed bases or compressed products.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvlab.approx import EighPolicy, TruncatedFactor, approximate, randomized_eigh
+from curvlab.approx.spectral import optimal_scaling
+from curvlab.extract import maths
+from helpers_approx import DT, linear_block, rel, to_flat
+
+NAMES = ("kfac", "tkfac", "ekfac", "tekfac")
+#: (d_out = 3, D = 5): "in" truncates D only, "both" both sides.
+POLICIES = {
+    "in": EighPolicy(truncate_above=3, rank=2),
+    "both": EighPolicy(truncate_above=2, rank=1),
+}
+
+
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.kron(a.contiguous(), b.contiguous())
+
+
+def projectors(u: torch.Tensor) -> list[torch.Tensor]:
+    """``u_a u_aᵀ`` per column, then ``I − U Uᵀ`` if ``u`` has fewer columns than rows."""
+    out = [torch.outer(u[:, a], u[:, a]) for a in range(u.shape[1])]
+    if u.shape[1] < u.shape[0]:
+        out.append(torch.eye(u.shape[0], dtype=u.dtype) - u @ u.T)
+    return out
+
+
+def flat_factor(values: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return sum(v * p for v, p in zip(values, projectors(u)))
+
+
+def dense_from_grid(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
+    """``Σ grid[a, b] P_a ⊗ P_b`` in the row-major matrix order."""
+    return sum(grid[a, b] * kron(pa, pb) for a, pa in enumerate(projectors(u_out)) for b, pb in enumerate(projectors(u_in)))
+
+
+def dense_truncated(approx) -> torch.Tensor:
+    """The approximation as a dense matrix (matrix order), from its compressed representation."""
+    u_out, u_in = approx.eigenbasis(compressed=True)
+    return dense_from_grid(approx.eigenvalues(compressed=True), u_out, u_in)
+
+
+def test_randomized_eigh_recovers_a_low_rank_plus_flat_factor() -> None:
+    """Exact when the sketch spans the space (rank + oversampling = n); within the power
+    iterations' error otherwise."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(30, 5, generator=gen, dtype=DT)).Q
+    lam = torch.tensor([9.0, 7.0, 5.0, 3.0, 2.0], dtype=DT)
+    m = flat_factor(torch.cat([lam, torch.tensor([0.25], dtype=DT)]), u)
+    expected = torch.tensor([2.0, 3.0, 5.0, 7.0, 9.0, 0.25], dtype=DT)
+    values, vectors = randomized_eigh(m, 5, oversampling=25)
+    torch.testing.assert_close(values, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(vectors @ vectors.T, u @ u.T, rtol=0, atol=1e-10)
+    torch.testing.assert_close(TruncatedFactor(values, vectors).dense(), m, rtol=0, atol=1e-10)
+    values, vectors = randomized_eigh(m, 5)  # 21 of 30 columns, gap 2/0.25, 2 power iterations
+    torch.testing.assert_close(values, expected, rtol=1e-5, atol=0)
+
+
+def test_truncated_factor_is_near_the_best_one_and_keeps_the_trace() -> None:
+    """On a decaying spectrum the randomized rank-k factor (2 power iterations) is within 1 % of
+    the best low-rank-plus-flat factor of that rank (exact top-k eigenpairs, flat mean)."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(60, 60, generator=gen, dtype=DT)).Q
+    m = (q * torch.logspace(0, -4, 60, dtype=DT)) @ q.T
+    values, vectors = randomized_eigh(m, 8)
+    lam, u = torch.linalg.eigh(m)
+    best = flat_factor(torch.cat([lam[-8:], ((lam.sum() - lam[-8:].sum()) / 52).reshape(1)]), u[:, -8:])
+    ours = TruncatedFactor(values, vectors).dense()
+    assert float((m - ours).norm()) <= 1.01 * float((m - best).norm())
+    torch.testing.assert_close(ours.trace(), m.trace(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(values[:-1], lam[-8:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES), ids=list(POLICIES))
+@pytest.mark.parametrize("name", NAMES)
+def test_truncated_approximation_matches_its_dense_definition(name: str, policy: str) -> None:
+    """Products, damped inverses (every strategy), trace, norm and spectrum of a truncated
+    approximation are those of Σ s P_a ⊗ P_b; the Kronecker products are G̃ ⊗ Ã of the
+    truncated factors."""
+    stats = linear_block(0, bias=True, d_out=3, d_w=4, n=9)
+    approx = approximate(stats, name, eigh=POLICIES[policy])
+    assert approx.truncated
+    dense = dense_truncated(approx)
+    if name in ("kfac", "tkfac"):  # the product of the truncated factors themselves
+        left, right = approx._left, approx._right
+        factors = [f.dense() if isinstance(f, TruncatedFactor) else f for f in (left, right)]
+        scale = 1.0 if approx._scale is None else approx._scale
+        torch.testing.assert_close(dense, scale * kron(*factors), rtol=1e-10, atol=1e-12)
+    flat = to_flat(dense, stats.layout)
+    torch.testing.assert_close(approx.to_dense(), flat, rtol=1e-10, atol=1e-12)
+    v = torch.randn(2, stats.num_params, generator=torch.Generator().manual_seed(2), dtype=DT)
+    assert rel(approx.matvec(v), v @ flat) < 1e-10
+    assert rel(approx.trace(), flat.trace()) < 1e-10
+    assert rel(approx.frobenius_norm(), flat.norm()) < 1e-10
+    assert rel(approx.spectrum(), torch.linalg.eigvalsh(flat).flip(0)) < 1e-9
+    lam = 0.05 * float(flat.trace()) / stats.num_params
+    eye = torch.eye(stats.num_params, dtype=DT)
+    damped = {"exact": flat + lam * eye, "trace-relative": flat + lam * flat.trace() / stats.num_params * eye}
+    l, r = approx.factor_eigenvalues(compressed=True)
+    u_out, u_in = approx.eigenbasis(compressed=True)
+    big_l, big_r = flat_factor(l, u_out), flat_factor(r, u_in)
+    d_out, d_in = stats.layout.shape
+    i_out, i_in = torch.eye(d_out, dtype=DT), torch.eye(d_in, dtype=DT)
+    root = lam**0.5
+    pi = ((big_r.trace() / d_in) / (big_l.trace() / d_out)).sqrt()
+    # the damping increments of curvlab.approx.damping, from the truncated factors L̃ ⊗ R̃
+    increments = {"factored": (pi * root, root / pi)}
+    if approx.trace_factored:
+        increments["nor"] = (root, root)
+    for strategy, (b, a) in increments.items():
+        inc = b * kron(big_l, i_in) + a * kron(i_out, big_r) + a * b * kron(i_out, i_in)
+        damped[strategy] = flat + to_flat(inc, stats.layout)
+    for strategy, mat in damped.items():
+        got = approx.inverse_matvec(v, lam, strategy)
+        assert rel(got, torch.linalg.solve(mat, v.T).T) < 1e-9, strategy
+
+
+@pytest.mark.parametrize("name", ["kfac", "tkfac"])
+def test_truncation_changes_nothing_when_the_rank_holds_the_spectrum(name: str) -> None:
+    """Input factors that are exactly rank-2 plus a multiple of I: the truncated route (rank 2)
+    gives the full route's approximation, inverse and spectrum."""
+    stats = linear_block(0, bias=True, d_out=3, d_w=4, n=9)
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(5, 2, generator=gen, dtype=DT)
+    low_rank = v @ v.T + 0.3 * torch.eye(5, dtype=DT)
+    stats.kfac["mc"].A = low_rank
+    stats.tkfac.delta_phi = low_rank
+    stats.tkfac.delta = low_rank.trace()
+    full = approximate(stats, name)
+    trunc = approximate(stats, name, eigh=EighPolicy(truncate_above=3, rank=2))
+    assert trunc.truncated and not full.truncated
+    torch.testing.assert_close(trunc.to_dense(), full.to_dense(), rtol=1e-10, atol=1e-12)
+    x = torch.randn(4, 15, generator=gen, dtype=DT)
+    for strategy in ("exact", "factored", "trace-relative", *(["nor"] if name == "tkfac" else [])):
+        assert rel(trunc.inverse_matvec(x, 0.01, strategy), full.inverse_matvec(x, 0.01, strategy)) < 1e-10
+    assert rel(trunc.spectrum(), full.spectrum()) < 1e-10
+
+
+def test_eigen_corrected_scaling_in_a_truncated_basis_is_the_flat_optimum() -> None:
+    """EKFAC's s* in a truncated basis: s* on the kept directions, the complement's mean on it —
+    which minimises ‖F − K̂‖ among approximations flat on the complement."""
+    stats = linear_block(2, bias=True, d_out=3, d_w=4, n=9)
+    approx = approximate(stats, "ekfac", eigh=POLICIES["in"])
+    u_out, u_in = approx.eigenbasis(compressed=True)
+    f = stats.sqrt.matrices().flatten(1)
+    f = f.T @ f
+    err = float((f - dense_truncated(approx)).norm())
+    for delta in (1e-3, -1e-3):
+        nudged = approx.with_scaling(approx.scaling + delta * torch.eye(3, 3, dtype=DT)[:, -1:].expand(3, 3))
+        assert float((f - dense_truncated(nudged)).norm()) > err
+    torch.testing.assert_close(approx.scaling, optimal_scaling(stats.sqrt, u_out, u_in), rtol=1e-12, atol=0)
+
+
+def reference_kfe(m: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
+    """Σ_k ‖P_a M_k P_b‖² over the projectors: the compressed sums of (Qᵀ M Q)²."""
+    rows, cols = projectors(u_out), projectors(u_in)
+    return torch.stack([torch.stack([(pa @ m @ pb).square().sum() for pb in cols]) for pa in rows])
+
+
+@pytest.mark.parametrize("truncated", ["in", "out", "both"])
+@pytest.mark.parametrize("t", [1, 3], ids=["linear", "conv"])
+def test_kfe_scaling_in_a_truncated_basis(t: int, truncated: str) -> None:
+    """The extraction's rescaling statistic in a truncated basis: compressed sums."""
+    gen = torch.Generator().manual_seed(4)
+    c, n, d_out, d_in = 2, 5, 4, 6
+    x = torch.randn(n, d_in, t, generator=gen, dtype=DT)
+    g = torch.randn(c, n, d_out, t, generator=gen, dtype=DT)
+    u_out = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, dtype=DT)).Q
+    u_in = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=DT)).Q
+    if truncated in ("out", "both"):
+        u_out = u_out[:, :2]
+    if truncated in ("in", "both"):
+        u_in = u_in[:, :3]
+    m = maths.per_sample_gradients(x, g)
+    torch.testing.assert_close(maths.kfe_scaling(x, g, u_out, u_in), reference_kfe(m, u_out, u_in),
+                               rtol=1e-10, atol=1e-12)
