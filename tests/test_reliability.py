@@ -24,20 +24,24 @@ def batch(n: int = 16, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Te
 # -------------------------------------------------------------- 2. ignored targets refused
 
 
+ENGINES = ("backpack", "autograd")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
-def test_cross_entropy_ignore_index_is_refused(fisher: str) -> None:
+def test_cross_entropy_ignore_index_is_refused(fisher: str, engine: str) -> None:
     """torch's loss drops ignored examples and averages over the rest; a Fisher that counts them
     would be wrong (trace 1.339 vs 1.470 on main), so they are refused, as class weights and
-    label smoothing are."""
+    label smoothing are — by both engines."""
     model, x, y = batch(16)
     y[:8] = -100
     with pytest.raises(ValueError, match="8 of 16 targets equal ignore_index=-100"):
-        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher)
+        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, engine=engine)
     with pytest.raises(ValueError, match="ignore_index"):
-        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",))
+        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",), engine=engine)
     for loss in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))):
         with pytest.raises(ValueError, match="label smoothing"):
-            curvlab.extract(model, loss, x, y.clamp_min(0))
+            curvlab.extract(model, loss, x, y.clamp_min(0), engine=engine)
 
 
 @pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
@@ -123,20 +127,34 @@ def test_empty_batch_is_named() -> None:
         curvlab.extract(model, nn.CrossEntropyLoss(), x[:0], y[:0])
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
-def test_non_finite_inputs_are_named(fisher: str) -> None:
+def test_non_finite_inputs_are_named(fisher: str, engine: str) -> None:
     model, x, y = batch(6)
     x[2, 1] = math.nan
     with pytest.raises(ValueError, match="non-finite values .* in 1 of 6 examples"):
-        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher)
+        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, engine=engine)
     with pytest.raises(ValueError, match="non-finite"):
-        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",))
+        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",), engine=engine)
     with pytest.raises(ValueError, match="non-finite"):
-        curvlab.extract(model, nn.MSELoss(), x, torch.randn(6, 3, dtype=torch.float64), fisher=fisher)
+        curvlab.extract(model, nn.MSELoss(), x, torch.randn(6, 3, dtype=torch.float64), fisher=fisher, engine=engine)
     targets = torch.randn(6, 3, dtype=torch.float64)
     targets[0, 0] = math.inf
     with pytest.raises(ValueError, match="targets have non-finite values"):
-        curvlab.extract(model, nn.MSELoss(), x.nan_to_num(), targets, fisher=fisher)
+        curvlab.extract(model, nn.MSELoss(), x.nan_to_num(), targets, fisher=fisher, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_non_finite_outputs_propagate_when_asked(engine: str) -> None:
+    """``non_finite="propagate"`` (the optimizers' statistics pass): the backward completes and
+    every statistic of the batch is NaN, from both engines."""
+    model, x, y = batch(6)
+    x[2, 1] = math.nan
+    stats = curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher="mc", engine=engine, non_finite="propagate",
+                            stats=("kfac", "tkfac"))
+    assert stats and all(s.engine == engine for s in stats.values())
+    for s in stats.values():
+        assert torch.isnan(s.kfac["mc"].G).all() and torch.isnan(s.tkfac.delta_phi).any()
 
 
 @pytest.mark.parametrize("kwargs,message", [

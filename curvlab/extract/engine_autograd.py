@@ -40,6 +40,7 @@ class AutogradPass:
             terms=bool(_TERM_STATISTICS & options.stats),
             include_bias=True,
             params={b.name: b.weight for b in blocks.parameters} if want_sqrt else {},
+            non_finite=options.non_finite,
         )
         self.recording = Recording(blocks.layers, loss_fn, request, self.coupled)
 

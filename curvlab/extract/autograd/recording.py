@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES, BatchedVJP, SavedBytes, estimate
 from curvlab.extract.autograd.loss_roots import FLAVOURS, loss_terms, stacked_root
+from curvlab.extract.validate import check_loss_inputs
 from curvlab.extract.autograd.results import AutogradExtraction, LayerCall, LayerResult
 from curvlab.extract.autograd.routes import batch_roots, selected_columns, separated_roots
 
@@ -40,6 +41,8 @@ class Request:
         terms: with ``T_out > 1``, keep each call's term-separated roots ``g_terms``.
         include_bias: square roots include the bias column of layers with a trainable bias.
         params: parameter path → tensor whose per-column gradients form its square root.
+        non_finite: a non-finite model output ``"raise"``s (with the other loss-input checks of
+            :func:`curvlab.extract.validate.check_loss_inputs`), or ``"propagate"``s: NaN roots.
     """
 
     flavours: tuple[str, ...] = ("exact",)
@@ -52,6 +55,7 @@ class Request:
     terms: bool = False
     include_bias: bool = False
     params: Mapping[str, Tensor] = field(default_factory=dict)
+    non_finite: str = "raise"
 
     def check(self) -> None:
         flavours = self.flavours
@@ -144,8 +148,15 @@ class Recording:
 
     def _compute(self, output: Tensor, targets: Tensor, loss: Tensor) -> AutogradExtraction:
         req, calls = self.request, self.calls
+        finite = bool(torch.isfinite(output.detach()).all())
+        if finite or req.non_finite == "raise":
+            check_loss_inputs(self.loss_fn, output, targets)
         terms = loss_terms(self.loss_fn, output, targets)
-        root, segments = stacked_root(self.loss_fn, output, targets, terms, req.flavours, req.mc_samples)
+        if finite:
+            root, segments = stacked_root(self.loss_fn, output, targets, terms, req.flavours, req.mc_samples)
+        else:  # non_finite="propagate": NaN statistics, no sampling from NaN outputs
+            root, segments = stacked_root(self.loss_fn, torch.zeros_like(output), targets, terms, req.flavours, req.mc_samples)
+            root = torch.full_like(root, float("nan"))
         self._check_unmodified()
         xs = [layer_io.unfold_input(m, inp) for m, inp, _ in calls]
         for (module, _, _), x in zip(calls, xs):
