@@ -199,7 +199,7 @@ def test_compare_is_finite_or_says_why_not(problem: tuple, top_k: int, damping: 
 
 #: One step is the damped natural gradient of the batch's own approximation.
 EXACT = dict(fisher="exact", stat_decay=0.0, stats_interval=1, eigen_interval=1, scale_interval=1,
-             momentum=0.0, weight_decay=0.0, kl_clip=None, damping_strategy="exact")
+             momentum=0.0, weight_decay=0.0, kl_clip=None, damping_strategy="exact", factor_dtype="float64")
 
 
 def kronecker_reference(cls: type, model: nn.Sequential, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,

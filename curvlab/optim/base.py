@@ -311,7 +311,8 @@ class KroneckerOptimizer(Optimizer):
             if curvature.has_statistics and (refresh_due or curvature.build() is None):
                 stale.append(curvature)
         if self._parallel is not None:
-            self._parallel.refresh(stale)  # each rank decomposes its share, then they swap them
+            # each rank decomposes its share, then they swap them
+            self._parallel.refresh(stale, lambda built: built.inverse(self.options.damping, self.options.damping_strategy))
         else:
             for curvature in stale:
                 curvature.refresh()

@@ -26,7 +26,8 @@ What the ranks exchange (``torch.distributed`` collectives only; gloo on CPU, nc
   (:mod:`curvlab.optim.assignment`, KAISA's rule); each rank refreshes its own blocks, then one
   ``all_gather_object`` of the result's tensor names and shapes and, per rank that owns blocks,
   one ``broadcast`` per dtype of what its refreshes built (the tensors ``refresh()`` replaced in
-  the block state, plus the cached eigen-decomposition of KFAC/TKFAC); the others install them
+  the block state, plus the eigen-decomposition KFAC/TKFAC compute for a damping that is not a
+  Kronecker product; with their default damping they need none); the others install them
   with ``CurvatureState.load``.  Every rank then holds bit-identical approximations;
 * **gradients**: a ``DistributedDataParallel`` model averages them in its backward; for a plain
   model the optimizer averages them (one ``all_reduce`` per dtype, every step).  Either way the
@@ -64,13 +65,14 @@ A failing rank leaves the others blocked in a collective until the process group
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from curvlab.approx import KroneckerApproximation
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.reduce import Shards, reduce_statistics
 from curvlab.optim.assignment import assign_greedy, refresh_cost
@@ -217,16 +219,18 @@ class RankSync:
 
     # ------------------------------------------------------------------ a refresh step
 
-    def refresh(self, states: Sequence[CurvatureState]) -> None:
+    def refresh(self, states: Sequence[CurvatureState], prepare: Callable[[KroneckerApproximation], object]) -> None:
         """``state.refresh()`` of every state in ``states`` (the same list on every rank), each
-        run by one rank and broadcast to the others."""
+        run by one rank and broadcast to the others; ``prepare(built)`` (the damped inverse the
+        next step needs) runs on the owner, so that an eigen-decomposition it computes is
+        broadcast too instead of being recomputed on every rank."""
         if not states:
             return
         owners = assign_greedy([refresh_cost(s.layout) for s in states], self.world_size)
         built: dict[int, dict[str, Tensor]] = {}
         for i, state in enumerate(states):
             if owners[i] == self.rank:
-                built[i] = _refreshed(state)
+                built[i] = _refreshed(state, prepare)
         layout = {i: [(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in parts.items()]
                   for i, parts in built.items()}
         layouts: list[dict] = [{} for _ in range(self.world_size)]
@@ -261,7 +265,7 @@ class RankSync:
 DECOMPOSITION_PREFIX = "decomposition."
 
 
-def _refreshed(state: CurvatureState) -> dict[str, Tensor]:
+def _refreshed(state: CurvatureState, prepare: Callable[[KroneckerApproximation], object]) -> dict[str, Tensor]:
     """Refresh ``state``; return what the refresh replaced in ``state.tensors()`` and the built
     approximation's cached decomposition (prefixed ``decomposition.``)."""
     before = state.tensors()  # references keep the old tensors alive, so identity is meaningful
@@ -269,6 +273,7 @@ def _refreshed(state: CurvatureState) -> dict[str, Tensor]:
     out = {k: v for k, v in state.tensors().items() if before.get(k) is not v}
     built = state.build()
     if built is not None:
+        prepare(built)
         out.update({DECOMPOSITION_PREFIX + k: v for k, v in built.decomposition().items()})
     return out
 
