@@ -3,7 +3,8 @@ curvlinops — each as a ratio to a plain forward+backward in the same mode, in 
 
 A statistics step is what an optimizer's statistics pass computes on top of its forward and
 backward pass: the KFAC factors of the MC Fisher (one sampled label) for KFAC, the trace
-statistics for TEKFAC.  Rows (``N = 128`` CIFAR-sized inputs, CPU, one torch thread):
+statistics for TEKFAC.  Rows (``common.MODELS["resnet18"]``: ``N = 128`` CIFAR-sized inputs,
+CPU, one torch thread by default):
 
 * train mode (BatchNorm with batch statistics — BackPACK cannot run it): plain forward+backward;
   ``curvlab.extract`` with the autograd engine (KFAC; TEKFAC's statistics); curvlinops'
@@ -12,39 +13,30 @@ statistics for TEKFAC.  Rows (``N = 128`` CIFAR-sized inputs, CPU, one torch thr
 * eval mode: plain forward+backward; the autograd engine; the BackPACK engine (its graph
   converter, ``engine="backpack"``); curvlinops.
 
-Repeats are interleaved (every row once per round), medians reported; the load average of the
-machine is recorded per round.  Results: ``benchmarks/results/architectures_cpu.{json,md}``::
+Repeats are interleaved (:func:`common.measure_interleaved`: every row once per round, in a
+rotated order), medians reported; the load average of the machine is recorded per round.
+Results: ``benchmarks/results/architectures_cpu.{json,md}``::
 
     .venv/bin/python benchmarks/bench_architectures.py --out benchmarks/results/architectures_cpu.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import gc
-import json
-import os
-import platform
-import statistics
-import sys
-import time
+import dataclasses
 import warnings
 from collections.abc import Callable
-from importlib.metadata import version
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+from common import Row
 
-from curvlab.app.models import build_model  # noqa: E402
-from curvlab.extract import extract  # noqa: E402
+from curvlab.extract import extract  # noqa: E402  (after common: repository on sys.path)
 
 CE = nn.CrossEntropyLoss()
+SPEC = common.MODELS["resnet18"]
 
 
 def without_running_stats(model: nn.Module) -> nn.Module:
@@ -57,8 +49,8 @@ def without_running_stats(model: nn.Module) -> nn.Module:
     return m
 
 
-def rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, str, Callable[[], object]]]:
-    """(mode, row name, one call) for every measured pass."""
+def rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, Row]]:
+    """(mode, row) for every measured pass."""
     from curvlinops import KFACLinearOperator
 
     def plain(m: nn.Module) -> Callable[[], object]:
@@ -81,7 +73,7 @@ def rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, 
 
     train, evaluation = model, copy.deepcopy(model).eval()
     stateless = without_running_stats(train)
-    return [
+    measured = [
         ("train", "forward+backward", plain(train)),
         ("train", "autograd engine: KFAC statistics (mc=1)", curvlab_stats(train, "autograd", ("kfac",))),
         ("train", "autograd engine: TEKFAC statistics (δ, δΦ, δΨ; mc=1)", curvlab_stats(train, "autograd", ("tkfac",))),
@@ -91,89 +83,62 @@ def rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, 
         ("eval", "BackPACK engine (graph converter): KFAC statistics (mc=1)", curvlab_stats(evaluation, "backpack", ("kfac",))),
         ("eval", "curvlinops KFAC (mc=1)", curvlinops_kfac(evaluation)),
     ]
-
-
-def seconds(fn: Callable[[], object]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "backpack": version("backpack-for-pytorch"),
-        "curvlinops": version("curvlinops-for-pytorch"),
-    }
+    return [(mode, Row(f"{mode}: {name}", fn, name)) for mode, name, fn in measured]
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# The statistics step on ResNet-18 (CIFAR stem, BatchNorm), CPU",
+        f"# The statistics step on ResNet-18 (CIFAR stem, BatchNorm), {m['device']}",
         "",
-        f"N = {result['batch_size']} inputs 3×32×32, {result['num_params']:,} parameters, one torch thread, "
-        f"{result['repeats']} interleaved repeats (medians); {m['cpu']} ({m['cpu_count']} cores, shared), "
-        f"torch {m['torch']}, BackPACK {m['backpack']}, curvlinops {m['curvlinops']}, {m['date']}.",
-        f"Load average (1 min) during the rounds: {', '.join(f'{v:.1f}' for v in result['loadavg_per_round'])} "
-        "— the machine was shared with other jobs; ratios within one mode are measured side by side.",
+        common.machine_line(m),
         "",
-        "| mode | pass | median s | ratio to forward+backward |",
-        "|---|---|---:|---:|",
+        f"N = {result['batch_size']} inputs 3×32×32, first-stage width {result['width']}, "
+        f"{result['num_params']:,} parameters; {result['repeats']} interleaved repeats (medians). "
+        f"Command: `{result['command']}`.",
+        f"Load average (1 min) after each round: "
+        f"{', '.join(f'{v:.1f}' for v in result['loadavg_per_round']) or 'n/a'} "
+        "— ratios within one mode are measured side by side.",
+        "",
     ]
-    for row in result["rows"]:
-        lines.append(f"| {row['mode']} | {row['name']} | {row['median_s']:.2f} | {row['ratio']:.2f} |")
+    lines += common.md_table(
+        ["mode", "pass", "median s", "ratio to forward+backward"],
+        [[r["mode"], r["name"], f"{r['median_s']:.2f}", f"{r['ratio']:.2f}"] for r in result["rows"]], "llrr")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser = common.argument_parser(__doc__, repeats=3)
+    parser.add_argument("--batch-size", type=int, default=SPEC.batch)
     parser.add_argument("--width", type=int, default=64, help="ResNet-18's first-stage width (64: the real one)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    device, info = common.start(args)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    model = build_model("resnet18", (3, 32, 32), 10, width=args.width)
-    x, y = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
+    spec = dataclasses.replace(SPEC, batch=args.batch_size, options=(*SPEC.options, ("width", args.width)))
+    model = spec.build(device)
+    (x, y), = spec.batches(1, device)
     measured = rows(model, x, y)
-    for _, _, fn in measured:  # warm-up
-        fn()
-    times: dict[int, list[float]] = {i: [] for i in range(len(measured))}
-    loads = []
-    for _ in range(args.repeats):
-        for i, (_, _, fn) in enumerate(measured):
-            times[i].append(seconds(fn))
-        loads.append(os.getloadavg()[0])
-    medians = {i: statistics.median(t) for i, t in times.items()}
-    base = {mode: medians[i] for i, (mode, name, _) in enumerate(measured) if name == "forward+backward"}
+    for _, row in measured:
+        row.calibrate(device, 0.0)  # warm-up; one call per measurement
+    loads: list[float] = []
+    common.measure_interleaved([row for _, row in measured], args.repeats, device,
+                               progress=lambda _: loads.extend((common.loadavg() or [])[:1]))
+    base = {mode: row.median for mode, row in measured if row.label == "forward+backward"}
     result = {
-        "machine": machine(),
+        "machine": common.finish(info),
+        "command": common.command_line(__file__, argv),
         "batch_size": args.batch_size,
         "width": args.width,
         "num_params": sum(p.numel() for p in model.parameters()),
         "repeats": args.repeats,
         "loadavg_per_round": loads,
         "rows": [
-            {"mode": mode, "name": name, "seconds": times[i], "median_s": medians[i], "ratio": medians[i] / base[mode]}
-            for i, (mode, name, _) in enumerate(measured)
+            {"mode": mode, "name": row.label, "seconds": row.samples, "median_s": row.median,
+             "ratio": row.median / base[mode], "foreign_cores": row.foreign}
+            for mode, row in measured
         ],
     }
-    print(markdown(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(result))
+    common.write_results(args.out, result, markdown(result))
     return result
 
 

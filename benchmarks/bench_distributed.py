@@ -1,9 +1,10 @@
 """Data-parallel curvlab optimizers: communication per step and step time on 1, 2, 4 ranks.
 
 For each world size R the script spawns R processes (``torch.multiprocessing.spawn``; gloo on
-CPU, one torch thread each), wraps the benchmark MLP of ``bench_optim.py`` (784-128-64-10) in
-``DistributedDataParallel`` and gives every rank ``N/R`` examples of the same global batch of
-``N = 128`` (R = 1: the plain single-process optimizer).  For each method it pins
+CPU, ``--threads`` torch threads each, default one), wraps a benchmark model (``--model``, a key
+of ``common.MODELS``; default the MLP 784-128-64-10) in ``DistributedDataParallel`` and gives
+every rank ``N/R`` examples of the same global batch (the model's, ``N = 128`` for the MLP;
+R = 1: the plain single-process optimizer).  For each method it pins
 ``opt.steps_done`` to each kind of step of the default schedule (statistics every 10 steps,
 eigen refresh every 100, rescaling every 10):
 
@@ -21,10 +22,11 @@ moves about ``2 (R−1)/R`` times its payload through each rank's link, a ``broa
 ``(R−1)/R``.  DDP's own gradient all-reduce (C++, not counted by the wrappers) is listed
 separately from the parameter count (float32: 4 bytes per parameter, every step).
 
-**Time**: each repeat runs every (method, step kind) once in a rotated order; a step is timed
-on rank 0 between two barriers (so it includes waiting for the slowest rank); medians over
-repeats.  The machine's cores are shared: with more ranks than cores (R = 4 on 2 CPUs) the
-ranks time-share, which the table states.
+**Time**: each repeat runs every (method, step kind) once in a rotated order
+(:func:`common.measure_interleaved` on every rank); a step is timed on rank 0 between two
+barriers (so it includes waiting for the slowest rank); medians over repeats.  The machine's
+cores are shared: with more ranks than cores (R = 4 on 2 CPUs) the ranks time-share, which the
+table states.
 
 Usage::
 
@@ -43,7 +45,6 @@ import pickle
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,14 +53,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):
-    if str(path) not in sys.path:  # run as a script from anywhere
-        sys.path.insert(0, str(path))
+import common
+from common import Row
 
-from bench_optim import MODELS, machine  # noqa: E402
-
-from curvlab.optim import OPTIMIZERS  # noqa: E402
+from curvlab.optim import OPTIMIZERS  # noqa: E402  (after common: repository on sys.path)
 
 #: Pinned steps of the default schedule (stats 10, eigen 100, scale 10).
 KINDS = {"plain": 1, "stats": 10, "refresh": 100}
@@ -116,25 +113,15 @@ class CommLog:
 # --------------------------------------------------------------------------------------------
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def bench_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
-    build, in_shape, n = MODELS[args.model]
-    gen = torch.Generator().manual_seed(1)
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    batches = []
-    for _ in range(4):
-        x, y = torch.randn(n, *in_shape, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-        batches.append((x[lo:hi], y[lo:hi]))
+    spec = common.MODELS[args.model]
+    lo, hi = rank * spec.batch // world, (rank + 1) * spec.batch // world
+    batches = [(x[lo:hi], y[lo:hi]) for x, y in spec.batches(4)]
     loss_fn = nn.CrossEntropyLoss()
     out: dict = {"examples_per_rank": hi - lo, "methods": {}}
-    steppers = {}
+    rows = []
     for method in args.methods:
-        torch.manual_seed(0)
-        model = build()  # one model per method: the rows do not disturb each other
+        model = spec.build()  # one model per method: the rows do not disturb each other
         out["params"] = sum(p.numel() for p in model.parameters())
         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         opt = OPTIMIZERS[method](net, lr=1e-3)
@@ -150,29 +137,22 @@ def bench_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
             opt.step()
 
         step_at(0)  # warm-up: statistics and the first refresh
-        comm = {}
+        comm, times = {}, {}
         for kind, k in KINDS.items():
             with CommLog() as log:
                 step_at(k)
             comm[kind] = log.summary()
-        out["methods"][method] = {"comm": comm, "times": {kind: [] for kind in KINDS}}
-        steppers[method] = step_at
-    rows = [(m, kind) for m in args.methods for kind in KINDS]
-    for repeat in range(args.repeats):
-        shift = repeat % len(rows)
-        for method, kind in rows[shift:] + rows[:shift]:
-            if kind == "refresh" and repeat >= args.refresh_repeats:
-                continue
-            barrier(world)
-            start = time.perf_counter()
-            steppers[method](KINDS[kind])
-            barrier(world)
-            out["methods"][method]["times"][kind].append(time.perf_counter() - start)
+            rows.append(Row(f"{method}:{kind}", lambda step_at=step_at, k=k: step_at(k),
+                            max_samples=args.refresh_repeats if kind == "refresh" else None))
+            times[kind] = rows[-1].samples  # filled in by the measurement below
+        out["methods"][method] = {"comm": comm, "times": times}
+    common.measure_interleaved(rows, args.repeats, "cpu", barrier=dist.barrier if world > 1 else None)
     return out
 
 
 def _rank_main(rank: int, world: int, store: str, args: argparse.Namespace, results: str) -> None:
-    torch.set_num_threads(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=600))
@@ -184,7 +164,9 @@ def _rank_main(rank: int, world: int, store: str, args: argparse.Namespace, resu
 
 
 def run_world(world: int, args: argparse.Namespace) -> dict:
-    os.environ.update({k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    if args.threads:
+        os.environ.update({k: str(args.threads)
+                           for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     with tempfile.TemporaryDirectory(prefix="curvlab-bench-") as tmp:
         results = os.path.join(tmp, "rank0.json")
         mp.spawn(_rank_main, args=(world, os.path.join(tmp, "store"), args, results), nprocs=world, join=True)
@@ -205,7 +187,7 @@ def refresh_shares(model_name: str, worlds: list[int]) -> dict[int, float]:
     from curvlab.block import Block
     from curvlab.optim.assignment import assign_greedy, balance, refresh_cost
 
-    model = MODELS[model_name][0]()
+    model = common.MODELS[model_name].build()
     costs = [refresh_cost(Block.of_layer(name, m)[0].layout) for name, m in model.named_modules()
              if isinstance(m, (nn.Linear, nn.Conv2d))]
     return {w: max(balance(costs, assign_greedy(costs, w), w).values()) / sum(costs) for w in worlds}
@@ -218,8 +200,7 @@ def markdown(res: dict) -> str:
     lines = [
         "# curvlab.optim data-parallel: communication and step time (cpu, gloo)",
         "",
-        f"{m['date']}; {m['cpu']}; {m['cpus']} CPUs, one torch thread per rank; torch {m['torch']}; "
-        f"load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end.",
+        common.machine_line(m) + " (The torch threads are per rank.)",
         "",
         f"Model: `{res['model']}` ({first['params']:,} parameters), global batch {res['batch']} split over the ranks, "
         "DDP-wrapped for R > 1; default schedule (statistics and rescaling every 10 steps, refresh every 100). "
@@ -227,15 +208,15 @@ def markdown(res: dict) -> str:
         "",
         "## Communication per step and rank (the optimizer's collectives; payload bytes from the tensor sizes)",
         "",
-        "| method | step | R | collectives | KiB | by collective |",
-        "|---|---|---:|---:|---:|---|",
     ]
+    body = []
     for method in res["methods"]:
         for kind in KINDS:
             for world in worlds[1:]:
                 comm = res["worlds"][str(world)]["methods"][method]["comm"][kind]
                 detail = ", ".join(f"{name} ×{v['count']} ({kib(v['bytes'])} KiB)" for name, v in comm["by_collective"].items())
-                lines.append(f"| {method} | {kind} | {world} | {comm['count']} | {kib(comm['bytes'])} | {detail or '—'} |")
+                body.append([method, kind, world, comm["count"], kib(comm["bytes"]), detail or "—"])
+    lines += common.md_table(["method", "step", "R", "collectives", "KiB", "by collective"], body, "llrrrl")
     grad = first["params"] * 4
     lines += [
         "",
@@ -247,48 +228,38 @@ def markdown(res: dict) -> str:
         "",
         "## Step time (rank 0, between barriers; median ms over repeats)",
         "",
-        "| method | step | " + " | ".join(f"R = {w}" for w in worlds) + " |",
-        "|---|---|" + "---:|" * len(worlds),
     ]
+    body = []
     for method in res["methods"]:
         for kind in KINDS:
             cells = []
             for world in worlds:
                 times = res["worlds"][str(world)]["methods"][method]["times"][kind]
                 cells.append(f"{1e3 * statistics.median(times):.1f} (n={len(times)})" if times else "—")
-            lines.append(f"| {method} | {kind} | " + " | ".join(cells) + " |")
+            body.append([method, kind, *cells])
+    lines += common.md_table(["method", "step", *(f"R = {w}" for w in worlds)], body, "ll" + "r" * len(worlds))
     lines += ["", res.get("note", "")]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp", choices=sorted(MODELS))
+    parser = common.argument_parser(__doc__, repeats=11, device=False)  # CPU ranks (gloo) only
+    parser.add_argument("--model", default="mlp", choices=sorted(common.MODELS))
     parser.add_argument("--methods", default="kfac,ekfac,tkfac,tekfac")
     parser.add_argument("--worlds", default="1,2,4")
-    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--refresh-repeats", type=int, default=5)
     parser.add_argument("--note", default="")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distributed_cpu.json")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    info = machine(torch.device("cpu"))
-    info["threads"] = 1
-    given = list(argv if argv is not None else sys.argv[1:])
-    if "--note" in given:  # the note is printed below the tables, not in the command
-        i = given.index("--note")
-        given[i + 1] = "..."
-    res = {"machine": info, "model": args.model, "batch": MODELS[args.model][2], "methods": args.methods,
-           "command": "python benchmarks/bench_distributed.py " + " ".join(given), "worlds": {}, "note": args.note}
+    _, info = common.start(args)
+    res = {"machine": info, "model": args.model, "batch": common.MODELS[args.model].batch, "methods": args.methods,
+           # the note is printed below the tables, not in the command
+           "command": common.command_line(__file__, argv, hide=("--note",)), "worlds": {}, "note": args.note}
     for world in (int(w) for w in args.worlds.split(",")):
         print(f"R = {world} ...", flush=True)
         res["worlds"][str(world)] = run_world(world, args)
-    res["machine"]["loadavg_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    text = markdown(res)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    common.finish(info)
+    common.write_results(args.out, res, markdown(res))
     return 0
 
 

@@ -7,8 +7,12 @@
   a shared machine affects all rows alike; a row's time is the median over repeats.  With
   ``busy_cores`` set, a measurement during which other processes used more cores (read from
   ``/proc/stat``) is redone after waiting for a quiet machine, a bounded number of times.
-* :func:`machine_info` (versions, CPU/GPU, threads, git commit, load average at start; call
-  :func:`finish` at the end) and :func:`write_results` (JSON + Markdown next to it).
+  ``barrier`` (e.g. ``torch.distributed.barrier``) lines the processes of a data-parallel run
+  up before and after each measurement.
+* :func:`argument_parser` (``--device``, ``--threads``, ``--out``, ``--repeats``),
+  :func:`machine_info` (versions, CPU/GPU, threads, git commit, load average at start; call
+  :func:`finish` at the end; :func:`loadavg` in between), :func:`command_line` (the command
+  to state in a result) and :func:`write_results` (JSON + Markdown next to it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -34,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from curvlab.app.models import MODELS as BUILT_INS  # noqa: E402
 from curvlab.app.models import build_model  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -75,17 +79,6 @@ class ModelSpec:
         return f"{self.key} (N={self.batch})"
 
 
-def _resnet18() -> ModelSpec:
-    if "resnet18" in BUILT_INS:  # the real-architectures work's ResNet-18 (with BatchNorm)
-        return ModelSpec("resnet18", "resnet18", (3, 32, 32), 128, note="curvlab.app.models 'resnet18'")
-    return ModelSpec(
-        "resnet18", "resnet", (3, 32, 32), 128,
-        options=(("widths", (64, 128, 256, 512)), ("blocks_per_stage", 2)),
-        note="ResNet-18 layout (3×3 stem, 4 stages × 2 basic blocks, 1×1 conv shortcuts) without "
-             "BatchNorm: curvlab.app.models 'resnet' with widths 64-128-256-512, 2 blocks per stage",
-    )
-
-
 #: Every benchmark model by key.
 MODELS: dict[str, ModelSpec] = {
     spec.key: spec
@@ -94,7 +87,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mlp-1024", "mlp", (784,), 1024, note="784-128-64-10, ReLU"),
         ModelSpec("cnn", "cnn-bench", (3, 32, 32), 64, note="conv16 → conv32 → max-pool → Linear(8192, 10)"),
         ModelSpec("3c3d", "3c3d", (3, 32, 32), 128, note="DeepOBS 3c3d with TF 'same' padding (curvlab.app.models)"),
-        _resnet18(),
+        ModelSpec("resnet18", "resnet18", (3, 32, 32), 128,
+                  note="ResNet-18, CIFAR stem, BatchNorm (curvlab.app.models 'resnet18')"),
     )
 }
 
@@ -119,13 +113,20 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device | str, calls: int = 1) -> float:
-    """Seconds per call of ``fn`` (``calls`` calls in a row, synchronised)."""
+def timed(fn: Callable[[], object], device: torch.device | str, calls: int = 1,
+          barrier: Callable[[], object] | None = None) -> float:
+    """Seconds per call of ``fn`` (``calls`` calls in a row, synchronised; with ``barrier``, all
+    processes of a data-parallel run wait for each other before and after, so the time includes
+    waiting for the slowest)."""
     sync(device)
+    if barrier is not None:
+        barrier()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     sync(device)
+    if barrier is not None:
+        barrier()
     return (time.perf_counter() - start) / calls
 
 
@@ -197,10 +198,14 @@ class Row:
 def measure_interleaved(
     rows: Sequence[Row], repeats: int, device: torch.device | str, *,
     busy_cores: float | None = None, max_retries: int = 2, max_wait: float = 60.0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, barrier: Callable[[], object] | None = None,
 ) -> float:
     """``repeats`` rounds, each measuring every row once in a rotated order; returns the seconds
-    spent waiting for a quiet machine (``busy_cores``: see the module docstring)."""
+    spent waiting for a quiet machine (``busy_cores``: see the module docstring).  ``progress``
+    is called after every round with its index; ``barrier``: see :func:`timed` (every process
+    must then measure the same rows, so leave ``busy_cores`` unset: retries would differ)."""
+    if barrier is not None and busy_cores is not None:
+        raise ValueError("busy_cores retries differ between processes: not with a barrier")
     waited = 0.0
     for rep in range(repeats):
         k = rep % len(rows)
@@ -213,7 +218,7 @@ def measure_interleaved(
                 load = CpuLoad()
                 gc.collect()
                 load.start()
-                t = timed(row.fn, device, row.calls)
+                t = timed(row.fn, device, row.calls, barrier)
                 wall, busy = load.stop()
                 # /proc/stat counts in jiffies: allow 20 ms of foreign CPU time as noise
                 quiet = busy_cores is None or busy is None or busy * wall <= max(busy_cores * wall, 0.02)
@@ -245,21 +250,27 @@ def _wait_until_quiet(busy_cores: float, budget: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def argument_parser(doc: str, threads: int | None = 1) -> argparse.ArgumentParser:
-    """A parser with ``--device``, ``--threads`` (default ``threads``; 0: torch's default) and
-    ``--out`` (the JSON path; the Markdown goes next to it)."""
+def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = None,
+                    device: bool = True) -> argparse.ArgumentParser:
+    """A parser with ``--device`` (unless ``device`` is false: CPU-only scripts), ``--threads``
+    (default ``threads``; 0: torch's default), ``--out`` (the JSON path; the Markdown goes next
+    to it) and, with ``repeats``, ``--repeats`` (interleaved rounds, that default)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    if device:
+        p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=threads, help="torch threads (0 or unset: torch's default)")
     p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds (medians over them)")
     return p
 
 
 def start(args: argparse.Namespace) -> tuple[torch.device, dict]:
-    """Apply ``--threads``; the device and :func:`machine_info` (taken after the threads)."""
+    """Apply ``--threads``; the device (``--device``, else the CPU) and :func:`machine_info`
+    (taken after the threads)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     return device, machine_info(device)
@@ -283,6 +294,23 @@ def git_commit() -> str | None:
         return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def command_line(script: str | Path, argv: Sequence[str] | None = None, hide: Sequence[str] = ()) -> str:
+    """The command that ran ``script`` with ``argv`` (default: this process's arguments), as the
+    README writes it; the values of the options in ``hide`` (free text) are shown as ``...``."""
+    shown, hiding = [], False
+    for arg in sys.argv[1:] if argv is None else argv:
+        name, eq, _ = arg.partition("=")
+        shown.append("..." if hiding else f"{name}=..." if eq and name in hide else arg)
+        hiding = not hiding and arg in hide
+    path = Path(script).resolve()
+    return shlex.join(["python", str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), *shown])
+
+
+def loadavg() -> list[float] | None:
+    """The load average (1, 5, 15 min), ``None`` where the system has none."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _version(dist: str) -> str | None:
@@ -312,15 +340,13 @@ def machine_info(device: torch.device | str) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "git_commit": git_commit(),
     }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = list(os.getloadavg())
+    info["loadavg_start"] = loadavg()
     return info
 
 
 def finish(info: dict) -> dict:
     """Add the load average at the end."""
-    if hasattr(os, "getloadavg"):
-        info["loadavg_end"] = list(os.getloadavg())
+    info["loadavg_end"] = loadavg()
     return info
 
 

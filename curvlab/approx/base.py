@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.damping import BUILT_IN, DampingStrategy, get_damping
-from curvlab.approx.eigh import psd_eigh, symmetrize  # noqa: F401 (re-exported)
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
 from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, unflatten_tensors
 from curvlab.block import BlockLayout
@@ -345,6 +344,3 @@ def _cache_key(strategy: DampingStrategy, damping: float | Tensor) -> tuple | No
         return None
     return (type(strategy), float(damping))
 
-
-# The two families live in curvlab.approx.families; importable from here as before.
-from curvlab.approx.families import EigenCorrected, KroneckerProduct  # noqa: E402,F401

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvlab.approx.base import missing_statistic, symmetrize
+from curvlab.approx.base import missing_statistic
+from curvlab.approx.eigh import symmetrize
 from curvlab.approx.families import KroneckerProduct
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
