@@ -33,7 +33,7 @@ from curvlab.extract import extract  # noqa: E402
 APPROX = ("kflr", "ekfac", "tkfac", "tekfac")
 
 
-def timed(fn, device, repeats: int) -> tuple[float, object]:
+def median_timed(fn, device, repeats: int) -> tuple[float, object]:
     """Median seconds of ``repeats`` calls, and the last call's result."""
     out: list[object] = [None]
 
@@ -91,8 +91,8 @@ def main() -> None:
 
     d_in, d_out = map(int, args.small.split(","))
     stats = block_stats(d_in, d_out, args.n, args.classes, device)
-    t_free, ds = timed(lambda: matrix_free(stats, args.damping), device, args.repeats)
-    t_dense, ref = timed(lambda: dense(stats, args.damping), device, args.repeats)
+    t_free, ds = median_timed(lambda: matrix_free(stats, args.damping), device, args.repeats)
+    t_dense, ref = median_timed(lambda: dense(stats, args.damping), device, args.repeats)
     worst = max(abs(ds[m].sel(layer="0", approximation=a).item() - ref[a][m]) / max(abs(ref[a][m]), 1e-12)
                 for a in APPROX for m in ("rel_frobenius_error", "trace_ratio", "ng_cosine"))
     rows.append({"case": "both", "P": stats["0"].num_params, "K": stats["0"].sqrt.num_columns,
@@ -101,7 +101,7 @@ def main() -> None:
 
     d_in, d_out = map(int, args.large.split(","))
     stats = block_stats(d_in, d_out, args.n, args.classes, device)
-    t_free, _ = timed(lambda: matrix_free(stats, args.damping), device, 1)
+    t_free, _ = median_timed(lambda: matrix_free(stats, args.damping), device, 1)
     p_large = stats["0"].num_params
     rows.append({"case": "largest", "P": p_large, "K": stats["0"].sqrt.num_columns, "matrix_free_s": t_free,
                  "dense_s": None, "dense_bytes_needed": 8 * p_large**2,

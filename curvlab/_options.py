@@ -24,3 +24,10 @@ class OptionSet:
         if unknown:
             raise TypeError(f"{cls.owner}: unknown option(s) {unknown}; options are {sorted(names)}")
         return replace(options if options is not None else cls(), **overrides)  # type: ignore[type-var]
+
+    def check_choices(self, who: str, **choices: tuple[str, ...]) -> None:
+        """Raise a ``ValueError`` naming the first field whose value is not among its choices."""
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{who}: {name}={value!r}; choose one of {allowed}")

@@ -79,8 +79,8 @@ class ExtractOptions(OptionSet):
 
     def __post_init__(self) -> None:
         who = "curvlab.extract"
-        if self.fisher not in FLAVOURS:
-            raise ValueError(f"{who}: fisher={self.fisher!r}; choose one of {FLAVOURS}")
+        self.check_choices(who, fisher=FLAVOURS, non_finite=NON_FINITE, tkfac_conv=TKFAC_CONV_FORMS, engine=ENGINES,
+                           kfac_approx=KFAC_APPROX)
         if isinstance(self.stats, str):
             raise ValueError(f"{who}: stats={self.stats!r} must be a collection of names, e.g. ({self.stats!r},)")
         stats = frozenset(self.stats)
@@ -95,14 +95,6 @@ class ExtractOptions(OptionSet):
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
         if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
             raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
-        if self.non_finite not in NON_FINITE:
-            raise ValueError(f"{who}: non_finite={self.non_finite!r}; choose one of {NON_FINITE}")
-        if self.tkfac_conv not in TKFAC_CONV_FORMS:
-            raise ValueError(f"{who}: tkfac_conv={self.tkfac_conv!r}; choose one of {TKFAC_CONV_FORMS}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"{who}: engine={self.engine!r}; choose one of {ENGINES}")
-        if self.kfac_approx not in KFAC_APPROX:
-            raise ValueError(f"{who}: kfac_approx={self.kfac_approx!r}; choose one of {KFAC_APPROX}")
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
             raise ValueError(f"{who}: max_bytes={self.max_bytes!r} must be a positive int")
         object.__setattr__(self, "stats", stats)

@@ -89,20 +89,12 @@ class KroneckerOptions(OptionSet):
                 raise ValueError(f"{who}: {name}={value!r} must be a positive int")
         if self.kl_clip is not None:
             _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
-        if self.fisher not in FLAVOURS:
-            raise ValueError(f"{who}: fisher={self.fisher!r}; choose one of {FLAVOURS}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"{who}: engine={self.engine!r}; choose one of {ENGINES}")
-        if self.kfac_approx not in KFAC_APPROX:
-            raise ValueError(f"{who}: kfac_approx={self.kfac_approx!r}; choose one of {KFAC_APPROX}")
-        if self.factor_dtype not in FACTOR_DTYPES:
-            raise ValueError(f"{who}: factor_dtype={self.factor_dtype!r}; choose one of {FACTOR_DTYPES}")
+        self.check_choices(who, fisher=FLAVOURS, engine=ENGINES, kfac_approx=KFAC_APPROX, factor_dtype=FACTOR_DTYPES,
+                           basis=TEKFAC_BASES)
         for name in ("truncate_above", "truncation_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < int(name == "truncation_rank"):
                 raise ValueError(f"{who}: {name}={value!r} must be a {'positive' if name == 'truncation_rank' else 'non-negative'} int")
-        if self.basis not in TEKFAC_BASES:
-            raise ValueError(f"{who}: basis={self.basis!r}; choose one of {TEKFAC_BASES}")
         if self.damping_strategy is not None:
             if isinstance(self.damping_strategy, str) and self.damping_strategy not in DAMPING_STRATEGIES:
                 raise ValueError(
