@@ -19,22 +19,12 @@ from torch import Tensor
 from curvlab.approx.base import missing_statistic, resolve_layout
 from curvlab.approx.damping import DampingStrategy
 from curvlab.approx.families import EigenCorrected
-from curvlab.approx.inverse import DampedInverse
+from curvlab.approx.inverse import DampedInverse, ElementwiseInverse
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
 
 if TYPE_CHECKING:
     from curvlab.stats import LayerStats
-
-
-class ElementwiseInverse(DampedInverse):
-    """``X ↦ X ⊘ s_damped`` (a damped diagonal)."""
-
-    def __init__(self, damped: Tensor) -> None:
-        self.inv_damped = 1.0 / damped
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return x * self.inv_damped
 
 
 class Diagonal(EigenCorrected):

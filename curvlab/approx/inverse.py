@@ -6,6 +6,8 @@ damped eigenvalues, damped factor inverses — is computed here once.
 
 * :class:`DiagonalInverse` — any approximation, in its eigenbasis:
   ``U_out [(U_outᵀ X U_in) ⊙ (1/s_damped)] U_inᵀ`` (four GEMMs; cheaper on a truncated side).
+* :class:`ElementwiseInverse` — a diagonal in the identity basis (:class:`~curvlab.approx.Diagonal`):
+  ``X ⊘ s_damped``, no rotation.
 * :class:`KroneckerInverse` — a Kronecker product ``L ⊗ R`` whose damping is itself a Kronecker
   product, ``(L + aI) ⊗ (R + bI)`` (the ``"factored"`` and ``"nor"`` strategies):
   ``(L + aI)⁻¹ X (R + bI)⁻¹`` with the two damped factor inverses stored (two GEMMs, no
@@ -40,6 +42,16 @@ class DiagonalInverse(DampedInverse):
 
     def __call__(self, x: Tensor) -> Tensor:
         return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped)
+
+
+class ElementwiseInverse(DampedInverse):
+    """``X ↦ X ⊘ s_damped`` (a damped diagonal)."""
+
+    def __init__(self, damped: Tensor) -> None:
+        self.inv_damped = 1.0 / damped
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x * self.inv_damped
 
 
 class FactorInverse:
