@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from curvlab.approx import DampingStrategy, KroneckerApproximation
+from curvlab.approx import DampingStrategy, KroneckerApproximation, KroneckerProduct, get_damping
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
@@ -226,6 +226,14 @@ class KroneckerOptimizer(Optimizer):
         ungrouped = {p for b in self.blocks() for p in b.parameters() if self._group(p) is None}
         return update_blocks_(steps, self.options.damping, self.options.damping_strategy, self.options.kl_clip, ungrouped)
 
+    def _decompose(self, built: KroneckerApproximation) -> None:
+        """Compute the eigendecomposition the next step's damped inverse of ``built`` will need
+        (KFAC/TKFAC under a damping that is not a Kronecker product; nothing otherwise), so that a
+        data-parallel refresh broadcasts it instead of every rank recomputing it."""
+        strategy = get_damping(self.options.damping_strategy)
+        if isinstance(built, KroneckerProduct) and strategy.kronecker_shifts(built, self.options.damping) is None:
+            built.eigenbasis(compressed=True)  # cached by the object
+
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
         if state is None:
@@ -311,8 +319,7 @@ class KroneckerOptimizer(Optimizer):
             if curvature.has_statistics and (refresh_due or curvature.build() is None):
                 stale.append(curvature)
         if self._parallel is not None:
-            # each rank decomposes its share, then they swap them
-            self._parallel.refresh(stale, lambda built: built.inverse(self.options.damping, self.options.damping_strategy))
+            self._parallel.refresh(stale, self._decompose)  # each rank decomposes its share, then they swap them
         else:
             for curvature in stale:
                 curvature.refresh()

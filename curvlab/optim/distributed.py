@@ -45,8 +45,8 @@ costs ``1/R`` per rank; its ``all_reduce`` carries ``S = Σ_blocks (D² + d_out�
 whatever ``R`` (a ring moves ``2 (R−1)/R · S`` through each link); a refresh costs each rank the
 eigendecompositions of its blocks — at best ``1/R`` of the total, never less than the largest
 block (``optim/assignment.py``) — and every rank receives the others' results once
-(``≈ (R−1)/R`` of ``Σ (D² + d_out² + d_out·D)`` for EKFAC/TEKFAC; KFAC/TKFAC also send their
-factors with the eigenvectors, about twice that).  ``benchmarks/bench_distributed.py``
+(``≈ (R−1)/R`` of ``Σ (D² + d_out² + d_out·D)`` for EKFAC/TEKFAC; KFAC/TKFAC send their
+factors, ``Σ (D² + d_out²)``, and each rank then computes its own two Cholesky factorisations).  ``benchmarks/bench_distributed.py``
 measures both.  State dicts are therefore identical on all ranks — rank 0 saves, every rank
 loads the same file — and use the same block names as one process (a DDP model is unwrapped).
 
@@ -221,9 +221,9 @@ class RankSync:
 
     def refresh(self, states: Sequence[CurvatureState], prepare: Callable[[KroneckerApproximation], object]) -> None:
         """``state.refresh()`` of every state in ``states`` (the same list on every rank), each
-        run by one rank and broadcast to the others; ``prepare(built)`` (the damped inverse the
-        next step needs) runs on the owner, so that an eigen-decomposition it computes is
-        broadcast too instead of being recomputed on every rank."""
+        run by one rank and broadcast to the others; ``prepare(built)`` runs on the owner (the
+        eigen-decomposition the next step needs), so that what it caches is broadcast too
+        instead of being recomputed on every rank."""
         if not states:
             return
         owners = assign_greedy([refresh_cost(s.layout) for s in states], self.world_size)
