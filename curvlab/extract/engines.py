@@ -145,7 +145,7 @@ def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_for
     reason = backpack_obstacle(model, blocks)
     module = model
     if reason is None:
-        if own_forward:
+        if own_forward and not _is_known_chain(model):  # a plain chain runs as it is (tracing it costs ~50 ms)
             try:
                 module = convert(model)
             except Exception as err:  # noqa: BLE001 — the converter raises many types
