@@ -39,7 +39,7 @@ from curvlab.block import Block
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats
 from curvlab.extract.options import ExtractOptions
-from curvlab.extract.validate import check_loss_inputs
+from curvlab.extract.validate import checked_loss_inputs
 from curvlab.stats import LayerStats
 
 #: Attribute on a block's first parameter where the extension leaves its results.
@@ -65,9 +65,7 @@ class _LossRoot(ModuleExtension):
                 "loss terms per example; use engine='autograd' (or 'auto')"
             )
         output = module.input0
-        finite = bool(torch.isfinite(output).all())
-        if finite or ext.options.non_finite == "raise":
-            check_loss_inputs(module, output, getattr(module, "input1", None))
+        finite = checked_loss_inputs(module, output, getattr(module, "input1", None), ext.options.non_finite)
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
             if not finite:  # non_finite="propagate": NaN statistics, no sampling from NaN logits

@@ -13,7 +13,7 @@ from curvlab.model_blocks import UnsupportedModelError
 
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 
-__all__ = ["SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss", "check_loss_inputs"]
+__all__ = ["SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss", "check_loss_inputs", "checked_loss_inputs"]
 
 
 def check_loss(loss_fn: nn.Module) -> None:
@@ -34,6 +34,16 @@ def check_loss(loss_fn: nn.Module) -> None:
             "curvlab.extract: CrossEntropyLoss with class weights or label smoothing is not "
             "supported (its Fisher is not the GGN BackPACK computes)"
         )
+
+
+def checked_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None, non_finite: str) -> bool:
+    """Whether ``output`` is finite, after :func:`check_loss_inputs` — which a non-finite output
+    with ``non_finite="propagate"`` skips (the caller then propagates NaN statistics).  Both
+    engines call this where their backward pass starts."""
+    finite = bool(torch.isfinite(output.detach()).all())
+    if finite or non_finite == "raise":
+        check_loss_inputs(loss_fn, output, targets)
+    return finite
 
 
 def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None) -> None:

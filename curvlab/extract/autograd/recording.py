@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES, BatchedVJP, SavedBytes, estimate
 from curvlab.extract.autograd.loss_roots import FLAVOURS, loss_terms, stacked_root
-from curvlab.extract.validate import check_loss_inputs
+from curvlab.extract.validate import checked_loss_inputs
 from curvlab.extract.autograd.results import AutogradExtraction, LayerCall, LayerResult
 from curvlab.extract.autograd.routes import batch_roots, selected_columns, separated_roots
 
@@ -148,9 +148,7 @@ class Recording:
 
     def _compute(self, output: Tensor, targets: Tensor, loss: Tensor) -> AutogradExtraction:
         req, calls = self.request, self.calls
-        finite = bool(torch.isfinite(output.detach()).all())
-        if finite or req.non_finite == "raise":
-            check_loss_inputs(self.loss_fn, output, targets)
+        finite = checked_loss_inputs(self.loss_fn, output, targets, req.non_finite)
         terms = loss_terms(self.loss_fn, output, targets)
         if finite:
             root, segments = stacked_root(self.loss_fn, output, targets, terms, req.flavours, req.mc_samples)
