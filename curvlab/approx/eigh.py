@@ -27,7 +27,7 @@ EIGH_JITTER = 1e-6
 
 def symmetrize(mat: Tensor) -> Tensor:
     """``(M + Mᵀ)/2``: factors are symmetric by definition; this removes rounding asymmetry."""
-    return 0.5 * (mat + mat.mT)
+    return torch.add(mat, mat.mT).mul_(0.5)  # one fresh matrix (large ones cost page faults)
 
 
 def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.eigh import psd_eigh, symmetrize
-from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, left_apply, right_apply, transpose_pays
+from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, left_apply, right_apply
 
 
 class DampedInverse(ABC):
@@ -87,9 +87,7 @@ class KroneckerInverse(DampedInverse):
         self.left, self.right = left, right
 
     def __call__(self, x: Tensor) -> Tensor:
-        if transpose_pays(*x.shape[-2:]):  # (L⁻¹ X R⁻¹)ᵀ = R⁻¹ Xᵀ L⁻¹ (both symmetric)
-            # contiguous: the momentum and parameter updates on a transposed view cost 4× more
-            return self.right.from_left(self.left.from_right(x.mT)).mT.contiguous()
+        # X R⁻¹ first, then L⁻¹ (·): both GEMMs row-major, the result contiguous for the update
         return self.left.from_left(self.right.from_right(x))
 
 
@@ -99,12 +97,12 @@ def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: 
     by :func:`~curvlab.approx.eigh.psd_eigh` (with its jitter retry) with the eigenvalues
     clamped at 0.  Computed in ``compute_dtype`` (``None``: ``mat``'s), returned in ``mat``'s."""
     work = mat if compute_dtype is None else mat.to(compute_dtype)
-    eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
-    scaled = work * c.to(work.dtype)
-    chol, info = torch.linalg.cholesky_ex(scaled + shift.to(work.dtype) * eye)
+    damped = work * c.to(work.dtype)
+    damped.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
+    chol, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0:
         inv = torch.cholesky_inverse(chol)  # symmetric by construction
     else:
-        lam, u = psd_eigh(scaled, compute_dtype=None)
+        lam, u = psd_eigh(work * c.to(work.dtype), compute_dtype=None)
         inv = symmetrize((u / (lam + shift.to(work.dtype))) @ u.mT)
     return inv.to(mat.dtype)

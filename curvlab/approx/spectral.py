@@ -104,24 +104,17 @@ def dense_factor(values: Tensor, u: Tensor) -> Tensor:
 def right_apply(z: Tensor, u: Tensor, t: Tensor) -> Tensor:
     """``Σ_b t[:, b] ⊙ (Z P_b)`` for ``Z [..., r, n]``, compressed ``t`` broadcastable to
     ``[r, width(u)]``: row ``i`` of ``Z`` scaled by ``t[i]`` in the basis ``u``."""
-    c = z @ u
+    c = z @ u  # fresh: scaled in place
     if not is_truncated(u):
-        return (c * t) @ u.mT
+        return c.mul_(t) @ u.mT
     flat = t[..., -1:]
-    return z * flat + (c * (t[..., :-1] - flat)) @ u.mT
+    return z * flat + c.mul_(t[..., :-1] - flat) @ u.mT
 
 
 def left_apply(z: Tensor, u: Tensor, t: Tensor) -> Tensor:
     """``Σ_a t[a] ⊙ (P_a Z)`` for ``Z [..., n, r]`` and compressed ``t [width(u)]`` (a factor
     function applied from the left: ``f(M) Z``)."""
     return right_apply(z.mT, u, t.reshape(1, -1)).mT
-
-
-def transpose_pays(d_out: int, d_in: int) -> bool:
-    """Whether the two GEMMs of a Kronecker inverse are better computed on ``Xᵀ``: GEMM outputs
-    whose rows are not a multiple of 16 floats (an odd ``D = d_in + 1`` with the bias column)
-    run ~20 % slower on CPU (MKL), so prefer rows of the aligned side."""
-    return d_in % 16 != 0 and d_out % 16 == 0
 
 
 def diagonal_apply(x: Tensor, u_out: Tensor, u_in: Tensor, grid: Tensor) -> Tensor:

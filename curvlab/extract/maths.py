@@ -61,8 +61,9 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
 
     With few rows (``R ≤ 4d``) and ``d`` not a multiple of 16 (the bias column makes it odd),
     the columns are zero-padded to a multiple of 16: such an output-bound GEMM with unaligned
-    rows runs ~40 % slower on CPU; the padding costs a copy of ``rows`` and one of the result,
-    so it is left out for ``d > 2048`` (the result's copy would cost as much as the GEMM).
+    rows runs ~40 % slower on CPU.  The padding costs a copy of ``rows``; the result is a view
+    of the padded product (not copied: a fresh ``d × d`` copy costs a third of the GEMM in a
+    training step), and it is left out for ``d > 2048``.
     """
     d = rows.shape[1]
     pad = -d % 16 if rows.shape[0] <= 4 * d and d <= 2048 else 0
@@ -70,7 +71,7 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     if pad:
         rows, left = torch.nn.functional.pad(rows, (0, pad)), torch.nn.functional.pad(left, (0, pad))
     out = torch.addmm(rows.new_empty(d + pad, d + pad), left.mT, rows, beta=0, alpha=scale)
-    return out[:d, :d].contiguous() if pad else out
+    return out[:d, :d] if pad else out
 
 
 def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand") -> KroneckerFactors:

@@ -59,14 +59,17 @@ def kl_clip_factor(v_g: Tensor, kl_clip: float) -> Tensor:
 def momentum_direction(update: Tensor, own: bool, buffer: Tensor | None, momentum: float) -> tuple[Tensor, Tensor | None]:
     """Heavy-ball momentum (torch's SGD convention): ``m ← μ m + u`` (``m = u`` at first).
 
-    ``own``: whether ``update`` is a fresh tensor that may become the buffer.  Returns the
-    direction to apply and the new buffer (``None`` when ``μ = 0``); ``buffer`` itself is not
-    modified, so an update refused afterwards leaves it as it was.
+    ``own``: whether ``update`` is a fresh tensor that may become the buffer (then ``μ m + u``
+    is computed into it, one pass and no allocation).  Returns the direction to apply and the
+    new buffer (``None`` when ``μ = 0``); ``buffer`` itself is not modified, so an update
+    refused afterwards leaves it as it was.
     """
     if momentum == 0:
         return update, None
     if buffer is None:
         buffer = update if own else update.clone()
+    elif own:
+        buffer = update.add_(buffer, alpha=momentum)
     else:
         buffer = buffer.mul(momentum).add_(update)
     return buffer, buffer
@@ -86,6 +89,17 @@ def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Ten
         if buf is not None:
             st["momentum_buffer"] = buf
         p.add_(d, alpha=-lr)
+
+
+def updates_finite(updates: Sequence[tuple[Tensor, float]]) -> bool:
+    """Whether every ``lr·u`` is finite in ``u``'s dtype, with one reduction per update and one
+    sync: a non-finite entry makes the sum non-finite, and the sum of finite entries overflows
+    only for entries near the dtype's maximum — as harmful as ``inf`` (so they count as not
+    finite, as in :func:`all_finite`).  For ``lr ≤ 1``, ``lr·u`` overflows only where ``u`` does."""
+    sums = [u.sum() if lr <= 1 else u.sum() * lr for u, lr in updates]
+    device = sums[0].device
+    dtype = functools.reduce(torch.promote_types, {v.dtype for v in sums})
+    return bool(torch.isfinite(torch.stack([v.to(device=device, dtype=dtype) for v in sums])).all().item())
 
 
 @dataclass
@@ -141,14 +155,8 @@ def update_blocks_(
             own = True
         update, buffer = momentum_direction(update, own, s.state.momentum, group["momentum"])
         updates.append((s, update, buffer))
-    if updates:  # lr·max|u| in the parameters' dtype overflows iff an entry of lr·u does; one sync
-        device = updates[0][1].device
-        peaks = torch.stack([
-            (u.abs().amax() * s.group["lr"]).to(device=device, dtype=torch.float64)  # 16× faster than an inf-norm on CPU
-            for s, u, _ in updates
-        ])
-        if not bool(torch.isfinite(peaks).all()):
-            return False
+    if updates and not updates_finite([(u, s.group["lr"]) for s, u, _ in updates]):
+        return False
     for s, update, buffer in updates:
         s.state.momentum = buffer
         s.block.add_(update, -s.group["lr"], skip=skip)
