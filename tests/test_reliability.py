@@ -91,15 +91,19 @@ def test_a_param_group_set_to_a_bad_value_is_refused_at_step(name: str, value: f
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("overflow", ["lr", "preconditioner"])
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
-def test_an_update_that_overflows_in_the_preconditioner_is_skipped(cls) -> None:
-    """A finite gradient whose preconditioned update overflows float32 (lr ≤ 1: the update
-    itself is not finite) is never applied, and the momentum buffers keep their values."""
+def test_a_non_finite_update_is_skipped_at_its_own_step(cls, overflow: str) -> None:
+    """An update that overflows float32 is never applied, the momentum buffers keep their
+    values, and the warning names this step: ``lr``, a finite learning rate times the update
+    overflows; ``preconditioner``, a finite gradient whose preconditioned update itself
+    overflows (lr ≤ 1) on a plain step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     loss_fn = nn.CrossEntropyLoss()
-    opt = cls(model, lr=0.1, momentum=0.9, kl_clip=None, damping=1e-3, stats_interval=10)
+    settings = dict(stats_interval=1) if overflow == "lr" else dict(stats_interval=10, damping=1e-3)
+    opt = cls(model, lr=0.1, momentum=0.9, kl_clip=None, **settings)
     for _ in range(2):
         opt.zero_grad()
         with opt.track(loss_fn):
@@ -107,36 +111,12 @@ def test_an_update_that_overflows_in_the_preconditioner_is_skipped(cls) -> None:
         opt.step()
     params = [p.detach().clone() for p in model.parameters()]
     momenta = {k: s.momentum.clone() for k, s in opt.block_states.items()}
-    opt.zero_grad()
-    with opt.track(loss_fn):  # a plain step: no statistics, only the gradient is huge
-        (loss_fn(model(x), y) * 1e38).backward()
-    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
-    with pytest.warns(RuntimeWarning, match="non-finite update .* at step 2"):
-        opt.step()
-    assert opt.steps_done == 2
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-    assert all(torch.equal(s.momentum, momenta[k]) for k, s in opt.block_states.items())
-
-
-@pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
-def test_a_non_finite_update_is_skipped_at_its_own_step(cls) -> None:
-    """An update that overflows float32 is never applied; the warning names this step."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
-    loss_fn = nn.CrossEntropyLoss()
-    opt = cls(model, lr=0.1, momentum=0.9, kl_clip=None, stats_interval=1)
-    for _ in range(2):
-        opt.zero_grad()
-        with opt.track(loss_fn):
-            loss_fn(model(x), y).backward()
-        opt.step()
-    params = [p.detach().clone() for p in model.parameters()]
-    momenta = {k: s.momentum.clone() for k, s in opt.block_states.items()}
-    opt.param_groups[0]["lr"] = 1e38  # finite, but lr · update overflows
+    if overflow == "lr":
+        opt.param_groups[0]["lr"] = 1e38  # finite, but lr · update overflows
     opt.zero_grad()
     with opt.track(loss_fn):
-        loss_fn(model(x), y).backward()
+        (loss_fn(model(x), y) * (1e38 if overflow == "preconditioner" else 1.0)).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     with pytest.warns(RuntimeWarning, match="non-finite update .* at step 2"):
         opt.step()
     assert opt.steps_done == 2

@@ -41,13 +41,17 @@ def all_finite(grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor], sta
             values.extend((ts.delta.sum(), ts.delta_phi.diagonal().sum(), ts.delta_psi.diagonal().sum()))
         if ls.kfe_scaling is not None:
             values.append(ls.kfe_scaling.sum())
+    return _finite(values)
+
+
+def _finite(values: Sequence[Tensor]) -> bool:
+    """Whether every scalar in ``values`` is finite, in the widest dtype present (no float64
+    work for a float32 model) and one sync."""
     if not values:
         return True
     device = values[0].device
-    # the widest dtype present (no float64 work for a float32 model); one sync
     dtype = functools.reduce(torch.promote_types, {v.dtype for v in values})
-    sums = torch.stack([v.to(device=device, dtype=dtype) for v in values])
-    return bool(torch.isfinite(sums).all().item())
+    return bool(torch.isfinite(torch.stack([v.to(device=device, dtype=dtype) for v in values])).all().item())
 
 
 def kl_clip_factor(v_g: Tensor, kl_clip: float) -> Tensor:
@@ -96,10 +100,7 @@ def updates_finite(updates: Sequence[tuple[Tensor, float]]) -> bool:
     sync: a non-finite entry makes the sum non-finite, and the sum of finite entries overflows
     only for entries near the dtype's maximum — as harmful as ``inf`` (so they count as not
     finite, as in :func:`all_finite`).  For ``lr ≤ 1``, ``lr·u`` overflows only where ``u`` does."""
-    sums = [u.sum() if lr <= 1 else u.sum() * lr for u, lr in updates]
-    device = sums[0].device
-    dtype = functools.reduce(torch.promote_types, {v.dtype for v in sums})
-    return bool(torch.isfinite(torch.stack([v.to(device=device, dtype=dtype) for v in sums])).all().item())
+    return _finite([u.sum() if lr <= 1 else u.sum() * lr for u, lr in updates])
 
 
 @dataclass
@@ -155,7 +156,7 @@ def update_blocks_(
             own = True
         update, buffer = momentum_direction(update, own, s.state.momentum, group["momentum"])
         updates.append((s, update, buffer))
-    if updates and not updates_finite([(u, s.group["lr"]) for s, u, _ in updates]):
+    if not updates_finite([(u, s.group["lr"]) for s, u, _ in updates]):
         return False
     for s, update, buffer in updates:
         s.state.momentum = buffer
