@@ -187,17 +187,20 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
             for kind in kinds:
                 k = st.positions[kind]
                 rows.append(Row(f"{name}:{kind}", lambda st=st, k=k: st.step_at(k)))
+        slow = {}
         for row in rows:
             t = row.calibrate(device, args.min_time)
             if t > args.slow_seconds:
-                row.max_samples = args.slow_repeats
-                row.note = f"{args.slow_repeats} samples (one call {t:.1f} s)"
+                row.max_samples, slow[row.key] = args.slow_repeats, t
         repeats = args.model_repeats.get(spec.key, args.repeats)
         common.measure_interleaved(
             rows, repeats, device,
             progress=lambda r: print(f"  [{spec.key}] repeat {r + 1}/{repeats} "
                                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True),
         )
+    for row in rows:
+        if row.key in slow:
+            row.note = f"{len(row.samples)} sample(s) (one call {slow[row.key]:.1f} s)"
     med = {r.key: r.median for r in rows}
     return {**summarise(spec, sizes, med, rows, args), "repeats": repeats}
 
@@ -212,6 +215,9 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     # the floor: fwd+bwd + the rotations at the rate those very GEMMs run at in this run
     floor = fb + med["rotations"]
     floor_at_peak = fb + rotation_flops(sizes) / rate
+    from curvlab.optim.options import KroneckerOptions
+
+    truncated = any(n > KroneckerOptions().truncate_above for d_out, d_in, _ in sizes for n in (d_out, d_in))
     table = {}
     for name in args.peers:
         if name in ("sgd", "adam"):
@@ -231,9 +237,10 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
             stats_floor = fb + flops / rate
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
             table[name]["stats_gflop"] = flops / 1e9
-            if name in ("curvlab-ekfac", "curvlab-tekfac"):
+            if name in ("curvlab-ekfac", "curvlab-tekfac") and not truncated:
                 # the schedule's own floor: plain steps at the floor, statistics steps at their GEMM
-                # floor, and a refresh adds at least the float32 eigh of its factors
+                # floor, and a refresh adds at least the float32 eigh of its factors (not where a
+                # factor is truncated: curvlab's rotations then cost less than the full-basis floor)
                 refresh_floor = stats_floor + med["eigh"]
                 table[name]["amortised_floor/sgd"] = (
                     n_plain * floor + n_stats * stats_floor + refresh_floor) / period / sgd
@@ -308,7 +315,8 @@ def markdown(res: dict) -> str:
     body = [[n, *(f"{r['peers'][n]['amortised/sgd']:.2f}" for r in models)] for n in names]
     body.append(["floor of EKFAC/TEKFAC", *(f"{r['floor/sgd']:.2f}" for r in models)])
     body.append(["the schedule's floor of EKFAC", *(
-        f"{r['peers']['curvlab-ekfac']['amortised_floor/sgd']:.2f}" if "curvlab-ekfac" in r["peers"] else "–"
+        f"{r['peers']['curvlab-ekfac']['amortised_floor/sgd']:.2f}"
+        if "amortised_floor/sgd" in r["peers"].get("curvlab-ekfac", {}) else "–"
         for r in models)])
     lines += common.md_table(header, body)
     lines += ["", "## Targets", ""]
@@ -355,12 +363,15 @@ GEMMs, EKFAC/TEKFAC's rescaling rotations, the preconditioning) — no statistic
 method can be cheaper.  "The schedule's floor" of EKFAC/TEKFAC: every plain step at the floor,
 every statistics step at its GEMM floor, and a refresh adding at least the float32 eigh of its
 factors (the "eigh" row), amortised like the measured steps; where it is above 1.2× the floor,
-that target cannot be met with this schedule ("missed (below the floor)").
+that target cannot be met with this schedule ("missed (below the floor)").  It is left out ("–")
+for models with a factor above truncate_above: curvlab's truncated rotations cost less than the
+full-basis floor there, so it bounds nothing.
 
 The bias column: curvlab's KFAC factor A includes the bias (the exact Kronecker factor of the
 whole layer, the one `curvlab report` measures); ASDL's K-FAC leaves the bias out of A and
 preconditions it by G⁻¹ alone, a different approximation whose GEMMs are aligned and narrower —
-the two "inverse GEMMs" rows above measure that difference on random matrices of the same shapes.
+the two "inverse GEMMs" rows above measure that difference on random matrices of the same shapes
+(dense factors: curvlab applies factors above truncate_above in their truncated form instead).
 
 How the peers differ (see benchmarks/peers.py): ASDL K-FAC keeps float32 running factors (no
 bias column: the bias is preconditioned by G alone) and inverts them by Cholesky every refresh;
