@@ -1,0 +1,116 @@
+"""Where curvlab KFAC's plain step loses to ASDL's on the MLP: the approximation or the glue?
+
+In one process, interleaved, one torch thread, four plain steps on the same model and batches:
+
+* ``sgd`` and ``curvlab-kfac``, ``asdl-kfac`` (the :mod:`peers` steppers of ``bench_optim.py``);
+* ``minimal``: curvlab KFAC's own damped inverse matrices (its ``approximations()`` after the
+  warm-up, bias column in ``A`` included) applied by hand — forward, backward, ``[∇W ∇b]``,
+  ``L⁻¹ (X R⁻¹)``, heavy-ball momentum into a kept buffer, ``W``/``b`` updated — with none of
+  the optimizer's glue (block layouts, finiteness checks, param groups, state objects).
+
+If ``minimal`` runs as fast as ASDL, the gap is curvlab's per-step glue, not the bias column
+or the inverse form.
+
+Usage::
+
+    python benchmarks/bench_step_glue.py --models mlp,mlp-1024 --out benchmarks/results/step_glue_cpu.json
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import common
+import peers
+from common import Row
+
+PEERS = ("sgd", "curvlab-kfac", "asdl-kfac")
+
+
+def minimal_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module):
+    """A plain step with ``stepper``'s (curvlab KFAC's) inverse matrices and no optimizer glue."""
+    opt = stepper.optimizer
+    model = copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    approximations = opt.approximations()
+    layers = []
+    for block in opt.blocks():
+        inverse = approximations[block.name].inverse(opt.options.damping, opt.options.damping_strategy)
+        layer = modules[block.name]
+        buffer = torch.zeros(layer.out_features, layer.in_features + 1)
+        layers.append((layer, inverse.left.matrix, inverse.right.matrix, buffer))
+    batches = itertools.cycle(pool)
+    lr, mu = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+
+    def step() -> None:
+        x, y = next(batches)
+        for layer, *_ in layers:
+            layer.weight.grad = layer.bias.grad = None
+        loss_fn(model(x), y).backward()
+        with torch.no_grad():
+            for layer, g_inv, a_inv, buffer in layers:
+                grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+                buffer.mul_(mu).add_(g_inv @ (grad @ a_inv))
+                layer.weight.add_(buffer[:, :-1], alpha=-lr)
+                layer.bias.add_(buffer[:, -1], alpha=-lr)
+
+    return step
+
+
+def bench_model(spec: common.ModelSpec, args) -> dict:
+    base = spec.build(torch.device("cpu"))
+    pool = spec.batches(8, torch.device("cpu"))
+    loss_fn = nn.CrossEntropyLoss()
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steppers = {}
+        for name in PEERS:
+            steppers[name] = peers.build(name, copy.deepcopy(base), loss_fn, itertools.cycle(pool).__next__, lr=1e-6,
+                                         damping=1e-2, stats_interval=10, refresh_interval=100)
+            steppers[name].warm_up()
+            rows.append(Row(name, lambda s=steppers[name]: s.step_at(1)))
+        rows.append(Row("minimal", minimal_step(steppers["curvlab-kfac"], base, pool, loss_fn)))
+        for row in rows:
+            row.calibrate("cpu", args.min_time)
+        common.measure_interleaved(rows, args.repeats, "cpu")
+    sgd = rows[0].median
+    return {"model": spec.key, "batch": spec.batch,
+            "rows": {r.key: {"median_s": r.median, "per_sgd": r.median / sgd, "all_s": r.samples} for r in rows}}
+
+
+def markdown(res: dict) -> str:
+    lines = ["# curvlab KFAC's plain step: the approximation or the glue? (cpu)", "",
+             common.machine_line(res["machine"]), "",
+             f"Plain steps (no statistics, no refresh), medians of {res['settings']['repeats']} interleaved repeats; "
+             "`minimal` applies curvlab KFAC's own damped inverse matrices (bias column in A) with no optimizer glue.",
+             ""]
+    header = ["step", *(f"{m['model']} (N={m['batch']}) ms" for m in res["models"]),
+              *(f"{m['model']} ×SGD" for m in res["models"])]
+    body = [[key, *(f"{m['rows'][key]['median_s'] * 1e3:.2f}" for m in res["models"]),
+             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in (*PEERS, "minimal")]
+    return "\n".join(lines + common.md_table(header, body)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.argument_parser(__doc__, repeats=15, device=False)
+    p.add_argument("--models", default="mlp,mlp-1024")
+    p.add_argument("--min-time", type=float, default=0.3)
+    args = p.parse_args(argv)
+    _, info = common.start(args)
+    peers.import_asdl()
+    t0 = time.perf_counter()
+    results = [bench_model(spec, args) for spec in common.models(args.models)]
+    res = {"machine": common.finish(info), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "models": results, "seconds": time.perf_counter() - t0}
+    common.write_results(args.out, res, markdown(res))
+
+
+if __name__ == "__main__":
+    main()
