@@ -61,15 +61,9 @@ TARGET_FLOOR, TARGET_TEKFAC, TARGET_STATS = 1.2, 1.05, 3.0
 TARGET_GPU_RESNET = 1.3
 
 
-def block_biases(model: nn.Module) -> list[bool]:
-    """Whether each block curvlab preconditions has a bias (the last column of its matrix form)."""
-    from curvlab.optim import KFAC
-
-    return [b.bias is not None for b in KFAC(copy.deepcopy(model), lr=0.0).blocks()]
-
-
-def block_sizes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(d_out, D, T)`` of every block curvlab preconditions (``T``: output locations)."""
+def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], list[bool]]:
+    """``(d_out, D, T)`` of every block curvlab preconditions (``T``: output locations), and
+    whether each has a bias (the last column of its matrix form)."""
     from curvlab.optim import KFAC
 
     copy_ = copy.deepcopy(model)
@@ -82,7 +76,7 @@ def block_sizes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]
         copy_(x[:1])
     for h in hooks:
         h.remove()
-    return [(*b.layout.shape, locations[b.name]) for b in blocks]
+    return [(*b.layout.shape, locations[b.name]) for b in blocks], [b.bias is not None for b in blocks]
 
 
 def rotation_flops(sizes: list[tuple[int, int, int]]) -> int:
@@ -161,7 +155,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     base = spec.build(device)
     pool = spec.batches(args.batches, device)
     loss_fn = nn.CrossEntropyLoss()
-    sizes, biases = block_sizes(base, pool[0][0]), block_biases(base)
+    sizes, biases = block_sizes(base, pool[0][0])
     options = dict(damping=args.damping, stats_interval=args.stats_interval, refresh_interval=args.refresh_interval)
     steppers = {}
     for name in args.peers:
