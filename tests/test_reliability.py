@@ -125,6 +125,44 @@ def test_a_non_finite_update_is_skipped_at_its_own_step(cls, overflow: str) -> N
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("where", ["block", "block-bias", "first-order"])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
+def test_a_non_finite_gradient_on_a_plain_step_is_skipped(cls, where: str) -> None:
+    """On a plain step (no statistics, no refresh) the gradients of the blocks are checked through
+    their preconditioned updates: one NaN or ±inf entry of a block's weight or bias gradient, or
+    of a first-order parameter's (LayerNorm), skips the step; nothing changes, and training goes
+    on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.1, momentum=0.9, stats_interval=10, eigen_interval=100, scale_interval=10)
+
+    def step(poison: bool = False) -> None:
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        if poison:
+            grad = {"block": model[3].weight.grad, "block-bias": model[0].bias.grad,
+                    "first-order": model[1].weight.grad}[where]
+            grad.view(-1)[1] = float("nan") if where == "block" else -float("inf")
+        opt.step()
+
+    for _ in range(2):
+        step()
+    params = [p.detach().clone() for p in model.parameters()]
+    momenta = {k: s.momentum.clone() for k, s in opt.block_states.items()}
+    first_order = opt.state[model[1].weight]["momentum_buffer"].clone()
+    with pytest.warns(RuntimeWarning, match="non-finite .* at step 2"):
+        step(poison=True)
+    assert opt.steps_done == 2
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(s.momentum, momenta[k]) for k, s in opt.block_states.items())
+    assert torch.equal(opt.state[model[1].weight]["momentum_buffer"], first_order)
+    step()
+    assert opt.steps_done == 3 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 # ----------------------------------------------------------------- 7. messages that name the cause
 
 

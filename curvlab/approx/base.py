@@ -294,6 +294,8 @@ class KroneckerApproximation(ABC):
         damping, equivalently ``(L + aI)⁻¹ X (R + bI)⁻¹``); computed in the approximation's
         dtype, returned in ``X``'s."""
         self._check_matrix(x)
+        if x.dtype == self.dtype:  # the common case: no conversion calls
+            return self.inverse(damping, strategy)(x)
         return self.inverse(damping, strategy)(x.to(self.dtype)).to(x.dtype)
 
     def matvec(self, v: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
 
 1. skips the step (state untouched, one ``RuntimeWarning`` per streak) if a gradient, the loss or
    a statistic is not finite (a param group's non-finite or negative ``lr``, ``momentum`` or
-   ``weight_decay`` is a ``ValueError``);
+   ``weight_decay`` is a ``ValueError``); a plain step (no statistics, nothing to refresh, one
+   process) checks the blocks' gradients through their updates in 6, in the same reduction;
 2. updates every block's state (running averages ``X ← β X + (1 − β) X_batch``; EKFAC/TEKFAC
    also ``s ← β s + (1 − β) s*``);
 3. refreshes it when ``k % eigen_interval == 0`` (or nothing is built yet): KFAC/TKFAC rebuild
@@ -70,7 +71,7 @@ from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, plan_step, tracked_pass
-from curvlab.optim.update import BlockStep, all_finite, sgd_update_, update_blocks_
+from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
 
 #: Layer types whose blocks are preconditioned.  Every other trainable parameter — parameter
 #: blocks (norm layers' affine parameters, a ViT's cls token and position embedding, attention's
@@ -200,19 +201,18 @@ class KroneckerOptimizer(Optimizer):
                     self._tracked.layers[module], self._tracked.of_layer[module] = path, blocks
                     self._tracked.blocks.extend(blocks)
             self._blocks = list(self._tracked.blocks)
+            self._block_params = {p for b in self._blocks for p in b.parameters()}
+            # a trainable bias in no group: part of its block's statistics, never updated
+            self._ungrouped = frozenset(p for p in self._block_params if p not in self._group_of)
         return self._blocks
 
-    def _group(self, param: Tensor) -> dict[str, Any] | None:
-        self.blocks()
-        return self._group_of.get(param)
-
-    def _update_blocks(self) -> bool:
+    def _update_blocks(self, also_check: list[Tensor]) -> bool:
         steps = []
         for b in self.blocks():
             grad = b.grad_matrix()
             if grad is not None:
                 state = self._state(b)
-                steps.append(BlockStep(b, grad, state.curvature.build(), state, self._group(b.weight)))
+                steps.append(BlockStep(b, grad, state.curvature.build(), state, self._group_of[b.weight]))
         first_order = [s.block.name for s in steps if s.approximation is None]
         if first_order and not self._warned_first_order:
             warnings.warn(
@@ -223,8 +223,8 @@ class KroneckerOptimizer(Optimizer):
                 stacklevel=3,
             )
             self._warned_first_order = True
-        ungrouped = {p for b in self.blocks() for p in b.parameters() if self._group(p) is None}
-        return update_blocks_(steps, self.options.damping, self.options.damping_strategy, self.options.kl_clip, ungrouped)
+        return update_blocks_(steps, self.options.damping, self.options.damping_strategy, self.options.kl_clip,
+                              self._ungrouped, also_check)
 
     def _decompose(self, built: KroneckerApproximation) -> None:
         """Compute the eigendecomposition the next step's damped inverse of ``built`` will need
@@ -302,39 +302,53 @@ class KroneckerOptimizer(Optimizer):
         pending, self._pending = self._pending, None
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
-        if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
-            pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
-        if not finite:
-            return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
-
-        refresh_due = self._due(self.options.eigen_interval)
-        stale = []
-        for b in self.blocks():
-            curvature = self._state(b).curvature
-            stats = pending.results.get(b.name) if pending is not None else None
-            if stats is not None:
-                curvature.update(stats, self.options.stat_decay)
-            if curvature.has_statistics and (refresh_due or curvature.build() is None):
-                stale.append(curvature)
-        if self._parallel is not None:
-            self._parallel.refresh(stale, self._decompose)  # each rank decomposes its share, then they swap them
+        # A plain step (no statistics, nothing to refresh, one process) checks the gradients of
+        # the blocks through their updates: the damped inverse is positive definite, so a
+        # non-finite gradient entry makes its preconditioned update non-finite.
+        plain = pending is None and self._parallel is None and not self._stale()
+        if plain:  # _stale() found the blocks
+            first_order = [p.grad for g in self.param_groups for p in g["params"]
+                           if p.grad is not None and p not in self._block_params]
+            also_check = finiteness_terms(first_order, loss)
+            if also_check is None:
+                return self._skip("non-finite loss", "the optimizer state left unchanged", loss)
         else:
-            for curvature in stale:
-                curvature.refresh()
-        if not self._update_blocks():
+            also_check = []
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
+            if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
+                pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
+            if not finite:
+                return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
+            for b in self.blocks():
+                stats = pending.results.get(b.name) if pending is not None else None
+                if stats is not None:
+                    self._state(b).curvature.update(stats, self.options.stat_decay)
+            stale = self._stale()
+            if self._parallel is not None:  # each rank decomposes its share, then they swap them
+                self._parallel.refresh(stale, self._decompose)
+            else:
+                for curvature in stale:
+                    curvature.refresh()
+        if not self._update_blocks(also_check):
             return self._skip(
-                f"non-finite update (lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
+                f"non-finite update{' (or gradient, or loss)' if plain else ''} "
+                f"(lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
                 f"damping={self.options.damping:g})",
-                "no parameter changed; the step's statistics are kept", loss,
+                "no parameter changed" + ("" if plain else "; the step's statistics are kept"), loss,
             )
         self._skip_streak = 0
-        block_params = {p for b in self.blocks() for p in b.parameters()}
         for group in self.param_groups:
-            sgd_update_([p for p in group["params"] if p not in block_params], group, self.state)
+            sgd_update_([p for p in group["params"] if p not in self._block_params], group, self.state)
         self.steps_done += 1
         return loss
+
+    def _stale(self) -> list[CurvatureState]:
+        """The curvature states this step refreshes: all with statistics every
+        ``eigen_interval`` steps, otherwise those with statistics and nothing built yet."""
+        due = self._due(self.options.eigen_interval)
+        states = (self._state(b).curvature for b in self.blocks())
+        return [c for c in states if c.has_statistics and (due or c.build() is None)]
 
     def _skip(self, what: str, kept: str, loss: Any) -> Any:
         if not self._skip_streak:  # once per run of skips: a diverged model skips every step

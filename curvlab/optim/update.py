@@ -3,7 +3,6 @@ decay, momentum, and the first-order (SGD) update of every other parameter."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,19 +18,28 @@ from curvlab.stats import LayerStats
 
 
 def all_finite(grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor], stats: Iterable[LayerStats]) -> bool:
-    """Whether every gradient, the loss and the step's statistics are finite.
+    """Whether every gradient, the loss and the step's statistics are finite (one sync)."""
+    values = finiteness_terms(grads, loss, losses, stats)
+    return values is not None and _finite(values)
 
-    One reduction per tensor and one device sync: a tensor is taken as finite when its sum
-    is (a sum overflows only for entries near the dtype's maximum, as harmful as ``inf``).
-    Of the Gram-type statistics (``A``, ``G``, ``δΦ``, ``δΨ``: sums of outer products) only
-    the diagonal is summed — a non-finite entry of ``Σ_k v_k v_kᵀ`` implies a non-finite
-    diagonal entry — so the check costs O(D), not O(D²), for a D × D factor.
+
+def finiteness_terms(
+    grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor] = (), stats: Iterable[LayerStats] = ()
+) -> list[Tensor] | None:
+    """One scalar per tensor that is finite iff the tensor is (``None``: ``loss`` is a
+    non-finite Python number).
+
+    A tensor is taken as finite when its sum is (a sum overflows only for entries near the
+    dtype's maximum, as harmful as ``inf``).  Of the Gram-type statistics (``A``, ``G``, ``δΦ``,
+    ``δΨ``: sums of outer products) only the diagonal is summed — a non-finite entry of
+    ``Σ_k v_k v_kᵀ`` implies a non-finite diagonal entry — so the check costs O(D), not O(D²),
+    for a D × D factor.
     """
     values = [g.sum() for g in grads]
     if isinstance(loss, Tensor):
         values.append(loss.detach().sum())
     elif isinstance(loss, (int, float)) and not math.isfinite(loss):
-        return False
+        return None
     values.extend(v.sum() for v in losses)
     for ls in stats:
         for f in ls.kfac.values():
@@ -41,17 +49,19 @@ def all_finite(grads: Iterable[Tensor], loss: Any, losses: Iterable[Tensor], sta
             values.extend((ts.delta.sum(), ts.delta_phi.diagonal().sum(), ts.delta_psi.diagonal().sum()))
         if ls.kfe_scaling is not None:
             values.append(ls.kfe_scaling.sum())
-    return _finite(values)
+    return values
 
 
 def _finite(values: Sequence[Tensor]) -> bool:
-    """Whether every scalar in ``values`` is finite, in the widest dtype present (no float64
-    work for a float32 model) and one sync."""
+    """Whether every scalar in ``values`` is finite: their sum in float64 is (±inf and NaN
+    propagate into it; sums of finite float32/float64 scalars overflow it only near float64's
+    maximum).  A stack, a sum and one sync, however many values."""
     if not values:
         return True
     device = values[0].device
-    dtype = functools.reduce(torch.promote_types, {v.dtype for v in values})
-    return bool(torch.isfinite(torch.stack([v.to(device=device, dtype=dtype) for v in values])).all().item())
+    if any(v.device != device for v in values):
+        values = [v.to(device) for v in values]
+    return math.isfinite(torch.stack(values).sum(dtype=torch.float64).item())
 
 
 def kl_clip_factor(v_g: Tensor, kl_clip: float) -> Tensor:
@@ -95,12 +105,13 @@ def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Ten
         p.add_(d, alpha=-lr)
 
 
-def updates_finite(updates: Sequence[tuple[Tensor, float]]) -> bool:
-    """Whether every ``lr·u`` is finite in ``u``'s dtype, with one reduction per update and one
-    sync: a non-finite entry makes the sum non-finite, and the sum of finite entries overflows
-    only for entries near the dtype's maximum — as harmful as ``inf`` (so they count as not
-    finite, as in :func:`all_finite`).  For ``lr ≤ 1``, ``lr·u`` overflows only where ``u`` does."""
-    return _finite([u.sum() if lr <= 1 else u.sum() * lr for u, lr in updates])
+def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tensor] = ()) -> bool:
+    """Whether every ``lr·u`` is finite in ``u``'s dtype (and every scalar of ``also``), with one
+    reduction per update and one sync: a non-finite entry makes the sum non-finite, and the sum
+    of finite entries overflows only for entries near the dtype's maximum — as harmful as ``inf``
+    (so they count as not finite, as in :func:`all_finite`).  For ``lr ≤ 1``, ``lr·u`` overflows
+    only where ``u`` does."""
+    return _finite([*(u.sum() if lr <= 1 else u.sum() * lr for u, lr in updates), *also])
 
 
 @dataclass
@@ -121,13 +132,15 @@ def update_blocks_(
     strategy: str | DampingStrategy,
     kl_clip: float | None,
     skip: set[Tensor] | frozenset[Tensor] = frozenset(),
+    also_check: Sequence[Tensor] = (),
 ) -> bool:
     """Precondition, KL-clip, decay, accelerate and apply the update of every block (steps 4–6
     of :mod:`curvlab.optim.base`), leaving the parameters in ``skip`` unchanged.
 
-    Every update is checked before any is applied: if one is not finite (an overflowing inverse,
-    a huge learning rate), nothing changes — parameters and momentum buffers — and False is
-    returned.
+    Every update is checked before any is applied, in one reduction with the scalars of
+    ``also_check`` (:func:`finiteness_terms`): if one is not finite (an overflowing inverse, a
+    huge learning rate, a non-finite gradient), nothing changes — parameters and momentum
+    buffers — and False is returned.
     """
     # (direction, own): preconditioned directions are fresh tensors that may be modified in
     # place; first-order ones may be views of .grad.
@@ -156,7 +169,7 @@ def update_blocks_(
             own = True
         update, buffer = momentum_direction(update, own, s.state.momentum, group["momentum"])
         updates.append((s, update, buffer))
-    if not updates_finite([(u, s.group["lr"]) for s, u, _ in updates]):
+    if not updates_finite([(u, s.group["lr"]) for s, u, _ in updates], also_check):
         return False
     for s, update, buffer in updates:
         s.state.momentum = buffer
