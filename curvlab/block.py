@@ -186,7 +186,9 @@ class Block:
             return t.unsqueeze(1)
         if self.kind == "parameter":
             return t.reshape(self.layout.shape)
-        return t.T if self.layout.transposed else t.flatten(1)
+        if self.layout.transposed:
+            return t.T
+        return t if t.dim() == 2 else t.flatten(1)
 
     def param_matrix(self) -> Tensor:
         """``W̄`` as ``[d_out, D]`` (a view of the weight where possible)."""

@@ -139,6 +139,8 @@ def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
     for i, group in enumerate(groups):
         for name in ("lr", "momentum", "weight_decay"):
             value = group.get(name)
+            if type(value) is float and 0.0 <= value < math.inf:  # the common case, checked every step
+                continue
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = float(value)
             _check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)
