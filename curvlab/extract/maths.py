@@ -213,17 +213,19 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     truncated_in = u_in.shape[1] < u_in.shape[0]
     out = x.new_zeros(d_out, u_in.shape[1] + int(truncated_in))
     for sl in _chunks(n, c * d_out * x.shape[1]):
-        rot_sq = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x_rot[sl]).square()
+        # squared in place: the product is fresh, and a second chunk-sized temporary costs
+        # as much as the squaring (first-touch memory)
+        rot_sq = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x_rot[sl]).square_()
         out[:, : u_in.shape[1]] += rot_sq.sum((0, 1))
         if truncated_in:  # row norms of U_outᵀ M outside span(U_in)
-            rows = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x[sl]).square().sum(-1)
+            rows = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x[sl]).square_().sum(-1)
             out[:, -1] += (rows - rot_sq.sum(-1)).sum((0, 1))
     return out.clamp_min_(0) if truncated_in else out
 
 
 def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
     """``(Uᵀ v)²`` per vector (last dim), plus ``‖v‖² − ‖Uᵀ v‖²`` for a truncated ``U``."""
-    sq = (v @ u).square()
+    sq = (v @ u).square_()
     if u.shape[1] == u.shape[0]:
         return sq
     rest = (v.square().sum(-1) - sq.sum(-1)).clamp_min(0)
@@ -239,10 +241,10 @@ def _kfe_scaling_by_chunks(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) ->
     for sl in _chunks(n, c * d_out * x.shape[1]):
         m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
         m_in = m @ u_in  # M U_in
-        v_sq = (u_out.mT @ m_in).square()
+        v_sq = (u_out.mT @ m_in).square_()
         out[:k_out, :k_in] += v_sq.sum(0)
         out[k_out, :k_in] += (m_in.square().sum(-2) - v_sq.sum(-2)).sum(0)
         if truncated_in:
-            out[:k_out, k_in] += ((u_out.mT @ m).square().sum(-1) - v_sq.sum(-1)).sum(0)
+            out[:k_out, k_in] += ((u_out.mT @ m).square_().sum(-1) - v_sq.sum(-1)).sum(0)
             out[k_out, k_in] += m.square().sum() - m_in.square().sum() - (u_out.mT @ m).square().sum() + v_sq.sum()
     return out.clamp_min_(0)
