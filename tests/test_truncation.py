@@ -167,7 +167,7 @@ def reference_kfe(m: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("truncated", ["in", "out", "both"])
-@pytest.mark.parametrize("t", [1, 3], ids=["linear", "conv"])
+@pytest.mark.parametrize("t", [1, 2, 5], ids=["linear", "conv-few-locations", "conv-many-locations"])
 def test_kfe_scaling_in_a_truncated_basis(t: int, truncated: str) -> None:
     """The extraction's rescaling statistic in a truncated basis: compressed sums."""
     gen = torch.Generator().manual_seed(4)
