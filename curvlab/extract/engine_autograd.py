@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from curvlab.extract.autograd import couples_examples
-from curvlab.extract.autograd.layer_io import dense_inputs
+from curvlab.extract.autograd.layer_io import cat_positions, dense_inputs
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
 from curvlab.extract.options import ExtractOptions
@@ -64,9 +64,11 @@ class AutogradPass:
                     f"curvlab.extract: layer {layer.name!r} ({type(module).__name__}) was not called in the "
                     "forward pass, so its block is zero; freeze its parameters (requires_grad=False)"
                 )
-            x = torch.cat([dense_inputs(module, c.x) for c in layer.calls], 2)  # calls = more positions
-            g = torch.cat([c.g for c in layer.calls], 3)
-            g_terms = torch.cat([c.g_terms for c in layer.calls], 3) if layer.calls[0].g_terms is not None else None
+            calls = layer.calls  # several calls: more positions (no copy for one)
+            x = cat_positions([dense_inputs(module, c.x) for c in calls])
+            g = calls[0].g if len(calls) == 1 else torch.cat([c.g for c in calls], 3)
+            g_terms = None if calls[0].g_terms is None else (
+                calls[0].g_terms if len(calls) == 1 else torch.cat([c.g_terms for c in calls], 3))
             for block in blocks:
                 exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
                 data = KroneckerData(block.inputs(x), g, res.segments, g_terms, exact, res.terms_per_example)

@@ -72,36 +72,49 @@ def dims(module: nn.Module) -> tuple[int, int]:
 
 
 def unfold_input(module: nn.Module, inp: Tensor) -> Tensor:
-    """The layer input in the engine's representation (see the module docstring)."""
+    """The layer input in the engine's representation (see the module docstring).
+
+    A dense ``x [N, D, T]`` is laid out as ``[N, T, D]`` in memory (a transposed view): the
+    statistics read it as rows of ``D`` (``A``'s Gram GEMM, the rotation ``X U_in``), so no
+    consumer copies it again."""
     k = kind(module)
     n = inp.shape[0]
     if k == LINEAR:
-        return inp.reshape(n, -1, inp.shape[-1]).transpose(1, 2).contiguous()
+        return inp.reshape(n, -1, inp.shape[-1]).transpose(1, 2)
     if k == EMBEDDING:
         return inp.reshape(n, -1)
     return _unfold_conv(module, inp)
 
 
 def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
+    """The patches of ``inp`` as a strided view ``[N, *out, C_in, *k]`` of the (padded) input,
+    gathered in one copy into ``[N, T, D]`` memory (what ``F.unfold`` and a transposing copy
+    give, in one pass instead of two)."""
     nd = len(conv.kernel_size)
     if inp.dim() != nd + 2:
         raise ValueError(f"autograd engine: {type(conv).__name__} needs batched input, got {tuple(inp.shape)}")
-    padding = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":
+    if isinstance(conv.padding, str) or any(conv.padding):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         inp = F.pad(inp, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * nd
-    if nd == 2:  # BackPACK's route (backpack.utils.conv.unfold_input)
-        return F.unfold(inp, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    # Any dimension: a grouped convolution with one-hot kernels picks the patch entries,
-    # output channel c·prod(k) + j = input channel c at kernel offset j (row-major).
-    size = math.prod(conv.kernel_size)
-    c_in = inp.shape[1]
-    eye = torch.eye(size, dtype=inp.dtype, device=inp.device).reshape(size, 1, *conv.kernel_size)
-    weight = eye.repeat(c_in, *([1] * (nd + 1)))
-    conv_fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    out = conv_fn(inp, weight, None, conv.stride, padding, conv.dilation, groups=c_in)
-    return out.flatten(2)
+    n, c_in, *spatial = inp.shape
+    step, *space = inp.stride()[1:]
+    out = [(size - d * (k - 1) - 1) // s + 1
+           for size, k, s, d in zip(spatial, conv.kernel_size, conv.stride, conv.dilation)]
+    patches = inp.as_strided(
+        (n, *out, c_in, *conv.kernel_size),
+        (inp.stride(0), *(st * s for st, s in zip(space, conv.stride)), step,
+         *(st * d for st, d in zip(space, conv.dilation))),
+        inp.storage_offset(),
+    )
+    return patches.reshape(n, math.prod(out), -1).transpose(1, 2)
+
+
+def cat_positions(xs: list[Tensor]) -> Tensor:
+    """Several calls' inputs ``[N, D, T_i]`` as more positions ``[N, D, ΣT_i]``, kept in the
+    ``[N, T, D]`` memory layout of :func:`unfold_input` (no copy for one call)."""
+    if len(xs) == 1:
+        return xs[0]
+    return torch.cat([x.transpose(1, 2) for x in xs], 1).transpose(1, 2)
 
 
 def grads_to_layout(module: nn.Module, grad: Tensor, lead: int = 1) -> Tensor:
