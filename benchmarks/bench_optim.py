@@ -48,11 +48,13 @@ import common
 import peers
 from common import ModelSpec, Row
 
-from curvlab.extract.maths import partial_trace_costs  # noqa: E402  (after common: repository on sys.path)
+from curvlab.extract.maths import kfe_scaling_costs, partial_trace_costs  # noqa: E402  (after common: repository on sys.path)
 from curvlab.optim.options import KroneckerOptions  # noqa: E402
 
-#: Factors above this get curvlab's truncated eigenbasis (the optimizers' default).
+#: Factors above this get curvlab's truncated eigenbasis of TRUNCATION_RANK columns (the
+#: optimizers' defaults).
 TRUNCATE_ABOVE = KroneckerOptions().truncate_above
+TRUNCATION_RANK = KroneckerOptions().truncation_rank
 
 CURVLAB = [f"curvlab-{m}" for m in peers.CURVLAB_METHODS]
 SECOND_ORDER = [*CURVLAB, "asdl-kfac", "asdl-ekfac"]
@@ -79,20 +81,37 @@ def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int,
     return [(*b.layout.shape, locations[b.name]) for b in blocks], [b.bias is not None for b in blocks]
 
 
-def rotation_flops(sizes: list[tuple[int, int, int]]) -> int:
-    """The two rotations of every block (four GEMMs): ``Σ 4·d_out·D·(d_out + D)``."""
-    return sum(4 * d_out * d_in * (d_out + d_in) for d_out, d_in, _ in sizes)
+def basis_width(n: int, truncated: bool) -> int:
+    """Columns of the eigenbasis of an ``n × n`` factor: ``n``, or with ``truncated`` curvlab's
+    rank above ``truncate_above``."""
+    return min(n, TRUNCATION_RANK) if truncated and n > TRUNCATE_ABOVE else n
 
 
-def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int) -> int:
+def rotation_flops(sizes: list[tuple[int, int, int]], truncated: bool = False) -> int:
+    """The two rotations of every block (four GEMMs): ``Σ 4·d_out·D·(d_out + D)`` with full bases;
+    with ``truncated``, those of curvlab's bases ``U_out [d_out, k_out]``, ``U_in [D, k_in]``
+    (the cheaper side first; the flat remainder's rank-k corrections left out: a lower bound)."""
+    total = 0
+    for d_out, d_in, _ in sizes:
+        k_out, k_in = basis_width(d_out, truncated), basis_width(d_in, truncated)
+        total += min(4 * d_out * k_in * (d_in + k_out), 4 * k_out * d_in * (d_out + k_in))
+    return total
+
+
+def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, truncated: bool = False) -> int:
     """GEMM flops a statistics step of ``method`` adds to a plain forward+backward (one MC
     column): the sampled root's backward through every layer, the statistics (``kfac``: A, G;
     ``tkfac``: δΦ, δΨ — exact partial traces, per-sample route for convolutions; EKFAC/TEKFAC
-    also the rescaling's rotations ``X U_in``, ``U_outᵀ g`` and their product), and the step's
-    preconditioning (two GEMMs in the inverse form, four in the eigenbasis)."""
+    also the rescaling: the rotations ``X U_in``, ``U_outᵀ g`` and their product, or for a
+    convolution, where cheaper, every ``M_k`` and its rotation), and the step's
+    preconditioning (two GEMMs in the inverse form, four in the eigenbasis).  With
+    ``truncated``, the rescaling and the preconditioning in curvlab's truncated bases (the
+    factors themselves are still formed in full: their running averages are what the truncated
+    eigenbasis is computed from)."""
     total = 0
     for d_out, d, t in sizes:
         rows = n * t
+        k_out, k_in = basis_width(d_out, truncated), basis_width(d, truncated)
         total += 2 * rows * d_out * d  # the root's backward through the layer
         if method in ("kfac", "ekfac"):
             total += 2 * rows * (d * d + d_out * d_out)
@@ -100,9 +119,13 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int) -> 
             total += 2 * n * (d * d + d_out * d_out)
         else:  # the cheaper of the extraction's two routes
             total += 2 * min(partial_trace_costs(1, n, d_out, d, t))
-        if method in ("ekfac", "tekfac"):
-            total += 2 * rows * (d * d + d_out * d_out) + 2 * (d_out * n * d if t == 1 else n * d_out * d * t)
-        total += (4 if method in ("ekfac", "tekfac") else 2) * d_out * d * (d_out + d)
+        if method in ("ekfac", "tekfac"):  # the rescaling: its cheaper route for convolutions
+            total += (2 * n * (d * k_in + d_out * k_out + k_out * k_in) if t == 1
+                      else 2 * min(kfe_scaling_costs(1, n, d_out, d, t, k_out, k_in)))
+            total += rotation_flops([(d_out, d, t)], truncated)
+        else:  # the inverse form: a dense side is one GEMM, a truncated side two thin ones
+            total += (2 * d * d_out * d_out if k_out == d_out else 4 * d * d_out * k_out)
+            total += (2 * d_out * d * d if k_in == d else 4 * d_out * d * k_in)
     return total
 
 
@@ -225,25 +248,28 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
         if "stats_s" in entry:
             entry["stats/fwd+bwd"] = entry["stats_s"] / fb
             entry["refresh/sgd"] = entry["refresh_s"] / sgd
+    # a plain EKFAC/TEKFAC step of curvlab: fwd+bwd and the rotations in its (truncated) bases
+    plain_floor = min(floor, fb + rotation_flops(sizes, truncated=True) / rate) if truncated else floor
     for name in CURVLAB:
         if name in table:
-            flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch)
+            flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True)
             stats_floor = fb + flops / rate
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
             table[name]["stats_gflop"] = flops / 1e9
-            if name in ("curvlab-ekfac", "curvlab-tekfac") and not truncated:
-                # the schedule's own floor: plain steps at the floor, statistics steps at their GEMM
-                # floor, and a refresh adds at least the float32 eigh of its factors (not where a
-                # factor is truncated: curvlab's rotations then cost less than the full-basis floor)
+            if name in ("curvlab-ekfac", "curvlab-tekfac"):
+                # the schedule's own floor: plain steps at their floor, statistics steps at their
+                # GEMM floor, and a refresh adds at least the float32 eigh of its factors
                 refresh_floor = stats_floor + med["eigh"]
                 table[name]["amortised_floor/sgd"] = (
-                    n_plain * floor + n_stats * stats_floor + refresh_floor) / period / sgd
+                    n_plain * plain_floor + n_stats * stats_floor + refresh_floor) / period / sgd
     return {
         "model": spec.key, "builtin": spec.builtin, "note": spec.note, "batch": spec.batch,
         "input_shape": list(spec.input_shape), "blocks": [list(s) for s in sizes],
         "schedule": {"period": period, "stats_steps": n_stats, "plain_steps": n_plain},
         "fwd+bwd_s": fb, "gemm_gflops": rate / 1e9, "rotations_s": med["rotations"],
         "rotation_gflop": rotation_flops(sizes) / 1e9, "floor_s": floor, "floor/sgd": floor / sgd,
+        "truncated_rotation_gflop": rotation_flops(sizes, truncated=True) / 1e9 if truncated else None,
+        "plain_floor/sgd": plain_floor / sgd,
         "floor_at_1024_gemm_rate/sgd": floor_at_peak / sgd,
         "inverse_gemms_s": med["inverse GEMMs"], "inverse_gemms_bias_by_g_s": med["inverse GEMMs, bias by G alone"],
         "eigh_s": med["eigh"],
@@ -332,6 +358,9 @@ def markdown(res: dict) -> str:
             f"GFLOP, {r['rotations_s'] * 1e3:.2f} ms measured ({r['rotation_gflop'] / r['rotations_s']:.0f} GFLOP/s); "
             f"**floor** of EKFAC/TEKFAC (fwd+bwd + those rotations) {r['floor_s'] * 1e3:.2f} ms = "
             f"**{r['floor/sgd']:.2f}× SGD** ({r['floor_at_1024_gemm_rate/sgd']:.2f}× with the rotations at the 1024³ rate). "
+            + (f"In curvlab's truncated bases the rotations are {r['truncated_rotation_gflop']:.3f} GFLOP: a plain "
+               f"step's floor of {r['plain_floor/sgd']:.2f}× SGD at the 1024³ rate. "
+               if r.get("truncated_rotation_gflop") else "") +
             f"The inverse form's two GEMMs of every block: {r['inverse_gemms_s'] * 1e3:.2f} ms with the bias column in "
             f"A (curvlab), {r['inverse_gemms_bias_by_g_s'] * 1e3:.2f} ms with A of the weight alone and the bias by "
             f"G⁻¹ (ASDL's K-FAC). float32 eigh of the refreshed factors (≤ truncate_above): {r['eigh_s'] * 1e3:.2f} ms.",
@@ -358,9 +387,10 @@ GEMMs, EKFAC/TEKFAC's rescaling rotations, the preconditioning) — no statistic
 method can be cheaper.  "The schedule's floor" of EKFAC/TEKFAC: every plain step at the floor,
 every statistics step at its GEMM floor, and a refresh adding at least the float32 eigh of its
 factors (the "eigh" row), amortised like the measured steps; where it is above 1.2× the floor,
-that target cannot be met with this schedule ("bound below the schedule's floor").  It is left out ("–")
-for models with a factor above truncate_above: curvlab's truncated rotations cost less than the
-full-basis floor there, so it bounds nothing.
+that target cannot be met with this schedule ("bound below the schedule's floor").  For models
+with a factor above truncate_above, both floors count the GEMMs in curvlab's truncated bases
+(rank 256: they cost less than the full-basis rotations), and a plain step's floor is fwd+bwd
+plus those rotations at the 1024³ rate.
 
 The bias column: curvlab's KFAC factor A includes the bias (the exact Kronecker factor of the
 whole layer, the one `curvlab report` measures); ASDL's K-FAC leaves the bias out of A and

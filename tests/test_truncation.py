@@ -166,10 +166,13 @@ def reference_kfe(m: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> t
     return torch.stack([torch.stack([(pa @ m @ pb).square().sum() for pb in cols]) for pa in rows])
 
 
-@pytest.mark.parametrize("truncated", ["in", "out", "both"])
-@pytest.mark.parametrize("t", [1, 2, 5], ids=["linear", "conv-few-locations", "conv-many-locations"])
+@pytest.mark.parametrize("truncated", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("t", [1, 2, 5, 8], ids=["linear", "conv-T2", "conv-T5", "conv-T8"])
 def test_kfe_scaling_in_a_truncated_basis(t: int, truncated: str) -> None:
-    """The extraction's rescaling statistic in a truncated basis: compressed sums."""
+    """The extraction's rescaling statistic in a full or truncated basis: compressed sums.
+    (The locations T reach each route of a convolution: rotating first, with the truncated
+    side's row norms through Gram matrices (T=2) or explicitly (T=5), and forming every
+    M_k first (T=8).)"""
     gen = torch.Generator().manual_seed(4)
     c, n, d_out, d_in = 2, 5, 4, 6
     x = torch.randn(n, d_in, t, generator=gen, dtype=DT)

@@ -197,16 +197,19 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     """EKFAC's rescaling ``Σ_k (U_outᵀ M_k U_in)²`` without storing every ``M_k`` [C].
 
     Linear: one matmul of squared projections.  Conv: the rotated per-sample gradients are
-    formed in chunks, so memory stays bounded.  A basis with fewer columns than rows
-    (``[n, k]``: a truncated eigenbasis) gets one more entry on its side, the sum over the
-    complement of its columns (the compressed form of :mod:`curvlab.approx.spectral`).
+    formed in chunks, so memory stays bounded, by the cheaper of two routes
+    (:func:`kfe_scaling_costs`): the rotated inputs and roots multiplied, or each ``M_k``
+    formed and then rotated.  A basis with fewer columns than rows (``[n, k]``: a truncated
+    eigenbasis) gets one more entry on its side, the sum over the complement of its columns
+    (the compressed form of :mod:`curvlab.approx.spectral`).
     """
     c, n, d_out, t = g.shape
     u_out, u_in = u_out.to(g.dtype), u_in.to(x.dtype)
     if t == 1:
         g_sq = _squared_coordinates(g[..., 0], u_out).sum(0)  # [N, w_out]
         return g_sq.T @ _squared_coordinates(x[..., 0], u_in)
-    if u_out.shape[1] < d_out:
+    rotated_first, formed_first = kfe_scaling_costs(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1])
+    if u_out.shape[1] < d_out or formed_first < rotated_first:
         return _kfe_scaling_by_chunks(x, g, u_out, u_in)
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
     x_rot = torch.einsum("ndt,de->net", x, u_in)
@@ -230,6 +233,19 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     return out.clamp_min_(0) if truncated_in else out
 
 
+def kfe_scaling_costs(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> tuple[int, int]:
+    """Multiply-adds of :func:`kfe_scaling`'s two conv routes with bases ``[d_out, k_out]``,
+    ``[d_in, k_in]``: (rotate ``x`` and ``g`` first, then their products per sample; form every
+    ``M_k`` first, then rotate it).  Rotating first wins for few locations ``T``, forming ``M_k``
+    for many (a 64×576 conv at T = 1024: about 6× fewer)."""
+    truncated_in = k_in < d_in
+    rows = min(t * t * (d_in + c * d_out), c * d_out * t * d_in) if truncated_in else 0
+    rotated = n * (c * t * d_out * k_out + t * d_in * k_in + c * k_out * t * k_in + rows)
+    formed = c * n * (d_out * t * d_in + d_out * d_in * k_in + k_out * d_out * k_in
+                      + (k_out * d_out * d_in if truncated_in else 0))
+    return rotated, formed
+
+
 def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
     """``(Uᵀ v)²`` per vector (last dim), plus ``‖v‖² − ‖Uᵀ v‖²`` for a truncated ``U``."""
     sq = (v @ u).square_()
@@ -240,18 +256,21 @@ def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
 
 
 def _kfe_scaling_by_chunks(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
-    """:func:`kfe_scaling` of a conv layer with a truncated output basis, from explicit ``M_k``."""
+    """:func:`kfe_scaling` of a conv layer from explicit ``M_k`` (any basis, truncated or not)."""
     c, n, d_out, _ = g.shape
     k_out, k_in = u_out.shape[1], u_in.shape[1]
-    truncated_in = k_in < u_in.shape[0]
-    out = x.new_zeros(k_out + 1, k_in + int(truncated_in))
+    truncated_out, truncated_in = k_out < d_out, k_in < u_in.shape[0]
+    out = x.new_zeros(k_out + int(truncated_out), k_in + int(truncated_in))
     for sl in _chunks(n, c * d_out * x.shape[1]):
         m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
         m_in = m @ u_in  # M U_in
         v_sq = (u_out.mT @ m_in).square_()
         out[:k_out, :k_in] += v_sq.sum(0)
-        out[k_out, :k_in] += (m_in.square().sum(-2) - v_sq.sum(-2)).sum(0)
+        if truncated_out:
+            out[k_out, :k_in] += (m_in.square().sum(-2) - v_sq.sum(-2)).sum(0)
         if truncated_in:
-            out[:k_out, k_in] += ((u_out.mT @ m).square_().sum(-1) - v_sq.sum(-1)).sum(0)
-            out[k_out, k_in] += m.square().sum() - m_in.square().sum() - (u_out.mT @ m).square().sum() + v_sq.sum()
-    return out.clamp_min_(0)
+            out_rows = (u_out.mT @ m).square_()
+            out[:k_out, k_in] += (out_rows.sum(-1) - v_sq.sum(-1)).sum(0)
+            if truncated_out:
+                out[k_out, k_in] += m.square().sum() - m_in.square().sum() - out_rows.sum() + v_sq.sum()
+    return out.clamp_min_(0) if truncated_out or truncated_in else out
