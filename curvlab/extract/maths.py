@@ -138,25 +138,30 @@ def partial_traces_by_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` through Gram matrices over output locations (cheap for small T)."""
     c, n, d_out, t = g.shape
     d_in = x.shape[1]
-    phi, psi = x.new_zeros(d_in, d_in), x.new_zeros(d_out, d_out)
+    phi = psi = None
     for sl in _chunks(n, max(c * d_out * t, t * t, d_in * t)):
         xs, gs = x[sl], g[:, sl]
         out_gram = torch.einsum("cnot,cnos->nts", gs, gs)  # Σ_c G_nc G_ncᵀ
-        phi += torch.einsum("ndt,nts,nes->de", xs, out_gram, xs)
         in_gram = torch.einsum("ndt,nds->nts", xs, xs)  # Ā_n Ā_nᵀ
-        psi += torch.einsum("cnot,nts,cnps->op", gs, in_gram, gs)
+        phi = _accumulate(phi, torch.einsum("ndt,nts,nes->de", xs, out_gram, xs))
+        psi = _accumulate(psi, torch.einsum("cnot,nts,cnps->op", gs, in_gram, gs))
     return phi, psi
+
+
+def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
+    """``total + term`` in place, or ``term`` itself for the first chunk (one chunk: no zeroed
+    D × D matrix and no pass adding to it)."""
+    return term if total is None else total.add_(term)
 
 
 def partial_traces_by_chunks(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` from explicit per-sample gradients, a chunk at a time."""
     c, n, d_out, _ = g.shape
-    d_in = x.shape[1]
-    phi, psi = x.new_zeros(d_in, d_in), x.new_zeros(d_out, d_out)
-    for sl in _chunks(n, c * d_out * d_in):
+    phi = psi = None
+    for sl in _chunks(n, c * d_out * x.shape[1]):
         m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl])
-        phi += torch.einsum("cnod,cnoe->de", m, m)
-        psi += torch.einsum("cnod,cnpd->op", m, m)
+        phi = _accumulate(phi, torch.einsum("cnod,cnoe->de", m, m))
+        psi = _accumulate(psi, torch.einsum("cnod,cnpd->op", m, m))
     return phi, psi
 
 
