@@ -176,8 +176,10 @@ class Block:
         """The block's unfolded inputs ``[N, D, T]`` from the layer's ``x`` (``[N, d_in, T]``):
         with a row of ones appended for the bias column; only ones for a bias-only block."""
         ones = x.new_ones(x.shape[0], 1, x.shape[2])
-        if self.weight is None or self.bias is None:
-            return ones if self.weight is None else x
+        if self.weight is None:
+            return ones
+        if self.bias is None:
+            return x
         # appended in the [N, T, D] memory layout of the engines' inputs (rows of D contiguous)
         return torch.cat([x.transpose(1, 2), ones.transpose(1, 2)], 2).transpose(1, 2)
 

@@ -66,9 +66,8 @@ class AutogradPass:
                 )
             calls = layer.calls  # several calls: more positions (no copy for one)
             x = cat_positions([dense_inputs(module, c.x) for c in calls])
-            g = calls[0].g if len(calls) == 1 else torch.cat([c.g for c in calls], 3)
-            g_terms = None if calls[0].g_terms is None else (
-                calls[0].g_terms if len(calls) == 1 else torch.cat([c.g_terms for c in calls], 3))
+            g = _joined([c.g for c in calls], 3)
+            g_terms = None if calls[0].g_terms is None else _joined([c.g_terms for c in calls], 3)
             for block in blocks:
                 exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
                 data = KroneckerData(block.inputs(x), g, res.segments, g_terms, exact, res.terms_per_example)
@@ -80,3 +79,8 @@ class AutogradPass:
                     block, columns, opts, "autograd", res.num_examples, res.terms_per_example, res.coupled
                 )
         return {b.name: out[b.name] for b in self.blocks.blocks if b.name in out}
+
+
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``parts`` concatenated along ``dim`` (a single part as it is: ``torch.cat`` would copy it)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

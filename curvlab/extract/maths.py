@@ -219,9 +219,7 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
     x_rot = torch.einsum("ndt,de->net", x, u_in)
     truncated_in = u_in.shape[1] < u_in.shape[0]
-    # the row norms ‖(U_outᵀ M)_o‖² of a truncated input side, through the Gram matrices of
-    # the locations (Σ_{t,s} g_t g_s x_tᵀx_s) where T² (D + d_out) < d_out T D (few locations)
-    by_gram = truncated_in and t * (x.shape[1] + c * d_out) < c * d_out * x.shape[1]
+    by_gram = truncated_in and _row_norms_by_gram(c, d_out, x.shape[1], t)
     out = x.new_zeros(d_out, u_in.shape[1] + int(truncated_in))
     for sl in _chunks(n, c * d_out * max(u_in.shape[1], t if by_gram else x.shape[1])):
         # squared in place: the product is fresh, and a second chunk-sized temporary costs
@@ -244,11 +242,19 @@ def kfe_scaling_costs(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int,
     ``M_k`` first, then rotate it).  Rotating first wins for few locations ``T``, forming ``M_k``
     for many (a 64×576 conv at T = 1024: about 6× fewer)."""
     truncated_in = k_in < d_in
-    rows = min(t * t * (d_in + c * d_out), c * d_out * t * d_in) if truncated_in else 0
+    rows = 0 if not truncated_in else (
+        t * t * (d_in + c * d_out) if _row_norms_by_gram(c, d_out, d_in, t) else c * d_out * t * d_in)
     rotated = n * (c * t * d_out * k_out + t * d_in * k_in + c * k_out * t * k_in + rows)
     formed = c * n * (d_out * t * d_in + d_out * d_in * k_in + k_out * d_out * k_in
                       + (k_out * d_out * d_in if truncated_in else 0))
     return rotated, formed
+
+
+def _row_norms_by_gram(c: int, d_out: int, d_in: int, t: int) -> bool:
+    """Whether the row norms ``‖(U_outᵀ M)_o‖²`` of a truncated input side are cheaper through
+    the Gram matrices of the locations (``Σ_{t,s} g_t g_s x_tᵀx_s``: ``T² (D + C d_out)`` per
+    example) than through ``U_outᵀ M`` itself (``C d_out T D``) — few locations."""
+    return t * (d_in + c * d_out) < c * d_out * d_in
 
 
 def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
