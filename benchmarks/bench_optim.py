@@ -327,7 +327,7 @@ def markdown(res: dict) -> str:
         "",
         f"Statistics every {s['stats_interval']} steps, inverse/eigen refresh every {s['refresh_interval']}, "
         f"damping {s['damping']}, momentum 0.9, no KL clipping, lr {s['lr']} (the models stay near their "
-        f"initialisation); medians of {s['repeats']} interleaved repeats"
+        f"initialisation); curvlab's statistics engine {s.get('curvlab_engine', 'auto')!r} (its default); medians of {s['repeats']} interleaved repeats"
         + (f" (summarised again from the same samples by git {res['resummarised_by']})" if res.get("resummarised_by") else "")
         + ". Amortised = (1 refresh + "
         f"{models[0]['schedule']['stats_steps']} statistics + {models[0]['schedule']['plain_steps']} plain "
@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         args.peers = [n for n in args.peers if not n.startswith("asdl")]
     results = []
     settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings["curvlab_engine"] = KroneckerOptions().engine  # the optimizers' default statistics engine
     for spec in common.models(args.models):
         if args.batch_size:
             spec = dataclasses.replace(spec, batch=args.batch_size)

@@ -447,21 +447,30 @@ def test_a_streak_of_skipped_steps_warns_once():
     assert steps(bad, 3) == 1  # a new streak warns again
 
 
-def test_no_extraction_outside_statistics_steps():
-    """Only statistics steps attach the extraction: BackPACK's hooks store every module's input
-    (``input0``) during the forward pass; other steps leave the model untouched."""
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_no_extraction_outside_statistics_steps(engine):
+    """Only statistics steps attach the extraction — BackPACK's hooks store every module's input
+    (``input0``) during the forward pass, the autograd engine registers forward hooks on the
+    layers; other steps leave the model untouched."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
     x, y = data(8)
-    opt = TEKFAC(model, lr=0.1, stats_interval=3, scale_interval=3, eigen_interval=6)
+    opt = TEKFAC(model, lr=0.1, stats_interval=3, scale_interval=3, eigen_interval=6, engine=engine)
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+
+    def attached() -> bool:
+        if engine == "backpack":
+            return all(hasattr(m, "input0") for m in model if not isinstance(m, nn.Sequential))
+        return all(m._forward_hooks for m in layers)
+
     seen = []
     for k in range(7):
         opt.zero_grad()
         with opt.track(loss_fn):
             loss = loss_fn(model(x), y)
-            seen.append(all(hasattr(m, "input0") for m in model if not isinstance(m, nn.Sequential)))
+            seen.append(attached())
             loss.backward()
         opt.step()
-        assert not any(hasattr(m, "input0") for m in model.modules())
+        assert not any(hasattr(m, "input0") or m._forward_hooks or m._backward_hooks for m in model.modules())
     assert seen == [k % 3 == 0 for k in range(7)]
 
 

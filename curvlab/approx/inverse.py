@@ -101,7 +101,9 @@ def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: 
     damped.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
     chol, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0:
-        inv = torch.cholesky_inverse(chol)  # symmetric by construction
+        # symmetric by construction; LAPACK's column-major result transposed is row-major, which
+        # the X R⁻¹ GEMM of every step runs a little faster with
+        inv = torch.cholesky_inverse(chol).mT
     else:
         lam, u = psd_eigh(work * c.to(work.dtype), compute_dtype=None)
         inv = symmetrize((u / (lam + shift.to(work.dtype))) @ u.mT)
