@@ -8,8 +8,15 @@ In one process, interleaved, one torch thread, four plain steps on the same mode
   ``L⁻¹ (X R⁻¹)``, heavy-ball momentum into a kept buffer, ``W``/``b`` updated — with none of
   the optimizer's glue (block layouts, finiteness checks, param groups, state objects).
 
-If ``minimal`` runs as fast as ASDL, the gap is curvlab's per-step glue, not the bias column
-or the inverse form.
+* ``lean``: the same update through curvlab's own objects — ``Block.grad_matrix``, the
+  approximation's ``inv_mat_mul``, the optimizer's momentum convention (the fresh update becomes
+  the buffer), one finiteness check of all updates, ``Block.add_`` — but without
+  ``KroneckerOptimizer.step``'s bookkeeping (schedule, param groups, skip logic, ``torch.optim``'s
+  step wrapper).
+
+``asdl-kfac`` → ``minimal`` is the cost of the bias column in ``A`` (785-wide GEMMs against
+ASDL's 784); ``minimal`` → ``lean`` that of curvlab's objects; ``lean`` → ``curvlab-kfac`` that
+of the optimizer's step body.
 
 Usage::
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 import warnings
 
@@ -28,6 +36,7 @@ from torch import nn
 
 import common
 import peers
+from curvlab.model_blocks import model_blocks
 from common import Row
 
 PEERS = ("sgd", "curvlab-kfac", "asdl-kfac")
@@ -63,6 +72,39 @@ def minimal_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Modu
     return step
 
 
+def lean_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module):
+    """A plain step through curvlab's blocks and approximation objects, without the optimizer."""
+    opt = stepper.optimizer
+    model = copy.deepcopy(base)
+    approximations = opt.approximations()
+    strategy, damping = opt.options.damping_strategy, opt.options.damping
+    blocks = [(b, approximations[b.name]) for b in model_blocks(model).blocks]
+    params = [p for b, _ in blocks for p in b.parameters()]
+    buffers: dict[str, torch.Tensor] = {}
+    batches = itertools.cycle(pool)
+    lr, mu = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+
+    def step() -> None:
+        x, y = next(batches)
+        for p in params:
+            p.grad = None
+        loss_fn(model(x), y).backward()
+        with torch.no_grad():
+            updates = []
+            for block, approximation in blocks:
+                update = approximation.inv_mat_mul(block.grad_matrix(), damping, strategy)
+                if block.name in buffers:
+                    update.add_(buffers[block.name], alpha=mu)
+                updates.append(update)
+            if not math.isfinite(torch.stack([u.sum() for u in updates]).sum(dtype=torch.float64).item()):
+                raise FloatingPointError("lean step: a non-finite update")
+            for (block, _), update in zip(blocks, updates):
+                buffers[block.name] = update
+                block.add_(update, -lr)
+
+    return step
+
+
 def bench_model(spec: common.ModelSpec, args) -> dict:
     base = spec.build(torch.device("cpu"))
     pool = spec.batches(8, torch.device("cpu"))
@@ -77,6 +119,7 @@ def bench_model(spec: common.ModelSpec, args) -> dict:
             steppers[name].warm_up()
             rows.append(Row(name, lambda s=steppers[name]: s.step_at(1)))
         rows.append(Row("minimal", minimal_step(steppers["curvlab-kfac"], base, pool, loss_fn)))
+        rows.append(Row("lean", lean_step(steppers["curvlab-kfac"], base, pool, loss_fn)))
         for row in rows:
             row.calibrate("cpu", args.min_time)
         common.measure_interleaved(rows, args.repeats, "cpu")
@@ -89,12 +132,13 @@ def markdown(res: dict) -> str:
     lines = ["# curvlab KFAC's plain step: the approximation or the glue? (cpu)", "",
              common.machine_line(res["machine"]), "",
              f"Plain steps (no statistics, no refresh), medians of {res['settings']['repeats']} interleaved repeats; "
-             "`minimal` applies curvlab KFAC's own damped inverse matrices (bias column in A) with no optimizer glue.",
+             "`minimal` applies curvlab KFAC's own damped inverse matrices (bias column in A) with no optimizer glue; "
+             "`lean` the same update through curvlab's blocks and approximation objects, without the optimizer's step body.",
              ""]
     header = ["step", *(f"{m['model']} (N={m['batch']}) ms" for m in res["models"]),
               *(f"{m['model']} ×SGD" for m in res["models"])]
     body = [[key, *(f"{m['rows'][key]['median_s'] * 1e3:.2f}" for m in res["models"]),
-             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in (*PEERS, "minimal")]
+             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in (*PEERS, "minimal", "lean")]
     return "\n".join(lines + common.md_table(header, body)) + "\n"
 
 
