@@ -1,18 +1,16 @@
 """Where curvlab KFAC's plain step loses to ASDL's on the MLP: the approximation or the glue?
 
-In one process, interleaved, one torch thread, four plain steps on the same model and batches:
+In one process, interleaved, one torch thread, five plain steps on the same model and batches:
 
 * ``sgd`` and ``curvlab-kfac``, ``asdl-kfac`` (the :mod:`peers` steppers of ``bench_optim.py``);
 * ``minimal``: curvlab KFAC's own damped inverse matrices (its ``approximations()`` after the
   warm-up, bias column in ``A`` included) applied by hand — forward, backward, ``[∇W ∇b]``,
   ``L⁻¹ (X R⁻¹)``, heavy-ball momentum into a kept buffer, ``W``/``b`` updated — with none of
-  the optimizer's glue (block layouts, finiteness checks, param groups, state objects).
-
-* ``lean``: the same update through curvlab's own objects — ``Block.grad_matrix``, the
-  approximation's ``inv_mat_mul``, the optimizer's momentum convention (the fresh update becomes
-  the buffer), one finiteness check of all updates, ``Block.add_`` — but without
-  ``KroneckerOptimizer.step``'s bookkeeping (schedule, param groups, skip logic, ``torch.optim``'s
-  step wrapper).
+  the optimizer's glue (block layouts, finiteness checks, param groups, state objects);
+* ``lean``: the same update through curvlab's own objects and helpers — ``Block.grad_matrix``,
+  the approximation's ``inv_mat_mul``, the optimizer's ``momentum_direction`` and
+  ``updates_finite``, ``Block.add_`` — but without ``KroneckerOptimizer.step``'s bookkeeping
+  (schedule, param groups, skip logic, ``torch.optim``'s step wrapper).
 
 ``asdl-kfac`` → ``minimal`` is the cost of the bias column in ``A`` (785-wide GEMMs against
 ASDL's 784); ``minimal`` → ``lean`` that of curvlab's objects; ``lean`` → ``curvlab-kfac`` that
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import time
 import warnings
 
@@ -37,6 +34,7 @@ from torch import nn
 import common
 import peers
 from curvlab.model_blocks import model_blocks
+from curvlab.optim.update import momentum_direction, updates_finite
 from common import Row
 
 PEERS = ("sgd", "curvlab-kfac", "asdl-kfac")
@@ -93,10 +91,8 @@ def lean_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module)
             updates = []
             for block, approximation in blocks:
                 update = approximation.inv_mat_mul(block.grad_matrix(), damping, strategy)
-                if block.name in buffers:
-                    update.add_(buffers[block.name], alpha=mu)
-                updates.append(update)
-            if not math.isfinite(torch.stack([u.sum() for u in updates]).sum(dtype=torch.float64).item()):
+                updates.append(momentum_direction(update, True, buffers.get(block.name), mu)[0])
+            if not updates_finite([(u, lr) for u in updates]):
                 raise FloatingPointError("lean step: a non-finite update")
             for (block, _), update in zip(blocks, updates):
                 buffers[block.name] = update
