@@ -7,8 +7,8 @@ In one process, interleaved, one torch thread, five plain steps on the same mode
   warm-up, bias column in ``A`` included) applied by hand — forward, backward, ``[∇W ∇b]``,
   ``L⁻¹ (X R⁻¹)``, heavy-ball momentum into a kept buffer, ``W``/``b`` updated — with none of
   the optimizer's glue (block layouts, finiteness checks, param groups, state objects);
-* ``lean``: the same update through curvlab's own objects and helpers — ``Block.grad_matrix``,
-  the approximation's ``inv_mat_mul``, the optimizer's ``momentum_direction`` and
+* ``lean``: the same update through curvlab's own objects and helpers — ``Block.grad_columns``,
+  the approximation's ``inv_mat_mul_columns``, the optimizer's ``momentum_direction`` and
   ``updates_finite``, ``Block.add_`` — but without ``KroneckerOptimizer.step``'s bookkeeping
   (schedule, param groups, skip logic, ``torch.optim``'s step wrapper).
 
@@ -78,7 +78,7 @@ def lean_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module)
     strategy, damping = opt.options.damping_strategy, opt.options.damping
     blocks = [(b, approximations[b.name]) for b in model_blocks(model).blocks]
     params = [p for b, _ in blocks for p in b.parameters()]
-    buffers: dict[str, torch.Tensor] = {}
+    buffers: dict[str, list[torch.Tensor]] = {}
     batches = itertools.cycle(pool)
     lr, mu = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
 
@@ -90,9 +90,10 @@ def lean_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module)
         with torch.no_grad():
             updates = []
             for block, approximation in blocks:
-                update = approximation.inv_mat_mul(block.grad_matrix(), damping, strategy)
-                updates.append(momentum_direction(update, True, buffers.get(block.name), mu)[0])
-            if not updates_finite([(u, lr) for u in updates]):
+                update = approximation.inv_mat_mul_columns(block.grad_columns(), damping, strategy)
+                olds = buffers.get(block.name) or [None] * len(update)
+                updates.append([momentum_direction(u, True, b, mu)[0] for u, b in zip(update, olds)])
+            if not updates_finite([(u, lr) for us in updates for u in us]):
                 raise FloatingPointError("lean step: a non-finite update")
             for (block, _), update in zip(blocks, updates):
                 buffers[block.name] = update

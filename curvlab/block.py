@@ -29,6 +29,7 @@ Convention (fixed once for the whole project):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,13 @@ class BlockLayout:
             rest = self.in_features - dw
             cols.append(vec[..., self.out_features * dw :].reshape(*lead, self.out_features, rest))
         return torch.cat(cols, dim=-1)
+
+    def columns(self, mat: Tensor) -> list[Tensor]:
+        """Matrix form ``[d_out, D]`` → its column blocks, weight columns then the bias column
+        (views; one block when there is no bias column): as :meth:`Block.grad_columns` gives them."""
+        self._check(mat.shape, "matrix")
+        dw = self._weight_columns()
+        return [mat[:, :dw], mat[:, dw:]] if dw and self.bias_column else [mat]
 
     def permutation(self) -> Tensor:
         """Index ``perm`` with ``vec = mat.flatten()[perm]`` (for dense P×P conversions)."""
@@ -193,39 +201,46 @@ class Block:
             return t.T
         return t if t.dim() == 2 else t.flatten(1)
 
+    def param_columns(self) -> list[Tensor]:
+        """``W̄``'s column blocks, weight then bias (:meth:`BlockLayout.columns`; views where
+        possible)."""
+        return [self._as_matrix(p, p is self.weight) for p in self.parameters()]
+
     def param_matrix(self) -> Tensor:
         """``W̄`` as ``[d_out, D]`` (a view of the weight where possible)."""
-        parts = [self._as_matrix(p, p is self.weight) for p in self.parameters()]
+        parts = self.param_columns()
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
-    def grad_matrix(self) -> Tensor | None:
-        """The gradient in matrix form ``[d_out, D]``; a part without ``.grad`` counts as zero,
-        and ``None`` is returned when no part has one."""
+    def grad_columns(self) -> list[Tensor] | None:
+        """The gradient's column blocks, weight then bias (views of ``.grad`` where possible; a
+        part without ``.grad`` counts as zero); ``None`` when no part has one."""
         if all(p.grad is None for p in self.parameters()):
             return None
-        parts = []
-        for p in self.parameters():
-            g = torch.zeros_like(p) if p.grad is None else p.grad
-            parts.append(self._as_matrix(g, p is self.weight))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return [self._as_matrix(torch.zeros_like(p) if p.grad is None else p.grad, p is self.weight)
+                for p in self.parameters()]
 
-    def add_(self, update: Tensor, alpha: float, *, skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> None:
-        """``W̄ ← W̄ + alpha · update`` (``update``: ``[d_out, D]``), leaving the parameters in
-        ``skip`` (e.g. a bias no param group holds) unchanged."""
-        dw = 0
-        if self.weight is not None:
-            w = self.weight
-            dw = self.layout.in_features - int(self.bias is not None)
-            if w not in skip:
-                part = update[:, :dw]
-                if self.layout.transposed:
-                    w.add_(part.T, alpha=alpha)
-                elif w.is_contiguous():
-                    w.view(self.layout.out_features, -1).add_(part, alpha=alpha)
-                else:  # e.g. channels_last
-                    w.add_(part.reshape(w.shape), alpha=alpha)
-        if self.bias is not None and self.bias not in skip:
-            self.bias.add_(update[:, dw], alpha=alpha)
+    def grad_matrix(self) -> Tensor | None:
+        """The gradient in matrix form ``[d_out, D]`` (see :meth:`grad_columns`)."""
+        parts = self.grad_columns()
+        return parts if parts is None else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def add_(self, update: Tensor | Sequence[Tensor], alpha: float, *,
+             skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> None:
+        """``W̄ ← W̄ + alpha · update`` (``update``: ``[d_out, D]``, or its column blocks as
+        :meth:`BlockLayout.columns` cuts them), leaving the parameters in ``skip`` (e.g. a bias no
+        param group holds) unchanged."""
+        parts = self.layout.columns(update) if isinstance(update, Tensor) else update
+        for p, part in zip(self.parameters(), parts):
+            if p in skip:
+                continue
+            if p is not self.weight:  # the bias column
+                p.add_(part[:, 0], alpha=alpha)
+            elif self.layout.transposed:
+                p.add_(part.T, alpha=alpha)
+            elif p.is_contiguous():
+                p.view(self.layout.out_features, -1).add_(part, alpha=alpha)
+            else:  # e.g. channels_last
+                p.add_(part.reshape(p.shape), alpha=alpha)
 
 
 def balanced_split(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -296,6 +296,29 @@ def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: st
     assert rel(damped, torch.linalg.eigvalsh(dense).flip(0)) < 1e-10
 
 
+@pytest.mark.parametrize("name", APPROXIMATIONS)
+def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: str) -> None:
+    """The optimizers' route: ``inv_mat_mul_columns`` on ``X``'s column blocks (the layer's
+    weight and bias columns, or any other cut) gives the column blocks of ``(K̂ + λ)⁻¹ X``."""
+    approx = approximate(stats, name)
+    lam = 0.05 * float(approx.trace()) / stats.num_params
+    d_out, d_in = stats.layout.shape
+    x = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(3), dtype=DT)
+    for strategy in (s for s in DAMPING_STRATEGIES if name in SUPPORTED[s]):
+        dense = dense_damped(stats, name, strategy, lam)  # matrix order: vec(X) row-major
+        want = torch.linalg.solve(dense, x.flatten()).reshape(d_out, d_in)
+        cuts = [stats.layout.columns(x), [x[:, :1], x[:, 1:-1], x[:, -1:]]]
+        for parts in cuts:
+            got = approx.inv_mat_mul_columns(parts, lam, strategy)
+            assert [g.shape for g in got] == [p.shape for p in parts]
+            assert rel(torch.cat(got, 1), want) < 1e-10, (strategy, len(parts))
+        # float32 blocks into the float64 approximation: computed in float64, returned in float32
+        got32 = approx.inv_mat_mul_columns([p.float() for p in cuts[0]], lam, strategy)
+        assert all(g.dtype == torch.float32 for g in got32) and rel(torch.cat(got32, 1).double(), want) < 1e-5
+    with pytest.raises(ValueError, match=f"column blocks .* do not make a \\[{d_out}, {d_in}\\] matrix"):
+        approx.inv_mat_mul_columns([x[:, :-1]], lam, "exact")
+
+
 def test_tekfac_kfac_basis_damping_is_diagonal_of_damping_matrix(stats: LayerStats) -> None:
     """In a basis that is not Ψ⊗Φ's, TEKFAC's nor/factored increment is the diagonal (in that
     basis) of the same damping matrix."""

@@ -33,6 +33,7 @@ No method forms a ``P × P`` matrix except :meth:`KroneckerApproximation.to_dens
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -297,6 +298,24 @@ class KroneckerApproximation(ABC):
         if x.dtype == self.dtype:  # the common case: no conversion calls
             return self.inverse(damping, strategy)(x)
         return self.inverse(damping, strategy)(x.to(self.dtype)).to(x.dtype)
+
+    def inv_mat_mul_columns(self, parts: Sequence[Tensor], damping: float,
+                            strategy: str | DampingStrategy = "exact") -> list[Tensor]:
+        """:meth:`inv_mat_mul` of ``X = [X₁ … X_k]`` given as its column blocks (``[d_out, c_i]``;
+        a layer's weight and bias columns, :meth:`curvlab.block.Block.grad_columns`), returned
+        as the result's column blocks — the same map, without forming ``X`` where the damped
+        inverse allows (:meth:`curvlab.approx.inverse.DampedInverse.columns`)."""
+        d_out, d_in = self.layout.shape
+        if not parts or any(p.dim() != 2 or p.shape[0] != d_out for p in parts) or sum(p.shape[-1] for p in parts) != d_in:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r}: column blocks {[tuple(p.shape) for p in parts]} do not "
+                f"make a [{d_out}, {d_in}] matrix"
+            )
+        inverse = self.inverse(damping, strategy)
+        dtype = parts[0].dtype
+        if all(p.dtype == self.dtype for p in parts):
+            return inverse.columns(parts)
+        return [y.to(dtype) for y in inverse.columns([p.to(self.dtype) for p in parts])]
 
     def matvec(self, v: Tensor) -> Tensor:
         """``K̂ v`` for ``v`` in the flat parameter order (``[..., P]``)."""

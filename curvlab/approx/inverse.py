@@ -12,11 +12,19 @@ damped eigenvalues, damped factor inverses — is computed here once.
   product, ``(L + aI) ⊗ (R + bI)`` (the ``"factored"`` and ``"nor"`` strategies):
   ``(L + aI)⁻¹ X (R + bI)⁻¹`` with the two damped factor inverses stored (two GEMMs, no
   eigen-decomposition: a Cholesky factorisation each).
+
+:meth:`DampedInverse.columns` applies the same map to ``X`` given as column blocks (a layer's
+weight and bias columns) and returns the result's column blocks: the optimizers' update path,
+where a :class:`KroneckerInverse` then multiplies by the blocks of ``(R + bI)⁻¹`` instead of
+forming ``X`` and writing a ``D``-wide product — measured inside a training step on this
+project's 2-core CPU, a ``[128, 785]`` GEMM output cost ~0.5 ms more than its ``[128, 784]``
+weight part plus the bias terms.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +39,14 @@ class DampedInverse(ABC):
     @abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
         """The damped inverse applied to ``x``."""
+
+    def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """The damped inverse applied to ``X = [X₁ … X_k]`` (``[d_out, D]``) given as its column
+        blocks ``X_i`` (``[d_out, c_i]``), returned as the column blocks of the result (same
+        widths).  Here: through ``X`` itself; subclasses may avoid it."""
+        if len(parts) == 1:
+            return [self(parts[0])]
+        return list(self(torch.cat(list(parts), 1)).split([p.shape[1] for p in parts], 1))
 
 
 class DiagonalInverse(DampedInverse):
@@ -66,6 +82,15 @@ class FactorInverse:
             self.inv_values = 1.0 / (c * factor.values + shift)
         else:
             self.matrix = damped_inverse_matrix(factor, c, shift, compute_dtype)
+        self._blocks: tuple[tuple[int, ...], list[list[Tensor]]] | None = None
+
+    def blocks(self, widths: tuple[int, ...]) -> list[list[Tensor]]:
+        """The dense inverse cut into contiguous blocks ``[rows_i, cols_j]`` by ``widths``
+        (the last cut kept)."""
+        if self._blocks is None or self._blocks[0] != widths:
+            rows = self.matrix.split(widths, 0)
+            self._blocks = (widths, [[b.contiguous() for b in r.split(widths, 1)] for r in rows])
+        return self._blocks[1]
 
     def from_right(self, z: Tensor) -> Tensor:
         """``Z (c M + shift)⁻¹``."""
@@ -89,6 +114,19 @@ class KroneckerInverse(DampedInverse):
     def __call__(self, x: Tensor) -> Tensor:
         # X R⁻¹ first, then L⁻¹ (·): both GEMMs row-major, the result contiguous for the update
         return self.left.from_left(self.right.from_right(x))
+
+    def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """Column block ``j`` of the result: ``L⁻¹ Σ_i X_i (R⁻¹)_{ij}``."""
+        if len(parts) == 1 or self.right.matrix is None:
+            return super().columns(parts)
+        blocks = self.right.blocks(tuple(p.shape[1] for p in parts))
+        out = []
+        for j in range(len(parts)):
+            z = parts[0] @ blocks[0][j]
+            for i in range(1, len(parts)):
+                z.addmm_(parts[i], blocks[i][j])
+            out.append(self.left.from_left(z))
+        return out
 
 
 def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: torch.dtype | None) -> Tensor:

@@ -29,7 +29,9 @@ for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis wh
 4. preconditions ``∇̃ = approx.inv_mat_mul(∇W̄, damping, damping_strategy)`` with exactly the
    object :meth:`~KroneckerOptimizer.approximations` returns (first order, warned once, while a
    block has no statistics); the object keeps its damped inverse (KFAC/TKFAC with Kronecker
-   damping: the two damped factor inverses, two GEMMs a step; otherwise the eigenbasis, four);
+   damping: the two damped factor inverses, two GEMMs a step; otherwise the eigenbasis, four).
+   The same map is applied to ``∇W̄``'s weight and bias columns as they are
+   (``inv_mat_mul_columns``), and the update, momentum included, stays in those column blocks;
 5. KL-clips ``∇̃_b ← ν ∇̃_b``, ``ν = min(1, √(kl_clip / Σ_b lr_b² ⟨∇̃_b, ∇_b⟩))``;
 6. adds weight decay ``u = ∇̃ + wd·W̄``, heavy-ball momentum ``m ← μ m + u`` and applies
    ``W̄ ← W̄ − lr·m`` — unless an update is not finite: then no parameter or momentum changes,
@@ -56,7 +58,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +81,14 @@ from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_up
 #: approximation objects keep dense factors: a vocabulary-sized eigendecomposition per refresh)
 #: — gets the first-order update.
 PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class StepWalk(NamedTuple):
+    """What a step visits: each preconditioned block with its state and param group, and each
+    param group with its first-order parameters (groups without any left out)."""
+
+    blocks: list[tuple[Block, BlockState, dict[str, Any]]]
+    first_order: list[tuple[dict[str, Any], list[Tensor]]]
 
 
 class KroneckerOptimizer(Optimizer):
@@ -135,6 +145,7 @@ class KroneckerOptimizer(Optimizer):
         self._blocks: list[Block] | None = None
         self._tracked = ModelBlocks()  # the preconditioned layers, for the statistics pass
         self._group_of: dict[Tensor, dict[str, Any]] = {}
+        self._walk: StepWalk | None = None
         self.options = opts
         super().__init__(
             model.parameters() if params is None else params,
@@ -204,17 +215,29 @@ class KroneckerOptimizer(Optimizer):
             self._block_params = {p for b in self._blocks for p in b.parameters()}
             # a trainable bias in no group: part of its block's statistics, never updated
             self._ungrouped = frozenset(p for p in self._block_params if p not in self._group_of)
+            self._walk = None
         return self._blocks
 
-    def _update_blocks(self, also_check: list[Tensor]) -> bool:
+    def _step_walk(self) -> StepWalk:
+        """What every step walks, gathered once per :meth:`blocks` (a step's Python bookkeeping
+        is a visible share of a small model's step): each block with its state and param group,
+        and each group's first-order parameters."""
+        blocks = self.blocks()
+        if self._walk is None:
+            per_block = [(b, self._state(b), self._group_of[b.weight]) for b in blocks]
+            first_order = [(g, params) for g in self.param_groups
+                           if (params := [p for p in g["params"] if p not in self._block_params])]
+            self._walk = StepWalk(per_block, first_order)
+        return self._walk
+
+    def _update_blocks(self, walk: StepWalk, also_check: list[Tensor]) -> bool:
         steps = []
-        for b in self.blocks():
-            grad = b.grad_matrix()
+        for b, state, group in walk.blocks:
+            grad = b.grad_columns()
             if grad is not None:
-                state = self._state(b)
-                steps.append(BlockStep(b, grad, state.curvature.build(), state, self._group_of[b.weight]))
-        first_order = [s.block.name for s in steps if s.approximation is None]
-        if first_order and not self._warned_first_order:
+                steps.append(BlockStep(b, grad, state.curvature.build(), state, group))
+        first_order = [] if self._warned_first_order else [s.block.name for s in steps if s.approximation is None]
+        if first_order:
             warnings.warn(
                 f"{type(self).__name__}: no curvature statistics yet for {first_order}; using the "
                 "first-order (SGD) update until statistics exist — call the forward and backward "
@@ -251,8 +274,8 @@ class KroneckerOptimizer(Optimizer):
         step the extraction is attached for the block only and its statistics kept for
         :meth:`step` (a non-finite loss fails the statistics pass: warned, and the step is
         skipped); on every other step it does nothing (no hooks)."""
-        blocks = self.blocks()
-        plan = plan_step({b.name: self._state(b).curvature for b in blocks}, self.steps_done, self.options)
+        walk = self._step_walk()
+        plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options)
         self._pending = None
         if not plan.statistics:
             yield
@@ -305,10 +328,10 @@ class KroneckerOptimizer(Optimizer):
         # A plain step (no statistics, nothing to refresh, one process) checks the gradients of
         # the blocks through their updates: the damped inverse is positive definite, so a
         # non-finite gradient entry makes its preconditioned update non-finite.
-        plain = pending is None and self._parallel is None and not self._stale()
-        if plain:  # _stale() found the blocks
-            first_order = [p.grad for g in self.param_groups for p in g["params"]
-                           if p.grad is not None and p not in self._block_params]
+        walk = self._step_walk()
+        plain = pending is None and self._parallel is None and not self._stale(walk)
+        if plain:
+            first_order = [p.grad for _, params in walk.first_order for p in params if p.grad is not None]
             also_check = finiteness_terms(first_order, loss)
             if also_check is None:
                 return self._skip("non-finite loss", "the optimizer state left unchanged", loss)
@@ -320,17 +343,17 @@ class KroneckerOptimizer(Optimizer):
                 pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
             if not finite:
                 return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
-            for b in self.blocks():
+            for b, state, _ in walk.blocks:
                 stats = pending.results.get(b.name) if pending is not None else None
                 if stats is not None:
-                    self._state(b).curvature.update(stats, self.options.stat_decay)
-            stale = self._stale()
+                    state.curvature.update(stats, self.options.stat_decay)
+            stale = self._stale(walk)
             if self._parallel is not None:  # each rank decomposes its share, then they swap them
                 self._parallel.refresh(stale, self._decompose)
             else:
                 for curvature in stale:
                     curvature.refresh()
-        if not self._update_blocks(also_check):
+        if not self._update_blocks(walk, also_check):
             return self._skip(
                 f"non-finite update{' (or gradient, or loss)' if plain else ''} "
                 f"(lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
@@ -338,16 +361,16 @@ class KroneckerOptimizer(Optimizer):
                 "no parameter changed" + ("" if plain else "; the step's statistics are kept"), loss,
             )
         self._skip_streak = 0
-        for group in self.param_groups:
-            sgd_update_([p for p in group["params"] if p not in self._block_params], group, self.state)
+        for group, params in walk.first_order:
+            sgd_update_(params, group, self.state)
         self.steps_done += 1
         return loss
 
-    def _stale(self) -> list[CurvatureState]:
+    def _stale(self, walk: StepWalk) -> list[CurvatureState]:
         """The curvature states this step refreshes: all with statistics every
         ``eigen_interval`` steps, otherwise those with statistics and nothing built yet."""
         due = self._due(self.options.eigen_interval)
-        states = (self._state(b).curvature for b in self.blocks())
+        states = (state.curvature for _, state, _ in walk.blocks)
         return [c for c in states if c.has_statistics and (due or c.build() is None)]
 
     def _skip(self, what: str, kept: str, loss: Any) -> Any:

@@ -287,10 +287,22 @@ class TEKFACBasis(Eigenbasis):
 
 
 class BlockState:
-    """What an optimizer keeps per block: its curvature state and its momentum buffer."""
+    """What an optimizer keeps per block: its curvature state and its momentum buffer (kept as
+    the column blocks of the block's matrix form, :meth:`curvlab.block.BlockLayout.columns`, as
+    the update is computed)."""
 
-    __slots__ = ("curvature", "momentum")
+    __slots__ = ("curvature", "momentum_columns")
 
     def __init__(self, curvature: CurvatureState, momentum: Tensor | None = None) -> None:
         self.curvature = curvature
         self.momentum = momentum
+
+    @property
+    def momentum(self) -> Tensor | None:
+        """The momentum buffer in matrix form ``[d_out, D]`` (a copy when it has a bias column)."""
+        cols = self.momentum_columns
+        return None if cols is None else cols[0] if len(cols) == 1 else torch.cat(cols, 1)
+
+    @momentum.setter
+    def momentum(self, value: Tensor | None) -> None:
+        self.momentum_columns = None if value is None else self.curvature.layout.columns(value)

@@ -116,11 +116,12 @@ def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tenso
 
 @dataclass
 class BlockStep:
-    """One block's share of a step: its gradient matrix, what it inverts (``None``: first order),
-    its state (for the momentum buffer) and its param group."""
+    """One block's share of a step: its gradient's column blocks (:meth:`Block.grad_columns`),
+    what it inverts (``None``: first order), its state (for the momentum buffer) and its param
+    group."""
 
     block: Block
-    grad: Tensor
+    grad: list[Tensor]
     approximation: KroneckerApproximation | None
     state: BlockState
     group: dict[str, Any]
@@ -142,36 +143,39 @@ def update_blocks_(
     huge learning rate, a non-finite gradient), nothing changes — parameters and momentum
     buffers — and False is returned.
     """
-    # (direction, own): preconditioned directions are fresh tensors that may be modified in
-    # place; first-order ones may be views of .grad.
-    directions: list[tuple[Tensor, bool]] = []
+    # Each block's update is kept as the column blocks of its matrix form (weight, bias), as
+    # Block.grad_columns gives them.  (direction, own): preconditioned directions are fresh
+    # tensors that may be modified in place; first-order ones may be views of .grad.
+    directions: list[tuple[list[Tensor], bool]] = []
     v_g: Tensor | None = None
     for s in steps:
         if s.approximation is None:
             directions.append((s.grad, False))
             continue
         # computed in the approximation's dtype (factor_dtype), returned in the gradient's
-        direction = s.approximation.inv_mat_mul(s.grad, damping, strategy)
+        direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
         directions.append((direction, True))
         if kl_clip is not None:
-            term = torch.dot(direction.flatten(), s.grad.flatten()) * (s.group["lr"] ** 2)
+            term = sum(torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)) * s.group["lr"] ** 2
             v_g = term if v_g is None else v_g + term.to(v_g.device)
     nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
-    updates: list[tuple[BlockStep, Tensor, Tensor | None]] = []
+    updates: list[tuple[BlockStep, list[Tensor], list[Tensor] | None]] = []
     for s, (update, own) in zip(steps, directions):
         group = s.group
         if nu is not None and own:
-            update.mul_(nu.to(update.device))
+            for u in update:
+                u.mul_(nu.to(u.device))
         wd = group["weight_decay"]
         if wd != 0:
-            theta = s.block.param_matrix()
-            update = update.add_(theta, alpha=wd) if own else update.add(theta, alpha=wd)
+            theta = s.block.param_columns()
+            update = [u.add_(t, alpha=wd) if own else u.add(t, alpha=wd) for u, t in zip(update, theta)]
             own = True
-        update, buffer = momentum_direction(update, own, s.state.momentum, group["momentum"])
-        updates.append((s, update, buffer))
-    if not updates_finite([(u, s.group["lr"]) for s, u, _ in updates], also_check):
+        buffers = s.state.momentum_columns or [None] * len(update)
+        moved = [momentum_direction(u, own, b, group["momentum"]) for u, b in zip(update, buffers)]
+        updates.append((s, [d for d, _ in moved], None if group["momentum"] == 0 else [b for _, b in moved]))
+    if not updates_finite([(u, s.group["lr"]) for s, us, _ in updates for u in us], also_check):
         return False
-    for s, update, buffer in updates:
-        s.state.momentum = buffer
+    for s, update, buffers in updates:
+        s.state.momentum_columns = buffers
         s.block.add_(update, -s.group["lr"], skip=skip)
     return True
