@@ -78,8 +78,11 @@ def test_truncated_optimizer_steps_with_its_approximation(cls) -> None:
     grads = {n: b.grad_matrix().clone() for n, b in blocks.items()}
     opt.step()
     for n, b in blocks.items():
-        expected = before[n] - 0.05 * approx[n].inv_mat_mul(grads[n], opt.damping, opt.damping_strategy)
-        torch.testing.assert_close(b.param_matrix().detach(), expected)
+        # float32 (the default): the step applies the same map to the weight and bias columns
+        # apart, so its rounding differs from inv_mat_mul's on the whole matrix
+        want = -0.05 * approx[n].inv_mat_mul(grads[n], opt.damping, opt.damping_strategy)
+        got = b.param_matrix().detach() - before[n]
+        assert float((got - want).norm() / want.norm()) < 1e-5, n
 
 
 @pytest.mark.parametrize("cls", ALL, ids=IDS)

@@ -121,7 +121,11 @@ def test_truncated_approximation_matches_its_dense_definition(name: str, policy:
         damped[strategy] = flat + to_flat(inc, stats.layout)
     for strategy, mat in damped.items():
         got = approx.inverse_matvec(v, lam, strategy)
-        assert rel(got, torch.linalg.solve(mat, v.T).T) < 1e-9, strategy
+        want = torch.linalg.solve(mat, v.T).T
+        assert rel(got, want) < 1e-9, strategy
+        # the optimizers' route, on the weight and bias columns
+        cols = approx.inv_mat_mul_columns(stats.layout.columns(stats.layout.to_matrix(v[0])), lam, strategy)
+        assert rel(stats.layout.to_vector(torch.cat(cols, 1)), want[0]) < 1e-9, strategy
 
 
 @pytest.mark.parametrize("name", ["kfac", "tkfac"])

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.eigh import psd_eigh, symmetrize
-from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, left_apply, right_apply
+from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, is_truncated, left_apply, right_apply
 
 
 class DampedInverse(ABC):
@@ -55,9 +55,26 @@ class DiagonalInverse(DampedInverse):
     def __init__(self, u_out: Tensor, u_in: Tensor, damped: Tensor) -> None:
         self.u_out, self.u_in = u_out, u_in
         self.inv_damped = 1.0 / damped
+        self._inv_damped_t: Tensor | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped)
+
+    def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """Full bases: ``Y_j = (U_out M) (U_in)_jᵀ`` with ``Mᵀ = (Σ_i (U_in)_iᵀ X_iᵀ U_out) ⊙ gridᵀ``
+        (``(U_in)_i``: the rows of block ``i``), computed transposed so that no product is
+        ``D`` wide."""
+        if len(parts) == 1 or is_truncated(self.u_out) or is_truncated(self.u_in):
+            return super().columns(parts)
+        rows = self.u_in.split([p.shape[1] for p in parts], 0)
+        if self._inv_damped_t is None:
+            grid = self.inv_damped.expand(self.u_out.shape[1], self.u_in.shape[1])
+            self._inv_damped_t = grid.mT.contiguous()
+        p_t = rows[0].mT @ parts[0].mT
+        for r, x in zip(rows[1:], parts[1:]):
+            p_t.addmm_(r.mT, x.mT)
+        q_t = (p_t @ self.u_out).mul_(self._inv_damped_t) @ self.u_out.mT  # (U_out M)ᵀ
+        return [q_t.mT @ r.mT for r in rows]
 
 
 class ElementwiseInverse(DampedInverse):
