@@ -183,13 +183,20 @@ class Block:
     def inputs(self, x: Tensor) -> Tensor:
         """The block's unfolded inputs ``[N, D, T]`` from the layer's ``x`` (``[N, d_in, T]``):
         with a row of ones appended for the bias column; only ones for a bias-only block."""
-        ones = x.new_ones(x.shape[0], 1, x.shape[2])
         if self.weight is None:
-            return ones
+            return x.new_ones(x.shape[0], 1, x.shape[2])
         if self.bias is None:
             return x
-        # appended in the [N, T, D] memory layout of the engines' inputs (rows of D contiguous)
-        return torch.cat([x.transpose(1, 2), ones.transpose(1, 2)], 2).transpose(1, 2)
+        # appended in the [N, T, D] memory layout of the engines' inputs (rows of D contiguous),
+        # each row followed by zeros up to a multiple of 16: curvlab.extract.maths.gram pads
+        # odd widths it finds faster aligned, and uses these columns instead of a padded copy
+        n, d_in, t = x.shape
+        d = d_in + 1
+        out = x.new_empty(n, t, d - d % -16)
+        out[..., :d_in] = x.transpose(1, 2)
+        out[..., d_in] = 1
+        out[..., d:] = 0
+        return out[..., :d].transpose(1, 2)
 
     def _as_matrix(self, t: Tensor, is_weight: bool) -> Tensor:
         """The weight (or bias) tensor ``t`` in the block's matrix form."""

@@ -56,24 +56,47 @@ def reduce_shared(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Tensor:
-    """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``), scale and
-    weights folded into the one GEMM.
+    """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``): one GEMM.
 
-    With fewer rows than columns (``R < d``) and ``d`` not a multiple of 16 (the bias column
-    makes it odd), the columns are zero-padded to a multiple of 16: such an output-bound GEMM
-    with unaligned rows runs ~40 % slower on CPU (an 8193-wide factor from 64 rows: 394 → 253 ms
-    with the running average's update; 785 wide from 128 rows: 2.32 → 1.93 ms).  From ``R ≈ d``
-    on the padding no longer pays for its copy of ``rows`` (785 wide from 785 rows: 11.6 ms
-    unpadded, 12.1 padded; from 1024 rows 14.4 and 14.6).  The result is a view of the padded
-    product (not copied: a fresh ``d × d`` copy costs a third of the GEMM).
+    When ``d`` is not a multiple of 16 (the bias column makes it odd), the columns are
+    zero-padded to a multiple of 16 where that measured faster on this project's CPU (MKL, one
+    thread, timed inside training steps, after a real backward): with fewer rows than columns
+    (``R < d``: an output-bound GEMM with unaligned rows; an 8193-wide factor from 64 rows:
+    394 → 253 ms with the running average's update; 785 wide from 128 rows: 2.32 → 1.93 ms), and
+    for 700 ≤ d ≤ 2400 (from 1024 rows: 705 wide 15.4 → 14.2 ms, 785 wide 19.3 → 15.8, 801 wide
+    22.1 → 16.3, 1025 wide 30.5 → 29.5; 1153 wide from 4096 rows 189 → 143, 2305 wide from 2048
+    rows 311 → 284).  Elsewhere the copy of ``rows`` costs more than it saves (1024 rows: 129
+    wide 0.54 → 0.65 ms, 577 wide 7.9 → 8.0, 641 wide 11.5 → 12.6; 289 wide from 65536 rows 128 →
+    180; 4609 wide from 1024 rows 653 → 684).  The result is a view of the padded product (not
+    copied: a fresh ``d × d`` copy costs a third of the GEMM).
     """
     d = rows.shape[1]
-    pad = -d % 16 if rows.shape[0] < d else 0
+    pad = -d % 16 if rows.shape[0] < d or 700 <= d <= 2400 else 0
     if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))
-    left = rows if weights is None else rows * weights[:, None]  # one padded copy, not two
-    out = torch.addmm(rows.new_empty(d + pad, d + pad), left.mT, rows, beta=0, alpha=scale)
+        rows = _widened(rows, d + pad)
+    # The scale goes into the smaller operand (or into the weights): an ``addmm`` with
+    # ``alpha=scale, beta=0`` took 3.40 ms against 2.36 for ``mm`` of the scaled rows
+    # (800 wide from 128 rows, inside a step), and scaling the output 3.23.
+    if weights is not None:
+        out = (rows * (weights * scale)[:, None]).mT @ rows
+    elif scale == 1.0:
+        out = rows.mT @ rows
+    elif rows.shape[0] <= d:
+        out = (rows * scale).mT @ rows
+    else:
+        out = (rows.mT @ rows).mul_(scale)
     return out[:d, :d] if pad else out
+
+
+def _widened(rows: Tensor, width: int) -> Tensor:
+    """``rows`` with columns appended up to ``width``: the columns its storage already holds
+    beside each row where it has them (:meth:`curvlab.block.Block.inputs` leaves room — the
+    ``d × d`` block of the Gram does not depend on them), else zeros in a padded copy."""
+    r, d = rows.shape
+    end = rows.storage_offset() + (r - 1) * rows.stride(0) + width
+    if rows.stride(1) == 1 and rows.stride(0) >= width and end <= rows.untyped_storage().nbytes() // rows.element_size():
+        return rows.as_strided((r, width), (rows.stride(0), 1))
+    return torch.nn.functional.pad(rows, (0, width - d))
 
 
 def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand") -> KroneckerFactors:
