@@ -122,6 +122,11 @@ class BlockLayout:
             )
 
 
+#: Row length (in elements) the statistics' Gram matrices are padded to where that pays
+#: (:func:`curvlab.extract.maths.gram`); :meth:`Block.inputs` leaves its rows that much room.
+ROW_ALIGNMENT = 16
+
+
 @dataclass(frozen=True, eq=False)
 class Block:
     """One curvature block of a layer: its weight, its bias, or both as ``W̄ = [W b]``.
@@ -188,11 +193,11 @@ class Block:
         if self.bias is None:
             return x
         # appended in the [N, T, D] memory layout of the engines' inputs (rows of D contiguous),
-        # each row followed by zeros up to a multiple of 16: curvlab.extract.maths.gram pads
-        # odd widths it finds faster aligned, and uses these columns instead of a padded copy
+        # each row followed by zeros up to a multiple of ROW_ALIGNMENT: curvlab.extract.maths.gram
+        # pads odd widths it finds faster aligned, and uses these columns instead of a padded copy
         n, d_in, t = x.shape
         d = d_in + 1
-        out = x.new_empty(n, t, d - d % -16)
+        out = x.new_empty(n, t, d + (-d % ROW_ALIGNMENT))
         out[..., :d_in] = x.transpose(1, 2)
         out[..., d_in] = 1
         out[..., d:] = 0

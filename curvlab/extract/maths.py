@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.block import ROW_ALIGNMENT
 from curvlab.extract.options import KFAC_APPROX
 from curvlab.stats import KroneckerFactors, TraceStats
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
@@ -58,8 +59,9 @@ def reduce_shared(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Tensor:
     """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``): one GEMM.
 
-    When ``d`` is not a multiple of 16 (the bias column makes it odd), the columns are
-    zero-padded to a multiple of 16 where that measured faster on this project's CPU (MKL, one
+    When ``d`` is not a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`; the bias column
+    makes it odd), the columns are padded to a multiple of 16 (zeros, or the room
+    :meth:`curvlab.block.Block.inputs` leaves beside each row) where that measured faster on this project's CPU (MKL, one
     thread, timed inside training steps, after a real backward): with fewer rows than columns
     (``R < d``: an output-bound GEMM with unaligned rows; an 8193-wide factor from 64 rows:
     394 → 253 ms with the running average's update; 785 wide from 128 rows: 2.32 → 1.93 ms), and
@@ -71,7 +73,7 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     copied: a fresh ``d × d`` copy costs a third of the GEMM).
     """
     d = rows.shape[1]
-    pad = -d % 16 if rows.shape[0] < d or 700 <= d <= 2400 else 0
+    pad = -d % ROW_ALIGNMENT if rows.shape[0] < d or 700 <= d <= 2400 else 0
     if pad:
         rows = _widened(rows, d + pad)
     # The scale goes into the smaller operand (or into the weights): an ``addmm`` with
