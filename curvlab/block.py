@@ -192,11 +192,17 @@ class Block:
             return x.new_ones(x.shape[0], 1, x.shape[2])
         if self.bias is None:
             return x
-        # appended in the [N, T, D] memory layout of the engines' inputs (rows of D contiguous),
-        # each row followed by zeros up to a multiple of ROW_ALIGNMENT: curvlab.extract.maths.gram
-        # pads odd widths it finds faster aligned, and uses these columns instead of a padded copy
         n, d_in, t = x.shape
         d = d_in + 1
+        if t > 1 and x.permute(1, 0, 2).is_contiguous():
+            # the [D, N, T] memory of a convolution's patches: the row of ones is one more plane
+            out = x.new_empty(d, n, t)
+            out[:d_in] = x.permute(1, 0, 2)
+            out[d_in] = 1
+            return out.permute(1, 0, 2)
+        # the [N, T, D] memory of a Linear layer's inputs (rows of D contiguous), each row
+        # followed by zeros up to a multiple of ROW_ALIGNMENT: curvlab.extract.maths.gram pads
+        # odd widths it finds faster aligned, and uses these columns instead of a padded copy
         out = x.new_empty(n, t, d + (-d % ROW_ALIGNMENT))
         out[..., :d_in] = x.transpose(1, 2)
         out[..., d_in] = 1

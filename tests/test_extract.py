@@ -246,8 +246,9 @@ def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> Non
 @pytest.mark.parametrize("rows, d", [(5, 9), (9, 5), (12, 785), (800, 785), (16, 32)])
 def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     """``gram`` against its definition, with and without weights and scale, on contiguous rows
-    and on rows that leave room beside them (as ``Block.inputs`` does; here filled with NaN,
-    which must not reach the result), over the widths it pads and those it does not."""
+    on rows that leave room beside them (as ``Block.inputs`` does; here filled with NaN, which
+    must not reach the result) and on rows stored along R, over the widths it pads and those it
+    does not."""
     from curvlab.extract import maths
 
     gen = torch.Generator().manual_seed(1)
@@ -255,7 +256,7 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     w = torch.rand(rows, generator=gen, dtype=torch.float64)
     roomy = torch.full((rows, d + (-d % 16) + 16), float("nan"), dtype=torch.float64)
     roomy[:, :d] = x
-    for rows_in in (x, roomy[:, :d]):
+    for rows_in in (x, roomy[:, :d], x.T.contiguous().T):  # the last: stored along R (conv patches)
         for scale, weights in ((1.0, None), (0.25, None), (0.25, w)):
             want = scale * torch.einsum("r,ri,rj->ij", torch.ones(rows, dtype=torch.float64) if weights is None else weights, x, x)
             got = maths.gram(rows_in, scale, weights)

@@ -23,7 +23,8 @@ import zoo
 from zoo import oracle
 from curvlab.extract import extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
-from curvlab.extract.autograd.layer_io import unfold_input
+from curvlab.block import Block
+from curvlab.extract.autograd.layer_io import cat_positions, unfold_input
 from helpers import batch, im2col, tiny_cnn, tiny_mlp
 
 torch.set_num_threads(1)
@@ -393,6 +394,26 @@ def test_unfolded_inputs_reproduce_the_convolution(conv) -> None:
     x = unfold_input(conv, inp)  # [N, D, T]
     out = torch.einsum("od,ndt->not", conv.weight.flatten(1), x) + conv.bias[:, None]
     torch.testing.assert_close(out, conv(inp).flatten(2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3, padding=1), nn.Linear(5, 4)], ids=["conv", "linear"])
+def test_bias_row_and_several_calls_keep_the_unfolded_values(layer) -> None:
+    """``Block.inputs`` (the row of ones of the bias column) and ``cat_positions`` (a layer
+    called twice) against ``torch.cat`` of the values, in the memory layout ``unfold_input``
+    gives each layer type (convolutions' ``[D, N, T]``, Linear's ``[N, T, D]``)."""
+    layer = layer.double()
+    shape = (2, 3, 4, 5) if isinstance(layer, nn.Conv2d) else (2, 6, 5)
+    xs = [unfold_input(layer, torch.randn(*shape, dtype=torch.float64)) for _ in range(2)]
+    (block,) = Block.of_layer("layer", layer)
+    for x in xs:
+        want = torch.cat([x, torch.ones(x.shape[0], 1, x.shape[2], dtype=x.dtype)], 1)
+        torch.testing.assert_close(block.inputs(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(cat_positions(xs), torch.cat(xs, 2), rtol=0, atol=0)
+    g = torch.randn(1, 2, 4, 2 * xs[0].shape[2], dtype=torch.float64)
+    factors = maths.kfac_factors(block.inputs(cat_positions(xs)), g)
+    xf = torch.cat([torch.cat(xs, 2), torch.ones(2, 1, 2 * xs[0].shape[2], dtype=torch.float64)], 1)
+    torch.testing.assert_close(factors.A, torch.einsum("ndt,net->de", xf, xf) / (2 * xf.shape[2]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(factors.G, torch.einsum("cnot,cnpt->op", g, g), rtol=1e-12, atol=1e-12)
 
 
 def test_model_left_untouched_and_errors() -> None:

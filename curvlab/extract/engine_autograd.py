@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from curvlab.extract.autograd import couples_examples
-from curvlab.extract.autograd.layer_io import cat_positions, dense_inputs
+from curvlab.extract.autograd.layer_io import cat_positions, dense_inputs, joined
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
 from curvlab.extract.options import ExtractOptions
@@ -66,8 +66,8 @@ class AutogradPass:
                 )
             calls = layer.calls  # several calls: more positions (no copy for one)
             x = cat_positions([dense_inputs(module, c.x) for c in calls])
-            g = _joined([c.g for c in calls], 3)
-            g_terms = None if calls[0].g_terms is None else _joined([c.g_terms for c in calls], 3)
+            g = joined([c.g for c in calls], 3)
+            g_terms = None if calls[0].g_terms is None else joined([c.g_terms for c in calls], 3)
             for block in blocks:
                 exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
                 data = KroneckerData(block.inputs(x), g, res.segments, g_terms, exact, res.terms_per_example)
@@ -80,7 +80,3 @@ class AutogradPass:
                 )
         return {b.name: out[b.name] for b in self.blocks.blocks if b.name in out}
 
-
-def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """``parts`` concatenated along ``dim`` (a single part as it is: ``torch.cat`` would copy it)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

@@ -73,7 +73,10 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     copied: a fresh ``d × d`` copy costs a third of the GEMM).
     """
     d = rows.shape[1]
-    pad = -d % ROW_ALIGNMENT if rows.shape[0] < d or 700 <= d <= 2400 else 0
+    # only rows contiguous in memory are padded: ``rows`` stored along R (a convolution's patches,
+    # [D, N·T] memory) give MKL both operands along R already, and a padded copy would cost more
+    row_major = rows.stride(1) == 1 and rows.shape[0] > 1
+    pad = -d % ROW_ALIGNMENT if row_major and (rows.shape[0] < d or 700 <= d <= 2400) else 0
     if pad:
         rows = _widened(rows, d + pad)
     # The scale goes into the smaller operand (or into the weights): an ``addmm`` with
@@ -111,8 +114,10 @@ def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand") -> KroneckerFacto
     elif approx != "expand":
         raise ValueError(f"kfac_approx={approx!r}; choose one of {KFAC_APPROX}")
     n, _, t = x.shape
-    xf = x.transpose(1, 2).reshape(n * t, -1)
-    gf = g.transpose(2, 3).reshape(-1, g.shape[2])
+    xf = x.transpose(1, 2).reshape(n * t, -1)  # a view for both layouts of unfold_input
+    # g as [d_out, C·N·T] memory for T > 1: copied in runs of T, and the Gram reads along C·N·T
+    # (as for A); a [C·N·T, d_out] copy transposes every output location
+    gf = g.transpose(2, 3).reshape(-1, g.shape[2]) if t == 1 else g.permute(2, 0, 1, 3).reshape(g.shape[2], -1).mT
     return KroneckerFactors(A=gram(xf, 1.0 / (n * t)), G=gram(gf))
 
 

@@ -72,6 +72,8 @@ class BatchedVJP:
             return tuple(cotangents.new_zeros(cotangents.shape[0], *e.shape) for e in self.leaves)
         if self.vectorize and cotangents.shape[0] > 1:
             return torch.func.vmap(self._vjp)(cotangents)
+        if cotangents.shape[0] == 1:  # one column (a single MC sample): no stacking copy
+            return tuple(grad.unsqueeze(0) for grad in self._vjp(cotangents[0]))
         columns = [self._vjp(v) for v in cotangents]
         return tuple(torch.stack(per_leaf) for per_leaf in zip(*columns))
 

@@ -30,7 +30,7 @@ def batch_roots(vjp: BatchedVJP, root: Tensor, calls: Sequence) -> list[Tensor]:
     for _, grads in vjp.map(root.shape[0], lambda sl: root[sl]):
         for i, ((module, _, _), grad) in enumerate(zip(calls, grads)):
             parts[i].append(layer_io.grads_to_layout(module, grad))
-    return [torch.cat(p, 0) for p in parts]
+    return [layer_io.joined(p, 0) for p in parts]
 
 
 def selected_columns(segments: dict[str, slice], flavours: Sequence[str], device: torch.device) -> tuple[Tensor, dict[str, slice]]:
