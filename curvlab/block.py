@@ -127,6 +127,13 @@ class BlockLayout:
 ROW_ALIGNMENT = 16
 
 
+def planes_first(x: Tensor) -> bool:
+    """Whether the unfolded inputs ``x [N, D, T]`` are stored as ``[D, N, T]`` memory (a
+    convolution's patches, :func:`curvlab.extract.autograd.layer_io.unfold_input`) rather than
+    as rows of ``D`` (a Linear layer's input)."""
+    return x.permute(1, 0, 2).is_contiguous()
+
+
 @dataclass(frozen=True, eq=False)
 class Block:
     """One curvature block of a layer: its weight, its bias, or both as ``W̄ = [W b]``.
@@ -194,7 +201,7 @@ class Block:
             return x
         n, d_in, t = x.shape
         d = d_in + 1
-        if t > 1 and x.permute(1, 0, 2).is_contiguous():
+        if t > 1 and planes_first(x):
             # the [D, N, T] memory of a convolution's patches: the row of ones is one more plane
             out = x.new_empty(d, n, t)
             out[:d_in] = x.permute(1, 0, 2)

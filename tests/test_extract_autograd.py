@@ -21,9 +21,9 @@ from torch.func import functional_call, hessian, jacrev
 
 import zoo
 from zoo import oracle
+from curvlab.block import Block
 from curvlab.extract import extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
-from curvlab.block import Block
 from curvlab.extract.autograd.layer_io import cat_positions, unfold_input
 from helpers import batch, im2col, tiny_cnn, tiny_mlp
 

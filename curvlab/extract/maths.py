@@ -60,9 +60,10 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``): one GEMM.
 
     When ``d`` is not a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`; the bias column
-    makes it odd), the columns are padded to a multiple of 16 (zeros, or the room
-    :meth:`curvlab.block.Block.inputs` leaves beside each row) where that measured faster on this project's CPU (MKL, one
-    thread, timed inside training steps, after a real backward): with fewer rows than columns
+    makes it odd), the columns of row-major ``rows`` are padded to a multiple of 16 (zeros, or
+    the room :meth:`curvlab.block.Block.inputs` leaves beside each row) where that measured
+    faster on this project's CPU (MKL, one thread, timed inside training steps, after a real
+    backward): with fewer rows than columns
     (``R < d``: an output-bound GEMM with unaligned rows; an 8193-wide factor from 64 rows:
     394 → 253 ms with the running average's update; 785 wide from 128 rows: 2.32 → 1.93 ms), and
     for 700 ≤ d ≤ 2400 (from 1024 rows: 705 wide 15.4 → 14.2 ms, 785 wide 19.3 → 15.8, 801 wide
@@ -73,9 +74,9 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     copied: a fresh ``d × d`` copy costs a third of the GEMM).
     """
     d = rows.shape[1]
-    # only rows contiguous in memory are padded: ``rows`` stored along R (a convolution's patches,
-    # [D, N·T] memory) give MKL both operands along R already, and a padded copy would cost more
-    row_major = rows.stride(1) == 1 and rows.shape[0] > 1
+    # rows stored along R (a convolution's patches, [D, N·T] memory) are not padded: MKL reads
+    # both operands along R already, and a padded copy would cost more
+    row_major = rows.stride(1) == 1
     pad = -d % ROW_ALIGNMENT if row_major and (rows.shape[0] < d or 700 <= d <= 2400) else 0
     if pad:
         rows = _widened(rows, d + pad)
