@@ -183,7 +183,10 @@ def approximation_metrics(
 def convention_error(exact: ExactBlock, convention: SquareRoot) -> tuple[float, float]:
     """``(‖F − F_c‖_F / ‖F‖_F, tr F_c / tr F)`` for ``F_c = V_c V_cᵀ``: what the block the Kronecker
     statistics describe (per-example quantities, the coupling between examples ignored) misses of
-    the exact block, through the cross Gram ``VᵀV_c`` (``‖F − F_c‖² = ‖VᵀV‖² − 2‖VᵀV_c‖² + ‖V_cᵀV_c‖²``)."""
+    the exact block, through the cross Gram ``VᵀV_c`` (``‖F − F_c‖² = ‖VᵀV‖² − 2‖VᵀV_c‖² + ‖V_cᵀV_c‖²``).
+
+    The square is accurate to ~eps relative to ``‖F‖²`` (float64), so the error resolves down to
+    ~1e-8: an exact convention gives a value in ``[0, ~1e-8]``, depending on the BLAS's rounding."""
     conv = convention.to(dtype=torch.float64)
     cross = exact.sqrt.matrices().flatten(1) @ conv.matrices().flatten(1).T
     err_sq = exact.frobenius_sq - 2 * cross.square().sum() + conv.gram().square().sum()
