@@ -1,7 +1,8 @@
 """Exact, matrix-free quality metrics of one approximation of one block [D].
 
 Everything comes from the ``K × K`` Gram matrix ``VᵀV`` of the block's square root and from
-products with ``V`` (``K = N·C``); no ``P × P`` matrix is formed.  For ``K̂ = Q diag(s) Qᵀ``:
+products with ``V`` (``K = N·C``); no ``P × P`` matrix is formed (but by :func:`convention_error`
+when ``P`` is at most the number of columns it compares).  For ``K̂ = Q diag(s) Qᵀ``:
 
 * ``‖F‖²_F = ‖VᵀV‖²_F``; the nonzero spectrum of F is ``eig(VᵀV)``;
 * ``s* = Σ_k (U_outᵀ M_k U_in)² = diag(Qᵀ F Q)``;
@@ -22,7 +23,8 @@ from torch import Tensor
 from curvlab.approx import KroneckerApproximation
 from curvlab.sqrt import SquareRoot
 
-#: Gram matrices larger than this use Lanczos (scipy's eigsh) for the top of the spectrum.
+#: Gram matrices larger than this use Lanczos (scipy's eigsh) for the top of the spectrum;
+#: :func:`convention_error` spends at most the work of a dense eigh of this size (``~LIMIT³``).
 DENSE_EIGH_LIMIT = 4096
 
 
@@ -183,14 +185,32 @@ def approximation_metrics(
 def convention_error(exact: ExactBlock, convention: SquareRoot) -> tuple[float, float]:
     """``(‖F − F_c‖_F / ‖F‖_F, tr F_c / tr F)`` for ``F_c = V_c V_cᵀ``: what the block the Kronecker
     statistics describe (per-example quantities, the coupling between examples ignored) misses of
-    the exact block, through the cross Gram ``VᵀV_c`` (``‖F − F_c‖² = ‖VᵀV‖² − 2‖VᵀV_c‖² + ‖V_cᵀV_c‖²``).
+    the exact block.  With ``W = [V V_c]`` (``P × n``, ``n = K + K_c``) and ``S = diag(I_K, −I_Kc)``,
+    ``F − F_c = W S Wᵀ``; its norm comes from
 
-    The square is accurate to ~eps relative to ``‖F‖²`` (float64), so the error resolves down to
-    ~1e-8: an exact convention gives a value in ``[0, ~1e-8]``, depending on the BLAS's rounding."""
+    * ``P ≤ n``: ``V Vᵀ − V_c V_cᵀ`` itself (``P × P``);
+    * ``P > n``: ``R S Rᵀ`` for the Householder QR ``W = Q R`` (``n × n``).
+
+    Both are backward stable in W and resolve the error to ~eps·(tr F + tr F_c)/‖F‖_F (an exact
+    convention gives ~1e-15).  Gram matrices cannot: their rounding is no perturbation of W, so
+    ``‖F − F_c‖² = ‖VᵀV‖² − 2‖VᵀV_c‖² + ‖V_cᵀV_c‖²`` resolves it to ~√eps only (so would the
+    eigenvectors of ``WᵀW``): an exact convention gives ``[0, ~1e-8]``, by the BLAS's rounding.
+    That expansion is the fallback where ``min(P, n)²·max(P, n) > DENSE_EIGH_LIMIT³`` (either
+    route's work; at that limit the QR takes ~3 s on two cores, ~4× the expansion)."""
     conv = convention.to(dtype=torch.float64)
-    cross = exact.sqrt.matrices().flatten(1) @ conv.matrices().flatten(1).T
-    err_sq = exact.frobenius_sq - 2 * cross.square().sum() + conv.gram().square().sum()
+    v, v_c = exact.sqrt.matrices().flatten(1), conv.matrices().flatten(1)  # Vᵀ, V_cᵀ
+    (k, p), n = v.shape, v.shape[0] + v_c.shape[0]
+    if min(p, n) ** 2 * max(p, n) > DENSE_EIGH_LIMIT**3:  # too costly: the Gram expansion (~√eps)
+        err_sq = exact.frobenius_sq - 2 * (v @ v_c.T).square().sum() + conv.gram().square().sum()
+        err = err_sq.clamp_min(0).sqrt()
+    elif p <= n:
+        err = torch.linalg.matrix_norm(v.T @ v - v_c.T @ v_c)
+    else:  # ‖W S Wᵀ‖ = ‖R S Rᵀ‖ (Q has orthonormal columns)
+        r = torch.linalg.qr(torch.cat([v, v_c]).T, mode="r").R
+        sign = torch.ones(n, dtype=r.dtype, device=r.device)
+        sign[k:] = -1
+        err = torch.linalg.matrix_norm((r * sign) @ r.T)
     norm = exact.frobenius_sq.sqrt()
-    error = (err_sq.clamp_min(0).sqrt() / norm).item() if norm > 0 else float("nan")
+    error = (err / norm).item() if norm > 0 else float("nan")
     ratio = (conv.trace() / exact.trace).item() if exact.trace > 0 else float("nan")
     return error, ratio
