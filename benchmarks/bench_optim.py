@@ -12,7 +12,8 @@ kind of its step is timed by pinning the schedule position:
 * **amortised** = (1·refresh + (R/S − 1)·stats + (R − R/S)·plain)/R, from the medians;
 * ``fwd+bwd`` (zero_grad, forward, backward), ``gemm`` (a 1024³ float32 matmul: the GEMM rate
   r of this run) and ``rotations`` (the four GEMMs ``U_outᵀ X U_in``/``U_out Y U_inᵀ`` of every
-  block with full random bases).
+  block with full random bases), ``fwd+bwd+root`` (the same and the sampled loss's backward to
+  every block's output: the torch work of a statistics step, :func:`root_backward_fn`).
 
 Every row is measured once per repeat, rows in a rotated order (interleaved), one torch thread by
 default; medians.  Floor of EKFAC/TEKFAC: fwd+bwd plus their two rotations of every block,
@@ -41,6 +42,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,9 +67,9 @@ TARGET_FLOOR, TARGET_TEKFAC, TARGET_STATS = 1.2, 1.05, 3.0
 TARGET_GPU_RESNET = 1.3
 
 
-def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], list[bool]]:
-    """``(d_out, D, T)`` of every block curvlab preconditions (``T``: output locations), and
-    whether each has a bias (the last column of its matrix form)."""
+def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], list[bool], list[str]]:
+    """``(d_out, D, T)`` of every block curvlab preconditions (``T``: output locations),
+    whether each has a bias (the last column of its matrix form), and its module's name."""
     from curvlab.optim import KFAC
 
     copy_ = copy.deepcopy(model)
@@ -80,7 +82,8 @@ def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int,
         copy_(x[:1])
     for h in hooks:
         h.remove()
-    return [(*b.layout.shape, locations[b.name]) for b in blocks], [b.bias is not None for b in blocks]
+    return ([(*b.layout.shape, locations[b.name]) for b in blocks], [b.bias is not None for b in blocks],
+            [b.name for b in blocks])
 
 
 def basis_width(n: int, truncated: bool) -> int:
@@ -100,9 +103,11 @@ def rotation_flops(sizes: list[tuple[int, int, int]], truncated: bool = False) -
     return total
 
 
-def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, truncated: bool = False) -> int:
+def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, truncated: bool = False,
+                     root: bool = True) -> int:
     """GEMM flops a statistics step of ``method`` adds to a plain forward+backward (one MC
-    column): the sampled root's backward through every layer, the statistics (``kfac``: A, G;
+    column): the sampled root's backward through every layer (unless ``root`` is False: when it
+    is measured, the ``fwd+bwd+root`` row), the statistics (``kfac``: A, G;
     ``tkfac``: δΦ, δΨ — exact partial traces, per-sample route for convolutions; EKFAC/TEKFAC
     also the rescaling: the rotations ``X U_in``, ``U_outᵀ g`` and their product, or for a
     convolution, where cheaper, every ``M_k`` and its rotation), and the step's
@@ -114,7 +119,8 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
     for d_out, d, t in sizes:
         rows = n * t
         k_out, k_in = basis_width(d_out, truncated), basis_width(d, truncated)
-        total += 2 * rows * d_out * d  # the root's backward through the layer
+        if root:
+            total += 2 * rows * d_out * d  # the root's backward through the layer
         if method in ("kfac", "ekfac"):
             total += 2 * rows * (d * d + d_out * d_out)
         elif t == 1:
@@ -166,6 +172,29 @@ def kronecker_inverse_fn(shapes: list[tuple[int, int, int]], biases: list[bool],
     return lambda: [(g_inv @ (w @ a_inv), None if b is None else g_inv @ b) for w, b, g_inv, a_inv in mats]
 
 
+def root_backward_fn(model: nn.Module, loss_fn: nn.Module, batches: Iterator, block_names: list[str]):
+    """What every statistics step of a curvlab optimizer (``fisher="mc"``, one sample) must do
+    in torch itself: a forward, the loss's backward, and the backward of the loss at labels drawn
+    from the model's softmax to every block's output (``torch.autograd.grad``: no weight
+    gradients; through the norms, activations and skips that a GEMM count leaves out)."""
+    modules = dict(model.named_modules())
+    outputs: list[Tensor] = []
+    for name in block_names:
+        modules[name].register_forward_hook(lambda m, i, out: outputs.append(out))
+
+    def run() -> None:
+        x, y = next(batches)
+        outputs.clear()
+        model.zero_grad(set_to_none=True)
+        z = model(x)
+        loss_fn(z, y).backward(retain_graph=True)
+        sampled = torch.multinomial(z.detach().softmax(-1), 1).squeeze(-1)
+        torch.autograd.grad(loss_fn(z, sampled), outputs)
+        outputs.clear()
+
+    return run
+
+
 def eigh_fn(shapes: list[tuple[int, int, int]], device: torch.device, truncate_above: int):
     """A refresh's unavoidable LAPACK work for EKFAC/TEKFAC: a float32 ``eigh`` of both factors of
     every block (factors above ``truncate_above``, which curvlab truncates, are left out: a lower
@@ -180,7 +209,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     base = spec.build(device)
     pool = spec.batches(args.batches, device)
     loss_fn = nn.CrossEntropyLoss()
-    sizes, biases = block_sizes(base, pool[0][0])
+    sizes, biases, names = block_sizes(base, pool[0][0])
     options = dict(damping=args.damping, stats_interval=args.stats_interval, refresh_interval=args.refresh_interval)
     steppers = {}
     for name in args.peers:
@@ -198,7 +227,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     rows = [Row("fwd+bwd", fwd_bwd), Row("gemm", lambda: a @ a), Row("rotations", rotations_fn(sizes, device)),
             Row("inverse GEMMs", kronecker_inverse_fn(sizes, biases, device)),
             Row("inverse GEMMs, bias by G alone", kronecker_inverse_fn(sizes, biases, device, bias_in_factor=False)),
-            Row("eigh", eigh_fn(sizes, device, TRUNCATE_ABOVE))]
+            Row("eigh", eigh_fn(sizes, device, TRUNCATE_ABOVE)),
+            Row("fwd+bwd+root", root_backward_fn(copy.deepcopy(base), loss_fn, itertools.cycle(pool), names))]
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BackPACK/ASDL hook warnings; non-finite steps are counted below
@@ -254,10 +284,13 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
             entry["refresh/sgd"] = entry["refresh_s"] / sgd
     # a plain EKFAC/TEKFAC step of curvlab: fwd+bwd and the rotations in its (truncated) bases
     plain_floor = min(floor, fb + rotation_flops(sizes, truncated=True) / rate) if truncated else floor
+    # the sampled root's backward as measured (results without that row: its GEMMs at the rate)
+    root = max(0.0, med["fwd+bwd+root"] - med["fwd+bwd"]) if "fwd+bwd+root" in med else None
     for name in CURVLAB:
         if name in table:
-            flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True)
-            stats_floor = fb + flops / rate
+            flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True,
+                                     root=root is None)
+            stats_floor = fb + (root or 0.0) + flops / rate
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
             table[name]["stats_gflop"] = flops / 1e9
             if name in ("curvlab-ekfac", "curvlab-tekfac"):
@@ -276,7 +309,7 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
         "plain_floor/sgd": plain_floor / sgd,
         "floor_at_1024_gemm_rate/sgd": floor_at_peak / sgd,
         "inverse_gemms_s": med["inverse GEMMs"], "inverse_gemms_bias_by_g_s": med["inverse GEMMs, bias by G alone"],
-        "eigh_s": med["eigh"],
+        "eigh_s": med["eigh"], "root_backward_s": root,
         "peers": table,
         "rows": {r.key: {"median_s": r.median, "samples": len(r.samples), "calls": r.calls, "note": r.note,
                          "all_s": r.samples} for r in rows},
@@ -310,7 +343,7 @@ def targets(t: dict, floor: float, gpu_resnet: bool = False) -> list[dict]:
     for ours in CURVLAB:
         if ours in t:
             add(f"{ours} statistics step ≤ {TARGET_STATS}× fwd+bwd", t[ours]["stats/fwd+bwd"], TARGET_STATS,
-                f"{TARGET_STATS} × fwd+bwd (its GEMM floor: {t[ours]['stats_floor/fwd+bwd']:.2f})")
+                f"{TARGET_STATS} × fwd+bwd (its floor: {t[ours]['stats_floor/fwd+bwd']:.2f})")
     for ours in CURVLAB:
         if gpu_resnet and ours in am:
             add(f"GPU: {ours} amortised ≤ {TARGET_GPU_RESNET}× SGD", am[ours], TARGET_GPU_RESNET, "SGD")
@@ -372,7 +405,10 @@ def markdown(res: dict) -> str:
                if r.get("truncated_rotation_gflop") else "") +
             f"The inverse form's two GEMMs of every block: {r['inverse_gemms_s'] * 1e3:.2f} ms with the bias column in "
             f"A (curvlab), {r['inverse_gemms_bias_by_g_s'] * 1e3:.2f} ms with A of the weight alone and the bias by "
-            f"G⁻¹ (ASDL's K-FAC). float32 eigh of the refreshed factors (≤ truncate_above): {r['eigh_s'] * 1e3:.2f} ms.",
+            f"G⁻¹ (ASDL's K-FAC). float32 eigh of the refreshed factors (≤ truncate_above): {r['eigh_s'] * 1e3:.2f} ms."
+            + ("" if r.get("root_backward_s") is None else
+               f" The sampled root's backward to every block output: {r['root_backward_s'] * 1e3:.2f} ms "
+               "(fwd+bwd+root − fwd+bwd, medians)."),
             "",
         ]
         body = []
@@ -382,7 +418,7 @@ def markdown(res: dict) -> str:
             body.append([n, ms("plain_s"), ms("stats_s"), ms("refresh_s"), ms("amortised_s"), f"**{x('amortised/sgd')}**",
                          x("plain/sgd"), x("stats/fwd+bwd"), x("stats_floor/fwd+bwd"), x("refresh/sgd")])
         lines += common.md_table(["peer", "plain ms", "stats ms", "refresh ms", "amortised ms", "amortised ×SGD",
-                                  "plain ×SGD", "stats ×fwd+bwd", "its GEMM floor", "refresh ×SGD"], body)
+                                  "plain ×SGD", "stats ×fwd+bwd", "its floor", "refresh ×SGD"], body)
         notes = [f"{k}: {v['note']}" for k, v in r["rows"].items() if v["note"]]
         if notes:
             lines += ["", "Slow rows: " + "; ".join(notes)]
@@ -390,11 +426,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-NOTES = """"its GEMM floor" of a statistics step: fwd+bwd plus, at the GEMM rate of this run, the
-flops the step adds (bench_optim.statistics_flops: the sampled root's backward, the statistics'
-GEMMs, EKFAC/TEKFAC's rescaling rotations, the preconditioning) — no statistics step of that
-method can be cheaper.  "The schedule's floor" of EKFAC/TEKFAC: every plain step at the floor,
-every statistics step at its GEMM floor, and a refresh adding at least the float32 eigh of its
+NOTES = """"its floor" of a statistics step: fwd+bwd, plus the sampled root's backward as measured
+(the "fwd+bwd+root" row minus the "fwd+bwd" row: torch.autograd.grad of the loss at sampled
+labels to every block's output, torch's own work), plus, at the GEMM rate of this run, the flops
+the step adds (bench_optim.statistics_flops: the statistics' GEMMs, EKFAC/TEKFAC's rescaling
+rotations, the preconditioning) — no statistics step of that method can be cheaper.  "The
+schedule's floor" of EKFAC/TEKFAC: every plain step at the floor, every statistics step at its
+floor, and a refresh adding at least the float32 eigh of its
 factors (the "eigh" row), amortised like the measured steps; where it is above 1.2× the floor,
 that target cannot be met with this schedule ("bound below the schedule's floor").  For models
 with a factor above truncate_above, both floors count the GEMMs in curvlab's truncated bases
