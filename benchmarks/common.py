@@ -166,7 +166,8 @@ class Row:
         key, label: identifiers; ``fn``: the operation; ``calls``: calls per measurement;
         max_samples: stop measuring after this many (slow rows); samples: seconds per call;
         foreign: cores used by other processes during each measurement; retries: measurements
-        redone because the machine was busy; note: free text for the table.
+        redone because the machine was busy; note: free text for the table; warm: one untimed
+        call before every measurement (see :meth:`calibrate`).
     """
 
     key: str
@@ -178,12 +179,18 @@ class Row:
     foreign: list[float | None] = field(default_factory=list)
     retries: int = 0
     note: str = ""
+    warm: bool = False
 
-    def calibrate(self, device: torch.device | str, min_time: float, warmup: int = 1) -> float:
+    def calibrate(self, device: torch.device | str, min_time: float, warmup: int = 1,
+                  warm_below: float = 0.1) -> float:
         """Run ``fn`` ``warmup`` times (the fastest is kept as the first sample's estimate) and
-        size ``calls`` so that a measurement lasts at least ``min_time``."""
+        size ``calls`` so that a measurement lasts at least ``min_time``.  A call faster than
+        ``warm_below`` seconds gets an untimed call before every measurement: after the other
+        rows, the first call pays for cold caches (~0.5 ms of a 4.5 ms MLP step), which would
+        otherwise weigh on a row by how few calls its calibration happened to give it."""
         t = min(timed(self.fn, device) for _ in range(max(warmup, 1)))
         self.calls = max(1, int(min_time / max(t, 1e-9)))
+        self.warm = t < warm_below
         return t
 
     @property
@@ -217,6 +224,8 @@ def measure_interleaved(
                     waited += _wait_until_quiet(busy_cores or 0.0, max(max_wait - waited, 0.0))
                 load = CpuLoad()
                 gc.collect()
+                if row.warm:
+                    timed(row.fn, device, 1, barrier)
                 load.start()
                 t = timed(row.fn, device, row.calls, barrier)
                 wall, busy = load.stop()
