@@ -294,11 +294,12 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
             table[name]["stats_gflop"] = flops / 1e9
             if name in ("curvlab-ekfac", "curvlab-tekfac"):
-                # the schedule's own floor: plain steps at their floor, statistics steps at their
-                # GEMM floor, and a refresh adds at least the float32 eigh of its factors
+                # the schedule's own floor: plain steps at their floor, statistics steps at
+                # theirs, a refresh adds at least the float32 eigh of its factors, and every step
+                # updates the parameters as an SGD step does (its time beyond fwd+bwd)
                 refresh_floor = stats_floor + med["eigh"]
                 table[name]["amortised_floor/sgd"] = (
-                    n_plain * plain_floor + n_stats * stats_floor + refresh_floor) / period / sgd
+                    (n_plain * plain_floor + n_stats * stats_floor + refresh_floor) / period + sgd - fb) / sgd
     return {
         "model": spec.key, "builtin": spec.builtin, "note": spec.note, "batch": spec.batch,
         "input_shape": list(spec.input_shape), "blocks": [list(s) for s in sizes],
@@ -432,8 +433,9 @@ labels to every block's output, torch's own work), plus, at the GEMM rate of thi
 the step adds (bench_optim.statistics_flops: the statistics' GEMMs, EKFAC/TEKFAC's rescaling
 rotations, the preconditioning) — no statistics step of that method can be cheaper.  "The
 schedule's floor" of EKFAC/TEKFAC: every plain step at the floor, every statistics step at its
-floor, and a refresh adding at least the float32 eigh of its
-factors (the "eigh" row), amortised like the measured steps; where it is above 1.2× the floor,
+floor, a refresh adding at least the float32 eigh of its factors (the "eigh" row), and every step
+the parameter update of an SGD step (its SGD step minus fwd+bwd: momentum and weights, which
+the floor leaves out), amortised like the measured steps; where it is above 1.2× the floor,
 that target cannot be met with this schedule ("bound below the schedule's floor").  For models
 with a factor above truncate_above, both floors count the GEMMs in curvlab's truncated bases
 (rank 256: they cost less than the full-basis rotations), and a plain step's floor is fwd+bwd
