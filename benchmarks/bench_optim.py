@@ -12,8 +12,9 @@ kind of its step is timed by pinning the schedule position:
 * **amortised** = (1·refresh + (R/S − 1)·stats + (R − R/S)·plain)/R, from the medians;
 * ``fwd+bwd`` (zero_grad, forward, backward), ``gemm`` (a 1024³ float32 matmul: the GEMM rate
   r of this run) and ``rotations`` (the four GEMMs ``U_outᵀ X U_in``/``U_out Y U_inᵀ`` of every
-  block with full random bases), ``fwd+bwd+root`` (the same and the sampled loss's backward to
-  every block's output: the torch work of a statistics step, :func:`root_backward_fn`).
+  block with full random bases), ``root backward`` (the sampled loss's backward to every
+  block's output after an untimed forward and backward: the torch work a statistics step adds,
+  :func:`root_backward_fn`).
 
 Every row is measured once per repeat, rows in a rotated order (interleaved), one torch thread by
 default; medians.  Floor of EKFAC/TEKFAC: fwd+bwd plus their two rotations of every block,
@@ -107,7 +108,7 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
                      root: bool = True) -> int:
     """GEMM flops a statistics step of ``method`` adds to a plain forward+backward (one MC
     column): the sampled root's backward through every layer (unless ``root`` is False: when it
-    is measured, the ``fwd+bwd+root`` row), the statistics (``kfac``: A, G;
+    is measured, the ``root backward`` row), the statistics (``kfac``: A, G;
     ``tkfac``: δΦ, δΨ — exact partial traces, per-sample route for convolutions; EKFAC/TEKFAC
     also the rescaling: the rotations ``X U_in``, ``U_outᵀ g`` and their product, or for a
     convolution, where cheaper, every ``M_k`` and its rotation), and the step's
@@ -173,26 +174,32 @@ def kronecker_inverse_fn(shapes: list[tuple[int, int, int]], biases: list[bool],
 
 
 def root_backward_fn(model: nn.Module, loss_fn: nn.Module, batches: Iterator, block_names: list[str]):
-    """What every statistics step of a curvlab optimizer (``fisher="mc"``, one sample) must do
-    in torch itself: a forward, the loss's backward, and the backward of the loss at labels drawn
-    from the model's softmax to every block's output (``torch.autograd.grad``: no weight
-    gradients; through the norms, activations and skips that a GEMM count leaves out)."""
+    """``(setup, run)``: what every statistics step of a curvlab optimizer (``fisher="mc"``, one
+    sample) must do in torch itself beyond a forward and the loss's backward (``setup``, untimed):
+    the backward of the loss at labels drawn from the model's softmax to every block's output
+    (``run``: ``torch.autograd.grad``, no weight gradients; through the norms, activations and
+    skips that a GEMM count leaves out)."""
     modules = dict(model.named_modules())
     outputs: list[Tensor] = []
+    graph: list[Tensor] = []
     for name in block_names:
         modules[name].register_forward_hook(lambda m, i, out: outputs.append(out))
 
-    def run() -> None:
+    def setup() -> None:
         x, y = next(batches)
         outputs.clear()
         model.zero_grad(set_to_none=True)
         z = model(x)
         loss_fn(z, y).backward(retain_graph=True)
+        graph[:] = [z]
+
+    def run() -> None:
+        z = graph.pop()
         sampled = torch.multinomial(z.detach().softmax(-1), 1).squeeze(-1)
         torch.autograd.grad(loss_fn(z, sampled), outputs)
         outputs.clear()
 
-    return run
+    return setup, run
 
 
 def eigh_fn(shapes: list[tuple[int, int, int]], device: torch.device, truncate_above: int):
@@ -224,11 +231,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
         loss_fn(fb_model(x), y).backward()
 
     a = torch.randn(1024, 1024, device=device)
+    root_setup, root_run = root_backward_fn(copy.deepcopy(base), loss_fn, itertools.cycle(pool), names)
     rows = [Row("fwd+bwd", fwd_bwd), Row("gemm", lambda: a @ a), Row("rotations", rotations_fn(sizes, device)),
             Row("inverse GEMMs", kronecker_inverse_fn(sizes, biases, device)),
             Row("inverse GEMMs, bias by G alone", kronecker_inverse_fn(sizes, biases, device, bias_in_factor=False)),
             Row("eigh", eigh_fn(sizes, device, TRUNCATE_ABOVE)),
-            Row("fwd+bwd+root", root_backward_fn(copy.deepcopy(base), loss_fn, itertools.cycle(pool), names))]
+            Row("root backward", root_run, setup=root_setup)]
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BackPACK/ASDL hook warnings; non-finite steps are counted below
@@ -284,8 +292,10 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
             entry["refresh/sgd"] = entry["refresh_s"] / sgd
     # a plain EKFAC/TEKFAC step of curvlab: fwd+bwd and the rotations in its (truncated) bases
     plain_floor = min(floor, fb + rotation_flops(sizes, truncated=True) / rate) if truncated else floor
-    # the sampled root's backward as measured (results without that row: its GEMMs at the rate)
-    root = max(0.0, med["fwd+bwd+root"] - med["fwd+bwd"]) if "fwd+bwd+root" in med else None
+    # the sampled root's backward as measured (older results: the difference of a fwd+bwd+root
+    # row and fwd+bwd, or without either, its GEMMs at the rate)
+    root = (med["root backward"] if "root backward" in med else
+            max(0.0, med["fwd+bwd+root"] - med["fwd+bwd"]) if "fwd+bwd+root" in med else None)
     for name in CURVLAB:
         if name in table:
             flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True,
@@ -409,7 +419,8 @@ def markdown(res: dict) -> str:
             f"G⁻¹ (ASDL's K-FAC). float32 eigh of the refreshed factors (≤ truncate_above): {r['eigh_s'] * 1e3:.2f} ms."
             + ("" if r.get("root_backward_s") is None else
                f" The sampled root's backward to every block output: {r['root_backward_s'] * 1e3:.2f} ms "
-               "(fwd+bwd+root − fwd+bwd, medians)."),
+               + ("(timed alone, after an untimed forward and backward)." if "root backward" in r["rows"]
+                  else "(fwd+bwd+root − fwd+bwd, medians).")),
             "",
         ]
         body = []
@@ -428,8 +439,9 @@ def markdown(res: dict) -> str:
 
 
 NOTES = """"its floor" of a statistics step: fwd+bwd, plus the sampled root's backward as measured
-(the "fwd+bwd+root" row minus the "fwd+bwd" row: torch.autograd.grad of the loss at sampled
-labels to every block's output, torch's own work), plus, at the GEMM rate of this run, the flops
+(the "root backward" row: torch.autograd.grad of the loss at sampled labels to every block's
+output after an untimed forward and backward, torch's own work; in results before it, the
+"fwd+bwd+root" row minus the "fwd+bwd" row), plus, at the GEMM rate of this run, the flops
 the step adds (bench_optim.statistics_flops: the statistics' GEMMs, EKFAC/TEKFAC's rescaling
 rotations, the preconditioning) — no statistics step of that method can be cheaper.  "The
 schedule's floor" of EKFAC/TEKFAC: every plain step at the floor, every statistics step at its

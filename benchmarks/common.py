@@ -167,7 +167,8 @@ class Row:
         max_samples: stop measuring after this many (slow rows); samples: seconds per call;
         foreign: cores used by other processes during each measurement; retries: measurements
         redone because the machine was busy; note: free text for the table; warm: one untimed
-        call before every measurement (see :meth:`calibrate`).
+        call before every measurement (see :meth:`calibrate`); setup: run untimed before every
+        call (what ``fn`` needs but does not measure; one call per measurement then).
     """
 
     key: str
@@ -180,6 +181,7 @@ class Row:
     retries: int = 0
     note: str = ""
     warm: bool = False
+    setup: Callable[[], object] | None = None
 
     def calibrate(self, device: torch.device | str, min_time: float, warmup: int = 1,
                   warm_below: float = 0.1) -> float:
@@ -188,10 +190,18 @@ class Row:
         ``warm_below`` seconds gets an untimed call before every measurement: after the other
         rows, the first call pays for cold caches (~0.5 ms of a 4.5 ms MLP step), which would
         otherwise weigh on a row by how few calls its calibration happened to give it."""
-        t = min(timed(self.fn, device) for _ in range(max(warmup, 1)))
-        self.calls = max(1, int(min_time / max(t, 1e-9)))
+        t = min(self.measure(device) for _ in range(max(warmup, 1)))
+        self.calls = 1 if self.setup else max(1, int(min_time / max(t, 1e-9)))
         self.warm = t < warm_below
         return t
+
+    def measure(self, device: torch.device | str, barrier: Callable[[], object] | None = None,
+                calls: int | None = None) -> float:
+        """Seconds per call of one measurement of ``calls`` calls (default :attr:`calls`;
+        :attr:`setup` first, untimed)."""
+        if self.setup is not None:
+            self.setup()
+        return timed(self.fn, device, calls or self.calls, barrier)
 
     @property
     def done(self) -> bool:
@@ -224,8 +234,10 @@ def measure_interleaved(
                     waited += _wait_until_quiet(busy_cores or 0.0, max(max_wait - waited, 0.0))
                 load = CpuLoad()
                 gc.collect()
-                if row.warm:
-                    timed(row.fn, device, 1, barrier)
+                if row.warm:  # one call, as every call: after its setup
+                    row.measure(device, barrier, calls=1)
+                if row.setup is not None:
+                    row.setup()
                 load.start()
                 t = timed(row.fn, device, row.calls, barrier)
                 wall, busy = load.stop()
