@@ -196,11 +196,13 @@ class Row:
         return t
 
     def measure(self, device: torch.device | str, barrier: Callable[[], object] | None = None,
-                calls: int | None = None) -> float:
+                calls: int | None = None, started: Callable[[], object] | None = None) -> float:
         """Seconds per call of one measurement of ``calls`` calls (default :attr:`calls`;
-        :attr:`setup` first, untimed)."""
+        :attr:`setup` first, untimed; then ``started``, e.g. a load meter's start)."""
         if self.setup is not None:
             self.setup()
+        if started is not None:
+            started()
         return timed(self.fn, device, calls or self.calls, barrier)
 
     @property
@@ -236,10 +238,7 @@ def measure_interleaved(
                 gc.collect()
                 if row.warm:  # one call, as every call: after its setup
                     row.measure(device, barrier, calls=1)
-                if row.setup is not None:
-                    row.setup()
-                load.start()
-                t = timed(row.fn, device, row.calls, barrier)
+                t = row.measure(device, barrier, started=load.start)
                 wall, busy = load.stop()
                 # /proc/stat counts in jiffies: allow 20 ms of foreign CPU time as noise
                 quiet = busy_cores is None or busy is None or busy * wall <= max(busy_cores * wall, 0.02)
