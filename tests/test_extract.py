@@ -225,7 +225,8 @@ def test_top_level_api_is_callable_and_packages_importable() -> None:
     close(via_package["0"].kfac["exact"].A, direct["0"].kfac["exact"].A)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 5), (3, 2, 7, 2, 9)])  # (C, N, d_out, D, T)
+# (C, N, d_out, D, T); the last with N·T, D ≥ 256: δΦ's symmetric product in panels
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 5), (3, 2, 7, 2, 9), (1, 4, 3, 300, 80)])
 def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> None:
     """The Gram-over-locations and the chunked route give Σ M_kᵀM_k and Σ M_kM_kᵀ exactly."""
     from curvlab.extract import maths
@@ -241,6 +242,24 @@ def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> Non
         close(phi, phi_ref)
         close(psi, psi_ref)
     close(maths.tkfac_exact(x, g).delta, m.square().sum())
+
+
+@pytest.mark.parametrize("rows, d", [(300, 260), (256, 1000), (1000, 531)])
+def test_symmetric_product_is_the_exactly_symmetric_product(rows: int, d: int) -> None:
+    """``symmetric_product(a, b)`` equals ``aᵀb`` for operands whose product is symmetric (a
+    Gram, and ``Σ_n X_nᵀ O_n X_n`` with symmetric ``O_n``), including widths its panels do not
+    divide; its lower triangle mirrors the upper one outside the diagonal panels."""
+    from curvlab.extract import maths
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    blocks = torch.randn(rows // 4, 4, 4, generator=gen, dtype=torch.float64)
+    o = blocks @ blocks.mT  # symmetric 4 × 4 blocks
+    b = (o @ a[: rows // 4 * 4].reshape(-1, 4, d)).reshape(-1, d)
+    for left, right in ((a, a), (a[: rows // 4 * 4], b), (a.T.contiguous().T, a)):
+        got = maths.symmetric_product(left, right)
+        close(got, left.T @ right)
+        assert torch.equal(got.triu(128), got.T.triu(128))
 
 
 @pytest.mark.parametrize("rows, d", [(5, 9), (9, 5), (12, 785), (800, 785), (16, 32)])
