@@ -122,10 +122,11 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
         k_out, k_in = basis_width(d_out, truncated), basis_width(d, truncated)
         if root:
             total += 2 * rows * d_out * d  # the root's backward through the layer
+        # a Gram or any symmetric product: its upper triangle, d (d + 1) / 2 entries a row
         if method in ("kfac", "ekfac"):
-            total += 2 * rows * (d * d + d_out * d_out)
+            total += rows * (d * (d + 1) + d_out * (d_out + 1))
         elif t == 1:
-            total += 2 * n * (d * d + d_out * d_out)
+            total += n * (d * (d + 1) + d_out * (d_out + 1))
         else:  # the cheaper of the extraction's two routes
             total += 2 * min(partial_trace_costs(1, n, d_out, d, t))
         if method in ("ekfac", "tekfac"):  # the rescaling: its cheaper route for convolutions
@@ -442,7 +443,8 @@ NOTES = """"its floor" of a statistics step: fwd+bwd, plus the sampled root's ba
 (the "root backward" row: torch.autograd.grad of the loss at sampled labels to every block's
 output after an untimed forward and backward, torch's own work; in results before it, the
 "fwd+bwd+root" row minus the "fwd+bwd" row), plus, at the GEMM rate of this run, the flops
-the step adds (bench_optim.statistics_flops: the statistics' GEMMs, EKFAC/TEKFAC's rescaling
+the step adds (bench_optim.statistics_flops: the statistics' GEMMs — a Gram or other symmetric
+product counted by its upper triangle, as a syrk computes it —, EKFAC/TEKFAC's rescaling
 rotations, the preconditioning) — no statistics step of that method can be cheaper.  "The
 schedule's floor" of EKFAC/TEKFAC: every plain step at the floor, every statistics step at its
 floor, a refresh adding at least the float32 eigh of its factors (the "eigh" row), and every step
