@@ -245,7 +245,7 @@ def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> Non
 
 
 @pytest.mark.parametrize("rows, d", [(300, 260), (256, 1000), (1000, 531)])
-def test_symmetric_product_is_the_exactly_symmetric_product(rows: int, d: int) -> None:
+def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -> None:
     """``symmetric_product(a, b)`` equals ``aᵀb`` for operands whose product is symmetric (a
     Gram, and ``Σ_n X_nᵀ O_n X_n`` with symmetric ``O_n``), including widths its panels do not
     divide; its lower triangle mirrors the upper one outside the diagonal panels."""
