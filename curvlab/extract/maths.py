@@ -204,8 +204,8 @@ def partial_traces_by_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         out_gram = torch.einsum("cnot,cnos->nts", gs, gs)  # Σ_c G_nc G_ncᵀ
         in_gram = torch.einsum("ndt,nds->nts", xs, xs)  # Ā_n Ā_nᵀ
         # Σ_n Ā_nᵀ (O_n Ā_n): one symmetric product over the rows of every Ā_n
-        rows = xs.transpose(1, 2).reshape(-1, d_in)
-        phi = _accumulate(phi, symmetric_product(rows, (out_gram @ xs.transpose(1, 2)).reshape(-1, d_in)))
+        a = xs.transpose(1, 2)  # [n, T, D]
+        phi = _accumulate(phi, symmetric_product(a.reshape(-1, d_in), (out_gram @ a).reshape(-1, d_in)))
         psi = _accumulate(psi, torch.einsum("cnot,nts,cnps->op", gs, in_gram, gs))
     return phi, psi
 
