@@ -313,16 +313,10 @@ def keep_freed_memory() -> str:
     preloading — avoids the same cost.  Returns what was set (``"default"`` where there is no
     glibc)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":
         return "default"
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own glibc
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
     # -1 is the largest size_t inside glibc: never trim
     if not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, -1)):
