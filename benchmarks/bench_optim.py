@@ -403,6 +403,8 @@ def markdown(res: dict) -> str:
             "", f"## {r['model']} (N={r['batch']}): {r['note']}", "",
             *([f"Medians of {r['repeats']} interleaved repeat(s) for this model (`--model-repeats`).", ""]
               if r.get("repeats", s["repeats"]) != s["repeats"] else []),
+            *([f"Allocator for this model: {r['malloc']} (`--reuse-from`).", ""]
+              if s.get("reuse_from") and "malloc" in r else []),
             f"Blocks (d_out × D, locations T): {', '.join(f'{a}×{b} (T={t})' for a, b, t in r['blocks'])}. fwd+bwd "
             f"{r['fwd+bwd_s'] * 1e3:.2f} ms"
             + (f" (its measured median, {r['fwd+bwd_measured_s'] * 1e3:.2f} ms, is above the SGD step that contains "
@@ -502,6 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--batches", type=int, default=8, help="pool of random batches cycled through")
+    p.add_argument("--reuse-from", metavar="MODEL", default=None,
+                   help="glibc's default allocator for the models before MODEL (in --models order), heap "
+                        "reuse (--malloc reuse) from MODEL on: small models' steps depend on where a heap "
+                        "without mmap places the tensors a refresh reallocates, large models' statistics "
+                        "steps on fresh mmaps faulting in; implies --malloc default at start")
     p.add_argument("--batch-size", type=int, default=None, help="override every model's batch size (smoke tests)")
     p.add_argument("--resummarise", metavar="JSON", help="recompute the tables of a result file from its "
                    "samples (written back to it and its .md); nothing is timed")
@@ -510,6 +517,11 @@ def main(argv: list[str] | None = None) -> None:
         res = resummarise(args.resummarise)
         common.write_results(args.resummarise, res, markdown(res))
         return
+    models = common.models(args.models)
+    if args.reuse_from is not None:
+        if args.reuse_from not in [m.key for m in models]:
+            p.error(f"--reuse-from: {args.reuse_from!r} is not one of --models {args.models!r}")
+        args.malloc = "default"
     device, info = common.start(args)
     args.peers = [n.strip() for n in args.peers.split(",") if n.strip()]
     try:
@@ -526,11 +538,15 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["curvlab_engine"] = KroneckerOptions().engine  # the optimizers' default statistics engine
-    for spec in common.models(args.models):
+    malloc = info["malloc"]
+    for spec in models:
         if args.batch_size:
             spec = dataclasses.replace(spec, batch=args.batch_size)
+        if spec.key == args.reuse_from:
+            malloc = common.keep_freed_memory()  # glibc's dynamic default cannot be restored: models after it keep it
+            info["malloc"] = f"glibc's default before {spec.key}, from it on {malloc}"
         t0 = time.perf_counter()
-        results.append(bench_model(spec, args, device))
+        results.append({**bench_model(spec, args, device), "malloc": malloc})
         print(f"[{spec.key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
         # written after every model: a long run that is stopped keeps the models it finished
         res = {"machine": common.finish(dict(info)), "settings": settings, "models": results}
