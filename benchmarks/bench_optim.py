@@ -513,7 +513,7 @@ def resummarise(path: str) -> dict:
         med = {r.key: r.median for r in rows}
         sizes = [tuple(b) for b in old["blocks"]]
         summary = with_resampled_verdicts(summarise(spec, sizes, med, rows, args), spec, sizes, rows, args)
-        models.append({**summary, "repeats": old["repeats"]})
+        models.append({**summary, "repeats": old["repeats"], **({"malloc": old["malloc"]} if "malloc" in old else {})})
     return {**res, "models": models, "resummarised_by": common.git_commit()}
 
 
