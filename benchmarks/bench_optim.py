@@ -265,9 +265,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     for row in rows:
         if row.key in slow:
             row.note = f"{len(row.samples)} sample(s) (one call {slow[row.key]:.1f} s)"
-    med = {r.key: r.median for r in rows}
-    return {**with_resampled_verdicts(summarise(spec, sizes, med, rows, args), spec, sizes, rows, args),
-            "repeats": repeats}
+    return {**summarise_rows(spec, sizes, rows, args), "repeats": repeats}
 
 
 def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], args) -> dict:
@@ -334,11 +332,13 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     }
 
 
-def with_resampled_verdicts(summary: dict, spec: ModelSpec, sizes, rows: list[Row], args) -> dict:
-    """``summary`` with every target's ``met_in_resamples``: the share of :data:`RESAMPLES`
-    bootstrap resamples (each row's samples drawn again with replacement, its median and every
-    ratio recomputed; seed 0) in which the target is met.  Near 0 or 1 the samples decide the
-    verdict; in between, the rows' spread on this machine does not resolve it."""
+def summarise_rows(spec: ModelSpec, sizes, rows: list[Row], args) -> dict:
+    """:func:`summarise` of the rows' medians, every target with its ``met_in_resamples``: the
+    share of :data:`RESAMPLES` bootstrap resamples (each row's samples drawn again with
+    replacement, its median and every ratio recomputed; seed 0) in which the target is met.
+    Near 0 or 1 the samples decide the verdict; in between, the rows' spread on this machine
+    does not resolve it."""
+    summary = summarise(spec, sizes, {r.key: r.median for r in rows}, rows, args)
     gen = random.Random(0)
     met = [0] * len(summary["targets"])
     for _ in range(RESAMPLES):
@@ -510,10 +510,9 @@ def resummarise(path: str) -> dict:
         spec = dataclasses.replace(common.MODELS[old["model"]], batch=old["batch"])
         rows = [Row(key, fn=lambda: None, calls=v["calls"], samples=list(v["all_s"]), note=v["note"])
                 for key, v in old["rows"].items()]
-        med = {r.key: r.median for r in rows}
         sizes = [tuple(b) for b in old["blocks"]]
-        summary = with_resampled_verdicts(summarise(spec, sizes, med, rows, args), spec, sizes, rows, args)
-        models.append({**summary, "repeats": old["repeats"], **({"malloc": old["malloc"]} if "malloc" in old else {})})
+        models.append({**summarise_rows(spec, sizes, rows, args), "repeats": old["repeats"],
+                       **({"malloc": old["malloc"]} if "malloc" in old else {})})
     return {**res, "models": models, "resummarised_by": common.git_commit()}
 
 
