@@ -123,7 +123,7 @@ class BlockLayout:
 
 
 #: Row length (in elements) the statistics' Gram matrices are padded to where that pays
-#: (:func:`curvlab.extract.maths.gram`); :meth:`Block.inputs` leaves its rows that much room.
+#: (:func:`curvlab.gram.gram`); :meth:`Block.inputs` leaves its rows that much room.
 ROW_ALIGNMENT = 16
 
 
@@ -208,7 +208,7 @@ class Block:
             out[d_in] = 1
             return out.permute(1, 0, 2)
         # the [N, T, D] memory of a Linear layer's inputs (rows of D contiguous), each row
-        # followed by zeros up to a multiple of ROW_ALIGNMENT: curvlab.extract.maths.gram pads
+        # followed by zeros up to a multiple of ROW_ALIGNMENT: curvlab.gram.gram pads
         # odd widths it finds faster aligned, and uses these columns instead of a padded copy
         out = x.new_empty(n, t, d + (-d % ROW_ALIGNMENT))
         out[..., :d_in] = x.transpose(1, 2)

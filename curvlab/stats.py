@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from curvlab.block import BlockLayout
+from curvlab.gram import GramRows
 from curvlab.sqrt import SquareRoot
 
 #: Largest dense P×P block :meth:`LayerStats.dense_fisher` builds by default (bytes).
@@ -21,11 +22,12 @@ class KroneckerFactors:
     """KFAC factors of one flavour: ``F ≈ G ⊗ A`` (row-major on ``W̄``).
 
     ``A = 1/(N·T) Σ_{n,t} ā ā ᵀ`` (``[D, D]``) and ``G = Σ_{c,n,t} g gᵀ`` (``[d_out, d_out]``)
-    with the loss scaling folded into ``g``; ``T = 1`` for linear layers (KFC "expand").
+    with the loss scaling folded into ``g``; ``T = 1`` for linear layers (KFC "expand").  An
+    extraction with ``gram_rows=True`` may give either as its rows (:class:`~curvlab.gram.GramRows`).
     """
 
-    A: Tensor
-    G: Tensor
+    A: Tensor | GramRows
+    G: Tensor | GramRows
 
 
 @dataclass
@@ -33,12 +35,13 @@ class TraceStats:
     """TKFAC's unnormalised statistics: ``δ = tr F``, ``δΦ = Σ M_kᵀM_k``, ``δΨ = Σ M_kM_kᵀ``.
 
     ``form`` is ``"exact"`` (the partial traces of F, trace-preserving) or ``"kfc"`` (conv only:
-    per-example ``Λ_n = Σ_t ā āᵀ``, ``Γ = (1/T) Σ_t g gᵀ``).
+    per-example ``Λ_n = Σ_t ā āᵀ``, ``Γ = (1/T) Σ_t g gᵀ``).  An extraction with
+    ``gram_rows=True`` may give ``δΦ``, ``δΨ`` as their rows (:class:`~curvlab.gram.GramRows`).
     """
 
     delta: Tensor
-    delta_phi: Tensor
-    delta_psi: Tensor
+    delta_phi: Tensor | GramRows
+    delta_psi: Tensor | GramRows
     form: str = "exact"
 
 

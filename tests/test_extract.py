@@ -249,7 +249,7 @@ def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -
     """``symmetric_product(a, b)`` equals ``aᵀb`` for operands whose product is symmetric (a
     Gram, and ``Σ_n X_nᵀ O_n X_n`` with symmetric ``O_n``), including widths its panels do not
     divide; its lower triangle mirrors the upper one outside the diagonal panels."""
-    from curvlab.extract import maths
+    from curvlab.gram import symmetric_product
 
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(rows, d, generator=gen, dtype=torch.float64)
@@ -257,7 +257,7 @@ def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -
     o = blocks @ blocks.mT  # symmetric 4 × 4 blocks
     b = (o @ a[: rows // 4 * 4].reshape(-1, 4, d)).reshape(-1, d)
     for left, right in ((a, a), (a[: rows // 4 * 4], b), (a.T.contiguous().T, a)):
-        got = maths.symmetric_product(left, right)
+        got = symmetric_product(left, right)
         close(got, left.T @ right)
         assert torch.equal(got.triu(128), got.T.triu(128))
 
@@ -268,7 +268,7 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     on rows that leave room beside them (as ``Block.inputs`` does; here filled with NaN, which
     must not reach the result) and on rows stored along R, over the widths it pads and those it
     does not."""
-    from curvlab.extract import maths
+    from curvlab.gram import gram
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, d, generator=gen, dtype=torch.float64)
@@ -278,6 +278,6 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     for rows_in in (x, roomy[:, :d], x.T.contiguous().T):  # the last: stored along R (conv patches)
         for scale, weights in ((1.0, None), (0.25, None), (0.25, w)):
             want = scale * torch.einsum("r,ri,rj->ij", torch.ones(rows, dtype=torch.float64) if weights is None else weights, x, x)
-            got = maths.gram(rows_in, scale, weights)
+            got = gram(rows_in, scale, weights)
             assert got.shape == (d, d)
             close(got, want)

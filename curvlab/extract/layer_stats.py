@@ -72,10 +72,11 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
             out.sqrt, out.convention_sqrt = DenseSqrt(data.exact), convention
     if "kfac" in options.stats:
         out.kfac = {
-            f: maths.kfac_factors(x, data.g[data.segments[f]], options.kfac_approx) for f in options.factor_flavours
+            f: maths.kfac_factors(x, data.g[data.segments[f]], options.kfac_approx, options.gram_rows)
+            for f in options.factor_flavours
         }
     if "tkfac" in options.stats:
-        out.tkfac = maths.trace_statistics(x, samples, options.tkfac_conv, options.kfac_approx)
+        out.tkfac = maths.trace_statistics(x, samples, options.tkfac_conv, options.kfac_approx, options.gram_rows)
     if "kfe" in options.stats and block.name in options.eigenbases:
         u_out, u_in = options.eigenbases[block.name]
         out.kfe_scaling = maths.kfe_scaling(x, samples, u_out, u_in)

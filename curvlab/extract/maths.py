@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvlab.block import ROW_ALIGNMENT
 from curvlab.extract.options import KFAC_APPROX
+from curvlab.gram import gram, gram_or_rows, symmetric_product
 from curvlab.stats import KroneckerFactors, TraceStats
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
 
@@ -56,84 +56,11 @@ def reduce_shared(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return x.mean(2, keepdim=True), g.sum(3, keepdim=True)
 
 
-def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Tensor:
-    """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``): one GEMM.
-
-    When ``d`` is not a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`; the bias column
-    makes it odd), the columns of row-major ``rows`` are padded to a multiple of 16 (zeros, or
-    the room :meth:`curvlab.block.Block.inputs` leaves beside each row) where that measured
-    faster on this project's CPU (MKL, one thread, timed inside training steps, after a real
-    backward): with fewer rows than columns
-    (``R < d``: an output-bound GEMM with unaligned rows; an 8193-wide factor from 64 rows:
-    394 → 253 ms with the running average's update; 785 wide from 128 rows: 2.32 → 1.93 ms), and
-    for 700 ≤ d ≤ 2400 (from 1024 rows: 705 wide 15.4 → 14.2 ms, 785 wide 19.3 → 15.8, 801 wide
-    22.1 → 16.3, 1025 wide 30.5 → 29.5; 1153 wide from 4096 rows 189 → 143, 2305 wide from 2048
-    rows 311 → 284).  Elsewhere the copy of ``rows`` costs more than it saves (1024 rows: 129
-    wide 0.54 → 0.65 ms, 577 wide 7.9 → 8.0, 641 wide 11.5 → 12.6; 289 wide from 65536 rows 128 →
-    180; 4609 wide from 1024 rows 653 → 684).  The result is a view of the padded product (not
-    copied: a fresh ``d × d`` copy costs a third of the GEMM).
-    """
-    d = rows.shape[1]
-    # rows stored along R (a convolution's patches, [D, N·T] memory) are not padded: MKL reads
-    # both operands along R already, and a padded copy would cost more
-    row_major = rows.stride(1) == 1
-    pad = -d % ROW_ALIGNMENT if row_major and (rows.shape[0] < d or 700 <= d <= 2400) else 0
-    if pad:
-        rows = _widened(rows, d + pad)
-    # The scale goes into the smaller operand (or into the weights): an ``addmm`` with
-    # ``alpha=scale, beta=0`` took 3.40 ms against 2.36 for ``mm`` of the scaled rows
-    # (800 wide from 128 rows, inside a step), and scaling the output 3.23.
-    if weights is not None:
-        out = symmetric_product(rows * (weights * scale)[:, None], rows)
-    elif scale == 1.0:
-        out = symmetric_product(rows, rows)
-    elif rows.shape[0] <= d:
-        out = symmetric_product(rows * scale, rows)
-    else:
-        out = symmetric_product(rows, rows).mul_(scale)
-    return out[:d, :d] if pad else out
-
-
-def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
-    """``aᵀ b`` for ``[R, d]`` operands whose product is symmetric (a Gram ``aᵀa``, or
-    ``Σ_n X_nᵀ (O_n X_n)`` with symmetric ``O_n``).
-
-    Where the GEMM is compute-bound (``R, d ≥ 256``, CPU), only the upper triangle is
-    multiplied, a panel of columns at a time (at most 8 panels, each ≥ 128 wide), and mirrored:
-    ~56–62 % of the flops, as BLAS's ``syrk`` does, which torch does not expose.  Measured on
-    this project's CPU (MKL, one thread): 8192 rows × 2304 wide 588 → 356 ms, 131072 × 576 (a
-    convolution's ``A``) 573 → 432 ms, 2048 × 4608 725 → 594 ms, 512 × 1152 14.6 → 10.2 ms.
-    From fewer rows the product is bound by writing its output and the mirror's copy made it
-    slower (128 × 4608 72 → 84 ms, 64 × 8208 262 → 412): one GEMM there, and on other devices
-    (not measured).
-    """
-    r, d = a.shape
-    if a.device.type != "cpu" or min(r, d) < 256:
-        return a.mT @ b
-    width = max(128, -(-d // (8 * ROW_ALIGNMENT)) * ROW_ALIGNMENT)
-    out = a.new_empty(d, d)
-    for i in range(0, d, width):
-        panel = a[:, i:i + width].mT @ b[:, i:]  # rows i…i+width of the upper triangle
-        out[i:i + width, i:] = panel
-        out[i + width:, i:i + width] = panel[:, width:].mT
-    return out
-
-
-def _widened(rows: Tensor, width: int) -> Tensor:
-    """``rows`` with columns appended up to ``width``: the columns its storage already holds
-    beside each row where it has them (:meth:`curvlab.block.Block.inputs` leaves room — the
-    ``d × d`` block of the Gram does not depend on them), else zeros in a padded copy."""
-    r, d = rows.shape
-    end = rows.storage_offset() + (r - 1) * rows.stride(0) + width
-    if rows.stride(1) == 1 and rows.stride(0) >= width and end <= rows.untyped_storage().nbytes() // rows.element_size():
-        return rows.as_strided((r, width), (rows.stride(0), 1))
-    return torch.nn.functional.pad(rows, (0, width - d))
-
-
-def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand") -> KroneckerFactors:
+def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand", keep_rows: bool = False) -> KroneckerFactors:
     """KFAC factors [C]: expand, ``A = 1/(N·T) Σ_{n,t} x xᵀ``, ``G = Σ_{c,n,t} g gᵀ`` (KFC's
     ``Ω ⊗ Γ``, Grosse & Martens 2016, for convolutions); reduce, the same on
-    :func:`reduce_shared`'s pooled samples.  Both are exact for ``N = T = 1``.
+    :func:`reduce_shared`'s pooled samples.  Both are exact for ``N = T = 1``.  ``keep_rows``: a
+    factor with fewer samples than its width is handed over as its rows (:class:`~curvlab.gram.GramRows`).
     """
     if approx == "reduce":
         x, g = reduce_shared(x, g)
@@ -144,16 +71,17 @@ def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand") -> KroneckerFacto
     # g as [d_out, C·N·T] memory for T > 1: copied in runs of T, and the Gram reads along C·N·T
     # (as for A); a [C·N·T, d_out] copy transposes every output location
     gf = g.transpose(2, 3).reshape(-1, g.shape[2]) if t == 1 else g.permute(2, 0, 1, 3).reshape(g.shape[2], -1).mT
-    return KroneckerFactors(A=gram(xf, 1.0 / (n * t)), G=gram(gf))
+    return KroneckerFactors(A=gram_or_rows(xf, 1.0 / (n * t), keep_rows=keep_rows), G=gram_or_rows(gf, keep_rows=keep_rows))
 
 
-def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
+def tkfac_exact(x: Tensor, g: Tensor, keep_rows: bool = False) -> TraceStats:
     """TKFAC statistics as exact partial traces of F (trace-preserving) [D].
 
     ``δΦ = Σ_k M_kᵀ M_k``, ``δΨ = Σ_k M_k M_kᵀ``, ``δ = tr δΦ = tr F``.  For ``T = 1`` these are
     weighted outer products; for convolutions the cheaper of two routes is taken: Gram
     matrices over output locations (``δΦ = Σ_n Ā_nᵀ (Σ_c G_nc G_ncᵀ) Ā_n``) or explicit
-    per-sample gradients in chunks.
+    per-sample gradients in chunks.  ``keep_rows``: for ``T = 1``, a partial trace with fewer
+    samples than its width is handed over as its rows (:class:`~curvlab.gram.GramRows`).
     """
     c, n, d_out, t = g.shape
     d_in = x.shape[1]
@@ -161,8 +89,8 @@ def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
         a, gg = x[..., 0], g[..., 0]
         g_norms = gg.square().sum((0, 2))  # Σ_c ‖g_cn‖²  [N]
         a_norms = a.square().sum(1)  # ‖ā_n‖²  [N]
-        phi = gram(a, weights=g_norms)
-        psi = gram(gg.reshape(-1, d_out), weights=a_norms.repeat(c))
+        phi = gram_or_rows(a, weights=g_norms, keep_rows=keep_rows)
+        psi = gram_or_rows(gg.reshape(-1, d_out), weights=a_norms.repeat(c), keep_rows=keep_rows)
         return TraceStats(delta=(g_norms * a_norms).sum(), delta_phi=phi, delta_psi=psi)
 
     gram_cost, chunk_cost = partial_trace_costs(c, n, d_out, d_in, t)
@@ -171,14 +99,17 @@ def tkfac_exact(x: Tensor, g: Tensor) -> TraceStats:
     return TraceStats(delta=phi.trace(), delta_phi=phi, delta_psi=psi)
 
 
-def trace_statistics(x: Tensor, g: Tensor, form: str = "exact", approx: str = "expand") -> TraceStats:
+def trace_statistics(
+    x: Tensor, g: Tensor, form: str = "exact", approx: str = "expand", keep_rows: bool = False
+) -> TraceStats:
     """TKFAC's statistics of the samples ``M_k`` given by ``x``, ``g`` (see the module docstring):
     ``form="exact"`` the partial traces of ``Σ vec(M_k) vec(M_k)ᵀ``; ``"kfc"`` those of the
-    samples the Kronecker convention ``approx`` replaces ``M_k`` by (equal for ``T = 1``)."""
+    samples the Kronecker convention ``approx`` replaces ``M_k`` by (equal for ``T = 1``);
+    ``keep_rows`` as for :func:`tkfac_exact`."""
     if form == "exact" or x.shape[2] == 1:
-        return tkfac_exact(x, g)
+        return tkfac_exact(x, g, keep_rows)
     if approx == "reduce":
-        out = tkfac_exact(*reduce_shared(x, g))
+        out = tkfac_exact(*reduce_shared(x, g), keep_rows)
         out.form = "kfc"
         return out
     return tkfac_kfc(x, g)

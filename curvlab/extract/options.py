@@ -59,6 +59,10 @@ class ExtractOptions(OptionSet):
             default), or ``"propagate"``: the backward pass completes with NaN statistics (for
             callers that skip such a batch, like the optimizers: under data parallelism every rank
             must finish its backward, or the others wait for it forever).
+        gram_rows: hand over a KFAC factor, or TKFAC's ``δΦ``/``δΨ`` of a layer without weight
+            sharing, that has fewer samples than its width as its rows
+            (:class:`curvlab.gram.GramRows`) instead of the matrix: for consumers that only
+            accumulate it (curvlab's optimizers fold many batches' rows in one product).
     """
 
     fisher: str = "exact"
@@ -74,6 +78,7 @@ class ExtractOptions(OptionSet):
     kfac_approx: str = "expand"
     max_bytes: int = DEFAULT_MAX_BYTES
     non_finite: str = "raise"
+    gram_rows: bool = False
 
     owner = "curvlab.extract"
 
