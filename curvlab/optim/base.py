@@ -284,7 +284,8 @@ class KroneckerOptimizer(Optimizer):
         opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples, seed=seed,
                               stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True,
                               engine=self.options.engine, kfac_approx=self.options.kfac_approx,
-                              non_finite="propagate")  # a non-finite batch: NaN statistics, the step skipped
+                              non_finite="propagate",  # a non-finite batch: NaN statistics, the step skipped
+                              gram_rows=self._parallel is None)  # the ranks average matrices
         with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
                           quiet=bool(self._skip_streak)) as pending:
             yield

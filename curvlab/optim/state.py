@@ -18,7 +18,11 @@ place, decomposed as the state's :class:`~curvlab.approx.EighPolicy` ``eigh`` sa
 truncated eigenbasis for large factors) and ``build()`` (the object the next step inverts;
 ``None`` before the first refresh).  Running averages are ``X ← β X + (1 − β) X_batch`` in
 ``eigh.dtype``, initialised with the first batch (no zero bias); objects handed out by
-``build()`` are never modified later.  KFAC/TKFAC need no eigen-decomposition at all with their
+``build()`` are never modified later.  A statistic handed over as its rows
+(:class:`~curvlab.gram.GramRows`: fewer samples than its width, as the optimizers extract on one
+process) is kept as those rows (:class:`PendingRows`) until a refresh reads the average, or until
+they would fill half the matrix: the sum over the batches since is then one product, and a
+statistics step makes no pass over the ``d × d`` average.  KFAC/TKFAC need no eigen-decomposition at all with their
 default (Kronecker) damping: the objects invert ``(L + aI) ⊗ (R + bI)`` from two Cholesky
 factorisations, computed at the first step that uses them and kept with the object.
 
@@ -29,7 +33,7 @@ factorisations, computed at the first step that uses them and kept with the obje
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -38,6 +42,7 @@ from torch import Tensor
 from curvlab import approx
 from curvlab.approx import EXACT_EIGH, EighPolicy, KroneckerApproximation
 from curvlab.block import BlockLayout
+from curvlab.gram import GramRows, gram
 from curvlab.stats import KroneckerFactors, LayerStats
 
 
@@ -49,12 +54,52 @@ def ema_(old: Tensor | None, new: Tensor, decay: float, dtype: torch.dtype | Non
     return old.lerp_(new.to(old.dtype), 1.0 - decay)  # one pass; exactly ``new`` for decay 0
 
 
+@dataclass(eq=False)
+class PendingRows:
+    """Batches' rows not yet in a running average ``X``, which is ``decay · X + Σ_r w_r x_r x_rᵀ``
+    over ``rows`` with ``weights`` that already carry the averaging (each batch's
+    ``(1 − β) β^{batches since}``; 1 for the batch that starts the average)."""
+
+    rows: list[Tensor] = field(default_factory=list)
+    weights: list[Tensor] = field(default_factory=list)
+    decay: float = 1.0
+
+    @property
+    def count(self) -> int:
+        """The number of rows kept."""
+        return sum(r.shape[0] for r in self.rows)
+
+    def push(self, batch: GramRows, decay: float, first: bool, dtype: torch.dtype) -> None:
+        """Average in ``batch`` (``first``: it starts the average).  Weights are scaled in place
+        and kept in ``dtype``, so a state saved and loaded between two pushes folds bit-identically."""
+        self.decay *= decay
+        for w in self.weights:
+            w.mul_(decay)
+        self.rows.append(batch.rows.detach().clone())  # the extraction's buffers are not ours
+        self.weights.append(batch.weights.detach().to(dtype).mul_(1.0 if first else 1.0 - decay))
+
+    def fold(self, average: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The average with the rows folded in (``average`` updated in place)."""
+        total = gram(torch.cat(self.rows).to(dtype), weights=torch.cat(self.weights))
+        return total if average is None else average.mul_(self.decay).add_(total)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"rows": torch.cat(self.rows), "weights": torch.cat(self.weights),
+                "decay": torch.tensor(self.decay, dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> PendingRows:
+        return cls([tensors["rows"]], [tensors["weights"]], float(tensors["decay"]))
+
+
 class CurvatureState(ABC):
     """The curvature state of one block (see the module docstring)."""
 
     layout: BlockLayout
     name: str
     eigh: EighPolicy
+    #: statistic name → its rows not yet averaged in (running-average states only)
+    pending: dict[str, PendingRows]
 
     @abstractmethod
     def update(self, stats: LayerStats, decay: float) -> None:
@@ -79,8 +124,32 @@ class CurvatureState(ABC):
     def statistics(self) -> tuple[str, ...]:
         """Statistics (``curvlab.extract`` names) a statistics step must extract for it."""
 
+    def average_(self, name: str, new: Tensor | GramRows, decay: float) -> None:
+        """``X ← β X + (1 − β) new`` for the running statistic ``name`` (rows kept for later, see
+        the module docstring)."""
+        dt = self.eigh.dtype
+        if isinstance(new, GramRows) and (name in self.pending or 2 * new.rows.shape[0] < new.shape[0]):
+            pending = self.pending.setdefault(name, PendingRows())
+            pending.push(new, decay, first=getattr(self, name) is None and not pending.rows, dtype=dt)
+            if 2 * pending.count < new.shape[0]:
+                return
+            new = None  # half the matrix's size: fold them in now
+        current = getattr(self, name)
+        if name in self.pending:
+            current = self.pending.pop(name).fold(current, dt)
+        if new is not None:
+            current = ema_(current, new.dense() if isinstance(new, GramRows) else new, decay, dt)
+        setattr(self, name, current)
+
+    def fold_(self) -> None:
+        """Average in every statistic's kept rows (before anything reads the averages)."""
+        for name, pending in self.pending.items():
+            setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
+        self.pending.clear()
+
     def tensors(self) -> dict[str, Tensor]:
-        """The state as ``field[.sub] → tensor`` (fields that are ``None`` are left out)."""
+        """The state as ``field[.sub] → tensor`` (fields that are ``None`` are left out; kept rows
+        as ``pending.<statistic>.<part>``)."""
         out: dict[str, Tensor] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
@@ -88,6 +157,8 @@ class CurvatureState(ABC):
                 out[f.name] = value
             elif isinstance(value, (CurvatureState, KroneckerApproximation)):
                 out.update({f"{f.name}.{k}": v for k, v in value.tensors().items()})
+            elif f.name == "pending":
+                out.update({f"pending.{stat}.{k}": v for stat, p in value.items() for k, v in p.tensors().items()})
         return out
 
     def load(self, tensors: dict[str, Tensor]) -> None:
@@ -104,6 +175,10 @@ class CurvatureState(ABC):
             if f.name in tensors:  # a running statistic
                 setattr(self, f.name, tensors[f.name].to(dtype=self.eigh.dtype))
                 used.add(f.name)
+            elif f.name == "pending":
+                stats = {k.split(".", 1)[0] for k in sub}
+                self.pending = {stat: PendingRows.from_tensors({k.split(".", 1)[1]: v for k, v in sub.items()
+                                                                if k.split(".", 1)[0] == stat}) for stat in stats}
             elif sub and isinstance(current, CurvatureState):
                 current.load(sub)
             elif sub:  # the approximation object
@@ -134,25 +209,28 @@ class RunningFactors(CurvatureState):
     G: Tensor | None = None
     approximation: approx.KFAC | None = None
     eigh: EighPolicy = EXACT_EIGH
+    pending: dict[str, PendingRows] = field(default_factory=dict)
 
     @property
     def has_statistics(self) -> bool:
-        return self.A is not None
+        return self.A is not None or "A" in self.pending
 
     def update(self, stats: LayerStats, decay: float) -> None:
         factors = stats.kfac.get(self.flavour)
         if factors is not None:
-            dt = self.eigh.dtype
-            self.A, self.G = ema_(self.A, factors.A, decay, dt), ema_(self.G, factors.G, decay, dt)
+            self.average_("A", factors.A, decay)
+            self.average_("G", factors.G, decay)
 
     def snapshot(self) -> KroneckerFactors:
         """The current averages (the tensors themselves: updated in place later, so copy what
         must not change — the approximation constructors do)."""
+        self.fold_()
         return KroneckerFactors(A=self.A, G=self.G)
 
     def refresh(self) -> None:
         # KFAC's constructor copies (symmetrises) or truncates the factors
-        self.approximation = approx.KFAC(self.A, self.G, layout=self.layout, name=self.name, eigh=self.eigh)
+        f = self.snapshot()
+        self.approximation = approx.KFAC(f.A, f.G, layout=self.layout, name=self.name, eigh=self.eigh)
 
     def build(self) -> approx.KFAC | None:
         return self.approximation
@@ -173,6 +251,7 @@ class RunningTraces(CurvatureState):
     delta_psi: Tensor | None = None
     approximation: approx.TKFAC | None = None
     eigh: EighPolicy = EXACT_EIGH
+    pending: dict[str, PendingRows] = field(default_factory=dict)
 
     @property
     def has_statistics(self) -> bool:
@@ -181,13 +260,13 @@ class RunningTraces(CurvatureState):
     def update(self, stats: LayerStats, decay: float) -> None:
         ts = stats.tkfac
         if ts is not None:
-            dt = self.eigh.dtype
-            self.delta = ema_(self.delta, ts.delta.reshape(()), decay, dt)
-            self.delta_phi = ema_(self.delta_phi, ts.delta_phi, decay, dt)
-            self.delta_psi = ema_(self.delta_psi, ts.delta_psi, decay, dt)
+            self.delta = ema_(self.delta, ts.delta.reshape(()), decay, self.eigh.dtype)
+            self.average_("delta_phi", ts.delta_phi, decay)
+            self.average_("delta_psi", ts.delta_psi, decay)
 
     def refresh(self) -> None:
         # TKFAC's constructor copies (symmetrises) or truncates δΦ, δΨ; δ is a 0-dim view
+        self.fold_()
         self.approximation = approx.TKFAC(
             self.delta.clone(), self.delta_phi, self.delta_psi, layout=self.layout, name=self.name, eigh=self.eigh
         )
@@ -242,7 +321,7 @@ class EKFACBasis(Eigenbasis):
             self.rescale(stats.kfe_scaling, decay)
 
     def refresh(self) -> None:
-        f = self.factors
+        f = self.factors.snapshot()
         self.approximation = approx.EKFAC.from_factors(
             f.A, f.G, scaling="kronecker", layout=self.layout, name=self.name, eigh=self.eigh
         )
@@ -279,6 +358,7 @@ class TEKFACBasis(Eigenbasis):
 
     def refresh(self) -> None:
         t = self.traces
+        t.fold_()
         self.approximation = approx.TEKFAC.from_trace_stats(
             t.delta, t.delta_phi, t.delta_psi,
             basis=None if self.factors is None else self.factors.snapshot(),

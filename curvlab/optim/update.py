@@ -31,7 +31,7 @@ def finiteness_terms(
 
     A tensor is taken as finite when its sum is (a sum overflows only for entries near the
     dtype's maximum, as harmful as ``inf``).  Of the Gram-type statistics (``A``, ``G``, ``δΦ``,
-    ``δΨ``: sums of outer products) only the diagonal is summed — a non-finite entry of
+    ``δΨ``: sums of outer products) only the trace is taken — a non-finite entry of
     ``Σ_k v_k v_kᵀ`` implies a non-finite diagonal entry — so the check costs O(D), not O(D²),
     for a D × D factor.
     """
@@ -41,12 +41,12 @@ def finiteness_terms(
     elif isinstance(loss, (int, float)) and not math.isfinite(loss):
         return None
     values.extend(v.sum() for v in losses)
-    for ls in stats:
+    for ls in stats:  # trace(): a matrix's, or a GramRows' from its rows
         for f in ls.kfac.values():
-            values.extend((f.A.diagonal().sum(), f.G.diagonal().sum()))
+            values.extend((f.A.trace(), f.G.trace()))
         if ls.tkfac is not None:
             ts = ls.tkfac
-            values.extend((ts.delta.sum(), ts.delta_phi.diagonal().sum(), ts.delta_psi.diagonal().sum()))
+            values.extend((ts.delta.sum(), ts.delta_phi.trace(), ts.delta_psi.trace()))
         if ls.kfe_scaling is not None:
             values.append(ls.kfe_scaling.sum())
     return values

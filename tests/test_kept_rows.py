@@ -1,0 +1,110 @@
+"""Statistics kept as their rows (``GramRows``): a wide layer from a small batch.
+
+The extraction hands over a factor with fewer samples than its width as its rows; the optimizers
+keep those rows until a refresh (or until they fill half the matrix) and fold them in then.  What
+they invert must be the running average of the dense statistics, and a checkpoint taken while
+rows are kept must resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.approx import KFAC as KFACApprox
+from curvlab.approx import TKFAC as TKFACApprox
+from curvlab.extract import extract
+from curvlab.gram import GramRows
+from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC
+from helpers import tiny_mlp
+
+DT = torch.float64
+D_IN = 40  # layer "0": 41 wide with the bias column, from 6 rows a batch
+ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
+IDS = [c.__name__ for c in ALL]
+
+
+def batches(n: int, size: int = 6, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, D_IN, generator=gen, dtype=DT), torch.randint(0, 3, (size,), generator=gen))
+            for _ in range(n)]
+
+
+def train(opt, model, data) -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in data:
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        opt.step()
+
+
+def test_extraction_hands_over_narrow_batches_as_rows() -> None:
+    """With ``gram_rows=True`` the wide statistics of a small batch are rows whose matrix is the
+    default extraction's; the others are matrices, as without it."""
+    model, loss_fn = tiny_mlp(0, d_in=D_IN), nn.CrossEntropyLoss()
+    x, y = batches(1)[0]
+    dense = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac", "tkfac"))
+    rows = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac", "tkfac"), gram_rows=True)
+    wide = rows["0"]
+    assert isinstance(wide.kfac["exact"].A, GramRows) and isinstance(wide.tkfac.delta_phi, GramRows)
+    for got, want in ((wide.kfac["exact"].A, dense["0"].kfac["exact"].A), (wide.tkfac.delta_phi, dense["0"].tkfac.delta_phi)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.dense(), want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got.trace(), want.trace(), rtol=1e-12, atol=1e-14)
+    # 18 rows (3 classes × 6) for the 4-wide G and δΨ, 6 for layer "2"'s 5-wide A: matrices
+    for got, want in ((wide.kfac["exact"].G, dense["0"].kfac["exact"].G), (rows["2"].kfac["exact"].A, dense["2"].kfac["exact"].A)):
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls) -> None:
+    """lr = 0 (the batches' statistics fixed), statistics every step, a refresh every 6: the
+    rows of layer "0" are kept between refreshes and folded at the fourth batch (24 rows ≥ 41/2)
+    and at each refresh.  After the refresh at step 12 every block inverts the Kronecker object of
+    the running averages of the dense statistics, computed here from ``extract`` in float64."""
+    data, decay = batches(13), 0.8
+    model, loss_fn = tiny_mlp(0, d_in=D_IN), nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.0, stat_decay=decay, stats_interval=1, eigen_interval=6, scale_interval=1,
+              fisher="exact", factor_dtype="float64")
+    train(opt, model, data)
+    averages: dict[str, dict[str, torch.Tensor]] = {}
+    for x, y in data:
+        for name, s in extract(model, loss_fn, x, y, fisher="exact", stats=("kfac", "tkfac")).items():
+            kf, tk = s.kfac["exact"], s.tkfac
+            new = dict(A=kf.A, G=kf.G, delta=tk.delta, phi=tk.delta_phi, psi=tk.delta_psi)
+            old = averages.get(name)
+            averages[name] = new if old is None else {k: decay * old[k] + (1 - decay) * new[k] for k in new}
+    for name, approx in opt.approximations().items():
+        avg = averages[name]
+        if cls in (KFAC, EKFAC):
+            want = KFACApprox(avg["A"], avg["G"], layout=approx.layout).to_dense()
+        else:
+            want = TKFACApprox(avg["delta"], avg["phi"], avg["psi"], layout=approx.layout).to_dense()
+        torch.testing.assert_close(approx.to_dense(), want, rtol=1e-9, atol=1e-12, msg=f"{cls.__name__} {name}")
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_checkpoint_with_kept_rows_resumes_bit_identically(cls, tmp_path) -> None:
+    """Saved two statistics steps after a refresh (rows kept), through a weights-only file: the
+    resumed optimizer's next steps, refresh included, are bit-identical."""
+    options = dict(lr=0.05, stats_interval=1, eigen_interval=5, scale_interval=1, fisher="exact")
+    data = batches(9)
+    model = tiny_mlp(0, d_in=D_IN)
+    opt = cls(model, **options)
+    train(opt, model, data[:3])
+    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert any(".pending." in k or k.startswith("pending.") for k in saved["opt"]["curvlab"]["blocks"]["0"]["curvature"])
+    model2 = tiny_mlp(4, d_in=D_IN)
+    model2.load_state_dict(saved["model"])
+    opt2 = cls(model2, **options)
+    opt2.load_state_dict(saved["opt"])
+    train(opt, model, data[3:])
+    train(opt2, model2, data[3:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for name, approx in opt.approximations().items():
+        assert torch.equal(approx.to_dense(), opt2.approximations()[name].to_dense())
