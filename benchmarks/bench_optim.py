@@ -8,7 +8,9 @@ ResNet-18) on a pool of random batches, every peer (``peers.build``: statistics 
 kind of its step is timed by pinning the schedule position:
 
 * ``plain`` (k = 1), ``stats`` (k = S: statistics, and for EKFAC/TEKFAC the rescaling),
-  ``refresh`` (k = R) — first-order peers have plain steps only;
+  ``refresh`` (k = R; after the schedule's R/S − 1 statistics steps, untimed, where they take at
+  most ``--replay-seconds``: the refresh folds in the rows they leave, see
+  :func:`schedule_before_refresh`) — first-order peers have plain steps only;
 * **amortised** = (1·refresh + (R/S − 1)·stats + (R − R/S)·plain)/R, from the medians;
 * ``fwd+bwd`` (zero_grad, forward, backward), ``gemm`` (a 1024³ float32 matmul: the GEMM rate
   r of this run) and ``rotations`` (the four GEMMs ``U_outᵀ X U_in``/``U_out Y U_inᵀ`` of every
@@ -45,7 +47,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -248,9 +250,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
         for name, st in steppers.items():
             st.warm_up()
             kinds = ("plain",) if name in ("sgd", "adam") else ("plain", "stats", "refresh")
+            setup = schedule_before_refresh(st, args.replay_seconds) if len(kinds) > 1 else None
             for kind in kinds:
                 k = st.positions[kind]
-                rows.append(Row(f"{name}:{kind}", lambda st=st, k=k: st.step_at(k)))
+                rows.append(Row(f"{name}:{kind}", lambda st=st, k=k: st.step_at(k),
+                                setup=setup if kind == "refresh" else None,
+                                note="after the schedule's statistics steps" if setup and kind == "refresh" else ""))
         slow = {}
         for row in rows:
             t = row.calibrate(device, args.min_time)
@@ -264,7 +269,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
         )
     for row in rows:
         if row.key in slow:
-            row.note = f"{len(row.samples)} sample(s) (one call {slow[row.key]:.1f} s)"
+            row.note = "; ".join(filter(None, (row.note, f"{len(row.samples)} sample(s) (one call {slow[row.key]:.1f} s)")))
     return {**summarise_rows(spec, sizes, rows, args), "repeats": repeats}
 
 
@@ -330,6 +335,25 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
                          "all_s": r.samples} for r in rows},
         "targets": targets(table, floor / sgd, gpu_resnet=args.device.startswith("cuda") and spec.key == "resnet18"),
     }
+
+
+def schedule_before_refresh(st: peers.Stepper, budget: float) -> Callable[[], None] | None:
+    """The statistics steps a schedule takes between two refreshes (R/S − 1, untimed), to run
+    before each timed refresh: curvlab keeps a narrow batch's rows (``GramRows``) until the
+    refresh folds them in, so a refresh costs what the steps before it left — in a schedule, R/S − 1
+    batches.  ``None`` when they would take more than ``budget`` seconds (one statistics step
+    timed now): ResNet-18's only kept rows are its last Linear's input (513 wide, 128 rows), folded
+    at every second batch, so its refresh folds 1–2 batches either way."""
+    k, n = st.positions["stats"], st.refresh_interval // st.stats_interval - 1
+    started = time.perf_counter()
+    st.step_at(k)
+    if n < 1 or n * (time.perf_counter() - started) > budget:
+        return None
+
+    def replay() -> None:
+        for _ in range(n):
+            st.step_at(k)
+    return replay
 
 
 def summarise_rows(spec: ModelSpec, sizes, rows: list[Row], args) -> dict:
@@ -462,7 +486,7 @@ def markdown(res: dict) -> str:
                                   "plain ×SGD", "stats ×fwd+bwd", "its floor", "refresh ×SGD"], body)
         notes = [f"{k}: {v['note']}" for k, v in r["rows"].items() if v["note"]]
         if notes:
-            lines += ["", "Slow rows: " + "; ".join(notes)]
+            lines += ["", "Row notes: " + "; ".join(notes)]
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
@@ -523,6 +547,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model-repeats", default="", help="per-model repeats for slow models, e.g. resnet18=1")
     p.add_argument("--min-time", type=float, default=0.05, help="seconds per measurement (fast rows: several calls)")
+    p.add_argument("--replay-seconds", type=float, default=10.0,
+                   help="replay the schedule's statistics steps before each timed refresh when they take at most this")
     p.add_argument("--slow-seconds", type=float, default=2.0, help="rows slower than this get --slow-repeats samples")
     p.add_argument("--slow-repeats", type=int, default=3)
     p.add_argument("--stats-interval", type=int, default=10)
