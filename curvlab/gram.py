@@ -42,7 +42,9 @@ class GramRows:
         return self.weights @ self.rows.square().sum(1)
 
 
-def gram_or_rows(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None, keep_rows: bool = False) -> Tensor | GramRows:
+def gram_or_rows(
+    rows: Tensor, scale: float = 1.0, weights: Tensor | None = None, keep_rows: bool = False
+) -> Tensor | GramRows:
     """:func:`gram`, or with ``keep_rows`` and fewer rows than columns the rows themselves
     (:class:`GramRows`, not copied)."""
     r, d = rows.shape

@@ -71,7 +71,8 @@ def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand", keep_rows: bool =
     # g as [d_out, C·N·T] memory for T > 1: copied in runs of T, and the Gram reads along C·N·T
     # (as for A); a [C·N·T, d_out] copy transposes every output location
     gf = g.transpose(2, 3).reshape(-1, g.shape[2]) if t == 1 else g.permute(2, 0, 1, 3).reshape(g.shape[2], -1).mT
-    return KroneckerFactors(A=gram_or_rows(xf, 1.0 / (n * t), keep_rows=keep_rows), G=gram_or_rows(gf, keep_rows=keep_rows))
+    return KroneckerFactors(A=gram_or_rows(xf, 1.0 / (n * t), keep_rows=keep_rows),
+                            G=gram_or_rows(gf, keep_rows=keep_rows))
 
 
 def tkfac_exact(x: Tensor, g: Tensor, keep_rows: bool = False) -> TraceStats:

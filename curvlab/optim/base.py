@@ -49,8 +49,9 @@ of the loss as the user computes it, of the flavour ``fisher`` (MC sampling draw
 global RNG: save ``torch.get_rng_state()`` with :meth:`~KroneckerOptimizer.state_dict` for a
 bit-identical resume).  Cost per ``d_out × D`` block: ``4 d_out D (d_out + D)`` flops a step for
 the two rotations (half that in the inverse form; ``O(d_out D k)`` on a truncated side of rank
-``k``); ``O(N T D²)`` a statistics step; one ``O(D³)`` eigh or Cholesky per factor a refresh
-(``O(D² k)`` truncated).
+``k``); ``O(N T D²)`` a statistics step (on one process, a factor from fewer samples than its
+width ``D`` keeps their rows, ``O(N T D)``, until the refresh folds them in: :mod:`curvlab.optim.state`);
+one ``O(D³)`` eigh or Cholesky per factor a refresh (``O(D² k)`` truncated).
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ truncated eigenbasis for large factors) and ``build()`` (the object the next ste
 (:class:`~curvlab.gram.GramRows`: fewer samples than its width, as the optimizers extract on one
 process) is kept as those rows (:class:`PendingRows`) until a refresh reads the average, or until
 they would fill half the matrix: the sum over the batches since is then one product, and a
-statistics step makes no pass over the ``d × d`` average.  KFAC/TKFAC need no eigen-decomposition at all with their
-default (Kronecker) damping: the objects invert ``(L + aI) ⊗ (R + bI)`` from two Cholesky
-factorisations, computed at the first step that uses them and kept with the object.
+statistics step makes no pass over the ``d × d`` average (:class:`RunningAverages`).
+KFAC/TKFAC need no eigen-decomposition at all with their default (Kronecker) damping: the
+objects invert ``(L + aI) ⊗ (R + bI)`` from two Cholesky factorisations, computed at the first
+step that uses them and kept with the object.
 
 ``tensors()``/``load()`` give and take the state as a flat ``name → tensor`` mapping — what
 :meth:`KroneckerOptimizer.state_dict` saves (loadable with ``torch.load(weights_only=True)``).
@@ -98,8 +99,6 @@ class CurvatureState(ABC):
     layout: BlockLayout
     name: str
     eigh: EighPolicy
-    #: statistic name → its rows not yet averaged in (running-average states only)
-    pending: dict[str, PendingRows]
 
     @abstractmethod
     def update(self, stats: LayerStats, decay: float) -> None:
@@ -123,29 +122,6 @@ class CurvatureState(ABC):
     @abstractmethod
     def statistics(self) -> tuple[str, ...]:
         """Statistics (``curvlab.extract`` names) a statistics step must extract for it."""
-
-    def average_(self, name: str, new: Tensor | GramRows, decay: float) -> None:
-        """``X ← β X + (1 − β) new`` for the running statistic ``name`` (rows kept for later, see
-        the module docstring)."""
-        dt = self.eigh.dtype
-        if isinstance(new, GramRows) and (name in self.pending or 2 * new.rows.shape[0] < new.shape[0]):
-            pending = self.pending.setdefault(name, PendingRows())
-            pending.push(new, decay, first=getattr(self, name) is None and not pending.rows, dtype=dt)
-            if 2 * pending.count < new.shape[0]:
-                return
-            new = None  # half the matrix's size: fold them in now
-        current = getattr(self, name)
-        if name in self.pending:
-            current = self.pending.pop(name).fold(current, dt)
-        if new is not None:
-            current = ema_(current, new.dense() if isinstance(new, GramRows) else new, decay, dt)
-        setattr(self, name, current)
-
-    def fold_(self) -> None:
-        """Average in every statistic's kept rows (before anything reads the averages)."""
-        for name, pending in self.pending.items():
-            setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
-        self.pending.clear()
 
     def tensors(self) -> dict[str, Tensor]:
         """The state as ``field[.sub] → tensor`` (fields that are ``None`` are left out; kept rows
@@ -175,10 +151,12 @@ class CurvatureState(ABC):
             if f.name in tensors:  # a running statistic
                 setattr(self, f.name, tensors[f.name].to(dtype=self.eigh.dtype))
                 used.add(f.name)
-            elif f.name == "pending":
-                stats = {k.split(".", 1)[0] for k in sub}
-                self.pending = {stat: PendingRows.from_tensors({k.split(".", 1)[1]: v for k, v in sub.items()
-                                                                if k.split(".", 1)[0] == stat}) for stat in stats}
+            elif f.name == "pending":  # pending.<statistic>.<part>
+                parts: dict[str, dict[str, Tensor]] = {}
+                for key, value in sub.items():
+                    stat, part = key.split(".", 1)
+                    parts.setdefault(stat, {})[part] = value
+                self.pending = {stat: PendingRows.from_tensors(p) for stat, p in parts.items()}
             elif sub and isinstance(current, CurvatureState):
                 current.load(sub)
             elif sub:  # the approximation object
@@ -194,8 +172,39 @@ class CurvatureState(ABC):
             raise ValueError(f"{type(self).__name__}: unexpected state tensors {extra}")
 
 
+class RunningAverages(CurvatureState):
+    """A state of running averages ``X ← β X + (1 − β) X_batch``; a batch handed over as its rows
+    is kept in :attr:`pending` (see the module docstring)."""
+
+    #: statistic name → its rows not yet averaged in
+    pending: dict[str, PendingRows]
+
+    def average_(self, name: str, new: Tensor | GramRows, decay: float) -> None:
+        """``X ← β X + (1 − β) new`` for the running statistic ``name`` (rows kept for later, see
+        the module docstring)."""
+        dt = self.eigh.dtype
+        if isinstance(new, GramRows) and (name in self.pending or 2 * new.rows.shape[0] < new.shape[0]):
+            pending = self.pending.setdefault(name, PendingRows())
+            pending.push(new, decay, first=getattr(self, name) is None and not pending.rows, dtype=dt)
+            if 2 * pending.count < new.shape[0]:
+                return
+            new = None  # half the matrix's size: fold them in now
+        current = getattr(self, name)
+        if name in self.pending:
+            current = self.pending.pop(name).fold(current, dt)
+        if new is not None:
+            current = ema_(current, new.dense() if isinstance(new, GramRows) else new, decay, dt)
+        setattr(self, name, current)
+
+    def fold_(self) -> None:
+        """Average in every statistic's kept rows (before anything reads the averages)."""
+        for name, pending in self.pending.items():
+            setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
+        self.pending.clear()
+
+
 @dataclass(eq=False)
-class RunningFactors(CurvatureState):
+class RunningFactors(RunningAverages):
     """Running KFAC factors ``A``, ``G`` of one flavour; builds ``curvlab.approx.KFAC`` from the
     averages at the last refresh (the inverse interval of Martens & Grosse)."""
 
@@ -237,7 +246,7 @@ class RunningFactors(CurvatureState):
 
 
 @dataclass(eq=False)
-class RunningTraces(CurvatureState):
+class RunningTraces(RunningAverages):
     """Running TKFAC statistics ``δ``, ``δΦ``, ``δΨ`` — averaged *unnormalised* (normalising
     first would break ``tr K̂ = tr F``); builds ``curvlab.approx.TKFAC``."""
 
