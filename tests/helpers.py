@@ -43,6 +43,23 @@ def tiny_cnn(seed: int = 0, classes: int = 3) -> nn.Sequential:
     ).double()
 
 
+def batches(n: int = 6, size: int = 32, shape: tuple[int, ...] = (2, 6, 6), seed: int = 5) -> list[tuple[Tensor, Tensor]]:
+    """``n`` float64 batches of ``size`` inputs of ``shape`` with labels of 3 classes."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *shape, generator=gen, dtype=torch.float64), torch.randint(0, 3, (size,), generator=gen))
+            for _ in range(n)]
+
+
+def train(opt, model: nn.Module, data) -> None:
+    """One curvlab optimizer step per batch, the forward and backward inside ``opt.track``."""
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in data:
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        opt.step()
+
+
 def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
     """Random inputs of the right shape and targets for ``loss_fn``."""
     gen = torch.Generator().manual_seed(seed)

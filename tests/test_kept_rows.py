@@ -17,34 +17,22 @@ from curvlab.approx import TKFAC as TKFACApprox
 from curvlab.extract import extract
 from curvlab.gram import GramRows
 from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC
-from helpers import tiny_mlp
+from helpers import batches, tiny_mlp, train
 
-DT = torch.float64
 D_IN = 40  # layer "0": 41 wide with the bias column, from 6 rows a batch
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
 IDS = [c.__name__ for c in ALL]
 
 
-def batches(n: int, size: int = 6, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, D_IN, generator=gen, dtype=DT), torch.randint(0, 3, (size,), generator=gen))
-            for _ in range(n)]
-
-
-def train(opt, model, data) -> None:
-    loss_fn = nn.CrossEntropyLoss()
-    for x, y in data:
-        opt.zero_grad()
-        with opt.track(loss_fn):
-            loss_fn(model(x), y).backward()
-        opt.step()
+def wide_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return batches(n, size=6, shape=(D_IN,), seed=3)
 
 
 def test_extraction_hands_over_narrow_batches_as_rows() -> None:
     """With ``gram_rows=True`` the wide statistics of a small batch are rows whose matrix is the
     default extraction's; the others are matrices, as without it."""
     model, loss_fn = tiny_mlp(0, d_in=D_IN), nn.CrossEntropyLoss()
-    x, y = batches(1)[0]
+    x, y = wide_batches(1)[0]
     dense = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac", "tkfac"))
     rows = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac", "tkfac"), gram_rows=True)
     wide = rows["0"]
@@ -67,7 +55,7 @@ def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls) ->
     rows of layer "0" are kept between refreshes and folded at the fourth batch (24 rows ≥ 41/2)
     and at each refresh.  After the refresh at step 12 every block inverts the Kronecker object of
     the running averages of the dense statistics, computed here from ``extract`` in float64."""
-    data, decay = batches(13), 0.8
+    data, decay = wide_batches(13), 0.8
     model, loss_fn = tiny_mlp(0, d_in=D_IN), nn.CrossEntropyLoss()
     opt = cls(model, lr=0.0, stat_decay=decay, stats_interval=1, eigen_interval=6, scale_interval=1,
               fisher="exact", factor_dtype="float64")
@@ -93,7 +81,7 @@ def test_a_checkpoint_with_kept_rows_resumes_bit_identically(cls, tmp_path) -> N
     """Saved two statistics steps after a refresh (rows kept), through a weights-only file: the
     resumed optimizer's next steps, refresh included, are bit-identical."""
     options = dict(lr=0.05, stats_interval=1, eigen_interval=5, scale_interval=1, fisher="exact")
-    data = batches(9)
+    data = wide_batches(9)
     model = tiny_mlp(0, d_in=D_IN)
     opt = cls(model, **options)
     train(opt, model, data[:3])

@@ -14,7 +14,7 @@ from curvlab.approx.inverse import KroneckerInverse
 from curvlab.approx.spectral import optimal_scaling
 from curvlab.extract import extract
 from curvlab.optim import EKFAC, KFAC, OPTIMIZERS, TEKFAC, TKFAC
-from helpers import tiny_cnn, tiny_mlp
+from helpers import batches, tiny_cnn, tiny_mlp, train
 
 DT = torch.float64
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
@@ -22,21 +22,6 @@ IDS = [c.__name__ for c in ALL]
 #: Relative agreement of the float32 route with the float64 one (see the module docstring).
 FLOAT32_RTOL = 1e-4
 SCHEDULE = dict(stats_interval=1, scale_interval=1, eigen_interval=2, kl_clip=None, fisher="exact")
-
-
-def batches(n: int = 6, size: int = 32, shape: tuple[int, ...] = (2, 6, 6)) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(size, *shape, generator=gen, dtype=DT), torch.randint(0, 3, (size,), generator=gen))
-            for _ in range(n)]
-
-
-def train(opt, model, data) -> None:
-    loss_fn = nn.CrossEntropyLoss()
-    for x, y in data:
-        opt.zero_grad()
-        with opt.track(loss_fn):
-            loss_fn(model(x), y).backward()
-        opt.step()
 
 
 def displacement(cls, data, **options) -> torch.Tensor:
