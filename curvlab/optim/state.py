@@ -186,21 +186,19 @@ class RunningAverages(CurvatureState):
         if isinstance(new, GramRows) and (name in self.pending or 2 * new.rows.shape[0] < new.shape[0]):
             pending = self.pending.setdefault(name, PendingRows())
             pending.push(new, decay, first=getattr(self, name) is None and not pending.rows, dtype=dt)
-            if 2 * pending.count < new.shape[0]:
-                return
-            new = None  # half the matrix's size: fold them in now
-        current = getattr(self, name)
-        if name in self.pending:
-            current = self.pending.pop(name).fold(current, dt)
-        if new is not None:
-            current = ema_(current, new.dense() if isinstance(new, GramRows) else new, decay, dt)
-        setattr(self, name, current)
+            if 2 * pending.count >= new.shape[0]:  # half the matrix's size: fold them in now
+                self.fold_(name)
+            return
+        self.fold_(name)  # rows kept from smaller batches come first
+        setattr(self, name, ema_(getattr(self, name), new.dense() if isinstance(new, GramRows) else new, decay, dt))
 
-    def fold_(self) -> None:
-        """Average in every statistic's kept rows (before anything reads the averages)."""
-        for name, pending in self.pending.items():
-            setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
-        self.pending.clear()
+    def fold_(self, *names: str) -> None:
+        """Average in the kept rows of ``names`` (default: every statistic), before anything reads
+        the averages."""
+        for name in names or list(self.pending):
+            pending = self.pending.pop(name, None)
+            if pending is not None:
+                setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
 
 
 @dataclass(eq=False)
