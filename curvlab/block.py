@@ -134,6 +134,22 @@ def planes_first(x: Tensor) -> bool:
     return x.permute(1, 0, 2).is_contiguous()
 
 
+def ones_plane_after(x: Tensor) -> Tensor | None:
+    """``[x; 1]`` (``[N, D + 1, T]``) as a view of ``x``'s storage when the plane after its
+    ``[D, N, T]`` memory holds ones (a CPU convolution's patches with a bias: the unfold leaves
+    that plane, :func:`curvlab.extract.autograd.layer_io.unfold_input`), else ``None``.  The
+    ones are checked — O(N·T), against a copy of all ``D·N·T`` — so that no other tensor's
+    memory is ever read as them; off the CPU the check would synchronise, and is not made."""
+    n, d_in, t = x.shape
+    if x.device.type != "cpu" or not planes_first(x) or x.stride(1) != n * t:
+        return None
+    end = x.storage_offset() + (d_in + 1) * n * t
+    if end > x.untyped_storage().nbytes() // x.element_size():
+        return None
+    full = x.as_strided((d_in + 1, n, t), (n * t, t, 1)).permute(1, 0, 2)
+    return full if bool(full[:, d_in].eq(1).all()) else None
+
+
 @dataclass(frozen=True, eq=False)
 class Block:
     """One curvature block of a layer: its weight, its bias, or both as ``W̄ = [W b]``.
@@ -202,7 +218,11 @@ class Block:
         n, d_in, t = x.shape
         d = d_in + 1
         if t > 1 and planes_first(x):
-            # the [D, N, T] memory of a convolution's patches: the row of ones is one more plane
+            # the [D, N, T] memory of a convolution's patches: the row of ones is one more plane,
+            # the one the unfold leaves after them where it does (no copy of the patches)
+            ones = ones_plane_after(x)
+            if ones is not None:
+                return ones
             out = x.new_empty(d, n, t)
             out[:d_in] = x.permute(1, 0, 2)
             out[d_in] = 1

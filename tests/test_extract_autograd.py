@@ -416,6 +416,19 @@ def test_bias_row_and_several_calls_keep_the_unfolded_values(layer) -> None:
     torch.testing.assert_close(factors.G, torch.einsum("cnot,cnpt->op", g, g), rtol=1e-12, atol=1e-12)
 
 
+
+def test_bias_row_is_ones_whatever_memory_follows_the_patches() -> None:
+    """``Block.inputs`` of a convolution's patches reads no memory after them as its row of ones
+    unless it holds ones: the first planes of a larger ``[D', N, T]`` tensor (random values
+    after them, then ones after them) give the same ``[x; 1]`` as a fresh ``torch.cat``."""
+    (block,) = Block.of_layer("conv", nn.Conv2d(2, 3, 2).double())
+    for after in (torch.randn, torch.ones):
+        planes = torch.randn(9, 3, 5, dtype=torch.float64)
+        planes[8] = after(3, 5, dtype=torch.float64)
+        x = planes[:8].permute(1, 0, 2)  # [N, D, T] view of [D, N, T] memory, D = 2·2·2
+        want = torch.cat([x, torch.ones(3, 1, 5, dtype=torch.float64)], 1)
+        torch.testing.assert_close(block.inputs(x), want, rtol=0, atol=0)
+
 def test_model_left_untouched_and_errors() -> None:
     loss_fn = nn.CrossEntropyLoss()
     model, x, y = zoo.make("vit", loss_fn=loss_fn)

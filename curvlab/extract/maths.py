@@ -51,6 +51,21 @@ def _chunks(n: int, per_example: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def per_sample_products(g: Tensor, x: Tensor) -> Tensor:
+    """Every ``M_{c,n} = Σ_t g_{c,n,:,t} x_{n,:,t}ᵀ``, ``[C, N, d_out, D]``.
+
+    Where ``x`` is stored along ``T`` (a convolution's patches) and there are fewer than 64
+    outputs it is the transpose of ``x_n g_nᵀ`` (a view of ``[C, N, D, d_out]`` memory): one
+    batched GEMM reading the patches as they lie, where the einsum's ``g_n x_nᵀ`` took twice as long
+    (this project's CPU, one thread: 64 × 145 × 1024 patches, 32 outputs, 18.7 → 9.4 ms; 16
+    outputs from 28 × 1024: 2.3 → 1.2 ms; but 64 outputs from 576 × 1024: 33 → 35 ms)."""
+    c, n, d_out, t = g.shape
+    if d_out >= 64 or t == 1 or x.stride(2) != 1:
+        return torch.einsum("cnot,ndt->cnod", g, x)
+    products = [torch.bmm(x, column.mT) for column in g]  # [N, D, d_out] each
+    return (products[0].unsqueeze(0) if c == 1 else torch.stack(products)).mT
+
+
 def reduce_shared(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """KFAC-reduce's pooled samples: ``x̂ = mean_t x`` (``[N, D, 1]``), ``ĝ = Σ_t g`` (``[C, N, d_out, 1]``)."""
     return x.mean(2, keepdim=True), g.sum(3, keepdim=True)
@@ -153,7 +168,7 @@ def partial_traces_by_chunks(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     c, n, d_out, d_in = *g.shape[:3], x.shape[1]
     phi = psi = None
     for sl in _chunks(n, c * d_out * max(d_in, d_out)):
-        m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
+        m = per_sample_products(g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
         # one GEMM over the rows of every M_k, and batched M_k M_kᵀ: an einsum over (c, n, d)
         # copies M into [d_out, B·D] first (128×1152 at T=256: 0.35 + 0.29 s → 0.27 + 0.04 s)
         phi = _accumulate(phi, gram(m.flatten(0, 1)))
@@ -183,7 +198,7 @@ def per_sample_gradients(x: Tensor, g: Tensor) -> Tensor:
     c, n, d_out, _ = g.shape
     out = x.new_empty(c, n, d_out, x.shape[1])
     for sl in _chunks(n, c * d_out * x.shape[1]):
-        out[:, sl] = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl])
+        out[:, sl] = per_sample_products(g[:, sl], x[sl])
     return out.reshape(c * n, d_out, -1)
 
 
@@ -269,7 +284,7 @@ def _kfe_scaling_by_chunks(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) ->
     truncated_out, truncated_in = k_out < d_out, k_in < u_in.shape[0]
     out = x.new_zeros(k_out + int(truncated_out), k_in + int(truncated_in))
     for sl in _chunks(n, c * d_out * x.shape[1]):
-        m = torch.einsum("cnot,ndt->cnod", g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
+        m = per_sample_products(g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
         m_in = m @ u_in  # M U_in
         v_sq = (u_out.mT @ m_in).square_()
         out[:k_out, :k_in] += v_sq.sum(0)

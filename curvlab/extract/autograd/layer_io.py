@@ -93,7 +93,9 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
     """The patches of ``inp`` as a strided view ``[C_in, *k, N, *out]`` of the (padded) input,
     gathered in one copy into ``[D, N, T]`` memory: the copy then reads and writes runs along the
     output locations (ResNet-18's 64-channel 32×32 layer at N = 128: 192 ms, against 402 ms into
-    ``[N, T, D]`` memory), and ``A``'s Gram GEMM reads both operands along ``N·T``."""
+    ``[N, T, D]`` memory), and ``A``'s Gram GEMM reads both operands along ``N·T``.  With a bias
+    (on the CPU) one more plane, of ones, follows them: :meth:`curvlab.block.Block.inputs` takes
+    ``[x; 1]`` as a view (:func:`curvlab.block.ones_plane_after`) instead of copying the patches."""
     nd = len(conv.kernel_size)
     if inp.dim() != nd + 2:
         raise ValueError(f"autograd engine: {type(conv).__name__} needs batched input, got {tuple(inp.shape)}")
@@ -110,7 +112,14 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
          *(st * s for st, s in zip(space, conv.stride))),
         inp.storage_offset(),
     )
-    return patches.reshape(-1, n, math.prod(out)).permute(1, 0, 2)
+    d, t = c_in * math.prod(conv.kernel_size), math.prod(out)
+    if conv.bias is None or inp.device.type != "cpu":
+        return patches.reshape(d, n, t).permute(1, 0, 2)
+    # a plane of ones after the patches: Block.inputs' bias row, without a second copy of them
+    planes = inp.new_empty(d + 1, n, t)
+    planes[:d].view(patches.shape).copy_(patches)
+    planes[d] = 1
+    return planes[:d].permute(1, 0, 2)
 
 
 def cat_positions(xs: list[Tensor]) -> Tensor:
