@@ -213,6 +213,37 @@ def test_kfe_scaling_equals_rotated_square_root() -> None:
         close(block.sqrt.rotated_sq_sum(u_out, u_in), expected)
 
 
+
+@pytest.mark.parametrize("truncated", [False, True], ids=["full", "truncated"])
+def test_tekfac_statistics_from_one_pass_match_dense_and_separate(truncated: bool) -> None:
+    """TEKFAC's statistics step asks for ``("tkfac", "kfe")`` together, which forms each per-sample
+    gradient once for both where a convolution has many locations (64 here): δΦ, δΨ, δ and the
+    rescaling equal the dense sums over the exact per-sample matrices (full bases) and what
+    each statistic gives extracted alone (a truncated input basis too: its complement entry)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(5, 2, 10, 10, dtype=torch.float64), torch.randint(0, 4, (5,))
+    base = extract(model, loss_fn, x, y, stats=("kfac", "sqrt"))
+    bases = {}
+    for name, block in base.items():
+        u_out, u_in = (torch.linalg.eigh(f)[1] for f in (block.kfac["exact"].G, block.kfac["exact"].A))
+        bases[name] = (u_out, u_in[:, -5:] if truncated else u_in)
+    both = extract(model, loss_fn, x, y, stats=("tkfac", "kfe"), eigenbases=bases)
+    alone = extract(model, loss_fn, x, y, stats=("tkfac",))
+    scaling = extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=bases)
+    for name, block in base.items():
+        m = block.sqrt.matrices()  # [K, d_out, D]
+        ts = both[name].tkfac
+        close(ts.delta_phi, torch.einsum("kod,koe->de", m, m))
+        close(ts.delta_psi, torch.einsum("kod,kpd->op", m, m))
+        close(ts.delta, m.square().sum())
+        close(ts.delta_phi, alone[name].tkfac.delta_phi)
+        close(both[name].kfe_scaling, scaling[name].kfe_scaling)
+        if not truncated:
+            u_out, u_in = bases[name]
+            close(both[name].kfe_scaling, torch.einsum("op,kod,de->kpe", u_out, m, u_in).square().sum(0))
+
 def test_top_level_api_is_callable_and_packages_importable() -> None:
     import curvlab
     import curvlab.compare.metrics  # noqa: F401  (the sub-packages stay importable)

@@ -75,11 +75,14 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
             f: maths.kfac_factors(x, data.g[data.segments[f]], options.kfac_approx, options.gram_rows)
             for f in options.factor_flavours
         }
-    if "tkfac" in options.stats:
+    kfe = "kfe" in options.stats and block.name in options.eigenbases
+    if "tkfac" in options.stats and kfe:  # TEKFAC: the per-sample gradients formed once for both
+        out.tkfac, out.kfe_scaling = maths.trace_statistics_and_kfe_scaling(
+            x, samples, *options.eigenbases[block.name], options.tkfac_conv, options.kfac_approx, options.gram_rows)
+    elif "tkfac" in options.stats:
         out.tkfac = maths.trace_statistics(x, samples, options.tkfac_conv, options.kfac_approx, options.gram_rows)
-    if "kfe" in options.stats and block.name in options.eigenbases:
-        u_out, u_in = options.eigenbases[block.name]
-        out.kfe_scaling = maths.kfe_scaling(x, samples, u_out, u_in)
+    elif kfe:
+        out.kfe_scaling = maths.kfe_scaling(x, samples, *options.eigenbases[block.name])
     return out
 
 

@@ -33,6 +33,8 @@ taken on the per-sample matrices (so ``tr = tr F`` whatever the convention).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -109,10 +111,15 @@ def tkfac_exact(x: Tensor, g: Tensor, keep_rows: bool = False) -> TraceStats:
         psi = gram_or_rows(gg.reshape(-1, d_out), weights=a_norms.repeat(c), keep_rows=keep_rows)
         return TraceStats(delta=(g_norms * a_norms).sum(), delta_phi=phi, delta_psi=psi)
 
-    gram_cost, chunk_cost = partial_trace_costs(c, n, d_out, d_in, t)
-    route = partial_traces_by_gram if gram_cost < chunk_cost else partial_traces_by_chunks
+    route = partial_traces_by_chunks if _traces_by_chunks(c, n, d_out, d_in, t) else partial_traces_by_gram
     phi, psi = route(x, g)
     return TraceStats(delta=phi.trace(), delta_phi=phi, delta_psi=psi)
+
+
+def _traces_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int) -> bool:
+    """Whether :func:`tkfac_exact` takes the per-sample route (:func:`partial_trace_costs`)."""
+    gram_cost, chunk_cost = partial_trace_costs(c, n, d_out, d_in, t)
+    return chunk_cost <= gram_cost
 
 
 def trace_statistics(
@@ -165,15 +172,32 @@ def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
 
 def partial_traces_by_chunks(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` from explicit per-sample gradients, a chunk at a time."""
+    traces = _PartialTraceSums()
+    for m in per_sample_chunks(x, g):
+        traces.add(m)
+    return traces.phi, traces.psi
+
+
+def per_sample_chunks(x: Tensor, g: Tensor) -> Iterator[Tensor]:
+    """Every ``M_k`` (:func:`per_sample_products`) as ``[B, d_out, D]`` chunks whose
+    temporaries stay under :data:`CHUNK_ELEMENTS`."""
     c, n, d_out, d_in = *g.shape[:3], x.shape[1]
-    phi = psi = None
     for sl in _chunks(n, c * d_out * max(d_in, d_out)):
-        m = per_sample_products(g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
+        yield per_sample_products(g[:, sl], x[sl]).flatten(0, 1)
+
+
+class _PartialTraceSums:
+    """``Σ M_kᵀM_k``, ``Σ M_kM_kᵀ`` over chunks of ``M_k``."""
+
+    def __init__(self) -> None:
+        self.phi: Tensor | None = None
+        self.psi: Tensor | None = None
+
+    def add(self, m: Tensor) -> None:
         # one GEMM over the rows of every M_k, and batched M_k M_kᵀ: an einsum over (c, n, d)
         # copies M into [d_out, B·D] first (128×1152 at T=256: 0.35 + 0.29 s → 0.27 + 0.04 s)
-        phi = _accumulate(phi, gram(m.flatten(0, 1)))
-        psi = _accumulate(psi, (m @ m.mT).sum(0))
-    return phi, psi
+        self.phi = _accumulate(self.phi, gram(m.flatten(0, 1)))
+        self.psi = _accumulate(self.psi, (m @ m.mT).sum(0))
 
 
 def tkfac_kfc(x: Tensor, g: Tensor) -> TraceStats:
@@ -224,8 +248,7 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     if t == 1:
         g_sq = _squared_coordinates(g[..., 0], u_out).sum(0)  # [N, w_out]
         return g_sq.T @ _squared_coordinates(x[..., 0], u_in)
-    rotated_first, formed_first = kfe_scaling_costs(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1])
-    if u_out.shape[1] < d_out or formed_first < rotated_first:
+    if _kfe_by_chunks(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1]):
         return _kfe_scaling_by_chunks(x, g, u_out, u_in)
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
     x_rot = torch.einsum("ndt,de->net", x, u_in)
@@ -245,6 +268,32 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
                 rows = torch.einsum("cnot,ndt->cnod", g_rot[:, sl], x[sl]).square_().sum(-1)
             out[:, -1] += (rows - rot_sq.sum(-1)).sum((0, 1))
     return out.clamp_min_(0) if truncated_in else out
+
+
+def _kfe_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> bool:
+    """Whether :func:`kfe_scaling` of a conv layer forms every ``M_k`` (a truncated output
+    side, or the cheaper route by :func:`kfe_scaling_costs`)."""
+    rotated_first, formed_first = kfe_scaling_costs(c, n, d_out, d_in, t, k_out, k_in)
+    return k_out < d_out or formed_first < rotated_first
+
+
+def trace_statistics_and_kfe_scaling(
+    x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor, form: str = "exact", approx: str = "expand",
+    keep_rows: bool = False,
+) -> tuple[TraceStats, Tensor]:
+    """:func:`trace_statistics` and :func:`kfe_scaling` (TEKFAC's statistics step) — from one
+    pass over the per-sample gradients where both would form every ``M_k`` (exact partial
+    traces of a convolution, both on their per-sample routes), so each ``M_k`` is formed once."""
+    c, n, d_out, t = g.shape
+    d_in = x.shape[1]
+    if (form != "exact" or t == 1 or not _traces_by_chunks(c, n, d_out, d_in, t)
+            or not _kfe_by_chunks(c, n, d_out, d_in, t, u_out.shape[1], u_in.shape[1])):
+        return trace_statistics(x, g, form, approx, keep_rows), kfe_scaling(x, g, u_out, u_in)
+    traces, scaling = _PartialTraceSums(), _KfeSums(u_out.to(g.dtype), u_in.to(x.dtype))
+    for m in per_sample_chunks(x, g):
+        traces.add(m)
+        scaling.add(m)
+    return TraceStats(delta=traces.phi.trace(), delta_phi=traces.phi, delta_psi=traces.psi), scaling.result()
 
 
 def kfe_scaling_costs(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> tuple[int, int]:
@@ -279,20 +328,35 @@ def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
 
 def _kfe_scaling_by_chunks(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     """:func:`kfe_scaling` of a conv layer from explicit ``M_k`` (any basis, truncated or not)."""
-    c, n, d_out, _ = g.shape
-    k_out, k_in = u_out.shape[1], u_in.shape[1]
-    truncated_out, truncated_in = k_out < d_out, k_in < u_in.shape[0]
-    out = x.new_zeros(k_out + int(truncated_out), k_in + int(truncated_in))
-    for sl in _chunks(n, c * d_out * x.shape[1]):
-        m = per_sample_products(g[:, sl], x[sl]).flatten(0, 1)  # [B, d_out, D]
+    scaling = _KfeSums(u_out, u_in)
+    for m in per_sample_chunks(x, g):
+        scaling.add(m)
+    return scaling.result()
+
+
+class _KfeSums:
+    """``Σ_k (U_outᵀ M_k U_in)²`` over chunks of ``M_k``, with the complement entries of a
+    truncated basis (:func:`kfe_scaling`)."""
+
+    def __init__(self, u_out: Tensor, u_in: Tensor) -> None:
+        self.u_out, self.u_in = u_out, u_in
+        k_out, k_in = u_out.shape[1], u_in.shape[1]
+        self.truncated_out, self.truncated_in = k_out < u_out.shape[0], k_in < u_in.shape[0]
+        self.out = u_in.new_zeros(k_out + int(self.truncated_out), k_in + int(self.truncated_in))
+
+    def add(self, m: Tensor) -> None:
+        out, u_out, u_in = self.out, self.u_out, self.u_in
+        k_out, k_in = u_out.shape[1], u_in.shape[1]
         m_in = m @ u_in  # M U_in
         v_sq = (u_out.mT @ m_in).square_()
         out[:k_out, :k_in] += v_sq.sum(0)
-        if truncated_out:
+        if self.truncated_out:
             out[k_out, :k_in] += (m_in.square().sum(-2) - v_sq.sum(-2)).sum(0)
-        if truncated_in:
+        if self.truncated_in:
             out_rows = (u_out.mT @ m).square_()
             out[:k_out, k_in] += (out_rows.sum(-1) - v_sq.sum(-1)).sum(0)
-            if truncated_out:
+            if self.truncated_out:
                 out[k_out, k_in] += m.square().sum() - m_in.square().sum() - out_rows.sum() + v_sq.sum()
-    return out.clamp_min_(0) if truncated_out or truncated_in else out
+
+    def result(self) -> Tensor:
+        return self.out.clamp_min_(0) if self.truncated_out or self.truncated_in else self.out
