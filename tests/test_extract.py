@@ -312,3 +312,21 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
             got = gram(rows_in, scale, weights)
             assert got.shape == (d, d)
             close(got, want)
+
+
+@pytest.mark.parametrize("rows, d", [(7, 20), (300, 260), (256, 785)])
+def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int) -> None:
+    """``add_gram_`` (a running average taking in kept rows) against ``β X + Σ w x xᵀ`` in
+    float64, in place, for widths updated in one product and in panels (≥ 256: the triangle
+    below the panels is mirrored)."""
+    from curvlab.gram import add_gram_
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    w = torch.rand(rows, generator=gen, dtype=torch.float64)
+    b = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    average = b @ b.T
+    want = 0.75 * average + torch.einsum("r,ri,rj->ij", w, x, x)
+    got = add_gram_(average, x, w, 0.75)
+    assert got.data_ptr() == average.data_ptr()
+    close(got, want)

@@ -43,7 +43,7 @@ from torch import Tensor
 from curvlab import approx
 from curvlab.approx import EXACT_EIGH, EighPolicy, KroneckerApproximation
 from curvlab.block import BlockLayout
-from curvlab.gram import GramRows, gram
+from curvlab.gram import GramRows, add_gram_, gram
 from curvlab.stats import KroneckerFactors, LayerStats
 
 
@@ -81,8 +81,8 @@ class PendingRows:
 
     def fold(self, average: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The average with the rows folded in (``average`` updated in place)."""
-        total = gram(torch.cat(self.rows).to(dtype), weights=torch.cat(self.weights))
-        return total if average is None else average.mul_(self.decay).add_(total)
+        rows, weights = torch.cat(self.rows).to(dtype), torch.cat(self.weights)
+        return gram(rows, weights=weights) if average is None else add_gram_(average, rows, weights, self.decay)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"rows": torch.cat(self.rows), "weights": torch.cat(self.weights),
