@@ -8,7 +8,6 @@ it leaves untouched.  Its results go through :mod:`curvlab.extract.layer_stats`,
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from curvlab.extract.autograd import couples_examples
