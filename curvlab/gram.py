@@ -107,13 +107,7 @@ def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
     r, d = a.shape
     if a.device.type != "cpu" or min(r, d) < 256:
         return a.mT @ b
-    width = max(128, -(-d // (8 * ROW_ALIGNMENT)) * ROW_ALIGNMENT)
-    out = a.new_empty(d, d)
-    for i in range(0, d, width):
-        panel = a[:, i:i + width].mT @ b[:, i:]  # rows i…i+width of the upper triangle
-        out[i:i + width, i:] = panel
-        out[i + width:, i:i + width] = panel[:, width:].mT
-    return out
+    return _by_upper_panels(a.new_empty(d, d), a, b, beta=None)
 
 
 def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor:
@@ -128,10 +122,20 @@ def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor
     scaled = rows * weights[:, None]
     if out.device.type != "cpu" or d < 256:
         return out.addmm_(scaled.mT, rows, beta=beta)
+    return _by_upper_panels(out, scaled, rows, beta)
+
+
+def _by_upper_panels(out: Tensor, a: Tensor, b: Tensor, beta: float | None) -> Tensor:
+    """``out ← aᵀb`` (``beta`` None) or ``out ← β·out + aᵀb`` for a symmetric result: its upper
+    triangle a panel of rows at a time (at most 8 panels, each ≥ 128 wide), mirrored below."""
+    d = out.shape[0]
     width = max(128, -(-d // (8 * ROW_ALIGNMENT)) * ROW_ALIGNMENT)
     for i in range(0, d, width):
-        panel = out[i:i + width, i:]  # rows i…i+width of the upper triangle, a view of out
-        panel.addmm_(scaled[:, i:i + width].mT, rows[:, i:], beta=beta)
+        if beta is None:
+            panel = a[:, i:i + width].mT @ b[:, i:]  # rows i…i+width of the upper triangle
+            out[i:i + width, i:] = panel
+        else:  # updated where it lies
+            panel = out[i:i + width, i:].addmm_(a[:, i:i + width].mT, b[:, i:], beta=beta)
         out[i + width:, i:i + width] = panel[:, width:].mT
     return out
 
