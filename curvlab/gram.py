@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from curvlab.block import ROW_ALIGNMENT
+from curvlab.syrk import available as syrk_available
+from curvlab.syrk import syrk
 
 
 @dataclass
@@ -54,7 +56,8 @@ def gram_or_rows(
 
 
 def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Tensor:
-    """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``): one GEMM.
+    """``scale · Σ_r w_r x_r x_rᵀ`` for the rows ``x_r`` of ``rows`` (``[R, d]``): one BLAS
+    ``syrk`` where :func:`_by_syrk` says so (rows stored along ``R``), else one GEMM.
 
     When ``d`` is not a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`; the bias column
     makes it odd), the columns of row-major ``rows`` are padded to a multiple of 16 (zeros, or
@@ -70,11 +73,13 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     180; 4609 wide from 1024 rows 653 → 684).  The result is a view of the padded product (not
     copied: a fresh ``d × d`` copy costs a third of the GEMM).
     """
-    d = rows.shape[1]
+    r, d = rows.shape
+    if weights is None and _by_syrk(rows):
+        return syrk(rows, scale)
     # rows stored along R (a convolution's patches, [D, N·T] memory) are not padded: MKL reads
     # both operands along R already, and a padded copy would cost more
     row_major = rows.stride(1) == 1
-    pad = -d % ROW_ALIGNMENT if row_major and (rows.shape[0] < d or 700 <= d <= 2400) else 0
+    pad = -d % ROW_ALIGNMENT if row_major and (r < d or 700 <= d <= 2400) else 0
     if pad:
         rows = _widened(rows, d + pad)
     # The scale goes into the smaller operand (or into the weights): an ``addmm`` with
@@ -84,11 +89,23 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
         out = symmetric_product(rows * (weights * scale)[:, None], rows)
     elif scale == 1.0:
         out = symmetric_product(rows, rows)
-    elif rows.shape[0] <= d:
+    elif r <= d:
         out = symmetric_product(rows * scale, rows)
     else:
         out = symmetric_product(rows, rows).mul_(scale)
     return out[:d, :d] if pad else out
+
+
+def _by_syrk(rows: Tensor) -> bool:
+    """Whether :func:`gram` takes BLAS ``syrk`` (:mod:`curvlab.syrk`): rows stored along ``R`` (a
+    convolution's patches or output gradients, ``[D, N·T]`` memory), ``64 ≤ d ≤ 2400``, ``R ≥ d``.
+    Measured against :func:`symmetric_product` (this project's CPU, one thread, float32): 145 wide
+    from 65 536 rows 30.3 → 17.4 ms, 64 from 131 072 15.0 → 10.1, 289 from 16 384 18.4 → 13.1,
+    1152 from 32 768 434 → 357, 2304 from 8192 426 → 417; slower 28 wide (2.07 → 2.30) and 4608
+    from 2048 (462 → 729), and for row-major rows (785 wide from 1024: 8.7 → 9.6)."""
+    r, d = rows.shape
+    return (rows.device.type == "cpu" and rows.stride(0) == 1 and rows.stride(1) >= r
+            and 64 <= d <= 2400 and r >= d and syrk_available(rows.dtype))
 
 
 def symmetric_product(a: Tensor, b: Tensor) -> Tensor:

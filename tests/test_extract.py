@@ -293,7 +293,7 @@ def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -
         assert torch.equal(got.triu(128), got.T.triu(128))
 
 
-@pytest.mark.parametrize("rows, d", [(5, 9), (9, 5), (12, 785), (800, 785), (16, 32)])
+@pytest.mark.parametrize("rows, d", [(5, 9), (9, 5), (12, 785), (800, 785), (16, 32), (300, 64), (70, 145)])
 def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     """``gram`` against its definition, with and without weights and scale, on contiguous rows
     on rows that leave room beside them (as ``Block.inputs`` does; here filled with NaN, which
@@ -312,6 +312,40 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
             got = gram(rows_in, scale, weights)
             assert got.shape == (d, d)
             close(got, want)
+
+
+def test_syrk_is_there_where_torch_links_mkl() -> None:
+    """``curvlab.syrk`` (BLAS ``syrk`` through the MKL in torch's CPU build, ``gram``'s route for
+    rows stored along R) is found wherever torch reports MKL, and computes ``scale · aᵀa`` in
+    float32 and float64 (against float64 ``mm``); other layouts are refused by name."""
+    from curvlab import syrk
+
+    assert syrk.available(torch.float32) == syrk.available(torch.float64) == torch.backends.mkl.is_available()
+    if not torch.backends.mkl.is_available():
+        return
+    gen = torch.Generator().manual_seed(4)
+    for dtype, rtol in ((torch.float64, RTOL), (torch.float32, 1e-6)):
+        a = torch.randn(150, 3000, generator=gen, dtype=dtype)[:, 1000:].mT  # [2000, 150] along R, ld 3000
+        got = syrk.syrk(a, 0.3)
+        assert got.dtype == dtype and torch.equal(got, got.T)
+        close(got.double(), 0.3 * a.double().mT @ a.double(), rtol)
+    with pytest.raises(ValueError, match="syrk: needs"):
+        syrk.syrk(torch.randn(300, 64))  # row-major
+
+
+def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
+    """A convolution whose patches are 73 wide (8 channels, 3×3, bias), more than ``gram`` needs
+    to form ``A`` by ``syrk`` from the autograd engine's ``[D, N·T]`` patches, by both engines
+    against the dense KFAC factors."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(144, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=3)
+    a, g = dense_kfac(model, loss_fn, x, y, 0)
+    for engine in ("backpack", "autograd"):
+        factors = extract(model, loss_fn, x, y, fisher="exact", stats=("kfac",), engine=engine)["0"].kfac["exact"]
+        close(factors.A, a)
+        close(factors.G, g)
 
 
 @pytest.mark.parametrize("rows, d", [(7, 20), (300, 260), (256, 785)])
