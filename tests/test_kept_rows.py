@@ -28,6 +28,21 @@ def wide_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches(n, size=6, shape=(D_IN,), seed=3)
 
 
+def wide_conv(seed: int = 0) -> nn.Sequential:
+    """Layer "0": a convolution 289 wide with its bias (32 channels, 3×3) over 2×2 locations: ``A``
+    from 24 rows a batch of 6, kept in the ``[D, N·T]`` memory of the autograd engine's patches."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(32, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 3)).double()
+
+
+# a wide layer kept as rows — a Linear layer's (row-major) or a convolution's (stored along R):
+# the model (by seed) and its batches
+WIDE = {
+    "mlp": (lambda seed=0: tiny_mlp(seed, d_in=D_IN), wide_batches),
+    "conv": (wide_conv, lambda n: batches(n, size=6, shape=(32, 2, 2), seed=3)),
+}
+
+
 def test_extraction_hands_over_narrow_batches_as_rows() -> None:
     """With ``gram_rows=True`` the wide statistics of a small batch are rows whose matrix is the
     default extraction's; the others are matrices, as without it."""
@@ -49,14 +64,16 @@ def test_extraction_hands_over_narrow_batches_as_rows() -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("wide", WIDE)
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
-def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls) -> None:
+def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls, wide: str) -> None:
     """lr = 0 (the batches' statistics fixed), statistics every step, a refresh every 6: the
-    rows of layer "0" are kept between refreshes and folded at the fourth batch (24 rows ≥ 41/2)
-    and at each refresh.  After the refresh at step 12 every block inverts the Kronecker object of
-    the running averages of the dense statistics, computed here from ``extract`` in float64."""
-    data, decay = wide_batches(13), 0.8
-    model, loss_fn = tiny_mlp(0, d_in=D_IN), nn.CrossEntropyLoss()
+    rows of layer "0" are kept between refreshes and folded when they fill half its width (the
+    MLP's at the fourth batch: 24 rows ≥ 41/2) and at each refresh.  After the refresh at step 12
+    every block inverts the Kronecker object of the running averages of the dense statistics, computed here from ``extract`` in float64."""
+    build, make_batches = WIDE[wide]
+    data, decay = make_batches(13), 0.8
+    model, loss_fn = build(), nn.CrossEntropyLoss()
     opt = cls(model, lr=0.0, stat_decay=decay, stats_interval=1, eigen_interval=6, scale_interval=1,
               fisher="exact", factor_dtype="float64")
     train(opt, model, data)
@@ -76,20 +93,25 @@ def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls) ->
         torch.testing.assert_close(approx.to_dense(), want, rtol=1e-9, atol=1e-12, msg=f"{cls.__name__} {name}")
 
 
-@pytest.mark.parametrize("cls", ALL, ids=IDS)
-def test_a_checkpoint_with_kept_rows_resumes_bit_identically(cls, tmp_path) -> None:
-    """Saved two statistics steps after a refresh (rows kept), through a weights-only file: the
-    resumed optimizer's next steps, refresh included, are bit-identical."""
+# the convolution's kept rows are A's (TKFAC's δΦ of a convolution is a Gram over locations)
+RESUMED = [(cls, "mlp") for cls in ALL] + [(KFAC, "conv"), (EKFAC, "conv")]
+
+
+@pytest.mark.parametrize("cls, wide", RESUMED, ids=[f"{c.__name__}-{w}" for c, w in RESUMED])
+def test_a_checkpoint_with_kept_rows_resumes_bit_identically(cls, wide: str, tmp_path) -> None:
+    """Saved after a refresh and two statistics steps (rows kept), through a weights-only file:
+    the resumed optimizer's next steps, refresh included, are bit-identical."""
     options = dict(lr=0.05, stats_interval=1, eigen_interval=5, scale_interval=1, fisher="exact")
-    data = wide_batches(9)
-    model = tiny_mlp(0, d_in=D_IN)
+    build, make_batches = WIDE[wide]
+    data = make_batches(9)
+    model = build()
     opt = cls(model, **options)
     train(opt, model, data[:3])
     torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     kept = [k for k in saved["opt"]["curvlab"]["blocks"]["0"]["curvature"] if "pending." in k]
-    assert kept  # layer "0"'s rows of the two batches since the refresh
-    model2 = tiny_mlp(4, d_in=D_IN)
+    assert kept  # layer "0"'s rows of the batches since the refresh
+    model2 = build(4)
     model2.load_state_dict(saved["model"])
     opt2 = cls(model2, **options)
     opt2.load_state_dict(saved["opt"])

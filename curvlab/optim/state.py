@@ -81,11 +81,21 @@ class PendingRows:
 
     def fold(self, average: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The average with the rows folded in (``average`` updated in place)."""
-        rows, weights = torch.cat(self.rows).to(dtype), torch.cat(self.weights)
+        rows, weights = self.stacked().to(dtype), torch.cat(self.weights)
         return gram(rows, weights=weights) if average is None else add_gram_(average, rows, weights, self.decay)
 
+    def stacked(self) -> Tensor:
+        """The rows as one ``[R, d]`` tensor in their memory layout: rows stored along ``R`` (a
+        convolution's patches) stay so — ``torch.cat`` would transpose them into a row-major
+        copy (ResNet-18's 4608-wide ``A`` from two batches of 2048 rows: 218 → 44 ms)."""
+        if len(self.rows) == 1:
+            return self.rows[0]
+        if all(r.stride(0) == 1 for r in self.rows):
+            return torch.cat([r.mT for r in self.rows], 1).mT
+        return torch.cat(self.rows)
+
     def tensors(self) -> dict[str, Tensor]:
-        return {"rows": torch.cat(self.rows), "weights": torch.cat(self.weights),
+        return {"rows": self.stacked(), "weights": torch.cat(self.weights),
                 "decay": torch.tensor(self.decay, dtype=torch.float64)}
 
     @classmethod
