@@ -30,7 +30,9 @@ def syrk(a: Tensor, scale: float = 1.0) -> Tensor:
     """``scale · aᵀa`` (``[d, d]``) for a CPU ``a`` (``[R, d]``) stored along ``R``
     (``a.stride(0) == 1``: a convolution's patches in ``[D, N·T]`` memory)."""
     r, d = a.shape
-    if a.stride(0) != 1 or a.stride(1) < max(1, r) or not available(a.dtype) or a.device.type != "cpu":
+    # BLAS integers of an LP64 MKL: below 2³¹
+    if (a.stride(0) != 1 or not max(1, r) <= a.stride(1) < 2**31 or not available(a.dtype)
+            or a.device.type != "cpu"):
         raise ValueError(f"syrk: needs a CPU float32/float64 [R, d] tensor stored along R, got "
                          f"{a.dtype} {a.device.type} shape {tuple(a.shape)} strides {a.stride()}")
     return _run(_routines()[a.dtype], a, scale)
