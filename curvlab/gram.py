@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from curvlab.block import ROW_ALIGNMENT
-from curvlab.syrk import available as syrk_available
+from curvlab.syrk import supports as syrk_supports
 from curvlab.syrk import syrk
 
 
@@ -104,8 +104,7 @@ def _by_syrk(rows: Tensor) -> bool:
     1152 from 32 768 434 → 357, 2304 from 8192 426 → 417; slower 28 wide (2.07 → 2.30) and 4608
     from 2048 (462 → 729), and for row-major rows (785 wide from 1024: 8.7 → 9.6)."""
     r, d = rows.shape
-    return (rows.device.type == "cpu" and rows.stride(0) == 1 and r <= rows.stride(1) < 2**31
-            and 64 <= d <= 2400 and r >= d and syrk_available(rows.dtype))
+    return 64 <= d <= 2400 and r >= d and syrk_supports(rows)
 
 
 def symmetric_product(a: Tensor, b: Tensor) -> Tensor:

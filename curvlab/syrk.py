@@ -26,13 +26,18 @@ def available(dtype: torch.dtype) -> bool:
     return dtype in _routines()
 
 
+def supports(a: Tensor) -> bool:
+    """Whether :func:`syrk` takes ``a``: a CPU ``[R, d]`` tensor of a dtype it is
+    :func:`available` for, stored along ``R`` (``a.stride(0) == 1``: a convolution's patches in
+    ``[D, N·T]`` memory) with a leading dimension ``R ≤ a.stride(1) < 2³¹`` (an LP64 MKL's
+    integers)."""
+    return (a.device.type == "cpu" and a.stride(0) == 1 and max(1, a.shape[0]) <= a.stride(1) < 2**31
+            and available(a.dtype))
+
+
 def syrk(a: Tensor, scale: float = 1.0) -> Tensor:
-    """``scale · aᵀa`` (``[d, d]``) for a CPU ``a`` (``[R, d]``) stored along ``R``
-    (``a.stride(0) == 1``: a convolution's patches in ``[D, N·T]`` memory)."""
-    r, d = a.shape
-    # BLAS integers of an LP64 MKL: below 2³¹
-    if (a.stride(0) != 1 or not max(1, r) <= a.stride(1) < 2**31 or not available(a.dtype)
-            or a.device.type != "cpu"):
+    """``scale · aᵀa`` (``[d, d]``) for an ``a`` (``[R, d]``) that it :func:`supports`."""
+    if not supports(a):
         raise ValueError(f"syrk: needs a CPU float32/float64 [R, d] tensor stored along R, got "
                          f"{a.dtype} {a.device.type} shape {tuple(a.shape)} strides {a.stride()}")
     return _run(_routines()[a.dtype], a, scale)

@@ -70,7 +70,8 @@ def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls, wi
     """lr = 0 (the batches' statistics fixed), statistics every step, a refresh every 6: the
     rows of layer "0" are kept between refreshes and folded when they fill half its width (the
     MLP's at the fourth batch: 24 rows ≥ 41/2) and at each refresh.  After the refresh at step 12
-    every block inverts the Kronecker object of the running averages of the dense statistics, computed here from ``extract`` in float64."""
+    every block inverts the Kronecker object of the running averages of the dense statistics,
+    computed here from ``extract`` in float64."""
     build, make_batches = WIDE[wide]
     data, decay = make_batches(13), 0.8
     model, loss_fn = build(), nn.CrossEntropyLoss()
