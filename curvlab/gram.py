@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from curvlab.block import ROW_ALIGNMENT
-from curvlab.syrk import supports as syrk_supports
-from curvlab.syrk import syrk
+from curvlab.mkl import syrk, syrk_supports
 
 
 @dataclass
@@ -97,7 +96,7 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
 
 
 def _by_syrk(rows: Tensor) -> bool:
-    """Whether :func:`gram` takes BLAS ``syrk`` (:mod:`curvlab.syrk`): rows stored along ``R`` (a
+    """Whether :func:`gram` takes BLAS ``syrk`` (:func:`curvlab.mkl.syrk`): rows stored along ``R`` (a
     convolution's patches or output gradients, ``[D, N·T]`` memory), ``64 ≤ d ≤ 2400``, ``R ≥ d``.
     Measured against :func:`symmetric_product` (this project's CPU, one thread, float32): 145 wide
     from 65 536 rows 30.3 → 17.4 ms, 64 from 131 072 15.0 → 10.1, 289 from 16 384 18.4 → 13.1,

@@ -319,6 +319,44 @@ def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: 
         approx.inv_mat_mul_columns([x[:, :-1]], lam, "exact")
 
 
+def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:
+    """``curvlab.mkl.spd_inverse_`` (LAPACK ``potrf`` + ``potri`` through the MKL in torch's CPU
+    build, the damped factor inverses' route) is found wherever torch reports MKL, inverts in
+    place in float32 and float64 (against float64 ``linalg.inv``) reading only the lower
+    triangle, reports a failed factorisation, and refuses other layouts by name."""
+    from curvlab import mkl
+
+    assert mkl.available("inverse", torch.float32) == mkl.available("inverse", torch.float64) == torch.backends.mkl.is_available()
+    if not torch.backends.mkl.is_available():
+        return
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 150, generator=gen, dtype=torch.float64)
+    spd = x.T @ x / 400 + 0.1 * torch.eye(150, dtype=torch.float64)
+    want = torch.linalg.inv(spd)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        m = spd.to(dtype).tril() + torch.full((150, 150), float("nan"), dtype=dtype).triu(1)  # upper never read
+        assert mkl.spd_inverse_(m)
+        assert torch.equal(m, m.T) and rel(m.double(), want) < tol
+    assert not mkl.spd_inverse_(torch.diag(torch.tensor([1.0, -1e-3])))
+    with pytest.raises(ValueError, match="spd_inverse_: needs"):
+        mkl.spd_inverse_(torch.eye(4)[:, :3])
+
+
+def test_damped_inverse_of_an_indefinite_factor_clamps_its_eigenvalues() -> None:
+    """A factor that rounding left indefinite, damped too little for Cholesky, is inverted from
+    its eigenvalues clamped at 0: ``(c·max(λ, 0) + shift)⁻¹`` in its eigenbasis."""
+    from curvlab.approx.inverse import damped_inverse_matrix
+
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(6), dtype=DT))
+    lam = torch.tensor([3.0, 1.0, 0.5, 0.2, 0.0, -1e-4], dtype=DT)
+    factor = (q * lam) @ q.T
+    c, shift = torch.tensor(2.0, dtype=DT), torch.tensor(1e-6, dtype=DT)
+    want = (q / (c * lam.clamp(min=0) + shift)) @ q.T
+    for dtype in (torch.float64, torch.float32):
+        got = damped_inverse_matrix(factor.to(dtype), c, shift, torch.float64)
+        assert got.dtype == dtype and rel(got.double(), want) < (1e-8 if dtype == torch.float64 else 1e-5)
+
+
 def test_tekfac_kfac_basis_damping_is_diagonal_of_damping_matrix(stats: LayerStats) -> None:
     """In a basis that is not Ψ⊗Φ's, TEKFAC's nor/factored increment is the diagonal (in that
     basis) of the same damping matrix."""

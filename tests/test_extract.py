@@ -315,22 +315,22 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
 
 
 def test_syrk_is_there_where_torch_links_mkl() -> None:
-    """``curvlab.syrk`` (BLAS ``syrk`` through the MKL in torch's CPU build, ``gram``'s route for
+    """``curvlab.mkl.syrk`` (BLAS ``syrk`` through the MKL in torch's CPU build, ``gram``'s route for
     rows stored along R) is found wherever torch reports MKL, and computes ``scale · aᵀa`` in
     float32 and float64 (against float64 ``mm``); other layouts are refused by name."""
-    from curvlab import syrk
+    from curvlab import mkl
 
-    assert syrk.available(torch.float32) == syrk.available(torch.float64) == torch.backends.mkl.is_available()
+    assert mkl.available("syrk", torch.float32) == mkl.available("syrk", torch.float64) == torch.backends.mkl.is_available()
     if not torch.backends.mkl.is_available():
         return
     gen = torch.Generator().manual_seed(4)
     for dtype, rtol in ((torch.float64, RTOL), (torch.float32, 1e-6)):
         a = torch.randn(150, 3000, generator=gen, dtype=dtype)[:, 1000:].mT  # [2000, 150] along R, ld 3000
-        got = syrk.syrk(a, 0.3)
+        got = mkl.syrk(a, 0.3)
         assert got.dtype == dtype and torch.equal(got, got.T)
         close(got.double(), 0.3 * a.double().mT @ a.double(), rtol)
     with pytest.raises(ValueError, match="syrk: needs"):
-        syrk.syrk(torch.randn(300, 64))  # row-major
+        mkl.syrk(torch.randn(300, 64))  # row-major
 
 
 def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:

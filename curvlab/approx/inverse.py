@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from curvlab import mkl
 from curvlab.approx.eigh import psd_eigh, symmetrize
 from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, is_truncated, left_apply, right_apply
 
@@ -148,18 +149,24 @@ class KroneckerInverse(DampedInverse):
 
 def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
     """``(c·M + shift·I)⁻¹`` of a symmetric PSD ``M`` by Cholesky (``n³/3`` flops, then the
-    inverse from the factor; ``M`` is symmetric already); if the factorisation fails (``shift`` too small for the dtype),
-    by :func:`~curvlab.approx.eigh.psd_eigh` (with its jitter retry) with the eigenvalues
-    clamped at 0.  Computed in ``compute_dtype`` (``None``: ``mat``'s), returned in ``mat``'s."""
+    inverse from the factor: ``n³`` in all; on the CPU in place by MKL's LAPACK,
+    :func:`curvlab.mkl.spd_inverse_`, where torch links it); if the factorisation fails (``shift``
+    too small for the dtype), by :func:`~curvlab.approx.eigh.psd_eigh` (with its jitter retry)
+    with the eigenvalues clamped at 0.  Computed in ``compute_dtype`` (``None``: ``mat``'s),
+    returned in ``mat``'s."""
     work = mat if compute_dtype is None else mat.to(compute_dtype)
-    damped = work * c.to(work.dtype)
-    damped.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
-    chol, info = torch.linalg.cholesky_ex(damped)
-    if int(info) == 0:
-        # symmetric by construction; LAPACK's column-major result transposed is row-major, which
-        # the X R⁻¹ GEMM of every step runs a little faster with
-        inv = torch.cholesky_inverse(chol).mT
+    inv = (work * c.to(work.dtype)).contiguous()
+    inv.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
+    if inv.device.type == "cpu" and mkl.available("inverse", inv.dtype):
+        done = mkl.spd_inverse_(inv)
     else:
+        chol, info = torch.linalg.cholesky_ex(inv)
+        done = int(info) == 0
+        if done:
+            # symmetric by construction; LAPACK's column-major result transposed is row-major,
+            # which the X R⁻¹ GEMM of every step runs a little faster with
+            inv = torch.cholesky_inverse(chol).mT
+    if not done:
         lam, u = psd_eigh(work * c.to(work.dtype), compute_dtype=None)
         inv = symmetrize((u / (lam + shift.to(work.dtype))) @ u.mT)
     return inv.to(mat.dtype)
