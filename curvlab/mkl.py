@@ -21,7 +21,8 @@ import os
 import torch
 from torch import Tensor
 
-# LP64 MKL reads the low 4 bytes of each integer (little-endian), ILP64 all 8: both get the value
+# BLAS: LP64 MKL reads the low 4 bytes of each integer (little-endian), ILP64 all 8: both get the
+# value; the LAPACK ``*_64`` symbols are ILP64 by name
 _INT = ctypes.c_int64
 _SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _SYMBOLS = {
