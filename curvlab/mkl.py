@@ -30,6 +30,8 @@ _SYMBOLS = {
     "potrf": {torch.float32: "spotrf_64", torch.float64: "dpotrf_64"},
     "potri": {torch.float32: "spotri_64", torch.float64: "dpotri_64"},
 }
+#: what :func:`available` names → the symbols it calls
+_ROUTINES = {"syrk": ("syrk",), "inverse": ("potrf", "potri")}
 
 
 def available(routine: str, dtype: torch.dtype) -> bool:
@@ -122,7 +124,7 @@ def _checked(routine: str) -> dict[torch.dtype, tuple]:
 
 
 def _library_functions(routine: str) -> dict[torch.dtype, tuple]:
-    parts = ("syrk",) if routine == "syrk" else ("potrf", "potri")
+    parts = _ROUTINES[routine]
     lib = _library()
     if lib is None:
         return {}

@@ -352,7 +352,7 @@ def test_damped_inverse_of_an_indefinite_factor_clamps_its_eigenvalues() -> None
     factor = (q * lam) @ q.T
     c, shift = torch.tensor(2.0, dtype=DT), torch.tensor(1e-6, dtype=DT)
     want = (q / (c * lam.clamp(min=0) + shift)) @ q.T
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32):  # computed in float64 (1/shift directions), returned in dtype
         got = damped_inverse_matrix(factor.to(dtype), c, shift, torch.float64)
         assert got.dtype == dtype and rel(got.double(), want) < (1e-8 if dtype == torch.float64 else 1e-5)
 
