@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from curvlab.block import ROW_ALIGNMENT
-from curvlab.mkl import syrk, syrk_supports
+from curvlab.mkl import syrk, syrk_, syrk_supports
 
 
 @dataclass
@@ -19,10 +19,11 @@ class GramRows:
     (``weights``, ``[R]``).
 
     What an extraction with ``gram_rows=True`` hands over instead of a statistic with fewer rows
-    than columns (``R < d``: the rows are smaller than the matrix): a consumer that only
-    accumulates the statistic — curvlab's optimizers, which read their running averages only at a
-    refresh — forms the sum over many batches in one product, instead of one rank-``R`` update of
-    a ``d × d`` matrix per batch.
+    than columns (``R < d``: the rows are smaller than the matrix), or one that
+    :func:`add_gram_` adds into a matrix by BLAS ``syrk`` (:func:`syrk_accumulates`): a consumer
+    that only accumulates the statistic — curvlab's optimizers, which read their running averages
+    only at a refresh — forms the sum over many batches in one product instead of one rank-``R``
+    update of a ``d × d`` matrix per batch, or adds a batch into its average where it lies.
     """
 
     rows: Tensor
@@ -40,16 +41,20 @@ class GramRows:
 
     def trace(self) -> Tensor:
         """``Σ_r w_r ‖x_r‖²`` (non-finite exactly when a row or weight is, short of overflow)."""
-        return self.weights @ self.rows.square().sum(1)
+        # the norms without a squared copy of the rows (785 wide from 1024 rows: 0.50 → 0.21 ms)
+        return self.weights @ torch.linalg.vector_norm(self.rows, dim=1).square()
 
 
 def gram_or_rows(
     rows: Tensor, scale: float = 1.0, weights: Tensor | None = None, keep_rows: bool = False
 ) -> Tensor | GramRows:
-    """:func:`gram`, or with ``keep_rows`` and fewer rows than columns the rows themselves
-    (:class:`GramRows`, not copied)."""
+    """:func:`gram`, or with ``keep_rows`` the rows themselves (:class:`GramRows`, not copied) where
+    they are fewer than the columns, or where :func:`syrk_accumulates` them and they are at most
+    twice as many: more rows than that cost more to pass over (the finiteness check's trace of a
+    convolution's patches, 65 536 × 145 stored along R: ~20 ms) than the ``d × d`` matrix's copy
+    and ``lerp_`` they save."""
     r, d = rows.shape
-    if keep_rows and r < d:
+    if keep_rows and (r < d or (r <= 2 * d and syrk_accumulates(rows))):
         return GramRows(rows, rows.new_full((r,), scale) if weights is None else weights * scale)
     return gram(rows, scale, weights)
 
@@ -97,13 +102,25 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
 
 def _by_syrk(rows: Tensor) -> bool:
     """Whether :func:`gram` takes BLAS ``syrk`` (:func:`curvlab.mkl.syrk`): rows stored along ``R`` (a
-    convolution's patches or output gradients, ``[D, N·T]`` memory), ``64 ≤ d ≤ 2400``, ``R ≥ d``.
+    convolution's patches or output gradients, ``[D, N·T]`` memory) that :func:`syrk_accumulates`.
     Measured against :func:`symmetric_product` (this project's CPU, one thread, float32): 145 wide
     from 65 536 rows 30.3 → 17.4 ms, 64 from 131 072 15.0 → 10.1, 289 from 16 384 18.4 → 13.1,
     1152 from 32 768 434 → 357, 2304 from 8192 426 → 417; slower 28 wide (2.07 → 2.30) and 4608
     from 2048 (462 → 729), and for row-major rows (785 wide from 1024: 8.7 → 9.6)."""
+    return rows.stride(0) == 1 and syrk_accumulates(rows)
+
+
+def syrk_accumulates(rows: Tensor) -> bool:
+    """Whether :func:`add_gram_` adds the Gram of ``rows`` (``[R, d]``) into its matrix by BLAS
+    ``syrk`` (:func:`curvlab.mkl.syrk_`): ``64 ≤ d ≤ 2400``, ``R ≥ d``, rows stored along ``R`` or
+    row-major with a leading dimension that is a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`).
+    Against :func:`gram` and a ``lerp_`` into the matrix (this project's CPU, one thread, float32):
+    785 wide from 1024 row-major rows with leading dimension 800 (:meth:`curvlab.block.Block.inputs`)
+    6.87 → 4.91 ms; at leading dimension 785 the ``syrk`` was slower than :func:`gram`'s panels
+    (8.7 → 9.6 ms with its mirror)."""
     r, d = rows.shape
-    return 64 <= d <= 2400 and r >= d and syrk_supports(rows)
+    aligned = rows.stride(0) == 1 or rows.stride(0) % ROW_ALIGNMENT == 0
+    return 64 <= d <= 2400 and r >= d and aligned and syrk_supports(rows)
 
 
 def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
@@ -126,32 +143,49 @@ def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
 
 
 def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor:
-    """``out ← β·out + Σ_r w_r x_r x_rᵀ`` in place, for a symmetric ``out`` (``[d, d]``) and rows
-    ``[R, d]``: a running average taking in kept rows (:class:`GramRows`).
+    """``out ← β·out + Σ_r w_r x_r x_rᵀ`` on the upper triangle of a symmetric ``out`` (``[d, d]``,
+    rows contiguous) for rows ``[R, d]`` and weights ``w_r ≥ 0``: a running average taking in rows
+    (:class:`GramRows`).  The upper triangle is all that is read; the lower one is left stale
+    (:func:`curvlab.mkl.mirror_upper_` restores it before the average is read whole).
 
-    On the CPU from ``d ≥ 256`` the upper triangle is updated a panel of columns at a time by
-    one ``addmm_`` into ``out`` each (as :func:`symmetric_product` multiplies), and mirrored:
-    no ``d × d`` product is written and then added (785 wide from 256 rows: 2.80 → 2.11 ms, from
-    384 rows 4.50 → 3.58, this project's CPU, one thread)."""
+    Routes: :func:`curvlab.mkl.syrk_` where :func:`syrk_accumulates` (the rows scaled by ``√w``
+    unless the weights are one number); on the CPU from ``d ≥ 256`` a panel of rows at a time,
+    one ``addmm_`` into ``out`` each (as :func:`symmetric_product` multiplies: no ``d × d`` product
+    is written and then added; 785 wide from 256 rows 2.80 → 2.11 ms, from 384 rows 4.50 → 3.58,
+    this project's CPU, one thread); else one ``addmm_``."""
     d = out.shape[0]
+    if syrk_accumulates(rows):
+        if torch.equal(weights, weights[:1].expand_as(weights)):
+            return syrk_(out, rows, weights[0].item(), beta)
+        return syrk_(out, _scaled_rows(rows, weights.sqrt().to(rows.dtype)), 1.0, beta)
     scaled = rows * weights[:, None]
     if out.device.type != "cpu" or d < 256:
         return out.addmm_(scaled.mT, rows, beta=beta)
     return _by_upper_panels(out, scaled, rows, beta)
 
 
+def _scaled_rows(rows: Tensor, scale: Tensor) -> Tensor:
+    """``scale[r] · rows[r]`` in the memory layout of ``rows`` (its leading dimension kept: the
+    copy stays as aligned as the original)."""
+    r, d = rows.shape
+    if rows.stride(0) == 1:  # stored along R
+        return (rows.mT * scale).mT
+    return torch.mul(rows, scale[:, None], out=rows.new_empty(r, rows.stride(0))[:, :d])
+
+
 def _by_upper_panels(out: Tensor, a: Tensor, b: Tensor, beta: float | None) -> Tensor:
-    """``out ← aᵀb`` (``beta`` None) or ``out ← β·out + aᵀb`` for a symmetric result: its upper
-    triangle a panel of rows at a time (at most 8 panels, each ≥ 128 wide), mirrored below."""
+    """``out ← aᵀb`` (``beta`` None: mirrored below) or ``out ← β·out + aᵀb`` on the upper
+    triangle, for a symmetric result: a panel of rows at a time (at most 8 panels, each ≥ 128
+    wide)."""
     d = out.shape[0]
     width = max(128, -(-d // (8 * ROW_ALIGNMENT)) * ROW_ALIGNMENT)
     for i in range(0, d, width):
         if beta is None:
             panel = a[:, i:i + width].mT @ b[:, i:]  # rows i…i+width of the upper triangle
             out[i:i + width, i:] = panel
+            out[i + width:, i:i + width] = panel[:, width:].mT
         else:  # updated where it lies
-            panel = out[i:i + width, i:].addmm_(a[:, i:i + width].mT, b[:, i:], beta=beta)
-        out[i + width:, i:i + width] = panel[:, width:].mT
+            out[i:i + width, i:].addmm_(a[:, i:i + width].mT, b[:, i:], beta=beta)
     return out
 
 

@@ -1,6 +1,7 @@
 """MKL routines that torch's CPU build links but does not expose, called through ctypes.
 
-* :func:`syrk` — ``scale · aᵀa`` by BLAS ``?syrk``: the upper triangle only, half a GEMM's flops.
+* :func:`syrk`, :func:`syrk_` — ``scale · aᵀa`` by BLAS ``?syrk``, or added into a matrix in
+  place: one triangle only, half a GEMM's flops.
 * :func:`spd_inverse_` — ``M⁻¹`` of a symmetric positive definite ``M`` in its own memory by
   LAPACK ``?potrf`` + ``?potri``: torch's ``cholesky_ex`` + ``cholesky_inverse`` write two more
   ``n × n`` matrices and copy triangles between them (785 wide, float32, one thread: 9.7 → 7.9 ms).
@@ -41,25 +42,39 @@ def available(routine: str, dtype: torch.dtype) -> bool:
 
 
 def syrk_supports(a: Tensor) -> bool:
-    """Whether :func:`syrk` takes ``a``: a CPU ``[R, d]`` tensor of a dtype it is
-    :func:`available` for, stored along ``R`` (``a.stride(0) == 1``: a convolution's patches in
-    ``[D, N·T]`` memory) with a leading dimension ``R ≤ a.stride(1) < 2³¹`` (an LP64 MKL's
-    integers)."""
-    return (a.device.type == "cpu" and a.stride(0) == 1 and max(1, a.shape[0]) <= a.stride(1) < 2**31
+    """Whether :func:`syrk` and :func:`syrk_` take ``a``: a CPU ``[R, d]`` tensor of a dtype they
+    are :func:`available` for, whose rows or columns are contiguous (BLAS reads it as a
+    column-major ``R × d`` or ``d × R`` matrix) with a leading dimension below ``2³¹`` (an LP64
+    MKL's integers)."""
+    return (a.device.type == "cpu" and a.dim() == 2 and _syrk_form(a) is not None
             and available("syrk", a.dtype))
 
 
 def syrk(a: Tensor, scale: float = 1.0) -> Tensor:
     """``scale · aᵀa`` (``[d, d]``) for an ``a`` (``[R, d]``) that :func:`syrk_supports`."""
+    d = a.shape[1]
+    return mirror_upper_(syrk_(a.new_empty(d, d), a, scale))
+
+
+def syrk_(out: Tensor, a: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
+    """``out ← α aᵀa + β out`` on the upper triangle of ``out`` (``[d, d]``, rows contiguous),
+    for an ``a`` (``[R, d]``) that :func:`syrk_supports`: the lower triangle is neither read nor
+    written (:func:`mirror_upper_` fills it); ``beta = 0`` does not read ``out``."""
+    d = a.shape[1]
     if not syrk_supports(a):
-        raise ValueError(f"syrk: needs a CPU float32/float64 [R, d] tensor stored along R, got "
-                         f"{a.dtype} {a.device.type} shape {tuple(a.shape)} strides {a.stride()}")
-    return _syrk(_checked("syrk")[a.dtype], a, scale)
+        raise ValueError(f"syrk: needs a CPU float32/float64 [R, d] tensor with contiguous rows or "
+                         f"columns, got {a.dtype} {a.device.type} shape {tuple(a.shape)} strides {a.stride()}")
+    if (out.dtype != a.dtype or out.device.type != "cpu" or tuple(out.shape) != (d, d) or out.stride(1) != 1
+            or not d <= out.stride(0) < 2**31):
+        raise ValueError(f"syrk_: out must be a [{d}, {d}] {a.dtype} CPU matrix with contiguous rows, got "
+                         f"{out.dtype} {out.device.type} shape {tuple(out.shape)} strides {out.stride()}")
+    _syrk(_checked("syrk")[a.dtype], out, a, alpha, beta)
+    return out
 
 
 def spd_inverse_(m: Tensor) -> bool:
     """``m ← m⁻¹`` in place for a symmetric positive definite ``m`` (a contiguous ``[n, n]`` CPU
-    tensor of a dtype it is :func:`available` for; only its lower triangle is read).
+    tensor of a dtype it is :func:`available` for; only its upper triangle is read).
 
     Returns False, with ``m`` overwritten, where the Cholesky factorisation fails (``m`` not
     positive definite to working precision): the caller recomputes ``m`` for its fallback."""
@@ -70,38 +85,55 @@ def spd_inverse_(m: Tensor) -> bool:
     return _spd_inverse(_checked("inverse")[m.dtype], m)
 
 
-def _syrk(routines: tuple, a: Tensor, scale: float) -> Tensor:
+def _syrk_form(a: Tensor) -> tuple[bytes, int] | None:
+    """BLAS's ``trans`` and leading dimension for ``aᵀa``: ``a`` stored along ``R`` is the
+    column-major ``R × d`` matrix ``A`` (``AᵀA``, "T"); rows stored contiguously are the
+    column-major ``d × R`` matrix ``A = aᵀ`` (``AAᵀ``, "N")."""
+    r, d = a.shape
+    for trans, unit, ld, rows in ((b"T", 0, 1, r), (b"N", 1, 0, d)):
+        if a.stride(unit) == 1 and max(1, rows) <= a.stride(ld) < 2**31:
+            return trans, a.stride(ld)
+    return None
+
+
+def _syrk(routines: tuple, out: Tensor, a: Tensor, alpha: float, beta: float) -> None:
     (routine,) = routines
     r, d = a.shape
-    out = a.new_empty(d, d)
+    trans, lda = _syrk_form(a)
     scalar = _SCALAR[a.dtype]
-    # column-major: a is R × d with leading dimension stride(1); C = aᵀa, upper triangle
+    # out's row-major upper triangle is the lower one of its column-major reading ("L")
     routine(
-        b"U", b"T", ctypes.byref(_INT(d)), ctypes.byref(_INT(r)), ctypes.byref(scalar(scale)),
-        ctypes.c_void_p(a.data_ptr()), ctypes.byref(_INT(a.stride(1))), ctypes.byref(scalar(0.0)),
-        ctypes.c_void_p(out.data_ptr()), ctypes.byref(_INT(d)),
+        b"L", trans, ctypes.byref(_INT(d)), ctypes.byref(_INT(r)), ctypes.byref(scalar(alpha)),
+        ctypes.c_void_p(a.data_ptr()), ctypes.byref(_INT(lda)), ctypes.byref(scalar(beta)),
+        ctypes.c_void_p(out.data_ptr()), ctypes.byref(_INT(out.stride(0))),
     )
-    return _mirror_lower(out)
 
 
 def _spd_inverse(routines: tuple, m: Tensor) -> bool:
     potrf, potri = routines
     n, info = _INT(m.shape[0]), _INT(0)
-    # row-major symmetric memory is its own column-major form: LAPACK's upper triangle is the
-    # row-major lower one, and only it is read and written
+    # row-major symmetric memory is its own column-major form: LAPACK's lower triangle is the
+    # row-major upper one, and only it is read and written
     for routine in (potrf, potri):
-        routine(b"U", ctypes.byref(n), ctypes.c_void_p(m.data_ptr()), ctypes.byref(n), ctypes.byref(info))
+        routine(b"L", ctypes.byref(n), ctypes.c_void_p(m.data_ptr()), ctypes.byref(n), ctypes.byref(info))
         if info.value != 0:
             return False
-    _mirror_lower(m)
+    mirror_upper_(m)
     return True
 
 
-def _mirror_lower(out: Tensor) -> Tensor:
-    """The row-major lower triangle of ``out`` copied above the diagonal (the rest was never
-    written)."""
-    out.tril_()
-    return out.add_(out.tril(-1).mT)
+def mirror_upper_(out: Tensor) -> Tensor:
+    """The upper triangle of the square ``out`` (row-major) copied below the diagonal, in place
+    (what is there is not read): a panel of 128 columns at a time, whose transposed reads stay
+    in cache (this project's CPU, one thread: 785 wide 2.0 → 0.9 ms, 8193 wide 799 → 72 ms
+    against one pass over the whole matrix)."""
+    n = out.shape[0]
+    for i in range(0, n, 128):
+        j = i + 128
+        out[j:, i:j] = out[i:j, j:].mT
+        diagonal = out[i:j, i:j]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)
+    return out
 
 
 @functools.cache
@@ -112,7 +144,11 @@ def _checked(routine: str) -> dict[torch.dtype, tuple]:
     for dtype, functions in found.items():
         if routine == "syrk":
             a = torch.linspace(-1.0, 2.0, 35, dtype=dtype).reshape(5, 7).T  # [7, 5] stored along R
-            ok = torch.allclose(_syrk(functions, a, 0.5), 0.5 * a.mT @ a, rtol=1e-5, atol=1e-6)
+            out = torch.full((5, 5), float("nan"), dtype=dtype)  # β = 0 must not read it
+            # both forms: stored along R ("T"), then row-major ("N") added in with β = 0.5
+            _syrk(functions, out, a, 0.5, 0.0)
+            _syrk(functions, out, a.contiguous(), 0.5, 0.5)
+            ok = torch.allclose(mirror_upper_(out), 0.75 * a.mT @ a, rtol=1e-5, atol=1e-6)
         else:
             a = torch.linspace(-1.0, 2.0, 35, dtype=dtype).reshape(5, 7)
             spd = a @ a.mT + torch.eye(5, dtype=dtype)

@@ -322,7 +322,7 @@ def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: 
 def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:
     """``curvlab.mkl.spd_inverse_`` (LAPACK ``potrf`` + ``potri`` through the MKL in torch's CPU
     build, the damped factor inverses' route) is found wherever torch reports MKL, inverts in
-    place in float32 and float64 (against float64 ``linalg.inv``) reading only the lower
+    place in float32 and float64 (against float64 ``linalg.inv``) reading only the upper
     triangle, reports a failed factorisation, and refuses other layouts by name."""
     from curvlab import mkl
 
@@ -334,7 +334,7 @@ def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:
     spd = x.T @ x / 400 + 0.1 * torch.eye(150, dtype=torch.float64)
     want = torch.linalg.inv(spd)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        m = spd.to(dtype).tril() + torch.full((150, 150), float("nan"), dtype=dtype).triu(1)  # upper never read
+        m = spd.to(dtype).triu() + torch.full((150, 150), float("nan"), dtype=dtype).tril(-1)  # lower never read
         assert mkl.spd_inverse_(m)
         assert torch.equal(m, m.T) and rel(m.double(), want) < tol
     assert not mkl.spd_inverse_(torch.diag(torch.tensor([1.0, -1e-3])))

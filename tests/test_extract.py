@@ -315,9 +315,10 @@ def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
 
 
 def test_syrk_is_there_where_torch_links_mkl() -> None:
-    """``curvlab.mkl.syrk`` (BLAS ``syrk`` through the MKL in torch's CPU build, ``gram``'s route for
-    rows stored along R) is found wherever torch reports MKL, and computes ``scale · aᵀa`` in
-    float32 and float64 (against float64 ``mm``); other layouts are refused by name."""
+    """``curvlab.mkl.syrk`` (BLAS ``syrk`` through the MKL in torch's CPU build) is found wherever
+    torch reports MKL and computes ``scale · aᵀa`` in float32 and float64 (against float64 ``mm``)
+    for rows stored along R and row-major rows; ``syrk_`` adds ``α aᵀa`` into ``β out`` on the
+    upper triangle without reading or writing the lower one; other layouts are refused by name."""
     from curvlab import mkl
 
     assert mkl.available("syrk", torch.float32) == mkl.available("syrk", torch.float64) == torch.backends.mkl.is_available()
@@ -325,12 +326,21 @@ def test_syrk_is_there_where_torch_links_mkl() -> None:
         return
     gen = torch.Generator().manual_seed(4)
     for dtype, rtol in ((torch.float64, RTOL), (torch.float32, 1e-6)):
-        a = torch.randn(150, 3000, generator=gen, dtype=dtype)[:, 1000:].mT  # [2000, 150] along R, ld 3000
-        got = mkl.syrk(a, 0.3)
-        assert got.dtype == dtype and torch.equal(got, got.T)
-        close(got.double(), 0.3 * a.double().mT @ a.double(), rtol)
+        along_r = torch.randn(150, 3000, generator=gen, dtype=dtype)[:, 1000:].mT  # [2000, 150], ld 3000
+        row_major = torch.randn(2000, 160, generator=gen, dtype=dtype)[:, 5:155]  # ld 160
+        for a in (along_r, row_major):
+            want = a.double().mT @ a.double()
+            got = mkl.syrk(a, 0.3)
+            assert got.dtype == dtype and torch.equal(got, got.T)
+            close(got.double(), 0.3 * want, rtol)
+            before = torch.randn(150, 150, generator=gen, dtype=dtype)
+            out = before.clone()
+            mkl.syrk_(out, a, 0.3, 0.5)
+            upper = torch.ones(150, 150, dtype=torch.bool).triu()
+            close(out.double()[upper], (0.3 * want + 0.5 * before.double())[upper], rtol)
+            assert torch.equal(out[~upper], before[~upper])
     with pytest.raises(ValueError, match="syrk: needs"):
-        mkl.syrk(torch.randn(300, 64))  # row-major
+        mkl.syrk(torch.randn(300, 128)[:, ::2])  # neither rows nor columns contiguous
 
 
 def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
@@ -348,19 +358,23 @@ def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
         close(factors.G, g)
 
 
-@pytest.mark.parametrize("rows, d", [(7, 20), (300, 260), (256, 785)])
-def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int) -> None:
-    """``add_gram_`` (a running average taking in kept rows) against ``β X + Σ w x xᵀ`` in
-    float64, in place, for widths updated in one product and in panels (≥ 256: the triangle
-    below the panels is mirrored)."""
+@pytest.mark.parametrize("rows, d, ld", [(7, 20, 20), (300, 260, 260), (256, 785, 785), (1024, 785, 800), (900, 96, 0)])
+def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int, ld: int) -> None:
+    """``add_gram_`` (a running average taking in rows) against ``β X + Σ w x xᵀ`` in float64, in
+    place on the upper triangle, with the lower one restored by ``mirror_upper_``: widths updated
+    in one product, in panels (≥ 256), and by ``syrk`` (row-major rows at leading dimension 800,
+    rows stored along R: ``ld`` 0), with per-row weights and with one weight for all."""
     from curvlab.gram import add_gram_
+    from curvlab.mkl import mirror_upper_
 
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(rows, d, generator=gen, dtype=torch.float64)
-    w = torch.rand(rows, generator=gen, dtype=torch.float64)
+    memory = torch.randn(d, rows, generator=gen, dtype=torch.float64).mT if ld == 0 else \
+        torch.randn(rows, ld, generator=gen, dtype=torch.float64)
+    x = memory[:, :d]
     b = torch.randn(d, d, generator=gen, dtype=torch.float64)
-    average = b @ b.T
-    want = 0.75 * average + torch.einsum("r,ri,rj->ij", w, x, x)
-    got = add_gram_(average, x, w, 0.75)
-    assert got.data_ptr() == average.data_ptr()
-    close(got, want)
+    for w in (torch.rand(rows, generator=gen, dtype=torch.float64), torch.full((rows,), 0.3, dtype=torch.float64)):
+        average = b @ b.T
+        want = 0.75 * average + torch.einsum("r,ri,rj->ij", w, x, x)
+        got = add_gram_(average, x, w, 0.75)
+        assert got.data_ptr() == average.data_ptr()
+        close(mirror_upper_(got), want)

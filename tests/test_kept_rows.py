@@ -1,9 +1,12 @@
-"""Statistics kept as their rows (``GramRows``): a wide layer from a small batch.
+"""Statistics handed over as their rows (``GramRows``): a wide layer from a small batch, or a
+layer whose rows BLAS ``syrk`` adds into the running average.
 
 The extraction hands over a factor with fewer samples than its width as its rows; the optimizers
-keep those rows until a refresh (or until they fill half the matrix) and fold them in then.  What
-they invert must be the running average of the dense statistics, and a checkpoint taken while
-rows are kept must resume bit-identically.
+keep those rows until a refresh (or until they fill half the matrix) and fold them in then.  A
+factor from at least as many rows as its width, where ``syrk`` takes them, is added into the
+average's upper triangle at once, the lower one restored when a refresh reads it.  What they
+invert must be the running average of the dense statistics, and a checkpoint taken while rows
+are kept, or while a lower triangle is stale, must resume bit-identically.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 from curvlab.approx import KFAC as KFACApprox
 from curvlab.approx import TKFAC as TKFACApprox
 from curvlab.extract import extract
-from curvlab.gram import GramRows
+from curvlab.gram import GramRows, syrk_accumulates
 from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC
 from helpers import batches, tiny_mlp, train
 
@@ -35,11 +38,20 @@ def wide_conv(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(32, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 3)).double()
 
 
+def many_rows_conv(seed: int = 0) -> nn.Sequential:
+    """Layer "0" 289 wide as in :func:`wide_conv`, over 8×8 locations: ``A`` from 384 rows."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(32, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(256, 3)).double()
+
+
 # a wide layer kept as rows — a Linear layer's (row-major) or a convolution's (stored along R):
-# the model (by seed) and its batches
+# the model (by seed) and its batches; "…-many": as many rows as columns at least, which syrk adds
+# in (layer "0" of the MLP 71 wide with its bias, its rows 80 apart, from 96 rows)
 WIDE = {
     "mlp": (lambda seed=0: tiny_mlp(seed, d_in=D_IN), wide_batches),
     "conv": (wide_conv, lambda n: batches(n, size=6, shape=(32, 2, 2), seed=3)),
+    "mlp-many": (lambda seed=0: tiny_mlp(seed, d_in=70), lambda n: batches(n, size=96, shape=(70,), seed=3)),
+    "conv-many": (many_rows_conv, lambda n: batches(n, size=6, shape=(32, 8, 8), seed=3)),
 }
 
 
@@ -57,6 +69,11 @@ def test_extraction_hands_over_narrow_batches_as_rows() -> None:
         assert got.shape == want.shape
         torch.testing.assert_close(got.dense(), want, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got.trace(), want.trace(), rtol=1e-12, atol=1e-14)
+    # as many rows as columns at least: rows where syrk adds them in (an MLP's layer 71 wide)
+    many = extract(tiny_mlp(0, d_in=70), loss_fn, *WIDE["mlp-many"][1](1)[0], fisher="exact", stats=("kfac",),
+                   gram_rows=True)["0"].kfac["exact"].A
+    assert isinstance(many, GramRows) and many.rows.shape == (96, 71)
+    assert syrk_accumulates(many.rows) == torch.backends.mkl.is_available()
     # 18 rows (3 classes × 6) for the 4-wide G and δΨ, 6 for layer "2"'s 5-wide A: matrices
     pairs = ((wide.kfac["exact"].G, dense["0"].kfac["exact"].G), (rows["2"].kfac["exact"].A, dense["2"].kfac["exact"].A))
     for got, want in pairs:
@@ -76,7 +93,7 @@ def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls, wi
     data, decay = make_batches(13), 0.8
     model, loss_fn = build(), nn.CrossEntropyLoss()
     opt = cls(model, lr=0.0, stat_decay=decay, stats_interval=1, eigen_interval=6, scale_interval=1,
-              fisher="exact", factor_dtype="float64")
+              fisher="exact", factor_dtype="float64")  # float64 rows as they lie: syrk takes them
     train(opt, model, data)
     averages: dict[str, dict[str, torch.Tensor]] = {}
     for x, y in data:
@@ -95,14 +112,17 @@ def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls, wi
 
 
 # the convolution's kept rows are A's (TKFAC's δΦ of a convolution is a Gram over locations)
-RESUMED = [(cls, "mlp") for cls in ALL] + [(KFAC, "conv"), (EKFAC, "conv")]
+RESUMED = [(cls, wide) for cls in ALL for wide in ("mlp", "mlp-many")] + [
+    (cls, wide) for cls in (KFAC, EKFAC) for wide in ("conv", "conv-many")]
 
 
 @pytest.mark.parametrize("cls, wide", RESUMED, ids=[f"{c.__name__}-{w}" for c, w in RESUMED])
 def test_a_checkpoint_with_kept_rows_resumes_bit_identically(cls, wide: str, tmp_path) -> None:
-    """Saved after a refresh and two statistics steps (rows kept), through a weights-only file:
-    the resumed optimizer's next steps, refresh included, are bit-identical."""
-    options = dict(lr=0.05, stats_interval=1, eigen_interval=5, scale_interval=1, fisher="exact")
+    """Saved after a refresh and two statistics steps (rows kept, or added into an upper
+    triangle), through a weights-only file: the resumed optimizer's next steps, refresh included,
+    are bit-identical."""
+    options = dict(lr=0.05, stats_interval=1, eigen_interval=5, scale_interval=1, fisher="exact",
+                   factor_dtype="float64" if wide.endswith("-many") else "float32")  # float64 rows: syrk
     build, make_batches = WIDE[wide]
     data = make_batches(9)
     model = build()
@@ -111,7 +131,11 @@ def test_a_checkpoint_with_kept_rows_resumes_bit_identically(cls, wide: str, tmp
     torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     kept = [k for k in saved["opt"]["curvlab"]["blocks"]["0"]["curvature"] if "pending." in k]
-    assert kept  # layer "0"'s rows of the batches since the refresh
+    assert bool(kept) != wide.endswith("-many")  # layer "0"'s rows of the batches since the refresh
+    # the wide running averages (not the built objects) are saved whole
+    averages = {k: v for k, v in saved["opt"]["curvlab"]["blocks"]["0"]["curvature"].items()
+                if k.split(".")[-1] in ("A", "delta_phi") and "approximation." not in k}
+    assert averages and all(torch.equal(v, v.T) for v in averages.values())
     model2 = build(4)
     model2.load_state_dict(saved["model"])
     opt2 = cls(model2, **options)

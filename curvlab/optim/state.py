@@ -19,10 +19,13 @@ truncated eigenbasis for large factors) and ``build()`` (the object the next ste
 ``None`` before the first refresh).  Running averages are ``X ← β X + (1 − β) X_batch`` in
 ``eigh.dtype``, initialised with the first batch (no zero bias); objects handed out by
 ``build()`` are never modified later.  A statistic handed over as its rows
-(:class:`~curvlab.gram.GramRows`: fewer samples than its width, as the optimizers extract on one
-process) is kept as those rows (:class:`PendingRows`) until a refresh reads the average, or until
-they would fill half the matrix: the sum over the batches since is then one product, and a
-statistics step makes no pass over the ``d × d`` average (:class:`RunningAverages`).
+(:class:`~curvlab.gram.GramRows`, as the optimizers extract on one process) with fewer samples
+than its width is kept as those rows (:class:`PendingRows`) until a refresh reads the average, or
+until they would fill half the matrix: the sum over the batches since is then one product, and a
+statistics step makes no pass over the ``d × d`` average; one with more samples is added into the
+average's upper triangle where it lies (BLAS ``syrk``, :func:`~curvlab.gram.add_gram_`).  The
+lower triangle is restored when a refresh reads the average or the state is saved
+(:class:`RunningAverages`).
 KFAC/TKFAC need no eigen-decomposition at all with their default (Kronecker) damping: the
 objects invert ``(L + aI) ⊗ (R + bI)`` from two Cholesky factorisations, computed at the first
 step that uses them and kept with the object.
@@ -43,7 +46,8 @@ from torch import Tensor
 from curvlab import approx
 from curvlab.approx import EXACT_EIGH, EighPolicy, KroneckerApproximation
 from curvlab.block import BlockLayout
-from curvlab.gram import GramRows, add_gram_, gram
+from curvlab.gram import GramRows, add_gram_
+from curvlab.mkl import mirror_upper_
 from curvlab.stats import KroneckerFactors, LayerStats
 
 
@@ -80,9 +84,12 @@ class PendingRows:
         self.weights.append(batch.weights.detach().to(dtype).mul_(1.0 if first else 1.0 - decay))
 
     def fold(self, average: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """The average with the rows folded in (``average`` updated in place)."""
+        """The average with the rows folded in (``average`` updated in place on its upper
+        triangle, :func:`~curvlab.gram.add_gram_`)."""
         rows, weights = self.stacked().to(dtype), torch.cat(self.weights)
-        return gram(rows, weights=weights) if average is None else add_gram_(average, rows, weights, self.decay)
+        if average is None:  # the rows start the average
+            return add_gram_(rows.new_empty(rows.shape[1], rows.shape[1]), rows, weights, 0.0)
+        return add_gram_(average, rows, weights, self.decay)
 
     def stacked(self) -> Tensor:
         """The rows as one ``[R, d]`` tensor in their memory layout: rows stored along ``R`` (a
@@ -184,10 +191,13 @@ class CurvatureState(ABC):
 
 class RunningAverages(CurvatureState):
     """A state of running averages ``X ← β X + (1 − β) X_batch``; a batch handed over as its rows
-    is kept in :attr:`pending` (see the module docstring)."""
+    is kept in :attr:`pending` or added into the average's upper triangle where it lies, the lower
+    one restored before the average is read (see the module docstring)."""
 
     #: statistic name → its rows not yet averaged in
     pending: dict[str, PendingRows]
+    #: statistics whose average is up to date on its upper triangle only (:func:`~curvlab.gram.add_gram_`)
+    stale_lower: set[str]
 
     def average_(self, name: str, new: Tensor | GramRows, decay: float) -> None:
         """``X ← β X + (1 − β) new`` for the running statistic ``name`` (rows kept for later, see
@@ -197,18 +207,46 @@ class RunningAverages(CurvatureState):
             pending = self.pending.setdefault(name, PendingRows())
             pending.push(new, decay, first=getattr(self, name) is None and not pending.rows, dtype=dt)
             if 2 * pending.count >= new.shape[0]:  # half the matrix's size: fold them in now
-                self.fold_(name)
+                self._fold_pending(name)
+            return
+        old = getattr(self, name)
+        if isinstance(new, GramRows):  # as many rows as columns at least: added in where it lies
+            rows, weights = new.rows.to(dt), new.weights.to(dt)
+            if old is None:
+                setattr(self, name, add_gram_(rows.new_empty(new.shape), rows, weights, 0.0))
+            else:
+                add_gram_(old, rows, weights * (1.0 - decay), decay)
+            self.stale_lower.add(name)
             return
         self.fold_(name)  # rows kept from smaller batches come first
-        setattr(self, name, ema_(getattr(self, name), new.dense() if isinstance(new, GramRows) else new, decay, dt))
+        setattr(self, name, ema_(getattr(self, name), new, decay, dt))
+
+    def _fold_pending(self, name: str) -> None:
+        pending = self.pending.pop(name, None)
+        if pending is not None:
+            setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
+            self.stale_lower.add(name)
 
     def fold_(self, *names: str) -> None:
-        """Average in the kept rows of ``names`` (default: every statistic), before anything reads
-        the averages."""
-        for name in names or list(self.pending):
-            pending = self.pending.pop(name, None)
-            if pending is not None:
-                setattr(self, name, pending.fold(getattr(self, name), self.eigh.dtype))
+        """Average in the kept rows of ``names`` (default: every statistic) and restore the lower
+        triangles, before anything reads the averages."""
+        for name in names or {*self.pending, *self.stale_lower}:
+            self._fold_pending(name)
+            if name in self.stale_lower:
+                mirror_upper_(getattr(self, name))
+                self.stale_lower.discard(name)
+
+    def tensors(self) -> dict[str, Tensor]:
+        # the averages whole: a state saved here and one that was not restore the same lower
+        # triangle from the same upper one before they read it
+        for name in list(self.stale_lower):
+            mirror_upper_(getattr(self, name))
+        self.stale_lower.clear()
+        return super().tensors()
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        self.stale_lower.clear()  # what tensors() gives is whole
+        super().load(tensors)
 
 
 @dataclass(eq=False)
@@ -227,6 +265,7 @@ class RunningFactors(RunningAverages):
     approximation: approx.KFAC | None = None
     eigh: EighPolicy = EXACT_EIGH
     pending: dict[str, PendingRows] = field(default_factory=dict)
+    stale_lower: set[str] = field(default_factory=set)
 
     @property
     def has_statistics(self) -> bool:
@@ -269,6 +308,7 @@ class RunningTraces(RunningAverages):
     approximation: approx.TKFAC | None = None
     eigh: EighPolicy = EXACT_EIGH
     pending: dict[str, PendingRows] = field(default_factory=dict)
+    stale_lower: set[str] = field(default_factory=set)
 
     @property
     def has_statistics(self) -> bool:
