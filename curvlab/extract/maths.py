@@ -106,7 +106,7 @@ def tkfac_exact(x: Tensor, g: Tensor, keep_rows: bool = False) -> TraceStats:
     if t == 1:
         a, gg = x[..., 0], g[..., 0]
         g_norms = gg.square().sum((0, 2))  # Σ_c ‖g_cn‖²  [N]
-        a_norms = a.square().sum(1)  # ‖ā_n‖²  [N]
+        a_norms = torch.linalg.vector_norm(a, dim=1).square()  # ‖ā_n‖² [N], no squared copy of a
         phi = gram_or_rows(a, weights=g_norms, keep_rows=keep_rows)
         psi = gram_or_rows(gg.reshape(-1, d_out), weights=a_norms.repeat(c), keep_rows=keep_rows)
         return TraceStats(delta=(g_norms * a_norms).sum(), delta_phi=phi, delta_psi=psi)
