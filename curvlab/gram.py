@@ -41,7 +41,7 @@ class GramRows:
 
     def trace(self) -> Tensor:
         """``Σ_r w_r ‖x_r‖²`` (non-finite exactly when a row or weight is, short of overflow)."""
-        # the norms without a squared copy of the rows (785 wide from 1024 rows: 0.50 → 0.21 ms)
+        # the norms without a squared copy of the rows (785 wide from 1024 rows: 0.48 → 0.14 ms)
         return self.weights @ torch.linalg.vector_norm(self.rows, dim=1).square()
 
 
@@ -49,12 +49,14 @@ def gram_or_rows(
     rows: Tensor, scale: float = 1.0, weights: Tensor | None = None, keep_rows: bool = False
 ) -> Tensor | GramRows:
     """:func:`gram`, or with ``keep_rows`` the rows themselves (:class:`GramRows`, not copied) where
-    they are fewer than the columns, or where :func:`syrk_accumulates` them and they are at most
-    twice as many: more rows than that cost more to pass over (the finiteness check's trace of a
-    convolution's patches, 65 536 × 145 stored along R: ~20 ms) than the ``d × d`` matrix's copy
-    and ``lerp_`` they save."""
+    they are fewer than the columns, or where :func:`syrk_accumulates` them, ``d ≥ 256`` and they
+    are at most twice as many.  More rows than that cost more to pass over (the finiteness check's
+    trace of a convolution's patches, 65 536 × 145 stored along R: ~20 ms) than the ``d × d``
+    matrix's copy and ``lerp_`` they save; narrower matrices are cheap either way, and ``syrk``
+    with its checks cost more there (the MLP N=128's statistics steps, whose 64–128-wide ``G`` and
+    65-wide ``A`` took it: 0.2–0.3 ms more a step, measured in one process)."""
     r, d = rows.shape
-    if keep_rows and (r < d or (r <= 2 * d and syrk_accumulates(rows))):
+    if keep_rows and (r < d or (256 <= d and r <= 2 * d and syrk_accumulates(rows))):
         return GramRows(rows, rows.new_full((r,), scale) if weights is None else weights * scale)
     return gram(rows, scale, weights)
 
