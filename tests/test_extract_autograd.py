@@ -22,7 +22,7 @@ from torch.func import functional_call, hessian, jacrev
 import zoo
 from zoo import oracle
 from curvlab.block import Block
-from curvlab.extract import extract, maths
+from curvlab.extract import ExtractionSession, extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
 from curvlab.extract.autograd.layer_io import cat_positions, unfold_input
 from helpers import batch, im2col, tiny_cnn, tiny_mlp
@@ -458,3 +458,36 @@ def test_model_left_untouched_and_errors() -> None:
     with pytest.raises(ValueError, match="leading dimension"):
         flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(2, 2), nn.Unflatten(0, (2, 3)), nn.Flatten(1))
         extract_autograd(flat.double(), nn.MSELoss(), torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("stats", [("kfac",), ("tkfac",), ("sqrt",)])
+def test_an_input_changed_after_the_backward_is_refused(stats: tuple[str, ...]) -> None:
+    """The inputs are kept by reference and unfolded when the statistics are formed (after the
+    user's backward): one modified in place in between is refused, naming the layer, and the same
+    pass without the change gives the statistics of the inputs as called."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 16, 4)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (5,))
+    want = extract_autograd(model, loss_fn, x, y, flavours=("exact",))
+    for change in (True, False):
+        inp = x.clone()
+        with ExtractionSession(model, loss_fn, engine="autograd", fisher="exact", stats=stats) as session:
+            loss_fn(model(inp), y).backward()
+            if change:
+                inp.mul_(2.0)
+        if change:
+            with pytest.raises(ValueError, match="input of '0' was modified in place"):
+                session.results()
+            continue
+        got = session.results()["0"]
+        # the inputs as called, unfolded here with a row of ones, and the engine's own roots g
+        xu = torch.cat([F.unfold(x, 3, padding=1), torch.ones(5, 1, 16, dtype=torch.float64)], 1)  # [N, D, T]
+        m = torch.einsum("cnot,ndt->cnod", want["0"].calls[0].g, xu).flatten(0, 1)  # [K, d_out, D]
+        if "kfac" in stats:
+            a = xu.transpose(1, 2).reshape(-1, 19)
+            torch.testing.assert_close(got.kfac["exact"].A, a.T @ a / 80, rtol=1e-12, atol=1e-12)
+        if "tkfac" in stats:
+            torch.testing.assert_close(got.tkfac.delta_phi, torch.einsum("kod,koe->de", m, m), rtol=1e-10, atol=1e-12)
+        if "sqrt" in stats:
+            torch.testing.assert_close(got.sqrt.matrices(), m, rtol=1e-10, atol=1e-12)

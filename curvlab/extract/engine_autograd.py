@@ -64,7 +64,8 @@ class AutogradPass:
                     "forward pass, so its block is zero; freeze its parameters (requires_grad=False)"
                 )
             calls = layer.calls  # several calls: more positions (no copy for one)
-            x = cat_positions([dense_inputs(module, c.x) for c in calls])
+            # unfolded here, one layer at a time, and not kept (a convolution's patches are large)
+            x = cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
             g = joined([c.g for c in calls], 3)
             g_terms = None if calls[0].g_terms is None else joined([c.g_terms for c in calls], 3)
             for block in blocks:

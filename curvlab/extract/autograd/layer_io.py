@@ -89,6 +89,30 @@ def unfold_input(module: nn.Module, inp: Tensor) -> Tensor:
     return _unfold_conv(module, inp)
 
 
+def check_input(name: str, module: nn.Module, inp: Tensor, version: int, num_examples: int) -> None:
+    """Raise ``ValueError`` for an input :func:`unfold_input` cannot take or whose leading dimension
+    is not the batch size ``num_examples``, and (:func:`check_unmodified`) for one modified in place
+    since the call — before anything is unfolded."""
+    check_unmodified(name, inp, version)
+    if kind(module) == CONV and inp.dim() != len(module.kernel_size) + 2:
+        raise ValueError(f"autograd engine: {name!r} ({type(module).__name__}) needs batched input, got {tuple(inp.shape)}")
+    n = inp.shape[0] if inp.dim() > int(kind(module) == LINEAR) else None
+    if n != num_examples:
+        raise ValueError(
+            f"extract_autograd: {name!r} saw an input with leading dimension {n}, not the batch size {num_examples}"
+        )
+
+
+def check_unmodified(name: str, inp: Tensor, version: int) -> None:
+    """Inputs are kept by reference: refuse one modified in place after the call (``version``:
+    its ``_version`` then)."""
+    if inp._version != version:
+        raise ValueError(
+            f"extract_autograd: the input of {name!r} was modified in place after the call "
+            "(e.g. an in-place activation on it); its value is needed"
+        )
+
+
 def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
     """The patches of ``inp`` as a strided view ``[C_in, *k, N, *out]`` of the (padded) input,
     gathered in one copy into ``[D, N, T]`` memory: the copy then reads and writes runs along the

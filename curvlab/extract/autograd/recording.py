@@ -135,15 +135,6 @@ class Recording:
             handle.remove()
         self._handles.clear()
 
-    def _check_unmodified(self) -> None:
-        """Inputs are kept by reference: refuse ones the forward modified in place later."""
-        for (module, inp, _), version in zip(self.calls, self.versions):
-            if inp._version != version:
-                raise ValueError(
-                    f"extract_autograd: the input of {self.targets[module]!r} was modified in place "
-                    "after the call (e.g. an in-place activation on it); its value is needed"
-                )
-
     # ------------------------------------------------------------------ the vjps
 
     def _compute(self, output: Tensor, targets: Tensor, loss: Tensor) -> AutogradExtraction:
@@ -155,14 +146,10 @@ class Recording:
         else:  # non_finite="propagate": NaN statistics, no sampling from NaN outputs
             root, segments = stacked_root(self.loss_fn, torch.zeros_like(output), targets, terms, req.flavours, req.mc_samples)
             root = torch.full_like(root, float("nan"))
-        self._check_unmodified()
-        xs = [layer_io.unfold_input(m, inp) for m, inp, _ in calls]
-        for (module, _, _), x in zip(calls, xs):
-            if x.shape[0] != terms.num_examples:
-                raise ValueError(
-                    f"extract_autograd: {self.targets[module]!r} saw an input with leading dimension "
-                    f"{x.shape[0]}, not the batch size {terms.num_examples}"
-                )
+        # the inputs are kept by reference and unfolded when read (LayerCall.unfolded), one layer
+        # at a time; what would stop that is refused here, at the loss call
+        for (module, inp, _), version in zip(calls, self.versions):
+            layer_io.check_input(self.targets[module], module, inp, version, terms.num_examples)
         n, t_out, size = terms.num_examples, terms.terms_per_example, output.element_size()
         coupled = self.coupled
         factorable = not coupled and t_out == 1
@@ -176,8 +163,8 @@ class Recording:
         out_bytes = output.numel() * size
         layers = BatchedVJP(output, leaves, estimate(saved, leaf_bytes, out_bytes), req.max_bytes, req.vectorize)
         results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in self.targets.items()}
-        for (module, _, _), x, g in zip(calls, xs, batch_roots(layers, root, calls)):
-            results[self.targets[module]].calls.append(LayerCall(x=x, g=g))
+        for (module, inp, _), version, g in zip(calls, self.versions, batch_roots(layers, root, calls)):
+            results[self.targets[module]].calls.append(LayerCall(self.targets[module], module, inp, version, g))
         for res in results.values():
             res.with_bias = req.include_bias and res.has_trainable_bias
 
@@ -187,7 +174,7 @@ class Recording:
         param_sqrt: dict[str, Tensor] = {}
         need_exact = want_sqrt and coupled
         if need_exact or req.params:
-            num_vjps += self._per_example(output, root, terms, columns, xs, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes)
+            num_vjps += self._per_example(output, root, terms, columns, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes)
         if want_sqrt and not coupled:
             for res in results.values():
                 if not res.calls:
@@ -196,7 +183,7 @@ class Recording:
                     res.sqrt = res.square_root(columns=columns)
                 else:  # M[(j·T_out + s)·N + n] from the term-separated roots
                     res.sqrt = sum(
-                        layer_io.contract(res.module, res.contraction_inputs(c.x), c.g_terms, per_example=True)
+                        layer_io.contract(res.module, res.contraction_inputs(c.unfolded()), c.g_terms, per_example=True)
                         for c in res.calls
                     ).flatten(0, 1)
         rows = t_out * n
@@ -216,7 +203,7 @@ class Recording:
             param_sqrt=param_sqrt,
         )
 
-    def _per_example(self, output, root, terms, columns, xs, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes) -> int:
+    def _per_example(self, output, root, terms, columns, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes) -> int:
         """One vjp per (root column, term, example): the coupled exact roots of the layers
         (``need_exact``) and the per-column gradients of the parameter blocks."""
         calls, req = self.calls, self.request
@@ -233,7 +220,7 @@ class Recording:
                 res.sqrt = output.new_zeros(rows, *res.matrix_shape)
         for name, p in params:
             param_sqrt[name] = output.new_zeros(rows, *p.shape)
-        x_aug = [results[self.targets[m]].contraction_inputs(x) for (m, _, _), x in zip(calls, xs)]
+        x_aug = [results[self.targets[m]].contraction_inputs(layer_io.unfold_input(m, inp)) for m, inp, _ in calls]
 
         def consume(sl: slice, grads: tuple[Tensor, ...]) -> None:
             for i, (module, _, _) in enumerate(calls if need_exact else ()):

@@ -4,6 +4,7 @@ exact square root ``M`` of its block where that needs separate backpropagations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +17,11 @@ class LayerCall:
     """One call of a target module during the forward pass.
 
     Attributes:
-        x: the layer input, unfolded: ``[N, D, T]`` (no bias row); ``nn.Embedding``: the token
-            ids ``[N, T]`` (int64), see :func:`LayerResult.dense_inputs`.
+        name: the target's name (for errors).
+        module: the module called.
+        inp: its input as called (detached, kept by reference: unfolded only when read, one
+            layer at a time — the patches of every convolution at once would hold gigabytes).
+        version: ``inp._version`` at the call (an input modified in place since is refused).
         g: the stacked root backpropagated to the layer output, ``[C_total, N, d_out, T]``;
             column ``c`` is one vjp whose cotangent is root column ``c`` at *every* loss term of
             *every* example (``AutogradExtraction.segments`` slices the flavours).
@@ -27,9 +31,23 @@ class LayerCall:
             (``AutogradExtraction.term_segments`` slices the flavours).
     """
 
-    x: Tensor
+    name: str
+    module: nn.Module
+    inp: Tensor
+    version: int
     g: Tensor
     g_terms: Tensor | None = None
+
+    def unfolded(self) -> Tensor:
+        """The layer input unfolded, ``[N, D, T]`` (no bias row; ``nn.Embedding``: the token ids
+        ``[N, T]``, see :func:`LayerResult.dense_inputs`), computed now and not kept."""
+        layer_io.check_unmodified(self.name, self.inp, self.version)
+        return layer_io.unfold_input(self.module, self.inp)
+
+    @cached_property
+    def x(self) -> Tensor:
+        """:meth:`unfolded`, kept after the first read."""
+        return self.unfolded()
 
 
 @dataclass
@@ -83,8 +101,8 @@ class LayerResult:
         return torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2])], 1)
 
     def dense_inputs(self, call: LayerCall) -> Tensor:
-        """``call.x`` as a dense ``[N, D, T]`` tensor (Embedding: one-hot, padding rows zero)."""
-        return layer_io.dense_inputs(self.module, call.x)
+        """``call.unfolded()`` as a dense ``[N, D, T]`` tensor (Embedding: one-hot, padding rows zero)."""
+        return layer_io.dense_inputs(self.module, call.unfolded())
 
     def square_root(self, columns: Tensor | None = None) -> Tensor:
         """The block's square root ``[K, d_out, D]``: ``F = Σ_k vec(M_k) vec(M_k)ᵀ``.
@@ -104,7 +122,7 @@ class LayerResult:
         total = None
         for call in self.calls:
             g = call.g if columns is None else call.g[columns]
-            m = layer_io.contract(self.module, self.contraction_inputs(call.x), g, per_example=True)
+            m = layer_io.contract(self.module, self.contraction_inputs(call.unfolded()), g, per_example=True)
             total = m if total is None else total + m
         return total.reshape(-1, *total.shape[2:])
 
