@@ -491,3 +491,55 @@ def test_an_input_changed_after_the_backward_is_refused(stats: tuple[str, ...]) 
             torch.testing.assert_close(got.tkfac.delta_phi, torch.einsum("kod,koe->de", m, m), rtol=1e-10, atol=1e-12)
         if "sqrt" in stats:
             torch.testing.assert_close(got.sqrt.matrices(), m, rtol=1e-10, atol=1e-12)
+
+
+CONV_CASES = {  # D ≥ 256 weight columns at T ≥ 1024 output locations
+    "2d-bias": (lambda: nn.Conv2d(29, 2, 3, padding=1), (29, 32, 32), False),
+    "2d-bias-apart": (lambda: nn.Conv2d(29, 2, 3, padding=1), (29, 32, 32), True),
+    "2d-strided-dilated-reflect": (
+        lambda: nn.Conv2d(29, 2, 3, stride=2, padding=2, dilation=2, padding_mode="reflect", bias=False), (29, 66, 66), False),
+    "1d": (lambda: nn.Conv1d(52, 2, 5, padding=2), (52, 1024), False),
+    "3d": (lambda: nn.Conv3d(10, 2, 3, padding=1), (10, 11, 11, 11), False),
+}
+
+
+@pytest.mark.parametrize("stats", [("tkfac", "kfe"), ("tkfac",), ("sqrt",), ("kfac", "kfe")])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_convolution_statistics_with_many_locations_match_the_patches(case: str, stats: tuple[str, ...]) -> None:
+    """A convolution with ≥ 1024 output locations and ≥ 256 weight columns, whose per-sample
+    products the autograd engine forms without unfolding its input (on the CPU): every statistic equals the dense sums over
+    ``M_k = Σ_t g_k x_kᵀ`` from the patches (the engine's roots ``g``; the bias as a row of ones),
+    in one block or with the bias apart, for every padding, stride and dimension."""
+    make, shape, separate_bias = CONV_CASES[case]
+    torch.manual_seed(0)
+    conv = make()
+    with torch.no_grad():
+        d_out, spatial = conv(torch.zeros(1, *shape)).shape[1], conv(torch.zeros(1, *shape)).shape[2:]
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(d_out * math.prod(spatial), 4)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(2, *shape, dtype=torch.float64), torch.randint(0, 4, (2,))
+    g = extract_autograd(model, loss_fn, x, y, flavours=("exact",))["0"].calls[0].g  # [C, N, d_out, T]
+    patches = unfold_input(model[0], x)
+    full = torch.cat([patches, torch.ones_like(patches[:, :1])], 1) if conv.bias is not None else patches
+    parts = {"0": full} if not separate_bias else {"0.weight": patches, "0.bias": full[:, -1:]}
+    gen = torch.Generator().manual_seed(1)
+    orthogonal = lambda n: torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    bases = {name: (orthogonal(d_out), orthogonal(xs.shape[1])) for name, xs in parts.items()}
+    got = extract(model, loss_fn, x, y, engine="autograd", stats=stats, separate_bias=separate_bias,
+                  eigenbases=bases if "kfe" in stats else {})
+    for name, xs in parts.items():
+        m = torch.einsum("cnot,ndt->cnod", g, xs).flatten(0, 1)  # [K, d_out, D]
+        block = got[name]
+        if "tkfac" in stats:
+            torch.testing.assert_close(block.tkfac.delta_phi, torch.einsum("kod,koe->de", m, m), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(block.tkfac.delta_psi, torch.einsum("kod,kpd->op", m, m), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(block.tkfac.delta, m.square().sum(), rtol=1e-10, atol=1e-12)
+        if "kfe" in stats:
+            u_out, u_in = bases[name]
+            want = (u_out.T @ m @ u_in).square().sum(0)
+            torch.testing.assert_close(block.kfe_scaling, want, rtol=1e-10, atol=1e-12)
+        if "sqrt" in stats:
+            torch.testing.assert_close(block.sqrt.matrices(), m, rtol=1e-10, atol=1e-12)
+        if "kfac" in stats:
+            rows = xs.transpose(1, 2).reshape(-1, xs.shape[1])
+            torch.testing.assert_close(block.kfac["exact"].A, rows.T @ rows / rows.shape[0], rtol=1e-10, atol=1e-12)

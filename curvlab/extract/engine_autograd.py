@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from curvlab.extract.autograd import couples_examples
-from curvlab.extract.autograd.layer_io import cat_positions, dense_inputs, joined
+from curvlab.extract.autograd.layer_io import CONV, ConvInputs, cat_positions, dense_inputs, joined
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
 from curvlab.extract.options import ExtractOptions
@@ -64,13 +64,16 @@ class AutogradPass:
                     "forward pass, so its block is zero; freeze its parameters (requires_grad=False)"
                 )
             calls = layer.calls  # several calls: more positions (no copy for one)
-            # unfolded here, one layer at a time, and not kept (a convolution's patches are large)
-            x = cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
+            # the inputs unfolded here, one layer at a time, and not kept (a convolution's patches
+            # are large); a convolution called once only where a statistic reads its patches
+            lazy = len(calls) == 1 and layer.kind == CONV
+            x = None if lazy else cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
             g = joined([c.g for c in calls], 3)
             g_terms = None if calls[0].g_terms is None else joined([c.g_terms for c in calls], 3)
             for block in blocks:
                 exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
-                data = KroneckerData(block.inputs(x), g, res.segments, g_terms, exact, res.terms_per_example)
+                inputs = ConvInputs(block, calls[0]) if lazy else block.inputs(x)
+                data = KroneckerData(inputs, g, res.segments, g_terms, exact, res.terms_per_example)
                 out[block.name] = kronecker_stats(block, data, opts, "autograd")
         for block in self.blocks.parameters:
             columns = res.param_sqrt.get(block.name)

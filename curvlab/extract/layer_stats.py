@@ -37,7 +37,8 @@ class KroneckerData:
 
     Attributes:
         x: the block's inputs ``[N, D, T]`` (a row of ones for the bias column; the positions of
-            every call of the layer concatenated along ``T``).
+            every call of the layer concatenated along ``T``), or an engine's
+            :class:`~curvlab.extract.maths.LazyInputs` that unfolds them where they are read.
         g: the stacked roots at the layer output ``[C_total, N, d_out, T]`` (batch convention).
         segments: flavour → its columns of ``g``.
         g_terms: the reference flavour's term-separated roots ``[C·T_out, N, d_out, T]`` when
@@ -47,7 +48,7 @@ class KroneckerData:
         terms_per_example: ``T_out``.
     """
 
-    x: Tensor
+    x: Tensor | maths.LazyInputs
     g: Tensor
     segments: dict[str, slice]
     g_terms: Tensor | None = None

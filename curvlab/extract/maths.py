@@ -6,7 +6,9 @@ BackPACK plumbing lives in :mod:`curvlab.extract.extension`.
 Notation (both layer types, ``T = 1`` for ``nn.Linear``):
 
 * ``x``: unfolded layer input ``[N, D, T]`` (conv: ``unfold`` of the input; ``D = C_in·kh·kw``,
-  plus a row of ones when the bias is part of the block).
+  plus a row of ones when the bias is part of the block) — or an engine's :class:`LazyInputs`,
+  which unfolds them only where a statistic reads them (:func:`dense`) and may form the
+  per-sample products without them.
 * ``g``: backpropagated square root at the layer output ``[C, N, d_out, T]`` with the loss
   reduction folded in.
 * Per-sample gradient matrices ``M_{c,n} = Σ_t g_{c,n,:,t} x_{n,:,t}ᵀ``; ``F = Σ vec(M) vec(M)ᵀ``.
@@ -34,6 +36,7 @@ taken on the per-sample matrices (so ``tr = tr F`` whatever the convention).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -45,6 +48,23 @@ from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
 
 #: Elements of the largest temporary a chunked computation may allocate.
 CHUNK_ELEMENTS = 2**24
+
+
+class LazyInputs(Protocol):
+    """A layer's inputs ``x`` before they are unfolded (the autograd engine's convolutions)."""
+
+    shape: torch.Size  # [N, D, T]
+
+    def dense(self) -> Tensor:
+        """``x`` itself, ``[N, D, T]`` (unfolded at the first call, then kept)."""
+
+    def per_sample(self, g: Tensor, examples: slice) -> Tensor:
+        """:func:`per_sample_products` of ``g`` (``[C, B, d_out, T]``) with ``x[examples]``."""
+
+
+def dense(x: Tensor | LazyInputs) -> Tensor:
+    """``x`` as a tensor ``[N, D, T]``."""
+    return x if isinstance(x, Tensor) else x.dense()
 
 
 def _chunks(n: int, per_example: int) -> list[slice]:
@@ -68,17 +88,18 @@ def per_sample_products(g: Tensor, x: Tensor) -> Tensor:
     return (products[0].unsqueeze(0) if c == 1 else torch.stack(products)).mT
 
 
-def reduce_shared(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def reduce_shared(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor, Tensor]:
     """KFAC-reduce's pooled samples: ``x̂ = mean_t x`` (``[N, D, 1]``), ``ĝ = Σ_t g`` (``[C, N, d_out, 1]``)."""
-    return x.mean(2, keepdim=True), g.sum(3, keepdim=True)
+    return dense(x).mean(2, keepdim=True), g.sum(3, keepdim=True)
 
 
-def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand", keep_rows: bool = False) -> KroneckerFactors:
+def kfac_factors(x: Tensor | LazyInputs, g: Tensor, approx: str = "expand", keep_rows: bool = False) -> KroneckerFactors:
     """KFAC factors [C]: expand, ``A = 1/(N·T) Σ_{n,t} x xᵀ``, ``G = Σ_{c,n,t} g gᵀ`` (KFC's
     ``Ω ⊗ Γ``, Grosse & Martens 2016, for convolutions); reduce, the same on
     :func:`reduce_shared`'s pooled samples.  Both are exact for ``N = T = 1``.  ``keep_rows``: a
     factor with fewer samples than its width is handed over as its rows (:class:`~curvlab.gram.GramRows`).
     """
+    x = dense(x)
     if approx == "reduce":
         x, g = reduce_shared(x, g)
     elif approx != "expand":
@@ -92,7 +113,7 @@ def kfac_factors(x: Tensor, g: Tensor, approx: str = "expand", keep_rows: bool =
                             G=gram_or_rows(gf, keep_rows=keep_rows))
 
 
-def tkfac_exact(x: Tensor, g: Tensor, keep_rows: bool = False) -> TraceStats:
+def tkfac_exact(x: Tensor | LazyInputs, g: Tensor, keep_rows: bool = False) -> TraceStats:
     """TKFAC statistics as exact partial traces of F (trace-preserving) [D].
 
     ``δΦ = Σ_k M_kᵀ M_k``, ``δΨ = Σ_k M_k M_kᵀ``, ``δ = tr δΦ = tr F``.  For ``T = 1`` these are
@@ -104,7 +125,7 @@ def tkfac_exact(x: Tensor, g: Tensor, keep_rows: bool = False) -> TraceStats:
     c, n, d_out, t = g.shape
     d_in = x.shape[1]
     if t == 1:
-        a, gg = x[..., 0], g[..., 0]
+        a, gg = dense(x)[..., 0], g[..., 0]
         g_norms = gg.square().sum((0, 2))  # Σ_c ‖g_cn‖²  [N]
         a_norms = torch.linalg.vector_norm(a, dim=1).square()  # ‖ā_n‖² [N], no squared copy of a
         phi = gram_or_rows(a, weights=g_norms, keep_rows=keep_rows)
@@ -123,7 +144,7 @@ def _traces_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int) -> bool:
 
 
 def trace_statistics(
-    x: Tensor, g: Tensor, form: str = "exact", approx: str = "expand", keep_rows: bool = False
+    x: Tensor | LazyInputs, g: Tensor, form: str = "exact", approx: str = "expand", keep_rows: bool = False
 ) -> TraceStats:
     """TKFAC's statistics of the samples ``M_k`` given by ``x``, ``g`` (see the module docstring):
     ``form="exact"`` the partial traces of ``Σ vec(M_k) vec(M_k)ᵀ``; ``"kfc"`` those of the
@@ -148,8 +169,9 @@ def partial_trace_costs(c: int, n: int, d_out: int, d_in: int, t: int) -> tuple[
     return gram, chunks
 
 
-def partial_traces_by_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def partial_traces_by_gram(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` through Gram matrices over output locations (cheap for small T)."""
+    x = dense(x)
     c, n, d_out, t = g.shape
     d_in = x.shape[1]
     phi = psi = None
@@ -170,7 +192,7 @@ def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
     return term if total is None else total.add_(term)
 
 
-def partial_traces_by_chunks(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def partial_traces_by_chunks(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(Σ M_kᵀM_k, Σ M_kM_kᵀ)`` from explicit per-sample gradients, a chunk at a time."""
     traces = _PartialTraceSums()
     for m in per_sample_chunks(x, g):
@@ -178,12 +200,17 @@ def partial_traces_by_chunks(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return traces.phi, traces.psi
 
 
-def per_sample_chunks(x: Tensor, g: Tensor) -> Iterator[Tensor]:
+def per_sample_chunks(x: Tensor | LazyInputs, g: Tensor) -> Iterator[Tensor]:
     """Every ``M_k`` (:func:`per_sample_products`) as ``[B, d_out, D]`` chunks whose
     temporaries stay under :data:`CHUNK_ELEMENTS`."""
     c, n, d_out, d_in = *g.shape[:3], x.shape[1]
     for sl in _chunks(n, c * d_out * max(d_in, d_out)):
-        yield per_sample_products(g[:, sl], x[sl]).flatten(0, 1)
+        yield _products(x, g[:, sl], sl).flatten(0, 1)
+
+
+def _products(x: Tensor | LazyInputs, g: Tensor, examples: slice) -> Tensor:
+    """:func:`per_sample_products` of ``g`` (the examples' roots) with ``x[examples]``."""
+    return per_sample_products(g, x[examples]) if isinstance(x, Tensor) else x.per_sample(g, examples)
 
 
 class _PartialTraceSums:
@@ -200,13 +227,14 @@ class _PartialTraceSums:
         self.psi = _accumulate(self.psi, (m @ m.mT).sum(0))
 
 
-def tkfac_kfc(x: Tensor, g: Tensor) -> TraceStats:
+def tkfac_kfc(x: Tensor | LazyInputs, g: Tensor) -> TraceStats:
     """TKFAC statistics in the KFC-style form for convolutions [R].
 
     Per example ``Λ_n = Σ_t ā āᵀ`` and per column ``Γ_{c,n} = (1/T) Σ_t g gᵀ``:
     ``δ = Σ tr Λ tr Γ``, ``δΦ = Σ tr Γ · Λ``, ``δΨ = Σ tr Λ · Γ``.  Equals :func:`tkfac_exact` for
     ``T = 1``; preserves the trace only under KFC's independence assumptions.
     """
+    x = dense(x)
     t = x.shape[2]
     tr_gamma = g.square().sum((2, 3)).sum(0) / t  # Σ_c tr Γ_cn  [N]
     tr_lambda = x.square().sum((1, 2))  # tr Λ_n  [N]
@@ -217,23 +245,23 @@ def tkfac_kfc(x: Tensor, g: Tensor) -> TraceStats:
     )
 
 
-def per_sample_gradients(x: Tensor, g: Tensor) -> Tensor:
+def per_sample_gradients(x: Tensor | LazyInputs, g: Tensor) -> Tensor:
     """All ``M_{c,n}``, shape ``[C·N, d_out, D]`` (column ``k = c·N + n``), built in chunks."""
     c, n, d_out, _ = g.shape
-    out = x.new_empty(c, n, d_out, x.shape[1])
+    out = g.new_empty(c, n, d_out, x.shape[1])
     for sl in _chunks(n, c * d_out * x.shape[1]):
-        out[:, sl] = per_sample_products(g[:, sl], x[sl])
+        out[:, sl] = _products(x, g[:, sl], sl)
     return out.reshape(c * n, d_out, -1)
 
 
-def square_root(x: Tensor, g: Tensor) -> SquareRoot:
+def square_root(x: Tensor | LazyInputs, g: Tensor) -> SquareRoot:
     """The block's square root: factored for linear layers, explicit for convolutions."""
     if x.shape[2] == 1:
-        return FactoredSqrt(x[..., 0], g[..., 0])
+        return FactoredSqrt(dense(x)[..., 0], g[..., 0])
     return DenseSqrt(per_sample_gradients(x, g))
 
 
-def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
+def kfe_scaling(x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     """EKFAC's rescaling ``Σ_k (U_outᵀ M_k U_in)²`` without storing every ``M_k`` [C].
 
     Linear: one matmul of squared projections.  Conv: the rotated per-sample gradients are
@@ -244,12 +272,13 @@ def kfe_scaling(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     (the compressed form of :mod:`curvlab.approx.spectral`).
     """
     c, n, d_out, t = g.shape
-    u_out, u_in = u_out.to(g.dtype), u_in.to(x.dtype)
+    u_out, u_in = u_out.to(g.dtype), u_in.to(g.dtype)
     if t == 1:
         g_sq = _squared_coordinates(g[..., 0], u_out).sum(0)  # [N, w_out]
-        return g_sq.T @ _squared_coordinates(x[..., 0], u_in)
+        return g_sq.T @ _squared_coordinates(dense(x)[..., 0], u_in)
     if _kfe_by_chunks(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1]):
         return _kfe_scaling_by_chunks(x, g, u_out, u_in)
+    x = dense(x)
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
     x_rot = torch.einsum("ndt,de->net", x, u_in)
     truncated_in = u_in.shape[1] < u_in.shape[0]
@@ -278,7 +307,7 @@ def _kfe_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_
 
 
 def trace_statistics_and_kfe_scaling(
-    x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor, form: str = "exact", approx: str = "expand",
+    x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor, form: str = "exact", approx: str = "expand",
     keep_rows: bool = False,
 ) -> tuple[TraceStats, Tensor]:
     """:func:`trace_statistics` and :func:`kfe_scaling` (TEKFAC's statistics step) — from one
@@ -289,7 +318,7 @@ def trace_statistics_and_kfe_scaling(
     if (form != "exact" or t == 1 or not _traces_by_chunks(c, n, d_out, d_in, t)
             or not _kfe_by_chunks(c, n, d_out, d_in, t, u_out.shape[1], u_in.shape[1])):
         return trace_statistics(x, g, form, approx, keep_rows), kfe_scaling(x, g, u_out, u_in)
-    traces, scaling = _PartialTraceSums(), _KfeSums(u_out.to(g.dtype), u_in.to(x.dtype))
+    traces, scaling = _PartialTraceSums(), _KfeSums(u_out.to(g.dtype), u_in.to(g.dtype))
     for m in per_sample_chunks(x, g):
         traces.add(m)
         scaling.add(m)
@@ -326,7 +355,7 @@ def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
     return torch.cat([sq, rest.unsqueeze(-1)], -1)
 
 
-def _kfe_scaling_by_chunks(x: Tensor, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
+def _kfe_scaling_by_chunks(x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     """:func:`kfe_scaling` of a conv layer from explicit ``M_k`` (any basis, truncated or not)."""
     scaling = _KfeSums(u_out, u_in)
     for m in per_sample_chunks(x, g):
