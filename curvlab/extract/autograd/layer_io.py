@@ -99,9 +99,10 @@ def check_input(name: str, module: nn.Module, inp: Tensor, version: int, num_exa
     is not the batch size ``num_examples``, and (:func:`check_unmodified`) for one modified in place
     since the call — before anything is unfolded."""
     check_unmodified(name, inp, version)
-    if kind(module) == CONV and inp.dim() != len(module.kernel_size) + 2:
-        raise ValueError(f"autograd engine: {name!r} ({type(module).__name__}) needs batched input, got {tuple(inp.shape)}")
-    n = inp.shape[0] if inp.dim() > int(kind(module) == LINEAR) else None
+    k = kind(module)
+    if k == CONV:
+        _check_batched(module, inp, f"{name!r} ({type(module).__name__})")
+    n = inp.shape[0] if inp.dim() > int(k == LINEAR) else None
     if n != num_examples:
         raise ValueError(
             f"extract_autograd: {name!r} saw an input with leading dimension {n}, not the batch size {num_examples}"
@@ -125,9 +126,7 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
     ``[N, T, D]`` memory), and ``A``'s Gram GEMM reads both operands along ``N·T``.  With a bias
     (on the CPU) one more plane, of ones, follows them: :meth:`curvlab.block.Block.inputs` takes
     ``[x; 1]`` as a view (:func:`curvlab.block.ones_plane_after`) instead of copying the patches."""
-    nd = len(conv.kernel_size)
-    if inp.dim() != nd + 2:
-        raise ValueError(f"autograd engine: {type(conv).__name__} needs batched input, got {tuple(inp.shape)}")
+    _check_batched(conv, inp, type(conv).__name__)
     inp = _padded(conv, inp)
     n, c_in, *spatial = inp.shape
     step, *space = inp.stride()[1:]
@@ -146,6 +145,12 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
     planes[:d].view(patches.shape).copy_(patches)
     planes[d] = 1
     return planes[:d].permute(1, 0, 2)
+
+
+def _check_batched(conv: nn.Module, inp: Tensor, who: str) -> None:
+    """Raise ``ValueError`` (naming ``who``) unless ``inp`` is a batch of the convolution's inputs."""
+    if inp.dim() != len(conv.kernel_size) + 2:
+        raise ValueError(f"autograd engine: {who} needs batched input, got {tuple(inp.shape)}")
 
 
 def _padded(conv: nn.Module, inp: Tensor) -> Tensor:
