@@ -278,7 +278,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     import time
 
     from curvlab.app.data import DataError
-    from curvlab.app.launch import Ranks, join_process_group, relaunch, wants_relaunch
+    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
     from curvlab.app.report.run import ReportError, resolve_device, run_report
 
     try:
@@ -321,7 +321,9 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except (DataError, ValueError, OSError) as err:
         _error(parser, str(err))
         return EXIT_FAILURE
-    if not Ranks.current().is_main:
+    is_main = Ranks.current().is_main
+    leave_process_group()
+    if not is_main:
         return EXIT_OK
     print(f"curvlab report: done in {time.perf_counter() - start:.1f} s; wrote")
     for path in paths.values():

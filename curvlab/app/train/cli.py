@@ -123,7 +123,7 @@ def _widths(text: str) -> tuple[int, ...]:
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
     from curvlab.app.data import DataError
-    from curvlab.app.launch import Ranks, join_process_group, relaunch, wants_relaunch
+    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
     from curvlab.app.report.run import resolve_device
     from curvlab.app.train.loop import train
 
@@ -144,7 +144,9 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (DataError, ValueError, OSError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
-    if not Ranks.current().is_main:
+    is_main = Ranks.current().is_main
+    leave_process_group()
+    if not is_main:
         return 0
     for kind, path in paths.items():
         print(f"{kind}: {path}")
