@@ -110,8 +110,17 @@ def rotation_flops(sizes: list[tuple[int, int, int]], truncated: bool = False) -
     return total
 
 
+def folded_at_refresh(rows: int, width: int, pushes: int | None) -> bool:
+    """Whether curvlab keeps a Gram's ``rows`` (``[rows, width]`` a batch) until the refresh: a
+    running average keeps rows while twice their count is below its width
+    (``curvlab.optim.state``), so with ``pushes`` statistics steps between refreshes that never
+    fold them, their Gram is the refresh's work (the CNN's 8193-wide ``A`` from 64 rows).
+    ``pushes`` None: never (results before this was counted)."""
+    return pushes is not None and 2 * rows * pushes < width
+
+
 def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, truncated: bool = False,
-                     root: bool = True) -> int:
+                     root: bool = True, pushes: int | None = None) -> int:
     """GEMM flops a statistics step of ``method`` adds to a plain forward+backward (one MC
     column): the sampled root's backward through every layer (unless ``root`` is False: when it
     is measured, the ``root backward`` row), the statistics (``kfac``: A, G;
@@ -121,18 +130,21 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
     preconditioning (two GEMMs in the inverse form, four in the eigenbasis).  With
     ``truncated``, the rescaling and the preconditioning in curvlab's truncated bases (the
     factors themselves are still formed in full: their running averages are what the truncated
-    eigenbasis is computed from)."""
+    eigenbasis is computed from; a Gram the refresh folds, :func:`folded_at_refresh`, is not
+    counted)."""
+    def grams(rows: int, *widths: int) -> int:  # a Gram or any symmetric product: its upper triangle
+        return sum(rows * w * (w + 1) for w in widths if not folded_at_refresh(rows, w, pushes))
+
     total = 0
     for d_out, d, t in sizes:
         rows = n * t
         k_out, k_in = basis_width(d_out, truncated), basis_width(d, truncated)
         if root:
             total += 2 * rows * d_out * d  # the root's backward through the layer
-        # a Gram or any symmetric product: its upper triangle, d (d + 1) / 2 entries a row
         if method in ("kfac", "ekfac"):
-            total += rows * (d * (d + 1) + d_out * (d_out + 1))
+            total += grams(rows, d, d_out)
         elif t == 1:
-            total += n * (d * (d + 1) + d_out * (d_out + 1))
+            total += grams(n, d, d_out)
         else:  # the cheaper of the extraction's two routes
             total += 2 * min(partial_trace_costs(1, n, d_out, d, t))
         if method in ("ekfac", "tekfac"):  # the rescaling: its cheaper route for convolutions
@@ -153,6 +165,10 @@ def inverse_form_flops(sizes: list[tuple[int, int, int]], truncated: bool = Fals
         total += (2 * d * d_out * d_out if k_out == d_out else 4 * d * d_out * k_out)
         total += (2 * d_out * d * d if k_in == d else 4 * d_out * d * k_in)
     return total
+
+
+#: the note of a "grams" row without the Grams the refresh folds (older rows held them)
+GRAMS_NOTE = "the Grams a refresh folds left out"
 
 
 def stats_kernels(method: str, sizes: list[tuple[int, int, int]], med: dict[str, float], rate: float,
@@ -215,15 +231,16 @@ def random_buffer(shapes: list[tuple[int, int, int]], n: int, device: torch.devi
     return torch.randn(need, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor):
+def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes: int):
     """KFAC's statistics as bare kernels: the Gram of every block's inputs (``[N·T, D]``, the
     bias column included) and output gradients (``[N·T, d_out]``) added into a running average
     by the faster, for that shape, of BLAS ``syrk`` (:func:`curvlab.mkl.syrk_`: the upper
     triangle) and one GEMM (``addmm_``; the only route off the CPU or without MKL), timed once
     here; rows of ``buffer`` (:func:`random_buffer`) laid out as the extraction leaves them (a
     Linear layer's rows contiguous, each padded to :data:`curvlab.block.ROW_ALIGNMENT`; a
-    convolution's stored along ``N·T``).  A weighted Gram (TKFAC's ``δΦ``, ``δΨ`` of a Linear
-    layer) costs at least as much."""
+    convolution's stored along ``N·T``); Grams the refresh folds (:func:`folded_at_refresh` with
+    ``pushes`` statistics steps a period) left out.  A weighted Gram (TKFAC's ``δΦ``, ``δΨ`` of a
+    Linear layer) costs at least as much."""
     from curvlab.block import ROW_ALIGNMENT
     from curvlab.mkl import syrk_, syrk_supports
 
@@ -231,6 +248,8 @@ def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor):
     for d_out, d_in, t in shapes:
         for d in (d_in, d_out):
             r = n * t
+            if folded_at_refresh(r, d, pushes):
+                continue
             stride = (1, r) if t > 1 else (d + -d % ROW_ALIGNMENT, 1)  # [D, N·T] memory, or padded rows
             rows, out = buffer.as_strided((r, d), stride), buffer.new_zeros(d, d)
             routes = [lambda rows=rows, out=out: out.addmm_(rows.mT, rows, beta=0.95, alpha=0.05)]
@@ -329,13 +348,14 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
 
     a = torch.randn(1024, 1024, device=device)
     buffer = random_buffer(sizes, spec.batch, device)
+    pushes = args.refresh_interval // args.stats_interval - 1
     root_setup, root_run = root_backward_fn(copy.deepcopy(base), loss_fn, itertools.cycle(pool), names)
     rows = [Row("fwd+bwd", fwd_bwd), Row("gemm", lambda: a @ a), Row("rotations", rotations_fn(sizes, device)),
             Row("inverse GEMMs", kronecker_inverse_fn(sizes, biases, device)),
             Row("inverse GEMMs, bias by G alone", kronecker_inverse_fn(sizes, biases, device, bias_in_factor=False)),
             Row("eigh", eigh_fn(sizes, device, TRUNCATE_ABOVE)),
             Row("root backward", root_run, setup=root_setup),
-            Row("grams", grams_fn(sizes, spec.batch, buffer)),
+            Row("grams", grams_fn(sizes, spec.batch, buffer, pushes), note=GRAMS_NOTE),
             Row("rescaling", rescaling_fn(sizes, spec.batch, buffer))]
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -401,10 +421,14 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     for name in CURVLAB:
         if name in table:
             flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True,
-                                     root=root is None)
+                                     root=root is None, pushes=n_stats)
             stats_floor = fb + (root or 0.0) + flops / rate
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
             kernels = stats_kernels(name.removeprefix("curvlab-"), sizes, med, rate, truncated)
+            # a "grams" row measured with the Grams the refresh folds is no floor for these
+            refresh_grams = any(folded_at_refresh(spec.batch * t, w, n_stats) for d_out, d, t in sizes for w in (d, d_out))
+            if refresh_grams and GRAMS_NOTE not in next((r.note for r in rows if r.key == "grams"), ""):
+                kernels = None
             if kernels is not None and root is not None:
                 table[name]["stats_kernels_floor/fwd+bwd"] = (fb + root + kernels) / fb
             table[name]["stats_gflop"] = flops / 1e9
