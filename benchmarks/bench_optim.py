@@ -418,17 +418,17 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     # row and fwd+bwd, or without either, its GEMMs at the rate)
     root = (med["root backward"] if "root backward" in med else
             max(0.0, med["fwd+bwd+root"] - med["fwd+bwd"]) if "fwd+bwd+root" in med else None)
+    # a "grams" row measured with the Grams the refresh folds (older results) gives no floor
+    grams_note = next((r.note for r in rows if r.key == "grams"), "")
+    refresh_grams = any(folded_at_refresh(spec.batch * t, w, n_stats) for d_out, d, t in sizes for w in (d, d_out))
+    kernel_rows = {} if refresh_grams and GRAMS_NOTE not in grams_note else med
     for name in CURVLAB:
         if name in table:
             flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True,
                                      root=root is None, pushes=n_stats)
             stats_floor = fb + (root or 0.0) + flops / rate
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
-            kernels = stats_kernels(name.removeprefix("curvlab-"), sizes, med, rate, truncated)
-            # a "grams" row measured with the Grams the refresh folds is no floor for these
-            refresh_grams = any(folded_at_refresh(spec.batch * t, w, n_stats) for d_out, d, t in sizes for w in (d, d_out))
-            if refresh_grams and GRAMS_NOTE not in next((r.note for r in rows if r.key == "grams"), ""):
-                kernels = None
+            kernels = stats_kernels(name.removeprefix("curvlab-"), sizes, kernel_rows, rate, truncated)
             if kernels is not None and root is not None:
                 table[name]["stats_kernels_floor/fwd+bwd"] = (fb + root + kernels) / fb
             table[name]["stats_gflop"] = flops / 1e9

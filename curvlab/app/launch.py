@@ -135,7 +135,7 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.barrier()
-        dist.destroy_process_group()
+    _destroy_group()
 
 
 def _destroy_group() -> None:
