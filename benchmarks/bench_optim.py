@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import random
 import statistics
 import sys
@@ -93,6 +94,30 @@ def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int,
             [b.name for b in blocks])
 
 
+def shifted_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> list[tuple[nn.Module, tuple[int, ...]] | None]:
+    """Per block: its convolution and input shape (``[N, C, *S]``, ``N`` the batch of ``x``) where
+    curvlab's extraction forms ``A`` from the input by shifts (``curvlab.extract.conv_gram``), else None."""
+    from curvlab.extract import conv_gram
+
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [modules[name].register_forward_hook(
+        lambda m, i, out, name=name: shapes.__setitem__(name, (x.shape[0], *i[0].shape[1:]))) for name in names]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    return [(modules[name], shapes[name]) if isinstance(modules[name], nn.modules.conv._ConvNd)
+            and conv_gram.applies(modules[name], shapes[name]) else None for name in names]
+
+
+def shifted_flops(convs: list[tuple[nn.Module, tuple[int, ...]] | None]) -> list[int | None]:
+    """:func:`curvlab.extract.conv_gram.flops` by shifts of each of :func:`shifted_inputs`."""
+    from curvlab.extract import conv_gram
+
+    return [None if c is None else conv_gram.flops(*c)[0] for c in convs]
+
+
 def basis_width(n: int, truncated: bool) -> int:
     """Columns of the eigenbasis of an ``n × n`` factor: ``n``, or with ``truncated`` curvlab's
     rank above ``truncate_above``."""
@@ -120,7 +145,7 @@ def folded_at_refresh(rows: int, width: int, pushes: int | None) -> bool:
 
 
 def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, truncated: bool = False,
-                     root: bool = True, pushes: int | None = None) -> int:
+                     root: bool = True, pushes: int | None = None, shifted: list[int | None] | None = None) -> int:
     """GEMM flops a statistics step of ``method`` adds to a plain forward+backward (one MC
     column): the sampled root's backward through every layer (unless ``root`` is False: when it
     is measured, the ``root backward`` row), the statistics (``kfac``: A, G;
@@ -131,18 +156,20 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
     ``truncated``, the rescaling and the preconditioning in curvlab's truncated bases (the
     factors themselves are still formed in full: their running averages are what the truncated
     eigenbasis is computed from; a Gram the refresh folds, :func:`folded_at_refresh`, is not
-    counted)."""
+    counted).  ``shifted``: per block, the flops of ``A`` from the input by shifts where curvlab
+    takes them (:func:`shifted_flops`), else None (the patches' Gram)."""
     def grams(rows: int, *widths: int) -> int:  # a Gram or any symmetric product: its upper triangle
         return sum(rows * w * (w + 1) for w in widths if not folded_at_refresh(rows, w, pushes))
 
     total = 0
-    for d_out, d, t in sizes:
+    for i, (d_out, d, t) in enumerate(sizes):
         rows = n * t
         k_out, k_in = basis_width(d_out, truncated), basis_width(d, truncated)
         if root:
             total += 2 * rows * d_out * d  # the root's backward through the layer
         if method in ("kfac", "ekfac"):
-            total += grams(rows, d, d_out)
+            by_shifts = shifted[i] if shifted else None
+            total += grams(rows, d_out) + (grams(rows, d) if by_shifts is None else by_shifts)
         elif t == 1:
             total += grams(n, d, d_out)
         else:  # the cheaper of the extraction's two routes
@@ -231,7 +258,8 @@ def random_buffer(shapes: list[tuple[int, int, int]], n: int, device: torch.devi
     return torch.randn(need, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes: int):
+def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes: int,
+             convs: list[tuple[nn.Module, tuple[int, ...]] | None]):
     """KFAC's statistics as bare kernels: the Gram of every block's inputs (``[N·T, D]``, the
     bias column included) and output gradients (``[N·T, d_out]``) added into a running average
     by the faster, for that shape, of BLAS ``syrk`` (:func:`curvlab.mkl.syrk_`: the upper
@@ -239,16 +267,25 @@ def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes:
     here; rows of ``buffer`` (:func:`random_buffer`) laid out as the extraction leaves them (a
     Linear layer's rows contiguous, each padded to :data:`curvlab.block.ROW_ALIGNMENT`; a
     convolution's stored along ``N·T``); Grams the refresh folds (:func:`folded_at_refresh` with
-    ``pushes`` statistics steps a period) left out.  A weighted Gram (TKFAC's ``δΦ``, ``δΨ`` of a
-    Linear layer) costs at least as much."""
+    ``pushes`` statistics steps a period) left out; ``A`` of a convolution that curvlab forms
+    from its input (``convs``, :func:`shifted_inputs`) by ``curvlab.extract.conv_gram`` itself on
+    an input of its shape.  A weighted Gram (TKFAC's ``δΦ``, ``δΨ`` of a Linear layer) costs at
+    least as much."""
     from curvlab.block import ROW_ALIGNMENT
+    from curvlab.extract import conv_gram
     from curvlab.mkl import syrk_, syrk_supports
 
     kernels = []
-    for d_out, d_in, t in shapes:
+    for (d_out, d_in, t), conv in zip(shapes, convs):
         for d in (d_in, d_out):
             r = n * t
             if folded_at_refresh(r, d, pushes):
+                continue
+            if d == d_in and conv is not None:
+                module, shape = conv
+                inp = buffer[:math.prod(shape)].view(shape)
+                kernels.append(lambda m=module, inp=inp: conv_gram.input_gram(
+                    inp, m.kernel_size, conv_gram.padding(m), m.bias is not None))
                 continue
             stride = (1, r) if t > 1 else (d + -d % ROW_ALIGNMENT, 1)  # [D, N·T] memory, or padded rows
             rows, out = buffer.as_strided((r, d), stride), buffer.new_zeros(d, d)
@@ -333,6 +370,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     pool = spec.batches(args.batches, device)
     loss_fn = nn.CrossEntropyLoss()
     sizes, biases, names = block_sizes(base, pool[0][0])
+    convs = shifted_inputs(base, pool[0][0], names)
     options = dict(damping=args.damping, stats_interval=args.stats_interval, refresh_interval=args.refresh_interval)
     steppers = {}
     for name in args.peers:
@@ -355,7 +393,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
             Row("inverse GEMMs, bias by G alone", kronecker_inverse_fn(sizes, biases, device, bias_in_factor=False)),
             Row("eigh", eigh_fn(sizes, device, TRUNCATE_ABOVE)),
             Row("root backward", root_run, setup=root_setup),
-            Row("grams", grams_fn(sizes, spec.batch, buffer, pushes), note=GRAMS_NOTE),
+            Row("grams", grams_fn(sizes, spec.batch, buffer, pushes, convs), note=GRAMS_NOTE),
             Row("rescaling", rescaling_fn(sizes, spec.batch, buffer))]
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -383,10 +421,11 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     for row in rows:
         if row.key in slow:
             row.note = "; ".join(filter(None, (row.note, f"{len(row.samples)} sample(s) (one call {slow[row.key]:.1f} s)")))
-    return {**summarise_rows(spec, sizes, rows, args), "repeats": repeats}
+    return {**summarise_rows(spec, sizes, rows, args, shifted_flops(convs)), "repeats": repeats}
 
 
-def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], args) -> dict:
+def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], args,
+              shifted: list[int | None] | None = None) -> dict:
     period, every = args.refresh_interval, args.stats_interval
     n_stats = period // every - 1
     n_plain = period - n_stats - 1
@@ -425,7 +464,7 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     for name in CURVLAB:
         if name in table:
             flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True,
-                                     root=root is None, pushes=n_stats)
+                                     root=root is None, pushes=n_stats, shifted=shifted)
             stats_floor = fb + (root or 0.0) + flops / rate
             table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
             kernels = stats_kernels(name.removeprefix("curvlab-"), sizes, kernel_rows, rate, truncated)
@@ -442,6 +481,7 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     return {
         "model": spec.key, "builtin": spec.builtin, "note": spec.note, "batch": spec.batch,
         "input_shape": list(spec.input_shape), "blocks": [list(s) for s in sizes],
+        **({} if shifted is None else {"shifted_gram_flops": shifted}),
         "schedule": {"period": period, "stats_steps": n_stats, "plain_steps": n_plain},
         "fwd+bwd_s": fb, "fwd+bwd_measured_s": med["fwd+bwd"], "gemm_gflops": rate / 1e9, "rotations_s": med["rotations"],
         "rotation_gflop": rotation_flops(sizes) / 1e9, "floor_s": floor, "floor/sgd": floor / sgd,
@@ -478,18 +518,18 @@ def schedule_before_refresh(st: peers.Stepper, budget: float) -> Callable[[], No
     return replay
 
 
-def summarise_rows(spec: ModelSpec, sizes, rows: list[Row], args) -> dict:
+def summarise_rows(spec: ModelSpec, sizes, rows: list[Row], args, shifted: list[int | None] | None = None) -> dict:
     """:func:`summarise` of the rows' medians, every target with its ``met_in_resamples``: the
     share of :data:`RESAMPLES` bootstrap resamples (each row's samples drawn again with
     replacement, its median and every ratio recomputed; seed 0) in which the target is met.
     Near 0 or 1 the samples decide the verdict; in between, the rows' spread on this machine
     does not resolve it."""
-    summary = summarise(spec, sizes, {r.key: r.median for r in rows}, rows, args)
+    summary = summarise(spec, sizes, {r.key: r.median for r in rows}, rows, args, shifted)
     gen = random.Random(0)
     met = [0] * len(summary["targets"])
     for _ in range(RESAMPLES):
         med = {r.key: statistics.median(gen.choices(r.samples, k=len(r.samples))) for r in rows}
-        for i, t in enumerate(summarise(spec, sizes, med, rows, args)["targets"]):
+        for i, t in enumerate(summarise(spec, sizes, med, rows, args, shifted)["targets"]):
             met[i] += t["met"]
     for t, m in zip(summary["targets"], met):
         t["met_in_resamples"] = m / RESAMPLES
@@ -602,8 +642,8 @@ def markdown(res: dict) -> str:
                + ("(timed alone, after an untimed forward and backward)." if "root backward" in r["rows"]
                   else "(fwd+bwd+root − fwd+bwd, medians)."))
             + ("" if r.get("grams_s") is None else
-               f" KFAC's Grams (A and G of every block) into running averages: {r['grams_s'] * 1e3:.2f} ms;"
-               f" EKFAC's rescaling as bare GEMMs: {r['rescaling_s'] * 1e3:.2f} ms."),
+               f" KFAC's Grams (A and G of every block) into running averages: {r['grams_s'] * 1e3:.2f} ms"
+               + shifted_sentence(r) + f"; EKFAC's rescaling as bare GEMMs: {r['rescaling_s'] * 1e3:.2f} ms."),
             "",
         ]
         body = []
@@ -667,6 +707,19 @@ truncate_above (2048) get a truncated eigenbasis of rank 256 plus a flat remaind
 8193-wide input factor), which also makes their rotations cheaper than the full-basis floor."""
 
 
+def shifted_sentence(r: dict) -> str:
+    """Which blocks' ``A`` curvlab forms from the input by shifts, with their flops and the
+    patches' Gram's (empty for results without them)."""
+    shifted = r.get("shifted_gram_flops") or []
+    which = [i for i, f in enumerate(shifted) if f is not None]
+    if not which:
+        return ""
+    patches = sum(r["batch"] * t * d * (d + 1) for i, (_, d, t) in enumerate(r["blocks"]) if i in which)
+    return (f" (A of {len(which)} convolution(s) from their inputs by shifts, as curvlab forms it "
+            f"(curvlab.extract.conv_gram): {sum(shifted[i] for i in which) / 1e9:.2f} GFLOP where their patches' "
+            f"Grams are {patches / 1e9:.2f})")
+
+
 def resummarise(path: str) -> dict:
     """A result file's tables recomputed by this version of :func:`summarise` from its stored
     samples (no step is re-run)."""
@@ -678,7 +731,8 @@ def resummarise(path: str) -> dict:
         rows = [Row(key, fn=lambda: None, calls=v["calls"], samples=list(v["all_s"]), note=v["note"])
                 for key, v in old["rows"].items()]
         sizes = [tuple(b) for b in old["blocks"]]
-        models.append({**summarise_rows(spec, sizes, rows, args), "repeats": old["repeats"],
+        shifted = old.get("shifted_gram_flops")  # None: results from before curvlab took shifts
+        models.append({**summarise_rows(spec, sizes, rows, args, shifted), "repeats": old["repeats"],
                        **({"malloc": old["malloc"]} if "malloc" in old else {})})
     return {**res, "models": models, "resummarised_by": common.git_commit()}
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from curvlab.extract.options import KFAC_APPROX
-from curvlab.gram import gram, gram_or_rows, symmetric_product
+from curvlab.gram import GramRows, gram, gram_or_rows, symmetric_product
 from curvlab.stats import KroneckerFactors, TraceStats
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
 
@@ -60,6 +60,9 @@ class LazyInputs(Protocol):
 
     def per_sample(self, g: Tensor, examples: slice) -> Tensor:
         """:func:`per_sample_products` of ``g`` (``[C, B, d_out, T]``) with ``x[examples]``."""
+
+    def gram(self, scale: float, keep_rows: bool) -> Tensor | GramRows:
+        """:func:`input_gram` of ``x``."""
 
 
 def dense(x: Tensor | LazyInputs) -> Tensor:
@@ -99,18 +102,26 @@ def kfac_factors(x: Tensor | LazyInputs, g: Tensor, approx: str = "expand", keep
     :func:`reduce_shared`'s pooled samples.  Both are exact for ``N = T = 1``.  ``keep_rows``: a
     factor with fewer samples than its width is handed over as its rows (:class:`~curvlab.gram.GramRows`).
     """
-    x = dense(x)
     if approx == "reduce":
         x, g = reduce_shared(x, g)
     elif approx != "expand":
         raise ValueError(f"kfac_approx={approx!r}; choose one of {KFAC_APPROX}")
     n, _, t = x.shape
-    xf = x.transpose(1, 2).reshape(n * t, -1)  # a view for both layouts of unfold_input
     # g as [d_out, C·N·T] memory for T > 1: copied in runs of T, and the Gram reads along C·N·T
     # (as for A); a [C·N·T, d_out] copy transposes every output location
     gf = g.transpose(2, 3).reshape(-1, g.shape[2]) if t == 1 else g.permute(2, 0, 1, 3).reshape(g.shape[2], -1).mT
-    return KroneckerFactors(A=gram_or_rows(xf, 1.0 / (n * t), keep_rows=keep_rows),
-                            G=gram_or_rows(gf, keep_rows=keep_rows))
+    return KroneckerFactors(A=input_gram(x, 1.0 / (n * t), keep_rows), G=gram_or_rows(gf, keep_rows=keep_rows))
+
+
+def input_gram(x: Tensor | LazyInputs, scale: float = 1.0, keep_rows: bool = False) -> Tensor | GramRows:
+    """``scale · Σ_{n,t} x_{n,t} x_{n,t}ᵀ`` (:func:`~curvlab.gram.gram_or_rows` of the rows); lazy
+    inputs form it themselves (a convolution's from its input, where cheaper:
+    :mod:`curvlab.extract.conv_gram`)."""
+    if not isinstance(x, Tensor):
+        return x.gram(scale, keep_rows)
+    n, _, t = x.shape
+    rows = x.transpose(1, 2).reshape(n * t, -1)  # a view for both layouts of unfold_input
+    return gram_or_rows(rows, scale, keep_rows=keep_rows)
 
 
 def tkfac_exact(x: Tensor | LazyInputs, g: Tensor, keep_rows: bool = False) -> TraceStats:

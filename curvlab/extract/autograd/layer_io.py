@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.block import Block, planes_first
-from curvlab.extract import maths
+from curvlab.extract import conv_gram, maths
+from curvlab.gram import GramRows
 
 if TYPE_CHECKING:
     from curvlab.extract.autograd.results import LayerCall
@@ -197,6 +198,14 @@ class ConvInputs:
             x = self.call.unfolded() if self.block.weight is not None else self.call.inp.new_empty(n, 0, t)
             self._dense = self.block.inputs(x)
         return self._dense
+
+    def gram(self, scale: float, keep_rows: bool) -> Tensor | GramRows:
+        conv, inp = self.call.module, self.call.inp
+        if self.block.weight is None or not conv_gram.applies(conv, inp.shape):
+            return maths.input_gram(self.dense(), scale, keep_rows)
+        check_unmodified(self.call.name, inp, self.call.version)
+        gram = conv_gram.input_gram(inp, conv.kernel_size, conv_gram.padding(conv), self.block.bias is not None)
+        return gram.mul_(scale)
 
     def per_sample(self, g: Tensor, examples: slice) -> Tensor:
         conv = self.call.module
