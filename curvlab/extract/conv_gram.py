@@ -4,17 +4,19 @@ layer input itself, without its patches ``x`` — for stride 1, dilation 1, zero
 Entry ``(c, i), (c', i')`` of the Gram (``i``, ``i'`` kernel taps) sums ``u[c, p] · u[c', p + δ]``
 over the image positions ``p`` the tap ``i`` reads, with ``δ = i' − i``.  Over *every* image
 position that sum is one GEMM per shift ``δ`` (``F_δ``; ``F_{−δ} = F_δᵀ``, so half of them): the
-input is laid out once as ``[C, N·Π(S + 2(k − 1))]`` with ``k − 1`` zeros around every image,
-where a shift is a flat offset and its products with the zeros vanish.  A tap leaves out a few
-border lines of the image (padding below ``k − 1``); those are subtracted by inclusion–exclusion
-over the spatial dimensions (a line, then the corners counted twice), each a GEMM over the line.
+input is laid out once as ``[C, N·Π(S + k − 1)]``, every image line followed by ``k − 1`` zeros
+(one gap serves both neighbours), where a shift is a flat offset and its products off the image
+meet a zero.  A tap leaves out a few border lines of the image (padding below ``k − 1``); those
+are subtracted by inclusion–exclusion over the spatial dimensions (a line, then the corners
+counted twice), each a GEMM over the line.
 
-Flops: ``⌈Π(2k − 1)/2⌉`` GEMMs of ``2·C²·N·Π(S + 2(k − 1))`` against the patches' Gram's
+Flops: ``⌈Π(2k − 1)/2⌉`` GEMMs of ``2·C²·N·Π(S + k − 1)`` against the patches' Gram's
 ``(C·Πk)²·N·Π(S_out)`` (BLAS ``syrk``), and no ``Πk``-fold copy of the input into patches.
-Measured (one CPU thread, float32, 3×3 taps, this project's AMD EPYC), the shifts' GEMMs against
-``syrk`` of the patches: 16 channels at 32×32, N = 64 (the CNN benchmark) 9.2 vs 31 ms; ResNet-18's
-64 channels at 32×32, N = 128, 232 vs 644 ms; 128 at 16×16 255 vs 557; 256 at 8×8 350 vs 517;
-slower for 512 at 4×4 (608 vs 512): :func:`applies` takes the shifts below 0.8 of the flops.
+Measured (one CPU thread, float32, 3×3 taps, padding 1; this project's AMD EPYC), against the
+patches' copy and their Gram as :func:`curvlab.gram.gram` forms it: 16 channels at 32×32,
+N = 64 (the CNN benchmark) 50 → 11 ms; ResNet-18's at N = 128: 64 channels at 32×32 788 → 241 ms,
+128 at 16×16 628 → 238, 256 at 8×8 548 → 294, 512 at 4×4 637 → 505.  :func:`applies` takes the
+shifts below 0.8 of the flops (at 2×2, 1.28: not taken).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def flops(conv: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
     out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(size, kernel, padding(conv))]
     shifts = -(-math.prod(2 * k - 1 for k in kernel) // 2)
     d = c * math.prod(kernel)
-    return (shifts * 2 * c * c * n * math.prod(s + 2 * (k - 1) for s, k in zip(size, kernel)),
+    return (shifts * 2 * c * c * n * math.prod(s + k - 1 for s, k in zip(size, kernel)),
             d * (d + 1) * n * max(0, math.prod(out)))
 
 
@@ -75,16 +77,20 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
     dims = len(size)
     margin = [k - 1 for k in kernel]
     out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(size, kernel, pads)]
-    framed = inp.new_empty(c, n, *(s + 2 * e for s, e in zip(size, margin)))
-    interior = framed[(slice(None), slice(None), *(slice(e, e + s) for e, s in zip(margin, size)))]
-    interior.copy_(inp.transpose(0, 1))
-    for s, (e, length) in enumerate(zip(margin, size)):  # the frame's zeros, not the whole tensor's
-        framed.narrow(2 + s, 0, e).zero_()
-        framed.narrow(2 + s, e + length, e).zero_()
-    flat = framed.view(c, -1)
-    steps = framed.stride()[2:]
+    # every image followed by k − 1 zeros along each dimension, and the whole by a margin of zeros
+    # on both sides: a shift is then a flat offset whose products off the image meet a zero
+    framed_size = [s + e for s, e in zip(size, margin)]
+    steps = [math.prod(framed_size[s + 1:]) for s in range(dims)]
     edge = sum(e * st for e, st in zip(margin, steps))
-    length = flat.shape[1] - edge
+    length = n * math.prod(framed_size)
+    flat = inp.new_empty(c, edge + length + edge)
+    framed = flat[:, edge:edge + length].view(c, n, *framed_size)
+    image = framed[(slice(None), slice(None), *(slice(0, s) for s in size))]
+    image.copy_(inp.transpose(0, 1))
+    flat[:, :edge].zero_()
+    flat[:, edge + length:].zero_()
+    for s, (e, extent) in enumerate(zip(margin, size)):  # the zeros, not the whole tensor's
+        framed.narrow(2 + s, extent, e).zero_()
 
     # F_δ over every image position, for each shift δ (index δ + margin); F_{−δ} = F_δᵀ
     full = inp.new_empty(*(2 * e + 1 for e in margin), c, c)
@@ -93,45 +99,38 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
             continue  # its mirror is computed (lexicographically the larger of the pair)
         offset = sum(v * st for v, st in zip(delta, steps))
         at = tuple(v + e for v, e in zip(delta, margin))
-        torch.mm(flat[:, edge:length], flat[:, edge + offset:length + offset].T, out=full[at])
+        torch.mm(flat[:, edge:edge + length], flat[:, edge + offset:edge + length + offset].T, out=full[at])
         if any(delta):
             full[tuple(e - v for v, e in zip(delta, margin))] = full[at].T
 
-    # entry (i, i') ← F_{i' − i}: a tensor [k_1, k_1', k_2, k_2', …, C, C]
-    taps = [torch.arange(k, device=inp.device) for k in kernel]
-    index = []
-    for s, (k, e) in enumerate(zip(kernel, margin)):
-        grid = (taps[s][None, :] - taps[s][:, None] + e)  # [i, i'] → i' − i + margin
-        shape = [1] * (2 * dims)
-        shape[2 * s:2 * s + 2] = [k, k]
-        index.append(grid.view(shape))
-    pairs = full[tuple(index)].clone()
-
-    # the image lines a tap leaves out, subtracted (inclusion–exclusion over the dimensions)
+    # block (i, i') of the Gram ← F_{i' − i}, less the lines tap i leaves out (inclusion–exclusion
+    # over the dimensions); the blocks below the diagonal mirror those above
+    d = c * math.prod(kernel)
+    gram = inp.new_empty(d + ones, d + ones)
+    blocks = gram[:d, :d].view(c, *kernel, c, *kernel)
     left_out = [[_outside(i - lo, out_s, s) for i in range(k)]
                 for k, (lo, _), out_s, s in zip(kernel, pads, out, size)]
     cache: dict[tuple, Tensor | None] = {}
-    for tap in itertools.product(*(range(k) for k in kernel)):
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    for a, tap in enumerate(taps):
         excluded = [left_out[s][i] for s, i in enumerate(tap)]
-        for subset in _nonempty_subsets([s for s in range(dims) if excluded[s]]):
-            sign = -1.0 if len(subset) % 2 else 1.0
-            for other in itertools.product(*(range(k) for k in kernel)):
-                delta = tuple(o - i for o, i in zip(other, tap))
+        subsets = _nonempty_subsets([s for s in range(dims) if excluded[s]])
+        for other in taps[a:]:
+            delta = tuple(o - i for o, i in zip(other, tap))
+            block = full[tuple(v + e for v, e in zip(delta, margin))].clone()
+            for subset in subsets:
                 key = (subset, tuple(excluded[s] for s in subset), delta)
                 if key not in cache:
-                    cache[key] = _lines_product(framed, interior, margin, size, subset, excluded, delta)
-                term = cache[key]
-                if term is not None:
-                    at = tuple(v for pair in zip(tap, other) for v in pair)
-                    pairs[at].add_(term, alpha=sign)
-
-    d = c * math.prod(kernel)
-    # [k_1, k_1', …, C, C] → [C, k_1, k_2, …, C', k_1', k_2', …]
-    order = (2 * dims, *range(0, 2 * dims, 2), 2 * dims + 1, *range(1, 2 * dims, 2))
-    gram = pairs.permute(order).reshape(d, d)
+                    cache[key] = _lines_product(image, subset, excluded, delta)
+                if cache[key] is not None:
+                    block.add_(cache[key], alpha=-1.0 if len(subset) % 2 else 1.0)
+            if other == tap:  # the border terms summed in another order on either side
+                block = (block + block.T) * 0.5
+            blocks[(slice(None), *tap, slice(None), *other)] = block
+            blocks[(slice(None), *other, slice(None), *tap)] = block.T
     if ones:
-        gram = _with_ones(gram, interior, kernel, left_out, n * math.prod(out))
-    return (gram + gram.mT) * 0.5  # the border terms summed in another order on either side
+        _border_with_ones(gram, image, kernel, left_out, n * math.prod(out))
+    return gram
 
 
 def _outside(first: int, count: int, size: int) -> tuple[int, ...]:
@@ -143,31 +142,34 @@ def _nonempty_subsets(items: list[int]) -> list[tuple[int, ...]]:
     return [s for r in range(1, len(items) + 1) for s in itertools.combinations(items, r)]
 
 
-def _lines_product(framed: Tensor, interior: Tensor, margin: list[int], size: list[int],
-                   subset: tuple[int, ...], excluded: list[tuple[int, ...]], delta: tuple[int, ...]) -> Tensor | None:
-    """``Σ u[c, p] u[c', p + δ]`` over the image positions whose coordinates along ``subset`` are the
-    ``excluded`` ones (any along the others); ``None`` where every ``p + δ`` is padding."""
-    if not all(any(0 <= p + delta[s] < size[s] for p in excluded[s]) for s in subset):
-        return None
-    first, second = interior, framed
-    for s in range(len(size)):
-        lo = margin[s] + delta[s]
+def _lines_product(image: Tensor, subset: tuple[int, ...], excluded: list[tuple[int, ...]],
+                   delta: tuple[int, ...]) -> Tensor | None:
+    """``Σ u[c, p] u[c', p + δ]`` over the positions ``p`` of ``image`` (``[C, N, *S]``) whose
+    coordinates along ``subset`` are the ``excluded`` ones (any along the others) and with
+    ``p + δ`` on the image; ``None`` where there is no such ``p``."""
+    first, second = image, image
+    for s, v in enumerate(delta):
+        extent = image.shape[2 + s]
         if s in subset:
-            lines = torch.tensor(excluded[s], device=framed.device)
-            first = first.index_select(2 + s, lines)
-            second = second.index_select(2 + s, lines + lo)
-        else:
-            second = second.narrow(2 + s, lo, size[s])
-    c = framed.shape[0]
+            lines = [p for p in excluded[s] if 0 <= p + v < extent]
+            if not lines:
+                return None
+            at = torch.tensor(lines, device=image.device)
+            first, second = first.index_select(2 + s, at), second.index_select(2 + s, at + v)
+        elif v:
+            if abs(v) >= extent:
+                return None
+            first, second = first.narrow(2 + s, max(0, -v), extent - abs(v)), second.narrow(2 + s, max(0, v), extent - abs(v))
+    c = image.shape[0]
     return first.reshape(c, -1) @ second.reshape(c, -1).T
 
 
-def _with_ones(gram: Tensor, interior: Tensor, kernel: tuple[int, ...], left_out: list, count: int) -> Tensor:
-    """``gram`` bordered by the patch sums ``Σ_{n,t} x_{n,t}`` and the count ``N·T`` (a row of
-    ones in every patch)."""
-    c, dims = interior.shape[0], len(kernel)
-    totals = interior.sum(1)  # [C, *S]
-    sums = interior.new_empty(c, *kernel)
+def _border_with_ones(gram: Tensor, image: Tensor, kernel: tuple[int, ...], left_out: list, count: int) -> None:
+    """The last row and column of ``gram``: the patch sums ``Σ_{n,t} x_{n,t}`` and the count
+    ``N·T`` (a row of ones in every patch)."""
+    c, dims = image.shape[0], len(kernel)
+    totals = image.sum(1)  # [C, *S]
+    sums = image.new_empty(c, *kernel)
     for tap in itertools.product(*(range(k) for k in kernel)):
         excluded = [left_out[s][i] for s, i in enumerate(tap)]
         region = totals
@@ -176,9 +178,6 @@ def _with_ones(gram: Tensor, interior: Tensor, kernel: tuple[int, ...], left_out
                 keep = [p for p in range(totals.shape[1 + s]) if p not in excluded[s]]
                 region = region.index_select(1 + s, torch.tensor(keep, device=totals.device))
         sums[(slice(None), *tap)] = region.sum(tuple(range(1, dims + 1)))
-    d = gram.shape[0]
-    bordered = gram.new_empty(d + 1, d + 1)
-    bordered[:d, :d] = gram
-    bordered[:d, d] = bordered[d, :d] = sums.reshape(d)
-    bordered[d, d] = count
-    return bordered
+    d = gram.shape[0] - 1
+    gram[:d, d] = gram[d, :d] = sums.reshape(d)
+    gram[d, d] = count
