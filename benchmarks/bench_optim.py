@@ -75,44 +75,39 @@ TARGET_GPU_RESNET = 1.3
 RESAMPLES = 1000
 
 
-def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], list[bool], list[str]]:
+def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], list[bool], list[str],
+                                                         list[tuple[nn.Module, tuple[int, ...]] | None]]:
     """``(d_out, D, T)`` of every block curvlab preconditions (``T``: output locations),
-    whether each has a bias (the last column of its matrix form), and its module's name."""
+    whether each has a bias (the last column of its matrix form), its module's name, and its
+    convolution and input shape (``[N, C, *S]``, ``N`` the batch of ``x``) where curvlab's
+    extraction forms ``A`` from the input by shifts (``curvlab.extract.conv_gram``), else None."""
+    from curvlab.extract import conv_gram
+    from curvlab.extract.autograd.layer_io import CONV_TYPES
     from curvlab.optim import KFAC
 
     copy_ = copy.deepcopy(model)
     blocks = KFAC(copy_, lr=0.0).blocks()
     modules = dict(copy_.named_modules())
     locations: dict[str, int] = {}
-    hooks = [modules[b.name].register_forward_hook(
-        lambda m, i, out, name=b.name: locations.__setitem__(name, out[0, 0].numel())) for b in blocks]
+    inputs: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str, inp: Tensor, out: Tensor) -> None:
+        locations[name], inputs[name] = out[0, 0].numel(), (x.shape[0], *inp.shape[1:])
+
+    hooks = [modules[b.name].register_forward_hook(lambda m, i, out, name=b.name: record(name, i[0], out))
+             for b in blocks]
     with torch.no_grad():
         copy_(x[:1])
     for h in hooks:
         h.remove()
+    shifted = [(modules[b.name], inputs[b.name]) if isinstance(modules[b.name], CONV_TYPES)
+               and conv_gram.applies(modules[b.name], inputs[b.name]) else None for b in blocks]
     return ([(*b.layout.shape, locations[b.name]) for b in blocks], [b.bias is not None for b in blocks],
-            [b.name for b in blocks])
-
-
-def shifted_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> list[tuple[nn.Module, tuple[int, ...]] | None]:
-    """Per block: its convolution and input shape (``[N, C, *S]``, ``N`` the batch of ``x``) where
-    curvlab's extraction forms ``A`` from the input by shifts (``curvlab.extract.conv_gram``), else None."""
-    from curvlab.extract import conv_gram
-
-    modules = dict(model.named_modules())
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [modules[name].register_forward_hook(
-        lambda m, i, out, name=name: shapes.__setitem__(name, (x.shape[0], *i[0].shape[1:]))) for name in names]
-    with torch.no_grad():
-        model(x[:1])
-    for h in hooks:
-        h.remove()
-    return [(modules[name], shapes[name]) if isinstance(modules[name], nn.modules.conv._ConvNd)
-            and conv_gram.applies(modules[name], shapes[name]) else None for name in names]
+            [b.name for b in blocks], shifted)
 
 
 def shifted_flops(convs: list[tuple[nn.Module, tuple[int, ...]] | None]) -> list[int | None]:
-    """:func:`curvlab.extract.conv_gram.flops` by shifts of each of :func:`shifted_inputs`."""
+    """:func:`curvlab.extract.conv_gram.flops` by shifts of each of :func:`block_sizes`' convolutions."""
     from curvlab.extract import conv_gram
 
     return [None if c is None else conv_gram.flops(*c)[0] for c in convs]
@@ -268,7 +263,7 @@ def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes:
     Linear layer's rows contiguous, each padded to :data:`curvlab.block.ROW_ALIGNMENT`; a
     convolution's stored along ``N·T``); Grams the refresh folds (:func:`folded_at_refresh` with
     ``pushes`` statistics steps a period) left out; ``A`` of a convolution that curvlab forms
-    from its input (``convs``, :func:`shifted_inputs`) by ``curvlab.extract.conv_gram`` itself on
+    from its input (``convs``, :func:`block_sizes`) by ``curvlab.extract.conv_gram`` itself on
     an input of its shape.  A weighted Gram (TKFAC's ``δΦ``, ``δΨ`` of a Linear layer) costs at
     least as much."""
     from curvlab.block import ROW_ALIGNMENT
@@ -369,8 +364,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     base = spec.build(device)
     pool = spec.batches(args.batches, device)
     loss_fn = nn.CrossEntropyLoss()
-    sizes, biases, names = block_sizes(base, pool[0][0])
-    convs = shifted_inputs(base, pool[0][0], names)
+    sizes, biases, names, convs = block_sizes(base, pool[0][0])
     options = dict(damping=args.damping, stats_interval=args.stats_interval, refresh_interval=args.refresh_interval)
     steppers = {}
     for name in args.peers:

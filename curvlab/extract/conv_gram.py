@@ -54,7 +54,7 @@ def flops(conv: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
     (``syrk``'s); the border terms and the bias row left out."""
     n, c, *size = shape
     kernel = conv.kernel_size
-    out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(size, kernel, padding(conv))]
+    out = _locations(size, kernel, padding(conv))
     shifts = -(-math.prod(2 * k - 1 for k in kernel) // 2)
     d = c * math.prod(kernel)
     return (shifts * 2 * c * c * n * math.prod(s + k - 1 for s, k in zip(size, kernel)),
@@ -76,7 +76,7 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
     n, c, *size = inp.shape
     dims = len(size)
     margin = [k - 1 for k in kernel]
-    out = [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(size, kernel, pads)]
+    out = _locations(size, kernel, pads)
     # every image followed by k − 1 zeros along each dimension, and the whole by a margin of zeros
     # on both sides: a shift is then a flat offset whose products off the image meet a zero
     framed_size = [s + e for s, e in zip(size, margin)]
@@ -126,11 +126,17 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
                     block.add_(cache[key], alpha=-1.0 if len(subset) % 2 else 1.0)
             if other == tap:  # the border terms summed in another order on either side
                 block = (block + block.T) * 0.5
+            else:
+                blocks[(slice(None), *other, slice(None), *tap)] = block.T
             blocks[(slice(None), *tap, slice(None), *other)] = block
-            blocks[(slice(None), *other, slice(None), *tap)] = block.T
     if ones:
         _border_with_ones(gram, image, kernel, left_out, n * math.prod(out))
     return gram
+
+
+def _locations(size: Sequence[int], kernel: Sequence[int], pads: list[tuple[int, int]]) -> list[int]:
+    """Output locations along each dimension of a stride-1, dilation-1 convolution."""
+    return [s + lo + hi - k + 1 for s, k, (lo, hi) in zip(size, kernel, pads)]
 
 
 def _outside(first: int, count: int, size: int) -> tuple[int, ...]:
