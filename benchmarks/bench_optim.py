@@ -58,7 +58,7 @@ import common
 import peers
 from common import ModelSpec, Row
 
-from curvlab.extract.maths import kfe_scaling_costs, partial_trace_costs  # noqa: E402  (after common: repository on sys.path)
+from curvlab.extract.maths import kfe_scaling_costs, partial_trace_costs, shares_per_sample_products  # noqa: E402  (after common: repository on sys.path)
 from curvlab.optim.options import KroneckerOptions  # noqa: E402
 
 #: Factors above this get curvlab's truncated eigenbasis of TRUNCATION_RANK columns (the
@@ -144,9 +144,10 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
     """GEMM flops a statistics step of ``method`` adds to a plain forward+backward (one MC
     column): the sampled root's backward through every layer (unless ``root`` is False: when it
     is measured, the ``root backward`` row), the statistics (``kfac``: A, G;
-    ``tkfac``: δΦ, δΨ — exact partial traces, per-sample route for convolutions; EKFAC/TEKFAC
+    ``tkfac``: δΦ, δΨ — exact partial traces, the cheaper route for convolutions; EKFAC/TEKFAC
     also the rescaling: the rotations ``X U_in``, ``U_outᵀ g`` and their product, or for a
-    convolution, where cheaper, every ``M_k`` and its rotation), and the step's
+    convolution, where cheaper, every ``M_k`` and its rotation — TEKFAC forming each ``M_k`` once
+    where both take the per-sample route), and the step's
     preconditioning (two GEMMs in the inverse form, four in the eigenbasis).  With
     ``truncated``, the rescaling and the preconditioning in curvlab's truncated bases (the
     factors themselves are still formed in full: their running averages are what the truncated
@@ -172,6 +173,8 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
         if method in ("ekfac", "tekfac"):  # the rescaling: its cheaper route for convolutions
             total += (2 * n * (d * k_in + d_out * k_out + k_out * k_in) if t == 1
                       else 2 * min(kfe_scaling_costs(1, n, d_out, d, t, k_out, k_in)))
+            if method == "tekfac" and shares_per_sample_products(1, n, d_out, d, t, k_out, k_in):
+                total -= 2 * n * d_out * t * d  # every M_k formed once for the traces and the rescaling
             total += rotation_flops([(d_out, d, t)], truncated)
         else:
             total += inverse_form_flops([(d_out, d, t)], truncated)
@@ -551,8 +554,13 @@ def targets(t: dict, floor: float, gpu_resnet: bool = False) -> list[dict]:
             if own is not None and own > TARGET_FLOOR * floor:
                 out[-1]["unavoidable"] = "the schedule's floor"
     if "curvlab-tekfac" in am and "curvlab-ekfac" in am:
+        # at both schedules' floors: TEKFAC's exact partial traces against EKFAC's A and G
+        te, ek = (t[n].get("amortised_floor/sgd") for n in ("curvlab-tekfac", "curvlab-ekfac"))
         add(f"curvlab-tekfac ≤ {TARGET_TEKFAC}× curvlab-ekfac", am["curvlab-tekfac"], TARGET_TEKFAC * am["curvlab-ekfac"],
-            f"{TARGET_TEKFAC} × curvlab-ekfac")
+            f"{TARGET_TEKFAC} × curvlab-ekfac" + ("" if te is None or ek is None else
+            f"; at their schedules' floors {te:.2f} / {ek:.2f} = {te / ek:.3f}×"))
+        if te is not None and ek is not None and te > TARGET_TEKFAC * ek:
+            out[-1]["unavoidable"] = "the floors' ratio"
     for ours in CURVLAB:
         if ours in t:
             kernels = t[ours].get("stats_kernels_floor/fwd+bwd")

@@ -10,7 +10,7 @@ from backpack import backpack, extend
 from backpack.extensions import KFLR, BatchGrad, SqrtGGNExact, SqrtGGNMC
 from torch import nn
 
-from curvlab.extract import extract
+from curvlab.extract import extract, maths
 from helpers import (
     batch,
     dense_empirical,
@@ -229,6 +229,8 @@ def test_tekfac_statistics_from_one_pass_match_dense_and_separate(truncated: boo
     for name, block in base.items():
         u_out, u_in = (torch.linalg.eigh(f)[1] for f in (block.kfac["exact"].G, block.kfac["exact"].A))
         bases[name] = (u_out, u_in[:, -5:] if truncated else u_in)
+    # the convolution takes the shared pass (one MC column, 5 examples, 3 × 18, 64 locations)
+    assert maths.shares_per_sample_products(1, 5, 3, 18, 64, 3, bases["0"][1].shape[1])
     both = extract(model, loss_fn, x, y, stats=("tkfac", "kfe"), eigenbases=bases)
     alone = extract(model, loss_fn, x, y, stats=("tkfac",))
     scaling = extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=bases)
@@ -260,8 +262,6 @@ def test_top_level_api_is_callable_and_packages_importable() -> None:
 @pytest.mark.parametrize("shape", [(2, 3, 4, 6, 5), (3, 2, 7, 2, 9), (1, 4, 3, 300, 80)])
 def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> None:
     """The Gram-over-locations and the chunked route give Σ M_kᵀM_k and Σ M_kM_kᵀ exactly."""
-    from curvlab.extract import maths
-
     c, n, d_out, d_in, t = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d_in, t, generator=gen, dtype=torch.float64)

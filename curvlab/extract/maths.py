@@ -325,15 +325,21 @@ def trace_statistics_and_kfe_scaling(
     pass over the per-sample gradients where both would form every ``M_k`` (exact partial
     traces of a convolution, both on their per-sample routes), so each ``M_k`` is formed once."""
     c, n, d_out, t = g.shape
-    d_in = x.shape[1]
-    if (form != "exact" or t == 1 or not _traces_by_chunks(c, n, d_out, d_in, t)
-            or not _kfe_by_chunks(c, n, d_out, d_in, t, u_out.shape[1], u_in.shape[1])):
+    if form != "exact" or not shares_per_sample_products(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1]):
         return trace_statistics(x, g, form, approx, keep_rows), kfe_scaling(x, g, u_out, u_in)
     traces, scaling = _PartialTraceSums(), _KfeSums(u_out.to(g.dtype), u_in.to(g.dtype))
     for m in per_sample_chunks(x, g):
         traces.add(m)
         scaling.add(m)
     return TraceStats(delta=traces.phi.trace(), delta_phi=traces.phi, delta_psi=traces.psi), scaling.result()
+
+
+def shares_per_sample_products(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> bool:
+    """Whether :func:`trace_statistics_and_kfe_scaling` forms every ``M_k`` once for both (a
+    convolution whose exact partial traces and rescaling both take their per-sample routes:
+    :func:`partial_trace_costs`, :func:`kfe_scaling_costs`), saving ``C·N·d_out·T·D``
+    multiply-adds of forming them twice."""
+    return t > 1 and _traces_by_chunks(c, n, d_out, d_in, t) and _kfe_by_chunks(c, n, d_out, d_in, t, k_out, k_in)
 
 
 def kfe_scaling_costs(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> tuple[int, int]:
