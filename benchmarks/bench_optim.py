@@ -58,6 +58,7 @@ import common
 import peers
 from common import ModelSpec, Row
 
+from curvlab.app.allocator import keep_freed_memory  # noqa: E402  (after common: repository on sys.path)
 from curvlab.extract.maths import kfe_scaling_costs, partial_trace_costs, shares_per_sample_products  # noqa: E402  (after common: repository on sys.path)
 from curvlab.optim.options import KroneckerOptions  # noqa: E402
 
@@ -794,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.batch_size:
             spec = dataclasses.replace(spec, batch=args.batch_size)
         if spec.key == args.reuse_from:
-            malloc = common.keep_freed_memory()  # glibc's dynamic default cannot be restored: models after it keep it
+            malloc = keep_freed_memory()  # glibc's dynamic default cannot be restored: models after it keep it
             info["malloc"] = f"glibc's default before {spec.key}, from it on {malloc}"
         t0 = time.perf_counter()
         results.append({**bench_model(spec, args, device), "malloc": malloc})

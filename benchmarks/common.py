@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from curvlab.app.allocator import apply_malloc_option  # noqa: E402
 from curvlab.app.models import build_model  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -281,8 +282,8 @@ def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = 
     p.add_argument("--threads", type=int, default=threads, help="torch threads (0 or unset: torch's default)")
     p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
-                   help="reuse: glibc's malloc keeps freed memory for the next allocation (see "
-                        "keep_freed_memory); default: as the process started")
+                   help="reuse: glibc's malloc keeps freed memory for the next allocation "
+                        "(curvlab.app.allocator); default: as the process started")
     if repeats is not None:
         p.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds (medians over them)")
     return p
@@ -296,32 +297,7 @@ def start(args: argparse.Namespace) -> tuple[torch.device, dict]:
     device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    malloc = keep_freed_memory() if getattr(args, "malloc", "default") == "reuse" else "default"
-    return device, {**machine_info(device), "malloc": malloc}
-
-
-def keep_freed_memory() -> str:
-    """Make glibc's malloc serve every allocation from its heap and never return freed memory
-    to the system (``mallopt``: no ``mmap``, no trimming; the effect of
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<max>``), for every row of the process alike.
-
-    By default an allocation above 32 MiB is a fresh ``mmap`` whose pages fault in on first
-    touch: on this project's VM a 302 MB copy took 171 ms into fresh memory and 39 ms into
-    reused memory, and a statistics step allocates many such temporaries (a convolution's
-    unfolded input, its per-sample gradients) that a plain step does not.  A caching
-    allocator — jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends
-    preloading — avoids the same cost.  Returns what was set (``"default"`` where there is no
-    glibc)."""
-    import ctypes
-
-    if platform.libc_ver()[0] != "glibc":
-        return "default"
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own glibc
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    # -1 is the largest size_t inside glibc: never trim
-    if not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, -1)):
-        return "default"
-    return "glibc: no mmap, no trim (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=max)"
+    return device, {**machine_info(device), "malloc": apply_malloc_option(getattr(args, "malloc", "default"))}
 
 
 def cpu_model() -> str:

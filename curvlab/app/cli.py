@@ -15,9 +15,14 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from curvlab.app.allocator import add_malloc_option, apply_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.train.cli import add_train_parser
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PROG = "curvlab"
 
@@ -270,6 +275,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     run.add_argument("--out", type=Path, default=default.out_dir, help="output folder, created if missing (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_nproc_option(run, "the measured batch is sharded over them (curvlab.distributed.compare)")
+    add_malloc_option(run)
     parser.set_defaults(handler=_cmd_report)
     return parser
 
@@ -363,6 +369,22 @@ def _error(parser: argparse.ArgumentParser, message: str) -> None:
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
 
 
+def _model_outline(args: argparse.Namespace) -> "nn.Module | None":
+    """The command's model built on the meta device (no memory, no data) for ``--malloc auto`` to
+    look into; ``None`` where it cannot be built (the command reports that itself)."""
+    import torch
+
+    from curvlab.app.data import SHAPES, canonical_name
+    from curvlab.app.models import make_model
+
+    try:
+        input_shape, num_classes = SHAPES[canonical_name(args.dataset)]
+        with torch.device("meta"):
+            return make_model(args.model, input_shape, num_classes)
+    except Exception:  # noqa: BLE001 — an unknown model or dataset, a user model meta cannot build
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (never raises ``SystemExit``)."""
     parser, subs = build_parser()
@@ -374,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches
+    if hasattr(args, "malloc"):  # before the run allocates (every --nproc process parses it too)
+        apply_malloc_option(args.malloc, _model_outline(args) if args.malloc == "auto" else None)
     try:
         return int(args.handler(args, subs[args.command]))
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from curvlab.app.models import MODELS
+from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.train.config import OPTIMIZERS, TrainConfig, default_lr
 from curvlab.approx import APPROXIMATIONS
@@ -67,6 +68,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT (without it, such a folder is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_nproc_option(run, "--batch-size is the global batch, split over them (DistributedSampler-like)")
+    add_malloc_option(run)
     add_optimizer_options(p.add_argument_group("optimizer (SGD uses lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
     probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
