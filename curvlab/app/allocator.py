@@ -6,9 +6,8 @@ allocation above 32 MiB afresh and its pages fault in on first touch: on this pr
 302 MB copy took 171 ms into fresh memory and 39 ms into reused memory.  :func:`keep_freed_memory`
 makes it reuse what was freed instead — an epoch of ``curvlab train`` on ResNet-18/CIFAR-10
 (N = 64, TEKFAC, 6 steps all with statistics, one thread) took 37.8–40.1 s with glibc's default
-and 33.9–34.2 s with reuse (three runs each).  A
-caching allocator (jemalloc, tcmalloc; PyTorch's CPU performance guide recommends preloading one)
-avoids the same cost.  The numerics do not change: torch aligns every tensor the same either way.
+and 33.9–34.2 s with reuse (three runs each).  A caching allocator (jemalloc, tcmalloc;
+PyTorch's CPU performance guide recommends preloading one) avoids the same cost.  The numerics do not change: torch aligns every tensor the same either way.
 
 On a small model it gains nothing and can cost: the heap places the tensors a refresh reallocates
 at arbitrary offsets, and the MLP's plain steps of optimizers running the same code differed by
