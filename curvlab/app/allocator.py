@@ -24,11 +24,11 @@ import platform
 
 from torch import nn
 
+from curvlab.extract.autograd.layer_io import CONV_TYPES
+
 #: ``--malloc`` choices: reuse for a model with a convolution (:func:`reuses_memory`), reuse freed
 #: memory (:func:`keep_freed_memory`), or glibc's default.
 MALLOC_CHOICES = ("auto", "reuse", "default")
-#: What counts as a convolution for ``auto``.
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def keep_freed_memory() -> str:
@@ -56,9 +56,10 @@ def add_malloc_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def reuses_memory(mode: str, model: nn.Module | None) -> bool:
-    """Whether ``--malloc mode`` reuses freed memory for ``model`` (``None``: not built)."""
+    """Whether ``--malloc mode`` reuses freed memory for ``model`` (``None``: not built); ``auto``:
+    where it has a convolution curvlab preconditions (``CONV_TYPES``)."""
     if mode == "auto":
-        return model is not None and any(isinstance(m, CONVOLUTIONS) for m in model.modules())
+        return model is not None and any(isinstance(m, CONV_TYPES) for m in model.modules())
     return mode == "reuse"
 
 
