@@ -174,6 +174,10 @@ class Block:
     bias: Tensor | None
     kind: str = "kronecker"
 
+    def __post_init__(self) -> None:
+        # asked for several times by every optimizer step: built once
+        object.__setattr__(self, "_parameters", tuple(p for p in (self.weight, self.bias) if p is not None))
+
     @classmethod
     def of_layer(cls, name: str, module: nn.Module, *, separate_bias: bool = False) -> list["Block"]:
         """The blocks of a ``Linear``/``Conv1d/2d/3d``/``Embedding`` layer: ``[W b]`` (the bias as
@@ -204,9 +208,9 @@ class Block:
         rows, cols = balanced_split(shape)
         return cls(name, owner_type, BlockLayout(rows, cols, False, shape), param, None, kind="parameter")
 
-    def parameters(self) -> list[Tensor]:
+    def parameters(self) -> tuple[Tensor, ...]:
         """The block's parameters, weight first."""
-        return [p for p in (self.weight, self.bias) if p is not None]
+        return self._parameters
 
     def inputs(self, x: Tensor) -> Tensor:
         """The block's unfolded inputs ``[N, D, T]`` from the layer's ``x`` (``[N, d_in, T]``):
@@ -259,10 +263,10 @@ class Block:
     def grad_columns(self) -> list[Tensor] | None:
         """The gradient's column blocks, weight then bias (views of ``.grad`` where possible; a
         part without ``.grad`` counts as zero); ``None`` when no part has one."""
-        if all(p.grad is None for p in self.parameters()):
+        params = self._parameters
+        if all(p.grad is None for p in params):
             return None
-        return [self._as_matrix(torch.zeros_like(p) if p.grad is None else p.grad, p is self.weight)
-                for p in self.parameters()]
+        return [self._as_matrix(torch.zeros_like(p) if p.grad is None else p.grad, p is self.weight) for p in params]
 
     def grad_matrix(self) -> Tensor | None:
         """The gradient in matrix form ``[d_out, D]`` (see :meth:`grad_columns`)."""
@@ -275,8 +279,8 @@ class Block:
         :meth:`BlockLayout.columns` cuts them), leaving the parameters in ``skip`` (e.g. a bias no
         param group holds) unchanged."""
         parts = self.layout.columns(update) if isinstance(update, Tensor) else update
-        for p, part in zip(self.parameters(), parts):
-            if p in skip:
+        for p, part in zip(self._parameters, parts):
+            if skip and p in skip:  # (a tensor's hash is a Python call)
                 continue
             if p is not self.weight:  # the bias column
                 p.add_(part[:, 0], alpha=alpha)

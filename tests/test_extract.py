@@ -10,7 +10,7 @@ from backpack import backpack, extend
 from backpack.extensions import KFLR, BatchGrad, SqrtGGNExact, SqrtGGNMC
 from torch import nn
 
-from curvlab.extract import extract, maths
+from curvlab.extract import ExtractionSession, extract, maths
 from helpers import (
     batch,
     dense_empirical,
@@ -134,6 +134,24 @@ def test_separate_bias_blocks() -> None:
         close(sep[f"{name}.weight"].dense_fisher(), dense[:pw, :pw])
         close(sep[f"{name}.bias"].dense_fisher(), dense[pw:, pw:])
         close(sep[f"{name}.bias"].tkfac.delta, dense[pw:, pw:].trace())
+
+
+@pytest.mark.parametrize("separate_bias", [False, True])
+def test_session_gradient_is_a_copy_of_grad(separate_bias: bool) -> None:
+    """A session's ``grad`` is the gradient when it was read, whether it joins a bias column or
+    is one parameter's: changing ``.grad`` afterwards leaves it as it was."""
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=4)
+    with ExtractionSession(model, loss_fn, stats=("kfac",), separate_bias=separate_bias) as session:
+        loss_fn(model(x), y).backward()
+    stats = session.results()
+    kept = {name: s.grad.clone() for name, s in stats.items()}
+    for p in model.parameters():
+        p.grad.add_(1.0)
+    for name, s in stats.items():
+        assert torch.equal(s.grad, kept[name]), name
+    weight = stats["0.weight" if separate_bias else "0"].grad[:, : model[0].in_features]
+    close(weight, model[0].weight.grad - 1.0)
 
 
 @pytest.mark.parametrize("model_name", MODELS)

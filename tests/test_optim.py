@@ -375,6 +375,21 @@ def test_param_groups_and_unmanaged_layers():
     assert set(opt.approximations()) == {"0"}
 
 
+def test_zero_grad_clears_the_groups_gradients_only():
+    """``zero_grad()`` drops every grouped parameter's gradient (``set_to_none=False``: zeros,
+    as torch's), and leaves a parameter in no group alone."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    opt = KFAC(model, [{"params": model[0].parameters()}], lr=0.1)
+    loss_fn(model(x), y).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model[0].parameters())
+    loss_fn(model(x), y).backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model[0].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model[2].parameters())
+
+
 # ----------------------------------------------------------------------------- robustness
 
 

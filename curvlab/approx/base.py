@@ -306,16 +306,22 @@ class KroneckerApproximation(ABC):
         as the result's column blocks — the same map, without forming ``X`` where the damped
         inverse allows (:meth:`curvlab.approx.inverse.DampedInverse.columns`)."""
         d_out, d_in = self.layout.shape
-        if not parts or any(p.dim() != 2 or p.shape[0] != d_out for p in parts) or sum(p.shape[-1] for p in parts) != d_in:
+        width, same_dtype = 0, True
+        for p in parts:  # a loop, not generators: this runs for every block of every step
+            if p.dim() != 2 or p.shape[0] != d_out:
+                width = -1
+                break
+            width += p.shape[1]
+            same_dtype = same_dtype and p.dtype == self.dtype
+        if width != d_in:
             raise ValueError(
                 f"{type(self).__name__} {self.name!r}: column blocks {[tuple(p.shape) for p in parts]} do not "
                 f"make a [{d_out}, {d_in}] matrix"
             )
         inverse = self.inverse(damping, strategy)
-        dtype = parts[0].dtype
-        if all(p.dtype == self.dtype for p in parts):
+        if same_dtype:
             return inverse.columns(parts)
-        return [y.to(dtype) for y in inverse.columns([p.to(self.dtype) for p in parts])]
+        return [y.to(parts[0].dtype) for y in inverse.columns([p.to(self.dtype) for p in parts])]
 
     def matvec(self, v: Tensor) -> Tensor:
         """``K̂ v`` for ``v`` in the flat parameter order (``[..., P]``)."""

@@ -219,6 +219,15 @@ class KroneckerOptimizer(Optimizer):
             self._walk = None
         return self._blocks
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; with ``set_to_none`` (the default) without its profiler range
+        and its dynamo guard, a share of a small model's step."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _step_walk(self) -> StepWalk:
         """What every step walks, gathered once per :meth:`blocks` (a step's Python bookkeeping
         is a visible share of a small model's step): each block with its state and param group,
