@@ -16,6 +16,18 @@ In one process, interleaved, one torch thread, five plain steps on the same mode
 ASDL's 784); ``minimal`` → ``lean`` that of curvlab's objects; ``lean`` → ``curvlab-kfac`` that
 of the optimizer's step body.
 
+And what follows the backward, timed alone (the zero_grad, forward and backward untimed before
+every call, so that the caches are as a step leaves them):
+
+* ``curvlab-kfac: preconditioning`` — ``inv_mat_mul_columns`` of every block's gradient with
+  the objects the optimizer inverts (its GEMMs and the Python that calls them);
+  ``asdl-kfac: preconditioning`` — ASDL's ``precondition()`` (its GEMMs, written into ``.grad``);
+* ``curvlab-kfac: after the backward`` — ``opt.step()`` whole; ``asdl-kfac: after the
+  backward`` — ``precondition()`` and ``torch.optim.SGD.step()``.
+
+The difference of the first two is the preconditioning's; that of the last two minus it, the
+update's (momentum, the parameters, curvlab's finiteness check and step bookkeeping).
+
 Usage::
 
     python benchmarks/bench_step_glue.py --models mlp,mlp-1024 --out benchmarks/results/step_glue_cpu.json
@@ -38,6 +50,8 @@ from curvlab.optim.update import momentum_direction, updates_finite
 from common import Row
 
 PEERS = ("sgd", "curvlab-kfac", "asdl-kfac")
+AFTER_BACKWARD = ("curvlab-kfac: preconditioning", "asdl-kfac: preconditioning",
+                  "curvlab-kfac: after the backward", "asdl-kfac: after the backward")
 
 
 def minimal_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module):
@@ -102,6 +116,41 @@ def lean_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module)
     return step
 
 
+def after_backward_rows(curvlab: peers.Stepper, asdl: peers.Stepper) -> list[Row]:
+    """Rows timing what follows a plain step's backward (see the module docstring)."""
+    opt = curvlab.optimizer
+    approximations = opt.approximations()
+    damping, strategy = opt.options.damping, opt.options.damping_strategy
+    blocks = [(b, approximations[b.name]) for b in opt.blocks()]
+
+    def curvlab_backward() -> None:
+        x, y = curvlab._next()
+        opt.zero_grad()
+        opt.steps_done = 1
+        with opt.track(curvlab.loss_fn):
+            curvlab.loss_fn(curvlab.model(x), y).backward()
+
+    def asdl_backward() -> None:
+        x, y = asdl._next()
+        asdl.optimizer.zero_grad()
+        asdl.position = 1
+        asdl.loss_fn(asdl.model(x), y).backward()
+
+    @torch.no_grad()
+    def curvlab_preconditioning() -> None:
+        for block, approximation in blocks:
+            approximation.inv_mat_mul_columns(block.grad_columns(), damping, strategy)
+
+    def asdl_step() -> None:
+        asdl.grad_maker.precondition()
+        asdl.optimizer.step()
+
+    return [Row("curvlab-kfac: preconditioning", curvlab_preconditioning, setup=curvlab_backward),
+            Row("asdl-kfac: preconditioning", asdl.grad_maker.precondition, setup=asdl_backward),
+            Row("curvlab-kfac: after the backward", opt.step, setup=curvlab_backward),
+            Row("asdl-kfac: after the backward", asdl_step, setup=asdl_backward)]
+
+
 def bench_model(spec: common.ModelSpec, args) -> dict:
     base = spec.build(torch.device("cpu"))
     pool = spec.batches(8, torch.device("cpu"))
@@ -117,6 +166,7 @@ def bench_model(spec: common.ModelSpec, args) -> dict:
             rows.append(Row(name, lambda s=steppers[name]: s.step_at(1)))
         rows.append(Row("minimal", minimal_step(steppers["curvlab-kfac"], base, pool, loss_fn)))
         rows.append(Row("lean", lean_step(steppers["curvlab-kfac"], base, pool, loss_fn)))
+        rows.extend(after_backward_rows(steppers["curvlab-kfac"], steppers["asdl-kfac"]))
         for row in rows:
             row.calibrate("cpu", args.min_time)
         common.measure_interleaved(rows, args.repeats, "cpu")
@@ -130,12 +180,15 @@ def markdown(res: dict) -> str:
              common.machine_line(res["machine"]), "",
              f"Plain steps (no statistics, no refresh), medians of {res['settings']['repeats']} interleaved repeats; "
              "`minimal` applies curvlab KFAC's own damped inverse matrices (bias column in A) with no optimizer glue; "
-             "`lean` the same update through curvlab's blocks and approximation objects, without the optimizer's step body.",
+             "`lean` the same update through curvlab's blocks and approximation objects, without the optimizer's step body. "
+             "The last four rows time only what follows a plain step's backward (zero_grad, forward and backward untimed "
+             "before every call): the preconditioning alone (curvlab's `inv_mat_mul_columns` of every block, ASDL's "
+             "`precondition()`), and all of it (curvlab's `step()`, ASDL's `precondition()` and SGD's `step()`).",
              ""]
     header = ["step", *(f"{m['model']} (N={m['batch']}) ms" for m in res["models"]),
               *(f"{m['model']} ×SGD" for m in res["models"])]
     body = [[key, *(f"{m['rows'][key]['median_s'] * 1e3:.2f}" for m in res["models"]),
-             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in (*PEERS, "minimal", "lean")]
+             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in (*PEERS, "minimal", "lean", *AFTER_BACKWARD)]
     return "\n".join(lines + common.md_table(header, body)) + "\n"
 
 
