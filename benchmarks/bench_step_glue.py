@@ -50,8 +50,6 @@ from curvlab.optim.update import momentum_direction, updates_finite
 from common import Row
 
 PEERS = ("sgd", "curvlab-kfac", "asdl-kfac")
-AFTER_BACKWARD = ("curvlab-kfac: preconditioning", "asdl-kfac: preconditioning",
-                  "curvlab-kfac: after the backward", "asdl-kfac: after the backward")
 
 
 def minimal_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module):
@@ -188,7 +186,7 @@ def markdown(res: dict) -> str:
     header = ["step", *(f"{m['model']} (N={m['batch']}) ms" for m in res["models"]),
               *(f"{m['model']} ×SGD" for m in res["models"])]
     body = [[key, *(f"{m['rows'][key]['median_s'] * 1e3:.2f}" for m in res["models"]),
-             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in (*PEERS, "minimal", "lean", *AFTER_BACKWARD)]
+             *(f"{m['rows'][key]['per_sgd']:.2f}" for m in res["models"])] for key in res["models"][0]["rows"]]
     return "\n".join(lines + common.md_table(header, body)) + "\n"
 
 

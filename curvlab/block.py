@@ -268,10 +268,15 @@ class Block:
             return None
         return [self._as_matrix(torch.zeros_like(p) if p.grad is None else p.grad, p is self.weight) for p in params]
 
-    def grad_matrix(self) -> Tensor | None:
-        """The gradient in matrix form ``[d_out, D]`` (see :meth:`grad_columns`)."""
+    def grad_matrix(self, *, copy: bool = False) -> Tensor | None:
+        """The gradient in matrix form ``[d_out, D]`` (see :meth:`grad_columns`; ``copy``: never a
+        view of ``.grad`` — the join of a bias column is a copy already, one parameter's is cloned)."""
         parts = self.grad_columns()
-        return parts if parts is None else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if parts is None:
+            return None
+        if len(parts) > 1:
+            return torch.cat(parts, 1)
+        return parts[0].clone() if copy else parts[0]
 
     def add_(self, update: Tensor | Sequence[Tensor], alpha: float, *,
              skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> None:

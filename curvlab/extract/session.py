@@ -120,8 +120,6 @@ class ExtractionSession:
         for block in self.blocks.blocks:
             if block.name not in out:  # a parameter block without "sqrt": nothing to report
                 continue
-            # a copy, as .grad may change after the block (joined to a bias column, it is one already)
-            grad = block.grad_matrix()
-            out[block.name].grad = (None if grad is None else grad.detach().clone() if len(block.parameters()) == 1
-                                    else grad.detach())
+            grad = block.grad_matrix(copy=True)  # .grad may change after the block
+            out[block.name].grad = None if grad is None else grad.detach()
         return out
