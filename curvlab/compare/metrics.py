@@ -40,7 +40,8 @@ class ExactBlock:
     """What every metric needs from the exact block, computed once per layer (float64).
 
     Attributes:
-        sqrt: the square root (float64).
+        sqrt: the square root (float64; once a layer is measured, :func:`curvlab.compare.dataset.measure`
+            keeps the extraction's own instead, converted again where used).
         gram: ``VᵀV`` (``[K, K]``).
         eigenvalues: nonzero spectrum of F, descending (the top ones when Lanczos was used).
         top_vectors: Gram eigenvectors ``W_k`` of the ``k`` largest eigenvalues (``[K, k]``).

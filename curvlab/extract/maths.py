@@ -44,11 +44,9 @@ from torch import Tensor
 from curvlab.extract.options import KFAC_APPROX
 from curvlab.gram import GramRows, gram, gram_or_rows, symmetric_product
 from curvlab.stats import KroneckerFactors, TraceStats
-from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
+from curvlab.sqrt import CHUNK_ELEMENTS, DenseSqrt, FactoredSqrt, SquareRoot
 
-#: Elements of the largest temporary a chunked computation may allocate.
-CHUNK_ELEMENTS = 2**24
-#: …and of one that is squared and summed as soon as it is formed (:func:`kfe_scaling`'s rotated
+#: Elements of a temporary that is squared and summed as soon as it is formed (:func:`kfe_scaling`'s rotated
 #: per-sample products): a chunk that stays in cache and reuses its memory.  ResNet-18's
 #: rescaling at N = 128 (this project's AMD EPYC, one thread), with glibc's default allocator:
 #: 256×1152 at 64 locations 394 → 316 ms, 512×2304 and 512×4608 at 16 (truncated input bases of

@@ -1,0 +1,61 @@
+"""Every square-root back-end against the dense definitions of its reductions (float64), with
+``M`` reduced whole and in chunks of ``k`` (:data:`curvlab.sqrt.CHUNK_ELEMENTS`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvlab.sqrt
+from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
+
+DT = torch.float64
+C, N, D_OUT, D_IN = 2, 3, 3, 5
+
+
+def roots() -> dict[str, SquareRoot]:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(N, D_IN, generator=gen, dtype=DT)
+    g = torch.randn(C, N, D_OUT, generator=gen, dtype=DT)
+    factored = FactoredSqrt(a, g)
+    conv = DenseSqrt(torch.randn(C * N, D_OUT, D_IN, generator=gen, dtype=DT))
+    return {"factored": factored, "dense-of-factored": DenseSqrt(factored.matrices()), "dense": conv}
+
+
+def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=DT))
+    return q[:, :k]
+
+
+@pytest.fixture(params=[None, 1, 2], ids=["whole", "chunks-of-1", "chunks-of-2"])
+def chunk_columns(request, monkeypatch):
+    """Chunks of this many ``M_k`` (``None``: the default limit, one chunk here)."""
+    if request.param is not None:
+        monkeypatch.setattr(curvlab.sqrt, "CHUNK_ELEMENTS", request.param * D_OUT * D_IN)
+    return request.param
+
+
+@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense"])
+@pytest.mark.parametrize("widths", [(D_OUT, D_IN), (2, 3)], ids=["full-basis", "truncated-basis"])
+def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, int], chunk_columns) -> None:
+    root = roots()[name]
+    m = root.matrices()
+    v = m.flatten(1)  # [K, P], row-major vec(M_k)
+    fisher = v.T @ v
+    u_out, u_in = orthonormal(D_OUT, widths[0], 1), orthonormal(D_IN, widths[1], 2)
+    q = torch.kron(u_out, u_in)  # vec(U_outᵀ M U_in) = qᵀ vec(M)
+    b = torch.randn(D_OUT, D_OUT, dtype=DT)
+    c = torch.randn(D_IN, D_IN, dtype=DT)
+    x = torch.randn(D_OUT, D_IN, dtype=DT)
+    w = torch.randn(m.shape[0], dtype=DT)
+
+    torch.testing.assert_close(root.column_norms_sq(), (v * v).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.gram(), v @ v.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.inner(x), v @ x.flatten(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.combine(w), (w @ v).reshape(D_OUT, D_IN), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.sandwich_in(b), sum(mk.T @ b @ mk for mk in m), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.sandwich_out(c), sum(mk @ c @ mk.T for mk in m), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.rotated_sq_sum(u_out, u_in), torch.diagonal(q.T @ fisher @ q).reshape(widths),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.diagonal(), torch.diagonal(fisher).reshape(D_OUT, D_IN), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.trace(), torch.trace(fisher), rtol=1e-12, atol=1e-12)
