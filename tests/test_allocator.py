@@ -61,11 +61,11 @@ def test_default_leaves_glibc_mapping_large_tensors_afresh() -> None:
     assert "''" in new_mappings  # a fresh anonymous mapping for a 256 MiB tensor
 
 
-@pytest.mark.parametrize("command", ["train", "report"])
-def test_the_heavy_commands_choose_the_allocator_by_their_model_unless_told(command: str) -> None:
+@pytest.mark.parametrize(("command", "default"), [("train", "auto"), ("report", "default")])
+def test_train_chooses_the_allocator_by_its_model_and_report_keeps_glibcs(command: str, default: str) -> None:
     parser, _ = build_parser()
-    assert parser.parse_args([command]).malloc == "auto"
-    assert parser.parse_args([command, "--malloc", "default"]).malloc == "default"
+    assert parser.parse_args([command]).malloc == default
+    assert parser.parse_args([command, "--malloc", "reuse"]).malloc == "reuse"
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--malloc", "jemalloc"])
 

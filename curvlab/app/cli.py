@@ -275,7 +275,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     run.add_argument("--out", type=Path, default=default.out_dir, help="output folder, created if missing (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_nproc_option(run, "the measured batch is sharded over them (curvlab.distributed.compare)")
-    add_malloc_option(run)
+    add_malloc_option(run, default="default")  # a heap that keeps freed memory keeps the peaks: allocator.py
     parser.set_defaults(handler=_cmd_report)
     return parser
 
