@@ -15,9 +15,12 @@ from curvlab.approx import (
     KFOC,
     TEKFAC,
     TKFAC,
+    EighPolicy,
     ExactDamping,
     approximate,
+    factor_eigh,
 )
+from curvlab.reuse import shared_work
 from curvlab.stats import KroneckerFactors, LayerStats, TraceStats
 from curvlab.block import BlockLayout
 from curvlab.sqrt import DenseSqrt, FactoredSqrt
@@ -485,3 +488,36 @@ def test_kfac_factors_dataclass_untouched() -> None:
     approximate(stats, "kfac").to_dense()
     assert torch.equal(stats.kfac["mc"].A, before)
     assert isinstance(stats.kfac["mc"], KroneckerFactors) and isinstance(stats.tkfac, TraceStats)
+
+
+def test_shared_work_decomposes_each_factor_once(monkeypatch) -> None:
+    """Inside the scope, a factor with the same values (in the compute dtype) under the same
+    policy is decomposed once, and every caller gets what a fresh call gives, as its own copy."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 12)
+    a32 = x.T @ x / 40
+    a32 = (a32 + a32.T) / 2
+    fresh32, fresh64 = factor_eigh(a32), factor_eigh(a32.double())
+    other = factor_eigh(a32 + torch.eye(12))
+    truncating = EighPolicy(truncate_above=8, rank=4)
+    fresh_truncated = factor_eigh(a32, truncating)
+
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: calls.append(m.shape) or eigh(m, *a, **k))
+    with shared_work():
+        got32 = factor_eigh(a32)
+        got64 = factor_eigh(a32.double())  # the same float64 values decomposed: no second eigh
+        assert len(calls) == 1
+        got_other = factor_eigh(a32 + torch.eye(12))
+        got_truncated = factor_eigh(a32, truncating)  # another policy: decomposed again
+        again = factor_eigh(a32.clone())
+        assert len(calls) == 3
+    for got, fresh in ((got32, fresh32), (got64, fresh64), (got_other, other), (got_truncated, fresh_truncated),
+                       (again, fresh32)):
+        for g, f in zip(got, fresh):
+            assert g.dtype == f.dtype and torch.equal(g, f)
+    again[1].zero_()  # a copy each: one caller's change leaves the others' alone
+    assert torch.equal(got32[1], fresh32[1])
+    factor_eigh(a32)  # outside the scope nothing is kept
+    assert len(calls) == 4

@@ -167,3 +167,38 @@ def test_dead_layer_gives_finite_metrics() -> None:
     ds = compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kflr", "tekfac"), top_k=2)
     assert np.all(ds.exact_trace.values == 0)
     assert np.isfinite(ds.network_exact_eigenvalues.values).all()
+
+
+def test_each_factor_decomposed_once(monkeypatch) -> None:
+    """KFAC, KFLR and EKFAC share the input factor A, TKFAC and TEKFAC δΦ and δΨ: the comparison
+    decomposes every distinct matrix once (a ResNet-18's 4608-wide A is tens of seconds each)."""
+    model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=6)
+    seen = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: seen.append(m.numpy().tobytes()) or eigh(m, *a, **k))
+    compare(model, loss_fn, x, y, approximations=("kfac", "kflr", "ekfac", "tkfac", "tekfac"), seed=5)
+    factors = 5 * sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))  # A, G, G_LR, δΦ, δΨ
+    assert len(seen) >= factors
+    assert len(set(seen)) == len(seen)
+
+
+def test_each_basis_rotated_once(monkeypatch) -> None:
+    """KFAC's s* is EKFAC's scaling and TKFAC's TEKFAC's: per layer the comparison rotates the
+    root into three bases (KFAC's, KFLR's, TKFAC's), once each, and measures what a comparison of
+    each approximation alone measures."""
+    from curvlab.sqrt import SquareRoot
+
+    model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=6)
+    names = ("kfac", "kflr", "ekfac", "tkfac", "tekfac")
+    alone = {n: compare(model, loss_fn, x, y, approximations=(n,), seed=5) for n in names}
+    calls = []
+    for cls in {type(s.sqrt) for s in extract(model, loss_fn, x, y, stats=("sqrt",)).values()}:
+        method = cls.rotated_sq_sum
+        monkeypatch.setattr(cls, "rotated_sq_sum", lambda self, *a, _m=method: calls.append(1) or _m(self, *a))
+    ds = compare(model, loss_fn, x, y, approximations=names, seed=5)
+    assert len(calls) == 3 * ds.sizes["layer"]
+    for n in names:
+        for var in ("rel_frobenius_error", "scaling_error", "ng_cosine", "subspace_overlap", "network_ng_cosine"):
+            np.testing.assert_allclose(ds[var].sel(approximation=n), alone[n][var].sel(approximation=n), rtol=1e-12)

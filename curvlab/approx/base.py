@@ -41,7 +41,7 @@ from torch import Tensor
 
 from curvlab.approx.damping import BUILT_IN, DampingStrategy, get_damping
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
-from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, unflatten_tensors
+from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, rotated_sq_sum, unflatten_tensors
 from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
@@ -250,8 +250,7 @@ class KroneckerApproximation(ABC):
     def optimal_scaling(self, sqrt: "SquareRoot") -> Tensor:
         """``s* = diag(Qᵀ F Q) = Σ_k (U_outᵀ M_k U_in)²`` of the block with square root ``sqrt`` in
         this approximation's basis (what the comparison measures the scaling against)."""
-        u_out, u_in = self.eigenbasis()
-        return sqrt.rotated_sq_sum(u_out.to(sqrt.dtype), u_in.to(sqrt.dtype))
+        return rotated_sq_sum(sqrt, *self.eigenbasis())
 
     def rotate(self, x: Tensor) -> Tensor:
         """Into the (expanded) eigenbasis: ``U_outᵀ X U_in`` (``X``: ``[..., d_out, D]``)."""

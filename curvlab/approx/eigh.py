@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.reuse import digest, reuse, sharing
+
 #: Relative size of the diagonal jitter added when an eigen-decomposition fails.
 EIGH_JITTER = 1e-6
 
@@ -136,7 +138,24 @@ EXACT_EIGH = EighPolicy()
 def factor_eigh(mat: Tensor, policy: EighPolicy = EXACT_EIGH) -> tuple[Tensor, Tensor]:
     """``(values, U)`` of a PSD factor as ``policy`` says: full (:func:`psd_eigh`, ``U`` square)
     or truncated (:func:`randomized_eigh`, ``U`` of ``policy.rank`` columns and one more value,
-    the flat remainder).  Returned in ``mat``'s dtype."""
+    the flat remainder).  Returned in ``mat``'s dtype; inside :func:`curvlab.reuse.shared_work`,
+    a factor already decomposed there (the same values in the compute dtype, the same policy)
+    is not decomposed again."""
+    full = not policy.truncates(mat.shape[0])
+    if full and policy.dtype not in (None, mat.dtype):
+        # symmetrized in its own dtype first, as a KroneckerProduct stores its factors, so that a
+        # factor gives the same bytes to decompose whether it comes raw (EKFAC's) or stored (KFAC's)
+        mat = symmetrize(mat)
+    if not sharing():
+        return _decompose(mat, policy)
+    work = mat if policy.dtype is None else mat.to(policy.dtype)
+    if full:
+        work = symmetrize(work)  # what psd_eigh decomposes (symmetrizing again changes nothing)
+    values, vectors = reuse(("factor_eigh", policy, digest(work)), lambda: _decompose(work, policy))
+    return values.to(mat.dtype, copy=True), vectors.to(mat.dtype, copy=True)
+
+
+def _decompose(mat: Tensor, policy: EighPolicy) -> tuple[Tensor, Tensor]:
     if policy.truncates(mat.shape[0]):
         return randomized_eigh(
             mat, policy.rank, power_iterations=policy.power_iterations,

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from curvlab.reuse import digest, reuse, sharing
+
 if TYPE_CHECKING:
     from curvlab.sqrt import SquareRoot
 
@@ -75,6 +77,16 @@ def compress_mean(values: Tensor, u: Tensor, dim: int = -1) -> Tensor:
     return torch.cat([head, tail.mean(dim, keepdim=True)], dim=dim)
 
 
+def rotated_sq_sum(sqrt: "SquareRoot", u_out: Tensor, u_in: Tensor) -> Tensor:
+    """``Σ_k (U_outᵀ M_k U_in)²`` in the root's dtype (:meth:`SquareRoot.rotated_sq_sum`); inside
+    :func:`curvlab.reuse.shared_work`, once for the same root object and the same bases."""
+    u_out, u_in = u_out.to(sqrt.dtype), u_in.to(sqrt.dtype)
+    if not sharing():
+        return sqrt.rotated_sq_sum(u_out, u_in)
+    key = ("rotated_sq_sum", id(sqrt), digest(u_out), digest(u_in))
+    return reuse(key, lambda: (sqrt, sqrt.rotated_sq_sum(u_out, u_in)))[1].clone()  # sqrt: kept alive
+
+
 def optimal_scaling(sqrt: "SquareRoot", u_out: Tensor, u_in: Tensor) -> Tensor:
     """Compressed ``s* = diag(Qᵀ F Q)`` for ``F = Σ_k vec M_k vec M_kᵀ`` (EKFAC's rescaling).
 
@@ -82,7 +94,7 @@ def optimal_scaling(sqrt: "SquareRoot", u_out: Tensor, u_in: Tensor) -> Tensor:
     same for every completion, and the optimal flat value.  (Analysis path: the completion is
     formed.)
     """
-    full = sqrt.rotated_sq_sum(complete_basis(u_out).to(sqrt.dtype), complete_basis(u_in).to(sqrt.dtype))
+    full = rotated_sq_sum(sqrt, complete_basis(u_out), complete_basis(u_in))
     return compress_mean(compress_mean(full, u_in, dim=-1), u_out, dim=-2)
 
 

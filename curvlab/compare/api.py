@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, applies, approximate, needed_kfac_flavours
+from curvlab.approx import (
+    APPROXIMATIONS,
+    DEFAULT_DAMPING,
+    KroneckerApproximation,
+    applies,
+    approximate,
+    needed_kfac_flavours,
+)
 from curvlab.approx.registry import measurement_limits, spec
 from curvlab.compare.dataset import check_settings, measure
+from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
 from curvlab.extract.options import DEFAULT_MAX_BYTES
+from curvlab.stats import KroneckerFactors, LayerStats
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
 
@@ -42,7 +53,9 @@ def compare(
     """Measure every approximation of every block against the exact block.
 
     One extraction (one forward, one backward) gives the square roots and factors; the
-    approximations are the objects of :mod:`curvlab.approx` that the optimizers invert.  Every
+    approximations are the objects of :mod:`curvlab.approx` that the optimizers invert, built in
+    float64 from those statistics one layer at a time (:class:`LayerApproximations`: what they
+    have in common is computed once).  Every
     trainable parameter is measured: Kronecker blocks against each approximation, parameter
     blocks (norm layers' affine parameters, position embeddings, …) against ``"diagonal"``, the
     only approximation that applies to them (see :mod:`curvlab.model_blocks`).  KFOC is measured
@@ -99,9 +112,7 @@ def compare(
         skip_unsupported=skip_unsupported,
         max_bytes=max_bytes,
     )
-    approx = {
-        layer: {n: approximate(block, n) for n in names if applies(n, block)} for layer, block in stats.items()
-    }
+    approx = {layer: LayerApproximations(block, [n for n in names if applies(n, block)]) for layer, block in stats.items()}
     wrap = None
     if progress:
         from functools import partial
@@ -127,6 +138,57 @@ def compare(
             **(attrs or {}),
         },
         progress=wrap,
+    )
+
+
+class LayerApproximations(Mapping[str, KroneckerApproximation]):
+    """One block's approximations by name, each built in float64 (``approximate`` of the block's
+    statistics, converted) when read; ``given`` objects (already built, e.g. an optimizer's)
+    come first, as they are.
+
+    Read inside the layer's :func:`curvlab.reuse.shared_work` scope (as
+    :func:`~curvlab.compare.measure` does), the objects share the root converted to float64, the
+    decompositions of the factors they have in common and the rotations of the root into the
+    same basis: EKFAC's scaling ``s*`` is the one the comparison measures KFAC's basis with, and
+    TEKFAC's TKFAC's.  Built objects are not kept (a ResNet-18's, in float64, are gigabytes).
+    """
+
+    def __init__(self, stats: LayerStats, names: Iterable[str],
+                 given: Mapping[str, KroneckerApproximation] | None = None) -> None:
+        self._stats = stats
+        self._given = dict(given or {})
+        self._names = list(dict.fromkeys([*self._given, *names]))
+
+    def __getitem__(self, name: str) -> KroneckerApproximation:
+        if name in self._given:
+            return self._given[name]
+        if name not in self._names:
+            raise KeyError(name)
+        return approximate(_in_float64(self._stats), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _in_float64(stats: LayerStats) -> LayerStats:
+    """``stats`` with what approximations are built from in float64 (the root by
+    :func:`~curvlab.compare.metrics.in_float64`)."""
+    def f64(x):
+        return None if x is None else x.to(dtype=torch.float64)
+
+    tkfac = stats.tkfac
+    return dataclasses.replace(
+        stats,
+        grad=f64(stats.grad),
+        sqrt=None if stats.sqrt is None else in_float64(stats.sqrt),
+        kfac={flavour: KroneckerFactors(f64(f.A), f64(f.G)) for flavour, f in stats.kfac.items()},
+        tkfac=None if tkfac is None else dataclasses.replace(
+            tkfac, delta=f64(tkfac.delta), delta_phi=f64(tkfac.delta_phi), delta_psi=f64(tkfac.delta_psi)
+        ),
+        kfe_scaling=f64(stats.kfe_scaling),
     )
 
 

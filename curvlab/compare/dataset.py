@@ -25,6 +25,7 @@ from curvlab.compare.metrics import (
     woodbury_natural_gradient,
     woodbury_solve,
 )
+from curvlab.reuse import shared_work
 from curvlab.stats import LayerStats
 
 PER_APPROXIMATION = (
@@ -87,7 +88,10 @@ def measure(
         stats: block name → statistics with ``sqrt`` and ``grad`` (one extraction, so every
             block's root has the same K columns).
         approximations: block name → {approximation name → object}; the objects are measured
-            as they are (e.g. an optimizer's running approximation).
+            as they are (e.g. an optimizer's running approximation), each read once, while its
+            layer is measured: a mapping that builds them when read
+            (:class:`~curvlab.compare.LayerApproximations`, what :func:`~curvlab.compare.compare`
+            passes) builds them in that layer's :func:`curvlab.reuse.shared_work` scope.
         damping: λ of the damped natural gradients.
         damping_strategies: approximation name → damping strategy of its inverse.
         top_k: eigenvectors in ``subspace_overlap``.
@@ -109,29 +113,32 @@ def measure(
     grads: dict[str, Tensor] = {}
     coupling = np.zeros((len(layers), 2))
     for layer in iterator:
-        block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
-        if not block.trace > 0:
-            warnings.warn(
-                f"curvlab.compare: the exact Fisher block of layer {layer!r} is zero (a dead layer whose "
-                "inputs or output gradients all vanish, e.g. ReLUs that never fire, or a saturated "
-                "softmax); its metrics relative to F are NaN",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        grad = stats[layer].grad.to(torch.float64)
-        exact[layer], grads[layer] = block, grad
-        convention = stats[layer].convention_sqrt
-        if stats[layer].kind != "kronecker":
-            coupling[layers.index(layer)] = np.nan
-        elif convention is not None:
-            coupling[layers.index(layer)] = convention_error(block, convention)
-        else:  # the Kronecker statistics describe the exact block itself
-            coupling[layers.index(layer)] = (0.0, 1.0)
-        exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
-        for name, approx in approximations[layer].items():
-            results[layer, name] = approximation_metrics(
-                block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng
-            )
+        # one scope per layer: the float64 root, the factors' decompositions and the rotations
+        # into them are computed once for all of the layer's approximations (curvlab.reuse)
+        with shared_work():
+            block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
+            if not block.trace > 0:
+                warnings.warn(
+                    f"curvlab.compare: the exact Fisher block of layer {layer!r} is zero (a dead layer whose "
+                    "inputs or output gradients all vanish, e.g. ReLUs that never fire, or a saturated "
+                    "softmax); its metrics relative to F are NaN",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            grad = stats[layer].grad.to(torch.float64)
+            exact[layer], grads[layer] = block, grad
+            convention = stats[layer].convention_sqrt
+            if stats[layer].kind != "kronecker":
+                coupling[layers.index(layer)] = np.nan
+            elif convention is not None:
+                coupling[layers.index(layer)] = convention_error(block, convention)
+            else:  # the Kronecker statistics describe the exact block itself
+                coupling[layers.index(layer)] = (0.0, 1.0)
+            exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
+            for name, approx in approximations[layer].items():
+                results[layer, name] = approximation_metrics(
+                    block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng
+                )
         # the float64 copy of the root is dropped once its layer is measured (kept for every layer,
         # ResNet-18's at N = 9 took 8 GB beside the 4 GB of the extraction's own): the network
         # terms convert the extraction's root again, one layer at a time
@@ -157,10 +164,7 @@ def measure(
     data["coupling_trace_ratio"] = (("layer",), coupling[:, 1])
     kinds = [stats[l].kind for l in layers]
     network = [l for l, k in zip(layers, kinds) if k == "kronecker"] or layers
-    data.update(_network(
-        {l: exact[l] for l in network}, grads, results, approximations, names, damping, damping_strategies,
-        num_eigenvalues,
-    ))
+    data.update(_network({l: exact[l] for l in network}, grads, results, names, damping, num_eigenvalues))
 
     coords = {
         "layer": layers,
@@ -198,10 +202,8 @@ def _network(
     exact: Mapping[str, ExactBlock],
     grads: Mapping[str, Tensor],
     results: Mapping[tuple[str, str], ApproximationMetrics],
-    approximations: Mapping[str, Mapping[str, KroneckerApproximation]],
     names: list[str],
     damping: float,
-    strategies: Mapping[str, str],
     top: int,
 ) -> dict[str, tuple]:
     """Whole-network entries: the full (cross-layer) Fisher of the blocks in ``exact`` against
@@ -226,11 +228,7 @@ def _network(
         inner = sum(results[l, name].inner_product for l in layers)
         own_sq = sum(results[l, name].frobenius_sq for l in layers)
         err[j] = _ratio(np.sqrt(max(norm_sq.item() - 2 * inner + own_sq, 0.0)), np.sqrt(norm_sq.item()))
-        approx_vec = torch.cat([
-            approximations[l][name].to(dtype=torch.float64)
-            .inv_mat_mul(grads[l], damping, strategies.get(name, "exact")).flatten()
-            for l in layers
-        ])
+        approx_vec = torch.cat([results[l, name].natural_gradient.flatten() for l in layers])
         cos[j] = cosine(approx_vec, full_vec).item()
         rel[j] = ((approx_vec - full_vec).norm() / full_vec.norm()).item()
         ratio[j] = _ratio(sum(np.nan_to_num(results[l, name].trace_ratio) * exact[l].trace.item() for l in layers), trace.item())

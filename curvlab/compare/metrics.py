@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx import KroneckerApproximation
+from curvlab.reuse import reuse
 from curvlab.sqrt import SquareRoot
 
 #: Gram matrices larger than this use Lanczos (scipy's eigsh) for the top of the spectrum;
@@ -86,9 +87,16 @@ def gram_top_vectors(gram: Tensor, k: int) -> Tensor:
     return torch.from_numpy(evecs[:, order]).to(gram)
 
 
+def in_float64(sqrt: SquareRoot) -> SquareRoot:
+    """``sqrt`` in float64; inside :func:`curvlab.reuse.shared_work`, one conversion of a root
+    object however many ask (the exact block's root is then the one the approximations built in
+    float64 rotate, and their rotations of it are shared)."""
+    return reuse(("in_float64", id(sqrt)), lambda: (sqrt, sqrt.to(dtype=torch.float64)))[1]  # sqrt: kept alive
+
+
 def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
     """Gram matrix, spectrum, top eigenvectors, trace and Frobenius norm of ``F = V Vᵀ``."""
-    sqrt64 = sqrt.to(dtype=torch.float64)
+    sqrt64 = in_float64(sqrt)
     gram = sqrt64.gram()
     rank_bound = sqrt64.shape[0] * sqrt64.shape[1]  # F is P × P: at most P nonzero eigenvalues
     return ExactBlock(
@@ -133,6 +141,7 @@ class ApproximationMetrics:
     spectrum: Tensor
     inner_product: float  # ⟨F, K̂⟩ = Σ s ⊙ s*, for the whole-network error
     frobenius_sq: float  # ‖K̂‖²_F = ‖s‖²
+    natural_gradient: Tensor  # (K̂ + damping)⁻¹ g, float64: the whole network's is their concatenation
 
 
 def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k: int) -> float:
@@ -162,7 +171,8 @@ def approximation_metrics(
     exact_ng: Tensor,
 ) -> ApproximationMetrics:
     """Every metric of ``approx`` against the exact block (float64, matrix-free)."""
-    approx = approx.to(dtype=torch.float64)
+    if approx.dtype != torch.float64:
+        approx = approx.to(dtype=torch.float64)
     s = approx.eigenvalues()
     s_star = approx.optimal_scaling(exact.sqrt)
     norm_sq = exact.frobenius_sq
@@ -180,6 +190,7 @@ def approximation_metrics(
         spectrum=s.flatten().sort(descending=True).values,
         inner_product=(s * s_star).sum().item(),
         frobenius_sq=s.square().sum().item(),
+        natural_gradient=ng,
     )
 
 

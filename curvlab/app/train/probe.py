@@ -19,8 +19,8 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.approx import DEFAULT_DAMPING, applies, approximate
-from curvlab.compare import measure
+from curvlab.approx import DEFAULT_DAMPING, applies
+from curvlab.compare import LayerApproximations, measure
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
 from curvlab.optim import KroneckerOptimizer
@@ -87,17 +87,16 @@ class Probe:
             model.train(was_training)
         strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
-        approx = {
-            layer: {n: approximate(block, n) for n in self.approximations if applies(n, block)}
-            for layer, block in stats.items()
-        }
+        current: dict[str, dict] = {}
         if isinstance(optimizer, KroneckerOptimizer):
             own = f"{optimizer.method}@optimizer"
             strategies[own] = optimizer.damping_strategy
             damping = optimizer.damping
-            for layer, current in optimizer.approximations().items():
-                if layer in approx:
-                    approx[layer] = {own: current, **approx[layer]}
+            current = {layer: {own: a} for layer, a in optimizer.approximations().items()}
+        approx = {
+            layer: LayerApproximations(block, [n for n in self.approximations if applies(n, block)], current.get(layer))
+            for layer, block in stats.items()
+        }
         ds = measure(
             stats,
             approx,
