@@ -4,7 +4,8 @@ Two measurements (CPU by default; ``--device cuda`` runs unchanged on a GPU):
 
 1. *Both can run*: the first Linear block (P parameters) of the built-in MLP ``d_in-d_out-C``
    (ReLU; it was a Tanh MLP defined here before 2026-11-30), N examples (exact Fisher, K = N·C).  The matrix-free ``curvlab.compare.measure()`` (Gram matrix of the square root,
-   Woodbury, rotated squares) against the dense route: F = V Vᵀ (P × P), eigvalsh(F), K̂ =
+   Woodbury, rotated squares; the approximations built in it, as ``curvlab.compare`` builds
+   them: ``LayerApproximations``) against the dense route: F = V Vᵀ (P × P), eigvalsh(F), K̂ =
    to_dense(), ‖F − K̂‖_F, diag(Qᵀ F Q), a dense damped solve.  Both give the same numbers
    (checked and reported).
 2. *Largest layer that fits*: a Linear layer of about 10⁶ parameters, matrix-free only (its dense
@@ -27,7 +28,7 @@ from torch import nn
 import common
 
 from curvlab.approx import DEFAULT_DAMPING, approximate  # noqa: E402  (after common: repository on sys.path)
-from curvlab.compare import measure  # noqa: E402
+from curvlab.compare import LayerApproximations, measure  # noqa: E402
 from curvlab.extract import extract  # noqa: E402
 
 APPROX = ("kflr", "ekfac", "tkfac", "tekfac")
@@ -53,7 +54,7 @@ def block_stats(d_in: int, d_out: int, n: int, classes: int, device: torch.devic
 
 
 def matrix_free(stats, damping: float):
-    approx = {"0": {a: approximate(stats["0"], a) for a in APPROX}}
+    approx = {"0": LayerApproximations(stats["0"], APPROX)}  # built as curvlab.compare builds them
     return measure(stats, approx, damping=damping, damping_strategies=DEFAULT_DAMPING, num_eigenvalues=256, top_k=10)
 
 
