@@ -19,8 +19,8 @@ from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar
 from typing import TypeVar
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 T = TypeVar("T")
 
