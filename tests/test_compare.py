@@ -187,8 +187,6 @@ def test_each_basis_rotated_once(monkeypatch) -> None:
     """KFAC's s* is EKFAC's scaling and TKFAC's TEKFAC's: per layer the comparison rotates the
     root into three bases (KFAC's, KFLR's, TKFAC's), once each, and measures what a comparison of
     each approximation alone measures."""
-    from curvlab.sqrt import SquareRoot
-
     model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
     x, y = batch(model, loss_fn, n=6)
     names = ("kfac", "kflr", "ekfac", "tkfac", "tekfac")

@@ -22,6 +22,7 @@ from curvlab.compare.dataset import check_settings, measure
 from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
 from curvlab.extract.options import DEFAULT_MAX_BYTES
+from curvlab.reuse import reuse
 from curvlab.stats import KroneckerFactors, LayerStats
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
@@ -164,7 +165,9 @@ class LayerApproximations(Mapping[str, KroneckerApproximation]):
             return self._given[name]
         if name not in self._names:
             raise KeyError(name)
-        return approximate(_in_float64(self._stats), name)
+        # converted once per shared_work scope, however many of the layer's objects are built
+        stats64 = reuse(("in_float64_stats", id(self._stats)), lambda: (self._stats, _in_float64(self._stats)))[1]
+        return approximate(stats64, name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
