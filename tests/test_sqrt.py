@@ -59,3 +59,20 @@ def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, in
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(root.diagonal(), torch.diagonal(fisher).reshape(D_OUT, D_IN), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(root.trace(), torch.trace(fisher), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_wide_sandwiches_of_symmetric_matrices(chunks: int, monkeypatch) -> None:
+    """Sides of 256 or more take the upper-triangle products (a symmetric ``B`` or ``C``, as
+    KFOC's iterates): still the dense definitions."""
+    gen = torch.Generator().manual_seed(3)
+    k, d_out, d_in = 6, 260, 270
+    m = torch.randn(k, d_out, d_in, generator=gen, dtype=DT)
+    monkeypatch.setattr(curvlab.sqrt, "CHUNK_ELEMENTS", -(-k // chunks) * 2 * d_out * d_in)
+    root = DenseSqrt(m)
+    b = torch.randn(d_out, d_out, generator=gen, dtype=DT)
+    c = torch.randn(d_in, d_in, generator=gen, dtype=DT)
+    b, c = b @ b.T, c @ c.T
+    b, c = (b + b.T) / 2, (c + c.T) / 2  # exactly symmetric, as KFOC symmetrizes its start
+    torch.testing.assert_close(root.sandwich_in(b), sum(mk.T @ b @ mk for mk in m), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(root.sandwich_out(c), sum(mk @ c @ mk.T for mk in m), rtol=1e-12, atol=1e-9)
