@@ -40,7 +40,7 @@ DIMENSIONAL = ("exact_trace", "exact_frobenius", "exact_eigenvalues", "approx_ei
 SQUARED = ("rel_frobenius_error", "projection_error", "network_rel_frobenius_error", "network_blockdiag_error")
 OPTIONS = {"damping": 1e-2, "top_k": 3, "seed": 5}
 
-#: Without KFOC, whose power iteration (two all_reduces an iteration) dominates the run time on
+#: Without KFOC, whose Lanczos iteration (two all_reduces a step) dominates the run time on
 #: a loaded 2-core machine; its distributed path (sandwich products) does not depend on the flavour.
 NO_KFOC = APPROX[:-1]
 

@@ -7,10 +7,13 @@ the top singular pair of ``R(F)``.  Matrix-free, from the square root ``F = Σ_k
     R(F) vec C  = vec Σ_k M_k C M_kᵀ  = sqrt.sandwich_out(C)   ([d_out, d_out]),
     R(F)ᵀ vec B = vec Σ_k M_kᵀ B M_k  = sqrt.sandwich_in(B)    ([D, D]).
 
-Alternating power iteration ``B ← R c / ‖R c‖``, ``c ← Rᵀ B / ‖Rᵀ B‖`` converges to the top pair
-at rate ``(σ₂/σ₁)²``.  Both maps send PSD matrices to PSD matrices, so a PSD start (identity or the
-KFAC factors) keeps ``B`` and ``C`` PSD.  KFOC is a reference floor: no single Kronecker product
-(KFAC, KFLR, TKFAC) has a smaller Frobenius error.
+The top pair is found by Golub–Kahan–Lanczos bidiagonalisation of ``R`` from a PSD start (the
+KFAC factor or the identity), with full reorthogonalisation and explicit restarts: one ``R`` and
+one ``Rᵀ`` product a step, as alternating power iteration (``B ← R c``, ``c ← Rᵀ B``), which
+converges at the rate ``(σ₂/σ₁)²`` — on vit-tiny's blocks Lanczos met the same tolerance in 6
+steps where power iteration took 7–19.  Both maps send PSD matrices to PSD matrices and the top
+pair of ``R`` is PSD, so ``B`` and ``C`` are PSD up to the tolerance.  KFOC is a reference floor:
+no single Kronecker product (KFAC, KFLR, TKFAC) has a smaller Frobenius error.
 """
 
 from __future__ import annotations
@@ -35,8 +38,14 @@ KFOC_INITS = ("auto", "kfac", "identity")
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
-    """Relative change of the normalised ``C`` at which the power iteration stops."""
+    """Relative residual of the top singular pair at which the iteration stops."""
     return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+#: Elements the Lanczos vectors of one fit may hold (then it restarts), between 3 and
+#: :data:`MAX_LANCZOS_STEPS` vectors: a 10 × 8193 block's ``C`` alone has 6.7·10⁷.
+LANCZOS_ELEMENTS = 2**27
+MAX_LANCZOS_STEPS = 20
 
 
 class KFOC(KroneckerProduct):
@@ -47,9 +56,9 @@ class KFOC(KroneckerProduct):
         C: ``[D, D]`` symmetric PSD.
         layout: the block's layout (default: plain weight, no bias column).
         name: label.
-        converged: whether the power iteration that produced ``B``, ``C`` converged.
-        iterations: its number of iterations.
-        residual: its last relative change ``‖ĉ_new − ĉ_old‖_F`` (``ĉ = C/‖C‖_F``).
+        converged: whether the iteration that produced ``B``, ``C`` converged.
+        iterations: its number of steps (one ``R(F)`` and one ``R(F)ᵀ`` product each).
+        residual: its last relative residual ``‖R(F)ᵀ b̂ − σ ĉ‖_F / σ`` (unit-norm ``b̂``, ``ĉ``).
 
     Use :meth:`fit` (or :meth:`from_stats`) to compute the optimal pair.
     """
@@ -107,14 +116,14 @@ class KFOC(KroneckerProduct):
         name: str = "kfoc",
         warn: bool = True,
     ) -> "KFOC":
-        """Top singular pair of ``R(F)`` by alternating power iteration.
+        """Top singular pair of ``R(F)`` by Lanczos bidiagonalisation (module docstring).
 
         Args:
             sqrt: the block's square root.
             init: starting input-side factor ``C₀`` (``[D, D]``, PSD); default (and fallback for a
                 zero ``init``) the identity.
-            tol: stop when ``‖ĉ_new − ĉ_old‖_F ≤ tol`` (``ĉ`` unit-norm); default 1e-12 in float64,
-                1e-5 otherwise.
+            tol: stop when the relative residual ``‖R(F)ᵀ b̂ − σ ĉ‖_F / σ ≤ tol``; default 1e-12
+                in float64, 1e-5 otherwise.
             max_iter: iteration cap; if reached, the result has ``converged=False`` and a
                 ``RuntimeWarning`` is issued (when ``warn``).
             compute_dtype: dtype of the iteration (default float64); ``None`` keeps ``sqrt``'s.
@@ -138,27 +147,16 @@ class KFOC(KroneckerProduct):
             c, c_norm = eye, torch.linalg.matrix_norm(eye)
         c = c / c_norm
 
-        converged, residual, iterations = False, float("inf"), 0
-        zero = False
-        for iterations in range(1, max_iter + 1):
-            b = work.sandwich_out(c)
-            b_norm = torch.linalg.matrix_norm(b)
-            if not b_norm > 0:  # F = 0 (or orthogonal to the start): the optimum is 0
-                zero, converged, residual = True, True, 0.0
-                break
-            c_new = symmetrize(work.sandwich_in(b / b_norm))
-            c_new = c_new / torch.linalg.matrix_norm(c_new)
-            residual = float(torch.linalg.matrix_norm(c_new - c))
-            c = c_new
-            if residual <= tol:
-                converged = True
-                break
+        c, iterations, residual = _top_right_vector(work, c, tol, max_iter)
+        converged = residual <= tol
+        zero = c is None  # F = 0 (or orthogonal to the start): the optimum is 0
 
         if zero:
             big_b = torch.zeros(d_out, d_out, dtype=dtype, device=device)
             big_c = torch.zeros(d_in, d_in, dtype=dtype, device=device)
         else:
             # Least-squares optimal B for the final C: B = R(F) vec ĉ; then balance the norms.
+            c = symmetrize(c)
             b = symmetrize(work.sandwich_out(c))
             sigma = torch.linalg.matrix_norm(b)
             if torch.trace(c) < 0:  # sign convention: both factors PSD
@@ -169,8 +167,8 @@ class KFOC(KroneckerProduct):
 
         if not converged and warn:
             warnings.warn(
-                f"KFOC {name!r}: power iteration did not converge in {max_iter} iterations "
-                f"(last relative change {residual:.3g} > tol {tol:.3g})",
+                f"KFOC {name!r}: the iteration did not converge in {max_iter} steps "
+                f"(last relative residual {residual:.3g} > tol {tol:.3g})",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -215,3 +213,64 @@ class KFOC(KroneckerProduct):
             stats.sqrt, init=start, tol=tol, max_iter=max_iter, compute_dtype=compute_dtype,
             layout=stats.layout, name=name,
         )
+
+
+def _top_right_vector(sqrt: SquareRoot, start: Tensor, tol: float,
+                      max_iter: int) -> tuple[Tensor | None, int, float]:
+    """The top right singular vector ``ĉ`` of ``R(F)`` (unit Frobenius norm; ``None`` when
+    ``R(F) start = 0``), the steps taken and the last relative residual.
+
+    Golub–Kahan–Lanczos from ``start``: ``R V = U Bₖ``, ``Rᵀ U = V Bₖᵀ + βₖ vₖ₊₁ eₖᵀ`` with ``Bₖ``
+    upper bidiagonal; the top singular triplet ``(σ, p, q)`` of ``Bₖ`` gives ``ĉ = V q`` with the
+    residual ``‖Rᵀ U p − σ V q‖ = βₖ |p_k|``.  Full reorthogonalisation (the vectors are few); a
+    restart from ``ĉ`` when the basis reaches its size (:data:`LANCZOS_ELEMENTS`)."""
+    d_out, d_in = sqrt.shape
+    size = max(3, min(MAX_LANCZOS_STEPS, LANCZOS_ELEMENTS // (d_out * d_out + d_in * d_in)))
+    c = start / torch.linalg.matrix_norm(start)
+    steps, residual = 0, float("inf")
+    while steps < max_iter and residual > tol:
+        vs, us, alphas, betas = [c], [], [], []
+        while True:
+            steps += 1
+            u = symmetrize(sqrt.sandwich_out(vs[-1]))  # exactly symmetric: the sandwiches' fast route
+            if us:
+                u = _orthogonalised(u - betas[-1] * us[-1], us)
+            alpha = torch.linalg.matrix_norm(u)
+            exact = not alpha > 0  # R maps span(V) into span(U): Bₖ's triplet is R's
+            if exact and steps == 1:
+                return None, steps, 0.0
+            alphas.append(alpha.new_zeros(()) if exact else alpha)
+            if exact:
+                betas.append(alpha.new_zeros(()))
+            else:
+                us.append(u / alpha)
+                v = _orthogonalised(symmetrize(sqrt.sandwich_in(us[-1])) - alpha * vs[-1], vs)
+                betas.append(torch.linalg.matrix_norm(v))
+            p, sigma, q = _top_singular_triplet(alphas, betas)
+            residual = 0.0 if exact else float(betas[-1] * p[-1].abs() / sigma)
+            if residual <= tol or steps == max_iter or len(vs) == size:
+                break
+            vs.append(v / betas[-1])
+        c = sum(qi * vi for qi, vi in zip(q, vs))
+        c = c / torch.linalg.matrix_norm(c)
+    return c, steps, residual
+
+
+def _orthogonalised(x: Tensor, basis: list[Tensor]) -> Tensor:
+    """``x`` minus its components along the orthonormal ``basis`` (twice: classical Gram–Schmidt
+    loses orthogonality once)."""
+    for _ in range(2):
+        for e in basis:
+            x = x - (e * x).sum() * e
+    return x
+
+
+def _top_singular_triplet(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(p, σ, q)``: the top singular triplet of the upper bidiagonal ``Bₖ`` (``alphas`` on the
+    diagonal, the first ``k − 1`` of ``betas`` above it)."""
+    k = len(alphas)
+    b = torch.diag(torch.stack(alphas))
+    if k > 1:
+        b = b + torch.diag(torch.stack(betas[:k - 1]), 1)
+    p, s, qh = torch.linalg.svd(b)
+    return p[:, 0], s[0], qh[0]

@@ -34,7 +34,7 @@ class ApproximationSpec:
         kinds: the block kinds it applies to (``"kronecker"``, ``"parameter"``; see
             :mod:`curvlab.model_blocks`).
         max_params: the comparison measures it on blocks of at most this many parameters
-            (``None``: any); KFOC's power iteration costs ``K·P·(d_out + D)`` a step, hours on a
+            (``None``: any); KFOC's Lanczos iteration costs ``K·P·(d_out + D)`` a step, hours on a
             ResNet-18's 512-channel convolutions.
     """
 

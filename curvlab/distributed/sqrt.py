@@ -5,7 +5,7 @@ back-end, normally the result of a local :func:`curvlab.extract`); the block is
 ``F = Σ_r V_r V_rᵀ = V Vᵀ`` with ``V = [V_0 … V_{R-1}]``.  :class:`ShardedSqrt` implements the
 whole :class:`~curvlab.sqrt.SquareRoot` interface with ``torch.distributed`` collectives, so every
 consumer written against that interface (the metrics of :mod:`curvlab.compare`, EKFAC's and
-TEKFAC's ``s*``, KFOC's power iteration) runs on it unchanged — and on every rank at once: all
+TEKFAC's ``s*``, KFOC's Lanczos iteration) runs on it unchanged — and on every rank at once: all
 methods are collective and must be called by every rank of the group in the same order.
 
 Column order (rank-major)
