@@ -145,6 +145,13 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     assert metrics.attrs["world_size"] == 2 and int(metrics.steps[-1]) == 4
     assert np.isfinite(metrics.train_loss).all()
     assert list(xr.open_dataset(out / "probe.nc").step.values) == [0, 2, 4]
+    # resumed on one process: each epoch keeps the ranks it ran on
+    done = _cli("train", "--dataset", "digits", "--hidden", "16", "--train-size", "160", "--test-size", "40",
+                "--batch-size", "40", "--epochs", "2", "--probe-every", "2", "--probe-batch-size", "10",
+                "--no-progress", "--out", str(out), "--resume", timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = xr.open_dataset(out / "metrics.nc").load()
+    assert metrics.world_size.values.tolist() == [2, 1] and metrics.attrs["world_size"] == 1
 
 
 FAILING_MODEL = '''

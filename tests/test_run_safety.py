@@ -87,6 +87,77 @@ def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tmp_path: Path
     assert not (out / ".curvlab.lock").exists()
 
 
+def test_overwrite_loses_nothing_when_the_new_run_fails_its_checks(tmp_path: Path, capsys) -> None:
+    """--overwrite removed the previous run's files before the new run's model and data were
+    checked: a typo in --data-dir wiped a finished run."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST_TRAIN, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad_data = ["--dataset", "mnist", "--data-dir", str(tmp_path / "no-such-folder")]
+    assert main(["train", *FAST_TRAIN, *bad_data, "--out", str(out), "--overwrite"]) != 0
+    assert "mnist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_failed_run_leaves_no_folder_behind(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "run"
+    bad_data = ["--dataset", "mnist", "--data-dir", str(tmp_path / "no-such-folder")]
+    assert main(["train", *FAST_TRAIN, *bad_data, "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+def _tiny_mnist(folder: Path, n: int = 150) -> None:
+    """IDX files of ``n`` random 28×28 images per split, named as MNIST's."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "t10k"):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        header = b"\x00\x00\x08\x03" + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + n.to_bytes(4, "big") + labels.tobytes())
+
+
+def test_resume_from_another_directory_finds_the_same_data(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint kept --data-dir as typed and the resume resolved it against its own working
+    directory: the same folder named from elsewhere was refused (and another one with the same
+    relative name would have been accepted)."""
+    _tiny_mnist(tmp_path / "data" / "mnist")
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "run"
+    args = ["train", *FAST_TRAIN, "--dataset", "mnist", "--optimizer", "sgd", "--out", str(out)]
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--data-dir", "data/mnist"]) == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main([*args, "--data-dir", "../data/mnist", "--epochs", "2", "--resume"]) == 0
+    _tiny_mnist(tmp_path / "elsewhere" / "data" / "mnist")  # another folder, the first spelling
+    assert main([*args, "--data-dir", "data/mnist", "--epochs", "3", "--resume"]) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "report"])
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_nproc_below_one_is_refused(command: str, count: str, tmp_path: Path, capsys) -> None:
+    assert main([command, "--nproc", count, "--out", str(tmp_path / "o")]) == 2
+    assert f"argument --nproc: must be at least 1, got {count}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_error_names_the_command_once(tmp_path: Path, capsys) -> None:
+    assert main(["train", *FAST_TRAIN, "--probe-approximations", "nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("curvlab train: error: --probe-approximations has 'nope'") and err.count("curvlab") == 1
+
+
+def test_a_resume_with_nothing_left_to_train_says_so(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *FAST_TRAIN, "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *FAST_TRAIN, "--out", str(out), "--resume"]) == 0
+    assert "holds 1 epoch(s) already: nothing to train" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
 def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> None:
     from curvlab.app.outdir import LOCK_NAME, FolderLock, OutputFolderError
 

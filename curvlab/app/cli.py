@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from curvlab.app.allocator import add_malloc_option, apply_malloc_option
 from curvlab.app.launch import add_nproc_option
+from curvlab.app.messages import print_error
 from curvlab.app.train.cli import add_train_parser
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         resolve_device(args.device)
     except ReportError as err:
-        _usage_error(parser, str(err))
+        print_error(parser, err, usage=True)
         return EXIT_USAGE
     if wants_relaunch(args.nproc):
         return relaunch(args.nproc, args.argv)
@@ -322,10 +323,10 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             skip_unsupported=args.skip_unsupported,
         )
     except ReportError as err:
-        _usage_error(parser, str(err))
+        print_error(parser, err, usage=True)
         return EXIT_USAGE
     except (DataError, ValueError, OSError) as err:
-        _error(parser, str(err))
+        print_error(parser, err)
         return EXIT_FAILURE
     is_main = Ranks.current().is_main
     leave_process_group()
@@ -358,15 +359,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     subs = {name: add(subparsers) for name, add in SUBCOMMANDS.items()}
     return parser, subs
-
-
-def _usage_error(parser: argparse.ArgumentParser, message: str) -> None:
-    parser.print_usage(sys.stderr)
-    print(f"{parser.prog}: error: {message}", file=sys.stderr)
-
-
-def _error(parser: argparse.ArgumentParser, message: str) -> None:
-    print(f"{parser.prog}: error: {message}", file=sys.stderr)
 
 
 def _model_outline(args: argparse.Namespace) -> "nn.Module | None":

@@ -173,10 +173,20 @@ def wants_relaunch(nproc: int) -> bool:
     return nproc > 1 and not launched()
 
 
+def _process_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
+
+
 def add_nproc_option(group: argparse._ArgumentGroup, what: str) -> None:
     """The ``--nproc`` option of a subcommand (``what``: what the ranks share)."""
     group.add_argument(
-        "--nproc", type=int, default=1, metavar="R",
+        "--nproc", type=_process_count, default=1, metavar="R",
         help=f"run on R local processes (torchrun --standalone --nproc-per-node R; gloo on CPU, nccl "
         f"with --device cuda, one GPU each); {what}; rank 0 writes the files (default: %(default)s)",
     )

@@ -7,12 +7,12 @@ choices, defaults and help texts are defined there once).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import MISSING, fields
 
 from curvlab.app.models import MODELS
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
+from curvlab.app.messages import print_error
 from curvlab.app.train.config import OPTIMIZERS, TrainConfig, default_lr
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -135,8 +135,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.resume and args.overwrite:
             raise ValueError("curvlab train: --resume and --overwrite exclude each other")
     except ValueError as err:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print_error(parser, err, usage=True)
         return 2
     if wants_relaunch(args.nproc):
         return relaunch(args.nproc, args.argv)
@@ -144,7 +143,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (DataError, ValueError, OSError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print_error(parser, err)
         return 1
     is_main = Ranks.current().is_main
     leave_process_group()

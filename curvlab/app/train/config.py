@@ -57,6 +57,8 @@ class TrainConfig(KroneckerOptions):
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:
             object.__setattr__(self, "lr", default_lr(self.optimizer))
+        if self.data_dir is not None:  # recorded resolved: a resume from elsewhere names the same data
+            object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().resolve()))
         if isinstance(self.probe_approximations, str):
             raise ValueError(
                 f"curvlab train: probe_approximations={self.probe_approximations!r} must be a collection "

@@ -10,6 +10,7 @@ without running code (:mod:`curvlab.app.train.checkpoint`).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -29,7 +30,7 @@ from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, make_optimizer
 from curvlab.app.train.probe import Probe
-from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, run_folder
+from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.io import write_netcdf
 from curvlab.optim import KroneckerOptimizer
 
@@ -83,16 +84,16 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_s
 
 def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None,
                      world_size: int = 1) -> xr.Dataset:
-    keys = [k for k in records[0] if k != "epoch"]
-    ds = xr.Dataset(
-        {k: ("epoch", np.array([r[k] for r in records], dtype=float)) for k in keys},
+    keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "epoch"]
+    ds = xr.Dataset(  # a key older records lack (checkpoints from before it was recorded): NaN
+        {k: ("epoch", np.array([r.get(k, np.nan) for r in records], dtype=float)) for k in keys},
         coords={"epoch": np.array([r["epoch"] for r in records], dtype=int)},
     )
     ds.attrs.update(cfg.as_attrs())
     ds.attrs["data"] = data.description
     ds.attrs["num_train"] = int(data.train_x.shape[0])
     ds.attrs["num_test"] = int(data.test_x.shape[0])
-    ds.attrs["world_size"] = world_size
+    ds.attrs["world_size"] = world_size  # this session's; each epoch's is the variable world_size
     if diverged_at is not None:
         ds.attrs["diverged_at_step"] = diverged_at
     return ds
@@ -115,17 +116,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     device = resolve_device(cfg.device)
     ranks = launch.Ranks.current()
     with contextlib.ExitStack() as stack:
-        out, error = cfg.out_dir, None
+        folder, error = None, None
         if ranks.is_main:
             try:
-                out = stack.enter_context(run_folder(cfg.out_dir, resume=resume, overwrite=overwrite))
+                folder = stack.enter_context(run_folder(cfg.out_dir, resume=resume, overwrite=overwrite))
             except (OSError, ValueError) as err:
                 error = err
         ranks.raise_together(error)  # the other ranks wait for rank 0's checks (and its last writes)
-        return _train(cfg, Path(out), device, resume, ranks)
+        return _train(cfg, folder, device, resume, ranks)
 
 
-def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, ranks: launch.Ranks) -> dict[str, Path]:
+def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, resume: bool,
+           ranks: launch.Ranks) -> dict[str, Path]:
+    """The run; ``folder``: rank 0's (the other ranks write nothing)."""
+    out = cfg.out_dir if folder is None else folder.path
     # Saturating softmaxes push float32 curvature statistics into subnormal numbers, which are
     # ~10× slower on CPUs; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
@@ -176,7 +180,12 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, rank
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
             probe.restore(out / PROBE, [0, *range(cfg.probe_every, step + 1, cfg.probe_every)])
+        if start_epoch >= cfg.epochs and ranks.is_main:
+            print(f"curvlab train: {out} holds {start_epoch} epoch(s) already: nothing to train for "
+                  f"--epochs {cfg.epochs} (pass a larger --epochs to continue)", file=sys.stderr)
 
+    if folder is not None:  # every check passed: a run being replaced goes now
+        folder.replace_previous()
     if probe is not None and step == 0:
         probe.run(0, model, optimizer)
         probe.save(out / PROBE)
@@ -237,6 +246,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, rank
                 "wall_clock": wall,
                 "steps": step,
                 "skipped_steps": skipped,
+                "world_size": ranks.world_size,  # a resume may change it
             }
         )
         rank_rng = parallel.rng_states(ranks)
@@ -260,12 +270,12 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, rank
                 "config": cfg.as_attrs(),
             },
         )
-        if cfg.progress:
-            print(
-                f"epoch {epoch + 1}: train loss {records[-1]['train_loss']:.4f}, "
-                f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s",
-                flush=True,
-            )
+        # a line an epoch, with or without the progress bars (what a batch job's log keeps)
+        print(
+            f"epoch {epoch + 1}: train loss {records[-1]['train_loss']:.4f}, "
+            f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s",
+            flush=True,
+        )
     if diverged_at is not None:
         warnings.warn(
             f"curvlab train: {cfg.optimizer} diverged (non-finite loss from step {diverged_at} on); "

@@ -1,0 +1,14 @@
+"""How the commands print an error: once prefixed with the command's name."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def print_error(parser: argparse.ArgumentParser, message: object, usage: bool = False) -> None:
+    """``PROG: error: MESSAGE`` on stderr (after the usage line with ``usage``); the library's
+    messages often name the command themselves ("curvlab train: …"), which is not repeated."""
+    if usage:
+        parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {str(message).removeprefix(f'{parser.prog}: ')}", file=sys.stderr)
