@@ -15,6 +15,7 @@ from torch import nn
 import curvlab
 import zoo
 from curvlab.app.cli import main
+from curvlab.app.report import summary_markdown
 from curvlab.extract import UnsupportedModelError
 from curvlab.io import read_netcdf
 from curvlab.optim import KFAC, TEKFAC
@@ -105,6 +106,7 @@ def test_unsupported_modules_are_named_with_the_supported_list() -> None:
         curvlab.compare(model, CE, x, y)
     ds = curvlab.compare(model, CE, x, y, skip_unsupported=True, approximations=("kflr",))
     assert list(ds.layer.values) == ["head"] and "rnn.weight_ih_l0" in ds.attrs["skipped_parameters"]
+    assert "- **Parameters left out (unsupported layers, --skip-unsupported):** rnn.weight_ih_l0" in summary_markdown(ds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the LSTM's backward under vmap falls back to a loop
         opt = TEKFAC(model, lr=0.01, stats_interval=1)

@@ -192,3 +192,20 @@ def test_run_report_accepts_0_1_positional_arguments_with_a_warning(tmp_path: Pa
                            train_steps=0)
     ds = read_netcdf(paths["report"])
     assert list(ds.approximation.values) == ["kfac", "tekfac"] and ds.attrs["num_examples"] == 20
+
+
+def test_a_report_folder_gets_the_permissions_of_a_plain_folder(tmp_path: Path) -> None:
+    """Its staging folder came from mkdtemp (0700) and became the report folder: other users of a
+    shared machine could not read a report."""
+    args = dict(model="mlp", dataset="digits", batch_size=10, approximations=("kfac",), train_steps=0, progress=False)
+    old = os.umask(0o022)
+    try:
+        new = run_report(**args, out_dir=tmp_path / "new")["report"].parent
+        kept = tmp_path / "kept"
+        kept.mkdir(mode=0o750)
+        kept.chmod(0o750)
+        run_report(**args, out_dir=kept)
+    finally:
+        os.umask(old)
+    assert new.stat().st_mode & 0o777 == 0o755  # mkdir's 0777 under the umask
+    assert kept.stat().st_mode & 0o777 == 0o750  # an existing folder keeps its own

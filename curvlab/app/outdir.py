@@ -122,8 +122,10 @@ def _read_pid(fd: int) -> str:
 
 
 def staging_folder(target: Path) -> Path:
-    """A new empty folder beside ``target`` (same file system, so it can be renamed onto it);
-    stale staging folders of dead runs are removed first."""
+    """A new empty folder beside ``target`` (same file system, so it can be renamed onto it),
+    with ``target``'s permissions, or those ``mkdir`` gives under the umask where ``target`` is
+    new (``mkdtemp`` makes it private, 0700); stale staging folders of dead runs are removed
+    first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}{_STAGING}"
@@ -131,7 +133,16 @@ def staging_folder(target: Path) -> Path:
         pid = old.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+    mode = target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~_umask()
+    os.chmod(stage, mode)
+    return stage
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: set, then restore
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

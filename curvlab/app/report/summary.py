@@ -66,6 +66,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("damping_strategies", "Damping strategies"),
     ("tkfac_conv", "TKFAC conv statistics"),
     ("measured_up_to", "Measured only on blocks up to (NaN above)"),
+    ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
     ("top_k", "top-k (subspace overlap)"),
     ("train_steps", "Training steps before measuring"),
     ("train_optimizer", "Training optimizer"),
@@ -132,7 +133,7 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     approx = [str(v) for v in ds["approximation"].values]
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
-        if key in ds.attrs:
+        if key in ds.attrs and not (key == "skipped_parameters" and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":
                 value = ", ".join(f"{s.partition('=')[0]}: {s.partition('=')[2]}" for s in str(value).split(";") if s)
