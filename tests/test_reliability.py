@@ -91,6 +91,19 @@ def test_a_param_group_set_to_a_bad_value_is_refused_at_step(name: str, value: f
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_a_bad_param_group_is_refused_when_given() -> None:
+    """As torch's optimizers refuse it: at construction and in add_param_group, not at the first
+    step."""
+    model, _, _ = batch(8)
+    first, *rest = list(model.children())
+    rest_params = [p for m in rest for p in m.parameters()]
+    with pytest.raises(ValueError, match="TEKFAC: param group 1: lr=-1.0"):
+        TEKFAC(model, [{"params": first.parameters()}, {"params": rest_params, "lr": -1.0}])
+    opt = TEKFAC(model, list(first.parameters()))
+    with pytest.raises(ValueError, match="param group 1: momentum=nan"):
+        opt.add_param_group({"params": rest_params, "momentum": float("nan")})
+
+
 @pytest.mark.parametrize("overflow", ["lr", "preconditioner"])
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
 def test_a_non_finite_update_is_skipped_at_its_own_step(cls, overflow: str) -> None:
