@@ -120,10 +120,11 @@ def test_cuda_unavailable_is_a_usage_error(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_missing_data_names_the_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["report", *FAST, "--dataset", "mnist", "--data-dir", "/nonexistent", "--out", str(tmp_path / "o")])
+    (tmp_path / "data").mkdir()
+    code = main(["report", *FAST, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
     assert code == 1
     err = capsys.readouterr().err
-    assert "mnist: IDX files not found" in err and "/nonexistent/train-images-idx3-ubyte" in err
+    assert "mnist: IDX files not found" in err and f"{tmp_path}/data/train-images-idx3-ubyte" in err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
 

@@ -188,8 +188,18 @@ def test_truncated_and_mismatched_idx(tmp_path: Path) -> None:
         load_dataset("mnist", tmp_path)
 
 
-def test_missing_dir_lists_every_path(tmp_path: Path) -> None:
-    missing = tmp_path / "nope"
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_a_data_dir_that_does_not_exist_is_named(name: str, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"^{name}: data directory {tmp_path / 'nope'} does not exist$"):
+        load_dataset(name, tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_dataset(name, tmp_path / "file")
+
+
+def test_files_not_found_lists_every_path(tmp_path: Path) -> None:
+    missing = tmp_path / "empty"
+    missing.mkdir()
     with pytest.raises(DataError) as err:
         load_dataset("mnist", missing)
     msg = str(err.value)

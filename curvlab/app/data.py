@@ -156,6 +156,9 @@ def load_dataset(
     key = canonical_name(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if key != "digits" and data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        what = "is a file, not a folder" if Path(data_dir).expanduser().exists() else "does not exist"
+        raise DataError(f"{key}: data directory {data_dir} {what}")
     if key == "digits":
         ds = _load_digits()
     elif key in ("mnist", "fashion-mnist"):
