@@ -316,6 +316,7 @@ def test_cifar_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_cifar_errors(tmp_path: Path) -> None:
+    (tmp_path / "none").mkdir()  # a folder without the files: every path looked in is listed
     with pytest.raises(DataError) as err:
         load_dataset("cifar10", tmp_path / "none")
     for p in ("none/cifar10_jpeg_train.tar.gz", "none/train", "none/cifar10/cifar10_jpeg_test.tar.gz", "none/cifar10/test"):
