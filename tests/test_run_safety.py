@@ -142,6 +142,17 @@ def test_nproc_below_one_is_refused(command: str, count: str, tmp_path: Path, ca
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["train", "--probe-batch-size", "8"],  # no --probe-every: the probe never runs
+    ["report", "--approximations", "kfac", "--damping-strategy", "tekfac=nor"],  # tekfac not measured
+])
+def test_an_option_that_would_be_ignored_is_refused(args: list[str], tmp_path: Path, capsys) -> None:
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert ("--probe-every" in err) if args[0] == "train" else ("--damping-strategy names tekfac" in err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_error_names_the_command_once(tmp_path: Path, capsys) -> None:
     assert main(["train", *FAST_TRAIN, "--probe-approximations", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

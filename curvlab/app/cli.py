@@ -288,6 +288,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
     from curvlab.app.report.run import ReportError, resolve_device, run_report
 
+    unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
+    if unused:
+        print_error(parser, f"--damping-strategy names {', '.join(unused)}, which --approximations leaves out "
+                            f"({','.join(args.approximations)})", usage=True)
+        return EXIT_USAGE
     try:
         resolve_device(args.device)
     except ReportError as err:
