@@ -153,6 +153,16 @@ def test_an_option_that_would_be_ignored_is_refused(args: list[str], tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_a_missing_data_dir_is_reported_before_the_processes_start(command: str, tmp_path: Path, capfd) -> None:
+    """With --nproc 2 every rank reported it, and torchrun its own traceback: 95 lines."""
+    missing = tmp_path / "no-such-folder"
+    assert main([command, "--nproc", "2", "--dataset", "mnist", "--data-dir", str(missing),
+                 "--out", str(tmp_path / "o")]) == 1
+    out, err = capfd.readouterr()
+    assert err.strip() == f"curvlab {command}: error: mnist: data directory {missing} does not exist"
+
+
 def test_an_error_names_the_command_once(tmp_path: Path, capsys) -> None:
     assert main(["train", *FAST_TRAIN, "--probe-approximations", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

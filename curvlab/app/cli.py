@@ -284,7 +284,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import time
 
-    from curvlab.app.data import DataError
+    from curvlab.app.data import DataError, check_data_dir
     from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
     from curvlab.app.report.run import ReportError, resolve_device, run_report
 
@@ -298,6 +298,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except ReportError as err:
         print_error(parser, err, usage=True)
         return EXIT_USAGE
+    try:
+        check_data_dir(args.dataset, args.data_dir)  # once, not by every rank
+    except DataError as err:
+        print_error(parser, err)
+        return EXIT_FAILURE
     if wants_relaunch(args.nproc):
         return relaunch(args.nproc, args.argv)
     device = join_process_group(args.device)

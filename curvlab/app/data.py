@@ -156,9 +156,7 @@ def load_dataset(
     key = canonical_name(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if key != "digits" and data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        what = "is a file, not a folder" if Path(data_dir).expanduser().exists() else "does not exist"
-        raise DataError(f"{key}: data directory {data_dir} {what}")
+    check_data_dir(key, data_dir)
     if key == "digits":
         ds = _load_digits()
     elif key in ("mnist", "fashion-mnist"):
@@ -166,6 +164,15 @@ def load_dataset(
     else:
         ds = _load_cifar10(data_dir, cache_dir)
     return _flattened(ds) if flatten else ds
+
+
+def check_data_dir(name: str, data_dir: PathLike | None) -> None:
+    """Raise :class:`DataError` if ``data_dir`` is given for a dataset read from files and is not
+    a folder (checked before the command starts its processes or any compute)."""
+    if canonical_name(name) == "digits" or data_dir is None or Path(data_dir).expanduser().is_dir():
+        return
+    what = "is a file, not a folder" if Path(data_dir).expanduser().exists() else "does not exist"
+    raise DataError(f"{canonical_name(name)}: data directory {data_dir} {what}")
 
 
 def canonical_name(name: str) -> str:

@@ -126,7 +126,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
-    from curvlab.app.data import DataError
+    from curvlab.app.data import DataError, check_data_dir
     from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
     from curvlab.app.report.run import resolve_device
     from curvlab.app.train.loop import train
@@ -139,6 +139,11 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as err:
         print_error(parser, err, usage=True)
         return 2
+    try:
+        check_data_dir(cfg.dataset, cfg.data_dir)  # once, not by every rank
+    except DataError as err:
+        print_error(parser, err)
+        return 1
     if wants_relaunch(args.nproc):
         return relaunch(args.nproc, args.argv)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
