@@ -298,12 +298,12 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except ReportError as err:
         print_error(parser, err, usage=True)
         return EXIT_USAGE
-    try:
-        check_data_dir(args.dataset, args.data_dir)  # once, not by every rank
-    except DataError as err:
-        print_error(parser, err)
-        return EXIT_FAILURE
     if wants_relaunch(args.nproc):
+        try:
+            check_data_dir(args.dataset, args.data_dir)  # once, not by every rank (one process checks the model first)
+        except DataError as err:
+            print_error(parser, err)
+            return EXIT_FAILURE
         return relaunch(args.nproc, args.argv)
     device = join_process_group(args.device)
     start = time.perf_counter()

@@ -139,12 +139,12 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as err:
         print_error(parser, err, usage=True)
         return 2
-    try:
-        check_data_dir(cfg.dataset, cfg.data_dir)  # once, not by every rank
-    except DataError as err:
-        print_error(parser, err)
-        return 1
     if wants_relaunch(args.nproc):
+        try:
+            check_data_dir(cfg.dataset, cfg.data_dir)  # once, not by every rank (one process checks the model first)
+        except DataError as err:
+            print_error(parser, err)
+            return 1
         return relaunch(args.nproc, args.argv)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
