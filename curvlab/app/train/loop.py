@@ -93,7 +93,7 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     ds.attrs["data"] = data.description
     ds.attrs["num_train"] = int(data.train_x.shape[0])
     ds.attrs["num_test"] = int(data.test_x.shape[0])
-    ds.attrs["world_size"] = world_size  # this session's; each epoch's is the variable world_size
+    ds.attrs["world_size"] = world_size  # the latest (resumed) run's; every epoch's: the variable world_size
     if diverged_at is not None:
         ds.attrs["diverged_at_step"] = diverged_at
     return ds
