@@ -163,6 +163,13 @@ def test_a_missing_data_dir_is_reported_before_the_processes_start(command: str,
     assert err.strip() == f"curvlab {command}: error: mnist: data directory {missing} does not exist"
 
 
+def test_a_subset_larger_than_the_data_names_the_option(tmp_path: Path, capsys) -> None:
+    args = ["train", *FAST_TRAIN, "--out", str(tmp_path / "o")]
+    args[args.index("--train-size") + 1] = "100000"
+    assert main(args) == 1
+    assert "train_size=100000 (--train-size) exceeds the train split of digits (1500 examples)" in capsys.readouterr().err
+
+
 def test_an_error_names_the_command_once(tmp_path: Path, capsys) -> None:
     assert main(["train", *FAST_TRAIN, "--probe-approximations", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

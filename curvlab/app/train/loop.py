@@ -50,6 +50,10 @@ def _bar(iterable: Iterable, enabled: bool, **kwargs: object) -> Iterable:
 def load_data(cfg: TrainConfig) -> Dataset:
     """The configured dataset, optionally reduced to a seeded subset."""
     data = load_dataset(cfg.dataset, cfg.data_dir)
+    for name, n, have in (("train_size", cfg.train_size, len(data.train_x)), ("test_size", cfg.test_size, len(data.test_x))):
+        if n is not None and n > have:
+            raise ValueError(f"curvlab train: {name}={n} (--{name.replace('_', '-')}) exceeds the "
+                             f"{name.partition('_')[0]} split of {data.name} ({have} examples)")
     if cfg.train_size is not None or cfg.test_size is not None:
         data = subset(
             data,
