@@ -144,6 +144,8 @@ def test_nproc_below_one_is_refused(command: str, count: str, tmp_path: Path, ca
 
 @pytest.mark.parametrize("args", [
     ["train", "--probe-batch-size", "8"],  # no --probe-every: the probe never runs
+    ["train", "--probe-fisher", "mc"],
+    ["train", "--probe-approximations", "kfac"],
     ["report", "--approximations", "kfac", "--damping-strategy", "tekfac=nor"],  # tekfac not measured
 ])
 def test_an_option_that_would_be_ignored_is_refused(args: list[str], tmp_path: Path, capsys) -> None:

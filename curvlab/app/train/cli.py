@@ -88,8 +88,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in probe_approx:
         if name not in APPROXIMATIONS:
             raise ValueError(f"curvlab train: --probe-approximations has {name!r}; choose from {','.join(APPROXIMATIONS)}")
-    if args.probe_batch_size is not None and not args.probe_every:
-        raise ValueError("curvlab train: --probe-batch-size is given but not --probe-every: no probe would run")
+    probe_options = [option for option, given in (
+        ("--probe-batch-size", args.probe_batch_size is not None),
+        ("--probe-fisher", args.probe_fisher != _DEFAULT.probe_fisher),
+        ("--probe-approximations", probe_approx != _DEFAULT.probe_approximations),
+    ) if given]
+    if probe_options and not args.probe_every:
+        raise ValueError(f"curvlab train: {', '.join(probe_options)} given but not --probe-every: no probe would run")
     options = {f.name: getattr(args, f.name) for f in fields(KroneckerOptions)}
     options["kl_clip"] = options["kl_clip"] or None  # 0 disables clipping
     return TrainConfig(
