@@ -156,7 +156,6 @@ class KFOC(KroneckerProduct):
             big_c = torch.zeros(d_in, d_in, dtype=dtype, device=device)
         else:
             # Least-squares optimal B for the final C: B = R(F) vec ĉ; then balance the norms.
-            c = symmetrize(c)
             b = symmetrize(work.sandwich_out(c))
             sigma = torch.linalg.matrix_norm(b)
             if torch.trace(c) < 0:  # sign convention: both factors PSD
