@@ -284,8 +284,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import time
 
-    from curvlab.app.data import DataError, check_data_dir
-    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
+    from curvlab.app.data import DataError
+    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch_with_data, wants_relaunch
     from curvlab.app.report.run import ReportError, resolve_device, run_report
 
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
@@ -299,12 +299,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print_error(parser, err, usage=True)
         return EXIT_USAGE
     if wants_relaunch(args.nproc):
-        try:
-            check_data_dir(args.dataset, args.data_dir)  # once, not by every rank (one process checks the model first)
-        except DataError as err:
-            print_error(parser, err)
-            return EXIT_FAILURE
-        return relaunch(args.nproc, args.argv)
+        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir)
     device = join_process_group(args.device)
     start = time.perf_counter()
     try:

@@ -152,6 +152,21 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(command)
 
 
+def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.ArgumentParser,
+                       dataset: str, data_dir: str | None) -> int:
+    """:func:`relaunch`, once the data folder is checked here — once, not by every rank (one
+    process checks the model first).  A bad folder is reported and returns 1."""
+    from curvlab.app.data import DataError, check_data_dir
+    from curvlab.app.messages import print_error
+
+    try:
+        check_data_dir(dataset, data_dir)
+    except DataError as err:
+        print_error(parser, err)
+        return 1
+    return relaunch(nproc, argv)
+
+
 def without_nproc(argv: Sequence[str]) -> list[str]:
     """``argv`` without ``--nproc R`` (or ``--nproc=R``, or an abbreviation such as ``--np R``),
     which torchrun's own parser would take for its ``--nproc-per-node``."""

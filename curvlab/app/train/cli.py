@@ -131,8 +131,8 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
-    from curvlab.app.data import DataError, check_data_dir
-    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch, wants_relaunch
+    from curvlab.app.data import DataError
+    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch_with_data, wants_relaunch
     from curvlab.app.report.run import resolve_device
     from curvlab.app.train.loop import train
 
@@ -145,12 +145,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print_error(parser, err, usage=True)
         return 2
     if wants_relaunch(args.nproc):
-        try:
-            check_data_dir(cfg.dataset, cfg.data_dir)  # once, not by every rank (one process checks the model first)
-        except DataError as err:
-            print_error(parser, err)
-            return 1
-        return relaunch(args.nproc, args.argv)
+        return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
