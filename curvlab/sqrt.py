@@ -11,10 +11,17 @@ optimizers) is written once:
 * :class:`FactoredSqrt` — a linear layer's ``M_{c,n} = g_{c,n} ā_nᵀ``: stores the inputs
   ``ā`` (``[N, D]``) and the backpropagated root ``g`` (``[C, N, d_out]``), never the
   ``K × P`` matrix.  Gram matrices and rotations cost one matmul each.
-* :class:`DenseSqrt` — explicit ``M`` (``[K, d_out, D]``), used for convolutions, where
-  ``M_{c,n} = G_{c,n}ᵀ Ā_n`` sums over output locations.  Its reductions run over chunks of
-  ``k`` whose temporaries stay under :data:`CHUNK_ELEMENTS`: ResNet-18's 512×4608 blocks at
-  K = 90 are 1.7 GB each in float64, and an unchunked rotation held three such temporaries.
+* :class:`UnfoldedSqrt` — a layer applied at ``T`` locations (a convolution's output pixels, a
+  transformer's tokens): ``M_{c,n} = Σ_t g_{c,n,t} ā_{n,t}ᵀ``, kept as the unfolded inputs and
+  the roots, ``N·T·D + K·T·d_out`` numbers.  Where ``T`` is small against the layer's width it is
+  far smaller and cheaper than ``M`` itself: a rotation rotates the ``N·T`` inputs, not the ``K``
+  matrices (ResNet-18's 512×4608 convolutions on CIFAR, ``T = 16``, ``K = 90``: 14 GFLOP instead
+  of 2.2 TFLOP, 11 MB instead of 1.7 GB in float64).  :func:`unfolded_is_cheaper` chooses.
+* :class:`DenseSqrt` — explicit ``M`` (``[K, d_out, D]``): the other convolutions, and every
+  root that is not a product over locations (examples coupled through BatchNorm's batch
+  statistics, parameter blocks).  Its reductions run over chunks of ``k`` whose temporaries
+  stay under :data:`CHUNK_ELEMENTS`: ResNet-18's 512×4608 blocks at K = 90 are 1.7 GB each in
+  float64, and an unchunked rotation held three such temporaries.
 
 No method forms a ``P × P`` matrix.
 """
@@ -196,6 +203,134 @@ class FactoredSqrt(SquareRoot):
     def matrices(self) -> Tensor:
         c, n, d_out = self.g.shape
         return torch.einsum("cno,nd->cnod", self.g, self.a).reshape(c * n, d_out, -1)
+
+
+class UnfoldedSqrt(SquareRoot):
+    """A layer at ``T`` locations: ``M_{c,n} = Σ_t g_{c,n,:,t} ā_{n,:,t}ᵀ = g_{c,n} ā_nᵀ``.
+
+    (:class:`FactoredSqrt` is the case ``T = 1``, where the squares of a rotation factorise.)
+    Every reduction works on the ``T × T`` products of the inputs and of the roots, or on the
+    rotated inputs, and forms ``M_k`` only in chunks (:data:`CHUNK_ELEMENTS`) where an
+    elementwise square needs them (``rotated_sq_sum``, ``diagonal``).
+
+    Args:
+        inputs: unfolded inputs ``ā``, shape ``[N, D, T]`` (bias row included when part of the
+            block).
+        grads: backpropagated root ``g``, shape ``[C, N, d_out, T]`` (loss scaling folded in).
+    """
+
+    def __init__(self, inputs: Tensor, grads: Tensor) -> None:
+        if (inputs.dim() != 3 or grads.dim() != 4 or grads.shape[1] != inputs.shape[0]
+                or grads.shape[3] != inputs.shape[2]):
+            raise ValueError(
+                "UnfoldedSqrt: expected inputs [N, D, T] and grads [C, N, d_out, T], got "
+                f"{tuple(inputs.shape)} and {tuple(grads.shape)}"
+            )
+        self.a = inputs
+        self.g = grads
+
+    @property
+    def num_columns(self) -> int:
+        return self.g.shape[0] * self.g.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.g.shape[2], self.a.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "UnfoldedSqrt":
+        return UnfoldedSqrt(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+
+    def column_norms_sq(self) -> Tensor:
+        # ‖g_k āₙᵀ‖² = ⟨g_kᵀ g_k, āₙᵀ āₙ⟩ over the T × T products
+        return ((self.g.mT @ self.g) * (self.a.mT @ self.a)).sum((-2, -1)).flatten()
+
+    def gram(self) -> Tensor:
+        # ⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]: the (k, t) × (l, s) products
+        # of the roots and (n, t) × (m, s) of the inputs, multiplied and summed over t, s
+        # (rows of k in chunks: a chunk's product is k_c·T·K·T numbers)
+        c, n, d_out, t = self.g.shape
+        k = c * n
+        g_rows = self.g.reshape(k, d_out, t).mT.reshape(k * t, d_out)
+        a_rows = self.a.mT.reshape(n * t, -1)
+        inputs = (a_rows @ a_rows.T).view(n, t, n, t)
+        example = torch.arange(k, device=self.device) % n  # column k = c·N + n
+        inputs = inputs[:, :, example]  # [N, T, K, T]
+        out = self.g.new_empty(k, k)
+        step = max(1, CHUNK_ELEMENTS // max(k * t * t, 1))
+        for lo in range(0, k, step):
+            rows = slice(lo, min(lo + step, k))
+            roots = (g_rows[lo * t:rows.stop * t] @ g_rows.T).view(-1, t, k, t)
+            out[rows] = (roots * inputs[example[rows]]).sum((1, 3))
+        return out
+
+    def inner(self, x: Tensor) -> Tensor:
+        # ⟨g_k āₙᵀ, X⟩ = Σ_t g_{k,t}ᵀ (X āₙ)_t
+        return (self.g * (x @ self.a)).sum((-2, -1)).flatten()
+
+    def combine(self, w: Tensor) -> Tensor:
+        c, n, d_out, t = self.g.shape
+        h = torch.einsum("cn,cnot->not", w.reshape(c, n), self.g)  # Σ_c w_k g_k, per example
+        return h.transpose(0, 1).reshape(d_out, n * t) @ self.a.transpose(0, 1).reshape(-1, n * t).T
+
+    def sandwich_in(self, b: Tensor) -> Tensor:
+        # Σ_n āₙ (Σ_c g_kᵀ B g_k) āₙᵀ: the T × T middles, then one product over (n, t)
+        c, n, d_out, t = self.g.shape
+        middle = (self.g.mT @ (b @ self.g)).sum(0)  # [N, T, T]
+        left = (self.a @ middle).transpose(0, 1).reshape(-1, n * t)
+        return left @ self.a.transpose(0, 1).reshape(-1, n * t).T
+
+    def sandwich_out(self, c: Tensor) -> Tensor:
+        # Σ_k g_k (āₙᵀ C āₙ) g_kᵀ: the T × T middles, then one product over (k, t)
+        cols, n, d_out, t = self.g.shape
+        middle = self.a.mT @ (c @ self.a)  # [N, T, T]
+        left = (self.g @ middle).permute(2, 0, 1, 3).reshape(d_out, -1)
+        return left @ self.g.permute(2, 0, 1, 3).reshape(d_out, -1).T
+
+    def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
+        # the inputs and roots rotated (N·T·D·D' + K·T·d_out·d'), then the rotated M_k formed in
+        # chunks of k and squared: K·T·d'·D' — not K·d_out·D·(d' + D') for the M_k themselves
+        a_rot = u_in.T @ self.a  # [N, D', T]
+        g_rot = u_out.T @ self.g  # [C, N, d', T]
+        return self._square_sum(g_rot, a_rot)
+
+    def diagonal(self) -> Tensor:
+        return self._square_sum(self.g, self.a)
+
+    def _square_sum(self, g: Tensor, a: Tensor) -> Tensor:
+        """``Σ_k (g_k āₙᵀ)²`` (elementwise) for the given roots and inputs, over chunks of k."""
+        c, n, rows, t = g.shape
+        step = max(1, CHUNK_ELEMENTS // max(c * rows * a.shape[1], 1))
+        total = None
+        for lo in range(0, n, step):
+            part = (g[:, lo:lo + step] @ a[lo:lo + step].mT).square_().sum((0, 1))
+            total = part if total is None else total.add_(part)
+        return total
+
+    def matrices(self) -> Tensor:
+        c, n, d_out, _ = self.g.shape
+        return (self.g @ self.a.mT.unsqueeze(0)).reshape(c * n, d_out, -1)
+
+
+def unfolded_is_cheaper(columns: int, examples: int, d_out: int, d_in: int, locations: int) -> bool:
+    """Whether :class:`UnfoldedSqrt` beats :class:`DenseSqrt` for ``K = columns`` roots of a
+    ``d_out × D`` layer at ``T = locations``: no larger, and fewer flops for what a comparison
+    does with a root — its Gram matrix and three rotations (KFAC's, KFLR's and TKFAC's bases).
+    The Gram's ``T²`` terms rule out large ``T`` (ResNet-18's first stages on CIFAR)."""
+    k, n, t = columns, examples, locations
+    dense_size = k * d_out * d_in
+    unfolded_size = t * (n * d_in + k * d_out)
+    dense_work = k * k * d_out * d_in + 3 * k * d_out * d_in * (d_out + d_in)
+    unfolded_work = (k * t) ** 2 * (d_out + 1) + (n * t) ** 2 * d_in + 3 * (
+        n * t * d_in * d_in + k * t * d_out * d_out + k * t * d_out * d_in)
+    return unfolded_size <= dense_size and unfolded_work < dense_work
 
 
 class DenseSqrt(SquareRoot):

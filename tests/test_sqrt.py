@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import curvlab.sqrt
-from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
+from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot, UnfoldedSqrt
 
 DT = torch.float64
-C, N, D_OUT, D_IN = 2, 3, 3, 5
+C, N, D_OUT, D_IN, T = 2, 3, 3, 5, 4
 
 
 def roots() -> dict[str, SquareRoot]:
@@ -19,7 +19,10 @@ def roots() -> dict[str, SquareRoot]:
     g = torch.randn(C, N, D_OUT, generator=gen, dtype=DT)
     factored = FactoredSqrt(a, g)
     conv = DenseSqrt(torch.randn(C * N, D_OUT, D_IN, generator=gen, dtype=DT))
-    return {"factored": factored, "dense-of-factored": DenseSqrt(factored.matrices()), "dense": conv}
+    unfolded = UnfoldedSqrt(torch.randn(N, D_IN, T, generator=gen, dtype=DT),
+                            torch.randn(C, N, D_OUT, T, generator=gen, dtype=DT))
+    return {"factored": factored, "dense-of-factored": DenseSqrt(factored.matrices()), "dense": conv,
+            "unfolded": unfolded}
 
 
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
@@ -35,7 +38,7 @@ def chunk_columns(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense"])
+@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense", "unfolded"])
 @pytest.mark.parametrize("widths", [(D_OUT, D_IN), (2, 3)], ids=["full-basis", "truncated-basis"])
 def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, int], chunk_columns) -> None:
     root = roots()[name]

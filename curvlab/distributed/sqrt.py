@@ -35,7 +35,9 @@ Communication per call (``K = Σ K_r`` columns, ``P = d_out·D`` parameters, ``R
 
 A shard is what the back-end stores: ``N_r·D + K_r·d_out`` numbers for a
 :class:`~curvlab.sqrt.FactoredSqrt` (linear layers), ``K_r·P`` for a
-:class:`~curvlab.sqrt.DenseSqrt` (convolutions).
+:class:`~curvlab.sqrt.DenseSqrt` (convolutions) — and for an
+:class:`~curvlab.sqrt.UnfoldedSqrt` too: its form depends on ``N_r``, which ranks need not
+share, so it travels as its matrices.
 
 Operands from eigen-decompositions are rank 0's: with ``sync_operands=True`` (default) the
 weights of :meth:`~ShardedSqrt.combine` and the bases of :meth:`~ShardedSqrt.rotated_sq_sum`
@@ -57,7 +59,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvlab.distributed import collectives as coll
-from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
+from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot, UnfoldedSqrt
 
 #: Shard formats exchanged between ranks (the back-end's own storage).
 SHARD_KINDS = ("factored", "dense")
@@ -101,6 +103,8 @@ def scaled(sqrt: SquareRoot, factor: float) -> SquareRoot:
         return FactoredSqrt(sqrt.a, sqrt.g * factor)
     if isinstance(sqrt, DenseSqrt):
         return DenseSqrt(sqrt.m * factor)
+    if isinstance(sqrt, UnfoldedSqrt):
+        return UnfoldedSqrt(sqrt.a, sqrt.g * factor)
     return DenseSqrt(sqrt.matrices() * factor)
 
 

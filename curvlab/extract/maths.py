@@ -44,7 +44,7 @@ from torch import Tensor
 from curvlab.extract.options import KFAC_APPROX
 from curvlab.gram import GramRows, gram, gram_or_rows, symmetric_product
 from curvlab.stats import KroneckerFactors, TraceStats
-from curvlab.sqrt import CHUNK_ELEMENTS, DenseSqrt, FactoredSqrt, SquareRoot
+from curvlab.sqrt import CHUNK_ELEMENTS, DenseSqrt, FactoredSqrt, SquareRoot, UnfoldedSqrt, unfolded_is_cheaper
 
 #: Elements of a temporary that is squared and summed as soon as it is formed (:func:`kfe_scaling`'s rotated
 #: per-sample products): a chunk that stays in cache and reuses its memory.  ResNet-18's
@@ -271,9 +271,14 @@ def per_sample_gradients(x: Tensor | LazyInputs, g: Tensor) -> Tensor:
 
 
 def square_root(x: Tensor | LazyInputs, g: Tensor) -> SquareRoot:
-    """The block's square root: factored for linear layers, explicit for convolutions."""
-    if x.shape[2] == 1:
+    """The block's square root: factored at one location (linear layers), unfolded where that
+    is cheaper (:func:`~curvlab.sqrt.unfolded_is_cheaper`: few locations for the layer's
+    width), otherwise every ``M_k`` explicit."""
+    c, n, d_out, t = g.shape
+    if t == 1:
         return FactoredSqrt(dense(x)[..., 0], g[..., 0])
+    if unfolded_is_cheaper(c * n, n, d_out, x.shape[1], t):
+        return UnfoldedSqrt(dense(x), g)
     return DenseSqrt(per_sample_gradients(x, g))
 
 
