@@ -396,3 +396,19 @@ def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int, ld: int
         got = add_gram_(average, x, w, 0.75)
         assert got.data_ptr() == average.data_ptr()
         close(mirror_upper_(got), want)
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_a_compiled_model_is_extracted_and_left_intact(engine: str) -> None:
+    """``torch.compile``'s wrapper forwards attribute writes to the model: BackPACK's conversion
+    of a shallow copy of it replaced the user's model's submodules (it had no parameters left)."""
+    model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=4)
+    params = list(model.parameters())
+    compiled = torch.compile(model, backend="eager")
+    stats = extract(compiled, loss_fn, x, y, engine=engine, stats=("sqrt",))
+    assert list(model.parameters()) == params
+    assert list(stats) == [f"_orig_mod.{name}" for name in layer_names(model)]
+    for name in layer_names(model):
+        close(stats[f"_orig_mod.{name}"].dense_fisher(), dense_ggn(model, loss_fn, x, y, name))
+    close(model(x), tiny_cnn()(x))  # still the model it was

@@ -51,10 +51,15 @@ def convert(model: nn.Module) -> nn.Module:
     """BackPACK's ``torch.fx`` conversion of ``model``, leaving ``model`` as it was.
 
     The converter registers new modules on the module it is given and switches in-place
-    activations off; it is given a shallow copy of the root, and the flags are restored.
+    activations off; it is given a shallow copy of the root, and the flags are restored.  A
+    ``torch.compile``'d model is converted as the module it compiled (the wrapper forwards
+    attribute writes to it: its copy's new ``_modules`` replaced the user's model's).
     """
     from backpack.custom_module.graph_utils import convert_module_to_backpack
 
+    compiled = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(compiled, nn.Module):
+        model = compiled
     root = copy.copy(model)
     root._modules = dict(model._modules)  # new submodules land on the copy only
     root._parameters, root._buffers = dict(model._parameters), dict(model._buffers)
