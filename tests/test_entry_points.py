@@ -120,6 +120,40 @@ def test_unsupported_modules_are_named_with_the_supported_list() -> None:
         curvlab.extract(vit, CE, xv, yv, engine="backpack")
 
 
+class WeightUsedOutside(nn.Module):
+    """``b``'s weight also used functionally: its Kronecker block would miss that use."""
+
+    def __init__(self, tied_embedding: bool) -> None:
+        super().__init__()
+        self.tied_embedding = tied_embedding
+        self.emb, self.a, self.b = nn.Embedding(5, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.tied_embedding:  # GPT-style logits over the vocabulary, per token
+            return (torch.tanh(self.a(self.emb(x))) @ self.emb.weight.T).transpose(1, 2)
+        h = torch.tanh(self.a(x))
+        return self.b(h) + nn.functional.linear(h * h, self.b.weight)
+
+
+@pytest.mark.parametrize("tied_embedding", [False, True], ids=["functional-linear", "tied-embedding"])
+def test_a_weight_used_outside_its_module_is_refused_at_the_loss(tied_embedding: bool) -> None:
+    """Its block was silently wrong (relative error 0.5–0.7 against the dense GGN)."""
+    model = WeightUsedOutside(tied_embedding).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (4, 6), generator=gen) if tied_embedding else torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (4, 6), generator=gen) if tied_embedding else torch.randint(0, 3, (4,), generator=gen)
+    used = "emb.weight \\(Embedding\\) is used 2 times" if tied_embedding else "b.weight \\(Linear\\) is used 2 times"
+    for engine in ("autograd", "auto"):
+        with pytest.raises(UnsupportedModelError, match=used + r" .* called 1 time\(s\)"):
+            curvlab.extract(model, CE, x, y, engine=engine, skip_unsupported=True)
+    if not tied_embedding:
+        opt = KFAC(model, lr=0.01, stats_interval=1)
+        with pytest.raises(UnsupportedModelError, match=used):
+            steps(opt, model, x, y, 1)
+        assert opt.steps_done == 0
+    # (a layer called twice, whose weight its own calls use twice, is zoo's TiedMLP: measured everywhere)
+
+
 # --- the command line -------------------------------------------------------------------------
 
 USER_MODELS = textwrap.dedent(

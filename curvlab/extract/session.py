@@ -24,7 +24,7 @@ from curvlab.extract.engine_autograd import AutogradPass
 from curvlab.extract.engine_backpack import BackpackPass
 from curvlab.extract.engines import choose_engine
 from curvlab.extract.options import ExtractOptions
-from curvlab.extract.validate import check_loss
+from curvlab.extract.validate import LayerUseCheck, check_loss
 from curvlab.model_blocks import ModelBlocks, model_blocks
 from curvlab.stats import LayerStats
 
@@ -92,6 +92,7 @@ class ExtractionSession:
             self._stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(self.options.seed)
         self._stack.enter_context(self._pass)
+        self._stack.enter_context(LayerUseCheck(self.blocks.layers, self.loss_fn))
         return self
 
     def __exit__(

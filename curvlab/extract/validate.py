@@ -78,3 +78,69 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
                 "torch's loss drops them and averages over the rest, curvlab's Fisher would count "
                 "them: remove those examples from the batch"
             )
+
+
+class LayerUseCheck:
+    """Refuses, at the loss call, a Kronecker layer whose parameters the forward pass also used
+    outside the layer's own calls (a tied output embedding ``h @ emb.weight.T``,
+    ``F.linear(x, layer.weight)``, a weight transformed inside a custom ``forward``).
+
+    A Kronecker block is built from what the layer's calls see — their inputs and output
+    gradients — so any other use of its weight would be missing from it, silently.  Each call of
+    ``nn.Linear``/``nn.Conv*``/``nn.Embedding`` reaches a parameter's gradient accumulator along
+    one edge of the autograd graph; more edges than calls is another use.  (Fewer is fine: a
+    compiled graph, an autocast cache or a checkpointed segment joins them.)  Usage: a context
+    around the forward pass and the loss, as :class:`~curvlab.extract.ExtractionSession` runs it.
+    """
+
+    def __init__(self, layers: dict[nn.Module, str], loss_fn: nn.Module) -> None:
+        self.layers, self.loss_fn = layers, loss_fn
+        self.calls: dict[nn.Module, int] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "LayerUseCheck":
+        self.calls = dict.fromkeys(self.layers, 0)
+        self._handles = [m.register_forward_hook(self._called) for m in self.layers]
+        self._handles.append(self.loss_fn.register_forward_pre_hook(self._check))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _called(self, module: nn.Module, args: object, output: object) -> None:
+        self.calls[module] += 1
+
+    def _check(self, loss_fn: nn.Module, args: tuple) -> None:
+        root = getattr(args[0], "grad_fn", None) if args else None
+        if root is None:
+            return
+        uses = graph_uses(root)
+        for module, path in self.layers.items():
+            for name, p in module.named_parameters(recurse=False):
+                if uses.get(p, 0) > self.calls[module]:
+                    raise UnsupportedModelError(
+                        f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used {uses[p]} times in "
+                        f"the forward pass but its module is called {self.calls[module]} time(s): the weight is "
+                        "also used outside the module (e.g. a tied output embedding `h @ emb.weight.T`, or "
+                        "F.linear(x, layer.weight)), and a Kronecker block sees only the module's calls — "
+                        "call the module for every use, or freeze that parameter"
+                    )
+
+
+def graph_uses(root: object) -> dict[Tensor, int]:
+    """Leaf tensor → number of edges of the autograd graph below ``root`` into its gradient
+    accumulator (one per use of the tensor in the forward pass)."""
+    seen, stack, counts = {root}, [root], {}
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)  # an AccumulateGrad node
+            if leaf is not None:
+                counts[leaf] = counts.get(leaf, 0) + 1
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return counts
