@@ -375,6 +375,37 @@ def test_param_groups_and_unmanaged_layers():
     assert set(opt.approximations()) == {"0"}
 
 
+def test_a_layer_unfrozen_mid_run_is_preconditioned():
+    """Its block was found once, at the first step, and the layer kept the first-order update."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    model[0].requires_grad_(False)
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    train_step(opt, model, loss_fn, x, y)
+    assert set(opt.approximations()) == {"2"}
+    model[0].requires_grad_(True)
+    train_step(opt, model, loss_fn, x, y)
+    assert set(opt.approximations()) == {"0", "2"}
+    model[2].requires_grad_(False)
+    train_step(opt, model, loss_fn, x, y)
+    assert [b.name for b in opt.blocks()] == ["0"]
+
+
+@pytest.mark.parametrize("engine", ["auto", "autograd"])
+def test_a_loss_not_computed_by_the_tracked_loss_fn_is_named(engine: str):
+    """Another instance or ``F.cross_entropy`` inside ``track``: BackPACK's hooks failed with an
+    AssertionError of their own, the autograd engine named ExtractionSession."""
+    model, x, y = tiny_mlp(0), *data(8)
+    opt = KFAC(model, lr=0.1, stats_interval=1, engine=engine)
+    with pytest.raises(Exception) as failed:
+        with opt.track(nn.CrossEntropyLoss()):
+            nn.functional.cross_entropy(model(x), y).backward()
+    said = "\n".join([str(failed.value), *getattr(failed.value, "__notes__", [])])
+    assert "KFAC: loss_fn was not called inside `with opt.track(loss_fn):`" in said
+    train_step(opt, model, nn.CrossEntropyLoss(), x, y)  # the next, right, step runs
+    assert opt.steps_done == 1
+
+
 def test_zero_grad_clears_the_groups_gradients_only():
     """``zero_grad()`` drops every grouped parameter's gradient (``set_to_none=False``: zeros,
     as torch's), and leaves a parameter in no group alone."""

@@ -144,6 +144,7 @@ class KroneckerOptimizer(Optimizer):
         self._parallel = data_parallel(model, distributed, who)
         self.model = model = unwrap(model)  # blocks named as in one process
         self._blocks: list[Block] | None = None
+        self._trainable: list[bool] = []
         self._tracked = ModelBlocks()  # the preconditioned layers, for the statistics pass
         self._group_of: dict[Tensor, dict[str, Any]] = {}
         self._walk: StepWalk | None = None
@@ -201,8 +202,11 @@ class KroneckerOptimizer(Optimizer):
 
     def blocks(self) -> list[Block]:
         """The preconditioned blocks: Linear/Conv1d/2d/3d layers (as found by
-        :func:`curvlab.model_blocks.model_blocks`) whose trainable weight is in a group."""
-        if self._blocks is None:
+        :func:`curvlab.model_blocks.model_blocks`) whose trainable weight is in a group — found
+        again when a parameter of a group is frozen or unfrozen."""
+        trainable = [p.requires_grad for g in self.param_groups for p in g["params"]]
+        if self._blocks is None or trainable != self._trainable:
+            self._trainable = trainable
             self._group_of = {p: g for g in self.param_groups for p in g["params"]}
             try:
                 found = model_blocks(self.model, skip_unsupported=True)

@@ -95,8 +95,11 @@ def tracked_pass(
             # BackPACK's full backward hook on a first layer whose input needs no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             yield pending
-    except Exception:
-        if not pending.losses or all(bool(torch.isfinite(v).all()) for v in pending.losses):
+    except Exception as err:
+        if not pending.losses:  # BackPACK's hooks fail in the backward of a loss they did not see
+            err.add_note(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
+            raise
+        if all(bool(torch.isfinite(v).all()) for v in pending.losses):
             raise
         if not quiet:
             warnings.warn(
@@ -108,4 +111,10 @@ def tracked_pass(
         return
     finally:
         handle.remove()
+    if not pending.losses:
+        raise RuntimeError(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
     pending.results = session.results()
+
+
+_SAME_LOSS = ("compute the loss with that same instance, loss_fn(model(x), y) — another loss module or "
+              "a function such as F.cross_entropy is not seen by the extraction")
