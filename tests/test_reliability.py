@@ -219,6 +219,10 @@ def test_non_finite_outputs_propagate_when_asked(engine: str) -> None:
     ({"damping": math.nan}, "damping=nan"), ({"damping": 0.0}, "damping=0.0"), ({"top_k": 0}, "top_k=0"),
     ({"num_eigenvalues": 0}, "num_eigenvalues=0"), ({"approximations": "kfac"}, "collection of names"),
     ({"approximations": ("kfac", "nope")}, "unknown approximation 'nope'"),
+    # a typo'd or unmeasured damping strategy fell back to the default silently
+    ({"damping_strategies": {"tekfc": "nor"}}, r"\(damping_strategies\): unknown approximation 'tekfc'"),
+    ({"approximations": ("kfac",), "damping_strategies": {"ekfac": "exact"}},
+     r"damping_strategies names ekfac, which approximations leaves out \(kfac\)"),
 ])
 def test_bad_comparison_settings_are_named(kwargs: dict, message: str) -> None:
     model, x, y = batch(6)
@@ -249,3 +253,23 @@ def test_a_zero_fisher_block_is_explained() -> None:
     with pytest.warns(RuntimeWarning, match="layer '0' is zero .*dead layer"):
         ds = curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kfac",))
     assert np.isnan(ds.rel_frobenius_error.sel(layer="0")).all()
+
+
+def test_bad_eigenbases_and_batches_are_named() -> None:
+    """A basis for a block the model lacks was ignored; one of the wrong size failed inside a
+    matrix product; a list or an array as the batch failed on ``.to``."""
+    model, x, y = batch(6)  # blocks "0" (4 × 6) and "2" (3 × 5)
+    eye = torch.eye
+    for bases, message in [
+        ({"zz": (eye(4), eye(6))}, "eigenbases names 'zz', which is not a Kronecker block of the model \\(they are: 0, 2\\)"),
+        ({"0": (eye(3), eye(6))}, r"eigenbases\['0'\]: U_out has shape \(3, 3\); the block is 4 × 6, so U_out must be \[4, k ≤ 4\]"),
+        ({"0": eye(4)}, r"eigenbases\['0'\] must be a pair of matrices"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            curvlab.extract(model, nn.CrossEntropyLoss(), x, y, stats=("kfe",), eigenbases=bases)
+    truncated = {"0": (eye(4, 2, dtype=torch.float64), eye(6, 3, dtype=torch.float64))}
+    assert curvlab.extract(model, nn.CrossEntropyLoss(), x, y, stats=("kfe",), eigenbases=truncated)["0"].kfe_scaling.shape == (3, 4)
+    for args, message in [((x, y.tolist()), "targets must be one torch.Tensor .* got list"),
+                          ((x.numpy(), y), "inputs must be one torch.Tensor .* got ndarray")]:
+        with pytest.raises(TypeError, match=message):
+            curvlab.extract(model, nn.CrossEntropyLoss(), *args)

@@ -96,7 +96,12 @@ def compare(
         )
     names = [spec(a, "curvlab.compare").name for a in approximations]
     check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
-    strategies = {**DEFAULT_DAMPING, **(damping_strategies or {})}
+    given = {spec(a, "curvlab.compare (damping_strategies)").name: s for a, s in (damping_strategies or {}).items()}
+    unused = sorted(set(given) - set(names))
+    if unused:  # a typo fell back to the default damping, silently
+        raise ValueError(f"curvlab.compare: damping_strategies names {', '.join(unused)}, which approximations "
+                         f"leaves out ({', '.join(names)})")
+    strategies = {**DEFAULT_DAMPING, **given}
     stats = extractor(
         model,
         loss_fn,

@@ -94,6 +94,9 @@ def extract(
         :class:`Extraction`: block name → :class:`LayerStats`.
     """
     opts = ExtractOptions.make(options, overrides)
+    for what, value in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"curvlab.extract: {what} must be one torch.Tensor (a batch), got {type(value).__name__}")
     with _model_left_as_it_was(model):
         try:
             return _run(model, loss_fn, inputs, targets, opts)

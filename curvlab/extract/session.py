@@ -24,7 +24,7 @@ from curvlab.extract.engine_autograd import AutogradPass
 from curvlab.extract.engine_backpack import BackpackPass
 from curvlab.extract.engines import choose_engine
 from curvlab.extract.options import ExtractOptions
-from curvlab.extract.validate import LayerUseCheck, check_loss
+from curvlab.extract.validate import LayerUseCheck, check_eigenbases, check_loss
 from curvlab.model_blocks import ModelBlocks, model_blocks
 from curvlab.stats import LayerStats
 
@@ -71,6 +71,7 @@ class ExtractionSession:
         self.blocks = blocks if blocks is not None else model_blocks(
             model, separate_bias=self.options.separate_bias, skip_unsupported=self.options.skip_unsupported
         )
+        check_eigenbases(self.options.eigenbases, self.blocks)
         choice = choose_engine(model, self.blocks, self.options.engine, own_forward=own_forward)
         self.engine, self.engine_reason, self.forward_model = choice.engine, choice.reason, choice.module
         self.model, self.loss_fn = model, loss_fn

@@ -6,10 +6,12 @@ Which modules of a model are supported is decided in :mod:`curvlab.model_blocks`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
-from curvlab.model_blocks import UnsupportedModelError
+from curvlab.model_blocks import ModelBlocks, UnsupportedModelError
 
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 
@@ -34,6 +36,23 @@ def check_loss(loss_fn: nn.Module) -> None:
             "curvlab.extract: CrossEntropyLoss with class weights or label smoothing is not "
             "supported (its Fisher is not the GGN BackPACK computes)"
         )
+
+
+def check_eigenbases(eigenbases: Mapping[str, tuple[Tensor, Tensor]], blocks: ModelBlocks) -> None:
+    """Every basis of ``"kfe"`` names a Kronecker block and fits it: ``U_out`` ``[d_out, k ≤ d_out]``,
+    ``U_in`` ``[D, k ≤ D]`` (a basis for a block the model lacks was ignored)."""
+    shapes = {b.name: b.layout.shape for b in blocks.kronecker}
+    for name, bases in eigenbases.items():
+        if name not in shapes:
+            raise ValueError(f"curvlab.extract: eigenbases names {name!r}, which is not a Kronecker block of the "
+                             f"model (they are: {', '.join(shapes) or 'none'})")
+        if not (isinstance(bases, (tuple, list)) and len(bases) == 2
+                and all(isinstance(u, Tensor) and u.dim() == 2 for u in bases)):
+            raise ValueError(f"curvlab.extract: eigenbases[{name!r}] must be a pair of matrices (U_out, U_in)")
+        for side, u, rows in zip(("U_out", "U_in"), bases, shapes[name]):
+            if u.shape[0] != rows or not 0 < u.shape[1] <= rows:
+                raise ValueError(f"curvlab.extract: eigenbases[{name!r}]: {side} has shape {tuple(u.shape)}; the "
+                                 f"block is {shapes[name][0]} × {shapes[name][1]}, so {side} must be [{rows}, k ≤ {rows}]")
 
 
 def checked_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None, non_finite: str) -> bool:
