@@ -132,22 +132,15 @@ class SquareRoot(ABC):
         """A copy converted to ``dtype`` and/or moved to ``device``."""
 
 
-class FactoredSqrt(SquareRoot):
-    """Linear layer: ``M_{c,n} = g_{c,n} ā_nᵀ``.
+class _InputsAndRoots(SquareRoot):
+    """A root kept as a layer's inputs ``a`` (``[N, D, ...]``) and backpropagated roots ``g``
+    (``[C, N, d_out, ...]``): what :class:`FactoredSqrt` and :class:`UnfoldedSqrt` share."""
 
-    Args:
-        inputs: ``ā``, shape ``[N, D]`` (bias column included when part of the block).
-        grads: backpropagated root ``g``, shape ``[C, N, d_out]`` (loss scaling folded in).
-    """
+    a: Tensor
+    g: Tensor
 
     def __init__(self, inputs: Tensor, grads: Tensor) -> None:
-        if inputs.dim() != 2 or grads.dim() != 3 or grads.shape[1] != inputs.shape[0]:
-            raise ValueError(
-                "FactoredSqrt: expected inputs [N, D] and grads [C, N, d_out], got "
-                f"{tuple(inputs.shape)} and {tuple(grads.shape)}"
-            )
-        self.a = inputs
-        self.g = grads
+        self.a, self.g = inputs, grads
 
     @property
     def num_columns(self) -> int:
@@ -165,8 +158,25 @@ class FactoredSqrt(SquareRoot):
     def device(self) -> torch.device:
         return self.a.device
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "FactoredSqrt":
-        return FactoredSqrt(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "_InputsAndRoots":
+        return type(self)(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+
+
+class FactoredSqrt(_InputsAndRoots):
+    """Linear layer: ``M_{c,n} = g_{c,n} ā_nᵀ``.
+
+    Args:
+        inputs: ``ā``, shape ``[N, D]`` (bias column included when part of the block).
+        grads: backpropagated root ``g``, shape ``[C, N, d_out]`` (loss scaling folded in).
+    """
+
+    def __init__(self, inputs: Tensor, grads: Tensor) -> None:
+        if inputs.dim() != 2 or grads.dim() != 3 or grads.shape[1] != inputs.shape[0]:
+            raise ValueError(
+                "FactoredSqrt: expected inputs [N, D] and grads [C, N, d_out], got "
+                f"{tuple(inputs.shape)} and {tuple(grads.shape)}"
+            )
+        super().__init__(inputs, grads)
 
     def column_norms_sq(self) -> Tensor:
         return (self.g.square().sum(-1) * self.a.square().sum(-1)).flatten()
@@ -205,7 +215,7 @@ class FactoredSqrt(SquareRoot):
         return torch.einsum("cno,nd->cnod", self.g, self.a).reshape(c * n, d_out, -1)
 
 
-class UnfoldedSqrt(SquareRoot):
+class UnfoldedSqrt(_InputsAndRoots):
     """A layer at ``T`` locations: ``M_{c,n} = Σ_t g_{c,n,:,t} ā_{n,:,t}ᵀ = g_{c,n} ā_nᵀ``.
 
     (:class:`FactoredSqrt` is the case ``T = 1``, where the squares of a rotation factorise.)
@@ -226,27 +236,7 @@ class UnfoldedSqrt(SquareRoot):
                 "UnfoldedSqrt: expected inputs [N, D, T] and grads [C, N, d_out, T], got "
                 f"{tuple(inputs.shape)} and {tuple(grads.shape)}"
             )
-        self.a = inputs
-        self.g = grads
-
-    @property
-    def num_columns(self) -> int:
-        return self.g.shape[0] * self.g.shape[1]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.g.shape[2], self.a.shape[1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.a.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.a.device
-
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "UnfoldedSqrt":
-        return UnfoldedSqrt(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+        super().__init__(inputs, grads)
 
     def column_norms_sq(self) -> Tensor:
         # ‖g_k āₙᵀ‖² = ⟨g_kᵀ g_k, āₙᵀ āₙ⟩ over the T × T products
