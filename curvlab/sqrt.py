@@ -243,23 +243,22 @@ class UnfoldedSqrt(_InputsAndRoots):
         return ((self.g.mT @ self.g) * (self.a.mT @ self.a)).sum((-2, -1)).flatten()
 
     def gram(self) -> Tensor:
-        # ⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]: the (k, t) × (l, s) products
-        # of the roots and (n, t) × (m, s) of the inputs, multiplied and summed over t, s
-        # (rows of k in chunks: a chunk's product is k_c·T·K·T numbers)
+        # ⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]: per example n, the products of its
+        # C·T root rows with all K·T, times the inputs' (n, t) × (m, s) products, summed over t, s
+        # (K²T²·d_out flops against the dense K²·d_out·D: more where T² > D, which
+        # unfolded_is_cheaper weighs against what the rotations save)
         c, n, d_out, t = self.g.shape
         k = c * n
-        g_rows = self.g.reshape(k, d_out, t).mT.reshape(k * t, d_out)
+        of_example = self.g.permute(1, 0, 3, 2).reshape(n, c * t, d_out)
+        rows = self.g.permute(0, 1, 3, 2).reshape(k * t, d_out)
         a_rows = self.a.mT.reshape(n * t, -1)
         inputs = (a_rows @ a_rows.T).view(n, t, n, t)
         example = torch.arange(k, device=self.device) % n  # column k = c·N + n
-        inputs = inputs[:, :, example]  # [N, T, K, T]
-        out = self.g.new_empty(k, k)
-        step = max(1, CHUNK_ELEMENTS // max(k * t * t, 1))
-        for lo in range(0, k, step):
-            rows = slice(lo, min(lo + step, k))
-            roots = (g_rows[lo * t:rows.stop * t] @ g_rows.T).view(-1, t, k, t)
-            out[rows] = (roots * inputs[example[rows]]).sum((1, 3))
-        return out
+        out = self.g.new_empty(c, n, k)
+        for i in range(n):
+            roots = (of_example[i] @ rows.T).view(c, t, k, t)
+            out[:, i] = torch.einsum("ctls,tls->cl", roots, inputs[i][:, example])
+        return out.reshape(k, k)
 
     def inner(self, x: Tensor) -> Tensor:
         # ⟨g_k āₙᵀ, X⟩ = Σ_t g_{k,t}ᵀ (X āₙ)_t
