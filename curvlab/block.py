@@ -178,6 +178,10 @@ class Block:
         # asked for several times by every optimizer step: built once
         object.__setattr__(self, "_parameters", tuple(p for p in (self.weight, self.bias) if p is not None))
 
+    def __repr__(self) -> str:  # the dataclass's printed every parameter's values
+        d_out, d_in = self.layout.shape
+        return f"Block({self.name!r}, {self.kind}, {self.module_type}, {d_out}×{d_in})"
+
     @classmethod
     def of_layer(cls, name: str, module: nn.Module, *, separate_bias: bool = False) -> list["Block"]:
         """The blocks of a ``Linear``/``Conv1d/2d/3d``/``Embedding`` layer: ``[W b]`` (the bias as

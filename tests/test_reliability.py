@@ -273,3 +273,11 @@ def test_bad_eigenbases_and_batches_are_named() -> None:
                           ((x.numpy(), y), "inputs must be one torch.Tensor .* got ndarray")]:
         with pytest.raises(TypeError, match=message):
             curvlab.extract(model, nn.CrossEntropyLoss(), *args)
+
+
+def test_blocks_print_as_one_line_each() -> None:
+    """The README's ``model_blocks(resnet).parameters`` printed every parameter's values."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    printed = repr(curvlab.extract.model_blocks(model).blocks)
+    assert printed == ("[Block('0', kronecker, Linear, 4×4), Block('1.weight', parameter, LayerNorm, 4×1), "
+                       "Block('1.bias', parameter, LayerNorm, 4×1), Block('2', kronecker, Linear, 2×5)]")
