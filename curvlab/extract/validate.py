@@ -141,8 +141,8 @@ class LayerUseCheck:
                 if uses.get(p, 0) > self.calls[module]:
                     raise UnsupportedModelError(
                         f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used {uses[p]} times in "
-                        f"the forward pass but its module is called {self.calls[module]} time(s): the weight is "
-                        "also used outside the module (e.g. a tied output embedding `h @ emb.weight.T`, or "
+                        f"the forward pass but its module is called {self.calls[module]} time(s): it is also "
+                        "used outside the module (e.g. a tied output embedding `h @ emb.weight.T`, or "
                         "F.linear(x, layer.weight)), and a Kronecker block sees only the module's calls — "
                         "call the module for every use, or freeze that parameter"
                     )
