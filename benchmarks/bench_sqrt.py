@@ -28,9 +28,9 @@ import common
 from curvlab.extract import extract  # noqa: E402  (after common: repository on sys.path)
 from curvlab.sqrt import DenseSqrt, UnfoldedSqrt  # noqa: E402
 
-#: (model, N, layers): the report's default batch.  (vit-tiny's Linear layers over 65 tokens keep
-#: dense roots: there the unfolded Gram's (K·T)² products would cost more than the rotations save.)
-CASES = (("resnet18", 9, ("layer3.1.conv2", "layer4.1.conv2")),)
+#: (model, N, layers): the report's default batch.
+CASES = (("resnet18", 9, ("layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2")),
+         ("vit-tiny", 20, ("blocks.1.attn.qkv", "blocks.1.mlp.0")))
 
 
 def timed(fn):

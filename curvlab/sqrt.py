@@ -220,8 +220,9 @@ class UnfoldedSqrt(_InputsAndRoots):
 
     (:class:`FactoredSqrt` is the case ``T = 1``, where the squares of a rotation factorise.)
     Every reduction works on the ``T × T`` products of the inputs and of the roots, or on the
-    rotated inputs, and forms ``M_k`` only in chunks (:data:`CHUNK_ELEMENTS`) where an
-    elementwise square needs them (``rotated_sq_sum``, ``diagonal``).
+    rotated inputs and roots; ``M_k`` are formed only for one example at a time where an
+    elementwise square needs them (``rotated_sq_sum``, ``diagonal``), and in chunks of examples
+    (:data:`CHUNK_ELEMENTS`) for the Gram matrix where that is cheaper than the ``T × T`` route.
 
     Args:
         inputs: unfolded inputs ``ā``, shape ``[N, D, T]`` (bias row included when part of the
@@ -243,11 +244,13 @@ class UnfoldedSqrt(_InputsAndRoots):
         return ((self.g.mT @ self.g) * (self.a.mT @ self.a)).sum((-2, -1)).flatten()
 
     def gram(self) -> Tensor:
-        # ⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]: per example n, the products of its
-        # C·T root rows with all K·T, times the inputs' (n, t) × (m, s) products, summed over t, s
-        # (K²T²·d_out flops against the dense K²·d_out·D: more where T² > D, which
-        # unfolded_is_cheaper weighs against what the rotations save)
+        # ⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]: K²T²·d_out flops, against
+        # K²·d_out·D (and forming them) for the M_k themselves — the cheaper of the two
         c, n, d_out, t = self.g.shape
+        if _gram_work(c * n, n, d_out, self.a.shape[1], t)[1]:
+            return self._gram_of_matrices()
+        # per example n, the products of its C·T root rows with all K·T, times the inputs'
+        # (n, t) × (m, s) products, summed over t, s
         k = c * n
         of_example = self.g.permute(1, 0, 3, 2).reshape(n, c * t, d_out)
         rows = self.g.permute(0, 1, 3, 2).reshape(k * t, d_out)
@@ -259,6 +262,34 @@ class UnfoldedSqrt(_InputsAndRoots):
             roots = (of_example[i] @ rows.T).view(c, t, k, t)
             out[:, i] = torch.einsum("ctls,tls->cl", roots, inputs[i][:, example])
         return out.reshape(k, k)
+
+    def _gram_of_matrices(self) -> Tensor:
+        """``VᵀV`` from the ``M_k`` formed for a chunk of examples at a time (each chunk under
+        :data:`CHUNK_ELEMENTS`, formed once per later chunk)."""
+        c, n, d_out, _ = self.g.shape
+        step = max(1, CHUNK_ELEMENTS // max(c * d_out * self.a.shape[1], 1))
+        spans = [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
+        columns = [(torch.arange(s.start, s.stop, device=self.device)[:, None]  # k = c·N + n, n-major
+                    + n * torch.arange(c, device=self.device)).flatten() for s in spans]
+        out = self.g.new_empty(c * n, c * n)
+        for i, (examples, rows) in enumerate(zip(spans, columns)):
+            left = self._of_examples(examples).flatten(1)
+            out[rows[:, None], rows] = left @ left.T
+            for later, cols in zip(spans[i + 1:], columns[i + 1:]):
+                block = left @ self._of_examples(later).flatten(1).T
+                out[rows[:, None], cols] = block
+                out[cols[:, None], rows] = block.T
+        return out
+
+    def _of_examples(self, examples: slice) -> Tensor:
+        """``M_{c,n}`` of the examples ``n`` in ``examples``, every ``c``: ``[n'·C, d_out, D]``,
+        n-major (one product ``[C·d_out, T] × [T, D]`` per example)."""
+        c, _, d_out, _ = self.g.shape
+        ns = range(examples.start, examples.stop)
+        out = self.g.new_empty(len(ns), c, d_out, self.a.shape[1])
+        for j, n in enumerate(ns):
+            torch.matmul(self.g[:, n].reshape(c * d_out, -1), self.a[n].T, out=out[j].view(c * d_out, -1))
+        return out.flatten(0, 1)
 
     def inner(self, x: Tensor) -> Tensor:
         # ⟨g_k āₙᵀ, X⟩ = Σ_t g_{k,t}ᵀ (X āₙ)_t
@@ -284,42 +315,57 @@ class UnfoldedSqrt(_InputsAndRoots):
         return left @ self.g.permute(2, 0, 1, 3).reshape(d_out, -1).T
 
     def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
-        # the inputs and roots rotated (N·T·D·D' + K·T·d_out·d'), then the rotated M_k formed in
-        # chunks of k and squared: K·T·d'·D' — not K·d_out·D·(d' + D') for the M_k themselves
-        a_rot = u_in.T @ self.a  # [N, D', T]
-        g_rot = u_out.T @ self.g  # [C, N, d', T]
+        # the inputs and the roots rotated (N·T·D·D' + K·T·d_out·d', one product each), then the
+        # rotated M_k formed example by example and squared: K·T·d'·D' — not K·d_out·D·(d' + D')
+        # for the M_k themselves
+        c, n, d_out, t = self.g.shape
+        a_rot = (u_in.T @ self.a.transpose(0, 1).reshape(self.a.shape[1], -1)).view(-1, n, t).transpose(0, 1)
+        g_rot = (u_out.T @ self.g.permute(2, 0, 1, 3).reshape(d_out, -1)).view(-1, c, n, t).permute(1, 2, 0, 3)
         return self._square_sum(g_rot, a_rot)
 
     def diagonal(self) -> Tensor:
         return self._square_sum(self.g, self.a)
 
     def _square_sum(self, g: Tensor, a: Tensor) -> Tensor:
-        """``Σ_k (g_k āₙᵀ)²`` (elementwise) for the given roots and inputs, over chunks of k."""
+        """``Σ_k (g_k āₙᵀ)²`` (elementwise) for the given roots and inputs: per example, one
+        product ``[C·rows, T] × [T, cols]``, squared and summed over ``c``."""
         c, n, rows, t = g.shape
-        step = max(1, CHUNK_ELEMENTS // max(c * rows * a.shape[1], 1))
         total = None
-        for lo in range(0, n, step):
-            part = (g[:, lo:lo + step] @ a[lo:lo + step].mT).square_().sum((0, 1))
+        for i in range(n):
+            part = (g[:, i].reshape(c * rows, t) @ a[i].T).square_().view(c, rows, -1).sum(0)
             total = part if total is None else total.add_(part)
         return total
 
     def matrices(self) -> Tensor:
-        c, n, d_out, _ = self.g.shape
-        return (self.g @ self.a.mT.unsqueeze(0)).reshape(c * n, d_out, -1)
+        c, n, d_out, d_in = *self.g.shape[:3], self.a.shape[1]
+        return self._of_examples(slice(0, n)).view(n, c, d_out, d_in).transpose(0, 1).reshape(c * n, d_out, d_in)
 
 
 def unfolded_is_cheaper(columns: int, examples: int, d_out: int, d_in: int, locations: int) -> bool:
     """Whether :class:`UnfoldedSqrt` beats :class:`DenseSqrt` for ``K = columns`` roots of a
     ``d_out × D`` layer at ``T = locations``: no larger, and fewer flops for what a comparison
     does with a root — its Gram matrix and three rotations (KFAC's, KFLR's and TKFAC's bases).
-    The Gram's ``T²`` terms rule out large ``T`` (ResNet-18's first stages on CIFAR)."""
+    Large ``T`` rules it out: the inputs outgrow the ``M_k`` (ResNet-18's first stages on
+    CIFAR)."""
     k, n, t = columns, examples, locations
     dense_size = k * d_out * d_in
     unfolded_size = t * (n * d_in + k * d_out)
     dense_work = k * k * d_out * d_in + 3 * k * d_out * d_in * (d_out + d_in)
-    unfolded_work = (k * t) ** 2 * (d_out + 1) + (n * t) ** 2 * d_in + 3 * (
+    unfolded_work = _gram_work(k, n, d_out, d_in, t)[0] + 3 * (
         n * t * d_in * d_in + k * t * d_out * d_out + k * t * d_out * d_in)
     return unfolded_size <= dense_size and unfolded_work < dense_work
+
+
+def _gram_work(columns: int, examples: int, d_out: int, d_in: int, locations: int) -> tuple[int, bool]:
+    """Flops of :meth:`UnfoldedSqrt.gram`, and whether it forms the ``M_k`` (each chunk of
+    examples once per later chunk, then their products) rather than multiplying the ``T × T``
+    products of the roots and of the inputs — whichever costs less."""
+    k, n, t = columns, examples, locations
+    per_example = (k // max(n, 1)) * d_out * d_in
+    chunks = -(-n // max(1, CHUNK_ELEMENTS // max(per_example, 1)))
+    by_matrices = k * d_out * d_in * (k + t * (chunks + 1) // 2)
+    by_products = (k * t) ** 2 * (d_out + 1) + (n * t) ** 2 * d_in
+    return min(by_matrices, by_products), by_matrices < by_products
 
 
 class DenseSqrt(SquareRoot):

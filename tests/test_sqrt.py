@@ -21,8 +21,10 @@ def roots() -> dict[str, SquareRoot]:
     conv = DenseSqrt(torch.randn(C * N, D_OUT, D_IN, generator=gen, dtype=DT))
     unfolded = UnfoldedSqrt(torch.randn(N, D_IN, T, generator=gen, dtype=DT),
                             torch.randn(C, N, D_OUT, T, generator=gen, dtype=DT))
+    few_locations = UnfoldedSqrt(torch.randn(N, D_IN, 2, generator=gen, dtype=DT),  # T² ≤ D: the Gram by T × T products
+                                 torch.randn(C, N, D_OUT, 2, generator=gen, dtype=DT))
     return {"factored": factored, "dense-of-factored": DenseSqrt(factored.matrices()), "dense": conv,
-            "unfolded": unfolded}
+            "unfolded": unfolded, "unfolded-few-locations": few_locations}
 
 
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
@@ -38,7 +40,7 @@ def chunk_columns(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense", "unfolded"])
+@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense", "unfolded", "unfolded-few-locations"])
 @pytest.mark.parametrize("widths", [(D_OUT, D_IN), (2, 3)], ids=["full-basis", "truncated-basis"])
 def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, int], chunk_columns) -> None:
     root = roots()[name]
@@ -79,3 +81,14 @@ def test_wide_sandwiches_of_symmetric_matrices(chunks: int, monkeypatch) -> None
     b, c = (b + b.T) / 2, (c + c.T) / 2  # exactly symmetric, as KFOC symmetrizes its start
     torch.testing.assert_close(root.sandwich_in(b), sum(mk.T @ b @ mk for mk in m), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(root.sandwich_out(c), sum(mk @ c @ mk.T for mk in m), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("d_in,t", [(40, 2), (5, 8)], ids=["few-locations", "many-locations"])
+def test_unfolded_gram_and_matrices_at_few_and_many_locations(d_in: int, t: int, chunk_columns) -> None:
+    """The Gram of an unfolded root by the ``T × T`` products (few locations for the width) or
+    by its ``M_k`` formed in chunks of examples (many): both ``VᵀV``."""
+    gen = torch.Generator().manual_seed(4)
+    root = UnfoldedSqrt(torch.randn(N, d_in, t, generator=gen, dtype=DT), torch.randn(C, N, 6, t, generator=gen, dtype=DT))
+    m = torch.einsum("cnot,ndt->cnod", root.g, root.a).reshape(C * N, 6, d_in)  # k = c·N + n
+    torch.testing.assert_close(root.matrices(), m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.gram(), m.flatten(1) @ m.flatten(1).T, rtol=1e-12, atol=1e-12)
