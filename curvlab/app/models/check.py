@@ -48,9 +48,11 @@ DEFAULT_MEASURED_BATCH = 128
 
 def measured_batch_size(model: nn.Module, num_classes: int, *, coupled: bool, budget_bytes: int = SQRT_BUDGET_BYTES) -> int:
     """The default ``N`` of an exact measurement (report, training probe): 128 examples, or fewer
-    so that the square roots — ``K·P`` numbers for ``K = N·C`` columns and ``P`` trainable
-    parameters, twice when a train-mode BatchNorm couples the examples (the exact root and the
-    Kronecker statistics' own) — fit in ``budget_bytes``.  At least 2."""
+    so that the square roots — at most ``K·P`` numbers for ``K = N·C`` columns and ``P``
+    trainable parameters (a layer whose root is kept unfolded takes less:
+    :class:`curvlab.sqrt.UnfoldedSqrt`), twice when a train-mode BatchNorm couples the examples
+    (the exact root and the Kronecker statistics' own) — fit in ``budget_bytes``.  At least 2.
+    (Not more: the comparison's Gram matrices and rotations grow with ``K`` too.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     per_example = num_classes * sum(p.numel() for p in params) * (params[0].element_size() if params else 4)
     per_example *= 2 if coupled else 1
