@@ -328,12 +328,15 @@ class UnfoldedSqrt(_InputsAndRoots):
 
     def _square_sum(self, g: Tensor, a: Tensor) -> Tensor:
         """``Σ_k (g_k āₙᵀ)²`` (elementwise) for the given roots and inputs: per example, one
-        product ``[C·rows, T] × [T, cols]``, squared and summed over ``c``."""
+        product ``[C·rows, T] × [T, cols]`` (for as many ``c`` as :data:`CHUNK_ELEMENTS`
+        allows), squared and summed over ``c``."""
         c, n, rows, t = g.shape
+        per_c = max(1, CHUNK_ELEMENTS // max(rows * a.shape[1], 1))
         total = None
         for i in range(n):
-            part = (g[:, i].reshape(c * rows, t) @ a[i].T).square_().view(c, rows, -1).sum(0)
-            total = part if total is None else total.add_(part)
+            for lo in range(0, c, per_c):
+                part = (g[lo:lo + per_c, i].reshape(-1, t) @ a[i].T).square_().view(-1, rows, a.shape[1]).sum(0)
+                total = part if total is None else total.add_(part)
         return total
 
     def matrices(self) -> Tensor:
