@@ -423,7 +423,7 @@ class DenseSqrt(SquareRoot):
 
         def term(m: Tensor) -> Tensor:
             by_out = m.transpose(0, 1).reshape(m.shape[1], -1)  # [d_out, k·D]
-            right = (by_out.view(-1, m.shape[2]) @ c).view_as(by_out)
+            right = (by_out.reshape(-1, m.shape[2]) @ c).view_as(by_out)
             return _rows_product(right.mT, by_out.mT, symmetric)
 
         return self._sum(term, 2 * self.m.shape[1] * self.m.shape[2])

@@ -92,3 +92,13 @@ def test_unfolded_gram_and_matrices_at_few_and_many_locations(d_in: int, t: int,
     m = torch.einsum("cnot,ndt->cnod", root.g, root.a).reshape(C * N, 6, d_in)  # k = c·N + n
     torch.testing.assert_close(root.matrices(), m, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(root.gram(), m.flatten(1) @ m.flatten(1).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(3, 1), (1, 4), (1, 1)])
+def test_sandwiches_of_a_block_one_wide(d_out: int, d_in: int) -> None:
+    """A 1×1 convolution of one channel (D = 1) failed in sandwich_out (a view of a copy)."""
+    m = torch.randn(4, d_out, d_in, generator=torch.Generator().manual_seed(5), dtype=DT)
+    root = DenseSqrt(m)
+    b, c = torch.eye(d_out, dtype=DT), torch.eye(d_in, dtype=DT)
+    torch.testing.assert_close(root.sandwich_out(c), sum(mk @ mk.T for mk in m), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(root.sandwich_in(b), sum(mk.T @ mk for mk in m), rtol=1e-12, atol=1e-12)
