@@ -391,6 +391,27 @@ def test_a_layer_unfrozen_mid_run_is_preconditioned():
     assert [b.name for b in opt.blocks()] == ["0"]
 
 
+@pytest.mark.parametrize("cls", [KFAC, TEKFAC])
+def test_a_bias_frozen_or_unfrozen_mid_run_restarts_its_block(cls):
+    """The block's matrix form loses or regains its bias column: its running statistics (of the
+    old width) made the next statistics step fail."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    opt = cls(model, lr=0.1, stats_interval=1)
+    for _ in range(2):
+        train_step(opt, model, loss_fn, x, y)
+    bias = model[0].bias.detach().clone()
+    model[0].bias.requires_grad_(False)
+    train_step(opt, model, loss_fn, x, y)
+    assert torch.equal(model[0].bias, bias)
+    assert opt.approximations()["0"].layout.shape == (4, 5)  # the weight's columns only
+    restored = cls(model, lr=0.1, stats_interval=1)
+    restored.load_state_dict(opt.state_dict())
+    model[0].bias.requires_grad_(True)
+    train_step(opt, model, loss_fn, x, y)
+    assert opt.approximations()["0"].layout.shape == (4, 6)
+
+
 @pytest.mark.parametrize("engine", ["auto", "autograd"])
 def test_a_loss_not_computed_by_the_tracked_loss_fn_is_named(engine: str):
     """Another instance or ``F.cross_entropy`` inside ``track``: BackPACK's hooks failed with an

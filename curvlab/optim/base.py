@@ -275,7 +275,9 @@ class KroneckerOptimizer(Optimizer):
 
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
-        if state is None:
+        # a new block, or one whose bias was frozen or unfrozen (its matrix form changed): its
+        # statistics and momentum start afresh
+        if state is None or state.curvature.layout != block.layout:
             state = self.block_states[block.name] = BlockState(self.new_state(block))
         return state
 
