@@ -399,16 +399,34 @@ def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int, ld: int
 
 
 @pytest.mark.parametrize("engine", ["backpack", "autograd"])
-def test_a_compiled_model_is_extracted_and_left_intact(engine: str) -> None:
+@pytest.mark.parametrize("residual", [False, True], ids=["sequential", "residual"])
+def test_a_compiled_model_is_extracted_as_the_model_it_compiled(engine: str, residual: bool) -> None:
     """``torch.compile``'s wrapper forwards attribute writes to the model: BackPACK's conversion
-    of a shallow copy of it replaced the user's model's submodules (it had no parameters left)."""
+    of a shallow copy of it replaced the user's model's submodules (it had no parameters left);
+    the autograd engine's vmap cannot run a compiled backward."""
     model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
-    x, y = batch(model, loss_fn, n=4)
+    if residual:
+        model = ResidualCNN(model)
+    x, y = batch(tiny_cnn(), loss_fn, n=4)
     params = list(model.parameters())
     compiled = torch.compile(model, backend="eager")
     stats = extract(compiled, loss_fn, x, y, engine=engine, stats=("sqrt",))
     assert list(model.parameters()) == params
-    assert list(stats) == [f"_orig_mod.{name}" for name in layer_names(model)]
-    for name in layer_names(model):
-        close(stats[f"_orig_mod.{name}"].dense_fisher(), dense_ggn(model, loss_fn, x, y, name))
-    close(model(x), tiny_cnn()(x))  # still the model it was
+    names = [n.rsplit(".", 1)[0] for n, p in model.named_parameters() if n.endswith("weight")]
+    assert list(stats) == names
+    for name in names:
+        close(stats[name].dense_fisher(), dense_ggn(model, loss_fn, x, y, name))
+    close(model(x), (ResidualCNN(tiny_cnn()) if residual else tiny_cnn())(x))  # still the model it was
+
+
+class ResidualCNN(nn.Module):
+    """``tiny_cnn`` with ``h + h`` after its first layer: a forward that is not a chain of
+    modules (BackPACK runs it through its converter)."""
+
+    def __init__(self, body: nn.Sequential) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        h = self.body[1](self.body[0](x))
+        return self.body[4](self.body[3](self.body[2](h + h)))

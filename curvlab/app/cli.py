@@ -299,7 +299,13 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print_error(parser, err, usage=True)
         return EXIT_USAGE
     if wants_relaunch(args.nproc):
-        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir)
+        if args.mode == "train":
+            print_error(parser, "--mode train measures a batch whose examples are coupled (BatchNorm's batch "
+                                "statistics); shards on several processes would change them: drop --nproc", usage=True)
+            return EXIT_USAGE
+        from curvlab.app.models.check import check_model
+        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir,
+                                  lambda: check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported))
     device = join_process_group(args.device)
     start = time.perf_counter()
     try:

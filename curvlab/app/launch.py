@@ -25,7 +25,7 @@ import gc
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -153,15 +153,17 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
 
 
 def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.ArgumentParser,
-                       dataset: str, data_dir: str | None) -> int:
-    """:func:`relaunch`, once the data folder is checked here — once, not by every rank (one
-    process checks the model first).  A bad folder is reported and returns 1."""
+                       dataset: str, data_dir: str | None, check_model: Callable[[], None]) -> int:
+    """:func:`relaunch`, once the data folder and the model (``check_model``) are checked here —
+    once, not by every rank, each followed by torchrun's traceback.  A problem is reported and
+    returns 1."""
     from curvlab.app.data import DataError, check_data_dir
     from curvlab.app.messages import print_error
 
     try:
         check_data_dir(dataset, data_dir)
-    except DataError as err:
+        check_model()
+    except (DataError, ValueError) as err:
         print_error(parser, err)
         return 1
     return relaunch(nproc, argv)

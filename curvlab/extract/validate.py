@@ -100,27 +100,32 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
 
 
 class LayerUseCheck:
-    """Refuses, at the loss call, a Kronecker layer whose parameters the forward pass also used
-    outside the layer's own calls (a tied output embedding ``h @ emb.weight.T``,
-    ``F.linear(x, layer.weight)``, a weight transformed inside a custom ``forward``).
+    """Refuses a Kronecker layer whose statistics would not describe its block: its parameters
+    also used outside the layer's own calls (a tied output embedding ``h @ emb.weight.T``,
+    ``F.linear(x, layer.weight)``, a weight transformed inside a custom ``forward``), or a call
+    of the layer with gradients off (``torch.no_grad()``: its inputs would be counted, its
+    output never reaches the loss).
 
     A Kronecker block is built from what the layer's calls see — their inputs and output
-    gradients — so any other use of its weight would be missing from it, silently.  Each call of
+    gradients — so another use of its weight would be missing from it, silently.  Each call of
     ``nn.Linear``/``nn.Conv*``/``nn.Embedding`` reaches a parameter's gradient accumulator along
     one edge of the autograd graph; more edges than calls is another use.  (Fewer is fine: a
     compiled graph, an autocast cache or a checkpointed segment joins them.)  Usage: a context
-    around the forward pass and the loss, as :class:`~curvlab.extract.ExtractionSession` runs it.
+    around the forward pass that counts the calls, then :meth:`check` on its output — at the
+    loss call when given ``loss_fn`` (as :class:`~curvlab.extract.ExtractionSession` runs it).
     """
 
-    def __init__(self, layers: dict[nn.Module, str], loss_fn: nn.Module) -> None:
+    def __init__(self, layers: dict[nn.Module, str], loss_fn: nn.Module | None = None) -> None:
         self.layers, self.loss_fn = layers, loss_fn
         self.calls: dict[nn.Module, int] = {}
+        self.detached: dict[nn.Module, int] = {}
         self._handles: list = []
 
     def __enter__(self) -> "LayerUseCheck":
-        self.calls = dict.fromkeys(self.layers, 0)
+        self.calls, self.detached = dict.fromkeys(self.layers, 0), dict.fromkeys(self.layers, 0)
         self._handles = [m.register_forward_hook(self._called) for m in self.layers]
-        self._handles.append(self.loss_fn.register_forward_pre_hook(self._check))
+        if self.loss_fn is not None:
+            self._handles.append(self.loss_fn.register_forward_pre_hook(lambda _, args: self.check(args[0] if args else None)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -129,10 +134,20 @@ class LayerUseCheck:
         self._handles = []
 
     def _called(self, module: nn.Module, args: object, output: object) -> None:
-        self.calls[module] += 1
+        counts = self.calls if getattr(output, "requires_grad", True) else self.detached
+        counts[module] += 1
 
-    def _check(self, loss_fn: nn.Module, args: tuple) -> None:
-        root = getattr(args[0], "grad_fn", None) if args else None
+    def check(self, output: object) -> None:
+        """Raise :class:`UnsupportedModelError` naming the first layer used otherwise than by its
+        calls, in the forward pass that gave ``output``."""
+        for module, path in self.layers.items():
+            if self.detached[module]:
+                raise UnsupportedModelError(
+                    f"curvlab.extract: {path} ({type(module).__name__}) was called {self.detached[module]} time(s) "
+                    "with gradients off (torch.no_grad()) in the forward pass: its Kronecker statistics would "
+                    "count those calls' inputs, whose outputs never reach the loss — call it only where it does"
+                )
+        root = getattr(output, "grad_fn", None)
         if root is None:
             return
         uses = graph_uses(root)

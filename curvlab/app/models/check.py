@@ -7,18 +7,22 @@ from torch import nn
 
 from curvlab.app.data import SHAPES, canonical_name
 from curvlab.app.models import make_model
+from curvlab.extract.validate import LayerUseCheck
 from curvlab.model_blocks import model_blocks
 
 
-def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False, **model_kwargs: object) -> None:
+def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
+                layer_uses: tuple[type[nn.Module], ...] = (nn.Module,), **model_kwargs: object) -> None:
     """Build ``spec`` for ``dataset``'s input shape, find its blocks and run two dummy inputs.
 
     Costs one model construction and one tiny forward pass (no data, no training), so a
-    command fails on an unsupported model in a second, not after loading the data.
+    command fails on an unsupported model in a second, not after loading the data.  The
+    Kronecker layers of the types ``layer_uses`` (``()``: none) must be used by their calls only.
 
     Raises:
         ValueError: unknown model or bad spec; ``curvlab.model_blocks.UnsupportedModelError``
-            (a ``ValueError``) naming the unsupported module, its type and what is supported;
+            (a ``ValueError``) naming the unsupported module, its type and what is supported, or
+            a layer used otherwise than by its calls (:class:`~curvlab.extract.validate.LayerUseCheck`);
             a forward pass that fails or does not give ``[N, num_classes]`` logits.
     """
     key = canonical_name(dataset)
@@ -26,13 +30,16 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False, **mo
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(SHAPES)}")
     input_shape, num_classes = SHAPES[key]
     model = make_model(spec, input_shape, num_classes, **model_kwargs)
-    model_blocks(model, skip_unsupported=skip_unsupported)
+    blocks = model_blocks(model, skip_unsupported=skip_unsupported)
     model.eval()  # no running-statistics update, no dropout
     try:
-        with torch.no_grad():
+        # with gradients: the graph shows a layer's weight used outside its calls
+        layers = {m: path for m, path in blocks.layers.items() if isinstance(m, layer_uses)}
+        with torch.enable_grad(), LayerUseCheck(layers) as uses:
             out = model(torch.zeros(2, *input_shape))
     except Exception as err:  # noqa: BLE001 — any failure of the user's forward is reported
         raise ValueError(f"model {spec!r}: its forward pass fails on inputs [2, *{input_shape}]: {err}") from err
+    uses.check(out)
     if tuple(out.shape) != (2, num_classes):
         raise ValueError(
             f"model {spec!r} maps inputs [2, *{input_shape}] to {tuple(out.shape)}; curvlab needs logits "

@@ -11,6 +11,7 @@ from torch import nn
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
+from curvlab.optim.base import PRECONDITIONED_LAYERS
 
 #: Optimizers ``curvlab train`` knows: torch's SGD and Adam, then curvlab's registry.
 OPTIMIZERS = ("sgd", "adam", *KRONECKER)
@@ -109,3 +110,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return KRONECKER[cfg.optimizer](model, options=cfg.optimizer_options())
+
+
+def curvature_layers(cfg: TrainConfig) -> tuple[type[nn.Module], ...]:
+    """The layer types whose curvature the run reads: every Kronecker layer when it probes,
+    the preconditioned ones under a curvlab optimizer, none under SGD or Adam."""
+    if cfg.probe_every:
+        return (nn.Module,)
+    return PRECONDITIONED_LAYERS if cfg.optimizer in KRONECKER else ()
