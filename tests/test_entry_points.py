@@ -154,6 +154,27 @@ def test_a_weight_used_outside_its_module_is_refused_at_the_loss(tied_embedding:
     # (a layer called twice, whose weight its own calls use twice, is zoo's TiedMLP: measured everywhere)
 
 
+class CalledWithoutGradient(nn.Module):
+    """``a`` also called under ``torch.no_grad()`` (a monitoring call): its inputs entered ``A``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.a(3 * x)
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_layer_called_with_gradients_off_is_refused() -> None:
+    model = CalledWithoutGradient().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    for engine in ("autograd", "auto"):
+        with pytest.raises(UnsupportedModelError, match=r"a \(Linear\) was called 1 time\(s\) with gradients off"):
+            curvlab.extract(model, CE, x, y, engine=engine)
+
+
 # --- the command line -------------------------------------------------------------------------
 
 USER_MODELS = textwrap.dedent(

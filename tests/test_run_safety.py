@@ -334,3 +334,52 @@ def test_probe_approximations_must_be_names(tmp_path: Path) -> None:
         small(tmp_path, probe_every=1, probe_approximations="kfac")
     with pytest.raises(ValueError, match="unknown approximation 'kfc'"):
         small(tmp_path, probe_every=1, probe_approximations=("kfc",))
+
+
+TIED_MODEL = '''
+import torch
+from torch import nn
+
+
+class Tied(nn.Module):
+    """fc's weight also used outside its call: its Kronecker block would miss that use."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc, self.out = nn.Linear(64, 64), nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x.flatten(1)))
+        return self.out(h + nn.functional.linear(h, self.fc.weight))
+
+
+def build(input_shape=(1, 8, 8), num_classes=10):
+    return Tied(num_classes)
+'''
+
+
+def test_a_layer_used_outside_its_calls_is_refused_before_any_work(tmp_path: Path, capfd) -> None:
+    """It was refused at the first statistics step: after --overwrite had removed the previous
+    run, after the report's pre-training, and by every rank of --nproc 2."""
+    (tmp_path / "tied.py").write_text(TIED_MODEL)
+    spec = f"{tmp_path / 'tied.py'}:build"
+    run = tmp_path / "run"
+    assert main(["train", "--model", spec, "--optimizer", "sgd", *FAST_TRAIN[2:], "--out", str(run)]) == 0
+    kept = sorted(p.name for p in run.iterdir())
+    capfd.readouterr()
+    refused = "fc.weight (Linear) is used 2 times in the forward pass but its module is called 1 time(s)"
+    for args in (["train", "--optimizer", "tekfac", "--overwrite", "--out", str(run)],
+                 ["train", "--optimizer", "tekfac", "--nproc", "2", "--out", str(tmp_path / "t2")],
+                 ["report", "--train-steps", "200", "--out", str(tmp_path / "r")],
+                 ["report", "--nproc", "2", "--out", str(tmp_path / "r2")]):
+        assert main([args[0], "--model", spec, *args[1:]]) == 1
+        err = capfd.readouterr().err
+        assert err.count(refused) == 1 and "Traceback" not in err and "train step" not in err
+    assert sorted(p.name for p in run.iterdir()) == kept
+    assert not any((tmp_path / name).exists() for name in ("t2", "r", "r2"))
+
+
+def test_report_mode_train_with_several_processes_is_refused_before_they_start(tmp_path: Path, capfd) -> None:
+    assert main(["report", "--mode", "train", "--nproc", "2", "--out", str(tmp_path / "o")]) == 2
+    err = capfd.readouterr().err
+    assert err.count("--mode train measures a batch whose examples are coupled") == 1 and "Traceback" not in err
