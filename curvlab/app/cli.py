@@ -286,7 +286,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     from curvlab.app.data import DataError
     from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch_with_data, wants_relaunch
-    from curvlab.app.report.run import ReportError, resolve_device, run_report
+    from curvlab.app.report.run import COUPLED_BATCH, ReportError, resolve_device, run_report
 
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
     if unused:
@@ -300,8 +300,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return EXIT_USAGE
     if wants_relaunch(args.nproc):
         if args.mode == "train":
-            print_error(parser, "--mode train measures a batch whose examples are coupled (BatchNorm's batch "
-                                "statistics); shards on several processes would change them: drop --nproc", usage=True)
+            print_error(parser, f"--mode train {COUPLED_BATCH}: drop --nproc", usage=True)
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
         return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir,

@@ -99,12 +99,10 @@ def scaled(sqrt: SquareRoot, factor: float) -> SquareRoot:
     """The root ``factor · V`` (so the block is scaled by ``factor²``), in ``sqrt``'s back-end."""
     if factor == 1.0:
         return sqrt
-    if isinstance(sqrt, FactoredSqrt):
-        return FactoredSqrt(sqrt.a, sqrt.g * factor)
+    if isinstance(sqrt, (FactoredSqrt, UnfoldedSqrt)):  # the roots scaled, the inputs shared
+        return type(sqrt)(sqrt.a, sqrt.g * factor)
     if isinstance(sqrt, DenseSqrt):
         return DenseSqrt(sqrt.m * factor)
-    if isinstance(sqrt, UnfoldedSqrt):
-        return UnfoldedSqrt(sqrt.a, sqrt.g * factor)
     return DenseSqrt(sqrt.matrices() * factor)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from curvlab.extract.engines import uncompiled
 from curvlab.extract.extension import BackpackUnsupportedError
 from curvlab.extract.options import ExtractOptions
 from curvlab.extract.session import ExtractionSession
@@ -94,8 +95,7 @@ def extract(
         :class:`Extraction`: block name → :class:`LayerStats`.
     """
     opts = ExtractOptions.make(options, overrides)
-    compiled = getattr(model, "_orig_mod", None)  # torch.compile's wrapper: its backward cannot run under vmap
-    model = compiled if isinstance(compiled, nn.Module) else model
+    model = uncompiled(model)
     for what, value in (("inputs", inputs), ("targets", targets)):
         if not isinstance(value, Tensor):
             raise TypeError(f"curvlab.extract: {what} must be one torch.Tensor (a batch), got {type(value).__name__}")

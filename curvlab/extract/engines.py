@@ -47,6 +47,13 @@ class EngineChoice:
     reason: str = ""
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiled, else ``model``: the
+    wrapper forwards attribute writes to it, and its compiled backward cannot run under vmap."""
+    compiled = getattr(model, "_orig_mod", None)
+    return compiled if isinstance(compiled, nn.Module) else model
+
+
 def convert(model: nn.Module) -> nn.Module:
     """BackPACK's ``torch.fx`` conversion of ``model``, leaving ``model`` as it was.
 
@@ -57,9 +64,7 @@ def convert(model: nn.Module) -> nn.Module:
     """
     from backpack.custom_module.graph_utils import convert_module_to_backpack
 
-    compiled = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if isinstance(compiled, nn.Module):
-        model = compiled
+    model = uncompiled(model)
     root = copy.copy(model)
     root._modules = dict(model._modules)  # new submodules land on the copy only
     root._parameters, root._buffers = dict(model._parameters), dict(model._buffers)

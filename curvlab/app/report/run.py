@@ -75,6 +75,9 @@ class ReportConfig:
 
 #: The model's mode during the measurement.
 MODES = ("eval", "train")
+#: Why ``mode="train"`` runs in one process only.
+COUPLED_BATCH = ("measures a batch whose examples are coupled (BatchNorm's batch statistics); shards on several "
+                 "processes would change those statistics")
 
 
 class ReportError(ValueError):
@@ -287,10 +290,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     }
     if ranks.distributed:
         if cfg.mode == "train":
-            raise ReportError(
-                "mode='train' measures a batch whose examples are coupled (BatchNorm's batch statistics); "
-                "shards on several processes would change those statistics: run it in one process"
-            )
+            raise ReportError(f"mode='train' {COUPLED_BATCH}: run it in one process")
         x, y = ranks.shard(x, y)
     ds = (sharded_compare if ranks.distributed else compare)(
         model,
