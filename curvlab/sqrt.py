@@ -244,42 +244,63 @@ class UnfoldedSqrt(_InputsAndRoots):
         return ((self.g.mT @ self.g) * (self.a.mT @ self.a)).sum((-2, -1)).flatten()
 
     def gram(self) -> Tensor:
-        # ⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]: K²T²·d_out flops, against
-        # K²·d_out·D (and forming them) for the M_k themselves — the cheaper of the two
-        c, n, d_out, t = self.g.shape
-        if _gram_work(c * n, n, d_out, self.a.shape[1], t)[1]:
-            return self._gram_of_matrices()
-        # per example n, the products of its C·T root rows with all K·T, times the inputs'
-        # (n, t) × (m, s) products, summed over t, s
-        k = c * n
-        of_example = self.g.permute(1, 0, 3, 2).reshape(n, c * t, d_out)
-        rows = self.g.permute(0, 1, 3, 2).reshape(k * t, d_out)
-        a_rows = self.a.mT.reshape(n * t, -1)
-        inputs = (a_rows @ a_rows.T).view(n, t, n, t)
-        example = torch.arange(k, device=self.device) % n  # column k = c·N + n
-        out = self.g.new_empty(c, n, k)
-        for i in range(n):
-            roots = (of_example[i] @ rows.T).view(c, t, k, t)
-            out[:, i] = torch.einsum("ctls,tls->cl", roots, inputs[i][:, example])
-        return out.reshape(k, k)
+        return self.cross_gram(self)
 
-    def _gram_of_matrices(self) -> Tensor:
-        """``VᵀV`` from the ``M_k`` formed for a chunk of examples at a time (each chunk under
-        :data:`CHUNK_ELEMENTS`, formed once per later chunk)."""
+    def cross_gram(self, other: "UnfoldedSqrt") -> Tensor:
+        """``VᵀV_other`` (``[K, K_other]``) with the root of the same layer on other examples (a
+        shard on another process, :class:`curvlab.distributed.ShardedSqrt`); :meth:`gram` is
+        ``cross_gram(self)``.
+
+        ``⟨M_k, M_l⟩ = Σ_{t,s} (g_kᵀ g_l)[t, s] (āₙᵀ ā_m)[t, s]``: ``K·K'·T²·d_out`` flops,
+        against ``K·K'·d_out·D`` (and forming them) for the ``M_k`` themselves — the cheaper
+        of the two (:func:`_gram_work`)."""
+        c, n, d_out, t = self.g.shape
+        if other.g.shape[0] != c or other.g.shape[2:] != self.g.shape[2:] or other.a.shape[1] != self.a.shape[1]:
+            raise ValueError(f"UnfoldedSqrt.cross_gram: roots {tuple(self.g.shape)}, {tuple(other.g.shape)} and "
+                             f"inputs {tuple(self.a.shape)}, {tuple(other.a.shape)} are not of one layer")
+        n_other = other.g.shape[1]
+        if _gram_work(c * n, n, d_out, self.a.shape[1], t, None if other is self else n_other)[1]:
+            return self._gram_of_matrices(other)
+        # per example n, the products of its C·T root rows with all K'·T, times the inputs'
+        # (n, t) × (m, s) products, summed over t, s
+        k_other = c * n_other
+        of_example = self.g.permute(1, 0, 3, 2).reshape(n, c * t, d_out)
+        rows = other.g.permute(0, 1, 3, 2).reshape(k_other * t, d_out)
+        inputs = (self.a.mT.reshape(n * t, -1) @ other.a.mT.reshape(n_other * t, -1).T).view(n, t, n_other, t)
+        example = torch.arange(k_other, device=self.device) % n_other  # column l = c·N' + m
+        out = self.g.new_empty(c, n, k_other)
+        for i in range(n):
+            roots = (of_example[i] @ rows.T).view(c, t, k_other, t)
+            out[:, i] = torch.einsum("ctls,tls->cl", roots, inputs[i][:, example])
+        return out.reshape(c * n, k_other)
+
+    def _gram_of_matrices(self, other: "UnfoldedSqrt") -> Tensor:
+        """``VᵀV_other`` from the ``M_k`` formed for a chunk of examples at a time (each chunk
+        under :data:`CHUNK_ELEMENTS`; ``other``'s formed once per chunk of ``self``'s, or, for
+        ``other is self``, each chunk once per later chunk and the lower blocks by symmetry)."""
+        same = other is self
+        left_chunks, right_chunks = self._chunks(), other._chunks()
+        out = self.g.new_empty(self.num_columns, other.num_columns)
+        for i, (examples, rows) in enumerate(left_chunks):
+            left = self._of_examples(examples).flatten(1)
+            if same:
+                out[rows[:, None], rows] = left @ left.T
+            for examples_r, cols in right_chunks[i + 1:] if same else right_chunks:
+                block = left @ other._of_examples(examples_r).flatten(1).T
+                out[rows[:, None], cols] = block
+                if same:
+                    out[cols[:, None], rows] = block.T
+        return out
+
+    def _chunks(self) -> list[tuple[slice, Tensor]]:
+        """Spans of examples whose ``M_k`` (every ``c``) stay under :data:`CHUNK_ELEMENTS`
+        together, each with its columns ``k = c·N + n`` (n-major, as :meth:`_of_examples`
+        orders them)."""
         c, n, d_out, _ = self.g.shape
         step = max(1, CHUNK_ELEMENTS // max(c * d_out * self.a.shape[1], 1))
         spans = [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
-        columns = [(torch.arange(s.start, s.stop, device=self.device)[:, None]  # k = c·N + n, n-major
-                    + n * torch.arange(c, device=self.device)).flatten() for s in spans]
-        out = self.g.new_empty(c * n, c * n)
-        for i, (examples, rows) in enumerate(zip(spans, columns)):
-            left = self._of_examples(examples).flatten(1)
-            out[rows[:, None], rows] = left @ left.T
-            for later, cols in zip(spans[i + 1:], columns[i + 1:]):
-                block = left @ self._of_examples(later).flatten(1).T
-                out[rows[:, None], cols] = block
-                out[cols[:, None], rows] = block.T
-        return out
+        return [(s, (torch.arange(s.start, s.stop, device=self.device)[:, None]
+                     + n * torch.arange(c, device=self.device)).flatten()) for s in spans]
 
     def _of_examples(self, examples: slice) -> Tensor:
         """``M_{c,n}`` of the examples ``n`` in ``examples``, every ``c``: ``[n'·C, d_out, D]``,
@@ -359,15 +380,24 @@ def unfolded_is_cheaper(columns: int, examples: int, d_out: int, d_in: int, loca
     return unfolded_size <= dense_size and unfolded_work < dense_work
 
 
-def _gram_work(columns: int, examples: int, d_out: int, d_in: int, locations: int) -> tuple[int, bool]:
-    """Flops of :meth:`UnfoldedSqrt.gram`, and whether it forms the ``M_k`` (each chunk of
-    examples once per later chunk, then their products) rather than multiplying the ``T × T``
-    products of the roots and of the inputs — whichever costs less."""
+def _gram_work(columns: int, examples: int, d_out: int, d_in: int, locations: int,
+               other_examples: int | None = None) -> tuple[int, bool]:
+    """Flops of :meth:`UnfoldedSqrt.cross_gram` with a root of ``other_examples`` examples
+    (``None``: :meth:`UnfoldedSqrt.gram`, the root with itself), and whether it forms the
+    ``M_k`` (a chunk of examples at a time; for the Gram each chunk once per later chunk, its
+    lower blocks by symmetry) rather than multiplying the ``T × T`` products of the roots and of
+    the inputs — whichever costs less."""
     k, n, t = columns, examples, locations
-    per_example = (k // max(n, 1)) * d_out * d_in
+    c = k // max(n, 1)
+    per_example = c * d_out * d_in
     chunks = -(-n // max(1, CHUNK_ELEMENTS // max(per_example, 1)))
-    by_matrices = k * d_out * d_in * (k + t * (chunks + 1) // 2)
-    by_products = (k * t) ** 2 * (d_out + 1) + (n * t) ** 2 * d_in
+    if other_examples is None:
+        n_other, k_other = n, k
+        by_matrices = k * d_out * d_in * (k + t * (chunks + 1) // 2)
+    else:
+        n_other, k_other = other_examples, c * other_examples
+        by_matrices = d_out * d_in * (k * k_other + t * (k + chunks * k_other))
+    by_products = k * t * k_other * t * (d_out + 1) + n * t * n_other * t * d_in
     return min(by_matrices, by_products), by_matrices < by_products
 
 

@@ -43,6 +43,20 @@ def tiny_cnn(seed: int = 0, classes: int = 3) -> nn.Sequential:
     ).double()
 
 
+def tiny_conv1d(seed: int = 0, classes: int = 3) -> nn.Sequential:
+    """Input [N, 10, 7]; the exact roots (CE, 3 classes) of the first convolution kept unfolded
+    (:class:`curvlab.sqrt.UnfoldedSqrt`) for one example and as matrices for more, of the
+    second unfolded for any batch."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv1d(10, 2, 3, bias=False),  # → 2×5
+        nn.Sigmoid(),
+        nn.Conv1d(2, 8, 3, stride=2),  # → 8×2
+        nn.Flatten(),
+        nn.Linear(16, classes),
+    ).double()
+
+
 def batches(n: int = 6, size: int = 32, shape: tuple[int, ...] = (2, 6, 6), seed: int = 5) -> list[tuple[Tensor, Tensor]]:
     """``n`` float64 batches of ``size`` inputs of ``shape`` with labels of 3 classes."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,8 +77,11 @@ def train(opt, model: nn.Module, data) -> None:
 def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
     """Random inputs of the right shape and targets for ``loss_fn``."""
     gen = torch.Generator().manual_seed(seed)
-    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    shape = (n, first.in_features) if isinstance(first, nn.Linear) else (n, first.in_channels, 6, 6)
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+    if isinstance(first, nn.Linear):
+        shape = (n, first.in_features)
+    else:
+        shape = (n, first.in_channels, 7) if isinstance(first, nn.Conv1d) else (n, first.in_channels, 6, 6)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     classes = model[-1].out_features
     if isinstance(loss_fn, nn.CrossEntropyLoss):

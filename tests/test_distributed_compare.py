@@ -6,7 +6,8 @@ Each spawn of a process group costs seconds, so every rank runs many checks per 
 to the parent, which checks that they are identical.
 
 Equality is checked for the ``exact`` and ``empirical`` flavours, on the tiny MLP (factored
-roots) and CNN (dense roots), CE and MSE, mean and sum reductions, equal and unequal shards,
+roots), CNN (dense roots) and Conv1d net (unfolded roots; on a rank of one example its first
+layer's unfolded where the other ranks' are dense), CE and MSE, mean and sum reductions, equal and unequal shards,
 for every data variable, to ``1e-10`` relative (see :func:`assert_same_dataset` for the absolute
 floors).  The ``kfac`` approximation is built from MC-sampled factors, which each rank samples
 with its own seed (``seed + rank``): it is checked to be finite and identical on all ranks, not
@@ -50,6 +51,7 @@ CASES_2 = [
     ("mlp", "mse", "mean", "empirical", (2, 3), APPROX),
     ("cnn", "ce", "mean", "empirical", (4, 2), APPROX),
     ("cnn", "ce", "sum", "exact", (3, 2), APPROX),
+    ("conv1d", "ce", "mean", "exact", (1, 3), NO_KFOC),
 ]
 CASES_4 = [
     ("mlp", "ce", "sum", "empirical", (2, 2, 2, 1), NO_KFOC),
@@ -67,9 +69,9 @@ SUBGROUP_CASE = ("cnn", "ce", "mean", "exact", (2, 2, 1), NO_KFOC)
 def _setting(model: str, loss: str, reduction: str, n: int):
     from torch import nn
 
-    from helpers import batch, tiny_cnn, tiny_mlp
+    from helpers import batch, tiny_cnn, tiny_conv1d, tiny_mlp
 
-    net = tiny_mlp() if model == "mlp" else tiny_cnn()
+    net = {"mlp": tiny_mlp, "cnn": tiny_cnn, "conv1d": tiny_conv1d}[model]()
     loss_fn = nn.CrossEntropyLoss(reduction=reduction) if loss == "ce" else nn.MSELoss(reduction=reduction)
     x, y = batch(net, loss_fn, n)
     return net, loss_fn, x, y
@@ -304,9 +306,9 @@ def _assert_identical_across_ranks(results) -> None:
 
 
 def test_two_ranks_equal_one_process() -> None:
-    results = run_ranks(_equality_worker, 2, CASES_2, ("mlp", "cnn"), failures=True, mc=True)
+    results = run_ranks(_equality_worker, 2, CASES_2, ("mlp", "cnn", "conv1d"), failures=True, mc=True)
     _assert_identical_across_ranks(results)
-    assert all(r["sqrt_blocks"] == 5 for r in results)
+    assert all(r["sqrt_blocks"] == 8 for r in results)
     first, second = (r["failures"] for r in results)
     # the rank whose extraction failed raises its own error, the other names it
     assert "IndexError" in second["local_error"] or "out of bounds" in second["local_error"], second
@@ -318,9 +320,9 @@ def test_two_ranks_equal_one_process() -> None:
 
 
 def test_four_ranks_equal_one_process_and_sub_group() -> None:
-    results = run_ranks(_equality_worker, 4, CASES_4, ("mlp", "cnn"), subgroup_case=SUBGROUP_CASE)
+    results = run_ranks(_equality_worker, 4, CASES_4, ("mlp", "cnn", "conv1d"), subgroup_case=SUBGROUP_CASE)
     _assert_identical_across_ranks(results)
-    assert all(r["sqrt_blocks"] == 5 for r in results)
+    assert all(r["sqrt_blocks"] == 8 for r in results)
     assert "subgroup_blocks" not in results[0]
     assert all(r["subgroup_blocks"] == 3 for r in results[1:])
 

@@ -102,3 +102,20 @@ def test_sandwiches_of_a_block_one_wide(d_out: int, d_in: int) -> None:
     b, c = torch.eye(d_out, dtype=DT), torch.eye(d_in, dtype=DT)
     torch.testing.assert_close(root.sandwich_out(c), sum(mk @ mk.T for mk in m), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(root.sandwich_in(b), sum(mk.T @ mk for mk in m), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d_in,t", [(40, 2), (5, 8)], ids=["few-locations", "many-locations"])
+def test_unfolded_cross_gram_with_other_examples(d_in: int, t: int, chunk_columns) -> None:
+    """``VᵀV_other`` of two unfolded roots of one layer on different examples (a shard of
+    another process), by either route: the products of their matrices."""
+    gen = torch.Generator().manual_seed(6)
+
+    def root(n: int) -> UnfoldedSqrt:
+        return UnfoldedSqrt(torch.randn(n, d_in, t, generator=gen, dtype=DT), torch.randn(C, n, 6, t, generator=gen, dtype=DT))
+
+    mine, other = root(N), root(N + 2)
+    want = mine.matrices().flatten(1) @ other.matrices().flatten(1).T
+    torch.testing.assert_close(mine.cross_gram(other), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(other.cross_gram(mine), want.T, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not of one layer"):
+        mine.cross_gram(UnfoldedSqrt(other.a[:, :-1], other.g))

@@ -34,10 +34,11 @@ Communication per call (``K = Σ K_r`` columns, ``P = d_out·D`` parameters, ``R
 ==========================  =================================================================
 
 A shard is what the back-end stores: ``N_r·D + K_r·d_out`` numbers for a
-:class:`~curvlab.sqrt.FactoredSqrt` (linear layers), ``K_r·P`` for a
-:class:`~curvlab.sqrt.DenseSqrt` (convolutions) — and for an
-:class:`~curvlab.sqrt.UnfoldedSqrt` too: its form depends on ``N_r``, which ranks need not
-share, so it travels as its matrices.
+:class:`~curvlab.sqrt.FactoredSqrt` (linear layers), ``T·(N_r·D + K_r·d_out)`` for an
+:class:`~curvlab.sqrt.UnfoldedSqrt` (a layer at ``T`` locations whose root is kept unfolded),
+``K_r·P`` for a :class:`~curvlab.sqrt.DenseSqrt` (the other convolutions).  Each rank's
+extraction chooses between the last two for its own ``N_r``; where they chose differently, the
+unfolded shards travel as their matrices.
 
 Operands from eigen-decompositions are rank 0's: with ``sync_operands=True`` (default) the
 weights of :meth:`~ShardedSqrt.combine` and the bases of :meth:`~ShardedSqrt.rotated_sq_sum`
@@ -62,7 +63,7 @@ from curvlab.distributed import collectives as coll
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot, UnfoldedSqrt
 
 #: Shard formats exchanged between ranks (the back-end's own storage).
-SHARD_KINDS = ("factored", "dense")
+SHARD_KINDS = ("factored", "dense", "unfolded")
 
 #: Length of the integer header describing a rank's shard (kind, tensor shapes).
 _HEADER = 12
@@ -71,14 +72,17 @@ _HEADER = 12
 # ----------------------------------------------------------------------------- shard formats
 
 
-def shard_tensors(sqrt: SquareRoot) -> tuple[str, list[Tensor]]:
+def shard_tensors(sqrt: SquareRoot, dense: bool = False) -> tuple[str, list[Tensor]]:
     """The tensors that represent ``sqrt`` on the wire.
 
-    ``FactoredSqrt`` → ``("factored", [ā, g])``; ``DenseSqrt`` → ``("dense", [M])``; any other
-    back-end → ``("dense", [sqrt.matrices()])``.
+    ``FactoredSqrt`` → ``("factored", [ā, g])``; ``UnfoldedSqrt`` → ``("unfolded", [ā, g])``
+    (``dense``: as its matrices); ``DenseSqrt`` → ``("dense", [M])``; any other back-end →
+    ``("dense", [sqrt.matrices()])``.
     """
     if isinstance(sqrt, FactoredSqrt):
         return "factored", [sqrt.a.contiguous(), sqrt.g.contiguous()]
+    if isinstance(sqrt, UnfoldedSqrt) and not dense:
+        return "unfolded", [sqrt.a.contiguous(), sqrt.g.contiguous()]
     if isinstance(sqrt, DenseSqrt):
         return "dense", [sqrt.m.contiguous()]
     return "dense", [sqrt.matrices().contiguous()]
@@ -91,6 +95,8 @@ def cross_gram(kind: str, mine: Sequence[Tensor], other: Sequence[Tensor]) -> Te
         c = g1.shape[0]
         out = g1.reshape(-1, g1.shape[-1]) @ g2.reshape(-1, g2.shape[-1]).T  # [C·N1, C·N2]
         return out * (a1 @ a2.T).repeat(c, c)
+    if kind == "unfolded":
+        return UnfoldedSqrt(*mine).cross_gram(UnfoldedSqrt(*other))
     (m1,), (m2,) = mine, other
     return m1.flatten(1) @ m2.flatten(1).T
 
@@ -227,7 +233,7 @@ class ShardedSqrt(SquareRoot):
         if size == 1:
             return local_gram
         kind, mine = shard_tensors(self.local)
-        shapes = self._shard_shapes(kind, mine)
+        kind, mine, shapes = self._shard_shapes(kind, mine)
         k = self.num_columns
         gram = local_gram.new_zeros(k, k)
         gram[self._rows(r), self._rows(r)] = local_gram
@@ -242,8 +248,10 @@ class ShardedSqrt(SquareRoot):
         dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=self.group)
         return gram
 
-    def _shard_shapes(self, kind: str, mine: Sequence[Tensor]) -> list[list[list[int]]]:
-        """Every rank's shard tensor shapes (one small ``all_gather``); checks the formats agree."""
+    def _shard_shapes(self, kind: str, mine: list[Tensor]) -> tuple[str, list[Tensor], list[list[list[int]]]]:
+        """The format all ranks send (``"dense"`` where some kept a layer's root unfolded and
+        others as matrices), this rank's shard in it, and every rank's shard tensor shapes (a
+        small ``all_gather``, twice for that mix); checks the formats agree."""
         header = [SHARD_KINDS.index(kind), len(mine)]
         for t in mine:
             header += [t.dim(), *t.shape]
@@ -251,6 +259,9 @@ class ShardedSqrt(SquareRoot):
             raise ValueError(f"ShardedSqrt: shard header too long ({len(header)} > {_HEADER})")
         header += [0] * (_HEADER - len(header))
         table = coll.all_gather_floats(header, mine[0].device, self.group).long().tolist()
+        if {SHARD_KINDS[row[0]] for row in table} == {"dense", "unfolded"}:
+            # N_r decides between the two back-ends: those ranks send their matrices instead
+            return self._shard_shapes(*shard_tensors(self.local, dense=True))
         if any(row[:2] != table[0][:2] for row in table):
             raise ValueError(
                 "ShardedSqrt.gram: the ranks hold shards of different formats "
@@ -264,7 +275,7 @@ class ShardedSqrt(SquareRoot):
                 per_rank.append(row[pos + 1 : pos + 1 + ndim])
                 pos += 1 + ndim
             shapes.append(per_rank)
-        return shapes
+        return kind, mine, shapes
 
     def inner(self, x: Tensor) -> Tensor:
         return coll.all_gather_rows(self.local.inner(x), self.column_counts, self.group)
