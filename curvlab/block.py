@@ -282,13 +282,14 @@ class Block:
             return torch.cat(parts, 1)
         return parts[0].clone() if copy else parts[0]
 
-    def add_(self, update: Tensor | Sequence[Tensor], alpha: float, *,
+    def add_(self, update: Tensor | Sequence[Tensor], alpha: float | Sequence[float], *,
              skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> None:
         """``W̄ ← W̄ + alpha · update`` (``update``: ``[d_out, D]``, or its column blocks as
-        :meth:`BlockLayout.columns` cuts them), leaving the parameters in ``skip`` (e.g. a bias no
-        param group holds) unchanged."""
+        :meth:`BlockLayout.columns` cuts them; ``alpha``: one number, or one per column block),
+        leaving the parameters in ``skip`` (e.g. a bias no param group holds) unchanged."""
         parts = self.layout.columns(update) if isinstance(update, Tensor) else update
-        for p, part in zip(self._parameters, parts):
+        alphas = [alpha] * len(parts) if isinstance(alpha, (int, float)) else alpha
+        for p, part, alpha in zip(self._parameters, parts, alphas):
             if skip and p in skip:  # (a tensor's hash is a Python call)
                 continue
             if p is not self.weight:  # the bias column

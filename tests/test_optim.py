@@ -375,6 +375,31 @@ def test_param_groups_and_unmanaged_layers():
     assert set(opt.approximations()) == {"0"}
 
 
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_weight_and_bias_in_groups_of_their_own(cls):
+    """The preconditioned update of one block, its weight and bias columns each with their own
+    group's lr, weight decay and momentum (no decay, a larger lr and no momentum on the bias):
+    two steps against the dense damped natural gradient of each."""
+    model, loss_fn = softmax_regression(), nn.CrossEntropyLoss()
+    x, y = data(1, d_in=4)
+    lam = 1e-2
+    lr = torch.tensor([0.3] * 12 + [1.0] * 3, dtype=DT)
+    wd = torch.tensor([0.5] * 12 + [0.0] * 3, dtype=DT)
+    mu = torch.tensor([0.9] * 12 + [0.0] * 3, dtype=DT)
+    settings = {**EXACT, "momentum": 0.7, "weight_decay": 0.2}  # the defaults, overridden by both groups
+    opt = cls(model, [{"params": [model[0].weight], "lr": 0.3, "weight_decay": 0.5, "momentum": 0.9},
+                      {"params": [model[0].bias], "lr": 1.0, "weight_decay": 0.0, "momentum": 0.0}],
+              lr=0.1, damping=lam, **settings)
+    buffer = torch.zeros(15, dtype=DT)
+    for _ in range(2):
+        theta = flat_params(model[0])
+        F = dense_ggn(model, loss_fn, x, y, "0")
+        g = dense_grad(model, loss_fn, x, y, "0")
+        buffer = mu * buffer + torch.linalg.solve(F + lam * torch.eye(15, dtype=DT), g) + wd * theta
+        train_step(opt, model, loss_fn, x, y)
+        torch.testing.assert_close(flat_params(model[0]), theta - lr * buffer, rtol=1e-10, atol=1e-12)
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

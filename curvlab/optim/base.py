@@ -43,8 +43,10 @@ spread over them (:mod:`curvlab.optim.distributed`), so every rank takes one pro
 the concatenated batch.
 
 Every other parameter (layers the extraction only passes through; layers whose weight is frozen
-or in no group) gets ``torch.optim.SGD``'s update.  A block uses its weight's param group; a
-trainable bias in no group is part of the statistics but not updated.  The statistics are those
+or in no group) gets ``torch.optim.SGD``'s update.  A block's weight and bias columns of the
+preconditioned update take their own parameter's param group (``lr``, ``momentum``,
+``weight_decay``: e.g. no weight decay on biases); a trainable bias in no group is part of the
+statistics but not updated.  The statistics are those
 of the loss as the user computes it, of the flavour ``fisher`` (MC sampling draws from torch's
 global RNG: save ``torch.get_rng_state()`` with :meth:`~KroneckerOptimizer.state_dict` for a
 bit-identical resume).  Cost per ``d_out × D`` block: ``4 d_out D (d_out + D)`` flops a step for
@@ -85,10 +87,11 @@ PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class StepWalk(NamedTuple):
-    """What a step visits: each preconditioned block with its state and param group, and each
-    param group with its first-order parameters (groups without any left out)."""
+    """What a step visits: each preconditioned block with its state and the param groups of its
+    parameters (weight, bias), and each param group with its first-order parameters (groups
+    without any left out)."""
 
-    blocks: list[tuple[Block, BlockState, dict[str, Any]]]
+    blocks: list[tuple[Block, BlockState, list[dict[str, Any]]]]
     first_order: list[tuple[dict[str, Any], list[Tensor]]]
 
 
@@ -240,7 +243,9 @@ class KroneckerOptimizer(Optimizer):
         and each group's first-order parameters."""
         blocks = self.blocks()
         if self._walk is None:
-            per_block = [(b, self._state(b), self._group_of[b.weight]) for b in blocks]
+            # a bias in no group (never updated) is given its weight's
+            per_block = [(b, self._state(b), [self._group_of.get(p, self._group_of[b.weight]) for p in b.parameters()])
+                         for b in blocks]
             first_order = [(g, params) for g in self.param_groups
                            if (params := [p for p in g["params"] if p not in self._block_params])]
             self._walk = StepWalk(per_block, first_order)
@@ -248,10 +253,10 @@ class KroneckerOptimizer(Optimizer):
 
     def _update_blocks(self, walk: StepWalk, also_check: list[Tensor]) -> bool:
         steps = []
-        for b, state, group in walk.blocks:
+        for b, state, groups in walk.blocks:
             grad = b.grad_columns()
             if grad is not None:
-                steps.append(BlockStep(b, grad, state.curvature.build(), state, group))
+                steps.append(BlockStep(b, grad, state.curvature.build(), state, groups))
         first_order = [] if self._warned_first_order else [s.block.name for s in steps if s.approximation is None]
         if first_order:
             warnings.warn(

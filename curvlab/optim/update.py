@@ -89,6 +89,14 @@ def momentum_direction(update: Tensor, own: bool, buffer: Tensor | None, momentu
     return buffer, buffer
 
 
+def decayed(update: Tensor, param: Tensor, weight_decay: float, own: bool) -> Tensor:
+    """``u + wd·θ``: into ``update`` where it is ``own`` (a fresh tensor), else a new tensor —
+    never ``update`` itself then, so that momentum may write into the result."""
+    if own:
+        return update.add_(param, alpha=weight_decay) if weight_decay != 0 else update
+    return update.add(param, alpha=weight_decay)
+
+
 def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
     """``torch.optim.SGD`` (dampening 0, no Nesterov) for ``params`` of ``group``."""
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -117,14 +125,15 @@ def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tenso
 @dataclass
 class BlockStep:
     """One block's share of a step: its gradient's column blocks (:meth:`Block.grad_columns`),
-    what it inverts (``None``: first order), its state (for the momentum buffer) and its param
-    group."""
+    what it inverts (``None``: first order), its state (for the momentum buffer) and the param
+    group of each column block's parameter (weight, bias: ``lr``, ``momentum`` and
+    ``weight_decay`` apply to the preconditioned update column block by column block)."""
 
     block: Block
     grad: list[Tensor]
     approximation: KroneckerApproximation | None
     state: BlockState
-    group: dict[str, Any]
+    groups: Sequence[dict[str, Any]]
 
 
 def update_blocks_(
@@ -156,26 +165,26 @@ def update_blocks_(
         direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
         directions.append((direction, True))
         if kl_clip is not None:
-            term = sum(torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)) * s.group["lr"] ** 2
+            term = sum(torch.dot(d.reshape(-1), g.reshape(-1)) * group["lr"] ** 2
+                       for d, g, group in zip(direction, s.grad, s.groups))
             v_g = term if v_g is None else v_g + term.to(v_g.device)
     nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
     updates: list[tuple[BlockStep, list[Tensor], list[Tensor] | None]] = []
     for s, (update, own) in zip(steps, directions):
-        group = s.group
         if nu is not None and own:
             for u in update:
                 u.mul_(nu.to(u.device))
-        wd = group["weight_decay"]
-        if wd != 0:
+        if any(group["weight_decay"] != 0 for group in s.groups):
             theta = s.block.param_columns()
-            update = [u.add_(t, alpha=wd) if own else u.add(t, alpha=wd) for u, t in zip(update, theta)]
+            update = [decayed(u, t, group["weight_decay"], own) for u, t, group in zip(update, theta, s.groups)]
             own = True
         buffers = s.state.momentum_columns or [None] * len(update)
-        moved = [momentum_direction(u, own, b, group["momentum"]) for u, b in zip(update, buffers)]
-        updates.append((s, [d for d, _ in moved], None if group["momentum"] == 0 else [b for _, b in moved]))
-    if not updates_finite([(u, s.group["lr"]) for s, us, _ in updates for u in us], also_check):
+        moved = [momentum_direction(u, own, b, group["momentum"]) for u, b, group in zip(update, buffers, s.groups)]
+        kept = None if all(group["momentum"] == 0 for group in s.groups) else [b for _, b in moved]
+        updates.append((s, [d for d, _ in moved], kept))
+    if not updates_finite([(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)], also_check):
         return False
     for s, update, buffers in updates:
         s.state.momentum_columns = buffers
-        s.block.add_(update, -s.group["lr"], skip=skip)
+        s.block.add_(update, [-group["lr"] for group in s.groups], skip=skip)
     return True
