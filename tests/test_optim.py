@@ -654,6 +654,13 @@ def test_invalid_arguments():
         TKFAC(model, lr=0.1, fisher="nope")
     with pytest.raises(ValueError, match="nor"):
         EKFAC(model, lr=0.1, damping_strategy="nor")
+    # the setters check as the constructor does, and a refused value changes nothing
+    opt = KFAC(model, lr=0.1)
+    for name, value in (("damping_strategy", "nor"), ("damping_strategy", "nope"), ("damping", -1.0),
+                        ("damping", float("nan"))):
+        with pytest.raises(ValueError, match=rf"KFAC: .*{name}"):
+            setattr(opt, name, value)
+    assert (opt.damping_strategy, opt.damping) == (DEFAULT_DAMPING["kfac"], KFAC(model, lr=0.1).damping)
 
 
 # 'nor' is TKFAC/TEKFAC's damping: the other two reject it (tested above).

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from curvlab.approx.damping import BUILT_IN, DampingStrategy, get_damping
+from curvlab.approx.damping import BUILT_IN, DampingStrategy, check_damping, get_damping
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
 from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, rotated_sq_sum, unflatten_tensors
 from curvlab.block import BlockLayout
@@ -280,6 +280,7 @@ class KroneckerApproximation(ABC):
         cached = self._inverse
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
+        check_damping(damping, f"{type(self).__name__} {self.name!r}: damping")
         inverse = self._build_inverse(strategy, damping)
         if key is not None:
             self._inverse = (key, inverse)

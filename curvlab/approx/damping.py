@@ -27,6 +27,8 @@ A strategy that an approximation does not support raises ``ValueError`` naming b
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -40,10 +42,18 @@ if TYPE_CHECKING:
 DAMPING_STRATEGIES = ("exact", "factored", "nor", "trace-relative")
 
 
-def _check_damping(damping: float | Tensor) -> None:
-    # Only Python numbers are checked: inspecting a tensor would force a device sync.
-    if isinstance(damping, (int, float)) and damping < 0:
-        raise ValueError(f"damping must be non-negative, got {damping}")
+def check_damping(damping: float | Tensor, who: str = "damping") -> None:
+    """A non-negative finite ``damping`` (a tensor on an accelerator is not inspected: that
+    would force a device sync); ``who`` names it in the error."""
+    if isinstance(damping, Tensor):
+        if damping.device.type != "cpu":
+            return
+        value = damping.detach()
+        ok = bool(torch.isfinite(value).all() and (value >= 0).all())
+    else:
+        ok = math.isfinite(damping) and damping >= 0
+    if not ok:
+        raise ValueError(f"{who} must be a non-negative finite number, got {damping}")
 
 
 def pi_factor(l: Tensor, r: Tensor) -> Tensor:
@@ -78,7 +88,7 @@ class DampingStrategy(ABC):
     def damped_eigenvalues(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
         """``s + Δ``, compressed (``[d_out, D]`` for full bases): what the damped inverse
         divides by."""
-        _check_damping(damping)
+        check_damping(damping)
         return approx.eigenvalues(compressed=True) + self.increment(approx, damping)
 
     def kronecker_shifts(self, approx: "KroneckerApproximation", damping: float | Tensor) -> tuple[Tensor, Tensor] | None:
@@ -124,7 +134,7 @@ class FactoredDamping(DampingStrategy):
 
     def kronecker_shifts(self, approx: "KroneckerApproximation", damping: float | Tensor) -> tuple[Tensor, Tensor]:
         """``(√λ/π, π√λ)``: ``π`` from the factors' traces (no eigen-decomposition needed)."""
-        _check_damping(damping)
+        check_damping(damping)
         means = approx.factor_means()
         if means is None:
             raise self.unsupported(approx, "it carries no Kronecker factor eigenvalues")
@@ -146,7 +156,7 @@ class NorDamping(DampingStrategy):
 
     def kronecker_shifts(self, approx: "KroneckerApproximation", damping: float | Tensor) -> tuple[Tensor, Tensor]:
         """``(√λ, √λ)``."""
-        _check_damping(damping)
+        check_damping(damping)
         if not approx.trace_factored or approx.factor_means() is None:
             raise self.unsupported(
                 approx, "it needs the trace split √δΨ ⊗ √δΦ of TKFAC/TEKFAC (use 'tkfac' or 'tekfac')"

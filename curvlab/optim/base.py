@@ -138,12 +138,7 @@ class KroneckerOptimizer(Optimizer):
         who = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
-        try:
-            opts = KroneckerOptions.make(options, overrides).for_method(
-                self.method, trace_factored=self.trace_factored, has_basis=self.has_basis_option
-            )
-        except (TypeError, ValueError) as err:
-            raise type(err)(str(err).replace("curvlab.optim", who)) from None
+        opts = self._options(options, overrides)
         self._parallel = data_parallel(model, distributed, who)
         self.model = model = unwrap(model)  # blocks named as in one process
         self._blocks: list[Block] | None = None
@@ -178,7 +173,7 @@ class KroneckerOptimizer(Optimizer):
 
     @damping.setter
     def damping(self, value: float) -> None:
-        self.options = KroneckerOptions.make(self.options, {"damping": value})
+        self.options = self._options(self.options, {"damping": value})
 
     @property
     def damping_strategy(self) -> str | DampingStrategy:
@@ -187,7 +182,17 @@ class KroneckerOptimizer(Optimizer):
 
     @damping_strategy.setter
     def damping_strategy(self, strategy: str | DampingStrategy) -> None:
-        self.options = KroneckerOptions.make(self.options, {"damping_strategy": strategy})
+        self.options = self._options(self.options, {"damping_strategy": strategy})
+
+    def _options(self, options: KroneckerOptions | None, overrides: dict[str, Any]) -> KroneckerOptions:
+        """``options`` with ``overrides``, checked for this method (as the constructor and the
+        setters take them)."""
+        try:
+            return KroneckerOptions.make(options, overrides).for_method(
+                self.method, trace_factored=self.trace_factored, has_basis=self.has_basis_option
+            )
+        except (TypeError, ValueError) as err:
+            raise type(err)(str(err).replace("curvlab.optim", type(self).__name__)) from None
 
     # ------------------------------------------------------------------ what methods define
 
