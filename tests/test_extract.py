@@ -11,6 +11,7 @@ from backpack.extensions import KFLR, BatchGrad, SqrtGGNExact, SqrtGGNMC
 from torch import nn
 
 from curvlab.extract import ExtractionSession, extract, maths
+from curvlab.model_blocks import UnsupportedModelError
 from helpers import (
     batch,
     dense_empirical,
@@ -41,6 +42,35 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> N
 
 def layer_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's, before the refusal
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_cross_entropy_with_class_probabilities_or_another_ignore_index(engine: str, fisher: str) -> None:
+    """Class-probability targets (both engines) and a CrossEntropyLoss whose ignore_index no
+    target uses (autograd; ``auto`` picks it, BackPACK refuses it by name): the dense blocks."""
+    model = tiny_mlp()
+    x, labels = batch(model, nn.CrossEntropyLoss(), n=4)
+    soft = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=x.dtype), 1)
+    reference = dense_ggn if fisher == "exact" else dense_empirical
+    cases = [(nn.CrossEntropyLoss(), soft, engine)]
+    if engine == "autograd":
+        cases += [(nn.CrossEntropyLoss(ignore_index=1, reduction="sum"), torch.where(labels == 1, 0, labels), e)
+                  for e in ("autograd", "auto")]
+    for loss_fn, y, chosen in cases:
+        stats = extract(model, loss_fn, x, y, fisher=fisher, stats=("sqrt",), engine=chosen)
+        for name, block in stats.items():
+            close(block.dense_fisher(), reference(model, loss_fn, x, y, name))
+            close(block.layout.to_vector(block.grad), dense_grad(model, loss_fn, x, y, name))
+    if engine == "backpack":
+        with pytest.raises(UnsupportedModelError, match="ignore_index=1, BackPACK implements the default -100 only"):
+            extract(model, nn.CrossEntropyLoss(ignore_index=1), x, labels.clamp(max=0), engine="backpack")
+    for bad in (2 * soft, soft - 0.1):
+        with pytest.raises(ValueError, match="class-probability targets must be non-negative and sum to one"):
+            extract(model, nn.CrossEntropyLoss(), x, bad, engine=engine)
+    with pytest.raises(ValueError, match=r"targets of shape \(4, 1\) for outputs \(4, 3\)"):
+        extract(model, nn.MSELoss(), x, soft[:, :1], engine=engine)
 
 
 @pytest.mark.parametrize("model_name,loss_name", SETTINGS)

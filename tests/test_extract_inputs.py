@@ -115,6 +115,16 @@ def test_bad_arguments_named() -> None:
         extract(model, nn.CrossEntropyLoss(reduction="none"), x, y)
     with pytest.raises(ValueError, match="eigenbases"):
         extract(model, loss_fn, x, y, stats=("kfe",))
+    bases = {name: tuple(torch.linalg.qr(torch.randn(n, n, dtype=x.dtype))[0] for n in block.layout.shape)
+             for name, block in extract(model, loss_fn, x, y, stats=()).items()}
+    extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=bases)  # orthonormal: taken
+    for scaled in (2.0, 1.001):
+        bad = {**bases, "2": (bases["2"][0], scaled * bases["2"][1])}
+        with pytest.raises(ValueError, match=r"eigenbases\['2'\]: U_in does not have orthonormal columns"):
+            extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=bad)
+    for seed in (True, 1.5, "1"):
+        with pytest.raises(ValueError, match="seed=.* must be an int or None"):
+            extract(model, loss_fn, x, y, fisher="mc", seed=seed)
 
 
 def test_dense_fisher_refuses_large_blocks_and_missing_sqrt() -> None:

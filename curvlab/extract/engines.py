@@ -119,8 +119,12 @@ def _graph_obstacle(module: nn.Module) -> str | None:
     return None
 
 
-def backpack_obstacle(model: nn.Module, blocks: ModelBlocks) -> str | None:
-    """Why BackPACK cannot run ``model`` whatever its graph (``None``: the graph decides)."""
+def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module | None = None) -> str | None:
+    """Why BackPACK cannot run ``model`` with ``loss_fn`` whatever its graph (``None``: the graph
+    decides)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.ignore_index != -100:
+        return (f"its CrossEntropyLoss has ignore_index={loss_fn.ignore_index}, BackPACK implements the "
+                "default -100 only")
     if couples_examples(model):
         return "a BatchNorm normalises with batch statistics (train mode), which couples the examples"
     for module, name in blocks.layers.items():
@@ -138,8 +142,10 @@ def backpack_obstacle(model: nn.Module, blocks: ModelBlocks) -> str | None:
     return None
 
 
-def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_forward: bool) -> EngineChoice:
-    """The engine for ``model``: ``engine`` (``"auto"``, ``"backpack"``, ``"autograd"``).
+def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_forward: bool,
+                  loss_fn: nn.Module | None = None) -> EngineChoice:
+    """The engine for ``model`` (and ``loss_fn``): ``engine`` (``"auto"``, ``"backpack"``,
+    ``"autograd"``).
 
     Args:
         own_forward: the extraction runs its own forward pass (it may call BackPACK's converted
@@ -152,7 +158,7 @@ def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_for
     """
     if engine == "autograd":
         return EngineChoice("autograd", model)
-    reason = backpack_obstacle(model, blocks)
+    reason = backpack_obstacle(model, blocks, loss_fn)
     module = model
     if reason is None:
         if own_forward and not _is_known_chain(model):  # a plain chain runs as it is (tracing it costs ~50 ms)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -102,6 +104,8 @@ class ExtractOptions(OptionSet):
             raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
             raise ValueError(f"{who}: max_bytes={self.max_bytes!r} must be a positive int")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"{who}: seed={self.seed!r} must be an int or None")
         object.__setattr__(self, "stats", stats)
         if self.kfac_flavours is not None:
             object.__setattr__(self, "kfac_flavours", flavours)

@@ -72,7 +72,7 @@ class ExtractionSession:
             model, separate_bias=self.options.separate_bias, skip_unsupported=self.options.skip_unsupported
         )
         check_eigenbases(self.options.eigenbases, self.blocks)
-        choice = choose_engine(model, self.blocks, self.options.engine, own_forward=own_forward)
+        choice = choose_engine(model, self.blocks, self.options.engine, own_forward=own_forward, loss_fn=loss_fn)
         self.engine, self.engine_reason, self.forward_model = choice.engine, choice.reason, choice.module
         self.model, self.loss_fn = model, loss_fn
         if self.engine == "backpack":

@@ -53,6 +53,28 @@ def check_eigenbases(eigenbases: Mapping[str, tuple[Tensor, Tensor]], blocks: Mo
             if u.shape[0] != rows or not 0 < u.shape[1] <= rows:
                 raise ValueError(f"curvlab.extract: eigenbases[{name!r}]: {side} has shape {tuple(u.shape)}; the "
                                  f"block is {shapes[name][0]} × {shapes[name][1]}, so {side} must be [{rows}, k ≤ {rows}]")
+    _check_orthonormal(eigenbases)
+
+
+def _check_orthonormal(eigenbases: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """Every basis has orthonormal columns: ``‖U v‖ = ‖v‖`` for a random ``v`` (which fails with
+    probability one for any other ``U``; ``O(D k)``, where ``UᵀU`` would cost ``O(D k²)``), all
+    bases checked with one sync."""
+    if not eigenbases:
+        return
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: MC sampling draws from it
+    errors = []
+    for bases in eigenbases.values():
+        for u in bases:
+            v = torch.randn(u.shape[1], generator=gen, dtype=torch.float64).to(u.device)
+            norm = (u.detach().to(torch.float64) @ v).square().sum()
+            tol = 1e-3 if torch.finfo(u.dtype).eps > 1e-10 else 1e-8  # float32 eigh: ~1e-6
+            errors.append((norm / v.square().sum() - 1).abs() / tol)
+    worst = torch.stack(errors).to("cpu")
+    if not bool(torch.isfinite(worst).all() and (worst <= 1).all()):
+        name, side = divmod(int(torch.nan_to_num(worst, nan=torch.inf).argmax()), 2)
+        raise ValueError(f"curvlab.extract: eigenbases[{list(eigenbases)[name]!r}]: "
+                         f"{('U_out', 'U_in')[side]} does not have orthonormal columns")
 
 
 def checked_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None, non_finite: str) -> bool:
@@ -87,8 +109,24 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
         )
     if targets is None:
         return
+    if isinstance(loss_fn, nn.MSELoss) and targets.shape != output.shape:
+        raise ValueError(
+            f"{who}: targets of shape {tuple(targets.shape)} for outputs {tuple(output.shape)}; torch would "
+            "broadcast them (with a warning): pass targets of the output's shape"
+        )
     if isinstance(loss_fn, nn.MSELoss) and not bool(torch.isfinite(targets).all()):
         raise ValueError(f"{who}: the targets have non-finite values (NaN/inf)")
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and targets.is_floating_point():
+        # class probabilities: the loss's Hessian is (Σ_c q_c)(diag p − p pᵀ), the Fisher's only
+        # where they sum to one
+        if targets.shape != output.shape:
+            raise ValueError(f"{who}: class-probability targets of shape {tuple(targets.shape)} for logits "
+                             f"{tuple(output.shape)}: they must have the logits' shape")
+        total = targets.detach().sum(1)
+        tolerance = 100 * torch.finfo(total.dtype).eps * output.shape[1]
+        if not bool(torch.isfinite(targets).all() and (targets >= 0).all() and ((total - 1).abs() <= tolerance).all()):
+            raise ValueError(f"{who}: class-probability targets must be non-negative and sum to one over the "
+                             "classes (dim 1): the loss's curvature is the Fisher's only then")
     if isinstance(loss_fn, nn.CrossEntropyLoss) and not targets.is_floating_point():
         ignored = int((targets == loss_fn.ignore_index).sum())
         if ignored:

@@ -91,12 +91,17 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
             raise ValueError("autograd engine: CrossEntropyLoss with class weights or label smoothing is unsupported")
         if output.dim() < 2:
             raise ValueError(f"autograd engine: CrossEntropyLoss needs logits [N, C, ...], got {tuple(output.shape)}")
-        if targets.dtype.is_floating_point or targets.shape != output.shape[:1] + output.shape[2:]:
+        if targets.dtype.is_floating_point:  # class probabilities (checked by check_loss_inputs)
+            if targets.shape != output.shape:
+                raise ValueError(f"autograd engine: CrossEntropyLoss class-probability targets "
+                                 f"{tuple(targets.shape)} != logits {tuple(output.shape)}")
+        elif targets.shape != output.shape[:1] + output.shape[2:]:
             raise ValueError(
                 "autograd engine: CrossEntropyLoss needs class-index targets of shape "
-                f"{tuple(output.shape[:1] + output.shape[2:])}, got {targets.dtype} {tuple(targets.shape)}"
+                f"{tuple(output.shape[:1] + output.shape[2:])} (or class probabilities shaped like the "
+                f"logits), got {targets.dtype} {tuple(targets.shape)}"
             )
-        if bool((targets == loss_fn.ignore_index).any()):
+        elif bool((targets == loss_fn.ignore_index).any()):
             raise ValueError("autograd engine: targets equal to ignore_index are unsupported")
         class_dim, classes = 1, output.shape[1]
         terms = output[:, 0].numel() // max(n, 1)
