@@ -15,6 +15,7 @@ timeout.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -152,6 +153,65 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = xr.open_dataset(out / "metrics.nc").load()
     assert metrics.world_size.values.tolist() == [2, 1] and metrics.attrs["world_size"] == 1
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux's /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through Linux's /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signals) -> None:
+    """``kill <pid>`` of ``curvlab train --nproc 2`` (a scheduler's stop, not a terminal's Ctrl-C,
+    which signals the whole process group): the ranks, in sessions of their own, stop too."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CURVLAB_DIST_TIMEOUT": "120"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "curvlab", "train", "--nproc", "2", "--dataset", "digits", "--hidden", "16",
+         "--train-size", "160", "--test-size", "40", "--batch-size", "40", "--epochs", "1000", "--no-progress",
+         "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    below: set[int] = set()
+    try:
+        deadline = time.monotonic() + 150
+        while not (out / "metrics.nc").exists():  # the ranks have trained an epoch
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        below = _descendants(launcher.pid)
+        assert len(below) >= 3  # torchrun and its two workers
+        launcher.send_signal(sig)
+        assert launcher.wait(timeout=90) == 130
+        assert "curvlab: interrupted" in launcher.stderr.read()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in below if _alive(pid)]
+    finally:  # whatever failed, nothing is left running
+        for pid in [launcher.pid, *below]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait()
 
 
 FAILING_MODEL = '''

@@ -23,6 +23,7 @@ import atexit
 import datetime
 import gc
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -143,13 +144,49 @@ def _destroy_group() -> None:
         dist.destroy_process_group()
 
 
+#: How long an interrupted launch waits for torchrun to stop its ranks before killing it.
+STOP_SECONDS = 60.0
+
+
 def relaunch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``curvlab <argv>`` (without its ``--nproc``) on ``nproc`` local processes with torchrun;
-    return torchrun's exit status."""
+    return torchrun's exit status.
+
+    Stopping this process (SIGINT, SIGTERM) stops the ranks: torchrun is sent SIGTERM, which it
+    passes to its workers (each in a session of its own, out of reach of a signal to this
+    process's group), and waited for — killing it outright would leave them running."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "curvlab", *without_nproc(argv)]
     print("curvlab: " + " ".join(command[1:]), file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    proc = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to torchrun (it stops its workers), then SIGKILL if it has not exited in
+    :data:`STOP_SECONDS`."""
+    # a second SIGINT or SIGTERM must not cut the wait short
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.ArgumentParser,
