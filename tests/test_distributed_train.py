@@ -155,6 +155,18 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     assert metrics.world_size.values.tolist() == [2, 1] and metrics.attrs["world_size"] == 1
 
 
+@pytest.mark.parametrize("args", [("train", "--batch-size", "1"), ("train", "--probe-every", "1", "--probe-batch-size", "1"),
+                                  ("report", "--batch-size", "1")], ids=["train", "probe", "report"])
+def test_a_batch_smaller_than_the_processes_is_refused_before_they_start(tmp_path: Path, args) -> None:
+    """Every batch skipped (train: zero steps, exit 0) or an empty shard's traceback on a rank."""
+    done = _cli(*args, "--nproc", "2", "--out", str(tmp_path / "run"), timeout=60)
+    assert done.returncode == 2
+    option = "--probe-batch-size" if "--probe-batch-size" in args else "--batch-size"
+    assert f"error: {option} 1 is smaller than the 2 processes" in done.stderr
+    assert "torch.distributed.run" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def _descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (Linux's /proc)."""
     parents: dict[int, list[int]] = {}

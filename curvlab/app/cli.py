@@ -285,7 +285,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     import time
 
     from curvlab.app.data import DataError
-    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch_with_data, wants_relaunch
+    from curvlab.app.launch import (Ranks, check_batch_split, join_process_group, leave_process_group, relaunch_with_data,
+                                    wants_relaunch)
     from curvlab.app.report.run import COUPLED_BATCH, ReportError, resolve_device, run_report
 
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
@@ -301,6 +302,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if wants_relaunch(args.nproc):
         if args.mode == "train":
             print_error(parser, f"--mode train {COUPLED_BATCH}: drop --nproc", usage=True)
+            return EXIT_USAGE
+        try:
+            check_batch_split("--batch-size", args.batch_size, args.nproc)
+        except ValueError as err:
+            print_error(parser, err, usage=True)
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
         return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir,

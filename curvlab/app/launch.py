@@ -105,6 +105,18 @@ def shard(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
+def check_batch_split(option: str, size: int | None, world_size: int) -> None:
+    """A batch of ``size`` examples (``option`` names it; ``None``: chosen later) gives every one
+    of ``world_size`` ranks an example.
+
+    Raises:
+        ValueError: it does not (a rank would hold an empty shard).
+    """
+    if size is not None and size < world_size:
+        raise ValueError(f"{option} {size} is smaller than the {world_size} processes: each process takes a part "
+                         f"of every batch; use a batch of at least {world_size} examples or fewer processes")
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

@@ -232,7 +232,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
             report in ``out_dir`` is unchanged.
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
-    from curvlab.app.launch import Ranks, broadcast_module
+    from curvlab.app.launch import Ranks, broadcast_module, check_batch_split
     from curvlab.app.models.check import measured_batch_size
     from curvlab.compare import compare
     from curvlab.distributed import compare as sharded_compare
@@ -253,6 +253,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     cfg = ReportConfig(**{**asdict(config or ReportConfig()), **overrides})
     if cfg.mode not in MODES:
         raise ReportError(f"mode={cfg.mode!r}; choose one of {MODES}")
+    try:
+        check_batch_split("batch_size", cfg.batch_size, Ranks.current().world_size)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
     dev = resolve_device(cfg.device)
     out = check_report_folder(Path(cfg.out_dir))
     start = time.perf_counter()

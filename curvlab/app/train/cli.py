@@ -13,7 +13,7 @@ from curvlab.app.models import MODELS
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
-from curvlab.app.train.config import OPTIMIZERS, TrainConfig, curvature_layers, default_lr
+from curvlab.app.train.config import OPTIMIZERS, TrainConfig, check_batches, curvature_layers, default_lr
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
 from curvlab.stats import FLAVOURS
@@ -145,6 +145,11 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print_error(parser, err, usage=True)
         return 2
     if wants_relaunch(args.nproc):
+        try:
+            check_batches(cfg, args.nproc, options=True)
+        except ValueError as err:
+            print_error(parser, err, usage=True)
+            return 2
         from curvlab.app.models.check import check_model
         return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, lambda: check_model(
             cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg), **cfg.model_kwargs))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curvlab.app.launch import check_batch_split
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
@@ -110,6 +111,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return KRONECKER[cfg.optimizer](model, options=cfg.optimizer_options())
+
+
+def check_batches(cfg: TrainConfig, world_size: int, *, options: bool = False) -> None:
+    """The training and probe batches give each of ``world_size`` processes an example
+    (:func:`curvlab.app.launch.check_batch_split`; a trailing batch too small is skipped);
+    ``options``: the error names the command-line options."""
+    for name, size in (("batch_size", cfg.batch_size), ("probe_batch_size", cfg.probe_every and cfg.probe_batch_size)):
+        check_batch_split("--" + name.replace("_", "-") if options else name, size or None, world_size)
 
 
 def curvature_layers(cfg: TrainConfig) -> tuple[type[nn.Module], ...]:

@@ -28,7 +28,7 @@ from curvlab.app.models.check import check_model, measured_batch_size
 from curvlab.app.report.run import resolve_device
 from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
-from curvlab.app.train.config import TrainConfig, curvature_layers, make_optimizer
+from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
 from curvlab.app.train.probe import Probe
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.io import write_netcdf
@@ -140,6 +140,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     # before loading data: a model curvlab cannot handle fails in a second (unsupported layers
     # only lose their curvature: the optimizers give them the first-order update)
     check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg), **cfg.model_kwargs)
+    check_batches(cfg, ranks.world_size)
     ckpt_path = out / CHECKPOINT
     ckpt = None
     if resume:  # read and checked before any work
