@@ -45,11 +45,18 @@ def test_writes_metrics_and_probe_time_series(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac"])
-def test_other_optimizers_run(tmp_path: Path, optimizer: str) -> None:
-    paths = train(small(tmp_path, optimizer=optimizer, epochs=1))
-    probe = xr.open_dataset(paths["probe"]).load()
-    has_own = any(str(a).endswith("@optimizer") for a in probe.approximation.values)
-    assert has_own == (optimizer == "kfac")
+@pytest.mark.parametrize("probe_every", [3, 100], ids=["probes", "step-0-only"])
+def test_other_optimizers_run(tmp_path: Path, optimizer: str, probe_every: int) -> None:
+    """Every probe file has the optimizer's own entry first (NaN before its first statistics:
+    a run probed at step 0 only has it too), then the probe's approximations in their order."""
+    cfg = small(tmp_path, optimizer=optimizer, epochs=1, probe_every=probe_every)
+    probe = xr.open_dataset(train(cfg)["probe"]).load()
+    own = ["kfac@optimizer"] if optimizer == "kfac" else []
+    assert list(probe.approximation.values) == [*own, *cfg.probe_approximations]
+    assert probe.attrs["damping_strategies"].split(";")[0].startswith((own or cfg.probe_approximations)[0] + "=")
+    if own:
+        values = probe.rel_frobenius_error.sel(approximation=own[0])
+        assert np.isnan(values.sel(step=0)).all() and (probe_every == 100 or np.isfinite(values.sel(step=6)).all())
 
 
 def test_resume_continues_identically(tmp_path: Path) -> None:
@@ -64,6 +71,8 @@ def test_resume_continues_identically(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ma.train_loss, mb.train_loss)
     pa, pb = xr.open_dataset(full["probe"]).load(), xr.open_dataset(resumed["probe"]).load()
     np.testing.assert_array_equal(pa.step, pb.step)
+    np.testing.assert_array_equal(pa.approximation, pb.approximation)
+    assert pa.attrs == pb.attrs
     np.testing.assert_allclose(pa.rel_frobenius_error, pb.rel_frobenius_error, rtol=1e-12)
 
 

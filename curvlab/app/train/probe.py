@@ -88,6 +88,7 @@ class Probe:
         strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
         current: dict[str, dict] = {}
+        own = None
         if isinstance(optimizer, KroneckerOptimizer):
             own = f"{optimizer.method}@optimizer"
             strategies[own] = optimizer.damping_strategy
@@ -105,6 +106,11 @@ class Probe:
             num_eigenvalues=self.num_eigenvalues,
             attrs={"probe_fisher": self.fisher, "probe_seed": self.seed},
         )
+        if own is not None and own not in ds.approximation.values:
+            # before the optimizer's first statistics: its entry is there, as NaN, so every probe
+            # has the same approximations in the same order (and resumed runs the same attributes)
+            ds = ds.reindex(approximation=[own, *ds.approximation.values])
+            ds.attrs["damping_strategies"] = f"{own}={strategies[own]};{ds.attrs['damping_strategies']}"
         ds = ds.expand_dims(step=[step])
         ds["batch_loss"] = ("step", [stats.loss.item()])
         ds.attrs.pop("batch_loss", None)
