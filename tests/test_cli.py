@@ -113,6 +113,25 @@ def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pyt
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer", "sgd", "--damping", "5", "--basis", "kfac"],
+         "--damping, --basis given, which --optimizer sgd does not use (it takes --lr, --momentum, --weight-decay)"),
+        (["--optimizer", "adam", "--momentum", "0.5"], "--momentum given, which --optimizer adam does not use"),
+        (["--momentum", "1.5"], "momentum=1.5 must be in [0, 1)"),
+        (["--hidden", ""], "--hidden '': expected comma-separated positive integers"),
+    ],
+)
+def test_train_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Options that would be ignored or that cannot train are refused before anything runs."""
+    out = tmp_path / "out"
+    assert main(["train", *args, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("error:") == 1
+    assert not out.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_unavailable_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--device", "cuda", "--out", str(tmp_path)]) == 2

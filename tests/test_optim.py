@@ -654,6 +654,10 @@ def test_invalid_arguments():
         TKFAC(model, lr=0.1, fisher="nope")
     with pytest.raises(ValueError, match="nor"):
         EKFAC(model, lr=0.1, damping_strategy="nor")
+    with pytest.raises(ValueError, match=r"momentum=1.0 must be in \[0, 1\)"):
+        KFAC(model, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match=r"param group 0: momentum=1.5 must be in \[0, 1\)"):
+        KFAC(model, [{"params": model.parameters(), "momentum": 1.5}], lr=0.1)
     # the setters check as the constructor does, and a refused value changes nothing
     opt = KFAC(model, lr=0.1)
     for name, value in (("damping_strategy", "nor"), ("damping_strategy", "nope"), ("damping", -1.0),

@@ -82,6 +82,8 @@ class KroneckerOptions(OptionSet):
         for name in ("lr", "momentum", "weight_decay"):
             _check_number(who, name, getattr(self, name), minimum=0.0, strict=False)
         _check_number(who, "damping", self.damping, minimum=0.0, strict=True)
+        if not self.momentum < 1.0:  # (checked non-negative and finite above)
+            raise ValueError(f"{who}: momentum={self.momentum} must be in [0, 1) (at 1 or more the steps never shrink)")
         _check_number(who, "stat_decay", self.stat_decay, minimum=0.0, strict=False)
         if not self.stat_decay < 1.0:
             raise ValueError(f"{who}: stat_decay={self.stat_decay} must be in [0, 1)")
@@ -139,10 +141,12 @@ def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
     """Every param group's ``lr``, ``momentum`` and ``weight_decay`` is a non-negative finite
     number (groups are plain dicts: a user or a scheduler may have set anything)."""
     for i, group in enumerate(groups):
-        for name in ("lr", "momentum", "weight_decay"):
+        for name, above in (("lr", math.inf), ("momentum", 1.0), ("weight_decay", math.inf)):
             value = group.get(name)
-            if type(value) is float and 0.0 <= value < math.inf:  # the common case, checked every step
+            if type(value) is float and 0.0 <= value < above:  # the common case, checked every step
                 continue
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = float(value)
             _check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)
+            if not value < above:
+                raise ValueError(f"{who}: param group {i}: {name}={value} must be in [0, {above:g})")

@@ -20,6 +20,9 @@ from curvlab.stats import FLAVOURS
 
 _DEFAULT = TrainConfig()
 
+#: The options torch's optimizers take (every other optimizer option is a Kronecker optimizer's).
+FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight_decay")}
+
 
 def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
     """One ``--option`` per field of :class:`~curvlab.optim.KroneckerOptions`."""
@@ -69,7 +72,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_nproc_option(run, "--batch-size is the global batch, split over them (DistributedSampler-like)")
     add_malloc_option(run)
-    add_optimizer_options(p.add_argument_group("optimizer (SGD uses lr, momentum, weight decay; Adam lr, weight decay)"))
+    add_optimizer_options(p.add_argument_group("optimizer (SGD takes lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
     probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
     probe.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB)")
@@ -82,7 +85,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` the parsed options describe."""
     model_kwargs = {}
-    if args.hidden:
+    if args.hidden is not None:
         model_kwargs["hidden"] = _widths(args.hidden)
     probe_approx = tuple(a.strip().lower() for a in args.probe_approximations.split(",") if a.strip())
     for name in probe_approx:
@@ -96,6 +99,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if probe_options and not args.probe_every:
         raise ValueError(f"curvlab train: {', '.join(probe_options)} given but not --probe-every: no probe would run")
     options = {f.name: getattr(args, f.name) for f in fields(KroneckerOptions)}
+    if args.optimizer in FIRST_ORDER:
+        ignored = [f"--{f.name.replace('_', '-')}" for f in fields(KroneckerOptions)
+                   if f.name not in FIRST_ORDER[args.optimizer] and options[f.name] != f.default]
+        if ignored:
+            raise ValueError(f"curvlab train: {', '.join(ignored)} given, which --optimizer {args.optimizer} does not use "
+                             f"(it takes {', '.join('--' + n.replace('_', '-') for n in FIRST_ORDER[args.optimizer])})")
     options["kl_clip"] = options["kl_clip"] or None  # 0 disables clipping
     return TrainConfig(
         **options,
