@@ -258,6 +258,16 @@ def test_load_user_model_errors(user_file: Path) -> None:
         f"{user_file}:not_a_model": r"not_a_model\(\) returned int, not a torch.nn.Module",
         "curvlab_no_such_module_xyz:net": "cannot import module 'curvlab_no_such_module_xyz'",
     }
+    # errors in the user's own code: the error and where it was raised, not a traceback
+    broken = user_file.parent / "broken.py"
+    broken.write_text("from torch import nn\n\ndef net(num_classes):\n    raise RuntimeError('no such layer')\n")
+    (user_file.parent / "syntax.py").write_text("def net(:\n    pass\n")
+    (user_file.parent / "imports.py").write_text("import curvlab_no_such_module_xyz\n")
+    cases.update({
+        f"{broken}:net": rf"net\(\) raised RuntimeError: no such layer \(at {broken}:4\)",
+        f"{user_file.parent / 'syntax.py'}:net": r"importing .*syntax.py raised SyntaxError: .*line 1",
+        f"{user_file.parent / 'imports.py'}:net": r"importing .*imports.py raised ModuleNotFoundError: .*curvlab_no_such",
+    })
     for spec, pattern in cases.items():
         with pytest.raises(ValueError, match=pattern) as err:
             load_user_model(spec, (3,), 2)

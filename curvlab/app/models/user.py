@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -43,7 +44,10 @@ def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> 
         return obj
     if not callable(obj):
         raise ValueError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
-    model = obj(**_supported_kwargs(obj, input_shape=tuple(input_shape), num_classes=num_classes))
+    try:
+        model = obj(**_supported_kwargs(obj, input_shape=tuple(input_shape), num_classes=num_classes))
+    except Exception as err:  # noqa: BLE001 — the user's code: named, not a curvlab traceback
+        raise ValueError(f"model spec {spec!r}: {attr}() raised {_where(err)}") from err
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"model spec {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module"
@@ -66,8 +70,10 @@ def _import_target(spec: str, target: str) -> ModuleType:
         sys.modules[mod_name] = module  # dataclasses/pickle look the module up here
         try:
             file_spec.loader.exec_module(module)
-        except BaseException:
+        except BaseException as err:
             del sys.modules[mod_name]
+            if isinstance(err, Exception):  # the user's code: named, not a curvlab traceback
+                raise ValueError(f"model spec {spec!r}: importing {path} raised {_where(err)}") from err
             raise
         return module
     cwd = os.getcwd()
@@ -78,9 +84,19 @@ def _import_target(spec: str, target: str) -> ModuleType:
         return importlib.import_module(target)
     except ImportError as err:
         raise ValueError(f"model spec {spec!r}: cannot import module {target!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 — the user's code: named, not a curvlab traceback
+        raise ValueError(f"model spec {spec!r}: importing module {target!r} raised {_where(err)}") from err
     finally:
         if added:
             sys.path.remove(cwd)
+
+
+def _where(err: Exception) -> str:
+    """``Type: message (file:line)`` of the innermost frame ``err`` was raised in (a syntax
+    error's message names its line already)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = "" if isinstance(err, SyntaxError) or not frames else f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return f"{type(err).__name__}: {err}{where}"
 
 
 def _supported_kwargs(fn: Callable[..., object], **candidates: object) -> dict[str, object]:
