@@ -72,6 +72,27 @@ def test_user_model_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert ds.attrs["model"] == f"{module}:make"
 
 
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["one-process", "nproc-2"])
+def test_engine_backpack_on_a_model_it_cannot_run_fails_before_the_data(tmp_path: Path, nproc: list[str],
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked with the model, before the data (a missing folder here) or any training, by the
+    function's name (its repr's memory address went into the message)."""
+    module = tmp_path / "functional.py"
+    module.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(784, 10)\n"
+        "    def forward(self, x):\n        return self.fc(torch.relu(x.flatten(1)))\n"
+    )
+    code = main(["report", *FAST, "--model", f"{module}:Net", "--engine", "backpack", "--dataset", "mnist",
+                 "--data-dir", str(tmp_path / "no-such-folder"), *nproc, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "engine='backpack' cannot run this model: its forward applies call_function 'relu' outside a module" in err
+    assert "0x" not in err and "Traceback" not in err and "no-such-folder" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", [[], *[[name] for name in cli.SUBCOMMANDS]])
 def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*command, "--help"]) == 0

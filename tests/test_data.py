@@ -54,7 +54,7 @@ def test_dataset_names_and_unknown() -> None:
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_no_data_dir_is_an_error(name: str) -> None:
-    with pytest.raises(DataError, match=f"{name}: no data directory given; pass data_dir="):
+    with pytest.raises(DataError, match=fr"{name}: no data directory given; pass --data-dir \(data_dir= in Python\)"):
         load_dataset(name)
 
 

@@ -310,7 +310,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
         return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir,
-                                  lambda: check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported))
+                                  lambda: check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported,
+                                                      engine=args.engine))
     device = join_process_group(args.device)
     start = time.perf_counter()
     try:

@@ -308,7 +308,7 @@ def _find_idx_files(name: str, data_dir: PathLike | None) -> dict[str, Path]:
     if data_dir is None:
         if name != "fashion-mnist":
             raise DataError(
-                f"{name}: no data directory given; pass data_dir= the folder holding "
+                f"{name}: no data directory given; pass --data-dir (data_dir= in Python), the folder holding "
                 f"{', '.join(s + '(.gz)' for s in _IDX_FILES.values())}"
             )
         dirs = [FASHION_MNIST_SYSTEM_DIR]
@@ -332,7 +332,7 @@ def _find_idx_files(name: str, data_dir: PathLike | None) -> dict[str, Path]:
     if data_dir is None:
         msg += (
             f"\nInstall Debian's package with `apt-get install dataset-fashion-mnist` (it puts the "
-            f"files in {FASHION_MNIST_SYSTEM_DIR}/), or pass data_dir= a folder holding them."
+            f"files in {FASHION_MNIST_SYSTEM_DIR}/), or pass --data-dir (data_dir= in Python), a folder holding them."
         )
     raise DataError(msg)
 
@@ -374,7 +374,7 @@ def _find_cifar_sources(data_dir: PathLike | None) -> dict[str, Path]:
     """Per split, the tar.gz or extracted folder to read (tar first, then folder)."""
     if data_dir is None:
         raise DataError(
-            "cifar10: no data directory given; pass data_dir= the folder holding "
+            "cifar10: no data directory given; pass --data-dir (data_dir= in Python), the folder holding "
             "cifar10_jpeg_train.tar.gz and cifar10_jpeg_test.tar.gz (or extracted train/ and test/)"
         )
     root = Path(data_dir).expanduser()

@@ -108,7 +108,9 @@ def _graph_obstacle(module: nn.Module) -> str | None:
         if node.op in ("placeholder", "output"):
             continue
         if node.op != "call_module":
-            return f"its forward applies {node.op} {node.target!r} outside a module"
+            # a function by its name: its repr carries a memory address into reports
+            target = getattr(node.target, "__name__", node.target)
+            return f"its forward applies {node.op} {target!r} outside a module"
         if node.target in called:
             return f"module {node.target!r} is called more than once (tied weights)"
         called.add(node.target)
@@ -175,6 +177,6 @@ def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_for
     if engine == "backpack":
         raise UnsupportedModelError(
             f"curvlab.extract: engine='backpack' cannot run this model: {reason}; use engine='autograd' "
-            "(or 'auto', which picks it)"
+            "(or 'auto', which picks it; --engine on the command line)"
         )
     return EngineChoice("autograd", model, reason)

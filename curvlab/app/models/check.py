@@ -7,17 +7,21 @@ from torch import nn
 
 from curvlab.app.data import SHAPES, canonical_name
 from curvlab.app.models import make_model
+from curvlab.extract.engines import choose_engine
 from curvlab.extract.validate import LayerUseCheck
 from curvlab.model_blocks import model_blocks
 
 
 def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
-                layer_uses: tuple[type[nn.Module], ...] = (nn.Module,), **model_kwargs: object) -> None:
+                layer_uses: tuple[type[nn.Module], ...] = (nn.Module,), engine: str = "auto",
+                coupled: bool = False, **model_kwargs: object) -> None:
     """Build ``spec`` for ``dataset``'s input shape, find its blocks and run two dummy inputs.
 
     Costs one model construction and one tiny forward pass (no data, no training), so a
     command fails on an unsupported model in a second, not after loading the data.  The
-    Kronecker layers of the types ``layer_uses`` (``()``: none) must be used by their calls only.
+    Kronecker layers of the types ``layer_uses`` (``()``: none) must be used by their calls only;
+    ``engine="backpack"``: BackPACK must run the model (in train mode with ``coupled``), as an
+    extraction runs it.
 
     Raises:
         ValueError: unknown model or bad spec; ``curvlab.model_blocks.UnsupportedModelError``
@@ -45,6 +49,8 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
             f"model {spec!r} maps inputs [2, *{input_shape}] to {tuple(out.shape)}; curvlab needs logits "
             f"[N, {num_classes}] for {dataset}"
         )
+    if engine == "backpack":
+        choose_engine(model.train(coupled), blocks, engine, own_forward=True, loss_fn=nn.CrossEntropyLoss())
 
 
 #: Memory the exact blocks' square roots of a measured batch may take by default (bytes).

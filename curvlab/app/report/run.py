@@ -126,7 +126,8 @@ def _check_model(cfg: ReportConfig) -> None:
     from curvlab.model_blocks import UnsupportedModelError
 
     try:
-        check_model(cfg.model, cfg.dataset, skip_unsupported=cfg.skip_unsupported)
+        check_model(cfg.model, cfg.dataset, skip_unsupported=cfg.skip_unsupported, engine=cfg.engine,
+                    coupled=cfg.mode == "train")
     except UnsupportedModelError:
         raise
     except ValueError as err:
