@@ -126,7 +126,8 @@ def test_two_ranks_train_and_report_as_one_process(tmp_path: Path) -> None:
     assert set(rb.data_vars) == set(ra.data_vars)
     for var in ra.data_vars:
         _close(rb[var].values, ra[var].values, f"report {var}", rtol=1e-4)
-    assert (ranks / "report" / "summary.md").exists()
+    summary = (ranks / "report" / "summary.md").read_text(encoding="utf-8")
+    assert "- **Processes (the batch split over them):** 2 (gloo; examples per process 20,20; MC samples drawn with seed + rank" in summary
 
 
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:

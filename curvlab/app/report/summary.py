@@ -57,6 +57,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("model", "Model"),
     ("data", "Data"),
     ("num_examples", "N (examples in the batch)"),
+    ("world_size", "Processes (the batch split over them)"),
     ("model_mode", "Model mode while measured"),
     ("engine", "Extraction engine"),
     ("kfac_approx", "KFAC weight-sharing convention"),
@@ -141,6 +142,12 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                 value = f"{value} ({_fmt(ds.attrs['num_model_params'])} parameters)"
             elif key == "data" and "num_train_examples" in ds.attrs:
                 value = f"{value}; batch drawn from {_fmt(ds.attrs['num_train_examples'])} training examples"
+            elif key == "top_k":
+                value = f"{_fmt(value)} (in a block of lower rank, all its eigenvectors of nonzero eigenvalues)"
+            elif key == "world_size":
+                value = (f"{value} ({ds.attrs.get('backend', '?')}; examples per process "
+                         f"{ds.attrs.get('shard_examples', '?')}; MC samples drawn with {ds.attrs.get('mc_seeds', '?')}, "
+                         "so MC-based approximations differ from one process's)")
             elif key == "engine" and ds.attrs.get("engine_reason", "none") != "none":
                 value = f"{value} (BackPACK cannot run this model: {ds.attrs['engine_reason']})"
             out.append(f"- **{label}:** {_escape(_fmt(value) if not isinstance(value, str) else value)}")
