@@ -196,6 +196,9 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) 
     with FolderLock(out, "test"):
         with pytest.raises(OutputFolderError, match=f"in use by another curvlab run \\(pid {os.getpid()}"):
             train(small(out))
+        # a report too (a training holds its folder before its first files)
+        assert main(["report", "--batch-size", "8", "--train-steps", "0", "--no-progress", "--out", str(out)]) != 0
+        assert list(out.iterdir()) == [out / LOCK_NAME]
     assert not (out / "checkpoint.pt").exists()
     (out / LOCK_NAME).write_text("999999\n")  # left by a killed run: nobody holds it
     assert train(small(out))["checkpoint"].exists()
