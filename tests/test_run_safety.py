@@ -99,6 +99,56 @@ def test_overwrite_loses_nothing_when_the_new_run_fails_its_checks(tmp_path: Pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+STOPPING_MODEL = '''
+import os
+from torch import nn
+
+
+class Stops(nn.Sequential):
+    calls = 0
+
+    def forward(self, x):
+        Stops.calls += 1
+        if Stops.calls == 3:  # in the first epoch, after the step-0 probe wrote probe.nc
+            if os.environ.get("CURVLAB_TEST_STOP") == "kill":
+                os._exit(9)  # as SIGKILL: no cleanup runs
+            raise KeyboardInterrupt
+        return super().forward(x)
+
+
+def build(input_shape, num_classes):
+    return Stops(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, num_classes))
+'''
+
+
+@pytest.mark.parametrize("how", ["interrupted", "killed"])
+def test_overwrite_loses_nothing_when_the_new_run_stops_before_its_first_checkpoint(
+        tmp_path: Path, how: str, capsys) -> None:
+    """The replaced run stays until the new one has a checkpoint: a run stopped in its first
+    epoch (Ctrl-C) puts it back; one killed leaves it set aside, and the next run puts it back."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST_TRAIN, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "stops.py").write_text(STOPPING_MODEL)
+    new_run = ["train", *FAST_TRAIN[2:], "--model", f"{tmp_path / 'stops.py'}:build", "--probe-every", "1",
+               "--probe-batch-size", "8", "--out", str(out), "--overwrite"]
+    if how == "interrupted":
+        assert main(new_run) == 130
+    else:
+        env = {**os.environ, "CURVLAB_TEST_STOP": "kill"}
+        done = subprocess.run([sys.executable, "-m", "curvlab", *new_run], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 9, done.stderr[-2000:]
+        assert (out / ".curvlab-replaced" / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
+        assert main(["train", *FAST_TRAIN, "--out", str(out), "--resume"]) == 0  # puts it back, then resumes it
+        assert "put back the run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a new run that saves its checkpoint replaces it for good
+    assert main(["train", *FAST_TRAIN, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["config_seed"] == 1
+
+
 def test_a_failed_run_leaves_no_folder_behind(tmp_path: Path) -> None:
     out = tmp_path / "new" / "run"
     bad_data = ["--dataset", "mnist", "--data-dir", str(tmp_path / "no-such-folder")]

@@ -68,7 +68,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT (without it, such a folder is refused)")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT, kept aside until the new run saves its first checkpoint (without it, such a folder is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_nproc_option(run, "--batch-size is the global batch, split over them (DistributedSampler-like)")
     add_malloc_option(run)

@@ -275,6 +275,8 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 "config": cfg.as_attrs(),
             },
         )
+        if folder is not None:
+            folder.commit()  # a run it replaces is gone for good now
         # a line an epoch, with or without the progress bars (what a batch job's log keeps)
         print(
             f"epoch {epoch + 1}: train loss {records[-1]['train_loss']:.4f}, "

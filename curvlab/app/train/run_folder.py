@@ -2,8 +2,10 @@
 the run writes it, and never silently shared by two runs.
 
 A folder that already holds a run (any of :data:`RUN_FILES`) is refused unless the run
-continues it (``resume``) or replaces it (``overwrite``: its files are removed once the new run
-has passed every check and is about to write — a run that fails its checks loses nothing).
+continues it (``resume``) or replaces it (``overwrite``: once the new run has passed every check
+and is about to write, its files are set aside in ``OUT/.curvlab-replaced/``, and removed when the
+new run has saved its first checkpoint — a run that fails or is stopped before that, even by
+SIGKILL (the next run in the folder puts them back), loses nothing).
 While a run trains, ``OUT/.curvlab.lock`` (:class:`curvlab.app.outdir.FolderLock`) keeps a second
 run out.  A folder the run created is removed again if the run fails before writing into it.
 """
@@ -11,6 +13,9 @@ run out.  A folder the run created is removed again if the run fails before writ
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,8 @@ PROBE = "probe.nc"
 #: The files of a run.
 RUN_FILES = (CHECKPOINT, METRICS, PROBE)
 WHO = "curvlab train"
+#: Where the files of a run being replaced wait until the new run's first checkpoint.
+SET_ASIDE = ".curvlab-replaced"
 
 
 @dataclass
@@ -32,12 +39,35 @@ class RunFolder:
     path: Path
     replaced: list[str]
 
+    @property
+    def aside(self) -> Path:
+        return self.path / SET_ASIDE
+
     def replace_previous(self) -> None:
-        """Remove the replaced run's files (call before the new run writes its first file)."""
-        for name in self.replaced:
+        """Set the replaced run's files aside (call before the new run writes its first file)."""
+        if self.replaced:
+            self.aside.mkdir()
+            for name in self.replaced:
+                os.replace(self.path / name, self.aside / name)
+        self.replaced = []
+
+    def commit(self) -> None:
+        """Remove the replaced run for good (call once the new run's checkpoint is saved)."""
+        if self.aside.exists():
+            shutil.rmtree(self.aside)
+
+    def restore_replaced(self) -> bool:
+        """Put a replaced run back in place of the files of a run that ended before its first
+        checkpoint; whether there was one."""
+        if not self.aside.is_dir():
+            return False
+        for name in RUN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / name).unlink()
-        self.replaced = []
+            if (self.aside / name).exists():
+                os.replace(self.aside / name, self.path / name)
+        shutil.rmtree(self.aside)
+        return True
 
 
 @contextlib.contextmanager
@@ -60,6 +90,9 @@ def run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[RunFolde
         raise OutputFolderError(f"{WHO}: cannot create output folder {out} ({err.strerror or err})") from None
     try:
         with FolderLock(out, WHO):
+            if RunFolder(out, []).restore_replaced():  # set aside by a run killed before its first checkpoint
+                print(f"{WHO}: put back the run in {out} that a run killed before its first checkpoint "
+                      "was replacing", file=sys.stderr)
             present = [name for name in RUN_FILES if (out / name).exists()]
             if resume and not (out / CHECKPOINT).exists():
                 hint = f" ({', '.join(present)} from a run killed before its first epoch ended: start again with --overwrite)" if present else ""
@@ -69,7 +102,12 @@ def run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[RunFolde
                     f"{WHO}: {out} already holds a run ({', '.join(present)}); pass --resume to continue "
                     "it, --overwrite to replace it, or choose another --out"
                 )
-            yield RunFolder(out, [] if resume else present)
+            folder = RunFolder(out, [] if resume else present)
+            try:
+                yield folder
+            except BaseException:
+                folder.restore_replaced()  # the new run ended before its first checkpoint
+                raise
     except BaseException:
         if created:  # nothing of this run's is left in a folder it made (rmdir: only if empty)
             with contextlib.suppress(OSError):
