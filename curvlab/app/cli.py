@@ -145,7 +145,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
             "Load a dataset, build a model, train it briefly (Adam), then measure how well each "
             "Kronecker approximation matches the exact per-layer Fisher blocks on one batch of "
             "training examples. Writes report.nc (all metrics, netCDF), summary.md (tables), "
-            "spectra.png, errors.png and network.png into --out."
+            "spectra.png, errors.png, network.png (coupling.png with --mode train on a model whose examples "
+            "BatchNorm couples) and manifest.json (what ran, with the files' checksums) into --out."
         ),
     )
     what = parser.add_argument_group("model and data")
