@@ -286,6 +286,10 @@ def test_cifar_synthetic_tar_labels_pixels_and_cache(tmp_path: Path, monkeypatch
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="decoded although cached"):
         load_dataset("cifar10", tmp_path / "d", cache_dir=cache)
+    monkeypatch.undo()
+    (cache / f"cifar10-jpeg-test-{'0' * 16}.npz").write_bytes(b"")  # named as before the source key
+    load_dataset("cifar10", tmp_path / "d", cache_dir=cache)  # its new entry replaces the old ones
+    assert len(list(cache.glob("cifar10-jpeg-test-*.npz"))) == 1 and len(list(cache.glob("*.npz"))) == 2
 
 
 def test_cifar_extracted_folders_match_tar(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ or malformed raises :class:`DataError` with a message naming the dataset and the
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -514,11 +515,19 @@ def _save_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def _cifar_split(source: Path, split: str, cache_dir: Path) -> tuple[Tensor, Tensor]:
-    cache = cache_dir / f"cifar10-jpeg-{split}-{_source_fingerprint(source)}.npz"
+    # one entry per source path: a new version of the source replaces its old entry (each ~180 MB)
+    of_source = f"cifar10-jpeg-{split}-{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}-"
+    cache = cache_dir / f"{of_source}{_source_fingerprint(source)}.npz"
     cached = _load_cached(cache)
     if cached is None:
         cached = _decode_cifar(source, split)
         _save_cache(cache, *cached)
+        # and entries named as before (no source key), which it never reads
+        legacy = re.compile(rf"cifar10-jpeg-{split}-[0-9a-f]{{16}}\.npz")
+        for stale in cache_dir.glob(f"cifar10-jpeg-{split}-*.npz"):
+            if stale != cache and (stale.name.startswith(of_source) or legacy.fullmatch(stale.name)):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
     images, labels = cached
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION["cifar10"])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
