@@ -225,8 +225,11 @@ def _log_if_wide(ax, values: np.ndarray) -> None:  # noqa: ANN001
 def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
     """Grouped bars per layer (hue: approximation) of the relative Frobenius, projection and
     scaling errors and of ``1 − ng_cosine``; one panel per metric. Lower is better everywhere.
-    Kronecker blocks only (a parameter block's only approximation is its diagonal)."""
+    Kronecker blocks only (a parameter block's only approximation is its diagonal: the title
+    says how many are left to summary.md)."""
+    left_out = ds.sizes["layer"]
     ds = kronecker_layers(ds)
+    left_out -= ds.sizes["layer"]
     names = ordered([str(a) for a in ds["approximation"].values])
     n_layers = ds.sizes["layer"]
     many = n_layers > 3
@@ -259,7 +262,10 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
             ax.set_visible(False)
         handles = [Patch(color=colour(n), label=label(n)) for n in names]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
-        fig.suptitle(_title(ds, "Per-layer errors (lower is better)"))
+        what = "Per-layer errors (lower is better)"
+        if left_out:
+            what += f"; {left_out} parameter block{'s' * (left_out > 1)} (diagonal only) in summary.md"
+        fig.suptitle(_title(ds, what))
         return _save(fig, path)
 
 
