@@ -387,9 +387,12 @@ def test_weight_and_bias_in_groups_of_their_own(cls):
     wd = torch.tensor([0.5] * 12 + [0.0] * 3, dtype=DT)
     mu = torch.tensor([0.9] * 12 + [0.0] * 3, dtype=DT)
     settings = {**EXACT, "momentum": 0.7, "weight_decay": 0.2}  # the defaults, overridden by both groups
-    opt = cls(model, [{"params": [model[0].weight], "lr": 0.3, "weight_decay": 0.5, "momentum": 0.9},
-                      {"params": [model[0].bias], "lr": 1.0, "weight_decay": 0.0, "momentum": 0.0}],
-              lr=0.1, damping=lam, **settings)
+    def make(net: nn.Module):
+        return cls(net, [{"params": [net[0].weight], "lr": 0.3, "weight_decay": 0.5, "momentum": 0.9},
+                         {"params": [net[0].bias], "lr": 1.0, "weight_decay": 0.0, "momentum": 0.0}],
+                   lr=0.1, damping=lam, **settings)
+
+    opt = make(model)
     buffer = torch.zeros(15, dtype=DT)
     for _ in range(2):
         theta = flat_params(model[0])
@@ -398,6 +401,10 @@ def test_weight_and_bias_in_groups_of_their_own(cls):
         buffer = mu * buffer + torch.linalg.solve(F + lam * torch.eye(15, dtype=DT), g) + wd * theta
         train_step(opt, model, loss_fn, x, y)
         torch.testing.assert_close(flat_params(model[0]), theta - lr * buffer, rtol=1e-10, atol=1e-12)
+    # the state, momentum included, saves and loads (the bias's column has none)
+    copy_opt = make(copy.deepcopy(model))
+    copy_opt.load_state_dict(opt.state_dict())
+    assert_same_state(copy_opt.state_dict()["curvlab"], opt.state_dict()["curvlab"])
 
 
 def test_a_layer_unfrozen_mid_run_is_preconditioned():

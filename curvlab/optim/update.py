@@ -180,7 +180,10 @@ def update_blocks_(
             own = True
         buffers = s.state.momentum_columns or [None] * len(update)
         moved = [momentum_direction(u, own, b, group["momentum"]) for u, b, group in zip(update, buffers, s.groups)]
-        kept = None if all(group["momentum"] == 0 for group in s.groups) else [b for _, b in moved]
+        # a column without momentum beside one with it keeps a zero buffer (a fresh start, as
+        # torch's SGD makes, should its group's momentum be raised): the buffer stays one matrix
+        kept = None if all(group["momentum"] == 0 for group in s.groups) else [
+            torch.zeros_like(d) if b is None else b for d, b in moved]
         updates.append((s, [d for d, _ in moved], kept))
     if not updates_finite([(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)], also_check):
         return False
