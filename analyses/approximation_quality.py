@@ -14,6 +14,7 @@ Writes ``analyses/results/approximation_quality_<setting>.nc`` and
 from __future__ import annotations
 
 import argparse
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -56,10 +57,14 @@ def plot_metrics(ds: xr.Dataset, title: str, path: Path) -> None:
     df["metric"] = df["metric"].map(METRICS)
     sns.set_theme(style="whitegrid", context="notebook")
     grid = sns.relplot(df, x="step", y="value", hue="approximation", col="layer", row="metric", kind="line",
-                       palette=colours(df["approximation"].unique()), height=2.3, aspect=1.45, facet_kws={"sharey": "row", "margin_titles": True})
-    grid.set_titles(row_template="{row_name}", col_template="layer {col_name}")
-    grid.set_axis_labels("training step", "")
-    grid.figure.suptitle(title, y=1.01)
+                       palette=colours(df["approximation"].unique()), height=2.3, aspect=1.45, facet_kws={"sharey": "row"})
+    # metrics as the first column's y labels, not rotated margin titles (whose length spread the rows apart)
+    last = grid.axes.shape[0] - 1
+    for (row, col), ax in np.ndenumerate(grid.axes):
+        ax.set_title(f"layer {grid.col_names[col]}" if row == 0 else "")
+        ax.set_ylabel(grid.row_names[row] if col == 0 else "")
+        ax.set_xlabel("training step" if row == last else "")
+    grid.figure.suptitle(textwrap.fill(title, 100), y=1.05)
     grid.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(grid.figure)
 
@@ -89,7 +94,7 @@ def plot_spectra(ds: xr.Dataset, title: str, path: Path) -> None:
     grid.set(yscale="log")
     grid.set_titles(row_template="layer {row_name}", col_template="{col_name}")
     grid.set_axis_labels("eigenvalue index (largest first)", "eigenvalue")
-    grid.figure.suptitle(title, y=1.01)
+    grid.figure.suptitle(textwrap.fill(title, 100), y=1.05)
     grid.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(grid.figure)
 
