@@ -114,6 +114,7 @@ class Probe:
         ds = ds.expand_dims(step=[step])
         ds["batch_loss"] = ("step", [stats.loss.item()])
         ds.attrs.pop("batch_loss", None)
+        ds.attrs.pop("created", None)  # each probe's own time: the series would keep it only by chance
         self.records.append(ds)
         return ds
 
