@@ -232,6 +232,13 @@ def _check_failures() -> dict[str, str]:
         cd.extract(net, loss_fn, xs, ys)
     except Exception as exc:  # noqa: BLE001
         seen["parameters"] = f"{type(exc).__name__}: {exc}"
+    # 4. options only compare reads that differ between the ranks (they returned different
+    # Datasets, or hung)
+    for option in ({"damping": 1e-2 * (1 + rank)}, {"top_k": 2 + rank}):
+        try:
+            cd.compare(net, loss_fn, xs, ys, approximations=("kflr",), **{**OPTIONS, **option})
+        except Exception as exc:  # noqa: BLE001
+            seen[f"options_{next(iter(option))}"] = f"{type(exc).__name__}: {exc}"
     # the group still works: every rank went through the same collectives
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
@@ -316,6 +323,8 @@ def test_two_ranks_equal_one_process() -> None:
     assert "empty shard" in second["empty_shard"] and "rank 1" in first["empty_shard"], (first, second)
     assert first["parameters"] == second["parameters"], (first, second)
     assert "parameters differ" in first["parameters"], first
+    for key in ("options_damping", "options_top_k"):
+        assert first[key] == second[key] and "the ranks disagree on the options" in first[key], (first, second)
     assert first["after"] == second["after"] == "2"
 
 

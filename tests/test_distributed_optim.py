@@ -209,11 +209,29 @@ def _mc_seeds_and_resume(sizes, path) -> dict:
     return out
 
 
+def _disagreeing_options() -> dict:
+    """Another damping, or another method, on rank 1: refused on every rank at construction
+    (they diverged silently, or hung in their collectives)."""
+    from curvlab.optim import KFAC, TKFAC
+
+    rank = torch.distributed.get_rank()
+    out = {}
+    for what, make in (("damping", lambda m: KFAC(m, lr=0.1, damping=1e-2 * (1 + rank))),
+                       ("method", lambda m: (TKFAC if rank else KFAC)(m, lr=0.1))):
+        try:
+            make(_model("mlp"))
+            out[what] = "accepted"
+        except ValueError as err:
+            out[what] = str(err)
+    return out
+
+
 def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
     out = {"equal": _equal_steps(cases), "eigh": _eigh_counts(eigh_sizes), "unequal": _unequal_shards(unequal)}
     if extra_sizes is not None:
         out["non_finite"] = _non_finite_on_one_rank(extra_sizes)
         out["mc"] = _mc_seeds_and_resume(extra_sizes, path)
+        out["disagree"] = _disagreeing_options()
     return out
 
 
@@ -251,6 +269,9 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     assert all(r["mc"]["resume_equal"] for r in results)
     assert mc["saved_blocks"] == ["0", "2"]  # the names one process uses (DDP unwrapped)
     assert mc["single_loads"] == 3
+    for r in results:
+        for what in ("damping", "method"):
+            assert "the ranks disagree on the method or its options" in r["disagree"][what], (what, r["disagree"])
 
 
 def test_four_ranks_take_one_process_steps() -> None:

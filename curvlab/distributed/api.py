@@ -200,6 +200,10 @@ def compare(
         ``shard_examples`` (``N_r`` per rank), ``backend`` and ``mc_seeds``.
     """
     coll.require_initialized()
+    # the options only compare reads (damping, top_k, …): extract checks those it is given
+    coll.check_agree((type(loss_fn).__name__, options), next(model.parameters()).device, group,
+                     "curvlab.distributed.compare: the ranks disagree on the options (damping, top_k, "
+                     "approximations, …); call it with the same options on every rank")
     extractions: list[_extract.Extraction] = []
 
     def sharded(*args: object, **kwargs: object) -> _extract.Extraction:

@@ -15,7 +15,8 @@ All tensors live on the caller's device: CPU tensors with gloo, CUDA tensors wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -117,6 +118,27 @@ def exchange(send: Sequence[Tensor], to: int, recv_shapes: Sequence[Sequence[int
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     return recv
+
+
+def plain(value: object) -> object:
+    """``value`` as what two ranks can compare by repr: numbers, strings, tuples and mappings of
+    them as they are; any other object by its type's name (its repr may hold an address)."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), plain(v)) for k, v in value.items()))
+    return type(value).__name__
+
+
+def check_agree(what: object, device: torch.device, group: dist.ProcessGroup | None, message: str) -> None:
+    """Raise ``ValueError(message)`` on every rank of ``group`` unless every rank passed an equal
+    ``what`` (compared by a checksum of :func:`plain`'s repr: one small ``all_gather``)."""
+    checksum = float(zlib.crc32(repr(plain(what)).encode()))
+    table = all_gather_floats([checksum], device, group)
+    if (table != table[0]).any():
+        raise ValueError(message)
 
 
 def all_gather_floats(values: Sequence[float], device: torch.device,

@@ -59,6 +59,7 @@ one ``O(D³)`` eigh or Cholesky per factor a refresh (``O(D² k)`` truncated).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
@@ -140,6 +141,10 @@ class KroneckerOptimizer(Optimizer):
             raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
         opts = self._options(options, overrides)
         self._parallel = data_parallel(model, distributed, who)
+        if self._parallel is not None:  # ranks taking different steps would diverge, or hang
+            self._parallel.check_agree((self.method, dataclasses.asdict(opts)),
+                                       f"{who}: the ranks disagree on the method or its options; construct "
+                                       "the optimizer with the same ones on every rank")
         self.model = model = unwrap(model)  # blocks named as in one process
         self._blocks: list[Block] | None = None
         self._trainable: list[bool] = []

@@ -149,6 +149,10 @@ class RankSync:
         param = next(self.model.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
+    def check_agree(self, what: object, message: str) -> None:
+        """``ValueError(message)`` on every rank unless all passed an equal ``what``."""
+        coll.check_agree(what, self.device, self.group, message)
+
     def sampling_seed(self, step: int) -> int:
         """The MC seed of this rank's statistics pass at ``step``."""
         return self.mc_seed + step * self.world_size + self.rank
