@@ -407,6 +407,26 @@ def test_weight_and_bias_in_groups_of_their_own(cls):
     assert_same_state(copy_opt.state_dict()["curvlab"], opt.state_dict()["curvlab"])
 
 
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_a_compiled_forward_takes_the_eager_steps(fisher: str):
+    """The user's forward compiled (torch.compile, AOTAutograd: a compiled backward), the
+    optimizer given the model: the exact flavour's VJPs over the columns cannot be vmapped
+    there (a RuntimeError from torch), so they run one by one — the same steps."""
+    x, y = data(8)
+    result = []
+    for compiled in (False, True):
+        model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = TEKFAC(model, lr=0.1, **{**EXACT, "fisher": fisher})
+        for _ in range(2):
+            opt.zero_grad()
+            with opt.track(loss_fn):
+                loss_fn(forward(x), y).backward()
+            opt.step()
+        result.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(result[1], result[0], rtol=1e-12, atol=1e-14)
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

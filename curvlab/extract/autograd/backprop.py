@@ -71,7 +71,14 @@ class BatchedVJP:
         if not self._live:
             return tuple(cotangents.new_zeros(cotangents.shape[0], *e.shape) for e in self.leaves)
         if self.vectorize and cotangents.shape[0] > 1:
-            return torch.func.vmap(self._vjp)(cotangents)
+            try:
+                return torch.func.vmap(self._vjp)(cotangents)
+            except RuntimeError as err:
+                # a torch.compile'd forward: vmap cannot run its compiled backward, one VJP at a
+                # time can (the same numbers, one call per column)
+                if "compiled backward" not in str(err):
+                    raise
+                self.vectorize = False
         if cotangents.shape[0] == 1:  # one column (a single MC sample): no stacking copy
             return tuple(grad.unsqueeze(0) for grad in self._vjp(cotangents[0]))
         columns = [self._vjp(v) for v in cotangents]
