@@ -239,6 +239,12 @@ def _check_failures() -> dict[str, str]:
             cd.compare(net, loss_fn, xs, ys, approximations=("kflr",), **{**OPTIONS, **option})
         except Exception as exc:  # noqa: BLE001
             seen[f"options_{next(iter(option))}"] = f"{type(exc).__name__}: {exc}"
+    # 5. a model of another dtype on rank 1: named as such, not as different parameters
+    other = _setting("mlp", "ce", "mean", 4)[0]
+    try:
+        cd.extract(other.float() if rank == 1 else other, loss_fn, xs.float() if rank == 1 else xs, ys)
+    except Exception as exc:  # noqa: BLE001
+        seen["dtypes"] = f"{type(exc).__name__}: {exc}"
     # the group still works: every rank went through the same collectives
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
@@ -323,6 +329,7 @@ def test_two_ranks_equal_one_process() -> None:
     assert "empty shard" in second["empty_shard"] and "rank 1" in first["empty_shard"], (first, second)
     assert first["parameters"] == second["parameters"], (first, second)
     assert "parameters differ" in first["parameters"], first
+    assert first["dtypes"] == second["dtypes"] and "parameters' dtypes differ between ranks" in first["dtypes"]
     for key in ("options_damping", "options_top_k"):
         assert first[key] == second[key] and "the ranks disagree on the options" in first[key], (first, second)
     assert first["after"] == second["after"] == "2"

@@ -110,6 +110,7 @@ def extract(
         float(roots[0].num_columns if roots else 0),
         float(reduced_numel(local) if local is not None else 0),
         _signature(loss_fn, options, blocks),
+        float(zlib.crc32(repr([p.dtype for p in model.parameters()]).encode())),
         *_fingerprint(model),
     ]
     table = coll.all_gather_floats(meta, device, group).cpu()
@@ -153,7 +154,12 @@ def _check_agreement(table: Tensor, rank: int) -> None:
             "curvlab.distributed.extract: the ranks disagree on the loss, the options or the "
             "extracted blocks; call it with the same model, loss_fn and options on every rank"
         )
-    fp = table[:, 6:]
+    if differ(6):
+        raise ValueError(
+            "curvlab.distributed.extract: the model parameters' dtypes differ between ranks (e.g. float32 "
+            "on some, float64 on others); convert the model the same way on every rank"
+        )
+    fp = table[:, 7:]
     scale = fp.abs().amax(0).clamp_min(1.0)
     if ((fp - fp[0]).abs() > PARAMETER_CHECK_RTOL * scale).any():
         raise ValueError(
