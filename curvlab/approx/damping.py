@@ -28,7 +28,6 @@ A strategy that an approximation does not support raises ``ValueError`` naming b
 from __future__ import annotations
 
 import math
-
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 

@@ -38,14 +38,9 @@ def _fingerprint(model: nn.Module) -> list[float]:
 
 
 def _signature(loss_fn: nn.Module, options: Mapping[str, object], blocks: Iterable[str]) -> float:
-    """A checksum of what every rank must agree on: the loss, the options, the block names."""
-    simple = (bool, int, float, str, type(None), tuple)
-    text = repr((
-        type(loss_fn).__name__,
-        getattr(loss_fn, "reduction", None),
-        sorted((k, v if isinstance(v, simple) else type(v).__name__) for k, v in options.items()),
-        list(blocks),
-    ))
+    """A checksum of what every rank must agree on: the loss, the options, the block names
+    (objects compared as :func:`~curvlab.distributed.collectives.plain` gives them)."""
+    text = repr(coll.plain((type(loss_fn).__name__, getattr(loss_fn, "reduction", None), options, list(blocks))))
     return float(zlib.crc32(text.encode()))
 
 
