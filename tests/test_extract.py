@@ -184,6 +184,50 @@ def test_session_gradient_is_a_copy_of_grad(separate_bias: bool) -> None:
     close(weight, model[0].weight.grad - 1.0)
 
 
+def _session_run(engine: str, body) -> str:
+    """The error message of ``body(model, loss_fn, x, y)`` run in a session of ``engine``, and
+    then ``results()``; the model (BackPACK can run it) is left without gradients."""
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=6)
+    with pytest.raises(RuntimeError) as err:
+        with ExtractionSession(model, loss_fn, stats=("kfac",), engine=engine) as session:
+            body(model, loss_fn, x, y)
+        session.results()
+    return str(err.value)
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_session_refuses_what_is_not_one_pass(engine: str) -> None:
+    """Both engines refuse, by the same rule: a second loss (micro-batches — BackPACK kept the
+    last one's statistics beside the sum of both gradients), a loss the session does not see
+    (BackPACK failed in its own assertion), and no backward pass (the autograd engine returned
+    statistics with no gradient)."""
+
+    def micro_batches(model, loss_fn, x, y):
+        loss_fn(model(x[:3]), y[:3]).backward()
+        loss_fn(model(x[3:]), y[3:]).backward()
+
+    def other_loss(model, loss_fn, x, y):
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    def no_backward(model, loss_fn, x, y):
+        loss_fn(model(x), y)
+
+    assert "loss_fn was called twice" in _session_run(engine, micro_batches)
+    assert "loss_fn was not called" in _session_run(engine, other_loss)
+    assert "no backward pass went through the loss" in _session_run(engine, no_backward)
+
+
+def test_session_counts_one_loss_with_the_empirical_root() -> None:
+    """The autograd engine's empirical root calls the loss inside the user's call: one loss."""
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=4)
+    with ExtractionSession(model, loss_fn, fisher="empirical", stats=("sqrt",), engine="autograd") as session:
+        loss_fn(model(x), y).backward()
+    close(session.results()["0"].sqrt.gram(), extract(model, loss_fn, x, y, fisher="empirical",
+                                                        stats=("sqrt",), engine="backpack")["0"].sqrt.gram())
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 def test_matches_backpack_extensions(model_name: str) -> None:
     """Same roots as BackPACK's SqrtGGNExact/SqrtGGNMC (same seed), BatchGrad and KFLR."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -115,10 +114,7 @@ def _run(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, 
     inputs, targets = inputs.to(device), targets.to(device)
     for p in model.parameters():
         p.grad = None
-    with torch.enable_grad(), session, warnings.catch_warnings():
-        # The first layer's input needs no gradient; torch warns about that for the
-        # full backward hooks BackPACK relies on.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    with torch.enable_grad(), session:
         loss = loss_fn(session.forward_model(inputs), targets)
         loss.backward()
     result = Extraction(session.results())

@@ -15,6 +15,7 @@ per-block statistics (with that gradient) afterwards.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from types import TracebackType
 
 import torch
@@ -50,8 +51,10 @@ class ExtractionSession:
             :func:`~curvlab.model_blocks.model_blocks` of the model with the options'
             ``separate_bias`` and ``skip_unsupported``.
 
-    Inside the block exactly one forward pass and one loss computation must run.  With ``seed``
-    set, the MC sampling inside the block is seeded and the global random state is restored on
+    Inside the block exactly one forward pass, one call of ``loss_fn`` and a backward pass
+    through that loss must run (a second call raises: micro-batches take a session each, or one
+    session on their concatenation; :meth:`results` refuses a block without the backward), with
+    either engine.  With ``seed`` set, the MC sampling inside the block is seeded and the global random state is restored on
     exit.
 
     Attributes:
@@ -80,6 +83,7 @@ class ExtractionSession:
         else:
             self._pass = AutogradPass(model, loss_fn, self.options, self.blocks)
         self._stack: contextlib.ExitStack | None = None
+        self._loss = _LossCalls(loss_fn)
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +97,12 @@ class ExtractionSession:
             self._stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(self.options.seed)
         self._stack.enter_context(self._pass)
+        # after the engine's: its own loss hook's nested calls (the empirical root) are inside ours
+        self._stack.enter_context(self._loss)
         self._stack.enter_context(LayerUseCheck(self.blocks.layers, self.loss_fn))
+        # BackPACK's full backward hook on a first layer whose input needs no gradient
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         return self
 
     def __exit__(
@@ -102,6 +111,9 @@ class ExtractionSession:
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.__exit__(exc_type, exc, tb)
+        if exc is not None and not self._loss.calls and "backpropagation quantity" in str(exc):
+            # BackPACK's assertion in the backward of a loss its hooks did not see
+            raise RuntimeError(f"curvlab.extract: loss_fn was not called inside the block; {_ONE_PASS}") from exc
 
     def results(self) -> dict[str, LayerStats]:
         """Per-block statistics of the pass run inside the block, with gradients.
@@ -110,14 +122,15 @@ class ExtractionSession:
             RuntimeError: if no block received statistics (no forward and backward ran in the
                 block, or the loss was not ``loss_fn``).
         """
+        if not self._loss.calls or not self._loss.backward:
+            what = "loss_fn was not called" if not self._loss.calls else "no backward pass went through the loss"
+            raise RuntimeError(f"curvlab.extract: {what} inside the ExtractionSession block; {_ONE_PASS}")
         out = self._pass.results()
         expected = [b for b in self.blocks.blocks if b.kind == "kronecker" or "sqrt" in self.options.stats]
         missing = sorted({b.name for b in expected if b.name not in out})
         if missing:
             raise RuntimeError(
-                f"curvlab.extract: no statistics for blocks {missing}: run "
-                "loss_fn(model(x), y).backward() inside the ExtractionSession block, with loss_fn "
-                "the session's loss"
+                f"curvlab.extract: no statistics for blocks {missing}; {_ONE_PASS}"
             )
         for block in self.blocks.blocks:
             if block.name not in out:  # a parameter block without "sqrt": nothing to report
@@ -125,3 +138,53 @@ class ExtractionSession:
             grad = block.grad_matrix(copy=True)  # .grad may change after the block
             out[block.name].grad = None if grad is None else grad.detach()
         return out
+
+
+_ONE_PASS = ("run loss_fn(model(x), y).backward() inside the ExtractionSession block, with loss_fn the "
+             "session's loss module (another loss module or a function such as F.cross_entropy is not seen)")
+
+
+class _LossCalls:
+    """Counts the top-level calls of the loss module in a ``with`` block — a second one raises —
+    and whether a backward pass went through that loss.
+
+    "Top-level": a call made while another is running (the autograd engine's empirical root
+    calls the loss inside its hook on the user's call) is not counted.
+    """
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        self.loss_fn = loss_fn
+        self.calls, self.backward, self._depth = 0, False, 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "_LossCalls":
+        self.calls, self.backward, self._depth = 0, False, 0
+        self._handles = [
+            self.loss_fn.register_forward_pre_hook(self._before),
+            self.loss_fn.register_forward_hook(self._after, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before(self, _module: nn.Module, _args: tuple) -> None:
+        if self._depth == 0 and self.calls:
+            raise RuntimeError(
+                "curvlab.extract: loss_fn was called twice inside one ExtractionSession block, whose "
+                "statistics are of one forward pass and one loss; for micro-batches use one block each "
+                "(or one block on their concatenation)"
+            )
+        self._depth += 1
+        if self._depth == 1:
+            self.calls += 1
+
+    def _after(self, _module: nn.Module, _args: tuple, loss: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.register_hook(self._reached)
+
+    def _reached(self, _grad: torch.Tensor) -> None:
+        self.backward = True

@@ -91,9 +91,7 @@ def tracked_pass(
 
     handle = loss_fn.register_forward_hook(record)
     try:
-        with session, warnings.catch_warnings():
-            # BackPACK's full backward hook on a first layer whose input needs no gradient
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        with session:
             yield pending
     except Exception as err:
         if not pending.losses:  # BackPACK's hooks fail in the backward of a loss they did not see
