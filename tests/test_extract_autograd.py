@@ -25,7 +25,7 @@ from curvlab.block import Block
 from curvlab.extract import ExtractionSession, extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
 from curvlab.extract.autograd.layer_io import cat_positions, unfold_input
-from helpers import batch, im2col, tiny_cnn, tiny_mlp
+from helpers import batch, dense_ggn, im2col, tiny_cnn, tiny_mlp
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -543,3 +543,35 @@ def test_convolution_statistics_with_many_locations_match_the_patches(case: str,
         if "kfac" in stats:
             rows = xs.transpose(1, 2).reshape(-1, xs.shape[1])
             torch.testing.assert_close(block.kfac["exact"].A, rows.T @ rows / rows.shape[0], rtol=1e-10, atol=1e-12)
+
+
+class _Autocast(nn.Module):
+    """A forward run entirely under bfloat16 autocast: bfloat16 layer inputs (after the first),
+    outputs and output gradients, float32 weights."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x)
+
+
+def test_autocast_forward_gives_float32_statistics_of_the_network() -> None:
+    """Under autocast the statistics are the float32 weights' (they failed in a dtype mismatch),
+    and describe the network to bfloat16's precision: the exact blocks and KFAC factors against
+    the float64 network's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    stats = extract(_Autocast(net), loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"), engine="autograd")
+    ref64 = copy.deepcopy(net).double()
+    ref = extract(ref64, loss_fn, x.double(), y, stats=("kfac",))
+    for name, layer in (("net.0", "0"), ("net.3", "3")):
+        s = stats[name]
+        assert {s.sqrt.dtype, s.kfac["exact"].A.dtype, s.kfac["exact"].G.dtype, s.tkfac.delta.dtype} == {torch.float32}
+        assert rel(s.dense_fisher().double(), dense_ggn(ref64, loss_fn, x.double(), y, layer)) < 5e-2
+        for factor in ("A", "G"):
+            assert rel(getattr(s.kfac["exact"], factor).double(), getattr(ref[layer].kfac["exact"], factor)) < 5e-2

@@ -243,7 +243,9 @@ def joined(parts: Sequence[Tensor], dim: int) -> Tensor:
 
 
 def grads_to_layout(module: nn.Module, grad: Tensor, lead: int = 1) -> Tensor:
-    """Output gradients ``[*lead, *z.shape]`` → ``[*lead, N, d_out, T]``."""
+    """Output gradients ``[*lead, *z.shape]`` → ``[*lead, N, d_out, T]``, in the weight's dtype
+    (under autocast a layer's output, so its gradient, can be bfloat16 where its input is not)."""
+    grad = grad.to(module.weight.dtype)
     if kind(module) == CONV:
         return grad.flatten(lead + 2)
     n, d_out = grad.shape[lead], grad.shape[-1]
