@@ -17,6 +17,9 @@ DT = torch.float64
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
 IDS = [c.__name__ for c in ALL]
 
+#: EXACT refreshes every step: EKFAC/TEKFAC warn that they never rescale (wanted here).
+pytestmark = pytest.mark.filterwarnings("ignore:.*is a multiple of eigen_interval:UserWarning")
+
 #: Settings under which one step is the damped natural-gradient step of the batch's block.
 EXACT = dict(
     fisher="exact", stat_decay=0.0, stats_interval=1, eigen_interval=1, scale_interval=1,
@@ -734,3 +737,26 @@ def test_cuda_matches_cpu(cls):
         out.append([p.detach().cpu() for p in model.parameters()])
     for p, q in zip(*out):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("error:.*is a multiple of eigen_interval:UserWarning")
+def test_a_schedule_that_never_rescales_is_warned_about_and_is_the_kronecker_baseline():
+    """With scale_interval a multiple of eigen_interval every rescaling step is a refresh, which
+    resets s: EKFAC takes KFAC's steps (exact damping) and TEKFAC TKFAC's — the warning's claim.
+    A schedule that rescales between refreshes is not warned about and differs."""
+    x, y = data(16)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(cls, eigen: int, scale: int, **kw) -> torch.Tensor:
+        model = tiny_mlp(0)
+        opt = cls(model, lr=0.1, damping=1e-2, fisher="exact", factor_dtype="float64", stats_interval=1,
+                  eigen_interval=eigen, scale_interval=scale, **kw)
+        for i in range(6):
+            train_step(opt, model, loss_fn, x[i % 2 * 8:][:8], y[i % 2 * 8:][:8])
+        return flat_params(model[0])
+
+    for rescaled, baseline in ((EKFAC, {"cls": KFAC, "damping_strategy": "exact"}), (TEKFAC, {"cls": TKFAC})):
+        with pytest.warns(UserWarning, match="scale_interval=4 is a multiple of eigen_interval=2"):
+            never = run(rescaled, 2, 4)
+        torch.testing.assert_close(never, run(eigen=2, scale=4, **baseline), rtol=1e-10, atol=1e-12)
+        assert (run(rescaled, 4, 1) - run(eigen=4, scale=1, **baseline)).abs().max() > 1e-6

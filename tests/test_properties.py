@@ -217,6 +217,7 @@ def kronecker_reference(cls: type, model: nn.Sequential, loss_fn: nn.Module, x: 
     return torch.kron(psi.contiguous(), phi.contiguous()) / delta
 
 
+@pytest.mark.filterwarnings("ignore:.*is a multiple of eigen_interval:UserWarning")  # one step: a refresh
 @settings(max_examples=12, **PROFILE)
 @given(problems(), st.sampled_from([1e-3, 1e-1, 1.0]))
 def test_one_step_of_every_optimizer_is_the_damped_natural_gradient(problem: tuple, damping: float) -> None:

@@ -13,7 +13,8 @@ damping.  A step (``k`` = :attr:`~KroneckerOptimizer.steps_done`, from 0)::
 
 ``track`` asks for statistics when ``k % stats_interval == 0`` (or while a block has none), and
 for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis when
-``k % scale_interval == 0`` but ``k % eigen_interval != 0``; otherwise it attaches nothing.
+``k % scale_interval == 0`` but ``k % eigen_interval != 0`` (a schedule with none such — ``scale_interval``
+a multiple of ``eigen_interval`` — is warned about: it never rescales); otherwise it attaches nothing.
 ``step()`` then, in this order:
 
 1. skips the step (state untouched, one ``RuntimeWarning`` per streak) if a gradient, the loss or
@@ -126,6 +127,8 @@ class KroneckerOptimizer(Optimizer):
     trace_factored: ClassVar[bool] = False
     #: Whether the ``basis`` option applies (TEKFAC only).
     has_basis_option: ClassVar[bool] = False
+    #: Whether it rescales ``s`` in its eigenbasis between refreshes (EKFAC, TEKFAC).
+    rescales: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -140,6 +143,16 @@ class KroneckerOptimizer(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
         opts = self._options(options, overrides)
+        if self.rescales and opts.scale_interval % opts.eigen_interval == 0:
+            # every rescaling step refreshes, and a refresh resets s to the Kronecker eigenvalues
+            warnings.warn(
+                f"{who}: scale_interval={opts.scale_interval} is a multiple of eigen_interval={opts.eigen_interval}, "
+                "so every rescaling step refreshes the eigenbasis, which resets s to the Kronecker eigenvalues: "
+                "s is never rescaled and the step is the Kronecker baseline's in the eigenbasis; for the "
+                "eigenvalue correction choose a scale_interval that eigen_interval does not divide (e.g. below it)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._parallel = data_parallel(model, distributed, who)
         if self._parallel is not None:  # ranks taking different steps would diverge, or hang
             self._parallel.check_agree((self.method, dataclasses.asdict(opts)),

@@ -28,6 +28,7 @@ class EKFAC(KroneckerOptimizer):
     """
 
     method = "ekfac"
+    rescales = True
 
     def new_state(self, block: Block) -> EKFACBasis:
         flavour = self.options.fisher

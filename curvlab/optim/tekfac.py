@@ -44,6 +44,7 @@ class TEKFAC(KroneckerOptimizer):
     method = "tekfac"
     trace_factored = True
     has_basis_option = True
+    rescales = True
 
     def new_state(self, block: Block) -> TEKFACBasis:
         o, eigh = self.options, self.options.eigh_policy()
