@@ -277,6 +277,60 @@ def test_resume_is_bit_identical(cls):
     assert_same_state(opt.state_dict(), opt2.state_dict())
 
 
+@pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
+def test_resume_with_a_frozen_layer_is_bit_identical(cls):
+    """A state dict saved while a layer is frozen keeps that layer's state (the optimizer keeps
+    it for when the layer is unfrozen); it loads into a fresh optimizer over the model frozen
+    alike — it was refused, even by the optimizer that wrote it — and the run, unfreezing the
+    layer later, continues bit for bit."""
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [data(16, seed=s) for s in range(10)]
+    settings = dict(lr=0.05, momentum=0.9, stats_interval=2, eigen_interval=4, scale_interval=3)
+
+    def run(model, opt, part):
+        for i, (x, y) in enumerate(batches[part], start=part.start or 0):
+            model[0].requires_grad_(not 3 <= i < 7)  # frozen for steps 3–6
+            train_step(opt, model, loss_fn, x, y)
+
+    model = tiny_mlp(0)
+    opt = cls(model, **settings)
+    torch.manual_seed(123)
+    run(model, opt, slice(0, 5))
+    saved = copy.deepcopy((opt.state_dict(), model.state_dict(), torch.get_rng_state()))
+    assert "0" in saved[0]["curvlab"]["blocks"] and "0" not in {b.name for b in opt.blocks()}
+    opt.load_state_dict(saved[0])  # its own, while the layer is frozen
+    run(model, opt, slice(5, None))
+
+    model2 = tiny_mlp(7)
+    model2.load_state_dict(saved[1])
+    model2[0].requires_grad_(False)
+    opt2 = cls(model2, **settings)
+    opt2.load_state_dict(saved[0])
+    torch.set_rng_state(saved[2])
+    run(model2, opt2, slice(5, None))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_loaded_state_dict_is_not_changed_by_later_steps(cls):
+    """load_state_dict copies, as torch's does: a checkpoint kept in memory (loaded, then trained
+    on through a refresh) stays as it was — a refresh's in-place inversion wrote into it."""
+    loss_fn = nn.CrossEntropyLoss()
+    model = tiny_mlp(0)
+    opt = cls(model, lr=0.05, stats_interval=1, eigen_interval=2, scale_interval=1)
+    x, y = data(16)
+    for _ in range(3):
+        train_step(opt, model, loss_fn, x, y)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    kept = copy.deepcopy(checkpoint)
+    opt.load_state_dict(checkpoint)
+    for _ in range(3):
+        train_step(opt, model, loss_fn, x, y)
+    assert_same_state(checkpoint, kept)
+
+
 def test_state_dict_round_trips_through_a_weights_only_file(tmp_path):
     """Everything a step depends on is in state_dict(): saved with torch.save, read back with
     torch.load(weights_only=True) into a fresh optimizer, the approximations are equal and the

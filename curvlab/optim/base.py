@@ -75,7 +75,7 @@ from curvlab.extract import ExtractOptions
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
 from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
-from curvlab.optim.serialization import load_block_states, save_block_states
+from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, plan_step, tracked_pass
 from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
@@ -171,6 +171,7 @@ class KroneckerOptimizer(Optimizer):
         )
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}
+        self._dormant: dict[str, dict[str, Any]] = {}  # saved states of layers frozen at loading
         self._pending: Pending | None = None
         self._warned_first_order = False
         self._skip_streak = 0  # consecutive skipped steps
@@ -307,7 +308,18 @@ class KroneckerOptimizer(Optimizer):
         # statistics and momentum start afresh
         if state is None or state.curvature.layout != block.layout:
             state = self.block_states[block.name] = BlockState(self.new_state(block))
+            entry = self._dormant.pop(block.name, None)
+            if entry is not None:  # a layer frozen when its state was loaded, trainable again
+                try:
+                    load_block_state(state, entry, block.weight.device, f"{type(self).__name__}: block {block.name!r}")
+                except ValueError:  # its bias frozen or unfrozen since: afresh, as the rule above
+                    state = self.block_states[block.name] = BlockState(self.new_state(block))
         return state
+
+    def _not_preconditioned(self) -> set[str]:
+        """Paths of the model's Linear/Conv layers that have no block now (frozen, or in no group)."""
+        current = {b.name for b in self.blocks()}
+        return {path for path, m in self.model.named_modules() if isinstance(m, PRECONDITIONED_LAYERS)} - current
 
     # ------------------------------------------------------------------ statistics
 
@@ -439,7 +451,7 @@ class KroneckerOptimizer(Optimizer):
         sd["curvlab"] = {
             "steps_done": self.steps_done,
             "damping": self.options.damping,
-            "blocks": save_block_states(self.block_states),
+            "blocks": {**self._dormant, **save_block_states(self.block_states)},
         }
         return sd
 
@@ -449,10 +461,12 @@ class KroneckerOptimizer(Optimizer):
         extra = state_dict.pop("curvlab", None) or {}
         self._blocks = None
         fresh = {b.name: BlockState(self.new_state(b)) for b in self.blocks()}
-        state_dict["state"] = load_block_states(fresh, extra.get("blocks"), state_dict.get("state", {}), self)
+        state_dict["state"], dormant = load_block_states(
+            fresh, extra.get("blocks"), state_dict.get("state", {}), self, self._not_preconditioned()
+        )
         super().load_state_dict(state_dict)
         self._blocks = None  # torch replaced the param group dicts
-        self.block_states = fresh
+        self.block_states, self._dormant = fresh, dict(dormant)
         if "steps_done" in extra:
             self.steps_done = int(extra["steps_done"])
             self.damping = extra["damping"]

@@ -57,32 +57,39 @@ def load_block_states(
     saved: Mapping[str, Mapping[str, Any]] | None,
     torch_state: Mapping[Any, Mapping[str, Any]],
     optimizer: "KroneckerOptimizer",
-) -> dict[Any, Mapping[str, Any]]:
+    dormant: set[str],
+) -> tuple[dict[Any, Mapping[str, Any]], dict[str, Mapping[str, Any]]]:
     """Fill the empty states ``fresh`` from a state dict; return torch's per-parameter state
-    without curvlab 0.1's block entries.
+    without curvlab 0.1's block entries, and the saved entries of the blocks in ``dormant`` (the
+    layers that are not preconditioned now, e.g. frozen, whose state waits for them).
 
     Raises:
         ValueError: the state dict's blocks are not this optimizer's (other model or method).
     """
     who = type(optimizer).__name__
-    blocks = {b.name: b for b in optimizer.blocks()}
     if saved is None:  # curvlab 0.1: the block state sits in torch's state of each block weight
         saved, torch_state = _from_legacy(fresh, torch_state, optimizer)
-    if set(saved) != set(fresh):
+    if set(fresh) - set(saved) or set(saved) - set(fresh) - dormant:
         raise ValueError(
             f"{who}.load_state_dict: the state dict holds blocks {sorted(saved)}, this optimizer "
             f"has {sorted(fresh)} (another model, or param groups that differ)"
         )
-    for name, entry in saved.items():
-        device = blocks[name].weight.device
-        state = fresh[name]
-        try:
-            state.curvature.load({k: v.to(device) for k, v in entry.get("curvature", {}).items()})
-        except ValueError as err:
-            raise ValueError(f"{who}.load_state_dict: block {name!r}: {err} (a state dict of another method?)") from None
-        momentum = entry.get("momentum")
-        state.momentum = None if momentum is None else momentum.to(device)
-    return dict(torch_state)
+    blocks = {b.name: b for b in optimizer.blocks()}
+    for name, state in fresh.items():
+        load_block_state(state, saved[name], blocks[name].weight.device, f"{who}.load_state_dict: block {name!r}")
+    return dict(torch_state), {name: entry for name, entry in saved.items() if name not in fresh}
+
+
+def load_block_state(state: "BlockState", entry: Mapping[str, Any], device: Any, who: str) -> None:
+    """Fill the empty ``state`` from copies of its saved ``entry``'s tensors (as torch's
+    ``load_state_dict`` copies: later steps update some in place, which must not reach the caller's
+    state dict)."""
+    try:
+        state.curvature.load({k: v.to(device, copy=True) for k, v in entry.get("curvature", {}).items()})
+    except ValueError as err:
+        raise ValueError(f"{who}: {err} (a state dict of another method, or of a changed layer?)") from None
+    momentum = entry.get("momentum")
+    state.momentum = None if momentum is None else momentum.to(device, copy=True)
 
 
 def _from_legacy(
