@@ -73,11 +73,10 @@ class BatchedVJP:
         if self.vectorize and cotangents.shape[0] > 1:
             try:
                 return torch.func.vmap(self._vjp)(cotangents)
-            except RuntimeError as err:
-                # a torch.compile'd forward: vmap cannot run its compiled backward, one VJP at a
-                # time can (the same numbers, one call per column)
-                if "compiled backward" not in str(err):
-                    raise
+            except RuntimeError:
+                # a backward vmap cannot batch (a torch.compile'd forward's compiled backward; BatchNorm
+                # under bfloat16 autocast): one VJP at a time gives the same numbers, one call per
+                # column — or raises what is wrong with the graph itself
                 self.vectorize = False
         if cotangents.shape[0] == 1:  # one column (a single MC sample): no stacking copy
             return tuple(grad.unsqueeze(0) for grad in self._vjp(cotangents[0]))
