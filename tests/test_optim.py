@@ -484,6 +484,41 @@ def test_a_compiled_forward_takes_the_eager_steps(fisher: str):
     torch.testing.assert_close(result[1], result[0], rtol=1e-12, atol=1e-14)
 
 
+def test_a_compiled_resnet_takes_the_eager_steps():
+    """A ResNet compiled as inductor partitions it (min-cut, donated buffers) refused the
+    statistics' vjps, which run before the user's backward; the autograd engine now has such
+    models compiled without donated buffers and with guards on its hooks — the eager steps."""
+    from curvlab.app.models import build_model
+
+    x, y = torch.randn(4, 3, 8, 8, dtype=DT), torch.randint(0, 5, (4,))
+    result = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, loss_fn = build_model("resnet18", (3, 8, 8), 5, width=2).to(DT).train(), nn.CrossEntropyLoss()
+        forward = torch.compile(model, backend="aot_eager_decomp_partition") if compiled else model
+        opt = KFAC(model, lr=0.1, fisher="exact", stats_interval=1, factor_dtype="float64")
+        for _ in range(2):
+            train_step(opt, forward, loss_fn, x, y)
+        result.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(result[1], result[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
+    """A compiled model whose first call ran outside `opt.track` (torch's default: no guards on
+    module hooks) never runs the extraction's hooks: a clear error, not a tied-weight one."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # no code compiled by earlier tests, whose guards would see the hooks
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    forward = torch.compile(model, backend="aot_eager")
+    forward(x)  # e.g. a warm-up
+    opt = KFAC(model, lr=0.1)
+    with pytest.raises(Exception, match="forward hooks did not run: a torch.compile'd model"):
+        train_step(opt, forward, loss_fn, x, y)
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from curvlab.extract.autograd import couples_examples
+from curvlab.extract.autograd.backprop import allow_compiled_forwards
 from curvlab.extract.autograd.layer_io import CONV, ConvInputs, cat_positions, dense_inputs, joined
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
@@ -44,6 +45,7 @@ class AutogradPass:
         self.recording = Recording(blocks.layers, loss_fn, request, self.coupled)
 
     def __enter__(self) -> "AutogradPass":
+        allow_compiled_forwards()
         self.recording.__enter__()
         return self
 

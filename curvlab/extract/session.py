@@ -86,6 +86,11 @@ class ExtractionSession:
         self._loss = _LossCalls(loss_fn)
 
     @property
+    def loss_calls(self) -> int:
+        """Calls of ``loss_fn`` seen in the ``with`` block so far (0 or 1)."""
+        return self._loss.calls
+
+    @property
     def device(self) -> torch.device:
         """The device of the model's (first block's) parameters."""
         return self.blocks.blocks[0].parameters()[0].device

@@ -191,6 +191,14 @@ class LayerUseCheck:
         uses = graph_uses(root)
         for module, path in self.layers.items():
             for name, p in module.named_parameters(recurse=False):
+                if uses.get(p, 0) and not self.calls[module]:
+                    raise UnsupportedModelError(
+                        f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used in the forward pass "
+                        "but its module's forward hooks did not run: a torch.compile'd model whose first call "
+                        "ran without curvlab's hooks (outside `opt.track` or curvlab.extract) keeps running "
+                        "without them; set torch._dynamo.config.skip_nnmodule_hook_guards = False before "
+                        "its first call"
+                    )
                 if uses.get(p, 0) > self.calls[module]:
                     raise UnsupportedModelError(
                         f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used {uses[p]} times in "

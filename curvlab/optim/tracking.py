@@ -94,7 +94,7 @@ def tracked_pass(
         with session:
             yield pending
     except Exception as err:
-        if not pending.losses:  # BackPACK's hooks fail in the backward of a loss they did not see
+        if not session.loss_calls:  # e.g. BackPACK's hooks fail in the backward of a loss they did not see
             err.add_note(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
             raise
         if all(bool(torch.isfinite(v).all()) for v in pending.losses):

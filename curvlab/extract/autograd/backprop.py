@@ -8,6 +8,7 @@ target call.  ``∂ out/∂ ε`` is the Jacobian at that layer output, so one vj
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -40,6 +41,18 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     def __enter__(self) -> "SavedBytes":
         super().__enter__()
         return self
+
+
+def allow_compiled_forwards() -> None:
+    """What a ``torch.compile``'d model compiled from now on (at its first call) needs for the
+    vjps of a recording: guards on module hooks, so that compiled code runs the recording's hooks
+    (torch skips those guards by default: code compiled without hooks would keep running without
+    them), and no donated buffers (its backward refuses to run twice, and the vjps run before the
+    user's backward).  Nothing is imported: a model is compiled only once torch._dynamo is."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.config.skip_nnmodule_hook_guards = False
+        torch._functorch.config.donated_buffer = False
 
 
 class BatchedVJP:
@@ -78,9 +91,19 @@ class BatchedVJP:
                 # under bfloat16 autocast): one VJP at a time gives the same numbers, one call per
                 # column — or raises what is wrong with the graph itself
                 self.vectorize = False
-        if cotangents.shape[0] == 1:  # one column (a single MC sample): no stacking copy
-            return tuple(grad.unsqueeze(0) for grad in self._vjp(cotangents[0]))
-        columns = [self._vjp(v) for v in cotangents]
+        try:
+            if cotangents.shape[0] == 1:  # one column (a single MC sample): no stacking copy
+                return tuple(grad.unsqueeze(0) for grad in self._vjp(cotangents[0]))
+            columns = [self._vjp(v) for v in cotangents]
+        except RuntimeError as err:
+            if "donated buffer" not in str(err):
+                raise
+            raise RuntimeError(
+                "curvlab (autograd engine): the torch.compile'd model's backward was compiled with donated "
+                "buffers, which allow one backward pass only, and curvlab's statistics backpropagate before "
+                "yours; set torch._functorch.config.donated_buffer = False before the compiled model's "
+                "first call (curvlab sets it where that call runs inside `opt.track` or curvlab.extract)"
+            ) from err
         return tuple(torch.stack(per_leaf) for per_leaf in zip(*columns))
 
     def chunks(self, total: int) -> Iterator[slice]:
