@@ -519,6 +519,39 @@ def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
         train_step(opt, forward, loss_fn, x, y)
 
 
+@pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
+def test_a_layer_unused_on_some_steps_keeps_its_state(cls):
+    """An auxiliary head the forward uses on even steps only: on the other steps its statistics
+    and parameters stay as they were (no gradient: as torch's optimizers leave it) — a
+    statistics step raised, asking to freeze it — and on its steps it is updated again."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x, use_aux):
+            h = torch.tanh(self.body(x))
+            return self.head(h) + (self.aux(h) if use_aux else 0)
+
+    torch.manual_seed(0)
+    model, loss_fn = Net().to(DT), nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.1, momentum=0.9, stats_interval=1, eigen_interval=2, scale_interval=1)
+    x, y = data(16)
+    for step in range(4):
+        use_aux = step % 2 == 0
+        before = copy.deepcopy((opt.state_dict()["curvlab"]["blocks"].get("aux"), model.aux.state_dict()))
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x, use_aux), y).backward()
+        opt.step()
+        after = (opt.state_dict()["curvlab"]["blocks"]["aux"], model.aux.state_dict())
+        assert torch.equal(after[1]["weight"], before[1]["weight"]) != use_aux, step
+        if step:
+            state_same = all(torch.equal(v, before[0]["curvature"][k]) for k, v in after[0]["curvature"].items())
+            assert state_same != use_aux, step
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

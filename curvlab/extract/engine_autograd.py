@@ -26,8 +26,9 @@ _TERM_STATISTICS = {"sqrt", "tkfac", "kfe"}
 class AutogradPass:
     """Context recording one forward pass of ``model`` and the loss; :meth:`results` after it."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks) -> None:
-        self.options, self.blocks = options, blocks
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks, *,
+                 skip_uncalled: bool = False) -> None:
+        self.options, self.blocks, self.skip_uncalled = options, blocks, skip_uncalled
         self.coupled = couples_examples(model)
         want_sqrt = "sqrt" in options.stats
         request = Request(
@@ -61,6 +62,8 @@ class AutogradPass:
         for module, blocks in self.blocks.of_layer.items():
             layer = res.layers[self.blocks.layers[module]]
             if not layer.calls:
+                if self.skip_uncalled:
+                    continue
                 raise ValueError(
                     f"curvlab.extract: layer {layer.name!r} ({type(module).__name__}) was not called in the "
                     "forward pass, so its block is zero; freeze its parameters (requires_grad=False)"

@@ -50,6 +50,8 @@ class ExtractionSession:
         blocks: the blocks to extract (e.g. an optimizer's preconditioned layers only); default
             :func:`~curvlab.model_blocks.model_blocks` of the model with the options'
             ``separate_bias`` and ``skip_unsupported``.
+        skip_uncalled: a Kronecker layer the forward pass does not call (a branch unused on this
+            step) gets no statistics, instead of an error (its block would be zero).
 
     Inside the block exactly one forward pass, one call of ``loss_fn`` and a backward pass
     through that loss must run (a second call raises: micro-batches take a session each, or one
@@ -67,7 +69,8 @@ class ExtractionSession:
 
     def __init__(
         self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions | None = None, *,
-        own_forward: bool = False, blocks: ModelBlocks | None = None, **overrides: object,
+        own_forward: bool = False, blocks: ModelBlocks | None = None, skip_uncalled: bool = False,
+        **overrides: object,
     ) -> None:
         check_loss(loss_fn)
         self.options = ExtractOptions.make(options, overrides)
@@ -81,9 +84,11 @@ class ExtractionSession:
         if self.engine == "backpack":
             self._pass: BackpackPass | AutogradPass = BackpackPass(choice.module, loss_fn, self.options, self.blocks)
         else:
-            self._pass = AutogradPass(model, loss_fn, self.options, self.blocks)
+            self._pass = AutogradPass(model, loss_fn, self.options, self.blocks, skip_uncalled=skip_uncalled)
         self._stack: contextlib.ExitStack | None = None
         self._loss = _LossCalls(loss_fn)
+        self._uses = LayerUseCheck(self.blocks.layers, loss_fn)
+        self.skip_uncalled = skip_uncalled
 
     @property
     def loss_calls(self) -> int:
@@ -104,7 +109,7 @@ class ExtractionSession:
         self._stack.enter_context(self._pass)
         # after the engine's: its own loss hook's nested calls (the empirical root) are inside ours
         self._stack.enter_context(self._loss)
-        self._stack.enter_context(LayerUseCheck(self.blocks.layers, self.loss_fn))
+        self._stack.enter_context(self._uses)
         # BackPACK's full backward hook on a first layer whose input needs no gradient
         self._stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -132,6 +137,9 @@ class ExtractionSession:
             raise RuntimeError(f"curvlab.extract: {what} inside the ExtractionSession block; {_ONE_PASS}")
         out = self._pass.results()
         expected = [b for b in self.blocks.blocks if b.kind == "kronecker" or "sqrt" in self.options.stats]
+        if self.skip_uncalled:
+            uncalled = {b.name for m, blocks in self.blocks.of_layer.items() if not self._uses.calls.get(m) for b in blocks}
+            expected = [b for b in expected if b.name not in uncalled]
         missing = sorted({b.name for b in expected if b.name not in out})
         if missing:
             raise RuntimeError(

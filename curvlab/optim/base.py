@@ -344,8 +344,11 @@ class KroneckerOptimizer(Optimizer):
                               engine=self.options.engine, kfac_approx=self.options.kfac_approx,
                               non_finite="propagate",  # a non-finite batch: NaN statistics, the step skipped
                               gram_rows=self._parallel is None)  # the ranks average matrices
+        # a layer this forward does not call (a branch used on other steps) keeps its statistics
+        # and, without a gradient, its parameters, as torch's optimizers leave them — on one
+        # process (the ranks average the same blocks' statistics)
         with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
-                          quiet=bool(self._skip_streak)) as pending:
+                          quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:
             yield
         self._pending = pending
 

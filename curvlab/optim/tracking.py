@@ -66,7 +66,7 @@ class Pending:
 @contextlib.contextmanager
 def tracked_pass(
     model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks, step: int, *, who: str,
-    quiet: bool,
+    quiet: bool, skip_uncalled: bool = False,
 ) -> Iterator[Pending]:
     """Run the ``with`` block as step ``step``'s forward and backward pass with the extraction
     of ``options`` attached; the yielded :class:`Pending` holds its statistics afterwards.
@@ -82,7 +82,7 @@ def tracked_pass(
     propagates.
     """
     pending = Pending(step, {}, reduction=getattr(loss_fn, "reduction", "mean"))
-    session = ExtractionSession(model, loss_fn, options, blocks=blocks)
+    session = ExtractionSession(model, loss_fn, options, blocks=blocks, skip_uncalled=skip_uncalled)
 
     def record(_module: nn.Module, args: tuple, out: Tensor) -> None:
         pending.losses.append(out.detach())
