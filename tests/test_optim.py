@@ -552,6 +552,40 @@ def test_a_layer_unused_on_some_steps_keeps_its_state(cls):
             assert state_same != use_aux, step
 
 
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_micro_batches_accumulate_into_the_batch_statistics(cls, reduction):
+    """One `track` block per micro-batch before one step() (gradient accumulation; unequal
+    micro-batches, the loss scaled so that the gradients add up to the batch's): the steps, the
+    statistics and the approximations are those of the whole batch in one pass — only the last
+    micro-batch's were kept.  The first layer's 12-wide input factor, from 6 and 10 examples, is
+    kept as rows on the way (the optimizers' GramRows); from all 16 it has full rank (else the
+    eigenbasis of its null space would be arbitrary, and so EKFAC's rescaling there)."""
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(16, 11, generator=gen, dtype=DT), torch.randint(0, 3, (16,), generator=gen)) for _ in range(3)]
+    settings = dict(lr=0.1, fisher="exact", factor_dtype="float64", stats_interval=1, eigen_interval=2, scale_interval=1)
+    runs = []
+    for micro in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(11, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+        opt = cls(model, **settings)
+        for x, y in batches:
+            opt.zero_grad()
+            parts = [(x[:6], y[:6]), (x[6:], y[6:])] if micro else [(x, y)]
+            for xb, yb in parts:
+                with opt.track(loss_fn):
+                    scale = 1.0 if reduction == "sum" else len(xb) / len(x)
+                    (scale * loss_fn(model(xb), yb)).backward()
+            opt.step()
+        runs.append((model, opt))
+    (model, opt), (model2, opt2) = runs
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+    for name, approx in opt.approximations().items():
+        torch.testing.assert_close(opt2.approximations()[name].to_dense(), approx.to_dense(), rtol=1e-9, atol=1e-12)
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

@@ -15,20 +15,23 @@ for MSELoss) or ``R = 1`` (``sum``), rank ``r``'s statistics are corrected exact
 
 and then summed over the ranks.  All these sums travel in one flattened ``all_reduce`` (one per
 dtype) for every statistic of every layer; the square roots stay sharded
-(:class:`~curvlab.distributed.sqrt.ShardedSqrt`).
+(:class:`~curvlab.distributed.sqrt.ShardedSqrt`).  The micro-batches an optimizer step
+accumulates in one process are combined by the same weights (:func:`combine_statistics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.sqrt import ShardedSqrt, scaled
+from curvlab.gram import GramRows
 
 
 @dataclass(frozen=True)
@@ -122,21 +125,60 @@ def reduce_statistics(
     root_scale = weights["loss"] ** 0.5
     out = {}
     for name, block in local.items():
-        grad = next(it) if block.grad is not None else None
-        kfac = {}
-        for flavour in sorted(block.kfac):
-            a, g = next(it), next(it)
-            kfac[flavour] = dataclasses.replace(block.kfac[flavour], A=a, G=g)
-        tkfac = None
-        if block.tkfac is not None:
-            delta, phi, psi = next(it), next(it), next(it)
-            tkfac = dataclasses.replace(block.tkfac, delta=delta, delta_phi=phi, delta_psi=psi)
-        kfe = next(it) if block.kfe_scaling is not None else None
-        sqrt = None
-        if block.sqrt is not None:
-            sqrt = ShardedSqrt(scaled(block.sqrt, root_scale), shards.columns, group)
-        out[name] = dataclasses.replace(
-            block, num_examples=shards.num_examples, grad=grad, sqrt=sqrt, kfac=kfac, tkfac=tkfac,
-            kfe_scaling=kfe,
-        )
+        sqrt = None if block.sqrt is None else ShardedSqrt(scaled(block.sqrt, root_scale), shards.columns, group)
+        out[name] = _rebuilt(block, it, shards.num_examples, sqrt)
     return out, summed[-1].reshape(())
+
+
+def _rebuilt(block, values, num_examples: int, sqrt: object):
+    """``block`` with the statistics of :func:`_reduced`, in its order, taken from ``values``."""
+    grad = next(values) if block.grad is not None else None
+    kfac = {}
+    for flavour in sorted(block.kfac):
+        a, g = next(values), next(values)
+        kfac[flavour] = dataclasses.replace(block.kfac[flavour], A=a, G=g)
+    tkfac = None
+    if block.tkfac is not None:
+        delta, phi, psi = next(values), next(values), next(values)
+        tkfac = dataclasses.replace(block.tkfac, delta=delta, delta_phi=phi, delta_psi=psi)
+    kfe = next(values) if block.kfe_scaling is not None else None
+    return dataclasses.replace(
+        block, num_examples=num_examples, grad=grad, sqrt=sqrt, kfac=kfac, tkfac=tkfac, kfe_scaling=kfe
+    )
+
+
+def combine_statistics(parts: Sequence[tuple[Mapping[str, object], int]], reduction: str) -> dict:
+    """The statistics of the concatenation of batches from each batch's: ``parts`` are
+    ``(blocks, loss_count)`` (block → ``LayerStats``, and the terms that batch's loss averages
+    over), weighted as :func:`reduce_statistics` weighs ranks and summed in this process — the
+    micro-batches of one optimizer step.  A block some batches lack (its layer not called there)
+    is combined over the others.  A block's gradient is the last batch's (``.grad`` accumulates
+    over the backward passes); square roots are not combined (``None``).  A statistic kept as
+    :class:`~curvlab.gram.GramRows` stays rows (all batches' rows, weighted)."""
+    out = {}
+    for name in dict.fromkeys(n for blocks, _ in parts for n in blocks):
+        having = [(blocks[name], count) for blocks, count in parts if name in blocks]
+        shards = Shards(0, tuple(b.num_examples for b, _ in having), tuple(c for _, c in having),
+                        (0,) * len(having), reduction)
+        last = having[-1][0]
+        reduced = [_reduced(b) for b, _ in having]
+        if len({tuple(kind for _, kind in r) for r in reduced}) > 1:
+            raise ValueError(f"curvlab: block {name!r} has statistics of different kinds in the batches combined")
+        columns = zip(*reduced)
+        sums = []
+        for r, column in enumerate(columns):
+            kind = column[0][1]
+            if r == 0 and last.grad is not None:
+                sums.append(column[-1][0])
+                continue
+            weights = [shards.loss_scale(i) if kind == "loss" else shards.example_weight(i) for i in range(len(having))]
+            sums.append(_weighted_sum([t for t, _ in column], weights))
+        out[name] = _rebuilt(last, iter(sums), shards.num_examples, None)
+    return out
+
+
+def _weighted_sum(values: Sequence[Tensor | GramRows], weights: Sequence[float]) -> Tensor | GramRows:
+    if all(isinstance(v, GramRows) for v in values):
+        return GramRows(torch.cat([v.rows for v in values]), torch.cat([v.weights * w for v, w in zip(values, weights)]))
+    dense = [v.dense() if isinstance(v, GramRows) else v for v in values]
+    return sum(v * w for v, w in zip(dense, weights))

@@ -188,7 +188,7 @@ class _LossCalls:
             raise RuntimeError(
                 "curvlab.extract: loss_fn was called twice inside one ExtractionSession block, whose "
                 "statistics are of one forward pass and one loss; for micro-batches use one block each "
-                "(or one block on their concatenation)"
+                "(curvlab's optimizers: one `with opt.track(loss_fn)` each before step(), which combines them)"
             )
         self._depth += 1
         if self._depth == 1:

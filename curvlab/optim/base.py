@@ -77,7 +77,7 @@ from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
-from curvlab.optim.tracking import Pending, plan_step, tracked_pass
+from curvlab.optim.tracking import Pending, accumulated, plan_step, tracked_pass
 from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
 
 #: Layer types whose blocks are preconditioned.  Every other trainable parameter — parameter
@@ -334,6 +334,8 @@ class KroneckerOptimizer(Optimizer):
         skipped); on every other step it does nothing (no hooks)."""
         walk = self._step_walk()
         plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options)
+        # an earlier pass of this step (micro-batches before one step()): accumulated below
+        earlier = self._pending if self._pending is not None and self._pending.step == self.steps_done else None
         self._pending = None
         if not plan.statistics:
             yield
@@ -350,7 +352,7 @@ class KroneckerOptimizer(Optimizer):
         with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
                           quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:
             yield
-        self._pending = pending
+        self._pending = pending if earlier is None else accumulated(earlier, pending)
 
     # ------------------------------------------------------------------ the preconditioner
 

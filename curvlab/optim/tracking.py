@@ -8,6 +8,7 @@ attached at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.distributed.reduce import local_loss_count
+from curvlab.distributed.reduce import combine_statistics, local_loss_count
 from curvlab.extract import ExtractionSession, ExtractOptions
 from curvlab.model_blocks import ModelBlocks
 from curvlab.optim.options import KroneckerOptions
@@ -116,3 +117,20 @@ def tracked_pass(
 
 _SAME_LOSS = ("compute the loss with that same instance, loss_fn(model(x), y) — another loss module or "
               "a function such as F.cross_entropy is not seen by the extraction")
+
+
+def accumulated(first: Pending, then: Pending) -> Pending:
+    """One step's statistics from two passes of it (micro-batches: ``track`` blocks before one
+    ``step()``), as one pass on their concatenated batch would give them; a pass whose loss was
+    not finite leaves no statistics (the step is skipped)."""
+    losses, counts = first.losses + then.losses, first.loss_terms + then.loss_terms
+    if not (first.results and then.results and first.loss_terms and then.loss_terms):
+        return dataclasses.replace(then, results={}, losses=losses, loss_terms=counts)
+    parts = [(first.results, first.loss_terms[-1]), (then.results, then.loss_terms[-1])]
+    total = sum(count for _, count in parts)
+    # the loss of the concatenated batch, weighted as its statistics (a "sum" reduction adds)
+    weights = [1.0] * 2 if first.reduction == "sum" else [count / total for _, count in parts]
+    loss = sum(w * (p.losses[-1] if p.losses else torch.nan) for w, p in zip(weights, (first, then)))
+    return dataclasses.replace(
+        then, results=combine_statistics(parts, first.reduction), losses=[loss], loss_terms=[total]
+    )
