@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -216,6 +217,29 @@ def test_session_refuses_what_is_not_one_pass(engine: str) -> None:
     assert "loss_fn was called twice" in _session_run(engine, micro_batches)
     assert "loss_fn was not called" in _session_run(engine, other_loss)
     assert "no backward pass went through the loss" in _session_run(engine, no_backward)
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+def test_session_statistics_ignore_a_scaled_backward(engine: str, fisher: str) -> None:
+    """A backward from c·loss (a GradScaler; a micro-batch's weight in gradient accumulation)
+    gives the statistics of the loss itself, without BackPACK's warning: BackPACK's empirical
+    Fisher was scaled by c²."""
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=6)
+    results = []
+    for c in (1.0, 1024.0, 0.375):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with ExtractionSession(model, loss_fn, engine=engine, fisher=fisher, stats=("sqrt", "kfac", "tkfac"),
+                                   seed=3) as session:
+                (c * loss_fn(model(x), y)).backward()
+        results.append(session.results()["2"])
+        model.zero_grad()
+    for r in results[1:]:
+        close(r.sqrt.gram(), results[0].sqrt.gram())
+        close(r.kfac[fisher].G, results[0].kfac[fisher].G)
+        close(r.tkfac.delta, results[0].tkfac.delta)
 
 
 def test_session_counts_one_loss_with_the_empirical_root() -> None:

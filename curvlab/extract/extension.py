@@ -78,7 +78,8 @@ class _LossRoot(ModuleExtension):
                     module, g_inp, g_out, mc_samples=ext.options.mc_samples
                 )
             else:  # empirical: √R ∇ℓ_n = ∇_{f_n} L / √R, with L = R Σ_n ℓ_n
-                grad = g_inp[0].detach()
+                # the backward may start from c·L (a GradScaler, a micro-batch's weight): g_out is c
+                grad = g_inp[0].detach() / g_out[0].detach()
                 root = (grad / math.sqrt(_reduction_factor(module))).unsqueeze(0)
             segments[flavour] = slice(start, start + root.shape[0])
             start += root.shape[0]

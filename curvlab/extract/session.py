@@ -110,9 +110,12 @@ class ExtractionSession:
         # after the engine's: its own loss hook's nested calls (the empirical root) are inside ours
         self._stack.enter_context(self._loss)
         self._stack.enter_context(self._uses)
-        # BackPACK's full backward hook on a first layer whose input needs no gradient
+        # BackPACK's full backward hook on a first layer whose input needs no gradient; and its
+        # warning on a backward from c·loss (a GradScaler), which its loss Hessian does not
+        # see and the empirical root divides out
         self._stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="The output of .* seems to have been modified")
         return self
 
     def __exit__(
