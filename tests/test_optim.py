@@ -586,6 +586,29 @@ def test_micro_batches_accumulate_into_the_batch_statistics(cls, reduction):
         torch.testing.assert_close(opt2.approximations()[name].to_dense(), approx.to_dense(), rtol=1e-9, atol=1e-12)
 
 
+def test_a_layer_never_called_does_not_make_every_step_a_statistics_step():
+    """A trainable head the forward never calls has no statistics; the steps still collect them
+    every stats_interval steps only (it made every step a statistics step, three times the cost)."""
+    model, loss_fn = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 3)).to(DT), nn.CrossEntropyLoss()
+    x, y = data(8)
+    opt = KFAC(model, lr=0.1, stats_interval=3)
+    seen = []
+    for _ in range(7):
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss = loss_fn(model[0](x), y)  # model[1] never called
+            seen.append(bool(model[0]._forward_hooks))
+            loss.backward()
+        opt.step()
+    assert seen == [k % 3 == 0 for k in range(7)]
+    assert set(opt.approximations()) == {"0"}
+    again = KFAC(model, lr=0.1, stats_interval=3)  # a resume keeps the schedule
+    again.load_state_dict(opt.state_dict())
+    with again.track(loss_fn):
+        loss_fn(model[0](x), y).backward()
+        assert not model[0]._forward_hooks  # step 7: no statistics
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

@@ -172,6 +172,7 @@ class KroneckerOptimizer(Optimizer):
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}
         self._dormant: dict[str, dict[str, Any]] = {}  # saved states of layers frozen at loading
+        self._uncalled: set[str] = set()  # blocks whose layer the last statistics pass did not call
         self._pending: Pending | None = None
         self._warned_first_order = False
         self._skip_streak = 0  # consecutive skipped steps
@@ -333,7 +334,8 @@ class KroneckerOptimizer(Optimizer):
         :meth:`step` (a non-finite loss fails the statistics pass: warned, and the step is
         skipped); on every other step it does nothing (no hooks)."""
         walk = self._step_walk()
-        plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options)
+        plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options,
+                         self._uncalled)
         # an earlier pass of this step (micro-batches before one step()): accumulated below
         earlier = self._pending if self._pending is not None and self._pending.step == self.steps_done else None
         self._pending = None
@@ -353,6 +355,8 @@ class KroneckerOptimizer(Optimizer):
                           quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:
             yield
         self._pending = pending if earlier is None else accumulated(earlier, pending)
+        if pending.results:  # a layer never called would otherwise make every step a statistics step
+            self._uncalled = {b.name for b, _, _ in walk.blocks} - set(pending.results)
 
     # ------------------------------------------------------------------ the preconditioner
 
@@ -457,6 +461,7 @@ class KroneckerOptimizer(Optimizer):
             "steps_done": self.steps_done,
             "damping": self.options.damping,
             "blocks": {**self._dormant, **save_block_states(self.block_states)},
+            "uncalled": sorted(self._uncalled),
         }
         return sd
 
@@ -472,6 +477,7 @@ class KroneckerOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._blocks = None  # torch replaced the param group dicts
         self.block_states, self._dormant = fresh, dict(dormant)
+        self._uncalled = set(extra.get("uncalled", ()))
         if "steps_done" in extra:
             self.steps_done = int(extra["steps_done"])
             self.damping = extra["damping"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +32,16 @@ class Plan:
     eigenbases: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
-def plan_step(states: Mapping[str, CurvatureState], step: int, options: KroneckerOptions) -> Plan:
+def plan_step(
+    states: Mapping[str, CurvatureState], step: int, options: KroneckerOptions, uncalled: Set[str] = frozenset()
+) -> Plan:
     """What the backward of step ``step`` computes for blocks with the curvature ``states``:
-    their statistics every ``stats_interval`` steps (or while one has none yet), and the
-    rescaling ``s*`` in each eigenbasis every ``scale_interval`` steps that refresh nothing."""
+    their statistics every ``stats_interval`` steps (or while one has none yet, unless its layer
+    was not called in the last statistics pass: ``uncalled``), and the rescaling ``s*`` in each
+    eigenbasis every ``scale_interval`` steps that refresh nothing."""
     plan = Plan()
-    if step % options.stats_interval == 0 or any(not s.has_statistics for s in states.values()):
+    waiting = (not s.has_statistics for name, s in states.items() if name not in uncalled)
+    if step % options.stats_interval == 0 or any(waiting):
         for s in states.values():
             plan.statistics.update(s.statistics)
     if step % options.scale_interval == 0 and step % options.eigen_interval != 0:
