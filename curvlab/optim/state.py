@@ -180,8 +180,11 @@ class CurvatureState(ABC):
                 options = {"eigh": self.eigh} if issubclass(self.approximation_class, approx.KroneckerProduct) else {}
                 try:
                     built = self.approximation_class.from_tensors(sub, layout=self.layout, name=self.name, **options)
-                except TypeError as err:
-                    raise ValueError(f"{type(self).__name__}: incomplete {f.name} ({err})") from None
+                except TypeError:
+                    raise ValueError(
+                        f"{type(self).__name__}: the saved {f.name} tensors {sorted(sub)} do not make its "
+                        f"{self.approximation_class.__name__}"
+                    ) from None
                 setattr(self, f.name, built)
             used.update(prefix + k for k in sub)
         extra = sorted(set(tensors) - used)
