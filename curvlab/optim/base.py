@@ -15,6 +15,8 @@ damping.  A step (``k`` = :attr:`~KroneckerOptimizer.steps_done`, from 0)::
 for EKFAC/TEKFAC for ``s* = Σ_k (U_outᵀ M_k U_in)²`` in the current basis when
 ``k % scale_interval == 0`` but ``k % eigen_interval != 0`` (a schedule with none such — ``scale_interval``
 a multiple of ``eigen_interval`` — is warned about: it never rescales); otherwise it attaches nothing.
+Several ``track`` blocks before one ``step()`` (micro-batches) give the statistics of their
+concatenated batch (:func:`curvlab.optim.tracking.accumulated`).
 ``step()`` then, in this order:
 
 1. skips the step (state untouched, one ``RuntimeWarning`` per streak) if a gradient, the loss or
