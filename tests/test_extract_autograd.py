@@ -575,3 +575,5 @@ def test_autocast_forward_gives_float32_statistics_of_the_network() -> None:
         assert rel(s.dense_fisher().double(), dense_ggn(ref64, loss_fn, x.double(), y, layer)) < 5e-2
         for factor in ("A", "G"):
             assert rel(getattr(s.kfac["exact"], factor).double(), getattr(ref[layer].kfac["exact"], factor)) < 5e-2
+    coupled = extract(_Autocast(net.train()), loss_fn, x, y, stats=("sqrt",), engine="autograd")  # per-example route
+    assert {s.sqrt.dtype for s in coupled.values()} == {torch.float32}, {n: s.sqrt.dtype for n, s in coupled.items()}

@@ -12,7 +12,6 @@ blocks' per-sample square roots.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.block import Block
+from curvlab.extract.autograd.loss_roots import empirical_root, loss_terms
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats
 from curvlab.extract.options import ExtractOptions
@@ -77,23 +77,14 @@ class _LossRoot(ModuleExtension):
                 root = self.derivatives.sqrt_hessian_sampled(
                     module, g_inp, g_out, mc_samples=ext.options.mc_samples
                 )
-            else:  # empirical: √R ∇ℓ_n = ∇_{f_n} L / √R, with L = R Σ_n ℓ_n
-                # the backward may start from c·L (a GradScaler, a micro-batch's weight): g_out is c
-                grad = g_inp[0].detach() / g_out[0].detach()
-                root = (grad / math.sqrt(_reduction_factor(module))).unsqueeze(0)
+            else:  # from the loss itself: the backward may start from c·L (a GradScaler)
+                targets = module.input1
+                root = empirical_root(module, output, targets, loss_terms(module, output, targets))
             segments[flavour] = slice(start, start + root.shape[0])
             start += root.shape[0]
             roots.append(root)
         ext.segments = segments
         return torch.cat(roots, 0) if len(roots) > 1 else roots[0]
-
-
-def _reduction_factor(loss: nn.Module) -> float:
-    """``R`` in ``L = R Σ_n ℓ_n``: 1 for sum, 1/N for CE mean, 1/numel for MSE mean."""
-    if loss.reduction == "sum":
-        return 1.0
-    inp = loss.input0
-    return 1.0 / (inp.shape[0] if isinstance(loss, nn.CrossEntropyLoss) else inp.numel())
 
 
 class _KroneckerLayer(MatToJacMat):

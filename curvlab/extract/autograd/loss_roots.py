@@ -157,10 +157,11 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
 
 
 def empirical_root(loss_fn: nn.Module, output: Tensor, targets: Tensor, terms: LossTerms) -> Tensor:
-    """``[1, *out.shape]``: ``∇_f L / √R`` with the true targets."""
+    """``[1, *out.shape]``: ``∇_f L / √R`` with the true targets (the loss's own ``forward``:
+    none of the hooks an extraction keeps on the loss module run)."""
     out = output.detach().requires_grad_()
     with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss_fn(out, targets), out)
+        (grad,) = torch.autograd.grad(loss_fn.forward(out, targets), out)
     return (grad / math.sqrt(terms.reduction_factor)).unsqueeze(0)
 
 

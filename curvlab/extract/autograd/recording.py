@@ -92,7 +92,6 @@ class Recording:
         self.result: AutogradExtraction | None = None
         self._handles: list = []
         self._saved: SavedBytes | None = None
-        self._busy = False
 
     # ------------------------------------------------------------------ hooks
 
@@ -107,8 +106,6 @@ class Recording:
         return output + eps
 
     def _loss_hook(self, module: nn.Module, args: tuple, kwargs: dict, loss: Tensor) -> None:
-        if self._busy:  # the empirical root calls the loss itself
-            return
         if self.result is not None:
             raise RuntimeError(
                 "curvlab (autograd engine): loss_fn was called twice inside one extraction; "
@@ -116,11 +113,7 @@ class Recording:
             )
         output = args[0] if args else kwargs["input"]
         targets = args[1] if len(args) > 1 else kwargs["target"]
-        self._busy = True
-        try:
-            self.result = self._compute(output, targets, loss)
-        finally:
-            self._busy = False
+        self.result = self._compute(output, targets, loss)
 
     def __enter__(self) -> "Recording":
         for module in self.targets:
@@ -180,7 +173,7 @@ class Recording:
         if want_sqrt and not coupled:
             for res in results.values():
                 if not res.calls:
-                    res.sqrt = output.new_zeros(columns.numel() * t_out * n, *res.matrix_shape)
+                    res.sqrt = output.new_zeros(columns.numel() * t_out * n, *res.matrix_shape, dtype=res.module.weight.dtype)
                 elif t_out == 1:
                     res.sqrt = res.square_root(columns=columns)
                 else:  # M[(j·T_out + s)·N + n] from the term-separated roots
@@ -219,9 +212,10 @@ class Recording:
         vjp = BatchedVJP(output, leaves + [p for _, p in params], per_column, req.max_bytes, req.vectorize)
         if need_exact:
             for res in results.values():
-                res.sqrt = output.new_zeros(rows, *res.matrix_shape)
+                # the weight's dtype: under autocast the output may be bfloat16
+                res.sqrt = output.new_zeros(rows, *res.matrix_shape, dtype=res.module.weight.dtype)
         for name, p in params:
-            param_sqrt[name] = output.new_zeros(rows, *p.shape)
+            param_sqrt[name] = output.new_zeros(rows, *p.shape, dtype=p.dtype)
         x_aug = [results[self.targets[m]].contraction_inputs(layer_io.unfold_input(m, inp)) for m, inp, _ in calls]
 
         def consume(sl: slice, grads: tuple[Tensor, ...]) -> None:
