@@ -45,6 +45,17 @@ class GramRows:
         return self.weights @ torch.linalg.vector_norm(self.rows, dim=1).square()
 
 
+def stack_rows(rows: list[Tensor]) -> Tensor:
+    """Batches' rows as one ``[R, d]`` tensor in their memory layout: rows stored along ``R`` (a
+    convolution's patches) stay so — ``torch.cat`` would transpose them into a row-major copy
+    (ResNet-18's 4608-wide ``A`` from two batches of 2048 rows: 218 → 44 ms)."""
+    if len(rows) == 1:
+        return rows[0]
+    if all(r.stride(0) == 1 for r in rows):
+        return torch.cat([r.mT for r in rows], 1).mT
+    return torch.cat(rows)
+
+
 def gram_or_rows(
     rows: Tensor, scale: float = 1.0, weights: Tensor | None = None, keep_rows: bool = False
 ) -> Tensor | GramRows:

@@ -11,7 +11,10 @@ for MSELoss) or ``R = 1`` (``sum``), rank ``r``'s statistics are corrected exact
   everything quadratic in the backpropagated root: KFAC's ``G``, TKFAC's ``δ``, ``δΦ``, ``δΨ``,
   EKFAC's ``kfe_scaling``;
 * ``√ρ_r`` — the square root's columns (``F = V Vᵀ``), see :func:`curvlab.distributed.sqrt.scaled`;
-* ``ω_r = N_r / N`` — KFAC's ``A``, an average over the ``N_r·T`` input locations of the shard.
+* ``ω_r = n_r / Σ_s n_s`` — KFAC's ``A``, an average over the shard's ``n_r`` inputs: ``N_r·T_r``
+  locations under the ``"expand"`` convention, ``N_r`` examples under ``"reduce"`` (sequences of
+  other lengths on other ranks weigh by their tokens); each rank sends ``n_r A_r`` and ``n_r``,
+  and the sum is divided after the ``all_reduce``.
 
 and then summed over the ranks.  All these sums travel in one flattened ``all_reduce`` (one per
 dtype) for every statistic of every layer; the square roots stay sharded
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.sqrt import ShardedSqrt, scaled
-from curvlab.gram import GramRows
+from curvlab.gram import GramRows, stack_rows
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,6 @@ class Shards:
             return 1.0
         return self.loss_counts[r] / sum(self.loss_counts)
 
-    def example_weight(self, rank: int | None = None) -> float:
-        """``ω_r = N_r / N``: weight of rank ``r``'s averages over examples."""
-        r = self.rank if rank is None else rank
-        return self.examples[r] / self.num_examples
 
 
 def local_loss_count(loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> int:
@@ -83,13 +82,13 @@ def local_loss_count(loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> int
 
 def _reduced(block) -> list[tuple[Tensor, str]]:
     """``(tensor, weight)`` of every statistic of ``block`` that is summed over the ranks, in a
-    fixed order (``weight``: ``"loss"`` → ρ_r, ``"examples"`` → ω_r)."""
+    fixed order (``weight``: ``"loss"`` → ρ_r, ``"inputs"`` → ω_r, see :func:`_inputs`)."""
     out: list[tuple[Tensor, str]] = []
     if block.grad is not None:
         out.append((block.grad, "loss"))
     for flavour in sorted(block.kfac):
         factors = block.kfac[flavour]
-        out += [(factors.A, "examples"), (factors.G, "loss")]
+        out += [(factors.A, "inputs"), (factors.G, "loss")]
     if block.tkfac is not None:
         ts = block.tkfac
         out += [(ts.delta, "loss"), (ts.delta_phi, "loss"), (ts.delta_psi, "loss")]
@@ -98,9 +97,14 @@ def _reduced(block) -> list[tuple[Tensor, str]]:
     return out
 
 
+def _inputs(block) -> int:
+    """The inputs ``A`` averages over: ``N·T`` locations (``"expand"``) or ``N`` examples."""
+    return block.num_examples * (block.num_locations if block.kfac_approx == "expand" else 1)
+
+
 def reduced_numel(local: Mapping[str, object]) -> int:
     """Numbers this rank contributes to the statistics' ``all_reduce`` (equal on all ranks)."""
-    return sum(t.numel() for block in local.values() for t, _ in _reduced(block))
+    return sum(t.numel() + (kind == "inputs") for block in local.values() for t, kind in _reduced(block))
 
 
 def reduce_statistics(
@@ -117,16 +121,22 @@ def reduce_statistics(
         ``(blocks, loss)``: block name → ``LayerStats`` of the global batch (square roots as
         :class:`ShardedSqrt`, ``num_examples = N``) and the global batch's loss.
     """
-    weights = {"loss": shards.loss_scale(), "examples": shards.example_weight()}
-    entries = [(name, _reduced(block)) for name, block in local.items()]
-    tensors = [t * weights[w] for _, items in entries for t, w in items]
-    summed = coll.all_reduce_sum([*tensors, loss.detach().reshape(1) * weights["loss"]], group)
+    rho = shards.loss_scale()
+    tensors = []
+    for block in local.values():
+        for t, kind in _reduced(block):
+            if kind == "loss":
+                tensors.append(t * rho)
+            else:  # n_r A_r and n_r: their sums' quotient is the average over all inputs
+                n = _inputs(block)
+                tensors += [t * n, t.new_full((1,), float(n))]
+    summed = coll.all_reduce_sum([*tensors, loss.detach().reshape(1) * rho], group)
     it = iter(summed[:-1])
-    root_scale = weights["loss"] ** 0.5
     out = {}
     for name, block in local.items():
-        sqrt = None if block.sqrt is None else ShardedSqrt(scaled(block.sqrt, root_scale), shards.columns, group)
-        out[name] = _rebuilt(block, it, shards.num_examples, sqrt)
+        values = [next(it) if kind == "loss" else next(it) / next(it) for _, kind in _reduced(block)]
+        sqrt = None if block.sqrt is None else ShardedSqrt(scaled(block.sqrt, rho ** 0.5), shards.columns, group)
+        out[name] = _rebuilt(block, iter(values), shards.num_examples, sqrt)
     return out, summed[-1].reshape(())
 
 
@@ -165,20 +175,22 @@ def combine_statistics(parts: Sequence[tuple[Mapping[str, object], int]], reduct
         if len({tuple(kind for _, kind in r) for r in reduced}) > 1:
             raise ValueError(f"curvlab: block {name!r} has statistics of different kinds in the batches combined")
         columns = zip(*reduced)
+        inputs = [_inputs(b) for b, _ in having]
         sums = []
         for r, column in enumerate(columns):
             kind = column[0][1]
             if r == 0 and last.grad is not None:
                 sums.append(column[-1][0])
                 continue
-            weights = [shards.loss_scale(i) if kind == "loss" else shards.example_weight(i) for i in range(len(having))]
+            weights = ([shards.loss_scale(i) for i in range(len(having))] if kind == "loss"
+                       else [n / sum(inputs) for n in inputs])
             sums.append(_weighted_sum([t for t, _ in column], weights))
-        out[name] = _rebuilt(last, iter(sums), shards.num_examples, None)
+        out[name] = dataclasses.replace(_rebuilt(last, iter(sums), shards.num_examples, None), convention_sqrt=None)
     return out
 
 
 def _weighted_sum(values: Sequence[Tensor | GramRows], weights: Sequence[float]) -> Tensor | GramRows:
     if all(isinstance(v, GramRows) for v in values):
-        return GramRows(torch.cat([v.rows for v in values]), torch.cat([v.weights * w for v, w in zip(values, weights)]))
+        return GramRows(stack_rows([v.rows for v in values]), torch.cat([v.weights * w for v, w in zip(values, weights)]))
     dense = [v.dense() if isinstance(v, GramRows) else v for v in values]
     return sum(v * w for v, w in zip(dense, weights))
