@@ -515,7 +515,7 @@ def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
     forward = torch.compile(model, backend="aot_eager")
     forward(x)  # e.g. a warm-up
     opt = KFAC(model, lr=0.1)
-    with pytest.raises(Exception, match="forward hooks did not run: a torch.compile'd model"):
+    with pytest.raises(Exception, match="forward hooks never ran: .* or a torch.compile'd model"):
         train_step(opt, forward, loss_fn, x, y)
 
 
@@ -576,7 +576,7 @@ def test_micro_batches_accumulate_into_the_batch_statistics(cls, reduction):
             for xb, yb in parts:
                 with opt.track(loss_fn):
                     scale = 1.0 if reduction == "sum" else len(xb) / len(x)
-                    (scale * loss_fn(model(xb), yb)).backward()
+                    (scale * loss_fn(input=model(xb), target=yb)).backward()  # by keyword too
             opt.step()
         runs.append((model, opt))
     (model, opt), (model2, opt2) = runs
@@ -607,6 +607,51 @@ def test_a_layer_never_called_does_not_make_every_step_a_statistics_step():
     with again.track(loss_fn):
         loss_fn(model[0](x), y).backward()
         assert not model[0]._forward_hooks  # step 7: no statistics
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_micro_batches_of_other_sequence_lengths_weigh_by_their_inputs(kfac_approx):
+    """Micro-batches of sequences of 10 and 2 tokens: the accumulated input factor is the average
+    over all 24 token positions (expand) or over all 4 examples' mean tokens (reduce) — weighing
+    by examples gave the long sequences' tokens the short ones' weight."""
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(3, 4).to(DT), nn.MSELoss()
+    xs = [torch.randn(2, 10, 3, dtype=DT), torch.randn(2, 2, 3, dtype=DT)]
+    opt = KFAC(model, lr=0.1, stat_decay=0.0, stats_interval=1, fisher="exact", factor_dtype="float64",
+               kfac_approx=kfac_approx)
+    opt.zero_grad()
+    for x in xs:
+        with opt.track(loss_fn):
+            loss_fn(model(x), torch.randn(*x.shape[:2], 4, dtype=DT)).backward()
+    opt.step()
+    ones = lambda x: torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=DT)], -1)
+    rows = torch.cat([ones(x).reshape(-1, 4) if kfac_approx == "expand" else ones(x).mean(1) for x in xs])
+    a = opt.state_dict()["curvlab"]["blocks"][""]["curvature"]["A"]
+    torch.testing.assert_close(a, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-14)
+
+
+def test_statistics_no_step_used_are_dropped_by_zero_grad():
+    """A step skipped (a GradScaler's, on inf gradients) leaves its pass's statistics behind;
+    the next zero_grad() drops them, as it drops the gradients: the next step's statistics are
+    its own batch's (they were combined with the skipped batch's), as with loss_fn called by
+    keyword (whose micro-batches were dropped)."""
+    loss_fn = nn.CrossEntropyLoss()
+    (xa, ya), (xb, yb) = data(8, seed=1), data(8, seed=2)
+    runs = []
+    for skipped in (False, True):
+        model = tiny_mlp(0)
+        opt = KFAC(model, lr=0.1, stat_decay=0.0, stats_interval=1, fisher="exact", factor_dtype="float64")
+        if skipped:
+            with opt.track(loss_fn):
+                loss_fn(model(xa), ya).backward()
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(input=model(xb), target=yb).backward()
+        opt.step()
+        runs.append(opt.state_dict()["curvlab"]["blocks"])
+    for name, block in runs[0].items():
+        for key, value in block["curvature"].items():
+            torch.testing.assert_close(runs[1][name]["curvature"][key], value, rtol=0, atol=0)
 
 
 def test_a_layer_unfrozen_mid_run_is_preconditioned():

@@ -96,6 +96,16 @@ class ExtractionSession:
         return self._loss.calls
 
     @property
+    def loss(self) -> torch.Tensor | None:
+        """The (detached) value of that call, once it returned."""
+        return self._loss.loss
+
+    @property
+    def loss_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Its ``(input, target)``."""
+        return self._loss.inputs
+
+    @property
     def device(self) -> torch.device:
         """The device of the model's (first block's) parameters."""
         return self.blocks.blocks[0].parameters()[0].device
@@ -161,8 +171,8 @@ _ONE_PASS = ("run loss_fn(model(x), y).backward() inside the ExtractionSession b
 
 
 class _LossCalls:
-    """Counts the top-level calls of the loss module in a ``with`` block — a second one raises —
-    and whether a backward pass went through that loss.
+    """Counts the top-level calls of the loss module in a ``with`` block — a second one raises —,
+    keeps that call's value and inputs, and whether a backward pass went through that loss.
 
     "Top-level": a call made while another is running (the autograd engine's empirical root
     calls the loss inside its hook on the user's call) is not counted.
@@ -170,14 +180,20 @@ class _LossCalls:
 
     def __init__(self, loss_fn: nn.Module) -> None:
         self.loss_fn = loss_fn
-        self.calls, self.backward, self._depth = 0, False, 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.calls, self.backward, self._depth = 0, False, 0
+        self.loss: torch.Tensor | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __enter__(self) -> "_LossCalls":
-        self.calls, self.backward, self._depth = 0, False, 0
+        self._reset()
         self._handles = [
             self.loss_fn.register_forward_pre_hook(self._before),
-            self.loss_fn.register_forward_hook(self._after, always_call=True),
+            # after the engine's own hook (whose nested calls are then inside ours), also when it raises
+            self.loss_fn.register_forward_hook(self._after, with_kwargs=True, always_call=True),
         ]
         return self
 
@@ -187,19 +203,26 @@ class _LossCalls:
         self._handles = []
 
     def _before(self, _module: nn.Module, _args: tuple) -> None:
-        if self._depth == 0 and self.calls:
+        self._depth += 1  # undone by _after, which runs also when this raises
+        if self._depth > 1:
+            return
+        if self.calls:
             raise RuntimeError(
                 "curvlab.extract: loss_fn was called twice inside one ExtractionSession block, whose "
                 "statistics are of one forward pass and one loss; for micro-batches use one block each "
                 "(curvlab's optimizers: one `with opt.track(loss_fn)` each before step(), which combines them)"
             )
-        self._depth += 1
-        if self._depth == 1:
-            self.calls += 1
+        self.calls += 1
 
-    def _after(self, _module: nn.Module, _args: tuple, loss: object) -> None:
+    def _after(self, _module: nn.Module, args: tuple, kwargs: dict, loss: object) -> None:
         self._depth -= 1
-        if self._depth == 0 and isinstance(loss, torch.Tensor) and loss.requires_grad:
+        if self._depth or not isinstance(loss, torch.Tensor) or self.loss is not None:
+            return
+        self.loss = loss.detach()
+        inputs = [*args, *(kwargs[k] for k in ("input", "target") if k in kwargs)]
+        if len(inputs) == 2:
+            self.inputs = (inputs[0], inputs[1])
+        if loss.requires_grad:
             loss.register_hook(self._reached)
 
     def _reached(self, _grad: torch.Tensor) -> None:

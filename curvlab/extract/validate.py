@@ -194,10 +194,12 @@ class LayerUseCheck:
                 if uses.get(p, 0) and not self.calls[module]:
                     raise UnsupportedModelError(
                         f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used in the forward pass "
-                        "but its module's forward hooks did not run: a torch.compile'd model whose first call "
-                        "ran without curvlab's hooks (outside `opt.track` or curvlab.extract) keeps running "
-                        "without them; set torch._dynamo.config.skip_nnmodule_hook_guards = False before "
-                        "its first call"
+                        "but its module's forward hooks never ran: either the weight is used without calling "
+                        "the module (F.linear(x, layer.weight), a tied output embedding: call the module, or "
+                        "freeze that parameter), or a torch.compile'd model's first call ran without "
+                        "curvlab's hooks (outside `opt.track` or curvlab.extract) and it keeps running "
+                        "without them (set torch._dynamo.config.skip_nnmodule_hook_guards = False before "
+                        "its first call)"
                     )
                 if uses.get(p, 0) > self.calls[module]:
                     raise UnsupportedModelError(

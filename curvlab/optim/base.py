@@ -74,6 +74,7 @@ from torch.optim import Optimizer
 from curvlab.approx import DampingStrategy, KroneckerApproximation, KroneckerProduct, get_damping
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
+from curvlab.extract.autograd.backprop import allow_compiled_forwards
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
 from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
@@ -151,7 +152,8 @@ class KroneckerOptimizer(Optimizer):
                 f"{who}: scale_interval={opts.scale_interval} is a multiple of eigen_interval={opts.eigen_interval}, "
                 "so every rescaling step refreshes the eigenbasis, which resets s to the Kronecker eigenvalues: "
                 "s is never rescaled and the step is the Kronecker baseline's in the eigenbasis; for the "
-                "eigenvalue correction choose a scale_interval that eigen_interval does not divide (e.g. below it)",
+                "eigenvalue correction refresh less often than you rescale (eigen_interval > scale_interval, "
+                "as the defaults 100 and 10)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -257,7 +259,10 @@ class KroneckerOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; with ``set_to_none`` (the default) without its profiler range
-        and its dynamo guard, a share of a small model's step."""
+        and its dynamo guard, a share of a small model's step.  It also drops statistics that no
+        ``step()`` used (a step a GradScaler skipped): micro-batches accumulate between a
+        ``zero_grad()`` and a ``step()``, as their gradients do."""
+        self._pending = None
         if not set_to_none:
             return super().zero_grad(set_to_none)
         for group in self.param_groups:
@@ -335,6 +340,8 @@ class KroneckerOptimizer(Optimizer):
         step the extraction is attached for the block only and its statistics kept for
         :meth:`step` (a non-finite loss fails the statistics pass: warned, and the step is
         skipped); on every other step it does nothing (no hooks)."""
+        if self.options.engine != "backpack":  # also steps without statistics: a compiled model's first call
+            allow_compiled_forwards()
         walk = self._step_walk()
         plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options,
                          self._uncalled)
@@ -357,8 +364,8 @@ class KroneckerOptimizer(Optimizer):
                           quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:
             yield
         self._pending = pending if earlier is None else accumulated(earlier, pending)
-        if pending.results:  # a layer never called would otherwise make every step a statistics step
-            self._uncalled = {b.name for b, _, _ in walk.blocks} - set(pending.results)
+        if self._pending.results:  # a layer never called would otherwise make every step a statistics step
+            self._uncalled = {b.name for b, _, _ in walk.blocks} - set(self._pending.results)
 
     # ------------------------------------------------------------------ the preconditioner
 

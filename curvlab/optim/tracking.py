@@ -88,13 +88,6 @@ def tracked_pass(
     """
     pending = Pending(step, {}, reduction=getattr(loss_fn, "reduction", "mean"))
     session = ExtractionSession(model, loss_fn, options, blocks=blocks, skip_uncalled=skip_uncalled)
-
-    def record(_module: nn.Module, args: tuple, out: Tensor) -> None:
-        pending.losses.append(out.detach())
-        if len(args) == 2:
-            pending.loss_terms.append(local_loss_count(loss_fn, *args))
-
-    handle = loss_fn.register_forward_hook(record)
     try:
         with session:
             yield pending
@@ -102,7 +95,7 @@ def tracked_pass(
         if not session.loss_calls:  # e.g. BackPACK's hooks fail in the backward of a loss they did not see
             err.add_note(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
             raise
-        if all(bool(torch.isfinite(v).all()) for v in pending.losses):
+        if session.loss is None or bool(torch.isfinite(session.loss).all()):
             raise
         if not quiet:
             warnings.warn(
@@ -111,11 +104,13 @@ def tracked_pass(
                 RuntimeWarning,
                 stacklevel=5,
             )
+        pending.losses = [session.loss]
         return
-    finally:
-        handle.remove()
-    if not pending.losses:
+    if session.loss is None:
         raise RuntimeError(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
+    pending.losses = [session.loss]
+    if session.loss_inputs is not None:
+        pending.loss_terms = [local_loss_count(loss_fn, *session.loss_inputs)]
     pending.results = session.results()
 
 
@@ -127,9 +122,11 @@ def accumulated(first: Pending, then: Pending) -> Pending:
     """One step's statistics from two passes of it (micro-batches: ``track`` blocks before one
     ``step()``), as one pass on their concatenated batch would give them; a pass whose loss was
     not finite leaves no statistics (the step is skipped)."""
-    losses, counts = first.losses + then.losses, first.loss_terms + then.loss_terms
-    if not (first.results and then.results and first.loss_terms and then.loss_terms):
-        return dataclasses.replace(then, results={}, losses=losses, loss_terms=counts)
+    losses = first.losses + then.losses
+    if not all(bool(torch.isfinite(v).all()) for v in losses):
+        return dataclasses.replace(then, results={}, losses=losses)
+    if not (first.loss_terms and then.loss_terms):
+        raise RuntimeError("curvlab.optim: micro-batches need loss_fn(input, target) calls to be weighed")
     parts = [(first.results, first.loss_terms[-1]), (then.results, then.loss_terms[-1])]
     total = sum(count for _, count in parts)
     # the loss of the concatenated batch, weighted as its statistics (a "sum" reduction adds)

@@ -9,6 +9,7 @@ target call.  ``∂ out/∂ ε`` is the Jacobian at that layer output, so one vj
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,7 +49,9 @@ def allow_compiled_forwards() -> None:
     vjps of a recording: guards on module hooks, so that compiled code runs the recording's hooks
     (torch skips those guards by default: code compiled without hooks would keep running without
     them), and no donated buffers (its backward refuses to run twice, and the vjps run before the
-    user's backward).  Nothing is imported: a model is compiled only once torch._dynamo is."""
+    user's backward).  Process-wide torch settings, for every model compiled later (more guards;
+    a compiled backward keeps buffers it could have freed), set once ``torch._dynamo`` is imported
+    (by ``torch.compile``, or by a ``torch.optim`` step): it is not imported here."""
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None:
         dynamo.config.skip_nnmodule_hook_guards = False
@@ -86,10 +89,18 @@ class BatchedVJP:
         if self.vectorize and cotangents.shape[0] > 1:
             try:
                 return torch.func.vmap(self._vjp)(cotangents)
-            except RuntimeError:
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:
                 # a backward vmap cannot batch (a torch.compile'd forward's compiled backward; BatchNorm
                 # under bfloat16 autocast): one VJP at a time gives the same numbers, one call per
                 # column — or raises what is wrong with the graph itself
+                warnings.warn(
+                    f"curvlab (autograd engine): torch.func.vmap cannot batch this backward "
+                    f"({str(err).splitlines()[0][:200]}); its vjps run one column at a time",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self.vectorize = False
         try:
             if cotangents.shape[0] == 1:  # one column (a single MC sample): no stacking copy
