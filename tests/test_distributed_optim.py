@@ -58,16 +58,19 @@ def _shard(x, y, sizes, rank):
 
 
 def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, loss="ce", options=None,
-           nan_at=None, model=None, opt_state=None, first_step=0):
+           nan_at=None, model=None, opt_state=None, first_step=0, ddp_options=None, micro=False):
     """``(model, optimizer)`` after ``steps`` steps on the global batches of seeds ``10 + k``;
-    distributed: on this rank's shard of each (``nan_at``: step at which rank 1's input is NaN)."""
+    distributed: on this rank's shard of each (``nan_at``: step at which rank 1's input is NaN);
+    ``micro``: each (shard of a) batch as two micro-batches, one ``track`` each, DDP's gradient
+    reduction in the last one only (``no_sync``)."""
     from curvlab.optim import OPTIMIZERS
     from helpers import batch
 
     rank = torch.distributed.get_rank() if distributed else 0
     model = _model(model_name) if model is None else model
     loss_fn = _loss(loss)
-    net = nn.parallel.DistributedDataParallel(model) if distributed and wrap == "ddp" else model
+    ddp = distributed and wrap == "ddp"
+    net = nn.parallel.DistributedDataParallel(model, **(ddp_options or {})) if ddp else model
     opt = OPTIMIZERS[method](net, distributed=None if distributed else False, **{**OPTIONS, **(options or {})})
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -79,8 +82,12 @@ def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, l
                 x = x.clone()
                 x[0] = float("nan")
         opt.zero_grad()
-        with opt.track(loss_fn):
-            loss_fn(net(x), y).backward()
+        parts = [(x[:1], y[:1]), (x[1:], y[1:])] if micro else [(x, y)]
+        for i, (xb, yb) in enumerate(parts):
+            last = i == len(parts) - 1
+            with opt.track(loss_fn), (net.no_sync() if ddp and not last else contextlib.nullcontext()):
+                scale = 1.0 if loss_fn.reduction == "sum" else len(xb) / len(x)
+                (scale * loss_fn(net(xb), yb)).backward()
         opt.step()
     return model, opt
 
@@ -226,12 +233,54 @@ def _disagreeing_options() -> dict:
     return out
 
 
+def _ddp_options_and_micro_batches(sizes) -> dict:
+    """DDP's static_graph refused; find_unused_parameters taking the autograd engine (BackPACK
+    refused there); micro-batches with DDP's no_sync and with a plain model against one process
+    on the global batch; MC micro-batches of one step drawing independently."""
+    from curvlab.optim import KFAC
+
+    out = {}
+    for what, ddp_options, engine in (("static_graph", {"static_graph": True}, "auto"),
+                                      ("backpack_unused", {"find_unused_parameters": True}, "backpack")):
+        try:
+            KFAC(nn.parallel.DistributedDataParallel(_model("mlp"), **ddp_options), engine=engine)
+            out[what] = "accepted"
+        except ValueError as err:
+            out[what] = str(err)
+    ref, _ = _train("kfac", "mlp", sizes, distributed=False, steps=2, options={"engine": "auto"})
+    got, _ = _train("kfac", "mlp", sizes, distributed=True, steps=2, options={"engine": "auto"},
+                    ddp_options={"find_unused_parameters": True})
+    out["find_unused"] = _rel(_flat(got), _flat(ref))
+    for method in METHODS:
+        ref, _ = _train(method, "mlp", sizes, distributed=False, steps=4)
+        for wrap in ("ddp", "plain"):
+            got, _ = _train(method, "mlp", sizes, distributed=True, wrap=wrap, steps=4, micro=True)
+            out[("micro", method, wrap)] = _rel(_flat(got), _flat(ref))
+    g = []
+    for copies in (1, 2):  # the same examples once, and twice as two micro-batches
+        model = _model("mlp")
+        opt = KFAC(model, fisher="mc", factor_dtype="float64", stat_decay=0.0, stats_interval=1)
+        from helpers import batch
+
+        loss_fn = _loss("ce")
+        x, y = batch(model, loss_fn, 4, seed=3)
+        opt.zero_grad()
+        for _ in range(copies):
+            with opt.track(loss_fn):
+                (loss_fn(model(x), y) / copies).backward()
+        opt.step()
+        g.append(opt.block_states["2"].curvature.G)
+    out["mc_micro_independent"] = _rel(g[1], g[0])
+    return out
+
+
 def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
     out = {"equal": _equal_steps(cases), "eigh": _eigh_counts(eigh_sizes), "unequal": _unequal_shards(unequal)}
     if extra_sizes is not None:
         out["non_finite"] = _non_finite_on_one_rank(extra_sizes)
         out["mc"] = _mc_seeds_and_resume(extra_sizes, path)
         out["disagree"] = _disagreeing_options()
+        out["ddp"] = _ddp_options_and_micro_batches(extra_sizes)
     return out
 
 
@@ -272,6 +321,14 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     for r in results:
         for what in ("damping", "method"):
             assert "the ranks disagree on the method or its options" in r["disagree"][what], (what, r["disagree"])
+    ddp = results[0]["ddp"]
+    assert "static_graph=True) is not supported" in ddp["static_graph"], ddp
+    assert "cannot run through DistributedDataParallel(find_unused_parameters=True)" in ddp["backpack_unused"], ddp
+    assert ddp["find_unused"] <= RTOL, ddp
+    for key, err in ddp.items():
+        if key[0] == "micro":
+            assert err <= RTOL, (key, err)  # micro-batches accumulate into the global batch's step
+    assert ddp["mc_micro_independent"] > 1e-3, ddp  # (the same seed gave 0)
 
 
 def test_four_ranks_take_one_process_steps() -> None:

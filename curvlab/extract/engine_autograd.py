@@ -66,7 +66,9 @@ class AutogradPass:
                     continue
                 raise ValueError(
                     f"curvlab.extract: layer {layer.name!r} ({type(module).__name__}) was not called in the "
-                    "forward pass, so its block is zero; freeze its parameters (requires_grad=False)"
+                    "forward pass, so its block is zero; freeze its parameters (requires_grad=False) if it is "
+                    "never used (curvlab's optimizers on one process skip a layer a step does not call; "
+                    "data-parallel ranks must call every layer on a statistics step)"
                 )
             calls = layer.calls  # several calls: more positions (no copy for one)
             # the inputs unfolded here, one layer at a time, and not kept (a convolution's patches

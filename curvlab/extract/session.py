@@ -136,7 +136,7 @@ class ExtractionSession:
             stack.__exit__(exc_type, exc, tb)
         if exc is not None and not self._loss.calls and "backpropagation quantity" in str(exc):
             # BackPACK's assertion in the backward of a loss its hooks did not see
-            raise RuntimeError(f"curvlab.extract: loss_fn was not called inside the block; {_ONE_PASS}") from exc
+            raise LossNotSeenError(f"curvlab.extract: loss_fn was not called inside the block; {_ONE_PASS}") from exc
 
     def results(self) -> dict[str, LayerStats]:
         """Per-block statistics of the pass run inside the block, with gradients.
@@ -164,6 +164,11 @@ class ExtractionSession:
             grad = block.grad_matrix(copy=True)  # .grad may change after the block
             out[block.name].grad = None if grad is None else grad.detach()
         return out
+
+
+class LossNotSeenError(RuntimeError):
+    """The backward pass in an :class:`ExtractionSession` block started from a loss the session's
+    ``loss_fn`` did not compute."""
 
 
 _ONE_PASS = ("run loss_fn(model(x), y).backward() inside the ExtractionSession block, with loss_fn the "

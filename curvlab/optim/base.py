@@ -76,7 +76,7 @@ from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.extract.autograd.backprop import allow_compiled_forwards
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
-from curvlab.optim.distributed import DataParallel, data_parallel, unwrap
+from curvlab.optim.distributed import DataParallel, data_parallel, statistics_engine, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
@@ -162,6 +162,7 @@ class KroneckerOptimizer(Optimizer):
             self._parallel.check_agree((self.method, dataclasses.asdict(opts)),
                                        f"{who}: the ranks disagree on the method or its options; construct "
                                        "the optimizer with the same ones on every rank")
+        self._engine = statistics_engine(model, opts.engine, who)
         self.model = model = unwrap(model)  # blocks named as in one process
         self._blocks: list[Block] | None = None
         self._trainable: list[bool] = []
@@ -340,7 +341,7 @@ class KroneckerOptimizer(Optimizer):
         step the extraction is attached for the block only and its statistics kept for
         :meth:`step` (a non-finite loss fails the statistics pass: warned, and the step is
         skipped); on every other step it does nothing (no hooks)."""
-        if self.options.engine != "backpack":  # also steps without statistics: a compiled model's first call
+        if self._engine != "backpack":  # also steps without statistics: a compiled model's first call
             allow_compiled_forwards()
         walk = self._step_walk()
         plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options,
@@ -351,10 +352,12 @@ class KroneckerOptimizer(Optimizer):
         if not plan.statistics:
             yield
             return
-        seed = self._parallel.sampling_seed(self.steps_done) if self._parallel and self.options.fisher == "mc" else None
+        micro_batch = earlier.passes if earlier is not None else 0
+        seed = (self._parallel.sampling_seed(self.steps_done, micro_batch)
+                if self._parallel and self.options.fisher == "mc" else None)
         opts = ExtractOptions(fisher=self.options.fisher, mc_samples=self.options.mc_samples, seed=seed,
                               stats=plan.statistics, eigenbases=plan.eigenbases, skip_unsupported=True,
-                              engine=self.options.engine, kfac_approx=self.options.kfac_approx,
+                              engine=self._engine, kfac_approx=self.options.kfac_approx,
                               non_finite="propagate",  # a non-finite batch: NaN statistics, the step skipped
                               gram_rows=self._parallel is None)  # the ranks average matrices
         # a layer this forward does not call (a branch used on other steps) keeps its statistics

@@ -104,6 +104,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def statistics_engine(model: nn.Module, engine: str, who: str) -> str:
+    """The statistics engine for ``model``: ``DistributedDataParallel(find_unused_parameters=True)``
+    puts an autograd function of its own between the model's output and the loss, which
+    BackPACK's hooks cannot backpropagate through — ``"auto"`` takes the autograd engine there."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and model.find_unused_parameters:
+        if engine == "backpack":
+            raise ValueError(
+                f"{who}: engine='backpack' cannot run through DistributedDataParallel(find_unused_parameters=True)"
+                " (its output passes DDP's own autograd function); use engine='autograd' or 'auto'"
+            )
+        return "autograd" if engine == "auto" else engine
+    return engine
+
+
 def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: str) -> "RankSync | None":
     """The synchronisation an optimizer over ``model`` needs, from its ``distributed`` argument.
 
@@ -112,6 +126,12 @@ def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: st
     process group); a :class:`DataParallel`: as it says.  Returns ``None`` for a single process.
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if ddp and getattr(model, "static_graph", False):
+        raise ValueError(
+            f"{who}: DistributedDataParallel(static_graph=True) is not supported: its gradient reduction "
+            "would be queued on the statistics pass's own backward (before your loss.backward()) and the "
+            "ranks' gradients would silently differ; construct DDP without static_graph"
+        )
     ready = dist.is_available() and dist.is_initialized()
     if setting is False:
         return None
@@ -153,9 +173,12 @@ class RankSync:
         """``ValueError(message)`` on every rank unless all passed an equal ``what``."""
         coll.check_agree(what, self.device, self.group, message)
 
-    def sampling_seed(self, step: int) -> int:
-        """The MC seed of this rank's statistics pass at ``step``."""
-        return self.mc_seed + step * self.world_size + self.rank
+    def sampling_seed(self, step: int, micro_batch: int = 0) -> int:
+        """The MC seed of this rank's statistics pass at ``step`` (of its ``micro_batch``-th pass
+        of that step, counted from 0: micro-batches draw independently)."""
+        seed = self.mc_seed + step * self.world_size + self.rank
+        # torch's CPU generator keeps 32 bits of a seed; a tuple of ints hashes alike in every process
+        return seed if micro_batch == 0 else hash((seed, micro_batch)) & 0xFFFFFFFF
 
     # ------------------------------------------------------------------ a step's statistics
 
@@ -197,7 +220,12 @@ class RankSync:
         first = next(iter(results.values()), None)
         examples = first.num_examples if first is not None else 0
         terms = pending.loss_terms[-1] if pending.loss_terms else examples
-        table = coll.all_gather_floats([float(ok), examples, terms], self.device, self.group).cpu()
+        table = coll.all_gather_floats([float(ok), examples, terms, pending.step], self.device, self.group).cpu()
+        if len(set(table[:, 3].tolist())) > 1:
+            raise RuntimeError(
+                f"curvlab.optim: the ranks are at different steps {[int(s) for s in table[:, 3].tolist()]}: "
+                "every rank must take the same steps (e.g. resume from the same checkpoint)"
+            )
         if not bool(table[:, 0].all()):
             return dataclasses.replace(pending, results={}), False
         shards = Shards(

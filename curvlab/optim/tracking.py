@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from curvlab.distributed.reduce import combine_statistics, local_loss_count
 from curvlab.extract import ExtractionSession, ExtractOptions
+from curvlab.extract.session import LossNotSeenError
 from curvlab.model_blocks import ModelBlocks
 from curvlab.optim.options import KroneckerOptions
 from curvlab.optim.state import CurvatureState, Eigenbasis
@@ -66,6 +67,8 @@ class Pending:
     loss_terms: list[int] = field(default_factory=list)
     #: the loss module's reduction (``"mean"`` or ``"sum"``)
     reduction: str = "mean"
+    #: the passes (micro-batches) of the step combined in it
+    passes: int = 1
 
 
 @contextlib.contextmanager
@@ -91,10 +94,9 @@ def tracked_pass(
     try:
         with session:
             yield pending
-    except Exception as err:
-        if not session.loss_calls:  # e.g. BackPACK's hooks fail in the backward of a loss they did not see
-            err.add_note(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
-            raise
+    except LossNotSeenError as err:  # BackPACK's hooks failed in the backward of a loss they did not see
+        raise RuntimeError(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}") from err
+    except Exception:
         if session.loss is None or bool(torch.isfinite(session.loss).all()):
             raise
         if not quiet:
@@ -124,7 +126,7 @@ def accumulated(first: Pending, then: Pending) -> Pending:
     not finite leaves no statistics (the step is skipped)."""
     losses = first.losses + then.losses
     if not all(bool(torch.isfinite(v).all()) for v in losses):
-        return dataclasses.replace(then, results={}, losses=losses)
+        return dataclasses.replace(then, results={}, losses=losses, passes=first.passes + then.passes)
     if not (first.loss_terms and then.loss_terms):
         raise RuntimeError("curvlab.optim: micro-batches need loss_fn(input, target) calls to be weighed")
     parts = [(first.results, first.loss_terms[-1]), (then.results, then.loss_terms[-1])]
@@ -133,5 +135,6 @@ def accumulated(first: Pending, then: Pending) -> Pending:
     weights = [1.0] * 2 if first.reduction == "sum" else [count / total for _, count in parts]
     loss = sum(w * (p.losses[-1] if p.losses else torch.nan) for w, p in zip(weights, (first, then)))
     return dataclasses.replace(
-        then, results=combine_statistics(parts, first.reduction), losses=[loss], loss_terms=[total]
+        then, results=combine_statistics(parts, first.reduction), losses=[loss], loss_terms=[total],
+        passes=first.passes + then.passes,
     )
