@@ -215,7 +215,8 @@ class _LossCalls:
             raise RuntimeError(
                 "curvlab.extract: loss_fn was called twice inside one ExtractionSession block, whose "
                 "statistics are of one forward pass and one loss; for micro-batches use one block each "
-                "(curvlab's optimizers: one `with opt.track(loss_fn)` each before step(), which combines them)"
+                "(curvlab's optimizers: one `with opt.track(loss_fn)` each before step(), which combines them); "
+                "a sum of losses (an auxiliary loss) has no statistics here"
             )
         self.calls += 1
 
