@@ -654,6 +654,45 @@ def test_statistics_no_step_used_are_dropped_by_zero_grad():
             torch.testing.assert_close(runs[1][name]["curvature"][key], value, rtol=0, atol=0)
 
 
+def test_a_head_of_another_loss_takes_the_first_order_step():
+    """A head trained by a second loss instance that `track` does not see: its output never
+    reaches the tracked loss, so its block would be zero and its preconditioned step 1/damping
+    times too large (90× here, silently); it takes SGD's step instead, and the extraction names
+    it where a zero block would be returned."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.head(h), self.aux(h)
+
+    torch.manual_seed(0)
+    model, loss_fn, aux_loss = Net().to(DT), nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    x, y = data(16)
+    opt = KFAC(model, lr=0.1, momentum=0.0, stats_interval=1)
+    for _ in range(2):
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no curvature statistics yet" for the aux head
+            with opt.track(loss_fn):
+                out, aux = model(x)
+                (loss_fn(out, y) + 0.4 * aux_loss(aux, y)).backward()
+            before = model.aux.weight.detach().clone()
+            opt.step()
+        torch.testing.assert_close(model.aux.weight.detach(), before - 0.1 * model.aux.weight.grad, rtol=0, atol=1e-15)
+    assert set(opt.approximations()) == {"body", "head"}
+    from curvlab.extract import ExtractionSession
+
+    with pytest.raises(ValueError, match=r"the outputs of \['aux'\] do not reach the loss"):
+        with ExtractionSession(model, loss_fn, engine="autograd", stats=("kfac",)) as session:
+            out, aux = model(x)
+            (loss_fn(out, y) + aux_loss(aux, y)).backward()
+        session.results()
+
+
 def test_a_layer_unfrozen_mid_run_is_preconditioned():
     """Its block was found once, at the first step, and the layer kept the first-order update."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

@@ -51,7 +51,8 @@ class ExtractionSession:
             :func:`~curvlab.model_blocks.model_blocks` of the model with the options'
             ``separate_bias`` and ``skip_unsupported``.
         skip_uncalled: a Kronecker layer the forward pass does not call (a branch unused on this
-            step) gets no statistics, instead of an error (its block would be zero).
+            step), or whose output does not reach the loss (a head of another loss), gets no
+            statistics, instead of an error (its block would be zero).
 
     Inside the block exactly one forward pass, one call of ``loss_fn`` and a backward pass
     through that loss must run (a second call raises: micro-batches take a session each, or one
@@ -150,9 +151,16 @@ class ExtractionSession:
             raise RuntimeError(f"curvlab.extract: {what} inside the ExtractionSession block; {_ONE_PASS}")
         out = self._pass.results()
         expected = [b for b in self.blocks.blocks if b.kind == "kronecker" or "sqrt" in self.options.stats]
-        if self.skip_uncalled:
+        unreached = {b.name for m in self._uses.unreached for b in self.blocks.of_layer[m]}
+        if unreached and not self.skip_uncalled:
+            raise ValueError(
+                f"curvlab.extract: the outputs of {sorted(unreached)} do not reach the loss (a head of another "
+                "loss?), so their blocks are zero; freeze their parameters (requires_grad=False)"
+            )
+        if self.skip_uncalled:  # no statistics for them: zero blocks would inflate their steps by 1/damping
             uncalled = {b.name for m, blocks in self.blocks.of_layer.items() if not self._uses.calls.get(m) for b in blocks}
-            expected = [b for b in expected if b.name not in uncalled]
+            expected = [b for b in expected if b.name not in uncalled | unreached]
+            out = {name: stats for name, stats in out.items() if name not in unreached}
         missing = sorted({b.name for b in expected if b.name not in out})
         if missing:
             raise RuntimeError(

@@ -161,6 +161,7 @@ class LayerUseCheck:
 
     def __enter__(self) -> "LayerUseCheck":
         self.calls, self.detached = dict.fromkeys(self.layers, 0), dict.fromkeys(self.layers, 0)
+        self.unreached: list[nn.Module] = []
         self._handles = [m.register_forward_hook(self._called) for m in self.layers]
         if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_pre_hook(lambda _, args: self.check(args[0] if args else None)))
@@ -189,6 +190,8 @@ class LayerUseCheck:
         if root is None:
             return
         uses = graph_uses(root)
+        # called, but no parameter reaches the loss (a head of another loss): a zero block
+        self.unreached = [m for m in self.layers if self.calls[m] and not any(uses.get(p, 0) for p in m.parameters(recurse=False))]
         for module, path in self.layers.items():
             for name, p in module.named_parameters(recurse=False):
                 if uses.get(p, 0) and not self.calls[module]:
