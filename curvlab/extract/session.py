@@ -155,7 +155,8 @@ class ExtractionSession:
         if unreached and not self.skip_uncalled:
             raise ValueError(
                 f"curvlab.extract: the outputs of {sorted(unreached)} do not reach the loss (a head of another "
-                "loss?), so their blocks are zero; freeze their parameters (requires_grad=False)"
+                "loss?), so their blocks are zero; freeze their parameters (requires_grad=False) (curvlab's "
+                "optimizers on one process give such a layer SGD's step; data-parallel ranks cannot)"
             )
         if self.skip_uncalled:  # no statistics for them: zero blocks would inflate their steps by 1/damping
             uncalled = {b.name for m, blocks in self.blocks.of_layer.items() if not self._uses.calls.get(m) for b in blocks}
