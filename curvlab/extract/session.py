@@ -118,12 +118,11 @@ class ExtractionSession:
             self._stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(self.options.seed)
         self._stack.enter_context(self._pass)
-        # after the engine's: its own loss hook's nested calls (the empirical root) are inside ours
-        self._stack.enter_context(self._loss)
+        self._stack.enter_context(self._loss)  # before the use check: a call it refuses is counted
         self._stack.enter_context(self._uses)
         # BackPACK's full backward hook on a first layer whose input needs no gradient; and its
-        # warning on a backward from c·loss (a GradScaler), which its loss Hessian does not
-        # see and the empirical root divides out
+        # warning on a backward from c·loss (a GradScaler), which no root depends on (the
+        # empirical one is taken from the loss itself)
         self._stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="The output of .* seems to have been modified")
@@ -185,12 +184,8 @@ _ONE_PASS = ("run loss_fn(model(x), y).backward() inside the ExtractionSession b
 
 
 class _LossCalls:
-    """Counts the top-level calls of the loss module in a ``with`` block — a second one raises —,
-    keeps that call's value and inputs, and whether a backward pass went through that loss.
-
-    "Top-level": a call made while another is running (the autograd engine's empirical root
-    calls the loss inside its hook on the user's call) is not counted.
-    """
+    """Counts the calls of the loss module in a ``with`` block — a second one raises —, keeps
+    the call's value and inputs, and whether a backward pass went through that loss."""
 
     def __init__(self, loss_fn: nn.Module) -> None:
         self.loss_fn = loss_fn
@@ -198,7 +193,7 @@ class _LossCalls:
         self._reset()
 
     def _reset(self) -> None:
-        self.calls, self.backward, self._depth = 0, False, 0
+        self.calls, self.backward = 0, False
         self.loss: torch.Tensor | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -206,7 +201,7 @@ class _LossCalls:
         self._reset()
         self._handles = [
             self.loss_fn.register_forward_pre_hook(self._before),
-            # after the engine's own hook (whose nested calls are then inside ours), also when it raises
+            # after the engine's own hook, also when that raises (a non-finite loss)
             self.loss_fn.register_forward_hook(self._after, with_kwargs=True, always_call=True),
         ]
         return self
@@ -217,9 +212,6 @@ class _LossCalls:
         self._handles = []
 
     def _before(self, _module: nn.Module, _args: tuple) -> None:
-        self._depth += 1  # undone by _after, which runs also when this raises
-        if self._depth > 1:
-            return
         if self.calls:
             raise RuntimeError(
                 "curvlab.extract: loss_fn was called twice inside one ExtractionSession block, whose "
@@ -230,8 +222,7 @@ class _LossCalls:
         self.calls += 1
 
     def _after(self, _module: nn.Module, args: tuple, kwargs: dict, loss: object) -> None:
-        self._depth -= 1
-        if self._depth or not isinstance(loss, torch.Tensor) or self.loss is not None:
+        if not isinstance(loss, torch.Tensor) or self.loss is not None:
             return
         self.loss = loss.detach()
         inputs = [*args, *(kwargs[k] for k in ("input", "target") if k in kwargs)]
