@@ -295,7 +295,8 @@ class KroneckerOptimizer(Optimizer):
             warnings.warn(
                 f"{type(self).__name__}: no curvature statistics yet for {first_order}; using the "
                 "first-order (SGD) update until statistics exist — call the forward and backward "
-                "inside `with opt.track(loss_fn):`",
+                "inside `with opt.track(loss_fn):` (a layer not called on the statistics steps, or "
+                "whose output reaches only another loss, keeps this update)",
                 RuntimeWarning,
                 stacklevel=3,
             )
