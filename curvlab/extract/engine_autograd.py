@@ -26,9 +26,8 @@ _TERM_STATISTICS = {"sqrt", "tkfac", "kfe"}
 class AutogradPass:
     """Context recording one forward pass of ``model`` and the loss; :meth:`results` after it."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks, *,
-                 skip_uncalled: bool = False) -> None:
-        self.options, self.blocks, self.skip_uncalled = options, blocks, skip_uncalled
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks) -> None:
+        self.options, self.blocks = options, blocks
         self.coupled = couples_examples(model)
         want_sqrt = "sqrt" in options.stats
         request = Request(
@@ -61,15 +60,8 @@ class AutogradPass:
         opts, out = self.options, {}
         for module, blocks in self.blocks.of_layer.items():
             layer = res.layers[self.blocks.layers[module]]
-            if not layer.calls:
-                if self.skip_uncalled:
-                    continue
-                raise ValueError(
-                    f"curvlab.extract: layer {layer.name!r} ({type(module).__name__}) was not called in the "
-                    "forward pass, so its block is zero; freeze its parameters (requires_grad=False) if it is "
-                    "never used (curvlab's optimizers on one process skip a layer a step does not call; "
-                    "data-parallel ranks must call every layer on a statistics step)"
-                )
+            if not layer.calls:  # a zero block: the session refuses it, or leaves it out
+                continue
             calls = layer.calls  # several calls: more positions (no copy for one)
             # the inputs unfolded here, one layer at a time, and not kept (a convolution's patches
             # are large); a convolution called once only where a statistic reads its patches

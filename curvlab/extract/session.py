@@ -85,7 +85,7 @@ class ExtractionSession:
         if self.engine == "backpack":
             self._pass: BackpackPass | AutogradPass = BackpackPass(choice.module, loss_fn, self.options, self.blocks)
         else:
-            self._pass = AutogradPass(model, loss_fn, self.options, self.blocks, skip_uncalled=skip_uncalled)
+            self._pass = AutogradPass(model, loss_fn, self.options, self.blocks)
         self._stack: contextlib.ExitStack | None = None
         self._loss = _LossCalls(loss_fn)
         self._uses = LayerUseCheck(self.blocks.layers, loss_fn)
@@ -148,19 +148,29 @@ class ExtractionSession:
         if not self._loss.calls or not self._loss.backward:
             what = "loss_fn was not called" if not self._loss.calls else "no backward pass went through the loss"
             raise RuntimeError(f"curvlab.extract: {what} inside the ExtractionSession block; {_ONE_PASS}")
-        out = self._pass.results()
-        expected = [b for b in self.blocks.blocks if b.kind == "kronecker" or "sqrt" in self.options.stats]
+        # Kronecker blocks that are zero: their layers not called, or their outputs not reaching the
+        # loss (a head of another loss) — refused, or (skip_uncalled) left without statistics,
+        # since a zero block would inflate an optimizer's step by 1/damping
+        not_called = [m for m in self.blocks.of_layer if not self._uses.calls.get(m)]
+        uncalled = {b.name for m in not_called for b in self.blocks.of_layer[m]}
         unreached = {b.name for m in self._uses.unreached for b in self.blocks.of_layer[m]}
+        if not_called and not self.skip_uncalled:
+            m = not_called[0]
+            raise ValueError(
+                f"curvlab.extract: layer {self.blocks.layers[m]!r} ({type(m).__name__}) was not called in the "
+                "forward pass, so its block is zero; freeze its parameters (requires_grad=False) if it is "
+                "never used (curvlab's optimizers on one process skip a layer a step does not call; "
+                "data-parallel ranks must call every layer on a statistics step)"
+            )
         if unreached and not self.skip_uncalled:
             raise ValueError(
                 f"curvlab.extract: the outputs of {sorted(unreached)} do not reach the loss (a head of another "
                 "loss?), so their blocks are zero; freeze their parameters (requires_grad=False) (curvlab's "
                 "optimizers on one process give such a layer SGD's step; data-parallel ranks cannot)"
             )
-        if self.skip_uncalled:  # no statistics for them: zero blocks would inflate their steps by 1/damping
-            uncalled = {b.name for m, blocks in self.blocks.of_layer.items() if not self._uses.calls.get(m) for b in blocks}
-            expected = [b for b in expected if b.name not in uncalled | unreached]
-            out = {name: stats for name, stats in out.items() if name not in unreached}
+        out = {name: stats for name, stats in self._pass.results().items() if name not in unreached}
+        expected = [b for b in self.blocks.blocks if b.kind == "kronecker" or "sqrt" in self.options.stats]
+        expected = [b for b in expected if b.name not in uncalled | unreached]
         missing = sorted({b.name for b in expected if b.name not in out})
         if missing:
             raise RuntimeError(
