@@ -745,6 +745,21 @@ def test_a_loss_not_computed_by_the_tracked_loss_fn_is_named(engine: str):
     assert opt.steps_done == 1
 
 
+@pytest.mark.parametrize("engine", ["auto", "autograd"])
+def test_a_backward_outside_track_is_named(engine: str):
+    """The loss computed inside ``track`` and its backward run after the block: the error named
+    ExtractionSession, which the user never opened."""
+    model, loss_fn, (x, y) = tiny_mlp(0), nn.CrossEntropyLoss(), data(8)
+    opt = KFAC(model, lr=0.1, stats_interval=1, engine=engine)
+    with pytest.raises(RuntimeError, match=r"KFAC: no backward pass .* inside `with opt.track\(loss_fn\):`"):
+        with opt.track(loss_fn):
+            loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.zero_grad()
+    train_step(opt, model, loss_fn, x, y)  # the next, right, step runs
+    assert opt.steps_done == 1
+
+
 def test_zero_grad_clears_the_groups_gradients_only():
     """``zero_grad()`` drops every grouped parameter's gradient (``set_to_none=False``: zeros,
     as torch's), and leaves a parameter in no group alone."""

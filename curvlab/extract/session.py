@@ -97,6 +97,11 @@ class ExtractionSession:
         return self._loss.calls
 
     @property
+    def backward_seen(self) -> bool:
+        """Whether a backward pass went through that call's loss in the ``with`` block."""
+        return self._loss.backward
+
+    @property
     def loss(self) -> torch.Tensor | None:
         """The (detached) value of that call, once it returned."""
         return self._loss.loss
@@ -145,7 +150,7 @@ class ExtractionSession:
             RuntimeError: if no block received statistics (no forward and backward ran in the
                 block, or the loss was not ``loss_fn``).
         """
-        if not self._loss.calls or not self._loss.backward:
+        if not self._loss.calls or not self.backward_seen:
             what = "loss_fn was not called" if not self._loss.calls else "no backward pass went through the loss"
             raise RuntimeError(f"curvlab.extract: {what} inside the ExtractionSession block; {_ONE_PASS}")
         # Kronecker blocks that are zero: their layers not called, or their outputs not reaching the

@@ -110,6 +110,9 @@ def tracked_pass(
         return
     if session.loss is None:
         raise RuntimeError(f"{who}: loss_fn was not called inside `with opt.track(loss_fn):`; {_SAME_LOSS}")
+    if not session.backward_seen:
+        raise RuntimeError(f"{who}: no backward pass went through the loss inside `with opt.track(loss_fn):`; "
+                           "call loss.backward() inside the block")
     pending.losses = [session.loss]
     if session.loss_inputs is not None:
         pending.loss_terms = [local_loss_count(loss_fn, *session.loss_inputs)]
