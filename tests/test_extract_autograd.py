@@ -577,3 +577,31 @@ def test_autocast_forward_gives_float32_statistics_of_the_network() -> None:
             assert rel(getattr(s.kfac["exact"], factor).double(), getattr(ref[layer].kfac["exact"], factor)) < 5e-2
     coupled = extract(_Autocast(net.train()), loss_fn, x, y, stats=("sqrt",), engine="autograd")  # per-example route
     assert {s.sqrt.dtype for s in coupled.values()} == {torch.float32}, {n: s.sqrt.dtype for n, s in coupled.items()}
+
+
+def test_autocast_convolutions_read_their_bfloat16_inputs_as_float32() -> None:
+    """Convolutions fed bfloat16 activations under autocast, on every route that reads the kept
+    input: the patches without a bias, ``A`` by shifted products of the image (``conv_gram``) and
+    EKFAC's per-sample rescaling by torch's weight-gradient kernel (``D`` ≥ 256, ``T`` ≥ 1024).
+    The inputs are cast when read: the statistics are float32 and the float64 network's to
+    bfloat16's precision."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(32, 8, 3, padding=1), nn.ReLU(),  # D = 289, T = 1024
+        nn.Conv2d(8, 4, 3, stride=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 5),
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    ref64 = copy.deepcopy(net).double()
+    ref = extract(ref64, loss_fn, x.double(), y, stats=("kfac",))
+    bases = {name: tuple(torch.linalg.eigh(f)[1] for f in (ref[name].kfac["exact"].G, ref[name].kfac["exact"].A))
+             for name in ("2", "4")}
+    ref = extract(ref64, loss_fn, x.double(), y, stats=("kfac", "kfe"), eigenbases=bases)
+    stats = extract(_Autocast(net), loss_fn, x, y, stats=("kfac", "kfe"), engine="autograd",
+                    eigenbases={f"net.{name}": tuple(u.float() for u in b) for name, b in bases.items()})
+    for name in ("2", "4"):
+        s, r = stats[f"net.{name}"], ref[name]
+        assert {s.kfac["exact"].A.dtype, s.kfe_scaling.dtype} == {torch.float32}
+        assert rel(s.kfac["exact"].A.double(), r.kfac["exact"].A) < 2e-2
+        assert rel(s.kfe_scaling.double(), r.kfe_scaling) < 5e-2

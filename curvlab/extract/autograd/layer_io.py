@@ -85,11 +85,13 @@ def unfold_input(module: nn.Module, inp: Tensor) -> Tensor:
 
     A dense ``x [N, D, T]`` is a view: of the input itself for Linear (``[N, T, D]`` memory,
     rows of ``D``), of ``[D, N, T]`` memory for convolutions (:func:`_unfold_conv`).  The
-    statistics read either without another copy (``A``'s Gram GEMM, the rotation ``X U_in``)."""
+    statistics read either without another copy (``A``'s Gram GEMM, the rotation ``X U_in``).
+    It is in the weight's dtype: under autocast a bfloat16 input to a float32 layer is cast here,
+    when read (a copy for Linear, in the unfold's own copy for convolutions)."""
     k = kind(module)
     n = inp.shape[0]
     if k == LINEAR:
-        return inp.reshape(n, -1, inp.shape[-1]).transpose(1, 2)
+        return inp.reshape(n, -1, inp.shape[-1]).transpose(1, 2).to(module.weight.dtype)
     if k == EMBEDDING:
         return inp.reshape(n, -1)
     return _unfold_conv(module, inp)
@@ -139,12 +141,15 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
         inp.storage_offset(),
     )
     d, t = c_in * math.prod(conv.kernel_size), math.prod(out)
-    if conv.bias is None or inp.device.type != "cpu":
-        return patches.reshape(d, n, t).permute(1, 0, 2)
-    # a plane of ones after the patches: Block.inputs' bias row, without a second copy of them
-    planes = inp.new_empty(d + 1, n, t)
+    ones = conv.bias is not None and inp.device.type == "cpu"
+    if not ones and inp.dtype == conv.weight.dtype:
+        return patches.reshape(d, n, t).permute(1, 0, 2)  # a view where it can be (1×1, stride 1)
+    # the copy casts an autocast input; with a bias, a plane of ones follows the patches:
+    # Block.inputs' bias row, without a second copy of them
+    planes = inp.new_empty(d + ones, n, t, dtype=conv.weight.dtype)
     planes[:d].view(patches.shape).copy_(patches)
-    planes[d] = 1
+    if ones:
+        planes[d] = 1
     return planes[:d].permute(1, 0, 2)
 
 
@@ -204,7 +209,7 @@ class ConvInputs:
         if self.block.weight is None or not conv_gram.applies(conv, inp.shape):
             return maths.input_gram(self.dense(), scale, keep_rows)
         check_unmodified(self.call.name, inp, self.call.version)
-        gram = conv_gram.input_gram(inp, conv.kernel_size, conv_gram.padding(conv), self.block.bias is not None)
+        gram = conv_gram.input_gram(inp.to(conv.weight.dtype), conv.kernel_size, conv_gram.padding(conv), self.block.bias is not None)
         return gram.mul_(scale)
 
     def per_sample(self, g: Tensor, examples: slice) -> Tensor:
@@ -215,7 +220,7 @@ class ConvInputs:
         check_unmodified(self.call.name, self.call.inp, self.call.version)
         weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[
             len(conv.kernel_size) - 1]
-        x = _padded(conv, self.call.inp[examples])
+        x = _padded(conv, self.call.inp[examples].to(conv.weight.dtype))
         b, c_in, *spatial = x.shape
         d_out = conv.out_channels
         per_column = [

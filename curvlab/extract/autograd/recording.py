@@ -96,9 +96,9 @@ class Recording:
     # ------------------------------------------------------------------ hooks
 
     def _layer_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        # kept as called: under autocast a bfloat16 input to a float32 layer, which autograd
+        # keeps anyway; unfold_input casts it when read (a float32 copy here doubled its memory)
         inp = args[0] if args else kwargs["input"]
-        if inp.is_floating_point() and inp.dtype != module.weight.dtype:
-            inp = inp.to(module.weight.dtype)  # autocast: a bfloat16 input to a float32 layer
         # A broadcast zero scalar: no output-sized memory; its gradient has the output's shape.
         eps = output.new_zeros(()).expand(output.shape).requires_grad_()
         self.calls.append((module, inp.detach(), eps))

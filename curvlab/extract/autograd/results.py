@@ -19,8 +19,9 @@ class LayerCall:
     Attributes:
         name: the target's name (for errors).
         module: the module called.
-        inp: its input as called (detached, kept by reference: unfolded only when read, one
-            layer at a time — the patches of every convolution at once would hold gigabytes).
+        inp: its input as called (detached, kept by reference, in its own dtype — bfloat16
+            under autocast —: unfolded and cast only when read, one layer at a time — the
+            patches of every convolution at once would hold gigabytes).
         version: ``inp._version`` at the call (an input modified in place since is refused).
         g: the stacked root backpropagated to the layer output, ``[C_total, N, d_out, T]``;
             column ``c`` is one vjp whose cotangent is root column ``c`` at *every* loss term of
