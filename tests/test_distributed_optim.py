@@ -58,11 +58,14 @@ def _shard(x, y, sizes, rank):
 
 
 def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, loss="ce", options=None,
-           nan_at=None, model=None, opt_state=None, first_step=0, ddp_options=None, micro=False):
+           nan_at=None, model=None, opt_state=None, first_step=0, ddp_options=None, micro=False, scaler=None,
+           overflow_at=None):
     """``(model, optimizer)`` after ``steps`` steps on the global batches of seeds ``10 + k``;
     distributed: on this rank's shard of each (``nan_at``: step at which rank 1's input is NaN);
     ``micro``: each (shard of a) batch as two micro-batches, one ``track`` each, DDP's gradient
-    reduction in the last one only (``no_sync``)."""
+    reduction in the last one only (``no_sync``); ``scaler``: a GradScaler scales the loss and
+    takes the step (``overflow_at``: step at which rank 1's — one process': its — gradient has an
+    inf, as after an overflow)."""
     from curvlab.optim import OPTIMIZERS
     from helpers import batch
 
@@ -87,8 +90,15 @@ def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, l
             last = i == len(parts) - 1
             with opt.track(loss_fn), (net.no_sync() if ddp and not last else contextlib.nullcontext()):
                 scale = 1.0 if loss_fn.reduction == "sum" else len(xb) / len(x)
-                (scale * loss_fn(net(xb), yb)).backward()
-        opt.step()
+                loss = scale * loss_fn(net(xb), yb)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            opt.step()
+            continue
+        if k == overflow_at and rank == int(distributed):
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
     return model, opt
 
 
@@ -175,6 +185,14 @@ def _non_finite_on_one_rank(sizes) -> dict:
             model, opt = _train("tekfac", "mlp", sizes, distributed=True, wrap=wrap, nan_at=2)
         skipped = [w for w in caught if "skipped" in str(w.message)]
         out[wrap] = (opt.steps_done, len(skipped), _flat(model))
+    # A plain model's gradients are averaged inside step(): torch's ShardedGradScaler all-reduces
+    # the overflow flag, so every rank skips the step an overflow on one rank makes it skip (with
+    # torch's GradScaler only that rank would skip it, and the ranks fall out of step and hang).
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    runs = [_train("kfac", "mlp", sizes, distributed=distributed, wrap="plain", overflow_at=2,
+                   scaler=ShardedGradScaler(device="cpu", init_scale=2.0**10)) for distributed in (True, False)]
+    out["scaler"] = (runs[0][1].steps_done, _rel(_flat(runs[0][0]), _flat(runs[1][0])), _flat(runs[0][0]))
     return out
 
 
@@ -313,6 +331,9 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
         assert all(r["non_finite"][wrap][1] == 1 for r in results), wrap  # warned on each
         assert torch.equal(results[0]["non_finite"][wrap][2], results[1]["non_finite"][wrap][2]), wrap
         assert torch.isfinite(results[0]["non_finite"][wrap][2]).all(), wrap
+    assert [r["non_finite"]["scaler"][0] for r in results] == [STEPS - 1] * 2  # the overflow's step skipped on both
+    assert results[0]["non_finite"]["scaler"][1] <= RTOL  # one process skipping it
+    assert torch.equal(results[0]["non_finite"]["scaler"][2], results[1]["non_finite"]["scaler"][2])
     mc = results[0]["mc"]
     assert mc["mc_G"] <= 1e-12, mc
     assert all(r["mc"]["resume_equal"] for r in results)
