@@ -411,9 +411,10 @@ def test_damping_argument_checks(stats: LayerStats) -> None:
     x = torch.zeros(stats.layout.shape, dtype=DT)
     with pytest.raises(ValueError, match="unknown damping strategy 'bogus'"):
         kf.inv_mat_mul(x, 0.1, "bogus")
-    for bad in (-1.0, float("nan"), float("inf"), torch.tensor(-1.0, dtype=DT), torch.tensor(float("nan"))):
+    for bad in (-1.0, 0.0, float("nan"), float("inf"), torch.tensor(-1.0, dtype=DT), torch.tensor(0.0, dtype=DT),
+                torch.tensor(float("nan"))):
         for strategy in ("exact", "factored"):
-            with pytest.raises(ValueError, match="damping must be a non-negative finite number"):
+            with pytest.raises(ValueError, match="damping must be a positive finite number"):
                 kf.inv_mat_mul(x, bad, strategy)
     with pytest.raises(ValueError, match="expected matrices"):
         kf.mat_mul(torch.zeros(2, 2, dtype=DT))

@@ -42,17 +42,19 @@ DAMPING_STRATEGIES = ("exact", "factored", "nor", "trace-relative")
 
 
 def check_damping(damping: float | Tensor, who: str = "damping") -> None:
-    """A non-negative finite ``damping`` (a tensor on an accelerator is not inspected: that
-    would force a device sync); ``who`` names it in the error."""
+    """A positive finite ``damping`` (a tensor on an accelerator is not inspected: that would
+    force a device sync); ``who`` names it in the error.  Zero is refused as by the optimizers and
+    ``curvlab.compare``: a minibatch's blocks have rank ≤ N·C, below their size, so the undamped
+    inverse of an approximation of them divided by zero eigenvalues (NaN, silently)."""
     if isinstance(damping, Tensor):
         if damping.device.type != "cpu":
             return
         value = damping.detach()
-        ok = bool(torch.isfinite(value).all() and (value >= 0).all())
+        ok = bool(torch.isfinite(value).all() and (value > 0).all())
     else:
-        ok = math.isfinite(damping) and damping >= 0
+        ok = math.isfinite(damping) and damping > 0
     if not ok:
-        raise ValueError(f"{who} must be a non-negative finite number, got {damping}")
+        raise ValueError(f"{who} must be a positive finite number, got {damping}")
 
 
 def pi_factor(l: Tensor, r: Tensor) -> Tensor:
