@@ -98,6 +98,17 @@ def _is_users_own(module: nn.Module) -> bool:
     return not type(module).__module__.startswith("torch.")
 
 
+def check_materialised(model: nn.Module, who: str) -> None:
+    """Raise ``ValueError`` naming the first parameter of ``model`` on the meta device (a shape
+    without values: every statistic would fail deep inside torch)."""
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(
+                f"{who}: parameter {name!r} is on the meta device (a shape without values); materialise "
+                "the model first, e.g. model.to_empty(device='cpu') and load its weights"
+            )
+
+
 def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsupported: bool = False) -> ModelBlocks:
     """The blocks of ``model`` (see the module docstring).
 
@@ -110,6 +121,7 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         UnsupportedModelError: an unsupported module with trainable parameters (naming its path,
             its type and what is supported), or a model without trainable parameters.
     """
+    check_materialised(model, "curvlab")
     owner: dict[int, tuple[str, str, nn.Module]] = {}  # id(param) → (param path, module path, module)
     inside_packed: set[nn.Module] = set()
     for path, module in model.named_modules(remove_duplicate=False):

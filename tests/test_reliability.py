@@ -75,6 +75,18 @@ def test_zero_damping_is_refused() -> None:
         opt.damping = 0.0
 
 
+def test_a_model_on_the_meta_device_is_named() -> None:
+    """Parameters without values (``torch.device("meta")``): every entry point failed deep inside
+    torch ("Tensor.item() cannot be called on meta tensors"), the optimizers at the first step."""
+    model, x, y = batch()
+    model.to("meta")
+    for call in (lambda: curvlab.extract(model, nn.CrossEntropyLoss(), x, y),
+                 lambda: curvlab.compare(model, nn.CrossEntropyLoss(), x, y),
+                 lambda: KFAC(model)):
+        with pytest.raises(ValueError, match="parameter '0.weight' is on the meta device"):
+            call()
+
+
 @pytest.mark.parametrize("name,value", [("lr", math.nan), ("momentum", math.inf), ("lr", -1.0)])
 def test_a_param_group_set_to_a_bad_value_is_refused_at_step(name: str, value: float) -> None:
     """A group is a plain dict (a user or a scheduler may set anything): checked at every step."""

@@ -75,7 +75,7 @@ from curvlab.approx import DampingStrategy, KroneckerApproximation, KroneckerPro
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.extract.autograd.backprop import allow_compiled_forwards
-from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, model_blocks
+from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, check_materialised, model_blocks
 from curvlab.optim.distributed import DataParallel, data_parallel, statistics_engine, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
@@ -164,6 +164,7 @@ class KroneckerOptimizer(Optimizer):
                                        "the optimizer with the same ones on every rank")
         self._engine = statistics_engine(model, opts.engine, who)
         self.model = model = unwrap(model)  # blocks named as in one process
+        check_materialised(model, who)
         self._blocks: list[Block] | None = None
         self._trainable: list[bool] = []
         self._tracked = ModelBlocks()  # the preconditioned layers, for the statistics pass
