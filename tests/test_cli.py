@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,31 @@ def test_report_on_digits_writes_all_files(tmp_path: Path, capsys: pytest.Captur
     assert "kfac=exact" in ds.attrs["damping_strategies"]
     assert "scikit-learn digits" in ds.attrs["data"]
     assert "scikit-learn digits" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--truncate-above``: the report measures the truncated eigenbases the optimizers invert
+    for wide factors, and says so in report.nc and summary.md.  The MLP on 8 examples: layer 1's
+    128-wide G has rank 80 (a worse fit with 8 eigenpairs), layer 3's 129-wide A rank 8 (the
+    same fit), layer 5 has no factor wider than 100 (the same numbers)."""
+    runs = {}
+    for label, extra in (("full", []), ("truncated", ["--truncate-above", "100", "--truncation-rank", "8"])):
+        out = tmp_path / label
+        code = main(["report", *FAST, "--train-steps", "0", "--approximations", "kflr,tekfac", *extra, "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        runs[label] = read_netcdf(out / "report.nc")
+    full, truncated = runs["full"], runs["truncated"]
+    assert full.attrs["factor_eigh"] == "full"
+    assert truncated.attrs["factor_eigh"].startswith("truncated above 100 to rank 8")
+    assert "truncated above 100 to rank 8" in (tmp_path / "truncated" / "summary.md").read_text(encoding="utf-8")
+    assert [str(layer) for layer in full.layer.values] == ["1", "3", "5"]  # 128 × 65, 64 × 129, 10 × 65
+    err_full, err_cut = (ds.rel_frobenius_error.sel(layer="1").values for ds in (full, truncated))
+    assert (err_cut > err_full + 1e-3).all()
+    np.testing.assert_allclose(truncated.rel_frobenius_error.sel(layer="3").values,
+                               full.rel_frobenius_error.sel(layer="3").values, rtol=1e-9)
+    assert (full.rel_frobenius_error.sel(layer="5").values == truncated.rel_frobenius_error.sel(layer="5").values).all()
+    code = main(["report", *FAST, "--truncation-rank", "0", "--out", str(tmp_path / "bad")])
+    assert code != 0 and "--truncation-rank" in capsys.readouterr().err
 
 
 def test_user_model_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

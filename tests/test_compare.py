@@ -200,3 +200,30 @@ def test_each_basis_rotated_once(monkeypatch) -> None:
     for n in names:
         for var in ("rel_frobenius_error", "scaling_error", "ng_cosine", "subspace_overlap", "network_ng_cosine"):
             np.testing.assert_allclose(ds[var].sel(approximation=n), alone[n][var].sel(approximation=n), rtol=1e-12)
+
+
+def test_truncated_bases_measure_the_truncated_objects() -> None:
+    """``eigh=EighPolicy(truncate_above=…)``: the dataset measures the approximations with the
+    truncated bases the optimizers invert for wide factors (top-``rank`` eigenpairs and the rest
+    flat), against the dense exact block; the default measures the full ones."""
+    from curvlab.approx import EighPolicy
+
+    model, loss_fn = tiny_cnn(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=6)
+    policy = EighPolicy(truncate_above=8, rank=3)
+    names = ("kflr", "ekfac", "tkfac", "tekfac")
+    ds = compare(model, loss_fn, x, y, approximations=names, damping=LAMBDA, top_k=3, seed=5, eigh=policy)
+    full = compare(model, loss_fn, x, y, approximations=names, damping=LAMBDA, top_k=3, seed=5)
+    assert ds.attrs["factor_eigh"].startswith("truncated above 8 to rank 3") and full.attrs["factor_eigh"] == "full"
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"), kfac_flavours=("exact",), seed=5)
+    assert any(max(block.layout.shape) > 8 for block in stats.values())  # some factors are truncated
+    for layer, block in stats.items():
+        for name in names:
+            approx = approximate(block, name, eigh=policy)
+            ref = dense_reference(block, approx, LAMBDA, DEFAULT_DAMPING[name], 3)
+            for var in ("trace_ratio", "rel_frobenius_error", "ng_cosine", "ng_rel_error"):
+                got = ds[var].sel(layer=layer, approximation=name).item()
+                assert got == pytest.approx(ref[var], rel=1e-8, abs=1e-10), (layer, name, var)
+    assert not np.allclose(ds.rel_frobenius_error.values, full.rel_frobenius_error.values)
+    with pytest.raises(ValueError, match="eigh=2048 must be a curvlab.approx.EighPolicy"):
+        compare(model, loss_fn, x, y, eigh=2048)

@@ -256,6 +256,21 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="leave the parameters of unsupported modules (e.g. nn.LSTM) out instead of failing",
     )
     how.add_argument(
+        "--truncate-above",
+        type=_nonnegative_int,
+        default=default.truncate_above,
+        metavar="D",
+        help="measure factors wider than D in the truncated eigenbasis the optimizers invert (the "
+        "top --truncation-rank eigenpairs, the rest of the spectrum flat; the optimizers' default: "
+        "2048); 0: full bases (default: %(default)s)",
+    )
+    how.add_argument(
+        "--truncation-rank",
+        type=_positive_int,
+        default=default.truncation_rank,
+        help="rank of a truncated eigenbasis (default: %(default)s)",
+    )
+    how.add_argument(
         "--top-k",
         type=_positive_int,
         default=default.top_k,
@@ -338,6 +353,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             mode=args.mode,
             engine=args.engine,
             kfac_approx=args.kfac_approx,
+            truncate_above=args.truncate_above,
+            truncation_rank=args.truncation_rank,
             skip_unsupported=args.skip_unsupported,
         )
     except ReportError as err:

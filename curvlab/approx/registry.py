@@ -36,6 +36,8 @@ class ApproximationSpec:
         max_params: the comparison measures it on blocks of at most this many parameters
             (``None``: any); KFOC's Lanczos iteration costs ``K·P·(d_out + D)`` a step, hours on a
             ResNet-18's 512-channel convolutions.
+        decomposes_factors: ``build`` takes ``eigh=`` (an :class:`~curvlab.approx.EighPolicy`):
+            it eigen-decomposes Kronecker factors, which the optimizers may truncate.
     """
 
     name: str
@@ -44,6 +46,7 @@ class ApproximationSpec:
     kfac_flavour: str | None = None
     kinds: frozenset[str] = frozenset({"kronecker"})
     max_params: int | None = None
+    decomposes_factors: bool = False
 
 
 def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
@@ -64,11 +67,11 @@ def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
 REGISTRY: dict[str, ApproximationSpec] = {
     spec.name: spec
     for spec in (
-        ApproximationSpec("kfac", _kfac("mc", "kfac"), "factored", kfac_flavour="mc"),
-        ApproximationSpec("kflr", _kfac("exact", "kflr"), "factored", kfac_flavour="exact"),
-        ApproximationSpec("ekfac", EKFAC.from_stats, "exact"),
-        ApproximationSpec("tkfac", TKFAC.from_stats, "nor"),
-        ApproximationSpec("tekfac", TEKFAC.from_stats, "nor"),
+        ApproximationSpec("kfac", _kfac("mc", "kfac"), "factored", kfac_flavour="mc", decomposes_factors=True),
+        ApproximationSpec("kflr", _kfac("exact", "kflr"), "factored", kfac_flavour="exact", decomposes_factors=True),
+        ApproximationSpec("ekfac", EKFAC.from_stats, "exact", decomposes_factors=True),
+        ApproximationSpec("tkfac", TKFAC.from_stats, "nor", decomposes_factors=True),
+        ApproximationSpec("tekfac", TEKFAC.from_stats, "nor", decomposes_factors=True),
         ApproximationSpec("kfoc", KFOC.from_stats, "factored", max_params=2**17),
         ApproximationSpec("diagonal", Diagonal.from_stats, "exact", kinds=frozenset({"kronecker", "parameter"})),
     )

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from curvlab.approx import (
     APPROXIMATIONS,
     DEFAULT_DAMPING,
+    EighPolicy,
     KroneckerApproximation,
     applies,
     approximate,
@@ -49,6 +50,7 @@ def compare(
     kfac_approx: str = "expand",
     skip_unsupported: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    eigh: EighPolicy | None = None,
     extractor: Callable[..., Extraction] = extract,
 ) -> xr.Dataset:
     """Measure every approximation of every block against the exact block.
@@ -80,6 +82,12 @@ def compare(
         progress: show a progress bar over layers.
         engine, kfac_approx, skip_unsupported, max_bytes: as for :func:`curvlab.extract`
             (the engine used is the dataset's ``engine`` attribute).
+        eigh: how the Kronecker factors are eigen-decomposed (an
+            :class:`~curvlab.approx.EighPolicy`; its ``dtype`` is ignored: everything is built in
+            float64).  Default: fully.  ``EighPolicy(truncate_above=2048, rank=256)`` measures
+            the truncated bases (rank 256 and a flat remainder) that the optimizers invert for
+            factors wider than 2048 with their defaults (``KroneckerOptions.truncate_above``,
+            ``truncation_rank``).
         extractor: the extraction, called as :func:`curvlab.extract` (the default) is, with
             ``(model, loss_fn, inputs, targets, **options)``; any function returning an
             :class:`~curvlab.extract.Extraction` of the batch (e.g. a sharded one whose square
@@ -94,6 +102,8 @@ def compare(
             f"curvlab.compare: approximations={approximations!r} must be a collection of names, "
             f"e.g. ({approximations!r},)"
         )
+    if eigh is not None and not isinstance(eigh, EighPolicy):
+        raise ValueError(f"curvlab.compare: eigh={eigh!r} must be a curvlab.approx.EighPolicy (None: full bases)")
     names = [spec(a, "curvlab.compare").name for a in approximations]
     check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     given = {spec(a, "curvlab.compare (damping_strategies)").name: s for a, s in (damping_strategies or {}).items()}
@@ -118,7 +128,8 @@ def compare(
         skip_unsupported=skip_unsupported,
         max_bytes=max_bytes,
     )
-    approx = {layer: LayerApproximations(block, [n for n in names if applies(n, block)]) for layer, block in stats.items()}
+    approx = {layer: LayerApproximations(block, [n for n in names if applies(n, block)], eigh=eigh)
+              for layer, block in stats.items()}
     wrap = None
     if progress:
         from functools import partial
@@ -138,6 +149,7 @@ def compare(
             "mc_samples": mc_samples,
             "seed": "none" if seed is None else seed,
             "tkfac_conv": tkfac_conv,
+            "factor_eigh": describe_eigh(eigh),
             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
             "batch_loss": stats.loss.item(),
             **extraction_attrs(stats),
@@ -157,13 +169,16 @@ class LayerApproximations(Mapping[str, KroneckerApproximation]):
     decompositions of the factors they have in common and the rotations of the root into the
     same basis: EKFAC's scaling ``s*`` is the one the comparison measures KFAC's basis with, and
     TEKFAC's TKFAC's.  Built objects are not kept (a ResNet-18's, in float64, are gigabytes).
+    ``eigh``: how those that eigen-decompose Kronecker factors do it (default: fully; its
+    ``dtype`` is replaced by float64).
     """
 
     def __init__(self, stats: LayerStats, names: Iterable[str],
-                 given: Mapping[str, KroneckerApproximation] | None = None) -> None:
+                 given: Mapping[str, KroneckerApproximation] | None = None, eigh: EighPolicy | None = None) -> None:
         self._stats = stats
         self._given = dict(given or {})
         self._names = list(dict.fromkeys([*self._given, *names]))
+        self._eigh = {} if eigh is None else {"eigh": dataclasses.replace(eigh, dtype=torch.float64)}
 
     def __getitem__(self, name: str) -> KroneckerApproximation:
         if name in self._given:
@@ -172,13 +187,21 @@ class LayerApproximations(Mapping[str, KroneckerApproximation]):
             raise KeyError(name)
         # converted once per shared_work scope, however many of the layer's objects are built
         stats64 = reuse(("in_float64_stats", id(self._stats)), lambda: (self._stats, _in_float64(self._stats)))[1]
-        return approximate(stats64, name)
+        return approximate(stats64, name, **(self._eigh if spec(name).decomposes_factors else {}))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def describe_eigh(eigh: EighPolicy | None) -> str:
+    """The dataset's ``factor_eigh`` attribute: how the factors were eigen-decomposed."""
+    if eigh is None or eigh.truncate_above is None:
+        return "full"
+    return (f"truncated above {eigh.truncate_above} to rank {eigh.rank} plus a flat remainder "
+            f"(randomized, {eigh.power_iterations} power iterations, oversampling {eigh.oversampling}, seed {eigh.seed})")
 
 
 def _in_float64(stats: LayerStats) -> LayerStats:

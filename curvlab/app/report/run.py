@@ -17,7 +17,7 @@ from torch import nn
 
 from curvlab.app.data import Dataset, load_dataset
 from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES, check_report_folder, write_report  # noqa: F401 (re-exported)
-from curvlab.approx import APPROXIMATIONS
+from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
 
 
@@ -46,6 +46,10 @@ class ReportConfig:
             between examples, and ``coupling.png`` shows what the Kronecker statistics, which
             ignore it, miss).
         engine, kfac_approx, skip_unsupported: as for :func:`curvlab.compare`.
+        truncate_above, truncation_rank: factors wider than ``truncate_above`` are measured in
+            the truncated eigenbasis the optimizers invert (``truncation_rank`` eigenpairs and a
+            flat remainder; :class:`curvlab.optim.KroneckerOptions` has the same two options,
+            2048 and 256 by default); 0: full bases.
     """
 
     model: str = "mlp"
@@ -71,6 +75,20 @@ class ReportConfig:
     engine: str = "auto"
     kfac_approx: str = "expand"
     skip_unsupported: bool = False
+    truncate_above: int = 0
+    truncation_rank: int = 256
+
+    def factor_eigh(self) -> EighPolicy | None:
+        """The :class:`~curvlab.approx.EighPolicy` of ``truncate_above``/``truncation_rank``
+        (``None``: full bases).
+
+        Raises:
+            ReportError: either is not an int, or negative (the rank: not positive)."""
+        for name, least in (("truncate_above", 0), ("truncation_rank", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ReportError(f"{name}={value!r} must be an int ≥ {least}")
+        return EighPolicy(truncate_above=self.truncate_above, rank=self.truncation_rank) if self.truncate_above else None
 
 
 #: The model's mode during the measurement.
@@ -254,6 +272,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     cfg = ReportConfig(**{**asdict(config or ReportConfig()), **overrides})
     if cfg.mode not in MODES:
         raise ReportError(f"mode={cfg.mode!r}; choose one of {MODES}")
+    eigh = cfg.factor_eigh()
     try:
         check_batch_split("batch_size", cfg.batch_size, Ranks.current().world_size)
     except ValueError as err:
@@ -316,6 +335,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         engine=cfg.engine,
         kfac_approx=cfg.kfac_approx,
         skip_unsupported=cfg.skip_unsupported,
+        eigh=eigh,
     )
     ds.attrs["elapsed_seconds"] = round(time.perf_counter() - start, 3)
 

@@ -66,6 +66,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("damping", "Damping λ"),
     ("damping_strategies", "Damping strategies"),
     ("tkfac_conv", "TKFAC conv statistics"),
+    ("factor_eigh", "Eigenbases of the Kronecker factors"),
     ("measured_up_to", "Measured only on blocks up to (NaN above)"),
     ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
     ("top_k", "top-k (subspace overlap)"),
