@@ -33,7 +33,8 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
     if key not in SHAPES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(SHAPES)}")
     input_shape, num_classes = SHAPES[key]
-    model = make_model(spec, input_shape, num_classes, **model_kwargs)
+    with torch.random.fork_rng(devices=[]):  # a check: the caller's random state stays as it was
+        model = make_model(spec, input_shape, num_classes, **model_kwargs)
     blocks = model_blocks(model, skip_unsupported=skip_unsupported)
     model.eval()  # no running-statistics update, no dropout
     try:

@@ -168,10 +168,20 @@ def warm_up(
 ) -> float | None:
     """``steps`` Adam steps on random training mini-batches (seeded); returns the last loss.
 
-    Only so that the curvature measured is not that of a random initialisation.
+    Only so that the curvature measured is not that of a random initialisation.  The model's
+    own random draws (Dropout's masks) come from torch's random state seeded with ``seed`` for
+    these steps (and restored after them): the warm-up, so the report, is reproducible.
     """
     if steps <= 0:
         return None
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed + 2)
+        return _warm_up(model, loss_fn, data, steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                        progress=progress)
+
+
+def _warm_up(model: nn.Module, loss_fn: nn.Module, data: Dataset, steps: int, *, batch_size: int, lr: float,
+             seed: int, device: torch.device | None, progress: bool) -> float | None:
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(data.train_x)
