@@ -213,6 +213,38 @@ def test_a_missing_data_dir_is_reported_before_the_processes_start(command: str,
                  "--out", str(tmp_path / "o")]) == 1
     out, err = capfd.readouterr()
     assert err.strip() == f"curvlab {command}: error: mnist: data directory {missing} does not exist"
+    assert main([command, "--nproc", "2", "--dataset", "mnist", "--out", str(tmp_path / "o")]) == 1  # none given
+    out, err = capfd.readouterr()
+    assert err.strip().startswith(f"curvlab {command}: error: mnist: no data directory given; pass --data-dir")
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_an_output_folder_of_something_else_is_reported_before_the_processes_start(command: str, tmp_path: Path,
+                                                                                   capfd) -> None:
+    """A folder holding a run (train: without --resume/--overwrite) or another command's files:
+    every rank reported it, and torchrun its own traceback (47–64 lines)."""
+    run = tmp_path / "run"
+    assert main(["train", *FAST_TRAIN, "--out", str(run)]) == 0
+    capfd.readouterr()
+    args = FAST_TRAIN if command == "train" else ["--train-steps", "0", "--batch-size", "8", "--no-progress"]
+    assert main([command, "--nproc", "2", *args, "--out", str(run)]) == 1
+    out, err = capfd.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (f"{run} already holds a run" if command == "train" else "holds files that are not part of a curvlab report") in err
+
+
+def test_train_refuses_a_folder_holding_a_report(tmp_path: Path, capsys) -> None:
+    """The run's files went in beside the report: its manifest no longer described the folder,
+    and the report could not be written there again."""
+    report = tmp_path / "rep"
+    assert main(["report", "--train-steps", "0", "--batch-size", "8", "--approximations", "kflr", "--no-progress",
+                 "--out", str(report)]) == 0
+    before = sorted(p.name for p in report.iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", *FAST_TRAIN, *extra, "--out", str(report)]) == 1
+        assert f"{report} holds a curvlab report (report.nc" in capsys.readouterr().err
+    assert sorted(p.name for p in report.iterdir()) == before
 
 
 def test_a_subset_larger_than_the_data_names_the_option(tmp_path: Path, capsys) -> None:

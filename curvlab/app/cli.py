@@ -325,9 +325,13 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             print_error(parser, err, usage=True)
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
-        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir,
-                                  lambda: check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported,
-                                                      engine=args.engine))
+        from curvlab.app.report.files import check_report_folder
+
+        def checks() -> None:
+            check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported, engine=args.engine)
+            check_report_folder(Path(args.out))
+
+        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir, checks)
     device = join_process_group(args.device)
     start = time.perf_counter()
     try:

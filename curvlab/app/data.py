@@ -168,12 +168,19 @@ def load_dataset(
 
 
 def check_data_dir(name: str, data_dir: PathLike | None) -> None:
-    """Raise :class:`DataError` if ``data_dir`` is given for a dataset read from files and is not
-    a folder (checked before the command starts its processes or any compute)."""
-    if canonical_name(name) == "digits" or data_dir is None or Path(data_dir).expanduser().is_dir():
+    """Raise :class:`DataError` if the files of a dataset read from files are not found: no
+    ``data_dir`` where one is needed, one that is not a folder, or one without the files
+    (checked before the command starts its processes or any compute; nothing is read)."""
+    key = canonical_name(name)
+    if key == "digits":
         return
-    what = "is a file, not a folder" if Path(data_dir).expanduser().exists() else "does not exist"
-    raise DataError(f"{canonical_name(name)}: data directory {data_dir} {what}")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        what = "is a file, not a folder" if Path(data_dir).expanduser().exists() else "does not exist"
+        raise DataError(f"{key}: data directory {data_dir} {what}")
+    if key in _IDX_SUBDIRS:
+        _find_idx_files(key, data_dir)
+    elif key == "cifar10":
+        _find_cifar_sources(data_dir)
 
 
 def canonical_name(name: str) -> str:

@@ -202,17 +202,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.ArgumentParser,
-                       dataset: str, data_dir: str | None, check_model: Callable[[], None]) -> int:
-    """:func:`relaunch`, once the model (``check_model``) and the data folder are checked here —
-    once, not by every rank, each followed by torchrun's traceback.  A problem is reported and
-    returns 1."""
+                       dataset: str, data_dir: str | None, checks: Callable[[], None]) -> int:
+    """:func:`relaunch`, once the command's own ``checks`` (the model, the output folder) and the
+    data files are checked here — once, not by every rank, each followed by torchrun's traceback.
+    A problem is reported and returns 1."""
     from curvlab.app.data import DataError, check_data_dir
     from curvlab.app.messages import print_error
 
     try:
-        check_model()  # first, as one process does: a model curvlab refuses needs no data
+        checks()  # first, as one process does: a model curvlab refuses needs no data
         check_data_dir(dataset, data_dir)
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, OSError) as err:
         print_error(parser, err)
         return 1
     return relaunch(nproc, argv)

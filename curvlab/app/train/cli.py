@@ -160,8 +160,14 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print_error(parser, err, usage=True)
             return 2
         from curvlab.app.models.check import check_model
-        return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, lambda: check_model(
-            cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg), **cfg.model_kwargs))
+        from curvlab.app.train.run_folder import check_run_folder
+
+        def checks() -> None:
+            check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg),
+                        **cfg.model_kwargs)
+            check_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
+
+        return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)

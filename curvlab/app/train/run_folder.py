@@ -1,7 +1,8 @@
 """The output folder of one ``curvlab train`` run: checked before any compute, locked while
 the run writes it, and never silently shared by two runs.
 
-A folder that already holds a run (any of :data:`RUN_FILES`) is refused unless the run
+A folder that holds a ``curvlab report`` is refused; one that already holds a run (any of
+:data:`RUN_FILES`) is refused unless the run
 continues it (``resume``) or replaces it (``overwrite``: once the new run has passed every check
 and is about to write, its files are set aside in ``OUT/.curvlab-replaced/``, and removed when the
 new run has saved its first checkpoint — a run that fails or is stopped before that, even by
@@ -70,6 +71,34 @@ class RunFolder:
         return True
 
 
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """What :func:`run_folder` checks, without creating or locking anything (before the command
+    starts its ranks).  Raises as :func:`run_folder` does."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError(f"{WHO}: resume and overwrite exclude each other")
+    check_writable(out, WHO)
+    if out.is_dir() and not (out / SET_ASIDE).exists():  # (a run set aside: run_folder puts it back first)
+        _check_contents(out, resume=resume, overwrite=overwrite)
+
+
+def _check_contents(out: Path, *, resume: bool, overwrite: bool) -> None:
+    from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES
+
+    report = [name for name in (*REPORT_FILES.values(), COUPLING_FIGURE) if (out / name).exists()]
+    if report:  # the run's files beside it would leave its manifest wrong, and the report could not be rewritten
+        raise OutputFolderError(f"{WHO}: {out} holds a curvlab report ({', '.join(report)}); choose another --out")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if resume and not (out / CHECKPOINT).exists():
+        hint = f" ({', '.join(present)} from a run killed before its first epoch ended: start again with --overwrite)" if present else ""
+        raise FileNotFoundError(f"{WHO}: --resume given but {out / CHECKPOINT} does not exist{hint}")
+    if present and not resume and not overwrite:
+        raise OutputFolderError(
+            f"{WHO}: {out} already holds a run ({', '.join(present)}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another --out"
+        )
+
+
 @contextlib.contextmanager
 def run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[RunFolder]:
     """``out``, created and locked for the duration of the block.
@@ -93,15 +122,8 @@ def run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[RunFolde
             if RunFolder(out, []).restore_replaced():  # set aside by a run killed before its first checkpoint
                 print(f"{WHO}: put back the run in {out} that a run killed before its first checkpoint "
                       "was replacing", file=sys.stderr)
+            _check_contents(out, resume=resume, overwrite=overwrite)
             present = [name for name in RUN_FILES if (out / name).exists()]
-            if resume and not (out / CHECKPOINT).exists():
-                hint = f" ({', '.join(present)} from a run killed before its first epoch ended: start again with --overwrite)" if present else ""
-                raise FileNotFoundError(f"{WHO}: --resume given but {out / CHECKPOINT} does not exist{hint}")
-            if present and not resume and not overwrite:
-                raise OutputFolderError(
-                    f"{WHO}: {out} already holds a run ({', '.join(present)}); pass --resume to continue "
-                    "it, --overwrite to replace it, or choose another --out"
-                )
             folder = RunFolder(out, [] if resume else present)
             try:
                 yield folder
