@@ -254,6 +254,13 @@ def test_a_subset_larger_than_the_data_names_the_option(tmp_path: Path, capsys) 
     assert "train_size=100000 (--train-size) exceeds the train split of digits (1500 examples)" in capsys.readouterr().err
 
 
+def test_a_probe_batch_larger_than_the_training_set_names_the_option(tmp_path: Path, capsys) -> None:
+    """It was cut to the training set's size silently (probe.nc said so, nothing else)."""
+    args = ["train", *FAST_TRAIN, "--probe-every", "1", "--probe-batch-size", "121", "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    assert "probe_batch_size=121 (--probe-batch-size) exceeds the 120 training examples (--train-size)" in capsys.readouterr().err
+
+
 def test_an_error_names_the_command_once(tmp_path: Path, capsys) -> None:
     assert main(["train", *FAST_TRAIN, "--probe-approximations", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

@@ -117,7 +117,7 @@ def test_divergence_is_detected_across_epochs_and_a_resume(tmp_path: Path) -> No
 
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):
         train(small(tmp_path, epochs=2, lr=0.5), resume=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(small(tmp_path / "empty"), resume=True)

@@ -79,10 +79,17 @@ def check_same_run(path: Path, saved: dict[str, object], current: dict[str, obje
     a, b = _comparable(saved), _comparable(current)
     changed = sorted(k for k in a if k not in MAY_CHANGE and a[k] != b.get(k))
     if changed:
+        said = "; ".join(f"{_option_name(k)} {a[k]} (now {b.get(k, 'not set')})" for k in changed)
         raise CheckpointError(
-            f"curvlab train: {path} was written with a different configuration "
-            f"({', '.join(changed)}); use another --out or the same options"
+            f"curvlab train: {path} was written with other options: {said}; resume with those, or "
+            "choose another --out"
         )
+
+
+def _option_name(key: str) -> str:
+    """A configuration attribute (``config_stat_decay``) as the command line spells it (``--stat-decay``)."""
+    name = key.removeprefix("config_")
+    return "the model options (--hidden)" if name == "model_kwargs" else "--" + name.replace("_", "-")
 
 
 def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -54,6 +54,10 @@ def load_data(cfg: TrainConfig) -> Dataset:
         if n is not None and n > have:
             raise ValueError(f"curvlab train: {name}={n} (--{name.replace('_', '-')}) exceeds the "
                              f"{name.partition('_')[0]} split of {data.name} ({have} examples)")
+    train_n = cfg.train_size or len(data.train_x)
+    if cfg.probe_every and cfg.probe_batch_size and cfg.probe_batch_size > train_n:  # (the probe's batch: training examples)
+        raise ValueError(f"curvlab train: probe_batch_size={cfg.probe_batch_size} (--probe-batch-size) exceeds the "
+                         f"{train_n} training examples" + (" (--train-size)" if cfg.train_size else f" of {data.name}"))
     if cfg.train_size is not None or cfg.test_size is not None:
         data = subset(
             data,
