@@ -1038,3 +1038,26 @@ def test_a_schedule_that_never_rescales_is_warned_about_and_is_the_kronecker_bas
             never = run(rescaled, 2, 4)
         torch.testing.assert_close(never, run(eigen=2, scale=4, **baseline), rtol=1e-10, atol=1e-12)
         assert (run(rescaled, 4, 1) - run(eigen=4, scale=1, **baseline)).abs().max() > 1e-6
+
+
+def test_parameters_of_unsupported_modules_are_named_once() -> None:
+    """An LSTM's parameters got SGD's update without a word (norm layers' is documented)."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model, loss_fn = Recurrent(), nn.CrossEntropyLoss()
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            train_step(opt, model, loss_fn, x, y)
+    said = [str(w.message) for w in caught if "no curvature statistics for" in str(w.message)]
+    assert len(said) == 1 and "'lstm.weight_ih_l0'" in said[0] and "fc" not in said[0], said

@@ -166,6 +166,7 @@ class KroneckerOptimizer(Optimizer):
         self.model = model = unwrap(model)  # blocks named as in one process
         check_materialised(model, who)
         self._blocks: list[Block] | None = None
+        self._warned_unsupported: set[str] = set()
         self._trainable: list[bool] = []
         self._tracked = ModelBlocks()  # the preconditioned layers, for the statistics pass
         self._group_of: dict[Tensor, dict[str, Any]] = {}
@@ -246,6 +247,15 @@ class KroneckerOptimizer(Optimizer):
                 found = model_blocks(self.model, skip_unsupported=True)
             except UnsupportedModelError:  # nothing curvlab supports: every update is first order
                 found = ModelBlocks()
+            unsupported = [p for p in found.skipped if p not in self._warned_unsupported]
+            if unsupported:  # (norm layers' and other parameter blocks' first-order update is documented)
+                warnings.warn(
+                    f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
+                    "statistics for (see curvlab.model_blocks); they get the first-order (SGD) update",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                self._warned_unsupported.update(unsupported)
             self._tracked = ModelBlocks()
             for module, path in found.layers.items():
                 if isinstance(module, PRECONDITIONED_LAYERS) and module.weight in self._group_of:
