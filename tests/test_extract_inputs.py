@@ -122,6 +122,10 @@ def test_bad_arguments_named() -> None:
         bad = {**bases, "2": (bases["2"][0], scaled * bases["2"][1])}
         with pytest.raises(ValueError, match=r"eigenbases\['2'\]: U_in does not have orthonormal columns"):
             extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=bad)
+    single = {name: tuple(u.float() for u in pair) for name, pair in bases.items()}  # checked in float32 (tol 1e-3)
+    extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=single)
+    with pytest.raises(ValueError, match=r"eigenbases\['2'\]: U_out does not have orthonormal columns"):
+        extract(model, loss_fn, x, y, stats=("kfe",), eigenbases={**single, "2": (1.01 * single["2"][0], single["2"][1])})
     for seed in (True, 1.5, "1"):
         with pytest.raises(ValueError, match="seed=.* must be an int or None"):
             extract(model, loss_fn, x, y, fisher="mc", seed=seed)

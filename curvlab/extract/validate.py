@@ -59,17 +59,20 @@ def check_eigenbases(eigenbases: Mapping[str, tuple[Tensor, Tensor]], blocks: Mo
 def _check_orthonormal(eigenbases: Mapping[str, tuple[Tensor, Tensor]]) -> None:
     """Every basis has orthonormal columns: ``‖U v‖ = ‖v‖`` for a random ``v`` (which fails with
     probability one for any other ``U``; ``O(D k)``, where ``UᵀU`` would cost ``O(D k²)``), all
-    bases checked with one sync."""
+    bases checked with one sync.  In the basis' own dtype: a float64 copy of every basis cost an
+    EKFAC statistics step of the MLP 784-128-64-10 about 1 ms (the optimizers pass theirs each
+    step)."""
     if not eigenbases:
         return
     gen = torch.Generator().manual_seed(0)  # never the global RNG: MC sampling draws from it
     errors = []
     for bases in eigenbases.values():
         for u in bases:
-            v = torch.randn(u.shape[1], generator=gen, dtype=torch.float64).to(u.device)
-            norm = (u.detach().to(torch.float64) @ v).square().sum()
+            u = u.detach()
+            v = torch.randn(u.shape[1], generator=gen, dtype=u.dtype).to(u.device)
+            norm = (u @ v).square().sum()
             tol = 1e-3 if torch.finfo(u.dtype).eps > 1e-10 else 1e-8  # float32 eigh: ~1e-6
-            errors.append((norm / v.square().sum() - 1).abs() / tol)
+            errors.append(((norm / v.square().sum()).double() - 1).abs() / tol)
     worst = torch.stack(errors).to("cpu")
     if not bool(torch.isfinite(worst).all() and (worst <= 1).all()):
         name, side = divmod(int(torch.nan_to_num(worst, nan=torch.inf).argmax()), 2)
