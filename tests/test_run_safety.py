@@ -474,4 +474,4 @@ def test_a_layer_used_outside_its_calls_is_refused_before_any_work(tmp_path: Pat
 def test_report_mode_train_with_several_processes_is_refused_before_they_start(tmp_path: Path, capfd) -> None:
     assert main(["report", "--mode", "train", "--nproc", "2", "--out", str(tmp_path / "o")]) == 2
     err = capfd.readouterr().err
-    assert err.count("--mode train measures a batch whose examples are coupled") == 1 and "Traceback" not in err
+    assert err.count("--mode train measures the model's train-mode forward pass on the whole batch") == 1 and "Traceback" not in err

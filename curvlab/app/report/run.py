@@ -94,8 +94,8 @@ class ReportConfig:
 #: The model's mode during the measurement.
 MODES = ("eval", "train")
 #: Why ``mode="train"`` runs in one process only.
-COUPLED_BATCH = ("measures a batch whose examples are coupled (BatchNorm's batch statistics); shards on several "
-                 "processes would change those statistics")
+COUPLED_BATCH = ("measures the model's train-mode forward pass on the whole batch (BatchNorm's batch statistics "
+                 "couple its examples, Dropout draws its masks); shards on several processes would change it")
 
 
 class ReportError(ValueError):
