@@ -72,7 +72,6 @@ class Shards:
         return self.loss_counts[r] / sum(self.loss_counts)
 
 
-
 def local_loss_count(loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> int:
     """The number of terms a ``mean`` reduction of ``loss_fn`` divides by on this shard."""
     if isinstance(loss_fn, nn.MSELoss):
