@@ -74,12 +74,17 @@ class RunFolder:
 def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     """What :func:`run_folder` checks, without creating or locking anything (before the command
     starts its ranks).  Raises as :func:`run_folder` does."""
+    out = _checked_path(out, resume=resume, overwrite=overwrite)
+    if out.is_dir() and not (out / SET_ASIDE).exists():  # (a run set aside: run_folder puts it back first)
+        _check_contents(out, resume=resume, overwrite=overwrite)
+
+
+def _checked_path(out: Path, *, resume: bool, overwrite: bool) -> Path:
     out = Path(out)
     if resume and overwrite:
         raise ValueError(f"{WHO}: resume and overwrite exclude each other")
     check_writable(out, WHO)
-    if out.is_dir() and not (out / SET_ASIDE).exists():  # (a run set aside: run_folder puts it back first)
-        _check_contents(out, resume=resume, overwrite=overwrite)
+    return out
 
 
 def _check_contents(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -108,10 +113,7 @@ def run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[RunFolde
             run and neither ``resume`` nor ``overwrite`` is given.
         FileNotFoundError: ``resume`` without ``out/checkpoint.pt``.
     """
-    out = Path(out)
-    if resume and overwrite:
-        raise ValueError(f"{WHO}: resume and overwrite exclude each other")
-    check_writable(out, WHO)
+    out = _checked_path(out, resume=resume, overwrite=overwrite)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
