@@ -1040,13 +1040,16 @@ def test_a_schedule_that_never_rescales_is_warned_about_and_is_the_kronecker_bas
         assert (run(rescaled, 4, 1) - run(eigen=4, scale=1, **baseline)).abs().max() > 1e-6
 
 
-def test_parameters_of_unsupported_modules_are_named_once() -> None:
-    """An LSTM's parameters got SGD's update without a word (norm layers' is documented)."""
+@pytest.mark.parametrize("with_head", [True, False], ids=["lstm+linear", "lstm-only"])
+def test_parameters_of_unsupported_modules_are_named_once(with_head: bool) -> None:
+    """An LSTM's parameters got SGD's update without a word (norm layers' is documented); a model
+    of unsupported modules only, none at all."""
 
     class Recurrent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3)
+            self.lstm = nn.LSTM(4, 8 if with_head else 3, batch_first=True)
+            self.fc = nn.Linear(8, 3) if with_head else nn.Identity()
 
         def forward(self, x):
             return self.fc(self.lstm(x)[0][:, -1])

@@ -246,7 +246,7 @@ class KroneckerOptimizer(Optimizer):
             try:
                 found = model_blocks(self.model, skip_unsupported=True)
             except UnsupportedModelError:  # nothing curvlab supports: every update is first order
-                found = ModelBlocks()
+                found = ModelBlocks(skipped=[n for n, p in self.model.named_parameters() if p.requires_grad])
             unsupported = [p for p in found.skipped if p not in self._warned_unsupported]
             if unsupported:  # (norm layers' and other parameter blocks' first-order update is documented)
                 warnings.warn(
