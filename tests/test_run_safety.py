@@ -23,6 +23,7 @@ import xarray as xr
 from curvlab.app.cli import main
 from curvlab.app.data import DataError, read_idx
 from curvlab.app.train import TrainConfig, train
+from curvlab.app.train.config import check_batches
 
 FAST_TRAIN = ["--hidden", "8", "--train-size", "120", "--test-size", "40", "--batch-size", "40",
               "--epochs", "1", "--no-progress"]
@@ -196,6 +197,7 @@ def test_nproc_below_one_is_refused(command: str, count: str, tmp_path: Path, ca
     ["train", "--probe-batch-size", "8"],  # no --probe-every: the probe never runs
     ["train", "--probe-fisher", "mc"],
     ["train", "--probe-approximations", "kfac"],
+    ["train", "--probe-mode", "train"],
     ["report", "--approximations", "kfac", "--damping-strategy", "tekfac=nor"],  # tekfac not measured
 ])
 def test_an_option_that_would_be_ignored_is_refused(args: list[str], tmp_path: Path, capsys) -> None:
@@ -232,6 +234,18 @@ def test_an_output_folder_of_something_else_is_reported_before_the_processes_sta
     out, err = capfd.readouterr()
     assert err.count("\n") == 1 and "Traceback" not in err
     assert (f"{run} already holds a run" if command == "train" else "holds files that are not part of a curvlab report") in err
+
+
+def test_a_train_mode_probe_on_several_processes_is_refused_before_they_start(tmp_path: Path, capfd) -> None:
+    """Shards of the probe batch would each normalise by their own batch statistics."""
+    assert main(["train", "--nproc", "2", *FAST_TRAIN, "--probe-every", "2", "--probe-mode", "train",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capfd.readouterr().err
+    assert "--probe-mode train measures the model's train-mode forward pass on the whole batch" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="probe_mode='train' measures"):
+        check_batches(small(tmp_path, probe_every=2, probe_mode="train"), 2)
+    check_batches(small(tmp_path, probe_every=2, probe_mode="train"), 1)
 
 
 def test_train_refuses_a_folder_holding_a_report(tmp_path: Path, capsys) -> None:

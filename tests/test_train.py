@@ -144,3 +144,42 @@ def test_cli_resumes_after_being_killed(tmp_path: Path) -> None:
     b = xr.open_dataset(out / "metrics.nc").load()
     np.testing.assert_array_equal(a.train_loss, b.train_loss)
     np.testing.assert_array_equal(a.test_accuracy, b.test_accuracy)
+
+
+def test_a_train_mode_probe_measures_the_train_mode_forward_and_changes_nothing() -> None:
+    """The eval-mode probe compares the optimizer's statistics, collected in train mode, with the
+    Fisher of the eval-mode network (BatchNorm's running statistics): misleading early on.  In
+    train mode it measures what ``curvlab.compare`` measures of the train-mode network, with the
+    same Dropout masks every time, and leaves the model (running statistics, mode) and the
+    random state as they were."""
+    import copy
+
+    from torch import nn
+
+    import curvlab
+    from curvlab.app.train.probe import Probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3),
+                          nn.Linear(4 * 6 * 6, 5)).double().eval()
+    x, y = torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (12,))
+    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+
+    def probe(mode: str) -> xr.Dataset:
+        return Probe(x, y, loss_fn, approximations=("kflr", "tekfac"), seed=3, mode=mode).run(0, model, opt)
+
+    measured = probe("train")
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # BatchNorm's running statistics and count put back
+    reference = curvlab.compare(copy.deepcopy(model).train(), loss_fn, x, y, approximations=("kflr", "tekfac"),
+                                seed=3, num_eigenvalues=64)
+    for var in ("rel_frobenius_error", "ng_cosine", "trace_ratio"):
+        got = measured[var].isel(step=0).sel(layer=["0", "5"])
+        np.testing.assert_allclose(got.values, reference[var].sel(layer=["0", "5"], approximation=got.approximation).values,
+                                   rtol=1e-10, err_msg=var)
+    xr.testing.assert_identical(probe("train"), measured)  # the same masks every probe
+    eval_error = probe("eval").rel_frobenius_error.sel(layer="0").values
+    assert np.abs(eval_error - measured.rel_frobenius_error.isel(step=0).sel(layer="0").values).max() > 1e-3

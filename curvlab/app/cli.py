@@ -130,7 +130,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """``curvlab report``: measure every approximation on one batch, write files and figures."""
     from curvlab.approx import APPROXIMATIONS, DAMPING_STRATEGIES, DEFAULT_DAMPING
     from curvlab.app.data import DATASETS
-    from curvlab.app.models import MODELS
+    from curvlab.app.models import MODELS, MODES
     from curvlab.app.report.run import ReportConfig
     from curvlab.extract.options import ENGINES, KFAC_APPROX, TKFAC_CONV_FORMS
     from curvlab.stats import FLAVOURS
@@ -232,7 +232,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--mode",
-        choices=("eval", "train"),
+        choices=MODES,
         default=default.mode,
         help="the model's mode while measured: eval (BatchNorm running statistics) or train (batch "
         "statistics: exact blocks with the coupling between examples, plus coupling.png) (default: %(default)s)",
@@ -303,7 +303,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from curvlab.app.data import DataError
     from curvlab.app.launch import (Ranks, check_batch_split, join_process_group, leave_process_group, relaunch_with_data,
                                     wants_relaunch)
-    from curvlab.app.report.run import COUPLED_BATCH, ReportError, resolve_device, run_report
+    from curvlab.app.models import COUPLED_BATCH
+    from curvlab.app.report.run import ReportError, resolve_device, run_report
 
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
     if unused:

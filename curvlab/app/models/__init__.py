@@ -22,7 +22,13 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {**sequential.BUILDERS, **archi
 
 MODELS = tuple(_BUILDERS)
 
-__all__ = ["MODELS", "build_model", "load_user_model", "make_model"]
+#: The model's mode during a measurement (``curvlab report --mode``, ``curvlab train --probe-mode``).
+MODES = ("eval", "train")
+#: Why a measurement in ``"train"`` mode runs in one process only.
+COUPLED_BATCH = ("measures the model's train-mode forward pass on the whole batch (BatchNorm's batch statistics "
+                 "couple its examples, Dropout draws its masks); shards on several processes would change it")
+
+__all__ = ["COUPLED_BATCH", "MODELS", "MODES", "build_model", "load_user_model", "make_model"]
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from curvlab.app.data import Dataset, load_dataset
+from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES, check_report_folder, write_report  # noqa: F401 (re-exported)
 from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
@@ -91,11 +92,6 @@ class ReportConfig:
         return EighPolicy(truncate_above=self.truncate_above, rank=self.truncation_rank) if self.truncate_above else None
 
 
-#: The model's mode during the measurement.
-MODES = ("eval", "train")
-#: Why ``mode="train"`` runs in one process only.
-COUPLED_BATCH = ("measures the model's train-mode forward pass on the whole batch (BatchNorm's batch statistics "
-                 "couple its examples, Dropout draws its masks); shards on several processes would change it")
 
 
 class ReportError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
-from curvlab.app.models import MODELS
+from curvlab.app.models import MODELS, MODES
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
@@ -78,6 +78,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     probe.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB)")
     probe.add_argument("--probe-fisher", default=d.probe_fisher, choices=FLAVOURS, help="flavour of the probe's reference blocks (default: %(default)s)")
     probe.add_argument("--probe-approximations", default=",".join(d.probe_approximations), help=f"fresh approximations measured at each probe, from {','.join(APPROXIMATIONS)} (default: %(default)s)")
+    probe.add_argument("--probe-mode", default=d.probe_mode, choices=MODES, help="the model's mode while probed: eval (BatchNorm's running statistics, no Dropout) or train (the forward pass the optimizer's statistics come from: batch statistics coupling the probe batch's examples, Dropout masks fixed by --seed; the running statistics are put back; one process only) (default: %(default)s)")
     p.set_defaults(handler=run_train)
     return p
 
@@ -95,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ("--probe-batch-size", args.probe_batch_size is not None),
         ("--probe-fisher", args.probe_fisher != _DEFAULT.probe_fisher),
         ("--probe-approximations", probe_approx != _DEFAULT.probe_approximations),
+        ("--probe-mode", args.probe_mode != _DEFAULT.probe_mode),
     ) if given]
     if probe_options and not args.probe_every:
         raise ValueError(f"curvlab train: {', '.join(probe_options)} given but not --probe-every: no probe would run")
@@ -121,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         probe_batch_size=args.probe_batch_size,
         probe_fisher=args.probe_fisher,
         probe_approximations=probe_approx,
+        probe_mode=args.probe_mode,
         train_size=args.train_size,
         test_size=args.test_size,
         progress=not args.no_progress,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from curvlab.app.launch import check_batch_split
+from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
@@ -41,6 +42,7 @@ class TrainConfig(KroneckerOptions):
     probe_batch_size: int | None = None  # None: 128, or fewer so the exact square roots fit in 4 GiB
     probe_fisher: str = "exact"
     probe_approximations: tuple[str, ...] = ("kflr", "ekfac", "tkfac", "tekfac")
+    probe_mode: str = "eval"
     train_size: int | None = None
     test_size: int | None = None
     progress: bool = True
@@ -68,6 +70,8 @@ class TrainConfig(KroneckerOptions):
             )
         for name in self.probe_approximations:
             spec(name, "curvlab train: probe_approximations")
+        if self.probe_mode not in MODES:
+            raise ValueError(f"curvlab train: probe_mode={self.probe_mode!r}; choose one of {MODES}")
         object.__setattr__(self, "probe_approximations", tuple(self.probe_approximations))
         try:
             super().__post_init__()
@@ -115,8 +119,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def check_batches(cfg: TrainConfig, world_size: int, *, options: bool = False) -> None:
     """The training and probe batches give each of ``world_size`` processes an example
-    (:func:`curvlab.app.launch.check_batch_split`; a trailing batch too small is skipped);
-    ``options``: the error names the command-line options."""
+    (:func:`curvlab.app.launch.check_batch_split`; a trailing batch too small is skipped), and a
+    train-mode probe runs in one process; ``options``: the error names the command-line options."""
+    if world_size > 1 and cfg.probe_every and cfg.probe_mode == "train":
+        given = "--probe-mode train" if options else "probe_mode='train'"
+        raise ValueError(f"curvlab train: {given} {COUPLED_BATCH}: run it in one process or probe in eval mode")
     for name, size in (("batch_size", cfg.batch_size), ("probe_batch_size", cfg.probe_every and cfg.probe_batch_size)):
         check_batch_split("--" + name.replace("_", "-") if options else name, size or None, world_size)
 

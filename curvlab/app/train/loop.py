@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     probe = None
     if cfg.probe_every:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=False)  # probes run in eval mode
+        size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.probe_mode == "train")
         idx = torch.randperm(data.train_x.shape[0], generator=gen)[:size]
         probe_x, probe_y = ranks.shard(data.train_x[idx], data.train_y[idx])
         probe = Probe(
@@ -175,6 +175,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             approximations=cfg.probe_approximations,
             damping=cfg.damping,
             seed=cfg.seed,
+            mode=cfg.probe_mode,
         )
 
     records: list[dict[str, float]] = []

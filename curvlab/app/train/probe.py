@@ -19,6 +19,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
+from curvlab.app.models import MODES
 from curvlab.approx import DEFAULT_DAMPING, applies
 from curvlab.compare import LayerApproximations, measure
 from curvlab.approx import needed_kfac_flavours
@@ -41,6 +42,10 @@ class Probe:
         extractor: the extraction (default :func:`curvlab.extract`); on several ranks
             :func:`curvlab.distributed.extract`, with ``inputs``/``targets`` this rank's shard.
         writes: whether :meth:`save` writes (rank 0 of several writes, the others only measure).
+        mode: the model's mode during the measurement: ``"eval"`` (BatchNorm's running statistics,
+            no Dropout), or ``"train"``, the forward pass the optimizer collects its statistics on
+            (BatchNorm's batch statistics coupling the probe batch's examples, Dropout's masks
+            drawn under ``seed``); the running statistics are left as they were.
     """
 
     def __init__(
@@ -56,7 +61,10 @@ class Probe:
         num_eigenvalues: int = 64,
         extractor: Callable[..., dict] | None = None,
         writes: bool = True,
+        mode: str = "eval",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"curvlab train: probe mode {mode!r}; choose one of {MODES}")
         self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
         self.fisher = fisher
         self.approximations = tuple(approximations)
@@ -65,13 +73,14 @@ class Probe:
         self.num_eigenvalues = num_eigenvalues
         self.extractor = extract if extractor is None else extractor
         self.writes = writes
+        self.mode = mode
         self.records: list[xr.Dataset] = []
 
     def run(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> xr.Dataset:
         """Probe the current network; the training state (parameters, ``.grad``, RNG) is untouched."""
         was_training = model.training
-        model.eval()  # no dropout noise in the measurement
-        try:
+        model.train(self.mode == "train")
+        try:  # (the extraction puts BatchNorm's running statistics back, and draws under the seed)
             stats = self.extractor(
                 model,
                 self.loss_fn,
@@ -104,7 +113,7 @@ class Probe:
             damping=damping,
             damping_strategies=strategies,
             num_eigenvalues=self.num_eigenvalues,
-            attrs={"probe_fisher": self.fisher, "probe_seed": self.seed},
+            attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode},
         )
         if own is not None and own not in ds.approximation.values:
             # before the optimizer's first statistics: its entry is there, as NaN, so every probe
