@@ -313,6 +313,40 @@ def test_resume_with_a_frozen_layer_is_bit_identical(cls):
     assert_same_state(opt.state_dict(), opt2.state_dict())
 
 
+@pytest.mark.parametrize("frozen_until", [0, 3], ids=["before-any-step", "layer-frozen-until-saved"])
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_state_dict_without_a_blocks_state_loads_and_that_block_starts_afresh(cls, frozen_until: int):
+    """Saved before the first step (an epoch-0 checkpoint), or while a layer had never been
+    trainable, it was refused by a fresh optimizer over the same model ("holds blocks [] … another
+    model"); torch's optimizers load both.  The run continues bit for bit."""
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [data(16, seed=s) for s in range(9)]
+    settings = dict(lr=0.05, momentum=0.9, stats_interval=2, eigen_interval=4, scale_interval=3)
+
+    def run(model, opt, part):
+        for i, (x, y) in enumerate(batches[part], start=part.start or 0):
+            model[0].requires_grad_(i >= frozen_until)
+            train_step(opt, model, loss_fn, x, y)
+
+    model = tiny_mlp(0)
+    opt = cls(model, **settings)
+    torch.manual_seed(123)
+    run(model, opt, slice(0, frozen_until))
+    saved = copy.deepcopy((opt.state_dict(), model.state_dict(), torch.get_rng_state()))
+    assert "0" not in saved[0]["curvlab"]["blocks"]
+    run(model, opt, slice(frozen_until, None))
+
+    model2 = tiny_mlp(7)
+    model2.load_state_dict(saved[1])
+    opt2 = cls(model2, **settings)
+    opt2.load_state_dict(saved[0])
+    torch.set_rng_state(saved[2])
+    run(model2, opt2, slice(frozen_until, None))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+
+
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_a_loaded_state_dict_is_not_changed_by_later_steps(cls):
     """load_state_dict copies, as torch's does: a checkpoint kept in memory (loaded, then trained

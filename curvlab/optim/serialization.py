@@ -69,14 +69,15 @@ def load_block_states(
     who = type(optimizer).__name__
     if saved is None:  # curvlab 0.1: the block state sits in torch's state of each block weight
         saved, torch_state = _from_legacy(fresh, torch_state, optimizer)
-    if set(fresh) - set(saved) or set(saved) - set(fresh) - dormant:
+    if set(saved) - set(fresh) - dormant:
         raise ValueError(
             f"{who}.load_state_dict: the state dict holds blocks {sorted(saved)}, this optimizer "
             f"has {sorted(fresh)} (another model, or param groups that differ)"
         )
     blocks = {b.name: b for b in optimizer.blocks()}
     for name, state in fresh.items():
-        load_block_state(state, saved[name], blocks[name].weight.device, f"{who}.load_state_dict: block {name!r}")
+        if name in saved:  # else saved before its first statistics (no step yet, or frozen then): it starts afresh
+            load_block_state(state, saved[name], blocks[name].weight.device, f"{who}.load_state_dict: block {name!r}")
     return dict(torch_state), {name: entry for name, entry in saved.items() if name not in fresh}
 
 
