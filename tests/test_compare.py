@@ -32,6 +32,7 @@ def dense_reference(block, approx, damping: float, strategy: str, top_k: int) ->
     exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0], dtype=f.dtype), g)
     approx_ng = block.layout.to_vector(approx.inv_mat_mul(block.grad, damping, strategy))
     evals, evecs = torch.linalg.eigh(f)
+    top_k = min(top_k, int(torch.linalg.matrix_rank(f, hermitian=True)))  # no direction of a zero eigenvalue
     top_f = evecs[:, -top_k:]
     top_q = q[:, torch.topk(s, top_k).indices]
     return {
@@ -75,6 +76,27 @@ def test_metrics_equal_dense_computation(setting) -> None:
         dense_eigs = torch.linalg.eigvalsh(block.dense_fisher()).flip(0)[:k].numpy()
         np.testing.assert_allclose(exact[:k], dense_eigs, rtol=1e-8, atol=1e-12 * dense_eigs[0])
         assert ds.exact_trace.sel(layer=layer).item() == pytest.approx(block.dense_fisher().trace().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 14])  # 14: more columns (N·C = 42) than parameters (39)
+def test_a_rank_deficient_block_has_no_round_off_eigenvalues(n: int) -> None:
+    """A softmax over 3 classes gives F rank ≤ 2N: with ``top_k`` above it, the eigenvectors of F's
+    round-off eigenvalues (~1e-17) were averaged into ``subspace_overlap`` (KFLR, equal to F at
+    N = 1, overlapped it by 0.67), and the network spectrum listed more values than parameters."""
+    model, loss_fn = tiny_mlp(3), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=n)
+    ds = compare(model, loss_fn, x, y, approximations=APPROX, damping=LAMBDA, top_k=10, seed=5)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"),
+                    kfac_flavours=needed_kfac_flavours(APPROX, "exact"), seed=5)
+    for layer, block in stats.items():
+        rank = int(torch.linalg.matrix_rank(block.dense_fisher(), hermitian=True))
+        exact = ds.exact_eigenvalues.sel(layer=layer).values
+        assert (exact[:rank] > 0).all() and (np.nan_to_num(exact[rank:]) == 0).all(), (layer, exact)
+        for name in APPROX:
+            ref = dense_reference(block, approximate(block, name), LAMBDA, DEFAULT_DAMPING[name], 10)
+            got = ds.subspace_overlap.sel(layer=layer, approximation=name).item()
+            assert got == pytest.approx(ref["subspace_overlap"], rel=1e-8), (layer, name)
+    assert len(ds.network_exact_eigenvalues) <= sum(b.num_params for b in stats.values())
 
 
 def test_network_entries_equal_dense_full_fisher(setting) -> None:

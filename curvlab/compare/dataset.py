@@ -21,7 +21,7 @@ from curvlab.compare.metrics import (
     convention_error,
     cosine,
     exact_block,
-    gram_eigenvalues,
+    spectrum,
     woodbury_natural_gradient,
     woodbury_solve,
 )
@@ -210,7 +210,7 @@ def _network(
     block-diagonal approximations (``names``: the dataset's approximation coordinate)."""
     layers = list(exact)
     gram = sum(exact[l].gram for l in layers)
-    evals = gram_eigenvalues(gram, top)
+    evals = spectrum(gram, top, sum(exact[l].sqrt.shape[0] * exact[l].sqrt.shape[1] for l in layers))
     norm_sq = gram.square().sum()
     diag_sq = sum(exact[l].frobenius_sq for l in layers)
     trace = sum(exact[l].trace for l in layers)

@@ -94,6 +94,19 @@ def in_float64(sqrt: SquareRoot) -> SquareRoot:
     return reuse(("in_float64", id(sqrt)), lambda: (sqrt, sqrt.to(dtype=torch.float64)))[1]  # sqrt: kept alive
 
 
+def spectrum(gram: Tensor, top: int, size: int) -> Tensor:
+    """The spectrum of ``F = V Vᵀ`` (``size × size``) from its Gram ``VᵀV``, descending: at most
+    ``size`` values (the Gram's further ones are zeros), those within rounding of zero
+    (``≤ K·ε·λ_max``, as ``torch.linalg.matrix_rank`` decides) set to 0 — a rank-deficient
+    block (a softmax's ``C − 1``) has no round-off "eigenvalues" that metrics would take for its
+    spectrum."""
+    evals = gram_eigenvalues(gram, top)[:size]
+    if len(evals):
+        tol = evals[0] * gram.shape[0] * torch.finfo(gram.dtype).eps
+        evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
+    return evals
+
+
 def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
     """Gram matrix, spectrum, top eigenvectors, trace and Frobenius norm of ``F = V Vᵀ``."""
     sqrt64 = in_float64(sqrt)
@@ -102,7 +115,7 @@ def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
     return ExactBlock(
         sqrt=sqrt64,
         gram=gram,
-        eigenvalues=gram_eigenvalues(gram, top)[:rank_bound],
+        eigenvalues=spectrum(gram, top, rank_bound),
         top_vectors=gram_top_vectors(gram, min(top_k, rank_bound)),
         trace=sqrt64.trace(),
         frobenius_sq=gram.square().sum(),
@@ -145,7 +158,8 @@ class ApproximationMetrics:
 
 
 def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k: int) -> float:
-    """``‖U_Fᵀ Û‖²_F / k`` for the top-``k`` eigenvectors of F and of ``K̂``."""
+    """``‖U_Fᵀ Û‖²_F / k`` for the top-``k`` eigenvectors of F and of ``K̂`` (``k`` at most F's
+    numerical rank: its eigenvectors of zero eigenvalues are no "top" direction)."""
     k = min(k, exact.top_vectors.shape[1], int((exact.eigenvalues > 0).sum()))
     if k == 0:
         return float("nan")
