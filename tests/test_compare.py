@@ -99,6 +99,20 @@ def test_a_rank_deficient_block_has_no_round_off_eigenvalues(n: int) -> None:
     assert len(ds.network_exact_eigenvalues) <= sum(b.num_params for b in stats.values())
 
 
+def test_an_exact_approximation_measures_zero_error_to_rounding() -> None:
+    """At N = 1 a Linear layer's F is KFLR's Kronecker product: its error was ‖F‖² − ‖s*‖², which
+    cancels to ~√eps (2e-8 to 4e-8 reported against 1e-16 dense); the network's as well."""
+    model, loss_fn = tiny_mlp(2), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=1)
+    ds = compare(model, loss_fn, x, y, approximations=("kflr", "ekfac", "kfac"), damping=LAMBDA, seed=5)
+    for var in ("rel_frobenius_error", "projection_error"):
+        assert (ds[var].sel(approximation=["kflr", "ekfac"]).values < 1e-13).all(), ds[var].values
+    assert (ds.rel_frobenius_error.sel(approximation="kfac").values > 1e-3).all()  # its A from one MC draw: not exact
+    single = nn.Sequential(nn.Linear(5, 3)).double()
+    one = compare(single, loss_fn, x, y, approximations=("kflr",), damping=LAMBDA)
+    assert one.network_rel_frobenius_error.item() < 1e-13
+
+
 def test_network_entries_equal_dense_full_fisher(setting) -> None:
     model, loss_fn, x, y, ds, stats = setting
     layers = list(stats)

@@ -225,9 +225,9 @@ def _network(
     for j, name in enumerate(names):
         if not all((l, name) in results for l in layers):
             continue
-        inner = sum(results[l, name].inner_product for l in layers)
-        own_sq = sum(results[l, name].frobenius_sq for l in layers)
-        err[j] = _ratio(np.sqrt(max(norm_sq.item() - 2 * inner + own_sq, 0.0)), np.sqrt(norm_sq.item()))
+        # ‖F − blockdiag(K̂)‖² = the cross-layer blocks' ‖F‖² + every layer's own error²
+        blocks_sq = sum(results[l, name].error_sq for l in layers)
+        err[j] = _ratio(np.sqrt(max((norm_sq - diag_sq).item(), 0.0) + blocks_sq), np.sqrt(norm_sq.item()))
         approx_vec = torch.cat([results[l, name].natural_gradient.flatten() for l in layers])
         cos[j] = cosine(approx_vec, full_vec).item()
         rel[j] = ((approx_vec - full_vec).norm() / full_vec.norm()).item()
