@@ -100,8 +100,14 @@ def _is_users_own(module: nn.Module) -> bool:
 
 def check_materialised(model: nn.Module, who: str) -> None:
     """Raise ``ValueError`` naming the first parameter of ``model`` on the meta device (a shape
-    without values: every statistic would fail deep inside torch)."""
+    without values: every statistic would fail deep inside torch) or not yet initialised (a lazy
+    module's, e.g. ``nn.LazyLinear``, before its first forward: no shape at all)."""
     for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{who}: parameter {name!r} is not initialised yet (a lazy module's); run one forward pass "
+                "first (torch's advice for lazy modules: a dry run before building an optimizer)"
+            )
         if p.is_meta:
             raise ValueError(
                 f"{who}: parameter {name!r} is on the meta device (a shape without values); materialise "

@@ -87,6 +87,27 @@ def test_a_model_on_the_meta_device_is_named() -> None:
             call()
 
 
+def test_a_lazy_module_not_yet_called_is_named() -> None:
+    """``nn.LazyLinear`` before its first forward: the optimizers took it and the first
+    ``opt.track`` failed inside torch ("Can't access the shape of an uninitialized parameter …
+    usually happens in load_state_dict"); after one forward it trains."""
+    torch.manual_seed(0)
+    model, loss_fn = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3)), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for call in (lambda: curvlab.extract(model, loss_fn, x, y), lambda: curvlab.compare(model, loss_fn, x, y),
+                 lambda: KFAC(model)):
+        with pytest.raises(ValueError, match="parameter '0.weight' is not initialised yet .* run one forward pass"):
+            call()
+    model(x)
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    before = model[0].weight.detach().clone()
+    opt.zero_grad()
+    with opt.track(loss_fn):
+        loss_fn(model(x), y).backward()
+    opt.step()
+    assert [b.name for b in opt.blocks()] == ["0", "2"] and not torch.equal(model[0].weight, before)
+
+
 @pytest.mark.parametrize("name,value", [("lr", math.nan), ("momentum", math.inf), ("lr", -1.0)])
 def test_a_param_group_set_to_a_bad_value_is_refused_at_step(name: str, value: float) -> None:
     """A group is a plain dict (a user or a scheduler may set anything): checked at every step."""
