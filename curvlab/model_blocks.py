@@ -10,7 +10,8 @@ model is refused with an error that names the module, its type and what is suppo
   (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm), ``nn.MultiheadAttention``'s packed
   projections (it applies them functionally, out of reach of module hooks, so its ``out_proj``
   is not a Kronecker layer either), and parameters held by your own module classes — a ViT's cls
-  token and position embedding, a Kronecker layer's trainable bias whose weight is frozen.
+  token and position embedding, a Kronecker layer's trainable bias whose weight is frozen (or,
+  with ``skip_unsupported=True``, shared with another module).
 * Anything else with trainable parameters (e.g. ``nn.LSTM``, ``nn.ConvTranspose2d``, a grouped
   convolution, one parameter shared by two modules) raises :class:`UnsupportedModelError`, unless
   ``skip_unsupported=True`` leaves those parameters out (listed in :attr:`ModelBlocks.skipped`).
@@ -129,6 +130,7 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
     """
     check_materialised(model, "curvlab")
     owner: dict[int, tuple[str, str, nn.Module]] = {}  # id(param) → (param path, module path, module)
+    tied: set[int] = set()  # parameters of two modules (skip_unsupported: left out)
     inside_packed: set[nn.Module] = set()
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.MultiheadAttention):
@@ -146,6 +148,7 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
                 )
                 if not skip_unsupported:
                     raise UnsupportedModelError(problem + SKIP_HINT)
+                tied.add(id(p))
             owner.setdefault(id(p), (full, path, module))
 
     out = ModelBlocks()
@@ -154,8 +157,13 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         if id(p) in done or not p.requires_grad:
             continue
         _, path, module = owner[id(p)]
+        if id(p) in tied:  # (a layer whose weight is tied keeps its bias, as one whose weight is frozen)
+            out.skipped.append(full)
+            done.add(id(p))
+            continue
         enclosing = _packed_owner(model, module, inside_packed)
-        if isinstance(module, KRONECKER_LAYERS) and enclosing is None and module.weight.requires_grad:
+        weight_own = isinstance(module, KRONECKER_LAYERS) and id(module.weight) not in tied
+        if weight_own and enclosing is None and module.weight.requires_grad:
             problem = kronecker_problem(module)
             if problem is None:
                 blocks = Block.of_layer(path, module, separate_bias=separate_bias)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from curvlab.approx import DEFAULT_DAMPING
+from curvlab.model_blocks import model_blocks
 from curvlab.optim import EKFAC, KFAC, OPTIMIZERS, TEKFAC, TKFAC
 from helpers import dense_ggn, dense_grad, dense_kfac, partial_traces, tiny_cnn, tiny_mlp, to_matrix_order
 
@@ -1072,6 +1073,38 @@ def test_a_schedule_that_never_rescales_is_warned_about_and_is_the_kronecker_bas
             never = run(rescaled, 2, 4)
         torch.testing.assert_close(never, run(eigen=2, scale=4, **baseline), rtol=1e-10, atol=1e-12)
         assert (run(rescaled, 4, 1) - run(eigen=4, scale=1, **baseline)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["decoder-without-bias", "decoder-with-bias"])
+def test_a_weight_tied_across_modules_takes_sgds_step_whatever_the_decoder_bias(bias: bool) -> None:
+    """A decoder tied to the embedding (PyTorch's word_language_model) trained without a decoder
+    bias but was refused with one ("used 2 times … call the module for every use"), which an
+    embedding lookup cannot do; the tied matrix was also counted as the embedding's block."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.h = nn.Embedding(11, 6), nn.Linear(6, 6)
+            self.decoder = nn.Linear(6, 11, bias=bias)
+            self.decoder.weight = self.encoder.weight
+
+        def forward(self, t):
+            return self.decoder(torch.tanh(self.h(self.encoder(t))))
+
+    torch.manual_seed(0)
+    model, loss_fn = TiedLM().double(), nn.CrossEntropyLoss()
+    t, y = torch.randint(0, 11, (16,)), torch.randint(0, 11, (16,))
+    opt = KFAC(model, lr=0.1, momentum=0.0, stats_interval=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"\['encoder.weight'\] belong to .* shared by two modules"):
+        train_step(opt, model, loss_fn, t, y)
+    assert [b.name for b in opt.blocks()] == ["h"]
+    for name, p in model.named_parameters():  # every parameter but h's: SGD's step
+        if not name.startswith("h."):
+            torch.testing.assert_close(p.detach(), before[name] - 0.1 * p.grad, rtol=0, atol=1e-15)
+    assert not torch.allclose(model.h.weight.detach(), before["h.weight"] - 0.1 * model.h.weight.grad)
+    blocks = model_blocks(model, skip_unsupported=True)
+    assert blocks.skipped == ["encoder.weight"] and [b.name for b in blocks.blocks] == ["h", *(["decoder.bias"] * bias)]
 
 
 @pytest.mark.parametrize("with_head", [True, False], ids=["lstm+linear", "lstm-only"])

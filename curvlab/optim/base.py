@@ -251,7 +251,8 @@ class KroneckerOptimizer(Optimizer):
             if unsupported:  # (norm layers' and other parameter blocks' first-order update is documented)
                 warnings.warn(
                     f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
-                    "statistics for (see curvlab.model_blocks); they get the first-order (SGD) update",
+                    "statistics for, or are shared by two modules (see curvlab.model_blocks); they get the "
+                    "first-order (SGD) update",
                     UserWarning,
                     stacklevel=3,
                 )
