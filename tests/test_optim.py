@@ -550,8 +550,20 @@ def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
     forward = torch.compile(model, backend="aot_eager")
     forward(x)  # e.g. a warm-up
     opt = KFAC(model, lr=0.1)
-    with pytest.raises(Exception, match="forward hooks never ran: .* or a torch.compile'd model"):
+    with pytest.raises(Exception, match="no layer's hooks ran: .* or a torch.compile'd model"):
         train_step(opt, forward, loss_fn, x, y)
+
+
+def test_a_forward_pass_before_opt_track_is_named() -> None:
+    """The output computed before the block, the loss inside it: the error blamed F.linear, tied
+    embeddings or torch.compile."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    out = model(x)
+    with pytest.raises(Exception, match=r"the model was called before `opt.track` .* call it inside the block"):
+        with opt.track(loss_fn):
+            loss_fn(out, y).backward()
 
 
 @pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
