@@ -108,7 +108,8 @@ def test_a_lazy_module_not_yet_called_is_named() -> None:
     assert [b.name for b in opt.blocks()] == ["0", "2"] and not torch.equal(model[0].weight, before)
 
 
-@pytest.mark.parametrize("name,value", [("lr", math.nan), ("momentum", math.inf), ("lr", -1.0)])
+@pytest.mark.parametrize("name,value", [("lr", math.nan), ("momentum", math.inf), ("lr", -1.0),
+                                        ("maximize", True), ("nesterov", True), ("dampening", 0.1)])
 def test_a_param_group_set_to_a_bad_value_is_refused_at_step(name: str, value: float) -> None:
     """A group is a plain dict (a user or a scheduler may set anything): checked at every step."""
     model, x, y = batch(8)
@@ -135,6 +136,10 @@ def test_a_bad_param_group_is_refused_when_given() -> None:
     opt = TEKFAC(model, list(first.parameters()))
     with pytest.raises(ValueError, match="param group 1: momentum=nan"):
         opt.add_param_group({"params": rest_params, "momentum": float("nan")})
+    with pytest.raises(ValueError, match="param group 1: maximize=True is an option of torch.optim.SGD"):
+        opt.add_param_group({"params": rest_params, "maximize": True})  # it was ignored: the loss went up
+    assert len(opt.param_groups) == 1  # a refused group is not kept (it was: the same parameters could not be added again)
+    opt.add_param_group({"params": rest_params, "maximize": False, "nesterov": False, "dampening": 0})
 
 
 @pytest.mark.parametrize("overflow", ["lr", "preconditioner"])

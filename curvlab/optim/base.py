@@ -231,8 +231,11 @@ class KroneckerOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102 (torch's)
         super().add_param_group(param_group)
-        # refused here, as torch's optimizers do, rather than at the first step
-        check_groups(self.param_groups, type(self).__name__)
+        try:  # refused here, as torch's optimizers do, rather than at the first step
+            check_groups(self.param_groups, type(self).__name__)
+        except ValueError:
+            self.param_groups.pop()  # and not kept: the optimizer stays as it was
+            raise
         self._blocks = None
 
     def blocks(self) -> list[Block]:

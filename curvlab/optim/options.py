@@ -137,10 +137,20 @@ def _check_number(who: str, name: str, value: object, *, minimum: float, strict:
         raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
 
 
+#: torch.optim.SGD's group options the Kronecker optimizers do not have, with their neutral values
+#: (a group is a plain dict that takes any key: set otherwise, they would be ignored silently).
+FOREIGN_GROUP_OPTIONS = {"maximize": False, "nesterov": False, "dampening": 0}
+
+
 def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
     """Every param group's ``lr``, ``momentum`` and ``weight_decay`` is a non-negative finite
-    number (groups are plain dicts: a user or a scheduler may have set anything)."""
+    number (groups are plain dicts: a user or a scheduler may have set anything), and none asks
+    for an option of torch's SGD these optimizers do not have (:data:`FOREIGN_GROUP_OPTIONS`)."""
     for i, group in enumerate(groups):
+        for name, neutral in FOREIGN_GROUP_OPTIONS.items():
+            if group.get(name, neutral) != neutral:
+                raise ValueError(f"{who}: param group {i}: {name}={group[name]!r} is an option of torch.optim.SGD "
+                                 f"that curvlab's optimizers do not have (they minimise, with heavy-ball momentum)")
         for name, above in (("lr", math.inf), ("momentum", 1.0), ("weight_decay", math.inf)):
             value = group.get(name)
             if type(value) is float and 0.0 <= value < above:  # the common case, checked every step
