@@ -416,6 +416,10 @@ def test_damping_argument_checks(stats: LayerStats) -> None:
         for strategy in ("exact", "factored"):
             with pytest.raises(ValueError, match="damping must be a positive finite number"):
                 kf.inv_mat_mul(x, bad, strategy)
+    for strategy in ("exact", "factored", "nor"):  # a RuntimeError about shapes inside the damping
+        with pytest.raises(ValueError, match=r"damping must be one number, got a tensor of shape \(2,\)"):
+            approximate(stats, "tkfac").inv_mat_mul(x, torch.tensor([1e-3, 1e-2], dtype=DT), strategy)
+    assert kf.inv_mat_mul(x, torch.tensor([1e-2], dtype=DT)).shape == x.shape  # one number, in any shape
     with pytest.raises(ValueError, match="expected matrices"):
         kf.mat_mul(torch.zeros(2, 2, dtype=DT))
     bare = EKFAC(*kf.eigenbasis(), kf.eigenvalues())  # no factor eigenvalues kept

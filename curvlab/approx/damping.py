@@ -47,6 +47,8 @@ def check_damping(damping: float | Tensor, who: str = "damping") -> None:
     ``curvlab.compare``: a minibatch's blocks have rank ≤ N·C, below their size, so the undamped
     inverse of an approximation of them divided by zero eigenvalues (NaN, silently)."""
     if isinstance(damping, Tensor):
+        if damping.numel() != 1:
+            raise ValueError(f"{who} must be one number, got a tensor of shape {tuple(damping.shape)}")
         if damping.device.type != "cpu":
             return
         value = damping.detach()
