@@ -92,8 +92,6 @@ class ReportConfig:
         return EighPolicy(truncate_above=self.truncate_above, rank=self.truncation_rank) if self.truncate_above else None
 
 
-
-
 class ReportError(ValueError):
     """A report cannot run as configured (unknown model, unusable device, batch too large, ...)."""
 
