@@ -97,6 +97,13 @@ class LayerStats:
     convention_sqrt: SquareRoot | None = None
 
     @property
+    def kronecker_sqrt(self) -> SquareRoot | None:
+        """The square root of the block the Kronecker statistics describe: ``convention_sqrt``
+        where the batch couples the examples, else ``sqrt`` — EKFAC's and TEKFAC's ``s*`` come
+        from it, as the optimizers' statistics pass forms them."""
+        return self.sqrt if self.convention_sqrt is None else self.convention_sqrt
+
+    @property
     def num_params(self) -> int:
         """P, the number of parameters in the block."""
         return self.layout.num_params

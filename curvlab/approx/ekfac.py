@@ -112,9 +112,10 @@ class EKFAC(EigenCorrected):
         eigh: EighPolicy = EXACT_EIGH,
     ) -> "EKFAC":
         """EKFAC of ``stats``: basis from ``stats.kfac[flavour]`` (default: the block's own flavour),
-        ``s*`` from ``stats.sqrt``.
+        ``s*`` from ``stats.kronecker_sqrt`` (under train-mode BatchNorm the block the Kronecker
+        statistics describe, as the optimizers form it, not the exact coupled ``stats.sqrt``).
 
-        Without ``stats.sqrt`` the scaling is ``scaling`` if given, else ``stats.kfe_scaling``,
+        Without a square root the scaling is ``scaling`` if given, else ``stats.kfe_scaling``,
         which is then assumed to have been extracted in the eigenbasis of these same factors.
         """
         flavour = stats.flavour if flavour is None else flavour
@@ -133,5 +134,5 @@ class EKFAC(EigenCorrected):
             sums = stats.kfe_scaling  # sums over eigen-directions: per direction once the basis is known
             built = cls.from_factors(factors.A, factors.G, scaling=sums, layout=stats.layout, name=name, eigh=eigh)
             return built.with_scaling(built.compressed_mean(sums))
-        return cls.from_factors(factors.A, factors.G, sqrt=stats.sqrt, scaling=scaling, layout=stats.layout, name=name,
+        return cls.from_factors(factors.A, factors.G, sqrt=stats.kronecker_sqrt, scaling=scaling, layout=stats.layout, name=name,
                                 eigh=eigh)

@@ -148,7 +148,8 @@ class TEKFAC(EigenCorrected):
         name: str = "tekfac",
         eigh: EighPolicy = EXACT_EIGH,
     ) -> "TEKFAC":
-        """TEKFAC of ``stats``: ``stats.tkfac`` for the basis and damping, ``stats.sqrt`` for ``s*``.
+        """TEKFAC of ``stats``: ``stats.tkfac`` for the basis and damping, ``stats.kronecker_sqrt``
+        for ``s*`` (as :meth:`EKFAC.from_stats <curvlab.approx.ekfac.EKFAC.from_stats>`).
 
         Args:
             basis: ``"trace"`` (eigenvectors of δΨ, δΦ; default) or ``"kfac"`` (eigenvectors of
@@ -172,5 +173,5 @@ class TEKFAC(EigenCorrected):
         ts = stats.tkfac
         return cls.from_trace_stats(
             ts.delta, ts.delta_phi, ts.delta_psi,
-            sqrt=stats.sqrt, scaling=scaling, basis=factors, layout=stats.layout, name=name, eigh=eigh,
+            sqrt=stats.kronecker_sqrt, scaling=scaling, basis=factors, layout=stats.layout, name=name, eigh=eigh,
         )

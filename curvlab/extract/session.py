@@ -144,7 +144,9 @@ class ExtractionSession:
             raise LossNotSeenError(f"curvlab.extract: loss_fn was not called inside the block; {_ONE_PASS}") from exc
 
     def results(self) -> dict[str, LayerStats]:
-        """Per-block statistics of the pass run inside the block, with gradients.
+        """Per-block statistics of the pass run inside the block, with gradients (each parameter's
+        ``.grad`` as it is after the block: it accumulates, so without a ``zero_grad`` before the
+        block it holds earlier passes' gradients too, as an optimizer step would read it).
 
         Raises:
             RuntimeError: if no block received statistics (no forward and backward ran in the

@@ -32,6 +32,9 @@ columns (exact ``C``, mc ``mc_samples``, empirical 1, in the order of ``flavours
   sequence loss) ignored; ``A = 1/(N·T) Σ x xᵀ``, ``G = Σ g gᵀ`` (``statistics.kfac_factors``)
   are then curvlinops' ``KFACLinearOperator`` factors (expand) for outputs flattened to
   ``[N·T_out, C]`` with ``num_per_example_loss_terms = T_out`` (tested, coupled BN included).
+  Under coupling, a column's vjp from every example at once leaves cross terms between
+  different examples' root columns in ``g``, which depend on the chosen root of ``∇²L``; the
+  mc flavour samples every example independently and its expectation has none of them.
 * ``sqrt`` (per module, ``[K, d_out, D]``, summed over calls): the exact block's square root,
   ``F = Σ_k vec(M_k) vec(M_k)ᵀ = Jᵀ (∇²_f L) J`` (GGN; mc: its unbiased estimate; empirical:
   ``R Σ_{n,s} ∇ℓ_{n,s} ∇ℓ_{n,s}ᵀ``, one column per loss term as curvlinops' EF).  One column
