@@ -15,6 +15,7 @@ import curvlab.compare.api as _compare
 import curvlab.extract as _extract
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.reduce import Shards, local_loss_count, reduce_statistics, reduced_numel
+from curvlab.extract.autograd import couples_examples
 
 #: Relative tolerance of the check that every rank holds the same parameters.
 PARAMETER_CHECK_RTOL = 1e-12
@@ -80,8 +81,8 @@ def extract(
     Raises:
         RankFailedError: on the ranks whose own extraction succeeded when another rank's failed
             (every rank raises; the failing ranks re-raise their own exception).
-        ValueError: on every rank when the ranks disagree (parameters, options, blocks) or a
-            shard is empty.
+        ValueError: on every rank when the ranks disagree (parameters, options, blocks), a
+            shard is empty, or the model's BatchNorm normalises with batch statistics (train mode).
     """
     coll.require_initialized()
     rank, size = coll.rank_of(group), coll.size_of(group)
@@ -91,6 +92,12 @@ def extract(
     local = None
     n_r = int(local_inputs.shape[0])
     try:
+        if couples_examples(model):
+            raise ValueError(
+                "curvlab.distributed: the model has BatchNorm normalising with batch statistics (train mode): "
+                "each rank would normalise its shard by its own, so no sharded result is the whole batch's; "
+                "measure it in eval mode (model.eval()) or in one process"
+            )
         if n_r == 0:
             raise ValueError(f"curvlab.distributed: rank {rank} holds an empty shard")
         local = _extract.extract(model, loss_fn, local_inputs, local_targets, seed=local_seed, **options)
