@@ -42,6 +42,10 @@ def _train_config(out: Path, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+#: batches of 81, 81 and 78 examples: shards of 41 and 40 (the gradient was the mean of the
+#: shards' mean gradients, not the batch's: parameters 1.6e-2 apart), then 39 and 39
+UNEVEN = dict(batch_size=81, epochs=1, probe_every=0)
+
 REPORT = dict(model="mlp", dataset="digits", batch_size=40, train_steps=10, approximations=("kflr", "ekfac", "tkfac", "tekfac"),
               num_eigenvalues=8, top_k=3)
 
@@ -68,8 +72,25 @@ def _worker(root: str) -> int:
     train(_train_config(root_path / "full"))
     train(_train_config(root_path / "split", epochs=1))
     train(_train_config(root_path / "split"), resume=True)
+    train(_train_config(root_path / "uneven", **UNEVEN))
     run_report(**REPORT, out_dir=root_path / "report")
-    return torch.distributed.get_rank()
+    return torch.distributed.get_rank(), _said_of_batchnorm()
+
+
+def _said_of_batchnorm() -> str:
+    """What ``curvlab train`` prints when it wraps a model with and one without BatchNorm."""
+    import contextlib
+    import io
+
+    from curvlab.app.launch import Ranks
+    from curvlab.app.train import parallel
+
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        for layers in ((torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)), (torch.nn.Linear(3, 2),)):
+            torch.manual_seed(0)
+            parallel.data_parallel(torch.nn.Sequential(*layers), Ranks.current(), torch.device("cpu"))
+    return said.getvalue()
 
 
 def _close(a: np.ndarray, b: np.ndarray, what: str, rtol: float = RTOL) -> None:
@@ -83,11 +104,14 @@ def test_two_ranks_train_and_report_as_one_process(tmp_path: Path) -> None:
     from curvlab.app.report.run import run_report
     from curvlab.app.train import train
 
-    assert run_ranks(_worker, 2, str(tmp_path / "ranks"), timeout=240) == [0, 1]
+    (rank0, said), (rank1, quiet) = run_ranks(_worker, 2, str(tmp_path / "ranks"), timeout=240)
+    assert (rank0, rank1, quiet) == (0, 1, "")  # rank 0 says it, once: BatchNorm's shards take other steps
+    assert said.count("\n") == 1 and said.startswith("curvlab train: the model's BatchNorm normalises each process's shard")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks
     try:
         single = train(_train_config(tmp_path / "single"))
+        uneven = train(_train_config(tmp_path / "uneven", **UNEVEN))
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("curvlab.app.report.figures.plot_spectra", _no_figure)
             patch.setattr("curvlab.app.report.figures.plot_errors", _no_figure)
@@ -97,6 +121,10 @@ def test_two_ranks_train_and_report_as_one_process(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
 
     ranks = tmp_path / "ranks"
+    a = torch.load(uneven["checkpoint"], weights_only=False)["model"]
+    b = torch.load(ranks / "uneven" / "checkpoint.pt", weights_only=False)["model"]
+    for key in a:
+        _close(b[key].numpy(), a[key].numpy(), f"unequal shards: parameter {key}")
     a = torch.load(single["checkpoint"], weights_only=False)
     b = torch.load(ranks / "full" / "checkpoint.pt", weights_only=False)
     for key in a["model"]:

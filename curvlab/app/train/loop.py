@@ -212,13 +212,17 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         for xb, yb in _bar(loader, cfg.progress and ranks.is_main, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
             if xb.shape[0] < ranks.world_size:
                 continue  # a trailing batch too small to give every rank an example
+            whole = xb.shape[0]
             xb, yb = ranks.shard(xb.to(device), yb.to(device))
+            # DDP averages the ranks' gradients of their shards' mean losses: each weighs by its
+            # share of the batch, so that unequal shards give the whole batch's mean gradient too
+            weight = ranks.world_size * xb.shape[0] / whole
             optimizer.zero_grad()
             tracking = optimizer.track(loss_fn) if kronecker else contextlib.nullcontext()
             with tracking:
                 output = net(xb)
                 loss = loss_fn(output, yb)
-                loss.backward()
+                (loss if weight == 1 else loss * weight).backward()
             done = optimizer.steps_done if kronecker else None
             optimizer.step()
             # a Kronecker optimizer skips a step (non-finite gradient, statistic or update) by

@@ -7,10 +7,11 @@ Launched with ``torchrun --nproc-per-node R -m curvlab train ...`` or ``curvlab 
   averages the gradients), the optimizer data-parallel (:mod:`curvlab.optim.distributed`);
 * the **same global batches as one process**: each epoch's order is drawn from the same seeded
   generator and every global batch of ``--batch-size`` examples is split over the ranks in rank
-  order (:meth:`~curvlab.app.launch.Ranks.shard`, the DistributedSampler-equivalent).  With
-  ``batch_size`` divisible by ``R`` (and the last batch too) the shards are equal and each step is
-  one process's step on the whole batch, up to rounding and MC sampling (seeded per rank); a
-  trailing batch with fewer examples than ranks is skipped;
+  order (:meth:`~curvlab.app.launch.Ranks.shard`, the DistributedSampler-equivalent), each rank's
+  loss weighted by its share of the batch (unequal shards too), so each step is one process's step
+  on the whole batch, up to rounding and MC sampling (seeded per rank) — but for train-mode
+  BatchNorm, which normalises every shard by its own statistics (said at the start); a trailing
+  batch with fewer examples than ranks is skipped;
 * metrics of the whole batch and test set (losses, counts and the finiteness of each step summed
   over the ranks: one small ``all_reduce`` a step, so every rank agrees when a run diverges);
   the test set is evaluated sharded;
@@ -27,6 +28,7 @@ the examples of one process).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -35,12 +37,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from curvlab.app.launch import Ranks
+from curvlab.extract.autograd import couples_examples
 
 
 def data_parallel(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
-    """``model`` wrapped in ``DistributedDataParallel`` on several ranks (``model`` itself on one)."""
+    """``model`` wrapped in ``DistributedDataParallel`` on several ranks (``model`` itself on one);
+    rank 0 says so when the model's BatchNorm normalises with batch statistics, each rank's by its
+    shard's: the run then takes other steps than one process's."""
     if not ranks.distributed:
         return model
+    if ranks.is_main and couples_examples(model):
+        print("curvlab train: the model's BatchNorm normalises each process's shard of a batch by the shard's own "
+              "statistics (as DistributedDataParallel does without SyncBatchNorm): this run does not take one "
+              "process's steps on the whole batch", file=sys.stderr)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
