@@ -248,6 +248,27 @@ def test_a_train_mode_probe_on_several_processes_is_refused_before_they_start(tm
     check_batches(small(tmp_path, probe_every=2, probe_mode="train"), 1)
 
 
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_a_folder_in_use_or_a_resume_without_a_run_is_reported_before_the_processes_start(
+        command: str, tmp_path: Path, capfd) -> None:
+    """Every rank reported it, with torchrun's traceback: 61 lines."""
+    from curvlab.app.outdir import FolderLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    args = FAST_TRAIN if command == "train" else ["--train-steps", "0", "--batch-size", "8", "--no-progress"]
+    with FolderLock(out, "test"):
+        assert main([command, "--nproc", "2", *args, "--out", str(out)]) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"{out} is in use by another curvlab run (pid {os.getpid()}" in err, err
+    if command == "train":
+        missing = tmp_path / "never-ran"
+        assert main(["train", "--nproc", "2", *FAST_TRAIN, "--resume", "--out", str(missing)]) == 1
+        err = capfd.readouterr().err
+        assert err.strip() == f"curvlab train: error: --resume given but {missing / 'checkpoint.pt'} does not exist"
+        assert not missing.exists()
+
+
 def test_train_refuses_a_folder_holding_a_report(tmp_path: Path, capsys) -> None:
     """The run's files went in beside the report: its manifest no longer described the folder,
     and the report could not be written there again."""

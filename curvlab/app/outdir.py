@@ -77,20 +77,40 @@ class FolderLock:
         self.who = who
         self._fd: int | None = None
 
+    def check(self) -> None:
+        """Raise as entering would where another live process holds the lock, without taking it
+        or creating anything (a check before a command starts its processes)."""
+        if fcntl is None:  # pragma: no cover
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:  # no lock file: nobody holds it
+            return
+        try:
+            self._lock_or_raise(fd)
+        finally:
+            os.close(fd)  # (which releases the lock)
+
+    def _lock_or_raise(self, fd: int) -> None:
+        """Lock ``fd`` (the lock file), or raise naming the process that holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputFolderError(
+                f"{self.who}: {self.path.parent} is in use by another curvlab run (pid {_read_pid(fd)}, "
+                f"lock file {self.path}); wait for it to finish or choose another output folder"
+            ) from None
+
     def __enter__(self) -> "FolderLock":
         if fcntl is None:  # pragma: no cover
             return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _read_pid(fd)
+                self._lock_or_raise(fd)
+            except OutputFolderError:
                 os.close(fd)
-                raise OutputFolderError(
-                    f"{self.who}: {self.path.parent} is in use by another curvlab run (pid {holder}, "
-                    f"lock file {self.path}); wait for it to finish or choose another output folder"
-                ) from None
+                raise
             # The previous holder may have removed the file between our open and flock: then our
             # lock is on an unlinked inode and a newcomer could lock a fresh file; retry.
             with contextlib.suppress(FileNotFoundError):

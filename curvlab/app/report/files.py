@@ -16,7 +16,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from curvlab.app.outdir import (LOCK_NAME, FolderLock, OutputFolderError, check_writable, discard, foreign_entries, publish,
+from curvlab.app.outdir import (FolderLock, OutputFolderError, check_writable, discard, foreign_entries, publish,
                                  staging_folder)
 from curvlab.io import atomic_write
 
@@ -43,9 +43,7 @@ def check_report_folder(out: Path) -> Path:
     out = out.resolve() if out.is_symlink() else out
     check_writable(out, "curvlab report")
     check_writable(out.parent, "curvlab report")
-    if (out / LOCK_NAME).exists():  # a run (a training before its first files) may hold it
-        with FolderLock(out, "curvlab report"):
-            pass
+    FolderLock(out, "curvlab report").check()  # a run (a training before its first files) may hold it
     foreign = foreign_entries(out, {*REPORT_FILES.values(), COUPLING_FIGURE})
     if foreign:
         shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")

@@ -75,7 +75,12 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     """What :func:`run_folder` checks, without creating or locking anything (before the command
     starts its ranks).  Raises as :func:`run_folder` does."""
     out = _checked_path(out, resume=resume, overwrite=overwrite)
-    if out.is_dir() and not (out / SET_ASIDE).exists():  # (a run set aside: run_folder puts it back first)
+    if not out.is_dir():
+        if resume:
+            raise FileNotFoundError(f"{WHO}: --resume given but {out / CHECKPOINT} does not exist")
+        return
+    FolderLock(out, WHO).check()
+    if not (out / SET_ASIDE).exists():  # (a run set aside: run_folder puts it back first)
         _check_contents(out, resume=resume, overwrite=overwrite)
 
 
