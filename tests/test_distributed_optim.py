@@ -16,6 +16,7 @@ Each spawn costs seconds, so one worker per world size runs all checks and repor
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 
 import pytest
@@ -251,6 +252,35 @@ def _disagreeing_options() -> dict:
     return out
 
 
+def _a_layer_called_on_one_rank_only() -> dict:
+    """Rank 0 raised naming the layer it did not call; rank 1 waited in the step's collectives
+    until the process group's timeout (then "Connection closed by peer")."""
+    from curvlab.optim import KFAC
+
+    rank = torch.distributed.get_rank()
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) if rank else self.a(x)
+
+    torch.manual_seed(0)
+    model, loss_fn = TwoHeads().double(), _loss("ce")
+    opt = KFAC(model, fisher="exact", stats_interval=1)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    start = time.perf_counter()
+    try:
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        said = "accepted"
+    except Exception as err:  # noqa: BLE001
+        said = f"{type(err).__name__}: {err}"
+    return {"said": said, "seconds": time.perf_counter() - start}
+
+
 def _ddp_options_and_micro_batches(sizes) -> dict:
     """DDP's static_graph refused; find_unused_parameters taking the autograd engine (BackPACK
     refused there); micro-batches with DDP's no_sync and with a plain model against one process
@@ -299,6 +329,7 @@ def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
         out["mc"] = _mc_seeds_and_resume(extra_sizes, path)
         out["disagree"] = _disagreeing_options()
         out["ddp"] = _ddp_options_and_micro_batches(extra_sizes)
+        out["uncalled"] = _a_layer_called_on_one_rank_only()
     return out
 
 
@@ -350,6 +381,11 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
         if key[0] == "micro":
             assert err <= RTOL, (key, err)  # micro-batches accumulate into the global batch's step
     assert ddp["mc_micro_independent"] > 1e-3, ddp  # (the same seed gave 0)
+    own, other = (r["uncalled"] for r in results)
+    assert own["said"].startswith("ValueError: curvlab.extract: layer 'b' (Linear) was not called"), own
+    assert other["said"].startswith("RankFailedError: curvlab.optim: the statistics pass: failed on rank 0: "
+                                    "ValueError: curvlab.extract: layer 'b'"), other
+    assert other["seconds"] < 10, other  # not the process group's timeout
 
 
 def test_four_ranks_take_one_process_steps() -> None:

@@ -14,15 +14,12 @@ from torch import Tensor, nn
 import curvlab.compare.api as _compare
 import curvlab.extract as _extract
 from curvlab.distributed import collectives as coll
+from curvlab.distributed.collectives import RankFailedError
 from curvlab.distributed.reduce import Shards, local_loss_count, reduce_statistics, reduced_numel
 from curvlab.extract.autograd import couples_examples
 
 #: Relative tolerance of the check that every rank holds the same parameters.
 PARAMETER_CHECK_RTOL = 1e-12
-
-
-class RankFailedError(RuntimeError):
-    """Another rank of the group failed its local extraction (its message is included)."""
 
 
 def _fingerprint(model: nn.Module) -> list[float]:

@@ -23,6 +23,28 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+class RankFailedError(RuntimeError):
+    """Another rank of the group failed its local part of a collective call (its message is
+    included)."""
+
+
+def raise_together(error: BaseException | None, device: torch.device, group: dist.ProcessGroup | None,
+                   who: str) -> None:
+    """Meet the other ranks (one small ``all_gather``) and raise on every rank when one failed:
+    its own ``error`` on a failing rank, :class:`RankFailedError` with the failing ranks' messages
+    on the others — so that none waits in a later collective for a rank that has stopped."""
+    table = all_gather_floats([float(error is not None)], device, group)
+    if not table.any():
+        return
+    messages: list[object] = [None] * size_of(group)
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(messages, mine, group=group)
+    if error is not None:
+        raise error
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+    raise RankFailedError(f"{who}: failed on {failed}")
+
+
 def require_initialized() -> None:
     """Raise a helpful error when no default process group exists."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -379,9 +379,20 @@ class KroneckerOptimizer(Optimizer):
         # a layer this forward does not call (a branch used on other steps) keeps its statistics
         # and, without a gradient, its parameters, as torch's optimizers leave them — on one
         # process (the ranks average the same blocks' statistics)
-        with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
-                          quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:
-            yield
+        block_done = False
+        try:
+            with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
+                              quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:
+                yield
+                block_done = True
+        except Exception as exc:
+            # the user's block ran through on this rank and the statistics pass failed: every
+            # rank raises (an error inside the block is the user's, and raises as it would)
+            if self._parallel is None or not block_done:
+                raise
+            self._parallel.raise_together(exc)
+        if self._parallel is not None:
+            self._parallel.raise_together(None)
         self._pending = pending if earlier is None else accumulated(earlier, pending)
         if self._pending.results:  # a layer never called would otherwise make every step a statistics step
             self._uncalled = {b.name for b, _, _ in walk.blocks} - set(self._pending.results)

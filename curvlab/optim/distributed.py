@@ -173,6 +173,12 @@ class RankSync:
         """``ValueError(message)`` on every rank unless all passed an equal ``what``."""
         coll.check_agree(what, self.device, self.group, message)
 
+    def raise_together(self, error: BaseException | None) -> None:
+        """Raise on every rank when a rank's statistics pass failed after its ``opt.track``
+        block (e.g. a layer it did not call): otherwise the others would wait for it in the
+        step's collectives until the process group's timeout."""
+        coll.raise_together(error, self.device, self.group, "curvlab.optim: the statistics pass")
+
     def sampling_seed(self, step: int, micro_batch: int = 0) -> int:
         """The MC seed of this rank's statistics pass at ``step`` (of its ``micro_batch``-th pass
         of that step, counted from 0: micro-batches draw independently)."""
