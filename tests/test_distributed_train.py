@@ -223,16 +223,19 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through Linux's /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL-group"])
 def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signals) -> None:
     """``kill <pid>`` of ``curvlab train --nproc 2`` (a scheduler's stop, not a terminal's Ctrl-C,
-    which signals the whole process group): the ranks, in sessions of their own, stop too."""
+    which signals the whole process group): the ranks, in sessions of their own, stop too; and
+    ``kill -KILL -- -<pgid>``, which ends the launcher and torchrun at once (the ranks went on
+    training, holding the folder's lock and writing into it)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CURVLAB_DIST_TIMEOUT": "120"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "curvlab", "train", "--nproc", "2", "--dataset", "digits", "--hidden", "16",
          "--train-size", "160", "--test-size", "40", "--batch-size", "40", "--epochs", "1000", "--no-progress",
-         "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+         "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=sig == signal.SIGKILL)
     below: set[int] = set()
     try:
         deadline = time.monotonic() + 150
@@ -241,9 +244,13 @@ def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signa
             time.sleep(0.2)
         below = _descendants(launcher.pid)
         assert len(below) >= 3  # torchrun and its two workers
-        launcher.send_signal(sig)
-        assert launcher.wait(timeout=90) == 130
-        assert "curvlab: interrupted" in launcher.stderr.read()
+        if sig == signal.SIGKILL:
+            os.killpg(launcher.pid, sig)
+            assert launcher.wait(timeout=90) == -signal.SIGKILL
+        else:
+            launcher.send_signal(sig)
+            assert launcher.wait(timeout=90) == 130
+            assert "curvlab: interrupted" in launcher.stderr.read()
         deadline = time.monotonic() + 30
         while any(_alive(pid) for pid in below) and time.monotonic() < deadline:
             time.sleep(0.2)

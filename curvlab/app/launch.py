@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import datetime
 import gc
 import os
@@ -128,6 +129,7 @@ def join_process_group(device: str) -> str:
     The group is destroyed when the process exits."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1 or (dist.is_available() and dist.is_initialized()):
         return device
+    _die_with_launcher()
     cuda = device.startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -135,6 +137,26 @@ def join_process_group(device: str) -> str:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
     atexit.register(_destroy_group)  # on any exit; after a success, leave_process_group did it already
     return device
+
+
+def _die_with_launcher() -> None:
+    """On Linux, this rank is killed when the process that started it (torchrun's agent) dies.
+    torchrun starts its ranks in sessions of their own, so a SIGKILL to the command's process
+    group (``kill -KILL -- -PGID``), which ends the launcher and torchrun, left them running: they
+    held the output folder's lock and went on writing the run into it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl: the ranks outlive a killed launcher, as before
+        return
+    if os.getppid() == 1:  # the launcher died before the request: reparented to init already
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: prctl's option that asks for a signal when the parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
 def leave_process_group() -> None:
