@@ -210,7 +210,8 @@ def _network(
     block-diagonal approximations (``names``: the dataset's approximation coordinate)."""
     layers = list(exact)
     gram = sum(exact[l].gram for l in layers)
-    evals = spectrum(gram, top, sum(exact[l].sqrt.shape[0] * exact[l].sqrt.shape[1] for l in layers))
+    size = sum(exact[l].sqrt.shape[0] * exact[l].sqrt.shape[1] for l in layers)
+    evals = spectrum(gram, top, size, min((exact[l].sqrt.dtype for l in layers), key=lambda d: torch.finfo(d).bits))
     norm_sq = gram.square().sum()
     diag_sq = sum(exact[l].frobenius_sq for l in layers)
     trace = sum(exact[l].trace for l in layers)

@@ -96,15 +96,19 @@ def in_float64(sqrt: SquareRoot) -> SquareRoot:
     return reuse(("in_float64", id(sqrt)), lambda: (sqrt, sqrt.to(dtype=torch.float64)))[1]  # sqrt: kept alive
 
 
-def spectrum(gram: Tensor, top: int, size: int) -> Tensor:
-    """The spectrum of ``F = V Vᵀ`` (``size × size``) from its Gram ``VᵀV``, descending: at most
-    ``size`` values (the Gram's further ones are zeros), those within rounding of zero
-    (``≤ K·ε·λ_max``, as ``torch.linalg.matrix_rank`` decides) set to 0 — a rank-deficient
-    block (a softmax's ``C − 1``) has no round-off "eigenvalues" that metrics would take for its
-    spectrum."""
+def spectrum(gram: Tensor, top: int, size: int, root_dtype: torch.dtype) -> Tensor:
+    """The spectrum of ``F = V Vᵀ`` (``size × size``, ``P``) from its Gram ``VᵀV`` (``K × K``),
+    descending: at most ``P`` values (the Gram's further ones are zeros), those within rounding of
+    zero set to 0 — ``λ ≤ max(K, P)·ε·λ_max``, the rounding of the Gram's entries (inner products
+    of ``P``-long columns), as ``torch.linalg.matrix_rank`` decides for F, with ``ε`` the Gram's
+    or, where the root ``V`` was rounded to ``root_dtype`` (float32), that one's squared (a null
+    direction of ``V`` is off by ``ε·‖V‖``, its eigenvalue by ``ε²·λ_max``).  A rank-deficient
+    block (a softmax's ``C − 1`` per example) then has no round-off "eigenvalues" (6e-16 against
+    0.01–0.14 seen) that metrics would take for its spectrum, e.g. as top directions."""
     evals = gram_eigenvalues(gram, top)[:size]
     if len(evals):
-        tol = evals[0] * gram.shape[0] * torch.finfo(gram.dtype).eps
+        eps = max(torch.finfo(gram.dtype).eps, torch.finfo(root_dtype).eps ** 2)
+        tol = evals[0] * max(gram.shape[0], size) * eps
         evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
     return evals
 
@@ -117,7 +121,7 @@ def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
     return ExactBlock(
         sqrt=sqrt64,
         gram=gram,
-        eigenvalues=spectrum(gram, top, rank_bound),
+        eigenvalues=spectrum(gram, top, rank_bound, sqrt.dtype),
         top_vectors=gram_top_vectors(gram, min(top_k, rank_bound)),
         trace=sqrt64.trace(),
         frobenius_sq=gram.square().sum(),
