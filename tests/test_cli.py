@@ -98,6 +98,29 @@ def test_user_model_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert ds.attrs["model"] == f"{module}:make"
 
 
+def test_report_refusals_that_a_sweep_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Each was a traceback, a run that failed only after its compute, or an option silently dropped."""
+    module = tmp_path / "pair.py"
+    module.write_text("from torch import nn\n"
+                      "class Pair(nn.Sequential):\n"
+                      "    def forward(self, x):\n        return super().forward(x), x\n"
+                      "def make(input_shape, num_classes):\n"
+                      "    return Pair(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    cases = {  # arguments → the error's words
+        ("--model", f"{module}:make"): "returns a tuple, not a tensor",  # AttributeError: 'tuple' … 'shape'
+        ("--damping-strategy", "kfac=nor,kfac=exact"): "kfac is given two strategies (nor, exact)",  # nor never checked
+        ("--truncation-rank", "8"): "--truncation-rank given but not --truncate-above",  # ignored
+    }
+    for args, said in cases.items():
+        assert main(["report", *FAST, *args, "--out", str(tmp_path / "out")]) != 0
+        assert said in capsys.readouterr().err, args
+    monkeypatch.chdir(tmp_path)  # the current folder cannot be replaced: it failed after the whole run (EBUSY)
+    assert main(["report", *FAST, "--out", "."]) != 0
+    assert "is the current folder or holds it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pair.py"]
+
+
 @pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["one-process", "nproc-2"])
 def test_engine_backpack_on_a_model_it_cannot_run_fails_before_the_data(tmp_path: Path, nproc: list[str],
                                                                           capsys: pytest.CaptureFixture[str]) -> None:

@@ -382,3 +382,14 @@ def test_batches() -> None:
         batches(x, y[:5], 2, shuffle=False)
     with pytest.raises(ValueError, match="batch_size"):
         batches(x, y, 0, shuffle=False)
+
+
+def test_data_source_names_the_folder_the_files_come_from(tmp_path: Path) -> None:
+    """The report recorded data_dir 'none' for Fashion-MNIST read from its system folder, and a
+    --data-dir that digits never reads as if it had been used."""
+    from curvlab.app.data import data_source
+
+    write_idx_set(tmp_path / "root" / "MNIST" / "raw", gz=True)
+    assert data_source("mnist", tmp_path / "root") == str((tmp_path / "root" / "MNIST" / "raw").resolve())
+    assert data_source("digits", None).startswith("embedded")
+    assert data_source("digits", "/does/not/exist").endswith("data_dir /does/not/exist not used")

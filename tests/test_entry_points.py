@@ -234,6 +234,11 @@ def test_report_and_train_on_a_user_resnet_in_train_mode(user_models, tmp_path, 
     assert (out / "coupling.png").stat().st_size > 0
     summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "autograd (BackPACK cannot run this model: a BatchNorm" in summary and "coupling error" in summary
+    # its whole-network entries leave the BatchNorm blocks out, and say so (tr F read as the network's)
+    assert "Over the Kronecker layers' blocks only" in summary and "tr F (the Kronecker layers):" in summary
+    kron = [l for l, k in zip(ds.layer.values, ds.block_kind.values) if k == "kronecker"]
+    assert len(kron) < ds.sizes["layer"]
+    assert float(ds.network_exact_trace) == pytest.approx(float(ds.exact_trace.sel(layer=kron).sum()), rel=1e-6)
     code = main(["train", "--model", f"{user_models}:tiny_resnet", "--optimizer", "tekfac", "--epochs", "1",
                  "--batch-size", "32", "--train-size", "96", "--test-size", "32", "--probe-every", "2",
                  "--probe-batch-size", "8", "--stats-interval", "1", "--no-progress", "--out", str(tmp_path / "train")])

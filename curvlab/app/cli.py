@@ -117,6 +117,8 @@ def _damping_strategies(text: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(
                 f"unknown damping strategy {strategy!r} in {item!r}; choose from {', '.join(DAMPING_STRATEGIES)}"
             )
+        if name in out:
+            raise argparse.ArgumentTypeError(f"{name} is given two strategies ({out[name]}, {strategy}); give it one")
         out[name] = strategy
     if not out:
         raise argparse.ArgumentTypeError("expected NAME=STRATEGY pairs, e.g. kfac=factored,tkfac=nor")
@@ -304,12 +306,15 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from curvlab.app.launch import (Ranks, check_batch_split, join_process_group, leave_process_group, relaunch_with_data,
                                     wants_relaunch)
     from curvlab.app.models import COUPLED_BATCH
-    from curvlab.app.report.run import ReportError, resolve_device, run_report
+    from curvlab.app.report.run import ReportConfig, ReportError, resolve_device, run_report
 
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
     if unused:
         print_error(parser, f"--damping-strategy names {', '.join(unused)}, which --approximations leaves out "
                             f"({','.join(args.approximations)})", usage=True)
+        return EXIT_USAGE
+    if args.truncation_rank != ReportConfig.truncation_rank and not args.truncate_above:
+        print_error(parser, "--truncation-rank given but not --truncate-above: no factor would be truncated", usage=True)
         return EXIT_USAGE
     try:
         resolve_device(args.device)

@@ -183,6 +183,18 @@ def check_data_dir(name: str, data_dir: PathLike | None) -> None:
         _find_cifar_sources(data_dir)
 
 
+def data_source(name: str, data_dir: PathLike | None) -> str:
+    """Where :func:`load_dataset` reads ``name`` from, for the record: the folder of the files it
+    finds (Fashion-MNIST's system folder when no ``data_dir`` is given), or "embedded" for
+    ``digits``, which does not read ``data_dir``."""
+    key = canonical_name(name)
+    if key == "digits":
+        return "embedded (scikit-learn's load_digits)" + ("" if data_dir is None else f"; data_dir {data_dir} not used")
+    if key in _IDX_SUBDIRS:
+        return str(next(iter(_find_idx_files(key, data_dir).values())).parent.resolve())
+    return ", ".join(sorted({str(p.parent.resolve()) for p in _find_cifar_sources(data_dir).values()}))
+
+
 def canonical_name(name: str) -> str:
     """``name`` as in :data:`DATASETS` (case-insensitive; ``fashion_mnist``/``cifar-10`` work too);
     unknown names come back lower-cased."""

@@ -44,6 +44,9 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
             out = model(torch.zeros(2, *input_shape))
     except Exception as err:  # noqa: BLE001 — any failure of the user's forward is reported
         raise ValueError(f"model {spec!r}: its forward pass fails on inputs [2, *{input_shape}]: {err}") from err
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"model {spec!r} returns a {type(out).__name__}, not a tensor; curvlab needs logits "
+                         f"[N, {num_classes}] for {dataset} (return the logits alone)")
     uses.check(out)
     if tuple(out.shape) != (2, num_classes):
         raise ValueError(

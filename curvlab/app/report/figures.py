@@ -317,5 +317,6 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
             ax.set_ylabel(ylabel)
             ax.set_xlabel("")
             ax.tick_params(axis="x", labelrotation=45)
-        fig.suptitle(_title(ds, "Whole network"))
+        whole = "Whole network" if ds.attrs.get("network_blocks") != "kronecker" else "Whole network (its Kronecker layers)"
+        fig.suptitle(_title(ds, whole))
         return _save(fig, path)

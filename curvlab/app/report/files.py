@@ -38,9 +38,14 @@ def check_report_folder(out: Path) -> Path:
     replaced, holding nothing but an earlier report.
 
     Raises:
-        OutputFolderError: a file in the way, no write permission, or files of something else in it.
+        OutputFolderError: a file in the way, no write permission, files of something else in it,
+            or the current folder (which cannot be replaced).
     """
     out = out.resolve() if out.is_symlink() else out
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:  # a folder in use cannot be renamed away
+        raise OutputFolderError(f"curvlab report: --out {out} is the current folder or holds it; a report replaces "
+                                "its whole folder, so choose a new or empty folder, e.g. --out report")
     check_writable(out, "curvlab report")
     check_writable(out.parent, "curvlab report")
     FolderLock(out, "curvlab report").check()  # a run (a training before its first files) may hold it

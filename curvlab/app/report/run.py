@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvlab.app.data import Dataset, load_dataset
+from curvlab.app.data import Dataset, data_source, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES, check_report_folder, write_report  # noqa: F401 (re-exported)
 from curvlab.approx import APPROXIMATIONS, EighPolicy
@@ -303,7 +303,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "num_model_params": sum(p.numel() for p in model.parameters()),
         "dataset": data.name,
         "data": data.description,
-        "data_dir": "none" if cfg.data_dir is None else str(cfg.data_dir),
+        "data_dir": data_source(cfg.dataset, cfg.data_dir),
         "num_train_examples": len(data.train_x),
         "batch_size": batch_size,
         "batch_size_choice": "given" if cfg.batch_size else "default: 128 or fewer, square roots within 4 GiB",

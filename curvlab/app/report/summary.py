@@ -205,11 +205,15 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     ]
     net = [(v, label) for v, label in net if v in ds]
     if net:
+        kronecker_only = ds.attrs.get("network_blocks") == "kronecker"
         out += [
             "## Whole network",
             "",
             "The full Fisher (with its cross-layer blocks) against the block-diagonal matrix of "
-            "each approximation's blocks; NG = damped natural gradient of the whole network.",
+            "each approximation's blocks; NG = damped natural gradient of the whole network."
+            + (" Over the Kronecker layers' blocks only: the parameter blocks (norm layers' affine parameters, "
+               "…), which no Kronecker approximation covers, are left out of every entry here, tr F included."
+               if kronecker_only else ""),
             "",
         ]
         rows = [[f"**{a}**"] + [_fmt(ds[v].values[j]) for v, _ in net] for j, a in enumerate(approx)]
@@ -226,7 +230,8 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                 "",
             ]
         if "network_exact_trace" in ds:
-            out += [f"tr F (whole network): {_fmt(ds['network_exact_trace'].values)}", ""]
+            what = "the Kronecker layers" if kronecker_only else "whole network"
+            out += [f"tr F ({what}): {_fmt(ds['network_exact_trace'].values)}", ""]
 
     if figures:
         out += ["## Figures", ""]
