@@ -319,3 +319,40 @@ def test_blocks_print_as_one_line_each() -> None:
     printed = repr(curvlab.extract.model_blocks(model).blocks)
     assert printed == ("[Block('0', kronecker, Linear, 4×4), Block('1.weight', parameter, LayerNorm, 4×1), "
                        "Block('1.bias', parameter, LayerNorm, 4×1), Block('2', kronecker, Linear, 2×5)]")
+
+
+def test_option_objects_check_every_field_and_take_numpy_scalars() -> None:
+    """A sweep of the option objects: ``separate_bias="False"`` acted as True, ``EighPolicy``
+    took NaN (silently no truncation) and failed later on wrong types without naming the field,
+    numpy integers were refused by some fields and taken by others, and ``compare`` checked
+    its damping strategies only after the whole extraction."""
+    from curvlab.approx import EighPolicy
+    from curvlab.extract import ExtractOptions
+
+    for bad in (dict(separate_bias="False"), dict(skip_unsupported=None), dict(gram_rows=1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* must be True or False"):
+            ExtractOptions(**bad)
+    for bad in (dict(truncate_above=float("nan")), dict(rank=True), dict(rank=2.5), dict(seed="abc"),
+                dict(dtype="float64"), dict(dtype=torch.float16)):
+        with pytest.raises(ValueError, match=f"EighPolicy: {next(iter(bad))}="):
+            EighPolicy(**bad)
+    policy = EighPolicy(truncate_above=np.int64(64), rank=np.int64(8))
+    assert (policy.truncate_above, policy.rank) == (64, 8) and type(policy.rank) is int
+    assert ExtractOptions(mc_samples=np.int64(3), skip_unsupported=np.bool_(True)).mc_samples == 3
+    options = KroneckerOptions(lr=np.float32(0.5), stats_interval=np.int64(5), truncation_rank=np.int64(64))
+    assert (type(options.lr), type(options.stats_interval), options.stats_interval) == (float, int, 5)
+    with pytest.raises(ValueError, match="stats_interval=np.True_ must be a positive int"):
+        KroneckerOptions(stats_interval=np.bool_(True))
+
+    calls = []
+
+    def extractor(*args, **kwargs):
+        calls.append(1)
+        return curvlab.extract(*args, **kwargs)
+
+    model, x, y = batch(8)
+    for strategy in ("Exact", None):
+        with pytest.raises(ValueError, match=r"damping_strategies\['kfac'\]: unknown damping strategy"):
+            curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kfac",),
+                            damping_strategies={"kfac": strategy}, extractor=extractor)
+    assert not calls

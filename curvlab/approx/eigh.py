@@ -15,9 +15,11 @@ flat (see :mod:`curvlab.approx.spectral`); ``tr M̃ = tr M``.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -118,13 +120,19 @@ class EighPolicy:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.truncate_above is not None and self.truncate_above < 1:
-            raise ValueError(f"EighPolicy: truncate_above={self.truncate_above} must be positive (None: never)")
-        if self.rank < 1 or self.power_iterations < 0 or self.oversampling < 0:
-            raise ValueError(
-                f"EighPolicy: rank={self.rank} must be positive, power_iterations="
-                f"{self.power_iterations} and oversampling={self.oversampling} non-negative"
-            )
+        if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"EighPolicy: dtype={self.dtype!r} must be torch.float32, torch.float64 or None (the factor's)")
+        least = {"truncate_above": 1, "rank": 1, "power_iterations": 0, "oversampling": 0, "seed": None}
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if name == "truncate_above" and value is None:
+                continue
+            integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
+            if not integral or (minimum is not None and value < minimum):
+                need = "an int" if minimum is None else f"an int ≥ {minimum}"
+                raise ValueError(f"EighPolicy: {name}={value!r} must be {need}"
+                                 + (" (None: never)" if name == "truncate_above" else ""))
+            object.__setattr__(self, name, int(value))
 
     def truncates(self, size: int) -> bool:
         """Whether an ``size × size`` factor gets a truncated eigenbasis."""

@@ -16,6 +16,7 @@ from curvlab.approx import (
     KroneckerApproximation,
     applies,
     approximate,
+    get_damping,
     needed_kfac_flavours,
 )
 from curvlab.approx.registry import measurement_limits, spec
@@ -111,6 +112,11 @@ def compare(
     if unused:  # a typo fell back to the default damping, silently
         raise ValueError(f"curvlab.compare: damping_strategies names {', '.join(unused)}, which approximations "
                          f"leaves out ({', '.join(names)})")
+    for name, strategy in given.items():  # before the extraction, not after it
+        try:
+            get_damping(strategy)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"curvlab.compare: damping_strategies[{name!r}]: {err}") from None
     strategies = {**DEFAULT_DAMPING, **given}
     stats = extractor(
         model,

@@ -23,7 +23,8 @@ class Extraction(dict[str, LayerStats]):
         flavour: the reference flavour.
         num_examples: N.
         engine: ``"backpack"`` or ``"autograd"``.
-        engine_reason: why BackPACK did not run the model (empty when it did).
+        engine_reason: with ``engine="auto"``, why BackPACK could not run the model; empty when it
+            ran, or when the engine was chosen by ``engine="autograd"``/``"backpack"``.
         skipped: parameters left out (``skip_unsupported=True``).
     """
 

@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy
 from torch import Tensor
 
 from curvlab._options import OptionSet
@@ -99,10 +100,15 @@ class ExtractOptions(OptionSet):
         for f in flavours:
             if f not in FLAVOURS:
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
-        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
-            raise ValueError(f"{who}: mc_samples={self.mc_samples!r} must be a positive int")
-        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
-            raise ValueError(f"{who}: max_bytes={self.max_bytes!r} must be a positive int")
+        for name in ("mc_samples", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{who}: {name}={value!r} must be a positive int")
+            object.__setattr__(self, name, int(value))
+        for name in ("separate_bias", "skip_unsupported", "gram_rows"):  # "False" would be true
+            if not isinstance(getattr(self, name), (bool, numpy.bool_)):
+                raise ValueError(f"{who}: {name}={getattr(self, name)!r} must be True or False")
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
             raise ValueError(f"{who}: seed={self.seed!r} must be an int or None")
         object.__setattr__(self, "stats", stats)

@@ -7,10 +7,12 @@ the fields, defaults, help texts and checks from here.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -79,26 +81,29 @@ class KroneckerOptions(OptionSet):
 
     def __post_init__(self) -> None:
         who = self.owner
-        for name in ("lr", "momentum", "weight_decay"):
-            _check_number(who, name, getattr(self, name), minimum=0.0, strict=False)
-        _check_number(who, "damping", self.damping, minimum=0.0, strict=True)
+        for name in ("lr", "momentum", "weight_decay"):  # numpy scalars too, kept as Python floats
+            object.__setattr__(self, name, _check_number(who, name, getattr(self, name), minimum=0.0, strict=False))
+        object.__setattr__(self, "damping", _check_number(who, "damping", self.damping, minimum=0.0, strict=True))
         if not self.momentum < 1.0:  # (checked non-negative and finite above)
             raise ValueError(f"{who}: momentum={self.momentum} must be in [0, 1) (at 1 or more the steps never shrink)")
-        _check_number(who, "stat_decay", self.stat_decay, minimum=0.0, strict=False)
+        object.__setattr__(self, "stat_decay", _check_number(who, "stat_decay", self.stat_decay, minimum=0.0, strict=False))
         if not self.stat_decay < 1.0:
             raise ValueError(f"{who}: stat_decay={self.stat_decay} must be in [0, 1)")
         for name in ("stats_interval", "eigen_interval", "scale_interval", "mc_samples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{who}: {name}={value!r} must be a positive int")
+            object.__setattr__(self, name, int(value))
         if self.kl_clip is not None:
-            _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
+            clip = _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
+            object.__setattr__(self, "kl_clip", clip)
         self.check_choices(who, fisher=FLAVOURS, engine=ENGINES, kfac_approx=KFAC_APPROX, factor_dtype=FACTOR_DTYPES,
                            basis=TEKFAC_BASES)
         for name in ("truncate_above", "truncation_rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < int(name == "truncation_rank"):
+            if not _is_int(value) or value < int(name == "truncation_rank"):
                 raise ValueError(f"{who}: {name}={value!r} must be a {'positive' if name == 'truncation_rank' else 'non-negative'} int")
+            object.__setattr__(self, name, int(value))
         if self.damping_strategy is not None:
             if isinstance(self.damping_strategy, str) and self.damping_strategy not in DAMPING_STRATEGIES:
                 raise ValueError(
@@ -128,13 +133,21 @@ class KroneckerOptions(OptionSet):
         return replace(self, damping_strategy=strategy)
 
 
-def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> float:
+    """``value`` as a float: a real number (numpy's too, not a bool), finite and above (``strict``)
+    or at least ``minimum``; else a ``ValueError`` naming ``name``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, numpy.bool_)) and math.isfinite(value)
     if ok:
         ok = value > minimum if strict else value >= minimum
     if not ok:
         bound = "positive" if strict else "non-negative"
         raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
+    return float(value)
+
+
+def _is_int(value: object) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
 
 
 #: torch.optim.SGD's group options the Kronecker optimizers do not have, with their neutral values
