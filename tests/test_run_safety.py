@@ -193,6 +193,31 @@ def test_nproc_below_one_is_refused(command: str, count: str, tmp_path: Path, ca
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,said", [
+    (["--optimizer", "kfac", "--scale-interval", "3"], "--scale-interval given, which --optimizer kfac does not use"),
+    (["--optimizer", "tkfac", "--basis", "kfac"], "--basis given, which --optimizer tkfac does not use"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum given, which --optimizer adam does not use"),  # its default
+    (["--optimizer", "adam", "--mom", "0.9"], "--momentum given"),  # abbreviated, as argparse takes it
+    (["--optimizer", "adam", "--damping", "0.1"], "--damping given, which"),  # not --damping-strategy
+])
+def test_an_option_the_optimizer_does_not_use_is_refused(args: list[str], said: str, tmp_path: Path, capsys) -> None:
+    """Accepted and ignored: --scale-interval by KFAC/TKFAC (and recorded, so a resume without it
+    was refused), --momentum 0.9 by Adam (the default's value passed as given)."""
+    assert main(["train", *FAST_TRAIN, *args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the usage lines)
+    assert said in err and "--damping-strategy" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_train_mode_probe_of_one_example_through_batchnorm_names_the_option(tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "bn.py"
+    spec.write_text("from torch import nn\n"
+                    "def build(input_shape, num_classes):\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes))\n")
+    assert main(["train", *FAST_TRAIN[2:], "--model", f"{spec}:build", "--probe-every", "1", "--probe-batch-size", "1",
+                 "--probe-mode", "train", "--out", str(tmp_path / "o")]) == 1
+    assert "probe_batch_size=1 (--probe-batch-size) with probe_mode='train'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", [
     ["train", "--probe-batch-size", "8"],  # no --probe-every: the probe never runs
     ["train", "--probe-fisher", "mc"],

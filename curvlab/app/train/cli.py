@@ -22,6 +22,20 @@ _DEFAULT = TrainConfig()
 
 #: The options torch's optimizers take (every other optimizer option is a Kronecker optimizer's).
 FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight_decay")}
+#: Options of the Kronecker optimizers a method has no use for (no rescaling; TEKFAC's basis).
+UNUSED_BY = {"kfac": ("scale_interval", "basis"), "tkfac": ("scale_interval", "basis"), "ekfac": ("basis",)}
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    """Whether ``--name`` is on the command line (``args.argv``; an abbreviation too): given at its
+    default value, it is given all the same."""
+    option = "--" + name.replace("_", "-")
+    exact = {"--" + f.name.replace("_", "-") for f in fields(KroneckerOptions)}  # --damping is no --damping-strategy
+    for token in getattr(args, "argv", ()):
+        head = token.split("=", 1)[0]
+        if head == option or (head not in exact and head.startswith("--") and len(head) > 2 and option.startswith(head)):
+            return True
+    return False
 
 
 def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
@@ -101,12 +115,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if probe_options and not args.probe_every:
         raise ValueError(f"curvlab train: {', '.join(probe_options)} given but not --probe-every: no probe would run")
     options = {f.name: getattr(args, f.name) for f in fields(KroneckerOptions)}
+    given = [f.name for f in fields(KroneckerOptions) if options[f.name] != f.default or _given(args, f.name)]
     if args.optimizer in FIRST_ORDER:
-        ignored = [f"--{f.name.replace('_', '-')}" for f in fields(KroneckerOptions)
-                   if f.name not in FIRST_ORDER[args.optimizer] and options[f.name] != f.default]
+        ignored = [f"--{name.replace('_', '-')}" for name in given if name not in FIRST_ORDER[args.optimizer]]
         if ignored:
             raise ValueError(f"curvlab train: {', '.join(ignored)} given, which --optimizer {args.optimizer} does not use "
                              f"(it takes {', '.join('--' + n.replace('_', '-') for n in FIRST_ORDER[args.optimizer])})")
+    unused = [f"--{name.replace('_', '-')}" for name in given if name in UNUSED_BY.get(args.optimizer, ())]
+    if unused:
+        raise ValueError(f"curvlab train: {', '.join(unused)} given, which --optimizer {args.optimizer} does not use")
     options["kl_clip"] = options["kl_clip"] or None  # 0 disables clipping
     return TrainConfig(
         **options,

@@ -31,6 +31,7 @@ from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restor
 from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
 from curvlab.app.train.probe import Probe
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
+from curvlab.extract.autograd import couples_examples
 from curvlab.io import write_netcdf
 from curvlab.optim import KroneckerOptimizer
 
@@ -163,6 +164,9 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     if cfg.probe_every:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.probe_mode == "train")
+        if cfg.probe_mode == "train" and size < 2 and couples_examples(model):
+            raise ValueError(f"curvlab train: probe_batch_size={size} (--probe-batch-size) with probe_mode='train' "
+                             "(--probe-mode train): BatchNorm's batch statistics need at least 2 examples")
         idx = torch.randperm(data.train_x.shape[0], generator=gen)[:size]
         probe_x, probe_y = ranks.shard(data.train_x[idx], data.train_y[idx])
         probe = Probe(
