@@ -3,11 +3,24 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import ClassVar, TypeVar
 
+import numpy
+
 T = TypeVar("T", bound="OptionSet")
+
+
+def is_int(value: object) -> bool:
+    """An integer option's value: an int or numpy integer, not a bool (``True`` is no count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
+
+
+def is_flag(value: object) -> bool:
+    """A yes/no option's value: a bool or numpy bool (a string such as ``"False"`` is not)."""
+    return isinstance(value, (bool, numpy.bool_))
 
 
 class OptionSet:

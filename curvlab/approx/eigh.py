@@ -15,14 +15,13 @@ flat (see :mod:`curvlab.approx.spectral`); ``tr M̃ = tr M``.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass
 
-import numpy
 import torch
 from torch import Tensor
 
+from curvlab._options import is_int
 from curvlab.reuse import digest, reuse, sharing
 
 #: Relative size of the diagonal jitter added when an eigen-decomposition fails.
@@ -127,8 +126,7 @@ class EighPolicy:
             value = getattr(self, name)
             if name == "truncate_above" and value is None:
                 continue
-            integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
-            if not integral or (minimum is not None and value < minimum):
+            if not is_int(value) or (minimum is not None and value < minimum):
                 need = "an int" if minimum is None else f"an int ≥ {minimum}"
                 raise ValueError(f"EighPolicy: {name}={value!r} must be {need}"
                                  + (" (None: never)" if name == "truncate_above" else ""))

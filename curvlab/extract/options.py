@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy
 from torch import Tensor
 
-from curvlab._options import OptionSet
+from curvlab._options import OptionSet, is_flag, is_int
 from curvlab.stats import FLAVOURS
 
 #: Statistics an extraction can compute.
@@ -102,14 +100,14 @@ class ExtractOptions(OptionSet):
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
         for name in ("mc_samples", "max_bytes"):
             value = getattr(self, name)
-            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{who}: {name}={value!r} must be a positive int")
             object.__setattr__(self, name, int(value))
         for name in ("separate_bias", "skip_unsupported", "gram_rows"):  # "False" would be true
-            if not isinstance(getattr(self, name), (bool, numpy.bool_)):
+            if not is_flag(getattr(self, name)):
                 raise ValueError(f"{who}: {name}={getattr(self, name)!r} must be True or False")
             object.__setattr__(self, name, bool(getattr(self, name)))
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"{who}: seed={self.seed!r} must be an int or None")
         object.__setattr__(self, "stats", stats)
         if self.kfac_flavours is not None:

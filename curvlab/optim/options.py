@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy
 import torch
 from torch import Tensor
 
-from curvlab._options import OptionSet
+from curvlab._options import OptionSet, is_flag, is_int
 from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, EighPolicy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.extract.options import ENGINES, KFAC_APPROX
@@ -91,7 +90,7 @@ class KroneckerOptions(OptionSet):
             raise ValueError(f"{who}: stat_decay={self.stat_decay} must be in [0, 1)")
         for name in ("stats_interval", "eigen_interval", "scale_interval", "mc_samples"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{who}: {name}={value!r} must be a positive int")
             object.__setattr__(self, name, int(value))
         if self.kl_clip is not None:
@@ -101,7 +100,7 @@ class KroneckerOptions(OptionSet):
                            basis=TEKFAC_BASES)
         for name in ("truncate_above", "truncation_rank"):
             value = getattr(self, name)
-            if not _is_int(value) or value < int(name == "truncation_rank"):
+            if not is_int(value) or value < int(name == "truncation_rank"):
                 raise ValueError(f"{who}: {name}={value!r} must be a {'positive' if name == 'truncation_rank' else 'non-negative'} int")
             object.__setattr__(self, name, int(value))
         if self.damping_strategy is not None:
@@ -136,18 +135,13 @@ class KroneckerOptions(OptionSet):
 def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> float:
     """``value`` as a float: a real number (numpy's too, not a bool), finite and above (``strict``)
     or at least ``minimum``; else a ``ValueError`` naming ``name``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, numpy.bool_)) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not is_flag(value) and math.isfinite(value)
     if ok:
         ok = value > minimum if strict else value >= minimum
     if not ok:
         bound = "positive" if strict else "non-negative"
         raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
     return float(value)
-
-
-def _is_int(value: object) -> bool:
-    """An integer (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
 
 
 #: torch.optim.SGD's group options the Kronecker optimizers do not have, with their neutral values
