@@ -356,3 +356,11 @@ def test_option_objects_check_every_field_and_take_numpy_scalars() -> None:
             curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kfac",),
                             damping_strategies={"kfac": strategy}, extractor=extractor)
     assert not calls
+    with pytest.raises(ValueError, match="approximations=\\(\\) names none"):  # an empty dataset came back
+        curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=(), extractor=extractor)
+    with pytest.raises(ValueError, match="kfac_flavours=\\(\\) names no flavour"):  # "not extracted" later
+        ExtractOptions(stats=("kfac",), kfac_flavours=())
+    block = curvlab.extract(model, nn.CrossEntropyLoss(), x, y)["0"]
+    for bad in (True, "1e-3", None):  # True was taken as 1.0; the others failed inside math
+        with pytest.raises(ValueError, match="damping must be a positive finite number"):
+            curvlab.approximate(block, "kflr").inv_mat_mul(block.grad, bad)

@@ -106,6 +106,8 @@ def compare(
     if eigh is not None and not isinstance(eigh, EighPolicy):
         raise ValueError(f"curvlab.compare: eigh={eigh!r} must be a curvlab.approx.EighPolicy (None: full bases)")
     names = [spec(a, "curvlab.compare").name for a in approximations]
+    if not names:
+        raise ValueError("curvlab.compare: approximations=() names none; measure at least one (default: all)")
     check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     given = {spec(a, "curvlab.compare (damping_strategies)").name: s for a, s in (damping_strategies or {}).items()}
     unused = sorted(set(given) - set(names))

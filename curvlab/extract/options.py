@@ -95,6 +95,8 @@ class ExtractOptions(OptionSet):
         if "kfe" in stats and not self.eigenbases:
             raise ValueError(f"{who}: stats 'kfe' needs eigenbases={{block: (U_out, U_in)}}")
         flavours = (self.fisher,) if self.kfac_flavours is None else _names(self.kfac_flavours, "kfac_flavours")
+        if not flavours:  # every KFAC-based approximation would then fail, "not extracted"
+            raise ValueError(f"{who}: kfac_flavours=() names no flavour; None: the fisher flavour's")
         for f in flavours:
             if f not in FLAVOURS:
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
