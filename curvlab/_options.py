@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -16,6 +17,11 @@ T = TypeVar("T", bound="OptionSet")
 def is_int(value: object) -> bool:
     """An integer option's value: an int or numpy integer, not a bool (``True`` is no count)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
+
+
+def is_number(value: object) -> bool:
+    """A numeric option's value: a finite real number, numpy's too, not a bool (``True`` is no rate)."""
+    return isinstance(value, numbers.Real) and not is_flag(value) and math.isfinite(value)
 
 
 def is_flag(value: object) -> bool:

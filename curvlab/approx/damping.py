@@ -27,15 +27,13 @@ A strategy that an approximation does not support raises ``ValueError`` naming b
 
 from __future__ import annotations
 
-import math
-import numbers
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-from curvlab._options import is_flag
+from curvlab._options import is_number
 
 if TYPE_CHECKING:
     from curvlab.approx.base import KroneckerApproximation
@@ -57,7 +55,7 @@ def check_damping(damping: float | Tensor, who: str = "damping") -> None:
         value = damping.detach()
         ok = bool(torch.isfinite(value).all() and (value > 0).all())
     else:  # (a bool or a string is no damping: True was taken as 1.0, "1e-3" failed inside math)
-        ok = isinstance(damping, numbers.Real) and not is_flag(damping) and math.isfinite(damping) and damping > 0
+        ok = is_number(damping) and damping > 0
     if not ok:
         raise ValueError(f"{who} must be a positive finite number, got {damping}")
 

@@ -7,7 +7,6 @@ the fields, defaults, help texts and checks from here.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab._options import OptionSet, is_flag, is_int
+from curvlab._options import OptionSet, is_int, is_number
 from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, EighPolicy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.extract.options import ENGINES, KFAC_APPROX
@@ -135,7 +134,7 @@ class KroneckerOptions(OptionSet):
 def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> float:
     """``value`` as a float: a real number (numpy's too, not a bool), finite and above (``strict``)
     or at least ``minimum``; else a ``ValueError`` naming ``name``."""
-    ok = isinstance(value, numbers.Real) and not is_flag(value) and math.isfinite(value)
+    ok = is_number(value)
     if ok:
         ok = value > minimum if strict else value >= minimum
     if not ok:

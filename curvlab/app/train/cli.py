@@ -26,14 +26,18 @@ FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight
 UNUSED_BY = {"kfac": ("scale_interval", "basis"), "tkfac": ("scale_interval", "basis"), "ekfac": ("basis",)}
 
 
+#: The optimizer options as the command line spells them (one that names another's prefix,
+#: --damping of --damping-strategy, is that option, not an abbreviation).
+_OPTIONS = {"--" + f.name.replace("_", "-") for f in fields(KroneckerOptions)}
+
+
 def _given(args: argparse.Namespace, name: str) -> bool:
     """Whether ``--name`` is on the command line (``args.argv``; an abbreviation too): given at its
     default value, it is given all the same."""
     option = "--" + name.replace("_", "-")
-    exact = {"--" + f.name.replace("_", "-") for f in fields(KroneckerOptions)}  # --damping is no --damping-strategy
     for token in getattr(args, "argv", ()):
         head = token.split("=", 1)[0]
-        if head == option or (head not in exact and head.startswith("--") and len(head) > 2 and option.startswith(head)):
+        if head == option or (head not in _OPTIONS and head.startswith("--") and len(head) > 2 and option.startswith(head)):
             return True
     return False
 
