@@ -120,20 +120,25 @@ def _by_syrk(rows: Tensor) -> bool:
     from 65 536 rows 30.3 → 17.4 ms, 64 from 131 072 15.0 → 10.1, 289 from 16 384 18.4 → 13.1,
     1152 from 32 768 434 → 357, 2304 from 8192 426 → 417; slower 28 wide (2.07 → 2.30) and 4608
     from 2048 (462 → 729), and for row-major rows (785 wide from 1024: 8.7 → 9.6)."""
-    return rows.stride(0) == 1 and syrk_accumulates(rows)
+    return rows.stride(0) == 1 and rows.shape[0] >= rows.shape[1] and syrk_accumulates(rows)
 
 
-def syrk_accumulates(rows: Tensor) -> bool:
+def syrk_accumulates(rows: Tensor, copied: bool = False) -> bool:
     """Whether :func:`add_gram_` adds the Gram of ``rows`` (``[R, d]``) into its matrix by BLAS
-    ``syrk`` (:func:`curvlab.mkl.syrk_`): ``64 ≤ d ≤ 2400``, ``R ≥ d``, rows stored along ``R`` or
-    row-major with a leading dimension that is a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`).
+    ``syrk`` (:func:`curvlab.mkl.syrk_`): ``64 ≤ d ≤ 2400`` and ``R ≥ d`` (from ``d ≥ 256``,
+    ``2R ≥ d``), rows stored along ``R`` or row-major with a leading dimension that is a multiple
+    of 16 (:data:`curvlab.block.ROW_ALIGNMENT`) — any row-major rows where they are ``copied``
+    (scaled by unequal weights into an aligned copy first).
     Against :func:`gram` and a ``lerp_`` into the matrix (this project's CPU, one thread, float32):
     785 wide from 1024 row-major rows with leading dimension 800 (:meth:`curvlab.block.Block.inputs`)
     6.87 → 4.91 ms; at leading dimension 785 the ``syrk`` was slower than :func:`gram`'s panels
-    (8.7 → 9.6 ms with its mirror)."""
+    (8.7 → 9.6 ms with its mirror).  Against :func:`add_gram_`'s panels from ``d/2`` to ``d`` rows
+    (weighted, the rows a running average folds in): 785 wide from 392 rows 1.69 → 1.52 ms, from
+    588 rows 2.62 → 2.33, 1153 from 576 5.64 → 4.63, 2305 from 1152 39.8 → 34.6, 257 from 128
+    0.10 → 0.08; narrower, the one ``addmm_`` is faster (65 wide from 64 rows: 9.5 against 22 µs)."""
     r, d = rows.shape
-    aligned = rows.stride(0) == 1 or rows.stride(0) % ROW_ALIGNMENT == 0
-    return 64 <= d <= 2400 and r >= d and aligned and syrk_supports(rows)
+    aligned = rows.stride(0) == 1 or rows.stride(0) % ROW_ALIGNMENT == 0 or (copied and rows.stride(1) == 1)
+    return 64 <= d <= 2400 and (r >= d or 256 <= d <= 2 * r) and aligned and syrk_supports(rows)
 
 
 def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
@@ -167,8 +172,9 @@ def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor
     is written and then added; 785 wide from 256 rows 2.80 → 2.11 ms, from 384 rows 4.50 → 3.58,
     this project's CPU, one thread); else one ``addmm_``."""
     d = out.shape[0]
-    if syrk_accumulates(rows):
-        if torch.equal(weights, weights[:1].expand_as(weights)):
+    uniform = syrk_supports(rows) and torch.equal(weights, weights[:1].expand_as(weights))  # CPU: no sync
+    if syrk_accumulates(rows, copied=not uniform):
+        if uniform:
             return syrk_(out, rows, weights[0].item(), beta)
         return syrk_(out, _scaled_rows(rows, weights.sqrt().to(rows.dtype)), 1.0, beta)
     scaled = rows * weights[:, None]
@@ -178,12 +184,13 @@ def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor
 
 
 def _scaled_rows(rows: Tensor, scale: Tensor) -> Tensor:
-    """``scale[r] · rows[r]`` in the memory layout of ``rows`` (its leading dimension kept: the
-    copy stays as aligned as the original)."""
+    """``scale[r] · rows[r]`` in the memory layout of ``rows``, row-major rows with a leading
+    dimension rounded up to a multiple of 16 (:data:`curvlab.block.ROW_ALIGNMENT`), as ``syrk``
+    reads them fastest."""
     r, d = rows.shape
     if rows.stride(0) == 1:  # stored along R
         return (rows.mT * scale).mT
-    return torch.mul(rows, scale[:, None], out=rows.new_empty(r, rows.stride(0))[:, :d])
+    return torch.mul(rows, scale[:, None], out=rows.new_empty(r, -(-d // ROW_ALIGNMENT) * ROW_ALIGNMENT)[:, :d])
 
 
 def _by_upper_panels(out: Tensor, a: Tensor, b: Tensor, beta: float | None) -> Tensor:

@@ -46,11 +46,14 @@ def many_rows_conv(seed: int = 0) -> nn.Sequential:
 
 # a wide layer kept as rows — a Linear layer's (row-major) or a convolution's (stored along R):
 # the model (by seed) and its batches; "…-many": as many rows as columns at least, which syrk adds
-# in (layer "0" of the MLP 301 wide with its bias, its rows 304 apart, from 320 rows)
+# in (layer "0" of the MLP 301 wide with its bias, its rows 304 apart, from 320 rows); "mlp-half":
+# the same layer from 40 rows a batch, kept and folded 160 rows at a time (≥ half its width: syrk
+# adds them in from a copy scaled by their weights)
 WIDE = {
     "mlp": (lambda seed=0: tiny_mlp(seed, d_in=D_IN), wide_batches),
     "conv": (wide_conv, lambda n: batches(n, size=6, shape=(32, 2, 2), seed=3)),
     "mlp-many": (lambda seed=0: tiny_mlp(seed, d_in=300), lambda n: batches(n, size=320, shape=(300,), seed=3)),
+    "mlp-half": (lambda seed=0: tiny_mlp(seed, d_in=300), lambda n: batches(n, size=40, shape=(300,), seed=3)),
     "conv-many": (many_rows_conv, lambda n: batches(n, size=6, shape=(32, 8, 8), seed=3)),
 }
 
