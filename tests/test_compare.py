@@ -181,6 +181,24 @@ def test_bad_arguments() -> None:
         compare(model, loss_fn, x, y, damping=0)
 
 
+def test_settings_take_numpy_scalars() -> None:
+    """``top_k=np.int64(3)`` or ``damping=np.float32(0.1)`` were refused, which the option
+    objects take; they give what the Python numbers give, and bad ones are still named."""
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=4)
+    kwargs = dict(approximations=("kflr",), seed=5)
+    plain = compare(model, loss_fn, x, y, damping=0.5, top_k=2, num_eigenvalues=5, **kwargs)
+    scalars = compare(model, loss_fn, x, y, damping=np.float32(0.5), top_k=np.int64(2),
+                      num_eigenvalues=np.int32(5), **kwargs)
+    xr.testing.assert_identical(scalars.drop_attrs(), plain.drop_attrs())
+    assert (scalars.attrs["damping"], scalars.attrs["top_k"]) == (0.5, 2)
+    assert (type(scalars.attrs["damping"]), type(scalars.attrs["top_k"])) == (float, int)
+    for name, bad in (("damping", np.float64("nan")), ("damping", np.bool_(True)), ("top_k", np.int64(0)),
+                      ("num_eigenvalues", np.bool_(True)), ("top_k", np.float64(2.0))):
+        with pytest.raises(ValueError, match=f"curvlab.compare: {name}="):
+            compare(model, loss_fn, x, y, **{name: bad}, **kwargs)
+
+
 def test_lanczos_path_matches_dense(monkeypatch) -> None:
     """Large Gram matrices use scipy's eigsh; force that path on a small problem."""
     import curvlab.compare.metrics as metrics

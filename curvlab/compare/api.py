@@ -108,7 +108,7 @@ def compare(
     names = [spec(a, "curvlab.compare").name for a in approximations]
     if not names:
         raise ValueError("curvlab.compare: approximations=() names none; measure at least one (default: all)")
-    check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
+    damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     given = {spec(a, "curvlab.compare (damping_strategies)").name: s for a, s in (damping_strategies or {}).items()}
     unused = sorted(set(given) - set(names))
     if unused:  # a typo fell back to the default damping, silently

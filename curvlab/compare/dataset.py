@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -13,6 +12,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from curvlab._options import is_int, is_number
 from curvlab.approx import KroneckerApproximation
 from curvlab.compare.metrics import (
     ApproximationMetrics,
@@ -55,13 +55,15 @@ CONVENTIONS = (
 )
 
 
-def check_settings(*, damping: float, top_k: int, num_eigenvalues: int) -> None:
-    """Refuse settings no comparison can use, naming the argument."""
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
+def check_settings(*, damping: float, top_k: int, num_eigenvalues: int) -> tuple[float, int, int]:
+    """Refuse settings no comparison can use, naming the argument; return them as Python numbers
+    (numpy scalars are taken, as by the option objects, and kept out of the dataset's attributes)."""
+    if not is_number(damping) or damping <= 0:
         raise ValueError(f"curvlab.compare: damping={damping!r} must be a positive finite number (blocks are rank-deficient)")
     for name, value in (("top_k", top_k), ("num_eigenvalues", num_eigenvalues)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"curvlab.compare: {name}={value!r} must be a positive int")
+    return float(damping), int(top_k), int(num_eigenvalues)
 
 
 def _pad(values: Tensor, length: int) -> np.ndarray:
@@ -99,7 +101,7 @@ def measure(
         attrs: extra dataset attributes (model, data, seed, ...).
         progress: optional wrapper for a progress bar over layers.
     """
-    check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
+    damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     layers = list(stats)
     kronecker_first = sorted(layers, key=lambda l: stats[l].kind != "kronecker")  # stable: model order
     names = list(dict.fromkeys(a for layer in kronecker_first for a in approximations[layer]))
