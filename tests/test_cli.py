@@ -172,6 +172,8 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["--batch-size", "100000"], "batch size 100000 must be in [1, 1500]"),
         (["--fisher", "hessian"], "--fisher: invalid choice: 'hessian'"),
         (["--device", "tpu"], "device 'tpu'"),
+        (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]"),
+        (["--seed", str(2**64)], "--seed: expected an integer in [0, 4294967295]"),  # torch: "Overflow when unpacking"
     ],
 )
 def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,6 +193,8 @@ def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pyt
         (["--optimizer", "adam", "--momentum", "0.5"], "--momentum given, which --optimizer adam does not use"),
         (["--momentum", "1.5"], "momentum=1.5 must be in [0, 1)"),
         (["--hidden", ""], "--hidden '': expected comma-separated positive integers"),
+        (["--seed", "-3"], "--seed: expected an integer in [0, 4294967295]"),
+        (["--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 4294967295]"),  # seed + 1 overflowed torch
     ],
 )
 def test_train_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

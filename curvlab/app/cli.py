@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from curvlab.app.allocator import add_malloc_option, apply_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
+from curvlab.app.seed import add_seed_option
 from curvlab.app.train.cli import add_train_parser
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "measuring, so the curvature is not that of a random init; 0 measures the init (default: %(default)s)",
     )
     what.add_argument("--lr", type=_positive_float, default=default.lr, help="Adam learning rate of those steps (default: %(default)s)")
-    what.add_argument("--seed", type=int, default=default.seed, help="seeds the model init, the training, the batch and MC sampling (default: %(default)s)")
+    add_seed_option(what, default.seed, "seeds the model init, the training, the batch and MC sampling")
 
     how = parser.add_argument_group("comparison")
     how.add_argument(

@@ -13,6 +13,7 @@ from curvlab.app.models import MODELS, MODES
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
+from curvlab.app.seed import add_seed_option
 from curvlab.app.train.config import OPTIMIZERS, TrainConfig, check_batches, curvature_layers, default_lr
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -83,7 +84,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--train-size", type=int, default=d.train_size, help="train on a seeded subset of this many examples")
     run.add_argument("--test-size", type=int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    add_seed_option(run, d.seed, "seeds the model init, the data subsets, the batches, the probe and MC sampling")
     run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT, kept aside until the new run saves its first checkpoint (without it, such a folder is refused)")
