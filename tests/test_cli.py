@@ -98,6 +98,28 @@ def test_user_model_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert ds.attrs["model"] == f"{module}:make"
 
 
+def test_summary_counts_the_parameters_the_blocks_cover(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A frozen layer (requires_grad=False) has no block: the summary said "910 parameters" of a
+    model whose blocks cover 130."""
+    module = tmp_path / "frozen.py"
+    module.write_text(
+        "from torch import nn\n"
+        "def make(input_shape, num_classes):\n"
+        "    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, num_classes))\n"
+        "    net[1].requires_grad_(False)\n"
+        "    return net\n"
+    )
+    out = tmp_path / "out"
+    code = main(["report", *FAST, "--train-steps", "1", "--approximations", "kflr", "--model", f"{module}:make",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ds = read_netcdf(out / "report.nc")
+    assert list(ds["num_params"].values) == [13 * 10]
+    assert (ds.attrs["num_trainable_params"], ds.attrs["num_model_params"]) == (13 * 10, 65 * 12 + 13 * 10)
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "(130 trainable parameters; 780 frozen, requires_grad=False, not measured)" in summary
+
+
 def test_report_refusals_that_a_sweep_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Each was a traceback, a run that failed only after its compute, or an option silently dropped."""

@@ -301,6 +301,8 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "model": cfg.model,
         "model_class": type(model).__name__,
         "num_model_params": sum(p.numel() for p in model.parameters()),
+        # the blocks cover these (less any --skip-unsupported leaves out); frozen ones are not measured
+        "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "dataset": data.name,
         "data": data.description,
         "data_dir": data_source(cfg.dataset, cfg.data_dir),

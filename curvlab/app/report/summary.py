@@ -139,7 +139,11 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
             value = ds.attrs[key]
             if key == "damping_strategies":
                 value = ", ".join(f"{s.partition('=')[0]}: {s.partition('=')[2]}" for s in str(value).split(";") if s)
-            elif key == "model" and "num_model_params" in ds.attrs:
+            elif key == "model" and "num_trainable_params" in ds.attrs:  # what the blocks cover
+                frozen = ds.attrs["num_model_params"] - ds.attrs["num_trainable_params"]
+                value = (f"{value} ({_fmt(ds.attrs['num_trainable_params'])} trainable parameters"
+                         + (f"; {_fmt(frozen)} frozen, requires_grad=False, not measured)" if frozen else ")"))
+            elif key == "model" and "num_model_params" in ds.attrs:  # (a report.nc written before)
                 value = f"{value} ({_fmt(ds.attrs['num_model_params'])} parameters)"
             elif key == "data" and "num_train_examples" in ds.attrs:
                 value = f"{value}; batch drawn from {_fmt(ds.attrs['num_train_examples'])} training examples"
