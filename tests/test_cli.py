@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from curvlab.app import cli
 from curvlab.app.cli import main
@@ -56,6 +57,23 @@ def test_report_on_digits_writes_all_files(tmp_path: Path, capsys: pytest.Captur
     assert "kfac=exact" in ds.attrs["damping_strategies"]
     assert "scikit-learn digits" in ds.attrs["data"]
     assert "scikit-learn digits" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_report_variables_say_what_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """report.nc's variables had no attributes: each has a CF long_name, the dimensionless ones
+    units "1"; the curvature's own (the loss's per parameter²) are unknown, so left out."""
+    out = tmp_path / "run"
+    assert main(["report", *FAST, "--train-steps", "0", "--approximations", "kfac,tekfac", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    with xr.open_dataset(out / "report.nc", engine="h5netcdf") as ds:
+        for name, var in ds.variables.items():
+            assert isinstance(var.attrs.get("long_name"), str) and len(var.attrs["long_name"]) > 10, name
+        for name in ("trace_ratio", "rel_frobenius_error", "projection_error", "scaling_error", "ng_cosine",
+                     "ng_rel_error", "subspace_overlap", "coupling_error", "network_rel_frobenius_error",
+                     "network_ng_cosine", "network_ng_rel_error", "network_blockdiag_error"):
+            assert ds[name].attrs["units"] == "1", name
+        for name in ("exact_trace", "exact_eigenvalues", "approx_eigenvalues", "network_exact_trace"):
+            assert "units" not in ds[name].attrs, name
 
 
 def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,6 +36,7 @@ def test_writes_metrics_and_probe_time_series(tmp_path: Path) -> None:
     assert metrics.steps.values[-1] == 12
     probe = xr.open_dataset(paths["probe"]).load()
     assert list(probe.step.values) == [0, 3, 6, 9, 12]
+    assert all(var.attrs.get("long_name") for var in probe.variables.values())  # CF: what each one is
     assert set(probe.layer.values) == {"1", "3"}
     assert "tekfac@optimizer" in probe.approximation.values
     own = probe.rel_frobenius_error.sel(approximation="tekfac@optimizer")

@@ -55,6 +55,46 @@ CONVENTIONS = (
 )
 
 
+#: CF attributes of the dataset's variables: name → (long_name, units); units only where they
+#: are known: "1" for ratios, cosines and relative errors (the blocks' own units follow the loss's
+#: and the parameters', which curvlab does not know).
+VARIABLE_ATTRS: dict[str, tuple[str, str | None]] = {
+    "trace_ratio": ("trace of the approximation over trace of the exact block, tr(F_hat)/tr(F)", "1"),
+    "rel_frobenius_error": ("relative Frobenius error of the approximation, ||F - F_hat||_F/||F||_F", "1"),
+    "projection_error": ("projection error: Frobenius norm of the off-diagonal part of F in the "
+                         "approximation's eigenbasis over ||F||_F", "1"),
+    "scaling_error": ("scaling error: distance of the approximation's eigenvalues from the best ones "
+                      "in its eigenbasis over ||F||_F", "1"),
+    "ng_cosine": ("cosine between the approximation's and the exact damped natural gradients", "1"),
+    "ng_rel_error": ("relative error of the approximation's damped natural gradient", "1"),
+    "subspace_overlap": ("overlap of the top-k eigenvector subspaces of the exact block and the approximation", "1"),
+    "exact_trace": ("trace of the exact curvature block", None),
+    "exact_frobenius": ("Frobenius norm of the exact curvature block", None),
+    "exact_eigenvalues": ("eigenvalues of the exact curvature block, largest first (NaN-padded)", None),
+    "approx_eigenvalues": ("eigenvalues of the approximation, largest first (NaN-padded)", None),
+    "coupling_error": ("relative Frobenius distance from F of the block the Kronecker statistics describe "
+                       "(examples coupled by train-mode BatchNorm)", "1"),
+    "coupling_trace_ratio": ("trace of the block the Kronecker statistics describe over tr(F)", "1"),
+    "network_rel_frobenius_error": ("relative Frobenius error of the block-diagonal approximation of the "
+                                    "whole-network curvature", "1"),
+    "network_ng_cosine": ("cosine between the block-diagonal approximation's and the exact whole-network "
+                          "damped natural gradients", "1"),
+    "network_ng_rel_error": ("relative error of the block-diagonal approximation's whole-network damped "
+                             "natural gradient", "1"),
+    "network_trace_ratio": ("trace of the block-diagonal approximation over the whole-network trace", "1"),
+    "network_exact_eigenvalues": ("eigenvalues of the exact whole-network curvature, largest first", None),
+    "network_exact_trace": ("trace of the exact whole-network curvature", None),
+    "network_blockdiag_error": ("relative Frobenius error of the exact block-diagonal curvature (the floor of "
+                                "every block-diagonal approximation)", "1"),
+    "layer": ("curvature block (module path, or parameter path of a parameter block)", None),
+    "approximation": ("curvature approximation", None),
+    "eig": ("eigenvalue index, largest first", None),
+    "num_params": ("parameters in the block", "1"),
+    "module_type": ("class of the block's module", None),
+    "block_kind": ("kind of block: kronecker or parameter", None),
+}
+
+
 def check_settings(*, damping: float, top_k: int, num_eigenvalues: int) -> tuple[float, int, int]:
     """Refuse settings no comparison can use, naming the argument; return them as Python numbers
     (numpy scalars are taken, as by the option objects, and kept out of the dataset's attributes)."""
@@ -178,6 +218,8 @@ def measure(
     }
     first = stats[layers[0]]
     ds = xr.Dataset(data, coords=coords)
+    for name, (long_name, units) in VARIABLE_ATTRS.items():
+        ds[name].attrs.update({"long_name": long_name, **({"units": units} if units else {})})
     ds.attrs.update(
         {
             "flavour": first.flavour,

@@ -121,7 +121,8 @@ class Probe:
             ds = ds.reindex(approximation=[own, *ds.approximation.values])
             ds.attrs["damping_strategies"] = f"{own}={strategies[own]};{ds.attrs['damping_strategies']}"
         ds = ds.expand_dims(step=[step])
-        ds["batch_loss"] = ("step", [stats.loss.item()])
+        ds["step"].attrs["long_name"] = "optimizer steps taken before the probe"
+        ds["batch_loss"] = ("step", [stats.loss.item()], {"long_name": "loss on the probe batch"})
         ds.attrs.pop("batch_loss", None)
         ds.attrs.pop("created", None)  # each probe's own time: the series would keep it only by chance
         self.records.append(ds)
