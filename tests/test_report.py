@@ -183,7 +183,18 @@ def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ReportError, match="CUDA is not available"):
             run_report(model="mlp", dataset="digits", device="cuda", out_dir=tmp_path)
+    for name, value in (("truncate_above", -1), ("truncate_above", 2.5), ("truncate_above", True),
+                        ("truncation_rank", 0)):
+        with pytest.raises(ReportError, match=f"{name}={value!r} must be an int"):
+            run_report(model="mlp", dataset="digits", out_dir=tmp_path, train_steps=0, **{name: value})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_report_takes_numpy_integers_for_the_truncation(tmp_path: Path) -> None:
+    """As the option objects do (curvlab._options.is_int): np.int64 is an int."""
+    paths = run_report(model="mlp", dataset="digits", batch_size=10, approximations=("kfac",), train_steps=0,
+                       truncate_above=np.int64(100), truncation_rank=np.int64(8), out_dir=tmp_path, progress=False)
+    assert read_netcdf(paths["report"]).attrs["factor_eigh"].startswith("truncated above 100 to rank 8")
 
 
 def test_run_report_accepts_0_1_positional_arguments_with_a_warning(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curvlab._options import is_int
 from curvlab.app.data import Dataset, data_source, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES, check_report_folder, write_report  # noqa: F401 (re-exported)
@@ -87,7 +88,7 @@ class ReportConfig:
             ReportError: either is not an int, or negative (the rank: not positive)."""
         for name, least in (("truncate_above", 0), ("truncation_rank", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_int(value) or value < least:
                 raise ReportError(f"{name}={value!r} must be an int ≥ {least}")
         return EighPolicy(truncate_above=self.truncate_above, rank=self.truncation_rank) if self.truncate_above else None
 
