@@ -15,11 +15,14 @@ from curvlab.extract import maths
 from helpers_approx import DT, linear_block, rel, to_flat
 
 NAMES = ("kfac", "tkfac", "ekfac", "tekfac")
-#: (d_out = 3, D = 5): "in" truncates D only, "both" both sides.
+#: "in" truncates D only, "both" both sides (d_out = 3, D = 5); "out" d_out only (d_out = 5, D = 3).
 POLICIES = {
     "in": EighPolicy(truncate_above=3, rank=2),
     "both": EighPolicy(truncate_above=2, rank=1),
+    "out": EighPolicy(truncate_above=3, rank=2),
 }
+#: (d_out, weight columns) of each policy's block
+SHAPES = {"in": (3, 4), "both": (3, 4), "out": (5, 2)}
 
 
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,8 @@ def test_truncated_approximation_matches_its_dense_definition(name: str, policy:
     """Products, damped inverses (every strategy), trace, norm and spectrum of a truncated
     approximation are those of Σ s P_a ⊗ P_b; the Kronecker products are G̃ ⊗ Ã of the
     truncated factors."""
-    stats = linear_block(0, bias=True, d_out=3, d_w=4, n=9)
+    d_out, d_w = SHAPES[policy]
+    stats = linear_block(0, bias=True, d_out=d_out, d_w=d_w, n=9)
     approx = approximate(stats, name, eigh=POLICIES[policy])
     assert approx.truncated
     dense = dense_truncated(approx)
