@@ -493,8 +493,9 @@ def test_an_input_changed_after_the_backward_is_refused(stats: tuple[str, ...]) 
             torch.testing.assert_close(got.sqrt.matrices(), m, rtol=1e-10, atol=1e-12)
 
 
-CONV_CASES = {  # D ≥ 256 weight columns at T ≥ 1024 output locations
+CONV_CASES = {  # D ≥ 64 weight columns at T ≥ 1024 output locations
     "2d-bias": (lambda: nn.Conv2d(29, 2, 3, padding=1), (29, 32, 32), False),
+    "2d-narrow": (lambda: nn.Conv2d(8, 2, 3, padding=1), (8, 32, 32), False),  # D = 72 + the bias
     "2d-bias-apart": (lambda: nn.Conv2d(29, 2, 3, padding=1), (29, 32, 32), True),
     "2d-strided-dilated-reflect": (
         lambda: nn.Conv2d(29, 2, 3, stride=2, padding=2, dilation=2, padding_mode="reflect", bias=False), (29, 66, 66), False),
@@ -506,7 +507,7 @@ CONV_CASES = {  # D ≥ 256 weight columns at T ≥ 1024 output locations
 @pytest.mark.parametrize("stats", [("tkfac", "kfe"), ("tkfac",), ("sqrt",), ("kfac", "kfe")])
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_convolution_statistics_with_many_locations_match_the_patches(case: str, stats: tuple[str, ...]) -> None:
-    """A convolution with ≥ 1024 output locations and ≥ 256 weight columns, whose per-sample
+    """A convolution with ≥ 1024 output locations and ≥ 64 weight columns, whose per-sample
     products the autograd engine forms without unfolding its input (on the CPU): every statistic equals the dense sums over
     ``M_k = Σ_t g_k x_kᵀ`` from the patches (the engine's roots ``g``; the bias as a row of ones),
     in one block or with the bias apart, for every padding, stride and dimension."""

@@ -181,13 +181,16 @@ class ConvInputs:
     :meth:`per_sample` forms the products ``M_{c,n} = Σ_t g_{c,n} x_nᵀ`` without the patches where
     they are not unfolded yet and that measured faster: each chunk's weight gradients by torch's
     convolution backward with the examples as groups (``torch.nn.grad.conv{1,2,3}d_weight``) for
-    kernels of several taps, ``D ≥ 256`` and ``T ≥ 1024`` on the CPU.  Timed inside ResNet-18's
+    kernels of several taps, ``D ≥ 64`` and ``T ≥ 1024`` on the CPU.  Timed inside ResNet-18's
     TKFAC statistics steps at N = 128 (this project's CPU, one thread, float32) against the
     patches' copy and a batched GEMM: the 64-channel 3×3 convolutions at 32×32 (``D`` = 576)
     219–339 → 152–172 ms each; slower for the 3-channel stem at 32×32 (13 → 19 ms), the
     128-channel ones at 16×16 (64–77 → 86–89 ms a chunk) and, measured alone, a 1×1 convolution
-    (16 → 41 ms) and 64 locations (386 → 762 ms).  TKFAC's and TEKFAC's per-sample routes read
-    nothing else, so those layers are never unfolded for them.
+    (16 → 41 ms) and 64 locations (386 → 762 ms).  Measured alone at 32×32, N = 64, 3×3: 16 → 32
+    channels (``D`` = 144, the CNN benchmark's second convolution) 19.7 → 6.0 ms, 16 → 16 17.7 →
+    3.4, 16 → 64 24.2 → 9.7, 12 → 32 (``D`` = 108) 13.6 → 11.6, 8 → 16 (``D`` = 72) 8.1 → 2.4, 8 → 64
+    12.4 → 8.6.  TKFAC's and TEKFAC's per-sample routes read nothing else, so those layers are
+    never unfolded for them.
     """
 
     def __init__(self, block: Block, call: "LayerCall") -> None:
@@ -215,7 +218,7 @@ class ConvInputs:
     def per_sample(self, g: Tensor, examples: slice) -> Tensor:
         conv = self.call.module
         if (self._dense is not None or self.block.weight is None or math.prod(conv.kernel_size) == 1
-                or self.shape[1] < 256 or self.shape[2] < 1024 or g.device.type != "cpu"):
+                or self.shape[1] < 64 or self.shape[2] < 1024 or g.device.type != "cpu"):
             return maths.per_sample_products(g, self.dense()[examples])
         check_unmodified(self.call.name, self.call.inp, self.call.version)
         weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[
