@@ -438,8 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_malloc_option(args.malloc, _model_outline(args) if args.malloc == "auto" else None)
     try:
         return int(args.handler(args, subs[args.command]))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
+        print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import codecs
 import ctypes
 import datetime
 import gc
@@ -27,8 +28,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -182,29 +185,68 @@ def _destroy_group() -> None:
 STOP_SECONDS = 60.0
 
 
+class Stopped(KeyboardInterrupt):
+    """The launcher was stopped by a signal (``signal_name``: ``"SIGTERM"``, ``"SIGINT"``)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 def relaunch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``curvlab <argv>`` (without its ``--nproc``) on ``nproc`` local processes with torchrun;
     return torchrun's exit status.
 
     Stopping this process (SIGINT, SIGTERM) stops the ranks: torchrun is sent SIGTERM, which it
     passes to its workers (each in a session of its own, out of reach of a signal to this
-    process's group), and waited for — killing it outright would leave them running."""
+    process's group), and waited for — killing it outright would leave them running — and
+    :class:`Stopped` is raised.  torchrun's and the ranks' stderr passes through this process,
+    up to the stop: what torchrun prints when stopped (its own traceback, its workers'
+    shutdown) is dropped, so that the command ends with one line."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "curvlab", *without_nproc(argv)]
     print("curvlab: " + " ".join(command[1:]), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # before torchrun starts: it is never left behind
+    proc, forward, quiet = None, None, threading.Event()
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        _stop(proc)
-        raise
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+        forward = threading.Thread(target=_forward, args=(proc.stderr, quiet), daemon=True)
+        forward.start()
+        code = proc.wait()
+        forward.join(timeout=10.0)  # the ranks' last words (a failing rank's message) first; a rank left behind holds the pipe
+        return code
+    except KeyboardInterrupt as err:
+        quiet.set()
+        if proc is not None:
+            _stop(proc)
+        if forward is not None:
+            forward.join(timeout=5.0)
+        raise err if isinstance(err, Stopped) else Stopped("SIGINT") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _forward(pipe: IO[bytes], quiet: threading.Event) -> None:
+    """Copy ``pipe`` to this process's stderr as it comes (progress bars too), until ``quiet``."""
+    out = getattr(sys.stderr, "buffer", None)
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    while chunk := os.read(pipe.fileno(), 1 << 16):
+        if quiet.is_set():
+            continue  # read on: torchrun must not block on a full pipe while it stops
+        try:
+            if out is not None:
+                sys.stderr.flush()
+                out.write(chunk)
+                out.flush()
+            else:  # (a text-only stderr, as under a test's capture)
+                sys.stderr.write(decode(chunk))
+                sys.stderr.flush()
+        except (OSError, ValueError):  # stderr closed: the run goes on
+            quiet.set()
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Stopped(signal.Signals(signum).name)
 
 
 def _stop(proc: subprocess.Popen) -> None:

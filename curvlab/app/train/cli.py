@@ -7,6 +7,7 @@ choices, defaults and help texts are defined there once).
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import MISSING, fields
 
 from curvlab.app.models import MODELS, MODES
@@ -166,7 +167,8 @@ def _widths(text: str) -> tuple[int, ...]:
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
     from curvlab.app.data import DataError
-    from curvlab.app.launch import Ranks, join_process_group, leave_process_group, relaunch_with_data, wants_relaunch
+    from curvlab.app.launch import (Ranks, Stopped, join_process_group, leave_process_group, relaunch_with_data,
+                                    wants_relaunch)
     from curvlab.app.report.run import resolve_device
     from curvlab.app.train.loop import train
 
@@ -192,7 +194,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         **cfg.model_kwargs)
             check_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
 
-        return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)
+        try:
+            return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)
+        except Stopped as err:  # one line, not torchrun's tracebacks (dropped by relaunch)
+            from curvlab.app.train.loop import CHECKPOINT
+
+            where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
+                     else f"no epoch had finished: nothing to resume in {cfg.out_dir}")
+            print(f"curvlab train: stopped by {err.signal_name}; {where}", file=sys.stderr, flush=True)
+            return 130
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
