@@ -16,7 +16,7 @@ T = TypeVar("T", bound="OptionSet")
 
 def is_int(value: object) -> bool:
     """An integer option's value: an int or numpy integer, not a bool (``True`` is no count)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy.bool_))
+    return isinstance(value, numbers.Integral) and not is_flag(value)
 
 
 def is_number(value: object) -> bool:

@@ -187,7 +187,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print_error(parser, err, usage=True)
             return 2
         from curvlab.app.models.check import check_model
-        from curvlab.app.train.run_folder import check_run_folder
+        from curvlab.app.train.run_folder import CHECKPOINT, check_run_folder
 
         def checks() -> None:
             check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg),
@@ -197,8 +197,6 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         try:
             return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)
         except Stopped as err:  # one line, not torchrun's tracebacks (dropped by relaunch)
-            from curvlab.app.train.loop import CHECKPOINT
-
             where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
                      else f"no epoch had finished: nothing to resume in {cfg.out_dir}")
             print(f"curvlab train: stopped by {err.signal_name}; {where}", file=sys.stderr, flush=True)
