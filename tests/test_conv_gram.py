@@ -27,6 +27,8 @@ CASES = {
     "1d-k5-p2": (lambda: nn.Conv1d(3, 2, 5, padding=2), (4, 3, 11)),
     "1d-k4-same": (lambda: nn.Conv1d(3, 2, 4, padding="same", bias=False), (4, 3, 9)),
     "2d-3x3-p1": (lambda: nn.Conv2d(3, 2, 3, padding=1), (3, 3, 6, 5)),
+    # many positions along the first dimension: the input framed along it too (few: sliced)
+    "2d-3x3-p1-tall": (lambda: nn.Conv2d(3, 2, 3, padding=1), (2, 3, 40, 6)),
     "2d-3x5-p(1,2)": (lambda: nn.Conv2d(2, 2, (3, 5), padding=(1, 2), bias=False), (3, 2, 7, 6)),
     "2d-valid": (lambda: nn.Conv2d(2, 2, 3), (3, 2, 7, 6)),
     "2d-padding-beyond-taps": (lambda: nn.Conv2d(2, 2, 3, padding=3), (2, 2, 5, 6)),
@@ -54,17 +56,22 @@ def test_input_gram_equals_the_gram_of_the_patches(case: str) -> None:
 
 def test_taken_where_cheaper_and_only_for_what_it_computes() -> None:
     """Stride 1, dilation 1, zero padding, several taps, and measurably cheaper than the patches'
-    Gram: ResNet-18's 3×3 layers at 32×32–4×4, not at 2×2 nor the other kinds."""
+    Gram: ResNet-18's 3×3 layers at 32×32–4×4 (and 2×2), not the other kinds."""
     conv = lambda c, **kw: nn.Conv2d(c, c, 3, padding=1, **kw)
     assert conv_gram.applies(conv(64), (128, 64, 32, 32))
     assert conv_gram.applies(conv(512), (128, 512, 4, 4))
-    assert not conv_gram.applies(conv(512), (128, 512, 2, 2))  # the zeros cost more than they save
+    assert conv_gram.applies(conv(512), (128, 512, 2, 2))
     assert not conv_gram.applies(conv(3), (64, 3, 32, 32))  # too small to be worth it
     for other in (conv(64, stride=2), conv(64, dilation=2), conv(64, padding_mode="reflect"), conv(64, groups=2),
                   nn.Conv2d(64, 64, 1)):
         assert not conv_gram.applies(other, (128, 64, 32, 32))
+    # 13 shifts of the input framed by two zeros after every line, or (where that reads 10 % fewer
+    # columns) along the first dimension only the positions with a partner: 4×4, shifts by 0, 1, 2
+    # rows (3, 5, 5 shifts along the other dimension) read 4, 3, 2 rows of 4 + 2 columns
     by_shifts, by_patches = conv_gram.flops(conv(64), (128, 64, 32, 32))
     assert by_shifts == 13 * 2 * 64 * 64 * 128 * 34 * 34 and by_patches == 576 * 577 * 128 * 32 * 32
+    by_shifts, _ = conv_gram.flops(conv(512), (128, 512, 4, 4))
+    assert by_shifts == 2 * 512 * 512 * 128 * (3 * 4 + 5 * 3 + 5 * 2) * 6
 
 
 def test_the_extraction_takes_it_for_kfac() -> None:

@@ -6,17 +6,23 @@ over the image positions ``p`` the tap ``i`` reads, with ``δ = i' − i``.  Ove
 position that sum is one GEMM per shift ``δ`` (``F_δ``; ``F_{−δ} = F_δᵀ``, so half of them): the
 input is laid out once as ``[C, N·Π(S + k − 1)]``, every image line followed by ``k − 1`` zeros
 (one gap serves both neighbours), where a shift is a flat offset and its products off the image
-meet a zero.  A tap leaves out a few border lines of the image (padding below ``k − 1``); those
-are subtracted by inclusion–exclusion over the spatial dimensions (a line, then the corners
-counted twice), each a GEMM over the line.
+meet a zero.  On small images most of those products are such zeros; there the first spatial
+dimension goes before the examples, without gaps, ``[C, S₁·N·Π_{>1}(S + k − 1)]``, and a shift
+by ``δ₁`` multiplies only the ``S₁ − |δ₁|`` positions with a partner, one slice of the columns.
+A tap leaves out a few border lines of the image (padding below ``k − 1``); those are subtracted
+by inclusion–exclusion over the spatial dimensions (a line, then the corners counted twice),
+each a GEMM over the line.
 
-Flops: ``⌈Π(2k − 1)/2⌉`` GEMMs of ``2·C²·N·Π(S + k − 1)`` against the patches' Gram's
+Flops: ``⌈Π(2k − 1)/2⌉`` GEMMs of at most ``2·C²·N·Π(S + k − 1)`` against the patches' Gram's
 ``(C·Πk)²·N·Π(S_out)`` (BLAS ``syrk``), and no ``Πk``-fold copy of the input into patches.
-Measured (one CPU thread, float32, 3×3 taps, padding 1; this project's AMD EPYC), against the
-patches' copy and their Gram as :func:`curvlab.gram.gram` forms it: 16 channels at 32×32,
-N = 64 (the CNN benchmark) 50 → 11 ms; ResNet-18's at N = 128: 64 channels at 32×32 788 → 241 ms,
-128 at 16×16 628 → 238, 256 at 8×8 548 → 294, 512 at 4×4 637 → 505.  :func:`applies` takes the
-shifts below 0.8 of the flops (at 2×2, 1.28: not taken).
+Measured (one CPU thread, float32, 3×3 taps, padding 1, freed memory reused; this project's
+Intel Xeon, the other core busy), against the patches' copy and their Gram as
+:func:`curvlab.gram.gram` forms it: ResNet-18's at N = 128 (framed, each block written into its
+place → sliced where it reads fewer columns, a row of blocks at a time): 64 channels at 32×32
+142 ms (framed either way), 128 at 16×16 135 → 117, 256 at 8×8 174 → 124, 512 at 4×4 277 → 144
+(its patches 297), 512 at 2×2 160 → 63 (its patches 86).  Earlier, on the AMD EPYC, against the
+patches: 16 channels at 32×32, N = 64 (the CNN benchmark) 50 → 11 ms; 64 at 32×32 788 → 241.
+:func:`applies` takes the shifts below 0.8 of the patches' flops.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+#: Lay the input out with its first dimension sliced where that reads below this share of the
+#: framed layout's columns: its two GEMM operands lie further apart in memory, which costs 10–14 %
+#: of the GEMM's rate at 64 channels (:func:`_laid_out`).
+SLICED_BELOW = 0.9
 #: Take the shifts where their flops are below this share of the patches' Gram's (see above)…
 CHEAPER_BELOW = 0.8
 #: …and the patches' Gram is worth it: below, the border terms' Python costs about what the
@@ -50,15 +60,29 @@ def applies(conv: nn.Module, shape: Sequence[int]) -> bool:
 
 def flops(conv: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
     """``(by shifts, by patches)``: the GEMM flops of :func:`input_gram` for a stride-1 ``conv`` on
-    an input of ``shape`` (``[N, C, *S]``), and the upper triangle of the patches' Gram
-    (``syrk``'s); the border terms and the bias row left out."""
+    an input of ``shape`` (``[N, C, *S]``) in the layout it takes (:func:`_shifted_positions`), and
+    the upper triangle of the patches' Gram (``syrk``'s); the border terms and the bias row left
+    out."""
     n, c, *size = shape
     kernel = conv.kernel_size
     out = _locations(size, kernel, padding(conv))
-    shifts = -(-math.prod(2 * k - 1 for k in kernel) // 2)
     d = c * math.prod(kernel)
-    return (shifts * 2 * c * c * n * math.prod(s + k - 1 for s, k in zip(size, kernel)),
-            d * (d + 1) * n * max(0, math.prod(out)))
+    return 2 * c * c * n * _layout(size, kernel)[1], d * (d + 1) * n * max(0, math.prod(out))
+
+
+def _layout(size: Sequence[int], kernel: Sequence[int]) -> tuple[bool, int]:
+    """Which layout :func:`_laid_out` takes, and the columns per example that the GEMMs of every
+    shift lexicographically ≥ 0 read in it: the image framed along every dimension, or with the
+    positions along the first dimension sliced to those with a partner (``|δ₁|`` fewer and no gap
+    there) — where that reads below :data:`SLICED_BELOW` of the framed layout's columns."""
+    shifts = math.prod(2 * k - 1 for k in kernel)
+    framed = -(-shifts // 2) * math.prod(s + k - 1 for s, k in zip(size, kernel))
+    inner = math.prod(s + k - 1 for s, k in zip(size[1:], kernel[1:]))
+    others = shifts // (2 * kernel[0] - 1)
+    # along the first dimension, δ₁ = 0 takes half the other dimensions' shifts (δ = 0 with them),
+    # every δ₁ > 0 all of them
+    sliced = inner * (-(-others // 2) * size[0] + others * sum(max(0, size[0] - v) for v in range(1, kernel[0])))
+    return (True, sliced) if sliced < SLICED_BELOW * framed else (False, framed)
 
 
 def padding(conv: nn.Module) -> list[tuple[int, int]]:
@@ -77,61 +101,92 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
     dims = len(size)
     margin = [k - 1 for k in kernel]
     out = _locations(size, kernel, pads)
-    # every image followed by k − 1 zeros along each dimension, and the whole by a margin of zeros
-    # on both sides: a shift is then a flat offset whose products off the image meet a zero
-    framed_size = [s + e for s, e in zip(size, margin)]
-    steps = [math.prod(framed_size[s + 1:]) for s in range(dims)]
-    edge = sum(e * st for e, st in zip(margin, steps))
+    sliced = _layout(size, kernel)[0]
+    flat, edge, steps, image = _laid_out(inp, margin, sliced)
+
+    # F_δ over every image position, for each shift δ lexicographically ≥ 0 (F_{−δ} = F_δᵀ; the
+    # blocks read only those); along the first dimension of a sliced layout, over the positions
+    # with a partner
+    shifts = [v for v in itertools.product(*(range(-e, e + 1) for e in margin)) if v >= tuple(-u for u in v)]
+    by_shift = dict(zip(shifts, inp.new_empty(len(shifts), c, c)))
+    for delta, f in by_shift.items():
+        lo, hi = 0, flat.shape[1] - 2 * edge
+        if sliced:
+            lo, hi = max(0, -delta[0]) * steps[0], (size[0] - max(0, delta[0])) * steps[0]
+        if hi <= lo:
+            f.zero_()
+            continue
+        offset = sum(v * st for v, st in zip(delta, steps))
+        torch.mm(flat[:, edge + lo:edge + hi], flat[:, edge + lo + offset:edge + hi + offset].T, out=f)
+
+    # block (i, i') of the Gram ← F_{i' − i}, less the lines tap i leaves out (inclusion–exclusion
+    # over the dimensions); those below the diagonal the transposes of those above.  A row of
+    # blocks at a time, contiguous, then copied into its place in one pass: each block written
+    # into its place, every Πk-th column, took longer (512 channels of 3×3 taps at 4×4: 182 →
+    # 150 ms the whole Gram)
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    left_out = [[_outside(i - lo, out_s, s) for i in range(k)]
+                for k, (lo, _), out_s, s in zip(kernel, pads, out, size)]
+    cache: dict[tuple, Tensor | None] = {}
+
+    def block(tap: tuple[int, ...], other: tuple[int, ...]) -> Tensor:
+        excluded = [left_out[s][i] for s, i in enumerate(tap)]
+        delta = tuple(o - i for o, i in zip(other, tap))
+        total = by_shift[delta]
+        for subset in _nonempty_subsets([s for s in range(dims) if excluded[s]]):
+            key = (subset, tuple(excluded[s] for s in subset), delta)
+            if key not in cache:
+                cache[key] = _lines_product(image, subset, excluded, delta)
+            if cache[key] is not None:
+                total = torch.add(total, cache[key], alpha=-1.0 if len(subset) % 2 else 1.0)
+        return total
+
+    d = c * math.prod(kernel)
+    gram = inp.new_empty(d + ones, d + ones)
+    rows = gram[:d, :d].view(c, len(taps), c, len(taps))
+    row = inp.new_empty(len(taps), c, c)
+    for a, tap in enumerate(taps):
+        for b, other in enumerate(taps):
+            if b < a:
+                row[b] = block(other, tap).T
+            elif b == a:  # the border terms summed in another order on either side
+                diagonal = block(tap, tap)
+                torch.add(diagonal, diagonal.T, out=row[b]).mul_(0.5)
+            else:
+                row[b] = block(tap, other)
+        rows[:, a].copy_(row.permute(1, 2, 0))
+    if ones:
+        _border_with_ones(gram, image, kernel, left_out, n * math.prod(out))
+    return gram
+
+
+def _laid_out(inp: Tensor, margin: list[int], sliced: bool) -> tuple[Tensor, int, list[int], Tensor]:
+    """``inp`` (``[N, C, *S]``) as ``[C, ·]`` columns where a shift of the image is a flat offset whose
+    products off the image meet a zero: every line followed by ``e = k − 1`` zeros (one gap serves
+    both neighbours), the whole by ``edge`` zeros on both sides.  Framed: columns ordered ``[N,
+    S₁ + e₁, S₂ + e₂, …]``.  ``sliced``: ``[S₁, N, S₂ + e₂, …]``, no gap along the first dimension,
+    whose positions with a partner are then one slice of the columns.  Returns the columns,
+    ``edge``, each dimension's step in them, and the image as a view ``[C, N, *S]``."""
+    n, c, *size = inp.shape
+    gaps = [0 if sliced and s == 0 else e for s, e in enumerate(margin)]
+    framed_size = [s + e for s, e in zip(size, gaps)]
+    steps = [math.prod(framed_size[s + 1:]) for s in range(len(size))]  # within one example…
+    edge = sum(e * st for e, st in zip(gaps, steps))
     length = n * math.prod(framed_size)
     flat = inp.new_empty(c, edge + length + edge)
-    framed = flat[:, edge:edge + length].view(c, n, *framed_size)
+    if sliced:  # …but along the first dimension, over all of them
+        steps[0] *= n
+        framed = flat[:, edge:edge + length].view(c, framed_size[0], n, *framed_size[1:]).transpose(1, 2)
+    else:
+        framed = flat[:, edge:edge + length].view(c, n, *framed_size)
     image = framed[(slice(None), slice(None), *(slice(0, s) for s in size))]
     image.copy_(inp.transpose(0, 1))
     flat[:, :edge].zero_()
     flat[:, edge + length:].zero_()
-    for s, (e, extent) in enumerate(zip(margin, size)):  # the zeros, not the whole tensor's
-        framed.narrow(2 + s, extent, e).zero_()
-
-    # F_δ over every image position, for each shift δ (index δ + margin); F_{−δ} = F_δᵀ
-    full = inp.new_empty(*(2 * e + 1 for e in margin), c, c)
-    for delta in itertools.product(*(range(-e, e + 1) for e in margin)):
-        if delta < tuple(-v for v in delta):
-            continue  # its mirror is computed (lexicographically the larger of the pair)
-        offset = sum(v * st for v, st in zip(delta, steps))
-        at = tuple(v + e for v, e in zip(delta, margin))
-        torch.mm(flat[:, edge:edge + length], flat[:, edge + offset:edge + length + offset].T, out=full[at])
-        if any(delta):
-            full[tuple(e - v for v, e in zip(delta, margin))] = full[at].T
-
-    # block (i, i') of the Gram ← F_{i' − i}, less the lines tap i leaves out (inclusion–exclusion
-    # over the dimensions); the blocks below the diagonal mirror those above
-    d = c * math.prod(kernel)
-    gram = inp.new_empty(d + ones, d + ones)
-    blocks = gram[:d, :d].view(c, *kernel, c, *kernel)
-    left_out = [[_outside(i - lo, out_s, s) for i in range(k)]
-                for k, (lo, _), out_s, s in zip(kernel, pads, out, size)]
-    cache: dict[tuple, Tensor | None] = {}
-    taps = list(itertools.product(*(range(k) for k in kernel)))
-    for a, tap in enumerate(taps):
-        excluded = [left_out[s][i] for s, i in enumerate(tap)]
-        subsets = _nonempty_subsets([s for s in range(dims) if excluded[s]])
-        for other in taps[a:]:
-            delta = tuple(o - i for o, i in zip(other, tap))
-            block = full[tuple(v + e for v, e in zip(delta, margin))].clone()
-            for subset in subsets:
-                key = (subset, tuple(excluded[s] for s in subset), delta)
-                if key not in cache:
-                    cache[key] = _lines_product(image, subset, excluded, delta)
-                if cache[key] is not None:
-                    block.add_(cache[key], alpha=-1.0 if len(subset) % 2 else 1.0)
-            if other == tap:  # the border terms summed in another order on either side
-                block = (block + block.T) * 0.5
-            else:
-                blocks[(slice(None), *other, slice(None), *tap)] = block.T
-            blocks[(slice(None), *tap, slice(None), *other)] = block
-    if ones:
-        _border_with_ones(gram, image, kernel, left_out, n * math.prod(out))
-    return gram
+    for s, (e, extent) in enumerate(zip(gaps, size)):  # the zeros, not the whole tensor's
+        if e:
+            framed.narrow(2 + s, extent, e).zero_()
+    return flat, edge, steps, image
 
 
 def _locations(size: Sequence[int], kernel: Sequence[int], pads: list[tuple[int, int]]) -> list[int]:
