@@ -187,6 +187,10 @@ def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
                         ("truncation_rank", 0)):
         with pytest.raises(ReportError, match=f"{name}={value!r} must be an int"):
             run_report(model="mlp", dataset="digits", out_dir=tmp_path, train_steps=0, **{name: value})
+    # a damping the approximation does not define: refused before the data (here: none) is read
+    with pytest.raises(ValueError, match="damping strategy 'nor' is not defined for approximation 'kfac'"):
+        run_report(model="mlp", dataset="mnist", data_dir=tmp_path / "no-such-folder", out_dir=tmp_path / "out",
+                   damping_strategies={"kfac": "nor"})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from curvlab.approx import (
     APPROXIMATIONS,
     DEFAULT_DAMPING,
+    DampingStrategy,
     EighPolicy,
     KroneckerApproximation,
     applies,
@@ -20,10 +21,12 @@ from curvlab.approx import (
     needed_kfac_flavours,
 )
 from curvlab.approx.registry import measurement_limits, spec
+from curvlab.block import Block, BlockLayout
 from curvlab.compare.dataset import check_settings, measure
 from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
-from curvlab.extract.options import DEFAULT_MAX_BYTES
+from curvlab.extract.layer_stats import KroneckerData, kronecker_stats
+from curvlab.extract.options import DEFAULT_MAX_BYTES, ExtractOptions
 from curvlab.reuse import reuse
 from curvlab.stats import KroneckerFactors, LayerStats
 
@@ -98,28 +101,9 @@ def compare(
         ``xarray.Dataset`` with dimensions layer × approximation (× eig); see
         :func:`curvlab.compare.measure`.
     """
-    if isinstance(approximations, str):
-        raise ValueError(
-            f"curvlab.compare: approximations={approximations!r} must be a collection of names, "
-            f"e.g. ({approximations!r},)"
-        )
-    if eigh is not None and not isinstance(eigh, EighPolicy):
-        raise ValueError(f"curvlab.compare: eigh={eigh!r} must be a curvlab.approx.EighPolicy (None: full bases)")
-    names = [spec(a, "curvlab.compare").name for a in approximations]
-    if not names:
-        raise ValueError("curvlab.compare: approximations=() names none; measure at least one (default: all)")
-    damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
-    given = {spec(a, "curvlab.compare (damping_strategies)").name: s for a, s in (damping_strategies or {}).items()}
-    unused = sorted(set(given) - set(names))
-    if unused:  # a typo fell back to the default damping, silently
-        raise ValueError(f"curvlab.compare: damping_strategies names {', '.join(unused)}, which approximations "
-                         f"leaves out ({', '.join(names)})")
-    for name, strategy in given.items():  # before the extraction, not after it
-        try:
-            get_damping(strategy)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"curvlab.compare: damping_strategies[{name!r}]: {err}") from None
-    strategies = {**DEFAULT_DAMPING, **given}
+    names, damping, top_k, num_eigenvalues, strategies = check_comparison(
+        approximations, damping=damping, damping_strategies=damping_strategies, top_k=top_k,
+        num_eigenvalues=num_eigenvalues, eigh=eigh)
     stats = extractor(
         model,
         loss_fn,
@@ -165,6 +149,71 @@ def compare(
         },
         progress=wrap,
     )
+
+
+def check_comparison(
+    approximations: Iterable[str],
+    *,
+    damping: float = 1e-3,
+    damping_strategies: Mapping[str, str | DampingStrategy] | None = None,
+    top_k: int = 10,
+    num_eigenvalues: int = 256,
+    eigh: EighPolicy | None = None,
+) -> tuple[list[str], float, int, int, dict[str, str | DampingStrategy]]:
+    """The settings of :func:`compare` checked before any extraction (a caller that trains first,
+    as ``curvlab report`` does, checks them before that too): ``(names, damping, top_k,
+    num_eigenvalues, strategies)``, every approximation's damping strategy filled in.
+
+    Each approximation is damped once by its strategy on a tiny synthetic block, so that a
+    combination the strategy does not define (``"nor"`` for anything but TKFAC/TEKFAC,
+    ``"factored"`` for the diagonal) is refused here, in milliseconds, and not after the
+    extraction, with the same message.
+    """
+    if isinstance(approximations, str):
+        raise ValueError(
+            f"curvlab.compare: approximations={approximations!r} must be a collection of names, "
+            f"e.g. ({approximations!r},)"
+        )
+    if eigh is not None and not isinstance(eigh, EighPolicy):
+        raise ValueError(f"curvlab.compare: eigh={eigh!r} must be a curvlab.approx.EighPolicy (None: full bases)")
+    names = [spec(a, "curvlab.compare").name for a in approximations]
+    if not names:
+        raise ValueError("curvlab.compare: approximations=() names none; measure at least one (default: all)")
+    damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
+    given = {spec(a, "curvlab.compare (damping_strategies)").name: s for a, s in (damping_strategies or {}).items()}
+    unused = sorted(set(given) - set(names))
+    if unused:  # a typo fell back to the default damping, silently
+        raise ValueError(f"curvlab.compare: damping_strategies names {', '.join(unused)}, which approximations "
+                         f"leaves out ({', '.join(names)})")
+    for name, strategy in given.items():  # before the extraction, not after it
+        try:
+            get_damping(strategy)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"curvlab.compare: damping_strategies[{name!r}]: {err}") from None
+    strategies = {**DEFAULT_DAMPING, **given}
+    block = _synthetic_block(names)
+    grad = torch.ones(block.layout.shape, dtype=torch.float64)
+    for name in given:  # the defaults are defined for their approximation
+        try:
+            approximate(block, name).inv_mat_mul(grad, damping, strategies[name])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"curvlab.compare: damping_strategies[{name!r}]: {err}") from None
+    return names, damping, top_k, num_eigenvalues, strategies
+
+
+def _synthetic_block(names: Iterable[str]) -> LayerStats:
+    """The statistics of a 2 × (2 + bias) linear block from 3 examples of fixed, made-up inputs
+    and output gradients, with every KFAC flavour ``names`` need (no model runs, no random state
+    is touched)."""
+    x = torch.tensor([[1.0, -0.5, 1.0], [0.25, 2.0, 1.0], [-1.5, 0.75, 1.0]], dtype=torch.float64)[..., None]
+    g = torch.tensor([[[0.5, -1.0], [1.25, 0.5], [-0.75, 1.5]], [[-1.0, 0.25], [0.5, 0.75], [1.0, -0.5]]],
+                     dtype=torch.float64)[..., None]  # [C, N, d_out, T]
+    flavours = needed_kfac_flavours(names, "exact")
+    opts = ExtractOptions(fisher="exact", stats=("sqrt", "kfac", "tkfac"), kfac_flavours=flavours)
+    data = KroneckerData(x, torch.cat([g] * len(flavours)),
+                         {f: slice(2 * i, 2 * i + 2) for i, f in enumerate(flavours)})
+    return kronecker_stats(Block("synthetic", "Linear", BlockLayout(2, 3, True, (2, 2)), None, None), data, opts,
+                           "autograd")
 
 
 class LayerApproximations(Mapping[str, KroneckerApproximation]):

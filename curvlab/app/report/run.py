@@ -259,6 +259,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     from curvlab.app.launch import Ranks, broadcast_module, check_batch_split
     from curvlab.app.models.check import measured_batch_size
     from curvlab.compare import compare
+    from curvlab.compare.api import check_comparison
     from curvlab.distributed import compare as sharded_compare
 
     if isinstance(config, str):  # curvlab 0.1: run_report(model, dataset, data_dir, ...)
@@ -278,6 +279,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     if cfg.mode not in MODES:
         raise ReportError(f"mode={cfg.mode!r}; choose one of {MODES}")
     eigh = cfg.factor_eigh()
+    # the comparison's settings before the data, the warm-up and the extraction (minutes on a
+    # ResNet-18), not after them
+    check_comparison(cfg.approximations, damping=cfg.damping, damping_strategies=cfg.damping_strategies,
+                     top_k=cfg.top_k, num_eigenvalues=cfg.num_eigenvalues, eigh=eigh)
     try:
         check_batch_split("batch_size", cfg.batch_size, Ranks.current().world_size)
     except ValueError as err:
