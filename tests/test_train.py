@@ -116,6 +116,29 @@ def test_divergence_is_detected_across_epochs_and_a_resume(tmp_path: Path) -> No
     np.testing.assert_array_equal(split.steps.values, whole.steps.values)
 
 
+@pytest.mark.filterwarnings("ignore:curvlab train. sgd diverged:RuntimeWarning")
+def test_a_diverging_run_with_probes_records_them_as_nan(tmp_path: Path) -> None:
+    """The probe of a network whose output is no longer finite raised (the extraction refuses a
+    NaN output), which ended the run before its first checkpoint; it is recorded as NaN and the
+    run stops as a diverged run does, the probes before the divergence kept."""
+    def cfg(epochs: int) -> TrainConfig:
+        return small(tmp_path, optimizer="sgd", lr=1e30, epochs=epochs, batch_size=10, probe_every=3,
+                     probe_approximations=("kflr", "tekfac"))
+
+    paths = train(cfg(2))
+    metrics = xr.open_dataset(paths["metrics"]).load()
+    at = int(metrics.attrs["diverged_at_step"])
+    probe = xr.open_dataset(paths["probe"]).load()
+    steps = list(range(0, at + DIVERGED_AFTER + 1, 3))
+    assert list(probe.step.values) == steps
+    assert np.isfinite(probe.batch_loss.sel(step=0)) and np.isfinite(probe.exact_trace.sel(step=0)).all()
+    late = probe.sel(step=[s for s in steps if s > at + 1])  # the parameters are NaN from then on
+    for var in ("batch_loss", "exact_trace", "rel_frobenius_error", "exact_eigenvalues"):
+        assert np.isnan(late[var].values).all(), var
+    again = train(cfg(3), resume=True)  # the NaN probes are part of the run
+    assert list(xr.open_dataset(again["probe"]).load().step.values) == steps
+
+
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):

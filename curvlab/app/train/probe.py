@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor, nn
@@ -77,7 +78,12 @@ class Probe:
         self.records: list[xr.Dataset] = []
 
     def run(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> xr.Dataset:
-        """Probe the current network; the training state (parameters, ``.grad``, RNG) is untouched."""
+        """Probe the current network; the training state (parameters, ``.grad``, RNG) is untouched.
+
+        A network whose output on the probe batch is not finite (a diverging run) has no Fisher:
+        that probe is recorded as NaN, as the training loop records the epochs of a diverged run
+        (the first probe, of the initial network, raises instead: there is nothing to measure).
+        """
         was_training = model.training
         model.train(self.mode == "train")
         try:  # (the extraction puts BatchNorm's running statistics back, and draws under the seed)
@@ -91,9 +97,12 @@ class Probe:
                 kfac_flavours=needed_kfac_flavours(self.approximations, self.fisher),
                 seed=self.seed,
                 skip_unsupported=True,
+                non_finite="raise" if not self.records else "propagate",  # (the global loss on several ranks)
             )
         finally:
             model.train(was_training)
+        if not bool(torch.isfinite(stats.loss)):
+            return self._record(self._not_finite(step))
         strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
         current: dict[str, dict] = {}
@@ -125,8 +134,19 @@ class Probe:
         ds["batch_loss"] = ("step", [stats.loss.item()], {"long_name": "loss on the probe batch"})
         ds.attrs.pop("batch_loss", None)
         ds.attrs.pop("created", None)  # each probe's own time: the series would keep it only by chance
+        return self._record(ds)
+
+    def _record(self, ds: xr.Dataset) -> xr.Dataset:
         self.records.append(ds)
         return ds
+
+    def _not_finite(self, step: int) -> xr.Dataset:
+        """The probe of ``step`` as NaN: the last probe's layout, every number NaN (the loss on the
+        probe batch included)."""
+        last = self.records[-1]
+        ds = last.copy(data={name: np.full(var.shape, np.nan) if var.dtype.kind == "f" else var.values
+                             for name, var in last.data_vars.items()})
+        return ds.assign_coords(step=[step])
 
     def dataset(self) -> xr.Dataset | None:
         """The time series so far (step × layer × approximation …)."""
