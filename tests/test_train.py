@@ -139,6 +139,19 @@ def test_a_diverging_run_with_probes_records_them_as_nan(tmp_path: Path) -> None
     assert list(xr.open_dataset(again["probe"]).load().step.values) == steps
 
 
+def test_a_run_on_an_indexed_cpu_device_resumes(tmp_path: Path) -> None:
+    """``--device cpu:0`` trains, but its checkpoint was refused on resume as "not a readable
+    curvlab checkpoint ... truncated, from another program, or crafted" (torch.load cannot map
+    storages to "cpu:0"); it resumes as the same run on "cpu" does."""
+    train(small(tmp_path / "indexed", epochs=1, device="cpu:0"))
+    resumed = train(small(tmp_path / "indexed", epochs=2, device="cpu:0"), resume=True)
+    train(small(tmp_path / "plain", epochs=2, device="cpu"))
+    metrics = xr.open_dataset(resumed["metrics"]).load()
+    plain = xr.open_dataset(tmp_path / "plain" / "metrics.nc").load()
+    np.testing.assert_array_equal(metrics.train_loss.values, plain.train_loss.values)
+    np.testing.assert_array_equal(metrics.test_loss.values, plain.test_loss.values)
+
+
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):

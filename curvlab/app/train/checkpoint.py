@@ -46,8 +46,11 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """The checkpoint at ``path``, tensors on ``device``; only tensors and plain data are read."""
+    # torch.load cannot map storages to an indexed CPU device ("cpu:0": "don't know how to restore
+    # data location"), which would blame the file: the CPU is the CPU
+    where = torch.device("cpu") if torch.device(device).type == "cpu" else device
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=where, weights_only=True)
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
