@@ -242,6 +242,28 @@ def test_session_statistics_ignore_a_scaled_backward(engine: str, fisher: str) -
         close(r.tkfac.delta, results[0].tkfac.delta)
 
 
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_a_session_used_again_gives_each_block_its_own_statistics(engine: str) -> None:
+    """A session entered a second time: the autograd engine kept the first block's recording and
+    refused the second block's one loss as "called twice", while BackPACK's gave the second
+    block's statistics; both give each block's own now, those of extract() on its batch (the
+    dense reference), and a block inside a running one is refused."""
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    batches = [batch(model, loss_fn, n=5, seed=s) for s in (1, 2)]
+    session = ExtractionSession(model, loss_fn, engine=engine)
+    for x, y in batches:
+        model.zero_grad()
+        with session:
+            loss_fn(model(x), y).backward()
+        got = session.results()
+        for layer in ("0", "2"):
+            close(got[layer].dense_fisher(), dense_ggn(model, loss_fn, x, y, layer))
+            close(got[layer].layout.to_vector(got[layer].grad), dense_grad(model, loss_fn, x, y, layer))
+    with session, pytest.raises(RuntimeError, match="already running"):
+        with session:
+            pass
+
+
 def test_session_counts_one_loss_with_the_empirical_root() -> None:
     """The autograd engine's empirical root calls the loss inside the user's call: one loss."""
     model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()

@@ -82,14 +82,18 @@ class ExtractionSession:
         choice = choose_engine(model, self.blocks, self.options.engine, own_forward=own_forward, loss_fn=loss_fn)
         self.engine, self.engine_reason, self.forward_model = choice.engine, choice.reason, choice.module
         self.model, self.loss_fn = model, loss_fn
-        if self.engine == "backpack":
-            self._pass: BackpackPass | AutogradPass = BackpackPass(choice.module, loss_fn, self.options, self.blocks)
-        else:
-            self._pass = AutogradPass(model, loss_fn, self.options, self.blocks)
+        self._pass = self._new_pass()
+        self._entered = False
         self._stack: contextlib.ExitStack | None = None
         self._loss = _LossCalls(loss_fn)
         self._uses = LayerUseCheck(self.blocks.layers, loss_fn)
         self.skip_uncalled = skip_uncalled
+
+    def _new_pass(self) -> BackpackPass | AutogradPass:
+        """The engine's recorder of one ``with`` block."""
+        if self.engine == "backpack":
+            return BackpackPass(self.forward_model, self.loss_fn, self.options, self.blocks)
+        return AutogradPass(self.model, self.loss_fn, self.options, self.blocks)
 
     @property
     def loss_calls(self) -> int:
@@ -117,6 +121,12 @@ class ExtractionSession:
         return self.blocks.blocks[0].parameters()[0].device
 
     def __enter__(self) -> "ExtractionSession":
+        if self._stack is not None:
+            raise RuntimeError("curvlab.extract: this ExtractionSession's block is already running; "
+                               "a session runs one `with` block at a time")
+        if self._entered:  # a session used again: the next block's statistics, recorded afresh
+            self._pass = self._new_pass()
+        self._entered = True
         self._stack = contextlib.ExitStack()
         if self.options.seed is not None:
             device = self.device
