@@ -187,6 +187,15 @@ def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
                         ("truncation_rank", 0)):
         with pytest.raises(ReportError, match=f"{name}={value!r} must be an int"):
             run_report(model="mlp", dataset="digits", out_dir=tmp_path, train_steps=0, **{name: value})
+    # one example in train mode through BatchNorm1d: refused before the warm-up, naming the options
+    (tmp_path / "nets.py").write_text("from torch import nn\n"
+                                      "def net(num_classes):\n"
+                                      "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), "
+                                      "nn.Linear(8, num_classes))\n")
+    with pytest.raises(ReportError, match="--mode train with --batch-size 1: .* cannot take one example"):
+        run_report(model=f"{tmp_path / 'nets.py'}:net", dataset="digits", batch_size=1, mode="train",
+                   out_dir=tmp_path / "out")
+    (tmp_path / "nets.py").unlink()
     # a damping the approximation does not define: refused before the data (here: none) is read
     with pytest.raises(ValueError, match="damping strategy 'nor' is not defined for approximation 'kfac'"):
         run_report(model="mlp", dataset="mnist", data_dir=tmp_path / "no-such-folder", out_dir=tmp_path / "out",

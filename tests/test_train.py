@@ -152,6 +152,32 @@ def test_a_run_on_an_indexed_cpu_device_resumes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(metrics.test_loss.values, plain.test_loss.values)
 
 
+BATCHNORM1D_MODEL = """
+from torch import nn
+def net(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, num_classes))
+"""
+
+
+def test_a_batch_of_one_example_a_batchnorm_cannot_take_is_refused_before_training(tmp_path: Path) -> None:
+    """301 examples in batches of 50: the epoch's last batch has one example, which BatchNorm1d
+    refuses in train mode; torch's error ended the run at that batch, after the epoch's steps and
+    before its checkpoint.  It is refused before any step, naming the option; a model that takes
+    one example (BatchNorm2d over 8×8 pixels) trains, and so does 302 examples."""
+    (tmp_path / "nets.py").write_text(BATCHNORM1D_MODEL)
+    spec = f"{tmp_path / 'nets.py'}:net"
+    with pytest.raises(ValueError, match=r"the last batch of an epoch gives a process one example \(301 training "
+                                         r"examples in batches of 50\).*choose another --batch-size"):
+        train(small(tmp_path / "one", model=spec, model_kwargs={}, train_size=301, probe_every=0))
+    assert not (tmp_path / "one").exists() or not any((tmp_path / "one").iterdir())
+    with pytest.raises(ValueError, match="every batch of an epoch gives a process one example"):
+        train(small(tmp_path / "ones", model=spec, model_kwargs={}, batch_size=1, probe_every=0))
+    metrics = xr.open_dataset(train(small(tmp_path / "two", model=spec, model_kwargs={}, train_size=302,
+                                          probe_every=0, epochs=1))["metrics"]).load()
+    assert int(metrics.steps.values[-1]) == 7
+    train(small(tmp_path / "cnn", model="cnn", model_kwargs={}, train_size=301, probe_every=0, epochs=1))
+
+
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):

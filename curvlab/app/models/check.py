@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -55,6 +57,22 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
         )
     if engine == "backpack":
         choose_engine(model.train(coupled), blocks, engine, own_forward=True, loss_fn=nn.CrossEntropyLoss())
+
+
+def one_example_fails(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why ``model`` in train mode cannot take a batch of one example (a BatchNorm1d, or a
+    BatchNorm2d at 1×1, normalises over the batch: torch refuses one value per channel), or
+    ``None`` when it can.  Runs a copy of the model: its running statistics and the random state
+    stay as they were."""
+    trial = copy.deepcopy(model).train()
+    devices = [example.device] if example.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        try:
+            trial(example[:1])
+        except Exception as err:  # noqa: BLE001 — any failure of the forward pass is the answer
+            text = str(err).strip()
+            return text.splitlines()[0] if text else type(err).__name__
+    return None
 
 
 #: Memory the exact blocks' square roots of a measured batch may take by default (bytes).

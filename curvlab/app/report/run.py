@@ -257,7 +257,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
     from curvlab.app.launch import Ranks, broadcast_module, check_batch_split
-    from curvlab.app.models.check import measured_batch_size
+    from curvlab.app.models.check import measured_batch_size, one_example_fails
     from curvlab.compare import compare
     from curvlab.compare.api import check_comparison
     from curvlab.distributed import compare as sharded_compare
@@ -296,6 +296,11 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     loss_fn = nn.CrossEntropyLoss()
     batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
     x, y = measurement_batch(data, batch_size, cfg.seed)
+    if cfg.mode == "train" and batch_size == 1:  # before the warm-up, not after it
+        why = one_example_fails(model, x.to(dev))
+        if why is not None:
+            raise ReportError(f"--mode train with --batch-size 1: model {cfg.model!r} cannot take one example in "
+                              f"train mode ({why}); measure at least 2 examples")
     train_loss = warm_up(
         model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from curvlab.app import launch
 from curvlab.app.data import Dataset, batches, load_dataset, subset
 from curvlab.app.models import make_model
-from curvlab.app.models.check import check_model, measured_batch_size
+from curvlab.app.models.check import check_model, measured_batch_size, one_example_fails
 from curvlab.app.report.run import resolve_device
 from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
@@ -108,6 +108,27 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     return ds
 
 
+def _check_one_example_shards(cfg: TrainConfig, data: Dataset, model: nn.Module, ranks: launch.Ranks,
+                              device: torch.device) -> None:
+    """Refuse, before any step, batches that give a process one example when the model cannot take
+    one in train mode (BatchNorm1d): torch's error came at the epoch's last batch, after the
+    epoch's steps, and did not say which option made it."""
+    n, world = data.train_x.shape[0], ranks.world_size
+    sizes = [s for s in (min(cfg.batch_size, n), n % cfg.batch_size) if s >= world]  # (smaller ones are skipped)
+    if not any(s // world == 1 for s in sizes):
+        return
+    why = one_example_fails(model, data.train_x[:1].to(device))
+    if why is None:
+        return
+    which = "every" if cfg.batch_size // world == 1 or cfg.batch_size >= n else "the last"
+    over = f" over {world} processes" if world > 1 else ""
+    raise ValueError(
+        f"curvlab train: {which} batch of an epoch gives a process one example ({n} training examples in "
+        f"batches of {cfg.batch_size}{over}), which model {cfg.model!r} cannot take in train mode ({why}); "
+        "choose another --batch-size (or --train-size)"
+    )
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Path]:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the written files.
 
@@ -154,6 +175,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
+    _check_one_example_shards(cfg, data, model, ranks, device)
     net = parallel.data_parallel(model, ranks, device)  # what the training steps run
     parallel.reseed(cfg.seed, ranks)
     loss_fn = nn.CrossEntropyLoss()
