@@ -178,6 +178,32 @@ def test_a_batch_of_one_example_a_batchnorm_cannot_take_is_refused_before_traini
     train(small(tmp_path / "cnn", model="cnn", model_kwargs={}, train_size=301, probe_every=0, epochs=1))
 
 
+LSTM_MODEL = """
+from torch import nn
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.rnn, self.out = nn.LSTM(8, 6, batch_first=True), nn.Linear(6, num_classes)
+    def forward(self, x):
+        h, _ = self.rnn(x.reshape(x.shape[0], 8, 8))
+        return self.out(h[:, -1])
+def net(num_classes):
+    return Net(num_classes)
+"""
+
+
+def test_the_probe_file_names_the_parameters_it_leaves_out(tmp_path: Path) -> None:
+    """An LSTM's parameters get no curvature block (the optimizer updates them first order): the
+    probe left them out without a word, where a report names them (``skipped_parameters``)."""
+    (tmp_path / "nets.py").write_text(LSTM_MODEL)
+    paths = train(small(tmp_path / "run", model=f"{tmp_path / 'nets.py'}:net", model_kwargs={}, epochs=1))
+    probe = xr.open_dataset(paths["probe"]).load()
+    assert list(probe.layer.values) == ["out"]
+    assert probe.attrs["skipped_parameters"].split(",") == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0",
+                                                           "rnn.bias_hh_l0"]
+    assert probe.attrs["engine_reason"] != "none"
+
+
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from curvlab.app.models import MODES
 from curvlab.approx import DEFAULT_DAMPING, applies
 from curvlab.compare import LayerApproximations, measure
+from curvlab.compare.api import extraction_attrs
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
 from curvlab.optim import KroneckerOptimizer
@@ -122,7 +123,9 @@ class Probe:
             damping=damping,
             damping_strategies=strategies,
             num_eigenvalues=self.num_eigenvalues,
-            attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode},
+            # what the comparison's own datasets say too: why BackPACK did not run, what was left out
+            attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode,
+                   **extraction_attrs(stats)},
         )
         if own is not None and own not in ds.approximation.values:
             # before the optimizer's first statistics: its entry is there, as NaN, so every probe
