@@ -91,3 +91,21 @@ def test_the_checks_see_imports_inside_functions() -> None:
     found = imports_of(source, "curvlab.optim")
     assert uses(found, APPLICATION) == ["curvlab.app", "curvlab.app.cli", "curvlab.app.data", "curvlab.app.data.load_dataset"]
     assert uses(found, ("backpack",)) == ["backpack"]
+
+
+def test_the_version_is_declared_once_and_not_below_what_the_code_names() -> None:
+    """``curvlab.__version__`` is the version ``pyproject.toml`` declares, and no note in the code
+    ("deprecated since curvlab 0.2", "moved in curvlab 0.2") names a release after it: outputs
+    stamped with the version (``report.nc``'s ``curvlab_version``) would otherwise claim to come
+    from the release the code treats as legacy."""
+    import re
+    import tomllib
+
+    import curvlab
+
+    declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert curvlab.__version__ == declared
+    version = tuple(int(p) for p in declared.split(".")[:2])
+    named = {m for path in PACKAGE.rglob("*.py")
+             for m in re.findall(r"curvlab (\d+\.\d+)\b", path.read_text(encoding="utf-8"))}
+    assert named and all(tuple(int(p) for p in m.split(".")) <= version for m in named), (declared, sorted(named))
