@@ -34,6 +34,8 @@ CASES = {
     "2d-padding-beyond-taps": (lambda: nn.Conv2d(2, 2, 3, padding=3), (2, 2, 5, 6)),
     "2d-k4-same": (lambda: nn.Conv2d(2, 2, 4, padding="same"), (3, 2, 7, 6)),
     "2d-k2-p1": (lambda: nn.Conv2d(2, 2, 2, padding=1), (3, 2, 5, 5)),
+    # a 1×1 image: the first tap row reads only padding (its patch sums are zero)
+    "2d-1x1-image": (lambda: nn.Conv2d(2, 2, 3, padding=1), (3, 2, 1, 1)),
     "3d-3-p1": (lambda: nn.Conv3d(2, 2, 3, padding=1), (2, 2, 4, 5, 3)),
 }
 

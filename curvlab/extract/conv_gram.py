@@ -237,7 +237,7 @@ def _border_with_ones(gram: Tensor, image: Tensor, kernel: tuple[int, ...], left
         for s in range(dims):  # the window: the image less the lines the tap leaves out
             if excluded[s]:
                 keep = [p for p in range(totals.shape[1 + s]) if p not in excluded[s]]
-                region = region.index_select(1 + s, torch.tensor(keep, device=totals.device))
+                region = region.index_select(1 + s, torch.tensor(keep, dtype=torch.long, device=totals.device))
         sums[(slice(None), *tap)] = region.sum(tuple(range(1, dims + 1)))
     d = gram.shape[0] - 1
     gram[:d, d] = gram[d, :d] = sums.reshape(d)
