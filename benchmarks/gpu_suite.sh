@@ -29,10 +29,14 @@ step() {  # step <seconds> <name> <command...>: run with a time limit, report, k
     return 0
 }
 
+has_cuda() {  # the interpreter $py imports torch and sees a CUDA device
+    $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+}
+
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
     [[ -x $py ]] || python3 -m venv --system-site-packages .venv-gpu
-    if ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "gpu_suite: torch with CUDA is not importable here (need a CUDA build of torch installed system-wide)"
+    if ! has_cuda; then
+        echo "gpu_suite: torch with CUDA is not importable here, or no CUDA device is visible (need a CUDA build of torch installed system-wide and a GPU)"
         exit 2
     fi
     torch_version="$($py -c 'import torch; print(torch.__version__.split("+")[0])')"
@@ -44,6 +48,14 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
         || { echo "gpu_suite: installing curvlab failed"; exit 3; }
     $py -m pip install --quiet "${offline[@]}" --constraint "$constraints" asdfghjkl \
         || echo "gpu_suite: asdfghjkl not installed: the optimizer table will lack the ASDL peers"
+fi
+if [[ ! -x $py ]]; then
+    echo "gpu_suite: $py not found (SKIP_INSTALL=1 needs the .venv-gpu an earlier run created; run without it)"
+    exit 2
+fi
+if ! has_cuda; then
+    echo "gpu_suite: $py cannot import torch with CUDA, or no CUDA device is visible: nothing to run on"
+    exit 2
 fi
 $py -c "import torch; print('gpu_suite:', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
 

@@ -256,3 +256,38 @@ def test_default_measured_batch_fits_the_square_roots_in_memory() -> None:
     assert measured_batch_size(resnet, 10, coupled=False) == SQRT_BUDGET_BYTES // per_example == 9
     assert measured_batch_size(resnet, 10, coupled=True) == 4  # exact and convention roots
     assert measured_batch_size(build_model("mlp", (1, 28, 28), 10), 10, coupled=False) == 128
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/ as tools: bad options and a machine without a GPU are clear errors
+# --------------------------------------------------------------------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_gpu_suite_without_a_cuda_python_says_so(tmp_path) -> None:
+    """SKIP_INSTALL=1 without .venv-gpu, or with an interpreter that has no CUDA torch: a
+    'gpu_suite:' line and exit 2 (it was a Python traceback and exit 2, or bash's 'No such file')."""
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(BENCHMARKS / "gpu_suite.sh", tmp_path / "benchmarks" / "gpu_suite.sh")
+    env = {"PATH": "/usr/bin:/bin", "SKIP_INSTALL": "1"}
+
+    def suite() -> subprocess.CompletedProcess:
+        return subprocess.run([bash, str(tmp_path / "benchmarks" / "gpu_suite.sh")], capture_output=True,
+                              text=True, timeout=60, env=env, cwd=tmp_path)
+
+    run = suite()
+    assert run.returncode == 2 and "gpu_suite: .venv-gpu/bin/python not found" in run.stdout, run.stdout + run.stderr
+    fake = tmp_path / ".venv-gpu" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    run = suite()
+    assert run.returncode == 2 and "cannot import torch with CUDA" in run.stdout, run.stdout + run.stderr
+    assert "ModuleNotFoundError" not in run.stderr
