@@ -109,8 +109,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.argument_parser(__doc__, repeats=3)
-    parser.add_argument("--batch-size", type=int, default=SPEC.batch)
-    parser.add_argument("--width", type=int, default=64, help="ResNet-18's first-stage width (64: the real one)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=SPEC.batch)
+    parser.add_argument("--width", type=common.positive_int, default=64, help="ResNet-18's first-stage width (64: the real one)")
     args = parser.parse_args(argv)
     device, info = common.start(args)
     warnings.filterwarnings("ignore")

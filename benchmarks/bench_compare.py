@@ -80,17 +80,17 @@ def dense(stats, damping: float) -> dict[str, dict[str, float]]:
 def main() -> None:
     p = common.argument_parser(__doc__, threads=None)
     p.set_defaults(out="benchmarks/results/compare_cpu.json")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--small", default="64,48", help="d_in,d_out of the block both routes run (P = (d_in+1)·d_out)")
-    p.add_argument("--large", default="980,1024", help="d_in,d_out of the largest block (matrix-free only)")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--repeats", type=common.positive_int, default=3)
+    p.add_argument("--small", type=common.int_list(2), default="64,48", help="d_in,d_out of the block both routes run (P = (d_in+1)·d_out)")
+    p.add_argument("--large", type=common.int_list(2), default="980,1024", help="d_in,d_out of the largest block (matrix-free only)")
+    p.add_argument("--n", type=common.positive_int, default=64)
+    p.add_argument("--classes", type=common.positive_int, default=10)
+    p.add_argument("--damping", type=common.positive_float, default=1e-3)
     args = p.parse_args()
     device, machine = common.start(args)
     rows = []
 
-    d_in, d_out = map(int, args.small.split(","))
+    d_in, d_out = args.small
     stats = block_stats(d_in, d_out, args.n, args.classes, device)
     t_free, ds = median_timed(lambda: matrix_free(stats, args.damping), device, args.repeats)
     t_dense, ref = median_timed(lambda: dense(stats, args.damping), device, args.repeats)
@@ -100,7 +100,7 @@ def main() -> None:
                  "matrix_free_s": t_free, "dense_s": t_dense, "speedup": t_dense / t_free,
                  "max_rel_difference": worst})
 
-    d_in, d_out = map(int, args.large.split(","))
+    d_in, d_out = args.large
     stats = block_stats(d_in, d_out, args.n, args.classes, device)
     t_free, _ = median_timed(lambda: matrix_free(stats, args.damping), device, 1)
     p_large = stats["0"].num_params

@@ -246,16 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__, repeats=11, device=False)  # CPU ranks (gloo) only
     parser.add_argument("--model", default="mlp", choices=sorted(common.MODELS))
     parser.add_argument("--methods", default="kfac,ekfac,tkfac,tekfac")
-    parser.add_argument("--worlds", default="1,2,4")
-    parser.add_argument("--refresh-repeats", type=int, default=5)
+    parser.add_argument("--worlds", type=common.int_list(), default="1,2,4")
+    parser.add_argument("--refresh-repeats", type=common.positive_int, default=5)
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(OPTIMIZERS))
+    if unknown or not args.methods:  # before any rank starts (a KeyError inside each rank otherwise)
+        parser.error(f"--methods: unknown {unknown}; choose from {','.join(OPTIMIZERS)}" if unknown
+                     else "--methods names no method")
     _, info = common.start(args)
     res = {"machine": info, "model": args.model, "batch": common.MODELS[args.model].batch, "methods": args.methods,
            # the note is printed below the tables, not in the command
            "command": common.command_line(__file__, argv, hide=("--note",)), "worlds": {}, "note": args.note}
-    for world in (int(w) for w in args.worlds.split(",")):
+    for world in args.worlds:
         print(f"R = {world} ...", flush=True)
         res["worlds"][str(world)] = run_world(world, args)
     common.finish(info)

@@ -117,7 +117,7 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = common.argument_parser(__doc__, repeats=3, device=False)
-    p.add_argument("--n", type=int, default=20, help="inputs (the report's default batch for vit-tiny)")
+    p.add_argument("--n", type=common.positive_int, default=20, help="inputs (the report's default batch for vit-tiny)")
     args = p.parse_args(argv)
     _, info = common.start(args)
     spec = common.ModelSpec("vit-tiny", "vit-tiny", (3, 32, 32), args.n)

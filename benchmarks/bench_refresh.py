@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     from curvlab.optim import KroneckerOptions
 
     p = common.argument_parser(__doc__)
-    p.add_argument("--samples", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--samples", type=common.positive_int, default=2048)
+    p.add_argument("--repeats", type=common.positive_int, default=3)
     p.add_argument("--full", action="store_true", help="also the full float32 eigh (minutes) and the accuracy")
     p.add_argument("--float64", action="store_true", help="with --full: the float64 eigh too")
     args = p.parse_args(argv)

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     from curvlab.extract import extract
 
     p = common.argument_parser(__doc__, threads=None)
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--ranks", default="256", help="comma list of truncation ranks")
-    p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--n", type=common.positive_int, default=1024)
+    p.add_argument("--ranks", type=common.int_list(), default="256", help="comma list of truncation ranks")
+    p.add_argument("--damping", type=common.positive_float, default=1e-2)
     p.add_argument("--precision-models", default="mlp,cnn", help="models of the float32-vs-float64 table")
     args = p.parse_args(argv)
     device, info = common.start(args)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     stats = extract(model, nn.CrossEntropyLoss(), x, y, fisher="mc", stats=("sqrt", "kfac", "tkfac"), seed=0)
     layer = [name for name in stats][-1]
     block = {layer: stats[layer]}
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks = args.ranks
     objects, strategies, built = {}, {}, {}
     t = time.perf_counter()
     full = full_approximations(stats[layer])

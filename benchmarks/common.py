@@ -271,6 +271,42 @@ def _wait_until_quiet(busy_cores: float, budget: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a clear usage error for anything else, not a traceback
+    from deep inside a benchmark: ``statistics.median`` of no samples, an empty batch, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive finite number")
+    return value
+
+
+def int_list(length: int | None = None) -> Callable[[str], list[int]]:
+    """argparse type: comma-separated integers ≥ 1 (exactly ``length`` of them when given),
+    e.g. ``"64,48"``."""
+    def parse(text: str) -> list[int]:
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts) or (length is not None and len(parts) != length):
+            what = f"{length} comma-separated integers" if length else "comma-separated integers"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}, e.g. {','.join(['64', '48', '32'][:length or 2])}")
+        return [positive_int(p) for p in parts]
+
+    return parse
+
+
 def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = None,
                     device: bool = True) -> argparse.ArgumentParser:
     """A parser with ``--device`` (unless ``device`` is false: CPU-only scripts), ``--threads``
@@ -285,7 +321,7 @@ def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = 
                    help="reuse: glibc's malloc keeps freed memory for the next allocation "
                         "(curvlab.app.allocator); default: as the process started")
     if repeats is not None:
-        p.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds (medians over them)")
+        p.add_argument("--repeats", type=positive_int, default=repeats, help="interleaved rounds (medians over them)")
     return p
 
 

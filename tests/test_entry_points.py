@@ -265,6 +265,25 @@ def test_default_measured_batch_fits_the_square_roots_in_memory() -> None:
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.parametrize("script, args, option", [
+    ("bench_compare.py", ["--small", "64"], "--small"),         # was: ValueError unpacking "64"
+    ("bench_compare.py", ["--repeats", "0"], "--repeats"),      # was: StatisticsError, no median
+    ("bench_truncation.py", ["--ranks", "x"], "--ranks"),       # was: ValueError in int()
+    ("bench_distributed.py", ["--methods", "foo"], "--methods"),  # was: KeyError in every rank
+    ("bench_distributed.py", ["--worlds", "0"], "--worlds"),    # was: FileNotFoundError of rank0.json
+    ("bench_kfoc.py", ["--n", "0"], "--n"),                     # was: an empty batch deep in extract
+])
+def test_benchmark_options_are_refused_before_anything_runs(script, args, option, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert f"argument {option}" in run.stderr or f"{option}:" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "x.json").exists()
+
+
 def test_gpu_suite_without_a_cuda_python_says_so(tmp_path) -> None:
     """SKIP_INSTALL=1 without .venv-gpu, or with an interpreter that has no CUDA torch: a
     'gpu_suite:' line and exit 2 (it was a Python traceback and exit 2, or bash's 'No such file')."""
