@@ -29,6 +29,7 @@ import common
 
 from curvlab.approx import DEFAULT_DAMPING, approximate  # noqa: E402  (after common: repository on sys.path)
 from curvlab.compare import LayerApproximations, measure  # noqa: E402
+from curvlab.compare.api import _in_float64  # noqa: E402
 from curvlab.extract import extract  # noqa: E402
 
 APPROX = ("kflr", "ekfac", "tkfac", "tekfac")
@@ -59,16 +60,19 @@ def matrix_free(stats, damping: float):
 
 
 def dense(stats, damping: float) -> dict[str, dict[str, float]]:
-    block = stats["0"]
-    f = block.dense_fisher().double()
+    # the statistics in float64 first, as the matrix-free route takes them (LayerApproximations):
+    # F formed from the float32 root, and the approximations built in float32, differed from it
+    # by float32 rounding (~1e-6), which the table then reported as the two routes' difference
+    block = _in_float64(stats["0"])
+    f = block.dense_fisher()
     evals = torch.linalg.eigvalsh(f)
-    g = block.layout.to_vector(block.grad.double())
+    g = block.layout.to_vector(block.grad)
     exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0], dtype=f.dtype, device=f.device), g)
     out = {"_spectrum_top": {"value": evals[-1].item()}}
     for a in APPROX:
-        approx = approximate(block, a).to(dtype=torch.float64)
+        approx = approximate(block, a)
         k_hat = approx.to_dense()
-        ng = block.layout.to_vector(approx.inv_mat_mul(block.grad.double(), damping, DEFAULT_DAMPING[a]))
+        ng = block.layout.to_vector(approx.inv_mat_mul(block.grad, damping, DEFAULT_DAMPING[a]))
         out[a] = {
             "rel_frobenius_error": ((f - k_hat).norm() / f.norm()).item(),
             "trace_ratio": (k_hat.trace() / f.trace()).item(),
@@ -79,7 +83,6 @@ def dense(stats, damping: float) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     p = common.argument_parser(__doc__, threads=None)
-    p.set_defaults(out="benchmarks/results/compare_cpu.json")
     p.add_argument("--repeats", type=common.positive_int, default=3)
     p.add_argument("--small", type=common.int_list(2), default="64,48", help="d_in,d_out of the block both routes run (P = (d_in+1)·d_out)")
     p.add_argument("--large", type=common.int_list(2), default="980,1024", help="d_in,d_out of the largest block (matrix-free only)")

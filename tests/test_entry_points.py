@@ -310,3 +310,20 @@ def test_gpu_suite_without_a_cuda_python_says_so(tmp_path) -> None:
     run = suite()
     assert run.returncode == 2 and "cannot import torch with CUDA" in run.stdout, run.stdout + run.stderr
     assert "ModuleNotFoundError" not in run.stderr
+
+
+def test_bench_compare_routes_agree_in_float64_and_write_only_where_told(tmp_path) -> None:
+    """The dense route took F from the float32 root and float32-built approximations: the table's
+    'max rel. difference' between the two routes read ~1e-6, float32 rounding, not a difference of
+    the routes.  And the script alone wrote benchmarks/results/compare_cpu.json (under the current
+    folder, also with --device cuda) without --out, where every other benchmark only prints."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_compare.py"), "--small", "12,8", "--large", "13,9",
+                          "--n", "6", "--classes", "4", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| both |"))
+    assert float(row.strip("| ").split("|")[-1]) < 1e-7, row
+    assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.md"))
