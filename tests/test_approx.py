@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from curvlab.approx import (
     ExactDamping,
     approximate,
     factor_eigh,
+    psd_eigh,
 )
 from curvlab.reuse import shared_work
 from curvlab.stats import KroneckerFactors, LayerStats, TraceStats
@@ -482,6 +484,22 @@ def test_dead_layer_is_zero_not_nan() -> None:
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("strategy", ["exact", "factored"])
+def test_non_finite_factor_is_named_not_ill_conditioned(value: float, strategy: str) -> None:
+    """A NaN/inf in a factor made eigh fail as 'ill-conditioned or too many repeated eigenvalues',
+    after a jitter retry that failed the same way (a Cholesky inverse falls back to eigh too)."""
+    a = torch.eye(4, dtype=DT) + 0.1
+    a[1, 2] = a[2, 1] = value
+    kfac = KFAC(a, torch.eye(3, dtype=DT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no jitter retry is announced
+        with pytest.raises(ValueError, match="2 non-finite entries"):
+            kfac.inv_mat_mul(torch.ones(3, 4, dtype=DT), 1e-3, strategy)
+    with pytest.raises(ValueError, match="non-finite"):
+        psd_eigh(a)
 
 
 def test_unknown_approximation_lists_choices(stats: LayerStats) -> None:

@@ -40,7 +40,9 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> 
     factors matter for the inverse; ``None``: ``mat``'s own dtype), returned in ``mat``'s dtype.
     Negative eigenvalues can only be rounding error of a PSD matrix and are clamped to 0.  If the
     solver fails (it can on badly conditioned input), it is retried once on ``M + ε I`` with
-    ``ε = EIGH_JITTER · mean |diag M|``, with a ``RuntimeWarning``.
+    ``ε = EIGH_JITTER · mean |diag M|``, with a ``RuntimeWarning``.  A factor with NaN/inf entries
+    raises ``ValueError`` (no jitter helps it; eigh failed on it, misleadingly, as ill-conditioned,
+    or returned NaN).
 
     Returns:
         ``(λ [n], U [n, n])`` with ``λ`` ascending and ``U`` orthonormal.
@@ -49,6 +51,7 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> 
     try:
         evals, evecs = torch.linalg.eigh(sym)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
+        _refuse_non_finite(sym, err)
         jitter = EIGH_JITTER * (sym.diagonal().abs().mean().item() + torch.finfo(sym.dtype).tiny)
         warnings.warn(
             f"curvlab: eigen-decomposition of a {mat.shape[0]}×{mat.shape[0]} factor failed ({err}); "
@@ -57,7 +60,21 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> 
             stacklevel=2,
         )
         evals, evecs = torch.linalg.eigh(sym + jitter * torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device))
+    if not bool(torch.isfinite(evals).all()):  # n values (eigh synchronises a GPU anyway)
+        _refuse_non_finite(sym)
     return evals.clamp_min(0).to(mat.dtype), evecs.to(mat.dtype)
+
+
+def _refuse_non_finite(sym: Tensor, err: BaseException | None = None) -> None:
+    """Raise ``ValueError`` if ``sym`` has NaN/inf entries: eigh then either failed as
+    "ill-conditioned or too many repeated eigenvalues" (also after a jitter retry), which points
+    away from the cause, or returned NaN eigenvalues, which every product and inverse carried on."""
+    bad = int((~torch.isfinite(sym)).sum())
+    if bad:
+        raise ValueError(
+            f"curvlab: a {sym.shape[0]}×{sym.shape[0]} factor to eigen-decompose has {bad} non-finite entries "
+            "(NaN/inf): its statistics came from non-finite inputs, outputs or gradients"
+        ) from err
 
 
 def randomized_eigh(
