@@ -305,3 +305,45 @@ def test_truncated_bases_measure_the_truncated_objects() -> None:
     assert not np.allclose(ds.rel_frobenius_error.values, full.rel_frobenius_error.values)
     with pytest.raises(ValueError, match="eigh=2048 must be a curvlab.approx.EighPolicy"):
         compare(model, loss_fn, x, y, eigh=2048)
+
+
+def _projectors(u: torch.Tensor) -> list[torch.Tensor]:
+    """``u_a u_aᵀ`` per column, then ``I − U Uᵀ`` where ``u`` has fewer columns than rows."""
+    out = [torch.outer(u[:, a], u[:, a]) for a in range(u.shape[1])]
+    if u.shape[1] < u.shape[0]:
+        out.append(torch.eye(u.shape[0], dtype=u.dtype) - u @ u.T)
+    return out
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_a_truncated_basis_splits_the_error_independently_of_its_completion(name: str) -> None:
+    """With a truncated eigenbasis ``K̂`` is flat on the complement, so the best approximation in its
+    eigenspaces is ``K* = Σ s̄*_c P_c`` over the cells ``P_a ⊗ P_b`` (``P_⊥ = I − U Uᵀ``),
+    ``s̄*_c = tr(F P_c) / tr P_c``: projection error ``‖F − K*‖``, scaling error ``‖K̂ − K*‖``.
+    Built from projectors only, so no completion of the basis enters the reference; the split
+    read in one arbitrary completion moved error between the two (0.078–0.118 for one layer)."""
+    from curvlab.approx import EighPolicy
+
+    model = tiny_mlp(d_in=9, classes=3)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=7)
+    policy = EighPolicy(truncate_above=3, rank=2)  # both sides of the 4×10 layer, the input side of the 3×5
+    ds = compare(model, loss_fn, x, y, approximations=(name,), damping=LAMBDA, top_k=2, seed=5, eigh=policy)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"),
+                    kfac_flavours=needed_kfac_flavours((name,), "exact"), seed=5)
+    for layer, block in stats.items():
+        approx = approximate(block, name, eigh=policy)
+        u_out, u_in = approx.eigenbasis(compressed=True)
+        assert u_in.shape[1] < u_in.shape[0]
+        f = block.sqrt.matrices().flatten(1)
+        f = f.T @ f  # row-major [d_out, D] order, as the cells below
+        cells = [torch.kron(pa.contiguous(), pb.contiguous()) for pa in _projectors(u_out) for pb in _projectors(u_in)]
+        s_bar = [(f * c).sum() / c.trace() for c in cells]
+        k_star = sum(s * c for s, c in zip(s_bar, cells))
+        grid = approx.eigenvalues(compressed=True).flatten()
+        k_hat = sum(s * c for s, c in zip(grid, cells))
+        norm = f.norm()
+        got = ds.sel(layer=layer, approximation=name)
+        assert got.projection_error.item() == pytest.approx(((f - k_star).norm() / norm).item(), rel=1e-8), layer
+        assert got.scaling_error.item() == pytest.approx(((k_hat - k_star).norm() / norm).item(), rel=1e-8, abs=1e-12), layer
+        assert got.rel_frobenius_error.item() == pytest.approx(((f - k_hat).norm() / norm).item(), rel=1e-8), layer

@@ -41,7 +41,8 @@ from torch import Tensor
 
 from curvlab.approx.damping import BUILT_IN, DampingStrategy, check_damping, get_damping
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
-from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, rotated_sq_sum, unflatten_tensors
+from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, unflatten_tensors
+from curvlab.approx.spectral import optimal_scaling as spectral_optimal_scaling
 from curvlab.block import BlockLayout
 
 if TYPE_CHECKING:
@@ -249,8 +250,11 @@ class KroneckerApproximation(ABC):
 
     def optimal_scaling(self, sqrt: "SquareRoot") -> Tensor:
         """``s* = diag(Qᵀ F Q) = Σ_k (U_outᵀ M_k U_in)²`` of the block with square root ``sqrt`` in
-        this approximation's basis (what the comparison measures the scaling against)."""
-        return rotated_sq_sum(sqrt, *self.eigenbasis())
+        this approximation's basis (what the comparison measures the scaling against), ``[d_out,
+        D]``.  On a truncated side's complement, where ``K̂`` is flat, the mean of ``s*`` over it
+        (:func:`~curvlab.approx.spectral.optimal_scaling`, as EKFAC's rescaling takes it): the
+        best flat value, the same for every completion of the basis."""
+        return self._expand(spectral_optimal_scaling(sqrt, *self.eigenbasis(compressed=True)), compressed=False)
 
     def rotate(self, x: Tensor) -> Tensor:
         """Into the (expanded) eigenbasis: ``U_outᵀ X U_in`` (``X``: ``[..., d_out, D]``)."""

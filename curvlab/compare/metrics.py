@@ -5,10 +5,11 @@ products with ``V`` (``K = N·C``); no ``P × P`` matrix is formed (but by :func
 when ``P`` is at most the number of columns it compares).  For ``K̂ = Q diag(s) Qᵀ``:
 
 * ``‖F‖²_F = ‖VᵀV‖²_F``; the nonzero spectrum of F is ``eig(VᵀV)``;
-* ``s* = Σ_k (U_outᵀ M_k U_in)² = diag(Qᵀ F Q)``;
+* ``s* = Σ_k (U_outᵀ M_k U_in)² = diag(Qᵀ F Q)`` — on a truncated basis's complement, where
+  ``K̂`` is flat, its mean there (the best flat value; no completion of the basis enters);
   ``‖F − K̂‖²_F = ‖Qᵀ F Q − diag(s*)‖²_F + ‖s − s*‖²`` — projection and scaling error, the first
-  ``‖F‖²_F − ‖s*‖²`` (for blocks of at most :data:`DENSE_EIGH_LIMIT` parameters: from the
-  rotated root, see :func:`off_diagonal_sq`);
+  ``‖F‖²_F − ‖s*‖²`` (where that cancels, a near-exact approximation of a block of at most
+  :data:`DENSE_EIGH_LIMIT` parameters: from the rotated root, see :func:`off_diagonal_sq`);
 * damped natural gradient, exact by Woodbury: ``F_λ⁻¹ g = λ⁻¹ [g − V (λI + VᵀV)⁻¹ Vᵀ g]``;
 * top-k eigenvectors of F: ``U_F = V W_k Λ_k^{-1/2}`` from ``eig(VᵀV)``.
 """
@@ -235,7 +236,7 @@ def off_diagonal_sq(exact: ExactBlock, approx: KroneckerApproximation, s_star: T
         return by_difference
     rotated = approx.rotate(exact.sqrt.matrices()).flatten(1)
     inner = rotated.mT @ rotated
-    inner.diagonal().zero_()
+    inner.diagonal().sub_(s_star.flatten())  # ~eps where s* is the diagonal; a flat complement's spread
     return inner.square().sum()
 
 
