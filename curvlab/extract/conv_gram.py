@@ -60,7 +60,7 @@ def applies(conv: nn.Module, shape: Sequence[int]) -> bool:
 
 def flops(conv: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
     """``(by shifts, by patches)``: the GEMM flops of :func:`input_gram` for a stride-1 ``conv`` on
-    an input of ``shape`` (``[N, C, *S]``) in the layout it takes (:func:`_shifted_positions`), and
+    an input of ``shape`` (``[N, C, *S]``) in the layout it takes (:func:`_layout`), and
     the upper triangle of the patches' Gram (``syrk``'s); the border terms and the bias row left
     out."""
     n, c, *size = shape
