@@ -225,9 +225,10 @@ def off_diagonal_sq(exact: ExactBlock, approx: KroneckerApproximation, s_star: T
     it keeps at least 7 digits (the two terms are each rounded to ~K·eps of ``‖F‖²_F``).  Below it,
     the difference cancels as the error vanishes (an exact approximation read ``[0, ~4e-8]`` of
     ``‖F‖_F``, by the BLAS's rounding); there, for ``P ≤ DENSE_EIGH_LIMIT`` (and the ``P × P``
-    product within :func:`convention_error`'s work), the off-diagonal entries of ``Qᵀ F Q = RᵀR``
-    themselves, ``R`` the rotated root (``[K, P]``), each rounded on its own — an exact
-    approximation gives ~eps.  (That product, ``P²K`` multiply-adds, for every approximation made
+    product within :func:`convention_error`'s work), the entries of ``Qᵀ F Q − diag(s*)``
+    themselves (``Qᵀ F Q = RᵀR``, ``R`` the rotated root ``[K, P]``, in a completion of a truncated
+    basis; its complement's diagonal differs from the flat ``s*`` by its spread), each rounded on
+    its own — an exact approximation gives ~eps.  (That product, ``P²K`` multiply-adds, for every approximation made
     the comparison of a 3120-parameter block from 640 columns 9× slower.)"""
     k, p = exact.gram.shape[0], s_star.numel()
     by_difference = (exact.frobenius_sq - s_star.square().sum()).clamp_min(0)
