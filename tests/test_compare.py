@@ -32,9 +32,6 @@ def dense_reference(block, approx, damping: float, strategy: str, top_k: int) ->
     exact_ng = torch.linalg.solve(f + damping * torch.eye(f.shape[0], dtype=f.dtype), g)
     approx_ng = block.layout.to_vector(approx.inv_mat_mul(block.grad, damping, strategy))
     evals, evecs = torch.linalg.eigh(f)
-    top_k = min(top_k, int(torch.linalg.matrix_rank(f, hermitian=True)))  # no direction of a zero eigenvalue
-    top_f = evecs[:, -top_k:]
-    top_q = q[:, torch.topk(s, top_k).indices]
     return {
         "trace_ratio": (k_hat.trace() / f.trace()).item(),
         "rel_frobenius_error": ((f - k_hat).norm() / norm).item(),
@@ -42,9 +39,33 @@ def dense_reference(block, approx, damping: float, strategy: str, top_k: int) ->
         "scaling_error": ((s - s_star).norm() / norm).item(),
         "ng_cosine": torch.nn.functional.cosine_similarity(exact_ng, approx_ng, dim=0).item(),
         "ng_rel_error": ((exact_ng - approx_ng).norm() / exact_ng.norm()).item(),
-        "subspace_overlap": ((top_f.T @ top_q).square().sum() / top_k).item(),
+        "subspace_overlap": overlap_reference(f, k_hat, top_k),
         "top_eigs": evals.flip(0),
     }
+
+
+def overlap_reference(f: torch.Tensor, k_hat: torch.Tensor, top_k: int) -> float:
+    """``tr(U_Fᵀ P̂ U_F) / k`` from dense eigen-decompositions (``f``, ``k_hat`` in one order):
+    ``U_F`` F's top-``k`` eigenvectors, ``k`` at most F's rank; ``P̂`` the projector onto the
+    eigenspaces of ``K̂``'s largest *nonzero* eigenvalues holding ``k`` directions, the eigenspace
+    of the ``k``-th one weighted by the share of it that fits (the mean over every choice of
+    directions in it: no basis of an eigenspace enters, nor any direction of the null space)."""
+    evals, evecs = torch.linalg.eigh(f)
+    k = min(top_k, int(torch.linalg.matrix_rank(f, hermitian=True)))  # no direction of a zero eigenvalue
+    u_f = evecs[:, -k:]
+    lam, v = torch.linalg.eigh(k_hat)
+    lam, v = lam.flip(0), v.flip(1)
+    tol = 1e-9 * lam[0]
+    proj = torch.zeros_like(k_hat)
+    taken, i = 0, 0
+    while taken < k and i < len(lam) and lam[i] > tol:
+        j = i
+        while j < len(lam) and lam[i] - lam[j] <= tol:  # one eigenspace
+            j += 1
+        space = v[:, i:j]
+        proj += min(1.0, (k - taken) / (j - i)) * space @ space.T
+        taken, i = taken + (j - i), j
+    return ((u_f.T @ proj @ u_f).trace() / k).item()
 
 
 @pytest.fixture(scope="module", params=["mlp", "cnn"])
@@ -113,6 +134,81 @@ def test_one_example_of_ten_classes_overlaps_at_most_fully(seed: int) -> None:
     for layer in ("0", "2"):
         assert int((ds.exact_eigenvalues.sel(layer=layer) > 0).sum()) == 9, ds.exact_eigenvalues.sel(layer=layer).values[:11]
         np.testing.assert_allclose(ds.subspace_overlap.sel(layer=layer, approximation=["kflr", "ekfac"]), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_low_rank_approximation_overlaps_by_its_own_directions_only(seed: int) -> None:
+    """N = 1: KFAC from one MC sample is rank 1 (``g gᵀ ⊗ a aᵀ``) while F has rank C − 1 = 3;
+    with ``top_k = 3`` the overlap took two directions of KFAC's null space, whatever basis
+    eigh returned for it (0.33–0.59 on the same block by the MC seed).  A null direction is no
+    top direction: KFAC's one direction lies in F's range, so the overlap is 1/3 — the dense
+    reference, and the same for any basis of the null space."""
+    from curvlab.approx import EKFAC
+    from curvlab.compare.metrics import exact_block, top_eigenvector_overlap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(1, 6, dtype=torch.float64), torch.randint(0, 4, (1,))
+    ds = compare(model, loss_fn, x, y, approximations=("kfac", "kflr"), damping=LAMBDA, top_k=3, seed=seed)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"), kfac_flavours=("exact", "mc"), seed=seed)
+    for layer, block in stats.items():
+        kfac = approximate(block, "kfac")
+        assert int((kfac.eigenvalues() > 1e-12 * kfac.eigenvalues().max()).sum()) == 1
+        f = block.dense_fisher()
+        ref = overlap_reference(f, kfac.to_dense(), 3)
+        assert ref == pytest.approx(1 / 3, rel=1e-9)
+        assert ds.subspace_overlap.sel(layer=layer, approximation="kfac").item() == pytest.approx(ref, rel=1e-9)
+        # the same K̂ with another basis of its null space (an orthogonal mix of the null directions)
+        u_out, u_in = kfac.eigenbasis()
+        s = kfac.eigenvalues()
+        def mix(u, values):
+            null = values <= 1e-12 * values.max()
+            rot = torch.linalg.qr(torch.randn(int(null.sum()), int(null.sum()), dtype=u.dtype,
+                                              generator=torch.Generator().manual_seed(seed))).Q
+            u = u.clone()
+            u[:, null] = u[:, null] @ rot
+            return u
+        lam_out, lam_in = s.amax(1), s.amax(0)
+        other = EKFAC(mix(u_out, lam_out), mix(u_in, lam_in), s, layout=block.layout)
+        torch.testing.assert_close(other.to_dense(), kfac.to_dense(), rtol=0, atol=1e-12 * float(s.max()))
+        exact = exact_block(block.sqrt, 16, 3)
+        assert top_eigenvector_overlap(exact, other, 3) == pytest.approx(ref, rel=1e-9)
+        assert ds.subspace_overlap.sel(layer=layer, approximation="kflr").item() == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_a_truncated_basis_overlaps_independently_of_its_completion(name: str) -> None:
+    """A truncated side is flat on its complement: where the top ``k`` eigenvalues reach into that
+    eigenspace, the overlap took the directions some completion of the basis happened to list
+    first.  Against the dense reference (eigenspaces of ``K̂``, the one at the ``k``-th eigenvalue
+    weighted by the share that fits), and the same for another completion."""
+    from curvlab.approx import EighPolicy
+    from curvlab.compare.metrics import exact_block, top_eigenvector_overlap
+
+    model = tiny_mlp(d_in=9, classes=3)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=7)
+    policy = EighPolicy(truncate_above=3, rank=2)
+    ds = compare(model, loss_fn, x, y, approximations=(name,), damping=LAMBDA, top_k=6, seed=5, eigh=policy)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"),
+                    kfac_flavours=needed_kfac_flavours((name,), "exact"), seed=5)
+    reached = 0
+    for layer, block in stats.items():
+        approx = approximate(block, name, eigh=policy)
+        f = block.sqrt.matrices().flatten(1)
+        f = f.T @ f  # row-major [d_out, D] order
+        k_hat = approx._dense_matrix_order()
+        ref = overlap_reference(f, k_hat, 6)
+        got = ds.subspace_overlap.sel(layer=layer, approximation=name).item()
+        assert got == pytest.approx(ref, rel=1e-8, abs=1e-12), layer
+        # a complement entry among the top 6 (multiplicity > 1 at or above the 6th value)
+        grid, mult = approx.eigenvalues(compressed=True).flatten(), approx.multiplicity().flatten()
+        order = grid.argsort(descending=True)
+        reached += int(((mult[order].cumsum(0) - mult[order] < 6) & (mult[order] > 1)).any())
+        exact = exact_block(block.sqrt, 16, 6)
+        assert top_eigenvector_overlap(exact, approx.to(dtype=torch.float64), 6) == pytest.approx(got, rel=1e-10)
+    assert reached
 
 
 def test_network_entries_equal_dense_full_fisher(setting) -> None:

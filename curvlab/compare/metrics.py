@@ -54,6 +54,8 @@ class ExactBlock:
         top_vectors: Gram eigenvectors ``W_k`` of the ``k`` largest eigenvalues (``[K, k]``).
         trace: ``tr F``.
         frobenius_sq: ``‖F‖²_F``.
+        root_dtype: the dtype the extraction's root (and the statistics) came in: what they were
+            rounded to, whatever they are converted to here.
     """
 
     sqrt: SquareRoot
@@ -62,6 +64,7 @@ class ExactBlock:
     top_vectors: Tensor
     trace: Tensor
     frobenius_sq: Tensor
+    root_dtype: torch.dtype = torch.float64
 
 
 def gram_eigenvalues(gram: Tensor, top: int) -> Tensor:
@@ -129,6 +132,7 @@ def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
         top_vectors=gram_top_vectors(gram, min(top_k, rank_bound)),
         trace=sqrt64.trace(),
         frobenius_sq=gram.square().sum(),
+        root_dtype=sqrt.dtype,
     )
 
 
@@ -166,24 +170,90 @@ class ApproximationMetrics:
     natural_gradient: Tensor  # (K̂ + damping)⁻¹ g, float64: the whole network's is their concatenation
 
 
-def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k: int) -> float:
-    """``‖U_Fᵀ Û‖²_F / k`` for the top-``k`` eigenvectors of F and of ``K̂`` (``k`` at most F's
-    numerical rank: its eigenvectors of zero eigenvalues are no "top" direction)."""
+def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k: int,
+                            eps: float | None = None) -> float:
+    """``tr(U_Fᵀ P̂ U_F) / k``: the share of F's top-``k`` eigenvector subspace (``U_F``) that lies
+    in ``K̂``'s top-``k`` one (its projector ``P̂``); ``‖U_Fᵀ Û‖²_F / k`` where that is well defined.
+
+    * ``k`` is at most F's numerical rank (its eigenvectors of zero eigenvalues are no "top"
+      direction) — the same ``k`` for every approximation of a block, so they are compared on one
+      scale.
+    * ``K̂``'s directions are those of its *nonzero* eigenvalues (``s > max(d_out, D)·ε·s_max``, ``ε``
+      that of the statistics' or the approximation's dtype, whichever is coarser): a ``K̂`` of rank
+      ``r < k`` (KFAC from one MC sample of one example: rank 1) contributes its ``r`` directions
+      and so overlaps at most ``r/k``; a basis of its null space is arbitrary and never counts.
+    * Where the ``k``-th largest eigenvalue belongs to an eigenspace of which only ``j`` of its
+      ``m`` directions fit (a truncated side's flat complement; repeated factor eigenvalues),
+      that eigenspace counts with weight ``j/m`` — the mean over every choice of ``j`` directions
+      in it, so no completion of a basis enters.
+
+    Matrix-free: only the selected entries of F's rotated eigenvectors are formed."""
     k = min(k, exact.top_vectors.shape[1], int((exact.eigenvalues > 0).sum()))
     if k == 0:
         return float("nan")
-    s = approx.eigenvalues().to(torch.float64)
-    top = torch.topk(s.flatten(), k).indices
-    u_out, u_in = approx.eigenbasis()
-    # K̂'s top eigenvectors are u_out[:, r] ⊗ u_in[:, c]: only their k entries of F's rotated
-    # eigenvectors are needed, k bilinear forms (not the whole rotation, d_out·D·(d_out + D))
-    left, right = u_out[:, top // s.shape[1]].to(torch.float64), u_in[:, top % s.shape[1]].to(torch.float64)
+    s = approx.eigenvalues(compressed=True).to(torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        return float("nan")
+    mult = approx.multiplicity().to(torch.float64)
+    u_out, u_in = (u.to(torch.float64) for u in approx.eigenbasis(compressed=True))
+    if eps is None:
+        eps = torch.finfo(approx.dtype).eps
+    nonzero = s > s.max() * max(approx.layout.shape) * eps
+    values, order = s[nonzero], nonzero.flatten().nonzero().squeeze(1)
+    values, idx = values.sort(descending=True)
+    order, counts = order[idx], mult.flatten()[order[idx]]
+    if len(values) == 0:  # K̂ = 0: no direction
+        return 0.0
+    before = counts.cumsum(0) - counts  # directions of the entries ahead of each
+    if counts.sum() <= k:  # every nonzero direction
+        weights = torch.ones_like(counts)
+    else:
+        # the eigenvalue at which the k-th direction falls, and the eigenspace it spans
+        kth = int((before + counts < k).sum())
+        boundary = values[kth]
+        tied = values == boundary
+        above = values > boundary
+        fit = k - counts[above].sum()
+        weights = torch.where(above, torch.ones_like(counts),
+                              torch.where(tied, fit / counts[tied].sum(), torch.zeros_like(counts)))
+    keep = weights > 0
+    order, weights = order[keep], weights[keep]
+    width_in = s.shape[1]
+    rows, cols = order // width_in, order % width_in
+    k_out, k_in = u_out.shape[1], u_in.shape[1]
+    out_full, in_full = rows < k_out, cols < k_in
     overlap = 0.0
     for i in range(k):
         # i-th unit eigenvector of F in matrix form
-        u_f = exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt()
-        overlap += ((u_f @ right) * left).sum(0).square().sum().item()
+        x = exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt()
+        overlap += (weights * _projected_energy(x, u_out, u_in, rows, cols, out_full, in_full)).sum().item()
     return overlap / k
+
+
+def _projected_energy(x: Tensor, u_out: Tensor, u_in: Tensor, rows: Tensor, cols: Tensor,
+                      out_full: Tensor, in_full: Tensor) -> Tensor:
+    """``‖P_a X P_b‖²_F`` for each compressed entry ``(a, b) = (rows, cols)``: ``P_a = u_a u_aᵀ`` for a
+    basis column, ``I − U Uᵀ`` for a truncated side's complement (see
+    :mod:`curvlab.approx.spectral`); the complement's value is the same for every completion."""
+    energy = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
+    both = out_full & in_full
+    if both.any():  # (u_aᵀ X u_b)²: one bilinear form each
+        left, right = u_out[:, rows[both]], u_in[:, cols[both]]
+        energy[both] = ((x @ right) * left).sum(0).square()
+    sel = out_full & ~in_full
+    if sel.any():  # ‖u_aᵀ X‖² − ‖u_aᵀ X U_in‖²
+        r = u_out[:, rows[sel]].mT @ x
+        energy[sel] = r.square().sum(1) - (r @ u_in).square().sum(1)
+    sel = ~out_full & in_full
+    if sel.any():  # ‖X u_b‖² − ‖U_outᵀ X u_b‖²
+        c = x @ u_in[:, cols[sel]]
+        energy[sel] = c.square().sum(0) - (u_out.mT @ c).square().sum(0)
+    sel = ~out_full & ~in_full
+    if sel.any():  # ‖(I − U_out U_outᵀ) X (I − U_in U_inᵀ)‖²
+        rest = x - u_out @ (u_out.mT @ x)
+        rest = rest - (rest @ u_in) @ u_in.mT
+        energy[sel] = rest.square().sum()
+    return energy.clamp_min(0)
 
 
 def approximation_metrics(
@@ -196,6 +266,8 @@ def approximation_metrics(
     exact_ng: Tensor,
 ) -> ApproximationMetrics:
     """Every metric of ``approx`` against the exact block (float64, matrix-free)."""
+    # what the statistics or the approximation were rounded to: K̂'s eigenvalues within that of 0 are 0
+    eps = max(torch.finfo(exact.root_dtype).eps, torch.finfo(approx.dtype).eps)
     if approx.dtype != torch.float64:
         approx = approx.to(dtype=torch.float64)
     s = approx.eigenvalues()
@@ -211,7 +283,7 @@ def approximation_metrics(
         scaling_error=(scaling_sq / norm_sq).sqrt().item(),
         ng_cosine=cosine(ng, exact_ng).item(),
         ng_rel_error=((ng - exact_ng).norm() / exact_ng.norm()).item(),
-        subspace_overlap=top_eigenvector_overlap(exact, approx, top_k),
+        subspace_overlap=top_eigenvector_overlap(exact, approx, top_k, eps),
         spectrum=s.flatten().sort(descending=True).values,
         error_sq=(projection_sq + scaling_sq).item(),
         natural_gradient=ng,

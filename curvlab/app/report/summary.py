@@ -48,7 +48,8 @@ SUMMARY_METRICS: tuple[tuple[str, str, str], ...] = (
     (
         "subspace_overlap",
         "Top-k subspace overlap",
-        "‖U_kᵀ Û_k‖_F² / k between the top-k eigenvectors of F and of F̂ (1 is best).",
+        "‖U_kᵀ Û_k‖_F² / k between the top-k eigenvectors of F and of F̂ (1 is best); k at most "
+        "F's rank, F̂'s directions only those of nonzero eigenvalues (a rank-r F̂ overlaps at most r/k).",
     ),
 )
 
