@@ -210,6 +210,22 @@ def test_run_report_takes_numpy_integers_for_the_truncation(tmp_path: Path) -> N
     assert read_netcdf(paths["report"]).attrs["factor_eigh"].startswith("truncated above 100 to rank 8")
 
 
+def test_the_factor_eigh_attribute_says_what_was_applied(tmp_path: Path) -> None:
+    """``--truncate-above`` with only approximations that take no truncation (KFOC's and the
+    diagonal's bases are always full), or with no factor wider than the threshold: report.nc and
+    summary.md said "truncated above …", of bases that were all full."""
+    cases = {"none-takes-it": (("kfoc", "diagonal"), 100), "none-wider": (("kflr",), 1000), "applied": (("kflr", "kfoc"), 100)}
+    got = {}
+    for label, (names, above) in cases.items():
+        paths = run_report(model="mlp", dataset="digits", batch_size=10, approximations=names, train_steps=0,
+                           truncate_above=above, truncation_rank=8, out_dir=tmp_path / label, progress=False)
+        got[label] = read_netcdf(paths["report"]).attrs["factor_eigh"]
+        assert got[label] in paths["summary"].read_text(encoding="utf-8"), label
+    assert got["none-takes-it"].startswith("full") and "kfoc, diagonal" in got["none-takes-it"]
+    assert got["none-wider"].startswith("full") and "none is wider than 1000" in got["none-wider"]
+    assert got["applied"].startswith("truncated above 100 to rank 8") and got["applied"].endswith("kflr only (kfoc: full)")
+
+
 def test_run_report_accepts_0_1_positional_arguments_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(DeprecationWarning, match="positional"):
         paths = run_report("mlp", "digits", None, 20, "exact", ("kfac", "tekfac"), 1e-3, "cpu", 0, tmp_path,

@@ -141,7 +141,7 @@ def compare(
             "mc_samples": mc_samples,
             "seed": "none" if seed is None else seed,
             "tkfac_conv": tkfac_conv,
-            "factor_eigh": describe_eigh(eigh),
+            "factor_eigh": describe_eigh(eigh, names, stats),
             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
             "batch_loss": stats.loss.item(),
             **extraction_attrs(stats),
@@ -253,12 +253,29 @@ class LayerApproximations(Mapping[str, KroneckerApproximation]):
         return len(self._names)
 
 
-def describe_eigh(eigh: EighPolicy | None) -> str:
-    """The dataset's ``factor_eigh`` attribute: how the factors were eigen-decomposed."""
+def describe_eigh(eigh: EighPolicy | None, names: Iterable[str] | None = None,
+                  blocks: Mapping[str, LayerStats] | None = None) -> str:
+    """The dataset's ``factor_eigh`` attribute: how the factors were eigen-decomposed — as
+    applied: a truncation only where one of the measured approximations ``names`` takes the
+    policy (those that decompose Kronecker factors; KFOC's and the diagonal's bases are always
+    full) and, given ``blocks``, a factor of theirs is wider than ``truncate_above``."""
     if eigh is None or eigh.truncate_above is None:
         return "full"
-    return (f"truncated above {eigh.truncate_above} to rank {eigh.rank} plus a flat remainder "
+    asked = f"truncation above {eigh.truncate_above} to rank {eigh.rank}"
+    names = None if names is None else list(names)
+    takers = None if names is None else [n for n in names if spec(n).decomposes_factors]
+    if takers is not None and not takers:
+        return f"full (the {asked} applies to none of the measured approximations: {', '.join(names)})"
+    if blocks is not None:
+        measured = takers if takers is not None else [n for n in APPROXIMATIONS if spec(n).decomposes_factors]
+        sizes = {size for block in blocks.values() if any(applies(n, block) for n in measured)
+                 for size in block.layout.shape}
+        if not any(eigh.truncates(size) for size in sizes):
+            return f"full (the {asked} applies to no factor: none is wider than {eigh.truncate_above})"
+    text = (f"truncated above {eigh.truncate_above} to rank {eigh.rank} plus a flat remainder "
             f"(randomized, {eigh.power_iterations} power iterations, oversampling {eigh.oversampling}, seed {eigh.seed})")
+    others = [] if names is None else [n for n in names if n not in takers]
+    return text + (f"; {', '.join(takers)} only ({', '.join(others)}: full)" if others else "")
 
 
 def _in_float64(stats: LayerStats) -> LayerStats:
