@@ -34,6 +34,9 @@ def test_writes_metrics_and_probe_time_series(tmp_path: Path) -> None:
     for var in ("train_loss", "test_loss", "test_accuracy", "wall_clock"):
         assert np.isfinite(metrics[var]).all()
     assert metrics.steps.values[-1] == 12
+    # CF: what each number is (the training loss is the epoch's running mean, not an end-of-epoch evaluation)
+    assert all(metrics[var].attrs.get("long_name") and metrics[var].attrs.get("units") for var in metrics.data_vars)
+    assert metrics.epoch_time.attrs["units"] == "s" and "before its step" in metrics.train_loss.attrs["long_name"]
     probe = xr.open_dataset(paths["probe"]).load()
     assert list(probe.step.values) == [0, 3, 6, 9, 12]
     assert all(var.attrs.get("long_name") for var in probe.variables.values())  # CF: what each one is

@@ -91,6 +91,21 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_s
     return total_loss / x.shape[0], correct / x.shape[0]
 
 
+#: CF attributes of metrics.nc's variables: name → (long_name, units).
+METRIC_ATTRS: dict[str, tuple[str, str]] = {
+    "train_loss": ("mean training loss over the epoch's batches, each before its step (parameters changing "
+                   "during the epoch; not an evaluation at the epoch's end)", "1"),
+    "train_accuracy": ("training accuracy over the epoch's batches, each before its step", "1"),
+    "test_loss": ("mean test loss at the end of the epoch (model in eval mode)", "1"),
+    "test_accuracy": ("test accuracy at the end of the epoch (model in eval mode)", "1"),
+    "epoch_time": ("wall-clock time of the epoch's training steps (probes and the evaluation excluded)", "s"),
+    "wall_clock": ("cumulative epoch_time up to this epoch", "s"),
+    "steps": ("optimizer steps taken up to the end of the epoch", "1"),
+    "skipped_steps": ("steps of the epoch skipped (non-finite loss, gradient, statistic or update)", "1"),
+    "world_size": ("processes the epoch ran on", "1"),
+}
+
+
 def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None,
                      world_size: int = 1) -> xr.Dataset:
     keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "epoch"]
@@ -98,6 +113,10 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
         {k: ("epoch", np.array([r.get(k, np.nan) for r in records], dtype=float)) for k in keys},
         coords={"epoch": np.array([r["epoch"] for r in records], dtype=int)},
     )
+    for name, (long_name, units) in METRIC_ATTRS.items():
+        if name in ds:
+            ds[name].attrs.update(long_name=long_name, units=units)
+    ds["epoch"].attrs["long_name"] = "epochs completed"
     ds.attrs.update(cfg.as_attrs())
     ds.attrs["data"] = data.description
     ds.attrs["num_train"] = int(data.train_x.shape[0])
