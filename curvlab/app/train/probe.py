@@ -2,8 +2,10 @@
 
 A probe measures, against the exact block on a fixed probe batch,
 
-* the optimizer's own current approximation — the objects its next step inverts, with its
-  damping and damping strategy — named ``"<method>@optimizer"``;
+* the optimizer's own current approximation — the objects its last step inverted, with its
+  damping and damping strategy — named ``"<method>@optimizer"`` (the next step inverts them too
+  unless it brings statistics that change them: a refresh, or EKFAC's/TEKFAC's rescaling, which
+  with the defaults falls on every probe step that is a multiple of 10);
 * fresh approximations built from the probe batch itself (``kflr``, ``ekfac``, …), which say
   how good each approximation *could* be for the current network.
 
