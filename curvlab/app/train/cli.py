@@ -54,7 +54,9 @@ def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
             default = None
             help_text += f" (default: {default_lr('sgd')} sgd, {default_lr('adam')} adam, {default_lr('tekfac')} Kronecker optimizers)"
         elif f.name == "kl_clip":
-            help_text += f" (default: {f.default})"
+            # a clipped step's length is set by κ alone: lr cancels from lr·ν
+            help_text += (f" (default: {f.default}); the update is scaled by ν = min(1, √(κ / Σ lr²⟨∇̃, ∇⟩)), so "
+                          "on steps it clips, --lr has no effect on their length")
         else:
             help_text += " (default: %(default)s)"
         group.add_argument(f"--{f.name.replace('_', '-')}", default=default, help=help_text, **meta)
