@@ -271,3 +271,43 @@ def test_a_report_with_dropout_is_reproducible_under_its_seed(tmp_path: Path) ->
     assert runs[0].attrs["train_loss"] == runs[1].attrs["train_loss"]
     for var in ("exact_trace", "rel_frobenius_error"):
         np.testing.assert_array_equal(runs[0][var].values, runs[1][var].values)
+
+
+def _drawn(monkeypatch, plot, ds: xr.Dataset, tmp_path: Path):  # noqa: ANN001, ANN202
+    """The Figure ``plot`` draws for ``ds`` (rendered, so text extents are known)."""
+    import curvlab.app.report.figures as figures
+
+    got = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (got.append(fig), save(fig, path))[1])
+    plot(ds, tmp_path / "figure.png")
+    fig = got[0]
+    fig.canvas.draw()
+    return fig
+
+
+def test_a_bar_that_was_not_measured_is_marked_not_left_empty(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """A NaN metric (KFOC above its size limit: every ViT/ResNet-18 report's network.png) left its
+    bar slot empty, which on a linear axis reads as an error of 0 — the best value."""
+    edited = ds.copy(deep=True)
+    layer = str(ds["layer"].values[0])
+    edited["rel_frobenius_error"].loc[dict(layer=layer, approximation="kfoc")] = np.nan
+    edited["network_rel_frobenius_error"].loc[dict(approximation="kfoc")] = np.nan
+    for plot in (plot_errors, plot_network):
+        fig = _drawn(monkeypatch, plot, edited, tmp_path)
+        marks = [t for ax in fig.axes for t in ax.texts if t.get_text() == "n/a"]
+        assert len(marks) == 1, plot.__name__
+        assert "n/a: not measured" in fig._suptitle.get_text()
+        # in KFOC's slot: the centre of where its bar would be
+        ax = marks[0].axes
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        hues = ["KFAC", "KFLR", "EKFAC", "TKFAC", "TEKFAC", "KFOC", "diag(F)"]
+        x = marks[0].get_position()[0]
+        if plot is plot_network:
+            assert x == labels.index("KFOC")
+        else:
+            assert x == pytest.approx(0 - 0.4 + (hues.index("KFOC") + 0.5) * 0.8 / len(hues))
+        # measured values keep their bars and no mark
+        fig = _drawn(monkeypatch, plot, ds, tmp_path)
+        assert not [t for ax in fig.axes for t in ax.texts if t.get_text() == "n/a"]
+        assert "n/a" not in fig._suptitle.get_text()

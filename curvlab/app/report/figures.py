@@ -197,7 +197,16 @@ def _metric(ds: xr.Dataset, key: str) -> xr.DataArray:
     return ds[key]
 
 
-def _bars(ax, frame: pd.DataFrame, x: str, order: list[str], names: list[str]) -> None:  # noqa: ANN001
+#: What a bar slot without a value (NaN: not measured, e.g. KFOC above its size limit) shows.
+MISSING = "n/a"
+#: What the title of a figure with such a slot adds.
+MISSING_NOTE = f"; {MISSING}: not measured"
+
+
+def _bars(ax, frame: pd.DataFrame, x: str, order: list[str], names: list[str]) -> bool:  # noqa: ANN001
+    """Bars of ``frame["value"]`` by ``x`` (hue: approximation); a value that is not finite gets
+    :data:`MISSING` written in its slot, which would otherwise be empty, as a value of 0 is on a
+    linear scale. Returns whether any was missing."""
     sns.barplot(
         data=frame,
         x=x,
@@ -212,6 +221,16 @@ def _bars(ax, frame: pd.DataFrame, x: str, order: list[str], names: list[str]) -
         edgecolor="white",
         linewidth=0.5,
     )
+    hues = [label(n) for n in names]
+    dodge = not frame[x].equals(frame["approximation"])  # hue is x itself: one bar per slot
+    missing = frame[~np.isfinite(frame["value"].to_numpy(dtype=float))]
+    for _, row in missing.iterrows():
+        pos = float(order.index(row[x]))
+        if dodge:  # seaborn's dodged bars: the slot's 0.8 split evenly over the hues
+            pos += -0.4 + (hues.index(row["approximation"]) + 0.5) * 0.8 / len(hues)
+        ax.text(pos, 0.02, MISSING, transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom",
+                fontsize=7 if dodge else 8.5, color="0.35")
+    return not missing.empty
 
 
 def _log_if_wide(ax, values: np.ndarray) -> None:  # noqa: ANN001
@@ -241,6 +260,7 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
     with style():
         fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
         axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=many)).ravel()
+        missing = False
         for k, (ax, (key, ylabel, title)) in enumerate(zip(axes, panels)):
             values = _metric(ds, key).transpose("layer", "approximation")
             frame = pd.DataFrame(
@@ -250,7 +270,7 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
                     for a in names
                 ]
             )
-            _bars(ax, frame, "layer", layer_labels, names)
+            missing |= _bars(ax, frame, "layer", layer_labels, names)
             _log_if_wide(ax, frame["value"].to_numpy())
             ax.set_title(title)
             ax.set_ylabel(ylabel)
@@ -265,6 +285,7 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
         what = "Per-layer errors (lower is better)"
         if left_out:
             what += f"; {left_out} parameter block{'s' * (left_out > 1)} (diagonal only) in summary.md"
+        what += MISSING_NOTE * missing
         fig.suptitle(_title(ds, what))
         return _save(fig, path)
 
@@ -286,13 +307,14 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
     with style():
         fig = Figure(figsize=(WIDTH_IN, 3.6), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+        missing = False
         for ax, (key, ylabel, title) in zip(axes, panels):
             values = _metric(ds, key)
             frame = pd.DataFrame(
                 {"approximation": [label(a) for a in names], "value": [float(values.sel(approximation=a)) for a in names]}
             )
             frame["x"] = frame["approximation"]
-            _bars(ax, frame, "x", [label(a) for a in names], names)
+            missing |= _bars(ax, frame, "x", [label(a) for a in names], names)
             if key == "network_rel_frobenius_error" and "network_blockdiag_error" in ds:
                 floor = float(ds["network_blockdiag_error"])
                 ax.axhline(floor, color="0.25", ls="--", lw=1.2)
@@ -318,5 +340,5 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
             ax.set_xlabel("")
             ax.tick_params(axis="x", labelrotation=45)
         whole = "Whole network" if ds.attrs.get("network_blocks") != "kronecker" else "Whole network (its Kronecker layers)"
-        fig.suptitle(_title(ds, whole))
+        fig.suptitle(_title(ds, whole + MISSING_NOTE * missing))
         return _save(fig, path)
