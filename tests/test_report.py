@@ -311,3 +311,28 @@ def test_a_bar_that_was_not_measured_is_marked_not_left_empty(ds: xr.Dataset, tm
         fig = _drawn(monkeypatch, plot, ds, tmp_path)
         assert not [t for ax in fig.axes for t in ax.texts if t.get_text() == "n/a"]
         assert "n/a" not in fig._suptitle.get_text()
+
+
+def test_long_layer_names_stay_inside_and_apart(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """Long module names (a torchvision ViT's ``encoder.layers.encoder_layer_11.mlp.0``; already
+    vit-tiny's ``blocks.2.attn.qkv (Linear, P=111,168)``) ran past their spectra panel, into the
+    next panel's title and out of the figure, and the stacked layer labels of errors.png ran into
+    each other."""
+    names = ["encoder.layers.encoder_layer_11.mlp.fc_in_projection",
+             "encoder.layers.encoder_layer_11.self_attention.out_proj", "heads.head"]
+    edited = ds.isel(layer=[0, 1, 1]).assign_coords(layer=names)
+
+    def apart(texts, what):  # noqa: ANN001, ANN202
+        boxes = [t.get_window_extent() for t in texts if t.get_text()]
+        width = texts[0].figure.bbox
+        for k, box in enumerate(boxes):
+            assert box.x0 >= width.x0 - 1 and box.x1 <= width.x1 + 1, (what, texts[k].get_text())
+            for other in boxes[k + 1:]:
+                assert not box.overlaps(other), (what, [t.get_text() for t in texts])
+
+    fig = _drawn(monkeypatch, plot_spectra, edited, tmp_path)
+    titles = [ax.title for ax in fig.axes if ax.get_visible()]
+    apart(titles, "spectra titles")
+    assert [t.get_text().split("(")[0].replace("\n", "").strip() for t in titles] == names  # wrapped, not cut
+    fig = _drawn(monkeypatch, plot_errors, edited, tmp_path)
+    apart(fig.axes[-1].get_xticklabels(), "errors layer labels")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,10 +76,32 @@ def _title(ds: xr.Dataset, what: str) -> str:
     return what + "\n" + textwrap.fill("; ".join(parts), width=95)
 
 
-def _layer_label(ds: xr.Dataset, i: int, style: str = "inline") -> str:
+def _wrap_name(name: str, width: int) -> str:
+    """``name`` on lines of at most ``width`` characters, broken after its dots (or
+    underscores), a part longer than a line cut where it must be."""
+    parts = [p for p in re.split(r"(?<=[._])", name) if p]
+    lines: list[str] = []
+    for part in parts:
+        while len(part) > width:
+            if lines and len(lines[-1]) < width:
+                room = width - len(lines[-1])
+                lines[-1], part = lines[-1] + part[:room], part[room:]
+            else:
+                lines.append(part[:width])
+                part = part[width:]
+        if lines and len(lines[-1]) + len(part) <= width:
+            lines[-1] += part
+        elif part:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def _layer_label(ds: xr.Dataset, i: int, style: str = "inline", width: int | None = None) -> str:
     """``name (Type, P=…)`` (``inline``), the same on two lines (``two``), or one item a line
-    (``stacked``)."""
+    (``stacked``); ``width``: the name wrapped to lines of at most that many characters."""
     layer = str(ds["layer"].values[i])
+    if width is not None:
+        layer = _wrap_name(layer, width)
     kind = str(ds["module_type"].values[i]) if "module_type" in ds.coords else ""
     params = f"P={int(ds['num_params'].values[i]):,}" if "num_params" in ds.coords else ""
     if style == "stacked":
@@ -155,7 +178,7 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
             values = np.concatenate(shown)
             if values.size:
                 ax.set_ylim(values.min() / 2, values.max() * 2)
-            ax.set_title(_layer_label(ds, i))
+            ax.set_title(_spectrum_title(ds, i, cols))
             if i + cols >= len(layers):  # bottom panel of its column
                 ax.set_xlabel("eigenvalue index (largest first)")
             if i % cols == 0:
@@ -166,6 +189,20 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
         shown = f" ({len(layers)} of {total} blocks)" if len(layers) < total else ""
         fig.suptitle(_title(ds, "Eigenvalues per layer" + shown))
         return _save(fig, path)
+
+
+def _spectrum_title(ds: xr.Dataset, i: int, cols: int) -> str:
+    """A panel's title: ``name (Type, P=…)`` on one line where it fits the panel's width, else the
+    name (wrapped) above ``(Type, P=…)``."""
+    fits = _chars(WIDTH_IN / cols, 11)
+    one = _layer_label(ds, i)
+    return one if len(one) <= fits else _layer_label(ds, i, "two", width=fits)
+
+
+def _chars(inches: float, fontsize: float) -> int:
+    """About how many characters of text at ``fontsize`` points fit in ``inches`` (an average
+    glyph of DejaVu Sans is ~0.6 em wide)."""
+    return max(6, int(inches * 72 / (0.6 * fontsize)))
 
 
 def _plot_spectrum(ax, values: np.ndarray, name: str, cutoff: float, lw: float, zorder: int) -> np.ndarray:  # noqa: ANN001
@@ -253,9 +290,12 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
     n_layers = ds.sizes["layer"]
     many = n_layers > 3
     label_style = "stacked" if n_layers <= 10 else "inline"
-    layer_labels = [_layer_label(ds, i, label_style) for i in range(n_layers)]
     panels = [p for p in ERROR_PANELS if (p[0][2:] if p[0].startswith("1-") else p[0]) in ds]
     rows, cols = (len(panels), 1) if many else _grid(len(panels), 2)
+    # stacked labels sit side by side under their slots: names wrapped to a slot's width
+    # (the panel's, less ~0.9 in for the y axis, over the layers)
+    slot = _chars((WIDTH_IN / cols - 0.9) / n_layers, 8.5) if label_style == "stacked" else None
+    layer_labels = [_layer_label(ds, i, label_style, width=slot) for i in range(n_layers)]
     height = (2.4 if many else 3.0) * rows + (1.2 if many else 0.8)
     with style():
         fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
