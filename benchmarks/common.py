@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from curvlab.app.allocator import apply_malloc_option  # noqa: E402
+from curvlab.app.cli import positive_float, positive_int  # noqa: E402  (the CLI's option types)
 from curvlab.app.models import build_model  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -269,29 +270,6 @@ def _wait_until_quiet(busy_cores: float, budget: float) -> float:
 # --------------------------------------------------------------------------------------------
 # The machine and the output
 # --------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (a clear usage error for anything else, not a traceback
-    from deep inside a benchmark: ``statistics.median`` of no samples, an empty batch, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a positive finite number")
-    return value
 
 
 def int_list(length: int | None = None) -> Callable[[str], list[int]]:

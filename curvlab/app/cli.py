@@ -51,9 +51,9 @@ def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: st
     return parse
 
 
-_positive_int = _number(int, 1, False, "a positive integer")
-_nonnegative_int = _number(int, 0, False, "an integer >= 0")
-_positive_float = _number(float, 0.0, True, "a positive finite number")
+positive_int = _number(int, 1, False, "a positive integer")
+nonnegative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive finite number")
 
 
 def _dataset(text: str) -> str:
@@ -176,7 +176,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     what.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=default.batch_size,
         help="training examples N in the measured batch; the cost grows like (N·classes)^3 and the memory "
         "like N·classes·parameters (default: 128, fewer for large models so that the exact square roots fit "
@@ -185,12 +185,12 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     what.add_argument(
         "--train-steps",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=default.train_steps,
         help=f"Adam steps (mini-batches of {default.train_batch_size}) on the training set before "
         "measuring, so the curvature is not that of a random init; 0 measures the init (default: %(default)s)",
     )
-    what.add_argument("--lr", type=_positive_float, default=default.lr, help="Adam learning rate of those steps (default: %(default)s)")
+    what.add_argument("--lr", type=positive_float, default=default.lr, help="Adam learning rate of those steps (default: %(default)s)")
     add_seed_option(what, default.seed, "seeds the model init, the training, the batch and MC sampling")
 
     how = parser.add_argument_group("comparison")
@@ -202,7 +202,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--mc-samples",
-        type=_positive_int,
+        type=positive_int,
         default=default.mc_samples,
         help="labels sampled per example for --fisher mc and for KFAC's MC factors (default: %(default)s)",
     )
@@ -215,7 +215,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--damping",
-        type=_positive_float,
+        type=positive_float,
         default=default.damping,
         help="damping λ of the natural-gradient comparison: exact (F+λI)^-1 g vs each approximation's damped inverse (default: %(default)s)",
     )
@@ -260,7 +260,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--truncate-above",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=default.truncate_above,
         metavar="D",
         help="measure factors wider than D in the truncated eigenbasis the optimizers invert (the "
@@ -269,19 +269,19 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--truncation-rank",
-        type=_positive_int,
+        type=positive_int,
         default=default.truncation_rank,
         help="rank of a truncated eigenbasis (default: %(default)s)",
     )
     how.add_argument(
         "--top-k",
-        type=_positive_int,
+        type=positive_int,
         default=default.top_k,
         help="top eigenvectors compared by the subspace-overlap metric (default: %(default)s)",
     )
     how.add_argument(
         "--num-eigenvalues",
-        type=_positive_int,
+        type=positive_int,
         default=default.num_eigenvalues,
         help="largest eigenvalues stored and plotted per layer (default: %(default)s)",
     )
