@@ -89,6 +89,15 @@ def dense_fisher_matrix_order(sqrt: SquareRoot) -> Tensor:
     return v.T @ v
 
 
+def projectors(u: Tensor) -> list[Tensor]:
+    """``u_a u_aᵀ`` per column, then ``I − U Uᵀ`` if ``u`` has fewer columns than rows (a truncated
+    basis's complement): the eigenspaces of a factor flat on its complement, no completion needed."""
+    out = [torch.outer(u[:, a], u[:, a]) for a in range(u.shape[1])]
+    if u.shape[1] < u.shape[0]:
+        out.append(torch.eye(u.shape[0], dtype=u.dtype) - u @ u.T)
+    return out
+
+
 def to_flat(dense: Tensor, layout: BlockLayout) -> Tensor:
     """A matrix-order ``P × P`` matrix in the flat parameter order."""
     perm = layout.permutation()

@@ -13,6 +13,7 @@ from curvlab.compare import compare
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
 from helpers import batch, dense_ggn_full, tiny_cnn, tiny_mlp
+from helpers_approx import dense_fisher_matrix_order, projectors
 
 APPROX = ("kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
 LAMBDA = 1e-2
@@ -403,14 +404,6 @@ def test_truncated_bases_measure_the_truncated_objects() -> None:
         compare(model, loss_fn, x, y, eigh=2048)
 
 
-def _projectors(u: torch.Tensor) -> list[torch.Tensor]:
-    """``u_a u_aᵀ`` per column, then ``I − U Uᵀ`` where ``u`` has fewer columns than rows."""
-    out = [torch.outer(u[:, a], u[:, a]) for a in range(u.shape[1])]
-    if u.shape[1] < u.shape[0]:
-        out.append(torch.eye(u.shape[0], dtype=u.dtype) - u @ u.T)
-    return out
-
-
 @pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
 def test_a_truncated_basis_splits_the_error_independently_of_its_completion(name: str) -> None:
     """With a truncated eigenbasis ``K̂`` is flat on the complement, so the best approximation in its
@@ -431,9 +424,8 @@ def test_a_truncated_basis_splits_the_error_independently_of_its_completion(name
         approx = approximate(block, name, eigh=policy)
         u_out, u_in = approx.eigenbasis(compressed=True)
         assert u_in.shape[1] < u_in.shape[0]
-        f = block.sqrt.matrices().flatten(1)
-        f = f.T @ f  # row-major [d_out, D] order, as the cells below
-        cells = [torch.kron(pa.contiguous(), pb.contiguous()) for pa in _projectors(u_out) for pb in _projectors(u_in)]
+        f = dense_fisher_matrix_order(block.sqrt)  # row-major [d_out, D] order, as the cells below
+        cells = [torch.kron(pa.contiguous(), pb.contiguous()) for pa in projectors(u_out) for pb in projectors(u_in)]
         s_bar = [(f * c).sum() / c.trace() for c in cells]
         k_star = sum(s * c for s, c in zip(s_bar, cells))
         grid = approx.eigenvalues(compressed=True).flatten()

@@ -12,7 +12,7 @@ import torch
 from curvlab.approx import EighPolicy, TruncatedFactor, approximate, randomized_eigh
 from curvlab.approx.spectral import optimal_scaling
 from curvlab.extract import maths
-from helpers_approx import DT, linear_block, rel, to_flat
+from helpers_approx import DT, linear_block, projectors, rel, to_flat
 
 NAMES = ("kfac", "tkfac", "ekfac", "tekfac")
 #: "in" truncates D only, "both" both sides (d_out = 3, D = 5); "out" d_out only (d_out = 5, D = 3).
@@ -27,14 +27,6 @@ SHAPES = {"in": (3, 4), "both": (3, 4), "out": (5, 2)}
 
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.kron(a.contiguous(), b.contiguous())
-
-
-def projectors(u: torch.Tensor) -> list[torch.Tensor]:
-    """``u_a u_aᵀ`` per column, then ``I − U Uᵀ`` if ``u`` has fewer columns than rows."""
-    out = [torch.outer(u[:, a], u[:, a]) for a in range(u.shape[1])]
-    if u.shape[1] < u.shape[0]:
-        out.append(torch.eye(u.shape[0], dtype=u.dtype) - u @ u.T)
-    return out
 
 
 def flat_factor(values: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
