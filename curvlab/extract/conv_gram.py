@@ -123,7 +123,8 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
     # over the dimensions); those below the diagonal the transposes of those above.  A row of
     # blocks at a time, contiguous, then copied into its place in one pass: each block written
     # into its place, every Πk-th column, took longer (512 channels of 3×3 taps at 4×4: 182 →
-    # 150 ms the whole Gram)
+    # 150 ms the whole Gram).  A block below the diagonal repeats its mirror's additions of the
+    # cached line products (no GEMM) rather than keeping every block above until the end
     taps = list(itertools.product(*(range(k) for k in kernel)))
     left_out = [[_outside(i - lo, out_s, s) for i in range(k)]
                 for k, (lo, _), out_s, s in zip(kernel, pads, out, size)]
