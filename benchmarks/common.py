@@ -325,6 +325,10 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit; ``CURVLAB_GIT_COMMIT`` where the tree travelled without ``.git``
+    (a copy run on another machine)."""
+    if os.environ.get("CURVLAB_GIT_COMMIT"):
+        return os.environ["CURVLAB_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU suite: on a machine with a CUDA GPU, from this repository alone, in under 8 minutes:
 #
-#   1. a virtual environment (.venv-gpu) that reuses the CUDA torch already installed there and
-#      installs curvlab (editable) with its test extras and asdfghjkl — offline from
-#      benchmarks/wheels/ when that folder exists (pip download them there beforehand), otherwise
-#      from the configured index, always constrained to the torch present;
+#   1. a virtual environment (.venv-gpu) that sees the packages of the python3 holding CUDA torch
+#      (GPU_PYTHON names another), runs curvlab from this checkout and installs its dependencies
+#      with the test extras and asdfghjkl — offline from benchmarks/wheels/ when that folder
+#      exists (--download-wheels fills it), otherwise from the configured index; always
+#      constrained to the torch present;
 #   2. the CUDA tests (every test that skips without a CUDA device);
 #   3. the extraction, comparison and optimizer benchmarks on the GPU.
 #
@@ -12,8 +13,17 @@
 #
 #   bash benchmarks/gpu_suite.sh            # everything
 #   SKIP_INSTALL=1 bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh --download-wheels   # beforehand, where pip reaches PyPI, for an
+#                                                    # offline GPU machine with Python $WHEELS_PYTHON
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == --download-wheels ]]; then  # the pure-Python packages a CUDA image tends to lack
+    python3 -m pip download --no-deps --only-binary=:all: --python-version "${WHEELS_PYTHON:-3.12}" \
+        -d benchmarks/wheels backpack-for-pytorch unfoldNd curvlinops-for-pytorch einconv linear_operator \
+        h5netcdf asdfghjkl
+    exit
+fi
 start=$SECONDS
 results=benchmarks/results
 mkdir -p "$results"
@@ -34,19 +44,34 @@ has_cuda() {  # the interpreter $py imports torch and sees a CUDA device
 }
 
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
-    [[ -x $py ]] || python3 -m venv --system-site-packages .venv-gpu
-    if ! has_cuda; then
-        echo "gpu_suite: torch with CUDA is not importable here, or no CUDA device is visible (need a CUDA build of torch installed system-wide and a GPU)"
+    base=${GPU_PYTHON:-python3}
+    if ! $base -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        echo "gpu_suite: $base cannot import torch with CUDA, or no CUDA device is visible (need a CUDA build of torch and a GPU; GPU_PYTHON=<interpreter> names another)"
         exit 2
     fi
+    # Without pip of its own (and no old setuptools hiding $base's): $base's pip installs into it.
+    [[ -x $py ]] || $base -m venv --without-pip .venv-gpu || { echo "gpu_suite: $base cannot make a virtual environment"; exit 2; }
+    pip=("$base" -m pip --python "$py")  # pip >= 22.3
+    # The venv sees every package of $base through a .pth file (their own .pth files included),
+    # also where $base is itself a venv: --system-site-packages would show only its base
+    # interpreter's packages, without torch.
+    purelib="$($py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    $base -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
+        > "$purelib/gpu_suite_base.pth"
     torch_version="$($py -c 'import torch; print(torch.__version__.split("+")[0])')"
     constraints="$(mktemp)"
     echo "torch==$torch_version" > "$constraints"
     offline=()
     [[ -d benchmarks/wheels ]] && offline=(--no-index --find-links benchmarks/wheels)
-    $py -m pip install --quiet "${offline[@]}" --constraint "$constraints" -e ".[dev]" \
-        || { echo "gpu_suite: installing curvlab failed"; exit 3; }
-    $py -m pip install --quiet "${offline[@]}" --constraint "$constraints" asdfghjkl \
+    # curvlab itself runs from this checkout (a .pth line: no build step, which offline would need
+    # setuptools' whole build chain as wheels); pip installs its dependencies as pyproject.toml lists them.
+    requirements="$(mktemp)"
+    $py -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' \
+        > "$requirements" || { echo "gpu_suite: cannot read pyproject.toml's dependencies (Python >= 3.11 needed)"; exit 3; }
+    "${pip[@]}" install --quiet "${offline[@]}" --constraint "$constraints" -r "$requirements" \
+        || { echo "gpu_suite: installing curvlab's dependencies failed"; exit 3; }
+    pwd > "$purelib/gpu_suite_curvlab.pth"
+    "${pip[@]}" install --quiet "${offline[@]}" --constraint "$constraints" asdfghjkl \
         || echo "gpu_suite: asdfghjkl not installed: the optimizer table will lack the ASDL peers"
 fi
 if [[ ! -x $py ]]; then
@@ -59,7 +84,7 @@ if ! has_cuda; then
 fi
 $py -c "import torch; print('gpu_suite:', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
 
-step 90 "CUDA tests" bash -c "$py -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee $results/cuda_tests.txt"
+step 120 "CUDA tests" bash -c "$py -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee $results/cuda_tests.txt"
 step 150 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
     --repeats 5 --busy-cores 1000 --out $results/extract_cuda.json
 step 40 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
