@@ -25,7 +25,7 @@ if [[ "${1:-}" == --download-wheels ]]; then  # the pure-Python packages a CUDA 
     exit
 fi
 start=$SECONDS
-results=benchmarks/results
+results=${RESULTS:-benchmarks/results}  # RESULTS=<folder> writes them elsewhere
 mkdir -p "$results"
 py=.venv-gpu/bin/python
 
@@ -84,10 +84,12 @@ if ! has_cuda; then
 fi
 $py -c "import torch; print('gpu_suite:', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
 
-step 120 "CUDA tests" bash -c "$py -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee $results/cuda_tests.txt"
-step 150 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
+step 90 "CUDA tests" bash -c "$py -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee $results/cuda_tests.txt"
+step 110 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
     --repeats 5 --busy-cores 1000 --out $results/extract_cuda.json
-step 40 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
-step 180 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
-    --models mlp,mlp-1024,cnn,resnet18 --repeats 5 --slow-seconds 1 --out $results/optim_cuda.json
+step 30 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
+# ResNet-18 first: the GPU targets are on it (each model's results are written as it finishes)
+step 220 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
+    --models resnet18,cnn,mlp,mlp-1024 --repeats 5 --model-repeats resnet18=3 --slow-seconds 1 \
+    --out $results/optim_cuda.json
 echo "gpu_suite: done in $((SECONDS - start)) s; results in $results/*_cuda.* (commit them)"

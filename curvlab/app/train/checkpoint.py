@@ -63,6 +63,13 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"curvlab train: {path} is not a curvlab train checkpoint (missing {', '.join(missing)})")
+    # random states are CPU byte tensors whatever the device (torch.set_rng_state refuses others),
+    # and map_location moved them with the rest
+    for key in ("rng", "cuda_rng"):
+        if isinstance(ckpt.get(key), torch.Tensor):
+            ckpt[key] = ckpt[key].cpu()
+    if isinstance(ckpt.get("rank_rng"), list):
+        ckpt["rank_rng"] = [s.cpu() if isinstance(s, torch.Tensor) else s for s in ckpt["rank_rng"]]
     return ckpt
 
 
