@@ -86,13 +86,15 @@ def checked_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | No
     engines call this where their backward pass starts."""
     finite = bool(torch.isfinite(output.detach()).all())
     if finite or non_finite == "raise":
-        check_loss_inputs(loss_fn, output, targets)
+        check_loss_inputs(loss_fn, output, targets, output_finite=finite)
     return finite
 
 
-def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None) -> None:
+def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None,
+                      output_finite: bool | None = None) -> None:
     """What reaches the loss of an extraction: a batch, finite outputs, targets the Fisher
-    counts the way the loss does (called where the backward pass starts).
+    counts the way the loss does (called where the backward pass starts).  ``output_finite``:
+    the caller's finding, so the output is not checked twice (each check waits for a GPU).
 
     Raises:
         ValueError: an empty batch; non-finite model outputs (the curvature is undefined there)
@@ -103,8 +105,10 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
     n = output.shape[0] if output.dim() else 1
     if output.numel() == 0:
         raise ValueError(f"{who}: empty batch: the loss received {n} examples and {output.numel()} outputs")
-    bad = ~torch.isfinite(output.detach())
-    if bool(bad.any()):
+    if output_finite is None:
+        output_finite = bool(torch.isfinite(output.detach()).all())
+    if not output_finite:
+        bad = ~torch.isfinite(output.detach())
         rows = int(bad.reshape(n, -1).any(1).sum())
         raise ValueError(
             f"{who}: the model output has {int(bad.sum())} non-finite values (NaN/inf) in {rows} of "
@@ -126,10 +130,15 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
             raise ValueError(f"{who}: class-probability targets of shape {tuple(targets.shape)} for logits "
                              f"{tuple(output.shape)}: they must have the logits' shape")
         total = targets.detach().sum(1)
-        tolerance = 100 * torch.finfo(total.dtype).eps * output.shape[1]
+        # at float32's precision whatever the dtype: probabilities made in float32 (a softmax,
+        # then .double()) sum to one within its rounding, which scales the Fisher by 1 ± 1e-6
+        tolerance = 100 * max(torch.finfo(total.dtype).eps, torch.finfo(torch.float32).eps) * output.shape[1]
         if not bool(torch.isfinite(targets).all() and (targets >= 0).all() and ((total - 1).abs() <= tolerance).all()):
+            worst = float(torch.nan_to_num((total - 1).abs(), nan=torch.inf).max())
             raise ValueError(f"{who}: class-probability targets must be non-negative and sum to one over the "
-                             "classes (dim 1): the loss's curvature is the Fisher's only then")
+                             f"classes (dim 1) within {tolerance:.1e} (worst |sum - 1|: {worst:.3g}; "
+                             f"smallest entry {float(targets.min()):.3g}): the loss's curvature is the "
+                             "Fisher's only then")
     if isinstance(loss_fn, nn.CrossEntropyLoss) and not targets.is_floating_point():
         ignored = int((targets == loss_fn.ignore_index).sum())
         if ignored:
