@@ -250,16 +250,6 @@ class KroneckerOptimizer(Optimizer):
                 found = model_blocks(self.model, skip_unsupported=True)
             except UnsupportedModelError:  # nothing curvlab supports: every update is first order
                 found = ModelBlocks(skipped=[n for n, p in self.model.named_parameters() if p.requires_grad])
-            unsupported = [p for p in found.skipped if p not in self._warned_unsupported]
-            if unsupported:  # (norm layers' and other parameter blocks' first-order update is documented)
-                warnings.warn(
-                    f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
-                    "statistics for, or are shared by two modules (see curvlab.model_blocks); they get the "
-                    "first-order (SGD) update",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                self._warned_unsupported.update(unsupported)
             self._tracked = ModelBlocks()
             for module, path in found.layers.items():
                 if isinstance(module, PRECONDITIONED_LAYERS) and module.weight in self._group_of:
@@ -271,7 +261,29 @@ class KroneckerOptimizer(Optimizer):
             # a trainable bias in no group: part of its block's statistics, never updated
             self._ungrouped = frozenset(p for p in self._block_params if p not in self._group_of)
             self._walk = None
+            self._warn_first_order(found)
         return self._blocks
+
+    def _warn_first_order(self, found: ModelBlocks) -> None:
+        """Warn once per parameter that gets the first-order update because its module has no
+        statistics or a weight is shared — and, with such a weight, its layer's bias, which then
+        has no Kronecker block either (norm layers' and other parameter blocks' first-order
+        update is documented, not warned about)."""
+        named = {p for n, p in self.model.named_parameters() if n in found.skipped}  # a tied weight once
+        with_layer = [f"{path}.{name}" for path, module in self.model.named_modules()
+                      if isinstance(module, PRECONDITIONED_LAYERS)
+                      for name, p in module.named_parameters(recurse=False)
+                      if p.requires_grad and p in self._group_of and p not in self._block_params and p not in named]
+        unsupported = [n for n in dict.fromkeys([*found.skipped, *with_layer]) if n not in self._warned_unsupported]
+        if unsupported:
+            warnings.warn(
+                f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
+                "statistics for, or to layers whose weight is shared by two modules (see "
+                "curvlab.model_blocks); they get the first-order (SGD) update",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._warned_unsupported.update(unsupported)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; with ``set_to_none`` (the default) without its profiler range
