@@ -275,3 +275,24 @@ def test_a_train_mode_probe_measures_the_train_mode_forward_and_changes_nothing(
     xr.testing.assert_identical(probe("train"), measured)  # the same masks every probe
     eval_error = probe("eval").rel_frobenius_error.sel(layer="0").values
     assert np.abs(eval_error - measured.rel_frobenius_error.isel(step=0).sel(layer="0").values).max() > 1e-3
+
+
+@pytest.mark.parametrize("optimizer,unused,used", [
+    ("sgd", ("damping_strategy", "stats_interval", "kl_clip", "factor_dtype"), ("lr", "momentum", "weight_decay", "damping")),
+    ("adam", ("momentum", "eigen_interval", "basis"), ("lr", "weight_decay")),
+    ("kfac", ("scale_interval", "basis"), ("damping", "stats_interval", "kl_clip")),
+])
+def test_the_files_mark_the_options_a_run_does_not_use(tmp_path: Path, optimizer: str, unused, used) -> None:
+    """metrics.nc recorded KFAC's damping strategy, intervals and clipping for an SGD run as if
+    they applied (the damping does: the probe's λ); an old checkpoint with those values resumes."""
+    cfg = small(tmp_path, optimizer=optimizer, epochs=1)
+    paths = train(cfg)
+    attrs = xr.open_dataset(paths["metrics"]).attrs
+    assert all(attrs[f"config_{k}"] == f"not used by {optimizer}" for k in unused)
+    assert all(not str(attrs[f"config_{k}"]).startswith("not used") for k in used)
+    ckpt = torch.load(paths["checkpoint"], weights_only=False)
+    for k in unused:  # as older checkpoints recorded them: the values of the defaults
+        ckpt["config"][f"config_{k}"] = str(getattr(cfg.optimizer_options(), k))
+    torch.save(ckpt, paths["checkpoint"])
+    resumed = train(small(tmp_path, optimizer=optimizer, epochs=2), resume=True)
+    assert xr.open_dataset(resumed["metrics"]).sizes["epoch"] == 2

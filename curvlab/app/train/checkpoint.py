@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from curvlab.app.train.config import NOT_USED
 from curvlab.io import atomic_write
 
 #: Entries every checkpoint of ``curvlab train`` has.
@@ -87,7 +88,9 @@ def check_same_run(path: Path, saved: dict[str, object], current: dict[str, obje
     if not isinstance(saved, dict):
         raise CheckpointError(f"curvlab train: {path} has no readable configuration")
     a, b = _comparable(saved), _comparable(current)
-    changed = sorted(k for k in a if k not in MAY_CHANGE and a[k] != b.get(k))
+    # an option the run does not use (older checkpoints record its value) changes nothing
+    changed = sorted(k for k in a if k not in MAY_CHANGE and a[k] != b.get(k)
+                     and not any(str(v).startswith(NOT_USED) for v in (a[k], b.get(k))))
     if changed:
         said = "; ".join(f"{_option_name(k)} {a[k]} (now {b.get(k, 'not set')})" for k in changed)
         raise CheckpointError(

@@ -15,17 +15,14 @@ from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
 from curvlab.app.seed import add_seed_option
-from curvlab.app.train.config import OPTIMIZERS, TrainConfig, check_batches, curvature_layers, default_lr
+from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, UNUSED_BY, TrainConfig, check_batches, curvature_layers,
+                                      default_lr)
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
 from curvlab.stats import FLAVOURS
 
 _DEFAULT = TrainConfig()
 
-#: The options torch's optimizers take (every other optimizer option is a Kronecker optimizer's).
-FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight_decay")}
-#: Options of the Kronecker optimizers a method has no use for (no rescaling; TEKFAC's basis).
-UNUSED_BY = {"kfac": ("scale_interval", "basis"), "tkfac": ("scale_interval", "basis"), "ekfac": ("basis",)}
 
 
 #: The optimizer options as the command line spells them (one that names another's prefix,

@@ -17,6 +17,12 @@ from curvlab.optim.base import PRECONDITIONED_LAYERS
 
 #: Optimizers ``curvlab train`` knows: torch's SGD and Adam, then curvlab's registry.
 OPTIMIZERS = ("sgd", "adam", *KRONECKER)
+#: The options torch's optimizers take (every other optimizer option is a Kronecker optimizer's).
+FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight_decay")}
+#: Options of the Kronecker optimizers a method has no use for (no rescaling; TEKFAC's basis).
+UNUSED_BY = {"kfac": ("scale_interval", "basis"), "tkfac": ("scale_interval", "basis"), "ekfac": ("basis",)}
+#: How the output files record an option the run does not use (its value would mislead).
+NOT_USED = "not used by "
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,23 @@ class TrainConfig(KroneckerOptions):
         """The Kronecker optimizers' options of this run."""
         return KroneckerOptions(**{f.name: getattr(self, f.name) for f in fields(KroneckerOptions)})
 
+    def unused_options(self) -> set[str]:
+        """The optimizer options this run does not use: under SGD/Adam all but theirs (and the
+        damping when probing, the probe's λ), under a Kronecker method :data:`UNUSED_BY`."""
+        if self.optimizer in FIRST_ORDER:
+            used = {*FIRST_ORDER[self.optimizer], *(("damping",) if self.probe_every else ())}
+            return {f.name for f in fields(KroneckerOptions)} - used
+        return set(UNUSED_BY.get(self.optimizer, ()))
+
     def as_attrs(self) -> dict[str, object]:
-        """The configuration as netCDF-safe attributes (prefixed ``config_``)."""
+        """The configuration as netCDF-safe attributes (prefixed ``config_``); an option the run
+        does not use is recorded as ``"not used by <optimizer>"``."""
         out = {}
+        unused = self.unused_options()
         for key, value in asdict(self).items():
-            if isinstance(value, (tuple, list)):
+            if key in unused:
+                value = NOT_USED + self.optimizer
+            elif isinstance(value, (tuple, list)):
                 value = ",".join(map(str, value))
             elif isinstance(value, dict):
                 value = ";".join(f"{k}={v}" for k, v in value.items())
