@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -280,12 +281,13 @@ def test_a_train_mode_probe_measures_the_train_mode_forward_and_changes_nothing(
 @pytest.mark.parametrize("optimizer,unused,used", [
     ("sgd", ("damping_strategy", "stats_interval", "kl_clip", "factor_dtype"), ("lr", "momentum", "weight_decay", "damping")),
     ("adam", ("momentum", "eigen_interval", "basis"), ("lr", "weight_decay")),
-    ("kfac", ("scale_interval", "basis"), ("damping", "stats_interval", "kl_clip")),
+    ("kfac", ("scale_interval", "basis"), ("damping", "stats_interval", "kl_clip", "mc_samples")),
+    ("tekfac", ("mc_samples",), ("scale_interval", "basis", "fisher")),
 ])
 def test_the_files_mark_the_options_a_run_does_not_use(tmp_path: Path, optimizer: str, unused, used) -> None:
     """metrics.nc recorded KFAC's damping strategy, intervals and clipping for an SGD run as if
     they applied (the damping does: the probe's λ); an old checkpoint with those values resumes."""
-    cfg = small(tmp_path, optimizer=optimizer, epochs=1)
+    cfg = small(tmp_path, optimizer=optimizer, epochs=1, fisher="exact" if optimizer == "tekfac" else "mc")
     paths = train(cfg)
     attrs = xr.open_dataset(paths["metrics"]).attrs
     assert all(attrs[f"config_{k}"] == f"not used by {optimizer}" for k in unused)
@@ -294,5 +296,5 @@ def test_the_files_mark_the_options_a_run_does_not_use(tmp_path: Path, optimizer
     for k in unused:  # as older checkpoints recorded them: the values of the defaults
         ckpt["config"][f"config_{k}"] = str(getattr(cfg.optimizer_options(), k))
     torch.save(ckpt, paths["checkpoint"])
-    resumed = train(small(tmp_path, optimizer=optimizer, epochs=2), resume=True)
+    resumed = train(dataclasses.replace(cfg, epochs=2), resume=True)
     assert xr.open_dataset(resumed["metrics"]).sizes["epoch"] == 2

@@ -95,11 +95,12 @@ class TrainConfig(KroneckerOptions):
 
     def unused_options(self) -> set[str]:
         """The optimizer options this run does not use: under SGD/Adam all but theirs (and the
-        damping when probing, the probe's λ), under a Kronecker method :data:`UNUSED_BY`."""
+        damping when probing, the probe's λ), under a Kronecker method :data:`UNUSED_BY` and
+        ``mc_samples`` unless its Fisher is sampled."""
         if self.optimizer in FIRST_ORDER:
             used = {*FIRST_ORDER[self.optimizer], *(("damping",) if self.probe_every else ())}
             return {f.name for f in fields(KroneckerOptions)} - used
-        return set(UNUSED_BY.get(self.optimizer, ()))
+        return {*UNUSED_BY.get(self.optimizer, ()), *(("mc_samples",) if self.fisher != "mc" else ())}
 
     def as_attrs(self) -> dict[str, object]:
         """The configuration as netCDF-safe attributes (prefixed ``config_``); an option the run
