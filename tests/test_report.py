@@ -336,3 +336,57 @@ def test_long_layer_names_stay_inside_and_apart(ds: xr.Dataset, tmp_path: Path, 
     assert [t.get_text().split("(")[0].replace("\n", "").strip() for t in titles] == names  # wrapped, not cut
     fig = _drawn(monkeypatch, plot_errors, edited, tmp_path)
     apart(fig.axes[-1].get_xticklabels(), "errors layer labels")
+
+
+def _boxes(ax, what: str):  # noqa: ANN001, ANN202
+    """Display boxes of the texts of ``ax`` (and of its legend) that contain ``what``: a text's
+    frame where it has one, the whole legend where it is in one."""
+    boxes = []
+    legend = ax.get_legend()
+    if legend is not None and any(what in t.get_text() for t in legend.get_texts()):
+        boxes.append(legend.get_window_extent())
+    for t in ax.texts:
+        if what in t.get_text():
+            frame = t.get_bbox_patch()
+            boxes.append(frame.get_window_extent() if frame is not None else t.get_window_extent())
+    return boxes
+
+
+def _line_points(ax):  # noqa: ANN001, ANN202
+    """Display coordinates of the data points of the lines of ``ax``."""
+    pts = [line.get_transform().transform(line.get_xydata()) for line in ax.get_lines() if len(line.get_xdata())]
+    return np.concatenate(pts) if pts else np.empty((0, 2))
+
+
+def test_spectra_say_which_approximation_was_not_measured_on_a_panel(ds: xr.Dataset, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """KFOC is measured on blocks of at most 2^17 parameters: above, its spectrum line was silently
+    missing while the legend listed KFOC as if drawn."""
+    edited = ds.copy(deep=True)
+    params = edited["num_params"].values.copy()
+    params[0] = 133_120  # above KFOC's limit ('measured_up_to': 'kfoc: P ≤ 131072')
+    edited = edited.assign_coords(num_params=("layer", params))
+    edited["approx_eigenvalues"].loc[dict(layer=str(ds["layer"].values[0]), approximation="kfoc")] = np.nan
+    assert "kfoc: P ≤ 131072" in edited.attrs["measured_up_to"]
+    fig = _drawn(monkeypatch, plot_spectra, edited, tmp_path)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    notes = [[t.get_text() for t in ax.texts if "KFOC" in t.get_text()] for ax in panels]
+    assert notes == [["KFOC: n/a (P > 131,072)"], []]
+    assert "n/a: not measured" in fig._suptitle.get_text()
+    # the note covers no line of its panel
+    (box,) = _boxes(panels[0], "KFOC")
+    assert not box.count_contains(_line_points(panels[0])), "the note covers a spectrum"
+    # the legend lists what is drawn: KFOC still has its line in the other panel
+    assert "KFOC" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [line.get_label() for line in panels[1].get_lines()].count("KFOC") == 1
+
+    # not measured on any panel: no legend entry for a line drawn nowhere
+    edited["approx_eigenvalues"].loc[dict(approximation="kfoc")] = np.nan
+    fig = _drawn(monkeypatch, plot_spectra, edited, tmp_path)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [[t.get_text() for t in ax.texts] for ax in panels] == [["KFOC: n/a (P > 131,072)"], ["KFOC: n/a"]]
+    assert "KFOC" not in [t.get_text() for t in fig.legends[0].get_texts()]
+    # everything measured: no notes, the title says nothing about n/a
+    fig = _drawn(monkeypatch, plot_spectra, ds, tmp_path)
+    assert not [t for ax in fig.axes for t in ax.texts]
+    assert "n/a" not in fig._suptitle.get_text()

@@ -35,6 +35,12 @@ WIDTH_IN = 9.0  # 1350 px at DPI: crisp when a README scales it to ~900 px
 #: Eigenvalues below this fraction of a panel's largest are plotted as numerical zeros (dropped).
 ZERO_TOLERANCE = 1e-10
 
+#: What a value that was not measured (NaN, e.g. KFOC above its size limit) shows: the word in
+#: its bar slot or in its spectra panel.
+MISSING = "n/a"
+#: What the title of a figure with such a value adds.
+MISSING_NOTE = f"; {MISSING}: not measured"
+
 _FLAVOURS = {"exact": "exact Fisher (GGN)", "mc": "MC Fisher", "empirical": "empirical Fisher"}
 
 
@@ -138,6 +144,31 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _laid_out(fig: Figure):  # noqa: ANN202
+    """Lay ``fig`` out (constrained layout runs at draw time) and return its renderer, so that
+    where its texts fall is known."""
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def _make_room(ax, box, highest: float, renderer, pad_px: float = 4.0) -> None:  # noqa: ANN001
+    """Raise the top of ``ax``'s y axis so that values up to ``highest`` stay below ``box`` (a
+    text or legend placed in axes coordinates at the top of the panel): it then covers no data,
+    whatever the data are."""
+    patch = box.get_bbox_patch() if hasattr(box, "get_bbox_patch") else None
+    extent = (patch or box).get_window_extent(renderer)
+    panel = ax.get_window_extent(renderer)
+    below = (extent.y0 - pad_px - panel.y0) / panel.height  # axes fraction left under the box
+    if not (np.isfinite(highest) and highest > 0 and 0 < below < 1):
+        return
+    log = ax.get_yscale() == "log"
+    lo, hi = ax.get_ylim()
+    f = np.log10 if log else (lambda v: v)
+    top = f(lo) + (f(highest) - f(lo)) / below
+    if top > f(hi):
+        ax.set_ylim(lo, 10.0**top if log else top)
+
+
 # ------------------------------------------------------------------------------------ spectra
 
 
@@ -153,6 +184,9 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
     layers = list(ds["layer"].values)
     names = ordered([str(a) for a in ds["approximation"].values])
     rows, cols = _grid(len(layers))
+    limits = _limits(ds)
+    drawn: set[str] = set()
+    notes = []  # (panel, its note, the panel's largest value)
     with style():
         fig = Figure(figsize=(WIDTH_IN, 0.6 + 2.7 * rows), layout="constrained")
         axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
@@ -170,25 +204,59 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
             # Eigenvalues below top·1e-10 are numerical zeros (beyond the block's rank): dropped,
             # so a rank-deficient spectrum ends where its rank does.
             cutoff = top * ZERO_TOLERANCE if top > 0 else 0.0
-            shown = [
-                _plot_spectrum(ax, v, name, cutoff, lw=2.6 if name == "exact" else 1.4, zorder=3 if name == "exact" else 2)
+            shown = {
+                name: _plot_spectrum(ax, v, name, cutoff, lw=2.6 if name == "exact" else 1.4,
+                                     zorder=3 if name == "exact" else 2)
                 for name, v in spectra.items()
-            ]
+            }
+            drawn.update(name for name, v in shown.items() if v.size)
             ax.set_yscale("log")
-            values = np.concatenate(shown)
+            values = np.concatenate(list(shown.values()))
             if values.size:
                 ax.set_ylim(values.min() / 2, values.max() * 2)
+            # a line that is missing because it was not measured says so where it would be
+            absent = [n for n in names if not np.isfinite(spectra[n]).any()]
+            if absent:
+                params = int(ds["num_params"].values[i]) if "num_params" in ds.coords else None
+                text = "\n".join(_not_measured(n, params, limits) for n in absent)
+                note = ax.text(0.98, 0.96, text, transform=ax.transAxes, ha="right", va="top", fontsize=8.5,
+                               color="0.25", bbox={"boxstyle": "round,pad=0.25", "facecolor": "white",
+                                                   "edgecolor": "0.7"}, zorder=5)
+                notes.append((ax, note, values.max() if values.size else np.nan))
             ax.set_title(_spectrum_title(ds, i, cols))
             if i + cols >= len(layers):  # bottom panel of its column
                 ax.set_xlabel("eigenvalue index (largest first)")
             if i % cols == 0:
                 ax.set_ylabel("eigenvalue")
+        # the legend lists only what some panel draws
         handles = [Line2D([], [], color=colour("exact"), lw=2.6, label=label("exact"))]
-        handles += [Line2D([], [], color=colour(n), lw=1.6, label=label(n)) for n in names]
+        handles += [Line2D([], [], color=colour(n), lw=1.6, label=label(n)) for n in names if n in drawn]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
-        shown = f" ({len(layers)} of {total} blocks)" if len(layers) < total else ""
-        fig.suptitle(_title(ds, "Eigenvalues per layer" + shown))
+        subset = f" ({len(layers)} of {total} blocks)" if len(layers) < total else ""
+        fig.suptitle(_title(ds, "Eigenvalues per layer" + subset + MISSING_NOTE * bool(notes)))
+        if notes:
+            renderer = _laid_out(fig)
+            for ax, note, highest in notes:
+                _make_room(ax, note, highest, renderer)
         return _save(fig, path)
+
+
+def _limits(ds: xr.Dataset) -> dict[str, int]:
+    """Approximation → the most parameters of a block it is measured on, from the comparison's
+    ``measured_up_to`` attribute (``"kfoc: P ≤ 131072"``)."""
+    limits = {}
+    for part in str(ds.attrs.get("measured_up_to", "")).split(";"):
+        name, sep, bound = part.partition(": P ≤ ")
+        if sep and bound.strip().isdigit():
+            limits[name.strip()] = int(bound)
+    return limits
+
+
+def _not_measured(name: str, params: int | None, limits: dict[str, int]) -> str:
+    """``KFOC: n/a (P > 131,072)``, the reason where the block is above the approximation's limit."""
+    limit = limits.get(name)
+    why = f" (P > {limit:,})" if limit is not None and params is not None and params > limit else ""
+    return f"{label(name)}: {MISSING}{why}"
 
 
 def _spectrum_title(ds: xr.Dataset, i: int, cols: int) -> str:
@@ -232,12 +300,6 @@ def _metric(ds: xr.Dataset, key: str) -> xr.DataArray:
     if key.startswith("1-"):
         return 1.0 - ds[key[2:]]
     return ds[key]
-
-
-#: What a bar slot without a value (NaN: not measured, e.g. KFOC above its size limit) shows.
-MISSING = "n/a"
-#: What the title of a figure with such a slot adds.
-MISSING_NOTE = f"; {MISSING}: not measured"
 
 
 def _bars(ax, frame: pd.DataFrame, x: str, order: list[str], names: list[str]) -> bool:  # noqa: ANN001
