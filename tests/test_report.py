@@ -390,3 +390,27 @@ def test_spectra_say_which_approximation_was_not_measured_on_a_panel(ds: xr.Data
     fig = _drawn(monkeypatch, plot_spectra, ds, tmp_path)
     assert not [t for ax in fig.axes for t in ax.texts]
     assert "n/a" not in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("spread", [(1.01, 1.6), (1.6, 1.01), (0.2, 0.99)])
+def test_the_network_floor_label_covers_no_bar(ds: xr.Dataset, tmp_path: Path, monkeypatch, spread) -> None:
+    """The "floor: exact block-diagonal F" label sat just below the floor's dashed line at the
+    right of the panel, over the bars that reach past the floor there."""
+    edited = ds.copy(deep=True)
+    floor = float(ds["network_blockdiag_error"])
+    n = edited.sizes["approximation"]
+    edited["network_rel_frobenius_error"].values[:] = floor * np.linspace(*spread, n)
+    edited["network_rel_frobenius_error"].values[n // 2] = np.nan  # its "n/a" mark is covered neither
+    fig = _drawn(monkeypatch, plot_network, edited, tmp_path)
+    ax = fig.axes[0]
+    boxes = _boxes(ax, "floor")
+    assert len(boxes) == 1
+    bars = [p.get_window_extent() for p in ax.patches if p.get_height() > 0]
+    marks = [t.get_window_extent() for t in ax.texts if t.get_text() == "n/a"]
+    assert len(bars) == n - 1 and len(marks) == 1
+    for other in bars + marks:
+        assert not boxes[0].overlaps(other)
+    # inside its panel, and the floor's line still in view
+    assert ax.get_window_extent().contains(boxes[0].x0, boxes[0].y0)
+    assert ax.get_window_extent().contains(boxes[0].x1, boxes[0].y1)
+    assert ax.get_ylim()[0] <= floor <= ax.get_ylim()[1]

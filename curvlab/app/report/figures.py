@@ -410,6 +410,7 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
         fig = Figure(figsize=(WIDTH_IN, 3.6), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
         missing = False
+        floors = []  # (panel, the floor's legend, the panel's largest value)
         for ax, (key, ylabel, title) in zip(axes, panels):
             values = _metric(ds, key)
             frame = pd.DataFrame(
@@ -420,19 +421,13 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
             if key == "network_rel_frobenius_error" and "network_blockdiag_error" in ds:
                 floor = float(ds["network_blockdiag_error"])
                 ax.axhline(floor, color="0.25", ls="--", lw=1.2)
-                ax.annotate(
-                    "floor: exact\nblock-diagonal F",
-                    xy=(0.98, floor),
-                    xycoords=("axes fraction", "data"),
-                    xytext=(0, -4),
-                    textcoords="offset points",
-                    ha="right",
-                    va="top",
-                    fontsize=8.5,
-                    color="0.15",
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.6", "alpha": 0.9},
-                    zorder=5,
-                )
+                # a legend at the top of the panel, above the bars (see _make_room), not a label by
+                # the line: at the floor's height there are bars
+                floor_key = ax.legend(handles=[Line2D([], [], color="0.25", ls="--", lw=1.2)],
+                                      labels=["floor: exact\nblock-diagonal F"], loc="upper right", fontsize=8.5,
+                                      handlelength=2.0, borderaxespad=0.4, framealpha=1.0, edgecolor="0.7")
+                floor_key.set_zorder(5)
+                floors.append((ax, floor_key, np.nanmax(np.append(frame["value"].to_numpy(dtype=float), floor))))
             elif key == "network_trace_ratio":
                 ax.axhline(1.0, color="0.25", ls="--", lw=1.2)
             else:
@@ -443,4 +438,8 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
             ax.tick_params(axis="x", labelrotation=45)
         whole = "Whole network" if ds.attrs.get("network_blocks") != "kronecker" else "Whole network (its Kronecker layers)"
         fig.suptitle(_title(ds, whole + MISSING_NOTE * missing))
+        if floors:
+            renderer = _laid_out(fig)
+            for ax, floor_key, highest in floors:
+                _make_room(ax, floor_key, highest, renderer)
         return _save(fig, path)
