@@ -70,3 +70,11 @@ def test_cuda_training_resumes_identically(tmp_path: Path, optimizer: str) -> No
         assert torch.equal(a["model"][key], b["model"][key]), key
     metrics = xr.open_dataset(full["metrics"]).load()
     assert bool(torch.isfinite(torch.from_numpy(metrics.test_loss.values)).all())
+
+
+def test_cuda_ranks_resume_their_own_device_random_states() -> None:
+    """Two ranks (gloo, both on this GPU) restore their own CUDA random states, as their CPU ones."""
+    from multiprocess import run_ranks
+    from test_distributed_train import _rank_random_states
+
+    assert run_ranks(_rank_random_states, 2, False, timeout=180) == [(True, True), (True, True)]

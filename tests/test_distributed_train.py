@@ -318,3 +318,38 @@ def test_nproc_is_left_out_of_the_relaunched_command() -> None:
     assert without_nproc(["train", "--nproc", "2", "--epochs", "1"]) == ["train", "--epochs", "1"]
     assert without_nproc(["report", "--nproc=4", "--no-progress"]) == ["report", "--no-progress"]
     assert without_nproc(["train", "--npr", "3", "--no-progress"]) == ["train", "--no-progress"]
+
+
+def _rank_random_states(fake_cuda: bool) -> tuple[bool, bool]:
+    """A checkpoint's random states gathered and restored as ``curvlab train`` does (rank 0's
+    CUDA state first, as ``restore`` sets it, then this rank's): whether the next CPU and device
+    draws are those the rank would have taken without the interruption.  ``fake_cuda``: the
+    device's generator is a stand-in, per rank, behind ``torch.cuda``'s two functions."""
+    from curvlab.app.launch import Ranks
+    from curvlab.app.train import parallel
+
+    ranks = Ranks.current()
+    device = torch.device("cuda")
+    if fake_cuda:  # a generator of this process for "the device's"
+        gen = torch.Generator()
+        torch.cuda.get_rng_state = lambda device=None: gen.get_state()
+        torch.cuda.set_rng_state = lambda state, device=None: gen.set_state(state)
+        draw = lambda: torch.rand(4, generator=gen)  # noqa: E731
+    else:
+        draw = lambda: torch.rand(4, device=device).cpu()  # noqa: E731
+    torch.manual_seed(3)
+    parallel.reseed(3, ranks)  # rank 1 draws from seed 4, on the device too
+    if fake_cuda:
+        gen.manual_seed(3 + ranks.rank)
+    cpu_states, cuda_states = parallel.rng_states(ranks, device)
+    expected = torch.rand(4), draw()
+    torch.rand(7), draw()  # the run goes on
+    torch.cuda.set_rng_state(cuda_states[0], device)
+    parallel.restore_rng({"rng": cpu_states[0], "rank_rng": cpu_states, "rank_cuda_rng": cuda_states}, ranks, device)
+    return torch.equal(torch.rand(4), expected[0]), torch.equal(draw(), expected[1])
+
+
+def test_two_ranks_resume_their_own_device_random_states() -> None:
+    """Each rank's CUDA random state is saved and restored, not rank 0's on every rank (a resumed
+    multi-GPU run with Dropout drew rank 0's masks on every rank)."""
+    assert run_ranks(_rank_random_states, 2, True, timeout=120) == [(True, True), (True, True)]

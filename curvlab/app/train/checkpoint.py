@@ -69,8 +69,9 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     for key in ("rng", "cuda_rng"):
         if isinstance(ckpt.get(key), torch.Tensor):
             ckpt[key] = ckpt[key].cpu()
-    if isinstance(ckpt.get("rank_rng"), list):
-        ckpt["rank_rng"] = [s.cpu() if isinstance(s, torch.Tensor) else s for s in ckpt["rank_rng"]]
+    for key in ("rank_rng", "rank_cuda_rng"):
+        if isinstance(ckpt.get(key), list):
+            ckpt[key] = [s.cpu() if isinstance(s, torch.Tensor) else s for s in ckpt[key]]
     return ckpt
 
 

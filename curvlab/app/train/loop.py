@@ -230,7 +230,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     streak = 0
     if ckpt is not None:
         restore(ckpt_path, ckpt, model, optimizer, device)
-        parallel.restore_rng(ckpt, ranks)
+        parallel.restore_rng(ckpt, ranks, device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
@@ -308,7 +308,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 "world_size": ranks.world_size,  # a resume may change it
             }
         )
-        rank_rng = parallel.rng_states(ranks)
+        rank_rng, rank_cuda_rng = parallel.rng_states(ranks, device)
         if not ranks.is_main:
             continue  # rank 0 writes the files and prints
         write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
@@ -319,6 +319,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "rank_rng": rank_rng,
+                "rank_cuda_rng": rank_cuda_rng,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "epoch": epoch + 1,
                 "step": step,

@@ -17,9 +17,9 @@ Launched with ``torchrun --nproc-per-node R -m curvlab train ...`` or ``curvlab 
   the test set is evaluated sharded;
 * the probe's extraction sharded over the ranks (:func:`curvlab.distributed.extract`: the same
   result as one process for the exact and empirical flavours);
-* files written by rank 0 only; the checkpoint holds every rank's random state, and every rank
-  loads it on ``--resume`` (with another number of processes the run continues on the same
-  global batches, with rank 0's random state on every rank).
+* files written by rank 0 only; the checkpoint holds every rank's random state (and its CUDA
+  device's), and every rank loads it on ``--resume`` (with another number of processes the run
+  continues on the same global batches, with rank 0's random state on every rank).
 
 Ranks other than 0 reseed their global random generator with ``seed + rank`` after the model is
 built (dropout and other random layers then differ between the shards, as they would between
@@ -89,17 +89,25 @@ def evaluate_sharded(evaluate: Callable[..., tuple[float, float]], ranks: Ranks,
     return total / count, hits / count
 
 
-def rng_states(ranks: Ranks) -> list[Tensor] | None:
-    """Every rank's global random state, in rank order, on every rank (``None`` on one process)."""
+def rng_states(ranks: Ranks, device: torch.device) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+    """Every rank's global random state and, on CUDA, its device's (which a model's Dropout draws
+    from there), each in rank order, on every rank (``None`` on one process; the CUDA list
+    ``None`` off CUDA)."""
     if not ranks.distributed:
-        return None
+        return None, None
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     states: list = [None] * ranks.world_size
-    dist.all_gather_object(states, torch.get_rng_state())
-    return states
+    dist.all_gather_object(states, (torch.get_rng_state(), cuda))
+    cpu_states, cuda_states = (list(s) for s in zip(*states))
+    return cpu_states, (cuda_states if cuda is not None else None)
 
 
-def restore_rng(checkpoint: dict, ranks: Ranks) -> None:
-    """This rank's random state from ``checkpoint`` (rank 0's if it holds another number of ranks)."""
+def restore_rng(checkpoint: dict, ranks: Ranks, device: torch.device) -> None:
+    """This rank's random states from ``checkpoint`` (rank 0's if it holds another number of
+    ranks): the global one and, on CUDA, its device's."""
     states = checkpoint.get("rank_rng")
-    mine = states[ranks.rank] if states is not None and len(states) == ranks.world_size else checkpoint["rng"]
-    torch.set_rng_state(mine)
+    same = states is not None and len(states) == ranks.world_size
+    torch.set_rng_state(states[ranks.rank] if same else checkpoint["rng"])
+    cuda = checkpoint.get("rank_cuda_rng")
+    if device.type == "cuda" and same and cuda is not None and len(cuda) == ranks.world_size:
+        torch.cuda.set_rng_state(cuda[ranks.rank], device)
