@@ -78,3 +78,27 @@ def test_cuda_ranks_resume_their_own_device_random_states() -> None:
     from test_distributed_train import _rank_random_states
 
     assert run_ranks(_rank_random_states, 2, False, timeout=180) == [(True, True), (True, True)]
+
+
+def _rank_gpu_sum() -> tuple[str, float]:
+    """As ``join_process_group`` sets it up: this rank's GPU current, then a train run's device
+    for ``--device cuda:0`` and an nccl sum on it."""
+    import torch.distributed as dist
+
+    from curvlab.app.launch import Ranks
+    from curvlab.app.train.parallel import rank_device
+
+    ranks = Ranks.current()
+    torch.cuda.set_device(ranks.rank)
+    device = rank_device(torch.device("cuda:0"), ranks)
+    total = torch.ones(1, device=device) * (ranks.rank + 1)
+    dist.all_reduce(total)
+    return str(device), total.item()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_ranks_train_on_their_own_gpus() -> None:
+    """Two nccl ranks given ``--device cuda:0`` each take their own GPU and sum as the CPU does."""
+    from multiprocess import run_ranks
+
+    assert run_ranks(_rank_gpu_sum, 2, backend="nccl", timeout=180) == [("cuda:0", 3.0), ("cuda:1", 3.0)]

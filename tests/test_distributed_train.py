@@ -353,3 +353,16 @@ def test_two_ranks_resume_their_own_device_random_states() -> None:
     """Each rank's CUDA random state is saved and restored, not rank 0's on every rank (a resumed
     multi-GPU run with Dropout drew rank 0's masks on every rank)."""
     assert run_ranks(_rank_random_states, 2, True, timeout=120) == [(True, True), (True, True)]
+
+
+def test_each_rank_trains_on_its_own_gpu_whatever_index_device_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device cuda:0`` under torchrun put every rank on GPU 0 (nccl refuses two ranks on one
+    GPU); each rank takes the GPU ``join_process_group`` made current, as ``curvlab report`` does."""
+    from curvlab.app.launch import Ranks
+    from curvlab.app.train.parallel import rank_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # rank 1's cuda:LOCAL_RANK
+    for given in ("cuda:0", "cuda"):
+        assert rank_device(torch.device(given), Ranks(1, 2)) == torch.device("cuda:1")
+    assert rank_device(torch.device("cuda:0"), Ranks(0, 1)) == torch.device("cuda:0")  # one process: as given
+    assert rank_device(torch.device("cpu"), Ranks(1, 2)) == torch.device("cpu")

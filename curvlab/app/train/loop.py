@@ -162,8 +162,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     In a process group of several ranks every rank calls it (:mod:`curvlab.app.train.parallel`);
     rank 0 alone checks and locks the output folder and writes the files.
     """
-    device = resolve_device(cfg.device)
     ranks = launch.Ranks.current()
+    device = parallel.rank_device(resolve_device(cfg.device), ranks)
     with contextlib.ExitStack() as stack:
         folder, error = None, None
         if ranks.is_main:

@@ -54,6 +54,16 @@ def data_parallel(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Mo
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """The device this rank trains on: on several ranks with CUDA its own GPU, the one
+    :func:`~curvlab.app.launch.join_process_group` made current (``cuda:LOCAL_RANK``), whatever
+    index ``--device`` names — ``cuda:0`` put every rank on GPU 0, which nccl refuses.  The
+    configuration keeps ``--device`` as given: the checkpoint compares it on every rank."""
+    if ranks.distributed and device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def reseed(seed: int, ranks: Ranks) -> None:
     """Ranks other than 0 draw from ``seed + rank`` from here on."""
     if ranks.rank:
