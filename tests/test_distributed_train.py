@@ -366,3 +366,17 @@ def test_each_rank_trains_on_its_own_gpu_whatever_index_device_names(monkeypatch
         assert rank_device(torch.device(given), Ranks(1, 2)) == torch.device("cuda:1")
     assert rank_device(torch.device("cuda:0"), Ranks(0, 1)) == torch.device("cuda:0")  # one process: as given
     assert rank_device(torch.device("cpu"), Ranks(1, 2)) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("num_train,batch,said", [(129, 64, True), (130, 64, False), (128, 64, False), (1, 64, True)])
+def test_a_skipped_trailing_batch_is_said(num_train: int, batch: int, said: bool, capsys) -> None:
+    """Every rank skips a trailing batch with fewer examples than ranks (129 examples in batches
+    of 64 on 2 processes: 2 steps an epoch where one process takes 3); that went unsaid."""
+    from curvlab.app.launch import Ranks
+    from curvlab.app.train.parallel import say_skipped_batch
+
+    say_skipped_batch(num_train, batch, Ranks(0, 2))
+    err = capsys.readouterr().err
+    assert ("is skipped" in err) == said and (not said or f"({num_train % batch or num_train} of {num_train}" in err)
+    say_skipped_batch(num_train, batch, Ranks(1, 2))  # rank 0 alone speaks
+    assert capsys.readouterr().err == ""

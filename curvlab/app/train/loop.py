@@ -195,6 +195,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
     _check_one_example_shards(cfg, data, model, ranks, device)
+    parallel.say_skipped_batch(data.train_x.shape[0], cfg.batch_size, ranks)
     net = parallel.data_parallel(model, ranks, device)  # what the training steps run
     parallel.reseed(cfg.seed, ranks)
     loss_fn = nn.CrossEntropyLoss()
