@@ -60,6 +60,8 @@ def test_resume_never_runs_code_from_the_checkpoint(tmp_path: Path, capsys: pyte
     assert code == 1 and not marker.exists()
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and "Traceback" not in err
+    # nor does it pass on torch's advice to load it with weights_only=False
+    assert "weights_only" not in err and "tensors and plain data" in err
 
 
 # --------------------------------------------------------- 3. non-finite hyper-parameters on the command line

@@ -57,6 +57,8 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Weights only" in str(err):  # not torch's advice to load it unsafely
+            first = "it holds something other than tensors and plain data"
         raise CheckpointError(
             f"curvlab train: {path} is not a readable curvlab checkpoint ({type(err).__name__}: {first}); "
             "it may be truncated, from another program, or crafted — only tensors and plain data are loaded"
