@@ -197,7 +197,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)
         except Stopped as err:  # one line, not torchrun's tracebacks (dropped by relaunch)
             where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
-                     else f"no epoch had finished: nothing to resume in {cfg.out_dir}")
+                     else f"no epoch had finished: nothing to resume in {cfg.out_dir} (start again with --overwrite)")
             print(f"curvlab train: stopped by {err.signal_name}; {where}", file=sys.stderr, flush=True)
             return 130
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
