@@ -74,6 +74,7 @@ def test_report_variables_say_what_they_are(tmp_path: Path, capsys: pytest.Captu
             assert ds[name].attrs["units"] == "1", name
         for name in ("exact_trace", "exact_eigenvalues", "approx_eigenvalues", "network_exact_trace"):
             assert "units" not in ds[name].attrs, name
+        assert "blocks only" not in ds["network_exact_trace"].attrs["long_name"]  # every block is in it
 
 
 def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

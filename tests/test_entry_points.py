@@ -239,6 +239,8 @@ def test_report_and_train_on_a_user_resnet_in_train_mode(user_models, tmp_path, 
     kron = [l for l, k in zip(ds.layer.values, ds.block_kind.values) if k == "kronecker"]
     assert len(kron) < ds.sizes["layer"]
     assert float(ds.network_exact_trace) == pytest.approx(float(ds.exact_trace.sel(layer=kron).sum()), rel=1e-6)
+    # and each whole-network variable says so itself, read on its own
+    assert all("Kronecker layers' blocks only" in ds[v].attrs["long_name"] for v in ds.data_vars if v.startswith("network_"))
     code = main(["train", "--model", f"{user_models}:tiny_resnet", "--optimizer", "tekfac", "--epochs", "1",
                  "--batch-size", "32", "--train-size", "96", "--test-size", "32", "--probe-every", "2",
                  "--probe-batch-size", "8", "--stats-interval", "1", "--no-progress", "--out", str(tmp_path / "train")])

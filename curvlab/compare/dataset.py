@@ -221,7 +221,10 @@ def measure(
     }
     first = stats[layers[0]]
     ds = xr.Dataset(data, coords=coords)
+    partial = len(network) < len(layers)  # the whole-network entries then cover the Kronecker layers only
     for name, (long_name, units) in VARIABLE_ATTRS.items():
+        if partial and name.startswith("network_"):
+            long_name += " (over the Kronecker layers' blocks only: the parameter blocks are left out)"
         ds[name].attrs.update({"long_name": long_name, **({"units": units} if units else {})})
     ds.attrs.update(
         {
@@ -236,7 +239,7 @@ def measure(
             "kfac_approx": first.kfac_approx,
             "coupled": int(any(stats[l].coupled for l in layers)),
             "terms_per_example": first.terms_per_example,
-            "network_blocks": "kronecker" if len(network) < len(layers) else "all",
+            "network_blocks": "kronecker" if partial else "all",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),
             **{k: _attr(v) for k, v in (attrs or {}).items()},
