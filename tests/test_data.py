@@ -384,6 +384,16 @@ def test_batches() -> None:
         batches(x, y, 0, shuffle=False)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 12])
+@pytest.mark.parametrize("batch_size", [1, 4, 20])
+def test_epoch_batch_sizes_are_those_batches_makes(n: int, batch_size: int) -> None:
+    """The sizes the training loop checks and reports before an epoch are the batches' own."""
+    from curvlab.app.data import epoch_batch_sizes
+
+    sizes = [len(bx) for bx, _ in batches(torch.zeros(n, 1), torch.zeros(n), batch_size, shuffle=False)]
+    assert epoch_batch_sizes(n, batch_size) == (sizes[0], sizes[-1])
+
+
 def test_data_source_names_the_folder_the_files_come_from(tmp_path: Path) -> None:
     """The report recorded data_dir 'none' for Fashion-MNIST read from its system folder, and a
     --data-dir that digits never reads as if it had been used."""

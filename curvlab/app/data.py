@@ -250,6 +250,14 @@ def batches(
     return _batch_iter(x, y, batch_size, order)
 
 
+def epoch_batch_sizes(n: int, batch_size: int) -> tuple[int, int]:
+    """The examples :func:`batches` puts in every batch of a pass over ``n`` examples but the last,
+    and in the last one."""
+    if n <= batch_size:
+        return n, n
+    return batch_size, n % batch_size or batch_size
+
+
 def _batch_iter(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
     for start in range(0, len(x), batch_size):
         if order is None:

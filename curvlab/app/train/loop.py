@@ -22,7 +22,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from curvlab.app import launch
-from curvlab.app.data import Dataset, batches, load_dataset, subset
+from curvlab.app.data import Dataset, batches, epoch_batch_sizes, load_dataset, subset
 from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, measured_batch_size, one_example_fails
 from curvlab.app.report.run import resolve_device
@@ -133,7 +133,7 @@ def _check_one_example_shards(cfg: TrainConfig, data: Dataset, model: nn.Module,
     one in train mode (BatchNorm1d): torch's error came at the epoch's last batch, after the
     epoch's steps, and did not say which option made it."""
     n, world = data.train_x.shape[0], ranks.world_size
-    sizes = [s for s in (min(cfg.batch_size, n), n % cfg.batch_size) if s >= world]  # (smaller ones are skipped)
+    sizes = [s for s in epoch_batch_sizes(n, cfg.batch_size) if s >= world]  # (smaller ones are skipped)
     if not any(s // world == 1 for s in sizes):
         return
     why = one_example_fails(model, data.train_x[:1].to(device))

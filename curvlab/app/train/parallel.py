@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from curvlab.app.data import epoch_batch_sizes
 from curvlab.app.launch import Ranks
 from curvlab.extract.autograd import couples_examples
 
@@ -43,9 +44,9 @@ from curvlab.extract.autograd import couples_examples
 def say_skipped_batch(num_train: int, batch_size: int, ranks: Ranks) -> None:
     """Rank 0 says when each epoch's trailing batch has fewer examples than ranks, which every
     rank skips (a rank without an example has no loss): one process would have taken that step."""
-    rest = num_train % batch_size if num_train > batch_size else num_train
-    if ranks.is_main and 0 < rest < ranks.world_size:
-        print(f"curvlab train: the last batch of every epoch ({rest} of {num_train} training examples in batches "
+    last = epoch_batch_sizes(num_train, batch_size)[1]
+    if ranks.is_main and last < ranks.world_size:
+        print(f"curvlab train: the last batch of every epoch ({last} of {num_train} training examples in batches "
               f"of {batch_size}) has fewer examples than the {ranks.world_size} processes and is skipped, a step "
               "one process would take; choose --train-size or --batch-size so that it is not", file=sys.stderr)
 
