@@ -28,7 +28,7 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIGURES, RESULTS, RUNS, default_data_dir, save  # noqa: E402
+from common import FIGURES, MOMENTUM, RESULTS, RUNS, default_data_dir, save  # noqa: E402
 
 from curvlab.app.palette import colour  # noqa: E402
 from curvlab.app.train import TrainConfig, train  # noqa: E402
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer="tekfac",
         probe_approximations=("kfac", "kflr", "ekfac", "tkfac", "tekfac"),
         probe_batch_size=128,
+        momentum=MOMENTUM,
         test_size=2000,
         seed=args.seed,
         device=args.device,

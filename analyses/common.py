@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "analyses" / "results"
 FIGURES = ROOT / "figures"
 RUNS = ROOT / "runs" / "analyses"
+#: Heavy-ball momentum of every training run here: the committed results were made with 0.9,
+#: curvlab's default until the Kronecker optimizers' became 0 (README, "Training defaults")
+MOMENTUM = 0.9
 
 
 

@@ -27,7 +27,7 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIGURES, RESULTS, RUNS, default_data_dir, markdown_table, run, save  # noqa: E402
+from common import FIGURES, MOMENTUM, RESULTS, RUNS, default_data_dir, markdown_table, run, save  # noqa: E402
 
 from curvlab.app.train import TrainConfig  # noqa: E402
 
@@ -48,6 +48,7 @@ def config(strategy: str, basis: str, damping: float, seed: int, args) -> TrainC
         basis=basis,
         damping=damping,
         lr=0.1,
+        momentum=MOMENTUM,
         epochs=args.epochs,
         batch_size=128,
         train_size=args.train_size,

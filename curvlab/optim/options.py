@@ -40,7 +40,11 @@ class KroneckerOptions(OptionSet):
     """
 
     lr: float = _option(0.1, "learning rate", type=float)
-    momentum: float = _option(0.9, "heavy-ball momentum μ on the preconditioned direction (0 disables it)", type=float)
+    # 0 by default: KL clipping already sets the length of a clipped step, and heavy-ball momentum
+    # 0.9 on top (kfac-pytorch's recipe) made the default steps about ten times that — on MNIST's
+    # MLP, 4 epochs of TEKFAC reached a test accuracy of 0.900 against 0.977 without it (SGD
+    # 0.975, 3 seeds); the same on digits, MNIST's CNN and CIFAR-10's (README, "Training defaults")
+    momentum: float = _option(0.0, "heavy-ball momentum μ on the preconditioned direction (0 disables it)", type=float)
     weight_decay: float = _option(0.0, "L2 coefficient added to the update (u = ∇̃ + wd·θ)", type=float)
     damping: float = _option(1e-3, "damping λ of the inverse (> 0)", type=float)
     damping_strategy: str | DampingStrategy | None = _option(

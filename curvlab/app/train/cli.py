@@ -16,7 +16,7 @@ from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
 from curvlab.app.seed import add_seed_option
 from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, UNUSED_BY, TrainConfig, check_batches, curvature_layers,
-                                      default_lr)
+                                      default_lr, default_momentum)
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
 from curvlab.stats import FLAVOURS
@@ -50,6 +50,9 @@ def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
         if f.name == "lr":
             default = None
             help_text += f" (default: {default_lr('sgd')} sgd, {default_lr('adam')} adam, {default_lr('tekfac')} Kronecker optimizers)"
+        elif f.name == "momentum":
+            default = None
+            help_text += f" (default: {default_momentum('sgd')} sgd, {default_momentum('tekfac')} Kronecker optimizers)"
         elif f.name == "kl_clip":
             # a clipped step's length is set by κ alone: lr cancels from lr·ν
             help_text += (f" (default: {f.default}); the update is scaled by ν = min(1, √(κ / Σ lr²⟨∇̃, ∇⟩)), so "

@@ -31,10 +31,11 @@ class TrainConfig(KroneckerOptions):
 
     The optimizer's hyper-parameters are the fields of :class:`curvlab.optim.KroneckerOptions`
     (inherited, with their defaults); ``momentum`` and ``weight_decay`` apply to SGD too, ``lr``
-    to all (default: :func:`default_lr` of the optimizer).  ``probe_every = 0`` disables probing.
+    to all (defaults: :func:`default_lr` and :func:`default_momentum` of the optimizer).  ``probe_every = 0`` disables probing.
     """
 
     lr: float | None = None  # type: ignore[assignment]
+    momentum: float | None = None  # type: ignore[assignment]
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
@@ -67,6 +68,8 @@ class TrainConfig(KroneckerOptions):
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:
             object.__setattr__(self, "lr", default_lr(self.optimizer))
+        if self.momentum is None:
+            object.__setattr__(self, "momentum", default_momentum(self.optimizer))
         if self.data_dir is not None:  # recorded resolved: a resume from elsewhere names the same data
             object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().resolve()))
         if isinstance(self.probe_approximations, str):
@@ -125,6 +128,12 @@ class TrainConfig(KroneckerOptions):
 def default_lr(optimizer: str) -> float:
     """A sensible starting learning rate per optimizer (tune for real studies)."""
     return {"sgd": 0.05, "adam": 1e-3}.get(optimizer, KroneckerOptions.lr)
+
+
+def default_momentum(optimizer: str) -> float:
+    """Heavy-ball momentum per optimizer: 0.9 for SGD, the Kronecker optimizers' own default
+    (none: their KL clipping sizes each step); Adam has none."""
+    return {"sgd": 0.9}.get(optimizer, KroneckerOptions.momentum)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
