@@ -253,6 +253,17 @@ def test_non_finite_outputs_propagate_when_asked(engine: str) -> None:
         assert torch.isnan(s.kfac["mc"].G).all() and torch.isnan(s.tkfac.delta_phi).any()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_propagating_non_finite_outputs_still_checks_the_targets(engine: str) -> None:
+    """A non-finite output taken with ``non_finite="propagate"`` leaves the targets' checks in
+    place: ignored targets are refused, as with finite outputs (one check, for both engines)."""
+    model, x, y = batch(6)
+    x[2, 1] = math.nan
+    y[4] = -100
+    with pytest.raises(ValueError, match="1 of 6 targets equal ignore_index=-100"):
+        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher="mc", engine=engine, non_finite="propagate")
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"damping": math.nan}, "damping=nan"), ({"damping": 0.0}, "damping=0.0"), ({"top_k": 0}, "top_k=0"),
     ({"num_eigenvalues": 0}, "num_eigenvalues=0"), ({"approximations": "kfac"}, "collection of names"),

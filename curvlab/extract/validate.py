@@ -81,12 +81,12 @@ def _check_orthonormal(eigenbases: Mapping[str, tuple[Tensor, Tensor]]) -> None:
 
 
 def checked_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None, non_finite: str) -> bool:
-    """Whether ``output`` is finite, after :func:`check_loss_inputs` — which a non-finite output
-    with ``non_finite="propagate"`` skips (the caller then propagates NaN statistics).  Both
-    engines call this where their backward pass starts."""
+    """Whether ``output`` is finite, after :func:`check_loss_inputs` — whose refusal of a
+    non-finite output ``non_finite="propagate"`` leaves out (the caller then propagates NaN
+    statistics; the targets are checked either way).  Both engines call this where their
+    backward pass starts, and nothing after it checks the same again (each check waits for a GPU)."""
     finite = bool(torch.isfinite(output.detach()).all())
-    if finite or non_finite == "raise":
-        check_loss_inputs(loss_fn, output, targets, output_finite=finite)
+    check_loss_inputs(loss_fn, output, targets, output_finite=finite or non_finite != "raise")
     return finite
 
 
@@ -94,7 +94,8 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
                       output_finite: bool | None = None) -> None:
     """What reaches the loss of an extraction: a batch, finite outputs, targets the Fisher
     counts the way the loss does (called where the backward pass starts).  ``output_finite``:
-    the caller's finding, so the output is not checked twice (each check waits for a GPU).
+    the caller's finding, so the output is not checked twice (each check waits for a GPU); True
+    also where the caller takes a non-finite output (:func:`checked_loss_inputs`).
 
     Raises:
         ValueError: an empty batch; non-finite model outputs (the curvature is undefined there)

@@ -101,8 +101,6 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
                 f"{tuple(output.shape[:1] + output.shape[2:])} (or class probabilities shaped like the "
                 f"logits), got {targets.dtype} {tuple(targets.shape)}"
             )
-        elif bool((targets == loss_fn.ignore_index).any()):
-            raise ValueError("autograd engine: targets equal to ignore_index are unsupported")
         class_dim, classes = 1, output.shape[1]
         terms = output[:, 0].numel() // max(n, 1)
         r = 1.0 / (n * terms) if loss_fn.reduction == "mean" else 1.0
