@@ -31,7 +31,8 @@ class TrainConfig(KroneckerOptions):
 
     The optimizer's hyper-parameters are the fields of :class:`curvlab.optim.KroneckerOptions`
     (inherited, with their defaults); ``momentum`` and ``weight_decay`` apply to SGD too, ``lr``
-    to all (defaults: :func:`default_lr` and :func:`default_momentum` of the optimizer).  ``probe_every = 0`` disables probing.
+    to all (defaults: :func:`default_lr` and :func:`default_momentum` of the optimizer).
+    ``probe_every = 0`` disables probing.
     """
 
     lr: float | None = None  # type: ignore[assignment]
