@@ -45,10 +45,9 @@ from common import (  # noqa: E402
 )
 
 from curvlab.app.train import TrainConfig  # noqa: E402
+from curvlab.optim import OPTIMIZERS as KRONECKER  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "tkfac", "tekfac")
-#: the optimizers whose momentum is their own (``--momentum`` sets the Kronecker optimizers')
-FIRST_ORDER = ("sgd", "adam")
 
 #: setting → model, dataset, model options, target test accuracy for the time-to-target table.
 SETTINGS = {
@@ -85,7 +84,7 @@ HYPERPARAMETERS = ("lr", "damping", "kl_clip")
 def config(setting: str, budget: dict, optimizer: str, hp: dict, seed: int, tuning: bool, args) -> TrainConfig:
     spec = SETTINGS[setting]
     name = "-".join(f"{k}{v:g}" for k, v in hp.items())
-    momentum = MOMENTUM if optimizer in FIRST_ORDER else args.momentum  # SGD's stays 0.9
+    momentum = args.momentum if optimizer in KRONECKER else MOMENTUM  # SGD's stays 0.9
     if momentum != MOMENTUM:
         name = f"momentum{momentum:g}-{name}"
     out = RUNS / "optimizer_comparison" / setting / ("tune" if tuning else "final") / f"{optimizer}-{name}-s{seed}"
