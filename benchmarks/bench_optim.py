@@ -200,16 +200,22 @@ GRAMS_NOTE = "the Grams a refresh folds left out"
 def stats_kernels(method: str, sizes: list[tuple[int, int, int]], med: dict[str, float], rate: float,
                   truncated: bool) -> float | None:
     """Seconds a statistics step of ``method`` spends in bare kernels beyond fwd+bwd and the root's
-    backward, from this run's rows: KFAC's Grams ("grams"), EKFAC's rescaling ("rescaling") and
-    the preconditioning ("inverse GEMMs" or "rotations"; with truncated factors their flops at
-    the 1024³ ``rate``).  TKFAC/TEKFAC: the same as KFAC/EKFAC where every block is a Linear
-    layer (a weighted Gram costs at least a plain one); None for their convolutions (other
-    kernels) and for results without these rows."""
-    if "grams" not in med or "rescaling" not in med or method.startswith("t") and any(t > 1 for *_, t in sizes):
+    backward, from this run's rows: its statistics — KFAC's Grams ("grams"), EKFAC's and the
+    rescaling ("rescaling"), TKFAC's partial traces ("traces"), TEKFAC's and the rescaling
+    ("traces, rescaling") — and the preconditioning ("inverse GEMMs" or "rotations"; with
+    truncated factors their flops at the 1024³ ``rate``).  Results from before the "traces" rows:
+    TKFAC/TEKFAC as KFAC/EKFAC where every block is a Linear layer (a weighted Gram costs at
+    least a plain one), None for their convolutions; None without these rows."""
+    statistics = {"kfac": ("grams",), "ekfac": ("grams", "rescaling"), "tkfac": ("traces",),
+                  "tekfac": ("traces, rescaling",)}[method]
+    if statistics[0] not in med and method.startswith("t") and all(t == 1 for *_, t in sizes):
+        statistics = {"tkfac": ("grams",), "tekfac": ("grams", "rescaling")}[method]
+    if any(row not in med for row in statistics):
         return None
+    kernels = sum(med[row] for row in statistics)
     if method in ("kfac", "tkfac"):
-        return med["grams"] + (inverse_form_flops(sizes, True) / rate if truncated else med["inverse GEMMs"])
-    return med["grams"] + med["rescaling"] + (rotation_flops(sizes, True) / rate if truncated else med["rotations"])
+        return kernels + (inverse_form_flops(sizes, True) / rate if truncated else med["inverse GEMMs"])
+    return kernels + (rotation_flops(sizes, True) / rate if truncated else med["rotations"])
 
 
 def rotations_fn(shapes: list[tuple[int, int, int]], device: torch.device):
@@ -272,7 +278,6 @@ def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes:
     least as much."""
     from curvlab.block import ROW_ALIGNMENT
     from curvlab.extract import conv_gram
-    from curvlab.mkl import syrk_, syrk_supports
 
     kernels = []
     for (d_out, d_in, t), conv in zip(shapes, convs):
@@ -287,12 +292,21 @@ def grams_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes:
                     inp, m.kernel_size, conv_gram.padding(m), m.bias is not None))
                 continue
             stride = (1, r) if t > 1 else (d + -d % ROW_ALIGNMENT, 1)  # [D, N·T] memory, or padded rows
-            rows, out = buffer.as_strided((r, d), stride), buffer.new_zeros(d, d)
-            routes = [lambda rows=rows, out=out: out.addmm_(rows.mT, rows, beta=0.95, alpha=0.05)]
-            if syrk_supports(rows):
-                routes.append(lambda rows=rows, out=out: syrk_(out, rows, 0.05, 0.95))
-            kernels.append(min(routes, key=lambda f: common.timed(f, buffer.device, calls=2)))
+            kernels.append(running_gram_fn(buffer.as_strided((r, d), stride)))
     return lambda: [kernel() for kernel in kernels]
+
+
+def running_gram_fn(rows: Tensor) -> Callable[[], Tensor]:
+    """The Gram of ``rows`` added into a running average by the faster, for their shape and
+    layout, of BLAS ``syrk`` (:func:`curvlab.mkl.syrk_`: the upper triangle) and one GEMM
+    (``addmm_``; the only route off the CPU or without MKL), timed once here."""
+    from curvlab.mkl import syrk_, syrk_supports
+
+    out = rows.new_zeros(rows.shape[1], rows.shape[1])
+    routes = [lambda: out.addmm_(rows.mT, rows, beta=0.95, alpha=0.05)]
+    if syrk_supports(rows):
+        routes.append(lambda: syrk_(out, rows, 0.05, 0.95))
+    return min(routes, key=lambda f: common.timed(f, rows.device, calls=2))
 
 
 def rescaling_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor):
@@ -304,24 +318,91 @@ def rescaling_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor):
     ``[N, d_out, T]`` and ``[N, T, D]`` and then rotated, or both rotated first and then
     multiplied per sample.  Inputs and roots are views of ``buffer`` (:func:`random_buffer`)."""
     gen = torch.Generator().manual_seed(1)
+    kernels = [_rescaling_kernel(block, n, buffer, gen) for block in shapes]
+    return lambda: [kernel() for kernel in kernels]
+
+
+def _block_views(block: tuple[int, int, int], n: int, buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """A block's inputs ``[N, T, D]`` and roots ``[N, d_out, T]``, contiguous views of ``buffer``."""
+    d_out, d, t = block
+    return buffer[: n * t * d].view(n, t, d), buffer[n * t * d: n * t * (d + d_out)].view(n, d_out, t)
+
+
+def _bases(block: tuple[int, int, int], gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random ``U_out [d_out, k_out]``, ``U_in [D, k_in]`` of curvlab's (truncated) widths."""
+    d_out, d, _ = block
+    return (torch.randn(d_out, basis_width(d_out, True), generator=gen).to(device),
+            torch.randn(d, basis_width(d, True), generator=gen).to(device))
+
+
+def _rescaled_products(m: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
+    """``Σ_k (U_outᵀ M_k U_in)²`` of formed ``M [N, d_out, D]``."""
+    n, d_out, d = m.shape
+    return (u_out.T @ (m.view(-1, d) @ u_in).view(n, d_out, -1)).square_().sum(0)
+
+
+def _rescaling_kernel(block: tuple[int, int, int], n: int, buffer: Tensor, gen: torch.Generator) -> Callable[[], Tensor]:
+    """One block's share of :func:`rescaling_fn`."""
+    d_out, d, t = block
+    x, g = _block_views(block, n, buffer)
+    u_out, u_in = _bases(block, gen, buffer.device)
+    if t == 1:
+        return lambda: (g[..., 0] @ u_out).square_().T @ (x[:, 0] @ u_in).square_()
+    rotated, formed = kfe_scaling_costs(1, n, d_out, d, t, u_out.shape[1], u_in.shape[1])
+    if formed <= rotated:  # every M_k, then M_k U_in, then U_outᵀ (M_k U_in)
+        return lambda: _rescaled_products(torch.bmm(g, x), u_out, u_in)
+    # U_outᵀ g and x U_in, then their product per sample
+    return lambda: torch.bmm(u_out.T @ g, (x.view(n * t, d) @ u_in).view(n, t, -1)).square_().sum(0)
+
+
+def traces_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes: int, rescaling: bool = False):
+    """TKFAC's exact partial traces ``δΦ = Σ_k M_kᵀM_k``, ``δΨ = Σ_k M_kM_kᵀ`` as bare kernels (a
+    symmetric product counted by its upper triangle, :func:`curvlab.gram.symmetric_product`): a
+    Linear layer's two weighted Grams into running averages (those the refresh folds,
+    :func:`folded_at_refresh`, left out, as in :func:`grams_fn`); a convolution's by the cheaper of the extraction's two routes
+    (:func:`curvlab.extract.maths.partial_trace_costs`) — Gram matrices over locations, or every
+    ``M_k`` by one batched GEMM and its two products.  With ``rescaling`` (TEKFAC's statistics
+    step) also every block's rescaling as in :func:`rescaling_fn`, from the same ``M_k`` where
+    the extraction forms them once for both (:func:`curvlab.extract.maths.shares_per_sample_products`).
+    Inputs and roots are contiguous views of ``buffer``: a lower bound for the extraction's layouts."""
+    from curvlab.block import ROW_ALIGNMENT
+    from curvlab.gram import symmetric_product
+
+    gen = torch.Generator().manual_seed(1)
+
+    def weighted_gram_fn(rows: Tensor, weights: Tensor) -> Callable[[], Tensor]:
+        # rows scaled by √w into rows padded to ROW_ALIGNMENT, then as grams_fn's (curvlab.gram.add_gram_)
+        scaled = rows.new_zeros(rows.shape[0], rows.shape[1] + -rows.shape[1] % ROW_ALIGNMENT)[:, :rows.shape[1]]
+        gram = running_gram_fn(scaled)
+        return lambda: (torch.mul(rows, weights.sqrt()[:, None], out=scaled), gram())
+
+    def by_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:  # x [N, T, D], g [N, d_out, T]
+        phi = symmetric_product(x.flatten(0, 1), torch.bmm(g.mT @ g, x).flatten(0, 1))
+        return phi, torch.bmm(g @ torch.bmm(x, x.mT), g.mT).sum(0)
+
+    def by_products(m: Tensor) -> tuple[Tensor, Tensor]:  # m [N, d_out, D]
+        return symmetric_product(m.flatten(0, 1), m.flatten(0, 1)), torch.bmm(m, m.mT).sum(0)
+
     kernels = []
-    for d_out, d, t in shapes:
-        k_out, k_in = basis_width(d_out, True), basis_width(d, True)
-        u_out = torch.randn(d_out, k_out, generator=gen).to(buffer.device)
-        u_in = torch.randn(d, k_in, generator=gen).to(buffer.device)
-        x = buffer[: n * t * d].view(n, t, d)
-        g = buffer[n * t * d: n * t * (d + d_out)].view(n, d_out, t)
-        if t == 1:
-            kernels.append(lambda x=x, g=g, u_out=u_out, u_in=u_in:
-                           (g[..., 0] @ u_out).square_().T @ (x[:, 0] @ u_in).square_())
+    for block in shapes:
+        d_out, d, t = block
+        x, g = _block_views(block, n, buffer)
+        if rescaling and shares_per_sample_products(1, n, d_out, d, t, basis_width(d_out, True), basis_width(d, True)):
+            u_out, u_in = _bases(block, gen, buffer.device)
+            kernels.append(lambda x=x, g=g, u_out=u_out, u_in=u_in: (
+                by_products(m := torch.bmm(g, x)), _rescaled_products(m, u_out, u_in)))
             continue
-        rotated, formed = kfe_scaling_costs(1, n, d_out, d, t, k_out, k_in)
-        if formed <= rotated:  # every M_k, then M_k U_in, then U_outᵀ (M_k U_in)
-            kernels.append(lambda x=x, g=g, u_out=u_out, u_in=u_in, d_out=d_out, d=d: (
-                u_out.T @ (torch.bmm(g, x).view(-1, d) @ u_in).view(n, d_out, -1)).square_().sum(0))
-        else:  # U_outᵀ g and x U_in, then their product per sample
-            kernels.append(lambda x=x, g=g, u_out=u_out, u_in=u_in, t=t, d=d: torch.bmm(
-                u_out.T @ g, (x.view(n * t, d) @ u_in).view(n, t, -1)).square_().sum(0))
+        gram_cost, chunk_cost = partial_trace_costs(1, n, d_out, d, t)
+        if t == 1:
+            a, gg = x[:, 0], g[..., 0]
+            kernels.extend(weighted_gram_fn(rows, w) for rows, w in ((a, gg.square().sum(1)), (gg, a.square().sum(1)))
+                           if not folded_at_refresh(n, rows.shape[1], pushes))
+        elif gram_cost < chunk_cost:
+            kernels.append(lambda x=x, g=g: by_gram(x, g))
+        else:
+            kernels.append(lambda x=x, g=g: by_products(torch.bmm(g, x)))
+        if rescaling:
+            kernels.append(_rescaling_kernel(block, n, buffer, gen))
     return lambda: [kernel() for kernel in kernels]
 
 
@@ -392,7 +473,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
             Row("eigh", eigh_fn(sizes, device, TRUNCATE_ABOVE)),
             Row("root backward", root_run, setup=root_setup),
             Row("grams", grams_fn(sizes, spec.batch, buffer, pushes, convs), note=GRAMS_NOTE),
-            Row("rescaling", rescaling_fn(sizes, spec.batch, buffer))]
+            Row("rescaling", rescaling_fn(sizes, spec.batch, buffer)),
+            Row("traces", traces_fn(sizes, spec.batch, buffer, pushes), note=GRAMS_NOTE),
+            Row("traces, rescaling", traces_fn(sizes, spec.batch, buffer, pushes, rescaling=True), note=GRAMS_NOTE)]
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BackPACK/ASDL hook warnings; non-finite steps are counted below
@@ -490,7 +573,8 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
         "floor_at_1024_gemm_rate/sgd": floor_at_peak / sgd,
         "inverse_gemms_s": med["inverse GEMMs"], "inverse_gemms_bias_by_g_s": med["inverse GEMMs, bias by G alone"],
         "eigh_s": med["eigh"], "root_backward_s": root, "grams_s": med.get("grams"),
-        "rescaling_s": med.get("rescaling"),
+        "rescaling_s": med.get("rescaling"), "traces_s": med.get("traces"),
+        "traces_rescaling_s": med.get("traces, rescaling"),
         "peers": table,
         "rows": {r.key: {"median_s": r.median, "samples": len(r.samples), "calls": r.calls, "note": r.note,
                          "all_s": r.samples} for r in rows},
@@ -656,7 +740,10 @@ def markdown(res: dict) -> str:
                   else "(fwd+bwd+root − fwd+bwd, medians)."))
             + ("" if r.get("grams_s") is None else
                f" KFAC's Grams (A and G of every block) into running averages: {r['grams_s'] * 1e3:.2f} ms"
-               + shifted_sentence(r) + f"; EKFAC's rescaling as bare GEMMs: {r['rescaling_s'] * 1e3:.2f} ms."),
+               + shifted_sentence(r) + f"; EKFAC's rescaling as bare GEMMs: {r['rescaling_s'] * 1e3:.2f} ms.")
+            + ("" if r.get("traces_s") is None else
+               f" TKFAC's exact partial traces (δΦ, δΨ of every block) as bare kernels: {r['traces_s'] * 1e3:.2f} ms; "
+               f"TEKFAC's, with the rescaling: {r['traces_rescaling_s'] * 1e3:.2f} ms."),
             "",
         ]
         body = []
@@ -695,11 +782,14 @@ plus those rotations at the 1024³ rate.
 run instead of their flops at the 1024³ rate: fwd+bwd, the root's backward, the "grams" row
 (every block's A and G on random rows laid out as the extraction leaves them, taken into a
 running average by the faster of syrk and one GEMM), for EKFAC the "rescaling" row (its
-rotations and per-sample products as bare GEMMs, by the route with fewer flops), and the
-preconditioning ("inverse GEMMs" for KFAC, "rotations" for EKFAC; with truncated factors their
-flops at the 1024³ rate).  TKFAC and TEKFAC get the floor of KFAC and EKFAC where every block
-is a Linear layer (their weighted Grams cost at least the plain ones) and none for
-convolutions, whose partial traces take other kernels.  Narrow GEMMs and syrk run below the
+rotations and per-sample products as bare GEMMs, by the route with fewer flops), for TKFAC the
+"traces" row instead of the Grams (the exact partial traces δΦ, δΨ of every block by the
+extraction's cheaper route: weighted Grams, Gram matrices over locations, or every M_k and its
+two products), for TEKFAC the "traces, rescaling" row (both, every M_k formed once where the
+extraction shares them), and the preconditioning ("inverse GEMMs" for KFAC and TKFAC,
+"rotations" for EKFAC and TEKFAC; with truncated factors their flops at the 1024³ rate).
+Results from before the "traces" rows give TKFAC and TEKFAC the floor of KFAC and EKFAC where
+every block is a Linear layer and none for convolutions.  Narrow GEMMs and syrk run below the
 1024³ rate, so this floor is the higher one; where either floor is above 3×, the statistics
 target cannot be met ("bound below its floor").
 
