@@ -359,12 +359,14 @@ def traces_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes
     """TKFAC's exact partial traces ``δΦ = Σ_k M_kᵀM_k``, ``δΨ = Σ_k M_kM_kᵀ`` as bare kernels (a
     symmetric product counted by its upper triangle, :func:`curvlab.gram.symmetric_product`): a
     Linear layer's two weighted Grams into running averages (those the refresh folds,
-    :func:`folded_at_refresh`, left out, as in :func:`grams_fn`); a convolution's by the cheaper of the extraction's two routes
-    (:func:`curvlab.extract.maths.partial_trace_costs`) — Gram matrices over locations, or every
-    ``M_k`` by one batched GEMM and its two products.  With ``rescaling`` (TEKFAC's statistics
-    step) also every block's rescaling as in :func:`rescaling_fn`, from the same ``M_k`` where
-    the extraction forms them once for both (:func:`curvlab.extract.maths.shares_per_sample_products`).
-    Inputs and roots are contiguous views of ``buffer``: a lower bound for the extraction's layouts."""
+    :func:`folded_at_refresh`, left out, as in :func:`grams_fn`); a convolution's by the cheaper
+    of the extraction's two routes (:func:`curvlab.extract.maths.partial_trace_costs`) — Gram
+    matrices over locations, or every ``M_k`` by one batched GEMM and its two products.  With
+    ``rescaling`` (TEKFAC's statistics step) also every block's rescaling as in
+    :func:`rescaling_fn`, from the same ``M_k`` where the extraction forms them once for both
+    (:func:`curvlab.extract.maths.shares_per_sample_products`).  Inputs ``[N, T, D]`` and roots
+    ``[N, d_out, T]``: contiguous views at the start of ``buffer`` (:func:`random_buffer`), a
+    lower bound for the extraction's layouts."""
     from curvlab.block import ROW_ALIGNMENT
     from curvlab.gram import symmetric_product
 
