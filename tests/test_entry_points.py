@@ -331,23 +331,32 @@ def test_bench_compare_routes_agree_in_float64_and_write_only_where_told(tmp_pat
     assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.md"))
 
 
-def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces(monkeypatch) -> None:
+def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
     """The "traces" row, the kernels-timed floor of TKFAC's statistics step, takes the exact
     partial traces themselves: its convolution routes (Gram matrices over locations, and every
     M_k formed) give the extraction's δΦ, δΨ in float64 (contiguous [N, T, D] inputs and
-    [N, d_out, T] roots at the start of the buffer, as its docstring says)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import bench_optim
-    from curvlab.extract.maths import partial_trace_costs, tkfac_exact
+    [N, d_out, T] roots at the start of the buffer, as its docstring says).  In a process of its
+    own: the benchmark's ``common`` is not the analyses'."""
+    import subprocess
+    import sys
 
-    n, routes = 6, set()
-    for d_out, d, t in [(4, 9, 3), (8, 300, 2), (3, 260, 40)]:
-        buffer = torch.randn(n * t * (d + d_out), dtype=torch.float64, generator=torch.Generator().manual_seed(t))
-        (phi, psi), = bench_optim.traces_fn([(d_out, d, t)], n, buffer, pushes=9)()
-        x, g = buffer[:n * t * d].view(n, t, d), buffer[n * t * d:].view(n, d_out, t)
-        ref = tkfac_exact(x.mT, g.unsqueeze(0))
-        torch.testing.assert_close(phi, ref.delta_phi, rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(psi, ref.delta_psi, rtol=1e-12, atol=1e-9)
-        gram_cost, chunk_cost = partial_trace_costs(1, n, d_out, d, t)
-        routes.add(gram_cost < chunk_cost)
-    assert routes == {True, False}  # both routes checked
+    script = textwrap.dedent("""
+        import torch
+        import bench_optim
+        from curvlab.extract.maths import partial_trace_costs, tkfac_exact
+
+        n, routes = 6, set()
+        for d_out, d, t in [(4, 9, 3), (8, 300, 2), (3, 260, 40)]:
+            buffer = torch.randn(n * t * (d + d_out), dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+            (phi, psi), = bench_optim.traces_fn([(d_out, d, t)], n, buffer, pushes=9)()
+            x, g = buffer[:n * t * d].view(n, t, d), buffer[n * t * d:].view(n, d_out, t)
+            ref = tkfac_exact(x.mT, g.unsqueeze(0))
+            torch.testing.assert_close(phi, ref.delta_phi, rtol=1e-12, atol=1e-9)
+            torch.testing.assert_close(psi, ref.delta_psi, rtol=1e-12, atol=1e-9)
+            gram_cost, chunk_cost = partial_trace_costs(1, n, d_out, d, t)
+            routes.add(gram_cost < chunk_cost)
+        assert routes == {True, False}, routes  # both routes checked
+        print("checked")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "checked", run.stderr
