@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import curvlab
 from curvlab.approx import DEFAULT_DAMPING
@@ -1168,3 +1169,34 @@ def test_parameters_of_unsupported_modules_are_named_once(with_head: bool) -> No
             train_step(opt, model, loss_fn, x, y)
     said = [str(w.message) for w in caught if "no curvature statistics for" in str(w.message)]
     assert len(said) == 1 and "'lstm.weight_ih_l0'" in said[0] and "fc" not in said[0], said
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the reads of a tensor's value into Python (``.item()``, ``bool()``, ``int()``: aten's
+    ``_local_scalar_dense``) — on a GPU each one waits until the device has run every queued kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_plain_step_waits_for_the_device_once(cls):
+    """A step without statistics or refresh reads one value from the device: the finiteness of
+    its updates, checked in one stacked sum (a second read would stall a GPU's launch queue once
+    more every step, most of the steps of a schedule)."""
+    model = tiny_mlp().to(DT)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = cls(model, lr=0.01, stats_interval=5, eigen_interval=10, scale_interval=5)
+    x, y = data(16)
+    for _ in range(11):  # statistics, refresh and rescaling have all run once
+        train_step(opt, model, loss_fn, x, y)
+    assert opt.steps_done % 5 != 0
+    syncs = HostSyncs()
+    with syncs:
+        train_step(opt, model, loss_fn, x, y)
+    assert syncs.count == 1
