@@ -7,9 +7,11 @@
 #      exists (--download-wheels fills it), otherwise from the configured index; always
 #      constrained to the torch present;
 #   2. the CUDA tests (every test that skips without a CUDA device);
-#   3. the extraction, comparison and optimizer benchmarks on the GPU.
+#   3. the extraction, comparison and optimizer benchmarks on the GPU;
+#   4. a profile of every kind of optimizer step (kernels, busy time, launches, host reads), for
+#      the sessions without a GPU to work from.
 #
-# Results: benchmarks/results/{extract,compare,optim}_cuda.{json,md} and cuda_tests.txt; commit them.
+# Results: benchmarks/results/{extract,compare,optim,profile}_cuda.{json,md} and cuda_tests.txt; commit them.
 #
 #   bash benchmarks/gpu_suite.sh            # everything
 #   SKIP_INSTALL=1 bash benchmarks/gpu_suite.sh
@@ -92,4 +94,6 @@ step 30 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --o
 step 220 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
     --models resnet18,cnn,mlp,mlp-1024 --repeats 5 --model-repeats resnet18=3 --slow-seconds 1 \
     --out $results/optim_cuda.json
+step 60 "step profile" $py benchmarks/profile_steps.py --device cuda --threads 0 --models resnet18,mlp \
+    --budget 40 --out $results/profile_cuda.json
 echo "gpu_suite: done in $((SECONDS - start)) s; results in $results/*_cuda.* (commit them)"

@@ -274,6 +274,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_distributed.py", ["--methods", "foo"], "--methods"),  # was: KeyError in every rank
     ("bench_distributed.py", ["--worlds", "0"], "--worlds"),    # was: FileNotFoundError of rank0.json
     ("bench_kfoc.py", ["--n", "0"], "--n"),                     # was: an empty batch deep in extract
+    ("profile_steps.py", ["--steps", "stats=0"], "--steps"),
+    ("profile_steps.py", ["--peers", "lbfgs"], "--peers"),
 ])
 def test_benchmark_options_are_refused_before_anything_runs(script, args, option, tmp_path) -> None:
     import subprocess
@@ -329,6 +331,29 @@ def test_bench_compare_routes_agree_in_float64_and_write_only_where_told(tmp_pat
     row = next(line for line in run.stdout.splitlines() if line.startswith("| both |"))
     assert float(row.strip("| ").split("|")[-1]) < 1e-7, row
     assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.md"))
+
+
+def test_profile_steps_counts_each_kinds_host_reads(tmp_path) -> None:
+    """profile_steps.py, the GPU suite's profile, on the CPU: every kind of step of each peer
+    profiled, written as JSON and Markdown; its host reads are those the steps make — none in an
+    SGD step, one in a plain curvlab step (the update's finiteness check), more in a statistics
+    step (its input checks)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "profile_steps.py"), "--models", "mlp", "--batch-size", "16",
+                          "--peers", "sgd,curvlab-kfac", "--steps", "plain=2,stats=1,refresh=1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (model,) = json.loads(out.read_text())["models"]
+    sgd, kfac = model["peers"]["sgd"]["kinds"], model["peers"]["curvlab-kfac"]["kinds"]
+    assert set(sgd) == {"plain"} and set(kfac) == {"plain", "stats", "refresh"}
+    assert sgd["plain"]["host_reads"] == 0 and kfac["plain"]["host_reads"] == 1
+    assert kfac["stats"]["host_reads"] > 1 and kfac["stats"]["aten_ops"] > kfac["plain"]["aten_ops"] > sgd["plain"]["aten_ops"]
+    assert all(r["device_busy_ms"] is None and r["wall_ms"] > 0 and r["top"] for r in [*sgd.values(), *kfac.values()])
+    assert "| curvlab-kfac | stats |" in out.with_suffix(".md").read_text()
 
 
 def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
