@@ -312,8 +312,9 @@ def running_gram_fn(rows: Tensor) -> Callable[[], Tensor]:
 def rescaling_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor):
     """EKFAC's rescaling as bare kernels: ``Σ_k (U_outᵀ M_k U_in)²`` of every block with bases of
     curvlab's widths (truncated above ``truncate_above``; the complement terms of a truncated
-    basis left out: a lower bound), by the route with fewer flops
-    (:func:`curvlab.extract.maths.kfe_scaling_costs`): a Linear layer's rotated inputs and
+    basis left out: a lower bound), by the extraction's route (the one with fewer flops,
+    :func:`curvlab.extract.maths.kfe_scaling_costs`, or ``M_k`` formed where the output side is
+    truncated): a Linear layer's rotated inputs and
     roots squared and one GEMM; a convolution's ``M_k`` by one batched GEMM of contiguous
     ``[N, d_out, T]`` and ``[N, T, D]`` and then rotated, or both rotated first and then
     multiplied per sample.  Inputs and roots are views of ``buffer`` (:func:`random_buffer`)."""
@@ -349,7 +350,8 @@ def _rescaling_kernel(block: tuple[int, int, int], n: int, buffer: Tensor, gen: 
     if t == 1:
         return lambda: (g[..., 0] @ u_out).square_().T @ (x[:, 0] @ u_in).square_()
     rotated, formed = kfe_scaling_costs(1, n, d_out, d, t, u_out.shape[1], u_in.shape[1])
-    if formed <= rotated:  # every M_k, then M_k U_in, then U_outᵀ (M_k U_in)
+    # the extraction's rule (curvlab.extract.maths.kfe_scaling): a truncated output side, or the cheaper route
+    if u_out.shape[1] < d_out or formed < rotated:  # every M_k, then M_k U_in, then U_outᵀ (M_k U_in)
         return lambda: _rescaled_products(torch.bmm(g, x), u_out, u_in)
     # U_outᵀ g and x U_in, then their product per sample
     return lambda: torch.bmm(u_out.T @ g, (x.view(n * t, d) @ u_in).view(n, t, -1)).square_().sum(0)
