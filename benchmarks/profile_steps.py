@@ -94,12 +94,15 @@ def profile_kind(run, device: torch.device, steps: int, top: int) -> dict:
     on_device = [e for e in events if e.device_type == DeviceType.CUDA]
     aten = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
     averages = prof.key_averages()
-    if cuda:
-        hot = sorted((a for a in averages if a.self_device_time_total > 0), key=lambda a: -a.self_device_time_total)
-        top_ops = [{"name": a.key, "calls": a.count / steps, "ms": a.self_device_time_total / steps / 1e3} for a in hot[:top]]
-    else:
-        hot = sorted((a for a in averages if a.key.startswith("aten::")), key=lambda a: -a.self_cpu_time_total)
-        top_ops = [{"name": a.key, "calls": a.count / steps, "ms": a.self_cpu_time_total / steps / 1e3} for a in hot[:top]]
+
+    def ranked(rows, time_of) -> list[dict]:
+        rows = sorted((a for a in rows if time_of(a) > 0), key=lambda a: -time_of(a))
+        return [{"name": a.key, "calls": a.count / steps, "ms": time_of(a) / steps / 1e3} for a in rows[:top]]
+
+    # an aten op's self time on the device: that of the kernels it launched itself
+    self_time = (lambda a: a.self_device_time_total) if cuda else (lambda a: a.self_cpu_time_total)
+    top_ops = ranked([a for a in averages if a.key.startswith("aten::")], self_time)
+    top_kernels = ranked([a for a in averages if a.device_type == DeviceType.CUDA], lambda a: a.self_device_time_total)
     return {
         "steps": steps,
         "wall_ms": wall * 1e3,
@@ -109,6 +112,7 @@ def profile_kind(run, device: torch.device, steps: int, top: int) -> dict:
         "aten_ops": sum(map(_top_level, aten)) / steps,
         "host_reads": sum(e.name in HOST_READS for e in aten) / steps,
         "top": top_ops,
+        "top_kernels": top_kernels if cuda else None,
     }
 
 
@@ -167,12 +171,19 @@ def markdown(res: dict) -> str:
                                   "ops", "reads", "peak MiB"], body, "ll" + "r" * 8)
         if model["left_out"]:
             lines += ["", f"Left out (the time budget ran out): {', '.join(model['left_out'])}."]
-        lines += ["", "Most self time per step (" + ("device kernels" if m["device"].startswith("cuda") else
-                                                      "host aten ops; overstated for copies on the CPU") + "):", ""]
+        lines += ["", "The aten ops with the most self time per step (" + (
+            "on the device: the kernels each launched itself" if m["device"].startswith("cuda") else
+            "on the host; overstated for copies on the CPU") + "):", ""]
         for name, p in model["peers"].items():
             for kind, r in p["kinds"].items():
                 ops = "; ".join(f"`{o['name'][:60]}` ×{o['calls']:.0f} {o['ms']:.2f} ms" for o in r["top"])
                 lines.append(f"- {name}, {kind}: {ops}")
+        kernels = [(name, kind, r["top_kernels"]) for name, p in model["peers"].items()
+                   for kind, r in p["kinds"].items() if r.get("top_kernels")]
+        if kernels:
+            lines += ["", "The kernels with the most time per step:", ""]
+            lines += [f"- {name}, {kind}: " + "; ".join(f"`{o['name'][:60]}` ×{o['calls']:.0f} {o['ms']:.2f} ms" for o in top)
+                      for name, kind, top in kernels]
         lines.append("")
     return "\n".join(lines)
 
