@@ -155,7 +155,8 @@ def markdown(res: dict) -> str:
              f"every {s['stats_interval']} steps, refresh every {s['refresh_interval']}, damping {s['damping']}. "
              "\"Busy\": the union of the step's kernel intervals on the device; \"ops\": top-level aten "
              "ops (what the Python issues); \"reads\": host reads of device values (`_local_scalar_dense`, "
-             "`nonzero`), each a sync on a GPU. Wall time unprofiled, median.", ""]
+             "`nonzero`), each a sync on a GPU. \"Wall\": unprofiled, median; \"busy/wall\" well below 100 % "
+             "is a step bound by the host (the profiler slows the host, not the kernels).", ""]
     ms = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for model in res["models"]:
         lines += [f"## {model['model']}", ""]
@@ -164,10 +165,11 @@ def markdown(res: dict) -> str:
             for kind, r in p["kinds"].items():
                 busy = r["device_busy_ms"]
                 body.append([name, kind, ms(r["wall_ms"]), ms(r["profiled_ms"]), ms(busy),
-                             "–" if busy is None else f"{100 * busy / r['profiled_ms']:.0f} %",
+                             "–" if busy is None else f"{100 * busy / r['wall_ms']:.0f} %",
                              "–" if r["kernels"] is None else f"{r['kernels']:.0f}", f"{r['aten_ops']:.0f}",
-                             f"{r['host_reads']:.0f}", ms(p["peak_allocated_mib"])])
-        lines += common.md_table(["peer", "step", "wall ms", "profiled ms", "busy ms", "busy/profiled", "kernels",
+                             f"{r['host_reads']:.0f}",
+                             "–" if p["peak_allocated_mib"] is None else f"{p['peak_allocated_mib']:.0f}"])
+        lines += common.md_table(["peer", "step", "wall ms", "profiled ms", "busy ms", "busy/wall", "kernels",
                                   "ops", "reads", "peak MiB"], body, "ll" + "r" * 8)
         if model["left_out"]:
             lines += ["", f"Left out (the time budget ran out): {', '.join(model['left_out'])}."]
@@ -182,7 +184,7 @@ def markdown(res: dict) -> str:
                    for kind, r in p["kinds"].items() if r.get("top_kernels")]
         if kernels:
             lines += ["", "The kernels with the most time per step:", ""]
-            lines += [f"- {name}, {kind}: " + "; ".join(f"`{o['name'][:60]}` ×{o['calls']:.0f} {o['ms']:.2f} ms" for o in top)
+            lines += [f"- {name}, {kind}: " + "; ".join(f"`{o['name'][:90]}` ×{o['calls']:.0f} {o['ms']:.2f} ms" for o in top)
                       for name, kind, top in kernels]
         lines.append("")
     return "\n".join(lines)
