@@ -276,6 +276,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_kfoc.py", ["--n", "0"], "--n"),                     # was: an empty batch deep in extract
     ("profile_steps.py", ["--steps", "stats=0"], "--steps"),
     ("profile_steps.py", ["--peers", "lbfgs"], "--peers"),
+    ("bench_stats_blocks.py", ["--methods", "kfac"], "--methods"),
 ])
 def test_benchmark_options_are_refused_before_anything_runs(script, args, option, tmp_path) -> None:
     import subprocess
@@ -354,6 +355,22 @@ def test_profile_steps_counts_each_kinds_host_reads(tmp_path) -> None:
     assert kfac["stats"]["host_reads"] > 1 and kfac["stats"]["aten_ops"] > kfac["plain"]["aten_ops"] > sgd["plain"]["aten_ops"]
     assert all(r["device_busy_ms"] is None and r["wall_ms"] > 0 and r["top"] for r in [*sgd.values(), *kfac.values()])
     assert "| curvlab-kfac | stats |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_stats_blocks_records_every_convolution(tmp_path) -> None:
+    """bench_stats_blocks.py times the statistic of every convolution of a real statistics step
+    (the CNN benchmark's two) next to its bare kernels, and writes them."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "blocks.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_stats_blocks.py"), "--model", "cnn", "--methods", "tekfac",
+                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["methods"]["tekfac"]
+    assert [(r["d_out"], r["D"], r["T"]) for r in rows] == [(16, 3 * 9 + 1, 1024), (32, 16 * 9 + 1, 1024)]
+    assert all(r["real_s"] > 0 and r["kernels_s"] > 0 and (r["k_out"], r["k_in"]) == (r["d_out"], r["D"]) for r in rows)
 
 
 def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
