@@ -43,8 +43,8 @@ from curvlab.extract.autograd.layer_io import ConvInputs  # noqa: E402
 RECORDED = {"tkfac": "tkfac_exact", "ekfac": "kfe_scaling", "tekfac": "trace_statistics_and_kfe_scaling"}
 
 
-def recorded_calls(method: str, spec: common.ModelSpec, device: torch.device) -> list[tuple]:
-    """The arguments of every call of ``RECORDED[method]`` in one statistics step (after a
+def recorded_calls(method: str, spec: common.ModelSpec, device: torch.device) -> list[tuple[tuple, dict]]:
+    """The arguments (positional, keyword) of every call of ``RECORDED[method]`` in one statistics step (after a
     warm-up: the bases exist), convolutions only."""
     model = spec.build(device)
     pool = spec.batches(2, device)
@@ -54,19 +54,19 @@ def recorded_calls(method: str, spec: common.ModelSpec, device: torch.device) ->
     original = getattr(maths, name)
     calls = []
 
-    def record(*args):
-        calls.append(args)
-        return original(*args)
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
 
     setattr(maths, name, record)
     try:
         stepper.step_at(stepper.positions["stats"])
     finally:
         setattr(maths, name, original)
-    return [args for args in calls if args[1].shape[3] > 1]  # g: [C, N, d_out, T]
+    return [(args, kwargs) for args, kwargs in calls if args[1].shape[3] > 1]  # g: [C, N, d_out, T]
 
 
-def bench_block(method: str, args: tuple, repeats: int, device: torch.device) -> dict:
+def bench_block(method: str, args: tuple, kwargs: dict, repeats: int, device: torch.device) -> dict:
     x, g = args[0], args[1]
     c, n, d_out, t = g.shape
     block = (d_out, x.shape[1], t)
@@ -78,7 +78,7 @@ def bench_block(method: str, args: tuple, repeats: int, device: torch.device) ->
 
     def call() -> None:  # from a fresh view of the layer's input: it unfolds where its route reads the patches
         inputs = ConvInputs(x.block, x.call) if isinstance(x, ConvInputs) else x
-        function(inputs, *args[1:])
+        function(inputs, *args[1:], **kwargs)
 
     real, bare = [], []
     for _ in range(repeats):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         calls = recorded_calls(method, spec, device)
         if not calls:
             p.error(f"--model {args.model}: no convolution, nothing to record")
-        res["methods"][method] = [bench_block(method, a, args.repeats, device) for a in calls]
+        res["methods"][method] = [bench_block(method, a, kw, args.repeats, device) for a, kw in calls]
         del calls
         print(f"[{method}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
         common.write_results(args.out, {**res, "machine": common.finish(dict(info))}, markdown(res), quiet=True)
