@@ -33,6 +33,7 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -129,22 +130,28 @@ def profile_peer(stepper: peers.Stepper, args, device: torch.device) -> dict:
     return {"kinds": rows, "peak_allocated_mib": peak}
 
 
-def profile_model(spec: common.ModelSpec, args, device: torch.device, deadline: float) -> dict:
+def profile_model(spec: common.ModelSpec, args, device: torch.device, deadline: float, result: dict,
+                  save: Callable[[], None]) -> None:
+    """Fill ``result`` peer by peer, calling ``save`` after each (a stopped or failing run keeps
+    what it measured; a peer that fails is recorded with its error)."""
     base = spec.build(device)
     pool = spec.batches(4, device)
     loss_fn = nn.CrossEntropyLoss()
     options = dict(damping=args.damping, stats_interval=args.stats_interval, refresh_interval=args.refresh_interval)
-    result: dict = {"model": spec.label, "peers": {}, "left_out": []}
+    result.update(model=spec.label, peers={}, left_out=[], failed={})
     for name in args.peers:
         if time.perf_counter() > deadline:
             result["left_out"].append(name)
             continue
         t0 = time.perf_counter()
-        stepper = peers.build(name, copy.deepcopy(base), loss_fn, itertools.cycle(pool).__next__, lr=1e-6, **options)
-        result["peers"][name] = profile_peer(stepper, args, device)
-        del stepper  # before the next peer's: the peak memory is each peer's own
+        try:
+            stepper = peers.build(name, copy.deepcopy(base), loss_fn, itertools.cycle(pool).__next__, lr=1e-6, **options)
+            result["peers"][name] = profile_peer(stepper, args, device)
+        except Exception as err:  # e.g. out of memory: the other peers still run
+            result["failed"][name] = f"{type(err).__name__}: {err}"[:300]
+        stepper = None  # before the next peer's: the peak memory is each peer's own
         print(f"  [{spec.key}] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return result
+        save()
 
 
 def markdown(res: dict) -> str:
@@ -173,6 +180,8 @@ def markdown(res: dict) -> str:
                                   "ops", "reads", "peak MiB"], body, "ll" + "r" * 8)
         if model["left_out"]:
             lines += ["", f"Left out (the time budget ran out): {', '.join(model['left_out'])}."]
+        if model.get("failed"):
+            lines += ["", *(f"- {name} failed: {error}" for name, error in model["failed"].items())]
         lines += ["", "The aten ops with the most self time per step (" + (
             "on the device: the kernels each launched itself" if m["device"].startswith("cuda") else
             "on the host; overstated for copies on the CPU") + "):", ""]
@@ -221,13 +230,21 @@ def main(argv: list[str] | None = None) -> None:
             args.peers = [n for n in args.peers if not n.startswith("asdl")]
     deadline = time.perf_counter() + args.budget
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    results = []
+    results: list[dict] = []
+
+    def result() -> dict:
+        return {"machine": common.finish(dict(info)), "settings": settings, "models": results}
+
+    def save() -> None:
+        res = result()
+        common.write_results(args.out, res, markdown(res), quiet=True)
+
     for spec in models:
         if args.batch_size:
             spec = dataclasses.replace(spec, batch=args.batch_size)
-        results.append(profile_model(spec, args, device, deadline))
-        res = {"machine": common.finish(dict(info)), "settings": settings, "models": results}
-        common.write_results(args.out, res, markdown(res), quiet=True)  # after every model
+        results.append({})
+        profile_model(spec, args, device, deadline, results[-1], save)
+    res = result()
     print(markdown(res))
 
 
