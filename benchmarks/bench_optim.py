@@ -59,7 +59,8 @@ import peers
 from common import ModelSpec, Row
 
 from curvlab.app.allocator import keep_freed_memory  # noqa: E402  (after common: repository on sys.path)
-from curvlab.extract.maths import kfe_scaling_costs, partial_trace_costs, shares_per_sample_products  # noqa: E402  (after common: repository on sys.path)
+from curvlab.extract.maths import (  # noqa: E402  (after common: repository on sys.path)
+    kfe_by_chunks, kfe_scaling_costs, partial_trace_costs, shares_per_sample_products, traces_by_chunks)
 from curvlab.optim.options import KroneckerOptions  # noqa: E402
 
 #: Factors above this get curvlab's truncated eigenbasis of TRUNCATION_RANK columns (the
@@ -312,9 +313,8 @@ def running_gram_fn(rows: Tensor) -> Callable[[], Tensor]:
 def rescaling_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor):
     """EKFAC's rescaling as bare kernels: ``Σ_k (U_outᵀ M_k U_in)²`` of every block with bases of
     curvlab's widths (truncated above ``truncate_above``; the complement terms of a truncated
-    basis left out: a lower bound), by the extraction's route (the one with fewer flops,
-    :func:`curvlab.extract.maths.kfe_scaling_costs`, or ``M_k`` formed where the output side is
-    truncated): a Linear layer's rotated inputs and
+    basis left out: a lower bound), by the extraction's route
+    (:func:`curvlab.extract.maths.kfe_by_chunks`): a Linear layer's rotated inputs and
     roots squared and one GEMM; a convolution's ``M_k`` by one batched GEMM of contiguous
     ``[N, d_out, T]`` and ``[N, T, D]`` and then rotated, or both rotated first and then
     multiplied per sample.  Inputs and roots are views of ``buffer`` (:func:`random_buffer`)."""
@@ -349,9 +349,7 @@ def _rescaling_kernel(block: tuple[int, int, int], n: int, buffer: Tensor, gen: 
     u_out, u_in = _bases(block, gen, buffer.device)
     if t == 1:
         return lambda: (g[..., 0] @ u_out).square_().T @ (x[:, 0] @ u_in).square_()
-    rotated, formed = kfe_scaling_costs(1, n, d_out, d, t, u_out.shape[1], u_in.shape[1])
-    # the extraction's rule (curvlab.extract.maths.kfe_scaling): a truncated output side, or the cheaper route
-    if u_out.shape[1] < d_out or formed < rotated:  # every M_k, then M_k U_in, then U_outᵀ (M_k U_in)
+    if kfe_by_chunks(1, n, d_out, d, t, u_out.shape[1], u_in.shape[1]):  # every M_k, then M_k U_in, then U_outᵀ (M_k U_in)
         return lambda: _rescaled_products(torch.bmm(g, x), u_out, u_in)
     # U_outᵀ g and x U_in, then their product per sample
     return lambda: torch.bmm(u_out.T @ g, (x.view(n * t, d) @ u_in).view(n, t, -1)).square_().sum(0)
@@ -362,7 +360,7 @@ def traces_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes
     symmetric product counted by its upper triangle, :func:`curvlab.gram.symmetric_product`): a
     Linear layer's two weighted Grams into running averages (those the refresh folds,
     :func:`folded_at_refresh`, left out, as in :func:`grams_fn`); a convolution's by the cheaper
-    of the extraction's two routes (:func:`curvlab.extract.maths.partial_trace_costs`) — Gram
+    of the extraction's two routes (:func:`curvlab.extract.maths.traces_by_chunks`) — Gram
     matrices over locations, or every ``M_k`` by one batched GEMM and its two products.  With
     ``rescaling`` (TEKFAC's statistics step) also every block's rescaling as in
     :func:`rescaling_fn`, from the same ``M_k`` where the extraction forms them once for both
@@ -396,15 +394,14 @@ def traces_fn(shapes: list[tuple[int, int, int]], n: int, buffer: Tensor, pushes
             kernels.append(lambda x=x, g=g, u_out=u_out, u_in=u_in: (
                 by_products(m := torch.bmm(g, x)), _rescaled_products(m, u_out, u_in)))
             continue
-        gram_cost, chunk_cost = partial_trace_costs(1, n, d_out, d, t)
         if t == 1:
             a, gg = x[:, 0], g[..., 0]
             kernels.extend(weighted_gram_fn(rows, w) for rows, w in ((a, gg.square().sum(1)), (gg, a.square().sum(1)))
                            if not folded_at_refresh(n, rows.shape[1], pushes))
-        elif gram_cost < chunk_cost:
-            kernels.append(lambda x=x, g=g: by_gram(x, g))
-        else:
+        elif traces_by_chunks(1, n, d_out, d, t):
             kernels.append(lambda x=x, g=g: by_products(torch.bmm(g, x)))
+        else:
+            kernels.append(lambda x=x, g=g: by_gram(x, g))
         if rescaling:
             kernels.append(_rescaling_kernel(block, n, buffer, gen))
     return lambda: [kernel() for kernel in kernels]

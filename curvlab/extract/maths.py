@@ -148,12 +148,12 @@ def tkfac_exact(x: Tensor | LazyInputs, g: Tensor, keep_rows: bool = False) -> T
         psi = gram_or_rows(gg.reshape(-1, d_out), weights=a_norms.repeat(c), keep_rows=keep_rows)
         return TraceStats(delta=(g_norms * a_norms).sum(), delta_phi=phi, delta_psi=psi)
 
-    route = partial_traces_by_chunks if _traces_by_chunks(c, n, d_out, d_in, t) else partial_traces_by_gram
+    route = partial_traces_by_chunks if traces_by_chunks(c, n, d_out, d_in, t) else partial_traces_by_gram
     phi, psi = route(x, g)
     return TraceStats(delta=phi.trace(), delta_phi=phi, delta_psi=psi)
 
 
-def _traces_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int) -> bool:
+def traces_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int) -> bool:
     """Whether :func:`tkfac_exact` takes the per-sample route (:func:`partial_trace_costs`)."""
     gram_cost, chunk_cost = partial_trace_costs(c, n, d_out, d_in, t)
     return chunk_cost <= gram_cost
@@ -297,7 +297,7 @@ def kfe_scaling(x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor) 
     if t == 1:
         g_sq = _squared_coordinates(g[..., 0], u_out).sum(0)  # [N, w_out]
         return g_sq.T @ _squared_coordinates(dense(x)[..., 0], u_in)
-    if _kfe_by_chunks(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1]):
+    if kfe_by_chunks(c, n, d_out, x.shape[1], t, u_out.shape[1], u_in.shape[1]):
         return _kfe_scaling_by_chunks(x, g, u_out, u_in)
     x = dense(x)
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
@@ -320,7 +320,7 @@ def kfe_scaling(x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor) 
     return out.clamp_min_(0) if truncated_in else out
 
 
-def _kfe_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> bool:
+def kfe_by_chunks(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> bool:
     """Whether :func:`kfe_scaling` of a conv layer forms every ``M_k`` (a truncated output
     side, or the cheaper route by :func:`kfe_scaling_costs`)."""
     rotated_first, formed_first = kfe_scaling_costs(c, n, d_out, d_in, t, k_out, k_in)
@@ -349,7 +349,7 @@ def shares_per_sample_products(c: int, n: int, d_out: int, d_in: int, t: int, k_
     convolution whose exact partial traces and rescaling both take their per-sample routes:
     :func:`partial_trace_costs`, :func:`kfe_scaling_costs`), saving ``C·N·d_out·T·D``
     multiply-adds of forming them twice."""
-    return t > 1 and _traces_by_chunks(c, n, d_out, d_in, t) and _kfe_by_chunks(c, n, d_out, d_in, t, k_out, k_in)
+    return t > 1 and traces_by_chunks(c, n, d_out, d_in, t) and kfe_by_chunks(c, n, d_out, d_in, t, k_out, k_in)
 
 
 def kfe_scaling_costs(c: int, n: int, d_out: int, d_in: int, t: int, k_out: int, k_in: int) -> tuple[int, int]:
