@@ -11,12 +11,10 @@ of curvlab's optimizer on a model, the inputs of every convolution's statistic �
 * TEKFAC: both (:func:`curvlab.extract.maths.trace_statistics_and_kfe_scaling`) —
 
 and times that call again, interleaved with the block's bare kernels from ``bench_optim.py``
-(``traces_fn``, ``rescaling_fn``), one thread, medians of ``--repeats``.  The real call starts
-from the layer's recorded input (a convolution's patches unfolded as the extraction does it); the
-kernels from contiguous ``[N, T, D]`` inputs and leave out a truncated basis' complement terms.  The real
-call reads a fresh view of the layer's input each time (a convolution's patches are unfolded by
-the first statistic of a step that reads them whole), so it pays that unfold where its route
-needs it — also where, in a step, another statistic would have unfolded them first.
+(``traces_fn``, ``rescaling_fn``), one thread, medians of ``--repeats``.  The kernels start from
+contiguous ``[N, T, D]`` patches and leave out a truncated basis' complement terms; the real call
+from a fresh view of the layer's input each time, so it pays the unfold of the patches where its
+route reads them whole — also where, in a step, another statistic would have unfolded them first.
 
 Usage::
 
@@ -68,12 +66,13 @@ def recorded_calls(method: str, spec: common.ModelSpec, device: torch.device) ->
 
 def bench_block(method: str, args: tuple, kwargs: dict, repeats: int, device: torch.device) -> dict:
     x, g = args[0], args[1]
-    c, n, d_out, t = g.shape
+    _, n, d_out, t = g.shape
     block = (d_out, x.shape[1], t)
     buffer = bench_optim.random_buffer([block], n, device)
-    kernel = {"tkfac": lambda: bench_optim.traces_fn([block], n, buffer, pushes=9),
-              "ekfac": lambda: bench_optim.rescaling_fn([block], n, buffer),
-              "tekfac": lambda: bench_optim.traces_fn([block], n, buffer, pushes=9, rescaling=True)}[method]()
+    if method == "ekfac":
+        kernel = bench_optim.rescaling_fn([block], n, buffer)
+    else:
+        kernel = bench_optim.traces_fn([block], n, buffer, pushes=9, rescaling=method == "tekfac")
     function = getattr(maths, RECORDED[method])
 
     def call() -> None:  # from a fresh view of the layer's input: it unfolds where its route reads the patches
@@ -128,8 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         res["methods"][method] = [bench_block(method, a, kw, args.repeats, device) for a, kw in calls]
         del calls
         print(f"[{method}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-        common.write_results(args.out, {**res, "machine": common.finish(dict(info))}, markdown(res), quiet=True)
-    print(markdown({**res, "machine": common.finish(dict(info))}))
+        res["machine"] = common.finish(dict(info))
+        common.write_results(args.out, res, markdown(res), quiet=True)  # after every method
+    print(markdown(res))
 
 
 if __name__ == "__main__":
