@@ -40,10 +40,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("rows", ["all rows", "a row at a time"])
 @pytest.mark.parametrize("case", CASES)
-def test_input_gram_equals_the_gram_of_the_patches(case: str) -> None:
+def test_input_gram_equals_the_gram_of_the_patches(case: str, rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tap pair's sum over the positions it reads, the border lines a tap leaves out
-    included, and the bias row (patch sums, the count) — symmetric."""
+    included, and the bias row (patch sums, the count) — symmetric; assembled at once or (the
+    CPU's route for many channels) a row of blocks at a time."""
+    if rows == "a row at a time":
+        monkeypatch.setattr(conv_gram, "ASSEMBLED_BYTES", 1)
     make, shape = CASES[case]
     torch.manual_seed(0)
     conv = make().double()
@@ -54,6 +58,22 @@ def test_input_gram_equals_the_gram_of_the_patches(case: str) -> None:
     got = conv_gram.input_gram(x, conv.kernel_size, conv_gram.padding(conv), ones=conv.bias is not None)
     torch.testing.assert_close(got, rows.T @ rows, rtol=1e-12, atol=1e-12)
     assert torch.equal(got, got.T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["2d-3x3-p1", "2d-3x3-p1-tall", "2d-valid", "3d-3-p1"])
+def test_cuda_input_gram_equals_the_gram_of_the_patches(case: str) -> None:
+    """On a GPU (all rows of blocks at once, the indices on the device) as on the CPU."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    conv = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    rows = patches(conv, x)
+    if conv.bias is not None:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    got = conv_gram.input_gram(x.cuda(), conv.kernel_size, conv_gram.padding(conv), ones=conv.bias is not None)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), rows.T @ rows, rtol=1e-12, atol=1e-12)
 
 
 def test_taken_where_cheaper_and_only_for_what_it_computes() -> None:
@@ -90,3 +110,31 @@ def test_the_extraction_takes_it_for_kfac() -> None:
     apart = extract(model, nn.CrossEntropyLoss(), x, y, engine="autograd", stats=("kfac",), separate_bias=True)
     torch.testing.assert_close(together["0"].kfac["exact"].A, full.T @ full / len(rows), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(apart["0.weight"].kfac["exact"].A, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
+
+
+#: ops that launch nothing on a device (views, metadata)
+VIEWS = {"aten::view", "aten::select", "aten::slice", "aten::narrow", "aten::transpose", "aten::t",
+         "aten::numpy_T", "aten::permute", "aten::as_strided", "aten::expand", "aten::reshape",
+         "aten::alias", "aten::mT", "aten::unsqueeze", "aten::_reshape_alias", "aten::empty",
+         "aten::empty_strided", "aten::resize_", "aten::unbind"}
+
+
+@pytest.mark.parametrize("taps", [3, 5])
+def test_its_ops_grow_with_the_shifts_not_the_tap_pairs(taps: int) -> None:
+    """On a device each op is a kernel launch, and a tensor built from host values a copy that
+    waits: a repeated call issues about one op per shift (⌈(2k − 1)²/2⌉ of them) plus a few,
+    not one or more per tap pair ((k²)² of them), and builds nothing from host values."""
+    from torch.profiler import ProfilerActivity, profile
+
+    conv = nn.Conv2d(8, 8, taps, padding=1)
+    x = torch.randn(4, 8, 12, 12)
+    args = (x, conv.kernel_size, conv_gram.padding(conv), True)
+    conv_gram.input_gram(*args)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        conv_gram.input_gram(*args)
+    top = [e.name for e in prof.events()
+           if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    launching = [name for name in top if name not in VIEWS]
+    shifts = -(-(2 * taps - 1) ** 2 // 2)
+    assert len(launching) <= shifts + 40 < taps**4, sorted(launching)
+    assert "aten::lift_fresh" not in top and "aten::_to_copy" not in top
