@@ -111,13 +111,22 @@ class DampingStrategy(ABC):
         return f"{type(self).__name__}()"
 
 
+def _on_device(damping: float | Tensor, approx: "KroneckerApproximation") -> Tensor:
+    """``damping`` as a 0-dim tensor of the approximation's dtype and device: a number filled in
+    there (``torch.as_tensor`` would copy it from the host: on a GPU a copy that waits for the
+    device, once per block at every statistics step)."""
+    if isinstance(damping, Tensor):
+        return damping.to(dtype=approx.dtype, device=approx.device).reshape(())
+    return torch.full((), damping, dtype=approx.dtype, device=approx.device)
+
+
 class ExactDamping(DampingStrategy):
     """``"exact"`` [C]: ``K̂ + λI``, damped eigenvalues ``s + λ``."""
 
     name = "exact"
 
     def increment(self, approx: "KroneckerApproximation", damping: float | Tensor) -> Tensor:
-        return torch.as_tensor(damping, dtype=approx.dtype, device=approx.device)
+        return _on_device(damping, approx)
 
 
 class FactoredDamping(DampingStrategy):
@@ -143,7 +152,7 @@ class FactoredDamping(DampingStrategy):
         if means is None:
             raise self.unsupported(approx, "it carries no Kronecker factor eigenvalues")
         pi = pi_of_means(*means)
-        root = torch.as_tensor(damping, dtype=approx.dtype, device=approx.device).sqrt()
+        root = _on_device(damping, approx).sqrt()
         return root / pi, pi * root
 
 
@@ -165,7 +174,7 @@ class NorDamping(DampingStrategy):
             raise self.unsupported(
                 approx, "it needs the trace split √δΨ ⊗ √δΦ of TKFAC/TEKFAC (use 'tkfac' or 'tekfac')"
             )
-        root = torch.as_tensor(damping, dtype=approx.dtype, device=approx.device).sqrt()
+        root = _on_device(damping, approx).sqrt()
         return root, root
 
 

@@ -43,7 +43,7 @@ def multiplicity(u: Tensor) -> Tensor:
     n, k = u.shape[-2:]
     out = torch.ones(width(u), dtype=u.dtype, device=u.device)
     if k < n:
-        out[-1] = n - k
+        out[-1].fill_(n - k)  # (an assignment copies a host scalar: on a GPU a copy that waits)
     return out
 
 

@@ -145,7 +145,9 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
         onehot = torch.einsum("vn...c->vnc...", one_hot(samples, num_classes=probs.shape[1])).to(probs.dtype)
         root = probs.unsqueeze(0).expand(mc_samples, *probs.shape) - onehot
     else:
-        dist = Normal(output, torch.tensor(math.sqrt(0.5), device=output.device))
+        # BackPACK's scale, √½ in the default dtype (the same draws); filled on the device, where a
+        # tensor from a number is a copy (on a GPU one that waits)
+        dist = Normal(output, torch.full((), math.sqrt(0.5), dtype=torch.get_default_dtype(), device=output.device))
         samples = dist.sample(sample_shape=torch.Size([mc_samples]))
         root = 2 * (samples - output.unsqueeze(0).expand(mc_samples, *output.shape))
     root = root / math.sqrt(mc_samples)
