@@ -11,7 +11,8 @@ damping) and kind of step (plain, statistics, refresh; first-order peers: plain)
   host (Python, launches, syncs), not by the device;
 * top-level aten ops (those no other aten op called: what the Python issues) and host reads of
   device values (``aten::_local_scalar_dense``, ``aten::nonzero``: each one waits for the device
-  to finish everything queued before it);
+  to finish everything queued before it), and on a GPU the copies from the host onto it (a tensor
+  made from Python numbers on the device: from pageable memory, each waits for the device too);
 * the peak of the device's allocated memory over the peer's steps (GPU);
 * the ops with the most self time on the device (GPU: kernels) or the host (CPU: aten ops).
 
@@ -110,6 +111,7 @@ def profile_kind(run, device: torch.device, steps: int, top: int) -> dict:
         "profiled_ms": profiled * 1e3,
         "device_busy_ms": _busy_us([(e.time_range.start, e.time_range.end) for e in on_device]) / steps / 1e3 if cuda else None,
         "kernels": len(on_device) / steps if cuda else None,
+        "host_copies": sum("HtoD" in e.name for e in on_device) / steps if cuda else None,
         "aten_ops": sum(map(_top_level, aten)) / steps,
         "host_reads": sum(e.name in HOST_READS for e in aten) / steps,
         "top": top_ops,
@@ -162,7 +164,9 @@ def markdown(res: dict) -> str:
              f"every {s['stats_interval']} steps, refresh every {s['refresh_interval']}, damping {s['damping']}. "
              "\"Busy\": the union of the step's kernel intervals on the device; \"ops\": top-level aten "
              "ops (what the Python issues); \"reads\": host reads of device values (`_local_scalar_dense`, "
-             "`nonzero`), each a sync on a GPU. \"Wall\": unprofiled, median; \"busy/wall\" well below 100 % "
+             "`nonzero`), each a sync on a GPU; \"H→D\": copies from the host onto the GPU (from pageable "
+             "memory, as a tensor made from Python numbers, each waits for the device). \"Wall\": unprofiled, "
+             "median; \"busy/wall\" well below 100 % "
              "is a step bound by the host (the profiler slows the host, not the kernels).", ""]
     ms = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for model in res["models"]:
@@ -175,9 +179,10 @@ def markdown(res: dict) -> str:
                              "–" if busy is None else f"{100 * busy / r['wall_ms']:.0f} %",
                              "–" if r["kernels"] is None else f"{r['kernels']:.0f}", f"{r['aten_ops']:.0f}",
                              f"{r['host_reads']:.0f}",
+                             "–" if r.get("host_copies") is None else f"{r['host_copies']:.0f}",
                              "–" if p["peak_allocated_mib"] is None else f"{p['peak_allocated_mib']:.0f}"])
         lines += common.md_table(["peer", "step", "wall ms", "profiled ms", "busy ms", "busy/wall", "kernels",
-                                  "ops", "reads", "peak MiB"], body, "ll" + "r" * 8)
+                                  "ops", "reads", "H→D", "peak MiB"], body, "ll" + "r" * 9)
         if model["left_out"]:
             lines += ["", f"Left out (the time budget ran out): {', '.join(model['left_out'])}."]
         if model.get("failed"):
