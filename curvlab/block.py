@@ -282,24 +282,26 @@ class Block:
             return torch.cat(parts, 1)
         return parts[0].clone() if copy else parts[0]
 
-    def add_(self, update: Tensor | Sequence[Tensor], alpha: float | Sequence[float], *,
-             skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> None:
-        """``W̄ ← W̄ + alpha · update`` (``update``: ``[d_out, D]``, or its column blocks as
-        :meth:`BlockLayout.columns` cuts them; ``alpha``: one number, or one per column block),
-        leaving the parameters in ``skip`` (e.g. a bias no param group holds) unchanged."""
+    def update_targets(self, update: Tensor | Sequence[Tensor], *,
+                       skip: frozenset[Tensor] | set[Tensor] = frozenset()) -> list[tuple[Tensor, Tensor, int]]:
+        """``W̄ ← W̄ + α · update`` as ``(target, part, i)`` for each parameter not in ``skip`` (e.g.
+        a bias no param group holds): ``target.add_(part, alpha=α_i)`` (the parameter, or a view
+        of it) adds column block ``i`` of ``update`` (``[d_out, D]``, or its column blocks as
+        :meth:`BlockLayout.columns` cuts them) — for several blocks in one ``torch._foreach_add_``."""
         parts = self.layout.columns(update) if isinstance(update, Tensor) else update
-        alphas = [alpha] * len(parts) if isinstance(alpha, (int, float)) else alpha
-        for p, part, alpha in zip(self._parameters, parts, alphas):
+        targets = []
+        for i, (p, part) in enumerate(zip(self._parameters, parts)):
             if skip and p in skip:  # (a tensor's hash is a Python call)
                 continue
             if p is not self.weight:  # the bias column
-                p.add_(part[:, 0], alpha=alpha)
+                targets.append((p, part[:, 0], i))
             elif self.layout.transposed:
-                p.add_(part.T, alpha=alpha)
+                targets.append((p, part.T, i))
             elif p.is_contiguous():
-                p.view(self.layout.out_features, -1).add_(part, alpha=alpha)
+                targets.append((p.view(self.layout.out_features, -1), part, i))
             else:  # e.g. channels_last
-                p.add_(part.reshape(p.shape), alpha=alpha)
+                targets.append((p, part.reshape(p.shape), i))
+        return targets
 
 
 def balanced_split(shape: tuple[int, ...]) -> tuple[int, int]:

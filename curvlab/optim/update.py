@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd
 
 from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.block import Block
@@ -29,13 +30,15 @@ def finiteness_terms(
     """One scalar per tensor that is finite iff the tensor is (``None``: ``loss`` is a
     non-finite Python number).
 
-    A tensor is taken as finite when its sum is (a sum overflows only for entries near the
-    dtype's maximum, as harmful as ``inf``).  Of the Gram-type statistics (``A``, ``G``, ``δΦ``,
+    A tensor is taken as finite when its sum is, a gradient when the sum of its absolute values
+    is (all gradients in one op, ``torch._foreach_norm``; a sum overflows only for entries near
+    the dtype's maximum, as harmful as ``inf``).  Of the Gram-type statistics (``A``, ``G``, ``δΦ``,
     ``δΨ``: sums of outer products) only the trace is taken — a non-finite entry of
     ``Σ_k v_k v_kᵀ`` implies a non-finite diagonal entry — so the check costs O(D), not O(D²),
     for a D × D factor.
     """
-    values = [g.sum() for g in grads]
+    grads = list(grads)
+    values = list(torch._foreach_norm(grads, 1)) if grads else []
     if isinstance(loss, Tensor):
         values.append(loss.detach().sum())
     elif isinstance(loss, (int, float)) and not math.isfinite(loss):
@@ -89,6 +92,25 @@ def momentum_direction(update: Tensor, own: bool, buffer: Tensor | None, momentu
     return buffer, buffer
 
 
+def momentum_directions(columns: Sequence[tuple[Tensor, bool, Tensor | None, float]]) -> list[tuple[Tensor, Tensor | None]]:
+    """:func:`momentum_direction` of every ``(update, own, buffer, momentum)``; those whose fresh
+    update takes ``μ m`` in (own, with a buffer, ``μ ≠ 0``: every preconditioned column after the
+    first step) in one ``torch._foreach_add_`` per ``μ`` (on a GPU a few launches for all)."""
+    moved: list[tuple[Tensor, Tensor | None] | None] = [None] * len(columns)
+    by_momentum: dict[float, list[int]] = {}
+    for i, (update, own, buffer, momentum) in enumerate(columns):
+        if own and buffer is not None and momentum != 0:
+            by_momentum.setdefault(momentum, []).append(i)
+        else:
+            moved[i] = momentum_direction(update, own, buffer, momentum)
+    for momentum, at in by_momentum.items():
+        updates = [columns[i][0] for i in at]
+        torch._foreach_add_(updates, [columns[i][2] for i in at], alpha=momentum)
+        for i, update in zip(at, updates):
+            moved[i] = (update, update)
+    return moved  # type: ignore[return-value]
+
+
 def decayed(update: Tensor, param: Tensor, weight_decay: float, own: bool) -> Tensor:
     """``u + wd·θ``: into ``update`` where it is ``own`` (a fresh tensor), else a new tensor —
     never ``update`` itself then, so that momentum may write into the result."""
@@ -98,28 +120,28 @@ def decayed(update: Tensor, param: Tensor, weight_decay: float, own: bool) -> Te
 
 
 def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
-    """``torch.optim.SGD`` (dampening 0, no Nesterov) for ``params`` of ``group``."""
-    lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-    for p in params:
-        if p.grad is None:
-            continue
-        d = p.grad
-        if wd != 0:
-            d = d.add(p, alpha=wd)
-        st = state[p]
-        d, buf = momentum_direction(d, d is not p.grad, st.get("momentum_buffer"), momentum)
-        if buf is not None:
-            st["momentum_buffer"] = buf
-        p.add_(d, alpha=-lr)
+    """``torch.optim.SGD`` (dampening 0, no Nesterov) for ``params`` of ``group``: its functional
+    form, which takes all of them in a few multi-tensor ops on a GPU (``foreach``)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    buffers = [state[p].get("momentum_buffer") for p in params]
+    sgd(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
+        lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
+    if group["momentum"] != 0:
+        for p, buf in zip(params, buffers):
+            state[p]["momentum_buffer"] = buf
 
 
 def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tensor] = ()) -> bool:
     """Whether every ``lr·u`` is finite in ``u``'s dtype (and every scalar of ``also``), with one
-    reduction per update and one sync: a non-finite entry makes the sum non-finite, and the sum
-    of finite entries overflows only for entries near the dtype's maximum — as harmful as ``inf``
+    reduction for all updates (the sums of their absolute values) and one sync: a non-finite
+    entry makes the sum non-finite, and the sum of finite entries overflows only for entries
+    near the dtype's maximum — as harmful as ``inf``
     (so they count as not finite, as in :func:`all_finite`).  For ``lr ≤ 1``, ``lr·u`` overflows
     only where ``u`` does."""
-    return _finite([*(u.sum() if lr <= 1 else u.sum() * lr for u, lr in updates), *also])
+    norms = torch._foreach_norm([u for u, _ in updates], 1) if updates else []  # one op for all
+    return _finite([*(n if lr <= 1 else n * lr for n, (_, lr) in zip(norms, updates)), *also])
 
 
 @dataclass
@@ -169,7 +191,7 @@ def update_blocks_(
                        for d, g, group in zip(direction, s.grad, s.groups))
             v_g = term if v_g is None else v_g + term.to(v_g.device)
     nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
-    updates: list[tuple[BlockStep, list[Tensor], list[Tensor] | None]] = []
+    columns: list[tuple[Tensor, bool, Tensor | None, float]] = []  # every block's, for momentum
     for s, (update, own) in zip(steps, directions):
         if nu is not None and own:
             for u in update:
@@ -179,15 +201,25 @@ def update_blocks_(
             update = [decayed(u, t, group["weight_decay"], own) for u, t, group in zip(update, theta, s.groups)]
             own = True
         buffers = s.state.momentum_columns or [None] * len(update)
-        moved = [momentum_direction(u, own, b, group["momentum"]) for u, b, group in zip(update, buffers, s.groups)]
+        columns += [(u, own, b, group["momentum"]) for u, b, group in zip(update, buffers, s.groups)]
+    moved = iter(momentum_directions(columns))
+    updates: list[tuple[BlockStep, list[Tensor], list[Tensor] | None]] = []
+    for s in steps:
+        block_moved = [next(moved) for _ in s.groups]
         # a column without momentum beside one with it keeps a zero buffer (a fresh start, as
         # torch's SGD makes, should its group's momentum be raised): the buffer stays one matrix
         kept = None if all(group["momentum"] == 0 for group in s.groups) else [
-            torch.zeros_like(d) if b is None else b for d, b in moved]
-        updates.append((s, [d for d, _ in moved], kept))
+            torch.zeros_like(d) if b is None else b for d, b in block_moved]
+        updates.append((s, [d for d, _ in block_moved], kept))
     if not updates_finite([(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)], also_check):
         return False
+    by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # every block's parameters, one op per lr
     for s, update, buffers in updates:
         s.state.momentum_columns = buffers
-        s.block.add_(update, [-group["lr"] for group in s.groups], skip=skip)
+        for target, part, i in s.block.update_targets(update, skip=skip):
+            targets, parts = by_lr.setdefault(s.groups[i]["lr"], ([], []))
+            targets.append(target)
+            parts.append(part)
+    for lr, (targets, parts) in by_lr.items():
+        torch._foreach_add_(targets, parts, alpha=-lr)
     return True
