@@ -40,6 +40,19 @@ CASES = {
 }
 
 
+def case_and_reference(case: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """The convolution and input of ``case`` (float64) and the Gram of its patches (with a
+    column of ones where it has a bias)."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    conv = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    rows = patches(conv, x)
+    if conv.bias is not None:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    return conv, x, rows.T @ rows
+
+
 @pytest.mark.parametrize("rows", ["all rows", "a row at a time"])
 @pytest.mark.parametrize("case", CASES)
 def test_input_gram_equals_the_gram_of_the_patches(case: str, rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,15 +61,9 @@ def test_input_gram_equals_the_gram_of_the_patches(case: str, rows: str, monkeyp
     CPU's route for many channels) a row of blocks at a time."""
     if rows == "a row at a time":
         monkeypatch.setattr(conv_gram, "ASSEMBLED_BYTES", 1)
-    make, shape = CASES[case]
-    torch.manual_seed(0)
-    conv = make().double()
-    x = torch.randn(*shape, dtype=torch.float64)
-    rows = patches(conv, x)
-    if conv.bias is not None:
-        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    conv, x, want = case_and_reference(case)
     got = conv_gram.input_gram(x, conv.kernel_size, conv_gram.padding(conv), ones=conv.bias is not None)
-    torch.testing.assert_close(got, rows.T @ rows, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(got, got.T)
 
 
@@ -64,16 +71,10 @@ def test_input_gram_equals_the_gram_of_the_patches(case: str, rows: str, monkeyp
 @pytest.mark.parametrize("case", ["2d-3x3-p1", "2d-3x3-p1-tall", "2d-valid", "3d-3-p1"])
 def test_cuda_input_gram_equals_the_gram_of_the_patches(case: str) -> None:
     """On a GPU (all rows of blocks at once, the indices on the device) as on the CPU."""
-    make, shape = CASES[case]
-    torch.manual_seed(0)
-    conv = make().double()
-    x = torch.randn(*shape, dtype=torch.float64)
-    rows = patches(conv, x)
-    if conv.bias is not None:
-        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    conv, x, want = case_and_reference(case)
     got = conv_gram.input_gram(x.cuda(), conv.kernel_size, conv_gram.padding(conv), ones=conv.bias is not None)
     assert got.device.type == "cuda"
-    torch.testing.assert_close(got.cpu(), rows.T @ rows, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_taken_where_cheaper_and_only_for_what_it_computes() -> None:
