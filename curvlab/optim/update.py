@@ -125,9 +125,9 @@ def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Ten
     params = [p for p in params if p.grad is not None]
     if not params:
         return
-    buffers = [state[p].get("momentum_buffer") for p in params]
-    sgd(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
-        lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
+    grads, buffers = [p.grad for p in params], [state[p].get("momentum_buffer") for p in params]
+    sgd(params, grads, buffers, has_sparse_grad=any(g.is_sparse for g in grads), weight_decay=group["weight_decay"],
+        momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
     if group["momentum"] != 0:
         for p, buf in zip(params, buffers):
             state[p]["momentum_buffer"] = buf
