@@ -41,7 +41,7 @@ from torch import Tensor
 
 from curvlab.approx.damping import BUILT_IN, DampingStrategy, check_damping, get_damping
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
-from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, multiplicity, unflatten_tensors
+from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, is_truncated, multiplicity, unflatten_tensors
 from curvlab.approx.spectral import optimal_scaling as spectral_optimal_scaling
 from curvlab.block import BlockLayout
 
@@ -208,7 +208,8 @@ class KroneckerApproximation(ABC):
             return None
         u_out, u_in = self._basis()
         return tuple(  # type: ignore[return-value]
-            (v * multiplicity(u)).sum() / u.shape[0] for v, u in zip(grid, (u_out, u_in))
+            ((v * multiplicity(u)).sum() if is_truncated(u) else v.sum()) / u.shape[0]
+            for v, u in zip(grid, (u_out, u_in))
         )
 
     def multiplicity(self) -> Tensor:
