@@ -30,29 +30,32 @@ def finiteness_terms(
     """One scalar per tensor that is finite iff the tensor is (``None``: ``loss`` is a
     non-finite Python number).
 
-    A tensor is taken as finite when its sum is, a gradient when the sum of its absolute values
-    is (all gradients in one op, ``torch._foreach_norm``; a sum overflows only for entries near
-    the dtype's maximum, as harmful as ``inf``).  Of the Gram-type statistics (``A``, ``G``, ``δΦ``,
-    ``δΨ``: sums of outer products) only the trace is taken — a non-finite entry of
-    ``Σ_k v_k v_kᵀ`` implies a non-finite diagonal entry — so the check costs O(D), not O(D²),
-    for a D × D factor.
+    A tensor is taken as finite when the sum of its absolute values is (a sum overflows only for
+    entries near the dtype's maximum, as harmful as ``inf``), all of them in one op
+    (``torch._foreach_norm``: on a GPU one launch for every gradient and statistic).  Of the
+    Gram-type statistics (``A``, ``G``, ``δΦ``, ``δΨ``: sums of outer products) only the diagonal
+    is taken — a non-finite entry of ``Σ_k v_k v_kᵀ`` implies a non-finite diagonal entry — so
+    the check costs O(D), not O(D²), for a D × D factor; kept as rows, their trace.
     """
-    grads = list(grads)
-    values = list(torch._foreach_norm(grads, 1)) if grads else []
+    tensors = [*grads, *losses]
     if isinstance(loss, Tensor):
-        values.append(loss.detach().sum())
+        tensors.append(loss.detach())
     elif isinstance(loss, (int, float)) and not math.isfinite(loss):
         return None
-    values.extend(v.sum() for v in losses)
-    for ls in stats:  # trace(): a matrix's, or a GramRows' from its rows
-        for f in ls.kfac.values():
-            values.extend((f.A.trace(), f.G.trace()))
+    values = []
+    for ls in stats:
+        grams = [g for f in ls.kfac.values() for g in (f.A, f.G)]
         if ls.tkfac is not None:
-            ts = ls.tkfac
-            values.extend((ts.delta.sum(), ts.delta_phi.trace(), ts.delta_psi.trace()))
+            tensors.append(ls.tkfac.delta)
+            grams += [ls.tkfac.delta_phi, ls.tkfac.delta_psi]
         if ls.kfe_scaling is not None:
-            values.append(ls.kfe_scaling.sum())
-    return values
+            tensors.append(ls.kfe_scaling)
+        for g in grams:
+            if isinstance(g, Tensor):
+                tensors.append(g.diagonal())
+            else:  # GramRows
+                values.append(g.trace())
+    return [*torch._foreach_norm(tensors, 1), *values] if tensors else values
 
 
 def _finite(values: Sequence[Tensor]) -> bool:
