@@ -311,17 +311,14 @@ def _plan(n: int, size: tuple[int, ...], kernel: tuple[int, ...], pads: tuple[tu
     def index(values) -> Tensor:
         return torch.tensor(list(values), dtype=torch.long, device=device)
 
-    primary, corrections = {}, []
+    terms = []
     for sign, entries in gathers.items():
         entries.sort(key=lambda entry: entry[0])
         blocks = [block for block, _, _ in entries]
-        items = index(item[k] + len(item) * t for _, k, t in entries)
-        if sign == 0:
-            primary = items
-        else:
-            by_row = tuple(bisect.bisect_left(blocks, a * len(taps)) for a in range(len(taps) + 1))
-            corrections.append(_Terms(items, index(blocks), by_row, float(sign)))
-    return _Plan(frame, tuple(shifts), tuple(lines), len(item), primary, tuple(corrections),
+        by_row = tuple(bisect.bisect_left(blocks, a * len(taps)) for a in range(len(taps) + 1))
+        terms.append(_Terms(index(item[k] + len(item) * t for _, k, t in entries), index(blocks), by_row, float(sign)))
+    primary, *corrections = terms  # every block once (sign 0), in order: their F_δ
+    return _Plan(frame, tuple(shifts), tuple(lines), len(item), primary.items, tuple(corrections),
                  window.to(device=device, dtype=dtype), n * math.prod(out))
 
 
