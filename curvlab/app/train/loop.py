@@ -29,7 +29,7 @@ from curvlab.app.report.run import resolve_device
 from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
-from curvlab.app.train.probe import Probe
+from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.extract.autograd import couples_examples
 from curvlab.io import write_netcdf
@@ -223,6 +223,12 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             seed=cfg.seed,
             mode=cfg.probe_mode,
         )
+        if ranks.is_main and kronecker and cfg.probe_mode == "eval" and normalises_otherwise_in_eval(model):
+            print(f"curvlab train: the probe measures the model in eval mode (--probe-mode eval), where its "
+                  f"BatchNorm normalises by running statistics; the optimizer's statistics come from its train-mode "
+                  f"forward pass (batch statistics), so {optimizer.method}@optimizer is measured against another "
+                  f"Fisher than the one it approximates (far off early in training, while the running statistics "
+                  f"settle); --probe-mode train measures that one (one process)", file=sys.stderr)
 
     records: list[dict[str, float]] = []
     start_epoch, step, wall = 0, 0, 0.0

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.app.models import MODES
 from curvlab.approx import DEFAULT_DAMPING, applies
@@ -188,6 +189,14 @@ class Probe:
             )
         ds = ds.sel(step=list(steps))
         self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]
+
+
+def normalises_otherwise_in_eval(model: nn.Module) -> bool:
+    """Whether the model's eval mode normalises otherwise than its training does: a BatchNorm
+    with running statistics (eval mode reads them; training, and so an optimizer's statistics,
+    the batch's).  An eval-mode probe then measures another network's Fisher than the optimizer
+    approximates."""
+    return any(isinstance(m, _BatchNorm) and m.running_mean is not None for m in model.modules())
 
 
 def _steps(steps: Sequence[int]) -> str:
