@@ -9,7 +9,7 @@ In one process, interleaved, one torch thread, five plain steps on the same mode
   the optimizer's glue (block layouts, finiteness checks, param groups, state objects);
 * ``lean``: the same update through curvlab's own objects and helpers — ``Block.grad_columns``,
   the approximation's ``inv_mat_mul_columns``, the optimizer's ``momentum_direction`` and
-  ``updates_finite``, ``Block.add_`` — but without ``KroneckerOptimizer.step``'s bookkeeping
+  ``updates_finite``, ``Block.update_targets`` — but without ``KroneckerOptimizer.step``'s bookkeeping
   (schedule, param groups, skip logic, ``torch.optim``'s step wrapper).
 
 ``asdl-kfac`` → ``minimal`` is the cost of the bias column in ``A`` (785-wide GEMMs against
@@ -79,6 +79,7 @@ def minimal_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Modu
                 layer.weight.add_(buffer[:, :-1], alpha=-lr)
                 layer.bias.add_(buffer[:, -1], alpha=-lr)
 
+    step.model = model  # what it trains (tests/test_entry_points.py: the same update as lean_step's)
     return step
 
 
@@ -109,8 +110,10 @@ def lean_step(stepper: peers.Stepper, base: nn.Module, pool, loss_fn: nn.Module)
                 raise FloatingPointError("lean step: a non-finite update")
             for (block, _), update in zip(blocks, updates):
                 buffers[block.name] = update
-                block.add_(update, -lr)
+                for target, part, _ in block.update_targets(update):
+                    target.add_(part, alpha=-lr)
 
+    step.model = model
     return step
 
 

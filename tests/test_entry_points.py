@@ -373,6 +373,43 @@ def test_bench_stats_blocks_records_every_convolution(tmp_path) -> None:
     assert all(r["real_s"] > 0 and r["kernels_s"] > 0 and (r["k_out"], r["k_in"]) == (r["d_out"], r["D"]) for r in rows)
 
 
+def test_bench_step_glue_minimal_and_lean_steps_apply_the_same_update() -> None:
+    """bench_step_glue.py times curvlab KFAC's update by hand (``minimal``: its damped inverse
+    matrices, no optimizer objects) and through curvlab's blocks and approximations (``lean``),
+    the same update both: after one step from the same model and batch their parameters agree,
+    and moved.  (Its ``lean`` row had called a method renamed since, unnoticed: this exercises
+    both without ASDL, which the script's other rows need.)  In a process of its own: the
+    benchmark's ``common`` is not the analyses'."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import copy
+        import torch
+        from torch import nn
+        import bench_step_glue as glue
+        import common
+        import peers
+
+        spec = common.MODELS["mlp"]
+        base, pool, loss_fn = spec.build(), spec.batches(2), nn.CrossEntropyLoss()
+        k = iter(range(10**6))
+        stepper = peers.build("curvlab-kfac", copy.deepcopy(base), loss_fn, lambda: pool[next(k) % 2], lr=0.1,
+                              damping=1e-2, stats_interval=10, refresh_interval=100)
+        stepper.warm_up()
+        steps = [glue.minimal_step(stepper, base, pool, loss_fn), glue.lean_step(stepper, base, pool, loss_fn)]
+        for step in steps:
+            step()
+        minimal, lean = (dict(step.model.named_parameters()) for step in steps)
+        for name, before in base.named_parameters():
+            assert not torch.equal(minimal[name], before), name
+            torch.testing.assert_close(lean[name], minimal[name], rtol=1e-5, atol=1e-7)
+        print("checked")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "checked", run.stderr
+
+
 def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
     """The "traces" row, the kernels-timed floor of TKFAC's statistics step, takes the exact
     partial traces themselves: its convolution routes (Gram matrices over locations, and every
