@@ -87,6 +87,9 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec("mlp", "mlp", (784,), 128, note="784-128-64-10, ReLU"),
         ModelSpec("mlp-1024", "mlp", (784,), 1024, note="784-128-64-10, ReLU"),
+        # every kernel negligible: a step takes its host time, what a launch-bound GPU step pays
+        ModelSpec("host", "mlp", (16,), 4, options=(("hidden", (16,) * 19),), classes=16,
+                  note="20 × Linear(16, 16), ReLU, N = 4: a step's time is its host overhead"),
         ModelSpec("cnn", "cnn-bench", (3, 32, 32), 64, note="conv16 → conv32 → max-pool → Linear(8192, 10)"),
         ModelSpec("3c3d", "3c3d", (3, 32, 32), 128, note="DeepOBS 3c3d with TF 'same' padding (curvlab.app.models)"),
         ModelSpec("resnet18", "resnet18", (3, 32, 32), 128,
