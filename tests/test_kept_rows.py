@@ -22,13 +22,13 @@ from curvlab.gram import GramRows, syrk_accumulates
 from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC
 from helpers import batches, tiny_mlp, train
 
-D_IN = 40  # layer "0": 41 wide with the bias column, from 6 rows a batch
+D_IN = 63  # layer "0": 64 wide with the bias column (curvlab.gram.KEEP_ROWS_MIN_WIDTH), from 8 rows a batch
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
 IDS = [c.__name__ for c in ALL]
 
 
 def wide_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return batches(n, size=6, shape=(D_IN,), seed=3)
+    return batches(n, size=8, shape=(D_IN,), seed=3)
 
 
 def wide_conv(seed: int = 0) -> nn.Sequential:
@@ -79,11 +79,15 @@ def test_extraction_hands_over_narrow_batches_as_rows() -> None:
         assert isinstance(many, GramRows) and many.rows.shape == (320, 301) and syrk_accumulates(many.rows)
     else:  # no syrk: the matrix
         assert isinstance(many, torch.Tensor)
-    # 18 rows (3 classes × 6) for the 4-wide G and δΨ, 6 for layer "2"'s 5-wide A: matrices
+    # 24 rows (3 classes × 8) for the 4-wide G and δΨ, 8 for layer "2"'s 5-wide A: matrices
     pairs = ((wide.kfac["exact"].G, dense["0"].kfac["exact"].G), (rows["2"].kfac["exact"].A, dense["2"].kfac["exact"].A))
     for got, want in pairs:
         assert isinstance(got, torch.Tensor)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    # fewer rows than columns, but narrower than KEEP_ROWS_MIN_WIDTH: the matrix (2 rows, 5 wide)
+    few = extract(tiny_mlp(0), loss_fn, *batches(1, size=2, shape=(5,), seed=3)[0], fisher="exact", stats=("kfac",),
+                  gram_rows=True)["2"].kfac["exact"].A
+    assert isinstance(few, torch.Tensor) and few.shape == (5, 5)
 
 
 @pytest.mark.parametrize("wide", WIDE)
@@ -91,7 +95,7 @@ def test_extraction_hands_over_narrow_batches_as_rows() -> None:
 def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls, wide: str) -> None:
     """lr = 0 (the batches' statistics fixed), statistics every step, a refresh every 6: the
     rows of layer "0" are kept between refreshes and folded when they fill half its width (the
-    MLP's at the fourth batch: 24 rows ≥ 41/2) and at each refresh.  After the refresh at step 12
+    MLP's at the fourth batch: 32 rows ≥ 64/2) and at each refresh.  After the refresh at step 12
     every block inverts the Kronecker object of the running averages of the dense statistics,
     computed here from ``extract`` in float64."""
     build, make_batches = WIDE[wide]
