@@ -68,12 +68,13 @@ def gram_or_rows(
     rows: Tensor, scale: float = 1.0, weights: Tensor | None = None, keep_rows: bool = False
 ) -> Tensor | GramRows:
     """:func:`gram`, or with ``keep_rows`` the rows themselves (:class:`GramRows`, not copied), for at
-    least :data:`KEEP_ROWS_MIN_WIDTH` columns, where they are fewer than the columns, or where :func:`syrk_accumulates` them, ``d ≥ 256`` and they
-    are at most twice as many.  More rows than that cost more to pass over (the finiteness check's
-    trace of a convolution's patches, 65 536 × 145 stored along R: ~20 ms) than the ``d × d``
-    matrix's copy and ``lerp_`` they save; narrower matrices are cheap either way, and ``syrk``
-    with its checks cost more there (the MLP N=128's statistics steps, whose 64–128-wide ``G`` and
-    65-wide ``A`` took it: 0.2–0.3 ms more a step, measured in one process)."""
+    least :data:`KEEP_ROWS_MIN_WIDTH` columns, where they are fewer than the columns, or where
+    :func:`syrk_accumulates` them, ``d ≥ 256`` and they are at most twice as many.  More rows than
+    that cost more to pass over (the finiteness check's trace of a convolution's patches,
+    65 536 × 145 stored along R: ~20 ms) than the ``d × d`` matrix's copy and ``lerp_`` they save;
+    narrower matrices are cheap either way, and ``syrk`` with its checks cost more there (the MLP
+    N=128's statistics steps, whose 64–128-wide ``G`` and 65-wide ``A`` took it: 0.2–0.3 ms more a
+    step, measured in one process)."""
     r, d = rows.shape
     if keep_rows and d >= KEEP_ROWS_MIN_WIDTH and (r < d or (256 <= d and r <= 2 * d and syrk_accumulates(rows))):
         return GramRows(rows, rows.new_full((r,), scale) if weights is None else weights * scale)
