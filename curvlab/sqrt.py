@@ -117,6 +117,12 @@ class SquareRoot(ABC):
         eye_in = torch.eye(d_in, dtype=self.dtype, device=self.device)
         return self.sandwich_in(eye_out), self.sandwich_out(eye_in)
 
+    def input_rows(self) -> Tensor | None:
+        """Rows ``[R, D]`` whose span holds the rows of every ``M_k`` — and so the range of every
+        input-side factor of the same batch (KFAC's ``A``, TKFAC's ``δΦ``) — where the root keeps
+        them (the layer's inputs); ``None`` otherwise."""
+        return None
+
     @property
     @abstractmethod
     def dtype(self) -> torch.dtype:
@@ -160,6 +166,10 @@ class _InputsAndRoots(SquareRoot):
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "_InputsAndRoots":
         return type(self)(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+
+    def input_rows(self) -> Tensor:
+        """The inputs ``ā_{n,t}`` as rows, ``[N·T, D]``."""
+        return self.a if self.a.dim() == 2 else self.a.transpose(1, 2).reshape(-1, self.a.shape[1])
 
 
 class FactoredSqrt(_InputsAndRoots):

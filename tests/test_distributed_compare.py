@@ -197,6 +197,10 @@ def _check_sqrt_and_statistics(model: str, sizes, group=None) -> int:
             _close(got_pt, ref_pt, f"{where} {label}")
         u_out, u_in = orthogonal(d_out), orthogonal(d_in)
         _close(v.rotated_sq_sum(u_out, u_in), s.rotated_sq_sum(u_out, u_in), f"{where} rotated_sq_sum")
+        rows = v.input_rows()  # None where a rank's shard keeps no rows (a dense root)
+        assert rows is not None or model != "mlp", where
+        if rows is not None:
+            _close(rows, s.input_rows(), f"{where} input_rows")
         v32 = v.to(dtype=torch.float32)
         assert isinstance(v32, ShardedSqrt) and v32.dtype == torch.float32, where
         _close(v32.trace().double(), s.trace(), f"{where} float32 trace", rtol=1e-5)

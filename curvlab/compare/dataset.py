@@ -14,6 +14,7 @@ from torch import Tensor
 
 from curvlab._options import is_int, is_number
 from curvlab.approx import KroneckerApproximation
+from curvlab.approx.eigh import span_basis, within_span
 from curvlab.compare.metrics import (
     ApproximationMetrics,
     ExactBlock,
@@ -159,8 +160,11 @@ def measure(
     coupling = np.zeros((len(layers), 2))
     for layer in iterator:
         # one scope per layer: the float64 root, the factors' decompositions and the rotations
-        # into them are computed once for all of the layer's approximations (curvlab.reuse)
-        with shared_work():
+        # into them are computed once for all of the layer's approximations (curvlab.reuse); the
+        # input-side factors of a batch narrower than the layer are decomposed through the span
+        # of its inputs (curvlab.approx.eigh.within_span)
+        rows = stats[layer].sqrt.input_rows()
+        with shared_work(), within_span(None if rows is None else span_basis(rows)):
             block = exact_block(stats[layer].sqrt, num_eigenvalues, top_k)
             if not block.trace > 0:
                 warnings.warn(

@@ -31,6 +31,7 @@ Communication per call (``K = Σ K_r`` columns, ``P = d_out·D`` parameters, ``R
 ``partial_traces``          one ``all_reduce`` of ``D² + d_out²``
 ``rotated_sq_sum``          ``broadcast`` of ``d_out² + D²`` + ``all_reduce`` of ``P``
 ``matrices`` (tests only)   ``all_gather`` of ``K_r·P``
+``input_rows``              ``all_gather`` of ``N_r·T·D``
 ==========================  =================================================================
 
 A shard is what the back-end stores: ``N_r·D + K_r·d_out`` numbers for a
@@ -299,13 +300,21 @@ class ShardedSqrt(SquareRoot):
 
     def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
         if self.sync_operands and self.world_size > 1:
-            d_out = u_out.shape[0]
             both = coll.broadcast_from_first(torch.cat([u_out.flatten(), u_in.flatten()]), self.group)
-            u_out, u_in = both[: d_out * d_out].view_as(u_out), both[d_out * d_out :].view_as(u_in)
+            u_out, u_in = both[: u_out.numel()].view_as(u_out), both[u_out.numel() :].view_as(u_in)
         return coll.all_reduce_one(self.local.rotated_sq_sum(u_out, u_in), self.group)
 
     def matrices(self) -> Tensor:
         return coll.all_gather_rows(self.local.matrices(), self.column_counts, self.group)
+
+    def input_rows(self) -> Tensor | None:
+        """Every rank's :meth:`~curvlab.sqrt.SquareRoot.input_rows`, in rank order (``None``
+        where a rank's shard does not keep them)."""
+        local = self.local.input_rows()
+        counts = coll.all_gather_floats([-1.0 if local is None else local.shape[0]], self.device, self.group)[:, 0]
+        if bool((counts < 0).any()):
+            return None
+        return coll.all_gather_rows(local, [int(c) for c in counts.tolist()], self.group)
 
     def __repr__(self) -> str:
         return (f"ShardedSqrt(rank={self.rank}/{self.world_size}, columns={self.column_counts}, "

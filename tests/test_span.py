@@ -1,0 +1,113 @@
+"""Decompositions through the span of a layer's inputs (:func:`curvlab.approx.eigh.within_span`):
+the same eigenpairs, inverses and comparison as the full decomposition, where a factor's range
+lies in the span, and the full decomposition where it does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import curvlab.approx.eigh as eigh_module
+from curvlab.approx import EighPolicy, factor_eigh, psd_eigh
+from curvlab.approx.eigh import span_basis, span_projection, within_span
+from curvlab.approx.inverse import damped_inverse_matrix
+from curvlab.compare import compare
+
+N, R = 40, 12  # factor width, rows (R ≤ N/2: span_basis gives a span)
+
+
+def low_rank_factor(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PSD ``Xᵀ diag(w) X`` of ``R`` rows, one row repeated (the span has a zero direction)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, N, generator=gen, dtype=torch.float64)
+    x[-1] = x[0]
+    w = torch.rand(R, generator=gen, dtype=torch.float64) + 0.1
+    return x.T @ (w[:, None] * x), x
+
+
+def test_span_eigenpairs_are_the_full_ones() -> None:
+    m, x = low_rank_factor()
+    basis = span_basis(x)
+    assert basis is not None and basis.shape == (N, R)
+    with within_span(basis):
+        lam, u = factor_eigh(m)
+    lam_ref, _ = psd_eigh(m)
+    torch.testing.assert_close(lam, lam_ref, atol=1e-12 * lam_ref[-1].item(), rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(N, dtype=torch.float64), atol=1e-13, rtol=0)
+    torch.testing.assert_close((u * lam) @ u.T, m, atol=1e-12 * m.abs().max().item(), rtol=0)
+    assert bool((lam[1:] >= lam[:-1]).all())
+
+
+def test_a_factor_outside_the_span_is_not_taken() -> None:
+    _, x = low_rank_factor()
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(2 * N, N, generator=gen, dtype=torch.float64)
+    assert span_projection(y.T @ y, span_basis(x)) is None  # full rank: most of it outside
+    m, _ = low_rank_factor()
+    m[0, 0] = float("nan")
+    assert span_projection(m, span_basis(x)) is None  # left to psd_eigh, which names the cause
+    with pytest.raises(ValueError, match="non-finite"), within_span(span_basis(x)):
+        factor_eigh(m)
+
+
+def test_span_basis_only_where_it_pays() -> None:
+    gen = torch.Generator().manual_seed(0)
+    assert span_basis(torch.randn(N // 2 + 1, N, generator=gen)) is None
+    assert span_basis(torch.randn(N // 2, N, generator=gen)).dtype == torch.float64
+
+
+def test_factor_eigh_goes_through_the_span_of_the_scope(monkeypatch) -> None:
+    m, x = low_rank_factor()
+    sizes = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a, *args, **kw: sizes.append(a.shape[0]) or eigh(a, *args, **kw))
+    with within_span(span_basis(x)):
+        lam, u = factor_eigh(m)
+        truncated = factor_eigh(m, EighPolicy(truncate_above=N - 1, rank=4))  # a truncation is not replaced
+    assert sizes[0] == R and N not in sizes[1:] and len(truncated[0]) == 5
+    lam_ref, _ = psd_eigh(m)
+    torch.testing.assert_close(lam, lam_ref, atol=1e-12 * lam_ref[-1].item(), rtol=0)
+    sizes.clear()
+    factor_eigh(m)  # outside the scope: the full decomposition
+    assert sizes == [N]
+
+
+def test_span_damped_inverse_is_the_dense_one() -> None:
+    m, x = low_rank_factor()
+    c, shift = torch.tensor(0.7, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
+    ref = torch.linalg.inv(c * m + shift * torch.eye(N, dtype=torch.float64))
+    with within_span(span_basis(x)):
+        inv = damped_inverse_matrix(m, c, shift, None)
+    torch.testing.assert_close(inv, ref, atol=1e-9 * ref.abs().max().item(), rtol=0)
+
+
+def conv_net() -> nn.Sequential:
+    """Convolutions whose input factors are wider than twice the batch's rows (3 examples)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),  # 8 × 4 × 4
+        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),  # 16 × 2 × 2: D = 73 from 12 rows
+        nn.Linear(64, 5),  # D = 65 from 3 rows
+    ).double()
+
+
+def test_comparison_through_spans_equals_the_full_one(monkeypatch) -> None:
+    model, loss_fn = conv_net(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 5, (3,), generator=gen)
+    names = ("kfac", "kflr", "ekfac", "tkfac", "tekfac")
+    sizes = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a, *args, **kw: sizes.append(a.shape[0]) or eigh(a, *args, **kw))
+    through = compare(model, loss_fn, x, y, approximations=names, seed=0)
+    assert 73 not in sizes and 65 not in sizes  # the input factors of the last two layers: spans
+    monkeypatch.setattr(eigh_module, "SPAN_MAX_SHARE", 0.0)  # no span: every factor in full
+    sizes.clear()
+    full = compare(model, loss_fn, x, y, approximations=names, seed=0)
+    assert 73 in sizes and 65 in sizes
+    for var in through.data_vars:
+        a, b = through[var].values, full[var].values
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=var)
