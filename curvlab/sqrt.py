@@ -40,6 +40,11 @@ from curvlab.gram import symmetric_product
 #: Elements of the largest temporary a chunked computation may allocate.
 CHUNK_ELEMENTS = 2**24
 
+#: :meth:`UnfoldedSqrt.rotated_sq_sum` leaves out the rotated input directions whose energy is at
+#: most this many ``ε²`` of the largest (``(64 ε)²``: rounding of a rotation, far below anything
+#: float64 resolves beside the largest entry).
+UNREACHED = 64.0**2
+
 
 class SquareRoot(ABC):
     """``V = [vec M_1, …, vec M_K]`` of one block; ``F = V Vᵀ``."""
@@ -352,7 +357,17 @@ class UnfoldedSqrt(_InputsAndRoots):
         c, n, d_out, t = self.g.shape
         a_rot = (u_in.T @ self.a.transpose(0, 1).reshape(self.a.shape[1], -1)).view(-1, n, t).transpose(0, 1)
         g_rot = (u_out.T @ self.g.permute(2, 0, 1, 3).reshape(d_out, -1)).view(-1, c, n, t).permute(1, 2, 0, 3)
-        return self._square_sum(g_rot, a_rot)
+        # input directions that no input reaches (a basis completed beyond the span of the
+        # inputs, as an analysis's batch narrower than the layer gives: curvlab.approx.eigh.
+        # within_span) hold squares of rounding alone, ≤ UNREACHED of the largest: their sums
+        # are 0, and the elementwise products are formed for the reached directions only
+        energy = a_rot.square().sum((0, 2))
+        reached = energy > UNREACHED * torch.finfo(energy.dtype).eps ** 2 * energy.max()
+        if bool(reached.all()):
+            return self._square_sum(g_rot, a_rot)
+        out = a_rot.new_zeros(g_rot.shape[2], a_rot.shape[1])
+        out[:, reached] = self._square_sum(g_rot, a_rot[:, reached])
+        return out
 
     def diagonal(self) -> Tensor:
         return self._square_sum(self.g, self.a)

@@ -66,6 +66,26 @@ def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, in
     torch.testing.assert_close(root.trace(), torch.trace(fisher), rtol=1e-12, atol=1e-12)
 
 
+def test_rotation_beyond_the_span_of_the_inputs() -> None:
+    """Inputs spanning 6 of 20 directions (3 examples at 2 locations), rotated into a basis of
+    their span completed to the whole space: the sums of the directions no input reaches are 0
+    and the others are their dense definitions."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 20, 2, generator=gen, dtype=DT)
+    root = UnfoldedSqrt(a, torch.randn(C, 3, D_OUT, 2, generator=gen, dtype=DT))
+    span = torch.linalg.qr(a.transpose(1, 2).reshape(-1, 20).T).Q
+    u_in = torch.linalg.qr(torch.cat([span, torch.randn(20, 14, generator=gen, dtype=DT)], 1)).Q
+    u_in = u_in[:, torch.randperm(20, generator=gen)].contiguous()  # reached and unreached mixed
+    u_out = orthonormal(D_OUT, D_OUT, 1)
+    v = root.matrices().flatten(1)
+    q = torch.kron(u_out.contiguous(), u_in)
+    dense = torch.diagonal(q.T @ (v.T @ v) @ q).reshape(D_OUT, 20)
+    got = root.rotated_sq_sum(u_out, u_in)
+    unreached = (span.T @ u_in).norm(dim=0) < 1e-8
+    assert int(unreached.sum()) == 14 and bool((got[:, unreached] == 0).all())
+    torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12 * dense.max().item())
+
+
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_wide_sandwiches_of_symmetric_matrices(chunks: int, monkeypatch) -> None:
     """Sides of 256 or more take the upper-triangle products (a symmetric ``B`` or ``C``, as
