@@ -13,9 +13,10 @@ A tap leaves out a few border lines of the image (padding below ``k − 1``); th
 by inclusion–exclusion over the spatial dimensions (a line, then the corners counted twice): the
 lines' products in one batched GEMM per dimensions they lie along, the blocks gathered from all
 products by index (:class:`_Plan`, made once per shape and device).  So a call issues a fixed
-number of ops, about 45 for 3×3 taps (ResNet-18's statistics step, KFAC, N = 32: 3 717 top-level
-ops against 9 778 block by block; on a GPU each is a kernel launch), and builds no index on the
-host (on a GPU, a copy that waits for the device: 36 a call block by block).
+number of ops, about 45 for 3×3 taps (ResNet-18's statistics step, KFAC, N = 32: 3 402 top-level
+ops against 9 778 block by block, ``benchmarks/results/profile_cpu_resnet18.md``; on a GPU each is
+a kernel launch), and builds no index on the host (on a GPU, a copy that waits for the device: 36
+a call block by block).
 
 Flops: ``⌈Π(2k − 1)/2⌉`` GEMMs of at most ``2·C²·N·Π(S + k − 1)`` against the patches' Gram's
 ``(C·Πk)²·N·Π(S_out)`` (BLAS ``syrk``), and no ``Πk``-fold copy of the input into patches.
