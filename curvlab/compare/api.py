@@ -62,7 +62,9 @@ def compare(
     One extraction (one forward, one backward) gives the square roots and factors; the
     approximations are the objects of :mod:`curvlab.approx` that the optimizers invert, built in
     float64 from those statistics one layer at a time (:class:`LayerApproximations`: what they
-    have in common is computed once).  Every
+    have in common is computed once; the input-side factors of a batch with fewer input rows than
+    half the layer's width are decomposed through the span of those rows, where their ranges lie:
+    :func:`curvlab.approx.eigh.within_span`).  Every
     trainable parameter is measured: Kronecker blocks against each approximation, parameter
     blocks (norm layers' affine parameters, position embeddings, …) against ``"diagonal"``, the
     only approximation that applies to them (see :mod:`curvlab.model_blocks`).  KFOC is measured
