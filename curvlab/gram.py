@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvlab.block import ROW_ALIGNMENT
+from curvlab.block import ALIGNED_MIN_WIDTH, ROW_ALIGNMENT
 from curvlab.mkl import syrk, syrk_, syrk_supports
 
 
@@ -96,8 +96,9 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     22.1 → 16.3, 1025 wide 30.5 → 29.5; 1153 wide from 4096 rows 189 → 143, 2305 wide from 2048
     rows 311 → 284).  Elsewhere the copy of ``rows`` costs more than it saves (1024 rows: 129
     wide 0.54 → 0.65 ms, 577 wide 7.9 → 8.0, 641 wide 11.5 → 12.6; 289 wide from 65536 rows 128 →
-    180; 4609 wide from 1024 rows 653 → 684).  The result is a view of the padded product (not
-    copied: a fresh ``d × d`` copy costs a third of the GEMM).
+    180; 4609 wide from 1024 rows 653 → 684), and below :data:`curvlab.block.ALIGNED_MIN_WIDTH`.
+    The result is a view of the padded product (not copied: a fresh ``d × d`` copy costs a third
+    of the GEMM).
     """
     r, d = rows.shape
     if weights is None and _by_syrk(rows):
@@ -105,7 +106,7 @@ def gram(rows: Tensor, scale: float = 1.0, weights: Tensor | None = None) -> Ten
     # rows stored along R (a convolution's patches, [D, N·T] memory) are not padded: MKL reads
     # both operands along R already, and a padded copy would cost more
     row_major = rows.stride(1) == 1
-    pad = -d % ROW_ALIGNMENT if row_major and (r < d or 700 <= d <= 2400) else 0
+    pad = -d % ROW_ALIGNMENT if row_major and d >= ALIGNED_MIN_WIDTH and (r < d or 700 <= d <= 2400) else 0
     if pad:
         rows = _widened(rows, d + pad)
     # The scale goes into the smaller operand (or into the weights): an ``addmm`` with
