@@ -128,7 +128,7 @@ ROW_ALIGNMENT = 16
 
 #: Rows narrower than this are neither padded (:func:`curvlab.gram.gram`) nor given room
 #: (:meth:`Block.inputs`): their products cost less than the room's three copies and the
-#: padded view (20 × Linear(16, 16) at N = 4, a block's inputs and Gram 32 → 14 µs, interleaved).
+#: padded view (20 × Linear(16, 16) at N = 4, a block's inputs and Gram 32 → 17 µs, interleaved).
 ALIGNED_MIN_WIDTH = 64
 
 
