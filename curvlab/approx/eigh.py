@@ -244,11 +244,8 @@ def in_scope_span(mat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         if n == mat.shape[0] and r < n and basis.dtype == mat.dtype and basis.device == mat.device:
             projected = span_projection(mat, basis)
             if projected is not None:
-                small, flat = projected
-                if sharing():
-                    lam, w = reuse(("span_eigh", digest(small)), lambda: psd_eigh(small, compute_dtype=None))
-                else:
-                    lam, w = psd_eigh(small, compute_dtype=None)
+                small, flat = projected  # r × r: its digest is cheap, inside a scope or not
+                lam, w = reuse(("span_eigh", digest(small)), lambda: psd_eigh(small, compute_dtype=None))
                 return basis, lam, w, flat
     return None
 
@@ -284,8 +281,7 @@ def spanned_eigh(basis: Tensor, lam: Tensor, w: Tensor, flat: Tensor) -> tuple[T
     """
     n, r = basis.shape
     values = torch.cat([lam, flat.expand(n - r)])
-    complete = (reuse(("complete_basis", id(basis)), lambda: (basis, complete_basis(basis)))[1] if sharing()
-                else complete_basis(basis))  # (basis: kept alive with its key)
+    complete = reuse(("complete_basis", id(basis)), lambda: (basis, complete_basis(basis)))[1]  # basis kept alive
     vectors = torch.cat([basis @ w, complete[:, r:]], 1)
     order = values.argsort(stable=True)
     return values[order], vectors[:, order]
