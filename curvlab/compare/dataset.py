@@ -186,7 +186,8 @@ def measure(
             exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
             for name, approx in approximations[layer].items():
                 results[layer, name] = approximation_metrics(
-                    block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng
+                    block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng,
+                    num_eigenvalues,
                 )
         # the float64 copy of the root is dropped once its layer is measured (kept for every layer,
         # ResNet-18's at N = 9 took 8 GB beside the 4 GB of the extraction's own): the network
