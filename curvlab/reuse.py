@@ -9,12 +9,19 @@ twice).  For a ResNet-18's 512 × 4608 convolutions each of those is tens of sec
 Keys name their inputs exactly: tensors by their values (:func:`digest`), other objects by
 identity, kept alive by the value stored with them.  So a reused result is the one a fresh
 computation would give.  Outside a scope nothing is kept.
+
+Hashing a 4608-wide float64 factor costs about as much as copying it three times, and the
+approximations of one layer see the same values as distinct tensors (each keeps its own copy).
+So a scope also remembers facts about tensors (:func:`remember`, :func:`recall`: until the
+tensor is modified in place), and a tensor made from named values by a known computation is
+named after them (:func:`name_values`): its :func:`digest` is then that name, not a hash.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar
 from typing import TypeVar
@@ -53,6 +60,50 @@ def reuse(key: Hashable, compute: Callable[[], T]) -> T:
 
 
 def digest(tensor: Tensor) -> tuple:
-    """A key for ``tensor``'s values: dtype, shape, device and a hash of its bytes."""
+    """A key for ``tensor``'s values: dtype, shape, device and a hash of its bytes — or, inside
+    :func:`shared_work`, the name given to them (:func:`name_values`) or the hash taken before
+    (the tensor unchanged since)."""
+    known = recall(tensor, "digest")
+    if known is not None:
+        return known
     data = tensor.detach().contiguous().view(torch.uint8).cpu().numpy()
-    return (tensor.dtype, tuple(tensor.shape), tensor.device, hashlib.blake2b(data, digest_size=32).digest())
+    key = (tensor.dtype, tuple(tensor.shape), tensor.device, hashlib.blake2b(data, digest_size=32).digest())
+    remember(tensor, "digest", key)
+    return key
+
+
+def name_values(tensor: Tensor, name: Hashable) -> Tensor:
+    """``tensor``, whose values ``name`` names exactly (e.g. ``("eigenvectors", digest(M))``:
+    a deterministic function of named values), as its :func:`digest` inside this scope."""
+    remember(tensor, "digest", name)
+    return tensor
+
+
+def remember(tensor: Tensor, fact: str, value: Hashable) -> None:
+    """Inside :func:`shared_work`: ``value`` is ``fact`` of ``tensor``'s current values (forgotten
+    when the tensor is modified in place); outside, nothing."""
+    memo, version = _SCOPE.get(), _version(tensor)
+    if memo is None or version is None:
+        return
+    entry = memo.get(("facts", id(tensor)))
+    if entry is None or entry[0]() is not tensor:  # a weak reference: an id is not reused while it lives
+        entry = memo[("facts", id(tensor))] = (weakref.ref(tensor), {})
+    entry[1][fact] = (version, value)
+
+
+def recall(tensor: Tensor, fact: str) -> Hashable | None:
+    """What :func:`remember` noted as ``fact`` of ``tensor`` in this scope, if the tensor is
+    unchanged since; else ``None``."""
+    memo = _SCOPE.get()
+    entry = None if memo is None else memo.get(("facts", id(tensor)))
+    if entry is None or entry[0]() is not tensor:
+        return None
+    version, value = entry[1].get(fact, (None, None))
+    return value if version is not None and version == _version(tensor) else None
+
+
+def _version(tensor: Tensor) -> int | None:
+    try:
+        return tensor._version  # bumped by every in-place change
+    except RuntimeError:  # an inference-mode tensor tracks none: nothing is remembered of it
+        return None

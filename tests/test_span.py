@@ -12,7 +12,8 @@ from torch import nn
 import curvlab.approx.eigh as eigh_module
 from curvlab.approx import EighPolicy, factor_eigh, psd_eigh
 from curvlab.approx.eigh import span_basis, span_projection, within_span
-from curvlab.approx.inverse import damped_inverse_matrix
+from curvlab import mkl
+from curvlab.approx.inverse import FactorInverse
 from curvlab.compare import compare
 
 N, R = 40, 12  # factor width, rows (R ≤ N/2: span_basis gives a span)
@@ -74,13 +75,20 @@ def test_factor_eigh_goes_through_the_span_of_the_scope(monkeypatch) -> None:
     assert sizes == [N]
 
 
-def test_span_damped_inverse_is_the_dense_one() -> None:
+def test_span_damped_inverse_is_the_dense_one(monkeypatch) -> None:
+    """Through the span the damped inverse is applied in its spectral form (no ``N × N`` inverse,
+    no Cholesky): from either side, the dense float64 inverse's product."""
     m, x = low_rank_factor()
     c, shift = torch.tensor(0.7, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
     ref = torch.linalg.inv(c * m + shift * torch.eye(N, dtype=torch.float64))
+    z = torch.randn(5, N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", None)  # a dense route would fail
+    monkeypatch.setattr(mkl, "spd_inverse_", None)
     with within_span(span_basis(x)):
-        inv = damped_inverse_matrix(m, c, shift, None)
-    torch.testing.assert_close(inv, ref, atol=1e-9 * ref.abs().max().item(), rtol=0)
+        inv = FactorInverse(m, c, shift, None)
+    scale = ref.abs().max().item() * z.abs().max().item()
+    torch.testing.assert_close(inv.from_right(z), z @ ref, atol=1e-10 * scale, rtol=0)
+    torch.testing.assert_close(inv.from_left(z.T), ref @ z.T, atol=1e-10 * scale, rtol=0)
 
 
 def conv_net() -> nn.Sequential:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from curvlab._options import is_int
 from curvlab.approx.spectral import complete_basis
-from curvlab.reuse import digest, reuse, sharing
+from curvlab.reuse import digest, name_values, recall, remember, reuse, sharing
 
 #: Relative size of the diagonal jitter added when an eigen-decomposition fails.
 EIGH_JITTER = 1e-6
@@ -48,8 +48,23 @@ _SPANS: ContextVar[tuple[Tensor, ...]] = ContextVar("curvlab_factor_spans", defa
 
 
 def symmetrize(mat: Tensor) -> Tensor:
-    """``(M + Mᵀ)/2``: factors are symmetric by definition; this removes rounding asymmetry."""
-    return torch.add(mat, mat.mT).mul_(0.5)  # one fresh matrix (large ones cost page faults)
+    """``(M + Mᵀ)/2``: factors are symmetric by definition; this removes rounding asymmetry.
+    The result is exactly symmetric (``a + b == b + a``); inside
+    :func:`curvlab.reuse.shared_work` it is remembered as such (:func:`symmetric`), and a result
+    from named values is named after them (:func:`curvlab.reuse.name_values`)."""
+    out = torch.add(mat, mat.mT).mul_(0.5)  # one fresh matrix (large ones cost page faults)
+    if sharing():
+        remember(out, "symmetric", True)
+        source = recall(mat, "digest")
+        if source is not None:  # symmetrizing an exactly symmetric matrix gives its values
+            name_values(out, source if recall(mat, "symmetric") else ("symmetrize", source))
+    return out
+
+
+def symmetric(mat: Tensor) -> Tensor:
+    """``mat`` itself where :func:`symmetrize` made it (unchanged since, inside
+    :func:`curvlab.reuse.shared_work`), else :func:`symmetrize` of it: for reading only."""
+    return mat if recall(mat, "symmetric") else symmetrize(mat)
 
 
 def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> tuple[Tensor, Tensor]:
@@ -66,7 +81,7 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> 
     Returns:
         ``(λ [n], U [n, n])`` with ``λ`` ascending and ``U`` orthonormal.
     """
-    sym = symmetrize(mat if compute_dtype is None else mat.to(compute_dtype))
+    sym = symmetric(mat if compute_dtype is None else mat.to(compute_dtype))
     try:
         evals, evecs = torch.linalg.eigh(sym)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
@@ -192,9 +207,12 @@ def factor_eigh(mat: Tensor, policy: EighPolicy = EXACT_EIGH) -> tuple[Tensor, T
         return _decompose(mat, policy)
     work = mat if policy.dtype is None else mat.to(policy.dtype)
     if full:
-        work = symmetrize(work)  # what psd_eigh decomposes (symmetrizing again changes nothing)
-    values, vectors = reuse(("factor_eigh", policy, digest(work)), lambda: _decompose(work, policy))
-    return values.to(mat.dtype, copy=True), vectors.to(mat.dtype, copy=True)
+        work = symmetric(work)  # what psd_eigh decomposes (symmetrizing again changes nothing)
+    key = ("factor_eigh", policy, digest(work))
+    values, vectors = reuse(key, lambda: _decompose(work, policy))
+    # copies (a caller may change them in place), named: a rotation into this basis is keyed cheaply
+    return (name_values(values.to(mat.dtype, copy=True), (*key, "values", mat.dtype)),
+            name_values(vectors.to(mat.dtype, copy=True), (*key, "vectors", mat.dtype)))
 
 
 def _decompose(mat: Tensor, policy: EighPolicy) -> tuple[Tensor, Tensor]:
@@ -213,9 +231,9 @@ def _decompose(mat: Tensor, policy: EighPolicy) -> tuple[Tensor, Tensor]:
 @contextlib.contextmanager
 def within_span(*bases: Tensor | None) -> Iterator[None]:
     """Inside: a full decomposition by :func:`factor_eigh` (:func:`spanned_eigh`) or a damped
-    inverse (:func:`curvlab.approx.inverse.damped_inverse_matrix`) of a factor whose range lies in
-    the span of one of ``bases`` (orthonormal columns, ``[n, r]``, of the factor's dtype and
-    device; ``None`` entries are left out) goes through that span.  Where the range does not lie
+    inverse (:class:`curvlab.approx.inverse.FactorInverse`, in spectral form) of a factor whose
+    range lies in the span of one of ``bases`` (orthonormal columns, ``[n, r]``, of the factor's
+    dtype and device; ``None`` entries are left out) goes through that span.  Where the range does not lie
     there (another factor of the same width), they run in full, as outside."""
     token = _SPANS.set(tuple(b for b in bases if b is not None))
     try:
@@ -238,11 +256,14 @@ def in_scope_span(mat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """``(Q, λ, W, μ)`` for the first span of the :func:`within_span` scope (of ``M``'s width,
     dtype and device) that holds the range of the symmetric PSD ``M`` (:func:`span_projection`):
     ``(λ, W)`` the eigenpairs of ``QᵀMQ`` (inside :func:`curvlab.reuse.shared_work`, once for the
-    same matrix, whether its eigenpairs or its inverse are asked for); ``None`` where none does."""
+    same matrix, whether its eigenpairs or its inverse are asked for; for a named ``M``,
+    :func:`curvlab.reuse.name_values`, ``QᵀMQ`` too); ``None`` where none does."""
     for basis in _SPANS.get():
         n, r = basis.shape
         if n == mat.shape[0] and r < n and basis.dtype == mat.dtype and basis.device == mat.device:
-            projected = span_projection(mat, basis)
+            named = recall(mat, "digest")  # a factor both decomposed and inverted: projected once
+            projected = span_projection(mat, basis) if named is None else reuse(
+                ("span_projection", named, id(basis)), lambda: (basis, span_projection(mat, basis)))[1]
             if projected is not None:
                 small, flat = projected  # r × r: its digest is cheap, inside a scope or not
                 lam, w = reuse(("span_eigh", digest(small)), lambda: psd_eigh(small, compute_dtype=None))

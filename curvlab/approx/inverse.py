@@ -90,10 +90,19 @@ class ElementwiseInverse(DampedInverse):
 
 class FactorInverse:
     """``(c·M + shift·I)⁻¹`` of one PSD factor ``M``: a dense symmetric matrix, or, for a
-    :class:`~curvlab.approx.spectral.TruncatedFactor`, its spectral form."""
+    :class:`~curvlab.approx.spectral.TruncatedFactor`, its spectral form — also for a dense ``M``
+    whose range lies in a span of a :func:`~curvlab.approx.eigh.within_span` scope
+    (:func:`~curvlab.approx.eigh.in_scope_span`: ``M = Q S Qᵀ + μ (I − QQᵀ)`` is the truncated
+    factor of ``S``'s eigenpairs rotated by ``Q``; no ``n × n`` inverse is formed)."""
 
     def __init__(self, factor: Tensor | TruncatedFactor, c: Tensor, shift: Tensor,
                  compute_dtype: torch.dtype | None) -> None:
+        if not isinstance(factor, TruncatedFactor):
+            spanned = in_scope_span(factor if compute_dtype is None else factor.to(compute_dtype))
+            if spanned is not None:
+                basis, lam, w, flat = spanned
+                values = torch.cat([lam, flat.reshape(1)])
+                factor = TruncatedFactor(values.to(factor.dtype), (basis @ w).to(factor.dtype))
         if isinstance(factor, TruncatedFactor):
             self.matrix = None
             self.vectors = factor.vectors
@@ -152,13 +161,9 @@ def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: 
     inverse from the factor: ``n³`` in all; on the CPU in place by MKL's LAPACK,
     :func:`curvlab.mkl.spd_inverse_`, where torch links it); if the factorisation fails (``shift``
     too small for the dtype), by :func:`~curvlab.approx.eigh.psd_eigh` (with its jitter retry)
-    with the eigenvalues clamped at 0.  Inside :func:`~curvlab.approx.eigh.within_span`, for an
-    ``M`` whose range lies in a span of the scope, through that span (:func:`spanned_inverse`).
-    Computed in ``compute_dtype`` (``None``: ``mat``'s), returned in ``mat``'s."""
+    with the eigenvalues clamped at 0.  Computed in ``compute_dtype`` (``None``: ``mat``'s),
+    returned in ``mat``'s."""
     work = mat if compute_dtype is None else mat.to(compute_dtype)
-    found = in_scope_span(work)
-    if found is not None:
-        return spanned_inverse(*found, c.to(work.dtype), shift.to(work.dtype)).to(mat.dtype)
     inv = (work * c.to(work.dtype)).contiguous()
     inv.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
     if inv.device.type == "cpu" and mkl.available("inverse", inv.dtype):
@@ -175,15 +180,3 @@ def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: 
         inv = symmetrize((u / (lam + shift.to(work.dtype))) @ u.mT)
     return inv.to(mat.dtype)
 
-
-def spanned_inverse(basis: Tensor, lam: Tensor, w: Tensor, flat: Tensor, c: Tensor, shift: Tensor) -> Tensor:
-    """``(c·M + shift·I)⁻¹`` of ``M = Q S Qᵀ + μ (I − QQᵀ)`` (``(λ, W)`` the eigenpairs of the
-    ``r × r`` matrix ``S``; :func:`curvlab.approx.eigh.in_scope_span`):
-    ``Q [W (c·λ + shift)⁻¹ Wᵀ − ν] Qᵀ + ν I`` with ``ν = 1/(c·μ + shift)`` — ``O(n² r)`` flops
-    instead of ``O(n³)``."""
-    nu = 1.0 / (c * flat + shift)
-    inner = (w / (c * lam + shift)) @ w.mT
-    inner.diagonal().sub_(nu)
-    out = basis @ inner @ basis.mT
-    out.diagonal().add_(nu)
-    return symmetrize(out)

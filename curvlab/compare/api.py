@@ -27,7 +27,7 @@ from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats
 from curvlab.extract.options import DEFAULT_MAX_BYTES, ExtractOptions
-from curvlab.reuse import reuse
+from curvlab.reuse import name_values, reuse
 from curvlab.stats import KroneckerFactors, LayerStats
 
 DEFAULT_APPROXIMATIONS = APPROXIMATIONS
@@ -282,9 +282,20 @@ def describe_eigh(eigh: EighPolicy | None, names: Iterable[str] | None = None,
 
 def _in_float64(stats: LayerStats) -> LayerStats:
     """``stats`` with what approximations are built from in float64 (the root by
-    :func:`~curvlab.compare.metrics.in_float64`)."""
+    :func:`~curvlab.compare.metrics.in_float64`), each named (:func:`curvlab.reuse.name_values`):
+    the approximations' copies of a factor are then keyed without hashing its values."""
+    copies: list[tuple[Tensor, Tensor]] = []  # (source, its copy): one copy for equal sources
+    token = object()  # names only these copies: it lives as long as a name holding it
+
     def f64(x):
-        return None if x is None else x.to(dtype=torch.float64)
+        if x is None:
+            return None
+        for source, copy in copies:  # the flavours' A (BackPACK computes it per extension)
+            alike = (source.shape, source.dtype, source.device) == (x.shape, x.dtype, x.device)
+            if source is x or alike and torch.equal(source, x):
+                return copy
+        copies.append((x, name_values(x.to(dtype=torch.float64), ("float64", token, len(copies)))))
+        return copies[-1][1]
 
     tkfac = stats.tkfac
     return dataclasses.replace(

@@ -1,0 +1,84 @@
+"""``curvlab.reuse``: keys that name values exactly, also once a tensor is named or changed."""
+
+from __future__ import annotations
+
+import torch
+
+from curvlab.approx.eigh import factor_eigh, psd_eigh, symmetric, symmetrize
+from curvlab.approx.spectral import rotated_sq_sum
+from curvlab.reuse import digest, name_values, shared_work
+from curvlab.sqrt import DenseSqrt
+
+DT = torch.float64
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * n, n, generator=g, dtype=DT)
+    return x.T @ x / (3 * n)
+
+
+def test_a_changed_tensor_gets_the_key_of_its_new_values() -> None:
+    """A key remembered for a tensor (hashed once, or a name) is dropped when the tensor is
+    modified in place: its digest is then that of a fresh tensor with the new values."""
+    a = spd(6, 0)
+    with shared_work():
+        first = digest(a)
+        assert digest(a) == first == digest(a.clone())
+        a.add_(1.0)
+        assert digest(a) != first and digest(a) == digest(a.clone())
+        named = name_values(spd(6, 1), ("some", "name"))
+        assert digest(named) == ("some", "name")
+        named.mul_(2.0)
+        assert digest(named) == digest(named.clone())
+    with torch.inference_mode():  # no version counter: hashed every time, never remembered
+        b = spd(6, 2)
+        with shared_work():
+            assert digest(b) == digest(b.clone())
+
+
+def test_symmetric_reads_a_symmetrized_matrix_as_it_is() -> None:
+    """``symmetric`` returns what ``symmetrize`` made inside the scope (exactly symmetric, so
+    symmetrizing again would give the same values), and symmetrizes anything else: outside the
+    scope, or a matrix changed since."""
+    m = torch.randn(7, 7, dtype=DT)
+    with shared_work():
+        s = symmetrize(m)
+        assert torch.equal(s, s.mT) and symmetric(s) is s
+        s[0, 1] += 1.0  # no longer symmetric
+        t = symmetric(s)
+        assert t is not s and torch.equal(t, t.mT) and torch.equal(t, (s + s.mT) / 2)
+        assert symmetric(m) is not m
+    s = symmetrize(m)
+    assert symmetric(s) is not s and torch.equal(symmetric(s), s)
+
+
+def test_named_bases_key_the_rotations_by_their_values(monkeypatch) -> None:
+    """Inside the scope the eigenbases ``factor_eigh`` returns are named after the factor (no
+    hash), the factor's symmetrized copies after the factor: equal values share one rotation,
+    changed values get their own — each result equal to the computation outside any scope."""
+    a_out, a_in = spd(4, 3), spd(5, 4)
+    sqrt = DenseSqrt(torch.randn(9, 4, 5, generator=torch.Generator().manual_seed(5), dtype=DT))
+    calls, eighs = [], []
+    method, eigh = DenseSqrt.rotated_sq_sum, torch.linalg.eigh
+    monkeypatch.setattr(DenseSqrt, "rotated_sq_sum", lambda self, *a: calls.append(1) or method(self, *a))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: eighs.append(1) or eigh(m, *a, **k))
+    with shared_work():
+        a_in_named = name_values(a_in.clone(), ("input factor",))
+        _, u_out = factor_eigh(a_out)
+        _, u_in = factor_eigh(symmetrize(a_in_named))
+        _, u_in_again = factor_eigh(a_in_named)  # the same values by another route: no second eigh
+        assert len(eighs) == 2 and digest(u_in_again) == digest(u_in) and u_in_again is not u_in
+        first = rotated_sq_sum(sqrt, u_out, u_in)
+        again = rotated_sq_sum(sqrt, u_out, u_in_again)
+        assert len(calls) == 1
+        u_in_again[:, 0].neg_()  # another basis now (the same squares: a sign)
+        u_in_again[:, [1, 2]] = u_in_again[:, [2, 1]]  # and two columns swapped: other sums
+        changed = rotated_sq_sum(sqrt, u_out, u_in_again)
+        assert len(calls) == 2
+    monkeypatch.undo()
+    fresh_u_in = psd_eigh(a_in)[1]
+    assert torch.allclose(first, sqrt.rotated_sq_sum(u_out, fresh_u_in), rtol=1e-12, atol=0)
+    assert torch.equal(first, again)
+    assert torch.allclose(changed, sqrt.rotated_sq_sum(u_out, u_in_again), rtol=1e-12, atol=0)
+    assert not torch.allclose(changed, first)
