@@ -361,8 +361,7 @@ class UnfoldedSqrt(_InputsAndRoots):
         # inputs, as an analysis's batch narrower than the layer gives: curvlab.approx.eigh.
         # within_span) hold squares of rounding alone, ≤ UNREACHED of the largest: their sums
         # are 0, and the elementwise products are formed for the reached directions only
-        energy = a_rot.square().sum((0, 2))
-        reached = energy > UNREACHED * torch.finfo(energy.dtype).eps ** 2 * energy.max()
+        reached = _reached(a_rot.square().sum((0, 2)))
         if bool(reached.all()):
             return self._square_sum(g_rot, a_rot)
         out = a_rot.new_zeros(g_rot.shape[2], a_rot.shape[1])
@@ -388,6 +387,12 @@ class UnfoldedSqrt(_InputsAndRoots):
     def matrices(self) -> Tensor:
         c, n, d_out, d_in = *self.g.shape[:3], self.a.shape[1]
         return self._of_examples(slice(0, n)).view(n, c, d_out, d_in).transpose(0, 1).reshape(c * n, d_out, d_in)
+
+
+def _reached(energy: Tensor) -> Tensor:
+    """The rotated input directions some input reaches, from the inputs' energy in each: above
+    :data:`UNREACHED` ``ε²`` of the largest."""
+    return energy > UNREACHED * torch.finfo(energy.dtype).eps ** 2 * energy.max()
 
 
 def unfolded_is_cheaper(columns: int, examples: int, d_out: int, d_in: int, locations: int) -> bool:
@@ -427,12 +432,16 @@ def _gram_work(columns: int, examples: int, d_out: int, d_in: int, locations: in
 
 
 class DenseSqrt(SquareRoot):
-    """Explicit per-sample gradient matrices ``M``, shape ``[K, d_out, D]``."""
+    """Explicit per-sample gradient matrices ``M``, shape ``[K, d_out, D]``; optionally with
+    ``inputs`` ``[R, D]``, rows whose span holds the rows of every ``M_k`` (the layer's inputs of
+    the batch, where the examples are coupled: :meth:`~SquareRoot.input_rows`)."""
 
-    def __init__(self, mats: Tensor) -> None:
+    def __init__(self, mats: Tensor, inputs: Tensor | None = None) -> None:
         if mats.dim() != 3:
             raise ValueError(f"DenseSqrt: expected [K, d_out, D], got {tuple(mats.shape)}")
-        self.m = mats
+        if inputs is not None and (inputs.dim() != 2 or inputs.shape[1] != mats.shape[2]):
+            raise ValueError(f"DenseSqrt: inputs must be [R, {mats.shape[2]}], got {tuple(inputs.shape)}")
+        self.m, self.rows = mats, inputs
 
     @property
     def num_columns(self) -> int:
@@ -451,7 +460,11 @@ class DenseSqrt(SquareRoot):
         return self.m.device
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "DenseSqrt":
-        return DenseSqrt(self.m.to(device=device, dtype=dtype))
+        rows = None if self.rows is None else self.rows.to(device=device, dtype=dtype)
+        return DenseSqrt(self.m.to(device=device, dtype=dtype), rows)
+
+    def input_rows(self) -> Tensor | None:
+        return self.rows
 
     def column_norms_sq(self) -> Tensor:
         return torch.cat([m.square().sum((1, 2)) for m in self._chunks()])
@@ -484,6 +497,16 @@ class DenseSqrt(SquareRoot):
         return self._sum(term, 2 * self.m.shape[1] * self.m.shape[2])
 
     def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
+        # input directions no input reaches (UnfoldedSqrt.rotated_sq_sum) are left out, their
+        # sums 0: M_k holds only rounding there (of a float32 extraction: ~ε₃₂² of its energy)
+        reached = None if self.rows is None else _reached((self.rows @ u_in).square_().sum(0))
+        if reached is not None and not bool(reached.all()):
+            out = u_in.new_zeros(u_out.shape[1], u_in.shape[1])
+            out[:, reached] = self._rotated_sq_sum(u_out, u_in[:, reached])
+            return out
+        return self._rotated_sq_sum(u_out, u_in)
+
+    def _rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
         # squared in place: the product is fresh
         return self._sum(lambda m: (u_out.T @ m @ u_in).square_().sum(0),
                          max(u_out.shape[1], self.m.shape[1]) * max(u_in.shape[1], self.m.shape[2]))

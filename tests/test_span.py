@@ -101,8 +101,13 @@ def conv_net() -> nn.Sequential:
     ).double()
 
 
-def test_comparison_through_spans_equals_the_full_one(monkeypatch) -> None:
+@pytest.mark.parametrize("coupled", [False, True])
+def test_comparison_through_spans_equals_the_full_one(coupled: bool, monkeypatch) -> None:
+    """Also with a train-mode BatchNorm: its coupled examples give dense roots, which keep the
+    layer's inputs for their span."""
     model, loss_fn = conv_net(), nn.CrossEntropyLoss()
+    if coupled:  # in train mode: batch statistics
+        model.insert(4, nn.BatchNorm2d(16).double())
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 5, (3,), generator=gen)
     names = ("kfac", "kflr", "ekfac", "tkfac", "tekfac")

@@ -66,13 +66,19 @@ def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, in
     torch.testing.assert_close(root.trace(), torch.trace(fisher), rtol=1e-12, atol=1e-12)
 
 
-def test_rotation_beyond_the_span_of_the_inputs() -> None:
+@pytest.mark.parametrize("kind", ["unfolded", "dense"])
+def test_rotation_beyond_the_span_of_the_inputs(kind: str) -> None:
     """Inputs spanning 6 of 20 directions (3 examples at 2 locations), rotated into a basis of
     their span completed to the whole space: the sums of the directions no input reaches are 0
-    and the others are their dense definitions."""
+    and the others are their dense definitions — for the unfolded root, and for the dense one
+    of coupled examples given the inputs (each M_k a mix of every example's products)."""
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(3, 20, 2, generator=gen, dtype=DT)
     root = UnfoldedSqrt(a, torch.randn(C, 3, D_OUT, 2, generator=gen, dtype=DT))
+    if kind == "dense":
+        mixing = torch.randn(C * 3 + 2, C * 3, generator=gen, dtype=DT)
+        root = DenseSqrt(torch.einsum("jk,kod->jod", mixing, root.matrices()), root.input_rows())
+        assert root.input_rows() is not None and root.to(dtype=torch.float32).input_rows().dtype == torch.float32
     span = torch.linalg.qr(a.transpose(1, 2).reshape(-1, 20).T).Q
     u_in = torch.linalg.qr(torch.cat([span, torch.randn(20, 14, generator=gen, dtype=DT)], 1)).Q
     u_in = u_in[:, torch.randperm(20, generator=gen)].contiguous()  # reached and unreached mixed

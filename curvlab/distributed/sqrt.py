@@ -109,7 +109,7 @@ def scaled(sqrt: SquareRoot, factor: float) -> SquareRoot:
     if isinstance(sqrt, (FactoredSqrt, UnfoldedSqrt)):  # the roots scaled, the inputs shared
         return type(sqrt)(sqrt.a, sqrt.g * factor)
     if isinstance(sqrt, DenseSqrt):
-        return DenseSqrt(sqrt.m * factor)
+        return DenseSqrt(sqrt.m * factor, sqrt.rows)
     return DenseSqrt(sqrt.matrices() * factor)
 
 

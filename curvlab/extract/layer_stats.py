@@ -69,8 +69,11 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
         convention = maths.square_root(x, samples)
         if data.exact is None:
             out.sqrt = convention
-        else:
-            out.sqrt, out.convention_sqrt = DenseSqrt(data.exact), convention
+        else:  # with the inputs where fewer than the width: their span holds every M_k's rows
+            rows = None
+            if x.shape[0] * x.shape[2] < x.shape[1]:
+                rows = maths.dense(x).transpose(1, 2).reshape(-1, x.shape[1])
+            out.sqrt, out.convention_sqrt = DenseSqrt(data.exact, rows), convention
     if "kfac" in options.stats:
         out.kfac = {
             f: maths.kfac_factors(x, data.g[data.segments[f]], options.kfac_approx, options.gram_rows)
