@@ -128,6 +128,11 @@ class SquareRoot(ABC):
         them (the layer's inputs); ``None`` otherwise."""
         return None
 
+    def in_input_basis(self, q: Tensor) -> "SquareRoot":
+        """The root of ``(I ⊗ Qᵀ) F (I ⊗ Q)`` for ``Q`` ``[D, r]``: every ``M_k Q``, ``[d_out, r]``
+        (with orthonormal columns spanning the rows of every ``M_k``: ``F`` in those coordinates)."""
+        return DenseSqrt(self.matrices() @ q)
+
     @property
     @abstractmethod
     def dtype(self) -> torch.dtype:
@@ -171,6 +176,10 @@ class _InputsAndRoots(SquareRoot):
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "_InputsAndRoots":
         return type(self)(self.a.to(device=device, dtype=dtype), self.g.to(device=device, dtype=dtype))
+
+    def in_input_basis(self, q: Tensor) -> "_InputsAndRoots":
+        # the inputs in the basis, the roots shared
+        return type(self)(torch.einsum("nd...,dr->nr...", self.a, q), self.g)
 
     def input_rows(self) -> Tensor:
         """The inputs ``ā_{n,t}`` as rows, ``[N·T, D]``."""
@@ -465,6 +474,9 @@ class DenseSqrt(SquareRoot):
 
     def input_rows(self) -> Tensor | None:
         return self.rows
+
+    def in_input_basis(self, q: Tensor) -> "DenseSqrt":
+        return DenseSqrt(self.m @ q, None if self.rows is None else self.rows @ q)
 
     def column_norms_sq(self) -> Tensor:
         return torch.cat([m.square().sum((1, 2)) for m in self._chunks()])

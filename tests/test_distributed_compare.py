@@ -197,6 +197,11 @@ def _check_sqrt_and_statistics(model: str, sizes, group=None) -> int:
             _close(got_pt, ref_pt, f"{where} {label}")
         u_out, u_in = orthogonal(d_out), orthogonal(d_in)
         _close(v.rotated_sq_sum(u_out, u_in), s.rotated_sq_sum(u_out, u_in), f"{where} rotated_sq_sum")
+        q = torch.linalg.qr(torch.randn(d_in, 2, generator=gen, dtype=torch.float64)).Q
+        c_small = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+        in_q, s_in_q = v.in_input_basis(q), s.in_input_basis(q)
+        assert isinstance(in_q, ShardedSqrt) and in_q.shape == (d_out, 2), where
+        _close(in_q.sandwich_out(c_small), s_in_q.sandwich_out(c_small), f"{where} in_input_basis")
         rows = v.input_rows()  # None where a rank's shard keeps no rows (a dense root)
         assert rows is not None or model != "mlp", where
         if rows is not None:

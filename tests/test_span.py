@@ -14,7 +14,9 @@ from curvlab.approx import EighPolicy, factor_eigh, psd_eigh
 from curvlab.approx.eigh import span_basis, span_projection, within_span
 from curvlab import mkl
 from curvlab.approx.inverse import FactorInverse
+from curvlab.approx.kfoc import KFOC
 from curvlab.compare import compare
+from curvlab.sqrt import DenseSqrt, UnfoldedSqrt
 
 N, R = 40, 12  # factor width, rows (R ≤ N/2: span_basis gives a span)
 
@@ -110,7 +112,7 @@ def test_comparison_through_spans_equals_the_full_one(coupled: bool, monkeypatch
         model.insert(4, nn.BatchNorm2d(16).double())
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 5, (3,), generator=gen)
-    names = ("kfac", "kflr", "ekfac", "tkfac", "tekfac")
+    names = ("kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
     sizes = []
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda a, *args, **kw: sizes.append(a.shape[0]) or eigh(a, *args, **kw))
@@ -124,3 +126,29 @@ def test_comparison_through_spans_equals_the_full_one(coupled: bool, monkeypatch
         a, b = through[var].values, full[var].values
         if a.dtype.kind == "f":
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=var)
+
+
+@pytest.mark.parametrize("kind", ["unfolded", "dense"])
+def test_kfoc_fits_in_the_span_of_the_inputs(kind: str, monkeypatch) -> None:
+    """Inside a span holding the root's input rows KFOC iterates on ``r × r`` input-side
+    matrices (``M_k Q``) and returns ``C = Q C̃ Qᵀ``: the pair the full iteration finds."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(3, N, 4, generator=gen, dtype=torch.float64)  # 12 rows spanning 12 of 40
+    root = UnfoldedSqrt(a, torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64))
+    if kind == "dense":
+        root = DenseSqrt(root.matrices(), root.input_rows())
+    start = root.sandwich_in(torch.eye(5, dtype=torch.float64))  # a PSD start in the span
+    full = KFOC.fit(root, init=start)
+    widths = []
+    method = type(root).sandwich_out
+    monkeypatch.setattr(type(root), "sandwich_out", lambda self, c: widths.append(c.shape[0]) or method(self, c))
+    with within_span(span_basis(root.input_rows())):
+        spanned = KFOC.fit(root, init=start)
+    assert widths and set(widths) == {R}
+    assert spanned.converged and spanned.C.shape == (N, N)
+    torch.testing.assert_close(spanned.B, full.B, atol=1e-9 * full.B.abs().max().item(), rtol=0)
+    torch.testing.assert_close(spanned.C, full.C, atol=1e-9 * full.C.abs().max().item(), rtol=0)
+    with within_span(span_basis(torch.randn(R, N, generator=gen, dtype=torch.float64))):  # another span
+        widths.clear()
+        KFOC.fit(root, init=start)
+    assert set(widths) == {N}

@@ -145,3 +145,18 @@ def test_unfolded_cross_gram_with_other_examples(d_in: int, t: int, chunk_column
     torch.testing.assert_close(other.cross_gram(mine), want.T, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="not of one layer"):
         mine.cross_gram(UnfoldedSqrt(other.a[:, :-1], other.g))
+
+
+@pytest.mark.parametrize("name", ["factored", "dense", "unfolded"])
+def test_root_in_an_input_basis(name: str) -> None:
+    """``in_input_basis(Q)``: every ``M_k Q``, in the same back-end (the inputs rotated, for a
+    dense root its input rows too)."""
+    root = roots()[name]
+    if name == "dense":
+        root = DenseSqrt(root.matrices(), torch.randn(4, D_IN, generator=torch.Generator().manual_seed(9), dtype=DT))
+    q = orthonormal(D_IN, 3, 7)
+    got = root.in_input_basis(q)
+    assert type(got) is type(root) and got.shape == (D_OUT, 3)
+    torch.testing.assert_close(got.matrices(), root.matrices() @ q, rtol=1e-12, atol=1e-12)
+    if name == "dense":
+        torch.testing.assert_close(got.input_rows(), root.input_rows() @ q, rtol=1e-12, atol=1e-12)

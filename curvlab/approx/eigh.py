@@ -271,6 +271,19 @@ def in_scope_span(mat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     return None
 
 
+def span_holding(rows: Tensor) -> Tensor | None:
+    """The first span of the :func:`within_span` scope (of the width, dtype and device of
+    ``rows``, ``[R, n]``) that holds ``rows``: at most :data:`SPAN_TOLERANCE` of their energy
+    outside it; ``None`` where none does."""
+    for basis in _SPANS.get():
+        n, r = basis.shape
+        if n == rows.shape[1] and r < n and basis.dtype == rows.dtype and basis.device == rows.device:
+            energy = rows.square().sum()
+            if bool((energy - (rows @ basis).square().sum()).abs() <= SPAN_TOLERANCE * energy):
+                return basis
+    return None
+
+
 def span_projection(mat: Tensor, basis: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(QᵀMQ, μ)`` for a symmetric PSD ``M`` (``[n, n]``) whose range lies in the span of
     ``basis`` (``Q``, ``[n, r]``, orthonormal columns, ``r < n``): then

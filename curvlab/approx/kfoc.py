@@ -12,7 +12,10 @@ KFAC factor or the identity), with full reorthogonalisation and explicit restart
 one ``Rᵀ`` product a step, as alternating power iteration (``B ← R c``, ``c ← Rᵀ B``), which
 converges at the rate ``(σ₂/σ₁)²`` — on vit-tiny's blocks Lanczos met the same tolerance in 6
 steps where power iteration took 7–19.  Both maps send PSD matrices to PSD matrices and the top
-pair of ``R`` is PSD, so ``B`` and ``C`` are PSD up to the tolerance.  KFOC is a reference floor:
+pair of ``R`` is PSD, so ``B`` and ``C`` are PSD up to the tolerance.  Inside a
+:func:`~curvlab.approx.eigh.within_span` scope whose span ``Q`` (``[D, r]``) holds the root's
+input rows (a comparison's batch narrower than the layer), every ``M_k = M_k Q Qᵀ``: the pair is
+fitted to the root ``M_k Q`` (``r × r`` input-side iterates) and ``C = Q C̃ Qᵀ``.  KFOC is a reference floor:
 no single Kronecker product (KFAC, KFLR, TKFAC) has a smaller Frobenius error.
 """
 
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.base import missing_statistic
-from curvlab.approx.eigh import symmetrize
+from curvlab.approx.eigh import span_holding, symmetrize
 from curvlab.approx.families import KroneckerProduct
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
@@ -139,6 +142,16 @@ class KFOC(KroneckerProduct):
         dtype, device = work.dtype, work.device
         tol = default_tolerance(dtype) if tol is None else tol
         d_out, d_in = work.shape
+
+        rows = work.input_rows()
+        basis = None if rows is None else span_holding(rows)
+        if basis is not None:  # every M_k = M_k Q Qᵀ: the pair of F in the span's r coordinates, C = Q C̃ Qᵀ
+            start = None if init is None else basis.mT @ init.to(dtype=dtype, device=device) @ basis
+            reduced = cls.fit(work.in_input_basis(basis), init=start, tol=tol, max_iter=max_iter,
+                              compute_dtype=None, name=name, warn=warn)
+            return cls(reduced.B.to(out_dtype), symmetrize(basis @ reduced.C @ basis.mT).to(out_dtype),
+                       layout=layout, name=name, converged=reduced.converged, iterations=reduced.iterations,
+                       residual=reduced.residual)
 
         eye = torch.eye(d_in, dtype=dtype, device=device)
         c = eye if init is None else symmetrize(init.to(dtype=dtype, device=device))

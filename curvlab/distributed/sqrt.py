@@ -210,6 +210,11 @@ class ShardedSqrt(SquareRoot):
         return ShardedSqrt(self.local.to(dtype=dtype, device=device), self.column_counts, self.group,
                            self.sync_operands)
 
+    def in_input_basis(self, q: Tensor) -> "ShardedSqrt":
+        """Every rank's shard in the basis ``Q`` (the same on every rank)."""
+        return ShardedSqrt(self.local.in_input_basis(self._operand(q)), self.column_counts, self.group,
+                           self.sync_operands)
+
     def _operand(self, x: Tensor) -> Tensor:
         return coll.broadcast_from_first(x, self.group) if self.sync_operands else x
 
