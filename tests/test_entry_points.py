@@ -260,6 +260,24 @@ def test_default_measured_batch_fits_the_square_roots_in_memory() -> None:
     assert measured_batch_size(build_model("mlp", (1, 28, 28), 10), 10, coupled=False) == 128
 
 
+def test_a_measured_batch_above_the_default_is_sized_for_the_user() -> None:
+    """An explicit report batch or probe batch above the default gets a note of what its square
+    roots may take (the train-mode probe of 8 ResNet-18 examples peaked at 21.9 GB)."""
+    from curvlab.app.models import build_model
+    from curvlab.app.models.check import large_batch_note
+
+    resnet = build_model("resnet18", (3, 32, 32), 10)
+    per_example = 10 * sum(p.numel() for p in resnet.parameters()) * 4
+    assert large_batch_note(resnet, 10, 4, coupled=True, option="--probe-batch-size") is None
+    note = large_batch_note(resnet, 10, 8, coupled=True, option="--probe-batch-size")
+    assert note.startswith("--probe-batch-size 8:") and f"{8 * 2 * per_example / 2**30:.1f} GiB" in note
+    assert "default, 4," in note
+    assert large_batch_note(resnet, 10, 9, coupled=False, option="--batch-size") is None
+    assert f"{16 * per_example / 2**30:.1f} GiB" in large_batch_note(resnet, 10, 16, coupled=False, option="--batch-size")
+    mlp = build_model("mlp", (1, 8, 8), 10)  # above the default of 128 examples, far within the budget
+    assert large_batch_note(mlp, 10, 1000, coupled=False, option="--batch-size") is None
+
+
 # --------------------------------------------------------------------------------------------
 # benchmarks/ as tools: bad options and a machine without a GPU are clear errors
 # --------------------------------------------------------------------------------------------

@@ -88,7 +88,23 @@ def measured_batch_size(model: nn.Module, num_classes: int, *, coupled: bool, bu
     :class:`curvlab.sqrt.UnfoldedSqrt`), twice when a train-mode BatchNorm couples the examples
     (the exact root and the Kronecker statistics' own) — fit in ``budget_bytes``.  At least 2.
     (Not more: the comparison's Gram matrices and rotations grow with ``K`` too.)"""
+    return max(2, min(DEFAULT_MEASURED_BATCH, budget_bytes // max(_root_bytes_per_example(model, num_classes, coupled), 1)))
+
+
+def large_batch_note(model: nn.Module, num_classes: int, size: int, *, coupled: bool, option: str) -> str | None:
+    """For a measured batch of ``size`` chosen by the user (``option``) whose square roots may
+    take more than the default's budget (:func:`measured_batch_size`): how much, to read before
+    a run that can exhaust the memory; ``None`` within the budget."""
+    roots = size * _root_bytes_per_example(model, num_classes, coupled)
+    if roots <= SQRT_BUDGET_BYTES:
+        return None
+    default, gib = measured_batch_size(model, num_classes, coupled=coupled), roots / 2**30
+    return (f"{option} {size}: the exact square roots may take up to {gib:.1f} GiB, and the comparison "
+            f"a few times that at its peak (the default, {default}, keeps them within "
+            f"{SQRT_BUDGET_BYTES / 2**30:.0f} GiB)")
+
+
+def _root_bytes_per_example(model: nn.Module, num_classes: int, coupled: bool) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     per_example = num_classes * sum(p.numel() for p in params) * (params[0].element_size() if params else 4)
-    per_example *= 2 if coupled else 1
-    return max(2, min(DEFAULT_MEASURED_BATCH, budget_bytes // max(per_example, 1)))
+    return per_example * (2 if coupled else 1)

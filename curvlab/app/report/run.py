@@ -6,6 +6,7 @@ The output folder is checked before any compute and replaced as a whole at the e
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -257,7 +258,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         ValueError: other bad settings (unknown approximation, flavour, damping strategy, ...).
     """
     from curvlab.app.launch import Ranks, broadcast_module, check_batch_split
-    from curvlab.app.models.check import measured_batch_size, one_example_fails
+    from curvlab.app.models.check import large_batch_note, measured_batch_size, one_example_fails
     from curvlab.compare import compare
     from curvlab.compare.api import check_comparison
     from curvlab.distributed import compare as sharded_compare
@@ -295,6 +296,9 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     model = build(cfg.model, data, cfg.seed).to(dev)
     loss_fn = nn.CrossEntropyLoss()
     batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
+    note = large_batch_note(model, data.num_classes, batch_size, coupled=cfg.mode == "train", option="--batch-size")
+    if note:
+        print(f"curvlab report: {note}", file=sys.stderr)
     x, y = measurement_batch(data, batch_size, cfg.seed)
     if cfg.mode == "train" and batch_size == 1:  # before the warm-up, not after it
         why = one_example_fails(model, x.to(dev))

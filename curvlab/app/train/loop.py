@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from curvlab.app import launch
 from curvlab.app.data import Dataset, batches, epoch_batch_sizes, load_dataset, subset
 from curvlab.app.models import make_model
-from curvlab.app.models.check import check_model, measured_batch_size, one_example_fails
+from curvlab.app.models.check import check_model, large_batch_note, measured_batch_size, one_example_fails
 from curvlab.app.report.run import resolve_device
 from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
@@ -206,6 +206,10 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     if cfg.probe_every:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.probe_mode == "train")
+        note = large_batch_note(model, data.num_classes, size, coupled=cfg.probe_mode == "train",
+                                option="--probe-batch-size")
+        if note and ranks.is_main:
+            print(f"curvlab train: {note}", file=sys.stderr)
         if cfg.probe_mode == "train" and size < 2 and couples_examples(model):
             raise ValueError(f"curvlab train: probe_batch_size={size} (--probe-batch-size) with probe_mode='train' "
                              "(--probe-mode train): BatchNorm's batch statistics need at least 2 examples")
