@@ -370,12 +370,8 @@ class UnfoldedSqrt(_InputsAndRoots):
         # inputs, as an analysis's batch narrower than the layer gives: curvlab.approx.eigh.
         # within_span) hold squares of rounding alone, ≤ UNREACHED of the largest: their sums
         # are 0, and the elementwise products are formed for the reached directions only
-        reached = _reached(a_rot.square().sum((0, 2)))
-        if bool(reached.all()):
-            return self._square_sum(g_rot, a_rot)
-        out = a_rot.new_zeros(g_rot.shape[2], a_rot.shape[1])
-        out[:, reached] = self._square_sum(g_rot, a_rot[:, reached])
-        return out
+        return _over_reached(_reached(a_rot.square().sum((0, 2))), g_rot.shape[2],
+                             lambda cols: self._square_sum(g_rot, a_rot[:, cols]))
 
     def diagonal(self) -> Tensor:
         return self._square_sum(self.g, self.a)
@@ -402,6 +398,17 @@ def _reached(energy: Tensor) -> Tensor:
     """The rotated input directions some input reaches, from the inputs' energy in each: above
     :data:`UNREACHED` ``ε²`` of the largest."""
     return energy > UNREACHED * torch.finfo(energy.dtype).eps ** 2 * energy.max()
+
+
+def _over_reached(reached: Tensor, rows: int, sums: Callable[[Tensor | slice], Tensor]) -> Tensor:
+    """``[rows, len(reached)]``: ``sums(columns)`` in the ``reached`` input directions, 0 in the
+    others (all of them computed where every one is reached)."""
+    if bool(reached.all()):
+        return sums(slice(None))
+    part = sums(reached)
+    out = part.new_zeros(rows, reached.shape[0])
+    out[:, reached] = part
+    return out
 
 
 def unfolded_is_cheaper(columns: int, examples: int, d_out: int, d_in: int, locations: int) -> bool:
@@ -511,17 +518,14 @@ class DenseSqrt(SquareRoot):
     def rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
         # input directions no input reaches (UnfoldedSqrt.rotated_sq_sum) are left out, their
         # sums 0: M_k holds only rounding there (of a float32 extraction: ~ε₃₂² of its energy)
-        reached = None if self.rows is None else _reached((self.rows @ u_in).square_().sum(0))
-        if reached is not None and not bool(reached.all()):
-            out = u_in.new_zeros(u_out.shape[1], u_in.shape[1])
-            out[:, reached] = self._rotated_sq_sum(u_out, u_in[:, reached])
-            return out
-        return self._rotated_sq_sum(u_out, u_in)
+        def sums(cols: Tensor | slice) -> Tensor:
+            u = u_in[:, cols]  # squared in place: the product is fresh
+            return self._sum(lambda m: (u_out.T @ m @ u).square_().sum(0),
+                             max(u_out.shape[1], self.m.shape[1]) * max(u.shape[1], self.m.shape[2]))
 
-    def _rotated_sq_sum(self, u_out: Tensor, u_in: Tensor) -> Tensor:
-        # squared in place: the product is fresh
-        return self._sum(lambda m: (u_out.T @ m @ u_in).square_().sum(0),
-                         max(u_out.shape[1], self.m.shape[1]) * max(u_in.shape[1], self.m.shape[2]))
+        if self.rows is None:
+            return sums(slice(None))
+        return _over_reached(_reached((self.rows @ u_in).square_().sum(0)), u_out.shape[1], sums)
 
     def diagonal(self) -> Tensor:
         return self._sum(lambda m: m.square().sum(0))

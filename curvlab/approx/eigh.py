@@ -221,7 +221,7 @@ def _decompose(mat: Tensor, policy: EighPolicy) -> tuple[Tensor, Tensor]:
             mat, policy.rank, power_iterations=policy.power_iterations,
             oversampling=policy.oversampling, seed=policy.seed, compute_dtype=policy.dtype,
         )
-    found = in_scope_span(mat if policy.dtype is None else mat.to(policy.dtype))
+    found = in_scope_span(mat, policy.dtype)
     if found is not None:
         lam, u = spanned_eigh(*found)
         return lam.to(mat.dtype), u.to(mat.dtype)
@@ -252,22 +252,31 @@ def span_basis(rows: Tensor) -> Tensor | None:
     return torch.linalg.qr(rows.to(torch.float64).mT).Q
 
 
-def in_scope_span(mat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """``(Q, λ, W, μ)`` for the first span of the :func:`within_span` scope (of ``M``'s width,
-    dtype and device) that holds the range of the symmetric PSD ``M`` (:func:`span_projection`):
+def _scope_spans(width: int, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+    """The spans of the :func:`within_span` scope of this width (narrower), dtype and device."""
+    for basis in _SPANS.get():
+        n, r = basis.shape
+        if n == width and r < n and basis.dtype == dtype and basis.device == device:
+            yield basis
+
+
+def in_scope_span(mat: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``(Q, λ, W, μ)`` for the first span of the :func:`within_span` scope (of ``M``'s width and
+    device, of ``dtype``: ``M``'s own where ``None``, ``M`` converted to it only where such a span
+    exists) that holds the range of the symmetric PSD ``M`` (:func:`span_projection`):
     ``(λ, W)`` the eigenpairs of ``QᵀMQ`` (inside :func:`curvlab.reuse.shared_work`, once for the
     same matrix, whether its eigenpairs or its inverse are asked for; for a named ``M``,
     :func:`curvlab.reuse.name_values`, ``QᵀMQ`` too); ``None`` where none does."""
-    for basis in _SPANS.get():
-        n, r = basis.shape
-        if n == mat.shape[0] and r < n and basis.dtype == mat.dtype and basis.device == mat.device:
-            named = recall(mat, "digest")  # a factor both decomposed and inverted: projected once
-            projected = span_projection(mat, basis) if named is None else reuse(
-                ("span_projection", named, id(basis)), lambda: (basis, span_projection(mat, basis)))[1]
-            if projected is not None:
-                small, flat = projected  # r × r: its digest is cheap, inside a scope or not
-                lam, w = reuse(("span_eigh", digest(small)), lambda: psd_eigh(small, compute_dtype=None))
-                return basis, lam, w, flat
+    dtype = mat.dtype if dtype is None else dtype
+    for basis in _scope_spans(mat.shape[0], dtype, mat.device):
+        mat = mat.to(dtype)
+        named = recall(mat, "digest")  # a factor both decomposed and inverted: projected once
+        projected = span_projection(mat, basis) if named is None else reuse(
+            ("span_projection", named, id(basis)), lambda: (basis, span_projection(mat, basis)))[1]
+        if projected is not None:
+            small, flat = projected  # r × r: its digest is cheap, inside a scope or not
+            lam, w = reuse(("span_eigh", digest(small)), lambda: psd_eigh(small, compute_dtype=None))
+            return basis, lam, w, flat
     return None
 
 
@@ -275,12 +284,10 @@ def span_holding(rows: Tensor) -> Tensor | None:
     """The first span of the :func:`within_span` scope (of the width, dtype and device of
     ``rows``, ``[R, n]``) that holds ``rows``: at most :data:`SPAN_TOLERANCE` of their energy
     outside it; ``None`` where none does."""
-    for basis in _SPANS.get():
-        n, r = basis.shape
-        if n == rows.shape[1] and r < n and basis.dtype == rows.dtype and basis.device == rows.device:
-            energy = rows.square().sum()
-            if bool((energy - (rows @ basis).square().sum()).abs() <= SPAN_TOLERANCE * energy):
-                return basis
+    for basis in _scope_spans(rows.shape[1], rows.dtype, rows.device):
+        energy = rows.square().sum()
+        if bool((energy - (rows @ basis).square().sum()).abs() <= SPAN_TOLERANCE * energy):
+            return basis
     return None
 
 

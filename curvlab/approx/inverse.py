@@ -98,7 +98,7 @@ class FactorInverse:
     def __init__(self, factor: Tensor | TruncatedFactor, c: Tensor, shift: Tensor,
                  compute_dtype: torch.dtype | None) -> None:
         if not isinstance(factor, TruncatedFactor):
-            spanned = in_scope_span(factor if compute_dtype is None else factor.to(compute_dtype))
+            spanned = in_scope_span(factor, compute_dtype)
             if spanned is not None:
                 basis, lam, w, flat = spanned
                 values = torch.cat([lam, flat.reshape(1)])
