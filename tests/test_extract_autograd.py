@@ -316,8 +316,14 @@ def test_coupling_detection_and_its_effect() -> None:
     # ignoring the coupling (M from the per-example g) misses the block by far before a BN
     for lname, layer in result.layers.items():
         ref = dense_block(model, loss_fn, x, y, lname, "exact")
-        assert rel(block_from_sqrt(layer, layer.sqrt), ref) < RTOL
+        assert rel(block_from_sqrt(layer, layer.square_root()), ref) < RTOL
         (call,) = layer.calls
+        # fewer locations in the batch than the layer's width: the roots at its output are kept,
+        # smaller than the M_k they contract to
+        narrow = x.shape[0] * call.g.shape[-1] < layer.matrix_shape[1]
+        assert (layer.sqrt is None) == narrow == (call.coupled_roots is not None), lname
+        if narrow:
+            assert call.coupled_roots.numel() < layer.square_root().numel()
         uncoupled = block_from_sqrt(layer, torch.einsum("cnot,ndt->cnod", call.g, call.x).flatten(0, 1))
         if layer.kind == "conv":  # every conv feeds a BatchNorm
             assert rel(uncoupled, ref) > 1e-3, lname
@@ -329,7 +335,7 @@ def test_coupling_detection_and_its_effect() -> None:
     forced = extract_autograd(model, loss_fn, x, y, coupled=True)
     assert forced.num_vjps == plain.num_vjps * (1 + x.shape[0])
     for lname in plain.layers:
-        a, b = plain.layers[lname].sqrt, forced.layers[lname].sqrt
+        a, b = plain.layers[lname].sqrt, forced.layers[lname].square_root()
         assert rel(b, a) < 1e-12
 
 

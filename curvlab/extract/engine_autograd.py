@@ -69,10 +69,11 @@ class AutogradPass:
             x = None if lazy else cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
             g = joined([c.g for c in calls], 3)
             g_terms = None if calls[0].g_terms is None else joined([c.g_terms for c in calls], 3)
+            exact_roots = None if calls[0].coupled_roots is None else joined([c.coupled_roots for c in calls], 3)
             for block in blocks:
                 exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
                 inputs = ConvInputs(block, calls[0]) if lazy else block.inputs(x)
-                data = KroneckerData(inputs, g, res.segments, g_terms, exact, res.terms_per_example)
+                data = KroneckerData(inputs, g, res.segments, g_terms, exact, res.terms_per_example, exact_roots)
                 out[block.name] = kronecker_stats(block, data, opts, "autograd")
         for block in self.blocks.parameters:
             columns = res.param_sqrt.get(block.name)

@@ -46,6 +46,9 @@ class KroneckerData:
         exact: the reference flavour's exact square root ``[K, d_out, D]`` when the examples
             are coupled, else ``None`` (it follows from ``x`` and the term roots).
         terms_per_example: ``T_out``.
+        exact_roots: instead of ``exact``, where the engine kept them: the coupled exact root's
+            rows as their gradients at the layer output, ``[K, N, d_out, T]``
+            (:func:`~curvlab.extract.maths.coupled_square_root`).
     """
 
     x: Tensor | maths.LazyInputs
@@ -54,6 +57,11 @@ class KroneckerData:
     g_terms: Tensor | None = None
     exact: Tensor | None = None
     terms_per_example: int = 1
+    exact_roots: Tensor | None = None
+
+    @property
+    def coupled(self) -> bool:
+        return self.exact is not None or self.exact_roots is not None
 
 
 def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, engine: str) -> LayerStats:
@@ -62,13 +70,15 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
     samples = data.g_terms if data.g_terms is not None else data.g[data.segments[fisher]]
     out = LayerStats(
         block.name, block.module_type, block.layout, fisher, x.shape[0], x.shape[2],
-        engine=engine, kfac_approx=options.kfac_approx, coupled=data.exact is not None,
+        engine=engine, kfac_approx=options.kfac_approx, coupled=data.coupled,
         terms_per_example=data.terms_per_example,
     )
     if "sqrt" in options.stats:
         convention = maths.square_root(x, samples)
-        if data.exact is None:
+        if not data.coupled:
             out.sqrt = convention
+        elif data.exact_roots is not None:
+            out.sqrt, out.convention_sqrt = maths.coupled_square_root(x, data.exact_roots), convention
         else:  # with the inputs where fewer than the width: their span holds every M_k's rows
             rows = None
             if x.shape[0] * x.shape[2] < x.shape[1]:

@@ -282,6 +282,22 @@ def square_root(x: Tensor | LazyInputs, g: Tensor) -> SquareRoot:
     return DenseSqrt(per_sample_gradients(x, g))
 
 
+def coupled_square_root(x: Tensor | LazyInputs, g: Tensor) -> SquareRoot:
+    """The exact root of a block whose examples are coupled (train-mode BatchNorm), from every
+    root row's gradients at the layer output ``g [K, N, d_out, T]``: each row reaches every
+    example, ``M_k = Σ_{n,t} g_{k,n,:,t} x_{n,:,t}ᵀ`` — one example of ``N·T`` locations, so an
+    :class:`~curvlab.sqrt.UnfoldedSqrt` of ``K`` columns where that is cheaper
+    (:func:`~curvlab.sqrt.unfolded_is_cheaper`), else the ``M_k`` formed, with the inputs as
+    the rows whose span holds theirs where fewer than the width."""
+    k, n, d_out, t = g.shape
+    x = dense(x)
+    d_in = x.shape[1]
+    root = UnfoldedSqrt(x.transpose(0, 1).reshape(1, d_in, n * t), g.transpose(1, 2).reshape(k, 1, d_out, n * t))
+    if unfolded_is_cheaper(k, 1, d_out, d_in, n * t):
+        return root
+    return DenseSqrt(root.matrices(), root.input_rows() if n * t < d_in else None)
+
+
 def kfe_scaling(x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
     """EKFAC's rescaling ``Σ_k (U_outᵀ M_k U_in)²`` without storing every ``M_k`` [C].
 

@@ -42,7 +42,9 @@ columns (exact ``C``, mc ``mc_samples``, empirical 1, in the order of ``flavours
   ``c·N + n`` when ``T_out = 1``; BackPACK's own CE root for ``[N, C, T]`` logits also
   separates the terms as ``c·T + s``).  Coupled: each column's cotangent sits at one example
   and its vjp reaches all examples, ``M_k = Σ_{calls} Σ_{n'} Σ_t g_{k,n',t} x_{n',t}ᵀ``
-  contracted chunk by chunk.
+  contracted chunk by chunk — or, for a Linear or convolution whose batch has fewer locations
+  than its width (``N·ΣT < D``), those roots kept instead (``LayerCall.coupled_roots``, at
+  ``N·ΣT/D`` of the size; ``LayerResult.square_root()`` contracts them).
 
 Scale convention (sequence losses): every loss term carries ``R`` (CE mean ``1/(N·T_out)``, MSE
 mean ``1/numel``), i.e. ``F`` is the curvature of the loss *as torch computes it*; per-token
@@ -59,7 +61,8 @@ activations autograd saves):
 * ``sqrt`` without coupling, ``T_out > 1``: ``C_total·T_out`` vjps (all examples in each),
   per column also ``N·d_out·D`` for the contraction; result ``C_total·T_out·N·Σ d_out·D``.
 * ``sqrt`` coupled: ``C_total·T_out·N`` vjps, per column also ``d_out·D``; the
-  ``[K, N, d_out, T]`` gradients exist one chunk at a time only; same result size.
+  ``[K, N, d_out, T]`` gradients exist one chunk at a time only; same result size, or
+  ``K·N·Σ_calls d_out·T`` where those gradients are kept (``N·ΣT < D``).
 * ``x``: the unfolded inputs, ``N·D·T`` per call (convolutions: the im2col blow-up).
 * ``g_terms`` (``T_out > 1``, ``terms=True``): ``C_sel·T_out`` vjps, all examples in each.
 * parameter blocks (``params``): their per-column gradients need one vjp per (root column, term,

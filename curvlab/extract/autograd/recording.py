@@ -207,26 +207,65 @@ class Recording:
         leaves = [eps for _, _, eps in calls] if need_exact else []
         params = list(req.params.items())
         param_bytes = sum(p.numel() for _, p in params) * size
-        contraction = sum(math.prod(results[self.targets[m]].matrix_shape) for m, _, _ in calls) * size if need_exact else 0
+        kept = _keeps_roots(calls, results, self.targets, n) if need_exact else set()
+        contraction = sum(math.prod(results[self.targets[m]].matrix_shape) for m, _, _ in calls
+                          if self.targets[m] not in kept) * size if need_exact else 0
         per_column = estimate(saved, leaf_bytes if need_exact else 0, out_bytes, contraction + 2 * param_bytes)
         vjp = BatchedVJP(output, leaves + [p for _, p in params], per_column, req.max_bytes, req.vectorize)
+        layer_calls = _layer_calls(calls, results, self.targets)
+        x_aug: list[Tensor | None] = [None] * len(calls)
         if need_exact:
             for res in results.values():
-                # the weight's dtype: under autocast the output may be bfloat16
-                res.sqrt = output.new_zeros(rows, *res.matrix_shape, dtype=res.module.weight.dtype)
+                if res.name not in kept:  # the weight's dtype: under autocast the output may be bfloat16
+                    res.sqrt = output.new_zeros(rows, *res.matrix_shape, dtype=res.module.weight.dtype)
+            for i, ((module, inp, eps), call) in enumerate(zip(calls, layer_calls)):
+                res = results[self.targets[module]]
+                if res.name in kept:
+                    d_out = res.shape[0]
+                    call.coupled_roots = output.new_zeros(
+                        rows, n, d_out, eps.numel() // (n * d_out), dtype=module.weight.dtype)
+                else:
+                    x_aug[i] = res.contraction_inputs(layer_io.unfold_input(module, inp))
         for name, p in params:
             param_sqrt[name] = output.new_zeros(rows, *p.shape, dtype=p.dtype)
-        x_aug = [results[self.targets[m]].contraction_inputs(layer_io.unfold_input(m, inp)) for m, inp, _ in calls]
 
         def consume(sl: slice, grads: tuple[Tensor, ...]) -> None:
             for i, (module, _, _) in enumerate(calls if need_exact else ()):
                 g = layer_io.grads_to_layout(module, grads[i])  # [k, N, d_out, T]
-                results[self.targets[module]].sqrt[sl] += layer_io.contract(module, x_aug[i], g, per_example=False)
+                if x_aug[i] is None:
+                    layer_calls[i].coupled_roots[sl] = g
+                else:
+                    results[self.targets[module]].sqrt[sl] += layer_io.contract(module, x_aug[i], g, per_example=False)
             for j, (name, _) in enumerate(params):
                 param_sqrt[name][sl] = grads[len(leaves) + j]
 
         separated_roots(vjp, root, terms, columns, True, consume)
         return vjp.num_vjps
+
+
+def _layer_calls(calls: list, results: dict, targets: Mapping) -> list[LayerCall]:
+    """The :class:`LayerCall` of every recorded call, in the order of ``calls``."""
+    seen: dict[nn.Module, int] = {}
+    out = []
+    for module, _, _ in calls:
+        i = seen.get(module, 0)
+        seen[module] = i + 1
+        out.append(results[targets[module]].calls[i])
+    return out
+
+
+def _keeps_roots(calls: list, results: dict, targets: Mapping, n: int) -> set[str]:
+    """Layers whose coupled exact root is kept as the roots at their outputs
+    (:attr:`LayerCall.coupled_roots`): a Linear or convolution whose batch has fewer locations
+    than the layer's width, ``N·ΣT < D`` — those roots take ``N·ΣT/D`` of the ``M_k``'s size,
+    and every ``M_k``'s rows lie in the span of the ``N·ΣT`` inputs (ResNet-18's last two
+    stages at N = 8: 1/9 and 1/36 of it)."""
+    locations: dict[str, int] = {}
+    for module, _, eps in calls:
+        name = targets[module]
+        locations[name] = locations.get(name, 0) + eps.numel() // (n * results[name].shape[0])
+    return {name for name, t in locations.items()
+            if results[name].kind != layer_io.EMBEDDING and n * t < results[name].matrix_shape[1]}
 
 
 def _term_roots(vjp: BatchedVJP, root: Tensor, terms, columns: Tensor, calls: list, results: dict, targets: Mapping) -> None:

@@ -30,6 +30,11 @@ class LayerCall:
             roots ``[C_sel·T_out, N, d_out, T]``, column ``j·T_out + s`` the vjp of root column
             ``j`` (of the selected flavours) at term ``s`` alone, all examples at once
             (``AutogradExtraction.term_segments`` slices the flavours).
+        coupled_roots: where the examples are coupled and the layer's batch has fewer
+            locations than its width (``N·ΣT < D``): every exact-root row's gradient at this
+            call's output, ``[K, N, d_out, T]`` (rows as :attr:`LayerResult.sqrt`'s), kept
+            instead of their contractions ``M_k``, at ``N·T/D`` of their size
+            (:meth:`LayerResult.square_root` contracts them when asked).
     """
 
     name: str
@@ -38,6 +43,7 @@ class LayerCall:
     version: int
     g: Tensor
     g_terms: Tensor | None = None
+    coupled_roots: Tensor | None = None
 
     def unfolded(self) -> Tensor:
         """The layer input unfolded, ``[N, D, T]`` (no bias row; ``nn.Embedding``: the token ids
@@ -64,7 +70,8 @@ class LayerResult:
             was computed (``K = C_sel·T_out·N`` for the selected flavours, row
             ``k = (j·T_out + s)·N + n``; rows of flavour ``f``:
             ``AutogradExtraction.sqrt_segments[f]``; ``D`` includes the bias column when
-            :attr:`with_bias`), else ``None``.
+            :attr:`with_bias`), else ``None`` (coupled with the roots kept per call instead:
+            :attr:`LayerCall.coupled_roots`).
         factorable: ``M`` follows from ``x`` and ``g`` alone (no coupling between examples and
             one loss term per example): ``M_{c,n} = Σ_calls Σ_t g_{c,n,:,t} x_{n,:,t}ᵀ``.
         with_bias: the square root has the bias as its last column (``include_bias=True`` and a
@@ -108,11 +115,15 @@ class LayerResult:
     def square_root(self, columns: Tensor | None = None) -> Tensor:
         """The block's square root ``[K, d_out, D]``: ``F = Σ_k vec(M_k) vec(M_k)ᵀ``.
 
-        :attr:`sqrt` when computed; when :attr:`factorable`, built from the calls' ``x, g``
+        :attr:`sqrt` when computed; contracted from the calls' :attr:`~LayerCall.coupled_roots`
+        where those were kept; when :attr:`factorable`, built from the calls' ``x, g``
         (restricted to the root ``columns`` given).
         """
         if self.sqrt is not None and columns is None:
             return self.sqrt
+        if columns is None and self.calls and self.calls[0].coupled_roots is not None:
+            return sum(layer_io.contract(self.module, self.contraction_inputs(c.unfolded()), c.coupled_roots,
+                                         per_example=False) for c in self.calls)
         if not self.factorable:
             raise ValueError(
                 f"LayerResult.square_root: {self.name!r}: the examples are coupled or the loss has "
