@@ -105,8 +105,8 @@ def conv_net() -> nn.Sequential:
 
 @pytest.mark.parametrize("coupled", [False, True])
 def test_comparison_through_spans_equals_the_full_one(coupled: bool, monkeypatch) -> None:
-    """Also with a train-mode BatchNorm: its coupled examples give dense roots, which keep the
-    layer's inputs for their span."""
+    """Also with a train-mode BatchNorm: the roots of its coupled examples keep the layer's
+    inputs for their span, and the coupling error is taken in it."""
     model, loss_fn = conv_net(), nn.CrossEntropyLoss()
     if coupled:  # in train mode: batch statistics
         model.insert(4, nn.BatchNorm2d(16).double())
