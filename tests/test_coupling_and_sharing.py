@@ -120,3 +120,27 @@ def test_tied_weights_calls_are_shared_positions(kfac_approx) -> None:
     if kfac_approx == "reduce":  # TKFAC's KFC form: the partial traces of the pooled samples
         phi, psi = partial_traces(block_of(xr, gr, s.layout), s.layout)
         assert rel(s.tkfac.delta_phi, phi) < RTOL and rel(s.tkfac.delta_psi, psi) < RTOL
+
+
+def test_tied_weights_under_coupling_are_the_dense_block() -> None:
+    """A module called twice in a train-mode BatchNorm network: its exact root sums the calls'
+    coupled contributions (kept per call at the outputs where the batch's locations are fewer
+    than the width, as here: 4 examples × 2 calls against 13 columns)."""
+    torch.manual_seed(0)
+
+    class TiedBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.shared = nn.Linear(3, 12), nn.Linear(12, 12)
+            self.bn, self.out = nn.BatchNorm1d(12), nn.Linear(12, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.bn(self.shared(torch.tanh(self.inp(x)))))
+            return self.out(torch.tanh(self.shared(h)))
+
+    model = TiedBN().double().train()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 5, (4,))
+    stats = curvlab.extract(model, CE, x, y)
+    assert stats["shared"].coupled and stats["shared"].num_locations == 2
+    for name, s in stats.items():
+        assert rel(s.dense_fisher(), dense_reference(model, CE, x, y, block_params(model, s))[0]) < RTOL, name
