@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from curvlab.approx import EighPolicy, TruncatedFactor, approximate, randomized_eigh
-from curvlab.approx.spectral import optimal_scaling
+from curvlab.approx.spectral import complete_basis, optimal_scaling
 from curvlab.extract import maths
 from helpers_approx import DT, linear_block, projectors, rel, to_flat
 
@@ -42,6 +42,20 @@ def dense_truncated(approx) -> torch.Tensor:
     """The approximation as a dense matrix (matrix order), from its compressed representation."""
     u_out, u_in = approx.eigenbasis(compressed=True)
     return dense_from_grid(approx.eigenvalues(compressed=True), u_out, u_in)
+
+
+@pytest.mark.parametrize("columns", [[0, 3], [4, 1], "random"])
+def test_completed_basis_is_orthonormal_and_keeps_its_columns(columns) -> None:
+    """Also where a Householder reflector of the QR is the identity (columns of I: τ = 0)."""
+    n = 7
+    if columns == "random":
+        u = torch.linalg.qr(torch.randn(n, 3, dtype=DT, generator=torch.Generator().manual_seed(0))).Q
+    else:
+        u = torch.eye(n, dtype=DT)[:, columns]
+    q = complete_basis(u)
+    assert q.shape == (n, n) and torch.equal(q[:, : u.shape[1]], u)
+    assert (q.mT @ q - torch.eye(n, dtype=DT)).abs().max() < 1e-14
+    assert torch.equal(complete_basis(q), q)  # a full basis is its own completion
 
 
 def test_randomized_eigh_recovers_a_low_rank_plus_flat_factor() -> None:
