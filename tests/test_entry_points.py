@@ -262,7 +262,7 @@ def test_default_measured_batch_fits_the_square_roots_in_memory() -> None:
 
 def test_a_measured_batch_above_the_default_is_sized_for_the_user() -> None:
     """An explicit report batch or probe batch above the default gets a note of what its square
-    roots may take (the train-mode probe of 8 ResNet-18 examples peaked at 21.9 GB)."""
+    roots may take at most (a bound: K·P numbers, twice where examples are coupled)."""
     from curvlab.app.models import build_model
     from curvlab.app.models.check import large_batch_note
 

@@ -100,8 +100,7 @@ def large_batch_note(model: nn.Module, num_classes: int, size: int, *, coupled: 
         return None
     default, gib = measured_batch_size(model, num_classes, coupled=coupled), roots / 2**30
     return (f"{option} {size}: the exact square roots may take up to {gib:.1f} GiB, and the comparison "
-            f"a few times that at its peak (the default, {default}, keeps them within "
-            f"{SQRT_BUDGET_BYTES / 2**30:.0f} GiB)")
+            f"more (the default, {default}, keeps them within {SQRT_BUDGET_BYTES / 2**30:.0f} GiB)")
 
 
 def _root_bytes_per_example(model: nn.Module, num_classes: int, coupled: bool) -> int:
