@@ -23,8 +23,11 @@ def roots() -> dict[str, SquareRoot]:
                             torch.randn(C, N, D_OUT, T, generator=gen, dtype=DT))
     few_locations = UnfoldedSqrt(torch.randn(N, D_IN, 2, generator=gen, dtype=DT),  # T² ≤ D: the Gram by T × T products
                                  torch.randn(C, N, D_OUT, 2, generator=gen, dtype=DT))
+    # coupled examples (maths.coupled_square_root): every column reaches all N·T locations
+    one_example = UnfoldedSqrt(torch.randn(1, D_IN, N * T, generator=gen, dtype=DT),
+                               torch.randn(C * N, 1, D_OUT, N * T, generator=gen, dtype=DT))
     return {"factored": factored, "dense-of-factored": DenseSqrt(factored.matrices()), "dense": conv,
-            "unfolded": unfolded, "unfolded-few-locations": few_locations}
+            "unfolded": unfolded, "unfolded-few-locations": few_locations, "unfolded-one-example": one_example}
 
 
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
@@ -40,7 +43,8 @@ def chunk_columns(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense", "unfolded", "unfolded-few-locations"])
+@pytest.mark.parametrize("name", ["factored", "dense-of-factored", "dense", "unfolded", "unfolded-few-locations",
+                                  "unfolded-one-example"])
 @pytest.mark.parametrize("widths", [(D_OUT, D_IN), (2, 3)], ids=["full-basis", "truncated-basis"])
 def test_reductions_are_their_dense_definitions(name: str, widths: tuple[int, int], chunk_columns) -> None:
     root = roots()[name]
