@@ -224,11 +224,18 @@ def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k
     k_out, k_in = u_out.shape[1], u_in.shape[1]
     out_full, in_full = rows < k_out, cols < k_in
     overlap = 0.0
-    for i in range(k):
-        # i-th unit eigenvector of F in matrix form
-        x = exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt()
+    for x in top_eigenvectors(exact, k):
         overlap += (weights * _projected_energy(x, u_out, u_in, rows, cols, out_full, in_full)).sum().item()
     return overlap / k
+
+
+def top_eigenvectors(exact: ExactBlock, k: int) -> list[Tensor]:
+    """F's unit eigenvectors of its ``k`` largest eigenvalues in matrix form, ``V w_i / √λ_i``;
+    inside :func:`curvlab.reuse.shared_work` once per exact block for all its approximations."""
+    def compute() -> tuple[tuple, list[Tensor]]:
+        vectors = [exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt() for i in range(k)]
+        return (exact.sqrt, exact.top_vectors), vectors  # kept alive: their ids are the key
+    return reuse(("top_eigenvectors", id(exact.sqrt), id(exact.top_vectors), k), compute)[1]
 
 
 def _projected_energy(x: Tensor, u_out: Tensor, u_in: Tensor, rows: Tensor, cols: Tensor,
