@@ -29,6 +29,7 @@ from torch import Tensor
 from curvlab._options import is_int
 from curvlab.approx.spectral import complete_basis
 from curvlab.reuse import digest, name_values, recall, remember, reuse, sharing
+from curvlab.sqrt import SquareRoot
 
 #: Relative size of the diagonal jitter added when an eigen-decomposition fails.
 EIGH_JITTER = 1e-6
@@ -278,6 +279,13 @@ def in_scope_span(mat: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor
             lam, w = reuse(("span_eigh", digest(small)), lambda: psd_eigh(small, compute_dtype=None))
             return basis, lam, w, flat
     return None
+
+
+def span_of_inputs(root: SquareRoot) -> Tensor | None:
+    """:func:`span_holding` the root's input rows (:meth:`~curvlab.sqrt.SquareRoot.input_rows`),
+    which hold the rows of every ``M_k``; ``None`` for a root without them."""
+    rows = root.input_rows()
+    return None if rows is None else span_holding(rows)
 
 
 def span_holding(rows: Tensor) -> Tensor | None:

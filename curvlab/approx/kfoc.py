@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx.base import missing_statistic
-from curvlab.approx.eigh import span_holding, symmetrize
+from curvlab.approx.eigh import span_of_inputs, symmetrize
 from curvlab.approx.families import KroneckerProduct
 from curvlab.block import BlockLayout
 from curvlab.sqrt import SquareRoot
@@ -143,8 +143,7 @@ class KFOC(KroneckerProduct):
         tol = default_tolerance(dtype) if tol is None else tol
         d_out, d_in = work.shape
 
-        rows = work.input_rows()
-        basis = None if rows is None else span_holding(rows)
+        basis = span_of_inputs(work)
         if basis is not None:  # every M_k = M_k Q Qᵀ: the pair of F in the span's r coordinates, C = Q C̃ Qᵀ
             start = None if init is None else basis.mT @ init.to(dtype=dtype, device=device) @ basis
             reduced = cls.fit(work.in_input_basis(basis), init=start, tol=tol, max_iter=max_iter,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from curvlab.approx import KroneckerApproximation
-from curvlab.approx.eigh import span_holding
+from curvlab.approx.eigh import span_of_inputs
 from curvlab.reuse import reuse
 from curvlab.sqrt import SquareRoot
 
@@ -373,10 +373,7 @@ def convention_error(exact: ExactBlock, convention: SquareRoot) -> tuple[float, 
 
 
 def _common_span(*roots: SquareRoot) -> Tensor | None:
-    """The scope's span (:func:`~curvlab.approx.eigh.span_holding`) holding the input rows of
-    every root, or ``None``."""
-    bases = []
-    for root in roots:
-        rows = root.input_rows()
-        bases.append(None if rows is None else span_holding(rows))
+    """The scope's span holding the input rows of every root
+    (:func:`~curvlab.approx.eigh.span_of_inputs`), or ``None``."""
+    bases = [span_of_inputs(root) for root in roots]
     return bases[0] if bases[0] is not None and all(b is bases[0] for b in bases) else None

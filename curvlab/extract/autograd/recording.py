@@ -158,18 +158,21 @@ class Recording:
         out_bytes = output.numel() * size
         layers = BatchedVJP(output, leaves, estimate(saved, leaf_bytes, out_bytes), req.max_bytes, req.vectorize)
         results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in self.targets.items()}
-        for (module, inp, _), version, g in zip(calls, self.versions, batch_roots(layers, root, calls)):
-            results[self.targets[module]].calls.append(LayerCall(self.targets[module], module, inp, version, g))
+        layer_calls = [LayerCall(self.targets[module], module, inp, version, g)
+                       for (module, inp, _), version, g in zip(calls, self.versions, batch_roots(layers, root, calls))]
+        for call in layer_calls:  # in forward order: a module's calls in the order it was called
+            results[call.name].calls.append(call)
         for res in results.values():
             res.with_bias = req.include_bias and res.has_trainable_bias
 
         if t_out > 1 and (req.terms or (want_sqrt and not coupled)):
-            _term_roots(layers, root, terms, columns, calls, results, self.targets)
+            _term_roots(layers, root, terms, columns, layer_calls)
         num_vjps = layers.num_vjps
         param_sqrt: dict[str, Tensor] = {}
         need_exact = want_sqrt and coupled
         if need_exact or req.params:
-            num_vjps += self._per_example(output, root, terms, columns, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes)
+            num_vjps += self._per_example(output, root, terms, columns, results, layer_calls, need_exact, param_sqrt,
+                                          saved, leaf_bytes, out_bytes)
         if want_sqrt and not coupled:
             for res in results.values():
                 if not res.calls:
@@ -198,7 +201,8 @@ class Recording:
             param_sqrt=param_sqrt,
         )
 
-    def _per_example(self, output, root, terms, columns, results, need_exact, param_sqrt, saved, leaf_bytes, out_bytes) -> int:
+    def _per_example(self, output, root, terms, columns, results, layer_calls, need_exact, param_sqrt, saved, leaf_bytes,
+                     out_bytes) -> int:
         """One vjp per (root column, term, example): the coupled exact roots of the layers
         (``need_exact``) and the per-column gradients of the parameter blocks."""
         calls, req = self.calls, self.request
@@ -207,25 +211,24 @@ class Recording:
         leaves = [eps for _, _, eps in calls] if need_exact else []
         params = list(req.params.items())
         param_bytes = sum(p.numel() for _, p in params) * size
-        kept = _keeps_roots(calls, results, self.targets, n) if need_exact else set()
-        contraction = sum(math.prod(results[self.targets[m]].matrix_shape) for m, _, _ in calls
-                          if self.targets[m] not in kept) * size if need_exact else 0
+        # output locations of every call: T = |output| / (N·d_out)
+        locations = [eps.numel() // (n * results[call.name].shape[0]) for (_, _, eps), call in zip(calls, layer_calls)]
+        kept = _keeps_roots(layer_calls, locations, results, n) if need_exact else set()
+        contraction = sum(math.prod(results[call.name].matrix_shape) for call in layer_calls
+                          if call.name not in kept) * size if need_exact else 0
         per_column = estimate(saved, leaf_bytes if need_exact else 0, out_bytes, contraction + 2 * param_bytes)
         vjp = BatchedVJP(output, leaves + [p for _, p in params], per_column, req.max_bytes, req.vectorize)
-        layer_calls = _layer_calls(calls, results, self.targets)
         x_aug: list[Tensor | None] = [None] * len(calls)
         if need_exact:
             for res in results.values():
                 if res.name not in kept:  # the weight's dtype: under autocast the output may be bfloat16
                     res.sqrt = output.new_zeros(rows, *res.matrix_shape, dtype=res.module.weight.dtype)
-            for i, ((module, inp, eps), call) in enumerate(zip(calls, layer_calls)):
-                res = results[self.targets[module]]
+            for i, (call, t) in enumerate(zip(layer_calls, locations)):
+                res = results[call.name]
                 if res.name in kept:
-                    d_out = res.shape[0]
-                    call.coupled_roots = output.new_zeros(
-                        rows, n, d_out, eps.numel() // (n * d_out), dtype=module.weight.dtype)
+                    call.coupled_roots = output.new_zeros(rows, n, res.shape[0], t, dtype=call.module.weight.dtype)
                 else:
-                    x_aug[i] = res.contraction_inputs(layer_io.unfold_input(module, inp))
+                    x_aug[i] = res.contraction_inputs(layer_io.unfold_input(call.module, call.inp))
         for name, p in params:
             param_sqrt[name] = output.new_zeros(rows, *p.shape, dtype=p.dtype)
 
@@ -243,43 +246,27 @@ class Recording:
         return vjp.num_vjps
 
 
-def _layer_calls(calls: list, results: dict, targets: Mapping) -> list[LayerCall]:
-    """The :class:`LayerCall` of every recorded call, in the order of ``calls``."""
-    seen: dict[nn.Module, int] = {}
-    out = []
-    for module, _, _ in calls:
-        i = seen.get(module, 0)
-        seen[module] = i + 1
-        out.append(results[targets[module]].calls[i])
-    return out
-
-
-def _keeps_roots(calls: list, results: dict, targets: Mapping, n: int) -> set[str]:
+def _keeps_roots(layer_calls: list[LayerCall], locations: list[int], results: dict, n: int) -> set[str]:
     """Layers whose coupled exact root is kept as the roots at their outputs
     (:attr:`LayerCall.coupled_roots`): a Linear or convolution whose batch has fewer locations
     than the layer's width, ``N·ΣT < D`` — those roots take ``N·ΣT/D`` of the ``M_k``'s size,
     and every ``M_k``'s rows lie in the span of the ``N·ΣT`` inputs (ResNet-18's last two
     stages at N = 8: 1/9 and 1/36 of it)."""
-    locations: dict[str, int] = {}
-    for module, _, eps in calls:
-        name = targets[module]
-        locations[name] = locations.get(name, 0) + eps.numel() // (n * results[name].shape[0])
-    return {name for name, t in locations.items()
+    totals: dict[str, int] = {}
+    for call, t in zip(layer_calls, locations):
+        totals[call.name] = totals.get(call.name, 0) + t
+    return {name for name, t in totals.items()
             if results[name].kind != layer_io.EMBEDDING and n * t < results[name].matrix_shape[1]}
 
 
-def _term_roots(vjp: BatchedVJP, root: Tensor, terms, columns: Tensor, calls: list, results: dict, targets: Mapping) -> None:
+def _term_roots(vjp: BatchedVJP, root: Tensor, terms, columns: Tensor, layer_calls: list[LayerCall]) -> None:
     """Each call's term-separated roots ``g_terms [columns·T_out, N, d_out, T]``."""
-    parts: list[list[Tensor]] = [[] for _ in calls]
+    parts: list[list[Tensor]] = [[] for _ in layer_calls]
 
     def consume(sl: slice, grads: tuple[Tensor, ...]) -> None:
-        for i, ((module, _, _), grad) in enumerate(zip(calls, grads)):
-            parts[i].append(layer_io.grads_to_layout(module, grad))
+        for i, (call, grad) in enumerate(zip(layer_calls, grads)):
+            parts[i].append(layer_io.grads_to_layout(call.module, grad))
 
     separated_roots(vjp, root, terms, columns, False, consume)
-    per_module: dict[nn.Module, int] = {}
-    for (module, _, _), p in zip(calls, parts):
-        res = results[targets[module]]
-        i = per_module.get(module, 0)
-        per_module[module] = i + 1
-        res.calls[i].g_terms = torch.cat(p, 0)
+    for call, p in zip(layer_calls, parts):
+        call.g_terms = torch.cat(p, 0)
