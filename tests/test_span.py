@@ -4,6 +4,8 @@ lies in the span, and the full decomposition where it does not."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from curvlab.approx.eigh import span_basis, span_projection, within_span
 from curvlab import mkl
 from curvlab.approx.inverse import FactorInverse
 from curvlab.approx.kfoc import KFOC
+from curvlab.approx.registry import REGISTRY
 from curvlab.compare import compare
 from curvlab.sqrt import DenseSqrt, UnfoldedSqrt
 
@@ -152,3 +155,20 @@ def test_kfoc_fits_in_the_span_of_the_inputs(kind: str, monkeypatch) -> None:
         widths.clear()
         KFOC.fit(root, init=start)
     assert set(widths) == {N}
+
+
+def test_kfoc_size_limit_counts_the_span(monkeypatch) -> None:
+    """KFOC's ``max_params`` bounds the block it fits: ``d_out·r`` in the span of a narrower
+    batch's ``r`` input rows, else ``P`` (its iteration's cost)."""
+    model, loss_fn = conv_net(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 5, (3,), generator=gen)
+    unlimited = compare(model, loss_fn, x, y, approximations=("kfac", "kfoc"), seed=0)
+    # P: 224 (768 rows: no span), 1168 (16·12 = 192 in the span), 325 (5·3 = 15 in the span)
+    assert unlimited.num_params.values.tolist() == [224, 1168, 325]
+    monkeypatch.setitem(REGISTRY, "kfoc", dataclasses.replace(REGISTRY["kfoc"], max_params=200))
+    limited = compare(model, loss_fn, x, y, approximations=("kfac", "kfoc"), seed=0)
+    kfoc = limited.rel_frobenius_error.sel(approximation="kfoc").values
+    assert np.isnan(kfoc[0])
+    np.testing.assert_array_equal(kfoc[1:], unlimited.rel_frobenius_error.sel(approximation="kfoc").values[1:])
+    assert not np.isnan(kfoc[1:]).any()

@@ -247,10 +247,14 @@ def span_basis(rows: Tensor) -> Tensor | None:
     """An orthonormal float64 basis ``[n, r]`` of a space holding the span of ``rows`` (``[r, n]``;
     the QR factor of ``rowsᵀ``), where ``r ≤ SPAN_MAX_SHARE · n`` (a decomposition through it is
     then the faster); ``None`` otherwise."""
-    r, n = rows.shape
-    if r > SPAN_MAX_SHARE * n:
+    if not narrow(*rows.shape):
         return None
     return torch.linalg.qr(rows.to(torch.float64).mT).Q
+
+
+def narrow(r: int, n: int) -> bool:
+    """Whether :func:`span_basis` gives a span for ``r`` rows of width ``n``."""
+    return r <= SPAN_MAX_SHARE * n
 
 
 def _scope_spans(width: int, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:

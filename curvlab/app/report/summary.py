@@ -68,7 +68,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("damping_strategies", "Damping strategies"),
     ("tkfac_conv", "TKFAC conv statistics"),
     ("factor_eigh", "Eigenbases of the Kronecker factors"),
-    ("measured_up_to", "Measured only on blocks up to (NaN above)"),
+    ("measured_up_to", "Measured only on blocks up to (NaN above; P = d_out·r where a batch's r input rows are fewer than D/2)"),
     ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
     ("top_k", "top-k (subspace overlap)"),
     ("train_steps", "Training steps before measuring"),
