@@ -263,11 +263,29 @@ def _check_failures() -> dict[str, str]:
             getattr(cd, call)(coupled.double().train(), loss_fn, xs, ys)
         except Exception as exc:  # noqa: BLE001
             seen[f"batchnorm_{call}"] = f"{type(exc).__name__}: {exc}"
+    # 7. examples coupled outside any BatchNorm module (a batch mean): found by the extraction
+    centred = _BatchMean(_setting("mlp", "ce", "mean", 4)[0])
+    try:
+        cd.extract(centred, loss_fn, xs, ys)
+    except Exception as exc:  # noqa: BLE001
+        seen["batch_mean"] = f"{type(exc).__name__}: {exc}"
     # the group still works: every rank went through the same collectives
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
     seen["after"] = str(int(t.item()))
     return seen
+
+
+class _BatchMean(torch.nn.Module):
+    """``net``'s output less its batch mean: every example's output depends on the others'."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out - out.mean(0, keepdim=True)
 
 
 def _equality_worker(cases, sqrt_models, subgroup_case=None, failures=False, mc=False):
@@ -353,6 +371,7 @@ def test_two_ranks_equal_one_process() -> None:
     for call in ("extract", "compare"):
         said = first[f"batchnorm_{call}"]
         assert said == second[f"batchnorm_{call}"] and "BatchNorm normalising with batch statistics" in said, said
+    assert first["batch_mean"] == second["batch_mean"] and "forward couples the examples" in first["batch_mean"]
     assert first["after"] == second["after"] == "2"
 
 

@@ -331,12 +331,57 @@ def test_coupling_detection_and_its_effect() -> None:
             assert rel(uncoupled, ref) < RTOL
     # forcing the coupled route on an uncoupled model changes nothing but the cost
     model, x, y = zoo.make("vit", loss_fn=loss_fn)
-    plain = extract_autograd(model, loss_fn, x, y, sqrt=True)
+    plain = extract_autograd(model, loss_fn, x, y, sqrt=True, coupled=False)  # no probing vjp
     forced = extract_autograd(model, loss_fn, x, y, coupled=True)
     assert forced.num_vjps == plain.num_vjps * (1 + x.shape[0])
     for lname in plain.layers:
         a, b = plain.layers[lname].sqrt, forced.layers[lname].square_root()
         assert rel(b, a) < 1e-12
+
+
+class _BatchCentred(nn.Module):
+    """Examples coupled outside any BatchNorm module: a batch mean, or ``F.batch_norm``."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.functional = nn.Linear(5, 4), nn.Linear(4, 3), functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = F.batch_norm(h, None, None, training=True) if self.functional else h - h.mean(0, keepdim=True)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_coupling_outside_batchnorm_modules_is_found(functional: bool) -> None:
+    """No module shows this coupling: one probing vjp finds it, and the exact roots include it."""
+    torch.manual_seed(0)
+    model, loss_fn = _BatchCentred(functional).double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert not couples_examples(model)
+    result = extract_autograd(model, loss_fn, x, y)
+    assert result.coupled
+    for lname, layer in result.layers.items():
+        assert rel(block_from_sqrt(layer, layer.square_root()), dense_block(model, loss_fn, x, y, lname, "exact")) < RTOL
+    assert not extract_autograd(nn.Sequential(nn.Linear(5, 3)).double(), loss_fn, x, y).coupled
+
+
+def test_sequence_first_layer_inputs_are_refused() -> None:
+    """A layer fed ``[T, N, D]`` (batch_first=False) is refused, also where ``T = N`` hides it."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, T, 4]
+            return self.head(self.mix(x.transpose(0, 1)).mean(0))
+
+    loss_fn = nn.CrossEntropyLoss()
+    for t, match in ((2, "leading dimension 2, not the batch size 3.*sequence-first"), (3, "'mix' sees the batch on dimension 1")):
+        x, y = torch.randn(3, t, 4), torch.randint(0, 3, (3,))
+        with pytest.raises(ValueError, match=match):
+            extract_autograd(SequenceFirst(), loss_fn, x, y)
 
 
 def test_chunking_changes_nothing() -> None:

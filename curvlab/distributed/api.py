@@ -98,6 +98,12 @@ def extract(
         if n_r == 0:
             raise ValueError(f"curvlab.distributed: rank {rank} holds an empty shard")
         local = _extract.extract(model, loss_fn, local_inputs, local_targets, seed=local_seed, **options)
+        if any(s.coupled for s in local.values()):  # what no module shows: a batch mean, F.batch_norm
+            raise ValueError(
+                "curvlab.distributed: the model's forward couples the examples of a batch (one example's "
+                "output depends on another's input): each rank would couple its shard's only, so no sharded "
+                "result is the whole batch's; measure it in one process"
+            )
     except Exception as exc:  # reported to every rank below, so that none waits for this one
         error = exc
     blocks = list(local) if local is not None else []

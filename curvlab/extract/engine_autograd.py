@@ -8,6 +8,8 @@ it leaves untouched.  Its results go through :mod:`curvlab.extract.layer_stats`,
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from curvlab.extract.autograd import couples_examples
@@ -22,27 +24,31 @@ from curvlab.stats import LayerStats
 #: Statistics taken on the term-separated roots when a loss has several terms per example.
 _TERM_STATISTICS = {"sqrt", "tkfac", "kfe"}
 
+#: Per model, what the recordings' coupling probes found (:class:`~.autograd.Recording`'s ``probed``).
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
 
 class AutogradPass:
     """Context recording one forward pass of ``model`` and the loss; :meth:`results` after it."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, options: ExtractOptions, blocks: ModelBlocks) -> None:
         self.options, self.blocks = options, blocks
-        self.coupled = couples_examples(model)
+        # coupled: a batch-statistics BatchNorm, else found at the loss call (one probing vjp)
+        coupled = True if couples_examples(model) else None
         want_sqrt = "sqrt" in options.stats
         request = Request(
             flavours=options.flavours,
             mc_samples=options.mc_samples,
             max_bytes=options.max_bytes,
-            coupled=self.coupled,
-            sqrt=want_sqrt and self.coupled,  # uncoupled: the root follows from x and the term roots
+            coupled=coupled,
+            sqrt="coupled" if want_sqrt else False,  # uncoupled: the root follows from x and the term roots
             sqrt_flavours=(options.fisher,),
             terms=bool(_TERM_STATISTICS & options.stats),
             include_bias=True,
             params={b.name: b.weight for b in blocks.parameters} if want_sqrt else {},
             non_finite=options.non_finite,
         )
-        self.recording = Recording(blocks.layers, loss_fn, request, self.coupled)
+        self.recording = Recording(blocks.layers, loss_fn, request, coupled, _PROBED.setdefault(model, {}))
 
     def __enter__(self) -> "AutogradPass":
         allow_compiled_forwards()

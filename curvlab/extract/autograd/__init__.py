@@ -78,9 +78,15 @@ An operation whose backward has no vmap batching rule falls back to torch's slow
 path with a performance warning (e.g. ``F.scaled_dot_product_attention`` on CPU);
 ``vectorize=False`` loops over the columns explicitly.
 
+Coupling: a batch-statistics BatchNorm module couples the examples (:func:`couples_examples`);
+what no module shows (a batch mean, ``F.batch_norm``) is found at the loss call by one probing
+vjp (:func:`~.recording.probe_coupling`: a random cotangent at example 0's output alone reaches no
+other example's layer outputs in an uncoupled forward, exactly: their gradients are exact zeros).
+
 Limits: target inputs are kept by reference, so a forward that modifies a target's input in place
 after the call is refused; targets must see the batch as their leading dimension (a layer
-applied to a ``[N·T, D]`` reshape is refused); grouped and transposed convolutions, Embedding
+applied to a ``[N·T, D]`` reshape, or to a sequence-first ``[T, N, D]`` tensor, is refused —
+where ``T = N`` by the probing vjp); grouped and transposed convolutions, Embedding
 with ``max_norm``/``scale_grad_by_freq``, CE with class weights, label smoothing or
 ``ignore_index`` targets are unsupported.
 

@@ -60,7 +60,9 @@ def extract_autograd(
             state; with the same seed the labels equal ``curvlab.extract``'s (BackPACK's).
         max_bytes: bound on the temporaries of one batched vjp (an estimate, see the cost
             model); at least one column is backpropagated at a time.
-        coupled: treat the examples as coupled; default: :func:`couples_examples`.
+        coupled: treat the examples as coupled; default: where :func:`couples_examples`, else
+            where the vjp of one example's output reaches another's layers
+            (:func:`~curvlab.extract.autograd.recording.probe_coupling`).
         sqrt: compute each block's exact square root ``M`` (``LayerResult.sqrt``); default:
             when it does not follow from ``x`` and ``g`` (coupled, or ``T_out > 1``).
         vectorize: batch the columns of a chunk with ``torch.func.vmap``; ``False`` loops over
@@ -85,7 +87,7 @@ def extract_autograd(
     )
     request.check()
     targets_map = dict(layer_io.default_targets(model) if layers is None else layers)
-    coupled = couples_examples(model) if coupled is None else bool(coupled)
+    coupled = (True if couples_examples(model) else None) if coupled is None else bool(coupled)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     first = next(iter(model.parameters()), None)
     if first is not None:  # as curvlab.extract: the batch goes to the model's device

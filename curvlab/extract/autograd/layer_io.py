@@ -108,7 +108,9 @@ def check_input(name: str, module: nn.Module, inp: Tensor, version: int, num_exa
     n = inp.shape[0] if inp.dim() > int(k == LINEAR) else None
     if n != num_examples:
         raise ValueError(
-            f"extract_autograd: {name!r} saw an input with leading dimension {n}, not the batch size {num_examples}"
+            f"extract_autograd: {name!r} saw an input with leading dimension {n}, not the batch size "
+            f"{num_examples}: curvlab needs the batch as every layer input's leading dimension (not a "
+            "sequence-first [T, N, ...] tensor, e.g. batch_first=False, nor a [N·T, D] reshape)"
         )
 
 

@@ -35,7 +35,7 @@ class Request:
         max_bytes, vectorize: chunking of the batched vjps.
         coupled: treat the examples as coupled (``None``: whether the model couples them).
         sqrt: compute the Kronecker layers' exact square roots (``None``: when they do not follow
-            from ``x`` and ``g``).
+            from ``x`` and ``g``; ``"coupled"``: only where the examples are coupled).
         sqrt_flavours: flavours whose rows the square roots, term roots and parameter columns
             have (``None``: all).
         terms: with ``T_out > 1``, keep each call's term-separated roots ``g_terms``.
@@ -50,7 +50,7 @@ class Request:
     max_bytes: int = DEFAULT_MAX_BYTES
     vectorize: bool = True
     coupled: bool | None = None
-    sqrt: bool | None = None
+    sqrt: bool | str | None = None
     sqrt_flavours: tuple[str, ...] | None = None
     terms: bool = False
     include_bias: bool = False
@@ -67,6 +67,8 @@ class Request:
             raise ValueError(f"extract_autograd: mc_samples={self.mc_samples!r} must be a positive int")
         if self.max_bytes < 1:
             raise ValueError(f"extract_autograd: max_bytes={self.max_bytes!r} must be positive")
+        if self.sqrt not in (None, True, False, "coupled"):
+            raise ValueError(f"extract_autograd: sqrt={self.sqrt!r}; True, False, None or 'coupled'")
 
 
 class Recording:
@@ -76,17 +78,24 @@ class Recording:
         targets: target module → name (Linear, Conv1d/2d/3d, Embedding).
         loss_fn: the loss module whose (first) call inside the block triggers the vjps.
         request: what to compute.
-        coupled: the resolved coupling (see :func:`~curvlab.extract.autograd.couples_examples`).
+        coupled: whether the examples are coupled (see
+            :func:`~curvlab.extract.autograd.couples_examples`); ``None``: found at the loss call,
+            by :func:`probe_coupling`.
+        probed: what the probes of earlier recordings of the same model found, by the calls'
+            modules, input shapes and modes and the output's shape: read and filled here (the
+            optimizers' statistics passes probe once).
 
     After the block, :attr:`result` holds the :class:`AutogradExtraction` (``None`` if the loss
     was never computed inside the block).
     """
 
-    def __init__(self, targets: Mapping[nn.Module, str], loss_fn: nn.Module, request: Request, coupled: bool) -> None:
+    def __init__(self, targets: Mapping[nn.Module, str], loss_fn: nn.Module, request: Request,
+                 coupled: bool | None, probed: dict | None = None) -> None:
         request.check()
         for module, name in targets.items():
             layer_io.check_target(name, module)
         self.targets, self.loss_fn, self.request, self.coupled = dict(targets), loss_fn, request, coupled
+        self.probed = {} if probed is None else probed
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, ε)
         self.versions: list[int] = []
         self.result: AutogradExtraction | None = None
@@ -146,17 +155,24 @@ class Recording:
         for (module, inp, _), version in zip(calls, self.versions):
             layer_io.check_input(self.targets[module], module, inp, version, terms.num_examples)
         n, t_out, size = terms.num_examples, terms.terms_per_example, output.element_size()
-        coupled = self.coupled
-        factorable = not coupled and t_out == 1
-        want_sqrt = (not factorable) if req.sqrt is None else bool(req.sqrt)
-        sqrt_flavours = req.sqrt_flavours or req.flavours
-        columns, local = selected_columns(segments, sqrt_flavours, root.device)
-
         leaves = [eps for _, _, eps in calls]
         saved = self._saved.total if self._saved is not None else 0
         leaf_bytes = sum(e.numel() for e in leaves) * size
         out_bytes = output.numel() * size
         layers = BatchedVJP(output, leaves, estimate(saved, leaf_bytes, out_bytes), req.max_bytes, req.vectorize)
+
+        coupled = self.coupled
+        if coupled is None:
+            key = (tuple((id(m), tuple(inp.shape), m.training) for m, inp, _ in calls), tuple(output.shape))
+            coupled = self.probed.get(key)
+            if coupled is None:
+                coupled = finite and probe_coupling(layers, output, [self.targets[m] for m, _, _ in calls], n)
+                if finite:
+                    self.probed[key] = coupled
+        factorable = not coupled and t_out == 1
+        want_sqrt = coupled if req.sqrt == "coupled" else (not factorable) if req.sqrt is None else req.sqrt
+        sqrt_flavours = req.sqrt_flavours or req.flavours
+        columns, local = selected_columns(segments, sqrt_flavours, root.device)
         results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in self.targets.items()}
         layer_calls = [LayerCall(self.targets[module], module, inp, version, g)
                        for (module, inp, _), version, g in zip(calls, self.versions, batch_roots(layers, root, calls))]
@@ -244,6 +260,33 @@ class Recording:
 
         separated_roots(vjp, root, terms, columns, True, consume)
         return vjp.num_vjps
+
+
+def probe_coupling(vjp: BatchedVJP, output: Tensor, names: list[str], n: int) -> bool:
+    """Whether the forward couples the examples: the vjp of a random cotangent at example 0 of
+    the output alone reaches another example of a target call's output (``vjp``'s leaves, their
+    layers ``names``).  One vjp; it finds what no module type shows — a functional batch norm, a
+    batch mean — and refuses a layer that sees the batch on its input's dimension 1 (a
+    sequence-first ``[T, N, D]`` tensor whose ``T`` happens to equal ``N``): the vjp reaches
+    every position of example 0 there, and nothing else."""
+    if n < 2 or not vjp.leaves:
+        return False
+    gen = torch.Generator(device=output.device).manual_seed(0)  # the global RNG untouched
+    cotangent = torch.zeros_like(output)
+    cotangent[0] = torch.randn(output.shape[1:], generator=gen, device=output.device, dtype=output.dtype)
+    coupled = False
+    for name, grad in zip(names, vjp(cotangent[None])):
+        grad = grad[0]
+        if not grad[1:].any():
+            continue
+        if grad.dim() > 2 and grad.shape[1] == n and not grad[:, 1:].any():
+            raise ValueError(
+                f"extract_autograd: {name!r} sees the batch on dimension 1 (its output has shape "
+                f"{tuple(grad.shape)}: a sequence-first [T, N, ...] tensor, e.g. batch_first=False); "
+                "curvlab needs the batch as the leading dimension (batch_first=True)"
+            )
+        coupled = True
+    return coupled
 
 
 def _keeps_roots(layer_calls: list[LayerCall], locations: list[int], results: dict, n: int) -> set[str]:
