@@ -100,6 +100,22 @@ def test_inplace_activation_handled_and_restored() -> None:
         torch.testing.assert_close(got[name].dense_fisher(), want[name].dense_fisher())
 
 
+def test_a_loss_subclass_keeping_its_forward_is_the_loss() -> None:
+    """Its Fisher is the base loss's; BackPACK, which knows the class itself only, is not chosen."""
+    class NamedCE(nn.CrossEntropyLoss):
+        pass
+
+    model = tiny_mlp()
+    x, y = batch(model, nn.CrossEntropyLoss(), n=3)
+    got = extract(model, NamedCE(), x, y, stats=("sqrt",))
+    assert got.engine == "autograd" and "NamedCE" in got.engine_reason
+    want = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt",))
+    for name in got:
+        torch.testing.assert_close(got[name].dense_fisher(), want[name].dense_fisher(), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="engine='backpack' cannot run this model: its loss is NamedCE"):
+        extract(model, NamedCE(), x, y, engine="backpack")
+
+
 def test_bad_arguments_named() -> None:
     model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
     x, y = batch(model, loss_fn, n=2)
@@ -111,6 +127,14 @@ def test_bad_arguments_named() -> None:
         extract(model, loss_fn, x, y, fisher="mc", mc_samples=0)
     with pytest.raises(ValueError, match="loss_fn is NLLLoss"):
         extract(model, nn.NLLLoss(), x, y)
+
+    class TemperedCE(nn.CrossEntropyLoss):  # another loss under a supported type's name
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return super().forward(logits / 2, target)
+
+    for engine in ("auto", "autograd"):
+        with pytest.raises(ValueError, match="loss_fn is TemperedCE, a subclass of nn.CrossEntropyLoss with its own forward"):
+            extract(model, TemperedCE(), x, y, engine=engine)
     with pytest.raises(ValueError, match="reduction='none'"):
         extract(model, nn.CrossEntropyLoss(reduction="none"), x, y)
     with pytest.raises(ValueError, match="eigenbases"):

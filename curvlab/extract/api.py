@@ -84,7 +84,8 @@ def extract(
     Args:
         model: the network; its parameters, ``.grad`` and buffers (BatchNorm's running statistics)
             are left as they were.
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` instance (reduction mean or sum).
+        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` instance (reduction mean or sum; a
+            subclass only where it keeps their ``forward``).
         inputs, targets: one mini-batch (moved to the model's device).
         options: what to compute, an :class:`~curvlab.extract.ExtractOptions`; its fields can
             also be given as keyword arguments (``fisher="mc"``, ``stats=("kfac",)``,

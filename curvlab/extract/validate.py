@@ -25,6 +25,13 @@ def check_loss(loss_fn: nn.Module) -> None:
             f"curvlab.extract: loss_fn is {type(loss_fn).__name__}; supported losses are "
             "nn.CrossEntropyLoss and nn.MSELoss (module instances, not functions)"
         )
+    base = next(b for b in SUPPORTED_LOSSES if isinstance(loss_fn, b))
+    if type(loss_fn).forward is not base.forward:  # its Hessian is not the base's
+        raise UnsupportedModelError(
+            f"curvlab.extract: loss_fn is {type(loss_fn).__name__}, a subclass of nn.{base.__name__} with "
+            f"its own forward; curvlab knows the loss-Hessian of nn.{base.__name__}'s forward only (for a "
+            "scaled loss, scale the Fisher instead: it is linear in the loss)"
+        )
     if loss_fn.reduction not in ("mean", "sum"):
         raise UnsupportedModelError(
             f"curvlab.extract: loss_fn.reduction={loss_fn.reduction!r}; use 'mean' or 'sum'"
