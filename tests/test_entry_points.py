@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import curvlab
 import zoo
@@ -152,6 +153,22 @@ def test_a_weight_used_outside_its_module_is_refused_at_the_loss(tied_embedding:
             steps(opt, model, x, y, 1)
         assert opt.steps_done == 0
     # (a layer called twice, whose weight its own calls use twice, is zoo's TiedMLP: measured everywhere)
+
+
+def test_a_model_calling_no_layer_names_a_weight_it_uses() -> None:
+    """Every layer applied as ``F.linear(x, layer.weight)``: the message names one and the cause."""
+
+    class AllFunctional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.tanh(F.linear(x, self.a.weight, self.a.bias)), self.b.weight, self.b.bias)
+
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    with pytest.raises(UnsupportedModelError, match=r"no layer's hooks ran, yet a.weight reaches it: .*\(F\.linear"):
+        curvlab.extract(AllFunctional(), CE, x, y)
 
 
 class CalledWithoutGradient(nn.Module):

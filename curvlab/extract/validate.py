@@ -224,12 +224,16 @@ class LayerUseCheck:
         uses = graph_uses(root)
         # called, but no parameter reaches the loss (a head of another loss): a zero block
         self.unreached = [m for m in self.layers if self.calls[m] and not any(uses.get(p, 0) for p in m.parameters(recurse=False))]
-        if not any(self.calls.values()) and any(uses.get(p, 0) for m in self.layers for p in m.parameters(recurse=False)):
+        used = [f"{path}.{name}" for m, path in self.layers.items()
+                for name, p in m.named_parameters(recurse=False) if uses.get(p, 0)]
+        if not any(self.calls.values()) and used:
             raise UnsupportedModelError(
-                "curvlab.extract: the loss comes from a forward pass in which no layer's hooks ran: the model "
-                "was called before `opt.track` (or the ExtractionSession) began — call it inside the block — "
-                "or a torch.compile'd model's first call ran without curvlab's hooks and it keeps running "
-                "without them (set torch._dynamo.config.skip_nnmodule_hook_guards = False before its first call)"
+                f"curvlab.extract: the loss comes from a forward pass in which no layer's hooks ran, yet "
+                f"{used[0]} reaches it: the model was called before `opt.track` (or the ExtractionSession) "
+                "began — call it inside the block — or its layers' weights are used without calling the "
+                "modules (F.linear(x, layer.weight): call the module), or a torch.compile'd model's first "
+                "call ran without curvlab's hooks and it keeps running without them (set "
+                "torch._dynamo.config.skip_nnmodule_hook_guards = False before its first call)"
             )
         for module, path in self.layers.items():
             for name, p in module.named_parameters(recurse=False):
