@@ -227,12 +227,38 @@ def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--optimizer", "adam"], {"lr": 1e-3, "weight_decay": 0.0}),
+        (["--optimizer", "adam", "--lr", "0.01", "--weight-decay", "1e-4"], {"lr": 0.01, "weight_decay": 1e-4}),
+        (["--optimizer", "sgd", "--momentum", "0"], {"lr": 0.05, "momentum": 0.0}),
+        (["--optimizer", "sgd", "--probe-every", "5", "--damping", "0.1"], {"damping": 0.1, "probe_every": 5}),
+    ],
+)
+def test_first_order_optimizers_take_their_options(args: list[str], want: dict) -> None:
+    """Adam with its defaults (it was refused: --momentum counted as given); the probe's λ under SGD."""
+    from curvlab.app.cli import build_parser
+    from curvlab.app.train.cli import config_from_args
+
+    parsed = build_parser()[0].parse_args(["train", *args])
+    parsed.argv = ["train", *args]
+    cfg = config_from_args(parsed)
+    assert {k: getattr(cfg, k) for k in want} == want
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--optimizer", "sgd", "--damping", "5", "--basis", "kfac"],
-         "--damping, --basis given, which --optimizer sgd does not use (it takes --lr, --momentum, --weight-decay)"),
+         "--damping, --basis given, which --optimizer sgd does not use (it takes --lr, --momentum, --weight-decay; "
+         "--damping is the probe's λ, with --probe-every)"),
         (["--optimizer", "adam", "--momentum", "0.5"], "--momentum given, which --optimizer adam does not use"),
-        (["--momentum", "1.5"], "momentum=1.5 must be in [0, 1)"),
+        (["--optimizer", "adam", "--momentum", "0"], "--momentum given, which --optimizer adam does not use"),
+        (["--optimizer", "kfac", "--fisher", "exact", "--mc-samples", "3"],
+         "--mc-samples given, which --optimizer kfac does not use (--mc-samples: with --fisher mc only"),
+        (["--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
+        (["--stat-decay", "1"], "--stat-decay 1.0 must be in [0, 1)"),
+        (["--batch-size", "0"], "--batch-size 0 must be positive"),
         (["--hidden", ""], "--hidden '': expected comma-separated positive integers"),
         (["--seed", "-3"], "--seed: expected an integer in [0, 4294967295]"),
         (["--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 4294967295]"),  # seed + 1 overflowed torch

@@ -7,6 +7,7 @@ choices, defaults and help texts are defined there once).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import MISSING, fields
 
@@ -15,7 +16,7 @@ from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
 from curvlab.app.seed import add_seed_option
-from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, UNUSED_BY, TrainConfig, check_batches, curvature_layers,
+from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, check_batches, curvature_layers,
                                       default_lr, default_momentum)
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -123,16 +124,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if probe_options and not args.probe_every:
         raise ValueError(f"curvlab train: {', '.join(probe_options)} given but not --probe-every: no probe would run")
     options = {f.name: getattr(args, f.name) for f in fields(KroneckerOptions)}
-    given = [f.name for f in fields(KroneckerOptions) if options[f.name] != f.default or _given(args, f.name)]
-    if args.optimizer in FIRST_ORDER:
-        ignored = [f"--{name.replace('_', '-')}" for name in given if name not in FIRST_ORDER[args.optimizer]]
-        if ignored:
-            raise ValueError(f"curvlab train: {', '.join(ignored)} given, which --optimizer {args.optimizer} does not use "
-                             f"(it takes {', '.join('--' + n.replace('_', '-') for n in FIRST_ORDER[args.optimizer])})")
-    unused = [f"--{name.replace('_', '-')}" for name in given if name in UNUSED_BY.get(args.optimizer, ())]
-    if unused:
-        raise ValueError(f"curvlab train: {', '.join(unused)} given, which --optimizer {args.optimizer} does not use")
+    # given: on the command line, or (args built otherwise) away from the parser's default
+    given = [f.name for f in fields(KroneckerOptions)
+             if _given(args, f.name) or options[f.name] != _CLI_DEFAULTS.get(f.name, f.default)]
     options["kl_clip"] = options["kl_clip"] or None  # 0 disables clipping
+    try:
+        cfg = _config(args, options, model_kwargs, probe_approx)
+    except ValueError as err:  # the fields' names as the options' (--stat-decay 1.0 …)
+        raise ValueError(_as_options(str(err))) from None
+    unused = cfg.unused_options()
+    ignored = [f"--{name.replace('_', '-')}" for name in given if name in unused]
+    if ignored:
+        why = ""
+        if cfg.optimizer in FIRST_ORDER:
+            takes = [*FIRST_ORDER[cfg.optimizer], *(("damping",) if cfg.probe_every else ())]
+            why = f" (it takes {', '.join('--' + n.replace('_', '-') for n in takes)}"
+            why += "; --damping is the probe's λ, with --probe-every)" if "damping" in given else ")"
+        elif "mc_samples" in unused and "mc_samples" in given:
+            why = f" (--mc-samples: with --fisher mc only, not --fisher {cfg.fisher})"
+        raise ValueError(f"curvlab train: {', '.join(ignored)} given, which --optimizer {cfg.optimizer} does not use{why}")
+    return cfg
+
+
+#: The parser's defaults where they are not :class:`KroneckerOptions`' (per optimizer, resolved
+#: by :class:`TrainConfig`).
+_CLI_DEFAULTS = {"lr": None, "momentum": None}
+
+
+def _as_options(message: str) -> str:
+    """``name=value`` of a training option in ``message`` as the command line spells it, ``--name value``."""
+    names = {f.name for f in fields(TrainConfig)}
+    return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m.group(1).replace('_', '-')} " if m.group(1) in names else m.group(0),
+                  message)
+
+
+def _config(args: argparse.Namespace, options: dict, model_kwargs: dict, probe_approx: tuple[str, ...]) -> TrainConfig:
     return TrainConfig(
         **options,
         model=args.model,
