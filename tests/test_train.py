@@ -148,7 +148,7 @@ def test_a_run_on_an_indexed_cpu_device_resumes(tmp_path: Path) -> None:
     curvlab checkpoint ... truncated, from another program, or crafted" (torch.load cannot map
     storages to "cpu:0"); it resumes as the same run on "cpu" does."""
     train(small(tmp_path / "indexed", epochs=1, device="cpu:0"))
-    resumed = train(small(tmp_path / "indexed", epochs=2, device="cpu:0"), resume=True)
+    resumed = train(small(tmp_path / "indexed", epochs=2, device="cpu"), resume=True)  # cpu:0 is the cpu
     train(small(tmp_path / "plain", epochs=2, device="cpu"))
     metrics = xr.open_dataset(resumed["metrics"]).load()
     plain = xr.open_dataset(tmp_path / "plain" / "metrics.nc").load()
@@ -214,6 +214,14 @@ def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
         train(small(tmp_path, epochs=2, lr=0.5), resume=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(small(tmp_path / "empty"), resume=True)
+    # the model file changed under the same spec: the message says where the weights do not fit
+    nets = tmp_path / "nets.py"
+    nets.write_text("from torch import nn\ndef net(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))\n")
+    spec = dict(model=f"{nets}:net", model_kwargs={}, epochs=1, optimizer="sgd", probe_every=0, probe_batch_size=None)
+    train(small(tmp_path / "edited", **spec))
+    nets.write_text(nets.read_text().replace("8", "12"))
+    with pytest.raises(ValueError, match=r"does not fit this model and optimizer \(Error\(s\) in loading state_dict .* size mismatch for 1\.weight"):
+        train(small(tmp_path / "edited", **{**spec, "epochs": 2}), resume=True)
 
 
 def test_cli_resumes_after_being_killed(tmp_path: Path) -> None:

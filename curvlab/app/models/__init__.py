@@ -28,7 +28,13 @@ MODES = ("eval", "train")
 COUPLED_BATCH = ("measures the model's train-mode forward pass on the whole batch (BatchNorm's batch statistics "
                  "couple its examples, Dropout draws its masks); shards on several processes would change it")
 
-__all__ = ["COUPLED_BATCH", "MODELS", "MODES", "build_model", "load_user_model", "make_model"]
+__all__ = ["COUPLED_BATCH", "MODELS", "MODES", "build_model", "load_user_model", "make_model", "model_options"]
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The options (keywords) of the built-in model ``name``, beside its input shape and classes."""
+    builder = _BUILDERS[name.strip().lower()]
+    return tuple(p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes"))
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
@@ -53,7 +59,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     if key not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     builder = _BUILDERS[key]
-    allowed = [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
+    allowed = list(model_options(key))
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"model {key!r} has no option(s) {unknown}; its options are {allowed or 'none'}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     # data location"), which would blame the file: the CPU is the CPU
     where = torch.device("cpu") if torch.device(device).type == "cpu" else device
     try:
-        ckpt = torch.load(path, map_location=where, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle come before our one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=where, weights_only=True)
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
@@ -82,6 +85,8 @@ def _comparable(config: dict[str, object]) -> dict[str, object]:
     for key in PATHS:
         if out.get(key, "none") != "none":
             out[key] = str(Path(str(out[key])).expanduser().resolve())
+    if str(out.get("config_device", "")).startswith("cpu"):  # cpu:0 is the cpu
+        out["config_device"] = "cpu"
     return out
 
 
@@ -115,7 +120,8 @@ def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"curvlab train: {path} does not fit this model and optimizer ({first})") from None
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        said = " ".join(lines[:3]) if lines else type(err).__name__  # load_state_dict's detail follows its first line
+        raise CheckpointError(f"curvlab train: {path} does not fit this model and optimizer ({said})") from None
     if ckpt.get("cuda_rng") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)

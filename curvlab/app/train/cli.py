@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import MISSING, fields
 
-from curvlab.app.models import MODELS, MODES
+from curvlab.app.models import MODELS, MODES, model_options
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
@@ -111,6 +111,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model_kwargs = {}
     if args.hidden is not None:
         model_kwargs["hidden"] = _widths(args.hidden)
+        takes = [m for m in MODELS if "hidden" in model_options(m)]
+        if args.model.strip().lower() in MODELS and args.model.strip().lower() not in takes:
+            raise ValueError(f"curvlab train: --hidden applies to the models {', '.join(takes)} (and a "
+                             f"module:function taking hidden=), not {args.model}")
     probe_approx = tuple(a.strip().lower() for a in args.probe_approximations.split(",") if a.strip())
     for name in probe_approx:
         if name not in APPROXIMATIONS:
