@@ -414,3 +414,20 @@ def test_the_network_floor_label_covers_no_bar(ds: xr.Dataset, tmp_path: Path, m
     assert ax.get_window_extent().contains(boxes[0].x0, boxes[0].y0)
     assert ax.get_window_extent().contains(boxes[0].x1, boxes[0].y1)
     assert ax.get_ylim()[0] <= floor <= ax.get_ylim()[1]
+
+
+def test_a_long_errors_title_stays_inside_the_figure(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """ResNet-18's errors.png title ("Per-layer errors …; 40 parameter blocks (diagonal only) in
+    summary.md; n/a: not measured") ran out of the figure at both ends."""
+    extra = 40
+    names = [*map(str, ds["layer"].values), *(f"bn{i}.weight" for i in range(extra))]
+    kinds = [*map(str, ds["block_kind"].values), *["parameter"] * extra]
+    edited = ds.isel(layer=[*range(ds.sizes["layer"]), *[0] * extra]).assign_coords(
+        layer=names, block_kind=("layer", kinds))
+    edited["rel_frobenius_error"].loc[dict(layer=names[0], approximation="kfoc")] = np.nan
+    edited.attrs.update(model="resnet18", data="CIFAR-10 (JPEG q75 copy)")
+    fig = _drawn(monkeypatch, plot_errors, edited, tmp_path)
+    title = fig._suptitle
+    assert f"{extra} parameter blocks" in title.get_text() and "n/a: not measured" in title.get_text()  # not cut
+    box, frame = title.get_window_extent(), fig.bbox
+    assert box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1, title.get_text()

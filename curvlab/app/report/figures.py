@@ -76,10 +76,22 @@ def _title(ds: xr.Dataset, what: str) -> str:
     )
     parts = [p for p in (setting, details) if p]
     line = what + (" — " + "; ".join(parts) if parts else "")
-    if len(line) <= 95 or not parts:
+    if len(line) <= 95:
         return line
-    # too long for one line: the figure's subject on top, the setting below
-    return what + "\n" + textwrap.fill("; ".join(parts), width=95)
+    # too long for one line: the figure's subject on top, the setting below, each broken between
+    # its "; "-separated parts where it is itself too long
+    return "\n".join(_packed(p.split("; "), 95) for p in (what, "; ".join(parts)) if p)
+
+
+def _packed(parts: list[str], width: int) -> str:
+    """``parts`` joined by ``"; "``, on lines of at most ``width`` characters where they fit."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += "; " + part
+        else:
+            lines.append(part)
+    return ";\n".join(textwrap.fill(line, width=width) for line in lines)
 
 
 def _wrap_name(name: str, width: int) -> str:
