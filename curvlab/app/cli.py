@@ -149,7 +149,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
             "Kronecker approximation matches the exact per-layer Fisher blocks on one batch of "
             "training examples. Writes report.nc (all metrics, netCDF), summary.md (tables), "
             "spectra.png, errors.png, network.png (coupling.png with --mode train on a model whose examples "
-            "BatchNorm couples) and manifest.json (what ran, with the files' checksums) into --out."
+            "BatchNorm couples) and manifest.json (the run's id and the files' SHA-256 checksums; what ran is in report.nc's "
+            "attributes) into --out."
         ),
     )
     what = parser.add_argument_group("model and data")
