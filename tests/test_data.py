@@ -154,6 +154,21 @@ def test_idx_synthetic(tmp_path: Path, gz: bool, name: str, sub: str, mean: floa
     assert flat.input_shape == (784,) and flat.train_x.shape == (5, 784)
 
 
+@pytest.mark.parametrize("pixel_mean", [0.13, 0.29])  # MNIST's, Fashion-MNIST's
+def test_mnist_and_fashion_mnist_files_are_told_apart(tmp_path: Path, pixel_mean: float) -> None:
+    """They share their file names: Fashion-MNIST was trained on MNIST's files (normalised with the
+    wrong constants, recorded as Fashion-MNIST) without a word."""
+    rng = np.random.default_rng(0)
+    images = np.where(rng.random((1000, 28, 28)) < pixel_mean, 255, 0).astype(np.uint8)
+    for stem, arr in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", np.arange(1000) % 10),
+                      ("t10k-images-idx3-ubyte", images[:3]), ("t10k-labels-idx1-ubyte", np.arange(3))):
+        write_idx(tmp_path / stem, arr, gz=False)
+    right, wrong = ("mnist", "fashion-mnist") if pixel_mean < 0.2 else ("fashion-mnist", "mnist")
+    assert load_dataset(right, tmp_path).train_x.shape == (1000, 1, 28, 28)
+    with pytest.raises(DataError, match=f"{wrong}: .*train-images-idx3-ubyte looks like {right}'s .*point --data-dir"):
+        load_dataset(wrong, tmp_path)
+
+
 def test_read_idx_raw_and_gz_agree(tmp_path: Path) -> None:
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     raw = write_idx(tmp_path / "a" / "x", arr, gz=False)
