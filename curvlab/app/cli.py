@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -437,12 +438,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches
     if hasattr(args, "malloc"):  # before the run allocates (every --nproc process parses it too)
         apply_malloc_option(args.malloc, _model_outline(args) if args.malloc == "auto" else None)
+    # a warning as one line, as the errors are (not its source file and code line)
+    format_warning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return int(args.handler(args, subs[args.command]))
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
         print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_args: object, **_kwargs: object) -> str:
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -296,10 +296,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     model = build(cfg.model, data, cfg.seed).to(dev)
     loss_fn = nn.CrossEntropyLoss()
     batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
+    x, y = measurement_batch(data, batch_size, cfg.seed)  # first: a batch larger than the data is refused
     note = large_batch_note(model, data.num_classes, batch_size, coupled=cfg.mode == "train", option="--batch-size")
     if note:
         print(f"curvlab report: {note}", file=sys.stderr)
-    x, y = measurement_batch(data, batch_size, cfg.seed)
     if cfg.mode == "train" and batch_size == 1:  # before the warm-up, not after it
         why = one_example_fails(model, x.to(dev))
         if why is not None:
