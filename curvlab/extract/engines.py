@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.extract.autograd import couples_examples
 from curvlab.extract.extension import KRONECKER_DERIVATIVES, supported_backprop_types
+from curvlab.extract.validate import SUPPORTED_LOSSES
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError
 
 
@@ -124,7 +125,7 @@ def _graph_obstacle(module: nn.Module) -> str | None:
 def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module | None = None) -> str | None:
     """Why BackPACK cannot run ``model`` with ``loss_fn`` whatever its graph (``None``: the graph
     decides)."""
-    if loss_fn is not None and type(loss_fn) not in (nn.CrossEntropyLoss, nn.MSELoss):
+    if loss_fn is not None and type(loss_fn) not in SUPPORTED_LOSSES:
         return f"its loss is {type(loss_fn).__name__}, a subclass BackPACK's extensions do not know"
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.ignore_index != -100:
         return (f"its CrossEntropyLoss has ignore_index={loss_fn.ignore_index}, BackPACK implements the "
