@@ -192,6 +192,68 @@ def test_a_layer_called_with_gradients_off_is_refused() -> None:
             curvlab.extract(model, CE, x, y, engine=engine)
 
 
+class SecondPassBeforeTheLoss(nn.Module):
+    """Two views through the same layers before the loss (a consistency term); only the first
+    view's output reaches ``loss_fn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_call_whose_output_misses_the_loss_is_refused() -> None:
+    """Its inputs entered KFAC's ``A`` (trace 30.5 against 6.5 with one pass), without a word."""
+    model = SecondPassBeforeTheLoss().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    with pytest.raises(UnsupportedModelError, match=r"a \(Linear\) was called 2 times but loss_fn's output is reached "
+                                                    r"through 1 of them: .* call loss_fn before that pass"):
+        with opt.track(CE):
+            out, other = model(x), model(2 * x)
+            (CE(out, y) + (out - other).square().mean()).backward()
+    with opt.track(CE):  # the loss first: the second pass is outside the recording
+        out = model(x)
+        loss = CE(out, y)
+        (loss + (out - model(2 * x)).square().mean()).backward()
+    opt.step()
+    assert opt.steps_done == 1 and set(opt.approximations()) == {"a", "b"}
+
+
+def test_a_users_forward_hook_on_a_layer_is_part_of_the_block() -> None:
+    """A hook rescaling a layer's output: the recording took the gradient at the hooked output
+    (the block came out 1/4 of the exact one) and BackPACK never sees it."""
+    model = CalledWithoutGradient().double()  # a, b; its no_grad call aside: a plain MLP forward
+    model.forward = lambda x: model.b(torch.tanh(model.a(x)))
+    model.a.register_forward_hook(lambda module, args, out: 2 * out)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    params = dict(model.named_parameters())
+
+    def logits(w, bias):
+        return torch.func.functional_call(model, {**params, "a.weight": w, "a.bias": bias}, (x,))
+
+    jac = torch.cat([j.reshape(12, -1) for j in torch.func.jacrev(logits, argnums=(0, 1))(params["a.weight"], params["a.bias"])], 1)
+    hess = torch.func.hessian(lambda o: CE(o, y))(logits(params["a.weight"], params["a.bias"]).detach()).reshape(12, 12)
+    want = jac.T @ hess @ jac
+    for engine in ("autograd", "auto"):
+        got = curvlab.extract(model, CE, x, y, engine=engine)
+        assert got.engine == "autograd" and (engine == "autograd" or "forward hooks" in got.engine_reason)
+        torch.testing.assert_close(got["a"].dense_fisher(), want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_refused_naming_it(reentrant: bool) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    model = CalledWithoutGradient()
+    model.forward = lambda x: model.b(checkpoint(lambda h: torch.tanh(model.a(h)), x, use_reentrant=reentrant))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises((RuntimeError, UnsupportedModelError), match=r"torch.utils.checkpoint"):
+        curvlab.extract(model, CE, x, y, engine="autograd")
+
+
 # --- the command line -------------------------------------------------------------------------
 
 USER_MODELS = textwrap.dedent(

@@ -132,6 +132,10 @@ def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module 
                 "default -100 only")
     if couples_examples(model):
         return "a BatchNorm normalises with batch statistics (train mode), which couples the examples"
+    hooked = [name or "the model" for name, m in model.named_modules() if m._forward_hooks]
+    if hooked or nn.modules.module._global_forward_hooks:
+        where = f"module {hooked[0]!r} has" if hooked else "torch has global module"
+        return f"{where} forward hooks of its own (one may change an output, which BackPACK's derivatives would not see)"
     for module, name in blocks.layers.items():
         if type(module) not in KRONECKER_DERIVATIVES:
             return f"module {name!r} ({type(module).__name__}) is not a BackPACK Kronecker layer"

@@ -215,7 +215,8 @@ class LayerUseCheck:
             if self.detached[module]:
                 raise UnsupportedModelError(
                     f"curvlab.extract: {path} ({type(module).__name__}) was called {self.detached[module]} time(s) "
-                    "with gradients off (torch.no_grad()) in the forward pass: its Kronecker statistics would "
+                    "with gradients off (torch.no_grad(), or torch.utils.checkpoint's reentrant forward) in the "
+                    "forward pass: its Kronecker statistics would "
                     "count those calls' inputs, whose outputs never reach the loss — call it only where it does"
                 )
         root = getattr(output, "grad_fn", None)
@@ -254,6 +255,14 @@ class LayerUseCheck:
                         "used outside the module (e.g. a tied output embedding `h @ emb.weight.T`, or "
                         "F.linear(x, layer.weight)), and a Kronecker block sees only the module's calls — "
                         "call the module for every use, or freeze that parameter"
+                    )
+                if 0 < uses.get(p, 0) < self.calls[module]:
+                    raise UnsupportedModelError(
+                        f"curvlab.extract: {path} ({type(module).__name__}) was called {self.calls[module]} times "
+                        f"but loss_fn's output is reached through {uses[p]} of them: the others' inputs would enter its "
+                        "Kronecker statistics though their outputs never reach the loss (a second forward pass "
+                        "before loss_fn is called, e.g. for a consistency term) — call loss_fn before that pass, "
+                        "or run it outside the block"
                     )
 
 

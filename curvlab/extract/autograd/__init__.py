@@ -86,7 +86,10 @@ other example's layer outputs in an uncoupled forward, exactly: their gradients 
 Limits: target inputs are kept by reference, so a forward that modifies a target's input in place
 after the call is refused; targets must see the batch as their leading dimension (a layer
 applied to a ``[N·T, D]`` reshape, or to a sequence-first ``[T, N, D]`` tensor, is refused —
-where ``T = N`` by the probing vjp); grouped and transposed convolutions, Embedding
+where ``T = N`` by the probing vjp); so is activation checkpointing (``torch.utils.checkpoint``
+recomputes a forward in the backward pass, or runs it without gradients); a user's forward hook
+on a layer may change its output (the recording's own hook runs first, at the layer's own
+output; BackPACK is not chosen for such a model); grouped and transposed convolutions, Embedding
 with ``max_norm``/``scale_grad_by_freq``, CE with class weights, label smoothing or
 ``ignore_index`` targets are unsupported.
 

@@ -101,10 +101,18 @@ class Recording:
         self.result: AutogradExtraction | None = None
         self._handles: list = []
         self._saved: SavedBytes | None = None
+        self._computing = False  # inside the vjps of the loss call
 
     # ------------------------------------------------------------------ hooks
 
     def _layer_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        if self._computing:  # the vjps ran the layer's forward again
+            raise RuntimeError(
+                f"curvlab (autograd engine): {self.targets[module]!r} ran its forward again while curvlab's vjps "
+                "backpropagated through it: activation checkpointing (torch.utils.checkpoint) recomputes "
+                "its forward in the backward pass, which the recording cannot follow; run the block "
+                "without checkpointing"
+            )
         # kept as called: under autocast a bfloat16 input to a float32 layer, which autograd
         # keeps anyway; unfold_input casts it when read (a float32 copy here doubled its memory)
         inp = args[0] if args else kwargs["input"]
@@ -122,11 +130,15 @@ class Recording:
             )
         output = args[0] if args else kwargs["input"]
         targets = args[1] if len(args) > 1 else kwargs["target"]
-        self.result = self._compute(output, targets, loss)
+        self._computing = True
+        try:
+            self.result = self._compute(output, targets, loss)
+        finally:
+            self._computing = False
 
     def __enter__(self) -> "Recording":
-        for module in self.targets:
-            self._handles.append(module.register_forward_hook(self._layer_hook, with_kwargs=True))
+        for module in self.targets:  # first of the module's hooks: ε at its own output, before a user's hook
+            self._handles.append(module.register_forward_hook(self._layer_hook, with_kwargs=True, prepend=True))
         self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True))
         self._saved = SavedBytes().__enter__()
         return self
