@@ -1200,3 +1200,49 @@ def test_a_plain_step_waits_for_the_device_once(cls):
     with syncs:
         train_step(opt, model, loss_fn, x, y)
     assert syncs.count == 1
+
+
+def test_step_inside_the_track_block_is_refused() -> None:
+    """The whole step indented under ``track``: the statistics, handed over when the block ends,
+    were tagged with the step before and dropped as stale, so the run stayed SGD without a word."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    opt = TEKFAC(model, lr=0.1)
+    with pytest.raises(RuntimeError, match=r"TEKFAC.step\(\) was called inside `with opt.track\(loss_fn\):`; call it after"):
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.steps_done == 0
+    train_step(opt, model, loss_fn, x, y)  # the same optimizer, used as it should be
+    assert opt.steps_done == 1 and opt.approximations()
+
+
+def test_a_sparse_embedding_gets_the_first_order_update() -> None:
+    """``nn.Embedding(sparse=True)``: the finiteness check raised torch's 'SparseCPU' error on every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randint(0, 10, (6, 3)), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    sgd_model = copy.deepcopy(model)
+    opt = KFAC(model, lr=0.1)
+    with pytest.warns(UserWarning, match="0.weight"):
+        train_step(opt, model, loss_fn, x, y)
+    sgd = torch.optim.SGD(sgd_model[0].parameters(), lr=0.1)
+    loss_fn(sgd_model(x), y).backward()
+    sgd.step()
+    torch.testing.assert_close(model[0].weight, sgd_model[0].weight)
+    assert opt.approximations().keys() == {"2"}
+
+
+def test_a_statistics_step_without_track_warns_once() -> None:
+    """Forgetting ``track`` on a step due for statistics kept the old ones without a word."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    opt = KFAC(model, lr=0.1, stats_interval=2)
+    train_step(opt, model, loss_fn, x, y)  # step 0: statistics
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):  # steps 1-4: 2 and 4 were due
+            train_step(opt, model, loss_fn, x, y, use_track=False)
+    said = [str(w.message) for w in caught if "was due for curvature statistics" in str(w.message)]
+    assert len(said) == 1 and "step 2 was due" in said[0]

@@ -183,6 +183,8 @@ class KroneckerOptimizer(Optimizer):
         self._pending: Pending | None = None
         self._warned_first_order = False
         self._skip_streak = 0  # consecutive skipped steps
+        self._inside_track = False
+        self._warned_untracked = False
 
     # ------------------------------------------------------------------ options
 
@@ -278,7 +280,8 @@ class KroneckerOptimizer(Optimizer):
         if unsupported:
             warnings.warn(
                 f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
-                "statistics for, or to layers whose weight is shared by two modules (see "
+                "statistics for, or to layers whose weight is shared by two modules or frozen "
+                "(requires_grad=False: the bias has no Kronecker block of its own; see "
                 "curvlab.model_blocks); they get the first-order (SGD) update",
                 UserWarning,
                 stacklevel=4,
@@ -368,7 +371,17 @@ class KroneckerOptimizer(Optimizer):
         """Context for this step's forward and backward pass with ``loss_fn``: on a statistics
         step the extraction is attached for the block only and its statistics kept for
         :meth:`step` (a non-finite loss fails the statistics pass: warned, and the step is
-        skipped); on every other step it does nothing (no hooks)."""
+        skipped); on every other step it does nothing (no hooks).  :meth:`step` comes after the
+        block, which hands it the statistics when it ends."""
+        with self._tracked_step(loss_fn):
+            self._inside_track = True
+            try:
+                yield
+            finally:
+                self._inside_track = False
+
+    @contextlib.contextmanager
+    def _tracked_step(self, loss_fn: nn.Module) -> Iterator[None]:
         if self._engine != "backpack":  # also steps without statistics: a compiled model's first call
             allow_compiled_forwards()
         walk = self._step_walk()
@@ -436,6 +449,9 @@ class KroneckerOptimizer(Optimizer):
         Returns:
             The closure's loss, if any.
         """
+        if self._inside_track:  # its statistics, taken when the block ends, would be another step's
+            raise RuntimeError(f"{type(self).__name__}.step() was called inside `with opt.track(loss_fn):`; "
+                               "call it after the block")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -448,6 +464,16 @@ class KroneckerOptimizer(Optimizer):
         # the blocks through their updates: the damped inverse is positive definite, so a
         # non-finite gradient entry makes its preconditioned update non-finite.
         walk = self._step_walk()
+        if pending is None and not self._warned_untracked and self._due(self.options.stats_interval) and any(
+                state.curvature.has_statistics for _, state, _ in walk.blocks):
+            warnings.warn(
+                f"{type(self).__name__}: step {self.steps_done} was due for curvature statistics, but no "
+                "`with opt.track(loss_fn):` block ran its forward and backward; the earlier statistics are "
+                "kept (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_untracked = True
         plain = pending is None and self._parallel is None and not self._stale(walk)
         if plain:
             first_order = [p.grad for _, params in walk.first_order for p in params if p.grad is not None]

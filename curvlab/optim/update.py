@@ -37,7 +37,8 @@ def finiteness_terms(
     is taken — a non-finite entry of ``Σ_k v_k v_kᵀ`` implies a non-finite diagonal entry — so
     the check costs O(D), not O(D²), for a D × D factor; kept as rows, their trace.
     """
-    tensors = [*grads, *losses]
+    tensors = [g.coalesce().values() if g.is_sparse else g for g in grads]  # nn.Embedding(sparse=True)
+    tensors += losses
     if isinstance(loss, Tensor):
         tensors.append(loss.detach())
     elif isinstance(loss, (int, float)) and not math.isfinite(loss):
