@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     paths = train(cfg)
     ds = xr.open_dataset(paths["probe"]).load()
-    ds.attrs.update({"setting": args.setting, "optimizer": "tekfac", "lr": cfg.lr, "damping": cfg.damping})
+    ds.attrs.update({"setting": args.setting, "optimizer": "tekfac", "lr": cfg.lr, "damping": cfg.damping,
+                     "momentum": cfg.momentum, "kl_clip": cfg.kl_clip})
     save(ds, name)
     plot_all(ds, args.setting, name)
     print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)

@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                              "results'; other values write optimizer_comparison_<setting>_momentum<value>.*)")
     args = parser.parse_args(argv)
     name = f"optimizer_comparison_{args.setting}" + ("" if args.momentum == MOMENTUM else f"_momentum{args.momentum:g}")
+    FIGURES.mkdir(exist_ok=True)  # also for --replot on a clone without figures/
     if args.replot:
         plot(xr.open_dataset(RESULTS / f"{name}.nc").load(), args.setting, FIGURES / f"{name}.png")
         return 0
@@ -242,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     ds = ds.merge(tuned.drop_vars("tuning_run"))
     save(ds, name)
     (RESULTS / f"{name}.md").write_text(summary(ds, tuning, args.setting, args.budget))
-    FIGURES.mkdir(exist_ok=True)
     plot(ds, args.setting, FIGURES / f"{name}.png")
     print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
     return 0

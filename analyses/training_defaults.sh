@@ -5,10 +5,12 @@
 # Writes analyses/results/training_defaults.md (the last epoch of every run, and the means).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mnist=${MNIST_DIR:-../shared/data/mnist}
+[[ -d "$mnist" ]] || mnist=/work/shared/data/mnist  # as report_common.sh: the project's shared folder
 out=analyses/results/training_defaults.md
 runs=runs/analyses/training_defaults
 rows=()
-for setting in "mnist|--dataset mnist --data-dir ${MNIST_DIR:-../shared/data/mnist} --epochs 4" "digits|--epochs 10"; do
+for setting in "mnist|--dataset mnist --data-dir $mnist --epochs 4" "digits|--epochs 10"; do
   name=${setting%%|*}; args=${setting#*|}
   for opt in "tekfac --momentum 0.9" "tekfac" "kfac --momentum 0.9" "kfac" "sgd"; do
     for seed in 0 1 2; do
