@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -139,12 +140,20 @@ def final(setting: str, budget: dict, chosen: dict[str, dict], args) -> xr.Datas
     return ds
 
 
+class _Plain(ticker.LogFormatterSciNotation):
+    """A log axis's labels where matplotlib puts them (a few minor ones on an axis spanning less
+    than two decades), written as plain numbers (0.04, not 4×10⁻²)."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
     """Train and test loss and accuracy against epochs and wall-clock, mean ± std over seeds."""
     sns.set_theme(style="whitegrid", context="notebook")
     panels = (("train_loss", "train loss"), ("test_loss", "test loss"),
-              ("train_accuracy", "train accuracy"), ("test_accuracy", "test accuracy"))
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 13), constrained_layout=True)
+              ("train_accuracy", "train accuracy (%)"), ("test_accuracy", "test accuracy (%)"))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 13.5), layout="constrained")
     seeds = ds.sizes["seed"]
     names = {}
     for opt in ds.optimizer.values:
@@ -153,7 +162,8 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
     for row, (var, label) in enumerate(panels):
         for opt in ds.optimizer.values:
             sub = ds.sel(optimizer=opt)
-            mean, std = sub[var].mean("seed").values, sub[var].std("seed").values
+            scale = 100 if var.endswith("accuracy") else 1
+            mean, std = scale * sub[var].mean("seed").values, scale * sub[var].std("seed").values
             for col, x in enumerate((sub.epoch.values, sub.wall_clock.mean("seed").values)):
                 ax = axes[row, col]
                 ax.plot(x, mean, marker="o", ms=4, color=PALETTE[opt], label=names[opt])
@@ -162,13 +172,19 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
             ax = axes[row, col]
             ax.set_xlabel("epoch" if col == 0 else "training wall-clock (s, mean over seeds)")
             ax.set_ylabel(label)
-            if var.endswith("loss"):
+            low, high = ax.get_ylim()
+            if var.endswith("loss") and low > 0 and high / low > 3:  # a narrower range reads better linear
                 ax.set_yscale("log")
-    axes[0, 1].legend(title="optimizer")
+                ax.yaxis.set_major_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+                ax.yaxis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+            if col == 0:
+                ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="optimizer", loc="outside lower center", ncols=len(labels))
     budget = ds.attrs.get("budget", "")
     momentum = float(ds.attrs.get("kronecker_momentum", MOMENTUM))
-    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {seeds} seeds"
-                 + ("" if momentum == MOMENTUM else f"; Kronecker optimizers with momentum {momentum:g}")
+    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {seeds} seeds\n"
+                 f"momentum: SGD {MOMENTUM:g}, Kronecker optimizers {momentum:g}; y axes zoomed to the data"
                  + (f"\nREDUCED CPU budget ({BUDGETS[budget]['train']} images, {BUDGETS[budget]['epochs']} epochs)"
                     if budget == "cpu-reduced" else ""))
     fig.savefig(path, dpi=110)
