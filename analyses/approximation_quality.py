@@ -56,15 +56,19 @@ def plot_metrics(ds: xr.Dataset, title: str, path: Path) -> None:
     df = df.melt(id_vars=["step", "layer", "approximation"], value_vars=list(METRICS), var_name="metric")
     df["metric"] = df["metric"].map(METRICS)
     sns.set_theme(style="whitegrid", context="notebook")
-    grid = sns.relplot(df, x="step", y="value", hue="approximation", col="layer", row="metric", kind="line",
-                       palette=colours(df["approximation"].unique()), height=2.3, aspect=1.45, facet_kws={"sharey": "row"})
+    # TKFAC dashed: TEKFAC keeps its basis, so their projection errors coincide
+    dashes = {a: (4, 2) if a == "tkfac" else "" for a in df["approximation"].unique()}
+    grid = sns.relplot(df, x="step", y="value", hue="approximation", style="approximation", dashes=dashes,
+                       col="layer", row="metric", kind="line", palette=colours(df["approximation"].unique()),
+                       height=2.3, aspect=1.45, facet_kws={"sharey": "row"})
     # metrics as the first column's y labels, not rotated margin titles (whose length spread the rows apart)
     last = grid.axes.shape[0] - 1
     for (row, col), ax in np.ndenumerate(grid.axes):
         ax.set_title(f"layer {grid.col_names[col]}" if row == 0 else "")
         ax.set_ylabel(grid.row_names[row] if col == 0 else "")
         ax.set_xlabel("training step" if row == last else "")
-    grid.figure.suptitle(textwrap.fill(title, 100), y=1.05)
+    lines = textwrap.wrap(title, 120)
+    grid.figure.suptitle("\n".join(lines), y=1.0 + 0.025 * len(lines))
     grid.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(grid.figure)
 
@@ -100,8 +104,10 @@ def plot_spectra(ds: xr.Dataset, title: str, path: Path) -> None:
 
 
 def plot_all(ds: xr.Dataset, setting: str, name: str) -> None:
+    momentum, clip = ds.attrs.get("momentum", MOMENTUM), ds.attrs.get("kl_clip", 1e-3)  # the committed runs': 0.9, 1e-3
     title = (f"{setting}: approximations vs the exact Fisher on a fixed batch while training with TEKFAC "
-             f"(tekfac@optimizer = what TEKFAC inverts)")
+             f"(tekfac@optimizer = what TEKFAC inverts); one seed; lr {ds.attrs.get('lr')}, damping "
+             f"{ds.attrs.get('damping')}, KL clipping {clip}, momentum {momentum}")
     FIGURES.mkdir(exist_ok=True)
     plot_metrics(ds, title, FIGURES / f"{name}.png")
     plot_spectra(ds, f"{setting}: spectra during TEKFAC training", FIGURES / f"{name}_spectra.png")
