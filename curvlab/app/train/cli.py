@@ -30,6 +30,10 @@ _DEFAULT = TrainConfig()
 #: --damping of --damping-strategy, is that option, not an abbreviation).
 _OPTIONS = {"--" + f.name.replace("_", "-") for f in fields(KroneckerOptions)}
 
+#: The parser's defaults where they are not :class:`KroneckerOptions`' (per optimizer, resolved
+#: by :class:`TrainConfig`).
+_CLI_DEFAULTS = {"lr": None, "momentum": None}
+
 
 def _given(args: argparse.Namespace, name: str) -> bool:
     """Whether ``--name`` is on the command line (``args.argv``; an abbreviation too): given at its
@@ -46,13 +50,11 @@ def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
     """One ``--option`` per field of :class:`~curvlab.optim.KroneckerOptions`."""
     for f in fields(KroneckerOptions):
         meta = dict(f.metadata)
-        default = f.default if f.default is not MISSING else None
+        default = _CLI_DEFAULTS.get(f.name, f.default if f.default is not MISSING else None)
         help_text = meta.pop("help")
         if f.name == "lr":
-            default = None
             help_text += f" (default: {default_lr('sgd')} sgd, {default_lr('adam')} adam, {default_lr('tekfac')} Kronecker optimizers)"
         elif f.name == "momentum":
-            default = None
             help_text += f" (default: {default_momentum('sgd')} sgd, {default_momentum('tekfac')} Kronecker optimizers)"
         elif f.name == "kl_clip":
             # a clipped step's length is set by κ alone: lr cancels from lr·ν
@@ -148,11 +150,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             why = f" (--mc-samples: with --fisher mc only, not --fisher {cfg.fisher})"
         raise ValueError(f"curvlab train: {', '.join(ignored)} given, which --optimizer {cfg.optimizer} does not use{why}")
     return cfg
-
-
-#: The parser's defaults where they are not :class:`KroneckerOptions`' (per optimizer, resolved
-#: by :class:`TrainConfig`).
-_CLI_DEFAULTS = {"lr": None, "momentum": None}
 
 
 def _as_options(message: str) -> str:
