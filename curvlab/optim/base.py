@@ -543,7 +543,11 @@ class KroneckerOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; also reads the per-parameter layout curvlab 0.1 wrote."""
+        """Inverse of :meth:`state_dict`; also reads the per-parameter layout curvlab 0.1 wrote.
+
+        As torch's optimizers take the groups' ``lr``, ``momentum`` and ``weight_decay`` from the
+        state, this takes ``damping`` (which may change during training) from it; the other
+        options stay the constructor's."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvlab", None) or {}
         self._blocks = None
