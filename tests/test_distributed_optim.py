@@ -281,6 +281,43 @@ def _a_layer_called_on_one_rank_only() -> dict:
     return {"said": said, "seconds": time.perf_counter() - start}
 
 
+def _different_layers_on_a_plain_step() -> dict:
+    """A plain model whose ranks call different layers on a step without statistics: the
+    gradients present on each rank were averaged in list order (rank 1's ``b`` into rank 0's
+    ``a``: the ranks' parameters drifted apart, by 0.064, without a word), or mismatched in size
+    (gloo aborted).  Now every parameter has its slot, absent ones add zero, as DDP's
+    ``find_unused_parameters`` does — checked against DDP on the same steps."""
+    from curvlab.optim import KFAC
+
+    rank = torch.distributed.get_rank()
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x, use=("a", "b")):
+            return self.out(sum(torch.tanh(getattr(self, name)(x)) for name in use))
+
+    out = {}
+    for wrap in ("plain", "ddp"):
+        torch.manual_seed(0)
+        net = Branches().double()
+        model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if wrap == "ddp" else net
+        opt = KFAC(model, fisher="exact", stats_interval=2, factor_dtype="float64")
+        loss_fn = _loss("ce")
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen)
+            use = (("a",), ("b",))[rank] if step == 1 else ("a", "b")  # step 1: no statistics
+            opt.zero_grad()
+            with opt.track(loss_fn):
+                loss_fn(model(x, use), y).backward()
+            opt.step()
+        out[wrap] = _flat(net)
+    return out
+
+
 def _ddp_options_and_micro_batches(sizes) -> dict:
     """DDP's static_graph refused; find_unused_parameters taking the autograd engine (BackPACK
     refused there); micro-batches with DDP's no_sync and with a plain model against one process
@@ -330,6 +367,7 @@ def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
         out["disagree"] = _disagreeing_options()
         out["ddp"] = _ddp_options_and_micro_batches(extra_sizes)
         out["uncalled"] = _a_layer_called_on_one_rank_only()
+        out["branches"] = _different_layers_on_a_plain_step()
     return out
 
 
@@ -386,6 +424,9 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     assert other["said"].startswith("RankFailedError: curvlab.optim: the statistics pass: failed on rank 0: "
                                     "ValueError: curvlab.extract: layer 'b'"), other
     assert other["seconds"] < 10, other  # not the process group's timeout
+    plain, ddp = (torch.stack([r["branches"][wrap] for r in results]) for wrap in ("plain", "ddp"))
+    assert torch.equal(plain[0], plain[1])  # the ranks in step
+    assert _rel(plain[0], ddp[0]) <= RTOL  # as DDP averages them
 
 
 def test_four_ranks_take_one_process_steps() -> None:

@@ -485,7 +485,8 @@ class KroneckerOptimizer(Optimizer):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
             if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
-                pending, finite = self._parallel.synchronize(pending, grads, finite, local_loss=loss is not None)
+                params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+                pending, finite = self._parallel.synchronize(pending, params, finite, local_loss=loss is not None)
             if not finite:
                 return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
             for b, state, _ in walk.blocks:

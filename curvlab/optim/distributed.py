@@ -55,9 +55,12 @@ rank ``r`` samples under ``torch.manual_seed(mc_seed + k·R + r)`` (the global r
 restored afterwards), so the ranks draw independent labels and a resumed run redraws the same
 ones.  The MC statistics are a valid estimate for the global batch, not one process's draw.
 
-Requirements: every rank calls ``track``/``step`` in the same order with the same model
-structure, options and parameters (DDP broadcasts them at construction; for a plain model,
-broadcast them yourself) and, for a plain model, produces gradients for the same parameters.
+Requirements: every rank calls ``track``/``step`` in the same order, as many ``track`` blocks
+(micro-batches) before each ``step`` (each block ends in a collective: a rank with one more
+waits until the timeout), with the same model structure, options and parameters (DDP
+broadcasts them at construction; for a plain model, broadcast them yourself).  A plain
+model's gradients are averaged as DDP's ``find_unused_parameters`` averages them: a parameter
+without a gradient on a rank (a layer it did not call) adds zero there.
 A failing rank leaves the others blocked in a collective until the process group's timeout
 (``init_process_group(timeout=...)``; torchrun stops the other ranks at once).
 """
@@ -189,7 +192,7 @@ class RankSync:
     # ------------------------------------------------------------------ a step's statistics
 
     def synchronize(
-        self, pending: Pending | None, grads: Sequence[Tensor], finite: bool, local_loss: bool
+        self, pending: Pending | None, params: Sequence[Tensor], finite: bool, local_loss: bool
     ) -> tuple[Pending | None, bool]:
         """Average the statistics (and, for a plain model, the gradients) over the ranks and
         agree whether the step is taken.
@@ -197,7 +200,8 @@ class RankSync:
         Args:
             pending: this rank's statistics of the step (``None`` on every rank when the step
                 collects none: the plan is the same on every rank).
-            grads: the gradients the step applies (averaged in place when required).
+            params: the parameters the step may update (the same list on every rank): their
+                gradients, where they have one, are averaged in place when required.
             finite: whether this rank's loss, gradients and statistics are all finite.
             local_loss: whether the step's finiteness depends on a rank-local loss (the
                 closure's), which needs agreeing even on steps without statistics.
@@ -211,13 +215,14 @@ class RankSync:
             pending, agreed = self._reduce_statistics(pending, finite)
             changed = True
         if self.average_gradients:
-            agreed = self._average_gradients(grads, agreed)
+            agreed = self._average_gradients(params, agreed)
             changed = True
         elif pending is None and local_loss:
             flag = torch.tensor([0.0 if agreed else 1.0], device=self.device)
             agreed = bool(coll.all_reduce_one(flag, self.group).item() == 0)
         if agreed and changed:  # the averages are the same on every rank: so is this check
-            agreed = all_finite(grads, None, pending.losses if pending else (), ())
+            agreed = all_finite([p.grad for p in params if p.grad is not None], None,
+                                pending.losses if pending else (), ())
         return pending, agreed
 
     def _reduce_statistics(self, pending: Pending, finite: bool) -> tuple[Pending, bool]:
@@ -246,14 +251,27 @@ class RankSync:
         reduced = dataclasses.replace(pending, results=stats, losses=[loss], loss_terms=[sum(shards.loss_counts)])
         return reduced, all_finite((), None, (), stats.values())
 
-    def _average_gradients(self, grads: Sequence[Tensor], finite: bool) -> bool:
-        """Replace every gradient by its mean over the ranks; return the agreed finiteness."""
+    def _average_gradients(self, params: Sequence[Tensor], finite: bool) -> bool:
+        """Replace every gradient by its mean over the ranks, as DDP does: a rank on which a
+        parameter has no gradient (a layer it did not call) adds zero, and gets the mean too —
+        every rank sends every parameter's slot, so the ranks' sums line up whichever layers they
+        used (the gradients of the ones present alone did not: averaged into other parameters' or
+        a collective mismatch); a parameter no rank has a gradient for keeps none.  Returns the
+        agreed finiteness."""
+        grads = [p.grad for p in params if p.grad is not None]
         dtype = grads[0].dtype if grads else torch.float64
-        flag = torch.tensor([0.0 if finite else 1.0], dtype=dtype, device=self.device)
-        summed = coll.all_reduce_sum([*grads, flag], self.group)
-        for g, s in zip(grads, summed):
-            g.copy_(s).div_(self.world_size)
-        return bool(summed[-1].item() == 0)
+        present = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if finite else 1.0],
+                               dtype=dtype, device=self.device)
+        slots = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        *summed, counts = coll.all_reduce_sum([*slots, present], self.group)
+        for p, s, count in zip(params, summed, counts.tolist()):
+            if count == 0:
+                continue
+            if p.grad is None:
+                p.grad = s.div_(self.world_size)
+            else:
+                p.grad.copy_(s).div_(self.world_size)
+        return bool(counts[-1].item() == 0)
 
     # ------------------------------------------------------------------ a refresh step
 
