@@ -6,6 +6,11 @@ import argparse
 import sys
 
 
+def flag(name: str) -> str:
+    """A configuration field as the command line spells its option: ``stat_decay`` → ``--stat-decay``."""
+    return "--" + name.replace("_", "-")
+
+
 def print_error(parser: argparse.ArgumentParser, message: object, usage: bool = False) -> None:
     """``PROG: error: MESSAGE`` on stderr (after the usage line with ``usage``); the library's
     messages often name the command themselves ("curvlab train: …"), which is not repeated."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from curvlab.app.messages import flag
 from curvlab.app.train.config import NOT_USED
 from curvlab.io import atomic_write
 
@@ -110,7 +111,7 @@ def check_same_run(path: Path, saved: dict[str, object], current: dict[str, obje
 def _option_name(key: str) -> str:
     """A configuration attribute (``config_stat_decay``) as the command line spells it (``--stat-decay``)."""
     name = key.removeprefix("config_")
-    return "the model options (--hidden)" if name == "model_kwargs" else "--" + name.replace("_", "-")
+    return "the model options (--hidden)" if name == "model_kwargs" else flag(name)
 
 
 def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:

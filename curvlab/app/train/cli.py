@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from curvlab.app.models import MODELS, MODES, model_options
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
-from curvlab.app.messages import print_error
+from curvlab.app.messages import flag, print_error
 from curvlab.app.seed import add_seed_option
 from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, check_batches, curvature_layers,
                                       default_lr, default_momentum)
@@ -28,7 +28,7 @@ _DEFAULT = TrainConfig()
 
 #: The optimizer options as the command line spells them (one that names another's prefix,
 #: --damping of --damping-strategy, is that option, not an abbreviation).
-_OPTIONS = {"--" + f.name.replace("_", "-") for f in fields(KroneckerOptions)}
+_OPTIONS = {flag(f.name) for f in fields(KroneckerOptions)}
 
 #: The parser's defaults where they are not :class:`KroneckerOptions`' (per optimizer, resolved
 #: by :class:`TrainConfig`).
@@ -38,7 +38,7 @@ _CLI_DEFAULTS = {"lr": None, "momentum": None}
 def _given(args: argparse.Namespace, name: str) -> bool:
     """Whether ``--name`` is on the command line (``args.argv``; an abbreviation too): given at its
     default value, it is given all the same."""
-    option = "--" + name.replace("_", "-")
+    option = flag(name)
     for token in getattr(args, "argv", ()):
         head = token.split("=", 1)[0]
         if head == option or (head not in _OPTIONS and head.startswith("--") and len(head) > 2 and option.startswith(head)):
@@ -62,7 +62,7 @@ def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
                           "on steps it clips, --lr has no effect on their length")
         else:
             help_text += " (default: %(default)s)"
-        group.add_argument(f"--{f.name.replace('_', '-')}", default=default, help=help_text, **meta)
+        group.add_argument(flag(f.name), default=default, help=help_text, **meta)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -139,12 +139,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     except ValueError as err:  # the fields' names as the options' (--stat-decay 1.0 …)
         raise ValueError(_as_options(str(err))) from None
     unused = cfg.unused_options()
-    ignored = [f"--{name.replace('_', '-')}" for name in given if name in unused]
+    ignored = [flag(name) for name in given if name in unused]
     if ignored:
         why = ""
         if cfg.optimizer in FIRST_ORDER:
             takes = [*FIRST_ORDER[cfg.optimizer], *(("damping",) if cfg.probe_every else ())]
-            why = f" (it takes {', '.join('--' + n.replace('_', '-') for n in takes)}"
+            why = f" (it takes {', '.join(flag(n) for n in takes)}"
             why += "; --damping is the probe's λ, with --probe-every)" if "damping" in given else ")"
         elif "mc_samples" in unused and "mc_samples" in given:
             why = f" (--mc-samples: with --fisher mc only, not --fisher {cfg.fisher})"
@@ -155,8 +155,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _as_options(message: str) -> str:
     """``name=value`` of a training option in ``message`` as the command line spells it, ``--name value``."""
     names = {f.name for f in fields(TrainConfig)}
-    return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m.group(1).replace('_', '-')} " if m.group(1) in names else m.group(0),
-                  message)
+    return re.sub(r"\b([a-z_]+)=", lambda m: f"{flag(m.group(1))} " if m.group(1) in names else m.group(0), message)
 
 
 def _config(args: argparse.Namespace, options: dict, model_kwargs: dict, probe_approx: tuple[str, ...]) -> TrainConfig:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from curvlab.app.launch import check_batch_split
+from curvlab.app.messages import flag
 from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
@@ -154,7 +155,7 @@ def check_batches(cfg: TrainConfig, world_size: int, *, options: bool = False) -
         given = "--probe-mode train" if options else "probe_mode='train'"
         raise ValueError(f"curvlab train: {given} {COUPLED_BATCH}: run it in one process or probe in eval mode")
     for name, size in (("batch_size", cfg.batch_size), ("probe_batch_size", cfg.probe_every and cfg.probe_batch_size)):
-        check_batch_split("--" + name.replace("_", "-") if options else name, size or None, world_size)
+        check_batch_split(flag(name) if options else name, size or None, world_size)
 
 
 def curvature_layers(cfg: TrainConfig) -> tuple[type[nn.Module], ...]:

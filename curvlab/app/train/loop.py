@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from curvlab.app import launch
 from curvlab.app.data import Dataset, batches, epoch_batch_sizes, load_dataset, subset
+from curvlab.app.messages import flag
 from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, large_batch_note, measured_batch_size, one_example_fails
 from curvlab.app.report.run import resolve_device
@@ -53,7 +54,7 @@ def load_data(cfg: TrainConfig) -> Dataset:
     data = load_dataset(cfg.dataset, cfg.data_dir)
     for name, n, have in (("train_size", cfg.train_size, len(data.train_x)), ("test_size", cfg.test_size, len(data.test_x))):
         if n is not None and n > have:
-            raise ValueError(f"curvlab train: {name}={n} (--{name.replace('_', '-')}) exceeds the "
+            raise ValueError(f"curvlab train: {name}={n} ({flag(name)}) exceeds the "
                              f"{name.partition('_')[0]} split of {data.name} ({have} examples)")
     train_n = cfg.train_size or len(data.train_x)
     if cfg.probe_every and cfg.probe_batch_size and cfg.probe_batch_size > train_n:  # (the probe's batch: training examples)
