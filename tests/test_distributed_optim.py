@@ -281,6 +281,33 @@ def _a_layer_called_on_one_rank_only() -> dict:
     return {"said": said, "seconds": time.perf_counter() - start}
 
 
+def _uneven_track_blocks() -> dict:
+    """Rank 0 runs two ``track`` blocks (micro-batches) before a statistics step, rank 1 one, or
+    none: the ranks' collectives did not line up and both waited until the process group's
+    timeout.  Now every rank raises, naming where each one is."""
+    from curvlab.optim import KFAC
+
+    rank = torch.distributed.get_rank()
+    out = {}
+    for blocks in ((2, 1), (1, 0)):
+        model, loss_fn = _model("mlp"), _loss("ce")
+        opt = KFAC(model, fisher="exact", stats_interval=1)
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # rank 1's untracked statistics step
+                for _ in range(blocks[rank]):
+                    with opt.track(loss_fn):
+                        loss_fn(model(x), y).backward()
+                opt.step()
+            said = "accepted"
+        except Exception as err:  # noqa: BLE001
+            said = f"{type(err).__name__}: {err}"
+        out[blocks] = {"said": said, "seconds": time.perf_counter() - start}
+    return out
+
+
 def _different_layers_on_a_plain_step() -> dict:
     """A plain model whose ranks call different layers on a step without statistics: the
     gradients present on each rank were averaged in list order (rank 1's ``b`` into rank 0's
@@ -368,6 +395,7 @@ def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
         out["ddp"] = _ddp_options_and_micro_batches(extra_sizes)
         out["uncalled"] = _a_layer_called_on_one_rank_only()
         out["branches"] = _different_layers_on_a_plain_step()
+        out["uneven"] = _uneven_track_blocks()
     return out
 
 
@@ -424,6 +452,14 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     assert other["said"].startswith("RankFailedError: curvlab.optim: the statistics pass: failed on rank 0: "
                                     "ValueError: curvlab.extract: layer 'b'"), other
     assert other["seconds"] < 10, other  # not the process group's timeout
+    for blocks, points in (((2, 1), ("rank 0: end of track block 2 of step 0; rank 1: step() of step 0 after 1 "
+                                     "track block)")),
+                           ((1, 0), ("rank 0: end of track block 1 of step 0; rank 1: step() of step 0 after 0 "
+                                     "track blocks)"))):
+        for r in results:
+            said = r["uneven"][blocks]["said"]
+            assert said.startswith("RuntimeError: curvlab.optim: the ranks are out of step (" + points), (blocks, said)
+            assert r["uneven"][blocks]["seconds"] < 10, r["uneven"]  # not the process group's timeout
     plain, ddp = (torch.stack([r["branches"][wrap] for r in results]) for wrap in ("plain", "ddp"))
     assert torch.equal(plain[0], plain[1])  # the ranks in step
     assert _rel(plain[0], ddp[0]) <= RTOL  # as DDP averages them

@@ -76,7 +76,8 @@ convergence test could still end after different iteration counts and stall the 
 its timeout.
 """
 
-from curvlab.distributed.api import RankFailedError, compare, extract
+from curvlab.distributed.api import compare, extract
+from curvlab.distributed.collectives import RankFailedError
 from curvlab.distributed.reduce import Shards, reduce_statistics
 from curvlab.distributed.sqrt import ShardedSqrt, sharded_column_order
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import traceback
 import zlib
 from collections.abc import Iterable, Mapping
 
@@ -14,7 +13,6 @@ from torch import Tensor, nn
 import curvlab.compare.api as _compare
 import curvlab.extract as _extract
 from curvlab.distributed import collectives as coll
-from curvlab.distributed.collectives import RankFailedError
 from curvlab.distributed.reduce import Shards, local_loss_count, reduce_statistics, reduced_numel
 from curvlab.extract.autograd import couples_examples
 
@@ -82,7 +80,7 @@ def extract(
             shard is empty, or the model's BatchNorm normalises with batch statistics (train mode).
     """
     coll.require_initialized()
-    rank, size = coll.rank_of(group), coll.size_of(group)
+    rank = coll.rank_of(group)
     device = next(model.parameters()).device
     local_seed = None if seed is None else seed + rank
     error: BaseException | None = None
@@ -120,15 +118,8 @@ def extract(
     ]
     table = coll.all_gather_floats(meta, device, group).cpu()
 
-    failed = [r for r in range(size) if table[r, 0] == 0]
-    if failed:
-        messages: list[object] = [None] * size
-        mine = None if error is None else "".join(traceback.format_exception_only(type(error), error)).strip()
-        dist.all_gather_object(messages, mine, group=group)
-        if error is not None:
-            raise error
-        detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
-        raise RankFailedError(f"curvlab.distributed.extract: local extraction failed on {detail}")
+    if not table[:, 0].all():
+        coll.raise_failed(error, group, "curvlab.distributed.extract: the local extraction")
 
     _check_agreement(table, rank)
     examples = tuple(int(v) for v in table[:, 1].tolist())

@@ -28,14 +28,11 @@ class RankFailedError(RuntimeError):
     included)."""
 
 
-def raise_together(error: BaseException | None, device: torch.device, group: dist.ProcessGroup | None,
-                   who: str) -> None:
-    """Meet the other ranks (one small ``all_gather``) and raise on every rank when one failed:
-    its own ``error`` on a failing rank, :class:`RankFailedError` with the failing ranks' messages
-    on the others — so that none waits in a later collective for a rank that has stopped."""
-    table = all_gather_floats([float(error is not None)], device, group)
-    if not table.any():
-        return
+def raise_failed(error: BaseException | None, group: dist.ProcessGroup | None, who: str) -> None:
+    """Raise on every rank once the ranks have met (a collective of the caller's, e.g. a table
+    with a flag per rank) and found that one failed: its own ``error`` on a failing rank,
+    :class:`RankFailedError` with the failing ranks' messages on the others — so that none waits
+    in a later collective for a rank that has stopped."""
     messages: list[object] = [None] * size_of(group)
     mine = None if error is None else f"{type(error).__name__}: {error}"
     dist.all_gather_object(messages, mine, group=group)

@@ -80,7 +80,7 @@ from curvlab.optim.distributed import DataParallel, data_parallel, statistics_en
 from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
-from curvlab.optim.tracking import Pending, accumulated, plan_step, tracked_pass
+from curvlab.optim.tracking import Pending, Plan, accumulated, plan_step, tracked_pass
 from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
 
 #: Layer types whose blocks are preconditioned.  Every other trainable parameter — parameter
@@ -385,8 +385,7 @@ class KroneckerOptimizer(Optimizer):
         if self._engine != "backpack":  # also steps without statistics: a compiled model's first call
             allow_compiled_forwards()
         walk = self._step_walk()
-        plan = plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options,
-                         self._uncalled)
+        plan = self._plan(walk)
         # an earlier pass of this step (micro-batches before one step()): accumulated below
         earlier = self._pending if self._pending is not None and self._pending.step == self.steps_done else None
         self._pending = None
@@ -415,9 +414,9 @@ class KroneckerOptimizer(Optimizer):
             # rank raises (an error inside the block is the user's, and raises as it would)
             if self._parallel is None or not block_done:
                 raise
-            self._parallel.raise_together(exc)
+            self._parallel.end_of_pass(exc, self.steps_done, micro_batch + 1)
         if self._parallel is not None:
-            self._parallel.raise_together(None)
+            self._parallel.end_of_pass(None, self.steps_done, micro_batch + 1)
         self._pending = pending if earlier is None else accumulated(earlier, pending)
         if self._pending.results:  # a layer never called would otherwise make every step a statistics step
             self._uncalled = {b.name for b, _, _ in walk.blocks} - set(self._pending.results)
@@ -486,7 +485,9 @@ class KroneckerOptimizer(Optimizer):
             finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
             if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
                 params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-                pending, finite = self._parallel.synchronize(pending, params, finite, local_loss=loss is not None)
+                pending, finite = self._parallel.synchronize(pending, params, finite, local_loss=loss is not None,
+                                                             step=self.steps_done,
+                                                             statistics_step=bool(self._plan(walk).statistics))
             if not finite:
                 return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
             for b, state, _ in walk.blocks:
@@ -511,6 +512,11 @@ class KroneckerOptimizer(Optimizer):
             sgd_update_(params, group, self.state)
         self.steps_done += 1
         return loss
+
+    def _plan(self, walk: StepWalk) -> Plan:
+        """What this step's statistics pass computes (the same on every rank)."""
+        return plan_step({b.name: state.curvature for b, state, _ in walk.blocks}, self.steps_done, self.options,
+                         self._uncalled)
 
     def _stale(self, walk: StepWalk) -> list[CurvatureState]:
         """The curvature states this step refreshes: all with statistics every

@@ -15,8 +15,9 @@ ranks' batches::
 
 What the ranks exchange (``torch.distributed`` collectives only; gloo on CPU, nccl on GPU):
 
-* **statistics steps**: one ``all_gather`` of three numbers (finiteness, ``N_r``, loss terms),
-  then one ``all_reduce`` per dtype of every block's statistics of this step, flattened — KFAC's
+* **statistics steps**: at the end of each ``track`` block and at ``step()``, one ``all_gather``
+  of six numbers (where the rank is: the step, its ``track`` blocks so far; at ``step()`` the
+  finiteness, ``N_r``, loss terms), then one ``all_reduce`` per dtype of every block's statistics of this step, flattened — KFAC's
   ``A``, ``G``; TKFAC's ``δ``, ``δΦ``, ``δΨ``; the KFE second moments ``s*`` of EKFAC/TEKFAC —
   with the loss.  Rank ``r``'s local statistics carry its local loss normalisation; they are
   weighted exactly as :mod:`curvlab.distributed.reduce` does for the analysis (``ρ_r`` = its share
@@ -56,9 +57,12 @@ restored afterwards), so the ranks draw independent labels and a resumed run red
 ones.  The MC statistics are a valid estimate for the global batch, not one process's draw.
 
 Requirements: every rank calls ``track``/``step`` in the same order, as many ``track`` blocks
-(micro-batches) before each ``step`` (each block ends in a collective: a rank with one more
-waits until the timeout), with the same model structure, options and parameters (DDP
-broadcasts them at construction; for a plain model, broadcast them yourself).  A plain
+(micro-batches) before each ``step``, with the same model structure, options and parameters
+(DDP broadcasts them at construction; for a plain model, broadcast them yourself).  On a
+statistics step a rank with a ``track`` block more or less than the others makes every rank
+raise, naming where each one is — for a plain model; a DDP model's backward all-reduces the
+gradients first (or, under ``no_sync``, does not), and those collectives wait until the
+process group's timeout.  A plain
 model's gradients are averaged as DDP's ``find_unused_parameters`` averages them: a parameter
 without a gradient on a rank (a layer it did not call) adds zero there.
 A failing rank leaves the others blocked in a collective until the process group's timeout
@@ -176,11 +180,32 @@ class RankSync:
         """``ValueError(message)`` on every rank unless all passed an equal ``what``."""
         coll.check_agree(what, self.device, self.group, message)
 
-    def raise_together(self, error: BaseException | None) -> None:
-        """Raise on every rank when a rank's statistics pass failed after its ``opt.track``
-        block (e.g. a layer it did not call): otherwise the others would wait for it in the
+    def end_of_pass(self, error: BaseException | None, step: int, passes: int) -> None:
+        """Meet the other ranks at the end of a statistics step's ``opt.track`` block (the
+        ``passes``-th of step ``step``) and raise on every rank when a rank's statistics pass
+        failed (e.g. a layer it did not call): otherwise the others would wait for it in the
         step's collectives until the process group's timeout."""
-        coll.raise_together(error, self.device, self.group, "curvlab.optim: the statistics pass")
+        failed = self._meet(_END_OF_PASS, step, passes, [float(error is not None)])[:, 0]
+        if failed.any():
+            coll.raise_failed(error, self.group, "curvlab.optim: the statistics pass")
+
+    def _meet(self, where: int, step: int, passes: int, values: Sequence[float]) -> Tensor:
+        """The ranks' ``values`` (``[R, len]``), after checking that every rank is at the same
+        point of the same step.  A statistics step's meetings — the end of each ``track`` block,
+        then ``step()`` — are all one ``all_gather`` of the same length, so that a rank with one
+        block more meets the others' ``step()`` and every rank raises, instead of waiting in
+        mismatched collectives until the process group's timeout."""
+        row = [where, step, passes, *values, *(0.0,) * (_MEETING_WIDTH - 3 - len(values))]
+        table = coll.all_gather_floats(row, self.device, self.group).cpu()
+        points = [tuple(int(v) for v in r) for r in table[:, :3].tolist()]
+        if len(set(points)) > 1:
+            where_ranks = "; ".join(f"rank {r}: {_point(*p)}" for r, p in enumerate(points))
+            raise RuntimeError(
+                f"curvlab.optim: the ranks are out of step ({where_ranks}): every rank must take the same "
+                "steps (e.g. resume from the same checkpoint) and run as many `with opt.track(loss_fn):` "
+                "blocks (micro-batches) before each step()"
+            )
+        return table[:, 3:]
 
     def sampling_seed(self, step: int, micro_batch: int = 0) -> int:
         """The MC seed of this rank's statistics pass at ``step`` (of its ``micro_batch``-th pass
@@ -192,28 +217,31 @@ class RankSync:
     # ------------------------------------------------------------------ a step's statistics
 
     def synchronize(
-        self, pending: Pending | None, params: Sequence[Tensor], finite: bool, local_loss: bool
+        self, pending: Pending | None, params: Sequence[Tensor], finite: bool, local_loss: bool, step: int,
+        statistics_step: bool,
     ) -> tuple[Pending | None, bool]:
         """Average the statistics (and, for a plain model, the gradients) over the ranks and
         agree whether the step is taken.
 
         Args:
-            pending: this rank's statistics of the step (``None`` on every rank when the step
-                collects none: the plan is the same on every rank).
+            pending: this rank's statistics of the step (``None`` when it collected none).
             params: the parameters the step may update (the same list on every rank): their
                 gradients, where they have one, are averaged in place when required.
             finite: whether this rank's loss, gradients and statistics are all finite.
             local_loss: whether the step's finiteness depends on a rank-local loss (the
                 closure's), which needs agreeing even on steps without statistics.
+            step: the optimizer's step count.
+            statistics_step: whether the step is due for statistics (the same on every rank):
+                then the ranks meet, also those without a ``track`` block.
 
         Returns:
             ``(pending, finite)``: the global batch's statistics and loss, and the agreed
             decision (the same on every rank).
         """
         agreed, changed = finite, False
-        if pending is not None:
-            pending, agreed = self._reduce_statistics(pending, finite)
-            changed = True
+        if statistics_step or pending is not None:
+            pending, agreed = self._reduce_statistics(pending, finite, step)
+            changed = pending is not None
         if self.average_gradients:
             agreed = self._average_gradients(params, agreed)
             changed = True
@@ -225,18 +253,16 @@ class RankSync:
                                 pending.losses if pending else (), ())
         return pending, agreed
 
-    def _reduce_statistics(self, pending: Pending, finite: bool) -> tuple[Pending, bool]:
+    def _reduce_statistics(self, pending: Pending | None, finite: bool, step: int) -> tuple[Pending | None, bool]:
+        if pending is None:  # no rank ran a track block (the meeting checks that): warned by step()
+            self._meet(_STEP, step, 0, [])
+            return None, finite
         results = pending.results
         ok = finite and bool(results) and bool(pending.losses)
         first = next(iter(results.values()), None)
         examples = first.num_examples if first is not None else 0
         terms = pending.loss_terms[-1] if pending.loss_terms else examples
-        table = coll.all_gather_floats([float(ok), examples, terms, pending.step], self.device, self.group).cpu()
-        if len(set(table[:, 3].tolist())) > 1:
-            raise RuntimeError(
-                f"curvlab.optim: the ranks are at different steps {[int(s) for s in table[:, 3].tolist()]}: "
-                "every rank must take the same steps (e.g. resume from the same checkpoint)"
-            )
+        table = self._meet(_STEP, pending.step, pending.passes, [float(ok), examples, terms])
         if not bool(table[:, 0].all()):
             return dataclasses.replace(pending, results={}), False
         shards = Shards(
@@ -319,6 +345,17 @@ class RankSync:
 
 
 DECOMPOSITION_PREFIX = "decomposition."
+
+
+# where a rank is when the ranks meet on a statistics step (see RankSync._meet)
+_END_OF_PASS, _STEP = 0, 1
+_MEETING_WIDTH = 6
+
+
+def _point(where: int, step: int, passes: int) -> str:
+    if where == _END_OF_PASS:
+        return f"end of track block {passes} of step {step}"
+    return f"step() of step {step} after {passes} track block{'s' if passes != 1 else ''}"
 
 
 def _refreshed(state: CurvatureState, prepare: Callable[[KroneckerApproximation], object]) -> dict[str, Tensor]:
