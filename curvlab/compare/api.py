@@ -123,8 +123,6 @@ def compare(
         skip_unsupported=skip_unsupported,
         max_bytes=max_bytes,
     )
-    approx = {layer: LayerApproximations(block, [n for n in names if applies(n, block)], eigh=eigh)
-              for layer, block in stats.items()}
     wrap = None
     if progress:
         from functools import partial
@@ -132,25 +130,48 @@ def compare(
         from tqdm.auto import tqdm
 
         wrap = partial(tqdm, desc="compare", unit="layer")
+    attrs = {"mc_samples": mc_samples, "seed": "none" if seed is None else seed, "tkfac_conv": tkfac_conv,
+             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})", **(attrs or {})}
+    return measure_extraction(stats, names, damping=damping, damping_strategies=strategies, top_k=top_k,
+                              num_eigenvalues=num_eigenvalues, eigh=eigh, attrs=attrs, progress=wrap)
 
+
+def measure_extraction(
+    stats: Extraction,
+    names: Iterable[str],
+    *,
+    damping: float,
+    damping_strategies: Mapping[str, str | DampingStrategy],
+    top_k: int = 10,
+    num_eigenvalues: int = 256,
+    eigh: EighPolicy | None = None,
+    given: Mapping[str, Mapping[str, KroneckerApproximation]] | None = None,
+    attrs: Mapping[str, object] | None = None,
+    progress: Callable | None = None,
+) -> xr.Dataset:
+    """The second half of :func:`compare`, for a caller that ran the extraction itself (settings
+    checked by :func:`check_comparison`): every block's approximations ``names`` (those that
+    apply to it) measured against its exact block, after the objects ``given`` for it (layer →
+    name → an already built approximation, e.g. an optimizer's, measured as it is; its damping
+    strategy in ``damping_strategies``)."""
+    names = list(names)
+    given = given or {}
+    approx = {layer: LayerApproximations(block, [n for n in names if applies(n, block)], given.get(layer), eigh=eigh)
+              for layer, block in stats.items()}
     return measure(
         stats,
         approx,
         damping=damping,
-        damping_strategies=strategies,
+        damping_strategies=damping_strategies,
         top_k=top_k,
         num_eigenvalues=num_eigenvalues,
         attrs={
-            "mc_samples": mc_samples,
-            "seed": "none" if seed is None else seed,
-            "tkfac_conv": tkfac_conv,
             "factor_eigh": describe_eigh(eigh, names, stats),
-            "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})",
             "batch_loss": stats.loss.item(),
             **extraction_attrs(stats),
             **(attrs or {}),
         },
-        progress=wrap,
+        progress=progress,
     )
 
 

@@ -24,10 +24,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.app.models import MODES
-from curvlab.approx import DEFAULT_DAMPING, applies
-from curvlab.compare import LayerApproximations, measure
-from curvlab.compare.api import extraction_attrs
-from curvlab.approx import needed_kfac_flavours
+from curvlab.approx import DEFAULT_DAMPING, needed_kfac_flavours
+from curvlab.compare.api import measure_extraction
 from curvlab.extract import extract
 from curvlab.optim import KroneckerOptimizer
 from curvlab.io import read_netcdf, write_netcdf
@@ -116,20 +114,9 @@ class Probe:
             strategies[own] = optimizer.damping_strategy
             damping = optimizer.damping
             current = {layer: {own: a} for layer, a in optimizer.approximations().items()}
-        approx = {
-            layer: LayerApproximations(block, [n for n in self.approximations if applies(n, block)], current.get(layer))
-            for layer, block in stats.items()
-        }
-        ds = measure(
-            stats,
-            approx,
-            damping=damping,
-            damping_strategies=strategies,
-            num_eigenvalues=self.num_eigenvalues,
-            # what the comparison's own datasets say too: why BackPACK did not run, what was left out
-            attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode,
-                   **extraction_attrs(stats)},
-        )
+        ds = measure_extraction(stats, self.approximations, damping=damping, damping_strategies=strategies,
+                                num_eigenvalues=self.num_eigenvalues, given=current,
+                                attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode})
         if own is not None and own not in ds.approximation.values:
             # before the optimizer's first statistics: its entry is there, as NaN, so every probe
             # has the same approximations in the same order (and resumed runs the same attributes)
