@@ -84,7 +84,7 @@ def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int,
     convolution and input shape (``[N, C, *S]``, ``N`` the batch of ``x``) where curvlab's
     extraction forms ``A`` from the input by shifts (``curvlab.extract.conv_gram``), else None."""
     from curvlab.extract import conv_gram
-    from curvlab.extract.autograd.layer_io import CONV_TYPES
+    from curvlab.model_blocks import CONV_LAYERS
     from curvlab.optim import KFAC
 
     copy_ = copy.deepcopy(model)
@@ -102,7 +102,7 @@ def block_sizes(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[int, int,
         copy_(x[:1])
     for h in hooks:
         h.remove()
-    shifted = [(modules[b.name], inputs[b.name]) if isinstance(modules[b.name], CONV_TYPES)
+    shifted = [(modules[b.name], inputs[b.name]) if isinstance(modules[b.name], CONV_LAYERS)
                and conv_gram.applies(modules[b.name], inputs[b.name]) else None for b in blocks]
     return ([(*b.layout.shape, locations[b.name]) for b in blocks], [b.bias is not None for b in blocks],
             [b.name for b in blocks], shifted)

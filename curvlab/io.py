@@ -78,7 +78,7 @@ def fsync_dir(folder: PathLike) -> None:
         os.close(fd)
 
 
-def _netcdf_attr(value: object) -> object:
+def netcdf_attr(value: object) -> object:
     """netCDF attributes must be numbers, strings or 1-D arrays of them."""
     if isinstance(value, (bool, np.bool_)):
         return int(value)
@@ -98,9 +98,9 @@ def write_netcdf(ds: xr.Dataset, path: PathLike) -> Path:
     or strings; ``ds`` itself is not modified.
     """
     out = ds.copy(deep=False)
-    out.attrs = {k: _netcdf_attr(v) for k, v in ds.attrs.items()}
+    out.attrs = {k: netcdf_attr(v) for k, v in ds.attrs.items()}
     for name in out.variables:
-        out[name].attrs = {k: _netcdf_attr(v) for k, v in ds[name].attrs.items()}
+        out[name].attrs = {k: netcdf_attr(v) for k, v in ds[name].attrs.items()}
     image = _netcdf_image(out)
     if image is None:
         return atomic_write(path, lambda tmp: out.to_netcdf(tmp, engine=NETCDF_ENGINE))

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from curvlab.block import Block
 
+#: Convolutions (their weight forms a Kronecker block over the patches).
+CONV_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Module types whose weight forms a Kronecker block.
-KRONECKER_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+KRONECKER_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_LAYERS, nn.Embedding)
 #: torch module types whose parameters become parameter blocks.
 PARAMETER_LAYERS: tuple[type[nn.Module], ...] = (
     _BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
@@ -208,8 +210,3 @@ def _packed_owner(model: nn.Module, module: nn.Module, inside_packed: set[nn.Mod
     if module not in inside_packed:
         return None
     return next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and any(c is module for c in m.modules()))
-
-
-def trainable_parameters(blocks: ModelBlocks) -> set[Tensor]:
-    """Every parameter some block of ``blocks`` holds."""
-    return {p for b in blocks.blocks for p in b.parameters()}

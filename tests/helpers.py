@@ -74,6 +74,18 @@ def train(opt, model: nn.Module, data) -> None:
         opt.step()
 
 
+def reload_through_file(opt, model: nn.Module, make_model, make_opt, path) -> tuple[nn.Module, object]:
+    """A fresh ``make_model()`` and ``make_opt(model)`` loaded from a weights-only checkpoint of
+    ``(opt, model)`` written to ``path``: what a resumed run starts from."""
+    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, path)
+    saved = torch.load(path, weights_only=True)
+    model2 = make_model()
+    model2.load_state_dict(saved["model"])
+    opt2 = make_opt(model2)
+    opt2.load_state_dict(saved["opt"])
+    return model2, opt2
+
+
 def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
     """Random inputs of the right shape and targets for ``loss_fn``."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,16 @@ import curvlab
 from curvlab.approx import DEFAULT_DAMPING
 from curvlab.model_blocks import model_blocks
 from curvlab.optim import EKFAC, KFAC, OPTIMIZERS, TEKFAC, TKFAC
-from helpers import dense_ggn, dense_grad, dense_kfac, partial_traces, tiny_cnn, tiny_mlp, to_matrix_order
+from helpers import (
+    dense_ggn,
+    dense_grad,
+    dense_kfac,
+    partial_traces,
+    reload_through_file,
+    tiny_cnn,
+    tiny_mlp,
+    to_matrix_order,
+)
 
 DT = torch.float64
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
@@ -400,12 +409,8 @@ def test_state_dict_round_trips_through_a_weights_only_file(tmp_path):
     x, y = data(8)
     for _ in range(3):
         train_step(opt, model, loss_fn, x, y)
-    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model2 = tiny_mlp(5)
-    model2.load_state_dict(saved["model"])
-    opt2 = TEKFAC(model2, **settings)
-    opt2.load_state_dict(saved["opt"])
+    model2, opt2 = reload_through_file(opt, model, lambda: tiny_mlp(5), lambda m: TEKFAC(m, **settings),
+                                       tmp_path / "ckpt.pt")
     assert opt2.steps_done == 3
     for name, approx in opt.approximations().items():
         assert torch.equal(approx.to_dense(), opt2.approximations()[name].to_dense())

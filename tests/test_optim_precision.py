@@ -14,7 +14,7 @@ from curvlab.approx.inverse import KroneckerInverse
 from curvlab.approx.spectral import optimal_scaling
 from curvlab.extract import extract
 from curvlab.optim import EKFAC, KFAC, OPTIMIZERS, TEKFAC, TKFAC
-from helpers import batches, tiny_cnn, tiny_mlp, train
+from helpers import batches, reload_through_file, tiny_cnn, tiny_mlp, train
 
 DT = torch.float64
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
@@ -80,12 +80,8 @@ def test_truncated_state_resumes_bit_identically(cls, tmp_path) -> None:
     model = tiny_mlp(0)
     opt = cls(model, **options)
     train(opt, model, data[:2])
-    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model2 = tiny_mlp(3)
-    model2.load_state_dict(saved["model"])
-    opt2 = cls(model2, **options)
-    opt2.load_state_dict(saved["opt"])
+    model2, opt2 = reload_through_file(opt, model, lambda: tiny_mlp(3), lambda m: cls(m, **options),
+                                       tmp_path / "ckpt.pt")
     assert all(a.truncated for a in opt2.approximations().values())
     train(opt, model, data[2:])
     train(opt2, model2, data[2:])

@@ -18,7 +18,6 @@ from torch.func import functional_call, hessian, jacrev
 
 import curvlab
 import zoo
-from curvlab.approx import approximate
 from helpers import batch, tiny_cnn, tiny_mlp
 from zoo import oracle
 

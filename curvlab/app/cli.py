@@ -58,10 +58,9 @@ positive_float = _number(float, 0.0, True, "a positive finite number")
 
 
 def _dataset(text: str) -> str:
-    from curvlab.app.data import DATASETS
+    from curvlab.app.data import DATASETS, canonical_name
 
-    key = text.strip().lower()
-    key = {"fashionmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
+    key = canonical_name(text)
     if key not in DATASETS:
         raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}")
     return key

@@ -39,7 +39,6 @@ from curvlab.approx.damping import (
     NorDamping,
     TraceRelativeDamping,
     get_damping,
-    pi_factor,
 )
 from curvlab.approx.diagonal import Diagonal
 from curvlab.approx.eigh import EXACT_EIGH, EighPolicy, factor_eigh, psd_eigh, randomized_eigh
@@ -89,7 +88,6 @@ __all__ = [
     "factor_eigh",
     "get_damping",
     "needed_kfac_flavours",
-    "pi_factor",
     "psd_eigh",
     "randomized_eigh",
 ]

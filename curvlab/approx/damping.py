@@ -60,16 +60,9 @@ def check_damping(damping: float | Tensor, who: str = "damping") -> None:
         raise ValueError(f"{who} must be a positive finite number, got {damping}")
 
 
-def pi_factor(l: Tensor, r: Tensor) -> Tensor:
-    """``π = √((Σ r / D)/(Σ l / d_out))`` — the ratio of mean factor eigenvalues (traces/dims).
-
-    Falls back to ``π = 1`` when either factor has zero trace (a dead layer).
-    """
-    return pi_of_means(l.mean(), r.mean())
-
-
 def pi_of_means(mean_l: Tensor, mean_r: Tensor) -> Tensor:
-    """:func:`pi_factor` from the two means (``tr L/d_out``, ``tr R/D``)."""
+    """``π = √((tr R/D)/(tr L/d_out))`` — the ratio of the factors' mean eigenvalues, from those
+    means; ``π = 1`` when either factor has zero trace (a dead layer)."""
     ok = (mean_l > 0) & (mean_r > 0)
     tiny = torch.finfo(mean_l.dtype).tiny
     return torch.where(ok, (mean_r / mean_l.clamp_min(tiny)).sqrt(), torch.ones_like(mean_l))

@@ -30,8 +30,6 @@ from curvlab.extract.options import DEFAULT_MAX_BYTES, ExtractOptions
 from curvlab.reuse import name_values, reuse
 from curvlab.stats import KroneckerFactors, LayerStats
 
-DEFAULT_APPROXIMATIONS = APPROXIMATIONS
-
 
 def compare(
     model: nn.Module,
@@ -39,7 +37,7 @@ def compare(
     inputs: Tensor,
     targets: Tensor,
     *,
-    approximations: Iterable[str] = DEFAULT_APPROXIMATIONS,
+    approximations: Iterable[str] = APPROXIMATIONS,
     fisher: str = "exact",
     mc_samples: int = 1,
     damping: float = 1e-3,

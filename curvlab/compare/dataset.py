@@ -26,6 +26,7 @@ from curvlab.compare.metrics import (
     woodbury_natural_gradient,
     woodbury_solve,
 )
+from curvlab.io import netcdf_attr
 from curvlab.reuse import shared_work
 from curvlab.stats import LayerStats
 
@@ -247,7 +248,7 @@ def measure(
             "network_blocks": "kronecker" if partial else "all",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),
-            **{k: _attr(v) for k, v in (attrs or {}).items()},
+            **{k: netcdf_attr(v) for k, v in (attrs or {}).items()},
         }
     )
     return ds
@@ -302,15 +303,6 @@ def _network(
 def _ratio(num: float, den: float) -> float:
     """``num / den``; NaN where the exact quantity is zero (a relative error is undefined there)."""
     return float(num / den) if den > 0 else float("nan")
-
-
-def _attr(value: object) -> object:
-    """netCDF attributes must be numbers or strings."""
-    if isinstance(value, (int, float, str, np.integer, np.floating)):
-        return value
-    if value is None:
-        return "none"
-    return str(value)
 
 
 def _versions() -> dict[str, str]:

@@ -121,7 +121,7 @@ def extract(
     if not table[:, 0].all():
         coll.raise_failed(error, group, "curvlab.distributed.extract: the local extraction")
 
-    _check_agreement(table, rank)
+    _check_agreement(table)
     examples = tuple(int(v) for v in table[:, 1].tolist())
     shards = Shards(
         rank=rank,
@@ -140,7 +140,7 @@ def extract(
     return result
 
 
-def _check_agreement(table: Tensor, rank: int) -> None:
+def _check_agreement(table: Tensor) -> None:
     """Raise the same ``ValueError`` on every rank when the ranks' calls disagree."""
     def differ(col: int) -> bool:
         return bool((table[:, col] != table[0, col]).any())

@@ -96,11 +96,6 @@ class ExtractionSession:
         return AutogradPass(self.model, self.loss_fn, self.options, self.blocks)
 
     @property
-    def loss_calls(self) -> int:
-        """Calls of ``loss_fn`` seen in the ``with`` block so far (0 or 1)."""
-        return self._loss.calls
-
-    @property
     def backward_seen(self) -> bool:
         """Whether a backward pass went through that call's loss in the ``with`` block."""
         return self._loss.backward

@@ -75,7 +75,13 @@ from curvlab.approx import DampingStrategy, KroneckerApproximation, KroneckerPro
 from curvlab.block import Block
 from curvlab.extract import ExtractOptions
 from curvlab.extract.autograd.backprop import allow_compiled_forwards
-from curvlab.model_blocks import ModelBlocks, UnsupportedModelError, check_materialised, model_blocks
+from curvlab.model_blocks import (
+    KRONECKER_LAYERS,
+    ModelBlocks,
+    UnsupportedModelError,
+    check_materialised,
+    model_blocks,
+)
 from curvlab.optim.distributed import DataParallel, data_parallel, statistics_engine, unwrap
 from curvlab.optim.options import KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
@@ -88,7 +94,7 @@ from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_up
 #: packed projections) and ``nn.Embedding`` (its input factor is diagonal, but curvlab's
 #: approximation objects keep dense factors: a vocabulary-sized eigendecomposition per refresh)
 #: — gets the first-order update.
-PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRECONDITIONED_LAYERS = tuple(t for t in KRONECKER_LAYERS if t is not nn.Embedding)
 
 
 class StepWalk(NamedTuple):

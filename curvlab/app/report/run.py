@@ -19,7 +19,7 @@ from torch import nn
 from curvlab._options import is_int
 from curvlab.app.data import Dataset, data_source, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
-from curvlab.app.report.files import COUPLING_FIGURE, REPORT_FILES, check_report_folder, write_report  # noqa: F401 (re-exported)
+from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
 from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
 

@@ -79,14 +79,14 @@ def _correct(logits: Tensor, y: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Mean loss and accuracy over ``(x, y)``."""
+    """Mean loss (``loss_fn``'s, which averages over a batch) and accuracy over ``(x, y)``."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
     for xb, yb in batches(x, y, max(batch_size, 512), shuffle=False):
         xb, yb = xb.to(device), yb.to(device)
         out = model(xb)
-        total_loss += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        total_loss += loss_fn(out, yb).item() * len(yb)
         correct += _correct(out, yb)
     model.train(was_training)
     return total_loss / x.shape[0], correct / x.shape[0]

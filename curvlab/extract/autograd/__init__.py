@@ -98,17 +98,12 @@ Public API: :func:`extract_autograd`, :func:`couples_examples`, :func:`default_t
 types :class:`AutogradExtraction`, :class:`LayerResult`, :class:`LayerCall`.
 """
 
-from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES
 from curvlab.extract.autograd.engine import couples_examples, extract_autograd
-from curvlab.extract.autograd.layer_io import SUPPORTED, default_targets
-from curvlab.extract.autograd.loss_roots import FLAVOURS
+from curvlab.extract.autograd.layer_io import default_targets
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.autograd.results import AutogradExtraction, LayerCall, LayerResult
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
-    "FLAVOURS",
-    "SUPPORTED",
     "AutogradExtraction",
     "LayerCall",
     "LayerResult",

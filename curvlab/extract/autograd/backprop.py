@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-#: Default bound on the temporaries of one batched vjp (bytes).
-DEFAULT_MAX_BYTES = 2**30
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):

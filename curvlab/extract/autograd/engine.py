@@ -11,7 +11,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.extract.autograd import layer_io
-from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES
+from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.autograd.results import AutogradExtraction
 

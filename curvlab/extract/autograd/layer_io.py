@@ -29,26 +29,25 @@ from torch import Tensor, nn
 from curvlab.block import Block, planes_first
 from curvlab.extract import conv_gram, maths
 from curvlab.gram import GramRows
+from curvlab.model_blocks import CONV_LAYERS, KRONECKER_LAYERS
 
 if TYPE_CHECKING:
     from curvlab.extract.autograd.results import LayerCall
 
 LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED = (nn.Linear, *CONV_TYPES, nn.Embedding)
 
 
 def kind(module: nn.Module) -> str:
     """``"linear"``, ``"conv"`` or ``"embedding"``; raises for anything else."""
     if isinstance(module, nn.Linear):
         return LINEAR
-    if isinstance(module, CONV_TYPES):
+    if isinstance(module, CONV_LAYERS):
         return CONV
     if isinstance(module, nn.Embedding):
         return EMBEDDING
     raise ValueError(
         f"autograd engine: {type(module).__name__} is not a supported target "
-        f"(supported: {', '.join(t.__name__ for t in SUPPORTED)})"
+        f"(supported: {', '.join(t.__name__ for t in KRONECKER_LAYERS)})"
     )
 
 
@@ -65,7 +64,7 @@ def default_targets(model: nn.Module) -> dict[nn.Module, str]:
     """Every supported module of ``model`` → its path (first path if registered twice)."""
     out: dict[nn.Module, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, SUPPORTED) and module not in out:
+        if isinstance(module, KRONECKER_LAYERS) and module not in out:
             out[module] = name
     return out
 

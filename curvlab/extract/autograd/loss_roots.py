@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
 from torch.nn.functional import one_hot
 
-FLAVOURS = ("exact", "mc", "empirical")
+from curvlab.stats import FLAVOURS
 
 
 @dataclass(frozen=True)

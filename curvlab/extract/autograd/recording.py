@@ -19,8 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.extract.autograd import layer_io
-from curvlab.extract.autograd.backprop import DEFAULT_MAX_BYTES, BatchedVJP, SavedBytes, estimate
-from curvlab.extract.autograd.loss_roots import FLAVOURS, loss_terms, stacked_root
+from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, estimate
+from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
+from curvlab.extract.options import DEFAULT_MAX_BYTES
+from curvlab.stats import FLAVOURS
 from curvlab.extract.validate import checked_loss_inputs
 from curvlab.extract.autograd.results import AutogradExtraction, LayerCall, LayerResult
 from curvlab.extract.autograd.routes import batch_roots, selected_columns, separated_roots
