@@ -5,6 +5,7 @@ user would; the command line and run folders are in tests/test_run_safety.py).""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -405,3 +406,23 @@ def test_rescaling_of_a_low_precision_network(name: str, dtype: torch.dtype) -> 
         ref = torch.diagonal(q.T @ dense.reshape(d_out * d_in, -1) @ q).reshape(d_out, d_in)
         got = approx.eigenvalues().double()
         assert float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref)) < 2e-2, layer  # measured ≤ 3e-3
+
+
+def test_backpack_under_autocast_names_the_cause() -> None:
+    """A forward under bfloat16 autocast with the backward outside it (the AMP pattern): BackPACK
+    failed deep in its own code ("expected scalar type Float but found BFloat16"); the error now
+    names the layer, autocast and the engine that runs it."""
+    model = tiny_mlp(0).float()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    for engine in ("backpack", "autograd"):
+        opt = KFAC(model, engine=engine, stats_interval=1)
+        with pytest.raises(ValueError, match=r"layer '0' \(Linear\) computed in bfloat16 from float32 weights "
+                           r"\(torch.autocast\).*use engine='autograd'") if engine == "backpack" else nullcontext():
+            with opt.track(loss_fn):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_fn(model(x), y)
+                loss.backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

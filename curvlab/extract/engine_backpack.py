@@ -10,6 +10,7 @@ them) and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from types import TracebackType
 
 import torch
@@ -43,6 +44,8 @@ class BackpackPass:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inplace: list[nn.Module] = []
         self._stack: contextlib.ExitStack | None = None
+        #: the first layer seen computing in another dtype than its weight's (torch.autocast)
+        self._autocast: str | None = None
 
     def _modules(self) -> list[nn.Module]:
         return leaf_modules(self.graph) + [self.loss_fn]
@@ -56,6 +59,10 @@ class BackpackPass:
             if getattr(module, "inplace", False):
                 module.inplace = False
                 self._inplace.append(module)
+        names = {m: n for n, m in self.graph.named_modules()}
+        for module in leaf_modules(self.graph):
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                self._handles.append(module.register_forward_hook(partial(self._note_autocast, names[module])))
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(backpack(self.extension))
         return self
@@ -76,6 +83,18 @@ class BackpackPass:
             memory_cleanup(module)
         if exc_type is not None:
             self.results()  # drop partial results from the parameters
+            if issubclass(exc_type, RuntimeError) and self._autocast is not None:
+                raise ValueError(
+                    f"curvlab.extract: the BackPACK engine failed after {self._autocast} (torch.autocast): BackPACK "
+                    "cannot run a backward outside the autocast block; use engine='autograd' (or call backward() "
+                    "inside the autocast block)"
+                ) from exc
+
+    def _note_autocast(self, name: str, module: nn.Module, inputs: object, output: object) -> None:
+        if self._autocast is None and isinstance(output, torch.Tensor) and output.dtype != module.weight.dtype:
+            self._autocast = (f"layer {name!r} ({type(module).__name__}) computed in "
+                              f"{str(output.dtype).removeprefix('torch.')} from "
+                              f"{str(module.weight.dtype).removeprefix('torch.')} weights")
 
     def results(self) -> dict[str, LayerStats]:
         """The statistics left on the parameters, by block name (removed from them)."""
