@@ -18,8 +18,10 @@ wrapped in :class:`ShardedSqrt`, a :class:`~curvlab.sqrt.SquareRoot` back-end wh
 are ``torch.distributed`` collectives (:mod:`curvlab.distributed.sqrt`).  :func:`compare` *is*
 :func:`curvlab.compare` with this sharded :func:`extract` as its extraction: the approximations
 and metrics run unchanged, on every rank, and every rank returns the same Dataset: for the ``exact`` and ``empirical`` flavours the one :func:`curvlab.compare` gives on the
-concatenated batch (shards in rank order), to rounding.  MC sampling is seeded per rank
-(``seed + rank``): the ``mc`` flavour is a valid estimate, not the single-process one.
+concatenated batch (shards in rank order), to rounding — except what MC sampling draws: it is
+seeded per rank (``seed + rank``), so the ``mc`` flavour and KFAC's factors (MC-sampled
+whatever the flavour; ``kfac`` is measured by default) are valid estimates, not the single-process
+draws, and so are the network totals that include ``kfac``.
 
 The same reduction serves the data-parallel optimizers (:mod:`curvlab.optim.distributed`), and
 ``curvlab report``/``curvlab train --probe-every`` use :func:`compare`/:func:`extract` when

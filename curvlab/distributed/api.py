@@ -185,8 +185,10 @@ def compare(
 
     Collective: every rank calls it with its shard; every rank returns the same Dataset, equal
     (to rounding) to ``curvlab.compare`` of one process on the concatenated batch for the
-    ``exact`` and ``empirical`` flavours.  MC sampling is seeded with ``seed + rank``, so ``mc``
-    results are a valid MC estimate but not the single-process one.  It *is*
+    ``exact`` and ``empirical`` flavours, except what MC sampling draws: it is seeded with
+    ``seed + rank``, so the ``mc`` flavour and KFAC's factors (MC-sampled whatever the flavour;
+    ``kfac`` is measured by default), and the network totals that include them, are valid MC
+    estimates but not the single-process ones.  It *is*
     :func:`curvlab.compare`, run with the sharded :func:`extract`.
 
     Args:

@@ -17,7 +17,7 @@ fields of :class:`KroneckerOptions`::
     opt = TEKFAC(model, lr=0.1)
     for x, y in loader:
         opt.zero_grad()
-        with opt.track(loss_fn):     # BackPACK hooks on statistics steps only
+        with opt.track(loss_fn):     # statistics hooks on statistics steps only
             loss = loss_fn(model(x), y)
             loss.backward()
         opt.step()

@@ -1,6 +1,6 @@
 """The machinery every curvlab optimizer shares (:class:`KroneckerOptimizer`).
 
-Each ``nn.Linear``/``nn.Conv2d`` block ``W̄ = [W b]`` (:class:`curvlab.block.Block`) is
+Each ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` block ``W̄ = [W b]`` (:class:`curvlab.block.Block`) is
 preconditioned with the damped inverse of a :mod:`curvlab.approx` object built from running
 averages of statistics the extraction computes inside the user's own backward pass.  A method
 says only which typed per-block state it keeps (:mod:`curvlab.optim.state`) and its default
@@ -112,7 +112,7 @@ class KroneckerOptimizer(Optimizer):
     for the step, in order).
 
     Args:
-        model: the network; its Linear/Conv2d layers are found by type.
+        model: the network; its Linear and Conv1d/2d/3d layers are found by type.
         params: parameters or param groups (default ``model.parameters()``), as for any torch
             optimizer; ``lr``, ``momentum`` and ``weight_decay`` may be set per group.
         options: a :class:`~curvlab.optim.KroneckerOptions`; keyword arguments (``lr=0.1``,

@@ -56,6 +56,8 @@ def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
             help_text += f" (default: {default_lr('sgd')} sgd, {default_lr('adam')} adam, {default_lr('tekfac')} Kronecker optimizers)"
         elif f.name == "momentum":
             help_text += f" (default: {default_momentum('sgd')} sgd, {default_momentum('tekfac')} Kronecker optimizers)"
+        elif f.name == "damping":
+            help_text += " (default: %(default)s; with sgd/adam and --probe-every: the probe's λ)"
         elif f.name == "kl_clip":
             # a clipped step's length is set by κ alone: lr cancels from lr·ν
             help_text += (f" (default: {f.default}); the update is scaled by ν = min(1, √(κ / Σ lr²⟨∇̃, ∇⟩)), so "
@@ -81,7 +83,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     d = _DEFAULT
     run = p.add_argument_group("model, data and run")
     run.add_argument("--model", default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
-    run.add_argument("--hidden", default=None, help="MLP hidden widths, comma-separated (e.g. 128,64)")
+    widths = ", ".join(m for m in MODELS if "hidden" in model_options(m))
+    run.add_argument("--hidden", default=None, help=f"hidden widths of {widths}, comma-separated (e.g. 128,64)")
     run.add_argument("--dataset", default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
