@@ -1,11 +1,5 @@
-"""Deprecated: :class:`BlockLayout` lives in :mod:`curvlab.block` since curvlab 0.2."""
+"""Deprecated alias of :mod:`curvlab.block` (:class:`BlockLayout` moved there in curvlab 0.2)."""
 
-import warnings
+from curvlab._deprecated import alias
 
-from curvlab.block import BlockLayout
-
-warnings.warn(
-    "curvlab.layout is deprecated; import BlockLayout from curvlab.block", DeprecationWarning, stacklevel=2
-)
-
-__all__ = ["BlockLayout"]
+alias(__name__, "curvlab.block")

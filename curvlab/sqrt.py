@@ -1,7 +1,7 @@
 """Square roots of curvature blocks: the per-sample gradient matrices ``M_k``.
 
 A layer's exact (or MC, or empirical) Fisher block is ``F = Σ_k vec(M_k) vec(M_k)ᵀ = V Vᵀ`` with
-``M_k ∈ R^{d_out × D}`` in the matrix form of :mod:`curvlab.layout` and the loss reduction
+``M_k ∈ R^{d_out × D}`` in the matrix form of :mod:`curvlab.block` and the loss reduction
 folded in.  Columns are indexed ``k = c·N + n`` (BackPACK's ``[C, N, ...]`` order: ``c`` the
 flavour's column, ``n`` the example).
 

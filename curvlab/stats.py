@@ -54,7 +54,7 @@ class LayerStats:
             kept separate.
         module_type: the layer's class name (``"Linear"``, ``"Conv2d"``, …; a parameter block:
             its owner's).
-        layout: shape bookkeeping and flattening (:class:`~curvlab.layout.BlockLayout`).
+        layout: shape bookkeeping and flattening (:class:`~curvlab.block.BlockLayout`).
         flavour: ``"exact"``, ``"mc"`` or ``"empirical"``.
         num_examples: N.
         num_locations: T, output locations per example (1 for linear layers).

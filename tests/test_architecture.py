@@ -109,3 +109,44 @@ def test_the_version_is_declared_once_and_not_below_what_the_code_names() -> Non
     named = {m for path in PACKAGE.rglob("*.py")
              for m in re.findall(r"curvlab (\d+\.\d+)\b", path.read_text(encoding="utf-8"))}
     assert named and all(tuple(int(p) for p in m.split(".")) <= version for m in named), (declared, sorted(named))
+
+
+# 0.1's module paths: in a fresh interpreter (a module warns once, when first imported)
+_OLD_PATHS = """
+import importlib, sys, warnings
+warnings.simplefilter("error", DeprecationWarning)
+out = {}
+for old, new in [("curvlab.data", "curvlab.app.data"), ("curvlab.models", "curvlab.app.models"),
+                 ("curvlab.cli", "curvlab.app.cli"), ("curvlab.train", "curvlab.app.train"),
+                 ("curvlab.layout", "curvlab.block"), ("curvlab.report", None)]:
+    try:
+        importlib.import_module(old)
+        out[old] = "no warning"
+    except DeprecationWarning as w:
+        out[old] = "deprecated since curvlab 0.2" in str(w)
+warnings.simplefilter("ignore", DeprecationWarning)
+for old, new in [("curvlab.data", "curvlab.app.data"), ("curvlab.train", "curvlab.app.train"),
+                 ("curvlab.layout", "curvlab.block"), ("curvlab.train.parallel", "curvlab.app.train.parallel"),
+                 ("curvlab.train.loop", "curvlab.app.train.loop"), ("curvlab.models.user", "curvlab.app.models.user"),
+                 ("curvlab.report.summary", "curvlab.app.report.summary"), ("curvlab.report.run", "curvlab.app.report.run")]:
+    module = importlib.import_module(old)
+    out[old + " is " + new] = module is importlib.import_module(new) and module.__spec__.name == new
+import curvlab.report.files as files
+from curvlab.report import PALETTE, read_netcdf, figures
+out["report.files"] = files.read_netcdf is read_netcdf and files.__name__ == "curvlab.report.files"
+print(repr(out))
+"""
+
+
+def test_old_module_paths_warn_and_are_the_new_modules() -> None:
+    """Each 0.1 path imports with a DeprecationWarning and gives the new module itself, its
+    submodules too: ``curvlab.train.parallel`` used to load a second copy of the module (its
+    state apart from the real one's), and ``curvlab.report.summary`` did not import."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _OLD_PATHS], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 (our own repr of bools)
+    assert all(v is True for v in out.values()), out

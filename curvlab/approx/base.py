@@ -5,7 +5,7 @@ Every approximation ``K̂`` of a block ``F`` (``P × P``, ``P = d_out·D``) in c
     K̂ = Q diag(s) Qᵀ,   Q = U_out ⊗ U_in,
 
 with ``Q`` acting on the matrix form ``X ∈ R^{d_out × D}`` as ``X ↦ U_out X U_inᵀ`` (row-major
-Kronecker convention of :mod:`curvlab.layout`).  The eigenvalues ``s`` are stored as a
+Kronecker convention of :mod:`curvlab.block`).  The eigenvalues ``s`` are stored as a
 ``[d_out, D]`` matrix: ``s[i, j]`` belongs to the eigenvector ``U_out[:, i] ⊗ U_in[:, j]``, so
 
     K̂ X = U_out [(U_outᵀ X U_in) ⊙ s] U_inᵀ,
@@ -97,7 +97,7 @@ class KroneckerApproximation(ABC):
 
     Attributes:
         name: the approximation's name (``"kfac"``, ``"kflr"``, ``"ekfac"``, …).
-        layout: the block's :class:`~curvlab.layout.BlockLayout` (flat parameter order).
+        layout: the block's :class:`~curvlab.block.BlockLayout` (flat parameter order).
     """
 
     name: str

@@ -1,10 +1,10 @@
 """Deprecated: the report moved to :mod:`curvlab.app.report`, netCDF files to :mod:`curvlab.io`
 (curvlab 0.2)."""
 
-import sys
 import warnings
 
-from curvlab.app.report import figures, run, summary
+from curvlab._deprecated import alias_submodules
+from curvlab.app.report import figures, run, summary  # noqa: F401 (0.1 had them as attributes)
 from curvlab.app.report import (  # noqa: F401
     ReportError,
     plot_errors,
@@ -22,5 +22,4 @@ warnings.warn(
     DeprecationWarning,
     stacklevel=2,
 )
-sys.modules[__name__ + ".figures"] = figures
-sys.modules[__name__ + ".run"] = run
+alias_submodules(__name__, "curvlab.app.report", own=("files",))

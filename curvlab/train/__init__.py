@@ -2,4 +2,4 @@
 
 from curvlab._deprecated import alias
 
-alias(__name__, "curvlab.app.train", ("cli", "config", "loop", "probe"))
+alias(__name__, "curvlab.app.train")
