@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from curvlab.app.allocator import apply_malloc_option  # noqa: E402
-from curvlab.app.cli import positive_float, positive_int  # noqa: E402  (the CLI's option types)
+from curvlab.app.options import positive_float, positive_int  # noqa: E402  (the CLI's option types)
 from curvlab.app.models import build_model  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]

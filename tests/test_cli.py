@@ -258,7 +258,11 @@ def test_first_order_optimizers_take_their_options(args: list[str], want: dict) 
          "--mc-samples given, which --optimizer kfac does not use (--mc-samples: with --fisher mc only"),
         (["--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
         (["--stat-decay", "1"], "--stat-decay 1.0 must be in [0, 1)"),
-        (["--batch-size", "0"], "--batch-size 0 must be positive"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),  # as report says
+        (["--probe-every", "-1"], "argument --probe-every: expected an integer >= 0, got '-1'"),
+        (["--model", "resnt18"], "argument --model: unknown model 'resnt18'"),
+        (["--dataset", "mnits"], "argument --dataset: unknown dataset 'mnits'"),
+        (["--probe-approximations", "kfac,ekfc"], "argument --probe-approximations: unknown approximation(s) ekfc"),
         (["--hidden", ""], "--hidden '': expected comma-separated positive integers"),
         (["--seed", "-3"], "--seed: expected an integer in [0, 4294967295]"),
         (["--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 4294967295]"),  # seed + 1 overflowed torch

@@ -29,101 +29,19 @@ if TYPE_CHECKING:
 
 PROG = "curvlab"
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-# ------------------------------------------------------------------------------ option types
-
-
-def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: str) -> Callable[[str], float]:
-    """An argparse type: ``cast(text)``, finite and above (``strict``) or at least ``minimum``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value >= minimum or (strict and value == minimum) or value == float("inf"):  # NaN too
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, 1, False, "a positive integer")
-nonnegative_int = _number(int, 0, False, "an integer >= 0")
-positive_float = _number(float, 0.0, True, "a positive finite number")
-
-
-def _dataset(text: str) -> str:
-    from curvlab.app.data import DATASETS, canonical_name
-
-    key = canonical_name(text)
-    if key not in DATASETS:
-        raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}")
-    return key
-
-
-def _model(text: str) -> str:
-    from curvlab.app.models import MODELS
-
-    spec = text.strip()
-    if ":" in spec:
-        target, _, attr = spec.rpartition(":")
-        if not target.strip() or not attr.strip():
-            raise argparse.ArgumentTypeError(
-                f"model spec {text!r}: expected 'package.module:function' or 'path/to/file.py:function'"
-            )
-        return spec
-    if spec.lower() not in MODELS:
-        raise argparse.ArgumentTypeError(
-            f"unknown model {text!r}; choose one of {', '.join(MODELS)}, or give 'module:function'"
-        )
-    return spec.lower()
-
-
-def _approximations(text: str) -> tuple[str, ...]:
-    from curvlab.approx import APPROXIMATIONS
-
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if names == ["all"]:
-        return tuple(APPROXIMATIONS)
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of approximations")
-    unknown = [n for n in names if n not in APPROXIMATIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown approximation(s) {', '.join(unknown)}; choose from {', '.join(APPROXIMATIONS)} (or 'all')"
-        )
-    return tuple(dict.fromkeys(names))
-
-
-def _damping_strategies(text: str) -> dict[str, str]:
-    from curvlab.approx import APPROXIMATIONS, DAMPING_STRATEGIES
-
-    out: dict[str, str] = {}
-    for item in (i.strip() for i in text.split(",")):
-        if not item:
-            continue
-        name, sep, strategy = (p.strip().lower() for p in item.partition("="))
-        if not sep or not name or not strategy:
-            raise argparse.ArgumentTypeError(f"expected NAME=STRATEGY pairs, got {item!r}")
-        if name not in APPROXIMATIONS:
-            raise argparse.ArgumentTypeError(
-                f"unknown approximation {name!r} in {item!r}; choose from {', '.join(APPROXIMATIONS)}"
-            )
-        if strategy not in DAMPING_STRATEGIES:
-            raise argparse.ArgumentTypeError(
-                f"unknown damping strategy {strategy!r} in {item!r}; choose from {', '.join(DAMPING_STRATEGIES)}"
-            )
-        if name in out:
-            raise argparse.ArgumentTypeError(f"{name} is given two strategies ({out[name]}, {strategy}); give it one")
-        out[name] = strategy
-    if not out:
-        raise argparse.ArgumentTypeError("expected NAME=STRATEGY pairs, e.g. kfac=factored,tkfac=nor")
-    return out
+from curvlab.app.options import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    approximations,
+    damping_strategies,
+    dataset,
+    model,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 
 # ----------------------------------------------------------------------------------- report
@@ -156,14 +74,14 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     what = parser.add_argument_group("model and data")
     what.add_argument(
         "--model",
-        type=_model,
+        type=model,
         default=default.model,
         help=f"built-in model ({', '.join(MODELS)}) or a user model 'package.module:function' / "
         "'path/to/file.py:function' (called with input_shape= and num_classes= if it takes them) (default: %(default)s)",
     )
     what.add_argument(
         "--dataset",
-        type=_dataset,
+        type=dataset,
         default=default.dataset,
         metavar="{" + ",".join(DATASETS) + "}",
         help="dataset (local files only; digits ships with scikit-learn) (default: %(default)s)",
@@ -209,7 +127,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--approximations",
-        type=_approximations,
+        type=approximations,
         default=default.approximations,
         metavar="LIST",
         help=f"comma-separated approximations to measure, from {', '.join(APPROXIMATIONS)}, or 'all' (default: all)",
@@ -222,7 +140,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     how.add_argument(
         "--damping-strategy",
-        type=_damping_strategies,
+        type=damping_strategies,
         default=None,
         metavar="NAME=STRATEGY,...",
         help=f"how each approximation applies λ, strategies: {', '.join(DAMPING_STRATEGIES)} "
@@ -444,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
         print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_STOPPED
     finally:
         warnings.formatwarning = format_warning
 

@@ -15,6 +15,17 @@ from curvlab.app.models import MODELS, MODES, model_options
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import flag, print_error
+from curvlab.app.options import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    approximations,
+    dataset,
+    model,
+    nonnegative_int,
+    positive_int,
+)
 from curvlab.app.seed import add_seed_option
 from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, check_batches, curvature_layers,
                                       default_lr, default_momentum)
@@ -82,16 +93,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     d = _DEFAULT
     run = p.add_argument_group("model, data and run")
-    run.add_argument("--model", default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
+    run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
     widths = ", ".join(m for m in MODELS if "hidden" in model_options(m))
     run.add_argument("--hidden", default=None, help=f"hidden widths of {widths}, comma-separated (e.g. 128,64)")
-    run.add_argument("--dataset", default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
+    run.add_argument("--dataset", type=dataset, default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
-    run.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (default: %(default)s)")
-    run.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
-    run.add_argument("--train-size", type=int, default=d.train_size, help="train on a seeded subset of this many examples")
-    run.add_argument("--test-size", type=int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
+    run.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs to train (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
+    run.add_argument("--train-size", type=positive_int, default=d.train_size, help="train on a seeded subset of this many examples")
+    run.add_argument("--test-size", type=positive_int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     add_seed_option(run, d.seed, "seeds the model init, the data subsets, the batches, the probe and MC sampling")
     run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
@@ -102,10 +113,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_malloc_option(run)
     add_optimizer_options(p.add_argument_group("optimizer (SGD takes lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
-    probe.add_argument("--probe-every", type=int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
-    probe.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB)")
+    probe.add_argument("--probe-every", type=nonnegative_int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
+    probe.add_argument("--probe-batch-size", type=positive_int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB)")
     probe.add_argument("--probe-fisher", default=d.probe_fisher, choices=FLAVOURS, help="flavour of the probe's reference blocks (default: %(default)s)")
-    probe.add_argument("--probe-approximations", default=",".join(d.probe_approximations), help=f"fresh approximations measured at each probe, from {','.join(APPROXIMATIONS)} (default: %(default)s)")
+    probe.add_argument("--probe-approximations", type=approximations, default=",".join(d.probe_approximations), help=f"fresh approximations measured at each probe, from {','.join(APPROXIMATIONS)}, or all (default: %(default)s)")
     probe.add_argument("--probe-mode", default=d.probe_mode, choices=MODES, help="the model's mode while probed: eval (BatchNorm's running statistics, no Dropout) or train (the forward pass the optimizer's statistics come from: batch statistics coupling the probe batch's examples, Dropout masks fixed by --seed; the running statistics are put back; one process only) (default: %(default)s)")
     p.set_defaults(handler=run_train)
     return p
@@ -120,10 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if args.model.strip().lower() in MODELS and args.model.strip().lower() not in takes:
             raise ValueError(f"curvlab train: --hidden applies to the models {', '.join(takes)} (and a "
                              f"module:function taking hidden=), not {args.model}")
-    probe_approx = tuple(a.strip().lower() for a in args.probe_approximations.split(",") if a.strip())
-    for name in probe_approx:
-        if name not in APPROXIMATIONS:
-            raise ValueError(f"curvlab train: --probe-approximations has {name!r}; choose from {','.join(APPROXIMATIONS)}")
+    probe_approx = args.probe_approximations
     probe_options = [option for option, given in (
         ("--probe-batch-size", args.probe_batch_size is not None),
         ("--probe-fisher", args.probe_fisher != _DEFAULT.probe_fisher),
@@ -210,13 +218,13 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ValueError("curvlab train: --resume and --overwrite exclude each other")
     except ValueError as err:
         print_error(parser, err, usage=True)
-        return 2
+        return EXIT_USAGE
     if wants_relaunch(args.nproc):
         try:
             check_batches(cfg, args.nproc, options=True)
         except ValueError as err:
             print_error(parser, err, usage=True)
-            return 2
+            return EXIT_USAGE
         from curvlab.app.models.check import check_model
         from curvlab.app.train.run_folder import CHECKPOINT, check_run_folder
 
@@ -231,17 +239,17 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
                      else f"no epoch had finished: nothing to resume in {cfg.out_dir} (start again with --overwrite)")
             print(f"curvlab train: stopped by {err.signal_name}; {where}", file=sys.stderr, flush=True)
-            return 130
+            return EXIT_STOPPED
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (DataError, ValueError, OSError) as err:
         print_error(parser, err)
-        return 1
+        return EXIT_FAILURE
     is_main = Ranks.current().is_main
     leave_process_group()
     if not is_main:
-        return 0
+        return EXIT_OK
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    return 0
+    return EXIT_OK

@@ -1,0 +1,102 @@
+"""The command lines' option types and exit statuses (``curvlab report`` and ``curvlab train``
+parse the same options alike; the benchmarks use the number types too)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+#: stopped by a signal (SIGINT, SIGTERM): 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_STOPPED = 130
+
+
+def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: str) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)``, finite and above (``strict``) or at least ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= minimum or (strict and value == minimum) or value == float("inf"):  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, False, "a positive integer")
+nonnegative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive finite number")
+
+
+def dataset(text: str) -> str:
+    from curvlab.app.data import DATASETS, canonical_name
+
+    key = canonical_name(text)
+    if key not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}")
+    return key
+
+
+def model(text: str) -> str:
+    from curvlab.app.models import MODELS
+
+    spec = text.strip()
+    if ":" in spec:
+        target, _, attr = spec.rpartition(":")
+        if not target.strip() or not attr.strip():
+            raise argparse.ArgumentTypeError(
+                f"model spec {text!r}: expected 'package.module:function' or 'path/to/file.py:function'"
+            )
+        return spec
+    if spec.lower() not in MODELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; choose one of {', '.join(MODELS)}, or give 'module:function'"
+        )
+    return spec.lower()
+
+
+def approximations(text: str) -> tuple[str, ...]:
+    from curvlab.approx import APPROXIMATIONS
+
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return tuple(APPROXIMATIONS)
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of approximations")
+    unknown = [n for n in names if n not in APPROXIMATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown approximation(s) {', '.join(unknown)}; choose from {', '.join(APPROXIMATIONS)} (or 'all')"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def damping_strategies(text: str) -> dict[str, str]:
+    from curvlab.approx import APPROXIMATIONS, DAMPING_STRATEGIES
+
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, strategy = (p.strip().lower() for p in item.partition("="))
+        if not sep or not name or not strategy:
+            raise argparse.ArgumentTypeError(f"expected NAME=STRATEGY pairs, got {item!r}")
+        if name not in APPROXIMATIONS:
+            raise argparse.ArgumentTypeError(
+                f"unknown approximation {name!r} in {item!r}; choose from {', '.join(APPROXIMATIONS)}"
+            )
+        if strategy not in DAMPING_STRATEGIES:
+            raise argparse.ArgumentTypeError(
+                f"unknown damping strategy {strategy!r} in {item!r}; choose from {', '.join(DAMPING_STRATEGIES)}"
+            )
+        if name in out:
+            raise argparse.ArgumentTypeError(f"{name} is given two strategies ({out[name]}, {strategy}); give it one")
+        out[name] = strategy
+    if not out:
+        raise argparse.ArgumentTypeError("expected NAME=STRATEGY pairs, e.g. kfac=factored,tkfac=nor")
+    return out
