@@ -70,12 +70,14 @@ VARIABLE_ATTRS: dict[str, tuple[str, str | None]] = {
     "ng_cosine": ("cosine between the approximation's and the exact damped natural gradients", "1"),
     "ng_rel_error": ("relative error of the approximation's damped natural gradient", "1"),
     "subspace_overlap": ("overlap of the top-k eigenvector subspaces of the exact block and the approximation, "
-                         "||U_F^T U_hat||_F^2/k: k at most the exact block's rank; the approximation's "
+                         "||U_F^T U_hat||_F^2/k: k at most the exact block's rank, raised to the end of its eigenspace at "
+                         "the k-th eigenvalue (a repeated one); the approximation's "
                          "directions only those of its nonzero eigenvalues (rank r: at most r/k), an "
                          "eigenspace at the k-th eigenvalue weighted by the share of it that fits", "1"),
     "exact_trace": ("trace of the exact curvature block", None),
     "exact_frobenius": ("Frobenius norm of the exact curvature block", None),
-    "exact_eigenvalues": ("eigenvalues of the exact curvature block, largest first (NaN-padded)", None),
+    "exact_eigenvalues": ("eigenvalues of the exact curvature block, largest first (zeros included; "
+                          "NaN-padded beyond the block's size)", None),
     "approx_eigenvalues": ("eigenvalues of the approximation, largest first (NaN-padded)", None),
     "coupling_error": ("relative Frobenius distance from F of the block the Kronecker statistics describe "
                        "(examples coupled by train-mode BatchNorm)", "1"),
