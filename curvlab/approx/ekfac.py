@@ -6,7 +6,11 @@ Basis: the Kronecker-factored eigenbasis ``Q = U_G ⊗ U_A`` of the KFAC factors
     s*[i, j] = (Qᵀ F Q)_{(i,j),(i,j)} = Σ_k (U_Gᵀ M_k U_A)²[i, j],
 
 which minimises ``‖F − Q diag(s) Qᵀ‖_F`` for the fixed basis, hence ``‖F − EKFAC‖ ≤ ‖F − KFAC‖``
-and ``tr EKFAC = tr F`` [D].  ``λ_G``, ``λ_A`` are kept for factored damping.
+(KFAC of the same flavour: KFLR's basis under ``fisher="exact"``) and ``tr EKFAC = tr F`` [D] —
+for the ``F`` the ``M_k`` describe: where the forward couples the examples (train-mode
+BatchNorm) that is the per-example block the Kronecker statistics describe, not the exact
+coupled one, whose trace it misses by ``compare``'s ``coupling_trace_ratio``.  ``λ_G``, ``λ_A``
+are kept for factored damping.
 
 A truncated eigenbasis (large factors, :class:`~curvlab.approx.eigh.EighPolicy`) keeps the top
 ``k`` eigenvectors of a factor; the rest of the basis is any orthonormal complement on which

@@ -6,7 +6,9 @@ Basis ``Q = U_Ψ ⊗ U_Φ`` from ``δΨ = U_Ψ diag(δλ_Ψ) U_Ψᵀ`` (output s
 
     s*[i, j] = Σ_k (U_Ψᵀ M_k U_Φ)²[i, j].
 
-Hence ``‖F − TEKFAC‖_F ≤ ‖F − TKFAC‖_F`` (same basis, optimal diagonal) and ``tr = tr F`` [D].
+Hence ``‖F − TEKFAC‖_F ≤ ‖F − TKFAC‖_F`` (same basis, optimal diagonal) and ``tr = tr F`` [D], for
+the ``F`` the ``M_k`` describe (under coupled examples the per-example block: see
+:mod:`curvlab.approx.ekfac`).
 ``δ``, ``λ_Ψ``, ``λ_Φ`` are kept for the ``"nor"`` and ``"factored"`` damping, with the split
 ``L = √δ Ψ``, ``R = √δ Φ``.
 
