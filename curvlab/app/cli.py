@@ -224,9 +224,9 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     from curvlab.app.data import DataError
     from curvlab.app.launch import (Ranks, check_batch_split, join_process_group, leave_process_group, relaunch_with_data,
-                                    wants_relaunch)
+                                    resolve_device, wants_relaunch)
     from curvlab.app.models import COUPLED_BATCH
-    from curvlab.app.report.run import ReportConfig, ReportError, resolve_device, run_report
+    from curvlab.app.report.run import ReportConfig, ReportError, run_report
 
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
     if unused:
@@ -238,7 +238,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return EXIT_USAGE
     try:
         resolve_device(args.device)
-    except ReportError as err:
+    except ValueError as err:
         print_error(parser, err, usage=True)
         return EXIT_USAGE
     if wants_relaunch(args.nproc):

@@ -126,6 +126,28 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, checked to be usable here.
+
+    Raises:
+        ValueError: malformed name, or CUDA/MPS asked for but not available.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"invalid device {device!r}: {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
 def join_process_group(device: str) -> str:
     """Join the process group torchrun describes (nothing to do for one process, or when a group
     exists already); return the device this rank uses (``cuda`` becomes ``cuda:LOCAL_RANK``).

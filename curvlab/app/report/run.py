@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from curvlab._options import is_int
+from curvlab.app.launch import resolve_device
 from curvlab.app.data import Dataset, data_source, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
@@ -96,28 +97,6 @@ class ReportConfig:
 
 class ReportError(ValueError):
     """A report cannot run as configured (unknown model, unusable device, batch too large, ...)."""
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``torch.device(device)``, checked to be usable here.
-
-    Raises:
-        ReportError: malformed name, or CUDA/MPS asked for but not available.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ReportError(f"invalid device {device!r}: {err}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ReportError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ReportError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ReportError(f"device {device!r} requested but MPS is not available")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ReportError(f"unsupported device {device!r}; use cpu or cuda")
-    return dev
 
 
 def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
@@ -288,7 +267,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         check_batch_split("batch_size", cfg.batch_size, Ranks.current().world_size)
     except ValueError as err:
         raise ReportError(str(err)) from None
-    dev = resolve_device(cfg.device)
+    try:
+        dev = resolve_device(cfg.device)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
     out = check_report_folder(Path(cfg.out_dir))
     start = time.perf_counter()
     _check_model(cfg)  # before loading data or training: an unsupported model fails in a second

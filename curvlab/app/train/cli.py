@@ -207,8 +207,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``curvlab train``; returns the exit status (2: bad options, 1: the run failed)."""
     from curvlab.app.data import DataError
     from curvlab.app.launch import (Ranks, Stopped, join_process_group, leave_process_group, relaunch_with_data,
-                                    wants_relaunch)
-    from curvlab.app.report.run import resolve_device
+                                    resolve_device, wants_relaunch)
     from curvlab.app.train.loop import train
 
     try:

@@ -26,7 +26,6 @@ from curvlab.app.data import Dataset, batches, epoch_batch_sizes, load_dataset, 
 from curvlab.app.messages import flag
 from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, large_batch_note, measured_batch_size, one_example_fails
-from curvlab.app.report.run import resolve_device
 from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
@@ -164,7 +163,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     rank 0 alone checks and locks the output folder and writes the files.
     """
     ranks = launch.Ranks.current()
-    device = parallel.rank_device(resolve_device(cfg.device), ranks)
+    device = parallel.rank_device(launch.resolve_device(cfg.device), ranks)
     with contextlib.ExitStack() as stack:
         folder, error = None, None
         if ranks.is_main:
