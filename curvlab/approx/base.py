@@ -235,9 +235,13 @@ class KroneckerApproximation(ABC):
         """P = d_out · D."""
         return self.layout.num_params
 
-    def spectrum(self) -> Tensor:
-        """All P eigenvalues of ``K̂``, sorted descending."""
-        return self.eigenvalues().flatten().sort(descending=True).values
+    def spectrum(self, count: int | None = None) -> Tensor:
+        """The ``count`` largest eigenvalues of ``K̂`` (default: all P), descending (a 512 × 4608
+        grid: topk, not a sort)."""
+        values = self.eigenvalues().flatten()
+        if count is None or count >= values.numel():
+            return values.sort(descending=True).values
+        return values.topk(count).values
 
     def trace(self) -> Tensor:
         """``tr K̂ = Σ s``."""

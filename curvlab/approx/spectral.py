@@ -157,6 +157,32 @@ def diagonal_apply(x: Tensor, u_out: Tensor, u_in: Tensor, grid: Tensor) -> Tens
     return u_out @ right_apply(y, u_in, grid[:-1]) + right_apply(rest, u_in, grid[-1:])
 
 
+
+def projected_energy(x: Tensor, u_out: Tensor, u_in: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``‖P_a X P_b‖²_F`` for each compressed entry ``(a, b) = (rows, cols)``: ``P_a = u_a u_aᵀ`` for a
+    basis column, ``I − U Uᵀ`` for a truncated side's complement (see
+    this module's docstring); the complement's value is the same for every completion."""
+    out_full, in_full = rows < u_out.shape[1], cols < u_in.shape[1]
+    energy = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
+    both = out_full & in_full
+    if both.any():  # (u_aᵀ X u_b)²: one bilinear form each
+        left, right = u_out[:, rows[both]], u_in[:, cols[both]]
+        energy[both] = ((x @ right) * left).sum(0).square()
+    sel = out_full & ~in_full
+    if sel.any():  # ‖u_aᵀ X‖² − ‖u_aᵀ X U_in‖²
+        r = u_out[:, rows[sel]].mT @ x
+        energy[sel] = r.square().sum(1) - (r @ u_in).square().sum(1)
+    sel = ~out_full & in_full
+    if sel.any():  # ‖X u_b‖² − ‖U_outᵀ X u_b‖²
+        c = x @ u_in[:, cols[sel]]
+        energy[sel] = c.square().sum(0) - (u_out.mT @ c).square().sum(0)
+    sel = ~out_full & ~in_full
+    if sel.any():  # ‖(I − U_out U_outᵀ) X (I − U_in U_inᵀ)‖²
+        rest = x - u_out @ (u_out.mT @ x)
+        rest = rest - (rest @ u_in) @ u_in.mT
+        energy[sel] = rest.square().sum()
+    return energy.clamp_min(0)
+
 @dataclass(frozen=True)
 class TruncatedFactor:
     """A PSD factor given by a truncated eigen-decomposition (what

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from curvlab.approx import KroneckerApproximation
 from curvlab.approx.eigh import span_of_inputs
+from curvlab.approx.spectral import projected_energy
 from curvlab.reuse import reuse
 from curvlab.sqrt import SquareRoot
 
@@ -246,11 +247,9 @@ def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k
     order, weights = order[keep], weights[keep]
     width_in = s.shape[1]
     rows, cols = order // width_in, order % width_in
-    k_out, k_in = u_out.shape[1], u_in.shape[1]
-    out_full, in_full = rows < k_out, cols < k_in
     overlap = 0.0
     for x in top_eigenvectors(exact, k):
-        overlap += (weights * _projected_energy(x, u_out, u_in, rows, cols, out_full, in_full)).sum().item()
+        overlap += (weights * projected_energy(x, u_out, u_in, rows, cols)).sum().item()
     return overlap / k
 
 
@@ -261,39 +260,6 @@ def top_eigenvectors(exact: ExactBlock, k: int) -> list[Tensor]:
         vectors = [exact.sqrt.combine(exact.top_vectors[:, i]) / exact.eigenvalues[i].sqrt() for i in range(k)]
         return (exact.sqrt, exact.top_vectors), vectors  # kept alive: their ids are the key
     return reuse(("top_eigenvectors", id(exact.sqrt), id(exact.top_vectors), k), compute)[1]
-
-
-def _projected_energy(x: Tensor, u_out: Tensor, u_in: Tensor, rows: Tensor, cols: Tensor,
-                      out_full: Tensor, in_full: Tensor) -> Tensor:
-    """``‖P_a X P_b‖²_F`` for each compressed entry ``(a, b) = (rows, cols)``: ``P_a = u_a u_aᵀ`` for a
-    basis column, ``I − U Uᵀ`` for a truncated side's complement (see
-    :mod:`curvlab.approx.spectral`); the complement's value is the same for every completion."""
-    energy = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
-    both = out_full & in_full
-    if both.any():  # (u_aᵀ X u_b)²: one bilinear form each
-        left, right = u_out[:, rows[both]], u_in[:, cols[both]]
-        energy[both] = ((x @ right) * left).sum(0).square()
-    sel = out_full & ~in_full
-    if sel.any():  # ‖u_aᵀ X‖² − ‖u_aᵀ X U_in‖²
-        r = u_out[:, rows[sel]].mT @ x
-        energy[sel] = r.square().sum(1) - (r @ u_in).square().sum(1)
-    sel = ~out_full & in_full
-    if sel.any():  # ‖X u_b‖² − ‖U_outᵀ X u_b‖²
-        c = x @ u_in[:, cols[sel]]
-        energy[sel] = c.square().sum(0) - (u_out.mT @ c).square().sum(0)
-    sel = ~out_full & ~in_full
-    if sel.any():  # ‖(I − U_out U_outᵀ) X (I − U_in U_inᵀ)‖²
-        rest = x - u_out @ (u_out.mT @ x)
-        rest = rest - (rest @ u_in) @ u_in.mT
-        energy[sel] = rest.square().sum()
-    return energy.clamp_min(0)
-
-
-def _largest(values: Tensor, count: int | None) -> Tensor:
-    """The ``count`` largest of ``values``, descending (a 512 × 4608 grid: topk, not a sort)."""
-    if count is None or count >= values.numel():
-        return values.sort(descending=True).values
-    return values.topk(count).values
 
 
 def approximation_metrics(
@@ -319,14 +285,14 @@ def approximation_metrics(
     scaling_sq = (s - s_star).square().sum()
     ng = approx.inv_mat_mul(grad, damping, strategy)
     return ApproximationMetrics(
-        trace_ratio=(s.sum() / exact.trace).item(),
+        trace_ratio=(approx.trace() / exact.trace).item(),
         rel_frobenius_error=((projection_sq + scaling_sq) / norm_sq).sqrt().item(),
         projection_error=(projection_sq / norm_sq).sqrt().item(),
         scaling_error=(scaling_sq / norm_sq).sqrt().item(),
         ng_cosine=cosine(ng, exact_ng).item(),
         ng_rel_error=((ng - exact_ng).norm() / exact_ng.norm()).item(),
         subspace_overlap=top_eigenvector_overlap(exact, approx, top_k, eps),
-        spectrum=_largest(s.flatten(), num_eigenvalues),
+        spectrum=approx.spectrum(num_eigenvalues),
         error_sq=(projection_sq + scaling_sq).item(),
         natural_gradient=ng,
     )
