@@ -29,6 +29,27 @@ def is_flag(value: object) -> bool:
     return isinstance(value, (bool, numpy.bool_))
 
 
+def check_int(who: str, name: str, value: object, minimum: int, hint: str = "") -> int:
+    """``value`` as an int (numpy's too, not a bool) of at least ``minimum``; else a
+    ``ValueError`` naming ``name``."""
+    if not is_int(value) or value < minimum:
+        need = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int ≥ {minimum}")
+        raise ValueError(f"{who}: {name}={value!r} must be {need}{hint}")
+    return int(value)
+
+
+def check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> float:
+    """``value`` as a float: a real number (numpy's too, not a bool), finite and above (``strict``)
+    or at least ``minimum``; else a ``ValueError`` naming ``name``."""
+    ok = is_number(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "positive" if strict else "non-negative"
+        raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
+    return float(value)
+
+
 class OptionSet:
     """Mixin: an option set built from another one plus keyword overrides."""
 

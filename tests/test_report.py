@@ -188,7 +188,7 @@ def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
             run_report(model="mlp", dataset="digits", device="cuda", out_dir=tmp_path)
     for name, value in (("truncate_above", -1), ("truncate_above", 2.5), ("truncate_above", True),
                         ("truncation_rank", 0)):
-        with pytest.raises(ReportError, match=f"{name}={value!r} must be an int"):
+        with pytest.raises(ReportError, match=f"{name}={value!r} must be a (non-negative|positive) int"):
             run_report(model="mlp", dataset="digits", out_dir=tmp_path, train_steps=0, **{name: value})
     # one example in train mode through BatchNorm1d: refused before the warm-up, naming the options
     (tmp_path / "nets.py").write_text("from torch import nn\n"

@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from curvlab._options import is_int, is_number
+from curvlab._options import check_int, check_number
 from curvlab.approx import KroneckerApproximation
 from curvlab.approx.eigh import span_basis, within_span
 from curvlab.compare.metrics import (
@@ -105,12 +105,9 @@ VARIABLE_ATTRS: dict[str, tuple[str, str | None]] = {
 def check_settings(*, damping: float, top_k: int, num_eigenvalues: int) -> tuple[float, int, int]:
     """Refuse settings no comparison can use, naming the argument; return them as Python numbers
     (numpy scalars are taken, as by the option objects, and kept out of the dataset's attributes)."""
-    if not is_number(damping) or damping <= 0:
-        raise ValueError(f"curvlab.compare: damping={damping!r} must be a positive finite number (blocks are rank-deficient)")
-    for name, value in (("top_k", top_k), ("num_eigenvalues", num_eigenvalues)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"curvlab.compare: {name}={value!r} must be a positive int")
-    return float(damping), int(top_k), int(num_eigenvalues)
+    who = "curvlab.compare"
+    return (check_number(who, "damping", damping, minimum=0.0, strict=True, hint=" (blocks are rank-deficient)"),
+            check_int(who, "top_k", top_k, 1), check_int(who, "num_eigenvalues", num_eigenvalues, 1))
 
 
 def _pad(values: Tensor, length: int) -> np.ndarray:

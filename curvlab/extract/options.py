@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from curvlab._options import OptionSet, is_flag, is_int
+from curvlab._options import OptionSet, check_int, is_flag, is_int
 from curvlab.stats import FLAVOURS
 
 #: Statistics an extraction can compute.
@@ -101,10 +101,7 @@ class ExtractOptions(OptionSet):
             if f not in FLAVOURS:
                 raise ValueError(f"{who}: kfac_flavours has {f!r}; choose from {FLAVOURS}")
         for name in ("mc_samples", "max_bytes"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{who}: {name}={value!r} must be a positive int")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int(who, name, getattr(self, name), 1))
         for name in ("separate_bias", "skip_unsupported", "gram_rows"):  # "False" would be true
             if not is_flag(getattr(self, name)):
                 raise ValueError(f"{who}: {name}={getattr(self, name)!r} must be True or False")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab._options import OptionSet, is_int, is_number
+from curvlab._options import OptionSet, check_int, check_number
 from curvlab.approx import DAMPING_STRATEGIES, DEFAULT_DAMPING, DampingStrategy, EighPolicy, get_damping
 from curvlab.approx.tekfac import TEKFAC_BASES
 from curvlab.extract.options import ENGINES, KFAC_APPROX
@@ -84,28 +84,22 @@ class KroneckerOptions(OptionSet):
     def __post_init__(self) -> None:
         who = self.owner
         for name in ("lr", "momentum", "weight_decay"):  # numpy scalars too, kept as Python floats
-            object.__setattr__(self, name, _check_number(who, name, getattr(self, name), minimum=0.0, strict=False))
-        object.__setattr__(self, "damping", _check_number(who, "damping", self.damping, minimum=0.0, strict=True))
+            object.__setattr__(self, name, check_number(who, name, getattr(self, name), minimum=0.0, strict=False))
+        object.__setattr__(self, "damping", check_number(who, "damping", self.damping, minimum=0.0, strict=True))
         if not self.momentum < 1.0:  # (checked non-negative and finite above)
             raise ValueError(f"{who}: momentum={self.momentum} must be in [0, 1) (at 1 or more the steps never shrink)")
-        object.__setattr__(self, "stat_decay", _check_number(who, "stat_decay", self.stat_decay, minimum=0.0, strict=False))
+        object.__setattr__(self, "stat_decay", check_number(who, "stat_decay", self.stat_decay, minimum=0.0, strict=False))
         if not self.stat_decay < 1.0:
             raise ValueError(f"{who}: stat_decay={self.stat_decay} must be in [0, 1)")
         for name in ("stats_interval", "eigen_interval", "scale_interval", "mc_samples"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{who}: {name}={value!r} must be a positive int")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int(who, name, getattr(self, name), 1))
         if self.kl_clip is not None:
-            clip = _check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
+            clip = check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
             object.__setattr__(self, "kl_clip", clip)
         self.check_choices(who, fisher=FLAVOURS, engine=ENGINES, kfac_approx=KFAC_APPROX, factor_dtype=FACTOR_DTYPES,
                            basis=TEKFAC_BASES)
         for name in ("truncate_above", "truncation_rank"):
-            value = getattr(self, name)
-            if not is_int(value) or value < int(name == "truncation_rank"):
-                raise ValueError(f"{who}: {name}={value!r} must be a {'positive' if name == 'truncation_rank' else 'non-negative'} int")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int(who, name, getattr(self, name), int(name == "truncation_rank")))
         if self.damping_strategy is not None:
             if isinstance(self.damping_strategy, str) and self.damping_strategy not in DAMPING_STRATEGIES:
                 raise ValueError(
@@ -135,18 +129,6 @@ class KroneckerOptions(OptionSet):
         return replace(self, damping_strategy=strategy)
 
 
-def _check_number(who: str, name: str, value: object, *, minimum: float, strict: bool, hint: str = "") -> float:
-    """``value`` as a float: a real number (numpy's too, not a bool), finite and above (``strict``)
-    or at least ``minimum``; else a ``ValueError`` naming ``name``."""
-    ok = is_number(value)
-    if ok:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        bound = "positive" if strict else "non-negative"
-        raise ValueError(f"{who}: {name}={value!r} must be a {bound} finite number{hint}")
-    return float(value)
-
-
 #: torch.optim.SGD's group options the Kronecker optimizers do not have, with their neutral values
 #: (a group is a plain dict that takes any key: set otherwise, they would be ignored silently).
 FOREIGN_GROUP_OPTIONS = {"maximize": False, "nesterov": False, "dampening": 0}
@@ -167,6 +149,6 @@ def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
                 continue
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = float(value)
-            _check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)
+            check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)
             if not value < above:
                 raise ValueError(f"{who}: param group {i}: {name}={value} must be in [0, {above:g})")

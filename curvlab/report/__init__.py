@@ -23,3 +23,6 @@ warnings.warn(
     stacklevel=2,
 )
 alias_submodules(__name__, "curvlab.app.report", own=("files",))
+
+__all__ = ["PALETTE", "ReportError", "figures", "plot_errors", "plot_network", "plot_spectra", "read_netcdf", "run",
+           "run_report", "summary", "summary_markdown", "write_netcdf", "write_summary"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvlab._options import is_int
+from curvlab._options import check_int
 from curvlab.app.launch import resolve_device
 from curvlab.app.data import Dataset, data_source, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
@@ -88,10 +88,11 @@ class ReportConfig:
 
         Raises:
             ReportError: either is not an int, or negative (the rank: not positive)."""
-        for name, least in (("truncate_above", 0), ("truncation_rank", 1)):
-            value = getattr(self, name)
-            if not is_int(value) or value < least:
-                raise ReportError(f"{name}={value!r} must be an int ≥ {least}")
+        try:
+            for name, least in (("truncate_above", 0), ("truncation_rank", 1)):
+                check_int("curvlab report", name, getattr(self, name), least)
+        except ValueError as err:
+            raise ReportError(str(err)) from None
         return EighPolicy(truncate_above=self.truncate_above, rank=self.truncation_rank) if self.truncate_above else None
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, estimate
 from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
@@ -65,10 +66,8 @@ class Request:
             raise ValueError(f"extract_autograd: flavours={flavours!r}; distinct values from {FLAVOURS}")
         if self.sqrt_flavours is not None and not set(self.sqrt_flavours) <= set(flavours):
             raise ValueError(f"extract_autograd: sqrt_flavours={self.sqrt_flavours!r} not all in {flavours!r}")
-        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
-            raise ValueError(f"extract_autograd: mc_samples={self.mc_samples!r} must be a positive int")
-        if self.max_bytes < 1:
-            raise ValueError(f"extract_autograd: max_bytes={self.max_bytes!r} must be positive")
+        for name in ("mc_samples", "max_bytes"):
+            check_int("extract_autograd", name, getattr(self, name), 1)
         if self.sqrt not in (None, True, False, "coupled"):
             raise ValueError(f"extract_autograd: sqrt={self.sqrt!r}; True, False, None or 'coupled'")
 
