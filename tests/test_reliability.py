@@ -426,3 +426,28 @@ def test_backpack_under_autocast_names_the_cause() -> None:
                 loss.backward()
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_extract_under_autocast_gives_float32_statistics() -> None:
+    """``curvlab.extract`` called inside ``torch.autocast``: the forward and backward are the
+    caller's (bfloat16), the statistics are formed in float32 — they came back in bfloat16 (the
+    first layer's A, exact in float32, off by 2e-3) — and ``engine="auto"`` takes the autograd
+    engine, under which BackPACK's extensions would compute them in bfloat16."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.Tanh(),
+                        nn.Flatten(), nn.Linear(27, 5))
+    x, y = torch.randn(16, 2, 8, 8), torch.randint(0, 5, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    ref = curvlab.extract(net, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"), engine="autograd")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = curvlab.extract(net, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"))
+        with pytest.raises(ValueError, match="engine='backpack' cannot run this model: torch.autocast is on"):
+            curvlab.extract(net, loss_fn, x, y, engine="backpack")
+    assert got.engine == "autograd" and "torch.autocast" in got.engine_reason
+    for layer in ("0", "2", "5"):
+        s, r = got[layer], ref[layer]
+        assert {s.kfac["exact"].A.dtype, s.kfac["exact"].G.dtype, s.tkfac.delta_phi.dtype, s.sqrt.dtype} == {torch.float32}
+        for a, b in ((s.kfac["exact"].G, r.kfac["exact"].G), (s.tkfac.delta_phi, r.tkfac.delta_phi)):
+            assert float((a - b).norm() / b.norm()) < 3e-2, layer  # the bfloat16 forward's precision
+    first = got["0"].kfac["exact"].A, ref["0"].kfac["exact"].A  # the float32 inputs themselves
+    assert float((first[0] - first[1]).norm() / first[1].norm()) < 1e-6

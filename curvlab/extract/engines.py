@@ -23,6 +23,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -132,6 +133,10 @@ def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module 
                 "default -100 only")
     if couples_examples(model):
         return "a BatchNorm normalises with batch statistics (train mode), which couples the examples"
+    param = next(model.parameters(), None)
+    if param is not None and torch.is_autocast_enabled(param.device.type):
+        return ("torch.autocast is on, under which BackPACK's extensions would compute the statistics in "
+                f"{str(torch.get_autocast_dtype(param.device.type)).removeprefix('torch.')}")
     hooked = [name or "the model" for name, m in model.named_modules() if m._forward_hooks]
     if hooked or nn.modules.module._global_forward_hooks:
         where = f"module {hooked[0]!r} has" if hooked else "torch has global module"
