@@ -172,6 +172,10 @@ class KroneckerApproximation(ABC):
 
     # --- the eigen-decomposition, compressed or expanded ---------------------------------
 
+    #: whether the eigenbasis is the identity's (the diagonal approximation: no ``D × D`` identity
+    #: need be formed to rotate into it)
+    identity_basis: bool = False
+
     @property
     def truncated(self) -> bool:
         """Whether a side's basis is truncated (a flat remainder on its complement)."""

@@ -52,9 +52,14 @@ class Diagonal(EigenCorrected):
     def u_in(self) -> Tensor:  # type: ignore[override]
         return torch.eye(self.scaling.shape[1], dtype=self.dtype, device=self.device)
 
+    identity_basis = True
+
     @property
     def truncated(self) -> bool:
         return False
+
+    def multiplicity(self) -> Tensor:
+        return torch.ones_like(self.scaling)
 
     def rotate(self, x: Tensor) -> Tensor:
         return x

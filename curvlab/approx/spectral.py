@@ -158,10 +158,13 @@ def diagonal_apply(x: Tensor, u_out: Tensor, u_in: Tensor, grid: Tensor) -> Tens
 
 
 
-def projected_energy(x: Tensor, u_out: Tensor, u_in: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def projected_energy(x: Tensor, u_out: Tensor | None, u_in: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor:
     """``‖P_a X P_b‖²_F`` for each compressed entry ``(a, b) = (rows, cols)``: ``P_a = u_a u_aᵀ`` for a
     basis column, ``I − U Uᵀ`` for a truncated side's complement (see
-    this module's docstring); the complement's value is the same for every completion."""
+    this module's docstring); the complement's value is the same for every completion.  ``None``
+    for both bases: the identity's (the diagonal approximation's; no ``D × D`` identity formed)."""
+    if u_out is None and u_in is None:
+        return x[rows, cols].square()
     out_full, in_full = rows < u_out.shape[1], cols < u_in.shape[1]
     energy = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
     both = out_full & in_full

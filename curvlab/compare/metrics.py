@@ -222,7 +222,8 @@ def top_eigenvector_overlap(exact: ExactBlock, approx: KroneckerApproximation, k
     if not bool(torch.isfinite(s).all()):
         return float("nan")
     mult = approx.multiplicity().to(torch.float64)
-    u_out, u_in = (u.to(torch.float64) for u in approx.eigenbasis(compressed=True))
+    u_out, u_in = ((None, None) if approx.identity_basis
+                   else (u.to(torch.float64) for u in approx.eigenbasis(compressed=True)))
     if eps is None:
         eps = torch.finfo(approx.dtype).eps
     nonzero = s > s.max() * max(approx.layout.shape) * eps
