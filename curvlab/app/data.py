@@ -202,6 +202,16 @@ def canonical_name(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def fixed_batch(data: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` training examples drawn without replacement under ``seed`` (the global random
+    state untouched): the batch a report measures, or a training run probes."""
+    n = len(data.train_x)
+    if not 1 <= size <= n:
+        raise ValueError(f"batch size {size} must be in [1, {n}] (training examples of {data.name})")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    return data.train_x[idx], data.train_y[idx]
+
+
 def subset(dataset: Dataset, n_train: int, n_test: int, *, seed: int = 0) -> Dataset:
     """A random (seeded, so reproducible) subset for quick runs.
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from curvlab._options import check_int
 from curvlab.app.launch import resolve_device
-from curvlab.app.data import Dataset, data_source, load_dataset
+from curvlab.app.data import Dataset, data_source, fixed_batch, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
 from curvlab.approx import APPROXIMATIONS, EighPolicy
@@ -192,15 +192,6 @@ def _warm_up(model: nn.Module, loss_fn: nn.Module, data: Dataset, steps: int, *,
     return None if loss is None else float(loss.item())
 
 
-def measurement_batch(data: Dataset, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` training examples drawn without replacement under ``seed``."""
-    n = len(data.train_x)
-    if not 1 <= batch_size <= n:
-        raise ReportError(f"batch size {batch_size} must be in [1, {n}] (training examples of {data.name})")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:batch_size]
-    return data.train_x[idx], data.train_y[idx]
-
-
 #: curvlab 0.1's positional parameters of :func:`run_report` (deprecated).
 _LEGACY_POSITIONAL = (
     "model", "dataset", "data_dir", "batch_size", "fisher", "approximations", "damping", "device", "seed",
@@ -279,7 +270,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     model = build(cfg.model, data, cfg.seed).to(dev)
     loss_fn = nn.CrossEntropyLoss()
     batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
-    x, y = measurement_batch(data, batch_size, cfg.seed)  # first: a batch larger than the data is refused
+    try:  # first: a batch larger than the data is refused
+        x, y = fixed_batch(data, batch_size, cfg.seed)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
     note = large_batch_note(model, data.num_classes, batch_size, coupled=cfg.mode == "train", option="--batch-size")
     if note:
         print(f"curvlab report: {note}", file=sys.stderr)

@@ -22,7 +22,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from curvlab.app import launch
-from curvlab.app.data import Dataset, batches, epoch_batch_sizes, load_dataset, subset
+from curvlab.app.data import Dataset, batches, epoch_batch_sizes, fixed_batch, load_dataset, subset
 from curvlab.app.messages import flag
 from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, large_batch_note, measured_batch_size, one_example_fails
@@ -204,7 +204,6 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
 
     probe = None
     if cfg.probe_every:
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
         size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.probe_mode == "train")
         note = large_batch_note(model, data.num_classes, size, coupled=cfg.probe_mode == "train",
                                 option="--probe-batch-size")
@@ -213,8 +212,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         if cfg.probe_mode == "train" and size < 2 and couples_examples(model):
             raise ValueError(f"curvlab train: probe_batch_size={size} (--probe-batch-size) with probe_mode='train' "
                              "(--probe-mode train): BatchNorm's batch statistics need at least 2 examples")
-        idx = torch.randperm(data.train_x.shape[0], generator=gen)[:size]
-        probe_x, probe_y = ranks.shard(data.train_x[idx], data.train_y[idx])
+        probe_x, probe_y = ranks.shard(*fixed_batch(data, size, cfg.seed + 1))
         probe = Probe(
             probe_x.to(device),
             probe_y.to(device),
