@@ -11,6 +11,7 @@ import torch
 
 from curvlab.approx import EighPolicy, TruncatedFactor, approximate, randomized_eigh
 from curvlab.approx.spectral import complete_basis, optimal_scaling
+from curvlab.stats import LayerStats
 from curvlab.extract import maths
 from helpers_approx import DT, linear_block, projectors, rel, to_flat
 
@@ -200,3 +201,36 @@ def test_kfe_scaling_in_a_truncated_basis(t: int, truncated: str) -> None:
     m = maths.per_sample_gradients(x, g)
     torch.testing.assert_close(maths.kfe_scaling(x, g, u_out, u_in), reference_kfe(m, u_out, u_in),
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_tekfac_kfac_basis_damping_statistics_in_a_truncated_basis(policy: str) -> None:
+    """basis='kfac' with a truncated basis: λ_Ψ, λ_Φ are the diagonals of Ψ, Φ in that basis,
+    the complement's entry the mean over it, tr(P_⊥ M)/(n − k) — from the projectors (a mean
+    over n − k + 1 passed every test: the damping references read the object's own λ)."""
+    d_out, d_w = SHAPES[policy]
+    stats = linear_block(0, bias=True, d_out=d_out, d_w=d_w, n=9)
+    tek = approximate(stats, "tekfac", basis="kfac", eigh=POLICIES[policy])
+    assert tek.truncated
+    ts = stats.tkfac
+    for got, mat, u in zip(tek.factor_eigenvalues(compressed=True), (ts.delta_psi, ts.delta_phi),
+                           tek.eigenbasis(compressed=True)):
+        want = torch.stack([torch.trace(p @ mat) / torch.trace(p) for p in projectors(u)]) / ts.delta.sqrt()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_ekfac_from_kfe_sums_in_a_truncated_basis(policy: str) -> None:
+    """Without the square root, EKFAC from stats.kfe_scaling extracted in its truncated basis
+    (compressed *sums* over each entry's directions) is the EKFAC built from the root (the sums
+    kept undivided by their multiplicity passed every test: the full basis has multiplicity 1)."""
+    d_out, d_w = SHAPES[policy]
+    stats = linear_block(2, bias=True, d_out=d_out, d_w=d_w, n=9)
+    ref = approximate(stats, "ekfac", eigh=POLICIES[policy])
+    assert ref.truncated
+    u_out, u_in = ref.eigenbasis(compressed=True)
+    sums = reference_kfe(stats.sqrt.matrices(), u_out, u_in)
+    bare = LayerStats(stats.name, stats.module_type, stats.layout, stats.flavour, 1, 1,
+                      kfac=stats.kfac, kfe_scaling=sums)
+    got = approximate(bare, "ekfac", eigh=POLICIES[policy])
+    assert rel(dense_truncated(got), dense_truncated(ref)) < 1e-10
