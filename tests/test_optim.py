@@ -220,6 +220,33 @@ def test_approximations_are_what_the_step_inverts():
     assert opt.damping_strategy == DEFAULT_DAMPING["tekfac"] == "nor"
 
 
+def test_momentum_accumulates_the_preconditioned_directions():
+    """Heavy-ball momentum on the preconditioned direction, torch's convention: the second of two
+    steps moves by ``−lr (μ d₁ + d₂)``, ``d_i`` what step ``i`` inverted (``approximations()``
+    after it) applied to its gradient (a coefficient 1 − μ passed every test but a training
+    benchmark)."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    lr, mu = 0.1, 0.6
+    opt = TEKFAC(model, lr=lr, momentum=mu, kl_clip=None, stats_interval=1, scale_interval=1, eigen_interval=3,
+                 factor_dtype="float64")
+
+    def matrix(m, grad=False):
+        w, b = (m.weight.grad, m.bias.grad) if grad else (m.weight, m.bias)
+        return torch.cat([w.flatten(1), b[:, None]], 1).detach().clone()
+
+    directions, params = [], []
+    for seed in (1, 2):
+        x, y = data(16, seed=seed)
+        params.append({n: matrix(model[int(n)]) for n in ("0", "2")})
+        train_step(opt, model, loss_fn, x, y)
+        approx = opt.approximations()
+        directions.append({n: approx[n].inv_mat_mul(matrix(model[int(n)], grad=True), opt.damping,
+                                                     opt.damping_strategy) for n in ("0", "2")})
+    for n in ("0", "2"):
+        moved = matrix(model[int(n)]) - params[1][n]
+        torch.testing.assert_close(moved, -lr * (mu * directions[0][n] + directions[1][n]))
+
+
 def test_kl_clipping():
     """ν = min(1, √(κ / (lr² Σ⟨∇̃, ∇⟩))) scales the preconditioned direction (lr ≠ 1, so that lr²
     and lr differ: a sum with lr passed every test but a training benchmark)."""
