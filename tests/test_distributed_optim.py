@@ -308,6 +308,32 @@ def _uneven_track_blocks() -> dict:
     return out
 
 
+def _sequence_lengths_per_rank() -> dict:
+    """Rank 0 holds sequences of 10 tokens, rank 1 of 2: the reduced input factor is the average
+    over all 24 token positions (expand) or all 4 examples' mean tokens (reduce), as one process's
+    micro-batches of the two give (weighing the ranks by examples passed every distributed test)."""
+    from curvlab.optim import KFAC
+
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 10, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)]
+    ones = lambda x: torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=torch.float64)], -1)  # noqa: E731
+    out = {}
+    for kfac_approx in ("expand", "reduce"):
+        torch.manual_seed(1)
+        model, loss_fn = nn.Linear(3, 4).double(), nn.MSELoss()
+        opt = KFAC(model, lr=0.1, stat_decay=0.0, stats_interval=1, fisher="exact", factor_dtype="float64",
+                   kfac_approx=kfac_approx)
+        x = xs[rank]
+        with opt.track(loss_fn):
+            loss_fn(model(x), torch.zeros(*x.shape[:2], 4, dtype=torch.float64)).backward()
+        opt.step()
+        rows = torch.cat([ones(x).reshape(-1, 4) if kfac_approx == "expand" else ones(x).mean(1) for x in xs])
+        a = opt.state_dict()["curvlab"]["blocks"][""]["curvature"]["A"]
+        out[kfac_approx] = _rel(a, rows.T @ rows / len(rows))
+    return out
+
+
 def _different_layers_on_a_plain_step() -> dict:
     """A plain model whose ranks call different layers on a step without statistics: the
     gradients present on each rank were averaged in list order (rank 1's ``b`` into rank 0's
@@ -396,6 +422,7 @@ def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
         out["uncalled"] = _a_layer_called_on_one_rank_only()
         out["branches"] = _different_layers_on_a_plain_step()
         out["uneven"] = _uneven_track_blocks()
+        out["lengths"] = _sequence_lengths_per_rank()
     return out
 
 
@@ -460,6 +487,8 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
             said = r["uneven"][blocks]["said"]
             assert said.startswith("RuntimeError: curvlab.optim: the ranks are out of step (" + points), (blocks, said)
             assert r["uneven"][blocks]["seconds"] < 10, r["uneven"]  # not the process group's timeout
+    for r in results:
+        assert max(r["lengths"].values()) <= 1e-12, r["lengths"]
     plain, ddp = (torch.stack([r["branches"][wrap] for r in results]) for wrap in ("plain", "ddp"))
     assert torch.equal(plain[0], plain[1])  # the ranks in step
     assert _rel(plain[0], ddp[0]) <= RTOL  # as DDP averages them
