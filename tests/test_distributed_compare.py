@@ -420,10 +420,12 @@ def test_crashing_rank_fails_the_run() -> None:
 
 
 def test_hanging_rank_times_out() -> None:
+    """(15 s: time for both ranks to start and join the group on a loaded machine, where 6 s
+    ended during the ranks' start-up, with a rank's broken connection reported instead.)"""
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"ranks \[0\b"):  # rank 1 too if it is slow to start
-        run_ranks(_hang_on_rank_zero, 2, timeout=6)
-    assert time.monotonic() - start < 18
+        run_ranks(_hang_on_rank_zero, 2, timeout=15)
+    assert time.monotonic() - start < 40
 
 
 # --- in this process: no spawn needed
