@@ -17,9 +17,9 @@ What the ranks exchange (``torch.distributed`` collectives only; gloo on CPU, nc
 
 * **statistics steps**: at the end of each ``track`` block and at ``step()``, one ``all_gather``
   of six numbers (where the rank is: the step, its ``track`` blocks so far; at ``step()`` the
-  finiteness, ``N_r``, loss terms), then one ``all_reduce`` per dtype of every block's statistics of this step, flattened — KFAC's
-  ``A``, ``G``; TKFAC's ``δ``, ``δΦ``, ``δΨ``; the KFE second moments ``s*`` of EKFAC/TEKFAC —
-  with the loss.  Rank ``r``'s local statistics carry its local loss normalisation; they are
+  finiteness, ``N_r``, loss terms), then one ``all_reduce`` per dtype of every block's
+  statistics of this step, flattened — KFAC's ``A``, ``G``; TKFAC's ``δ``, ``δΦ``, ``δΨ``; the
+  KFE second moments ``s*`` of EKFAC/TEKFAC — with the loss.  Rank ``r``'s local statistics carry its local loss normalisation; they are
   weighted exactly as :mod:`curvlab.distributed.reduce` does for the analysis (``ρ_r`` = its share
   of the loss terms, ``N_r/N`` for ``A``), so the averages are those of the global batch also for
   unequal shards;
@@ -62,9 +62,9 @@ Requirements: every rank calls ``track``/``step`` in the same order, as many ``t
 statistics step a rank with a ``track`` block more or less than the others makes every rank
 raise, naming where each one is — for a plain model; a DDP model's backward all-reduces the
 gradients first (or, under ``no_sync``, does not), and those collectives wait until the
-process group's timeout.  A plain
-model's gradients are averaged as DDP's ``find_unused_parameters`` averages them: a parameter
-without a gradient on a rank (a layer it did not call) adds zero there.
+process group's timeout.  A plain model's gradients are averaged as DDP's
+``find_unused_parameters`` averages them: a parameter without a gradient on a rank (a layer it
+did not call) adds zero there.
 A failing rank leaves the others blocked in a collective until the process group's timeout
 (``init_process_group(timeout=...)``; torchrun stops the other ranks at once).
 """
