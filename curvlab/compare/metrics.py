@@ -131,14 +131,16 @@ def spectrum(gram: Tensor, top: int, size: int, root_dtype: torch.dtype) -> Tens
 
 def top_count(eigenvalues: Tensor, k: int, ties: float) -> int:
     """``k`` for F's top-``k`` eigenvector subspace: at most F's rank, and raised to the end of the
-    eigenspace the ``k``-th eigenvalue belongs to (eigenvalues within ``ties`` of it, relatively) — a top-``k``
-    subspace that cuts an eigenspace is no subspace of F's at all (MSE's last layer, ``I_C ⊗ A``,
-    has every eigenvalue ``C`` times: an exact approximation scored 0.87 at ``k = 5``, ``C = 3``)."""
+    eigenspace the ``k``-th eigenvalue belongs to (eigenvalues within ``ties`` of it,
+    relatively) — a top-``k`` subspace that cuts an eigenspace is no subspace of F's at all
+    (MSE's last layer, ``I_C ⊗ A``, has every eigenvalue ``C`` times: an exact approximation
+    scored 0.87 at ``k = 5``, ``C = 3``).  At most ``k + 64`` (each direction is a ``d_out × D``
+    matrix formed: an eigenvalue repeated by a thousand outputs still cuts)."""
     positive = int((eigenvalues > 0).sum())
     k = min(k, positive)
     if k in (0, positive):
         return k
-    return int((eigenvalues[:positive] >= eigenvalues[k - 1] * (1 - ties)).sum())
+    return min(int((eigenvalues[:positive] >= eigenvalues[k - 1] * (1 - ties)).sum()), k + 64)
 
 
 def exact_block(sqrt: SquareRoot, top: int, top_k: int) -> ExactBlock:
