@@ -6,7 +6,9 @@ arguments and the subparser (for usage errors) and returns the exit status.
 
 Exit status: 0 on success, 2 for usage errors (bad option values, unknown model, unusable
 device), 1 when the run fails for an expected reason (data files missing, a model the
-comparison cannot handle); the message goes to stderr, without a traceback.
+comparison cannot handle), 130 when interrupted (Ctrl-C) and 128 + the signal's number when a
+signal stops a ``--nproc`` launcher (SIGTERM: 143), as a shell reports them; the message goes
+to stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ PROG = "curvlab"
 from curvlab.app.options import (
     EXIT_FAILURE,
     EXIT_OK,
-    EXIT_STOPPED,
     EXIT_USAGE,
     approximations,
     damping_strategies,
     dataset,
+    exit_stopped,
     model,
     nonnegative_int,
     positive_float,
@@ -362,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
         print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_STOPPED
+        return exit_stopped(name)
     finally:
         warnings.formatwarning = format_warning
 

@@ -9,8 +9,16 @@ from collections.abc import Callable
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-#: stopped by a signal (SIGINT, SIGTERM): 128 + SIGINT, as a shell reports Ctrl-C
+#: interrupted (Ctrl-C): 128 + SIGINT, as a shell reports it
 EXIT_STOPPED = 130
+
+
+def exit_stopped(signal_name: str | None) -> int:
+    """The exit status of a run stopped by the signal ``signal_name`` (``"SIGTERM"``: 143), as a
+    shell reports a process that signal ended; :data:`EXIT_STOPPED` without one (Ctrl-C)."""
+    import signal
+
+    return 128 + signal.Signals[signal_name].value if signal_name else EXIT_STOPPED
 
 
 def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: str) -> Callable[[str], float]:

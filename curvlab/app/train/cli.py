@@ -18,10 +18,10 @@ from curvlab.app.messages import flag, print_error
 from curvlab.app.options import (
     EXIT_FAILURE,
     EXIT_OK,
-    EXIT_STOPPED,
     EXIT_USAGE,
     approximations,
     dataset,
+    exit_stopped,
     model,
     nonnegative_int,
     positive_int,
@@ -238,7 +238,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
                      else f"no epoch had finished: nothing to resume in {cfg.out_dir} (start again with --overwrite)")
             print(f"curvlab train: stopped by {err.signal_name}; {where}", file=sys.stderr, flush=True)
-            return EXIT_STOPPED
+            return exit_stopped(err.signal_name)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
