@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from curvlab.approx import DEFAULT_DAMPING, approximate
+from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate
 from curvlab.compare import compare
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
@@ -460,3 +460,16 @@ def test_a_truncated_basis_splits_the_error_independently_of_its_completion(name
         assert got.projection_error.item() == pytest.approx(((f - k_star).norm() / norm).item(), rel=1e-8), layer
         assert got.scaling_error.item() == pytest.approx(((k_hat - k_star).norm() / norm).item(), rel=1e-8, abs=1e-12), layer
         assert got.rel_frobenius_error.item() == pytest.approx(((f - k_hat).norm() / norm).item(), rel=1e-8), layer
+
+
+def test_approximations_keep_their_order_where_one_applies_to_later_layers_only() -> None:
+    """KFOC is measured only on blocks it fits (the first layer here has 180 300 parameters in the
+    span of 400 rows, above 2¹⁷): the approximation coordinate listed it after the diagonal,
+    in the order the layers first showed them; it keeps the requested order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 300), nn.Tanh(), nn.Linear(300, 3))
+    x, y = torch.randn(400, 600), torch.randint(0, 3, (400,))
+    ds = compare(model, nn.CrossEntropyLoss(), x, y, num_eigenvalues=16)
+    assert list(ds.approximation.values) == list(APPROXIMATIONS)
+    kfoc = ds.rel_frobenius_error.sel(approximation="kfoc").values
+    assert np.isnan(kfoc[0]) and np.isfinite(kfoc[1])

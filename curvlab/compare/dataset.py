@@ -148,7 +148,13 @@ def measure(
     damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
     layers = list(stats)
     kronecker_first = sorted(layers, key=lambda l: stats[l].kind != "kronecker")  # stable: model order
-    names = list(dict.fromkeys(a for layer in kronecker_first for a in approximations[layer]))
+    names: list[str] = []  # every layer's names in its order (KFOC, measured on some layers only, in its place)
+    for layer in kronecker_first:
+        before = None
+        for name in approximations[layer]:
+            if name not in names:
+                names.insert(0 if before is None else names.index(before) + 1, name)
+            before = name
     for layer in layers:
         if stats[layer].sqrt is None or stats[layer].grad is None:
             raise ValueError(f"curvlab.compare: layer {layer!r} lacks its square root or gradient")
