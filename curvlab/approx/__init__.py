@@ -9,7 +9,8 @@ name         definition                                           status
 ===========  ===================================================  ======
 ``kfac``     ``G ⊗ A`` of the MC-Fisher factors                   [C]
 ``kflr``     ``G ⊗ A`` of the exact-GGN factors                   [C]
-``ekfac``    KFAC eigenbasis, optimal diagonal ``s*``             [C]
+``ekfac``    eigenbasis of the reference flavour's ``G ⊗ A``      [C]
+             (KFLR's for ``exact``), optimal diagonal ``s*``
 ``tkfac``    ``(δΨ ⊗ δΦ)/δ``, trace-preserving                    [C], damping [R]
 ``tekfac``   TKFAC eigenbasis, optimal diagonal ``s*``            [R]
 ``kfoc``     Frobenius-optimal ``B ⊗ C`` (reference floor)        [C]
