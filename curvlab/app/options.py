@@ -4,6 +4,7 @@ parse the same options alike; the benchmarks use the number types too)."""
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Callable
 
 EXIT_OK = 0
@@ -16,8 +17,6 @@ EXIT_STOPPED = 130
 def exit_stopped(signal_name: str | None) -> int:
     """The exit status of a run stopped by the signal ``signal_name`` (``"SIGTERM"``: 143), as a
     shell reports a process that signal ended; :data:`EXIT_STOPPED` without one (Ctrl-C)."""
-    import signal
-
     return 128 + signal.Signals[signal_name].value if signal_name else EXIT_STOPPED
 
 

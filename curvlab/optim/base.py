@@ -491,9 +491,9 @@ class KroneckerOptimizer(Optimizer):
             finite = all_finite(grads, loss, pending.losses if pending else (), pending.results.values() if pending else ())
             if self._parallel is not None:  # statistics (and a plain model's gradients) averaged over the ranks
                 params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+                statistics_step = pending is not None or bool(self._plan(walk).statistics)
                 pending, finite = self._parallel.synchronize(pending, params, finite, local_loss=loss is not None,
-                                                             step=self.steps_done,
-                                                             statistics_step=bool(self._plan(walk).statistics))
+                                                             step=self.steps_done, statistics_step=statistics_step)
             if not finite:
                 return self._skip("non-finite loss, gradient or statistic", "the optimizer state left unchanged", loss)
             for b, state, _ in walk.blocks:

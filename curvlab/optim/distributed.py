@@ -231,15 +231,16 @@ class RankSync:
             local_loss: whether the step's finiteness depends on a rank-local loss (the
                 closure's), which needs agreeing even on steps without statistics.
             step: the optimizer's step count.
-            statistics_step: whether the step is due for statistics (the same on every rank):
-                then the ranks meet, also those without a ``track`` block.
+            statistics_step: whether the step collects statistics (due by the plan, the same on
+                every rank, or ``pending`` given): then the ranks meet, also those without a
+                ``track`` block.
 
         Returns:
             ``(pending, finite)``: the global batch's statistics and loss, and the agreed
             decision (the same on every rank).
         """
         agreed, changed = finite, False
-        if statistics_step or pending is not None:
+        if statistics_step:
             pending, agreed = self._reduce_statistics(pending, finite, step)
             changed = pending is not None
         if self.average_gradients:

@@ -94,8 +94,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     d = _DEFAULT
     run = p.add_argument_group("model, data and run")
     run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
-    widths = ", ".join(m for m in MODELS if "hidden" in model_options(m))
-    run.add_argument("--hidden", default=None, help=f"hidden widths of {widths}, comma-separated (e.g. 128,64)")
+    run.add_argument("--hidden", default=None,
+                     help=f"hidden widths of {', '.join(_taking_hidden())}, comma-separated (e.g. 128,64)")
     run.add_argument("--dataset", type=dataset, default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
@@ -122,13 +122,18 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
+def _taking_hidden() -> list[str]:
+    """The built-in models that take hidden widths (``--hidden``)."""
+    return [m for m in MODELS if "hidden" in model_options(m)]
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` the parsed options describe."""
     model_kwargs = {}
     if args.hidden is not None:
         model_kwargs["hidden"] = _widths(args.hidden)
-        takes = [m for m in MODELS if "hidden" in model_options(m)]
-        if args.model.strip().lower() in MODELS and args.model.strip().lower() not in takes:
+        takes = _taking_hidden()
+        if args.model in MODELS and args.model not in takes:  # (--model's type gives built-ins lower-case)
             raise ValueError(f"curvlab train: --hidden applies to the models {', '.join(takes)} (and a "
                              f"module:function taking hidden=), not {args.model}")
     probe_approx = args.probe_approximations
