@@ -9,12 +9,15 @@ model is refused with an error that names the module, its type and what is suppo
 * **Parameter blocks** (kind ``"parameter"``), one per tensor: the affine parameters of norm layers
   (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm), ``nn.MultiheadAttention``'s packed
   projections (it applies them functionally, out of reach of module hooks, so its ``out_proj``
-  is not a Kronecker layer either), and parameters held by your own module classes — a ViT's cls
-  token and position embedding, a Kronecker layer's trainable bias whose weight is frozen (or,
-  with ``skip_unsupported=True``, shared with another module).
+  is not a Kronecker layer either), parameters held by your own module classes — a ViT's cls
+  token and position embedding —, a Kronecker layer's trainable bias whose weight is frozen or
+  tied, and one parameter shared by several modules (a language model's decoder tied to its
+  embedding, ``decoder.weight = encoder.weight``: listed in :attr:`ModelBlocks.tied`). Its
+  gradient sums every use, with the roles of inputs and outputs swapped between an embedding and
+  a decoder, so no Kronecker product describes it; its block is the exact one.
 * Anything else with trainable parameters (e.g. ``nn.LSTM``, ``nn.ConvTranspose2d``, a grouped
-  convolution, one parameter shared by two modules) raises :class:`UnsupportedModelError`, unless
-  ``skip_unsupported=True`` leaves those parameters out (listed in :attr:`ModelBlocks.skipped`).
+  convolution) raises :class:`UnsupportedModelError`, unless ``skip_unsupported=True`` leaves
+  those parameters out (listed in :attr:`ModelBlocks.skipped`).
 
 A module *called* several times (tied weights, e.g. one ``nn.Linear`` applied twice) is one
 block; the extraction engines accumulate its calls.
@@ -65,12 +68,15 @@ class ModelBlocks:
         layers: Kronecker layer → its module path.
         of_layer: Kronecker layer → its blocks (``[W b]``, or weight and bias).
         skipped: paths of trainable parameters left out (``skip_unsupported=True``).
+        tied: paths of the parameter blocks shared by several modules (as
+            ``model.named_parameters()`` names them).
     """
 
     blocks: list[Block] = field(default_factory=list)
     layers: dict[nn.Module, str] = field(default_factory=dict)
     of_layer: dict[nn.Module, list[Block]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
 
     @property
     def kronecker(self) -> list[Block]:
@@ -132,7 +138,7 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
     """
     check_materialised(model, "curvlab")
     owner: dict[int, tuple[str, str, nn.Module]] = {}  # id(param) → (param path, module path, module)
-    tied: set[int] = set()  # parameters of two modules (skip_unsupported: left out)
+    sharers: dict[int, dict[nn.Module, None]] = {}  # id(param) → the modules sharing it, in order
     inside_packed: set[nn.Module] = set()
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.MultiheadAttention):
@@ -140,18 +146,9 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            full = f"{path}.{pname}" if path else pname
-            seen = owner.get(id(p))
-            if seen is not None and seen[2] is not module:
-                problem = (
-                    f"curvlab: parameter {full!r} is shared by modules {seen[1] or '<root>'!r} and "
-                    f"{path or '<root>'!r}; weight tying across different modules is unsupported "
-                    "(call one module twice instead). "
-                )
-                if not skip_unsupported:
-                    raise UnsupportedModelError(problem + SKIP_HINT)
-                tied.add(id(p))
-            owner.setdefault(id(p), (full, path, module))
+            seen = owner.setdefault(id(p), (f"{path}.{pname}" if path else pname, path, module))
+            if seen[2] is not module:
+                sharers.setdefault(id(p), {seen[2]: None})[module] = None
 
     out = ModelBlocks()
     done: set[int] = set()
@@ -159,12 +156,13 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         if id(p) in done or not p.requires_grad:
             continue
         _, path, module = owner[id(p)]
-        if id(p) in tied:  # (a layer whose weight is tied keeps its bias, as one whose weight is frozen)
-            out.skipped.append(full)
-            done.add(id(p))
+        done.add(id(p))
+        if id(p) in sharers:
+            out.blocks.append(Block.of_parameter(full, p, "+".join(type(m).__name__ for m in sharers[id(p)])))
+            out.tied.append(full)
             continue
         enclosing = _packed_owner(model, module, inside_packed)
-        weight_own = isinstance(module, KRONECKER_LAYERS) and id(module.weight) not in tied
+        weight_own = isinstance(module, KRONECKER_LAYERS) and id(module.weight) not in sharers
         if weight_own and enclosing is None and module.weight.requires_grad:
             problem = kronecker_problem(module)
             if problem is None:
@@ -175,7 +173,6 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
                 continue
             if skip_unsupported:
                 out.skipped.append(full)
-                done.add(id(p))
                 continue
             raise UnsupportedModelError(f"curvlab: {_where(path, module)} {problem}. {SKIP_HINT}")
         supported = (
@@ -184,7 +181,6 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
             or enclosing is not None
             or _is_users_own(module)
         )
-        done.add(id(p))
         if supported:
             owner_type = type(enclosing if enclosing is not None else module).__name__
             out.blocks.append(Block.of_parameter(full, p, owner_type))

@@ -1174,8 +1174,11 @@ def test_a_weight_tied_across_modules_takes_sgds_step_whatever_the_decoder_bias(
         if not name.startswith("h."):
             torch.testing.assert_close(p.detach(), before[name] - 0.1 * p.grad, rtol=0, atol=1e-15)
     assert not torch.allclose(model.h.weight.detach(), before["h.weight"] - 0.1 * model.h.weight.grad)
-    blocks = model_blocks(model, skip_unsupported=True)
-    assert blocks.skipped == ["encoder.weight"] and [b.name for b in blocks.blocks] == ["h", *(["decoder.bias"] * bias)]
+    blocks = model_blocks(model)  # the tied matrix: one parameter block (compare measures it exactly)
+    assert blocks.tied == ["encoder.weight"] and not blocks.skipped
+    assert [(b.name, b.kind, b.module_type) for b in blocks.blocks] == [
+        ("encoder.weight", "parameter", "Embedding+Linear"), ("h", "kronecker", "Linear"),
+        *([("decoder.bias", "parameter", "Linear")] * bias)]
 
 
 @pytest.mark.parametrize("with_head", [True, False], ids=["lstm+linear", "lstm-only"])

@@ -257,6 +257,23 @@ class TinyTagger(nn.Module):
         return self.head(x).transpose(1, 2)
 
 
+class TiedLM(nn.Module):
+    """A language model whose decoder is tied to its embedding (``decoder.weight =
+    encoder.weight``, as GPT-2 and PyTorch's word_language_model): per-token logits over the
+    vocabulary, ``[N, V, T]``; the tied matrix is one parameter block, the decoder's bias another."""
+
+    def __init__(self, vocab: int = 5, dim: int = 3) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(vocab, dim)
+        self.h = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.decoder = nn.Linear(dim, vocab)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.decoder(self.norm(torch.tanh(self.h(self.encoder(ids))))).transpose(1, 2)
+
+
 class TinyVolumeNet(nn.Module):
     """Conv3d on ``[N, 2, 3, 3, 3]`` volumes, strided and padded, then a Linear head."""
 
@@ -287,6 +304,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "tied": (TiedMLP, lambda n, g: torch.randn(n, 3, generator=g, dtype=torch.float64)),
     "textcnn": (TextCNN, lambda n, g: _tokens(n, 5, 6, g)),
     "tagger": (TinyTagger, lambda n, g: _tokens(n, 3, 5, g)),
+    "tied_lm": (TiedLM, lambda n, g: _tokens(n, 3, 5, g)),
     "conv3d": (TinyVolumeNet, lambda n, g: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64)),
 }
 

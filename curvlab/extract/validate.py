@@ -242,7 +242,8 @@ class LayerUseCheck:
                     raise UnsupportedModelError(
                         f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used in the forward pass "
                         "but its module's forward hooks never ran: either the weight is used without calling "
-                        "the module (F.linear(x, layer.weight), a tied output embedding: call the module, or "
+                        "the module (F.linear(x, layer.weight), a tied output embedding: call the module, "
+                        "tie a decoder module to it (decoder.weight = emb.weight: one parameter block), or "
                         "freeze that parameter), or a torch.compile'd model's first call ran without "
                         "curvlab's hooks (outside `opt.track` or curvlab.extract) and it keeps running "
                         "without them (set torch._dynamo.config.skip_nnmodule_hook_guards = False before "
@@ -254,7 +255,9 @@ class LayerUseCheck:
                         f"the forward pass but its module is called {self.calls[module]} time(s): it is also "
                         "used outside the module (e.g. a tied output embedding `h @ emb.weight.T`, or "
                         "F.linear(x, layer.weight)), and a Kronecker block sees only the module's calls — "
-                        "call the module for every use, or freeze that parameter"
+                        "call the module for every use, tie a module to the weight for the other use (an output "
+                        "embedding: decoder = nn.Linear(d, vocab); decoder.weight = emb.weight — the shared "
+                        "tensor is then one parameter block), or freeze that parameter"
                     )
                 if 0 < uses.get(p, 0) < self.calls[module]:
                     raise UnsupportedModelError(

@@ -277,12 +277,13 @@ class KroneckerOptimizer(Optimizer):
         statistics or a weight is shared — and, with such a weight, its layer's bias, which then
         has no Kronecker block either (norm layers' and other parameter blocks' first-order
         update is documented, not warned about)."""
-        named = {p for n, p in self.model.named_parameters() if n in found.skipped}  # a tied weight once
+        named = [*found.skipped, *found.tied]
+        said = {p for n, p in self.model.named_parameters() if n in named}  # a tied weight once
         with_layer = [f"{path}.{name}" for path, module in self.model.named_modules()
                       if isinstance(module, PRECONDITIONED_LAYERS)
                       for name, p in module.named_parameters(recurse=False)
-                      if p.requires_grad and p in self._group_of and p not in self._block_params and p not in named]
-        unsupported = [n for n in dict.fromkeys([*found.skipped, *with_layer]) if n not in self._warned_unsupported]
+                      if p.requires_grad and p in self._group_of and p not in self._block_params and p not in said]
+        unsupported = [n for n in dict.fromkeys([*named, *with_layer]) if n not in self._warned_unsupported]
         if unsupported:
             warnings.warn(
                 f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
