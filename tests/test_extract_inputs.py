@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -188,3 +190,47 @@ def test_cuda_matches_cpu() -> None:
         assert gpu[name].tkfac.delta.device.type == "cuda"
         torch.testing.assert_close(gpu[name].dense_fisher().cpu(), cpu[name].dense_fisher())
         torch.testing.assert_close(gpu[name].kfac["exact"].G.cpu(), cpu[name].kfac["exact"].G)
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_mc_statistics_of_mse_do_not_depend_on_the_outputs_offset(engine: str) -> None:
+    """MSE's Hessian does not depend on the output, so neither do its MC roots: a float32 model
+    whose outputs sit near 1e8 (its last bias shifted) has the MC statistics of the unshifted one
+    under the same seed.  Its noise was drawn as ``ỹ − f`` and lost to cancellation: G +16 % at
+    1e7, exactly 0 from 1e8 (the optimizers' default flavour saw no curvature)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted[2].bias += 1e8
+    x = torch.randn(8, 4)
+    y = torch.randn(8, 3)
+    kw = dict(fisher="mc", stats=("sqrt", "kfac"), kfac_flavours=("mc",), seed=3, engine=engine)
+    ref, far = extract(model, nn.MSELoss(), x, y, **kw), extract(shifted, nn.MSELoss(), x + 0, y + 1e8, **kw)
+    for name in ("0", "2"):
+        assert far[name].kfac["mc"].G.abs().max() > 0
+        torch.testing.assert_close(far[name].kfac["mc"].G, ref[name].kfac["mc"].G, rtol=1e-5, atol=0)
+        torch.testing.assert_close(far[name].dense_fisher(), ref[name].dense_fisher(), rtol=1e-5, atol=1e-9)
+
+
+def test_roots_larger_than_free_memory_are_refused_before_they_are_formed() -> None:
+    """The exact Fisher of a vocabulary-sized output has a root column per class: 100 000 classes
+    for 8 examples are ~1 TB; a tied vocabulary matrix's exact root, 320 GB.  A MemoryError names
+    the sizes and fisher='mc' instead of torch's allocation failure (or the machine swapping)."""
+    wide = nn.Linear(2, 100_000)
+    x = torch.randn(8, 2)
+    with pytest.raises(MemoryError, match=r"fisher=exact need .* GiB for an output of shape \(8, 100000\).*fisher='mc'"):
+        extract(wide, nn.CrossEntropyLoss(), x, torch.zeros(8, dtype=torch.long), fisher="exact", stats=("sqrt",))
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoder = nn.Embedding(1000, 10_000), nn.Linear(10_000, 1000, bias=False)
+            self.decoder.weight = self.encoder.weight
+
+        def forward(self, ids):
+            return self.decoder(torch.tanh(self.encoder(ids)))
+
+    ids = torch.arange(8)
+    with pytest.raises(MemoryError, match=r"exact square roots need .* GiB \(8000 columns .*'encoder.weight', \(1000, 10000\)"):
+        extract(TiedLM(), nn.CrossEntropyLoss(), ids, ids, fisher="exact", stats=("sqrt",))

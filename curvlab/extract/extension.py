@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.block import Block
-from curvlab.extract.autograd.loss_roots import empirical_root, loss_terms
+from curvlab.extract.autograd.loss_roots import check_root_fits, empirical_root, loss_terms, mc_root
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats
 from curvlab.extract.options import ExtractOptions
@@ -66,6 +66,9 @@ class _LossRoot(ModuleExtension):
             )
         output = module.input0
         finite = checked_loss_inputs(module, output, getattr(module, "input1", None), ext.options.non_finite)
+        terms = loss_terms(module, output, module.input1)
+        if finite:
+            check_root_fits(module, output, ext.options.flavours, ext.options.mc_samples)
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
             if not finite:  # non_finite="propagate": NaN statistics, no sampling from NaN logits
@@ -73,13 +76,10 @@ class _LossRoot(ModuleExtension):
                 root = output.new_full((columns, *output.shape), float("nan"))
             elif flavour == "exact":
                 root = self.derivatives.sqrt_hessian(module, g_inp, g_out)
-            elif flavour == "mc":
-                root = self.derivatives.sqrt_hessian_sampled(
-                    module, g_inp, g_out, mc_samples=ext.options.mc_samples
-                )
+            elif flavour == "mc":  # BackPACK's draws, without its float32 cancellation for MSE
+                root = mc_root(module, output, terms, ext.options.mc_samples)
             else:  # from the loss itself: the backward may start from c·L (a GradScaler)
-                targets = module.input1
-                root = empirical_root(module, output, targets, loss_terms(module, output, targets))
+                root = empirical_root(module, output, module.input1, terms)
             segments[flavour] = slice(start, start + root.shape[0])
             start += root.shape[0]
             roots.append(root)

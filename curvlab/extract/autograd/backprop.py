@@ -126,6 +126,23 @@ class BatchedVJP:
             yield sl, self(cotangents(sl))
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` (``None``: unknown): CUDA's free memory, or Linux's
+    ``MemAvailable`` on the CPU — what a result can take before the machine swaps or kills."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def estimate(saved_bytes: int, leaf_bytes: int, output_bytes: int, extra_bytes: int = 0) -> int:
     """Temporaries of one cotangent column: the gradients returned for every leaf, a gradient
     flowing through every saved activation (an upper-bound proxy for backward's buffers), the

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
 from torch.nn.functional import one_hot
 
+from curvlab.extract.autograd.backprop import available_bytes
 from curvlab.stats import FLAVOURS
 
 
@@ -135,7 +136,10 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
     CE builds ``Categorical(probs moved to the last dim).sample([M])`` and returns
     ``probs − onehot``; MSE builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns
     ``2 (ỹ − f)``; both are divided by ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same
-    distribution objects and the same calls consume the generator identically.
+    distribution objects and the same calls consume the generator identically — except that
+    MSE's noise is drawn around 0, not around ``f``: ``ỹ − f`` lost the draw to cancellation
+    in float32 once ``|f|`` was ~1e7 (+16 % at 1e7, a zero Fisher from 1e8). Both engines
+    take their MC root here.
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         probs = output.softmax(dim=1)
@@ -147,9 +151,9 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
     else:
         # BackPACK's scale, √½ in the default dtype (the same draws); filled on the device, where a
         # tensor from a number is a copy (on a GPU one that waits)
-        dist = Normal(output, torch.full((), math.sqrt(0.5), dtype=torch.get_default_dtype(), device=output.device))
-        samples = dist.sample(sample_shape=torch.Size([mc_samples]))
-        root = 2 * (samples - output.unsqueeze(0).expand(mc_samples, *output.shape))
+        dist = Normal(torch.zeros_like(output),
+                      torch.full((), math.sqrt(0.5), dtype=torch.get_default_dtype(), device=output.device))
+        root = 2 * dist.sample(sample_shape=torch.Size([mc_samples]))  # ỹ − f
     root = root / math.sqrt(mc_samples)
     if loss_fn.reduction == "mean":
         root = root / math.sqrt(1.0 / terms.reduction_factor)
@@ -165,6 +169,24 @@ def empirical_root(loss_fn: nn.Module, output: Tensor, targets: Tensor, terms: L
     return (grad / math.sqrt(terms.reduction_factor)).unsqueeze(0)
 
 
+def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str], mc_samples: int) -> None:
+    """Refuse, before it is formed, a stacked root larger than the device's free memory: under
+    ``"exact"`` every term has one column per class, ``C²`` numbers (a language model's
+    vocabulary: 50 000 classes are 10 GB a token in float32)."""
+    classes = output.shape[1] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.shape[-1]
+    columns = {"exact": classes, "mc": mc_samples, "empirical": 1}
+    # (an exact cross-entropy root is built through two temporaries of its size)
+    need = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours) * output.numel() * output.element_size()
+    free = available_bytes(output.device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"curvlab.extract: the loss-Hessian roots of fisher={'/'.join(flavours)} need {need / 2**30:.1f} GiB "
+            f"for an output of shape {tuple(output.shape)} ({classes} classes: 'exact' has a column per class), "
+            f"more than the {free / 2**30:.1f} GiB free on {output.device}: use fisher='mc' (mc_samples "
+            "columns) or fewer examples"
+        )
+
+
 def stacked_root(
     loss_fn: nn.Module,
     output: Tensor,
@@ -175,6 +197,7 @@ def stacked_root(
 ) -> tuple[Tensor, dict[str, slice]]:
     """The roots of ``flavours`` stacked along dim 0, and each flavour's slice of that dim."""
     output = output.detach()
+    check_root_fits(loss_fn, output, flavours, mc_samples)
     roots, segments, start = [], {}, 0
     for flavour in flavours:
         if flavour == "exact":

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
-from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, estimate
+from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
 from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
@@ -248,6 +248,11 @@ class Recording:
         per_column = estimate(saved, leaf_bytes if need_exact else 0, out_bytes, contraction + 2 * param_bytes)
         vjp = BatchedVJP(output, leaves + [p for _, p in params], per_column, req.max_bytes, req.vectorize)
         x_aug: list[Tensor | None] = [None] * len(calls)
+        dense = [(name, p.shape, p.element_size()) for name, p in params]
+        if need_exact:
+            dense += [(res.name, res.matrix_shape, res.module.weight.element_size()) for res in results.values()
+                      if res.name not in kept]
+        _check_fits(dense, rows, output.device, req.sqrt_flavours or req.flavours)
         if need_exact:
             for res in results.values():
                 if res.name not in kept:  # the weight's dtype: under autocast the output may be bfloat16
@@ -273,6 +278,25 @@ class Recording:
 
         separated_roots(vjp, root, terms, columns, True, consume)
         return vjp.num_vjps
+
+
+def _check_fits(roots: list[tuple[str, tuple[int, ...], int]], rows: int, device: torch.device, flavours) -> None:
+    """Refuse, before allocating them, dense square roots (``rows`` × a block, one row per root
+    column, term and example: ``(name, block shape, element size)``) larger than the device's
+    free memory — a tied vocabulary matrix under the exact Fisher, where ``rows`` counts every
+    class of every token."""
+    need = rows * sum(math.prod(shape) * size for _, shape, size in roots)
+    free = available_bytes(device)
+    if free is None or need <= free:
+        return
+    name, shape, _ = max(roots, key=lambda root: math.prod(root[1]))
+    raise MemoryError(
+        f"curvlab.extract: the exact square roots need {need / 2**30:.1f} GiB ({rows} columns × "
+        f"{sum(math.prod(r[1]) for r in roots)} entries; the largest block {name!r}, {tuple(shape)}), more than "
+        f"the {free / 2**30:.1f} GiB free on {device}. A column per loss-root column, term and example "
+        f"(fisher={'/'.join(flavours)}; 'exact' has one per class): use fisher='mc' (mc_samples per term), "
+        "fewer examples, or freeze that parameter (requires_grad=False)"
+    )
 
 
 def probe_coupling(vjp: BatchedVJP, output: Tensor, names: list[str], n: int) -> bool:
