@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import curvlab
 from curvlab.approx.inverse import KroneckerInverse
 from curvlab.approx.spectral import optimal_scaling
 from curvlab.extract import extract
@@ -151,3 +152,33 @@ def test_an_optimizers_float32_approximation_is_analysed_in_float64() -> None:
     a64 = approx.to(torch.float64)
     expected = torch.outer(*(torch.linalg.eigvalsh(f.double()) for f in (approx.G, approx.A))).flatten()
     torch.testing.assert_close(a64.spectrum(), expected.sort(descending=True).values, rtol=1e-12, atol=1e-15)
+
+
+def test_trace_weighted_approximations_of_a_huge_trace_stay_finite_in_float32() -> None:
+    """A float32 regression with one un-normalised feature (a timestamp in milliseconds, ~1.7e12):
+    the first layer's δ = tr F is ~3e23, finite, but TKFAC's ``λ_Ψ λ_Φᵀ`` and ``δΨ X δΦᵀ`` before
+    their division by δ (~δ²) overflowed — trace, eigenvalues and the dense block were inf, the
+    trace-relative inverse exactly 0, and TEKFAC's reset scaling inf, then every step skipped."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 3) * torch.tensor([5.0, 3.0, 0.0])
+    x[:, 2] = 1.7e12 * (1 + 0.01 * torch.rand(64))
+    y = x[:, :1] / 3
+    make = lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))  # noqa: E731
+    torch.manual_seed(1)
+    model = make()
+    model64 = make().double()
+    model64.load_state_dict(model.state_dict())
+    s32 = extract(model, nn.MSELoss(), x, y, stats=("kfac", "tkfac"))["0"]
+    s64 = extract(model64, nn.MSELoss(), x.double(), y.double(), stats=("kfac", "tkfac"))["0"]
+    assert s32.tkfac.delta > 1e22
+    for name in ("tkfac", "tekfac"):
+        a32 = curvlab.approximate(s32, name, scaling="kronecker") if name == "tekfac" else curvlab.approximate(s32, name)
+        a64 = curvlab.approximate(s64, name, scaling="kronecker") if name == "tekfac" else curvlab.approximate(s64, name)
+        torch.testing.assert_close(a32.trace().double(), a64.trace(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(a32.eigenvalues().double(), a64.eigenvalues(), rtol=1e-4, atol=1e-4 * a64.trace().item())
+        dense = a32.to_dense().double()
+        assert torch.isfinite(dense).all()
+        torch.testing.assert_close(dense, a64.to_dense(), rtol=1e-3, atol=1e-4 * a64.trace().item())
+        step = a32.inv_mat_mul(s32.grad, 1e-3, "trace-relative").double()
+        ref = a64.inv_mat_mul(s64.grad, 1e-3, "trace-relative")
+        assert (step - ref).norm() < 1e-2 * ref.norm()  # (float32's conditioning at λ = 1e-3 tr/P)

@@ -114,11 +114,11 @@ class KroneckerProduct(KroneckerApproximation):
         return u_left, u_right
 
     def _eigenvalue_grid(self) -> Tensor:
-        (lam_left, _), (lam_right, _) = self._factor_eigh()
-        s = torch.outer(lam_left, lam_right)
-        return s if self._scale is None else s * self._scale
+        return torch.outer(*self._factor_grid())
 
     def _factor_grid(self) -> tuple[Tensor, Tensor]:
+        # √scale on each side: TKFAC's δΦ, δΨ are ~δ each and scale = 1/δ, so λ_L λ_Rᵀ before
+        # the scale overflowed float32 from δ ~ 1e19 where the product itself is ~δ
         (lam_left, _), (lam_right, _) = self._factor_eigh()
         if self._scale is None:
             return lam_left, lam_right
@@ -131,14 +131,18 @@ class KroneckerProduct(KroneckerApproximation):
         return tuple(root * _trace(f) / _size(f) for f in (self._left, self._right))  # type: ignore[return-value]
 
     def mat_mul(self, x: Tensor) -> Tensor:
-        """``K̂ X = scale · L X Rᵀ`` straight from the factors."""
+        """``K̂ X = (√scale L) X (√scale R)ᵀ`` straight from the factors (no ``~δ²`` product)."""
         self._check_matrix(x)
         dtype, x = x.dtype, x.to(self.dtype)
+        if self._scale is not None:
+            x = x * self._scale.sqrt()
         r = self._right
         out = x @ r if isinstance(r, Tensor) else right_apply(x, r.vectors, r.values.reshape(1, -1))
         left = self._left
+        if self._scale is not None:
+            out = out * self._scale.sqrt()
         out = left @ out if isinstance(left, Tensor) else left_apply(out, left.vectors, left.values)
-        return (out if self._scale is None else out * self._scale).to(dtype)
+        return out.to(dtype)
 
     def _build_inverse(self, strategy: DampingStrategy, damping: float | Tensor) -> DampedInverse:
         shifts = strategy.kronecker_shifts(self, damping)
@@ -151,9 +155,9 @@ class KroneckerProduct(KroneckerApproximation):
         )
 
     def _dense_matrix_order(self) -> Tensor:
-        left, right = (_dense(f).contiguous() for f in (self._left, self._right))
-        dense = torch.kron(left, right)
-        return dense if self._scale is None else dense * self._scale
+        root = 1.0 if self._scale is None else self._scale.sqrt()
+        left, right = (root * _dense(f).contiguous() for f in (self._left, self._right))
+        return torch.kron(left, right)
 
 
 def _size(factor: Factor) -> int:

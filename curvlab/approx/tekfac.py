@@ -125,7 +125,8 @@ class TEKFAC(EigenCorrected):
         if isinstance(scaling, str):
             if scaling != "kronecker":
                 raise ValueError(f"TEKFAC.from_trace_stats: scaling={scaling!r}; pass a tensor, 'kronecker' or None")
-            scaling = torch.outer(mu_psi, mu_phi) * inv_delta  # δ λ_Ψ λ_Φᵀ
+            root = inv_delta.sqrt()  # on each side: δλ_Ψ δλ_Φᵀ alone overflows float32 from δ ~ 1e19
+            scaling = torch.outer(mu_psi * root, mu_phi * root)  # δ λ_Ψ λ_Φᵀ
         elif scaling is None:
             if sqrt is None:
                 raise ValueError("TEKFAC.from_trace_stats: pass the block's square root `sqrt` or a `scaling`")
