@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -473,3 +475,45 @@ def test_approximations_keep_their_order_where_one_applies_to_later_layers_only(
     assert list(ds.approximation.values) == list(APPROXIMATIONS)
     kfoc = ds.rel_frobenius_error.sel(approximation="kfoc").values
     assert np.isnan(kfoc[0]) and np.isfinite(kfoc[1])
+
+
+def test_natural_gradient_metrics_beyond_float64_are_nan_with_a_warning() -> None:
+    """A raw feature of size ~1e6 (λ_max(F)/λ ~ 1e13): Woodbury's ``λ⁻¹[g − V(…)Vᵀg]`` cancels,
+    and ng_cosine read 0.02 where a 60-digit solve gives 0.26 (and a timestamp feature made
+    Cholesky fail, naming nothing).  Below the limit the values are the dense solve's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    for scale, resolved in ((1.0, True), (1e6, False), (1.7e9, False)):
+        xs = x * torch.tensor([scale, 1.0, 1.0], dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            ds = compare(model, loss_fn, xs, y, damping=1e-3, approximations=("kflr",))
+        beyond = [str(w.message) for w in said if "beyond float64's reach" in str(w.message)]
+        assert bool(beyond) == (not resolved)
+        assert np.isnan(ds.ng_cosine.sel(layer="0").values).all() == (not resolved)
+        assert np.isnan(ds.network_ng_cosine.values).all() == (not resolved)
+        assert np.isfinite(ds.rel_frobenius_error.values).all()  # the other metrics stand
+        if resolved:  # the dense damped solve, at this conditioning as accurate as Woodbury
+            dense = dense_ggn_full(model, loss_fn, xs, y, ["0"])
+            stats = extract(model, loss_fn, xs, y, stats=("kfac",), kfac_flavours=("exact",))["0"]
+            g = stats.layout.to_vector(stats.grad)
+            exact_ng = torch.linalg.solve(dense + 1e-3 * torch.eye(dense.shape[0], dtype=dense.dtype), g)
+            ng = stats.layout.to_vector(approximate(stats, "kflr").inv_mat_mul(stats.grad, 1e-3, DEFAULT_DAMPING["kflr"]))
+            cos = (ng @ exact_ng / (ng.norm() * exact_ng.norm())).item()
+            np.testing.assert_allclose(ds.ng_cosine.sel(layer="0", approximation="kflr").item(), cos, rtol=1e-8)
+
+
+def test_a_zero_gradient_gives_undefined_natural_gradient_metrics() -> None:
+    """MSE at a zero residual: F ≠ 0 but g = 0, so both natural gradients vanish; ng_cosine read
+    0 ("orthogonal") beside a NaN ng_rel_error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+    with pytest.warns(RuntimeWarning, match="the gradient of layer '0' is zero"):
+        ds = compare(model, nn.MSELoss(), x, y, approximations=("kfac", "tekfac"))
+    assert (ds.exact_trace.values > 0).all()
+    assert np.isnan(ds.ng_cosine.values).all() and np.isnan(ds.network_ng_cosine.values).all()

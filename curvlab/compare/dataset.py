@@ -16,12 +16,14 @@ from curvlab._options import check_int, check_number
 from curvlab.approx import KroneckerApproximation
 from curvlab.approx.eigh import span_basis, within_span
 from curvlab.compare.metrics import (
+    NG_ROUNDING_LIMIT,
     ApproximationMetrics,
     ExactBlock,
     approximation_metrics,
     convention_error,
     cosine,
     exact_block,
+    natural_gradient_resolved,
     spectrum,
     woodbury_natural_gradient,
     woodbury_solve,
@@ -67,8 +69,10 @@ VARIABLE_ATTRS: dict[str, tuple[str, str | None]] = {
                          "approximation's eigenbasis over ||F||_F", "1"),
     "scaling_error": ("scaling error: distance of the approximation's eigenvalues from the best ones "
                       "in its eigenbasis over ||F||_F", "1"),
-    "ng_cosine": ("cosine between the approximation's and the exact damped natural gradients", "1"),
-    "ng_rel_error": ("relative error of the approximation's damped natural gradient", "1"),
+    "ng_cosine": ("cosine between the approximation's and the exact damped natural gradients (NaN where "
+                  "undefined: a zero gradient, or lambda_max(F)/damping beyond float64's reach, see "
+                  "curvlab.compare.metrics.NG_ROUNDING_LIMIT)", "1"),
+    "ng_rel_error": ("relative error of the approximation's damped natural gradient (NaN as ng_cosine)", "1"),
     "subspace_overlap": ("overlap of the top-k eigenvector subspaces of the exact block and the approximation, "
                          "||U_F^T U_hat||_F^2/k: k at most the exact block's rank, raised to the end of its eigenspace at "
                          "the k-th eigenvalue (a repeated one); the approximation's "
@@ -189,7 +193,25 @@ def measure(
                 coupling[layers.index(layer)] = convention_error(block, convention)
             else:  # the Kronecker statistics describe the exact block itself
                 coupling[layers.index(layer)] = (0.0, 1.0)
-            exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
+            if natural_gradient_resolved(block.eigenvalues, damping):
+                exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
+            else:
+                exact_ng = torch.full_like(grad, float("nan"))
+                warnings.warn(
+                    f"curvlab.compare: layer {layer!r}: λ_max(F)/damping = {block.eigenvalues[0].item() / damping:.2g} "
+                    f"is beyond float64's reach for the exact damped natural gradient (rounding of λ_max "
+                    f"above {NG_ROUNDING_LIMIT:g} of the damping); its ng_cosine and ng_rel_error are NaN. "
+                    "Raise the damping, or normalise the inputs (a raw feature of size 1e9 makes F ~1e18)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if block.trace > 0 and not grad.any():
+                warnings.warn(
+                    f"curvlab.compare: the gradient of layer {layer!r} is zero (e.g. a zero residual): the "
+                    "natural gradients are zero and their ng_cosine and ng_rel_error NaN",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             for name, approx in approximations[layer].items():
                 results[layer, name] = approximation_metrics(
                     block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng,
@@ -278,10 +300,12 @@ def _network(
     trace = sum(exact[l].trace for l in layers)
     # full damped natural gradient by Woodbury on the stacked root (each in float64 while used)
     root = lambda l: exact[l].sqrt.to(dtype=torch.float64)  # noqa: E731
-    rhs = sum(root(l).inner(grads[l]) for l in layers)
-    alpha = woodbury_solve(gram, rhs, damping)
-    full_ng = [(grads[l] - root(l).combine(alpha)) / damping for l in layers]
-    full_vec = torch.cat([x.flatten() for x in full_ng])
+    if natural_gradient_resolved(evals, damping):  # (else its layers' warnings said so)
+        rhs = sum(root(l).inner(grads[l]) for l in layers)
+        alpha = woodbury_solve(gram, rhs, damping)
+        full_vec = torch.cat([((grads[l] - root(l).combine(alpha)) / damping).flatten() for l in layers])
+    else:
+        full_vec = torch.cat([torch.full_like(grads[l], float("nan")).flatten() for l in layers])
     out: dict[str, tuple] = {}
     err, cos, rel, ratio = (np.full(len(names), np.nan) for _ in range(4))
     for j, name in enumerate(names):
