@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from curvlab._options import is_int
-from curvlab.approx.spectral import complete_basis
+from curvlab.approx.spectral import complement_basis
 from curvlab.reuse import digest, name_values, recall, remember, reuse, sharing
 from curvlab.sqrt import SquareRoot
 
@@ -207,13 +207,42 @@ def factor_eigh(mat: Tensor, policy: EighPolicy = EXACT_EIGH) -> tuple[Tensor, T
     if not sharing():
         return _decompose(mat, policy)
     work = mat if policy.dtype is None else mat.to(policy.dtype)
-    if full:
-        work = symmetric(work)  # what psd_eigh decomposes (symmetrizing again changes nothing)
-    key = ("factor_eigh", policy, digest(work))
-    values, vectors = reuse(key, lambda: _decompose(work, policy))
-    # copies (a caller may change them in place), named: a rotation into this basis is keyed cheaply
-    return (name_values(values.to(mat.dtype, copy=True), (*key, "values", mat.dtype)),
-            name_values(vectors.to(mat.dtype, copy=True), (*key, "vectors", mat.dtype)))
+    name = _symmetric_name(work) if full else None
+    if name is not None:
+        # a named factor: the name of what psd_eigh decomposes is known without forming it (an
+        # n × n copy per approximation object only to key a decomposition already made)
+        key = ("factor_eigh", policy, name)
+        compute = lambda: _decompose(symmetric(work), policy)  # noqa: E731
+    else:
+        if full:
+            work = symmetric(work)  # what psd_eigh decomposes (symmetrizing again changes nothing)
+        key = ("factor_eigh", policy, digest(work))
+        compute = lambda: _decompose(work, policy)  # noqa: E731
+    # the scope's own tensors, not copies (a copy per approximation object: an n × n float64
+    # basis each); a caller that changed them in place bumped their versions, and the next one
+    # gets a fresh decomposition
+    held = reuse(key, lambda: _versioned(compute()))
+    if (held[0]._version, held[1]._version) != held[2]:
+        held[:] = _versioned(compute())
+    values, vectors = held[0], held[1]
+    # named: a rotation into this basis is keyed cheaply
+    return (name_values(values.to(mat.dtype), (*key, "values", mat.dtype)),
+            name_values(vectors.to(mat.dtype), (*key, "vectors", mat.dtype)))
+
+
+def _versioned(pair: tuple[Tensor, Tensor]) -> list:
+    """``[values, vectors, (their versions)]``: :func:`factor_eigh`'s shared decomposition."""
+    values, vectors = pair
+    return [values, vectors, (values._version, vectors._version)]
+
+
+def _symmetric_name(mat: Tensor):
+    """The name :func:`symmetric` gives ``mat``'s symmetrization (:func:`symmetrize`'s naming),
+    where ``mat``'s values are named in this scope; else ``None``."""
+    source = recall(mat, "digest")
+    if source is None:
+        return None
+    return source if recall(mat, "symmetric") else ("symmetrize", source)
 
 
 def _decompose(mat: Tensor, policy: EighPolicy) -> tuple[Tensor, Tensor]:
@@ -326,7 +355,7 @@ def span_projection(mat: Tensor, basis: Tensor) -> tuple[Tensor, Tensor] | None:
 def spanned_eigh(basis: Tensor, lam: Tensor, w: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`psd_eigh` of ``M = Q S Qᵀ + μ (I − QQᵀ)`` (``basis`` ``Q`` ``[n, r]``, ``(λ, W)``
     the eigenpairs of ``S``, ``flat`` ``μ``; :func:`in_scope_span`): ``U = Q W``, and ``Q``'s
-    complement (:func:`~curvlab.approx.spectral.complete_basis`, once per basis inside
+    complement (:func:`~curvlab.approx.spectral.complement_basis`, once per basis inside
     :func:`curvlab.reuse.shared_work`) is the eigenspace of ``μ``.
 
     Returns:
@@ -334,7 +363,14 @@ def spanned_eigh(basis: Tensor, lam: Tensor, w: Tensor, flat: Tensor) -> tuple[T
     """
     n, r = basis.shape
     values = torch.cat([lam, flat.expand(n - r)])
-    complete = reuse(("complete_basis", id(basis)), lambda: (basis, complete_basis(basis)))[1]  # basis kept alive
-    vectors = torch.cat([basis @ w, complete[:, r:]], 1)
+    # basis kept alive; only the n − r complement columns are kept, not the completed n × n basis
+    complement = reuse(("complement_basis", id(basis)), lambda: (basis, complement_basis(basis)))[1]
     order = values.argsort(stable=True)
-    return values[order], vectors[:, order]
+    # λ ascending (psd_eigh) and μ one value: the stable order is λ ≤ μ, the complement, λ > μ,
+    # so the ordered basis is formed in one n × n allocation (not a concatenation, then a gather)
+    low = int((lam <= flat).sum())
+    placed = torch.cat([torch.arange(low), torch.arange(r, n), torch.arange(low, r)]).to(order.device)
+    spanned = basis @ w
+    if not torch.equal(order, placed):  # (λ is sorted: never; kept as the general route)
+        return values[order], torch.cat([spanned, complement], 1)[:, order]
+    return values[order], torch.cat([spanned[:, :low], complement, spanned[:, low:]], 1)

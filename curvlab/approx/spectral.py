@@ -62,6 +62,12 @@ def complete_basis(u: Tensor) -> Tensor:
     """
     if not is_truncated(u):
         return u
+    return torch.cat([u, complement_basis(u)], dim=-1)
+
+
+def complement_basis(u: Tensor) -> Tensor:
+    """``U_⊥``: the last ``n − k`` columns of :func:`complete_basis` (``[n, n − k]``), without
+    forming the completed ``n × n`` basis (a caller that places them itself saves that copy)."""
     # the Householder Q of u's QR in compact WY form, Q = H_1⋯H_k = I − V T Vᵀ with
     # T (I + striu(VᵀV) diag τ) = diag τ (no 1/τ: a reflector may be the identity, τ = 0), its
     # last n − k columns by two GEMMs: the Q of torch.linalg.qr(mode="complete") is LAPACK's
@@ -75,7 +81,7 @@ def complete_basis(u: Tensor) -> Tensor:
     t = torch.linalg.solve_triangular(unit, torch.diag_embed(tau), upper=True, left=False)
     rest = (v @ (t @ v[..., k:, :].mT)).neg_()
     rest[..., k:, :].diagonal(dim1=-2, dim2=-1).add_(1)
-    return torch.cat([u, rest], dim=-1)
+    return rest
 
 
 def compress_mean(values: Tensor, u: Tensor, dim: int = -1) -> Tensor:

@@ -217,6 +217,9 @@ def measure(
                     block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng,
                     num_eigenvalues,
                 )
+                # not kept while the next one is built: an object holds its own factors and bases
+                # (a Linear(8192, ·)'s: 1 GiB in float64)
+                del approx
         # the float64 copy of the root is dropped once its layer is measured (kept for every layer,
         # ResNet-18's at N = 9 took 8 GB beside the 4 GB of the extraction's own): the network
         # terms convert the extraction's root again, one layer at a time
