@@ -188,13 +188,15 @@ class Block:
         return f"Block({self.name!r}, {self.kind}, {self.module_type}, {d_out}×{d_in})"
 
     @classmethod
-    def of_layer(cls, name: str, module: nn.Module, *, separate_bias: bool = False) -> list["Block"]:
+    def of_layer(cls, name: str, module: nn.Module, *, separate_bias: bool = False,
+                 own_bias: bool = True) -> list["Block"]:
         """The blocks of a ``Linear``/``Conv1d/2d/3d``/``Embedding`` layer: ``[W b]`` (the bias as
-        the last input column when it is trainable), or ``<name>.weight`` and ``<name>.bias``
-        apart.  ``nn.Embedding`` (no bias) has the matrix form ``Wᵀ``."""
+        the last input column when it is trainable and ``own_bias``: not shared with another
+        module), or ``<name>.weight`` and ``<name>.bias`` apart.  ``nn.Embedding`` (no bias) has
+        the matrix form ``Wᵀ``."""
         weight = module.weight
         bias = getattr(module, "bias", None)
-        bias = bias if bias is not None and bias.requires_grad else None
+        bias = bias if bias is not None and bias.requires_grad and own_bias else None
         shape = tuple(weight.shape)
         kind = type(module).__name__
         if isinstance(module, nn.Embedding):

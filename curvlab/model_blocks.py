@@ -11,7 +11,7 @@ model is refused with an error that names the module, its type and what is suppo
   projections (it applies them functionally, out of reach of module hooks, so its ``out_proj``
   is not a Kronecker layer either), parameters held by your own module classes — a ViT's cls
   token and position embedding —, a Kronecker layer's trainable bias whose weight is frozen or
-  tied, and one parameter shared by several modules (a language model's decoder tied to its
+  tied, and one parameter (a weight or a bias) shared by several modules (a language model's decoder tied to its
   embedding, ``decoder.weight = encoder.weight``: listed in :attr:`ModelBlocks.tied`). Its
   gradient sums every use, with the roles of inputs and outputs swapped between an embedding and
   a decoder, so no Kronecker product describes it; its block is the exact one.
@@ -166,7 +166,8 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         if weight_own and enclosing is None and module.weight.requires_grad:
             problem = kronecker_problem(module)
             if problem is None:
-                blocks = Block.of_layer(path, module, separate_bias=separate_bias)
+                own_bias = id(getattr(module, "bias", None)) not in sharers  # a shared bias: its own block
+                blocks = Block.of_layer(path, module, separate_bias=separate_bias, own_bias=own_bias)
                 out.layers[module], out.of_layer[module] = path, blocks
                 out.blocks.extend(blocks)
                 done.update(id(q) for b in blocks for q in b.parameters())

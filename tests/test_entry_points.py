@@ -50,7 +50,7 @@ def test_tekfac_lowers_the_loss_of_a_train_mode_resnet() -> None:
     assert all(opt.block_states[b.name].curvature.build() is not None for b in opt.blocks())
 
 
-@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm"])
+@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm", "tied_bias"])
 def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) -> None:
     """Root-module parameters (cls token, position embedding), norm layers, nn.Embedding and a
     decoder tied to the embedding: SGD's update; a module called twice and functional layers:
@@ -61,7 +61,8 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
         warnings.simplefilter("always")
         kronecker = {p for b in opt.blocks() for p in b.parameters()}
     # named, unlike a norm layer's: the tied matrix is often a language model's largest
-    assert [str(w.message)[:40] for w in said] == ["KFAC: ['encoder.weight', 'decoder.bias']"] * (name == "tied_lm")
+    named = {"tied_lm": "KFAC: ['encoder.weight', 'decoder.bias']", "tied_bias": "KFAC: ['a.bias'] belong to modules curvlab"}
+    assert [str(w.message)[:40] for w in said] == [named.get(name, "")[:40]] * (name in named)
     layers = {b.name for b in opt.blocks()}
     assert not any(isinstance(dict(model.named_modules())[n], nn.Embedding) for n in layers)
     steps(opt, model, x, y, 1)  # statistics now exist
@@ -77,7 +78,7 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
             assert not torch.allclose(p, before[k] - 0.05 * grads[k]), k  # preconditioned
         else:
             torch.testing.assert_close(p.detach(), before[k] - 0.05 * grads[k], rtol=1e-12, atol=1e-15)
-    assert bool(first_order) == (name in ("vit", "textcnn", "vgg_bn", "tied_lm"))
+    assert bool(first_order) == (name in ("vit", "textcnn", "vgg_bn", "tied_lm", "tied_bias"))
 
 
 # --- what stays unsupported: clear errors --------------------------------------------------

@@ -219,7 +219,7 @@ def test_roots_larger_than_free_memory_are_refused_before_they_are_formed() -> N
     the sizes and fisher='mc' instead of torch's allocation failure (or the machine swapping)."""
     wide = nn.Linear(2, 100_000)
     x = torch.randn(8, 2)
-    with pytest.raises(MemoryError, match=r"fisher=exact need .* GiB for an output of shape \(8, 100000\).*fisher='mc'"):
+    with pytest.raises(MemoryError, match=r"flavours exact need .* GiB for an output of shape \(8, 100000\).*fisher='mc' without 'kflr'"):
         extract(wide, nn.CrossEntropyLoss(), x, torch.zeros(8, dtype=torch.long), fisher="exact", stats=("sqrt",))
 
     class TiedLM(nn.Module):

@@ -37,7 +37,8 @@ def block_params(model: nn.Module, stats) -> list[str]:
     if stats.kind == "parameter":
         return [stats.name]
     names = dict(model.named_parameters())
-    return [k for k in (f"{stats.name}.weight", f"{stats.name}.bias") if k in names]
+    with_bias = stats.layout.bias_column or stats.layout.weight_shape is None  # (a bias shared: not the layer's)
+    return [k for k in (f"{stats.name}.weight", *[f"{stats.name}.bias"] * with_bias) if k in names]
 
 
 def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, names: list[str]) -> tuple[Tensor, Tensor]:
@@ -64,7 +65,8 @@ def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, 
 @pytest.mark.parametrize(
     "name,mode,engine",
     [("resnet_bn", "train", "autograd"), ("resnet_bn", "eval", "backpack"), ("vit", "train", "autograd"),
-     ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd"), ("tied_lm", "train", "autograd")],
+     ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd"), ("tied_lm", "train", "autograd"),
+     ("tied_bias", "train", "autograd")],
 )
 def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
     """Train mode: BatchNorm's coupling is in the blocks; eval mode: BackPACK through its graph

@@ -274,6 +274,19 @@ class TiedLM(nn.Module):
         return self.decoder(self.norm(torch.tanh(self.h(self.encoder(ids))))).transpose(1, 2)
 
 
+class TiedBiasMLP(nn.Module):
+    """Two layers sharing their bias (``b.bias = a.bias``): the bias is a parameter block, each
+    layer's Kronecker block its weight alone."""
+
+    def __init__(self, num_classes: int = CLASSES) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(num_classes, num_classes), nn.Linear(num_classes, num_classes)
+        self.b.bias = self.a.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
 class TinyVolumeNet(nn.Module):
     """Conv3d on ``[N, 2, 3, 3, 3]`` volumes, strided and padded, then a Linear head."""
 
@@ -305,6 +318,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "textcnn": (TextCNN, lambda n, g: _tokens(n, 5, 6, g)),
     "tagger": (TinyTagger, lambda n, g: _tokens(n, 3, 5, g)),
     "tied_lm": (TiedLM, lambda n, g: _tokens(n, 3, 5, g)),
+    "tied_bias": (TiedBiasMLP, lambda n, g: torch.randn(n, CLASSES, generator=g, dtype=torch.float64)),
     "conv3d": (TinyVolumeNet, lambda n, g: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64)),
 }
 

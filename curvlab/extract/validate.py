@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from curvlab.block import Block
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError
 
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
@@ -185,8 +186,12 @@ class LayerUseCheck:
     loss call when given ``loss_fn`` (as :class:`~curvlab.extract.ExtractionSession` runs it).
     """
 
-    def __init__(self, layers: dict[nn.Module, str], loss_fn: nn.Module | None = None) -> None:
+    def __init__(self, layers: dict[nn.Module, str], loss_fn: nn.Module | None = None, *,
+                 of_layer: Mapping[nn.Module, list[Block]] | None = None) -> None:
         self.layers, self.loss_fn = layers, loss_fn
+        # the parameters of the layers' blocks (a bias shared with another module is a parameter
+        # block of its own, its uses anywhere); None: every parameter of a layer
+        self.own = None if of_layer is None else {id(p) for bs in of_layer.values() for b in bs for p in b.parameters()}
         self.calls: dict[nn.Module, int] = {}
         self.detached: dict[nn.Module, int] = {}
         self._handles: list = []
@@ -238,6 +243,8 @@ class LayerUseCheck:
             )
         for module, path in self.layers.items():
             for name, p in module.named_parameters(recurse=False):
+                if self.own is not None and id(p) not in self.own:
+                    continue
                 if uses.get(p, 0) and not self.calls[module]:
                     raise UnsupportedModelError(
                         f"curvlab.extract: {path}.{name} ({type(module).__name__}) is used in the forward pass "

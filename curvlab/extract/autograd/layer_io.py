@@ -105,6 +105,13 @@ def check_input(name: str, module: nn.Module, inp: Tensor, version: int, num_exa
     if k == CONV:
         _check_batched(module, inp, f"{name!r} ({type(module).__name__})")
     n = inp.shape[0] if inp.dim() > int(k == LINEAR) else None
+    if n == 1 and num_examples > 1:
+        raise ValueError(
+            f"extract_autograd: {name!r} saw an input with leading dimension 1 while the loss has "
+            f"{num_examples} examples: its output is broadcast over the batch (e.g. a position embedding "
+            "wpe(torch.arange(T)[None])), so no example has inputs of its own; call it on the batch "
+            "(wpe(pos.expand(N, -1)): the same values, a Kronecker block per example)"
+        )
     if n != num_examples:
         raise ValueError(
             f"extract_autograd: {name!r} saw an input with leading dimension {n}, not the batch size "

@@ -179,11 +179,15 @@ def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str],
     need = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours) * output.numel() * output.element_size()
     free = available_bytes(output.device)
     if free is not None and need > free:
+        hint = (
+            f"the 'exact' flavour (fisher='exact', or exact Kronecker factors: KFLR's, and those of "
+            f"fisher='exact' optimizers) has a column per class: use fisher='mc' without 'kflr'"
+            if "exact" in flavours else "use fewer mc_samples"
+        )
         raise MemoryError(
-            f"curvlab.extract: the loss-Hessian roots of fisher={'/'.join(flavours)} need {need / 2**30:.1f} GiB "
-            f"for an output of shape {tuple(output.shape)} ({classes} classes: 'exact' has a column per class), "
-            f"more than the {free / 2**30:.1f} GiB free on {output.device}: use fisher='mc' (mc_samples "
-            "columns) or fewer examples"
+            f"curvlab.extract: the loss-Hessian roots of the flavours {'/'.join(flavours)} need {need / 2**30:.1f} "
+            f"GiB for an output of shape {tuple(output.shape)} ({classes} classes), more than the "
+            f"{free / 2**30:.1f} GiB free on {output.device}; {hint}, or fewer examples"
         )
 
 
