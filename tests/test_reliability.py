@@ -32,17 +32,50 @@ ENGINES = ("backpack", "autograd")
 @pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
 def test_cross_entropy_ignore_index_is_refused(fisher: str, engine: str) -> None:
     """torch's loss drops ignored examples and averages over the rest; a Fisher that counts them
-    would be wrong (trace 1.339 vs 1.470 on main), so they are refused, as class weights and
-    label smoothing are — by both engines."""
+    would be wrong (trace 1.339 vs 1.470 on main), so they are refused, as class weights are — by
+    both engines."""
     model, x, y = batch(16)
     y[:8] = -100
     with pytest.raises(ValueError, match="8 of 16 targets equal ignore_index=-100"):
         curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, engine=engine)
     with pytest.raises(ValueError, match="ignore_index"):
         curvlab.compare(model, nn.CrossEntropyLoss(), x, y, fisher=fisher, approximations=("kfac",), engine=engine)
-    for loss in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))):
-        with pytest.raises(ValueError, match="label smoothing"):
-            curvlab.extract(model, loss, x, y.clamp_min(0), engine=engine)
+    with pytest.raises(ValueError, match="class weights"):
+        curvlab.extract(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), x, y.clamp_min(0),
+                        engine=engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_label_smoothing_is_the_dense_curvature_of_the_smoothed_loss(fisher: str, engine: str) -> None:
+    """Label smoothing (timm's recipes use 0.1) was refused.  Its targets sum to one, so the
+    GGN is cross-entropy's; the gradient, and with it the empirical Fisher, is the smoothed
+    loss's.  Both against dense torch.func references of the smoothed loss itself."""
+    model, x, y = batch(12)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names = [k for k in params if k.startswith("0.")]  # the first layer, [W b]
+    sizes = [params[k].numel() for k in names]
+
+    def out_fn(flat, inputs=x):
+        new = {k: p.reshape(params[k].shape) for k, p in zip(names, torch.split(flat, sizes))}
+        return torch.func.functional_call(model, {**params, **new}, (inputs,))
+
+    flat = torch.cat([params[k].flatten() for k in names])
+    grad = torch.func.grad(lambda f: loss_fn(out_fn(f), y))(flat)
+    if fisher == "exact":
+        out = out_fn(flat).detach()
+        jac = torch.func.jacrev(out_fn)(flat).reshape(out.numel(), -1)
+        hess = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+        dense = jac.T @ hess @ jac
+    else:  # R Σ_n ∇ℓ_n ∇ℓ_nᵀ with L = R Σ ℓ_n, R = 1/N
+        per = torch.stack([torch.func.grad(lambda f: loss_fn(out_fn(f, x[n:n + 1]), y[n:n + 1]))(flat)
+                           for n in range(len(y))])
+        dense = per.T @ per / len(y)
+    stats = curvlab.extract(model, loss_fn, x, y, fisher=fisher, engine=engine)["0"]
+    torch.testing.assert_close(stats.dense_fisher(), dense, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(stats.layout.to_vector(stats.grad), grad, rtol=1e-10, atol=1e-14)
+    assert stats.engine == engine
 
 
 @pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])

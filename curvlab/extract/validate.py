@@ -37,12 +37,12 @@ def check_loss(loss_fn: nn.Module) -> None:
         raise UnsupportedModelError(
             f"curvlab.extract: loss_fn.reduction={loss_fn.reduction!r}; use 'mean' or 'sum'"
         )
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and (
-        loss_fn.weight is not None or loss_fn.label_smoothing != 0.0
-    ):
+    # (label smoothing is supported: its targets sum to one, so the loss-Hessian diag(p) − ppᵀ is
+    # cross-entropy's; class weights scale it by each target's weight, which no root here carries)
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is not None:
         raise UnsupportedModelError(
-            "curvlab.extract: CrossEntropyLoss with class weights or label smoothing is not "
-            "supported (its Fisher is not the GGN BackPACK computes)"
+            "curvlab.extract: CrossEntropyLoss with class weights is not supported (its loss-Hessian is "
+            "weighted by each target's class, which neither engine's roots carry)"
         )
 
 

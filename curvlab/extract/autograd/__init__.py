@@ -96,8 +96,8 @@ where ``T = N`` by the probing vjp); so is activation checkpointing (``torch.uti
 recomputes a forward in the backward pass, or runs it without gradients); a user's forward hook
 on a layer may change its output (the recording's own hook runs first, at the layer's own
 output; BackPACK is not chosen for such a model); grouped and transposed convolutions, Embedding
-with ``max_norm``/``scale_grad_by_freq``, CE with class weights, label smoothing or
-``ignore_index`` targets are unsupported.
+with ``max_norm``/``scale_grad_by_freq``, CE with class weights or ``ignore_index`` targets are
+unsupported.
 
 Public API: :func:`extract_autograd`, :func:`couples_examples`, :func:`default_targets`,
 :class:`Recording` and :class:`Request` (recording a forward pass run elsewhere), and the result

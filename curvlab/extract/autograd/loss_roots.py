@@ -4,8 +4,9 @@ A supported loss is a sum of independent *loss terms*, ``L = R Σ_{n,s} ℓ_{n,s
 a function of one ``C``-vector of the model output:
 
 * ``nn.CrossEntropyLoss`` on logits ``[N, C]`` or ``[N, C, d_1, …]`` (targets ``[N, d_1, …]``,
-  class indices): one term per example and position ``s`` over ``d_1·d_2…``, the classes on
-  dimension 1.  ``R = 1/(N·T_out)`` for ``reduction="mean"`` (torch averages over every
+  class indices, or class probabilities; ``label_smoothing`` too — targets summing to one leave
+  the loss-Hessian ``diag(p) − ppᵀ`` as it is, only the gradient changes): one term per example
+  and position ``s`` over ``d_1·d_2…``, the classes on dimension 1.  ``R = 1/(N·T_out)`` for ``reduction="mean"`` (torch averages over every
   position), 1 for ``"sum"``.
 * ``nn.MSELoss`` on outputs ``[N, …, C]``: the last dimension is the "class" dimension, every
   position over the middle dimensions is a term.  ``R = 1/numel`` for ``"mean"`` (torch averages
@@ -88,8 +89,8 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
         raise ValueError("autograd engine: the model output needs a batch dimension")
     n = output.shape[0]
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
-            raise ValueError("autograd engine: CrossEntropyLoss with class weights or label smoothing is unsupported")
+        if loss_fn.weight is not None:
+            raise ValueError("autograd engine: CrossEntropyLoss with class weights is unsupported")
         if output.dim() < 2:
             raise ValueError(f"autograd engine: CrossEntropyLoss needs logits [N, C, ...], got {tuple(output.shape)}")
         if targets.dtype.is_floating_point:  # class probabilities (checked by check_loss_inputs)
