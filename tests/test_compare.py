@@ -11,6 +11,7 @@ import xarray as xr
 from torch import nn
 
 from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate
+from curvlab.app.report import summary_markdown
 from curvlab.compare import compare
 from curvlab.approx import needed_kfac_flavours
 from curvlab.extract import extract
@@ -495,6 +496,9 @@ def test_natural_gradient_metrics_beyond_float64_are_nan_with_a_warning() -> Non
         assert np.isnan(ds.ng_cosine.sel(layer="0").values).all() == (not resolved)
         assert np.isnan(ds.network_ng_cosine.values).all() == (not resolved)
         assert np.isfinite(ds.rel_frobenius_error.values).all()  # the other metrics stand
+        unresolved = ds.attrs["ng_unresolved"]
+        assert (unresolved == "none") if resolved else ("0" in unresolved.split(","))
+        assert ("Natural gradients not measured (–) on" in summary_markdown(ds)) == (not resolved)
         if resolved:  # the dense damped solve, at this conditioning as accurate as Woodbury
             dense = dense_ggn_full(model, loss_fn, xs, y, ["0"])
             stats = extract(model, loss_fn, xs, y, stats=("kfac",), kfac_flavours=("exact",))["0"]

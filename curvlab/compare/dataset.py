@@ -167,6 +167,7 @@ def measure(
     exact: dict[str, ExactBlock] = {}
     results: dict[tuple[str, str], ApproximationMetrics] = {}
     grads: dict[str, Tensor] = {}
+    unresolved: list[str] = []  # layers whose exact damped natural gradient float64 cannot resolve
     coupling = np.zeros((len(layers), 2))
     for layer in iterator:
         # one scope per layer: the float64 root, the factors' decompositions and the rotations
@@ -197,6 +198,7 @@ def measure(
                 exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
             else:
                 exact_ng = torch.full_like(grad, float("nan"))
+                unresolved.append(layer)
                 warnings.warn(
                     f"curvlab.compare: layer {layer!r}: λ_max(F)/damping = {block.eigenvalues[0].item() / damping:.2g} "
                     f"is beyond float64's reach for the exact damped natural gradient (rounding of λ_max "
@@ -276,6 +278,7 @@ def measure(
             "coupled": int(any(stats[l].coupled for l in layers)),
             "terms_per_example": first.terms_per_example,
             "network_blocks": "kronecker" if partial else "all",
+            "ng_unresolved": ",".join(unresolved) or "none",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),
             **{k: netcdf_attr(v) for k, v in (attrs or {}).items()},

@@ -70,6 +70,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("factor_eigh", "Eigenbases of the Kronecker factors"),
     ("measured_up_to", "Measured only on blocks up to (NaN above; P = d_out·r where a batch's r input rows are fewer than D/2)"),
     ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
+    ("ng_unresolved", "Natural gradients not measured (–) on (λ_max(F)/damping beyond float64's reach: raise --damping)"),
     ("top_k", "top-k (subspace overlap)"),
     ("train_steps", "Training steps before measuring"),
     ("train_optimizer", "Training optimizer"),
@@ -136,7 +137,7 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     approx = [str(v) for v in ds["approximation"].values]
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
-        if key in ds.attrs and not (key == "skipped_parameters" and ds.attrs[key] == "none"):
+        if key in ds.attrs and not (key in ("skipped_parameters", "ng_unresolved") and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":
                 value = ", ".join(f"{s.partition('=')[0]}: {s.partition('=')[2]}" for s in str(value).split(";") if s)
