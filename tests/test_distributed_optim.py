@@ -16,6 +16,7 @@ Each spawn costs seconds, so one worker per world size runs all checks and repor
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import warnings
 
@@ -284,13 +285,15 @@ def _a_layer_called_on_one_rank_only() -> dict:
 def _uneven_track_blocks() -> dict:
     """Rank 0 runs two ``track`` blocks (micro-batches) before a statistics step, rank 1 one, or
     none: the ranks' collectives did not line up and both waited until the process group's
-    timeout.  Now every rank raises, naming where each one is."""
+    timeout (a DDP model's in its gradient all-reduce).  Now every rank raises, naming where
+    each one is."""
     from curvlab.optim import KFAC
 
     rank = torch.distributed.get_rank()
     out = {}
-    for blocks in ((2, 1), (1, 0)):
+    for blocks, wrap in itertools.product(((2, 1), (1, 0)), ("plain", "ddp")):
         model, loss_fn = _model("mlp"), _loss("ce")
+        model = nn.parallel.DistributedDataParallel(model) if wrap == "ddp" else model
         opt = KFAC(model, fisher="exact", stats_interval=1)
         x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
         start = time.perf_counter()
@@ -304,7 +307,7 @@ def _uneven_track_blocks() -> dict:
             said = "accepted"
         except Exception as err:  # noqa: BLE001
             said = f"{type(err).__name__}: {err}"
-        out[blocks] = {"said": said, "seconds": time.perf_counter() - start}
+        out[blocks, wrap] = {"said": said, "seconds": time.perf_counter() - start}
     return out
 
 
@@ -479,14 +482,14 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     assert other["said"].startswith("RankFailedError: curvlab.optim: the statistics pass: failed on rank 0: "
                                     "ValueError: curvlab.extract: layer 'b'"), other
     assert other["seconds"] < 10, other  # not the process group's timeout
-    for blocks, points in (((2, 1), ("rank 0: end of track block 2 of step 0; rank 1: step() of step 0 after 1 "
-                                     "track block)")),
-                           ((1, 0), ("rank 0: end of track block 1 of step 0; rank 1: step() of step 0 after 0 "
-                                     "track blocks)"))):
-        for r in results:
-            said = r["uneven"][blocks]["said"]
-            assert said.startswith("RuntimeError: curvlab.optim: the ranks are out of step (" + points), (blocks, said)
-            assert r["uneven"][blocks]["seconds"] < 10, r["uneven"]  # not the process group's timeout
+    for blocks, wrap, r in itertools.product(((2, 1), (1, 0)), ("plain", "ddp"), results):
+        # a DDP model's ranks meet before the extra block, which never reaches DDP's all-reduce
+        point = "start" if wrap == "ddp" else "end"
+        after = "1 track block)" if blocks == (2, 1) else "0 track blocks)"
+        points = f"rank 0: {point} of track block {blocks[0]} of step 0; rank 1: step() of step 0 after {after}"
+        said = r["uneven"][blocks, wrap]["said"]
+        assert said.startswith("RuntimeError: curvlab.optim: the ranks are out of step (" + points), (blocks, wrap, said)
+        assert r["uneven"][blocks, wrap]["seconds"] < 10, r["uneven"]  # not the process group's timeout
     for r in results:
         assert max(r["lengths"].values()) <= 1e-12, r["lengths"]
     plain, ddp = (torch.stack([r["branches"][wrap] for r in results]) for wrap in ("plain", "ddp"))

@@ -411,6 +411,8 @@ class KroneckerOptimizer(Optimizer):
         # and, without a gradient, its parameters, as torch's optimizers leave them — on one
         # process (the ranks average the same blocks' statistics)
         block_done = False
+        if self._parallel is not None:
+            self._parallel.start_of_pass(self.steps_done, micro_batch + 1)
         try:
             with tracked_pass(self.model, loss_fn, opts, self._tracked, self.steps_done, who=type(self).__name__,
                               quiet=bool(self._skip_streak), skip_uncalled=self._parallel is None) as pending:

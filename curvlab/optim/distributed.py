@@ -60,9 +60,10 @@ Requirements: every rank calls ``track``/``step`` in the same order, as many ``t
 (micro-batches) before each ``step``, with the same model structure, options and parameters
 (DDP broadcasts them at construction; for a plain model, broadcast them yourself).  On a
 statistics step a rank with a ``track`` block more or less than the others makes every rank
-raise, naming where each one is — for a plain model; a DDP model's backward all-reduces the
-gradients first (or, under ``no_sync``, does not), and those collectives wait until the
-process group's timeout.  A plain model's gradients are averaged as DDP's
+raise, naming where each one is (the ranks of a DDP model, whose backward all-reduces the
+gradients, also meet before each block: a rank with one more waits in no collective of DDP's).
+On a step without statistics the blocks are not counted: DDP's all-reduce waits, as it does
+without curvlab.  A plain model's gradients are averaged as DDP's
 ``find_unused_parameters`` averages them: a parameter without a gradient on a rank (a layer it
 did not call) adds zero there.
 A failing rank leaves the others blocked in a collective until the process group's timeout
@@ -156,14 +157,16 @@ def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: st
     average = (not ddp) if config.average_gradients is None else config.average_gradients
     if dist.get_world_size(group) == 1:
         return None
-    return RankSync(unwrap(model), group, average, config.mc_seed)
+    return RankSync(unwrap(model), group, average, config.mc_seed, ddp)
 
 
 class RankSync:
     """The collectives of a data-parallel optimizer over ``model`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None, average_gradients: bool, mc_seed: int) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None, average_gradients: bool, mc_seed: int,
+                 ddp: bool = False) -> None:
+        self.model = model  # (unwrapped; ``ddp``: it runs inside a DistributedDataParallel)
+        self.ddp = ddp
         self.group = group
         self.average_gradients = average_gradients
         self.mc_seed = mc_seed
@@ -179,6 +182,15 @@ class RankSync:
     def check_agree(self, what: object, message: str) -> None:
         """``ValueError(message)`` on every rank unless all passed an equal ``what``."""
         coll.check_agree(what, self.device, self.group, message)
+
+    def start_of_pass(self, step: int, passes: int) -> None:
+        """Meet the other ranks before a statistics step's ``passes``-th ``opt.track`` block of
+        step ``step`` runs the user's forward and backward — with a ``DistributedDataParallel``
+        model only, whose backward all-reduces the gradients: a rank with one block more than the
+        others would wait there, in DDP's collective, until the process group's timeout, where
+        now it meets their ``step()`` and every rank raises."""
+        if self.ddp:
+            self._meet(_START_OF_PASS, step, passes, [])
 
     def end_of_pass(self, error: BaseException | None, step: int, passes: int) -> None:
         """Meet the other ranks at the end of a statistics step's ``opt.track`` block (the
@@ -349,11 +361,13 @@ DECOMPOSITION_PREFIX = "decomposition."
 
 
 # where a rank is when the ranks meet on a statistics step (see RankSync._meet)
-_END_OF_PASS, _STEP = 0, 1
+_END_OF_PASS, _STEP, _START_OF_PASS = 0, 1, 2
 _MEETING_WIDTH = 6
 
 
 def _point(where: int, step: int, passes: int) -> str:
+    if where == _START_OF_PASS:
+        return f"start of track block {passes} of step {step}"
     if where == _END_OF_PASS:
         return f"end of track block {passes} of step {step}"
     return f"step() of step {step} after {passes} track block{'s' if passes != 1 else ''}"
