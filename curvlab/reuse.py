@@ -59,6 +59,20 @@ def reuse(key: Hashable, compute: Callable[[], T]) -> T:
     return memo[key]
 
 
+def forget(name: Hashable) -> None:
+    """Inside :func:`shared_work`: drop what :func:`reuse` keeps under keys that mention ``name``
+    (named values, :func:`name_values`, at any depth of a key), e.g. a factor's decompositions once
+    no later computation of the scope needs them; a later :func:`reuse` computes them again."""
+    memo = _SCOPE.get()
+    if memo is not None:
+        for key in [k for k in memo if _mentions(k, name)]:
+            del memo[key]
+
+
+def _mentions(key: Hashable, name: Hashable) -> bool:
+    return key == name or isinstance(key, tuple) and any(_mentions(k, name) for k in key)
+
+
 def digest(tensor: Tensor) -> tuple:
     """A key for ``tensor``'s values: dtype, shape, device and a hash of its bytes — or, inside
     :func:`shared_work`, the name given to them (:func:`name_values`) or the hash taken before

@@ -6,7 +6,7 @@ import torch
 
 from curvlab.approx.eigh import factor_eigh, psd_eigh, symmetric, symmetrize
 from curvlab.approx.spectral import rotated_sq_sum
-from curvlab.reuse import digest, name_values, shared_work
+from curvlab.reuse import digest, forget, name_values, reuse, shared_work
 from curvlab.sqrt import DenseSqrt
 
 DT = torch.float64
@@ -86,3 +86,22 @@ def test_named_bases_key_the_rotations_by_their_values(monkeypatch) -> None:
     assert torch.equal(first, again)
     assert torch.allclose(changed, sqrt.rotated_sq_sum(u_out, u_in_again), rtol=1e-12, atol=0)
     assert not torch.allclose(changed, first)
+
+
+def test_forget_drops_what_mentions_a_name_and_reuse_computes_it_again() -> None:
+    """A factor's decompositions are dropped once no later approximation of the layer needs them
+    (a Linear(8192, ·)'s basis is 512 MiB): what mentions the name, at any depth of its key, goes;
+    the rest stays; a later reuse computes it again."""
+    calls = []
+
+    def make(tag):
+        return lambda: calls.append(tag) or tag
+
+    with shared_work():
+        reuse(("factor_eigh", "policy", ("symmetrize", ("input factor",))), make("A"))
+        reuse(("factor_eigh", "policy", ("output factor",)), make("G"))
+        forget(("input factor",))
+        reuse(("factor_eigh", "policy", ("symmetrize", ("input factor",))), make("A"))
+        reuse(("factor_eigh", "policy", ("output factor",)), make("G"))
+    assert calls == ["A", "G", "A"]
+    forget(("input factor",))  # outside a scope: nothing kept, nothing to drop

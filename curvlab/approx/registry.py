@@ -40,6 +40,9 @@ class ApproximationSpec:
             512-channel convolutions in full.
         decomposes_factors: ``build`` takes ``eigh=`` (an :class:`~curvlab.approx.EighPolicy`):
             it eigen-decomposes Kronecker factors, which the optimizers may truncate.
+        factors: which of a block's statistics it eigen-decomposes (see :func:`decomposed_factors`):
+            ``"kfac"`` (the KFAC factors of its flavour, else of the block's), ``"tkfac"`` (δΦ, δΨ)
+            or ``None``.
     """
 
     name: str
@@ -49,6 +52,7 @@ class ApproximationSpec:
     kinds: frozenset[str] = frozenset({"kronecker"})
     max_params: int | None = None
     decomposes_factors: bool = False
+    factors: str | None = None
 
 
 def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
@@ -69,11 +73,13 @@ def _kfac(flavour: str, name: str) -> Callable[..., KroneckerApproximation]:
 REGISTRY: dict[str, ApproximationSpec] = {
     spec.name: spec
     for spec in (
-        ApproximationSpec("kfac", _kfac("mc", "kfac"), "factored", kfac_flavour="mc", decomposes_factors=True),
-        ApproximationSpec("kflr", _kfac("exact", "kflr"), "factored", kfac_flavour="exact", decomposes_factors=True),
-        ApproximationSpec("ekfac", EKFAC.from_stats, "exact", decomposes_factors=True),
-        ApproximationSpec("tkfac", TKFAC.from_stats, "nor", decomposes_factors=True),
-        ApproximationSpec("tekfac", TEKFAC.from_stats, "nor", decomposes_factors=True),
+        ApproximationSpec("kfac", _kfac("mc", "kfac"), "factored", kfac_flavour="mc", decomposes_factors=True,
+                          factors="kfac"),
+        ApproximationSpec("kflr", _kfac("exact", "kflr"), "factored", kfac_flavour="exact", decomposes_factors=True,
+                          factors="kfac"),
+        ApproximationSpec("ekfac", EKFAC.from_stats, "exact", decomposes_factors=True, factors="kfac"),
+        ApproximationSpec("tkfac", TKFAC.from_stats, "nor", decomposes_factors=True, factors="tkfac"),
+        ApproximationSpec("tekfac", TEKFAC.from_stats, "nor", decomposes_factors=True, factors="tkfac"),
         ApproximationSpec("kfoc", KFOC.from_stats, "factored", max_params=2**17),
         ApproximationSpec("diagonal", Diagonal.from_stats, "exact", kinds=frozenset({"kronecker", "parameter"})),
     )
@@ -99,6 +105,20 @@ def needed_kfac_flavours(names: Iterable[str], fisher: str) -> tuple[str, ...]:
     ``fisher`` (which EKFAC's basis and KFOC's start use)."""
     flavours = {fisher} | {spec(n).kfac_flavour for n in names if spec(n).kfac_flavour}
     return tuple(sorted(flavours))
+
+
+def decomposed_factors(name: str, stats: LayerStats) -> tuple:
+    """The factors of ``stats`` that approximation ``name`` (built with its defaults)
+    eigen-decomposes for its basis: KFAC's, KFLR's and EKFAC's KFAC factors, TKFAC's and TEKFAC's
+    ``δΦ``, ``δΨ``; none for the others (KFOC reads ``A`` as its start, undecomposed)."""
+    entry = spec(name)
+    if entry.factors == "tkfac":
+        ts = stats.tkfac
+        return () if ts is None else tuple(t for t in (ts.delta_phi, ts.delta_psi) if t is not None)
+    if entry.factors == "kfac":
+        factors = stats.kfac.get(entry.kfac_flavour or stats.flavour)
+        return () if factors is None else (factors.A, factors.G)
+    return ()
 
 
 def applies(name: str, stats: LayerStats) -> bool:

@@ -20,14 +20,14 @@ from curvlab.approx import (
     get_damping,
     needed_kfac_flavours,
 )
-from curvlab.approx.registry import measurement_limits, spec
+from curvlab.approx.registry import decomposed_factors, measurement_limits, spec
 from curvlab.block import Block, BlockLayout
 from curvlab.compare.dataset import check_settings, measure
 from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats
 from curvlab.extract.options import DEFAULT_MAX_BYTES, ExtractOptions
-from curvlab.reuse import name_values, reuse
+from curvlab.reuse import forget, name_values, recall, reuse
 from curvlab.stats import KroneckerFactors, LayerStats
 
 
@@ -247,7 +247,9 @@ class LayerApproximations(Mapping[str, KroneckerApproximation]):
     :func:`~curvlab.compare.measure` does), the objects share the root converted to float64, the
     decompositions of the factors they have in common and the rotations of the root into the
     same basis: EKFAC's scaling ``s*`` is the one the comparison measures KFAC's basis with, and
-    TEKFAC's TKFAC's.  Built objects are not kept (a ResNet-18's, in float64, are gigabytes).
+    TEKFAC's TKFAC's.  Built objects are not kept (a ResNet-18's, in float64, are gigabytes), nor,
+    read in this mapping's order, the decompositions of factors that no approximation from the one
+    read on decomposes (a Linear(8192, ·)'s input factor's basis: 512 MiB).
     ``eigh``: how those that eigen-decompose Kronecker factors do it (default: fully; its
     ``dtype`` is replaced by float64).
     """
@@ -266,7 +268,22 @@ class LayerApproximations(Mapping[str, KroneckerApproximation]):
             raise KeyError(name)
         # converted once per shared_work scope, however many of the layer's objects are built
         stats64 = reuse(("in_float64_stats", id(self._stats)), lambda: (self._stats, _in_float64(self._stats)))[1]
+        self._forget_before(name, stats64)
         return approximate(stats64, name, **(self._eigh if spec(name).decomposes_factors else {}))
+
+    def _forget_before(self, name: str, stats64: LayerStats) -> None:
+        """Drop from the scope the decompositions of the factors that the approximations before
+        ``name`` decomposed and none from ``name`` on does (read out of order, a dropped one is
+        computed again)."""
+        at = self._names.index(name)
+        later = {id(t) for n in self._names[at:] if n not in self._given for t in decomposed_factors(n, stats64)}
+        for n in self._names[:at]:
+            if n in self._given:
+                continue
+            for factor in decomposed_factors(n, stats64):
+                known = recall(factor, "digest")  # its name (_in_float64's copies are named)
+                if id(factor) not in later and known is not None:
+                    forget(known)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
