@@ -181,8 +181,8 @@ def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str],
     free = available_bytes(output.device)
     if free is not None and need > free:
         hint = (
-            f"the 'exact' flavour (fisher='exact', or exact Kronecker factors: KFLR's, and those of "
-            f"fisher='exact' optimizers) has a column per class: use fisher='mc' without 'kflr'"
+            "the 'exact' flavour (fisher='exact', or exact Kronecker factors: KFLR's, and those of "
+            "fisher='exact' optimizers) has a column per class: use fisher='mc' without 'kflr'"
             if "exact" in flavours else "use fewer mc_samples"
         )
         raise MemoryError(
