@@ -85,10 +85,8 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
                 rows = maths.dense(x).transpose(1, 2).reshape(-1, x.shape[1])
             out.sqrt, out.convention_sqrt = DenseSqrt(data.exact, rows), convention
     if "kfac" in options.stats:
-        out.kfac = {
-            f: maths.kfac_factors(x, data.g[data.segments[f]], options.kfac_approx, options.gram_rows)
-            for f in options.factor_flavours
-        }
+        gs = {f: data.g[data.segments[f]] for f in options.factor_flavours}
+        out.kfac = maths.kfac_flavours(x, gs, options.kfac_approx, options.gram_rows)
     kfe = "kfe" in options.stats and block.name in options.eigenbases
     if "tkfac" in options.stats and kfe:  # TEKFAC: the per-sample gradients formed once for both
         out.tkfac, out.kfe_scaling = maths.trace_statistics_and_kfe_scaling(

@@ -35,7 +35,7 @@ taken on the per-sample matrices (so ``tr = tr F`` whatever the convention).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import torch
@@ -98,7 +98,15 @@ def per_sample_products(g: Tensor, x: Tensor) -> Tensor:
 
 def reduce_shared(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor, Tensor]:
     """KFAC-reduce's pooled samples: ``x̂ = mean_t x`` (``[N, D, 1]``), ``ĝ = Σ_t g`` (``[C, N, d_out, 1]``)."""
-    return dense(x).mean(2, keepdim=True), g.sum(3, keepdim=True)
+    return _pooled_inputs(x), _pooled_roots(g)
+
+
+def _pooled_inputs(x: Tensor | LazyInputs) -> Tensor:
+    return dense(x).mean(2, keepdim=True)
+
+
+def _pooled_roots(g: Tensor) -> Tensor:
+    return g.sum(3, keepdim=True)
 
 
 def kfac_factors(x: Tensor | LazyInputs, g: Tensor, approx: str = "expand", keep_rows: bool = False) -> KroneckerFactors:
@@ -107,15 +115,28 @@ def kfac_factors(x: Tensor | LazyInputs, g: Tensor, approx: str = "expand", keep
     :func:`reduce_shared`'s pooled samples.  Both are exact for ``N = T = 1``.  ``keep_rows``: a
     factor with fewer samples than its width is handed over as its rows (:class:`~curvlab.gram.GramRows`).
     """
-    if approx == "reduce":
-        x, g = reduce_shared(x, g)
-    elif approx != "expand":
+    return kfac_flavours(x, {None: g}, approx, keep_rows)[None]
+
+
+def kfac_flavours(x: Tensor | LazyInputs, gs: Mapping, approx: str = "expand",
+                  keep_rows: bool = False) -> dict:
+    """:func:`kfac_factors` of several flavours' roots ``gs`` (flavour → ``g``) on the same inputs:
+    ``A`` formed once and shared (it depends on the inputs alone; KFAC's and KFLR's of a
+    ResNet-18 convolution were two of its costliest Grams)."""
+    if approx not in KFAC_APPROX:
         raise ValueError(f"kfac_approx={approx!r}; choose one of {KFAC_APPROX}")
+    if approx == "reduce":  # reduce_shared's pooling, the inputs once
+        x, gs = _pooled_inputs(x), {f: _pooled_roots(g) for f, g in gs.items()}
     n, _, t = x.shape
-    # g as [d_out, C·N·T] memory for T > 1: copied in runs of T, and the Gram reads along C·N·T
-    # (as for A); a [C·N·T, d_out] copy transposes every output location
-    gf = g.transpose(2, 3).reshape(-1, g.shape[2]) if t == 1 else g.permute(2, 0, 1, 3).reshape(g.shape[2], -1).mT
-    return KroneckerFactors(A=input_gram(x, 1.0 / (n * t), keep_rows), G=gram_or_rows(gf, keep_rows=keep_rows))
+    a = input_gram(x, 1.0 / (n * t), keep_rows)
+    return {f: KroneckerFactors(A=a, G=gram_or_rows(_g_rows(g, t), keep_rows=keep_rows)) for f, g in gs.items()}
+
+
+def _g_rows(g: Tensor, t: int) -> Tensor:
+    """``g`` ``[C, N, d_out, T]`` as the ``[C·N·T, d_out]`` rows of ``G``'s Gram: for ``T > 1``
+    a ``[d_out, C·N·T]`` memory copied in runs of T, which the Gram reads along C·N·T (as for A);
+    a ``[C·N·T, d_out]`` copy transposes every output location."""
+    return g.transpose(2, 3).reshape(-1, g.shape[2]) if t == 1 else g.permute(2, 0, 1, 3).reshape(g.shape[2], -1).mT
 
 
 def input_gram(x: Tensor | LazyInputs, scale: float = 1.0, keep_rows: bool = False) -> Tensor | GramRows:
