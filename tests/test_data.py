@@ -205,7 +205,7 @@ def test_truncated_and_mismatched_idx(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_a_data_dir_that_does_not_exist_is_named(name: str, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=f"^{name}: data directory {tmp_path / 'nope'} does not exist$"):
+    with pytest.raises(DataError, match=fr"^{name}: data directory {tmp_path / 'nope'} \(--data-dir; data_dir= in Python\) does not exist$"):
         load_dataset(name, tmp_path / "nope")
     (tmp_path / "file").write_text("")
     with pytest.raises(DataError, match="is a file, not a folder"):

@@ -260,6 +260,20 @@ def test_an_option_that_would_be_ignored_is_refused(args: list[str], tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_a_model_file_that_builds_nothing_is_a_usage_error_naming_model(command: str, nproc: int, tmp_path: Path,
+                                                                        capfd) -> None:
+    """``train`` exited 1 where ``report`` exited 2, and neither named --model (an unknown
+    built-in name says "argument --model:", exit 2)."""
+    spec = f"{tmp_path / 'nofile.py'}:net"
+    assert main([command, "--nproc", str(nproc), "--model", spec, "--out", str(tmp_path / "o")]) == 2
+    out, err = capfd.readouterr()
+    assert err.strip().endswith(f"curvlab {command}: error: argument --model: model spec {spec!r}: file "
+                                f"{tmp_path / 'nofile.py'} not found")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command", ["train", "report"])
 def test_a_missing_data_dir_is_reported_before_the_processes_start(command: str, tmp_path: Path, capfd) -> None:
     """With --nproc 2 every rank reported it, and torchrun its own traceback: 95 lines."""
@@ -267,7 +281,7 @@ def test_a_missing_data_dir_is_reported_before_the_processes_start(command: str,
     assert main([command, "--nproc", "2", "--dataset", "mnist", "--data-dir", str(missing),
                  "--out", str(tmp_path / "o")]) == 1
     out, err = capfd.readouterr()
-    assert err.strip() == f"curvlab {command}: error: mnist: data directory {missing} does not exist"
+    assert err.strip() == f"curvlab {command}: error: mnist: data directory {missing} (--data-dir; data_dir= in Python) does not exist"
     assert main([command, "--nproc", "2", "--dataset", "mnist", "--out", str(tmp_path / "o")]) == 1  # none given
     out, err = capfd.readouterr()
     assert err.strip().startswith(f"curvlab {command}: error: mnist: no data directory given; pass --data-dir")

@@ -306,3 +306,17 @@ def test_the_files_mark_the_options_a_run_does_not_use(tmp_path: Path, optimizer
     torch.save(ckpt, paths["checkpoint"])
     resumed = train(dataclasses.replace(cfg, epochs=2), resume=True)
     assert xr.open_dataset(resumed["metrics"]).sizes["epoch"] == 2
+
+
+def test_the_probes_name_the_layers_whose_natural_gradient_is_unresolved(tmp_path: Path) -> None:
+    """At a damping far below ‖F‖·ε₆₄ the exact natural gradient is NaN; which layers, per probe,
+    was an attribute that the series dropped as soon as two probes disagreed."""
+    with pytest.warns(RuntimeWarning, match="beyond float64's reach"):
+        paths = train(small(tmp_path, optimizer="sgd", epochs=1, damping=1e-14, probe_every=3,
+                            probe_approximations=("kfac",)))
+    probe = xr.open_dataset(paths["probe"]).load()
+    named = [str(v) for v in probe.ng_unresolved.values]
+    assert len(named) == probe.sizes["step"] and all(v != "none" for v in named)
+    for step, layers in zip(probe.step.values, named):
+        cos = probe.ng_cosine.sel(step=step, approximation="kfac")
+        assert set(layers.split(",")) == {str(l) for l in cos.layer.values[np.isnan(cos.values)]}

@@ -176,7 +176,7 @@ def check_data_dir(name: str, data_dir: PathLike | None) -> None:
         return
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         what = "is a file, not a folder" if Path(data_dir).expanduser().exists() else "does not exist"
-        raise DataError(f"{key}: data directory {data_dir} {what}")
+        raise DataError(f"{key}: data directory {data_dir} (--data-dir; data_dir= in Python) {what}")
     if key in _IDX_SUBDIRS:
         _find_idx_files(key, data_dir)
     elif key == "cifar10":
@@ -364,7 +364,8 @@ def _find_idx_files(name: str, data_dir: PathLike | None) -> dict[str, Path]:
                     break
         if len(found) == len(_IDX_FILES):
             return found
-    msg = f"{name}: IDX files not found (all four must be in one folder). Looked in:\n" + "\n".join(
+    given = "" if data_dir is None else f" under --data-dir {data_dir}"
+    msg = f"{name}: IDX files not found{given} (all four must be in one folder). Looked in:\n" + "\n".join(
         f"  {p}" for p in looked
     )
     if data_dir is None:
@@ -446,7 +447,7 @@ def _find_cifar_sources(data_dir: PathLike | None) -> dict[str, Path]:
                 break
     if len(sources) < 2:
         raise DataError(
-            "cifar10: JPEG copy not found (need cifar10_jpeg_{train,test}.tar.gz or folders "
+            f"cifar10: JPEG copy not found under --data-dir {data_dir} (need cifar10_jpeg_{{train,test}}.tar.gz or folders "
             "train/<class>/NNNN.jpg and test/<class>/NNNN.jpg). Looked in:\n"
             + "\n".join(f"  {p}" for p in looked)
         )

@@ -291,16 +291,21 @@ def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.Argumen
                        dataset: str, data_dir: str | None, checks: Callable[[], None]) -> int:
     """:func:`relaunch`, once the command's own ``checks`` (the model, the output folder) and the
     data files are checked here — once, not by every rank, each followed by torchrun's traceback.
-    A problem is reported and returns 1."""
+    A problem is reported and returns 1 (2 for a model spec that builds nothing, as one process)."""
     from curvlab.app.data import DataError, check_data_dir
     from curvlab.app.messages import print_error
+    from curvlab.app.models import ModelSpecError
+    from curvlab.app.options import EXIT_FAILURE, EXIT_USAGE
 
     try:
         checks()  # first, as one process does: a model curvlab refuses needs no data
         check_data_dir(dataset, data_dir)
+    except ModelSpecError as err:
+        print_error(parser, f"argument --model: {err}", usage=True)
+        return EXIT_USAGE
     except (DataError, ValueError, OSError) as err:
         print_error(parser, err)
-        return 1
+        return EXIT_FAILURE
     return relaunch(nproc, argv)
 
 

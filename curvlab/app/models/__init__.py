@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from curvlab.app.models import architectures, sequential
-from curvlab.app.models.user import load_user_model
+from curvlab.app.models.user import ModelSpecError, load_user_model
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {**sequential.BUILDERS, **architectures.BUILDERS}
 
@@ -28,7 +28,8 @@ MODES = ("eval", "train")
 COUPLED_BATCH = ("measures the model's train-mode forward pass on the whole batch (BatchNorm's batch statistics "
                  "couple its examples, Dropout draws its masks); shards on several processes would change it")
 
-__all__ = ["COUPLED_BATCH", "MODELS", "MODES", "build_model", "load_user_model", "make_model", "model_options"]
+__all__ = ["COUPLED_BATCH", "MODELS", "MODES", "ModelSpecError", "build_model", "load_user_model", "make_model",
+           "model_options"]
 
 
 def model_options(name: str) -> tuple[str, ...]:
@@ -57,7 +58,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     """
     key = name.strip().lower()
     if key not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise ModelSpecError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     builder = _BUILDERS[key]
     allowed = list(model_options(key))
     unknown = sorted(set(kwargs) - set(allowed))
@@ -72,6 +73,6 @@ def make_model(name_or_spec: str, input_shape: Sequence[int], num_classes: int, 
     """A built-in model by name, or a user model if the string is a ``module:function`` spec."""
     if ":" in name_or_spec:
         if kwargs:
-            raise ValueError(f"model spec {name_or_spec!r}: options {sorted(kwargs)} apply only to built-in models")
+            raise ModelSpecError(f"model spec {name_or_spec!r}: options {sorted(kwargs)} apply only to built-in models")
         return load_user_model(name_or_spec, input_shape, num_classes)
     return build_model(name_or_spec, input_shape, num_classes, **kwargs)

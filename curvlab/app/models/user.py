@@ -16,6 +16,12 @@ from types import ModuleType
 from torch import nn
 
 
+
+
+class ModelSpecError(ValueError):
+    """A model the command line cannot build: an unknown name, or a ``module:function`` spec that
+    does not give an ``nn.Module`` (a usage error: exit status 2, naming ``--model``)."""
+
 def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """Build a user model from ``"package.module:function"`` or ``"path/to/file.py:function"``.
 
@@ -25,12 +31,12 @@ def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> 
     imported with the current directory on ``sys.path``, as ``python -m`` would.
 
     Raises:
-        ValueError: malformed spec, module or file not found, attribute missing, or the result
+        ModelSpecError: malformed spec, module or file not found, attribute missing, or the result
             is not an ``nn.Module``; the message names the spec.
     """
     target, sep, attr = spec.rpartition(":")
     if not sep or not target.strip() or not attr.strip():
-        raise ValueError(
+        raise ModelSpecError(
             f"model spec {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'"
         )
     module = _import_target(spec, target.strip())
@@ -39,17 +45,17 @@ def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> 
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(f"model spec {spec!r}: {target!r} has no attribute {attr!r}") from None
+            raise ModelSpecError(f"model spec {spec!r}: {target!r} has no attribute {attr!r}") from None
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):
-        raise ValueError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+        raise ModelSpecError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
     try:
         model = obj(**_supported_kwargs(obj, input_shape=tuple(input_shape), num_classes=num_classes))
     except Exception as err:  # noqa: BLE001 — the user's code: named, not a curvlab traceback
-        raise ValueError(f"model spec {spec!r}: {attr}() raised {_where(err)}") from err
+        raise ModelSpecError(f"model spec {spec!r}: {attr}() raised {_where(err)}") from err
     if not isinstance(model, nn.Module):
-        raise ValueError(
+        raise ModelSpecError(
             f"model spec {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
@@ -59,13 +65,13 @@ def _import_target(spec: str, target: str) -> ModuleType:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target).expanduser()
         if not path.is_file():
-            raise ValueError(f"model spec {spec!r}: file {path} not found")
+            raise ModelSpecError(f"model spec {spec!r}: file {path} not found")
         # A name unique per file, so two user files called model.py do not clash in sys.modules.
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
         mod_name = f"curvlab_user_model_{path.stem}_{digest}"
         file_spec = importlib.util.spec_from_file_location(mod_name, path)
         if file_spec is None or file_spec.loader is None:
-            raise ValueError(f"model spec {spec!r}: cannot import {path} as a Python module")
+            raise ModelSpecError(f"model spec {spec!r}: cannot import {path} as a Python module")
         module = importlib.util.module_from_spec(file_spec)
         sys.modules[mod_name] = module  # dataclasses/pickle look the module up here
         try:
@@ -73,7 +79,7 @@ def _import_target(spec: str, target: str) -> ModuleType:
         except BaseException as err:
             del sys.modules[mod_name]
             if isinstance(err, Exception):  # the user's code: named, not a curvlab traceback
-                raise ValueError(f"model spec {spec!r}: importing {path} raised {_where(err)}") from err
+                raise ModelSpecError(f"model spec {spec!r}: importing {path} raised {_where(err)}") from err
             raise
         return module
     cwd = os.getcwd()
@@ -83,9 +89,9 @@ def _import_target(spec: str, target: str) -> ModuleType:
     try:
         return importlib.import_module(target)
     except ImportError as err:
-        raise ValueError(f"model spec {spec!r}: cannot import module {target!r}: {err}") from err
+        raise ModelSpecError(f"model spec {spec!r}: cannot import module {target!r}: {err}") from err
     except Exception as err:  # noqa: BLE001 — the user's code: named, not a curvlab traceback
-        raise ValueError(f"model spec {spec!r}: importing module {target!r} raised {_where(err)}") from err
+        raise ModelSpecError(f"model spec {spec!r}: importing module {target!r} raised {_where(err)}") from err
     finally:
         if added:
             sys.path.remove(cwd)

@@ -116,18 +116,14 @@ def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
 def _check_model(cfg: ReportConfig) -> None:
     """The model against curvlab, before any data: unknown models are usage errors
     (:class:`ReportError`), unsupported ones plain ``ValueError`` s naming the module."""
+    from curvlab.app.models import ModelSpecError
     from curvlab.app.models.check import check_model
-    from curvlab.model_blocks import UnsupportedModelError
 
     try:
         check_model(cfg.model, cfg.dataset, skip_unsupported=cfg.skip_unsupported, engine=cfg.engine,
                     coupled=cfg.mode == "train")
-    except UnsupportedModelError:
-        raise
-    except ValueError as err:
-        if "unknown model" in str(err) or "model spec" in str(err):
-            raise ReportError(str(err)) from None
-        raise
+    except ModelSpecError as err:
+        raise ReportError(f"argument --model: {err}") from None
 
 
 def warm_up(

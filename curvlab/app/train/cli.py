@@ -213,6 +213,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from curvlab.app.data import DataError
     from curvlab.app.launch import (Ranks, Stopped, join_process_group, leave_process_group, relaunch_with_data,
                                     resolve_device, wants_relaunch)
+    from curvlab.app.models import ModelSpecError
     from curvlab.app.train.loop import train
 
     try:
@@ -247,6 +248,9 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except ModelSpecError as err:  # a usage error, as report's and as an unknown built-in name's
+        print_error(parser, f"argument --model: {err}", usage=True)
+        return EXIT_USAGE
     except (DataError, ValueError, OSError) as err:
         print_error(parser, err)
         return EXIT_FAILURE

@@ -126,6 +126,9 @@ class Probe:
         ds["step"].attrs["long_name"] = "optimizer steps taken before the probe"
         ds["batch_loss"] = ("step", [stats.loss.item()], {"long_name": "loss on the probe batch"})
         ds.attrs.pop("batch_loss", None)
+        # per probe: the series keeps an attribute only where every probe agrees
+        ds["ng_unresolved"] = ("step", [ds.attrs.pop("ng_unresolved", "none")],
+                               {"long_name": "layers whose exact natural gradient float64 cannot resolve (NaN)"})
         ds.attrs.pop("created", None)  # each probe's own time: the series would keep it only by chance
         return self._record(ds)
 
