@@ -18,6 +18,8 @@ from curvlab.extract import extract
 from helpers import batch, dense_ggn_full, tiny_cnn, tiny_mlp
 from helpers_approx import dense_fisher_matrix_order, projectors
 
+DT = torch.float64
+
 APPROX = ("kfac", "kflr", "ekfac", "tkfac", "tekfac", "kfoc")
 LAMBDA = 1e-2
 
@@ -521,3 +523,44 @@ def test_a_zero_gradient_gives_undefined_natural_gradient_metrics() -> None:
         ds = compare(model, nn.MSELoss(), x, y, approximations=("kfac", "tekfac"))
     assert (ds.exact_trace.values > 0).all()
     assert np.isnan(ds.ng_cosine.values).all() and np.isnan(ds.network_ng_cosine.values).all()
+
+
+def test_natural_gradient_is_reported_up_to_the_rounding_limit_and_not_beyond() -> None:
+    """The limit ε₆₄·λ_max(F)/λ = 1e-5 is λ_max/λ ≈ 4.5e10 (where Woodbury still agrees with a
+    60-digit solve to 1e-5; 0.6 % at 1.6e11).  At λ_max/λ = 1.5e10 the metrics are reported, at
+    1.5e11 they are NaN with the warning.  λ_max is read from the comparison itself; the damping
+    is chosen to put the layer on either side."""
+    from curvlab.compare import compare
+    from curvlab.compare.metrics import natural_gradient_resolved
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(16, 3, dtype=DT), torch.randn(16, 2, dtype=DT)
+    first = compare(model, nn.MSELoss(), x, y, approximations=("kflr",))
+    top = float(first.exact_eigenvalues.sel(layer="0").values[0])
+    assert natural_gradient_resolved(torch.tensor([1.5e10]), 1.0)
+    assert not natural_gradient_resolved(torch.tensor([1.5e11]), 1.0)
+    for ratio, resolved in ((1.5e10, True), (1.5e11, False)):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            ds = compare(model, nn.MSELoss(), x, y, damping=top / ratio, approximations=("kflr",))
+        beyond = [w for w in said if "layer '0'" in str(w.message) and "beyond float64's reach" in str(w.message)]
+        assert bool(beyond) == (not resolved), ratio
+        assert np.isnan(ds.ng_cosine.sel(layer="0").values).all() == (not resolved), ratio
+
+
+def test_a_gradient_with_some_zero_entries_is_not_called_zero() -> None:
+    """An input feature that is 0 for every example zeroes a column of the first layer's
+    gradient, not the gradient: no "the gradient of layer … is zero" warning and finite
+    natural-gradient metrics (the warning's condition is ``not grad.any()``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=DT), torch.randn(8, 2, dtype=DT)
+    x[:, 0] = 0.0
+    from curvlab.compare import compare
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ds = compare(model, nn.MSELoss(), x, y, approximations=("kfac",))
+    assert not [w for w in said if "is zero" in str(w.message)], [str(w.message) for w in said]
+    assert np.isfinite(ds.ng_cosine.values).all()

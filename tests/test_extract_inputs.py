@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from curvlab.extract import UnsupportedModelError, extract
-from helpers import batch, tiny_cnn, tiny_mlp
+from helpers import batch, dense_ggn, tiny_cnn, tiny_mlp
+
+DT = torch.float64
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -234,3 +236,105 @@ def test_roots_larger_than_free_memory_are_refused_before_they_are_formed() -> N
     ids = torch.arange(8)
     with pytest.raises(MemoryError, match=r"exact square roots need .* GiB \(8000 columns .*'encoder.weight', \(1000, 10000\)"):
         extract(TiedLM(), nn.CrossEntropyLoss(), ids, ids, fisher="exact", stats=("sqrt",))
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mc_fisher_of_mse_converges_to_the_dense_ggn(engine: str, reduction: str) -> None:
+    """Both engines now take MSE's MC root from ``mc_root`` (noise drawn around 0), so no test
+    compared it with an independent one: only CE's MC was checked for unbiasedness.  With many
+    samples the MC block is the dense GGN ``Jᵀ (2R I) J`` (noise std √½, root 2·noise)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    mc = extract(model, loss_fn, x, y, fisher="mc", mc_samples=4000, stats=("sqrt",), seed=0, engine=engine)
+    for name in ("0", "2"):
+        dense = dense_ggn(model, loss_fn, x, y, name)
+        err = ((mc[name].dense_fisher() - dense).norm() / dense.norm()).item()
+        assert err < 0.1, (name, err)
+    few = extract(model, loss_fn, x, y, fisher="mc", mc_samples=1, stats=("sqrt",), seed=0, engine=engine)
+    dense = dense_ggn(model, loss_fn, x, y, "2")
+    assert (few["2"].dense_fisher() - dense).norm() / dense.norm() > 0.1  # the comparison can fail
+
+
+class _PerTokenLogits(nn.Module):
+    """Logits ``[N, C, T]`` (C = 50 classes, T = 3 positions): classes on dim 1, not the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 50)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("engine", ["autograd", "backpack"])
+def test_an_exact_root_is_refused_exactly_when_it_does_not_fit(monkeypatch, engine: str) -> None:
+    """``available_bytes`` replaced by a known amount: the exact loss root, C columns of the
+    output (C² numbers a term), is refused when the free memory is half its size and taken when
+    it is four times it (the root and its two temporaries fit).  Independent reference: the
+    size of the root itself, ``C · output.numel() · 8`` bytes, C read from dim 1 for CE."""
+    import curvlab.extract.autograd.loss_roots as loss_roots
+
+    gen = torch.Generator().manual_seed(0)
+    if engine == "autograd":  # per-token logits: C = 50 on dim 1, T = 3 last
+        model, x = _PerTokenLogits().double(), torch.randint(0, 7, (4, 3), generator=gen)
+        y, numel = torch.randint(0, 50, (4, 3), generator=gen), 4 * 50 * 3
+    else:  # BackPACK takes [N, C] logits
+        model, x = nn.Sequential(nn.Linear(3, 50)).double(), torch.randn(4, 3, generator=gen, dtype=DT)
+        y, numel = torch.randint(0, 50, (4,), generator=gen), 4 * 50
+    root_bytes = 50 * numel * 8
+    monkeypatch.setattr(loss_roots, "available_bytes", lambda device: root_bytes // 2)
+    with pytest.raises(MemoryError, match=r"\(50 classes\).*fisher='mc' without 'kflr'"):
+        extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine=engine)
+    monkeypatch.setattr(loss_roots, "available_bytes", lambda device: 4 * root_bytes)
+    assert extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine=engine)
+
+
+def test_coupled_dense_roots_are_refused_exactly_when_they_do_not_fit(monkeypatch) -> None:
+    """A train-mode BatchNorm couples the examples, so the autograd engine forms each Kronecker
+    layer's exact root densely, ``rows = C·N`` rows of its ``d_out × (d_in + 1)`` matrix, beside
+    the BatchNorm's parameter blocks.  Free memory half their size: refused; twice: taken.
+    (N·T ≥ d_in + 1 for both layers, so none keeps its roots at the outputs instead.)"""
+    import curvlab.extract.autograd.recording as recording
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 10)).double().train()
+    x, y = torch.randn(32, 6, dtype=DT), torch.randint(0, 10, (32,))
+    rows = 10 * 32  # exact: a column per class, one term per example
+    need = rows * (20 * 7 + 10 * 21 + 2 * 20) * 8  # the two [W b] roots and BatchNorm's weight and bias
+    monkeypatch.setattr(recording, "available_bytes", lambda device: need // 2)
+    with pytest.raises(MemoryError, match=r"exact square roots need .*\(320 columns"):
+        extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine="autograd")
+    monkeypatch.setattr(recording, "available_bytes", lambda device: 2 * need)
+    stats = extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine="autograd")
+    assert stats["0"].coupled
+
+
+def test_a_batch_of_one_example_is_extracted_by_the_autograd_engine() -> None:
+    """The broadcast refusal fires on a leading dimension 1 with more than one example in the
+    loss; a batch of one example (leading dimension 1, one example) is an ordinary batch.
+    Reference: the dense GGN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(1, 4, dtype=DT), torch.tensor([2])
+    stats = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt",), engine="autograd")
+    for name in ("0", "2"):
+        torch.testing.assert_close(stats[name].dense_fisher(), dense_ggn(model, nn.CrossEntropyLoss(), x, y, name))
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_class_weights_are_refused_before_the_forward_pass(engine: str) -> None:
+    """``check_loss`` refuses class weights before anything runs (UnsupportedModelError, naming
+    why); the roots' own check (``loss_terms``, a plain ValueError) would only refuse after the
+    model's forward (counted by a hook under the autograd engine; BackPACK refuses hooked models)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    calls = []
+    if engine == "autograd":
+        model.register_forward_hook(lambda *a: calls.append(1))
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    with pytest.raises(UnsupportedModelError, match="class weights is not supported"):
+        extract(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)), x, y, engine=engine)
+    assert not calls

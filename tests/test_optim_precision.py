@@ -182,3 +182,44 @@ def test_trace_weighted_approximations_of_a_huge_trace_stay_finite_in_float32() 
         step = a32.inv_mat_mul(s32.grad, 1e-3, "trace-relative").double()
         ref = a64.inv_mat_mul(s64.grad, 1e-3, "trace-relative")
         assert (step - ref).norm() < 1e-2 * ref.norm()  # (float32's conditioning at λ = 1e-3 tr/P)
+
+
+def test_tkfac_mat_mul_of_a_huge_trace_stays_finite_in_float32() -> None:
+    """The regression of test_trace_weighted_approximations_of_a_huge_trace_stay_finite_in_float32
+    (δ ~ 3e23) through ``mat_mul``: ``L X Rᵀ`` before the division by δ is ~δ² and overflowed
+    float32; the product itself is ~δ.  Reference: the float64 model's product."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 3) * torch.tensor([5.0, 3.0, 0.0])
+    x[:, 2] = 1.7e12 * (1 + 0.01 * torch.rand(64))
+    y = x[:, :1] / 3
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    model64 = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    model64.load_state_dict(model.state_dict())
+    s32 = extract(model, nn.MSELoss(), x, y, stats=("kfac", "tkfac"))["0"]
+    s64 = extract(model64, nn.MSELoss(), x.double(), y.double(), stats=("kfac", "tkfac"))["0"]
+    assert s32.tkfac.delta > 1e22
+    a32, a64 = curvlab.approximate(s32, "tkfac"), curvlab.approximate(s64, "tkfac")
+    v = torch.randn(s32.grad.shape, generator=torch.Generator().manual_seed(2))
+    ref = a64.mat_mul(v.double())
+    out = a32.mat_mul(v).double()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tekfac_with_the_kronecker_scaling_is_tkfac(dtype: torch.dtype) -> None:
+    """``scaling="kronecker"`` (the optimizers' reset at an eigen refresh) is TKFAC's own
+    diagonal ``δ λ_Ψ λ_Φᵀ`` in TKFAC's basis, so the object is TKFAC: the same dense matrix,
+    eigenvalues and trace.  Float32 and float64 apply the same formula, so the existing huge-δ
+    test (float32 against float64) could not see a wrong power of δ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    x, y = torch.randn(8, 4, dtype=dtype), torch.randint(0, 3, (8,))
+    for name, stats in extract(model, nn.CrossEntropyLoss(), x, y, stats=("kfac", "tkfac")).items():
+        tkfac = curvlab.approximate(stats, "tkfac")
+        tekfac = curvlab.approximate(stats, "tekfac", scaling="kronecker")
+        tol = dict(rtol=1e-4, atol=1e-6 * tkfac.trace().item()) if dtype == torch.float32 else {}
+        torch.testing.assert_close(tekfac.to_dense(), tkfac.to_dense(), **tol)
+        torch.testing.assert_close(tekfac.trace(), tkfac.trace(), **tol)
+        torch.testing.assert_close(tekfac.eigenvalues(), tkfac.eigenvalues(), **tol)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from curvlab.approx.eigh import factor_eigh, psd_eigh, symmetric, symmetrize
 from curvlab.approx.spectral import rotated_sq_sum
+from curvlab.extract import extract
 from curvlab.reuse import digest, forget, name_values, reuse, shared_work
 from curvlab.sqrt import DenseSqrt
 
@@ -105,3 +107,36 @@ def test_forget_drops_what_mentions_a_name_and_reuse_computes_it_again() -> None
         reuse(("factor_eigh", "policy", ("output factor",)), make("G"))
     assert calls == ["A", "G", "A"]
     forget(("input factor",))  # outside a scope: nothing kept, nothing to drop
+
+
+def test_layer_approximations_drop_decompositions_no_later_approximation_needs(monkeypatch) -> None:
+    """Read in order inside one scope (and used: KFAC's, KFLR's and TKFAC's bases are decomposed
+    when first needed), every distinct factor is decomposed once (A, G_mc, G_exact, δΦ, δΨ); once
+    TKFAC is read, no later approximation decomposes KFAC's factors, so they are dropped: reading
+    KFAC again decomposes its A and its MC G again (two eighs), while TEKFAC, read last, still
+    finds TKFAC's δΦ, δΨ (no eigh)."""
+    from curvlab.compare import LayerApproximations
+    from curvlab.reuse import shared_work
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    stats = extract(model, nn.CrossEntropyLoss(), x, y, stats=("sqrt", "kfac", "tkfac"),
+                    kfac_flavours=("exact", "mc"), seed=0)["2"]
+    seen = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: seen.append(m.clone()) or eigh(m, *a, **k))
+    names = ["kfac", "kflr", "ekfac", "tkfac", "tekfac"]
+    with shared_work():
+        approx = LayerApproximations(stats, names)
+        for name in names:
+            approx[name].eigenvalues()
+        assert len(seen) == 5  # A, G_mc, G_exact, δΦ, δΨ
+        approx["tekfac"].eigenvalues()
+        assert len(seen) == 5  # TKFAC's bases kept: TEKFAC is the last to need them
+        approx["kfac"].eigenvalues()  # its factors were dropped once TKFAC was read: decomposed again
+        again = seen[5:]
+    a, g = stats.kfac["mc"].A, stats.kfac["mc"].G
+    assert len(again) == 2 and sorted(m.shape[0] for m in again) == sorted([a.shape[0], g.shape[0]])
+    same = lambda m, f: m.shape == f.shape and torch.allclose(m, f)  # noqa: E731
+    assert any(same(m, g) for m in again) and any(same(m, a) for m in again)

@@ -21,6 +21,8 @@ from curvlab.approx.registry import REGISTRY
 from curvlab.compare import compare
 from curvlab.sqrt import DenseSqrt, UnfoldedSqrt
 
+DT = torch.float64
+
 N, R = 40, 12  # factor width, rows (R ≤ N/2: span_basis gives a span)
 
 
@@ -172,3 +174,25 @@ def test_kfoc_size_limit_counts_the_span(monkeypatch) -> None:
     assert np.isnan(kfoc[0])
     np.testing.assert_array_equal(kfoc[1:], unlimited.rel_frobenius_error.sel(approximation="kfoc").values[1:])
     assert not np.isnan(kfoc[1:]).any()
+
+
+def test_spanned_eigh_places_the_complement_as_the_sorted_concatenation() -> None:
+    """λ on both sides of μ: the fast placement [λ ≤ μ | complement | λ > μ] is, bit for bit,
+    ``cat([Q W, complete_basis(Q)[:, r:]])[:, argsort(values, stable)]`` — the construction it
+    replaced (the commit's claim: report.nc bit-identical) — and an eigendecomposition of M."""
+    from curvlab.approx.eigh import spanned_eigh
+    from curvlab.approx.spectral import complete_basis
+
+    gen = torch.Generator().manual_seed(0)
+    n, r = 9, 4
+    basis = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=DT))[0]
+    a = torch.randn(r, r, generator=gen, dtype=DT)
+    lam, w = torch.linalg.eigh(a @ a.T)
+    flat = lam[1:3].mean()  # two λ below μ, two above
+    values, vectors = spanned_eigh(basis, lam, w, flat)
+    all_values = torch.cat([lam, flat.expand(n - r)])
+    order = all_values.argsort(stable=True)
+    expected = torch.cat([basis @ w, complete_basis(basis)[:, r:]], 1)[:, order]
+    assert torch.equal(values, all_values[order]) and torch.equal(vectors, expected)
+    m = basis @ (a @ a.T) @ basis.T + flat * (torch.eye(n, dtype=DT) - basis @ basis.T)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m)
