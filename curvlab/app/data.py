@@ -447,8 +447,9 @@ def _find_cifar_sources(data_dir: PathLike | None) -> dict[str, Path]:
                 break
     if len(sources) < 2:
         raise DataError(
-            f"cifar10: JPEG copy not found under --data-dir {data_dir} (need cifar10_jpeg_{{train,test}}.tar.gz or folders "
-            "train/<class>/NNNN.jpg and test/<class>/NNNN.jpg). Looked in:\n"
+            f"cifar10: JPEG copy not found under --data-dir {data_dir} (need "
+            "cifar10_jpeg_{train,test}.tar.gz or folders train/<class>/NNNN.jpg and test/<class>/NNNN.jpg). "
+            "Looked in:\n"
             + "\n".join(f"  {p}" for p in looked)
         )
     return sources

@@ -362,15 +362,11 @@ def spanned_eigh(basis: Tensor, lam: Tensor, w: Tensor, flat: Tensor) -> tuple[T
         ``(λ [n], U [n, n])``, ``λ`` ascending.
     """
     n, r = basis.shape
-    values = torch.cat([lam, flat.expand(n - r)])
     # basis kept alive; only the n − r complement columns are kept, not the completed n × n basis
     complement = reuse(("complement_basis", id(basis)), lambda: (basis, complement_basis(basis)))[1]
-    order = values.argsort(stable=True)
-    # λ ascending (psd_eigh) and μ one value: the stable order is λ ≤ μ, the complement, λ > μ,
-    # so the ordered basis is formed in one n × n allocation (not a concatenation, then a gather)
+    # λ ascending (psd_eigh) and μ one value: ascending, and as a stable sort would order them, are
+    # λ ≤ μ, the complement, λ > μ — the basis formed in one n × n allocation, in that order
     low = int((lam <= flat).sum())
-    placed = torch.cat([torch.arange(low), torch.arange(r, n), torch.arange(low, r)]).to(order.device)
     spanned = basis @ w
-    if not torch.equal(order, placed):  # (λ is sorted: never; kept as the general route)
-        return values[order], torch.cat([spanned, complement], 1)[:, order]
-    return values[order], torch.cat([spanned[:, :low], complement, spanned[:, low:]], 1)
+    values = torch.cat([lam[:low], flat.expand(n - r), lam[low:]])
+    return values, torch.cat([spanned[:, :low], complement, spanned[:, low:]], 1)

@@ -134,13 +134,14 @@ class KroneckerProduct(KroneckerApproximation):
         """``K̂ X = (√scale L) X (√scale R)ᵀ`` straight from the factors (no ``~δ²`` product)."""
         self._check_matrix(x)
         dtype, x = x.dtype, x.to(self.dtype)
-        if self._scale is not None:
-            x = x * self._scale.sqrt()
+        root = None if self._scale is None else self._scale.sqrt()
+        if root is not None:
+            x = x * root
         r = self._right
         out = x @ r if isinstance(r, Tensor) else right_apply(x, r.vectors, r.values.reshape(1, -1))
         left = self._left
-        if self._scale is not None:
-            out = out * self._scale.sqrt()
+        if root is not None:
+            out = out * root
         out = left @ out if isinstance(left, Tensor) else left_apply(out, left.vectors, left.values)
         return out.to(dtype)
 

@@ -86,7 +86,7 @@ class ExtractionSession:
         self._entered = False
         self._stack: contextlib.ExitStack | None = None
         self._loss = _LossCalls(loss_fn)
-        self._uses = LayerUseCheck(self.blocks.layers, loss_fn, of_layer=self.blocks.of_layer)
+        self._uses = LayerUseCheck(self.blocks.layers, self.blocks.of_layer, loss_fn)
         self.skip_uncalled = skip_uncalled
 
     def _new_pass(self) -> BackpackPass | AutogradPass:

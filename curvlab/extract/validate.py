@@ -186,12 +186,12 @@ class LayerUseCheck:
     loss call when given ``loss_fn`` (as :class:`~curvlab.extract.ExtractionSession` runs it).
     """
 
-    def __init__(self, layers: dict[nn.Module, str], loss_fn: nn.Module | None = None, *,
-                 of_layer: Mapping[nn.Module, list[Block]] | None = None) -> None:
+    def __init__(self, layers: dict[nn.Module, str], of_layer: Mapping[nn.Module, list[Block]],
+                 loss_fn: nn.Module | None = None) -> None:
         self.layers, self.loss_fn = layers, loss_fn
         # the parameters of the layers' blocks (a bias shared with another module is a parameter
-        # block of its own, its uses anywhere); None: every parameter of a layer
-        self.own = None if of_layer is None else {id(p) for bs in of_layer.values() for b in bs for p in b.parameters()}
+        # block of its own, its uses anywhere)
+        self.own = {id(p) for blocks in of_layer.values() for b in blocks for p in b.parameters()}
         self.calls: dict[nn.Module, int] = {}
         self.detached: dict[nn.Module, int] = {}
         self._handles: list = []
@@ -243,7 +243,7 @@ class LayerUseCheck:
             )
         for module, path in self.layers.items():
             for name, p in module.named_parameters(recurse=False):
-                if self.own is not None and id(p) not in self.own:
+                if id(p) not in self.own:
                     continue
                 if uses.get(p, 0) and not self.calls[module]:
                     raise UnsupportedModelError(

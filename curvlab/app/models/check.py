@@ -42,7 +42,7 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
     try:
         # with gradients: the graph shows a layer's weight used outside its calls
         layers = {m: path for m, path in blocks.layers.items() if isinstance(m, layer_uses)}
-        with torch.enable_grad(), LayerUseCheck(layers, of_layer=blocks.of_layer) as uses:
+        with torch.enable_grad(), LayerUseCheck(layers, blocks.of_layer) as uses:
             out = model(torch.zeros(2, *input_shape))
     except Exception as err:  # noqa: BLE001 — any failure of the user's forward is reported
         raise ValueError(f"model {spec!r}: its forward pass fails on inputs [2, *{input_shape}]: {err}") from err

@@ -16,11 +16,10 @@ from types import ModuleType
 from torch import nn
 
 
-
-
 class ModelSpecError(ValueError):
     """A model the command line cannot build: an unknown name, or a ``module:function`` spec that
     does not give an ``nn.Module`` (a usage error: exit status 2, naming ``--model``)."""
+
 
 def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """Build a user model from ``"package.module:function"`` or ``"path/to/file.py:function"``.

@@ -6,8 +6,8 @@ a function of one ``C``-vector of the model output:
 * ``nn.CrossEntropyLoss`` on logits ``[N, C]`` or ``[N, C, d_1, …]`` (targets ``[N, d_1, …]``,
   class indices, or class probabilities; ``label_smoothing`` too — targets summing to one leave
   the loss-Hessian ``diag(p) − ppᵀ`` as it is, only the gradient changes): one term per example
-  and position ``s`` over ``d_1·d_2…``, the classes on dimension 1.  ``R = 1/(N·T_out)`` for ``reduction="mean"`` (torch averages over every
-  position), 1 for ``"sum"``.
+  and position ``s`` over ``d_1·d_2…``, the classes on dimension 1.  ``R = 1/(N·T_out)`` for
+  ``reduction="mean"`` (torch averages over every position), 1 for ``"sum"``.
 * ``nn.MSELoss`` on outputs ``[N, …, C]``: the last dimension is the "class" dimension, every
   position over the middle dimensions is a term.  ``R = 1/numel`` for ``"mean"`` (torch averages
   over every element), 1 for ``"sum"``.
@@ -177,7 +177,8 @@ def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str],
     classes = output.shape[1] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.shape[-1]
     columns = {"exact": classes, "mc": mc_samples, "empirical": 1}
     # (an exact cross-entropy root is built through two temporaries of its size)
-    need = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours) * output.numel() * output.element_size()
+    per_entry = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours)
+    need = per_entry * output.numel() * output.element_size()
     free = available_bytes(output.device)
     if free is not None and need > free:
         hint = (
