@@ -163,7 +163,6 @@ def diagonal_apply(x: Tensor, u_out: Tensor, u_in: Tensor, grid: Tensor) -> Tens
     return u_out @ right_apply(y, u_in, grid[:-1]) + right_apply(rest, u_in, grid[-1:])
 
 
-
 def projected_energy(x: Tensor, u_out: Tensor | None, u_in: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor:
     """``‖P_a X P_b‖²_F`` for each compressed entry ``(a, b) = (rows, cols)``: ``P_a = u_a u_aᵀ`` for a
     basis column, ``I − U Uᵀ`` for a truncated side's complement (see
@@ -191,6 +190,7 @@ def projected_energy(x: Tensor, u_out: Tensor | None, u_in: Tensor | None, rows:
         rest = rest - (rest @ u_in) @ u_in.mT
         energy[sel] = rest.square().sum()
     return energy.clamp_min(0)
+
 
 @dataclass(frozen=True)
 class TruncatedFactor:

@@ -25,7 +25,6 @@ from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
 
 
-
 @dataclass
 class ReportConfig:
     """Everything one ``curvlab report`` run does (the command line's options, with its defaults).

@@ -36,7 +36,6 @@ from curvlab.stats import FLAVOURS
 _DEFAULT = TrainConfig()
 
 
-
 #: The optimizer options as the command line spells them (one that names another's prefix,
 #: --damping of --damping-strategy, is that option, not an abbreviation).
 _OPTIONS = {flag(f.name) for f in fields(KroneckerOptions)}

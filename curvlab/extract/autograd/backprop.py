@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 
-
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the bytes autograd saves during a forward pass (distinct storages once)."""
 
