@@ -1,7 +1,7 @@
 """Which curvature blocks a model has — the one definition extract, compare and the optimizers use.
 
-Every trainable parameter of a model belongs to exactly one :class:`~curvlab.block.Block`, or the
-model is refused with an error that names the module, its type and what is supported:
+Every trainable parameter of a model belongs to exactly one :class:`~curvlab.block.Block` (one
+kind of module is refused, with an error that names it and says what to do):
 
 * **Kronecker layers** (kind ``"kronecker"``): ``nn.Linear`` (on ``[N, …, D]`` inputs),
   ``nn.Conv1d/2d/3d`` (``groups=1``, any padding mode) and ``nn.Embedding`` (no ``max_norm``,
@@ -15,9 +15,15 @@ model is refused with an error that names the module, its type and what is suppo
   embedding, ``decoder.weight = encoder.weight``: listed in :attr:`ModelBlocks.tied`). Its
   gradient sums every use, with the roles of inputs and outputs swapped between an embedding and
   a decoder, so no Kronecker product describes it; its block is the exact one.
-* Anything else with trainable parameters (e.g. ``nn.LSTM``, ``nn.ConvTranspose2d``, a grouped
-  convolution) raises :class:`UnsupportedModelError`, unless ``skip_unsupported=True`` leaves
-  those parameters out (listed in :attr:`ModelBlocks.skipped`).
+* Every other torch module's trainable tensors are parameter blocks too, listed in
+  :attr:`ModelBlocks.unstructured`: a grouped or depthwise convolution (MobileNet, ConvNeXt,
+  ResNeXt), ``nn.ConvTranspose2d``, ``nn.LSTM``/``nn.GRU``, ``nn.PReLU``, ``nn.Bilinear``.  Their
+  blocks are exact (the autograd engine's vjps through whatever the module computes); curvlab
+  knows no Kronecker structure for them, so the optimizers give them the first-order update and
+  name them.
+* Refused, unless ``skip_unsupported=True`` leaves its parameters out (listed in
+  :attr:`ModelBlocks.skipped`): an ``nn.Embedding`` with ``max_norm`` (its forward rewrites the
+  weight), ``scale_grad_by_freq`` (its gradient is not the loss's) or ``sparse`` gradients.
 
 A module *called* several times (tied weights, e.g. one ``nn.Linear`` applied twice) is one
 block; the extraction engines accumulate its calls.
@@ -43,11 +49,6 @@ PARAMETER_LAYERS: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
 )
 
-SUPPORTED_TEXT = (
-    "Kronecker layers: Linear, Conv1d, Conv2d, Conv3d (groups=1), Embedding; parameter blocks: "
-    "BatchNorm1d/2d/3d, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d, RMSNorm, MultiheadAttention, and "
-    "parameters held by your own module classes (e.g. a position embedding)"
-)
 SKIP_HINT = (
     "Pass skip_unsupported=True (curvlab.extract, curvlab.compare; `curvlab report "
     "--skip-unsupported`) to leave its parameters out of the curvature blocks, or freeze them "
@@ -70,6 +71,8 @@ class ModelBlocks:
         skipped: paths of trainable parameters left out (``skip_unsupported=True``).
         tied: paths of the parameter blocks shared by several modules (as
             ``model.named_parameters()`` names them).
+        unstructured: paths of the parameter blocks of torch modules with no Kronecker structure
+            curvlab knows (a grouped convolution, an LSTM, a PReLU).
     """
 
     blocks: list[Block] = field(default_factory=list)
@@ -77,6 +80,7 @@ class ModelBlocks:
     of_layer: dict[nn.Module, list[Block]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)
+    unstructured: list[str] = field(default_factory=list)
 
     @property
     def kronecker(self) -> list[Block]:
@@ -96,7 +100,7 @@ def _where(name: str, module: nn.Module) -> str:
 def kronecker_problem(module: nn.Module) -> str | None:
     """Why a Kronecker-layer type cannot be one here (``None``: it can)."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
-        return f"has groups={module.groups}; only groups=1 convolutions are supported"
+        return f"has groups={module.groups}, a block-diagonal weight no one Kronecker product describes"
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
         return "uses max_norm, scale_grad_by_freq or sparse gradients, which are unsupported"
     return None
@@ -163,8 +167,8 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
             continue
         enclosing = _packed_owner(model, module, inside_packed)
         weight_own = isinstance(module, KRONECKER_LAYERS) and id(module.weight) not in sharers
+        problem = kronecker_problem(module) if isinstance(module, KRONECKER_LAYERS) else None
         if weight_own and enclosing is None and module.weight.requires_grad:
-            problem = kronecker_problem(module)
             if problem is None:
                 own_bias = id(getattr(module, "bias", None)) not in sharers  # a shared bias: its own block
                 blocks = Block.of_layer(path, module, separate_bias=separate_bias, own_bias=own_bias)
@@ -172,26 +176,16 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
                 out.blocks.extend(blocks)
                 done.update(id(q) for b in blocks for q in b.parameters())
                 continue
-            if skip_unsupported:
-                out.skipped.append(full)
-                continue
-            raise UnsupportedModelError(f"curvlab: {_where(path, module)} {problem}. {SKIP_HINT}")
-        supported = (
-            isinstance(module, KRONECKER_LAYERS)  # a trainable bias of a frozen weight
-            or isinstance(module, PARAMETER_LAYERS)
-            or enclosing is not None
-            or _is_users_own(module)
-        )
-        if supported:
-            owner_type = type(enclosing if enclosing is not None else module).__name__
-            out.blocks.append(Block.of_parameter(full, p, owner_type))
-        elif skip_unsupported:
-            out.skipped.append(full)
-        else:
-            raise UnsupportedModelError(
-                f"curvlab: {_where(path, module)} has trainable parameters but is not supported; "
-                f"supported are {SUPPORTED_TEXT}. {SKIP_HINT}"
-            )
+            if isinstance(module, nn.Embedding):  # its forward rewrites or rescales the weight's gradient
+                if skip_unsupported:
+                    out.skipped.append(full)
+                    continue
+                raise UnsupportedModelError(f"curvlab: {_where(path, module)} {problem}. {SKIP_HINT}")
+        known = isinstance(module, PARAMETER_LAYERS) or enclosing is not None or _is_users_own(module)
+        if not known and (problem is not None or not isinstance(module, KRONECKER_LAYERS)):
+            out.unstructured.append(full)  # (a Kronecker layer's bias beside a frozen weight is not)
+        owner_type = type(enclosing if enclosing is not None else module).__name__
+        out.blocks.append(Block.of_parameter(full, p, owner_type))
     if not out.blocks:
         raise UnsupportedModelError(
             "curvlab: the model has no trainable parameter curvlab supports"

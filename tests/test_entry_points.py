@@ -50,19 +50,20 @@ def test_tekfac_lowers_the_loss_of_a_train_mode_resnet() -> None:
     assert all(opt.block_states[b.name].curvature.build() is not None for b in opt.blocks())
 
 
-@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm", "tied_bias"])
+@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm", "tied_bias", "mobilenet"])
 def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) -> None:
-    """Root-module parameters (cls token, position embedding), norm layers, nn.Embedding and a
-    decoder tied to the embedding: SGD's update; a module called twice and functional layers:
-    preconditioned (their statistics by the autograd engine)."""
+    """Root-module parameters (cls token, position embedding), norm layers, nn.Embedding, a
+    decoder tied to the embedding, depthwise and grouped convolutions: SGD's update; a module
+    called twice and functional layers: preconditioned (their statistics by the autograd engine)."""
     model, x, y = zoo.make(name, n=4)
     opt = KFAC(model, lr=0.05, momentum=0.0, damping=1e-2, stats_interval=1, kl_clip=None)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         kronecker = {p for b in opt.blocks() for p in b.parameters()}
     # named, unlike a norm layer's: the tied matrix is often a language model's largest
-    named = {"tied_lm": "KFAC: ['encoder.weight', 'decoder.bias']", "tied_bias": "KFAC: ['a.bias'] belong to modules curvlab"}
-    assert [str(w.message)[:40] for w in said] == [named.get(name, "")[:40]] * (name in named)
+    named = {"tied_lm": "KFAC: ['encoder.weight', 'decoder.bias']", "tied_bias": "KFAC: ['a.bias'] have no Kronecker block",
+             "mobilenet": "KFAC: ['depthwise.0.weight', 'grouped.weight', 'grouped.bias'] have no Kronecker block"}
+    assert [str(w.message)[:len(named.get(name, ""))] for w in said] == [named.get(name, "")] * (name in named)
     layers = {b.name for b in opt.blocks()}
     assert not any(isinstance(dict(model.named_modules())[n], nn.Embedding) for n in layers)
     steps(opt, model, x, y, 1)  # statistics now exist
@@ -78,36 +79,38 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
             assert not torch.allclose(p, before[k] - 0.05 * grads[k]), k  # preconditioned
         else:
             torch.testing.assert_close(p.detach(), before[k] - 0.05 * grads[k], rtol=1e-12, atol=1e-15)
-    assert bool(first_order) == (name in ("vit", "textcnn", "vgg_bn", "tied_lm", "tied_bias"))
+    assert bool(first_order) == (name in ("vit", "textcnn", "vgg_bn", "tied_lm", "tied_bias", "mobilenet"))
 
 
 # --- what stays unsupported: clear errors --------------------------------------------------
 
-class RecurrentNet(nn.Module):
+class RenormEmbedding(nn.Module):
+    """``max_norm``: the embedding's forward rewrites rows of its weight."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.emb = nn.Embedding(6, 4, max_norm=1.0)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
+        return self.head(self.emb(x).mean(1))
 
 
-def test_unsupported_modules_are_named_with_the_supported_list() -> None:
-    x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    model = RecurrentNet().double()
-    pattern = r"module 'rnn' \(LSTM\) has trainable parameters but is not supported; supported are Kronecker layers: Linear, Conv1d, Conv2d, Conv3d .*Embedding; parameter blocks: BatchNorm.*LayerNorm.*MultiheadAttention.*skip_unsupported=True \(curvlab.extract, curvlab.compare; `curvlab report --skip-unsupported`\)"
+def test_unsupported_modules_are_named_or_left_out() -> None:
+    x, y = torch.tensor([[0, 5], [1, 2], [3, 3], [4, 0]]), torch.tensor([0, 1, 2, 0])
+    model = RenormEmbedding().double()
+    pattern = (r"module 'emb' \(Embedding\) uses max_norm, scale_grad_by_freq or sparse gradients, which are "
+               r"unsupported\. Pass skip_unsupported=True \(curvlab.extract, curvlab.compare; `curvlab report --skip-unsupported`\)")
     with pytest.raises(UnsupportedModelError, match=pattern):
         curvlab.extract(model, CE, x, y)
     with pytest.raises(UnsupportedModelError, match=pattern):
         curvlab.compare(model, CE, x, y)
     ds = curvlab.compare(model, CE, x, y, skip_unsupported=True, approximations=("kflr",))
-    assert list(ds.layer.values) == ["head"] and "rnn.weight_ih_l0" in ds.attrs["skipped_parameters"]
-    assert "- **Parameters left out (unsupported layers, --skip-unsupported):** rnn.weight_ih_l0" in summary_markdown(ds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the LSTM's backward under vmap falls back to a loop
-        opt = TEKFAC(model, lr=0.01, stats_interval=1)
-        steps(opt, model, x, y, 2)  # the LSTM's parameters get the first-order update
+    assert list(ds.layer.values) == ["head"] and ds.attrs["skipped_parameters"] == "emb.weight"
+    assert "- **Parameters left out (unsupported layers, --skip-unsupported):** emb.weight" in summary_markdown(ds)
+    opt = TEKFAC(model, lr=0.01, stats_interval=1)
+    with pytest.warns(UserWarning, match=r"\['emb.weight'\] have no Kronecker block"):
+        steps(opt, model, x, y, 2)  # the embedding gets the first-order update
     assert [b.name for b in opt.blocks()] == ["head"]
     vit, xv, yv = zoo.make("vit", n=3)
     with pytest.raises(UnsupportedModelError, match=r"engine='backpack' cannot run this model: .*engine='autograd'"):
@@ -260,14 +263,14 @@ USER_MODELS = textwrap.dedent(
     def tiny_resnet(input_shape, num_classes):
         return zoo.TinyResNet(num_classes=num_classes, width=2, in_channels=input_shape[0])
 
-    def recurrent(num_classes):
+    def renorm(num_classes):
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.rnn = nn.LSTM(8, 4, batch_first=True)
+                self.emb = nn.Embedding(256, 4, max_norm=1.0)
                 self.head = nn.Linear(4, num_classes)
             def forward(self, x):
-                return self.head(self.rnn(x.flatten(1, 2))[0][:, -1])
+                return self.head(self.emb((x * 255).long().flatten(1)).mean(1))
         return Net()
     """
 )
@@ -283,7 +286,7 @@ def user_models(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("command", ["report", "train"])
 def test_unsupported_model_fails_before_any_data_is_loaded(command, user_models, tmp_path, capsys) -> None:
     missing = tmp_path / "no-such-data"
-    args = [command, "--model", f"{user_models}:recurrent", "--dataset", "mnist", "--data-dir", str(missing),
+    args = [command, "--model", f"{user_models}:renorm", "--dataset", "mnist", "--data-dir", str(missing),
             "--out", str(tmp_path / "out"), "--no-progress"]
     if command == "train":
         args[1:3] = ["--model", f"{user_models}:tiny_resnet"]  # the optimizer accepts any model ...
@@ -291,7 +294,7 @@ def test_unsupported_model_fails_before_any_data_is_loaded(command, user_models,
         args[1:3] = ["--model", f"{user_models}:missing_function"]
     assert main(args) != 0
     err = capsys.readouterr().err
-    assert ("'rnn' (LSTM)" in err) if command == "report" else ("has no attribute 'missing_function'" in err)
+    assert ("'emb' (Embedding) uses max_norm" in err) if command == "report" else ("has no attribute 'missing_function'" in err)
     assert "mnist" not in err.lower().replace(str(missing).lower(), "")  # nothing about the data
 
 

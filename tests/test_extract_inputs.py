@@ -57,16 +57,6 @@ def test_model_untouched_after_failure_midway() -> None:
     assert set(extract(model, loss_fn, x, y, stats=("kfac",))) == {"0", "2"}
 
 
-def test_unsupported_parameter_layer_named_or_skipped() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)).double()
-    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    with pytest.raises(UnsupportedModelError, match=r"'1' \(PReLU\) has trainable parameters but is not supported; supported are Kronecker layers: Linear, Conv1d.*skip_unsupported=True"):
-        extract(model, nn.CrossEntropyLoss(), x, y)
-    stats = extract(model, nn.CrossEntropyLoss(), x, y, skip_unsupported=True)
-    assert list(stats) == ["0", "2"] and stats.skipped == ["1.weight"] and stats.engine == "autograd"
-
-
 def test_batchnorm_train_mode_needs_the_autograd_engine() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
@@ -83,12 +73,6 @@ def test_module_backpack_cannot_backpropagate() -> None:
     with pytest.raises(UnsupportedModelError, match=r"module '1' \(GELU\) has no BackPACK second-order derivatives"):
         extract(model, nn.CrossEntropyLoss(), x, y, engine="backpack")
     assert extract(model, nn.CrossEntropyLoss(), x, y).engine == "autograd"
-
-
-def test_grouped_conv_rejected() -> None:
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 3)).double()
-    with pytest.raises(UnsupportedModelError, match=r"'0' \(Conv2d\) has groups=2"):
-        extract(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1]))
 
 
 def test_inplace_activation_handled_and_restored() -> None:

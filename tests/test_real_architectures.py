@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
 import curvlab
+from curvlab.optim import KFAC
 import zoo
 from helpers import batch, tiny_cnn, tiny_mlp
 from zoo import oracle
@@ -66,7 +68,7 @@ def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, 
     "name,mode,engine",
     [("resnet_bn", "train", "autograd"), ("resnet_bn", "eval", "backpack"), ("vit", "train", "autograd"),
      ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd"), ("tied_lm", "train", "autograd"),
-     ("tied_bias", "train", "autograd")],
+     ("tied_bias", "train", "autograd"), ("mobilenet", "train", "autograd"), ("mobilenet", "eval", "autograd")],
 )
 def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
     """Train mode: BatchNorm's coupling is in the blocks; eval mode: BackPACK through its graph
@@ -83,7 +85,7 @@ def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
         fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
         assert rel(s.dense_fisher(), fisher) < RTOL, block
         assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
-        assert s.coupled == (name.endswith("_bn") and mode == "train")
+        assert s.coupled == (name in ("resnet_bn", "vgg_bn", "mobilenet") and mode == "train")
 
 
 def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:
@@ -111,6 +113,53 @@ def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:
     }
     for block, s in stats.items():
         assert rel(s.dense_fisher(), dense_reference(model, CE, x, y, block_params(model, s))[0]) < RTOL, block
+
+
+class Unstructured(nn.Module):
+    """Torch modules with no Kronecker structure: an LSTM, a GRU, a PReLU, a transposed
+    convolution and a bilinear layer, between Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.lstm, self.gru = nn.Linear(3, 4), nn.LSTM(4, 4, batch_first=True), nn.GRU(4, 4, batch_first=True)
+        self.act, self.up = nn.PReLU(4), nn.ConvTranspose1d(4, 2, 2, stride=2)
+        self.bil, self.head = nn.Bilinear(4, 4, 3), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.gru(self.lstm(self.inp(x))[0])[0].transpose(1, 2))  # [N, 4, T]
+        return self.bil(h.mean(2), h.amax(2)) + self.head(self.up(h).flatten(1))
+
+
+def test_torch_modules_without_kronecker_structure_are_exact_parameter_blocks() -> None:
+    """Every entry point refused these modules ('not supported'; skip_unsupported left them out):
+    each tensor is now its exact parameter block, named in ``unstructured``, measured by compare,
+    and given the first-order update by the optimizers, which name it once."""
+    torch.manual_seed(0)
+    model = Unstructured().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    found = curvlab.extract.model_blocks(model)
+    others = [k for k in dict(model.named_parameters()) if not k.startswith(("inp.", "head."))]
+    assert found.unstructured == others and {b.name for b in found.kronecker} == {"inp", "head"}
+    stats = curvlab.extract(model, CE, x, y)
+    assert list(stats) == ["inp", *others, "head"] and stats.skipped == []
+    for block, s in stats.items():
+        fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
+        assert rel(s.dense_fisher(), fisher) < RTOL, block
+        assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
+    ds = curvlab.compare(model, CE, x, y, approximations=("kflr", "diagonal"))
+    measured = ds.sel(layer=others)
+    assert set(measured.block_kind.values) == {"parameter"}
+    assert np.isfinite(measured.rel_frobenius_error.sel(approximation="diagonal")).all()
+    opt = KFAC(model, lr=0.01, stats_interval=1)
+    with pytest.warns(UserWarning) as said:
+        for _ in range(2):
+            opt.zero_grad()
+            with opt.track(CE):
+                CE(model(x), y).backward()
+            opt.step()
+    named = [str(w.message) for w in said if "have no Kronecker block" in str(w.message)]
+    assert len(named) == 1 and all(f"'{k}'" in named[0] for k in others), named
 
 
 # --- the two engines, one result -----------------------------------------------------------

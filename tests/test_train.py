@@ -196,16 +196,16 @@ def net(num_classes):
 """
 
 
-def test_the_probe_file_names_the_parameters_it_leaves_out(tmp_path: Path) -> None:
-    """An LSTM's parameters get no curvature block (the optimizer updates them first order): the
-    probe left them out without a word, where a report names them (``skipped_parameters``)."""
+def test_the_probe_measures_an_lstm_as_parameter_blocks(tmp_path: Path) -> None:
+    """An LSTM's parameters were left out of the probe (and refused by the report): each is now
+    an exact parameter block, measured at every probe; the optimizer updates it first order."""
     (tmp_path / "nets.py").write_text(LSTM_MODEL)
     paths = train(small(tmp_path / "run", model=f"{tmp_path / 'nets.py'}:net", model_kwargs={}, epochs=1))
     probe = xr.open_dataset(paths["probe"]).load()
-    assert list(probe.layer.values) == ["out"]
-    assert probe.attrs["skipped_parameters"].split(",") == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0",
-                                                           "rnn.bias_hh_l0"]
-    assert probe.attrs["engine_reason"] != "none"
+    lstm = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"]
+    assert list(probe.layer.values) == [*lstm, "out"] and probe.attrs["skipped_parameters"] == "none"
+    assert list(probe.block_kind.values) == ["parameter"] * 4 + ["kronecker"]
+    assert (probe.exact_trace.sel(layer=lstm) > 0).all() and "'rnn.weight_ih_l0' (LSTM)" in probe.attrs["engine_reason"]
 
 
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:

@@ -299,6 +299,29 @@ class TinyVolumeNet(nn.Module):
         return self.fc(torch.flatten(torch.sigmoid(self.conv(x)), 1))
 
 
+class TinyMobileNet(nn.Module):
+    """MobileNetV2's inverted residual (torchvision's, shrunk): 1×1 expansion, 3×3 depthwise
+    convolution (groups = channels), linear 1×1 projection, ``x + conv(x)``; then ResNeXt's
+    grouped 3×3 convolution (groups=2, strided, with a bias) before the head."""
+
+    def __init__(self, num_classes: int = CLASSES) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int, kernel: int, groups: int = 1, act: bool = True) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+            return nn.Sequential(*layers, *[nn.ReLU6(inplace=True)] * act)
+
+        self.stem = conv_bn(2, 2, 3)
+        self.expand, self.depthwise, self.project = conv_bn(2, 4, 1), conv_bn(4, 4, 3, groups=4), conv_bn(4, 2, 1, act=False)
+        self.grouped = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(self.expand(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.grouped(x), 1), 1))
+
+
 def _images(n: int, channels: int, size: int, gen: torch.Generator) -> Tensor:
     return torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
 
@@ -319,6 +342,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "tagger": (TinyTagger, lambda n, g: _tokens(n, 3, 5, g)),
     "tied_lm": (TiedLM, lambda n, g: _tokens(n, 3, 5, g)),
     "tied_bias": (TiedBiasMLP, lambda n, g: torch.randn(n, CLASSES, generator=g, dtype=torch.float64)),
+    "mobilenet": (TinyMobileNet, lambda n, g: _images(n, 2, 4, g)),
     "conv3d": (TinyVolumeNet, lambda n, g: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64)),
 }
 

@@ -177,7 +177,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     how.add_argument(
         "--skip-unsupported",
         action="store_true",
-        help="leave the parameters of unsupported modules (e.g. nn.LSTM) out instead of failing",
+        help="leave the parameters of unsupported modules (an nn.Embedding with max_norm, scale_grad_by_freq or sparse) out instead of failing",
     )
     how.add_argument(
         "--truncate-above",

@@ -49,7 +49,7 @@ CONVENTIONS = (
     "'expand': A averages over N·T locations, G sums over them. Errors are relative to ‖F‖_F; "
     "natural gradients are damped: exact (F+λI)⁻¹g by Woodbury vs each approximation's own "
     "damped inverse (its damping strategy). Parameter blocks (block_kind='parameter': norm "
-    "layers' affine parameters, position embeddings, ...) are one tensor each, measured exactly "
+    "layers' affine parameters, position embeddings, grouped convolutions, LSTMs, ...) are one tensor each, measured exactly "
     "against the diagonal approximation (the only one that applies; the optimizers update them "
     "first order); the network_* entries cover the Kronecker blocks when a model has both. With "
     "coupled examples (train-mode BatchNorm) F includes the coupling and the Kronecker statistics "

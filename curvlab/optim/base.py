@@ -274,10 +274,11 @@ class KroneckerOptimizer(Optimizer):
 
     def _warn_first_order(self, found: ModelBlocks) -> None:
         """Warn once per parameter that gets the first-order update because its module has no
-        statistics or a weight is shared — and, with such a weight, its layer's bias, which then
-        has no Kronecker block either (norm layers' and other parameter blocks' first-order
-        update is documented, not warned about)."""
-        named = [*found.skipped, *found.tied]
+        Kronecker structure curvlab knows (a grouped convolution, an LSTM) or a weight is shared
+        — and, with such a weight, its layer's bias, which then has no Kronecker block either
+        (norm layers' and the user's own modules' first-order update is documented, not warned
+        about)."""
+        named = [*found.skipped, *found.tied, *found.unstructured]
         said = {p for n, p in self.model.named_parameters() if n in named}  # a tied weight once
         with_layer = [f"{path}.{name}" for path, module in self.model.named_modules()
                       if isinstance(module, PRECONDITIONED_LAYERS)
@@ -286,10 +287,11 @@ class KroneckerOptimizer(Optimizer):
         unsupported = [n for n in dict.fromkeys([*named, *with_layer]) if n not in self._warned_unsupported]
         if unsupported:
             warnings.warn(
-                f"{type(self).__name__}: {unsupported} belong to modules curvlab has no curvature "
-                "statistics for, or to layers whose weight is shared by two modules or frozen "
-                "(requires_grad=False: the bias has no Kronecker block of its own; see "
-                "curvlab.model_blocks); they get the first-order (SGD) update",
+                f"{type(self).__name__}: {unsupported} have no Kronecker block: they belong to modules "
+                "with no Kronecker structure curvlab preconditions (a grouped convolution, an LSTM), "
+                "or to layers whose weight is shared by two modules or frozen (requires_grad=False: "
+                "the bias has no Kronecker block of its own; see curvlab.model_blocks); they get the "
+                "first-order (SGD) update",
                 UserWarning,
                 stacklevel=4,
             )

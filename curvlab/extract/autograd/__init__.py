@@ -95,9 +95,10 @@ applied to a ``[N·T, D]`` reshape, or to a sequence-first ``[T, N, D]`` tensor,
 where ``T = N`` by the probing vjp); so is activation checkpointing (``torch.utils.checkpoint``
 recomputes a forward in the backward pass, or runs it without gradients); a user's forward hook
 on a layer may change its output (the recording's own hook runs first, at the layer's own
-output; BackPACK is not chosen for such a model); grouped and transposed convolutions, Embedding
-with ``max_norm``/``scale_grad_by_freq``, CE with class weights or ``ignore_index`` targets are
-unsupported.
+output; BackPACK is not chosen for such a model); grouped convolutions and Embedding with
+``max_norm``/``scale_grad_by_freq`` are no Kronecker targets (``curvlab.extract`` makes a
+grouped convolution's tensors parameter blocks), and CE with class weights or ``ignore_index``
+targets is unsupported.
 
 Public API: :func:`extract_autograd`, :func:`couples_examples`, :func:`default_targets`,
 :class:`Recording` and :class:`Request` (recording a forward pass run elsewhere), and the result
