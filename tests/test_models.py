@@ -49,11 +49,12 @@ ARCHITECTURES = {
     "resnet18": ((3, 32, 32), {"width": 4}, 11_173_962),
     "vgg16-bn": ((3, 32, 32), {"width": 8, "hidden": 64}, 14_990_922),
     "vit-tiny": ((3, 32, 32), {"dim": 12, "depth": 2, "heads": 3}, 5_362_762),
+    "mobilenetv2": ((3, 32, 32), {"width": 0.25}, 2_236_682),  # torchvision's mobilenet_v2(num_classes=10)
 }
 
 
 def test_every_model_is_covered() -> None:
-    assert MODELS == ("mlp", "cnn", "cnn-bench", "3c3d", "vgg", "resnet", "resnet18", "vgg16-bn", "vit-tiny")
+    assert MODELS == ("mlp", "cnn", "cnn-bench", "3c3d", "vgg", "resnet", "resnet18", "vgg16-bn", "vit-tiny", "mobilenetv2")
     assert {name for name, _ in CASES} | set(ARCHITECTURES) == set(MODELS)
 
 
@@ -69,8 +70,12 @@ def test_architectures_build_at_published_size_and_shrink(name: str) -> None:
     if name == "vit-tiny":
         assert nn.LayerNorm in kinds and nn.GELU in kinds and {"cls_token", "pos_embed"} <= set(dict(model.named_parameters(recurse=False)))
     else:
-        assert nn.BatchNorm2d in kinds and nn.AdaptiveAvgPool2d in kinds
+        assert nn.BatchNorm2d in kinds and (nn.AdaptiveAvgPool2d in kinds) == (name != "mobilenetv2")
         assert any(getattr(m, "inplace", False) for m in model.modules())  # written as torchvision writes it
+    if name == "mobilenetv2":  # depthwise 3×3 convolutions between 1×1 convolutions
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert sum(m.groups == m.in_channels == m.out_channels > 1 for m in convs) == 17
+        assert sum(m.kernel_size == (1, 1) for m in convs) == 34
 
 
 @pytest.mark.parametrize("name,shape", CASES)
@@ -174,7 +179,7 @@ def test_resnet_uses_backpack_branching() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(ValueError, match="unknown model 'lenet'; choose one of mlp, cnn, cnn-bench, 3c3d, vgg, resnet, resnet18, vgg16-bn, vit-tiny"):
+    with pytest.raises(ValueError, match="unknown model 'lenet'; choose one of mlp, cnn, cnn-bench, 3c3d, vgg, resnet, resnet18, vgg16-bn, vit-tiny, mobilenetv2"):
         build_model("lenet", (1, 28, 28), 10)
     with pytest.raises(ValueError, match=r"model 'cnn' needs image inputs of shape \(C, H, W\), got \(784,\)"):
         build_model("cnn", (784,), 10)

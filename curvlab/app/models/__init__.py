@@ -2,7 +2,8 @@
 
 * :mod:`.sequential`: ``mlp``, ``cnn``, ``cnn-bench``, ``3c3d``, ``vgg``, ``resnet`` — plain
   ``nn.Sequential`` trees BackPACK runs as they are.
-* :mod:`.architectures`: ``resnet18`` (CIFAR stem, BatchNorm), ``vgg16-bn``, ``vit-tiny`` —
+* :mod:`.architectures`: ``resnet18`` (CIFAR stem, BatchNorm), ``vgg16-bn``, ``vit-tiny``,
+  ``mobilenetv2`` (depthwise convolutions) —
   written as torchvision/timm write them; curvlab's autograd engine extracts them.
 * :mod:`.user`: ``module:function`` specs (``--model my_nets.py:resnet``).
 * :mod:`.check`: validate a model against curvlab before any data is loaded.
@@ -48,7 +49,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
         **kwargs: model options: ``mlp``: ``hidden``; ``cnn``: ``channels``; ``vgg``: ``widths``,
             ``hidden``; ``resnet``: ``widths``, ``blocks_per_stage``; ``resnet18``: ``width``;
             ``vgg16-bn``: ``width``, ``hidden``; ``vit-tiny``: ``patch``, ``dim``, ``depth``,
-            ``heads``.
+            ``heads``; ``mobilenetv2``: ``width``.
 
     Returns:
         A module mapping ``[N, *input_shape]`` to logits ``[N, num_classes]``.

@@ -1,16 +1,17 @@
 """Real architectures, written the way torchvision and timm write them (``resnet18``, ``vgg16-bn``,
-``vit-tiny``).
+``vit-tiny``, ``mobilenetv2``).
 
 Residual ``out += identity``, in-place ReLUs, train-mode BatchNorm, ``AdaptiveAvgPool2d``,
 ``torch.flatten``, a cls token and position embedding held by the root module, attention from
 ``nn.Linear`` on ``[N, T, D]``: nothing is adapted to an extraction engine.  curvlab extracts them
 with its autograd engine (with BackPACK and its graph converter where BackPACK covers the model,
 e.g. the ResNet in eval mode); the BatchNorm, LayerNorm, cls-token and position-embedding
-parameters are parameter blocks, first order in the optimizers.
+parameters, and MobileNetV2's depthwise convolutions, are parameter blocks, first order in the
+optimizers.
 
 Sizes are the published ones by default (ResNet-18 with the CIFAR stem: 11.2 M parameters on
 CIFAR-10; VGG-16-BN with a 512-wide classifier: 15.0 M; ViT-Tiny, dim 192, depth 12, 3 heads,
-patch 4: 5.4 M); ``width``/``dim``/``depth`` shrink them for a CPU.
+patch 4: 5.4 M; MobileNetV2: 2.2 M); ``width``/``dim``/``depth`` shrink them for a CPU.
 """
 
 from __future__ import annotations
@@ -124,6 +125,72 @@ def _vgg16_bn(input_shape: tuple[int, ...], num_classes: int, width: int = 64, h
     return VGG(nn.Sequential(*layers), c, num_classes, int(hidden) * int(width) // 64)
 
 
+# ------------------------------------------------------------------ MobileNetV2 (torchvision)
+
+#: (expansion t, channels c, blocks n, stride s) per stage; the CIFAR variant's second stage keeps
+#: stride 1 (ImageNet's: 2), as its stem does, so 32×32 inputs end at 4×4.
+MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``: channels rounded to a multiple of 8, never 10% down."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation: conv without bias, BatchNorm, in-place ReLU6."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *[nn.ReLU6(inplace=True)] * act)
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's InvertedResidual: 1×1 expansion, 3×3 depthwise convolution (groups =
+    channels), linear 1×1 projection, ``x + conv(x)`` where the shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = [_conv_bn(cin, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 with the CIFAR strides; no dropout before the classifier (the
+    CIFAR variant's), so a train-mode measurement depends on the batch alone."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: float) -> None:
+        super().__init__()
+        c = _divisible(32 * width)
+        features: list[nn.Module] = [_conv_bn(in_channels, c, 3)]
+        for t, channels, n, stride in MOBILENET_V2:
+            out = _divisible(channels * width)
+            for i in range(n):
+                features.append(InvertedResidual(c, out, stride if i == 0 else 1, t))
+                c = out
+        last = _divisible(1280 * max(1.0, width))
+        features.append(_conv_bn(c, last, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _mobilenet_v2(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
+    """MobileNetV2 (CIFAR strides); ``width`` is torchvision's ``width_mult``."""
+    c, _, _ = image_shape("mobilenetv2", input_shape, min_side=8)
+    if not float(width) > 0:
+        raise ValueError(f"model 'mobilenetv2': width must be > 0, got {width}")
+    return MobileNetV2(c, num_classes, float(width))
+
+
 # ------------------------------------------------------------------------------ ViT (timm)
 
 
@@ -196,4 +263,5 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "vgg16-bn": _vgg16_bn,
     "vit-tiny": _vit_tiny,
+    "mobilenetv2": _mobilenet_v2,
 }
