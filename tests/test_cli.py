@@ -14,6 +14,8 @@ import xarray as xr
 
 from curvlab.app import cli
 from curvlab.app.cli import main
+from curvlab.app.report import run_report
+from curvlab.app.train.config import TrainConfig
 from curvlab.io import read_netcdf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +102,29 @@ def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pyte
     assert (full.rel_frobenius_error.sel(layer="5").values == truncated.rel_frobenius_error.sel(layer="5").values).all()
     code = main(["report", *FAST, "--truncation-rank", "0", "--out", str(tmp_path / "bad")])
     assert code != 0 and "--truncation-rank" in capsys.readouterr().err
+
+
+def test_label_smoothing_is_the_loss_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--label-smoothing`` (timm's recipes train with 0.1): the loss measured and warmed up
+    with.  Its loss-Hessian is cross-entropy's, so the exact Fisher of the same weights is the
+    same; the gradient, and with it the natural-gradient metrics, and the empirical Fisher change."""
+    runs = {}
+    for eps in ("0", "0.3"):
+        for fisher in ("exact", "empirical"):
+            out = tmp_path / f"{eps}-{fisher}"
+            code = main(["report", *FAST, "--train-steps", "0", "--approximations", "kflr", "--fisher", fisher,
+                         "--label-smoothing", eps, "--out", str(out)])
+            assert code == 0, capsys.readouterr().err
+            runs[eps, fisher] = read_netcdf(out / "report.nc")
+    assert runs["0.3", "exact"].attrs["loss"] == "CrossEntropyLoss(reduction=mean, label_smoothing=0.3)"
+    assert runs["0", "exact"].attrs["loss"] == "CrossEntropyLoss(reduction=mean)"
+    np.testing.assert_allclose(runs["0.3", "exact"].exact_trace, runs["0", "exact"].exact_trace, rtol=1e-5)
+    assert not np.allclose(runs["0.3", "exact"].ng_cosine, runs["0", "exact"].ng_cosine, rtol=1e-3)
+    assert not np.allclose(runs["0.3", "empirical"].exact_trace, runs["0", "empirical"].exact_trace, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"curvlab report: label_smoothing=2 must be a number in \[0, 1\]"):
+        run_report(label_smoothing=2, out_dir=tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"curvlab train: label_smoothing=-1 must be a number in \[0, 1\]"):
+        TrainConfig(label_smoothing=-1)
 
 
 def test_user_model_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,6 +240,7 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["--device", "tpu"], "device 'tpu'"),
         (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]"),
         (["--seed", str(2**64)], "--seed: expected an integer in [0, 4294967295]"),  # torch: "Overflow when unpacking"
+        (["--label-smoothing", "1.5"], "--label-smoothing: expected a number in [0, 1], got '1.5'"),
     ],
 )
 def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,6 +292,8 @@ def test_first_order_optimizers_take_their_options(args: list[str], want: dict) 
         (["--hidden", ""], "--hidden '': expected comma-separated positive integers"),
         (["--seed", "-3"], "--seed: expected an integer in [0, 4294967295]"),
         (["--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 4294967295]"),  # seed + 1 overflowed torch
+        (["--label-smoothing", "-0.1"], "argument --label-smoothing: expected a number in [0, 1], got '-0.1'"),
+        (["--label-smoothing", "nan"], "argument --label-smoothing: expected a number in [0, 1], got 'nan'"),
     ],
 )
 def test_train_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -208,6 +208,21 @@ def test_the_probe_measures_an_lstm_as_parameter_blocks(tmp_path: Path) -> None:
     assert (probe.exact_trace.sel(layer=lstm) > 0).all() and "'rnn.weight_ih_l0' (LSTM)" in probe.attrs["engine_reason"]
 
 
+def test_label_smoothing_is_the_loss_trained_and_probed(tmp_path: Path) -> None:
+    """The same seed with and without smoothing: the same first probe's exact Fisher (its
+    loss-Hessian is cross-entropy's), other losses and steps; a resume must keep it."""
+    runs = {eps: train(small(tmp_path / str(eps), label_smoothing=eps, epochs=1)) for eps in (0.0, 0.2)}
+    probes = {eps: xr.open_dataset(p["probe"]).load() for eps, p in runs.items()}
+    metrics = {eps: xr.open_dataset(p["metrics"]).load() for eps, p in runs.items()}
+    assert probes[0.2].attrs["loss"] == "CrossEntropyLoss(reduction=mean, label_smoothing=0.2)"
+    first = {eps: p.isel(step=0) for eps, p in probes.items()}
+    np.testing.assert_allclose(first[0.2].exact_trace, first[0.0].exact_trace, rtol=1e-5)
+    assert abs(float(first[0.2].batch_loss - first[0.0].batch_loss)) > 1e-3
+    assert abs(float(metrics[0.2].train_loss[0] - metrics[0.0].train_loss[0])) > 1e-3
+    with pytest.raises(ValueError, match=r"--label-smoothing 0\.2 \(now 0\.0\)"):
+        train(small(tmp_path / "0.2", epochs=2), resume=True)
+
+
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):

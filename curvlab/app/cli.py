@@ -35,10 +35,12 @@ from curvlab.app.options import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    LABEL_SMOOTHING_HELP,
     approximations,
     damping_strategies,
     dataset,
     exit_stopped,
+    label_smoothing,
     model,
     nonnegative_int,
     positive_float,
@@ -112,6 +114,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "measuring, so the curvature is not that of a random init; 0 measures the init (default: %(default)s)",
     )
     what.add_argument("--lr", type=positive_float, default=default.lr, help="Adam learning rate of those steps (default: %(default)s)")
+    what.add_argument("--label-smoothing", type=label_smoothing, default=default.label_smoothing, help=LABEL_SMOOTHING_HELP)
     add_seed_option(what, default.seed, "seeds the model init, the training, the batch and MC sampling")
 
     how = parser.add_argument_group("comparison")
@@ -278,6 +281,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             num_eigenvalues=args.num_eigenvalues,
             train_steps=args.train_steps,
             lr=args.lr,
+            label_smoothing=args.label_smoothing,
             seed=args.seed,
             device=device,
             out_dir=args.out,

@@ -7,6 +7,8 @@ import argparse
 import signal
 from collections.abc import Callable
 
+from curvlab._options import is_number
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -20,15 +22,17 @@ def exit_stopped(signal_name: str | None) -> int:
     return 128 + signal.Signals[signal_name].value if signal_name else EXIT_STOPPED
 
 
-def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: str) -> Callable[[str], float]:
-    """An argparse type: ``cast(text)``, finite and above (``strict``) or at least ``minimum``."""
+def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: str,
+            maximum: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)``, finite and above (``strict``) or at least ``minimum``,
+    at most ``maximum``."""
 
     def parse(text: str) -> float:
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value >= minimum or (strict and value == minimum) or value == float("inf"):  # NaN too
+        if not minimum <= value <= maximum or (strict and value == minimum) or value == float("inf"):  # NaN too
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -38,6 +42,18 @@ def _number(cast: Callable[[str], float], minimum: float, strict: bool, what: st
 positive_int = _number(int, 1, False, "a positive integer")
 nonnegative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0.0, True, "a positive finite number")
+#: cross-entropy's label smoothing ε, in torch's range
+label_smoothing = _number(float, 0.0, False, "a number in [0, 1]", maximum=1.0)
+LABEL_SMOOTHING_HELP = ("cross-entropy's label smoothing ε (timm's recipes use 0.1): the loss trained, evaluated and "
+                        "measured; its loss-Hessian is cross-entropy's, so it changes the gradient and the "
+                        "empirical Fisher, not the exact or MC Fisher (default: %(default)s)")
+
+
+def check_label_smoothing(who: str, value: object) -> float:
+    """``value`` as cross-entropy's label smoothing ε ∈ [0, 1], else a ``ValueError`` naming it."""
+    if not is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"{who}: label_smoothing={value!r} must be a number in [0, 1] (cross-entropy's label smoothing)")
+    return float(value)
 
 
 def dataset(text: str) -> str:

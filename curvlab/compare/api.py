@@ -129,7 +129,7 @@ def compare(
 
         wrap = partial(tqdm, desc="compare", unit="layer")
     attrs = {"mc_samples": mc_samples, "seed": "none" if seed is None else seed, "tkfac_conv": tkfac_conv,
-             "loss": type(loss_fn).__name__ + f"(reduction={loss_fn.reduction})", **(attrs or {})}
+             "loss": describe_loss(loss_fn), **(attrs or {})}
     return measure_extraction(stats, names, damping=damping, damping_strategies=strategies, top_k=top_k,
                               num_eigenvalues=num_eigenvalues, eigh=eigh, attrs=attrs, progress=wrap)
 
@@ -354,3 +354,9 @@ def extraction_attrs(stats: Extraction) -> dict[str, str]:
         "skipped_parameters": ",".join(stats.skipped) or "none",
         "measured_up_to": measurement_limits(),
     }
+
+
+def describe_loss(loss_fn: nn.Module) -> str:
+    """The loss as the Dataset records it: its type, reduction and a label smoothing it uses."""
+    smoothing = getattr(loss_fn, "label_smoothing", 0.0)
+    return f"{type(loss_fn).__name__}(reduction={loss_fn.reduction}" + (f", label_smoothing={smoothing:g})" if smoothing else ")")

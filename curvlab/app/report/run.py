@@ -20,6 +20,7 @@ from curvlab._options import check_int
 from curvlab.app.launch import resolve_device
 from curvlab.app.data import Dataset, data_source, fixed_batch, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
+from curvlab.app.options import check_label_smoothing
 from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
 from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
@@ -42,6 +43,8 @@ class ReportConfig:
         tkfac_conv, top_k, num_eigenvalues: as for :func:`curvlab.compare`.
         train_steps, train_batch_size, lr: the Adam warm-up before measuring (0 steps: the
             random initialisation is measured).
+        label_smoothing: cross-entropy's label smoothing ε ∈ [0, 1], of the warm-up's loss and
+            the measured one.
         seed: seeds the model, the warm-up, the batch and the MC sampling.
         device, out_dir, progress: where it runs and writes.
         mode: the model's mode while measured: ``"eval"`` (BatchNorm uses its running
@@ -70,6 +73,7 @@ class ReportConfig:
     train_steps: int = 200
     train_batch_size: int = 128
     lr: float = 1e-3
+    label_smoothing: float = 0.0
     seed: int = 0
     device: str | torch.device = "cpu"
     out_dir: PathLike = Path("runs/report")
@@ -245,6 +249,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     cfg = ReportConfig(**{**asdict(config or ReportConfig()), **overrides})
     if cfg.mode not in MODES:
         raise ReportError(f"mode={cfg.mode!r}; choose one of {MODES}")
+    try:
+        check_label_smoothing("curvlab report", cfg.label_smoothing)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
     eigh = cfg.factor_eigh()
     # the comparison's settings before the data, the warm-up and the extraction (minutes on a
     # ResNet-18), not after them
@@ -263,7 +271,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     _check_model(cfg)  # before loading data or training: an unsupported model fails in a second
     data = load_dataset(cfg.dataset, cfg.data_dir)
     model = build(cfg.model, data, cfg.seed).to(dev)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
     try:  # first: a batch larger than the data is refused
         x, y = fixed_batch(data, batch_size, cfg.seed)

@@ -19,9 +19,11 @@ from curvlab.app.options import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    LABEL_SMOOTHING_HELP,
     approximations,
     dataset,
     exit_stopped,
+    label_smoothing,
     model,
     nonnegative_int,
     positive_int,
@@ -100,6 +102,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
     run.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs to train (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
+    run.add_argument("--label-smoothing", type=label_smoothing, default=d.label_smoothing, help=LABEL_SMOOTHING_HELP)
     run.add_argument("--train-size", type=positive_int, default=d.train_size, help="train on a seeded subset of this many examples")
     run.add_argument("--test-size", type=positive_int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
@@ -182,6 +185,7 @@ def _config(args: argparse.Namespace, options: dict, model_kwargs: dict, probe_a
         optimizer=args.optimizer,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        label_smoothing=args.label_smoothing,
         seed=args.seed,
         device=args.device,
         out=args.out,

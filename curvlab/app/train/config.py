@@ -11,6 +11,7 @@ from torch import nn
 from curvlab.app.launch import check_batch_split
 from curvlab.app.messages import flag
 from curvlab.app.models import COUPLED_BATCH, MODES
+from curvlab.app.options import check_label_smoothing
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
@@ -44,6 +45,7 @@ class TrainConfig(KroneckerOptions):
     optimizer: str = "tekfac"
     epochs: int = 10
     batch_size: int = 128
+    label_smoothing: float = 0.0
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/train"
@@ -66,6 +68,7 @@ class TrainConfig(KroneckerOptions):
         for name in ("train_size", "test_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive (None: the whole set)")
+        object.__setattr__(self, "label_smoothing", check_label_smoothing("curvlab train", self.label_smoothing))
         if self.probe_every < 0:
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:

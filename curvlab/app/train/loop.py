@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     parallel.say_skipped_batch(data.train_x.shape[0], cfg.batch_size, ranks)
     net = parallel.data_parallel(model, ranks, device)  # what the training steps run
     parallel.reseed(cfg.seed, ranks)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     optimizer = make_optimizer(cfg, net)
     kronecker = isinstance(optimizer, KroneckerOptimizer)
 

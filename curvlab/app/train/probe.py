@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.app.models import MODES
 from curvlab.approx import DEFAULT_DAMPING, needed_kfac_flavours
-from curvlab.compare.api import measure_extraction
+from curvlab.compare.api import describe_loss, measure_extraction
 from curvlab.extract import extract
 from curvlab.optim import KroneckerOptimizer
 from curvlab.io import read_netcdf, write_netcdf
@@ -116,7 +116,8 @@ class Probe:
             current = {layer: {own: a} for layer, a in optimizer.approximations().items()}
         ds = measure_extraction(stats, self.approximations, damping=damping, damping_strategies=strategies,
                                 num_eigenvalues=self.num_eigenvalues, given=current,
-                                attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode})
+                                attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode,
+                                       "loss": describe_loss(self.loss_fn)})
         if own is not None and own not in ds.approximation.values:
             # before the optimizer's first statistics: its entry is there, as NaN, so every probe
             # has the same approximations in the same order (and resumed runs the same attributes)
