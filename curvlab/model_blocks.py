@@ -17,7 +17,9 @@ kind of module is refused, with an error that names it and says what to do):
   a decoder, so no Kronecker product describes it; its block is the exact one.
 * Every other torch module's trainable tensors are parameter blocks too, listed in
   :attr:`ModelBlocks.unstructured`: a grouped or depthwise convolution (MobileNet, ConvNeXt,
-  ResNeXt), ``nn.ConvTranspose2d``, ``nn.LSTM``/``nn.GRU``, ``nn.PReLU``, ``nn.Bilinear``.  Their
+  ResNeXt), ``nn.ConvTranspose2d``, ``nn.LSTM``/``nn.GRU``, ``nn.PReLU``, ``nn.Bilinear``, and
+  the tensors a layer's weight is computed from (``weight_norm``'s ``g`` and ``v``, any
+  ``torch.nn.utils.parametrize`` parametrization), with that layer's bias.  Their
   blocks are exact (the autograd engine's vjps through whatever the module computes); curvlab
   knows no Kronecker structure for them, so the optimizers give them the first-order update and
   name them.
@@ -166,7 +168,10 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
             out.tied.append(full)
             continue
         enclosing = _packed_owner(model, module, inside_packed)
-        weight_own = isinstance(module, KRONECKER_LAYERS) and id(module.weight) not in sharers
+        # a weight computed from other tensors (weight_norm, a parametrization) is no trainable
+        # tensor: those tensors are the blocks
+        weight_own = (isinstance(module, KRONECKER_LAYERS) and isinstance(module.weight, nn.Parameter)
+                      and id(module.weight) not in sharers)
         problem = kronecker_problem(module) if isinstance(module, KRONECKER_LAYERS) else None
         if weight_own and enclosing is None and module.weight.requires_grad:
             if problem is None:
@@ -182,8 +187,11 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
                     continue
                 raise UnsupportedModelError(f"curvlab: {_where(path, module)} {problem}. {SKIP_HINT}")
         known = isinstance(module, PARAMETER_LAYERS) or enclosing is not None or _is_users_own(module)
-        if not known and (problem is not None or not isinstance(module, KRONECKER_LAYERS)):
-            out.unstructured.append(full)  # (a Kronecker layer's bias beside a frozen weight is not)
+        # (a Kronecker layer's bias beside its frozen or tied weight is not unstructured)
+        beside_weight = (isinstance(module, KRONECKER_LAYERS) and problem is None
+                         and isinstance(module.weight, nn.Parameter) and p is module.bias)
+        if not known and not beside_weight:
+            out.unstructured.append(full)
         owner_type = type(enclosing if enclosing is not None else module).__name__
         out.blocks.append(Block.of_parameter(full, p, owner_type))
     if not out.blocks:

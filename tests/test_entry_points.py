@@ -535,22 +535,26 @@ def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
 
 
 def test_a_layer_called_on_one_input_broadcast_over_the_batch_says_how_to_call_it() -> None:
-    """GPT-2's position embedding ``wpe(arange(T)[None])`` (its output broadcast over the examples):
-    the refusal spoke of sequence-first tensors and reshapes, neither of which applied."""
+    """GPT-2's position embedding ``wpe(arange(T)[None])`` and nanoGPT's ``wpe(arange(T))`` (their
+    output broadcast over the examples): the refusal spoke of sequence-first tensors and reshapes,
+    neither of which applied."""
 
     class Positions(nn.Module):
-        def __init__(self, expand: bool) -> None:
+        def __init__(self, pos_shape: str) -> None:
             super().__init__()
-            self.expand = expand
+            self.pos_shape = pos_shape
             self.wte, self.wpe, self.head = nn.Embedding(7, 4), nn.Embedding(8, 4), nn.Linear(4, 7)
 
         def forward(self, ids):
-            pos = torch.arange(ids.shape[1]).unsqueeze(0)
-            pos = pos.expand(ids.shape[0], -1) if self.expand else pos
+            pos = torch.arange(ids.shape[1])
+            pos = {"T": pos, "1T": pos[None], "NT": pos.expand(ids.shape[0], -1)}[self.pos_shape]
             return self.head(torch.tanh(self.wte(ids) + self.wpe(pos))).transpose(1, 2)
 
     ids = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"'wpe' saw an input with leading dimension 1 while the loss has 3 "
                                          r"examples: .*broadcast.*wpe\(pos.expand\(N, -1\)\)"):
-        curvlab.extract(Positions(expand=False), CE, ids, ids)
-    assert curvlab.extract(Positions(expand=True), CE, ids, ids)["wpe"].kind == "kronecker"  # as advised
+        curvlab.extract(Positions("1T"), CE, ids, ids)
+    with pytest.raises(ValueError, match=r"'wpe' saw an input with leading dimension 5, not the batch size 3: "
+                                         r".*broadcast over the batch .*wpe\(torch.arange\(T\)\).*wpe\(pos.expand\(N, -1\)\)"):
+        curvlab.compare(Positions("T"), CE, ids, ids)
+    assert curvlab.extract(Positions("NT"), CE, ids, ids)["wpe"].kind == "kronecker"  # as advised

@@ -10,6 +10,7 @@ BatchNorms keep no running statistics (the same function; torch.func refuses the
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,32 @@ def test_torch_modules_without_kronecker_structure_are_exact_parameter_blocks() 
             opt.step()
     named = [str(w.message) for w in said if "have no Kronecker block" in str(w.message)]
     assert len(named) == 1 and all(f"'{k}'" in named[0] for k in others), named
+
+
+@pytest.mark.parametrize("norm", ["parametrizations.weight_norm", "weight_norm"])
+def test_a_weight_computed_from_other_tensors_is_no_kronecker_block(norm: str) -> None:
+    """A weight-normalised Linear (wav2vec2, HiFi-GAN) had a Kronecker block of its computed
+    weight ``g·v/‖v‖``, no trainable tensor: a zero gradient in its weight columns, and blocks for
+    ``g`` and ``v`` beside it.  ``g``, ``v`` and the layer's bias are exact parameter blocks now,
+    every trainable tensor in exactly one block, and the optimizers name them."""
+    torch.manual_seed(0)
+    wrap = nn.utils.parametrizations.weight_norm if norm.startswith("param") else nn.utils.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        model = nn.Sequential(wrap(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0])
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    stats = curvlab.extract(model, CE, x, y)
+    assert {p for s in stats.values() for p in block_params(model, s)} == set(trainable)
+    assert [k for k, s in stats.items() if s.kind == "kronecker"] == ["2"]
+    assert curvlab.extract.model_blocks(model).unstructured == [k for k in trainable if k.startswith("0.")]
+    for block, s in stats.items():
+        fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
+        assert rel(s.dense_fisher(), fisher) < RTOL, block
+        assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
+    with pytest.warns(UserWarning, match="have no Kronecker block"):
+        opt = KFAC(model, lr=0.01, stats_interval=1)
+        assert [b.name for b in opt.blocks()] == ["2"]
 
 
 # --- the two engines, one result -----------------------------------------------------------

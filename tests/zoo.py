@@ -349,7 +349,10 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
 
 def oracle(model: nn.Module) -> nn.Module:
     """A copy computing the same function whose train-mode BatchNorms keep no running statistics
-    (same batch statistics, no in-place buffer update, which torch.func refuses)."""
+    (same batch statistics, no in-place buffer update, which torch.func refuses); the model
+    itself when it has none (torch.nn.utils.weight_norm's module cannot be copied)."""
+    if not any(isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training for bn in model.modules()):
+        return model
     m = copy.deepcopy(model)
     for bn in m.modules():
         if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:

@@ -107,16 +107,18 @@ def check_input(name: str, module: nn.Module, inp: Tensor, version: int, num_exa
     n = inp.shape[0] if inp.dim() > int(k == LINEAR) else None
     if n == 1 and num_examples > 1:
         raise ValueError(
-            f"extract_autograd: {name!r} saw an input with leading dimension 1 while the loss has "
+            f"curvlab (autograd engine): {name!r} saw an input with leading dimension 1 while the loss has "
             f"{num_examples} examples: its output is broadcast over the batch (e.g. a position embedding "
             "wpe(torch.arange(T)[None])), so no example has inputs of its own; call it on the batch "
             "(wpe(pos.expand(N, -1)): the same values, a Kronecker block per example)"
         )
     if n != num_examples:
         raise ValueError(
-            f"extract_autograd: {name!r} saw an input with leading dimension {n}, not the batch size "
-            f"{num_examples}: curvlab needs the batch as every layer input's leading dimension (not a "
-            "sequence-first [T, N, ...] tensor, e.g. batch_first=False, nor a [N·T, D] reshape)"
+            f"curvlab (autograd engine): {name!r} saw an input with leading dimension {n}, not the batch "
+            f"size {num_examples}: curvlab needs the batch as every layer input's leading dimension — not a "
+            "sequence-first [T, N, ...] tensor (e.g. batch_first=False), nor a [N·T, D] reshape, nor an "
+            "input without a batch dimension whose output is broadcast over the batch (e.g. a position "
+            "embedding wpe(torch.arange(T)): call it on the batch, wpe(pos.expand(N, -1)), the same values)"
         )
 
 
@@ -125,7 +127,7 @@ def check_unmodified(name: str, inp: Tensor, version: int) -> None:
     its ``_version`` then)."""
     if inp._version != version:
         raise ValueError(
-            f"extract_autograd: the input of {name!r} was modified in place after the call "
+            f"curvlab (autograd engine): the input of {name!r} was modified in place after the call "
             "(e.g. an in-place activation on it); its value is needed"
         )
 

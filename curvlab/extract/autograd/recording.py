@@ -318,7 +318,7 @@ def probe_coupling(vjp: BatchedVJP, output: Tensor, names: list[str], n: int) ->
             continue
         if grad.dim() > 2 and grad.shape[1] == n and not grad[:, 1:].any():
             raise ValueError(
-                f"extract_autograd: {name!r} sees the batch on dimension 1 (its output has shape "
+                f"curvlab (autograd engine): {name!r} sees the batch on dimension 1 (its output has shape "
                 f"{tuple(grad.shape)}: a sequence-first [T, N, ...] tensor, e.g. batch_first=False); "
                 "curvlab needs the batch as the leading dimension (batch_first=True)"
             )
