@@ -163,8 +163,9 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     out += ["## Layers", ""]
     if "block_kind" in ds.coords and (ds["block_kind"] == "parameter").any():
         out += [
-            "Parameter blocks (kind `parameter`: norm layers' affine parameters, position embeddings, …) "
-            "are measured exactly against their diagonal, the only approximation that applies; "
+            "Parameter blocks (kind `parameter`: norm layers' affine parameters, position embeddings, depthwise or "
+            "grouped convolutions, LSTMs, …) are measured exactly against their diagonal, the only approximation "
+            "that applies; "
             "curvlab's optimizers update them first order.",
             "",
         ]
