@@ -55,6 +55,13 @@ def allow_compiled_forwards() -> None:
         torch._functorch.config.donated_buffer = False
 
 
+#: On the CPU, chunks of at most this many columns (a network whose saved activations are large
+#: per column) loop over their columns instead: vmap's batching rules, BatchNorm's backward with
+#: its parameters' gradients among them, cost more than batching saves there (MobileNetV2 at
+#: N = 16: 34 s batched 3 at a time, 17 s looped; benchmarks/results/report_resnet18_cpu.md).
+LOOPED_CHUNK_ON_CPU = 4
+
+
 class BatchedVJP:
     """``v ↦ (∂out/∂ε_1ᵀ v, …)`` for a batch of cotangents ``v``, chunked under a memory bound.
 
@@ -63,13 +70,15 @@ class BatchedVJP:
         leaves: the ``ε`` leaves, one per target call.
         per_column_bytes: estimated temporaries of one cotangent column (see :func:`estimate`).
         max_bytes: bound on one chunk's temporaries; at least one column runs at a time.
-        vectorize: ``torch.func.vmap`` over a chunk's columns, else a Python loop.
+        vectorize: ``torch.func.vmap`` over a chunk's columns, else a Python loop (also on the
+            CPU for chunks of at most :data:`LOOPED_CHUNK_ON_CPU` columns).
     """
 
     def __init__(self, output: Tensor, leaves: list[Tensor], per_column_bytes: int, max_bytes: int,
                  vectorize: bool = True) -> None:
-        self.output, self.leaves, self.vectorize = output, leaves, vectorize
+        self.output, self.leaves = output, leaves
         self.chunk = max(1, int(max_bytes // max(per_column_bytes, 1)))
+        self.vectorize = vectorize and not (output.device.type == "cpu" and self.chunk <= LOOPED_CHUNK_ON_CPU)
         self.num_vjps = 0
         self._live = output.requires_grad and bool(leaves)
 
