@@ -61,8 +61,14 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
         warnings.simplefilter("always")
         kronecker = {p for b in opt.blocks() for p in b.parameters()}
     # named, unlike a norm layer's: the tied matrix is often a language model's largest
-    named = {"tied_lm": "KFAC: ['encoder.weight', 'decoder.bias']", "tied_bias": "KFAC: ['a.bias'] have no Kronecker block",
-             "mobilenet": "KFAC: ['depthwise.0.weight', 'grouped.weight', 'grouped.bias'] have no Kronecker block"}
+    # (grouped by why: the tied matrix, its layer's bias, the grouped convolutions)
+    head = "parameter(s) have no Kronecker block and get the first-order (SGD) update — "
+    named = {"tied_lm": f"KFAC: 2 {head}shared by several modules: ['encoder.weight']; the bias of a layer whose "
+                        "weight is frozen (requires_grad=False) or shared: ['decoder.bias']",
+             "tied_bias": f"KFAC: 1 {head}shared by several modules: ['a.bias']",
+             "mobilenet": f"KFAC: 3 {head}of modules without a Kronecker structure curvlab preconditions (a grouped or "
+                          "depthwise convolution, an LSTM, a weight-normalised layer): ['depthwise.0.weight', "
+                          "'grouped.weight', 'grouped.bias']"}
     assert [str(w.message)[:len(named.get(name, ""))] for w in said] == [named.get(name, "")] * (name in named)
     layers = {b.name for b in opt.blocks()}
     assert not any(isinstance(dict(model.named_modules())[n], nn.Embedding) for n in layers)
@@ -109,7 +115,7 @@ def test_unsupported_modules_are_named_or_left_out() -> None:
     assert list(ds.layer.values) == ["head"] and ds.attrs["skipped_parameters"] == "emb.weight"
     assert "- **Parameters left out (unsupported layers, --skip-unsupported):** emb.weight" in summary_markdown(ds)
     opt = TEKFAC(model, lr=0.01, stats_interval=1)
-    with pytest.warns(UserWarning, match=r"\['emb.weight'\] have no Kronecker block"):
+    with pytest.warns(UserWarning, match=r"have no Kronecker block .* left out as unsupported: \['emb.weight'\]"):
         steps(opt, model, x, y, 2)  # the embedding gets the first-order update
     assert [b.name for b in opt.blocks()] == ["head"]
     vit, xv, yv = zoo.make("vit", n=3)

@@ -273,29 +273,37 @@ class KroneckerOptimizer(Optimizer):
         return self._blocks
 
     def _warn_first_order(self, found: ModelBlocks) -> None:
-        """Warn once per parameter that gets the first-order update because its module has no
-        Kronecker structure curvlab knows (a grouped convolution, an LSTM) or a weight is shared
-        — and, with such a weight, its layer's bias, which then has no Kronecker block either
-        (norm layers' and the user's own modules' first-order update is documented, not warned
-        about)."""
-        named = [*found.skipped, *found.tied, *found.unstructured]
-        said = {p for n, p in self.model.named_parameters() if n in named}  # a tied weight once
+        """Warn once per parameter that gets the first-order update for want of a Kronecker block,
+        grouped by why: its module has no Kronecker structure curvlab knows (a grouped
+        convolution, an LSTM), it is shared by several modules, it was left out, or it is the bias
+        of a layer whose weight is frozen or shared (norm layers' and the user's own modules'
+        first-order update is documented, not warned about)."""
+        said = {p for n, p in self.model.named_parameters() if n in {*found.skipped, *found.tied, *found.unstructured}}
         with_layer = [f"{path}.{name}" for path, module in self.model.named_modules()
                       if isinstance(module, PRECONDITIONED_LAYERS)
                       for name, p in module.named_parameters(recurse=False)
                       if p.requires_grad and p in self._group_of and p not in self._block_params and p not in said]
-        unsupported = [n for n in dict.fromkeys([*named, *with_layer]) if n not in self._warned_unsupported]
-        if unsupported:
+        why = {
+            "of modules without a Kronecker structure curvlab preconditions (a grouped or depthwise "
+            "convolution, an LSTM, a weight-normalised layer)": found.unstructured,
+            "shared by several modules": found.tied,
+            "the bias of a layer whose weight is frozen (requires_grad=False) or shared": with_layer,
+            "left out as unsupported": found.skipped,
+        }
+        parts, new = [], []
+        for reason, names in why.items():
+            names = [n for n in dict.fromkeys(names) if n not in self._warned_unsupported and n not in new]
+            if names:
+                parts.append(f"{reason}: {names}")
+                new += names
+        if parts:
             warnings.warn(
-                f"{type(self).__name__}: {unsupported} have no Kronecker block: they belong to modules "
-                "with no Kronecker structure curvlab preconditions (a grouped convolution, an LSTM), "
-                "or to layers whose weight is shared by two modules or frozen (requires_grad=False: "
-                "the bias has no Kronecker block of its own; see curvlab.model_blocks); they get the "
-                "first-order (SGD) update",
+                f"{type(self).__name__}: {len(new)} parameter(s) have no Kronecker block and get the first-order "
+                f"(SGD) update — {'; '.join(parts)} (see curvlab.model_blocks)",
                 UserWarning,
                 stacklevel=4,
             )
-            self._warned_unsupported.update(unsupported)
+            self._warned_unsupported.update(new)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; with ``set_to_none`` (the default) without its profiler range
