@@ -248,6 +248,10 @@ def _check_failures() -> dict[str, str]:
             cd.compare(net, loss_fn, xs, ys, approximations=("kflr",), **{**OPTIONS, **option})
         except Exception as exc:  # noqa: BLE001
             seen[f"options_{next(iter(option))}"] = f"{type(exc).__name__}: {exc}"
+    try:  # the same loss type and reduction, another label smoothing
+        cd.compare(net, torch.nn.CrossEntropyLoss(label_smoothing=0.1 * rank), xs, ys, approximations=("kflr",), **OPTIONS)
+    except Exception as exc:  # noqa: BLE001
+        seen["options_label_smoothing"] = f"{type(exc).__name__}: {exc}"
     # 5. a model of another dtype on rank 1: named as such, not as different parameters
     other = _setting("mlp", "ce", "mean", 4)[0]
     try:
@@ -366,7 +370,7 @@ def test_two_ranks_equal_one_process() -> None:
     assert first["parameters"] == second["parameters"], (first, second)
     assert "parameters differ" in first["parameters"], first
     assert first["dtypes"] == second["dtypes"] and "parameters' dtypes differ between ranks" in first["dtypes"]
-    for key in ("options_damping", "options_top_k"):
+    for key in ("options_damping", "options_top_k", "options_label_smoothing"):
         assert first[key] == second[key] and "the ranks disagree on the options" in first[key], (first, second)
     for call in ("extract", "compare"):
         said = first[f"batchnorm_{call}"]

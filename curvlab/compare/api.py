@@ -65,9 +65,10 @@ def compare(
     :func:`curvlab.approx.eigh.within_span`).  Every
     trainable parameter is measured: Kronecker blocks against each approximation, parameter
     blocks (norm layers' affine parameters, position embeddings, grouped convolutions, …) against
-    ``"diagonal"``, the only approximation that applies to them (see :mod:`curvlab.model_blocks`).  KFOC is measured
-    on blocks of at most 2¹⁷ parameters, counted in the span of the batch's inputs where that is
-    narrower (``d_out·r``: :func:`curvlab.approx.registry.fitted_params`; NaN above).
+    ``"diagonal"``, the only approximation that applies to them (see :mod:`curvlab.model_blocks`).
+    KFOC is measured on blocks of at most 2¹⁷ parameters, counted in the span of the batch's
+    inputs where that is narrower (``d_out·r``: :func:`curvlab.approx.registry.fitted_params`;
+    NaN above).
     This is the one comparison path: :func:`curvlab.distributed.compare` runs it with a sharded
     ``extractor``.
 

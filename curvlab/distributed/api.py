@@ -36,7 +36,7 @@ def _fingerprint(model: nn.Module) -> list[float]:
 def _signature(loss_fn: nn.Module, options: Mapping[str, object], blocks: Iterable[str]) -> float:
     """A checksum of what every rank must agree on: the loss, the options, the block names
     (objects compared as :func:`~curvlab.distributed.collectives.plain` gives them)."""
-    text = repr(coll.plain((type(loss_fn).__name__, getattr(loss_fn, "reduction", None), options, list(blocks))))
+    text = repr(coll.plain((_compare.describe_loss(loss_fn), options, list(blocks))))
     return float(zlib.crc32(text.encode()))
 
 
@@ -205,7 +205,7 @@ def compare(
     """
     coll.require_initialized()
     # the options only compare reads (damping, top_k, …): extract checks those it is given
-    coll.check_agree((type(loss_fn).__name__, options), next(model.parameters()).device, group,
+    coll.check_agree((_compare.describe_loss(loss_fn), options), next(model.parameters()).device, group,
                      "curvlab.distributed.compare: the ranks disagree on the options (damping, top_k, "
                      "approximations, …); call it with the same options on every rank")
     extractions: list[_extract.Extraction] = []
