@@ -189,6 +189,49 @@ def test_a_weight_computed_from_other_tensors_is_no_kronecker_block(norm: str) -
         assert [b.name for b in opt.blocks()] == ["2"]
 
 
+def dense_empirical_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, names: list[str]) -> Tensor:
+    """``R Σ_n ∇ℓ_n ∇ℓ_nᵀ`` of the parameters ``names`` (``L = R Σ ℓ_n``; CE's mean: ``R = 1/N``)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    shapes, sizes = [params[k].shape for k in names], [params[k].numel() for k in names]
+    per_example = type(loss_fn)(reduction="none")
+
+    def losses(flat: Tensor) -> Tensor:
+        new = {k: p.reshape(s) for k, p, s in zip(names, torch.split(flat, sizes), shapes)}
+        return per_example(functional_call(model, {**params, **new}, (x,)), y)
+
+    grads = jacrev(losses)(torch.cat([params[k].flatten() for k in names]))  # [N, P]
+    return grads.T @ grads / x.shape[0]
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "resnet_bn", "vgg_bn", "mlp_bn1d"])
+def test_eval_mode_norm_and_grouped_convolution_blocks_equal_the_dense_blocks(name: str) -> None:
+    """An eval-mode BatchNorm's and a grouped convolution's parameter blocks come from the
+    gradients at the module's output, one vjp per root column for every example at once (the
+    generic route: one per column and example, 43 s → 11–16 s for MobileNetV2 at N = 16); exact
+    and empirical blocks against the dense references, by the autograd engine."""
+    if name == "mlp_bn1d":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+        model.train()(torch.randn(8, 3, dtype=torch.float64))  # running statistics of their own
+        x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
+    else:
+        model, x, y = zoo.make(name, n=4)
+    model.eval()
+    for fisher in ("exact", "empirical"):
+        stats = curvlab.extract(model, CE, x, y, engine="autograd", fisher=fisher)
+        assert stats.engine == "autograd" and not any(s.coupled for s in stats.values())
+        checked = 0
+        for block, s in stats.items():
+            if s.kind != "parameter":
+                continue
+            names = block_params(model, s)
+            want = dense_reference(model, CE, x, y, names)[0] if fisher == "exact" else \
+                dense_empirical_reference(model, CE, x, y, names)
+            assert rel(s.dense_fisher(), want) < RTOL, (fisher, block)
+            checked += 1
+        assert checked == len(curvlab.extract.model_blocks(model).parameters)
+
+
 # --- the two engines, one result -----------------------------------------------------------
 
 def _models():

@@ -15,6 +15,7 @@ from torch import nn
 from curvlab.extract.autograd import couples_examples
 from curvlab.extract.autograd.backprop import allow_compiled_forwards
 from curvlab.extract.autograd.layer_io import CONV, ConvInputs, cat_positions, dense_inputs, joined
+from curvlab.extract.autograd.local_params import is_local
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
 from curvlab.extract.options import ExtractOptions
@@ -46,6 +47,7 @@ class AutogradPass:
             terms=bool(_TERM_STATISTICS & options.stats),
             include_bias=True,
             params={b.name: b.weight for b in blocks.parameters} if want_sqrt else {},
+            local=_local_parameters(model, blocks) if want_sqrt and not coupled else {},
             non_finite=options.non_finite,
         )
         self.recording = Recording(blocks.layers, loss_fn, request, coupled, _PROBED.setdefault(model, {}))
@@ -89,3 +91,15 @@ class AutogradPass:
                 )
         return {b.name: out[b.name] for b in self.blocks.blocks if b.name in out}
 
+
+def _local_parameters(model: nn.Module, blocks: ModelBlocks) -> dict[nn.Module, dict[str, str]]:
+    """The modules holding parameter blocks whose roots follow from the module's own input and
+    output gradient (:func:`~curvlab.extract.autograd.local_params.is_local`) → ``{attribute: block}``."""
+    shared = set(blocks.tied)
+    owner = {id(p): (m, attr) for m in model.modules() for attr, p in m.named_parameters(recurse=False)}
+    out: dict[nn.Module, dict[str, str]] = {}
+    for block in blocks.parameters:
+        module, attr = owner[id(block.weight)]
+        if block.name not in shared and attr in ("weight", "bias") and is_local(module):
+            out.setdefault(module, {})[attr] = block.name
+    return out

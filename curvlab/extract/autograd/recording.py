@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
+from curvlab.extract.autograd.local_params import local_roots
 from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
@@ -44,6 +45,10 @@ class Request:
         terms: with ``T_out > 1``, keep each call's term-separated roots ``g_terms``.
         include_bias: square roots include the bias column of layers with a trainable bias.
         params: parameter path → tensor whose per-column gradients form its square root.
+        local: modules whose parameters among ``params`` act on each example alone
+            (:func:`~.local_params.is_local`) → ``{attribute: path}``: where the examples are not
+            coupled, those parameters' roots come from the gradients at the module's output
+            (:func:`~.local_params.local_roots`), without a vjp per example.
         non_finite: a non-finite model output ``"raise"``s (with the other loss-input checks of
             :func:`curvlab.extract.validate.check_loss_inputs`), or ``"propagate"``s: NaN roots.
     """
@@ -58,6 +63,7 @@ class Request:
     terms: bool = False
     include_bias: bool = False
     params: Mapping[str, Tensor] = field(default_factory=dict)
+    local: Mapping[nn.Module, Mapping[str, str]] = field(default_factory=dict)
     non_finite: str = "raise"
 
     def check(self) -> None:
@@ -99,6 +105,8 @@ class Recording:
         self.probed = {} if probed is None else probed
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, ε)
         self.versions: list[int] = []
+        self.local_calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # request.local's modules, as calls
+        self.local_versions: list[int] = []
         self.result: AutogradExtraction | None = None
         self._handles: list = []
         self._saved: SavedBytes | None = None
@@ -107,9 +115,16 @@ class Recording:
     # ------------------------------------------------------------------ hooks
 
     def _layer_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        return self._record(module, args, kwargs, output, self.calls, self.versions)
+
+    def _local_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        return self._record(module, args, kwargs, output, self.local_calls, self.local_versions)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor, calls: list, versions: list) -> Tensor:
         if self._computing:  # the vjps ran the layer's forward again
+            name = self.targets.get(module) or next(iter(self.request.local[module].values()))
             raise RuntimeError(
-                f"curvlab (autograd engine): {self.targets[module]!r} ran its forward again while curvlab's vjps "
+                f"curvlab (autograd engine): {name!r} ran its forward again while curvlab's vjps "
                 "backpropagated through it: activation checkpointing (torch.utils.checkpoint) recomputes "
                 "its forward in the backward pass, which the recording cannot follow; run the block "
                 "without checkpointing"
@@ -119,8 +134,8 @@ class Recording:
         inp = args[0] if args else kwargs["input"]
         # A broadcast zero scalar: no output-sized memory; its gradient has the output's shape.
         eps = output.new_zeros(()).expand(output.shape).requires_grad_()
-        self.calls.append((module, inp.detach(), eps))
-        self.versions.append(inp._version)
+        calls.append((module, inp.detach(), eps))
+        versions.append(inp._version)
         return output + eps
 
     def _loss_hook(self, module: nn.Module, args: tuple, kwargs: dict, loss: Tensor) -> None:
@@ -140,6 +155,8 @@ class Recording:
     def __enter__(self) -> "Recording":
         for module in self.targets:  # first of the module's hooks: ε at its own output, before a user's hook
             self._handles.append(module.register_forward_hook(self._layer_hook, with_kwargs=True, prepend=True))
+        for module in self.request.local:
+            self._handles.append(module.register_forward_hook(self._local_hook, with_kwargs=True, prepend=True))
         self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True))
         self._saved = SavedBytes().__enter__()
         return self
@@ -172,7 +189,10 @@ class Recording:
         saved = self._saved.total if self._saved is not None else 0
         leaf_bytes = sum(e.numel() for e in leaves) * size
         out_bytes = output.numel() * size
-        layers = BatchedVJP(output, leaves, estimate(saved, leaf_bytes, out_bytes), req.max_bytes, req.vectorize)
+        local_leaves = [eps for _, _, eps in self.local_calls]
+        local_bytes = sum(e.numel() for e in local_leaves) * size
+        layers = BatchedVJP(output, leaves + local_leaves, estimate(saved, leaf_bytes + local_bytes, out_bytes),
+                            req.max_bytes, req.vectorize)
 
         coupled = self.coupled
         if coupled is None:
@@ -187,8 +207,9 @@ class Recording:
         sqrt_flavours = req.sqrt_flavours or req.flavours
         columns, local = selected_columns(segments, sqrt_flavours, root.device)
         results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in self.targets.items()}
+        g_calls, g_local = batch_roots(layers, root, calls)
         layer_calls = [LayerCall(self.targets[module], module, inp, version, g)
-                       for (module, inp, _), version, g in zip(calls, self.versions, batch_roots(layers, root, calls))]
+                       for (module, inp, _), version, g in zip(calls, self.versions, g_calls)]
         for call in layer_calls:  # in forward order: a module's calls in the order it was called
             results[call.name].calls.append(call)
         for res in results.values():
@@ -198,10 +219,13 @@ class Recording:
             _term_roots(layers, root, terms, columns, layer_calls)
         num_vjps = layers.num_vjps
         param_sqrt: dict[str, Tensor] = {}
+        if not coupled and t_out == 1:
+            self._local_roots(g_local, columns, param_sqrt, n, output.device)
         need_exact = want_sqrt and coupled
-        if need_exact or req.params:
-            num_vjps += self._per_example(output, root, terms, columns, results, layer_calls, need_exact, param_sqrt,
-                                          saved, leaf_bytes, out_bytes)
+        params = {name: p for name, p in req.params.items() if name not in param_sqrt}
+        if need_exact or params:
+            num_vjps += self._per_example(output, root, terms, columns, results, layer_calls, need_exact, params,
+                                          param_sqrt, saved, leaf_bytes, out_bytes)
         if want_sqrt and not coupled:
             for res in results.values():
                 if not res.calls:
@@ -230,15 +254,32 @@ class Recording:
             param_sqrt=param_sqrt,
         )
 
-    def _per_example(self, output, root, terms, columns, results, layer_calls, need_exact, param_sqrt, saved, leaf_bytes,
-                     out_bytes) -> int:
+    def _local_roots(self, g_local: list[Tensor], columns: Tensor, param_sqrt: dict[str, Tensor], n: int,
+                     device: torch.device) -> None:
+        """The roots of the parameters of ``request.local``'s modules called once, from the
+        gradients at their outputs (rows ``j·N + n`` as the per-example route's)."""
+        once = [m for m, _, _ in self.local_calls]
+        calls = [(call, version, g) for call, version, g in zip(self.local_calls, self.local_versions, g_local)
+                 if once.count(call[0]) == 1]
+        paths = self.request.local
+        _check_fits([(paths[m][attr], getattr(m, attr).shape, getattr(m, attr).element_size())
+                     for (m, _, _), _, _ in calls for attr in paths[m]], columns.numel() * n, device,
+                    self.request.sqrt_flavours or self.request.flavours)
+        for (module, inp, _), version, g in calls:
+            layer_io.check_unmodified(next(iter(paths[module].values())), inp, version)
+            roots = local_roots(module, inp, g[columns])
+            for attr, path in paths[module].items():
+                param_sqrt[path] = roots[attr].flatten(0, 1)
+
+    def _per_example(self, output, root, terms, columns, results, layer_calls, need_exact, params, param_sqrt, saved,
+                     leaf_bytes, out_bytes) -> int:
         """One vjp per (root column, term, example): the coupled exact roots of the layers
         (``need_exact``) and the per-column gradients of the parameter blocks."""
         calls, req = self.calls, self.request
         n, t_out, size = terms.num_examples, terms.terms_per_example, output.element_size()
         rows = columns.numel() * t_out * n
         leaves = [eps for _, _, eps in calls] if need_exact else []
-        params = list(req.params.items())
+        params = list(params.items())
         param_bytes = sum(p.numel() for _, p in params) * size
         # output locations of every call: T = |output| / (N·d_out)
         locations = [eps.numel() // (n * results[call.name].shape[0]) for (_, _, eps), call in zip(calls, layer_calls)]

@@ -24,13 +24,15 @@ from curvlab.extract.autograd.loss_roots import LossTerms
 Consumer = Callable[[slice, tuple[Tensor, ...]], None]
 
 
-def batch_roots(vjp: BatchedVJP, root: Tensor, calls: Sequence) -> list[Tensor]:
-    """The batch-convention ``g`` of every call, ``[C_total, N, d_out, T]``."""
-    parts: list[list[Tensor]] = [[] for _ in calls]
+def batch_roots(vjp: BatchedVJP, root: Tensor, calls: Sequence) -> tuple[list[Tensor], list[Tensor]]:
+    """The batch-convention ``g`` of every call, ``[C_total, N, d_out, T]``, and the gradients at
+    the ``vjp``'s further leaves (after the calls' own), ``[C_total, *leaf.shape]``."""
+    parts: list[list[Tensor]] = [[] for _ in vjp.leaves]
     for _, grads in vjp.map(root.shape[0], lambda sl: root[sl]):
-        for i, ((module, _, _), grad) in enumerate(zip(calls, grads)):
-            parts[i].append(layer_io.grads_to_layout(module, grad))
-    return [layer_io.joined(p, 0) for p in parts]
+        for i, grad in enumerate(grads):
+            parts[i].append(layer_io.grads_to_layout(calls[i][0], grad) if i < len(calls) else grad)
+    joined = [layer_io.joined(p, 0) for p in parts]
+    return joined[:len(calls)], joined[len(calls):]
 
 
 def selected_columns(segments: dict[str, slice], flavours: Sequence[str], device: torch.device) -> tuple[Tensor, dict[str, slice]]:
