@@ -14,6 +14,7 @@ import xarray as xr
 
 from curvlab.app import cli
 from curvlab.app.cli import main
+from curvlab.app.options import check_label_smoothing, label_smoothing
 from curvlab.app.report import run_report
 from curvlab.app.train.config import TrainConfig
 from curvlab.io import read_netcdf
@@ -118,6 +119,8 @@ def test_label_smoothing_is_the_loss_measured(tmp_path: Path, capsys: pytest.Cap
             runs[eps, fisher] = read_netcdf(out / "report.nc")
     assert runs["0.3", "exact"].attrs["loss"] == "CrossEntropyLoss(reduction=mean, label_smoothing=0.3)"
     assert runs["0", "exact"].attrs["loss"] == "CrossEntropyLoss(reduction=mean)"
+    said = (tmp_path / "0.3-exact" / "summary.md").read_text(encoding="utf-8")
+    assert "- **Loss (what is measured and trained):** CrossEntropyLoss(reduction=mean, label_smoothing=0.3)" in said
     np.testing.assert_allclose(runs["0.3", "exact"].exact_trace, runs["0", "exact"].exact_trace, rtol=1e-5)
     assert not np.allclose(runs["0.3", "exact"].ng_cosine, runs["0", "exact"].ng_cosine, rtol=1e-3)
     assert not np.allclose(runs["0.3", "empirical"].exact_trace, runs["0", "empirical"].exact_trace, rtol=1e-2)
@@ -358,3 +361,14 @@ def test_report_on_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     ds = read_netcdf(out / "report.nc")
     assert ds.attrs["data"] == "MNIST" and ds.attrs["num_train_examples"] == 60000
     assert list(ds["num_params"].values) == [785 * 128, 129 * 64, 65 * 10]
+
+
+def test_label_smoothing_takes_the_closed_interval_and_numbers_only() -> None:
+    """torch's CrossEntropyLoss takes ε = 1 (the uniform target); the option, the run's
+    configuration and the report's check say [0, 1]."""
+    assert label_smoothing("1") == 1.0 and label_smoothing("0") == 0.0
+    assert check_label_smoothing("curvlab report", 1) == 1.0
+    assert TrainConfig(label_smoothing=1).label_smoothing == 1.0
+    for bad in (True, "0.1", float("nan"), None):
+        with pytest.raises(ValueError, match=r"curvlab train: label_smoothing=.* must be a number in \[0, 1\]"):
+            TrainConfig(label_smoothing=bad)

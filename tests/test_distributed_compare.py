@@ -23,6 +23,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from multiprocess import RankError, run_ranks
 
@@ -249,7 +250,7 @@ def _check_failures() -> dict[str, str]:
         except Exception as exc:  # noqa: BLE001
             seen[f"options_{next(iter(option))}"] = f"{type(exc).__name__}: {exc}"
     try:  # the same loss type and reduction, another label smoothing
-        cd.compare(net, torch.nn.CrossEntropyLoss(label_smoothing=0.1 * rank), xs, ys, approximations=("kflr",), **OPTIONS)
+        cd.compare(net, nn.CrossEntropyLoss(label_smoothing=0.1 * rank), xs, ys, approximations=("kflr",), **OPTIONS)
     except Exception as exc:  # noqa: BLE001
         seen["options_label_smoothing"] = f"{type(exc).__name__}: {exc}"
     # 5. a model of another dtype on rank 1: named as such, not as different parameters
@@ -455,3 +456,24 @@ def test_one_rank_group_and_missing_group(tmp_path) -> None:
     ref = curvlab.compare(net, loss_fn, x, y, **opts)
     assert_same_dataset(got, ref, "one rank")
     assert got.attrs["world_size"] == 1
+
+
+def _extract_with_label_smoothing_of_rank() -> str:
+    import curvlab.distributed as cd
+    from helpers import batch, tiny_mlp
+
+    rank = torch.distributed.get_rank()
+    net = tiny_mlp()
+    x, y = batch(net, nn.CrossEntropyLoss(), 4)
+    try:
+        cd.extract(net, nn.CrossEntropyLoss(label_smoothing=0.1 * rank), x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2])
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_distributed_extract_refuses_ranks_whose_label_smoothing_differs() -> None:
+    """The same loss type and reduction, another label smoothing: a different gradient and
+    empirical Fisher on each rank; curvlab.distributed.compare refused it, extract summed them."""
+    said = run_ranks(_extract_with_label_smoothing_of_rank, 2)
+    assert said[0] == said[1] and "the ranks disagree on the loss" in said[0], said

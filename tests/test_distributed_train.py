@@ -178,6 +178,15 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     assert metrics.attrs["world_size"] == 2 and int(metrics.steps[-1]) == 4
     assert np.isfinite(metrics.train_loss).all()
     assert list(xr.open_dataset(out / "probe.nc").step.values) == [0, 2, 4]
+    # a resume with other options is refused once, before the processes start (it was refused by
+    # each rank, then torchrun's traceback: 43 lines)
+    done = _cli("train", "--nproc", "2", "--dataset", "digits", "--hidden", "16", "--train-size", "160",
+                "--test-size", "40", "--batch-size", "40", "--epochs", "2", "--probe-every", "2",
+                "--probe-batch-size", "10", "--label-smoothing", "0.1", "--no-progress", "--out", str(out),
+                "--resume", timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.count("was written with other options: --label-smoothing 0.0 (now 0.1)") == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     # resumed on one process: each epoch keeps the ranks it ran on
     done = _cli("train", "--dataset", "digits", "--hidden", "16", "--train-size", "160", "--test-size", "40",
                 "--batch-size", "40", "--epochs", "2", "--probe-every", "2", "--probe-batch-size", "10",

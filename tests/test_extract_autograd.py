@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -657,3 +658,62 @@ def test_autocast_convolutions_read_their_bfloat16_inputs_as_float32() -> None:
         assert {s.kfac["exact"].A.dtype, s.kfe_scaling.dtype} == {torch.float32}
         assert rel(s.kfac["exact"].A.double(), r.kfac["exact"].A) < 2e-2
         assert rel(s.kfe_scaling.double(), r.kfe_scaling) < 5e-2
+
+
+class _ReadsItsGradient(torch.autograd.Function):
+    """The identity, whose backward reads a value into Python (as a gradient check would):
+    torch.func.vmap cannot batch it, a loop over the columns can."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        assert torch.isfinite(g).all().item()
+        return g
+
+
+class _Checked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(_ReadsItsGradient.apply(torch.tanh(self.a(x))))
+
+
+def test_small_cpu_chunks_loop_over_their_columns_and_larger_ones_vmap() -> None:
+    """On the CPU a chunk of at most 4 columns loops over its vjps (vmap's batching rules cost
+    more than they save there); 5 columns and more are vmapped.  Seen through a backward vmap
+    cannot batch: vmapped, it warns and falls back to the loop; looped from the start, no warning.
+    ``vectorize=False`` loops whatever the chunk."""
+    torch.manual_seed(0)
+    model = _Checked().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def run(max_bytes: int, vectorize: bool = True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = extract_autograd(model, nn.CrossEntropyLoss(), x, y, flavours=("exact", "empirical"), max_bytes=max_bytes,
+                                   vectorize=vectorize)
+        return out, [str(w.message) for w in caught if "vmap cannot batch" in str(w.message)]
+
+    def smallest(columns: int) -> int:  # the smallest bound giving chunks of `columns` columns
+        lo, hi = 1, 2**24
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if run(mid, vectorize=False)[0].columns_per_chunk < columns else (lo, mid)
+        return lo
+
+    reference, said = run(2**24, vectorize=False)
+    assert said == [] and reference.num_vjps >= 5
+    for columns, vmapped in ((4, False), (5, True)):
+        got, said = run(smallest(columns))
+        assert got.columns_per_chunk == columns and bool(said) == vmapped, (columns, said)
+        for name in reference.layers:
+            torch.testing.assert_close(got.layers[name].sqrt, reference.layers[name].sqrt, rtol=1e-13, atol=1e-15)

@@ -12,7 +12,7 @@ import torch
 from backpack import backpack, extend
 from backpack.custom_module.branching import Parallel, SumModule, _Branch
 from backpack.extensions import SqrtGGNExact
-from torch import nn
+from torch import Tensor, nn
 
 from curvlab.app.models import MODELS, build_model, load_user_model, make_model
 
@@ -279,3 +279,58 @@ def test_load_user_model_errors(user_file: Path) -> None:
         assert f"model spec {spec!r}" in str(err.value)
     with pytest.raises(ValueError, match="apply only to built-in models"):
         make_model(f"{user_file}:full", (3,), 2, hidden=(3,))
+
+
+# --- MobileNetV2 as torchvision builds it, with the CIFAR strides
+
+#: torchvision's inverted_residual_setting (t, c, n, s) — ImageNet's; the CIFAR variant's second
+#: stage keeps stride 1, as its stem does.
+TORCHVISION_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def test_mobilenetv2_has_the_cifar_strides_and_torchvisions_residuals() -> None:
+    """32×32 inputs end at 4×4 (a stride-1 stem and second stage, strides 2 on stages 3, 4, 6, on
+    their first block only); ``x + conv(x)`` exactly in the 10 stride-1 blocks whose channels stay."""
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2", (3, 32, 32), 10).eval()
+    blocks = [m for m in model.modules() if hasattr(m, "use_res_connect")]
+    seen: list[tuple[Tensor, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out))) for m in blocks]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.features(x).shape == (2, 1280, 4, 4)
+        for h in hooks:
+            h.remove()
+        sizes = [inp.shape[-1] for inp, _ in seen] + [seen[-1][1].shape[-1]]
+        assert sizes == [32] * 4 + [16] * 3 + [8] * 7 + [4] * 4  # a block's input side, then the last output's
+        residual = 0
+        for m, (inp, out) in zip(blocks, seen):
+            branch = m.conv(inp)
+            if branch.shape == inp.shape:
+                residual += 1
+                torch.testing.assert_close(out, inp + branch)
+            else:
+                torch.testing.assert_close(out, branch)
+    assert residual == 10
+
+
+@pytest.mark.parametrize("width", [0.5, 0.75])
+def test_mobilenetv2_width_rounds_channels_as_torchvision_does(width: float) -> None:
+    """``width`` is torchvision's ``width_mult``: channels rounded to multiples of 8, never more than
+    10% down (0.75 · 24 = 18 → 24, not 16), the last 1×1 convolution 1280 wide for widths below 1."""
+    model = build_model("mobilenetv2", (3, 32, 32), 10, width=width).eval()
+    outs: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: outs.append(out.shape[1]))
+             for m in model.modules() if hasattr(m, "use_res_connect")]
+    with torch.no_grad():
+        last = model.features(torch.randn(1, 3, 32, 32)).shape[1]
+    for h in hooks:
+        h.remove()
+    assert outs == [make_divisible(c * width) for _, c, n, _ in TORCHVISION_SETTING for _ in range(n)]
+    assert last == 1280

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import curvlab
@@ -1283,3 +1283,42 @@ def test_a_statistics_step_without_track_warns_once() -> None:
             train_step(opt, model, loss_fn, x, y, use_track=False)
     said = [str(w.message) for w in caught if "was due for curvature statistics" in str(w.message)]
     assert len(said) == 1 and "step 2 was due" in said[0]
+
+
+def test_the_first_order_warning_names_each_parameter_once_when_the_blocks_are_found_again() -> None:
+    """Freezing a weight (or loading a state) makes the optimizer find its blocks again; the LSTM,
+    named at the first step, is not named again; the Linear's bias, whose weight is now frozen,
+    is named then, alone."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent()
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+        opt.step()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+        opt.load_state_dict(opt.state_dict())  # the blocks are found again
+        step()
+        model.fc.weight.requires_grad_(False)  # and again
+        step()
+    said = [str(w.message) for w in caught if "have no Kronecker block" in str(w.message)]
+    assert len(said) == 2, said
+    assert "'lstm.weight_ih_l0'" in said[0] and "fc" not in said[0], said
+    assert "['fc.bias']" in said[1] and "lstm" not in said[1], said

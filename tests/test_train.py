@@ -17,6 +17,7 @@ import xarray as xr
 
 from curvlab.app.train import TrainConfig, train
 from curvlab.app.train.loop import CHECKPOINT, DIVERGED_AFTER
+from helpers import torch_threads
 
 
 def small(tmp: Path, **kw) -> TrainConfig:
@@ -221,6 +222,26 @@ def test_label_smoothing_is_the_loss_trained_and_probed(tmp_path: Path) -> None:
     assert abs(float(metrics[0.2].train_loss[0] - metrics[0.0].train_loss[0])) > 1e-3
     with pytest.raises(ValueError, match=r"--label-smoothing 0\.2 \(now 0\.0\)"):
         train(small(tmp_path / "0.2", epochs=2), resume=True)
+
+
+def test_the_default_probe_batch_takes_at_most_the_training_examples(tmp_path: Path) -> None:
+    """--train-size 40 with the default probe batch (128) failed with "batch size 128 must be in
+    [1, 40]", naming no option; the default takes the 40 there are."""
+    paths = train(small(tmp_path, train_size=40, batch_size=20, probe_every=1, probe_batch_size=None, epochs=1))
+    assert xr.open_dataset(paths["probe"]).attrs["num_examples"] == 40
+
+
+def test_a_resume_on_another_thread_count_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's bit-identical resume needs the run's thread count (BLAS splits its sums by
+    thread); a resume on another one ran without a word."""
+    with torch_threads(1):
+        train(small(tmp_path, epochs=1, probe_every=0))
+    with torch_threads(2):
+        train(small(tmp_path, epochs=2, probe_every=0), resume=True)
+    assert "was trained on 1 torch thread(s), this run has 2" in capsys.readouterr().err
+    with torch_threads(2):
+        train(small(tmp_path, epochs=3, probe_every=0), resume=True)
+    assert "torch thread" not in capsys.readouterr().err
 
 
 def test_resume_refuses_other_configuration(tmp_path: Path) -> None:

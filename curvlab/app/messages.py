@@ -13,7 +13,9 @@ def flag(name: str) -> str:
 
 def print_error(parser: argparse.ArgumentParser, message: object, usage: bool = False) -> None:
     """``PROG: error: MESSAGE`` on stderr (after the usage line with ``usage``); the library's
-    messages often name the command themselves ("curvlab train: …"), which is not repeated."""
+    messages often name the command ("curvlab train: …") or the library ("curvlab: …"), which is
+    not repeated."""
     if usage:
         parser.print_usage(sys.stderr)
-    print(f"{parser.prog}: error: {str(message).removeprefix(f'{parser.prog}: ')}", file=sys.stderr)
+    text = str(message).removeprefix(f"{parser.prog}: ").removeprefix("curvlab: ")
+    print(f"{parser.prog}: error: {text}", file=sys.stderr)

@@ -74,6 +74,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("top_k", "top-k (subspace overlap)"),
     ("train_steps", "Training steps before measuring"),
     ("train_optimizer", "Training optimizer"),
+    ("loss", "Loss (what is measured and trained)"),
     ("train_loss", "Training loss (last step)"),
     ("batch_loss", "Loss on the measured batch"),
     ("seed", "Seed"),

@@ -116,7 +116,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_optimizer_options(p.add_argument_group("optimizer (SGD takes lr, momentum, weight decay; Adam lr, weight decay)"))
     probe = p.add_argument_group("curvature probe")
     probe.add_argument("--probe-every", type=nonnegative_int, default=d.probe_every, help="run the curvature comparison every K steps (default: %(default)s, off)")
-    probe.add_argument("--probe-batch-size", type=positive_int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB)")
+    probe.add_argument("--probe-batch-size", type=positive_int, default=d.probe_batch_size, help="examples in the fixed probe batch (default: 128, fewer for large models so that the exact square roots fit in 4 GiB, and at most the training examples)")
     probe.add_argument("--probe-fisher", default=d.probe_fisher, choices=FLAVOURS, help="flavour of the probe's reference blocks (default: %(default)s)")
     probe.add_argument("--probe-approximations", type=approximations, default=",".join(d.probe_approximations), help=f"fresh approximations measured at each probe, from {','.join(APPROXIMATIONS)}, or all (default: %(default)s)")
     probe.add_argument("--probe-mode", default=d.probe_mode, choices=MODES, help="the model's mode while probed: eval (BatchNorm's running statistics, no Dropout) or train (the forward pass the optimizer's statistics come from: batch statistics coupling the probe batch's examples, Dropout masks fixed by --seed; the running statistics are put back; one process only) (default: %(default)s)")
@@ -234,12 +234,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print_error(parser, err, usage=True)
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
+        from curvlab.app.train.loop import checked_resume
         from curvlab.app.train.run_folder import CHECKPOINT, check_run_folder
 
         def checks() -> None:
             check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg),
                         **cfg.model_kwargs)
             check_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
+            if args.resume:  # once here, not once per process
+                checked_resume(cfg, "cpu")
 
         try:
             return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)

@@ -50,7 +50,7 @@ class TrainConfig(KroneckerOptions):
     device: str = "cpu"
     out: str = "runs/train"
     probe_every: int = 0
-    probe_batch_size: int | None = None  # None: 128, or fewer so the exact square roots fit in 4 GiB
+    probe_batch_size: int | None = None  # None: 128, or fewer so the exact square roots fit in 4 GiB (at most the training set)
     probe_fisher: str = "exact"
     probe_approximations: tuple[str, ...] = ("kflr", "ekfac", "tkfac", "tekfac")
     probe_mode: str = "eval"

@@ -29,7 +29,7 @@ from curvlab.app.models.check import check_model, large_batch_note, measured_bat
 from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
-from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval
+from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval, saved_probes
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.extract.autograd import couples_examples
 from curvlab.io import write_netcdf
@@ -148,6 +148,23 @@ def _check_one_example_shards(cfg: TrainConfig, data: Dataset, model: nn.Module,
     )
 
 
+def probed_steps(cfg: TrainConfig, step: int) -> list[int]:
+    """The steps a run probing every ``cfg.probe_every`` steps has probed after ``step`` steps."""
+    return [0, *range(cfg.probe_every, step + 1, cfg.probe_every)]
+
+
+def checked_resume(cfg: TrainConfig, device: torch.device | str) -> dict:
+    """The checkpoint of the run in ``cfg.out`` to resume, read and checked: written with the same
+    options, and its probes saved (:func:`~curvlab.app.train.probe.saved_probes`) — also before a
+    command starts its processes, so a refused resume says so once."""
+    path = cfg.out_dir / CHECKPOINT
+    ckpt = load_checkpoint(path, device)
+    check_same_run(path, ckpt["config"], cfg.as_attrs())
+    if cfg.probe_every:
+        saved_probes(cfg.out_dir / PROBE, probed_steps(cfg, ckpt["step"]))
+    return ckpt
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Path]:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the written files.
 
@@ -187,10 +204,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg), **cfg.model_kwargs)
     check_batches(cfg, ranks.world_size)
     ckpt_path = out / CHECKPOINT
-    ckpt = None
-    if resume:  # read and checked before any work
-        ckpt = load_checkpoint(ckpt_path, device)
-        check_same_run(ckpt_path, ckpt["config"], cfg.as_attrs())
+    ckpt = checked_resume(cfg, device) if resume else None  # read and checked before any work
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
@@ -204,7 +218,9 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
 
     probe = None
     if cfg.probe_every:
-        size = cfg.probe_batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.probe_mode == "train")
+        # by default at most the training examples there are (a --train-size below 128)
+        size = cfg.probe_batch_size or min(len(data.train_x),
+                                           measured_batch_size(model, data.num_classes, coupled=cfg.probe_mode == "train"))
         note = large_batch_note(model, data.num_classes, size, coupled=cfg.probe_mode == "train",
                                 option="--probe-batch-size")
         if note and ranks.is_main:
@@ -243,7 +259,13 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
-            probe.restore(out / PROBE, [0, *range(cfg.probe_every, step + 1, cfg.probe_every)])
+            probe.restore(out / PROBE, probed_steps(cfg, step))
+        threads = ckpt.get("torch_threads")
+        if threads not in (None, torch.get_num_threads()) and ranks.is_main:
+            print(f"curvlab train: {out} was trained on {threads} torch thread(s), this run has "
+                  f"{torch.get_num_threads()}: BLAS splits its sums by thread, so the resumed run can differ "
+                  "from an uninterrupted one in the last bits (set OMP_NUM_THREADS as the run had it for a "
+                  "bit-identical resume)", file=sys.stderr)
         if start_epoch >= cfg.epochs and ranks.is_main:
             print(f"curvlab train: {out} holds {start_epoch} epoch(s) already: nothing to train for "
                   f"--epochs {cfg.epochs} (pass a larger --epochs to continue)", file=sys.stderr)
@@ -337,6 +359,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 "diverged_at": diverged_at,
                 "streak": streak,
                 "config": cfg.as_attrs(),
+                "torch_threads": torch.get_num_threads(),  # a resume on other threads sums otherwise
             },
         )
         if folder is not None:

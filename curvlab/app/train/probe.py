@@ -162,24 +162,33 @@ class Probe:
         """Resume: keep the saved probes of ``steps`` (those the checkpoint's run has taken).
 
         Raises:
-            ValueError: ``path`` is missing or lacks one of ``steps`` — resuming would silently
-                drop earlier probes.
+            ValueError: as :func:`saved_probes`.
         """
-        if not path.exists():
-            raise ValueError(
-                f"curvlab train: cannot resume the probes: {path} is missing (the checkpoint's run "
-                f"probed steps {_steps(steps)}); put the file back, or start a new run with --overwrite"
-            )
-        ds = read_netcdf(path)
-        saved = {int(s) for s in ds.step.values}
-        missing = [s for s in steps if s not in saved]
-        if missing:
-            raise ValueError(
-                f"curvlab train: cannot resume the probes: {path} lacks steps {_steps(missing)} of the "
-                "checkpoint's run; put the right file back, or start a new run with --overwrite"
-            )
-        ds = ds.sel(step=list(steps))
+        ds = saved_probes(path, steps)
         self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]
+
+
+def saved_probes(path: Path, steps: Sequence[int]) -> xr.Dataset:
+    """The probes of ``steps`` saved in ``path`` (the checkpoint's run took them).
+
+    Raises:
+        ValueError: ``path`` is missing or lacks one of ``steps`` — resuming would silently drop
+            earlier probes.
+    """
+    if not path.exists():
+        raise ValueError(
+            f"curvlab train: cannot resume the probes: {path} is missing (the checkpoint's run "
+            f"probed steps {_steps(steps)}); put the file back, or start a new run with --overwrite"
+        )
+    ds = read_netcdf(path)
+    saved = {int(s) for s in ds.step.values}
+    missing = [s for s in steps if s not in saved]
+    if missing:
+        raise ValueError(
+            f"curvlab train: cannot resume the probes: {path} lacks steps {_steps(missing)} of the "
+            "checkpoint's run; put the right file back, or start a new run with --overwrite"
+        )
+    return ds.sel(step=list(steps))
 
 
 def normalises_otherwise_in_eval(model: nn.Module) -> bool:

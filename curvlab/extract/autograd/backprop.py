@@ -94,7 +94,9 @@ class BatchedVJP:
             return tuple(cotangents.new_zeros(cotangents.shape[0], *e.shape) for e in self.leaves)
         if self.vectorize and cotangents.shape[0] > 1:
             try:
-                return torch.func.vmap(self._vjp)(cotangents)
+                with warnings.catch_warnings():  # torch's notice that an op's batching rule is a loop (right values)
+                    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+                    return torch.func.vmap(self._vjp)(cotangents)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as err:
