@@ -207,7 +207,18 @@ def dense_empirical_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y
     return grads.T @ grads / x.shape[0]
 
 
-@pytest.mark.parametrize("name", ["mobilenet", "resnet_bn", "vgg_bn", "mlp_bn1d"])
+class NormTwice(nn.Module):
+    """A grouped convolution called once, a BatchNorm called twice (its blocks: the generic route)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.bn(torch.tanh(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "resnet_bn", "vgg_bn", "mlp_bn1d", "norm_twice"])
 def test_eval_mode_norm_and_grouped_convolution_blocks_equal_the_dense_blocks(name: str) -> None:
     """An eval-mode BatchNorm's and a grouped convolution's parameter blocks come from the
     gradients at the module's output, one vjp per root column for every example at once (the
@@ -218,11 +229,15 @@ def test_eval_mode_norm_and_grouped_convolution_blocks_equal_the_dense_blocks(na
         model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
         model.train()(torch.randn(8, 3, dtype=torch.float64))  # running statistics of their own
         x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
+    elif name == "norm_twice":
+        torch.manual_seed(0)
+        model = NormTwice().double()
+        x, y = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
     else:
         model, x, y = zoo.make(name, n=4)
     model.eval()
-    for fisher in ("exact", "empirical"):
-        stats = curvlab.extract(model, CE, x, y, engine="autograd", fisher=fisher)
+    for fisher in ("exact", "empirical"):  # (MC's draws with it: the root the Kronecker statistics share)
+        stats = curvlab.extract(model, CE, x, y, engine="autograd", fisher=fisher, kfac_flavours=("exact", "mc"))
         assert stats.engine == "autograd" and not any(s.coupled for s in stats.values())
         checked = 0
         for block, s in stats.items():

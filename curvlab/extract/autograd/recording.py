@@ -12,7 +12,7 @@ gradient and these statistics come from one forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -207,7 +207,9 @@ class Recording:
         sqrt_flavours = req.sqrt_flavours or req.flavours
         columns, local = selected_columns(segments, sqrt_flavours, root.device)
         results = {name: LayerResult(name, m, layer_io.kind(m), factorable=factorable) for m, name in self.targets.items()}
-        g_calls, g_local = batch_roots(layers, root, calls)
+        param_sqrt: dict[str, Tensor] = {}
+        local_into = self._local_roots(columns, n, output.device, param_sqrt) if not coupled and t_out == 1 else None
+        g_calls = batch_roots(layers, root, calls, local_into)
         layer_calls = [LayerCall(self.targets[module], module, inp, version, g)
                        for (module, inp, _), version, g in zip(calls, self.versions, g_calls)]
         for call in layer_calls:  # in forward order: a module's calls in the order it was called
@@ -218,9 +220,6 @@ class Recording:
         if t_out > 1 and (req.terms or (want_sqrt and not coupled)):
             _term_roots(layers, root, terms, columns, layer_calls)
         num_vjps = layers.num_vjps
-        param_sqrt: dict[str, Tensor] = {}
-        if not coupled and t_out == 1:
-            self._local_roots(g_local, columns, param_sqrt, n, output.device)
         need_exact = want_sqrt and coupled
         params = {name: p for name, p in req.params.items() if name not in param_sqrt}
         if need_exact or params:
@@ -254,22 +253,38 @@ class Recording:
             param_sqrt=param_sqrt,
         )
 
-    def _local_roots(self, g_local: list[Tensor], columns: Tensor, param_sqrt: dict[str, Tensor], n: int,
-                     device: torch.device) -> None:
-        """The roots of the parameters of ``request.local``'s modules called once, from the
-        gradients at their outputs (rows ``j·N + n`` as the per-example route's)."""
-        once = [m for m, _, _ in self.local_calls]
-        calls = [(call, version, g) for call, version, g in zip(self.local_calls, self.local_versions, g_local)
-                 if once.count(call[0]) == 1]
-        paths = self.request.local
-        _check_fits([(paths[m][attr], getattr(m, attr).shape, getattr(m, attr).element_size())
-                     for (m, _, _), _, _ in calls for attr in paths[m]], columns.numel() * n, device,
+    def _local_roots(self, columns: Tensor, n: int, device: torch.device,
+                     param_sqrt: dict[str, Tensor]) -> Callable[[slice, int, Tensor], None] | None:
+        """Where ``request.local``'s modules were called once: their parameters' roots allocated in
+        ``param_sqrt`` (rows ``j·N + n``, as the per-example route's), and the consumer of the
+        layers' chunks that fills them from the gradients at the modules' outputs, chunk by chunk
+        (every column's gradient at every BatchNorm's output would take gigabytes)."""
+        modules = [m for m, _, _ in self.local_calls]
+        once = {i for i, m in enumerate(modules) if modules.count(m) == 1}
+        if not once:
+            return None
+        paths, j = self.request.local, columns.numel()
+        _check_fits([(paths[modules[i]][attr], getattr(modules[i], attr).shape, getattr(modules[i], attr).element_size())
+                     for i in once for attr in paths[modules[i]]], j * n, device,
                     self.request.sqrt_flavours or self.request.flavours)
-        for (module, inp, _), version, g in calls:
-            layer_io.check_unmodified(next(iter(paths[module].values())), inp, version)
-            roots = local_roots(module, inp, g[columns])
+        for i in once:
+            module, inp, _ = self.local_calls[i]
+            layer_io.check_unmodified(next(iter(paths[module].values())), inp, self.local_versions[i])
             for attr, path in paths[module].items():
-                param_sqrt[path] = roots[attr].flatten(0, 1)
+                p = getattr(module, attr)
+                param_sqrt[path] = p.new_zeros(j * n, *p.shape)
+        row_of = {c: row for row, c in enumerate(columns.tolist())}  # root column → its rows' block
+
+        def consume(sl: slice, leaf: int, grad: Tensor) -> None:
+            taken = [(row_of[c], c - sl.start) for c in range(sl.start, sl.stop) if c in row_of]
+            if leaf not in once or not taken:
+                return
+            rows, at = (list(t) for t in zip(*taken))
+            module, inp, _ = self.local_calls[leaf]
+            for attr, root in local_roots(module, inp, grad[at]).items():
+                param_sqrt[paths[module][attr]].view(j, n, *root.shape[2:])[rows] = root
+
+        return consume
 
     def _per_example(self, output, root, terms, columns, results, layer_calls, need_exact, params, param_sqrt, saved,
                      leaf_bytes, out_bytes) -> int:

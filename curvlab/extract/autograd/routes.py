@@ -24,15 +24,19 @@ from curvlab.extract.autograd.loss_roots import LossTerms
 Consumer = Callable[[slice, tuple[Tensor, ...]], None]
 
 
-def batch_roots(vjp: BatchedVJP, root: Tensor, calls: Sequence) -> tuple[list[Tensor], list[Tensor]]:
-    """The batch-convention ``g`` of every call, ``[C_total, N, d_out, T]``, and the gradients at
-    the ``vjp``'s further leaves (after the calls' own), ``[C_total, *leaf.shape]``."""
-    parts: list[list[Tensor]] = [[] for _ in vjp.leaves]
-    for _, grads in vjp.map(root.shape[0], lambda sl: root[sl]):
+def batch_roots(vjp: BatchedVJP, root: Tensor, calls: Sequence,
+                further: Callable[[slice, int, Tensor], None] | None = None) -> list[Tensor]:
+    """The batch-convention ``g`` of every call, ``[C_total, N, d_out, T]``; each chunk's
+    gradients at the ``vjp``'s further leaves (after the calls' own) go to ``further(columns,
+    leaf, gradient)`` as they come, not kept."""
+    parts: list[list[Tensor]] = [[] for _ in calls]
+    for sl, grads in vjp.map(root.shape[0], lambda sl: root[sl]):
         for i, grad in enumerate(grads):
-            parts[i].append(layer_io.grads_to_layout(calls[i][0], grad) if i < len(calls) else grad)
-    joined = [layer_io.joined(p, 0) for p in parts]
-    return joined[:len(calls)], joined[len(calls):]
+            if i < len(calls):
+                parts[i].append(layer_io.grads_to_layout(calls[i][0], grad))
+            elif further is not None:
+                further(sl, i - len(calls), grad)
+    return [layer_io.joined(p, 0) for p in parts]
 
 
 def selected_columns(segments: dict[str, slice], flavours: Sequence[str], device: torch.device) -> tuple[Tensor, dict[str, slice]]:
