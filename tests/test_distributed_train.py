@@ -196,6 +196,23 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     assert metrics.world_size.values.tolist() == [2, 1] and metrics.attrs["world_size"] == 1
 
 
+def test_two_ranks_name_the_first_order_parameters_once(tmp_path: Path) -> None:
+    """Every rank builds the same optimizer: rank 0 alone names the parameters without a Kronecker
+    block (each rank did, as many times as there were ranks)."""
+    nets = tmp_path / "nets.py"
+    nets.write_text("from torch import nn\n"
+                    "class Net(nn.Module):\n"
+                    "    def __init__(self, num_classes):\n"
+                    "        super().__init__()\n"
+                    "        self.rnn, self.out = nn.LSTM(8, 6, batch_first=True), nn.Linear(6, num_classes)\n"
+                    "    def forward(self, x):\n"
+                    "        return self.out(self.rnn(x.reshape(x.shape[0], 8, 8))[0][:, -1])\n")
+    done = _cli("train", "--nproc", "2", "--model", f"{nets}:Net", "--train-size", "80", "--test-size", "40",
+                "--batch-size", "40", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("have no Kronecker block") == 1, done.stderr
+
+
 @pytest.mark.parametrize("args", [("train", "--batch-size", "1"), ("train", "--probe-every", "1", "--probe-batch-size", "1"),
                                   ("report", "--batch-size", "1")], ids=["train", "probe", "report"])
 def test_a_batch_smaller_than_the_processes_is_refused_before_they_start(tmp_path: Path, args) -> None:

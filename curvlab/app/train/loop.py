@@ -213,6 +213,8 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     net = parallel.data_parallel(model, ranks, device)  # what the training steps run
     parallel.reseed(cfg.seed, ranks)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if not ranks.is_main:  # the same model and optimizer on every rank: rank 0 names those parameters
+        warnings.filterwarnings("ignore", r".*have no Kronecker block", UserWarning)
     optimizer = make_optimizer(cfg, net)
     kronecker = isinstance(optimizer, KroneckerOptimizer)
 
