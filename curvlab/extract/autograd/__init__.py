@@ -75,8 +75,8 @@ activations autograd saves):
   example) — the coupled route's ``C_sel·T_out·N`` vjps, whether or not the examples are coupled
   (a parameter used outside a layer has no per-example factorisation); shared with the coupled
   exact roots when both are wanted.  Except, where the examples are not coupled and each has one
-  term, the parameters of the modules in ``local`` (an eval-mode BatchNorm, a grouped
-  convolution, called once: :mod:`.local_params`): their roots follow from the gradients at the
+  term, the parameters of the modules in ``local`` (a norm layer — an eval-mode BatchNorm,
+  GroupNorm, LayerNorm —, a grouped convolution, called once: :mod:`.local_params`): their roots follow from the gradients at the
   module's output, which the ``g`` pass has for every example, and the module's input.
 
 ``max_bytes`` bounds the estimate, not a measurement.  Measured on one CPU thread (ResNet, width
