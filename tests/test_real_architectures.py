@@ -253,6 +253,28 @@ def test_norm_layer_and_grouped_convolution_blocks_equal_the_dense_blocks(name: 
         assert checked == len(curvlab.extract.model_blocks(model).parameters)
 
 
+class SequenceFirstNorm(nn.Module):
+    """A LayerNorm on a sequence-first ``[T, N, D]`` tensor, between batch-first layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.ln, self.head = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln(self.inp(x).transpose(0, 1)).transpose(0, 1)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_norm_layer_that_sees_the_batch_elsewhere_takes_the_generic_route() -> None:
+    """Its rows are positions, not examples: the local route would read them as examples."""
+    torch.manual_seed(0)
+    model = SequenceFirstNorm().double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    stats = curvlab.extract(model, CE, x, y)
+    for block in ("ln.weight", "ln.bias"):
+        assert rel(stats[block].dense_fisher(), dense_reference(model, CE, x, y, [block])[0]) < RTOL, block
+
+
 # --- the two engines, one result -----------------------------------------------------------
 
 def _models():

@@ -35,6 +35,15 @@ def is_local(module: nn.Module) -> bool:
     return isinstance(module, CONV_LAYERS) and module.groups > 1 and isinstance(module.weight, nn.Parameter)
 
 
+def batched(module: nn.Module, inp: Tensor, out: Tensor, n: int) -> bool:
+    """Whether a call saw the ``n`` examples as its input's and output's leading dimension (a
+    LayerNorm on a sequence-first ``[T, N, D]`` tensor, or a convolution on one unbatched input,
+    takes the generic route; a sequence-first tensor whose ``T`` equals ``N`` is refused at the
+    model's Linear layers, by the probing vjp, unless no Kronecker layer sees it)."""
+    dims = len(module.kernel_size) + 2 if isinstance(module, CONV_LAYERS) else None
+    return inp.dim() >= 2 and inp.shape[0] == n and out.shape[0] == n and dims in (None, inp.dim())
+
+
 def local_roots(module: nn.Module, inp: Tensor, g: Tensor) -> dict[str, Tensor]:
     """Each column's and example's gradient of ``module``'s ``weight`` and ``bias``,
     ``[J, N, *parameter.shape]``, from its input ``[N, …]`` and the gradients at its output

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
-from curvlab.extract.autograd.local_params import local_roots
+from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
@@ -260,7 +260,8 @@ class Recording:
         layers' chunks that fills them from the gradients at the modules' outputs, chunk by chunk
         (every column's gradient at every BatchNorm's output would take gigabytes)."""
         modules = [m for m, _, _ in self.local_calls]
-        once = {i for i, m in enumerate(modules) if modules.count(m) == 1}
+        once = {i for i, (m, inp, eps) in enumerate(self.local_calls)
+                if modules.count(m) == 1 and batched(m, inp, eps, n)}
         if not once:
             return None
         paths, j = self.request.local, columns.numel()
