@@ -217,7 +217,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from curvlab.app.launch import (Ranks, Stopped, join_process_group, leave_process_group, relaunch_with_data,
                                     resolve_device, wants_relaunch)
     from curvlab.app.models import ModelSpecError
-    from curvlab.app.train.loop import train
+    from curvlab.app.train.loop import checked_resume, train
 
     try:
         cfg = config_from_args(args)
@@ -234,7 +234,6 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print_error(parser, err, usage=True)
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
-        from curvlab.app.train.loop import checked_resume
         from curvlab.app.train.run_folder import CHECKPOINT, check_run_folder
 
         def checks() -> None:

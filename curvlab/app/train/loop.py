@@ -148,21 +148,18 @@ def _check_one_example_shards(cfg: TrainConfig, data: Dataset, model: nn.Module,
     )
 
 
-def probed_steps(cfg: TrainConfig, step: int) -> list[int]:
-    """The steps a run probing every ``cfg.probe_every`` steps has probed after ``step`` steps."""
-    return [0, *range(cfg.probe_every, step + 1, cfg.probe_every)]
-
-
-def checked_resume(cfg: TrainConfig, device: torch.device | str) -> dict:
+def checked_resume(cfg: TrainConfig, device: torch.device | str) -> tuple[dict, xr.Dataset | None]:
     """The checkpoint of the run in ``cfg.out`` to resume, read and checked: written with the same
-    options, and its probes saved (:func:`~curvlab.app.train.probe.saved_probes`) — also before a
-    command starts its processes, so a refused resume says so once."""
+    options, and its probes saved (:func:`~curvlab.app.train.probe.saved_probes`; ``None``
+    without probes) — also before a command starts its processes, so a refused resume says so
+    once."""
     path = cfg.out_dir / CHECKPOINT
     ckpt = load_checkpoint(path, device)
     check_same_run(path, ckpt["config"], cfg.as_attrs())
-    if cfg.probe_every:
-        saved_probes(cfg.out_dir / PROBE, probed_steps(cfg, ckpt["step"]))
-    return ckpt
+    if not cfg.probe_every:
+        return ckpt, None
+    probed = [0, *range(cfg.probe_every, ckpt["step"] + 1, cfg.probe_every)]  # the steps the run has probed
+    return ckpt, saved_probes(cfg.out_dir / PROBE, probed)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Path]:
@@ -204,7 +201,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg), **cfg.model_kwargs)
     check_batches(cfg, ranks.world_size)
     ckpt_path = out / CHECKPOINT
-    ckpt = checked_resume(cfg, device) if resume else None  # read and checked before any work
+    ckpt, saved = checked_resume(cfg, device) if resume else (None, None)  # read and checked before any work
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_kwargs).to(device)
@@ -261,7 +258,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
-            probe.restore(out / PROBE, probed_steps(cfg, step))
+            probe.restore(saved)
         threads = ckpt.get("torch_threads")
         if threads not in (None, torch.get_num_threads()) and ranks.is_main:
             print(f"curvlab train: {out} was trained on {threads} torch thread(s), this run has "

@@ -158,13 +158,9 @@ class Probe:
         if ds is not None and self.writes:
             write_netcdf(ds, path)
 
-    def restore(self, path: Path, steps: Sequence[int]) -> None:
-        """Resume: keep the saved probes of ``steps`` (those the checkpoint's run has taken).
-
-        Raises:
-            ValueError: as :func:`saved_probes`.
-        """
-        ds = saved_probes(path, steps)
+    def restore(self, ds: xr.Dataset) -> None:
+        """Resume: keep the saved probes ``ds`` (:func:`saved_probes`: those the checkpoint's run
+        has taken)."""
         self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]
 
 

@@ -265,15 +265,13 @@ class Recording:
         if not once:
             return None
         paths, j = self.request.local, columns.numel()
-        _check_fits([(paths[modules[i]][attr], getattr(modules[i], attr).shape, getattr(modules[i], attr).element_size())
-                     for i in once for attr in paths[modules[i]]], j * n, device,
-                    self.request.sqrt_flavours or self.request.flavours)
         for i in once:
-            module, inp, _ = self.local_calls[i]
-            layer_io.check_unmodified(next(iter(paths[module].values())), inp, self.local_versions[i])
-            for attr, path in paths[module].items():
-                p = getattr(module, attr)
-                param_sqrt[path] = p.new_zeros(j * n, *p.shape)
+            layer_io.check_unmodified(next(iter(paths[modules[i]].values())), self.local_calls[i][1], self.local_versions[i])
+        params = [(path, getattr(modules[i], attr)) for i in once for attr, path in paths[modules[i]].items()]
+        _check_fits([(path, p.shape, p.element_size()) for path, p in params], j * n, device,
+                    self.request.sqrt_flavours or self.request.flavours)
+        for path, p in params:
+            param_sqrt[path] = p.new_zeros(j * n, *p.shape)
         row_of = {c: row for row, c in enumerate(columns.tolist())}  # root column → its rows' block
 
         def consume(sl: slice, leaf: int, grad: Tensor) -> None:
