@@ -38,13 +38,13 @@ def _train_config(out: Path, **kw):
     base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=2, batch_size=80, train_size=240,
                 test_size=50, probe_every=3, probe_batch_size=20, out=str(out), progress=False,
                 model_kwargs={"hidden": (16,)}, fisher="exact", stats_interval=2, eigen_interval=4,
-                scale_interval=2)
+                scale_interval=2, augment="crop-flip", warmup_epochs=1)  # the whole batch's draws, on any ranks
     return TrainConfig(**{**base, **kw})
 
 
 #: batches of 81, 81 and 78 examples: shards of 41 and 40 (the gradient was the mean of the
 #: shards' mean gradients, not the batch's: parameters 1.6e-2 apart), then 39 and 39
-UNEVEN = dict(batch_size=81, epochs=1, probe_every=0)
+UNEVEN = dict(batch_size=81, epochs=1, probe_every=0, lr_schedule="cosine")
 
 REPORT = dict(model="mlp", dataset="digits", batch_size=40, train_steps=10, approximations=("kflr", "ekfac", "tkfac", "tekfac"),
               num_eigenvalues=8, top_k=3)

@@ -7,8 +7,8 @@
 * Loading uses ``torch.load(weights_only=True)``: a crafted file cannot execute code, and a
   truncated, random or foreign file is a :class:`CheckpointError` naming it.
 * :func:`check_same_run` compares the run's configuration with the one the checkpoint was
-  written with: paths are compared resolved; the number of epochs, the progress bars and the
-  spelling of the output folder may change.
+  written with: paths are compared resolved; the number of epochs (unless the learning-rate
+  schedule spans them), the progress bars and the spelling of the output folder may change.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from curvlab.app.messages import flag
 from curvlab.app.train.config import NOT_USED
+from curvlab.app.train.schedule import SPANNING_EPOCHS
 from curvlab.io import atomic_write
 
 #: Entries every checkpoint of ``curvlab train`` has.
@@ -100,8 +101,12 @@ def check_same_run(path: Path, saved: dict[str, object], current: dict[str, obje
     # an option the run does not use (older checkpoints record its value) changes nothing
     changed = sorted(k for k in a if k not in MAY_CHANGE and a[k] != b.get(k)
                      and not any(str(v).startswith(NOT_USED) for v in (a[k], b.get(k))))
+    if a.get("config_lr_schedule") in SPANNING_EPOCHS and a.get("config_epochs") != b.get("config_epochs"):
+        changed.append("config_epochs")  # the schedule's shape is fixed by them
     if changed:
-        said = "; ".join(f"{_option_name(k)} {a[k]} (now {b.get(k, 'not set')})" for k in changed)
+        said = "; ".join(f"{_option_name(k)} {a[k]} (now {b.get(k, 'not set')}"
+                         + (f"; --lr-schedule {a['config_lr_schedule']} spans them)" if k == "config_epochs" else ")")
+                         for k in changed)
         raise CheckpointError(
             f"curvlab train: {path} was written with other options: {said}; resume with those, or "
             "choose another --out"
@@ -114,13 +119,17 @@ def _option_name(key: str) -> str:
     return "the model options (--hidden)" if name == "model_kwargs" else flag(name)
 
 
-def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Load the model, the optimizer and the random state of ``ckpt`` (read from ``path``)."""
+def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+            scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """Load the model, the optimizer, the learning-rate schedule's position and the random state
+    of ``ckpt`` (read from ``path``)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         said = " ".join(lines[:3]) if lines else type(err).__name__  # load_state_dict's detail follows its first line
         raise CheckpointError(f"curvlab train: {path} does not fit this model and optimizer ({said})") from None

@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields
 
 from curvlab.app.models import MODELS, MODES, model_options
 from curvlab.app.allocator import add_malloc_option
+from curvlab.app.augment import AUGMENTATIONS, crop_padding
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import flag, print_error
 from curvlab.app.options import (
@@ -31,6 +32,7 @@ from curvlab.app.options import (
 from curvlab.app.seed import add_seed_option
 from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, check_batches, curvature_layers,
                                       default_lr, default_momentum)
+from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
 from curvlab.stats import FLAVOURS
@@ -103,6 +105,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs to train (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
     run.add_argument("--label-smoothing", type=label_smoothing, default=d.label_smoothing, help=LABEL_SMOOTHING_HELP)
+    run.add_argument("--augment", default=d.augment, choices=AUGMENTATIONS,
+                     help=f"training-batch augmentation: crop (a random window of the image framed by black, {crop_padding(32)} "
+                          "pixels on CIFAR-10 and MNIST, 1 on digits) or crop-flip (also mirrored left to right half the "
+                          "time: the CIFAR ResNet recipes'; not for digits); drawn from the seed and the epoch, so a "
+                          "resumed run gets the same batches (default: %(default)s)")
+    run.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                     help="learning-rate schedule over the run's steps: constant, cosine (to 0 at the last step of "
+                          "--epochs) or step (×0.1 from half the epochs, ×0.01 from three quarters); a resume keeps "
+                          "--epochs under cosine and step (default: %(default)s)")
+    run.add_argument("--warmup-epochs", type=nonnegative_int, default=d.warmup_epochs,
+                     help="ramp the learning rate up linearly over this many epochs' steps (default: %(default)s)")
     run.add_argument("--train-size", type=positive_int, default=d.train_size, help="train on a seeded subset of this many examples")
     run.add_argument("--test-size", type=positive_int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
@@ -186,6 +199,9 @@ def _config(args: argparse.Namespace, options: dict, model_kwargs: dict, probe_a
         epochs=args.epochs,
         batch_size=args.batch_size,
         label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs,
         seed=args.seed,
         device=args.device,
         out=args.out,

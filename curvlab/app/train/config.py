@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curvlab.app.augment import AUGMENTATIONS
 from curvlab.app.launch import check_batch_split
 from curvlab.app.messages import flag
 from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.options import check_label_smoothing
+from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
@@ -34,7 +36,9 @@ class TrainConfig(KroneckerOptions):
     The optimizer's hyper-parameters are the fields of :class:`curvlab.optim.KroneckerOptions`
     (inherited, with their defaults); ``momentum`` and ``weight_decay`` apply to SGD too, ``lr``
     to all (defaults: :func:`default_lr` and :func:`default_momentum` of the optimizer).
-    ``probe_every = 0`` disables probing.
+    ``probe_every = 0`` disables probing.  ``augment`` (:mod:`curvlab.app.augment`) transforms the
+    training batches; ``lr_schedule`` and ``warmup_epochs`` (:mod:`curvlab.app.train.schedule`)
+    scale every group's ``lr`` per step.
     """
 
     lr: float | None = None  # type: ignore[assignment]
@@ -46,6 +50,9 @@ class TrainConfig(KroneckerOptions):
     epochs: int = 10
     batch_size: int = 128
     label_smoothing: float = 0.0
+    augment: str = "none"
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/train"
@@ -69,6 +76,14 @@ class TrainConfig(KroneckerOptions):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"curvlab train: {name}={getattr(self, name)} must be positive (None: the whole set)")
         object.__setattr__(self, "label_smoothing", check_label_smoothing("curvlab train", self.label_smoothing))
+        for name, value, choices in (("augment", self.augment, AUGMENTATIONS),
+                                     ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+            if value not in choices:
+                raise ValueError(f"curvlab train: {name}={value!r}; choose one of {choices}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"curvlab train: warmup_epochs={self.warmup_epochs} must be >= 0")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"curvlab train: warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
         if self.probe_every < 0:
             raise ValueError(f"curvlab train: probe_every={self.probe_every} must be >= 0")
         if self.lr is None:

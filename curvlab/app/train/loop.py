@@ -22,6 +22,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from curvlab.app import launch
+from curvlab.app.augment import augment
 from curvlab.app.data import Dataset, batches, epoch_batch_sizes, fixed_batch, load_dataset, subset
 from curvlab.app.messages import flag
 from curvlab.app.models import make_model
@@ -30,6 +31,7 @@ from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
 from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval, saved_probes
+from curvlab.app.train.schedule import make_scheduler
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.extract.autograd import couples_examples
 from curvlab.io import write_netcdf
@@ -103,6 +105,7 @@ METRIC_ATTRS: dict[str, tuple[str, str]] = {
     "steps": ("optimizer steps taken up to the end of the epoch", "1"),
     "skipped_steps": ("steps of the epoch skipped (non-finite loss, gradient, statistic or update)", "1"),
     "world_size": ("processes the epoch ran on", "1"),
+    "lr": ("learning rate of the epoch's last step, first parameter group (--lr-schedule)", "1"),
 }
 
 
@@ -214,6 +217,8 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         warnings.filterwarnings("ignore", r".*have no Kronecker block", UserWarning)
     optimizer = make_optimizer(cfg, net)
     kronecker = isinstance(optimizer, KroneckerOptimizer)
+    scheduler = make_scheduler(optimizer, cfg.lr_schedule, parallel.steps_per_epoch(len(data.train_x), cfg.batch_size, ranks.world_size),
+                               cfg.epochs, cfg.warmup_epochs)
 
     probe = None
     if cfg.probe_every:
@@ -253,7 +258,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     # non-finite losses or skipped steps in a row, across epochs: a run may diverge over an epoch boundary
     streak = 0
     if ckpt is not None:
-        restore(ckpt_path, ckpt, model, optimizer, device)
+        restore(ckpt_path, ckpt, model, optimizer, device, scheduler)
         parallel.restore_rng(ckpt, ranks, device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
@@ -282,11 +287,13 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         t0 = time.perf_counter()
         loss_sum, correct, seen, skipped = 0.0, 0.0, 0, 0
+        last_lr = optimizer.param_groups[0]["lr"]
         n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
         loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
         for xb, yb in _bar(loader, cfg.progress and ranks.is_main, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False):
             if xb.shape[0] < ranks.world_size:
                 continue  # a trailing batch too small to give every rank an example
+            xb = augment(xb, cfg.augment, gen, data.name)  # (the whole batch: the same draws on any number of ranks)
             whole = xb.shape[0]
             xb, yb = ranks.shard(xb.to(device), yb.to(device))
             # DDP averages the ranks' gradients of their shards' mean losses: each weighs by its
@@ -299,7 +306,10 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 loss = loss_fn(output, yb)
                 (loss if weight == 1 else loss * weight).backward()
             done = optimizer.steps_done if kronecker else None
+            last_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()  # the clock is the steps counted below, skipped ones included
             # a Kronecker optimizer skips a step (non-finite gradient, statistic or update) by
             # not counting it; every rank agrees (the skip decision is shared, the losses summed)
             taken = done is None or optimizer.steps_done > done
@@ -336,6 +346,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 "steps": step,
                 "skipped_steps": skipped,
                 "world_size": ranks.world_size,  # a resume may change it
+                "lr": last_lr,
             }
         )
         rank_rng, rank_cuda_rng = parallel.rng_states(ranks, device)
@@ -347,6 +358,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "rank_rng": rank_rng,
                 "rank_cuda_rng": rank_cuda_rng,

@@ -51,6 +51,12 @@ def say_skipped_batch(num_train: int, batch_size: int, ranks: Ranks) -> None:
               "one process would take; choose --train-size or --batch-size so that it is not", file=sys.stderr)
 
 
+def steps_per_epoch(num_train: int, batch_size: int, world_size: int) -> int:
+    """The optimizer steps of an epoch: one a batch, but for a trailing batch too small to give
+    every one of ``world_size`` ranks an example (:func:`say_skipped_batch`)."""
+    return -(-num_train // batch_size) - (epoch_batch_sizes(num_train, batch_size)[1] < world_size)
+
+
 def data_parallel(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     """``model`` wrapped in ``DistributedDataParallel`` on several ranks (``model`` itself on one);
     rank 0 says so when the model's BatchNorm normalises with batch statistics, each rank's by its
