@@ -56,7 +56,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     from curvlab.approx import APPROXIMATIONS, DAMPING_STRATEGIES, DEFAULT_DAMPING
     from curvlab.app.data import DATASETS
     from curvlab.app.models import MODELS, MODES
-    from curvlab.app.report.run import ReportConfig
+    from curvlab.app.report.run import DEFAULT_TRAIN_STEPS, ReportConfig
     from curvlab.extract.options import ENGINES, KFAC_APPROX, TKFAC_CONV_FORMS
     from curvlab.stats import FLAVOURS
 
@@ -67,8 +67,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "report",
         help="compare every Kronecker approximation with the exact Fisher blocks; write a report",
         description=(
-            "Load a dataset, build a model, train it briefly (Adam), then measure how well each "
-            "Kronecker approximation matches the exact per-layer Fisher blocks on one batch of "
+            "Load a dataset, build a model, train it briefly (Adam) or load --weights, then measure how "
+            "well each Kronecker approximation matches the exact per-layer Fisher blocks on one batch of "
             "training examples. Writes report.nc (all metrics, netCDF), summary.md (tables), "
             "spectra.png, errors.png, network.png (coupling.png with --mode train on a model whose examples "
             "BatchNorm couples) and manifest.json (the run's id and the files' SHA-256 checksums; what ran is in report.nc's "
@@ -107,11 +107,21 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "either mode)",
     )
     what.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="measure these weights instead of the seeded init: a curvlab train run folder (its checkpoint.pt), "
+        "that checkpoint.pt, or a file of torch.save(model.state_dict(), PATH), of the same --model and "
+        "--dataset; only tensors and plain data are read (weights_only); its path and SHA-256 are recorded",
+    )
+    what.add_argument(
         "--train-steps",
         type=nonnegative_int,
-        default=default.train_steps,
+        default=None,  # resolved by ReportConfig.steps: it depends on --weights
         help=f"Adam steps (mini-batches of {default.train_batch_size}) on the training set before "
-        "measuring, so the curvature is not that of a random init; 0 measures the init (default: %(default)s)",
+        "measuring, so the curvature is not that of a random init; 0 measures the init, or the --weights "
+        f"as they are (default: {DEFAULT_TRAIN_STEPS}; 0 with --weights, N trains N steps from them)",
     )
     what.add_argument("--lr", type=positive_float, default=default.lr, help="Adam learning rate of those steps (default: %(default)s)")
     what.add_argument("--label-smoothing", type=label_smoothing, default=default.label_smoothing, help=LABEL_SMOOTHING_HELP)
@@ -224,6 +234,11 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
+class _UsageError(Exception):
+    """A usage error found by the checks before ``--nproc`` starts its processes (not a
+    ``ValueError``, which :func:`~curvlab.app.launch.relaunch_with_data` reports as a failure)."""
+
+
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import time
 
@@ -257,12 +272,22 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
         from curvlab.app.report.files import check_report_folder
+        from curvlab.app.report.weights import read_weights
 
         def checks() -> None:
             check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported, engine=args.engine)
             check_report_folder(Path(args.out))
+            if args.weights is not None:  # once here, not once per process
+                try:
+                    read_weights(args.weights, args.model, args.dataset)
+                except ReportError as err:  # relaunch_with_data would report a ValueError as a failure (1)
+                    raise _UsageError(err) from None
 
-        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir, checks)
+        try:
+            return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir, checks)
+        except _UsageError as err:
+            print_error(parser, err, usage=True)
+            return EXIT_USAGE
     device = join_process_group(args.device)
     start = time.perf_counter()
     try:
@@ -270,6 +295,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             model=args.model,
             dataset=args.dataset,
             data_dir=args.data_dir,
+            weights=args.weights,
             batch_size=args.batch_size,
             fisher=args.fisher,
             mc_samples=args.mc_samples,

@@ -1,7 +1,8 @@
-"""One report end to end: data → model (briefly trained) → :func:`curvlab.compare` → files.
+"""One report end to end: data → model (given weights, or briefly trained) → :func:`curvlab.compare`
+→ files.
 
-The output folder is checked before any compute and replaced as a whole at the end
-(:mod:`curvlab.app.report.files`).
+The output folder and the weights (:mod:`curvlab.app.report.weights`) are checked before any
+compute; the folder is replaced as a whole at the end (:mod:`curvlab.app.report.files`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
 
 
+#: Adam steps before measuring a seeded initialisation (so its curvature is not a random init's).
+DEFAULT_TRAIN_STEPS = 200
+
+
 @dataclass
 class ReportConfig:
     """Everything one ``curvlab report`` run does (the command line's options, with its defaults).
@@ -41,8 +46,13 @@ class ReportConfig:
         damping, damping_strategies: λ of the natural-gradient comparison and each
             approximation's strategy (default: the optimizers' defaults).
         tkfac_conv, top_k, num_eigenvalues: as for :func:`curvlab.compare`.
-        train_steps, train_batch_size, lr: the Adam warm-up before measuring (0 steps: the
-            random initialisation is measured).
+        weights: a ``curvlab train`` run folder, its ``checkpoint.pt``, or a file of
+            ``torch.save(model.state_dict(), path)``: the weights measured, in place of the
+            seeded initialisation (``None``); checked before any data is loaded
+            (:func:`curvlab.app.report.weights.read_weights`).
+        train_steps, train_batch_size, lr: the Adam steps before measuring, from the
+            initialisation or the ``weights`` (0: those are measured; ``None``:
+            :data:`DEFAULT_TRAIN_STEPS` from the initialisation, 0 from ``weights``).
         label_smoothing: cross-entropy's label smoothing ε ∈ [0, 1], of the warm-up's loss and
             the measured one.
         seed: seeds the model, the warm-up, the batch and the MC sampling.
@@ -61,6 +71,7 @@ class ReportConfig:
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: PathLike | None = None
+    weights: PathLike | None = None
     batch_size: int | None = None
     fisher: str = "exact"
     mc_samples: int = 1
@@ -70,7 +81,7 @@ class ReportConfig:
     tkfac_conv: str = "exact"
     top_k: int = 10
     num_eigenvalues: int = 256
-    train_steps: int = 200
+    train_steps: int | None = None
     train_batch_size: int = 128
     lr: float = 1e-3
     label_smoothing: float = 0.0
@@ -97,6 +108,20 @@ class ReportConfig:
         except ValueError as err:
             raise ReportError(str(err)) from None
         return EighPolicy(truncate_above=self.truncate_above, rank=self.truncation_rank) if self.truncate_above else None
+
+    def steps(self) -> int:
+        """The Adam steps before measuring: ``train_steps``, by default
+        :data:`DEFAULT_TRAIN_STEPS` from the initialisation and none from given ``weights``
+        (those are what the user wants measured).
+
+        Raises:
+            ReportError: ``train_steps`` is not an int, or negative."""
+        if self.train_steps is None:
+            return DEFAULT_TRAIN_STEPS if self.weights is None else 0
+        try:
+            return check_int("curvlab report", "train_steps", self.train_steps, 0)
+        except ValueError as err:
+            raise ReportError(str(err)) from None
 
 
 class ReportError(ValueError):
@@ -201,8 +226,10 @@ _LEGACY_POSITIONAL = (
 def run_report(config: ReportConfig | str | None = None, *legacy: object, **overrides: object) -> dict[str, Path]:
     """Measure every approximation on one batch of a (briefly trained) model and write a report.
 
-    Steps: load the dataset (local files only); build the model under ``seed``; warm it up for
-    ``train_steps`` Adam steps so the curvature is not that of a random init; draw
+    Steps: read and check the ``weights`` if given; load the dataset (local files only); build
+    the model under ``seed`` and load the ``weights`` into it; warm it up for ``train_steps``
+    Adam steps (by default 200 from the initialisation, so the curvature is not that of a random
+    init, and none from ``weights``); draw
     ``batch_size`` training examples (seeded); run :func:`curvlab.compare` with cross-entropy
     loss (mean); write ``report.nc``, ``summary.md``, ``spectra.png``, ``errors.png`` and
     ``network.png`` into ``out_dir``.
@@ -220,7 +247,9 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
 
     Raises:
         curvlab.app.data.DataError: data files missing or malformed (the message lists the paths).
-        ReportError: unknown model, unusable device, batch larger than the training set.
+        ReportError: unknown model, unusable device, batch larger than the training set;
+            ``weights`` missing, unreadable, of another model or not fitting it (before the data
+            is loaded).
         curvlab.app.outdir.OutputFolderError: ``out_dir`` is a file, not writable, or holds
             files that are not a report (checked before any compute).
         OSError: writing failed (a full disk: ``[Errno 28]``, naming the file); the previous
@@ -229,6 +258,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     """
     from curvlab.app.launch import Ranks, broadcast_module, check_batch_split
     from curvlab.app.models.check import large_batch_note, measured_batch_size, one_example_fails
+    from curvlab.app.report.weights import NO_WEIGHTS, read_weights
     from curvlab.compare import compare
     from curvlab.compare.api import check_comparison
     from curvlab.distributed import compare as sharded_compare
@@ -254,6 +284,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     except ValueError as err:
         raise ReportError(str(err)) from None
     eigh = cfg.factor_eigh()
+    train_steps = cfg.steps()
     # the comparison's settings before the data, the warm-up and the extraction (minutes on a
     # ResNet-18), not after them
     check_comparison(cfg.approximations, damping=cfg.damping, damping_strategies=cfg.damping_strategies,
@@ -269,8 +300,11 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     out = check_report_folder(Path(cfg.out_dir))
     start = time.perf_counter()
     _check_model(cfg)  # before loading data or training: an unsupported model fails in a second
+    weights = None if cfg.weights is None else read_weights(cfg.weights, cfg.model, cfg.dataset)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     model = build(cfg.model, data, cfg.seed).to(dev)
+    if weights is not None:
+        model.load_state_dict(weights.state_dict)  # checked to fit by read_weights
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     batch_size = cfg.batch_size or measured_batch_size(model, data.num_classes, coupled=cfg.mode == "train")
     try:  # first: a batch larger than the data is refused
@@ -286,7 +320,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
             raise ReportError(f"--mode train with --batch-size 1: model {cfg.model!r} cannot take one example in "
                               f"train mode ({why}); measure at least 2 examples")
     train_loss = warm_up(
-        model, loss_fn, data, cfg.train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
+        model, loss_fn, data, train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,
     )
     ranks = Ranks.current()
@@ -305,9 +339,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         "batch_size": batch_size,
         "batch_size_choice": "given" if cfg.batch_size else "default: 128 or fewer, square roots within 4 GiB",
         "batch_selection": f"torch.randperm(num_train_examples, seed={cfg.seed})[:batch_size]",
-        "train_steps": cfg.train_steps,
-        "train_optimizer": f"Adam(lr={cfg.lr})" if cfg.train_steps > 0 else "none",
-        "train_batch_size": min(cfg.train_batch_size, len(data.train_x)) if cfg.train_steps > 0 else 0,
+        **(NO_WEIGHTS if weights is None else weights.attrs()),
+        "train_steps": train_steps,
+        "train_optimizer": f"Adam(lr={cfg.lr})" if train_steps > 0 else "none",
+        "train_batch_size": min(cfg.train_batch_size, len(data.train_x)) if train_steps > 0 else 0,
         "train_loss": "none" if train_loss is None else train_loss,
         "seed": cfg.seed,
         "device": str(dev),

@@ -72,6 +72,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
     ("ng_unresolved", "Natural gradients not measured (–) on (λ_max(F)/damping beyond float64's reach: raise --damping)"),
     ("top_k", "top-k (subspace overlap)"),
+    ("weights", "Weights measured"),
     ("train_steps", "Training steps before measuring"),
     ("train_optimizer", "Training optimizer"),
     ("loss", "Loss (what is measured and trained)"),
@@ -115,6 +116,13 @@ def _escape(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _weights_line(attrs: Mapping[str, object]) -> str:
+    """``--weights``: the file, its SHA-256 and what it is, then the Adam steps taken from it."""
+    steps = int(attrs.get("train_steps", 0))
+    then = f"then {steps} Adam step{'s' if steps != 1 else ''}" if steps else "as loaded (no training steps)"
+    return f"{attrs['weights']} (sha256 {attrs.get('weights_sha256', '?')}; {attrs.get('weights_source', '?')}), {then}"
+
+
 def _title(ds: xr.Dataset) -> str:
     model = ds.attrs.get("model")
     data = ds.attrs.get("data")
@@ -138,7 +146,7 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     approx = [str(v) for v in ds["approximation"].values]
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
-        if key in ds.attrs and not (key in ("skipped_parameters", "ng_unresolved") and ds.attrs[key] == "none"):
+        if key in ds.attrs and not (key in ("skipped_parameters", "ng_unresolved", "weights") and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":
                 value = ", ".join(f"{s.partition('=')[0]}: {s.partition('=')[2]}" for s in str(value).split(";") if s)
@@ -156,6 +164,8 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                 value = (f"{value} ({ds.attrs.get('backend', '?')}; examples per process "
                          f"{ds.attrs.get('shard_examples', '?')}; MC samples drawn with {ds.attrs.get('mc_seeds', '?')}, "
                          "so MC-based approximations differ from one process's)")
+            elif key == "weights":
+                value = _weights_line(ds.attrs)
             elif key == "engine" and ds.attrs.get("engine_reason", "none") != "none":
                 value = f"{value} (BackPACK cannot run this model: {ds.attrs['engine_reason']})"
             out.append(f"- **{label}:** {_escape(_fmt(value) if not isinstance(value, str) else value)}")

@@ -48,15 +48,22 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    """The checkpoint at ``path``, tensors on ``device``; only tensors and plain data are read."""
+class UnreadableFile(ValueError):
+    """torch cannot read a file as tensors and plain data; the message is why, in one line
+    (``ExceptionType: first line``)."""
+
+
+def load_plain(path: Path, device: torch.device | str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto ``device``: a crafted file cannot execute
+    code.  Raises :class:`UnreadableFile` for a truncated, random or foreign file (not for a
+    missing one: ``FileNotFoundError``)."""
     # torch.load cannot map storages to an indexed CPU device ("cpu:0": "don't know how to restore
     # data location"), which would blame the file: the CPU is the CPU
     where = torch.device("cpu") if torch.device(device).type == "cpu" else device
     try:
         with warnings.catch_warnings():  # torch's notes on a foreign pickle come before our one line
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=where, weights_only=True)
+            return torch.load(path, map_location=where, weights_only=True)
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
@@ -64,8 +71,16 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "Weights only" in str(err):  # not torch's advice to load it unsafely
             first = "it holds something other than tensors and plain data"
+        raise UnreadableFile(f"{type(err).__name__}: {first}") from None
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``, tensors on ``device``; only tensors and plain data are read."""
+    try:
+        ckpt = load_plain(path, device)
+    except UnreadableFile as err:
         raise CheckpointError(
-            f"curvlab train: {path} is not a readable curvlab checkpoint ({type(err).__name__}: {first}); "
+            f"curvlab train: {path} is not a readable curvlab checkpoint ({err}); "
             "it may be truncated, from another program, or crafted — only tensors and plain data are loaded"
         ) from None
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]

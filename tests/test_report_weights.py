@@ -1,0 +1,237 @@
+"""``curvlab report --weights``: the report measures given weights (a ``curvlab train`` run, its
+checkpoint, or a plain state dict), records which, and refuses bad files before any data.
+
+The measured numbers are checked against what the test computes itself: the same model built and
+loaded with torch, evaluated on the batch the report draws (``fixed_batch``), and the exact GGN
+block of the last layer from dense autograd (tests/helpers.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from curvlab.app import launch
+from curvlab.app.cli import main
+from curvlab.app.data import fixed_batch, load_dataset
+from curvlab.app.models import make_model
+from curvlab.app.report import ReportConfig
+from curvlab.app.report import run as report_run
+from curvlab.app.report.run import warm_up
+from curvlab.io import read_netcdf
+from helpers import dense_ggn
+
+N = 8  # examples in the measured batch
+SEED = 0
+REPORT = ["report", "--batch-size", str(N), "--approximations", "kflr", "--num-eigenvalues", "16", "--no-progress"]
+TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--train-size", "64", "--test-size", "32",
+         "--batch-size", "16", "--optimizer", "sgd", "--no-progress"]
+
+
+def _report(out: Path, *extra: str, capsys: pytest.CaptureFixture[str] | None = None) -> xr.Dataset:
+    code = main([*REPORT, *extra, "--out", str(out)])
+    err = capsys.readouterr().err if capsys is not None else ""
+    assert code == 0, err
+    return read_netcdf(out / "report.nc")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="module")
+def run(work: Path) -> Path:
+    """A tiny ``curvlab train`` run (4 SGD steps): its folder."""
+    folder = work / "run"
+    assert main([*TRAIN, "--out", str(folder)]) == 0
+    assert (folder / "checkpoint.pt").is_file()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def init_report(work: Path) -> Path:
+    """A report of the seeded initialisation (no --weights, no training): its folder."""
+    out = work / "init"
+    assert main([*REPORT, "--train-steps", "0", "--out", str(out)]) == 0
+    return out
+
+
+def _expected(state: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Loss on the report's batch and tr F of the last layer ("5") of an mlp holding ``state``,
+    computed here: the model built and loaded with torch, the exact GGN block by dense autograd."""
+    data = load_dataset("digits")
+    x, y = fixed_batch(data, N, SEED)
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    model.load_state_dict(state)
+    model = model.double().eval()
+    loss_fn = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        loss = loss_fn(model(x.double()), y).item()
+    trace = torch.trace(dense_ggn(model, loss_fn, x.double(), y, "5")).item()
+    return loss, trace
+
+
+def _assert_measures(ds: xr.Dataset, state: dict[str, torch.Tensor]) -> None:
+    loss, trace = _expected(state)
+    assert ds.attrs["batch_loss"] == pytest.approx(loss, rel=1e-5)
+    assert float(ds["exact_trace"].sel(layer="5")) == pytest.approx(trace, rel=1e-4)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def test_report_measures_a_train_run(run: Path, init_report: Path, work: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The run folder and its checkpoint.pt: the report measures the checkpoint's weights (the
+    loss on the batch and the last layer's tr F computed here from them), not the init."""
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    by_folder = _report(work / "by-folder", "--weights", str(run), capsys=capsys)
+    _assert_measures(by_folder, state)
+    by_file = _report(work / "by-file", "--weights", str(run / "checkpoint.pt"), capsys=capsys)
+    assert by_file.attrs["batch_loss"] == by_folder.attrs["batch_loss"]
+    assert by_folder.attrs["train_steps"] == 0 and by_folder.attrs["train_optimizer"] == "none"  # nothing trained
+
+    init = read_netcdf(init_report / "report.nc")
+    assert abs(init.attrs["batch_loss"] - by_folder.attrs["batch_loss"]) > 1e-3
+    assert abs(float(init["exact_trace"].sel(layer="5")) - float(by_folder["exact_trace"].sel(layer="5"))) > 1e-3
+    assert init.attrs["weights"] == "none"  # and the init's summary has no weights line
+    assert "Weights measured" not in (init_report / "summary.md").read_text(encoding="utf-8")
+
+
+def test_report_measures_a_state_dict_file(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file of torch.save(model.state_dict()) written by the user's own code."""
+    torch.manual_seed(7)  # weights other than the report's seeded init
+    model = make_model("mlp", (1, 8, 8), 10)
+    path = work / "mine.pt"
+    torch.save(model.state_dict(), path)
+    ds = _report(work / "plain", "--weights", str(path), capsys=capsys)
+    _assert_measures(ds, model.state_dict())
+    assert ds.attrs["weights_source"] == "state dict"
+
+
+def test_train_steps_from_the_weights(run: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An explicit --train-steps 3 trains 3 Adam steps from the weights: not the weights as
+    they are, not 3 steps from the init, and what 3 warm-up steps from them give."""
+    weights = ["--weights", str(run)]
+    at = _report(work / "at", *weights, "--train-steps", "0", capsys=capsys)
+    after = _report(work / "after", *weights, "--train-steps", "3", capsys=capsys)
+    from_init = _report(work / "from-init", "--train-steps", "3", capsys=capsys)
+    assert after.attrs["train_steps"] == 3 and after.attrs["train_optimizer"] == "Adam(lr=0.001)"
+    assert abs(after.attrs["batch_loss"] - at.attrs["batch_loss"]) > 1e-4
+    assert abs(after.attrs["batch_loss"] - from_init.attrs["batch_loss"]) > 1e-4
+
+    # the same 3 steps (the report's warm-up: its batches and Adam) from the checkpoint's weights
+    data = load_dataset("digits")
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
+    warm_up(model, nn.CrossEntropyLoss(), data, 3, seed=SEED, device=torch.device("cpu"))
+    _assert_measures(after, model.state_dict())
+    assert "then 3 Adam steps" in (work / "after" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_weights_are_recorded(run: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """report.nc: the checkpoint's resolved path and SHA-256 (hashlib's of the file); summary.md:
+    one line saying which weights were measured."""
+    ckpt = (run / "checkpoint.pt").resolve()
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    out = work / "recorded"
+    ds = _report(out, "--weights", str(run), capsys=capsys)
+    assert ds.attrs["weights"] == str(ckpt)
+    assert ds.attrs["weights_sha256"] == sha
+    assert ds.attrs["weights_source"] == "curvlab train checkpoint: sgd, epoch 1, step 4"
+    lines = [line for line in (out / "summary.md").read_text(encoding="utf-8").splitlines() if "Weights" in line]
+    assert lines == [f"- **Weights measured:** {ckpt} (sha256 {sha}; curvlab train checkpoint: sgd, epoch 1, "
+                     "step 4), as loaded (no training steps)"]
+
+
+def test_config_default_train_steps() -> None:
+    """ReportConfig: 200 Adam steps from the init, none from weights, unless given."""
+    assert ReportConfig().steps() == 200
+    assert ReportConfig(weights="w.pt").steps() == 0
+    assert ReportConfig(weights="w.pt", train_steps=5).steps() == 5
+    assert ReportConfig(train_steps=0).steps() == 0
+
+
+def test_help_describes_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--weights PATH" in text and "torch.save(model.state_dict(), PATH)" in text
+    assert "(default: 200; 0 with --weights" in text
+
+
+# ------------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def bad_files(work: Path, run: Path) -> dict[str, tuple[Path, list[str], str]]:
+    """Case → (the file the message must name, the extra options, a phrase of the message)."""
+    text = work / "notes.txt"
+    text.write_text("not weights\n")
+    wrong = make_model("mlp", (1, 8, 8), 10).state_dict()
+    wrong["3.weight"] = torch.zeros(64, 7)
+    torch.save(wrong, work / "wrong-shape.pt")
+    torch.save([torch.zeros(3)], work / "a-list.pt")
+    hidden = work / "run-hidden"
+    assert main([*TRAIN, "--hidden", "32", "--out", str(hidden)]) == 0
+    ckpt = run / "checkpoint.pt"
+    return {
+        "missing": (work / "nope.pt", [], "does not exist"),
+        "text": (text, [], "is not a file torch can read"),
+        "not a state dict": (work / "a-list.pt", [], "is not a state dict"),
+        "wrong shape": (work / "wrong-shape.pt", [], "wrong shapes 3.weight (64, 7) (model: (64, 128))"),
+        "other model options": (hidden / "checkpoint.pt", ["--weights", str(hidden)], "hidden=(32,)"),
+        "other model": (ckpt, ["--model", "cnn"], "--model mlp (this report: cnn)"),
+    }
+
+
+CASES = ["missing", "text", "not a state dict", "wrong shape", "other model options", "other model"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_weights_are_refused_before_any_data(case: str, bad_files: dict, init_report: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A usage error (2) naming the file and the problem, before the data is loaded; the report
+    already in --out is left as it was, byte for byte."""
+    path, extra, phrase = bad_files[case]
+    options = extra if "--weights" in extra else [*extra, "--weights", str(path)]
+
+    def no_data(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(report_run, "load_dataset", no_data)
+    before = _snapshot(init_report)
+    capsys.readouterr()
+    code = main([*REPORT, *options, "--out", str(init_report)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"curvlab report: error: --weights {path}" in err and phrase in err, err
+    assert _snapshot(init_report) == before
+
+
+def test_bad_weights_fail_before_nproc_starts(bad_files: dict, init_report: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Under --nproc 2 the weights are checked once, before any process starts, as a usage error."""
+    def no_launch(*_args: object, **_kwargs: object) -> int:
+        raise AssertionError("the processes were started")
+
+    monkeypatch.setattr(launch, "relaunch", no_launch)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # not a launched rank: this process would start them
+    path, _, phrase = bad_files["wrong shape"]
+    before = _snapshot(init_report)
+    capsys.readouterr()
+    code = main([*REPORT, "--nproc", "2", "--weights", str(path), "--out", str(init_report)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count(f"curvlab report: error: --weights {path}") == 1 and phrase in err, err
+    assert _snapshot(init_report) == before
