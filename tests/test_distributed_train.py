@@ -36,7 +36,7 @@ def _train_config(out: Path, **kw):
     from curvlab.app.train import TrainConfig
 
     base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=2, batch_size=80, train_size=240,
-                test_size=50, probe_every=3, probe_batch_size=20, out=str(out), progress=False,
+                test_size=50, probe_every=3, probe_batch_size=20, out=str(out), progress=False, figures=False,
                 model_kwargs={"hidden": (16,)}, fisher="exact", stats_interval=2, eigen_interval=4,
                 scale_interval=2, augment="crop-flip", warmup_epochs=1)  # the whole batch's draws, on any ranks
     return TrainConfig(**{**base, **kw})

@@ -40,7 +40,7 @@ REPORT = ["--batch-size", "6", "--train-steps", "0", "--num-eigenvalues", "8", "
 TRAIN = ["--hidden", "8", "--train-size", "120", "--test-size", "40", "--batch-size", "30", "--epochs", "3",
          "--probe-every", "2", "--probe-batch-size", "8", "--probe-approximations", "tkfac",
          "--stats-interval", "1", "--eigen-interval", "2", "--scale-interval", "1", "--no-progress",
-         "--augment", "crop-flip", "--warmup-epochs", "1"]
+         "--augment", "crop-flip", "--warmup-epochs", "1", "--no-figures"]
 
 
 #: Bit-identical results need the same number of threads (BLAS splits its sums by thread): the
@@ -153,8 +153,8 @@ def test_two_reports_at_once_leave_one_of_them(tmp_path: Path) -> None:
 def config(out: Path, **kw) -> TrainConfig:
     base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=3, batch_size=30, train_size=120,
                 test_size=40, probe_every=2, probe_batch_size=8, probe_approximations=("tkfac",), out=str(out),
-                progress=False, model_kwargs={"hidden": (8,)}, stats_interval=1, eigen_interval=2, scale_interval=1,
-                augment="crop-flip", warmup_epochs=1)  # (their draws and clock resume too)
+                progress=False, figures=False, model_kwargs={"hidden": (8,)}, stats_interval=1, eigen_interval=2,
+                scale_interval=1, augment="crop-flip", warmup_epochs=1)  # (their draws and clock resume too)
     base.update(kw)
     return TrainConfig(**base)
 

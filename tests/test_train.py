@@ -23,7 +23,7 @@ from helpers import torch_threads
 def small(tmp: Path, **kw) -> TrainConfig:
     base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=2, batch_size=50,
                 train_size=300, test_size=100, probe_every=3, probe_batch_size=20,
-                out=str(tmp), progress=False, model_kwargs={"hidden": (16,)}, stats_interval=2,
+                out=str(tmp), progress=False, figures=False, model_kwargs={"hidden": (16,)}, stats_interval=2,
                 eigen_interval=4, scale_interval=2)
     base.update(kw)
     return TrainConfig(**base)

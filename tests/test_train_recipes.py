@@ -103,7 +103,7 @@ def test_schedules_are_torchs(epochs: int, per_epoch: int) -> None:
 
 def _config(out: Path, **kw) -> TrainConfig:
     base = dict(model="mlp", dataset="digits", optimizer="kfac", epochs=3, batch_size=30, train_size=120,
-                test_size=40, out=str(out), progress=False, model_kwargs={"hidden": (8,)}, stats_interval=1,
+                test_size=40, out=str(out), progress=False, figures=False, model_kwargs={"hidden": (8,)}, stats_interval=1,
                 eigen_interval=2, lr=0.2, augment="crop-flip", lr_schedule="cosine", warmup_epochs=1)
     return TrainConfig(**{**base, **kw})
 
@@ -133,7 +133,7 @@ def test_a_killed_cosine_run_resumes_bit_identically(tmp_path: Path) -> None:
     point = random.Random(20261205).randint(7, 17)
     args = ["train", "--hidden", "8", "--train-size", "120", "--test-size", "40", "--batch-size", "30", "--epochs", "3",
             "--optimizer", "kfac", "--stats-interval", "1", "--eigen-interval", "2", "--lr", "0.2", "--augment",
-            "crop-flip", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--no-progress", "--out", str(out)]
+            "crop-flip", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--no-progress", "--no-figures", "--out", str(out)]
     proc = subprocess.run([sys.executable, str(TESTS / "fault_driver.py"), "kill-at", str(point), "--", *args],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

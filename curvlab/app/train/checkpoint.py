@@ -8,7 +8,7 @@
   truncated, random or foreign file is a :class:`CheckpointError` naming it.
 * :func:`check_same_run` compares the run's configuration with the one the checkpoint was
   written with: paths are compared resolved; the number of epochs (unless the learning-rate
-  schedule spans them), the progress bars and the spelling of the output folder may change.
+  schedule spans them), the progress bars, the figures and the spelling of the output folder may change.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from curvlab.io import atomic_write
 REQUIRED = ("model", "optimizer", "rng", "epoch", "step", "wall_clock", "records", "config")
 #: Configuration entries a resumed run may change.  The output folder is where the checkpoint
 #: was found, so it is the run's folder however it is spelled (or if it was moved).
-MAY_CHANGE = {"config_epochs", "config_progress", "config_out"}
+MAY_CHANGE = {"config_epochs", "config_progress", "config_figures", "config_out"}
 #: Entries that are paths: compared resolved (``data``, ``./data`` and ``data/`` are one folder).
 PATHS = ("config_data_dir",)
 

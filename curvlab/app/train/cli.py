@@ -91,7 +91,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
             "Writes metrics.nc (per epoch: train/test loss and accuracy, wall-clock), probe.nc "
             "(with --probe-every K: the comparison of the optimizer's own approximation and "
             "fresh ones against the exact Fisher blocks on a fixed batch, every K steps) and "
-            "checkpoint.pt (every epoch; --resume continues from it)."
+            "checkpoint.pt (every epoch; --resume continues from it), and after every epoch the figures "
+            "training.png and, with --probe-every, probe.png."
         ),
     )
     d = _DEFAULT
@@ -124,6 +125,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT, kept aside until the new run saves its first checkpoint (without it, such a folder is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-figures", action="store_true",
+                     help="do not redraw training.png (loss, accuracy, learning rate) and, with --probe-every, "
+                          "probe.png (the approximations' errors over the steps) after every epoch")
     add_nproc_option(run, "--batch-size is the global batch, split over them (DistributedSampler-like)")
     add_malloc_option(run)
     add_optimizer_options(p.add_argument_group("optimizer (SGD takes lr, momentum, weight decay; Adam lr, weight decay)"))
@@ -213,6 +217,7 @@ def _config(args: argparse.Namespace, options: dict, model_kwargs: dict, probe_a
         train_size=args.train_size,
         test_size=args.test_size,
         progress=not args.no_progress,
+        figures=not args.no_figures,
         model_kwargs=model_kwargs,
     )
 

@@ -38,7 +38,8 @@ class TrainConfig(KroneckerOptions):
     to all (defaults: :func:`default_lr` and :func:`default_momentum` of the optimizer).
     ``probe_every = 0`` disables probing.  ``augment`` (:mod:`curvlab.app.augment`) transforms the
     training batches; ``lr_schedule`` and ``warmup_epochs`` (:mod:`curvlab.app.train.schedule`)
-    scale every group's ``lr`` per step.
+    scale every group's ``lr`` per step.  ``figures``: redraw ``training.png`` (and with probes
+    ``probe.png``) after every epoch (:mod:`curvlab.app.train.figures`).
     """
 
     lr: float | None = None  # type: ignore[assignment]
@@ -64,6 +65,7 @@ class TrainConfig(KroneckerOptions):
     train_size: int | None = None
     test_size: int | None = None
     progress: bool = True
+    figures: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

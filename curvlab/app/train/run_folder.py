@@ -26,8 +26,11 @@ from curvlab.app.outdir import FolderLock, OutputFolderError, check_writable
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.nc"
 PROBE = "probe.nc"
+#: The figures redrawn after every epoch (curvlab.app.train.figures).
+TRAINING_FIGURE = "training.png"
+PROBE_FIGURE = "probe.png"
 #: The files of a run.
-RUN_FILES = (CHECKPOINT, METRICS, PROBE)
+RUN_FILES = (CHECKPOINT, METRICS, PROBE, TRAINING_FIGURE, PROBE_FIGURE)
 WHO = "curvlab train"
 #: Where the files of a run being replaced wait until the new run's first checkpoint.
 SET_ASIDE = ".curvlab-replaced"
