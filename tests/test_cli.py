@@ -292,7 +292,7 @@ def test_first_order_optimizers_take_their_options(args: list[str], want: dict) 
         (["--model", "resnt18"], "argument --model: unknown model 'resnt18'"),
         (["--dataset", "mnits"], "argument --dataset: unknown dataset 'mnits'"),
         (["--probe-approximations", "kfac,ekfc"], "argument --probe-approximations: unknown approximation(s) ekfc"),
-        (["--hidden", ""], "--hidden '': expected comma-separated positive integers"),
+        (["--hidden", ""], "argument --hidden: '': expected comma-separated positive integers"),
         (["--seed", "-3"], "--seed: expected an integer in [0, 4294967295]"),
         (["--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 4294967295]"),  # seed + 1 overflowed torch
         (["--label-smoothing", "-0.1"], "argument --label-smoothing: expected a number in [0, 1], got '-0.1'"),

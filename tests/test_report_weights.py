@@ -119,6 +119,37 @@ def test_report_measures_a_state_dict_file(work: Path, capsys: pytest.CaptureFix
     assert ds.attrs["weights_source"] == "state dict"
 
 
+def test_what_a_file_holds_decides_how_it_is_read(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A state dict saved as checkpoint.pt is a state dict; one of a DistributedDataParallel (or
+    torch.compile'd) model, every key prefixed, measures the model it wraps."""
+    torch.manual_seed(11)
+    model = make_model("mlp", (1, 8, 8), 10)
+    named = work / "named" / "checkpoint.pt"
+    named.parent.mkdir()
+    torch.save(model.state_dict(), named)
+    ds = _report(work / "named-report", "--weights", str(named.parent), capsys=capsys)
+    _assert_measures(ds, model.state_dict())
+    assert ds.attrs["weights_source"] == "state dict"
+    for prefix in ("module.", "_orig_mod."):
+        wrapped = work / f"wrapped-{prefix}pt"
+        torch.save({prefix + k: v for k, v in model.state_dict().items()}, wrapped)
+        ds = _report(work / f"wrapped-{prefix}report", "--weights", str(wrapped), capsys=capsys)
+        _assert_measures(ds, model.state_dict())
+        assert ds.attrs["weights_source"] == f"state dict (its {prefix!r} prefix removed)"
+
+
+def test_a_run_with_hidden_widths_is_reported_with_them(bad_files: dict, work: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--hidden as curvlab train's: the run trained with --hidden 32 reports with it (refused
+    without: the "other model options" case)."""
+    path = bad_files["other model options"][0]
+    ds = _report(work / "hidden-report", "--hidden", "32", "--weights", str(path), capsys=capsys)
+    assert ds.attrs["model_options"] == "hidden=(32,)" and int(ds.attrs["num_trainable_params"]) == 64 * 32 + 32 + 32 * 10 + 10
+    assert "- **Model options:** hidden=(32,)" in (work / "hidden-report" / "summary.md").read_text(encoding="utf-8")
+    assert main([*REPORT, "--model", "cnn", "--hidden", "32", "--out", str(work / "cnn-hidden")]) == 2
+    assert "--hidden applies to the models mlp" in capsys.readouterr().err
+
+
 def test_train_steps_from_the_weights(run: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An explicit --train-steps 3 trains 3 Adam steps from the weights: not the weights as
     they are, not 3 steps from the init, and what 3 warm-up steps from them give."""
@@ -148,10 +179,10 @@ def test_weights_are_recorded(run: Path, work: Path, capsys: pytest.CaptureFixtu
     ds = _report(out, "--weights", str(run), capsys=capsys)
     assert ds.attrs["weights"] == str(ckpt)
     assert ds.attrs["weights_sha256"] == sha
-    assert ds.attrs["weights_source"] == "curvlab train checkpoint: sgd, epoch 1, step 4"
+    source = "curvlab train checkpoint: sgd (lr 0.05, augment none, lr schedule constant), epoch 1 of 1, step 4"
+    assert ds.attrs["weights_source"] == source
     lines = [line for line in (out / "summary.md").read_text(encoding="utf-8").splitlines() if "Weights" in line]
-    assert lines == [f"- **Weights measured:** {ckpt} (sha256 {sha}; curvlab train checkpoint: sgd, epoch 1, "
-                     "step 4), as loaded (no training steps)"]
+    assert lines == [f"- **Weights measured:** {ckpt} (sha256 {sha}; {source}), as loaded (no training steps)"]
 
 
 def test_config_default_train_steps() -> None:
@@ -183,6 +214,9 @@ def bad_files(work: Path, run: Path) -> dict[str, tuple[Path, list[str], str]]:
     torch.save([torch.zeros(3)], work / "a-list.pt")
     hidden = work / "run-hidden"
     assert main([*TRAIN, "--hidden", "32", "--out", str(hidden)]) == 0
+    nan = make_model("mlp", (1, 8, 8), 10).state_dict()
+    nan["3.weight"][0, 0] = float("nan")
+    torch.save(nan, work / "diverged.pt")
     ckpt = run / "checkpoint.pt"
     return {
         "missing": (work / "nope.pt", [], "does not exist"),
@@ -191,10 +225,11 @@ def bad_files(work: Path, run: Path) -> dict[str, tuple[Path, list[str], str]]:
         "wrong shape": (work / "wrong-shape.pt", [], "wrong shapes 3.weight (64, 7) (model: (64, 128))"),
         "other model options": (hidden / "checkpoint.pt", ["--weights", str(hidden)], "hidden=(32,)"),
         "other model": (ckpt, ["--model", "cnn"], "--model mlp (this report: cnn)"),
+        "non-finite": (work / "diverged.pt", [], "holds non-finite values in 3.weight"),
     }
 
 
-CASES = ["missing", "text", "not a state dict", "wrong shape", "other model options", "other model"]
+CASES = ["missing", "text", "not a state dict", "wrong shape", "other model options", "other model", "non-finite"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -83,22 +83,42 @@ def _torch_factors(scheduler_cls, steps: int, **kw) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("epochs,per_epoch", [(5, 7), (4, 1), (1, 3)])
+def _factors(schedule: str, epochs: int, per_epoch: int, warmup: int = 0) -> list[float]:
+    return [lr_factor(schedule, epochs, warmup, t // per_epoch, t % per_epoch, per_epoch) for t in range(epochs * per_epoch)]
+
+
+@pytest.mark.parametrize("epochs,per_epoch", [(5, 7), (4, 1), (1, 3), (8, 2)])
 def test_schedules_are_torchs(epochs: int, per_epoch: int) -> None:
-    """cosine = CosineAnnealingLR to 0 over the run's steps; step = MultiStepLR ×0.1 at half and
-    three quarters of the epochs; the warm-up = LinearLR from 1/W over W steps."""
-    total = epochs * per_epoch
-    ours = [lr_factor("cosine", per_epoch, epochs)(t) for t in range(total)]
-    np.testing.assert_allclose(ours, _torch_factors(torch.optim.lr_scheduler.CosineAnnealingLR, total, T_max=total), atol=1e-12)
+    """cosine = CosineAnnealingLR over the run's steps; step = MultiStepLR ×0.1 at half and three
+    quarters of the epochs (rounded up); a warm-up = LinearLR from 1/W over W steps, then cosine
+    over the rest (SequentialLR), or the step decays at their epochs."""
+    total, lr = epochs * per_epoch, torch.optim.lr_scheduler
+    np.testing.assert_allclose(_factors("cosine", epochs, per_epoch),
+                               _torch_factors(lr.CosineAnnealingLR, total, T_max=total), atol=1e-12)
     milestones = [math.ceil(epochs / 2) * per_epoch, math.ceil(3 * epochs / 4) * per_epoch]
-    ours = [lr_factor("step", per_epoch, epochs)(t) for t in range(total)]
-    np.testing.assert_allclose(ours, _torch_factors(torch.optim.lr_scheduler.MultiStepLR, total, milestones=milestones, gamma=0.1),
-                               rtol=1e-12)
+    np.testing.assert_allclose(_factors("step", epochs, per_epoch),
+                               _torch_factors(lr.MultiStepLR, total, milestones=milestones, gamma=0.1), rtol=1e-12)
     warm = per_epoch  # one epoch
-    ours = [lr_factor("constant", per_epoch, epochs, warmup_epochs=1)(t) for t in range(total)]
-    theirs = _torch_factors(torch.optim.lr_scheduler.LinearLR, total, start_factor=1 / warm, total_iters=warm - 1) \
-        if warm > 1 else [1.0] * total
-    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    ramp = _torch_factors(lr.LinearLR, warm, start_factor=1 / warm, total_iters=warm - 1) if warm > 1 else [1.0]
+    np.testing.assert_allclose(_factors("constant", epochs, per_epoch, warmup=1), ramp + [1.0] * (total - warm), rtol=1e-12)
+    if epochs > 1:
+        def sequential(opt, **_):
+            return lr.SequentialLR(opt, [lr.LinearLR(opt, start_factor=1 / warm, total_iters=max(warm - 1, 1)),
+                                         lr.CosineAnnealingLR(opt, T_max=total - warm)], milestones=[warm])
+        np.testing.assert_allclose(_factors("cosine", epochs, per_epoch, warmup=1), _torch_factors(sequential, total),
+                                   atol=1e-12)
+        np.testing.assert_allclose(_factors("step", epochs, per_epoch, warmup=1)[warm:], _factors("step", epochs, per_epoch)[warm:])
+
+
+def test_an_epochs_rates_do_not_depend_on_the_steps_of_others() -> None:
+    """The clock is the progress in epochs: an epoch of 4 steps after epochs of 5 (a resume on more
+    processes skipping a trailing batch) starts at cos(π e/E) and its rates fall within the epoch."""
+    for epoch in range(4):
+        for steps in (4, 5):
+            assert lr_factor("cosine", 4, 0, epoch, 0, steps) == pytest.approx(0.5 * (1 + math.cos(math.pi * epoch / 4)))
+            assert lr_factor("step", 4, 0, epoch, steps - 1, steps) == [1.0, 1.0, 0.1, 0.01][epoch]
+    with pytest.raises(ValueError, match="an epoch of 0 steps"):
+        lr_factor("cosine", 2, 0, 0, 0, 0)
 
 
 def _config(out: Path, **kw) -> TrainConfig:
@@ -112,9 +132,9 @@ def test_the_recorded_learning_rates_follow_the_schedule(tmp_path: Path) -> None
     """metrics.nc's lr is each epoch's last step's (4 steps an epoch); the options are recorded;
     augmentation changes the training, not the test set's evaluation of the initial model."""
     metrics = xr.open_dataset(train(_config(tmp_path / "a"))["metrics"]).load()
-    factor = lr_factor("cosine", 4, 3, warmup_epochs=1)
-    np.testing.assert_allclose(metrics.lr.values, [0.2 * factor(t) for t in (3, 7, 11)], rtol=1e-12)
-    assert metrics.lr.values[-1] > 0 and metrics.lr.values[0] < 0.2
+    np.testing.assert_allclose(metrics.lr.values, [0.2 * lr_factor("cosine", 3, 1, e, 3, 4) for e in range(3)], rtol=1e-12)
+    assert metrics.lr.values[0] == 0.2  # the warm-up's last step reaches the base rate
+    assert 0 < metrics.lr.values[-1] < metrics.lr.values[1] < 0.2
     assert (metrics.attrs["config_augment"], metrics.attrs["config_lr_schedule"], metrics.attrs["config_warmup_epochs"]) \
         == ("crop-flip", "cosine", 1)
     plain = xr.open_dataset(train(_config(tmp_path / "b", augment="none", epochs=1, lr_schedule="constant",
@@ -175,3 +195,21 @@ def test_bad_recipe_options_exit_2_naming_them(args: list[str], said: str, tmp_p
     assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_older_than_the_options_took_their_defaults(tmp_path: Path, capsys) -> None:
+    """A checkpoint written before --augment, --lr-schedule, --warmup-epochs and --figures existed:
+    its run took their defaults, so a resume with another augmentation or schedule is refused as
+    any other changed option, and one without them continues."""
+    common = ["train", "--hidden", "8", "--train-size", "60", "--test-size", "20", "--batch-size", "30",
+              "--optimizer", "sgd", "--no-progress", "--out", str(tmp_path / "old")]
+    assert main([*common, "--epochs", "1"]) == 0
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("config_augment", "config_lr_schedule", "config_warmup_epochs", "config_figures"):
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert main([*common, "--epochs", "2", "--resume", "--augment", "crop-flip", "--lr-schedule", "cosine"]) == 1
+    assert "--augment none (now crop-flip); --lr-schedule constant (now cosine)" in capsys.readouterr().err
+    assert main([*common, "--epochs", "2", "--resume"]) == 0

@@ -40,11 +40,14 @@ from curvlab.app.options import (
     damping_strategies,
     dataset,
     exit_stopped,
+    hidden_options,
     label_smoothing,
     model,
+    models_taking_hidden,
     nonnegative_int,
     positive_float,
     positive_int,
+    widths,
 )
 
 
@@ -106,6 +109,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "in 4 GiB, e.g. 9 for resnet18, 4 with --mode train; the whole report of resnet18 peaks at about 6 GB in "
         "either mode)",
     )
+    what.add_argument("--hidden", type=widths, default=None,
+                      help=f"hidden widths of {', '.join(models_taking_hidden())}, comma-separated (e.g. 128,64), "
+                      "as curvlab train's")
     what.add_argument(
         "--weights",
         type=Path,
@@ -248,6 +254,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from curvlab.app.models import COUPLED_BATCH
     from curvlab.app.report.run import ReportConfig, ReportError, run_report
 
+    try:
+        model_kwargs = hidden_options("curvlab report", args.model, args.hidden)
+    except ValueError as err:
+        print_error(parser, err, usage=True)
+        return EXIT_USAGE
     unused = sorted(set(args.damping_strategy or {}) - set(args.approximations))
     if unused:
         print_error(parser, f"--damping-strategy names {', '.join(unused)}, which --approximations leaves out "
@@ -275,11 +286,12 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         from curvlab.app.report.weights import read_weights
 
         def checks() -> None:
-            check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported, engine=args.engine)
+            check_model(args.model, args.dataset, skip_unsupported=args.skip_unsupported, engine=args.engine,
+                        **model_kwargs)
             check_report_folder(Path(args.out))
             if args.weights is not None:  # once here, not once per process
                 try:
-                    read_weights(args.weights, args.model, args.dataset)
+                    read_weights(args.weights, args.model, args.dataset, model_kwargs)
                 except ReportError as err:  # relaunch_with_data would report a ValueError as a failure (1)
                     raise _UsageError(err) from None
 
@@ -293,6 +305,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         paths = run_report(
             model=args.model,
+            model_kwargs=model_kwargs,
             dataset=args.dataset,
             data_dir=args.data_dir,
             weights=args.weights,
@@ -368,8 +381,9 @@ def _model_outline(args: argparse.Namespace) -> "nn.Module | None":
 
     try:
         input_shape, num_classes = SHAPES[canonical_name(args.dataset)]
+        hidden = {"hidden": args.hidden} if getattr(args, "hidden", None) else {}
         with torch.device("meta"):
-            return make_model(args.model, input_shape, num_classes)
+            return make_model(args.model, input_shape, num_classes, **hidden)
     except Exception:  # noqa: BLE001 — an unknown model or dataset, a user model meta cannot build
         return None
 

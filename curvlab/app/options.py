@@ -83,6 +83,45 @@ def model(text: str) -> str:
     return spec.lower()
 
 
+def widths(text: str) -> tuple[int, ...]:
+    """``--hidden``: comma-separated positive widths, e.g. ``128,64``."""
+    try:
+        out = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 128,64")
+    return out
+
+
+def models_taking_hidden() -> list[str]:
+    """The built-in models that take hidden widths (``--hidden``)."""
+    from curvlab.app.models import MODELS, model_options
+
+    return [m for m in MODELS if "hidden" in model_options(m)]
+
+
+def hidden_options(command: str, model: str, hidden: tuple[int, ...] | None) -> dict:
+    """The model options ``--hidden`` gives ``model`` (``{}`` without it).
+
+    Raises:
+        ValueError: ``model`` is a built-in model that takes no hidden widths."""
+    from curvlab.app.models import MODELS
+
+    if hidden is None:
+        return {}
+    takes = models_taking_hidden()
+    if model in MODELS and model not in takes:  # (--model's type gives built-ins lower-case)
+        raise ValueError(f"{command}: --hidden applies to the models {', '.join(takes)} (and a "
+                         f"module:function taking hidden=), not {model}")
+    return {"hidden": hidden}
+
+
+def options_attr(options: dict) -> str:
+    """Model options as a netCDF attribute: ``hidden=(128, 64)`` (``""`` for none)."""
+    return ";".join(f"{k}={v}" for k, v in options.items())
+
+
 def approximations(text: str) -> tuple[str, ...]:
     from curvlab.approx import APPROXIMATIONS
 

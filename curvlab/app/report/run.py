@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from curvlab._options import check_int
 from curvlab.app.launch import resolve_device
 from curvlab.app.data import Dataset, data_source, fixed_batch, load_dataset
 from curvlab.app.models import COUPLED_BATCH, MODES
-from curvlab.app.options import check_label_smoothing
+from curvlab.app.options import check_label_smoothing, options_attr
 from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
 from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
@@ -37,6 +37,7 @@ class ReportConfig:
 
     Attributes:
         model: built-in model name or ``module:function`` spec.
+        model_kwargs: its options (``{"hidden": (128, 64)}``: ``--hidden``), as ``curvlab train``'s.
         dataset, data_dir: the data (local files only).
         batch_size: training examples N in the measured batch (``None``: 128, or fewer for a
             large model so that the exact square roots fit in 4 GiB,
@@ -69,6 +70,7 @@ class ReportConfig:
     """
 
     model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)
     dataset: str = "digits"
     data_dir: PathLike | None = None
     weights: PathLike | None = None
@@ -128,7 +130,7 @@ class ReportError(ValueError):
     """A report cannot run as configured (unknown model, unusable device, batch too large, ...)."""
 
 
-def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
+def build(model_name_or_spec: str, data: Dataset, seed: int, **model_kwargs: object) -> nn.Module:
     """The model (built-in name or ``module:function``), initialised under ``seed`` without
     touching the global random state."""
     from curvlab.app.models import make_model
@@ -136,7 +138,7 @@ def build(model_name_or_spec: str, data: Dataset, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return make_model(model_name_or_spec, data.input_shape, data.num_classes)
+            return make_model(model_name_or_spec, data.input_shape, data.num_classes, **model_kwargs)
         except ValueError as err:
             raise ReportError(str(err)) from None
 
@@ -149,7 +151,7 @@ def _check_model(cfg: ReportConfig) -> None:
 
     try:
         check_model(cfg.model, cfg.dataset, skip_unsupported=cfg.skip_unsupported, engine=cfg.engine,
-                    coupled=cfg.mode == "train")
+                    coupled=cfg.mode == "train", **cfg.model_kwargs)
     except ModelSpecError as err:
         raise ReportError(f"argument --model: {err}") from None
 
@@ -300,9 +302,9 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     out = check_report_folder(Path(cfg.out_dir))
     start = time.perf_counter()
     _check_model(cfg)  # before loading data or training: an unsupported model fails in a second
-    weights = None if cfg.weights is None else read_weights(cfg.weights, cfg.model, cfg.dataset)
+    weights = None if cfg.weights is None else read_weights(cfg.weights, cfg.model, cfg.dataset, cfg.model_kwargs)
     data = load_dataset(cfg.dataset, cfg.data_dir)
-    model = build(cfg.model, data, cfg.seed).to(dev)
+    model = build(cfg.model, data, cfg.seed, **cfg.model_kwargs).to(dev)
     if weights is not None:
         model.load_state_dict(weights.state_dict)  # checked to fit by read_weights
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -328,6 +330,7 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
     model.train(cfg.mode == "train")
     attrs = {
         "model": cfg.model,
+        "model_options": options_attr(cfg.model_kwargs) or "none",
         "model_class": type(model).__name__,
         "num_model_params": sum(p.numel() for p in model.parameters()),
         # the blocks cover these (less any --skip-unsupported leaves out); frozen ones are not measured

@@ -56,6 +56,7 @@ SUMMARY_METRICS: tuple[tuple[str, str, str], ...] = (
 #: Header lines: (attribute, label); attributes missing from the dataset are skipped.
 _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("model", "Model"),
+    ("model_options", "Model options"),
     ("data", "Data"),
     ("num_examples", "N (examples in the batch)"),
     ("world_size", "Processes (the batch split over them)"),
@@ -146,7 +147,8 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     approx = [str(v) for v in ds["approximation"].values]
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
-        if key in ds.attrs and not (key in ("skipped_parameters", "ng_unresolved", "weights") and ds.attrs[key] == "none"):
+        if key in ds.attrs and not (key in ("model_options", "skipped_parameters", "ng_unresolved", "weights")
+                                    and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":
                 value = ", ".join(f"{s.partition('=')[0]}: {s.partition('=')[2]}" for s in str(value).split(";") if s)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from curvlab.app.options import options_attr
 from curvlab.app.report.run import ReportError
 from curvlab.io import PathLike
 
@@ -42,9 +43,9 @@ class Weights:
 NO_WEIGHTS = {"weights": "none", "weights_sha256": "none", "weights_source": "none"}
 
 
-def read_weights(path: PathLike, model: str, dataset: str) -> Weights:
-    """The weights at ``path`` for ``model`` on ``dataset``, checked against the model built on
-    ``dataset``'s shapes (no data is loaded).
+def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | None = None) -> Weights:
+    """The weights at ``path`` for ``model`` (with ``model_kwargs``, ``--hidden``) on ``dataset``,
+    checked against the model built on ``dataset``'s shapes (no data is loaded).
 
     Raises:
         ReportError: no such file; a folder without ``checkpoint.pt``; a file torch cannot read
@@ -67,18 +68,25 @@ def read_weights(path: PathLike, model: str, dataset: str) -> Weights:
         sha256 = _sha256(file)
     except OSError as err:
         raise ReportError(f"{WHO}: --weights {file} cannot be read ({err.strerror or err})") from None
-    loaded = _load_checkpoint(file) if file.name == CHECKPOINT else _load(file)
+    loaded = _load(file)  # what it is by its content: a state dict may be called checkpoint.pt too
     if _identity(file) != before:  # a training run replaced it meanwhile: the hash is of another file
         raise ReportError(f"{WHO}: --weights {file} changed while it was read (a training run saving it?); try again")
-    if _is_checkpoint(loaded):  # a checkpoint.pt, or one copied under another name
-        config = _checked_config(file, loaded["config"], model, dataset)
-        source = (f"curvlab train checkpoint: {config.get('config_optimizer', '?')}, epoch {loaded['epoch']}, "
-                  f"step {loaded['step']}")
-        state = loaded["model"]
+    diverged = None
+    if _is_checkpoint(loaded):
+        config = _checked_config(file, loaded["config"], model, dataset, model_kwargs or {})
+        c = {k.removeprefix("config_"): v for k, v in config.items()}
+        source = (f"curvlab train checkpoint: {c.get('optimizer', '?')} (lr {c.get('lr', '?')}, augment "
+                  f"{c.get('augment', 'none')}, lr schedule {c.get('lr_schedule', 'constant')}), epoch "
+                  f"{loaded['epoch']} of {c.get('epochs', '?')}, step {loaded['step']}")
+        state, diverged = loaded["model"], loaded.get("diverged_at")
     else:
         source, state = "state dict", loaded
     _check_state_dict(file, state)
-    _check_fit(file, state, model, dataset)
+    state, stripped = _without_wrapper_prefix(state)
+    if stripped:
+        source += f" (its {stripped!r} prefix removed)"
+    _check_finite(file, state, diverged)
+    _check_fit(file, state, model, dataset, model_kwargs or {})
     return Weights(file, sha256, source, state)
 
 
@@ -95,23 +103,15 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_checkpoint(file: Path) -> dict:
-    from curvlab.app.train.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        return load_checkpoint(file, torch.device("cpu"))
-    except CheckpointError as err:  # its messages name curvlab train, which is not what runs
-        raise ReportError(f"{WHO}: --weights {str(err).removeprefix('curvlab train: ')}") from None
-
-
 def _load(file: Path) -> object:
     from curvlab.app.train.checkpoint import UnreadableFile, load_plain
 
     try:
         return load_plain(file, "cpu")
     except (UnreadableFile, OSError) as err:
-        raise ReportError(f"{WHO}: --weights {file} is not a file torch can read as weights only ({err}); "
-                          "expected a curvlab train checkpoint or torch.save(model.state_dict(), path)") from None
+        raise ReportError(f"{WHO}: --weights {file} is not a file torch can read as weights only ({err}): "
+                          "truncated, or not written by torch.save; expected a curvlab train checkpoint or "
+                          "torch.save(model.state_dict(), path)") from None
 
 
 def _is_checkpoint(obj: object) -> bool:
@@ -120,22 +120,21 @@ def _is_checkpoint(obj: object) -> bool:
     return isinstance(obj, Mapping) and all(key in obj for key in REQUIRED)
 
 
-def _checked_config(file: Path, config: object, model: str, dataset: str) -> dict:
+def _checked_config(file: Path, config: object, model: str, dataset: str, model_kwargs: dict) -> dict:
     """The checkpoint's configuration, its model, dataset and model options the report's."""
     from curvlab.app.data import canonical_name
 
     if not isinstance(config, dict):
         raise ReportError(f"{WHO}: --weights {file} has no readable configuration")
+    theirs_options = str(config.get("config_model_kwargs", "")).replace("none", "")
     differ = [f"{option} {theirs} (this report: {ours})" for option, theirs, ours in (
         ("--model", config.get("config_model"), model),
         ("--dataset", canonical_name(str(config.get("config_dataset"))), canonical_name(dataset)),
+        ("the model options", theirs_options or "none", options_attr(model_kwargs) or "none"),
     ) if theirs != ours]
-    options = config.get("config_model_kwargs", "")
-    if options not in ("", "none"):  # the report builds its models with their default options
-        differ.append(f"the model options {options} (this report: the defaults; it has no --hidden)")
     if differ:
         raise ReportError(f"{WHO}: --weights {file} was trained with {'; '.join(differ)}; report with "
-                          "the run's --model and --dataset, or pass weights of this model")
+                          "the run's --model, --hidden and --dataset, or pass weights of this model")
     return config
 
 
@@ -151,7 +150,33 @@ def _check_state_dict(file: Path, state: object) -> None:
                       "torch.save(model.state_dict(), path): the model's parameter and buffer names → tensors)")
 
 
-def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, dataset: str) -> None:
+#: Key prefixes of a model saved through a wrapper: DistributedDataParallel's, torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefix(state: Mapping[str, torch.Tensor]) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """``state`` with the prefix every key has removed where it is a wrapper's (a DDP model's
+    ``state_dict()`` instead of its ``module``'s), by torch's own helper; and that prefix."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    for prefix in WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = dict(state)
+            consume_prefix_in_state_dict_if_present(state, prefix)
+            return state, prefix
+    return state, None
+
+
+def _check_finite(file: Path, state: Mapping[str, torch.Tensor], diverged: int | None) -> None:
+    """No NaN or infinity in the weights (a diverged run's): their curvature means nothing."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        why = f"; the run diverged at step {diverged}" if diverged is not None else ""
+        raise ReportError(f"{WHO}: --weights {file} holds non-finite values in {_first(bad)}{why}: there is no "
+                          "curvature to measure; pass weights from before it diverged")
+
+
+def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, dataset: str, model_kwargs: dict) -> None:
     """Every key of the model's state dict, none other, each of its shape — as load_state_dict
     checks, but before the data is loaded, and naming the keys."""
     from curvlab.app.data import SHAPES, canonical_name
@@ -159,7 +184,7 @@ def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, datase
 
     input_shape, num_classes = SHAPES[canonical_name(dataset)]
     with torch.random.fork_rng(devices=[]):  # a check: the caller's random state stays as it was
-        expected = {k: tuple(v.shape) for k, v in make_model(model, input_shape, num_classes).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in make_model(model, input_shape, num_classes, **model_kwargs).state_dict().items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} (model: {expected[k]})" for k in expected

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from curvlab.app.messages import flag
-from curvlab.app.train.config import NOT_USED
+from curvlab.app.train.config import NOT_USED, TrainConfig
 from curvlab.app.train.schedule import SPANNING_EPOCHS
 from curvlab.io import atomic_write
 
@@ -112,6 +112,8 @@ def check_same_run(path: Path, saved: dict[str, object], current: dict[str, obje
     ``current`` differ in more than :data:`MAY_CHANGE`."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"curvlab train: {path} has no readable configuration")
+    # an option newer than the checkpoint: the run took its default (a run without --augment did not augment)
+    saved = {**{k: v for k, v in TrainConfig().as_attrs().items() if k not in saved}, **saved}
     a, b = _comparable(saved), _comparable(current)
     # an option the run does not use (older checkpoints record its value) changes nothing
     changed = sorted(k for k in a if k not in MAY_CHANGE and a[k] != b.get(k)
@@ -134,17 +136,13 @@ def _option_name(key: str) -> str:
     return "the model options (--hidden)" if name == "model_kwargs" else flag(name)
 
 
-def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-            scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
-    """Load the model, the optimizer, the learning-rate schedule's position and the random state
-    of ``ckpt`` (read from ``path``)."""
+def restore(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Load the model, the optimizer and the random state of ``ckpt`` (read from ``path``)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         said = " ".join(lines[:3]) if lines else type(err).__name__  # load_state_dict's detail follows its first line
         raise CheckpointError(f"curvlab train: {path} does not fit this model and optimizer ({said})") from None

@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import MISSING, fields
 
-from curvlab.app.models import MODELS, MODES, model_options
+from curvlab.app.models import MODELS, MODES
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.augment import AUGMENTATIONS, crop_padding
 from curvlab.app.launch import add_nproc_option
@@ -24,10 +24,13 @@ from curvlab.app.options import (
     approximations,
     dataset,
     exit_stopped,
+    hidden_options,
     label_smoothing,
     model,
+    models_taking_hidden,
     nonnegative_int,
     positive_int,
+    widths,
 )
 from curvlab.app.seed import add_seed_option
 from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, check_batches, curvature_layers,
@@ -98,8 +101,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     d = _DEFAULT
     run = p.add_argument_group("model, data and run")
     run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
-    run.add_argument("--hidden", default=None,
-                     help=f"hidden widths of {', '.join(_taking_hidden())}, comma-separated (e.g. 128,64)")
+    run.add_argument("--hidden", type=widths, default=None,
+                     help=f"hidden widths of {', '.join(models_taking_hidden())}, comma-separated (e.g. 128,64)")
     run.add_argument("--dataset", type=dataset, default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
@@ -112,11 +115,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                           "time: the CIFAR ResNet recipes'; not for digits); drawn from the seed and the epoch, so a "
                           "resumed run gets the same batches (default: %(default)s)")
     run.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
-                     help="learning-rate schedule over the run's steps: constant, cosine (to 0 at the last step of "
-                          "--epochs) or step (×0.1 from half the epochs, ×0.01 from three quarters); a resume keeps "
-                          "--epochs under cosine and step (default: %(default)s)")
+                     help="learning-rate schedule over the run's epochs: constant, cosine (annealed towards 0 over "
+                          "the steps after the warm-up, as CosineAnnealingLR) or step (×0.1 from epoch ⌈E/2⌉, ×0.01 "
+                          "from ⌈3E/4⌉ of E = --epochs); a resume keeps --epochs under cosine and step (default: %(default)s)")
     run.add_argument("--warmup-epochs", type=nonnegative_int, default=d.warmup_epochs,
-                     help="ramp the learning rate up linearly over this many epochs' steps (default: %(default)s)")
+                     help="ramp the learning rate up linearly to --lr over the steps of this many epochs, then follow "
+                          "--lr-schedule (default: %(default)s)")
     run.add_argument("--train-size", type=positive_int, default=d.train_size, help="train on a seeded subset of this many examples")
     run.add_argument("--test-size", type=positive_int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
@@ -141,20 +145,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
-def _taking_hidden() -> list[str]:
-    """The built-in models that take hidden widths (``--hidden``)."""
-    return [m for m in MODELS if "hidden" in model_options(m)]
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` the parsed options describe."""
-    model_kwargs = {}
-    if args.hidden is not None:
-        model_kwargs["hidden"] = _widths(args.hidden)
-        takes = _taking_hidden()
-        if args.model in MODELS and args.model not in takes:  # (--model's type gives built-ins lower-case)
-            raise ValueError(f"curvlab train: --hidden applies to the models {', '.join(takes)} (and a "
-                             f"module:function taking hidden=), not {args.model}")
+    model_kwargs = hidden_options("curvlab train", args.model, args.hidden)
     probe_approx = args.probe_approximations
     probe_options = [option for option, given in (
         ("--probe-batch-size", args.probe_batch_size is not None),
@@ -220,16 +213,6 @@ def _config(args: argparse.Namespace, options: dict, model_kwargs: dict, probe_a
         figures=not args.no_figures,
         model_kwargs=model_kwargs,
     )
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(h) for h in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
-        raise ValueError(f"curvlab train: --hidden {text!r}: expected comma-separated positive integers, e.g. 128,64")
-    return widths
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

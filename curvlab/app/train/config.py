@@ -12,7 +12,7 @@ from curvlab.app.augment import AUGMENTATIONS
 from curvlab.app.launch import check_batch_split
 from curvlab.app.messages import flag
 from curvlab.app.models import COUPLED_BATCH, MODES
-from curvlab.app.options import check_label_smoothing
+from curvlab.app.options import check_label_smoothing, options_attr
 from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx.registry import spec
 from curvlab.optim import OPTIMIZERS as KRONECKER
@@ -38,7 +38,7 @@ class TrainConfig(KroneckerOptions):
     to all (defaults: :func:`default_lr` and :func:`default_momentum` of the optimizer).
     ``probe_every = 0`` disables probing.  ``augment`` (:mod:`curvlab.app.augment`) transforms the
     training batches; ``lr_schedule`` and ``warmup_epochs`` (:mod:`curvlab.app.train.schedule`)
-    scale every group's ``lr`` per step.  ``figures``: redraw ``training.png`` (and with probes
+    set every group's ``lr`` before each step.  ``figures``: redraw ``training.png`` (and with probes
     ``probe.png``) after every epoch (:mod:`curvlab.app.train.figures`).
     """
 
@@ -138,7 +138,7 @@ class TrainConfig(KroneckerOptions):
             elif isinstance(value, (tuple, list)):
                 value = ",".join(map(str, value))
             elif isinstance(value, dict):
-                value = ";".join(f"{k}={v}" for k, v in value.items())
+                value = options_attr(value)
             elif value is None:
                 value = "none"
             elif isinstance(value, bool):
@@ -174,7 +174,8 @@ def check_batches(cfg: TrainConfig, world_size: int, *, options: bool = False) -
     if world_size > 1 and cfg.probe_every and cfg.probe_mode == "train":
         given = "--probe-mode train" if options else "probe_mode='train'"
         raise ValueError(f"curvlab train: {given} {COUPLED_BATCH}: run it in one process or probe in eval mode")
-    for name, size in (("batch_size", cfg.batch_size), ("probe_batch_size", cfg.probe_every and cfg.probe_batch_size)):
+    for name, size in (("batch_size", cfg.batch_size), ("train_size", cfg.train_size),  # (no batch would train)
+                       ("probe_batch_size", cfg.probe_every and cfg.probe_batch_size)):
         check_batch_split(flag(name) if options else name, size or None, world_size)
 
 

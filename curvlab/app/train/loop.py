@@ -31,7 +31,7 @@ from curvlab.app.train import figures, parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
 from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval, saved_probes
-from curvlab.app.train.schedule import make_scheduler
+from curvlab.app.train.schedule import Schedule
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.extract.autograd import couples_examples
 from curvlab.io import write_netcdf
@@ -217,8 +217,8 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         warnings.filterwarnings("ignore", r".*have no Kronecker block", UserWarning)
     optimizer = make_optimizer(cfg, net)
     kronecker = isinstance(optimizer, KroneckerOptimizer)
-    scheduler = make_scheduler(optimizer, cfg.lr_schedule, parallel.steps_per_epoch(len(data.train_x), cfg.batch_size, ranks.world_size),
-                               cfg.epochs, cfg.warmup_epochs)
+    schedule = Schedule(optimizer, cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs)
+    steps_per_epoch = parallel.steps_per_epoch(len(data.train_x), cfg.batch_size, ranks.world_size)
 
     probe = None
     if cfg.probe_every:
@@ -258,7 +258,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     # non-finite losses or skipped steps in a row, across epochs: a run may diverge over an epoch boundary
     streak = 0
     if ckpt is not None:
-        restore(ckpt_path, ckpt, model, optimizer, device, scheduler)
+        restore(ckpt_path, ckpt, model, optimizer, device)
         parallel.restore_rng(ckpt, ranks, device)
         start_epoch, step, wall, records = ckpt["epoch"], ckpt["step"], ckpt["wall_clock"], ckpt["records"]
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         t0 = time.perf_counter()
-        loss_sum, correct, seen, skipped = 0.0, 0.0, 0, 0
+        loss_sum, correct, seen, skipped, index = 0.0, 0.0, 0, 0, 0
         last_lr = optimizer.param_groups[0]["lr"]
         n_batches = -(-data.train_x.shape[0] // cfg.batch_size)
         loader = batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=gen)
@@ -300,6 +300,8 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             # share of the batch, so that unequal shards give the whole batch's mean gradient too
             weight = ranks.world_size * xb.shape[0] / whole
             optimizer.zero_grad()
+            schedule.set(epoch, index, steps_per_epoch)
+            index += 1
             tracking = optimizer.track(loss_fn) if kronecker else contextlib.nullcontext()
             with tracking:
                 output = net(xb)
@@ -308,8 +310,6 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             done = optimizer.steps_done if kronecker else None
             last_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step()  # the clock is the steps counted below, skipped ones included
             # a Kronecker optimizer skips a step (non-finite gradient, statistic or update) by
             # not counting it; every rank agrees (the skip decision is shared, the losses summed)
             taken = done is None or optimizer.steps_done > done
@@ -358,7 +358,6 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "rank_rng": rank_rng,
                 "rank_cuda_rng": rank_cuda_rng,
