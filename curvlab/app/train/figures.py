@@ -12,6 +12,7 @@ The report's style, colours and names (:mod:`curvlab.app.report.figures`, :mod:`
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def redraw(folder: Path, setting: str) -> list[Path]:
     return drawn
 
 
+#: Characters a line of a figure's title holds at its width.
+TITLE_WIDTH = 95
 #: Most layers the probe's per-layer panel names on its axis (evenly spread beyond).
 MAX_LAYER_TICKS = 24
 
@@ -69,7 +72,7 @@ def plot_training(ds: xr.Dataset, path: PathLike, setting: str) -> Path:
                 ax.legend(frameon=False)
             if ylabel == "loss":
                 _log_if_wide(ax, ds[list(names)].to_array().values)
-        fig.suptitle(f"Training — {setting}")
+        fig.suptitle(textwrap.fill(f"Training — {setting}", TITLE_WIDTH))
         return _save(fig, path)
 
 
@@ -119,6 +122,6 @@ def plot_probe(ds: xr.Dataset, path: PathLike, setting: str) -> Path:
             ax.set_xlabel("training step (blank: not measured yet)")
             ax.set_title(f"Per layer: {label(own)}, relative Frobenius error")
             ax.grid(False)
-        fig.suptitle(f"Probe: approximations vs the exact Fisher on a fixed batch — {setting}")
+        fig.suptitle(textwrap.fill(f"Probe: approximations vs the exact Fisher on a fixed batch — {setting}", TITLE_WIDTH))
         return _save(fig, path)
 
