@@ -9,6 +9,7 @@ block of the last layer from dense autograd (tests/helpers.py).
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,10 @@ from curvlab.app.data import fixed_batch, load_dataset
 from curvlab.app.models import make_model
 from curvlab.app.report import ReportConfig
 from curvlab.app.report import run as report_run
-from curvlab.app.report.run import warm_up
+from curvlab.app.report.run import ReportError, warm_up
+from curvlab.app.report.weights import read_weights
+from curvlab.app.train import TrainConfig, train
+from curvlab.app.train import checkpoint as train_checkpoint
 from curvlab.io import read_netcdf
 from helpers import dense_ggn
 
@@ -270,3 +274,134 @@ def test_bad_weights_fail_before_nproc_starts(bad_files: dict, init_report: Path
     assert code == 2, err
     assert err.count(f"curvlab report: error: --weights {path}") == 1 and phrase in err, err
     assert _snapshot(init_report) == before
+
+
+# ----------------------------------------------------------------- from mutation testing
+
+
+def _sgd_config(out: Path, **kw) -> TrainConfig:
+    """4 steps an epoch (120 examples in batches of 30), SGD, no figures."""
+    base = dict(model="mlp", dataset="digits", optimizer="sgd", epochs=3, batch_size=30, train_size=120,
+                test_size=40, out=str(out), progress=False, figures=False, model_kwargs={"hidden": (8,)}, lr=0.2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _state(seed: int = 3, **kwargs) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return make_model("mlp", (1, 8, 8), 10, **kwargs).state_dict()
+
+
+USER_MODEL = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flat, self.module, self.head = nn.Flatten(), nn.Linear(64, 10), nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.head(self.module(self.flat(x)))
+
+
+def build():
+    return Net()
+"""
+
+
+def test_a_model_with_a_submodule_called_module_keeps_its_keys(tmp_path: Path) -> None:
+    """Only a prefix every key has is a wrapper's: a model whose own submodule is called
+    ``module`` (some keys ``module.…``, others not) is read as it is, not stripped."""
+    (tmp_path / "net.py").write_text(USER_MODEL)
+    spec = f"{tmp_path / 'net.py'}:build"
+    state = make_model(spec, (1, 8, 8), 10).state_dict()
+    assert any(k.startswith("module.") for k in state) and not all(k.startswith("module.") for k in state)
+    torch.save(state, tmp_path / "w.pt")
+    weights = read_weights(tmp_path / "w.pt", spec, "digits")
+    assert weights.source == "state dict" and list(weights.state_dict) == list(state)
+
+
+def test_infinite_weights_are_refused_as_nan_ones(tmp_path: Path) -> None:
+    state = _state()
+    key = next(iter(state))
+    state[key].view(-1)[0] = float("inf")
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(ReportError, match=rf"holds non-finite values in {key}"):
+        read_weights(tmp_path / "inf.pt", "mlp", "digits")
+
+
+def test_a_diverged_runs_checkpoint_names_the_step_it_diverged_at(tmp_path: Path) -> None:
+    """The run's own record of the step (metrics.nc's diverged_at_step) is in the refusal."""
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        paths = train(_sgd_config(tmp_path / "run", lr=1e30, batch_size=4, epochs=1))
+    with xr.open_dataset(paths["metrics"]) as ds:
+        step = int(ds.attrs["diverged_at_step"])
+    with pytest.raises(ReportError, match=rf"non-finite values in .*; the run diverged at step {step}:"):
+        read_weights(tmp_path / "run", "mlp", "digits", {"hidden": (8,)})
+
+
+def test_the_hash_is_of_the_whole_file(tmp_path: Path) -> None:
+    """hashlib's SHA-256 of every byte of a state dict larger than any read buffer (several MiB)."""
+    state = _state(hidden=(12000,))
+    path = tmp_path / "wide.pt"
+    torch.save(state, path)
+    assert path.stat().st_size > 2 * 2**20
+    weights = read_weights(path, "mlp", "digits", {"hidden": (12000,)})
+    assert weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_replaced_while_it_is_read_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash would be another file's: a training run saving it meanwhile is a refusal, not a
+    record of the wrong checksum."""
+    path = tmp_path / "w.pt"
+    torch.save(_state(), path)
+    plain = train_checkpoint.load_plain
+
+    def load_then_replace(file, device):
+        out = plain(file, device)
+        torch.save(_state(seed=4), str(file) + ".new")
+        os.replace(str(file) + ".new", file)  # as an atomic save does
+        return out
+
+    monkeypatch.setattr(train_checkpoint, "load_plain", load_then_replace)
+    with pytest.raises(ReportError, match="changed while it was read"):
+        read_weights(path, "mlp", "digits")
+
+
+@pytest.mark.parametrize("case", ["unexpected", "missing"])
+def test_keys_the_model_does_not_have_or_lacks_are_refused_naming_them(case: str, tmp_path: Path) -> None:
+    state = _state()
+    if case == "unexpected":
+        state["extra.weight"] = torch.zeros(2)
+        name = "extra.weight"
+    else:
+        name = list(state)[-1]
+        del state[name]
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ReportError, match=rf"{case} keys {name}"):
+        read_weights(tmp_path / "w.pt", "mlp", "digits")
+
+
+def test_a_relative_path_is_recorded_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sub").mkdir()
+    torch.save(_state(), tmp_path / "sub" / "w.pt")
+    monkeypatch.chdir(tmp_path / "sub")
+    weights = read_weights("../sub/w.pt", "mlp", "digits")
+    assert weights.attrs()["weights"] == str((tmp_path / "sub" / "w.pt").resolve())
+    assert Path(weights.attrs()["weights"]).is_absolute()
+
+
+def test_model_options_are_compared_by_the_model_they_build(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run trained with mlp's default widths spelled out (--hidden 128,64) reports without
+    --hidden, as the same model; a model with one hidden layer (vgg's classifier) takes one width
+    in both commands, and several are refused naming it."""
+    spelled = work / "run-default-widths"
+    assert main([*TRAIN, "--hidden", "128,64", "--out", str(spelled)]) == 0
+    _report(work / "default-widths-report", "--weights", str(spelled), capsys=capsys)
+    vgg = work / "run-vgg"
+    assert main([*TRAIN, "--model", "vgg", "--hidden", "16", "--out", str(vgg)]) == 0
+    ds = _report(work / "vgg-report", "--model", "vgg", "--hidden", "16", "--weights", str(vgg), capsys=capsys)
+    assert ds.attrs["model_options"] == "hidden=16"
+    for command in (TRAIN, REPORT):
+        assert main([*command, "--model", "vgg", "--hidden", "16,8", "--out", str(work / "vgg-two")]) == 2
+        assert "--hidden 16,8: vgg has one hidden layer (its classifier's): give one width" in capsys.readouterr().err

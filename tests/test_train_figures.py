@@ -4,16 +4,19 @@ that cannot be drawn is a warning, never the end of a run."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import matplotlib.figure
 import matplotlib.image
 import numpy as np
 import pytest
 import xarray as xr
+from matplotlib.collections import QuadMesh
 
 from curvlab.app.cli import main
 from curvlab.app.train import TrainConfig, train
-from curvlab.app.train.figures import plot_probe, plot_training
+from curvlab.app.train.figures import plot_probe, plot_training, redraw
 
 
 def _config(out: Path, **kw) -> TrainConfig:
@@ -80,3 +83,65 @@ def test_the_probe_figure_takes_any_probe(tmp_path: Path) -> None:
     params = params.drop_vars([v for v in params.data_vars if str(v).startswith("network_")])
     _image(plot_probe(params, tmp_path / "params.png", "parameter blocks"))
     _image(plot_training(xr.open_dataset(out / "metrics.nc").load(), tmp_path / "one.png", "one epoch"))
+
+
+# ----------------------------------------------------------------- from mutation testing
+
+
+def _sgd_config(out: Path, **kw) -> TrainConfig:
+    """4 steps an epoch (120 examples in batches of 30), SGD, no figures."""
+    base = dict(model="mlp", dataset="digits", optimizer="sgd", epochs=3, batch_size=30, train_size=120,
+                test_size=40, out=str(out), progress=False, figures=False, model_kwargs={"hidden": (8,)}, lr=0.2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[matplotlib.figure.Figure]:
+    """Every matplotlib Figure saved while the test runs (what the PNG shows, as data)."""
+    saved: list[matplotlib.figure.Figure] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return saved
+
+
+def test_the_per_layer_map_shows_the_optimizers_own_approximation(tmp_path: Path, saved_figures) -> None:
+    out = tmp_path / "run"
+    train(_sgd_config(out, optimizer="tekfac", epochs=1, batch_size=50, train_size=200, test_size=50, probe_every=2,
+                  probe_batch_size=16, stats_interval=1, eigen_interval=2, scale_interval=1))
+    ds = xr.open_dataset(out / "probe.nc").load()
+    own = [str(a) for a in ds["approximation"].values if str(a).endswith("@optimizer")]
+    assert own == ["tekfac@optimizer"]
+    plot_probe(ds, tmp_path / "probe.png", "setting")
+    size = ds.sizes["layer"] * ds.sizes["step"]  # the map's cells (the colour bar is a QuadMesh too)
+    meshes = [c for ax in saved_figures[-1].axes for c in ax.collections
+              if isinstance(c, QuadMesh) and c.get_array().size == size]
+    assert len(meshes) == 1
+    shown = np.ma.filled(meshes[0].get_array(), np.nan).reshape(ds.sizes["layer"], ds.sizes["step"])
+    expected = ds["rel_frobenius_error"].sel(approximation=own[0]).transpose("layer", "step").values
+    np.testing.assert_allclose(shown, expected, rtol=1e-6)
+    others = [a for a in ds["approximation"].values if str(a) != own[0]]
+    for other in others:  # a map of another approximation would differ
+        values = ds["rel_frobenius_error"].sel(approximation=other).transpose("layer", "step").values
+        assert not np.allclose(np.nan_to_num(values), np.nan_to_num(shown))
+
+
+def test_an_unprobed_run_draws_its_figures_without_a_warning(tmp_path: Path) -> None:
+    train(_sgd_config(tmp_path / "run", epochs=1))  # no probe.nc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = redraw(tmp_path / "run", "setting")
+    assert [p.name for p in drawn] == ["training.png"]
+
+
+def test_the_learning_rate_panel_is_drawn_when_earlier_epochs_lack_it(tmp_path: Path, saved_figures) -> None:
+    """A run resumed from a checkpoint older than the lr record: its first epochs' lr are NaN,
+    the later ones are drawn."""
+    ds = xr.open_dataset(train(_sgd_config(tmp_path / "run", epochs=2))["metrics"]).load()
+    ds["lr"].values[0] = np.nan
+    plot_training(ds, tmp_path / "t.png", "setting")
+    assert "learning rate (last step)" in [ax.get_ylabel() for ax in saved_figures[-1].axes]

@@ -22,8 +22,9 @@ import xarray as xr
 
 from curvlab.app.augment import augment, crop_padding
 from curvlab.app.cli import main
-from curvlab.app.data import NORMALISATION
+from curvlab.app.data import NORMALISATION, batches
 from curvlab.app.train import TrainConfig, train
+from curvlab.app.train.parallel import steps_per_epoch
 from curvlab.app.train.schedule import lr_factor
 from helpers import torch_threads
 
@@ -213,3 +214,90 @@ def test_a_checkpoint_older_than_the_options_took_their_defaults(tmp_path: Path,
     assert main([*common, "--epochs", "2", "--resume", "--augment", "crop-flip", "--lr-schedule", "cosine"]) == 1
     assert "--augment none (now crop-flip); --lr-schedule constant (now cosine)" in capsys.readouterr().err
     assert main([*common, "--epochs", "2", "--resume"]) == 0
+
+
+# ------------------------------------------------------- from mutation testing: schedules, augmentation
+
+
+def _sgd_config(out: Path, **kw) -> TrainConfig:
+    """4 steps an epoch (120 examples in batches of 30), SGD, no figures."""
+    base = dict(model="mlp", dataset="digits", optimizer="sgd", epochs=3, batch_size=30, train_size=120,
+                test_size=40, out=str(out), progress=False, figures=False, model_kwargs={"hidden": (8,)}, lr=0.2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _lr(out_or_paths) -> np.ndarray:
+    path = out_or_paths["metrics"] if isinstance(out_or_paths, dict) else Path(out_or_paths) / "metrics.nc"
+    with xr.open_dataset(path) as ds:
+        return ds["lr"].values.copy()
+
+
+def test_a_warm_up_under_a_constant_schedule_ramps_the_rate(tmp_path: Path) -> None:
+    """--lr-schedule constant --warmup-epochs 2: the rate still ramps (torch's LinearLR from
+    1/(W·steps) over the W·steps warm-up steps), so epoch 1 ends half way up, then stays at --lr.
+    (The warm-up was dropped when the schedule is constant: the recorded rates were all --lr.)"""
+    per_epoch, warm, epochs = 4, 2, 3
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / (warm * per_epoch), total_iters=warm * per_epoch - 1)
+    rates = []
+    for _ in range(epochs * per_epoch):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lr = _lr(train(_sgd_config(tmp_path / "run", lr_schedule="constant", warmup_epochs=warm, epochs=epochs)))
+    np.testing.assert_allclose(lr, [rates[(e + 1) * per_epoch - 1] for e in range(epochs)], rtol=1e-12)
+    assert lr[0] < lr[1] == lr[2] == pytest.approx(0.2)
+
+
+def test_a_resume_keeps_the_epochs_the_step_schedule_spans(tmp_path: Path, capsys) -> None:
+    """--lr-schedule step places its decays at fractions of --epochs: a resume with other epochs
+    is refused as cosine's is."""
+    common = ["train", "--hidden", "8", "--train-size", "60", "--test-size", "20", "--batch-size", "30",
+              "--optimizer", "sgd", "--no-progress", "--no-figures", "--lr-schedule", "step", "--out", str(tmp_path / "step")]
+    assert main([*common, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--epochs", "4", "--resume"]) == 1
+    assert "--epochs 1 (now 4; --lr-schedule step spans them)" in capsys.readouterr().err
+    # the checkpoint's schedule spans its epochs, whatever this resume asks for
+    assert main([*common, "--epochs", "4", "--resume", "--lr-schedule", "constant"]) == 1
+    err = capsys.readouterr().err
+    assert "--lr-schedule step (now constant)" in err and "--epochs 1 (now 4; --lr-schedule step spans them)" in err
+
+
+@pytest.mark.parametrize("num_train,batch,world", [(61, 30, 2), (60, 30, 2), (64, 30, 4), (65, 16, 2), (7, 30, 2), (31, 10, 1)])
+def test_steps_per_epoch_counts_the_batches_every_rank_trains(num_train: int, batch: int, world: int) -> None:
+    """The schedule's steps an epoch are the batches the loop trains: those with at least one
+    example per rank (a trailing batch of fewer is skipped)."""
+    x = torch.zeros(num_train, 1)
+    trained = sum(1 for xb, _ in batches(x, x[:, 0], batch, shuffle=False) if xb.shape[0] >= world)
+    assert steps_per_epoch(num_train, batch, world) == trained
+
+
+def test_an_epochs_rates_after_a_resume_do_not_depend_on_earlier_epochs_steps(tmp_path: Path) -> None:
+    """A checkpoint whose first epoch took one step more than this run's epochs (one process took
+    a trailing batch that more ranks skip): the resumed epoch's rates are the uninterrupted run's
+    (the clock is the progress in epochs, not the step count)."""
+    full = _sgd_config(tmp_path / "full", lr_schedule="cosine", epochs=2)
+    with torch_threads(1):
+        reference = _lr(train(full))
+        train(_sgd_config(tmp_path / "resumed", lr_schedule="cosine", epochs=1, warmup_epochs=0))
+    # the same run, its first epoch 5 steps long, recorded as a 2-epoch cosine run
+    path = tmp_path / "resumed" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["step"] += 1
+    ckpt["config"]["config_epochs"] = 2
+    torch.save(ckpt, path)
+    with torch_threads(1):
+        resumed = _lr(train(_sgd_config(tmp_path / "resumed", lr_schedule="cosine", epochs=2), resume=True))
+    assert resumed[1] == pytest.approx(reference[1], rel=1e-12)
+
+
+def test_images_narrower_than_8_pixels_are_still_cropped() -> None:
+    """A frame of at least one pixel: 3×3 images are windows of the 1-pixel black frame, and not
+    all of them the centred one."""
+    x = torch.rand(200, 1, 3, 3, generator=torch.Generator().manual_seed(0)) + 1
+    y = augment(x, "crop", torch.Generator().manual_seed(1), "digits")
+    framed = F.pad(x, (1, 1, 1, 1))
+    windows = torch.stack([framed[..., t:t + 3, s:s + 3] for t in range(3) for s in range(3)])
+    match = (windows == y).flatten(2).all(-1)  # [9, N]
+    assert (match.sum(0) == 1).all() and len(match.int().argmax(0).unique()) == 9

@@ -40,10 +40,10 @@ from curvlab.app.options import (
     damping_strategies,
     dataset,
     exit_stopped,
+    hidden_help,
     hidden_options,
     label_smoothing,
     model,
-    models_taking_hidden,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -110,8 +110,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "either mode)",
     )
     what.add_argument("--hidden", type=widths, default=None,
-                      help=f"hidden widths of {', '.join(models_taking_hidden())}, comma-separated (e.g. 128,64), "
-                      "as curvlab train's")
+                      help=hidden_help() + ", as curvlab train's")
     what.add_argument(
         "--weights",
         type=Path,

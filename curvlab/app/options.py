@@ -101,12 +101,25 @@ def models_taking_hidden() -> list[str]:
     return [m for m in MODELS if "hidden" in model_options(m)]
 
 
+def hidden_help() -> str:
+    """``--hidden``'s help: which built-in models take how many widths."""
+    from curvlab.app.models import option_default
+
+    takes = models_taking_hidden()
+    one = [m for m in takes if isinstance(option_default(m, "hidden"), int)]
+    many = [m for m in takes if m not in one]
+    return (f"hidden widths of {', '.join(many)} (and a module:function taking hidden=), comma-separated "
+            f"(e.g. 128,64); one width for {', '.join(one)} (the classifier's hidden layer)")
+
+
 def hidden_options(command: str, model: str, hidden: tuple[int, ...] | None) -> dict:
-    """The model options ``--hidden`` gives ``model`` (``{}`` without it).
+    """The model options ``--hidden`` gives ``model`` (``{}`` without it): its widths, or the one
+    width of a built-in model with a single hidden layer (``vgg``'s classifier).
 
     Raises:
-        ValueError: ``model`` is a built-in model that takes no hidden widths."""
-    from curvlab.app.models import MODELS
+        ValueError: ``model`` is a built-in model that takes no hidden widths, or one width and
+            was given several."""
+    from curvlab.app.models import MODELS, option_default
 
     if hidden is None:
         return {}
@@ -114,6 +127,11 @@ def hidden_options(command: str, model: str, hidden: tuple[int, ...] | None) -> 
     if model in MODELS and model not in takes:  # (--model's type gives built-ins lower-case)
         raise ValueError(f"{command}: --hidden applies to the models {', '.join(takes)} (and a "
                          f"module:function taking hidden=), not {model}")
+    if model in MODELS and isinstance(option_default(model, "hidden"), int):
+        if len(hidden) != 1:
+            raise ValueError(f"{command}: --hidden {','.join(map(str, hidden))}: {model} has one hidden layer "
+                             "(its classifier's): give one width")
+        return {"hidden": hidden[0]}
     return {"hidden": hidden}
 
 

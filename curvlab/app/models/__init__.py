@@ -39,6 +39,11 @@ def model_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes"))
 
 
+def option_default(name: str, option: str) -> object:
+    """The default of the built-in model ``name``'s ``option`` (its builder's)."""
+    return inspect.signature(_BUILDERS[name.strip().lower()]).parameters[option].default
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
     """Build a built-in model.
 

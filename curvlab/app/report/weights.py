@@ -71,10 +71,11 @@ def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | 
     loaded = _load(file)  # what it is by its content: a state dict may be called checkpoint.pt too
     if _identity(file) != before:  # a training run replaced it meanwhile: the hash is of another file
         raise ReportError(f"{WHO}: --weights {file} changed while it was read (a training run saving it?); try again")
-    diverged = None
+    diverged, trained_with = None, None
     if _is_checkpoint(loaded):
-        config = _checked_config(file, loaded["config"], model, dataset, model_kwargs or {})
+        config = _checked_config(file, loaded["config"], model, dataset)
         c = {k.removeprefix("config_"): v for k, v in config.items()}
+        trained_with = str(c.get("model_kwargs", "")).removeprefix("none") or "none"
         source = (f"curvlab train checkpoint: {c.get('optimizer', '?')} (lr {c.get('lr', '?')}, augment "
                   f"{c.get('augment', 'none')}, lr schedule {c.get('lr_schedule', 'constant')}), epoch "
                   f"{loaded['epoch']} of {c.get('epochs', '?')}, step {loaded['step']}")
@@ -86,7 +87,7 @@ def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | 
     if stripped:
         source += f" (its {stripped!r} prefix removed)"
     _check_finite(file, state, diverged)
-    _check_fit(file, state, model, dataset, model_kwargs or {})
+    _check_fit(file, state, model, dataset, model_kwargs or {}, trained_with)
     return Weights(file, sha256, source, state)
 
 
@@ -120,21 +121,20 @@ def _is_checkpoint(obj: object) -> bool:
     return isinstance(obj, Mapping) and all(key in obj for key in REQUIRED)
 
 
-def _checked_config(file: Path, config: object, model: str, dataset: str, model_kwargs: dict) -> dict:
-    """The checkpoint's configuration, its model, dataset and model options the report's."""
+def _checked_config(file: Path, config: object, model: str, dataset: str) -> dict:
+    """The checkpoint's configuration, its model and dataset the report's (its model options are
+    checked by the shapes they give, :func:`_check_fit`: ``--hidden 128,64`` is mlp's default)."""
     from curvlab.app.data import canonical_name
 
     if not isinstance(config, dict):
         raise ReportError(f"{WHO}: --weights {file} has no readable configuration")
-    theirs_options = str(config.get("config_model_kwargs", "")).replace("none", "")
     differ = [f"{option} {theirs} (this report: {ours})" for option, theirs, ours in (
         ("--model", config.get("config_model"), model),
         ("--dataset", canonical_name(str(config.get("config_dataset"))), canonical_name(dataset)),
-        ("the model options", theirs_options or "none", options_attr(model_kwargs) or "none"),
     ) if theirs != ours]
     if differ:
         raise ReportError(f"{WHO}: --weights {file} was trained with {'; '.join(differ)}; report with "
-                          "the run's --model, --hidden and --dataset, or pass weights of this model")
+                          "the run's --model and --dataset, or pass weights of this model")
     return config
 
 
@@ -176,9 +176,11 @@ def _check_finite(file: Path, state: Mapping[str, torch.Tensor], diverged: int |
                           "curvature to measure; pass weights from before it diverged")
 
 
-def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, dataset: str, model_kwargs: dict) -> None:
+def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, dataset: str, model_kwargs: dict,
+               trained_with: str | None = None) -> None:
     """Every key of the model's state dict, none other, each of its shape — as load_state_dict
-    checks, but before the data is loaded, and naming the keys."""
+    checks, but before the data is loaded, and naming the keys; ``trained_with``: a checkpoint's
+    model options, named where they are not the report's."""
     from curvlab.app.data import SHAPES, canonical_name
     from curvlab.app.models import make_model
 
@@ -192,8 +194,11 @@ def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, datase
     problems = [f"{label} {_first(keys)}" for label, keys in (
         ("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if keys]
     if problems:
+        ours = options_attr(model_kwargs) or "none"
+        hint = (f"; the run was trained with the model options {trained_with} (this report: {ours}): pass its --hidden"
+                if trained_with not in (None, ours) else "")
         raise ReportError(f"{WHO}: --weights {file} does not fit --model {model} on {canonical_name(dataset)}: "
-                          f"{'; '.join(problems)}")
+                          f"{'; '.join(problems)}{hint}")
 
 
 def _first(items: list[str]) -> str:

@@ -24,10 +24,10 @@ from curvlab.app.options import (
     approximations,
     dataset,
     exit_stopped,
+    hidden_help,
     hidden_options,
     label_smoothing,
     model,
-    models_taking_hidden,
     nonnegative_int,
     positive_int,
     widths,
@@ -102,7 +102,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run = p.add_argument_group("model, data and run")
     run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
     run.add_argument("--hidden", type=widths, default=None,
-                     help=f"hidden widths of {', '.join(models_taking_hidden())}, comma-separated (e.g. 128,64)")
+                     help=hidden_help())
     run.add_argument("--dataset", type=dataset, default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
