@@ -1,10 +1,11 @@
 """``curvlab report --weights``: the weights a report measures, read and checked before any data.
 
-A path is a ``curvlab train`` run folder (its ``checkpoint.pt``), such a ``checkpoint.pt``
-(read by :func:`curvlab.app.train.checkpoint.load_checkpoint`), or a file of
-``torch.save(model.state_dict(), path)``.  Only tensors and plain data are loaded
-(``weights_only``).  A checkpoint of another model or dataset, a file holding something else and
-a state dict that does not fit the model are :class:`ReportError` s naming the file.
+A path is a ``curvlab train`` run folder (its ``checkpoint.pt``), such a checkpoint, or a file of
+``torch.save(model.state_dict(), path)``: what the file holds decides which, whatever its name.
+Only tensors and plain data are loaded (``weights_only``); a wrapper's key prefix (DDP's
+``module.``) is removed.  A checkpoint of another model or dataset, a file holding something
+else, a state dict that does not fit the model and non-finite weights are :class:`ReportError` s
+naming the file.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | 
 
     Raises:
         ReportError: no such file; a folder without ``checkpoint.pt``; a file torch cannot read
-            (weights only); a checkpoint of another model, dataset or model options; something
-            other than a state dict; a state dict with missing or unexpected keys or wrong shapes.
+            (weights only) or that changed while read; a checkpoint of another model or dataset;
+            something other than a state dict; NaN or infinite weights; a state dict with missing
+            or unexpected keys or wrong shapes (naming the model options a checkpoint was trained
+            with where they are not ``model_kwargs``).
     """
     from curvlab.app.train.run_folder import CHECKPOINT
 
