@@ -151,7 +151,10 @@ def test_a_run_with_hidden_widths_is_reported_with_them(bad_files: dict, work: P
     assert ds.attrs["model_options"] == "hidden=(32,)" and int(ds.attrs["num_trainable_params"]) == 64 * 32 + 32 + 32 * 10 + 10
     assert "- **Model options:** hidden=(32,)" in (work / "hidden-report" / "summary.md").read_text(encoding="utf-8")
     assert main([*REPORT, "--model", "cnn", "--hidden", "32", "--out", str(work / "cnn-hidden")]) == 2
-    assert "--hidden applies to the models mlp" in capsys.readouterr().err
+    assert "--hidden applies to the built-in models mlp, vgg, vgg16-bn, not cnn" in capsys.readouterr().err
+    (work / "net.py").write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    assert main([*REPORT, "--model", f"{work / 'net.py'}:net", "--hidden", "8", "--out", str(work / "user-hidden")]) == 2
+    assert "--hidden applies to the built-in models mlp, vgg, vgg16-bn, not a module:function" in capsys.readouterr().err
 
 
 def test_train_steps_from_the_weights(run: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +186,8 @@ def test_weights_are_recorded(run: Path, work: Path, capsys: pytest.CaptureFixtu
     ds = _report(out, "--weights", str(run), capsys=capsys)
     assert ds.attrs["weights"] == str(ckpt)
     assert ds.attrs["weights_sha256"] == sha
-    source = "curvlab train checkpoint: sgd (lr 0.05, augment none, lr schedule constant), epoch 1 of 1, step 4"
+    source = ("curvlab train checkpoint: sgd (lr 0.05, augment none, lr schedule constant, warm-up 0 epochs), "
+              "epoch 1 of 1, step 4")
     assert ds.attrs["weights_source"] == source
     lines = [line for line in (out / "summary.md").read_text(encoding="utf-8").splitlines() if "Weights" in line]
     assert lines == [f"- **Weights measured:** {ckpt} (sha256 {sha}; {source}), as loaded (no training steps)"]

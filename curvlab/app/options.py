@@ -108,8 +108,8 @@ def hidden_help() -> str:
     takes = models_taking_hidden()
     one = [m for m in takes if isinstance(option_default(m, "hidden"), int)]
     many = [m for m in takes if m not in one]
-    return (f"hidden widths of {', '.join(many)} (and a module:function taking hidden=), comma-separated "
-            f"(e.g. 128,64); one width for {', '.join(one)} (the classifier's hidden layer)")
+    return (f"hidden widths of the built-in {', '.join(many)}, comma-separated (e.g. 128,64); one width for "
+            f"{', '.join(one)} (the classifier's hidden layer)")
 
 
 def hidden_options(command: str, model: str, hidden: tuple[int, ...] | None) -> dict:
@@ -124,10 +124,10 @@ def hidden_options(command: str, model: str, hidden: tuple[int, ...] | None) -> 
     if hidden is None:
         return {}
     takes = models_taking_hidden()
-    if model in MODELS and model not in takes:  # (--model's type gives built-ins lower-case)
-        raise ValueError(f"{command}: --hidden applies to the models {', '.join(takes)} (and a "
-                         f"module:function taking hidden=), not {model}")
-    if model in MODELS and isinstance(option_default(model, "hidden"), int):
+    if model not in takes:  # (--model's type gives built-ins lower-case)
+        which = "a module:function (it builds its own widths)" if model not in MODELS else model
+        raise ValueError(f"{command}: --hidden applies to the built-in models {', '.join(takes)}, not {which}")
+    if isinstance(option_default(model, "hidden"), int):
         if len(hidden) != 1:
             raise ValueError(f"{command}: --hidden {','.join(map(str, hidden))}: {model} has one hidden layer "
                              "(its classifier's): give one width")

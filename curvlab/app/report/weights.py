@@ -80,7 +80,8 @@ def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | 
         c = {k.removeprefix("config_"): v for k, v in config.items()}
         trained_with = str(c.get("model_kwargs", "")).removeprefix("none") or "none"
         source = (f"curvlab train checkpoint: {c.get('optimizer', '?')} (lr {c.get('lr', '?')}, augment "
-                  f"{c.get('augment', 'none')}, lr schedule {c.get('lr_schedule', 'constant')}), epoch "
+                  f"{c.get('augment', 'none')}, lr schedule {c.get('lr_schedule', 'constant')}, warm-up "
+                  f"{c.get('warmup_epochs', 0)} epochs), epoch "
                   f"{loaded['epoch']} of {c.get('epochs', '?')}, step {loaded['step']}")
         state, diverged = loaded["model"], loaded.get("diverged_at")
     else:

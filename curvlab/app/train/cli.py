@@ -116,8 +116,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                           "resumed run gets the same batches (default: %(default)s)")
     run.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
                      help="learning-rate schedule over the run's epochs: constant, cosine (annealed towards 0 over "
-                          "the steps after the warm-up, as CosineAnnealingLR) or step (×0.1 from epoch ⌈E/2⌉, ×0.01 "
-                          "from ⌈3E/4⌉ of E = --epochs); a resume keeps --epochs under cosine and step (default: %(default)s)")
+                          "the steps after the warm-up, as CosineAnnealingLR) or step (×0.1 after ⌈E/2⌉ epochs, ×0.01 "
+                          "after ⌈3E/4⌉, E = --epochs); a resume keeps --epochs under cosine and step (default: %(default)s)")
     run.add_argument("--warmup-epochs", type=nonnegative_int, default=d.warmup_epochs,
                      help="ramp the learning rate up linearly to --lr over the steps of this many epochs, then follow "
                           "--lr-schedule (default: %(default)s)")

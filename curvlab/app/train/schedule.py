@@ -12,8 +12,8 @@ took (a resume on another number of processes may skip a trailing batch that one
 * ``"cosine"``: ``½(1 + cos(π (p − W)/(E − W)))`` over the ``E − W`` epochs after the warm-up,
   annealed towards 0 (torch's ``CosineAnnealingLR`` over those steps; ``SequentialLR`` after the
   warm-up's ``LinearLR``);
-* ``"step"``: ×0.1 from epoch ``⌈E/2⌉`` on and ×0.01 from ``⌈3E/4⌉`` (the ResNet recipes' decays at
-  100 and 150 of 200 epochs; torch's ``MultiStepLR``), whole epochs counted from the start.
+* ``"step"``: ×0.1 after ``⌈E/2⌉`` epochs and ×0.01 after ``⌈3E/4⌉`` (the ResNet recipes' decays
+  at 100 and 150 of 200 epochs; torch's ``MultiStepLR``), whole epochs counted from the start.
 
 The schedules that span ``E`` make a resume keep ``--epochs`` (:mod:`curvlab.app.train.checkpoint`).
 """
