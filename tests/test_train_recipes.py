@@ -31,12 +31,18 @@ from helpers import torch_threads
 TESTS = Path(__file__).resolve().parent
 
 
-def _windows(x: torch.Tensor, pad: int, fill: torch.Tensor) -> torch.Tensor:
-    """``[(2p+1)², 2, N, C, H, W]``: every window of ``x`` framed by ``fill``, and its mirror."""
+def _matches(x: torch.Tensor, y: torch.Tensor, pad: int, fill: torch.Tensor) -> torch.Tensor:
+    """``[(2p+1)², 2, N]``: whether ``y[n]`` is the window at each offset of ``x[n]`` framed by
+    ``fill`` (channel by channel), and whether it is that window's mirror — one window at a time
+    (all of them at once are gigabytes)."""
     n, c, h, w = x.shape
     framed = torch.stack([F.pad(x[:, i], (pad,) * 4, value=float(fill[i])) for i in range(c)], 1)
-    out = [framed[:, :, t:t + h, s:s + w] for t in range(2 * pad + 1) for s in range(2 * pad + 1)]
-    return torch.stack([torch.stack([o, o.flip(-1)]) for o in out])
+    out = []
+    for t in range(2 * pad + 1):
+        for s in range(2 * pad + 1):
+            window = framed[:, :, t:t + h, s:s + w]
+            out.append(torch.stack([(window == y).flatten(1).all(-1), (window.flip(-1) == y).flatten(1).all(-1)]))
+    return torch.stack(out)
 
 
 @pytest.mark.parametrize("kind", ["crop", "crop-flip"])
@@ -49,8 +55,7 @@ def test_each_image_is_one_window_of_the_black_framed_image(kind: str) -> None:
     mean, std = (torch.tensor(v) for v in NORMALISATION["cifar10"])
     x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = augment(x, kind, torch.Generator().manual_seed(1), "cifar10")
-    windows = _windows(x, pad, -mean / std)
-    match = (windows == y).flatten(3).all(-1)  # [offsets, flip, N]
+    match = _matches(x, y, pad, -mean / std)  # [offsets, flip, N]
     assert (match.flatten(0, 1).sum(0) == 1).all()  # exactly one window each (random pixels: no ties)
     offsets, flips = match.any(1).int().argmax(0), match[:, 1].any(0)
     assert len(offsets.unique()) == (2 * pad + 1) ** 2
@@ -68,7 +73,7 @@ def test_augmentation_is_the_generators_and_none_is_the_identity() -> None:
     a, b = (augment(x, "crop-flip", torch.Generator().manual_seed(3), "digits") for _ in range(2))
     assert torch.equal(a, b) and not torch.equal(a, x)
     assert augment(x, "none", torch.Generator(), "digits") is x
-    assert (_windows(x, 1, torch.zeros(1)) == augment(x, "crop", torch.Generator(), "digits")).flatten(3).all(-1).any((0, 1)).all()
+    assert _matches(x, augment(x, "crop", torch.Generator(), "digits"), 1, torch.zeros(1)).any(1).any(0).all()
     with pytest.raises(ValueError, match=r"--augment crop takes image batches \[N, C, H, W\], not \(5, 64\)"):
         augment(x.flatten(1), "crop", torch.Generator(), "digits")
 
