@@ -239,11 +239,6 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
-class _UsageError(Exception):
-    """A usage error found by the checks before ``--nproc`` starts its processes (not a
-    ``ValueError``, which :func:`~curvlab.app.launch.relaunch_with_data` reports as a failure)."""
-
-
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import time
 
@@ -289,16 +284,10 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                         **model_kwargs)
             check_report_folder(Path(args.out))
             if args.weights is not None:  # once here, not once per process
-                try:
-                    read_weights(args.weights, args.model, args.dataset, model_kwargs)
-                except ReportError as err:  # relaunch_with_data would report a ValueError as a failure (1)
-                    raise _UsageError(err) from None
+                read_weights(args.weights, args.model, args.dataset, model_kwargs)
 
-        try:
-            return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir, checks)
-        except _UsageError as err:
-            print_error(parser, err, usage=True)
-            return EXIT_USAGE
+        return relaunch_with_data(args.nproc, args.argv, parser, args.dataset, args.data_dir, checks,
+                                  usage_errors=(ReportError,))
     device = join_process_group(args.device)
     start = time.perf_counter()
     try:

@@ -288,10 +288,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.ArgumentParser,
-                       dataset: str, data_dir: str | None, checks: Callable[[], None]) -> int:
+                       dataset: str, data_dir: str | None, checks: Callable[[], None],
+                       usage_errors: tuple[type[Exception], ...] = ()) -> int:
     """:func:`relaunch`, once the command's own ``checks`` (the model, the output folder) and the
     data files are checked here — once, not by every rank, each followed by torchrun's traceback.
-    A problem is reported and returns 1 (2 for a model spec that builds nothing, as one process)."""
+    A problem is reported and returns 1 (2, with the usage line, for a model spec that builds
+    nothing and for the command's ``usage_errors``, as one process)."""
     from curvlab.app.data import DataError, check_data_dir
     from curvlab.app.messages import print_error
     from curvlab.app.models import ModelSpecError
@@ -302,6 +304,9 @@ def relaunch_with_data(nproc: int, argv: Sequence[str], parser: argparse.Argumen
         check_data_dir(dataset, data_dir)
     except ModelSpecError as err:
         print_error(parser, f"argument --model: {err}", usage=True)
+        return EXIT_USAGE
+    except usage_errors as err:
+        print_error(parser, err, usage=True)
         return EXIT_USAGE
     except (DataError, ValueError, OSError) as err:
         print_error(parser, err)
