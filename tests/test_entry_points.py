@@ -18,6 +18,7 @@ import zoo
 from curvlab.app.cli import main
 from curvlab.app.report import summary_markdown
 from curvlab.extract import UnsupportedModelError
+from curvlab.extract.autograd import extract_autograd
 from curvlab.io import read_netcdf
 from curvlab.optim import KFAC, TEKFAC
 
@@ -540,22 +541,28 @@ def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
     assert run.returncode == 0 and run.stdout.strip() == "checked", run.stderr
 
 
+class Positions(nn.Module):
+    """A token and a position embedding whose positions are ``pos_shape``: ``T`` (nanoGPT's
+    ``wpe(arange(T))``), ``1T`` (GPT-2's ``[None]``) or ``NT`` (called on the batch); with
+    ``coupled``, a train-mode BatchNorm over the features and a Dropout."""
+
+    def __init__(self, pos_shape: str, coupled: bool = False) -> None:
+        super().__init__()
+        self.pos_shape = pos_shape
+        self.wte, self.wpe, self.head = nn.Embedding(7, 4), nn.Embedding(8, 4), nn.Linear(4, 7)
+        self.norm = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.3)) if coupled else nn.Identity()
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1])
+        pos = {"T": pos, "1T": pos[None], "NT": pos.expand(ids.shape[0], -1)}[self.pos_shape]
+        h = self.norm((self.wte(ids) + self.wpe(pos)).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(h)).transpose(1, 2)
+
+
 def test_a_layer_called_on_one_input_broadcast_over_the_batch_says_how_to_call_it() -> None:
     """GPT-2's position embedding ``wpe(arange(T)[None])`` and nanoGPT's ``wpe(arange(T))`` (their
     output broadcast over the examples): the refusal spoke of sequence-first tensors and reshapes,
     neither of which applied."""
-
-    class Positions(nn.Module):
-        def __init__(self, pos_shape: str) -> None:
-            super().__init__()
-            self.pos_shape = pos_shape
-            self.wte, self.wpe, self.head = nn.Embedding(7, 4), nn.Embedding(8, 4), nn.Linear(4, 7)
-
-        def forward(self, ids):
-            pos = torch.arange(ids.shape[1])
-            pos = {"T": pos, "1T": pos[None], "NT": pos.expand(ids.shape[0], -1)}[self.pos_shape]
-            return self.head(torch.tanh(self.wte(ids) + self.wpe(pos))).transpose(1, 2)
-
     ids = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"^curvlab \(autograd engine\): 'wpe' saw an input with leading dimension 1 while the loss has 3 "
                                          r"examples: .*broadcast.*wpe\(pos.expand\(N, -1\)\)"):
@@ -564,3 +571,35 @@ def test_a_layer_called_on_one_input_broadcast_over_the_batch_says_how_to_call_i
                                          r".*broadcast over the batch .*wpe\(torch.arange\(T\)\).*wpe\(pos.expand\(N, -1\)\)"):
         curvlab.compare(Positions("T"), CE, ids, ids)
     assert curvlab.extract(Positions("NT"), CE, ids, ids)["wpe"].kind == "kronecker"  # as advised
+
+
+@pytest.mark.parametrize("coupled", [False, True], ids=["uncoupled", "batchnorm"])
+def test_a_broadcast_layer_is_refused_also_on_a_batch_of_exactly_its_length(coupled: bool) -> None:
+    """With ``N = T`` the broadcast position embedding's leading dimension is the batch size and the
+    probing vjp saw coupled examples: its Kronecker statistics took the positions for examples
+    (``G`` off by 3× its size), silently.  Refused as for any other ``N``, in every entry point
+    that measures it; called on the batch it is measured, and the check's extra forward pass
+    leaves the model's running statistics and the global RNG as one training forward pass does."""
+    ids = torch.randint(0, 7, (5, 5), generator=torch.Generator().manual_seed(0))
+    message = r"^curvlab \(autograd engine\): 'wpe' saw an input with leading dimension 5, the batch size, but still 5 .*6 examples.*wpe\(pos.expand\(N, -1\)\)"
+    with pytest.raises(ValueError, match=message):
+        curvlab.extract(Positions("T", coupled), CE, ids, ids, stats=("kfac",))
+    with pytest.raises(ValueError, match=message):
+        curvlab.compare(Positions("T", coupled), CE, ids, ids, approximations=("kfac",))
+    with pytest.raises(ValueError, match=message):
+        extract_autograd(Positions("T", coupled), CE, ids, ids)
+
+    torch.manual_seed(0)
+    model, plain = Positions("NT", coupled), Positions("NT", coupled)
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    result = extract_autograd(model, CE, ids, ids)  # as one training forward pass, it says
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    torch.testing.assert_close(result.output, plain(ids).detach(), rtol=1e-6, atol=1e-6)  # the same Dropout mask
+    assert torch.equal(after, torch.get_rng_state())
+    for name, buffer in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], buffer), name
+    assert result.coupled == coupled
+    stats = curvlab.extract(model, CE, ids, ids, stats=("kfac",))
+    assert stats["wpe"].kind == "kronecker" and stats["wpe"].engine == "autograd"

@@ -50,7 +50,7 @@ class AutogradPass:
             local=_local_parameters(model, blocks) if want_sqrt and not coupled else {},
             non_finite=options.non_finite,
         )
-        self.recording = Recording(blocks.layers, loss_fn, request, coupled, _PROBED.setdefault(model, {}))
+        self.recording = Recording(blocks.layers, loss_fn, request, coupled, _PROBED.setdefault(model, {}), model)
 
     def __enter__(self) -> "AutogradPass":
         allow_compiled_forwards()

@@ -95,7 +95,10 @@ other example's layer outputs in an uncoupled forward, exactly: their gradients 
 Limits: target inputs are kept by reference, so a forward that modifies a target's input in place
 after the call is refused; targets must see the batch as their leading dimension (a layer
 applied to a ``[N·T, D]`` reshape, or to a sequence-first ``[T, N, D]`` tensor, is refused —
-where ``T = N`` by the probing vjp); so is activation checkpointing (``torch.utils.checkpoint``
+where ``T = N`` by the probing vjp —, and so is a layer called on one input broadcast over the
+batch, as ``wpe(torch.arange(T))`` — where ``T = N`` by one more forward pass on ``N + 1``
+examples, :mod:`.batch_check`, unless the model cannot run that batch size); so is activation
+checkpointing (``torch.utils.checkpoint``
 recomputes a forward in the backward pass, or runs it without gradients); a user's forward hook
 on a layer may change its output (the recording's own hook runs first, at the layer's own
 output; BackPACK is not chosen for such a model); grouped convolutions and Embedding with

@@ -49,7 +49,9 @@ def extract_autograd(
     Args:
         model: any ``nn.Module``; called once as ``model(*inputs)`` with its parameters detached
             (its ``.grad`` untouched; train-mode BatchNorm updates its running statistics exactly
-            as one training forward pass does).
+            as one training forward pass does) — and where the examples look coupled once more,
+            without gradients, on one more example, its buffers and the RNG state left as they were
+            (:mod:`~curvlab.extract.autograd.batch_check`).
         loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (reduction mean or sum).
         inputs: the model input, or a tuple of positional inputs (moved to the model's device).
         targets: CE: class indices ``[N, *S]``; MSE: shaped like the output.
@@ -97,7 +99,7 @@ def extract_autograd(
     wanted = {id(p) for p in request.params.values()}  # differentiated: kept as they are
     state = {k: v if id(v) in wanted else v.detach() for k, v in model.named_parameters()}
 
-    recording = Recording(targets_map, loss_fn, request, coupled)
+    recording = Recording(targets_map, loss_fn, request, coupled, model=model)
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
+from curvlab.extract.autograd.batch_check import layers_off_the_batch
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
@@ -91,18 +92,23 @@ class Recording:
         probed: what the probes of earlier recordings of the same model found, by the calls'
             modules, input shapes and modes and the output's shape: read and filled here (the
             optimizers' statistics passes probe once).
+        model: the module the forward pass calls with the batch; where the examples look coupled,
+            it runs once more on one more example to refuse a target whose input does not follow
+            the batch (:func:`~.batch_check.layers_off_the_batch`); ``None``: not checked.
 
     After the block, :attr:`result` holds the :class:`AutogradExtraction` (``None`` if the loss
     was never computed inside the block).
     """
 
     def __init__(self, targets: Mapping[nn.Module, str], loss_fn: nn.Module, request: Request,
-                 coupled: bool | None, probed: dict | None = None) -> None:
+                 coupled: bool | None, probed: dict | None = None, model: nn.Module | None = None) -> None:
         request.check()
         for module, name in targets.items():
             layer_io.check_target(name, module)
         self.targets, self.loss_fn, self.request, self.coupled = dict(targets), loss_fn, request, coupled
         self.probed = {} if probed is None else probed
+        self.model = model
+        self._model_call: tuple[tuple, dict] | None = None  # the model's first call in the block
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, ε)
         self.versions: list[int] = []
         self.local_calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # request.local's modules, as calls
@@ -111,8 +117,13 @@ class Recording:
         self._handles: list = []
         self._saved: SavedBytes | None = None
         self._computing = False  # inside the vjps of the loss call
+        self._checking = False  # inside batch_check's forward
 
     # ------------------------------------------------------------------ hooks
+
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._model_call is None:
+            self._model_call = (args, kwargs)
 
     def _layer_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         return self._record(module, args, kwargs, output, self.calls, self.versions)
@@ -121,6 +132,8 @@ class Recording:
         return self._record(module, args, kwargs, output, self.local_calls, self.local_versions)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor, calls: list, versions: list) -> Tensor:
+        if self._checking:  # batch_check's forward: not recorded
+            return output
         if self._computing:  # the vjps ran the layer's forward again
             name = self.targets.get(module) or next(iter(self.request.local[module].values()))
             raise RuntimeError(
@@ -158,6 +171,8 @@ class Recording:
         for module in self.request.local:
             self._handles.append(module.register_forward_hook(self._local_hook, with_kwargs=True, prepend=True))
         self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True))
+        if self.model is not None:
+            self._handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
         self._saved = SavedBytes().__enter__()
         return self
 
@@ -195,13 +210,15 @@ class Recording:
                             req.max_bytes, req.vectorize)
 
         coupled = self.coupled
+        key = (tuple((id(m), tuple(inp.shape), m.training) for m, inp, _ in calls), tuple(output.shape))
         if coupled is None:
-            key = (tuple((id(m), tuple(inp.shape), m.training) for m, inp, _ in calls), tuple(output.shape))
             coupled = self.probed.get(key)
             if coupled is None:
                 coupled = finite and probe_coupling(layers, output, [self.targets[m] for m, _, _ in calls], n)
                 if finite:
                     self.probed[key] = coupled
+        if coupled:
+            self._check_batch(key, n)
         factorable = not coupled and t_out == 1
         want_sqrt = coupled if req.sqrt == "coupled" else (not factorable) if req.sqrt is None else req.sqrt
         sqrt_flavours = req.sqrt_flavours or req.flavours
@@ -252,6 +269,27 @@ class Recording:
             columns_per_chunk=layers.chunk,
             param_sqrt=param_sqrt,
         )
+
+    def _check_batch(self, key: tuple, n: int) -> None:
+        """Refuse a target whose input does not follow the batch although its leading dimension is
+        the batch size (:mod:`.batch_check`): once per model call shape."""
+        key = ("follows the batch", key)
+        if self.model is None or self._model_call is None or n < 2 or key in self.probed:
+            return
+        self._checking = True
+        try:
+            off = layers_off_the_batch(self.model, *self._model_call, self.targets, n)
+        finally:
+            self._checking = False
+        if off:  # kept unchecked: the next call raises again
+            raise ValueError(
+                f"curvlab (autograd engine): {off[0]!r} saw an input with leading dimension {n}, the batch size, "
+                f"but still {n} when the model ran on {n + 1} examples: its input does not follow the batch, its "
+                "output is broadcast over the examples (e.g. a position embedding wpe(torch.arange(T)) with "
+                "T = N), so no example has inputs of its own; call it on the batch (wpe(pos.expand(N, -1)): "
+                "the same values, a Kronecker block per example)"
+            )
+        self.probed[key] = True  # None (the model cannot run another batch size): not tried again
 
     def _local_roots(self, columns: Tensor, n: int, device: torch.device,
                      param_sqrt: dict[str, Tensor]) -> Callable[[slice, int, Tensor], None] | None:
