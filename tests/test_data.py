@@ -96,6 +96,22 @@ def test_mnist_real(mnist: Dataset) -> None:
     assert mnist.train_x.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
 
 
+def test_fashion_mnist_real_from_the_debian_package() -> None:
+    """Without a data folder, Fashion-MNIST is read from Debian's ``dataset-fashion-mnist``
+    (gzipped IDX files): the dataset's published facts — balanced classes, the first labels
+    (ankle boot, pullover, trouser, …) — and its own normalisation constants."""
+    if not FASHION_MNIST_SYSTEM_DIR.is_dir():
+        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({FASHION_MNIST_SYSTEM_DIR})")
+    ds = load_dataset("fashion-mnist")
+    assert ds.description == "Fashion-MNIST" and ds.input_shape == (1, 28, 28)
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.test_y[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    assert ds.train_y[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert torch.bincount(ds.train_y).tolist() == [6000] * 10 and torch.bincount(ds.test_y).tolist() == [1000] * 10
+    assert abs(ds.train_x.mean().item()) < 1e-3 and abs(ds.train_x.std().item() - 1) < 1e-3
+    assert ds.train_x.min().item() == pytest.approx(-0.2860 / 0.3530, abs=1e-5)
+
+
 def test_subset_is_random_and_reproducible(mnist: Dataset) -> None:
     a = subset(mnist, 500, 100, seed=1)
     b = subset(mnist, 500, 100, seed=1)
