@@ -72,6 +72,7 @@ def _worker(root: str) -> int:
     train(_train_config(root_path / "full"))
     train(_train_config(root_path / "split", epochs=1))
     train(_train_config(root_path / "split"), resume=True)
+    train(_train_config(root_path / "half", epochs=1))  # resumed in one process by the test
     train(_train_config(root_path / "uneven", **UNEVEN))
     run_report(**REPORT, out_dir=root_path / "report")
     return torch.distributed.get_rank(), _said_of_batchnorm()
@@ -114,6 +115,7 @@ def test_two_ranks_train_and_report_as_one_process(tmp_path: Path) -> None:
     torch.set_num_threads(1)  # as in the ranks
     try:
         single = train(_train_config(tmp_path / "single"))
+        resumed = train(_train_config(tmp_path / "ranks" / "half"), resume=True)  # 2 ranks' epoch, then 1
         uneven = train(_train_config(tmp_path / "uneven", **UNEVEN))
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("curvlab.app.report.figures.plot_spectra", _no_figure)
@@ -144,6 +146,15 @@ def test_two_ranks_train_and_report_as_one_process(tmp_path: Path) -> None:
     assert set(pb.data_vars) == set(pa.data_vars)
     for var in pa.data_vars:
         _close(pb[var].values, pa[var].values, f"probe {var}", rtol=1e-4)
+
+    # one epoch on two ranks, resumed in one process: the single-process steps still
+    d = torch.load(resumed["checkpoint"], weights_only=False)
+    assert d["step"] == 6
+    for key in a["model"]:
+        _close(d["model"][key].numpy(), a["model"][key].numpy(), f"resumed on one rank: parameter {key}")
+    mr = xr.open_dataset(ranks / "half" / "metrics.nc").load()
+    assert list(mr.world_size.values) == [2, 1]
+    _close(mr.test_loss.values, ma.test_loss.values, "resumed on one rank: test loss")
 
     # one epoch, then a resume on both ranks: the uninterrupted run, bit for bit
     c = torch.load(ranks / "split" / "checkpoint.pt", weights_only=False)
