@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
@@ -93,6 +94,16 @@ class ModelBlocks:
     def parameters(self) -> list[Block]:
         """The parameter blocks."""
         return [b for b in self.blocks if b.kind == "parameter"]
+
+
+def own_weight(module: nn.Module) -> nn.Parameter | None:
+    """``module.weight`` where it is a tensor of its own, else ``None`` — read without computing a
+    parametrized weight (``torch.nn.utils.parametrize``), whose every read runs the
+    parametrization: a train-mode ``spectral_norm``'s, a power-iteration step on its buffers."""
+    if parametrize.is_parametrized(module, "weight"):
+        return None
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, nn.Parameter) else None
 
 
 def _where(name: str, module: nn.Module) -> str:
@@ -170,10 +181,10 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         enclosing = _packed_owner(model, module, inside_packed)
         # a weight computed from other tensors (weight_norm, a parametrization) is no trainable
         # tensor: those tensors are the blocks
-        weight_own = (isinstance(module, KRONECKER_LAYERS) and isinstance(module.weight, nn.Parameter)
-                      and id(module.weight) not in sharers)
+        weight = own_weight(module) if isinstance(module, KRONECKER_LAYERS) else None
+        weight_own = weight is not None and id(weight) not in sharers
         problem = kronecker_problem(module) if isinstance(module, KRONECKER_LAYERS) else None
-        if weight_own and enclosing is None and module.weight.requires_grad:
+        if weight_own and enclosing is None and weight.requires_grad:
             if problem is None:
                 own_bias = id(getattr(module, "bias", None)) not in sharers  # a shared bias: its own block
                 blocks = Block.of_layer(path, module, separate_bias=separate_bias, own_bias=own_bias)
@@ -188,8 +199,7 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
                 raise UnsupportedModelError(f"curvlab: {_where(path, module)} {problem}. {SKIP_HINT}")
         known = isinstance(module, PARAMETER_LAYERS) or enclosing is not None or _is_users_own(module)
         # (a Kronecker layer's bias beside its frozen or tied weight is not unstructured)
-        beside_weight = (isinstance(module, KRONECKER_LAYERS) and problem is None
-                         and isinstance(module.weight, nn.Parameter) and p is module.bias)
+        beside_weight = weight is not None and problem is None and p is module.bias
         if not known and not beside_weight:
             out.unstructured.append(full)
         owner_type = type(enclosing if enclosing is not None else module).__name__

@@ -193,6 +193,32 @@ def test_a_weight_computed_from_other_tensors_is_no_kronecker_block(norm: str) -
         assert [b.name for b in opt.blocks()] == ["2"]
 
 
+def test_a_train_mode_spectral_norm_is_measured_at_the_weight_of_one_forward_pass() -> None:
+    """A train-mode ``spectral_norm`` (GAN discriminators) runs a power-iteration step at every
+    read of its weight: curvlab read it twice before its forward pass, so every block and
+    gradient was that of the weight two steps on (the head's block 3.8e-3 off, silently).  Now
+    the blocks are those of torch's own training forward pass, and the optimizer's
+    statistics pass leaves the power iteration where that one forward pass does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4)), nn.Tanh(),
+                          nn.Linear(4, 3)).double().train()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0])
+    once = copy.deepcopy(model)
+    once(x)  # torch's training forward: one power-iteration step; then its weight, fixed
+    once.eval()
+    stats = curvlab.extract(model, CE, x, y)
+    assert [k for k, s in stats.items() if s.kind == "kronecker"] == ["2"]
+    for block, s in stats.items():
+        fisher, grad = dense_reference(once, CE, x, y, block_params(once, s))
+        assert rel(s.dense_fisher(), fisher) < RTOL, block
+        assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
+    opt = KFAC(model, lr=0.01, stats_interval=1)
+    with pytest.warns(UserWarning, match="have no Kronecker block"), opt.track(CE):
+        CE(model(x), y).backward()
+    for name, buffer in once.state_dict().items():
+        assert torch.equal(model.state_dict()[name], buffer), name
+
+
 def dense_empirical_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, names: list[str]) -> Tensor:
     """``R Σ_n ∇ℓ_n ∇ℓ_nᵀ`` of the parameters ``names`` (``L = R Σ ℓ_n``; CE's mean: ``R = 1/N``)."""
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.extract.autograd import layer_io
-from curvlab.model_blocks import CONV_LAYERS
+from curvlab.model_blocks import CONV_LAYERS, own_weight
 
 
 def is_local(module: nn.Module) -> bool:
@@ -32,7 +32,7 @@ def is_local(module: nn.Module) -> bool:
         return module.affine
     if isinstance(module, nn.LayerNorm):
         return module.elementwise_affine
-    return isinstance(module, CONV_LAYERS) and module.groups > 1 and isinstance(module.weight, nn.Parameter)
+    return isinstance(module, CONV_LAYERS) and module.groups > 1 and own_weight(module) is not None
 
 
 def batched(module: nn.Module, inp: Tensor, out: Tensor, n: int) -> bool:
