@@ -89,6 +89,49 @@ def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
         assert s.coupled == (name in ("resnet_bn", "vgg_bn", "mobilenet") and mode == "train")
 
 
+class Idiom(nn.Module):
+    """A conv, a flatten and two Linear branches joined as ``forward`` writes them."""
+
+    JOINS = {
+        "a + b + 1.0": lambda a, b: a + b + 1.0,
+        "sum([a, b])": lambda a, b: sum([a, b]),
+        "a.add(b, alpha=0.5)": lambda a, b: a.add(b, alpha=0.5),
+        "a + b": lambda a, b: a + b,
+    }
+
+    def __init__(self, join: str, flatten_kwarg: bool) -> None:
+        super().__init__()
+        self.join, self.flatten_kwarg = join, flatten_kwarg
+        self.conv, self.act = nn.Conv2d(2, 2, 2), nn.ReLU()
+        self.a, self.b, self.head = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = self.act(self.conv(x))
+        z = torch.flatten(z, start_dim=1) if self.flatten_kwarg else torch.flatten(z, 1)
+        return self.head(self.JOINS[self.join](self.a(z), self.b(z)))
+
+
+@pytest.mark.parametrize("join,flatten_kwarg", [(j, False) for j in Idiom.JOINS] + [("a + b", True)])
+def test_a_forward_backpacks_converter_cannot_call_is_extracted_by_the_autograd_engine(join, flatten_kwarg) -> None:
+    """BackPACK's converter turns ``+``/``add``/``flatten`` into modules whatever their arguments:
+    a float operand, ``sum``'s starting 0, ``alpha=``, ``start_dim=`` made ``engine='auto'`` (the
+    default) crash inside BackPACK's forward.  Now those go to the autograd engine, naming the
+    call; the tensor-only forms still run on BackPACK; every block is the dense one."""
+    torch.manual_seed(0)
+    model = Idiom(join, flatten_kwarg).double()
+    x, y = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 2, 1])
+    stats = curvlab.extract(model, CE, x, y)
+    backpack = join == "a + b" and not flatten_kwarg
+    assert stats.engine == ("backpack" if backpack else "autograd"), stats.engine_reason
+    if not backpack:
+        assert "called with arguments other than tensors" in stats.engine_reason
+    for block, s in stats.items():
+        fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
+        assert rel(s.dense_fisher(), fisher) < RTOL, block
+        assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
+    assert curvlab.compare(model, CE, x, y, approximations=("kfac",)).attrs["engine"] == stats.engine
+
+
 def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:
     """nn.MultiheadAttention applies its projections functionally: they are parameter blocks."""
 

@@ -6,7 +6,9 @@ what ``extend(model, use_converter=True)`` calls) turns residual ``+``, ``torch.
 ``*`` and the like into modules.  BackPACK can run the *whole* model when
 
 * the converted graph (or, when the user's own forward pass is recorded, the model's own traced
-  graph, unconverted) has only module calls, each module called once (no tied weights);
+  graph, unconverted) has only module calls, each module called once (no tied weights) and on
+  tensors alone (the converter makes ``h + 1.0``, ``sum([a, b])``, ``add(b, alpha=…)`` and
+  ``flatten(z, start_dim=1)`` modules called with a constant or a keyword, which fail);
 * every module in it is one BackPACK can backpropagate through (AdaptiveAvgPool included);
 * no BatchNorm normalises with batch statistics (train mode couples the examples; BackPACK's
   per-example roots cannot hold the coupling);
@@ -115,12 +117,23 @@ def _graph_obstacle(module: nn.Module) -> str | None:
             return f"its forward applies {node.op} {target!r} outside a module"
         if node.target in called:
             return f"module {node.target!r} is called more than once (tied weights)"
+        # BackPACK's converted modules take tensors: `h + 1.0`, `sum([a, b])` (0 + a), `add(b, alpha=)`
+        # and `flatten(z, start_dim=1)` become modules its forward cannot call
+        if node.kwargs or not all(isinstance(a, torch.fx.Node) for a in node.args):
+            return f"module {node.target!r} is called with arguments other than tensors ({_call_repr(node)})"
         called.add(node.target)
     for name in called:
         sub = module.get_submodule(name)
         if not isinstance(sub, supported):
             return f"module {name!r} ({type(sub).__name__}) has no BackPACK second-order derivatives"
     return None
+
+
+def _call_repr(node: "torch.fx.Node") -> str:
+    """``node``'s call as the forward wrote it, its tensor arguments by name."""
+    args = [a.name if isinstance(a, torch.fx.Node) else repr(a) for a in node.args]
+    args += [f"{k}={v.name if isinstance(v, torch.fx.Node) else repr(v)}" for k, v in node.kwargs.items()]
+    return f"{node.target}({', '.join(args)})"
 
 
 def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module | None = None) -> str | None:
