@@ -734,11 +734,20 @@ def test_micro_batches_of_other_sequence_lengths_weigh_by_their_inputs(kfac_appr
     torch.testing.assert_close(a, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-14)
 
 
-def test_statistics_no_step_used_are_dropped_by_zero_grad():
+ZEROS = {
+    "opt.zero_grad()": lambda model, opt: opt.zero_grad(),
+    "model.zero_grad()": lambda model, opt: model.zero_grad(),
+    "model.zero_grad(set_to_none=False)": lambda model, opt: model.zero_grad(set_to_none=False),
+}
+
+
+@pytest.mark.parametrize("zero", ZEROS)
+def test_statistics_no_step_used_are_dropped_by_zero_grad(zero: str):
     """A step skipped (a GradScaler's, on inf gradients) leaves its pass's statistics behind;
     the next zero_grad() drops them, as it drops the gradients: the next step's statistics are
     its own batch's (they were combined with the skipped batch's), as with loss_fn called by
-    keyword (whose micro-batches were dropped)."""
+    keyword (whose micro-batches were dropped) — also the model's zero_grad(), which the
+    optimizer does not see (its gradients are gone: the statistics go with them)."""
     loss_fn = nn.CrossEntropyLoss()
     (xa, ya), (xb, yb) = data(8, seed=1), data(8, seed=2)
     runs = []
@@ -748,7 +757,7 @@ def test_statistics_no_step_used_are_dropped_by_zero_grad():
         if skipped:
             with opt.track(loss_fn):
                 loss_fn(model(xa), ya).backward()
-        opt.zero_grad()
+        ZEROS[zero](model, opt)
         with opt.track(loss_fn):
             loss_fn(input=model(xb), target=yb).backward()
         opt.step()
@@ -862,6 +871,54 @@ def test_a_backward_outside_track_is_named(engine: str):
     opt.zero_grad()
     train_step(opt, model, loss_fn, x, y)  # the next, right, step runs
     assert opt.steps_done == 1
+
+
+def test_an_optimizer_is_not_copied_or_pickled_into_a_broken_one():
+    """torch's ``__getstate__`` keeps defaults, state and param groups: a deepcopy, a pickle or a
+    ``torch.save(opt)`` gave, without a word, an optimizer without its model, options and
+    curvature state that failed at its first step.  Refused, saying what to save instead."""
+    import pickle
+
+    opt = KFAC(tiny_mlp(0), lr=0.1)
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"^KFAC cannot be copied or pickled: .*opt\.state_dict\(\)"):
+            copier(opt)
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_layer_replaced_at_the_same_path_starts_from_its_own_state(cls):
+    """Fine-tuning a new head: ``model[2] = nn.Linear(...)`` given by ``add_param_group``.  Its
+    state was looked up by its path: its first step took 0.9 × the old head's momentum (and the
+    old head's statistics).  Now it starts afresh, as torch's optimizers start a new parameter:
+    its step is a fresh optimizer's on the same model and batch."""
+    loss_fn = nn.CrossEntropyLoss()
+    options = dict(lr=0.1, momentum=0.9, stats_interval=1, kl_clip=None, factor_dtype="float64", fisher="exact")
+    model = tiny_mlp(0)
+    opt = cls(model, **options)
+    for seed in range(3):
+        train_step(opt, model, loss_fn, *data(8, seed=seed))
+    torch.manual_seed(7)
+    model[2] = nn.Linear(4, 3).double()
+    opt.add_param_group({"params": list(model[2].parameters())})
+    fresh_model = copy.deepcopy(model)
+    fresh = cls(fresh_model, **options)
+    x, y = data(8, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EKFAC/TEKFAC: the interval warnings
+        train_step(opt, model, loss_fn, x, y)
+        train_step(fresh, fresh_model, loss_fn, x, y)
+    torch.testing.assert_close(flat_params(model[2]), flat_params(fresh_model[2]), rtol=0, atol=1e-12)
+
+
+def test_a_torch_optimizers_state_dict_is_refused_naming_the_block():
+    """``torch.optim.SGD(momentum=0.9)``'s state dict, whose momentum buffers are the weight's
+    alone, failed deep in the block layout without naming the optimizer or the block."""
+    loss_fn = nn.CrossEntropyLoss()
+    model = tiny_mlp(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(sgd, model, loss_fn, *data(8), use_track=False)
+    with pytest.raises(ValueError, match=r"^KFAC.load_state_dict: block '0': .*another method or optimizer"):
+        KFAC(model, lr=0.1, momentum=0.9).load_state_dict(sgd.state_dict())
 
 
 def test_zero_grad_clears_the_groups_gradients_only():

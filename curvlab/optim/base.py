@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
@@ -95,6 +96,13 @@ from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_up
 #: approximation objects keep dense factors: a vocabulary-sized eigendecomposition per refresh)
 #: — gets the first-order update.
 PRECONDITIONED_LAYERS = tuple(t for t in KRONECKER_LAYERS if t is not nn.Embedding)
+
+
+def _gradients_left(walk: StepWalk) -> bool:
+    """Whether a preconditioned parameter holds a gradient: ``None`` or zeros everywhere after a
+    ``zero_grad`` (the model's or the optimizer's)."""
+    grads = [p.grad for block, _, _ in walk.blocks for p in block.parameters() if p.grad is not None]
+    return bool(grads) and bool(torch.stack([g.ne(0).any() for g in grads]).any())
 
 
 class StepWalk(NamedTuple):
@@ -185,6 +193,7 @@ class KroneckerOptimizer(Optimizer):
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}
         self._dormant: dict[str, dict[str, Any]] = {}  # saved states of layers frozen at loading
+        self._owners: dict[str, weakref.ref] = {}  # block name → the weight its state belongs to
         self._uncalled: set[str] = set()  # blocks whose layer the last statistics pass did not call
         self._pending: Pending | None = None
         self._warned_first_order = False
@@ -305,6 +314,14 @@ class KroneckerOptimizer(Optimizer):
             )
             self._warned_unsupported.update(new)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps defaults, state and param groups only: a copy without model, options or
+        # curvature state that failed at its first step
+        raise TypeError(
+            f"{type(self).__name__} cannot be copied or pickled: it holds its model and its statistics "
+            "hooks; save opt.state_dict() and load it into an optimizer built on the (copied) model"
+        )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; with ``set_to_none`` (the default) without its profiler range
         and its dynamo guard, a share of a small model's step.  It also drops statistics that no
@@ -361,16 +378,22 @@ class KroneckerOptimizer(Optimizer):
 
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
+        owner = self._owners.get(block.name)
+        # another layer at the block's path (a replaced head): its own state, as torch's optimizers
+        # give a new parameter
+        replaced = owner is not None and owner() is not block.weight
         # a new block, or one whose bias was frozen or unfrozen (its matrix form changed): its
         # statistics and momentum start afresh
-        if state is None or state.curvature.layout != block.layout:
+        if state is None or replaced or state.curvature.layout != block.layout:
             state = self.block_states[block.name] = BlockState(self.new_state(block))
             entry = self._dormant.pop(block.name, None)
-            if entry is not None:  # a layer frozen when its state was loaded, trainable again
+            if entry is not None and not replaced:  # a layer frozen when its state was loaded, trainable again
                 try:
                     load_block_state(state, entry, block.weight.device, f"{type(self).__name__}: block {block.name!r}")
                 except ValueError:  # its bias frozen or unfrozen since: afresh, as the rule above
                     state = self.block_states[block.name] = BlockState(self.new_state(block))
+        if owner is None or replaced:
+            self._owners[block.name] = weakref.ref(block.weight)
         return state
 
     def _not_preconditioned(self) -> set[str]:
@@ -403,8 +426,11 @@ class KroneckerOptimizer(Optimizer):
             allow_compiled_forwards()
         walk = self._step_walk()
         plan = self._plan(walk)
-        # an earlier pass of this step (micro-batches before one step()): accumulated below
+        # an earlier pass of this step (micro-batches before one step()): accumulated below, while
+        # its gradients are (a model.zero_grad() after a step a GradScaler skipped drops them)
         earlier = self._pending if self._pending is not None and self._pending.step == self.steps_done else None
+        if earlier is not None and not _gradients_left(walk):
+            earlier = None
         self._pending = None
         if not plan.statistics:
             yield
@@ -584,6 +610,7 @@ class KroneckerOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._blocks = None  # torch replaced the param group dicts
         self.block_states, self._dormant = fresh, dict(dormant)
+        self._owners = {b.name: weakref.ref(b.weight) for b in self.blocks()}
         self._uncalled = set(extra.get("uncalled", ()))
         if "steps_done" in extra:
             self.steps_done = int(extra["steps_done"])
