@@ -87,10 +87,10 @@ def load_block_state(state: "BlockState", entry: Mapping[str, Any], device: Any,
     state dict)."""
     try:
         state.curvature.load({k: v.to(device, copy=True) for k, v in entry.get("curvature", {}).items()})
-    except ValueError as err:
-        raise ValueError(f"{who}: {err} (a state dict of another method, or of a changed layer?)") from None
-    momentum = entry.get("momentum")
-    state.momentum = None if momentum is None else momentum.to(device, copy=True)
+        momentum = entry.get("momentum")
+        state.momentum = None if momentum is None else momentum.to(device, copy=True)
+    except ValueError as err:  # e.g. torch.optim.SGD's momentum buffer of the weight alone, without the bias column
+        raise ValueError(f"{who}: {err} (a state dict of another method or optimizer, or of a changed layer?)") from None
 
 
 def _from_legacy(
