@@ -322,3 +322,19 @@ def test_class_weights_are_refused_before_the_forward_pass(engine: str) -> None:
     with pytest.raises(UnsupportedModelError, match="class weights is not supported"):
         extract(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)), x, y, engine=engine)
     assert not calls
+
+
+def test_int32_token_indices_are_read_as_torch_reads_them() -> None:
+    """nn.Embedding takes int32 indices (numpy and tokenizer pipelines give them); the engine's
+    one-hot inputs needed int64 and raised torch's ``one_hot`` error, naming nothing.  int32
+    indices now give the int64 indices' blocks, which equal the dense ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    x, y = torch.tensor([0, 5, 2, 2, 4]), torch.tensor([0, 2, 1, 2, 0])
+    loss_fn = nn.CrossEntropyLoss()
+    wide = extract(model, loss_fn, x, y, stats=("sqrt", "kfac"))
+    narrow = extract(model, loss_fn, x.int(), y, stats=("sqrt", "kfac"))
+    for name in ("0", "2"):
+        torch.testing.assert_close(narrow[name].dense_fisher(), wide[name].dense_fisher(), rtol=0, atol=0)
+        torch.testing.assert_close(narrow[name].kfac["exact"].A, wide[name].kfac["exact"].A, rtol=0, atol=0)
+    torch.testing.assert_close(narrow["0"].dense_fisher(), dense_ggn(model, loss_fn, x, y, "0"), rtol=1e-10, atol=1e-14)

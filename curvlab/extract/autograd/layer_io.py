@@ -91,8 +91,8 @@ def unfold_input(module: nn.Module, inp: Tensor) -> Tensor:
     n = inp.shape[0]
     if k == LINEAR:
         return inp.reshape(n, -1, inp.shape[-1]).transpose(1, 2).to(module.weight.dtype)
-    if k == EMBEDDING:
-        return inp.reshape(n, -1)
+    if k == EMBEDDING:  # int32 indices too, as nn.Embedding takes them (one_hot and scatter need int64)
+        return inp.reshape(n, -1).long()
     return _unfold_conv(module, inp)
 
 
