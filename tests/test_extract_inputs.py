@@ -338,3 +338,24 @@ def test_int32_token_indices_are_read_as_torch_reads_them() -> None:
         torch.testing.assert_close(narrow[name].dense_fisher(), wide[name].dense_fisher(), rtol=0, atol=0)
         torch.testing.assert_close(narrow[name].kfac["exact"].A, wide[name].kfac["exact"].A, rtol=0, atol=0)
     torch.testing.assert_close(narrow["0"].dense_fisher(), dense_ggn(model, loss_fn, x, y, "0"), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("returns", ["tuple", "dict"])
+def test_a_model_returning_several_outputs_is_refused_saying_what_to_pass(returns: str) -> None:
+    """A ``(logits, aux)`` tuple or a dict of outputs reached the loss: torch's own TypeError,
+    from inside the loss, named neither curvlab nor what to do."""
+
+    class Several(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return (out, x) if returns == "tuple" else {"logits": out}
+
+    x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 2])
+    model = Several()
+    with pytest.raises(TypeError, match=rf"^curvlab.extract: the model returned a {returns}, .*model\(x\)\[0\]"):
+        extract(model, nn.CrossEntropyLoss(), x, y)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing left behind

@@ -117,7 +117,14 @@ def _run(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, 
     for p in model.parameters():
         p.grad = None
     with torch.enable_grad(), session:
-        loss = loss_fn(session.forward_model(inputs), targets)
+        output = session.forward_model(inputs)
+        if not isinstance(output, Tensor):  # a (logits, aux) tuple, a dict of outputs: the loss cannot tell
+            raise TypeError(
+                f"curvlab.extract: the model returned a {type(output).__name__}, not the tensor of outputs the "
+                "loss takes; wrap it in a module whose forward returns that tensor (e.g. model(x)[0] or "
+                "model(x)['logits']), or run your own forward inside `with curvlab.extract.ExtractionSession(...)`"
+            )
+        loss = loss_fn(output, targets)
         loss.backward()
     # called under torch.autocast, the forward and backward are the caller's, the statistics are
     # formed outside it (in bfloat16 they were A, G, δΦ, δΨ of a float32 model: errors 2e-3)
