@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, approximate
+from curvlab.approx import APPROXIMATIONS, DEFAULT_DAMPING, EKFAC, approximate
 from curvlab.app.report import summary_markdown
 from curvlab.compare import compare
 from curvlab.approx import needed_kfac_flavours
@@ -564,3 +564,36 @@ def test_a_gradient_with_some_zero_entries_is_not_called_zero() -> None:
         ds = compare(model, nn.MSELoss(), x, y, approximations=("kfac",))
     assert not [w for w in said if "is zero" in str(w.message)], [str(w.message) for w in said]
     assert np.isfinite(ds.ng_cosine.values).all()
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_ekfac_under_reduce_is_flagged_where_its_basis_is_the_eigensolvers_choice(kfac_approx: str) -> None:
+    """Under ``reduce`` a convolution's per-example gradients reach the null space of ``A`` (the
+    sums of too few examples' inputs): EKFAC's rescaling there depends on which basis ``eigh``
+    returns for it — a change of ``A`` in its last bits moves the approximation by a visible
+    amount.  compare says so, naming the layers (warning and ``basis_dependent``); under
+    ``expand`` the gradients stay in the factors' ranges and the same change does nothing."""
+    net = tiny_cnn(0)
+    x, y = batch(net, nn.CrossEntropyLoss(), 4)
+    loss_fn = nn.CrossEntropyLoss()
+    flagged = [l for l, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ds = compare(net, loss_fn, x, y, approximations=("kflr", "ekfac"), kfac_approx=kfac_approx)
+    told = [str(w.message) for w in said if "null spaces" in str(w.message)]
+    stats = extract(net, loss_fn, x, y, stats=("sqrt", "kfac"), kfac_flavours=("exact",), kfac_approx=kfac_approx)
+    moved = {}
+    for layer in flagged:
+        s = stats[layer]
+        a, g = s.kfac["exact"].A.double(), s.kfac["exact"].G.double()
+        noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        nudged = a + (noise + noise.T) * 1e-16 * a.abs().max()
+        dense = [EKFAC.from_factors(f, g, sqrt=s.sqrt, layout=s.layout).to_dense() for f in (a, nudged)]
+        moved[layer] = ((dense[1] - dense[0]).norm() / dense[0].norm()).item()
+    if kfac_approx == "reduce":
+        assert len(told) == 1 and all(f"'{l}'" in told[0] for l in flagged)
+        assert ds.attrs["basis_dependent"] == ",".join(flagged)
+        assert max(moved.values()) > 1e-3, moved  # why it is flagged
+    else:
+        assert not told and ds.attrs["basis_dependent"] == "none"
+        assert max(moved.values()) < 1e-8, moved

@@ -227,6 +227,19 @@ def measure(
         # terms convert the extraction's root again, one layer at a time
         exact[layer] = dataclasses.replace(block, sqrt=stats[layer].sqrt)
 
+    arbitrary = [l for l in layers if BASIS_DEPENDENT & set(approximations[l]) and null_spaces_reached(stats[l])]
+    if arbitrary:
+        warnings.warn(
+            f"curvlab.compare: under kfac_approx='reduce' the gradients of {arbitrary} reach the null spaces of "
+            "their Kronecker factors (a batch with fewer examples, or root columns, than the layer's width, "
+            "and several locations per example): EKFAC's rescaling there, and KFAC's and KFLR's split into "
+            "projection and scaling error, depend on the eigensolver's arbitrary basis of those null spaces "
+            "(not on the factors: a change of A in the last bit moved a test CNN's EKFAC ng_cosine by 0.04); "
+            "measure them with kfac_approx='expand', or a batch of at least the layer's width",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     length = max(min(stats[l].num_params, num_eigenvalues) for l in layers)
     data: dict[str, tuple] = {}
     for var in PER_APPROXIMATION:
@@ -279,12 +292,30 @@ def measure(
             "terms_per_example": first.terms_per_example,
             "network_blocks": "kronecker" if partial else "all",
             "ng_unresolved": ",".join(unresolved) or "none",
+            "basis_dependent": ",".join(arbitrary) or "none",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),
             **{k: netcdf_attr(v) for k, v in (attrs or {}).items()},
         }
     )
     return ds
+
+
+#: Approximations whose metrics read the eigenbases of the KFAC factors beyond their eigenvalues.
+BASIS_DEPENDENT = frozenset({"ekfac", "kfac", "kflr"})
+
+
+def null_spaces_reached(stats: LayerStats) -> bool:
+    """Whether a block's per-example gradients can reach the null spaces of its KFAC factors,
+    whose eigenbasis is arbitrary: under ``reduce`` with several locations per example, each
+    ``M_k = Σ_t g_t āᵀ_t`` lies in the span of the per-location inputs and output gradients, the
+    factors in that of their sums — a smaller one where there are fewer examples than inputs
+    (``A``: rank ≤ N < D) or fewer root columns than outputs (``G``: rank ≤ K < d_out).  Under
+    ``expand`` the factors hold every location, so the gradients stay in their ranges."""
+    if stats.kind != "kronecker" or stats.kfac_approx != "reduce" or stats.num_locations <= 1:
+        return False
+    d_out, d_in = stats.layout.shape
+    return stats.num_examples < d_in or stats.sqrt.num_columns < d_out
 
 
 def _network(
