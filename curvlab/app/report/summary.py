@@ -72,6 +72,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("measured_up_to", "Measured only on blocks up to (NaN above; P = d_out·r where a batch's r input rows are fewer than D/2)"),
     ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
     ("ng_unresolved", "Natural gradients not measured (–) on (λ_max(F)/damping beyond float64's reach: raise --damping)"),
+    ("basis_dependent", "EKFAC, and KFAC's projection/scaling split, set by eigh's arbitrary null-space basis on (reduce with fewer examples than the layer's width: use --kfac-approx expand)"),
     ("top_k", "top-k (subspace overlap)"),
     ("weights", "Weights measured"),
     ("train_steps", "Training steps before measuring"),
@@ -147,7 +148,7 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     approx = [str(v) for v in ds["approximation"].values]
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
-        if key in ds.attrs and not (key in ("model_options", "skipped_parameters", "ng_unresolved", "weights")
+        if key in ds.attrs and not (key in ("model_options", "skipped_parameters", "ng_unresolved", "basis_dependent", "weights")
                                     and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":
