@@ -237,16 +237,19 @@ def _mc_seeds_and_resume(sizes, path) -> dict:
 
 
 def _disagreeing_options() -> dict:
-    """Another damping, or another method, on rank 1: refused on every rank at construction
-    (they diverged silently, or hung in their collectives)."""
+    """Another damping, another method, or a plain model of another width on rank 1: refused on
+    every rank at construction (they diverged silently, hung in their collectives, or aborted in
+    gloo's: "collective mismatch", no Python exception)."""
     from curvlab.optim import KFAC, TKFAC
 
     rank = torch.distributed.get_rank()
     out = {}
-    for what, make in (("damping", lambda m: KFAC(m, lr=0.1, damping=1e-2 * (1 + rank))),
-                       ("method", lambda m: (TKFAC if rank else KFAC)(m, lr=0.1))):
+    wider = nn.Sequential(nn.Linear(5, 4 + 2 * rank), nn.Tanh(), nn.Linear(4 + 2 * rank, 3)).double()
+    for what, make, model in (("damping", lambda m: KFAC(m, lr=0.1, damping=1e-2 * (1 + rank)), _model("mlp")),
+                              ("method", lambda m: (TKFAC if rank else KFAC)(m, lr=0.1), _model("mlp")),
+                              ("width", lambda m: KFAC(m, lr=0.1), wider)):
         try:
-            make(_model("mlp"))
+            make(model)
             out[what] = "accepted"
         except ValueError as err:
             out[what] = str(err)
@@ -286,22 +289,25 @@ def _uneven_track_blocks() -> dict:
     """Rank 0 runs two ``track`` blocks (micro-batches) before a statistics step, rank 1 one, or
     none: the ranks' collectives did not line up and both waited until the process group's
     timeout (a DDP model's in its gradient all-reduce).  Now every rank raises, naming where
-    each one is."""
+    each one is — also where rank 0's first block runs under DDP's ``no_sync()``, entered after
+    ``track`` (its backward does not all-reduce, rank 1's does)."""
     from curvlab.optim import KFAC
 
     rank = torch.distributed.get_rank()
     out = {}
-    for blocks, wrap in itertools.product(((2, 1), (1, 0)), ("plain", "ddp")):
+    for blocks, wrap in [*itertools.product(((2, 1), (1, 0)), ("plain", "ddp")), ((2, 1), "no_sync")]:
         model, loss_fn = _model("mlp"), _loss("ce")
-        model = nn.parallel.DistributedDataParallel(model) if wrap == "ddp" else model
+        model = nn.parallel.DistributedDataParallel(model) if wrap != "plain" else model
         opt = KFAC(model, fisher="exact", stats_interval=1)
         x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # rank 1's untracked statistics step
-                for _ in range(blocks[rank]):
-                    with opt.track(loss_fn):
+                for block in range(blocks[rank]):
+                    # DDP's gradient accumulation: every block but the last under no_sync()
+                    last = block == blocks[rank] - 1
+                    with opt.track(loss_fn), (model.no_sync() if wrap == "no_sync" and not last else contextlib.nullcontext()):
                         loss_fn(model(x), y).backward()
                 opt.step()
             said = "accepted"
@@ -467,8 +473,8 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     assert mc["saved_blocks"] == ["0", "2"]  # the names one process uses (DDP unwrapped)
     assert mc["single_loads"] == 3
     for r in results:
-        for what in ("damping", "method"):
-            assert "the ranks disagree on the method or its options" in r["disagree"][what], (what, r["disagree"])
+        for what in ("damping", "method", "width"):
+            assert "the ranks disagree on the method, its options or the model's parameters" in r["disagree"][what], (what, r["disagree"])
     ddp = results[0]["ddp"]
     assert "static_graph=True) is not supported" in ddp["static_graph"], ddp
     assert "cannot run through DistributedDataParallel(find_unused_parameters=True)" in ddp["backpack_unused"], ddp
@@ -490,6 +496,11 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
         said = r["uneven"][blocks, wrap]["said"]
         assert said.startswith("RuntimeError: curvlab.optim: the ranks are out of step (" + points), (blocks, wrap, said)
         assert r["uneven"][blocks, wrap]["seconds"] < 10, r["uneven"]  # not the process group's timeout
+    for r in results:
+        said = r["uneven"][(2, 1), "no_sync"]
+        assert said["said"].startswith("RuntimeError: curvlab.optim: the ranks are out of step: track block 1 of step 0 "
+                                       "runs under DistributedDataParallel's no_sync() on rank(s) 0 only"), said
+        assert said["seconds"] < 10, said
     for r in results:
         assert max(r["lengths"].values()) <= 1e-12, r["lengths"]
     plain, ddp = (torch.stack([r["branches"][wrap] for r in results]) for wrap in ("plain", "ddp"))

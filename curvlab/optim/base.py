@@ -173,9 +173,12 @@ class KroneckerOptimizer(Optimizer):
             )
         self._parallel = data_parallel(model, distributed, who)
         if self._parallel is not None:  # ranks taking different steps would diverge, or hang
-            self._parallel.check_agree((self.method, dataclasses.asdict(opts)),
-                                       f"{who}: the ranks disagree on the method or its options; construct "
-                                       "the optimizer with the same ones on every rank")
+            # (a plain model's collectives of other sizes would abort in gloo, not raise)
+            structure = [(name, tuple(p.shape), p.requires_grad) for name, p in unwrap(model).named_parameters()]
+            self._parallel.check_agree((self.method, dataclasses.asdict(opts), structure),
+                                       f"{who}: the ranks disagree on the method, its options or the model's "
+                                       "parameters (names, shapes, which are trainable); construct the same "
+                                       "model and optimizer on every rank")
         self._engine = statistics_engine(model, opts.engine, who)
         self.model = model = unwrap(model)  # blocks named as in one process
         check_materialised(model, who)

@@ -58,10 +58,13 @@ ones.  The MC statistics are a valid estimate for the global batch, not one proc
 
 Requirements: every rank calls ``track``/``step`` in the same order, as many ``track`` blocks
 (micro-batches) before each ``step``, with the same model structure, options and parameters
-(DDP broadcasts them at construction; for a plain model, broadcast them yourself).  On a
-statistics step a rank with a ``track`` block more or less than the others makes every rank
-raise, naming where each one is (the ranks of a DDP model, whose backward all-reduces the
-gradients, also meet before each block: a rank with one more waits in no collective of DDP's).
+(DDP broadcasts them at construction; for a plain model, broadcast them yourself: its parameter
+names, shapes and trainable flags are checked at construction).  On a statistics step a rank
+with a ``track`` block more or less than the others makes every rank raise, naming where each
+one is (the ranks of a DDP model, whose backward all-reduces the gradients, also meet at each
+block's first call of the model, where they compare DDP's ``no_sync()`` state: a rank with one
+more waits in no collective of DDP's; one that runs its forward and backward outside ``track``
+on a statistics step still waits in DDP's all-reduce until the timeout).
 On a step without statistics the blocks are not counted: DDP's all-reduce waits, as it does
 without curvlab.  A plain model's gradients are averaged as DDP's
 ``find_unused_parameters`` averages them: a parameter without a gradient on a rank (a layer it
@@ -157,16 +160,17 @@ def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: st
     average = (not ddp) if config.average_gradients is None else config.average_gradients
     if dist.get_world_size(group) == 1:
         return None
-    return RankSync(unwrap(model), group, average, config.mc_seed, ddp)
+    return RankSync(unwrap(model), group, average, config.mc_seed, model if ddp else None)
 
 
 class RankSync:
     """The collectives of a data-parallel optimizer over ``model`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None, average_gradients: bool, mc_seed: int,
-                 ddp: bool = False) -> None:
-        self.model = model  # (unwrapped; ``ddp``: it runs inside a DistributedDataParallel)
+                 ddp: nn.parallel.DistributedDataParallel | None = None) -> None:
+        self.model = model  # (unwrapped; with ``ddp``, the DistributedDataParallel it runs inside)
         self.ddp = ddp
+        self._start_hook = None  # start_of_pass's meeting, at the block's first call of the DDP model
         self.group = group
         self.average_gradients = average_gradients
         self.mc_seed = mc_seed
@@ -184,19 +188,40 @@ class RankSync:
         coll.check_agree(what, self.device, self.group, message)
 
     def start_of_pass(self, step: int, passes: int) -> None:
-        """Meet the other ranks before a statistics step's ``passes``-th ``opt.track`` block of
-        step ``step`` runs the user's forward and backward — with a ``DistributedDataParallel``
-        model only, whose backward all-reduces the gradients: a rank with one block more than the
-        others would wait there, in DDP's collective, until the process group's timeout, where
-        now it meets their ``step()`` and every rank raises."""
-        if self.ddp:
-            self._meet(_START_OF_PASS, step, passes, [])
+        """Meet the other ranks when a statistics step's ``passes``-th ``opt.track`` block of step
+        ``step`` first calls the ``DistributedDataParallel`` model — with a DDP model only, whose
+        backward all-reduces the gradients: a rank with one block more than the others would wait
+        there, in DDP's collective, until the process group's timeout, where now it meets their
+        ``step()`` and every rank raises.  So does a block whose forward runs under DDP's
+        ``no_sync()`` on some ranks only (a rank with one micro-batch more): the meeting is at the
+        forward call, inside the user's ``no_sync()``, where DDP reads it."""
+        if self.ddp is None:
+            return
+
+        def meet(ddp: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._end_start_hook()
+            syncs = self._meet(_START_OF_PASS, step, passes, [float(ddp.require_backward_grad_sync)])[:, 0].tolist()
+            if len(set(syncs)) > 1:
+                under = ", ".join(str(r) for r, v in enumerate(syncs) if not v)
+                raise RuntimeError(
+                    f"curvlab.optim: the ranks are out of step: track block {passes} of step {step} runs under "
+                    f"DistributedDataParallel's no_sync() on rank(s) {under} only; every rank must run as many "
+                    "`with opt.track(loss_fn):` blocks (micro-batches) before each step(), the same ones under no_sync()"
+                )
+
+        self._start_hook = self.ddp.register_forward_pre_hook(meet, with_kwargs=True, prepend=True)
+
+    def _end_start_hook(self) -> None:
+        if self._start_hook is not None:
+            self._start_hook.remove()
+            self._start_hook = None
 
     def end_of_pass(self, error: BaseException | None, step: int, passes: int) -> None:
         """Meet the other ranks at the end of a statistics step's ``opt.track`` block (the
         ``passes``-th of step ``step``) and raise on every rank when a rank's statistics pass
         failed (e.g. a layer it did not call): otherwise the others would wait for it in the
         step's collectives until the process group's timeout."""
+        self._end_start_hook()  # a block that never called the DDP model: met here only
         failed = self._meet(_END_OF_PASS, step, passes, [float(error is not None)])[:, 0]
         if failed.any():
             coll.raise_failed(error, self.group, "curvlab.optim: the statistics pass")
