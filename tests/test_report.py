@@ -133,6 +133,16 @@ def test_read_netcdf_errors_name_the_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- summary
 
 
+def test_summary_prints_integers_exactly(ds: xr.Dataset) -> None:
+    """Integers of 10⁷ and more were rounded to four digits: ``--seed 4294967295`` read "4.295e+09"
+    (a seed that does not reproduce the run), ResNet-18 "1.117e+07 trainable parameters"."""
+    big = ds.copy()
+    big.attrs.update(seed=4294967295, num_trainable_params=11173962, num_model_params=11173962)
+    text = summary_markdown(big)
+    assert "- **Seed:** 4294967295\n" in text
+    assert "(11,173,962 trainable parameters)" in text
+
+
 def test_summary_lists_every_layer_and_approximation(ds: xr.Dataset, tmp_path: Path) -> None:
     text = summary_markdown(ds)
     assert text.startswith("# Fisher approximation report: `mlp` on scikit-learn digits")

@@ -92,7 +92,8 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
 
 
 def _fmt(value: object, digits: int = 4) -> str:
-    """A number to ``digits`` significant digits; NaN as an en dash."""
+    """A number to ``digits`` significant digits, an integer exactly (a seed must reproduce the
+    run, a parameter count be the count); NaN as an en dash."""
     try:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -101,8 +102,8 @@ def _fmt(value: object, digits: int = 4) -> str:
         return "–"
     if v == 0:
         return "0"
-    if isinstance(value, (int, np.integer)) and abs(v) < 1e7:
-        return f"{int(v):,}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
     return f"{v:.{digits}g}"
 
 
@@ -169,6 +170,8 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                          "so MC-based approximations differ from one process's)")
             elif key == "weights":
                 value = _weights_line(ds.attrs)
+            elif key == "seed":  # as --seed takes it
+                value = str(int(value))
             elif key == "engine" and ds.attrs.get("engine_reason", "none") != "none":
                 value = f"{value} (BackPACK cannot run this model: {ds.attrs['engine_reason']})"
             out.append(f"- **{label}:** {_escape(_fmt(value) if not isinstance(value, str) else value)}")
