@@ -308,6 +308,16 @@ def test_train_usage_errors(args: list[str], message: str, tmp_path: Path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["report", "train"])
+def test_a_model_too_large_to_allocate_is_one_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in --hidden (25 TB of weights) ended in torch's allocator traceback."""
+    out = tmp_path / "out"
+    assert main([command, "--hidden", "99999999999", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "model 'mlp', hidden=(99999999999,) does not fit in memory: " in err
+    assert "Traceback" not in err and err.count("error:") == 1 and not out.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_unavailable_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--device", "cuda", "--out", str(tmp_path)]) == 2

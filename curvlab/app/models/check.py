@@ -36,7 +36,13 @@ def check_model(spec: str, dataset: str, *, skip_unsupported: bool = False,
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(SHAPES)}")
     input_shape, num_classes = SHAPES[key]
     with torch.random.fork_rng(devices=[]):  # a check: the caller's random state stays as it was
-        model = make_model(spec, input_shape, num_classes, **model_kwargs)
+        try:
+            model = make_model(spec, input_shape, num_classes, **model_kwargs)
+        except (MemoryError, RuntimeError) as err:  # e.g. a typo in --hidden: torch's allocator error
+            if not isinstance(err, MemoryError) and "can't allocate memory" not in str(err):
+                raise
+            options = "".join(f", {k}={v!r}" for k, v in model_kwargs.items())
+            raise ValueError(f"model {spec!r}{options} does not fit in memory: {str(err).splitlines()[0]}") from err
     blocks = model_blocks(model, skip_unsupported=skip_unsupported)
     model.eval()  # no running-statistics update, no dropout
     try:
