@@ -132,6 +132,28 @@ def test_a_forward_backpacks_converter_cannot_call_is_extracted_by_the_autograd_
     assert curvlab.compare(model, CE, x, y, approximations=("kfac",)).attrs["engine"] == stats.engine
 
 
+def test_the_optimizers_say_why_attentions_out_proj_takes_the_first_order_step() -> None:
+    """nn.MultiheadAttention applies its out_proj Linear itself: its weight was listed as "the bias
+    of a layer whose weight is frozen or shared", which it is neither."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.att, self.head = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.att(h, h, h)[0].mean(1))
+
+    with pytest.warns(UserWarning) as said:
+        opt = KFAC(Net(), lr=0.1)
+        assert [b.name for b in opt.blocks()] == ["inp", "head"]
+    told = [str(w.message) for w in said if "no Kronecker block" in str(w.message)]
+    assert len(told) == 1 and told[0].endswith(
+        "of layers another module applies in its own forward (nn.MultiheadAttention's out_proj): "
+        "['att.out_proj.weight', 'att.out_proj.bias'] (see curvlab.model_blocks)"), told
+
+
 def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:
     """nn.MultiheadAttention applies its projections functionally: they are parameter blocks."""
 
