@@ -382,3 +382,28 @@ def test_label_smoothing_takes_the_closed_interval_and_numbers_only() -> None:
     for bad in (True, "0.1", float("nan"), None):
         with pytest.raises(ValueError, match=r"curvlab train: label_smoothing=.* must be a number in \[0, 1\]"):
             TrainConfig(label_smoothing=bad)
+
+
+def test_a_model_file_is_the_file_it_names_where_the_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model models/net.py:net`` was compared as text: a resume (or ``--weights``) naming the
+    same file by its absolute path was refused, the same text from another folder — another
+    file, another model — accepted.  The spec now names the file it resolves to."""
+    for folder, act in (("a", "ReLU"), ("b", "Tanh")):
+        (tmp_path / folder / "models").mkdir(parents=True)
+        (tmp_path / folder / "models" / "net.py").write_text(
+            "from torch import nn\n"
+            "def net(input_shape, num_classes):\n"
+            f"    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.{act}(), nn.Linear(8, num_classes))\n")
+    run, args = tmp_path / "run", ["--train-size", "64", "--test-size", "32", "--batch-size", "32", "--no-figures"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--model", "models/net.py:net", "--epochs", "1", *args, "--out", str(run)]) == 0
+    monkeypatch.chdir(tmp_path)
+    same = f"{tmp_path / 'a' / 'models' / 'net.py'}:net"
+    assert main(["train", "--model", same, "--epochs", "2", *args, "--resume", "--out", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["train", "--model", "models/net.py:net", "--epochs", "3", *args, "--resume", "--out", str(run)]) == 1
+    assert f"--model {same} (now {tmp_path / 'b' / 'models' / 'net.py'}:net)" in capsys.readouterr().err
+    assert main(["report", "--model", "models/net.py:net", "--weights", str(run), "--out", str(tmp_path / "rep")]) == 2
+    assert f"was trained with --model {same}" in capsys.readouterr().err

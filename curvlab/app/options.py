@@ -67,6 +67,7 @@ def dataset(text: str) -> str:
 
 def model(text: str) -> str:
     from curvlab.app.models import MODELS
+    from curvlab.app.models.user import resolved_spec
 
     spec = text.strip()
     if ":" in spec:
@@ -75,7 +76,7 @@ def model(text: str) -> str:
             raise argparse.ArgumentTypeError(
                 f"model spec {text!r}: expected 'package.module:function' or 'path/to/file.py:function'"
             )
-        return spec
+        return resolved_spec(spec)  # the file it names from here, whatever the later directory
     if spec.lower() not in MODELS:
         raise argparse.ArgumentTypeError(
             f"unknown model {text!r}; choose one of {', '.join(MODELS)}, or give 'module:function'"

@@ -60,9 +60,26 @@ def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> 
     return model
 
 
+def resolved_spec(spec: str) -> str:
+    """``spec`` with its file made an absolute path (``path/to/file.py:function``): the file it
+    names from the current directory, as a run records it and a resume or ``--weights``
+    compares it (the same text from another directory names another file); other specs as
+    they are."""
+    target, sep, attr = spec.rpartition(":")
+    if sep and _names_a_file(target.strip()):
+        return f"{Path(target.strip()).expanduser().resolve()}:{attr.strip()}"
+    return spec
+
+
+def _names_a_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
 def _import_target(spec: str, target: str) -> ModuleType:
-    if target.endswith(".py") or "/" in target or os.sep in target:
+    if _names_a_file(target):
         path = Path(target).expanduser()
+        if path.is_dir():
+            raise ModelSpecError(f"model spec {spec!r}: {path} is a folder; name the .py file that defines the model")
         if not path.is_file():
             raise ModelSpecError(f"model spec {spec!r}: file {path} not found")
         # A name unique per file, so two user files called model.py do not clash in sys.modules.

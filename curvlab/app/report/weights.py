@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from curvlab.app.models.user import resolved_spec
 from curvlab.app.options import options_attr
 from curvlab.app.report.run import ReportError
 from curvlab.io import PathLike
@@ -133,7 +134,7 @@ def _checked_config(file: Path, config: object, model: str, dataset: str) -> dic
     if not isinstance(config, dict):
         raise ReportError(f"{WHO}: --weights {file} has no readable configuration")
     differ = [f"{option} {theirs} (this report: {ours})" for option, theirs, ours in (
-        ("--model", config.get("config_model"), model),
+        ("--model", resolved_spec(str(config.get("config_model"))), resolved_spec(model)),
         ("--dataset", canonical_name(str(config.get("config_dataset"))), canonical_name(dataset)),
     ) if theirs != ours]
     if differ:

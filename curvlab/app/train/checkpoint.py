@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from curvlab.app.messages import flag
+from curvlab.app.models.user import resolved_spec
 from curvlab.app.train.config import NOT_USED, TrainConfig
 from curvlab.app.train.schedule import SPANNING_EPOCHS
 from curvlab.io import atomic_write
@@ -102,6 +103,8 @@ def _comparable(config: dict[str, object]) -> dict[str, object]:
     for key in PATHS:
         if out.get(key, "none") != "none":
             out[key] = str(Path(str(out[key])).expanduser().resolve())
+    if out.get("config_model") is not None:  # a model file as the path it names (older runs kept the text)
+        out["config_model"] = resolved_spec(str(out["config_model"]))
     if str(out.get("config_device", "")).startswith("cpu"):  # cpu:0 is the cpu
         out["config_device"] = "cpu"
     return out
