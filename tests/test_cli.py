@@ -235,6 +235,7 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["--model", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--approximations", "kfac,shampoo"], "unknown approximation(s) shampoo"),
+        (["--approximations", "all,kfac"], "argument --approximations: 'all,kfac': 'all' stands alone"),
         (["--damping-strategy", "kfac=magic"], "unknown damping strategy 'magic'"),
         (["--damping", "-1"], "--damping: expected a positive finite number, got '-1'"),
         (["--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),

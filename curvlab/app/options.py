@@ -149,6 +149,8 @@ def approximations(text: str) -> tuple[str, ...]:
         return tuple(APPROXIMATIONS)
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of approximations")
+    if "all" in names:
+        raise argparse.ArgumentTypeError(f"{text!r}: 'all' stands alone (it is every approximation)")
     unknown = [n for n in names if n not in APPROXIMATIONS]
     if unknown:
         raise argparse.ArgumentTypeError(
