@@ -266,10 +266,13 @@ def test_load_user_model_errors(user_file: Path) -> None:
     # errors in the user's own code: the error and where it was raised, not a traceback
     broken = user_file.parent / "broken.py"
     broken.write_text("from torch import nn\n\ndef net(num_classes):\n    raise RuntimeError('no such layer')\n")
+    (user_file.parent / "needs.py").write_text("def net(depth, num_classes):\n    pass\n")
     (user_file.parent / "syntax.py").write_text("def net(:\n    pass\n")
     (user_file.parent / "imports.py").write_text("import curvlab_no_such_module_xyz\n")
     cases.update({
         f"{broken}:net": rf"net\(\) raised RuntimeError: no such layer \(at {broken}:4\)",
+        # a function that needs more than curvlab passes: its signature, not a line of curvlab's
+        f"{user_file.parent / 'needs.py'}:net": r"net cannot be called as net\(num_classes=2\): .*'depth'; curvlab passes",
         f"{user_file.parent / 'syntax.py'}:net": r"importing .*syntax.py raised SyntaxError: .*line 1",
         f"{user_file.parent / 'imports.py'}:net": r"importing .*imports.py raised ModuleNotFoundError: .*curvlab_no_such",
     })

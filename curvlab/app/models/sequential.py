@@ -18,6 +18,8 @@ import torch
 from backpack.custom_module.branching import Parallel
 from torch import nn
 
+from curvlab.app.models.user import ModelSpecError
+
 # ------------------------------------------------------------------------------------- builders
 
 
@@ -180,8 +182,9 @@ def image_shape(model: str, input_shape: tuple[int, ...], min_side: int) -> tupl
             "load the dataset without flatten=True"
         )
     c, h, w = input_shape
-    if min(h, w) < min_side:
-        raise ValueError(f"model {model!r} needs images of at least {min_side}x{min_side}, got {h}x{w}")
+    if min(h, w) < min_side:  # a usage error: the --model and --dataset given do not go together
+        raise ModelSpecError(f"model {model!r} needs images of at least {min_side}x{min_side}, got {h}x{w}: "
+                             "choose a dataset of larger images (--dataset) or another model")
     return c, h, w
 
 

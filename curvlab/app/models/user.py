@@ -49,9 +49,14 @@ def load_user_model(spec: str, input_shape: Sequence[int], num_classes: int) -> 
         return obj
     if not callable(obj):
         raise ModelSpecError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    kwargs = _supported_kwargs(obj, input_shape=tuple(input_shape), num_classes=num_classes)
     try:
-        model = obj(**_supported_kwargs(obj, input_shape=tuple(input_shape), num_classes=num_classes))
+        model = obj(**kwargs)
     except Exception as err:  # noqa: BLE001 — the user's code: named, not a curvlab traceback
+        if traceback.extract_tb(err.__traceback__)[-1].filename == __file__:  # the call itself: its signature
+            given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise ModelSpecError(f"model spec {spec!r}: {attr} cannot be called as {attr}({given}): {err}; "
+                                 "curvlab passes input_shape= and num_classes= where it takes them, nothing else") from err
         raise ModelSpecError(f"model spec {spec!r}: {attr}() raised {_where(err)}") from err
     if not isinstance(model, nn.Module):
         raise ModelSpecError(
