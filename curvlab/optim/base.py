@@ -64,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
@@ -196,7 +195,6 @@ class KroneckerOptimizer(Optimizer):
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}
         self._dormant: dict[str, dict[str, Any]] = {}  # saved states of layers frozen at loading
-        self._owners: dict[str, weakref.ref] = {}  # block name → the weight its state belongs to
         self._uncalled: set[str] = set()  # blocks whose layer the last statistics pass did not call
         self._pending: Pending | None = None
         self._warned_first_order = False
@@ -388,23 +386,24 @@ class KroneckerOptimizer(Optimizer):
 
     def _state(self, block: Block) -> BlockState:
         state = self.block_states.get(block.name)
-        owner = self._owners.get(block.name)
         # another layer at the block's path (a replaced head): its own state, as torch's optimizers
         # give a new parameter
-        replaced = owner is not None and owner() is not block.weight
+        replaced = state is not None and not state.belongs_to(block.weight)
         # a new block, or one whose bias was frozen or unfrozen (its matrix form changed): its
         # statistics and momentum start afresh
         if state is None or replaced or state.curvature.layout != block.layout:
-            state = self.block_states[block.name] = BlockState(self.new_state(block))
+            state = self.block_states[block.name] = self._new_state(block)
             entry = self._dormant.pop(block.name, None)
             if entry is not None and not replaced:  # a layer frozen when its state was loaded, trainable again
                 try:
                     load_block_state(state, entry, block.weight.device, f"{type(self).__name__}: block {block.name!r}")
                 except ValueError:  # its bias frozen or unfrozen since: afresh, as the rule above
-                    state = self.block_states[block.name] = BlockState(self.new_state(block))
-        if owner is None or replaced:
-            self._owners[block.name] = weakref.ref(block.weight)
+                    state = self.block_states[block.name] = self._new_state(block)
         return state
+
+    def _new_state(self, block: Block) -> BlockState:
+        """A fresh state of ``block``, its weight's."""
+        return BlockState(self.new_state(block), owner=block.weight)
 
     def _not_preconditioned(self) -> set[str]:
         """Paths of the model's Linear/Conv layers that have no block now (frozen, or in no group)."""
@@ -613,14 +612,13 @@ class KroneckerOptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvlab", None) or {}
         self._blocks = None
-        fresh = {b.name: BlockState(self.new_state(b)) for b in self.blocks()}
+        fresh = {b.name: self._new_state(b) for b in self.blocks()}
         state_dict["state"], dormant = load_block_states(
             fresh, extra.get("blocks"), state_dict.get("state", {}), self, self._not_preconditioned()
         )
         super().load_state_dict(state_dict)
         self._blocks = None  # torch replaced the param group dicts
         self.block_states, self._dormant = fresh, dict(dormant)
-        self._owners = {b.name: weakref.ref(b.weight) for b in self.blocks()}
         self._uncalled = set(extra.get("uncalled", ()))
         if "steps_done" in extra:
             self.steps_done = int(extra["steps_done"])

@@ -36,6 +36,7 @@ step that uses them and kept with the object.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -423,13 +424,19 @@ class TEKFACBasis(Eigenbasis):
 class BlockState:
     """What an optimizer keeps per block: its curvature state and its momentum buffer (kept as
     the column blocks of the block's matrix form, :meth:`curvlab.block.BlockLayout.columns`, as
-    the update is computed)."""
+    the update is computed), and the weight they belong to (``owner``, weakly: a layer replaced at
+    the block's path is another weight, with a state of its own)."""
 
-    __slots__ = ("curvature", "momentum_columns")
+    __slots__ = ("curvature", "momentum_columns", "_owner")
 
-    def __init__(self, curvature: CurvatureState, momentum: Tensor | None = None) -> None:
+    def __init__(self, curvature: CurvatureState, momentum: Tensor | None = None, owner: Tensor | None = None) -> None:
         self.curvature = curvature
         self.momentum = momentum
+        self._owner = None if owner is None else weakref.ref(owner)
+
+    def belongs_to(self, weight: Tensor) -> bool:
+        """Whether this is ``weight``'s state (a state without an owner belongs to any)."""
+        return self._owner is None or self._owner() is weight
 
     @property
     def momentum(self) -> Tensor | None:
