@@ -352,14 +352,14 @@ def test_train_refuses_a_folder_holding_a_report(tmp_path: Path, capsys) -> None
 def test_a_subset_larger_than_the_data_names_the_option(tmp_path: Path, capsys) -> None:
     args = ["train", *FAST_TRAIN, "--out", str(tmp_path / "o")]
     args[args.index("--train-size") + 1] = "100000"
-    assert main(args) == 1
+    assert main(args) == 2  # a usage error, as report's --batch-size beyond the data
     assert "train_size=100000 (--train-size) exceeds the train split of digits (1500 examples)" in capsys.readouterr().err
 
 
 def test_a_probe_batch_larger_than_the_training_set_names_the_option(tmp_path: Path, capsys) -> None:
     """It was cut to the training set's size silently (probe.nc said so, nothing else)."""
     args = ["train", *FAST_TRAIN, "--probe-every", "1", "--probe-batch-size", "121", "--out", str(tmp_path / "o")]
-    assert main(args) == 1
+    assert main(args) == 2
     assert "probe_batch_size=121 (--probe-batch-size) exceeds the 120 training examples (--train-size)" in capsys.readouterr().err
 
 

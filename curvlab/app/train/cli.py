@@ -33,8 +33,8 @@ from curvlab.app.options import (
     widths,
 )
 from curvlab.app.seed import add_seed_option
-from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, check_batches, curvature_layers,
-                                      default_lr, default_momentum)
+from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, TrainOptionError, check_batches,
+                                      curvature_layers, default_lr, default_momentum)
 from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
@@ -221,7 +221,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from curvlab.app.launch import (Ranks, Stopped, join_process_group, leave_process_group, relaunch_with_data,
                                     resolve_device, wants_relaunch)
     from curvlab.app.models import ModelSpecError
-    from curvlab.app.train.loop import checked_resume, train
+    from curvlab.app.train.loop import checked_resume, load_data, train
 
     try:
         cfg = config_from_args(args)
@@ -246,9 +246,12 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             check_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
             if args.resume:  # once here, not once per process
                 checked_resume(cfg, "cpu")
+            if cfg.train_size or cfg.test_size or cfg.probe_every:  # the subsets' sizes, against the data's
+                load_data(cfg)
 
         try:
-            return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks)
+            return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks,
+                                      usage_errors=(TrainOptionError,))
         except Stopped as err:  # one line, not torchrun's tracebacks (dropped by relaunch)
             where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
                      else f"no epoch had finished: nothing to resume in {cfg.out_dir} (start again with --overwrite)")
@@ -259,6 +262,9 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except ModelSpecError as err:  # a usage error, as report's and as an unknown built-in name's
         print_error(parser, f"argument --model: {err}", usage=True)
+        return EXIT_USAGE
+    except TrainOptionError as err:
+        print_error(parser, err, usage=True)
         return EXIT_USAGE
     except (DataError, ValueError, OSError) as err:
         print_error(parser, err)

@@ -167,6 +167,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return KRONECKER[cfg.optimizer](model, options=cfg.optimizer_options())
 
 
+class TrainOptionError(ValueError):
+    """A run cannot start as configured (a subset larger than the data, a probe batch larger than
+    the training set): a usage error, as a report's batch larger than the data."""
+
+
 def check_batches(cfg: TrainConfig, world_size: int, *, options: bool = False) -> None:
     """The training and probe batches give each of ``world_size`` processes an example
     (:func:`curvlab.app.launch.check_batch_split`; a trailing batch too small is skipped), and a

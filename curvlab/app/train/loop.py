@@ -29,7 +29,7 @@ from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, large_batch_note, measured_batch_size, one_example_fails
 from curvlab.app.train import figures, parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
-from curvlab.app.train.config import TrainConfig, check_batches, curvature_layers, make_optimizer
+from curvlab.app.train.config import TrainConfig, TrainOptionError, check_batches, curvature_layers, make_optimizer
 from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval, saved_probes
 from curvlab.app.train.schedule import Schedule
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
@@ -55,11 +55,11 @@ def load_data(cfg: TrainConfig) -> Dataset:
     data = load_dataset(cfg.dataset, cfg.data_dir)
     for name, n, have in (("train_size", cfg.train_size, len(data.train_x)), ("test_size", cfg.test_size, len(data.test_x))):
         if n is not None and n > have:
-            raise ValueError(f"curvlab train: {name}={n} ({flag(name)}) exceeds the "
+            raise TrainOptionError(f"curvlab train: {name}={n} ({flag(name)}) exceeds the "
                              f"{name.partition('_')[0]} split of {data.name} ({have} examples)")
     train_n = cfg.train_size or len(data.train_x)
     if cfg.probe_every and cfg.probe_batch_size and cfg.probe_batch_size > train_n:  # (the probe's batch: training examples)
-        raise ValueError(f"curvlab train: probe_batch_size={cfg.probe_batch_size} (--probe-batch-size) exceeds the "
+        raise TrainOptionError(f"curvlab train: probe_batch_size={cfg.probe_batch_size} (--probe-batch-size) exceeds the "
                          f"{train_n} training examples" + (" (--train-size)" if cfg.train_size else f" of {data.name}"))
     if cfg.train_size is not None or cfg.test_size is not None:
         data = subset(
