@@ -76,6 +76,9 @@ class ModelBlocks:
             ``model.named_parameters()`` names them).
         unstructured: paths of the parameter blocks of torch modules with no Kronecker structure
             curvlab knows (a grouped convolution, an LSTM, a PReLU).
+        enclosed: paths of the parameter blocks of Kronecker-type layers another module applies
+            in its own forward (``nn.MultiheadAttention``'s ``out_proj``).
+        lone_biases: paths of Kronecker layers' biases whose weight is frozen or shared.
     """
 
     blocks: list[Block] = field(default_factory=list)
@@ -84,6 +87,8 @@ class ModelBlocks:
     skipped: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)
     unstructured: list[str] = field(default_factory=list)
+    enclosed: list[str] = field(default_factory=list)
+    lone_biases: list[str] = field(default_factory=list)
 
     @property
     def kronecker(self) -> list[Block]:
@@ -202,6 +207,10 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
         beside_weight = weight is not None and problem is None and p is module.bias
         if not known and not beside_weight:
             out.unstructured.append(full)
+        if isinstance(module, KRONECKER_LAYERS) and enclosing is not None:
+            out.enclosed.append(full)
+        elif beside_weight:
+            out.lone_biases.append(full)
         owner_type = type(enclosing if enclosing is not None else module).__name__
         out.blocks.append(Block.of_parameter(full, p, owner_type))
     if not out.blocks:

@@ -1342,6 +1342,18 @@ def test_a_statistics_step_without_track_warns_once() -> None:
     assert len(said) == 1 and "step 2 was due" in said[0]
 
 
+def test_the_first_order_warning_names_only_the_optimizers_own_parameters() -> None:
+    """A second optimizer for the LSTM (Adam) and KFAC for the head: KFAC updates no LSTM weight,
+    so it says nothing of them; the LSTM's names came with every KFAC built on a part of the model."""
+    model = nn.Sequential(nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [b.name for b in KFAC(model, model[1].parameters(), lr=0.1).blocks()] == ["1"]
+        KFAC(model, lr=0.1).blocks()
+    said = [str(w.message) for w in caught if "have no Kronecker block" in str(w.message)]
+    assert len(said) == 1 and "'0.weight_ih_l0'" in said[0], said
+
+
 def test_the_first_order_warning_names_each_parameter_once_when_the_blocks_are_found_again() -> None:
     """Freezing a weight (or loading a state) makes the optimizer find its blocks again; the LSTM,
     named at the first step, is not named again; the Linear's bias, whose weight is now frozen,

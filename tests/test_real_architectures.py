@@ -152,6 +152,8 @@ def test_the_optimizers_say_why_attentions_out_proj_takes_the_first_order_step()
     assert len(told) == 1 and told[0].endswith(
         "of layers another module applies in its own forward (nn.MultiheadAttention's out_proj): "
         "['att.out_proj.weight', 'att.out_proj.bias'] (see curvlab.model_blocks)"), told
+    found = curvlab.extract.model_blocks(opt.model)
+    assert found.enclosed == ["att.out_proj.weight", "att.out_proj.bias"] and not found.lone_biases
 
 
 def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:

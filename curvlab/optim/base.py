@@ -284,32 +284,20 @@ class KroneckerOptimizer(Optimizer):
 
     def _warn_first_order(self, found: ModelBlocks) -> None:
         """Warn once per parameter that gets the first-order update for want of a Kronecker block,
-        grouped by why: its module has no Kronecker structure curvlab knows (a grouped
-        convolution, an LSTM), it is shared by several modules, it was left out, it is the bias
-        of a layer whose weight is frozen or shared, or its layer is applied by another module
-        (attention's out_proj) (norm layers' and the user's own modules'
-        first-order update is documented, not warned about)."""
-        said = {p for n, p in self.model.named_parameters() if n in {*found.skipped, *found.tied, *found.unstructured}}
-        # a layer another module applies itself (nn.MultiheadAttention's out_proj): its blocks are
-        # that module's parameter blocks
-        owner = {b.name: b.module_type for b in found.blocks if b.kind == "parameter"}
-        by_layer = [(f"{path}.{name}", module, p) for path, module in self.model.named_modules()
-                    if isinstance(module, PRECONDITIONED_LAYERS)
-                    for name, p in module.named_parameters(recurse=False)
-                    if p.requires_grad and p in self._group_of and p not in self._block_params and p not in said]
-        enclosed = [n for n, module, _ in by_layer if owner.get(n, type(module).__name__) != type(module).__name__]
-        with_layer = [n for n, _, _ in by_layer if n not in enclosed]
+        grouped by why (:class:`~curvlab.model_blocks.ModelBlocks` lists each kind); norm layers'
+        and the user's own modules' first-order update is documented, not warned about."""
         why = {
             "of modules without a Kronecker structure curvlab preconditions (a grouped or depthwise "
             "convolution, an LSTM, a weight-normalised layer)": found.unstructured,
             "shared by several modules": found.tied,
-            "the bias of a layer whose weight is frozen (requires_grad=False) or shared": with_layer,
-            "of layers another module applies in its own forward (nn.MultiheadAttention's out_proj)": enclosed,
+            "the bias of a layer whose weight is frozen (requires_grad=False) or shared": found.lone_biases,
+            "of layers another module applies in its own forward (nn.MultiheadAttention's out_proj)": found.enclosed,
             "left out as unsupported": found.skipped,
         }
+        updated = {n for n, p in self.model.named_parameters() if p in self._group_of}  # (this optimizer's)
         parts, new = [], []
         for reason, names in why.items():
-            names = [n for n in dict.fromkeys(names) if n not in self._warned_unsupported and n not in new]
+            names = [n for n in dict.fromkeys(names) if n in updated and n not in self._warned_unsupported and n not in new]
             if names:
                 parts.append(f"{reason}: {names}")
                 new += names
