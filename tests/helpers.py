@@ -98,6 +98,9 @@ def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[
     classes = model[-1].out_features
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         y = torch.randint(0, classes, (n,), generator=gen)
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):  # probabilities, some of them labels 0 and 1
+        y = torch.rand(n, classes, generator=gen, dtype=torch.float64)
+        y[: n // 2] = y[: n // 2].round()
     else:
         y = torch.randn(n, classes, generator=gen, dtype=torch.float64)
     return x, y

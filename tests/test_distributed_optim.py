@@ -51,7 +51,7 @@ def _model(name: str) -> nn.Module:
 
 
 def _loss(name: str) -> nn.Module:
-    return {"ce": nn.CrossEntropyLoss(), "mse-sum": nn.MSELoss(reduction="sum")}[name]
+    return {"ce": nn.CrossEntropyLoss(), "mse-sum": nn.MSELoss(reduction="sum"), "bce": nn.BCEWithLogitsLoss()}[name]
 
 
 def _shard(x, y, sizes, rank):
@@ -164,7 +164,7 @@ def _unequal_shards(sizes) -> dict:
     approximations against one process (the gradients are the mean of the local ones, so the
     parameters are not compared)."""
     out = {}
-    for method, loss in [(m, "ce") for m in METHODS] + [("tekfac", "mse-sum")]:
+    for method, loss in [(m, "ce") for m in METHODS] + [("tekfac", "mse-sum"), ("kfac", "bce")]:
         _, got = _train(method, "mlp", sizes, distributed=True, wrap="plain", steps=1, loss=loss)
         _, ref = _train(method, "mlp", sizes, distributed=False, steps=1, loss=loss)
         errors = []

@@ -31,6 +31,8 @@ LOSSES = {
     "ce-sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
     "mse-mean": lambda: nn.MSELoss(),
     "mse-sum": lambda: nn.MSELoss(reduction="sum"),
+    "bce-mean": lambda: nn.BCEWithLogitsLoss(),
+    "bce-sum": lambda: nn.BCEWithLogitsLoss(reduction="sum"),
 }
 SETTINGS = list(itertools.product(MODELS, LOSSES))
 RTOL = 1e-10
@@ -314,8 +316,30 @@ def tiny_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def test_mc_converges_to_exact() -> None:
-    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_bce_roots_match_backpacks_where_it_has_them(engine: str) -> None:
+    """BackPACK's BCEWithLogitsLoss roots exist for one output per example and 0/1 targets: the
+    same exact root and, under one seed, the same Monte-Carlo draws (σ − Binomial(σ))."""
+    torch.manual_seed(0)
+    model, loss_fn = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double(), nn.BCEWithLogitsLoss()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (6, 1)).double()
+    exact = extract(model, loss_fn, x, y, stats=("sqrt",), engine=engine)
+    mc = extract(model, loss_fn, x, y, fisher="mc", mc_samples=5, stats=("sqrt",), seed=7, engine=engine)
+    ext_model, ext_loss = extend(tiny_copy(model)), extend(nn.BCEWithLogitsLoss())
+    torch.manual_seed(7)
+    with backpack(SqrtGGNExact(), SqrtGGNMC(mc_samples=5)):
+        ext_loss(ext_model(x), y).backward()
+    for name in exact:
+        w, b = dict(ext_model.named_modules())[name].weight, dict(ext_model.named_modules())[name].bias
+        for ours, field in ((exact[name], "sqrt_ggn_exact"), (mc[name], "sqrt_ggn_mc")):
+            theirs = torch.cat([getattr(w, field).flatten(2), getattr(b, field).flatten(2)], 2)
+            close(ours.sqrt.columns(ours.layout), theirs.flatten(0, 1))
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()], ids=["ce", "bce"])
+def test_mc_converges_to_exact(loss_fn) -> None:
+    model = tiny_mlp()
     x, y = batch(model, loss_fn, n=4)
     exact = extract(model, loss_fn, x, y, stats=("sqrt",))
     mc = extract(model, loss_fn, x, y, fisher="mc", mc_samples=4000, stats=("sqrt", "kfac"), seed=0)

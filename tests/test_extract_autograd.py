@@ -41,7 +41,7 @@ def rel(a: Tensor, b: Tensor) -> float:
 def per_term_losses(loss_fn: nn.Module, out: Tensor, y: Tensor) -> Tensor:
     """Unreduced loss terms, flattened ``[N·T_out]`` (MSE: summed over the last dimension)."""
     val = type(loss_fn)(reduction="none")(out, y)
-    return (val.sum(-1) if isinstance(loss_fn, nn.MSELoss) else val).flatten()
+    return (val.sum(-1) if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)) else val).flatten()
 
 
 def reduction(loss_fn: nn.Module, out: Tensor) -> float:
@@ -86,6 +86,7 @@ CASES = [
     ("textcnn", nn.CrossEntropyLoss()),
     ("tagger", nn.CrossEntropyLoss()),
     ("tagger", nn.MSELoss(reduction="sum")),
+    ("tagger", nn.BCEWithLogitsLoss()),
 ]
 
 
@@ -109,8 +110,8 @@ def test_exact_block_matches_dense(name, loss_fn, flavour) -> None:
 # --- the batch convention: x and g of every call -----------------------------------------------
 
 def reference_root(loss_fn, out: Tensor, y: Tensor, flavour: str) -> Tensor:
-    """``[C_root, *out.shape]``: per term ``√R(diag √p − p √pᵀ)`` (CE), ``√(2R) I`` (MSE) or
-    ``∇L/√R``, all terms at once; checked against ``hessian`` of the loss."""
+    """``[C_root, *out.shape]``: per term ``√R(diag √p − p √pᵀ)`` (CE), ``√(2R) I`` (MSE),
+    ``√R diag √(σ(1 − σ))`` (BCE) or ``∇L/√R``, all terms at once; checked against ``hessian`` of the loss."""
     r = reduction(loss_fn, out)
     if flavour == "empirical":
         return (torch.func.grad(lambda o: loss_fn(o, y))(out) / math.sqrt(r)).unsqueeze(0)
@@ -120,6 +121,8 @@ def reference_root(loss_fn, out: Tensor, y: Tensor, flavour: str) -> Tensor:
     if ce:
         p = o.softmax(-1)
         s = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)  # [..., c, v]
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        s = torch.diag_embed((o.sigmoid() * (1 - o.sigmoid())).sqrt())
     else:
         s = math.sqrt(2.0) * torch.eye(c, dtype=out.dtype).expand(*o.shape, c)
     s = s * math.sqrt(r)

@@ -125,6 +125,14 @@ def test_bad_arguments_named() -> None:
             extract(model, TemperedCE(), x, y, engine=engine)
     with pytest.raises(ValueError, match="reduction='none'"):
         extract(model, nn.CrossEntropyLoss(reduction="none"), x, y)
+    probs = torch.full((2, 3), 0.5, dtype=x.dtype)
+    for bce in (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), nn.BCEWithLogitsLoss(weight=torch.ones(3))):
+        with pytest.raises(ValueError, match="BCEWithLogitsLoss with (pos_)?weight is not supported"):
+            extract(model, bce, x, probs)
+    for engine in ("backpack", "autograd"):
+        for bad in (probs + 0.6, probs - 0.6, probs.masked_fill(probs > 0, float("nan"))):
+            with pytest.raises(ValueError, match=r"targets must be probabilities in \[0, 1\]"):
+                extract(model, nn.BCEWithLogitsLoss(), x, bad, engine=engine)
     with pytest.raises(ValueError, match="eigenbases"):
         extract(model, loss_fn, x, y, stats=("kfe",))
     bases = {name: tuple(torch.linalg.qr(torch.randn(n, n, dtype=x.dtype))[0] for n in block.layout.shape)

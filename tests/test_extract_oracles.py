@@ -14,7 +14,7 @@ curvlinops = pytest.importorskip("curvlinops", reason="curvlinops is a dev depen
 
 
 @pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn])
-@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")])
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum"), nn.BCEWithLogitsLoss()])
 def test_kfac_factors_match_curvlinops(make_model, loss_fn) -> None:
     model = make_model()
     x, y = batch(model, loss_fn, n=4)

@@ -89,12 +89,17 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- exact steps
 
 
+@pytest.mark.parametrize("loss", ["ce", "bce"])
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
-def test_one_step_is_damped_natural_gradient(cls):
+def test_one_step_is_damped_natural_gradient(cls, loss):
     """N = 1, exact Fisher, no averaging: every method's block is the exact Fisher block F, so
-    one step is θ − lr (F + λI)⁻¹ ∇ with F and ∇ from a dense torch.func reference."""
-    model, loss_fn = softmax_regression(), nn.CrossEntropyLoss()
+    one step is θ − lr (F + λI)⁻¹ ∇ with F and ∇ from a dense torch.func reference (BCE: three
+    independent Bernoulli outputs, F = diag(σ(1 − σ)) ⊗ x̄x̄ᵀ)."""
+    model = softmax_regression()
     x, y = data(1, d_in=4)
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce" else nn.BCEWithLogitsLoss()
+    if loss == "bce":
+        y = torch.tensor([[1.0, 0.0, 0.25]], dtype=DT)
     lr, lam = 0.3, 1e-2
     F = dense_ggn(model, loss_fn, x, y, "0")
     g = dense_grad(model, loss_fn, x, y, "0")

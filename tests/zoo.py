@@ -372,6 +372,8 @@ def make(name: str, n: int = 3, seed: int = 0, loss_fn: nn.Module | None = None)
         shape = model(x).shape  # (a train-mode forward: BatchNorm running statistics move once)
     if isinstance(loss_fn, nn.MSELoss):
         y = torch.randn(shape, generator=gen, dtype=torch.float64)
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        y = torch.rand(shape, generator=gen, dtype=torch.float64)
     else:
         y = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
     return model, x, y

@@ -33,7 +33,7 @@ device (gloo: CPU, nccl: CUDA).  Ranks may hold different numbers of examples.
 
 Scaling conventions (exact, see :mod:`~curvlab.distributed.reduce`): each rank's loss is the
 *local* mean; with ``ρ_r = count_r / count`` (``mean``: examples for CrossEntropyLoss, elements
-for MSELoss; ``ρ_r = 1`` for ``sum``) the square roots are scaled by ``√ρ_r``; ``G``, ``δ``,
+for MSELoss and BCEWithLogitsLoss; ``ρ_r = 1`` for ``sum``) the square roots are scaled by ``√ρ_r``; ``G``, ``δ``,
 ``δΦ``, ``δΨ``, ``kfe_scaling``, the gradient and the loss by ``ρ_r``; ``A`` (an average over
 examples and locations) by ``N_r / N``; then summed.
 

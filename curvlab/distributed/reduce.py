@@ -4,7 +4,7 @@ Each rank runs the ordinary :func:`curvlab.extract` on its shard, so every stati
 *local* loss normalisation.  The single-process reference is the curvature of the loss of the
 *global* batch (the concatenation of the shards in rank order).  With ``L = R Σ_n ℓ_n`` and the
 reduction factor ``R = 1/count`` (``mean``: ``count`` = examples for CrossEntropyLoss, elements
-for MSELoss) or ``R = 1`` (``sum``), rank ``r``'s statistics are corrected exactly by
+for MSELoss and BCEWithLogitsLoss) or ``R = 1`` (``sum``), rank ``r``'s statistics are corrected exactly by
 
 * ``ρ_r = R_global / R_local = count_r / Σ_s count_s`` (``mean``) or ``1`` (``sum``) — the loss
   scale; everything linear in the loss: the gradient matrix and the loss value;
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.sqrt import ShardedSqrt, scaled
 from curvlab.gram import GramRows, stack_rows
+from curvlab.extract.validate import ELEMENTWISE_LOSSES
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Shards:
     Attributes:
         rank: this process's rank in the group.
         examples: ``N_r`` of every rank.
-        loss_counts: terms each rank's loss averages over (CE: ``N_r``; MSE: elements).
+        loss_counts: terms each rank's loss averages over (CE: ``N_r``; MSE, BCE: elements).
         columns: ``K_r``, square-root columns of every rank (``C·N_r``).
         reduction: the loss reduction, ``"mean"`` or ``"sum"``.
     """
@@ -74,7 +75,7 @@ class Shards:
 
 def local_loss_count(loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> int:
     """The number of terms a ``mean`` reduction of ``loss_fn`` divides by on this shard."""
-    if isinstance(loss_fn, nn.MSELoss):
+    if isinstance(loss_fn, ELEMENTWISE_LOSSES):
         return targets.numel()
     return inputs.shape[0]
 

@@ -68,11 +68,11 @@ def extract(
     the whole model, else the autograd engine; both give the same statistics).  Block ``F`` of the
     chosen flavour is the curvature of the loss *as ``loss_fn`` computes it*:
     ``L = R Σ_{n,s} ℓ_{n,s}`` over ``N`` examples and ``T_out`` loss terms per example, with
-    ``R = 1/(N·T_out)`` (CE, mean), ``1/numel`` (MSE, mean: torch averages over every element)
+    ``R = 1/(N·T_out)`` (CE, mean), ``1/numel`` (MSE and BCE, mean: torch averages over every element)
     or 1 (sum), and
 
     * ``exact``: the GGN ``Jᵀ (∇²_f L) J`` with the Jacobian of all outputs of the batch (= the
-      Fisher for CE and MSE) — with train-mode BatchNorm it includes the coupling between examples;
+      Fisher for CE, MSE and BCE) — with train-mode BatchNorm it includes the coupling between examples;
     * ``mc``: its unbiased Monte-Carlo estimate with ``mc_samples`` labels drawn from the model;
     * ``empirical``: ``R Σ ∇ℓ_{n,s} ∇ℓ_{n,s}ᵀ`` with the true labels (biased as curvature).
 
@@ -84,7 +84,8 @@ def extract(
     Args:
         model: the network; its parameters, ``.grad`` and buffers (BatchNorm's running statistics)
             are left as they were.
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` instance (reduction mean or sum; a
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` instance
+            (reduction mean or sum; BCE without ``weight``/``pos_weight``, targets in [0, 1]; a
             subclass only where it keeps their ``forward``).
         inputs, targets: one mini-batch (moved to the model's device).
         options: what to compute, an :class:`~curvlab.extract.ExtractOptions`; its fields can

@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.block import Block
-from curvlab.extract.autograd.loss_roots import check_root_fits, empirical_root, loss_terms, mc_root
+from curvlab.extract.autograd.loss_roots import check_root_fits, empirical_root, exact_root, loss_terms, mc_root
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats
 from curvlab.extract.options import ExtractOptions
-from curvlab.extract.validate import checked_loss_inputs
+from curvlab.extract.validate import SUPPORTED_LOSSES, checked_loss_inputs
 from curvlab.stats import LayerStats
 
 #: Attribute on a block's first parameter where the extension leaves its results.
@@ -52,9 +52,10 @@ class BackpackUnsupportedError(ValueError):
 
 
 class _LossRoot(ModuleExtension):
-    """Starts the backpropagated root at the loss: the stacked roots of every flavour."""
+    """Starts the backpropagated root at the loss: the stacked roots of every flavour (the exact
+    one from BackPACK's ``derivatives``, or, ``None``, from :func:`exact_root`)."""
 
-    def __init__(self, derivatives: Any) -> None:
+    def __init__(self, derivatives: Any | None) -> None:
         super().__init__()
         self.derivatives = derivatives
 
@@ -75,7 +76,8 @@ class _LossRoot(ModuleExtension):
                 columns = {"exact": output.shape[1], "mc": ext.options.mc_samples}.get(flavour, 1)
                 root = output.new_full((columns, *output.shape), float("nan"))
             elif flavour == "exact":
-                root = self.derivatives.sqrt_hessian(module, g_inp, g_out)
+                root = (exact_root(module, output, terms) if self.derivatives is None
+                        else self.derivatives.sqrt_hessian(module, g_inp, g_out))
             elif flavour == "mc":  # BackPACK's draws, without its float32 cancellation for MSE
                 root = mc_root(module, output, terms, ext.options.mc_samples)
             else:  # from the loss itself: the backward may start from c·L (a GradScaler)
@@ -140,7 +142,7 @@ def _module_extensions() -> dict[type, ModuleExtension]:
     # Every other layer: reuse BackPACK's square-root backpropagation (Jacobian-transpose
     # products); BatchNorm's parameters become parameter blocks.
     for cls, module_ext in SqrtGGNExact()._BackpropExtension__module_extensions.items():  # type: ignore[attr-defined]
-        if cls in KRONECKER_DERIVATIVES or cls in (nn.MSELoss, nn.CrossEntropyLoss):
+        if cls in KRONECKER_DERIVATIVES or cls in SUPPORTED_LOSSES:
             continue
         has_params = bool(module_ext._ModuleExtension__params)  # type: ignore[attr-defined]
         if issubclass(cls, _BatchNorm):
@@ -160,6 +162,8 @@ def _module_extensions() -> dict[type, ModuleExtension]:
         **passthrough,
         nn.MSELoss: _LossRoot(MSELossDerivatives()),
         nn.CrossEntropyLoss: _LossRoot(CrossEntropyLossDerivatives()),
+        # (BackPACK's BCE root takes one output per example and targets 0 or 1 only)
+        nn.BCEWithLogitsLoss: _LossRoot(None),
         **{cls: _KroneckerLayer(derivatives()) for cls, derivatives in KRONECKER_DERIVATIVES.items()},
     }
 

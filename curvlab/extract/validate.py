@@ -14,17 +14,20 @@ from torch import Tensor, nn
 from curvlab.block import Block
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError
 
-SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
+SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+#: Losses with one term per example over outputs ``[N, …, C]`` (the last dimension its vector), whose
+#: ``mean`` averages over every element; cross-entropy's classes are on dimension 1.
+ELEMENTWISE_LOSSES = (nn.MSELoss, nn.BCEWithLogitsLoss)
 
-__all__ = ["SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss", "check_loss_inputs", "checked_loss_inputs"]
+__all__ = ["ELEMENTWISE_LOSSES", "SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss", "check_loss_inputs", "checked_loss_inputs"]
 
 
 def check_loss(loss_fn: nn.Module) -> None:
-    """Only CrossEntropyLoss and MSELoss, with reduction mean or sum and no extras."""
+    """Only CrossEntropyLoss, MSELoss and BCEWithLogitsLoss, with reduction mean or sum and no extras."""
     if not isinstance(loss_fn, SUPPORTED_LOSSES):
         raise UnsupportedModelError(
             f"curvlab.extract: loss_fn is {type(loss_fn).__name__}; supported losses are "
-            "nn.CrossEntropyLoss and nn.MSELoss (module instances, not functions)"
+            "nn.CrossEntropyLoss, nn.MSELoss and nn.BCEWithLogitsLoss (module instances, not functions)"
         )
     base = next(b for b in SUPPORTED_LOSSES if isinstance(loss_fn, b))
     if type(loss_fn).forward is not base.forward:  # its Hessian is not the base's
@@ -43,6 +46,12 @@ def check_loss(loss_fn: nn.Module) -> None:
         raise UnsupportedModelError(
             "curvlab.extract: CrossEntropyLoss with class weights is not supported (its loss-Hessian is "
             "weighted by each target's class, which neither engine's roots carry)"
+        )
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
+        given = "weight" if loss_fn.weight is not None else "pos_weight"
+        raise UnsupportedModelError(
+            f"curvlab.extract: BCEWithLogitsLoss with {given} is not supported (its loss-Hessian is not "
+            "the Bernoulli likelihood's σ(1 − σ), which the Fisher is)"
         )
 
 
@@ -119,7 +128,7 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
 
     Raises:
         ValueError: an empty batch; non-finite model outputs (the curvature is undefined there)
-            or MSE targets; CrossEntropyLoss targets equal to ``ignore_index`` (torch's loss
+            or MSE targets; BCE targets outside [0, 1]; CrossEntropyLoss targets equal to ``ignore_index`` (torch's loss
             drops those examples and averages over the rest, which curvlab's Fisher does not).
     """
     who = f"curvlab.extract ({type(loss_fn).__name__})"
@@ -137,13 +146,18 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
         )
     if targets is None:
         return
-    if isinstance(loss_fn, nn.MSELoss) and targets.shape != output.shape:
+    if isinstance(loss_fn, ELEMENTWISE_LOSSES) and targets.shape != output.shape:
         raise ValueError(
             f"{who}: targets of shape {tuple(targets.shape)} for outputs {tuple(output.shape)}; torch would "
-            "broadcast them (with a warning): pass targets of the output's shape"
+            "broadcast them (with a warning) or refuse them: pass targets of the output's shape"
         )
     if isinstance(loss_fn, nn.MSELoss) and not bool(torch.isfinite(targets).all()):
         raise ValueError(f"{who}: the targets have non-finite values (NaN/inf)")
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and not bool(((targets >= 0) & (targets <= 1)).all()):
+        # (the loss-Hessian σ(1 − σ) holds for any target, but only a probability makes the loss
+        # a Bernoulli likelihood, whose Fisher that is)
+        raise ValueError(f"{who}: targets must be probabilities in [0, 1] (smallest {float(targets.min()):.3g}, "
+                         f"largest {float(targets.max()):.3g}; NaN is refused too)")
     if isinstance(loss_fn, nn.CrossEntropyLoss) and targets.is_floating_point():
         # class probabilities: the loss's Hessian is (Σ_c q_c)(diag p − p pᵀ), the Fisher's only
         # where they sum to one

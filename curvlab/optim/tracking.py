@@ -62,7 +62,7 @@ class Pending:
     step: int
     results: dict[str, LayerStats]
     losses: list[Tensor] = field(default_factory=list)
-    #: terms each loss value averages over (``mean``: examples for CE, elements for MSE), which
+    #: terms each loss value averages over (``mean``: examples for CE, elements for MSE and BCE), which
     #: data-parallel ranks need to weight their statistics exactly
     loss_terms: list[int] = field(default_factory=list)
     #: the loss module's reduction (``"mean"`` or ``"sum"``)

@@ -53,7 +53,7 @@ columns (exact ``C``, mc ``mc_samples``, empirical 1, in the order of ``flavours
   ``N·ΣT/D`` of the size; ``LayerResult.square_root()`` contracts them).
 
 Scale convention (sequence losses): every loss term carries ``R`` (CE mean ``1/(N·T_out)``, MSE
-mean ``1/numel``), i.e. ``F`` is the curvature of the loss *as torch computes it*; per-token
+and BCE mean ``1/numel``), i.e. ``F`` is the curvature of the loss *as torch computes it*; per-token
 CE on ``[N, C, T]`` logits with ``[N, T]`` targets has ``T_out = T`` terms per example.
 
 Cost model (``P_out = Σ_calls N·d_out·T`` output-gradient numbers of one column; ``A`` the

@@ -52,9 +52,10 @@ def extract_autograd(
             as one training forward pass does) — and where the examples look coupled once more,
             without gradients, on one more example, its buffers and the RNG state left as they were
             (:mod:`~curvlab.extract.autograd.batch_check`).
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (reduction mean or sum).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (reduction
+            mean or sum).
         inputs: the model input, or a tuple of positional inputs (moved to the model's device).
-        targets: CE: class indices ``[N, *S]``; MSE: shaped like the output.
+        targets: CE: class indices ``[N, *S]``; MSE, BCE: shaped like the output.
         layers: target module → name; default: every Linear, Conv1d/2d/3d and Embedding.
         flavours: any of ``"exact"``, ``"mc"``, ``"empirical"``, stacked in this order.
         mc_samples: labels drawn per loss term for ``"mc"``.

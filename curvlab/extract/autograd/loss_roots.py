@@ -8,17 +8,19 @@ a function of one ``C``-vector of the model output:
   the loss-Hessian ``diag(p) − ppᵀ`` as it is, only the gradient changes): one term per example
   and position ``s`` over ``d_1·d_2…``, the classes on dimension 1.  ``R = 1/(N·T_out)`` for
   ``reduction="mean"`` (torch averages over every position), 1 for ``"sum"``.
-* ``nn.MSELoss`` on outputs ``[N, …, C]``: the last dimension is the "class" dimension, every
-  position over the middle dimensions is a term.  ``R = 1/numel`` for ``"mean"`` (torch averages
-  over every element), 1 for ``"sum"``.
+* ``nn.MSELoss`` and ``nn.BCEWithLogitsLoss`` on outputs ``[N, …, C]``: the last dimension is the
+  "class" dimension, every position over the middle dimensions is a term.  ``R = 1/numel`` for
+  ``"mean"`` (torch averages over every element), 1 for ``"sum"``.  BCE is ``C`` independent
+  Bernoulli likelihoods with logits ``f`` (targets: probabilities of the label 1).
 
 ``T_out`` is the number of loss terms per example (curvlinops' ``num_per_example_loss_terms``).
 Since the Hessian of ``L`` w.r.t. the output is block diagonal over terms, a square root is a set
 of *columns*: tensors shaped like the output.  Roots here are stacked as ``[C_root, *out.shape]``
 where column ``c`` carries, at every term at once, that term's ``c``-th root column:
 
-* ``exact``: ``C`` columns, per term ``S = √R (diag(√p) − p √pᵀ)`` (CE) or ``√(2R) I`` (MSE) —
-  BackPACK's ``sqrt_hessian`` and curvlinops' ``loss_hessian_matrix_sqrt``;
+* ``exact``: ``C`` columns, per term ``S = √R (diag(√p) − p √pᵀ)`` (CE), ``√(2R) I`` (MSE) or
+  ``√R diag(√(σ(1 − σ)))`` (BCE, ``σ = sigmoid(f)``) — BackPACK's ``sqrt_hessian`` and
+  curvlinops' ``loss_hessian_matrix_sqrt``;
 * ``mc``: ``mc_samples`` columns ``√R (∇_f ℓ(f, ỹ)) / √mc_samples`` with labels ``ỹ`` drawn from
   the model's predictive distribution, with the very RNG calls of BackPACK's
   ``sqrt_hessian_sampled`` (so a seeded run draws the same labels as ``curvlab.extract``);
@@ -33,10 +35,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Categorical, Normal
+from torch.distributions import Binomial, Categorical, Normal
 from torch.nn.functional import one_hot
 
 from curvlab.extract.autograd.backprop import available_bytes
+from curvlab.extract.validate import ELEMENTWISE_LOSSES, SUPPORTED_LOSSES
 from curvlab.stats import FLAVOURS
 
 
@@ -81,8 +84,9 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
         ValueError: for unsupported losses, options, or shapes.
     """
     name = type(loss_fn).__name__
-    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)):
-        raise ValueError(f"autograd engine: loss {name} unsupported; use nn.CrossEntropyLoss or nn.MSELoss")
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        raise ValueError(f"autograd engine: loss {name} unsupported; use nn.CrossEntropyLoss, nn.MSELoss or "
+                         "nn.BCEWithLogitsLoss")
     if loss_fn.reduction not in ("mean", "sum"):
         raise ValueError(f"autograd engine: {name}(reduction={loss_fn.reduction!r}); use 'mean' or 'sum'")
     if output.dim() < 1:
@@ -108,9 +112,10 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
         r = 1.0 / (n * terms) if loss_fn.reduction == "mean" else 1.0
     else:
         if targets.shape != output.shape:
-            raise ValueError(f"autograd engine: MSELoss targets {tuple(targets.shape)} != output {tuple(output.shape)}")
+            raise ValueError(f"autograd engine: {name} targets {tuple(targets.shape)} != output {tuple(output.shape)}")
         if output.dim() == 1:
-            raise ValueError("autograd engine: MSELoss needs outputs [N, ..., C] (got [N]; unsqueeze(-1))")
+            raise ValueError(f"autograd engine: {name} needs outputs [N, ..., C] (got [N]; unsqueeze(-1) the "
+                             "output and the targets)")
         class_dim, classes = output.dim() - 1, output.shape[-1]
         terms = output[..., 0].numel() // max(n, 1)
         r = 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
@@ -120,9 +125,13 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
 def exact_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms) -> Tensor:
     """``[C, *out.shape]``: column ``v`` of every term's exact root, all terms at once."""
     scale = math.sqrt(terms.reduction_factor)
-    if isinstance(loss_fn, nn.MSELoss):
-        eye = torch.eye(terms.num_classes, dtype=output.dtype, device=output.device) * (math.sqrt(2.0) * scale)
-        root = eye[:, None, None, :].expand(-1, terms.num_examples, terms.terms_per_example, -1)
+    if isinstance(loss_fn, ELEMENTWISE_LOSSES):
+        eye = torch.eye(terms.num_classes, dtype=output.dtype, device=output.device)
+        if isinstance(loss_fn, nn.MSELoss):
+            root = (eye * (math.sqrt(2.0) * scale))[:, None, None, :].expand(-1, terms.num_examples, terms.terms_per_example, -1)
+        else:  # BCE: the Bernoulli variance σ(1 − σ) on the diagonal
+            sigma = terms.to_terms(output).sigmoid()
+            root = eye[:, None, None, :] * (sigma * (1 - sigma)).sqrt().mul(scale)
         return terms.from_terms(root)
     p = terms.to_terms(output).softmax(-1)  # [N, T, C]
     tau = p.sqrt()
@@ -133,9 +142,9 @@ def exact_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms) -> Tensor:
 def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: int) -> Tensor:
     """``[mc_samples, *out.shape]``, drawing exactly as BackPACK's ``sqrt_hessian_sampled``.
 
-    BackPACK (``core/derivatives/crossentropyloss.py`` and ``mseloss.py``, manual mode):
-    CE builds ``Categorical(probs moved to the last dim).sample([M])`` and returns
-    ``probs − onehot``; MSE builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns
+    BackPACK (``core/derivatives/crossentropyloss.py``, ``mseloss.py`` and
+    ``bcewithlogitsloss.py``, manual mode): CE builds ``Categorical(probs moved to the last
+    dim).sample([M])`` and returns ``probs − onehot``; BCE ``σ − Binomial(σ).sample([M])``; MSE builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns
     ``2 (ỹ − f)``; both are divided by ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same
     distribution objects and the same calls consume the generator identically — except that
     MSE's noise is drawn around 0, not around ``f``: ``ỹ − f`` lost the draw to cancellation
@@ -149,6 +158,9 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
         samples = dist.sample(torch.Size([mc_samples]))  # [M, N, ...]
         onehot = torch.einsum("vn...c->vnc...", one_hot(samples, num_classes=probs.shape[1])).to(probs.dtype)
         root = probs.unsqueeze(0).expand(mc_samples, *probs.shape) - onehot
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):  # BackPACK's draws: Binomial(σ), σ − ỹ
+        probs = output.sigmoid()
+        root = probs - Binomial(probs=probs, validate_args=False).sample(torch.Size([mc_samples]))
     else:
         # BackPACK's scale, √½ in the default dtype (the same draws); filled on the device, where a
         # tensor from a number is a copy (on a GPU one that waits)
