@@ -18,7 +18,9 @@ Convention (fixed once for the whole project):
   parameter order.  :class:`BlockLayout` converts between the two.
 * ``nn.Embedding``: its input is one-hot, so its matrix form is ``Wᵀ``
   (``[embedding_dim, num_embeddings]``, output × input as for ``nn.Linear``); the layout is
-  ``transposed`` and the flat order stays ``weight.flatten()``.
+  ``transposed`` and the flat order stays ``weight.flatten()``.  ``nn.ConvTranspose1d/2d/3d``
+  likewise: its weight ``[C_in, C_out, *k]`` with the first two axes swapped,
+  ``[C_out, C_in·prod(k)]``.
 * A *parameter block* (kind ``"parameter"``) is one trainable tensor outside the Kronecker layers
   (a norm layer's affine weight or bias, a position embedding, a cls token, attention's packed
   projections): its matrix form is the tensor reshaped to ``[prod(shape[:i]), prod(shape[i:])]``
@@ -45,8 +47,9 @@ class BlockLayout:
         in_features: ``D``, columns of ``W̄`` (including the bias column if present).
         bias_column: whether the last column of ``W̄`` is the bias.
         weight_shape: shape of the weight parameter (``None`` for a bias-only block).
-        transposed: the weight's matrix form is its transpose (``nn.Embedding``: ``Wᵀ``), so the
-            flat order of the weight part is the matrix form's column-major order.
+        transposed: the weight's matrix form swaps its first two axes (``nn.Embedding``: ``Wᵀ``;
+            a transposed convolution's ``[C_in, C_out, *k]`` → ``[C_out, C_in·prod(k)]``), so
+            the flat order of the weight part runs over the inputs first.
     """
 
     out_features: int
@@ -65,6 +68,10 @@ class BlockLayout:
         """Shape of the matrix form ``(d_out, D)``."""
         return (self.out_features, self.in_features)
 
+    def _axis0(self) -> int:
+        """A transposed layout's weight's first axis (``num_embeddings``, ``C_in``)."""
+        return self.weight_shape[0]
+
     def _weight_columns(self) -> int:
         if self.weight_shape is None:
             return 0
@@ -77,7 +84,9 @@ class BlockLayout:
         parts = []
         if dw:
             weight = mat[..., :dw]
-            parts.append((weight.mT if self.transposed else weight).flatten(-2))
+            if self.transposed:  # [.., d_out, C_in·K] → [.., C_in, d_out, K]
+                weight = weight.unflatten(-1, (self._axis0(), -1)).transpose(-3, -2).flatten(-2)
+            parts.append(weight.flatten(-2))
         if self.bias_column or self.weight_shape is None:
             parts.append(mat[..., dw:].flatten(-2))
         return torch.cat(parts, dim=-1)
@@ -95,7 +104,9 @@ class BlockLayout:
         if dw:
             weight = vec[..., : self.out_features * dw]
             if self.transposed:
-                cols.append(weight.reshape(*lead, dw, self.out_features).mT)
+                a = self._axis0()
+                cols.append(weight.reshape(*lead, a, self.out_features, dw // a).transpose(-3, -2).reshape(
+                    *lead, self.out_features, dw))
             else:
                 cols.append(weight.reshape(*lead, self.out_features, dw))
         if self.bias_column or self.weight_shape is None:
@@ -190,10 +201,10 @@ class Block:
     @classmethod
     def of_layer(cls, name: str, module: nn.Module, *, separate_bias: bool = False,
                  own_bias: bool = True) -> list["Block"]:
-        """The blocks of a ``Linear``/``Conv1d/2d/3d``/``Embedding`` layer: ``[W b]`` (the bias as
-        the last input column when it is trainable and ``own_bias``: not shared with another
-        module), or ``<name>.weight`` and ``<name>.bias`` apart.  ``nn.Embedding`` (no bias) has
-        the matrix form ``Wᵀ``."""
+        """The blocks of a ``Linear``/``Conv1d/2d/3d``/``ConvTranspose1d/2d/3d``/``Embedding`` layer:
+        ``[W b]`` (the bias as the last input column when it is trainable and ``own_bias``: not
+        shared with another module), or ``<name>.weight`` and ``<name>.bias`` apart.  ``nn.Embedding`` (no bias) has
+        the matrix form ``Wᵀ``, a transposed convolution its weight's first two axes swapped."""
         weight = module.weight
         bias = getattr(module, "bias", None)
         bias = bias if bias is not None and bias.requires_grad and own_bias else None
@@ -202,11 +213,13 @@ class Block:
         if isinstance(module, nn.Embedding):
             layout = BlockLayout(shape[1], shape[0], False, shape, transposed=True)
             return [cls(name, kind, layout, weight, None)]
-        d_out, d_in = shape[0], weight[0].numel()  # Linear: in_features; Conv: C_in·prod(kernel)
+        swapped = isinstance(module, nn.modules.conv._ConvTransposeNd)  # weight [C_in, C_out, *k]
+        d_out = shape[1] if swapped else shape[0]
+        d_in = weight.numel() // d_out  # Linear: in_features; Conv: C_in·prod(kernel)
         if not separate_bias:
-            layout = BlockLayout(d_out, d_in + int(bias is not None), bias is not None, shape)
+            layout = BlockLayout(d_out, d_in + int(bias is not None), bias is not None, shape, transposed=swapped)
             return [cls(name, kind, layout, weight, bias)]
-        blocks = [cls(f"{name}.weight", kind, BlockLayout(d_out, d_in, False, shape), weight, None)]
+        blocks = [cls(f"{name}.weight", kind, BlockLayout(d_out, d_in, False, shape, transposed=swapped), weight, None)]
         if bias is not None:
             blocks.append(cls(f"{name}.bias", kind, BlockLayout(d_out, 1, False, None), None, bias))
         return blocks
@@ -260,7 +273,7 @@ class Block:
         if self.kind == "parameter":
             return t.reshape(self.layout.shape)
         if self.layout.transposed:
-            return t.T
+            return t.transpose(0, 1).flatten(1)  # (Embedding: a view, Wᵀ)
         return t if t.dim() == 2 else t.flatten(1)
 
     def param_columns(self) -> list[Tensor]:
@@ -305,7 +318,7 @@ class Block:
             if p is not self.weight:  # the bias column
                 targets.append((p, part[:, 0], i))
             elif self.layout.transposed:
-                targets.append((p, part.T, i))
+                targets.append((p, part.reshape(p.shape[1], p.shape[0], *p.shape[2:]).transpose(0, 1), i))
             elif p.is_contiguous():
                 targets.append((p.view(self.layout.out_features, -1), part, i))
             else:  # e.g. channels_last

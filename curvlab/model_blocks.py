@@ -4,8 +4,9 @@ Every trainable parameter of a model belongs to exactly one :class:`~curvlab.blo
 kind of module is refused, with an error that names it and says what to do):
 
 * **Kronecker layers** (kind ``"kronecker"``): ``nn.Linear`` (on ``[N, …, D]`` inputs),
-  ``nn.Conv1d/2d/3d`` (``groups=1``, any padding mode) and ``nn.Embedding`` (no ``max_norm``,
-  ``scale_grad_by_freq`` or ``sparse``): ``W̄ = [W b]``, or weight and bias apart.
+  ``nn.Conv1d/2d/3d`` (``groups=1``, any padding mode), ``nn.ConvTranspose1d/2d/3d``
+  (``groups=1``) and ``nn.Embedding`` (no ``max_norm``, ``scale_grad_by_freq`` or ``sparse``):
+  ``W̄ = [W b]``, or weight and bias apart.
 * **Parameter blocks** (kind ``"parameter"``), one per tensor: the affine parameters of norm layers
   (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm), ``nn.MultiheadAttention``'s packed
   projections (it applies them functionally, out of reach of module hooks, so its ``out_proj``
@@ -17,7 +18,7 @@ kind of module is refused, with an error that names it and says what to do):
   a decoder, so no Kronecker product describes it; its block is the exact one.
 * Every other torch module's trainable tensors are parameter blocks too, listed in
   :attr:`ModelBlocks.unstructured`: a grouped or depthwise convolution (MobileNet, ConvNeXt,
-  ResNeXt), ``nn.ConvTranspose2d``, ``nn.LSTM``/``nn.GRU``, ``nn.PReLU``, ``nn.Bilinear``, and
+  ResNeXt) and a grouped transposed one, ``nn.LSTM``/``nn.GRU``, ``nn.PReLU``, ``nn.Bilinear``, and
   the tensors a layer's weight is computed from (``weight_norm``'s ``g`` and ``v``, any
   ``torch.nn.utils.parametrize`` parametrization), with that layer's bias.  Their
   blocks are exact (the autograd engine's vjps through whatever the module computes); curvlab
@@ -44,8 +45,11 @@ from curvlab.block import Block
 
 #: Convolutions (their weight forms a Kronecker block over the patches).
 CONV_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Transposed convolutions: a Kronecker block over the patches of their zero-stuffed input, with
+#: the weight ``[C_in, C_out, *k]``'s first two axes swapped as its matrix form.
+TRANSPOSED_CONV_LAYERS: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: Module types whose weight forms a Kronecker block.
-KRONECKER_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_LAYERS, nn.Embedding)
+KRONECKER_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_LAYERS, *TRANSPOSED_CONV_LAYERS, nn.Embedding)
 #: torch module types whose parameters become parameter blocks.
 PARAMETER_LAYERS: tuple[type[nn.Module], ...] = (
     _BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
@@ -117,7 +121,7 @@ def _where(name: str, module: nn.Module) -> str:
 
 def kronecker_problem(module: nn.Module) -> str | None:
     """Why a Kronecker-layer type cannot be one here (``None``: it can)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
+    if isinstance(module, (*CONV_LAYERS, *TRANSPOSED_CONV_LAYERS)) and module.groups != 1:
         return f"has groups={module.groups}, a block-diagonal weight no one Kronecker product describes"
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
         return "uses max_norm, scale_grad_by_freq or sparse gradients, which are unsupported"

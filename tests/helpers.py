@@ -89,9 +89,11 @@ def reload_through_file(opt, model: nn.Module, make_model, make_opt, path) -> tu
 def batch(model: nn.Module, loss_fn: nn.Module, n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
     """Random inputs of the right shape and targets for ``loss_fn``."""
     gen = torch.Generator().manual_seed(seed)
-    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)))
     if isinstance(first, nn.Linear):
         shape = (n, first.in_features)
+    elif isinstance(first, nn.ConvTranspose2d):
+        shape = (n, first.in_channels, 3, 3)
     else:
         shape = (n, first.in_channels, 7) if isinstance(first, nn.Conv1d) else (n, first.in_channels, 6, 6)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -174,6 +176,36 @@ def partial_traces(dense: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
     return torch.einsum("odoe->de", f), torch.einsum("odpd->op", f)
 
 
+def tiny_decoder(seed: int = 0, classes: int = 3) -> nn.Sequential:
+    """Input [N, 2, 3, 3]; transposed convolutions (a U-Net's upsampling, a DCGAN generator) with
+    stride, padding, output_padding and dilation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),  # → 3×6×6
+        nn.Sigmoid(),
+        nn.ConvTranspose2d(3, 2, 2, dilation=2, bias=False),  # → 2×8×8
+        nn.Flatten(),
+        nn.Linear(128, classes),
+    ).double()
+
+
+def patches_by_jacobian(layer: nn.Module, x: Tensor) -> Tensor:
+    """A (transposed) convolution's patches ``[N, D, T]`` by their definition: the derivative of
+    output channel 0 at location ``t`` with respect to row 0 of the weight's matrix form
+    (``weight.flatten(1)``; transposed: ``weight.transpose(0, 1).flatten(1)``)."""
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    w = layer.weight.detach()
+
+    def out0(row: Tensor) -> Tensor:
+        full = w.transpose(0, 1).flatten(1).clone() if transposed else w.flatten(1).clone()
+        full[0] = row
+        weight = full.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1) if transposed else full.reshape(w.shape)
+        return functional_call(layer, {"weight": weight}, (x,))[:, 0].flatten(1)  # [N, T]
+
+    row = (w.transpose(0, 1) if transposed else w).flatten(1)[0]
+    return jacrev(out0)(row).transpose(1, 2)  # [N, T, D] → [N, D, T]
+
+
 def im2col(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """Unfolded conv input ``[N, C_in·kh·kw, T]`` by explicit loops (independent of F.unfold)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
@@ -207,7 +239,12 @@ def dense_kfac(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor, i
     ``G = Σ_{n,t} J_{z,nt}ᵀ ∇²L J_{z,nt}``."""
     layer = model[index]
     inp, jac, out = layer_input_and_output_jacobian(model, index, x)
-    xs = im2col(inp, layer) if isinstance(layer, nn.Conv2d) else inp.unsqueeze(-1)
+    if isinstance(layer, nn.Conv2d):
+        xs = im2col(inp, layer)
+    elif isinstance(layer, nn.ConvTranspose2d):
+        xs = patches_by_jacobian(layer, inp)
+    else:
+        xs = inp.unsqueeze(-1)
     n, _, t = xs.shape
     if layer.bias is not None:
         xs = torch.cat([xs, torch.ones(n, 1, t, dtype=xs.dtype)], 1)

@@ -26,7 +26,7 @@ from curvlab.block import Block
 from curvlab.extract import ExtractionSession, extract, maths
 from curvlab.extract.autograd import couples_examples, extract_autograd
 from curvlab.extract.autograd.layer_io import cat_positions, unfold_input
-from helpers import batch, dense_ggn, im2col, tiny_cnn, tiny_mlp
+from helpers import batch, dense_ggn, im2col, patches_by_jacobian, tiny_cnn, tiny_mlp
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -71,6 +71,8 @@ def dense_block(model, loss_fn, x, y, name: str, flavour: str) -> Tensor:
 def block_from_sqrt(layer, m: Tensor) -> Tensor:
     if layer.kind == "embedding":  # matrix form is Wᵀ
         m = m.transpose(1, 2)
+    if isinstance(layer.module, nn.modules.conv._ConvTransposeNd):  # matrix form: weight [C_in, C_out, *k] swapped
+        m = m.unflatten(2, (layer.module.in_channels, -1)).transpose(1, 2)
     v = m.reshape(m.shape[0], -1)
     return v.T @ v
 
@@ -87,6 +89,7 @@ CASES = [
     ("tagger", nn.CrossEntropyLoss()),
     ("tagger", nn.MSELoss(reduction="sum")),
     ("tagger", nn.BCEWithLogitsLoss()),
+    ("unet", nn.MSELoss()),
 ]
 
 
@@ -175,6 +178,8 @@ def unfold_reference(module: nn.Module, inp: Tensor) -> Tensor:
         return inp.reshape(inp.shape[0], -1, inp.shape[-1]).transpose(1, 2)
     if isinstance(module, nn.Conv2d):
         return im2col(inp, module)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return patches_by_jacobian(module, inp)
     if isinstance(module, nn.Conv1d):  # explicit patches
         (k,), (s,), (p,), (d,) = module.kernel_size, module.stride, module.padding, module.dilation
         xp = F.pad(inp, (p, p))
@@ -186,7 +191,7 @@ def unfold_reference(module: nn.Module, inp: Tensor) -> Tensor:
 
 def to_layout(module: nn.Module, g: Tensor) -> Tensor:
     """``[C, *z.shape]`` → ``[C, N, d_out, T]`` (channels first for conv, last otherwise)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.modules.conv._ConvTransposeNd)):
         return g.flatten(3)
     return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).transpose(2, 3)
 

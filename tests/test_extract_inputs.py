@@ -367,3 +367,26 @@ def test_a_model_returning_several_outputs_is_refused_saying_what_to_pass(return
     with pytest.raises(TypeError, match=rf"^curvlab.extract: the model returned a {returns}, .*model\(x\)\[0\]"):
         extract(model, nn.CrossEntropyLoss(), x, y)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing left behind
+
+
+class SizedUpsampling(nn.Module):
+    """A transposed convolution called with ``output_size`` (U-Nets matching a skip's odd size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.head = nn.ConvTranspose2d(2, 2, 3, stride=2), nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.up(x, output_size=[8, 8]).flatten(1))
+
+
+@pytest.mark.parametrize("engine", ["auto", "autograd"])
+def test_a_transposed_convolution_called_with_output_size_names_the_output_padding(engine: str) -> None:
+    """Its patches are cut for the output its output_padding gives; the error names the setting
+    that gives the output it was called for — with which the same model is taken."""
+    model, x, y = SizedUpsampling().double(), torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"'up' \(ConvTranspose2d\) was called with output_size, giving \(8, 8\) "
+                                         r"where its output_padding=\(0, 0\) gives \(7, 7\); .* set its output_padding=\(1, 1\)"):
+        extract(model, nn.CrossEntropyLoss(), x, y, engine=engine)
+    model.up.output_padding = (1, 1)
+    assert set(extract(model, nn.CrossEntropyLoss(), x, y, engine=engine)) == {"up", "head"}

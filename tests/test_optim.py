@@ -21,6 +21,7 @@ from helpers import (
     partial_traces,
     reload_through_file,
     tiny_cnn,
+    tiny_decoder,
     tiny_mlp,
     to_matrix_order,
 )
@@ -223,6 +224,32 @@ def test_approximations_are_what_the_step_inverts():
         expected = before[n] - 0.1 * approx[n].inv_mat_mul(grads[n], opt.damping, opt.damping_strategy)
         torch.testing.assert_close(torch.cat([m.weight.flatten(1), m.bias[:, None]], 1), expected)
     assert opt.damping_strategy == DEFAULT_DAMPING["tekfac"] == "nor"
+
+
+@pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
+def test_transposed_convolutions_are_preconditioned_by_what_the_step_inverts(cls):
+    """A transposed convolution's weight [C_in, C_out, *k] enters its block with its first two axes
+    swapped: the step moves every layer, in flat order, by −lr·(K̂ + λ)⁻¹∇ of its block."""
+    model, loss_fn = tiny_decoder(0), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 3, 3, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen)
+    opt = cls(model, lr=0.1, stats_interval=2, eigen_interval=2, momentum=0.0, kl_clip=None, factor_dtype="float64")
+    for _ in range(3):
+        train_step(opt, model, loss_fn, x, y)
+    assert [(b.name, b.module_type) for b in opt.blocks()] == [
+        ("0", "ConvTranspose2d"), ("2", "ConvTranspose2d"), ("4", "Linear")]
+    approx = opt.approximations()
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()  # step 3: not a statistics step
+    before = {b.name: torch.cat([p.detach().flatten() for p in b.parameters()]) for b in opt.blocks()}
+    grads = {b.name: torch.cat([p.grad.flatten() for p in b.parameters()]) for b in opt.blocks()}
+    opt.step()
+    for b in opt.blocks():
+        layout = b.layout
+        direction = layout.to_vector(approx[b.name].inv_mat_mul(layout.to_matrix(grads[b.name]), opt.damping,
+                                                                opt.damping_strategy))
+        after = torch.cat([p.detach().flatten() for p in b.parameters()])
+        torch.testing.assert_close(after, before[b.name] - 0.1 * direction)
 
 
 def test_momentum_accumulates_the_preconditioned_directions():

@@ -69,7 +69,8 @@ def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, 
     "name,mode,engine",
     [("resnet_bn", "train", "autograd"), ("resnet_bn", "eval", "backpack"), ("vit", "train", "autograd"),
      ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd"), ("tied_lm", "train", "autograd"),
-     ("tied_bias", "train", "autograd"), ("mobilenet", "train", "autograd"), ("mobilenet", "eval", "autograd")],
+     ("tied_bias", "train", "autograd"), ("mobilenet", "train", "autograd"), ("mobilenet", "eval", "autograd"),
+     ("unet", "train", "autograd")],
 )
 def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
     """Train mode: BatchNorm's coupling is in the blocks; eval mode: BackPACK through its graph
@@ -184,13 +185,13 @@ def test_multihead_attention_parameters_are_exact_parameter_blocks() -> None:
 
 
 class Unstructured(nn.Module):
-    """Torch modules with no Kronecker structure: an LSTM, a GRU, a PReLU, a transposed
+    """Torch modules with no Kronecker structure: an LSTM, a GRU, a PReLU, a grouped transposed
     convolution and a bilinear layer, between Linear layers."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inp, self.lstm, self.gru = nn.Linear(3, 4), nn.LSTM(4, 4, batch_first=True), nn.GRU(4, 4, batch_first=True)
-        self.act, self.up = nn.PReLU(4), nn.ConvTranspose1d(4, 2, 2, stride=2)
+        self.act, self.up = nn.PReLU(4), nn.ConvTranspose1d(4, 2, 2, stride=2, groups=2)
         self.bil, self.head = nn.Bilinear(4, 4, 3), nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -299,6 +299,23 @@ class TinyVolumeNet(nn.Module):
         return self.fc(torch.flatten(torch.sigmoid(self.conv(x)), 1))
 
 
+class TinyUNet(nn.Module):
+    """A U-Net's down and up path on ``[N, 2, 4, 4]`` images: a strided convolution, a transposed
+    one back up (stride, padding, output_padding) joined with the skip connection, a 1-D transposed
+    convolution with dilation and no bias, then a Linear head."""
+
+    def __init__(self, num_classes: int = CLASSES) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(2, 3, 3, stride=2, padding=1)  # → 3×2×2
+        self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)  # → 2×4×4
+        self.line = nn.ConvTranspose1d(4, 2, 2, stride=2, dilation=2, bias=False)  # 16 → 2×33
+        self.fc = nn.Linear(66, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([x, torch.tanh(self.up(torch.tanh(self.down(x))))], 1)  # 4×4×4
+        return self.fc(torch.sigmoid(self.line(h.flatten(2))).flatten(1))
+
+
 class TinyMobileNet(nn.Module):
     """MobileNetV2's inverted residual (torchvision's, shrunk): 1×1 expansion, 3×3 depthwise
     convolution (groups = channels), linear 1×1 projection, ``x + conv(x)``; then ResNeXt's
@@ -344,6 +361,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "tied_bias": (TiedBiasMLP, lambda n, g: torch.randn(n, CLASSES, generator=g, dtype=torch.float64)),
     "mobilenet": (TinyMobileNet, lambda n, g: _images(n, 2, 4, g)),
     "conv3d": (TinyVolumeNet, lambda n, g: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64)),
+    "unet": (TinyUNet, lambda n, g: _images(n, 2, 4, g)),
 }
 
 

@@ -64,7 +64,8 @@ def applies(conv: nn.Module, shape: Sequence[int]) -> bool:
     """Whether the extraction takes :func:`input_gram` for ``conv`` on an input of ``shape``
     (``[N, C, *S]``): stride 1, dilation 1, zero padding, one group, several taps, and below
     :data:`CHEAPER_BELOW` of the patches' Gram's flops (:func:`flops`) but not below :data:`MIN_FLOPS`."""
-    if (any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation) or conv.groups != 1
+    if (isinstance(conv, nn.modules.conv._ConvTransposeNd) or any(s != 1 for s in conv.stride)
+            or any(d != 1 for d in conv.dilation) or conv.groups != 1
             or math.prod(conv.kernel_size) == 1 or len(shape) != len(conv.kernel_size) + 2):
         return False
     if conv.padding_mode != "zeros" and any(conv._reversed_padding_repeated_twice):

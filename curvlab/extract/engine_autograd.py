@@ -19,7 +19,7 @@ from curvlab.extract.autograd.local_params import is_local
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
 from curvlab.extract.options import ExtractOptions
-from curvlab.model_blocks import ModelBlocks
+from curvlab.model_blocks import TRANSPOSED_CONV_LAYERS, ModelBlocks
 from curvlab.stats import LayerStats
 
 #: Statistics taken on the term-separated roots when a loss has several terms per example.
@@ -73,7 +73,8 @@ class AutogradPass:
             calls = layer.calls  # several calls: more positions (no copy for one)
             # the inputs unfolded here, one layer at a time, and not kept (a convolution's patches
             # are large); a convolution called once only where a statistic reads its patches
-            lazy = len(calls) == 1 and layer.kind == CONV
+            # (a transposed one's patches come from its zero-stuffed input: unfolded here)
+            lazy = len(calls) == 1 and layer.kind == CONV and not isinstance(module, TRANSPOSED_CONV_LAYERS)
             x = None if lazy else cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
             g = joined([c.g for c in calls], 3)
             g_terms = None if calls[0].g_terms is None else joined([c.g_terms for c in calls], 3)

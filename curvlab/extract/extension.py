@@ -24,6 +24,9 @@ from backpack.core.derivatives.adaptive_avg_pool_nd import (
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.core.derivatives.conv3d import Conv3DDerivatives
+from backpack.core.derivatives.conv_transpose1d import ConvTranspose1DDerivatives
+from backpack.core.derivatives.conv_transpose2d import ConvTranspose2DDerivatives
+from backpack.core.derivatives.conv_transpose3d import ConvTranspose3DDerivatives
 from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
 from backpack.core.derivatives.linear import LinearDerivatives
 from backpack.core.derivatives.mseloss import MSELossDerivatives
@@ -132,6 +135,9 @@ KRONECKER_DERIVATIVES: dict[type[nn.Module], Any] = {
     nn.Conv1d: Conv1DDerivatives,
     nn.Conv2d: Conv2DDerivatives,
     nn.Conv3d: Conv3DDerivatives,
+    nn.ConvTranspose1d: ConvTranspose1DDerivatives,
+    nn.ConvTranspose2d: ConvTranspose2DDerivatives,
+    nn.ConvTranspose3d: ConvTranspose3DDerivatives,
 }
 
 
@@ -194,6 +200,7 @@ class CurvatureStatistics(SecondOrderBackpropExtension):
         output (``[C_total, N, *output.shape[1:]]``); none for a layer without blocks."""
         if module not in self.layers:
             return []
+        layer_io.check_transposed_output(self.layers[module][0].name, module, module.input0, module.output)
         x = layer_io.unfold_input(module, module.input0).detach()  # [N, D, T]
         g = layer_io.grads_to_layout(module, root).detach()  # [C, N, d_out, T]
         return [

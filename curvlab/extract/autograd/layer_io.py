@@ -6,6 +6,10 @@ Representations (``N`` examples, ``T`` positions sharing the weight):
 * ``nn.Linear`` on ``[N, *, D]``: ``x = [N, D, T]`` with ``T = prod(*)`` (1 for ``[N, D]``).
 * ``nn.Conv1d/2d/3d`` (``groups=1``): ``x`` = the ``unfold`` patches ``[N, C_in·prod(k), T]``,
   rows ordered like ``weight.flatten(1)``, ``T`` = output locations; any padding mode.
+* ``nn.ConvTranspose1d/2d/3d`` (``groups=1``): the same for the convolution it is — over its
+  input with ``stride − 1`` zeros between entries, padded by ``dilation·(k − 1) − padding`` (and
+  ``output_padding`` after), the kernel flipped — rows ordered like
+  ``weight.transpose(0, 1).flatten(1)`` (BackPACK's ``unfold_by_conv_transpose``).
 * ``nn.Embedding`` on ``[N, *]`` token ids: its input is one-hot, ``D = num_embeddings``, so the
   engine keeps the **indices** ``x = [N, T]`` (int64) instead.  The weight's matrix form is
   ``Wᵀ`` (``[embedding_dim, num_embeddings]``, output × input as for Linear); tokens equal to
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 from curvlab.block import Block, planes_first
 from curvlab.extract import conv_gram, maths
 from curvlab.gram import GramRows
-from curvlab.model_blocks import CONV_LAYERS, KRONECKER_LAYERS
+from curvlab.model_blocks import CONV_LAYERS, KRONECKER_LAYERS, TRANSPOSED_CONV_LAYERS
 
 if TYPE_CHECKING:
     from curvlab.extract.autograd.results import LayerCall
@@ -41,7 +45,7 @@ def kind(module: nn.Module) -> str:
     """``"linear"``, ``"conv"`` or ``"embedding"``; raises for anything else."""
     if isinstance(module, nn.Linear):
         return LINEAR
-    if isinstance(module, CONV_LAYERS):
+    if isinstance(module, (*CONV_LAYERS, *TRANSPOSED_CONV_LAYERS)):
         return CONV
     if isinstance(module, nn.Embedding):
         return EMBEDDING
@@ -140,16 +144,19 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
     (on the CPU) one more plane, of ones, follows them: :meth:`curvlab.block.Block.inputs` takes
     ``[x; 1]`` as a view (:func:`curvlab.block.ones_plane_after`) instead of copying the patches."""
     _check_batched(conv, inp, type(conv).__name__)
-    inp = _padded(conv, inp)
+    transposed = isinstance(conv, TRANSPOSED_CONV_LAYERS)
+    inp = _stuffed(conv, inp) if transposed else _padded(conv, inp)
     n, c_in, *spatial = inp.shape
     step, *space = inp.stride()[1:]
     out = _locations(conv, inp)
     patches = inp.as_strided(
         (c_in, *conv.kernel_size, n, *out),
         (step, *(st * d for st, d in zip(space, conv.dilation)), inp.stride(0),
-         *(st * s for st, s in zip(space, conv.stride))),
+         *(st * s for st, s in zip(space, (1,) * len(out) if transposed else conv.stride))),
         inp.storage_offset(),
     )
+    if transposed:  # tap i of the convolution reads weight tap k − 1 − i
+        patches = patches.flip(tuple(range(1, len(out) + 1)))
     d, t = c_in * math.prod(conv.kernel_size), math.prod(out)
     ones = conv.bias is not None and inp.device.type == "cpu"
     if not ones and inp.dtype == conv.weight.dtype:
@@ -178,9 +185,41 @@ def _padded(conv: nn.Module, inp: Tensor) -> Tensor:
 
 
 def _locations(conv: nn.Module, padded: Tensor) -> list[int]:
-    """The output size along each spatial dimension for the ``padded`` input."""
+    """The output size along each spatial dimension for the ``padded`` input (a transposed
+    convolution's: its zero-stuffed input, a stride-1 convolution's)."""
+    strides = (1,) * len(conv.stride) if isinstance(conv, TRANSPOSED_CONV_LAYERS) else conv.stride
     return [(size - d * (k - 1) - 1) // s + 1
-            for size, k, s, d in zip(padded.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
+            for size, k, s, d in zip(padded.shape[2:], conv.kernel_size, strides, conv.dilation)]
+
+
+def _stuffed(conv: nn.Module, inp: Tensor) -> Tensor:
+    """A transposed convolution's input as the stride-1 convolution's that it is: ``stride − 1``
+    zeros between entries, padded by ``dilation·(k − 1) − padding`` (cut where negative), and
+    ``output_padding`` more after."""
+    n, c, *spatial = inp.shape
+    stuffed = inp.new_zeros(n, c, *[(size - 1) * s + 1 for size, s in zip(spatial, conv.stride)])
+    stuffed[(slice(None), slice(None), *(slice(None, None, s) for s in conv.stride))] = inp
+    pads = []
+    for k, p, d, extra in reversed(list(zip(conv.kernel_size, conv.padding, conv.dilation, conv.output_padding))):
+        pads += [d * (k - 1) - p, d * (k - 1) - p + extra]
+    return F.pad(stuffed, pads)
+
+
+def check_transposed_output(name: str, conv: nn.Module, inp: Tensor, output: Tensor) -> None:
+    """Refuse a transposed convolution called with ``output_size``: its output is not the one its
+    ``output_padding`` gives, which the patches are cut for."""
+    if not isinstance(conv, TRANSPOSED_CONV_LAYERS) or inp.dim() != len(conv.kernel_size) + 2:
+        return
+    expected = [(size - 1) * s - 2 * p + d * (k - 1) + extra + 1 for size, k, s, p, d, extra in zip(
+        inp.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.output_padding)]
+    if list(output.shape[2:]) != expected:
+        padding = tuple(o - e + x for o, e, x in zip(output.shape[2:], expected, conv.output_padding))
+        raise ValueError(
+            f"curvlab: {name!r} ({type(conv).__name__}) was called with output_size, giving "
+            f"{tuple(output.shape[2:])} where its output_padding={conv.output_padding} gives {tuple(expected)}; "
+            f"curvlab reads the layer's own settings: set its output_padding={padding} and call it without "
+            "output_size (the same output)"
+        )
 
 
 class ConvInputs:

@@ -145,6 +145,8 @@ class Recording:
         # kept as called: under autocast a bfloat16 input to a float32 layer, which autograd
         # keeps anyway; unfold_input casts it when read (a float32 copy here doubled its memory)
         inp = args[0] if args else kwargs["input"]
+        if calls is self.calls:
+            layer_io.check_transposed_output(self.targets[module], module, inp, output)
         # A broadcast zero scalar: no output-sized memory; its gradient has the output's shape.
         eps = output.new_zeros(()).expand(output.shape).requires_grad_()
         calls.append((module, inp.detach(), eps))
