@@ -22,3 +22,6 @@ def test_readme_python_api_example_runs() -> None:
     stats = namespace["stats"]
     assert stats.engine == "autograd" and stats["layer1.0.bn1.weight"].kind == "parameter"
     assert stats["layer1.0.conv1"].coupled and stats["layer1.0.conv1"].convention_sqrt is not None
+    ae = namespace["ae"]
+    assert list(ae.module_type.values) == ["Conv2d", "ConvTranspose2d"]
+    assert set(ae.block_kind.values) == {"kronecker"} and ae.rel_frobenius_error.notnull().all()
