@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.sqrt import ShardedSqrt, scaled
-from curvlab.gram import GramRows, stack_rows
 from curvlab.extract.validate import ELEMENTWISE_LOSSES
+from curvlab.gram import GramRows, stack_rows
 
 
 @dataclass(frozen=True)

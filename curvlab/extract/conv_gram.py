@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from curvlab.model_blocks import TRANSPOSED_CONV_LAYERS
+
 #: Lay the input out with its first dimension sliced where that reads below this share of the
 #: framed layout's columns: its two GEMM operands lie further apart in memory, which costs 10–14 %
 #: of the GEMM's rate at 64 channels (:func:`_laid_out`).
@@ -62,9 +64,9 @@ ASSEMBLED_BYTES = 3 * 2**23
 
 def applies(conv: nn.Module, shape: Sequence[int]) -> bool:
     """Whether the extraction takes :func:`input_gram` for ``conv`` on an input of ``shape``
-    (``[N, C, *S]``): stride 1, dilation 1, zero padding, one group, several taps, and below
+    (``[N, C, *S]``): not transposed, stride 1, dilation 1, zero padding, one group, several taps, and below
     :data:`CHEAPER_BELOW` of the patches' Gram's flops (:func:`flops`) but not below :data:`MIN_FLOPS`."""
-    if (isinstance(conv, nn.modules.conv._ConvTransposeNd) or any(s != 1 for s in conv.stride)
+    if (isinstance(conv, TRANSPOSED_CONV_LAYERS) or any(s != 1 for s in conv.stride)
             or any(d != 1 for d in conv.dilation) or conv.groups != 1
             or math.prod(conv.kernel_size) == 1 or len(shape) != len(conv.kernel_size) + 2):
         return False

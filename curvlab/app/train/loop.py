@@ -56,11 +56,12 @@ def load_data(cfg: TrainConfig) -> Dataset:
     for name, n, have in (("train_size", cfg.train_size, len(data.train_x)), ("test_size", cfg.test_size, len(data.test_x))):
         if n is not None and n > have:
             raise TrainOptionError(f"curvlab train: {name}={n} ({flag(name)}) exceeds the "
-                             f"{name.partition('_')[0]} split of {data.name} ({have} examples)")
+                                   f"{name.partition('_')[0]} split of {data.name} ({have} examples)")
     train_n = cfg.train_size or len(data.train_x)
     if cfg.probe_every and cfg.probe_batch_size and cfg.probe_batch_size > train_n:  # (the probe's batch: training examples)
-        raise TrainOptionError(f"curvlab train: probe_batch_size={cfg.probe_batch_size} (--probe-batch-size) exceeds the "
-                         f"{train_n} training examples" + (" (--train-size)" if cfg.train_size else f" of {data.name}"))
+        raise TrainOptionError(f"curvlab train: probe_batch_size={cfg.probe_batch_size} (--probe-batch-size) "
+                               f"exceeds the {train_n} training examples"
+                               + (" (--train-size)" if cfg.train_size else f" of {data.name}"))
     if cfg.train_size is not None or cfg.test_size is not None:
         data = subset(
             data,

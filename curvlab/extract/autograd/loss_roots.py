@@ -128,7 +128,8 @@ def exact_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms) -> Tensor:
     if isinstance(loss_fn, ELEMENTWISE_LOSSES):
         eye = torch.eye(terms.num_classes, dtype=output.dtype, device=output.device)
         if isinstance(loss_fn, nn.MSELoss):
-            root = (eye * (math.sqrt(2.0) * scale))[:, None, None, :].expand(-1, terms.num_examples, terms.terms_per_example, -1)
+            root = (eye * (math.sqrt(2.0) * scale))[:, None, None, :].expand(
+                -1, terms.num_examples, terms.terms_per_example, -1)
         else:  # BCE: the Bernoulli variance σ(1 − σ) on the diagonal
             sigma = terms.to_terms(output).sigmoid()
             root = eye[:, None, None, :] * (sigma * (1 - sigma)).sqrt().mul(scale)
@@ -144,8 +145,8 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
 
     BackPACK (``core/derivatives/crossentropyloss.py``, ``mseloss.py`` and
     ``bcewithlogitsloss.py``, manual mode): CE builds ``Categorical(probs moved to the last
-    dim).sample([M])`` and returns ``probs − onehot``; BCE ``σ − Binomial(σ).sample([M])``; MSE builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns
-    ``2 (ỹ − f)``; both are divided by ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same
+    dim).sample([M])`` and returns ``probs − onehot``; BCE ``σ − Binomial(σ).sample([M])``; MSE
+    builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns ``2 (ỹ − f)``; both are divided by ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same
     distribution objects and the same calls consume the generator identically — except that
     MSE's noise is drawn around 0, not around ``f``: ``ỹ − f`` lost the draw to cancellation
     in float32 once ``|f|`` was ~1e7 (+16 % at 1e7, a zero Fisher from 1e8). Both engines
