@@ -390,3 +390,28 @@ def test_a_transposed_convolution_called_with_output_size_names_the_output_paddi
         extract(model, nn.CrossEntropyLoss(), x, y, engine=engine)
     model.up.output_padding = (1, 1)
     assert set(extract(model, nn.CrossEntropyLoss(), x, y, engine=engine)) == {"up", "head"}
+
+
+class AutocastInside(nn.Module):
+    """A forward that enters torch.autocast itself (mixed-precision training code)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x)
+
+
+def test_a_forward_entering_autocast_is_not_given_to_backpack() -> None:
+    """torch.fx's trace (BackPACK's converter) drops the autocast: BackPACK measured the float32
+    network, whose loss differs from the model's own; auto takes the autograd engine."""
+    torch.manual_seed(0)
+    model, x, y = AutocastInside(), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    stats = extract(model, nn.CrossEntropyLoss(), x, y, stats=("kfac",))
+    assert stats.engine == "autograd" and "torch.autocast" in stats.engine_reason
+    with torch.no_grad():
+        assert float(stats.loss) == float(nn.CrossEntropyLoss()(model(x), y))
+    with pytest.raises(UnsupportedModelError, match="its forward enters torch.autocast"):
+        extract(model, nn.CrossEntropyLoss(), x, y, engine="backpack")

@@ -93,20 +93,54 @@ def _is_known_chain(module: nn.Module) -> bool:
     return containers_known and len(paths) == len({id(m) for m in paths})
 
 
-def _graph_obstacle(module: nn.Module) -> str | None:
-    """Why BackPACK cannot run ``module``'s traced graph (``None``: it can)."""
+AUTOCAST_DROPPED = "its forward enters torch.autocast, which BackPACK's traced graph would leave out"
+
+
+def _autocast_state() -> tuple[bool, ...]:
+    return tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+
+
+def _tracer():
+    """BackPACK's ``torch.fx`` tracer, noting a forward that enters ``torch.autocast`` (``.autocast``):
+    the traced graph drops the context, so BackPACK would compute another network's statistics."""
     from backpack.custom_module.graph_utils import BackpackTracer
 
+    class Tracer(BackpackTracer):
+        start, autocast = _autocast_state(), False
+
+        def create_node(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 (torch.fx's)
+            self.autocast = self.autocast or _autocast_state() != self.start
+            return super().create_node(*args, **kwargs)
+
+    return Tracer()
+
+
+def _enters_autocast(module: nn.Module) -> bool:
+    """Whether ``module``'s forward enters ``torch.autocast`` (False where it cannot be traced:
+    the converter then fails and says why)."""
+    tracer = _tracer()
+    try:
+        tracer.trace(module)
+    except Exception:  # noqa: BLE001
+        return False
+    return tracer.autocast
+
+
+def _graph_obstacle(module: nn.Module) -> str | None:
+    """Why BackPACK cannot run ``module``'s traced graph (``None``: it can)."""
     supported = tuple(supported_backprop_types())
     if _is_known_chain(module):  # no tracing needed (BackPACK's Parallel is not traceable)
         for name, sub in module.named_modules():
             if not list(sub.children()) and not isinstance(sub, supported):
                 return f"module {name!r} ({type(sub).__name__}) has no BackPACK second-order derivatives"
         return None
+    tracer = _tracer()
     try:
-        graph = BackpackTracer().trace(module)
+        graph = tracer.trace(module)
     except Exception as err:  # noqa: BLE001 — any tracing failure means "not BackPACK"
         return f"its forward cannot be traced by torch.fx ({type(err).__name__}: {err})"
+    if tracer.autocast:
+        return AUTOCAST_DROPPED
     called: set[str] = set()
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -189,13 +223,16 @@ def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_for
     module = model
     if reason is None:
         if own_forward and not _is_known_chain(model):  # a plain chain runs as it is (tracing it costs ~50 ms)
-            try:
-                module = convert(model)
-            except Exception as err:  # noqa: BLE001 — the converter raises many types
-                reason = f"BackPACK's graph converter failed ({type(err).__name__}: {err})"
+            if _enters_autocast(model):  # (asked of the model's own forward: the converted one lost it)
+                reason = AUTOCAST_DROPPED
+            else:
+                try:
+                    module = convert(model)
+                except Exception as err:  # noqa: BLE001 — the converter raises many types
+                    reason = f"BackPACK's graph converter failed ({type(err).__name__}: {err})"
         if reason is None:
             reason = _graph_obstacle(module)
-            if reason is not None and not own_forward:
+            if reason is not None and not own_forward and reason != AUTOCAST_DROPPED:
                 reason += " (the recorded forward is the model's own, unconverted)"
     if reason is None:
         return EngineChoice("backpack", module)
