@@ -136,10 +136,10 @@ def reduction_factor(loss_fn: nn.Module, out: Tensor) -> float:
 def dense_ggn(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, layer: str) -> Tensor:
     """Exact GGN block ``Σ J_nᵀ ∇²L J_n`` of ``layer``, flat order ``[weight, bias]``."""
     out_fn, flat = _flat_fn(model, layer, x)
-    jac = jacrev(out_fn)(flat)  # [N, C, P]
     out = out_fn(flat).detach()
-    hess = hessian(lambda o: loss_fn(o, y))(out)  # [N, C, N, C]
-    return torch.einsum("ncp,ncmd,mdq->pq", jac, hess, jac)
+    jac = jacrev(out_fn)(flat).reshape(out.numel(), -1)  # [N·C, P] (any output shape)
+    hess = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    return jac.T @ hess @ jac
 
 
 def dense_empirical(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, layer: str) -> Tensor:

@@ -344,6 +344,21 @@ def test_bce_roots_match_backpacks_where_it_has_them(engine: str) -> None:
             close(ours.sqrt.columns(ours.layout), theirs.flatten(0, 1))
 
 
+@pytest.mark.parametrize("loss_fn", [nn.BCEWithLogitsLoss(), nn.MSELoss(reduction="sum")], ids=["bce", "mse"])
+def test_one_output_per_example(loss_fn) -> None:
+    """A binary classifier's [N] logits (or a regression's [N] outputs) with [N] targets: one
+    term of one output per example, on the autograd engine ('auto' falls back to it: BackPACK's
+    losses take [N, C])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1), nn.Flatten(0)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    for fisher, reference in (("exact", dense_ggn), ("empirical", dense_empirical)):
+        stats = extract(model, loss_fn, x, y, fisher=fisher, stats=("sqrt", "kfac"))
+        assert stats.engine == "autograd" and "BackPACK's losses take [N, C]" in stats.engine_reason
+        for name in ("0", "2"):
+            close(stats[name].dense_fisher(), reference(model, loss_fn, x, y, name))
+
+
 @pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()], ids=["ce", "bce"])
 def test_mc_converges_to_exact(loss_fn) -> None:
     model = tiny_mlp()

@@ -104,11 +104,14 @@ def extract(
     with _model_left_as_it_was(model):
         try:
             return _run(model, loss_fn, inputs, targets, opts)
-        except BackpackUnsupportedError:
+        except BackpackUnsupportedError as err:
             if opts.engine != "auto":
                 raise
+            why = str(err).removeprefix("curvlab (BackPACK engine): ").partition("; use engine=")[0]
     with _model_left_as_it_was(model):
-        return _run(model, loss_fn, inputs, targets, ExtractOptions.make(opts, {"engine": "autograd"}))
+        result = _run(model, loss_fn, inputs, targets, ExtractOptions.make(opts, {"engine": "autograd"}))
+    result.engine_reason = why  # (what stopped BackPACK while it ran)
+    return result
 
 
 def _run(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, opts: ExtractOptions) -> Extraction:

@@ -64,9 +64,11 @@ class _LossRoot(ModuleExtension):
 
     def backpropagate(self, ext: "CurvatureStatistics", module: nn.Module, g_inp, g_out, backproped):  # type: ignore[override]
         if module.input0.dim() != 2:
+            what = (": BackPACK's losses take [N, C]" if module.input0.dim() == 1
+                    else " has several loss terms per example")
             raise BackpackUnsupportedError(
-                f"curvlab (BackPACK engine): model output of shape {tuple(module.input0.shape)} has several "
-                "loss terms per example; use engine='autograd' (or 'auto')"
+                f"curvlab (BackPACK engine): model output of shape {tuple(module.input0.shape)}{what}; use "
+                "engine='autograd' (or 'auto')"
             )
         output = module.input0
         finite = checked_loss_inputs(module, output, getattr(module, "input1", None), ext.options.non_finite)

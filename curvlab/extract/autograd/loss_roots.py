@@ -9,7 +9,8 @@ a function of one ``C``-vector of the model output:
   and position ``s`` over ``d_1·d_2…``, the classes on dimension 1.  ``R = 1/(N·T_out)`` for
   ``reduction="mean"`` (torch averages over every position), 1 for ``"sum"``.
 * ``nn.MSELoss`` and ``nn.BCEWithLogitsLoss`` on outputs ``[N, …, C]``: the last dimension is the
-  "class" dimension, every position over the middle dimensions is a term.  ``R = 1/numel`` for
+  "class" dimension, every position over the middle dimensions is a term (outputs ``[N]``: one
+  term of ``C = 1`` per example).  ``R = 1/numel`` for
   ``"mean"`` (torch averages over every element), 1 for ``"sum"``.  BCE is ``C`` independent
   Bernoulli likelihoods with logits ``f`` (targets: probabilities of the label 1).
 
@@ -49,7 +50,7 @@ class LossTerms:
 
     Attributes:
         output_shape: shape of the model output.
-        class_dim: 1 (cross-entropy) or ``output.dim() - 1`` (MSE).
+        class_dim: 1 (cross-entropy) or ``output.dim() - 1`` (MSE, BCE; 0 for outputs ``[N]``).
         num_examples: N.
         terms_per_example: ``T_out`` (curvlinops' ``num_per_example_loss_terms``).
         num_classes: C, the length of one term's output vector.
@@ -113,11 +114,11 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
     else:
         if targets.shape != output.shape:
             raise ValueError(f"autograd engine: {name} targets {tuple(targets.shape)} != output {tuple(output.shape)}")
-        if output.dim() == 1:
-            raise ValueError(f"autograd engine: {name} needs outputs [N, ..., C] (got [N]; unsqueeze(-1) the "
-                             "output and the targets)")
-        class_dim, classes = output.dim() - 1, output.shape[-1]
-        terms = output[..., 0].numel() // max(n, 1)
+        if output.dim() == 1:  # one output per example (a binary classifier's logit): C = 1
+            class_dim, classes, terms = 0, 1, 1
+        else:
+            class_dim, classes = output.dim() - 1, output.shape[-1]
+            terms = output[..., 0].numel() // max(n, 1)
         r = 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
     return LossTerms(output.shape, class_dim, n, terms, classes, r)
 
@@ -187,7 +188,7 @@ def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str],
     """Refuse, before it is formed, a stacked root larger than the device's free memory: under
     ``"exact"`` every term has one column per class, ``C²`` numbers (a language model's
     vocabulary: 50 000 classes are 10 GB a token in float32)."""
-    classes = output.shape[1] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.shape[-1]
+    classes = output.shape[1] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.shape[-1] if output.dim() > 1 else 1
     columns = {"exact": classes, "mc": mc_samples, "empirical": 1}
     # (an exact cross-entropy root is built through two temporaries of its size)
     per_entry = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours)
