@@ -325,8 +325,11 @@ def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: st
         with pytest.raises(ValueError, match=f"(?s){strategy}.*{name}"):
             approx.inverse_matvec(v, lam, strategy)
         return
-    dense = to_flat(dense_damped(stats, name, strategy, lam), stats.layout)
-    assert rel(approx.inverse_matvec(v, lam, strategy), torch.linalg.solve(dense, v.T).T) < 1e-9
+    # one object at two dampings and back (it keeps its last damped inverse: a damping schedule
+    # between refreshes must not read the previous one's)
+    for damping in (lam, 10 * lam, lam):
+        dense = to_flat(dense_damped(stats, name, strategy, damping), stats.layout)
+        assert rel(approx.inverse_matvec(v, damping, strategy), torch.linalg.solve(dense, v.T).T) < 1e-9
     # The damped eigenvalues are the spectrum of the damped matrix.
     damped = approx.damped_eigenvalues(lam, strategy).flatten().sort(descending=True).values
     assert rel(damped, torch.linalg.eigvalsh(dense).flip(0)) < 1e-10

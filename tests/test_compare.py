@@ -147,6 +147,15 @@ def test_an_exact_approximation_overlaps_fully_through_a_repeated_eigenvalue(top
     stats = extract(model, nn.MSELoss(), x, y, stats=("sqrt", "kfac", "tkfac"), kfac_flavours=("exact", "mc"))
     kfac = dense_reference(stats["2"], approximate(stats["2"], "kfac"), LAMBDA, "exact", top_k)["subspace_overlap"]
     assert ds.subspace_overlap.sel(layer="2", approximation="kfac").item() == pytest.approx(kfac, rel=1e-8)
+    # KFAC's basis diagonalises F here (its projection error is zero, read from the rotated root,
+    # not as a difference of norms), its diagonal does not: the error is all scaling
+    seeded = compare(model, nn.MSELoss(), x, y, approximations=("kfac",), top_k=top_k, seed=5)
+    stats = extract(model, nn.MSELoss(), x, y, stats=("sqrt", "kfac"), kfac_flavours=("mc",), seed=5)
+    kfac = dense_reference(stats["2"], approximate(stats["2"], "kfac"), LAMBDA, "exact", top_k)
+    assert kfac["projection_error"] < 1e-12 and kfac["scaling_error"] > 0.1
+    for var in ("projection_error", "scaling_error", "rel_frobenius_error"):
+        got = seeded[var].sel(layer="2", approximation="kfac").item()
+        assert got == pytest.approx(kfac[var], rel=1e-8, abs=1e-10), var
     first = ds.exact_eigenvalues.sel(layer="0").values  # P = 70 > K = 48
     assert (first[:48] > 0).all() and (first[48:70] == 0).all() and np.isnan(first[70:]).all(), first
 
@@ -208,19 +217,25 @@ def test_a_low_rank_approximation_overlaps_by_its_own_directions_only(seed: int)
         assert ds.subspace_overlap.sel(layer=layer, approximation="kflr").item() == pytest.approx(1.0, rel=1e-9)
 
 
+@pytest.mark.parametrize("shape", ["wide-in", "wide-out"])
 @pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
-def test_a_truncated_basis_overlaps_independently_of_its_completion(name: str) -> None:
+def test_a_truncated_basis_overlaps_independently_of_its_completion(name: str, shape: str) -> None:
     """A truncated side is flat on its complement: where the top ``k`` eigenvalues reach into that
     eigenspace, the overlap took the directions some completion of the basis happened to list
     first.  Against the dense reference (eigenspaces of ``K̂``, the one at the ``k``-th eigenvalue
-    weighted by the share that fits), and the same for another completion."""
+    weighted by the share that fits), and the same for another completion; "wide-out": the first
+    layer's output side alone is truncated (6 outputs, 2 inputs and the bias)."""
     from curvlab.approx import EighPolicy
     from curvlab.compare.metrics import exact_block, top_eigenvector_overlap
 
-    model = tiny_mlp(d_in=9, classes=3)
+    if shape == "wide-in":
+        model = tiny_mlp(d_in=9, classes=3)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     loss_fn = nn.CrossEntropyLoss()
     x, y = batch(model, loss_fn, n=7)
-    policy = EighPolicy(truncate_above=3, rank=2)
+    policy = EighPolicy(truncate_above=3, rank=2 if shape == "wide-in" else 1)
     ds = compare(model, loss_fn, x, y, approximations=(name,), damping=LAMBDA, top_k=6, seed=5, eigh=policy)
     stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"),
                     kfac_flavours=needed_kfac_flavours((name,), "exact"), seed=5)

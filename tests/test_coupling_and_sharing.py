@@ -72,6 +72,9 @@ def test_batchnorm_coupling_and_what_ignoring_it_costs() -> None:
         assert rel(s.kfac["exact"].G, torch.einsum("cnot,cnpt->op", gr, gr)) < RTOL
         phi, psi = partial_traces(conv, s.layout)
         assert rel(s.tkfac.delta_phi, phi) < RTOL and rel(s.tkfac.delta_psi, psi) < RTOL
+        # the eigenvalue-corrected ones rescale to the block the optimizers invert (F_conv), not F
+        for method in ("ekfac", "tekfac"):
+            assert approximate(s, method).trace().item() == pytest.approx(conv.trace().item(), rel=1e-10), method
         want = ((exact - conv).norm() / exact.norm()).item()
         # resolved to ~eps of ‖F‖ (P ≤ K + K_c: F − F_c formed), so the exact fc layer gives ~0
         assert ds["coupling_error"].sel(layer=name).item() == pytest.approx(want, rel=1e-10, abs=1e-13)

@@ -199,23 +199,25 @@ def _non_finite_on_one_rank(sizes) -> dict:
 
 
 def _mc_seeds_and_resume(sizes, path) -> dict:
-    """MC statistics of step 0 are those drawn under ``seed + k·R + r``; a DDP run saved by
-    rank 0 and resumed on every rank continues bit-identically."""
+    """MC statistics of steps 0 and 1 are those drawn under ``seed + k·R + r``; a DDP run saved
+    by rank 0 and resumed on every rank continues bit-identically."""
     import curvlab
 
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    options = {"fisher": "mc", "mc_samples": 2}
-    model, opt = _train("kfac", "mlp", sizes, distributed=True, steps=1, options=options)
+    options = {"fisher": "mc", "mc_samples": 2, "stats_interval": 1, "stat_decay": 0.0}
     from helpers import batch
 
-    fresh = _model("mlp")
-    x, y = _shard(*batch(fresh, _loss("ce"), sum(sizes), seed=10), sizes, rank)
-    local = curvlab.extract(fresh, _loss("ce"), x, y, fisher="mc", mc_samples=2, stats=("kfac",), seed=0 * size + rank)
     out = {"mc_G": 0.0}
-    for name, stats in local.items():
-        g = stats.kfac["mc"].G / size  # equal shards: the global factor is the mean of the local ones
-        torch.distributed.all_reduce(g)
-        out["mc_G"] = max(out["mc_G"], _rel(opt.block_states[name].curvature.G, g))
+    for k in (0, 1):
+        before, _ = _train("kfac", "mlp", sizes, distributed=True, steps=k, options=options)  # θ_k
+        _, opt = _train("kfac", "mlp", sizes, distributed=True, steps=k + 1, options=options)
+        x, y = _shard(*batch(before, _loss("ce"), sum(sizes), seed=10 + k), sizes, rank)
+        local = curvlab.extract(before, _loss("ce"), x, y, fisher="mc", mc_samples=2, stats=("kfac",),
+                                seed=0 + k * size + rank)
+        for name, stats in local.items():
+            g = stats.kfac["mc"].G / size  # equal shards: the global factor is the mean of the local ones
+            torch.distributed.all_reduce(g)
+            out["mc_G"] = max(out["mc_G"], _rel(opt.block_states[name].curvature.G, g))
 
     options = {"fisher": "mc", "eigen_interval": 2, "scale_interval": 1}
     full, _ = _train("tekfac", "mlp", sizes, distributed=True, steps=6, options=options)

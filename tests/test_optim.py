@@ -219,6 +219,7 @@ def test_approximations_are_what_the_step_inverts():
               for n, m in (("0", model[0]), ("2", model[2]))}
     grads = {n: torch.cat([m.weight.grad.flatten(1), m.bias.grad[:, None]], 1)
              for n, m in (("0", model[0]), ("2", model[2]))}
+    opt.damping *= 3  # (a damping schedule: the next step inverts with it, between refreshes too)
     opt.step()
     for n, m in (("0", model[0]), ("2", model[2])):
         expected = before[n] - 0.1 * approx[n].inv_mat_mul(grads[n], opt.damping, opt.damping_strategy)
@@ -250,6 +251,43 @@ def test_transposed_convolutions_are_preconditioned_by_what_the_step_inverts(cls
                                                                 opt.damping_strategy))
         after = torch.cat([p.detach().flatten() for p in b.parameters()])
         torch.testing.assert_close(after, before[b.name] - 0.1 * direction)
+
+
+def test_a_damping_changed_between_refreshes_is_the_one_inverted():
+    """KFAC keeps its damped inverse until its statistics change: a damping schedule (or a
+    Levenberg–Marquardt rule) setting opt.damping between two refreshes takes effect at once."""
+    model, loss_fn = softmax_regression(), nn.CrossEntropyLoss()
+    x, y = data(8, d_in=4)
+    opt = KFAC(model, lr=0.1, damping=1e-2, stats_interval=100, eigen_interval=100, momentum=0.0, kl_clip=None,
+               factor_dtype="float64")
+    train_step(opt, model, loss_fn, x, y)  # statistics and the inverse at damping 1e-2
+    approx = opt.approximations()["0"]
+    for damping in (1.0, 1e-2):
+        opt.damping = damping
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        before, grad = model[0].weight.detach().clone(), model[0].weight.grad.clone()
+        bias_grad = model[0].bias.grad.clone()
+        opt.step()
+        direction = approx.inv_mat_mul(torch.cat([grad, bias_grad[:, None]], 1), damping, opt.damping_strategy)
+        torch.testing.assert_close(model[0].weight.detach(), before - 0.1 * direction[:, :-1])
+
+
+@pytest.mark.parametrize("cls", [KFAC, TEKFAC], ids=["KFAC", "TEKFAC"])
+def test_a_channels_last_model_takes_the_same_steps(cls):
+    """Convolution weights in channels_last memory (a common GPU setting) are not views of their
+    matrix form: the update is written through their own layout, the same steps as contiguous."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, 6, 6, generator=gen, dtype=DT), torch.randint(0, 3, (6,), generator=gen)
+    params = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model = tiny_cnn(0).to(memory_format=memory_format)
+        assert model[0].weight.is_contiguous(memory_format=memory_format)
+        opt = cls(model, lr=0.1, **{**EXACT, "momentum": 0.5})
+        for _ in range(2):
+            train_step(opt, model, nn.CrossEntropyLoss(), x.contiguous(memory_format=memory_format), y)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[1], params[0], rtol=1e-12, atol=1e-14)
 
 
 def test_momentum_accumulates_the_preconditioned_directions():
@@ -999,6 +1037,30 @@ def test_non_finite_step_is_skipped(where):
     assert_same_state(opt.state_dict(), state)
     train_step(opt, model, loss_fn, x, y)  # and it goes on
     assert opt.steps_done == 4
+
+
+@pytest.mark.filterwarnings("ignore:KFAC. no curvature statistics yet")
+def test_a_skipped_first_order_step_leaves_the_momentum_as_it_was():
+    """Before its first statistics a layer takes SGD's step with heavy-ball momentum: a step
+    skipped for an inf gradient leaves that momentum too (torch.optim.SGD, not given the step,
+    is the reference); an inf written into it would refuse every later step."""
+    model, loss_fn = softmax_regression(), nn.CrossEntropyLoss()
+    ref = copy.deepcopy(model)
+    x, y = data(8, d_in=4)
+    opt, sgd = KFAC(model, lr=0.1, momentum=0.9), torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        for net, o in ((model, opt), (ref, sgd)):
+            o.zero_grad()
+            loss_fn(net(x), y).backward()  # no track: no statistics, the first-order update
+            if step == 1 and o is opt:
+                net[0].weight.grad[0, 0] = float("inf")
+                with pytest.warns(RuntimeWarning, match="non-finite"):
+                    o.step()
+            elif step != 1:
+                o.step()
+    assert opt.steps_done == 3
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 def test_closure_with_non_finite_loss_is_skipped():

@@ -29,6 +29,38 @@ def small(tmp: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+RECORDING_NET = """
+import os, torch
+from torch import nn
+
+class Recording(nn.Sequential):
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():  # a training step's batch, by its first pixels
+            with open(os.environ["CURVLAB_TEST_BATCHES"], "a") as f:
+                f.write(" ".join(f"{v:.6f}" for v in x.flatten(1)[:, 20].tolist()) + "\\n")
+        return super().forward(x)
+
+def net(input_shape, num_classes):
+    return Recording(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, num_classes))
+"""
+
+
+def test_every_epoch_draws_its_own_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each epoch reshuffles the training set (cyclic batches would pass every resume test: they
+    are deterministic too); its examples are each seen once."""
+    (tmp_path / "recording.py").write_text(RECORDING_NET)
+    log = tmp_path / "batches.txt"
+    monkeypatch.setenv("CURVLAB_TEST_BATCHES", str(log))
+    train(small(tmp_path / "run", model=f"{tmp_path / 'recording.py'}:net", model_kwargs={}, optimizer="kfac",
+                epochs=3, train_size=100, probe_every=0))
+    lines = log.read_text().splitlines()
+    steps = [line for line in lines if len(line.split()) == 50]  # the training batches (2 per epoch)
+    assert len(steps) == 6
+    epochs = [sorted(" ".join(steps[i:i + 2]).split()) for i in (0, 2, 4)]
+    assert epochs[0] == epochs[1] == epochs[2]  # the same examples...
+    assert len({" ".join(steps[i:i + 2]) for i in (0, 2, 4)}) == 3  # ...in another order each epoch
+
+
 def test_writes_metrics_and_probe_time_series(tmp_path: Path) -> None:
     paths = train(small(tmp_path))
     metrics = xr.open_dataset(paths["metrics"]).load()

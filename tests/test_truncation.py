@@ -234,3 +234,14 @@ def test_ekfac_from_kfe_sums_in_a_truncated_basis(policy: str) -> None:
                       kfac=stats.kfac, kfe_scaling=sums)
     got = approximate(bare, "ekfac", eigh=POLICIES[policy])
     assert rel(dense_truncated(got), dense_truncated(ref)) < 1e-10
+
+
+def test_tkfac_attributes_of_truncated_factors_are_normalised() -> None:
+    """TKFAC's Φ = δΦ/δ and Ψ = δΨ/δ (unit trace) where the policy truncates both factors."""
+    stats = linear_block(0, True, d_out=6, d_w=8, n=30)
+    tk = approximate(stats, "tkfac", eigh=EighPolicy(truncate_above=5, rank=2))
+    delta = float(tk.delta)
+    for normalised, summed in ((tk.phi, tk.delta_phi), (tk.psi, tk.delta_psi)):
+        assert isinstance(normalised, TruncatedFactor)
+        assert rel(normalised.dense(), summed.dense() / delta) < 1e-12
+        assert float(normalised.dense().trace()) == pytest.approx(1.0, rel=1e-12)
