@@ -129,6 +129,10 @@ def test_bad_arguments_named() -> None:
     for bce in (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), nn.BCEWithLogitsLoss(weight=torch.ones(3))):
         with pytest.raises(ValueError, match="BCEWithLogitsLoss with (pos_)?weight is not supported"):
             extract(model, bce, x, probs)
+    for labels in (probs.long(), probs.bool()):  # torch's own error named neither
+        with pytest.raises(ValueError, match=r"\(BCEWithLogitsLoss\): targets of dtype torch\.(int64|bool); it takes "
+                                             "floating-point targets"):
+            extract(model, nn.BCEWithLogitsLoss(), x, labels)
     for engine in ("backpack", "autograd"):
         for bad in (probs + 0.6, probs - 0.6, probs.masked_fill(probs > 0, float("nan"))):
             with pytest.raises(ValueError, match=r"targets must be probabilities in \[0, 1\]"):

@@ -12,6 +12,7 @@ from curvlab.extract.engines import uncompiled
 from curvlab.extract.extension import BackpackUnsupportedError
 from curvlab.extract.options import ExtractOptions
 from curvlab.extract.session import ExtractionSession
+from curvlab.extract.validate import check_target_dtype
 from curvlab.stats import LayerStats
 
 
@@ -101,6 +102,7 @@ def extract(
     for what, value in (("inputs", inputs), ("targets", targets)):
         if not isinstance(value, Tensor):
             raise TypeError(f"curvlab.extract: {what} must be one torch.Tensor (a batch), got {type(value).__name__}")
+    check_target_dtype(loss_fn, targets)
     with _model_left_as_it_was(model):
         try:
             return _run(model, loss_fn, inputs, targets, opts)

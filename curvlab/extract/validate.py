@@ -19,7 +19,7 @@ SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 #: ``mean`` averages over every element; cross-entropy's classes are on dimension 1.
 ELEMENTWISE_LOSSES = (nn.MSELoss, nn.BCEWithLogitsLoss)
 
-__all__ = ["ELEMENTWISE_LOSSES", "SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss", "check_loss_inputs", "checked_loss_inputs"]
+__all__ = ["ELEMENTWISE_LOSSES", "SUPPORTED_LOSSES", "check_target_dtype", "UnsupportedModelError", "check_loss", "check_loss_inputs", "checked_loss_inputs"]
 
 
 def check_loss(loss_fn: nn.Module) -> None:
@@ -52,6 +52,16 @@ def check_loss(loss_fn: nn.Module) -> None:
         raise UnsupportedModelError(
             f"curvlab.extract: BCEWithLogitsLoss with {given} is not supported (its loss-Hessian is not "
             "the Bernoulli likelihood's σ(1 − σ), which the Fisher is)"
+        )
+
+
+def check_target_dtype(loss_fn: nn.Module, targets: Tensor) -> None:
+    """BCE's and MSE's targets are real numbers: integer or boolean labels are refused before the
+    loss is called (torch's own error names neither the loss nor the targets)."""
+    if isinstance(loss_fn, ELEMENTWISE_LOSSES) and not targets.is_floating_point():
+        raise ValueError(
+            f"curvlab.extract ({type(loss_fn).__name__}): targets of dtype {targets.dtype}; it takes "
+            "floating-point targets of the output's dtype (e.g. targets.float())"
         )
 
 
