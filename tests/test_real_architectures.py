@@ -133,6 +133,39 @@ def test_a_forward_backpacks_converter_cannot_call_is_extracted_by_the_autograd_
     assert curvlab.compare(model, CE, x, y, approximations=("kfac",)).attrs["engine"] == stats.engine
 
 
+class UpsamplingNet(nn.Module):
+    """A U-Net's down and up path joined by ``+``: with one ReLU module per use BackPACK's converter
+    takes it (its transposed convolution included); with ``torch.relu`` called in each place its
+    converter fails (it reads the repeated function as a module path)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.down, self.act1 = nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU()
+        self.up, self.act2 = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1), nn.ReLU()
+        self.head = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        act1, act2 = (torch.relu, torch.relu) if self.functional else (self.act1, self.act2)
+        return self.head((act2(self.up(act1(self.down(x)))) + x).flatten(1))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "torch.relu"])
+def test_a_converted_upsampling_path_is_the_dense_block_and_a_failed_conversion_names_the_call(functional) -> None:
+    torch.manual_seed(0)
+    model = UpsamplingNet(functional).double()
+    x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    stats = curvlab.extract(model, CE, x, y)
+    assert stats.engine == ("autograd" if functional else "backpack"), stats.engine_reason
+    if functional:
+        assert stats.engine_reason == ("its forward calls torch.relu more than once, which BackPACK's graph "
+                                       "converter cannot convert (a module instance per use, e.g. nn.ReLU(), it can)")
+    for block, s in stats.items():
+        fisher, grad = dense_reference(model, CE, x, y, block_params(model, s))
+        assert rel(s.dense_fisher(), fisher) < RTOL, block
+        assert rel(s.layout.to_vector(s.grad), grad) < RTOL, block
+
+
 def test_the_optimizers_say_why_attentions_out_proj_takes_the_first_order_step() -> None:
     """nn.MultiheadAttention applies its out_proj Linear itself: its weight was listed as "the bias
     of a layer whose weight is frozen or shared", which it is neither."""

@@ -126,6 +126,22 @@ def _enters_autocast(module: nn.Module) -> bool:
     return tracer.autocast
 
 
+def _converter_failure(err: Exception) -> str:
+    """Why BackPACK's converter failed, in the model's terms where that is known: its pass that
+    removes duplicate modules takes a torch function called twice (``torch.relu`` in two places)
+    for a module path (the function read from that pass's frame)."""
+    tb, target = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_transform_remove_duplicates":
+            target = tb.tb_frame.f_locals.get("target")
+        tb = tb.tb_next
+    if callable(target):
+        name = f"{getattr(target, '__module__', None) or 'torch'}.{getattr(target, '__name__', target)}"
+        return (f"its forward calls {name} more than once, which BackPACK's graph converter cannot convert "
+                "(a module instance per use, e.g. nn.ReLU(), it can)")
+    return f"BackPACK's graph converter failed ({type(err).__name__}: {err})"
+
+
 def _graph_obstacle(module: nn.Module) -> str | None:
     """Why BackPACK cannot run ``module``'s traced graph (``None``: it can)."""
     supported = tuple(supported_backprop_types())
@@ -229,7 +245,7 @@ def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_for
                 try:
                     module = convert(model)
                 except Exception as err:  # noqa: BLE001 — the converter raises many types
-                    reason = f"BackPACK's graph converter failed ({type(err).__name__}: {err})"
+                    reason = _converter_failure(err)
         if reason is None:
             reason = _graph_obstacle(module)
             if reason is not None and not own_forward and reason != AUTOCAST_DROPPED:
