@@ -24,7 +24,7 @@ CE = nn.CrossEntropyLoss()
 
 
 @pytest.mark.parametrize("name,mode", [("resnet_bn", "train"), ("resnet_bn", "eval"), ("vgg_bn", "train"),
-                                       ("vit", "train"), ("tied", "train"), ("textcnn", "train")])
+                                       ("vit", "train"), ("tied", "train"), ("textcnn", "train"), ("unet", "train")])
 def test_cuda_extraction_of_real_architectures_matches_cpu(name: str, mode: str) -> None:
     model, x, y = zoo.make(name, n=3)
     model.train(mode == "train")
@@ -39,6 +39,22 @@ def test_cuda_extraction_of_real_architectures_matches_cpu(name: str, mode: str)
         torch.testing.assert_close(g.grad.cpu(), s.grad, rtol=1e-9, atol=1e-12, msg=block)
     for (k, a), b in zip(model.state_dict().items(), gpu_model.state_dict().values()):  # BN buffers restored
         torch.testing.assert_close(b.cpu(), a, msg=k)
+
+
+@pytest.mark.parametrize("engine", ["backpack", "autograd"])
+def test_cuda_transposed_convolutions_under_bce_match_cpu(engine: str) -> None:
+    """Transposed convolutions (zero-stuffed patches) and Bernoulli outputs on the device."""
+    from helpers import tiny_decoder
+
+    model, loss_fn = tiny_decoder(), nn.BCEWithLogitsLoss()
+    x, y = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
+    cpu = curvlab.extract(model, loss_fn, x, y, engine=engine, stats=("sqrt", "kfac", "tkfac"))
+    gpu = curvlab.extract(copy.deepcopy(model).cuda(), loss_fn, x.cuda(), y.cuda(), engine=engine,
+                          stats=("sqrt", "kfac", "tkfac"))
+    for block, s in cpu.items():
+        torch.testing.assert_close(gpu[block].dense_fisher().cpu(), s.dense_fisher(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gpu[block].kfac["exact"].A.cpu(), s.kfac["exact"].A, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gpu[block].tkfac.delta_phi.cpu(), s.tkfac.delta_phi, rtol=1e-9, atol=1e-12)
 
 
 def test_cuda_report_from_the_cli_matches_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
