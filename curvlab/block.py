@@ -203,8 +203,9 @@ class Block:
                  own_bias: bool = True) -> list["Block"]:
         """The blocks of a ``Linear``/``Conv1d/2d/3d``/``ConvTranspose1d/2d/3d``/``Embedding`` layer:
         ``[W b]`` (the bias as the last input column when it is trainable and ``own_bias``: not
-        shared with another module), or ``<name>.weight`` and ``<name>.bias`` apart.  ``nn.Embedding`` (no bias) has
-        the matrix form ``Wᵀ``, a transposed convolution its weight's first two axes swapped."""
+        shared with another module), or ``<name>.weight`` and ``<name>.bias`` apart.
+        ``nn.Embedding`` (no bias) has the matrix form ``Wᵀ``, a transposed convolution its
+        weight's first two axes swapped."""
         weight = module.weight
         bias = getattr(module, "bias", None)
         bias = bias if bias is not None and bias.requires_grad and own_bias else None

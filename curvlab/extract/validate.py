@@ -19,7 +19,8 @@ SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 #: ``mean`` averages over every element; cross-entropy's classes are on dimension 1.
 ELEMENTWISE_LOSSES = (nn.MSELoss, nn.BCEWithLogitsLoss)
 
-__all__ = ["ELEMENTWISE_LOSSES", "SUPPORTED_LOSSES", "check_target_dtype", "UnsupportedModelError", "check_loss", "check_loss_inputs", "checked_loss_inputs"]
+__all__ = ["ELEMENTWISE_LOSSES", "SUPPORTED_LOSSES", "UnsupportedModelError", "check_loss", "check_loss_inputs",
+           "check_target_dtype", "checked_loss_inputs"]
 
 
 def check_loss(loss_fn: nn.Module) -> None:
@@ -138,8 +139,9 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
 
     Raises:
         ValueError: an empty batch; non-finite model outputs (the curvature is undefined there)
-            or MSE targets; BCE targets outside [0, 1]; CrossEntropyLoss targets equal to ``ignore_index`` (torch's loss
-            drops those examples and averages over the rest, which curvlab's Fisher does not).
+            or MSE targets; BCE targets outside [0, 1]; CrossEntropyLoss targets equal to
+            ``ignore_index`` (torch's loss drops those examples and averages over the rest, which
+            curvlab's Fisher does not).
     """
     who = f"curvlab.extract ({type(loss_fn).__name__})"
     n = output.shape[0] if output.dim() else 1

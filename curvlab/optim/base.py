@@ -1,8 +1,9 @@
 """The machinery every curvlab optimizer shares (:class:`KroneckerOptimizer`).
 
-Each ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.ConvTranspose1d/2d/3d`` block ``W̄ = [W b]`` (:class:`curvlab.block.Block`) is
-preconditioned with the damped inverse of a :mod:`curvlab.approx` object built from running
-averages of statistics the extraction computes inside the user's own backward pass.  A method
+Each ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.ConvTranspose1d/2d/3d`` block ``W̄ = [W b]``
+(:class:`curvlab.block.Block`) is preconditioned with the damped inverse of a
+:mod:`curvlab.approx` object built from running averages of statistics the extraction computes
+inside the user's own backward pass.  A method
 says only which typed per-block state it keeps (:mod:`curvlab.optim.state`) and its default
 damping.  A step (``k`` = :attr:`~KroneckerOptimizer.steps_done`, from 0)::
 
@@ -297,7 +298,8 @@ class KroneckerOptimizer(Optimizer):
         updated = {n for n, p in self.model.named_parameters() if p in self._group_of}  # (this optimizer's)
         parts, new = [], []
         for reason, names in why.items():
-            names = [n for n in dict.fromkeys(names) if n in updated and n not in self._warned_unsupported and n not in new]
+            names = [n for n in dict.fromkeys(names)
+                     if n in updated and n not in self._warned_unsupported and n not in new]
             if names:
                 parts.append(f"{reason}: {names}")
                 new += names

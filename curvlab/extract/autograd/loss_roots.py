@@ -147,10 +147,11 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
     BackPACK (``core/derivatives/crossentropyloss.py``, ``mseloss.py`` and
     ``bcewithlogitsloss.py``, manual mode): CE builds ``Categorical(probs moved to the last
     dim).sample([M])`` and returns ``probs − onehot``; BCE ``σ − Binomial(σ).sample([M])``; MSE
-    builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns ``2 (ỹ − f)``; both are divided by ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same
-    distribution objects and the same calls consume the generator identically — except that
-    MSE's noise is drawn around 0, not around ``f``: ``ỹ − f`` lost the draw to cancellation
-    in float32 once ``|f|`` was ~1e7 (+16 % at 1e7, a zero Fisher from 1e8). Both engines
+    builds ``Normal(f, tensor(√0.5)).sample([M])`` and returns ``2 (ỹ − f)``; all are divided by
+    ``√M`` and, for ``"mean"``, by ``√(1/R)``.  The same distribution objects and the same calls
+    consume the generator identically — except that MSE's noise is drawn around 0, not around
+    ``f``: ``ỹ − f`` lost the draw to cancellation in float32 once ``|f|`` was ~1e7 (+16 % at
+    1e7, a zero Fisher from 1e8). Both engines
     take their MC root here.
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss):
@@ -188,7 +189,10 @@ def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str],
     """Refuse, before it is formed, a stacked root larger than the device's free memory: under
     ``"exact"`` every term has one column per class, ``C²`` numbers (a language model's
     vocabulary: 50 000 classes are 10 GB a token in float32)."""
-    classes = output.shape[1] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.shape[-1] if output.dim() > 1 else 1
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        classes = output.shape[1]
+    else:  # (outputs [N]: one output a term)
+        classes = output.shape[-1] if output.dim() > 1 else 1
     columns = {"exact": classes, "mc": mc_samples, "empirical": 1}
     # (an exact cross-entropy root is built through two temporaries of its size)
     per_entry = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours)
