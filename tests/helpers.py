@@ -199,7 +199,10 @@ def patches_by_jacobian(layer: nn.Module, x: Tensor) -> Tensor:
     def out0(row: Tensor) -> Tensor:
         full = w.transpose(0, 1).flatten(1).clone() if transposed else w.flatten(1).clone()
         full[0] = row
-        weight = full.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1) if transposed else full.reshape(w.shape)
+        if transposed:
+            weight = full.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1)
+        else:
+            weight = full.reshape(w.shape)
         return functional_call(layer, {"weight": weight}, (x,))[:, 0].flatten(1)  # [N, T]
 
     row = (w.transpose(0, 1) if transposed else w).flatten(1)[0]
