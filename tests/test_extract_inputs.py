@@ -419,3 +419,8 @@ def test_a_forward_entering_autocast_is_not_given_to_backpack() -> None:
         assert float(stats.loss) == float(nn.CrossEntropyLoss()(model(x), y))
     with pytest.raises(UnsupportedModelError, match="its forward enters torch.autocast"):
         extract(model, nn.CrossEntropyLoss(), x, y, engine="backpack")
+    # the user's own forward (an optimizer's statistics pass): traced as it is, not converted
+    from curvlab.extract import ExtractionSession
+
+    session = ExtractionSession(model, nn.CrossEntropyLoss(), stats=("kfac",))
+    assert session.engine == "autograd" and "torch.autocast" in session.engine_reason

@@ -21,8 +21,10 @@ Otherwise the autograd engine runs (module hooks and batched vjps; any different
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,38 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return compiled if isinstance(compiled, nn.Module) else model
 
 
+AUTOCAST_DROPPED = "its forward enters torch.autocast, which BackPACK's traced graph would leave out"
+
+
+def _autocast_state() -> tuple[bool, ...]:
+    return tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+
+
+class AutocastDropped(ValueError):
+    """The converted graph would have left out the forward's ``torch.autocast``."""
+
+
+@contextlib.contextmanager
+def _autocast_noted() -> Iterator[list[bool]]:
+    """While BackPACK's ``torch.fx`` tracer runs in the block, note (a non-empty list) a forward
+    that enters ``torch.autocast``: the traced graph drops the context, so BackPACK would compute
+    another network's statistics."""
+    from backpack.custom_module.graph_utils import BackpackTracer
+
+    start, entered, create_node = _autocast_state(), [], BackpackTracer.create_node
+
+    def noting(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 (torch.fx's)
+        if _autocast_state() != start:
+            entered.append(True)
+        return create_node(self, *args, **kwargs)
+
+    BackpackTracer.create_node = noting
+    try:
+        yield entered
+    finally:
+        BackpackTracer.create_node = create_node
+
+
 def convert(model: nn.Module) -> nn.Module:
     """BackPACK's ``torch.fx`` conversion of ``model``, leaving ``model`` as it was.
 
@@ -74,12 +108,15 @@ def convert(model: nn.Module) -> nn.Module:
     root._parameters, root._buffers = dict(model._parameters), dict(model._buffers)
     inplace = [m for m in model.modules() if getattr(m, "inplace", False)]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _autocast_noted() as entered:  # (by the converter's own trace)
             warnings.simplefilter("ignore")  # the converter warns about non-module nodes; checked below
-            return convert_module_to_backpack(root, False)
+            converted = convert_module_to_backpack(root, False)
     finally:
         for m in inplace:
             m.inplace = True
+    if entered:
+        raise AutocastDropped(AUTOCAST_DROPPED)
+    return converted
 
 
 def _is_known_chain(module: nn.Module) -> bool:
@@ -91,39 +128,6 @@ def _is_known_chain(module: nn.Module) -> bool:
     )
     paths = [m for _, m in module.named_modules(remove_duplicate=False)]
     return containers_known and len(paths) == len({id(m) for m in paths})
-
-
-AUTOCAST_DROPPED = "its forward enters torch.autocast, which BackPACK's traced graph would leave out"
-
-
-def _autocast_state() -> tuple[bool, ...]:
-    return tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
-
-
-def _tracer():
-    """BackPACK's ``torch.fx`` tracer, noting a forward that enters ``torch.autocast`` (``.autocast``):
-    the traced graph drops the context, so BackPACK would compute another network's statistics."""
-    from backpack.custom_module.graph_utils import BackpackTracer
-
-    class Tracer(BackpackTracer):
-        start, autocast = _autocast_state(), False
-
-        def create_node(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 (torch.fx's)
-            self.autocast = self.autocast or _autocast_state() != self.start
-            return super().create_node(*args, **kwargs)
-
-    return Tracer()
-
-
-def _enters_autocast(module: nn.Module) -> bool:
-    """Whether ``module``'s forward enters ``torch.autocast`` (False where it cannot be traced:
-    the converter then fails and says why)."""
-    tracer = _tracer()
-    try:
-        tracer.trace(module)
-    except Exception:  # noqa: BLE001
-        return False
-    return tracer.autocast
 
 
 def _converter_failure(err: Exception) -> str:
@@ -150,12 +154,14 @@ def _graph_obstacle(module: nn.Module) -> str | None:
             if not list(sub.children()) and not isinstance(sub, supported):
                 return f"module {name!r} ({type(sub).__name__}) has no BackPACK second-order derivatives"
         return None
-    tracer = _tracer()
+    from backpack.custom_module.graph_utils import BackpackTracer
+
     try:
-        graph = tracer.trace(module)
+        with _autocast_noted() as entered:
+            graph = BackpackTracer().trace(module)
     except Exception as err:  # noqa: BLE001 — any tracing failure means "not BackPACK"
         return f"its forward cannot be traced by torch.fx ({type(err).__name__}: {err})"
-    if tracer.autocast:
+    if entered:
         return AUTOCAST_DROPPED
     called: set[str] = set()
     for node in graph.nodes:
@@ -239,13 +245,12 @@ def choose_engine(model: nn.Module, blocks: ModelBlocks, engine: str, *, own_for
     module = model
     if reason is None:
         if own_forward and not _is_known_chain(model):  # a plain chain runs as it is (tracing it costs ~50 ms)
-            if _enters_autocast(model):  # (asked of the model's own forward: the converted one lost it)
-                reason = AUTOCAST_DROPPED
-            else:
-                try:
-                    module = convert(model)
-                except Exception as err:  # noqa: BLE001 — the converter raises many types
-                    reason = _converter_failure(err)
+            try:
+                module = convert(model)
+            except AutocastDropped as err:
+                reason = str(err)
+            except Exception as err:  # noqa: BLE001 — the converter raises many types
+                reason = _converter_failure(err)
         if reason is None:
             reason = _graph_obstacle(module)
             if reason is not None and not own_forward and reason != AUTOCAST_DROPPED:
