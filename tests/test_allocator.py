@@ -77,3 +77,4 @@ def test_auto_reuses_memory_for_convolutional_models_only() -> None:
     assert not reuses_memory("auto", None)  # a model the command line could not build
     assert reuses_memory("reuse", None) and not reuses_memory("default", conv_nets[0])
     assert reuses_memory("auto", nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Conv1d(1, 1, 3))))
+    assert reuses_memory("auto", nn.Sequential(nn.Linear(4, 4), nn.ConvTranspose2d(1, 1, 3)))  # a decoder

@@ -26,7 +26,7 @@ import platform
 
 from torch import nn
 
-from curvlab.model_blocks import CONV_LAYERS
+from curvlab.model_blocks import CONV_LAYERS, TRANSPOSED_CONV_LAYERS
 
 #: ``--malloc`` choices: reuse for a model with a convolution (:func:`reuses_memory`), reuse freed
 #: memory (:func:`keep_freed_memory`), or glibc's default.
@@ -59,9 +59,11 @@ def add_malloc_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
 
 def reuses_memory(mode: str, model: nn.Module | None) -> bool:
     """Whether ``--malloc mode`` reuses freed memory for ``model`` (``None``: not built); ``auto``:
-    where it has a convolution curvlab preconditions (``CONV_LAYERS``)."""
+    where it has a convolution curvlab preconditions (``CONV_LAYERS``, transposed ones too: the
+    patches of both are the statistics' large temporaries)."""
     if mode == "auto":
-        return model is not None and any(isinstance(m, CONV_LAYERS) for m in model.modules())
+        convolutions = (*CONV_LAYERS, *TRANSPOSED_CONV_LAYERS)
+        return model is not None and any(isinstance(m, convolutions) for m in model.modules())
     return mode == "reuse"
 
 
