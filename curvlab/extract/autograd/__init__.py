@@ -1,8 +1,8 @@
 """The ``autograd`` extraction engine: curvature statistics of any differentiable ``forward``.
 
 BackPACK needs a graph of modules it knows.  This engine needs only torch: forward hooks on the
-target modules (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``) keep each call's input and
-add a zero leaf ``ε`` to its output; ``torch.func.vmap`` over ``torch.autograd.grad`` then pushes
+target modules (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Embedding``)
+keep each call's input and add a zero leaf ``ε`` to its output; ``torch.func.vmap`` over ``torch.autograd.grad`` then pushes
 many cotangent columns back through the one recorded graph at once, in chunks under
 ``max_bytes``.  ResNets with train-mode BatchNorm, ViTs, functional ``forward``s, tied weights
 (one module called twice) and token-id models all work; nothing here differentiates by hand.

@@ -56,7 +56,8 @@ def extract_autograd(
             mean or sum).
         inputs: the model input, or a tuple of positional inputs (moved to the model's device).
         targets: CE: class indices ``[N, *S]``; MSE, BCE: shaped like the output.
-        layers: target module → name; default: every Linear, Conv1d/2d/3d and Embedding.
+        layers: target module → name; default: every Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and
+            Embedding.
         flavours: any of ``"exact"``, ``"mc"``, ``"empirical"``, stacked in this order.
         mc_samples: labels drawn per loss term for ``"mc"``.
         seed: seeds the MC sampling (and any randomness of the forward) inside a forked RNG

@@ -83,7 +83,7 @@ class Recording:
     """Context recording one forward pass of ``model`` and running ``request`` at the loss call.
 
     Args:
-        targets: target module → name (Linear, Conv1d/2d/3d, Embedding).
+        targets: target module → name (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding).
         loss_fn: the loss module whose (first) call inside the block triggers the vjps.
         request: what to compute.
         coupled: whether the examples are coupled (see
