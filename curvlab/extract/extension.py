@@ -74,7 +74,7 @@ class _LossRoot(ModuleExtension):
         finite = checked_loss_inputs(module, output, getattr(module, "input1", None), ext.options.non_finite)
         terms = loss_terms(module, output, module.input1)
         if finite:
-            check_root_fits(module, output, ext.options.flavours, ext.options.mc_samples)
+            check_root_fits(output, terms, ext.options.flavours, ext.options.mc_samples)
         roots, segments, start = [], {}, 0
         for flavour in ext.options.flavours:
             if not finite:  # non_finite="propagate": NaN statistics, no sampling from NaN logits

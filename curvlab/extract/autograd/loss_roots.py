@@ -185,14 +185,11 @@ def empirical_root(loss_fn: nn.Module, output: Tensor, targets: Tensor, terms: L
     return (grad / math.sqrt(terms.reduction_factor)).unsqueeze(0)
 
 
-def check_root_fits(loss_fn: nn.Module, output: Tensor, flavours: Sequence[str], mc_samples: int) -> None:
+def check_root_fits(output: Tensor, terms: LossTerms, flavours: Sequence[str], mc_samples: int) -> None:
     """Refuse, before it is formed, a stacked root larger than the device's free memory: under
     ``"exact"`` every term has one column per class, ``C²`` numbers (a language model's
     vocabulary: 50 000 classes are 10 GB a token in float32)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        classes = output.shape[1]
-    else:  # (outputs [N]: one output a term)
-        classes = output.shape[-1] if output.dim() > 1 else 1
+    classes = terms.num_classes
     columns = {"exact": classes, "mc": mc_samples, "empirical": 1}
     # (an exact cross-entropy root is built through two temporaries of its size)
     per_entry = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours)
@@ -221,7 +218,7 @@ def stacked_root(
 ) -> tuple[Tensor, dict[str, slice]]:
     """The roots of ``flavours`` stacked along dim 0, and each flavour's slice of that dim."""
     output = output.detach()
-    check_root_fits(loss_fn, output, flavours, mc_samples)
+    check_root_fits(output, terms, flavours, mc_samples)
     roots, segments, start = [], {}, 0
     for flavour in flavours:
         if flavour == "exact":
