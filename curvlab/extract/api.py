@@ -109,7 +109,7 @@ def extract(
         except BackpackUnsupportedError as err:
             if opts.engine != "auto":
                 raise
-            why = str(err).removeprefix("curvlab (BackPACK engine): ").partition("; use engine=")[0]
+            why = err.reason
     with _model_left_as_it_was(model):
         result = _run(model, loss_fn, inputs, targets, ExtractOptions.make(opts, {"engine": "autograd"}))
     result.engine_reason = why  # (what stopped BackPACK while it ran)

@@ -51,7 +51,11 @@ SAVEFIELD = "_curvlab_stats"
 
 class BackpackUnsupportedError(ValueError):
     """The BackPACK engine met something at run time it cannot handle (e.g. several loss terms
-    per example); ``engine="auto"`` retries with the autograd engine."""
+    per example), said in ``reason``; ``engine="auto"`` retries with the autograd engine."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"curvlab (BackPACK engine): {reason}; use engine='autograd' (or 'auto')")
+        self.reason = reason
 
 
 class _LossRoot(ModuleExtension):
@@ -66,10 +70,7 @@ class _LossRoot(ModuleExtension):
         if module.input0.dim() != 2:
             what = (": BackPACK's losses take [N, C]" if module.input0.dim() == 1
                     else " has several loss terms per example")
-            raise BackpackUnsupportedError(
-                f"curvlab (BackPACK engine): model output of shape {tuple(module.input0.shape)}{what}; use "
-                "engine='autograd' (or 'auto')"
-            )
+            raise BackpackUnsupportedError(f"model output of shape {tuple(module.input0.shape)}{what}")
         output = module.input0
         finite = checked_loss_inputs(module, output, getattr(module, "input1", None), ext.options.non_finite)
         terms = loss_terms(module, output, module.input1)
