@@ -380,6 +380,61 @@ def test_norm_layer_and_grouped_convolution_blocks_equal_the_dense_blocks(name: 
         assert checked == len(curvlab.extract.model_blocks(model).parameters)
 
 
+class HeldParameters(nn.Module):
+    """A ViT's idiom: a token and a position table held by the model's own class, then ``tail``,
+    which may make one example alone compute something else than its row of the batch."""
+
+    TAILS = {
+        "none": lambda h, x: h,
+        "batch size": lambda h, x: h * (1 + 0.1 * x.shape[0]),  # no coupling a vjp sees
+        "input mean": lambda h, x: h * (1 + x.mean()),  # the input's, before every layer
+    }
+
+    def __init__(self, tail: str = "none", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.tail, self.drop = tail, nn.Dropout(dropout)
+        self.token, self.pos = nn.Parameter(0.5 * torch.randn(1, 1, 4)), nn.Parameter(0.5 * torch.randn(1, 3, 4))
+        self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, 2, 4]
+        h = torch.cat((self.token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos
+        h = self.head(self.drop(torch.tanh(self.mix(h))).mean(1))
+        return self.TAILS[self.tail](h, x)
+
+
+@pytest.mark.parametrize("tail", list(HeldParameters.TAILS))
+def test_parameters_held_by_the_model_are_the_dense_blocks(tail: str) -> None:
+    """Their per-example roots come from the model run on one example at a time where that
+    reproduces the batch's rows, from the generic route where it does not (the batch size or the
+    input mean in the forward): the same exact and empirical blocks either way."""
+    torch.manual_seed(0)
+    model = HeldParameters(tail).double()
+    x, y = torch.randn(5, 2, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    for fisher in ("exact", "empirical"):
+        stats = curvlab.extract(model, CE, x, y, engine="autograd", fisher=fisher)
+        assert not any(s.coupled for s in stats.values())
+        for block in ("token", "pos"):
+            want = dense_reference(model, CE, x, y, [block])[0] if fisher == "exact" else \
+                dense_empirical_reference(model, CE, x, y, [block])
+            assert rel(stats[block].dense_fisher(), want) < RTOL, (fisher, block)
+
+
+def test_parameters_held_by_a_model_with_active_dropout_are_measured_under_its_one_mask() -> None:
+    """A rerun draws other dropout masks than the batch's forward: the generic route measures the
+    forward that ran — the per-example gradients of the same seed's forward, taken by autograd."""
+    torch.manual_seed(0)
+    model = HeldParameters(dropout=0.5).double().train()
+    x, y = torch.randn(6, 2, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
+    torch.manual_seed(3)
+    stats = curvlab.extract(model, CE, x, y, engine="autograd", fisher="empirical")
+    torch.manual_seed(3)
+    losses = nn.CrossEntropyLoss(reduction="none")(model(x), y)
+    for block in ("token", "pos"):
+        p = dict(model.named_parameters())[block]
+        grads = torch.stack([torch.autograd.grad(losses[n], p, retain_graph=True)[0].flatten() for n in range(6)])
+        assert rel(stats[block].dense_fisher(), grads.T @ grads / 6) < RTOL, block
+
+
 class SequenceFirstNorm(nn.Module):
     """A LayerNorm on a sequence-first ``[T, N, D]`` tensor, between batch-first layers."""
 

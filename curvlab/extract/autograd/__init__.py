@@ -77,7 +77,13 @@ activations autograd saves):
   exact roots when both are wanted.  Except, where the examples are not coupled and each has one
   term, the parameters of the modules in ``local`` (a norm layer — an eval-mode BatchNorm,
   GroupNorm, LayerNorm —, a grouped convolution, called once: :mod:`.local_params`): their roots follow from the gradients at the
-  module's output, which the ``g`` pass has for every example, and the module's input.
+  module's output, which the ``g`` pass has for every example, and the module's input.  The
+  other parameters there (held by the model's own class — a ViT's cls token and position
+  embedding —, or a norm layer called twice) take the model run on one example at a time, where
+  the loss is of the output of its only call in the block (:mod:`.reruns`): ``N`` forwards of one
+  example and ``N`` vjps of ``C_sel`` columns, about the work of ``C_sel`` batched vjps; where a
+  rerun's output is not the batch's row (active dropout, a forward that depends on the batch),
+  the generic route above.
 
 ``max_bytes`` bounds the estimate, not a measurement.  Measured on one CPU thread (ResNet, width
 16, 16×16 images, N = 32, coupled, 330 vjps): 12.5 s with the default (114 columns a chunk),

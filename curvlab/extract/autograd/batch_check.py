@@ -20,15 +20,26 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
+def on_the_batch(value, n: int, fn):
+    """``value`` (a tensor, or tuples, lists and dicts of them) with ``fn`` applied to every tensor
+    whose leading dimension is ``n``."""
+    if isinstance(value, Tensor):
+        return fn(value) if value.dim() and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(on_the_batch(v, n, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: on_the_batch(v, n, fn) for k, v in value.items()}
+    return value
+
+
+def per_example(value, n: int, i: int):
+    """``value`` with every tensor whose leading dimension is ``n`` cut to example ``i``."""
+    return on_the_batch(value, n, lambda t: t[i : i + 1])
+
+
 def _one_more_example(value, n: int):
     """``value`` with example 0 appended to every tensor whose leading dimension is ``n``."""
-    if isinstance(value, Tensor):
-        return torch.cat([value, value[:1]]) if value.dim() and value.shape[0] == n else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_one_more_example(v, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _one_more_example(v, n) for k, v in value.items()}
-    return value
+    return on_the_batch(value, n, lambda t: torch.cat([t, t[:1]]))
 
 
 @torch.compiler.disable

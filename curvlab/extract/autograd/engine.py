@@ -51,7 +51,8 @@ def extract_autograd(
             (its ``.grad`` untouched; train-mode BatchNorm updates its running statistics exactly
             as one training forward pass does) — and where the examples look coupled once more,
             without gradients, on one more example, its buffers and the RNG state left as they were
-            (:mod:`~curvlab.extract.autograd.batch_check`).
+            (:mod:`~curvlab.extract.autograd.batch_check`); for ``params`` outside the local
+            modules, once on each example alone, the same way (:mod:`~curvlab.extract.autograd.reruns`).
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (reduction
             mean or sum).
         inputs: the model input, or a tuple of positional inputs (moved to the model's device).

@@ -24,6 +24,7 @@ from curvlab.extract.autograd.batch_check import layers_off_the_batch
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
+from curvlab.extract.autograd.reruns import rerun_roots
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
 from curvlab.extract.validate import checked_loss_inputs
@@ -109,6 +110,8 @@ class Recording:
         self.probed = {} if probed is None else probed
         self.model = model
         self._model_call: tuple[tuple, dict] | None = None  # the model's first call in the block
+        self._model_output: Tensor | None = None  # what that call returned
+        self._model_calls = 0
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, ε)
         self.versions: list[int] = []
         self.local_calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # request.local's modules, as calls
@@ -117,13 +120,20 @@ class Recording:
         self._handles: list = []
         self._saved: SavedBytes | None = None
         self._computing = False  # inside the vjps of the loss call
-        self._checking = False  # inside batch_check's forward
+        self._checking = False  # inside batch_check's forward or the reruns (.reruns): not recorded
 
     # ------------------------------------------------------------------ hooks
 
     def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._checking:
+            return
+        self._model_calls += 1
         if self._model_call is None:
             self._model_call = (args, kwargs)
+
+    def _model_output_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not self._checking and self._model_output is None:
+            self._model_output = output
 
     def _layer_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         return self._record(module, args, kwargs, output, self.calls, self.versions)
@@ -132,7 +142,7 @@ class Recording:
         return self._record(module, args, kwargs, output, self.local_calls, self.local_versions)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor, calls: list, versions: list) -> Tensor:
-        if self._checking:  # batch_check's forward: not recorded
+        if self._checking:  # batch_check's forward or a rerun: not recorded
             return output
         if self._computing:  # the vjps ran the layer's forward again
             name = self.targets.get(module) or next(iter(self.request.local[module].values()))
@@ -175,6 +185,7 @@ class Recording:
         self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True))
         if self.model is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._model_output_hook))
         self._saved = SavedBytes().__enter__()
         return self
 
@@ -241,6 +252,10 @@ class Recording:
         num_vjps = layers.num_vjps
         need_exact = want_sqrt and coupled
         params = {name: p for name, p in req.params.items() if name not in param_sqrt}
+        if params and not coupled and t_out == 1 and finite:
+            reran = self._rerun(output, root[columns], params, param_sqrt, key, saved)
+            if reran is not None:
+                num_vjps, params = num_vjps + reran, {}
         if need_exact or params:
             num_vjps += self._per_example(output, root, terms, columns, results, layer_calls, need_exact, params,
                                           param_sqrt, saved, leaf_bytes, out_bytes)
@@ -324,6 +339,35 @@ class Recording:
                 param_sqrt[paths[module][attr]].view(j, n, *root.shape[2:])[rows] = root
 
         return consume
+
+    def _rerun(self, output: Tensor, cotangents: Tensor, params: dict[str, Tensor], param_sqrt: dict[str, Tensor],
+               key: tuple, saved: int) -> int | None:
+        """The parameter blocks' roots (rows ``j·N + n``) by running the model on one example at a
+        time (:mod:`.reruns`), where the loss is of the output of the model's only call in the
+        block; the vjp count, or ``None`` (not possible, or a rerun's output differed from the
+        batch's: then not tried again for this call's shapes)."""
+        key = ("reruns", key)
+        if (self.model is None or self._model_calls != 1 or output is not self._model_output
+                or output.dtype not in (torch.float32, torch.float64) or self.probed.get(key) is False):
+            return None
+        req, n, size = self.request, output.shape[0], output.element_size()
+        _check_fits([(name, p.shape, p.element_size()) for name, p in params.items()], cotangents.shape[0] * n,
+                    output.device, req.sqrt_flavours or req.flavours)
+        param_bytes = sum(p.numel() for p in params.values()) * size
+        per_column = estimate(saved // n, param_bytes, output.numel() // n * size)
+        self._checking = True
+        try:
+            got = rerun_roots(self.model, *self._model_call, output, cotangents, params, per_column,
+                              req.max_bytes, req.vectorize)
+        finally:
+            self._checking = False
+        self.probed[key] = got is not None
+        if got is None:
+            return None
+        roots, num_vjps = got
+        for name, root in roots.items():
+            param_sqrt[name] = root.flatten(0, 1)
+        return num_vjps
 
     def _per_example(self, output, root, terms, columns, results, layer_calls, need_exact, params, param_sqrt, saved,
                      leaf_bytes, out_bytes) -> int:
