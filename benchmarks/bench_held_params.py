@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-import common  # noqa: F401  (the repository on sys.path)
+import common  # noqa: F401  (puts the repository on sys.path)
 
 import curvlab
 import curvlab.extract.autograd.recording as recording
