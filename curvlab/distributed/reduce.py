@@ -74,10 +74,13 @@ class Shards:
 
 
 def local_loss_count(loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> int:
-    """The number of terms a ``mean`` reduction of ``loss_fn`` divides by on this shard."""
+    """The number of terms a ``mean`` reduction of ``loss_fn`` divides by on this shard (a
+    cross-entropy target equal to ``ignore_index`` is not one)."""
     if isinstance(loss_fn, ELEMENTWISE_LOSSES):
         return targets.numel()
-    return inputs.shape[0]
+    if not targets.is_floating_point():
+        return int((targets != loss_fn.ignore_index).sum())
+    return targets[:, 0].numel()  # class probabilities [N, C, ...]: one term per example and position
 
 
 def _reduced(block) -> list[tuple[Tensor, str]]:

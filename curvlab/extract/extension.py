@@ -60,7 +60,8 @@ class BackpackUnsupportedError(ValueError):
 
 class _LossRoot(ModuleExtension):
     """Starts the backpropagated root at the loss: the stacked roots of every flavour (the exact
-    one from BackPACK's ``derivatives``, or, ``None``, from :func:`exact_root`)."""
+    one from BackPACK's ``derivatives``, or, ``None`` or where targets equal ``ignore_index``,
+    from :func:`exact_root`)."""
 
     def __init__(self, derivatives: Any | None) -> None:
         super().__init__()
@@ -82,7 +83,8 @@ class _LossRoot(ModuleExtension):
                 columns = {"exact": output.shape[1], "mc": ext.options.mc_samples}.get(flavour, 1)
                 root = output.new_full((columns, *output.shape), float("nan"))
             elif flavour == "exact":
-                root = (exact_root(module, output, terms) if self.derivatives is None
+                # BackPACK's own root counts every example, a target equal to ignore_index too
+                root = (exact_root(module, output, terms) if self.derivatives is None or terms.kept is not None
                         else self.derivatives.sqrt_hessian(module, g_inp, g_out))
             elif flavour == "mc":  # BackPACK's draws, without its float32 cancellation for MSE
                 root = mc_root(module, output, terms, ext.options.mc_samples)

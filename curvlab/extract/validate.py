@@ -139,9 +139,9 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
 
     Raises:
         ValueError: an empty batch; non-finite model outputs (the curvature is undefined there)
-            or MSE targets; BCE targets outside [0, 1]; CrossEntropyLoss targets equal to
-            ``ignore_index`` (torch's loss drops those examples and averages over the rest, which
-            curvlab's Fisher does not).
+            or MSE targets; BCE targets outside [0, 1]; a CrossEntropyLoss (``"mean"``) whose
+            every target equals ``ignore_index`` (its loss is NaN; some such targets are
+            taken: their terms are dropped, as torch's loss drops them).
     """
     who = f"curvlab.extract ({type(loss_fn).__name__})"
     n = output.shape[0] if output.dim() else 1
@@ -186,13 +186,12 @@ def check_loss_inputs(loss_fn: nn.Module, output: Tensor, targets: Tensor | None
                              f"classes (dim 1) within {tolerance:.1e} (worst |sum - 1|: {worst:.3g}; "
                              f"smallest entry {float(targets.min()):.3g}): the loss's curvature is the "
                              "Fisher's only then")
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and not targets.is_floating_point():
-        ignored = int((targets == loss_fn.ignore_index).sum())
-        if ignored:
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and not targets.is_floating_point() and loss_fn.reduction == "mean":
+        if targets.numel() and bool((targets == loss_fn.ignore_index).all()):
             raise ValueError(
-                f"{who}: {ignored} of {targets.numel()} targets equal ignore_index={loss_fn.ignore_index}; "
-                "torch's loss drops them and averages over the rest, curvlab's Fisher would count "
-                "them: remove those examples from the batch"
+                f"{who}: all {targets.numel()} targets equal ignore_index={loss_fn.ignore_index}: torch's mean "
+                "over no loss terms is NaN, and so would the curvature be; give the batch a target the "
+                "loss counts"
             )
 
 

@@ -109,8 +109,8 @@ recomputes a forward in the backward pass, or runs it without gradients); a user
 on a layer may change its output (the recording's own hook runs first, at the layer's own
 output; BackPACK is not chosen for such a model); grouped convolutions and Embedding with
 ``max_norm``/``scale_grad_by_freq`` are no Kronecker targets (``curvlab.extract`` makes a
-grouped convolution's tensors parameter blocks), and CE with class weights or ``ignore_index``
-targets is unsupported.
+grouped convolution's tensors parameter blocks), and CE with class weights is unsupported (CE
+targets equal to ``ignore_index`` drop their terms, as torch's loss does: :mod:`.loss_roots`).
 
 Public API: :func:`extract_autograd`, :func:`couples_examples`, :func:`default_targets`,
 :class:`Recording` and :class:`Request` (recording a forward pass run elsewhere), and the result

@@ -7,7 +7,10 @@ a function of one ``C``-vector of the model output:
   class indices, or class probabilities; ``label_smoothing`` too — targets summing to one leave
   the loss-Hessian ``diag(p) − ppᵀ`` as it is, only the gradient changes): one term per example
   and position ``s`` over ``d_1·d_2…``, the classes on dimension 1.  ``R = 1/(N·T_out)`` for
-  ``reduction="mean"`` (torch averages over every position), 1 for ``"sum"``.
+  ``reduction="mean"`` (torch averages over every position), 1 for ``"sum"``.  A class-index
+  target equal to ``ignore_index`` (padding, ``-100`` by default) drops its term, as torch's
+  loss does: every root is zero there, and ``"mean"`` averages over the terms kept,
+  ``R = 1/(number kept)``.
 * ``nn.MSELoss`` and ``nn.BCEWithLogitsLoss`` on outputs ``[N, …, C]``: the last dimension is the
   "class" dimension, every position over the middle dimensions is a term (outputs ``[N]``: one
   term of ``C = 1`` per example).  ``R = 1/numel`` for
@@ -55,6 +58,9 @@ class LossTerms:
         terms_per_example: ``T_out`` (curvlinops' ``num_per_example_loss_terms``).
         num_classes: C, the length of one term's output vector.
         reduction_factor: R in ``L = R Σ ℓ``.
+        kept: ``[N, T_out]``, the terms the loss counts — ``None``: all; False where a
+            cross-entropy target equals ``ignore_index`` (torch's loss drops that term and, for
+            ``"mean"``, averages over the others: ``R = 1 / (number kept)``).
     """
 
     output_shape: torch.Size
@@ -63,6 +69,13 @@ class LossTerms:
     terms_per_example: int
     num_classes: int
     reduction_factor: float
+    kept: Tensor | None = None
+
+    def masked(self, root: Tensor) -> Tensor:
+        """``root`` (``[*lead, *output_shape]``) with the dropped terms' entries zero."""
+        if self.kept is None:
+            return root
+        return self.from_terms(self.to_terms(root) * self.kept[..., None].to(root.dtype))
 
     def to_terms(self, t: Tensor) -> Tensor:
         """``[*lead, *output_shape]`` → ``[*lead, N, T_out, C]``."""
@@ -110,7 +123,12 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
             )
         class_dim, classes = 1, output.shape[1]
         terms = output[:, 0].numel() // max(n, 1)
-        r = 1.0 / (n * terms) if loss_fn.reduction == "mean" else 1.0
+        kept = None if targets.dtype.is_floating_point else (targets != loss_fn.ignore_index).reshape(n, terms)
+        counted = n * terms if kept is None else int(kept.sum())
+        if kept is not None and counted == n * terms:
+            kept = None
+        r = 1.0 / counted if loss_fn.reduction == "mean" and counted else 1.0
+        return LossTerms(output.shape, class_dim, n, terms, classes, r, kept)
     else:
         if targets.shape != output.shape:
             raise ValueError(f"autograd engine: {name} targets {tuple(targets.shape)} != output {tuple(output.shape)}")
@@ -138,6 +156,8 @@ def exact_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms) -> Tensor:
     p = terms.to_terms(output).softmax(-1)  # [N, T, C]
     tau = p.sqrt()
     s = torch.diag_embed(tau) - p[..., :, None] * tau[..., None, :]  # S[n, t, c, v]
+    if terms.kept is not None:  # a dropped term has no curvature
+        s = s * terms.kept[..., None, None].to(s.dtype)
     return terms.from_terms(s.movedim(-1, 0) * scale)  # column v first
 
 
@@ -160,7 +180,8 @@ def mc_root(loss_fn: nn.Module, output: Tensor, terms: LossTerms, mc_samples: in
         dist = Categorical(torch.einsum("nc...->n...c", probs), validate_args=False)
         samples = dist.sample(torch.Size([mc_samples]))  # [M, N, ...]
         onehot = torch.einsum("vn...c->vnc...", one_hot(samples, num_classes=probs.shape[1])).to(probs.dtype)
-        root = probs.unsqueeze(0).expand(mc_samples, *probs.shape) - onehot
+        # (a dropped term's label is drawn all the same: the RNG stays BackPACK's)
+        root = terms.masked(probs.unsqueeze(0).expand(mc_samples, *probs.shape) - onehot)
     elif isinstance(loss_fn, nn.BCEWithLogitsLoss):  # BackPACK's draws: Binomial(σ), σ − ỹ
         probs = output.sigmoid()
         root = probs - Binomial(probs=probs, validate_args=False).sample(torch.Size([mc_samples]))
