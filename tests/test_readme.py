@@ -25,3 +25,6 @@ def test_readme_python_api_example_runs() -> None:
     ae = namespace["ae"]
     assert list(ae.module_type.values) == ["Conv2d", "ConvTranspose2d"]
     assert set(ae.block_kind.values) == {"kronecker"} and ae.rel_frobenius_error.notnull().all()
+    lm = namespace["lm"]
+    assert list(lm.module_type.values) == ["Embedding", "Linear", "Linear"]
+    assert lm.rel_frobenius_error.notnull().all() and lm.attrs["num_examples"] == 6
