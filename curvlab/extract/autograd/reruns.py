@@ -27,12 +27,13 @@ from curvlab.extract.autograd.batch_check import per_example
 TOLERANCE_ULPS = 1000
 
 
-def matches(out: object, row: Tensor) -> bool:
-    """Whether a rerun's output ``out`` is the batch output's ``row`` ``[1, …]`` up to roundoff."""
+def matches(out: object, row: Tensor, scale: float) -> bool:
+    """Whether a rerun's output ``out`` is the batch output's ``row`` ``[1, …]`` up to roundoff
+    (``scale``: the batch output's largest magnitude)."""
     if not isinstance(out, Tensor) or out.shape != row.shape or out.dtype != row.dtype:
         return False
     tol = TOLERANCE_ULPS * torch.finfo(row.dtype).eps
-    return bool(torch.allclose(out.detach(), row, rtol=tol, atol=tol * float(row.abs().max().clamp_min(1e-30))))
+    return bool(torch.allclose(out.detach(), row, rtol=tol, atol=tol * scale))
 
 
 @torch.compiler.disable
@@ -52,6 +53,7 @@ def rerun_roots(model: nn.Module, args: tuple, kwargs: dict, output: Tensor, cot
     n, k = output.shape[0], cotangents.shape[0]
     names, tensors = list(params), list(params.values())
     batch = output.detach()
+    scale = float(batch.abs().max())
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     first = tensors[0]
     devices = [first.device] if first.device.type == "cuda" else []
@@ -63,7 +65,7 @@ def rerun_roots(model: nn.Module, args: tuple, kwargs: dict, output: Tensor, cot
                 out = functional_call(model, buffers, per_example(args, n, i), per_example(kwargs, n, i))
             except Exception:  # noqa: BLE001 — any failure of the user's forward on one example
                 return None
-            if not matches(out, batch[i : i + 1]):
+            if not matches(out, batch[i : i + 1], scale):
                 return None
             vjp = BatchedVJP(out, tensors, per_column_bytes, max_bytes, vectorize)
             for sl, grads in vjp.map(k, lambda sl: cotangents[sl, i : i + 1]):
