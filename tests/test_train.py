@@ -388,3 +388,40 @@ def test_the_probes_name_the_layers_whose_natural_gradient_is_unresolved(tmp_pat
     for step, layers in zip(probe.step.values, named):
         cos = probe.ng_cosine.sel(step=step, approximation="kfac")
         assert set(layers.split(",")) == {str(l) for l in cos.layer.values[np.isnan(cos.values)]}
+
+
+class _DiscardsAnInterrupt:
+    """Ctrl-C arriving inside a ``__del__`` (as inside h5py's weakref callbacks while metrics.nc
+    is written): Python prints "Exception ignored in …" and drops the KeyboardInterrupt."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # the handler runs here, inside __del__
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_python_discards_still_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """9 of 12 Ctrl-Cs sent to a small run were lost in its file writes and it trained on; now
+    the one discarded while the first epoch's metrics.nc is written stops the run after that
+    epoch's files, with the exit status of an interrupt — and the run resumes from them."""
+    import curvlab.app.train.loop as loop
+    from curvlab.app.cli import main
+
+    write = loop.write_netcdf
+
+    def interrupted_write(*args, **kwargs):
+        _DiscardsAnInterrupt()  # collected at once: its __del__ takes the signal
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "write_netcdf", interrupted_write)
+    args = ["train", "--dataset", "digits", "--hidden", "8", "--optimizer", "kfac", "--batch-size", "50",
+            "--train-size", "200", "--test-size", "50", "--epochs", "3", "--no-progress", "--no-figures",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 130
+    assert "curvlab: interrupted" in capsys.readouterr().err
+    assert xr.open_dataset(tmp_path / "run" / "metrics.nc").sizes["epoch"] == 1
+    monkeypatch.setattr(loop, "write_netcdf", write)
+    assert main([*args, "--resume"]) == 0
+    assert xr.open_dataset(tmp_path / "run" / "metrics.nc").sizes["epoch"] == 3

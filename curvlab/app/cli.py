@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from curvlab.app import interrupts
 from curvlab.app.allocator import add_malloc_option, apply_malloc_option
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import print_error
@@ -392,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a warning as one line, as the errors are (not its source file and code line)
     format_warning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        return int(args.handler(args, subs[args.command]))
+        with interrupts.remembered():
+            return int(args.handler(args, subs[args.command]))
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
         print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)

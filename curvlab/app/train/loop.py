@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from curvlab.app import launch
+from curvlab.app import interrupts, launch
 from curvlab.app.augment import augment
 from curvlab.app.data import Dataset, batches, epoch_batch_sizes, fixed_batch, load_dataset, subset
 from curvlab.app.messages import flag
@@ -311,6 +311,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             done = optimizer.steps_done if kronecker else None
             last_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            interrupts.check()  # a Ctrl-C Python discarded (in a weakref callback) stops the run here
             # a Kronecker optimizer skips a step (non-finite gradient, statistic or update) by
             # not counting it; every rank agrees (the skip decision is shared, the losses summed)
             taken = done is None or optimizer.steps_done > done
@@ -383,6 +384,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
             f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s",
             flush=True,
         )
+        interrupts.check()  # one lost while the files were written
     if diverged_at is not None:
         warnings.warn(
             f"curvlab train: {cfg.optimizer} diverged (non-finite loss from step {diverged_at} on); "
