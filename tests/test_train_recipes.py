@@ -306,3 +306,17 @@ def test_images_narrower_than_8_pixels_are_still_cropped() -> None:
     windows = torch.stack([framed[..., t:t + 3, s:s + 3] for t in range(3) for s in range(3)])
     match = (windows == y).flatten(2).all(-1)  # [9, N]
     assert (match.sum(0) == 1).all() and len(match.int().argmax(0).unique()) == 9
+
+
+@pytest.mark.parametrize("dataset,warned", [("digits", True), ("MNIST", True), ("fashion-mnist", False), ("cifar10", False)])
+def test_crop_flip_on_digits_is_warned_of(dataset: str, warned: bool) -> None:
+    """A mirrored digit is another glyph: crop-flip on digits or MNIST says so (the help did, and
+    the run went on silently); on natural images it is the recipe's."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TrainConfig(dataset=dataset, augment="crop-flip")
+        TrainConfig(dataset=dataset, augment="crop")
+    said = [str(w.message) for w in caught if "crop-flip" in str(w.message)]
+    assert len(said) == int(warned), said

@@ -112,7 +112,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--augment", default=d.augment, choices=AUGMENTATIONS,
                      help=f"training-batch augmentation: crop (a random window of the image framed by black, {crop_padding(32)} "
                           "pixels on CIFAR-10 and MNIST, 1 on digits) or crop-flip (also mirrored left to right half the "
-                          "time: the CIFAR ResNet recipes'; not for digits); drawn from the seed and the epoch, so a "
+                          "time: the CIFAR ResNet recipes'; warned of on digits and MNIST, where a mirrored digit is another glyph); drawn from the seed and the epoch, so a "
                           "resumed run gets the same batches (default: %(default)s)")
     run.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
                      help="learning-rate schedule over the run's epochs: constant, cosine (annealed towards 0 over "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from curvlab.app.augment import AUGMENTATIONS
+from curvlab.app.data import canonical_name
 from curvlab.app.launch import check_batch_split
 from curvlab.app.messages import flag
 from curvlab.app.models import COUPLED_BATCH, MODES
@@ -27,6 +29,10 @@ FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight
 UNUSED_BY = {"kfac": ("scale_interval", "basis"), "tkfac": ("scale_interval", "basis"), "ekfac": ("basis",)}
 #: How the output files record an option the run does not use (its value would mislead).
 NOT_USED = "not used by "
+
+
+#: Datasets of handwritten digits: a mirrored image is another glyph (crop-flip is warned of).
+GLYPHS = ("digits", "mnist")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,11 @@ class TrainConfig(KroneckerOptions):
                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
             if value not in choices:
                 raise ValueError(f"curvlab train: {name}={value!r}; choose one of {choices}")
+        if self.augment == "crop-flip" and canonical_name(self.dataset) in GLYPHS:
+            warnings.warn(
+                f"curvlab train: augment='crop-flip' mirrors images left to right, which turns a digit into another "
+                f"glyph; 'crop' alone is the augmentation for {canonical_name(self.dataset)} (crop-flip is for "
+                "natural images: cifar10, fashion-mnist)", UserWarning, stacklevel=2)
         if self.warmup_epochs < 0:
             raise ValueError(f"curvlab train: warmup_epochs={self.warmup_epochs} must be >= 0")
         if self.warmup_epochs > self.epochs:
