@@ -526,6 +526,25 @@ def test_natural_gradient_metrics_beyond_float64_are_nan_with_a_warning() -> Non
             np.testing.assert_allclose(ds.ng_cosine.sel(layer="0", approximation="kflr").item(), cos, rtol=1e-8)
 
 
+def test_layers_whose_curvature_the_damping_swamps_are_named() -> None:
+    """λ_max(F) < damping/100 (a barely trained BatchNorm network's early layers at the default
+    damping): every damped natural gradient is the gradient over the damping, so every
+    approximation's ng_cosine is near 1 — named in the attributes and the summary, as the
+    dense damped solves confirm; at a damping below the curvature, none is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = 0.01 * torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    dense = dense_ggn_full(model, loss_fn, x, y, ["0"])
+    top = torch.linalg.eigvalsh(dense)[-1].item()
+    for damping, named in ((1000 * top, True), (0.1 * top, False)):
+        ds = compare(model, loss_fn, x, y, damping=damping, approximations=("kfac", "tkfac", "diagonal"))
+        assert ("0" in ds.attrs["ng_damping_dominated"].split(",")) == named
+        assert ("Natural gradients set by the damping" in summary_markdown(ds)) == named
+        if named:  # what the name says: every approximation's natural gradient is the gradient's direction
+            assert (ds.ng_cosine.sel(layer="0") > 0.999).all()
+
+
 def test_a_zero_gradient_gives_undefined_natural_gradient_metrics() -> None:
     """MSE at a zero residual: F ≠ 0 but g = 0, so both natural gradients vanish; ng_cosine read
     0 ("orthogonal") beside a NaN ng_rel_error."""

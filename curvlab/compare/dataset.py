@@ -22,6 +22,7 @@ from curvlab.compare.metrics import (
     approximation_metrics,
     convention_error,
     cosine,
+    damping_dominates,
     exact_block,
     natural_gradient_resolved,
     spectrum,
@@ -168,6 +169,7 @@ def measure(
     results: dict[tuple[str, str], ApproximationMetrics] = {}
     grads: dict[str, Tensor] = {}
     unresolved: list[str] = []  # layers whose exact damped natural gradient float64 cannot resolve
+    dominated: list[str] = []  # layers whose curvature the damping swamps
     coupling = np.zeros((len(layers), 2))
     for layer in iterator:
         # one scope per layer: the float64 root, the factors' decompositions and the rotations
@@ -194,6 +196,8 @@ def measure(
                 coupling[layers.index(layer)] = convention_error(block, convention)
             else:  # the Kronecker statistics describe the exact block itself
                 coupling[layers.index(layer)] = (0.0, 1.0)
+            if damping_dominates(block.eigenvalues, damping):
+                dominated.append(layer)
             if natural_gradient_resolved(block.eigenvalues, damping):
                 exact_ng = woodbury_natural_gradient(block.sqrt, block.gram, grad, damping)
             else:
@@ -292,6 +296,7 @@ def measure(
             "terms_per_example": first.terms_per_example,
             "network_blocks": "kronecker" if partial else "all",
             "ng_unresolved": ",".join(unresolved) or "none",
+            "ng_damping_dominated": ",".join(dominated) or "none",
             "basis_dependent": ",".join(arbitrary) or "none",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),

@@ -190,6 +190,18 @@ def natural_gradient_resolved(eigenvalues: Tensor, damping: float) -> bool:
     return torch.finfo(torch.float64).eps * top / damping <= NG_ROUNDING_LIMIT
 
 
+#: λ_max(F)/damping below which the damped natural gradient is the gradient over the damping
+#: to within about this ratio, for F and for any approximation of its size: ng_cosine near 1
+#: there measures the damping, not the approximation.
+NG_DAMPING_DOMINATES = 1e-2
+
+
+def damping_dominates(eigenvalues: Tensor, damping: float) -> bool:
+    """Whether ``damping`` swamps the block's curvature (see :data:`NG_DAMPING_DOMINATES`)."""
+    top = eigenvalues[0].item() if eigenvalues.numel() else 0.0
+    return 0.0 < top < NG_DAMPING_DOMINATES * damping
+
+
 def cosine(a: Tensor, b: Tensor) -> Tensor:
     """Cosine similarity of two tensors viewed as vectors (NaN where one is zero: undefined)."""
     return (a * b).sum() / (a.norm() * b.norm())

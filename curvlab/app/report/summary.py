@@ -72,6 +72,10 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("measured_up_to", "Measured only on blocks up to (NaN above; P = d_out·r where a batch's r input rows are fewer than D/2)"),
     ("skipped_parameters", "Parameters left out (unsupported layers, --skip-unsupported)"),
     ("ng_unresolved", "Natural gradients not measured (–) on (λ_max(F)/damping beyond float64's reach: raise --damping)"),
+    ("ng_damping_dominated", "Natural gradients set by the damping, not the curvature, on (λ_max(F) < damping/100: every "
+                             "damped natural gradient is the gradient over the damping, so their cosines near 1 say "
+                             "nothing of the approximation; lower --damping, or train longer: a barely trained "
+                             "network's curvature is small)"),
     ("basis_dependent", "EKFAC, and KFAC's projection/scaling split, set by eigh's arbitrary null-space basis on (reduce with fewer examples than the layer's width: use --kfac-approx expand)"),
     ("top_k", "top-k (subspace overlap)"),
     ("weights", "Weights measured"),
@@ -149,7 +153,8 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     approx = [str(v) for v in ds["approximation"].values]
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
-        if key in ds.attrs and not (key in ("model_options", "skipped_parameters", "ng_unresolved", "basis_dependent", "weights")
+        if key in ds.attrs and not (key in ("model_options", "skipped_parameters", "ng_unresolved", "ng_damping_dominated",
+                                            "basis_dependent", "weights")
                                     and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":

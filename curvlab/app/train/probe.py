@@ -31,6 +31,9 @@ from curvlab.optim import KroneckerOptimizer
 from curvlab.io import read_netcdf, write_netcdf
 
 
+#: What a probe's ``ng_damping_dominated`` lists.
+DAMPING_DOMINATED = "layers whose curvature the damping swamps (λ_max(F) < damping/100): their ng_cosine is near 1 whatever the approximation"
+
 class Probe:
     """Runs the comparison on one fixed batch and keeps the time series.
 
@@ -130,6 +133,8 @@ class Probe:
         # per probe: the series keeps an attribute only where every probe agrees
         ds["ng_unresolved"] = ("step", [ds.attrs.pop("ng_unresolved", "none")],
                                {"long_name": "layers whose exact natural gradient float64 cannot resolve (NaN)"})
+        ds["ng_damping_dominated"] = ("step", [ds.attrs.pop("ng_damping_dominated", "none")],
+                                      {"long_name": DAMPING_DOMINATED})
         ds.attrs.pop("created", None)  # each probe's own time: the series would keep it only by chance
         return self._record(ds)
 
@@ -161,6 +166,8 @@ class Probe:
     def restore(self, ds: xr.Dataset) -> None:
         """Resume: keep the saved probes ``ds`` (:func:`saved_probes`: those the checkpoint's run
         has taken)."""
+        if "ng_damping_dominated" not in ds:  # probes saved before curvlab recorded it
+            ds = ds.assign(ng_damping_dominated=("step", ["unknown"] * ds.sizes["step"], {"long_name": DAMPING_DOMINATED}))
         self.records = [ds.isel(step=[i]) for i in range(ds.sizes["step"])]
 
 
