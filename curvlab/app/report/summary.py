@@ -54,6 +54,9 @@ SUMMARY_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 #: Header lines: (attribute, label); attributes missing from the dataset are skipped.
+#: Layers of a long list the header names before it says where the rest are.
+SHOWN = 6
+
 _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("model", "Model"),
     ("model_options", "Model options"),
@@ -167,6 +170,10 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                 value = f"{value} ({_fmt(ds.attrs['num_model_params'])} parameters)"
             elif key == "data" and "num_train_examples" in ds.attrs:
                 value = f"{value}; batch drawn from {_fmt(ds.attrs['num_train_examples'])} training examples"
+            elif key == "ng_damping_dominated":  # often most of a network: counted, the first few named
+                named = str(value).split(",")
+                value = f"{len(named)} of {len(layers)} blocks: " + ", ".join(named[:SHOWN]) + (
+                    f", … (report.nc's attribute {key} lists them all)" if len(named) > SHOWN else "")
             elif key == "top_k":
                 value = f"{_fmt(value)} (in a block of lower rank, all its eigenvectors of nonzero eigenvalues)"
             elif key == "world_size":
