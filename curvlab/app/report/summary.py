@@ -53,10 +53,10 @@ SUMMARY_METRICS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
-#: Header lines: (attribute, label); attributes missing from the dataset are skipped.
 #: Layers of a long list the header names before it says where the rest are.
 SHOWN = 6
 
+#: Header lines: (attribute, label); attributes missing from the dataset are skipped.
 _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("model", "Model"),
     ("model_options", "Model options"),

@@ -34,6 +34,7 @@ from curvlab.io import read_netcdf, write_netcdf
 #: What a probe's ``ng_damping_dominated`` lists.
 DAMPING_DOMINATED = "layers whose curvature the damping swamps (λ_max(F) < damping/100): their ng_cosine is near 1 whatever the approximation"
 
+
 class Probe:
     """Runs the comparison on one fixed batch and keeps the time series.
 
