@@ -287,7 +287,9 @@ def test_a_channels_last_model_takes_the_same_steps(cls):
         for _ in range(2):
             train_step(opt, model, nn.CrossEntropyLoss(), x.contiguous(memory_format=memory_format), y)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(params[1], params[0], rtol=1e-12, atol=1e-14)
+    # the two layouts' convolutions sum in different orders (by CPU: 1e-11 relative on an AVX2
+    # EPYC, through TEKFAC's eigenbases); a wrongly written update differs at O(1)
+    torch.testing.assert_close(params[1], params[0], rtol=1e-9, atol=1e-12)
 
 
 def test_momentum_accumulates_the_preconditioned_directions():
