@@ -59,6 +59,7 @@ class BackpackPass:
             if getattr(module, "inplace", False):
                 module.inplace = False
                 self._inplace.append(module)
+        self._handles.append(self.graph.register_forward_pre_hook(self._note_batch_size))
         names = {m: n for n, m in self.graph.named_modules()}
         for module in leaf_modules(self.graph):
             if isinstance(getattr(module, "weight", None), torch.Tensor):
@@ -89,6 +90,10 @@ class BackpackPass:
                     "cannot run a backward outside the autocast block; use engine='autograd' (or call backward() "
                     "inside the autocast block)"
                 ) from exc
+
+    def _note_batch_size(self, module: nn.Module, args: tuple) -> None:
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+        self.extension.batch_size = None if first is None else first.shape[0]
 
     def _note_autocast(self, name: str, module: nn.Module, inputs: object, output: object) -> None:
         if self._autocast is None and isinstance(output, torch.Tensor) and output.dtype != module.weight.dtype:

@@ -73,6 +73,10 @@ class _LossRoot(ModuleExtension):
                     else " has several loss terms per example")
             raise BackpackUnsupportedError(f"model output of shape {tuple(module.input0.shape)}{what}")
         output = module.input0
+        if ext.batch_size is not None and output.shape[0] != ext.batch_size:  # [N·T, C] rows of N examples
+            raise BackpackUnsupportedError(
+                f"the loss has {output.shape[0]} rows for the model's {ext.batch_size} examples, several loss "
+                "terms per example")
         finite = checked_loss_inputs(module, output, getattr(module, "input1", None), ext.options.non_finite)
         terms = loss_terms(module, output, module.input1)
         if finite:
@@ -196,6 +200,8 @@ class CurvatureStatistics(SecondOrderBackpropExtension):
         self.layers = layers
         self.parameter_blocks = parameter_blocks
         self.segments: dict[str, slice] = {}
+        #: the leading dimension of the model's input (set by the pass), where it is known
+        self.batch_size: int | None = None
 
     def accumulate_backpropagated_quantities(self, existing: Tensor, other: Tensor) -> Tensor:
         return existing + other

@@ -91,8 +91,13 @@ class LossTerms:
         return t.reshape(*t.shape[:lead], *moved).movedim(-1, lead + self.class_dim)
 
 
-def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms:
+def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor, batch_size: int | None = None) -> LossTerms:
     """Validate ``loss_fn(output, targets)`` and describe its terms.
+
+    ``batch_size``: the examples the layers saw, where the loss's rows are ``k`` times as many —
+    a sequence model's ``[N, T, C]`` logits flattened to ``[N·T, C]`` rows (``logits.view(-1, C)``,
+    curvlinops' form of a per-token loss): rows ``n·k … n·k + k − 1`` are example ``n``'s terms
+    (the caller checks that they are).
 
     Raises:
         ValueError: for unsupported losses, options, or shapes.
@@ -106,6 +111,8 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
     if output.dim() < 1:
         raise ValueError("autograd engine: the model output needs a batch dimension")
     n = output.shape[0]
+    if batch_size and n > batch_size and n % batch_size == 0:
+        n = batch_size
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.weight is not None:
             raise ValueError("autograd engine: CrossEntropyLoss with class weights is unsupported")
@@ -132,8 +139,8 @@ def loss_terms(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> LossTerms
     else:
         if targets.shape != output.shape:
             raise ValueError(f"autograd engine: {name} targets {tuple(targets.shape)} != output {tuple(output.shape)}")
-        if output.dim() == 1:  # one output per example (a binary classifier's logit): C = 1
-            class_dim, classes, terms = 0, 1, 1
+        if output.dim() == 1:  # one output per row (a binary classifier's logit): C = 1
+            class_dim, classes, terms = 0, 1, output.numel() // max(n, 1)
         else:
             class_dim, classes = output.dim() - 1, output.shape[-1]
             terms = output[..., 0].numel() // max(n, 1)

@@ -23,7 +23,7 @@ from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.batch_check import layers_off_the_batch
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
 from curvlab.extract.autograd.local_params import batched, local_roots
-from curvlab.extract.autograd.loss_roots import loss_terms, stacked_root
+from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
 from curvlab.extract.autograd.reruns import rerun_roots
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
@@ -202,7 +202,7 @@ class Recording:
     def _compute(self, output: Tensor, targets: Tensor, loss: Tensor) -> AutogradExtraction:
         req, calls = self.request, self.calls
         finite = checked_loss_inputs(self.loss_fn, output, targets, req.non_finite)
-        terms = loss_terms(self.loss_fn, output, targets)
+        terms = loss_terms(self.loss_fn, output, targets, self._batch_size())
         if finite:
             root, segments = stacked_root(self.loss_fn, output, targets, terms, req.flavours, req.mc_samples)
         else:  # non_finite="propagate": NaN statistics, no sampling from NaN outputs
@@ -230,6 +230,8 @@ class Recording:
                 coupled = finite and probe_coupling(layers, output, [self.targets[m] for m, _, _ in calls], n)
                 if finite:
                     self.probed[key] = coupled
+        if terms.num_examples != output.shape[0] and finite:
+            self._check_rows(layers, output, terms, key, coupled)
         if coupled:
             self._check_batch(key, n)
         factorable = not coupled and t_out == 1
@@ -286,6 +288,40 @@ class Recording:
             columns_per_chunk=layers.chunk,
             param_sqrt=param_sqrt,
         )
+
+    def _batch_size(self) -> int | None:
+        """The leading dimension of every recorded layer input (the batch size), where they agree."""
+        sizes = {inp.shape[0] for module, inp, _ in self.calls if inp.dim() >= 2 or isinstance(module, nn.Embedding)}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, key: tuple, coupled: bool) -> None:
+        """Where the loss has ``k`` rows per example (``[N·k, C]``), check that rows ``n·k …
+        n·k + k − 1`` are example ``n``'s — what a batch-first ``[N, T, C]`` flattened by
+        ``view(-1, C)`` gives, not a sequence-first ``[T, N, C]`` one: the vjp of example 0's
+        rows reaches no other example (one vjp per call shape)."""
+        rows = f"loss_fn's input has {output.shape[0]} rows for {terms.num_examples} examples"
+        if coupled:
+            raise ValueError(
+                f"curvlab (autograd engine): {rows}, and the forward couples the examples (e.g. train-mode "
+                "BatchNorm), so which rows are whose cannot be told; pass the logits as [N, C, T] "
+                "(logits.transpose(1, 2), targets [N, T]) instead of [N·T, C] rows"
+            )
+        key = ("rows of examples", key)
+        if key in self.probed:
+            return
+        gen = torch.Generator(device=output.device).manual_seed(0)  # the global RNG untouched
+        first = torch.zeros(terms.num_examples, terms.terms_per_example, terms.num_classes,
+                            dtype=output.dtype, device=output.device)
+        first[0] = torch.randn(first.shape[1:], generator=gen, device=output.device, dtype=output.dtype)
+        for (module, _, _), grad in zip(self.calls, vjp(terms.from_terms(first)[None])):
+            if grad[0, 1:].any():
+                raise ValueError(
+                    f"curvlab (autograd engine): {rows}, but rows 0 … {terms.terms_per_example - 1} are not "
+                    f"all example 0's ({self.targets[module]!r} of another example gets their gradient): "
+                    "flatten batch-first logits [N, T, C] with logits.reshape(-1, C) and targets [N, T] "
+                    "with targets.reshape(-1), or pass [N, C, T] logits with [N, T] targets"
+                )
+        self.probed[key] = True
 
     def _check_batch(self, key: tuple, n: int) -> None:
         """Refuse a target whose input does not follow the batch although its leading dimension is

@@ -1,0 +1,136 @@
+"""A loss on ``[N·T, C]`` rows of ``N`` sequences — a language model's ``logits.reshape(-1, C)``,
+curvlinops' form of a per-token loss — is ``T`` loss terms per example: the dense GGN, and the
+very statistics and steps of the same logits as ``[N, C, T]``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import curvlab
+from curvlab.optim import EKFAC, KFAC, TEKFAC, TKFAC
+from helpers import dense_ggn, dense_grad
+
+DT = torch.float64
+VOCAB, T, N, DIM = 7, 5, 4, 6
+
+
+class TinyLM(nn.Module):
+    """Embedding → Linear → Linear on ``[N, T]`` ids; the logits as ``layout`` says: ``"rows"``
+    (``[N·T, C]``, batch-first flattened), ``"nct"`` (``[N, C, T]``) or ``"sequence-first"``
+    (``[T·N, C]``: the rows of one position together)."""
+
+    def __init__(self, layout: str, norm: bool = False) -> None:
+        super().__init__()
+        self.layout = layout
+        self.embed, self.mix, self.head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, VOCAB)
+        self.norm = nn.BatchNorm1d(DIM) if norm else None
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.mix(self.embed(ids))
+        if self.norm is not None:  # train mode: the examples are coupled
+            h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        out = self.head(torch.tanh(h))  # [N, T, C]
+        if self.layout == "nct":
+            return out.transpose(1, 2)
+        if self.layout == "sequence-first":
+            return out.transpose(0, 1).reshape(-1, VOCAB)
+        return out.reshape(-1, VOCAB)
+
+
+def model_and_batch(layout: str, seed: int = 0, norm: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
+    """The model (float64) and ``[N, T]`` ids and next ids, a few of them padding (-100)."""
+    torch.manual_seed(seed)
+    model = TinyLM(layout, norm).to(DT)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, VOCAB, (N, T), generator=gen)
+    targets = torch.randint(0, VOCAB, (N, T), generator=gen)
+    targets[0, 3:] = targets[2, 4] = -100
+    return model, ids, targets
+
+
+def targets_for(layout: str, targets: Tensor) -> Tensor:
+    return {"nct": targets, "rows": targets.reshape(-1), "sequence-first": targets.T.reshape(-1)}[layout]
+
+
+@pytest.mark.parametrize("engine", ["autograd", "auto"])
+def test_rows_give_the_dense_ggn_and_gradient(engine: str) -> None:
+    """Every block's exact Fisher and gradient against torch.func's, padded terms dropped; "auto"
+    takes the autograd engine (BackPACK's losses would count 20 rows as 20 examples)."""
+    model, ids, targets = model_and_batch("rows")
+    y, loss_fn = targets.reshape(-1), nn.CrossEntropyLoss()
+    stats = curvlab.extract(model, loss_fn, ids, y, fisher="exact", engine=engine)
+    assert stats.engine == "autograd"
+    for layer in ("embed", "mix", "head"):
+        block = stats[layer]
+        torch.testing.assert_close(block.dense_fisher(), dense_ggn(model, loss_fn, ids, y, layer), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(block.layout.to_vector(block.grad), dense_grad(model, loss_fn, ids, y, layer),
+                                   rtol=1e-10, atol=1e-14)
+
+
+def test_backpack_refuses_rows_naming_them() -> None:
+    model = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, VOCAB), nn.Flatten(0, 1)).to(DT)
+    x, y = torch.randn(N, T, DIM, dtype=DT), torch.randint(0, VOCAB, (N * T,))
+    with pytest.raises(ValueError, match=f"the loss has {N * T} rows for the model's {N} examples"):
+        curvlab.extract(model, nn.CrossEntropyLoss(), x, y, engine="backpack")
+    stats = curvlab.extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact")  # auto: the autograd engine
+    torch.testing.assert_close(stats["2"].dense_fisher(), dense_ggn(model, nn.CrossEntropyLoss(), x, y, "2"),
+                               rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")], ids=["mean", "sum"])
+def test_rows_give_the_statistics_of_nct_logits(loss_fn: nn.Module) -> None:
+    """Every flavour (MC with the same seed draws the same labels), KFAC's factors, TKFAC's traces
+    and the exact square roots."""
+    got = {}
+    for layout in ("rows", "nct"):
+        model, ids, targets = model_and_batch(layout)
+        got[layout] = curvlab.extract(model, loss_fn, ids, targets_for(layout, targets), fisher="mc", mc_samples=2,
+                                      kfac_flavours=("exact", "mc", "empirical"), stats=("kfac", "tkfac", "sqrt"),
+                                      seed=3, engine="autograd")
+    for layer, theirs in got["nct"].items():
+        ours = got["rows"][layer]
+        for flavour, factors in theirs.kfac.items():
+            torch.testing.assert_close(ours.kfac[flavour].A, factors.A, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(ours.kfac[flavour].G, factors.G, rtol=1e-12, atol=1e-15)
+        for field in ("delta", "delta_phi", "delta_psi"):
+            torch.testing.assert_close(getattr(ours.tkfac, field), getattr(theirs.tkfac, field), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(ours.sqrt.matrices(), theirs.sqrt.matrices(), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
+def test_optimizers_take_the_steps_of_nct_logits(cls) -> None:
+    """Statistics steps (the MC Fisher, sampled from the optimizer's generator), refreshes and
+    EKFAC/TEKFAC's rescaling."""
+    params = {}
+    for layout in ("rows", "nct"):
+        model, ids, targets = model_and_batch(layout)
+        y, loss_fn = targets_for(layout, targets), nn.CrossEntropyLoss()
+        opt = cls(model, lr=0.1, stats_interval=1, eigen_interval=3, scale_interval=1, factor_dtype="float64")
+        for _ in range(5):
+            opt.zero_grad()
+            with opt.track(loss_fn):
+                loss_fn(model(ids), y).backward()
+            opt.step()
+        params[layout] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    model, _, _ = model_and_batch("rows")
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (params["rows"] - start).abs().max() > 1e-3  # the steps moved the model
+    torch.testing.assert_close(params["rows"], params["nct"], rtol=1e-10, atol=1e-13)
+
+
+def test_rows_not_grouped_by_example_are_refused() -> None:
+    """Sequence-first logits flattened put one position of every example together: refused, not
+    mistaken for the terms of one example; so are rows of examples the forward couples."""
+    model, ids, targets = model_and_batch("sequence-first")
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match=rf"{N * T} rows for {N} examples, but rows 0 … {T - 1} are not all example 0's"):
+        curvlab.extract(model, loss_fn, ids, targets_for("sequence-first", targets), engine="autograd")
+    opt = KFAC(model, lr=0.1)
+    with pytest.raises(ValueError, match="are not all example 0's"), opt.track(loss_fn):
+        loss_fn(model(ids), targets_for("sequence-first", targets)).backward()
+    model, ids, targets = model_and_batch("rows", norm=True)
+    with pytest.raises(ValueError, match="the forward couples the examples"):
+        curvlab.extract(model, loss_fn, ids, targets.reshape(-1), engine="autograd")
