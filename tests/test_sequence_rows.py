@@ -134,3 +134,20 @@ def test_rows_not_grouped_by_example_are_refused() -> None:
     model, ids, targets = model_and_batch("rows", norm=True)
     with pytest.raises(ValueError, match="the forward couples the examples"):
         curvlab.extract(model, loss_fn, ids, targets.reshape(-1), engine="autograd")
+
+
+def test_mse_rows_give_the_statistics_of_the_sequence_output() -> None:
+    """MSE on ``[N·T, C]`` rows against the same ``[N, T, C]`` output unflattened (``T`` terms an
+    example as well)."""
+    got = {}
+    for flat in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, 3), *([nn.Flatten(0, 1)] if flat else [])).to(DT)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(N, T, DIM, generator=gen, dtype=DT), torch.randn(N, T, 3, generator=gen, dtype=DT)
+        got[flat] = curvlab.extract(model, nn.MSELoss(), x, y.reshape(-1, 3) if flat else y, fisher="mc", seed=2,
+                                    kfac_flavours=("exact", "mc"), stats=("kfac", "sqrt"), engine="autograd")
+    for layer, theirs in got[False].items():
+        for flavour, factors in theirs.kfac.items():
+            torch.testing.assert_close(got[True][layer].kfac[flavour].G, factors.G, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got[True][layer].sqrt.matrices(), theirs.sqrt.matrices(), rtol=1e-12, atol=1e-15)
