@@ -126,14 +126,63 @@ def test_rows_not_grouped_by_example_are_refused() -> None:
     mistaken for the terms of one example; so are rows of examples the forward couples."""
     model, ids, targets = model_and_batch("sequence-first")
     loss_fn = nn.CrossEntropyLoss()
-    with pytest.raises(ValueError, match=rf"{N * T} rows for {N} examples, but rows 0 … {T - 1} are not all example 0's"):
+    with pytest.raises(ValueError, match=rf"{N * T} rows for the {N} examples the layers' leading dimension counts, taken as {T} rows an example "
+                                         r"in order, but the vjp of the rows taken for examples .* reaches example"):
         curvlab.extract(model, loss_fn, ids, targets_for("sequence-first", targets), engine="autograd")
     opt = KFAC(model, lr=0.1)
-    with pytest.raises(ValueError, match="are not all example 0's"), opt.track(loss_fn):
+    with pytest.raises(ValueError, match="are not grouped by example"), opt.track(loss_fn):
         loss_fn(model(ids), targets_for("sequence-first", targets)).backward()
     model, ids, targets = model_and_batch("rows", norm=True)
     with pytest.raises(ValueError, match="the forward couples the examples"):
         curvlab.extract(model, loss_fn, ids, targets.reshape(-1), engine="autograd")
+
+
+class CausalSequenceFirst(nn.Module):
+    """PyTorch's word_language_model layout: ids ``[T, N]``, every layer on ``[T, N, ·]``, each
+    position mixing the positions before it (a running mean); the logits ``[T·N, C]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, VOCAB)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids).cumsum(0) / torch.arange(1, ids.shape[0] + 1, dtype=DT)[:, None, None]
+        return self.head(torch.tanh(h)).view(-1, VOCAB)
+
+
+def test_a_sequence_first_model_is_not_taken_for_positions_as_examples() -> None:
+    """Its layers' leading dimension counts positions, and the rows of position 0 depend on it
+    alone: only the rows of the later positions show that they are no examples."""
+    torch.manual_seed(0)
+    model, loss_fn = CausalSequenceFirst().to(DT), nn.CrossEntropyLoss()
+    ids, targets = torch.randint(0, VOCAB, (T, N)), torch.randint(0, VOCAB, (T * N,))
+    with pytest.raises(ValueError, match=rf"{T * N} rows for the {T} examples the layers' leading dimension counts.* are not grouped by example"):
+        curvlab.extract(model, loss_fn, ids, targets)
+
+
+def test_masked_rows_are_refused_naming_the_mask() -> None:
+    """``logits.reshape(-1, C)[keep]`` leaves 5, 1, 1 and 1 rows to the examples: 8 rows, two an
+    example by count alone.  Refused for what made them, with padding targets as the way out."""
+    model, ids, targets = model_and_batch("rows")
+    keep = torch.zeros(N, T, dtype=torch.bool)
+    keep[0], keep[1:, 0] = True, True
+    loss_fn = nn.CrossEntropyLoss()
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x)[keep.flatten()]
+
+    with pytest.raises(ValueError, match=r"8 rows for the 4 examples.* through IndexBackward0.*ignore_index"):
+        curvlab.extract(Masked(), loss_fn, ids, targets[keep], engine="autograd")
+    # the same terms as padding targets: the statistics of the kept terms
+    padded = curvlab.extract(model, loss_fn, ids, torch.where(keep, targets, -100).reshape(-1), fisher="exact")
+    y = torch.where(keep, targets, -100).reshape(-1)
+    torch.testing.assert_close(padded["head"].dense_fisher(), dense_ggn(model, loss_fn, ids, y, "head"),
+                               rtol=1e-10, atol=1e-14)
 
 
 def test_mse_rows_give_the_statistics_of_the_sequence_output() -> None:

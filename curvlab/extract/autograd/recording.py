@@ -25,6 +25,7 @@ from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
 from curvlab.extract.autograd.reruns import rerun_roots
+from curvlab.extract.autograd.rows import layout_obstacle, misplaced_rows
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
 from curvlab.extract.validate import checked_loss_inputs
@@ -224,14 +225,15 @@ class Recording:
 
         coupled = self.coupled
         key = (tuple((id(m), tuple(inp.shape), m.training) for m, inp, _ in calls), tuple(output.shape))
+        if terms.num_examples != output.shape[0] and finite:
+            self._check_rows(layers, output, terms, key, coupled)
+            coupled = False  # every example's rows reach its own calls alone
         if coupled is None:
             coupled = self.probed.get(key)
             if coupled is None:
                 coupled = finite and probe_coupling(layers, output, [self.targets[m] for m, _, _ in calls], n)
                 if finite:
                     self.probed[key] = coupled
-        if terms.num_examples != output.shape[0] and finite:
-            self._check_rows(layers, output, terms, key, coupled)
         if coupled:
             self._check_batch(key, n)
         factorable = not coupled and t_out == 1
@@ -290,37 +292,48 @@ class Recording:
         )
 
     def _batch_size(self) -> int | None:
-        """The leading dimension of every recorded layer input (the batch size), where they agree."""
+        """The examples: the leading dimension of every recorded layer input where they agree, else
+        (a layer is refused then) that of the model's input."""
         sizes = {inp.shape[0] for module, inp, _ in self.calls if inp.dim() >= 2 or isinstance(module, nn.Embedding)}
-        return sizes.pop() if len(sizes) == 1 else None
+        if len(sizes) == 1:
+            return sizes.pop()
+        args, kwargs = self._model_call or ((), {})
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0), None)
+        return None if first is None else first.shape[0]
 
-    def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, key: tuple, coupled: bool) -> None:
-        """Where the loss has ``k`` rows per example (``[N·k, C]``), check that rows ``n·k …
-        n·k + k − 1`` are example ``n``'s — what a batch-first ``[N, T, C]`` flattened by
-        ``view(-1, C)`` gives, not a sequence-first ``[T, N, C]`` one: the vjp of example 0's
-        rows reaches no other example (one vjp per call shape)."""
-        rows = f"loss_fn's input has {output.shape[0]} rows for {terms.num_examples} examples"
+    def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, key: tuple, coupled: bool | None) -> None:
+        """Refuse ``[N·k, C]`` loss rows unless rows ``n·k … n·k + k − 1`` are example ``n``'s
+        (:mod:`.rows`: laid out from a layer's output by views, slices and copies alone; the vjps
+        of every example's rows checked once per call shape)."""
+        per = output.shape[0] // terms.num_examples
+        rows = (f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {terms.num_examples} "
+                f"examples the layers' leading dimension counts, taken as {per} rows an example in order")
+        grouped = ("flatten batch-first logits [N, T, C] with logits.reshape(-1, C) and targets [N, T] with "
+                   "targets.reshape(-1), or pass [N, C, T] logits with [N, T] targets")
         if coupled:
+            raise ValueError(f"{rows}, but the forward couples the examples (train-mode BatchNorm, or coupled=True): "
+                             "which rows are whose cannot be told; pass [N, C, T] logits with [N, T] targets")
+        obstacle = layout_obstacle(output, [eps for _, _, eps in self.calls])
+        if obstacle is not None:
             raise ValueError(
-                f"curvlab (autograd engine): {rows}, and the forward couples the examples (e.g. train-mode "
-                "BatchNorm), so which rows are whose cannot be told; pass the logits as [N, C, T] "
-                "(logits.transpose(1, 2), targets [N, T]) instead of [N·T, C] rows"
+                f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies and "
+                "casts keep each example's rows in place. A mask or an index (logits.reshape(-1, C)[keep]) "
+                "leaves as many rows to an example as it keeps: keep every row and set the dropped targets to "
+                f"ignore_index (-100), which drops their terms the same way; else {grouped}"
             )
         key = ("rows of examples", key)
         if key in self.probed:
             return
-        gen = torch.Generator(device=output.device).manual_seed(0)  # the global RNG untouched
-        first = torch.zeros(terms.num_examples, terms.terms_per_example, terms.num_classes,
-                            dtype=output.dtype, device=output.device)
-        first[0] = torch.randn(first.shape[1:], generator=gen, device=output.device, dtype=output.dtype)
-        for (module, _, _), grad in zip(self.calls, vjp(terms.from_terms(first)[None])):
-            if grad[0, 1:].any():
-                raise ValueError(
-                    f"curvlab (autograd engine): {rows}, but rows 0 … {terms.terms_per_example - 1} are not "
-                    f"all example 0's ({self.targets[module]!r} of another example gets their gradient): "
-                    "flatten batch-first logits [N, T, C] with logits.reshape(-1, C) and targets [N, T] "
-                    "with targets.reshape(-1), or pass [N, C, T] logits with [N, T] targets"
-                )
+        misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device)
+        if misplaced is not None:
+            layer, example, taken = misplaced
+            shown = ", ".join(map(str, taken[:6])) + (", …" if len(taken) > 6 else "")
+            raise ValueError(
+                f"{rows}, but the vjp of the rows taken for examples {shown} reaches example {example} at "
+                f"{layer!r}: the rows are not grouped by example (a sequence-first [T, N, C] flattened, examples "
+                "reordered) or the forward couples the examples (train-mode BatchNorm; then no rows can be told "
+                f"apart); {grouped}"
+            )
         self.probed[key] = True
 
     def _check_batch(self, key: tuple, n: int) -> None:
