@@ -200,3 +200,20 @@ def test_mse_rows_give_the_statistics_of_the_sequence_output() -> None:
         for flavour, factors in theirs.kfac.items():
             torch.testing.assert_close(got[True][layer].kfac[flavour].G, factors.G, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(got[True][layer].sqrt.matrices(), theirs.sqrt.matrices(), rtol=1e-12, atol=1e-15)
+
+
+def test_batches_of_other_lengths_take_the_steps_of_nct_logits() -> None:
+    """Dynamically padded batches (each as long as its longest sequence): the rows' check holds for
+    their layout, whatever the length."""
+    params = {}
+    for layout in ("rows", "nct"):
+        model, ids, targets = model_and_batch(layout)
+        loss_fn = nn.CrossEntropyLoss()
+        opt = TEKFAC(model, lr=0.1, stats_interval=1, eigen_interval=3, scale_interval=1, factor_dtype="float64")
+        for length in (5, 3, 4, 2):
+            opt.zero_grad()
+            with opt.track(loss_fn):
+                loss_fn(model(ids[:, :length]), targets_for(layout, targets[:, :length])).backward()
+            opt.step()
+        params[layout] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(params["rows"], params["nct"], rtol=1e-10, atol=1e-13)

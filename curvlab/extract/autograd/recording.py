@@ -25,7 +25,7 @@ from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
 from curvlab.extract.autograd.reruns import rerun_roots
-from curvlab.extract.autograd.rows import layout_obstacle, misplaced_rows
+from curvlab.extract.autograd.rows import layout, misplaced_rows
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
 from curvlab.extract.validate import checked_loss_inputs
@@ -226,7 +226,7 @@ class Recording:
         coupled = self.coupled
         key = (tuple((id(m), tuple(inp.shape), m.training) for m, inp, _ in calls), tuple(output.shape))
         if terms.num_examples != output.shape[0] and finite:
-            self._check_rows(layers, output, terms, key, coupled)
+            self._check_rows(layers, output, terms, coupled)
             coupled = False  # every example's rows reach its own calls alone
         if coupled is None:
             coupled = self.probed.get(key)
@@ -301,10 +301,10 @@ class Recording:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0), None)
         return None if first is None else first.shape[0]
 
-    def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, key: tuple, coupled: bool | None) -> None:
+    def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, coupled: bool | None) -> None:
         """Refuse ``[N·k, C]`` loss rows unless rows ``n·k … n·k + k − 1`` are example ``n``'s
         (:mod:`.rows`: laid out from a layer's output by views, slices and copies alone; the vjps
-        of every example's rows checked once per call shape)."""
+        of every example's rows checked once per layout)."""
         per = output.shape[0] // terms.num_examples
         rows = (f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {terms.num_examples} "
                 f"examples the layers' leading dimension counts, taken as {per} rows an example in order")
@@ -313,7 +313,7 @@ class Recording:
         if coupled:
             raise ValueError(f"{rows}, but the forward couples the examples (train-mode BatchNorm, or coupled=True): "
                              "which rows are whose cannot be told; pass [N, C, T] logits with [N, T] targets")
-        obstacle = layout_obstacle(output, [eps for _, _, eps in self.calls])
+        path, obstacle = layout(output, [eps for _, _, eps in self.calls])
         if obstacle is not None:
             raise ValueError(
                 f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies and "
@@ -321,7 +321,8 @@ class Recording:
                 "leaves as many rows to an example as it keeps: keep every row and set the dropped targets to "
                 f"ignore_index (-100), which drops their terms the same way; else {grouped}"
             )
-        key = ("rows of examples", key)
+        # the layout, not the shapes: a dynamically padded batch of another length is not probed again
+        key = ("rows of examples", path, tuple((id(m), m.training) for m, _, _ in self.calls))
         if key in self.probed:
             return
         misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device)

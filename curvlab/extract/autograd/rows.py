@@ -6,17 +6,18 @@ convention): ``k`` loss terms per example, rows ``n·k … n·k + k − 1`` exam
 batch-first ``[N, T, C]`` output is flattened.  The engine takes them as such only where that
 holds for every batch, not by luck of the shapes:
 
-1. :func:`layout_obstacle` — the rows are a recorded layer's output laid out anew by views,
+1. :func:`layout` — the rows are a recorded layer's output laid out anew by views,
    slices, copies and casts alone (``logits[:, :-1].contiguous().view(-1, C)``,
-   ``.float()``).  Those do not depend on the data, so the check below holds for every batch of
-   the same shapes; a mask or an index (``logits.reshape(-1, C)[keep]``: how many rows each
+   ``.float()``).  Those do not depend on the data, so the check below holds for every batch
+   laid out the same way; a mask or an index (``logits.reshape(-1, C)[keep]``: how many rows each
    example keeps varies) or any other operation is refused.
 2. :func:`misplaced_rows` — the vjp of the rows taken for some examples reaches the layers of
    those examples only.  One pair of cotangents per bit of the example index (the rows whose
    example has the bit set, those whose example has it clear): a row that is another example's,
    or depends on several (a sequence-first ``[T, N, C]`` flattened, examples reordered, a forward
    that couples the examples), meets an example it was not taken for in one of them.
-   ``2·⌈log₂ N⌉`` vjps, once per call shape.
+   ``2·⌈log₂ N⌉`` vjps, once per layout of the rows (the path of 1.) and modules' modes: not
+   again for every sequence length of dynamically padded batches.
 """
 
 from __future__ import annotations
@@ -37,19 +38,21 @@ LAYOUT_NODES = frozenset({
 })
 
 
-def layout_obstacle(rows: Tensor, leaves: list[Tensor]) -> str | None:
-    """``None`` where ``rows`` is the output of a recorded call (the sum with one of its ``ε``
-    ``leaves``) through :data:`LAYOUT_NODES` alone; otherwise the autograd node in the way."""
+def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], str | None]:
+    """The autograd nodes from ``rows`` back to the output of a recorded call (its sum with one
+    of the ``ε`` ``leaves``), and ``None`` where they are :data:`LAYOUT_NODES` alone; otherwise
+    the node in the way."""
     ours = {id(e) for e in leaves}
-    node = rows.grad_fn
+    node, path = rows.grad_fn, []
     while node is not None:
         inputs = [f for f, _ in node.next_functions if f is not None]
         if any(id(getattr(f, "variable", None)) in ours for f in inputs):
-            return None
-        if type(node).__name__.rstrip("0123456789") not in LAYOUT_NODES or len(inputs) != 1:
-            return type(node).__name__
+            return tuple(path), None
+        path.append(type(node).__name__)
+        if path[-1].rstrip("0123456789") not in LAYOUT_NODES or len(inputs) != 1:
+            return tuple(path), path[-1]
         node = inputs[0]
-    return "no layer's output"
+    return tuple(path), "no layer's output"
 
 
 def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: torch.dtype,
