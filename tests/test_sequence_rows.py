@@ -127,7 +127,7 @@ def test_rows_not_grouped_by_example_are_refused() -> None:
     model, ids, targets = model_and_batch("sequence-first")
     loss_fn = nn.CrossEntropyLoss()
     with pytest.raises(ValueError, match=rf"{N * T} rows for the {N} examples the layers' leading dimension counts, taken as {T} rows an example "
-                                         r"in order, but the vjp of the rows taken for examples .* reaches example"):
+                                         r"in order, but example \d's entries of the output of 'head' receive rows taken for another"):
         curvlab.extract(model, loss_fn, ids, targets_for("sequence-first", targets), engine="autograd")
     opt = KFAC(model, lr=0.1)
     with pytest.raises(ValueError, match="are not grouped by example"), opt.track(loss_fn):
@@ -156,7 +156,8 @@ def test_a_sequence_first_model_is_not_taken_for_positions_as_examples() -> None
     torch.manual_seed(0)
     model, loss_fn = CausalSequenceFirst().to(DT), nn.CrossEntropyLoss()
     ids, targets = torch.randint(0, VOCAB, (T, N)), torch.randint(0, VOCAB, (T * N,))
-    with pytest.raises(ValueError, match=rf"{T * N} rows for the {T} examples the layers' leading dimension counts.* are not grouped by example"):
+    with pytest.raises(ValueError, match=rf"{T * N} rows for the {T} examples the layers' leading dimension counts.* "
+                                         r"the forward couples the examples \(.*a sequence-first model"):
         curvlab.extract(model, loss_fn, ids, targets)
 
 
@@ -217,3 +218,50 @@ def test_batches_of_other_lengths_take_the_steps_of_nct_logits() -> None:
             opt.step()
         params[layout] = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(params["rows"], params["nct"], rtol=1e-10, atol=1e-13)
+
+
+class Sliced(nn.Module):
+    """The rows of the first ``keep`` examples only (a last batch padded with dummy examples)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.keep = inner, N
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.inner(ids)[: self.keep * ids.shape[1]]
+
+
+def test_the_grouping_is_checked_on_every_call() -> None:
+    """The same layout (a slice of the rows) groups by example for one call and not for the next:
+    the second is refused, not taken for what the first showed."""
+    model, ids, targets = model_and_batch("rows")
+    sliced, loss_fn = Sliced(model), nn.CrossEntropyLoss()
+    ids, targets = ids[:, :4], targets[:, :4]
+    curvlab.extract(sliced, loss_fn, ids, targets.reshape(-1), engine="autograd")
+    sliced.keep = 2  # 8 rows for 4 examples: 2 an example by count
+    with pytest.raises(ValueError, match="receive rows taken for another example"):
+        curvlab.extract(sliced, loss_fn, ids, targets[:2].reshape(-1), engine="autograd")
+
+
+class BatchCentred(nn.Module):
+    """Rows of a forward that couples the examples by a batch mean (no module shows it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, VOCAB)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        return self.head(h - h.mean(0)).reshape(-1, VOCAB)
+
+
+@pytest.mark.parametrize("model_fn, shape", [(BatchCentred, lambda n: (n, T)), (CausalSequenceFirst, lambda n: (n, N))],
+                         ids=["batch mean", "causal sequence-first"])
+def test_coupling_is_probed_again_for_more_examples(model_fn, shape) -> None:
+    """One example shows no coupling: a call of one does not vouch for a call of several."""
+    torch.manual_seed(0)
+    model, loss_fn = model_fn().to(DT), nn.CrossEntropyLoss()
+    one, many = torch.randint(0, VOCAB, shape(1)), torch.randint(0, VOCAB, shape(4))
+    curvlab.extract(model, loss_fn, one, torch.randint(0, VOCAB, (one.numel(),)), engine="autograd")
+    with pytest.raises(ValueError, match="the forward couples the examples"):
+        curvlab.extract(model, loss_fn, many, torch.randint(0, VOCAB, (many.numel(),)), engine="autograd")

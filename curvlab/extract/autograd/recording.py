@@ -25,7 +25,7 @@ from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
 from curvlab.extract.autograd.reruns import rerun_roots
-from curvlab.extract.autograd.rows import layout, misplaced_rows
+from curvlab.extract.autograd.rows import layout, misassigned_rows, misplaced_rows
 from curvlab.extract.options import DEFAULT_MAX_BYTES
 from curvlab.stats import FLAVOURS
 from curvlab.extract.validate import checked_loss_inputs
@@ -303,8 +303,8 @@ class Recording:
 
     def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, coupled: bool | None) -> None:
         """Refuse ``[N·k, C]`` loss rows unless rows ``n·k … n·k + k − 1`` are example ``n``'s
-        (:mod:`.rows`: laid out from a layer's output by views, slices and copies alone; the vjps
-        of every example's rows checked once per layout)."""
+        (:mod:`.rows`: laid out from a layer's output by views, slices and copies alone, each row
+        at its example's entries of that output, and the examples not coupled by the forward)."""
         per = output.shape[0] // terms.num_examples
         rows = (f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {terms.num_examples} "
                 f"examples the layers' leading dimension counts, taken as {per} rows an example in order")
@@ -313,7 +313,7 @@ class Recording:
         if coupled:
             raise ValueError(f"{rows}, but the forward couples the examples (train-mode BatchNorm, or coupled=True): "
                              "which rows are whose cannot be told; pass [N, C, T] logits with [N, T] targets")
-        path, obstacle = layout(output, [eps for _, _, eps in self.calls])
+        path, leaf, obstacle = layout(output, [eps for _, _, eps in self.calls])
         if obstacle is not None:
             raise ValueError(
                 f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies and "
@@ -321,8 +321,17 @@ class Recording:
                 "leaves as many rows to an example as it keeps: keep every row and set the dropped targets to "
                 f"ignore_index (-100), which drops their terms the same way; else {grouped}"
             )
-        # the layout, not the shapes: a dynamically padded batch of another length is not probed again
-        key = ("rows of examples", path, tuple((id(m), m.training) for m, _, _ in self.calls))
+        source = next(self.targets[m] for m, _, eps in self.calls if eps is leaf)
+        example = misassigned_rows(output, leaf, terms)
+        if example is not None:
+            raise ValueError(
+                f"{rows}, but example {example}'s entries of the output of {source!r} receive rows taken for "
+                "another example: the rows are not grouped by example (a slice across the examples, logits[1:], "
+                f"or of the flat rows; a sequence-first [T, N, C] flattened); {grouped}"
+            )
+        # the coupling, not the grouping (checked above on every call), is kept: per layout, modes and N (one
+        # example shows none), not per sequence length (dynamically padded batches are not probed again)
+        key = ("examples' rows not coupled", path, tuple((id(m), m.training) for m, _, _ in self.calls), terms.num_examples)
         if key in self.probed:
             return
         misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device)
@@ -330,10 +339,10 @@ class Recording:
             layer, example, taken = misplaced
             shown = ", ".join(map(str, taken[:6])) + (", …" if len(taken) > 6 else "")
             raise ValueError(
-                f"{rows}, but the vjp of the rows taken for examples {shown} reaches example {example} at "
-                f"{layer!r}: the rows are not grouped by example (a sequence-first [T, N, C] flattened, examples "
-                "reordered) or the forward couples the examples (train-mode BatchNorm; then no rows can be told "
-                f"apart); {grouped}"
+                f"{rows}, but the vjp of the rows of examples {shown} reaches example {example} at {layer!r}: the "
+                "forward couples the examples (train-mode BatchNorm; a sequence-first model, whose leading dimension "
+                "counts positions, where a later position depends on the earlier ones), so no example's rows can be "
+                f"told apart; {grouped}"
             )
         self.probed[key] = True
 

@@ -4,20 +4,23 @@ A language model's per-token loss is usually written on its logits flattened,
 ``loss_fn(logits.reshape(-1, C), targets.reshape(-1))`` (HuggingFace's models, curvlinops'
 convention): ``k`` loss terms per example, rows ``n·k … n·k + k − 1`` example ``n``'s where a
 batch-first ``[N, T, C]`` output is flattened.  The engine takes them as such only where that
-holds for every batch, not by luck of the shapes:
+holds, not by luck of the shapes:
 
-1. :func:`layout` — the rows are a recorded layer's output laid out anew by views,
-   slices, copies and casts alone (``logits[:, :-1].contiguous().view(-1, C)``,
-   ``.float()``).  Those do not depend on the data, so the check below holds for every batch
-   laid out the same way; a mask or an index (``logits.reshape(-1, C)[keep]``: how many rows each
-   example keeps varies) or any other operation is refused.
-2. :func:`misplaced_rows` — the vjp of the rows taken for some examples reaches the layers of
-   those examples only.  One pair of cotangents per bit of the example index (the rows whose
-   example has the bit set, those whose example has it clear): a row that is another example's,
-   or depends on several (a sequence-first ``[T, N, C]`` flattened, examples reordered, a forward
-   that couples the examples), meets an example it was not taken for in one of them.
-   ``2·⌈log₂ N⌉`` vjps, once per layout of the rows (the path of 1.) and modules' modes: not
-   again for every sequence length of dynamically padded batches.
+1. :func:`layout` — the rows are a recorded layer's output laid out anew by views, slices,
+   copies and casts alone (``logits[:, :-1].contiguous().view(-1, C)``, ``.float()``): each
+   entry of the rows is one entry of that output.  A mask or an index
+   (``logits.reshape(-1, C)[keep]``) or any other operation is refused.
+2. :func:`misassigned_rows` — on every call, each row lands at its own example's entries of that
+   output: the vjps of those layout nodes alone (not of the model) of ``±1`` by one bit of the
+   example index each, ``⌈log₂ N⌉`` of them.  Refuses rows of other examples (``logits[1:]``, a
+   slice of the flat rows, a sequence-first ``[T, N, C]`` flattened).
+3. :func:`misplaced_rows` — the examples (what the layers' leading dimension counts) are not
+   coupled by the forward: the vjp of the rows of the examples with one bit set (or clear)
+   reaches no other example's layers, ``2·⌈log₂ N⌉`` vjps through the model.  Refuses a causal
+   sequence-first model (its leading dimension counts positions, and a later one depends on the
+   earlier) and train-mode BatchNorm.  Kept per layout, modules' modes and ``N`` (not per sequence
+   length: dynamically padded batches are not probed again; ``N``: one example shows no
+   coupling).
 """
 
 from __future__ import annotations
@@ -38,21 +41,43 @@ LAYOUT_NODES = frozenset({
 })
 
 
-def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], str | None]:
+def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], Tensor | None, str | None]:
     """The autograd nodes from ``rows`` back to the output of a recorded call (its sum with one
-    of the ``ε`` ``leaves``), and ``None`` where they are :data:`LAYOUT_NODES` alone; otherwise
-    the node in the way."""
-    ours = {id(e) for e in leaves}
+    of the ``ε`` ``leaves``), that leaf, and ``None`` where the nodes are :data:`LAYOUT_NODES`
+    alone; otherwise the node in the way."""
+    ours = {id(e): e for e in leaves}
     node, path = rows.grad_fn, []
     while node is not None:
         inputs = [f for f, _ in node.next_functions if f is not None]
-        if any(id(getattr(f, "variable", None)) in ours for f in inputs):
-            return tuple(path), None
+        leaf = next((ours[id(v)] for f in inputs if id(v := getattr(f, "variable", None)) in ours), None)
+        if leaf is not None:
+            return tuple(path), leaf, None
         path.append(type(node).__name__)
         if path[-1].rstrip("0123456789") not in LAYOUT_NODES or len(inputs) != 1:
-            return tuple(path), path[-1]
+            return tuple(path), None, path[-1]
         node = inputs[0]
-    return tuple(path), "no layer's output"
+    return tuple(path), None, "no layer's output"
+
+
+def _bits(n: int) -> int:
+    return max(1, math.ceil(math.log2(n)))
+
+
+def misassigned_rows(rows: Tensor, leaf: Tensor, terms: LossTerms) -> int | None:
+    """``None`` where every row of ``rows`` (laid out from ``leaf``'s call by :func:`layout`)
+    lands at the entries of the example :class:`LossTerms` gives it; otherwise an example whose
+    entries receive another's rows."""
+    n = terms.num_examples
+    index = torch.arange(n, device=rows.device)
+    for b in range(_bits(n)):
+        sign = ((index >> b & 1) * 2 - 1).to(rows.dtype)  # ±1: exact in any dtype
+        cot = terms.from_terms(sign[:, None, None].expand(n, terms.terms_per_example, terms.num_classes))
+        (pulled,) = torch.autograd.grad(rows, leaf, cot, retain_graph=True)  # the layout nodes' adjoint only
+        pulled = pulled.reshape(n, -1)
+        wrong = ((pulled != 0) & (pulled != sign[:, None])).any(1)
+        if wrong.any():
+            return int(wrong.nonzero()[0])
+    return None
 
 
 def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: torch.dtype,
@@ -61,7 +86,7 @@ def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: t
     calls alone (``vjp``'s leaves, leading dimension ``N``, their layers ``names``); otherwise
     ``(layer, example reached, the examples whose rows reached it)``."""
     n = terms.num_examples
-    bits = max(1, math.ceil(math.log2(n)))
+    bits = _bits(n)
     index = torch.arange(n, device=device)
     chosen = torch.stack([(index >> b & 1) == v for b in range(bits) for v in (1, 0)])  # [2·bits, N]
     gen = torch.Generator(device=device).manual_seed(0)  # the global RNG untouched
