@@ -231,9 +231,9 @@ class Sliced(nn.Module):
         return self.inner(ids)[: self.keep * ids.shape[1]]
 
 
-def test_the_grouping_is_checked_on_every_call() -> None:
-    """The same layout (a slice of the rows) groups by example for one call and not for the next:
-    the second is refused, not taken for what the first showed."""
+def test_the_grouping_is_checked_for_every_index_map() -> None:
+    """The same operations (a slice of the rows, other bounds) group by example for one call and
+    not for the next: the second is refused, not taken for what the first showed."""
     model, ids, targets = model_and_batch("rows")
     sliced, loss_fn = Sliced(model), nn.CrossEntropyLoss()
     ids, targets = ids[:, :4], targets[:, :4]

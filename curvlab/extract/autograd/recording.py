@@ -313,7 +313,7 @@ class Recording:
         if coupled:
             raise ValueError(f"{rows}, but the forward couples the examples (train-mode BatchNorm, or coupled=True): "
                              "which rows are whose cannot be told; pass [N, C, T] logits with [N, T] targets")
-        path, leaf, obstacle = layout(output, [eps for _, _, eps in self.calls])
+        path, index_map, leaf, obstacle = layout(output, [eps for _, _, eps in self.calls])
         if obstacle is not None:
             raise ValueError(
                 f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies and "
@@ -321,16 +321,19 @@ class Recording:
                 "leaves as many rows to an example as it keeps: keep every row and set the dropped targets to "
                 f"ignore_index (-100), which drops their terms the same way; else {grouped}"
             )
-        source = next(self.targets[m] for m, _, eps in self.calls if eps is leaf)
-        example = misassigned_rows(output, leaf, terms)
-        if example is not None:
-            raise ValueError(
-                f"{rows}, but example {example}'s entries of the output of {source!r} receive rows taken for "
-                "another example: the rows are not grouped by example (a slice across the examples, logits[1:], "
-                f"or of the flat rows; a sequence-first [T, N, C] flattened); {grouped}"
-            )
-        # the coupling, not the grouping (checked above on every call), is kept: per layout, modes and N (one
-        # example shows none), not per sequence length (dynamically padded batches are not probed again)
+        grouping = ("rows grouped by example", index_map, terms.num_examples)
+        if grouping not in self.probed:
+            example = misassigned_rows(output, leaf, terms)
+            if example is not None:
+                source = next(self.targets[m] for m, _, eps in self.calls if eps is leaf)
+                raise ValueError(
+                    f"{rows}, but example {example}'s entries of the output of {source!r} receive rows taken for "
+                    "another example: the rows are not grouped by example (a slice across the examples, "
+                    f"logits[1:], or of the flat rows; a sequence-first [T, N, C] flattened); {grouped}"
+                )
+            self.probed[grouping] = True
+        # the coupling is kept per layout, modes and N (one example shows none), not per sequence length
+        # (dynamically padded batches are not probed again)
         key = ("examples' rows not coupled", path, tuple((id(m), m.training) for m, _, _ in self.calls), terms.num_examples)
         if key in self.probed:
             return

@@ -10,10 +10,11 @@ holds, not by luck of the shapes:
    copies and casts alone (``logits[:, :-1].contiguous().view(-1, C)``, ``.float()``): each
    entry of the rows is one entry of that output.  A mask or an index
    (``logits.reshape(-1, C)[keep]``) or any other operation is refused.
-2. :func:`misassigned_rows` — on every call, each row lands at its own example's entries of that
-   output: the vjps of those layout nodes alone (not of the model) of ``±1`` by one bit of the
-   example index each, ``⌈log₂ N⌉`` of them.  Refuses rows of other examples (``logits[1:]``, a
-   slice of the flat rows, a sequence-first ``[T, N, C]`` flattened).
+2. :func:`misassigned_rows` — each row lands at its own example's entries of that output: the
+   vjps of those layout nodes alone (not of the model) of ``±1`` by one bit of the example index
+   each, ``⌈log₂ N⌉`` of them.  Refuses rows of other examples (``logits[1:]``, a slice of the
+   flat rows, a sequence-first ``[T, N, C]`` flattened).  Kept per index map: the nodes with
+   their arguments (slice bounds, sizes) and the output's shape.
 3. :func:`misplaced_rows` — the examples (what the layers' leading dimension counts) are not
    coupled by the forward: the vjp of the rows of the examples with one bit set (or clear)
    reaches no other example's layers, ``2·⌈log₂ N⌉`` vjps through the model.  Refuses a causal
@@ -41,22 +42,25 @@ LAYOUT_NODES = frozenset({
 })
 
 
-def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], Tensor | None, str | None]:
+def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], tuple[str, ...], Tensor | None, str | None]:
     """The autograd nodes from ``rows`` back to the output of a recorded call (its sum with one
-    of the ``ε`` ``leaves``), that leaf, and ``None`` where the nodes are :data:`LAYOUT_NODES`
-    alone; otherwise the node in the way."""
+    of the ``ε`` ``leaves``): their names, and their names with their arguments (what makes the
+    index map of :data:`LAYOUT_NODES` with the leaf's shape); that leaf; and ``None`` where the
+    nodes are :data:`LAYOUT_NODES` alone, otherwise the node in the way."""
     ours = {id(e): e for e in leaves}
-    node, path = rows.grad_fn, []
+    node, names, args = rows.grad_fn, [], []
     while node is not None:
         inputs = [f for f, _ in node.next_functions if f is not None]
         leaf = next((ours[id(v)] for f in inputs if id(v := getattr(f, "variable", None)) in ours), None)
         if leaf is not None:
-            return tuple(path), leaf, None
-        path.append(type(node).__name__)
-        if path[-1].rstrip("0123456789") not in LAYOUT_NODES or len(inputs) != 1:
-            return tuple(path), None, path[-1]
+            return tuple(names), (*args, repr(tuple(leaf.shape))), leaf, None
+        names.append(type(node).__name__)
+        if names[-1].rstrip("0123456789") not in LAYOUT_NODES or len(inputs) != 1:
+            return tuple(names), tuple(args), None, names[-1]
+        saved = ((a, getattr(node, a)) for a in sorted(dir(node)) if a.startswith("_saved_"))
+        args.append(repr((names[-1], [(a, v) for a, v in saved if not isinstance(v, Tensor)])))
         node = inputs[0]
-    return tuple(path), None, "no layer's output"
+    return tuple(names), tuple(args), None, "no layer's output"
 
 
 def _bits(n: int) -> int:
