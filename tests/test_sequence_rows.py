@@ -179,6 +179,9 @@ def test_masked_rows_are_refused_naming_the_mask() -> None:
 
     with pytest.raises(ValueError, match=r"8 rows for the 4 examples.* through IndexBackward0.*ignore_index"):
         curvlab.extract(Masked(), loss_fn, ids, targets[keep], engine="autograd")
+    keep[1, 1] = True  # 9 rows: not a whole number an example
+    with pytest.raises(ValueError, match=r"9 rows for the 4 examples .*, not a whole number of rows an example"):
+        curvlab.extract(Masked(), loss_fn, ids, targets[keep], engine="autograd")
     # the same terms as padding targets: the statistics of the kept terms
     padded = curvlab.extract(model, loss_fn, ids, torch.where(keep, targets, -100).reshape(-1), fisher="exact")
     y = torch.where(keep, targets, -100).reshape(-1)

@@ -204,6 +204,14 @@ class Recording:
         req, calls = self.request, self.calls
         finite = checked_loss_inputs(self.loss_fn, output, targets, req.non_finite)
         terms = loss_terms(self.loss_fn, output, targets, self._batch_size())
+        n_layers = self._layers_batch()
+        if n_layers is not None and output.shape[0] > n_layers and terms.num_examples != n_layers:
+            raise ValueError(
+                f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {n_layers} examples "
+                "the layers' leading dimension counts, not a whole number of rows an example: a loss on [N·T, C] rows "
+                "needs every example's T rows (a mask, logits.reshape(-1, C)[keep], drops some: keep every row and "
+                "set the dropped targets to ignore_index (-100) instead)"
+            )
         if finite:
             root, segments = stacked_root(self.loss_fn, output, targets, terms, req.flavours, req.mc_samples)
         else:  # non_finite="propagate": NaN statistics, no sampling from NaN outputs
@@ -291,12 +299,16 @@ class Recording:
             param_sqrt=param_sqrt,
         )
 
-    def _batch_size(self) -> int | None:
-        """The examples: the leading dimension of every recorded layer input where they agree, else
-        (a layer is refused then) that of the model's input."""
+    def _layers_batch(self) -> int | None:
+        """The leading dimension of every recorded layer input, where they agree."""
         sizes = {inp.shape[0] for module, inp, _ in self.calls if inp.dim() >= 2 or isinstance(module, nn.Embedding)}
-        if len(sizes) == 1:
-            return sizes.pop()
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def _batch_size(self) -> int | None:
+        """The examples: :meth:`_layers_batch`, else (a layer is refused then) the leading
+        dimension of the model's input."""
+        if (n := self._layers_batch()) is not None:
+            return n
         args, kwargs = self._model_call or ((), {})
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0), None)
         return None if first is None else first.shape[0]
