@@ -17,6 +17,7 @@ import torch
 from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
 from torch import nn
 
+from curvlab.extract.autograd.batch_check import leading_dimension
 from curvlab.extract.extension import SAVEFIELD, CurvatureStatistics
 from curvlab.extract.options import ExtractOptions
 from curvlab.model_blocks import ModelBlocks
@@ -92,8 +93,7 @@ class BackpackPass:
                 ) from exc
 
     def _note_batch_size(self, module: nn.Module, args: tuple) -> None:
-        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
-        self.extension.batch_size = None if first is None else first.shape[0]
+        self.extension.batch_size = leading_dimension(args)
 
     def _note_autocast(self, name: str, module: nn.Module, inputs: object, output: object) -> None:
         if self._autocast is None and isinstance(output, torch.Tensor) and output.dtype != module.weight.dtype:

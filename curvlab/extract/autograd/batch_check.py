@@ -32,6 +32,14 @@ def on_the_batch(value, n: int, fn):
     return value
 
 
+def leading_dimension(args: tuple, kwargs: dict | None = None) -> int | None:
+    """The leading dimension of a call's first tensor argument that has one (its batch size,
+    where the batch leads)."""
+    values = (*args, *(kwargs or {}).values())
+    first = next((a for a in values if isinstance(a, Tensor) and a.dim() > 0), None)
+    return None if first is None else first.shape[0]
+
+
 def per_example(value, n: int, i: int):
     """``value`` with every tensor whose leading dimension is ``n`` cut to example ``i``."""
     return on_the_batch(value, n, lambda t: t[i : i + 1])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
-from curvlab.extract.autograd.batch_check import layers_off_the_batch
+from curvlab.extract.autograd.batch_check import layers_off_the_batch, leading_dimension
 from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
@@ -203,8 +203,10 @@ class Recording:
     def _compute(self, output: Tensor, targets: Tensor, loss: Tensor) -> AutogradExtraction:
         req, calls = self.request, self.calls
         finite = checked_loss_inputs(self.loss_fn, output, targets, req.non_finite)
-        terms = loss_terms(self.loss_fn, output, targets, self._batch_size())
+        # the examples: the layers' leading dimension, else (a layer is refused then) the model input's
         n_layers = self._layers_batch()
+        terms = loss_terms(self.loss_fn, output, targets,
+                           n_layers if n_layers is not None else leading_dimension(*(self._model_call or ((), {}))))
         if n_layers is not None and output.shape[0] > n_layers and terms.num_examples != n_layers:
             raise ValueError(
                 f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {n_layers} examples "
@@ -303,15 +305,6 @@ class Recording:
         """The leading dimension of every recorded layer input, where they agree."""
         sizes = {inp.shape[0] for module, inp, _ in self.calls if inp.dim() >= 2 or isinstance(module, nn.Embedding)}
         return sizes.pop() if len(sizes) == 1 else None
-
-    def _batch_size(self) -> int | None:
-        """The examples: :meth:`_layers_batch`, else (a layer is refused then) the leading
-        dimension of the model's input."""
-        if (n := self._layers_batch()) is not None:
-            return n
-        args, kwargs = self._model_call or ((), {})
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0), None)
-        return None if first is None else first.shape[0]
 
     def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, coupled: bool | None) -> None:
         """Refuse ``[N·k, C]`` loss rows unless rows ``n·k … n·k + k − 1`` are example ``n``'s
