@@ -602,3 +602,27 @@ class ResidualCNN(nn.Module):
     def forward(self, x):
         h = self.body[1](self.body[0](x))
         return self.body[4](self.body[3](self.body[2](h + h)))
+
+
+def test_an_embeddings_token_ids_give_every_statistic_of_its_one_hot_inputs() -> None:
+    """nn.Embedding's inputs kept as token ids, a padding token among them: the Gram (the
+    diagonal of token counts), every M_k, both partial-trace routes and the KFE rescaling (with a
+    truncated output side: every M_k formed) equal those of the one-hot inputs."""
+    from curvlab.extract.autograd.layer_io import EmbeddingInputs
+
+    gen = torch.Generator().manual_seed(5)
+    embedding = nn.Embedding(9, 4, padding_idx=2).double()
+    ids = torch.randint(0, 9, (3, 5), generator=gen)
+    ids[0, 1] = ids[2, 4] = 2
+    lazy = EmbeddingInputs(embedding, ids)
+    onehot = torch.nn.functional.one_hot(ids, 9).transpose(1, 2).double() * (ids != 2).unsqueeze(1)
+    g = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    assert lazy.shape == onehot.shape
+    close(maths.input_gram(lazy, 1 / 15), maths.input_gram(onehot, 1 / 15))
+    close(maths.per_sample_gradients(lazy, g), maths.per_sample_gradients(onehot, g))
+    for route in (maths.partial_traces_by_gram, maths.partial_traces_by_chunks):
+        for got, want in zip(route(lazy, g), route(onehot, g)):
+            close(got, want)
+    u_out = torch.linalg.qr(torch.randn(4, 2, generator=gen, dtype=torch.float64))[0]
+    u_in = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))[0]
+    close(maths.kfe_scaling(lazy, g, u_out, u_in), maths.kfe_scaling(onehot, g, u_out, u_in))

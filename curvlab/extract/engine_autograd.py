@@ -14,7 +14,9 @@ from torch import nn
 
 from curvlab.extract.autograd import couples_examples
 from curvlab.extract.autograd.backprop import allow_compiled_forwards
-from curvlab.extract.autograd.layer_io import CONV, ConvInputs, cat_positions, dense_inputs, joined
+from curvlab.extract.autograd.layer_io import (
+    CONV, EMBEDDING, ConvInputs, EmbeddingInputs, cat_positions, dense_inputs, joined,
+)
 from curvlab.extract.autograd.local_params import is_local
 from curvlab.extract.autograd.recording import Recording, Request
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats, parameter_stats, split_columns
@@ -75,13 +77,16 @@ class AutogradPass:
             # are large); a convolution called once only where a statistic reads its patches
             # (a transposed one's patches come from its zero-stuffed input: unfolded here)
             lazy = len(calls) == 1 and layer.kind == CONV and not isinstance(module, TRANSPOSED_CONV_LAYERS)
-            x = None if lazy else cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
+            if layer.kind == EMBEDDING:  # token ids, every call's positions after the last's
+                x = EmbeddingInputs(module, joined([c.unfolded() for c in calls], 1))
+            else:
+                x = None if lazy else cat_positions([dense_inputs(module, c.unfolded()) for c in calls])
             g = joined([c.g for c in calls], 3)
             g_terms = None if calls[0].g_terms is None else joined([c.g_terms for c in calls], 3)
             exact_roots = None if calls[0].coupled_roots is None else joined([c.coupled_roots for c in calls], 3)
             for block in blocks:
                 exact = None if layer.sqrt is None else split_columns(block, layer.sqrt, layer.with_bias)
-                inputs = ConvInputs(block, calls[0]) if lazy else block.inputs(x)
+                inputs = ConvInputs(block, calls[0]) if lazy else x if layer.kind == EMBEDDING else block.inputs(x)
                 data = KroneckerData(inputs, g, res.segments, g_terms, exact, res.terms_per_example, exact_roots)
                 out[block.name] = kronecker_stats(block, data, opts, "autograd")
         for block in self.blocks.parameters:

@@ -1,6 +1,6 @@
 """The machinery every curvlab optimizer shares (:class:`KroneckerOptimizer`).
 
-Each ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.ConvTranspose1d/2d/3d`` block ``W̄ = [W b]``
+Each ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.ConvTranspose1d/2d/3d``/``nn.Embedding`` block ``W̄ = [W b]``
 (:class:`curvlab.block.Block`) is preconditioned with the damped inverse of a
 :mod:`curvlab.approx` object built from running averages of statistics the extraction computes
 inside the user's own backward pass.  A method
@@ -90,12 +90,14 @@ from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, Plan, accumulated, plan_step, tracked_pass
 from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
 
-#: Layer types whose blocks are preconditioned.  Every other trainable parameter — parameter
-#: blocks (norm layers' affine parameters, a ViT's cls token and position embedding, attention's
-#: packed projections) and ``nn.Embedding`` (its input factor is diagonal, but curvlab's
-#: approximation objects keep dense factors: a vocabulary-sized eigendecomposition per refresh)
-#: — gets the first-order update.
-PRECONDITIONED_LAYERS = tuple(t for t in KRONECKER_LAYERS if t is not nn.Embedding)
+def too_wide(module: nn.Module, options: KroneckerOptions) -> bool:
+    """Whether ``module`` is an ``nn.Embedding`` with more than ``truncate_above`` embeddings (and
+    ``truncate_above`` set): its input factor, the diagonal of token frequencies, is a dense
+    ``V × V`` matrix to curvlab's approximations, which would replace it by a truncated
+    eigenbasis (a randomized range finder over ``V²`` entries: gigabytes for a word vocabulary,
+    and the top token frequencies with the rest flat, not the diagonal).  Such a layer takes the
+    first-order update; ``truncate_above=0`` (no factor truncated) preconditions it whole."""
+    return isinstance(module, nn.Embedding) and 0 < options.truncate_above < module.num_embeddings
 
 
 def _gradients_left(walk: StepWalk) -> bool:
@@ -258,8 +260,9 @@ class KroneckerOptimizer(Optimizer):
         self._blocks = None
 
     def blocks(self) -> list[Block]:
-        """The preconditioned blocks: Linear/Conv1d/2d/3d/ConvTranspose1d/2d/3d layers (as found by
-        :func:`curvlab.model_blocks.model_blocks`) whose trainable weight is in a group — found
+        """The preconditioned blocks: Linear/Conv1d/2d/3d/ConvTranspose1d/2d/3d layers and
+        Embeddings within ``truncate_above`` (:func:`too_wide`), as found by
+        :func:`curvlab.model_blocks.model_blocks`, whose trainable weight is in a group — found
         again when a parameter of a group is frozen or unfrozen."""
         trainable = [p.requires_grad for g in self.param_groups for p in g["params"]]
         if self._blocks is None or trainable != self._trainable:
@@ -270,8 +273,10 @@ class KroneckerOptimizer(Optimizer):
             except UnsupportedModelError:  # nothing curvlab supports: every update is first order
                 found = ModelBlocks(skipped=[n for n, p in self.model.named_parameters() if p.requires_grad])
             self._tracked = ModelBlocks()
+            self._too_wide = [f"{path}.{name}" if path else name for module, path in found.layers.items()
+                              if too_wide(module, self.options) for name, _ in module.named_parameters(recurse=False)]
             for module, path in found.layers.items():
-                if isinstance(module, PRECONDITIONED_LAYERS) and module.weight in self._group_of:
+                if module.weight in self._group_of and not too_wide(module, self.options):
                     blocks = found.of_layer[module]
                     self._tracked.layers[module], self._tracked.of_layer[module] = path, blocks
                     self._tracked.blocks.extend(blocks)
@@ -294,6 +299,9 @@ class KroneckerOptimizer(Optimizer):
             "the bias of a layer whose weight is frozen (requires_grad=False) or shared": found.lone_biases,
             "of layers another module applies in its own forward (nn.MultiheadAttention's out_proj)": found.enclosed,
             "left out as unsupported": found.skipped,
+            f"of nn.Embedding layers with more than truncate_above={self.options.truncate_above} embeddings "
+            "(their input factor would be a dense V × V matrix, truncated; truncate_above=0 preconditions them "
+            "whole)": self._too_wide,
         }
         updated = {n for n, p in self.model.named_parameters() if p in self._group_of}  # (this optimizer's)
         parts, new = [], []
@@ -398,7 +406,7 @@ class KroneckerOptimizer(Optimizer):
     def _not_preconditioned(self) -> set[str]:
         """Paths of the model's Linear/Conv layers that have no block now (frozen, or in no group)."""
         current = {b.name for b in self.blocks()}
-        return {path for path, m in self.model.named_modules() if isinstance(m, PRECONDITIONED_LAYERS)} - current
+        return {path for path, m in self.model.named_modules() if isinstance(m, KRONECKER_LAYERS)} - current
 
     # ------------------------------------------------------------------ statistics
 

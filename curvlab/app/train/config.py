@@ -17,9 +17,9 @@ from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.options import check_label_smoothing, options_attr
 from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx.registry import spec
+from curvlab.model_blocks import KRONECKER_LAYERS
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
-from curvlab.optim.base import PRECONDITIONED_LAYERS
 
 #: Optimizers ``curvlab train`` knows: torch's SGD and Adam, then curvlab's registry.
 OPTIMIZERS = ("sgd", "adam", *KRONECKER)
@@ -200,4 +200,4 @@ def curvature_layers(cfg: TrainConfig) -> tuple[type[nn.Module], ...]:
     the preconditioned ones under a curvlab optimizer, none under SGD or Adam."""
     if cfg.probe_every:
         return (nn.Module,)
-    return PRECONDITIONED_LAYERS if cfg.optimizer in KRONECKER else ()
+    return KRONECKER_LAYERS if cfg.optimizer in KRONECKER else ()
