@@ -268,3 +268,58 @@ def test_coupling_is_probed_again_for_more_examples(model_fn, shape) -> None:
     curvlab.extract(model, loss_fn, one, torch.randint(0, VOCAB, (one.numel(),)), engine="autograd")
     with pytest.raises(ValueError, match="the forward couples the examples"):
         curvlab.extract(model, loss_fn, many, torch.randint(0, VOCAB, (many.numel(),)), engine="autograd")
+
+
+class Capped(nn.Module):
+    """A model whose logits pass an entrywise map before they are laid out as ``layout`` says
+    (as :class:`TinyLM`'s):
+    ``"softcap"`` (Gemma's ``c·tanh(z / c)``), ``"temperature"`` (``z / τ``, ``τ`` a constant or,
+    with ``learned``, a parameter) or ``"shift"`` (``z + b``, ``b`` a constant ``[T, C]``: the
+    same shift for every example)."""
+
+    def __init__(self, layout: str, how: str, learned: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.layout, self.how = TinyLM("nct").to(DT), layout, how
+        self.tau = nn.Parameter(torch.tensor(1.7, dtype=DT), requires_grad=learned)
+        self.shift = torch.randn(T, VOCAB, dtype=DT)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        z = self.inner(ids).transpose(1, 2)  # [N, T, C]
+        z = {"softcap": lambda: 0.9 * torch.tanh(z / 0.9), "temperature": lambda: z / self.tau,
+             "shift": lambda: z + self.shift}[self.how]()
+        if self.layout == "sequence-first":
+            return z.transpose(0, 1).reshape(-1, VOCAB)
+        return z.reshape(-1, VOCAB) if self.layout == "rows" else z.transpose(1, 2)
+
+
+@pytest.mark.parametrize("how", ["softcap", "temperature", "shift"])
+def test_rows_after_an_entrywise_map_give_the_dense_ggn_and_the_statistics_of_nct_logits(how: str) -> None:
+    """A temperature, soft-capping or a constant shift between the head and the rows keeps each
+    row its example's: the exact blocks are torch.func's, and KFAC's factors and the TKFAC traces
+    those of the same logits as ``[N, C, T]``."""
+    _, ids, targets = model_and_batch("rows")
+    loss_fn, got = nn.CrossEntropyLoss(), {}
+    for layout in ("rows", "nct"):
+        model = Capped(layout, how)
+        y = targets_for(layout, targets)
+        got[layout] = curvlab.extract(model, loss_fn, ids, y, fisher="exact", stats=("kfac", "tkfac", "sqrt"))
+        assert got[layout].engine == "autograd"
+    model, y = Capped("rows", how), targets.reshape(-1)
+    for layer in ("inner.embed", "inner.mix", "inner.head"):
+        torch.testing.assert_close(got["rows"][layer].dense_fisher(), dense_ggn(model, loss_fn, ids, y, layer),
+                                   rtol=1e-10, atol=1e-14)
+        ours, theirs = got["rows"][layer], got["nct"][layer]
+        torch.testing.assert_close(ours.kfac["exact"].G, theirs.kfac["exact"].G, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(ours.tkfac.delta_phi, theirs.tkfac.delta_phi, rtol=1e-12, atol=1e-15)
+
+
+def test_rows_through_a_learned_temperature_or_of_other_examples_after_an_entrywise_map_are_refused() -> None:
+    """A temperature that is a parameter is a second input to the division (no constant map of
+    each entry); soft-capped logits flattened sequence-first put one position of every example
+    together, as without the map."""
+    _, ids, targets = model_and_batch("rows")
+    with pytest.raises(ValueError, match=r"through DivBackward0: only views, slices, copies, casts and entrywise maps"):
+        curvlab.extract(Capped("rows", "temperature", learned=True), nn.CrossEntropyLoss(), ids, targets.reshape(-1))
+    with pytest.raises(ValueError, match=r"example \d's entries of the output of 'inner.head' receive rows taken for another"):
+        curvlab.extract(Capped("sequence-first", "softcap"), nn.CrossEntropyLoss(), ids, targets.T.reshape(-1))

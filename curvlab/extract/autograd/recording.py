@@ -308,7 +308,7 @@ class Recording:
 
     def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, coupled: bool | None) -> None:
         """Refuse ``[N·k, C]`` loss rows unless rows ``n·k … n·k + k − 1`` are example ``n``'s
-        (:mod:`.rows`: laid out from a layer's output by views, slices and copies alone, each row
+        (:mod:`.rows`: laid out from a layer's output by views, slices, copies and entrywise maps, each row
         at its example's entries of that output, and the examples not coupled by the forward)."""
         per = output.shape[0] // terms.num_examples
         rows = (f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {terms.num_examples} "
@@ -321,8 +321,9 @@ class Recording:
         path, index_map, leaf, obstacle = layout(output, [eps for _, _, eps in self.calls])
         if obstacle is not None:
             raise ValueError(
-                f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies and "
-                "casts keep each example's rows in place. A mask or an index (logits.reshape(-1, C)[keep]) "
+                f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies, "
+                "casts and entrywise maps with constants (a temperature, tanh soft-capping) keep each example's rows "
+                "in place. A mask or an index (logits.reshape(-1, C)[keep]) "
                 "leaves as many rows to an example as it keeps: keep every row and set the dropped targets to "
                 f"ignore_index (-100), which drops their terms the same way; else {grouped}"
             )

@@ -7,12 +7,16 @@ batch-first ``[N, T, C]`` output is flattened.  The engine takes them as such on
 holds, not by luck of the shapes:
 
 1. :func:`layout` — the rows are a recorded layer's output laid out anew by views, slices,
-   copies and casts alone (``logits[:, :-1].contiguous().view(-1, C)``, ``.float()``): each
-   entry of the rows is one entry of that output.  A mask or an index
-   (``logits.reshape(-1, C)[keep]``) or any other operation is refused.
+   copies and casts (``logits[:, :-1].contiguous().view(-1, C)``, ``.float()``) and entrywise
+   maps with constants (a temperature ``logits / τ``, Gemma's soft-capping
+   ``torch.tanh(logits / c) * c``): each entry of the rows is a function of one entry of that
+   output.  A mask or an index (``logits.reshape(-1, C)[keep]``) or any other operation is
+   refused.
 2. :func:`misassigned_rows` — each row lands at its own example's entries of that output: the
-   vjps of those layout nodes alone (not of the model) of ``±1`` by one bit of the example index
-   each, ``⌈log₂ N⌉`` of them.  Refuses rows of other examples (``logits[1:]``, a slice of the
+   vjps of those nodes alone (not of the model) of ``±1`` by one bit of the example index
+   each, ``⌈log₂ N⌉`` of them, each against the vjp of ones (an entrywise map scales an entry's
+   cotangent by its derivative, the same for every sign; negating the cotangents negates the
+   vjp exactly).  Refuses rows of other examples (``logits[1:]``, a slice of the
    flat rows, a sequence-first ``[T, N, C]`` flattened).  Kept per index map: the nodes with
    their arguments (slice bounds, sizes) and the output's shape.
 3. :func:`misplaced_rows` — the examples (what the layers' leading dimension counts) are not
@@ -40,6 +44,19 @@ LAYOUT_NODES = frozenset({
     "SliceBackward", "TransposeBackward", "TBackward", "PermuteBackward", "SqueezeBackward",
     "UnsqueezeBackward", "ToCopyBackward",
 })
+#: autograd nodes of entrywise maps, taken where their other operand is a constant (no gradient:
+#: one input) with one element (so the layer's output is not broadcast to more entries)
+ENTRYWISE_NODES = frozenset({"TanhBackward", "MulBackward", "DivBackward", "AddBackward", "SubBackward", "NegBackward"})
+
+
+def _keeps_entries(node: object, name: str) -> bool:
+    """Whether ``node`` lays out its input anew or maps it entry by entry (:data:`ENTRYWISE_NODES`;
+    a sum's or difference's constant is not saved: an ``AddBackward0`` only where it keeps the
+    shape, which the vjp of ones then shows — a broadcast sums more rows into an entry)."""
+    if name in LAYOUT_NODES:
+        return True
+    other = getattr(node, "_saved_other", None)
+    return name in ENTRYWISE_NODES and (not isinstance(other, Tensor) or other.numel() == 1)
 
 
 def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], tuple[str, ...], Tensor | None, str | None]:
@@ -55,7 +72,7 @@ def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], tuple[s
         if leaf is not None:
             return tuple(names), (*args, repr(tuple(leaf.shape))), leaf, None
         names.append(type(node).__name__)
-        if names[-1].rstrip("0123456789") not in LAYOUT_NODES or len(inputs) != 1:
+        if len(inputs) != 1 or not _keeps_entries(node, names[-1].rstrip("0123456789")):
             return tuple(names), tuple(args), None, names[-1]
         saved = ((a, getattr(node, a)) for a in sorted(dir(node)) if a.startswith("_saved_"))
         args.append(repr((names[-1], [(a, v) for a, v in saved if not isinstance(v, Tensor)])))
@@ -73,12 +90,16 @@ def misassigned_rows(rows: Tensor, leaf: Tensor, terms: LossTerms) -> int | None
     entries receive another's rows."""
     n = terms.num_examples
     index = torch.arange(n, device=rows.device)
+
+    def pulled(sign: Tensor) -> Tensor:  # the adjoint of the nodes between leaf and rows only
+        cot = terms.from_terms(sign[:, None, None].expand(n, terms.terms_per_example, terms.num_classes))
+        return torch.autograd.grad(rows, leaf, cot, retain_graph=True)[0].reshape(n, -1)
+
+    ones = pulled(torch.ones(n, dtype=rows.dtype, device=rows.device))
     for b in range(_bits(n)):
         sign = ((index >> b & 1) * 2 - 1).to(rows.dtype)  # ±1: exact in any dtype
-        cot = terms.from_terms(sign[:, None, None].expand(n, terms.terms_per_example, terms.num_classes))
-        (pulled,) = torch.autograd.grad(rows, leaf, cot, retain_graph=True)  # the layout nodes' adjoint only
-        pulled = pulled.reshape(n, -1)
-        wrong = ((pulled != 0) & (pulled != sign[:, None])).any(1)
+        # an entry reached by its own example's rows alone: exactly ± the vjp of ones
+        wrong = (pulled(sign) != sign[:, None] * ones).any(1)
         if wrong.any():
             return int(wrong.nonzero()[0])
     return None
