@@ -409,3 +409,11 @@ def test_model_options_are_compared_by_the_model_they_build(work: Path, capsys: 
     for command in (TRAIN, REPORT):
         assert main([*command, "--model", "vgg", "--hidden", "16,8", "--out", str(work / "vgg-two")]) == 2
         assert "--hidden 16,8: vgg has one hidden layer (its classifier's): give one width" in capsys.readouterr().err
+
+
+def test_a_run_of_the_default_widths_reported_with_other_widths_says_to_leave_hidden_out(
+        run: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The run used mlp's default widths: there is no --hidden of it to pass."""
+    assert main([*REPORT, "--hidden", "32", "--weights", str(run), "--out", str(work / "other-widths")]) == 2
+    assert ("the run was trained with the model options none (this report: hidden=(32,)): leave --hidden out "
+            "(the run used the model's default widths)") in capsys.readouterr().err

@@ -470,6 +470,9 @@ def test_unreadable_checkpoints_are_a_clean_error(kind: str, tmp_path: Path, cap
     (["--hidden", "0"], "--hidden"), (["--hidden", "-3"], "--hidden"), (["--hidden", "8,x"], "--hidden"),
     (["--device", "tpu"], "invalid device 'tpu'"), (["--train-size", "0"], "argument --train-size: expected a positive integer, got '0'"),
     (["--test-size", "0"], "argument --test-size: expected a positive integer, got '0'"),
+    # digits is embedded: a --data-dir would be recorded and compared on resume, and read by nothing
+    (["--data-dir", "/nonexistent"], "--data-dir given, which --dataset digits does not read"),
+    (["--lr", "0"], "--lr 0 would leave the weights as they are"),
 ])
 def test_bad_train_options_are_usage_errors(args: list[str], message: str, tmp_path: Path, capsys) -> None:
     assert main(["train", *FAST_TRAIN, *args, "--out", str(tmp_path / "o")]) == 2
@@ -578,3 +581,24 @@ def test_report_mode_train_with_several_processes_is_refused_before_they_start(t
     assert main(["report", "--mode", "train", "--nproc", "2", "--out", str(tmp_path / "o")]) == 2
     err = capfd.readouterr().err
     assert err.count("--mode train measures the model's train-mode forward pass on the whole batch") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--train-steps", "0"], ["--weights", "run"]], ids=["no-steps", "weights"])
+def test_a_report_learning_rate_without_training_steps_is_a_usage_error(args: list[str], tmp_path: Path, capsys) -> None:
+    """--lr is the rate of the Adam steps before measuring: with none (--train-steps 0, the default
+    with --weights) it would change nothing."""
+    assert main(["report", *args, "--lr", "0.5", "--out", str(tmp_path / "r")]) == 2
+    assert "--lr given but no training step runs" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_whose_checkpoint_is_gone_is_named_for_what_the_folder_holds(tmp_path: Path, capsys) -> None:
+    """A finished run whose checkpoint.pt was deleted: the error names the files there and both
+    ways they come without a checkpoint (not only a run killed before its first epoch ended)."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST_TRAIN, "--optimizer", "sgd", "--no-figures", "--out", str(out)]) == 0
+    (out / "checkpoint.pt").unlink()
+    assert main(["train", *FAST_TRAIN, "--optimizer", "sgd", "--no-figures", "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"--resume given but {out / 'checkpoint.pt'} does not exist (the folder holds metrics.nc but no checkpoint" in err
+    assert "or a checkpoint moved or deleted; start again with --overwrite" in err

@@ -262,6 +262,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.truncation_rank != ReportConfig.truncation_rank and not args.truncate_above:
         print_error(parser, "--truncation-rank given but not --truncate-above: no factor would be truncated", usage=True)
         return EXIT_USAGE
+    untrained = args.train_steps == 0 or (args.train_steps is None and args.weights is not None)
+    if untrained and any(t == "--lr" or t.startswith("--lr=") for t in args.argv):
+        print_error(parser, "--lr given but no training step runs (--train-steps 0, the default with --weights): "
+                            "it would change nothing", usage=True)
+        return EXIT_USAGE
     try:
         resolve_device(args.device)
     except ValueError as err:

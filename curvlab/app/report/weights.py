@@ -200,7 +200,8 @@ def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, datase
         ("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if keys]
     if problems:
         ours = options_attr(model_kwargs) or "none"
-        hint = (f"; the run was trained with the model options {trained_with} (this report: {ours}): pass its --hidden"
+        advice = "leave --hidden out (the run used the model's default widths)" if trained_with == "none" else "pass its --hidden"
+        hint = (f"; the run was trained with the model options {trained_with} (this report: {ours}): {advice}"
                 if trained_with not in (None, ours) else "")
         raise ReportError(f"{WHO}: --weights {file} does not fit --model {model} on {canonical_name(dataset)}: "
                           f"{'; '.join(problems)}{hint}")

@@ -14,6 +14,7 @@ from dataclasses import MISSING, fields
 from curvlab.app.models import MODELS, MODES
 from curvlab.app.allocator import add_malloc_option
 from curvlab.app.augment import AUGMENTATIONS, crop_padding
+from curvlab.app.data import DATASETS, canonical_name
 from curvlab.app.launch import add_nproc_option
 from curvlab.app.messages import flag, print_error
 from curvlab.app.options import (
@@ -103,8 +104,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
     run.add_argument("--hidden", type=widths, default=None,
                      help=hidden_help())
-    run.add_argument("--dataset", type=dataset, default=d.dataset, help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
-    run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10)")
+    run.add_argument("--dataset", type=dataset, default=d.dataset, metavar="{" + ",".join(DATASETS) + "}",
+                     help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
+    run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10; "
+                     "fashion-mnist defaults to /usr/share/datasets/fashion-mnist; not for digits)")
     run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
     run.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs to train (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
@@ -157,6 +160,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     ) if given]
     if probe_options and not args.probe_every:
         raise ValueError(f"curvlab train: {', '.join(probe_options)} given but not --probe-every: no probe would run")
+    if args.data_dir is not None and canonical_name(args.dataset) == "digits":  # (a resume would compare it)
+        raise ValueError("curvlab train: --data-dir given, which --dataset digits does not read (scikit-learn's "
+                         "load_digits is embedded)")
     options = {f.name: getattr(args, f.name) for f in fields(KroneckerOptions)}
     # given: on the command line, or (args built otherwise) away from the parser's default
     given = [f.name for f in fields(KroneckerOptions)
@@ -166,6 +172,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg = _config(args, options, model_kwargs, probe_approx)
     except ValueError as err:  # the fields' names as the options' (--stat-decay 1.0 …)
         raise ValueError(_as_options(str(err))) from None
+    if cfg.lr == 0:
+        raise ValueError("curvlab train: --lr 0 would leave the weights as they are (every update is lr times a "
+                         "direction); give a positive --lr")
     unused = cfg.unused_options()
     ignored = [flag(name) for name in given if name in unused]
     if ignored:

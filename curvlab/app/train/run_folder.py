@@ -103,7 +103,9 @@ def _check_contents(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise OutputFolderError(f"{WHO}: {out} holds a curvlab report ({', '.join(report)}); choose another --out")
     present = [name for name in RUN_FILES if (out / name).exists()]
     if resume and not (out / CHECKPOINT).exists():
-        hint = f" ({', '.join(present)} from a run killed before its first epoch ended: start again with --overwrite)" if present else ""
+        # (a run killed before its first epoch ended leaves these without a checkpoint; so does a deleted one)
+        hint = (f" (the folder holds {', '.join(present)} but no checkpoint to continue from: a run killed before its "
+                "first epoch ended, or a checkpoint moved or deleted; start again with --overwrite)") if present else ""
         raise FileNotFoundError(f"{WHO}: --resume given but {out / CHECKPOINT} does not exist{hint}")
     if present and not resume and not overwrite:
         raise OutputFolderError(
