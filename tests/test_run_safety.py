@@ -602,3 +602,12 @@ def test_a_run_whose_checkpoint_is_gone_is_named_for_what_the_folder_holds(tmp_p
     err = capsys.readouterr().err
     assert f"--resume given but {out / 'checkpoint.pt'} does not exist (the folder holds metrics.nc but no checkpoint" in err
     assert "or a checkpoint moved or deleted; start again with --overwrite" in err
+
+
+def test_a_batch_larger_than_the_training_set_is_said(tmp_path: Path, capsys) -> None:
+    """Every step then takes the whole training set (a DataLoader's one smaller batch), said once."""
+    args = list(FAST_TRAIN)
+    args[args.index("--batch-size") + 1], args[args.index("--train-size") + 1] = "100", "60"
+    assert main(["train", *args, "--optimizer", "sgd", "--no-figures", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("--batch-size 100 exceeds the 60 training examples: every step takes them all") == 1

@@ -220,6 +220,9 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     kronecker = isinstance(optimizer, KroneckerOptimizer)
     schedule = Schedule(optimizer, cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs)
     steps_per_epoch = parallel.steps_per_epoch(len(data.train_x), cfg.batch_size, ranks.world_size)
+    if cfg.batch_size > len(data.train_x) and ranks.is_main:  # (as a DataLoader would: one smaller batch)
+        print(f"curvlab train: --batch-size {cfg.batch_size} exceeds the {len(data.train_x)} training examples: "
+              "every step takes them all", file=sys.stderr)
 
     probe = None
     if cfg.probe_every:
@@ -381,7 +384,7 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         # a line an epoch, with or without the progress bars (what a batch job's log keeps)
         print(
             f"epoch {epoch + 1}: train loss {records[-1]['train_loss']:.4f}, "
-            f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s",
+            f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, {epoch_time:.1f} s of training steps",
             flush=True,
         )
         interrupts.check()  # one lost while the files were written
