@@ -349,6 +349,47 @@ def _sequence_lengths_per_rank() -> dict:
     return out
 
 
+class _Tagger(nn.Module):
+    """Token ids ``[N, T]`` (0: padding) → Embedding → tanh → Linear → ``[N, C, T]`` logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(9, 4, padding_idx=0), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids))).transpose(1, 2)
+
+
+def _embedding_steps() -> dict:
+    """An nn.Embedding preconditioned on two ranks (token counts, padding tokens among them, in
+    its input factor): one process's steps on the whole batch, for every method."""
+    from curvlab.optim import OPTIMIZERS
+
+    rank = torch.distributed.get_rank()
+    out = {}
+    for method in METHODS:
+        params = {}
+        for distributed in (True, False):
+            torch.manual_seed(0)
+            model = _Tagger().double()
+            net = nn.parallel.DistributedDataParallel(model) if distributed else model
+            opt = OPTIMIZERS[method](net, distributed=None if distributed else False, **OPTIONS)
+            assert [b.name for b in opt.blocks()] == ["embed", "head"]
+            loss_fn = nn.CrossEntropyLoss()
+            for k in range(STEPS):
+                gen = torch.Generator().manual_seed(10 + k)
+                ids, y = torch.randint(0, 9, (6, 5), generator=gen), torch.randint(0, 3, (6, 5), generator=gen)
+                if distributed:
+                    ids, y = _shard(ids, y, (3, 3), rank)
+                opt.zero_grad()
+                with opt.track(loss_fn):
+                    loss_fn(net(ids), y).backward()
+                opt.step()
+            params[distributed] = _flat(model)
+        out[method] = _rel(params[True], params[False])
+    return out
+
+
 def _different_layers_on_a_plain_step() -> dict:
     """A plain model whose ranks call different layers on a step without statistics: the
     gradients present on each rank were averaged in list order (rank 1's ``b`` into rank 0's
@@ -438,6 +479,7 @@ def _worker(cases, eigh_sizes, unequal, extra_sizes=None, path=None) -> dict:
         out["branches"] = _different_layers_on_a_plain_step()
         out["uneven"] = _uneven_track_blocks()
         out["lengths"] = _sequence_lengths_per_rank()
+        out["embedding"] = _embedding_steps()
     return out
 
 
@@ -509,6 +551,7 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
         assert said["seconds"] < 10, said
     for r in results:
         assert max(r["lengths"].values()) <= 1e-12, r["lengths"]
+        assert max(r["embedding"].values()) <= RTOL, r["embedding"]
     plain, ddp = (torch.stack([r["branches"][wrap] for r in results]) for wrap in ("plain", "ddp"))
     assert torch.equal(plain[0], plain[1])  # the ranks in step
     assert _rel(plain[0], ddp[0]) <= RTOL  # as DDP averages them
