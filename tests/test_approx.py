@@ -580,3 +580,22 @@ def test_shared_work_decomposes_each_factor_once(monkeypatch) -> None:
     assert torch.equal(got32[1], fresh32[1])
     factor_eigh(a32)  # outside the scope nothing is kept
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_diagonal_factor_is_decomposed_and_inverted_exactly(dtype: torch.dtype) -> None:
+    """An embedding's input factor (token frequencies, ties and unseen tokens among them): its
+    eigenpairs are its sorted diagonal with unit vectors — LAPACK's eigenvalues, ``U`` orthonormal,
+    ``U diag(λ) Uᵀ = M`` — and its damped inverse ``(cM + shift)⁻¹`` torch.linalg.inv's."""
+    from curvlab.approx.eigh import psd_eigh
+    from curvlab.approx.inverse import damped_inverse_matrix
+
+    counts = torch.tensor([3.0, 0.0, 5.0, 3.0, 1.0, 0.0, 8.0], dtype=torch.float64) / 20
+    m = torch.diag(counts).to(dtype)
+    lam, u = psd_eigh(m, compute_dtype=dtype)
+    eye = torch.eye(7, dtype=dtype)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(m.double()).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(u.mT @ u, eye, rtol=0, atol=0)
+    torch.testing.assert_close(u @ torch.diag(lam) @ u.mT, m, rtol=0, atol=0)
+    c, shift = torch.tensor(2.0, dtype=dtype), torch.tensor(1e-3, dtype=dtype)
+    torch.testing.assert_close(damped_inverse_matrix(m, c, shift, dtype), torch.linalg.inv(c * m + shift * eye))

@@ -79,10 +79,21 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> 
     raises ``ValueError`` (no jitter helps it; eigh failed on it, misleadingly, as ill-conditioned,
     or returned NaN).
 
+    A diagonal ``M`` (an embedding's input factor: token frequencies) is its own decomposition,
+    its diagonal sorted and the unit vectors in that order (LAPACK took 6.3 s for a 2048-wide one
+    in float32 on this project's CPU, one thread).
+
     Returns:
         ``(λ [n], U [n, n])`` with ``λ`` ascending and ``U`` orthonormal.
     """
     sym = symmetric(mat if compute_dtype is None else mat.to(compute_dtype))
+    if is_diagonal(sym):
+        diagonal = sym.diagonal()
+        if not bool(torch.isfinite(diagonal).all()):
+            _refuse_non_finite(sym)
+        evals, order = diagonal.sort(stable=True)
+        evecs = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)[:, order]
+        return evals.clamp_min(0).to(mat.dtype), evecs.to(mat.dtype)
     try:
         evals, evecs = torch.linalg.eigh(sym)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
@@ -98,6 +109,12 @@ def psd_eigh(mat: Tensor, compute_dtype: torch.dtype | None = torch.float64) -> 
     if not bool(torch.isfinite(evals).all()):  # n values (eigh synchronises a GPU anyway)
         _refuse_non_finite(sym)
     return evals.clamp_min(0).to(mat.dtype), evecs.to(mat.dtype)
+
+
+def is_diagonal(mat: Tensor) -> bool:
+    """Whether the square ``mat`` has no nonzero entry off its diagonal (NaN counts as nonzero):
+    ``O(n²)`` and one sync, against the ``O(n³)`` decomposition or inverse it can spare."""
+    return bool(torch.count_nonzero(mat) == torch.count_nonzero(mat.diagonal()))
 
 
 def _refuse_non_finite(sym: Tensor, err: BaseException | None = None) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from curvlab import mkl
-from curvlab.approx.eigh import in_scope_span, psd_eigh, symmetrize
+from curvlab.approx.eigh import in_scope_span, is_diagonal, psd_eigh, symmetrize
 from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, is_truncated, left_apply, right_apply
 
 
@@ -164,6 +164,8 @@ def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: 
     with the eigenvalues clamped at 0.  Computed in ``compute_dtype`` (``None``: ``mat``'s),
     returned in ``mat``'s."""
     work = mat if compute_dtype is None else mat.to(compute_dtype)
+    if is_diagonal(work):  # (an embedding's token frequencies: no n³ factorisation)
+        return torch.diag(1.0 / (work.diagonal() * c.to(work.dtype) + shift.to(work.dtype))).to(mat.dtype)
     inv = (work * c.to(work.dtype)).contiguous()
     inv.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
     if inv.device.type == "cpu" and mkl.available("inverse", inv.dtype):
