@@ -404,7 +404,8 @@ class KroneckerOptimizer(Optimizer):
         return BlockState(self.new_state(block), owner=block.weight)
 
     def _not_preconditioned(self) -> set[str]:
-        """Paths of the model's Linear/Conv layers that have no block now (frozen, or in no group)."""
+        """Paths of the model's Kronecker-type layers that have no block now (frozen, in no group, or
+        an embedding above ``truncate_above``)."""
         current = {b.name for b in self.blocks()}
         return {path for path, m in self.model.named_modules() if isinstance(m, KRONECKER_LAYERS)} - current
 
