@@ -323,3 +323,24 @@ def test_rows_through_a_learned_temperature_or_of_other_examples_after_an_entryw
         curvlab.extract(Capped("rows", "temperature", learned=True), nn.CrossEntropyLoss(), ids, targets.reshape(-1))
     with pytest.raises(ValueError, match=r"example \d's entries of the output of 'inner.head' receive rows taken for another"):
         curvlab.extract(Capped("sequence-first", "softcap"), nn.CrossEntropyLoss(), ids, targets.T.reshape(-1))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rows_through_a_product_with_a_constant_of_many_entries_are_refused(side: str) -> None:
+    """A constant of more than one entry can copy the logits into more entries (``c[K, 1, 1, 1] *
+    z[None]``: every row of both examples), and a first, harmless constant let a later one pass
+    unchecked (a helper's QA: an embedding's exact block 100 % off); on either side of ``*``."""
+    model, ids, targets = model_and_batch("nct")
+    weights = torch.tensor([1.0, 0.0], dtype=DT)[:, None, None, None]
+
+    class Copied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: Tensor) -> Tensor:
+            z = self.inner(x).transpose(1, 2)[None]  # [1, N, T, C]
+            return (weights * z if side == "left" else z * weights).reshape(-1, VOCAB)
+
+    with pytest.raises(ValueError, match=r"through MulBackward0: only views, slices, copies, casts and entrywise maps"):
+        curvlab.extract(Copied(), nn.CrossEntropyLoss(), ids, targets.repeat(2, 1).reshape(-1))

@@ -50,27 +50,29 @@ ENTRYWISE_NODES = frozenset({"TanhBackward", "MulBackward", "DivBackward", "AddB
 
 
 def _keeps_entries(node: object, name: str) -> bool:
-    """Whether ``node`` lays out its input anew or maps it entry by entry (:data:`ENTRYWISE_NODES`;
-    a sum's or difference's constant is not saved: an ``AddBackward0`` only where it keeps the
-    shape, which the vjp of ones then shows — a broadcast sums more rows into an entry)."""
+    """Whether ``node`` lays out its input anew or maps it entry by entry (:data:`ENTRYWISE_NODES`)
+    with constants of one element: a product or quotient saves its constant as ``_saved_other`` or,
+    on the left, ``_saved_self`` — both are checked.  A sum's or difference's constant is not
+    saved: its broadcast shows in the shapes of the rows (part of the index map) and, across
+    examples, in the vjps of :func:`misassigned_rows`."""
     if name in LAYOUT_NODES:
         return True
-    other = getattr(node, "_saved_other", None)
-    return name in ENTRYWISE_NODES and (not isinstance(other, Tensor) or other.numel() == 1)
+    saved = (getattr(node, a, None) for a in ("_saved_self", "_saved_other"))
+    return name in ENTRYWISE_NODES and all(not isinstance(v, Tensor) or v.numel() == 1 for v in saved)
 
 
 def layout(rows: Tensor, leaves: list[Tensor]) -> tuple[tuple[str, ...], tuple[str, ...], Tensor | None, str | None]:
     """The autograd nodes from ``rows`` back to the output of a recorded call (its sum with one
     of the ``ε`` ``leaves``): their names, and their names with their arguments (what makes the
-    index map of :data:`LAYOUT_NODES` with the leaf's shape); that leaf; and ``None`` where the
-    nodes are :data:`LAYOUT_NODES` alone, otherwise the node in the way."""
+    index map, with the leaf's and the rows' shapes); that leaf; and ``None`` where every node
+    keeps the entries (:func:`_keeps_entries`), otherwise the node in the way."""
     ours = {id(e): e for e in leaves}
     node, names, args = rows.grad_fn, [], []
     while node is not None:
         inputs = [f for f, _ in node.next_functions if f is not None]
         leaf = next((ours[id(v)] for f in inputs if id(v := getattr(f, "variable", None)) in ours), None)
         if leaf is not None:
-            return tuple(names), (*args, repr(tuple(leaf.shape))), leaf, None
+            return tuple(names), (*args, repr(tuple(leaf.shape)), repr(tuple(rows.shape))), leaf, None
         names.append(type(node).__name__)
         if len(inputs) != 1 or not _keeps_entries(node, names[-1].rstrip("0123456789")):
             return tuple(names), tuple(args), None, names[-1]
