@@ -1424,6 +1424,20 @@ def test_a_sparse_embedding_gets_the_first_order_update() -> None:
     assert opt.approximations().keys() == {"2"}
 
 
+def test_a_sparse_gradient_with_weight_decay_is_refused_before_anything_changes() -> None:
+    """torch's SGD cannot add weight decay to a sparse gradient: the step raised after the
+    preconditioned head had moved (half a step, steps_done unchanged); now before any update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randint(0, 10, (6, 3)), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(model, lr=0.1, weight_decay=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="0.weight"), pytest.raises(ValueError, match=r"sparse gradient .* weight_decay=0.01"):
+        train_step(opt, model, loss_fn, x, y)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and opt.steps_done == 0
+
+
 def test_a_statistics_step_without_track_warns_once() -> None:
     """Forgetting ``track`` on a step due for statistics kept the old ones without a word."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

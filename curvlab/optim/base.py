@@ -100,6 +100,17 @@ def too_wide(module: nn.Module, options: KroneckerOptions) -> bool:
     return isinstance(module, nn.Embedding) and 0 < options.truncate_above < module.num_embeddings
 
 
+def _refuse_sparse_decay(walk: "StepWalk", who: str) -> None:
+    """Raise before anything changes where a first-order parameter with a sparse gradient
+    (``nn.Embedding(sparse=True)``) is in a group with weight decay: torch's SGD refuses it, and
+    it raised after the blocks' updates were applied, leaving half a step."""
+    for group, params in walk.first_order:
+        if group["weight_decay"] != 0 and any(p.grad is not None and p.grad.is_sparse for p in params):
+            raise ValueError(f"{who}: a parameter with a sparse gradient (nn.Embedding(sparse=True)) is in a param "
+                             f"group with weight_decay={group['weight_decay']}, which torch's SGD update of it cannot "
+                             "add; give it a group with weight_decay=0, or use a dense embedding")
+
+
 def _gradients_left(walk: StepWalk) -> bool:
     """Whether a preconditioned parameter holds a gradient: ``None`` or zeros everywhere after a
     ``zero_grad`` (the model's or the optimizer's)."""
@@ -516,6 +527,7 @@ class KroneckerOptimizer(Optimizer):
         # the blocks through their updates: the damped inverse is positive definite, so a
         # non-finite gradient entry makes its preconditioned update non-finite.
         walk = self._step_walk()
+        _refuse_sparse_decay(walk, type(self).__name__)
         if pending is None and not self._warned_untracked and self._due(self.options.stats_interval) and any(
                 state.curvature.has_statistics for _, state, _ in walk.blocks):
             warnings.warn(
