@@ -274,8 +274,8 @@ class Capped(nn.Module):
     """A model whose logits pass an entrywise map before they are laid out as ``layout`` says
     (as :class:`TinyLM`'s):
     ``"softcap"`` (Gemma's ``c·tanh(z / c)``), ``"temperature"`` (``z / τ``, ``τ`` a constant or,
-    with ``learned``, a parameter) or ``"shift"`` (``z + b``, ``b`` a constant ``[T, C]``: the
-    same shift for every example)."""
+    with ``learned``, a parameter), ``"shift"`` (``z + b``, ``b`` a constant ``[T, C]``: the
+    same shift for every example) or ``"flipped"`` (``2 − z``)."""
 
     def __init__(self, layout: str, how: str, learned: bool = False) -> None:
         super().__init__()
@@ -287,13 +287,13 @@ class Capped(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         z = self.inner(ids).transpose(1, 2)  # [N, T, C]
         z = {"softcap": lambda: 0.9 * torch.tanh(z / 0.9), "temperature": lambda: z / self.tau,
-             "shift": lambda: z + self.shift}[self.how]()
+             "shift": lambda: z + self.shift, "flipped": lambda: 2.0 - z}[self.how]()
         if self.layout == "sequence-first":
             return z.transpose(0, 1).reshape(-1, VOCAB)
         return z.reshape(-1, VOCAB) if self.layout == "rows" else z.transpose(1, 2)
 
 
-@pytest.mark.parametrize("how", ["softcap", "temperature", "shift"])
+@pytest.mark.parametrize("how", ["softcap", "temperature", "shift", "flipped"])
 def test_rows_after_an_entrywise_map_give_the_dense_ggn_and_the_statistics_of_nct_logits(how: str) -> None:
     """A temperature, soft-capping or a constant shift between the head and the rows keeps each
     row its example's: the exact blocks are torch.func's, and KFAC's factors and the TKFAC traces

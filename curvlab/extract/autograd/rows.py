@@ -46,7 +46,9 @@ LAYOUT_NODES = frozenset({
 })
 #: autograd nodes of entrywise maps, taken where their other operand is a constant (no gradient:
 #: one input) with one element (so the layer's output is not broadcast to more entries)
-ENTRYWISE_NODES = frozenset({"TanhBackward", "MulBackward", "DivBackward", "AddBackward", "SubBackward", "NegBackward"})
+ENTRYWISE_NODES = frozenset({
+    "TanhBackward", "MulBackward", "DivBackward", "AddBackward", "SubBackward", "RsubBackward", "NegBackward",
+})
 
 
 def _keeps_entries(node: object, name: str) -> bool:
