@@ -283,11 +283,12 @@ class KroneckerOptimizer(Optimizer):
                 found = model_blocks(self.model, skip_unsupported=True)
             except UnsupportedModelError:  # nothing curvlab supports: every update is first order
                 found = ModelBlocks(skipped=[n for n, p in self.model.named_parameters() if p.requires_grad])
-            self._tracked = ModelBlocks()
-            self._too_wide = [f"{path}.{name}" if path else name for module, path in found.layers.items()
-                              if too_wide(module, self.options) for name, _ in module.named_parameters(recurse=False)]
+            self._tracked, self._too_wide = ModelBlocks(), []
             for module, path in found.layers.items():
-                if module.weight in self._group_of and not too_wide(module, self.options):
+                if too_wide(module, self.options):
+                    names = (name for name, _ in module.named_parameters(recurse=False))
+                    self._too_wide += [f"{path}.{name}" if path else name for name in names]
+                elif module.weight in self._group_of:
                     blocks = found.of_layer[module]
                     self._tracked.layers[module], self._tracked.of_layer[module] = path, blocks
                     self._tracked.blocks.extend(blocks)

@@ -18,7 +18,7 @@ holds, not by luck of the shapes:
    cotangent by its derivative, the same for every sign; negating the cotangents negates the
    vjp exactly).  Refuses rows of other examples (``logits[1:]``, a slice of the
    flat rows, a sequence-first ``[T, N, C]`` flattened).  Kept per index map: the nodes with
-   their arguments (slice bounds, sizes) and the output's shape.
+   their arguments (slice bounds, sizes), the layer output's shape and the rows'.
 3. :func:`misplaced_rows` — the examples (what the layers' leading dimension counts) are not
    coupled by the forward: the vjp of the rows of the examples with one bit set (or clear)
    reaches no other example's layers, ``2·⌈log₂ N⌉`` vjps through the model.  Refuses a causal
@@ -45,7 +45,7 @@ LAYOUT_NODES = frozenset({
     "UnsqueezeBackward", "ToCopyBackward",
 })
 #: autograd nodes of entrywise maps, taken where their other operand is a constant (no gradient:
-#: one input) with one element (so the layer's output is not broadcast to more entries)
+#: one input); a product's or quotient's of one element (:func:`_keeps_entries`)
 ENTRYWISE_NODES = frozenset({
     "TanhBackward", "MulBackward", "DivBackward", "AddBackward", "SubBackward", "RsubBackward", "NegBackward",
 })
