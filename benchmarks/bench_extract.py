@@ -108,8 +108,9 @@ def make_rows(spec: ModelSpec, device: torch.device, seed: int) -> tuple[list[Ro
         except NotImplementedError as err:
             unsupported[row.label] = str(err).split(":")[-1].strip()
             rows.remove(row)
-        except torch.OutOfMemoryError:  # ResNet-18's exact square roots at N=128: 57 GB each
-            unsupported[row.label] = f"out of {device} memory"
+        except (torch.OutOfMemoryError, MemoryError) as err:  # ResNet-18's exact square roots at N=128:
+            # 57 GB each in BackPACK; curvlab refuses early (MemoryError) what would not fit
+            unsupported[row.label] = f"out of {device} memory" + (f" ({err})" if type(err) is MemoryError else "")
             rows.remove(row)
             torch.cuda.empty_cache()
     info = {"num_params": sum(p.numel() for p in model.parameters()), "unsupported": unsupported,
