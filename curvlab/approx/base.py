@@ -41,7 +41,8 @@ from torch import Tensor
 
 from curvlab.approx.damping import BUILT_IN, DampingStrategy, check_damping, get_damping
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
-from curvlab.approx.spectral import complete_basis, diagonal_apply, expand, is_truncated, multiplicity, unflatten_tensors
+from curvlab.approx.spectral import (complete_basis, diagonal_apply, expand, in_basis, is_truncated, multiplicity,
+                                     out_of_basis, unflatten_tensors)
 from curvlab.approx.spectral import optimal_scaling as spectral_optimal_scaling
 from curvlab.block import BlockLayout
 
@@ -268,12 +269,12 @@ class KroneckerApproximation(ABC):
     def rotate(self, x: Tensor) -> Tensor:
         """Into the (expanded) eigenbasis: ``U_outᵀ X U_in`` (``X``: ``[..., d_out, D]``)."""
         u_out, u_in = self.eigenbasis()
-        return u_out.mT @ x @ u_in
+        return in_basis(u_out.mT @ x, u_in)
 
     def unrotate(self, y: Tensor) -> Tensor:
         """Out of the (expanded) eigenbasis: ``U_out Y U_inᵀ``."""
         u_out, u_in = self.eigenbasis()
-        return u_out @ y @ u_in.mT
+        return out_of_basis(u_out @ y, u_in)
 
     def mat_mul(self, x: Tensor) -> Tensor:
         """``K̂ X`` for ``X`` of shape ``[..., d_out, D]``: ``U_out [(U_outᵀ X U_in) ⊙ s] U_inᵀ``

@@ -12,6 +12,9 @@ acts on ``X ∈ R^{d_out × D}`` as ``Σ s[a, b] P_a X P_b`` (:func:`diagonal_ap
 are ``s`` expanded by the multiplicities (:func:`expand`).  With full bases this is the usual
 ``U_out [(U_outᵀ X U_in) ⊙ s] U_inᵀ`` (four GEMMs).  A truncated side of rank ``k`` costs two
 ``n × k`` products instead of two ``n × n`` ones.
+
+A full basis that permutes the unit vectors (a diagonal factor's: :mod:`curvlab.basis`) rotates
+by gathering columns, not by ``n × n`` GEMMs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from curvlab.basis import in_basis, out_of_basis, permutation_order
 from curvlab.reuse import digest, reuse, sharing
 
 if TYPE_CHECKING:
@@ -125,7 +129,8 @@ def optimal_scaling(sqrt: "SquareRoot", u_out: Tensor, u_in: Tensor) -> Tensor:
 def diagonal_in_basis(mat: Tensor, u: Tensor) -> Tensor:
     """Compressed ``diag(Uᵀ M U)`` of a PSD ``M`` (clamped at 0 against rounding); the
     complement entry is the mean over it, ``(tr M − Σ diag)/(n − k)``."""
-    diag = ((mat @ u) * u).sum(0).clamp_min(0)
+    order = permutation_order(u)
+    diag = (mat.diagonal()[order] if order is not None else ((mat @ u) * u).sum(0)).clamp_min(0)
     if not is_truncated(u):
         return diag
     rest = (mat.diagonal().sum() - diag.sum()) / (u.shape[0] - u.shape[1])
@@ -140,9 +145,9 @@ def dense_factor(values: Tensor, u: Tensor) -> Tensor:
 def right_apply(z: Tensor, u: Tensor, t: Tensor) -> Tensor:
     """``Σ_b t[:, b] ⊙ (Z P_b)`` for ``Z [..., r, n]``, compressed ``t`` broadcastable to
     ``[r, width(u)]``: row ``i`` of ``Z`` scaled by ``t[i]`` in the basis ``u``."""
-    c = z @ u  # fresh: scaled in place
     if not is_truncated(u):
-        return c.mul_(t) @ u.mT
+        return out_of_basis(in_basis(z, u).mul_(t), u)  # (the product is fresh: scaled in place)
+    c = z @ u  # fresh: scaled in place
     flat = t[..., -1:]
     return z * flat + c.mul_(t[..., :-1] - flat) @ u.mT
 

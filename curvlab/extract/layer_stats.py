@@ -73,8 +73,11 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
         engine=engine, kfac_approx=options.kfac_approx, coupled=data.coupled,
         terms_per_example=data.terms_per_example,
     )
+    # the M_k at one position each where every term's root reaches one (a per-position loss's output head)
+    one_position = maths.one_position_samples(x, samples) if data.g_terms is not None else None
+    m_x, m_g = one_position or (x, samples)
     if "sqrt" in options.stats:
-        convention = maths.square_root(x, samples)
+        convention = maths.square_root(m_x, m_g)
         if not data.coupled:
             out.sqrt = convention
         elif data.exact_roots is not None:
@@ -88,13 +91,16 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
         gs = {f: data.g[data.segments[f]] for f in options.factor_flavours}
         out.kfac = maths.kfac_flavours(x, gs, options.kfac_approx, options.gram_rows)
     kfe = "kfe" in options.stats and block.name in options.eigenbases
-    if "tkfac" in options.stats and kfe:  # TEKFAC: the per-sample gradients formed once for both
+    exact_traces = options.tkfac_conv == "exact"  # ("kfc" takes each example's positions, not the M_k)
+    if "tkfac" in options.stats and kfe and exact_traces:  # TEKFAC: the per-sample gradients formed once for both
         out.tkfac, out.kfe_scaling = maths.trace_statistics_and_kfe_scaling(
-            x, samples, *options.eigenbases[block.name], options.tkfac_conv, options.kfac_approx, options.gram_rows)
-    elif "tkfac" in options.stats:
-        out.tkfac = maths.trace_statistics(x, samples, options.tkfac_conv, options.kfac_approx, options.gram_rows)
-    elif kfe:
-        out.kfe_scaling = maths.kfe_scaling(x, samples, *options.eigenbases[block.name])
+            m_x, m_g, *options.eigenbases[block.name], options.tkfac_conv, options.kfac_approx, options.gram_rows)
+    else:
+        if "tkfac" in options.stats:
+            out.tkfac = maths.trace_statistics(*((m_x, m_g) if exact_traces else (x, samples)), options.tkfac_conv,
+                                               options.kfac_approx, options.gram_rows)
+        if kfe:
+            out.kfe_scaling = maths.kfe_scaling(m_x, m_g, *options.eigenbases[block.name])
     return out
 
 

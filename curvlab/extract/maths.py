@@ -41,6 +41,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from curvlab.basis import in_basis, permutation_order
 from curvlab.extract.options import KFAC_APPROX
 from curvlab.gram import GramRows, gram, gram_or_rows, symmetric_product
 from curvlab.stats import KroneckerFactors, TraceStats
@@ -69,10 +70,38 @@ class LazyInputs(Protocol):
     def gram(self, scale: float, keep_rows: bool) -> Tensor | GramRows:
         """:func:`input_gram` of ``x``."""
 
+    def at_positions(self, examples: Tensor, positions: Tensor) -> "Tensor | LazyInputs":
+        """``x[examples, :, positions]`` as ``[K, D, 1]`` (:func:`one_position_samples`)."""
+
 
 def dense(x: Tensor | LazyInputs) -> Tensor:
     """``x`` as a tensor ``[N, D, T]``."""
     return x if isinstance(x, Tensor) else x.dense()
+
+
+def one_position_samples(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor | LazyInputs, Tensor] | None:
+    """The samples ``M_{c,n}`` as samples at one position each — ``x' [K, D, 1]``, ``g' [1, K,
+    d_out, 1]``, ``k = c·N + n`` (:func:`per_sample_gradients`' order), the same ``M_k`` — where
+    every column of ``g`` reaches the layer at one position at most; else ``None``.
+
+    That is the case of a per-position loss's term-separated roots (a language model's or a token
+    classifier's ``[N·T, C]`` rows, a root column per term) at a layer nothing after which mixes
+    the positions: the output head.  The statistics of the ``M_k`` alone (exact partial traces,
+    EKFAC's rescaling, the square root) then take their ``T = 1`` routes, rank-one products:
+    EKFAC's rescaling of a ``Linear(128, 2048)`` head at N = 16, T = 64 rotated ``C·N·T`` roots
+    by the ``2048 × 2048`` output basis (550 GFLOP), ``1/T`` of that here.  The check reads ``g``
+    once (and waits for a GPU)."""
+    c, n, d_out, t = g.shape
+    if t == 1:
+        return None
+    reached = (g.amax(2) != 0) | (g.amin(2) != 0)  # [C, N, T] (twice as fast as ne(0).any(2))
+    if not bool((reached.sum(-1) <= 1).all()):
+        return None
+    positions = reached.to(torch.int8).argmax(-1).reshape(-1)  # 0 where none: g is zero there too
+    examples = torch.arange(n, device=g.device).repeat(c)
+    g_at = g.flatten(0, 1)[torch.arange(c * n, device=g.device), :, positions]  # [K, d_out]
+    x_at = x[examples, :, positions].unsqueeze(-1) if isinstance(x, Tensor) else x.at_positions(examples, positions)
+    return x_at, g_at[None, :, :, None]
 
 
 def _chunks(n: int, per_example: int, elements: int = CHUNK_ELEMENTS) -> list[slice]:
@@ -338,7 +367,8 @@ def kfe_scaling(x: Tensor | LazyInputs, g: Tensor, u_out: Tensor, u_in: Tensor) 
         return _kfe_scaling_by_chunks(x, g, u_out, u_in)
     x = dense(x)
     g_rot = torch.einsum("cnot,op->cnpt", g, u_out)
-    x_rot = torch.einsum("ndt,de->net", x, u_in)
+    order = permutation_order(u_in)  # a gather for a permutation basis (an embedding's)
+    x_rot = torch.einsum("ndt,de->net", x, u_in) if order is None else x[:, order]
     truncated_in = u_in.shape[1] < u_in.shape[0]
     by_gram = truncated_in and _row_norms_by_gram(c, d_out, x.shape[1], t)
     out = x.new_zeros(d_out, u_in.shape[1] + int(truncated_in))
@@ -412,7 +442,7 @@ def _row_norms_by_gram(c: int, d_out: int, d_in: int, t: int) -> bool:
 
 def _squared_coordinates(v: Tensor, u: Tensor) -> Tensor:
     """``(Uᵀ v)²`` per vector (last dim), plus ``‖v‖² − ‖Uᵀ v‖²`` for a truncated ``U``."""
-    sq = (v @ u).square_()
+    sq = in_basis(v, u).square_()
     if u.shape[1] == u.shape[0]:
         return sq
     rest = (v.square().sum(-1) - sq.sum(-1)).clamp_min(0)
@@ -440,7 +470,7 @@ class _KfeSums:
     def add(self, m: Tensor) -> None:
         out, u_out, u_in = self.out, self.u_out, self.u_in
         k_out, k_in = u_out.shape[1], u_in.shape[1]
-        m_in = m @ u_in  # M U_in
+        m_in = in_basis(m, u_in)  # M U_in
         v_sq = (u_out.mT @ m_in).square_()
         out[:k_out, :k_in] += v_sq.sum(0)
         if self.truncated_out:

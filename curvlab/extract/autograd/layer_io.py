@@ -288,6 +288,9 @@ class ConvInputs:
         m = torch.stack(per_column)  # [C, B, d_out, C_in·prod(k)]
         return torch.cat([m, g.sum(3, keepdim=True)], 3) if self.block.bias is not None else m
 
+    def at_positions(self, examples: Tensor, positions: Tensor) -> Tensor:
+        return self.dense()[examples, :, positions].unsqueeze(-1)
+
 
 class EmbeddingInputs:
     """An ``nn.Embedding`` block's inputs ``x`` (``[N, V, T]``: one-hot token ids, padding tokens
@@ -318,6 +321,9 @@ class EmbeddingInputs:
 
     def per_sample(self, g: Tensor, examples: slice) -> Tensor:
         return contract(self.module, self.ids[examples], g, per_example=True)
+
+    def at_positions(self, examples: Tensor, positions: Tensor) -> "EmbeddingInputs":
+        return EmbeddingInputs(self.module, self.ids[examples, positions].unsqueeze(1))
 
 
 def cat_positions(xs: list[Tensor]) -> Tensor:
