@@ -273,19 +273,22 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through Linux's /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL-group"])
-def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGKILL, True),
+                                        (signal.SIGKILL, False)],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL-group", "SIGKILL-launcher"])
+def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signals, group: bool) -> None:
     """``kill <pid>`` of ``curvlab train --nproc 2`` (a scheduler's stop, not a terminal's Ctrl-C,
     which signals the whole process group): the ranks, in sessions of their own, stop too; and
-    ``kill -KILL -- -<pgid>``, which ends the launcher and torchrun at once (the ranks went on
-    training, holding the folder's lock and writing into it)."""
+    ``kill -KILL -- -<pgid>``, which ends the launcher and torchrun at once, and ``kill -9 <pid>``,
+    which ends the launcher alone (in both, torchrun or the ranks went on training, holding the
+    folder's lock and writing into it)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CURVLAB_DIST_TIMEOUT": "120"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "curvlab", "train", "--nproc", "2", "--dataset", "digits", "--hidden", "16",
          "--train-size", "160", "--test-size", "40", "--batch-size", "40", "--epochs", "1000", "--no-progress",
          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=sig == signal.SIGKILL,
+        start_new_session=group,
         # SIGINT as a terminal gives it: a test runner started in the background of a
         # non-interactive shell ignores SIGINT, and a child inherits that (the launcher then
         # trained on to the end and exited 0)
@@ -299,7 +302,7 @@ def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signa
         below = _descendants(launcher.pid)
         assert len(below) >= 3  # torchrun and its two workers
         if sig == signal.SIGKILL:
-            os.killpg(launcher.pid, sig)
+            (os.killpg if group else os.kill)(launcher.pid, sig)
             assert launcher.wait(timeout=90) == -signal.SIGKILL
         else:
             launcher.send_signal(sig)

@@ -225,12 +225,12 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     :class:`Stopped` is raised.  torchrun's and the ranks' stderr passes through this process,
     up to the stop: what torchrun prints when stopped (its own traceback, its workers'
     shutdown) is dropped, so that the command ends with one line."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "curvlab", *without_nproc(argv)]
-    print("curvlab: " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    torchrun = ["--standalone", f"--nproc-per-node={nproc}", "-m", "curvlab", *without_nproc(argv)]
+    print("curvlab: -m torch.distributed.run " + " ".join(torchrun), file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # before torchrun starts: it is never left behind
     proc, forward, quiet = None, None, threading.Event()
     try:
+        command = [sys.executable, "-c", TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid()), *torchrun]
         proc = subprocess.Popen(command, stderr=subprocess.PIPE)
         forward = threading.Thread(target=_forward, args=(proc.stderr, quiet), daemon=True)
         forward.start()
@@ -246,6 +246,21 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
         raise err if isinstance(err, Stopped) else Stopped("SIGINT") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+#: ``python -m torch.distributed.run``, sent SIGTERM (which it passes to its workers) when the
+#: launcher dies (Linux): a ``kill -9`` of the command's own process left torchrun and its ranks
+#: training on, holding the output folder's lock and writing into it.  Self-contained (no curvlab
+#: import: that would delay every launch by seconds).
+TORCHRUN_WITH_LAUNCHER = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    if os.getppid() != {launcher}:  # the launcher died before the request\n"
+    "        sys.exit(143)\n"
+    "sys.argv[0] = 'torchrun'\n"
+    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def _forward(pipe: IO[bytes], quiet: threading.Event) -> None:
