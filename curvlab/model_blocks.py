@@ -82,6 +82,12 @@ class ModelBlocks:
             curvlab knows (a grouped convolution, an LSTM, a PReLU).
         enclosed: paths of the parameter blocks of Kronecker-type layers another module applies
             in its own forward (``nn.MultiheadAttention``'s ``out_proj``).
+        packed: paths of ``nn.MultiheadAttention``'s own projection parameters (``in_proj_weight``,
+            ``in_proj_bias``, ``q/k/v_proj_weight``, ``bias_k/v``), applied inside torch's
+            functional attention.
+        own: paths of the parameters of the model's own modules (classes defined outside torch),
+            used in their own forward: no Kronecker layer curvlab can see (a cls token, a position
+            embedding, a weight used through ``F.linear``).
         lone_biases: paths of Kronecker layers' biases whose weight is frozen or shared.
     """
 
@@ -92,6 +98,8 @@ class ModelBlocks:
     tied: list[str] = field(default_factory=list)
     unstructured: list[str] = field(default_factory=list)
     enclosed: list[str] = field(default_factory=list)
+    packed: list[str] = field(default_factory=list)
+    own: list[str] = field(default_factory=list)
     lone_biases: list[str] = field(default_factory=list)
 
     @property
@@ -213,6 +221,10 @@ def model_blocks(model: nn.Module, *, separate_bias: bool = False, skip_unsuppor
             out.unstructured.append(full)
         if isinstance(module, KRONECKER_LAYERS) and enclosing is not None:
             out.enclosed.append(full)
+        elif enclosing is not None:
+            out.packed.append(full)
+        elif _is_users_own(module) and not isinstance(module, PARAMETER_LAYERS):
+            out.own.append(full)
         elif beside_weight:
             out.lone_biases.append(full)
         owner_type = type(enclosing if enclosing is not None else module).__name__

@@ -136,7 +136,8 @@ def test_an_embedding_above_truncate_above_takes_the_first_order_step_and_is_nam
         opt = KFAC(model, lr=0.1, momentum=0.0, kl_clip=None, truncate_above=32)
         assert [b.name for b in opt.blocks()] == ["head"]
     assert [str(w.message) for w in said] == [
-        "KFAC: 1 parameter(s) have no Kronecker block and get the first-order (SGD) update — of nn.Embedding "
+        "KFAC: 1 parameter(s) have no Kronecker block and get the first-order (SGD) update, as norm layers' affine "
+        "parameters do — of nn.Embedding "
         "layers with more than truncate_above=32 embeddings (their input factor would be a dense V × V matrix, "
         "truncated; truncate_above=0 preconditions them whole): ['embed.weight'] (see curvlab.model_blocks)"]
     step(opt, model, loss_fn, ids, y)

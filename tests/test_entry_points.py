@@ -63,10 +63,14 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
         kronecker = {p for b in opt.blocks() for p in b.parameters()}
     # named, unlike a norm layer's: the tied matrix is often a language model's largest
     # (grouped by why: the tied matrix, its layer's bias, the grouped convolutions)
-    head = "parameter(s) have no Kronecker block and get the first-order (SGD) update — "
+    head = "parameter(s) have no Kronecker block and get the first-order (SGD) update, as norm layers' affine " \
+           "parameters do — "
     named = {"tied_lm": f"KFAC: 2 {head}shared by several modules: ['encoder.weight']; the bias of a layer whose "
                         "weight is frozen (requires_grad=False) or shared: ['decoder.bias']",
              "tied_bias": f"KFAC: 1 {head}shared by several modules: ['a.bias']",
+             "vit": f"KFAC: 2 {head}of the model's own modules, used in their own forward (a cls token, a position "
+                    "embedding, a weight passed to F.linear or F.conv2d: an nn.Linear or nn.Conv2d module is "
+                    "preconditioned): ['cls_token', 'pos_embed']",
              "mobilenet": f"KFAC: 3 {head}of modules without a Kronecker structure curvlab preconditions (a grouped or "
                           "depthwise convolution, an LSTM, a weight-normalised layer): ['depthwise.0.weight', "
                           "'grouped.weight', 'grouped.bias']"}

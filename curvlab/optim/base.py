@@ -303,13 +303,16 @@ class KroneckerOptimizer(Optimizer):
     def _warn_first_order(self, found: ModelBlocks) -> None:
         """Warn once per parameter that gets the first-order update for want of a Kronecker block,
         grouped by why (:class:`~curvlab.model_blocks.ModelBlocks` lists each kind); norm layers'
-        and the user's own modules' first-order update is documented, not warned about."""
+        first-order update is documented, not warned about (every ResNet has them)."""
         why = {
             "of modules without a Kronecker structure curvlab preconditions (a grouped or depthwise "
             "convolution, an LSTM, a weight-normalised layer)": found.unstructured,
             "shared by several modules": found.tied,
             "the bias of a layer whose weight is frozen (requires_grad=False) or shared": found.lone_biases,
-            "of layers another module applies in its own forward (nn.MultiheadAttention's out_proj)": found.enclosed,
+            "of nn.MultiheadAttention, which applies its projections in torch's functional attention":
+                found.packed + found.enclosed,
+            "of the model's own modules, used in their own forward (a cls token, a position embedding, a weight "
+            "passed to F.linear or F.conv2d: an nn.Linear or nn.Conv2d module is preconditioned)": found.own,
             "left out as unsupported": found.skipped,
             f"of nn.Embedding layers with more than truncate_above={self.options.truncate_above} embeddings "
             "(their input factor would be a dense V × V matrix, truncated; truncate_above=0 preconditions them "
@@ -326,7 +329,7 @@ class KroneckerOptimizer(Optimizer):
         if parts:
             warnings.warn(
                 f"{type(self).__name__}: {len(new)} parameter(s) have no Kronecker block and get the first-order "
-                f"(SGD) update — {'; '.join(parts)} (see curvlab.model_blocks)",
+                f"(SGD) update, as norm layers' affine parameters do — {'; '.join(parts)} (see curvlab.model_blocks)",
                 UserWarning,
                 stacklevel=4,
             )
