@@ -281,8 +281,15 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
     if folder is not None:  # every check passed: a run being replaced goes now
         folder.replace_previous()
     if probe is not None and step == 0:
+        # a sign of life: the first probe can take minutes (exact blocks of a large model) before any epoch line
+        started = time.perf_counter()
+        if ranks.is_main:
+            print("curvlab train: probing step 0", file=sys.stderr, flush=True)
         probe.run(0, model, optimizer)
         probe.save(out / PROBE)
+        if ranks.is_main:
+            print(f"curvlab train: probe of step 0 done in {time.perf_counter() - started:.1f} s (again every "
+                  f"{cfg.probe_every} steps, outside the epochs' training time)", file=sys.stderr, flush=True)
 
     for epoch in range(start_epoch, cfg.epochs):
         if diverged_at is not None:
