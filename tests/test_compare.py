@@ -129,6 +129,9 @@ def test_a_rank_deficient_block_has_no_round_off_eigenvalues(n: int) -> None:
             got = ds.subspace_overlap.sel(layer=layer, approximation=name).item()
             assert got == pytest.approx(ref["subspace_overlap"], rel=1e-8), (layer, name)
     assert len(ds.network_exact_eigenvalues) <= sum(b.num_params for b in stats.values())
+    # both eigenvalue dimensions indexed, largest first (network_eig had no coordinate)
+    assert list(ds.network_eig.values) == list(range(len(ds.network_exact_eigenvalues)))
+    assert "largest first" in ds.network_eig.attrs["long_name"]
 
 
 @pytest.mark.parametrize("top_k", [5, 6, 10])
