@@ -49,19 +49,37 @@ def orthogonal(n: int, gen: torch.Generator) -> Tensor:
     return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))[0]
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["positionwise", "causal"])
-def test_the_statistics_of_the_terms_are_those_of_the_dense_ggn(causal: bool) -> None:
+def dense_per_term_empirical(model: nn.Module, ids: Tensor, y: Tensor, layer: str) -> Tensor:
+    """``1/(N·T) Σ_{n,t} ∇ℓ_{nt} ∇ℓ_{ntᵀ}``: one gradient per loss term, by torch.func."""
+    params = dict(model.named_parameters())
+    names = [k for k in params if k.rsplit(".", 1)[0] == layer]
+
+    def losses(*tensors: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, {**params, **dict(zip(names, tensors))}, (ids,))
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    jac = torch.func.jacrev(losses, argnums=tuple(range(len(names))))(*(params[k].detach() for k in names))
+    rows = torch.cat([j.reshape(len(y), -1) for j in jac], 1)
+    return rows.T @ rows / len(y)
+
+
+@pytest.mark.parametrize("causal, fisher", [(False, "exact"), (False, "empirical"), (True, "exact")],
+                         ids=["positionwise", "positionwise-empirical", "causal"])
+def test_the_statistics_of_the_terms_are_those_of_the_dense_ggn(causal: bool, fisher: str) -> None:
     """TKFAC's exact partial traces, EKFAC's rescaling ``diag(Qᵀ F Q)`` (the embedding in the
-    permutation basis of its input factor) and the square root, of every layer: those of F."""
+    permutation basis of its input factor) and the square root, of every layer: those of F (the
+    GGN; the empirical Fisher's column per term takes the embedding's one-position route too)."""
     model, ids, y = tagger_and_batch(causal)
     loss_fn, gen = nn.CrossEntropyLoss(), torch.Generator().manual_seed(5)
     blocks = {"embed": (DIM, VOCAB), "mix": (DIM, DIM + 1), "head": (CLASSES, DIM + 1)}
     bases = {name: (orthogonal(d_out, gen), orthogonal(d_in, gen)) for name, (d_out, d_in) in blocks.items()}
     bases["embed"] = (bases["embed"][0], torch.eye(VOCAB, dtype=DT)[:, torch.randperm(VOCAB, generator=gen)])
-    stats = curvlab.extract(model, loss_fn, ids, y, fisher="exact", stats=("sqrt", "tkfac", "kfe"),
+    stats = curvlab.extract(model, loss_fn, ids, y, fisher=fisher, stats=("sqrt", "tkfac", "kfe"),
                             eigenbases=bases, engine="autograd")
+    dense = dense_ggn if fisher == "exact" else lambda model, loss_fn, ids, y, name: dense_per_term_empirical(
+        model, ids, y, name)
     for name, (d_out, d_in) in blocks.items():
-        block, fisher = stats[name], dense_ggn(model, loss_fn, ids, y, name)
+        block, fisher = stats[name], dense(model, loss_fn, ids, y, name)
         inverse = torch.argsort(block.layout.permutation())
         in_matrix_order = fisher[inverse][:, inverse].reshape(d_out, d_in, d_out, d_in)
         torch.testing.assert_close(block.tkfac.delta_phi, torch.einsum("odoe->de", in_matrix_order), rtol=1e-10, atol=1e-13)

@@ -70,8 +70,9 @@ class LazyInputs(Protocol):
     def gram(self, scale: float, keep_rows: bool) -> Tensor | GramRows:
         """:func:`input_gram` of ``x``."""
 
-    def at_positions(self, examples: Tensor, positions: Tensor) -> "Tensor | LazyInputs":
-        """``x[examples, :, positions]`` as ``[K, D, 1]`` (:func:`one_position_samples`)."""
+    def at_positions(self, examples: Tensor, positions: Tensor) -> "Tensor | LazyInputs | None":
+        """``x[examples, :, positions]`` as ``[K, D, 1]`` (:func:`one_position_samples`), or
+        ``None`` where the inputs' own routes are cheaper than samples at one position."""
 
 
 def dense(x: Tensor | LazyInputs) -> Tensor:
@@ -82,7 +83,8 @@ def dense(x: Tensor | LazyInputs) -> Tensor:
 def one_position_samples(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor | LazyInputs, Tensor] | None:
     """The samples ``M_{c,n}`` as samples at one position each — ``x' [K, D, 1]``, ``g' [1, K,
     d_out, 1]``, ``k = c·N + n`` (:func:`per_sample_gradients`' order), the same ``M_k`` — where
-    every column of ``g`` reaches the layer at one position at most; else ``None``.
+    every column of ``g`` reaches the layer at one position at most (and lazy inputs take that
+    form: :meth:`LazyInputs.at_positions`); else ``None``.
 
     That is the case of a per-position loss's term-separated roots (a language model's or a token
     classifier's ``[N·T, C]`` rows, a root column per term) at a layer nothing after which mixes
@@ -99,8 +101,10 @@ def one_position_samples(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor | La
         return None
     positions = reached.to(torch.int8).argmax(-1).reshape(-1)  # 0 where none: g is zero there too
     examples = torch.arange(n, device=g.device).repeat(c)
-    g_at = g.flatten(0, 1)[torch.arange(c * n, device=g.device), :, positions]  # [K, d_out]
     x_at = x[examples, :, positions].unsqueeze(-1) if isinstance(x, Tensor) else x.at_positions(examples, positions)
+    if x_at is None:
+        return None
+    g_at = g.flatten(0, 1)[torch.arange(c * n, device=g.device), :, positions]  # [K, d_out]
     return x_at, g_at[None, :, :, None]
 
 
