@@ -23,9 +23,8 @@ def permutation_order(u: Tensor) -> Tensor | None:
     """``order`` with ``u = I[:, order]`` where the square ``u`` permutes the unit vectors (at
     least :data:`PERMUTATION_MIN_WIDTH` wide), else ``None``.  Checked once per tensor (until it
     is modified in place; a write through ``.data`` is not seen): an ``O(n²)`` pass where a
-    rotation by ``u`` is a GEMM — for an
-    embedding of 2048 tokens, 128 wide, 1 GFLOP a rotation, and EKFAC's rescaling rotates every
-    example's ``M_k``."""
+    rotation by ``u`` is a GEMM — for an embedding of 2048 tokens, 128 wide, 1 GFLOP a rotation,
+    and EKFAC's rescaling rotates every example's ``M_k``."""
     orders = _orders(u)
     return None if orders is None else orders[0]
 

@@ -73,8 +73,12 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
         engine=engine, kfac_approx=options.kfac_approx, coupled=data.coupled,
         terms_per_example=data.terms_per_example,
     )
-    # the M_k at one position each where every term's root reaches one (a per-position loss's output head)
-    one_position = maths.one_position_samples(x, samples) if data.g_terms is not None else None
+    kfe = "kfe" in options.stats and block.name in options.eigenbases
+    exact_traces = options.tkfac_conv == "exact"  # ("kfc" takes each example's positions, not the M_k)
+    # the M_k at one position each where every term's root reaches one (a per-position loss's output
+    # head), checked only where a statistic of the M_k alone reads them (the check reads every root)
+    of_m = "sqrt" in options.stats or kfe or ("tkfac" in options.stats and exact_traces)
+    one_position = maths.one_position_samples(x, samples) if data.g_terms is not None and of_m else None
     m_x, m_g = one_position or (x, samples)
     if "sqrt" in options.stats:
         convention = maths.square_root(m_x, m_g)
@@ -90,8 +94,6 @@ def kronecker_stats(block: Block, data: KroneckerData, options: ExtractOptions, 
     if "kfac" in options.stats:
         gs = {f: data.g[data.segments[f]] for f in options.factor_flavours}
         out.kfac = maths.kfac_flavours(x, gs, options.kfac_approx, options.gram_rows)
-    kfe = "kfe" in options.stats and block.name in options.eigenbases
-    exact_traces = options.tkfac_conv == "exact"  # ("kfc" takes each example's positions, not the M_k)
     if "tkfac" in options.stats and kfe and exact_traces:  # TEKFAC: the per-sample gradients formed once for both
         out.tkfac, out.kfe_scaling = maths.trace_statistics_and_kfe_scaling(
             m_x, m_g, *options.eigenbases[block.name], options.tkfac_conv, options.kfac_approx, options.gram_rows)

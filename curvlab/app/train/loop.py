@@ -288,8 +288,9 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         probe.run(0, model, optimizer)
         probe.save(out / PROBE)
         if ranks.is_main:
-            print(f"curvlab train: probe of step 0 done in {time.perf_counter() - started:.1f} s (again every "
-                  f"{cfg.probe_every} step{'s' * (cfg.probe_every > 1)}, outside the epochs' training time)", file=sys.stderr, flush=True)
+            every = f"{cfg.probe_every} step{'s' * (cfg.probe_every > 1)}"
+            print(f"curvlab train: probe of step 0 done in {time.perf_counter() - started:.1f} s (again every {every}, "
+                  "outside the epochs' training time)", file=sys.stderr, flush=True)
 
     for epoch in range(start_epoch, cfg.epochs):
         if diverged_at is not None:
