@@ -364,6 +364,15 @@ def test_console_script(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
 
 
+def test_the_command_line_starts_without_the_compiler_or_the_plotting_libraries() -> None:
+    """``curvlab --help`` and a usage error come before any figure or compiled model: importing
+    torch._dynamo (1.8 s) or matplotlib and seaborn (1.6 s) at start-up would delay them."""
+    code = "import sys, curvlab.app.cli; print(sorted(m for m in ('torch._dynamo', 'matplotlib', 'seaborn') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_report_on_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = shared_data("mnist")
     out = tmp_path / "mnist"

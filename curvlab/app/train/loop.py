@@ -27,7 +27,7 @@ from curvlab.app.data import Dataset, batches, epoch_batch_sizes, fixed_batch, l
 from curvlab.app.messages import flag
 from curvlab.app.models import make_model
 from curvlab.app.models.check import check_model, large_batch_note, measured_batch_size, one_example_fails
-from curvlab.app.train import figures, parallel
+from curvlab.app.train import parallel
 from curvlab.app.train.checkpoint import check_same_run, load_checkpoint, restore, save_checkpoint
 from curvlab.app.train.config import TrainConfig, TrainOptionError, check_batches, curvature_layers, make_optimizer
 from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval, saved_probes
@@ -388,6 +388,8 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         if folder is not None:
             folder.commit()  # a run it replaces is gone for good now
         if cfg.figures:
+            from curvlab.app.train import figures  # matplotlib and seaborn: 1.6 s of the CLI's start
+
             figures.redraw(out, f"{cfg.optimizer}, {cfg.model} on {data.description}")
         # a line an epoch, with or without the progress bars (what a batch job's log keeps)
         print(

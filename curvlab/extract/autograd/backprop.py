@@ -8,6 +8,7 @@ target call.  ``∂ out/∂ ε`` is the Jacobian at that layer output, so one vj
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,6 +54,23 @@ def allow_compiled_forwards() -> None:
     if dynamo is not None:
         dynamo.config.skip_nnmodule_hook_guards = False
         torch._functorch.config.donated_buffer = False
+
+
+def eager(fn: Callable) -> Callable:
+    """``fn`` run eagerly under ``torch.compile`` — ``torch.compiler.disable(fn)``, applied at the
+    first call made once ``torch._dynamo`` is imported.  Nothing can be compiled before that
+    import, and decorating at import time would import it (1.8 s of every ``import curvlab``)."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return run
 
 
 #: On the CPU, chunks of at most this many columns (a network whose saved activations are large

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvlab.extract.autograd.backprop import eager
+
 
 def on_the_batch(value, n: int, fn):
     """``value`` (a tensor, or tuples, lists and dicts of them) with ``fn`` applied to every tensor
@@ -50,7 +52,7 @@ def _one_more_example(value, n: int):
     return on_the_batch(value, n, lambda t: torch.cat([t, t[:1]]))
 
 
-@torch.compiler.disable
+@eager
 def layers_off_the_batch(model: nn.Module, args: tuple, kwargs: dict, targets: Mapping[nn.Module, str],
                          n: int) -> list[str] | None:
     """The targets whose input keeps ``n`` rows when ``model`` runs on ``n + 1`` examples (``args``,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab.extract.autograd.backprop import BatchedVJP
+from curvlab.extract.autograd.backprop import BatchedVJP, eager
 from curvlab.extract.autograd.batch_check import per_example
 
 #: A rerun's output may differ from the batch's row by this many units of roundoff of the output's
@@ -36,7 +36,7 @@ def matches(out: object, row: Tensor, scale: float) -> bool:
     return bool(torch.allclose(out.detach(), row, rtol=tol, atol=tol * scale))
 
 
-@torch.compiler.disable
+@eager
 def rerun_roots(model: nn.Module, args: tuple, kwargs: dict, output: Tensor, cotangents: Tensor,
                 params: dict[str, Tensor], per_column_bytes: int, max_bytes: int,
                 vectorize: bool) -> tuple[dict[str, Tensor], int] | None:
