@@ -2,7 +2,7 @@
 
 import sys
 
-from curvlab.app.cli import main
+from curvlab.app.console import main
 
 if __name__ == "__main__":
     sys.exit(main())

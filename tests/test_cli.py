@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -371,6 +373,20 @@ def test_the_command_line_starts_without_the_compiler_or_the_plotting_libraries(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_ctrl_c_during_start_up_ends_in_one_line(tmp_path: Path) -> None:
+    """SIGINT while ``python -m curvlab`` still imports torch (seconds): one line and status 130,
+    as a Ctrl-C during a run gives, not Python's traceback from inside an import."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curvlab", "report", "--out", str(tmp_path / "rep")], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal gives it
+    time.sleep(0.3)  # inside the imports, which take seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "curvlab: interrupted\n", err
+    assert not (tmp_path / "rep").exists()
 
 
 def test_report_on_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
