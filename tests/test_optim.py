@@ -1149,6 +1149,25 @@ def test_step_without_track_falls_back_to_sgd_and_warns_once():
     assert set(opt.approximations()) == {"0", "2"}
 
 
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_step_before_any_backward_is_no_step(cls):
+    """``step()`` with no gradient at all changes nothing and is not counted: the steps after it
+    (statistics and refreshes on their schedule) are those of a run without it."""
+    x, y = data(8)
+    runs = []
+    for idle_first in (False, True):
+        model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+        opt = cls(model, lr=0.1, damping=1e-2, stats_interval=2, eigen_interval=3, **({"scale_interval": 1} if cls in (EKFAC, TEKFAC) else {}))
+        if idle_first:
+            before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
+            opt.step()
+            assert opt.steps_done == 0 and torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), before)
+        for _ in range(5):
+            train_step(opt, model, loss_fn, x, y)
+        runs.append(torch.nn.utils.parameters_to_vector(model.parameters()))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_unsupported_layer_parameters_get_sgd():
     """An eval-mode BatchNorm1d (BackPACK passes through it): torch SGD with momentum and wd."""
     torch.manual_seed(0)

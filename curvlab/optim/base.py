@@ -147,7 +147,7 @@ class KroneckerOptimizer(Optimizer):
     Attributes:
         options: the hyper-parameters (read-only; ``damping`` and ``damping_strategy`` are
             settable on the optimizer).
-        steps_done: steps taken (skipped steps do not count).
+        steps_done: steps taken (skipped steps, and calls with no gradient at all, do not count).
         block_states: block name → :class:`BlockState` (curvature state and momentum).
     """
 
@@ -527,6 +527,10 @@ class KroneckerOptimizer(Optimizer):
         pending, self._pending = self._pending, None
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
+        if pending is None and self._parallel is None and all(
+                p.grad is None for g in self.param_groups for p in g["params"]):
+            return loss  # nothing to update, as torch's optimizers skip parameters without a gradient;
+            # not a step: counted, it would move the statistics and refresh schedule
         # A plain step (no statistics, nothing to refresh, one process) checks the gradients of
         # the blocks through their updates: the damped inverse is positive definite, so a
         # non-finite gradient entry makes its preconditioned update non-finite.
