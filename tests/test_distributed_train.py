@@ -351,6 +351,13 @@ def test_a_failing_rank_ends_the_run_with_its_message(tmp_path: Path) -> None:
                 "--out", str(tmp_path / "run"), timeout=240)
     assert done.returncode != 0
     assert "rank one gives up at its third forward" in done.stderr, done.stderr[-3000:]
+    # then one line naming the rank, not torchrun's traceback, failure table and log lines, nor
+    # rank 0's traceback where its collective failed first
+    said = done.stderr.strip().splitlines()
+    assert said[-1].startswith("curvlab: rank 1 (pid ") and said[-1].endswith(
+        "exited with status 1; torchrun stopped the other ranks"), said
+    assert len(said) <= 4, said  # the command, rank 1's error, perhaps rank 0's line, torchrun's
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
     assert time.monotonic() - start < 100  # torchrun stopped rank 0, well before its 120 s timeout
 
 

@@ -14,6 +14,7 @@ to stderr, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -400,6 +401,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with interrupts.remembered():
             return int(args.handler(args, subs[args.command]))
+    except RuntimeError as err:
+        from curvlab.app.launch import peer_lost
+
+        said = peer_lost(err)
+        if said is None:
+            raise
+        print(f"{PROG}: rank {os.environ['RANK']} stopped: another rank ended ({said})", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
         print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)

@@ -126,6 +126,19 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+#: What a collective raises in a rank whose peer has ended (gloo's TCP pairs; NCCL's watchdog).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def peer_lost(err: BaseException) -> str | None:
+    """Which of :data:`PEER_LOST` ``err`` says, where it is a collective's failure because another
+    rank ended (its own message, and torchrun's line naming it, say why: this rank's traceback
+    would bury them); else ``None``."""
+    if not (launched() and isinstance(err, RuntimeError)):
+        return None
+    return next((s for s in PEER_LOST if s in str(err)), None)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, checked to be usable here.
 
@@ -250,16 +263,26 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
 
 #: ``python -m torch.distributed.run``, sent SIGTERM (which it passes to its workers) when the
 #: launcher dies (Linux): a ``kill -9`` of the command's own process left torchrun and its ranks
-#: training on, holding the output folder's lock and writing into it.  Self-contained (no curvlab
-#: import: that would delay every launch by seconds).
+#: training on, holding the output folder's lock and writing into it.  A rank that fails is named
+#: in one line (its own message, if any, came before), in place of torchrun's traceback, failure
+#: table and log lines.  Self-contained (no curvlab import: that would delay every launch by seconds).
 TORCHRUN_WITH_LAUNCHER = (
-    "import ctypes, os, runpy, signal, sys\n"
+    "import ctypes, logging, os, runpy, signal, sys\n"
     "if sys.platform.startswith('linux'):\n"
     "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
     "    if os.getppid() != {launcher}:  # the launcher died before the request\n"
     "        sys.exit(143)\n"
+    "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
+    "logging.getLogger('torch.distributed.elastic.multiprocessing.api').setLevel(logging.CRITICAL)\n"
     "sys.argv[0] = 'torchrun'\n"
-    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)\n"
+    "try:\n"
+    "    runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)\n"
+    "except ChildFailedError as err:  # one line, not its traceback and table\n"
+    "    rank, failure = err.get_first_failure()\n"
+    "    how = ('ended by ' + failure.signal_name() + (' (the out-of-memory killer, or kill -9)' if failure.exitcode == -9 else '')\n"
+    "           if failure.exitcode < 0 else 'exited with status %d' % failure.exitcode)\n"
+    "    sys.stderr.write('curvlab: rank %d (pid %d) %s; torchrun stopped the other ranks\\n' % (rank, failure.pid, how))\n"
+    "    sys.exit(1)\n"
 )
 
 
