@@ -21,11 +21,13 @@ class TinyLM(nn.Module):
     (``[N·T, C]``, batch-first flattened), ``"nct"`` (``[N, C, T]``) or ``"sequence-first"``
     (``[T·N, C]``: the rows of one position together)."""
 
-    def __init__(self, layout: str, norm: bool = False) -> None:
+    def __init__(self, layout: str, norm: bool = False, tied: bool = False) -> None:
         super().__init__()
         self.layout = layout
         self.embed, self.mix, self.head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, VOCAB)
         self.norm = nn.BatchNorm1d(DIM) if norm else None
+        if tied:  # GPT-2's decoder: the embedding's weight, one parameter block, no recorded layer
+            self.head.weight = self.embed.weight
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.mix(self.embed(ids))
@@ -39,10 +41,10 @@ class TinyLM(nn.Module):
         return out.reshape(-1, VOCAB)
 
 
-def model_and_batch(layout: str, seed: int = 0, norm: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
+def model_and_batch(layout: str, seed: int = 0, norm: bool = False, tied: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
     """The model (float64) and ``[N, T]`` ids and next ids, a few of them padding (-100)."""
     torch.manual_seed(seed)
-    model = TinyLM(layout, norm).to(DT)
+    model = TinyLM(layout, norm, tied).to(DT)
     gen = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, VOCAB, (N, T), generator=gen)
     targets = torch.randint(0, VOCAB, (N, T), generator=gen)
@@ -314,15 +316,61 @@ def test_rows_after_an_entrywise_map_give_the_dense_ggn_and_the_statistics_of_nc
         torch.testing.assert_close(ours.tkfac.delta_phi, theirs.tkfac.delta_phi, rtol=1e-12, atol=1e-15)
 
 
-def test_rows_through_a_learned_temperature_or_of_other_examples_after_an_entrywise_map_are_refused() -> None:
-    """A temperature that is a parameter is a second input to the division (no constant map of
-    each entry); soft-capped logits flattened sequence-first put one position of every example
-    together, as without the map."""
+def test_rows_through_a_learned_temperature_give_the_statistics_of_nct_logits() -> None:
+    """A temperature that is a parameter is a second input to the division, which the layout
+    cannot follow; the probe of the rows through the model tells whose they are: every block as
+    for ``[N, C, T]`` logits, the exact ones torch.func's."""
     _, ids, targets = model_and_batch("rows")
-    with pytest.raises(ValueError, match=r"through DivBackward0: only views, slices, copies, casts and entrywise maps"):
-        curvlab.extract(Capped("rows", "temperature", learned=True), nn.CrossEntropyLoss(), ids, targets.reshape(-1))
+    loss_fn, got = nn.CrossEntropyLoss(), {}
+    for layout in ("rows", "nct"):
+        got[layout] = curvlab.extract(Capped(layout, "temperature", learned=True), loss_fn, ids,
+                                      targets_for(layout, targets), fisher="exact", stats=("kfac", "tkfac", "sqrt"))
+    model, y = Capped("rows", "temperature", learned=True), targets.reshape(-1)
+    for layer in ("inner.embed", "inner.mix", "inner.head"):
+        torch.testing.assert_close(got["rows"][layer].dense_fisher(), dense_ggn(model, loss_fn, ids, y, layer),
+                                   rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(got["rows"][layer].kfac["exact"].G, got["nct"][layer].kfac["exact"].G,
+                                   rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got["rows"]["tau"].dense_fisher(), got["nct"]["tau"].dense_fisher(), rtol=1e-12, atol=1e-15)
+
+
+def test_rows_of_other_examples_after_an_entrywise_map_or_a_learned_temperature_are_refused() -> None:
+    """Soft-capped logits flattened sequence-first put one position of every example together,
+    as without the map; through a learned temperature, which the layout cannot follow, the probe
+    through the model finds them and names the operation."""
+    _, ids, targets = model_and_batch("rows")
     with pytest.raises(ValueError, match=r"example \d's entries of the output of 'inner.head' receive rows taken for another"):
         curvlab.extract(Capped("sequence-first", "softcap"), nn.CrossEntropyLoss(), ids, targets.T.reshape(-1))
+    with pytest.raises(ValueError, match=r"through DivBackward0, and the rows taken for other examples reach example \d"):
+        curvlab.extract(Capped("sequence-first", "temperature", learned=True), nn.CrossEntropyLoss(), ids,
+                        targets.T.reshape(-1))
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_rows_through_a_decoder_tied_to_the_embedding_give_the_statistics_of_nct_logits(fisher: str) -> None:
+    """GPT-2's tied decoder with HuggingFace's flat loss (a QA's first model): no recorded layer
+    between the logits and the layers below, so the probe through the model tells whose rows
+    are whose; every block, the tied one too, as for ``[N, C, T]`` logits (TKFAC's traces sum
+    each example's terms first: a wrong grouping would show), the exact ones torch.func's;
+    the same grouping flattened sequence-first is refused."""
+    loss_fn, got = nn.CrossEntropyLoss(), {}
+    for layout in ("rows", "nct"):
+        model, ids, targets = model_and_batch(layout, tied=True)
+        got[layout] = curvlab.extract(model, loss_fn, ids, targets_for(layout, targets), fisher=fisher,
+                                      stats=("kfac", "tkfac", "sqrt"))
+    assert set(got["rows"]) == {"embed.weight", "mix", "head.bias"}
+    for block in got["rows"]:
+        torch.testing.assert_close(got["rows"][block].dense_fisher(), got["nct"][block].dense_fisher(), rtol=1e-12, atol=1e-15)
+    if fisher == "exact":
+        model, ids, targets = model_and_batch("rows", tied=True)
+        for block, layer in (("mix", "mix"), ("embed.weight", "embed")):
+            torch.testing.assert_close(got["rows"][block].dense_fisher(),
+                                       dense_ggn(model, loss_fn, ids, targets.reshape(-1), layer), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got["rows"]["mix"].kfac[fisher].G, got["nct"]["mix"].kfac[fisher].G, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got["rows"]["mix"].tkfac.delta_phi, got["nct"]["mix"].tkfac.delta_phi, rtol=1e-12, atol=1e-15)
+    model, ids, targets = model_and_batch("sequence-first", tied=True)
+    with pytest.raises(ValueError, match=r"through AddmmBackward0|through MmBackward0|through ViewBackward0"):
+        curvlab.extract(model, loss_fn, ids, targets_for("sequence-first", targets))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -342,5 +390,5 @@ def test_rows_through_a_product_with_a_constant_of_many_entries_are_refused(side
             z = self.inner(x).transpose(1, 2)[None]  # [1, N, T, C]
             return (weights * z if side == "left" else z * weights).reshape(-1, VOCAB)
 
-    with pytest.raises(ValueError, match=r"through MulBackward0: only views, slices, copies, casts and entrywise maps"):
+    with pytest.raises(ValueError, match=r"through MulBackward0, and the rows taken for other examples reach example"):
         curvlab.extract(Copied(), nn.CrossEntropyLoss(), ids, targets.repeat(2, 1).reshape(-1))

@@ -309,7 +309,8 @@ class Recording:
     def _check_rows(self, vjp: BatchedVJP, output: Tensor, terms: LossTerms, coupled: bool | None) -> None:
         """Refuse ``[N·k, C]`` loss rows unless rows ``n·k … n·k + k − 1`` are example ``n``'s
         (:mod:`.rows`: laid out from a layer's output by views, slices, copies and entrywise maps, each row
-        at its example's entries of that output, and the examples not coupled by the forward)."""
+        at its example's entries of that output, or reaching its example's layers and no other's; and the
+        examples not coupled by the forward)."""
         per = output.shape[0] // terms.num_examples
         rows = (f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {terms.num_examples} "
                 f"examples the layers' leading dimension counts, taken as {per} rows an example in order")
@@ -319,16 +320,8 @@ class Recording:
             raise ValueError(f"{rows}, but the forward couples the examples (train-mode BatchNorm, or coupled=True): "
                              "which rows are whose cannot be told; pass [N, C, T] logits with [N, T] targets")
         path, index_map, leaf, obstacle = layout(output, [eps for _, _, eps in self.calls])
-        if obstacle is not None:
-            raise ValueError(
-                f"{rows}, but they come from the layers' outputs through {obstacle}: only views, slices, copies, "
-                "casts and entrywise maps with constants (a temperature, tanh soft-capping) keep each example's rows "
-                "in place. A mask or an index (logits.reshape(-1, C)[keep]) "
-                "leaves as many rows to an example as it keeps: keep every row and set the dropped targets to "
-                f"ignore_index (-100), which drops their terms the same way; else {grouped}"
-            )
         grouping = ("rows grouped by example", index_map, terms.num_examples)
-        if grouping not in self.probed:
+        if obstacle is None and grouping not in self.probed:
             example = misassigned_rows(output, leaf, terms)
             if example is not None:
                 source = next(self.targets[m] for m, _, eps in self.calls if eps is leaf)
@@ -343,7 +336,18 @@ class Recording:
         key = ("examples' rows not coupled", path, tuple((id(m), m.training) for m, _, _ in self.calls), terms.num_examples)
         if key in self.probed:
             return
-        misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device)
+        misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device,
+                                   own=obstacle is not None)
+        if misplaced is not None and obstacle is not None:  # rows laid out by an operation not followed
+            layer, example, _ = misplaced
+            raise ValueError(
+                f"{rows}, but they come from the layers' outputs through {obstacle}, and "
+                + (f"example {example}'s rows reach none of its layers" if layer is None else
+                   f"the rows taken for other examples reach example {example} at {layer!r}")
+                + ": which rows are whose cannot be told. A mask or an index (logits.reshape(-1, C)[keep]) leaves as "
+                "many rows to an example as it keeps: keep every row and set the dropped targets to ignore_index "
+                f"(-100), which drops their terms the same way; else {grouped}"
+            )
         if misplaced is not None:
             layer, example, taken = misplaced
             shown = ", ".join(map(str, taken[:6])) + (", …" if len(taken) > 6 else "")

@@ -26,6 +26,13 @@ holds, not by luck of the shapes:
    earlier) and train-mode BatchNorm.  Kept per layout, modules' modes and ``N`` (not per sequence
    length: dynamically padded batches are not probed again; ``N``: one example shows no
    coupling).
+
+Where 1. meets an operation it cannot follow — GPT-2's decoder tied to its embedding, a
+parameter block and no recorded layer, between the last recorded layer and the logits; a
+learned temperature — 3. alone decides, with each example's rows required to reach its own
+layer calls too: rows that reach their example's calls and no other's are that example's.
+Then a refusal names the operation (a mask that leaves examples unequal counts of rows, a
+product that copies the rows across examples).
 """
 
 from __future__ import annotations
@@ -110,10 +117,16 @@ def misassigned_rows(rows: Tensor, leaf: Tensor, terms: LossTerms) -> int | None
 
 
 def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: torch.dtype,
-                   device: torch.device) -> tuple[str, int, list[int]] | None:
+                   device: torch.device, own: bool = False) -> tuple[str | None, int, list[int]] | None:
     """``None`` where the rows :class:`LossTerms` gives each example reach that example's layer
-    calls alone (``vjp``'s leaves, leading dimension ``N``, their layers ``names``); otherwise
-    ``(layer, example reached, the examples whose rows reached it)``."""
+    calls alone (``vjp``'s leaves, leading dimension ``N``, their layers ``names``) — and, with
+    ``own``, every example's rows reach some of its own calls; otherwise ``(layer, example
+    reached, the examples whose rows reached it)``, or ``(None, example, [example])`` for an
+    example whose rows reach none of its calls.
+
+    Rows reaching only their own examples' calls, each example's its own, are that example's
+    rows whatever made them: where :func:`layout` cannot follow the rows (a decoder tied to the
+    embedding is no recorded layer), ``own`` makes this probe tell whose they are."""
     n = terms.num_examples
     bits = _bits(n)
     index = torch.arange(n, device=device)
@@ -122,10 +135,16 @@ def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: t
     cot = torch.randn(chosen.shape[0], n, terms.terms_per_example, terms.num_classes, generator=gen,
                       dtype=dtype, device=device)
     cot = terms.from_terms(cot * chosen[:, :, None, None].to(dtype))
+    reached = torch.zeros(n, dtype=torch.bool, device=device)
     for sl, grads in vjp.map(cot.shape[0], lambda sl: cot[sl]):
         for name, grad in zip(names, grads):
-            stray = grad.reshape(*grad.shape[:2], -1).ne(0).any(-1) & ~chosen[sl]  # [probes, N]
+            hit = grad.reshape(*grad.shape[:2], -1).ne(0).any(-1)  # [probes, N]
+            stray = hit & ~chosen[sl]
             if stray.any():
                 probe, example = (int(i) for i in stray.nonzero()[0])
                 return name, example, chosen[sl][probe].nonzero().flatten().tolist()
+            reached |= hit.any(0)
+    if own and not reached.all():
+        example = int((~reached).nonzero()[0])
+        return None, example, [example]
     return None
