@@ -280,6 +280,9 @@ def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
     train(small(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"written with other options: --lr 0\.1 \(now 0\.5\); resume with those"):
         train(small(tmp_path, epochs=2, lr=0.5), resume=True)
+    train(small(tmp_path / "defaults", epochs=1, probe_every=0, model_kwargs={}))  # (a QA: "(--hidden)  (now …")
+    with pytest.raises(ValueError, match=r"the model options \(--hidden\) the model's defaults \(now hidden=\(16,\)\)"):
+        train(small(tmp_path / "defaults", epochs=2, probe_every=0), resume=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(small(tmp_path / "empty"), resume=True)
     # the model file changed under the same spec: the message says where the weights do not fit

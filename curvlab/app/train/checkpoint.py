@@ -124,13 +124,18 @@ def check_same_run(path: Path, saved: dict[str, object], current: dict[str, obje
     if a.get("config_lr_schedule") in SPANNING_EPOCHS and a.get("config_epochs") != b.get("config_epochs"):
         changed.append("config_epochs")  # the schedule's shape is fixed by them
     if changed:
-        said = "; ".join(f"{_option_name(k)} {a[k]} (now {b.get(k, 'not set')}"
+        said = "; ".join(f"{_option_name(k)} {_shown(k, a[k])} (now {_shown(k, b.get(k, 'not set'))}"
                          + (f"; --lr-schedule {a['config_lr_schedule']} spans them)" if k == "config_epochs" else ")")
                          for k in changed)
         raise CheckpointError(
             f"curvlab train: {path} was written with other options: {said}; resume with those, or "
             "choose another --out"
         )
+
+
+def _shown(key: str, value: object) -> object:
+    """A recorded value as the message shows it (no model options: the model's defaults)."""
+    return "the model's defaults" if key == "config_model_kwargs" and value in ("", "{}") else value
 
 
 def _option_name(key: str) -> str:
