@@ -228,7 +228,7 @@ def bad_files(work: Path, run: Path) -> dict[str, tuple[Path, list[str], str]]:
     ckpt = run / "checkpoint.pt"
     return {
         "missing": (work / "nope.pt", [], "does not exist"),
-        "text": (text, [], "is not a file torch can read"),
+        "text": (text, [], "is not a file torch can read as weights only (UnpicklingError: not a file torch.save writes"),
         "not a state dict": (work / "a-list.pt", [], "is not a state dict"),
         "wrong shape": (work / "wrong-shape.pt", [], "wrong shapes 3.weight (64, 7) (model: (64, 128))"),
         "other model options": (hidden / "checkpoint.pt", ["--weights", str(hidden)], "hidden=(32,)"),

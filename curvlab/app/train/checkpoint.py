@@ -70,9 +70,21 @@ def load_plain(path: Path, device: torch.device | str) -> Any:
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Weights only" in str(err):  # not torch's advice to load it unsafely
+        if not _torch_format(path):  # a text or random file: torch's words would be about unpickling
+            first = "not a file torch.save writes (neither its zip archive nor a pickle)"
+        elif "weights_only" in str(err) or "Weights only" in str(err):  # not torch's advice to load it unsafely
             first = "it holds something other than tensors and plain data"
         raise UnreadableFile(f"{type(err).__name__}: {first}") from None
+
+
+def _torch_format(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` writes: a zip archive, or (before torch 1.6) a pickle."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return True  # unreadable now: torch's own words
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
