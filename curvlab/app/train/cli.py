@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from curvlab.app.models import MODELS, MODES
 from curvlab.app.allocator import add_malloc_option
@@ -189,6 +190,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _what_is_left(out: Path) -> str:
+    """What a stopped run leaves in ``out``, and how to go on."""
+    from curvlab.app.train.run_folder import CHECKPOINT, RUN_FILES
+
+    if (out / CHECKPOINT).is_file():
+        return f"resume with --resume --out {out}"
+    if any((out / name).exists() for name in RUN_FILES):
+        return f"no epoch had finished: nothing to resume in {out} (start again with --overwrite)"
+    return "no epoch had finished: nothing to resume (run the command again to start over)"
+
+
 def _as_options(message: str) -> str:
     """``name=value`` of a training option in ``message`` as the command line spells it, ``--name value``."""
     names = {f.name for f in fields(TrainConfig)}
@@ -247,7 +259,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print_error(parser, err, usage=True)
             return EXIT_USAGE
         from curvlab.app.models.check import check_model
-        from curvlab.app.train.run_folder import CHECKPOINT, check_run_folder
+        from curvlab.app.train.run_folder import check_run_folder
 
         def checks() -> None:
             check_model(cfg.model, cfg.dataset, skip_unsupported=True, layer_uses=curvature_layers(cfg),
@@ -262,13 +274,17 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks,
                                       usage_errors=(TrainOptionError,))
         except Stopped as err:  # one line, not torchrun's tracebacks (dropped by relaunch)
-            where = (f"resume with --resume --out {cfg.out_dir}" if (cfg.out_dir / CHECKPOINT).is_file()
-                     else f"no epoch had finished: nothing to resume in {cfg.out_dir} (start again with --overwrite)")
-            print(f"curvlab train: stopped by {err.signal_name}; {where}", file=sys.stderr, flush=True)
+            print(f"curvlab train: stopped by {err.signal_name}; {_what_is_left(cfg.out_dir)}", file=sys.stderr, flush=True)
             return exit_stopped(err.signal_name)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt as err:  # one process: the same line as the launcher's (a rank's is the launcher's)
+        if Ranks.current().distributed:
+            raise
+        name = getattr(err, "signal_name", None) or "SIGINT"
+        print(f"curvlab train: stopped by {name}; {_what_is_left(cfg.out_dir)}", file=sys.stderr, flush=True)
+        return exit_stopped(name)
     except ModelSpecError as err:  # a usage error, as report's and as an unknown built-in name's
         print_error(parser, f"argument --model: {err}", usage=True)
         return EXIT_USAGE
