@@ -119,8 +119,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=None,
         metavar="PATH",
         help="measure these weights instead of the seeded init: a curvlab train run folder (its checkpoint.pt), "
-        "that checkpoint.pt, or a file of torch.save(model.state_dict(), PATH), of the same --model and "
-        "--dataset; only tensors and plain data are read (weights_only); its path and SHA-256 are recorded",
+        "that checkpoint.pt, or a file of torch.save(model.state_dict(), PATH), of the same --model, "
+        "--dataset and --hidden; only tensors and plain data are read (weights_only); its path and SHA-256 are recorded",
     )
     what.add_argument(
         "--train-steps",

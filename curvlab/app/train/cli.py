@@ -79,8 +79,11 @@ def add_optimizer_options(group: argparse._ArgumentGroup) -> None:
             help_text += " (default: %(default)s; with sgd/adam and --probe-every: the probe's λ)"
         elif f.name == "kl_clip":
             # a clipped step's length is set by κ alone: lr cancels from lr·ν
+            help_text = help_text.replace("None (CLI: 0)", "0")
             help_text += (f" (default: {f.default}); the update is scaled by ν = min(1, √(κ / Σ lr²⟨∇̃, ∇⟩)), so "
                           "on steps it clips, --lr has no effect on their length")
+        elif f.name == "damping_strategy":
+            pass  # its help names its default (the method's own)
         else:
             help_text += " (default: %(default)s)"
         group.add_argument(flag(f.name), default=default, help=help_text, **meta)
@@ -125,8 +128,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     run.add_argument("--warmup-epochs", type=nonnegative_int, default=d.warmup_epochs,
                      help="ramp the learning rate up linearly to --lr over the steps of this many epochs, then follow "
                           "--lr-schedule (default: %(default)s)")
-    run.add_argument("--train-size", type=positive_int, default=d.train_size, help="train on a seeded subset of this many examples")
-    run.add_argument("--test-size", type=positive_int, default=d.test_size, help="evaluate on a seeded subset of this many examples")
+    run.add_argument("--train-size", type=positive_int, default=d.train_size, help="train on a seeded subset of this many examples (default: all)")
+    run.add_argument("--test-size", type=positive_int, default=d.test_size, help="evaluate on a seeded subset of this many examples (default: all)")
     run.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     add_seed_option(run, d.seed, "seeds the model init, the data subsets, the batches, the probe and MC sampling")
     run.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
