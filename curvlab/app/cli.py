@@ -106,7 +106,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--batch-size",
         type=positive_int,
         default=default.batch_size,
-        help="training examples N in the measured batch; the cost grows like (N·classes)^3 and the memory "
+        help="training examples N in the measured batch; the cost grows like (N·classes)^3 (N·T·classes for a "
+        "per-token loss on T positions) and the memory "
         "like N·classes·parameters (default: 128, fewer for large models so that the exact square roots fit "
         "in 4 GiB, e.g. 9 for resnet18, 4 with --mode train; the whole report of resnet18 peaks at about 6 GB in "
         "either mode)",
