@@ -25,6 +25,7 @@ from curvlab.app.options import check_label_smoothing, options_attr
 from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
 from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
+from curvlab.model_blocks import model_blocks
 
 
 #: Adam steps before measuring a seeded initialisation (so its curvature is not a random init's).
@@ -321,11 +322,15 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         if why is not None:
             raise ReportError(f"--mode train with --batch-size 1: model {cfg.model!r} cannot take one example in "
                               f"train mode ({why}); measure at least 2 examples")
+    ranks = Ranks.current()
+    began = time.perf_counter()
     train_loss = warm_up(
         model, loss_fn, data, train_steps, batch_size=cfg.train_batch_size, lr=cfg.lr, seed=cfg.seed,
         device=dev, progress=cfg.progress,
     )
-    ranks = Ranks.current()
+    if train_steps and ranks.is_main:  # a batch job's log says where the time goes, bars or not
+        print(f"curvlab report: {train_steps} Adam steps in {time.perf_counter() - began:.1f} s (loss {train_loss:.4f})",
+              file=sys.stderr, flush=True)
     broadcast_module(model)  # several ranks: rank 0's warm-up for all, whatever rounding did elsewhere
     model.train(cfg.mode == "train")
     attrs = {
@@ -358,6 +363,10 @@ def run_report(config: ReportConfig | str | None = None, *legacy: object, **over
         if cfg.mode == "train":
             raise ReportError(f"mode='train' {COUPLED_BATCH}: run it in one process")
         x, y = ranks.shard(x, y)
+    if ranks.is_main:
+        blocks = model_blocks(model, skip_unsupported=cfg.skip_unsupported).blocks
+        print(f"curvlab report: measuring {len(blocks)} blocks on {batch_size} examples ({cfg.fisher} Fisher, "
+              f"{', '.join(cfg.approximations)})", file=sys.stderr, flush=True)
     ds = (sharded_compare if ranks.distributed else compare)(
         model,
         loss_fn,
