@@ -373,6 +373,62 @@ def test_rows_through_a_decoder_tied_to_the_embedding_give_the_statistics_of_nct
         curvlab.extract(model, loss_fn, ids, targets_for("sequence-first", targets))
 
 
+class Padded(nn.Module):
+    """A tied decoder on hidden states zeroed at padding ids (0), its logits as ``layout`` says."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.layout = TinyLM("nct", tied=True).to(DT), layout
+
+    def forward(self, ids: Tensor) -> Tensor:
+        lm = self.inner
+        z = lm.head(torch.tanh(lm.mix(lm.embed(ids))) * (ids != 0)[..., None].to(DT))  # [N, T, C]
+        return z.transpose(1, 2) if self.layout == "nct" else z.reshape(-1, VOCAB)
+
+
+def test_an_example_of_padding_alone_is_no_obstacle_to_the_probe() -> None:
+    """An example whose targets are all padding reaches no layer (its hidden states zeroed): it
+    has no rows to place, and the others' are placed (a QA's case, refused before)."""
+    _, ids, targets = model_and_batch("rows")
+    ids, targets = ids.clone(), targets.clone()
+    ids[ids == 0] = 1
+    ids[3], targets[3] = 0, -100
+    loss_fn, got = nn.CrossEntropyLoss(), {}
+    for layout in ("rows", "nct"):
+        got[layout] = curvlab.extract(Padded(layout), loss_fn, ids, targets_for(layout, targets), fisher="exact")
+    for block in got["rows"]:
+        torch.testing.assert_close(got["rows"][block].dense_fisher(), got["nct"][block].dense_fisher(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got["rows"]["inner.mix"].dense_fisher(),
+                               dense_ggn(Padded("rows"), loss_fn, ids, targets.reshape(-1), "inner.mix"), rtol=1e-10, atol=1e-14)
+
+
+def test_the_probe_alone_is_not_taken_for_the_layouts_check() -> None:
+    """A model probed through a constant temperature (the layout's check), then, the same model
+    object, through a learned one with its rows mixed across the examples below it: the same
+    nodes down to the division, yet the probe runs again, and refuses (a QA's false accept)."""
+    model, ids, targets = model_and_batch("nct")
+    loss_fn = nn.CrossEntropyLoss()
+
+    class Tempered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.tau, self.mixed = model, 2.0, False
+
+        def forward(self, x: Tensor) -> Tensor:
+            lm = self.inner
+            z = lm.head(torch.tanh(lm.mix(lm.embed(x))))  # [N, T, C]: the head's output itself
+            if self.mixed:
+                z = z + z.roll(1, 0)
+            return (z / self.tau).reshape(-1, VOCAB)
+
+    tempered = Tempered()
+    curvlab.extract(tempered, loss_fn, ids, targets.reshape(-1))
+    tempered.tau, tempered.mixed = nn.Parameter(torch.tensor(2.0, dtype=DT)), True
+    with pytest.raises(ValueError, match=r"through DivBackward0, and the rows taken for other examples reach example"):
+        curvlab.extract(tempered, loss_fn, ids, targets.reshape(-1))
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_rows_through_a_product_with_a_constant_of_many_entries_are_refused(side: str) -> None:
     """A constant of more than one entry can copy the logits into more entries (``c[K, 1, 1, 1] *

@@ -333,7 +333,9 @@ class Recording:
             self.probed[grouping] = True
         # the coupling is kept per layout, modes and N (one example shows none), not per sequence length
         # (dynamically padded batches are not probed again)
-        key = ("examples' rows not coupled", path, tuple((id(m), m.training) for m, _, _ in self.calls), terms.num_examples)
+        # (with an obstacle the probe alone places the rows: never an entry the layout's check passed)
+        key = ("examples' rows not coupled", path, obstacle, tuple((id(m), m.training) for m, _, _ in self.calls),
+               terms.num_examples)
         if key in self.probed:
             return
         misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device,
@@ -344,9 +346,10 @@ class Recording:
                 f"{rows}, but they come from the layers' outputs through {obstacle}, and "
                 + (f"example {example}'s rows reach none of its layers" if layer is None else
                    f"the rows taken for other examples reach example {example} at {layer!r}")
-                + ": which rows are whose cannot be told. A mask or an index (logits.reshape(-1, C)[keep]) leaves as "
-                "many rows to an example as it keeps: keep every row and set the dropped targets to ignore_index "
-                f"(-100), which drops their terms the same way; else {grouped}"
+                + ", so which rows are whose cannot be told: a mask or an index (logits.reshape(-1, C)[keep]) leaves "
+                "as many rows to an example as it keeps — keep every row and set the dropped targets to ignore_index "
+                "(-100), which drops their terms the same way —, and an operation across the examples (a batch "
+                f"mean, a roll) mixes them; else {grouped}"
             )
         if misplaced is not None:
             layer, example, taken = misplaced

@@ -120,7 +120,8 @@ def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: t
                    device: torch.device, own: bool = False) -> tuple[str | None, int, list[int]] | None:
     """``None`` where the rows :class:`LossTerms` gives each example reach that example's layer
     calls alone (``vjp``'s leaves, leading dimension ``N``, their layers ``names``) — and, with
-    ``own``, every example's rows reach some of its own calls; otherwise ``(layer, example
+    ``own``, every example's rows reach some of its own calls (an example whose terms the loss all
+    drops aside); otherwise ``(layer, example
     reached, the examples whose rows reached it)``, or ``(None, example, [example])`` for an
     example whose rows reach none of its calls.
 
@@ -144,7 +145,9 @@ def misplaced_rows(vjp: BatchedVJP, terms: LossTerms, names: list[str], dtype: t
                 probe, example = (int(i) for i in stray.nonzero()[0])
                 return name, example, chosen[sl][probe].nonzero().flatten().tolist()
             reached |= hit.any(0)
-    if own and not reached.all():
-        example = int((~reached).nonzero()[0])
+    # (an example whose every term the loss drops — all its targets padding — has no rows to place)
+    needed = torch.ones(n, dtype=torch.bool, device=device) if terms.kept is None else terms.kept.any(1).to(device)
+    if own and not (reached | ~needed).all():
+        example = int((needed & ~reached).nonzero()[0])
         return None, example, [example]
     return None
