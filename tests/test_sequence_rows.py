@@ -403,30 +403,41 @@ def test_an_example_of_padding_alone_is_no_obstacle_to_the_probe() -> None:
                                dense_ggn(Padded("rows"), loss_fn, ids, targets.reshape(-1), "inner.mix"), rtol=1e-10, atol=1e-14)
 
 
-def test_the_probe_alone_is_not_taken_for_the_layouts_check() -> None:
-    """A model probed through a constant temperature (the layout's check), then, the same model
-    object, through a learned one with its rows mixed across the examples below it: the same
-    nodes down to the division, yet the probe runs again, and refuses (a QA's false accept)."""
-    model, ids, targets = model_and_batch("nct")
+def test_rows_the_probe_alone_places_are_probed_on_every_batch() -> None:
+    """Examples of one document see each other (packing): a batch of distinct documents does not
+    mix them, the next one does.  Through a tied decoder the probe alone places the rows, so it
+    runs on every batch — kept from the first, it accepted the second with its blocks 35 % off
+    (a QA's false accept); and a model probed through a constant temperature, then mixed below
+    a learned one, is probed again too."""
+    model, _, _ = model_and_batch("nct", tied=True)
     loss_fn = nn.CrossEntropyLoss()
 
-    class Tempered(nn.Module):
+    class Documents(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner, self.tau, self.mixed = model, 2.0, False
 
         def forward(self, x: Tensor) -> Tensor:
-            lm = self.inner
-            z = lm.head(torch.tanh(lm.mix(lm.embed(x))))  # [N, T, C]: the head's output itself
+            lm, doc = self.inner, x[:, 0]
+            same = ((doc[:, None] == doc[None, :]) & ~torch.eye(len(doc), dtype=torch.bool)).to(DT)
+            h = torch.tanh(lm.mix(lm.embed(x)))
+            z = lm.head(h + torch.einsum("nm,mtd->ntd", same, h))  # [N, T, C]
             if self.mixed:
                 z = z + z.roll(1, 0)
             return (z / self.tau).reshape(-1, VOCAB)
 
-    tempered = Tempered()
-    curvlab.extract(tempered, loss_fn, ids, targets.reshape(-1))
-    tempered.tau, tempered.mixed = nn.Parameter(torch.tensor(2.0, dtype=DT)), True
+    documents = Documents()
+    gen = torch.Generator().manual_seed(3)
+    ids, targets = torch.randint(1, VOCAB, (N, T), generator=gen), torch.randint(0, VOCAB, (N * T,), generator=gen)
+    ids[:, 0] = torch.arange(N)  # distinct documents
+    curvlab.extract(documents, loss_fn, ids, targets)
+    ids[1, 0] = ids[0, 0]  # examples 0 and 1: one document
+    with pytest.raises(ValueError, match=r"through AddmmBackward0, and the rows taken for other examples reach example"):
+        curvlab.extract(documents, loss_fn, ids, targets)
+    ids[:, 0] = torch.arange(N)
+    documents.tau, documents.mixed = nn.Parameter(torch.tensor(2.0, dtype=DT)), True
     with pytest.raises(ValueError, match=r"through DivBackward0, and the rows taken for other examples reach example"):
-        curvlab.extract(tempered, loss_fn, ids, targets.reshape(-1))
+        curvlab.extract(documents, loss_fn, ids, targets)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

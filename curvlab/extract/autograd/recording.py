@@ -332,11 +332,11 @@ class Recording:
                 )
             self.probed[grouping] = True
         # the coupling is kept per layout, modes and N (one example shows none), not per sequence length
-        # (dynamically padded batches are not probed again)
-        # (with an obstacle the probe alone places the rows: never an entry the layout's check passed)
-        key = ("examples' rows not coupled", path, obstacle, tuple((id(m), m.training) for m, _, _ in self.calls),
-               terms.num_examples)
-        if key in self.probed:
+        # (dynamically padded batches are not probed again); with an obstacle the probe alone places the
+        # rows, below an operation the key does not describe (which may mix the examples on one batch
+        # and not on another): probed every time, 2·⌈log₂ N⌉ vjp columns beside the statistics' N·T·C
+        key = ("examples' rows not coupled", path, tuple((id(m), m.training) for m, _, _ in self.calls), terms.num_examples)
+        if obstacle is None and key in self.probed:
             return
         misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device,
                                    own=obstacle is not None)
@@ -360,7 +360,8 @@ class Recording:
                 "counts positions, where a later position depends on the earlier ones), so no example's rows can be "
                 f"told apart; {grouped}"
             )
-        self.probed[key] = True
+        if obstacle is None:
+            self.probed[key] = True
 
     def _check_batch(self, key: tuple, n: int) -> None:
         """Refuse a target whose input does not follow the batch although its leading dimension is

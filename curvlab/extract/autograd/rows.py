@@ -29,8 +29,9 @@ holds, not by luck of the shapes:
 
 Where 1. meets an operation it cannot follow — GPT-2's decoder tied to its embedding, a
 parameter block and no recorded layer, between the last recorded layer and the logits; a
-learned temperature — 3. alone decides, with each example's rows required to reach its own
-layer calls too: rows that reach their example's calls and no other's are that example's.
+learned temperature — 3. alone decides, on every call (nothing below that operation is in the
+key), with each example's rows required to reach its own layer calls too: rows that reach their
+example's calls and no other's are that example's.
 Then a refusal names the operation (a mask that leaves examples unequal counts of rows, a
 product that copies the rows across examples).
 """
