@@ -193,15 +193,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def _what_is_left(out: Path) -> str:
-    """What a stopped run leaves in ``out``, and how to go on."""
+def _stopped(signal_name: str, out: Path) -> int:
+    """Say in one line that the run was stopped and what it leaves in ``out`` (how to go on);
+    return the exit status."""
     from curvlab.app.train.run_folder import CHECKPOINT, RUN_FILES
 
     if (out / CHECKPOINT).is_file():
-        return f"resume with --resume --out {out}"
-    if any((out / name).exists() for name in RUN_FILES):
-        return f"no epoch had finished: nothing to resume in {out} (start again with --overwrite)"
-    return "no epoch had finished: nothing to resume (run the command again to start over)"
+        left = f"resume with --resume --out {out}"
+    elif any((out / name).exists() for name in RUN_FILES):
+        left = f"no epoch had finished: nothing to resume in {out} (start again with --overwrite)"
+    else:
+        left = "no epoch had finished: nothing to resume (run the command again to start over)"
+    print(f"curvlab train: stopped by {signal_name}; {left}", file=sys.stderr, flush=True)
+    return exit_stopped(signal_name)
 
 
 def _as_options(message: str) -> str:
@@ -277,17 +281,14 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return relaunch_with_data(args.nproc, args.argv, parser, cfg.dataset, cfg.data_dir, checks,
                                       usage_errors=(TrainOptionError,))
         except Stopped as err:  # one line, not torchrun's tracebacks (dropped by relaunch)
-            print(f"curvlab train: stopped by {err.signal_name}; {_what_is_left(cfg.out_dir)}", file=sys.stderr, flush=True)
-            return exit_stopped(err.signal_name)
+            return _stopped(err.signal_name, cfg.out_dir)
     join_process_group(cfg.device)  # with --device cuda: "cuda" is this rank's own GPU from here on
     try:
         paths = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as err:  # one process: the same line as the launcher's (a rank's is the launcher's)
         if Ranks.current().distributed:
             raise
-        name = getattr(err, "signal_name", None) or "SIGINT"
-        print(f"curvlab train: stopped by {name}; {_what_is_left(cfg.out_dir)}", file=sys.stderr, flush=True)
-        return exit_stopped(name)
+        return _stopped(getattr(err, "signal_name", None) or "SIGINT", cfg.out_dir)
     except ModelSpecError as err:  # a usage error, as report's and as an unknown built-in name's
         print_error(parser, f"argument --model: {err}", usage=True)
         return EXIT_USAGE
