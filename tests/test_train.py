@@ -296,21 +296,22 @@ def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
 
 
 def test_cli_resumes_after_being_killed(tmp_path: Path) -> None:
-    """A real SIGKILL during training; --resume finishes with the uninterrupted result."""
+    """A real SIGKILL during training; --resume finishes with the uninterrupted result (without
+    the figures, which other tests redraw, as three runs here redrawing them took a minute)."""
     args = [sys.executable, "-m", "curvlab", "train", "--dataset", "digits", "--hidden", "16",
             "--optimizer", "tekfac", "--batch-size", "20", "--train-size", "600", "--test-size", "100",
-            "--probe-every", "25", "--probe-batch-size", "20", "--no-progress"]
-    ref = subprocess.run(args + ["--epochs", "4", "--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300)
+            "--probe-every", "25", "--probe-batch-size", "20", "--no-progress", "--no-figures"]
+    ref = subprocess.run(args + ["--epochs", "2", "--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--epochs", "4", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args + ["--epochs", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (out / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = subprocess.run(args + ["--epochs", "4", "--out", str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args + ["--epochs", "2", "--out", str(out), "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     a = xr.open_dataset(tmp_path / "ref" / "metrics.nc").load()
     b = xr.open_dataset(out / "metrics.nc").load()
