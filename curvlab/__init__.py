@@ -11,32 +11,19 @@ Ctrl-C during its start-up as it does during a run.
 
 from __future__ import annotations
 
-import importlib
-
+from curvlab._lazy import lazy_names
 from curvlab._version import __version__
 
 # ``extract`` and ``compare`` are sub-packages that can be called like their main functions.
 _WHERE = {
-    "APPROXIMATIONS": "curvlab.approx",
-    "ExtractionSession": "curvlab.extract",
-    "LayerStats": "curvlab.extract",
-    "approximate": "curvlab.approx",
+    "APPROXIMATIONS": "approx",
+    "ExtractionSession": "extract",
+    "LayerStats": "extract",
+    "approximate": "approx",
     "compare": None,
     "extract": None,
-    "measure": "curvlab.compare",
+    "measure": "compare",
 }
 
 __all__ = ["__version__", *_WHERE]
-
-
-def __getattr__(name: str) -> object:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'curvlab' has no attribute {name!r}")
-    module = _WHERE[name]
-    value = importlib.import_module(f"curvlab.{name}") if module is None else getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

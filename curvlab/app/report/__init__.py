@@ -1,16 +1,23 @@
-"""``curvlab report``: a comparison end to end, its Markdown summary and its figures."""
+"""``curvlab report``: a comparison end to end, its Markdown summary and its figures.
 
-from curvlab.app.report.figures import plot_errors, plot_network, plot_spectra
-from curvlab.app.report.run import ReportConfig, ReportError, run_report
-from curvlab.app.report.summary import summary_markdown, write_summary
+The names below are imported at their first use: the command line builds its parser from
+:mod:`.run` alone, and the figures' matplotlib and seaborn (1.6 s) wait until a figure is drawn.
+"""
 
-__all__ = [
-    "ReportConfig",
-    "ReportError",
-    "plot_errors",
-    "plot_network",
-    "plot_spectra",
-    "run_report",
-    "summary_markdown",
-    "write_summary",
-]
+from __future__ import annotations
+
+from curvlab._lazy import lazy_names
+
+_WHERE = {
+    "ReportConfig": "run",
+    "ReportError": "run",
+    "plot_errors": "figures",
+    "plot_network": "figures",
+    "plot_spectra": "figures",
+    "run_report": "run",
+    "summary_markdown": "summary",
+    "write_summary": "summary",
+}
+
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
