@@ -89,7 +89,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("batch_loss", "Loss on the measured batch"),
     ("seed", "Seed"),
     ("device", "Device"),
-    ("elapsed_seconds", "Run time (s)"),
+    ("elapsed_seconds", "Time to load the data, train and measure (s; start-up and writing the files not counted)"),
     ("created", "Created"),
     ("run_id", "Run id (manifest.json)"),
 )
