@@ -319,6 +319,29 @@ def test_cli_resumes_after_being_killed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a.test_accuracy, b.test_accuracy)
 
 
+def test_a_sigterm_stops_a_one_process_run_as_a_ctrl_c_does(tmp_path: Path) -> None:
+    """A batch scheduler's SIGTERM (scancel, a time limit) ended a one-process run silently, exit
+    status 143 and its lock left behind; now it says how to go on, as a Ctrl-C does, and the run
+    resumes from its last epoch."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "curvlab", "train", "--dataset", "digits", "--hidden", "8", "--optimizer", "kfac",
+            "--batch-size", "50", "--train-size", "200", "--test-size", "50", "--no-progress", "--no-figures",
+            "--out", str(out)]
+    proc = subprocess.Popen(args + ["--epochs", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == f"curvlab train: stopped by SIGTERM; resume with --resume --out {out}", err
+    assert not (out / ".curvlab.lock").exists()
+    done = torch.load(out / CHECKPOINT, weights_only=True)["epoch"]  # (metrics.nc follows it: maybe not yet)
+    resumed = subprocess.run(args + ["--epochs", str(done + 1), "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert xr.open_dataset(out / "metrics.nc").sizes["epoch"] == done + 1
+
+
 def test_a_train_mode_probe_measures_the_train_mode_forward_and_changes_nothing() -> None:
     """The eval-mode probe compares the optimizer's statistics, collected in train mode, with the
     Fisher of the eval-mode network (BatchNorm's running statistics): misleading early on.  In

@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: rank {os.environ['RANK']} stopped: another rank ended ({said})", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt as err:
-        name = getattr(err, "signal_name", None)  # a launcher's stop (curvlab.app.launch.Stopped)
+        name = getattr(err, "signal_name", None)  # a stop by SIGTERM, or a launcher's (curvlab.app.interrupts.Stopped)
         print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)
         return exit_stopped(name)
     finally:

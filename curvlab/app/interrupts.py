@@ -1,4 +1,4 @@
-"""A Ctrl-C the run never loses.
+"""A Ctrl-C (or a scheduler's SIGTERM) the run never loses.
 
 Python raises ``KeyboardInterrupt`` wherever the main thread is when SIGINT arrives.  Inside a
 weakref callback or a ``__del__`` — h5py runs them while ``metrics.nc`` is written, torch while
@@ -7,46 +7,71 @@ run went on (a small model spends most of an epoch's wall time in those writes: 
 were lost).  :func:`remembered` installs a handler that raises as Python's does and remembers the
 signal; :func:`check` raises it again at the training loop's safe points (after each step and
 after each epoch's files), so a discarded interrupt stops the run there.
+
+SIGTERM — what a batch scheduler (SLURM's ``scancel``, a time limit) or ``kill`` sends — stops a
+one-process run the same way, as :class:`Stopped`, so that it says how to resume instead of
+vanishing; it takes effect when the operation running then returns, as a Ctrl-C does.  A
+torchrun rank keeps the default (its launcher stops it and speaks for it).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_pending = False
+_pending: str | None = None  # the signal whose exception Python may have discarded
 
 
-def _interrupt(signum: int, frame: object) -> None:
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by a signal (``signal_name``: ``"SIGTERM"``, ``"SIGINT"``)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _raised(name: str) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if name == "SIGINT" else Stopped(name)
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    """A signal handler: raise the signal's interrupt (SIGINT: ``KeyboardInterrupt``, another:
+    :class:`Stopped`), remembered for :func:`check`."""
     global _pending
-    _pending = True
-    raise KeyboardInterrupt
+    _pending = signal.Signals(signum).name
+    raise _raised(_pending)
 
 
 @contextmanager
 def remembered() -> Iterator[None]:
-    """SIGINT raises ``KeyboardInterrupt`` and is remembered for :func:`check`, inside the block
-    (in the main thread, where Python's own handler is in place; elsewhere nothing changes)."""
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM :class:`Stopped` (outside torchrun's ranks),
+    each remembered for :func:`check`, inside the block (in the main thread, where Python's own
+    handlers are in place; elsewhere nothing changes)."""
     global _pending
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-    _pending = False
-    previous = signal.signal(signal.SIGINT, _interrupt)
+    caught = [signal.SIGINT]
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        caught.append(signal.SIGTERM)
+    _pending = None
+    previous = {sig: signal.signal(sig, raise_interrupt) for sig in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _pending = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _pending = None
 
 
 def check() -> None:
-    """Raise ``KeyboardInterrupt`` if a SIGINT arrived since the last check (one that Python
+    """Raise again the interrupt of a signal that arrived since the last check (one that Python
     discarded: one that was not propagates by itself)."""
     global _pending
-    if _pending:
-        _pending = False
-        raise KeyboardInterrupt
+    if _pending is not None:
+        name, _pending = _pending, None
+        raise _raised(name)

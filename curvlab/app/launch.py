@@ -36,6 +36,8 @@ from typing import IO
 import torch
 import torch.distributed as dist
 
+from curvlab.app.interrupts import Stopped, raise_interrupt
+
 #: The process group's timeout: a collective waiting longer raises (on every waiting rank).
 TIMEOUT_SECONDS = float(os.environ.get("CURVLAB_DIST_TIMEOUT", "600"))
 
@@ -220,14 +222,6 @@ def _destroy_group() -> None:
 STOP_SECONDS = 60.0
 
 
-class Stopped(KeyboardInterrupt):
-    """The launcher was stopped by a signal (``signal_name``: ``"SIGTERM"``, ``"SIGINT"``)."""
-
-    def __init__(self, signal_name: str) -> None:
-        super().__init__(signal_name)
-        self.signal_name = signal_name
-
-
 def relaunch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``curvlab <argv>`` (without its ``--nproc``) on ``nproc`` local processes with torchrun;
     return torchrun's exit status.
@@ -240,7 +234,7 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     shutdown) is dropped, so that the command ends with one line."""
     torchrun = ["--standalone", f"--nproc-per-node={nproc}", "-m", "curvlab", *without_nproc(argv)]
     print("curvlab: -m torch.distributed.run " + " ".join(torchrun), file=sys.stderr, flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # before torchrun starts: it is never left behind
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)  # before torchrun starts: it is never left behind
     proc, forward, quiet = None, None, threading.Event()
     try:
         command = [sys.executable, "-c", TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid()), *torchrun]
@@ -303,10 +297,6 @@ def _forward(pipe: IO[bytes], quiet: threading.Event) -> None:
                 sys.stderr.flush()
         except (OSError, ValueError):  # stderr closed: the run goes on
             quiet.set()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise Stopped(signal.Signals(signum).name)
 
 
 def _stop(proc: subprocess.Popen) -> None:
