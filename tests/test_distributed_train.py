@@ -205,6 +205,8 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = xr.open_dataset(out / "metrics.nc").load()
     assert metrics.world_size.values.tolist() == [2, 1] and metrics.attrs["world_size"] == 1
+    # (the default --fisher mc: each rank drew the labels of its shard, so one process draws others)
+    assert "was trained on 2 process(es), this run has 1: each process draws the MC labels" in done.stderr
 
 
 def test_two_ranks_name_the_first_order_parameters_once(tmp_path: Path) -> None:

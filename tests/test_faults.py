@@ -266,26 +266,37 @@ def test_train_on_a_full_disk_keeps_its_files_and_resumes(reference_run: Path, t
     assert sorted(p.name for p in after.iterdir()) == sorted(saved)  # nothing half-written beside them
     for name in ("metrics.nc", "probe.nc"):  # as before, or replaced by a complete newer version
         xr.open_dataset(after / name).load()
+    assert xr.open_dataset(after / "metrics.nc").sizes["epoch"] == 1  # no epoch the checkpoint lacks
     train(config(after), resume=True)
     assert_same_run(reference_run, after)
 
 
-def test_checkpoint_out_of_disk_keeps_the_previous_one(reference_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    """The writes of checkpoint.pt fail as on a full disk (whatever this machine allows): the
-    error names [Errno 28] and the file, the previous checkpoint stays, and --resume finishes."""
+@pytest.mark.parametrize("full", ["checkpoint.pt", "metrics.nc"])
+def test_a_file_out_of_disk_keeps_the_previous_one(full: str, reference_run: Path, tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    """The writes of checkpoint.pt, or of metrics.nc, fail as on a full disk (whatever this
+    machine allows): the error names [Errno 28] and the file, the previous file stays,
+    metrics.nc never lists an epoch whose checkpoint is missing (it did when the checkpoint's
+    write failed: it was written first), a resume lists the checkpoint's epochs (also with none
+    left to train), and --resume finishes the run."""
     from fault_driver import enospc_patches
 
     out = tmp_path / "run"
     assert main(["train", *TRAIN, "--epochs", "1", "--out", str(out)]) == 0
-    saved = (out / "checkpoint.pt").read_bytes()
-    for obj, name, value in enospc_patches("checkpoint.pt"):
+    saved = (out / full).read_bytes()
+    for obj, name, value in enospc_patches(full):
         monkeypatch.setattr(obj, name, value)
     capsys.readouterr()
     assert main(["train", *TRAIN, "--out", str(out), "--resume"]) == 1
     monkeypatch.undo()
     err = capsys.readouterr().err
-    assert f"[Errno 28] No space left on device: '{out / 'checkpoint.pt'}'" in err, err
-    assert (out / "checkpoint.pt").read_bytes() == saved
+    assert f"[Errno 28] No space left on device: '{out / full}'" in err, err
+    assert (out / full).read_bytes() == saved
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    saved_epochs = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert saved_epochs == (1 if full == "checkpoint.pt" else 2)
+    assert xr.open_dataset(out / "metrics.nc").sizes["epoch"] == 1
+    assert main(["train", *TRAIN, "--out", str(out), "--resume", "--epochs", str(saved_epochs)]) == 0
+    assert xr.open_dataset(out / "metrics.nc").sizes["epoch"] == saved_epochs
     train(config(out), resume=True)
     assert_same_run(reference_run, out)

@@ -131,6 +131,15 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
     return ds
 
 
+def _epochs_listed(path: Path) -> int | None:
+    """How many epochs the metrics file ``path`` lists (``None``: none there, or unreadable)."""
+    try:
+        with xr.open_dataset(path) as ds:
+            return ds.sizes.get("epoch", 0)
+    except (OSError, ValueError):
+        return None
+
+
 def _check_one_example_shards(cfg: TrainConfig, data: Dataset, model: nn.Module, ranks: launch.Ranks,
                               device: torch.device) -> None:
     """Refuse, before any step, batches that give a process one example when the model cannot take
@@ -268,12 +277,21 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         diverged_at, streak = ckpt.get("diverged_at"), ckpt.get("streak", 0)
         if probe is not None:
             probe.restore(saved)
+        if ranks.is_main and _epochs_listed(out / METRICS) != len(records):  # ended between the two files
+            write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
         threads = ckpt.get("torch_threads")
         if threads not in (None, torch.get_num_threads()) and ranks.is_main:
             print(f"curvlab train: {out} was trained on {threads} torch thread(s), this run has "
                   f"{torch.get_num_threads()}: BLAS splits its sums by thread, so the resumed run can differ "
                   "from an uninterrupted one in the last bits (set OMP_NUM_THREADS as the run had it for a "
                   "bit-identical resume)", file=sys.stderr)
+        last_world = records[-1].get("world_size") if records else None
+        if cfg.fisher == "mc" and "fisher" not in cfg.unused_options() and \
+                last_world not in (None, ranks.world_size) and ranks.is_main:
+            print(f"curvlab train: {out} was trained on {last_world} process(es), this run has "
+                  f"{ranks.world_size}: each process draws the MC labels of its own share of a batch (--fisher "
+                  "mc), so the resumed run draws other labels than an uninterrupted one (with --fisher exact "
+                  "or empirical it takes the same steps)", file=sys.stderr)
         if start_epoch >= cfg.epochs and ranks.is_main:
             print(f"curvlab train: {out} holds {start_epoch} epoch(s) already: nothing to train for "
                   f"--epochs {cfg.epochs} (pass a larger --epochs to continue)", file=sys.stderr)
@@ -365,7 +383,6 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
         rank_rng, rank_cuda_rng = parallel.rng_states(ranks, device)
         if not ranks.is_main:
             continue  # rank 0 writes the files and prints
-        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
         save_checkpoint(
             ckpt_path,
             {
@@ -385,6 +402,9 @@ def _train(cfg: TrainConfig, folder: RunFolder | None, device: torch.device, res
                 "torch_threads": torch.get_num_threads(),  # a resume on other threads sums otherwise
             },
         )
+        # after the checkpoint: metrics.nc never lists an epoch whose weights were not saved (a
+        # resume rewrites it from the checkpoint where it failed or was killed in between)
+        write_netcdf(_metrics_dataset(records, cfg, data, diverged_at, ranks.world_size), out / METRICS)
         if folder is not None:
             folder.commit()  # a run it replaces is gone for good now
         if cfg.figures:
