@@ -102,6 +102,7 @@ def config(setting: str, budget: dict, optimizer: str, hp: dict, seed: int, tuni
         device=args.device,
         out=str(out),
         progress=False,
+        figures=False,  # each run's training.png, redrawn every epoch: this study draws its own figure
         model_kwargs=dict(spec["model_kwargs"]),
         momentum=momentum,
         **hp,

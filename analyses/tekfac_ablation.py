@@ -57,6 +57,7 @@ def config(strategy: str, basis: str, damping: float, seed: int, args) -> TrainC
         probe_approximations=("tekfac",),
         seed=seed,
         device=args.device,
+        figures=False,  # each run's training.png and probe.png, redrawn every epoch: this study draws its own
         out=str(RUNS / "tekfac_ablation" / f"{strategy}-{basis}-{damping:g}-s{seed}"),
         progress=False,
     )

@@ -201,7 +201,7 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     # resumed on one process: each epoch keeps the ranks it ran on
     done = _cli("train", "--dataset", "digits", "--hidden", "16", "--train-size", "160", "--test-size", "40",
                 "--batch-size", "40", "--epochs", "2", "--probe-every", "2", "--probe-batch-size", "10",
-                "--no-progress", "--out", str(out), "--resume", timeout=240)
+                "--no-progress", "--no-figures", "--out", str(out), "--resume", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = xr.open_dataset(out / "metrics.nc").load()
     assert metrics.world_size.values.tolist() == [2, 1] and metrics.attrs["world_size"] == 1
