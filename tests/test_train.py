@@ -295,6 +295,24 @@ def test_resume_refuses_other_configuration(tmp_path: Path) -> None:
         train(small(tmp_path / "edited", **{**spec, "epochs": 2}), resume=True)
 
 
+def test_a_resume_with_another_optimizer_says_so_before_the_options_it_leaves_unused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Resuming a TEKFAC run with --optimizer kfac and the command's other options was refused for
+    --scale-interval, which KFAC does not use: a detour before the message that explains it."""
+    from curvlab.app.cli import main
+
+    args = ["train", "--dataset", "digits", "--hidden", "8", "--batch-size", "50", "--train-size", "100",
+            "--test-size", "50", "--scale-interval", "5", "--no-progress", "--no-figures", "--out", str(tmp_path / "run")]
+    assert main([*args, "--optimizer", "tekfac", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--optimizer", "kfac", "--epochs", "2", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "written with other options: --optimizer tekfac (now kfac)" in err and "does not use" not in err, err
+    # without --resume the option the optimizer leaves unused is the error, as before
+    assert main([*args, "--optimizer", "kfac", "--epochs", "2", "--overwrite"]) == 2
+    assert "--scale-interval given, which --optimizer kfac does not use" in capsys.readouterr().err
+
+
 def test_cli_resumes_after_being_killed(tmp_path: Path) -> None:
     """A real SIGKILL during training; --resume finishes with the uninterrupted result (without
     the figures, which other tests redraw, as three runs here redrawing them took a minute)."""

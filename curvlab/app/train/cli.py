@@ -152,8 +152,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` the parsed options describe."""
+def config_from_args(args: argparse.Namespace, check_unused: bool = True) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed options describe (refusing an option the run does not
+    use, unless not ``check_unused``)."""
     model_kwargs = hidden_options("curvlab train", args.model, args.hidden)
     probe_approx = args.probe_approximations
     probe_options = [option for option, given in (
@@ -179,7 +180,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.lr == 0:
         raise ValueError("curvlab train: --lr 0 would leave the weights as they are (every update is lr times a "
                          "direction); give a positive --lr")
-    unused = cfg.unused_options()
+    unused = cfg.unused_options() if check_unused else set()
     ignored = [flag(name) for name in given if name in unused]
     if ignored:
         why = ""
@@ -191,6 +192,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             why = f" (--mc-samples: with --fisher mc only, not --fisher {cfg.fisher})"
         raise ValueError(f"curvlab train: {', '.join(ignored)} given, which --optimizer {cfg.optimizer} does not use{why}")
     return cfg
+
+
+def _resume_refusal(args: argparse.Namespace) -> ValueError | None:
+    """With ``--resume``, the refusal of the run in ``--out`` (written with other options, or no
+    checkpoint of curvlab's), which comes before a refused option: resuming a TEKFAC run with
+    ``--optimizer kfac`` and its ``--scale-interval`` was refused for the option KFAC does not use,
+    a detour before the message that explains both."""
+    if not args.resume or args.overwrite:
+        return None
+    from curvlab.app.train.checkpoint import CheckpointError, check_same_run, load_checkpoint
+    from curvlab.app.train.run_folder import CHECKPOINT
+
+    try:
+        cfg = config_from_args(args, check_unused=False)
+        path = cfg.out_dir / CHECKPOINT
+        if path.is_file():
+            check_same_run(path, load_checkpoint(path, "cpu").get("config"), cfg.as_attrs())
+    except CheckpointError as err:
+        return err
+    except ValueError:  # a refused value: its own message stands
+        pass
+    return None
 
 
 def _stopped(signal_name: str, out: Path) -> int:
@@ -257,6 +280,10 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.resume and args.overwrite:
             raise ValueError("curvlab train: --resume and --overwrite exclude each other")
     except ValueError as err:
+        refused = _resume_refusal(args)
+        if refused is not None:
+            print_error(parser, refused)
+            return EXIT_FAILURE
         print_error(parser, err, usage=True)
         return EXIT_USAGE
     if wants_relaunch(args.nproc):
