@@ -673,6 +673,30 @@ def test_a_compiled_resnet_takes_the_eager_steps():
     torch.testing.assert_close(result[1], result[0], rtol=1e-10, atol=1e-12)
 
 
+def test_a_compiled_model_runs_the_recording_hooks_outside_its_graph():
+    """Traced by dynamo, the recording's hooks guarded their list of calls: each layer's call of a
+    12-layer model recompiled them, past dynamo's limit of 8 (a warning naming curvlab's
+    recording.py, 6 s of the first step).  They now run outside the graph, and under
+    ``fullgraph=True`` torch's refusal says why."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 3))
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    forward = torch.compile(model, backend="eager")
+    for _ in range(2):
+        train_step(opt, forward, nn.CrossEntropyLoss(), x, y)
+    assert not [k for k in counters["unimplemented"] if "recompile limit" in k.lower()], dict(counters["unimplemented"])
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"curvlab's statistics record .* compile without fullgraph=True"):
+        train_step(opt, strict, nn.CrossEntropyLoss(), x, y)
+
+
 def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
     """A compiled model whose first call ran outside `opt.track` (torch's default: no guards on
     module hooks) never runs the extraction's hooks: a clear error, not a tied-weight one."""

@@ -56,6 +56,19 @@ def allow_compiled_forwards() -> None:
         torch._functorch.config.donated_buffer = False
 
 
+def eager_hook(fn: Callable) -> Callable:
+    """A hook registered now, run eagerly under ``torch.compile`` where ``torch._dynamo`` is
+    imported (no model can be compiled before that import): traced, a recording's hooks guarded
+    its list of calls, so that each layer's call recompiled them — past dynamo's limit of 8 a
+    warning naming this package, 6 s of a 12-layer model's first step — and the leaf ``ε`` they
+    return broke the graph anyway (under ``fullgraph=True``, torch's own error)."""
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    return torch.compiler.disable(fn, reason=(
+        "curvlab's statistics record every layer's input and output gradient through module hooks "
+        "that run outside the graph, on the steps that collect statistics: compile without fullgraph=True"))
+
+
 def eager(fn: Callable) -> Callable:
     """``fn`` run eagerly under ``torch.compile`` — ``torch.compiler.disable(fn)``, applied at the
     first call made once ``torch._dynamo`` is imported.  Nothing can be compiled before that

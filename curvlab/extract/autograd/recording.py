@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.batch_check import layers_off_the_batch, leading_dimension
-from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, estimate
+from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, eager_hook, estimate
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
 from curvlab.extract.autograd.reruns import rerun_roots
@@ -179,14 +179,15 @@ class Recording:
             self._computing = False
 
     def __enter__(self) -> "Recording":
+        layer_hook, local_hook = eager_hook(self._layer_hook), eager_hook(self._local_hook)
         for module in self.targets:  # first of the module's hooks: ε at its own output, before a user's hook
-            self._handles.append(module.register_forward_hook(self._layer_hook, with_kwargs=True, prepend=True))
+            self._handles.append(module.register_forward_hook(layer_hook, with_kwargs=True, prepend=True))
         for module in self.request.local:
-            self._handles.append(module.register_forward_hook(self._local_hook, with_kwargs=True, prepend=True))
-        self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(local_hook, with_kwargs=True, prepend=True))
+        self._handles.append(self.loss_fn.register_forward_hook(eager_hook(self._loss_hook), with_kwargs=True))
         if self.model is not None:
-            self._handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(self._model_output_hook))
+            self._handles.append(self.model.register_forward_pre_hook(eager_hook(self._model_hook), with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(eager_hook(self._model_output_hook)))
         self._saved = SavedBytes().__enter__()
         return self
 
