@@ -127,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         plot_all(xr.open_dataset(RESULTS / f"{name}.nc").load(), args.setting, name)
         return 0
     t0 = time.time()
+    dataset = spec.pop("dataset")  # (popped whether or not --data-dir is given: passed twice, a TypeError)
     cfg = TrainConfig(
         model=spec.pop("model"),
-        dataset=spec["dataset"],
-        data_dir=args.data_dir or default_data_dir(spec.pop("dataset")),
+        dataset=dataset,
+        data_dir=args.data_dir or default_data_dir(dataset),
         optimizer="tekfac",
         probe_approximations=("kfac", "kflr", "ekfac", "tkfac", "tekfac"),
         probe_batch_size=128,

@@ -61,3 +61,21 @@ def test_summary_counts_diverged_seeds_instead_of_hiding_them(comparison) -> Non
     assert oc.mean_std(np.array([1.0, 3.0])) == "2.0000 ± 1.0000"
     assert oc.mean_std(np.array([1.0, np.nan, 3.0])) == "2.0000 ± 1.0000 (1 of 3 seeds diverged)"
     assert oc.mean_std(np.array([np.nan, np.nan])) == "diverged (2 of 2 seeds)"
+
+
+@pytest.mark.parametrize("data_dir", [None, "elsewhere/mnist"])
+def test_approximation_quality_trains_on_the_data_it_is_given(data_dir: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--data-dir`` gave TrainConfig ``dataset`` twice (a TypeError before any training)."""
+    monkeypatch.syspath_prepend(str(ANALYSES))
+    aq = importlib.import_module("approximation_quality")
+    seen = []
+
+    def train(cfg):  # the configuration the study trains with, and no training
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aq, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        aq.main(["--setting", "mnist-mlp", *(["--data-dir", data_dir] if data_dir else [])])
+    assert seen[0].dataset == "mnist" and seen[0].model == "mlp"
+    assert Path(seen[0].data_dir).resolve() == Path(data_dir or aq.default_data_dir("mnist")).resolve()
