@@ -145,3 +145,18 @@ def test_the_learning_rate_panel_is_drawn_when_earlier_epochs_lack_it(tmp_path: 
     ds["lr"].values[0] = np.nan
     plot_training(ds, tmp_path / "t.png", "setting")
     assert "learning rate (last step)" in [ax.get_ylabel() for ax in saved_figures[-1].axes]
+
+
+def test_the_figures_say_what_the_probe_measured_against_and_where_a_run_diverged(tmp_path: Path, saved_figures) -> None:
+    """probe.png said "vs the exact Fisher" whatever --probe-fisher and --probe-mode were, and a
+    diverged run's figures showed empty panels and blank probes as "not measured yet" (QA12)."""
+    out = tmp_path / "run"
+    train(_sgd_config(out, epochs=2, batch_size=10, probe_every=6, probe_batch_size=8, probe_fisher="mc",
+                      probe_mode="train", probe_approximations=("kfac",), lr=1e30))
+    metrics = xr.open_dataset(out / "metrics.nc").load()
+    assert "diverged_at_step" in metrics.attrs  # (lr 1e30: the losses are not finite)
+    redraw(out, "setting")
+    training, probe = (fig._suptitle.get_text().replace("\n", " ") for fig in saved_figures[-2:])
+    assert f"DIVERGED at step {metrics.attrs['diverged_at_step']}" in training
+    assert f"DIVERGED at step {metrics.attrs['diverged_at_step']}" in probe
+    assert "vs the MC Fisher on a fixed batch, train-mode forward" in probe

@@ -41,7 +41,7 @@ MISSING = "n/a"
 #: What the title of a figure with such a value adds.
 MISSING_NOTE = f"; {MISSING}: not measured"
 
-_FLAVOURS = {"exact": "exact Fisher (GGN)", "mc": "MC Fisher", "empirical": "empirical Fisher"}
+FLAVOURS = {"exact": "exact Fisher (GGN)", "mc": "MC Fisher", "empirical": "empirical Fisher"}
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def _title(ds: xr.Dataset, what: str) -> str:
     """``what — model on data, flavour (N=…)`` from the dataset's attributes."""
     model = ds.attrs.get("model")
     data = ds.attrs.get("data")
-    flavour = _FLAVOURS.get(str(ds.attrs.get("flavour")), ds.attrs.get("flavour"))
+    flavour = FLAVOURS.get(str(ds.attrs.get("flavour")), ds.attrs.get("flavour"))
     setting = " on ".join(str(p) for p in (model, data) if p)
     details = ", ".join(
         str(p)
@@ -297,7 +297,7 @@ def _plot_spectrum(ax, values: np.ndarray, name: str, cutoff: float, lw: float, 
 # ------------------------------------------------------------------------------------- errors
 
 _REL_FRO = r"$\|F - \hat{F}\|_F\,/\,\|F\|_F$"
-_NG_MIS = r"$1 - \cos\angle$(NG, exact NG)"
+_NG_MIS = r"$1 - \cos\angle(\hat{F}_\lambda^{-1}g,\ F_\lambda^{-1}g)$"  # the damped natural gradients
 
 #: Panels of :func:`plot_errors`: (how to compute it, y-axis label, panel title).
 ERROR_PANELS: tuple[tuple[str, str, str], ...] = (
@@ -436,7 +436,7 @@ def plot_network(ds: xr.Dataset, path: PathLike) -> Path:
                 # a legend at the top of the panel, above the bars (see _make_room), not a label by
                 # the line: at the floor's height there are bars
                 floor_key = ax.legend(handles=[Line2D([], [], color="0.25", ls="--", lw=1.2)],
-                                      labels=["floor: exact\nblock-diagonal F"], loc="upper right", fontsize=8.5,
+                                      labels=["floor: F's own\nblock diagonal"], loc="upper right", fontsize=8.5,
                                       handlelength=2.0, borderaxespad=0.4, framealpha=1.0, edgecolor="0.7")
                 floor_key.set_zorder(5)
                 floors.append((ax, floor_key, np.nanmax(np.append(frame["value"].to_numpy(dtype=float), floor))))

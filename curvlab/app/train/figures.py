@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
 
 from curvlab.app.palette import colour, label, ordered
-from curvlab.app.report.figures import NETWORK_PANELS, WIDTH_IN, _log_if_wide, _metric, _save, kronecker_layers, style
+from curvlab.app.report.figures import FLAVOURS, NETWORK_PANELS, WIDTH_IN, _log_if_wide, _metric, _save, kronecker_layers, style
 from curvlab.app.train.run_folder import METRICS, PROBE, PROBE_FIGURE, TRAINING_FIGURE
 from curvlab.io import PathLike
 
@@ -32,6 +32,12 @@ def redraw(folder: Path, setting: str) -> list[Path]:
     (where the run probes); a figure that cannot be drawn is a warning naming it, not the end of
     the run (its files are saved already)."""
     drawn = []
+    diverged = None
+    if (folder / METRICS).is_file():
+        with xr.open_dataset(folder / METRICS) as ds:
+            diverged = ds.attrs.get("diverged_at_step")
+    if diverged is not None:  # its losses and probes are not finite from there: gaps, not values
+        setting = f"{setting} — DIVERGED at step {diverged} (what is not finite is not drawn)"
     for source, figure, plot in ((METRICS, TRAINING_FIGURE, plot_training), (PROBE, PROBE_FIGURE, plot_probe)):
         if not (folder / source).is_file():
             continue
@@ -95,7 +101,7 @@ def plot_probe(ds: xr.Dataset, path: PathLike, setting: str) -> Path:
                         label=label(name))
             if key == "network_rel_frobenius_error" and "network_blockdiag_error" in ds:
                 ax.plot(steps, ds["network_blockdiag_error"].values, color="0.25", ls="--", lw=1.2,
-                        label="exact block-diagonal F")
+                        label="F's own block diagonal (the floor)")
             elif key == "network_trace_ratio":
                 ax.axhline(1.0, color="0.25", ls="--", lw=1.0)
             else:
@@ -119,9 +125,12 @@ def plot_probe(ds: xr.Dataset, path: PathLike, setting: str) -> Path:
             ax.set_yticks(shown + 0.5, [str(layers["layer"].values[i]) for i in shown], fontsize=8)
             ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int))
             ax.set_xticks(ticks + 0.5, [str(steps[i]) for i in ticks])
-            ax.set_xlabel("training step (blank: not measured yet)")
+            ax.set_xlabel("training step (blank: not measured yet, or not finite)")
             ax.set_title(f"Per layer: {label(own)}, relative Frobenius error")
             ax.grid(False)
-        fig.suptitle(textwrap.fill(f"Probe: approximations vs the exact Fisher on a fixed batch — {setting}", TITLE_WIDTH))
+        against = FLAVOURS.get(str(ds.attrs.get("flavour")), "Fisher")
+        mode = ds.attrs.get("probe_mode")
+        batch = f"a fixed batch, {mode}-mode forward" if mode else "a fixed batch"
+        fig.suptitle(textwrap.fill(f"Probe: approximations vs the {against} on {batch} — {setting}", TITLE_WIDTH))
         return _save(fig, path)
 
