@@ -546,6 +546,13 @@ def test_layers_whose_curvature_the_damping_swamps_are_named() -> None:
         assert ("Natural gradients set by the damping" in summary_markdown(ds)) == named
         if named:  # what the name says: every approximation's natural gradient is the gradient's direction
             assert (ds.ng_cosine.sel(layer="0") > 0.999).all()
+    # a dead layer (its ReLU never fires: F = 0), at any damping: its cosines of 1 say nothing either
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    dead = nn.Sequential(model[0], nn.ReLU(), model[2])
+    ds = compare(dead, loss_fn, x, y, damping=1e-8, approximations=("kfac", "diagonal"))
+    assert float(ds.exact_trace.sel(layer="0")) == 0.0
+    assert "0" in ds.attrs["ng_damping_dominated"].split(",")
 
 
 def test_a_zero_gradient_gives_undefined_natural_gradient_metrics() -> None:

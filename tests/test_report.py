@@ -444,3 +444,25 @@ def test_a_long_errors_title_stays_inside_the_figure(ds: xr.Dataset, tmp_path: P
     assert f"{extra} parameter blocks" in title.get_text() and "n/a: not measured" in title.get_text()  # not cut
     box, frame = title.get_window_extent(), fig.bbox
     assert box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1, title.get_text()
+
+
+def test_a_cosine_rounded_past_one_is_no_negative_misalignment(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """A zero Fisher's damped natural gradients are all g/λ: cosines of 1 + 2e-16 were drawn as
+    negative misalignment bars filling the panel, on an axis scaled ×1e-16 (QA12)."""
+    edited = ds.copy(deep=True)
+    edited["network_ng_cosine"].values[:] = 1 + 2.2e-16
+    fig = _drawn(monkeypatch, plot_network, edited, tmp_path)
+    panel = next(ax for ax in fig.axes if ax.get_title() == "Natural-gradient misalignment")
+    heights = [p.get_height() for p in panel.patches if np.isfinite(p.get_height())]
+    assert heights and min(heights) >= 0.0
+
+
+def test_the_summary_of_a_zero_fisher_says_so(ds: xr.Dataset) -> None:
+    """A diverged network's report (F = 0 on the batch) read as perfect natural gradients, and
+    its floor sentence ended in "Fisher's, –." (QA12)."""
+    edited = ds.copy(deep=True)
+    edited["network_exact_trace"].values[...] = 0.0
+    edited["network_blockdiag_error"].values[...] = np.nan
+    text = summary_markdown(edited)
+    assert "F is zero on this batch" in text and "Fisher's, –" not in text
+    assert "F is zero" not in summary_markdown(ds)

@@ -197,9 +197,11 @@ NG_DAMPING_DOMINATES = 1e-2
 
 
 def damping_dominates(eigenvalues: Tensor, damping: float) -> bool:
-    """Whether ``damping`` swamps the block's curvature (see :data:`NG_DAMPING_DOMINATES`)."""
+    """Whether ``damping`` swamps the block's curvature (see :data:`NG_DAMPING_DOMINATES`) — also
+    a zero block (a dead layer, a diverged network), whose damped natural gradients are all the
+    gradient over the damping: their cosines of 1 said nothing, and nothing said so."""
     top = eigenvalues[0].item() if eigenvalues.numel() else 0.0
-    return 0.0 < top < NG_DAMPING_DOMINATES * damping
+    return top < NG_DAMPING_DOMINATES * damping
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ ZERO_TOLERANCE = 1e-10
 #: its bar slot or in its spectra panel.
 MISSING = "n/a"
 #: What the title of a figure with such a value adds.
-MISSING_NOTE = f"; {MISSING}: not measured"
+MISSING_NOTE = f"; {MISSING}: not measured, or undefined (a zero F)"
 
 FLAVOURS = {"exact": "exact Fisher (GGN)", "mc": "MC Fisher", "empirical": "empirical Fisher"}
 
@@ -309,8 +309,8 @@ ERROR_PANELS: tuple[tuple[str, str, str], ...] = (
 
 
 def _metric(ds: xr.Dataset, key: str) -> xr.DataArray:
-    if key.startswith("1-"):
-        return 1.0 - ds[key[2:]]
+    if key.startswith("1-"):  # a cosine's rounding past 1 (1 + 2e-16) is no negative misalignment
+        return (1.0 - ds[key[2:]]).clip(min=0.0)
     return ds[key]
 
 

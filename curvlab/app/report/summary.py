@@ -259,7 +259,7 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
                 + ["–"] * (len(net) - 1)
             )
         out += [_table(["approximation", *[label for _, label in net]], rows), ""]
-        if "network_blockdiag_error" in ds:
+        if "network_blockdiag_error" in ds and np.isfinite(ds["network_blockdiag_error"].values):
             out += [
                 f"No block-diagonal approximation can have a network Frobenius error below the "
                 f"exact block-diagonal Fisher's, {_fmt(ds['network_blockdiag_error'].values)}.",
@@ -268,6 +268,9 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
         if "network_exact_trace" in ds:
             what = "the Kronecker layers" if kronecker_only else "whole network"
             out += [f"tr F ({what}): {_fmt(ds['network_exact_trace'].values)}", ""]
+            if float(ds["network_exact_trace"]) == 0.0:  # (a diverged or dead network)
+                out += ["F is zero on this batch: every error relative to it is undefined (–), and every damped "
+                        "natural gradient is the gradient over the damping, whatever the approximation.", ""]
 
     if figures:
         out += ["## Figures", ""]
