@@ -697,6 +697,39 @@ def test_a_compiled_model_runs_the_recording_hooks_outside_its_graph():
         train_step(opt, strict, nn.CrossEntropyLoss(), x, y)
 
 
+def test_a_sum_of_losses_through_the_tracked_loss_names_the_fix_that_works():
+    """Deep supervision through the tracked loss instance was refused in ExtractionSession's and
+    micro-batches' words (QA13); the message gives the fix, and the fix trains: the other term
+    through another instance, the head only it reaches given the first-order update."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.head, self.side = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.trunk(x))
+            return self.head(h), self.side(h)
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    ce, aux = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    with pytest.raises(RuntimeError, match=r"called twice inside one `with opt.track\(loss_fn\)`.* another loss instance"):
+        with opt.track(ce):
+            main, side = model(x)
+            (ce(main, y) + ce(side, y)).backward()
+    opt.zero_grad()
+    before = model.side.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"no curvature statistics yet for \['side'\]"):
+        with opt.track(ce):
+            main, side = model(x)
+            (ce(main, y) + 0.3 * aux(side, y)).backward()
+        opt.step()
+    assert not torch.equal(model.side.weight, before)
+
+
 def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
     """A compiled model whose first call ran outside `opt.track` (torch's default: no guards on
     module hooks) never runs the extraction's hooks: a clear error, not a tied-weight one."""

@@ -236,10 +236,12 @@ class _LossCalls:
     def _before(self, _module: nn.Module, _args: tuple) -> None:
         if self.calls:
             raise RuntimeError(
-                "curvlab.extract: loss_fn was called twice inside one ExtractionSession block, whose "
-                "statistics are of one forward pass and one loss; for micro-batches use one block each "
-                "(curvlab's optimizers: one `with opt.track(loss_fn)` each before step(), which combines them); "
-                "a sum of losses (an auxiliary loss) has no statistics here"
+                "curvlab: loss_fn was called twice inside one `with opt.track(loss_fn)` (or "
+                "ExtractionSession) block, whose statistics are of one forward pass and one loss. For "
+                "micro-batches use one block each (the optimizer combines them at step()); for a sum of "
+                "losses (deep supervision, an auxiliary or distillation term) compute the other terms with "
+                "another loss instance, e.g. `aux = nn.CrossEntropyLoss()`: the statistics are then the "
+                "tracked loss's, and parameters only the other terms reach get the first-order update"
             )
         self.calls += 1
 
