@@ -163,6 +163,30 @@ def test_a_sequence_first_model_is_not_taken_for_positions_as_examples() -> None
         curvlab.extract(model, loss_fn, ids, targets)
 
 
+class SequenceFirstInside(nn.Module):
+    """A batch-first model (``[N, T, D]`` in, ``[N·T, C]`` rows out) around sequence-first layers:
+    every recorded layer sees ``[T, N, ·]`` (a causal running sum over the positions between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.head = nn.Linear(DIM, DIM), nn.Linear(DIM, VOCAB)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(x.transpose(0, 1))).cumsum(0)
+        return self.head(h).transpose(0, 1).reshape(-1, VOCAB)
+
+
+def test_sequence_first_layers_in_a_batch_first_model_are_named_as_such() -> None:
+    """The refusal spoke of the layers' leading dimension counting examples and advised the
+    flattening the model already did (QA13); it now says the model was called on N examples and
+    which layers carry them on another dimension."""
+    torch.manual_seed(0)
+    model, loss_fn = SequenceFirstInside().to(DT), nn.CrossEntropyLoss()
+    x, targets = torch.randn(N, T, DIM, dtype=DT), torch.randint(0, VOCAB, (N * T,))
+    with pytest.raises(ValueError, match=rf"the model was called on {N} examples .* sequence-first module.*batch_first=True"):
+        curvlab.extract(model, loss_fn, x, targets)
+
+
 def test_masked_rows_are_refused_naming_the_mask() -> None:
     """``logits.reshape(-1, C)[keep]`` leaves 5, 1, 1 and 1 rows to the examples: 8 rows, two an
     example by count alone.  Refused for what made them, with padding targets as the way out."""

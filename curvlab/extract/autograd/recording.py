@@ -326,6 +326,7 @@ class Recording:
             example = misassigned_rows(output, leaf, terms)
             if example is not None:
                 source = next(self.targets[m] for m, _, eps in self.calls if eps is leaf)
+                self._refuse_sequence_first(rows, terms, source)
                 raise ValueError(
                     f"{rows}, but example {example}'s entries of the output of {source!r} receive rows taken for "
                     "another example: the rows are not grouped by example (a slice across the examples, "
@@ -341,6 +342,8 @@ class Recording:
             return
         misplaced = misplaced_rows(vjp, terms, [self.targets[m] for m, _, _ in self.calls], output.dtype, output.device,
                                    own=obstacle is not None)
+        if misplaced is not None:
+            self._refuse_sequence_first(rows, terms, misplaced[0])
         if misplaced is not None and obstacle is not None:  # rows laid out by an operation not followed
             layer, example, _ = misplaced
             raise ValueError(
@@ -363,6 +366,20 @@ class Recording:
             )
         if obstacle is None:
             self.probed[key] = True
+
+    def _refuse_sequence_first(self, rows: str, terms: LossTerms, layer: str | None) -> None:
+        """Where rows are refused and the model was called on another number of examples than its
+        layers' leading dimension counts, say that (a sequence-first module in a batch-first model)."""
+        model_n = leading_dimension(*(self._model_call or ((), {})))
+        if model_n in (None, terms.num_examples):
+            return
+        at = f" ({layer!r})" if layer else ""
+        raise ValueError(
+            f"{rows}, but the model was called on {model_n} examples (its input's leading dimension): its "
+            f"layers{at} carry the batch on another dimension than their leading one — a sequence-first module, "
+            "as nn.TransformerEncoderLayer with its default batch_first=False, inside a batch-first model —, so "
+            "no example's rows can be told apart; build those modules batch-first (batch_first=True)"
+        )
 
     def _check_batch(self, key: tuple, n: int) -> None:
         """Refuse a target whose input does not follow the batch although its leading dimension is
