@@ -201,14 +201,14 @@ def _resume_refusal(args: argparse.Namespace) -> ValueError | None:
     a detour before the message that explains both."""
     if not args.resume or args.overwrite:
         return None
-    from curvlab.app.train.checkpoint import CheckpointError, check_same_run, load_checkpoint
+    from curvlab.app.train.checkpoint import CheckpointError
+    from curvlab.app.train.loop import checked_resume
     from curvlab.app.train.run_folder import CHECKPOINT
 
     try:
         cfg = config_from_args(args, check_unused=False)
-        path = cfg.out_dir / CHECKPOINT
-        if path.is_file():
-            check_same_run(path, load_checkpoint(path, "cpu").get("config"), cfg.as_attrs())
+        if (cfg.out_dir / CHECKPOINT).is_file():  # (none there: the refused option's message stands)
+            checked_resume(cfg, "cpu")
     except CheckpointError as err:
         return err
     except ValueError:  # a refused value: its own message stands
