@@ -32,18 +32,15 @@ def redraw(folder: Path, setting: str) -> list[Path]:
     (where the run probes); a figure that cannot be drawn is a warning naming it, not the end of
     the run (its files are saved already)."""
     drawn = []
-    diverged = None
-    if (folder / METRICS).is_file():
-        with xr.open_dataset(folder / METRICS) as ds:
-            diverged = ds.attrs.get("diverged_at_step")
-    if diverged is not None:  # its losses and probes are not finite from there: gaps, not values
-        setting = f"{setting} — DIVERGED at step {diverged} (what is not finite is not drawn)"
     for source, figure, plot in ((METRICS, TRAINING_FIGURE, plot_training), (PROBE, PROBE_FIGURE, plot_probe)):
         if not (folder / source).is_file():
             continue
         try:
             with xr.open_dataset(folder / source) as ds:
-                drawn.append(plot(ds.load(), folder / figure, setting))
+                ds = ds.load()
+            if source == METRICS and "diverged_at_step" in ds.attrs:  # both figures say so: gaps, not values
+                setting = f"{setting} — DIVERGED at step {ds.attrs['diverged_at_step']} (what is not finite is not drawn)"
+            drawn.append(plot(ds, folder / figure, setting))
         except Exception as err:  # noqa: BLE001 — whatever matplotlib raises, the trained epochs stand
             warnings.warn(f"curvlab train: {folder / figure} not drawn ({type(err).__name__}: {err}); "
                           f"{source} is complete", RuntimeWarning, stacklevel=2)
