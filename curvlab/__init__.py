@@ -18,10 +18,12 @@ from curvlab._version import __version__
 _WHERE = {
     "APPROXIMATIONS": "approx",
     "ExtractionSession": "extract",
+    "KroneckerAttention": "attention",
     "LayerStats": "extract",
     "approximate": "approx",
     "compare": None,
     "extract": None,
+    "kronecker_attention": "attention",
     "measure": "compare",
 }
 

@@ -10,7 +10,8 @@ kind of module is refused, with an error that names it and says what to do):
 * **Parameter blocks** (kind ``"parameter"``), one per tensor: the affine parameters of norm layers
   (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm), ``nn.MultiheadAttention``'s packed
   projections (it applies them functionally, out of reach of module hooks, so its ``out_proj``
-  is not a Kronecker layer either), parameters held by your own module classes — a ViT's cls
+  is not a Kronecker layer either; :func:`curvlab.kronecker_attention` converts it to
+  ``nn.Linear`` modules, which are), parameters held by your own module classes — a ViT's cls
   token and position embedding —, a Kronecker layer's trainable bias whose weight is frozen or
   tied, and one parameter (a weight or a bias) shared by several modules (a language model's decoder tied to its
   embedding, ``decoder.weight = encoder.weight``: listed in :attr:`ModelBlocks.tied`). Its

@@ -24,7 +24,8 @@ CE = nn.CrossEntropyLoss()
 
 
 @pytest.mark.parametrize("name,mode", [("resnet_bn", "train"), ("resnet_bn", "eval"), ("vgg_bn", "train"),
-                                       ("vit", "train"), ("tied", "train"), ("textcnn", "train"), ("unet", "train")])
+                                       ("vit", "train"), ("tied", "train"), ("textcnn", "train"), ("unet", "train"),
+                                       ("torch_transformer", "train")])
 def test_cuda_extraction_of_real_architectures_matches_cpu(name: str, mode: str) -> None:
     model, x, y = zoo.make(name, n=3)
     model.train(mode == "train")

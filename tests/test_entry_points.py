@@ -51,11 +51,13 @@ def test_tekfac_lowers_the_loss_of_a_train_mode_resnet() -> None:
     assert all(opt.block_states[b.name].curvature.build() is not None for b in opt.blocks())
 
 
-@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm", "tied_bias", "mobilenet"])
+@pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm", "tied_bias", "mobilenet",
+                                  "torch_transformer"])
 def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) -> None:
     """Root-module parameters (cls token, position embedding), norm layers, a decoder tied to the
     embedding, depthwise and grouped convolutions: SGD's update; a module called twice, functional
-    layers and an nn.Embedding: preconditioned (their statistics by the autograd engine)."""
+    layers, an nn.Embedding and torch's attention converted by curvlab.kronecker_attention:
+    preconditioned (their statistics by the autograd engine)."""
     model, x, y = zoo.make(name, n=4)
     opt = KFAC(model, lr=0.05, momentum=0.0, damping=1e-2, stats_interval=1, kl_clip=None)
     with warnings.catch_warnings(record=True) as said:
@@ -71,6 +73,9 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
              "vit": f"KFAC: 2 {head}of the model's own modules, used in their own forward (a cls token, a position "
                     "embedding, a weight passed to F.linear or F.conv2d: an nn.Linear or nn.Conv2d module is "
                     "preconditioned): ['cls_token', 'pos_embed']",
+             "torch_transformer": f"KFAC: 1 {head}of the model's own modules, used in their own forward (a cls token, "
+                                  "a position embedding, a weight passed to F.linear or F.conv2d: an nn.Linear or "
+                                  "nn.Conv2d module is preconditioned): ['queries']",
              "mobilenet": f"KFAC: 3 {head}of modules without a Kronecker structure curvlab preconditions (a grouped or "
                           "depthwise convolution, an LSTM, a weight-normalised layer): ['depthwise.0.weight', "
                           "'grouped.weight', 'grouped.bias']"}
@@ -91,7 +96,7 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
             assert not torch.allclose(p, before[k] - 0.05 * grads[k]), k  # preconditioned
         else:
             torch.testing.assert_close(p.detach(), before[k] - 0.05 * grads[k], rtol=1e-12, atol=1e-15)
-    assert bool(first_order) == (name in ("vit", "vgg_bn", "tied_lm", "tied_bias", "mobilenet"))
+    assert bool(first_order) == (name in ("vit", "vgg_bn", "tied_lm", "tied_bias", "mobilenet", "torch_transformer"))
 
 
 # --- what stays unsupported: clear errors --------------------------------------------------

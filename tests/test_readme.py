@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from torch import nn
+
 from curvlab.approx import APPROXIMATIONS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -28,3 +30,7 @@ def test_readme_python_api_example_runs() -> None:
     lm = namespace["lm"]
     assert list(lm.module_type.values) == ["Embedding", "Linear", "Linear"]
     assert lm.rel_frobenius_error.notnull().all() and lm.attrs["num_examples"] == 6
+    att = namespace["att"]
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in namespace["encoder"].modules())
+    for name in ("1.self_attn.in_proj", "1.self_attn.out_proj", "1.linear1"):
+        assert att.block_kind.sel(layer=name).item() == "kronecker" and att.rel_frobenius_error.sel(layer=name).notnull().all()

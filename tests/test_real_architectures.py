@@ -70,7 +70,7 @@ def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, 
     [("resnet_bn", "train", "autograd"), ("resnet_bn", "eval", "backpack"), ("vit", "train", "autograd"),
      ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd"), ("tied_lm", "train", "autograd"),
      ("tied_bias", "train", "autograd"), ("mobilenet", "train", "autograd"), ("mobilenet", "eval", "autograd"),
-     ("unet", "train", "autograd")],
+     ("unet", "train", "autograd"), ("torch_transformer", "train", "autograd")],
 )
 def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
     """Train mode: BatchNorm's coupling is in the blocks; eval mode: BackPACK through its graph
@@ -184,7 +184,8 @@ def test_the_optimizers_say_why_attentions_out_proj_takes_the_first_order_step()
         assert [b.name for b in opt.blocks()] == ["inp", "head"]
     told = [str(w.message) for w in said if "no Kronecker block" in str(w.message)]
     assert len(told) == 1 and told[0].endswith(
-        "of nn.MultiheadAttention, which applies its projections in torch's functional attention: "
+        "of nn.MultiheadAttention, which applies its projections in torch's functional attention "
+        "(curvlab.kronecker_attention(model) makes them nn.Linear modules, preconditioned): "
         "['att.in_proj_weight', 'att.in_proj_bias', 'att.out_proj.weight', 'att.out_proj.bias'] "
         "(see curvlab.model_blocks)"), told
     found = curvlab.extract.model_blocks(opt.model)
@@ -540,7 +541,7 @@ def test_engines_agree(name, kfac_approx) -> None:
 # --- Kronecker factors: the convention of curvlinops, expand and reduce ---------------------
 
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
-@pytest.mark.parametrize("name", ["resnet_bn", "vit"])
+@pytest.mark.parametrize("name", ["resnet_bn", "vit", "torch_encoder"])
 def test_kronecker_factors_match_curvlinops(name, kfac_approx) -> None:
     curvlinops = pytest.importorskip("curvlinops", reason="curvlinops is a dev dependency (pip install -e .[dev])")
     model, x, y = zoo.make(name, n=3)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab.attention import kronecker_attention
+
 CLASSES = 3
 
 
@@ -196,6 +198,29 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class TorchTransformer(nn.Module):
+    """torch's own layers, batch-first: an ``nn.TransformerEncoderLayer`` (self-attention) on the
+    patches, an ``nn.TransformerDecoderLayer`` (its learned queries' self-attention, then
+    cross-attention to the encoder's output), their ``nn.MultiheadAttention`` modules converted
+    by :func:`curvlab.kronecker_attention` (``cross=False``: the encoder alone)."""
+
+    def __init__(self, num_classes: int = CLASSES, embed_dim: int = 4, cross: bool = True) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(embed_dim=embed_dim)
+        layer = dict(d_model=embed_dim, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(**layer)
+        self.decoder = nn.TransformerDecoderLayer(**layer, norm_first=True) if cross else None
+        self.queries = nn.Parameter(0.3 * torch.randn(1, 2, embed_dim)) if cross else None
+        self.head = nn.Linear(embed_dim, num_classes)
+        kronecker_attention(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(self.patch_embed(x))
+        if self.decoder is not None:
+            h = self.decoder(self.queries.expand(x.shape[0], -1, -1), h)
+        return self.head(h.mean(1))
+
+
 # --- functional forward, tied weights, text --------------------------------------------------
 
 class FunctionalMLP(nn.Module):
@@ -353,6 +378,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "resnet_gn": (partial(TinyResNet, norm_layer=group_norm), lambda n, g: _images(n, 2, 4, g)),
     "vgg_bn": (TinyVGG, lambda n, g: _images(n, 2, 4, g)),
     "vit": (TinyViT, lambda n, g: _images(n, 2, 4, g)),
+    "torch_transformer": (TorchTransformer, lambda n, g: _images(n, 2, 4, g)),
+    "torch_encoder": (partial(TorchTransformer, cross=False), lambda n, g: _images(n, 2, 4, g)),
     "functional_mlp": (FunctionalMLP, lambda n, g: torch.randn(n, 2, 3, generator=g, dtype=torch.float64)),
     "tied": (TiedMLP, lambda n, g: torch.randn(n, 3, generator=g, dtype=torch.float64)),
     "textcnn": (TextCNN, lambda n, g: _tokens(n, 5, 6, g)),
