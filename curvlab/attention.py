@@ -16,10 +16,12 @@ either model.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 
 class KroneckerAttention(nn.Module):
@@ -55,6 +57,8 @@ class KroneckerAttention(nn.Module):
         self.bias_k = self.bias_v = self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
         self.register_state_dict_post_hook(_as_attention_keys)
         self.register_load_state_dict_pre_hook(_from_attention_keys)
+        self.register_load_state_dict_post_hook(_missing_as_attention_keys)
+        self._loaded_as = ""  # the prefix of the load in progress, for the keys it reports
 
     @classmethod
     def of(cls, attention: nn.MultiheadAttention, name: str = "") -> "KroneckerAttention":
@@ -68,6 +72,10 @@ class KroneckerAttention(nn.Module):
                 forward (a subclass), or has hooks of its own (they would be dropped).
         """
         where = f"curvlab.kronecker_attention: module {name or '<root>'!r} ({type(attention).__name__})"
+        if parametrize.is_parametrized(attention):  # (torch made it a subclass)
+            raise ValueError(f"{where} has a parametrization (torch.nn.utils.parametrize, weight_norm) of "
+                             f"{sorted(attention.parametrizations)}: a computed weight, no tensor an nn.Linear can "
+                             "hold; convert first, then parametrize the converted module's in_proj")
         if type(attention) is not nn.MultiheadAttention:
             raise ValueError(f"{where} is a subclass of nn.MultiheadAttention, whose forward may differ from "
                              "torch's; only nn.MultiheadAttention itself is converted")
@@ -77,8 +85,9 @@ class KroneckerAttention(nn.Module):
                              "which no nn.Linear holds; leave it unconverted")
         if attention.bias_k is not None or attention.add_zero_attn:
             raise ValueError(f"{where} has add_bias_kv or add_zero_attn, which are not converted; leave it unconverted")
-        hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-                 if getattr(attention, k, None)]
+        hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                             "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                             "_load_state_dict_post_hooks") if getattr(attention, k, None)]
         if hooks:
             raise ValueError(f"{where} has hooks of its own ({', '.join(hooks)}), which the new module would not "
                              "have; convert the model before registering them")
@@ -87,6 +96,10 @@ class KroneckerAttention(nn.Module):
         in_proj.weight = attention.in_proj_weight
         if attention.in_proj_bias is not None:
             in_proj.bias = attention.in_proj_bias
+        if not attention.batch_first:
+            warnings.warn(f"{where} is sequence-first (batch_first=False): converted, but curvlab's statistics "
+                          "refuse sequence-first layers in a batch-first model; build it with batch_first=True",
+                          UserWarning, stacklevel=3)
         module = cls(in_proj, attention.out_proj, attention.num_heads, attention.dropout, attention.batch_first)
         return module.train(attention.training)
 
@@ -116,6 +129,11 @@ class KroneckerAttention(nn.Module):
         batched, e = query.dim() == 3, self.embed_dim
         # sequence-first: the projections run on [L, N, E], as the model gives it
         seq_first = batched and not self.batch_first
+        batch_axis = 1 if seq_first else 0
+        if key.shape != value.shape or (batched and key.shape[batch_axis] != query.shape[batch_axis]):
+            raise ValueError(f"KroneckerAttention: query, key and value of shapes {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}; key and value need one shape and the "
+                             "query's batch size (as nn.MultiheadAttention)")
         if query is key and key is value:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:
@@ -127,8 +145,15 @@ class KroneckerAttention(nn.Module):
         q, k, v = (self._heads(t, seq_first) for t in (q, k, v))  # [N, H, L, hd]
         n, _, length, _ = q.shape
         scores = (q * math.sqrt(1.0 / self.head_dim)) @ k.transpose(-2, -1)
-        mask = self._mask(attn_mask, key_padding_mask, n, length, k.shape[-2], scores.dtype)
-        weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+        mask = self._mask(attn_mask, key_padding_mask, n if batched else None, length, k.shape[-2], scores.dtype)
+        if mask is None:
+            weights = scores.softmax(dim=-1)
+        elif need_weights:  # torch's need_weights path: NaN where a row attends to nothing
+            weights = (scores + mask).softmax(dim=-1)
+        else:  # its fused path's: zeros there (a left-padded row under a causal mask), finite gradients
+            scores = scores + mask
+            nowhere = (scores == float("-inf")).all(dim=-1, keepdim=True)
+            weights = scores.masked_fill(nowhere, 0.0).softmax(dim=-1).masked_fill(nowhere, 0.0)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
         out = weights @ v
@@ -147,21 +172,23 @@ class KroneckerAttention(nn.Module):
             t = t.unsqueeze(0)
         return t.permute(1, 2, 0, 3) if seq_first else t.transpose(1, 2)
 
-    def _mask(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, length: int, source: int,
-              dtype: torch.dtype) -> Tensor | None:
-        """The additive mask ``[N or 1, H or 1, L, S]`` (``True`` in a boolean mask: not attended)."""
+    def _mask(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int | None, length: int,
+              source: int, dtype: torch.dtype) -> Tensor | None:
+        """The additive mask ``[N or 1, H or 1, L, S]`` (``True`` in a boolean mask: not attended);
+        ``n``: the batch size (``None``: one unbatched sequence)."""
         masks = []
         if attn_mask is not None:
-            shapes = ((length, source), (n * self.num_heads, length, source))
+            shapes = ((length, source), ((n or 1) * self.num_heads, length, source))
             if tuple(attn_mask.shape) not in shapes:
                 raise ValueError(f"KroneckerAttention: attn_mask of shape {tuple(attn_mask.shape)}; expected "
                                  f"{shapes[0]} or {shapes[1]} (N·num_heads, L, S)")
             masks.append(_additive(attn_mask, "attn_mask", dtype).reshape(-1, self.num_heads, length, source)
                          if attn_mask.dim() == 3 else _additive(attn_mask, "attn_mask", dtype))
         if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) not in ((n, source), (source,)):
+            shape = (source,) if n is None else (n, source)
+            if tuple(key_padding_mask.shape) != shape:
                 raise ValueError(f"KroneckerAttention: key_padding_mask of shape {tuple(key_padding_mask.shape)}; "
-                                 f"expected ({n}, {source}) (N, S), or ({source},) for one sequence")
+                                 f"expected {shape} ({'S' if n is None else 'N, S'})")
             masks.append(_additive(key_padding_mask, "key_padding_mask", dtype).reshape(-1, 1, 1, source))
         return sum(masks[1:], masks[0]) if masks else None
 
@@ -187,9 +214,16 @@ def _as_attention_keys(module: nn.Module, state_dict: dict, prefix: str, local_m
 
 def _from_attention_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     """``load_state_dict`` of nn.MultiheadAttention's keys (or this module's own)."""
+    module._loaded_as = prefix
     for ours, torchs in _RENAMED:
         if prefix + torchs in state_dict:
             state_dict[prefix + ours] = state_dict.pop(prefix + torchs)
+
+
+def _missing_as_attention_keys(module: nn.Module, incompatible: object) -> None:
+    """The missing keys reported as ``state_dict()`` writes them (``in_proj_weight``)."""
+    renamed = {module._loaded_as + ours: module._loaded_as + torchs for ours, torchs in _RENAMED}
+    incompatible.missing_keys[:] = [renamed.get(k, k) for k in incompatible.missing_keys]
 
 
 def kronecker_attention(model: nn.Module) -> nn.Module:

@@ -22,7 +22,9 @@ from curvlab.optim import KFAC, TEKFAC
 
 torch.set_num_threads(1)
 # torch's module, the reference, warns of the "both" masks' types (a bool and a float mask)
-pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
+# (and the conversion of a sequence-first module: converted, with a warning that curvlab refuses it)
+pytestmark = [pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning"),
+              pytest.mark.filterwarnings("ignore:curvlab.kronecker_attention.*is sequence-first:UserWarning")]
 E, HEADS, N, L, S = 6, 3, 3, 4, 5
 
 
@@ -42,9 +44,11 @@ def _masks(which: str, kind: str, batched: bool, gen: torch.Generator) -> dict:
     source = L if kind == "self" else S
     heads = (N * HEADS,) if batched else (HEADS,)
     blocked = torch.rand(L, source, generator=gen) < 0.3
-    blocked[:, 0] = False  # no row masked whole (NaN in torch's module and in this one alike)
+    blocked[1] = True  # a row that attends to nothing: NaN in torch's need_weights path, zeros in its fused one
     padding = torch.zeros((N, source) if batched else (source,), dtype=torch.bool)
     padding[..., -1] = True
+    if batched:
+        padding[1] = True  # an example padded whole
     if which == "none":
         return {}
     if which == "bool":
@@ -75,15 +79,17 @@ def test_the_same_function_and_gradients_as_torchs_module(batch_first, batched, 
     for need_weights, average in ((True, True), (True, False), (False, True)):
         outs = [m(*inputs, need_weights=need_weights, average_attn_weights=average, **kwargs) for m in (theirs, ours)]
         (a, wa), (b, wb) = outs
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-13)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-13, equal_nan=True)  # NaN, finite, where torch's are
         assert (wb is None) == (wa is None) == (not need_weights)
         if need_weights:
-            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-13)
+            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-13, equal_nan=True)
+        else:
+            assert a.isfinite().all()  # (the test would not see the fused path's zeros otherwise)
         probe = torch.randn(a.shape, generator=gen, dtype=torch.float64)
         wrt = [*dict.fromkeys(inputs), *theirs.parameters()]  # the parameters: the same tensors in both
         grads = [torch.autograd.grad((out * probe).sum(), wrt) for out in (a, b)]
         for ga, gb in zip(*grads):
-            torch.testing.assert_close(gb, ga, rtol=0, atol=1e-12)
+            torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 def test_dropout_in_training_as_torch_draws_it() -> None:
@@ -102,11 +108,10 @@ def test_dropout_in_training_as_torch_draws_it() -> None:
     assert not ours.training and torch.equal(ours(x, x, x)[0], ours(x, x, x)[0])  # no dropout in eval
 
 
-def _encoder(**kwargs) -> nn.Module:
+def _encoder(depth: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(E, HEADS if E % 2 else 2, dim_feedforward=8, dropout=0.0, batch_first=True,
-                                       dtype=torch.float64, **kwargs)
-    return nn.Sequential(nn.Linear(2, E, dtype=torch.float64), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    layer = nn.TransformerEncoderLayer(E, 2, dim_feedforward=8, dropout=0.0, batch_first=True, dtype=torch.float64)
+    return nn.Sequential(nn.Linear(2, E, dtype=torch.float64), nn.TransformerEncoder(layer, depth, enable_nested_tensor=False))
 
 
 def test_torch_transformer_layers_compute_the_same_in_training_and_in_their_inference_fast_path() -> None:
@@ -155,8 +160,11 @@ def test_the_same_parameter_tensors_and_the_same_state_dict() -> None:
     fresh.load_state_dict(plain.state_dict())  # torch's module → converted
     torch.testing.assert_close(fresh(x), plain(x), rtol=0, atol=1e-12)
     fresh.load_state_dict({k.replace("in_proj_", "in_proj."): v for k, v in plain.state_dict().items()})
-    with pytest.raises(RuntimeError, match=r'Missing key.*"1.layers.0.self_attn.in_proj.bias"'):
+    with pytest.raises(RuntimeError, match=r'Missing key.*"1.layers.0.self_attn.in_proj_bias"'):
         fresh.load_state_dict({k: v for k, v in plain.state_dict().items() if "in_proj_bias" not in k})
+    kept = fresh.load_state_dict({k: v for k, v in plain.state_dict().items() if "0.self_attn.in_proj_w" not in k},
+                                 strict=False)
+    assert kept.missing_keys == ["1.layers.0.self_attn.in_proj_weight"]  # as state_dict() names it
 
 
 def test_a_module_used_twice_stays_one_module() -> None:
@@ -164,7 +172,16 @@ def test_a_module_used_twice_stays_one_module() -> None:
     model = nn.ModuleDict({"a": attention, "b": attention})
     kronecker_attention(model)
     assert model["a"] is model["b"] and isinstance(model["a"], KroneckerAttention)
-    assert isinstance(kronecker_attention(nn.MultiheadAttention(E, HEADS)), KroneckerAttention)
+    assert isinstance(kronecker_attention(nn.MultiheadAttention(E, HEADS, batch_first=True)), KroneckerAttention)
+
+
+def test_a_sequence_first_attention_is_converted_with_a_warning_that_curvlab_will_refuse_it() -> None:
+    model = nn.Sequential(nn.Linear(E, E))
+    model.add_module("att", nn.MultiheadAttention(E, HEADS))
+    with pytest.warns(UserWarning, match=r"module 'att' \(MultiheadAttention\) is sequence-first \(batch_first=False\)"
+                                         ".*build it with batch_first=True"):
+        kronecker_attention(model)
+    assert isinstance(model.att, KroneckerAttention)
 
 
 class _Mine(nn.MultiheadAttention):
@@ -177,18 +194,33 @@ class _Mine(nn.MultiheadAttention):
     (lambda: nn.MultiheadAttention(E, HEADS, add_zero_attn=True), "has add_bias_kv or add_zero_attn"),
     (lambda: _Mine(E, HEADS), "is a subclass of nn.MultiheadAttention"),
     (lambda: _hooked(nn.MultiheadAttention(E, HEADS)), r"has hooks of its own \(_forward_hooks\)"),
+    (lambda: _saved_hook(nn.MultiheadAttention(E, HEADS)), r"has hooks of its own \(_state_dict_pre_hooks\)"),
+    (lambda: _parametrized(nn.MultiheadAttention(E, HEADS)),
+     r"has a parametrization \(torch.nn.utils.parametrize, weight_norm\) of \['in_proj_weight'\].*convert first"),
 ])
 def test_what_cannot_be_converted_is_refused_by_path_and_nothing_changes(make, said) -> None:
     model = nn.Sequential(nn.Linear(E, E))
     model.add_module("plain", nn.MultiheadAttention(E, HEADS))
     model.add_module("odd", make())
     with pytest.raises(ValueError, match=rf"curvlab.kronecker_attention: module 'odd' \(\w+\) {said}"):
-        kronecker_attention(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (sequence-first)
+            kronecker_attention(model)
     assert type(model.plain) is nn.MultiheadAttention  # the convertible one left as it was too
 
 
 def _hooked(module: nn.Module) -> nn.Module:
     module.register_forward_hook(lambda *args: None)
+    return module
+
+
+def _saved_hook(module: nn.Module) -> nn.Module:
+    module.register_state_dict_pre_hook(lambda *args: None)
+    return module
+
+
+def _parametrized(module: nn.Module) -> nn.Module:
+    torch.nn.utils.parametrize.register_parametrization(module, "in_proj_weight", nn.Identity())
     return module
 
 
@@ -205,12 +237,17 @@ def test_bad_masks_and_inputs_are_named() -> None:
         ours(x, torch.randn(N, L, 5), x)
     with pytest.raises(RuntimeError, match="is_causal=True needs attn_mask"):
         ours(x, x, x, is_causal=True)
+    with pytest.raises(ValueError, match=r"key_padding_mask of shape \(4,\); expected \(3, 4\)"):
+        ours(x, x, x, key_padding_mask=torch.zeros(L, dtype=torch.bool))  # one sequence's mask, a batch's query
+    for key, value in ((x[:1], x[:1]), (x, x[:, :2])):  # another batch size; key and value of other lengths
+        with pytest.raises(ValueError, match="key and value need one shape and the query's batch size"):
+            ours(x, key, value)
 
 
 class _Classifier(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 2) -> None:
         super().__init__()
-        self.embed = _encoder()
+        self.embed = _encoder(depth)
         self.head = nn.Linear(E, 3, dtype=torch.float64)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -249,12 +286,24 @@ def test_the_optimizers_precondition_the_converted_projections() -> None:
 def test_the_report_measures_the_projections_as_kronecker_blocks() -> None:
     """curvlab.compare on a converted torch Transformer: the attention projections get every
     approximation's metrics, as the timm-style ViT's qkv/proj do."""
-    model = kronecker_attention(_Classifier())
+    model = kronecker_attention(_Classifier(depth=1))
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, L, 2, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
     ds = curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kfac", "tekfac"))
     kinds = dict(zip(ds["layer"].values.tolist(), ds["block_kind"].values.tolist()))
-    assert kinds["embed.1.layers.0.self_attn.in_proj"] == kinds["embed.1.layers.1.self_attn.out_proj"] == "kronecker"
+    assert kinds["embed.1.layers.0.self_attn.in_proj"] == kinds["embed.1.layers.0.self_attn.out_proj"] == "kronecker"
     assert not any("in_proj_" in name for name in kinds)
     err = ds["rel_frobenius_error"].sel(layer="embed.1.layers.0.self_attn.in_proj")
     assert bool(((err > 0) & (err < 2)).all())
+
+
+def test_the_report_summary_points_an_unconverted_attention_to_the_conversion() -> None:
+    from curvlab.app.report import summary_markdown
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, L, 2, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+    said = "`curvlab.kronecker_attention(model)` (in the function `--model` names) makes them `nn.Linear` modules"
+    for convert in (False, True):
+        model = kronecker_attention(_Classifier(depth=1)) if convert else _Classifier(depth=1)
+        ds = curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kfac",))
+        assert (said in summary_markdown(ds)) == (not convert)

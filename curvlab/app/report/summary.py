@@ -198,6 +198,14 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
             "curvlab's optimizers update them first order.",
             "",
         ]
+        if "module_type" in ds.coords and (ds["module_type"] == "MultiheadAttention").any():
+            out += [
+                "nn.MultiheadAttention applies its projections in torch's functional attention, out of reach of "
+                "module hooks, so they are parameter blocks here; `curvlab.kronecker_attention(model)` (in the "
+                "function `--model` names) makes them `nn.Linear` modules holding the same tensors, measured with "
+                "every Kronecker approximation and preconditioned by the optimizers.",
+                "",
+            ]
     coupled = bool(ds.attrs.get("coupled")) and "coupling_error" in ds
     rows = []
     for i, layer in enumerate(layers):
