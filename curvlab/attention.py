@@ -69,7 +69,9 @@ class KroneckerAttention(nn.Module):
             ValueError: naming ``name``, for what has no packed ``E → 3E`` projection (``kdim`` or
                 ``vdim`` other than ``embed_dim``: separate weights with one packed bias), adds to
                 the keys and values (``add_bias_kv``, ``add_zero_attn``), overrides torch's
-                forward (a subclass), or has hooks of its own (they would be dropped).
+                forward (a subclass), computes its weight (a parametrization), or has hooks of its
+                own (they would be dropped).  A sequence-first module is converted with a warning:
+                curvlab's statistics refuse it.
         """
         where = f"curvlab.kronecker_attention: module {name or '<root>'!r} ({type(attention).__name__})"
         if parametrize.is_parametrized(attention):  # (torch made it a subclass)
