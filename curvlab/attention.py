@@ -233,7 +233,8 @@ def kronecker_attention(model: nn.Module) -> nn.Module:
     :class:`KroneckerAttention` holding the same parameter tensors; returns ``model`` (or the new
     module, where ``model`` is one).  Convert before building an optimizer: the parameters are
     the same objects, so param groups built before stay valid, but a curvlab optimizer reads the
-    model's modules when it is built.
+    model's modules at its first step (or ``blocks()``) and keeps them — a conversion after that
+    leaves its attention on the first-order update; build a new optimizer then.
 
     Raises:
         ValueError: naming the module path, for an attention :meth:`KroneckerAttention.of` cannot

@@ -259,7 +259,7 @@ def test_the_optimizers_precondition_the_converted_projections() -> None:
     the conversion; converted, they are Kronecker blocks of KFAC and TEKFAC, whose step is the
     dense damped natural gradient (test_optim checks that of a Linear on [N, T, D]) and which
     train the model."""
-    with pytest.warns(UserWarning, match=r"curvlab.kronecker_attention\(model\) makes them nn.Linear"):
+    with pytest.warns(UserWarning, match=r"curvlab.kronecker_attention\(model\), before building the optimizer, makes them nn.Linear"):
         KFAC(_Classifier(), lr=0.1).blocks()
     model = kronecker_attention(_Classifier())
     gen = torch.Generator().manual_seed(0)

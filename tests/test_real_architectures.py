@@ -185,7 +185,8 @@ def test_the_optimizers_say_why_attentions_out_proj_takes_the_first_order_step()
     told = [str(w.message) for w in said if "no Kronecker block" in str(w.message)]
     assert len(told) == 1 and told[0].endswith(
         "of nn.MultiheadAttention, which applies its projections in torch's functional attention "
-        "(curvlab.kronecker_attention(model) makes them nn.Linear modules, preconditioned): "
+        "(curvlab.kronecker_attention(model), before building the optimizer, makes them nn.Linear modules, "
+        "preconditioned): "
         "['att.in_proj_weight', 'att.in_proj_bias', 'att.out_proj.weight', 'att.out_proj.bias'] "
         "(see curvlab.model_blocks)"), told
     found = curvlab.extract.model_blocks(opt.model)

@@ -310,7 +310,8 @@ class KroneckerOptimizer(Optimizer):
             "shared by several modules": found.tied,
             "the bias of a layer whose weight is frozen (requires_grad=False) or shared": found.lone_biases,
             "of nn.MultiheadAttention, which applies its projections in torch's functional attention "
-            "(curvlab.kronecker_attention(model) makes them nn.Linear modules, preconditioned)":
+            "(curvlab.kronecker_attention(model), before building the optimizer, makes them nn.Linear modules, "
+            "preconditioned)":
                 found.packed + found.enclosed,
             "of the model's own modules, used in their own forward (a cls token, a position embedding, a weight "
             "passed to F.linear or F.conv2d: an nn.Linear or nn.Conv2d module is preconditioned)": found.own,
