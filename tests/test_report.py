@@ -466,3 +466,18 @@ def test_the_summary_of_a_zero_fisher_says_so(ds: xr.Dataset) -> None:
     text = summary_markdown(edited)
     assert "F is zero on this batch" in text and "Fisher's, –" not in text
     assert "F is zero" not in summary_markdown(ds)
+
+
+def test_the_errors_panels_y_labels_stay_inside_their_own_rows(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """With more than three layers the panels are stacked 2.4 in high: the misalignment's label,
+    1 − cos∠(F̂_λ⁻¹g, F_λ⁻¹g) written vertically, ran into the scaling error's label above it
+    (a converted ViT's report on CIFAR-10)."""
+    many = ds.isel(layer=[i % ds.sizes["layer"] for i in range(12)]).assign_coords(
+        layer=[f"encoder.layers.{i}.self_attn.in_proj" for i in range(12)], block_kind=("layer", ["kronecker"] * 12))
+    fig = _drawn(monkeypatch, plot_errors, many, tmp_path)
+    panels = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert len(panels) == 4
+    labels = [ax.yaxis.label.get_window_extent() for ax in panels]
+    for ax, box in zip(panels, labels):  # each label within its panel's height
+        frame = ax.get_window_extent()
+        assert frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, ax.get_ylabel()

@@ -297,7 +297,8 @@ def _plot_spectrum(ax, values: np.ndarray, name: str, cutoff: float, lw: float, 
 # ------------------------------------------------------------------------------------- errors
 
 _REL_FRO = r"$\|F - \hat{F}\|_F\,/\,\|F\|_F$"
-_NG_MIS = r"$1 - \cos\angle(\hat{F}_\lambda^{-1}g,\ F_\lambda^{-1}g)$"  # the damped natural gradients
+# the damped natural gradients; two lines, as one it ran past a stacked panel's 2.4 in
+_NG_MIS = "$1 - \\cos\\angle$\n$(\\hat{F}_\\lambda^{-1}g,\\ F_\\lambda^{-1}g)$"
 
 #: Panels of :func:`plot_errors`: (how to compute it, y-axis label, panel title).
 ERROR_PANELS: tuple[tuple[str, str, str], ...] = (
