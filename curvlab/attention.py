@@ -7,7 +7,9 @@ optimizers give them the first-order update.  :func:`kronecker_attention` replac
 model by a :class:`KroneckerAttention` that holds the *same parameter tensors* in ``nn.Linear``
 modules — ``in_proj`` (the packed ``[3E, E]`` weight and its bias) and the same ``out_proj`` — and
 computes the same function: torch's attention with the explicit softmax (its ``need_weights``
-path; ``vmap`` has no batching rule for the fused kernels' backward on the CPU).  Both projections
+path; ``vmap`` has no batching rule for the fused kernels' backward on the CPU), a row that
+attends to nothing given as torch gives it (NaN with ``need_weights``, else its fused path's
+zeros, as torch's Transformer layers call it).  Both projections
 then are Kronecker layers of the report and of the optimizers, as a timm-style ``qkv``/``proj``
 pair is.  The state dict keeps ``nn.MultiheadAttention``'s keys, so a checkpoint loads into
 either model.
