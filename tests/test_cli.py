@@ -20,6 +20,7 @@ from curvlab.app.options import check_label_smoothing, label_smoothing
 from curvlab.app.report import run_report
 from curvlab.app.train.config import TrainConfig
 from curvlab.io import read_netcdf
+from helpers import without_report_figures
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_FILES = ("report.nc", "summary.md", "spectra.png", "errors.png")
@@ -107,10 +108,11 @@ def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pyte
     assert code != 0 and "--truncation-rank" in capsys.readouterr().err
 
 
-def test_label_smoothing_is_the_loss_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_label_smoothing_is_the_loss_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     """``--label-smoothing`` (timm's recipes train with 0.1): the loss measured and warmed up
     with.  Its loss-Hessian is cross-entropy's, so the exact Fisher of the same weights is the
     same; the gradient, and with it the natural-gradient metrics, and the empirical Fisher change."""
+    without_report_figures(monkeypatch)
     runs = {}
     for eps in ("0", "0.3"):
         for fisher in ("exact", "empirical"):

@@ -26,6 +26,7 @@ from curvlab.app.report import (
     write_summary,
 )
 from curvlab.io import read_netcdf, write_netcdf
+from helpers import without_report_figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -223,10 +224,11 @@ def test_run_report_takes_numpy_integers_for_the_truncation(tmp_path: Path) -> N
     assert read_netcdf(paths["report"]).attrs["factor_eigh"].startswith("truncated above 100 to rank 8")
 
 
-def test_the_factor_eigh_attribute_says_what_was_applied(tmp_path: Path) -> None:
+def test_the_factor_eigh_attribute_says_what_was_applied(tmp_path: Path, monkeypatch) -> None:
     """``--truncate-above`` with only approximations that take no truncation (KFOC's and the
     diagonal's bases are always full), or with no factor wider than the threshold: report.nc and
     summary.md said "truncated above …", of bases that were all full."""
+    without_report_figures(monkeypatch)
     cases = {"none-takes-it": (("kfoc", "diagonal"), 100), "none-wider": (("kflr",), 1000), "applied": (("kflr", "kfoc"), 100)}
     got = {}
     for label, (names, above) in cases.items():

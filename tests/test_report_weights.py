@@ -28,7 +28,7 @@ from curvlab.app.report.weights import read_weights
 from curvlab.app.train import TrainConfig, train
 from curvlab.app.train import checkpoint as train_checkpoint
 from curvlab.io import read_netcdf
-from helpers import dense_ggn
+from helpers import dense_ggn, without_report_figures
 
 N = 8  # examples in the measured batch
 SEED = 0
@@ -42,6 +42,14 @@ def _report(out: Path, *extra: str, capsys: pytest.CaptureFixture[str] | None = 
     err = capsys.readouterr().err if capsys is not None else ""
     assert code == 0, err
     return read_netcdf(out / "report.nc")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_figures():  # noqa: ANN202 (a generator fixture)
+    """These reports are read for their numbers and records: their figures left empty."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        without_report_figures(monkeypatch)
+        yield
 
 
 @pytest.fixture(scope="module")
