@@ -83,11 +83,12 @@ def test_report_variables_say_what_they_are(tmp_path: Path, capsys: pytest.Captu
         assert "blocks only" not in ds["network_exact_trace"].attrs["long_name"]  # every block is in it
 
 
-def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_measures_truncated_bases_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     """``--truncate-above``: the report measures the truncated eigenbases the optimizers invert
     for wide factors, and says so in report.nc and summary.md.  The MLP on 8 examples: layer 1's
     128-wide G has rank 80 (a worse fit with 8 eigenpairs), layer 3's 129-wide A rank 8 (the
     same fit), layer 5 has no factor wider than 100 (the same numbers)."""
+    without_report_figures(monkeypatch)
     runs = {}
     for label, extra in (("full", []), ("truncated", ["--truncate-above", "100", "--truncation-rank", "8"])):
         out = tmp_path / label

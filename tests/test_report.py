@@ -249,9 +249,10 @@ def test_run_report_accepts_0_1_positional_arguments_with_a_warning(tmp_path: Pa
     assert list(ds.approximation.values) == ["kfac", "tekfac"] and ds.attrs["num_examples"] == 20
 
 
-def test_a_report_folder_gets_the_permissions_of_a_plain_folder(tmp_path: Path) -> None:
+def test_a_report_folder_gets_the_permissions_of_a_plain_folder(tmp_path: Path, monkeypatch) -> None:
     """Its staging folder came from mkdtemp (0700) and became the report folder: other users of a
     shared machine could not read a report."""
+    without_report_figures(monkeypatch)
     args = dict(model="mlp", dataset="digits", batch_size=10, approximations=("kfac",), train_steps=0, progress=False)
     old = os.umask(0o022)
     try:
