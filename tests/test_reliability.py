@@ -270,6 +270,28 @@ def test_a_bad_param_group_is_refused_when_given() -> None:
     opt.add_param_group({"params": rest_params, "maximize": False, "nesterov": False, "dampening": 0})
 
 
+@pytest.mark.parametrize("name,value", [("damping", 0.0), ("damping", 1e6), ("stats_interval", 1), ("kl_clip", None)])
+def test_an_optimizer_wide_option_in_a_param_group_is_refused_not_ignored(name: str, value: object) -> None:
+    """``damping`` in a param group (0 included, which the README said was refused) was accepted
+    and ignored: the steps were bit-identical to the optimizer's own damping (QA16)."""
+    model, x, y = batch(8)
+    first, *rest = list(model.children())
+    rest_params = [p for m in rest for p in m.parameters()]
+    said = rf"KFAC: param group 1 sets \['{name}'\]: one value for all blocks, an option of the optimizer"
+    with pytest.raises(ValueError, match=said):
+        KFAC(model, [{"params": first.parameters()}, {"params": rest_params, name: value}])
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    opt.param_groups[0][name] = value  # as a scheduler would: refused at the step, nothing moved
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_fn = nn.CrossEntropyLoss()
+    opt.zero_grad()
+    with opt.track(loss_fn):
+        loss_fn(model(x), y).backward()
+    with pytest.raises(ValueError, match=said.replace("group 1", "group 0")):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 @pytest.mark.parametrize("overflow", ["lr", "preconditioner"])
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
 def test_a_non_finite_update_is_skipped_at_its_own_step(cls, overflow: str) -> None:

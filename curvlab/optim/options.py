@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -134,15 +134,26 @@ class KroneckerOptions(OptionSet):
 FOREIGN_GROUP_OPTIONS = {"maximize": False, "nesterov": False, "dampening": 0}
 
 
+#: the options that are one value for all blocks: a param group may set lr, momentum, weight_decay
+OPTIMIZER_WIDE = frozenset(f.name for f in fields(KroneckerOptions)) - {"lr", "momentum", "weight_decay"}
+
+
 def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
     """Every param group's ``lr``, ``momentum`` and ``weight_decay`` is a non-negative finite
-    number (groups are plain dicts: a user or a scheduler may have set anything), and none asks
-    for an option of torch's SGD these optimizers do not have (:data:`FOREIGN_GROUP_OPTIONS`)."""
+    number (groups are plain dicts: a user or a scheduler may have set anything), none asks
+    for an option of torch's SGD these optimizers do not have (:data:`FOREIGN_GROUP_OPTIONS`), and
+    none sets an optimizer-wide option (:data:`OPTIMIZER_WIDE`: ``damping`` in a group was
+    accepted and ignored)."""
     for i, group in enumerate(groups):
         for name, neutral in FOREIGN_GROUP_OPTIONS.items():
             if group.get(name, neutral) != neutral:
                 raise ValueError(f"{who}: param group {i}: {name}={group[name]!r} is an option of torch.optim.SGD "
                                  f"that curvlab's optimizers do not have (they minimise, with heavy-ball momentum)")
+        wide = sorted(k for k in group if k in OPTIMIZER_WIDE)
+        if wide:  # accepted and ignored, it would look applied
+            raise ValueError(f"{who}: param group {i} sets {wide}: one value for all blocks, an option of the "
+                             "optimizer, not of a param group; pass it to the optimizer (opt.damping can be "
+                             "set between steps)")
         for name, above in (("lr", math.inf), ("momentum", 1.0), ("weight_decay", math.inf)):
             value = group.get(name)
             if type(value) is float and 0.0 <= value < above:  # the common case, checked every step
