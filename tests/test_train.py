@@ -360,6 +360,24 @@ def test_a_sigterm_stops_a_one_process_run_as_a_ctrl_c_does(tmp_path: Path) -> N
     assert xr.open_dataset(out / "metrics.nc").sizes["epoch"] == done + 1
 
 
+def test_a_sigterm_is_caught_where_sigint_is_ignored() -> None:
+    """A run started with ``&`` by a script inherits SIGINT ignored; its SIGTERM handler was not
+    installed either, so a scheduler's stop ended it silently, its lock left behind (QA16)."""
+    from curvlab.app import interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.remembered():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # left as the parent set it
+            assert signal.getsignal(signal.SIGTERM) is interrupts.raise_interrupt
+            with pytest.raises(interrupts.Stopped):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_train_mode_probe_measures_the_train_mode_forward_and_changes_nothing() -> None:
     """The eval-mode probe compares the optimizer's statistics, collected in train mode, with the
     Fisher of the eval-mode network (BatchNorm's running statistics): misleading early on.  In

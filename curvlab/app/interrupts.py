@@ -51,13 +51,17 @@ def remembered() -> Iterator[None]:
     each remembered for :func:`check`, inside the block (in the main thread, where Python's own
     handlers are in place; elsewhere nothing changes)."""
     global _pending
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    caught = []
+    if threading.current_thread() is threading.main_thread():
+        # each signal on its own: a job started with `&` by a script inherits SIGINT ignored, and
+        # its SIGTERM (a scheduler's stop) must still stop it cleanly
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            caught.append(signal.SIGINT)
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            caught.append(signal.SIGTERM)
+    if not caught:
         yield
         return
-    caught = [signal.SIGINT]
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        caught.append(signal.SIGTERM)
     _pending = None
     previous = {sig: signal.signal(sig, raise_interrupt) for sig in caught}
     try:
