@@ -86,9 +86,12 @@ class KroneckerAttention(nn.Module):
         if not attention._qkv_same_embed_dim:
             raise ValueError(f"{where} has kdim={attention.kdim}, vdim={attention.vdim} other than "
                              f"embed_dim={attention.embed_dim}: separate q, k, v weights with one packed bias, "
-                             "which no nn.Linear holds; leave it unconverted")
+                             "which no nn.Linear holds; convert the model's other attention modules one by one "
+                             "(model.x = curvlab.kronecker_attention(model.x)) and leave this one")
         if attention.bias_k is not None or attention.add_zero_attn:
-            raise ValueError(f"{where} has add_bias_kv or add_zero_attn, which are not converted; leave it unconverted")
+            raise ValueError(f"{where} has add_bias_kv or add_zero_attn, which are not converted; convert the model's "
+                             "other attention modules one by one (model.x = curvlab.kronecker_attention(model.x)) "
+                             "and leave this one")
         hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                              "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                              "_load_state_dict_post_hooks") if getattr(attention, k, None)]

@@ -488,3 +488,11 @@ def test_a_ctrl_c_python_discards_still_stops_the_run(tmp_path: Path, monkeypatc
     monkeypatch.setattr(loop, "write_netcdf", write)
     assert main([*args, "--resume"]) == 0
     assert xr.open_dataset(tmp_path / "run" / "metrics.nc").sizes["epoch"] == 3
+
+
+def test_a_negative_kl_clip_says_what_the_command_line_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "(None disables it)", which cannot be typed; the command line's 0 does (QA16)."""
+    from curvlab.app.cli import main
+
+    assert main(["train", "--kl-clip", "-1", "--epochs", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--kl-clip -1.0 must be a positive finite number (0 disables it)")

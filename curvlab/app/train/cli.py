@@ -95,7 +95,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "train",
         help="train a model with SGD, Adam or a Kronecker optimizer, probing the curvature",
         description=(
-            "Train a built-in model (or module:function) on a dataset with the chosen optimizer. "
+            "Train a built-in model (or package.module:function / path/to/file.py:function) on a dataset with the chosen optimizer. "
             "Writes metrics.nc (per epoch: train/test loss and accuracy, wall-clock), probe.nc "
             "(with --probe-every K: the comparison of the optimizer's own approximation and "
             "fresh ones against the exact Fisher blocks on a fixed batch, every K steps) and "
@@ -105,7 +105,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     d = _DEFAULT
     run = p.add_argument_group("model, data and run")
-    run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or module:function (default: %(default)s)")
+    run.add_argument("--model", type=model, default=d.model, help=f"built-in model ({', '.join(MODELS)}) or a user model 'package.module:function' / "
+                     "'path/to/file.py:function' (default: %(default)s)")
     run.add_argument("--hidden", type=widths, default=None,
                      help=hidden_help())
     run.add_argument("--dataset", type=dataset, default=d.dataset, metavar="{" + ",".join(DATASETS) + "}",
@@ -234,6 +235,7 @@ def _stopped(signal_name: str, out: Path) -> int:
 def _as_options(message: str) -> str:
     """``name=value`` of a training option in ``message`` as the command line spells it, ``--name value``."""
     names = {f.name for f in fields(TrainConfig)}
+    message = message.replace("(None disables it)", "(0 disables it)")  # as the command line takes it
     return re.sub(r"\b([a-z_]+)=", lambda m: f"{flag(m.group(1))} " if m.group(1) in names else m.group(0), message)
 
 
