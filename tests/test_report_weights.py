@@ -423,5 +423,5 @@ def test_a_run_of_the_default_widths_reported_with_other_widths_says_to_leave_hi
         run: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The run used mlp's default widths: there is no --hidden of it to pass."""
     assert main([*REPORT, "--hidden", "32", "--weights", str(run), "--out", str(work / "other-widths")]) == 2
-    assert ("the run was trained with the model options none (this report: hidden=(32,)): leave --hidden out "
+    assert ("the run was trained with no model options (this report: hidden=(32,)): leave --hidden out "
             "(the run used the model's default widths)") in capsys.readouterr().err

@@ -82,7 +82,7 @@ def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | 
         trained_with = str(c.get("model_kwargs", "")).removeprefix("none") or "none"
         source = (f"curvlab train checkpoint: {c.get('optimizer', '?')} (lr {c.get('lr', '?')}, augment "
                   f"{c.get('augment', 'none')}, lr schedule {c.get('lr_schedule', 'constant')}, warm-up "
-                  f"{c.get('warmup_epochs', 0)} epochs), epoch "
+                  f"{c.get('warmup_epochs', 0)} epoch{'' if c.get('warmup_epochs', 0) == 1 else 's'}), epoch "
                   f"{loaded['epoch']} of {c.get('epochs', '?')}, step {loaded['step']}")
         state, diverged = loaded["model"], loaded.get("diverged_at")
     else:
@@ -201,7 +201,8 @@ def _check_fit(file: Path, state: Mapping[str, torch.Tensor], model: str, datase
     if problems:
         ours = options_attr(model_kwargs) or "none"
         advice = "leave --hidden out (the run used the model's default widths)" if trained_with == "none" else "pass its --hidden"
-        hint = (f"; the run was trained with the model options {trained_with} (this report: {ours}): {advice}"
+        trained = "with no model options" if trained_with == "none" else f"with the model options {trained_with}"
+        hint = (f"; the run was trained {trained} (this report: {ours}): {advice}"
                 if trained_with not in (None, ours) else "")
         raise ReportError(f"{WHO}: --weights {file} does not fit --model {model} on {canonical_name(dataset)}: "
                           f"{'; '.join(problems)}{hint}")
