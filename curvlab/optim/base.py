@@ -84,7 +84,7 @@ from curvlab.model_blocks import (
     model_blocks,
 )
 from curvlab.optim.distributed import DataParallel, data_parallel, statistics_engine, unwrap
-from curvlab.optim.options import KroneckerOptions, check_groups
+from curvlab.optim.options import GROUP_OPTIONS, KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, Plan, accumulated, plan_step, tracked_pass
@@ -204,7 +204,7 @@ class KroneckerOptimizer(Optimizer):
         self.options = opts
         super().__init__(
             model.parameters() if params is None else params,
-            dict(lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay),
+            {name: getattr(opts, name) for name in GROUP_OPTIONS},
         )
         self.steps_done = 0
         self.block_states: dict[str, BlockState] = {}

@@ -30,6 +30,10 @@ def _option(default: object, help: str, **cli: object) -> object:
     return field(default=default, metadata={"help": help, **cli})
 
 
+#: how kl_clip is turned off, as its refusal says (the command line's 0 stands for it)
+KL_CLIP_OFF = " (None disables it)"
+
+
 @dataclass(frozen=True)
 class KroneckerOptions(OptionSet):
     """Hyper-parameters of :class:`~curvlab.optim.KFAC`, ``EKFAC``, ``TKFAC`` and ``TEKFAC``.
@@ -94,7 +98,7 @@ class KroneckerOptions(OptionSet):
         for name in ("stats_interval", "eigen_interval", "scale_interval", "mc_samples"):
             object.__setattr__(self, name, check_int(who, name, getattr(self, name), 1))
         if self.kl_clip is not None:
-            clip = check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=" (None disables it)")
+            clip = check_number(who, "kl_clip", self.kl_clip, minimum=0.0, strict=True, hint=KL_CLIP_OFF)
             object.__setattr__(self, "kl_clip", clip)
         self.check_choices(who, fisher=FLAVOURS, engine=ENGINES, kfac_approx=KFAC_APPROX, factor_dtype=FACTOR_DTYPES,
                            basis=TEKFAC_BASES)
@@ -134,8 +138,10 @@ class KroneckerOptions(OptionSet):
 FOREIGN_GROUP_OPTIONS = {"maximize": False, "nesterov": False, "dampening": 0}
 
 
-#: the options that are one value for all blocks: a param group may set lr, momentum, weight_decay
-OPTIMIZER_WIDE = frozenset(f.name for f in fields(KroneckerOptions)) - {"lr", "momentum", "weight_decay"}
+#: the options a param group may set, each with its bound (a value in [0, bound))
+GROUP_OPTIONS = {"lr": math.inf, "momentum": 1.0, "weight_decay": math.inf}
+#: the options that are one value for all blocks
+OPTIMIZER_WIDE = frozenset(f.name for f in fields(KroneckerOptions)) - GROUP_OPTIONS.keys()
 
 
 def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
@@ -154,7 +160,7 @@ def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
             raise ValueError(f"{who}: param group {i} sets {wide}: one value for all blocks, an option of the "
                              "optimizer, not of a param group; pass it to the optimizer (opt.damping can be "
                              "set between steps)")
-        for name, above in (("lr", math.inf), ("momentum", 1.0), ("weight_decay", math.inf)):
+        for name, above in GROUP_OPTIONS.items():
             value = group.get(name)
             if type(value) is float and 0.0 <= value < above:  # the common case, checked every step
                 continue

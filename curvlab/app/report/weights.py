@@ -80,9 +80,10 @@ def read_weights(path: PathLike, model: str, dataset: str, model_kwargs: dict | 
         config = _checked_config(file, loaded["config"], model, dataset)
         c = {k.removeprefix("config_"): v for k, v in config.items()}
         trained_with = str(c.get("model_kwargs", "")).removeprefix("none") or "none"
+        warmup = c.get("warmup_epochs", 0)
         source = (f"curvlab train checkpoint: {c.get('optimizer', '?')} (lr {c.get('lr', '?')}, augment "
                   f"{c.get('augment', 'none')}, lr schedule {c.get('lr_schedule', 'constant')}, warm-up "
-                  f"{c.get('warmup_epochs', 0)} epoch{'' if c.get('warmup_epochs', 0) == 1 else 's'}), epoch "
+                  f"{warmup} epoch{'' if warmup == 1 else 's'}), epoch "
                   f"{loaded['epoch']} of {c.get('epochs', '?')}, step {loaded['step']}")
         state, diverged = loaded["model"], loaded.get("diverged_at")
     else:

@@ -40,6 +40,7 @@ from curvlab.app.train.config import (FIRST_ORDER, OPTIMIZERS, TrainConfig, Trai
 from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx import APPROXIMATIONS
 from curvlab.optim import KroneckerOptions
+from curvlab.optim.options import KL_CLIP_OFF
 from curvlab.stats import FLAVOURS
 
 _DEFAULT = TrainConfig()
@@ -235,7 +236,7 @@ def _stopped(signal_name: str, out: Path) -> int:
 def _as_options(message: str) -> str:
     """``name=value`` of a training option in ``message`` as the command line spells it, ``--name value``."""
     names = {f.name for f in fields(TrainConfig)}
-    message = message.replace("(None disables it)", "(0 disables it)")  # as the command line takes it
+    message = message.replace(KL_CLIP_OFF, " (0 disables it)")  # as the command line takes it
     return re.sub(r"\b([a-z_]+)=", lambda m: f"{flag(m.group(1))} " if m.group(1) in names else m.group(0), message)
 
 
