@@ -697,20 +697,22 @@ def test_a_compiled_model_runs_the_recording_hooks_outside_its_graph():
         train_step(opt, strict, nn.CrossEntropyLoss(), x, y)
 
 
+class TwoHeads(nn.Module):
+    """A body and two heads: the loss's and an auxiliary one (deep supervision)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h), self.aux(h)
+
+
 def test_a_sum_of_losses_through_the_tracked_loss_names_the_fix_that_works():
     """Deep supervision through the tracked loss instance was refused in ExtractionSession's and
     micro-batches' words (QA13); the message gives the fix, and the fix trains: the other term
     through another instance, the head only it reaches given the first-order update."""
-
-    class TwoHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk, self.head, self.side = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.trunk(x))
-            return self.head(h), self.side(h)
-
     torch.manual_seed(0)
     model = TwoHeads()
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
@@ -721,13 +723,13 @@ def test_a_sum_of_losses_through_the_tracked_loss_names_the_fix_that_works():
             main, side = model(x)
             (ce(main, y) + ce(side, y)).backward()
     opt.zero_grad()
-    before = model.side.weight.detach().clone()
-    with pytest.warns(RuntimeWarning, match=r"no curvature statistics yet for \['side'\]"):
+    before = model.aux.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"no curvature statistics yet for \['aux'\]"):
         with opt.track(ce):
             main, side = model(x)
             (ce(main, y) + 0.3 * aux(side, y)).backward()
         opt.step()
-    assert not torch.equal(model.side.weight, before)
+    assert not torch.equal(model.aux.weight, before)
 
 
 def test_a_model_compiled_without_the_hooks_is_named(monkeypatch):
@@ -907,18 +909,8 @@ def test_a_head_of_another_loss_takes_the_first_order_step():
     reaches the tracked loss, so its block would be zero and its preconditioned step 1/damping
     times too large (90× here, silently); it takes SGD's step instead, and the extraction names
     it where a zero block would be returned."""
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.head, self.aux = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.body(x))
-            return self.head(h), self.aux(h)
-
     torch.manual_seed(0)
-    model, loss_fn, aux_loss = Net().to(DT), nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    model, loss_fn, aux_loss = TwoHeads().to(DT), nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
     x, y = data(16)
     opt = KFAC(model, lr=0.1, momentum=0.0, stats_interval=1)
     for _ in range(2):
