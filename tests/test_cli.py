@@ -269,6 +269,7 @@ def test_usage_errors(args: list[str], message: str, tmp_path: Path, capsys: pyt
         (["--optimizer", "adam", "--lr", "0.01", "--weight-decay", "1e-4"], {"lr": 0.01, "weight_decay": 1e-4}),
         (["--optimizer", "sgd", "--momentum", "0"], {"lr": 0.05, "momentum": 0.0}),
         (["--optimizer", "sgd", "--probe-every", "5", "--damping", "0.1"], {"damping": 0.1, "probe_every": 5}),
+        (["--optimizer", "TEKFAC", "--damping", "0.1"], {"optimizer": "tekfac", "damping": 0.1}),  # as papers write it
     ],
 )
 def test_first_order_optimizers_take_their_options(args: list[str], want: dict) -> None:

@@ -26,6 +26,7 @@ import torch
 import xarray as xr
 
 from curvlab.app.cli import main
+from curvlab.app.interrupts import Stopped
 from curvlab.app.train import TrainConfig, train
 from helpers import torch_threads
 
@@ -121,11 +122,16 @@ def test_report_interrupted_or_out_of_disk_keeps_the_previous_report(first_repor
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(figures, "plot_errors", interrupted)  # Ctrl-C inside the write phase
-    assert main(["report", *REPORT, "--seed", "2", "--out", str(out)]) == 130
-    assert report_state(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
-    monkeypatch.undo()
+    def stopped(*_args, **_kwargs):
+        raise Stopped("SIGTERM")
+
     capsys.readouterr()
+    for stop, status, said in ((interrupted, 130, "interrupted"), (stopped, 143, "stopped by SIGTERM")):
+        monkeypatch.setattr(figures, "plot_errors", stop)  # a Ctrl-C or a scheduler's stop inside the write phase
+        assert main(["report", *REPORT, "--seed", "2", "--out", str(out)]) == status
+        assert capsys.readouterr().err.splitlines()[-1] == f"curvlab report: {said}"
+        assert report_state(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
+    monkeypatch.undo()
     for obj, name, value in enospc_patches("errors.png"):  # the disk fills while a figure is saved
         monkeypatch.setattr(obj, name, value)
     assert main(["report", *REPORT, "--seed", "2", "--out", str(out)]) == 1

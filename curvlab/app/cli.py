@@ -412,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a stop by SIGTERM, or a launcher's (curvlab.app.interrupts.Stopped)
-        print(f"{PROG}: stopped by {name}" if name else f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG} {args.command}: stopped by {name}" if name else f"{PROG} {args.command}: interrupted",
+              file=sys.stderr)
         return exit_stopped(name)
     finally:
         warnings.formatwarning = format_warning

@@ -114,7 +114,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                      help="digits (embedded), mnist, fashion-mnist, cifar10 (default: %(default)s)")
     run.add_argument("--data-dir", default=d.data_dir, help="folder with the dataset's files (needed for mnist and cifar10; "
                      "fashion-mnist defaults to /usr/share/datasets/fashion-mnist; not for digits)")
-    run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
+    run.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, type=str.lower,
+                     help="optimizer, in any case (default: %(default)s)")
     run.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs to train (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="mini-batch size (default: %(default)s)")
     run.add_argument("--label-smoothing", type=label_smoothing, default=d.label_smoothing, help=LABEL_SMOOTHING_HELP)
