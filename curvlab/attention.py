@@ -5,13 +5,15 @@ torch's ``nn.MultiheadAttention`` applies its projections inside its functional 
 their outputs: curvlab measures them as exact parameter blocks without Kronecker factors, and its
 optimizers give them the first-order update.  :func:`kronecker_attention` replaces each one in a
 model by a :class:`KroneckerAttention` that holds the *same parameter tensors* in ``nn.Linear``
-modules — ``in_proj`` (the packed ``[3E, E]`` weight and its bias) and the same ``out_proj`` — and
-computes the same function: torch's attention with the explicit softmax (its ``need_weights``
+modules — ``in_proj`` (the packed ``[3E, E]`` weight and its bias; with ``kdim`` or ``vdim`` other
+than ``E``, torch's separate weights as ``q_proj``, ``k_proj`` and ``v_proj``) and the same
+``out_proj`` — and computes the same function: torch's attention with the explicit softmax (its ``need_weights``
 path; ``vmap`` has no batching rule for the fused kernels' backward on the CPU), a row that
 attends to nothing given as torch gives it (NaN with ``need_weights``, else its fused path's
-zeros, as torch's Transformer layers call it).  Both projections
+zeros, as torch's Transformer layers call it).  The projections
 then are Kronecker layers of the report and of the optimizers, as a timm-style ``qkv``/``proj``
-pair is.  The state dict keeps ``nn.MultiheadAttention``'s keys, so a checkpoint loads into
+pair is; what no ``nn.Linear`` holds — the packed bias of separate weights, ``add_bias_kv``'s
+``bias_k`` and ``bias_v`` — stays a parameter of the module (a parameter block).  The state dict keeps ``nn.MultiheadAttention``'s keys, so a checkpoint loads into
 either model.
 """
 
@@ -29,7 +31,9 @@ from torch.nn.utils import parametrize
 class KroneckerAttention(nn.Module):
     """The function of an ``nn.MultiheadAttention`` (same arguments, outputs and attributes), its
     projections applied by ``nn.Linear`` modules: ``in_proj`` (``E → 3E``, the packed
-    ``in_proj_weight``/``in_proj_bias``) and ``out_proj``.  Build it with :meth:`of` (sharing an
+    ``in_proj_weight``/``in_proj_bias``) or, for ``kdim``/``vdim`` other than ``E``, ``q_proj``,
+    ``k_proj`` and ``v_proj`` (torch's ``q_proj_weight``… without bias: the packed ``in_proj_bias``
+    stays this module's ``qkv_bias``), and ``out_proj``.  Build it with :meth:`of` (sharing an
     existing module's parameters) or :func:`kronecker_attention`.
 
     Self-attention (``query is key is value``) calls ``in_proj`` once; cross-attention calls it on
@@ -40,23 +44,41 @@ class KroneckerAttention(nn.Module):
 
     merge_masks = nn.MultiheadAttention.merge_masks  # torch's encoder fast path calls it
 
-    def __init__(self, in_proj: nn.Linear, out_proj: nn.Linear, num_heads: int, dropout: float = 0.0,
-                 batch_first: bool = False) -> None:
+    def __init__(self, in_proj: nn.Linear | None, out_proj: nn.Linear, num_heads: int, dropout: float = 0.0,
+                 batch_first: bool = False, *, qkv: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None,
+                 qkv_bias: nn.Parameter | None = None, bias_kv: tuple[nn.Parameter, nn.Parameter] | None = None,
+                 add_zero_attn: bool = False) -> None:
         super().__init__()
-        embed_dim = in_proj.in_features
-        if in_proj.out_features != 3 * embed_dim or out_proj.in_features != embed_dim or embed_dim % num_heads:
+        embed_dim = out_proj.in_features
+        if qkv is None:
+            fits = in_proj is not None and qkv_bias is None and (in_proj.in_features, in_proj.out_features) == (
+                embed_dim, 3 * embed_dim)
+        else:
+            fits = in_proj is None and qkv[0].in_features == embed_dim and all(
+                p.out_features == embed_dim and p.bias is None for p in qkv) and (
+                qkv_bias is None or tuple(qkv_bias.shape) == (3 * embed_dim,))
+        if not fits or embed_dim % num_heads:
             raise ValueError(
-                f"KroneckerAttention: in_proj {in_proj.in_features} → {in_proj.out_features} and out_proj "
-                f"{out_proj.in_features} → {out_proj.out_features} with num_heads={num_heads}; expected E → 3E, "
-                "E → E and num_heads dividing E"
+                f"KroneckerAttention: in_proj {in_proj}, qkv {qkv}, qkv_bias "
+                f"{None if qkv_bias is None else tuple(qkv_bias.shape)} and out_proj {out_proj} with "
+                f"num_heads={num_heads}; expected either in_proj E → 3E, or q, k, v projections E → E, kdim → E, "
+                "vdim → E without bias (their packed bias [3E]: qkv_bias), and out_proj E → E, num_heads dividing E"
             )
         self.in_proj, self.out_proj = in_proj, out_proj
-        self.embed_dim = self.kdim = self.vdim = embed_dim
+        self.embed_dim, self.kdim, self.vdim = (embed_dim, embed_dim, embed_dim) if qkv is None else (
+            embed_dim, qkv[1].in_features, qkv[2].in_features)
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.dropout, self.batch_first = dropout, batch_first
         # nn.MultiheadAttention's attributes that torch's Transformer layers read
-        self._qkv_same_embed_dim, self.add_zero_attn = True, False
-        self.bias_k = self.bias_v = self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
+        self._qkv_same_embed_dim, self.add_zero_attn = qkv is None, add_zero_attn
+        self.q_proj = self.k_proj = self.v_proj = None
+        if qkv is not None:
+            self.q_proj, self.k_proj, self.v_proj = qkv
+        self.qkv_bias = qkv_bias
+        self.bias_k, self.bias_v = bias_kv or (None, None)
+        names = ([("in_proj.weight", "in_proj_weight"), ("in_proj.bias", "in_proj_bias")] if qkv is None else
+                 [(f"{c}_proj.weight", f"{c}_proj_weight") for c in "qkv"] + [("qkv_bias", "in_proj_bias")])
+        self._renamed = tuple(names)  # this module's state-dict keys and nn.MultiheadAttention's
         self.register_state_dict_post_hook(_as_attention_keys)
         self.register_load_state_dict_pre_hook(_from_attention_keys)
         self.register_load_state_dict_post_hook(_missing_as_attention_keys)
@@ -68,11 +90,9 @@ class KroneckerAttention(nn.Module):
         its train/eval mode.
 
         Raises:
-            ValueError: naming ``name``, for what has no packed ``E → 3E`` projection (``kdim`` or
-                ``vdim`` other than ``embed_dim``: separate weights with one packed bias), adds to
-                the keys and values (``add_bias_kv``, ``add_zero_attn``), overrides torch's
-                forward (a subclass), computes its weight (a parametrization), or has hooks of its
-                own (they would be dropped).  A sequence-first module is converted with a warning:
+            ValueError: naming ``name``, for what overrides torch's forward (a subclass),
+                computes its weight (a parametrization), or has hooks of its own (they would be
+                dropped).  A sequence-first module is converted with a warning:
                 curvlab's statistics refuse it.
         """
         where = f"curvlab.kronecker_attention: module {name or '<root>'!r} ({type(attention).__name__})"
@@ -83,43 +103,38 @@ class KroneckerAttention(nn.Module):
         if type(attention) is not nn.MultiheadAttention:
             raise ValueError(f"{where} is a subclass of nn.MultiheadAttention, whose forward may differ from "
                              "torch's; only nn.MultiheadAttention itself is converted")
-        if not attention._qkv_same_embed_dim:
-            raise ValueError(f"{where} has kdim={attention.kdim}, vdim={attention.vdim} other than "
-                             f"embed_dim={attention.embed_dim}: separate q, k, v weights with one packed bias, "
-                             "which no nn.Linear holds; convert the model's other attention modules one by one "
-                             "(model.x = curvlab.kronecker_attention(model.x)) and leave this one")
-        if attention.bias_k is not None or attention.add_zero_attn:
-            raise ValueError(f"{where} has add_bias_kv or add_zero_attn, which are not converted; convert the model's "
-                             "other attention modules one by one (model.x = curvlab.kronecker_attention(model.x)) "
-                             "and leave this one")
         hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                              "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                              "_load_state_dict_post_hooks") if getattr(attention, k, None)]
         if hooks:
             raise ValueError(f"{where} has hooks of its own ({', '.join(hooks)}), which the new module would not "
                              "have; convert the model before registering them")
-        in_proj = nn.Linear(attention.embed_dim, 3 * attention.embed_dim, bias=attention.in_proj_bias is not None,
-                            device="meta")
-        in_proj.weight = attention.in_proj_weight
-        if attention.in_proj_bias is not None:
-            in_proj.bias = attention.in_proj_bias
         if not attention.batch_first:
             warnings.warn(f"{where} is sequence-first (batch_first=False): converted, but curvlab's statistics "
                           "refuse sequence-first layers in a batch-first model; build it with batch_first=True",
                           UserWarning, stacklevel=3)
-        module = cls(in_proj, attention.out_proj, attention.num_heads, attention.dropout, attention.batch_first)
+        bias_kv = None if attention.bias_k is None else (attention.bias_k, attention.bias_v)
+        options = dict(dropout=attention.dropout, batch_first=attention.batch_first, bias_kv=bias_kv,
+                       add_zero_attn=attention.add_zero_attn)
+        if attention._qkv_same_embed_dim:
+            module = cls(_linear(attention.in_proj_weight, attention.in_proj_bias), attention.out_proj,
+                         attention.num_heads, **options)
+        else:  # torch's separate weights share one packed bias, which no nn.Linear holds
+            qkv = tuple(_linear(getattr(attention, f"{c}_proj_weight")) for c in "qkv")
+            module = cls(None, attention.out_proj, attention.num_heads, qkv=qkv, qkv_bias=attention.in_proj_bias,
+                         **options)
         return module.train(attention.training)
 
-    @property
-    def in_proj_weight(self) -> Tensor:
-        return self.in_proj.weight
-
-    @property
-    def in_proj_bias(self) -> Tensor | None:
-        return self.in_proj.bias
+    # nn.MultiheadAttention's parameter names, read by torch's Transformer layers
+    in_proj_weight = property(lambda self: None if self.in_proj is None else self.in_proj.weight)
+    in_proj_bias = property(lambda self: self.qkv_bias if self.in_proj is None else self.in_proj.bias)
+    q_proj_weight = property(lambda self: None if self.q_proj is None else self.q_proj.weight)
+    k_proj_weight = property(lambda self: None if self.k_proj is None else self.k_proj.weight)
+    v_proj_weight = property(lambda self: None if self.v_proj is None else self.v_proj.weight)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
+        return (f"num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
+                + (", add_zero_attn=True" if self.add_zero_attn else ""))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -128,31 +143,30 @@ class KroneckerAttention(nn.Module):
         if is_causal and attn_mask is None:
             raise RuntimeError("KroneckerAttention: is_causal=True needs attn_mask (as nn.MultiheadAttention: "
                                "nn.Transformer.generate_square_subsequent_mask makes one)")
-        for label, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != query.dim() or t.dim() not in (2, 3) or t.shape[-1] != self.embed_dim:
+        for label, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.dim() != query.dim() or t.dim() not in (2, 3) or t.shape[-1] != width:
                 raise ValueError(f"KroneckerAttention: {label} of shape {tuple(t.shape)}; expected "
-                                 f"[L, {self.embed_dim}], or [N, L, {self.embed_dim}] batch-first / "
-                                 f"[L, N, {self.embed_dim}] sequence-first, all three alike")
-        batched, e = query.dim() == 3, self.embed_dim
+                                 f"[L, {width}], or [N, L, {width}] batch-first / [L, N, {width}] sequence-first, "
+                                 "all three alike")
+        batched = query.dim() == 3
         # sequence-first: the projections run on [L, N, E], as the model gives it
         seq_first = batched and not self.batch_first
         batch_axis = 1 if seq_first else 0
-        if key.shape != value.shape or (batched and key.shape[batch_axis] != query.shape[batch_axis]):
+        if key.shape[:-1] != value.shape[:-1] or (batched and key.shape[batch_axis] != query.shape[batch_axis]):
             raise ValueError(f"KroneckerAttention: query, key and value of shapes {tuple(query.shape)}, "
-                             f"{tuple(key.shape)}, {tuple(value.shape)}; key and value need one shape and the "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}; key and value need one length and the "
                              "query's batch size (as nn.MultiheadAttention)")
-        if query is key and key is value:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
-        else:
-            q = self.in_proj(query)[..., :e]
-            if key is value:
-                k, v = self.in_proj(key)[..., e:].chunk(2, dim=-1)
-            else:
-                k, v = self.in_proj(key)[..., e:2 * e], self.in_proj(value)[..., 2 * e:]
-        q, k, v = (self._heads(t, seq_first) for t in (q, k, v))  # [N, H, L, hd]
-        n, _, length, _ = q.shape
+        q, k, v = (self._heads(t, seq_first) for t in self._project(query, key, value))  # [N, H, L, hd]
+        n, _, length, source = *q.shape[:3], k.shape[-2]
+        if self.bias_k is not None:  # one more key and value, appended as torch does (before the zero one)
+            k, v = (torch.cat([t, b.view(1, self.num_heads, 1, self.head_dim).expand(t.shape[0], -1, -1, -1)], dim=-2)
+                    for t, b in ((k, self.bias_k), (v, self.bias_v)))
+        if self.add_zero_attn:
+            k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[-1])], dim=-2) for t in (k, v))
         scores = (q * math.sqrt(1.0 / self.head_dim)) @ k.transpose(-2, -1)
-        mask = self._mask(attn_mask, key_padding_mask, n if batched else None, length, k.shape[-2], scores.dtype)
+        mask = self._mask(attn_mask, key_padding_mask, n if batched else None, length, source, scores.dtype)
+        if mask is not None and k.shape[-2] > source:  # the appended keys attended by every row, as torch pads
+            mask = F.pad(mask, (0, k.shape[-2] - source))
         if mask is None:
             weights = scores.softmax(dim=-1)
         elif need_weights:  # torch's need_weights path: NaN where a row attends to nothing
@@ -171,6 +185,20 @@ class KroneckerAttention(nn.Module):
         if not need_weights:
             return out, None
         return out, weights.mean(dim=-3) if average_attn_weights else weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The projected query, key and value (each ``[..., E]``), every projection a module call."""
+        if self.in_proj is None:
+            biases = (None,) * 3 if self.qkv_bias is None else self.qkv_bias.chunk(3)
+            return tuple(proj(t) if b is None else proj(t) + b
+                         for proj, t, b in zip((self.q_proj, self.k_proj, self.v_proj), (query, key, value), biases))
+        e = self.embed_dim
+        if query is key and key is value:
+            return self.in_proj(query).chunk(3, dim=-1)
+        q = self.in_proj(query)[..., :e]
+        if key is value:
+            return q, *self.in_proj(key)[..., e:].chunk(2, dim=-1)
+        return q, self.in_proj(key)[..., e:2 * e], self.in_proj(value)[..., 2 * e:]
 
     def _heads(self, t: Tensor, seq_first: bool) -> Tensor:
         """``[N, L, E]`` (``[L, E]``; sequence-first ``[L, N, E]``) → ``[N, H, L, head_dim]``."""
@@ -209,12 +237,18 @@ def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-_RENAMED = (("in_proj.weight", "in_proj_weight"), ("in_proj.bias", "in_proj_bias"))
+def _linear(weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and ``bias`` themselves (not copies)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
 
 
 def _as_attention_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict()`` with nn.MultiheadAttention's keys (``in_proj_weight``, ``in_proj_bias``)."""
-    for ours, torchs in _RENAMED:
+    """``state_dict()`` with nn.MultiheadAttention's keys (``in_proj_weight``, ``in_proj_bias``…)."""
+    for ours, torchs in module._renamed:
         if prefix + ours in state_dict:
             state_dict[prefix + torchs] = state_dict.pop(prefix + ours)
 
@@ -222,14 +256,14 @@ def _as_attention_keys(module: nn.Module, state_dict: dict, prefix: str, local_m
 def _from_attention_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     """``load_state_dict`` of nn.MultiheadAttention's keys (or this module's own)."""
     module._loaded_as = prefix
-    for ours, torchs in _RENAMED:
+    for ours, torchs in module._renamed:
         if prefix + torchs in state_dict:
             state_dict[prefix + ours] = state_dict.pop(prefix + torchs)
 
 
 def _missing_as_attention_keys(module: nn.Module, incompatible: object) -> None:
     """The missing keys reported as ``state_dict()`` writes them (``in_proj_weight``)."""
-    renamed = {module._loaded_as + ours: module._loaded_as + torchs for ours, torchs in _RENAMED}
+    renamed = {module._loaded_as + ours: module._loaded_as + torchs for ours, torchs in module._renamed}
     incompatible.missing_keys[:] = [renamed.get(k, k) for k in incompatible.missing_keys]
 
 

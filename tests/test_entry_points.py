@@ -52,7 +52,7 @@ def test_tekfac_lowers_the_loss_of_a_train_mode_resnet() -> None:
 
 
 @pytest.mark.parametrize("name", ["vit", "textcnn", "tied", "functional_mlp", "vgg_bn", "tied_lm", "tied_bias", "mobilenet",
-                                  "torch_transformer"])
+                                  "torch_transformer", "odd_attention"])
 def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) -> None:
     """Root-module parameters (cls token, position embedding), norm layers, a decoder tied to the
     embedding, depthwise and grouped convolutions: SGD's update; a module called twice, functional
@@ -76,6 +76,9 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
              "torch_transformer": f"KFAC: 1 {head}of the model's own modules, used in their own forward (a cls token, "
                                   "a position embedding, a weight passed to F.linear or F.conv2d: an nn.Linear or "
                                   "nn.Conv2d module is preconditioned): ['queries']",
+             "odd_attention": f"KFAC: 3 {head}of the model's own modules, used in their own forward (a cls token, "
+                              "a position embedding, a weight passed to F.linear or F.conv2d: an nn.Linear or "
+                              "nn.Conv2d module is preconditioned): ['attn.qkv_bias', 'attn.bias_k', 'attn.bias_v']",
              "mobilenet": f"KFAC: 3 {head}of modules without a Kronecker structure curvlab preconditions (a grouped or "
                           "depthwise convolution, an LSTM, a weight-normalised layer): ['depthwise.0.weight', "
                           "'grouped.weight', 'grouped.bias']"}
@@ -96,7 +99,8 @@ def test_parameters_outside_kronecker_layers_get_the_first_order_update(name) ->
             assert not torch.allclose(p, before[k] - 0.05 * grads[k]), k  # preconditioned
         else:
             torch.testing.assert_close(p.detach(), before[k] - 0.05 * grads[k], rtol=1e-12, atol=1e-15)
-    assert bool(first_order) == (name in ("vit", "vgg_bn", "tied_lm", "tied_bias", "mobilenet", "torch_transformer"))
+    assert bool(first_order) == (name in ("vit", "vgg_bn", "tied_lm", "tied_bias", "mobilenet", "torch_transformer",
+                                          "odd_attention"))
 
 
 # --- what stays unsupported: clear errors --------------------------------------------------

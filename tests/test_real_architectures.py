@@ -70,7 +70,8 @@ def dense_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, 
     [("resnet_bn", "train", "autograd"), ("resnet_bn", "eval", "backpack"), ("vit", "train", "autograd"),
      ("vgg_bn", "train", "autograd"), ("tied", "train", "autograd"), ("tied_lm", "train", "autograd"),
      ("tied_bias", "train", "autograd"), ("mobilenet", "train", "autograd"), ("mobilenet", "eval", "autograd"),
-     ("unet", "train", "autograd"), ("torch_transformer", "train", "autograd")],
+     ("unet", "train", "autograd"), ("torch_transformer", "train", "autograd"),
+     ("odd_attention", "train", "autograd")],
 )
 def test_every_block_is_the_dense_exact_block(name, mode, engine) -> None:
     """Train mode: BatchNorm's coupling is in the blocks; eval mode: BackPACK through its graph

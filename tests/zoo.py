@@ -221,6 +221,26 @@ class TorchTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
+class OddAttention(nn.Module):
+    """Cross-attention with torch's less common options, converted: key and value of other widths
+    (``kdim``, ``vdim``: separate q, k, v weights with one packed bias), ``add_bias_kv`` and
+    ``add_zero_attn``."""
+
+    def __init__(self, num_classes: int = CLASSES, embed_dim: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(embed_dim=embed_dim)
+        self.keys, self.values = nn.Linear(embed_dim, 3), nn.Linear(embed_dim, 5)
+        self.attn = nn.MultiheadAttention(embed_dim, 2, kdim=3, vdim=5, add_bias_kv=True, add_zero_attn=True,
+                                          batch_first=True)
+        self.head = nn.Linear(embed_dim, num_classes)
+        kronecker_attention(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch_embed(x)
+        out, _ = self.attn(h, torch.tanh(self.keys(h)), self.values(h), need_weights=False)
+        return self.head(out.mean(1))
+
+
 # --- functional forward, tied weights, text --------------------------------------------------
 
 class FunctionalMLP(nn.Module):
@@ -380,6 +400,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], T
     "vit": (TinyViT, lambda n, g: _images(n, 2, 4, g)),
     "torch_transformer": (TorchTransformer, lambda n, g: _images(n, 2, 4, g)),
     "torch_encoder": (partial(TorchTransformer, cross=False), lambda n, g: _images(n, 2, 4, g)),
+    "odd_attention": (OddAttention, lambda n, g: _images(n, 2, 4, g)),
     "functional_mlp": (FunctionalMLP, lambda n, g: torch.randn(n, 2, 3, generator=g, dtype=torch.float64)),
     "tied": (TiedMLP, lambda n, g: torch.randn(n, 3, generator=g, dtype=torch.float64)),
     "textcnn": (TextCNN, lambda n, g: _tokens(n, 5, 6, g)),
