@@ -126,8 +126,11 @@ def test_unsupported_modules_are_named_or_left_out() -> None:
         curvlab.extract(model, CE, x, y)
     with pytest.raises(UnsupportedModelError, match=pattern):
         curvlab.compare(model, CE, x, y)
+    weight = model.emb.weight.detach().clone()
     ds = curvlab.compare(model, CE, x, y, skip_unsupported=True, approximations=("kflr",))
     assert list(ds.layer.values) == ["head"] and ds.attrs["skipped_parameters"] == "emb.weight"
+    assert torch.equal(model.emb.weight, weight)  # torch's forward renormalised its rows; put back
+    assert not torch.equal(model.emb(x), weight[x])  # (as any forward does)
     assert "- **Parameters left out (unsupported layers, --skip-unsupported):** emb.weight" in summary_markdown(ds)
     opt = TEKFAC(model, lr=0.01, stats_interval=1)
     with pytest.warns(UserWarning, match=r"have no Kronecker block .* left out as unsupported: \['emb.weight'\]"):
@@ -239,12 +242,17 @@ def test_a_call_whose_output_misses_the_loss_is_refused() -> None:
     assert opt.steps_done == 1 and set(opt.approximations()) == {"a", "b"}
 
 
-def test_a_users_forward_hook_on_a_layer_is_part_of_the_block() -> None:
-    """A hook rescaling a layer's output: the recording took the gradient at the hooked output
-    (the block came out 1/4 of the exact one) and BackPACK never sees it."""
+@pytest.mark.parametrize("hook", ["forward", "forward pre"])
+def test_a_users_forward_hook_on_a_layer_is_part_of_the_block(hook: str) -> None:
+    """A hook rescaling a layer's output (the recording took the gradient at the hooked output:
+    the block came out 1/4 of the exact one), or a pre-hook rescaling the next layer's input:
+    BackPACK never sees them (it failed inside its extension)."""
     model = CalledWithoutGradient().double()  # a, b; its no_grad call aside: a plain MLP forward
     model.forward = lambda x: model.b(torch.tanh(model.a(x)))
-    model.a.register_forward_hook(lambda module, args, out: 2 * out)
+    if hook == "forward":
+        model.a.register_forward_hook(lambda module, args, out: 2 * out)
+    else:
+        model.b.register_forward_pre_hook(lambda module, args: (3 * args[0],))
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     params = dict(model.named_parameters())
 
@@ -256,8 +264,52 @@ def test_a_users_forward_hook_on_a_layer_is_part_of_the_block() -> None:
     want = jac.T @ hess @ jac
     for engine in ("autograd", "auto"):
         got = curvlab.extract(model, CE, x, y, engine=engine)
-        assert got.engine == "autograd" and (engine == "autograd" or "forward hooks" in got.engine_reason)
+        assert got.engine == "autograd" and (engine == "autograd" or "forward hooks or forward pre-hooks of its own"
+                                             in got.engine_reason)
         torch.testing.assert_close(got["a"].dense_fisher(), want, rtol=1e-10, atol=1e-14)
+
+
+class Tempered(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 2.0
+
+
+class Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self[0](x)
+        return self[2](h + self[1](h))
+
+
+class Twice(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[2](self[1](self[0](self[1](self[0](x)))))
+
+
+class Scaled(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(2.0 * x)
+
+
+@pytest.mark.parametrize("kind", [Tempered, Residual, Twice, Scaled], ids=lambda k: k.__name__)
+def test_a_sequential_with_a_forward_of_its_own_is_not_a_plain_chain(kind: type) -> None:
+    """nn.Sequential subclasses overriding forward (a temperature, a residual, a layer called
+    twice) were taken for plain chains and run on BackPACK, which failed inside its extension:
+    their forward is traced as any module's (the residual and the scaled input still run on
+    BackPACK, converted)."""
+    torch.manual_seed(0)
+    model = kind(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    params = dict(model.named_parameters())
+    got = curvlab.extract(model, CE, x, y)
+    assert got.engine == ("backpack" if kind in (Residual, Scaled) else "autograd")
+    for name in ("0", "2"):
+        def logits(w, bias, name=name):
+            return torch.func.functional_call(model, {**params, f"{name}.weight": w, f"{name}.bias": bias}, (x,))
+
+        w, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+        jac = torch.cat([j.reshape(15, -1) for j in torch.func.jacrev(logits, argnums=(0, 1))(w, bias)], 1)
+        hess = torch.func.hessian(lambda o: CE(o, y))(logits(w, bias).detach()).reshape(15, 15)
+        torch.testing.assert_close(got[name].dense_fisher(), jac.T @ hess @ jac, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -39,10 +39,12 @@ class Extraction(dict[str, LayerStats]):
 
 @contextlib.contextmanager
 def _model_left_as_it_was(model: nn.Module) -> Iterator[None]:
-    """Restore every ``.grad`` and buffer (BatchNorm's running statistics) on exit."""
+    """Restore every ``.grad`` and buffer (BatchNorm's running statistics) on exit, and the
+    weights torch's forward renormalises in place (an embedding's ``max_norm``: a skipped block)."""
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    renormed = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm]
+    buffers = [(b, b.detach().clone()) for b in [*model.buffers(), *renormed]]
     for p in params:
         p.grad = None
     try:

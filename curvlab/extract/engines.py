@@ -122,8 +122,8 @@ def convert(model: nn.Module) -> nn.Module:
 def _is_known_chain(module: nn.Module) -> bool:
     """Every container is an ``nn.Sequential`` or one of BackPACK's own (``Parallel``), so the
     forward is the module tree itself, and no module appears twice in it."""
-    containers_known = all(
-        isinstance(m, nn.Sequential) or type(m).__module__.startswith("backpack.custom_module")
+    containers_known = all(  # (a subclass of nn.Sequential with a forward of its own is traced as any module)
+        type(m).forward is nn.Sequential.forward or type(m).__module__.startswith("backpack.custom_module")
         for m in module.modules() if list(m.children())
     )
     paths = [m for _, m in module.named_modules(remove_duplicate=False)]
@@ -206,10 +206,11 @@ def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module 
     if param is not None and torch.is_autocast_enabled(param.device.type):
         return ("torch.autocast is on, under which BackPACK's extensions would compute the statistics in "
                 f"{str(torch.get_autocast_dtype(param.device.type)).removeprefix('torch.')}")
-    hooked = [name or "the model" for name, m in model.named_modules() if m._forward_hooks]
-    if hooked or nn.modules.module._global_forward_hooks:
+    hooked = [name or "the model" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         where = f"module {hooked[0]!r} has" if hooked else "torch has global module"
-        return f"{where} forward hooks of its own (one may change an output, which BackPACK's derivatives would not see)"
+        return (f"{where} forward hooks or forward pre-hooks of its own (one may change an input or an output, "
+                "which BackPACK's derivatives would not see)")
     for module, name in blocks.layers.items():
         if type(module) not in KRONECKER_DERIVATIVES:
             return f"module {name!r} ({type(module).__name__}) is not a BackPACK Kronecker layer"
