@@ -596,6 +596,27 @@ def test_param_groups_and_unmanaged_layers():
     assert set(opt.approximations()) == {"0"}
 
 
+def test_parameters_outside_the_model_get_sgd_and_are_named():
+    """A loss's temperature in a group of its own takes SGD's step; ``KFAC(model_a,
+    model_b.parameters())`` trained model_b with SGD without a word (QA17): both named."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = data(8)
+    temperature = nn.Parameter(torch.ones((), dtype=DT))
+    opt = KFAC(model, [{"params": model.parameters()}, {"params": [temperature]}], lr=0.1, stats_interval=1)
+    with pytest.warns(UserWarning, match=r"KFAC: 1 parameter\(s\) .* not parameters of the model the optimizer was "
+                                         r"given .*: \['param group 1: tensor 0 \(\)'\]"):
+        assert [b.name for b in opt.blocks()] == ["0", "2"]
+    opt.zero_grad()
+    with opt.track(loss_fn):
+        loss_fn(model(x) / temperature, y).backward()
+    step = -0.1 * temperature.grad
+    before = temperature.detach().clone()
+    opt.step()
+    torch.testing.assert_close(temperature.detach() - before, step)
+    with pytest.warns(UserWarning, match=r"KFAC: 4 parameter\(s\) .*: \['param group 0: tensor 0 \(4, 5\)'"):
+        assert KFAC(model, tiny_mlp(1).parameters()).blocks() == []
+
+
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_weight_and_bias_in_groups_of_their_own(cls):
     """The preconditioned update of one block, its weight and bias columns each with their own
@@ -646,6 +667,20 @@ def test_a_compiled_forward_takes_the_eager_steps(fisher: str):
             opt.step()
         result.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(result[1], result[0], rtol=1e-12, atol=1e-14)
+
+
+def test_an_optimizer_given_the_compiled_model_names_its_blocks_as_the_model_does():
+    """``KFAC(torch.compile(model))`` named its blocks ``_orig_mod.0``…: its state dict did not
+    load into an optimizer of the model itself (QA17); unwrapped as DDP's ``module.`` is."""
+    x, y = data(8)
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    compiled = torch.compile(model, backend="eager")
+    opt = KFAC(compiled, lr=0.1, stats_interval=1)
+    train_step(opt, compiled, loss_fn, x, y)
+    plain = KFAC(model, lr=0.1, stats_interval=1)
+    assert [b.name for b in opt.blocks()] == [b.name for b in plain.blocks()] == ["0", "2"]
+    plain.load_state_dict(opt.state_dict())
+    assert plain.steps_done == 1
 
 
 def test_a_compiled_resnet_takes_the_eager_steps():

@@ -194,6 +194,15 @@ def test_non_finite_hyper_parameters_are_refused(name: str, value: float) -> Non
         TEKFAC(tiny_mlp(0), **{name: value})
 
 
+def test_a_one_element_tensor_lr_is_taken_as_torchs_optimizers_take_it() -> None:
+    """``KFAC(model, lr=torch.tensor(0.05))`` was refused ("must be a non-negative finite
+    number"), though torch.optim.SGD takes it and so did a group's lr set later."""
+    opt = KFAC(tiny_mlp(0), lr=torch.tensor(0.05), momentum=torch.tensor(0.5, dtype=torch.float64))
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]) == (float(torch.tensor(0.05)), 0.5)
+    with pytest.raises(ValueError, match=r"lr=-1.0 must be a non-negative finite number"):
+        KFAC(tiny_mlp(0), lr=torch.tensor(-1.0))
+
+
 def test_zero_damping_is_refused() -> None:
     """damping = 0 turned a small batch's step NaN (rank-deficient factors): refused, also later."""
     with pytest.raises(ValueError, match="damping=0"):
@@ -469,10 +478,13 @@ def test_bad_eigenbases_and_batches_are_named() -> None:
             curvlab.extract(model, nn.CrossEntropyLoss(), x, y, stats=("kfe",), eigenbases=bases)
     truncated = {"0": (eye(4, 2, dtype=torch.float64), eye(6, 3, dtype=torch.float64))}
     assert curvlab.extract(model, nn.CrossEntropyLoss(), x, y, stats=("kfe",), eigenbases=truncated)["0"].kfe_scaling.shape == (3, 4)
-    for args, message in [((x, y.tolist()), "targets must be one torch.Tensor .* got list"),
-                          ((x.numpy(), y), "inputs must be one torch.Tensor .* got ndarray")]:
+    for args, message in [((x, y.tolist()), "targets must be one torch.Tensor .* got list$"),
+                          ((x.numpy(), y), "inputs must be one torch.Tensor .* got ndarray"),
+                          (((x, x), y), r"got tuple; for several inputs .* curvlab.extract.ExtractionSession")]:
         with pytest.raises(TypeError, match=message):
             curvlab.extract(model, nn.CrossEntropyLoss(), *args)
+    with pytest.raises(ValueError, match="curvlab.extract: inputs on the 'meta' device hold no data"):
+        curvlab.extract(model, nn.CrossEntropyLoss(), x.to("meta"), y)
 
 
 def test_blocks_print_as_one_line_each() -> None:
@@ -601,3 +613,21 @@ def test_extract_under_autocast_gives_float32_statistics() -> None:
             assert float((a - b).norm() / b.norm()) < 3e-2, layer  # the bfloat16 forward's precision
     first = got["0"].kfac["exact"].A, ref["0"].kfac["exact"].A  # the float32 inputs themselves
     assert float((first[0] - first[1]).norm() / first[1].norm()) < 1e-6
+
+
+def test_the_extraction_counts_the_examples_its_blocks_count() -> None:
+    """A model that reshapes its ``[3, 2, D]`` input into six examples: ``Extraction.num_examples``
+    said 3 (the input's leading dimension), its blocks and compare 6."""
+
+    class Pairs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x.reshape(-1, 4))
+
+    x, y = torch.randn(3, 2, 4), torch.randint(0, 3, (6,))
+    stats = curvlab.extract(Pairs(), nn.CrossEntropyLoss(), x, y)
+    assert stats.num_examples == stats["a"].num_examples == 6
+    assert curvlab.compare(Pairs(), nn.CrossEntropyLoss(), x, y).attrs["num_examples"] == 6

@@ -208,6 +208,11 @@ def test_masked_rows_are_refused_naming_the_mask() -> None:
     keep[1, 1] = True  # 9 rows: not a whole number an example
     with pytest.raises(ValueError, match=r"9 rows for the 4 examples .*, not a whole number of rows an example"):
         curvlab.extract(Masked(), loss_fn, ids, targets[keep], engine="autograd")
+    kept = keep.clone()
+    keep.zero_()[0, :3] = True  # fewer rows than examples: examples left out
+    with pytest.raises(ValueError, match=r"3 rows for the 4 examples of the model's input .* leaves examples out"):
+        curvlab.extract(Masked(), loss_fn, ids, targets[keep], engine="autograd")
+    keep.copy_(kept)
     # the same terms as padding targets: the statistics of the kept terms
     padded = curvlab.extract(model, loss_fn, ids, torch.where(keep, targets, -100).reshape(-1), fisher="exact")
     y = torch.where(keep, targets, -100).reshape(-1)

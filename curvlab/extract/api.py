@@ -103,7 +103,11 @@ def extract(
     model = uncompiled(model)
     for what, value in (("inputs", inputs), ("targets", targets)):
         if not isinstance(value, Tensor):
-            raise TypeError(f"curvlab.extract: {what} must be one torch.Tensor (a batch), got {type(value).__name__}")
+            raise TypeError(f"curvlab.extract: {what} must be one torch.Tensor (a batch), got {type(value).__name__}"
+                            + ("; for several inputs or keyword inputs, run your own forward inside `with "
+                               "curvlab.extract.ExtractionSession(...)`" if what == "inputs" else ""))
+        if value.is_meta:
+            raise ValueError(f"curvlab.extract: {what} on the 'meta' device hold no data; give the batch itself")
     check_target_dtype(loss_fn, targets)
     with _model_left_as_it_was(model):
         try:
@@ -140,7 +144,8 @@ def _run(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, 
         result = Extraction(session.results())
     result.loss = loss.detach()
     result.flavour = opts.fisher
-    result.num_examples = inputs.shape[0]
+    counted = {s.num_examples for s in result.values()}  # the engine's N (a model may reshape its input's)
+    result.num_examples = counted.pop() if len(counted) == 1 else inputs.shape[0]
     result.engine, result.engine_reason = session.engine, session.engine_reason
     result.skipped = list(session.blocks.skipped)
     return result

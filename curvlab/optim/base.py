@@ -321,6 +321,13 @@ class KroneckerOptimizer(Optimizer):
             "whole)": self._too_wide,
         }
         updated = {n for n, p in self.model.named_parameters() if p in self._group_of}  # (this optimizer's)
+        # a param group's tensors outside the model (a loss's temperature; or another model's, by mistake)
+        mine = set(self.model.parameters())
+        why["not parameters of the model the optimizer was given (another module's, e.g. a loss's; or another "
+            "model's, by mistake)"] = foreign = [
+            f"param group {i}: tensor {j} {tuple(p.shape)}" for i, g in enumerate(self.param_groups)
+            for j, p in enumerate(g["params"]) if p not in mine and p.requires_grad]
+        updated.update(foreign)
         parts, new = [], []
         for reason, names in why.items():
             names = [n for n in dict.fromkeys(names)

@@ -86,6 +86,7 @@ from torch import Tensor, nn
 from curvlab.approx import KroneckerApproximation
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.reduce import Shards, reduce_statistics
+from curvlab.extract.engines import uncompiled
 from curvlab.optim.assignment import assign_greedy, refresh_cost
 from curvlab.optim.state import CurvatureState
 from curvlab.optim.tracking import Pending
@@ -111,8 +112,10 @@ class DataParallel:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` wraps (any other model as it is)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module a ``DistributedDataParallel`` or a ``torch.compile`` wrapper holds, in any nesting
+    (any other model as it is): blocks named as in one eager process, so state dicts carry over."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else uncompiled(model)
+    return model if inner is model else unwrap(inner)
 
 
 def statistics_engine(model: nn.Module, engine: str, who: str) -> str:

@@ -87,8 +87,10 @@ class KroneckerOptions(OptionSet):
 
     def __post_init__(self) -> None:
         who = self.owner
-        for name in ("lr", "momentum", "weight_decay"):  # numpy scalars too, kept as Python floats
-            object.__setattr__(self, name, check_number(who, name, getattr(self, name), minimum=0.0, strict=False))
+        for name in GROUP_OPTIONS:  # numpy scalars and one-element tensors too (as torch's), kept as Python floats
+            value = getattr(self, name)
+            value = float(value) if isinstance(value, Tensor) and value.numel() == 1 else value
+            object.__setattr__(self, name, check_number(who, name, value, minimum=0.0, strict=False))
         object.__setattr__(self, "damping", check_number(who, "damping", self.damping, minimum=0.0, strict=True))
         if not self.momentum < 1.0:  # (checked non-negative and finite above)
             raise ValueError(f"{who}: momentum={self.momentum} must be in [0, 1) (at 1 or more the steps never shrink)")

@@ -208,6 +208,14 @@ class Recording:
         n_layers = self._layers_batch()
         terms = loss_terms(self.loss_fn, output, targets,
                            n_layers if n_layers is not None else leading_dimension(*(self._model_call or ((), {}))))
+        model_n = leading_dimension(*(self._model_call or ((), {})))
+        if n_layers is not None and output.dim() and output.shape[0] < n_layers == model_n:
+            raise ValueError(
+                f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {n_layers} examples of "
+                "the model's input (and of its layers' inputs): the output leaves examples out or merges them (a "
+                "slice or selection across the batch, logits[:k], a mean over the batch); give the loss every "
+                "example's rows, N or N·T of them"
+            )
         if n_layers is not None and output.shape[0] > n_layers and terms.num_examples != n_layers:
             raise ValueError(
                 f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {n_layers} examples "
