@@ -205,10 +205,8 @@ class Recording:
         req, calls = self.request, self.calls
         finite = checked_loss_inputs(self.loss_fn, output, targets, req.non_finite)
         # the examples: the layers' leading dimension, else (a layer is refused then) the model input's
-        n_layers = self._layers_batch()
-        terms = loss_terms(self.loss_fn, output, targets,
-                           n_layers if n_layers is not None else leading_dimension(*(self._model_call or ((), {}))))
-        model_n = leading_dimension(*(self._model_call or ((), {})))
+        n_layers, model_n = self._layers_batch(), leading_dimension(*(self._model_call or ((), {})))
+        terms = loss_terms(self.loss_fn, output, targets, n_layers if n_layers is not None else model_n)
         if n_layers is not None and output.dim() and output.shape[0] < n_layers == model_n:
             raise ValueError(
                 f"curvlab (autograd engine): loss_fn's input has {output.shape[0]} rows for the {n_layers} examples of "
