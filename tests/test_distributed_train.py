@@ -182,7 +182,7 @@ def test_cli_nproc_runs_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = _cli("train", "--nproc", "2", "--dataset", "digits", "--hidden", "16", "--train-size", "160",
                 "--test-size", "40", "--batch-size", "40", "--epochs", "1", "--probe-every", "2",
-                "--probe-batch-size", "10", "--no-progress", "--out", str(out), timeout=240)
+                "--probe-batch-size", "10", "--no-progress", "--no-figures", "--out", str(out), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("metrics:") == 1  # rank 0 reports the files
     metrics = xr.open_dataset(out / "metrics.nc").load()
@@ -221,7 +221,8 @@ def test_two_ranks_name_the_first_order_parameters_once(tmp_path: Path) -> None:
                     "    def forward(self, x):\n"
                     "        return self.out(self.rnn(x.reshape(x.shape[0], 8, 8))[0][:, -1])\n")
     done = _cli("train", "--nproc", "2", "--model", f"{nets}:Net", "--train-size", "80", "--test-size", "40",
-                "--batch-size", "40", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run"), timeout=240)
+                "--batch-size", "40", "--epochs", "1", "--no-progress", "--no-figures", "--out", str(tmp_path / "run"),
+                timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("have no Kronecker block") == 1, done.stderr
 
@@ -289,7 +290,7 @@ def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signa
     launcher = subprocess.Popen(
         [sys.executable, "-m", "curvlab", "train", "--nproc", "2", "--dataset", "digits", "--hidden", "16",
          "--train-size", "160", "--test-size", "40", "--batch-size", "40", "--epochs", "1000", "--no-progress",
-         "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+         "--no-figures", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=group,
         # SIGINT as a terminal gives it: a test runner started in the background of a
         # non-interactive shell ignores SIGINT, and a child inherits that (the launcher then
@@ -349,7 +350,7 @@ def test_a_failing_rank_ends_the_run_with_its_message(tmp_path: Path) -> None:
     spec.write_text(FAILING_MODEL)
     start = time.monotonic()
     done = _cli("train", "--nproc", "2", "--model", f"{spec}:build", "--dataset", "digits", "--train-size", "160",
-                "--test-size", "40", "--batch-size", "40", "--epochs", "1", "--no-progress",
+                "--test-size", "40", "--batch-size", "40", "--epochs", "1", "--no-progress", "--no-figures",
                 "--out", str(tmp_path / "run"), timeout=240)
     assert done.returncode != 0
     assert "rank one gives up at its third forward" in done.stderr, done.stderr[-3000:]

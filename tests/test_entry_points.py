@@ -392,7 +392,8 @@ def test_report_and_train_on_a_user_resnet_in_train_mode(user_models, tmp_path, 
     assert all("Kronecker layers' blocks only" in ds[v].attrs["long_name"] for v in ds.data_vars if v.startswith("network_"))
     code = main(["train", "--model", f"{user_models}:tiny_resnet", "--optimizer", "tekfac", "--epochs", "1",
                  "--batch-size", "32", "--train-size", "96", "--test-size", "32", "--probe-every", "2",
-                 "--probe-batch-size", "8", "--stats-interval", "1", "--no-progress", "--out", str(tmp_path / "train")])
+                 "--probe-batch-size", "8", "--stats-interval", "1", "--no-progress", "--no-figures",
+                 "--out", str(tmp_path / "train")])
     assert code == 0, capsys.readouterr().err
     probe = read_netcdf(tmp_path / "train" / "probe.nc")
     assert "tekfac@optimizer" in probe.approximation.values and "bn1.weight" in probe.layer.values

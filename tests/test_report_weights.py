@@ -34,7 +34,7 @@ N = 8  # examples in the measured batch
 SEED = 0
 REPORT = ["report", "--batch-size", str(N), "--approximations", "kflr", "--num-eigenvalues", "16", "--no-progress"]
 TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--train-size", "64", "--test-size", "32",
-         "--batch-size", "16", "--optimizer", "sgd", "--no-progress"]
+         "--batch-size", "16", "--optimizer", "sgd", "--no-progress", "--no-figures"]
 
 
 def _report(out: Path, *extra: str, capsys: pytest.CaptureFixture[str] | None = None) -> xr.Dataset:

@@ -26,12 +26,12 @@ from curvlab.app.train import TrainConfig, train
 from curvlab.app.train.config import check_batches
 
 FAST_TRAIN = ["--hidden", "8", "--train-size", "120", "--test-size", "40", "--batch-size", "40",
-              "--epochs", "1", "--no-progress"]
+              "--epochs", "1", "--no-progress", "--no-figures"]  # (test_train_figures draws them)
 
 
 def small(out: Path | str, **kw) -> TrainConfig:
     base = dict(model="mlp", dataset="digits", optimizer="tekfac", epochs=1, batch_size=40, train_size=120,
-                test_size=40, probe_every=0, probe_batch_size=8, out=str(out), progress=False,
+                test_size=40, probe_every=0, probe_batch_size=8, out=str(out), progress=False, figures=False,
                 model_kwargs={"hidden": (8,)}, stats_interval=1, eigen_interval=2, scale_interval=1)
     base.update(kw)
     return TrainConfig(**base)
@@ -596,9 +596,9 @@ def test_a_run_whose_checkpoint_is_gone_is_named_for_what_the_folder_holds(tmp_p
     """A finished run whose checkpoint.pt was deleted: the error names the files there and both
     ways they come without a checkpoint (not only a run killed before its first epoch ended)."""
     out = tmp_path / "run"
-    assert main(["train", *FAST_TRAIN, "--optimizer", "sgd", "--no-figures", "--out", str(out)]) == 0
+    assert main(["train", *FAST_TRAIN, "--optimizer", "sgd", "--out", str(out)]) == 0
     (out / "checkpoint.pt").unlink()
-    assert main(["train", *FAST_TRAIN, "--optimizer", "sgd", "--no-figures", "--out", str(out), "--resume"]) == 1
+    assert main(["train", *FAST_TRAIN, "--optimizer", "sgd", "--out", str(out), "--resume"]) == 1
     err = capsys.readouterr().err
     assert f"--resume given but {out / 'checkpoint.pt'} does not exist (the folder holds metrics.nc but no checkpoint" in err
     assert "or a checkpoint moved or deleted; start again with --overwrite" in err
@@ -608,6 +608,6 @@ def test_a_batch_larger_than_the_training_set_is_said(tmp_path: Path, capsys) ->
     """Every step then takes the whole training set (a DataLoader's one smaller batch), said once."""
     args = list(FAST_TRAIN)
     args[args.index("--batch-size") + 1], args[args.index("--train-size") + 1] = "100", "60"
-    assert main(["train", *args, "--optimizer", "sgd", "--no-figures", "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", *args, "--optimizer", "sgd", "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert err.count("--batch-size 100 exceeds the 60 training examples: every step takes them all") == 1

@@ -179,7 +179,7 @@ def test_a_resume_keeps_the_epochs_a_schedule_spans(tmp_path: Path, capsys) -> N
     """Under cosine the number of epochs fixes every step's rate: a resume with another --epochs
     is refused, naming both; under a constant rate (warm-up included) it continues."""
     common = ["train", "--hidden", "8", "--train-size", "60", "--test-size", "20", "--batch-size", "30",
-              "--optimizer", "sgd", "--no-progress", "--warmup-epochs", "1"]
+              "--optimizer", "sgd", "--no-progress", "--no-figures", "--warmup-epochs", "1"]
     out = tmp_path / "cosine"
     assert main([*common, "--epochs", "1", "--lr-schedule", "cosine", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -208,7 +208,7 @@ def test_a_checkpoint_older_than_the_options_took_their_defaults(tmp_path: Path,
     its run took their defaults, so a resume with another augmentation or schedule is refused as
     any other changed option, and one without them continues."""
     common = ["train", "--hidden", "8", "--train-size", "60", "--test-size", "20", "--batch-size", "30",
-              "--optimizer", "sgd", "--no-progress", "--out", str(tmp_path / "old")]
+              "--optimizer", "sgd", "--no-progress", "--no-figures", "--out", str(tmp_path / "old")]
     assert main([*common, "--epochs", "1"]) == 0
     path = tmp_path / "old" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
