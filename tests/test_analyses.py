@@ -79,3 +79,25 @@ def test_approximation_quality_trains_on_the_data_it_is_given(data_dir: str | No
         aq.main(["--setting", "mnist-mlp", *(["--data-dir", data_dir] if data_dir else [])])
     assert seen[0].dataset == "mnist" and seen[0].model == "mlp"
     assert Path(seen[0].data_dir).resolve() == Path(data_dir or aq.default_data_dir("mnist")).resolve()
+
+
+def test_the_ablation_at_another_budget_keeps_the_committed_results(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A 1-epoch run on 1000 examples overwrote tekfac_ablation.{nc,md,png}, which the README quotes,
+    and its 8 steps left the probes (every 100) empty: another budget writes under its own name, and
+    one with no probe after step 0 is refused before training."""
+    monkeypatch.syspath_prepend(str(ANALYSES))
+    ablation = importlib.import_module("tekfac_ablation")
+    assert ablation.name_of(3, 12000) == "tekfac_ablation" and ablation.name_of(1, 20000) == "tekfac_ablation_1ep20000"
+    trained = []
+
+    def run(cfg):  # the folder the study trains into, and no training
+        trained.append(cfg.out_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablation, "run", run)
+    with pytest.raises(SystemExit):
+        ablation.main(["--epochs", "1", "--train-size", "1000"])
+    assert "give 8 steps, fewer than the 100 between probes" in capsys.readouterr().err and not trained
+    with pytest.raises(KeyboardInterrupt):
+        ablation.main(["--epochs", "1", "--train-size", "20000"])
+    assert trained[0].parent.name == "tekfac_ablation_1ep20000"
