@@ -125,7 +125,7 @@ def test_label_smoothing_is_the_loss_measured(tmp_path: Path, capsys: pytest.Cap
     assert runs["0.3", "exact"].attrs["loss"] == "CrossEntropyLoss(reduction=mean, label_smoothing=0.3)"
     assert runs["0", "exact"].attrs["loss"] == "CrossEntropyLoss(reduction=mean)"
     said = (tmp_path / "0.3-exact" / "summary.md").read_text(encoding="utf-8")
-    assert "- **Loss (what is measured and trained):** CrossEntropyLoss(reduction=mean, label_smoothing=0.3)" in said
+    assert "- **Loss (the one measured; training steps before measuring, if any, minimise it):** CrossEntropyLoss(reduction=mean, label_smoothing=0.3)" in said
     np.testing.assert_allclose(runs["0.3", "exact"].exact_trace, runs["0", "exact"].exact_trace, rtol=1e-5)
     assert not np.allclose(runs["0.3", "exact"].ng_cosine, runs["0", "exact"].ng_cosine, rtol=1e-3)
     assert not np.allclose(runs["0.3", "empirical"].exact_trace, runs["0", "empirical"].exact_trace, rtol=1e-2)

@@ -641,3 +641,19 @@ def test_ekfac_under_reduce_is_flagged_where_its_basis_is_the_eigensolvers_choic
     else:
         assert not told and ds.attrs["basis_dependent"] == "none"
         assert max(moved.values()) < 1e-8, moved
+
+
+def test_the_dataset_says_what_each_approximation_is_built_from() -> None:
+    """KFAC is built from MC labels and KFLR from the exact GGN whatever ``fisher`` is, the others
+    from F's own flavour: under ``fisher="empirical"`` the columns are not like for like, which
+    nothing said (QA20); and the block-size limit named only the approximations measured."""
+    model = tiny_mlp(0)
+    x, y = batch(model, nn.CrossEntropyLoss(), 8)
+    ds = compare(model, nn.CrossEntropyLoss(), x, y, fisher="empirical", approximations=("kfac", "kflr", "tekfac"))
+    assert ds.attrs["built_from"] == "kfac: mc; kflr: exact; tekfac: empirical"
+    assert ds.attrs["measured_up_to"] == "none"
+    text = summary_markdown(ds)
+    assert "built from (the flavour of its statistics" in text and "kfac: mc; kflr: exact; tekfac: empirical" in text
+    assert "Measured only on blocks up to" not in text
+    ds = compare(model, nn.CrossEntropyLoss(), x, y, fisher="mc", approximations=("ekfac", "kfoc"))
+    assert ds.attrs["built_from"] == "ekfac: mc; kfoc: mc" and ds.attrs["measured_up_to"] == "kfoc: P ≤ 131072"

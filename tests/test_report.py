@@ -147,7 +147,8 @@ def test_summary_prints_integers_exactly(ds: xr.Dataset) -> None:
 def test_summary_lists_every_layer_and_approximation(ds: xr.Dataset, tmp_path: Path) -> None:
     text = summary_markdown(ds)
     assert text.startswith("# Fisher approximation report: `mlp` on scikit-learn digits")
-    for key in ("**Model:** mlp", "**N (examples in the batch):** 24", "**Fisher flavour:** exact",
+    for key in ("**Model:** mlp", "**N (examples in the batch):** 24",
+                "**Fisher flavour (F, what every approximation is measured against):** exact",
                 "**Damping λ:** 0.001", "**Damping strategies:** kfac: factored"):
         assert key in text, key
     for layer in ds["layer"].values:
@@ -158,7 +159,7 @@ def test_summary_lists_every_layer_and_approximation(ds: xr.Dataset, tmp_path: P
         assert header in section.split("###", 1)[0], title
     for name in ds["approximation"].values:
         assert f"| **{name}** |" in text  # whole-network table
-    assert "exact block-diagonal (floor)" in text
+    assert "F's own block diagonal (floor)" in text
     # 4 significant digits
     value = float(ds["rel_frobenius_error"].isel(layer=0, approximation=0))
     assert f"{value:.4g}" in text

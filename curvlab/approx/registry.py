@@ -143,10 +143,19 @@ def fitted_params(stats: LayerStats) -> int:
     return stats.sqrt.shape[0] * rows.shape[0]
 
 
-def measurement_limits() -> str:
-    """The ``max_params`` limits of the registry, as text (``"kfoc: P ≤ 131072"``; ``P`` counted
-    as :func:`fitted_params` does)."""
-    return "; ".join(f"{n}: P ≤ {s.max_params}" for n, s in REGISTRY.items() if s.max_params is not None) or "none"
+def measurement_limits(names: Iterable[str] | None = None) -> str:
+    """The ``max_params`` limits of the approximations ``names`` (default: the registry's), as
+    text (``"kfoc: P ≤ 131072"``; ``P`` counted as :func:`fitted_params` does)."""
+    chosen = [spec(n) for n in (REGISTRY if names is None else names)]
+    return "; ".join(f"{s.name}: P ≤ {s.max_params}" for s in chosen if s.max_params is not None) or "none"
+
+
+def built_from(names: Iterable[str], fisher: str) -> str:
+    """The flavour of the statistics each approximation ``names`` is built from, as text
+    (``"kfac: mc; kflr: exact; ekfac: empirical"``): KFAC's and KFLR's are fixed, every other's
+    is the reference ``fisher``'s — so under ``fisher="mc"`` KFAC is measured against the labels
+    it was sampled from, and under ``"empirical"`` KFAC and KFLR against another flavour."""
+    return "; ".join(f"{spec(n).name}: {spec(n).kfac_flavour or fisher}" for n in names)
 
 
 def approximate(stats: LayerStats | Mapping[str, LayerStats], name: str, **options: Any) -> Any:

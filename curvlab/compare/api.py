@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import xarray as xr
@@ -20,7 +20,7 @@ from curvlab.approx import (
     get_damping,
     needed_kfac_flavours,
 )
-from curvlab.approx.registry import decomposed_factors, measurement_limits, spec
+from curvlab.approx.registry import built_from, decomposed_factors, measurement_limits, spec
 from curvlab.block import Block, BlockLayout
 from curvlab.compare.dataset import check_settings, measure
 from curvlab.compare.metrics import in_float64
@@ -171,7 +171,7 @@ def measure_extraction(
         attrs={
             "factor_eigh": describe_eigh(eigh, names, stats),
             "batch_loss": stats.loss.item(),
-            **extraction_attrs(stats),
+            **extraction_attrs(stats, names),
             **(attrs or {}),
         },
         progress=progress,
@@ -352,12 +352,14 @@ def _in_float64(stats: LayerStats) -> LayerStats:
     )
 
 
-def extraction_attrs(stats: Extraction) -> dict[str, str]:
-    """Dataset attributes of an extraction: why BackPACK did not run, what was left out."""
+def extraction_attrs(stats: Extraction, names: Sequence[str]) -> dict[str, str]:
+    """Dataset attributes of an extraction measured by the approximations ``names``: why BackPACK
+    did not run, what was left out, the block sizes they are measured up to, what they are built from."""
     return {
         "engine_reason": stats.engine_reason or "none",
         "skipped_parameters": ",".join(stats.skipped) or "none",
-        "measured_up_to": measurement_limits(),
+        "measured_up_to": measurement_limits(names),
+        "built_from": built_from(names, stats.flavour),
     }
 
 

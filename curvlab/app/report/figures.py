@@ -241,7 +241,8 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
             if i % cols == 0:
                 ax.set_ylabel("eigenvalue")
         # the legend lists only what some panel draws
-        handles = [Line2D([], [], color=colour("exact"), lw=2.6, label=label("exact"))]
+        reference = f"F ({FLAVOURS.get(str(ds.attrs.get('flavour')), 'exact Fisher (GGN)')})"
+        handles = [Line2D([], [], color=colour("exact"), lw=2.6, label=reference)]
         handles += [Line2D([], [], color=colour(n), lw=1.6, label=label(n)) for n in names if n in drawn]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
         subset = f" ({len(layers)} of {total} blocks)" if len(layers) < total else ""

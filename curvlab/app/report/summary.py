@@ -66,7 +66,9 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("model_mode", "Model mode while measured"),
     ("engine", "Extraction engine"),
     ("kfac_approx", "KFAC weight-sharing convention"),
-    ("flavour", "Fisher flavour"),
+    ("flavour", "Fisher flavour (F, what every approximation is measured against)"),
+    ("built_from", "Each approximation built from (the flavour of its statistics: KFAC's MC labels and KFLR's exact "
+                   "GGN are fixed, the others follow F's)"),
     ("mc_samples", "MC samples"),
     ("damping", "Damping λ"),
     ("damping_strategies", "Damping strategies"),
@@ -84,7 +86,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
     ("weights", "Weights measured"),
     ("train_steps", "Training steps before measuring"),
     ("train_optimizer", "Training optimizer"),
-    ("loss", "Loss (what is measured and trained)"),
+    ("loss", "Loss (the one measured; training steps before measuring, if any, minimise it)"),
     ("train_loss", "Training loss (last step)"),
     ("batch_loss", "Loss on the measured batch"),
     ("seed", "Seed"),
@@ -157,7 +159,7 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
     out = [_title(ds), ""]
     for key, label in _HEADER_ATTRS:
         if key in ds.attrs and not (key in ("model_options", "skipped_parameters", "ng_unresolved", "ng_damping_dominated",
-                                            "basis_dependent", "weights")
+                                            "basis_dependent", "weights", "measured_up_to")
                                     and ds.attrs[key] == "none"):
             value = ds.attrs[key]
             if key == "damping_strategies":
@@ -263,14 +265,14 @@ def summary_markdown(ds: xr.Dataset, figures: Mapping[str, str] | None = None) -
         rows = [[f"**{a}**"] + [_fmt(ds[v].values[j]) for v, _ in net] for j, a in enumerate(approx)]
         if "network_blockdiag_error" in ds:
             rows.append(
-                ["exact block-diagonal (floor)", _fmt(ds["network_blockdiag_error"].values)]
+                ["F's own block diagonal (floor)", _fmt(ds["network_blockdiag_error"].values)]
                 + ["–"] * (len(net) - 1)
             )
         out += [_table(["approximation", *[label for _, label in net]], rows), ""]
         if "network_blockdiag_error" in ds and np.isfinite(ds["network_blockdiag_error"].values):
             out += [
-                f"No block-diagonal approximation can have a network Frobenius error below the "
-                f"exact block-diagonal Fisher's, {_fmt(ds['network_blockdiag_error'].values)}.",
+                f"No block-diagonal approximation can have a network Frobenius error below that of F's "
+                f"own block diagonal, {_fmt(ds['network_blockdiag_error'].values)}.",
                 "",
             ]
         if "network_exact_trace" in ds:
