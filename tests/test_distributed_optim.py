@@ -62,9 +62,10 @@ def _shard(x, y, sizes, rank):
 
 def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, loss="ce", options=None,
            nan_at=None, model=None, opt_state=None, first_step=0, ddp_options=None, micro=False, scaler=None,
-           overflow_at=None):
+           overflow_at=None, empty_at=None):
     """``(model, optimizer)`` after ``steps`` steps on the global batches of seeds ``10 + k``;
-    distributed: on this rank's shard of each (``nan_at``: step at which rank 1's input is NaN);
+    distributed: on this rank's shard of each (``nan_at``: step at which rank 1's input is NaN;
+    ``empty_at``: its shard empty);
     ``micro``: each (shard of a) batch as two micro-batches, one ``track`` each, DDP's gradient
     reduction in the last one only (``no_sync``); ``scaler``: a GradScaler scales the loss and
     takes the step (``overflow_at``: step at which rank 1's — one process': its — gradient has an
@@ -89,12 +90,14 @@ def _train(method, model_name, sizes, *, distributed, wrap="ddp", steps=STEPS, l
             if k == nan_at and rank == 1:
                 x = x.clone()
                 x[0] = float("nan")
+            if k == empty_at and rank == 1:
+                x, y = x[:0], y[:0]
         opt.zero_grad()
         parts = [(x[:1], y[:1]), (x[1:], y[1:])] if micro else [(x, y)]
         for i, (xb, yb) in enumerate(parts):
             last = i == len(parts) - 1
             with opt.track(loss_fn), (net.no_sync() if ddp and not last else contextlib.nullcontext()):
-                scale = 1.0 if loss_fn.reduction == "sum" else len(xb) / len(x)
+                scale = 1.0 if loss_fn.reduction == "sum" or not len(x) else len(xb) / len(x)
                 loss = scale * loss_fn(net(xb), yb)
                 (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is None:
@@ -183,14 +186,16 @@ def _unequal_shards(sizes) -> dict:
 
 
 def _non_finite_on_one_rank(sizes) -> dict:
-    """Rank 1's input is NaN at step 2: every rank skips that step, no rank waits."""
+    """Rank 1's input is NaN at step 2, or its shard empty (DDP waited in its all-reduce for the
+    backward rank 1's statistics pass skipped: a hang until the timeout; a plain model's gradient
+    average mismatched): every rank skips that step, no rank waits."""
     out = {}
-    for wrap in ("ddp", "plain"):
+    for wrap, case in itertools.product(("ddp", "plain"), ("nan_at", "empty_at")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model, opt = _train("tekfac", "mlp", sizes, distributed=True, wrap=wrap, nan_at=2)
-        skipped = [w for w in caught if "skipped" in str(w.message)]
-        out[wrap] = (opt.steps_done, len(skipped), _flat(model))
+            model, opt = _train("tekfac", "mlp", sizes, distributed=True, wrap=wrap, **{case: 2})
+        skipped = [w for w in caught if "the step is skipped" in str(w.message)]
+        out[wrap, case] = (opt.steps_done, len(skipped), _flat(model))
     # A plain model's gradients are averaged inside step(): torch's ShardedGradScaler all-reduces
     # the overflow flag, so every rank skips the step an overflow on one rank makes it skip (with
     # torch's GradScaler only that rank would skip it, and the ranks fall out of step and hang).
@@ -245,7 +250,8 @@ def _mc_seeds_and_resume(sizes, path) -> dict:
 def _disagreeing_options() -> dict:
     """Another damping, another method, or a plain model of another width on rank 1: refused on
     every rank at construction (they diverged silently, hung in their collectives, or aborted in
-    gloo's: "collective mismatch", no Python exception)."""
+    gloo's: "collective mismatch", no Python exception); and a DDP model with distributed=False
+    (each rank's own statistics: the replicas drifted apart, silently)."""
     from curvlab.optim import KFAC, TKFAC
 
     rank = torch.distributed.get_rank()
@@ -253,7 +259,9 @@ def _disagreeing_options() -> dict:
     wider = nn.Sequential(nn.Linear(5, 4 + 2 * rank), nn.Tanh(), nn.Linear(4 + 2 * rank, 3)).double()
     for what, make, model in (("damping", lambda m: KFAC(m, lr=0.1, damping=1e-2 * (1 + rank)), _model("mlp")),
                               ("method", lambda m: (TKFAC if rank else KFAC)(m, lr=0.1), _model("mlp")),
-                              ("width", lambda m: KFAC(m, lr=0.1), wider)):
+                              ("width", lambda m: KFAC(m, lr=0.1), wider),
+                              ("ddp_off", lambda m: KFAC(nn.parallel.DistributedDataParallel(m), distributed=False),
+                               _model("mlp"))):
         try:
             make(model)
             out[what] = "accepted"
@@ -506,7 +514,7 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     cases = [("mlp", (4, 4), ("ddp", "plain")), ("cnn", (6, 6), ("ddp", "plain"))]
     results = run_ranks(_worker, 2, cases, (6, 6), (3, 5), extra_sizes=(4, 4), path=str(tmp_path / "opt.pt"))
     _check_common(results, 2)
-    for wrap in ("ddp", "plain"):
+    for wrap in itertools.product(("ddp", "plain"), ("nan_at", "empty_at")):
         steps = [r["non_finite"][wrap][0] for r in results]
         assert steps == [STEPS - 1] * 2, (wrap, steps)  # step 2 skipped on both ranks
         assert all(r["non_finite"][wrap][1] == 1 for r in results), wrap  # warned on each
@@ -523,6 +531,7 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     for r in results:
         for what in ("damping", "method", "width"):
             assert "the ranks disagree on the method, its options or the model's parameters" in r["disagree"][what], (what, r["disagree"])
+        assert "distributed=False on a DistributedDataParallel model of 2 ranks" in r["disagree"]["ddp_off"], r["disagree"]
     ddp = results[0]["ddp"]
     assert "static_graph=True) is not supported" in ddp["static_graph"], ddp
     assert "cannot run through DistributedDataParallel(find_unused_parameters=True)" in ddp["backpack_unused"], ddp

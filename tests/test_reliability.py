@@ -631,3 +631,19 @@ def test_the_extraction_counts_the_examples_its_blocks_count() -> None:
     stats = curvlab.extract(Pairs(), nn.CrossEntropyLoss(), x, y)
     assert stats.num_examples == stats["a"].num_examples == 6
     assert curvlab.compare(Pairs(), nn.CrossEntropyLoss(), x, y).attrs["num_examples"] == 6
+
+
+def test_an_empty_batch_runs_its_backward_and_skips_the_step() -> None:
+    """The statistics pass raised at the loss call on an empty batch, so the backward never ran:
+    under DDP the other ranks then waited in its gradient all-reduce until the timeout (QA19)."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    opt = KFAC(model, lr=0.1, stats_interval=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="KFAC: an empty batch; the next step\\(\\) will be skipped"):
+        with opt.track(loss_fn):
+            loss_fn(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())  # the backward ran
+    with pytest.warns(RuntimeWarning, match="the step is skipped"):
+        opt.step()
+    assert opt.steps_done == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

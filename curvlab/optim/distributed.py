@@ -147,6 +147,13 @@ def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: st
             "ranks' gradients would silently differ; construct DDP without static_graph"
         )
     ready = dist.is_available() and dist.is_initialized()
+    if setting is False and ddp and ready and dist.get_world_size(model.process_group) > 1:
+        raise ValueError(
+            f"{who}: distributed=False on a DistributedDataParallel model of {dist.get_world_size(model.process_group)} "
+            "ranks: each rank would precondition DDP's averaged gradient with its own statistics, and the "
+            "replicas would drift apart; leave distributed=None (auto), or give the optimizer the unwrapped "
+            "model to train each rank's replica on its own"
+        )
     if setting is False:
         return None
     if setting is None and not (ddp or ready):
@@ -325,8 +332,7 @@ class RankSync:
         used (the gradients of the ones present alone did not: averaged into other parameters' or
         a collective mismatch); a parameter no rank has a gradient for keeps none.  Returns the
         agreed finiteness."""
-        grads = [p.grad for p in params if p.grad is not None]
-        dtype = grads[0].dtype if grads else torch.float64
+        dtype = params[0].dtype if params else torch.float64  # (a rank without gradients sends the same)
         present = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if finite else 1.0],
                                dtype=dtype, device=self.device)
         slots = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

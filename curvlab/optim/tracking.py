@@ -114,6 +114,12 @@ def tracked_pass(
         raise RuntimeError(f"{who}: no backward pass went through the loss inside `with opt.track(loss_fn):`; "
                            "call loss.backward() inside the block")
     pending.losses = [session.loss]
+    if session.loss_inputs is not None and session.loss_inputs[0].numel() == 0:
+        # an empty batch (a data-parallel rank's empty shard): the backward ran, as DDP needs on
+        # every rank, without statistics; its loss, NaN, skips the step on every rank
+        if not quiet:
+            warnings.warn(f"{who}: an empty batch; the next step() will be skipped", RuntimeWarning, stacklevel=5)
+        return
     if session.loss_inputs is not None:
         pending.loss_terms = [local_loss_count(loss_fn, *session.loss_inputs)]
     pending.results = session.results()

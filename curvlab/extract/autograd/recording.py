@@ -172,6 +172,8 @@ class Recording:
             )
         output = args[0] if args else kwargs["input"]
         targets = args[1] if len(args) > 1 else kwargs["target"]
+        if output.numel() == 0 and self.request.non_finite == "propagate":
+            return  # an empty batch (a rank's empty shard): no statistics, its NaN loss skips the step
         self._computing = True
         try:
             self.result = self._compute(output, targets, loss)
