@@ -485,3 +485,13 @@ def test_the_errors_panels_y_labels_stay_inside_their_own_rows(ds: xr.Dataset, t
     for ax, box in zip(panels, labels):  # each label within its panel's height
         frame = ax.get_window_extent()
         assert frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, ax.get_ylabel()
+
+
+def test_bars_that_are_zero_are_named_not_left_to_vanish(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """EKFAC's, TEKFAC's and the diagonal's scaling error is 0 by construction: their bars have no
+    height, and on the log axis of a wide panel they vanish as a missing one would (QA20)."""
+    fig = _drawn(monkeypatch, plot_errors, ds, tmp_path)
+    titles = {ax.get_title().split("\n")[0]: ax.get_title() for ax in fig.axes if ax.get_visible()}
+    scaling = next(t for k, t in titles.items() if k.startswith("Scaling"))
+    assert scaling.endswith("\n(0 for EKFAC, TEKFAC, diag(F))"), scaling
+    assert all("(0 for" not in t for k, t in titles.items() if not k.startswith("Scaling")), titles

@@ -346,6 +346,15 @@ def _bars(ax, frame: pd.DataFrame, x: str, order: list[str], names: list[str]) -
     return not missing.empty
 
 
+def _zero_note(frame: pd.DataFrame, names: list[str]) -> str:
+    """The approximations whose every bar in the panel is exactly 0 (EKFAC's, TEKFAC's and the
+    diagonal's scaling error, by construction): bars of no height, which on a log axis vanish as
+    a missing one would, named under the title."""
+    value = frame.set_index("approximation")["value"]
+    zero = [label(n) for n in names if label(n) in value.index and bool((value.loc[[label(n)]] == 0).all())]
+    return f"\n(0 for {', '.join(zero)})" if zero else ""
+
+
 def _log_if_wide(ax, values: np.ndarray) -> None:  # noqa: ANN001
     """Log y-scale when the positive values span more than two decades."""
     pos = values[np.isfinite(values) & (values > 0)]
@@ -388,7 +397,7 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
             )
             missing |= _bars(ax, frame, "layer", layer_labels, names)
             _log_if_wide(ax, frame["value"].to_numpy())
-            ax.set_title(title)
+            ax.set_title(title + _zero_note(frame, names))
             ax.set_ylabel(ylabel)
             bottom = not many or k == len(panels) - 1
             ax.set_xlabel("layer" if bottom else "")
