@@ -147,3 +147,17 @@ def test_tied_weights_under_coupling_are_the_dense_block() -> None:
     assert stats["shared"].coupled and stats["shared"].num_locations == 2
     for name, s in stats.items():
         assert rel(s.dense_fisher(), dense_reference(model, CE, x, y, block_params(model, s))[0]) < RTOL, name
+
+
+def test_a_float32_models_eigen_corrected_scaling_is_formed_in_float64() -> None:
+    """Under train-mode BatchNorm EKFAC's and TEKFAC's s* come from the per-example root, which
+    compare left in the model's float32 (the exact root it converts): on a layer after the
+    BatchNorm their scaling error read 7e-8, four times the per-example block's own distance from
+    F (the coupling error), where it is below it (QA20)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4)).train()
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    ds = curvlab.compare(model, nn.CrossEntropyLoss(), x, y, approximations=("ekfac", "tekfac"))
+    after = ds.sel(layer="3")
+    assert float(after.coupling_error) < 1e-7
+    assert (after.scaling_error <= after.coupling_error).all(), (after.scaling_error.values, float(after.coupling_error))

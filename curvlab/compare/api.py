@@ -344,6 +344,8 @@ def _in_float64(stats: LayerStats) -> LayerStats:
         stats,
         grad=f64(stats.grad),
         sqrt=None if stats.sqrt is None else in_float64(stats.sqrt),
+        # (train-mode BatchNorm: EKFAC's and TEKFAC's s* come from it; in float32 they were 1e-7 off)
+        convention_sqrt=None if stats.convention_sqrt is None else in_float64(stats.convention_sqrt),
         kfac={flavour: KroneckerFactors(f64(f.A), f64(f.G)) for flavour, f in stats.kfac.items()},
         tkfac=None if tkfac is None else dataclasses.replace(
             tkfac, delta=f64(tkfac.delta), delta_phi=f64(tkfac.delta_phi), delta_psi=f64(tkfac.delta_psi)
