@@ -373,6 +373,8 @@ def test_two_ranks_equal_one_process() -> None:
     assert first["dtypes"] == second["dtypes"] and "parameters' dtypes differ between ranks" in first["dtypes"]
     for key in ("options_damping", "options_top_k", "options_label_smoothing"):
         assert first[key] == second[key] and "the ranks disagree on the options" in first[key], (first, second)
+        # naming what differs
+        assert f"first difference: {'loss' if key.endswith('smoothing') else 'options.' + key[8:]}: " in first[key], first[key]
     for call in ("extract", "compare"):
         said = first[f"batchnorm_{call}"]
         assert said == second[f"batchnorm_{call}"] and "BatchNorm normalising with batch statistics" in said, said

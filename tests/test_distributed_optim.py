@@ -531,6 +531,10 @@ def test_two_ranks_take_one_process_steps(tmp_path) -> None:
     for r in results:
         for what in ("damping", "method", "width"):
             assert "the ranks disagree on the method, its options or the model's parameters" in r["disagree"][what], (what, r["disagree"])
+        assert r["disagree"]["damping"].endswith("first difference: options.damping: 0.01 on rank 0, 0.02 on rank 1")
+        assert r["disagree"]["method"].endswith("first difference: method: 'kfac' on rank 0, 'tkfac' on rank 1")
+        assert r["disagree"]["width"].endswith("first difference: parameters[0]: ('0.weight', (4, 5), True) on rank 0, "
+                                               "('0.weight', (6, 5), True) on rank 1")
         assert "distributed=False on a DistributedDataParallel model of 2 ranks" in r["disagree"]["ddp_off"], r["disagree"]
     ddp = results[0]["ddp"]
     assert "static_graph=True) is not supported" in ddp["static_graph"], ddp

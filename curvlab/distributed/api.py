@@ -205,7 +205,7 @@ def compare(
     """
     coll.require_initialized()
     # the options only compare reads (damping, top_k, …): extract checks those it is given
-    coll.check_agree((_compare.describe_loss(loss_fn), options), next(model.parameters()).device, group,
+    coll.check_agree({"loss": _compare.describe_loss(loss_fn), "options": options}, next(model.parameters()).device, group,
                      "curvlab.distributed.compare: the ranks disagree on the options (damping, top_k, "
                      "approximations, …); call it with the same options on every rank")
     extractions: list[_extract.Extraction] = []

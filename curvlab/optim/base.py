@@ -188,7 +188,7 @@ class KroneckerOptimizer(Optimizer):
         if self._parallel is not None:  # ranks taking different steps would diverge, or hang
             # (a plain model's collectives of other sizes would abort in gloo, not raise)
             structure = [(name, tuple(p.shape), p.requires_grad) for name, p in unwrap(model).named_parameters()]
-            self._parallel.check_agree((self.method, dataclasses.asdict(opts), structure),
+            self._parallel.check_agree({"method": self.method, "options": dataclasses.asdict(opts), "parameters": structure},
                                        f"{who}: the ranks disagree on the method, its options or the model's "
                                        "parameters (names, shapes, which are trainable); construct the same "
                                        "model and optimizer on every rank")
