@@ -5,6 +5,7 @@ user would; the command line and run folders are in tests/test_run_safety.py).""
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -647,3 +648,15 @@ def test_an_empty_batch_runs_its_backward_and_skips_the_step() -> None:
     with pytest.warns(RuntimeWarning, match="the step is skipped"):
         opt.step()
     assert opt.steps_done == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_process_torchrun_started_without_a_process_group_is_warned(monkeypatch) -> None:
+    """WORLD_SIZE=2 (torchrun's environment) and no init_process_group: each rank trained on its
+    own shard alone, without a word (QA19)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match=r"KFAC: WORLD_SIZE=2 but torch.distributed is not initialised, so this "
+                                         r"process trains on its own data alone"):
+        KFAC(tiny_mlp(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KFAC(tiny_mlp(0), distributed=False)  # meant

@@ -76,6 +76,8 @@ A failing rank leaves the others blocked in a collective until the process group
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -157,6 +159,10 @@ def data_parallel(model: nn.Module, setting: DataParallel | bool | None, who: st
     if setting is False:
         return None
     if setting is None and not (ddp or ready):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started it, the group never made
+            warnings.warn(f"{who}: WORLD_SIZE={os.environ['WORLD_SIZE']} but torch.distributed is not initialised, "
+                          "so this process trains on its own data alone; call torch.distributed.init_process_group(...) "
+                          "before building the optimizer (or pass distributed=False to mean it)", UserWarning, stacklevel=4)
         return None
     if not isinstance(setting, (DataParallel, bool, type(None))):
         raise TypeError(f"{who}: distributed={setting!r}; pass None (auto), True, False or a DataParallel")
