@@ -85,8 +85,10 @@ VARIABLE_ATTRS: dict[str, tuple[str, str | None]] = {
                           "NaN-padded beyond the block's size)", None),
     "approx_eigenvalues": ("eigenvalues of the approximation, largest first (NaN-padded)", None),
     "coupling_error": ("relative Frobenius distance from F of the block the Kronecker statistics describe "
-                       "(examples coupled by train-mode BatchNorm)", "1"),
-    "coupling_trace_ratio": ("trace of the block the Kronecker statistics describe over tr(F)", "1"),
+                       "(examples coupled by train-mode BatchNorm; 0 where the examples are not coupled: that "
+                       "block is F)", "1"),
+    "coupling_trace_ratio": ("trace of the block the Kronecker statistics describe over tr(F) (1 where the "
+                             "examples are not coupled)", "1"),
     "network_rel_frobenius_error": ("relative Frobenius error of the block-diagonal approximation of the "
                                     "whole-network curvature", "1"),
     "network_ng_cosine": ("cosine between the block-diagonal approximation's and the exact whole-network "
