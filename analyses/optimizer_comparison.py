@@ -184,7 +184,7 @@ def plot(ds: xr.Dataset, setting: str, path: Path) -> None:
     fig.legend(handles, labels, title="optimizer", loc="outside lower center", ncols=len(labels))
     budget = ds.attrs.get("budget", "")
     momentum = float(ds.attrs.get("kronecker_momentum", MOMENTUM))
-    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std over {seeds} seeds\n"
+    fig.suptitle(f"{setting}: {ds.attrs.get('data', '')} — mean ± std (ddof 0) over {seeds} seeds\n"
                  f"momentum: SGD {MOMENTUM:g}, Kronecker optimizers {momentum:g}; y axes zoomed to the data"
                  + (f"\nREDUCED CPU budget ({BUDGETS[budget]['train']} images, {BUDGETS[budget]['epochs']} epochs)"
                     if budget == "cpu-reduced" else ""))
@@ -212,7 +212,8 @@ def summary(ds: xr.Dataset, tuning: pd.DataFrame, setting: str, budget_name: str
     lines = [f"# Optimizer comparison: {setting} ({budget_name} budget)", "",
              f"Data: {ds.attrs.get('data', '')}. Seeds: {[int(s) for s in ds.seed.values]}. "
              f"Target test accuracy for time-to-target: {target:.2f}. Heavy-ball momentum: SGD {MOMENTUM:g}, "
-             f"the Kronecker optimizers {ds.attrs.get('kronecker_momentum', MOMENTUM):g}.", "",
+             f"the Kronecker optimizers {ds.attrs.get('kronecker_momentum', MOMENTUM):g}. Final values: mean ± "
+             "standard deviation over the seeds (population, ddof = 0, as the figure's bands).", "",
              "| optimizer | lr | damping | KL clip | final train loss | final test loss | final test accuracy "
              "| epochs to target | seconds to target |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -245,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     name = f"optimizer_comparison_{args.setting}" + ("" if args.momentum == MOMENTUM else f"_momentum{args.momentum:g}")
     FIGURES.mkdir(exist_ok=True)  # also for --replot on a clone without figures/
-    if args.replot:
-        plot(xr.open_dataset(RESULTS / f"{name}.nc").load(), args.setting, FIGURES / f"{name}.png")
+    if args.replot:  # the figure and the table, from the results file
+        ds = xr.open_dataset(RESULTS / f"{name}.nc").load()
+        tuning = ds[[v for v in ds.data_vars if v.startswith("tuning_")]].to_dataframe().reset_index(drop=True)
+        (RESULTS / f"{name}.md").write_text(summary(ds, tuning.rename(columns=lambda c: c[len("tuning_"):]),
+                                                    args.setting, ds.attrs.get("budget", args.budget)))
+        plot(ds, args.setting, FIGURES / f"{name}.png")
         return 0
     budget = BUDGETS[args.budget]
     t0 = time.time()

@@ -53,7 +53,11 @@ def test_optimizer_comparison_end_to_end(comparison) -> None:
     assert np.isnan(float(ds.chosen_kl_clip.sel(optimizer="adam")))
     assert (tmp / "figures" / "optimizer_comparison_digits-mlp.png").stat().st_size > 10_000
     summary = (tmp / "results" / "optimizer_comparison_digits-mlp.md").read_text()
-    assert "| tekfac |" in summary and "KL clip" in summary
+    assert "| tekfac |" in summary and "KL clip" in summary and "(population, ddof = 0" in summary
+    # --replot writes the same table again from the results file alone
+    (tmp / "results" / "optimizer_comparison_digits-mlp.md").unlink()
+    assert oc.main(["--setting", "digits-mlp", "--budget", "tiny", "--replot"]) == 0
+    assert (tmp / "results" / "optimizer_comparison_digits-mlp.md").read_text() == summary
 
 
 def test_summary_counts_diverged_seeds_instead_of_hiding_them(comparison) -> None:
