@@ -495,3 +495,14 @@ def test_bars_that_are_zero_are_named_not_left_to_vanish(ds: xr.Dataset, tmp_pat
     scaling = next(t for k, t in titles.items() if k.startswith("Scaling"))
     assert scaling.endswith("\n(0 for EKFAC, TEKFAC, diag(F))"), scaling
     assert all("(0 for" not in t for k, t in titles.items() if not k.startswith("Scaling")), titles
+
+
+def test_figure_titles_say_train_mode_and_the_weights_measured(ds: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """A train-mode run's and a --weights run's figures had the default run's titles (QA20)."""
+    edited = ds.copy()
+    edited.attrs.update(model_mode="train", weights="/runs/tekfac/checkpoint.pt")
+    for plot in (plot_errors, plot_network):
+        title = _drawn(monkeypatch, plot, edited, tmp_path)._suptitle.get_text()
+        assert "train mode" in title and "weights tekfac/checkpoint.pt" in title, title
+        plain = _drawn(monkeypatch, plot, ds, tmp_path)._suptitle.get_text()
+        assert "train mode" not in plain and "weights" not in plain, plain

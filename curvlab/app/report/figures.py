@@ -69,9 +69,12 @@ def _title(ds: xr.Dataset, what: str) -> str:
     data = ds.attrs.get("data")
     flavour = FLAVOURS.get(str(ds.attrs.get("flavour")), ds.attrs.get("flavour"))
     setting = " on ".join(str(p) for p in (model, data) if p)
+    weights = ds.attrs.get("weights", "none")  # what tells such runs' figures from the defaults'
     details = ", ".join(
         str(p)
-        for p in (flavour, f"N={ds.attrs['num_examples']}" if "num_examples" in ds.attrs else None)
+        for p in (flavour, f"N={ds.attrs['num_examples']}" if "num_examples" in ds.attrs else None,
+                  "train mode" if ds.attrs.get("model_mode") == "train" else None,
+                  f"weights {'/'.join(Path(str(weights)).parts[-2:])}" if weights != "none" else None)
         if p
     )
     parts = [p for p in (setting, details) if p]
