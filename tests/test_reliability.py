@@ -634,10 +634,11 @@ def test_the_extraction_counts_the_examples_its_blocks_count() -> None:
     assert curvlab.compare(Pairs(), nn.CrossEntropyLoss(), x, y).attrs["num_examples"] == 6
 
 
-def test_an_empty_batch_runs_its_backward_and_skips_the_step() -> None:
+@pytest.mark.parametrize("reduction", ["mean", "sum"])  # (a sum's loss is 0, not NaN)
+def test_an_empty_batch_runs_its_backward_and_skips_the_step(reduction: str) -> None:
     """The statistics pass raised at the loss call on an empty batch, so the backward never ran:
     under DDP the other ranks then waited in its gradient all-reduce until the timeout (QA19)."""
-    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss(reduction=reduction)
     opt = KFAC(model, lr=0.1, stats_interval=1)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)

@@ -116,9 +116,10 @@ def tracked_pass(
     pending.losses = [session.loss]
     if session.loss_inputs is not None and session.loss_inputs[0].numel() == 0:
         # an empty batch (a data-parallel rank's empty shard): the backward ran, as DDP needs on
-        # every rank, without statistics; its loss, NaN, skips the step on every rank
+        # every rank, without statistics; a NaN loss (a "sum"'s 0 too) skips the step on every rank
         if not quiet:
             warnings.warn(f"{who}: an empty batch; the next step() will be skipped", RuntimeWarning, stacklevel=5)
+        pending.losses = [torch.full_like(session.loss, torch.nan)]
         return
     if session.loss_inputs is not None:
         pending.loss_terms = [local_loss_count(loss_fn, *session.loss_inputs)]
