@@ -88,9 +88,7 @@ class KroneckerOptions(OptionSet):
     def __post_init__(self) -> None:
         who = self.owner
         for name in GROUP_OPTIONS:  # numpy scalars and one-element tensors too (as torch's), kept as Python floats
-            value = getattr(self, name)
-            value = float(value) if isinstance(value, Tensor) and value.numel() == 1 else value
-            object.__setattr__(self, name, check_number(who, name, value, minimum=0.0, strict=False))
+            object.__setattr__(self, name, check_number(who, name, _scalar(getattr(self, name)), minimum=0.0, strict=False))
         object.__setattr__(self, "damping", check_number(who, "damping", self.damping, minimum=0.0, strict=True))
         if not self.momentum < 1.0:  # (checked non-negative and finite above)
             raise ValueError(f"{who}: momentum={self.momentum} must be in [0, 1) (at 1 or more the steps never shrink)")
@@ -140,6 +138,11 @@ class KroneckerOptions(OptionSet):
 FOREIGN_GROUP_OPTIONS = {"maximize": False, "nesterov": False, "dampening": 0}
 
 
+def _scalar(value: object) -> object:
+    """A group option's value as torch's optimizers take it: a one-element tensor as its float."""
+    return float(value) if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
 #: the options a param group may set, each with its bound (a value in [0, bound))
 GROUP_OPTIONS = {"lr": math.inf, "momentum": 1.0, "weight_decay": math.inf}
 #: the options that are one value for all blocks
@@ -166,8 +169,7 @@ def check_groups(groups: Sequence[Mapping[str, Any]], who: str) -> None:
             value = group.get(name)
             if type(value) is float and 0.0 <= value < above:  # the common case, checked every step
                 continue
-            if isinstance(value, Tensor) and value.numel() == 1:
-                value = float(value)
+            value = _scalar(value)
             check_number(f"{who}: param group {i}", name, value, minimum=0.0, strict=False)
             if not value < above:
                 raise ValueError(f"{who}: param group {i}: {name}={value} must be in [0, {above:g})")
