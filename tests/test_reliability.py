@@ -634,12 +634,14 @@ def test_the_extraction_counts_the_examples_its_blocks_count() -> None:
     assert curvlab.compare(Pairs(), nn.CrossEntropyLoss(), x, y).attrs["num_examples"] == 6
 
 
+@pytest.mark.parametrize("engine", ["autograd", "backpack"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])  # (a sum's loss is 0, not NaN)
-def test_an_empty_batch_runs_its_backward_and_skips_the_step(reduction: str) -> None:
+def test_an_empty_batch_runs_its_backward_and_skips_the_step(reduction: str, engine: str) -> None:
     """The statistics pass raised at the loss call on an empty batch, so the backward never ran:
-    under DDP the other ranks then waited in its gradient all-reduce until the timeout (QA19)."""
+    under DDP the other ranks then waited in its gradient all-reduce until the timeout (QA19);
+    BackPACK's raised in the backward (under "sum", whose loss is finite, that error propagated)."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss(reduction=reduction)
-    opt = KFAC(model, lr=0.1, stats_interval=1)
+    opt = KFAC(model, lr=0.1, stats_interval=1, engine=engine)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     with pytest.warns(RuntimeWarning, match="KFAC: an empty batch; the next step\\(\\) will be skipped"):
@@ -649,6 +651,11 @@ def test_an_empty_batch_runs_its_backward_and_skips_the_step(reduction: str) -> 
     with pytest.warns(RuntimeWarning, match="the step is skipped"):
         opt.step()
     assert opt.steps_done == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with opt.track(loss_fn):  # the next batch's statistics are its own
+        loss_fn(model(x), y).backward()
+    opt.step()
+    assert opt.steps_done == 1
 
 
 def test_a_process_torchrun_started_without_a_process_group_is_warned(monkeypatch) -> None:

@@ -203,6 +203,11 @@ class CurvatureStatistics(SecondOrderBackpropExtension):
         #: the leading dimension of the model's input (set by the pass), where it is known
         self.batch_size: int | None = None
 
+    def __call__(self, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
+        if self.batch_size == 0 and self.options.non_finite == "propagate":
+            return  # an empty batch (a rank's empty shard): its backward runs without statistics, as the autograd engine's
+        super().__call__(module, g_inp, g_out)
+
     def accumulate_backpropagated_quantities(self, existing: Tensor, other: Tensor) -> Tensor:
         return existing + other
 
