@@ -378,7 +378,7 @@ class KroneckerOptimizer(Optimizer):
             self._walk = StepWalk(per_block, first_order)
         return self._walk
 
-    def _update_blocks(self, walk: StepWalk, also_check: list[Tensor]) -> bool:
+    def _update_blocks(self, walk: StepWalk, also_check: list[Tensor]) -> str | None:
         steps = []
         for b, state, groups in walk.blocks:
             grad = b.grad_columns()
@@ -582,13 +582,14 @@ class KroneckerOptimizer(Optimizer):
             else:
                 for curvature in stale:
                     curvature.refresh()
-        if not self._update_blocks(walk, also_check):
-            return self._skip(
-                f"non-finite update{' (or gradient, or loss)' if plain else ''} "
-                f"(lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
-                f"damping={self.options.damping:g})",
-                "no parameter changed" + ("" if plain else "; the step's statistics are kept"), loss,
-            )
+        refused = self._update_blocks(walk, also_check)
+        if refused is not None:
+            if refused == "non-finite update":
+                refused = (f"non-finite update{' (or gradient, or loss)' if plain else ''} "
+                           f"(lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
+                           f"damping={self.options.damping:g})")
+            return self._skip(refused, "no parameter changed" + ("" if plain else "; the step's statistics are kept"),
+                              loss)
         self._skip_streak = 0
         for group, params in walk.first_order:
             sgd_update_(params, group, self.state)

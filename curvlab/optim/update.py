@@ -148,6 +148,44 @@ def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tenso
     return _finite([*(n if lr <= 1 else n * lr for n, (_, lr) in zip(norms, updates)), *also])
 
 
+#: a direction ``d = K̂⁻¹g`` counts as uphill where ``⟨d, g⟩ < −UPHILL_COSINE·‖d‖‖g‖``: never for a
+#: positive definite ``K̂`` (``⟨d, g⟩ = gᵀK̂⁻¹g > 0``), so only where the damped inverse is not
+#: what it is in exact arithmetic; the margin keeps a product near 0 (a tiny gradient) from
+#: counting by its rounding
+UPHILL_COSINE = 1e-3
+
+
+def negative_guard(block_dots: Sequence[Tensor]) -> Tensor:
+    """A scalar that is finite iff no block's ``⟨d, g⟩`` is negative (NaN otherwise: the square
+    root of the clamped minimum), checked in the update's one finiteness sync."""
+    device = block_dots[0].device
+    return torch.stack([v if v.device == device else v.to(device) for v in block_dots]).amin().clamp_max(0).sqrt()
+
+
+def uphill_blocks(negative: Sequence[tuple["BlockStep", Tensor]], damping: float,
+                  strategy: str | DampingStrategy) -> list["BlockStep"]:
+    """Of the preconditioned blocks ``(step, ⟨d, g⟩)`` whose ``⟨d, g⟩`` is negative, those
+    beyond rounding (:data:`UPHILL_COSINE`; ``d`` taken again from the kept inverse: the step's
+    own was clipped and moved in place).  It happens where a float32 factor's spectrum spans more
+    than float32 resolves at the damping's shift (a rank-deficient factor of inputs of scale ~1e3
+    and above): its Cholesky succeeds, its inverse is not positive definite, and KL clipping,
+    whose sum then turns negative, would not clip either."""
+    def norm(columns: Sequence[Tensor]) -> float:
+        return math.sqrt(sum(float(c.double().square().sum()) for c in columns))
+
+    return [s for s, dot in negative if float(dot) < -UPHILL_COSINE * norm(s.grad) * norm(
+        s.approximation.inv_mat_mul_columns(s.grad, damping, strategy))]
+
+
+def uphill_message(steps: Sequence["BlockStep"]) -> str:
+    """Why a step with uphill directions in ``steps``' blocks is skipped, and what to change."""
+    dtype = str(steps[0].approximation.dtype).removeprefix("torch.")
+    return (f"a preconditioned direction pointing uphill in {[s.block.name for s in steps]} (⟨K̂⁻¹g, g⟩ < 0: "
+            f"the damped inverse is not positive definite in {dtype}, where a factor's spectrum spans more than "
+            f"{dtype} resolves at this damping — e.g. inputs of scale 1e3 and above with fewer examples than the "
+            "layer's width); use factor_dtype='float64', a larger damping, or normalised inputs")
+
+
 @dataclass
 class BlockStep:
     """One block's share of a step: its gradient's column blocks (:meth:`Block.grad_columns`),
@@ -169,20 +207,22 @@ def update_blocks_(
     kl_clip: float | None,
     skip: set[Tensor] | frozenset[Tensor] = frozenset(),
     also_check: Sequence[Tensor] = (),
-) -> bool:
+) -> str | None:
     """Precondition, KL-clip, decay, accelerate and apply the update of every block (steps 4–6
     of :mod:`curvlab.optim.base`), leaving the parameters in ``skip`` unchanged.
 
     Every update is checked before any is applied, in one reduction with the scalars of
     ``also_check`` (:func:`finiteness_terms`): if one is not finite (an overflowing inverse, a
-    huge learning rate, a non-finite gradient), nothing changes — parameters and momentum
-    buffers — and False is returned.
+    huge learning rate, a non-finite gradient), or a preconditioned direction points uphill
+    (:func:`uphill_blocks`), nothing changes — parameters and momentum buffers — and the reason is
+    returned; ``None`` once the update is applied.
     """
     # Each block's update is kept as the column blocks of its matrix form (weight, bias), as
     # Block.grad_columns gives them.  (direction, own): preconditioned directions are fresh
     # tensors that may be modified in place; first-order ones may be views of .grad.
     directions: list[tuple[list[Tensor], bool]] = []
     v_g: Tensor | None = None
+    preconditioned: list[tuple[BlockStep, Tensor]] = []  # (step, ⟨d, g⟩)
     for s in steps:
         if s.approximation is None:
             directions.append((s.grad, False))
@@ -190,9 +230,10 @@ def update_blocks_(
         # computed in the approximation's dtype (factor_dtype), returned in the gradient's
         direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
         directions.append((direction, True))
+        dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)]
+        preconditioned.append((s, sum(dots[1:], dots[0])))
         if kl_clip is not None:
-            term = sum(torch.dot(d.reshape(-1), g.reshape(-1)) * group["lr"] ** 2
-                       for d, g, group in zip(direction, s.grad, s.groups))
+            term = sum(dot * group["lr"] ** 2 for dot, group in zip(dots, s.groups))
             v_g = term if v_g is None else v_g + term.to(v_g.device)
     nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
     columns: list[tuple[Tensor, bool, Tensor | None, float]] = []  # every block's, for momentum
@@ -215,8 +256,14 @@ def update_blocks_(
         kept = None if all(group["momentum"] == 0 for group in s.groups) else [
             torch.zeros_like(d) if b is None else b for d, b in block_moved]
         updates.append((s, [d for d, _ in block_moved], kept))
-    if not updates_finite([(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)], also_check):
-        return False
+    lr_updates = [(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)]
+    guard = [negative_guard([dot for _, dot in preconditioned])] if preconditioned else []
+    if not updates_finite(lr_updates, [*also_check, *guard]):
+        uphill = uphill_blocks([(s, dot) for s, dot in preconditioned if float(dot) < 0], damping, strategy)
+        if uphill:
+            return uphill_message(uphill)
+        if not guard or not updates_finite(lr_updates, also_check):  # (else: a negative product by its rounding)
+            return "non-finite update"
     by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # every block's parameters, one op per lr
     for s, update, buffers in updates:
         s.state.momentum_columns = buffers
@@ -226,4 +273,4 @@ def update_blocks_(
             parts.append(part)
     for lr, (targets, parts) in by_lr.items():
         torch._foreach_add_(targets, parts, alpha=-lr)
-    return True
+    return None
