@@ -276,7 +276,10 @@ def test_fashion_mnist_system_install() -> None:
 
 # ----------------------------------------------------------------------------- synthetic CIFAR
 
-COLOURS = {"airplane": (250, 10, 10), "cat": (10, 250, 10), "truck": (10, 10, 250)}
+#: every class (a split without one is refused), each its own colour
+COLOURS = {"airplane": (250, 10, 10), "automobile": (10, 250, 10), "bird": (10, 10, 250), "cat": (250, 250, 10),
+           "deer": (250, 10, 250), "dog": (10, 250, 250), "frog": (130, 10, 10), "horse": (10, 130, 10),
+           "ship": (10, 10, 130), "truck": (130, 130, 130)}
 
 
 def jpeg_bytes(colour: tuple[int, int, int], size: int = 32) -> bytes:
@@ -314,9 +317,9 @@ def test_cifar_synthetic_tar_labels_pixels_and_cache(tmp_path: Path, monkeypatch
     cache = tmp_path / "cache"
     ds = load_dataset("cifar10", tmp_path / "d", cache_dir=cache)
     assert ds.description == "CIFAR-10 (JPEG q75 copy)" and ds.input_shape == (3, 32, 32)
-    assert ds.train_x.shape == (6, 3, 32, 32) and ds.train_x.dtype == torch.float32
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.train_x.dtype == torch.float32
     labels = [CIFAR10_CLASSES.index(c) for c in COLOURS for _ in range(2)]
-    assert ds.train_y.tolist() == labels == [0, 0, 3, 3, 9, 9] and ds.test_y.tolist() == labels
+    assert ds.train_y.tolist() == labels == [i for i in range(10) for _ in range(2)] and ds.test_y.tolist() == labels
     pixels = denormalise(ds.train_x).mean(dim=(2, 3))  # per image, per channel
     want = torch.tensor([COLOURS[c] for c in COLOURS for _ in range(2)], dtype=torch.float32)
     assert torch.allclose(pixels, want, atol=3)
@@ -328,7 +331,7 @@ def test_cifar_synthetic_tar_labels_pixels_and_cache(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(data, "_decode_cifar", no_decode)
     again = load_dataset("cifar10", tmp_path / "d", cache_dir=cache, flatten=True)
-    assert torch.equal(again.train_x, ds.train_x.reshape(6, -1)) and again.input_shape == (3072,)
+    assert torch.equal(again.train_x, ds.train_x.reshape(20, -1)) and again.input_shape == (3072,)
     # A changed source invalidates its cache entry.
     tar = tmp_path / "d" / "cifar10_jpeg_test.tar.gz"
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
@@ -380,9 +383,20 @@ def test_cifar_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown class folder 'horsey'"):
         load_dataset("cifar10", tmp_path / "bad", cache_dir=tmp_path / "c")
     (tmp_path / "bad" / "test" / "horsey" / "0000.jpg").unlink()
-    (tmp_path / "bad" / "test" / "cat").mkdir()
-    (tmp_path / "bad" / "test" / "cat" / "0000.jpg").write_bytes(jpeg_bytes((1, 2, 3), size=16))
+    for cls in COLOURS:
+        (tmp_path / "bad" / "test" / cls).mkdir()
+        (tmp_path / "bad" / "test" / cls / "0000.jpg").write_bytes(jpeg_bytes((1, 2, 3), size=16 if cls == "cat" else 32))
     with pytest.raises(DataError, match=r"0000.jpg .* is 16x16, expected 32x32"):
+        load_dataset("cifar10", tmp_path / "bad", cache_dir=tmp_path / "c")
+    # a class missing (an interrupted extraction) or of another size: refused, naming each class's count (QA22)
+    for cls in COLOURS:
+        (tmp_path / "bad" / "test" / cls / "0000.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    (tmp_path / "bad" / "test" / "dog" / "0001.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    with pytest.raises(DataError, match=r"the test split has classes of different sizes or missing \(airplane 1, .*dog 2"):
+        load_dataset("cifar10", tmp_path / "bad", cache_dir=tmp_path / "c")
+    for name in ("0000.jpg", "0001.jpg"):
+        (tmp_path / "bad" / "test" / "dog" / name).unlink()
+    with pytest.raises(DataError, match=r"dog 0, .*1000 test images in each of its 10 classes"):
         load_dataset("cifar10", tmp_path / "bad", cache_dir=tmp_path / "c")
 
 

@@ -506,3 +506,23 @@ def test_figure_titles_say_train_mode_and_the_weights_measured(ds: xr.Dataset, t
         assert "train mode" in title and "weights tekfac/checkpoint.pt" in title, title
         plain = _drawn(monkeypatch, plot, ds, tmp_path)._suptitle.get_text()
         assert "train mode" not in plain and "weights" not in plain, plain
+
+
+def test_a_figure_legend_of_many_entries_stays_within_the_canvas() -> None:
+    """spectra.png's legend of every approximation in one row ran past both edges of the
+    figure, the exact F's swatch and diag(F)'s name cut off (QA22): it wraps into rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from curvlab.app.report.figures import WIDTH_IN, legend_below
+
+    for count in (2, 8, 12):
+        fig = Figure(figsize=(WIDTH_IN, 3), layout="constrained")
+        fig.subplots()
+        legend_below(fig, [Line2D([], [], label=f"F (exact Fisher (GGN)) {i}") for i in range(count)])
+        FigureCanvasAgg(fig).draw()
+        (legend,) = fig.legends
+        box = legend.get_window_extent(fig.canvas.get_renderer())
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width and 0 <= box.y0
+        assert len(legend.get_texts()) == count

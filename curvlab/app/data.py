@@ -504,8 +504,24 @@ def _read_cifar_encoded(source: Path, split: str) -> list[tuple[int, int, str, b
             raise DataError(f"cifar10: cannot read {source} (corrupt or truncated?): {err}") from err
     if not items:
         raise DataError(f"cifar10: no {split}/<class>/NNNN.jpg images found in {source}")
+    _check_balanced(source, split, [label for label, *_ in items])
     items.sort(key=lambda t: (t[0], t[1], t[2]))  # class, then file index: a fixed order
     return items
+
+
+def _check_balanced(source: Path, split: str, labels: list[int]) -> None:
+    """Refuse a split with a class missing or classes of different sizes (an interrupted
+    extraction or a partial copy would otherwise train and measure on what is left, silently);
+    a smaller balanced subset is taken."""
+    counts = [labels.count(i) for i in range(len(CIFAR10_CLASSES))]
+    if min(counts) == 0 or len(set(counts)) > 1:
+        found = ", ".join(f"{name} {count}" for name, count in zip(CIFAR10_CLASSES, counts))
+        full = {"train": 5000, "test": 1000}[split]
+        raise DataError(
+            f"cifar10: {source}: the {split} split has classes of different sizes or missing ({found}); CIFAR-10 "
+            f"has {full} {split} images in each of its 10 classes — an interrupted extraction or a partial copy? "
+            "(a smaller subset with as many images in every class is taken)"
+        )
 
 
 def _decode_cifar(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -166,6 +166,18 @@ def _laid_out(fig: Figure):  # noqa: ANN202
     return fig.canvas.get_renderer()
 
 
+def legend_below(fig: Figure, handles: list) -> None:
+    """The figure's legend under its panels, in as few rows as fit its width (in one row, the
+    eight entries of every approximation ran past both edges of the canvas)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for rows in range(1, len(handles) + 1):  # rows of equal length: 4 + 4, not 7 + 1
+        ncols = math.ceil(len(handles) / rows)
+        legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            return
+        legend.remove()
+
+
 def _make_room(ax, box, highest: float, renderer, pad_px: float = 4.0) -> None:  # noqa: ANN001
     """Raise the top of ``ax``'s y axis so that values up to ``highest`` stay below ``box`` (a
     text or legend placed in axes coordinates at the top of the panel): it then covers no data,
@@ -247,7 +259,7 @@ def plot_spectra(ds: xr.Dataset, path: PathLike) -> Path:
         reference = f"F ({FLAVOURS.get(str(ds.attrs.get('flavour')), 'exact Fisher (GGN)')})"
         handles = [Line2D([], [], color=colour("exact"), lw=2.6, label=reference)]
         handles += [Line2D([], [], color=colour(n), lw=1.6, label=label(n)) for n in names if n in drawn]
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        legend_below(fig, handles)
         subset = f" ({len(layers)} of {total} blocks)" if len(layers) < total else ""
         fig.suptitle(_title(ds, "Eigenvalues per layer" + subset + MISSING_NOTE * bool(notes)))
         if notes:
@@ -408,8 +420,7 @@ def plot_errors(ds: xr.Dataset, path: PathLike) -> Path:
                 ax.tick_params(axis="x", labelsize=8.5, labelrotation=90 if label_style == "inline" else 0)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
-        handles = [Patch(color=colour(n), label=label(n)) for n in names]
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        legend_below(fig, [Patch(color=colour(n), label=label(n)) for n in names])
         what = "Per-layer errors (lower is better)"
         if left_out:
             what += f"; {left_out} parameter block{'s' * (left_out > 1)} (diagonal only) in summary.md"
