@@ -44,6 +44,7 @@ class BackpackPass:
         self.extension = CurvatureStatistics(options, blocks.of_layer, {b.weight: b for b in blocks.parameters})
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inplace: list[nn.Module] = []
+        self._hook_kinds: dict[nn.Module, bool | None] = {}
         self._stack: contextlib.ExitStack | None = None
         #: the first layer seen computing in another dtype than its weight's (torch.autocast)
         self._autocast: str | None = None
@@ -55,6 +56,12 @@ class BackpackPass:
         for module in self._modules():
             if getattr(module, "_backpack_extend", False):
                 continue  # the user extended it already: BackPACK's hooks are in place
+            # torch keeps a module's kind of backward hook (full or not) after the hooks are removed;
+            # a stale kind left by another library's removed hooks would refuse BackPACK's, and
+            # BackPACK's left behind would refuse the other library's: restored on exit
+            self._hook_kinds[module] = module._is_full_backward_hook
+            if not module._backward_hooks:
+                module._is_full_backward_hook = None
             self._handles.append(module.register_forward_hook(hook_store_io))
             self._handles.append(module.register_full_backward_hook(hook_run_extensions))
             if getattr(module, "inplace", False):
@@ -78,6 +85,10 @@ class BackpackPass:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, kind in self._hook_kinds.items():
+            if not module._backward_hooks:
+                module._is_full_backward_hook = kind
+        self._hook_kinds.clear()
         for module in self._inplace:
             module.inplace = True
         self._inplace.clear()

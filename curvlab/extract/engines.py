@@ -211,6 +211,11 @@ def backpack_obstacle(model: nn.Module, blocks: ModelBlocks, loss_fn: nn.Module 
         where = f"module {hooked[0]!r} has" if hooked else "torch has global module"
         return (f"{where} forward hooks or forward pre-hooks of its own (one may change an input or an output, "
                 "which BackPACK's derivatives would not see)")
+    hooked = [name or "the model" for name, m in model.named_modules()
+              if m._backward_hooks and m._is_full_backward_hook is False]
+    if hooked:
+        return (f"module {hooked[0]!r} has a backward hook registered by register_backward_hook, beside which torch "
+                "allows none of the full backward hooks BackPACK runs on")
     for module, name in blocks.layers.items():
         if type(module) not in KRONECKER_DERIVATIVES:
             return f"module {name!r} ({type(module).__name__}) is not a BackPACK Kronecker layer"
