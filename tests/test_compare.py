@@ -643,6 +643,40 @@ def test_ekfac_under_reduce_is_flagged_where_its_basis_is_the_eigensolvers_choic
         assert max(moved.values()) < 1e-8, moved
 
 
+@pytest.mark.parametrize("case", ["taps alike", "dead channel"])
+def test_reduce_flags_a_factor_that_loses_rank_by_structure_and_only_where_the_gradients_reach_it(case: str) -> None:
+    """More examples than inputs, and still a rank-deficient ``A`` under ``reduce``: a U-Net's
+    ``ConvTranspose2d(k=2, stride=2)`` sums every tap over the same pixels (rank ``C_in + 1``), and
+    EKFAC moved with eigh's basis of its null space while ``basis_dependent`` said none (QA24). A
+    dead input channel also leaves ``A`` a null space, which no gradient reaches: not flagged."""
+    torch.manual_seed(0)
+    if case == "taps alike":
+        net = nn.Sequential(nn.ConvTranspose2d(3, 2, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(128, 3)).double()
+        x = torch.randn(40, 3, 4, 4, dtype=torch.float64)
+    else:
+        net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+        x = torch.randn(40, 2, 6, 6, dtype=torch.float64)
+        x[:, 0] = 0
+    y, loss_fn = torch.randint(0, 3, (40,)), nn.CrossEntropyLoss()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ds = compare(net, loss_fn, x, y, approximations=("kflr", "ekfac"), kfac_approx="reduce")
+    told = [str(w.message) for w in said if "null spaces" in str(w.message)]
+    s = extract(net, loss_fn, x, y, stats=("sqrt", "kfac"), kfac_flavours=("exact",), kfac_approx="reduce")["0"]
+    a, g = s.kfac["exact"].A.double(), s.kfac["exact"].G.double()
+    assert s.num_examples >= a.shape[0] and int(torch.linalg.matrix_rank(a, hermitian=True)) < a.shape[0]
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    nudged = a + (noise + noise.T) * 1e-16 * a.abs().max()
+    dense = [EKFAC.from_factors(f, g, sqrt=s.sqrt, layout=s.layout).to_dense() for f in (a, nudged)]
+    moved = ((dense[1] - dense[0]).norm() / dense[0].norm()).item()
+    if case == "taps alike":
+        assert ds.attrs["basis_dependent"] == "0" and len(told) == 1 and "'0'" in told[0]
+        assert moved > 1e-3  # why it is flagged
+    else:
+        assert ds.attrs["basis_dependent"] == "none" and not told
+        assert moved < 1e-8
+
+
 def test_the_dataset_says_what_each_approximation_is_built_from() -> None:
     """KFAC is built from MC labels and KFLR from the exact GGN whatever ``fisher`` is, the others
     from F's own flavour: under ``fisher="empirical"`` the columns are not like for like, which

@@ -29,6 +29,7 @@ from curvlab.compare.metrics import (
     woodbury_natural_gradient,
     woodbury_solve,
 )
+from curvlab.gram import GramRows
 from curvlab.io import netcdf_attr
 from curvlab.reuse import shared_work
 from curvlab.stats import LayerStats
@@ -239,7 +240,8 @@ def measure(
         warnings.warn(
             f"curvlab.compare: under kfac_approx='reduce' the gradients of {arbitrary} reach the null spaces of "
             "their Kronecker factors (a batch with fewer examples, or root columns, than the layer's width, "
-            "and several locations per example): EKFAC's rescaling there, and KFAC's and KFLR's split into "
+            "or inputs whose sums over the locations lose rank, as a convolution whose every tap covers the "
+            "same pixels; and several locations per example): EKFAC's rescaling there, and KFAC's and KFLR's split into "
             "projection and scaling error, depend on the eigensolver's arbitrary basis of those null spaces "
             "(not on the factors: a change of A in the last bit moved a test CNN's EKFAC ng_cosine by 0.04); "
             "measure them with kfac_approx='expand', or a batch of at least the layer's width",
@@ -319,12 +321,30 @@ def null_spaces_reached(stats: LayerStats) -> bool:
     whose eigenbasis is arbitrary: under ``reduce`` with several locations per example, each
     ``M_k = Σ_t g_t āᵀ_t`` lies in the span of the per-location inputs and output gradients, the
     factors in that of their sums — a smaller one where there are fewer examples than inputs
-    (``A``: rank ≤ N < D) or fewer root columns than outputs (``G``: rank ≤ K < d_out).  Under
-    ``expand`` the factors hold every location, so the gradients stay in their ranges."""
+    (``A``: rank ≤ N < D) or fewer root columns than outputs (``G``: rank ≤ K < d_out), and also
+    with more examples where the sums lose rank by structure (a convolution whose every tap
+    covers the same pixels, as a fully padded ``k = 2`` one or a ``ConvTranspose2d(k=2,
+    stride=2)``: rank ``A = C_in + 1``): then the partial traces ``Σ M_kᵀM_k``, ``Σ M_kM_kᵀ`` are
+    tested against each factor's null space.  Under ``expand`` the factors hold every location,
+    so the gradients stay in their ranges."""
     if stats.kind != "kronecker" or stats.kfac_approx != "reduce" or stats.num_locations <= 1:
         return False
     d_out, d_in = stats.layout.shape
-    return stats.num_examples < d_in or stats.sqrt.num_columns < d_out
+    if stats.num_examples < d_in or stats.sqrt.num_columns < d_out:
+        return True
+    inputs, outputs = stats.sqrt.to(dtype=torch.float64).partial_traces()
+    return any(_reaches_null_space(f.A, inputs) or _reaches_null_space(f.G, outputs) for f in stats.kfac.values())
+
+
+def _reaches_null_space(factor: Tensor | GramRows, partial_trace: Tensor) -> bool:
+    """Whether ``partial_trace`` (PSD) has weight on ``factor``'s numerical null space."""
+    lam, u = torch.linalg.eigh((factor.dense() if isinstance(factor, GramRows) else factor).to(torch.float64))
+    null = u[:, lam <= NULL_TOLERANCE * lam[-1].clamp_min(0)]
+    return null.shape[1] > 0 and float((null.mT @ partial_trace @ null).trace()) > 1e-8 * float(partial_trace.trace())
+
+
+#: eigenvalues of a factor at most this fraction of its largest are numerical zeros
+NULL_TOLERANCE = 1e-10
 
 
 def _network(
