@@ -210,6 +210,18 @@ def test_run_report_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="--mode train with --batch-size 1: .* cannot take one example"):
         run_report(model=f"{tmp_path / 'nets.py'}:net", dataset="digits", batch_size=1, mode="train",
                    out_dir=tmp_path / "out")
+    # a model that turns NaN on real inputs (finite on the model check's zeros): the warm-up stops at its
+    # first NaN loss, naming the step (it ran every Adam step on NaN, then failed after them; QA22)
+    (tmp_path / "nets.py").write_text("import torch\nfrom torch import nn\n"
+                                      "class Nan(nn.Linear):\n"
+                                      "    def forward(self, x):\n"
+                                      "        y = super().forward(x.flatten(1))\n"
+                                      "        return y if x.abs().sum() == 0 else y * float('nan')\n"
+                                      "def net(num_classes):\n"
+                                      "    return Nan(64, num_classes)\n")
+    with pytest.raises(ReportError, match=r"the loss is nan at Adam step 1 of 50 \(lr 0.001\), before anything"):
+        run_report(model=f"{tmp_path / 'nets.py'}:net", dataset="digits", train_steps=50, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "nets.py").unlink()
     # a damping the approximation does not define: refused before the data (here: none) is read
     with pytest.raises(ValueError, match="damping strategy 'nor' is not defined for approximation 'kfac'"):

@@ -128,6 +128,13 @@ def test_the_per_layer_map_shows_the_optimizers_own_approximation(tmp_path: Path
     for other in others:  # a map of another approximation would differ
         values = ds["rel_frobenius_error"].sel(approximation=other).transpose("layer", "step").values
         assert not np.allclose(np.nan_to_num(values), np.nan_to_num(shown))
+    # 11 probes: the step labels evenly spaced (one was dropped, its column looking unprobed; QA22)
+    eleven = ds.isel(step=np.arange(11) % ds.sizes["step"]).assign_coords(step=np.arange(11) * 25)
+    plot_probe(eleven, tmp_path / "probe11.png", "setting")
+    (heatmap,) = [ax for ax in saved_figures[-1].axes if any(isinstance(c, QuadMesh) for c in ax.collections)
+                  and ax.get_xlabel().startswith("training step")]
+    labels = [int(t.get_text()) for t in heatmap.get_xticklabels()]
+    assert labels[0] == 0 and len(set(np.diff(labels))) == 1 and 250 - labels[-1] < np.diff(labels)[0], labels
 
 
 def test_an_unprobed_run_draws_its_figures_without_a_warning(tmp_path: Path) -> None:

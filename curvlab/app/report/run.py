@@ -199,7 +199,7 @@ def _warm_up(model: nn.Module, loss_fn: nn.Module, data: Dataset, steps: int, *,
     order = torch.randperm(n, generator=gen)
     pos = 0
     try:
-        for _ in range(steps):
+        for step in range(steps):
             if pos + batch_size > n:
                 order, pos = torch.randperm(n, generator=gen), 0
             idx = order[pos : pos + batch_size]
@@ -207,6 +207,11 @@ def _warm_up(model: nn.Module, loss_fn: nn.Module, data: Dataset, steps: int, *,
             x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
+            if not bool(torch.isfinite(loss)):  # stop here: every later step would train on NaN
+                raise ReportError(
+                    f"curvlab report: the loss is {float(loss)} at Adam step {step + 1} of {steps} (lr {lr:g}), before "
+                    "anything was measured; check the model, or lower --lr or --train-steps"
+                )
             loss.backward()
             opt.step()
             if bar is not None:
