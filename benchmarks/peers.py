@@ -57,7 +57,12 @@ ema_decay=1 − stat_decay, ignore_modules=norm layers), fisher_type="fisher_mc"
   Linear/Conv2d blocks and update norms with plain SGD (``precondition_norms=True`` gives ASDL's
   default unit-wise blocks).
 
-``asdl-ekfac`` — ``EkfacGradientMaker`` with four fixes (class :class:`AsdlEkfacGradientMaker`):
+``asdl-ekfac`` — ``EkfacGradientMaker`` with four fixes (class :class:`AsdlEkfacGradientMaker`).
+On a convolution it computes another quantity than curvlab's EKFAC: its
+rescaling sums over the ``N·T`` locations, ``s = Σ_{n,t} (U_Gᵀ g_{n,t} āᵀ_{n,t} U_A)²``, where
+curvlab's ``s*`` is the diagonal of ``QᵀFQ`` from the per-example gradients ``M_n = Σ_t g_t āᵀ_t``
+(cross-location terms kept; QA24: steps 0.08–0.24 apart on convolutions, each equal to its own
+formula to 3e-15; on a Linear layer the two agree to 2e-16).  The fixes:
 
 1. ASDL's ``EkfacGradientMaker`` calls ``precondition(use_inv=True)``, which skips every KFE block
    (``KFE.has_inv`` is False): the gradient is left untouched (its ``_precondition`` override
