@@ -36,6 +36,7 @@ PROG = "curvlab"
 from curvlab.app.options import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_PEER_LOST,
     EXIT_USAGE,
     LABEL_SMOOTHING_HELP,
     approximations,
@@ -409,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if said is None:
             raise
         print(f"{PROG}: rank {os.environ['RANK']} stopped: another rank ended ({said})", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_PEER_LOST
     except KeyboardInterrupt as err:
         name = getattr(err, "signal_name", None)  # a stop by SIGTERM, or a launcher's (curvlab.app.interrupts.Stopped)
         print(f"{PROG} {args.command}: stopped by {name}" if name else f"{PROG} {args.command}: interrupted",

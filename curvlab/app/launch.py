@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from curvlab.app.interrupts import Stopped, raise_interrupt
+from curvlab.app.options import EXIT_PEER_LOST
 
 #: The process group's timeout: a collective waiting longer raises (on every waiting rank).
 TIMEOUT_SECONDS = float(os.environ.get("CURVLAB_DIST_TIMEOUT", "600"))
@@ -237,7 +238,7 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     previous = signal.signal(signal.SIGTERM, raise_interrupt)  # before torchrun starts: it is never left behind
     proc, forward, quiet = None, None, threading.Event()
     try:
-        command = [sys.executable, "-c", TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid()), *torchrun]
+        command = [sys.executable, "-c", TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid(), peer_lost=EXIT_PEER_LOST), *torchrun]
         proc = subprocess.Popen(command, stderr=subprocess.PIPE)
         forward = threading.Thread(target=_forward, args=(proc.stderr, quiet), daemon=True)
         forward.start()
@@ -272,7 +273,11 @@ TORCHRUN_WITH_LAUNCHER = (
     "try:\n"
     "    runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)\n"
     "except ChildFailedError as err:  # one line, not its traceback and table\n"
-    "    rank, failure = err.get_first_failure()\n"
+    "    # the first rank to fail of itself: not one that stopped because it lost its peer (status {peer_lost}),\n"
+    "    # which torchrun, timing failures by the second, may name first\n"
+    "    failed = {{r: f for r, f in err.failures.items() if f.exitcode != {peer_lost}}} or err.failures\n"
+    "    rank = min(failed, key=lambda r: (failed[r].timestamp, r))\n"
+    "    failure = failed[rank]\n"
     "    how = ('ended by ' + failure.signal_name() + (' (the out-of-memory killer, or kill -9)' if failure.exitcode == -9 else '')\n"
     "           if failure.exitcode < 0 else 'exited with status %d' % failure.exitcode)\n"
     "    sys.stderr.write('curvlab: rank %d (pid %d) %s; torchrun stopped the other ranks\\n' % (rank, failure.pid, how))\n"

@@ -12,6 +12,9 @@ from curvlab._options import is_number
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: a rank that stopped because another rank ended (its collective lost the peer): the launcher
+#: names a rank that failed of itself, which torchrun's first failure (by the second) may not be
+EXIT_PEER_LOST = 3
 #: interrupted (Ctrl-C): 128 + SIGINT, as a shell reports it
 EXIT_STOPPED = 130
 
