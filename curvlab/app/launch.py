@@ -238,7 +238,8 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     previous = signal.signal(signal.SIGTERM, raise_interrupt)  # before torchrun starts: it is never left behind
     proc, forward, quiet = None, None, threading.Event()
     try:
-        command = [sys.executable, "-c", TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid(), peer_lost=EXIT_PEER_LOST), *torchrun]
+        launcher = TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid(), peer_lost=EXIT_PEER_LOST)
+        command = [sys.executable, "-c", launcher, *torchrun]
         proc = subprocess.Popen(command, stderr=subprocess.PIPE)
         forward = threading.Thread(target=_forward, args=(proc.stderr, quiet), daemon=True)
         forward.start()

@@ -316,6 +316,10 @@ def measure(
 BASIS_DEPENDENT = frozenset({"ekfac", "kfac", "kflr"})
 
 
+#: eigenvalues of a factor at most this fraction of its largest are numerical zeros
+NULL_TOLERANCE = 1e-10
+
+
 def null_spaces_reached(stats: LayerStats) -> bool:
     """Whether a block's per-example gradients can reach the null spaces of its KFAC factors,
     whose eigenbasis is arbitrary: under ``reduce`` with several locations per example, each
@@ -340,11 +344,8 @@ def _reaches_null_space(factor: Tensor | GramRows, partial_trace: Tensor) -> boo
     """Whether ``partial_trace`` (PSD) has weight on ``factor``'s numerical null space."""
     lam, u = torch.linalg.eigh((factor.dense() if isinstance(factor, GramRows) else factor).to(torch.float64))
     null = u[:, lam <= NULL_TOLERANCE * lam[-1].clamp_min(0)]
+    # (weight there by rounding is ~1e-16 of the trace; a gradient that reaches it, a visible share)
     return null.shape[1] > 0 and float((null.mT @ partial_trace @ null).trace()) > 1e-8 * float(partial_trace.trace())
-
-
-#: eigenvalues of a factor at most this fraction of its largest are numerical zeros
-NULL_TOLERANCE = 1e-10
 
 
 def _network(

@@ -13,7 +13,6 @@ The report's style, colours and names (:mod:`curvlab.app.report.figures`, :mod:`
 from __future__ import annotations
 
 import math
-
 import textwrap
 import warnings
 from pathlib import Path
