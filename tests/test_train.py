@@ -417,6 +417,31 @@ def test_a_train_mode_probe_measures_the_train_mode_forward_and_changes_nothing(
     assert np.abs(eval_error - measured.rel_frobenius_error.isel(step=0).sel(layer="0").values).max() > 1e-3
 
 
+def test_a_probe_of_statistics_beyond_float32_is_recorded_as_nan() -> None:
+    """A diverging run whose loss is still finite: its activations' squares overflow float32 in
+    the probe's factors, and the probe raised ("a 65×65 factor to eigen-decompose has non-finite
+    entries") at the end of an epoch, which was lost with its checkpoint (QA25).  It is recorded as
+    NaN, naming the layers; of the initial network, refused naming them."""
+    from torch import nn
+
+    from curvlab.app.train.probe import Probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = Probe(x, y, loss_fn, approximations=("kflr", "ekfac"))
+    assert np.isfinite(probe.run(0, model, opt).rel_frobenius_error.values).all()
+    with torch.no_grad():
+        model[0].weight.mul_(1e22)  # the second layer's inputs ~1e22: their squares overflow float32
+        assert torch.isfinite(loss_fn(model(x), y))
+    with pytest.warns(RuntimeWarning, match=r"the probe at step 8: the statistics of layers \['2'\] are not finite"):
+        diverged = probe.run(8, model, opt)
+    assert np.isnan(diverged.rel_frobenius_error.values).all() and diverged.step.values.tolist() == [8]
+    with pytest.raises(ValueError, match=r"the probe of the initial network: the statistics of layers \['2'\]"):
+        Probe(x, y, loss_fn, approximations=("kflr",)).run(0, model, opt)
+
+
 @pytest.mark.parametrize("optimizer,unused,used", [
     ("sgd", ("damping_strategy", "stats_interval", "kl_clip", "factor_dtype"), ("lr", "momentum", "weight_decay", "damping")),
     ("adam", ("momentum", "eigen_interval", "basis"), ("lr", "weight_decay")),

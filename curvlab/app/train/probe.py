@@ -14,6 +14,7 @@ Results form a step × layer × approximation (× eig) time series.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from curvlab.approx import DEFAULT_DAMPING, needed_kfac_flavours
 from curvlab.compare.api import describe_loss, measure_extraction
 from curvlab.extract import extract
 from curvlab.optim import KroneckerOptimizer
+from curvlab.optim.update import all_finite
 from curvlab.io import read_netcdf, write_netcdf
+from curvlab.stats import LayerStats
 
 
 #: What a probe's ``ng_damping_dominated`` lists.
@@ -108,6 +111,15 @@ class Probe:
         finally:
             model.train(was_training)
         if not bool(torch.isfinite(stats.loss)):
+            return self._record(self._not_finite(step))
+        overflowed = [name for name, layer in stats.items() if not _finite(layer)]
+        if overflowed:  # a finite loss, statistics beyond the dtype's range (a diverging run's activations)
+            if not self.records:
+                raise ValueError(f"curvlab train: the probe of the initial network: the statistics of layers "
+                                 f"{overflowed} are not finite (NaN/inf); there is nothing to measure")
+            warnings.warn(f"curvlab train: the probe at step {step}: the statistics of layers {overflowed} are not "
+                          "finite (values beyond the model's dtype: a diverging run); recorded as NaN",
+                          RuntimeWarning, stacklevel=2)
             return self._record(self._not_finite(step))
         strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
@@ -206,3 +218,8 @@ def normalises_otherwise_in_eval(model: nn.Module) -> bool:
 def _steps(steps: Sequence[int]) -> str:
     steps = list(steps)
     return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, …, {steps[-1]}"
+
+
+def _finite(layer: LayerStats) -> bool:
+    """Whether a layer's probe statistics (its exact root, factors, traces) are finite."""
+    return all_finite([], 0.0, [], [layer]) and bool(torch.isfinite(layer.sqrt.column_norms_sq()).all())
