@@ -691,3 +691,31 @@ def test_the_dataset_says_what_each_approximation_is_built_from() -> None:
     assert "Measured only on blocks up to" not in text
     ds = compare(model, nn.CrossEntropyLoss(), x, y, fisher="mc", approximations=("ekfac", "kfoc"))
     assert ds.attrs["built_from"] == "ekfac: mc; kfoc: mc" and ds.attrs["measured_up_to"] == "kfoc: P ≤ 131072"
+
+
+def test_measure_damps_each_approximation_as_compare_does_and_refuses_what_it_cannot_place() -> None:
+    """``curvlab.measure`` damped every approximation missing from ``damping_strategies`` "exact"
+    (TEKFAC's ng_cosine 0.819 against compare's 0.824 under its "nor"), took a misspelt key
+    silently, and let ``attrs`` replace the damping and flavour it records (QA26)."""
+    import curvlab
+
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, 6)
+    reference = compare(model, loss_fn, x, y, approximations=("kfac", "tekfac"), damping=1e-2, seed=0)
+    stats = extract(model, loss_fn, x, y, stats=("sqrt", "kfac", "tkfac"), kfac_flavours=("exact", "mc"), seed=0)
+    objects = {layer: {n: approximate(s, n) for n in ("kfac", "tekfac")} for layer, s in stats.items()}
+    ds = curvlab.measure(stats, objects, damping=1e-2, damping_strategies={})
+    assert ds.attrs["damping_strategies"] == f"kfac={DEFAULT_DAMPING['kfac']};tekfac={DEFAULT_DAMPING['tekfac']}"
+    np.testing.assert_allclose(ds.ng_cosine.values, reference.ng_cosine.values, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"damping_strategies names \['tekfc'\], which nothing measured is"):
+        curvlab.measure(stats, objects, damping=1e-2, damping_strategies={"tekfc": "nor"})
+    own = {layer: {"tekfac@mine": a["tekfac"]} for layer, a in objects.items()}
+    with pytest.raises(ValueError, match=r"has no entry for \['tekfac@mine'\], which have no default damping"):
+        curvlab.measure(stats, own, damping=1e-2, damping_strategies={})
+    with pytest.raises(ValueError, match=r"attrs\['damping'\] = 0.1 would replace the damping the comparison records"):
+        compare(model, loss_fn, x, y, approximations=("kfac",), damping=1e-2, attrs={"damping": 0.1})
+    with pytest.raises(ValueError, match=r"attrs\['seed'\] = 42 would replace the seed"):
+        compare(model, loss_fn, x, y, approximations=("kfac",), seed=0, attrs={"seed": 42})
+    kept = compare(model, loss_fn, x, y, approximations=("kfac",), damping=1e-2,
+                   attrs={"damping": 1e-2, "data_seed": 42})  # the same value, or a name of its own: kept
+    assert kept.attrs["damping"] == 1e-2 and kept.attrs["data_seed"] == 42

@@ -1596,7 +1596,7 @@ def test_the_first_order_warning_names_each_parameter_once_when_the_blocks_are_f
     def step() -> None:
         opt.zero_grad()
         with opt.track(loss_fn):
-            loss_fn(model(x), y).backward()
+            loss_fn(model(torch.randn_like(x)), y).backward()  # a new batch: new statistics
         opt.step()
 
     with warnings.catch_warnings(record=True) as caught:
@@ -1610,3 +1610,42 @@ def test_the_first_order_warning_names_each_parameter_once_when_the_blocks_are_f
     assert len(said) == 2, said
     assert "'lstm.weight_ih_l0'" in said[0] and "fc" not in said[0], said
     assert "['fc.bias']" in said[1] and "lstm" not in said[1], said
+
+
+def test_options_set_on_the_optimizer_take_effect_or_are_refused() -> None:
+    """``opt.lr`` read the constructor's value after a scheduler had halved it thrice, and
+    ``opt.lr = …`` or ``opt.stats_interval = …`` were taken and did nothing (QA26): the group
+    options read and set the param groups, the schedule's options the next step, and the options
+    the state depends on are refused."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    opt = KFAC(model, lr=0.1, stats_interval=10, eigen_interval=10)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def step() -> None:
+        opt.zero_grad()
+        with opt.track(loss_fn):
+            loss_fn(model(torch.randn_like(x)), y).backward()  # a new batch: new statistics
+        opt.step()
+        scheduler.step()
+
+    for _ in range(3):
+        step()
+    assert opt.lr == opt.param_groups[0]["lr"] == pytest.approx(0.0125)
+    opt.lr = 1e-3
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.lr == 1e-3
+    with pytest.raises(ValueError, match="lr"):
+        opt.lr = -1.0
+    before = opt.state_dict()["curvlab"]["blocks"]["0"]["curvature"]["A"].clone()
+    opt.stats_interval = 1  # step 3 takes statistics now (it would not at 10)
+    step()
+    assert not torch.equal(opt.state_dict()["curvlab"]["blocks"]["0"]["curvature"]["A"], before)
+    opt.kl_clip = 1e-2
+    assert opt.options.kl_clip == 1e-2 == opt.kl_clip
+    with pytest.raises(AttributeError, match="factor_dtype is fixed when the optimizer is built"):
+        opt.factor_dtype = "float64"
+    opt.damping = 0.05  # a property, as before
+    assert opt.options.damping == 0.05
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))], "lr": 0.5})
+    with pytest.raises(AttributeError, match=r"different lr values .* read opt.param_groups\[i\]\['lr'\]"):
+        opt.lr

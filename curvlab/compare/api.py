@@ -22,7 +22,7 @@ from curvlab.approx import (
 )
 from curvlab.approx.registry import built_from, decomposed_factors, measurement_limits, spec
 from curvlab.block import Block, BlockLayout
-from curvlab.compare.dataset import check_settings, measure
+from curvlab.compare.dataset import check_settings, measure, merged_attrs
 from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats
@@ -133,8 +133,8 @@ def compare(
         from tqdm.auto import tqdm
 
         wrap = partial(tqdm, desc="compare", unit="layer")
-    attrs = {"mc_samples": mc_samples, "seed": "none" if seed is None else seed, "tkfac_conv": tkfac_conv,
-             "loss": describe_loss(loss_fn), **(attrs or {})}
+    attrs = merged_attrs({"mc_samples": mc_samples, "seed": "none" if seed is None else seed, "tkfac_conv": tkfac_conv,
+                          "loss": describe_loss(loss_fn)}, attrs)
     return measure_extraction(stats, names, damping=damping, damping_strategies=strategies, top_k=top_k,
                               num_eigenvalues=num_eigenvalues, eigh=eigh, attrs=attrs, progress=wrap)
 
@@ -168,12 +168,8 @@ def measure_extraction(
         damping_strategies=damping_strategies,
         top_k=top_k,
         num_eigenvalues=num_eigenvalues,
-        attrs={
-            "factor_eigh": describe_eigh(eigh, names, stats),
-            "batch_loss": stats.loss.item(),
-            **extraction_attrs(stats, names),
-            **(attrs or {}),
-        },
+        attrs=merged_attrs({"factor_eigh": describe_eigh(eigh, names, stats), "batch_loss": stats.loss.item(),
+                            **extraction_attrs(stats, names)}, attrs),
         progress=progress,
     )
 

@@ -13,7 +13,7 @@ import xarray as xr
 from torch import Tensor
 
 from curvlab._options import check_int, check_number
-from curvlab.approx import KroneckerApproximation
+from curvlab.approx import DEFAULT_DAMPING, KroneckerApproximation
 from curvlab.approx.eigh import span_basis, within_span
 from curvlab.compare.metrics import (
     NG_ROUNDING_LIMIT,
@@ -148,10 +148,13 @@ def measure(
             (:class:`~curvlab.compare.LayerApproximations`, what :func:`~curvlab.compare.compare`
             passes) builds them in that layer's :func:`curvlab.reuse.shared_work` scope.
         damping: λ of the damped natural gradients.
-        damping_strategies: approximation name → damping strategy of its inverse.
+        damping_strategies: approximation name → damping strategy of its inverse; an
+            approximation of the registry left out takes its default (:data:`curvlab.approx.DEFAULT_DAMPING`,
+            the one its optimizer inverts), any other must be named (:func:`strategies_for`).
         top_k: eigenvectors in ``subspace_overlap``.
         num_eigenvalues: length of the stored spectra (largest first, NaN-padded).
-        attrs: extra dataset attributes (model, data, seed, ...).
+        attrs: extra dataset attributes (model, data, ...); one that would replace an attribute the
+            comparison records with another value (``damping``, ``flavour``, ``seed``…) is refused.
         progress: optional wrapper for a progress bar over layers.
     """
     damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)
@@ -164,6 +167,7 @@ def measure(
             if name not in names:
                 names.insert(0 if before is None else names.index(before) + 1, name)
             before = name
+    damping_strategies = strategies_for(names, damping_strategies)
     for layer in layers:
         if stats[layer].sqrt is None or stats[layer].grad is None:
             raise ValueError(f"curvlab.compare: layer {layer!r} lacks its square root or gradient")
@@ -224,7 +228,7 @@ def measure(
                 )
             for name, approx in approximations[layer].items():
                 results[layer, name] = approximation_metrics(
-                    block, approx, grad, damping, damping_strategies.get(name, "exact"), top_k, exact_ng,
+                    block, approx, grad, damping, damping_strategies[name], top_k, exact_ng,
                     num_eigenvalues,
                 )
                 # not kept while the next one is built: an object holds its own factors and bases
@@ -293,7 +297,7 @@ def measure(
             "num_examples": first.num_examples,
             "num_columns": first.sqrt.num_columns,
             "damping": damping,
-            "damping_strategies": ";".join(f"{k}={damping_strategies.get(k, 'exact')}" for k in names),
+            "damping_strategies": ";".join(f"{k}={damping_strategies[k]}" for k in names),
             "top_k": top_k,
             "conventions": CONVENTIONS,
             "engine": first.engine,
@@ -306,10 +310,41 @@ def measure(
             "basis_dependent": ",".join(arbitrary) or "none",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **_versions(),
-            **{k: netcdf_attr(v) for k, v in (attrs or {}).items()},
         }
     )
+    ds.attrs = merged_attrs(ds.attrs, {k: netcdf_attr(v) for k, v in (attrs or {}).items()})
     return ds
+
+
+def merged_attrs(own: Mapping[str, object], given: Mapping[str, object] | None) -> dict[str, object]:
+    """``own`` attributes with the caller's ``given`` added; one that would replace an attribute
+    of ``own`` with another value is refused (``attrs={"damping": 0.1}`` had replaced the damping
+    measured with, silently)."""
+    merged = dict(own)
+    for key, value in (given or {}).items():
+        if key in merged and not np.array_equal(np.asarray(merged[key]), np.asarray(value)):
+            raise ValueError(f"curvlab.compare: attrs[{key!r}] = {value!r} would replace the {key} the comparison "
+                             f"records ({merged[key]!r}); name your attribute otherwise")
+        merged[key] = value
+    return merged
+
+
+def strategies_for(names: Iterable[str], given: Mapping[str, object]) -> dict[str, object]:
+    """Each measured approximation's damping strategy: ``given``'s, else the approximation's
+    default (:data:`curvlab.approx.DEFAULT_DAMPING`: the one its optimizer inverts).  A name
+    ``given`` has but nothing measures, unless an approximation of the registry, is refused (a
+    misspelt key was ignored, its approximation damped "exact"), as is a measured name without
+    a default and without an entry (``"tekfac@optimizer"``)."""
+    names = list(names)
+    unknown = sorted(k for k in given if k not in names and k not in DEFAULT_DAMPING)
+    missing = [n for n in names if n not in given and n not in DEFAULT_DAMPING]
+    if unknown or missing:
+        raise ValueError(
+            "curvlab.compare: damping_strategies "
+            + (f"names {unknown}, which nothing measured is (measured: {names})" if unknown else
+               f"has no entry for {missing}, which have no default damping")
+        )
+    return {n: given.get(n, DEFAULT_DAMPING.get(n)) for n in names}
 
 
 #: Approximations whose metrics read the eigenbases of the KFAC factors beyond their eigenvalues.

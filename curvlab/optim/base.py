@@ -90,6 +90,11 @@ from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, Plan, accumulated, plan_step, tracked_pass
 from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
 
+#: options that may be set on a running optimizer (``opt.kl_clip = 1e-2``), from its next step on
+SETTABLE_OPTIONS = frozenset({"stat_decay", "stats_interval", "eigen_interval", "scale_interval", "kl_clip",
+                              "mc_samples"})
+
+
 def too_wide(module: nn.Module, options: KroneckerOptions) -> bool:
     """Whether ``module`` is an ``nn.Embedding`` with more than ``truncate_above`` embeddings (and
     ``truncate_above`` set): its input factor, the diagonal of token frequencies, is a dense
@@ -221,9 +226,32 @@ class KroneckerOptimizer(Optimizer):
     def __getattr__(self, name: str) -> Any:
         # stat_decay, stats_interval, eigen_interval, scale_interval, kl_clip, fisher, ...
         options = self.__dict__.get("options")
+        if options is not None and name in GROUP_OPTIONS:  # in use: the param groups' (a scheduler's)
+            values = {group[name] for group in self.param_groups}
+            if len(values) == 1:
+                return values.pop()
+            raise AttributeError(f"{type(self).__name__}: the param groups have different {name} values "
+                                 f"{sorted(values)}; read opt.param_groups[i][{name!r}]")
         if options is not None and name in KroneckerOptions.__dataclass_fields__:
             return getattr(options, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An option set on the optimizer takes effect, checked as the constructor checks it: ``lr``,
+        ``momentum`` and ``weight_decay`` in every param group, the schedule's options
+        (:data:`SETTABLE_OPTIONS`) from the next step; the others shape the state and are refused
+        (they were taken, and ignored)."""
+        if name not in KroneckerOptions.__dataclass_fields__ or isinstance(getattr(type(self), name, None), property):
+            return super().__setattr__(name, value)
+        checked = self._options(self.options, {name: value})
+        if name in GROUP_OPTIONS:
+            for group in self.param_groups:
+                group[name] = getattr(checked, name)
+        elif name in SETTABLE_OPTIONS:
+            self.options = checked
+        else:
+            raise AttributeError(f"{type(self).__name__}: {name} is fixed when the optimizer is built (its "
+                                 "statistics and state depend on it); build a new optimizer")
 
     @property
     def damping(self) -> float:

@@ -130,7 +130,8 @@ class Probe:
             strategies[own] = optimizer.damping_strategy
             damping = optimizer.damping
             current = {layer: {own: a} for layer, a in optimizer.approximations().items()}
-        ds = measure_extraction(stats, self.approximations, damping=damping, damping_strategies=strategies,
+        measured = {k: v for k, v in strategies.items() if k != own or current}  # (none before its statistics)
+        ds = measure_extraction(stats, self.approximations, damping=damping, damping_strategies=measured,
                                 num_eigenvalues=self.num_eigenvalues, given=current,
                                 attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode,
                                        "loss": describe_loss(self.loss_fn)})
