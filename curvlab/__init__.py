@@ -14,9 +14,14 @@ from __future__ import annotations
 from curvlab._lazy import lazy_names
 from curvlab._version import __version__
 
-# ``extract`` and ``compare`` are sub-packages that can be called like their main functions.
+# ``extract`` and ``compare`` are sub-packages that can be called like their main functions; the
+# other public sub-packages are reached as ``curvlab.optim.KFAC`` after ``import curvlab`` too.
 _WHERE = {
     "APPROXIMATIONS": "approx",
+    "approx": None,
+    "distributed": None,
+    "io": None,
+    "optim": None,
     "ExtractionSession": "extract",
     "KroneckerAttention": "attention",
     "LayerStats": "extract",

@@ -150,3 +150,18 @@ def test_old_module_paths_warn_and_are_the_new_modules() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     out = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 (our own repr of bools)
     assert all(v is True for v in out.values()), out
+
+
+def test_the_public_subpackages_are_reached_from_import_curvlab_without_importing_torch_first() -> None:
+    """After ``import curvlab`` alone, ``curvlab.optim.KFAC`` raised AttributeError unless something
+    had imported ``curvlab.optim`` before (QA26); ``import curvlab`` still imports no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, curvlab; assert 'torch' not in sys.modules; "
+            "print(curvlab.optim.KFAC.__name__, curvlab.approx.EKFAC.__name__, curvlab.io.__name__, "
+            "curvlab.distributed.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["KFAC", "EKFAC", "curvlab.io", "curvlab.distributed"]
