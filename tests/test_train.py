@@ -442,6 +442,27 @@ def test_a_probe_of_statistics_beyond_float32_is_recorded_as_nan() -> None:
         Probe(x, y, loss_fn, approximations=("kflr",)).run(0, model, opt)
 
 
+def test_the_probe_measures_with_the_optimizers_weight_sharing_convention() -> None:
+    """An optimizer under kfac_approx='reduce' was probed beside fresh approximations built under
+    'expand', and probe.nc said expand (QA25)."""
+    from torch import nn
+
+    import curvlab
+    from curvlab.app.train.probe import Probe
+    from curvlab.optim import EKFAC
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
+    x, y = torch.randn(24, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (24,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = EKFAC(model, lr=0.01, kfac_approx="reduce")
+    probed = Probe(x, y, loss_fn, approximations=("kflr",), seed=3).run(0, model, opt)
+    reference = curvlab.compare(model, loss_fn, x, y, approximations=("kflr",), seed=3, kfac_approx="reduce")
+    assert probed.attrs["kfac_approx"] == "reduce"
+    np.testing.assert_allclose(probed.rel_frobenius_error.sel(approximation="kflr").isel(step=0).values,
+                               reference.rel_frobenius_error.sel(approximation="kflr").values, rtol=1e-10)
+
+
 @pytest.mark.parametrize("optimizer,unused,used", [
     ("sgd", ("damping_strategy", "stats_interval", "kl_clip", "factor_dtype"), ("lr", "momentum", "weight_decay", "damping")),
     ("adam", ("momentum", "eigen_interval", "basis"), ("lr", "weight_decay")),

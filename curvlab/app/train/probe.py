@@ -95,6 +95,8 @@ class Probe:
         """
         was_training = model.training
         model.train(self.mode == "train")
+        # the optimizer's weight-sharing convention, so the fresh approximations beside its own are its kind
+        kfac_approx = optimizer.options.kfac_approx if isinstance(optimizer, KroneckerOptimizer) else "expand"
         try:  # (the extraction puts BatchNorm's running statistics back, and draws under the seed)
             stats = self.extractor(
                 model,
@@ -105,6 +107,7 @@ class Probe:
                 stats=("sqrt", "kfac", "tkfac"),
                 kfac_flavours=needed_kfac_flavours(self.approximations, self.fisher),
                 seed=self.seed,
+                kfac_approx=kfac_approx,
                 skip_unsupported=True,
                 non_finite="raise" if not self.records else "propagate",  # (the global loss on several ranks)
             )
