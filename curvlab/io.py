@@ -8,10 +8,13 @@ path, and an existing file there is replaced only once the new one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
 
@@ -103,7 +106,11 @@ def write_netcdf(ds: xr.Dataset, path: PathLike) -> Path:
         out[name].attrs = {k: netcdf_attr(v) for k, v in ds[name].attrs.items()}
     image = _netcdf_image(out)
     if image is None:
-        return atomic_write(path, lambda tmp: out.to_netcdf(tmp, engine=NETCDF_ENGINE))
+        def write(tmp: str) -> None:
+            with signals_held():
+                out.to_netcdf(tmp, engine=NETCDF_ENGINE)
+
+        return atomic_write(path, write)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(image))
 
 
@@ -114,10 +121,36 @@ def _netcdf_image(ds: xr.Dataset) -> bytes | None:
     interpreter when it exits)."""
     buffer = io.BytesIO()
     try:
-        ds.to_netcdf(buffer, engine=NETCDF_ENGINE)
+        with signals_held():
+            ds.to_netcdf(buffer, engine=NETCDF_ENGINE)
     except (ValueError, TypeError):
         return None
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held while h5netcdf opens, writes or closes a file, and delivered to
+    their handlers after it: an interrupt raised inside ``h5netcdf.File.__init__`` left a
+    half-built file object, whose ``__del__`` printed "Exception ignored … AttributeError" after
+    the run's last line.  (Python runs signal handlers in the main thread only: elsewhere nothing
+    changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[tuple[int, object]] = []
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in kept.items():
+        if callable(handler):  # (an ignored or default signal stays as it is)
+            signal.signal(sig, lambda signum, frame: arrived.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if callable(handler):
+                signal.signal(sig, handler)
+        for signum, frame in arrived[:1]:  # the first, as the handler would have seen it
+            kept[signum](signum, frame)
 
 
 def read_netcdf(path: PathLike) -> xr.Dataset:
@@ -131,7 +164,7 @@ def read_netcdf(path: PathLike) -> xr.Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"report file {path} not found")
     try:
-        with xr.open_dataset(path, engine=NETCDF_ENGINE) as ds:
+        with signals_held(), xr.open_dataset(path, engine=NETCDF_ENGINE) as ds:
             return ds.load()
     except Exception as err:  # h5py raises OSError, xarray ValueError/KeyError, ...
         raise ValueError(f"cannot read report file {path} (not a complete netCDF4 file?): {err}") from err

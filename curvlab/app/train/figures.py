@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from curvlab.app.palette import colour, label, ordered
 from curvlab.app.report.figures import FLAVOURS, NETWORK_PANELS, WIDTH_IN, _log_if_wide, _metric, _save, kronecker_layers, style
 from curvlab.app.train.run_folder import METRICS, PROBE, PROBE_FIGURE, TRAINING_FIGURE
-from curvlab.io import PathLike
+from curvlab.io import PathLike, signals_held
 
 def redraw(folder: Path, setting: str) -> list[Path]:
     """:data:`~curvlab.app.train.run_folder.TRAINING_FIGURE` from ``folder``'s metrics.nc and :data:`~curvlab.app.train.run_folder.PROBE_FIGURE` from its probe.nc
@@ -37,7 +37,7 @@ def redraw(folder: Path, setting: str) -> list[Path]:
         if not (folder / source).is_file():
             continue
         try:
-            with xr.open_dataset(folder / source) as ds:
+            with signals_held(), xr.open_dataset(folder / source) as ds:
                 ds = ds.load()
             if source == METRICS and "diverged_at_step" in ds.attrs:  # both figures say so: gaps, not values
                 setting = f"{setting} — DIVERGED at step {ds.attrs['diverged_at_step']} (what is not finite is not drawn)"

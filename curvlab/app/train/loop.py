@@ -34,7 +34,7 @@ from curvlab.app.train.probe import Probe, normalises_otherwise_in_eval, saved_p
 from curvlab.app.train.schedule import Schedule
 from curvlab.app.train.run_folder import CHECKPOINT, METRICS, PROBE, RunFolder, run_folder
 from curvlab.extract.autograd import couples_examples
-from curvlab.io import write_netcdf
+from curvlab.io import signals_held, write_netcdf
 from curvlab.optim import KroneckerOptimizer
 
 #: A run whose loss is non-finite this many steps in a row has diverged: it stops there (every
@@ -134,7 +134,7 @@ def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Da
 def _epochs_listed(path: Path) -> int | None:
     """How many epochs the metrics file ``path`` lists (``None``: none there, or unreadable)."""
     try:
-        with xr.open_dataset(path) as ds:
+        with signals_held(), xr.open_dataset(path) as ds:
             return ds.sizes.get("epoch", 0)
     except (OSError, ValueError):
         return None
