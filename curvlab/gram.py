@@ -45,6 +45,11 @@ class GramRows:
         return self.weights @ torch.linalg.vector_norm(self.rows, dim=1).square()
 
 
+def dense(value: Tensor | GramRows) -> Tensor:
+    """A Gram-type statistic as its matrix, whether formed or kept as rows."""
+    return value.dense() if isinstance(value, GramRows) else value
+
+
 def stack_rows(rows: list[Tensor]) -> Tensor:
     """Batches' rows as one ``[R, d]`` tensor in their memory layout: rows stored along ``R`` (a
     convolution's patches) stay so — ``torch.cat`` would transpose them into a row-major copy

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from curvlab.approx import (
     APPROXIMATIONS,
-    DEFAULT_DAMPING,
     DampingStrategy,
     EighPolicy,
     KroneckerApproximation,
@@ -22,7 +21,7 @@ from curvlab.approx import (
 )
 from curvlab.approx.registry import built_from, decomposed_factors, measurement_limits, spec
 from curvlab.block import Block, BlockLayout
-from curvlab.compare.dataset import check_settings, measure, merged_attrs
+from curvlab.compare.dataset import check_settings, measure, merged_attrs, strategies_for
 from curvlab.compare.metrics import in_float64
 from curvlab.extract import Extraction, extract
 from curvlab.extract.layer_stats import KroneckerData, kronecker_stats
@@ -213,7 +212,7 @@ def check_comparison(
             get_damping(strategy)
         except (TypeError, ValueError) as err:
             raise ValueError(f"curvlab.compare: damping_strategies[{name!r}]: {err}") from None
-    strategies = {**DEFAULT_DAMPING, **given}
+    strategies = strategies_for(names, given)
     block = _synthetic_block(names)
     grad = torch.ones(block.layout.shape, dtype=torch.float64)
     for name in given:  # the defaults are defined for their approximation

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from curvlab._options import check_int, check_number
 from curvlab.approx import DEFAULT_DAMPING, KroneckerApproximation
-from curvlab.approx.eigh import span_basis, within_span
+from curvlab.approx.eigh import factor_eigh, span_basis, within_span
 from curvlab.compare.metrics import (
     NG_ROUNDING_LIMIT,
     ApproximationMetrics,
@@ -29,9 +29,10 @@ from curvlab.compare.metrics import (
     woodbury_natural_gradient,
     woodbury_solve,
 )
-from curvlab.gram import GramRows
+from curvlab.gram import GramRows, dense
 from curvlab.io import netcdf_attr
 from curvlab.reuse import shared_work
+from curvlab.sqrt import SquareRoot
 from curvlab.stats import LayerStats
 
 PER_APPROXIMATION = (
@@ -179,6 +180,7 @@ def measure(
     unresolved: list[str] = []  # layers whose exact damped natural gradient float64 cannot resolve
     dominated: list[str] = []  # layers whose curvature the damping swamps
     coupling = np.zeros((len(layers), 2))
+    arbitrary: list[str] = []  # layers whose EKFAC depends on eigh's basis of a null space (null_spaces_reached)
     for layer in iterator:
         # one scope per layer: the float64 root, the factors' decompositions and the rotations
         # into them are computed once for all of the layer's approximations (curvlab.reuse); the
@@ -234,12 +236,14 @@ def measure(
                 # not kept while the next one is built: an object holds its own factors and bases
                 # (a Linear(8192, ·)'s: 1 GiB in float64)
                 del approx
+            # in the layer's scope: the factors' decompositions are the approximations' own
+            if BASIS_DEPENDENT & set(approximations[layer]) and null_spaces_reached(stats[layer], block.sqrt):
+                arbitrary.append(layer)
         # the float64 copy of the root is dropped once its layer is measured (kept for every layer,
         # ResNet-18's at N = 9 took 8 GB beside the 4 GB of the extraction's own): the network
         # terms convert the extraction's root again, one layer at a time
         exact[layer] = dataclasses.replace(block, sqrt=stats[layer].sqrt)
 
-    arbitrary = [l for l in layers if BASIS_DEPENDENT & set(approximations[l]) and null_spaces_reached(stats[l])]
     if arbitrary:
         warnings.warn(
             f"curvlab.compare: under kfac_approx='reduce' the gradients of {arbitrary} reach the null spaces of "
@@ -355,7 +359,7 @@ BASIS_DEPENDENT = frozenset({"ekfac", "kfac", "kflr"})
 NULL_TOLERANCE = 1e-10
 
 
-def null_spaces_reached(stats: LayerStats) -> bool:
+def null_spaces_reached(stats: LayerStats, root: SquareRoot) -> bool:
     """Whether a block's per-example gradients can reach the null spaces of its KFAC factors,
     whose eigenbasis is arbitrary: under ``reduce`` with several locations per example, each
     ``M_k = Σ_t g_t āᵀ_t`` lies in the span of the per-location inputs and output gradients, the
@@ -363,22 +367,23 @@ def null_spaces_reached(stats: LayerStats) -> bool:
     (``A``: rank ≤ N < D) or fewer root columns than outputs (``G``: rank ≤ K < d_out), and also
     with more examples where the sums lose rank by structure (a convolution whose every tap
     covers the same pixels, as a fully padded ``k = 2`` one or a ``ConvTranspose2d(k=2,
-    stride=2)``: rank ``A = C_in + 1``): then the partial traces ``Σ M_kᵀM_k``, ``Σ M_kM_kᵀ`` are
-    tested against each factor's null space.  Under ``expand`` the factors hold every location,
-    so the gradients stay in their ranges."""
+    stride=2)``: rank ``A = C_in + 1``): then the partial traces ``Σ M_kᵀM_k``, ``Σ M_kM_kᵀ`` of
+    the exact ``root`` (float64) are tested against each factor's null space.  Under ``expand``
+    the factors hold every location, so the gradients stay in their ranges."""
     if stats.kind != "kronecker" or stats.kfac_approx != "reduce" or stats.num_locations <= 1:
         return False
     d_out, d_in = stats.layout.shape
     if stats.num_examples < d_in or stats.sqrt.num_columns < d_out:
         return True
-    inputs, outputs = stats.sqrt.to(dtype=torch.float64).partial_traces()
+    inputs, outputs = root.partial_traces()
     return any(_reaches_null_space(f.A, inputs) or _reaches_null_space(f.G, outputs) for f in stats.kfac.values())
 
 
 def _reaches_null_space(factor: Tensor | GramRows, partial_trace: Tensor) -> bool:
     """Whether ``partial_trace`` (PSD) has weight on ``factor``'s numerical null space."""
-    lam, u = torch.linalg.eigh((factor.dense() if isinstance(factor, GramRows) else factor).to(torch.float64))
-    null = u[:, lam <= NULL_TOLERANCE * lam[-1].clamp_min(0)]
+    # (factor_eigh: inside the layer's shared_work scope, the decomposition its approximations made)
+    lam, u = factor_eigh(dense(factor).to(torch.float64))
+    null = u[:, lam <= NULL_TOLERANCE * lam.max().clamp_min(0)]
     # (weight there by rounding is ~1e-16 of the trace; a gradient that reaches it, a visible share)
     return null.shape[1] > 0 and float((null.mT @ partial_trace @ null).trace()) > 1e-8 * float(partial_trace.trace())
 

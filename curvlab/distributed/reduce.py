@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from curvlab.distributed import collectives as coll
 from curvlab.distributed.sqrt import ShardedSqrt, scaled
 from curvlab.extract.validate import ELEMENTWISE_LOSSES
-from curvlab.gram import GramRows, stack_rows
+from curvlab.gram import GramRows, dense, stack_rows
 
 
 @dataclass(frozen=True)
@@ -195,5 +195,4 @@ def combine_statistics(parts: Sequence[tuple[Mapping[str, object], int]], reduct
 def _weighted_sum(values: Sequence[Tensor | GramRows], weights: Sequence[float]) -> Tensor | GramRows:
     if all(isinstance(v, GramRows) for v in values):
         return GramRows(stack_rows([v.rows for v in values]), torch.cat([v.weights * w for v, w in zip(values, weights)]))
-    dense = [v.dense() if isinstance(v, GramRows) else v for v in values]
-    return sum(v * w for v, w in zip(dense, weights))
+    return sum(dense(v) * w for v, w in zip(values, weights))

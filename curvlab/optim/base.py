@@ -88,7 +88,7 @@ from curvlab.optim.options import GROUP_OPTIONS, KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
 from curvlab.optim.tracking import Pending, Plan, accumulated, plan_step, tracked_pass
-from curvlab.optim.update import BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
+from curvlab.optim.update import NOT_FINITE, BlockStep, all_finite, finiteness_terms, sgd_update_, update_blocks_
 
 #: options that may be set on a running optimizer (``opt.kl_clip = 1e-2``), from its next step on
 SETTABLE_OPTIONS = frozenset({"stat_decay", "stats_interval", "eigen_interval", "scale_interval", "kl_clip",
@@ -612,7 +612,7 @@ class KroneckerOptimizer(Optimizer):
                     curvature.refresh()
         refused = self._update_blocks(walk, also_check)
         if refused is not None:
-            if refused == "non-finite update":
+            if refused == NOT_FINITE:
                 refused = (f"non-finite update{' (or gradient, or loss)' if plain else ''} "
                            f"(lr={', '.join(format(g['lr'], 'g') for g in self.param_groups)}, "
                            f"damping={self.options.damping:g})")

@@ -148,6 +148,9 @@ def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tenso
     return _finite([*(n if lr <= 1 else n * lr for n, (_, lr) in zip(norms, updates)), *also])
 
 
+#: what :func:`update_blocks_` returns for an update that is not finite (the caller says it in full)
+NOT_FINITE = "non-finite update"
+
 #: a direction ``d = K̂⁻¹g`` counts as uphill where ``⟨d, g⟩ < −UPHILL_COSINE·‖d‖‖g‖``: never for a
 #: positive definite ``K̂`` (``⟨d, g⟩ = gᵀK̂⁻¹g > 0``), so only where the damped inverse is not
 #: what it is in exact arithmetic; the margin keeps a product near 0 (a tiny gradient) from
@@ -263,7 +266,7 @@ def update_blocks_(
         if uphill:
             return uphill_message(uphill)
         if not guard or not updates_finite(lr_updates, also_check):  # (else: a negative product by its rounding)
-            return "non-finite update"
+            return NOT_FINITE
     by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # every block's parameters, one op per lr
     for s, update, buffers in updates:
         s.state.momentum_columns = buffers

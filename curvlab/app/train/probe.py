@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.app.models import MODES
-from curvlab.approx import DEFAULT_DAMPING, needed_kfac_flavours
+from curvlab.approx import needed_kfac_flavours
 from curvlab.compare.api import describe_loss, measure_extraction
 from curvlab.extract import extract
 from curvlab.optim import KroneckerOptimizer
@@ -124,17 +124,16 @@ class Probe:
                           "finite (values beyond the model's dtype: a diverging run); recorded as NaN",
                           RuntimeWarning, stacklevel=2)
             return self._record(self._not_finite(step))
-        strategies = dict(DEFAULT_DAMPING)
         damping = self.damping
         current: dict[str, dict] = {}
         own = None
         if isinstance(optimizer, KroneckerOptimizer):
             own = f"{optimizer.method}@optimizer"
-            strategies[own] = optimizer.damping_strategy
             damping = optimizer.damping
             current = {layer: {own: a} for layer, a in optimizer.approximations().items()}
-        measured = {k: v for k, v in strategies.items() if k != own or current}  # (none before its statistics)
-        ds = measure_extraction(stats, self.approximations, damping=damping, damping_strategies=measured,
+        # the others' strategies: measure's defaults; the optimizer's own, once it has approximations
+        strategies = {own: optimizer.damping_strategy} if current else {}
+        ds = measure_extraction(stats, self.approximations, damping=damping, damping_strategies=strategies,
                                 num_eigenvalues=self.num_eigenvalues, given=current,
                                 attrs={"probe_fisher": self.fisher, "probe_seed": self.seed, "probe_mode": self.mode,
                                        "loss": describe_loss(self.loss_fn)})
@@ -142,7 +141,7 @@ class Probe:
             # before the optimizer's first statistics: its entry is there, as NaN, so every probe
             # has the same approximations in the same order (and resumed runs the same attributes)
             ds = ds.reindex(approximation=[own, *ds.approximation.values])
-            ds.attrs["damping_strategies"] = f"{own}={strategies[own]};{ds.attrs['damping_strategies']}"
+            ds.attrs["damping_strategies"] = f"{own}={optimizer.damping_strategy};{ds.attrs['damping_strategies']}"
         ds = ds.expand_dims(step=[step])
         ds["step"].attrs["long_name"] = "optimizer steps taken before the probe"
         ds["batch_loss"] = ("step", [stats.loss.item()], {"long_name": "loss on the probe batch"})
