@@ -8,6 +8,7 @@ itself is made callable instead.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -22,4 +23,6 @@ def make_callable(module_name: str, func: Callable[..., Any]) -> None:
             return func(*args, **kwargs)
 
     CallableModule.__call__.__doc__ = func.__doc__
-    sys.modules[module_name].__class__ = CallableModule
+    module = sys.modules[module_name]
+    module.__class__ = CallableModule
+    module.__signature__ = inspect.signature(func)  # what inspect, IDEs and notebooks show for a call

@@ -59,6 +59,9 @@ class OptionSet:
     @classmethod
     def make(cls: type[T], options: T | None, overrides: Mapping[str, object]) -> T:
         """``options`` (default: all defaults) with ``overrides`` applied; unknown names raise."""
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"{cls.owner}: options= must be an instance of {cls.__name__}, got {type(options).__name__}; give "
+                            f"the settings as keywords ({cls.owner}(..., **settings)) or as {cls.__name__}(**settings)")
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(overrides) - names)
         if unknown:

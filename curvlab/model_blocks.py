@@ -143,9 +143,13 @@ def _is_users_own(module: nn.Module) -> bool:
 
 
 def check_materialised(model: nn.Module, who: str) -> None:
-    """Raise ``ValueError`` naming the first parameter of ``model`` on the meta device (a shape
+    """Raise ``TypeError`` if ``model`` is no module (a function: no modules, hence no blocks, to
+    hook), ``ValueError`` naming the first parameter of ``model`` on the meta device (a shape
     without values: every statistic would fail deep inside torch) or not yet initialised (a lazy
     module's, e.g. ``nn.LazyLinear``, before its first forward: no shape at all)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}; wrap a function in "
+                        "a module whose forward calls it, its parameters registered on the module")
     for name, p in model.named_parameters():
         if isinstance(p, nn.parameter.UninitializedParameter):
             raise ValueError(

@@ -467,6 +467,13 @@ def test_to_dtype_and_shapes(stats: LayerStats) -> None:
         assert rel(low.to_dense().double(), approx.to_dense()) < 1e-5
         x = torch.randn(4, 2, *stats.layout.shape, dtype=torch.float32)
         assert low.mat_mul(x).shape == x.shape and low.inv_mat_mul(x, 0.1).dtype == torch.float32
+        for moved in (approx.to("cpu"), approx.to(torch.device("cpu")), approx.to(device="cpu")):  # as Tensor.to
+            assert type(moved) is type(approx) and moved.dtype == approx.dtype
+            assert torch.equal(moved.to_dense(), approx.to_dense())
+        with pytest.raises(TypeError, match=rf"{type(approx).__name__} .*\.to: dtype=1 must be a torch.dtype"):
+            approx.to(1)
+        with pytest.raises(TypeError, match=r"expected a tensor of matrices \[\.\.\., \d+, \d+\], got list"):
+            approx.inv_mat_mul(x[0, 0].tolist(), 0.1)
 
 
 def test_to_dense_refuses_large_blocks() -> None:

@@ -324,6 +324,17 @@ def test_bad_arguments() -> None:
         compare(model, loss_fn, x, y, approximations=("shampoo",))
     with pytest.raises(ValueError, match="damping=0"):
         compare(model, loss_fn, x, y, damping=0)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got function"):
+        compare(lambda inputs: model(inputs), loss_fn, x, y)
+
+
+def test_an_approximation_named_twice_is_measured_once() -> None:
+    model, loss_fn = tiny_mlp(), nn.CrossEntropyLoss()
+    x, y = batch(model, loss_fn, n=4)
+    twice = compare(model, loss_fn, x, y, approximations=("kflr", "kfac", "kflr"), seed=0)
+    once = compare(model, loss_fn, x, y, approximations=("kflr", "kfac"), seed=0)
+    assert list(twice.approximation.values) == ["kflr", "kfac"]
+    assert twice.attrs == once.attrs and twice.equals(once)
 
 
 def test_an_undefined_damping_is_refused_before_the_extraction() -> None:

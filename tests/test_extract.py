@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 
@@ -11,6 +12,7 @@ from backpack import backpack, extend
 from backpack.extensions import KFLR, BatchGrad, SqrtGGNExact, SqrtGGNMC
 from torch import nn
 
+from curvlab.compare import compare
 from curvlab.extract import ExtractionSession, extract, maths
 from curvlab.model_blocks import UnsupportedModelError
 from helpers import (
@@ -446,6 +448,8 @@ def test_top_level_api_is_callable_and_packages_importable() -> None:
     via_package = curvlab.extract(model, loss_fn, x, y, stats=("kfac",))
     direct = extract(model, loss_fn, x, y, stats=("kfac",))
     close(via_package["0"].kfac["exact"].A, direct["0"].kfac["exact"].A)
+    for package, func in ((curvlab.extract, extract), (curvlab.compare, compare)):  # as notebooks show a call
+        assert inspect.signature(package) == inspect.signature(func) and "model" in inspect.signature(package).parameters
 
 
 # (C, N, d_out, D, T); the last with N·T, D ≥ 256: δΦ's symmetric product in panels

@@ -115,6 +115,10 @@ def test_bad_arguments_named() -> None:
         extract(model, loss_fn, x, y, fisher="mc", mc_samples=0)
     with pytest.raises(ValueError, match="loss_fn is NLLLoss"):
         extract(model, nn.NLLLoss(), x, y)
+    with pytest.raises(TypeError, match="curvlab.extract: model must be an nn.Module, got function"):
+        extract(lambda inputs: model(inputs), loss_fn, x, y)
+    with pytest.raises(TypeError, match="curvlab.extract: options= must be an instance of ExtractOptions, got dict"):
+        extract(model, loss_fn, x, y, options={"fisher": "mc"})
 
     class TemperedCE(nn.CrossEntropyLoss):  # another loss under a supported type's name
         def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -559,6 +559,35 @@ def test_state_dict_of_another_method_is_refused():
         EKFAC(nn.Sequential(nn.Linear(5, 3)).double(), lr=0.1).load_state_dict(opt.state_dict())
 
 
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_a_state_saved_under_another_factor_dtype_is_held_in_this_ones(cls):
+    """As torch's optimizers cast a loaded state to their parameters, a state saved under
+    factor_dtype float32 and loaded by a float64 optimizer is held in float64 at once (the built
+    approximation too, not only the running statistics until the next refresh), and back."""
+    x, y = data(16)
+    loss_fn = nn.CrossEntropyLoss()
+    schedule = dict(stats_interval=1, eigen_interval=2, scale_interval=3)
+    saved = {}
+    for dtype in ("float32", "float64"):
+        model = tiny_mlp(0)
+        opt = cls(model, lr=0.1, factor_dtype=dtype, **schedule)
+        for _ in range(3):
+            train_step(opt, model, loss_fn, x, y)
+        saved[dtype] = (model, opt)
+    for dtype, other in (("float64", "float32"), ("float32", "float64")):
+        model, opt = saved[other]
+        loaded = cls(model, lr=0.1, factor_dtype=dtype, **schedule)
+        loaded.load_state_dict(opt.state_dict())
+        want = getattr(torch, dtype)
+        held = {f"{name}.{k}": t.dtype for name, state in loaded.state_dict()["curvlab"]["blocks"].items()
+                for k, t in state["curvature"].items() if t.is_floating_point()}
+        assert held and all(d == want for d in held.values()), held
+        for name, a in loaded.approximations().items():
+            assert a.dtype == want
+            torch.testing.assert_close(a.to_dense(), opt.approximations()[name].to_dense().to(want),
+                                       rtol=1e-6, atol=1e-7)
+
+
 def test_lr_scheduler_scales_the_update():
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
     x, y = data(8)
@@ -1332,6 +1361,10 @@ def test_invalid_arguments():
         KFAC(model, lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match=r"param group 0: momentum=1.5 must be in \[0, 1\)"):
         KFAC(model, [{"params": model.parameters(), "momentum": 1.5}], lr=0.1)
+    with pytest.raises(TypeError, match="KFAC: model must be an nn.Module, got function"):
+        KFAC(lambda x: model(x), lr=0.1)
+    with pytest.raises(TypeError, match="KFAC: options= must be an instance of KroneckerOptions, got dict"):
+        KFAC(model, options={"lr": 0.1})
     # the setters check as the constructor does, and a refused value changes nothing
     opt = KFAC(model, lr=0.1)
     for name, value in (("damping_strategy", "nor"), ("damping_strategy", "nope"), ("damping", -1.0),

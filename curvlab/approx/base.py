@@ -151,8 +151,18 @@ class KroneckerApproximation(ABC):
         if decomposition:
             raise ValueError(f"{type(self).__name__} caches no decomposition, got {sorted(decomposition)}")
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KroneckerApproximation":
-        """A copy converted to ``dtype`` and/or moved to ``device``."""
+    def to(self, dtype: torch.dtype | torch.device | str | None = None,
+           device: torch.device | str | None = None) -> "KroneckerApproximation":
+        """A copy converted to ``dtype`` and/or moved to ``device``; as with ``Tensor.to``, a
+        device may come first (``approx.to("cuda")``)."""
+        if isinstance(dtype, (str, torch.device)) and device is None:
+            dtype, device = None, dtype
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{type(self).__name__} {self.name!r}.to: dtype={dtype!r} must be a torch.dtype")
+        return self._converted(dtype, device)
+
+    def _converted(self, dtype: torch.dtype | None, device: torch.device | str | None) -> "KroneckerApproximation":
+        """:meth:`to`'s copy, its arguments checked."""
         moved = {k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()}
         return type(self).from_tensors(moved, layout=self.layout, name=self.name, **self.options())
 
@@ -307,7 +317,9 @@ class KroneckerApproximation(ABC):
         """``(K̂ + damping)⁻¹ X`` with the damping of ``strategy``:
         ``U_out [(U_outᵀ X U_in) ⊘ s_damped] U_inᵀ`` (for a Kronecker product with Kronecker
         damping, equivalently ``(L + aI)⁻¹ X (R + bI)⁻¹``); computed in the approximation's
-        dtype, returned in ``X``'s."""
+        dtype, returned in ``X``'s.  The default ``"exact"`` is ``(K̂ + λI)⁻¹`` itself; the
+        optimizers and :func:`curvlab.compare` damp each method its own way
+        (:data:`curvlab.approx.DEFAULT_DAMPING`), so pass that strategy to reproduce them."""
         self._check_matrix(x)
         if x.dtype == self.dtype:  # the common case: no conversion calls
             return self.inverse(damping, strategy)(x)
@@ -367,6 +379,9 @@ class KroneckerApproximation(ABC):
         return (q * self.eigenvalues().flatten()) @ q.T
 
     def _check_matrix(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} {self.name!r}: expected a tensor of matrices [..., "
+                            f"{self.layout.shape[0]}, {self.layout.shape[1]}], got {type(x).__name__}")
         if tuple(x.shape[-2:]) != self.layout.shape:
             raise ValueError(
                 f"{type(self).__name__} {self.name!r}: expected matrices [..., {self.layout.shape[0]}, "

@@ -66,7 +66,7 @@ class KroneckerProduct(KroneckerApproximation):
     def options(self) -> dict[str, object]:
         return {"eigh": self.eigh_policy}
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KroneckerProduct":
+    def _converted(self, dtype: torch.dtype | None, device: torch.device | str | None) -> "KroneckerProduct":
         """A copy converted to ``dtype`` (its decompositions then computed in ``dtype`` too)
         and/or moved to ``device``."""
         policy = self.eigh_policy

@@ -95,7 +95,7 @@ class KFOC(KroneckerProduct):
     def options(self) -> dict[str, object]:
         return {}
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "KFOC":
+    def _converted(self, dtype: torch.dtype | None, device: torch.device | str | None) -> "KFOC":
         return KFOC(
             self.B.to(dtype=dtype, device=device),
             self.C.to(dtype=dtype, device=device),

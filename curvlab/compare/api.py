@@ -198,7 +198,7 @@ def check_comparison(
         )
     if eigh is not None and not isinstance(eigh, EighPolicy):
         raise ValueError(f"curvlab.compare: eigh={eigh!r} must be a curvlab.approx.EighPolicy (None: full bases)")
-    names = [spec(a, "curvlab.compare").name for a in approximations]
+    names = list(dict.fromkeys(spec(a, "curvlab.compare").name for a in approximations))  # each once, in order
     if not names:
         raise ValueError("curvlab.compare: approximations=() names none; measure at least one (default: all)")
     damping, top_k, num_eigenvalues = check_settings(damping=damping, top_k=top_k, num_eigenvalues=num_eigenvalues)

@@ -13,6 +13,7 @@ from curvlab.extract.extension import BackpackUnsupportedError
 from curvlab.extract.options import ExtractOptions
 from curvlab.extract.session import ExtractionSession
 from curvlab.extract.validate import check_target_dtype
+from curvlab.model_blocks import check_materialised
 from curvlab.stats import LayerStats
 
 
@@ -100,6 +101,7 @@ def extract(
         :class:`Extraction`: block name → :class:`LayerStats`.
     """
     opts = ExtractOptions.make(options, overrides)
+    check_materialised(model, "curvlab.extract")
     model = uncompiled(model)
     for what, value in (("inputs", inputs), ("targets", targets)):
         if not isinstance(value, Tensor):

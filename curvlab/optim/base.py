@@ -175,8 +175,7 @@ class KroneckerOptimizer(Optimizer):
         **overrides: Any,
     ) -> None:
         who = type(self).__name__
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+        check_materialised(model, who)
         opts = self._options(options, overrides)
         if self.rescales and opts.scale_interval % opts.eigen_interval == 0:
             # every rescaling step refreshes, and a refresh resets s to the Kronecker eigenvalues
@@ -199,7 +198,6 @@ class KroneckerOptimizer(Optimizer):
                                        "model and optimizer on every rank")
         self._engine = statistics_engine(model, opts.engine, who)
         self.model = model = unwrap(model)  # blocks named as in one process
-        check_materialised(model, who)
         self._blocks: list[Block] | None = None
         self._warned_unsupported: set[str] = set()
         self._trainable: list[bool] = []

@@ -119,9 +119,18 @@ class KroneckerOptions(OptionSet):
             rank=self.truncation_rank,
         )
 
+    def unused(self, *, rescales: bool, has_basis: bool) -> set[str]:
+        """The options a method ignores: ``scale_interval`` unless it rescales ``s`` (EKFAC,
+        TEKFAC), ``basis`` unless it has one to choose (TEKFAC), ``mc_samples`` unless the Fisher
+        is sampled (``fisher="mc"``)."""
+        return {name for name, used in (("scale_interval", rescales), ("basis", has_basis),
+                                        ("mc_samples", self.fisher == "mc")) if not used}
+
     def for_method(self, method: str, *, trace_factored: bool, has_basis: bool) -> "KroneckerOptions":
         """These options for the optimizer ``method``: its default damping strategy filled in;
-        TKFAC's ``"nor"`` damping only for the trace-factored methods, ``basis`` for TEKFAC."""
+        TKFAC's ``"nor"`` damping only for the trace-factored methods, ``basis`` for TEKFAC.
+        The other options a method ignores (:meth:`unused`) are taken, so that one schedule can
+        be given to every method."""
         if self.basis != "trace" and not has_basis:
             raise ValueError(f"curvlab.optim: basis={self.basis!r} applies to TEKFAC only")
         strategy = DEFAULT_DAMPING[method] if self.damping_strategy is None else self.damping_strategy

@@ -180,6 +180,8 @@ class CurvatureState(ABC):
                         f"{type(self).__name__}: the saved {f.name} tensors {sorted(sub)} do not make its "
                         f"{self.approximation_class.__name__}"
                     ) from None
+                if self.eigh.dtype is not None and built.dtype != self.eigh.dtype:  # saved under another factor_dtype
+                    built = built.to(self.eigh.dtype)
                 setattr(self, f.name, built)
             used.update(prefix + k for k in sub)
         extra = sorted(set(tensors) - used)

@@ -25,8 +25,6 @@ from curvlab.optim import KroneckerOptions
 OPTIMIZERS = ("sgd", "adam", *KRONECKER)
 #: The options torch's optimizers take (every other optimizer option is a Kronecker optimizer's).
 FIRST_ORDER = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "weight_decay")}
-#: Options of the Kronecker optimizers a method has no use for (no rescaling; TEKFAC's basis).
-UNUSED_BY = {"kfac": ("scale_interval", "basis"), "tkfac": ("scale_interval", "basis"), "ekfac": ("basis",)}
 #: How the output files record an option the run does not use (its value would mislead).
 NOT_USED = "not used by "
 
@@ -131,12 +129,13 @@ class TrainConfig(KroneckerOptions):
 
     def unused_options(self) -> set[str]:
         """The optimizer options this run does not use: under SGD/Adam all but theirs (and the
-        damping when probing, the probe's λ), under a Kronecker method :data:`UNUSED_BY` and
-        ``mc_samples`` unless its Fisher is sampled."""
+        damping when probing, the probe's λ), under a Kronecker method those it ignores
+        (:meth:`curvlab.optim.KroneckerOptions.unused`)."""
         if self.optimizer in FIRST_ORDER:
             used = {*FIRST_ORDER[self.optimizer], *(("damping",) if self.probe_every else ())}
             return {f.name for f in fields(KroneckerOptions)} - used
-        return {*UNUSED_BY.get(self.optimizer, ()), *(("mc_samples",) if self.fisher != "mc" else ())}
+        method = KRONECKER[self.optimizer]
+        return self.unused(rescales=method.rescales, has_basis=method.has_basis_option)
 
     def as_attrs(self) -> dict[str, object]:
         """The configuration as netCDF-safe attributes (prefixed ``config_``); an option the run
