@@ -235,12 +235,19 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     shutdown) is dropped, so that the command ends with one line."""
     torchrun = ["--standalone", f"--nproc-per-node={nproc}", "-m", "curvlab", *without_nproc(argv)]
     print("curvlab: -m torch.distributed.run " + " ".join(torchrun), file=sys.stderr, flush=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > cores:  # (64 processes on 2 cores had not finished an epoch that 1 process took 3 s for)
+        print(f"curvlab: note: --nproc {nproc} starts more processes than the {cores} CPU core{'s' * (cores != 1)} this command "
+              "may use: they take turns on them, and every step waits for the slowest", file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, raise_interrupt)  # before torchrun starts: it is never left behind
     proc, forward, quiet = None, None, threading.Event()
     try:
         launcher = TORCHRUN_WITH_LAUNCHER.format(launcher=os.getpid(), peer_lost=EXIT_PEER_LOST)
         command = [sys.executable, "-c", launcher, *torchrun]
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+        # in a session of its own: a terminal's Ctrl-C (a signal to this process's group) reaches
+        # this process alone, which stops torchrun in order, its output then dropped; torchrun
+        # signalled too printed its traceback, and its ranks their own lines, before that
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
         forward = threading.Thread(target=_forward, args=(proc.stderr, quiet), daemon=True)
         forward.start()
         code = proc.wait()
@@ -268,11 +275,15 @@ TORCHRUN_WITH_LAUNCHER = (
     "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
     "    if os.getppid() != {launcher}:  # the launcher died before the request\n"
     "        sys.exit(143)\n"
+    "from torch.distributed.elastic.multiprocessing.api import SignalException\n"
     "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
     "logging.getLogger('torch.distributed.elastic.multiprocessing.api').setLevel(logging.CRITICAL)\n"
+    "logging.getLogger('torch.distributed.elastic.agent.server.api').setLevel(logging.ERROR)\n"
     "sys.argv[0] = 'torchrun'\n"
     "try:\n"
     "    runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)\n"
+    "except SignalException as err:  # signalled itself (a scheduler's stop signals every process): the launcher says it\n"
+    "    sys.exit(128 + int(err.sigval))\n"
     "except ChildFailedError as err:  # one line, not its traceback and table\n"
     "    # the first rank to fail of itself: not one that stopped because it lost its peer (status {peer_lost}),\n"
     "    # which torchrun, timing failures by the second, may name first\n"
