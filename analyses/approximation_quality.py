@@ -28,10 +28,10 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIGURES, MOMENTUM, RESULTS, RUNS, default_data_dir, save  # noqa: E402
+from common import FIGURES, MOMENTUM, RESULTS, RUNS, default_data_dir, run, save  # noqa: E402
 
 from curvlab.app.palette import colour  # noqa: E402
-from curvlab.app.train import TrainConfig, train  # noqa: E402
+from curvlab.app.train import TrainConfig  # noqa: E402
 
 SETTINGS = {
     "mnist-mlp": dict(model="mlp", dataset="mnist", model_kwargs={"hidden": (128, 64)}, epochs=2, train_size=None,
@@ -97,17 +97,16 @@ def plot_spectra(ds: xr.Dataset, title: str, path: Path) -> None:
                        facet_kws={"sharey": "row", "margin_titles": True})
     grid.set(yscale="log")
     grid.set_titles(row_template="layer {row_name}", col_template="{col_name}")
-    grid.set_axis_labels("eigenvalue index (largest first)", "eigenvalue")
+    grid.set_axis_labels(f"eigenvalue index (the top {ds.sizes['eig']}, largest first)", "eigenvalue")
     grid.figure.suptitle(textwrap.fill(title, 100), y=1.05)
     grid.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(grid.figure)
 
 
 def plot_all(ds: xr.Dataset, setting: str, name: str) -> None:
-    momentum, clip = ds.attrs.get("momentum", MOMENTUM), ds.attrs.get("kl_clip", 1e-3)  # the committed runs': 0.9, 1e-3
     title = (f"{setting}: approximations vs the exact Fisher on a fixed batch while training with TEKFAC "
-             f"(tekfac@optimizer = what TEKFAC inverts); one seed; lr {ds.attrs.get('lr')}, damping "
-             f"{ds.attrs.get('damping')}, KL clipping {clip}, momentum {momentum}")
+             f"(tekfac@optimizer = what TEKFAC inverts); one seed; lr {ds.attrs['lr']}, damping "
+             f"{ds.attrs['damping']}, KL clipping {ds.attrs['kl_clip']}, momentum {ds.attrs['momentum']}")
     FIGURES.mkdir(exist_ok=True)
     plot_metrics(ds, title, FIGURES / f"{name}.png")
     plot_spectra(ds, f"{setting}: spectra during TEKFAC training", FIGURES / f"{name}_spectra.png")
@@ -143,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
         **spec,
     )
-    paths = train(cfg)
-    ds = xr.open_dataset(paths["probe"]).load()
+    run(cfg)  # (a finished run of this configuration is reused)
+    ds = xr.open_dataset(cfg.out_dir / "probe.nc").load()
     ds.attrs.update({"setting": args.setting, "optimizer": "tekfac", "lr": cfg.lr, "damping": cfg.damping,
                      "momentum": cfg.momentum, "kl_clip": cfg.kl_clip})
     save(ds, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import shutil
@@ -12,6 +13,7 @@ import numpy as np
 import xarray as xr
 
 from curvlab.app.palette import PALETTE  # noqa: F401 (one palette for every figure)
+from curvlab.app.provenance import git_commit
 from curvlab.io import write_netcdf
 from curvlab.app.train import TrainConfig, train
 
@@ -62,8 +64,11 @@ def grid(space: Mapping[str, Iterable]) -> list[dict]:
 
 
 def save(ds: xr.Dataset, name: str) -> Path:
-    """Write an analysis result into ``analyses/results`` (atomically)."""
+    """Write an analysis result into ``analyses/results`` (atomically), stamped with the date and
+    the commit that made it (a committed result then says whether the code has moved on since)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    ds.attrs.update({"analysis_created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "analysis_git_commit": git_commit(ROOT) or "unknown"})
     return write_netcdf(ds, RESULTS / f"{name}.nc")
 
 

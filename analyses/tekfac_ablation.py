@@ -24,7 +24,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import xarray as xr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                     metrics = run(cfg)
                     probe = xr.open_dataset(cfg.out_dir / "probe.nc").load()
                     own = probe.sel(approximation="tekfac@optimizer").isel(step=slice(1, None))
-                    metrics["probe_rel_frobenius_error"] = own.rel_frobenius_error.mean(("step", "layer"))
-                    metrics["probe_ng_cosine"] = own.ng_cosine.mean(("step", "layer"))
+                    # over every probe and layer, a NaN kept: a run with a dead layer (its exact block zero,
+                    # the cosine undefined) averaged over its other layers was placed among the working ones
+                    metrics["probe_rel_frobenius_error"] = own.rel_frobenius_error.mean(("step", "layer"), skipna=False)
+                    metrics["probe_ng_cosine"] = own.ng_cosine.mean(("step", "layer"), skipna=False)
                     runs.append(metrics.expand_dims(strategy=[strategy], basis=[basis], damping=[damping], seed=[seed]))
                     print(f"  {strategy} {basis} λ={damping:g} seed {seed}: "
                           f"train loss {float(metrics.train_loss[-1]):.4f}", flush=True)
@@ -110,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     save(ds, name)
 
     final = ds.isel(epoch=-1)
-    df = final[["train_loss", "test_accuracy", "probe_rel_frobenius_error", "probe_ng_cosine"]].mean("seed").to_dataframe().reset_index()
+    columns = ["train_loss", "test_accuracy", "probe_rel_frobenius_error", "probe_ng_cosine"]
+    df = final[columns].mean("seed", skipna=False).to_dataframe().reset_index()[["strategy", "basis", "damping", *columns]]
     (RESULTS / f"{name}.md").write_text(
         "# TEKFAC ablation (MNIST MLP, mean over seeds "
-        f"{list(SEEDS)}; {args.epochs} epochs on {args.train_size} examples)\n\n"
+        f"{list(SEEDS)}; {args.epochs} epoch{'s' * (args.epochs != 1)} on {args.train_size} examples)\n\n"
         "basis `trace` = TEKFAC (eigenbasis of δΦ, δΨ); `kfac` = KFAC's eigenbasis (EKFAC with that damping). "
         "probe columns: the optimizer's own approximation vs the exact Fisher on a fixed batch, "
-        "averaged over probes and layers.\n\n" + markdown_table(df) + "\n")
+        "averaged over the probes after step 0 and the layers; NaN (inf for the error) where a seed's run had a "
+        "dead layer at a probe (its exact block zero: the cosine undefined).\n\n" + markdown_table(df) + "\n")
     plot(ds, name)
     print(f"tekfac_ablation: done in {time.time() - t0:.0f} s", flush=True)
     return 0
@@ -127,20 +133,25 @@ def plot(ds: xr.Dataset, name: str = "tekfac_ablation") -> None:
     mean as a bar-free marker (a bar's baseline on a log axis, or a zoomed one, is arbitrary)."""
     final = ds.isel(epoch=-1)
     seeds = final.sizes["seed"]
+    np.random.seed(0)  # seaborn's jitter draws from numpy's global generator: the same figure every time
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), layout="constrained")
     long = final[["train_loss", "test_accuracy", "probe_ng_cosine"]].to_dataframe().reset_index()
     long["test_accuracy"] *= 100
     long["variant"] = long["basis"] + " basis, λ=" + long["damping"].map(lambda d: f"{d:g}")
     for ax, var, label in zip(axes, ("train_loss", "test_accuracy", "probe_ng_cosine"),
-                              ("final train loss (log)", "final test accuracy (%)", "NG cosine of its approximation")):
+                              ("final train loss (log scale)", "final test accuracy (%)",
+                               "NG cosine of its approximation\n(mean over probes and layers;\nnone drawn: a dead layer)")):
         sns.stripplot(long, x="strategy", y=var, hue="variant", dodge=True, alpha=0.5, ax=ax, legend=False)
         sns.pointplot(long, x="strategy", y=var, hue="variant", dodge=0.53, errorbar=None, linestyle="none",
                       markers="_", markersize=14, ax=ax, legend=ax is axes[-1])
         ax.set_xlabel("damping strategy")
         ax.set_ylabel(label)
-        if var == "train_loss":
+        if var == "train_loss":  # labelled at 1, 2, 5 of each decade: the working runs lie within one
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.0, 1.0), title="")
     fig.suptitle(f"TEKFAC ablation on MNIST MLP ({ds.attrs.get('epochs')} epochs, {ds.attrs.get('train_size')} "
                  f"examples, lr {ds.attrs.get('lr')}, momentum {ds.attrs.get('momentum', MOMENTUM)})\neach of "

@@ -25,7 +25,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from curvlab.app import provenance  # noqa: E402
 from curvlab.app.allocator import apply_malloc_option  # noqa: E402
 from curvlab.app.options import positive_float, positive_int  # noqa: E402  (the CLI's option types)
 from curvlab.app.models import build_model  # noqa: E402
@@ -328,17 +328,8 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit; ``CURVLAB_GIT_COMMIT`` where the tree travelled without ``.git``
-    (a copy run on another machine)."""
-    if os.environ.get("CURVLAB_GIT_COMMIT"):
-        return os.environ["CURVLAB_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The repository's commit (:func:`curvlab.app.provenance.git_commit`)."""
+    return provenance.git_commit(ROOT)
 
 
 def command_line(script: str | Path, argv: Sequence[str] | None = None, hide: Sequence[str] = ()) -> str:

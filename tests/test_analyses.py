@@ -35,7 +35,7 @@ def comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_optimizer_comparison_end_to_end(comparison) -> None:
+def test_optimizer_comparison_end_to_end(comparison, monkeypatch: pytest.MonkeyPatch) -> None:
     oc, tmp = comparison
     assert oc.main(["--setting", "digits-mlp", "--budget", "tiny"]) == 0
     ds = xr.open_dataset(tmp / "results" / "optimizer_comparison_digits-mlp.nc").load()
@@ -58,6 +58,17 @@ def test_optimizer_comparison_end_to_end(comparison) -> None:
     (tmp / "results" / "optimizer_comparison_digits-mlp.md").unlink()
     assert oc.main(["--setting", "digits-mlp", "--budget", "tiny", "--replot"]) == 0
     assert (tmp / "results" / "optimizer_comparison_digits-mlp.md").read_text() == summary
+    # run again, every finished run is reused (an interrupted study continues), and the result says its commit
+    common = sys.modules["common"]
+
+    def train(cfg):
+        raise AssertionError(f"trained {cfg.out} again")
+
+    monkeypatch.setattr(common, "train", train)
+    assert oc.main(["--setting", "digits-mlp", "--budget", "tiny"]) == 0
+    again = xr.open_dataset(tmp / "results" / "optimizer_comparison_digits-mlp.nc").load()
+    assert again.attrs["analysis_git_commit"] and again.attrs["analysis_created"] >= ds.attrs["analysis_created"]
+    assert again.drop_vars("wall_clock", errors="ignore").equals(ds.drop_vars("wall_clock", errors="ignore"))
 
 
 def test_summary_counts_diverged_seeds_instead_of_hiding_them(comparison) -> None:
@@ -74,11 +85,11 @@ def test_approximation_quality_trains_on_the_data_it_is_given(data_dir: str | No
     aq = importlib.import_module("approximation_quality")
     seen = []
 
-    def train(cfg):  # the configuration the study trains with, and no training
+    def run(cfg):  # the configuration the study trains with (or reuses), and no training
         seen.append(cfg)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(aq, "train", train)
+    monkeypatch.setattr(aq, "run", run)
     with pytest.raises(KeyboardInterrupt):
         aq.main(["--setting", "mnist-mlp", *(["--data-dir", data_dir] if data_dir else [])])
     assert seen[0].dataset == "mnist" and seen[0].model == "mlp"
