@@ -7,8 +7,13 @@ import subprocess
 from pathlib import Path
 
 
+#: Folders of results, not code: a change there (the results a study has just written) is not dirty
+OUTPUTS = ("analyses/results", "benchmarks/results", "figures")
+
+
 def git_commit(checkout: Path) -> str | None:
-    """The commit of ``checkout`` (``+dirty`` with uncommitted changes to tracked files);
+    """The commit of ``checkout`` (``+dirty`` with uncommitted changes to tracked files outside
+    :data:`OUTPUTS`);
     ``CURVLAB_GIT_COMMIT`` where the tree travelled without ``.git`` (a copy run on another
     machine); ``None`` outside a git checkout."""
     if os.environ.get("CURVLAB_GIT_COMMIT"):
@@ -16,8 +21,9 @@ def git_commit(checkout: Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){path}" for path in OUTPUTS)],
+                               cwd=checkout, capture_output=True, text=True, timeout=10).stdout.strip()
         return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
