@@ -136,14 +136,18 @@ def plot(ds: xr.Dataset, name: str = "tekfac_ablation") -> None:
     np.random.seed(0)  # seaborn's jitter draws from numpy's global generator: the same figure every time
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), layout="constrained")
-    long = final[["train_loss", "test_accuracy", "probe_ng_cosine"]].to_dataframe().reset_index()
-    long["test_accuracy"] *= 100
-    long["variant"] = long["basis"] + " basis, λ=" + long["damping"].map(lambda d: f"{d:g}")
+    shown = ["train_loss", "test_accuracy", "probe_ng_cosine"]
+    # the dashes are the table's means: none where a seed has none (a dead layer), not the other seed's value
+    long, means = (frame[shown].to_dataframe().reset_index()
+                   for frame in (final, final.mean("seed", skipna=False)))
+    for df in (long, means):
+        df["test_accuracy"] *= 100
+        df["variant"] = df["basis"] + " basis, λ=" + df["damping"].map(lambda d: f"{d:g}")
     for ax, var, label in zip(axes, ("train_loss", "test_accuracy", "probe_ng_cosine"),
                               ("final train loss (log scale)", "final test accuracy (%)",
                                "NG cosine of its approximation\n(mean over probes and layers;\nnone drawn: a dead layer)")):
         sns.stripplot(long, x="strategy", y=var, hue="variant", dodge=True, alpha=0.5, ax=ax, legend=False)
-        sns.pointplot(long, x="strategy", y=var, hue="variant", dodge=0.53, errorbar=None, linestyle="none",
+        sns.pointplot(means, x="strategy", y=var, hue="variant", dodge=0.53, errorbar=None, linestyle="none",
                       markers="_", markersize=14, ax=ax, legend=ax is axes[-1])
         ax.set_xlabel("damping strategy")
         ax.set_ylabel(label)
