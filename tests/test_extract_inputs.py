@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.extract import UnsupportedModelError, extract
+from curvlab.extract import ExtractionSession, UnsupportedModelError, extract
 from helpers import batch, dense_ggn, tiny_cnn, tiny_mlp
 
 DT = torch.float64
@@ -117,6 +117,8 @@ def test_bad_arguments_named() -> None:
         extract(model, nn.NLLLoss(), x, y)
     with pytest.raises(TypeError, match="curvlab.extract: model must be an nn.Module, got function"):
         extract(lambda inputs: model(inputs), loss_fn, x, y)
+    with pytest.raises(TypeError, match="curvlab.extract.ExtractionSession: model must be an nn.Module, got function"):
+        ExtractionSession(lambda inputs: model(inputs), loss_fn)
     with pytest.raises(TypeError, match="curvlab.extract: options= must be an instance of ExtractOptions, got dict"):
         extract(model, loss_fn, x, y, options={"fisher": "mc"})
 

@@ -26,7 +26,7 @@ from curvlab.extract.engine_backpack import BackpackPass
 from curvlab.extract.engines import choose_engine
 from curvlab.extract.options import ExtractOptions
 from curvlab.extract.validate import LayerUseCheck, check_eigenbases, check_loss
-from curvlab.model_blocks import ModelBlocks, model_blocks
+from curvlab.model_blocks import ModelBlocks, check_materialised, model_blocks
 from curvlab.stats import LayerStats
 
 
@@ -73,6 +73,7 @@ class ExtractionSession:
         own_forward: bool = False, blocks: ModelBlocks | None = None, skip_uncalled: bool = False,
         **overrides: object,
     ) -> None:
+        check_materialised(model, "curvlab.extract.ExtractionSession")
         check_loss(loss_fn)
         self.options = ExtractOptions.make(options, overrides)
         self.blocks = blocks if blocks is not None else model_blocks(
