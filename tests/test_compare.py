@@ -179,6 +179,21 @@ def test_one_example_of_ten_classes_overlaps_at_most_fully(seed: int) -> None:
         np.testing.assert_allclose(ds.subspace_overlap.sel(layer=layer, approximation=["kflr", "ekfac"]), 1.0, atol=1e-6)
 
 
+def test_an_approximation_equal_to_f_has_cosine_and_overlap_one_not_more() -> None:
+    """KFLR and EKFAC equal F (a Linear layer at N = 1): their natural-gradient cosine and
+    subspace overlap were 1 + 4e-16 and 1 + 1e-15 by rounding, which ``arccos`` and range checks
+    refuse (QA27); both lie in their ranges, at 1 to rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    x, y = torch.randn(1, 64, dtype=torch.float64), torch.randint(0, 10, (1,))
+    ds = compare(model, nn.CrossEntropyLoss(), x, y, approximations=("kflr", "ekfac"), seed=5)
+    for var in ("ng_cosine", "subspace_overlap", "network_ng_cosine"):
+        values = ds[var].values
+        assert (values <= 1.0).all() and (values >= -1.0).all(), (var, values - 1)
+    np.testing.assert_allclose(ds.ng_cosine.sel(approximation="ekfac"), 1.0, atol=1e-12)  # (KFLR's damping is factored)
+    np.testing.assert_allclose(ds.subspace_overlap, 1.0, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_low_rank_approximation_overlaps_by_its_own_directions_only(seed: int) -> None:
     """N = 1: KFAC from one MC sample is rank 1 (``g gᵀ ⊗ a aᵀ``) while F has rank C − 1 = 3;

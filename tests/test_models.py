@@ -337,3 +337,20 @@ def test_mobilenetv2_width_rounds_channels_as_torchvision_does(width: float) -> 
         h.remove()
     assert outs == [make_divisible(c * width) for _, c, n, _ in TORCHVISION_SETTING for _ in range(n)]
     assert last == 1280
+
+
+@pytest.mark.parametrize("name", ["vgg16-bn", "mobilenetv2", "resnet18"])
+def test_real_architectures_start_from_torchvisions_initialisation(name: str) -> None:
+    """Their docstrings say torchvision's; VGG-16-BN and MobileNetV2 kept torch's defaults (QA27):
+    convolutions He-normal by their outputs, BatchNorm the identity, VGG's and MobileNetV2's Linear
+    N(0, 0.01²), biases zero."""
+    torch.manual_seed(0)
+    model = build_model(name, (3, 32, 32), 10)
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.weight.numel() >= 2000:  # enough draws to test the spread
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]  # (torch's, a depthwise conv's too)
+            assert float(m.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1), path
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any(), path
+        if isinstance(m, nn.Linear) and name != "resnet18":
+            assert float(m.weight.detach().std()) == pytest.approx(0.01, rel=0.1) and not m.bias.any(), path

@@ -135,6 +135,14 @@ def test_the_per_layer_map_shows_the_optimizers_own_approximation(tmp_path: Path
                   and ax.get_xlabel().startswith("training step")]
     labels = [int(t.get_text()) for t in heatmap.get_xticklabels()]
     assert labels[0] == 0 and len(set(np.diff(labels))) == 1 and 250 - labels[-1] < np.diff(labels)[0], labels
+    # the optimizer's own error and trace ratio 1e4 times the others' (an eval-mode BatchNorm probe):
+    # those panels on a log scale, the others' lines not flattened onto zero (QA27)
+    wide = ds.copy(deep=True)
+    for var in ("network_rel_frobenius_error", "network_trace_ratio"):
+        wide[var].loc[{"approximation": own[0]}] = 4e4
+    plot_probe(wide, tmp_path / "wide.png", "setting")
+    scales = {ax.get_title(): ax.get_yscale() for ax in saved_figures[-1].axes if ax.get_xlabel() == "training step"}
+    assert scales["Relative Frobenius error"] == scales["Trace ratio (1 is exact)"] == "log", scales
 
 
 def test_an_unprobed_run_draws_its_figures_without_a_warning(tmp_path: Path) -> None:

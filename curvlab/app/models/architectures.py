@@ -91,6 +91,21 @@ def _resnet18(input_shape: tuple[int, ...], num_classes: int, width: int = 64) -
     return ResNet(c, num_classes, (2, 2, 2, 2), int(width))
 
 
+def torchvision_init(model: nn.Module) -> None:
+    """torchvision's initialisation of VGG and MobileNetV2: convolutions He-normal by
+    their outputs, BatchNorm as the identity, Linear ``N(0, 0.01²)``, biases zero (as the ResNet's
+    convolutions): a network measured at initialisation is the one the papers start from."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # (MobileNetV2's default: the same gain)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 # --------------------------------------------------------------------------- VGG (torchvision)
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -105,6 +120,7 @@ class VGG(nn.Module):
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(True), nn.Linear(hidden, num_classes))
+        torchvision_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x))
@@ -177,6 +193,7 @@ class MobileNetV2(nn.Module):
         features.append(_conv_bn(c, last, 1))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Linear(last, num_classes)
+        torchvision_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
