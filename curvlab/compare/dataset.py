@@ -14,7 +14,7 @@ from torch import Tensor
 
 from curvlab._options import check_int, check_number
 from curvlab.approx import DEFAULT_DAMPING, KroneckerApproximation
-from curvlab.approx.eigh import factor_eigh, span_basis, within_span
+from curvlab.approx.eigh import factor_eigh, is_diagonal, span_basis, within_span
 from curvlab.compare.metrics import (
     NG_ROUNDING_LIMIT,
     ApproximationMetrics,
@@ -181,6 +181,7 @@ def measure(
     dominated: list[str] = []  # layers whose curvature the damping swamps
     coupling = np.zeros((len(layers), 2))
     arbitrary: list[str] = []  # layers whose EKFAC depends on eigh's basis of a null space (null_spaces_reached)
+    repeated: list[str] = []  # … of a repeated eigenvalue's eigenspace (repeated_eigenspaces_unequal)
     for layer in iterator:
         # one scope per layer: the float64 root, the factors' decompositions and the rotations
         # into them are computed once for all of the layer's approximations (curvlab.reuse); the
@@ -233,12 +234,17 @@ def measure(
                     block, approx, grad, damping, damping_strategies[name], top_k, exact_ng,
                     num_eigenvalues,
                 )
+                if name in BASIS_DEPENDENT and layer not in repeated and \
+                        repeated_eigenspaces_unequal(stats[layer], block.sqrt, approx):
+                    repeated.append(layer)
                 # not kept while the next one is built: an object holds its own factors and bases
                 # (a Linear(8192, ·)'s: 1 GiB in float64)
                 del approx
             # in the layer's scope: the factors' decompositions are the approximations' own
             if BASIS_DEPENDENT & set(approximations[layer]) and null_spaces_reached(stats[layer], block.sqrt):
                 arbitrary.append(layer)
+                if layer in repeated:  # (said once, as the null space's)
+                    repeated.remove(layer)
         # the float64 copy of the root is dropped once its layer is measured (kept for every layer,
         # ResNet-18's at N = 9 took 8 GB beside the 4 GB of the extraction's own): the network
         # terms convert the extraction's root again, one layer at a time
@@ -256,6 +262,18 @@ def measure(
             RuntimeWarning,
             stacklevel=2,
         )
+    if repeated:
+        warnings.warn(
+            f"curvlab.compare: the Kronecker factors of {repeated} have repeated eigenvalues (e.g. a "
+            "ConvTranspose2d whose kernel equals its stride: every tap sees the same pixels) whose eigenspaces "
+            "the gradients do not weigh alike: EKFAC's rescaling there, and KFAC's and KFLR's split into "
+            "projection and scaling error, depend on the eigensolver's arbitrary basis of those eigenspaces "
+            "(a U-Net's upsampling layer's EKFAC error moved between 0.856 and 0.865 over such bases), as "
+            "the EKFAC optimizer's rescaling does",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    arbitrary = [l for l in layers if l in arbitrary or l in repeated]  # in the model's order
 
     length = max(min(stats[l].num_params, num_eigenvalues) for l in layers)
     data: dict[str, tuple] = {}
@@ -377,6 +395,62 @@ def null_spaces_reached(stats: LayerStats, root: SquareRoot) -> bool:
         return True
     inputs, outputs = root.partial_traces()
     return any(_reaches_null_space(f.A, inputs) or _reaches_null_space(f.G, outputs) for f in stats.kfac.values())
+
+
+#: eigenvalues of a factor closer than this many times its decomposition's resolution at the largest
+#: are one repeated eigenvalue, whose eigenspace's basis eigh chooses freely
+REPEAT_TOLERANCE = 100.0
+#: a partial trace that differs from a multiple of the identity on such an eigenspace by more than
+#: this fraction of its trace weighs its directions visibly unequally (the U-Net layer whose EKFAC
+#: moved by 0.01 with the basis: 0.02)
+UNEQUAL_WEIGHT = 1e-3
+
+
+def repeated_eigenspaces_unequal(stats: LayerStats, root: SquareRoot, approx: KroneckerApproximation) -> bool:
+    """Whether ``approx``'s Kronecker factors have a repeated nonzero eigenvalue on whose
+    eigenspace the partial trace of F (``Σ M_kᵀM_k`` on the input side, ``Σ M_kM_kᵀ`` on the
+    output side: TKFAC's exact statistics, else the exact ``root``'s) is not a multiple of the
+    identity: then EKFAC's ``s* = Σ_k (u_iᵀ M_k v_j)²`` differs between orthonormal bases of that
+    eigenspace, all equally eigh's answer (QA29: ``A = I_{k²} ⊗ A_c`` of a
+    ``ConvTranspose2d(k, stride=k)``, each eigenvalue repeated ``k²`` times).  Read off the
+    object's own decomposition (no second one); the partial traces are formed only for a side
+    with a repeated eigenvalue.  A diagonal factor's basis is no choice (an embedding's: the unit
+    vectors in a stable order), nor a truncated side's flat remainder a repeat; the converse
+    (a partial trace isotropic there, the per-direction terms not) is not tested."""
+    grid = approx.factor_eigenvalues(compressed=True)
+    if grid is None or approx.identity_basis or approx.truncated:
+        return False
+    factors = [[dense(getattr(f, side)) for f in stats.kfac.values()] for side in ("G", "A")]
+    for side, (values, basis) in enumerate(zip(grid, approx.eigenbasis(compressed=True))):
+        if any(is_diagonal(m) for m in factors[side]):
+            continue
+        # equal to the decomposition's own resolution (float64 here): the repeats structure makes,
+        # as equal in a float32 extraction; a float32 factor's bulk of eigenvalues below its
+        # rounding at the largest, spaced closer than that, is none (a 3×3 conv's 217 of 289)
+        spaces = repeated_eigenspaces(values.to(torch.float64), torch.finfo(approx.dtype).eps)
+        if not spaces:
+            continue
+        t = stats.tkfac
+        trace = dense((t.delta_psi, t.delta_phi)[side] if t is not None and t.form == "exact"
+                      else root.partial_traces()[1 - side]).to(torch.float64)
+        for index in spaces:
+            space = basis[:, index].to(torch.float64)
+            weights = space.mT @ trace @ space
+            isotropic = torch.eye(len(index), dtype=weights.dtype) * weights.diagonal().mean()
+            if float((weights - isotropic).norm()) > UNEQUAL_WEIGHT * float(trace.trace()):
+                return True
+    return False
+
+
+def repeated_eigenspaces(values: Tensor, eps: float) -> list[Tensor]:
+    """The indices of each run of equal ``values`` above zero, two or more each: equal and zero
+    both to ``REPEAT_TOLERANCE · eps`` of the largest."""
+    resolution = REPEAT_TOLERANCE * eps * float(values.max().clamp_min(0))
+    ordered, order = values.sort()
+    repeats = (ordered.diff() <= resolution) & (ordered[:-1] > resolution)
+    edges = torch.cat([repeats.new_zeros(1), repeats, repeats.new_zeros(1)]).int().diff()
+    starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+    return [order[start:end + 1] for start, end in zip(starts, ends)]
 
 
 def _reaches_null_space(factor: Tensor | GramRows, partial_trace: Tensor) -> bool:

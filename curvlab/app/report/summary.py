@@ -81,7 +81,7 @@ _HEADER_ATTRS: tuple[tuple[str, str], ...] = (
                              "damped natural gradient is the gradient over the damping, so their cosines near 1 say "
                              "nothing of the approximation; lower --damping, or train longer: a barely trained "
                              "network's curvature is small)"),
-    ("basis_dependent", "EKFAC, and KFAC's projection/scaling split, set by eigh's arbitrary null-space basis on (reduce with fewer examples than the layer's width, or a convolution whose every tap covers the same pixels: use --kfac-approx expand)"),
+    ("basis_dependent", "EKFAC, and KFAC's projection/scaling split, set by eigh's arbitrary basis of a null space (reduce with fewer examples than the layer's width, or a convolution whose every tap covers the same pixels: use --kfac-approx expand) or of a repeated eigenvalue's eigenspace (a ConvTranspose2d whose kernel equals its stride) on"),
     ("top_k", "top-k (subspace overlap)"),
     ("weights", "Weights measured"),
     ("train_steps", "Training steps before measuring"),
