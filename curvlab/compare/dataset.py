@@ -420,15 +420,12 @@ def repeated_eigenspaces_unequal(stats: LayerStats, root: SquareRoot, approx: Kr
     grid = approx.factor_eigenvalues(compressed=True)
     if grid is None or approx.identity_basis or approx.truncated:
         return False
-    factors = [[dense(getattr(f, side)) for f in stats.kfac.values()] for side in ("G", "A")]
     for side, (values, basis) in enumerate(zip(grid, approx.eigenbasis(compressed=True))):
-        if any(is_diagonal(m) for m in factors[side]):
-            continue
         # equal to the decomposition's own resolution (float64 here): the repeats structure makes,
         # as equal in a float32 extraction; a float32 factor's bulk of eigenvalues below its
         # rounding at the largest, spaced closer than that, is none (a 3×3 conv's 217 of 289)
         spaces = repeated_eigenspaces(values.to(torch.float64), torch.finfo(approx.dtype).eps)
-        if not spaces:
+        if not spaces or any(is_diagonal(dense(getattr(f, "GA"[side]))) for f in stats.kfac.values()):
             continue
         t = stats.tkfac
         trace = dense((t.delta_psi, t.delta_phi)[side] if t is not None and t.form == "exact"
@@ -436,7 +433,7 @@ def repeated_eigenspaces_unequal(stats: LayerStats, root: SquareRoot, approx: Kr
         for index in spaces:
             space = basis[:, index].to(torch.float64)
             weights = space.mT @ trace @ space
-            isotropic = torch.eye(len(index), dtype=weights.dtype) * weights.diagonal().mean()
+            isotropic = torch.eye(len(index), dtype=weights.dtype, device=weights.device) * weights.diagonal().mean()
             if float((weights - isotropic).norm()) > UNEQUAL_WEIGHT * float(trace.trace()):
                 return True
     return False
