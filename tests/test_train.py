@@ -125,6 +125,9 @@ def test_a_diverged_run_stops_and_records_nan(tmp_path: Path, optimizer: str) ->
     assert list(metrics.epoch.values) == [1, 2, 3, 4]
     at = int(metrics.attrs["diverged_at_step"])
     assert metrics.steps.values[0] == at + DIVERGED_AFTER < 30  # stopped inside epoch 1 of 30 steps
+    # counts are integers (they were floats: 4.0 steps), the epochs never run have no process count
+    assert metrics.steps.dtype.kind == metrics.skipped_steps.dtype.kind == "i"
+    assert metrics.world_size.values[0] == 1 and np.isnan(metrics.world_size.values[1:]).all()
     for var in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):  # the diverging epoch included
         assert np.isnan(metrics[var].values).all(), var
     with pytest.warns(RuntimeWarning, match="diverged"):  # resuming does not train a diverged model

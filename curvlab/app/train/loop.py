@@ -117,10 +117,17 @@ METRIC_ATTRS: dict[str, tuple[str, str]] = {
 def _metrics_dataset(records: list[dict[str, float]], cfg: TrainConfig, data: Dataset, diverged_at: int | None,
                      world_size: int = 1) -> xr.Dataset:
     keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "epoch"]
-    ds = xr.Dataset(  # a key older records lack (checkpoints from before it was recorded): NaN
-        {k: ("epoch", np.array([r.get(k, np.nan) for r in records], dtype=float)) for k in keys},
-        coords={"epoch": np.array([r["epoch"] for r in records], dtype=int)},
-    )
+
+    def column(key: str) -> np.ndarray:
+        """A count (steps, processes) as integers where every epoch has one; else floats, a key
+        older records lack (checkpoints from before it was recorded) or an epoch after a
+        divergence NaN."""
+        values = [r.get(key, np.nan) for r in records]
+        whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
+        return np.array(values, dtype=np.int64 if whole else float)
+
+    ds = xr.Dataset({k: ("epoch", column(k)) for k in keys},
+                    coords={"epoch": np.array([r["epoch"] for r in records], dtype=int)})
     for name, (long_name, units) in METRIC_ATTRS.items():
         if name in ds:
             ds[name].attrs.update(long_name=long_name, units=units)
