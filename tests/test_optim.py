@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -912,6 +913,38 @@ def test_a_layer_never_called_does_not_make_every_step_a_statistics_step():
     with again.track(loss_fn):
         loss_fn(model[0](x), y).backward()
         assert not model[0]._forward_hooks  # step 7: no statistics
+
+
+@pytest.mark.parametrize("outside", ["none", "after", "before", "no zero_grad"])
+def test_a_backward_outside_the_track_blocks_of_a_statistics_step_is_warned_of_once(outside):
+    """Gradient accumulation with one micro-batch's backward outside its track block: its
+    examples were in the step's gradient and not in the statistics, without a word — after the
+    block (an accumulation into the gradients), before it, or gradients left from the last step."""
+    x, y = data(16)
+    loss_fn = nn.CrossEntropyLoss()
+    model = tiny_mlp(0)
+    opt = KFAC(model, lr=0.01, stats_interval=1)
+    told = []
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if outside != "no zero_grad":
+                opt.zero_grad()
+            if outside == "before":
+                loss_fn(model(x[8:]), y[8:]).backward()
+            with opt.track(loss_fn):
+                loss_fn(model(x[:8]), y[:8]).backward()
+            with opt.track(loss_fn) if outside != "after" else contextlib.nullcontext():
+                loss_fn(model(x[8:]), y[8:]).backward()
+            opt.step()
+        told += [str(w.message) for w in seen if "a statistics step" in str(w.message)]
+    if outside == "none":
+        assert not told
+    else:
+        what = {"after": "accumulated a backward pass outside", "before": "held gradients before its first",
+                "no zero_grad": "held gradients before its first"}[outside]
+        step = 1 if outside == "no zero_grad" else 0  # (the first step's gradients are its own)
+        assert len(told) == 1 and what in told[0] and f"step {step}, a statistics step" in told[0], told
 
 
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])

@@ -218,6 +218,11 @@ class KroneckerOptimizer(Optimizer):
         self._skip_streak = 0  # consecutive skipped steps
         self._inside_track = False
         self._warned_untracked = False
+        # on a statistics step, from a track block's end to the next one or step(): hooks that see
+        # a backward outside the blocks (its gradient in the step, its examples not in the statistics)
+        self._watching: list[torch.utils.hooks.RemovableHandle] = []
+        self._outside: str | None = None
+        self._warned_outside = False
 
     # ------------------------------------------------------------------ options
 
@@ -384,6 +389,8 @@ class KroneckerOptimizer(Optimizer):
         ``step()`` used (a step a GradScaler skipped): micro-batches accumulate between a
         ``zero_grad()`` and a ``step()``, as their gradients do."""
         self._pending = None
+        self._stop_watching()
+        self._outside = None
         if not set_to_none:
             return super().zero_grad(set_to_none)
         for group in self.param_groups:
@@ -493,6 +500,10 @@ class KroneckerOptimizer(Optimizer):
         if not plan.statistics:
             yield
             return
+        self._stop_watching()  # (this block's own backward is tracked)
+        if earlier is None and not self._warned_outside and _gradients_left(walk):
+            self._outside = ("held gradients before its first `with opt.track(loss_fn):` block (a backward outside "
+                             "one, or no zero_grad() after the last step)")
         micro_batch = earlier.passes if earlier is not None else 0
         seed = (self._parallel.sampling_seed(self.steps_done, micro_batch)
                 if self._parallel and self.options.fisher == "mc" else None)
@@ -523,6 +534,35 @@ class KroneckerOptimizer(Optimizer):
         self._pending = pending if earlier is None else accumulated(earlier, pending)
         if self._pending.results:  # a layer never called would otherwise make every step a statistics step
             self._uncalled = {b.name for b, _, _ in walk.blocks} - set(self._pending.results)
+        if not self._warned_outside:
+            self._watch_gradients(walk)
+
+    def _watch_gradients(self, walk: StepWalk) -> None:
+        """Until the next track block or :meth:`step`: note a backward that accumulates into a
+        preconditioned parameter's gradient (one Python call per parameter and backward, on
+        statistics steps only)."""
+        def seen(_: Tensor) -> None:
+            self._outside = "accumulated a backward pass outside `with opt.track(loss_fn):` into its gradients"
+        self._watching = [p.register_post_accumulate_grad_hook(seen)
+                          for block, _, _ in walk.blocks for p in block.parameters() if p.requires_grad]
+
+    def _stop_watching(self) -> None:
+        for handle in self._watching:
+            handle.remove()
+        self._watching = []
+
+    def _warn_outside(self) -> None:
+        """Once: a statistics step whose gradient holds examples its statistics do not."""
+        if self._outside is not None and not self._warned_outside:
+            warnings.warn(
+                f"{type(self).__name__}: step {self.steps_done}, a statistics step, {self._outside}: those "
+                "examples are in the step's gradient but not in its curvature statistics; run each "
+                "micro-batch's forward and backward inside its own track block (warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_outside = True
+        self._outside = None
 
     # ------------------------------------------------------------------ the preconditioner
 
@@ -559,6 +599,8 @@ class KroneckerOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         check_groups(self.param_groups, type(self).__name__)
+        self._stop_watching()
+        self._warn_outside()
         pending, self._pending = self._pending, None
         if pending is not None and pending.step != self.steps_done:
             pending = None  # recorded for a different step: stale
