@@ -20,24 +20,29 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ "${1:-}" == --download-wheels ]]; then  # the pure-Python packages a CUDA image tends to lack
-    python3 -m pip download --no-deps --only-binary=:all: --python-version "${WHEELS_PYTHON:-3.12}" \
-        -d benchmarks/wheels backpack-for-pytorch unfoldNd curvlinops-for-pytorch einconv linear_operator \
-        h5netcdf asdfghjkl
-    exit
-fi
+case "${1:-}" in
+    --download-wheels)  # the pure-Python packages a CUDA image tends to lack
+        python3 -m pip download --no-deps --only-binary=:all: --python-version "${WHEELS_PYTHON:-3.12}" \
+            -d benchmarks/wheels backpack-for-pytorch unfoldNd curvlinops-for-pytorch einconv linear_operator \
+            h5netcdf asdfghjkl
+        exit;;
+    "") ;;
+    *) echo "usage: bash benchmarks/gpu_suite.sh [--download-wheels]  (env: RESULTS, GPU_PYTHON, SKIP_INSTALL, WHEELS_PYTHON)"
+       exit 2;;
+esac
 start=$SECONDS
 results=${RESULTS:-benchmarks/results}  # RESULTS=<folder> writes them elsewhere
-mkdir -p "$results"
 py=.venv-gpu/bin/python
+failed=()
 
 step() {  # step <seconds> <name> <command...>: run with a time limit, report, keep going
     local limit=$1 name=$2
     shift 2
     echo "== $name (limit ${limit}s, $((SECONDS - start))s elapsed)"
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --kill-after=5 "$limit" "$@"
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start))s"
+    [[ $rc == 0 ]] || failed+=("$name (exit $rc)")
     return 0
 }
 
@@ -85,15 +90,22 @@ if ! has_cuda; then
     exit 2
 fi
 $py -c "import torch; print('gpu_suite:', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
+mkdir -p "$results"
 
-step 90 "CUDA tests" bash -c "$py -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee $results/cuda_tests.txt"
-step 110 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
+# the step limits add up to 420 s (5 s more each to stop): with the install, under 8 minutes
+# (pipefail in the step's own shell: the status is pytest's, not tee's)
+step 80 "CUDA tests" bash -o pipefail -c "$py -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee $results/cuda_tests.txt"
+step 100 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
     --repeats 5 --busy-cores 1000 --out $results/extract_cuda.json
-step 30 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
+step 25 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
 # ResNet-18 first: the GPU targets are on it (each model's results are written as it finishes)
-step 220 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
+step 170 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
     --models resnet18,cnn,mlp,mlp-1024 --repeats 5 --model-repeats resnet18=3 --slow-seconds 1 \
     --out $results/optim_cuda.json
-step 60 "step profile" $py benchmarks/profile_steps.py --device cuda --threads 0 --models resnet18,mlp \
+step 45 "step profile" $py benchmarks/profile_steps.py --device cuda --threads 0 --models resnet18,mlp \
     --budget 40 --out $results/profile_cuda.json
 echo "gpu_suite: done in $((SECONDS - start)) s; results in $results/*_cuda.* (commit them)"
+if (( ${#failed[@]} )); then
+    echo "gpu_suite: failed or cut by their limits: ${failed[*]}"
+    exit 1
+fi

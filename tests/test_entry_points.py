@@ -508,6 +508,11 @@ def test_gpu_suite_without_a_cuda_python_says_so(tmp_path) -> None:
     run = suite()
     assert run.returncode == 2 and "cannot import torch with CUDA" in run.stdout, run.stdout + run.stderr
     assert "ModuleNotFoundError" not in run.stderr
+    assert not (tmp_path / "benchmarks" / "results").exists()  # nothing made before the checks pass
+    # an unknown option (a typo, --help) is a usage line, not the whole suite on a GPU machine
+    run = subprocess.run([bash, str(tmp_path / "benchmarks" / "gpu_suite.sh"), "--help"], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=tmp_path)
+    assert run.returncode == 2 and run.stdout.startswith("usage: bash benchmarks/gpu_suite.sh"), run.stdout
 
 
 def test_bench_compare_routes_agree_in_float64_and_write_only_where_told(tmp_path) -> None:
