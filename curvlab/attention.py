@@ -110,8 +110,9 @@ class KroneckerAttention(nn.Module):
             raise ValueError(f"{where} has hooks of its own ({', '.join(hooks)}), which the new module would not "
                              "have; convert the model before registering them")
         if not attention.batch_first:
-            warnings.warn(f"{where} is sequence-first (batch_first=False): converted, but curvlab's statistics "
-                          "refuse sequence-first layers in a batch-first model; build it with batch_first=True",
+            warnings.warn(f"{where} is sequence-first (batch_first=False): converted, but on batch-first [N, T, D] "
+                          "data it attends across the batch (the examples coupled: another model), and on "
+                          "sequence-first data curvlab's statistics refuse its layers; build it with batch_first=True",
                           UserWarning, stacklevel=3)
         bias_kv = None if attention.bias_k is None else (attention.bias_k, attention.bias_v)
         options = dict(dropout=attention.dropout, batch_first=attention.batch_first, bias_kv=bias_kv,

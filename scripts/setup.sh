@@ -5,9 +5,11 @@
 #   bash scripts/setup.sh --dev    # plus the test tools (pytest, hypothesis, curvlinops)
 #
 # Creates ./.venv with access to the system's site-packages: a torch already installed there is
-# kept as it is; otherwise the CPU wheel torch==2.13.0 is installed into .venv. Every later
-# install is constrained to the torch present, so no
-# dependency (BackPACK pulls torchvision) can swap it for another build.
+# kept as it is; otherwise torch==2.13.0 is installed into .venv — the CPU wheel where pip finds
+# one (this project's machines keep it on disk; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# names PyTorch's CPU index elsewhere: PyPI's Linux wheel is the CUDA build). Every later install
+# is constrained to the torch present, so no dependency (BackPACK pulls torchvision) can swap it
+# for another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +20,8 @@ extras=""
 py=".venv/bin/python"
 
 if ! "$py" -c "import torch" 2>/dev/null; then
-    echo "curvlab setup: installing torch==2.13.0 (CPU wheel)"
-    "$py" -m pip install --quiet "torch==2.13.0"
+    echo "curvlab setup: installing torch==2.13.0${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+    "$py" -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 fi
 torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
 constraints="$(mktemp)"
