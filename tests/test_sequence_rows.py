@@ -488,3 +488,25 @@ def test_rows_through_a_product_with_a_constant_of_many_entries_are_refused(side
 
     with pytest.raises(ValueError, match=r"through MulBackward0, and the rows taken for other examples reach example"):
         curvlab.extract(Copied(), nn.CrossEntropyLoss(), ids, targets.repeat(2, 1).reshape(-1))
+
+
+def test_a_sequence_first_attention_on_batch_first_rows_is_named() -> None:
+    """Per-token rows of a batch-first model with nn.TransformerEncoderLayer's default
+    batch_first=False: refused as coupled, and the message told the user to flatten the logits as
+    they had (QA30); it names the sequence-first module.  Built batch-first, the same model runs."""
+    class Tagger(nn.Module):
+        def __init__(self, batch_first: bool) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=batch_first)
+            self.head = nn.Linear(8, 20)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.emb(ids))).reshape(-1, 20)
+
+    torch.manual_seed(0)
+    ids, targets = torch.randint(0, 20, (6, 5)), torch.randint(0, 20, (30,))
+    with pytest.raises(ValueError, match=r"'enc.self_attn' is sequence-first \(batch_first=False\).*batch_first=True"):
+        curvlab.compare(Tagger(False), nn.CrossEntropyLoss(), ids, targets, approximations=("kfac",))
+    ds = curvlab.compare(Tagger(True), nn.CrossEntropyLoss(), ids, targets, approximations=("kfac",))
+    assert int(ds.attrs["terms_per_example"]) == 5

@@ -370,10 +370,21 @@ class Recording:
                 f"{rows}, but the vjp of the rows of examples {shown} reaches example {example} at {layer!r}: the "
                 "forward couples the examples (train-mode BatchNorm; a sequence-first model, whose leading dimension "
                 "counts positions, where a later position depends on the earlier ones), so no example's rows can be "
-                f"told apart; {grouped}"
+                f"told apart; {self._sequence_first_hint() or grouped}"
             )
         if obstacle is None:
             self.probed[key] = True
+
+    def _sequence_first_hint(self) -> str | None:
+        """The model's sequence-first modules (``batch_first=False``: on batch-first data they attend
+        or recur across the examples), named, with what to do; ``None`` where it has none."""
+        found = [path for path, m in (self.model.named_modules() if self.model is not None else ())
+                 if getattr(m, "batch_first", None) is False]
+        if not found:
+            return None
+        shown = ", ".join(map(repr, found[:3])) + (", …" if len(found) > 3 else "")
+        return (f"{shown} {'is' if len(found) == 1 else 'are'} sequence-first (batch_first=False): on batch-first "
+                "[N, T, ...] inputs it mixes the examples; build it with batch_first=True")
 
     def _refuse_sequence_first(self, rows: str, terms: LossTerms, layer: str | None) -> None:
         """Where rows are refused and the model was called on another number of examples than its
