@@ -316,7 +316,7 @@ def test_stopping_the_launcher_stops_the_ranks(tmp_path: Path, sig: signal.Signa
             # one line after the torchrun command, not torchrun's tracebacks and its shutdown's log
             said = launcher.stderr.read().strip().splitlines()
             assert said[0].startswith("curvlab: -m torch.distributed.run") and len(said) == 2, said
-            assert said[1] == f"curvlab train: stopped by {sig.name}; resume with --resume --out {out}"
+            assert said[1] == f"curvlab train: stopped by {sig.name}; resume with the same command and --resume (--out {out})"
         deadline = time.monotonic() + 30
         while any(_alive(pid) for pid in below) and time.monotonic() < deadline:
             time.sleep(0.2)

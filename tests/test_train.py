@@ -355,7 +355,7 @@ def test_a_sigterm_stops_a_one_process_run_as_a_ctrl_c_does(tmp_path: Path) -> N
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert err.strip().splitlines()[-1] == f"curvlab train: stopped by SIGTERM; resume with --resume --out {out}", err
+    assert err.strip().splitlines()[-1] == f"curvlab train: stopped by SIGTERM; resume with the same command and --resume (--out {out})", err
     assert not (out / ".curvlab.lock").exists()
     done = torch.load(out / CHECKPOINT, weights_only=True)["epoch"]  # (metrics.nc follows it: maybe not yet)
     resumed = subprocess.run(args + ["--epochs", str(done + 1), "--resume"], capture_output=True, text=True, timeout=300)
@@ -532,7 +532,7 @@ def test_a_ctrl_c_python_discards_still_stops_the_run(tmp_path: Path, monkeypatc
             "--train-size", "200", "--test-size", "50", "--epochs", "3", "--no-progress", "--no-figures",
             "--out", str(tmp_path / "run")]
     assert main(args) == 130
-    assert capsys.readouterr().err.endswith(f"curvlab train: stopped by SIGINT; resume with --resume --out {tmp_path / 'run'}\n")
+    assert capsys.readouterr().err.endswith(f"curvlab train: stopped by SIGINT; resume with the same command and --resume (--out {tmp_path / 'run'})\n")
     assert xr.open_dataset(tmp_path / "run" / "metrics.nc").sizes["epoch"] == 1
     monkeypatch.setattr(loop, "write_netcdf", write)
     assert main([*args, "--resume"]) == 0

@@ -110,8 +110,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="training examples N in the measured batch; the cost grows like (N·classes)^3 (N·T·classes for a "
         "per-token loss on T positions) and the memory "
         "like N·classes·parameters (default: 128, fewer for large models so that the exact square roots fit "
-        "in 4 GiB, e.g. 9 for resnet18, 4 with --mode train; the whole report of resnet18 peaks at about 6 GB in "
-        "either mode)",
+        "in 4 GiB, e.g. 9 for resnet18, 4 with --mode train; the whole report of resnet18 peaks at about 4 GiB in "
+        "either mode, mobilenetv2's at 6.5: benchmarks/results/report_builtins_cpu.md)",
     )
     what.add_argument("--hidden", type=widths, default=None,
                       help=hidden_help() + ", as curvlab train's")

@@ -225,7 +225,7 @@ def _stopped(signal_name: str, out: Path) -> int:
     from curvlab.app.train.run_folder import CHECKPOINT, RUN_FILES
 
     if (out / CHECKPOINT).is_file():
-        left = f"resume with --resume --out {out}"
+        left = f"resume with the same command and --resume (--out {out})"  # (other options are refused)
     elif any((out / name).exists() for name in RUN_FILES):
         left = f"no epoch had finished: nothing to resume in {out} (start again with --overwrite)"
     else:
