@@ -254,14 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-retries", type=int, default=3)
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds per model to wait for a quiet machine")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="override every model's batch size (smoke tests)")
+    p.add_argument("--batch-size", type=common.positive_int, default=None, help="override every model's batch size (smoke tests)")
     args = p.parse_args(argv)
     device, info = common.start(args)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     result = {"machine": info, "settings": vars(args), "reference": REFERENCE, "models": []}
     started = time.perf_counter()
     for spec in common.models(args.models):
-        if args.batch_size:
+        if args.batch_size is not None:
             spec = dataclasses.replace(spec, batch=args.batch_size)
         t0 = time.perf_counter()
         res = run_model(spec, args, device)

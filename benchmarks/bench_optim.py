@@ -848,26 +848,27 @@ def main(argv: list[str] | None = None) -> None:
     p = common.argument_parser(__doc__)
     p.add_argument("--models", default="mlp,mlp-1024,cnn,resnet18")
     p.add_argument("--peers", default=",".join(peers.PEERS))
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=common.positive_int, default=7)
     p.add_argument("--model-repeats", default="", help="per-model repeats for slow models, e.g. resnet18=1")
-    p.add_argument("--min-time", type=float, default=0.05, help="seconds per measurement (fast rows: several calls)")
+    p.add_argument("--min-time", type=common.positive_float, default=0.05, help="seconds per measurement (fast rows: several calls)")
     p.add_argument("--replay-seconds", type=float, default=10.0,
                    help="replay the schedule's statistics steps before each timed refresh when they take at most this")
     p.add_argument("--slow-seconds", type=float, default=2.0,
                    help="rows slower than this get --slow-repeats samples (not the plain steps and fwd+bwd: "
                         "a sample in every repeat, they make nine tenths of the amortised step and its denominator)")
-    p.add_argument("--slow-repeats", type=int, default=3)
-    p.add_argument("--stats-interval", type=int, default=10)
-    p.add_argument("--refresh-interval", type=int, default=100)
+    p.add_argument("--slow-repeats", type=common.positive_int, default=3)
+    p.add_argument("--stats-interval", type=common.positive_int, default=10)
+    p.add_argument("--refresh-interval", type=common.positive_int, default=100,
+                   help="steps between refreshes, a multiple of --stats-interval (default: %(default)s)")
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--batches", type=int, default=8, help="pool of random batches cycled through")
+    p.add_argument("--batches", type=common.positive_int, default=8, help="pool of random batches cycled through")
     p.add_argument("--reuse-from", metavar="MODEL", default=None,
                    help="glibc's default allocator for the models before MODEL (in --models order), heap "
                         "reuse (--malloc reuse) from MODEL on: small models' steps depend on where a heap "
                         "without mmap places the tensors a refresh reallocates, large models' statistics "
                         "steps on fresh mmaps faulting in; implies --malloc default at start")
-    p.add_argument("--batch-size", type=int, default=None, help="override every model's batch size (smoke tests)")
+    p.add_argument("--batch-size", type=common.positive_int, default=None, help="override every model's batch size (smoke tests)")
     p.add_argument("--resummarise", metavar="JSON", help="recompute the tables of a result file from its "
                    "samples (written back to it and its .md); nothing is timed")
     args = p.parse_args(argv)
@@ -875,7 +876,12 @@ def main(argv: list[str] | None = None) -> None:
         res = resummarise(args.resummarise)
         common.write_results(args.resummarise, res, markdown(res))
         return
+    if args.refresh_interval % args.stats_interval:  # the amortised step counts a period's statistics steps
+        p.error(f"--refresh-interval: {args.refresh_interval} must be a multiple of --stats-interval {args.stats_interval}")
     models = common.models(args.models)
+    unknown = set(args.peers.split(",")) - set(peers.PEERS) - {""}
+    if unknown:
+        p.error(f"--peers: unknown {sorted(unknown)}; choose from {', '.join(peers.PEERS)}")
     if args.reuse_from is not None:
         if args.reuse_from not in [m.key for m in models]:
             p.error(f"--reuse-from: {args.reuse_from!r} is not one of --models {args.models!r}")
@@ -898,7 +904,7 @@ def main(argv: list[str] | None = None) -> None:
     settings["curvlab_engine"] = KroneckerOptions().engine  # the optimizers' default statistics engine
     malloc = info["malloc"]
     for spec in models:
-        if args.batch_size:
+        if args.batch_size is not None:
             spec = dataclasses.replace(spec, batch=args.batch_size)
         if spec.key == args.reuse_from:
             malloc = keep_freed_memory()  # glibc's dynamic default cannot be restored: models after it keep it

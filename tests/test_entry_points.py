@@ -446,6 +446,9 @@ BAD_OPTIONS = [
     ("profile_steps.py", ["--steps", "stats=0"], "--steps"),
     ("profile_steps.py", ["--peers", "lbfgs"], "--peers"),
     ("bench_stats_blocks.py", ["--methods", "kfac"], "--methods"),
+    ("bench_optim.py", ["--stats-interval", "30", "--refresh-interval", "20"], "--refresh-interval"),  # was: -1 statistics steps
+    ("bench_optim.py", ["--peers", "nosuch"], "--peers"),  # was: a traceback
+    ("bench_optim.py", ["--batch-size", "0"], "--batch-size"),  # was: ignored
 ]
 
 #: Runs each script as ``python script args`` would, one after another in one process (a
