@@ -199,15 +199,23 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -
             "retried_measurements": sum(r.retries for r in rows)}
 
 
+def _busy(model: dict, busy_cores: float) -> str:
+    """How many kept measurements saw more than ``busy_cores`` other cores (within the allowance)."""
+    seen = [f for row in model["rows"] for f in (row.get("foreign_cores") or []) if f is not None]
+    return f"{sum(f > busy_cores for f in seen)} of {len(seen)} kept above it"
+
+
 def markdown(result: dict) -> str:
     models, st = result["models"], result["settings"]
     lines = [
         f"# curvlab.extract benchmark ({result['machine']['device_name']}, {result['machine']['device']})", "",
         common.machine_line(result["machine"]), "",
         f"Repeats {st['repeats']} (interleaved), at least {st['min_time']} s per measurement; measurements "
-        f"during which other processes used > {st['busy_cores']} cores were redone after waiting for a quiet "
-        "machine (" + "; ".join(f"{r['model']}: {r['retried_measurements']} redone, waited "
-                                f"{r['waited_for_quiet_s']:.0f} s" for r in models) + "). Models: "
+        f"during which other processes used > {st['busy_cores']} cores, beyond an allowance of 20 ms of CPU time "
+        "(/proc/stat's resolution, which a measurement of ~20 ms cannot exceed), were redone after waiting for a "
+        "quiet machine (" + "; ".join(f"{r['model']}: {r['retried_measurements']} redone, waited "
+                                      f"{r['waited_for_quiet_s']:.0f} s, {_busy(r, st['busy_cores'])}" for r in models)
+        + "). Models: "
         + "; ".join(f"{r['model']} (N={r['batch_size']}): {r['note']}" for r in models) + ".", "",
         "ratio = median time / median plain forward+backward; paired = median over repeats of the ratio "
         "within a repeat; ms = median time per call.", "",
