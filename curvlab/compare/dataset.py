@@ -265,7 +265,8 @@ def measure(
     if repeated:
         warnings.warn(
             f"curvlab.compare: the Kronecker factors of {repeated} have repeated eigenvalues (e.g. a "
-            "ConvTranspose2d whose kernel equals its stride: every tap sees the same pixels) whose eigenspaces "
+            "ConvTranspose2d whose kernel equals its stride: every tap sees the same pixels; a Linear on one-hot "
+            "inputs of equally frequent categories, with its bias) whose eigenspaces "
             "the gradients do not weigh alike: EKFAC's rescaling there, and KFAC's and KFLR's split into "
             "projection and scaling error, depend on the eigensolver's arbitrary basis of those eigenspaces "
             "(a U-Net's upsampling layer's EKFAC error moved between 0.856 and 0.865 over such bases), as "

@@ -503,7 +503,7 @@ class KroneckerOptimizer(Optimizer):
         self._stop_watching()  # (this block's own backward is tracked)
         if earlier is None and not self._warned_outside and _gradients_left(walk):
             self._outside = ("held gradients before its first `with opt.track(loss_fn):` block (a backward outside "
-                             "one, or no zero_grad() after the last step)")
+                             "one, or no zero_grad() after the last step: call it before each step's first block)")
         micro_batch = earlier.passes if earlier is not None else 0
         seed = (self._parallel.sampling_seed(self.steps_done, micro_batch)
                 if self._parallel and self.options.fisher == "mc" else None)
@@ -542,7 +542,8 @@ class KroneckerOptimizer(Optimizer):
         preconditioned parameter's gradient (one Python call per parameter and backward, on
         statistics steps only)."""
         def seen(_: Tensor) -> None:
-            self._outside = "accumulated a backward pass outside `with opt.track(loss_fn):` into its gradients"
+            self._outside = ("accumulated a backward pass outside `with opt.track(loss_fn):` into its gradients "
+                             "(run each micro-batch's forward and backward inside its own track block)")
         self._watching = [p.register_post_accumulate_grad_hook(seen)
                           for block, _, _ in walk.blocks for p in block.parameters() if p.requires_grad]
 
@@ -556,8 +557,7 @@ class KroneckerOptimizer(Optimizer):
         if self._outside is not None and not self._warned_outside:
             warnings.warn(
                 f"{type(self).__name__}: step {self.steps_done}, a statistics step, {self._outside}: those "
-                "examples are in the step's gradient but not in its curvature statistics; run each "
-                "micro-batch's forward and backward inside its own track block (warned once)",
+                "examples are in the step's gradient but not in its curvature statistics (warned once)",
                 RuntimeWarning,
                 stacklevel=3,
             )
