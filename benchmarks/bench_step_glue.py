@@ -195,9 +195,13 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = common.argument_parser(__doc__, repeats=15, device=False)
-    p.add_argument("--models", default="mlp,mlp-1024")
-    p.add_argument("--min-time", type=float, default=0.3)
+    p.add_argument("--models", default="mlp,mlp-1024", help="MLPs of Linear layers only (mlp, mlp-1024; default: %(default)s)")
+    p.add_argument("--min-time", type=common.positive_float, default=0.3)
     args = p.parse_args(argv)
+    other = [spec.key for spec in common.models(args.models)
+             if not all(isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten, nn.Sequential)) for m in spec.build(torch.device("cpu")).modules())]
+    if other:  # (its minimal and lean steps precondition Linear layers alone: a conv ended in an AttributeError)
+        p.error(f"--models: {other} are not MLPs of Linear layers; this benchmark times those only")
     _, info = common.start(args)
     peers.import_asdl()
     t0 = time.perf_counter()

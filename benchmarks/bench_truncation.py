@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--damping", type=common.positive_float, default=1e-2)
     p.add_argument("--precision-models", default="mlp,cnn", help="models of the float32-vs-float64 table")
     args = p.parse_args(argv)
+    precision_models = common.models(args.precision_models)  # (unknown ones: a one-line error before anything runs)
     device, info = common.start(args)
-    precision_table = {key: precision(key, common.MODELS[key].batch, args.damping, device)
-                       for key in args.precision_models.split(",") if key}
+    precision_table = {spec.key: precision(spec.key, spec.batch, args.damping, device) for spec in precision_models}
     spec = common.MODELS["cnn"]
     model = spec.build(device)
     pool = spec.batches(max(1, args.n // spec.batch), device)

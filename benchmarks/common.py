@@ -98,6 +98,17 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def _threads(text: str) -> int:
+    """``--threads``: a count of at least 0 (0: torch's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def models(keys: str) -> list[ModelSpec]:
     """The specs of a comma-separated list of keys (a clear error for unknown ones)."""
     names = [k.strip() for k in keys.split(",") if k.strip()]
@@ -296,7 +307,7 @@ def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     if device:
         p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=threads, help="torch threads (0 or unset: torch's default)")
+    p.add_argument("--threads", type=_threads, default=threads, help="torch threads (0 or unset: torch's default)")
     p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                    help="reuse: glibc's malloc keeps freed memory for the next allocation "

@@ -449,6 +449,8 @@ BAD_OPTIONS = [
     ("bench_optim.py", ["--stats-interval", "30", "--refresh-interval", "20"], "--refresh-interval"),  # was: -1 statistics steps
     ("bench_optim.py", ["--peers", "nosuch"], "--peers"),  # was: a traceback
     ("bench_optim.py", ["--batch-size", "0"], "--batch-size"),  # was: ignored
+    ("bench_step_glue.py", ["--models", "cnn"], "--models"),  # was: an AttributeError after 18 s
+    ("bench_compare.py", ["--threads", "-1"], "--threads"),  # was: torch's RuntimeError
 ]
 
 #: Runs each script as ``python script args`` would, one after another in one process (a
