@@ -113,8 +113,8 @@ def main() -> None:
 
     common.finish(machine)
     lines = [f"# curvlab.compare: matrix-free vs dense ({args.device})", "", common.machine_line(machine), "",
-             f"N = {args.n}, C = {args.classes} (exact Fisher, K = N·C), approximations {', '.join(APPROX)}; "
-             f"medians of {args.repeats} repeats.", ""]
+             f"N = {args.n}, C = {args.classes} (exact Fisher, K = N·C), approximations {', '.join(APPROX)}, "
+             f"damping {args.damping:g}; medians of {args.repeats} repeats.", ""]
     body = []
     for r in rows:
         dense_s = f"{r['dense_s']:.2f}" if r["dense_s"] is not None else f"— (needs {r['dense_bytes_needed'] / 2**40:.1f} TiB)"
@@ -125,7 +125,8 @@ def main() -> None:
                               "max rel. difference"], body)
     if "max_rss_gib" in rows[-1]:
         lines.append(f"\nPeak resident memory of the whole run: {rows[-1]['max_rss_gib']:.2f} GiB.")
-    common.write_results(args.out, {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}  # (the run's options, recorded with it)
+    common.write_results(args.out, {"machine": machine, "settings": settings, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

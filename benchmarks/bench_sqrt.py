@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             layers.append(bench_layer(model_name, name, stats[name], args.repeats))
             print(f"  {model_name} {name}: done", flush=True)
         del stats
-    res = {"machine": common.finish(info), "repeats": args.repeats, "layers": layers}
+    res = {"machine": common.finish(info), "repeats": args.repeats, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "layers": layers}
     common.write_results(args.out, res, markdown(res))
 
 
