@@ -31,7 +31,7 @@ from curvlab.compare.metrics import (
 )
 from curvlab.gram import GramRows, dense
 from curvlab.io import netcdf_attr
-from curvlab.reuse import shared_work
+from curvlab.reuse import reuse, shared_work
 from curvlab.sqrt import SquareRoot
 from curvlab.stats import LayerStats
 
@@ -394,7 +394,7 @@ def null_spaces_reached(stats: LayerStats, root: SquareRoot) -> bool:
     d_out, d_in = stats.layout.shape
     if stats.num_examples < d_in or stats.sqrt.num_columns < d_out:
         return True
-    inputs, outputs = root.partial_traces()
+    inputs, outputs = partial_traces(root)
     return any(_reaches_null_space(f.A, inputs) or _reaches_null_space(f.G, outputs) for f in stats.kfac.values())
 
 
@@ -430,7 +430,7 @@ def repeated_eigenspaces_unequal(stats: LayerStats, root: SquareRoot, approx: Kr
             continue
         t = stats.tkfac
         trace = dense((t.delta_psi, t.delta_phi)[side] if t is not None and t.form == "exact"
-                      else root.partial_traces()[1 - side]).to(torch.float64)
+                      else partial_traces(root)[1 - side]).to(torch.float64)
         for index in spaces:
             space = basis[:, index].to(torch.float64)
             weights = space.mT @ trace @ space
@@ -449,6 +449,13 @@ def repeated_eigenspaces(values: Tensor, eps: float) -> list[Tensor]:
     edges = torch.cat([repeats.new_zeros(1), repeats, repeats.new_zeros(1)]).int().diff()
     starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
     return [order[start:end + 1] for start, end in zip(starts, ends)]
+
+
+def partial_traces(root: SquareRoot) -> tuple[Tensor, Tensor]:
+    """``root.partial_traces()``, once per root inside the layer's :func:`curvlab.reuse.shared_work`
+    scope (the null-space and the repeated-eigenspace tests, each side of each approximation, read
+    them)."""
+    return reuse(("partial_traces", id(root)), lambda: (root, root.partial_traces()))[1]  # (root kept: its id)
 
 
 def _reaches_null_space(factor: Tensor | GramRows, partial_trace: Tensor) -> bool:
