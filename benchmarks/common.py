@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from curvlab.app import provenance  # noqa: E402
 from curvlab.app.allocator import apply_malloc_option  # noqa: E402
-from curvlab.app.options import positive_float, positive_int  # noqa: E402  (the CLI's option types)
+from curvlab.app.options import nonnegative_int, positive_float, positive_int  # noqa: E402  (the CLI's option types)
 from curvlab.app.models import build_model  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -96,17 +96,6 @@ MODELS: dict[str, ModelSpec] = {
                   note="ResNet-18, CIFAR stem, BatchNorm (curvlab.app.models 'resnet18')"),
     )
 }
-
-
-def _threads(text: str) -> int:
-    """``--threads``: a count of at least 0 (0: torch's default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def models(keys: str) -> list[ModelSpec]:
@@ -307,7 +296,7 @@ def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     if device:
         p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=_threads, default=threads, help="torch threads (0 or unset: torch's default)")
+    p.add_argument("--threads", type=nonnegative_int, default=threads, help="torch threads (0 or unset: torch's default)")
     p.add_argument("--out", default=None, help="JSON output path (.md written next to it)")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                    help="reuse: glibc's malloc keeps freed memory for the next allocation "
