@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from curvlab.approx import EighPolicy, TruncatedFactor, approximate, randomized_eigh
-from curvlab.approx.spectral import complete_basis, optimal_scaling
+from curvlab.approx.spectral import complement_map, complete_basis, diagonal_apply, flat_route, optimal_scaling
 from curvlab.stats import LayerStats
 from curvlab.extract import maths
 from helpers_approx import DT, linear_block, projectors, rel, to_flat
@@ -245,3 +245,31 @@ def test_tkfac_attributes_of_truncated_factors_are_normalised() -> None:
         assert isinstance(normalised, TruncatedFactor)
         assert rel(normalised.dense(), summed.dense() / delta) < 1e-12
         assert float(normalised.dense().trace()) == pytest.approx(1.0, rel=1e-12)
+
+
+
+#: (d_out, D, k_out, k_in) → the route of a damped inverse (its complement map prepared) and of a
+#: single product (formed on the spot): flat_route's choice, by flop count
+ROUTES = {(4, 9, 4, 3): ("in", None), (3, 9, 3, 2): ("in", "in"), (4, 12, 4, 6): (None, None),
+          (9, 4, 3, 4): ("out", None), (9, 3, 2, 3): ("out", "out"), (6, 7, 2, 3): (None, None),
+          (5, 6, 5, 6): (None, None)}
+
+
+@pytest.mark.parametrize("shape", list(ROUTES), ids=lambda shape: "x".join(map(str, shape)))
+def test_a_truncated_operator_applies_as_its_dense_definition_by_every_route(shape) -> None:
+    """``diagonal_apply`` — through the full side's complement map (prepared by a damped inverse,
+    or formed on the spot where that costs fewer flops) or by rotating ``X`` in full — is
+    ``Σ s P_a X P_b``, also on a batch of matrices."""
+    d_out, d, k_out, k_in = shape
+    gen = torch.Generator().manual_seed(4)
+    u_out = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, dtype=DT)).Q[:, :k_out]
+    u_in = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=DT)).Q[:, :k_in]
+    grid = torch.rand(k_out + (k_out < d_out), k_in + (k_in < d), generator=gen, dtype=DT)
+    x = torch.randn(2, d_out, d, generator=gen, dtype=DT)
+    want = (x.reshape(2, -1) @ dense_from_grid(grid, u_out, u_in).T).reshape(2, d_out, d)
+    assert (flat_route(u_out, u_in), flat_route(u_out, u_in, prepared=False)) == ROUTES[shape]
+    side = flat_route(u_out, u_in)
+    prepared = None if side is None else complement_map(*((u_out, grid[:, -1]) if side == "in" else (u_in, grid[-1])))
+    assert rel(diagonal_apply(x, u_out, u_in, grid), want) < 1e-12
+    assert rel(diagonal_apply(x[0], u_out, u_in, grid), want[0]) < 1e-12
+    assert rel(diagonal_apply(x[1], u_out, u_in, grid, flat_map=prepared), want[1]) < 1e-12

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from curvlab import mkl
 from curvlab.approx.eigh import in_scope_span, is_diagonal, psd_eigh, symmetrize
-from curvlab.approx.spectral import TruncatedFactor, diagonal_apply, is_truncated, left_apply, right_apply
+from curvlab.approx.spectral import (
+    TruncatedFactor, complement_map, diagonal_apply, flat_route, is_truncated, left_apply, right_apply)
 
 
 class DampedInverse(ABC):
@@ -57,9 +58,14 @@ class DiagonalInverse(DampedInverse):
         self.u_out, self.u_in = u_out, u_in
         self.inv_damped = 1.0 / damped
         self._inv_damped_t: Tensor | None = None
+        self._flat_map: Tensor | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped)
+        side = flat_route(self.u_out, self.u_in)
+        if side is not None and self._flat_map is None:  # formed once, applied every step
+            full, values = (self.u_out, self.inv_damped[:, -1]) if side == "in" else (self.u_in, self.inv_damped[-1])
+            self._flat_map = complement_map(full, values)
+        return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped, flat_map=self._flat_map)
 
     def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
         """Full bases: ``Y_j = (U_out M) (U_in)_jᵀ`` with ``Mᵀ = (Σ_i (U_in)_iᵀ X_iᵀ U_out) ⊙ gridᵀ``
