@@ -21,7 +21,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-    --download-wheels)  # the pure-Python packages a CUDA image tends to lack
+    --download-wheels)  # the pure-Python packages a CUDA image tends to lack: checked against
+        # the package list of the lent H100/H200 machines' image (as read on 2026-11-17) with
+        # every wheel's Requires-Dist — the rest (torchvision, einops, opt-einsum, scipy, xarray,
+        # h5py, seaborn, pandas, scikit-learn, pytest-xdist, hypothesis, …) is there; another
+        # image lacking more fails the install, naming the package
         python3 -m pip download --no-deps --only-binary=:all: --python-version "${WHEELS_PYTHON:-3.12}" \
             -d benchmarks/wheels backpack-for-pytorch unfoldNd curvlinops-for-pytorch einconv linear_operator \
             h5netcdf asdfghjkl
