@@ -192,7 +192,9 @@ def flat_route(u_out: Tensor, u_in: Tensor, prepared: bool = True) -> str | None
     ``2 d_out² D + 4 d_out D k + 4 d_out² k`` flops against ``4 d_out² D + 4 d_out D k`` by rotating
     ``X`` in full (ResNet-18's ``512 × 4608`` blocks at ``k = 256``: 5.1 against 7.2 GFLOP), the
     fewer where ``D > 2k`` — and forming ``F`` (``2 d_out³``) where it is not ``prepared``.  The
-    mirror image for a truncated output side saves more (``H`` is ``D × D``).  Not for a basis
+    mirror image for a truncated output side (``H = U_in diag(s[k, :]) U_inᵀ``, ``D × D``) saves
+    flops wherever ``H`` is prepared; it is taken on the same test, ``d_out > 2k`` (plus ``D``
+    where ``H`` is formed on the spot).  Not for a basis
     that permutes the unit vectors (:func:`~curvlab.basis.permutation_order`: gathered, no GEMM)
     or leading batch dimensions in a basis."""
     if u_out.dim() != 2 or u_in.dim() != 2 or is_truncated(u_out) == is_truncated(u_in):
