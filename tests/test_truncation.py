@@ -269,7 +269,7 @@ def test_a_truncated_operator_applies_as_its_dense_definition_by_every_route(sha
     want = (x.reshape(2, -1) @ dense_from_grid(grid, u_out, u_in).T).reshape(2, d_out, d)
     assert (flat_route(u_out, u_in), flat_route(u_out, u_in, prepared=False)) == ROUTES[shape]
     side = flat_route(u_out, u_in)
-    prepared = None if side is None else complement_map(*((u_out, grid[:, -1]) if side == "in" else (u_in, grid[-1])))
+    prepared = None if side is None else complement_map(side, u_out, u_in, grid)
     assert rel(diagonal_apply(x, u_out, u_in, grid), want) < 1e-12
     assert rel(diagonal_apply(x[0], u_out, u_in, grid), want[0]) < 1e-12
     assert rel(diagonal_apply(x[1], u_out, u_in, grid, flat_map=prepared), want[1]) < 1e-12

@@ -59,12 +59,11 @@ class DiagonalInverse(DampedInverse):
         self.inv_damped = 1.0 / damped
         self._inv_damped_t: Tensor | None = None
         self._flat_map: Tensor | None = None
+        self._flat_side = flat_route(u_out, u_in)  # decided once: flat_route reads the bases
 
     def __call__(self, x: Tensor) -> Tensor:
-        side = flat_route(self.u_out, self.u_in)
-        if side is not None and self._flat_map is None:  # formed once, applied every step
-            full, values = (self.u_out, self.inv_damped[:, -1]) if side == "in" else (self.u_in, self.inv_damped[-1])
-            self._flat_map = complement_map(full, values)
+        if self._flat_side is not None and self._flat_map is None:  # formed once, applied every step
+            self._flat_map = complement_map(self._flat_side, self.u_out, self.u_in, self.inv_damped)
         return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped, flat_map=self._flat_map)
 
     def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:

@@ -166,15 +166,18 @@ def diagonal_apply(x: Tensor, u_out: Tensor, u_in: Tensor, grid: Tensor,
     Where one side is truncated and the other a full dense basis, by :func:`flat_route` when
     that costs fewer flops; ``flat_map``: its :func:`complement_map`, prepared by a caller that
     applies the same operator many times (a damped inverse), else formed here."""
-    side = flat_route(u_out, u_in, prepared=flat_map is not None)
+    if flat_map is not None:  # (the caller took flat_route's decision)
+        side = "in" if is_truncated(u_in) else "out"
+    else:
+        side = flat_route(u_out, u_in, prepared=False)
+        if side is not None:
+            flat_map = complement_map(side, u_out, u_in, grid)
     if side == "in":  # F X + U_out [(s[:, :k] − s[:, k]) ⊙ (U_outᵀ X U_in)] U_inᵀ
-        f = complement_map(u_out, grid[:, -1]) if flat_map is None else flat_map
         c = (u_out.mT @ (x @ u_in)).mul_(grid[:, :-1] - grid[:, -1:])
-        return (f @ x).addmm_(u_out @ c, u_in.mT) if x.dim() == 2 else f @ x + (u_out @ c) @ u_in.mT
+        return (flat_map @ x).addmm_(u_out @ c, u_in.mT) if x.dim() == 2 else flat_map @ x + (u_out @ c) @ u_in.mT
     if side == "out":  # X H + U_out [(s[:k] − s[k]) ⊙ (U_outᵀ X U_in)] U_inᵀ
-        h = complement_map(u_in, grid[-1, :]) if flat_map is None else flat_map
         c = ((u_out.mT @ x) @ u_in).mul_(grid[:-1, :] - grid[-1:, :]) @ u_in.mT
-        return (x @ h).addmm_(u_out, c) if x.dim() == 2 else x @ h + u_out @ c
+        return (x @ flat_map).addmm_(u_out, c) if x.dim() == 2 else x @ flat_map + u_out @ c
     y = u_out.mT @ x
     if not is_truncated(u_out):
         return u_out @ right_apply(y, u_in, grid)
@@ -207,9 +210,10 @@ def flat_route(u_out: Tensor, u_in: Tensor, prepared: bool = True) -> str | None
     return side if big > 2 * k + form else None
 
 
-def complement_map(u: Tensor, values: Tensor) -> Tensor:
-    """``U diag(values) Uᵀ`` of a full basis ``U`` (``[n, n]``): :func:`diagonal_apply`'s map of
-    the other side's complement (``values``: its column ``s[:, k]`` or row ``s[k, :]``)."""
+def complement_map(side: str, u_out: Tensor, u_in: Tensor, grid: Tensor) -> Tensor:
+    """:func:`diagonal_apply`'s map of the truncated ``side``'s complement (:func:`flat_route`):
+    ``F = U_out diag(s[:, k]) U_outᵀ`` for ``"in"``, ``H = U_in diag(s[k, :]) U_inᵀ`` for ``"out"``."""
+    u, values = (u_out, grid[:, -1]) if side == "in" else (u_in, grid[-1, :])
     return (u * values) @ u.mT
 
 
