@@ -12,6 +12,7 @@ from curvlab.approx import (
     APPROXIMATIONS,
     DAMPING_STRATEGIES,
     EKFAC,
+    DampingStrategy,
     KFAC,
     KFOC,
     TEKFAC,
@@ -333,6 +334,36 @@ def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: st
     # The damped eigenvalues are the spectrum of the damped matrix.
     damped = approx.damped_eigenvalues(lam, strategy).flatten().sort(descending=True).values
     assert rel(damped, torch.linalg.eigvalsh(dense).flip(0)) < 1e-10
+
+
+class _Negated(DampingStrategy):
+    """A (broken) strategy dividing by ``−(s + λ)``: every damped inverse negative definite."""
+
+    name = "negated"
+
+    def increment(self, approx, damping):  # noqa: ANN001, ANN201
+        return -damping - 2 * approx.eigenvalues(compressed=True)
+
+
+@pytest.mark.parametrize("name", APPROXIMATIONS)
+def test_a_damped_inverse_claims_positive_definiteness_only_where_it_holds(stats: LayerStats, name: str) -> None:
+    """``positive_definite`` (what lets the optimizers skip their uphill check) is never claimed
+    for a map whose dense matrix has a non-positive eigenvalue, and is claimed by every route
+    through an orthonormal basis with positive damped eigenvalues (the eigenvalue-corrected
+    methods, and any method damped exactly)."""
+    approx = approximate(stats, name)
+    lam = 0.05 * float(approx.trace()) / stats.num_params
+    identity = eye(stats.num_params)
+    for strategy in (*(s for s in DAMPING_STRATEGIES if name in SUPPORTED[s]), _Negated()):
+        inverse = approx.inverse(lam, strategy)
+        dense = approx.inverse_matvec(identity, lam, strategy)
+        lowest = float(torch.linalg.eigvalsh((dense + dense.T) / 2).min())
+        if inverse.positive_definite:
+            assert lowest > 0, (strategy, lowest)
+        if isinstance(strategy, _Negated):
+            assert lowest < 0 and not inverse.positive_definite
+        elif strategy == "exact" or name in ("ekfac", "tekfac"):
+            assert inverse.positive_definite, strategy
 
 
 @pytest.mark.parametrize("name", APPROXIMATIONS)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -41,6 +42,16 @@ class DampedInverse(ABC):
     @abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
         """The damped inverse applied to ``x``."""
+
+    @property
+    def positive_definite(self) -> bool:
+        """Whether the map is positive definite by construction: applied through orthonormal
+        bases with positive damped eigenvalues, ``⟨K̂⁻¹x, x⟩ = Σ y_i²/s_i`` (``y``: ``x`` in the
+        basis), negative only by its rounding — at most ``n·ε`` of ``‖K̂⁻¹x‖‖x‖`` for ``n``-wide
+        bases.  False where that is not known: a dense inverse by Cholesky, which a float32
+        factor's spectrum beyond its resolution leaves indefinite (the optimizers then check
+        every step's direction, :func:`curvlab.optim.update.negative_guard`)."""
+        return False
 
     def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
         """The damped inverse applied to ``X = [X₁ … X_k]`` (``[d_out, D]``) given as its column
@@ -60,6 +71,10 @@ class DiagonalInverse(DampedInverse):
         self._inv_damped_t: Tensor | None = None
         self._flat_map: Tensor | None = None
         self._flat_side = flat_route(u_out, u_in)  # decided once: flat_route reads the bases
+
+    @cached_property
+    def positive_definite(self) -> bool:
+        return bool((self.inv_damped > 0).all())
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._flat_side is not None and self._flat_map is None:  # formed once, applied every step
@@ -88,6 +103,10 @@ class ElementwiseInverse(DampedInverse):
 
     def __init__(self, damped: Tensor) -> None:
         self.inv_damped = 1.0 / damped
+
+    @cached_property
+    def positive_definite(self) -> bool:
+        return bool((self.inv_damped > 0).all())
 
     def __call__(self, x: Tensor) -> Tensor:
         return x * self.inv_damped
@@ -124,6 +143,12 @@ class FactorInverse:
             self._blocks = (widths, [[b.contiguous() for b in r.split(widths, 1)] for r in rows])
         return self._blocks[1]
 
+    @cached_property
+    def positive_definite(self) -> bool:
+        """Spectral (truncated) form with positive damped eigenvalues (see
+        :attr:`DampedInverse.positive_definite`); a dense inverse is not known to be."""
+        return self.matrix is None and bool((self.inv_values > 0).all())
+
     def from_right(self, z: Tensor) -> Tensor:
         """``Z (c M + shift)⁻¹``."""
         if self.matrix is not None:
@@ -142,6 +167,10 @@ class KroneckerInverse(DampedInverse):
 
     def __init__(self, left: FactorInverse, right: FactorInverse) -> None:
         self.left, self.right = left, right
+
+    @property
+    def positive_definite(self) -> bool:
+        return self.left.positive_definite and self.right.positive_definite
 
     def __call__(self, x: Tensor) -> Tensor:
         # X R⁻¹ first, then L⁻¹ (·): both GEMMs row-major, the result contiguous for the update

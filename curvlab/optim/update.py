@@ -139,12 +139,13 @@ def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Ten
 
 def updates_finite(updates: Sequence[tuple[Tensor, float]], also: Sequence[Tensor] = ()) -> bool:
     """Whether every ``lr·u`` is finite in ``u``'s dtype (and every scalar of ``also``), with one
-    reduction for all updates (the sums of their absolute values) and one sync: a non-finite
-    entry makes the sum non-finite, and the sum of finite entries overflows only for entries
-    near the dtype's maximum — as harmful as ``inf``
-    (so they count as not finite, as in :func:`all_finite`).  For ``lr ≤ 1``, ``lr·u`` overflows
-    only where ``u`` does."""
-    norms = torch._foreach_norm([u for u, _ in updates], 1) if updates else []  # one op for all
+    reduction for all updates and one sync: the Euclidean norm of ``u``, which a non-finite entry
+    makes non-finite.  A finite ``u`` whose norm overflows (in float32, ``‖u‖`` beyond 1.8e19)
+    counts as not finite: no training survives such a direction.  (The norm, not the sum of
+    absolute values as :func:`finiteness_terms` takes: on the CPU torch's 1-norm is not
+    vectorised, 50 µs against 10 µs for a ``[128, 784]`` float32 update, a visible share of a
+    small model's step.)  For ``lr ≤ 1``, ``lr·u`` overflows only where ``u`` does."""
+    norms = torch._foreach_norm([u for u, _ in updates]) if updates else []  # one op for all
     return _finite([*(n if lr <= 1 else n * lr for n, (_, lr) in zip(norms, updates)), *also])
 
 
@@ -233,6 +234,8 @@ def update_blocks_(
         # computed in the approximation's dtype (factor_dtype), returned in the gradient's
         direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
         directions.append((direction, True))
+        if kl_clip is None and s.approximation.inverse(damping, strategy).positive_definite:
+            continue  # ⟨d, g⟩ > 0 by construction (up to rounding below UPHILL_COSINE): nothing to guard
         dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)]
         preconditioned.append((s, sum(dots[1:], dots[0])))
         if kl_clip is not None:
