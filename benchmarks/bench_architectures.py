@@ -94,8 +94,7 @@ def markdown(result: dict) -> str:
         common.machine_line(m),
         "",
         f"N = {result['batch_size']} inputs 3×32×32, first-stage width {result['width']}, "
-        f"{result['num_params']:,} parameters; {result['repeats']} interleaved repeats (medians). "
-        f"Command: `{result['command']}`.",
+        f"{result['num_params']:,} parameters; {result['repeats']} interleaved repeats (medians).",
         f"Load average (1 min) after each round: "
         f"{', '.join(f'{v:.1f}' for v in result['loadavg_per_round']) or 'n/a'} "
         "— ratios within one mode are measured side by side.",
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=common.positive_int, default=SPEC.batch)
     parser.add_argument("--width", type=common.positive_int, default=64, help="ResNet-18's first-stage width (64: the real one)")
     args = parser.parse_args(argv)
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     warnings.filterwarnings("ignore")
     spec = dataclasses.replace(SPEC, batch=args.batch_size, options=(*SPEC.options, ("width", args.width)))
     model = spec.build(device)
@@ -126,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
     base = {mode: row.median for mode, row in measured if row.label == "forward+backward"}
     result = {
         "machine": common.finish(info),
-        "command": common.command_line(__file__, argv),
         "batch_size": args.batch_size,
         "width": args.width,
         "num_params": sum(p.numel() for p in model.parameters()),

@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--classes", type=common.positive_int, default=10)
     p.add_argument("--damping", type=common.positive_float, default=1e-3)
     args = p.parse_args()
-    device, machine = common.start(args)
+    device, machine = common.start(args, common.command_line(__file__))
     rows = []
 
     d_in, d_out = args.small

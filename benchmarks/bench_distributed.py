@@ -203,8 +203,7 @@ def markdown(res: dict) -> str:
         common.machine_line(m) + " (The torch threads are per rank.)",
         "",
         f"Model: `{res['model']}` ({first['params']:,} parameters), global batch {res['batch']} split over the ranks, "
-        "DDP-wrapped for R > 1; default schedule (statistics and rescaling every 10 steps, refresh every 100). "
-        f"Command: `{res['command']}`.",
+        "DDP-wrapped for R > 1; default schedule (statistics and rescaling every 10 steps, refresh every 100).",
         "",
         "## Communication per step and rank (the optimizer's collectives; payload bytes from the tensor sizes)",
         "",
@@ -255,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not args.methods:  # before any rank starts (a KeyError inside each rank otherwise)
         parser.error(f"--methods: unknown {unknown}; choose from {','.join(OPTIMIZERS)}" if unknown
                      else "--methods names no method")
-    _, info = common.start(args)
+    # the note is printed below the tables, not in the command
+    _, info = common.start(args, common.command_line(__file__, argv, hide=("--note",)))
     res = {"machine": info, "model": args.model, "batch": common.MODELS[args.model].batch, "methods": args.methods,
-           # the note is printed below the tables, not in the command
-           "command": common.command_line(__file__, argv, hide=("--note",)), "worlds": {}, "note": args.note}
+           "worlds": {}, "note": args.note}
     for world in args.worlds:
         print(f"R = {world} ...", flush=True)
         res["worlds"][str(world)] = run_world(world, args)

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="add EKFAC and TEKFAC as they ran before")
     parser.add_argument("--plain-calls", type=int, default=5, help="plain steps timed per sample (median)")
     args = parser.parse_args()
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__))
     peers.import_asdl()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.n, args.t + 1), generator=gen)
@@ -120,7 +120,6 @@ def main() -> None:
         f"90 plain)/100, as a multiple of an SGD step. `-before`: the rows of git 2026-12-06 before the "
         f"embedding's permutation basis was gathered and the head's one-position samples were taken "
         f"(one statistics and refresh sample).", "",
-        "Command: `" + common.command_line(__file__) + "`", "",
         *common.md_table(["peer", "plain ms", "stats ms", "refresh ms", "amortised ×SGD", "plain ×SGD",
                           "stats ×SGD", "refresh ×SGD", "stats samples"], rows),
     ]

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=common.positive_int, default=None, help="override every model's batch size (smoke tests)")
     args = p.parse_args(argv)
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     result = {"machine": info, "settings": vars(args), "reference": REFERENCE, "models": []}
     started = time.perf_counter()

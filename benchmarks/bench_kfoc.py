@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p = common.argument_parser(__doc__, repeats=3, device=False)
     p.add_argument("--n", type=common.positive_int, default=20, help="inputs (the report's default batch for vit-tiny)")
     args = p.parse_args(argv)
-    _, info = common.start(args)
+    _, info = common.start(args, common.command_line(__file__, argv))
     spec = common.ModelSpec("vit-tiny", "vit-tiny", (3, 32, 32), args.n)
     model = spec.build().eval()
     (x, y), = spec.batches(1)

@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.reuse_from not in [m.key for m in models]:
             p.error(f"--reuse-from: {args.reuse_from!r} is not one of --models {args.models!r}")
         args.malloc = "default"
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     args.peers = [n.strip() for n in args.peers.split(",") if n.strip()]
     try:
         args.model_repeats = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.model_repeats.split(",") if kv.strip())}

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full", action="store_true", help="also the full float32 eigh (minutes) and the accuracy")
     p.add_argument("--float64", action="store_true", help="with --full: the float64 eigh too")
     args = p.parse_args(argv)
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     a, g = input_factor(args.samples, device)
     policy = KroneckerOptions().eigh_policy()
     shift = 1e-2 ** 0.5 * torch.ones((), device=device)

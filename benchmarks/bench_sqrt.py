@@ -92,7 +92,7 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = common.argument_parser(__doc__, threads=0, repeats=3, device=False)
     args = p.parse_args(argv)
-    _, info = common.start(args)
+    _, info = common.start(args, common.command_line(__file__, argv))
     layers = []
     for model_name, n, names in CASES:
         spec = common.ModelSpec(model_name, model_name, (3, 32, 32), n)

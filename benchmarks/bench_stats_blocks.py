@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in RECORDED]
     if unknown or not methods:
         p.error(f"argument --methods: {unknown or args.methods!r}; choose from {tuple(RECORDED)}")
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     spec = common.MODELS[args.model]
     res = {"machine": info, "settings": {"model": spec.label, "repeats": args.repeats, "methods": methods}, "methods": {}}
     for method in methods:

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
              if not all(isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten, nn.Sequential)) for m in spec.build(torch.device("cpu")).modules())]
     if other:  # (its minimal and lean steps precondition Linear layers alone: a conv ended in an AttributeError)
         p.error(f"--models: {other} are not MLPs of Linear layers; this benchmark times those only")
-    _, info = common.start(args)
+    _, info = common.start(args, common.command_line(__file__, argv))
     peers.import_asdl()
     t0 = time.perf_counter()
     results = [bench_model(spec, args) for spec in common.models(args.models)]

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision-models", default="mlp,cnn", help="models of the float32-vs-float64 table")
     args = p.parse_args(argv)
     precision_models = common.models(args.precision_models)  # (unknown ones: a one-line error before anything runs)
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     precision_table = {spec.key: precision(spec.key, spec.batch, args.damping, device) for spec in precision_models}
     spec = common.MODELS["cnn"]
     model = spec.build(device)

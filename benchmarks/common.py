@@ -306,15 +306,17 @@ def argument_parser(doc: str, threads: int | None = 1, *, repeats: int | None = 
     return p
 
 
-def start(args: argparse.Namespace) -> tuple[torch.device, dict]:
+def start(args: argparse.Namespace, command: str | None = None) -> tuple[torch.device, dict]:
     """Apply ``--threads``; the device (``--device``, else the CPU) and :func:`machine_info`
-    (taken after the threads)."""
+    (taken after the threads), with ``command`` (:func:`command_line`: what :func:`machine_line`
+    prints, so that a result says how to run it again)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    return device, {**machine_info(device), "malloc": apply_malloc_option(getattr(args, "malloc", "default"))}
+    return device, {**machine_info(device), "malloc": apply_malloc_option(getattr(args, "malloc", "default")),
+                    "command": command}
 
 
 def cpu_model() -> str:
@@ -395,6 +397,7 @@ def machine_line(m: dict) -> str:
         f"asdfghjkl {m.get('asdfghjkl')}; git {m.get('git_commit')}; malloc {m.get('malloc', 'default')}; "
         f"load average (1, 5, 15 min) "
         f"{load('loadavg_start')} at start, {load('loadavg_end')} at end."
+        + (f" Command: `{m['command']}`." if m.get("command") else "")
     )
 
 

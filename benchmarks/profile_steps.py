@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"argument --peers: unknown {unknown}; choose from {peers.PEERS}")
     models = common.models(args.models)
-    device, info = common.start(args)
+    device, info = common.start(args, common.command_line(__file__, argv))
     if any(n.startswith("asdl") for n in args.peers):
         try:
             peers.import_asdl()
