@@ -717,6 +717,41 @@ def test_a_repeated_eigenvalue_weighed_unequally_is_flagged_under_expand(net: st
         assert moved < 1e-12, moved
 
 
+def test_a_repeated_eigenvalue_weighed_isotropically_overall_but_not_by_each_output_is_flagged() -> None:
+    """``A`` repeats an eigenvalue on ``span(r₁, r₂)`` (not axis-aligned); example 1 reaches only
+    output 1 with input ``r₁``, example 2 only output 2 with ``r₂``: the partial trace
+    ``Σ M_kᵀM_k`` is isotropic on that eigenspace, yet EKFAC's ``s*_1j = (r₁ᵀv_j)²`` depends on
+    the basis ``v`` of it — so EKFAC moves with eigh's choice, and compare says so."""
+    from curvlab.compare import measure
+    from curvlab.sqrt import FactoredSqrt
+    from helpers_approx import layout_for, make_stats
+
+    dt = torch.float64
+    r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=dt))[0]
+    a = torch.stack([r[:, 0], r[:, 1], 2 * r[:, 2]])  # [N, D]
+    g = torch.diag(torch.tensor([1.0, 1.0, 3.0], dtype=dt))[None]  # [C=1, N, d_out]: example n reaches output n
+    stats = make_stats(FactoredSqrt(a, g), layout_for(3, 3, False, False), a.T @ a / 3,
+                       torch.einsum("cno,cnp->op", g, g), kind="linear", num_examples=3)
+    stats.grad = torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=dt)
+    ekfac = approximate(stats, "ekfac")
+    with pytest.warns(RuntimeWarning, match=r"repeated eigenvalues.*\['0'\]|\['0'\].*repeated eigenvalues"):
+        ds = measure({"0": stats}, {"0": {"ekfac": ekfac}}, damping=1e-3,
+                     damping_strategies={"ekfac": DEFAULT_DAMPING["ekfac"]})
+    assert ds.attrs["basis_dependent"] == "0", ds.attrs["basis_dependent"]
+    # why: the partial trace is isotropic there, the approximation is not the same in another basis
+    lam, u_in = torch.linalg.eigh(stats.kfac["mc"].A)
+    space = u_in[:, :2]  # eigenvalue 1/3, twice (4/3 once)
+    assert float(lam[1] - lam[0]) < 1e-12 and float(lam[2] - lam[1]) > 0.5
+    weights = space.T @ stats.sqrt.partial_traces()[0] @ space
+    assert torch.allclose(weights, weights.diagonal().mean() * torch.eye(2, dtype=dt), atol=1e-12)
+    turned = u_in.clone()
+    turned[:, :2] = space @ torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=dt)
+    u_out = torch.eye(3, dtype=dt)
+    f = stats.dense_fisher()
+    ekfac_dense = [_ekfac_dense(f, u_out, basis, stats.layout) for basis in (u_in, turned)]
+    assert float((ekfac_dense[1] - ekfac_dense[0]).norm() / ekfac_dense[0].norm()) > 1e-2
+
+
 @pytest.mark.parametrize("case", ["taps alike", "dead channel"])
 def test_reduce_flags_a_factor_that_loses_rank_by_structure_and_only_where_the_gradients_reach_it(case: str) -> None:
     """More examples than inputs, and still a rank-deficient ``A`` under ``reduce``: a U-Net's

@@ -401,43 +401,58 @@ def null_spaces_reached(stats: LayerStats, root: SquareRoot) -> bool:
 #: eigenvalues of a factor closer than this many times its decomposition's resolution at the largest
 #: are one repeated eigenvalue, whose eigenspace's basis eigh chooses freely
 REPEAT_TOLERANCE = 100.0
-#: a partial trace that differs from a multiple of the identity on such an eigenspace by more than
-#: this fraction of its trace weighs its directions visibly unequally (the U-Net layer whose EKFAC
-#: moved by 0.01 with the basis: 0.02)
+#: EKFAC's rescaling over such an eigenspace that makes, in another orthonormal basis of it, an
+#: approximation differing by more than this fraction of tr F there is visibly basis dependent (the
+#: U-Net layer whose EKFAC moved by 0.01 with the basis: 5e-3)
 UNEQUAL_WEIGHT = 1e-3
 
 
 def repeated_eigenspaces_unequal(stats: LayerStats, root: SquareRoot, approx: KroneckerApproximation) -> bool:
     """Whether ``approx``'s Kronecker factors have a repeated nonzero eigenvalue on whose
-    eigenspace the partial trace of F (``Σ M_kᵀM_k`` on the input side, ``Σ M_kM_kᵀ`` on the
-    output side: TKFAC's exact statistics, else the exact ``root``'s) is not a multiple of the
-    identity: then EKFAC's ``s* = Σ_k (u_iᵀ M_k v_j)²`` differs between orthonormal bases of that
-    eigenspace, all equally eigh's answer (QA29: ``A = I_{k²} ⊗ A_c`` of a
-    ``ConvTranspose2d(k, stride=k)``, each eigenvalue repeated ``k²`` times).  Read off the
-    object's own decomposition (no second one); the partial traces are formed only for a side
-    with a repeated eigenvalue.  A diagonal factor's basis is no choice (an embedding's: the unit
-    vectors in a stable order), nor a truncated side's flat remainder a repeat; the converse
-    (a partial trace isotropic there, the per-direction terms not) is not tested."""
+    eigenspace EKFAC's ``s*_ij = Σ_k (u_iᵀ M_k v_j)²`` (``M_k``: the exact ``root``'s) differs
+    between orthonormal bases, all equally eigh's answer (QA29: ``A = I_{k²} ⊗ A_c`` of a
+    ``ConvTranspose2d(k, stride=k)``, each eigenvalue repeated ``k²`` times).  Tested by that
+    definition (:func:`_rescaling_moves`): in eigh's basis of the eigenspace and in a rotation of
+    it, against the other side's whole basis — it holds where every direction of the other side
+    weighs the eigenspace isotropically, which the partial trace of F summed over them
+    (``Σ M_kᵀM_k``) does not decide.  Read off the object's own decomposition (no second one).  A
+    diagonal factor's basis is no choice (an embedding's: the unit vectors in a stable order), nor
+    a truncated side's flat remainder a repeat."""
     grid = approx.factor_eigenvalues(compressed=True)
     if grid is None or approx.identity_basis or approx.truncated:
         return False
-    for side, (values, basis) in enumerate(zip(grid, approx.eigenbasis(compressed=True))):
+    bases = approx.eigenbasis(compressed=True)
+    for side, (values, basis) in enumerate(zip(grid, bases)):
         # equal to the decomposition's own resolution (float64 here): the repeats structure makes,
         # as equal in a float32 extraction; a float32 factor's bulk of eigenvalues below its
         # rounding at the largest, spaced closer than that, is none (a 3×3 conv's 217 of 289)
         spaces = repeated_eigenspaces(values.to(torch.float64), torch.finfo(approx.dtype).eps)
         if not spaces or any(is_diagonal(dense(getattr(f, "GA"[side]))) for f in stats.kfac.values()):
             continue
-        t = stats.tkfac
-        trace = dense((t.delta_psi, t.delta_phi)[side] if t is not None and t.form == "exact"
-                      else partial_traces(root)[1 - side]).to(torch.float64)
-        for index in spaces:
-            space = basis[:, index].to(torch.float64)
-            weights = space.mT @ trace @ space
-            isotropic = torch.eye(len(index), dtype=weights.dtype, device=weights.device) * weights.diagonal().mean()
-            if float((weights - isotropic).norm()) > UNEQUAL_WEIGHT * float(trace.trace()):
-                return True
+        other = bases[1 - side].to(root.dtype)
+        if any(_rescaling_moves(root, side, basis[:, index].to(root.dtype), other) for index in spaces):
+            return True
     return False
+
+
+def _rescaling_moves(root: SquareRoot, side: int, space: Tensor, other: Tensor) -> bool:
+    """Whether EKFAC's rescaling over the eigenspace with orthonormal basis ``space`` (of the
+    output side, ``side`` 0, or the input side, 1; ``other``: the other side's basis) makes
+    another approximation in a rotation ``space·Q`` of that basis (``Q``: a fixed random
+    orthogonal matrix): per direction ``i`` of the other side, ``diag(s_i)`` against
+    ``Q diag(s'_i) Qᵀ`` in the eigenspace's coordinates, ``‖·‖²_F = ‖s_i‖² + ‖s'_i‖² −
+    2 s_iᵀ(Q∘Q)s'_i`` (no ``k × k`` matrix per direction: a repeat may span a thousand)."""
+    k = space.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    turn = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))[0]
+    rotated = space @ turn.to(space)
+    if side == 0:
+        s, s_turned = (root.rotated_sq_sum(u, other).to(torch.float64).mT for u in (space, rotated))
+    else:
+        s, s_turned = (root.rotated_sq_sum(other, u).to(torch.float64) for u in (space, rotated))
+    turn = turn.to(s.device)
+    moved_sq = s.square().sum() + s_turned.square().sum() - 2 * ((s @ turn.square()) * s_turned).sum()
+    return float(moved_sq.clamp_min(0).sqrt()) > UNEQUAL_WEIGHT * float(root.trace())
 
 
 def repeated_eigenspaces(values: Tensor, eps: float) -> list[Tensor]:
