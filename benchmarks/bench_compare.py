@@ -35,14 +35,15 @@ from curvlab.extract import extract  # noqa: E402
 APPROX = ("kflr", "ekfac", "tkfac", "tekfac")
 
 
-def median_timed(fn, device, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls, and the last call's result."""
+def median_timed(fn, device, repeats: int) -> tuple[float, list[float], object]:
+    """Median seconds of ``repeats`` calls, every call's seconds, and the last call's result."""
     out: list[object] = [None]
 
     def call() -> None:
         out[0] = fn()
 
-    return statistics.median(common.timed(call, device) for _ in range(repeats)), out[0]
+    samples = [common.timed(call, device) for _ in range(repeats)]
+    return statistics.median(samples), samples, out[0]
 
 
 def block_stats(d_in: int, d_out: int, n: int, classes: int, device: torch.device):
@@ -95,17 +96,17 @@ def main() -> None:
 
     d_in, d_out = args.small
     stats = block_stats(d_in, d_out, args.n, args.classes, device)
-    t_free, ds = median_timed(lambda: matrix_free(stats, args.damping), device, args.repeats)
-    t_dense, ref = median_timed(lambda: dense(stats, args.damping), device, args.repeats)
+    t_free, free_samples, ds = median_timed(lambda: matrix_free(stats, args.damping), device, args.repeats)
+    t_dense, dense_samples, ref = median_timed(lambda: dense(stats, args.damping), device, args.repeats)
     worst = max(abs(ds[m].sel(layer="0", approximation=a).item() - ref[a][m]) / max(abs(ref[a][m]), 1e-12)
                 for a in APPROX for m in ("rel_frobenius_error", "trace_ratio", "ng_cosine"))
     rows.append({"case": "both", "P": stats["0"].num_params, "K": stats["0"].sqrt.num_columns,
                  "matrix_free_s": t_free, "dense_s": t_dense, "speedup": t_dense / t_free,
-                 "max_rel_difference": worst})
+                 "max_rel_difference": worst, "matrix_free_samples_s": free_samples, "dense_samples_s": dense_samples})
 
     d_in, d_out = args.large
     stats = block_stats(d_in, d_out, args.n, args.classes, device)
-    t_free, _ = median_timed(lambda: matrix_free(stats, args.damping), device, 1)
+    t_free, _, _ = median_timed(lambda: matrix_free(stats, args.damping), device, 1)
     p_large = stats["0"].num_params
     rows.append({"case": "largest", "P": p_large, "K": stats["0"].sqrt.num_columns, "matrix_free_s": t_free,
                  "dense_s": None, "dense_bytes_needed": 8 * p_large**2,

@@ -87,6 +87,7 @@ def bench_layer(name: str, stats, repeats: int) -> dict:
     return {
         "layer": name, "shape": [d_out, d_in], "columns": sqrt.num_columns,
         "sandwiches_s": rows[0].median, "einsum_s": rows[1].median,
+        "sandwiches_samples_s": rows[0].samples, "einsum_samples_s": rows[1].samples,
         "sandwich_agreement": max(rel(x, y) for x, y in zip(ours, theirs)),
         "fit_steps": fit.iterations, "fit_s": t_fit, "fit_residual": fit.residual, "converged": fit.converged,
         "power_steps": power_steps, "power_s": t_power,

@@ -66,6 +66,7 @@ def bench_layer(model: str, name: str, stats, repeats: int) -> dict:
                 outputs[backend] = out
         for backend, ts in times.items():
             row[f"{op}_{backend}_s"] = statistics.median(ts)
+            row[f"{op}_{backend}_samples_s"] = ts
         row[f"{op}_agreement"] = rel(outputs["unfolded"], outputs["dense"])
     return row
 

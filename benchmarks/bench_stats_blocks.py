@@ -83,7 +83,8 @@ def bench_block(method: str, args: tuple, kwargs: dict, repeats: int, device: to
     for _ in range(repeats):
         real.append(common.timed(call, device))
         bare.append(common.timed(kernel, device))
-    row = {"d_out": d_out, "D": x.shape[1], "T": t, "real_s": statistics.median(real), "kernels_s": statistics.median(bare)}
+    row = {"d_out": d_out, "D": x.shape[1], "T": t, "real_s": statistics.median(real), "kernels_s": statistics.median(bare),
+           "real_samples_s": real, "kernels_samples_s": bare}
     if method != "tkfac":
         row["k_out"], row["k_in"] = args[2].shape[1], args[3].shape[1]
     return row

@@ -12,6 +12,11 @@ truncation) — and both are measured by :func:`curvlab.compare.measure` against
 relative Frobenius error, damped natural-gradient cosine and relative error (each with its
 default damping, λ = ``--damping``), top-10 subspace overlap, trace ratio.
 
+``--model`` takes another built-in model's last layer and ``--truncate-above`` the width above
+which a factor is truncated (a quick run of the whole pipeline in seconds instead of the two
+8193-wide float64 decompositions' minutes: ``--model mlp --truncate-above 32 --ranks 16 --n 128
+--precision-models mlp``).
+
 Usage::
 
     python benchmarks/bench_truncation.py --out benchmarks/results/truncation_cpu.json
@@ -88,11 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=common.int_list(), default="256", help="comma list of truncation ranks")
     p.add_argument("--damping", type=common.positive_float, default=1e-2)
     p.add_argument("--precision-models", default="mlp,cnn", help="models of the float32-vs-float64 table")
+    p.add_argument("--model", default="cnn", help="built-in model whose last layer is measured")
+    p.add_argument("--truncate-above", type=common.positive_int, default=2048,
+                   help="factors wider than this are truncated (the optimizers' default: 2048)")
     args = p.parse_args(argv)
-    precision_models = common.models(args.precision_models)  # (unknown ones: a one-line error before anything runs)
+    # (unknown models: a one-line error before anything runs)
+    precision_models, measured = common.models(args.precision_models), common.models(args.model)
+    if len(measured) != 1:
+        p.error(f"--model: one model, got {args.model!r}")
+    spec = measured[0]
     device, info = common.start(args, common.command_line(__file__, argv))
     precision_table = {spec.key: precision(spec.key, spec.batch, args.damping, device) for spec in precision_models}
-    spec = common.MODELS["cnn"]
     model = spec.build(device)
     pool = spec.batches(max(1, args.n // spec.batch), device)
     x, y = torch.cat([b[0] for b in pool]), torch.cat([b[1] for b in pool])
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in ranks:
             key = f"{name} rank {r}"
             t = time.perf_counter()
-            objects[key] = approximate(stats[layer], name, eigh=EighPolicy(truncate_above=2048, rank=r))
+            objects[key] = approximate(stats[layer], name, eigh=EighPolicy(truncate_above=args.truncate_above, rank=r))
             built[key] = time.perf_counter() - t
             strategies[key] = DEFAULT_DAMPING[name]
     ds = measure(block, {layer: objects}, damping=args.damping, damping_strategies=strategies, top_k=10)
@@ -126,7 +137,8 @@ def markdown(res: dict, ranks: list[int]) -> str:
     lines = [
         "# Truncated eigenbasis: accuracy against the exact block (curvlab.compare)", "",
         common.machine_line(res["machine"]), "",
-        f"CNN benchmark, layer {res['layer']} (d_out × D = {res['shape'][0]} × {res['shape'][1]}), MC Fisher "
+        f"{s.get('model', 'cnn')} benchmark, layer {res['layer']} (d_out × D = {res['shape'][0]} × {res['shape'][1]}), "
+        f"truncated above {s.get('truncate_above', 2048)}, MC Fisher "
         f"(1 sample) of one batch of {s['n']} random images; damping {s['damping']} with each "
         "approximation's default strategy. Full: float64 eigh of every factor; truncated: top-k "
         "eigenpairs (randomized range finder, 2 power iterations) + flat remainder, in float64.", "",
