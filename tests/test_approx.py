@@ -349,21 +349,40 @@ class _Negated(DampingStrategy):
 def test_a_damped_inverse_claims_positive_definiteness_only_where_it_holds(stats: LayerStats, name: str) -> None:
     """``positive_definite`` (what lets the optimizers skip their uphill check) is never claimed
     for a map whose dense matrix has a non-positive eigenvalue, and is claimed by every route
-    through an orthonormal basis with positive damped eigenvalues (the eigenvalue-corrected
-    methods, and any method damped exactly)."""
-    approx = approximate(stats, name)
-    lam = 0.05 * float(approx.trace()) / stats.num_params
-    identity = eye(stats.num_params)
-    for strategy in (*(s for s in DAMPING_STRATEGIES if name in SUPPORTED[s]), _Negated()):
-        inverse = approx.inverse(lam, strategy)
-        dense = approx.inverse_matvec(identity, lam, strategy)
-        lowest = float(torch.linalg.eigvalsh((dense + dense.T) / 2).min())
-        if inverse.positive_definite:
-            assert lowest > 0, (strategy, lowest)
-        if isinstance(strategy, _Negated):
-            assert lowest < 0 and not inverse.positive_definite
-        elif strategy == "exact" or name in ("ekfac", "tekfac"):
-            assert inverse.positive_definite, strategy
+    through orthonormal bases with positive damped eigenvalues: the eigenvalue-corrected methods,
+    any method damped exactly, and truncated factors' spectral inverses (both sides truncated)."""
+    policies = [None] + ([EighPolicy(truncate_above=2, rank=1)] if name in ("kfac", "ekfac", "tkfac", "tekfac") else [])
+    for policy in policies:
+        approx = approximate(stats, name) if policy is None else approximate(stats, name, eigh=policy)
+        lam = 0.05 * float(approx.trace()) / stats.num_params
+        identity = eye(stats.num_params)
+        for strategy in (*(s for s in DAMPING_STRATEGIES if name in SUPPORTED[s]), _Negated()):
+            inverse = approx.inverse(lam, strategy)
+            dense = approx.inverse_matvec(identity, lam, strategy)
+            lowest = float(torch.linalg.eigvalsh((dense + dense.T) / 2).min())
+            if inverse.positive_definite:
+                assert lowest > 0, (policy, strategy, lowest)
+            if isinstance(strategy, _Negated):
+                assert lowest < 0 and not inverse.positive_definite
+            elif strategy == "exact" or name in ("ekfac", "tekfac") or policy is not None:
+                assert inverse.positive_definite, (policy, strategy)
+
+
+def test_a_float32_cholesky_inverse_beyond_its_resolution_is_not_claimed_positive_definite() -> None:
+    """Why a dense Cholesky inverse claims nothing: five inputs of scale 1e6 for nine weights
+    leave ``A`` rank deficient, its spectrum spanning far more than float32 resolves at the
+    damping's shift, and the float32 inverse KFAC stores has negative eigenvalues (the optimizers
+    then check every step's direction)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 9, generator=gen) * 1e6
+    g = torch.randn(1, 5, 3, generator=gen)
+    stats = make_stats(FactoredSqrt(a, g), layout_for(3, 9, False, False), a.T @ a / 5,
+                       torch.einsum("cno,cnp->op", g, g), kind="linear", num_examples=5)
+    kfac = approximate(stats, "kfac")
+    assert kfac.dtype == torch.float32
+    dense = kfac.inverse_matvec(torch.eye(27), 1e-3, "factored").double()  # (KFAC's default damping)
+    assert float(torch.linalg.eigvalsh((dense + dense.T) / 2).min()) < 0
+    assert not kfac.inverse(1e-3, "factored").positive_definite
 
 
 @pytest.mark.parametrize("name", APPROXIMATIONS)
