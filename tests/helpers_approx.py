@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.approx import DampingStrategy
 from curvlab.stats import KroneckerFactors, LayerStats, TraceStats
 from curvlab.block import BlockLayout
 from curvlab.sqrt import DenseSqrt, FactoredSqrt, SquareRoot
@@ -112,3 +113,13 @@ def rel(a: Tensor, b: Tensor) -> float:
 def fro_err(f: Tensor, k: Tensor) -> float:
     """``‖F − K̂‖_F``."""
     return float(torch.linalg.norm(f - k))
+
+
+class Negated(DampingStrategy):
+    """A (broken) user strategy dividing by ``−(s + λ)``: the damped inverse is negative
+    definite, every direction uphill, on any machine."""
+
+    name = "negated"
+
+    def increment(self, approx, damping):  # noqa: ANN001, ANN201
+        return -damping - 2 * approx.eigenvalues(compressed=True)

@@ -12,7 +12,6 @@ from curvlab.approx import (
     APPROXIMATIONS,
     DAMPING_STRATEGIES,
     EKFAC,
-    DampingStrategy,
     KFAC,
     KFOC,
     TEKFAC,
@@ -29,6 +28,7 @@ from curvlab.block import BlockLayout
 from curvlab.sqrt import DenseSqrt, FactoredSqrt
 from helpers_approx import (
     CASES,
+    Negated,
     DT,
     block,
     dense_fisher_matrix_order,
@@ -336,15 +336,6 @@ def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: st
     assert rel(damped, torch.linalg.eigvalsh(dense).flip(0)) < 1e-10
 
 
-class _Negated(DampingStrategy):
-    """A (broken) strategy dividing by ``−(s + λ)``: every damped inverse negative definite."""
-
-    name = "negated"
-
-    def increment(self, approx, damping):  # noqa: ANN001, ANN201
-        return -damping - 2 * approx.eigenvalues(compressed=True)
-
-
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_a_damped_inverse_claims_positive_definiteness_only_where_it_holds(stats: LayerStats, name: str) -> None:
     """``positive_definite`` (what lets the optimizers skip their uphill check) is never claimed
@@ -356,13 +347,13 @@ def test_a_damped_inverse_claims_positive_definiteness_only_where_it_holds(stats
         approx = approximate(stats, name) if policy is None else approximate(stats, name, eigh=policy)
         lam = 0.05 * float(approx.trace()) / stats.num_params
         identity = eye(stats.num_params)
-        for strategy in (*(s for s in DAMPING_STRATEGIES if name in SUPPORTED[s]), _Negated()):
+        for strategy in (*(s for s in DAMPING_STRATEGIES if name in SUPPORTED[s]), Negated()):
             inverse = approx.inverse(lam, strategy)
             dense = approx.inverse_matvec(identity, lam, strategy)
             lowest = float(torch.linalg.eigvalsh((dense + dense.T) / 2).min())
             if inverse.positive_definite:
                 assert lowest > 0, (policy, strategy, lowest)
-            if isinstance(strategy, _Negated):
+            if isinstance(strategy, Negated):
                 assert lowest < 0 and not inverse.positive_definite
             elif strategy == "exact" or name in ("ekfac", "tekfac") or policy is not None:
                 assert inverse.positive_definite, (policy, strategy)

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 import curvlab
-from curvlab.approx import DampingStrategy
 from curvlab.approx.inverse import KroneckerInverse
 from curvlab.approx.spectral import optimal_scaling
 from curvlab.extract import extract
 from curvlab.optim import EKFAC, KFAC, OPTIMIZERS, TEKFAC, TKFAC
 from helpers import batches, reload_through_file, tiny_cnn, tiny_mlp, train
+from helpers_approx import Negated
 
 DT = torch.float64
 ALL = [KFAC, EKFAC, TKFAC, TEKFAC]
@@ -226,16 +226,6 @@ def test_tekfac_with_the_kronecker_scaling_is_tkfac(dtype: torch.dtype) -> None:
         torch.testing.assert_close(tekfac.to_dense(), tkfac.to_dense(), **tol)
         torch.testing.assert_close(tekfac.trace(), tkfac.trace(), **tol)
         torch.testing.assert_close(tekfac.eigenvalues(), tkfac.eigenvalues(), **tol)
-
-
-class Negated(DampingStrategy):
-    """A (broken) user strategy dividing by ``−(s + λ)``: the damped inverse is negative
-    definite, every direction uphill, on any machine."""
-
-    name = "negated"
-
-    def increment(self, approx, damping):  # noqa: ANN001, ANN201
-        return -damping - 2 * approx.eigenvalues(compressed=True)
 
 
 def test_an_uphill_direction_skips_the_step_and_says_why(monkeypatch) -> None:
