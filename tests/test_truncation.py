@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from curvlab.approx import EighPolicy, TruncatedFactor, approximate, randomized_eigh
-from curvlab.approx.spectral import complement_map, complete_basis, diagonal_apply, flat_route, optimal_scaling
+from curvlab.approx.spectral import (complement_map, complete_basis, diagonal_apply, flat_route, optimal_scaling,
+                                     transposed_basis)
 from curvlab.stats import LayerStats
 from curvlab.extract import maths
 from helpers_approx import DT, linear_block, projectors, rel, to_flat
@@ -57,6 +58,18 @@ def test_completed_basis_is_orthonormal_and_keeps_its_columns(columns) -> None:
     assert q.shape == (n, n) and torch.equal(q[:, : u.shape[1]], u)
     assert (q.mT @ q - torch.eye(n, dtype=DT)).abs().max() < 1e-14
     assert torch.equal(complete_basis(q), q)  # a full basis is its own completion
+
+
+def test_a_truncated_basis_transposed_follows_its_basis() -> None:
+    """The row-major ``Uᵀ`` the damped inverses apply (kept per basis): equal to ``U.mT``, formed
+    again after ``U`` changed in place; none for a full basis."""
+    u = torch.linalg.qr(torch.randn(9, 3, dtype=DT, generator=torch.Generator().manual_seed(0))).Q
+    t = transposed_basis(u)
+    assert t.is_contiguous() and torch.equal(t, u.mT)
+    assert transposed_basis(u) is t
+    u.mul_(-1.0)
+    assert torch.equal(transposed_basis(u), u.mT)
+    assert transposed_basis(complete_basis(u)) is None
 
 
 def test_randomized_eigh_recovers_a_low_rank_plus_flat_factor() -> None:

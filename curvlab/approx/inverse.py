@@ -33,7 +33,8 @@ from torch import Tensor
 from curvlab import mkl
 from curvlab.approx.eigh import in_scope_span, is_diagonal, psd_eigh, symmetrize
 from curvlab.approx.spectral import (
-    TruncatedFactor, complement_map, diagonal_apply, flat_route, is_truncated, left_apply, right_apply)
+    TruncatedFactor, complement_map, diagonal_apply, flat_route, is_truncated, left_apply, right_apply,
+    transposed_basis)
 
 
 class DampedInverse(ABC):
@@ -71,6 +72,7 @@ class DiagonalInverse(DampedInverse):
         self._inv_damped_t: Tensor | None = None
         self._flat_map: Tensor | None = None
         self._flat_side = flat_route(u_out, u_in)  # decided once: flat_route reads the bases
+        self._u_in_t = transposed_basis(u_in)
 
     @cached_property
     def positive_definite(self) -> bool:
@@ -79,7 +81,7 @@ class DiagonalInverse(DampedInverse):
     def __call__(self, x: Tensor) -> Tensor:
         if self._flat_side is not None and self._flat_map is None:  # formed once, applied every step
             self._flat_map = complement_map(self._flat_side, self.u_out, self.u_in, self.inv_damped)
-        return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped, flat_map=self._flat_map)
+        return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped, flat_map=self._flat_map, u_in_t=self._u_in_t)
 
     def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
         """Full bases: ``Y_j = (U_out M) (U_in)_jᵀ`` with ``Mᵀ = (Σ_i (U_in)_iᵀ X_iᵀ U_out) ⊙ gridᵀ``
@@ -130,6 +132,7 @@ class FactorInverse:
         if isinstance(factor, TruncatedFactor):
             self.matrix = None
             self.vectors = factor.vectors
+            self.vectors_t = transposed_basis(factor.vectors)
             self.inv_values = 1.0 / (c * factor.values + shift)
         else:
             self.matrix = damped_inverse_matrix(factor, c, shift, compute_dtype)
@@ -153,7 +156,7 @@ class FactorInverse:
         """``Z (c M + shift)⁻¹``."""
         if self.matrix is not None:
             return z @ self.matrix
-        return right_apply(z, self.vectors, self.inv_values.reshape(1, -1))
+        return right_apply(z, self.vectors, self.inv_values.reshape(1, -1), self.vectors_t)
 
     def from_left(self, z: Tensor) -> Tensor:
         """``(c M + shift)⁻¹ Z``."""
