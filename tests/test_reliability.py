@@ -336,6 +336,32 @@ def test_a_non_finite_update_is_skipped_at_its_own_step(cls, overflow: str) -> N
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
+def test_a_plain_step_whose_update_overflows_with_its_product_is_skipped(cls) -> None:
+    """A gradient of 1e19 in every entry under a damping that swamps the factors (``d ≈ g``,
+    every ``d_i g_i`` positive and finite): ``⟨d, g⟩`` overflows float32 to +inf, not NaN, and
+    ``‖d‖`` overflows too.  The step is skipped as non-finite — where the blocks' updates are
+    checked through their ``⟨d, g⟩`` (KFAC/TKFAC's dense inverses), a product of +inf counts."""
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(5, 3), nn.CrossEntropyLoss()
+    x, y = 1e-3 * torch.randn(8, 5), torch.randint(0, 3, (8,))
+    opt = cls(model, lr=0.1, momentum=0.0, damping=1.0, kl_clip=None, stats_interval=10, eigen_interval=100,
+              scale_interval=10)
+    opt.zero_grad()
+    with opt.track(loss_fn):
+        loss_fn(model(x), y).backward()
+    opt.step()  # the statistics and their inverse
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    for p in model.parameters():
+        p.grad.fill_(1e19)
+    with pytest.warns(RuntimeWarning, match="non-finite update"):
+        opt.step()
+    assert opt.steps_done == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
 @pytest.mark.parametrize("where", ["block", "block-bias", "first-order"])
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, TKFAC, TEKFAC], ids=lambda c: c.__name__)
 def test_a_non_finite_gradient_on_a_plain_step_is_skipped(cls, where: str) -> None:

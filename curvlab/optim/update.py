@@ -160,10 +160,11 @@ UPHILL_COSINE = 1e-3
 
 
 def negative_guard(block_dots: Sequence[Tensor]) -> Tensor:
-    """A scalar that is finite iff no block's ``⟨d, g⟩`` is negative (NaN otherwise: the square
-    root of the clamped minimum), checked in the update's one finiteness sync."""
+    """A scalar that is finite iff every block's ``⟨d, g⟩`` is finite and none is negative (the
+    sum of their square roots: NaN for a negative one), checked in the update's one finiteness
+    sync."""
     device = block_dots[0].device
-    return torch.stack([v if v.device == device else v.to(device) for v in block_dots]).amin().clamp_max(0).sqrt()
+    return torch.stack([v if v.device == device else v.to(device) for v in block_dots]).sqrt().sum()
 
 
 def uphill_blocks(negative: Sequence[tuple["BlockStep", Tensor]], damping: float,
@@ -215,7 +216,8 @@ def update_blocks_(
     """Precondition, KL-clip, decay, accelerate and apply the update of every block (steps 4–6
     of :mod:`curvlab.optim.base`), leaving the parameters in ``skip`` unchanged.
 
-    Every update is checked before any is applied, in one reduction with the scalars of
+    Every update is checked before any is applied — by its norm, or through its block's
+    ``⟨d, g⟩`` where that is taken (:func:`negative_guard`) — in one sync with the scalars of
     ``also_check`` (:func:`finiteness_terms`): if one is not finite (an overflowing inverse, a
     huge learning rate, a non-finite gradient), or a preconditioned direction points uphill
     (:func:`uphill_blocks`), nothing changes — parameters and momentum buffers — and the reason is
@@ -264,7 +266,13 @@ def update_blocks_(
         updates.append((s, [d for d, _ in block_moved], kept))
     lr_updates = [(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)]
     guard = [negative_guard([dot for _, dot in preconditioned])] if preconditioned else []
-    if not updates_finite(lr_updates, [*also_check, *guard]):
+    # A finite ⟨d, g⟩ makes d and g finite (a non-finite entry of either makes the sum ±inf or
+    # NaN), and the update adds finite terms to d (ν·d, wd·θ, μ·m of an accepted step): the
+    # guard checks those blocks' columns, but for an lr above 1, which may overflow lr·u alone.
+    guarded = {id(s) for s, _ in preconditioned}
+    unguarded = [(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)
+                 if id(s) not in guarded or group["lr"] > 1]
+    if not updates_finite(unguarded, [*also_check, *guard]):
         uphill = uphill_blocks([(s, dot) for s, dot in preconditioned if float(dot) < 0], damping, strategy)
         if uphill:
             return uphill_message(uphill)
