@@ -154,6 +154,11 @@ def test_bad_arguments_named() -> None:
             extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=bad)
     single = {name: tuple(u.float() for u in pair) for name, pair in bases.items()}  # checked in float32 (tol 1e-3)
     extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=single)
+    passed = single["2"][1]  # taken above, then changed in place: checked again
+    passed.mul_(1.01)
+    with pytest.raises(ValueError, match=r"eigenbases\['2'\]: U_in does not have orthonormal columns"):
+        extract(model, loss_fn, x, y, stats=("kfe",), eigenbases=single)
+    passed.div_(1.01)
     with pytest.raises(ValueError, match=r"eigenbases\['2'\]: U_out does not have orthonormal columns"):
         extract(model, loss_fn, x, y, stats=("kfe",), eigenbases={**single, "2": (1.01 * single["2"][0], single["2"][1])})
     for seed in (True, 1.5, "1"):
