@@ -278,11 +278,14 @@ class _PerTokenLogits(nn.Module):
 
 @pytest.mark.parametrize("engine", ["autograd", "backpack"])
 def test_an_exact_root_is_refused_exactly_when_it_does_not_fit(monkeypatch, engine: str) -> None:
-    """``available_bytes`` replaced by a known amount: the exact loss root, C columns of the
-    output (C² numbers a term), is refused when the free memory is half its size and taken when
-    it is four times it (the root and its two temporaries fit).  Independent reference: the
-    size of the root itself, ``C · output.numel() · 8`` bytes, C read from dim 1 for CE."""
-    import curvlab.extract.autograd.loss_roots as loss_roots
+    """``available_bytes`` replaced by a known amount (and read for any request): the exact loss
+    root, C columns of the output (C² numbers a term), is refused when the free memory is half its
+    size and taken when it is four times it (the root and its two temporaries fit).  Independent
+    reference: the size of the root itself, ``C · output.numel() · 8`` bytes, C read from dim 1
+    for CE."""
+    import curvlab.extract.autograd.backprop as backprop
+
+    monkeypatch.setattr(backprop, "SURELY_FREE", 0)
 
     gen = torch.Generator().manual_seed(0)
     if engine == "autograd":  # per-token logits: C = 50 on dim 1, T = 3 last
@@ -292,10 +295,10 @@ def test_an_exact_root_is_refused_exactly_when_it_does_not_fit(monkeypatch, engi
         model, x = nn.Sequential(nn.Linear(3, 50)).double(), torch.randn(4, 3, generator=gen, dtype=DT)
         y, numel = torch.randint(0, 50, (4,), generator=gen), 4 * 50
     root_bytes = 50 * numel * 8
-    monkeypatch.setattr(loss_roots, "available_bytes", lambda device: root_bytes // 2)
+    monkeypatch.setattr(backprop, "available_bytes", lambda device: root_bytes // 2)
     with pytest.raises(MemoryError, match=r"\(50 classes\).*fisher='mc' without 'kflr'"):
         extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine=engine)
-    monkeypatch.setattr(loss_roots, "available_bytes", lambda device: 4 * root_bytes)
+    monkeypatch.setattr(backprop, "available_bytes", lambda device: 4 * root_bytes)
     assert extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine=engine)
 
 
@@ -304,17 +307,19 @@ def test_coupled_dense_roots_are_refused_exactly_when_they_do_not_fit(monkeypatc
     layer's exact root densely, ``rows = C·N`` rows of its ``d_out × (d_in + 1)`` matrix, beside
     the BatchNorm's parameter blocks.  Free memory half their size: refused; twice: taken.
     (N·T ≥ d_in + 1 for both layers, so none keeps its roots at the outputs instead.)"""
-    import curvlab.extract.autograd.recording as recording
+    import curvlab.extract.autograd.backprop as backprop
+
+    monkeypatch.setattr(backprop, "SURELY_FREE", 0)  # (the free memory read for any request)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 10)).double().train()
     x, y = torch.randn(32, 6, dtype=DT), torch.randint(0, 10, (32,))
     rows = 10 * 32  # exact: a column per class, one term per example
     need = rows * (20 * 7 + 10 * 21 + 2 * 20) * 8  # the two [W b] roots and BatchNorm's weight and bias
-    monkeypatch.setattr(recording, "available_bytes", lambda device: need // 2)
+    monkeypatch.setattr(backprop, "available_bytes", lambda device: need // 2)
     with pytest.raises(MemoryError, match=r"exact square roots need .*\(320 columns"):
         extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine="autograd")
-    monkeypatch.setattr(recording, "available_bytes", lambda device: 2 * need)
+    monkeypatch.setattr(backprop, "available_bytes", lambda device: 2 * need)
     stats = extract(model, nn.CrossEntropyLoss(), x, y, fisher="exact", stats=("sqrt",), engine="autograd")
     assert stats["0"].coupled
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.distributions import Binomial, Categorical, Normal
 from torch.nn.functional import one_hot
 
-from curvlab.extract.autograd.backprop import available_bytes
+from curvlab.extract.autograd.backprop import short_of
 from curvlab.extract.validate import ELEMENTWISE_LOSSES, SUPPORTED_LOSSES
 from curvlab.stats import FLAVOURS
 
@@ -222,8 +222,8 @@ def check_root_fits(output: Tensor, terms: LossTerms, flavours: Sequence[str], m
     # (an exact cross-entropy root is built through two temporaries of its size)
     per_entry = sum(columns.get(f, 1) * (3 if f == "exact" else 1) for f in flavours)
     need = per_entry * output.numel() * output.element_size()
-    free = available_bytes(output.device)
-    if free is not None and need > free:
+    free = short_of(need, output.device)
+    if free is not None:
         hint = (
             "the 'exact' flavour (fisher='exact', or exact Kronecker factors: KFLR's, and those of "
             "fisher='exact' optimizers) has a column per class: use fisher='mc' without 'kflr'"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from curvlab._options import check_int
 from curvlab.extract.autograd import layer_io
 from curvlab.extract.autograd.batch_check import layers_off_the_batch, leading_dimension
-from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, available_bytes, eager_hook, estimate
+from curvlab.extract.autograd.backprop import BatchedVJP, SavedBytes, eager_hook, estimate, short_of
 from curvlab.extract.autograd.local_params import batched, local_roots
 from curvlab.extract.autograd.loss_roots import LossTerms, loss_terms, stacked_root
 from curvlab.extract.autograd.reruns import rerun_roots
@@ -538,8 +538,8 @@ def _check_fits(roots: list[tuple[str, tuple[int, ...], int]], rows: int, device
     free memory — a tied vocabulary matrix under the exact Fisher, where ``rows`` counts every
     class of every token."""
     need = rows * sum(math.prod(shape) * size for _, shape, size in roots)
-    free = available_bytes(device)
-    if free is None or need <= free:
+    free = short_of(need, device)
+    if free is None:
         return
     name, shape, _ = max(roots, key=lambda root: math.prod(root[1]))
     raise MemoryError(
