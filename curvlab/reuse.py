@@ -8,13 +8,17 @@ twice).  For a ResNet-18's 512 × 4608 convolutions each of those is tens of sec
 
 Keys name their inputs exactly: tensors by their values (:func:`digest`), other objects by
 identity, kept alive by the value stored with them.  So a reused result is the one a fresh
-computation would give.  Outside a scope nothing is kept.
+computation would give.  Outside a scope :func:`reuse` keeps nothing.
 
 Hashing a 4608-wide float64 factor costs about as much as copying it three times, and the
 approximations of one layer see the same values as distinct tensors (each keeps its own copy).
 So a scope also remembers facts about tensors (:func:`remember`, :func:`recall`: until the
 tensor is modified in place), and a tensor made from named values by a known computation is
 named after them (:func:`name_values`): its :func:`digest` is then that name, not a hash.
+
+In any scope, :func:`keep` and :func:`kept` hold what is derived from a tensor — until it is
+modified in place, for as long as it lives (a truncated basis's transposed copy, which every step
+applies; the fact that a basis passed a check).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 T = TypeVar("T")
 
@@ -114,6 +119,27 @@ def recall(tensor: Tensor, fact: str) -> Hashable | None:
         return None
     version, value = entry[1].get(fact, (None, None))
     return value if version is not None and version == _version(tensor) else None
+
+
+def keep(tensor: Tensor, what: str, value: T) -> T:
+    """Note ``value`` as ``what`` of ``tensor``'s current values, in any scope, for as long as the
+    tensor lives (:func:`kept` gives it back until the tensor is modified in place; nothing is
+    noted of an inference-mode tensor, which has no version).  For what objects applied many
+    times derive from tensors they do not own: a truncated basis's transposed copy, the fact that
+    a basis passed a check.  Returns ``value``."""
+    version = _version(tensor)
+    if version is not None:
+        _KEPT.setdefault(tensor, {})[what] = (version, value)
+    return value
+
+
+def kept(tensor: Tensor, what: str) -> object | None:
+    """What :func:`keep` noted as ``what`` of ``tensor``, if the tensor is unchanged since."""
+    version, value = _KEPT.get(tensor, {}).get(what, (None, None))
+    return value if version is not None and version == _version(tensor) else None
+
+
+_KEPT = WeakTensorKeyDictionary()  # tensor → {what: (its version, the value)}
 
 
 def _version(tensor: Tensor) -> int | None:

@@ -8,7 +8,7 @@ from torch import nn
 from curvlab.approx.eigh import factor_eigh, psd_eigh, symmetric, symmetrize
 from curvlab.approx.spectral import rotated_sq_sum
 from curvlab.extract import extract
-from curvlab.reuse import digest, forget, name_values, reuse, shared_work
+from curvlab.reuse import digest, forget, keep, kept, name_values, reuse, shared_work
 from curvlab.sqrt import DenseSqrt
 
 DT = torch.float64
@@ -37,6 +37,22 @@ def test_a_changed_tensor_gets_the_key_of_its_new_values() -> None:
         b = spd(6, 2)
         with shared_work():
             assert digest(b) == digest(b.clone())
+
+
+def test_a_kept_value_lasts_until_its_tensor_changes_in_any_scope() -> None:
+    """``keep``/``kept``: outside ``shared_work`` too; gone once the tensor is modified in place;
+    one tensor's value is not another's with the same values; nothing kept of an inference-mode
+    tensor (no version to tell a change by)."""
+    a = spd(4, 0)
+    copy = keep(a, "transposed", a.mT.contiguous())
+    assert kept(a, "transposed") is copy and kept(a, "other") is None and kept(a.clone(), "transposed") is None
+    with shared_work():
+        assert kept(a, "transposed") is copy
+    a.mul_(2.0)
+    assert kept(a, "transposed") is None
+    with torch.inference_mode():
+        b = spd(4, 1)
+    assert keep(b, "transposed", 1) == 1 and kept(b, "transposed") is None
 
 
 def test_symmetric_reads_a_symmetrized_matrix_as_it_is() -> None:

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from curvlab.basis import in_basis, out_of_basis, permutation_order
-from curvlab.reuse import digest, reuse, sharing
+from curvlab.reuse import digest, keep, kept, reuse, sharing
 
 if TYPE_CHECKING:
     from curvlab.sqrt import SquareRoot
@@ -163,13 +162,8 @@ def transposed_basis(u: Tensor) -> Tensor | None:
     6.19 against 6.10)."""
     if not is_truncated(u) or u.dim() != 2:
         return None
-    held = _TRANSPOSED.get(u)  # one copy per basis: EKFAC's inverse is rebuilt at every rescaling
-    if held is None or held[0] != u._version:
-        held = _TRANSPOSED[u] = (u._version, u.mT.contiguous())
-    return held[1]
-
-
-_TRANSPOSED = WeakTensorKeyDictionary()  # basis → (its version, its transposed copy)
+    held = kept(u, "transposed")  # one copy per basis: EKFAC's inverse is rebuilt at every rescaling
+    return held if held is not None else keep(u, "transposed", u.mT.contiguous())
 
 
 def left_apply(z: Tensor, u: Tensor, t: Tensor) -> Tensor:

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from curvlab.block import Block
 from curvlab.model_blocks import ModelBlocks, UnsupportedModelError
+from curvlab.reuse import keep, kept
 
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 #: Losses with one term per example over outputs ``[N, …, C]`` (the last dimension its vector), whose
@@ -95,21 +95,11 @@ def _check_orthonormal(eigenbases: Mapping[str, tuple[Tensor, Tensor]]) -> None:
     a matrix-vector product per basis, their norms in one op.  A basis that passed is not
     checked again while unchanged (its version): the optimizers pass the same bases on every
     rescaling step between two refreshes (0.2 ms of the MLP 784-128-64-10's EKFAC statistics step)."""
-    pending = {name: pair for name, pair in eigenbases.items()
-               if any(_version(u) is None or _PASSED.get(u) != _version(u) for u in pair)}
-    _check_bases(pending)
+    pending = {name: pair for name, pair in eigenbases.items() if not all(kept(u, "orthonormal") for u in pair)}
+    _check_bases(pending)  # raises unless every one passes
     for pair in pending.values():
         for u in pair:
-            if _version(u) is not None:
-                _PASSED[u] = _version(u)
-
-
-_PASSED = WeakTensorKeyDictionary()  # basis → its version when it passed _check_orthonormal
-
-
-def _version(u: Tensor) -> int | None:
-    """``u``'s version counter (``None``: an inference tensor, which has none)."""
-    return None if u.is_inference() else u._version
+            keep(u, "orthonormal", True)
 
 
 def _check_bases(eigenbases: Mapping[str, tuple[Tensor, Tensor]]) -> None:
