@@ -264,19 +264,18 @@ def update_blocks_(
         kept = None if all(group["momentum"] == 0 for group in s.groups) else [
             torch.zeros_like(d) if b is None else b for d, b in block_moved]
         updates.append((s, [d for d, _ in block_moved], kept))
-    lr_updates = [(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)]
     guard = [negative_guard([dot for _, dot in preconditioned])] if preconditioned else []
     # A finite ⟨d, g⟩ makes d and g finite (a non-finite entry of either makes the sum ±inf or
     # NaN), and the update adds finite terms to d (ν·d, wd·θ, μ·m of an accepted step): the
     # guard checks those blocks' columns, but for an lr above 1, which may overflow lr·u alone.
     guarded = {id(s) for s, _ in preconditioned}
-    unguarded = [(u, group["lr"]) for s, us, _ in updates for u, group in zip(us, s.groups)
-                 if id(s) not in guarded or group["lr"] > 1]
-    if not updates_finite(unguarded, [*also_check, *guard]):
+    lr_updates = [(u, group["lr"], id(s) in guarded) for s, us, _ in updates for u, group in zip(us, s.groups)]
+    if not updates_finite([(u, lr) for u, lr, by_guard in lr_updates if not by_guard or lr > 1], [*also_check, *guard]):
         uphill = uphill_blocks([(s, dot) for s, dot in preconditioned if float(dot) < 0], damping, strategy)
         if uphill:
             return uphill_message(uphill)
-        if not guard or not updates_finite(lr_updates, also_check):  # (else: a negative product by its rounding)
+        # (else a negative product by its rounding, or a non-finite update: every one's norm decides)
+        if not guard or not updates_finite([(u, lr) for u, lr, _ in lr_updates], also_check):
             return NOT_FINITE
     by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}  # every block's parameters, one op per lr
     for s, update, buffers in updates:
