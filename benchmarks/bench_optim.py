@@ -205,6 +205,26 @@ def statistics_flops(method: str, sizes: list[tuple[int, int, int]], n: int, tru
     return total
 
 
+def refresh_flops(sizes: list[tuple[int, int, int]], n: int, pushes: int) -> int:
+    """GEMM flops a refresh adds to its statistics step beyond the LAPACK ``eigh`` of the factors
+    up to ``truncate_above`` (the "eigh" row): the randomized eigh of every larger factor as the
+    optimizers' policy runs it (``curvlab.approx.eigh.randomized_eigh``: ``q + 2`` products of the
+    ``n × n`` factor with ``w = rank + oversampling`` columns, the Rayleigh quotient ``QᵀMQ`` and
+    the basis ``QW``), and the Gram of the rows a running average kept since the last refresh
+    (:func:`folded_at_refresh`: the ``pushes`` statistics steps' batches and the refresh's own,
+    counted by its upper triangle as the statistics' Grams are)."""
+    policy = KroneckerOptions().eigh_policy()
+    total = 0
+    for d_out, d, t in sizes:
+        for width in (d_out, d):
+            if policy.truncates(width):
+                w = min(width, policy.rank + policy.oversampling)
+                total += 2 * width * w * ((policy.power_iterations + 2) * width + w + policy.rank)
+            if folded_at_refresh(n * t, width, pushes):
+                total += (pushes + 1) * n * t * width * (width + 1)
+    return total
+
+
 def inverse_form_flops(sizes: list[tuple[int, int, int]], truncated: bool = False) -> int:
     """The inverse form's preconditioning of every block: a dense side is one GEMM, a truncated
     side (curvlab's rank above ``truncate_above``) two thin ones."""
@@ -567,23 +587,25 @@ def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], ar
     grams_note = next((r.note for r in rows if r.key == "grams"), "")
     refresh_grams = any(folded_at_refresh(spec.batch * t, w, n_stats) for d_out, d, t in sizes for w in (d, d_out))
     kernel_rows = {} if refresh_grams and GRAMS_NOTE not in grams_note else med
+    update = sgd - fb  # every step's parameter update (momentum and weights), as an SGD step's
     for name in CURVLAB:
         if name in table:
             flops = statistics_flops(name.removeprefix("curvlab-"), sizes, spec.batch, truncated=True,
                                      root=root is None, pushes=n_stats, shifted=shifted)
             stats_floor = fb + (root or 0.0) + flops / rate
-            table[name]["stats_floor/fwd+bwd"] = stats_floor / fb
+            table[name]["stats_floor/fwd+bwd"] = (stats_floor + update) / fb
             kernels = stats_kernels(name.removeprefix("curvlab-"), sizes, kernel_rows, rate, truncated)
             if kernels is not None and root is not None:
-                table[name]["stats_kernels_floor/fwd+bwd"] = (fb + root + kernels) / fb
+                table[name]["stats_kernels_floor/fwd+bwd"] = (fb + root + kernels + update) / fb
             table[name]["stats_gflop"] = flops / 1e9
             if name in ("curvlab-ekfac", "curvlab-tekfac"):
                 # the schedule's own floor: plain steps at their floor, statistics steps at
-                # theirs, a refresh adds at least the float32 eigh of its factors, and every step
-                # updates the parameters as an SGD step does (its time beyond fwd+bwd)
-                refresh_floor = stats_floor + med["eigh"]
+                # theirs, a refresh adds at least the float32 eigh of its factors, the randomized
+                # eigh of the truncated ones and the fold of the rows kept since the last refresh,
+                # and every step updates the parameters as an SGD step does
+                refresh_floor = stats_floor + med["eigh"] + refresh_flops(sizes, spec.batch, n_stats) / rate
                 table[name]["amortised_floor/sgd"] = (
-                    (n_plain * plain_floor + n_stats * stats_floor + refresh_floor) / period + sgd - fb) / sgd
+                    (n_plain * plain_floor + n_stats * stats_floor + refresh_floor) / period + update) / sgd
     return {
         "model": spec.key, "builtin": spec.builtin, "note": spec.note, "batch": spec.batch,
         "input_shape": list(spec.input_shape), "blocks": [list(s) for s in sizes],
@@ -794,12 +816,16 @@ output after an untimed forward and backward, torch's own work; in results befor
 "fwd+bwd+root" row minus the "fwd+bwd" row), plus, at the GEMM rate of this run, the flops
 the step adds (bench_optim.statistics_flops: the statistics' GEMMs — a Gram or other symmetric
 product counted by its upper triangle, as a syrk computes it —, EKFAC/TEKFAC's rescaling
-rotations, the preconditioning) — no statistics step of that method can be cheaper.  "The
-schedule's floor" of EKFAC/TEKFAC: every plain step at the floor, every statistics step at its
-floor, a refresh adding at least the float32 eigh of its factors (the "eigh" row), and every step
-the parameter update of an SGD step (its SGD step minus fwd+bwd: momentum and weights, which
-the floor leaves out), amortised like the measured steps; where it is above 1.2× the floor,
-that target cannot be met with this schedule ("bound below the schedule's floor").  For models
+rotations, the preconditioning), plus the parameter update every step makes as an SGD step does
+(its SGD step minus fwd+bwd: momentum and weights) — no statistics step of that method can be
+cheaper.  "The schedule's floor" of EKFAC/TEKFAC: every plain step at the floor, every
+statistics step at its floor, a refresh adding at least the float32 eigh of its factors up to
+truncate_above (the "eigh" row) and, at the GEMM rate, the randomized eigh of the larger ones as
+the optimizers run it (rank 256 + 16 columns, two power iterations: four products with the
+factor) and the Gram of the rows a running average kept since the last refresh
+(bench_optim.refresh_flops), and every step the parameter update of an SGD step, amortised like
+the measured steps; where it is above 1.2× the floor, that target cannot be met with this
+schedule ("bound below the schedule's floor").  For models
 with a factor above truncate_above, both floors count the GEMMs in curvlab's truncated bases
 (rank 256: they cost less than the full-basis rotations) by the cheapest route known, the flat
 remainder's map of the full side included (bench_optim.truncated_apply_flops), and a plain

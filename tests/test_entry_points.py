@@ -644,6 +644,41 @@ def test_bench_optim_trace_kernels_compute_tkfacs_partial_traces() -> None:
     assert run.returncode == 0 and run.stdout.strip() == "checked", run.stderr
 
 
+def test_bench_optim_counts_the_refresh_of_a_truncated_factor_as_the_optimizers_run_it() -> None:
+    """The schedule's floor counts a refresh's randomized eigh of a factor above truncate_above
+    (``bench_optim.refresh_flops``) as the GEMM flops the optimizers' own decomposition of such a
+    factor runs (``factor_eigh`` under ``KroneckerOptions().eigh_policy()``, counted by torch's
+    FlopCounterMode), and no fold where the statistics' rows come to half the width or more.  In
+    a process of its own: the benchmark's ``common`` is not the analyses'."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        import bench_optim
+        from curvlab.approx.eigh import factor_eigh
+        from curvlab.optim.options import KroneckerOptions
+
+        policy = KroneckerOptions().eigh_policy()
+        n = policy.truncate_above + 1
+        x = torch.randn(n // 2, n, generator=torch.Generator().manual_seed(0))
+        factor = x.mT @ x / x.shape[0]
+        with FlopCounterMode(display=False) as counted:
+            values, vectors = factor_eigh(factor, policy)
+        assert vectors.shape == (n, policy.rank), vectors.shape  # truncated
+        # one output, 4 rows a batch: never kept as rows (folded_at_refresh), never truncated
+        flops = bench_optim.refresh_flops([(4, n, 1)], 128, pushes=9)
+        assert counted.get_total_flops() == flops, (counted.get_total_flops(), flops)
+        # rows kept until the refresh: the Gram of the 9 statistics steps' batches and its own
+        folded = bench_optim.refresh_flops([(4, 300, 1)], 8, pushes=9)
+        assert folded == 10 * 8 * 300 * 301, folded
+        print("checked")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "checked", run.stderr
+
+
 class Positions(nn.Module):
     """A token and a position embedding whose positions are ``pos_shape``: ``T`` (nanoGPT's
     ``wpe(arange(T))``), ``1T`` (GPT-2's ``[None]``) or ``NT`` (called on the batch); with
