@@ -209,7 +209,7 @@ def refresh_flops(sizes: list[tuple[int, int, int]], n: int, pushes: int) -> int
     """GEMM flops a refresh adds to its statistics step beyond the LAPACK ``eigh`` of the factors
     up to ``truncate_above`` (the "eigh" row): the randomized eigh of every larger factor as the
     optimizers' policy runs it (``curvlab.approx.eigh.randomized_eigh``: ``q + 2`` products of the
-    ``n × n`` factor with ``w = rank + oversampling`` columns, the Rayleigh quotient ``QᵀMQ`` and
+    ``width × width`` factor with ``w = rank + oversampling`` columns, the Rayleigh quotient ``QᵀMQ`` and
     the basis ``QW``), and the Gram of the rows a running average kept since the last refresh
     (:func:`folded_at_refresh`: the ``pushes`` statistics steps' batches and the refresh's own,
     counted by its upper triangle as the statistics' Grams are)."""
