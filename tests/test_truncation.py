@@ -88,6 +88,23 @@ def test_randomized_eigh_recovers_a_low_rank_plus_flat_factor() -> None:
     torch.testing.assert_close(values, expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_randomized_eigh_of_a_factor_of_lower_rank_than_its_sketch_is_exact_and_finite(dtype) -> None:
+    """A factor of rank below the sketch's width (an optimizer's first refresh from fewer rows
+    than the sketch has columns, or a dead layer's zero factor): its eigenpairs exactly, no
+    non-finite value, an orthonormal basis, a zero flat remainder."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, generator=gen, dtype=DT)
+    for m in (x.T @ x, torch.zeros(40, 40, dtype=DT)):
+        values, vectors = randomized_eigh(m.to(dtype), 5, oversampling=3)  # 8 columns, rank 3 or 0
+        assert torch.isfinite(values).all() and torch.isfinite(vectors).all()
+        tol = dict(rtol=0, atol=1e-4 * (1 + float(m.norm()))) if dtype == torch.float32 else dict(rtol=0, atol=1e-10)
+        torch.testing.assert_close(values[:-1].double(), torch.linalg.eigvalsh(m)[-5:], **tol)
+        torch.testing.assert_close(values[-1].double(), torch.zeros((), dtype=DT), **tol)
+        torch.testing.assert_close(vectors.mT @ vectors, torch.eye(5, dtype=dtype), rtol=0, atol=1e-5)
+        torch.testing.assert_close(TruncatedFactor(values, vectors).dense().double(), m, **tol)
+
+
 def test_truncated_factor_is_near_the_best_one_and_keeps_the_trace() -> None:
     """On a decaying spectrum the randomized rank-k factor (2 power iterations) is within 1 % of
     the best low-rank-plus-flat factor of that rank (exact top-k eigenpairs, flat mean)."""

@@ -141,9 +141,10 @@ def randomized_eigh(
     """The top-``rank`` eigenpairs of a symmetric PSD ``M`` and the mean of the others.
 
     A Gaussian sketch ``M Ω`` (``rank + oversampling`` columns, seeded and drawn on the CPU: the
-    result is a function of ``M`` on every device) is refined by ``power_iterations`` re-orthonormalised products with ``M``;
-    the eigenpairs of ``Qᵀ M Q`` (:func:`psd_eigh`, with its jitter retry) give ``U = Q W``.
-    Cost ``2 (power_iterations + 2) n² (rank + oversampling)`` flops.
+    result is a function of ``M`` on every device) is refined by ``power_iterations`` products with
+    ``M``, each of a well-conditioned basis of the last one's span (:func:`_span_basis`), and
+    orthonormalised once at the end (QR); the eigenpairs of ``Qᵀ M Q`` (:func:`psd_eigh`, with its
+    jitter retry) give ``U = Q W``.  Cost ``2 (power_iterations + 2) n² (rank + oversampling)`` flops.
 
     Returns:
         ``(values [rank + 1], U [n, rank])``: ``values[:rank]`` the top eigenvalues (ascending),
@@ -159,13 +160,35 @@ def randomized_eigh(
     # drawn on the CPU: the same sketch on every device, so the result is a function of M alone
     gen = torch.Generator().manual_seed(seed)
     sketch = torch.randn(n, width, generator=gen, dtype=sym.dtype).to(sym.device)
-    q = torch.linalg.qr(sym @ sketch).Q
+    y = sym @ sketch
     for _ in range(power_iterations):
-        q = torch.linalg.qr(sym @ q).Q
+        y = sym @ _span_basis(y)
+    q = torch.linalg.qr(y).Q
     small, w = psd_eigh(q.mT @ (sym @ q), compute_dtype=None)
     top, vectors = small[-rank:], q @ w[:, -rank:]
     rest = ((sym.diagonal().sum() - top.sum()) / (n - rank)).clamp_min(0)
     return torch.cat([top, rest.reshape(1)]).to(mat.dtype), vectors.to(mat.dtype)
+
+
+def _span_basis(y: Tensor) -> Tensor:
+    """A basis of ``span(Y)`` (``[n, w]``, ``w ≤ n``) kept well conditioned for the next power
+    iteration without orthonormalising it: ``P L`` of ``Y = P L U``, LU with partial pivoting
+    (``|L_ij| ≤ 1``, unit diagonal: full column rank even where ``Y`` is not, as LAPACK leaves a
+    zero pivot's column unscaled).  Power iterations need some normalisation between products —
+    Halko, Martinsson & Tropp (2011) take a QR, fbpca (Facebook's randomized PCA) this LU, which
+    spans the same space at a fraction of the cost (``8193 × 272`` float32, this project's CPU, one
+    thread: 15 against 66–77 ms); only the last basis is orthonormalised."""
+    lu, pivots, _ = torch.linalg.lu_factor_ex(y)
+    w = y.shape[1]
+    lower = lu[:, :w].tril(-1)
+    lower.diagonal().fill_(1.0)
+    # LAPACK's row interchanges (row i with row pivots[i], 1-based), in order, as one permutation
+    order = list(range(y.shape[0]))
+    for i, j in enumerate(pivots.tolist()):
+        order[i], order[j - 1] = order[j - 1], order[i]
+    basis = torch.empty_like(lower)
+    basis[torch.tensor(order, device=y.device)] = lower
+    return basis
 
 
 @dataclass(frozen=True)
