@@ -171,16 +171,16 @@ def randomized_eigh(
 
 
 def _span_basis(y: Tensor) -> Tensor:
-    """A basis of ``span(Y)`` (``[n, w]``, ``w ≤ n``) kept well conditioned for the next power
-    iteration without orthonormalising it: ``P L`` of ``Y = P L U``, LU with partial pivoting
-    (``|L_ij| ≤ 1``, unit diagonal: full column rank even where ``Y`` is not, as LAPACK leaves a
-    zero pivot's column unscaled).  Power iterations need some normalisation between products —
-    Halko, Martinsson & Tropp (2011) take a QR, fbpca (Facebook's randomized PCA) this LU, which
-    spans the same space at a fraction of the cost (``8193 × 272`` float32, this project's CPU, one
-    thread: 15 against 66–77 ms); only the last basis is orthonormalised."""
+    """A well-conditioned basis of ``span(Y)`` (``[n, w]``, ``w ≤ n``) for the next power
+    iteration, not orthonormalised: ``P L`` of ``Y = P L U``, LU with partial pivoting
+    (``|L_ij| ≤ 1``, unit diagonal).  Where ``Y`` has full column rank it spans ``span(Y)``; where
+    not, it still has full rank (LAPACK leaves a zero pivot's column unscaled) and spans more, as a
+    QR's ``Q`` does.  Power iterations need some normalisation between products — Halko,
+    Martinsson & Tropp (2011) take a QR, fbpca (Facebook's randomized PCA) this LU, at a fraction
+    of the cost (``8193 × 272`` float32, this project's CPU, one thread: 15 against 66–77 ms); only
+    the last basis is orthonormalised."""
     lu, pivots, _ = torch.linalg.lu_factor_ex(y)
-    w = y.shape[1]
-    lower = lu[:, :w].tril(-1)
+    lower = lu.tril(-1)
     lower.diagonal().fill_(1.0)
     # LAPACK's row interchanges (row i with row pivots[i], 1-based), in order, as one permutation
     order = list(range(y.shape[0]))
