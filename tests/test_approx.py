@@ -22,6 +22,7 @@ from curvlab.approx import (
     factor_eigh,
     psd_eigh,
 )
+from curvlab.approx import inverse as inverse_module
 from curvlab.reuse import shared_work
 from curvlab.stats import KroneckerFactors, LayerStats, TraceStats
 from curvlab.block import BlockLayout
@@ -376,10 +377,15 @@ def test_a_float32_cholesky_inverse_beyond_its_resolution_is_not_claimed_positiv
     assert not kfac.inverse(1e-3, "factored").positive_definite
 
 
+@pytest.mark.parametrize("route", ["joined", "blockwise"])
 @pytest.mark.parametrize("name", APPROXIMATIONS)
-def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: str) -> None:
+def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: str, route: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The optimizers' route: ``inv_mat_mul_columns`` on ``X``'s column blocks (the layer's
-    weight and bias columns, or any other cut) gives the column blocks of ``(K̂ + λ)⁻¹ X``."""
+    weight and bias columns, or any other cut) gives the column blocks of ``(K̂ + λ)⁻¹ X``, and
+    ``inv_mat_mul_columns_and_inner`` with them ``vec(X)ᵀ (K̂ + λ)⁻¹ vec(X)`` — by either route
+    (``X`` joined into one matrix, as for a small block, or each column block on its own)."""
+    monkeypatch.setattr(inverse_module, "JOIN_MAX_ENTRIES", 10**9 if route == "joined" else 0)
     approx = approximate(stats, name)
     lam = 0.05 * float(approx.trace()) / stats.num_params
     d_out, d_in = stats.layout.shape
@@ -392,11 +398,20 @@ def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: 
             got = approx.inv_mat_mul_columns(parts, lam, strategy)
             assert [g.shape for g in got] == [p.shape for p in parts]
             assert rel(torch.cat(got, 1), want) < 1e-10, (strategy, len(parts))
+            got, inner = approx.inv_mat_mul_columns_and_inner(parts, lam, strategy)
+            assert [g.shape for g in got] == [p.shape for p in parts]
+            assert rel(torch.cat(got, 1), want) < 1e-10, (strategy, len(parts))
+            assert inner.shape == () and abs(float(inner) - float(x.flatten() @ want.flatten())) < 1e-10 * float(
+                x.square().sum() / torch.linalg.eigvalsh(dense).min()), (strategy, len(parts))
         # float32 blocks into the float64 approximation: computed in float64, returned in float32
         got32 = approx.inv_mat_mul_columns([p.float() for p in cuts[0]], lam, strategy)
         assert all(g.dtype == torch.float32 for g in got32) and rel(torch.cat(got32, 1).double(), want) < 1e-5
+        got32, inner = approx.inv_mat_mul_columns_and_inner([p.float() for p in cuts[0]], lam, strategy)
+        assert all(g.dtype == torch.float32 for g in got32) and inner.dtype == DT
     with pytest.raises(ValueError, match=f"column blocks .* do not make a \\[{d_out}, {d_in}\\] matrix"):
         approx.inv_mat_mul_columns([x[:, :-1]], lam, "exact")
+    with pytest.raises(ValueError, match=f"column blocks .* do not make a \\[{d_out}, {d_in}\\] matrix"):
+        approx.inv_mat_mul_columns_and_inner([x[:, :-1]], lam, "exact")
 
 
 def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:

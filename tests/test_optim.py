@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 
 import pytest
@@ -677,6 +678,27 @@ def test_weight_and_bias_in_groups_of_their_own(cls):
     copy_opt = make(copy.deepcopy(model))
     copy_opt.load_state_dict(opt.state_dict())
     assert_same_state(copy_opt.state_dict()["curvlab"], opt.state_dict()["curvlab"])
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_kl_clipping_weighs_each_column_block_by_its_own_lr(cls):
+    """KL clipping of a block whose weight and bias are in groups with different lrs:
+    ``ν = min(1, √(κ / Σ_i lr_i² ⟨∇̃_i, ∇_i⟩))`` over its column blocks ``i``, against the dense
+    damped natural gradient (one example: every approximation is exact)."""
+    model, loss_fn = softmax_regression(), nn.CrossEntropyLoss()
+    x, y = data(1, d_in=4)
+    lam, kappa = 1e-2, 1e-4
+    lr = torch.tensor([0.3] * 12 + [2.0] * 3, dtype=DT)
+    opt = cls(model, [{"params": [model[0].weight], "lr": 0.3}, {"params": [model[0].bias], "lr": 2.0}],
+              lr=0.1, damping=lam, **{**EXACT, "kl_clip": kappa})
+    F = dense_ggn(model, loss_fn, x, y, "0")
+    g = dense_grad(model, loss_fn, x, y, "0")
+    d = torch.linalg.solve(F + lam * torch.eye(15, dtype=DT), g)
+    nu = min(1.0, math.sqrt(kappa / float((lr**2 * d * g).sum())))
+    assert nu < min(1.0, math.sqrt(kappa / float(0.3**2 * d @ g)))  # the bias's own lr counts
+    before = flat_params(model[0])
+    train_step(opt, model, loss_fn, x, y)
+    torch.testing.assert_close(flat_params(model[0]) - before, -nu * lr * d, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("fisher", ["exact", "empirical"])

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from curvlab.approx.damping import BUILT_IN, DampingStrategy, check_damping, get_damping
+from curvlab.approx.damping import DampingStrategy, built_in_class, check_damping, get_damping
 from curvlab.approx.inverse import DampedInverse, DiagonalInverse
 from curvlab.approx.spectral import (complete_basis, diagonal_apply, expand, in_basis, is_truncated, multiplicity,
                                      out_of_basis, unflatten_tensors)
@@ -299,11 +299,11 @@ class KroneckerApproximation(ABC):
     def inverse(self, damping: float | Tensor, strategy: str | DampingStrategy = "exact") -> DampedInverse:
         """``X ↦ (K̂ + damping)⁻¹ X`` with the damping of ``strategy``, prepared once: the last
         one asked for (by damping value and built-in strategy) is kept."""
-        strategy = get_damping(strategy)
         key = _cache_key(strategy, damping)
         cached = self._inverse
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
+        strategy = get_damping(strategy)
         check_damping(damping, f"{type(self).__name__} {self.name!r}: damping")
         inverse = self._build_inverse(strategy, damping)
         if key is not None:
@@ -331,6 +331,25 @@ class KroneckerApproximation(ABC):
         a layer's weight and bias columns, :meth:`curvlab.block.Block.grad_columns`), returned
         as the result's column blocks — the same map, without forming ``X`` where the damped
         inverse allows (:meth:`curvlab.approx.inverse.DampedInverse.columns`)."""
+        inverse, converted = self._columns_input(parts, damping, strategy)
+        if converted is None:
+            return inverse.columns(parts)
+        return [y.to(parts[0].dtype) for y in inverse.columns(converted)]
+
+    def inv_mat_mul_columns_and_inner(self, parts: Sequence[Tensor], damping: float,
+                                      strategy: str | DampingStrategy = "exact") -> tuple[list[Tensor], Tensor]:
+        """:meth:`inv_mat_mul_columns` ``Y`` and ``⟨Y, X⟩ = vec(X)ᵀ (K̂ + damping)⁻¹ vec(X)`` (an
+        optimizer's ``⟨K̂⁻¹g, g⟩``), the latter in the approximation's dtype
+        (:meth:`curvlab.approx.inverse.DampedInverse.columns_and_inner`)."""
+        inverse, converted = self._columns_input(parts, damping, strategy)
+        if converted is None:
+            return inverse.columns_and_inner(parts)
+        ys, inner = inverse.columns_and_inner(converted)
+        return [y.to(parts[0].dtype) for y in ys], inner
+
+    def _columns_input(self, parts: Sequence[Tensor], damping: float,
+                       strategy: str | DampingStrategy) -> tuple[DampedInverse, list[Tensor] | None]:
+        """The damped inverse, and ``parts`` in the approximation's dtype (``None``: already)."""
         d_out, d_in = self.layout.shape
         width, same_dtype = 0, True
         for p in parts:  # a loop, not generators: this runs for every block of every step
@@ -345,9 +364,7 @@ class KroneckerApproximation(ABC):
                 f"make a [{d_out}, {d_in}] matrix"
             )
         inverse = self.inverse(damping, strategy)
-        if same_dtype:
-            return inverse.columns(parts)
-        return [y.to(parts[0].dtype) for y in inverse.columns([p.to(self.dtype) for p in parts])]
+        return inverse, None if same_dtype else [p.to(self.dtype) for p in parts]
 
     def matvec(self, v: Tensor) -> Tensor:
         """``K̂ v`` for ``v`` in the flat parameter order (``[..., P]``)."""
@@ -393,10 +410,12 @@ class KroneckerApproximation(ABC):
         return f"{type(self).__name__}(name={self.name!r}, shape=({d_out}, {d_in}), dtype={self.dtype})"
 
 
-def _cache_key(strategy: DampingStrategy, damping: float | Tensor) -> tuple | None:
-    """What identifies a damped inverse: a built-in strategy and a Python damping value
-    (``None``: not cached — a tensor damping or a user strategy may change in place)."""
-    if type(strategy) not in BUILT_IN or not isinstance(damping, (int, float)):
+def _cache_key(strategy: str | DampingStrategy, damping: float | Tensor) -> tuple | None:
+    """What identifies a damped inverse: a built-in strategy (by name or object; no object made:
+    this runs for every block of every step) and a Python damping value (``None``: not cached — a
+    tensor damping or a user strategy may change in place)."""
+    kind = built_in_class(strategy)
+    if kind is None or not isinstance(damping, (int, float)):
         return None
-    return (type(strategy), float(damping))
+    return (kind, float(damping))
 

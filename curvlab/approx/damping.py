@@ -188,6 +188,13 @@ _STRATEGIES: dict[str, type[DampingStrategy]] = {
 BUILT_IN = frozenset(_STRATEGIES.values())
 
 
+def built_in_class(strategy: str | DampingStrategy) -> type[DampingStrategy] | None:
+    """The built-in class of a strategy name or object, without making one (``None``: a user
+    strategy or an unknown name)."""
+    kind = _STRATEGIES.get(strategy) if isinstance(strategy, str) else type(strategy)
+    return kind if kind in BUILT_IN else None
+
+
 def get_damping(strategy: str | DampingStrategy) -> DampingStrategy:
     """The strategy object for a name in :data:`DAMPING_STRATEGIES` (objects pass through)."""
     if isinstance(strategy, DampingStrategy):

@@ -191,6 +191,15 @@ def uphill_message(steps: Sequence["BlockStep"]) -> str:
             "layer's width); use factor_dtype='float64', a larger damping, or normalised inputs")
 
 
+def _any_nonzero(groups: Sequence[dict[str, Any]], option: str) -> bool:
+    """Whether any of a block's param groups sets ``option`` (a loop, not a generator: this runs
+    for every block of every step)."""
+    for group in groups:
+        if group[option] != 0:
+            return True
+    return False
+
+
 @dataclass
 class BlockStep:
     """One block's share of a step: its gradient's column blocks (:meth:`Block.grad_columns`),
@@ -234,14 +243,21 @@ def update_blocks_(
             directions.append((s.grad, False))
             continue
         # computed in the approximation's dtype (factor_dtype), returned in the gradient's
-        direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
-        directions.append((direction, True))
         if kl_clip is None and s.approximation.inverse(damping, strategy).positive_definite:
-            continue  # ⟨d, g⟩ > 0 by construction (up to rounding below UPHILL_COSINE): nothing to guard
-        dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)]
-        preconditioned.append((s, sum(dots[1:], dots[0])))
-        if kl_clip is not None:
-            term = sum(dot * group["lr"] ** 2 for dot, group in zip(dots, s.groups))
+            # ⟨d, g⟩ > 0 by construction (up to rounding below UPHILL_COSINE): nothing to guard
+            directions.append((s.approximation.inv_mat_mul_columns(s.grad, damping, strategy), True))
+            continue
+        lrs = [group["lr"] for group in s.groups]
+        if kl_clip is None or all(lr == lrs[0] for lr in lrs):
+            direction, dot = s.approximation.inv_mat_mul_columns_and_inner(s.grad, damping, strategy)
+            term = None if kl_clip is None else dot * lrs[0] ** 2
+        else:  # KL clipping weighs each column block by its own group's lr²
+            direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
+            dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)]
+            dot, term = sum(dots[1:], dots[0]), sum(d * lr ** 2 for d, lr in zip(dots, lrs))
+        directions.append((direction, True))
+        preconditioned.append((s, dot))
+        if term is not None:
             v_g = term if v_g is None else v_g + term.to(v_g.device)
     nu = None if v_g is None else kl_clip_factor(v_g, kl_clip)
     columns: list[tuple[Tensor, bool, Tensor | None, float]] = []  # every block's, for momentum
@@ -249,7 +265,7 @@ def update_blocks_(
         if nu is not None and own:
             for u in update:
                 u.mul_(nu.to(u.device))
-        if any(group["weight_decay"] != 0 for group in s.groups):
+        if _any_nonzero(s.groups, "weight_decay"):
             theta = s.block.param_columns()
             update = [decayed(u, t, group["weight_decay"], own) for u, t, group in zip(update, theta, s.groups)]
             own = True
@@ -261,7 +277,7 @@ def update_blocks_(
         block_moved = [next(moved) for _ in s.groups]
         # a column without momentum beside one with it keeps a zero buffer (a fresh start, as
         # torch's SGD makes, should its group's momentum be raised): the buffer stays one matrix
-        kept = None if all(group["momentum"] == 0 for group in s.groups) else [
+        kept = None if not _any_nonzero(s.groups, "momentum") else [
             torch.zeros_like(d) if b is None else b for d, b in block_moved]
         updates.append((s, [d for d, _ in block_moved], kept))
     guard = [negative_guard([dot for _, dot in preconditioned])] if preconditioned else []
