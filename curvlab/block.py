@@ -290,10 +290,14 @@ class Block:
     def grad_columns(self) -> list[Tensor] | None:
         """The gradient's column blocks, weight then bias (views of ``.grad`` where possible; a
         part without ``.grad`` counts as zero); ``None`` when no part has one."""
-        params = self._parameters
-        if all(p.grad is None for p in params):
+        grads = [p.grad for p in self._parameters]
+        for g in grads:
+            if g is not None:
+                break
+        else:
             return None
-        return [self._as_matrix(torch.zeros_like(p) if p.grad is None else p.grad, p is self.weight) for p in params]
+        return [self._as_matrix(torch.zeros_like(p) if g is None else g, p is self.weight)
+                for p, g in zip(self._parameters, grads)]
 
     def grad_matrix(self, *, copy: bool = False) -> Tensor | None:
         """The gradient in matrix form ``[d_out, D]`` (see :meth:`grad_columns`; ``copy``: never a
@@ -320,6 +324,8 @@ class Block:
                 targets.append((p, part[:, 0], i))
             elif self.layout.transposed:
                 targets.append((p, part.reshape(p.shape[1], p.shape[0], *p.shape[2:]).transpose(0, 1), i))
+            elif p.dim() == 2 and p.shape[0] == self.layout.out_features:  # (a Linear's weight: its matrix form)
+                targets.append((p, part, i))
             elif p.is_contiguous():
                 targets.append((p.view(self.layout.out_features, -1), part, i))
             else:  # e.g. channels_last
