@@ -291,10 +291,7 @@ class Block:
         """The gradient's column blocks, weight then bias (views of ``.grad`` where possible; a
         part without ``.grad`` counts as zero); ``None`` when no part has one."""
         grads = [p.grad for p in self._parameters]
-        for g in grads:
-            if g is not None:
-                break
-        else:
+        if all(g is None for g in grads):
             return None
         return [self._as_matrix(torch.zeros_like(p) if g is None else g, p is self.weight)
                 for p, g in zip(self._parameters, grads)]

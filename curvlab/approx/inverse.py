@@ -74,7 +74,7 @@ class DampedInverse(ABC):
             y = self(x)
             return cut_columns(y, parts), torch.dot(y.reshape(-1), x.reshape(-1))
         ys = self.columns(parts)
-        dots = [torch.dot(y.reshape(-1), p.reshape(-1)) for y, p in zip(ys, parts)]
+        dots = column_inners(ys, parts)
         return ys, sum(dots[1:], dots[0])
 
 
@@ -100,6 +100,11 @@ def joins_columns(parts: Sequence[Tensor]) -> bool:
     for p in parts:  # a loop, not a generator: this runs for every block of every step
         width += p.shape[1]
     return first.shape[0] * width <= JOIN_MAX_ENTRIES
+
+
+def column_inners(ys: Sequence[Tensor], parts: Sequence[Tensor]) -> list[Tensor]:
+    """``⟨Y_i, X_i⟩`` of every column block (the sum of ``Y_i ⊙ X_i``)."""
+    return [torch.dot(y.reshape(-1), x.reshape(-1)) for y, x in zip(ys, parts)]
 
 
 def cut_columns(y: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:

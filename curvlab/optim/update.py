@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd
 
 from curvlab.approx import DampingStrategy, KroneckerApproximation
+from curvlab.approx.inverse import column_inners
 from curvlab.block import Block
 from curvlab.optim.state import BlockState
 from curvlab.stats import LayerStats
@@ -247,13 +248,13 @@ def update_blocks_(
             # ⟨d, g⟩ > 0 by construction (up to rounding below UPHILL_COSINE): nothing to guard
             directions.append((s.approximation.inv_mat_mul_columns(s.grad, damping, strategy), True))
             continue
-        lrs = [group["lr"] for group in s.groups]
-        if kl_clip is None or all(lr == lrs[0] for lr in lrs):
+        lrs = None if kl_clip is None else [group["lr"] for group in s.groups]
+        if lrs is None or all(lr == lrs[0] for lr in lrs):
             direction, dot = s.approximation.inv_mat_mul_columns_and_inner(s.grad, damping, strategy)
-            term = None if kl_clip is None else dot * lrs[0] ** 2
+            term = None if lrs is None else dot * lrs[0] ** 2
         else:  # KL clipping weighs each column block by its own group's lr²
             direction = s.approximation.inv_mat_mul_columns(s.grad, damping, strategy)
-            dots = [torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(direction, s.grad)]
+            dots = column_inners(direction, s.grad)
             dot, term = sum(dots[1:], dots[0]), sum(d * lr ** 2 for d, lr in zip(dots, lrs))
         directions.append((direction, True))
         preconditioned.append((s, dot))
