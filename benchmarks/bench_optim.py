@@ -488,7 +488,10 @@ def eigh_fn(shapes: list[tuple[int, int, int]], device: torch.device, truncate_a
     return lambda: [torch.linalg.eigh(m) for m in mats]
 
 
-def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
+                checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """The model's rows measured and summarised; ``checkpoint`` (if given) takes the summary of
+    the repeats done after each but the last (a run stopped mid-model keeps them)."""
     base = spec.build(device)
     pool = spec.batches(args.batches, device)
     loss_fn = nn.CrossEntropyLoss()
@@ -539,15 +542,23 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
                 if not plain_step(row.key):
                     row.max_samples = args.slow_repeats
         repeats = args.model_repeats.get(spec.key, args.repeats)
-        common.measure_interleaved(
-            rows, repeats, device,
-            progress=lambda r: print(f"  [{spec.key}] repeat {r + 1}/{repeats} "
-                                     f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True),
-        )
-    for row in rows:
-        if row.key in slow:
-            row.note = "; ".join(filter(None, (row.note, f"{len(row.samples)} sample(s) (one call {slow[row.key]:.1f} s)")))
-    return {**summarise_rows(spec, sizes, rows, args, shifted_flops(convs)), "repeats": repeats}
+
+        def progress(r: int) -> None:
+            print(f"  [{spec.key}] repeat {r + 1}/{repeats} ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
+            if checkpoint is not None and r + 1 < repeats:
+                checkpoint({**summary(), "repeats": r + 1, "cut": f"{r + 1} of {repeats} repeats"})
+
+        def summary() -> dict:
+            for row in rows:
+                if row.key in slow:
+                    row.note = "; ".join(filter(None, (notes[row.key], f"{len(row.samples)} sample(s) "
+                                                                      f"(one call {slow[row.key]:.1f} s)")))
+            return summarise_rows(spec, sizes, rows, args, shifted_flops(convs))
+
+        notes = {row.key: row.note for row in rows}
+        common.measure_interleaved(rows, repeats, device, progress=progress)
+    return {**summary(), "repeats": repeats}
 
 
 def summarise(spec: ModelSpec, sizes, med: dict[str, float], rows: list[Row], args,
@@ -757,12 +768,14 @@ def markdown(res: dict) -> str:
             below = "the schedule's floor" if below is True else below  # results before the floors were named
             verdict = "**met**" if t["met"] else f"**missed** (bound below {below})" if below else "**missed**"
             share = f"{t['met_in_resamples']:.0%}" if "met_in_resamples" in t else "–"
-            rows.append([r["model"], t["target"], f"{t['value']:.2f}", f"{t['bound']:.2f} ({t['against']})", verdict, share])
+            rows.append([r["model"] + (" (cut short)" if r.get("cut") else ""), t["target"], f"{t['value']:.2f}", f"{t['bound']:.2f} ({t['against']})", verdict, share])
     lines += common.md_table(["model", "target", "value", "bound", "", "met in resamples"], rows, "llrllr")
     for r in models:
         lines += [
             "", f"## {r['model']} (N={r['batch']}): {r['note']}", "",
-            *([f"Medians of {r['repeats']} interleaved repeat(s) for this model (`--model-repeats`).", ""]
+            *([f"**Cut short**: medians of the {r['cut']} done when the run stopped (the results are "
+               "written after every repeat).", ""] if r.get("cut") else
+              [f"Medians of {r['repeats']} interleaved repeat(s) for this model (`--model-repeats`).", ""]
               if r.get("repeats", s["repeats"]) != s["repeats"] else []),
             *([f"Allocator for this model: {r['malloc']} (`--reuse-from`).", ""]
               if s.get("reuse_from") and "malloc" in r else []),
@@ -959,11 +972,18 @@ def main(argv: list[str] | None = None) -> None:
             malloc = keep_freed_memory()  # glibc's dynamic default cannot be restored: models after it keep it
             info["malloc"] = f"glibc's default before {spec.key}, from it on {malloc}"
         t0 = time.perf_counter()
-        results.append({**bench_model(spec, args, device), "malloc": malloc})
+
+        def write(models: list[dict]) -> dict:
+            res = {"machine": common.finish(dict(info)), "settings": settings, "models": models}
+            common.write_results(args.out, res, markdown(res), quiet=True)
+            return res
+
+        # written after every repeat: a long run that is stopped (the GPU suite's time limit)
+        # keeps the models it finished and the repeats done of the one it was in
+        results.append({**bench_model(spec, args, device, lambda part: write([*results, {**part, "malloc": malloc}])),
+                        "malloc": malloc})
         print(f"[{spec.key}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-        # written after every model: a long run that is stopped keeps the models it finished
-        res = {"machine": common.finish(dict(info)), "settings": settings, "models": results}
-        common.write_results(args.out, res, markdown(res), quiet=True)
+        res = write(results)
     print(markdown(res))
 
 

@@ -417,5 +417,8 @@ def write_results(out: str | Path | None, result: dict, markdown: str, quiet: bo
         return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown.rstrip() + "\n")
+    # each file replaced whole: a run stopped while writing (a time limit) leaves the last results
+    for path, text in ((out, json.dumps(result, indent=2, default=str)), (out.with_suffix(".md"), markdown.rstrip())):
+        part = path.with_name(path.name + ".part")
+        part.write_text(text + "\n")
+        os.replace(part, path)

@@ -102,7 +102,8 @@ step 80 "CUDA tests" bash -o pipefail -c "$py -m pytest -q -p no:cacheprovider -
 step 100 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
     --repeats 5 --busy-cores 1000 --out $results/extract_cuda.json
 step 25 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
-# ResNet-18 first: the GPU targets are on it (each model's results are written as it finishes)
+# ResNet-18 first: the GPU targets are on it (results are written after every repeat: a model the
+# step limit cuts keeps the repeats it finished, marked "cut short")
 step 170 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
     --models resnet18,cnn,mlp,mlp-1024 --repeats 5 --model-repeats resnet18=3 --slow-seconds 1 \
     --out $results/optim_cuda.json

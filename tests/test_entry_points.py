@@ -679,6 +679,42 @@ def test_bench_optim_counts_the_refresh_of_a_truncated_factor_as_the_optimizers_
     assert run.returncode == 0 and run.stdout.strip() == "checked", run.stderr
 
 
+def test_bench_optim_stopped_mid_model_keeps_its_finished_repeats(tmp_path) -> None:
+    """A run stopped during a model (the GPU suite's time limit stopped ResNet-18's first GPU
+    run after its first repeat and kept nothing of it) leaves that model's repeats done so far
+    in the results, marked cut short, and whole files (each replaced at once).  The stop is
+    raised right after the first repeat, where a time limit may fall.  In a process of its own:
+    the benchmark's ``common`` is not the analyses'."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "optim.json"
+    script = textwrap.dedent(f"""
+        import common, bench_optim
+
+        measure = common.measure_interleaved
+        def stopped_after_one(rows, repeats, device, progress, **kw):
+            def then_stop(r):
+                progress(r)
+                raise KeyboardInterrupt
+            return measure(rows, repeats, device, progress=then_stop, **kw)
+        common.measure_interleaved = stopped_after_one
+        try:
+            bench_optim.main(["--models", "mlp", "--peers", "curvlab-kfac", "--batch-size", "8", "--repeats", "3",
+                              "--min-time", "0.001", "--replay-seconds", "0", "--out", {str(out)!r}])
+        except KeyboardInterrupt:
+            print("stopped")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "stopped", run.stderr
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["model"] == "mlp" and model["repeats"] == 1 and model["cut"] == "1 of 3 repeats", model.get("cut")
+    assert model["peers"]["curvlab-kfac"]["amortised/sgd"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "**Cut short**: medians of the 1 of 3 repeats" in md and "| mlp (cut short) |" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optim.json", "optim.md"]  # no .part left
+
 class Positions(nn.Module):
     """A token and a position embedding whose positions are ``pos_shape``: ``T`` (nanoGPT's
     ``wpe(arange(T))``), ``1T`` (GPT-2's ``[None]``) or ``NT`` (called on the batch); with
