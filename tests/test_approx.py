@@ -377,15 +377,17 @@ def test_a_float32_cholesky_inverse_beyond_its_resolution_is_not_claimed_positiv
     assert not kfac.inverse(1e-3, "factored").positive_definite
 
 
-@pytest.mark.parametrize("route", ["joined", "blockwise"])
+@pytest.mark.parametrize("route", ["joined", "blockwise", "blockwise, X U_in as written"])
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: str, route: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The optimizers' route: ``inv_mat_mul_columns`` on ``X``'s column blocks (the layer's
     weight and bias columns, or any other cut) gives the column blocks of ``(K̂ + λ)⁻¹ X``, and
-    ``inv_mat_mul_columns_and_inner`` with them ``vec(X)ᵀ (K̂ + λ)⁻¹ vec(X)`` — by either route
-    (``X`` joined into one matrix, as for a small block, or each column block on its own)."""
+    ``inv_mat_mul_columns_and_inner`` with them ``vec(X)ᵀ (K̂ + λ)⁻¹ vec(X)`` — by every route
+    (``X`` joined into one matrix, as for a small block, or each column block on its own; in a
+    full eigenbasis, ``X U_in`` transposed or as written)."""
     monkeypatch.setattr(inverse_module, "JOIN_MAX_ENTRIES", 10**9 if route == "joined" else 0)
+    monkeypatch.setattr(inverse_module, "WIDE_INPUT_RATIO", 0 if route.endswith("as written") else 10**9)
     approx = approximate(stats, name)
     lam = 0.05 * float(approx.trace()) / stats.num_params
     d_out, d_in = stats.layout.shape

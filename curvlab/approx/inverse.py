@@ -87,6 +87,15 @@ class DampedInverse(ABC):
 #: 1–2 % (``[128, 785]`` 1414 against 1448 µs).
 JOIN_MAX_ENTRIES = 32768
 
+#: :meth:`DiagonalInverse.columns` of full bases multiplies ``X U_in`` as written (``D``-wide
+#: products) where ``D`` is at least this many times ``d_out``, transposed elsewhere.  Measured on
+#: this project's Intel Xeon (MKL, one thread, float32, a weight and a bias column, interleaved):
+#: as written against transposed 128×785 2.59 against 2.71 ms, 64×2049 8.37 against 9.39,
+#: 256×1153 11.19 against 11.29; slower 512×513 (7.24 against 7.07), 768×769 (22.1 against 21.7),
+#: 192×193, 384×385, 1000×513 (1–3 %).  Inside the MLP's (784-128-64-10, N = 128) EKFAC and
+#: TEKFAC plain steps, 0.02–0.10 ms (0.5–2.4 %) less in each of three interleaved runs.
+WIDE_INPUT_RATIO = 4
+
 
 def joins_columns(parts: Sequence[Tensor]) -> bool:
     """Whether a damped inverse is applied to the column blocks ``parts`` joined into one matrix:
@@ -139,12 +148,19 @@ class DiagonalInverse(DampedInverse):
         return diagonal_apply(x, self.u_out, self.u_in, self.inv_damped, flat_map=self._flat_map, u_in_t=self._u_in_t)
 
     def columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
-        """Full bases: ``Y_j = (U_out M) (U_in)_jᵀ`` with ``Mᵀ = (Σ_i (U_in)_iᵀ X_iᵀ U_out) ⊙ gridᵀ``
-        (``(U_in)_i``: the rows of block ``i``), computed transposed so that no product is
-        ``D`` wide."""
+        """Full bases: ``Y_j = (U_out M) (U_in)_jᵀ`` with ``M = (U_outᵀ Σ_i X_i (U_in)_i) ⊙ grid``
+        (``(U_in)_i``: the rows of block ``i``) — for an input side at least
+        :data:`WIDE_INPUT_RATIO` times the output's as written, else computed transposed, so
+        that no product is ``D`` wide."""
         if len(parts) == 1 or is_truncated(self.u_out) or is_truncated(self.u_in) or joins_columns(parts):
             return super().columns(parts)
         rows = self.u_in.split([p.shape[1] for p in parts], 0)
+        if WIDE_INPUT_RATIO * self.u_out.shape[0] <= self.u_in.shape[0]:
+            m = parts[0] @ rows[0]
+            for r, x in zip(rows[1:], parts[1:]):
+                m.addmm_(x, r)
+            y = self.u_out @ (self.u_out.mT @ m).mul_(self.inv_damped)  # U_out M
+            return [y @ r.mT for r in rows]
         if self._inv_damped_t is None:
             grid = self.inv_damped.expand(self.u_out.shape[1], self.u_in.shape[1])
             self._inv_damped_t = grid.mT.contiguous()
