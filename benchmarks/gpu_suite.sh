@@ -11,7 +11,8 @@
 #   4. a profile of every kind of optimizer step (kernels, busy time, launches, host reads), for
 #      the sessions without a GPU to work from.
 #
-# Results: benchmarks/results/{extract,compare,optim,profile}_cuda.{json,md} and cuda_tests.txt; commit them.
+# Results: benchmarks/results/{extract,compare,optim,profile}_cuda.{json,md}, optim_cuda_resnet18.{json,md}
+# and cuda_tests.txt; commit them.
 #
 #   bash benchmarks/gpu_suite.sh            # everything
 #   SKIP_INSTALL=1 bash benchmarks/gpu_suite.sh
@@ -102,11 +103,16 @@ step 80 "CUDA tests" bash -o pipefail -c "$py -m pytest -q -p no:cacheprovider -
 step 100 "extraction benchmark" $py benchmarks/bench_extract.py --device cuda --models mlp,cnn,3c3d,resnet18 \
     --repeats 5 --busy-cores 1000 --out $results/extract_cuda.json
 step 25 "comparison benchmark" $py benchmarks/bench_compare.py --device cuda --out $results/compare_cuda.json
-# ResNet-18 first: the GPU targets are on it (results are written after every repeat: a model the
-# step limit cuts keeps the repeats it finished, marked "cut short")
-step 170 "optimizer benchmark" $py benchmarks/bench_optim.py --device cuda --threads 0 \
-    --models resnet18,cnn,mlp,mlp-1024 --repeats 5 --model-repeats resnet18=3 --slow-seconds 1 \
-    --out $results/optim_cuda.json
+# ResNet-18 first, SGD and curvlab's optimizers alone: the GPU targets are on them (every curvlab
+# optimizer amortised <= 1.3x SGD), and the first GPU run's limit fell in ResNet-18's second repeat
+# with every peer in it; then the small models with every peer, ASDL's included.  Results are
+# written after every repeat: a model a step's limit cuts keeps the repeats it finished, marked
+# "cut short".
+step 100 "optimizer benchmark, ResNet-18" $py benchmarks/bench_optim.py --device cuda --threads 0 \
+    --models resnet18 --peers sgd,curvlab-kfac,curvlab-ekfac,curvlab-tkfac,curvlab-tekfac --repeats 3 \
+    --slow-seconds 1 --out $results/optim_cuda_resnet18.json
+step 70 "optimizer benchmark, small models" $py benchmarks/bench_optim.py --device cuda --threads 0 \
+    --models cnn,mlp,mlp-1024 --repeats 3 --slow-seconds 1 --out $results/optim_cuda.json
 step 45 "step profile" $py benchmarks/profile_steps.py --device cuda --threads 0 --models resnet18,mlp \
     --budget 40 --out $results/profile_cuda.json
 echo "gpu_suite: done in $((SECONDS - start)) s; results in $results/*_cuda.* (commit them)"
