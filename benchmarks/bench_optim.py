@@ -542,6 +542,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
                 if not plain_step(row.key):
                     row.max_samples = args.slow_repeats
         repeats = args.model_repeats.get(spec.key, args.repeats)
+        notes = {row.key: row.note for row in rows}
 
         def progress(r: int) -> None:
             print(f"  [{spec.key}] repeat {r + 1}/{repeats} ({time.perf_counter() - started:.0f} s)",
@@ -556,7 +557,6 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
                                                                       f"(one call {slow[row.key]:.1f} s)")))
             return summarise_rows(spec, sizes, rows, args, shifted_flops(convs))
 
-        notes = {row.key: row.note for row in rows}
         common.measure_interleaved(rows, repeats, device, progress=progress)
     return {**summary(), "repeats": repeats}
 
@@ -768,7 +768,8 @@ def markdown(res: dict) -> str:
             below = "the schedule's floor" if below is True else below  # results before the floors were named
             verdict = "**met**" if t["met"] else f"**missed** (bound below {below})" if below else "**missed**"
             share = f"{t['met_in_resamples']:.0%}" if "met_in_resamples" in t else "–"
-            rows.append([r["model"] + (" (cut short)" if r.get("cut") else ""), t["target"], f"{t['value']:.2f}", f"{t['bound']:.2f} ({t['against']})", verdict, share])
+            model = r["model"] + (" (cut short)" if r.get("cut") else "")
+            rows.append([model, t["target"], f"{t['value']:.2f}", f"{t['bound']:.2f} ({t['against']})", verdict, share])
     lines += common.md_table(["model", "target", "value", "bound", "", "met in resamples"], rows, "llrllr")
     for r in models:
         lines += [
