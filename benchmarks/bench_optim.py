@@ -543,6 +543,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
                     row.max_samples = args.slow_repeats
         repeats = args.model_repeats.get(spec.key, args.repeats)
         notes = {row.key: row.note for row in rows}
+        shifted = shifted_flops(convs)
 
         def progress(r: int) -> None:
             print(f"  [{spec.key}] repeat {r + 1}/{repeats} ({time.perf_counter() - started:.0f} s)",
@@ -555,7 +556,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device,
                 if row.key in slow:
                     row.note = "; ".join(filter(None, (notes[row.key], f"{len(row.samples)} sample(s) "
                                                                       f"(one call {slow[row.key]:.1f} s)")))
-            return summarise_rows(spec, sizes, rows, args, shifted_flops(convs))
+            return summarise_rows(spec, sizes, rows, args, shifted)
 
         common.measure_interleaved(rows, repeats, device, progress=progress)
     return {**summary(), "repeats": repeats}
@@ -966,6 +967,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["curvlab_engine"] = KroneckerOptions().engine  # the optimizers' default statistics engine
     malloc = info["malloc"]
+
+    def write(models: list[dict]) -> dict:
+        res = {"machine": common.finish(dict(info)), "settings": settings, "models": models}
+        common.write_results(args.out, res, markdown(res), quiet=True)
+        return res
+
     for spec in models:
         if args.batch_size is not None:
             spec = dataclasses.replace(spec, batch=args.batch_size)
@@ -973,12 +980,6 @@ def main(argv: list[str] | None = None) -> None:
             malloc = keep_freed_memory()  # glibc's dynamic default cannot be restored: models after it keep it
             info["malloc"] = f"glibc's default before {spec.key}, from it on {malloc}"
         t0 = time.perf_counter()
-
-        def write(models: list[dict]) -> dict:
-            res = {"machine": common.finish(dict(info)), "settings": settings, "models": models}
-            common.write_results(args.out, res, markdown(res), quiet=True)
-            return res
-
         # written after every repeat: a long run that is stopped (the GPU suite's time limit)
         # keeps the models it finished and the repeats done of the one it was in
         results.append({**bench_model(spec, args, device, lambda part: write([*results, {**part, "malloc": malloc}])),

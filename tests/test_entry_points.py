@@ -715,6 +715,7 @@ def test_bench_optim_stopped_mid_model_keeps_its_finished_repeats(tmp_path) -> N
     assert "**Cut short**: medians of the 1 of 3 repeats" in md and "| mlp (cut short) |" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optim.json", "optim.md"]  # no .part left
 
+
 class Positions(nn.Module):
     """A token and a position embedding whose positions are ``pos_shape``: ``T`` (nanoGPT's
     ``wpe(arange(T))``), ``1T`` (GPT-2's ``[None]``) or ``NT`` (called on the batch); with
