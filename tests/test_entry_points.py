@@ -4,6 +4,8 @@ command line (model checked before any data is loaded; a user ResNet end to end)
 
 from __future__ import annotations
 
+import os
+import re
 import textwrap
 import warnings
 from pathlib import Path
@@ -518,6 +520,47 @@ def test_gpu_suite_without_a_cuda_python_says_so(tmp_path) -> None:
     run = subprocess.run([bash, str(tmp_path / "benchmarks" / "gpu_suite.sh"), "--help"], capture_output=True,
                          text=True, timeout=60, env=env, cwd=tmp_path)
     assert run.returncode == 2 and run.stdout.startswith("usage: bash benchmarks/gpu_suite.sh"), run.stdout
+
+
+def gpu_suite_commands() -> list[tuple[str, list[str]]]:
+    """Every ``$py benchmarks/<script>.py <arguments>`` of gpu_suite.sh (continued lines joined),
+    as (script, arguments)."""
+    import shlex
+
+    text = (BENCHMARKS / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or "$py benchmarks/" not in line:
+            continue
+        words = shlex.split(line.split("$py benchmarks/", 1)[1])
+        commands.append((words[0], words[1:]))
+    return commands
+
+
+def test_gpu_suite_runs_every_benchmark_with_options_it_takes(tmp_path) -> None:
+    """The suite runs only where a GPU is lent, rarely: a benchmark option renamed since, or a
+    model or peer name it no longer knows, would spend that run on a usage error.  Here each of
+    its benchmark commands, as written, gets as far as the device check (everything it validates
+    before needing CUDA passes), and its test selection collects tests."""
+    import subprocess
+    import sys
+
+    commands = gpu_suite_commands()
+    assert {script for script, _ in commands} >= {"bench_extract.py", "bench_compare.py", "bench_optim.py",
+                                                  "profile_steps.py"}, commands
+    for script, arguments in commands:
+        arguments = [a.replace("$results", str(tmp_path)) for a in arguments]
+        assert "--device" in arguments and arguments[arguments.index("--device") + 1] == "cuda", (script, arguments)
+        run = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert run.returncode != 0 and run.stderr.strip().endswith("--device cuda but CUDA is not available"), (
+            script, arguments, run.stderr[-2000:])
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+    selection = re.search(r"pytest (.*?) tests", (BENCHMARKS / "gpu_suite.sh").read_text()).group(1).split()
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *selection, "tests"],
+                         capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+    collected = [line for line in run.stdout.splitlines() if "::" in line]
+    assert run.returncode == 0 and len(collected) >= 5 and all("cuda" in line.lower() for line in collected), run.stdout[-2000:]
 
 
 def test_bench_compare_routes_agree_in_float64_and_write_only_where_told(tmp_path) -> None:
