@@ -664,3 +664,26 @@ def test_a_diagonal_factor_is_decomposed_and_inverted_exactly(dtype: torch.dtype
     torch.testing.assert_close(u @ torch.diag(lam) @ u.mT, m, rtol=0, atol=0)
     c, shift = torch.tensor(2.0, dtype=dtype), torch.tensor(1e-3, dtype=dtype)
     torch.testing.assert_close(damped_inverse_matrix(m, c, shift, dtype), torch.linalg.inv(c * m + shift * eye))
+
+
+@pytest.mark.parametrize("where", [(0, 3), (2, 6)])
+def test_a_factor_coupled_off_its_first_off_diagonal_is_not_taken_as_diagonal(where: tuple[int, int]) -> None:
+    """Zeros next to the diagonal (inputs that never co-occur with their neighbours, MNIST's
+    empty corner pixels) with a coupling further out: the full eigen-decomposition and inverse,
+    not the diagonal's — and a NaN there is refused, not decomposed as a diagonal."""
+    from curvlab.approx.eigh import psd_eigh
+    from curvlab.approx.inverse import damped_inverse_matrix
+
+    m = torch.diag(torch.tensor([3.0, 1.0, 5.0, 2.0, 1.0, 4.0, 8.0], dtype=torch.float64))
+    i, j = where
+    m[i, j] = m[j, i] = 0.9
+    assert not bool(m.diagonal(1).any())
+    lam, u = psd_eigh(m, compute_dtype=torch.float64)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(m))
+    torch.testing.assert_close(u @ torch.diag(lam) @ u.mT, m)
+    c, shift = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
+    torch.testing.assert_close(damped_inverse_matrix(m, c, shift, None),
+                               torch.linalg.inv(c * m + shift * torch.eye(7, dtype=torch.float64)))
+    m[i, j] = m[j, i] = float("nan")
+    with pytest.raises(ValueError, match="NaN|non-finite"):
+        psd_eigh(m, compute_dtype=torch.float64)
