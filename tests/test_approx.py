@@ -377,7 +377,7 @@ def test_a_float32_cholesky_inverse_beyond_its_resolution_is_not_claimed_positiv
     assert not kfac.inverse(1e-3, "factored").positive_definite
 
 
-@pytest.mark.parametrize("route", ["joined", "blockwise", "blockwise, X U_in as written"])
+@pytest.mark.parametrize("route", ["joined", "blockwise", "blockwise, X U_in as written", "blockwise, rows padded"])
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: str, route: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -385,9 +385,11 @@ def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: 
     weight and bias columns, or any other cut) gives the column blocks of ``(K̂ + λ)⁻¹ X``, and
     ``inv_mat_mul_columns_and_inner`` with them ``vec(X)ᵀ (K̂ + λ)⁻¹ vec(X)`` — by every route
     (``X`` joined into one matrix, as for a small block, or each column block on its own; in a
-    full eigenbasis, ``X U_in`` transposed or as written)."""
+    full eigenbasis, ``X U_in`` transposed or as written; a dense factor inverse and its blocks
+    kept with padded rows, as for rows 4 KiB long)."""
     monkeypatch.setattr(inverse_module, "JOIN_MAX_ENTRIES", 10**9 if route == "joined" else 0)
     monkeypatch.setattr(inverse_module, "WIDE_INPUT_RATIO", 0 if route.endswith("as written") else 10**9)
+    monkeypatch.setattr(inverse_module, "ALIASED_ROW", 1 if route.endswith("padded") else 1024)
     approx = approximate(stats, name)
     lam = 0.05 * float(approx.trace()) / stats.num_params
     d_out, d_in = stats.layout.shape
@@ -414,6 +416,21 @@ def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: 
         approx.inv_mat_mul_columns([x[:, :-1]], lam, "exact")
     with pytest.raises(ValueError, match=f"column blocks .* do not make a \\[{d_out}, {d_in}\\] matrix"):
         approx.inv_mat_mul_columns_and_inner([x[:, :-1]], lam, "exact")
+
+
+@pytest.mark.parametrize("shape", [(7, 1024), (1024, 1024), (3, 2048), (5, 1023), (4, 1025)])
+def test_a_repeated_operand_is_the_matrix_with_rows_4_kib_apart_padded(shape: tuple[int, int]) -> None:
+    """A damped inverse's operand: ``m``'s values, row-major; on the CPU rows a multiple of 1024
+    elements long are kept 16 elements further apart (MKL's GEMM reads rows 4 KiB apart through
+    the same cache sets), others contiguous — also from a transposed or sliced ``m``."""
+    from curvlab.approx.inverse import repeated_operand
+
+    gen = torch.Generator().manual_seed(0)
+    for m in (torch.randn(shape, generator=gen), torch.randn(shape[::-1], generator=gen).mT,
+              torch.randn(shape[0], shape[1] + 1, generator=gen)[:, :-1]):
+        got = repeated_operand(m)
+        assert got.shape == m.shape and torch.equal(got, m) and got.stride(1) == 1
+        assert got.stride(0) == (shape[1] + 16 if shape[1] % 1024 == 0 else shape[1]), (shape, got.stride())
 
 
 def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:
