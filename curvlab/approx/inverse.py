@@ -124,9 +124,10 @@ def repeated_operand(m: Tensor) -> Tensor:
 def repeated_basis(u: Tensor) -> Tensor:
     """A full (square) eigenbasis as :func:`repeated_operand` keeps it where that pads it — one
     copy per basis (:func:`curvlab.reuse.keep`: EKFAC's inverse is rebuilt at every rescaling) —
-    else ``u`` itself, and so a permutation (an embedding's basis, applied by gathers).  Rotations
-    by the 1024- and 2048-wide bases of the benchmark's Linear layers without bias, from 64 and
-    128 rows: 13–17 % faster (``results/padded_rows_cpu.md``)."""
+    else ``u`` itself, and so a permutation (an embedding's basis, applied by gathers).  The
+    rotations of ``X`` of 64 and 128 rows into and out of 1024- and 2048-wide bases alone: 13–17 %
+    faster; EKFAC/TEKFAC's whole plain step on such Linear layers 6–12 %
+    (``benchmarks/results/padded_rows_cpu.md``)."""
     n = u.shape[-1]
     if u.device.type != "cpu" or u.dim() != 2 or u.shape[0] != n or n == 0 or n % ALIASED_ROW:
         return u
