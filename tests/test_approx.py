@@ -433,6 +433,33 @@ def test_a_repeated_operand_is_the_matrix_with_rows_4_kib_apart_padded(shape: tu
         assert got.stride(0) == (shape[1] + 16 if shape[1] % 1024 == 0 else shape[1]), (shape, got.stride())
 
 
+@pytest.mark.parametrize("kind", ["rotation", "permutation"])
+def test_an_eigenbasis_1024_wide_is_applied_as_it_is_and_kept_no_longer_than_it_lives(kind: str) -> None:
+    """EKFAC's inverse in a 1024-wide basis (kept padded: rows 4 KiB apart, see above; a
+    permutation, an embedding's, left as it is): ``U_out [(U_outᵀ X U_in) ⊘ s] U_inᵀ``, and
+    nothing of the basis outlives it (the padded copy is kept per basis, as long as it lives)."""
+    import gc
+    import weakref
+
+    from curvlab.approx.inverse import DiagonalInverse
+
+    gen = torch.Generator().manual_seed(0)
+    u_in = (torch.linalg.qr(torch.randn(1024, 1024, generator=gen))[0] if kind == "rotation"
+            else torch.eye(1024)[:, torch.randperm(1024, generator=gen)])
+    u_out = torch.linalg.qr(torch.randn(3, 3, generator=gen))[0]
+    s = torch.rand(3, 1024, generator=gen) + 0.5
+    x = torch.randn(3, 1024, generator=gen)
+    want = (u_out.double() @ ((u_out.double().T @ x.double() @ u_in.double()) / s.double()) @ u_in.double().T).float()
+    for _ in range(2):  # a second inverse of the same basis finds the kept copy
+        inverse = DiagonalInverse(u_out, u_in, s)
+        torch.testing.assert_close(inverse(x), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.cat(inverse.columns([x[:, :1000], x[:, 1000:]]), 1), want, rtol=1e-4, atol=1e-5)
+    alive = weakref.ref(u_in)
+    del inverse, u_in
+    gc.collect()
+    assert alive() is None
+
+
 def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:
     """``curvlab.mkl.spd_inverse_`` (LAPACK ``potrf`` + ``potri`` through the MKL in torch's CPU
     build, the damped factor inverses' route) is found wherever torch reports MKL, inverts in

@@ -129,12 +129,11 @@ def repeated_basis(u: Tensor) -> Tensor:
     faster; EKFAC/TEKFAC's whole plain step on such Linear layers 6–12 %
     (``benchmarks/results/padded_rows_cpu.md``)."""
     n = u.shape[-1]
-    if u.device.type != "cpu" or u.dim() != 2 or u.shape[0] != n or n == 0 or n % ALIASED_ROW:
+    if (u.device.type != "cpu" or u.dim() != 2 or u.shape[0] != n or n == 0 or n % ALIASED_ROW
+            or permutation_order(u) is not None):  # (checked once per basis)
         return u
-    held = kept(u, "padded")
-    if held is None:
-        held = keep(u, "padded", u if permutation_order(u) is not None else repeated_operand(u))
-    return held
+    held = kept(u, "padded")  # (never u itself: a value holding its weak key would keep it alive)
+    return held if held is not None else keep(u, "padded", repeated_operand(u))
 
 
 def joins_columns(parts: Sequence[Tensor]) -> bool:
