@@ -564,21 +564,25 @@ CONV_CASES = {  # D ≥ 64 weight columns at T ≥ 1024 output locations
 }
 
 
+@pytest.mark.parametrize("outputs", [4, 1])
 @pytest.mark.parametrize("stats", [("tkfac", "kfe"), ("tkfac",), ("sqrt",), ("kfac", "kfe")])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_convolution_statistics_with_many_locations_match_the_patches(case: str, stats: tuple[str, ...]) -> None:
+def test_convolution_statistics_with_many_locations_match_the_patches(case: str, stats: tuple[str, ...],
+                                                                       outputs: int) -> None:
     """A convolution with ≥ 1024 output locations and ≥ 64 weight columns, whose per-sample
     products the autograd engine forms without unfolding its input (on the CPU): every statistic equals the dense sums over
     ``M_k = Σ_t g_k x_kᵀ`` from the patches (the engine's roots ``g``; the bias as a row of ones),
-    in one block or with the bias apart, for every padding, stride and dimension."""
+    in one block or with the bias apart, for every padding, stride and dimension — with several
+    root columns (4 classes) and with one (a single regression output)."""
     make, shape, separate_bias = CONV_CASES[case]
     torch.manual_seed(0)
     conv = make()
     with torch.no_grad():
         d_out, spatial = conv(torch.zeros(1, *shape)).shape[1], conv(torch.zeros(1, *shape)).shape[2:]
-    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(d_out * math.prod(spatial), 4)).double()
-    loss_fn = nn.CrossEntropyLoss()
-    x, y = torch.randn(2, *shape, dtype=torch.float64), torch.randint(0, 4, (2,))
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(d_out * math.prod(spatial), outputs)).double()
+    loss_fn = nn.CrossEntropyLoss() if outputs > 1 else nn.MSELoss()
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    y = torch.randint(0, outputs, (2,)) if outputs > 1 else torch.randn(2, 1, dtype=torch.float64)
     g = extract_autograd(model, loss_fn, x, y, flavours=("exact",))["0"].calls[0].g  # [C, N, d_out, T]
     patches = unfold_input(model[0], x)
     full = torch.cat([patches, torch.ones_like(patches[:, :1])], 1) if conv.bias is not None else patches
