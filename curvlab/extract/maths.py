@@ -126,7 +126,13 @@ def per_sample_products(g: Tensor, x: Tensor) -> Tensor:
     if d_out >= 64 or t == 1 or x.stride(2) != 1:
         return torch.einsum("cnot,ndt->cnod", g, x)
     products = [torch.bmm(x, column.mT) for column in g]  # [N, D, d_out] each
-    return (products[0].unsqueeze(0) if c == 1 else torch.stack(products)).mT
+    return stack_columns(products).mT
+
+
+def stack_columns(products: list[Tensor]) -> Tensor:
+    """Each root column's products (``[...]`` each) as ``[C, ...]``: one column (an MC sample) as
+    a view, where ``torch.stack`` would copy it."""
+    return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
 
 
 def reduce_shared(x: Tensor | LazyInputs, g: Tensor) -> tuple[Tensor, Tensor]:

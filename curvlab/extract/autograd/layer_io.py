@@ -285,8 +285,7 @@ class ConvInputs:
                         column.reshape(1, b * d_out, *self.locations), conv.stride, 0, conv.dilation, b).view(b, d_out, -1)
             for column in g
         ]
-        # [C, B, d_out, C_in·prod(k)]; one column (an MC sample) as a view: a stack copies it
-        m = per_column[0].unsqueeze(0) if len(per_column) == 1 else torch.stack(per_column)
+        m = maths.stack_columns(per_column)  # [C, B, d_out, C_in·prod(k)]
         return torch.cat([m, g.sum(3, keepdim=True)], 3) if self.block.bias is not None else m
 
     def at_positions(self, examples: Tensor, positions: Tensor) -> Tensor:
