@@ -487,6 +487,7 @@ def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -
         assert torch.equal(got.triu(128), got.T.triu(128))
 
 
+@pytest.mark.usefixtures("blas")
 @pytest.mark.parametrize("rows, d", [(5, 9), (9, 5), (12, 785), (800, 785), (16, 32), (300, 64), (70, 145)])
 def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     """``gram`` against its definition, with and without weights and scale, on contiguous rows
@@ -537,6 +538,7 @@ def test_syrk_is_there_where_torch_links_mkl() -> None:
         mkl.syrk(torch.randn(300, 128)[:, ::2])  # neither rows nor columns contiguous
 
 
+@pytest.mark.usefixtures("blas")
 def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
     """A convolution whose patches are 73 wide (8 channels, 3×3, bias), more than ``gram`` needs
     to form ``A`` by ``syrk`` from the autograd engine's ``[D, N·T]`` patches, by both engines
@@ -552,6 +554,7 @@ def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
         close(factors.G, g)
 
 
+@pytest.mark.usefixtures("blas")
 @pytest.mark.parametrize("rows, d, ld", [(7, 20, 20), (300, 260, 260), (256, 785, 785), (1024, 785, 800), (900, 96, 0)])
 def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int, ld: int) -> None:
     """``add_gram_`` (a running average taking in rows) against ``β X + Σ w x xᵀ`` in float64, in
