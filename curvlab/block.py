@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from curvlab import device_routes
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -157,7 +159,7 @@ def ones_plane_after(x: Tensor) -> Tensor | None:
     ones are checked — O(N·T), against a copy of all ``D·N·T`` — so that no other tensor's
     memory is ever read as them; off the CPU the check would synchronise, and is not made."""
     n, d_in, t = x.shape
-    if x.device.type != "cpu" or not planes_first(x) or x.stride(1) != n * t:
+    if not device_routes.cpu_tuned(x) or not planes_first(x) or x.stride(1) != n * t:
         return None
     end = x.storage_offset() + (d_in + 1) * n * t
     if end > x.untyped_storage().nbytes() // x.element_size():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab import device_routes
 from curvlab.block import ALIGNED_MIN_WIDTH, ROW_ALIGNMENT
 from curvlab.mkl import syrk, syrk_, syrk_supports
 
@@ -170,7 +171,7 @@ def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
     (not measured).
     """
     r, d = a.shape
-    if a.device.type != "cpu" or min(r, d) < 256:
+    if not device_routes.cpu_tuned(a) or min(r, d) < 256:
         return a.mT @ b
     return _by_upper_panels(a.new_empty(d, d), a, b, beta=None)
 
@@ -193,7 +194,7 @@ def add_gram_(out: Tensor, rows: Tensor, weights: Tensor, beta: float) -> Tensor
             return syrk_(out, rows, weights[0].item(), beta)
         return syrk_(out, _scaled_rows(rows, weights.sqrt().to(rows.dtype)), 1.0, beta)
     scaled = rows * weights[:, None]
-    if out.device.type != "cpu" or d < 256:
+    if not device_routes.cpu_tuned(out) or d < 256:
         return out.addmm_(scaled.mT, rows, beta=beta)
     return _by_upper_panels(out, scaled, rows, beta)
 

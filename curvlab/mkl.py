@@ -22,6 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from curvlab import device_routes
+
 # BLAS: LP64 MKL reads the low 4 bytes of each integer (little-endian), ILP64 all 8: both get the
 # value; the LAPACK ``*_64`` symbols are ILP64 by name
 _INT = ctypes.c_int64
@@ -46,7 +48,7 @@ def syrk_supports(a: Tensor) -> bool:
     are :func:`available` for, whose rows or columns are contiguous (BLAS reads it as a
     column-major ``R × d`` or ``d × R`` matrix) with a leading dimension below ``2³¹`` (an LP64
     MKL's integers)."""
-    return (a.device.type == "cpu" and a.dim() == 2 and _syrk_form(a) is not None
+    return (device_routes.cpu_tuned(a) and a.dim() == 2 and _syrk_form(a) is not None
             and available("syrk", a.dtype))
 
 
@@ -128,7 +130,7 @@ def mirror_upper_(out: Tensor) -> Tensor:
     in cache (this project's CPU, one thread: 785 wide 2.0 → 0.9 ms, 8193 wide 799 → 72 ms
     against one pass over the whole matrix).  On other devices in one pass (a GPU would launch
     four kernels a panel: 260 for 8193 wide)."""
-    if out.device.type != "cpu":
+    if not device_routes.cpu_tuned(out):
         return out.copy_(out.triu() + out.triu(1).mT)
     n = out.shape[0]
     for i in range(0, n, 128):

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import pytest
 
-from curvlab import gram, mkl
+from curvlab import device_routes, gram, mkl
+
+ROUTES = ("MKL", "without MKL", "as on a GPU")
 
 
-@pytest.fixture(params=["MKL", "without MKL"])
-def blas(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A test run twice: with the MKL routines that torch's x86 CPU build links
-    (:mod:`curvlab.mkl`: ``syrk``, the in-place Cholesky inverse), and as on a torch without MKL
-    — macOS on Apple silicon, aarch64 Linux, and every GPU — where curvlab takes its torch
-    routes instead (a Gram by GEMMs, a damped inverse by ``cholesky_ex``).  Those runs no CPU test
-    reached otherwise; without MKL, calling an MKL routine fails the test."""
-    if request.param == "without MKL":
+@pytest.fixture(params=ROUTES)
+def routes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A test run on the CPU three times, once per set of routes curvlab takes by platform:
+
+    * ``"MKL"``: where torch's CPU build links MKL (x86), its ``syrk`` and in-place Cholesky
+      inverse (:mod:`curvlab.mkl`) with the other CPU routes;
+    * ``"without MKL"``: a torch without MKL (macOS on Apple silicon, aarch64 Linux): the Gram by
+      GEMMs, the damped inverse by ``cholesky_ex``, the other CPU routes;
+    * ``"as on a GPU"``: every device but the CPU (:func:`curvlab.device_routes.cpu_tuned` false):
+      plain torch ops, no MKL.
+
+    So the routes a CPU test reached no other way are checked against the same dense
+    references; where MKL is absent, calling one of its routines fails the test."""
+    if request.param != "MKL":
         def absent(*args: object, **kwargs: object) -> None:
-            raise AssertionError("an MKL routine was called on a torch without MKL")
+            raise AssertionError(f"an MKL routine was called {request.param}")
 
         monkeypatch.setattr(mkl, "available", lambda routine, dtype: False)
         for module, names in ((mkl, ("syrk", "syrk_", "spd_inverse_")), (gram, ("syrk", "syrk_"))):
             for name in names:
                 monkeypatch.setattr(module, name, absent)
+    if request.param == "as on a GPU":
+        monkeypatch.setattr(device_routes, "cpu_tuned", lambda where: False)
     return request.param

@@ -317,7 +317,7 @@ SUPPORTED = {
 }
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("strategy", DAMPING_STRATEGIES)
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: str) -> None:
@@ -338,7 +338,7 @@ def test_damped_inverse_matches_dense(stats: LayerStats, name: str, strategy: st
     assert rel(damped, torch.linalg.eigvalsh(dense).flip(0)) < 1e-10
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_a_damped_inverse_claims_positive_definiteness_only_where_it_holds(stats: LayerStats, name: str) -> None:
     """``positive_definite`` (what lets the optimizers skip their uphill check) is never claimed
@@ -362,7 +362,7 @@ def test_a_damped_inverse_claims_positive_definiteness_only_where_it_holds(stats
                 assert inverse.positive_definite, (policy, strategy)
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 def test_a_float32_cholesky_inverse_beyond_its_resolution_is_not_claimed_positive_definite() -> None:
     """Why a dense Cholesky inverse claims nothing: five inputs of scale 1e6 for nine weights
     leave ``A`` rank deficient, its spectrum spanning far more than float32 resolves at the
@@ -380,7 +380,7 @@ def test_a_float32_cholesky_inverse_beyond_its_resolution_is_not_claimed_positiv
     assert not kfac.inverse(1e-3, "factored").positive_definite
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("route", ["joined", "blockwise", "blockwise, X U_in as written", "blockwise, rows padded"])
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_damped_inverse_by_column_blocks_matches_dense(stats: LayerStats, name: str, route: str,
@@ -487,7 +487,7 @@ def test_cholesky_inverse_in_place_where_torch_links_mkl() -> None:
         mkl.spd_inverse_(torch.eye(4)[:, :3])
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 def test_damped_inverse_of_an_indefinite_factor_clamps_its_eigenvalues() -> None:
     """A factor that rounding left indefinite, damped too little for Cholesky, is inverted from
     its eigenvalues clamped at 0: ``(c·max(λ, 0) + shift)⁻¹`` in its eigenbasis."""

@@ -53,6 +53,7 @@ def case_and_reference(case: str) -> tuple[nn.Module, Tensor, Tensor]:
     return conv, x, rows.T @ rows
 
 
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("rows", ["all rows", "a row at a time"])
 @pytest.mark.parametrize("case", CASES)
 def test_input_gram_equals_the_gram_of_the_patches(case: str, rows: str, monkeypatch: pytest.MonkeyPatch) -> None:

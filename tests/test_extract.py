@@ -470,10 +470,11 @@ def test_both_conv_partial_trace_routes_match_per_sample_gradients(shape) -> Non
 
 
 @pytest.mark.parametrize("rows, d", [(300, 260), (256, 1000), (1000, 531)])
-def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -> None:
+def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int, routes: str) -> None:
     """``symmetric_product(a, b)`` equals ``aᵀb`` for operands whose product is symmetric (a
     Gram, and ``Σ_n X_nᵀ O_n X_n`` with symmetric ``O_n``), including widths its panels do not
-    divide; its lower triangle mirrors the upper one outside the diagonal panels."""
+    divide; on the CPU (by panels) its lower triangle mirrors the upper one outside the diagonal
+    panels (elsewhere one GEMM, symmetric up to rounding)."""
     from curvlab.gram import symmetric_product
 
     gen = torch.Generator().manual_seed(2)
@@ -484,10 +485,11 @@ def test_symmetric_product_is_the_product_its_operands_give(rows: int, d: int) -
     for left, right in ((a, a), (a[: rows // 4 * 4], b), (a.T.contiguous().T, a)):
         got = symmetric_product(left, right)
         close(got, left.T @ right)
-        assert torch.equal(got.triu(128), got.T.triu(128))
+        if routes != "as on a GPU":
+            assert torch.equal(got.triu(128), got.T.triu(128))
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("rows, d", [(5, 9), (9, 5), (12, 785), (800, 785), (16, 32), (300, 64), (70, 145)])
 def test_gram_is_the_weighted_sum_of_outer_products(rows: int, d: int) -> None:
     """``gram`` against its definition, with and without weights and scale, on contiguous rows
@@ -538,7 +540,7 @@ def test_syrk_is_there_where_torch_links_mkl() -> None:
         mkl.syrk(torch.randn(300, 128)[:, ::2])  # neither rows nor columns contiguous
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
     """A convolution whose patches are 73 wide (8 channels, 3×3, bias), more than ``gram`` needs
     to form ``A`` by ``syrk`` from the autograd engine's ``[D, N·T]`` patches, by both engines
@@ -554,7 +556,7 @@ def test_kfac_factors_of_a_wide_convolution_match_dense() -> None:
         close(factors.G, g)
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("rows, d, ld", [(7, 20, 20), (300, 260, 260), (256, 785, 785), (1024, 785, 800), (900, 96, 0)])
 def test_add_gram_takes_rows_into_a_symmetric_average(rows: int, d: int, ld: int) -> None:
     """``add_gram_`` (a running average taking in rows) against ``β X + Σ w x xᵀ`` in float64, in

@@ -564,6 +564,7 @@ CONV_CASES = {  # D ≥ 64 weight columns at T ≥ 1024 output locations
 }
 
 
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("outputs", [4, 1])
 @pytest.mark.parametrize("stats", [("tkfac", "kfe"), ("tkfac",), ("sqrt",), ("kfac", "kfe")])
 @pytest.mark.parametrize("case", CONV_CASES)

@@ -90,7 +90,7 @@ def test_extraction_hands_over_narrow_batches_as_rows() -> None:
     assert isinstance(few, torch.Tensor) and few.shape == (5, 5)
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("wide", WIDE)
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_what_is_inverted_is_the_running_average_of_the_dense_statistics(cls, wide: str) -> None:

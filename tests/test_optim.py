@@ -92,7 +92,7 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- exact steps
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_one_step_is_damped_natural_gradient(cls, loss):
@@ -206,7 +206,7 @@ def test_under_train_mode_batchnorm_the_optimizers_objects_are_approximates(cls)
         torch.testing.assert_close(approx.to_dense(), reference, rtol=1e-10, atol=1e-12, msg=layer)
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 def test_approximations_are_what_the_step_inverts():
     """The direction of a step (no momentum, clipping or decay) is approx.inv_mat_mul(grad)."""
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()

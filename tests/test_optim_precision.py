@@ -35,7 +35,7 @@ def displacement(cls, data, **options) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()]) - start
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 @pytest.mark.parametrize("truncated", [False, True], ids=["full", "truncated"])
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_float32_factors_agree_with_float64(cls, truncated: bool) -> None:
@@ -229,7 +229,7 @@ def test_tekfac_with_the_kronecker_scaling_is_tkfac(dtype: torch.dtype) -> None:
         torch.testing.assert_close(tekfac.eigenvalues(), tkfac.eigenvalues(), **tol)
 
 
-@pytest.mark.usefixtures("blas")
+@pytest.mark.usefixtures("routes")
 def test_an_uphill_direction_skips_the_step_and_says_why(monkeypatch) -> None:
     """Inputs of scale 1e6, five examples for eight inputs: the float32 input factor's spectrum
     spans more than float32 resolves at the damping's shift, and KFAC's direction pointed uphill

@@ -31,7 +31,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from curvlab import mkl
+from curvlab import device_routes, mkl
 from curvlab.approx.eigh import in_scope_span, is_diagonal, psd_eigh, symmetrize
 from curvlab.approx.spectral import (
     TruncatedFactor, complement_map, diagonal_apply, flat_route, is_truncated, left_apply, right_apply,
@@ -116,7 +116,7 @@ def repeated_operand(m: Tensor) -> Tensor:
     with 16 more elements between them (a view of ``m``'s shape) — rows 4 KiB apart make MKL's GEMM
     read them through the same few cache sets."""
     width = m.shape[-1]
-    if m.device.type != "cpu" or m.dim() != 2 or width == 0 or width % ALIASED_ROW:
+    if not device_routes.cpu_tuned(m) or m.dim() != 2 or width == 0 or width % ALIASED_ROW:
         return m.contiguous()
     return m.new_empty(m.shape[0], width + 16)[:, :width].copy_(m)
 
@@ -129,7 +129,7 @@ def repeated_basis(u: Tensor) -> Tensor:
     faster; EKFAC/TEKFAC's whole plain step on such Linear layers 6–12 %
     (``benchmarks/results/padded_rows_cpu.md``)."""
     n = u.shape[-1]
-    if (u.device.type != "cpu" or u.dim() != 2 or u.shape[0] != n or n == 0 or n % ALIASED_ROW
+    if (not device_routes.cpu_tuned(u) or u.dim() != 2 or u.shape[0] != n or n == 0 or n % ALIASED_ROW
             or permutation_order(u) is not None):  # (checked once per basis)
         return u
     held = kept(u, "padded")  # (never u itself: a value holding its weak key would keep it alive)
@@ -142,7 +142,7 @@ def joins_columns(parts: Sequence[Tensor]) -> bool:
     the blockwise route's products are more kernel launches for the same work (not measured
     there)."""
     first = parts[0]
-    if not first.is_cpu:
+    if not device_routes.cpu_tuned(first):
         return True
     width = 0
     for p in parts:  # a loop, not a generator: this runs for every block of every step
@@ -315,7 +315,7 @@ def damped_inverse_matrix(mat: Tensor, c: Tensor, shift: Tensor, compute_dtype: 
         return torch.diag(1.0 / (work.diagonal() * c.to(work.dtype) + shift.to(work.dtype))).to(mat.dtype)
     inv = (work * c.to(work.dtype)).contiguous()
     inv.diagonal().add_(shift.to(work.dtype))  # in place: no identity, no further copies
-    if inv.device.type == "cpu" and mkl.available("inverse", inv.dtype):
+    if device_routes.cpu_tuned(inv) and mkl.available("inverse", inv.dtype):
         done = mkl.spd_inverse_(inv)
     else:
         chol, info = torch.linalg.cholesky_ex(inv)

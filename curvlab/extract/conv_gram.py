@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from curvlab import device_routes
 from curvlab.model_blocks import TRANSPOSED_CONV_LAYERS
 
 #: Lay the input out with its first dimension sliced where that reads below this share of the
@@ -144,7 +145,7 @@ def input_gram(inp: Tensor, kernel: tuple[int, ...], pads: list[tuple[int, int]]
     d = c * taps
     gram = inp.new_empty(d + ones, d + ones)
     rows = taps  # of blocks at a time
-    if inp.device.type == "cpu":
+    if device_routes.cpu_tuned(inp):
         rows = max(1, min(taps, ASSEMBLED_BYTES // (taps * c * c * inp.element_size())))
     for first in range(0, taps, rows):
         last = min(taps, first + rows)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from curvlab import device_routes
+
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the bytes autograd saves during a forward pass (distinct storages once)."""
@@ -109,7 +111,7 @@ class BatchedVJP:
                  vectorize: bool = True) -> None:
         self.output, self.leaves = output, leaves
         self.chunk = max(1, int(max_bytes // max(per_column_bytes, 1)))
-        self.vectorize = vectorize and not (output.device.type == "cpu" and self.chunk <= LOOPED_CHUNK_ON_CPU)
+        self.vectorize = vectorize and not (device_routes.cpu_tuned(output) and self.chunk <= LOOPED_CHUNK_ON_CPU)
         self.num_vjps = 0
         self._live = output.requires_grad and bool(leaves)
 

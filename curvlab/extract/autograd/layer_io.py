@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab import device_routes
 from curvlab.block import Block, planes_first
 from curvlab.extract import conv_gram, maths
 from curvlab.gram import GramRows
@@ -157,7 +158,7 @@ def _unfold_conv(conv: nn.Module, inp: Tensor) -> Tensor:
         inp.storage_offset(),
     )
     d, t = c_in * math.prod(conv.kernel_size), math.prod(out)
-    ones = conv.bias is not None and inp.device.type == "cpu"
+    ones = conv.bias is not None and device_routes.cpu_tuned(inp)
     if not ones and inp.dtype == conv.weight.dtype and not transposed:
         return patches.reshape(d, n, t).permute(1, 0, 2)  # a view where it can be (1×1, stride 1)
     # the copy casts an autocast input; with a bias, a plane of ones follows the patches:
@@ -272,7 +273,7 @@ class ConvInputs:
     def per_sample(self, g: Tensor, examples: slice) -> Tensor:
         conv = self.call.module
         if (self._dense is not None or self.block.weight is None or math.prod(conv.kernel_size) == 1
-                or self.shape[1] < 64 or self.shape[2] < 1024 or g.device.type != "cpu"):
+                or self.shape[1] < 64 or self.shape[2] < 1024 or not device_routes.cpu_tuned(g)):
             return maths.per_sample_products(g, self.dense()[examples])
         check_unmodified(self.call.name, self.call.inp, self.call.version)
         weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[
