@@ -393,6 +393,7 @@ def test_sequence_first_layer_inputs_are_refused() -> None:
             extract_autograd(SequenceFirst(), loss_fn, x, y)
 
 
+@pytest.mark.usefixtures("routes")
 def test_chunking_changes_nothing() -> None:
     loss_fn = nn.CrossEntropyLoss()
     model, x, y = zoo.make("resnet_bn", loss_fn=loss_fn)
