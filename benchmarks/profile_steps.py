@@ -19,6 +19,9 @@ damping) and kind of step (plain, statistics, refresh; first-order peers: plain)
 On the CPU the profiler's tables overstate copies and fresh allocations (large temporaries fault
 in afresh under it; ``benchmarks/README.md``): use its op counts and host reads there, and time
 with ``bench_optim.py``.
+With ``--as-on-gpu`` the CPU takes the routes a GPU takes (:func:`curvlab.device_routes.plain_routes`:
+no MKL, no CPU-tuned layouts or loops), so that its op counts and host reads are those a GPU's
+step issues (its times are not a GPU's, nor the CPU's best).
 
 Usage::
 
@@ -28,6 +31,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -43,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import common
 import peers
+from curvlab import device_routes
 
 #: aten ops that read a device value on the host (a sync on a GPU)
 HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
@@ -168,6 +173,9 @@ def markdown(res: dict) -> str:
              "memory, as a tensor made from Python numbers, each waits for the device). \"Wall\": unprofiled, "
              "median; \"busy/wall\" well below 100 % "
              "is a step bound by the host (the profiler slows the host, not the kernels).", ""]
+    if s.get("as_on_gpu"):
+        lines += ["**A GPU's routes, taken on the CPU** (`--as-on-gpu`): the ops and host reads are those a "
+                  "GPU's step issues; the times are neither a GPU's nor the CPU's best.", ""]
     ms = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for model in res["models"]:
         lines += [f"## {model['model']}", ""]
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refresh-interval", type=common.positive_int, default=100)
     p.add_argument("--damping", type=common.positive_float, default=1e-2)
     p.add_argument("--batch-size", type=common.positive_int, default=None, help="override every model's batch size")
+    p.add_argument("--as-on-gpu", action="store_true",
+                   help="on the CPU, take a GPU's routes: the ops and host reads a GPU's step issues")
     args = p.parse_args(argv)
     try:
         args.steps = step_counts(args.steps)
@@ -227,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"argument --peers: unknown {unknown}; choose from {peers.PEERS}")
     models = common.models(args.models)
     device, info = common.start(args, common.command_line(__file__, argv))
+    if args.as_on_gpu and device.type != "cpu":
+        p.error(f"argument --as-on-gpu: for the CPU (--device {device.type} takes its own routes)")
     if any(n.startswith("asdl") for n in args.peers):
         try:
             peers.import_asdl()
@@ -244,11 +256,12 @@ def main(argv: list[str] | None = None) -> None:
         res = result()
         common.write_results(args.out, res, markdown(res), quiet=True)
 
-    for spec in models:
-        if args.batch_size:
-            spec = dataclasses.replace(spec, batch=args.batch_size)
-        results.append({})
-        profile_model(spec, args, device, deadline, results[-1], save)
+    with device_routes.plain_routes() if args.as_on_gpu else contextlib.nullcontext():
+        for spec in models:
+            if args.batch_size:
+                spec = dataclasses.replace(spec, batch=args.batch_size)
+            results.append({})
+            profile_model(spec, args, device, deadline, results[-1], save)
     res = result()
     print(markdown(res))
 

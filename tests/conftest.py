@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 
 from curvlab import device_routes, gram, mkl
@@ -10,7 +13,7 @@ ROUTES = ("MKL", "without MKL", "as on a GPU")
 
 
 @pytest.fixture(params=ROUTES)
-def routes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def routes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A test run on the CPU three times, once per set of routes curvlab takes by platform:
 
     * ``"MKL"``: where torch's CPU build links MKL (x86), its ``syrk`` and in-place Cholesky
@@ -18,7 +21,7 @@ def routes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     * ``"without MKL"``: a torch without MKL (macOS on Apple silicon, aarch64 Linux): the Gram by
       GEMMs, the damped inverse by ``cholesky_ex``, the other CPU routes;
     * ``"as on a GPU"``: every device but the CPU (:func:`curvlab.device_routes.cpu_tuned` false):
-      plain torch ops, no MKL.
+      plain torch ops, no MKL (:func:`curvlab.device_routes.plain_routes`).
 
     So the routes a CPU test reached no other way are checked against the same dense
     references; where MKL is absent, calling one of its routines fails the test."""
@@ -30,6 +33,5 @@ def routes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         for module, names in ((mkl, ("syrk", "syrk_", "spd_inverse_")), (gram, ("syrk", "syrk_"))):
             for name in names:
                 monkeypatch.setattr(module, name, absent)
-    if request.param == "as on a GPU":
-        monkeypatch.setattr(device_routes, "cpu_tuned", lambda where: False)
-    return request.param
+    with device_routes.plain_routes() if request.param == "as on a GPU" else contextlib.nullcontext():
+        yield request.param

@@ -601,6 +601,19 @@ def test_profile_steps_counts_each_kinds_host_reads(tmp_path) -> None:
     assert kfac["stats"]["host_reads"] > 1 and kfac["stats"]["aten_ops"] > kfac["plain"]["aten_ops"] > sgd["plain"]["aten_ops"]
     assert all(r["device_busy_ms"] is None and r["wall_ms"] > 0 and r["top"] for r in [*sgd.values(), *kfac.values()])
     assert "| curvlab-kfac | stats |" in out.with_suffix(".md").read_text()
+    # a GPU's routes on the CPU: its six damped factor inverses by cholesky_ex, whose success is
+    # read on the host (at least once a factor), not by MKL's in-place inverse, which reads none
+    gpu = tmp_path / "profile_gpu.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "profile_steps.py"), "--models", "mlp", "--batch-size", "16",
+                          "--peers", "curvlab-kfac", "--steps", "plain=1,stats=1,refresh=1", "--as-on-gpu",
+                          "--out", str(gpu)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (model,) = json.loads(gpu.read_text())["models"]
+    on_gpu = model["peers"]["curvlab-kfac"]["kinds"]
+    assert on_gpu["plain"]["host_reads"] == 1 and on_gpu["stats"]["host_reads"] == kfac["stats"]["host_reads"]
+    if torch.backends.mkl.is_available():  # (without it the CPU's routes read them too)
+        assert on_gpu["refresh"]["host_reads"] >= kfac["refresh"]["host_reads"] + 6
+    assert "A GPU's routes, taken on the CPU" in gpu.with_suffix(".md").read_text()
 
 
 def test_bench_stats_blocks_records_every_convolution(tmp_path) -> None:
