@@ -110,14 +110,20 @@ WIDE_INPUT_RATIO = 4
 ALIASED_ROW = 1024
 
 
+def pads_rows(m: Tensor) -> bool:
+    """Whether :func:`repeated_operand` pads ``m``'s rows: a 2-D matrix on the CPU whose rows are
+    a multiple of :data:`ALIASED_ROW` elements long."""
+    width = m.shape[-1]
+    return device_routes.cpu_tuned(m) and m.dim() == 2 and width > 0 and width % ALIASED_ROW == 0
+
+
 def repeated_operand(m: Tensor) -> Tensor:
     """``m`` (2-D) as a row-major operand of the products a damped inverse repeats at every step:
-    contiguous, and on the CPU, where its rows are a multiple of :data:`ALIASED_ROW` elements long,
-    with 16 more elements between them (a view of ``m``'s shape) — rows 4 KiB apart make MKL's GEMM
-    read them through the same few cache sets."""
-    width = m.shape[-1]
-    if not device_routes.cpu_tuned(m) or m.dim() != 2 or width == 0 or width % ALIASED_ROW:
+    contiguous, and where :func:`pads_rows`, with 16 more elements between its rows (a view of
+    ``m``'s shape) — rows 4 KiB apart make MKL's GEMM read them through the same few cache sets."""
+    if not pads_rows(m):
         return m.contiguous()
+    width = m.shape[-1]
     return m.new_empty(m.shape[0], width + 16)[:, :width].copy_(m)
 
 
@@ -128,9 +134,7 @@ def repeated_basis(u: Tensor) -> Tensor:
     rotations of ``X`` of 64 and 128 rows into and out of 1024- and 2048-wide bases alone: 13–17 %
     faster; EKFAC/TEKFAC's whole plain step on such Linear layers 6–12 %
     (``benchmarks/results/padded_rows_cpu.md``)."""
-    n = u.shape[-1]
-    if (not device_routes.cpu_tuned(u) or u.dim() != 2 or u.shape[0] != n or n == 0 or n % ALIASED_ROW
-            or permutation_order(u) is not None):  # (checked once per basis)
+    if not pads_rows(u) or u.shape[0] != u.shape[1] or permutation_order(u) is not None:  # (once per basis)
         return u
     held = kept(u, "padded")  # (never u itself: a value holding its weak key would keep it alive)
     return held if held is not None else keep(u, "padded", repeated_operand(u))
