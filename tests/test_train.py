@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -512,7 +513,20 @@ class _DiscardsAnInterrupt:
             pass
 
 
+@pytest.fixture
+def sigint_from_a_terminal() -> Iterator[None]:
+    """SIGINT raising ``KeyboardInterrupt``, as a terminal's Ctrl-C does, for the test: pytest started
+    in the background by a script (``pytest &``, as a CI job may be) inherits SIGINT ignored, which a
+    run rightly leaves ignored (:func:`test_a_sigterm_is_caught_where_sigint_is_ignored`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.usefixtures("sigint_from_a_terminal")
 def test_a_ctrl_c_python_discards_still_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """9 of 12 Ctrl-Cs sent to a small run were lost in its file writes and it trained on; now
