@@ -165,3 +165,35 @@ def test_the_public_subpackages_are_reached_from_import_curvlab_without_importin
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["KFAC", "EKFAC", "curvlab.io", "curvlab.distributed"]
+
+
+def test_training_with_the_optimizers_loads_none_of_the_comparisons_libraries() -> None:
+    """``curvlab.optim`` reaches ``curvlab.distributed``'s reduction, and the package's
+    ``__init__`` imported its comparison with it: xarray, pandas and scipy (~1.3 s) in every
+    script that only trains, and in every ``curvlab train`` without probes.  Its steps —
+    statistics and a refresh among them — load none of them; the comparison still imports
+    on first use (and scipy where Lanczos runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, curvlab.optim\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))\n"
+        "loss_fn = torch.nn.CrossEntropyLoss()\n"
+        "opt = curvlab.optim.TEKFAC(model, lr=0.1, stats_interval=2, eigen_interval=3, scale_interval=2)\n"
+        "x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))\n"
+        "for _ in range(4):\n"
+        "    opt.zero_grad()\n"
+        "    with opt.track(loss_fn):\n"
+        "        loss_fn(model(x), y).backward()\n"
+        "    opt.step()\n"
+        "heavy = ('xarray', 'pandas', 'scipy')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "curvlab.distributed.compare\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[]", "['pandas', 'xarray']"], done.stdout

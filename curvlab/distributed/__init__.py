@@ -78,17 +78,19 @@ convergence test could still end after different iteration counts and stall the 
 its timeout.
 """
 
-from curvlab.distributed.api import compare, extract
-from curvlab.distributed.collectives import RankFailedError
-from curvlab.distributed.reduce import Shards, reduce_statistics
-from curvlab.distributed.sqrt import ShardedSqrt, sharded_column_order
+from curvlab._lazy import lazy_names
 
-__all__ = [
-    "RankFailedError",
-    "ShardedSqrt",
-    "Shards",
-    "compare",
-    "extract",
-    "reduce_statistics",
-    "sharded_column_order",
-]
+# imported at first use: the data-parallel optimizers (curvlab.optim.distributed) need the
+# reduction and the collectives, not the comparison's xarray and scipy
+_WHERE = {
+    "RankFailedError": "collectives",
+    "ShardedSqrt": "sqrt",
+    "Shards": "reduce",
+    "compare": "api",
+    "extract": "api",
+    "reduce_statistics": "reduce",
+    "sharded_column_order": "sqrt",
+}
+
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
