@@ -429,30 +429,49 @@ def repeated_eigenspaces_unequal(stats: LayerStats, root: SquareRoot, approx: Kr
         spaces = repeated_eigenspaces(values.to(torch.float64), torch.finfo(approx.dtype).eps)
         if not spaces or any(is_diagonal(dense(getattr(f, "GA"[side]))) for f in stats.kfac.values()):
             continue
-        other = bases[1 - side].to(root.dtype)
-        if any(_rescaling_moves(root, side, basis[:, index].to(root.dtype), other) for index in spaces):
+        basis, other = basis.to(root.dtype), bases[1 - side].to(root.dtype)
+        if any(_rescaling_moves(root, side, basis, index, other) for index in spaces):
             return True
     return False
 
 
-def _rescaling_moves(root: SquareRoot, side: int, space: Tensor, other: Tensor) -> bool:
-    """Whether EKFAC's rescaling over the eigenspace with orthonormal basis ``space`` (of the
-    output side, ``side`` 0, or the input side, 1; ``other``: the other side's basis) makes
-    another approximation in a rotation ``space·Q`` of that basis (``Q``: a fixed random
-    orthogonal matrix): per direction ``i`` of the other side, ``diag(s_i)`` against
-    ``Q diag(s'_i) Qᵀ`` in the eigenspace's coordinates, ``‖·‖²_F = ‖s_i‖² + ‖s'_i‖² −
-    2 s_iᵀ(Q∘Q)s'_i`` (no ``k × k`` matrix per direction: a repeat may span a thousand)."""
-    k = space.shape[1]
+def _rescaling_moves(root: SquareRoot, side: int, basis: Tensor, index: Tensor, other: Tensor) -> bool:
+    """Whether EKFAC's rescaling over the eigenspace ``space = basis[:, index]`` (of the output
+    side, ``side`` 0, or the input side, 1; ``basis``, ``other``: the two sides' whole
+    orthonormal bases) makes another approximation in a rotation ``space·Q`` of that basis
+    (``Q``: a fixed random orthogonal matrix): per direction ``i`` of the other side,
+    ``diag(s_i)`` against ``Q diag(s'_i) Qᵀ`` in the eigenspace's coordinates, ``‖·‖²_F =
+    ‖s_i‖² + ‖s'_i‖² − 2 s_iᵀ(Q∘Q)s'_i`` (no ``k × k`` matrix per direction: a repeat may span
+    thousands).
+
+    That difference is at most ``2w``, ``w = Σ_k ‖M_k space‖²_F`` the root's weight on the
+    eigenspace (``s, s' ≥ 0`` and ``Σ_i ‖s_i‖₁ = Σ_i ‖s'_i‖₁ = w``): where ``2w`` is within the
+    bound, it is not computed.  An eigenspace wider than the rest of its basis has ``w`` read
+    off that rest, ``tr F`` minus the weight there — the complement of the inputs' span of a
+    batch narrower than its layer (ResNet-18's last convolutions, 4352 of 4608 columns at 16
+    examples), which no gradient reaches under ``expand``: half of a probe's time went to its
+    rotation (20 s each)."""
+    bound = UNEQUAL_WEIGHT * float(root.trace())
+
+    def sq_sums(u: Tensor) -> Tensor:  # s: [other's directions, u's columns]
+        return (root.rotated_sq_sum(u, other).mT if side == 0 else root.rotated_sq_sum(other, u)).to(torch.float64)
+
+    k = index.numel()
+    if 2 * k > basis.shape[1]:
+        rest = torch.ones(basis.shape[1], dtype=torch.bool, device=index.device)
+        rest[index] = False
+        if 2 * (float(root.trace()) - float(sq_sums(basis[:, rest]).sum())) <= bound:
+            return False
+    space = basis[:, index]
+    s = sq_sums(space)
+    if 2 * float(s.sum()) <= bound:
+        return False
     gen = torch.Generator().manual_seed(0)
     turn = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))[0]
-    rotated = space @ turn.to(space)
-    if side == 0:
-        s, s_turned = (root.rotated_sq_sum(u, other).to(torch.float64).mT for u in (space, rotated))
-    else:
-        s, s_turned = (root.rotated_sq_sum(other, u).to(torch.float64) for u in (space, rotated))
+    s_turned = sq_sums(space @ turn.to(space))
     turn = turn.to(s.device)
     moved_sq = s.square().sum() + s_turned.square().sum() - 2 * ((s @ turn.square()) * s_turned).sum()
-    return float(moved_sq.clamp_min(0).sqrt()) > UNEQUAL_WEIGHT * float(root.trace())
+    return float(moved_sq.clamp_min(0).sqrt()) > bound
 
 
 def repeated_eigenspaces(values: Tensor, eps: float) -> list[Tensor]:
