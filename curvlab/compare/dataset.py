@@ -449,9 +449,10 @@ def _rescaling_moves(root: SquareRoot, side: int, basis: Tensor, index: Tensor, 
     bound, it is not computed.  An eigenspace wider than the rest of its basis has ``w`` read
     off that rest, ``tr F`` minus the weight there — the complement of the inputs' span of a
     batch narrower than its layer (ResNet-18's last convolutions, 4352 of 4608 columns at 16
-    examples), which no gradient reaches under ``expand``: half of a probe's time went to its
-    rotation (20 s each)."""
-    bound = UNEQUAL_WEIGHT * float(root.trace())
+    examples), which no gradient reaches under ``expand``: rotating it took half of
+    :func:`curvlab.compare`'s time there (20 s a layer, one thread)."""
+    trace = float(root.trace())
+    bound = UNEQUAL_WEIGHT * trace
 
     def sq_sums(u: Tensor) -> Tensor:  # s: [other's directions, u's columns]
         return (root.rotated_sq_sum(u, other).mT if side == 0 else root.rotated_sq_sum(other, u)).to(torch.float64)
@@ -460,7 +461,7 @@ def _rescaling_moves(root: SquareRoot, side: int, basis: Tensor, index: Tensor, 
     if 2 * k > basis.shape[1]:
         rest = torch.ones(basis.shape[1], dtype=torch.bool, device=index.device)
         rest[index] = False
-        if 2 * (float(root.trace()) - float(sq_sums(basis[:, rest]).sum())) <= bound:
+        if 2 * (trace - float(sq_sums(basis[:, rest]).sum())) <= bound:
             return False
     space = basis[:, index]
     s = sq_sums(space)
