@@ -51,12 +51,16 @@ def _orders(u: Tensor) -> tuple[Tensor, Tensor] | None:
     known = _PERMUTATIONS.get(u) if version is not None else None
     if known is not None and known[0] == version:
         return known[1]
-    ones = u == 1
-    unit = (ones.sum(0) == 1).all() & (ones.sum(1) == 1).all() & (torch.count_nonzero(u) == u.shape[0])
     orders = None
-    if bool(unit):
-        order = ones.to(torch.int8).argmax(0)  # the row of each column's 1
-        orders = (order, torch.argsort(order))
+    # a permutation's first column is one 1: that O(n) look turns away a dense basis, which the
+    # whole check read three times (ResNet-18's comparison: 3.8 s for 84 bases up to 4608 wide)
+    first = u[:, 0]
+    if bool((torch.count_nonzero(first) == 1) & (first == 1).any()):
+        ones = u == 1
+        if bool((ones.sum(0) == 1).all() & (ones.sum(1) == 1).all() & (torch.count_nonzero(u) == u.shape[0])):
+            order = ones.to(torch.int8).argmax(0)  # the row of each column's 1
+            orders = (order, torch.argsort(order))
     if version is not None:
         _PERMUTATIONS[u] = (version, orders)
     return orders
+
