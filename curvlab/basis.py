@@ -63,4 +63,3 @@ def _orders(u: Tensor) -> tuple[Tensor, Tensor] | None:
     if version is not None:
         _PERMUTATIONS[u] = (version, orders)
     return orders
-
