@@ -197,3 +197,49 @@ def test_training_with_the_optimizers_loads_none_of_the_comparisons_libraries() 
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["[]", "['pandas', 'xarray']"], done.stdout
+
+
+def test_the_optimizers_train_and_checkpoint_without_loading_the_compiler() -> None:
+    """torch wraps ``Optimizer.add_param_group``, ``state_dict``, ``load_state_dict``,
+    ``zero_grad`` and ``torch.optim.sgd.sgd`` (the first-order update of a norm layer's
+    parameters) in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo``: 1.2–2.6 s
+    in every process that built a curvlab optimizer, as long as importing torch.  Building one,
+    its steps (statistics, a refresh, first-order parameters), a checkpoint and its loading, a
+    new param group: none loads it.  Taken again with the compiler loaded (torch's wrappers then
+    run), every step and state is the same to the bit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, curvlab.optim\n"
+        "def run():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 3))\n"
+        "    extra = torch.nn.Parameter(torch.ones(2))\n"
+        "    loss_fn = torch.nn.CrossEntropyLoss()\n"
+        "    opt = curvlab.optim.TEKFAC(model, lr=0.1, momentum=0.9, stats_interval=2, eigen_interval=3)\n"
+        "    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))\n"
+        "    for k in range(5):\n"
+        "        opt.zero_grad(set_to_none=k % 2 == 0)\n"
+        "        with opt.track(loss_fn):\n"
+        "            (loss_fn(model(x), y) + extra.square().sum() * (k > 2)).backward()\n"
+        "        opt.step()\n"
+        "        if k == 2:\n"
+        "            opt.add_param_group({'params': [extra]})\n"
+        "    again = curvlab.optim.TEKFAC(model, lr=0.1)\n"
+        "    again.add_param_group({'params': [extra]})\n"
+        "    again.load_state_dict(opt.state_dict())\n"
+        "    state = again.state_dict()\n"
+        "    flat = [p.detach().flatten() for p in model.parameters()] + [extra.detach()]\n"
+        "    flat += [t.flatten().float() for b in state['curvlab']['blocks'].values() for t in b.values() if torch.is_tensor(t)]\n"
+        "    flat += [s['momentum_buffer'].flatten() for s in state['state'].values() if 'momentum_buffer' in s]\n"
+        "    return torch.cat(flat)\n"
+        "alone = run()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "import torch._dynamo\n"
+        "print(torch.equal(alone, run()), alone.numel())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.split()
+    assert lines[:2] == ["False", "True"] and int(lines[2]) > 50, done.stdout
