@@ -385,6 +385,23 @@ def test_the_command_line_starts_without_the_compiler_or_the_plotting_libraries(
     assert proc.stdout.strip() == "[]"
 
 
+def test_training_a_built_in_convnet_with_curvlabs_optimizer_never_loads_the_compiler(tmp_path: Path) -> None:
+    """torch._dynamo (1.2–2.6 s, as long as torch itself) was imported by every ``curvlab train``:
+    by ``--malloc auto``'s outline of the model, whose random inits and dummy forward ran on the
+    meta device, and by torch.optim's base class under curvlab's optimizers.  A whole run and its
+    checkpoint import it no more."""
+    code = ("import contextlib, io, sys, curvlab.app.cli as cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    status = cli.main(['train', '--dataset', 'digits', '--model', 'cnn', '--train-size', '80',\n"
+            "                       '--test-size', '20', '--batch-size', '40', '--epochs', '1', '--no-progress',\n"
+            f"                       '--no-figures', '--out', {str(tmp_path / 'run')!r}])\n"
+            "assert status == 0 and 'torch.optim' in sys.modules, status\n"
+            "print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False", proc.stdout
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="sees torch loaded through Linux's /proc")
 def test_a_ctrl_c_during_start_up_ends_in_one_line(tmp_path: Path) -> None:
     """SIGINT while ``python -m curvlab`` still imports torch (seconds): one line and status 130,
