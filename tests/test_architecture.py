@@ -200,12 +200,11 @@ def test_training_with_the_optimizers_loads_none_of_the_comparisons_libraries() 
 
 
 def test_the_optimizers_train_and_checkpoint_without_loading_the_compiler() -> None:
-    """torch wraps ``Optimizer.add_param_group``, ``state_dict``, ``load_state_dict``,
-    ``zero_grad`` and ``torch.optim.sgd.sgd`` (the first-order update of a norm layer's
-    parameters) in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo``: 1.2–2.6 s
-    in every process that built a curvlab optimizer, as long as importing torch.  Building one,
-    its steps (statistics, a refresh, first-order parameters), a checkpoint and its loading, a
-    new param group: none loads it.  Taken again with the compiler loaded (torch's wrappers then
+    """torch wraps ``Optimizer.add_param_group``, ``state_dict``, ``load_state_dict`` and
+    ``zero_grad`` in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo``:
+    1.2–2.6 s in every process that built a curvlab optimizer, as long as importing torch.
+    Building one, its steps (statistics, a refresh, a norm layer's first-order update), a
+    checkpoint and its loading, a new param group: none loads it.  Taken again with the compiler loaded (torch's wrappers then
     run), every step and state is the same to the bit."""
     import subprocess
     import sys

@@ -1,13 +1,12 @@
-"""torch.optim's functions as torch wrote them, without the wrapper that keeps the compiler out of
-them, while no compiler is loaded.
+"""torch.optim.Optimizer's methods as torch wrote them, without the wrapper that keeps the
+compiler out of them, while no compiler is loaded.
 
-torch wraps ``Optimizer.add_param_group``, ``state_dict``, ``load_state_dict`` and ``zero_grad``,
-and its functional optimizers (``torch.optim.sgd.sgd``), in ``torch._disable_dynamo``, whose first
-call imports ``torch._dynamo`` — measured at 1.2–2.6 s on this project's CPU, as long as
-``import torch`` itself — only to mark them as not to be traced.  Nothing traces them in a
-process that has not imported ``torch._dynamo``: there :func:`eager` calls the function the
-wrapper holds (``__wrapped__``, set by ``functools.wraps``); once ``torch._dynamo`` is imported
-(``torch.compile`` in use), torch's wrapper, as torch's own optimizers do.
+torch wraps ``Optimizer.add_param_group``, ``state_dict``, ``load_state_dict`` and ``zero_grad``
+in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` — measured at 1.2–2.6 s
+on this project's CPU, as long as ``import torch`` itself — only to mark them as not to be
+traced.  Nothing traces them in a process that has not imported ``torch._dynamo``: there
+:func:`eager` calls the function the wrapper holds (``__wrapped__``, set by ``functools.wraps``);
+once ``torch._dynamo`` is imported (``torch.compile`` in use), torch's wrapper.
 """
 
 from __future__ import annotations

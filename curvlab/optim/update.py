@@ -15,7 +15,6 @@ from torch.optim.sgd import sgd
 from curvlab.approx import DampingStrategy, KroneckerApproximation
 from curvlab.approx.inverse import column_inners
 from curvlab.block import Block
-from curvlab.optim.eager import eager
 from curvlab.optim.state import BlockState
 from curvlab.stats import LayerStats
 
@@ -125,10 +124,6 @@ def decayed(update: Tensor, param: Tensor, weight_decay: float, own: bool) -> Te
     return update.add(param, alpha=weight_decay)
 
 
-#: ``torch.optim.sgd.sgd`` without importing torch._dynamo while no compiler is loaded
-_SGD = eager(sgd)
-
-
 def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
     """``torch.optim.SGD`` (dampening 0, no Nesterov) for ``params`` of ``group``: its functional
     form, which takes all of them in a few multi-tensor ops on a GPU (``foreach``)."""
@@ -136,7 +131,7 @@ def sgd_update_(params: Iterable[Tensor], group: dict[str, Any], state: dict[Ten
     if not params:
         return
     grads, buffers = [p.grad for p in params], [state[p].get("momentum_buffer") for p in params]
-    _SGD(params, grads, buffers, has_sparse_grad=any(g.is_sparse for g in grads), weight_decay=group["weight_decay"],
+    sgd(params, grads, buffers, has_sparse_grad=any(g.is_sparse for g in grads), weight_decay=group["weight_decay"],
         momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
     if group["momentum"] != 0:
         for p, buf in zip(params, buffers):
