@@ -385,21 +385,35 @@ def test_the_command_line_starts_without_the_compiler_or_the_plotting_libraries(
     assert proc.stdout.strip() == "[]"
 
 
-def test_training_a_built_in_convnet_with_curvlabs_optimizer_never_loads_the_compiler(tmp_path: Path) -> None:
-    """torch._dynamo (1.2–2.6 s, as long as torch itself) was imported by every ``curvlab train``:
-    by ``--malloc auto``'s outline of the model, whose random inits and dummy forward ran on the
-    meta device, and by torch.optim's base class under curvlab's optimizers.  A whole run and its
-    checkpoint import it no more."""
-    code = ("import contextlib, io, sys, curvlab.app.cli as cli\n"
+def test_train_and_the_reports_warm_up_never_load_the_compiler(tmp_path: Path) -> None:
+    """torch._dynamo (1.2–2.6 s, as long as torch itself) was imported by every ``curvlab train``
+    and ``curvlab report``: by ``--malloc auto``'s outline of the model, whose random inits and
+    dummy forward ran on the meta device (a convnet's here), by torch.optim's base class under
+    curvlab's optimizers, and by the report's Adam warm-up.  A whole run and the warm-up import it
+    no more; the warm-up's Adam steps are torch's to the bit (taken again with the compiler
+    loaded: torch's own wrappers)."""
+    code = ("import contextlib, io, sys, torch, curvlab.app.cli as cli\n"
+            "from curvlab.app.data import load_dataset\n"
+            "from curvlab.app.models import make_model\n"
+            "from curvlab.app.report.run import warm_up\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    status = cli.main(['train', '--dataset', 'digits', '--model', 'cnn', '--train-size', '80',\n"
-            "                       '--test-size', '20', '--batch-size', '40', '--epochs', '1', '--no-progress',\n"
-            f"                       '--no-figures', '--out', {str(tmp_path / 'run')!r}])\n"
-            "assert status == 0 and 'torch.optim' in sys.modules, status\n"
-            "print('torch._dynamo' in sys.modules)")
+            "    assert cli.main(['train', '--dataset', 'digits', '--model', 'cnn', '--train-size', '80', '--test-size',\n"
+            "                     '20', '--batch-size', '40', '--epochs', '1', '--no-progress', '--no-figures',\n"
+            f"                     '--out', {str(tmp_path / 'run')!r}]) == 0\n"
+
+            "data = load_dataset('digits')\n"
+            "def adam():\n"
+            "    torch.manual_seed(0)\n"
+            "    model = make_model('mlp', data.input_shape, data.num_classes)\n"
+            "    warm_up(model, torch.nn.CrossEntropyLoss(), data, 4, batch_size=16, seed=1, device=torch.device('cpu'))\n"
+            "    return torch.cat([p.detach().flatten() for p in model.parameters()])\n"
+            "alone = adam()\n"
+            "print('torch._dynamo' in sys.modules)\n"
+            "import torch._dynamo\n"
+            "print(torch.equal(alone, adam()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "False", proc.stdout
+    assert proc.stdout.split() == ["False", "True"], proc.stdout
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="sees torch loaded through Linux's /proc")

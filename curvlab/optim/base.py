@@ -84,7 +84,7 @@ from curvlab.model_blocks import (
     model_blocks,
 )
 from curvlab.optim.distributed import DataParallel, data_parallel, statistics_engine, unwrap
-from curvlab.optim.eager import eager
+from curvlab.eager import eager
 from curvlab.optim.options import GROUP_OPTIONS, KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
@@ -133,7 +133,7 @@ class StepWalk(NamedTuple):
     first_order: list[tuple[dict[str, Any], list[Tensor]]]
 
 
-# torch's, without importing torch._dynamo while no compiler is loaded (curvlab.optim.eager)
+# torch's, without importing torch._dynamo while no compiler is loaded (curvlab.eager)
 _ADD_PARAM_GROUP = eager(Optimizer.add_param_group)
 _ZERO_GRAD = eager(Optimizer.zero_grad)
 _STATE_DICT = eager(Optimizer.state_dict)

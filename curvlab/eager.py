@@ -19,6 +19,11 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def compiler_loaded() -> bool:
+    """Whether ``torch._dynamo`` is imported: only then can a function be traced."""
+    return "torch._dynamo" in sys.modules
+
+
 def eager(fn: F) -> F:
     """``fn`` (a torch function wrapped by ``torch._disable_dynamo``), called without that wrapper
     while ``torch._dynamo`` is not imported; ``fn`` itself where it wraps nothing."""
@@ -28,6 +33,6 @@ def eager(fn: F) -> F:
 
     @functools.wraps(plain)
     def call(*args: Any, **kwargs: Any) -> Any:
-        return (fn if "torch._dynamo" in sys.modules else plain)(*args, **kwargs)
+        return (fn if compiler_loaded() else plain)(*args, **kwargs)
 
     return call  # type: ignore[return-value]
