@@ -388,19 +388,18 @@ def test_the_command_line_starts_without_the_compiler_or_the_plotting_libraries(
 def test_train_and_the_reports_warm_up_never_load_the_compiler(tmp_path: Path) -> None:
     """torch._dynamo (1.2–2.6 s, as long as torch itself) was imported by every ``curvlab train``
     and ``curvlab report``: by ``--malloc auto``'s outline of the model, whose random inits and
-    dummy forward ran on the meta device (a convnet's here), by torch.optim's base class under
-    curvlab's optimizers, and by the report's Adam warm-up.  A whole run and the warm-up import it
-    no more; the warm-up's Adam steps are torch's to the bit (taken again with the compiler
-    loaded: torch's own wrappers)."""
+    dummy forward ran on the meta device (a convnet's here), by torch.optim (curvlab's optimizers'
+    base class, the SGD and Adam baselines, the report's Adam warm-up).  A whole run with SGD and
+    the warm-up import it no more; the warm-up's Adam steps are torch's to the bit (taken again
+    with the compiler loaded: torch's own wrappers).  curvlab's optimizers: test_architecture."""
     code = ("import contextlib, io, sys, torch, curvlab.app.cli as cli\n"
             "from curvlab.app.data import load_dataset\n"
             "from curvlab.app.models import make_model\n"
             "from curvlab.app.report.run import warm_up\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    assert cli.main(['train', '--dataset', 'digits', '--model', 'cnn', '--train-size', '80', '--test-size',\n"
-            "                     '20', '--batch-size', '40', '--epochs', '1', '--no-progress', '--no-figures',\n"
-            f"                     '--out', {str(tmp_path / 'run')!r}]) == 0\n"
-
+            "    assert cli.main(['train', '--dataset', 'digits', '--model', 'cnn', '--optimizer', 'sgd', '--train-size',\n"
+            "                     '80', '--test-size', '20', '--batch-size', '40', '--epochs', '1', '--no-progress',\n"
+            f"                     '--no-figures', '--out', {str(tmp_path / 'run')!r}]) == 0\n"
             "data = load_dataset('digits')\n"
             "def adam():\n"
             "    torch.manual_seed(0)\n"

@@ -7,14 +7,12 @@ compute; the folder is replaced as a whole at the end (:mod:`curvlab.app.report.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +26,7 @@ from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_re
 from curvlab.approx import APPROXIMATIONS, EighPolicy
 from curvlab.io import PathLike
 from curvlab.model_blocks import model_blocks
-from curvlab.eager import compiler_loaded, eager
+from curvlab.eager import eager_optimizer
 
 
 #: Adam steps before measuring a seeded initialisation (so its curvature is not a random init's).
@@ -186,25 +184,10 @@ def warm_up(
                         progress=progress)
 
 
-class _Adam(torch.optim.Adam):
-    """torch's Adam, without importing torch._dynamo (1.2–2.6 s) while no compiler is loaded
-    (:mod:`curvlab.eager`): its ``step`` is wrapped to switch gradients off and to mark
-    breaks for the compiler, a wrapper whose first call imports it."""
-
-    add_param_group = eager(torch.optim.Optimizer.add_param_group)
-    zero_grad = eager(torch.optim.Optimizer.zero_grad)
-
-    def step(self, closure: Any = None) -> Any:  # noqa: D102 (torch's)
-        if compiler_loaded():
-            return super().step(closure)
-        with torch.no_grad():  # what torch's wrapper does outside a compiled region
-            return inspect.unwrap(torch.optim.Adam.step)(self, closure)
-
-
 def _warm_up(model: nn.Module, loss_fn: nn.Module, data: Dataset, steps: int, *, batch_size: int, lr: float,
              seed: int, device: torch.device | None, progress: bool) -> float | None:
     gen = torch.Generator().manual_seed(seed + 1)
-    opt = _Adam(model.parameters(), lr=lr)
+    opt = eager_optimizer(torch.optim.Adam)(model.parameters(), lr=lr)  # (torch's, no torch._dynamo)
     n = len(data.train_x)
     batch_size = min(batch_size, n)
     model.train()

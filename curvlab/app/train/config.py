@@ -17,6 +17,7 @@ from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.options import check_label_smoothing, options_attr
 from curvlab.app.train.schedule import LR_SCHEDULES
 from curvlab.approx.registry import spec
+from curvlab.eager import eager_optimizer
 from curvlab.model_blocks import KRONECKER_LAYERS
 from curvlab.optim import OPTIMIZERS as KRONECKER
 from curvlab.optim import KroneckerOptions
@@ -170,10 +171,12 @@ def default_momentum(optimizer: str) -> float:
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The configured optimizer over all of ``model``'s parameters."""
+    # torch's SGD and Adam, without importing torch._dynamo while no compiler is loaded (curvlab.eager)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return eager_optimizer(torch.optim.SGD)(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                                weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return eager_optimizer(torch.optim.Adam)(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return KRONECKER[cfg.optimizer](model, options=cfg.optimizer_options())
 
 
