@@ -74,6 +74,7 @@ from torch.optim import Optimizer
 
 from curvlab.approx import DampingStrategy, KroneckerApproximation, KroneckerProduct, get_damping
 from curvlab.block import Block
+from curvlab.eager import eager_optimizer
 from curvlab.extract import ExtractOptions
 from curvlab.extract.autograd.backprop import allow_compiled_forwards
 from curvlab.model_blocks import (
@@ -84,7 +85,6 @@ from curvlab.model_blocks import (
     model_blocks,
 )
 from curvlab.optim.distributed import DataParallel, data_parallel, statistics_engine, unwrap
-from curvlab.eager import eager
 from curvlab.optim.options import GROUP_OPTIONS, KroneckerOptions, check_groups
 from curvlab.optim.serialization import load_block_state, load_block_states, save_block_states
 from curvlab.optim.state import BlockState, CurvatureState
@@ -133,14 +133,7 @@ class StepWalk(NamedTuple):
     first_order: list[tuple[dict[str, Any], list[Tensor]]]
 
 
-# torch's, without importing torch._dynamo while no compiler is loaded (curvlab.eager)
-_ADD_PARAM_GROUP = eager(Optimizer.add_param_group)
-_ZERO_GRAD = eager(Optimizer.zero_grad)
-_STATE_DICT = eager(Optimizer.state_dict)
-_LOAD_STATE_DICT = eager(Optimizer.load_state_dict)
-
-
-class KroneckerOptimizer(Optimizer):
+class KroneckerOptimizer(eager_optimizer(Optimizer)):  # (torch's, without importing torch._dynamo: curvlab.eager)
     """Base class of :class:`~curvlab.optim.KFAC`, :class:`~curvlab.optim.EKFAC`,
     :class:`~curvlab.optim.TKFAC` and :class:`~curvlab.optim.TEKFAC` (see the module docstring
     for the step, in order).
@@ -301,7 +294,7 @@ class KroneckerOptimizer(Optimizer):
     # ------------------------------------------------------------------ blocks
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102 (torch's)
-        _ADD_PARAM_GROUP(self, param_group)
+        super().add_param_group(param_group)
         try:  # refused here, as torch's optimizers do, rather than at the first step
             check_groups(self.param_groups, type(self).__name__)
         except ValueError:
@@ -400,7 +393,7 @@ class KroneckerOptimizer(Optimizer):
         self._stop_watching()
         self._outside = None
         if not set_to_none:
-            return _ZERO_GRAD(self, set_to_none)
+            return super().zero_grad(set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
@@ -699,7 +692,7 @@ class KroneckerOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (first-order momentum buffers, param groups) plus ``"curvlab"``:
         the step counter, the damping and every block's typed state as named tensors."""
-        sd = _STATE_DICT(self)
+        sd = super().state_dict()
         sd["curvlab"] = {
             "steps_done": self.steps_done,
             "damping": self.options.damping,
@@ -721,7 +714,7 @@ class KroneckerOptimizer(Optimizer):
         state_dict["state"], dormant = load_block_states(
             fresh, extra.get("blocks"), state_dict.get("state", {}), self, self._not_preconditioned()
         )
-        _LOAD_STATE_DICT(self, state_dict)
+        super().load_state_dict(state_dict)
         self._blocks = None  # torch replaced the param group dicts
         self.block_states, self._dormant = fresh, dict(dormant)
         self._uncalled = set(extra.get("uncalled", ()))
