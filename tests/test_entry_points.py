@@ -4,6 +4,7 @@ command line (model checked before any data is loaded; a user ResNet end to end)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import textwrap
@@ -548,16 +549,37 @@ def test_gpu_suite_runs_every_benchmark_with_options_it_takes(tmp_path) -> None:
     commands = gpu_suite_commands()
     assert {script for script, _ in commands} >= {"bench_extract.py", "bench_compare.py", "bench_optim.py",
                                                   "profile_steps.py"}, commands
+    commands = [(str(BENCHMARKS / script), [a.replace("$results", str(tmp_path)) for a in arguments])
+                for script, arguments in commands]
     for script, arguments in commands:
-        arguments = [a.replace("$results", str(tmp_path)) for a in arguments]
         assert "--device" in arguments and arguments[arguments.index("--device") + 1] == "cuda", (script, arguments)
-        run = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
-                             timeout=120, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        assert run.returncode != 0 and run.stderr.strip().endswith("--device cuda but CUDA is not available"), (
-            script, arguments, run.stderr[-2000:])
+    # every command as its script's __main__, in one process (one torch import, not one a command):
+    # its exit status and its standard error as a process of its own would end
+    driver = (
+        "import contextlib, io, json, runpy, sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "ended = []\n"
+        "for script, arguments in json.loads(sys.argv[1]):\n"
+        "    sys.argv, err, status = [script, *arguments], io.StringIO(), 0\n"
+        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            runpy.run_path(script, run_name='__main__')\n"
+        "        except SystemExit as stop:\n"
+        "            status = stop.code if isinstance(stop.code, int) else 1 if stop.code is not None else 0\n"
+        "            if isinstance(stop.code, str):\n"
+        "                err.write(stop.code + '\\n')\n"
+        "    ended.append((status, err.getvalue()))\n"
+        "print(json.dumps(ended))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-2000:]
+    for (script, arguments), (status, err) in zip(commands, json.loads(run.stdout.splitlines()[-1]), strict=True):
+        assert status != 0 and err.strip().endswith("--device cuda but CUDA is not available"), (
+            script, arguments, err[-2000:])
     assert not any(tmp_path.iterdir())  # nothing measured, nothing written
     selection = re.search(r"pytest (.*?) tests", (BENCHMARKS / "gpu_suite.sh").read_text()).group(1).split()
-    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *selection, "tests"],
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-n", "0", *selection, "tests"],
                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
     collected = [line for line in run.stdout.splitlines() if "::" in line]
     assert run.returncode == 0 and len(collected) >= 5 and all("cuda" in line.lower() for line in collected), run.stdout[-2000:]
