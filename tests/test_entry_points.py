@@ -553,29 +553,12 @@ def test_gpu_suite_runs_every_benchmark_with_options_it_takes(tmp_path) -> None:
                 for script, arguments in commands]
     for script, arguments in commands:
         assert "--device" in arguments and arguments[arguments.index("--device") + 1] == "cuda", (script, arguments)
-    # every command as its script's __main__, in one process (one torch import, not one a command):
-    # its exit status and its standard error as a process of its own would end
-    driver = (
-        "import contextlib, io, json, runpy, sys\n"
-        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
-        "ended = []\n"
-        "for script, arguments in json.loads(sys.argv[1]):\n"
-        "    sys.argv, err, status = [script, *arguments], io.StringIO(), 0\n"
-        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
-        "        try:\n"
-        "            runpy.run_path(script, run_name='__main__')\n"
-        "        except SystemExit as stop:\n"
-        "            status = stop.code if isinstance(stop.code, int) else 1 if stop.code is not None else 0\n"
-        "            if isinstance(stop.code, str):\n"
-        "                err.write(stop.code + '\\n')\n"
-        "    ended.append((status, err.getvalue()))\n"
-        "print(json.dumps(ended))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", _RUN_SCRIPTS, json.dumps(commands)], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert run.returncode == 0, run.stderr[-2000:]
-    for (script, arguments), (status, err) in zip(commands, json.loads(run.stdout.splitlines()[-1]), strict=True):
-        assert status != 0 and err.strip().endswith("--device cuda but CUDA is not available"), (
+    for (script, arguments), (code, err) in zip(commands, json.loads(run.stdout.splitlines()[-1]), strict=True):
+        said = code if isinstance(code, str) else err  # (SystemExit's message: what python prints at exit)
+        assert code not in (0, None) and said.strip().endswith("--device cuda but CUDA is not available"), (
             script, arguments, err[-2000:])
     assert not any(tmp_path.iterdir())  # nothing measured, nothing written
     selection = re.search(r"pytest (.*?) tests", (BENCHMARKS / "gpu_suite.sh").read_text()).group(1).split()
