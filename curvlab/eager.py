@@ -66,6 +66,6 @@ def eager_optimizer(cls: O) -> O:
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             return plain_step(self, closure)
 
-    methods = {name: eager(getattr(Optimizer, name)) for name in WRAPPED_METHODS}
+    methods = {name: eager(getattr(cls, name)) for name in WRAPPED_METHODS}  # (cls's own where it has one)
     return type(cls.__name__, (cls,), {**methods, "step": step, "__module__": __name__,  # type: ignore[return-value]
                                        "__doc__": f"torch's {cls.__name__} (:func:`eager_optimizer`)."})

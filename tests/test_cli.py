@@ -390,8 +390,9 @@ def test_train_and_the_reports_warm_up_never_load_the_compiler(tmp_path: Path) -
     and ``curvlab report``: by ``--malloc auto``'s outline of the model, whose random inits and
     dummy forward ran on the meta device (a convnet's here), by torch.optim (curvlab's optimizers'
     base class, the SGD and Adam baselines, the report's Adam warm-up).  A whole run with SGD and
-    the warm-up import it no more; the warm-up's Adam steps are torch's to the bit (taken again
-    with the compiler loaded: torch's own wrappers).  curvlab's optimizers: test_architecture."""
+    the warm-up import it no more; the warm-up's Adam steps and SGD's (momentum, weight decay, a
+    state dict loaded back) are torch's to the bit (taken again with the compiler loaded: torch's
+    own wrappers).  curvlab's optimizers: test_architecture."""
     code = ("import contextlib, io, sys, torch, curvlab.app.cli as cli\n"
             "from curvlab.app.data import load_dataset\n"
             "from curvlab.app.models import make_model\n"
@@ -406,10 +407,21 @@ def test_train_and_the_reports_warm_up_never_load_the_compiler(tmp_path: Path) -
             "    model = make_model('mlp', data.input_shape, data.num_classes)\n"
             "    warm_up(model, torch.nn.CrossEntropyLoss(), data, 4, batch_size=16, seed=1, device=torch.device('cpu'))\n"
             "    return torch.cat([p.detach().flatten() for p in model.parameters()])\n"
-            "alone = adam()\n"
+            "def sgd():\n"
+            "    from curvlab.eager import eager_optimizer\n"
+            "    torch.manual_seed(0)\n"
+            "    model = make_model('mlp', data.input_shape, data.num_classes)\n"
+            "    opt = eager_optimizer(torch.optim.SGD)(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)\n"
+            "    for x, y in zip(data.train_x[:60].split(20), data.train_y[:60].split(20)):\n"
+            "        opt.zero_grad()\n"
+            "        torch.nn.functional.cross_entropy(model(x), y).backward()\n"
+            "        opt.step()\n"
+            "        opt.load_state_dict(opt.state_dict())\n"
+            "    return torch.cat([p.detach().flatten() for p in model.parameters()])\n"
+            "alone = adam(), sgd()\n"
             "print('torch._dynamo' in sys.modules)\n"
             "import torch._dynamo\n"
-            "print(torch.equal(alone, adam()))")
+            "print(torch.equal(alone[0], adam()) and torch.equal(alone[1], sgd()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True"], proc.stdout

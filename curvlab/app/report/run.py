@@ -24,9 +24,9 @@ from curvlab.app.models import COUPLED_BATCH, MODES
 from curvlab.app.options import check_label_smoothing, options_attr
 from curvlab.app.report.files import REPORT_FILES, check_report_folder, write_report
 from curvlab.approx import APPROXIMATIONS, EighPolicy
+from curvlab.eager import eager_optimizer
 from curvlab.io import PathLike
 from curvlab.model_blocks import model_blocks
-from curvlab.eager import eager_optimizer
 
 
 #: Adam steps before measuring a seeded initialisation (so its curvature is not a random init's).
