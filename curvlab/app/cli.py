@@ -377,12 +377,12 @@ def _model_outline(args: argparse.Namespace) -> "nn.Module | None":
     import torch
 
     from curvlab.app.data import SHAPES, canonical_name
-    from curvlab.app.models import MODELS, make_model
+    from curvlab.app.models import make_model
 
     try:
         input_shape, num_classes = SHAPES[canonical_name(args.dataset)]
         hidden = {"hidden": args.hidden} if getattr(args, "hidden", None) else {}
-        device = "cpu" if args.model.strip().lower() in MODELS else "meta"
+        device = "meta" if ":" in args.model else "cpu"  # (a module:function spec, as make_model tells them)
         with torch.random.fork_rng(devices=[]), torch.device(device):
             return make_model(args.model, input_shape, num_classes, **hidden)
     except Exception:  # noqa: BLE001 — an unknown model or dataset, a user model meta cannot build
