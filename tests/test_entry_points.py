@@ -475,7 +475,6 @@ print(json.dumps(results))
 
 
 def test_benchmark_options_are_refused_before_anything_runs(tmp_path) -> None:
-    import json
     import subprocess
     import sys
 
@@ -590,7 +589,6 @@ def test_profile_steps_counts_each_kinds_host_reads(tmp_path) -> None:
     profiled, written as JSON and Markdown; its host reads are those the steps make — none in an
     SGD step, one in a plain curvlab step (the update's finiteness check), more in a statistics
     step (its input checks)."""
-    import json
     import subprocess
     import sys
 
@@ -624,7 +622,6 @@ def test_profile_steps_counts_each_kinds_host_reads(tmp_path) -> None:
 def test_bench_stats_blocks_records_every_convolution(tmp_path) -> None:
     """bench_stats_blocks.py times the statistic of every convolution of a real statistics step
     (the CNN benchmark's two) next to its bare kernels, and writes them."""
-    import json
     import subprocess
     import sys
 
@@ -746,7 +743,6 @@ def test_bench_optim_stopped_mid_model_keeps_its_finished_repeats(tmp_path) -> N
     in the results, marked cut short, and whole files (each replaced at once).  The stop is
     raised right after the first repeat, where a time limit may fall.  In a process of its own:
     the benchmark's ``common`` is not the analyses'."""
-    import json
     import subprocess
     import sys
 
